@@ -1,0 +1,141 @@
+"""The one contract of every hypergradient method.
+
+A method is configured once (``reverse()``, ``forward()``, ``finite_difference(eps)``, ...) and
+then called as ``method(problem, raw=None)``; it returns a :class:`HyperGradient`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import NonFiniteError
+from ..hyperparams import HyperParameters
+from ..problem import Problem
+from ..typing import Params
+
+
+@dataclass(frozen=True)
+class HyperGradient:
+    """Validation loss and its hypergradient at one hyperparameter value.
+
+    Attributes:
+        value: validation loss ``L_val(theta_T(lam), lam)``.
+        grad: ``dL_val/du`` for the raw (unconstrained) values ``u``, shaped like them.
+        grad_natural: ``dL_val/dlam`` in natural units, shaped like the hyperparameters.
+        method: name of the method that produced it.
+        hparams: the hyperparameters (with the raw values used).
+        train_loss: training loss at the last inner step.
+        params, buffers: the trained parameters theta_T and buffers (detached).
+        diagnostics: method-specific facts (time, iterations, residuals, ...).
+    """
+
+    value: float
+    grad: dict[str, Tensor]
+    grad_natural: dict[str, Tensor]
+    method: str
+    hparams: HyperParameters
+    train_loss: float
+    params: Params = field(repr=False)
+    buffers: Params = field(repr=False)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def vector(self) -> Tensor:
+        """The raw hypergradient as one flat vector (order of ``hparams``)."""
+        return self.hparams.flatten(self.grad)
+
+    @property
+    def natural_vector(self) -> Tensor:
+        return self.hparams.flatten(self.grad_natural)
+
+    def __repr__(self) -> str:
+        parts = []
+        for name, g in self.grad_natural.items():
+            if g.numel() == 1:
+                parts.append(f"{name}={float(g):.6g}")
+            else:
+                parts.append(f"{name}=<{tuple(g.shape)} norm {float(g.norm()):.4g}>")
+        return (
+            f"HyperGradient(method={self.method!r}, value={self.value:.6g}, "
+            f"grad_natural=({', '.join(parts)}))"
+        )
+
+
+@dataclass(frozen=True)
+class Method:
+    """A configured hypergradient method: ``method(problem, raw=None) -> HyperGradient``."""
+
+    name: str
+    run: Callable[[Problem, dict[str, Tensor]], HyperGradient] = field(repr=False)
+    options: dict[str, Any] = field(default_factory=dict)
+    exact: bool = True
+
+    def __call__(self, problem: Problem, raw: dict[str, Tensor] | None = None) -> HyperGradient:
+        return self.run(problem, problem.raw_tensors(raw))
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"{self.name}({opts})"
+
+
+def finish(
+    problem: Problem,
+    raw: dict[str, Tensor],
+    *,
+    method: str,
+    value: Tensor,
+    grad: dict[str, Tensor],
+    params: Params,
+    buffers: Params,
+    train_losses: Tensor,
+    started: float,
+    computed: list[int] | None = None,
+    **diagnostics: Any,
+) -> HyperGradient:
+    """Check finiteness and package a :class:`HyperGradient`.
+
+    ``computed`` lists the flat coordinates a partial method filled in; the others are NaN by
+    design and are not checked.
+    """
+    value_f = float(value.detach())
+    if not torch.isfinite(value.detach()):
+        raise NonFiniteError(f"{method}: the validation loss is not finite ({value_f})")
+    grad = {n: g.detach() for n, g in grad.items()}
+    checked = grad
+    if computed is not None:
+        flat = problem.hparams.flatten(grad)
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        mask[computed] = True
+        checked = problem.hparams.unflatten(torch.where(mask, flat, 0.0))
+    for name, g in checked.items():
+        if not torch.isfinite(g).all():
+            raise NonFiniteError(
+                f"{method}: the hypergradient of {name!r} is not finite "
+                f"({int((~torch.isfinite(g)).sum())} of {g.numel()} entries) after "
+                f"{problem.steps} inner steps; lower the learning rate, the number of steps, "
+                "or check the losses for NaN-producing operations"
+            )
+    hp = problem.hparams.with_raw(raw)
+    diagnostics.setdefault("time_s", time.perf_counter() - started)
+    diagnostics.setdefault("steps", problem.steps)
+    return HyperGradient(
+        value=value_f,
+        grad=grad,
+        grad_natural=hp.natural_grad(grad, {n: v.detach() for n, v in raw.items()}),
+        method=method,
+        hparams=hp,
+        train_loss=float(train_losses[-1]) if train_losses.numel() else float("nan"),
+        params={k: v.detach() for k, v in params.items()},
+        buffers={k: v.detach() for k, v in buffers.items()},
+        diagnostics=diagnostics,
+    )
+
+
+def zeros_for_unused(grads: tuple[Tensor | None, ...], like: list[Tensor]) -> list[Tensor]:
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, like, strict=True)]

@@ -1,0 +1,228 @@
+"""The inner problem: everything a hypergradient method needs, validated once.
+
+:func:`make_problem` checks user input at the boundary (types, shapes, names, data length,
+scalar losses, hyperparameters that never reach the losses) so that methods can assume it is
+well formed. Methods are then called as ``method(problem, raw)`` for any raw values.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .data import BatchSource, as_source, validation_batches
+from .errors import HyperdiffError, describe, nonnegative_int, positive_int, scalar_loss
+from .hyperparams import HyperParameters
+from .models import StepContext
+from .optimizers import Optimizer
+from .typing import Batch, LossFn, Params
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A validated bilevel problem (see :func:`make_problem`)."""
+
+    train_loss: LossFn
+    val_loss: LossFn
+    hparams: HyperParameters
+    params: Params
+    buffers: Params
+    optimizer: Optimizer
+    train_data: BatchSource
+    val_data: list[Batch]
+    steps: int
+    seed: int
+    train_takes_ctx: bool
+    val_takes_ctx: bool
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.params.values())).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.params.values())).device
+
+    @property
+    def num_params(self) -> int:
+        return sum(int(p.numel()) for p in self.params.values())
+
+    def raw_tensors(self, raw: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Raw values (default: the collection's current ones) in the parameters' dtype."""
+        values = self.hparams.raw if raw is None else raw
+        return {n: v.detach().to(self.dtype) for n, v in values.items()}
+
+    def with_steps(self, steps: int) -> Problem:
+        return Problem(**{**self.__dict__, "steps": positive_int("Problem", "steps", steps)})
+
+
+def takes_context(fn: LossFn, name: str) -> bool:
+    """True for ``fn(params, hparams, batch, ctx)``, False for ``fn(params, hparams, batch)``."""
+    if not callable(fn):
+        raise HyperdiffError(
+            f"hypergradient: {name} must be a callable loss(params, hparams, batch[, ctx]) "
+            f"(got {type(fn).__name__})"
+        )
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return False
+    positional = [
+        p for p in sig.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values()):
+        return False
+    if len(positional) < 3:
+        raise HyperdiffError(
+            f"hypergradient: {name} must accept (params, hparams, batch) or "
+            f"(params, hparams, batch, ctx) (got a function of {len(positional)} arguments)"
+        )
+    return len(positional) >= 4
+
+
+def _check_params(params: Any, name: str) -> Params:
+    if isinstance(params, torch.nn.Module):
+        raise HyperdiffError(
+            f"hypergradient: {name} must be a dict of tensors; for a module use "
+            "hd.functional(module).params"
+        )
+    if not isinstance(params, dict) or not params:
+        raise HyperdiffError(
+            f"hypergradient: {name} must be a non-empty dict name -> tensor (got {describe(params)})"
+        )
+    out = {}
+    for key, value in params.items():
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            raise HyperdiffError(
+                f"hypergradient: {name}[{key!r}] must be a floating-point tensor "
+                f"(got {describe(value)})"
+            )
+        if not torch.isfinite(value).all():
+            raise HyperdiffError(f"hypergradient: {name}[{key!r}] must be finite (got NaN or inf)")
+        out[key] = value.detach().clone()
+    dtypes = {v.dtype for v in out.values()}
+    if len(dtypes) > 1:
+        raise HyperdiffError(f"hypergradient: {name} must share one dtype (got {sorted(map(str, dtypes))})")
+    return out
+
+
+def make_problem(
+    train_loss: LossFn,
+    val_loss: LossFn,
+    hparams: HyperParameters,
+    params: Params,
+    *,
+    optimizer: Optimizer,
+    train_data: Any,
+    val_data: Any,
+    steps: int,
+    buffers: Params | None = None,
+    seed: int = 0,
+    probe: bool = True,
+) -> Problem:
+    """Validate the inputs and return a :class:`Problem`.
+
+    With ``probe=True`` two differentiable training steps are run once to check that the losses
+    return scalars and to warn about hyperparameters whose hypergradient is identically zero.
+    """
+    if not isinstance(hparams, HyperParameters):
+        raise HyperdiffError(
+            f"hypergradient: hparams must be a hd.HyperParameters (got {type(hparams).__name__})"
+        )
+    if not isinstance(optimizer, Optimizer):
+        raise HyperdiffError(
+            "hypergradient: optimizer must be made by hd.sgd, hd.adam or hd.adamw "
+            f"(got {type(optimizer).__name__})"
+        )
+    steps = positive_int("hypergradient", "steps", steps)
+    seed = nonnegative_int("hypergradient", "seed", seed)
+    params = _check_params(params, "params")
+    buffers = {} if buffers is None else _check_params(buffers, "buffers") if buffers else {}
+    for coef_name, coef in optimizer.coefficients.items():
+        if isinstance(coef, str):
+            if coef not in hparams:
+                raise HyperdiffError(
+                    f"hypergradient: optimizer coefficient {coef_name}={coef!r} must name a "
+                    f"hyperparameter, one of {list(hparams)}"
+                )
+            spec = hparams[coef]
+            if spec.kind == "per_step" and spec.shape[0] < steps:
+                raise HyperdiffError(
+                    f"hypergradient: per_step hyperparameter {coef!r} must have at least "
+                    f"steps={steps} entries (got {spec.shape[0]})"
+                )
+            if spec.kind in ("per_tensor", "per_element") and set(spec.param_names) != set(params):
+                raise HyperdiffError(
+                    f"hypergradient: {spec.kind} hyperparameter {coef!r} must be defined over "
+                    f"the trained parameters {list(params)} (got {list(spec.param_names)})"
+                )
+            if spec.kind == "per_feature":
+                raise HyperdiffError(
+                    f"hypergradient: optimizer coefficient {coef_name}={coef!r} must be a scalar, "
+                    "per_step, per_tensor or per_element hyperparameter (got per_feature)"
+                )
+    problem = Problem(
+        train_loss=train_loss,
+        val_loss=val_loss,
+        hparams=hparams,
+        params=params,
+        buffers=buffers,
+        optimizer=optimizer,
+        train_data=as_source(train_data, "train_data"),
+        val_data=validation_batches(val_data),
+        steps=steps,
+        seed=seed,
+        train_takes_ctx=takes_context(train_loss, "train_loss"),
+        val_takes_ctx=takes_context(val_loss, "val_loss"),
+    )
+    problem.train_data.check(steps, seed)
+    if probe:
+        _probe(problem)
+    return problem
+
+
+def call_loss(
+    problem: Problem, which: str, params: Params, hview: Any, batch: Batch, ctx: StepContext
+) -> Tensor:
+    """Evaluate the train or validation loss, with a clear error if it misbehaves."""
+    fn = problem.train_loss if which == "train_loss" else problem.val_loss
+    takes_ctx = problem.train_takes_ctx if which == "train_loss" else problem.val_takes_ctx
+    loss = fn(params, hview, batch, ctx) if takes_ctx else fn(params, hview, batch)
+    return scalar_loss("hypergradient", which, loss)
+
+
+def _probe(problem: Problem) -> None:
+    from .training import train_step, validation_loss  # local: training imports problem
+
+    raw = {n: v.requires_grad_() for n, v in problem.raw_tensors().items()}
+    hview = problem.hparams.view(raw)
+    params = {k: v.requires_grad_() for k, v in problem.params.items()}
+    state = (params, dict(problem.buffers), problem.optimizer.init(params))
+    try:
+        total = 0.0
+        for step in range(min(2, problem.steps)):
+            *state, loss = train_step(problem, *state, hview, step, differentiable=True)
+            total = total + loss
+        total = total + validation_loss(problem, state[0], state[1], hview)
+    except HyperdiffError:
+        raise
+    except RuntimeError as err:
+        shapes = {n: tuple(v.shape) for n, v in raw.items()}
+        raise HyperdiffError(
+            "hypergradient: the losses or the optimizer failed on the given data and "
+            f"hyperparameters (shapes {shapes}): {err}"
+        ) from err
+    grads = torch.autograd.grad(total, list(raw.values()), allow_unused=True)
+    unused = [n for n, g in zip(raw, grads, strict=True) if g is None]
+    for name in unused:
+        warnings.warn(
+            f"hypergradient: hyperparameter {name!r} never reaches the losses or the optimizer; "
+            "its hypergradient is identically zero",
+            stacklevel=3,
+        )

@@ -1,0 +1,127 @@
+"""Inner training: one optimizer step, the unrolled run, and the validation loss.
+
+``train_step`` is the single definition of a training step used by every autograd-based
+method: differentiable (the graph is kept for reverse mode) or not (plain training, finite
+differences, replay).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .errors import NonFiniteError
+from .hyperparams import HParamView
+from .models import StepContext
+from .problem import Problem, call_loss
+from .typing import Params
+
+
+class TrainState(NamedTuple):
+    """Parameters, buffers and optimizer state after some inner steps."""
+
+    params: Params
+    buffers: Params
+    opt_state: Any
+
+
+def initial_state(problem: Problem, *, differentiable: bool) -> TrainState:
+    """theta_0 (leaves that require grad when ``differentiable``), buffers, optimizer state."""
+    params = {k: v.detach().clone().requires_grad_(differentiable) for k, v in problem.params.items()}
+    return TrainState(params, dict(problem.buffers), problem.optimizer.init(params))
+
+
+def grads_of(loss: Tensor, params: Params, *, create_graph: bool) -> Params:
+    """d loss / d params as a dict; zeros for parameters the loss does not use."""
+    grads = torch.autograd.grad(
+        loss, list(params.values()), create_graph=create_graph, allow_unused=True
+    )
+    return {
+        k: torch.zeros_like(p) if g is None else g
+        for (k, p), g in zip(params.items(), grads, strict=True)
+    }
+
+
+def train_step(
+    problem: Problem,
+    params: Params,
+    buffers: Params,
+    opt_state: Any,
+    hview: HParamView,
+    step: int,
+    *,
+    differentiable: bool,
+) -> tuple[Params, Params, Any, Tensor]:
+    """One inner step: ``theta_{t+1} = update(grad L_train(theta_t, lam, batch_t), ...)``.
+
+    Returns new params, buffers, optimizer state and the (detached) train loss at theta_t.
+    """
+    batch = problem.train_data.batch(step, problem.seed)
+    ctx = StepContext(step=step, seed=problem.seed, train=True, buffers=buffers)
+    with torch.enable_grad():
+        if not differentiable:
+            params = {k: v.detach().requires_grad_() for k, v in params.items()}
+        loss = call_loss(problem, "train_loss", params, hview, batch, ctx)
+        grads = grads_of(loss, params, create_graph=differentiable)
+    new_buffers = {**buffers, **ctx.new_buffers}
+    if differentiable:
+        new_params, new_state = problem.optimizer.update(grads, opt_state, params, hview, step)
+    else:
+        with torch.no_grad():
+            params = {k: v.detach() for k, v in params.items()}
+            new_params, new_state = problem.optimizer.update(grads, opt_state, params, hview, step)
+        new_buffers = {k: v.detach() for k, v in new_buffers.items()}
+    return new_params, new_buffers, new_state, loss.detach()
+
+
+def unroll(
+    problem: Problem,
+    hview: HParamView,
+    state: TrainState,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    differentiable: bool,
+) -> tuple[TrainState, Tensor]:
+    """Run steps ``start .. stop-1`` from ``state``; return the new state and the losses."""
+    stop = problem.steps if stop is None else stop
+    losses = []
+    params, buffers, opt_state = state
+    for step in range(start, stop):
+        params, buffers, opt_state, loss = train_step(
+            problem, params, buffers, opt_state, hview, step, differentiable=differentiable
+        )
+        losses.append(loss)
+    empty = torch.zeros(0, dtype=problem.dtype)
+    return TrainState(params, buffers, opt_state), torch.stack(losses) if losses else empty
+
+
+def validation_loss(problem: Problem, params: Params, buffers: Params, hview: HParamView) -> Tensor:
+    """Mean validation loss over the validation batches, model in eval mode."""
+    total = None
+    for batch in problem.val_data:
+        ctx = StepContext(step=-1, seed=problem.seed, train=False, buffers=buffers)
+        loss = call_loss(problem, "val_loss", params, hview, batch, ctx)
+        total = loss if total is None else total + loss
+    return total / len(problem.val_data)
+
+
+def check_finite_losses(losses: Tensor, method: str, start: int = 0) -> None:
+    """Raise :class:`NonFiniteError` naming the first inner step whose loss is not finite."""
+    bad = (~torch.isfinite(losses)).nonzero()
+    if bad.numel():
+        step = int(bad[0, 0]) + start
+        raise NonFiniteError(
+            f"{method}: inner training diverged at step {step} (train loss "
+            f"{float(losses[bad[0, 0]])}); lower the learning rate or the number of steps"
+        )
+
+
+def train(problem: Problem, raw: dict[str, Tensor] | None = None) -> tuple[TrainState, Tensor]:
+    """Plain (non-differentiable) training for ``problem.steps`` steps at ``raw``."""
+    hview = problem.hparams.view(problem.raw_tensors(raw))
+    with torch.no_grad():
+        state = initial_state(problem, differentiable=False)
+    return unroll(problem, hview, state, differentiable=False)
