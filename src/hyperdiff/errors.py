@@ -20,8 +20,14 @@ class NonFiniteError(FloatingPointError):
     """Raised when a loss or hypergradient is NaN or infinite."""
 
 
+class Text(str):
+    """A description to show as is (not quoted) in an error message."""
+
+
 def describe(value: Any) -> str:
     """Short printable form of a user value for error messages."""
+    if isinstance(value, Text):
+        return str(value)
     if isinstance(value, torch.Tensor):
         if value.numel() <= 6:
             return f"tensor({value.detach().cpu().tolist()})"
@@ -61,13 +67,15 @@ def positive_float(caller: str, name: str, value: Any) -> float:
 def scalar_loss(caller: str, which: str, loss: Any) -> torch.Tensor:
     """Check that a loss function returned a finite scalar tensor."""
     if not isinstance(loss, torch.Tensor):
-        raise fail(caller, f"{which} return value", "a scalar torch.Tensor", type(loss).__name__)
+        raise fail(
+            caller, f"{which} return value", "a scalar torch.Tensor", Text(type(loss).__name__)
+        )
     if loss.dim() != 0:
         raise fail(
             caller,
             f"{which} return value",
             "a scalar tensor (reduce it with .mean() or .sum())",
-            f"shape {tuple(loss.shape)}",
+            Text(f"shape {tuple(loss.shape)}"),
         )
     if not loss.is_floating_point():
         raise fail(caller, f"{which} return value", "a floating-point tensor", loss.dtype)

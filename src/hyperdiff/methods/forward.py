@@ -94,10 +94,18 @@ def _forward(problem: Problem, raw: dict[str, Tensor], chunk_size: int | None) -
             )
             return out, z_out, loss
 
-        state, tangent, loss = torch.func.vmap(
-            push, in_dims=(0, 0), out_dims=(None, 0, None), randomness="same",
-            chunk_size=chunk_size,
-        )(tangent, raw_tangent)
+        batched = torch.func.vmap(
+            push, in_dims=(0, 0), out_dims=(None, 0, None), randomness="same"
+        )
+        if chunk_size is None or chunk_size >= k:
+            state, tangent, loss = batched(tangent, raw_tangent)
+        else:  # same result, lower peak memory: the primal step is recomputed per chunk
+            pieces = [
+                batched(*tree_map(lambda z, i=i: z[i : i + chunk_size], (tangent, raw_tangent)))
+                for i in range(0, k, chunk_size)
+            ]
+            state, loss = pieces[0][0], pieces[0][2]
+            tangent = tree_map(lambda *zs: torch.cat(zs), *[p[1] for p in pieces])
         losses.append(loss.detach())
     losses_t = torch.stack(losses)
     check_finite_losses(losses_t, "forward")

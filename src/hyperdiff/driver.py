@@ -1,0 +1,427 @@
+"""The outer loop as a library object: :class:`HyperOptimizer`.
+
+At outer step ``s`` with raw hyperparameters ``u_s`` (natural values ``lam_s = f(u_s)``)::
+
+    for each problem j (one, or one per cross-validation fold) and sample i < samples:
+        train T inner steps from theta_0 (or, with warm_start, from that slot's last theta)
+        with minibatch seed seed(s, i): theta_T(lam_s); L_ji = L_val(theta_T), g_ji = dL_ji/du
+    g_s = mean_ji g_ji   (spread: std_ji g_ji)
+    u_{s+1} = torch.optim step on g_s (Adam by default; optional clipping and cosine decay)
+
+The loop keeps the ``lam_s`` with the lowest *selection* loss, computed on a split the
+hypergradient never sees (the validation loss when there is no selection split), stops on a
+budget, on early stopping or on convergence, and survives divergence (see
+:mod:`hyperdiff.guard`). It is shaped like an Optuna study: :meth:`HyperOptimizer.step` runs one
+outer step and returns its immutable :class:`~hyperdiff.history.StepRecord`;
+:meth:`HyperOptimizer.run` loops until a stopping rule fires. :meth:`state_dict` holds all that a
+checkpoint needs to resume the run exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import HyperdiffError, NonFiniteError, fail, positive_float, positive_int
+from .guard import DivergenceGuard
+from .history import History, OptimizeResult, StepRecord, finite_or_none, natural_values
+from .methods.base import HyperGradient, Method
+from .problem import Problem
+from .training import validation_loss
+from .typing import Batch
+
+METHODS: dict[str, str] = {
+    "reverse": "hyperdiff.methods.reverse:reverse",
+    "forward": "hyperdiff.methods.forward:forward",
+    "finite_difference": "hyperdiff.methods.finite_difference:finite_difference",
+}
+"""Method name -> ``"module:constructor"``, imported on first use. One line adds a method."""
+
+OPTIMIZERS: dict[str, str] = {
+    "adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop",
+}
+"""Outer optimizer name -> ``torch.optim`` class name."""
+
+SCHEDULES = ("constant", "cosine")
+
+Callback = Callable[["HyperOptimizer", StepRecord], None]
+
+
+def method_constructor(name: str) -> Callable[..., Method]:
+    """The constructor registered as ``name`` in :data:`METHODS`."""
+    if name not in METHODS:
+        raise fail("HyperOptimizer", "method", f"one of {sorted(METHODS)}", name)
+    module, attr = METHODS[name].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def make_method(name: str, **options: Any) -> Method:
+    """``make_method("forward", chunk_size=8)`` -> ``hd.forward(chunk_size=8)``."""
+    return method_constructor(name)(**options)
+
+
+@dataclass(frozen=True)
+class Stopping:
+    """When :meth:`HyperOptimizer.run` stops (the first rule that fires).
+
+    Attributes:
+        max_steps: budget of outer steps (failed steps count).
+        max_time_s: wall-time budget in seconds (``None``: none).
+        patience: stop after this many steps without a new best selection loss (``None``: off).
+        min_delta: a new best must beat the old one by more than this.
+        grad_tol: converged when the hypergradient norm falls below this (0: off).
+        step_tol: converged when no raw value moved by more than this in a step (0: off).
+    """
+
+    max_steps: int = 50
+    max_time_s: float | None = None
+    patience: int | None = 10
+    min_delta: float = 0.0
+    grad_tol: float = 0.0
+    step_tol: float = 0.0
+
+
+class HyperOptimizer:
+    """Hypergradient descent on the hyperparameters of one or more inner problems.
+
+    Args:
+        problem: a :class:`~hyperdiff.problem.Problem`, or a sequence of problems with the same
+            hyperparameters (cross-validation folds) whose validation losses are averaged.
+        method: a :class:`~hyperdiff.methods.base.Method` or a name in :data:`METHODS`.
+        optimizer: outer optimizer, a name in :data:`OPTIMIZERS` (default Adam).
+        lr: outer learning rate (raw units: 0.05 moves a log-constrained value by ~5%).
+        clip: clip the raw hypergradient to this L2 norm (``None``: no clipping).
+        schedule: ``"constant"`` or ``"cosine"`` (decay to 0 over ``stopping.max_steps``).
+        samples: trainings per step with different minibatch seeds; their hypergradients are
+            averaged (variance reduction) and their spread is recorded.
+        warm_start: start each step's training from the previous step's theta_T.
+        selection: batches of a split never used for hypergradients; when given, the best
+            step and early stopping use its loss (``problem.val_loss`` on these batches).
+        seed: base of the per-step minibatch seeds.
+        stopping: the :class:`Stopping` rules.
+        shrink, max_failures: the divergence guard (:mod:`hyperdiff.guard`).
+
+    >>> import torch, hyperdiff as hd
+    >>> from hyperdiff.driver import HyperOptimizer, Stopping
+    >>> x, y = torch.randn(20, 3, dtype=torch.float64), torch.randn(20, dtype=torch.float64)
+    >>> loss = lambda p, h, b: ((b[0] @ p["w"] - b[1]) ** 2).mean() + h["lam"] * p["w"].square().sum()
+    >>> val = lambda p, h, b: ((b[0] @ p["w"] - b[1]) ** 2).mean()
+    >>> problem = hd.make_problem(loss, val, hd.HyperParameters(lam=hd.scalar(1.0)),
+    ...     {"w": torch.zeros(3, dtype=torch.float64)}, optimizer=hd.sgd(0.1),
+    ...     train_data=(x, y), val_data=(x, y), steps=20)
+    >>> result = HyperOptimizer(problem, lr=0.2, stopping=Stopping(max_steps=5)).run()
+    >>> result.steps, result.history[-1].val_loss < result.history[0].val_loss
+    (5, True)
+    """
+
+    def __init__(
+        self,
+        problem: Problem | Sequence[Problem],
+        *,
+        method: Method | str = "reverse",
+        optimizer: str = "adam",
+        lr: float = 0.05,
+        clip: float | None = None,
+        schedule: str = "constant",
+        samples: int = 1,
+        warm_start: bool = False,
+        selection: Batch | list[Batch] | None = None,
+        seed: int = 0,
+        stopping: Stopping | None = None,
+        shrink: float = 0.5,
+        max_failures: int = 5,
+    ):
+        self.problems = _check_problems(problem)
+        self.hparams = self.problems[0].hparams
+        self.method = make_method(method) if isinstance(method, str) else method
+        if not isinstance(self.method, Method):
+            raise fail("HyperOptimizer", "method", f"a Method or one of {sorted(METHODS)}",
+                       self.method)
+        if optimizer not in OPTIMIZERS:
+            raise fail("HyperOptimizer", "optimizer", f"one of {sorted(OPTIMIZERS)}", optimizer)
+        if schedule not in SCHEDULES:
+            raise fail("HyperOptimizer", "schedule", f"one of {list(SCHEDULES)}", schedule)
+        self.lr = positive_float("HyperOptimizer", "lr", lr)
+        self.clip = None if clip is None else positive_float("HyperOptimizer", "clip", clip)
+        self.schedule = schedule
+        self.samples = positive_int("HyperOptimizer", "samples", samples)
+        self.warm_start = bool(warm_start)
+        self.selection = _as_batches(selection)
+        self.seed = seed
+        self.stopping = stopping or Stopping()
+        positive_int("HyperOptimizer", "stopping.max_steps", self.stopping.max_steps)
+        self.guard = DivergenceGuard(shrink=shrink, max_failures=max_failures)
+        self.leaves = {n: v.clone().requires_grad_() for n, v in self.hparams.raw.items()}
+        optim_class = getattr(torch.optim, OPTIMIZERS[optimizer])
+        self.optimizer = optim_class(list(self.leaves.values()), lr=self.lr)
+        self.history = History()
+        self.step_index = 0
+        self.trainings = 0
+        self.best: dict[str, Any] | None = None
+        self.since_best = 0
+        self.stopped: str | None = None
+        self.warm: list[Any] = [None] * (len(self.problems) * self.samples)
+        self._elapsed = 0.0
+        self._clock: float | None = None
+
+    # ------------------------------------------------------------------ public loop
+    @property
+    def raw(self) -> dict[str, Tensor]:
+        """Current raw values (detached copies)."""
+        return {n: v.detach().clone() for n, v in self.leaves.items()}
+
+    @property
+    def elapsed(self) -> float:
+        """Wall time spent in steps of this run, across resumes."""
+        return self._elapsed if self._clock is None else time.perf_counter() - self._clock
+
+    def stop_reason(self) -> str | None:
+        """Why the loop should stop now, or ``None`` to go on."""
+        rules = self.stopping
+        if self.stopped:
+            return self.stopped
+        if self.step_index >= rules.max_steps:
+            return f"budget: {rules.max_steps} outer steps"
+        if rules.max_time_s is not None and self.elapsed >= rules.max_time_s:
+            return f"time: {rules.max_time_s:g} s"
+        if rules.patience and self.since_best >= rules.patience:
+            which = "selection" if self.selection else "validation"
+            return f"early stopping: no better {which} loss for {rules.patience} steps"
+        return None
+
+    def run(self, callbacks: Sequence[Callback] = (), progress: bool | None = False
+            ) -> OptimizeResult:
+        """Call :meth:`step` until :meth:`stop_reason` fires; return the result.
+
+        ``callbacks(optimizer, record)`` run after every step (also after a failed one that
+        ends the run). ``progress``: a tqdm bar (``None``: only on a terminal).
+        """
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.stopping.max_steps, initial=self.step_index, unit="step",
+                   disable=None if progress is None else not progress, leave=False)
+        try:
+            while self.stop_reason() is None:
+                try:
+                    record = self.step()
+                except NonFiniteError:
+                    for callback in callbacks:
+                        callback(self, self.history[-1])
+                    raise
+                for callback in callbacks:
+                    callback(self, record)
+                bar.update(1)
+                if record.criterion is not None:
+                    bar.set_postfix(loss=f"{record.criterion:.4g}", refresh=False)
+        finally:
+            bar.close()
+        return self.result()
+
+    def result(self) -> OptimizeResult:
+        """The best hyperparameters so far, the history and the stop reason."""
+        if self.best is None:
+            raise HyperdiffError("HyperOptimizer: no successful step yet, so no result")
+        return OptimizeResult(
+            best_raw=dict(self.best["raw"]),
+            best_hparams=self.hparams.with_raw(self.best["raw"]),
+            best_step=int(self.best["step"]),
+            best_loss=float(self.best["value"]),
+            criterion="selection_loss" if self.selection else "val_loss",
+            final_raw=self.raw,
+            history=History(list(self.history)),
+            stop_reason=self.stop_reason() or "not finished",
+        )
+
+    def step(self) -> StepRecord:
+        """One outer step: train, hypergradient, update; return its record.
+
+        Raises:
+            NonFiniteError: when the divergence guard gives up (see :mod:`hyperdiff.guard`).
+        """
+        if self._clock is None:
+            self._clock = time.perf_counter() - self._elapsed
+        started = time.perf_counter()
+        step, raw = self.step_index, self.raw
+        snapshot = {"raw": raw, "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                    "warm": list(self.warm)}
+        lr = self.learning_rate(step)
+        self.trainings += len(self.warm)
+        try:
+            evaluations, selection = self._evaluate(step, raw)
+        except NonFiniteError as err:
+            return self._failed(step, raw, lr, str(err), started)
+        self.guard.succeeded(snapshot)
+        grads = torch.stack([self.hparams.flatten(hg.grad).double() for hg in evaluations])
+        mean = grads.mean(0)
+        self._update(self.hparams.unflatten(mean), lr)
+        values = torch.tensor([hg.value for hg in evaluations], dtype=torch.float64)
+        criterion = float(values.mean()) if selection is None else selection
+        is_best = self.best is None or criterion < self.best["value"] - self.stopping.min_delta
+        if is_best:
+            self.best = {"step": step, "raw": raw, "value": criterion}
+            self.since_best = 0
+        else:
+            self.since_best += 1
+        moved = max(float((self.leaves[n].detach() - raw[n]).abs().max()) for n in raw)
+        grad_norm = float(mean.norm())
+        if grad_norm < self.stopping.grad_tol or moved < self.stopping.step_tol:
+            self.stopped = (f"converged: hypergradient norm {grad_norm:.3g}, largest raw step "
+                            f"{moved:.3g}")
+        return self._record(
+            step, raw, started, status="ok", lr=lr, best=is_best,
+            train_loss=sum(hg.train_loss for hg in evaluations) / len(evaluations),
+            val_loss=float(values.mean()),
+            val_loss_std=float(values.std()) if len(values) > 1 else 0.0,
+            selection_loss=selection, grad_norm=grad_norm,
+            grad_std=float(grads.std(0).norm()) if len(grads) > 1 else None,
+            grad={n: _number(g) for n, g in self.hparams.unflatten(mean).items()},
+        )
+
+    def learning_rate(self, step: int) -> float:
+        """Outer learning rate of ``step``: base x guard scale x schedule."""
+        factor = 1.0
+        if self.schedule == "cosine":
+            factor = 0.5 * (1.0 + math.cos(math.pi * step / self.stopping.max_steps))
+        return self.lr * self.guard.scale * factor
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly (the history is kept by the caller)."""
+        return {
+            "step": self.step_index, "raw": self.raw, "optimizer": self.optimizer.state_dict(),
+            "guard": self.guard.state_dict(), "best": self.best, "since_best": self.since_best,
+            "warm": self.warm, "elapsed": self.elapsed, "trainings": self.trainings,
+            "stopped": self.stopped, "rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], history: Sequence[StepRecord]) -> None:
+        """Restore :meth:`state_dict` and the first ``state["step"]`` history records."""
+        if len(history) != state["step"]:
+            raise HyperdiffError(
+                f"HyperOptimizer: history must hold {state['step']} records to resume "
+                f"(got {len(history)})"
+            )
+        if len(state["warm"]) != len(self.warm):
+            raise HyperdiffError(
+                "HyperOptimizer: the checkpoint must come from a run with the same folds and "
+                f"samples ({len(self.warm)} trainings per step; got {len(state['warm'])})"
+            )
+        with torch.no_grad():
+            for name, leaf in self.leaves.items():
+                leaf.copy_(state["raw"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.guard.load_state_dict(state["guard"])
+        self.best, self.since_best = state["best"], int(state["since_best"])
+        self.warm, self.trainings = list(state["warm"]), int(state["trainings"])
+        self.step_index, self.stopped = int(state["step"]), state["stopped"]
+        self._elapsed, self._clock = float(state["elapsed"]), None
+        self.history = History(list(history))
+        torch.set_rng_state(state["rng"])
+
+    # ------------------------------------------------------------------ internals
+    def seed_for(self, step: int, sample: int) -> int:
+        """Minibatch seed of ``sample`` at outer ``step``."""
+        return (self.seed * 1_000_003 + step * self.samples + sample) % (2**31)
+
+    def _evaluate(self, step: int, raw: dict[str, Tensor]
+                  ) -> tuple[list[HyperGradient], float | None]:
+        evaluations, selection = [], []
+        for j, base in enumerate(self.problems):
+            for i in range(self.samples):
+                slot = j * self.samples + i
+                problem = replace(base, seed=self.seed_for(step, i))
+                if self.warm_start and self.warm[slot] is not None:
+                    problem = replace(problem, params=self.warm[slot][0],
+                                      buffers=self.warm[slot][1])
+                hg = self.method(problem, raw)
+                evaluations.append(hg)
+                if self.selection is not None:
+                    selection.append(self._selection_loss(problem, hg, raw))
+        for slot, hg in enumerate(evaluations):
+            self.warm[slot] = (hg.params, hg.buffers) if self.warm_start else None
+        if not selection:
+            return evaluations, None
+        value = sum(selection) / len(selection)
+        if not math.isfinite(value):
+            raise NonFiniteError(f"the selection loss is not finite ({value})")
+        return evaluations, value
+
+    def _selection_loss(self, problem: Problem, hg: HyperGradient, raw: dict[str, Tensor]
+                        ) -> float:
+        probe = replace(problem, val_data=self.selection)
+        with torch.no_grad():
+            hview = problem.hparams.view(problem.raw_tensors(raw))
+            return float(validation_loss(probe, hg.params, hg.buffers, hview))
+
+    def _update(self, grad: dict[str, Tensor], lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        for name, leaf in self.leaves.items():
+            leaf.grad = grad[name].detach().clone().to(leaf.dtype)
+        if self.clip is not None:
+            torch.nn.utils.clip_grad_norm_(list(self.leaves.values()), self.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _failed(self, step: int, raw: dict[str, Tensor], lr: float, reason: str,
+                started: float) -> StepRecord:
+        self.since_best += 1
+        try:
+            good, message = self.guard.failed(step, reason)
+        except NonFiniteError as err:
+            self.stopped = "diverged"
+            self._record(step, raw, started, status="failed", lr=lr, message=str(err))
+            raise
+        with torch.no_grad():
+            for name, leaf in self.leaves.items():
+                leaf.copy_(good["raw"][name])
+        self.optimizer.load_state_dict(copy.deepcopy(good["optimizer"]))
+        self.warm = list(good["warm"])
+        return self._record(step, raw, started, status="failed", lr=lr, message=message)
+
+    def _record(self, step: int, raw: dict[str, Tensor], started: float, *, status: str,
+                lr: float, best: bool = False, message: str = "", **losses: Any) -> StepRecord:
+        fields = ("train_loss", "val_loss", "val_loss_std", "selection_loss", "grad_norm",
+                  "grad_std")
+        record = StepRecord(
+            step=step, hparams=natural_values(self.hparams, raw), status=status,
+            **{k: finite_or_none(losses.get(k)) for k in fields}, grad=losses.get("grad"),
+            lr=lr, best=best, trainings=self.trainings, message=message,
+            time_s=self.elapsed, step_time_s=time.perf_counter() - started,
+        )
+        self.history.append(record)
+        self.step_index += 1
+        return record
+
+
+def _check_problems(problem: Problem | Sequence[Problem]) -> tuple[Problem, ...]:
+    problems = (problem,) if isinstance(problem, Problem) else tuple(problem)
+    if not problems or not all(isinstance(p, Problem) for p in problems):
+        raise fail("HyperOptimizer", "problem",
+                   "a Problem or a non-empty sequence of Problems (made by hd.make_problem)",
+                   problem)
+    names = list(problems[0].hparams)
+    for p in problems[1:]:
+        if list(p.hparams) != names:
+            raise fail("HyperOptimizer", "problems", f"all tuning the hyperparameters {names}",
+                       list(p.hparams))
+    return problems
+
+
+def _as_batches(selection: Batch | list[Batch] | None) -> list[Batch] | None:
+    if selection is None:
+        return None
+    return list(selection) if isinstance(selection, list) else [selection]
+
+
+def _number(value: Tensor) -> float | list[float]:
+    value = value.detach().double()
+    return float(value) if value.dim() == 0 else value.reshape(-1).tolist()

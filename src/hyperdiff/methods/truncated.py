@@ -1,0 +1,77 @@
+"""Truncated reverse mode: backpropagate through the last K of T inner steps only.
+
+The first ``T - K`` steps run without a graph; the graph starts at ``theta_{T-K}`` (and the
+optimizer state and buffers there), treated as constants. The result is the exact derivative
+of ``lam -> L_val(Phi_{T-1} o ... o Phi_{T-K}(s_{T-K}, lam), lam)`` with ``s_{T-K}`` frozen:
+
+    g_K = dL_val/dlam|direct + sum_{t=T-K}^{T-1} a_{t+1}^T dPhi_t/dlam,
+
+where ``a_t`` is the reverse-mode adjoint of the state. It drops the terms
+``t < T - K``, i.e. it ignores ``d s_{T-K} / dlam``: a *biased* approximation (Shaban et al.,
+2019, "Truncated back-propagation for bilevel optimization"), cheap in memory (O(K) steps).
+With ``K >= T`` it is exactly :func:`~hyperdiff.methods.reverse.reverse`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor
+
+from ..errors import positive_int
+from ..problem import Problem
+from ..training import TrainState, check_finite_losses, initial_state, unroll, validation_loss
+from .base import HyperGradient, Method, finish, zeros_for_unused
+
+
+def _frozen_prefix(problem: Problem, raw: dict[str, Tensor], stop: int) -> tuple[TrainState, Tensor]:
+    """Steps ``0 .. stop-1`` without a graph; the state comes back as fresh leaves."""
+    hview = problem.hparams.view({n: v.detach() for n, v in raw.items()})
+    with torch.no_grad():
+        state = initial_state(problem, differentiable=False)
+    state, losses = unroll(problem, hview, state, stop=stop, differentiable=False)
+    params = {k: v.detach().requires_grad_() for k, v in state.params.items()}
+    return TrainState(params, state.buffers, state.opt_state), losses
+
+
+def _truncated(problem: Problem, raw: dict[str, Tensor], k: int) -> HyperGradient:
+    started = time.perf_counter()
+    start = max(problem.steps - k, 0)
+    leaves = {n: v.detach().requires_grad_() for n, v in raw.items()}
+    hview = problem.hparams.view(leaves)
+    if start == 0:
+        state, prefix_losses = initial_state(problem, differentiable=True), None
+    else:
+        state, prefix_losses = _frozen_prefix(problem, raw, start)
+        check_finite_losses(prefix_losses, "truncated")
+    state, losses = unroll(problem, hview, state, start=start, differentiable=True)
+    check_finite_losses(losses, "truncated", start)
+    if prefix_losses is not None:
+        losses = torch.cat([prefix_losses, losses])
+    value = validation_loss(problem, state.params, state.buffers, hview)
+    grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+    grad = dict(zip(leaves, zeros_for_unused(grads, list(leaves.values())), strict=True))
+    return finish(
+        problem, leaves, method="truncated", value=value, grad=grad, params=state.params,
+        buffers=state.buffers, train_losses=losses, started=started,
+        k=k, differentiated_steps=problem.steps - start,
+    )
+
+
+def truncated(k: int) -> Method:
+    """Biased hypergradient by backpropagating through the last ``k`` inner steps only.
+
+    Memory O(k) steps; ignores how the state at step ``T - k`` depends on the
+    hyperparameters (``diagnostics["differentiated_steps"]`` says how many steps were
+    differentiated). ``k >= T`` gives the exact reverse-mode hypergradient.
+
+    Args:
+        k: number of final steps to differentiate, ``k >= 1``.
+
+    Raises:
+        HyperdiffError: ``k`` is not a positive int.
+    """
+    k = positive_int("truncated", "k", k)
+    return Method("truncated", lambda problem, raw: _truncated(problem, raw, k), {"k": k},
+                  exact=False)

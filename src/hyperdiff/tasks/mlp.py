@@ -1,0 +1,105 @@
+"""A one-hidden-layer MLP on scikit-learn's digits, tuning its training recipe.
+
+Inputs ``x`` (64 pixels scaled to [0, 1]), 10 classes. Model ``softmax(W2 relu(W1 x + b1) + b2)``
+with 32 hidden units, trained by minibatch SGD with momentum for T steps (batch 64). The
+hyperparameters are the whole recipe: a learning-rate schedule ``lr`` (one value per inner
+step), the momentum (in (0, 1)) and a weight decay per parameter tensor (``W1, b1, W2, b2``).
+Outer loss: validation cross-entropy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..data import minibatches
+from ..hyperparams import HParamView, HyperParameters, per_step, per_tensor, scalar
+from ..optimizers import sgd
+from ..problem import Problem, make_problem
+from ..typing import Batch, Params
+from .base import SearchRange, Task, assemble, classification_metrics, make_splits
+
+SUMMARY = "MLP on digits, tuning a learning-rate schedule, momentum and per-layer weight decay"
+DEFAULT_STEPS = 60
+HIDDEN = 32
+BATCH_SIZE = 64
+DEFAULTS = {"inner.steps": DEFAULT_STEPS, "outer.lr": 0.05, "stop.max_steps": 30,
+            "outer.samples": 2}
+INITIAL = {"lr": 0.05, "momentum": 0.5, "weight_decay": 1e-3}
+
+
+def load_digits_data() -> tuple[Tensor, Tensor]:
+    """Digits inputs scaled to [0, 1] (1797 x 64, float32) and labels (int64)."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    return torch.as_tensor(x / 16.0, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)
+
+
+def init_mlp(inputs: int, hidden: int, classes: int, seed: int = 0) -> Params:
+    """theta_0: uniform(+-1/sqrt(fan_in)) weights as torch.nn.Linear, zero biases."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def uniform(shape: tuple[int, ...], fan_in: int) -> Tensor:
+        return (torch.rand(shape, generator=gen) * 2 - 1) / math.sqrt(fan_in)
+
+    return {"W1": uniform((inputs, hidden), inputs), "b1": torch.zeros(hidden),
+            "W2": uniform((hidden, classes), hidden), "b2": torch.zeros(classes)}
+
+
+def forward(params: Params, x: Tensor) -> Tensor:
+    """Logits ``relu(x W1 + b1) W2 + b2``."""
+    return torch.relu(x @ params["W1"] + params["b1"]) @ params["W2"] + params["b2"]
+
+
+def train_loss(params: Params, hparams: HParamView, batch: Batch) -> Tensor:
+    x, y = batch
+    return torch.nn.functional.cross_entropy(forward(params, x), y)
+
+
+def val_loss(params: Params, hparams: HParamView, batch: Batch) -> Tensor:
+    x, y = batch
+    return torch.nn.functional.cross_entropy(forward(params, x), y)
+
+
+def metrics(params: Params, hparams: HParamView, batch: Batch) -> dict[str, float]:
+    x, y = batch
+    return classification_metrics(forward(params, x), y)
+
+
+def build(
+    *, steps: int | None = None, selection_fraction: float = 0.5, cv_folds: int = 0,
+    data_seed: int = 0,
+) -> Task:
+    """The MLP training-recipe task (see the module doc)."""
+    steps = steps or DEFAULT_STEPS
+    x, y = load_digits_data()
+    splits = make_splits(
+        len(y), test=0.25, val=0.2, selection_fraction=selection_fraction, seed=data_seed
+    )
+    theta0 = init_mlp(x.shape[1], HIDDEN, 10, seed=data_seed)
+    hparams = HyperParameters(
+        lr=per_step(steps, INITIAL["lr"]),
+        momentum=scalar(INITIAL["momentum"], (0.0, 1.0)),
+        weight_decay=per_tensor(theta0, INITIAL["weight_decay"]),
+    )
+
+    def batch_for(rows: Tensor) -> Batch:
+        return x[rows], y[rows]
+
+    def problem_for(train_rows: Tensor, val_rows: Tensor) -> Problem:
+        return make_problem(
+            train_loss, val_loss, hparams, theta0,
+            optimizer=sgd("lr", "momentum", weight_decay="weight_decay"),
+            train_data=minibatches(x[train_rows], y[train_rows], batch_size=BATCH_SIZE),
+            val_data=batch_for(val_rows), steps=steps, probe=False,
+        )
+
+    return assemble(
+        name="mlp_digits", description=SUMMARY, splits=splits, problem_for=problem_for,
+        batch_for=batch_for, metrics=metrics, cv_folds=cv_folds, data_seed=data_seed,
+        search_space={"lr": SearchRange(1e-3, 1.0), "momentum": SearchRange(0.0, 0.99, False),
+                      "weight_decay": SearchRange(1e-6, 1e-1)},
+    )
