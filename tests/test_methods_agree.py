@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import hyperdiff as hd
+
 from conftest import quiet, rel_err
 
 STEPS = 8
@@ -80,11 +81,26 @@ def _case(name):
                                 mom=hd.scalar(0.9, (0.0, 1.0)))
         x, y = _data(32)
         return _problem(net, hp, hd.sgd("lr", "mom"), hd.minibatches(x, y, batch_size=8))
+    if name == "per_element_decay":
+        net = hd.functional(nn.Linear(5, 1).double())
+        hp = hd.HyperParameters(el=hd.per_element(net.params, 1e-2), lr=hd.scalar(0.1))
+
+        def l2(p, h, batch, ctx):
+            x, y = batch
+            fit = ((net(p, x) - y) ** 2).mean()
+            return fit + sum((h.at("el", param=k) * v**2).sum() for k, v in p.items())
+
+        def val(p, h, batch, ctx):
+            x, y = batch
+            return ((net(p, x) - y) ** 2).mean()
+
+        return hd.make_problem(l2, val, hp, net.params, optimizer=hd.sgd("lr", 0.5),
+                               train_data=_data(), val_data=_data(16, seed=1), steps=STEPS)
     raise KeyError(name)
 
 
 CASES = ["sgd_momentum_schedule", "nesterov", "adam", "adamw_decoupled",
-         "batchnorm_dropout_minibatch"]
+         "batchnorm_dropout_minibatch", "per_element_decay"]
 
 
 @pytest.mark.parametrize("case", CASES)

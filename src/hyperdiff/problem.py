@@ -94,7 +94,8 @@ def _check_params(params: Any, name: str) -> Params:
         )
     if not isinstance(params, dict) or not params:
         raise HyperdiffError(
-            f"hypergradient: {name} must be a non-empty dict name -> tensor (got {describe(params)})"
+            f"hypergradient: {name} must be a non-empty dict name -> tensor "
+            f"(got {describe(params)})"
         )
     out = {}
     for key, value in params.items():
@@ -108,7 +109,9 @@ def _check_params(params: Any, name: str) -> Params:
         out[key] = value.detach().clone()
     dtypes = {v.dtype for v in out.values()}
     if len(dtypes) > 1:
-        raise HyperdiffError(f"hypergradient: {name} must share one dtype (got {sorted(map(str, dtypes))})")
+        raise HyperdiffError(
+            f"hypergradient: {name} must share one dtype (got {sorted(map(str, dtypes))})"
+        )
     return out
 
 

@@ -29,7 +29,9 @@ class TrainState(NamedTuple):
 
 def initial_state(problem: Problem, *, differentiable: bool) -> TrainState:
     """theta_0 (leaves that require grad when ``differentiable``), buffers, optimizer state."""
-    params = {k: v.detach().clone().requires_grad_(differentiable) for k, v in problem.params.items()}
+    params = {
+        k: v.detach().clone().requires_grad_(differentiable) for k, v in problem.params.items()
+    }
     return TrainState(params, dict(problem.buffers), problem.optimizer.init(params))
 
 
