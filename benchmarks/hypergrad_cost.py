@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import hyperdiff as hd  # noqa: E402
-from common import cross_entropy_losses, digits, in_subprocess, measure, mlp_params  # noqa: E402
+from common import cross_entropy_losses, digits, in_subprocess, measure, mlp_params
+
+import hyperdiff as hd
 
 HERE = Path(__file__).resolve()
 BATCH = 100
