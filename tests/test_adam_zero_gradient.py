@@ -8,6 +8,7 @@ import torch
 
 import hyperdiff as hd
 import hyperdiff.optimizers as optimizers
+
 from conftest import quiet, rel_err
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import hyperdiff as hd
+
 from conftest import rel_err
 
 T = 25

@@ -5,9 +5,9 @@ from .constraints import Constraint, Free, Interval, Positive
 from .data import BatchSource, minibatches
 from .errors import HyperdiffError, NonFiniteError
 from .hyperparams import (
+    HParamView,
     HyperParameter,
     HyperParameters,
-    HParamView,
     per_element,
     per_feature,
     per_step,

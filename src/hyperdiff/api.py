@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from .errors import HyperdiffError
 from .hyperparams import HyperParameters
 from .methods import HyperGradient, Method, reverse
 from .models import FunctionalModel
 from .optimizers import Optimizer
 from .problem import make_problem
 from .typing import LossFn, Params
-from .errors import HyperdiffError
 
 
 def hypergradient(

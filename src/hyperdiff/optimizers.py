@@ -81,7 +81,7 @@ def safe_sqrt(x: Tensor) -> Tensor:
 
 
 def _check_coefficient(caller: str, name: str, coef: Coefficient) -> None:
-    if isinstance(coef, bool) or not isinstance(coef, (int, float, str)) and not callable(coef):
+    if isinstance(coef, bool) or (not isinstance(coef, (int, float, str)) and not callable(coef)):
         raise HyperdiffError(
             f"{caller}: {name} must be a number, a hyperparameter name or a callable "
             f"(got {describe(coef)})"
