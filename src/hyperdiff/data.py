@@ -89,7 +89,7 @@ class Minibatches(BatchSource):
                 self._perm_cache[key] = torch.randperm(n, generator=gen)
             else:
                 self._perm_cache[key] = torch.arange(n)
-            if len(self._perm_cache) > 64:
+            if len(self._perm_cache) > 8:
                 self._perm_cache.pop(next(iter(self._perm_cache)))
         return self._perm_cache[key]
 
