@@ -20,7 +20,6 @@ checkpoint needs to resume the run exactly.
 from __future__ import annotations
 
 import copy
-import importlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -30,42 +29,30 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import HyperdiffError, NonFiniteError, fail, positive_float, positive_int
+from .errors import (
+    HyperdiffError,
+    NonFiniteError,
+    fail,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
 from .guard import DivergenceGuard
-from .history import History, OptimizeResult, StepRecord, finite_or_none, natural_values
+from .history import (
+    History,
+    OptimizeResult,
+    StepRecord,
+    finite_or_none,
+    natural_values,
+    to_number,
+)
 from .methods.base import HyperGradient, Method
 from .problem import Problem
+from .registry import METHODS, OPTIMIZERS, SCHEDULES, make_method
 from .training import validation_loss
 from .typing import Batch
 
-METHODS: dict[str, str] = {
-    "reverse": "hyperdiff.methods.reverse:reverse",
-    "forward": "hyperdiff.methods.forward:forward",
-    "finite_difference": "hyperdiff.methods.finite_difference:finite_difference",
-}
-"""Method name -> ``"module:constructor"``, imported on first use. One line adds a method."""
-
-OPTIMIZERS: dict[str, str] = {
-    "adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop",
-}
-"""Outer optimizer name -> ``torch.optim`` class name."""
-
-SCHEDULES = ("constant", "cosine")
-
 Callback = Callable[["HyperOptimizer", StepRecord], None]
-
-
-def method_constructor(name: str) -> Callable[..., Method]:
-    """The constructor registered as ``name`` in :data:`METHODS`."""
-    if name not in METHODS:
-        raise fail("HyperOptimizer", "method", f"one of {sorted(METHODS)}", name)
-    module, attr = METHODS[name].split(":")
-    return getattr(importlib.import_module(module), attr)
-
-
-def make_method(name: str, **options: Any) -> Method:
-    """``make_method("forward", chunk_size=8)`` -> ``hd.forward(chunk_size=8)``."""
-    return method_constructor(name)(**options)
 
 
 @dataclass(frozen=True)
@@ -87,6 +74,19 @@ class Stopping:
     min_delta: float = 0.0
     grad_tol: float = 0.0
     step_tol: float = 0.0
+
+    def __post_init__(self) -> None:
+        positive_int("Stopping", "max_steps", self.max_steps)
+        if self.max_time_s is not None:
+            positive_float("Stopping", "max_time_s", self.max_time_s)
+        if self.patience is not None:
+            positive_int("Stopping", "patience", self.patience)
+        for name in ("min_delta", "grad_tol", "step_tol"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                0.0 <= value < math.inf
+            ):
+                raise fail("Stopping", name, "a finite number >= 0", value)
 
 
 class HyperOptimizer:
@@ -112,8 +112,8 @@ class HyperOptimizer:
     >>> import torch, hyperdiff as hd
     >>> from hyperdiff.driver import HyperOptimizer, Stopping
     >>> x, y = torch.randn(20, 3, dtype=torch.float64), torch.randn(20, dtype=torch.float64)
-    >>> loss = lambda p, h, b: ((b[0] @ p["w"] - b[1]) ** 2).mean() + h["lam"] * p["w"].square().sum()
     >>> val = lambda p, h, b: ((b[0] @ p["w"] - b[1]) ** 2).mean()
+    >>> loss = lambda p, h, b: val(p, h, b) + h["lam"] * p["w"].square().sum()
     >>> problem = hd.make_problem(loss, val, hd.HyperParameters(lam=hd.scalar(1.0)),
     ...     {"w": torch.zeros(3, dtype=torch.float64)}, optimizer=hd.sgd(0.1),
     ...     train_data=(x, y), val_data=(x, y), steps=20)
@@ -155,9 +155,8 @@ class HyperOptimizer:
         self.samples = positive_int("HyperOptimizer", "samples", samples)
         self.warm_start = bool(warm_start)
         self.selection = _as_batches(selection)
-        self.seed = seed
+        self.seed = nonnegative_int("HyperOptimizer", "seed", seed)
         self.stopping = stopping or Stopping()
-        positive_int("HyperOptimizer", "stopping.max_steps", self.stopping.max_steps)
         self.guard = DivergenceGuard(shrink=shrink, max_failures=max_failures)
         self.leaves = {n: v.clone().requires_grad_() for n, v in self.hparams.raw.items()}
         optim_class = getattr(torch.optim, OPTIMIZERS[optimizer])
@@ -282,7 +281,7 @@ class HyperOptimizer:
             val_loss_std=float(values.std()) if len(values) > 1 else 0.0,
             selection_loss=selection, grad_norm=grad_norm,
             grad_std=float(grads.std(0).norm()) if len(grads) > 1 else None,
-            grad={n: _number(g) for n, g in self.hparams.unflatten(mean).items()},
+            grad={n: to_number(g) for n, g in self.hparams.unflatten(mean).items()},
         )
 
     def learning_rate(self, step: int) -> float:
@@ -421,7 +420,3 @@ def _as_batches(selection: Batch | list[Batch] | None) -> list[Batch] | None:
         return None
     return list(selection) if isinstance(selection, list) else [selection]
 
-
-def _number(value: Tensor) -> float | list[float]:
-    value = value.detach().double()
-    return float(value) if value.dim() == 0 else value.reshape(-1).tolist()

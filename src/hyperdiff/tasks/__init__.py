@@ -1,7 +1,8 @@
 """Built-in tuning tasks on data bundled with scikit-learn (nothing downloads).
 
-Each task module defines ``SUMMARY`` (one line), ``DEFAULTS`` (config values it recommends,
-as dotted keys) and ``build(*, steps, selection_fraction, cv_folds, data_seed) -> Task``.
+Each task module defines ``SUMMARY`` (one line), ``TUNES`` (what it tunes), ``DEFAULTS``
+(config values it recommends, as dotted keys) and
+``build(*, steps, selection_fraction, cv_folds, data_seed) -> Task``.
 Adding a task is one module and one line in :data:`TASKS`.
 """
 
@@ -40,9 +41,9 @@ def task_defaults(name: str) -> dict[str, Any]:
     return dict(task_module(name).DEFAULTS)
 
 
-def list_tasks() -> list[tuple[str, str]]:
-    """``(name, summary)`` of every built-in task."""
-    return [(name, task_module(name).SUMMARY) for name in TASKS]
+def list_tasks() -> list[tuple[str, str, str]]:
+    """``(name, what it tunes, summary)`` of every built-in task."""
+    return [(name, task_module(name).TUNES, task_module(name).SUMMARY) for name in TASKS]
 
 
 __all__ = ["DEFAULT_TASK", "TASKS", "SearchRange", "Task", "build_task", "list_tasks",

@@ -8,7 +8,8 @@ A :class:`Task` holds
   hyperparameters and to stop early (``None`` when switched off);
 - ``splits``: every split for reports (``train``, ``val``, ``selection``, ``test``); ``test`` is
   never used while tuning;
-- ``final_problem``: the training run behind reports and black-box evaluations.
+- ``final_problem``: the training run behind reports and black-box evaluations;
+- ``summarize``: optional task-specific numbers about natural hyperparameter values.
 
 Splits are drawn once from ``data_seed``: ``test`` first, then ``val``, then ``selection`` is
 taken out of ``val`` (``selection_fraction`` of it); the rest is ``train``. With ``cv_folds = k``
@@ -66,6 +67,7 @@ class Task:
     metrics: Metrics
     search_space: dict[str, SearchRange]
     info: dict[str, Any] = field(default_factory=dict)
+    summarize: Callable[[Mapping[str, Tensor]], dict[str, float]] | None = None
 
     @property
     def hparams(self) -> HyperParameters:
@@ -175,6 +177,7 @@ def assemble(
     cv_folds: int,
     data_seed: int,
     info: dict[str, Any] | None = None,
+    summarize: Callable[[Mapping[str, Tensor]], dict[str, float]] | None = None,
 ) -> Task:
     """Build a :class:`Task` from a problem factory ``problem_for(train_rows, val_rows)``."""
     if cv_folds:
@@ -192,7 +195,7 @@ def assemble(
     return Task(
         name=name, description=description, problems=problems, final_problem=final,
         splits=eval_splits, metrics=metrics, search_space=search_space,
-        info={"sizes": sizes, "cv_folds": cv_folds, **(info or {})},
+        info={"sizes": sizes, "cv_folds": cv_folds, **(info or {})}, summarize=summarize,
     )
 
 

@@ -16,8 +16,10 @@ from ..optimizers import sgd
 from ..problem import Problem, make_problem
 from ..typing import Batch, Params
 from .base import SearchRange, Task, assemble, make_splits, standardize
+from .datasets import load
 
-SUMMARY = "logistic regression on breast_cancer, tuning one L2 strength per feature (30)"
+SUMMARY = "logistic regression on breast_cancer"
+TUNES = "lam per feature (30)"
 DEFAULT_STEPS = 100
 DEFAULTS = {"inner.steps": DEFAULT_STEPS, "outer.lr": 0.2, "stop.max_steps": 40}
 INITIAL = {"lam": 0.05}
@@ -54,10 +56,8 @@ def build(
     data_seed: int = 0,
 ) -> Task:
     """The per-feature L2 logistic regression task (see the module doc)."""
-    from sklearn.datasets import load_breast_cancer
-
     steps = steps or DEFAULT_STEPS
-    x_np, y_np = load_breast_cancer(return_X_y=True)
+    x_np, y_np = load("breast_cancer")
     x_all = torch.as_tensor(x_np, dtype=torch.float64)
     y = torch.as_tensor(y_np, dtype=torch.float64)
     splits = make_splits(

@@ -20,21 +20,21 @@ from ..optimizers import sgd
 from ..problem import Problem, make_problem
 from ..typing import Batch, Params
 from .base import SearchRange, Task, assemble, classification_metrics, make_splits
+from .datasets import load
 
-SUMMARY = "MLP on digits, tuning a learning-rate schedule, momentum and per-layer weight decay"
+SUMMARY = "one-hidden-layer MLP on digits, minibatch SGD with momentum"
+TUNES = "lr schedule (T), momentum (1), weight_decay per tensor (4)"
 DEFAULT_STEPS = 60
 HIDDEN = 32
 BATCH_SIZE = 64
-DEFAULTS = {"inner.steps": DEFAULT_STEPS, "outer.lr": 0.05, "stop.max_steps": 30,
+DEFAULTS = {"inner.steps": DEFAULT_STEPS, "outer.lr": 0.1, "stop.max_steps": 30,
             "outer.samples": 2}
 INITIAL = {"lr": 0.05, "momentum": 0.5, "weight_decay": 1e-3}
 
 
 def load_digits_data() -> tuple[Tensor, Tensor]:
     """Digits inputs scaled to [0, 1] (1797 x 64, float32) and labels (int64)."""
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
+    x, y = load("digits")
     return torch.as_tensor(x / 16.0, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)
 
 

@@ -21,11 +21,12 @@ from ..typing import Batch, Params
 from .base import SearchRange, Task, assemble, classification_metrics, make_splits
 from .mlp import forward, init_mlp, load_digits_data
 
-SUMMARY = "MLP on digits with 30% flipped training labels, tuning one weight per example (~1000)"
+SUMMARY = "MLP on digits with 30% of the training labels flipped"
+TUNES = "weight per training example (989)"
 DEFAULT_STEPS = 60
 NOISE = 0.3
 HIDDEN = 32
-DEFAULTS = {"inner.steps": DEFAULT_STEPS, "outer.lr": 0.5, "stop.max_steps": 30}
+DEFAULTS = {"inner.steps": DEFAULT_STEPS, "outer.lr": 0.3, "stop.max_steps": 30}
 
 
 def flip_labels(y: Tensor, rows: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -93,4 +94,11 @@ def build(
         batch_for=batch_for, metrics=metrics, cv_folds=0, data_seed=data_seed,
         search_space={"weight": SearchRange(0.01, 0.99, False)},
         info={"flipped": flipped[splits.train]},
+        summarize=lambda values: weight_summary(values["weight"], flipped[splits.train]),
     )
+
+
+def weight_summary(weight: Tensor, flipped: Tensor) -> dict[str, float]:
+    """Mean learned weight of the flipped and of the clean training examples."""
+    return {"mean weight, flipped labels": float(weight[flipped].mean()),
+            "mean weight, clean labels": float(weight[~flipped].mean())}

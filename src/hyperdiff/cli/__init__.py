@@ -1,0 +1,59 @@
+"""The ``hyperdiff`` command line: one module per subcommand.
+
+A subcommand module defines ``HELP`` (one line), ``add_arguments(parser)`` and
+``run(args) -> int`` (the exit status). Adding a subcommand is one module and one line in
+:data:`COMMANDS`. Bad input (:class:`~hyperdiff.errors.HyperdiffError`) prints one message and
+exits with status 2; a run that diverges for good exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+COMMANDS: dict[str, str] = {
+    "run": "hyperdiff.cli.run",
+    "tasks": "hyperdiff.cli.tasks",
+    "plot": "hyperdiff.cli.plot",
+    "check": "hyperdiff.cli.check",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hyperdiff",
+        description="Gradient-based hyperparameter optimization: tune, inspect and plot runs.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        command = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(command)
+        command.set_defaults(handler=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hyperdiff`` script; returns the exit status."""
+    from ..errors import HyperdiffError, NonFiniteError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except HyperdiffError as err:
+        print(f"hyperdiff {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteError as err:
+        print(f"hyperdiff {args.command}: failed: {err}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # e.g. `hyperdiff run --print-config | head`
+        sys.stdout = None  # type: ignore[assignment]
+        return 0
+    except KeyboardInterrupt:
+        print(f"hyperdiff {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+__all__ = ["COMMANDS", "build_parser", "main"]

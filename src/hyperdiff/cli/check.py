@@ -1,0 +1,30 @@
+"""``hyperdiff check [TASK]``: diagnose a task's inner problem (``hyperdiff.check``)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "check a built-in task's problem (method agreement, cost) and recommend a method"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("task", nargs="?", help="built-in task (default: the default task)")
+    parser.add_argument("--steps", type=int, help="inner steps T (default: the task's)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import HyperdiffError
+    from ..tasks import DEFAULT_TASK, build_task
+
+    try:
+        from ..check import check
+    except ImportError as err:
+        raise HyperdiffError(
+            f"check: the hyperdiff.check module must be installed to run checks (got "
+            f"ImportError: {err})"
+        ) from err
+    task = build_task(args.task or DEFAULT_TASK, steps=args.steps)
+    report = check(task.problems[0])
+    print(report.table())
+    print(report.recommendation)
+    return 0

@@ -1,0 +1,23 @@
+"""``hyperdiff tasks``: list the built-in tasks."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "list the built-in tasks"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    del parser  # no options
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..tasks import DEFAULT_TASK, list_tasks
+
+    rows = list_tasks()
+    width = max(len(name) for name, _, _ in rows) + 2
+    for name, tunes, summary in rows:
+        mark = " (default)" if name == DEFAULT_TASK else ""
+        print(f"{name:<{width}}{summary}{mark}")
+        print(f"{'':<{width}}tunes: {tunes}")
+    return 0

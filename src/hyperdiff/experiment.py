@@ -1,0 +1,231 @@
+"""A configured tuning job end to end: task, driver, run directory, final report.
+
+:func:`run_experiment` is what ``hyperdiff run`` does: build the task and the
+:class:`~hyperdiff.driver.HyperOptimizer` from a :class:`~hyperdiff.config.Config`, run it with
+a checkpoint after every step (or resume one), then retrain at the initial and at the best
+hyperparameters with fresh seeds and report every split, the held-out test split included,
+for both.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .config import Config, load_config
+from .driver import HyperOptimizer, Stopping
+from .errors import HyperdiffError, NonFiniteError
+from .history import OptimizeResult, natural_values
+from .registry import make_method
+from .rundir import RunDir
+from .tasks import Task, build_task
+
+REPORT_SEED = 1_000_000
+"""Report trainings use seeds ``REPORT_SEED + i``, distinct from the tuning seeds."""
+
+
+def build(config: Config) -> tuple[Task, HyperOptimizer]:
+    """The task and the driver that ``config`` describes."""
+    task = build_task(
+        config.task.name, steps=config.inner.steps,
+        selection_fraction=config.task.selection_fraction, cv_folds=config.task.cv_folds,
+        data_seed=config.task.data_seed,
+    )
+    stop = config.stop
+    driver = HyperOptimizer(
+        list(task.problems),
+        method=make_method(config.method.name, **config.method.options),
+        optimizer=config.outer.optimizer, lr=config.outer.lr,
+        clip=config.outer.clip or None, schedule=config.outer.schedule,
+        samples=config.outer.samples, warm_start=config.inner.warm_start,
+        selection=task.selection, seed=config.outer.seed,
+        stopping=Stopping(
+            max_steps=stop.max_steps, max_time_s=stop.max_time_s or None,
+            patience=stop.patience or None, min_delta=stop.min_delta, grad_tol=stop.grad_tol,
+            step_tol=stop.step_tol,
+        ),
+        shrink=config.guard.shrink, max_failures=config.guard.max_failures,
+    )
+    return task, driver
+
+
+def default_run_dir(config: Config) -> Path:
+    if config.output.dir:
+        return Path(config.output.dir)
+    return Path("runs") / f"{config.task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def config_differences(old: Config, new: Config) -> list[str]:
+    """``"section.key: old -> new"`` for every key that differs (``[output]`` ignored)."""
+    a, b = old.to_dict(), new.to_dict()
+    diffs = []
+    for section in a:
+        if section == "output":
+            continue
+        for key in sorted(set(a[section]) | set(b[section])):
+            if a[section].get(key) != b[section].get(key):
+                diffs.append(f"{section}.{key}: {a[section].get(key)!r} there, "
+                             f"{b[section].get(key)!r} now")
+    return diffs
+
+
+def run_experiment(
+    config: Config | None, *, out: str | Path | None = None, resume: str | Path | None = None,
+    overrides: tuple[str, ...] = (), progress: bool | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run (or resume) a tuning job; return the result written to ``result.json``.
+
+    Args:
+        config: the resolved config; with ``resume`` and ``None``, the run's own config.
+        out: run directory of a new run (default: ``config.output.dir`` or
+            ``runs/<task>-<date>-<time>``).
+        resume: run directory of an interrupted run to continue. Its config must equal
+            ``config`` (except ``[output]``), else the resume is refused.
+        overrides: ``section.key=value`` applied to the stored config when resuming without
+            ``config``.
+        progress: tqdm progress bar (``None``: only on a terminal).
+        log: where progress messages go.
+    """
+    if resume is not None:
+        rundir = RunDir(resume)
+        stored = load_config(rundir.config_path())
+        if config is None:
+            config = load_config(data=stored.to_dict(), overrides=overrides)
+        diffs = config_differences(stored, config)
+        if diffs:
+            raise HyperdiffError(
+                f"run: --resume must use the config the run was started with; {rundir.path} "
+                f"differs in {'; '.join(diffs)}. Resume without a config file, or start a new "
+                "run in another directory with --out"
+            )
+        finished = rundir.read_result()
+        if finished is not None and finished.get("status") == "diverged":
+            raise HyperdiffError(
+                f"run: {rundir.path} must be an unfinished run to resume (got a run that "
+                f"stopped after its divergence guard gave up: {finished.get('message')}); "
+                "start a new run with a smaller outer.lr or with outer.clip"
+            )
+        if finished is not None:
+            log(f"{rundir.path} already finished; its result:")
+            return finished
+    else:
+        if config is None:
+            raise HyperdiffError("run: a config is required unless resuming")
+        rundir = RunDir(out or default_run_dir(config))
+        if rundir.has_run():
+            raise HyperdiffError(
+                f"run: the run directory {rundir.path} already holds a run; continue it with "
+                "--resume, or choose another directory with --out"
+            )
+    task, driver = build(config)
+    if resume is not None and (state := rundir.load_checkpoint()) is not None:
+        driver.load_state_dict(state, rundir.load_history(int(state["step"])))
+        log(f"resuming {rundir.path} at outer step {driver.step_index}")
+    else:
+        rundir.start(config.to_toml(), task.hparams)
+    log(f"tuning {task.name}: {task.hparams.numel} hyperparameters, "
+        f"{len(task.problems) * config.outer.samples} training(s) of {config.inner.steps} "
+        f"steps per outer step; run directory {rundir.path}")
+
+    def on_step(opt: HyperOptimizer, record: Any) -> None:
+        rundir.append(record)
+        if record.message:
+            log(f"guard: {record.message}")
+        if opt.step_index % config.output.checkpoint_every == 0 or opt.stop_reason():
+            rundir.save_checkpoint(opt.state_dict())
+
+    try:
+        outcome = driver.run(callbacks=[on_step], progress=progress)
+    except KeyboardInterrupt:
+        log(f"interrupted after outer step {driver.step_index}; continue with "
+            f"`hyperdiff run --resume {rundir.path}`")
+        raise
+    except NonFiniteError as err:
+        rundir.save_checkpoint(driver.state_dict())
+        result = {"task": task.name, "status": "diverged", "message": str(err),
+                  "run_dir": str(rundir.path), "steps": driver.step_index}
+        rundir.write_result(result)
+        raise
+    rundir.save_checkpoint(driver.state_dict())
+    result = final_report(task, outcome, config, elapsed=driver.elapsed)
+    result["run_dir"] = str(rundir.path)
+    rundir.write_result(result)
+    return result
+
+
+def final_report(task: Task, outcome: OptimizeResult, config: Config, *, elapsed: float
+                 ) -> dict[str, Any]:
+    """Retrain at the initial and the best hyperparameters (``config.report.seeds`` fresh
+    seeds each, the same for both) and evaluate every split."""
+    seeds = tuple(REPORT_SEED + i for i in range(config.report.seeds))
+    segments = outcome.best_step + 1 if config.inner.warm_start else 1
+    sides = {"initial": task.hparams.raw, "tuned": outcome.best_raw}
+    report: dict[str, Any] = {
+        "task": task.name, "status": "finished", "stop_reason": outcome.stop_reason,
+        "steps": outcome.steps, "best_step": outcome.best_step,
+        "criterion": outcome.criterion, "time_s": elapsed, "report_seeds": list(seeds),
+        "training_steps": segments * config.inner.steps, "sizes": task.info.get("sizes", {}),
+        "cv_folds": config.task.cv_folds,
+    }
+    for side, raw in sides.items():
+        natural = task.hparams.natural(raw)
+        report[side] = {
+            "hparams": natural_values(task.hparams, raw),
+            "summary": task.summarize(natural) if task.summarize else {},
+            "metrics": task.evaluate(raw, seeds=seeds, segments=segments),
+        }
+    return report
+
+
+def format_table(result: Mapping[str, Any]) -> str:
+    """The short initial-vs-tuned table that ``hyperdiff run`` prints."""
+    initial, tuned = result["initial"], result["tuned"]
+    rows: list[tuple[str, str, str]] = []
+    for name in initial["hparams"]:
+        a, b = initial["hparams"][name], tuned["hparams"][name]
+        label = name if not isinstance(a, list) else f"{name} ({len(a)} values)"
+        rows.append((label, _summary(a), _summary(b)))
+    for key in initial["summary"]:
+        rows.append((f"  {key}", f"{initial['summary'][key]:.3g}", f"{tuned['summary'][key]:.3g}"))
+    val_label = ("val loss (in the CV pool)" if result.get("cv_folds")
+                 else "val loss (hypergradient split)")
+    labels = {"val": val_label, "selection": "selection loss",
+              "test": "test loss (held out)"}
+    for split, label in labels.items():
+        if split in initial["metrics"]:
+            rows.append((label, f"{initial['metrics'][split]['loss']:.4f}",
+                         f"{tuned['metrics'][split]['loss']:.4f}"))
+    if "accuracy" in initial["metrics"]["test"]:
+        rows.append(("test accuracy (held out)", f"{initial['metrics']['test']['accuracy']:.4f}",
+                     f"{tuned['metrics']['test']['accuracy']:.4f}"))
+    width = max(len(r[0]) for r in rows) + 2
+    col = max(12, *(len(r[1]) for r in rows)) + 2
+    lines = [
+        f"{result['task']}: {result['steps']} outer steps in {result['time_s']:.1f} s "
+        f"({result['stop_reason']}); best step {result['best_step']} by "
+        f"{result['criterion'].replace('_', ' ')}",
+        "",
+        f"{'':<{width}}{'initial':<{col}}tuned",
+        *(f"{a:<{width}}{b:<{col}}{c}" for a, b, c in rows),
+        "",
+        f"test split: {result['sizes'].get('test', '?')} examples never used while tuning; "
+        f"metrics averaged over {len(result['report_seeds'])} fresh training seeds",
+        f"run directory: {result['run_dir']}",
+    ]
+    return "\n".join(lines)
+
+
+def _summary(value: float | list[float]) -> str:
+    if not isinstance(value, list):
+        return f"{value:.4g}"
+    low, high = min(value), max(value)
+    mean = sum(value) / len(value)
+    return f"{mean:.3g}" if low == high else f"{mean:.3g} [{low:.2g}, {high:.2g}]"
+
+
+__all__ = ["build", "config_differences", "final_report", "format_table", "run_experiment"]
+
+
