@@ -3,9 +3,11 @@
 Write one inner step as ``s_{t+1} = Phi_t(s_t, lam)`` with ``s = (params, buffers, optimizer
 state)``. The T steps are split into S segments ``[b_0=0, b_1) ... [b_{S-1}, b_S=T)``.
 
-1. Forward, without a graph: run all steps and store the checkpoints ``s_{b_i}``.
-2. Backward, segment by segment from the last: start from the final adjoint
-   ``a_T = dL_val/ds_T`` and ``g = dL_val/dlam|direct``; for segment i recompute
+1. Forward, without a graph: run segments 0 .. S-2 and store their starts ``s_{b_i}``.
+2. The last segment runs with a graph and the validation loss on top; one backward pass gives
+   ``g = dL_val/dlam`` through that segment (direct term included) and the adjoint
+   ``a_{b_{S-1}} = dL_val/ds_{b_{S-1}}``.
+3. For the earlier segments, from the last to the first: recompute
    ``s_{b_{i+1}} = Phi_{b_{i+1}-1} o ... o Phi_{b_i}(s_{b_i}, lam)`` *with* a graph from the
    stored ``s_{b_i}`` and take one vector-Jacobian product
 
@@ -17,11 +19,12 @@ so it sees the same batches and dropout masks and reproduces the forward pass bi
 its stored checkpoint, is 0). The hypergradient equals full reverse mode up to the order of
 floating-point summation. Memory: S checkpoints plus the graph of one segment of about T/S
 steps (``S = ceil(sqrt(T))`` by default balances the two); time: one extra graph-free
-forward pass over plain reverse mode.
+pass over the first ``T - T/S`` steps on top of plain reverse mode.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from typing import Any
@@ -42,33 +45,35 @@ def segment_bounds(steps: int, segments: int) -> list[int]:
     return [round(i * steps / s) for i in range(s + 1)]
 
 
-def _as_leaves(state: TrainState) -> tuple[list[Tensor], Any]:
-    """Flatten a state into fresh leaves that require grad, and the tree spec."""
-    flat, spec = tree_flatten(tuple(state))
-    return [x.detach().requires_grad_() for x in flat], spec
+def _replay(
+    problem: Problem, start: TrainState, step0: int, stop: int, raw: dict[str, Tensor]
+) -> tuple[list[Tensor], list[Tensor], TrainState, Any, Tensor]:
+    """Run steps ``step0 .. stop-1`` with a graph from fresh leaves of ``start`` and ``raw``.
 
-
-def _segment_vjp(
-    problem: Problem, start: TrainState, stop: int, step0: int, adjoint: list[Tensor],
-    raw: dict[str, Tensor],
-) -> tuple[list[Tensor], list[Tensor], float]:
-    """Replay steps ``step0 .. stop-1`` from ``start``; return the adjoint of the start state,
-    the vjp with the raw values, and the largest difference with the stored end state."""
-    leaves, spec = _as_leaves(start)
+    Returns the state leaves, the raw leaves, the end state, the hyperparameter view and the
+    train losses.
+    """
+    flat, spec = tree_flatten(tuple(start))
+    leaves = [x.detach().requires_grad_() for x in flat]
     raw_leaves = [v.detach().requires_grad_() for v in raw.values()]
     hview = problem.hparams.view(dict(zip(raw, raw_leaves, strict=True)))
-    end, _ = unroll(
+    end, losses = unroll(
         problem, hview, TrainState(*tree_unflatten(leaves, spec)), start=step0, stop=stop,
         differentiable=True,
     )
-    outputs = tree_flatten(tuple(end))[0]
-    pairs = [(o, a) for o, a in zip(outputs, adjoint, strict=True) if o.requires_grad]
-    inputs = leaves + raw_leaves
-    grads = torch.autograd.grad(
-        [o for o, _ in pairs], inputs, [a for _, a in pairs], allow_unused=True
-    )
-    grads = zeros_for_unused(grads, inputs)
-    return grads[: len(leaves)], grads[len(leaves) :], outputs
+    check_finite_losses(losses, "checkpointed", step0)
+    return leaves, raw_leaves, end, hview, losses
+
+
+def _pull_back(
+    outputs: list[Tensor], inputs: list[Tensor], adjoint: list[Tensor] | None
+) -> list[Tensor]:
+    """``adjoint^T d outputs / d inputs`` (``outputs`` a scalar when ``adjoint`` is None)."""
+    if adjoint is not None:
+        pairs = [(o, a) for o, a in zip(outputs, adjoint, strict=True) if o.requires_grad]
+        outputs, adjoint = [o for o, _ in pairs], [a for _, a in pairs]
+    grads = torch.autograd.grad(outputs, inputs, adjoint, allow_unused=True)
+    return zeros_for_unused(grads, inputs)
 
 
 def _checkpointed(problem: Problem, raw: dict[str, Tensor], segments: int | None) -> HyperGradient:
@@ -78,39 +83,41 @@ def _checkpointed(problem: Problem, raw: dict[str, Tensor], segments: int | None
     raw = {n: v.detach() for n, v in raw.items()}
     hview = problem.hparams.view(raw)
 
-    # 1. graph-free forward pass, storing the state at each segment start
+    # 1. graph-free forward pass over all but the last segment, storing each segment's start
     with torch.no_grad():
         state = initial_state(problem, differentiable=False)
-    checkpoints, all_losses = [], []
-    for step0, stop in zip(bounds[:-1], bounds[1:], strict=True):
-        checkpoints.append(state)
+    starts, all_losses = [], []
+    for step0, stop in itertools.pairwise(bounds[:-1]):
+        starts.append(state)
         state, losses = unroll(problem, hview, state, start=step0, stop=stop, differentiable=False)
         check_finite_losses(losses, "checkpointed", step0)
         all_losses.append(losses)
+    starts.append(state)
 
-    # 2. final adjoint and the direct term
-    leaves, spec = _as_leaves(state)
-    params, buffers, _ = tree_unflatten(leaves, spec)
-    raw_leaves = {n: v.clone().requires_grad_() for n, v in raw.items()}
-    value = validation_loss(problem, params, buffers, problem.hparams.view(raw_leaves))
-    inputs = leaves + list(raw_leaves.values())
-    grads = zeros_for_unused(torch.autograd.grad(value, inputs, allow_unused=True), inputs)
+    # 2. the last segment with its graph, the validation loss on top: the adjoint at b_{S-1}
+    leaves, raw_leaves, end, hview, losses = _replay(problem, state, bounds[-2], T, raw)
+    all_losses.append(losses)
+    value = validation_loss(problem, end.params, end.buffers, hview)
+    grads = _pull_back([value], leaves + raw_leaves, None)
     adjoint, grad_raw = grads[: len(leaves)], grads[len(leaves) :]
 
-    # 3. segments from last to first: replay with a graph, one vjp each
-    mismatch, stored_end = 0.0, tree_flatten(tuple(state))[0]
-    for i in range(len(checkpoints) - 1, -1, -1):
-        adjoint, vjp_raw, replayed = _segment_vjp(
-            problem, checkpoints[i], bounds[i + 1], bounds[i], adjoint, raw
+    # 3. earlier segments from last to first: replay with a graph, one vjp each
+    mismatch = 0.0
+    for i in range(len(bounds) - 3, -1, -1):
+        leaves, raw_leaves, seg_end, _, _ = _replay(
+            problem, starts[i], bounds[i], bounds[i + 1], raw
         )
-        grad_raw = [g + v for g, v in zip(grad_raw, vjp_raw, strict=True)]
-        mismatch = max(mismatch, _max_difference(replayed, stored_end))
-        stored_end = tree_flatten(tuple(checkpoints[i]))[0]
-        checkpoints[i] = None  # the segment is done: free its checkpoint
+        outputs = tree_flatten(tuple(seg_end))[0]
+        stored = tree_flatten(tuple(starts[i + 1]))[0]
+        mismatch = max(mismatch, _max_difference(outputs, stored))
+        grads = _pull_back(outputs, leaves + raw_leaves, adjoint)
+        adjoint = grads[: len(leaves)]
+        grad_raw = [g + v for g, v in zip(grad_raw, grads[len(leaves) :], strict=True)]
+        starts[i + 1] = None  # no longer needed
 
     return finish(
         problem, raw, method="checkpointed", value=value,
-        grad=dict(zip(raw, grad_raw, strict=True)), params=params, buffers=buffers,
+        grad=dict(zip(raw, grad_raw, strict=True)), params=end.params, buffers=end.buffers,
         train_losses=torch.cat(all_losses), started=started,
         segments=len(bounds) - 1, replay_mismatch=mismatch,
     )

@@ -12,11 +12,11 @@ Given ``(theta_{t+1}, v_t)`` the step can be undone: ``theta_t = theta_{t+1} + l
 this is unstable (dividing by ``mu < 1`` amplifies the rounding errors of every step), so the
 forward pass keeps ``theta`` and ``v`` as exact integers ``X = round(x * 2^R)`` (R =
 ``fraction_bits``). Additions of rounded quantities are exactly invertible; the product by
-``mu ~ n / D`` (``D = 2^40``, ``n = round(mu D)``) is made a bijection of the pair
-(integer, information buffer):
+``mu ~ n / D`` (``D = 2^31``, ``n = round(mu D)``) is made a bijection of the pair
+(integer X, information buffer S), with an error below one unit of ``2^-R``:
 
-    forward:  push(X mod D, base D);  X <- (X div D) * n + pop(base n)
-    backward: q, r = divmod(X, n); push(r, base n);  X <- q * D + pop(base D)
+    forward:  e = pop(base n);  X, r = divmod(X n + e, D);  push(r, base D)
+    backward: r = pop(base D);  X, e = divmod(X D + r, n);  push(e, base n)
 
 where the buffer is one arbitrary-precision integer per element, ``push(x, b): S <- S b + x``
 and ``pop(b): S, x <- divmod(S, b)``. It grows by ``log2(1 / mu)`` bits per element and step
@@ -39,60 +39,81 @@ from ..hyperparams import HParamView
 from ..models import StepContext
 from ..optimizers import SGDState, resolve
 from ..problem import Problem, call_loss
-from ..training import check_finite_losses, grads_of, train_step, validation_loss
+from ..training import check_finite_losses, grads_of, validation_loss
 from .base import HyperGradient, Method, finish, zeros_for_unused
 
-DENOMINATOR_BITS = 40  # mu is represented as n / 2**40
-LIMB_BITS = 22  # limb * 2**40 + carry stays below 2**63
-LIMB_MASK = (1 << LIMB_BITS) - 1
+DENOMINATOR_BITS = 31  # mu is represented as n / 2**31 with 1 <= n <= 2**31
+DENOMINATOR = 1 << DENOMINATOR_BITS
+LOW_MASK = DENOMINATOR - 1  # limbs have DENOMINATOR_BITS bits: limb * n + carry < 2**63
 
 
 class InfoBuffer:
-    """One non-negative big integer per element: little-endian limbs of ``LIMB_BITS`` bits."""
+    """One non-negative big integer S per element, as a list of little-endian 31-bit limbs.
 
-    def __init__(self, numel: int):
-        self.limbs = torch.zeros((0, numel), dtype=torch.int64)
-        self.peak_limbs = 0
+    Pushing or popping a digit of base ``D = 2^31`` is adding or removing the lowest limb;
+    other bases (``n <= D``) take one pass over the limbs.
+    """
+
+    def __init__(self, numel: int, device: torch.device | None = None):
+        self.limbs: list[Tensor] = []
+        self.numel, self.device, self.peak_limbs = numel, device, 0
 
     def push(self, digit: Tensor, base: Tensor | int) -> None:
         """``S <- S * base + digit`` for ``0 <= digit < base``."""
-        carry = digit
-        for i in range(self.limbs.shape[0]):
-            t = self.limbs[i] * base + carry
-            self.limbs[i] = t & LIMB_MASK
-            carry = t >> LIMB_BITS
-        rows = []
-        while bool(carry.any()):
-            rows.append(carry & LIMB_MASK)
-            carry = carry >> LIMB_BITS
-        if rows:
-            self.limbs = torch.cat([self.limbs, torch.stack(rows)])
-            self.peak_limbs = max(self.peak_limbs, self.limbs.shape[0])
+        if isinstance(base, int) and base == DENOMINATOR:
+            self.limbs.insert(0, digit)
+        else:
+            carry = digit
+            for i, limb in enumerate(self.limbs):
+                t = limb * base + carry
+                self.limbs[i], carry = t & LOW_MASK, t >> DENOMINATOR_BITS
+            if bool(carry.any()):
+                self.limbs.append(carry)  # carry < 2 base <= 2^32 after the last limb
+                if bool((carry >> DENOMINATOR_BITS).any()):
+                    self.limbs[-1] = carry & LOW_MASK
+                    self.limbs.append(carry >> DENOMINATOR_BITS)
+        self.peak_limbs = max(self.peak_limbs, len(self.limbs))
 
     def pop(self, base: Tensor | int) -> Tensor:
         """``S, digit <- divmod(S, base)``; returns ``digit``."""
-        rem = torch.zeros(self.limbs.shape[1], dtype=torch.int64)
-        for i in range(self.limbs.shape[0] - 1, -1, -1):
-            t = (rem << LIMB_BITS) | self.limbs[i]
+        if isinstance(base, int) and base == DENOMINATOR:
+            if self.limbs:
+                return self.limbs.pop(0)
+            return torch.zeros(self.numel, dtype=torch.int64, device=self.device)
+        rem = torch.zeros(self.numel, dtype=torch.int64, device=self.device)
+        for i in range(len(self.limbs) - 1, -1, -1):
+            t = (rem << DENOMINATOR_BITS) | self.limbs[i]
             self.limbs[i] = torch.div(t, base, rounding_mode="floor")
             rem = t - self.limbs[i] * base
-        while self.limbs.shape[0] and not bool(self.limbs[-1].any()):
-            self.limbs = self.limbs[:-1]
+        while self.limbs and not bool(self.limbs[-1].any()):
+            self.limbs.pop()
         return rem
+
+    @property
+    def nbytes(self) -> int:
+        return sum(limb.numel() * limb.element_size() for limb in self.limbs)
 
 
 def scale_down(x: Tensor, n: Tensor, info: InfoBuffer) -> Tensor:
-    """Exactly invertible ``x * n / 2^40`` (rounded) that saves the lost bits in ``info``."""
-    d = 1 << DENOMINATOR_BITS
-    info.push(x & (d - 1), d)
-    return (x >> DENOMINATOR_BITS) * n + info.pop(n)
+    """``x' = floor((x n + e) / D)`` with ``e = pop(base n)``; pushes the remainder base D.
+
+    ``(x, S) -> (x', S')`` is a bijection, ``|x' - x n / D| < 1``, and S grows by
+    ``log2(D / n)`` bits. ``x n`` is formed in two halves so that nothing exceeds 2^63.
+    """
+    e = info.pop(n)
+    low = (x & LOW_MASK) * n + e
+    info.push(low & LOW_MASK, DENOMINATOR)
+    return (x >> DENOMINATOR_BITS) * n + (low >> DENOMINATOR_BITS)
 
 
 def scale_up(x: Tensor, n: Tensor, info: InfoBuffer) -> Tensor:
-    """The inverse of :func:`scale_down`."""
-    q = torch.div(x, n, rounding_mode="floor")
-    info.push(x - q * n, n)
-    return (q << DENOMINATOR_BITS) + info.pop(1 << DENOMINATOR_BITS)
+    """The inverse of :func:`scale_down`: ``y = x D + pop(base D)``, ``x, e = divmod(y, n)``."""
+    r = info.pop(DENOMINATOR)
+    a = torch.div(x, n, rounding_mode="floor")
+    z = ((x - a * n) << DENOMINATOR_BITS) + r  # y = a n D + z with 0 <= z < n D
+    q = torch.div(z, n, rounding_mode="floor")
+    info.push(z - q * n, n)
+    return (a << DENOMINATOR_BITS) + q
 
 
 class FixedPoint:
@@ -105,42 +126,69 @@ class FixedPoint:
 
     def to_int(self, x: Tensor, what: str, step: int) -> Tensor:
         x = x.to(torch.float64)
-        if not bool((x.abs() < self.limit).all()):
+        biggest = float(x.abs().max())
+        if not biggest < self.limit:
             raise NonFiniteError(
-                f"reversible: {what} left the fixed-point range +-{self.limit:g} (or is not "
-                f"finite) at step {step}; lower fraction_bits or the learning rate"
+                f"reversible: {what} must stay within the fixed-point range +-{self.limit:g} "
+                f"(got {biggest:g} at step {step}); lower fraction_bits or the learning rate"
             )
         return torch.round(x * 2.0**self.bits).to(torch.int64)
-
-    def check_range(self, P: Tensor, V: Tensor, step: int) -> None:
-        bound = 1 << 62
-        if int(P.abs().max()) >= bound or int(V.abs().max()) >= bound:
-            raise NonFiniteError(
-                f"reversible: the parameters or velocity left the fixed-point range "
-                f"+-{self.limit:g} at step {step}; lower fraction_bits or the learning rate"
-            )
 
     def to_float(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         return (x.to(torch.float64) * 2.0**-self.bits).to(dtype or self.dtype)
 
-    def split(self, flat: Tensor) -> dict[str, Tensor]:
-        sizes = [s.numel() for s in self.shapes.values()]
-        parts = torch.split(flat, sizes)
-        return {k: v.view(s) for (k, s), v in zip(self.shapes.items(), parts, strict=True)}
+    def leaves(self, x: Tensor) -> dict[str, Tensor]:
+        """The float view of ``x`` as a dict of fresh leaves that require grad."""
+        parts = torch.split(self.to_float(x), [s.numel() for s in self.shapes.values()])
+        return {
+            k: v.view(s).requires_grad_()
+            for (k, s), v in zip(self.shapes.items(), parts, strict=True)
+        }
 
 
-def _coefficient(problem: Problem, name: str, hview: HParamView, step: int) -> Tensor:
-    """Optimizer coefficient ``name`` at ``step`` as one flat float64 vector over all params."""
-    coef = problem.optimizer.coefficients[name]
-    parts = [
-        torch.as_tensor(resolve(coef, hview, step, k), dtype=torch.float64).detach()
-        .expand(p.shape).reshape(-1)
-        for k, p in problem.params.items()
-    ]
-    return torch.cat(parts)
+def flat(d: dict[str, Tensor]) -> Tensor:
+    return torch.cat([v.detach().reshape(-1) for v in d.values()])
 
 
-def _check_problem(problem: Problem, hview: HParamView) -> float:
+class Coefficients:
+    """lr, momentum and weight decay of step t as flat float64 vectors (cached if static)."""
+
+    def __init__(self, problem: Problem, hview: HParamView):
+        self.problem, self.hview, self.cache = problem, hview, {}
+
+    def __call__(self, name: str, step: int) -> Tensor:
+        coef = self.problem.optimizer.coefficients[name]
+        static = isinstance(coef, (int, float)) or (
+            isinstance(coef, str) and self.problem.hparams[coef].kind != "per_step"
+        )
+        if static and name in self.cache:
+            return self.cache[name]
+        parts = []
+        for k, p in self.problem.params.items():
+            v = resolve(coef, self.hview, step, k)
+            v = torch.as_tensor(v, dtype=torch.float64, device=p.device).detach()
+            parts.append(v.expand(p.shape).reshape(-1))
+        value = torch.cat(parts)
+        if static:
+            self.cache[name] = value
+        return value
+
+    def numerator(self, step: int) -> Tensor:
+        """``n = round(mu_t D)``, checked to represent a momentum in (0, 1]."""
+        mu = self("momentum", step)
+        if self.cache.get("n", (None,))[0] is mu:
+            return self.cache["n"][1]
+        n = torch.round(mu * DENOMINATOR).to(torch.int64)
+        if not bool(((mu > 0) & (mu <= 1) & (n >= 1)).all()):
+            raise HyperdiffError(
+                f"reversible: momentum must be in (0, 1] at every step (got {describe(mu)} "
+                f"at step {step})"
+            )
+        self.cache["n"] = (mu, n)
+        return n
+
+
+def _check_problem(problem: Problem, coefficients: Coefficients) -> float:
     """Refuse what cannot be reversed; return the velocity gain ``1 - dampening``."""
     opt = problem.optimizer
     if opt.name != "sgd":
@@ -158,136 +206,108 @@ def _check_problem(problem: Problem, hview: HParamView) -> float:
             "reversible: the model must have no buffers (got BatchNorm running statistics "
             f"{sorted(problem.buffers)}); use checkpointed()"
         )
-    # probe the update rule at params 0, grads 1, v = 0: v' = 1 - dampening, and
+    # probe the update at params 0, grads 1, v = 0: v' = 1 - dampening at step 1, and
     # theta' = -lr v' for heavy ball but -lr (1 + mu) v' for Nesterov
     step = min(1, problem.steps - 1)
-    zeros = {k: torch.zeros(p.shape, dtype=torch.float64) for k, p in problem.params.items()}
+    zeros = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in problem.params.items()}
     ones = {k: torch.ones_like(v) for k, v in zeros.items()}
     with torch.no_grad():
-        new, state = opt.update(ones, SGDState(zeros), zeros, hview, step)
-    velocity = torch.cat([state.momentum[k].reshape(-1) for k in zeros])
-    lr = _coefficient(problem, "lr", hview, step)
-    expected = -lr * velocity
-    got = torch.cat([new[k].reshape(-1) for k in zeros])
-    if not torch.allclose(got, expected, rtol=1e-12, atol=0):
+        new, state = opt.update(ones, SGDState(zeros), zeros, coefficients.hview, step)
+    velocity = flat(state.momentum)
+    if not torch.allclose(flat(new), -coefficients("lr", step) * velocity, rtol=1e-12, atol=0):
         raise HyperdiffError(
             "reversible: the sgd optimizer must use heavy-ball momentum (got nesterov=True)"
         )
+    coefficients.numerator(step)
     return float(velocity[0]) if step == 1 else 1.0
 
 
-def _gradient(problem: Problem, params: dict[str, Tensor], hview: HParamView, step: int):
-    """``grad L_train(theta_t)`` without a graph, and the loss: the same call in both passes."""
+def _gradient(problem: Problem, theta: dict[str, Tensor], hview: HParamView, step: int):
+    """``grad L_train(theta_t)`` with its graph: the same call in both passes, so that the
+    backward pass sees the forward pass's gradients bit for bit."""
     batch = problem.train_data.batch(step, problem.seed)
     ctx = StepContext(step=step, seed=problem.seed, train=True, buffers={})
-    with torch.enable_grad():
-        params = {k: v.detach().requires_grad_() for k, v in params.items()}
-        loss = call_loss(problem, "train_loss", params, hview, batch, ctx)
-        grads = grads_of(loss, params, create_graph=False)
-    return torch.cat([grads[k].detach().reshape(-1) for k in params]), loss.detach()
+    loss = call_loss(problem, "train_loss", theta, hview, batch, ctx)
+    return grads_of(loss, theta, create_graph=True), loss.detach()
 
 
-class _Step:
-    """The integer pieces of step t, computed identically forward and backward."""
-
-    def __init__(self, problem: Problem, fixed: FixedPoint, hview: HParamView, gain: float,
-                 step: int):
-        self.problem, self.fixed, self.hview, self.step = problem, fixed, hview, step
-        self.lr = _coefficient(problem, "lr", hview, step)
-        self.gain = 1.0 if step == 0 else gain
-        mu = _coefficient(problem, "momentum", hview, step)
-        self.n = torch.round(mu * 2.0**DENOMINATOR_BITS).to(torch.int64)
-        if not bool(((mu > 0) & (self.n >= 1) & (mu <= 1)).all()):
-            raise HyperdiffError(
-                f"reversible: momentum must be in (0, 1] at every step (got {describe(mu)} at "
-                f"step {step})"
-            )
-        weight_decay = problem.optimizer.coefficients["weight_decay"]
-        self.wd = None if weight_decay == 0 else _coefficient(problem, "weight_decay", hview, step)
-
-    def increment(self, P: Tensor) -> tuple[Tensor, Tensor]:
-        """``round(c_t * d_t * 2^R)`` at ``theta_t = P 2^-R``, and the train loss there."""
-        theta = self.fixed.to_float(P)
-        g, loss = _gradient(self.problem, self.fixed.split(theta), self.hview, self.step)
-        d = g.to(torch.float64)
-        if self.wd is not None:
-            d = d + self.wd * theta.to(torch.float64)
-        return self.fixed.to_int(self.gain * d, "the velocity increment", self.step), loss
-
-    def displacement(self, V: Tensor) -> Tensor:
-        """``round(lr_t * v_t * 2^R)``."""
-        v = self.fixed.to_float(V, torch.float64)
-        return self.fixed.to_int(self.lr * v, "the parameter step", self.step)
+def _increment(coefficients: Coefficients, fixed: FixedPoint, gain: float, theta, grads,
+               step: int) -> Tensor:
+    """``round(c_t (g_t + wd_t theta_t) 2^R)``, the exact velocity increment of step t."""
+    d = flat(grads).to(torch.float64)
+    if coefficients.problem.optimizer.coefficients["weight_decay"] != 0:
+        d = d + coefficients("weight_decay", step) * flat(theta).to(torch.float64)
+    return fixed.to_int(d if step == 0 else gain * d, "the velocity increment", step)
 
 
-def _vjp(problem, fixed, theta, velocity, raw, adj_theta, adj_v, step):
-    """Adjoints of ``(theta_t, v_{t-1})`` and the raw values through the float step t."""
-    p = {k: v.requires_grad_() for k, v in fixed.split(fixed.to_float(theta)).items()}
-    b = {k: v.requires_grad_() for k, v in fixed.split(fixed.to_float(velocity)).items()}
-    leaves = {n: v.detach().requires_grad_() for n, v in raw.items()}
-    new_p, _, new_state, _ = train_step(
-        problem, p, {}, SGDState(b), problem.hparams.view(leaves), step, differentiable=True
-    )
-    outputs = list(new_p.values()) + list(new_state.momentum.values())
-    inputs = list(p.values()) + list(b.values()) + list(leaves.values())
-    grads = torch.autograd.grad(
-        outputs, inputs, list(adj_theta.values()) + list(adj_v.values()), allow_unused=True
-    )
-    grads = zeros_for_unused(grads, inputs)
-    k = len(p)
-    return (dict(zip(p, grads[:k], strict=True)), dict(zip(b, grads[k : 2 * k], strict=True)),
-            grads[2 * k :])
+def _displacement(coefficients: Coefficients, fixed: FixedPoint, V: Tensor, step: int) -> Tensor:
+    """``round(lr_t v_t 2^R)``, the exact parameter step."""
+    v = fixed.to_float(V, torch.float64)
+    return fixed.to_int(coefficients("lr", step) * v, "the parameter step", step)
 
 
 def _reversible(problem: Problem, raw: dict[str, Tensor], fraction_bits: int) -> HyperGradient:
     started = time.perf_counter()
     raw = {n: v.detach() for n, v in raw.items()}
-    hview = problem.hparams.view(raw)
-    gain = _check_problem(problem, hview)
+    coefficients = Coefficients(problem, problem.hparams.view(raw))
+    gain = _check_problem(problem, coefficients)
     fixed = FixedPoint(problem, fraction_bits)
-    theta0 = torch.cat([v.reshape(-1) for v in problem.params.values()])
-    P = fixed.to_int(theta0, "the initial parameters", 0)
+    P = fixed.to_int(flat(problem.params), "the initial parameters", 0)
     P_initial, V = P.clone(), torch.zeros_like(P)
-    info = InfoBuffer(P.numel())
+    info = InfoBuffer(P.numel(), P.device)
 
     losses = []
-    for t in range(problem.steps):  # forward: exact integer training
-        step = _Step(problem, fixed, hview, gain, t)
-        increment, loss = step.increment(P)
+    for t in range(problem.steps):  # forward: exact integer training, nothing stored
+        theta = fixed.leaves(P)
+        grads, loss = _gradient(problem, theta, coefficients.hview, t)
         losses.append(loss)
-        V = (scale_down(V, step.n, info) if t > 0 else V) + increment
-        P = P - step.displacement(V)
-        fixed.check_range(P, V, t)
+        increment = _increment(coefficients, fixed, gain, theta, grads, t)
+        V = (scale_down(V, coefficients.numerator(t), info) if t > 0 else V) + increment
+        P = P - _displacement(coefficients, fixed, V, t)
     losses_t = torch.stack(losses)
     check_finite_losses(losses_t, "reversible")
+    info_bytes = info.nbytes
 
-    theta_T = {k: v.requires_grad_() for k, v in fixed.split(fixed.to_float(P)).items()}
+    theta_T = fixed.leaves(P)
     leaves = {n: v.clone().requires_grad_() for n, v in raw.items()}
     value = validation_loss(problem, theta_T, {}, problem.hparams.view(leaves))
     inputs = list(theta_T.values()) + list(leaves.values())
     grads = zeros_for_unused(torch.autograd.grad(value, inputs, allow_unused=True), inputs)
-    adj_theta = dict(zip(theta_T, grads[: len(theta_T)], strict=True))
-    adj_v = {k: torch.zeros_like(v) for k, v in adj_theta.items()}
+    adjoint = grads[: len(theta_T)] + [torch.zeros_like(g) for g in grads[: len(theta_T)]]
     grad_raw = grads[len(theta_T) :]
-    info_bytes = info.limbs.numel() * 8
 
     for t in range(problem.steps - 1, -1, -1):  # backward: undo step t, then one vjp
-        step = _Step(problem, fixed, hview, gain, t)
-        P = P + step.displacement(V)
-        increment, _ = step.increment(P)
-        V = V - increment
+        P = P + _displacement(coefficients, fixed, V, t)
+        theta = fixed.leaves(P)
+        leaves = {n: v.detach().requires_grad_() for n, v in raw.items()}
+        hview = problem.hparams.view(leaves)
+        grads, _ = _gradient(problem, theta, hview, t)
+        V = V - _increment(coefficients, fixed, gain, theta, grads, t)
         if t > 0:
-            V = scale_up(V, step.n, info)
-        adj_theta, adj_v, vjp_raw = _vjp(problem, fixed, P, V, raw, adj_theta, adj_v, t)
-        grad_raw = [g + v for g, v in zip(grad_raw, vjp_raw, strict=True)]
+            V = scale_up(V, coefficients.numerator(t), info)
+        velocity = fixed.leaves(V)
+        new_theta, new_state = problem.optimizer.update(
+            grads, SGDState(velocity), theta, hview, t
+        )
+        outputs = list(new_theta.values()) + list(new_state.momentum.values())
+        inputs = list(theta.values()) + list(velocity.values()) + list(leaves.values())
+        vjp = zeros_for_unused(
+            torch.autograd.grad(outputs, inputs, adjoint, allow_unused=True), inputs
+        )
+        adjoint = vjp[: len(outputs)]
+        grad_raw = [g + v for g, v in zip(grad_raw, vjp[len(outputs) :], strict=True)]
 
-    error = int((P - P_initial).abs().max()) + int(V.abs().max()) + info.limbs.shape[0]
+    error = int((P - P_initial).abs().max()) + int(V.abs().max()) + len(info.limbs)
+    if error:
+        raise NonFiniteError(
+            "reversible: the backward pass must retrace the forward pass exactly (got an "
+            f"integer mismatch of {error}); the train loss must be deterministic in (step, seed)"
+        )
     return finish(
         problem, raw, method="reversible", value=value,
         grad=dict(zip(raw, grad_raw, strict=True)), params=theta_T, buffers={},
-        train_losses=losses_t, started=started, reversal_error=error,
-        info_bytes=info_bytes, info_bits_per_element=info.peak_limbs * LIMB_BITS,
-        fraction_bits=fraction_bits,
+        train_losses=losses_t, started=started, info_bytes=info_bytes,
+        info_bits_per_element=info.peak_limbs * DENOMINATOR_BITS, fraction_bits=fraction_bits,
     )
 
 
@@ -300,8 +320,8 @@ def reversible(fraction_bits: int = 44) -> Method:
 
     Raises:
         HyperdiffError: bad ``fraction_bits``; at call time, an optimizer other than heavy-ball
-            ``hd.sgd`` with non-zero momentum in (0, 1], or a model with buffers.
-        NonFiniteError: a value leaves the fixed-point range.
+            ``hd.sgd`` with momentum in (0, 1], or a model with buffers.
+        NonFiniteError: a value leaves the fixed-point range, or the loss is not deterministic.
     """
     if isinstance(fraction_bits, bool) or not isinstance(fraction_bits, int) or not (
         8 <= fraction_bits <= 56

@@ -25,7 +25,9 @@ from ..training import TrainState, check_finite_losses, initial_state, unroll, v
 from .base import HyperGradient, Method, finish, zeros_for_unused
 
 
-def _frozen_prefix(problem: Problem, raw: dict[str, Tensor], stop: int) -> tuple[TrainState, Tensor]:
+def _frozen_prefix(
+    problem: Problem, raw: dict[str, Tensor], stop: int
+) -> tuple[TrainState, Tensor]:
     """Steps ``0 .. stop-1`` without a graph; the state comes back as fresh leaves."""
     hview = problem.hparams.view({n: v.detach() for n, v in raw.items()})
     with torch.no_grad():
