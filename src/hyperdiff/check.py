@@ -1,0 +1,288 @@
+"""Hypergradient check: every applicable method against central finite differences.
+
+:func:`check` computes the hypergradient of a problem with each applicable method (reverse;
+forward when ``k <= forward_limit``; implicit with CG; implicit with the exact solve when
+``P <= exact_limit``; plus any methods passed in) and with central finite differences on a few
+random flat coordinates, then reports per method the relative error on those coordinates,
+
+    ||g_method[c] - g_fd[c]|| / ||g_fd[c]||,
+
+the wall time and the peak memory, and recommends a method (:func:`hyperdiff.advice.recommend`).
+Finite differences differentiate the same T-step training as reverse and forward, so the
+implicit rows also measure the bias of stopping training at T.
+
+**Peak memory** counts torch's own CPU allocations: each method runs once under
+``torch.profiler`` with ``profile_memory=True``, whose allocator events (bytes allocated and
+freed, in order) are summed into a running total; the peak is its maximum above the level at
+the start. ``tracemalloc`` cannot see these (they are C++ allocations), and the process RSS
+mixes in the allocator's caching. Each method then runs a second time without the profiler for
+the timing (the first run also warms it up). The first profiler start in a process takes
+several seconds; ``memory=False`` skips the profiled runs and warms up with one inner step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .advice import Advice, recommend
+from .errors import HyperdiffError, nonnegative_int, positive_int
+from .methods.base import HyperGradient, Method
+from .methods.finite_difference import CostWarning, finite_difference
+from .methods.forward import forward
+from .methods.implicit import implicit
+from .methods.reverse import reverse
+from .problem import Problem
+from .solvers import ConvergenceWarning, cg, exact
+
+
+@dataclass(frozen=True)
+class CheckRow:
+    """One method's line: relative error vs finite differences, time, peak memory, notes."""
+
+    label: str
+    rel_error: float
+    time_s: float
+    peak_bytes: int | None
+    notes: str = ""
+    failed: bool = False
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """Result of :func:`check`: :meth:`table` and :attr:`recommendation`."""
+
+    rows: list[CheckRow]
+    coordinates: list[int]
+    coordinate_names: list[str]
+    reference: list[float]
+    num_hparams: int
+    num_params: int
+    steps: int
+    advice: Advice
+    results: dict[str, HyperGradient] = field(default_factory=dict, repr=False)
+
+    @property
+    def recommendation(self) -> str:
+        return str(self.advice)
+
+    def table(self) -> str:
+        """A plain-text table: method, relative error, time, peak memory, notes."""
+        head = ("method", "rel. error", "time (s)", "peak MiB", "notes")
+        lines = [head]
+        for r in self.rows:
+            error = (
+                "reference"
+                if r.label == "finite_difference"
+                else ("failed" if r.failed else f"{r.rel_error:.2e}")
+            )
+            peak = "-" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.3g}"
+            lines.append((r.label, error, f"{r.time_s:.3g}", peak, r.notes))
+        widths = [max(len(line[i]) for line in lines) for i in range(4)]
+        text = [
+            "  ".join(cell.ljust(w) for cell, w in zip(line[:4], widths, strict=True))
+            + ("  " + line[4] if line[4] else "")
+            for line in lines
+        ]
+        text.insert(1, "-" * len(text[0]))
+        names = ", ".join(self.coordinate_names)
+        summary = (
+            f"k={self.num_hparams} hyperparameters, P={self.num_params} parameters, "
+            f"T={self.steps} steps; finite differences on {len(self.coordinates)} "
+            f"coordinates: {names}"
+        )
+        return "\n".join([summary, *text])
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (the profiler's start/stop lines from C++)."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def peak_memory(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """Run ``fn()`` and return its result and the peak of torch CPU allocations (bytes) above
+    the level at the start, from ``torch.profiler`` allocator events (see the module doc)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():
+        prof.__enter__()
+    try:
+        result = fn()
+    finally:
+        with _quiet_stderr():
+            prof.__exit__(None, None, None)
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    current = peak = 0
+    for e in events:
+        current += e.nbytes()
+        peak = max(peak, current)
+    return result, peak
+
+
+def _run(method: Method, problem: Problem, memory: bool):
+    """(result or None, seconds, peak bytes or None, notes, failed)."""
+    notes: list[str] = []
+    peak = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            if memory:
+                _, peak = peak_memory(lambda: method(problem))
+            else:
+                _warm_up(method, problem)
+            started = time.perf_counter()
+            result = method(problem)
+            seconds = time.perf_counter() - started
+        except (HyperdiffError, FloatingPointError, RuntimeError) as err:
+            return None, math.nan, peak, f"failed: {str(err).splitlines()[0][:120]}", True
+    for w in caught:
+        if not issubclass(w.category, (ConvergenceWarning, CostWarning)):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            continue
+        text = str(w.message).split(": ", 1)[-1].split(";")[0]
+        if text not in notes:
+            notes.append(text)
+    return result, seconds, peak, "; ".join(notes), False
+
+
+def _warm_up(method: Method, problem: Problem) -> None:
+    """One inner step, silently: lazy initialisation of torch.func and the allocator."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        method(problem.with_steps(1))
+
+
+def default_methods(
+    problem: Problem, *, forward_limit: int = 64, exact_limit: int = 2000
+) -> dict[str, Method]:
+    """The applicable methods by label (see the module doc)."""
+    methods = {"reverse": reverse()}
+    if problem.hparams.numel <= forward_limit:
+        methods["forward"] = forward()
+    if not problem.buffers:
+        methods["implicit(cg)"] = implicit(cg())
+        if problem.num_params <= exact_limit:
+            methods["implicit(exact)"] = implicit(exact())
+    return methods
+
+
+def _label(method: Method, taken: dict[str, Method]) -> str:
+    label = method.name
+    if method.name == "implicit":
+        label = f"implicit({method.options['solver'].name})"
+    return label if label not in taken else repr(method)
+
+
+def check(
+    problem: Problem,
+    *,
+    methods: Sequence[Method] | None = None,
+    coordinates: int = 3,
+    seed: int = 0,
+    memory: bool = True,
+    memory_bytes: float | None = None,
+) -> CheckReport:
+    """Compare every applicable hypergradient method with central finite differences.
+
+    Args:
+        problem: a :class:`~hyperdiff.Problem` (``hd.make_problem(...)``).
+        methods: methods to add to the default set (reverse, forward, implicit CG/exact).
+        coordinates: number of random flat hyperparameter coordinates for finite
+            differences (all of them if the problem has fewer).
+        seed: picks the coordinates.
+        memory: also measure peak memory (one extra profiled run per method).
+        memory_bytes: memory budget passed to the recommendation.
+
+    Returns a :class:`CheckReport`: ``print(report.table())``, ``report.recommendation``.
+    """
+    if not isinstance(problem, Problem):
+        raise HyperdiffError(
+            f"check: problem must be a hyperdiff Problem (got {type(problem).__name__})"
+        )
+    coordinates = positive_int("check", "coordinates", coordinates)
+    seed = nonnegative_int("check", "seed", seed)
+    chosen = default_methods(problem)
+    for method in methods or ():
+        if not isinstance(method, Method):
+            raise HyperdiffError(
+                f"check: methods must be hyperdiff methods (got {type(method).__name__})"
+            )
+        chosen[_label(method, chosen)] = method
+    k = problem.hparams.numel
+    generator = torch.Generator().manual_seed(seed)
+    coords = sorted(torch.randperm(k, generator=generator)[: min(coordinates, k)].tolist())
+
+    fd = finite_difference(coordinates=coords, warn=False)
+    started = time.perf_counter()
+    reference = fd(problem)
+    fd_seconds = time.perf_counter() - started
+    ref = reference.vector[coords]
+    scale = float(ref.norm())
+
+    rows, results, measured = [], {"finite_difference": reference}, {}
+    converged = None
+    for label, method in chosen.items():
+        result, seconds, peak, notes, failed = _run(method, problem, memory)
+        error = math.nan
+        if result is not None:
+            results[label] = result
+            diff = float((result.vector[coords] - ref).norm())
+            error = diff / scale if scale > 0 else diff
+            measured[label] = {"rel_error": error, "time_s": seconds, "peak_bytes": peak}
+            if label.startswith("implicit"):
+                stationary = bool(result.diagnostics.get("stationary", False))
+                converged = stationary if converged is None else converged and stationary
+        rows.append(CheckRow(label, error, seconds, peak, notes, failed))
+    rows.append(
+        CheckRow(
+            "finite_difference", math.nan, fd_seconds, None, f"{2 * len(coords) + 1} trainings"
+        )
+    )
+    advice = recommend(
+        k,
+        problem.num_params,
+        problem.steps,
+        memory_bytes=memory_bytes,
+        converged=converged,
+        measured=measured,
+        bytes_per_value=torch.finfo(problem.dtype).bits // 8,
+        tolerance=_tolerance(problem.dtype),
+    )
+    names = problem.hparams.coordinate_names()
+    return CheckReport(
+        rows,
+        coords,
+        [names[i] for i in coords],
+        ref.tolist(),
+        k,
+        problem.num_params,
+        problem.steps,
+        advice,
+        results,
+    )
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    """Error accepted as agreement with finite differences: 1e-6 in float64,
+    2.4e-3 in float32: finite differences are accurate to about eps^(2/3))."""
+    return max(1e-6, 100 * torch.finfo(dtype).eps ** (2 / 3))

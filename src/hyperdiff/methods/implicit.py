@@ -1,0 +1,315 @@
+"""Implicit differentiation at the end point of training (no stored or replayed steps).
+
+**Stationary form.** If training ends at ``theta*`` with ``g(theta*, lam) = grad_theta
+L_train(theta*, lam) = 0``, the implicit function theorem gives ``dtheta*/dlam = -H^-1
+d2L_train/dtheta dlam`` with ``H = dg/dtheta`` the Hessian, hence
+
+    dL_val/dlam = dL_val/dlam|direct - (d2L_train/dlam dtheta)^T v,   H v = dL_val/dtheta,
+
+one linear solve with Hessian-vector products and one mixed vjp ``d/dlam <g, v>``.
+
+**Fixed-point form.** If training ends at a fixed point ``theta* = Phi(theta*, lam)`` of an
+update map, ``dtheta*/dlam = (I - dPhi/dtheta)^-1 dPhi/dlam``, hence
+
+    dL_val/dlam = dL_val/dlam|direct + (dPhi/dlam)^T v,   (I - dPhi/dtheta)^T v = dL_val/dtheta.
+
+``Phi`` is one step of the problem's own optimizer, ``Phi(theta, lam) = update(g(theta, lam),
+state_T, theta, lam, step=T-1)``, with the optimizer state (momentum, Adam moments) frozen at
+its final value. This captures hyperparameters that act through the optimizer (coupled weight
+decay, and learning rates, whose hypergradient vanishes at a fixed point). For plain SGD the
+system is ``lr (H + wd I)``, symmetric; with Adam or per-parameter learning rates it is not
+symmetric, and :func:`~hyperdiff.solvers.exact` or :func:`~hyperdiff.solvers.neumann` should be
+used instead of CG.
+
+**Which training loss.** ``L_train`` at ``theta*`` is the mean train loss over the batches of
+one epoch of the source, batch ``i`` evaluated as at inner step ``i`` (same seed and context):
+the one batch of a full-batch source; all batches of a list; the ``n // batch_size`` batches of
+epoch 0 of :func:`hyperdiff.minibatches`; the first epoch of a DataLoader. Sources without an
+epoch (``fn(step)``, iterators) use the step-0 batch. ``train_batches=m`` overrides this with
+the batches of steps ``0 .. m-1``.
+
+The answer is exact only at a stationary (fixed) point: diagnostics report the gradient norm
+(fixed-point residual) at ``theta*`` relative to its value at the start, and a
+:class:`~hyperdiff.solvers.ConvergenceWarning` is emitted when it is above
+``stationarity_tol`` or the linear solve did not converge.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..data import Epochs, FullBatch, Minibatches, Recorded, Sequence
+from ..errors import HyperdiffError, describe, positive_float, positive_int
+from ..models import StepContext
+from ..problem import Problem, call_loss
+from ..solvers import ConvergenceWarning, Solver, cg, exact, neumann
+from ..training import check_finite_losses, grads_of, initial_state, unroll, validation_loss
+from ..typing import Params
+from .base import HyperGradient, Method, finish, zeros_for_unused
+
+
+def epoch_batches(problem: Problem) -> int:
+    """Number of batches averaged into ``L_train`` by default (see the module doc)."""
+    source = problem.train_data
+    if isinstance(source, FullBatch):
+        return 1
+    if isinstance(source, Sequence):
+        return len(source.batches)
+    if isinstance(source, Minibatches):
+        return source.per_epoch
+    if isinstance(source, Epochs):
+        return len(source._epoch(problem.seed, 0))
+    if isinstance(source, Recorded):
+        return 1
+    return 1
+
+
+def train_objective(problem: Problem, batches: int):
+    """``L(params, hview)``: mean train loss over the batches of steps ``0 .. batches-1``."""
+    data = [(s, problem.train_data.batch(s, problem.seed)) for s in range(batches)]
+
+    def objective(params: Params, hview: Any) -> Tensor:
+        total = None
+        for step, batch in data:
+            ctx = StepContext(step=step, seed=problem.seed, train=True, buffers={})
+            loss = call_loss(problem, "train_loss", params, hview, batch, ctx)
+            total = loss if total is None else total + loss
+        return total / len(data)
+
+    return objective
+
+
+def _flat(tensors: Any) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _vjp(output: Tensor, inputs: list[Tensor], v: Tensor, *, retain: bool) -> Tensor:
+    """``(d output / d inputs)^T v`` as one flat vector (zeros where independent)."""
+    if not output.requires_grad:
+        return torch.zeros(sum(x.numel() for x in inputs), dtype=v.dtype, device=v.device)
+    grads = torch.autograd.grad(output, inputs, v, retain_graph=retain, allow_unused=True)
+    return _flat(zeros_for_unused(grads, inputs))
+
+
+class _System(NamedTuple):
+    """The linear system ``A v = dL_val/dtheta`` and the map from ``v`` to the indirect term."""
+
+    matvec: Callable[[Tensor], Tensor]
+    indirect: Callable[[Tensor], Tensor]
+    measure: float  # distance from stationarity now ...
+    reference: float  # ... and at the start of training
+
+
+def _stationary_system(g: Tensor, theta: list[Tensor], raw: list[Tensor], start: float):
+    """``H v = b`` with ``H v = d<g, v>/dtheta``; indirect term ``-d<g, v>/du``."""
+    return _System(
+        matvec=lambda v: _vjp(g, theta, v, retain=True),
+        indirect=lambda v: -_vjp(g, raw, v, retain=False),
+        measure=float(g.detach().norm()),
+        reference=start,
+    )
+
+
+def _fixed_point_system(phi: Tensor, theta: list[Tensor], raw: list[Tensor], first: float):
+    """``(I - dPhi/dtheta)^T v = b``; indirect term ``(dPhi/du)^T v``."""
+    step_now = float((phi.detach() - _flat(theta).detach()).norm())
+    return _System(
+        matvec=lambda v: v - _vjp(phi, theta, v, retain=True),
+        indirect=lambda v: _vjp(phi, raw, v, retain=False),
+        measure=step_now,
+        reference=first,
+    )
+
+
+def _end_of_training(problem: Problem, raw: dict[str, Tensor]):
+    """Plain training; returns theta_T's state, the length of the first step, the losses."""
+    hview = problem.hparams.view(raw)
+    with torch.no_grad():
+        state0 = initial_state(problem, differentiable=False)
+    state1, first_loss = unroll(problem, hview, state0, stop=1, differentiable=False)
+    state, losses = unroll(problem, hview, state1, start=1, differentiable=False)
+    losses = torch.cat([first_loss, losses])
+    check_finite_losses(losses, "implicit")
+    first_step = float((_flat(state1.params.values()) - _flat(state0.params.values())).norm())
+    return state, first_step, losses
+
+
+def _stationarity(system: _System, tol: float, dtype: torch.dtype, fixed_point: bool, warn: bool):
+    """``(relative measure, stationary)``; warns when not stationary."""
+    measure, reference = system.measure, system.reference
+    relative = measure / reference if reference > 0 else (0.0 if measure == 0 else math.inf)
+    stationary = relative <= tol or measure <= math.sqrt(torch.finfo(dtype).eps)
+    if warn and not stationary:
+        what = "fixed-point residual ||Phi(theta) - theta||" if fixed_point else "||grad L_train||"
+        hint = (
+            ""
+            if fixed_point
+            else ("; if the optimizer adds to the gradient (weight decay), use fixed_point=True")
+        )
+        warnings.warn(
+            f"implicit: training did not reach a stationary point: {what} = {measure:.3g} is "
+            f"{relative:.3g} of its value at the start (stationarity_tol={tol:g}); the implicit "
+            f"hypergradient is biased; train longer{hint}",
+            ConvergenceWarning,
+            stacklevel=5,
+        )
+    return relative, stationary
+
+
+def _implicit(
+    problem: Problem,
+    raw: dict[str, Tensor],
+    solver: Solver,
+    fixed_point: bool,
+    stationarity_tol: float,
+    warn: bool,
+    train_batches: int | None,
+) -> HyperGradient:
+    started = time.perf_counter()
+    if problem.buffers:
+        raise HyperdiffError(
+            f"implicit: the model must have no buffers (got BatchNorm running statistics "
+            f"{list(problem.buffers)[:3]}); the end point of training is not a stationary point "
+            "of a loss of the parameters alone; use reverse() or forward()"
+        )
+    hp = problem.hparams
+    raw = {n: v.detach() for n, v in raw.items()}
+    state, first_step, losses = _end_of_training(problem, raw)
+    trained = time.perf_counter()
+
+    batches = epoch_batches(problem) if train_batches is None else train_batches
+    objective = train_objective(problem, batches)
+    theta = {k: v.detach().requires_grad_() for k, v in state.params.items()}
+    leaves = {n: v.clone().requires_grad_() for n, v in raw.items()}
+    hview = hp.view(leaves)
+    theta_list, raw_list = list(theta.values()), list(leaves.values())
+
+    # right-hand side dL_val/dtheta and the direct term dL_val/du
+    value = validation_loss(problem, theta, {}, hview)
+    inputs = theta_list + raw_list
+    grads = zeros_for_unused(torch.autograd.grad(value, inputs, allow_unused=True), inputs)
+    rhs, direct = _flat(grads[: len(theta_list)]), _flat(grads[len(theta_list) :])
+
+    # g(theta*, u) = grad L_train, kept with its graph for the vjps
+    grad = grads_of(objective(theta, hview), theta, create_graph=True)
+    g = _flat(grad.values())
+    start_norm = _start_gradient_norm(problem, objective, hp.view(raw))
+    if fixed_point:  # Phi = one optimizer step, state frozen at the end of training
+        new_params, _ = problem.optimizer.update(
+            grad, state.opt_state, theta, hview, problem.steps - 1
+        )
+        system = _fixed_point_system(_flat(new_params.values()), theta_list, raw_list, first_step)
+    else:
+        system = _stationary_system(g, theta_list, raw_list, start_norm)
+
+    solve_started = time.perf_counter()
+    result = solver(system.matvec, rhs.detach(), warn=warn)
+    indirect = system.indirect(result.x)
+    solved = time.perf_counter()
+
+    relative, stationary = _stationarity(system, stationarity_tol, problem.dtype, fixed_point, warn)
+    grad_norm = float(g.detach().norm())
+    diagnostics: dict[str, Any] = {
+        "form": "fixed_point" if fixed_point else "stationary",
+        "solver": repr(solver),
+        "iterations": result.iterations,
+        "matvecs": result.matvecs,
+        "residual": result.residual,
+        "converged": result.converged,
+        "solver_info": result.info,
+        "grad_norm": grad_norm,
+        "start_grad_norm": start_norm,
+        "relative_grad_norm": grad_norm / start_norm if start_norm > 0 else math.inf,
+        "relative_stationarity": relative,
+        "stationary": stationary,
+        "train_batches": batches,
+        "time_train_s": trained - started,
+        "time_solve_s": solved - solve_started,
+    }
+    if fixed_point:
+        diagnostics["fixed_point_residual"] = system.measure
+    return finish(
+        problem,
+        leaves,
+        method="implicit",
+        value=value,
+        grad=hp.unflatten(direct + indirect),
+        params=theta,
+        buffers={},
+        train_losses=losses,
+        started=started,
+        **diagnostics,
+    )
+
+
+def _start_gradient_norm(problem: Problem, objective, hview) -> float:
+    """``||grad_theta L_train(theta_0)||``: the scale for the stationarity test."""
+    params = {k: v.detach().clone().requires_grad_() for k, v in problem.params.items()}
+    with torch.enable_grad():
+        grads = grads_of(objective(params, hview), params, create_graph=False)
+    return float(_flat(grads.values()).norm())
+
+
+SOLVERS = {"cg": cg, "neumann": neumann, "exact": exact}
+"""Solver names accepted by :func:`implicit` (default options), e.g. from a TOML config."""
+
+
+def implicit(
+    solver: Solver | str | None = None,
+    *,
+    fixed_point: bool = False,
+    stationarity_tol: float = 1e-3,
+    warn: bool = True,
+    train_batches: int | None = None,
+) -> Method:
+    """Hypergradient by the implicit function theorem at the end point of training.
+
+    Trains for ``problem.steps`` plain steps, then solves one linear system with
+    Hessian-vector products (stationary form) or vjps of one optimizer step (fixed-point form);
+    see the module doc for the equations. Memory O(params), independent of T.
+
+    Args:
+        solver: linear solver (default ``cg()``: tol 1e-10 in float64, maxiter 1000), or the
+            name ``"cg"``, ``"neumann"`` or ``"exact"`` for its default options.
+        fixed_point: use ``theta* = Phi(theta*)`` with ``Phi`` one optimizer step (needed when
+            the optimizer itself carries hyperparameters such as weight decay).
+        stationarity_tol: warn when the gradient norm (fixed-point residual) at ``theta*`` is
+            above this fraction of its value at the start of training.
+        warn: emit :class:`~hyperdiff.solvers.ConvergenceWarning` for a solve that did not
+            converge or a non-stationary end point.
+        train_batches: average ``L_train`` over the batches of steps ``0 .. m-1`` (default:
+            one epoch of the source; see the module doc).
+
+    Returns a :class:`Method`; ``result.diagnostics`` holds ``form``, ``solver``,
+    ``iterations``, ``residual``, ``converged``, ``solver_info``, ``grad_norm``,
+    ``relative_grad_norm``, ``stationary`` and timings.
+    """
+    solver = cg() if solver is None else solver
+    if isinstance(solver, str) and solver in SOLVERS:
+        solver = SOLVERS[solver]()
+    if not isinstance(solver, Solver):
+        raise HyperdiffError(
+            "implicit: solver must be made by hyperdiff.solvers.cg(), neumann() or exact(), "
+            f"or be one of {sorted(SOLVERS)} (got {describe(solver)})"
+        )
+    stationarity_tol = positive_float("implicit", "stationarity_tol", stationarity_tol)
+    if train_batches is not None:
+        train_batches = positive_int("implicit", "train_batches", train_batches)
+    options = {"solver": solver, "fixed_point": fixed_point, "stationarity_tol": stationarity_tol}
+    if train_batches is not None:
+        options["train_batches"] = train_batches
+    return Method(
+        "implicit",
+        lambda problem, raw: _implicit(
+            problem, raw, solver, bool(fixed_point), stationarity_tol, warn, train_batches
+        ),
+        options,
+        exact=False,
+    )
