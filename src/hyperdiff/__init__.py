@@ -1,9 +1,14 @@
 """hyperdiff: gradient-based hyperparameter optimization for PyTorch."""
 
+from . import linear
+from .advice import Advice, recommend
 from .api import hypergradient
+from .check import CheckReport, check
 from .constraints import Constraint, Free, Interval, Positive
 from .data import BatchSource, minibatches
+from .driver import HyperOptimizer, Stopping
 from .errors import HyperdiffError, NonFiniteError
+from .history import History, OptimizeResult, StepRecord
 from .hyperparams import (
     HParamView,
     HyperParameter,
@@ -14,46 +19,78 @@ from .hyperparams import (
     per_tensor,
     scalar,
 )
-from .methods import CostWarning, HyperGradient, Method, finite_difference, forward, reverse
+from .methods import (
+    CostWarning,
+    HyperGradient,
+    Method,
+    checkpointed,
+    finite_difference,
+    forward,
+    implicit,
+    reverse,
+    reversible,
+    truncated,
+)
 from .models import FunctionalModel, StepContext, functional
 from .optimizers import Optimizer, adam, adamw, sgd
 from .problem import Problem, make_problem
+from .solvers import ConvergenceWarning, Solver, SolveResult, cg, exact, neumann
 from .training import train
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Advice",
     "BatchSource",
+    "CheckReport",
     "Constraint",
+    "ConvergenceWarning",
     "CostWarning",
     "Free",
     "FunctionalModel",
     "HParamView",
+    "History",
     "HyperGradient",
+    "HyperOptimizer",
     "HyperParameter",
     "HyperParameters",
     "HyperdiffError",
     "Interval",
     "Method",
     "NonFiniteError",
+    "OptimizeResult",
     "Optimizer",
     "Positive",
     "Problem",
+    "SolveResult",
+    "Solver",
     "StepContext",
+    "StepRecord",
+    "Stopping",
     "adam",
     "adamw",
+    "cg",
+    "check",
+    "checkpointed",
+    "exact",
     "finite_difference",
     "forward",
     "functional",
     "hypergradient",
+    "implicit",
+    "linear",
     "make_problem",
     "minibatches",
+    "neumann",
     "per_element",
     "per_feature",
     "per_step",
     "per_tensor",
+    "recommend",
     "reverse",
+    "reversible",
     "scalar",
     "sgd",
     "train",
+    "truncated",
 ]

@@ -9,6 +9,9 @@ method                 time                    memory                       appl
 reverse                ``3 T``                 ``4 T P b`` (the tape)       always
 forward                ``T (1 + 2 k)``         ``3 (k + 1) P b`` (tangents)  always
 implicit               ``T + 2 min(P, 300)``   ``8 P b`` (one HVP graph)    training converged
+checkpointed           ``4 T``                 ``8 sqrt(T) P b``            always
+reversible             ``8 T``                 ``4 P b + T P / 50``         SGD with momentum
+truncated(T/10)        ``T + 0.3 T``           ``0.4 T P b``                biased; last resort
 finite_difference      ``(2 k + 1) T``         ``2 P b``                    reference only
 =====================  ======================  ===========================  ==================
 
@@ -38,6 +41,7 @@ class Size(NamedTuple):
     steps: int
     bytes_per_value: int
     converged: bool | None
+    optimizer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,8 @@ class Candidate:
     """One method in the table: cost models and when it applies.
 
     ``applies(size)`` returns ``None`` when the method is usable, else the reason it is not.
-    ``reference`` methods (finite differences) are never recommended.
+    ``reference`` methods (finite differences) are never recommended; inexact ones
+    (truncated) only when no exact method fits in memory.
     """
 
     name: str
@@ -53,6 +58,7 @@ class Candidate:
     memory: Callable[[Size], float]
     applies: Callable[[Size], str | None] = lambda size: None
     reference: bool = False
+    exact: bool = True
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,22 @@ def _implicit_applies(size: Size) -> str | None:
     return None
 
 
+def optimizer_kind(optimizer: Any) -> str:
+    """``"sgd_momentum"`` for heavy-ball SGD, else the optimizer's name (for ``recommend``)."""
+    coefs = getattr(optimizer, "coefficients", {})
+    name = getattr(optimizer, "name", str(optimizer))
+    momentum = coefs.get("momentum", 0.0)
+    if name == "sgd" and not (isinstance(momentum, (int, float)) and momentum == 0):
+        return "sgd_momentum"
+    return name
+
+
+def _reversible_applies(size: Size) -> str | None:
+    if size.optimizer not in ("sgd_momentum",):
+        return "needs SGD with heavy-ball momentum (pass optimizer='sgd_momentum')"
+    return None
+
+
 CANDIDATES: tuple[Candidate, ...] = (
     Candidate(
         "reverse",
@@ -90,6 +112,23 @@ CANDIDATES: tuple[Candidate, ...] = (
         time=lambda s: s.steps + 2.0 * min(s.num_params, 300),
         memory=lambda s: 8.0 * s.num_params * s.bytes_per_value,
         applies=_implicit_applies,
+    ),
+    Candidate(
+        "checkpointed",
+        time=lambda s: 4.0 * s.steps,
+        memory=lambda s: 8.0 * s.steps**0.5 * s.num_params * s.bytes_per_value,
+    ),
+    Candidate(
+        "reversible",
+        time=lambda s: 8.0 * s.steps,
+        memory=lambda s: 4.0 * s.num_params * s.bytes_per_value + s.steps * s.num_params / 50,
+        applies=_reversible_applies,
+    ),
+    Candidate(
+        "truncated",
+        time=lambda s: 1.3 * s.steps,
+        memory=lambda s: 0.4 * s.steps * s.num_params * s.bytes_per_value,
+        exact=False,
     ),
     Candidate(
         "finite_difference",
@@ -147,6 +186,7 @@ def recommend(
     converged: bool | None = None,
     measured: Mapping[str, Mapping[str, Any]] | None = None,
     bytes_per_value: int = 4,
+    optimizer: str | None = None,
     tolerance: float = 1e-4,
     candidates: Sequence[Candidate] = CANDIDATES,
 ) -> Advice:
@@ -159,6 +199,7 @@ def recommend(
         measured: ``{label: {"rel_error": e, "time_s": t, "peak_bytes": m}}`` per method;
             when some method is accurate, the measurements decide.
         bytes_per_value: 4 (float32) or 8 (float64), for the memory models.
+        optimizer: ``"sgd_momentum"``, ``"sgd"``, ``"adam"``, ... (reversible needs the first).
         tolerance: largest acceptable measured relative error.
         candidates: the table of methods (default :data:`CANDIDATES`).
 
@@ -168,6 +209,10 @@ def recommend(
     'forward'
     >>> recommend(1000, 10_000, 50_000, converged=True).method
     'implicit'
+    >>> recommend(100, 100_000, 1000, memory_bytes=2**30).method  # the tape would not fit
+    'checkpointed'
+    >>> recommend(100, 100_000, 100_000, memory_bytes=2**29, optimizer="sgd_momentum").method
+    'reversible'
     """
     size = Size(
         positive_int("recommend", "num_hparams", num_hparams),
@@ -175,6 +220,7 @@ def recommend(
         positive_int("recommend", "steps", steps),
         positive_int("recommend", "bytes_per_value", bytes_per_value),
         converged,
+        optimizer,
     )
     usable = [c for c in candidates if not c.reference and c.applies(size) is None]
     if not usable:
@@ -184,6 +230,8 @@ def recommend(
         if advice is not None:
             return advice
     fits = [c for c in usable if memory_bytes is None or c.memory(size) <= memory_bytes]
+    if any(c.exact for c in fits):
+        fits = [c for c in fits if c.exact]
     if not fits:
         best = min(usable, key=lambda c: c.memory(size))
         return Advice(

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .advice import Advice, recommend
+from .advice import Advice, optimizer_kind, recommend
 from .errors import HyperdiffError, nonnegative_int, positive_int
 from .methods.base import HyperGradient, Method
 from .methods.finite_difference import CostWarning, finite_difference
@@ -266,6 +266,7 @@ def check(
         converged=converged,
         measured=measured,
         bytes_per_value=torch.finfo(problem.dtype).bits // 8,
+        optimizer=optimizer_kind(problem.optimizer),
         tolerance=_tolerance(problem.dtype),
     )
     names = problem.hparams.coordinate_names()
