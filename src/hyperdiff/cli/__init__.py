@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "tasks": "hyperdiff.cli.tasks",
     "plot": "hyperdiff.cli.plot",
     "check": "hyperdiff.cli.check",
+    "compare": "hyperdiff.cli.compare",
 }
 
 

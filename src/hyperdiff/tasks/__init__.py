@@ -18,6 +18,7 @@ from .base import SearchRange, Task
 TASKS: dict[str, str] = {
     "ridge_diabetes": "hyperdiff.tasks.ridge",
     "logistic_cancer": "hyperdiff.tasks.logistic",
+    "logistic_digits": "hyperdiff.tasks.logistic_digits",
     "mlp_digits": "hyperdiff.tasks.mlp",
     "reweight_digits": "hyperdiff.tasks.reweight",
 }

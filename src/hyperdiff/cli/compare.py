@@ -1,0 +1,183 @@
+"""``hyperdiff compare [CONFIG.toml]``: hyperdiff against black-box search on the same task.
+
+The task is tuned by hyperdiff with the config's settings, then by random search (and Optuna's
+TPE when it is installed) under the same budget of inner trainings (``--budget``, default: the
+number hyperdiff used). All methods minimise the validation loss that the hypergradient sees;
+the winner of each is retrained with fresh seeds and evaluated on the held-out test split.
+Prints a table and writes ``comparison.png`` (best validation loss so far against trainings
+and against wall time) and ``comparison.json`` into the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+HELP = "tune a task with hyperdiff and with random search / TPE under one budget; table + figure"
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="TOML config (default: built-in defaults)")
+    parser.add_argument("--task", help="built-in task (same as --set task.name=TASK)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        dest="overrides", help="override a config key, e.g. stop.max_steps=10")
+    parser.add_argument("--budget", type=int, default=0,
+                        help="trainings per black-box method (default: as many as hyperdiff "
+                        "used)")
+    parser.add_argument("--per-coordinate", action="store_true",
+                        help="search every entry of a vector hyperparameter separately "
+                        "(default: one shared value per hyperparameter)")
+    parser.add_argument("--no-tpe", action="store_true", help="skip Optuna's TPE")
+    parser.add_argument("--out", help="output directory (default: runs/compare-<task>-<time>)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--quiet", action="store_true", help="no progress messages")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..errors import HyperdiffError
+
+    overrides = list(args.overrides)
+    if args.task:
+        overrides.insert(0, f"task.name={args.task}")
+    config = load_config(args.config, overrides)
+    if args.threads < 1:
+        raise HyperdiffError(f"compare: --threads must be a positive int (got {args.threads})")
+    if args.budget < 0:
+        raise HyperdiffError(f"compare: --budget must be a positive int (got {args.budget})")
+    import torch
+
+    torch.set_num_threads(args.threads)
+
+    def log(message: str) -> None:
+        if not args.quiet:
+            print(message, file=sys.stderr)
+
+    out = Path(args.out or Path("runs") / f"compare-{config.task.name}-"
+               f"{time.strftime('%Y%m%d-%H%M%S')}")
+    report = compare(config, budget=args.budget or None, per_coordinate=args.per_coordinate,
+                     tpe=not args.no_tpe, log=log)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comparison.json").write_text(json.dumps(report, indent=1) + "\n")
+    figure = comparison_figure(report["methods"], title=report["task"])
+    figure.savefig(out / "comparison.png", dpi=110, bbox_inches="tight")
+    print(format_comparison(report))
+    print(f"figure and JSON: {out / 'comparison.png'}, {out / 'comparison.json'}")
+    return 0
+
+
+def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = False,
+            tpe: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Tune ``config``'s task with hyperdiff, random search and (optionally) TPE; return a
+    JSON-ready report with each method's curve and its winner's held-out metrics."""
+    from ..errors import HyperdiffError
+    from ..experiment import REPORT_SEED, build
+    from ..search import (
+        OPTUNA_MISSING,
+        from_history,
+        optuna_available,
+        random_search,
+        tpe_search,
+    )
+
+    if config.task.cv_folds:
+        raise HyperdiffError(
+            f"compare: task.cv_folds must be 0 here, since the black-box searches minimise the "
+            f"hold-out validation loss (got {config.task.cv_folds})"
+        )
+    task, driver = build(config)
+    log(f"compare on {task.name}: hyperdiff ({task.hparams.numel} hyperparameters)")
+    outcome = driver.run(progress=False)
+    hyper = from_history(outcome.history, method="hyperdiff")
+    budget = budget or driver.trainings
+    seeds = tuple(REPORT_SEED + i for i in range(config.report.seeds))
+    names = list(task.search_space) if per_coordinate else []
+    methods = [summarize(hyper, task.evaluate(outcome.best_raw, seeds=seeds),
+                         picked_by=outcome.criterion)]
+    searches = [("random", random_search)]
+    if tpe and optuna_available():
+        searches.append(("tpe", tpe_search))
+    elif tpe:
+        log(OPTUNA_MISSING)
+    for name, search in searches:
+        log(f"compare on {task.name}: {name} search, {budget} trainings")
+        result = search(task, budget, seed=config.outer.seed, per_coordinate=names)
+        methods.append(summarize(result, evaluate_values(task, result.best.values, seeds)))
+    return {"task": task.name, "hparams": task.hparams.numel, "budget": budget,
+            "per_coordinate": per_coordinate, "report_seeds": list(seeds),
+            "stop_reason": outcome.stop_reason, "methods": methods,
+            "skipped": [] if not tpe or optuna_available() else ["tpe: optuna not installed"]}
+
+
+def evaluate_values(task: Any, values: Mapping[str, Any], seeds: Sequence[int]
+                    ) -> dict[str, dict[str, float]]:
+    """Retrain at natural ``values`` (lists for per-coordinate vectors) on ``seeds``."""
+    import torch
+
+    natural = {n: torch.tensor(v, dtype=torch.float64) for n, v in values.items()}
+    return task.evaluate(task.hparams.with_natural(**natural).raw, seeds=tuple(seeds))
+
+
+def summarize(result: Any, metrics: Mapping[str, Mapping[str, float]], *,
+              picked_by: str = "val_loss") -> dict[str, Any]:
+    """One method's row: budget used, best validation loss, its winner's metrics."""
+    best = result.best
+    return {"method": result.method, "trainings": result.trainings, "time_s": result.time_s,
+            "best_val_loss": best.objective, "picked_by": picked_by,
+            "winner_metrics": {s: dict(m) for s, m in metrics.items()},
+            "curve": result.curve()}
+
+
+def format_comparison(report: Mapping[str, Any]) -> str:
+    """The table ``hyperdiff compare`` prints."""
+    head = (f"{'method':<12}{'trainings':>10}{'wall s':>9}{'best val':>10}{'test loss':>11}"
+            f"{'test acc':>10}")
+    lines = [f"{report['task']}: {report['hparams']} hyperparameters; black-box budget "
+             f"{report['budget']} trainings", "", head]
+    for row in report["methods"]:
+        test = row["winner_metrics"]["test"]
+        acc = f"{test['accuracy']:.4f}" if "accuracy" in test else "-"
+        lines.append(f"{row['method']:<12}{row['trainings']:>10}{row['time_s']:>9.1f}"
+                     f"{row['best_val_loss']:>10.4f}{test['loss']:>11.4f}{acc:>10}")
+    picked = report["methods"][0]["picked_by"].replace("_", " ")
+    lines += ["", f"best val: lowest validation loss found (the split the hypergradient sees); "
+              f"test: the winner (hyperdiff's picked by {picked}, the others by val loss) "
+              f"retrained on {len(report['report_seeds'])} fresh seeds"]
+    lines += [f"skipped: {s}" for s in report.get("skipped", [])]
+    return "\n".join(lines)
+
+
+def comparison_figure(methods: Sequence[Mapping[str, Any]], *, title: str = "") -> Figure:
+    """Best validation loss so far against trainings (left) and wall time (right)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    figure = Figure(figsize=(10, 4))
+    by_runs, by_time = figure.subplots(1, 2)
+    for row in methods:
+        curve = row["curve"]
+        by_runs.step(curve["trainings"], curve["best"], where="post", label=row["method"])
+        by_time.step(curve["time_s"], curve["best"], where="post", label=row["method"])
+    by_runs.set_xlabel("trainings")
+    by_time.set_xlabel("wall time (s)")
+    by_time.set_xscale("log")
+    by_time.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    by_time.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    by_time.xaxis.set_minor_formatter(NullFormatter())
+    for axes in (by_runs, by_time):
+        axes.set_ylabel("best validation loss so far")
+        axes.grid(alpha=0.3)
+    by_runs.legend()
+    figure.suptitle(title)
+    return figure
+
+
+__all__ = ["add_arguments", "compare", "comparison_figure", "evaluate_values",
+           "format_comparison", "run", "summarize"]
