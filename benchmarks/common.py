@@ -62,9 +62,17 @@ def measure(run: Callable[[], object], repeats: int) -> dict[str, float]:
     return {"time_s": best, "peak_mb": max(0, peak_rss_bytes() - base) / 2**20}
 
 
-def in_subprocess(script: str, *args: str) -> dict:
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+"""glibc raises its mmap threshold each time a large block is freed, after which freed tensor
+memory is kept in the heap and fragments: a loop that allocates and frees same-sized tensors
+(forward mode over T steps) then grows its RSS with T although live memory does not. A fixed
+threshold turns that off, so peak RSS measures what the algorithm holds."""
+
+
+def in_subprocess(script: str, *args: str, env_extra: dict[str, str] | None = None) -> dict:
     """Run ``python script --worker args...`` and parse the JSON line it prints last."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env.update(env_extra or {})
     out = subprocess.run(
         [sys.executable, script, "--worker", *args], capture_output=True, text=True, env=env,
         check=False,

@@ -5,7 +5,11 @@ k hyperparameters = L2 penalties on the first layer's hidden units in k groups (
 to group j mod k). For T in {10, 100, 1000} and k in {1, 10, 100}, each measurement runs in a
 fresh process (time: best of a few runs; memory: peak RSS growth over the RSS before the run),
 and is reported as a ratio to plain training for T steps (a torch.optim loop over an
-nn.Module, and hyperdiff's own non-differentiable training), measured in the same run.
+nn.Module, and hyperdiff's own non-differentiable training), timed in the same process,
+interleaved with the method's runs (best of up to 5 rounds).
+Workers run with one thread and a fixed glibc mmap threshold (see ``benchmarks/common.py``;
+``--default-malloc`` keeps glibc's adaptive one). Peak-memory ratios are to hd.train's peak
+(at least 0.5 MB, since plain training's RSS growth is near zero).
 
 It also reports the float32 hypergradient's relative error against float64 on the same problem
 (SGD with momentum and Adam, T=200, learning rate and per-tensor weight decay).
@@ -18,15 +22,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cross_entropy_losses, digits, in_subprocess, measure, mlp_params
+from common import (
+    FIXED_MMAP_THRESHOLD,
+    cross_entropy_losses,
+    digits,
+    in_subprocess,
+    measure,
+    mlp_params,
+)
 
 import hyperdiff as hd
 
@@ -73,24 +86,44 @@ def torch_training(steps: int):
     return run
 
 
+def _best_time(run, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def worker(kind: str, steps: int, k: int) -> dict:
-    repeats = max(1, min(5, 200 // steps))
-    if kind == "torch_train":
-        run = torch_training(steps)
-        run_small = torch_training(2)
-    else:
-        problem = cost_problem(steps, k)
-        small = problem.with_steps(2)
-        method = {"reverse": hd.reverse(), "forward": hd.forward()}.get(kind)
+    """Peak memory of one run of ``kind`` in this fresh process, then its time interleaved
+    with the two plain-training baselines in the same process (so load changes hit all)."""
+    problem = cost_problem(steps, k)
+    small = problem.with_steps(2)
+    method = {"reverse": hd.reverse(), "forward": hd.forward()}.get(kind)
 
-        def run():
-            return hd.train(problem) if method is None else method(problem)
+    def run():
+        return hd.train(problem) if method is None else method(problem)
 
-        def run_small():
-            return hd.train(small) if method is None else method(small)
-
-    run_small()  # warm-up: imports, allocator, first-call overheads
-    return measure(run, repeats)
+    (hd.train(small) if method is None else method(small))  # warm-up: first-call overheads
+    result = measure(run, 1)
+    if kind == "train":
+        return result
+    torch_run, hd_run = torch_training(steps), (lambda: hd.train(problem))
+    torch_training(2)()
+    rounds = max(1, min(5, 300 // (steps * (k if kind == "forward" else 1))))
+    times = {"method": [result["time_s"]], "torch": [], "hd": []}
+    for _ in range(rounds):
+        times["torch"].append(_best_time(torch_run, 1))
+        times["hd"].append(_best_time(hd_run, 1))
+        if len(times["method"]) < rounds:
+            times["method"].append(_best_time(run, 1))
+    times["torch"].append(_best_time(torch_run, 1))
+    best = {key: min(v) for key, v in times.items()}
+    return {
+        "time_s": best["method"], "peak_mb": result["peak_mb"],
+        "torch_train_time_s": best["torch"], "hd_train_time_s": best["hd"], "rounds": rounds,
+    }
 
 
 def float32_error() -> list[dict]:
@@ -124,6 +157,9 @@ def float32_error() -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep glibc's adaptive mmap threshold (RSS then also counts "
+                        "allocator fragmentation, which grows with T in forward mode)")
     parser.add_argument("--worker", nargs=3, metavar=("KIND", "T", "K"))
     parser.add_argument("--out", default=str(HERE.parent / "results" / "hypergrad_cost.json"))
     args = parser.parse_args()
@@ -136,24 +172,21 @@ def main() -> None:
     k_grid = [1, 10] if args.quick else [1, 10, 100]
     rows = []
     print(f"{'T':>5} {'k':>4} {'method':>8} {'time s':>9} {'x torch':>8} {'x hd.train':>10} "
-          f"{'peak MB':>9} {'x torch':>8}")
+          f"{'peak MB':>9} {'x train':>8}")
+    env = {} if args.default_malloc else FIXED_MMAP_THRESHOLD
     for steps in steps_grid:
-        base_torch = in_subprocess(str(HERE), "torch_train", str(steps), "1")
-        base_hd = in_subprocess(str(HERE), "train", str(steps), "1")
+        base_hd = in_subprocess(str(HERE), "train", str(steps), "1", env_extra=env)
         for k in k_grid:
             for kind in ("reverse", "forward"):
-                m = in_subprocess(str(HERE), kind, str(steps), str(k))
+                m = in_subprocess(str(HERE), kind, str(steps), str(k), env_extra=env)
                 row = {
                     "steps": steps, "k": k, "method": kind, **m,
-                    "time_vs_torch_train": m["time_s"] / base_torch["time_s"],
-                    "time_vs_hd_train": m["time_s"] / base_hd["time_s"],
-                    "peak_mb_torch_train": base_torch["peak_mb"],
+                    "time_vs_torch_train": m["time_s"] / m["torch_train_time_s"],
+                    "time_vs_hd_train": m["time_s"] / m["hd_train_time_s"],
                     "peak_mb_hd_train": base_hd["peak_mb"],
-                    "torch_train_time_s": base_torch["time_s"],
-                    "hd_train_time_s": base_hd["time_s"],
                 }
                 rows.append(row)
-                mem_ratio = m["peak_mb"] / max(base_torch["peak_mb"], 1e-9)
+                mem_ratio = m["peak_mb"] / max(base_hd["peak_mb"], 0.5)
                 print(f"{steps:>5} {k:>4} {kind:>8} {m['time_s']:>9.3f} "
                       f"{row['time_vs_torch_train']:>8.2f} {row['time_vs_hd_train']:>10.2f} "
                       f"{m['peak_mb']:>9.1f} {mem_ratio:>8.1f}", flush=True)
@@ -172,7 +205,8 @@ def main() -> None:
     result = {
         "benchmark": "hypergrad_cost", "torch": torch.__version__, "hyperdiff": hd.__version__,
         "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "rows": rows, "float32_error": errors,
+        "malloc": "glibc default" if args.default_malloc else FIXED_MMAP_THRESHOLD,
+        "loadavg": os.getloadavg(), "rows": rows, "float32_error": errors,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
