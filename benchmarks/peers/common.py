@@ -64,13 +64,18 @@ def init_params(dtype: torch.dtype = torch.float64) -> dict[str, Tensor]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         module = make_module()
-    names = {"0.weight": "fc1.weight", "0.bias": "fc1.bias", "2.weight": "fc2.weight",
-             "2.bias": "fc2.bias"}
+    names = {
+        "0.weight": "fc1.weight",
+        "0.bias": "fc1.bias",
+        "2.weight": "fc2.weight",
+        "2.bias": "fc2.bias",
+    }
     return {names[k]: v.detach().to(dtype).clone() for k, v in module.state_dict().items()}
 
 
-def initial_hyperparameters(optimizer: str, dtype: torch.dtype = torch.float64
-                            ) -> tuple[Tensor, Tensor]:
+def initial_hyperparameters(
+    optimizer: str, dtype: torch.dtype = torch.float64
+) -> tuple[Tensor, Tensor]:
     """``(log_lr, log_wd)`` at the benchmark's initial values."""
     log_lr = torch.tensor(math.log(INIT_LR[optimizer]), dtype=dtype)
     log_wd = torch.full((len(PARAM_NAMES),), math.log(INIT_WD), dtype=dtype)

@@ -41,8 +41,9 @@ except Exception as exc:  # pragma: no cover - depends on the environment
     REASON = f"higher cannot be imported with torch {torch.__version__}: {exc!r}"
 
 
-def hypergradient(problem: dict, params: dict, log_lr: Tensor, log_wd: Tensor,
-                  optimizer: str, steps: int) -> tuple[float, Tensor, Tensor]:
+def hypergradient(
+    problem: dict, params: dict, log_lr: Tensor, log_wd: Tensor, optimizer: str, steps: int
+) -> tuple[float, Tensor, Tensor]:
     """Validation loss after ``steps`` inner steps and d/d(log_lr, log_wd)."""
     if not AVAILABLE:
         raise RuntimeError(REASON)
@@ -59,8 +60,9 @@ def hypergradient(problem: dict, params: dict, log_lr: Tensor, log_wd: Tensor,
     else:
         inner_opt = torch.optim.Adam(net.parameters(), lr=float(lr.detach()), betas=BETAS, eps=EPS)
 
-    with higher.innerloop_ctx(net, inner_opt, copy_initial_weights=True,
-                              override={"lr": [lr]}, track_higher_grads=True) as (fnet, diffopt):
+    with higher.innerloop_ctx(
+        net, inner_opt, copy_initial_weights=True, override={"lr": [lr]}, track_higher_grads=True
+    ) as (fnet, diffopt):
         for _ in range(steps):
             plist = list(fnet.parameters())  # fc1.weight, fc1.bias, fc2.weight, fc2.bias
             loss = F.cross_entropy(fnet(x), y) + l2_penalty(plist, wd)

@@ -25,8 +25,16 @@ from .common import (
     l2_penalty,
 )
 
-__all__ = ["AVAILABLE", "NAME", "REASON", "digits_problem", "hypergradient", "init_params",
-           "initial_hyperparameters", "unrolled_params"]
+__all__ = [
+    "AVAILABLE",
+    "NAME",
+    "REASON",
+    "digits_problem",
+    "hypergradient",
+    "init_params",
+    "initial_hyperparameters",
+    "unrolled_params",
+]
 
 NAME = "reference"
 AVAILABLE = True
@@ -34,9 +42,17 @@ REASON = ""
 VERSION = torch.__version__
 
 
-def unrolled_params(problem: dict, params: dict, log_lr: Tensor, log_wd: Tensor,
-                    optimizer: str, steps: int, create_graph: bool = True,
-                    adam_formula: str = "torch", adam_step_offset: int = 0) -> list[Tensor]:
+def unrolled_params(
+    problem: dict,
+    params: dict,
+    log_lr: Tensor,
+    log_wd: Tensor,
+    optimizer: str,
+    steps: int,
+    create_graph: bool = True,
+    adam_formula: str = "torch",
+    adam_step_offset: int = 0,
+) -> list[Tensor]:
     """Run the inner loop; returns the final parameters (graph-connected if create_graph).
 
     ``adam_formula="torch"`` (default) is the current torch.optim.Adam update. The diagnostic
@@ -62,34 +78,57 @@ def unrolled_params(problem: dict, params: dict, log_lr: Tensor, log_wd: Tensor,
         grads = torch.autograd.grad(loss, ps, create_graph=create_graph)
         if opt == "sgd":
             # torch.optim.SGD: buf = g on the first step, then buf = momentum * buf + g
-            bufs = list(grads) if bufs is None else [MOMENTUM * b + g for b, g in
-                                                     zip(bufs, grads)]
-            ps = [p - lr * b for p, b in zip(ps, bufs)]
+            bufs = (
+                list(grads)
+                if bufs is None
+                else [MOMENTUM * b + g for b, g in zip(bufs, grads, strict=True)]
+            )
+            ps = [p - lr * b for p, b in zip(ps, bufs, strict=True)]
         else:
             # torch.optim.Adam (non-capturable path):
             # step_size = lr / (1 - b1^t); denom = sqrt(v) / sqrt(1 - b2^t) + eps
-            m = [beta1 * mi + (1 - beta1) * g for mi, g in zip(m, grads)]
-            v = [beta2 * vi + (1 - beta2) * g * g for vi, g in zip(v, grads)]
+            m = [beta1 * mi + (1 - beta1) * g for mi, g in zip(m, grads, strict=True)]
+            v = [beta2 * vi + (1 - beta2) * g * g for vi, g in zip(v, grads, strict=True)]
             tb = t + adam_step_offset
             bc1 = 1 - beta1**tb
             bc2_sqrt = (1 - beta2**tb) ** 0.5
             if adam_formula == "torch":
-                ps = [p - (lr / bc1) * mi / (vi.sqrt() / bc2_sqrt + EPS)
-                      for p, mi, vi in zip(ps, m, v)]
+                ps = [
+                    p - (lr / bc1) * mi / (vi.sqrt() / bc2_sqrt + EPS)
+                    for p, mi, vi in zip(ps, m, v, strict=True)
+                ]
             else:
-                ps = [p - (lr * bc2_sqrt / bc1) * mi / (vi.sqrt() + EPS)
-                      for p, mi, vi in zip(ps, m, v)]
+                ps = [
+                    p - (lr * bc2_sqrt / bc1) * mi / (vi.sqrt() + EPS)
+                    for p, mi, vi in zip(ps, m, v, strict=True)
+                ]
     return ps
 
 
-def hypergradient(problem: dict, params: dict, log_lr: Tensor, log_wd: Tensor,
-                  optimizer: str, steps: int, adam_formula: str = "torch",
-                  adam_step_offset: int = 0) -> tuple[float, Tensor, Tensor]:
+def hypergradient(
+    problem: dict,
+    params: dict,
+    log_lr: Tensor,
+    log_wd: Tensor,
+    optimizer: str,
+    steps: int,
+    adam_formula: str = "torch",
+    adam_step_offset: int = 0,
+) -> tuple[float, Tensor, Tensor]:
     """Validation loss after ``steps`` inner steps and its gradient w.r.t. (log_lr, log_wd)."""
     log_lr = log_lr.detach().clone().requires_grad_(True)
     log_wd = log_wd.detach().clone().requires_grad_(True)
-    ps = unrolled_params(problem, params, log_lr, log_wd, optimizer, steps, create_graph=True,
-                         adam_formula=adam_formula, adam_step_offset=adam_step_offset)
+    ps = unrolled_params(
+        problem,
+        params,
+        log_lr,
+        log_wd,
+        optimizer,
+        steps,
+        create_graph=True,
+        adam_formula=adam_formula,
+        adam_step_offset=adam_step_offset,
+    )
     val = F.cross_entropy(forward(ps, problem["x_val"]), problem["y_val"])
     g_lr, g_wd = torch.autograd.grad(val, (log_lr, log_wd))
     return float(val.detach()), g_lr.detach(), g_wd.detach()

@@ -48,20 +48,39 @@ def _make_transform(opt: str, lr: Tensor):
     if opt == "sgd":
         # moment_requires_grad=True: the momentum buffer is part of the differentiable state.
         return torchopt.sgd(lr=lr, momentum=MOMENTUM, moment_requires_grad=True)
-    return torchopt.adam(lr=lr, betas=BETAS, eps=EPS, eps_root=0.0,
-                         moment_requires_grad=True, use_accelerated_op=False)
+    return torchopt.adam(
+        lr=lr,
+        betas=BETAS,
+        eps=EPS,
+        eps_root=0.0,
+        moment_requires_grad=True,
+        use_accelerated_op=False,
+    )
 
 
 def _make_meta(opt: str, module, lr: Tensor):
     if opt == "sgd":
         return torchopt.MetaSGD(module, lr=lr, momentum=MOMENTUM, moment_requires_grad=True)
-    return torchopt.MetaAdam(module, lr=lr, betas=BETAS, eps=EPS, eps_root=0.0,
-                             moment_requires_grad=True, use_accelerated_op=False)
+    return torchopt.MetaAdam(
+        module,
+        lr=lr,
+        betas=BETAS,
+        eps=EPS,
+        eps_root=0.0,
+        moment_requires_grad=True,
+        use_accelerated_op=False,
+    )
 
 
-def hypergradient(problem: dict, params: dict, log_lr: Tensor, log_wd: Tensor,
-                  optimizer: str, steps: int, style: str = "functional"
-                  ) -> tuple[float, Tensor, Tensor]:
+def hypergradient(
+    problem: dict,
+    params: dict,
+    log_lr: Tensor,
+    log_wd: Tensor,
+    optimizer: str,
+    steps: int,
+    style: str = "functional",
+) -> tuple[float, Tensor, Tensor]:
     """Validation loss after ``steps`` inner steps and d/d(log_lr, log_wd)."""
     if not AVAILABLE:
         raise RuntimeError(REASON)
