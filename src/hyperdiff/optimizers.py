@@ -130,7 +130,11 @@ def sgd(
                 new_buf[k] = buf
                 d = _add_scaled(d, buf, mu) if nesterov else buf
             lr_k = resolve(lr, hparams, step, k)
-            new_params[k] = _add_scaled(p, d, -lr_k)
+            # p - lr * d: same bits as p + (-lr) * d, one kernel fewer for a tensor lr
+            if isinstance(lr_k, Tensor):
+                new_params[k] = p - lr_k * d
+            else:
+                new_params[k] = torch.add(p, d, alpha=-lr_k)
         return new_params, SGDState(new_buf)
 
     return Optimizer("sgd", init, update, coefs)

@@ -89,15 +89,16 @@ def unroll(
 ) -> tuple[TrainState, Tensor]:
     """Run steps ``start .. stop-1`` from ``state``; return the new state and the losses."""
     stop = problem.steps if stop is None else stop
-    losses = []
+    # one preallocated buffer: keeping T small loss tensors alive would pin heap pages
+    # between the steps' large temporaries (several MB of RSS at T = 1000)
+    losses = torch.empty(max(stop - start, 0), dtype=problem.dtype, device=problem.device)
     params, buffers, opt_state = state
     for step in range(start, stop):
         params, buffers, opt_state, loss = train_step(
             problem, params, buffers, opt_state, hview, step, differentiable=differentiable
         )
-        losses.append(loss)
-    empty = torch.zeros(0, dtype=problem.dtype)
-    return TrainState(params, buffers, opt_state), torch.stack(losses) if losses else empty
+        losses[step - start] = loss
+    return TrainState(params, buffers, opt_state), losses
 
 
 def validation_loss(problem: Problem, params: Params, buffers: Params, hview: HParamView) -> Tensor:

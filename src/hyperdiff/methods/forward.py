@@ -84,7 +84,7 @@ def _forward(problem: Problem, raw: dict[str, Tensor], chunk_size: int | None) -
     with torch.no_grad():
         state = tuple(initial_state(problem, differentiable=False))
     tangent = tree_map(lambda x: x.new_zeros((k, *x.shape)), state)
-    losses = []
+    losses = torch.empty(problem.steps, dtype=problem.dtype, device=problem.device)
     for step in range(problem.steps):
         phi = _step_function(problem, step)
 
@@ -106,8 +106,8 @@ def _forward(problem: Problem, raw: dict[str, Tensor], chunk_size: int | None) -
             ]
             state, loss = pieces[0][0], pieces[0][2]
             tangent = tree_map(lambda *zs: torch.cat(zs), *[p[1] for p in pieces])
-        losses.append(loss.detach())
-    losses_t = torch.stack(losses)
+        losses[step] = loss.detach()
+    losses_t = losses
     check_finite_losses(losses_t, "forward")
 
     params, buffers, _ = state
