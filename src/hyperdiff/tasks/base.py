@@ -27,8 +27,9 @@ import torch
 from torch import Tensor
 
 from ..errors import HyperdiffError
-from ..hyperparams import HParamView, HyperParameters
-from ..problem import Problem
+from ..hyperparams import HParamView, HyperParameters, per_feature
+from ..optimizers import sgd
+from ..problem import Problem, make_problem
 from ..training import initial_state, unroll
 from ..typing import Batch, Params
 
@@ -209,3 +210,51 @@ def classification_metrics(logits: Tensor, labels: Tensor) -> dict[str, float]:
     """Mean cross-entropy and accuracy."""
     loss = torch.nn.functional.cross_entropy(logits, labels)
     return {"loss": float(loss), "accuracy": float((logits.argmax(-1) == labels).double().mean())}
+
+
+def per_feature_l2_task(
+    *,
+    name: str,
+    description: str,
+    dataset: str,
+    label_dtype: torch.dtype,
+    theta0_of: Callable[[int], Params],
+    losses: tuple[Callable[..., Tensor], Callable[..., Tensor]],
+    metrics: Callable[..., dict[str, float]],
+    initial_lam: float,
+    search_space: Mapping[str, SearchRange],
+    steps: int,
+    selection_fraction: float,
+    cv_folds: int,
+    data_seed: int,
+) -> Task:
+    """A full-batch linear task on a bundled dataset with one L2 strength per standardized
+    input feature, trained by heavy-ball SGD (lr 0.5, momentum 0.9) from ``theta0_of(d)``."""
+    from .datasets import load  # local: datasets is a leaf the task modules also use
+
+    x_np, y_np = load(dataset)
+    x_all = torch.as_tensor(x_np, dtype=torch.float64)
+    y = torch.as_tensor(y_np, dtype=label_dtype)
+    splits = make_splits(
+        len(y), test=0.25, val=0.25, selection_fraction=selection_fraction, seed=data_seed
+    )
+    x = standardize(x_all, splits.train)
+    hparams = HyperParameters(lam=per_feature(initial_lam, x.shape[1]))
+    theta0 = theta0_of(x.shape[1])
+    train_loss, val_loss = losses
+
+    def batch_for(rows: Tensor) -> Batch:
+        return x[rows], y[rows]
+
+    def problem_for(train_rows: Tensor, val_rows: Tensor) -> Problem:
+        return make_problem(
+            train_loss, val_loss, hparams, theta0, optimizer=sgd(0.5, 0.9),
+            train_data=batch_for(train_rows), val_data=batch_for(val_rows), steps=steps,
+            probe=False,
+        )
+
+    return assemble(
+        name=name, description=description, splits=splits, problem_for=problem_for,
+        batch_for=batch_for, metrics=metrics, search_space=dict(search_space),
+        cv_folds=cv_folds, data_seed=data_seed,
+    )

@@ -11,12 +11,9 @@ import torch
 from torch import Tensor
 from torch.nn.functional import binary_cross_entropy_with_logits
 
-from ..hyperparams import HParamView, HyperParameters, per_feature
-from ..optimizers import sgd
-from ..problem import Problem, make_problem
+from ..hyperparams import HParamView
 from ..typing import Batch, Params
-from .base import SearchRange, Task, assemble, make_splits, standardize
-from .datasets import load
+from .base import SearchRange, Task, per_feature_l2_task
 
 SUMMARY = "logistic regression on breast_cancer"
 TUNES = "lam per feature (30)"
@@ -51,35 +48,22 @@ def metrics(params: Params, hparams: HParamView, batch: Batch) -> dict[str, floa
     }
 
 
+def initial_params(features: int) -> Params:
+    """Zeros: theta_0 of the inner training."""
+    return {"w": torch.zeros(features, dtype=torch.float64),
+            "b": torch.zeros((), dtype=torch.float64)}
+
+
 def build(
     *, steps: int | None = None, selection_fraction: float = 0.5, cv_folds: int = 0,
     data_seed: int = 0,
 ) -> Task:
     """The per-feature L2 logistic regression task (see the module doc)."""
     steps = steps or DEFAULT_STEPS
-    x_np, y_np = load("breast_cancer")
-    x_all = torch.as_tensor(x_np, dtype=torch.float64)
-    y = torch.as_tensor(y_np, dtype=torch.float64)
-    splits = make_splits(
-        len(y), test=0.25, val=0.25, selection_fraction=selection_fraction, seed=data_seed
-    )
-    x = standardize(x_all, splits.train)
-    hparams = HyperParameters(lam=per_feature(INITIAL["lam"], x.shape[1]))
-    theta0 = {"w": torch.zeros(x.shape[1], dtype=torch.float64),
-              "b": torch.zeros((), dtype=torch.float64)}
-
-    def batch_for(rows: Tensor) -> Batch:
-        return x[rows], y[rows]
-
-    def problem_for(train_rows: Tensor, val_rows: Tensor) -> Problem:
-        return make_problem(
-            train_loss, val_loss, hparams, theta0, optimizer=sgd(0.5, 0.9),
-            train_data=batch_for(train_rows), val_data=batch_for(val_rows), steps=steps,
-            probe=False,
-        )
-
-    return assemble(
-        name="logistic_cancer", description=SUMMARY, splits=splits, problem_for=problem_for,
-        batch_for=batch_for, metrics=metrics, search_space={"lam": SearchRange(1e-4, 10.0)},
-        cv_folds=cv_folds, data_seed=data_seed,
+    return per_feature_l2_task(
+        name="logistic_cancer", description=SUMMARY, dataset="breast_cancer",
+        label_dtype=torch.float64,
+        theta0_of=initial_params, losses=(train_loss, val_loss), metrics=metrics,
+        initial_lam=INITIAL["lam"], search_space={"lam": SearchRange(1e-4, 10.0)}, steps=steps,
+        selection_fraction=selection_fraction, cv_folds=cv_folds, data_seed=data_seed,
     )
