@@ -30,3 +30,15 @@ def quiet(fn, *args, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", hd.CostWarning)
         return fn(*args, **kwargs)
+
+
+def synthetic_regression(n: int = 120, d: int = 6, n_val: int = 60, seed: int = 0):
+    """Well-conditioned linear-regression data in float64: (x, y, x_val, y_val)."""
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.float64
+    x = torch.randn(n, d, generator=g, dtype=dtype)
+    w = torch.randn(d, generator=g, dtype=dtype)
+    x_val = torch.randn(n_val, d, generator=g, dtype=dtype)
+    y = x @ w + 0.3 * torch.randn(n, generator=g, dtype=dtype)
+    y_val = x_val @ w + 0.3 * torch.randn(n_val, generator=g, dtype=dtype)
+    return x, y, x_val, y_val

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -12,17 +14,12 @@ from hyperdiff.linear import ridge, ridge_hypergradient
 from hyperdiff.methods.implicit import implicit
 from hyperdiff.solvers import neumann
 
+from conftest import synthetic_regression
+
 D = torch.float64
 
 
-def synthetic(n: int = 80, d: int = 5, n_val: int = 40, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g, dtype=D)
-    w = torch.randn(d, generator=g, dtype=D)
-    x_val = torch.randn(n_val, d, generator=g, dtype=D)
-    y = x @ w + 0.3 * torch.randn(n, generator=g, dtype=D)
-    y_val = x_val @ w + 0.3 * torch.randn(n_val, generator=g, dtype=D)
-    return x, y, x_val, y_val
+synthetic = functools.partial(synthetic_regression, n=80, d=5, n_val=40)
 
 
 def test_check_on_converged_ridge():

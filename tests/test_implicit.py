@@ -15,6 +15,8 @@ from hyperdiff.linear import load_dataset, logistic, ridge, ridge_hypergradient,
 from hyperdiff.methods.implicit import implicit
 from hyperdiff.solvers import ConvergenceWarning, cg, exact, neumann
 
+from conftest import synthetic_regression
+
 D = torch.float64
 
 
@@ -22,15 +24,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def synthetic(n: int = 120, d: int = 6, n_val: int = 60, seed: int = 0):
-    """Well-conditioned ridge data: gradient descent converges to rounding in ~100 steps."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g, dtype=D)
-    w = torch.randn(d, generator=g, dtype=D)
-    x_val = torch.randn(n_val, d, generator=g, dtype=D)
-    y = x @ w + 0.3 * torch.randn(n, generator=g, dtype=D)
-    y_val = x_val @ w + 0.3 * torch.randn(n_val, generator=g, dtype=D)
-    return x, y, x_val, y_val
+synthetic = synthetic_regression
 
 
 def closed_form(lp, data):

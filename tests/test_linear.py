@@ -15,17 +15,12 @@ from hyperdiff.linear import (
     ridge_solution,
 )
 
+from conftest import synthetic_regression
+
 D = torch.float64
 
 
-def synthetic(n: int = 120, d: int = 6, n_val: int = 60, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g, dtype=D)
-    w = torch.randn(d, generator=g, dtype=D)
-    x_val = torch.randn(n_val, d, generator=g, dtype=D)
-    y = x @ w + 0.3 * torch.randn(n, generator=g, dtype=D)
-    y_val = x_val @ w + 0.3 * torch.randn(n_val, generator=g, dtype=D)
-    return x, y, x_val, y_val
+synthetic = synthetic_regression
 
 
 def test_load_dataset_offline_shapes_and_standardisation():
