@@ -9,19 +9,23 @@ import torch
 
 import hyperdiff as hd
 
-# The test problems are tiny: intra-op threads only add OpenMP synchronisation, which turns
-# into long waits whenever the other core is busy.
-torch.set_num_threads(1)
-
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| (b the reference)."""
     return float((a - b).norm() / b.norm())
 
 
+# one thread from the start, so that module-scoped fixtures run on it too
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
-def _float64_and_seed():
+def _seed_and_one_thread():
+    """Seed every test and run it on one torch thread (again: a CLI test may set its own).
+    The test problems are tiny: intra-op threads only add OpenMP synchronisation, which turns
+    into long waits whenever the other core is busy."""
     torch.manual_seed(0)
+    torch.set_num_threads(1)
     yield
 
 

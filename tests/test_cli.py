@@ -8,7 +8,6 @@ import types
 from importlib.metadata import entry_points
 
 import pytest
-import torch
 
 from hyperdiff.cli import COMMANDS, main
 from hyperdiff.config import load_config
@@ -18,12 +17,6 @@ PNG = b"\x89PNG\r\n\x1a\n"
 SMALL = ["--task", "ridge_diabetes", "--set", "inner.steps=40", "--set", "stop.max_steps=4",
          "--set", "report.seeds=1", "--quiet"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)  # `hyperdiff run` sets one thread
 
 
 def write(tmp_path, text):

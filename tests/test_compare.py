@@ -4,18 +4,8 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import torch
-
 from hyperdiff import search
 from hyperdiff.cli import COMMANDS, main
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_compare(tmp_path, *extra):

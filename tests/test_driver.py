@@ -16,14 +16,6 @@ DT = torch.float64
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny: one thread is fastest and immune to busy machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 def ridge_problem(*, n=24, p=4, steps=20, batch_size=None, lam=0.5, noise_seed=0, lr=0.1):
     """A small ridge problem: ``mean((x w - y)^2) + lam |w|^2`` by SGD from w = 0."""
     gen = torch.Generator().manual_seed(noise_seed)

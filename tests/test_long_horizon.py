@@ -35,14 +35,6 @@ from conftest import rel_err
 STEPS = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny; threads only add contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _data(n=24, d=5, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)

@@ -23,14 +23,6 @@ SETTINGS = ["task.name=mlp_digits", "inner.steps=10", "inner.warm_start=true",
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny: one thread is fastest and immune to busy machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 def quiet(_: str) -> None:
     return None
 

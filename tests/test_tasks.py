@@ -19,14 +19,6 @@ REPORT_SEEDS = (101, 102)
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny: one thread is fastest and immune to busy machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 def tune(task, **kwargs):
     """A short run with the task's recommended outer settings."""
     defaults = task_defaults(task.name)
