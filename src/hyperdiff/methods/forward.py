@@ -14,7 +14,6 @@ is differentiated exactly. Memory is independent of T; cost grows with k. At the
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -58,21 +57,11 @@ def _coordinate_tangents(problem: Problem, raw: dict[str, Tensor]) -> dict[str, 
     return out
 
 
-def _contract(grad: Any, tangent: Any) -> Tensor:
-    """sum over leaves of <grad_leaf, tangent_leaf[i]> for every i: shape (k,)."""
-    total = None
-    for g, z in zip(_leaves(grad), _leaves(tangent), strict=True):
-        if g is None:
-            continue
-        term = (z.reshape(z.shape[0], -1) * g.reshape(1, -1)).sum(dim=1)
-        total = term if total is None else total + term
-    return total
-
-
-def _leaves(tree: Any) -> list[Any]:
-    from torch.utils._pytree import tree_leaves
-
-    return tree_leaves(tree)
+def _contract(grads: list[Tensor], tangents: list[Tensor]) -> Tensor:
+    """``sum_j <grads[j], tangents[j][i]>`` for every coordinate i: shape (k,)."""
+    return sum(
+        (z.reshape(z.shape[0], -1) @ g.reshape(-1) for g, z in zip(grads, tangents, strict=True)),
+    )
 
 
 def _forward(problem: Problem, raw: dict[str, Tensor], chunk_size: int | None) -> HyperGradient:
@@ -121,13 +110,10 @@ def _forward(problem: Problem, raw: dict[str, Tensor], chunk_size: int | None) -
     grads = zeros_for_unused(
         torch.autograd.grad(value, flat_inputs, allow_unused=True), flat_inputs
     )
-    n_p, n_b = len(leaves[0]), len(leaves[1])
-    g_params, g_buffers, g_raw = grads[:n_p], grads[n_p : n_p + n_b], grads[n_p + n_b :]
+    n_state = len(leaves[0]) + len(leaves[1])
     z_params, z_buffers, _ = tangent
-    indirect = _contract(g_params, list(z_params.values()))
-    if n_b:
-        indirect = indirect + _contract(g_buffers, list(z_buffers.values()))
-    direct = hp.flatten(dict(zip(raw, g_raw, strict=True)))
+    indirect = _contract(grads[:n_state], [*z_params.values(), *z_buffers.values()])
+    direct = hp.flatten(dict(zip(raw, grads[n_state:], strict=True)))
     grad = hp.unflatten(direct + indirect)
     return finish(
         problem, raw, method="forward", value=value, grad=grad, params=params, buffers=buffers,
