@@ -35,15 +35,16 @@ def initial_state(problem: Problem, *, differentiable: bool) -> TrainState:
     return TrainState(params, dict(problem.buffers), problem.optimizer.init(params))
 
 
+def zeros_for_unused(grads: tuple[Tensor | None, ...], like: list[Tensor]) -> list[Tensor]:
+    """``torch.autograd.grad(..., allow_unused=True)`` results with zeros in place of None."""
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, like, strict=True)]
+
+
 def grads_of(loss: Tensor, params: Params, *, create_graph: bool) -> Params:
     """d loss / d params as a dict; zeros for parameters the loss does not use."""
-    grads = torch.autograd.grad(
-        loss, list(params.values()), create_graph=create_graph, allow_unused=True
-    )
-    return {
-        k: torch.zeros_like(p) if g is None else g
-        for (k, p), g in zip(params.items(), grads, strict=True)
-    }
+    inputs = list(params.values())
+    grads = torch.autograd.grad(loss, inputs, create_graph=create_graph, allow_unused=True)
+    return dict(zip(params, zeros_for_unused(grads, inputs), strict=True))
 
 
 def train_step(

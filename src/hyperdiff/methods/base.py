@@ -17,6 +17,7 @@ from torch import Tensor
 from ..errors import NonFiniteError
 from ..hyperparams import HyperParameters
 from ..problem import Problem
+from ..training import zeros_for_unused
 from ..typing import Params
 
 
@@ -137,5 +138,4 @@ def finish(
     )
 
 
-def zeros_for_unused(grads: tuple[Tensor | None, ...], like: list[Tensor]) -> list[Tensor]:
-    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, like, strict=True)]
+__all__ = ["HyperGradient", "Method", "finish", "zeros_for_unused"]
