@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -58,7 +58,7 @@ class Problem:
         return {n: v.detach().to(self.dtype) for n, v in values.items()}
 
     def with_steps(self, steps: int) -> Problem:
-        return Problem(**{**self.__dict__, "steps": positive_int("Problem", "steps", steps)})
+        return replace(self, steps=positive_int("Problem", "steps", steps))
 
 
 def takes_context(fn: LossFn, name: str) -> bool:
