@@ -73,7 +73,7 @@ def test_neumann_converges_when_the_step_is_small_enough():
     for iterations in (3, 10, 30, 120):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            result = implicit(neumann(step=step, iterations=iterations))(problem)
+            result = implicit(neumann(step=step, iterations=iterations, tol=1e-12))(problem)
         errors.append(rel(result.grad_natural["l2"], expected))
     assert all(b < a for a, b in itertools.pairwise(errors))
     assert errors[-1] <= 1e-8

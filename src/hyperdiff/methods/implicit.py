@@ -276,7 +276,7 @@ def implicit(
     see the module doc for the equations. Memory O(params), independent of T.
 
     Args:
-        solver: linear solver (default ``cg()``: tol 1e-10 in float64, maxiter 1000), or the
+        solver: linear solver (default ``cg()``: tol 1e-7 in float64, maxiter 1000), or the
             name ``"cg"``, ``"neumann"`` or ``"exact"`` for its default options.
         fixed_point: use ``theta* = Phi(theta*)`` with ``Phi`` one optimizer step (needed when
             the optimizer itself carries hyperparameters such as weight decay).
