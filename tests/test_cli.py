@@ -47,6 +47,7 @@ def test_registry_has_one_module_per_subcommand():
      ("[method]\nname = \"forward\"\nchunk = 2\n", ["method.chunk", "chunk_size"]),
      ("[stop]\nmax_steps = 0\n", ["stop.max_steps must be an int >= 1"]),
      ("[task]\ncv_folds = 1\n", ["task.cv_folds must be 0", ">= 2"]),
+     ("[outer]\ntie_steps = -2\n", ["outer.tie_steps must be an int >= 0"]),
      ("[outer\nlr = 1\n", ["not valid TOML"])],
 )
 def test_config_errors_name_the_key_and_the_valid_values(tmp_path, capsys, toml, expected):

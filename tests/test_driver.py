@@ -231,3 +231,68 @@ def test_bad_arguments_are_rejected(kwargs, message):
 def test_bad_stopping_rules_are_rejected(kwargs, message):
     with pytest.raises(hd.HyperdiffError, match=message):
         Stopping(**kwargs)
+
+
+def per_feature_ridge(lam, *, p=4, n=30, seed=1):
+    """Ridge with a penalty ``h["lam"] * w^2`` that is either one scalar or one per feature."""
+    gen = torch.Generator().manual_seed(seed)
+    x, xv = torch.randn(n, p, generator=gen, dtype=DT), torch.randn(n, p, generator=gen, dtype=DT)
+    w_true = torch.randn(p, generator=gen, dtype=DT) * torch.tensor([3.0, 1.0, 0.1, 0.0])
+    y = x @ w_true + torch.randn(n, generator=gen, dtype=DT)
+    yv = xv @ w_true + torch.randn(n, generator=gen, dtype=DT)
+
+    def val_loss(params, h, batch):
+        return ((batch[0] @ params["w"] - batch[1]) ** 2).mean()
+
+    def train_loss(params, h, batch):
+        return val_loss(params, h, batch) + (h["lam"] * params["w"] ** 2).sum()
+
+    return hd.make_problem(
+        train_loss, val_loss, hd.HyperParameters(lam=lam), {"w": torch.zeros(p, dtype=DT)},
+        optimizer=hd.sgd(0.1), train_data=(x, y), val_data=(xv, yv), steps=15,
+    ), (xv[: n // 2], yv[: n // 2])
+
+
+def test_tied_steps_move_a_vector_hyperparameter_like_one_shared_value():
+    """Reference: the same penalty as one scalar hyperparameter. Its raw gradient is the sum
+    over features, the tied update uses the mean, so outer SGD with lr * p matches exactly."""
+    p, steps = 4, 6
+    vector, _ = per_feature_ridge(hd.per_feature(0.3, p))
+    shared, _ = per_feature_ridge(hd.scalar(0.3))
+    tied = HyperOptimizer(vector, optimizer="sgd", lr=0.2 * p, tie_steps=steps,
+                          schedule="constant", stopping=Stopping(max_steps=steps + 3))
+    one = HyperOptimizer(shared, optimizer="sgd", lr=0.2, schedule="constant",
+                         stopping=Stopping(max_steps=steps))
+    tied_path = [r.hparams["lam"] for r in tied.run().history]
+    shared_path = [r.hparams["lam"] for r in one.run().history]
+    for entries, value in zip(tied_path[: steps + 1], shared_path, strict=False):
+        assert entries == pytest.approx([value] * p, rel=1e-12)
+    assert shared_path[-1] != pytest.approx(shared_path[0], rel=1e-3)  # it did move
+    assert max(tied_path[-1]) / min(tied_path[-1]) > 1.01  # entries spread once untied
+
+
+def test_tied_steps_are_picked_by_validation_then_guarded_by_selection():
+    """A selection split that disagrees with validation (negated targets): the tied steps
+    still follow the validation loss; no later step beats the best tied step on selection."""
+    vector, (xs, ys) = per_feature_ridge(hd.per_feature(2.0, 4))
+    opt = HyperOptimizer(vector, lr=0.3, tie_steps=5, selection=(xs, -ys),
+                         schedule="constant", stopping=Stopping(max_steps=12))
+    result = opt.run()
+    assert result.criterion.startswith("val_loss (tied steps < 5), then selection_loss")
+    best, flags = None, []
+    for r in result.history:
+        key = "val_loss" if r.step < 5 else "selection_loss"
+        better = best is None or getattr(r, key) < getattr(best, key)
+        flags.append(better)
+        best = r if better else best
+    assert [r.best for r in result.history] == flags
+    assert result.best_step == best.step == 4
+    untied = HyperOptimizer(vector, lr=0.3, selection=(xs, -ys), schedule="constant",
+                            stopping=Stopping(max_steps=12)).run()
+    assert untied.best_step == 0  # by selection loss alone
+
+
+def test_tie_steps_must_be_a_nonnegative_int():
+    problem, _ = ridge_problem()
+    with pytest.raises(hd.HyperdiffError, match="tie_steps must be"):
+        HyperOptimizer(problem, tie_steps=-1)

@@ -75,6 +75,8 @@ class OuterConfig:
     samples: int = option(1, "trainings with different minibatch seeds averaged per step",
                           low=1)
     seed: int = option(0, "base seed of the minibatch orders", low=0)
+    tie_steps: int = option(0, "first outer steps in which each vector hyperparameter moves as "
+                            "one (mean hypergradient of its entries; 0: off)", low=0)
 
 
 @dataclass(frozen=True)

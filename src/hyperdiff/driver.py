@@ -102,6 +102,10 @@ class HyperOptimizer:
         schedule: ``"constant"`` or ``"cosine"`` (decay to 0 over ``stopping.max_steps``).
         samples: trainings per step with different minibatch seeds; their hypergradients are
             averaged (variance reduction) and their spread is recorded.
+        tie_steps: for the first ``tie_steps`` outer steps every vector hyperparameter moves as
+            one: its update uses the mean of its raw hypergradient over its entries (coarse to
+            fine: the shared level is found before the entries spread; a defence against
+            fitting the validation set with many hyperparameters). 0: off.
         warm_start: start each step's training from the previous step's theta_T.
         selection: batches of a split never used for hypergradients; when given, the best
             step and early stopping use its loss (``problem.val_loss`` on these batches).
@@ -132,6 +136,7 @@ class HyperOptimizer:
         clip: float | None = None,
         schedule: str = "constant",
         samples: int = 1,
+        tie_steps: int = 0,
         warm_start: bool = False,
         selection: Batch | list[Batch] | None = None,
         seed: int = 0,
@@ -153,6 +158,7 @@ class HyperOptimizer:
         self.clip = None if clip is None else positive_float("HyperOptimizer", "clip", clip)
         self.schedule = schedule
         self.samples = positive_int("HyperOptimizer", "samples", samples)
+        self.tie_steps = nonnegative_int("HyperOptimizer", "tie_steps", tie_steps)
         self.warm_start = bool(warm_start)
         self.selection = _as_batches(selection)
         self.seed = nonnegative_int("HyperOptimizer", "seed", seed)
@@ -224,6 +230,14 @@ class HyperOptimizer:
             bar.close()
         return self.result()
 
+    def criterion_name(self) -> str:
+        """How the best step is picked, for reports."""
+        if self.selection is None:
+            return "val_loss"
+        if self.tie_steps:
+            return f"val_loss (tied steps < {self.tie_steps}), then selection_loss"
+        return "selection_loss"
+
     def result(self) -> OptimizeResult:
         """The best hyperparameters so far, the history and the stop reason."""
         if self.best is None:
@@ -233,7 +247,7 @@ class HyperOptimizer:
             best_hparams=self.hparams.with_raw(self.best["raw"]),
             best_step=int(self.best["step"]),
             best_loss=float(self.best["value"]),
-            criterion="selection_loss" if self.selection else "val_loss",
+            criterion=self.criterion_name(),
             final_raw=self.raw,
             history=History(list(self.history)),
             stop_reason=self.stop_reason() or "not finished",
@@ -260,12 +274,17 @@ class HyperOptimizer:
         self.guard.succeeded(snapshot)
         grads = torch.stack([self.hparams.flatten(hg.grad).double() for hg in evaluations])
         mean = grads.mean(0)
-        self._update(self.hparams.unflatten(mean), lr)
+        self._update(tied(self.hparams.unflatten(mean)) if step < self.tie_steps
+                     else self.hparams.unflatten(mean), lr)
         values = torch.tensor([hg.value for hg in evaluations], dtype=torch.float64)
-        criterion = float(values.mean()) if selection is None else selection
-        is_best = self.best is None or criterion < self.best["value"] - self.stopping.min_delta
+        val = float(values.mean())
+        key = self.criterion_of(step)
+        criterion = selection if key == "selection" else val
+        reference = None if self.best is None else self.best.get(key, self.best["value"])
+        is_best = reference is None or criterion < reference - self.stopping.min_delta
         if is_best:
-            self.best = {"step": step, "raw": raw, "value": criterion}
+            self.best = {"step": step, "raw": raw, "value": criterion, "val": val,
+                         "selection": selection}
             self.since_best = 0
         else:
             self.since_best += 1
@@ -283,6 +302,20 @@ class HyperOptimizer:
             grad_std=float(grads.std(0).norm()) if len(grads) > 1 else None,
             grad={n: to_number(g) for n, g in self.hparams.unflatten(mean).items()},
         )
+
+    def criterion_of(self, step: int) -> str:
+        """What picks the best step: ``"val"`` (the hypergradient's own validation loss) or
+        ``"selection"``.
+
+        Without a selection split, always ``"val"``. With one, tied steps (``step <
+        tie_steps``, one degree of freedom per hyperparameter, like a grid over a shared value)
+        are compared by ``"val"``, the larger and less noisy estimate; every later step must beat
+        the best so far on ``"selection"``, the split that guards against fitting the
+        validation set with many free entries.
+        """
+        if self.selection is None or step < self.tie_steps:
+            return "val"
+        return "selection"
 
     def learning_rate(self, step: int) -> float:
         """Outer learning rate of ``step``: base x guard scale x schedule."""
@@ -399,6 +432,11 @@ class HyperOptimizer:
         self.history.append(record)
         self.step_index += 1
         return record
+
+
+def tied(grad: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Each hyperparameter's gradient replaced by its mean over its entries (same shape)."""
+    return {name: g.mean().expand_as(g) for name, g in grad.items()}
 
 
 def _check_problems(problem: Problem | Sequence[Problem]) -> tuple[Problem, ...]:

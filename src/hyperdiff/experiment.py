@@ -39,7 +39,8 @@ def build(config: Config) -> tuple[Task, HyperOptimizer]:
         method=make_method(config.method.name, **config.method.options),
         optimizer=config.outer.optimizer, lr=config.outer.lr,
         clip=config.outer.clip or None, schedule=config.outer.schedule,
-        samples=config.outer.samples, warm_start=config.inner.warm_start,
+        samples=config.outer.samples, tie_steps=config.outer.tie_steps,
+        warm_start=config.inner.warm_start,
         selection=task.selection, seed=config.outer.seed,
         stopping=Stopping(
             max_steps=stop.max_steps, max_time_s=stop.max_time_s or None,

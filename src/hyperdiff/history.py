@@ -115,7 +115,8 @@ class OptimizeResult:
     Attributes:
         best_raw: raw values of the best hyperparameters seen; ``best_hparams`` holds them.
         best_step: the step that evaluated them; ``best_loss`` its criterion value.
-        criterion: ``"selection_loss"`` or ``"val_loss"``.
+        criterion: ``"selection_loss"``, ``"val_loss"``, or the tied form (val loss for the
+            tied steps, then selection loss; see ``HyperOptimizer.criterion_of``).
         final_raw: raw values after the last update.
         history: every step's record.
         stop_reason: why the loop ended (budget, time, early stopping, convergence).
