@@ -6,16 +6,19 @@ training recipe; black-box methods search one shared value per hyperparameter). 
 black-box trial is one inner training; it minimises the validation loss the hypergradient sees.
 A hyperdiff outer step costs ``samples x folds`` trainings (each with its backward pass).
 
-Hyperdiff runs three ways:
+Hyperdiff runs these ways:
 
-- ``hd plain``: constant outer learning rate, no selection split, no early stopping; returns
-  the step with the lowest validation loss.
-- ``hd defaults``: the driver's defaults (selection split, early stopping, cosine decay) with
-  the task's recommended settings, i.e. ``hyperdiff run --task NAME``.
-- ``hd cv5`` (logistic_digits only, 20 outer steps): the defaults with 5-fold CV over
-  train+validation; its validation loss is a CV loss, so it is not drawn in the figure.
-- ``grid+hd``: the scalar grid first, then the defaults started at the grid's winner (the
-  grid's trainings and time count in its curve).
+- ``hd plain``: hold-out validation, constant outer learning rate, no tied steps, no
+  selection split, no early stopping; returns the step with the lowest validation loss.
+- ``hd defaults``: the task's recommended settings with the driver's defaults, i.e.
+  ``hyperdiff run --task NAME`` (on logistic_digits: 5-fold CV, 8 tied steps, selection split,
+  early stopping, cosine decay); a CV run's losses are CV losses, so it is not drawn.
+- ``hd holdout`` (tasks whose defaults cross-validate): the defaults with ``task.cv_folds=0``.
+- ``grid+hd``: the scalar grid first, then the hold-out defaults without tied steps started
+  at the grid's winner (the grid's trainings and time count in its curve).
+
+``grid lam cv5`` (logistic_digits) scores the scalar grid by the same CV loss as the defaults,
+to tell what cross-validation alone buys.
 
 Every winner is retrained on 3 fresh seeds and evaluated on the held-out test split.
 
@@ -47,12 +50,15 @@ from hyperdiff.experiment import REPORT_SEED, build
 from hyperdiff.search import (
     OPTUNA_MISSING,
     SearchResult,
+    Trial,
     from_history,
     optuna_available,
     random_search,
     run_points,
     tpe_search,
 )
+from hyperdiff.tasks.base import trained_params
+from hyperdiff.training import validation_loss
 
 RESULTS = Path(__file__).parent / "results"
 SEEDS = tuple(REPORT_SEED + i for i in range(3))
@@ -62,16 +68,23 @@ GRIDS = {
                    "grid lr": {"lr": np.logspace(-3, 0, 25).tolist()}},
 }
 PER_COORDINATE = {"logistic_digits": ["lam"], "mlp_digits": []}
+CV_GRID = {"logistic_digits"}
+"""Tasks whose defaults cross-validate: the scalar grid is also scored by the same CV loss."""
 REFINE = {"logistic_digits": "grid lam", "mlp_digits": "grid lr"}
 """The grid whose winner ``grid+hd`` starts hyperdiff (with its defaults) from."""
 
 
-def hyperdiff_runs(name: str, quick: bool) -> list[tuple[str, SearchResult, dict, str]]:
-    """(label, curve, raw winner, picked by) of the hyperdiff variants on task ``name``."""
+HOLDOUT = ["task.cv_folds=0", "outer.tie_steps=0"]
+"""Overrides that turn a task's defaults into plain hold-out validation (for ``hd plain`` and
+``grid+hd``, whose curves are compared with the black-box searches' validation losses)."""
+
+
+def hyperdiff_runs(name: str, quick: bool) -> list[tuple[str, SearchResult, dict, str, bool]]:
+    """(label, curve, raw winner, picked by, curve comparable) of the hyperdiff variants."""
     overrides = [f"task.name={name}"] + (["stop.max_steps=4"] if quick else [])
     config = load_config(overrides=overrides)
     out = []
-    task, _ = build(config)
+    task, _ = build(load_config(overrides=overrides + HOLDOUT))
     plain = HyperOptimizer(
         list(task.problems), lr=config.outer.lr, samples=config.outer.samples,
         schedule="constant", selection=None,
@@ -79,24 +92,44 @@ def hyperdiff_runs(name: str, quick: bool) -> list[tuple[str, SearchResult, dict
     )
     result = plain.run()
     out.append(("hd plain", from_history(result.history, method="hd plain"), result.best_raw,
-                result.criterion))
+                result.criterion, True))
     variants = [("hd defaults", config)]
-    if name == "logistic_digits":
-        cv = [*overrides, "task.cv_folds=5", "stop.max_steps=" + ("2" if quick else "20")]
-        variants.append(("hd cv5", load_config(overrides=cv)))
+    if config.task.cv_folds:  # the defaults without cross-validation: a comparable curve
+        variants.append(("hd holdout", load_config(overrides=[*overrides, "task.cv_folds=0"])))
     for label, cfg in variants:
         _, driver = build(cfg)
         result = driver.run()
         out.append((label, from_history(result.history, method=label), result.best_raw,
-                    result.criterion))
+                    result.criterion, cfg.task.cv_folds == 0))
     return out
+
+
+def cv_grid(name: str, values: list[dict], folds: int) -> tuple[SearchResult, dict]:
+    """The scalar grid scored by the mean validation loss over ``folds`` CV folds (one
+    training per fold and point), as ``hd defaults`` scores its tied steps. Returns the curve
+    (CV losses: not comparable with hold-out ones) and the winner's report, retrained on the
+    whole pool like every CV winner."""
+    task, _ = build(load_config(overrides=[f"task.name={name}", f"task.cv_folds={folds}"]))
+    started, trials = time.perf_counter(), []
+    for number, point in enumerate(values):
+        raw = task.hparams.with_natural(**point).raw
+        losses = []
+        for problem in task.problems:
+            params, hview = trained_params(problem, raw, seed=0)
+            with torch.no_grad():
+                losses.append(float(validation_loss(problem, params, {}, hview)))
+        trials.append(Trial(number, dict(point), sum(losses) / folds, {}, (number + 1) * folds,
+                            time.perf_counter() - started))
+    result = SearchResult(f"grid lam cv{folds}", tuple(trials))
+    winner = task.hparams.with_natural(**result.best.values).raw
+    return result, task.evaluate(winner, seeds=SEEDS)
 
 
 def refine(name: str, quick: bool, grid: SearchResult) -> tuple[SearchResult, dict, str]:
     """``grid+hd``: the driver's defaults started at the grid's winner; the curve continues
     the grid's (its trainings and wall time count)."""
-    config = load_config(overrides=[f"task.name={name}"] + (["stop.max_steps=4"] if quick
-                                                            else []))
+    config = load_config(overrides=[f"task.name={name}", *HOLDOUT] + (["stop.max_steps=4"]
+                                                                      if quick else []))
     task, defaults = build(config)
     start = {n: torch.tensor(v, dtype=torch.float64) for n, v in grid.best.values.items()}
     problems = [replace(p, hparams=p.hparams.with_natural(**start)) for p in task.problems]
@@ -130,11 +163,14 @@ def row(result: SearchResult, metrics: dict, picked_by: str, comparable: bool = 
 def run_task(name: str, trials: int, quick: bool) -> dict:
     """Every method on task ``name``; returns its JSON block."""
     config = load_config(overrides=[f"task.name={name}"])
-    task, _ = build(config)
+    task, _ = build(config)  # the task's defaults: with CV, winners train on train + val
+    holdout, _ = build(load_config(overrides=[f"task.name={name}", *HOLDOUT]))
     rows = []
-    for label, curve, raw, picked in hyperdiff_runs(name, quick):
+    for label, curve, raw, picked, comparable in hyperdiff_runs(name, quick):
         print(f"  {label}: {curve.trainings} trainings, {curve.time_s:.1f} s", flush=True)
-        rows.append(row(curve, task.evaluate(raw, seeds=SEEDS), picked, label != "hd cv5"))
+        where = holdout if comparable else task
+        rows.append(row(curve, where.evaluate(raw, seeds=SEEDS), picked, comparable))
+    task = holdout  # black-box searches: hold-out validation, winners trained on train
     per = PER_COORDINATE[name]
     searches = [("random", random_search)]
     if optuna_available():
@@ -150,6 +186,12 @@ def run_task(name: str, trials: int, quick: bool) -> dict:
         result = run_points(task, points[:: 5 if quick else 1], method=label)
         print(f"  {label}: {result.trainings} trainings, {result.time_s:.1f} s", flush=True)
         rows.append(row(result, evaluate_values(task, result.best.values, SEEDS), "val_loss"))
+        if name in CV_GRID:
+            folds = config.task.cv_folds
+            curve, evaluated = cv_grid(name, points[:: 5 if quick else 1], folds)
+            print(f"  {curve.method}: {curve.trainings} trainings, {curve.time_s:.1f} s",
+                  flush=True)
+            rows.append(row(curve, evaluated, f"{folds}-fold CV loss", comparable=False))
         if label == REFINE[name]:
             curve, raw, picked = refine(name, quick, result)
             print(f"  grid+hd: {curve.trainings} trainings, {curve.time_s:.1f} s", flush=True)

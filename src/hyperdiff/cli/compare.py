@@ -90,7 +90,8 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
     if config.task.cv_folds:
         raise HyperdiffError(
             f"compare: task.cv_folds must be 0 here, since the black-box searches minimise the "
-            f"hold-out validation loss (got {config.task.cv_folds})"
+            f"hold-out validation loss (got {config.task.cv_folds}, from the config or the "
+            f"task's defaults); add --set task.cv_folds=0"
         )
     task, driver = build(config)
     log(f"compare on {task.name}: hyperdiff ({task.hparams.numel} hyperparameters)")
