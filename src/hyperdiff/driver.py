@@ -23,7 +23,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -49,44 +49,11 @@ from .history import (
 from .methods.base import HyperGradient, Method
 from .problem import Problem
 from .registry import METHODS, OPTIMIZERS, SCHEDULES, make_method
+from .stopping import Stopping, ranking_loss, ranking_name, tied
 from .training import validation_loss
 from .typing import Batch
 
 Callback = Callable[["HyperOptimizer", StepRecord], None]
-
-
-@dataclass(frozen=True)
-class Stopping:
-    """When :meth:`HyperOptimizer.run` stops (the first rule that fires).
-
-    Attributes:
-        max_steps: budget of outer steps (failed steps count).
-        max_time_s: wall-time budget in seconds (``None``: none).
-        patience: stop after this many steps without a new best selection loss (``None``: off).
-        min_delta: a new best must beat the old one by more than this.
-        grad_tol: converged when the hypergradient norm falls below this (0: off).
-        step_tol: converged when no raw value moved by more than this in a step (0: off).
-    """
-
-    max_steps: int = 50
-    max_time_s: float | None = None
-    patience: int | None = 10
-    min_delta: float = 0.0
-    grad_tol: float = 0.0
-    step_tol: float = 0.0
-
-    def __post_init__(self) -> None:
-        positive_int("Stopping", "max_steps", self.max_steps)
-        if self.max_time_s is not None:
-            positive_float("Stopping", "max_time_s", self.max_time_s)
-        if self.patience is not None:
-            positive_int("Stopping", "patience", self.patience)
-        for name in ("min_delta", "grad_tol", "step_tol"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                0.0 <= value < math.inf
-            ):
-                raise fail("Stopping", name, "a finite number >= 0", value)
 
 
 class HyperOptimizer:
@@ -230,14 +197,6 @@ class HyperOptimizer:
             bar.close()
         return self.result()
 
-    def criterion_name(self) -> str:
-        """How the best step is picked, for reports."""
-        if self.selection is None:
-            return "val_loss"
-        if self.tie_steps:
-            return f"val_loss (tied steps < {self.tie_steps}), then selection_loss"
-        return "selection_loss"
-
     def result(self) -> OptimizeResult:
         """The best hyperparameters so far, the history and the stop reason."""
         if self.best is None:
@@ -247,7 +206,7 @@ class HyperOptimizer:
             best_hparams=self.hparams.with_raw(self.best["raw"]),
             best_step=int(self.best["step"]),
             best_loss=float(self.best["value"]),
-            criterion=self.criterion_name(),
+            criterion=ranking_name(self.tie_steps, self.selection is not None),
             final_raw=self.raw,
             history=History(list(self.history)),
             stop_reason=self.stop_reason() or "not finished",
@@ -278,7 +237,7 @@ class HyperOptimizer:
                      else self.hparams.unflatten(mean), lr)
         values = torch.tensor([hg.value for hg in evaluations], dtype=torch.float64)
         val = float(values.mean())
-        key = self.criterion_of(step)
+        key = ranking_loss(step, self.tie_steps, self.selection is not None)
         criterion = selection if key == "selection" else val
         reference = None if self.best is None else self.best.get(key, self.best["value"])
         is_best = reference is None or criterion < reference - self.stopping.min_delta
@@ -302,20 +261,6 @@ class HyperOptimizer:
             grad_std=float(grads.std(0).norm()) if len(grads) > 1 else None,
             grad={n: to_number(g) for n, g in self.hparams.unflatten(mean).items()},
         )
-
-    def criterion_of(self, step: int) -> str:
-        """What picks the best step: ``"val"`` (the hypergradient's own validation loss) or
-        ``"selection"``.
-
-        Without a selection split, always ``"val"``. With one, tied steps (``step <
-        tie_steps``, one degree of freedom per hyperparameter, like a grid over a shared value)
-        are compared by ``"val"``, the larger and less noisy estimate; every later step must beat
-        the best so far on ``"selection"``, the split that guards against fitting the
-        validation set with many free entries.
-        """
-        if self.selection is None or step < self.tie_steps:
-            return "val"
-        return "selection"
 
     def learning_rate(self, step: int) -> float:
         """Outer learning rate of ``step``: base x guard scale x schedule."""
@@ -432,11 +377,6 @@ class HyperOptimizer:
         self.history.append(record)
         self.step_index += 1
         return record
-
-
-def tied(grad: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Each hyperparameter's gradient replaced by its mean over its entries (same shape)."""
-    return {name: g.mean().expand_as(g) for name, g in grad.items()}
 
 
 def _check_problems(problem: Problem | Sequence[Problem]) -> tuple[Problem, ...]:

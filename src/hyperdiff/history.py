@@ -116,7 +116,7 @@ class OptimizeResult:
         best_raw: raw values of the best hyperparameters seen; ``best_hparams`` holds them.
         best_step: the step that evaluated them; ``best_loss`` its criterion value.
         criterion: ``"selection_loss"``, ``"val_loss"``, or the tied form (val loss for the
-            tied steps, then selection loss; see ``HyperOptimizer.criterion_of``).
+            tied steps, then selection loss; see :mod:`hyperdiff.stopping`).
         final_raw: raw values after the last update.
         history: every step's record.
         stop_reason: why the loop ended (budget, time, early stopping, convergence).
