@@ -63,7 +63,8 @@ def hypergradient(
                 "hypergradient: buffers must not be given with a functional model "
                 "(its own buffers are used)"
             )
-        params, buffers = params.params, params.buffers
+        model = params
+        params, buffers = model.params, model.buffers
     method = reverse() if method is None else method
     if not isinstance(method, Method):
         raise HyperdiffError(

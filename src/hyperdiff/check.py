@@ -130,11 +130,13 @@ def peak_memory(fn: Callable[[], Any]) -> tuple[Any, int]:
     finally:
         with _quiet_stderr():
             prof.__exit__(None, None, None)
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    # torch's allocator events (private API): nbytes > 0 allocates, < 0 frees
+    kineto = prof.profiler.kineto_results  # type: ignore[union-attr]
+    events = [e for e in kineto.events() if e.name() == "[memory]"]  # type: ignore[union-attr]
     events.sort(key=lambda e: e.start_ns())
     current = peak = 0
     for e in events:
-        current += e.nbytes()
+        current += e.nbytes()  # type: ignore[union-attr]
         peak = max(peak, current)
     return result, peak
 

@@ -15,10 +15,11 @@ import inspect
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from types import UnionType
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, Union, cast, get_args, get_origin, get_type_hints
 
 from .errors import HyperdiffError, describe
 from .registry import METHODS, OPTIMIZERS, SCHEDULES, method_constructor
@@ -376,6 +377,7 @@ def config_rows() -> list[tuple[str, str, str]]:
         for f in fields(cls):
             if f.name == "options":
                 continue
-            default = f.default if f.default is not MISSING else f.default_factory()
+            factory = cast(Callable[[], Any], f.default_factory)
+            default = f.default if f.default is not MISSING else factory()
             rows.append((f"{section}.{f.name}", _toml_value(default), f.metadata.get("help", "")))
     return rows

@@ -321,7 +321,7 @@ class HyperOptimizer:
                 hg = self.method(problem, raw)
                 evaluations.append(hg)
                 if self.selection is not None:
-                    selection.append(self._selection_loss(problem, hg, raw))
+                    selection.append(self._selection_loss(problem, self.selection, hg, raw))
         for slot, hg in enumerate(evaluations):
             self.warm[slot] = (hg.params, hg.buffers) if self.warm_start else None
         if not selection:
@@ -331,9 +331,10 @@ class HyperOptimizer:
             raise NonFiniteError(f"the selection loss is not finite ({value})")
         return evaluations, value
 
-    def _selection_loss(self, problem: Problem, hg: HyperGradient, raw: dict[str, Tensor]
-                        ) -> float:
-        probe = replace(problem, val_data=self.selection)
+    @staticmethod
+    def _selection_loss(problem: Problem, selection: list[Batch], hg: HyperGradient,
+                        raw: dict[str, Tensor]) -> float:
+        probe = replace(problem, val_data=selection)
         with torch.no_grad():
             hview = problem.hparams.view(problem.raw_tensors(raw))
             return float(validation_loss(probe, hg.params, hg.buffers, hview))

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import contextvars
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import HyperdiffError
 from .typing import Params
@@ -57,7 +58,7 @@ class StepContext:
 
 
 def _is_batch_norm(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+    return isinstance(module, _BatchNorm)
 
 
 class FunctionalModel:
@@ -89,7 +90,7 @@ class FunctionalModel:
     def _make_hook(self, prefix: str):
         base = f"{prefix}." if prefix else ""
 
-        def hook(bn: nn.Module, inputs: tuple[Any, ...]) -> None:
+        def hook(bn: _BatchNorm, inputs: tuple[Any, ...]) -> None:
             active = _ACTIVE.get()
             if active is None or active[0] is not self or not active[1].train:
                 return
@@ -99,7 +100,7 @@ class FunctionalModel:
             mean = x.mean(dim=dims)
             var = x.var(dim=dims, correction=1)
             current = ctx.current_buffers()
-            m = bn.momentum
+            m = cast(float, bn.momentum)  # None is refused in __init__
             rm, rv = current[base + "running_mean"], current[base + "running_var"]
             ctx.new_buffers[base + "running_mean"] = (1 - m) * rm + m * mean
             ctx.new_buffers[base + "running_var"] = (1 - m) * rv + m * var
@@ -109,7 +110,7 @@ class FunctionalModel:
     def _make_eval_hook(self, prefix: str):
         base = f"{prefix}." if prefix else ""
 
-        def hook(bn: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor | None:
+        def hook(bn: _BatchNorm, inputs: tuple[Any, ...], output: Tensor) -> Tensor | None:
             # torch's batch_norm is not differentiable in its running statistics; in eval mode
             # recompute the output from the (differentiable) buffers we carry.
             active = _ACTIVE.get()
@@ -122,7 +123,8 @@ class FunctionalModel:
             var = current[base + "running_var"].view(shape)
             out = (x - mean) / torch.sqrt(var + bn.eps)
             if bn.affine:
-                out = out * bn.weight.view(shape) + bn.bias.view(shape)
+                weight, bias = cast(Tensor, bn.weight), cast(Tensor, bn.bias)
+                out = out * weight.view(shape) + bias.view(shape)
             return out
 
         return hook

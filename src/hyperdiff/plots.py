@@ -101,10 +101,10 @@ def hypergradient_figure(history: History) -> Figure:
     ax = figure.subplots()
     ok = [r for r in history if r.grad_norm is not None]
     steps = [r.step for r in ok]
-    norms = [r.grad_norm for r in ok]
+    norms = [float(r.grad_norm) for r in ok if r.grad_norm is not None]
     ax.plot(steps, norms, marker=".", label="||mean hypergradient||")
-    spread = [r.grad_std for r in ok]
-    if all(s is not None for s in spread) and spread:
+    spread = [r.grad_std for r in ok if r.grad_std is not None]
+    if spread and len(spread) == len(ok):
         ax.plot(steps, spread, linestyle=":", label="spread over trainings (||std||)")
     if norms and min(norms) > 0:
         ax.set_yscale("log")
@@ -122,19 +122,19 @@ def hypergradient_figure(history: History) -> Figure:
 
 
 def sensitivity_figure(history: History, meta: dict) -> Figure:
-    ok = [r for r in history if r.grad is not None]
+    grads = [r.grad for r in history if r.grad is not None]
     names = list(history[0].hparams)
     figure = Figure(figsize=(11.0, 4.4), layout="constrained")
     left, right = figure.subplots(1, 2)
-    if not ok:
+    if not grads:
         left.set_title("no successful step")
         return figure
-    mean_abs = {n: torch.tensor([_as_list(r.grad[n]) for r in ok]).abs().mean(0) for n in names}
+    mean_abs = {n: torch.tensor([_as_list(g[n]) for g in grads]).abs().mean(0) for n in names}
     per_name = sorted(((float(v.mean()), n) for n, v in mean_abs.items()), reverse=True)
     left.barh([n for _, n in per_name][::-1], [v for v, _ in per_name][::-1])
     left.set_xlabel("mean |dL/du| per coordinate")
     left.set_title("hyperparameters by hypergradient size")
-    coords = []
+    coords: list[tuple[float, str]] = []
     for name, values in mean_abs.items():
         labels = meta.get(name, {}).get("coordinates") or [
             name if len(values) == 1 else f"{name}[{i}]" for i in range(len(values))]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -206,13 +207,15 @@ def _probe(problem: Problem) -> None:
     raw = {n: v.requires_grad_() for n, v in problem.raw_tensors().items()}
     hview = problem.hparams.view(raw)
     params = {k: v.requires_grad_() for k, v in problem.params.items()}
-    state = (params, dict(problem.buffers), problem.optimizer.init(params))
+    buffers, opt_state = dict(problem.buffers), problem.optimizer.init(params)
     try:
-        total = 0.0
+        losses = []
         for step in range(min(2, problem.steps)):
-            *state, loss = train_step(problem, *state, hview, step, differentiable=True)
-            total = total + loss
-        total = total + validation_loss(problem, state[0], state[1], hview)
+            params, buffers, opt_state, loss = train_step(
+                problem, params, buffers, opt_state, hview, step, differentiable=True
+            )
+            losses.append(loss)
+        losses.append(validation_loss(problem, params, buffers, hview))
     except HyperdiffError:
         raise
     except RuntimeError as err:
@@ -221,7 +224,7 @@ def _probe(problem: Problem) -> None:
             "hypergradient: the losses or the optimizer failed on the given data and "
             f"hyperparameters (shapes {shapes}): {err}"
         ) from err
-    grads = torch.autograd.grad(total, list(raw.values()), allow_unused=True)
+    grads = torch.autograd.grad(sum_in_order(losses), list(raw.values()), allow_unused=True)
     unused = [n for n, g in zip(raw, grads, strict=True) if g is None]
     for name in unused:
         warnings.warn(
@@ -229,3 +232,11 @@ def _probe(problem: Problem) -> None:
             "its hypergradient is identically zero",
             stacklevel=3,
         )
+
+
+def sum_in_order(values: Sequence[Tensor]) -> Tensor:
+    """``values[0] + values[1] + ...`` (left to right; at least one value)."""
+    total = values[0]
+    for value in values[1:]:
+        total = total + value
+    return total

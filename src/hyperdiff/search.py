@@ -80,7 +80,8 @@ class SearchResult:
 
     def curve(self) -> dict[str, list[float]]:
         """Best objective so far after each trial, against trainings and wall time."""
-        best, out = math.inf, {"trainings": [], "time_s": [], "best": []}
+        best = math.inf
+        out: dict[str, list[float]] = {"trainings": [], "time_s": [], "best": []}
         for trial in self.trials:
             best = min(best, trial.objective)
             out["trainings"].append(trial.trainings)

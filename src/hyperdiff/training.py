@@ -15,7 +15,7 @@ from torch import Tensor
 from .errors import NonFiniteError
 from .hyperparams import HParamView
 from .models import StepContext
-from .problem import Problem, call_loss
+from .problem import Problem, call_loss, sum_in_order
 from .typing import Params
 
 
@@ -104,12 +104,12 @@ def unroll(
 
 def validation_loss(problem: Problem, params: Params, buffers: Params, hview: HParamView) -> Tensor:
     """Mean validation loss over the validation batches, model in eval mode."""
-    total = None
-    for batch in problem.val_data:
-        ctx = StepContext(step=-1, seed=problem.seed, train=False, buffers=buffers)
-        loss = call_loss(problem, "val_loss", params, hview, batch, ctx)
-        total = loss if total is None else total + loss
-    return total / len(problem.val_data)
+    losses = [
+        call_loss(problem, "val_loss", params, hview, batch,
+                  StepContext(step=-1, seed=problem.seed, train=False, buffers=buffers))
+        for batch in problem.val_data
+    ]
+    return sum_in_order(losses) / len(losses)
 
 
 def check_finite_losses(losses: Tensor, method: str, start: int = 0) -> None:

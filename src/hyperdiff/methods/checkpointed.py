@@ -113,7 +113,7 @@ def _checkpointed(problem: Problem, raw: dict[str, Tensor], segments: int | None
         grads = _pull_back(outputs, leaves + raw_leaves, adjoint)
         adjoint = grads[: len(leaves)]
         grad_raw = [g + v for g, v in zip(grad_raw, grads[len(leaves) :], strict=True)]
-        starts[i + 1] = None  # no longer needed
+        starts.pop()  # starts[i + 1], the end of segment i: no longer needed
 
     return finish(
         problem, raw, method="checkpointed", value=value,

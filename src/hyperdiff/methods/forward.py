@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_map
 
 from ..errors import positive_int
 from ..models import StepContext
-from ..problem import Problem, call_loss
+from ..problem import Problem, call_loss, sum_in_order
 from ..training import check_finite_losses, initial_state, validation_loss
 from .base import HyperGradient, Method, finish, zeros_for_unused
 
@@ -59,8 +59,8 @@ def _coordinate_tangents(problem: Problem, raw: dict[str, Tensor]) -> dict[str, 
 
 def _contract(grads: list[Tensor], tangents: list[Tensor]) -> Tensor:
     """``sum_j <grads[j], tangents[j][i]>`` for every coordinate i: shape (k,)."""
-    return sum(
-        (z.reshape(z.shape[0], -1) @ g.reshape(-1) for g, z in zip(grads, tangents, strict=True)),
+    return sum_in_order(
+        [z.reshape(z.shape[0], -1) @ g.reshape(-1) for g, z in zip(grads, tangents, strict=True)]
     )
 
 
@@ -84,7 +84,8 @@ def _forward(problem: Problem, raw: dict[str, Tensor], chunk_size: int | None) -
             return out, z_out, loss
 
         batched = torch.func.vmap(
-            push, in_dims=(0, 0), out_dims=(None, 0, None), randomness="same"
+            push, in_dims=(0, 0), out_dims=(None, 0, None),  # type: ignore[arg-type]
+            randomness="same",
         )
         if chunk_size is None or chunk_size >= k:
             state, tangent, loss = batched(tangent, raw_tangent)

@@ -48,7 +48,7 @@ from torch import Tensor
 from ..data import Epochs, FullBatch, Minibatches, Recorded, Sequence
 from ..errors import HyperdiffError, describe, positive_float, positive_int
 from ..models import StepContext
-from ..problem import Problem, call_loss
+from ..problem import Problem, call_loss, sum_in_order
 from ..solvers import ConvergenceWarning, Solver, cg, exact, neumann
 from ..training import check_finite_losses, grads_of, initial_state, unroll, validation_loss
 from ..typing import Params
@@ -76,12 +76,12 @@ def train_objective(problem: Problem, batches: int):
     data = [(s, problem.train_data.batch(s, problem.seed)) for s in range(batches)]
 
     def objective(params: Params, hview: Any) -> Tensor:
-        total = None
-        for step, batch in data:
-            ctx = StepContext(step=step, seed=problem.seed, train=True, buffers={})
-            loss = call_loss(problem, "train_loss", params, hview, batch, ctx)
-            total = loss if total is None else total + loss
-        return total / len(data)
+        losses = [
+            call_loss(problem, "train_loss", params, hview, batch,
+                      StepContext(step=step, seed=problem.seed, train=True, buffers={}))
+            for step, batch in data
+        ]
+        return sum_in_order(losses) / len(losses)
 
     return objective
 
@@ -257,7 +257,7 @@ def _start_gradient_norm(problem: Problem, objective, hview) -> float:
     return float(_flat(grads.values()).norm())
 
 
-SOLVERS = {"cg": cg, "neumann": neumann, "exact": exact}
+SOLVERS: dict[str, Callable[[], Solver]] = {"cg": cg, "neumann": neumann, "exact": exact}
 """Solver names accepted by :func:`implicit` (default options), e.g. from a TOML config."""
 
 

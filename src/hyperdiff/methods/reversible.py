@@ -30,6 +30,7 @@ the buffer. The trajectory differs from the floating-point one by the rounding t
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -154,7 +155,8 @@ class Coefficients:
     """lr, momentum and weight decay of step t as flat float64 vectors (cached if static)."""
 
     def __init__(self, problem: Problem, hview: HParamView):
-        self.problem, self.hview, self.cache = problem, hview, {}
+        self.problem, self.hview = problem, hview
+        self.cache: dict[str, Any] = {}  # per-name coefficients; "n": (mu, n)
 
     def __call__(self, name: str, step: int) -> Tensor:
         coef = self.problem.optimizer.coefficients[name]
