@@ -128,6 +128,7 @@ class HParamView(Mapping[str, Tensor]):
     def __init__(self, values: Mapping[str, Tensor], specs: Mapping[str, HyperParameter]):
         self._values = dict(values)
         self._specs = specs
+        self._parts: dict[str, tuple[Tensor, ...]] = {}  # per-step / per-parameter slices
 
     def __getitem__(self, name: str) -> Tensor:
         try:
@@ -155,20 +156,30 @@ class HParamView(Mapping[str, Tensor]):
                     f"hyperparameter {name!r}: step must be in [0, {value.shape[0]}) "
                     f"(got {step}); the schedule is shorter than the training run"
                 )
-            return value[step]
+            return self._split(name)[step]
         if spec.kind in ("per_tensor", "per_element"):
             if param not in spec.param_names:
                 raise HyperdiffError(
                     f"hyperparameter {name!r} is {spec.kind}: param must be one of "
                     f"{list(spec.param_names)} (got {param!r})"
                 )
-            index = spec.param_names.index(param)
-            if spec.kind == "per_tensor":
-                return value[index]
-            sizes = [int(torch.Size(s).numel()) for s in spec.param_shapes]
-            start = sum(sizes[:index])
-            return value[start : start + sizes[index]].view(spec.param_shapes[index])
+            return self._split(name)[spec.param_names.index(param)]
         return value
+
+    def _split(self, name: str) -> tuple[Tensor, ...]:
+        """The slices of a per-step, per-tensor or per-element value, cut once per view (one
+        kernel and one backward node for all steps or parameters, not one per lookup)."""
+        parts = self._parts.get(name)
+        if parts is None:
+            value, spec = self[name], self._specs[name]
+            if spec.kind == "per_element":
+                sizes = [int(torch.Size(s).numel()) for s in spec.param_shapes]
+                parts = tuple(v.view(s) for v, s in
+                              zip(value.split(sizes), spec.param_shapes, strict=True))
+            else:
+                parts = value.unbind(0)
+            self._parts[name] = parts
+        return parts
 
 
 class HyperParameters(Mapping[str, HyperParameter]):
