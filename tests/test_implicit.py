@@ -282,3 +282,41 @@ def test_bad_input():
     )
     with pytest.raises(hd.HyperdiffError, match="implicit: the model must have no buffers"):
         implicit()(problem)
+
+
+def test_val_change_is_the_remaining_change_of_the_validation_loss_and_warns():
+    """Oracle: the closed-form ridge minimiser. After 10 steps the gradient test passes
+    (relative gradient < 1e-3) but the validation loss still has 4e-3 of itself to go: the
+    first-order prediction -<v, grad L_train> matches it and the new test warns."""
+    data = synthetic()
+    lp = ridge(data, regularization="per_feature", l2=2.0)
+    w_star = ridge_solution(data[0], data[1], lp.hparams.natural()["l2"])
+
+    def val(w):
+        return float(lp.val_loss({"w": w}, None, lp.val_data))
+
+    with pytest.warns(ConvergenceWarning, match="validation loss would still change"):
+        early = implicit(exact())(lp.problem(steps=10))
+    d = early.diagnostics
+    assert d["relative_grad_norm"] < 1e-3 and not d["stationary"]
+    assert d["val_change"] == pytest.approx(val(w_star) - val(early.params["w"]), rel=0.05)
+    assert d["relative_val_change"] > 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        later = implicit(exact())(lp.problem(steps=20))
+    assert later.diagnostics["stationary"]
+    assert later.diagnostics["val_change"] == pytest.approx(
+        val(w_star) - val(later.params["w"]), rel=1e-3)
+
+
+def test_val_change_of_the_fixed_point_form_equals_the_stationary_form_for_plain_sgd():
+    """For SGD, Phi(theta) - theta = -lr g and I - dPhi/dtheta = lr H: both forms predict the
+    same step -H^-1 g, hence the same first-order change of the validation loss."""
+    lp = ridge(synthetic(), regularization="per_feature", l2=2.0)
+    problem = lp.problem(steps=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        stationary = implicit(exact())(problem).diagnostics["val_change"]
+        fixed = implicit(exact(), fixed_point=True)(problem).diagnostics["val_change"]
+    assert abs(stationary) > 1e-5
+    assert fixed == pytest.approx(stationary, rel=1e-8)
