@@ -50,15 +50,12 @@ from hyperdiff.experiment import REPORT_SEED, build
 from hyperdiff.search import (
     OPTUNA_MISSING,
     SearchResult,
-    Trial,
     from_history,
     optuna_available,
     random_search,
     run_points,
     tpe_search,
 )
-from hyperdiff.tasks.base import trained_params
-from hyperdiff.training import validation_loss
 
 RESULTS = Path(__file__).parent / "results"
 SEEDS = tuple(REPORT_SEED + i for i in range(3))
@@ -110,19 +107,8 @@ def cv_grid(name: str, values: list[dict], folds: int) -> tuple[SearchResult, di
     (CV losses: not comparable with hold-out ones) and the winner's report, retrained on the
     whole pool like every CV winner."""
     task, _ = build(load_config(overrides=[f"task.name={name}", f"task.cv_folds={folds}"]))
-    started, trials = time.perf_counter(), []
-    for number, point in enumerate(values):
-        raw = task.hparams.with_natural(**point).raw
-        losses = []
-        for problem in task.problems:
-            params, hview = trained_params(problem, raw, seed=0)
-            with torch.no_grad():
-                losses.append(float(validation_loss(problem, params, {}, hview)))
-        trials.append(Trial(number, dict(point), sum(losses) / folds, {}, (number + 1) * folds,
-                            time.perf_counter() - started))
-    result = SearchResult(f"grid lam cv{folds}", tuple(trials))
-    winner = task.hparams.with_natural(**result.best.values).raw
-    return result, task.evaluate(winner, seeds=SEEDS)
+    result = run_points(task, values, method=f"grid lam cv{folds}", objective="outer_loss")
+    return result, evaluate_values(task, result.best.values, SEEDS)
 
 
 def refine(name: str, quick: bool, grid: SearchResult) -> tuple[SearchResult, dict, str]:

@@ -1,8 +1,10 @@
 """Black-box search baselines over a task: random search, Optuna's TPE, a given grid.
 
-Every trial is one full inner training at the trial's natural values through
-``task.train_and_evaluate(values, seed)``; a search minimises ``objective`` (default
-``val_loss``: the same validation split the hypergradient sees). Each dimension of
+Every trial trains at the trial's natural values and scores them by ``objective``: the default
+``val_loss`` (one training through ``task.train_and_evaluate(values, seed)``, scored on the
+validation split the hypergradient sees), or ``outer_loss`` (``task.outer_loss``: the loss the
+hypergradient descends, averaged over the task's inner problems, so one training per
+cross-validation fold). :func:`objective_for` picks the one that matches a task. Each dimension of
 ``task.search_space`` is searched uniformly, in log space when its range says ``log``. A
 vector hyperparameter gets one shared value, unless it is named in ``per_coordinate``: then
 each of its entries is a dimension of its own (64 dimensions for 64 per-feature penalties).
@@ -145,13 +147,27 @@ def assemble_values(dims: Sequence[Dimension], point: Sequence[float]) -> Values
     return values
 
 
+def objective_for(task: Task) -> str:
+    """``"outer_loss"`` for a cross-validated task (its validation split is part of the final
+    model's training data, so a hold-out score would be meaningless), else ``"val_loss"``."""
+    return "outer_loss" if task.info.get("cv_folds") else "val_loss"
+
+
+def trainings_per_trial(task: Task, objective: str) -> int:
+    """Inner trainings one trial costs: one per inner problem for ``outer_loss``, else one."""
+    return len(task.problems) if objective == "outer_loss" else 1
+
+
 def evaluate_trial(task: Task, values: Mapping[str, Any], *, seed: int, objective: str
                    ) -> tuple[float, dict[str, float]]:
     """Train at ``values`` and return (objective, metrics); a diverged training gives ``inf``."""
     natural = {n: torch.tensor(v, dtype=torch.float64) if isinstance(v, list) else v
                for n, v in values.items()}
     try:
-        metrics = task.train_and_evaluate(natural, seed=seed)
+        if objective == "outer_loss":
+            metrics = {"outer_loss": task.outer_loss(natural, seed=seed)}
+        else:
+            metrics = task.train_and_evaluate(natural, seed=seed)
     except FloatingPointError:
         return math.inf, {}
     if objective not in metrics:
@@ -168,9 +184,11 @@ def run_points(
 ) -> SearchResult:
     """Evaluate the given natural values in order (a grid, or any list of candidates)."""
     start, trials = clock(), []
+    per = trainings_per_trial(task, objective)
     for number, values in enumerate(points):
         loss, metrics = evaluate_trial(task, values, seed=seed, objective=objective)
-        trials.append(Trial(number, dict(values), loss, metrics, number + 1, clock() - start))
+        trials.append(Trial(number, dict(values), loss, metrics, (number + 1) * per,
+                            clock() - start))
     return SearchResult(method, tuple(trials))
 
 
@@ -190,7 +208,8 @@ def random_search(
     task: Task, budget: int, *, seed: int = 0, per_coordinate: Iterable[str] = (),
     objective: str = "val_loss", clock: Callable[[], float] = time.perf_counter,
 ) -> SearchResult:
-    """``budget`` trainings at points drawn independently from the search space.
+    """``budget`` trials at points drawn independently from the search space (one training
+    each; one per fold with ``objective="outer_loss"``).
 
     The draws depend only on ``seed`` (``numpy.random.default_rng(seed)``); every training
     uses the minibatch seed ``seed`` as well, so two calls with the same seed agree.
@@ -216,7 +235,8 @@ def tpe_search(
     task: Task, budget: int, *, seed: int = 0, per_coordinate: Iterable[str] = (),
     objective: str = "val_loss", clock: Callable[[], float] = time.perf_counter,
 ) -> SearchResult:
-    """``budget`` trainings proposed by Optuna's TPE sampler (seeded; its logging silenced).
+    """``budget`` trials proposed by Optuna's TPE sampler (seeded; its logging silenced), each
+    one training (one per fold with ``objective="outer_loss"``).
 
     The sampler's own time counts in the wall time, as it would for a user.
 
@@ -233,6 +253,7 @@ def tpe_search(
     study = optuna.create_study(direction="minimize",
                                 sampler=optuna.samplers.TPESampler(seed=seed))
     start, trials = clock(), []
+    per = trainings_per_trial(task, objective)
     for number in range(budget):
         trial = study.ask()
         point = [trial.suggest_float(d.label, d.range.low, d.range.high, log=d.range.log)
@@ -240,7 +261,8 @@ def tpe_search(
         values = assemble_values(dims, point)
         loss, metrics = evaluate_trial(task, values, seed=seed, objective=objective)
         study.tell(trial, loss if math.isfinite(loss) else 1e300)
-        trials.append(Trial(number, values, loss, metrics, number + 1, clock() - start))
+        trials.append(Trial(number, values, loss, metrics, (number + 1) * per,
+                            clock() - start))
     return SearchResult("tpe", tuple(trials))
 
 
@@ -261,5 +283,5 @@ def from_history(history: Sequence[StepRecord], *, method: str = "hyperdiff",
 
 
 __all__ = ["OPTUNA_MISSING", "Dimension", "SearchResult", "Trial", "dimensions",
-           "evaluate_trial", "from_history", "optuna_available", "random_search",
-           "run_points", "tpe_search"]
+           "evaluate_trial", "from_history", "objective_for", "optuna_available",
+           "random_search", "run_points", "tpe_search", "trainings_per_trial"]

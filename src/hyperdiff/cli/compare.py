@@ -77,23 +77,19 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
             tpe: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Tune ``config``'s task with hyperdiff, random search and (optionally) TPE; return a
     JSON-ready report with each method's curve and its winner's held-out metrics."""
-    from ..errors import HyperdiffError
     from ..experiment import REPORT_SEED, build
     from ..search import (
         OPTUNA_MISSING,
         from_history,
+        objective_for,
         optuna_available,
         random_search,
         tpe_search,
+        trainings_per_trial,
     )
 
-    if config.task.cv_folds:
-        raise HyperdiffError(
-            f"compare: task.cv_folds must be 0 here, since the black-box searches minimise the "
-            f"hold-out validation loss (got {config.task.cv_folds}, from the config or the "
-            f"task's defaults); add --set task.cv_folds=0"
-        )
     task, driver = build(config)
+    objective = objective_for(task)  # with CV, every method minimises the same CV loss
     log(f"compare on {task.name}: hyperdiff ({task.hparams.numel} hyperparameters)")
     outcome = driver.run(progress=False)
     hyper = from_history(outcome.history, method="hyperdiff")
@@ -107,11 +103,15 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
         searches.append(("tpe", tpe_search))
     elif tpe:
         log(OPTUNA_MISSING)
+    trials = max(1, budget // trainings_per_trial(task, objective))
     for name, search in searches:
-        log(f"compare on {task.name}: {name} search, {budget} trainings")
-        result = search(task, budget, seed=config.outer.seed, per_coordinate=names)
-        methods.append(summarize(result, evaluate_values(task, result.best.values, seeds)))
+        log(f"compare on {task.name}: {name} search, {trials} trials ({budget} trainings)")
+        result = search(task, trials, seed=config.outer.seed, per_coordinate=names,
+                        objective=objective)
+        methods.append(summarize(result, evaluate_values(task, result.best.values, seeds),
+                                 picked_by=objective))
     return {"task": task.name, "hparams": task.hparams.numel, "budget": budget,
+            "objective": objective, "cv_folds": config.task.cv_folds,
             "per_coordinate": per_coordinate, "report_seeds": list(seeds),
             "stop_reason": outcome.stop_reason, "methods": methods,
             "skipped": [] if not tpe or optuna_available() else ["tpe: optuna not installed"]}
@@ -148,8 +148,12 @@ def format_comparison(report: Mapping[str, Any]) -> str:
         lines.append(f"{row['method']:<12}{row['trainings']:>10}{row['time_s']:>9.1f}"
                      f"{row['best_val_loss']:>10.4f}{test['loss']:>11.4f}{acc:>10}")
     picked = report["methods"][0]["picked_by"].replace("_", " ")
-    lines += ["", f"best val: lowest validation loss found (the split the hypergradient sees); "
-              f"test: the winner (hyperdiff's picked by {picked}, the others by val loss) "
+    folds = report.get("cv_folds") or 0
+    what = (f"the mean validation loss over {folds} cross-validation folds, which every method "
+            "minimises" if folds else "the split the hypergradient sees")
+    lines += ["", f"best val: lowest validation loss found ({what}); "
+              f"test: the winner (hyperdiff's picked by {picked}, the others by "
+              f"{'CV' if folds else 'val'} loss) "
               f"retrained on {len(report['report_seeds'])} fresh seeds"]
     lines += [f"skipped: {s}" for s in report.get("skipped", [])]
     return "\n".join(lines)

@@ -30,7 +30,7 @@ from ..errors import HyperdiffError
 from ..hyperparams import HParamView, HyperParameters, per_feature
 from ..optimizers import sgd
 from ..problem import Problem, make_problem
-from ..training import initial_state, unroll
+from ..training import initial_state, unroll, validation_loss
 from ..typing import Batch, Params
 
 Metrics = Callable[[Params, HParamView, Batch], dict[str, float]]
@@ -100,6 +100,22 @@ class Task:
                         total.setdefault(split, {}).setdefault(key, 0.0)
                         total[split][key] += value / len(seeds)
         return total
+
+    def outer_loss(self, values: Mapping[str, float | Tensor], seed: int = 0) -> float:
+        """The loss hypergradients descend, at natural ``values``: the validation loss of each
+        inner problem (one, or one per cross-validation fold) trained from theta_0, averaged.
+        Costs ``len(self.problems)`` trainings; a diverged training gives a non-finite value.
+        """
+        raw = self.hparams.with_natural(**values).raw
+        losses = []
+        for problem in self.problems:
+            run = replace(problem, seed=seed)
+            hview = run.hparams.view(run.raw_tensors(raw))
+            with torch.no_grad():
+                state, _ = unroll(run, hview, initial_state(run, differentiable=False),
+                                  differentiable=False)
+                losses.append(float(validation_loss(run, state.params, state.buffers, hview)))
+        return sum(losses) / len(losses)
 
     def train_and_evaluate(
         self, values: Mapping[str, float | Tensor], seed: int = 0
