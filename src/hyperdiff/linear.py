@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .closed_form import RidgeAnswer, ridge_hypergradient, ridge_solution
 from .errors import HyperdiffError, describe, positive_float, positive_int
 from .hyperparams import HyperParameters, per_feature, scalar
 from .optimizers import Optimizer, sgd
@@ -344,50 +345,5 @@ def _nonnegative(caller: str, name: str, value: float) -> float:
     return float(value)
 
 
-# Closed-form ridge ---------------------------------------------------------------------------
-class RidgeAnswer(NamedTuple):
-    """Exact ridge quantities at one ``lam``: ``w*``, ``L_val(w*)``, and the natural-unit
-    hypergradients with respect to the penalty (shaped like ``l2``) and the example weights."""
-
-    solution: Tensor
-    value: Tensor
-    grad_l2: Tensor
-    grad_sample_weight: Tensor
-
-
-def ridge_solution(
-    x: Tensor, y: Tensor, l2: Tensor | float, sample_weight: Tensor | None = None
-) -> Tensor:
-    """``w* = (X' C X + Lam)^-1 X' C y`` with ``Lam = diag(l2)`` (scalar or ``(d,)``) and
-    ``C = diag(sample_weight)`` (default identity)."""
-    c = torch.ones_like(y) if sample_weight is None else sample_weight.to(y)
-    lam = torch.as_tensor(l2, dtype=x.dtype).expand(x.shape[1])
-    a = x.T @ (c[:, None] * x) + torch.diag(lam)
-    return torch.linalg.solve(a, x.T @ (c * y))
-
-
-def ridge_hypergradient(
-    x: Tensor,
-    y: Tensor,
-    x_val: Tensor,
-    y_val: Tensor,
-    l2: Tensor | float,
-    sample_weight: Tensor | None = None,
-) -> RidgeAnswer:
-    """Exact ``dL_val/dlam`` and ``dL_val/dc`` for ``L_val = mean 1/2 (x'w* - y)^2``.
-
-    With ``A = X'CX + Lam``, ``w* = A^-1 X'Cy`` and ``q = A^-1 dL_val/dw``:
-    ``dL_val/dlam_j = -q_j w*_j`` (summed over j for a scalar ``lam``) and
-    ``dL_val/dc_i = q'x_i (y_i - x_i'w*)``.
-    """
-    c = torch.ones_like(y) if sample_weight is None else sample_weight.to(y)
-    lam = torch.as_tensor(l2, dtype=x.dtype)
-    a = x.T @ (c[:, None] * x) + torch.diag(lam.expand(x.shape[1]))
-    w = torch.linalg.solve(a, x.T @ (c * y))
-    residual_val = x_val @ w - y_val
-    value = 0.5 * (residual_val**2).mean()
-    q = torch.linalg.solve(a, x_val.T @ residual_val / x_val.shape[0])
-    grad_lam = -q * w
-    grad_l2 = grad_lam.sum() if lam.dim() == 0 else grad_lam
-    grad_c = (x @ q) * (y - x @ w)
-    return RidgeAnswer(w, value, grad_l2, grad_c)
+__all__ = ["DATASETS", "REGULARIZATIONS", "Dataset", "LinearProblem", "RidgeAnswer",
+           "load_dataset", "logistic", "ridge", "ridge_hypergradient", "ridge_solution"]
