@@ -278,15 +278,15 @@ def test_tied_steps_are_picked_by_validation_then_guarded_by_selection():
     opt = HyperOptimizer(vector, lr=0.3, tie_steps=5, selection=(xs, -ys),
                          schedule="constant", stopping=Stopping(max_steps=12))
     result = opt.run()
-    assert result.criterion.startswith("val_loss (tied steps < 5), then selection_loss")
+    assert result.criterion.startswith("val_loss (tied steps <= 5), then selection_loss")
     best, flags = None, []
     for r in result.history:
-        key = "val_loss" if r.step < 5 else "selection_loss"
+        key = "val_loss" if r.step <= 5 else "selection_loss"  # step 5: values of tied updates
         better = best is None or getattr(r, key) < getattr(best, key)
         flags.append(better)
         best = r if better else best
     assert [r.best for r in result.history] == flags
-    assert result.best_step == best.step == 4
+    assert result.best_step == best.step == 5
     untied = HyperOptimizer(vector, lr=0.3, selection=(xs, -ys), schedule="constant",
                             stopping=Stopping(max_steps=12)).run()
     assert untied.best_step == 0  # by selection loss alone

@@ -3,8 +3,8 @@
 :class:`Stopping` holds the stopping rules. The best step is ranked by one of two losses:
 ``"val"``, the validation loss the hypergradient sees (averaged over folds and samples), or
 ``"selection"``, the loss on a split it never sees. Without a selection split every step is
-ranked by ``"val"``. With one, the first ``tie_steps`` steps (in which every vector
-hyperparameter moves as one, see :func:`tied`) are ranked by ``"val"``: they have one degree of
+ranked by ``"val"``. With one and ``tie_steps = k > 0``, steps ``0 .. k`` (whose values come
+from tied updates only, see :func:`tied`) are ranked by ``"val"``: they have one degree of
 freedom per hyperparameter, like a grid over a shared value, and the validation loss is the
 larger, less noisy estimate. Every later step must beat the best so far on ``"selection"``, the
 split that guards against fitting the validation set with many free entries.
@@ -56,7 +56,8 @@ class Stopping:
 
 def ranking_loss(step: int, tie_steps: int, has_selection: bool) -> str:
     """``"val"`` or ``"selection"``: the loss that ranks outer ``step`` (see the module doc)."""
-    return "selection" if has_selection and step >= tie_steps else "val"
+    tied_values = tie_steps > 0 and step <= tie_steps
+    return "selection" if has_selection and not tied_values else "val"
 
 
 def ranking_name(tie_steps: int, has_selection: bool) -> str:
@@ -64,7 +65,7 @@ def ranking_name(tie_steps: int, has_selection: bool) -> str:
     if not has_selection:
         return "val_loss"
     if tie_steps:
-        return f"val_loss (tied steps < {tie_steps}), then selection_loss"
+        return f"val_loss (tied steps <= {tie_steps}), then selection_loss"
     return "selection_loss"
 
 
