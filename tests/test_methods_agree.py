@@ -107,10 +107,13 @@ CASES = ["sgd_momentum_schedule", "nesterov", "adam", "adamw_decoupled",
 def test_reverse_forward_and_finite_differences_agree(case):
     problem = _case(case)
     rev = hd.reverse()(problem)
-    fwd = hd.forward()(problem)
+    fwd = hd.forward(engine="jvp")(problem)
+    two_vjps = hd.forward(engine="double_vjp")(problem)
     fd = quiet(hd.finite_difference(), problem)
     assert rev.value == pytest.approx(fd.value, rel=1e-12)
     assert rel_err(fwd.vector, rev.vector) <= 1e-10
+    assert rel_err(two_vjps.vector, rev.vector) <= 1e-10
+    assert two_vjps.value == pytest.approx(rev.value, rel=1e-12)
     assert rel_err(rev.vector, fd.vector) <= 1e-6
     assert rel_err(fwd.vector, fd.vector) <= 1e-6
     # every hyperparameter really moves the loss (the test is not vacuous)
@@ -131,9 +134,22 @@ def test_batchnorm_buffers_carry_their_dependence_on_hyperparameters():
 
 def test_forward_chunked_equals_unchunked():
     problem = _case("adam")
-    full = hd.forward()(problem)
-    chunked = hd.forward(chunk_size=2)(problem)
+    full = hd.forward(engine="jvp")(problem)
+    chunked = hd.forward(chunk_size=2, engine="jvp")(problem)
     assert rel_err(chunked.vector, full.vector) <= 1e-12
+
+
+def test_forward_engine_auto_picks_two_vjps_for_few_coordinates():
+    few = _case("nesterov")
+    assert few.hparams.numel > 4
+    assert hd.forward()(few).diagnostics["engine"] == "jvp"
+    net = _mlp()
+    one = _problem(net, hd.HyperParameters(wd=hd.scalar(1e-2)), hd.adam(0.05), _data())
+    auto = hd.forward()(one)
+    assert auto.diagnostics["engine"] == "double_vjp"
+    assert rel_err(auto.vector, hd.reverse()(one).vector) <= 1e-10
+    with pytest.raises(hd.HyperdiffError, match="engine must be one of"):
+        hd.forward(engine="dual")
 
 
 def test_replay_is_deterministic_under_dropout():

@@ -4,11 +4,18 @@ With ``Phi`` one inner step (gradient and optimizer update), ``s_{t+1} = Phi(s_t
 
     Z_{t+1} = dPhi/ds * Z_t + dPhi/dlam,    Z_0 = 0,
 
-one Jacobian-vector product of ``Phi`` per hyperparameter coordinate, batched with
-``torch.func.vmap`` over the k coordinates (``Z`` has shape ``(k, *s.shape)``). The state ``s``
-holds parameters, buffers and the optimizer state (momentum, Adam moments), so every optimizer
-is differentiated exactly. Memory is independent of T; cost grows with k. At the end
-``dL_val/dlam = dL_val/dlam|direct + sum_s <dL_val/ds, Z_T>``.
+one Jacobian-vector product of ``Phi`` per hyperparameter coordinate (``Z`` has shape
+``(k, *s.shape)``). The state ``s`` holds parameters, buffers and the optimizer state
+(momentum, Adam moments), so every optimizer is differentiated exactly. Memory is independent
+of T; cost grows with k. At the end ``dL_val/dlam = dL_val/dlam|direct + sum_s <dL_val/ds,
+Z_T>``. Two engines compute the products, with the same result:
+
+- ``"jvp"``: ``torch.func.jvp`` of ``Phi`` (its gradient by ``torch.func.grad``), batched over
+  the k coordinates with ``torch.func.vmap``; the better choice for many coordinates.
+- ``"double_vjp"``: two reverse passes. ``Phi``'s graph is built with autograd as in reverse
+  mode, its vjp ``u = J^T w`` is taken with a graph at a dummy ``w``, and then ``J z = d<u,
+  z>/dw`` costs one more backward pass per coordinate. It avoids functorch's per-operation
+  overhead, which dominates small models: 3-7x faster than ``"jvp"`` for a few coordinates.
 """
 
 from __future__ import annotations
@@ -17,12 +24,12 @@ import time
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from ..errors import positive_int
+from ..errors import HyperdiffError, positive_int
 from ..models import StepContext
 from ..problem import Problem, call_loss, sum_in_order
-from ..training import check_finite_losses, initial_state, validation_loss
+from ..training import check_finite_losses, initial_state, train_step, validation_loss
 from .base import HyperGradient, Method, finish, zeros_for_unused
 
 
@@ -64,12 +71,51 @@ def _contract(grads: list[Tensor], tangents: list[Tensor]) -> Tensor:
     )
 
 
-def _forward(problem: Problem, raw: dict[str, Tensor], chunk_size: int | None) -> HyperGradient:
-    started = time.perf_counter()
-    hp = problem.hparams
-    k = hp.numel
-    raw = {n: v.detach() for n, v in raw.items()}
-    raw_tangent = _coordinate_tangents(problem, raw)
+ENGINES = ("auto", "jvp", "double_vjp")
+AUTO_DOUBLE_VJP_MAX = 4
+"""``engine="auto"`` uses ``"double_vjp"`` up to this many coordinates, ``"jvp"`` above."""
+
+
+def _unroll_double_vjp(problem: Problem, raw: dict[str, Tensor], raw_tangent: dict[str, Tensor]):
+    """``(s_T, Z_T, losses)`` with ``J z`` from two reverse passes per step (module doc)."""
+    hp, k = problem.hparams, problem.hparams.numel
+    with torch.no_grad():
+        leaves, spec = tree_flatten(tuple(initial_state(problem, differentiable=False)))
+    tangents = [x.new_zeros((k, *x.shape)) for x in leaves]
+    names, raw_z = list(raw), list(raw_tangent.values())
+    losses = torch.empty(problem.steps, dtype=problem.dtype, device=problem.device)
+    for step in range(problem.steps):
+        xs = [x.detach().requires_grad_(x.is_floating_point()) for x in leaves]
+        us = [raw[n].detach().requires_grad_() for n in names]
+        params, buffers, opt_state = tree_unflatten(xs, spec)
+        hview = hp.view(dict(zip(names, us, strict=True)))
+        new = train_step(problem, params, buffers, opt_state, hview, step, differentiable=True)
+        losses[step] = new[3]
+        outs, _ = tree_flatten(tuple(new[:3]))
+        live = [i for i, o in enumerate(outs) if o.requires_grad]
+        ws = [torch.zeros_like(outs[i], requires_grad=True) for i in live]
+        inputs = [x for x in xs if x.requires_grad] + us
+        z_inputs = [z for x, z in zip(xs, tangents, strict=True) if x.requires_grad] + raw_z
+        vjps = torch.autograd.grad([outs[i] for i in live], inputs, ws, create_graph=True,
+                                   allow_unused=True)
+        used = [(u, z) for u, z in zip(vjps, z_inputs, strict=True)
+                if u is not None and u.requires_grad]
+        columns = []
+        for j in range(k):
+            jz = torch.autograd.grad([u for u, _ in used], ws, [z[j] for _, z in used],
+                                     retain_graph=j < k - 1, allow_unused=True)
+            columns.append(zeros_for_unused(jz, ws))
+        tangents = [x.new_zeros((k, *x.shape)) for x in outs]
+        for slot, i in enumerate(live):
+            tangents[i] = torch.stack([c[slot] for c in columns]).detach()
+        leaves = [o.detach() for o in outs]
+    return tree_unflatten(leaves, spec), tree_unflatten(tangents, spec), losses
+
+
+def _unroll_jvp(problem: Problem, raw: dict[str, Tensor], raw_tangent: dict[str, Tensor],
+                chunk_size: int | None):
+    """``(s_T, Z_T, losses)`` with vmapped ``torch.func.jvp`` of each step (module doc)."""
+    k = problem.hparams.numel
     with torch.no_grad():
         state = tuple(initial_state(problem, differentiable=False))
     tangent = tree_map(lambda x: x.new_zeros((k, *x.shape)), state)
@@ -97,7 +143,22 @@ def _forward(problem: Problem, raw: dict[str, Tensor], chunk_size: int | None) -
             state, loss = pieces[0][0], pieces[0][2]
             tangent = tree_map(lambda *zs: torch.cat(zs), *[p[1] for p in pieces])
         losses[step] = loss.detach()
-    losses_t = losses
+    return state, tangent, losses
+
+
+def _forward(problem: Problem, raw: dict[str, Tensor], chunk_size: int | None, engine: str
+             ) -> HyperGradient:
+    started = time.perf_counter()
+    hp = problem.hparams
+    k = hp.numel
+    raw = {n: v.detach() for n, v in raw.items()}
+    raw_tangent = _coordinate_tangents(problem, raw)
+    if engine == "auto":
+        engine = "double_vjp" if k <= AUTO_DOUBLE_VJP_MAX else "jvp"
+    if engine == "double_vjp":
+        state, tangent, losses_t = _unroll_double_vjp(problem, raw, raw_tangent)
+    else:
+        state, tangent, losses_t = _unroll_jvp(problem, raw, raw_tangent, chunk_size)
     check_finite_losses(losses_t, "forward")
 
     params, buffers, _ = state
@@ -118,20 +179,25 @@ def _forward(problem: Problem, raw: dict[str, Tensor], chunk_size: int | None) -
     grad = hp.unflatten(direct + indirect)
     return finish(
         problem, raw, method="forward", value=value, grad=grad, params=params, buffers=buffers,
-        train_losses=losses_t, started=started, tangents=k,
+        train_losses=losses_t, started=started, tangents=k, engine=engine,
     )
 
 
-def forward(chunk_size: int | None = None) -> Method:
+def forward(chunk_size: int | None = None, engine: str = "auto") -> Method:
     """Exact hypergradient by forward-mode tangents (memory independent of T, cost O(k)).
 
     Args:
-        chunk_size: process at most this many hyperparameter coordinates at once per step
-            (lower peak memory, more time); ``None`` does all k together.
+        chunk_size: ``"jvp"`` engine: process at most this many hyperparameter coordinates at
+            once per step (lower peak memory, more time); ``None`` does all k together.
+        engine: ``"jvp"`` (vmapped ``torch.func.jvp``), ``"double_vjp"`` (two reverse passes
+            per step, one more per coordinate) or ``"auto"``: ``"double_vjp"`` for at most
+            :data:`AUTO_DOUBLE_VJP_MAX` coordinates, else ``"jvp"`` (see the module doc).
     """
     if chunk_size is not None:
         positive_int("forward", "chunk_size", chunk_size)
+    if engine not in ENGINES:
+        raise HyperdiffError(f"forward: engine must be one of {list(ENGINES)} (got {engine!r})")
     return Method(
-        "forward", lambda problem, raw: _forward(problem, raw, chunk_size),
-        {"chunk_size": chunk_size},
+        "forward", lambda problem, raw: _forward(problem, raw, chunk_size, engine),
+        {"chunk_size": chunk_size, "engine": engine},
     )
