@@ -10,16 +10,19 @@ one Jacobian-vector product of ``Phi`` per hyperparameter coordinate (``Z`` has 
 of T; cost grows with k. At the end ``dL_val/dlam = dL_val/dlam|direct + sum_s <dL_val/ds,
 Z_T>``. Two engines compute the products, with the same result:
 
+- ``"double_vjp"`` (the default): two reverse passes. ``Phi``'s graph is built with autograd
+  as in reverse mode, its vjp ``u = J^T w`` is taken with a graph at a dummy ``w``, and then
+  ``J z = d<u, z>/dw`` for all k tangents in one batched backward pass
+  (``is_grads_batched``). On the digits MLP it is 1.2-3x faster than ``"jvp"`` for k = 1..100,
+  at 10-30% more peak memory; it needs third derivatives of the model's operations.
 - ``"jvp"``: ``torch.func.jvp`` of ``Phi`` (its gradient by ``torch.func.grad``), batched over
-  the k coordinates with ``torch.func.vmap``; the better choice for many coordinates.
-- ``"double_vjp"``: two reverse passes. ``Phi``'s graph is built with autograd as in reverse
-  mode, its vjp ``u = J^T w`` is taken with a graph at a dummy ``w``, and then ``J z = d<u,
-  z>/dw`` costs one more backward pass per coordinate. It avoids functorch's per-operation
-  overhead, which dominates small models: 3-7x faster than ``"jvp"`` for a few coordinates.
+  the k coordinates with ``torch.func.vmap``; functorch's per-operation overhead dominates
+  small models. ``engine="auto"`` falls back to it when an operation has no third derivative.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import torch
@@ -72,11 +75,10 @@ def _contract(grads: list[Tensor], tangents: list[Tensor]) -> Tensor:
 
 
 ENGINES = ("auto", "jvp", "double_vjp")
-AUTO_DOUBLE_VJP_MAX = 4
-"""``engine="auto"`` uses ``"double_vjp"`` up to this many coordinates, ``"jvp"`` above."""
 
 
-def _unroll_double_vjp(problem: Problem, raw: dict[str, Tensor], raw_tangent: dict[str, Tensor]):
+def _unroll_double_vjp(problem: Problem, raw: dict[str, Tensor], raw_tangent: dict[str, Tensor],
+                       chunk_size: int | None):
     """``(s_T, Z_T, losses)`` with ``J z`` from two reverse passes per step (module doc)."""
     hp, k = problem.hparams, problem.hparams.numel
     with torch.no_grad():
@@ -100,14 +102,18 @@ def _unroll_double_vjp(problem: Problem, raw: dict[str, Tensor], raw_tangent: di
                                    allow_unused=True)
         used = [(u, z) for u, z in zip(vjps, z_inputs, strict=True)
                 if u is not None and u.requires_grad]
-        columns = []
-        for j in range(k):
-            jz = torch.autograd.grad([u for u, _ in used], ws, [z[j] for _, z in used],
-                                     retain_graph=j < k - 1, allow_unused=True)
-            columns.append(zeros_for_unused(jz, ws))
+        chunks = []  # J z for chunks of coordinates, one batched backward pass each
+        for lo, hi in itertools.pairwise([*range(0, k, chunk_size or k), k]):
+            jz = torch.autograd.grad(
+                [u for u, _ in used], ws, [z[lo:hi] if hi - lo > 1 else z[lo] for _, z in used],
+                retain_graph=hi < k, allow_unused=True, is_grads_batched=hi - lo > 1,
+            )
+            chunks.append([torch.zeros((hi - lo, *w.shape), dtype=w.dtype, device=w.device)
+                           if g is None else g.reshape(hi - lo, *w.shape)
+                           for g, w in zip(jz, ws, strict=True)])
         tangents = [x.new_zeros((k, *x.shape)) for x in outs]
         for slot, i in enumerate(live):
-            tangents[i] = torch.stack([c[slot] for c in columns]).detach()
+            tangents[i] = torch.cat([c[slot] for c in chunks]).detach()
         leaves = [o.detach() for o in outs]
     return tree_unflatten(leaves, spec), tree_unflatten(tangents, spec), losses
 
@@ -153,11 +159,16 @@ def _forward(problem: Problem, raw: dict[str, Tensor], chunk_size: int | None, e
     k = hp.numel
     raw = {n: v.detach() for n, v in raw.items()}
     raw_tangent = _coordinate_tangents(problem, raw)
-    if engine == "auto":
-        engine = "double_vjp" if k <= AUTO_DOUBLE_VJP_MAX else "jvp"
-    if engine == "double_vjp":
-        state, tangent, losses_t = _unroll_double_vjp(problem, raw, raw_tangent)
-    else:
+    used = "jvp" if engine == "jvp" else "double_vjp"
+    try:
+        if used == "double_vjp":
+            state, tangent, losses_t = _unroll_double_vjp(problem, raw, raw_tangent, chunk_size)
+        else:
+            state, tangent, losses_t = _unroll_jvp(problem, raw, raw_tangent, chunk_size)
+    except RuntimeError as err:  # e.g. "the derivative for 'aten::x' is not implemented"
+        if engine != "auto" or "not implemented" not in str(err):
+            raise
+        used = "jvp"
         state, tangent, losses_t = _unroll_jvp(problem, raw, raw_tangent, chunk_size)
     check_finite_losses(losses_t, "forward")
 
@@ -179,7 +190,7 @@ def _forward(problem: Problem, raw: dict[str, Tensor], chunk_size: int | None, e
     grad = hp.unflatten(direct + indirect)
     return finish(
         problem, raw, method="forward", value=value, grad=grad, params=params, buffers=buffers,
-        train_losses=losses_t, started=started, tangents=k, engine=engine,
+        train_losses=losses_t, started=started, tangents=k, engine=used,
     )
 
 
@@ -187,11 +198,11 @@ def forward(chunk_size: int | None = None, engine: str = "auto") -> Method:
     """Exact hypergradient by forward-mode tangents (memory independent of T, cost O(k)).
 
     Args:
-        chunk_size: ``"jvp"`` engine: process at most this many hyperparameter coordinates at
-            once per step (lower peak memory, more time); ``None`` does all k together.
-        engine: ``"jvp"`` (vmapped ``torch.func.jvp``), ``"double_vjp"`` (two reverse passes
-            per step, one more per coordinate) or ``"auto"``: ``"double_vjp"`` for at most
-            :data:`AUTO_DOUBLE_VJP_MAX` coordinates, else ``"jvp"`` (see the module doc).
+        chunk_size: process at most this many hyperparameter coordinates at once per step
+            (lower peak memory, more time); ``None`` does all k together.
+        engine: ``"double_vjp"`` (two reverse passes per step), ``"jvp"`` (vmapped
+            ``torch.func.jvp``) or ``"auto"``: ``"double_vjp"``, and ``"jvp"`` if an operation
+            lacks the third derivative it needs (see the module doc).
     """
     if chunk_size is not None:
         positive_int("forward", "chunk_size", chunk_size)
