@@ -103,7 +103,7 @@ def _unroll_double_vjp(problem: Problem, raw: dict[str, Tensor], raw_tangent: di
         used = [(u, z) for u, z in zip(vjps, z_inputs, strict=True)
                 if u is not None and u.requires_grad]
         chunks = []  # J z for chunks of coordinates, one batched backward pass each
-        for lo, hi in itertools.pairwise([*range(0, k, chunk_size or k), k]):
+        for lo, hi in itertools.pairwise([*range(0, k, chunk_size or k), k] if used else []):
             jz = torch.autograd.grad(
                 [u for u, _ in used], ws, [z[lo:hi] if hi - lo > 1 else z[lo] for _, z in used],
                 retain_graph=hi < k, allow_unused=True, is_grads_batched=hi - lo > 1,
@@ -112,7 +112,7 @@ def _unroll_double_vjp(problem: Problem, raw: dict[str, Tensor], raw_tangent: di
                            if g is None else g.reshape(hi - lo, *w.shape)
                            for g, w in zip(jz, ws, strict=True)])
         tangents = [x.new_zeros((k, *x.shape)) for x in outs]
-        for slot, i in enumerate(live):
+        for slot, i in enumerate(live if chunks else []):  # no chunks: nothing depends on lam
             tangents[i] = torch.cat([c[slot] for c in chunks]).detach()
         leaves = [o.detach() for o in outs]
     return tree_unflatten(leaves, spec), tree_unflatten(tangents, spec), losses
