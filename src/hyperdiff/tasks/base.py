@@ -93,7 +93,8 @@ class Task:
         raw = self.hparams.raw if raw is None else dict(raw)
         total: dict[str, dict[str, float]] = {}
         for seed in seeds:
-            params, hview = trained_params(self.final_problem, raw, seed=seed, segments=segments)
+            params, _, hview = trained_params(self.final_problem, raw, seed=seed,
+                                              segments=segments)
             with torch.no_grad():
                 for split, batch in self.splits.items():
                     for key, value in self.metrics(params, hview, batch).items():
@@ -109,12 +110,9 @@ class Task:
         raw = self.hparams.with_natural(**values).raw
         losses = []
         for problem in self.problems:
-            run = replace(problem, seed=seed)
-            hview = run.hparams.view(run.raw_tensors(raw))
+            params, buffers, hview = trained_params(problem, raw, seed=seed)
             with torch.no_grad():
-                state, _ = unroll(run, hview, initial_state(run, differentiable=False),
-                                  differentiable=False)
-                losses.append(float(validation_loss(run, state.params, state.buffers, hview)))
+                losses.append(float(validation_loss(problem, params, buffers, hview)))
         return sum(losses) / len(losses)
 
     def train_and_evaluate(
@@ -132,8 +130,9 @@ class Task:
 
 def trained_params(
     problem: Problem, raw: Mapping[str, Tensor], *, seed: int, segments: int = 1
-) -> tuple[Params, HParamView]:
-    """theta after ``segments`` runs of T steps at ``raw`` (each run warm-starts the next)."""
+) -> tuple[Params, Params, HParamView]:
+    """theta and buffers after ``segments`` runs of T steps at ``raw`` (each run warm-starts
+    the next), and the hyperparameter view they were trained with."""
     hview = problem.hparams.view(problem.raw_tensors(dict(raw)))
     params, buffers = problem.params, problem.buffers
     for segment in range(segments):
@@ -142,7 +141,7 @@ def trained_params(
             state, _ = unroll(run, hview, initial_state(run, differentiable=False),
                               differentiable=False)
         params, buffers = state.params, state.buffers
-    return params, hview
+    return params, buffers, hview
 
 
 def make_splits(
