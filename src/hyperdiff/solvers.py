@@ -61,7 +61,10 @@ class SolveResult:
 
 @dataclass(frozen=True)
 class Solver:
-    """A configured linear solver: ``solver(matvec, b, *, init=None, warn=True)``."""
+    """A configured linear solver: ``solver(matvec, b, *, init=None, warn=True)``.
+
+    ``run`` solves with the matvec already damped by ``options["damping"]`` (if any).
+    """
 
     name: str
     run: Callable[[MatVec, Tensor, Tensor | None], SolveResult] = field(repr=False)
@@ -81,6 +84,7 @@ class Solver:
             )
         if float(b.norm()) == 0.0:
             return SolveResult(torch.zeros_like(b), 0, 0.0, True, "b = 0: x = 0", 0)
+        matvec = damped(matvec, self.options.get("damping", 0.0))
         result = self.run(matvec, b.detach(), None if init is None else init.detach())
         if warn and not result.converged:
             warnings.warn(f"{self.name}: {result.info}", ConvergenceWarning, stacklevel=2)
@@ -182,15 +186,12 @@ def cg(tol: float | None = None, maxiter: int = 1000, damping: float = 0.0) -> S
     >>> r.converged, [round(float(v), 6) for v in r.x]
     (True, [0.090909, 0.636364])
     """
-    if tol is not None:
-        tol = positive_float("cg", "tol", tol)
+    tol = _optional_tol("cg", tol)
     maxiter = positive_int("cg", "maxiter", maxiter)
-    damping = _damping("cg", damping)
-
-    def run(matvec, b, init):
-        return _cg(damped(matvec, damping), b, init, tol, maxiter)
-
-    return Solver("cg", run, {"tol": tol, "maxiter": maxiter, "damping": damping})
+    return Solver(
+        "cg", lambda matvec, b, init: _cg(matvec, b, init, tol, maxiter),
+        {"tol": tol, "maxiter": maxiter, "damping": _damping("cg", damping)},
+    )
 
 
 # Neumann series ------------------------------------------------------------------------------
@@ -274,17 +275,11 @@ def neumann(
     if step is not None:
         step = positive_float("neumann", "step", step)
     iterations = positive_int("neumann", "iterations", iterations)
-    if tol is not None:
-        tol = positive_float("neumann", "tol", tol)
-    damping = _damping("neumann", damping)
-
-    def run(matvec, b, init):
-        return _neumann(damped(matvec, damping), b, init, step, iterations, tol)
-
+    tol = _optional_tol("neumann", tol)
     return Solver(
-        "neumann",
-        run,
-        {"step": step, "iterations": iterations, "tol": tol, "damping": damping},
+        "neumann", lambda matvec, b, init: _neumann(matvec, b, init, step, iterations, tol),
+        {"step": step, "iterations": iterations, "tol": tol,
+         "damping": _damping("neumann", damping)},
     )
 
 
@@ -352,18 +347,17 @@ def exact(
     """
     max_size = positive_int("exact", "max_size", max_size)
     chunk_size = positive_int("exact", "chunk_size", chunk_size)
-    if tol is not None:
-        tol = positive_float("exact", "tol", tol)
-    damping = _damping("exact", damping)
-
-    def run(matvec, b, init):
-        return _exact(damped(matvec, damping), b, init, max_size, chunk_size, tol)
-
+    tol = _optional_tol("exact", tol)
     return Solver(
-        "exact",
-        run,
-        {"max_size": max_size, "chunk_size": chunk_size, "tol": tol, "damping": damping},
+        "exact", lambda matvec, b, init: _exact(matvec, b, init, max_size, chunk_size, tol),
+        {"max_size": max_size, "chunk_size": chunk_size, "tol": tol,
+         "damping": _damping("exact", damping)},
     )
+
+
+def _optional_tol(caller: str, tol: float | None) -> float | None:
+    """``tol`` checked to be a positive finite number; ``None`` (the dtype's default) kept."""
+    return None if tol is None else positive_float(caller, "tol", tol)
 
 
 def _damping(caller: str, damping: Any) -> float:
