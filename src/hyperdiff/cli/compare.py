@@ -2,8 +2,10 @@
 
 The task is tuned by hyperdiff with the config's settings, then by random search (and Optuna's
 TPE when it is installed) under the same budget of inner trainings (``--budget``, default: the
-number hyperdiff used). All methods minimise the validation loss that the hypergradient sees;
-the winner of each is retrained with fresh seeds and evaluated on the held-out test split.
+number hyperdiff used). All methods minimise the loss that the hypergradient sees: the
+validation loss, or with ``task.cv_folds = k`` the k-fold CV loss (a black-box trial then costs
+k trainings); the winner of each is retrained with fresh seeds and evaluated on the held-out
+test split.
 Prints a table and writes ``comparison.png`` (best validation loss so far against trainings
 and against wall time) and ``comparison.json`` into the run directory.
 """
@@ -12,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .common import add_config_arguments, config_overrides, set_threads, stderr_log
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -24,10 +27,7 @@ if TYPE_CHECKING:
 HELP = "tune a task with hyperdiff and with random search / TPE under one budget; table + figure"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", help="TOML config (default: built-in defaults)")
-    parser.add_argument("--task", help="built-in task (same as --set task.name=TASK)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        dest="overrides", help="override a config key, e.g. stop.max_steps=10")
+    add_config_arguments(parser)
     parser.add_argument("--budget", type=int, default=0,
                         help="trainings per black-box method (default: as many as hyperdiff "
                         "used)")
@@ -44,21 +44,11 @@ def run(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..errors import HyperdiffError
 
-    overrides = list(args.overrides)
-    if args.task:
-        overrides.insert(0, f"task.name={args.task}")
-    config = load_config(args.config, overrides)
-    if args.threads < 1:
-        raise HyperdiffError(f"compare: --threads must be a positive int (got {args.threads})")
+    config = load_config(args.config, config_overrides(args))
     if args.budget < 0:
         raise HyperdiffError(f"compare: --budget must be a positive int (got {args.budget})")
-    import torch
-
-    torch.set_num_threads(args.threads)
-
-    def log(message: str) -> None:
-        if not args.quiet:
-            print(message, file=sys.stderr)
+    set_threads("compare", args.threads)
+    log = stderr_log(args.quiet)
 
     out = Path(args.out or Path("runs") / f"compare-{config.task.name}-"
                f"{time.strftime('%Y%m%d-%H%M%S')}")

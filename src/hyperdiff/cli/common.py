@@ -1,0 +1,45 @@
+"""What the tuning subcommands (``run``, ``compare``) share: config arguments, the list of
+config overrides, the torch thread count and progress messages on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """``[CONFIG.toml] [--task NAME] [--set KEY=VALUE ...]``."""
+    parser.add_argument("config", nargs="?", help="TOML config (default: built-in defaults)")
+    parser.add_argument("--task", help="built-in task (same as --set task.name=TASK)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        dest="overrides", help="override a config key, e.g. stop.max_steps=10")
+
+
+def config_overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` values, with ``--task NAME`` first as ``task.name=NAME``."""
+    overrides = list(args.overrides)
+    if args.task:
+        overrides.insert(0, f"task.name={args.task}")
+    return overrides
+
+
+def set_threads(command: str, threads: int) -> None:
+    """``torch.set_num_threads(threads)``, refusing a non-positive count."""
+    from ..errors import HyperdiffError
+
+    if threads < 1:
+        raise HyperdiffError(f"{command}: --threads must be a positive int (got {threads})")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def stderr_log(quiet: bool) -> Callable[[str], None]:
+    """A ``log(message)`` that prints to stderr unless ``quiet``."""
+
+    def log(message: str) -> None:
+        if not quiet:
+            print(message, file=sys.stderr)
+
+    return log
