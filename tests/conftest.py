@@ -46,3 +46,26 @@ def synthetic_regression(n: int = 120, d: int = 6, n_val: int = 60, seed: int = 
     y = x @ w + 0.3 * torch.randn(n, generator=g, dtype=dtype)
     y_val = x_val @ w + 0.3 * torch.randn(n_val, generator=g, dtype=dtype)
     return x, y, x_val, y_val
+
+
+def sine_data(n: int = 24, d: int = 5, seed: int = 0, dtype: torch.dtype = torch.float64):
+    """``(x, sin(sum_j x_j))`` with ``x`` standard normal, shapes (n, d) and (n, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=dtype)
+    return x, torch.sin(x.sum(1, keepdim=True))
+
+
+def decayed_mse_losses(net):
+    """``(train_loss, val_loss)`` for a functional model: mean squared error, plus
+    ``sum_k wd_k ||p_k||^2`` (hyperparameter ``wd``, one per tensor or shared) in training."""
+
+    def val_loss(p, h, batch, ctx):
+        x, y = batch
+        return ((net(p, x, ctx) - y) ** 2).mean()
+
+    def train_loss(p, h, batch, ctx):
+        return val_loss(p, h, batch, ctx) + sum(
+            h.at("wd", param=k) * (v**2).sum() for k, v in p.items())
+
+    return train_loss, val_loss
+

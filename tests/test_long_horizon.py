@@ -30,16 +30,13 @@ from hyperdiff.methods.reversible import (
 )
 from hyperdiff.methods.truncated import truncated
 
-from conftest import rel_err
+from conftest import decayed_mse_losses, rel_err, sine_data
 
 STEPS = 12
 
 
 
-def _data(n=24, d=5, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g, dtype=dtype)
-    return x, torch.sin(x.sum(1, keepdim=True))
+_data = sine_data
 
 
 def _mlp_problem(case: str) -> hd.Problem:
@@ -51,15 +48,7 @@ def _mlp_problem(case: str) -> hd.Problem:
         layers += [nn.Tanh()]
     net = hd.functional(nn.Sequential(*layers, nn.Linear(6, 1)).double())
 
-    def train_loss(p, h, batch, ctx):
-        x, y = batch
-        fit = ((net(p, x, ctx) - y) ** 2).mean()
-        return fit + sum(h.at("wd", param=k) * (v**2).sum() for k, v in p.items())
-
-    def val_loss(p, h, batch, ctx):
-        x, y = batch
-        return ((net(p, x, ctx) - y) ** 2).mean()
-
+    train_loss, val_loss = decayed_mse_losses(net)
     hp = {"wd": hd.per_tensor(net.params, 1e-2)}
     if case == "adam":
         hp |= {"lr": hd.scalar(0.05), "b1": hd.scalar(0.8, (0.0, 1.0))}

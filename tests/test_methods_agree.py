@@ -8,16 +8,12 @@ from torch import nn
 
 import hyperdiff as hd
 
-from conftest import quiet, rel_err
+from conftest import decayed_mse_losses, quiet, rel_err, sine_data
 
 STEPS = 8
 
 
-def _data(n=24, d=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g, dtype=torch.float64)
-    y = torch.sin(x.sum(1, keepdim=True))
-    return x, y
+_data = sine_data
 
 
 def _mlp(batchnorm: bool = False, dropout: float = 0.0) -> hd.FunctionalModel:
@@ -33,15 +29,7 @@ def _mlp(batchnorm: bool = False, dropout: float = 0.0) -> hd.FunctionalModel:
 
 
 def _problem(net, hparams, optimizer, train_data):
-    def train_loss(p, h, batch, ctx):
-        x, y = batch
-        fit = ((net(p, x, ctx) - y) ** 2).mean()
-        return fit + sum(h.at("wd", param=k) * (v**2).sum() for k, v in p.items())
-
-    def val_loss(p, h, batch, ctx):
-        x, y = batch
-        return ((net(p, x, ctx) - y) ** 2).mean()
-
+    train_loss, val_loss = decayed_mse_losses(net)
     return hd.make_problem(
         train_loss, val_loss, hparams, net.params, buffers=net.buffers, optimizer=optimizer,
         train_data=train_data, val_data=_data(16, seed=1), steps=STEPS, seed=3,
