@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import time
 
-import torch
 from torch import Tensor
 
 from ..problem import Problem
-from ..training import check_finite_losses, initial_state, unroll, validation_loss
-from .base import HyperGradient, Method, finish, zeros_for_unused
+from ..training import check_finite_losses, grads_of, initial_state, unroll, validation_loss
+from .base import HyperGradient, Method, finish
 
 
 def _reverse(problem: Problem, raw: dict[str, Tensor]) -> HyperGradient:
@@ -25,8 +24,7 @@ def _reverse(problem: Problem, raw: dict[str, Tensor]) -> HyperGradient:
     state, losses = unroll(problem, hview, state, differentiable=True)
     check_finite_losses(losses, "reverse")
     value = validation_loss(problem, state.params, state.buffers, hview)
-    grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
-    grad = dict(zip(leaves, zeros_for_unused(grads, list(leaves.values())), strict=True))
+    grad = grads_of(value, leaves, create_graph=False)
     return finish(
         problem, leaves, method="reverse", value=value, grad=grad, params=state.params,
         buffers=state.buffers, train_losses=losses, started=started,

@@ -21,8 +21,15 @@ from torch import Tensor
 
 from ..errors import positive_int
 from ..problem import Problem
-from ..training import TrainState, check_finite_losses, initial_state, unroll, validation_loss
-from .base import HyperGradient, Method, finish, zeros_for_unused
+from ..training import (
+    TrainState,
+    check_finite_losses,
+    grads_of,
+    initial_state,
+    unroll,
+    validation_loss,
+)
+from .base import HyperGradient, Method, finish
 
 
 def _frozen_prefix(
@@ -52,8 +59,7 @@ def _truncated(problem: Problem, raw: dict[str, Tensor], k: int) -> HyperGradien
     if prefix_losses is not None:
         losses = torch.cat([prefix_losses, losses])
     value = validation_loss(problem, state.params, state.buffers, hview)
-    grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
-    grad = dict(zip(leaves, zeros_for_unused(grads, list(leaves.values())), strict=True))
+    grad = grads_of(value, leaves, create_graph=False)
     return finish(
         problem, leaves, method="truncated", value=value, grad=grad, params=state.params,
         buffers=state.buffers, train_losses=losses, started=started,
