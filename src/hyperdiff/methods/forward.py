@@ -111,9 +111,10 @@ def _unroll_double_vjp(problem: Problem, raw: dict[str, Tensor], raw_tangent: di
             chunks.append([torch.zeros((hi - lo, *w.shape), dtype=w.dtype, device=w.device)
                            if g is None else g.reshape(hi - lo, *w.shape)
                            for g, w in zip(jz, ws, strict=True)])
-        tangents = [x.new_zeros((k, *x.shape)) for x in outs]
-        for slot, i in enumerate(live if chunks else []):  # no chunks: nothing depends on lam
-            tangents[i] = torch.cat([c[slot] for c in chunks]).detach()
+        found = {i: torch.cat([c[slot] for c in chunks]).detach()  # no chunks: all zero
+                 for slot, i in enumerate(live if chunks else [])}
+        tangents = [found[i] if i in found else x.new_zeros((k, *x.shape))
+                    for i, x in enumerate(outs)]
         leaves = [o.detach() for o in outs]
     return tree_unflatten(leaves, spec), tree_unflatten(tangents, spec), losses
 
