@@ -6,7 +6,9 @@ per-feature L2 (64 hyperparameters, 650 parameters, ``l2 = 1``; the problem of
 preconditioned CG is run on it with a few generic preconditioners, counting iterations to a
 relative residual of 1e-7 and the Hessian-vector products each preconditioner costs to build.
 CG needs about one HVP per iteration; the exact solve costs 650 (one per column), so a 10x
-speed-up over the exact solve needs at most ~65 HVPs in all.
+speed-up over the exact solve needs at most ~65 HVPs in all. It also times torch's own dense
+Hessian routines (is hyperdiff's exact solve a fair baseline?) and ``torch.func.linearize``
+(would a linearised gradient make each HVP cheaper?), best of 3.
 
     python benchmarks/implicit_preconditioners.py     # a few seconds
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 
 import torch
@@ -27,6 +30,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 from hyperdiff.linear import load_dataset, logistic
+from hyperdiff.solvers import exact
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                        "implicit_preconditioners.json")
@@ -94,6 +98,44 @@ def kfac(x: Tensor, probs: Tensor, h: Tensor, l2: float, n_w: int, classes: int)
     return apply
 
 
+def best_time(fn: Callable[[], object], repeats: int = 3) -> float:
+    """Best wall time of ``repeats`` calls, in seconds."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def timings(f: Callable[[Tensor], Tensor], flat: Tensor) -> dict[str, float]:
+    """Seconds for torch's dense Hessians of ``f`` at ``flat``, and for an HVP by autograd
+    (reverse over reverse, retained graph) against ``torch.func.linearize`` (trace, per call)."""
+    out = {
+        "torch.func.hessian": best_time(lambda: torch.func.hessian(f)(flat)),
+        "torch.func.jacfwd(grad)": best_time(
+            lambda: torch.func.jacfwd(torch.func.grad(f))(flat)),
+        "torch.autograd.functional.hessian": best_time(
+            lambda: torch.autograd.functional.hessian(f, flat, vectorize=True)),
+    }
+    v = torch.randn_like(flat)
+    leaf = flat.clone().requires_grad_()
+    (g,) = torch.autograd.grad(f(leaf), leaf, create_graph=True)
+
+    def hvp(u: Tensor) -> Tensor:
+        return torch.autograd.grad(g, leaf, u, retain_graph=True)[0]
+
+    out["hyperdiff exact() (Hessian + solve)"] = best_time(lambda: exact()(hvp, v))
+    out["hvp autograd (per call)"] = best_time(
+        lambda: [torch.autograd.grad(g, leaf, v, retain_graph=True) for _ in range(100)]) / 100
+    linearized: list = []
+    out["linearize trace"] = best_time(
+        lambda: linearized.append(torch.func.linearize(torch.func.grad(f), flat)[1]))
+    out["hvp linearize (per call)"] = best_time(
+        lambda: [linearized[-1](v) for _ in range(100)]) / 100
+    return out
+
+
 def main() -> None:
     torch.set_num_threads(1)
     data = load_dataset("digits")
@@ -142,7 +184,12 @@ def main() -> None:
                      "total_hvps_val_rhs": build_cost + its_val})
         print(f"{name:<34}{build_cost:>11}{its_val:>17}{its_random:>16}"
               f"{build_cost + its_val:>13}")
+    seconds = timings(lambda v: lp.full_train_loss(unflat(v)), flat)
+    print("\ntimes (s, best of 3):")
+    for name, value in seconds.items():
+        print(f"  {name:<36}{value:.4f}")
     out = {"command": "python benchmarks/implicit_preconditioners.py", "tol": TOL,
+           "seconds": seconds,
            "params": flat.numel(), "eigenvalues": {"min": float(eig[0]), "second": float(eig[1]),
                                                    "median": float(eig.median()),
                                                    "max": float(eig[-1])},
