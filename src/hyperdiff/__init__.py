@@ -8,6 +8,7 @@ from .constraints import Constraint, Free, Interval, Positive
 from .data import BatchSource, minibatches
 from .driver import HyperOptimizer, Stopping
 from .errors import HyperdiffError, NonFiniteError
+from .export import TunedSchedule, load_into, resample, torch_optimizer, tuned_hparams
 from .history import History, OptimizeResult, StepRecord
 from .hyperparams import (
     HParamView,
@@ -67,6 +68,7 @@ __all__ = [
     "StepContext",
     "StepRecord",
     "Stopping",
+    "TunedSchedule",
     "adam",
     "adamw",
     "cg",
@@ -79,6 +81,7 @@ __all__ = [
     "hypergradient",
     "implicit",
     "linear",
+    "load_into",
     "make_problem",
     "minibatches",
     "neumann",
@@ -87,10 +90,13 @@ __all__ = [
     "per_step",
     "per_tensor",
     "recommend",
+    "resample",
     "reverse",
     "reversible",
     "scalar",
     "sgd",
+    "torch_optimizer",
     "train",
     "truncated",
+    "tuned_hparams",
 ]

@@ -37,6 +37,8 @@ class Optimizer(NamedTuple):
     init: Callable[[Params], Any]
     update: Callable[[Params, Any, Params, HParamView, int], tuple[Params, Any]]
     coefficients: Mapping[str, Coefficient]
+    settings: Mapping[str, Any] = {}
+    """Fixed, non-differentiable options (``nesterov``, ``dampening``), for export."""
 
 
 class SGDState(NamedTuple):
@@ -137,7 +139,7 @@ def sgd(
                 new_params[k] = torch.add(p, d, alpha=-lr_k)
         return new_params, SGDState(new_buf)
 
-    return Optimizer("sgd", init, update, coefs)
+    return Optimizer("sgd", init, update, coefs, {"nesterov": nesterov, "dampening": dampening})
 
 
 def adam(

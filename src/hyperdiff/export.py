@@ -1,0 +1,289 @@
+"""Tuned values back in torch: ``torch.optim`` param groups, a scheduler, module weights.
+
+- :func:`torch_optimizer` turns an inner optimizer (``hd.sgd`` / ``hd.adam`` / ``hd.adamw``) and
+  tuned hyperparameters into a ``torch.optim`` optimizer over a module's parameters (one param
+  group per set of tensors that share their coefficients, so per-tensor weight decay becomes
+  param groups) and a :class:`TunedSchedule` that sets every scheduled coefficient (a
+  ``per_step`` learning rate, a momentum schedule, ...) before each step. Training with the
+  pair equals :func:`hyperdiff.train` (bit for bit where the coefficients are plain numbers).
+- :func:`resample` stretches a ``per_step`` schedule to another number of steps.
+- :func:`load_into` loads trained params and buffers (BatchNorm statistics) into a module.
+- :func:`tuned_hparams` reads tuned values from a result, ``result.json`` or a run directory.
+
+Usage, after tuning::
+
+    opt, sched = hd.torch_optimizer(hd.sgd("lr", 0.9, weight_decay="wd"), result, model)
+    for step in range(steps):
+        opt.zero_grad(); loss_fn(model(x[step]), y[step]).backward(); opt.step(); sched.step()
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LRScheduler
+
+from .errors import HyperdiffError, describe, positive_int
+from .history import OptimizeResult
+from .hyperparams import HyperParameters
+from .optimizers import Optimizer, resolve
+
+# inner-optimizer coefficient -> torch.optim param-group key (betas are joined into a pair)
+GROUP_KEYS = {
+    "sgd": {"lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay"},
+    "adam": {"lr": "lr", "beta1": "betas", "beta2": "betas", "eps": "eps",
+             "weight_decay": "weight_decay"},
+}
+GROUP_KEYS["adamw"] = GROUP_KEYS["adam"]
+Table = dict[str, tuple[float, ...]]  # coefficient -> its value at steps 0 .. S-1
+
+
+def resample(values: Tensor, steps: int) -> Tensor:
+    """A schedule of ``T`` values stretched to ``steps`` values by linear interpolation.
+
+    Step ``s`` of the new schedule sits at position ``u = s (T - 1) / (steps - 1)`` of the old
+    one (first and last values are kept) and gets
+    ``(1 - w) values[floor u] + w values[floor u + 1]`` with ``w = u - floor u``.
+    Shapes: ``(T,) -> (steps,)``; differentiable in ``values``.
+
+    >>> resample(torch.tensor([0.0, 1.0, 4.0]), 5).tolist()
+    [0.0, 0.5, 1.0, 2.5, 4.0]
+    """
+    steps = positive_int("resample", "steps", steps)
+    if values.dim() != 1 or values.numel() == 0:
+        raise HyperdiffError(f"resample: values must be a non-empty 1-D schedule "
+                             f"(got {describe(values)})")
+    length = values.shape[0]
+    if steps == 1 or length == 1:
+        return values[:1].expand(steps) if steps == 1 else values.expand(steps).clone()
+    position = torch.arange(steps, dtype=torch.float64, device=values.device)
+    position = position * (length - 1) / (steps - 1)
+    low = position.floor().long().clamp(max=length - 2)
+    weight = (position - low).to(values.dtype)
+    return values[low] * (1 - weight) + values[low + 1] * weight
+
+
+def _as_hparams(hparams: Any, caller: str) -> HyperParameters:
+    if isinstance(hparams, OptimizeResult):
+        return hparams.best_hparams
+    if isinstance(hparams, HyperParameters):
+        return hparams
+    raise HyperdiffError(
+        f"{caller}: hparams must be a hd.HyperParameters (e.g. result.best_hparams, or "
+        f"hd.tuned_hparams(task.hparams, run_dir)) or an OptimizeResult (got {describe(hparams)})"
+    )
+
+
+def _named_parameters(module_or_params: Any, caller: str) -> dict[str, Tensor]:
+    named: dict[str, Tensor]
+    if isinstance(module_or_params, nn.Module):
+        named = dict(module_or_params.named_parameters())
+    elif isinstance(module_or_params, Mapping):
+        named = dict(module_or_params)
+    else:
+        raise HyperdiffError(f"{caller}: module_or_params must be a torch.nn.Module or a dict "
+                             f"name -> parameter (got {describe(module_or_params)})")
+    for name, p in named.items():
+        if not isinstance(p, Tensor) or not p.is_leaf or not p.requires_grad:
+            raise HyperdiffError(f"{caller}: parameter {name!r} must be a leaf tensor that "
+                                 f"requires grad (got {describe(p)})")
+    if not named:
+        raise HyperdiffError(f"{caller}: module_or_params has no parameters")
+    return named
+
+
+def _horizon(optimizer: Optimizer, hparams: HyperParameters, steps: int | None) -> int:
+    """The number of steps the exported schedule covers."""
+    if steps is not None:
+        return positive_int("torch_optimizer", "steps", steps)
+    lengths = [hparams[c].shape[0] for c in optimizer.coefficients.values()
+               if isinstance(c, str) and c in hparams and hparams[c].kind == "per_step"]
+    return max(lengths, default=1)
+
+
+def _coefficient_tables(optimizer: Optimizer, hparams: HyperParameters, names: list[str],
+                        steps: int) -> dict[str, Table]:
+    """``{param: {coefficient: values at steps 0..steps-1}}``; per_step hyperparameters are
+    resampled to ``steps``, callables evaluated at every step, the rest held constant."""
+    view = hparams.view(hparams.raw)
+    tables: dict[str, Table] = {name: {} for name in names}
+    for coef_name, coef in optimizer.coefficients.items():
+        if isinstance(coef, str):
+            if coef not in hparams:
+                raise HyperdiffError(f"torch_optimizer: coefficient {coef_name}={coef!r} must "
+                                     f"name a hyperparameter, one of {list(hparams)}")
+            spec = hparams[coef]
+            if spec.kind in ("per_element", "per_feature"):
+                raise HyperdiffError(
+                    f"torch_optimizer: coefficient {coef_name}={coef!r} is {spec.kind}, which "
+                    "torch.optim param groups cannot express (one value per group of tensors); "
+                    "use scalar, per_tensor or per_step hyperparameters"
+                )
+            if spec.kind == "per_step":
+                values = resample(view[coef].detach(), steps).tolist()
+                for name in names:
+                    tables[name][coef_name] = tuple(values)
+                continue
+        for name in names:
+            tables[name][coef_name] = tuple(
+                float(resolve(coef, view, step, name)) for step in range(steps)
+            )
+    return tables
+
+
+def _group_values(optimizer_name: str, table: Table, step: int) -> dict[str, Any]:
+    """torch.optim param-group entries of one group at ``step`` (the last step held after)."""
+    values = {c: v[min(step, len(v) - 1)] for c, v in table.items()}
+    group: dict[str, Any] = {}
+    for coef, key in GROUP_KEYS[optimizer_name].items():
+        if key == "betas":
+            group["betas"] = (values["beta1"], values["beta2"])
+        else:
+            group[key] = values[coef]
+    return group
+
+
+class TunedSchedule(LRScheduler):
+    """Sets every tuned coefficient of every param group before each optimizer step.
+
+    ``group[key] = value[step]`` for ``step = scheduler.last_epoch``; past the end of the
+    schedule the last values are held. Call ``scheduler.step()`` after ``optimizer.step()``,
+    as with any ``torch.optim.lr_scheduler``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, optimizer_name: str,
+                 tables: list[Table]):
+        self.optimizer_name, self.tables = optimizer_name, tables
+        super().__init__(optimizer)
+
+    def _values(self) -> list[dict[str, Any]]:
+        step = max(self.last_epoch, 0)
+        return [_group_values(self.optimizer_name, t, step) for t in self.tables]
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        return [float(v["lr"]) for v in self._values()]
+
+    def step(self, epoch: int | None = None) -> None:  # type: ignore[override]
+        if epoch is None:
+            super().step()
+        else:
+            super().step(epoch)
+        for group, values in zip(self.optimizer.param_groups, self._values(), strict=True):
+            group.update({k: v for k, v in values.items() if k != "lr"})
+
+
+def torch_optimizer(
+    optimizer: Optimizer, hparams: HyperParameters | OptimizeResult,
+    module_or_params: nn.Module | Mapping[str, Tensor], *, steps: int | None = None,
+) -> tuple[torch.optim.Optimizer, TunedSchedule]:
+    """A ``torch.optim`` optimizer and scheduler that train as ``optimizer`` at ``hparams``.
+
+    Args:
+        optimizer: the inner optimizer that was tuned (``hd.sgd``, ``hd.adam``, ``hd.adamw``).
+        hparams: tuned hyperparameters (``result.best_hparams``) or an ``OptimizeResult``.
+        module_or_params: the module (``named_parameters()`` names must be those the
+            hyperparameters were defined over) or a dict name -> leaf parameter.
+        steps: length of the exported schedule; a ``per_step`` schedule of another length is
+            stretched by :func:`resample` (default: the schedule's own length).
+
+    Returns:
+        ``(torch_opt, scheduler)``: ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` with one param
+        group per set of tensors sharing their coefficient values, and a :class:`TunedSchedule`.
+    """
+    if not isinstance(optimizer, Optimizer):
+        raise HyperdiffError("torch_optimizer: optimizer must be made by hd.sgd, hd.adam or "
+                             f"hd.adamw (got {describe(optimizer)})")
+    tuned = _as_hparams(hparams, "torch_optimizer")
+    named = _named_parameters(module_or_params, "torch_optimizer")
+    horizon = _horizon(optimizer, tuned, steps)
+    tables = _coefficient_tables(optimizer, tuned, list(named), horizon)
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for name, table in tables.items():
+        groups.setdefault(tuple(sorted(table.items())), []).append(name)
+    group_tables = [tables[members[0]] for members in groups.values()]
+    param_groups = [
+        {"params": [named[n] for n in members], **_group_values(optimizer.name, table, 0)}
+        for members, table in zip(groups.values(), group_tables, strict=True)
+    ]
+    torch_opt: torch.optim.Optimizer
+    if optimizer.name == "sgd":
+        settings = optimizer.settings
+        torch_opt = torch.optim.SGD(param_groups, lr=param_groups[0]["lr"],
+                                    momentum=param_groups[0]["momentum"],
+                                    nesterov=bool(settings.get("nesterov", False)),
+                                    dampening=float(settings.get("dampening", 0.0)))
+    elif optimizer.name == "adam":
+        torch_opt = torch.optim.Adam(param_groups)
+    else:
+        torch_opt = torch.optim.AdamW(param_groups)
+    return torch_opt, TunedSchedule(torch_opt, optimizer.name, group_tables)
+
+
+def load_into(module: nn.Module, params: Mapping[str, Tensor],
+              buffers: Mapping[str, Tensor] | None = None) -> nn.Module:
+    """Copy trained ``params`` (and ``buffers``: BatchNorm running statistics) into ``module``.
+
+    Names are those of ``module.named_parameters()`` / ``named_buffers()`` (as in
+    ``hd.functional(module).params``); every parameter must be given. Returns ``module``.
+    """
+    if not isinstance(module, nn.Module):
+        raise HyperdiffError(f"load_into: module must be a torch.nn.Module (got "
+                             f"{describe(module)})")
+    own_params = dict(module.named_parameters())
+    own_buffers = dict(module.named_buffers())
+    given = {**dict(params), **dict(buffers or {})}
+    unknown = sorted(set(given) - set(own_params) - set(own_buffers))
+    missing = sorted(set(own_params) - set(params))
+    if unknown or missing:
+        raise HyperdiffError(
+            f"load_into: params must name exactly the module's parameters {sorted(own_params)} "
+            f"(unknown: {unknown}, missing: {missing})"
+        )
+    with torch.no_grad():
+        for name, value in given.items():
+            target = own_params.get(name, own_buffers.get(name))
+            assert target is not None  # checked above
+            if tuple(target.shape) != tuple(value.shape):
+                raise HyperdiffError(f"load_into: {name!r} must have shape "
+                                     f"{tuple(target.shape)} (got {tuple(value.shape)})")
+            target.copy_(value.detach())
+    return module
+
+
+def tuned_hparams(hparams: HyperParameters, source: Any) -> HyperParameters:
+    """``hparams`` with the tuned natural values of ``source``: an ``OptimizeResult``, the
+    dict that ``hyperdiff run`` writes to ``result.json``, that file, or its run directory."""
+    if isinstance(source, OptimizeResult):
+        return source.best_hparams
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        path = path / "result.json" if path.is_dir() else path
+        try:
+            source = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise HyperdiffError(f"tuned_hparams: {path} does not exist; a finished run "
+                                 "directory holds result.json") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise HyperdiffError(f"tuned_hparams: {path} is not a readable result "
+                                 f"file ({err})") from None
+    values = source.get("tuned", {}).get("hparams") if isinstance(source, Mapping) else None
+    if not isinstance(values, Mapping):
+        raise HyperdiffError("tuned_hparams: source must be an OptimizeResult, a run directory "
+                             "or a result with a 'tuned' -> 'hparams' entry "
+                             f"(got {describe(source)})")
+    missing = sorted(set(hparams) - set(values))
+    if missing:
+        raise HyperdiffError(f"tuned_hparams: the result has no values for {missing}; it "
+                             f"holds {sorted(values)}")
+    # hyperparameter values are held on the CPU in float64 (see hyperdiff.hyperparams)
+    return hparams.with_natural(**{
+        n: torch.as_tensor(values[n], dtype=torch.float64, device="cpu") for n in hparams
+    })
+
+
+__all__ = ["TunedSchedule", "load_into", "resample", "torch_optimizer", "tuned_hparams"]
