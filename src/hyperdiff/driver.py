@@ -343,7 +343,7 @@ class HyperOptimizer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         for name, leaf in self.leaves.items():
-            leaf.grad = grad[name].detach().clone().to(leaf.dtype)
+            leaf.grad = grad[name].detach().to(device=leaf.device, dtype=leaf.dtype, copy=True)
         if self.clip is not None:
             torch.nn.utils.clip_grad_norm_(list(self.leaves.values()), self.clip)
         self.optimizer.step()
