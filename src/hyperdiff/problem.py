@@ -114,6 +114,12 @@ def _check_params(params: Any, name: str) -> Params:
             f"hypergradient: {name} must be a non-empty dict name -> tensor "
             f"(got {describe(params)})"
         )
+    devices = {v.device for v in params.values() if isinstance(v, Tensor)}
+    if len(devices) > 1:
+        raise HyperdiffError(
+            f"hypergradient: {name} must live on one device (got {sorted(map(str, devices))}); "
+            "move them together, e.g. with problem.to(device)"
+        )
     out = {}
     for key, value in params.items():
         if not isinstance(value, Tensor) or not value.is_floating_point():
@@ -128,12 +134,6 @@ def _check_params(params: Any, name: str) -> Params:
     if len(dtypes) > 1:
         raise HyperdiffError(
             f"hypergradient: {name} must share one dtype (got {sorted(map(str, dtypes))})"
-        )
-    devices = {v.device for v in out.values()}
-    if len(devices) > 1:
-        raise HyperdiffError(
-            f"hypergradient: {name} must live on one device (got {sorted(map(str, devices))}); "
-            "move them together, e.g. with problem.to(device)"
         )
     return out
 
