@@ -17,6 +17,7 @@ accurate to about eps^(2/3) = 2.4e-5 times the problem's scale), checked at 2e-3
 from __future__ import annotations
 
 import importlib
+import types
 import warnings
 
 import pytest
@@ -242,7 +243,7 @@ def test_problem_to_refuses_bad_devices_and_dtypes():
         resolve_device("gpu7")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(hd.HyperdiffError, match="'cuda:1' is not available"):
+        with pytest.raises(hd.HyperdiffError, match="'cuda:1', which is not available"):
             PROBLEMS[False].to("cuda:1")
 
 
@@ -253,3 +254,50 @@ def test_params_on_two_devices_are_refused():
         hd.make_problem(loss, loss, hd.HyperParameters(c=hd.scalar(1.0)), params,
                         optimizer=hd.sgd(0.1), train_data=torch.zeros(1),
                         val_data=torch.zeros(1), steps=1)
+
+
+SMALL_RUN = ["--task", "ridge_diabetes", "--set", "inner.steps=5", "--set", "stop.max_steps=1",
+             "--set", "report.seeds=1", "--quiet"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+@pytest.mark.parametrize("command", ["run", "compare", "check"])
+def test_cli_device_that_is_not_there_is_a_clear_error(command, tmp_path, capsys):
+    from hyperdiff.cli import main
+
+    args = ["ridge_diabetes"] if command == "check" else [*SMALL_RUN, "--out", str(tmp_path)]
+    assert main([command, *args, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "must be a device this machine has (got 'cuda'" in err
+    assert "run.device" in err or "--device" in err
+
+
+def test_config_run_device_places_the_task_problems():
+    from hyperdiff.cli.common import config_overrides
+    from hyperdiff.config import load_config
+    from hyperdiff.experiment import build
+
+    args = types.SimpleNamespace(overrides=["inner.steps=5"], task="ridge_diabetes",
+                                 device="auto")
+    config = load_config(overrides=config_overrides(args))
+    assert config.run.device == "auto" and 'device = "auto"' in config.to_toml()
+    _, driver = build(config)
+    expected = resolve_device("auto")
+    assert all(p.device.type == expected.type for p in driver.problems)
+    assert load_config().run.device == "cpu"  # the default
+    with pytest.raises(hd.HyperdiffError, match="run.device must be"):
+        build(load_config(overrides=["run.device=tpu9"]))
+
+
+def test_task_moved_to_float32_evaluates_like_float64():
+    from hyperdiff.device import task_to_device
+    from hyperdiff.tasks import build_task
+
+    task = build_task("logistic_cancer", steps=10)
+    moved = task_to_device(task, "cpu", torch.float32)
+    assert task_to_device(task, "cpu") is task  # nothing to move
+    assert moved.final_problem.dtype == torch.float32
+    assert all(b[0].dtype == torch.float32 for b in moved.splits.values())
+    a, b = task.evaluate(), moved.evaluate()
+    for split in a:  # float32 training of a well-conditioned linear model
+        assert abs(a[split]["loss"] - b[split]["loss"]) <= 1e-4 * abs(a[split]["loss"])

@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 DEVICE_HELP = '"auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:N" or "mps"'
 
 
-def resolve_device(spec: str | torch.device, caller: str = "device") -> torch.device:
+def resolve_device(spec: str | torch.device, caller: str = "device",
+                   what: str = "device") -> torch.device:
     """The ``torch.device`` named by ``spec``; ``"auto"`` picks CUDA when there is one.
 
     Raises:
@@ -41,28 +42,29 @@ def resolve_device(spec: str | torch.device, caller: str = "device") -> torch.de
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(spec)
-    except (RuntimeError, TypeError) as err:
-        raise HyperdiffError(
-            f"{caller}: device must be {DEVICE_HELP} (got {describe(spec)}: {err})"
-        ) from None
+    except (RuntimeError, TypeError):
+        raise HyperdiffError(f"{caller}: {what} must be {DEVICE_HELP} (got {describe(spec)})"
+                             ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise HyperdiffError(
-                f"{caller}: device {str(device)!r} is not available: this torch "
-                f"({torch.__version__}) sees no CUDA device; use \"cpu\" or \"auto\""
+                f"{caller}: {what} must be a device this machine has (got {str(device)!r}, "
+                f"which is not available: torch {torch.__version__} sees no CUDA device); "
+                'use "cpu" or "auto"'
             )
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
             raise HyperdiffError(
-                f"{caller}: device must be one of cuda:0 .. cuda:{count - 1} on this machine "
+                f"{caller}: {what} must be one of cuda:0 .. cuda:{count - 1} on this machine "
                 f"(got {str(device)!r})"
             )
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise HyperdiffError(
-            f"{caller}: device 'mps' is not available on this machine; use \"cpu\" or \"auto\""
+            f"{caller}: {what} must be a device this machine has (got 'mps', which is not "
+            'available); use "cpu" or "auto"'
         )
     elif device.type not in ("cpu", "cuda", "mps"):
-        raise HyperdiffError(f"{caller}: device must be {DEVICE_HELP} (got {str(device)!r})")
+        raise HyperdiffError(f"{caller}: {what} must be {DEVICE_HELP} (got {str(device)!r})")
     return device
 
 
@@ -181,6 +183,13 @@ def task_to_device(task: Any, device: torch.device | str,
     """A copy of a task (a dataclass with ``problems``, ``final_problem`` and ``splits``) with
     every problem and evaluation split on ``device``. Fields it lacks are left alone."""
     device = resolve_device(device, "task") if isinstance(device, str) else device
+    problems = [*getattr(task, "problems", ()), getattr(task, "final_problem", None)]
+    if dtype is None and all(p is None or p.device == device for p in problems):
+        return task  # already there: nothing to move or wrap
+    if not dataclasses.is_dataclass(task) or isinstance(task, type):
+        raise HyperdiffError(
+            f"task_to_device: task must be a Task dataclass (got {describe(task)})"
+        )
     changes: dict[str, Any] = {}
     names = {f.name for f in dataclasses.fields(task)}
     if "problems" in names:
