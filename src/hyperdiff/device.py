@@ -178,6 +178,10 @@ def to_device(problem: Problem, device: torch.device | str,
     )
 
 
+def _is_dataclass_instance(value: Any) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
 def task_to_device(task: Any, device: torch.device | str,
                    dtype: torch.dtype | None = None) -> Any:
     """A copy of a task (a dataclass with ``problems``, ``final_problem`` and ``splits``) with
@@ -186,7 +190,7 @@ def task_to_device(task: Any, device: torch.device | str,
     problems = [*getattr(task, "problems", ()), getattr(task, "final_problem", None)]
     if dtype is None and all(p is None or p.device == device for p in problems):
         return task  # already there: nothing to move or wrap
-    if not dataclasses.is_dataclass(task) or isinstance(task, type):
+    if not _is_dataclass_instance(task):
         raise HyperdiffError(
             f"task_to_device: task must be a Task dataclass (got {describe(task)})"
         )
