@@ -147,7 +147,8 @@ def test_fake_device_catches_a_constructor_without_device(monkeypatch):
 
     def buggy_tangents(problem, raw):  # the one-hot tangents without device=
         k, out, start = problem.hparams.numel, {}, 0
-        eye = torch.eye(k, dtype=problem.hparam_dtype)
+        eye = torch.zeros(k, k, dtype=problem.hparam_dtype)  # the bug: no device=
+        eye.diagonal().fill_(1.0)
         for name, value in raw.items():
             out[name] = eye[:, start : start + value.numel()].reshape(k, *value.shape)
             start += value.numel()
