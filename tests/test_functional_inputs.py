@@ -102,6 +102,29 @@ def test_dict_passed_positionally_gets_a_hint():
         net(net.params, batch)
 
 
+def test_one_dict_argument_in_training_mode():
+    """``module(batch)`` with a dict, dropout on: this crashed with "'dict' object has no
+    attribute 'is_cuda'" when the RNG device was read from the single input."""
+
+    class DictModule(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = KeywordInputs()
+
+        def forward(self, batch):
+            return self.inner(features=batch["features"], mask=batch["mask"])
+
+    torch.manual_seed(0)
+    net = hd.functional(DictModule().double())
+    batch = data(6, 0)
+    ctx = StepContext(step=3, seed=5, train=True)
+    first = net(net.params, batch, ctx)
+    again = net(net.params, batch, StepContext(step=3, seed=5, train=True))
+    assert torch.equal(first, again)  # the same dropout mask for the same (seed, step)
+    other = net(net.params, batch, StepContext(step=4, seed=5, train=True))
+    assert not torch.equal(first, other)
+
+
 def test_ctx_given_twice_is_refused():
     net = hd.functional(nn.Linear(2, 1))
     ctx = StepContext(step=0, seed=0, train=False)
@@ -154,3 +177,13 @@ def test_torch_compile_submodule_is_refused():
     module.a = torch.compile(module.a, backend="eager")  # type: ignore[assignment]
     with pytest.raises(hd.HyperdiffError, match="double backward"):
         hd.functional(module)
+
+
+def test_rng_devices_are_found_in_every_argument():
+    from hyperdiff.models import _tensor_devices
+
+    cpu = torch.zeros(1)
+    assert _tensor_devices({"w": cpu}, ({"ids": cpu, "x": [cpu]},), {"mask": cpu}) == []
+    if torch.cuda.is_available():
+        gpu = torch.zeros(1, device="cuda")
+        assert _tensor_devices({"w": cpu}, ({"ids": [gpu]},), {}) == [gpu.device]

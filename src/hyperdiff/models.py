@@ -77,9 +77,10 @@ def _is_compiled(module: Any) -> bool:
 
 
 def _tensor_devices(*trees: Any) -> list[torch.device]:
-    """The distinct non-CPU devices of the tensors in ``trees``, in a fixed order."""
+    """The distinct accelerator devices (not CPU, not meta) of the tensors in ``trees``, in a
+    fixed order: those whose random generators a training call seeds."""
     found = {x.device for x in tree_flatten(trees)[0] if isinstance(x, Tensor)}
-    return sorted((d for d in found if d.type != "cpu"), key=str)
+    return sorted((d for d in found if d.type not in ("cpu", "meta")), key=str)
 
 
 @contextlib.contextmanager
