@@ -11,7 +11,8 @@ the wall time and the peak memory, and recommends a method (:func:`hyperdiff.adv
 Finite differences differentiate the same T-step training as reverse and forward, so the
 implicit rows also measure the bias of stopping training at T.
 
-**Peak memory** counts torch's own CPU allocations: each method runs once under
+**Peak memory** counts torch's own CPU allocations (on a CUDA problem: the device's, from
+``torch.cuda.max_memory_allocated``): each method runs once under
 ``torch.profiler`` with ``profile_memory=True``, whose allocator events (bytes allocated and
 freed, in order) are summed into a running total; the peak is its maximum above the level at
 the start. ``tracemalloc`` cannot see these (they are C++ allocations), and the process RSS
@@ -141,6 +142,17 @@ def peak_memory(fn: Callable[[], Any]) -> tuple[Any, int]:
     return result, peak
 
 
+def cuda_peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int]:
+    """Run ``fn()`` and return its result and the peak of CUDA allocations on ``device``
+    (bytes) above the level at the start (``torch.cuda.max_memory_allocated``)."""
+    torch.cuda.synchronize(device)
+    start = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    result = fn()
+    torch.cuda.synchronize(device)
+    return result, torch.cuda.max_memory_allocated(device) - start
+
+
 def _run(method: Method, problem: Problem, memory: bool):
     """(result or None, seconds, peak bytes or None, notes, failed)."""
     notes: list[str] = []
@@ -148,7 +160,9 @@ def _run(method: Method, problem: Problem, memory: bool):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            if memory:
+            if memory and problem.device.type == "cuda":
+                _, peak = cuda_peak_memory(lambda: method(problem), problem.device)
+            elif memory:
                 _, peak = peak_memory(lambda: method(problem))
             else:
                 _warm_up(method, problem)
@@ -232,7 +246,8 @@ def check(
         chosen[_label(method, chosen)] = method
     k = problem.hparams.numel
     generator = torch.Generator().manual_seed(seed)
-    coords = sorted(torch.randperm(k, generator=generator)[: min(coordinates, k)].tolist())
+    picked = torch.randperm(k, generator=generator, device="cpu")  # host ints: coordinates
+    coords = sorted(picked[: min(coordinates, k)].tolist())
 
     fd = finite_difference(coordinates=coords, warn=False)
     started = time.perf_counter()

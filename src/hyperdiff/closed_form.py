@@ -29,7 +29,7 @@ def ridge_solution(
     """``w* = (X' C X + Lam)^-1 X' C y`` with ``Lam = diag(l2)`` (scalar or ``(d,)``) and
     ``C = diag(sample_weight)`` (default identity)."""
     c = torch.ones_like(y) if sample_weight is None else sample_weight.to(y)
-    a = _normal_matrix(x, c, torch.as_tensor(l2, dtype=x.dtype))
+    a = _normal_matrix(x, c, torch.as_tensor(l2, dtype=x.dtype, device=x.device))
     return torch.linalg.solve(a, x.T @ (c * y))
 
 
@@ -48,7 +48,7 @@ def ridge_hypergradient(
     ``dL_val/dc_i = q'x_i (y_i - x_i'w*)``.
     """
     c = torch.ones_like(y) if sample_weight is None else sample_weight.to(y)
-    lam = torch.as_tensor(l2, dtype=x.dtype)
+    lam = torch.as_tensor(l2, dtype=x.dtype, device=x.device)
     a = _normal_matrix(x, c, lam)
     w = torch.linalg.solve(a, x.T @ (c * y))
     residual_val = x_val @ w - y_val

@@ -111,6 +111,12 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class RunConfig:
+    device: str = option("cpu", 'where tuning runs: "cpu", "cuda", "cuda:N", "mps" or "auto" '
+                         "(CUDA when available)")
+
+
+@dataclass(frozen=True)
 class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     inner: InnerConfig = field(default_factory=InnerConfig)
@@ -120,6 +126,7 @@ class Config:
     guard: GuardConfig = field(default_factory=GuardConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict; method options are flattened into ``[method]``."""

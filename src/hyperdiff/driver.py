@@ -235,7 +235,7 @@ class HyperOptimizer:
         mean = grads.mean(0)
         self._update(tied(self.hparams.unflatten(mean)) if step < self.tie_steps
                      else self.hparams.unflatten(mean), lr)
-        values = torch.tensor([hg.value for hg in evaluations], dtype=torch.float64)
+        values = torch.tensor([hg.value for hg in evaluations], dtype=torch.float64, device="cpu")
         val = float(values.mean())
         key = ranking_loss(step, self.tie_steps, self.selection is not None)
         criterion = selection if key == "selection" else val
@@ -343,7 +343,7 @@ class HyperOptimizer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         for name, leaf in self.leaves.items():
-            leaf.grad = grad[name].detach().clone().to(leaf.dtype)
+            leaf.grad = grad[name].detach().to(device=leaf.device, dtype=leaf.dtype, copy=True)
         if self.clip is not None:
             torch.nn.utils.clip_grad_norm_(list(self.leaves.values()), self.clip)
         self.optimizer.step()

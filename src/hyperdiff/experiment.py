@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, load_config
+from .device import resolve_device, task_to_device
 from .driver import HyperOptimizer, Stopping
 from .errors import HyperdiffError, NonFiniteError
 from .history import OptimizeResult, natural_values
@@ -33,6 +34,7 @@ def build(config: Config) -> tuple[Task, HyperOptimizer]:
         selection_fraction=config.task.selection_fraction, cv_folds=config.task.cv_folds,
         data_seed=config.task.data_seed,
     )
+    task = task_to_device(task, resolve_device(config.run.device, "config", "run.device"))
     stop = config.stop
     driver = HyperOptimizer(
         list(task.problems),

@@ -44,7 +44,8 @@ class HyperParameter:
 
 
 def _tensor(value: float | Tensor | list[float]) -> Tensor:
-    return torch.as_tensor(value, dtype=torch.float64).detach().clone()
+    # specs are host state: float64 on the CPU; Problem.raw_tensors moves values to the device
+    return torch.as_tensor(value, dtype=torch.float64, device="cpu").detach().clone()
 
 
 def scalar(value: float, constraint: Constraint | str | tuple | None = None) -> HyperParameter:
@@ -261,7 +262,7 @@ class HyperParameters(Mapping[str, HyperParameter]):
                     f"valid names are {list(self._specs)}"
                 )
             spec = self._specs[name]
-            v = torch.as_tensor(value, dtype=torch.float64).expand(spec.shape).clone()
+            v = torch.as_tensor(value, dtype=torch.float64, device="cpu").expand(spec.shape).clone()
             _check_natural(name, spec.constraint, v)
             raw[name] = spec.constraint.to_raw(v)
         return HyperParameters(self._specs, raw=raw)
@@ -272,12 +273,12 @@ class HyperParameters(Mapping[str, HyperParameter]):
         """Chain rule to natural units: ``dL/dx = (dL/du) / f'(u)`` elementwise."""
         raw = self._raw if raw is None else raw
         return {
-            n: grad_raw[n] / s.constraint.derivative(raw[n].to(grad_raw[n].dtype))
+            n: grad_raw[n] / s.constraint.derivative(raw[n].to(grad_raw[n]))
             for n, s in self._specs.items()
         }
 
     def check_raw(self, raw: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Validate names, shapes and finiteness of raw values; return float64 copies."""
+        """Validate names, shapes and finiteness of raw values; return float64 CPU copies."""
         if set(raw) != set(self._specs):
             raise HyperdiffError(
                 f"HyperParameters: raw values must have exactly the names {list(self._specs)} "
@@ -285,7 +286,7 @@ class HyperParameters(Mapping[str, HyperParameter]):
             )
         out = {}
         for name, spec in self._specs.items():
-            value = torch.as_tensor(raw[name]).detach().to(torch.float64)
+            value = torch.as_tensor(raw[name], dtype=torch.float64, device="cpu").detach()
             if tuple(value.shape) != spec.shape:
                 raise HyperdiffError(
                     f"HyperParameters: {name!r} must have shape {spec.shape} "

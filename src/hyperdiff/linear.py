@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .closed_form import RidgeAnswer, ridge_hypergradient, ridge_solution
+from .device import tensor_of
 from .errors import HyperdiffError, describe, positive_float, positive_int
 from .hyperparams import HyperParameters, per_feature, scalar
 from .optimizers import Optimizer, sgd
@@ -78,9 +79,9 @@ def load_dataset(
             f"load_dataset: val_fraction must be in (0, 1) (got {describe(val_fraction)})"
         )
     raw = loaders[name]()
-    x = torch.as_tensor(raw.data, dtype=torch.float64)
-    y = torch.as_tensor(raw.target)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    x = torch.as_tensor(raw.data, dtype=torch.float64, device="cpu")
+    y = torch.as_tensor(raw.target, device="cpu")
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed), device="cpu")
     n_val = max(1, round(val_fraction * len(y)))
     train, val = perm[n_val:], perm[:n_val]
     mean, std = x[train].mean(0), x[train].std(0)
@@ -126,10 +127,10 @@ class LinearProblem:
         x, _, _ = self.train_data
         n = x.shape[0]
         nat = self.hparams.natural(self.hparams.raw if raw is None else raw)
-        weight = nat["sample_weight"].to(x) if "sample_weight" in nat else torch.ones(n).to(x)
+        weight = nat["sample_weight"].to(x) if "sample_weight" in nat else x.new_ones(n)
         lam_max = float(nat["l2"].max()) if "l2" in nat else self.fixed_l2
         if self.kind != "ridge":
-            x = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1)
+            x = torch.cat([x, x.new_ones(n, 1)], 1)
         curvature = {"ridge": 1.0, "logistic": 0.25, "multinomial": 0.5}[self.kind]
         gram = x.T @ (weight[:, None] * x)
         top = float(torch.linalg.eigvalsh(gram)[-1]) * curvature
@@ -265,7 +266,7 @@ def _build(
         )
     l2 = positive_float(caller, "l2", l2)
     fixed_l2 = positive_float(caller, "fixed_l2", fixed_l2)
-    x, y, x_val, y_val = (torch.as_tensor(t) for t in data)
+    x, y, x_val, y_val = (tensor_of(t) for t in data)
     if x.dim() != 2 or x_val.dim() != 2 or x.shape[1] != x_val.shape[1]:
         raise HyperdiffError(
             f"{caller}: x_train and x_val must be 2-D with the same number of columns "
@@ -293,7 +294,7 @@ def _build(
         zeros,
         train_loss,
         val_loss,
-        (x, y, torch.arange(n)),
+        (x, y, torch.arange(n, device=x.device)),
         (x_val, y_val),
         fixed_l2,
         intercept_l2,
@@ -327,7 +328,7 @@ def logistic(
 ) -> LinearProblem:
     """L2-regularised logistic regression: binary for float 0/1 labels, multinomial (softmax)
     for long class labels ``0..c-1``; see the module doc for the losses."""
-    y = torch.as_tensor(Dataset(*data).y_train)
+    y = tensor_of(Dataset(*data).y_train)
     intercept_l2 = _nonnegative("logistic", "intercept_l2", intercept_l2)
     if y.is_floating_point():
         if not bool(((y == 0) | (y == 1)).all()):

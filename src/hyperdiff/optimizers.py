@@ -12,6 +12,8 @@ A coefficient (learning rate, momentum, betas, eps, weight decay) is one of
   step (a schedule), ``per_tensor`` / ``per_element`` ones at the current parameter;
 - a callable ``(hparams, step, param_name) -> Tensor | float`` for anything else, e.g.
   ``lambda h, t, _: h["lr"] * 0.5 * (1 + math.cos(math.pi * t / T))``.
+
+bf16 / fp16 parameters are updated in float32 (:func:`working_dtype`) and rounded back.
 """
 
 from __future__ import annotations
@@ -82,6 +84,16 @@ def safe_sqrt(x: Tensor) -> Tensor:
     return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), 0.0)
 
 
+def working_dtype(param: Tensor) -> torch.dtype:
+    """The dtype an update of ``param`` is computed in: its own, at least float32.
+
+    A bf16 / fp16 parameter is updated in float32 (its optimizer state too) and the new value
+    rounded back once, so a learning rate of 0.05 acts as 0.05 and not as its bf16 rounding;
+    for float32 and float64 parameters nothing changes (``.to`` of the same dtype is a no-op).
+    """
+    return torch.promote_types(param.dtype, torch.float32)
+
+
 def _check_coefficient(caller: str, name: str, coef: Coefficient) -> None:
     if isinstance(coef, bool) or (not isinstance(coef, (int, float, str)) and not callable(coef)):
         raise HyperdiffError(
@@ -115,12 +127,15 @@ def sgd(
     def init(params: Params) -> SGDState:
         if not use_momentum:
             return SGDState({})
-        return SGDState({k: torch.zeros_like(p) for k, p in params.items()})
+        return SGDState(
+            {k: torch.zeros_like(p, dtype=working_dtype(p)) for k, p in params.items()}
+        )
 
     def update(grads: Params, state: SGDState, params: Params, hparams: HParamView, step: int):
         new_params, new_buf = {}, {}
-        for k, p in params.items():
-            d = grads[k]
+        for k, param in params.items():
+            p = param.to(working_dtype(param))
+            d = grads[k].to(p.dtype)
             if not _is_zero(weight_decay):
                 d = _add_scaled(d, p, resolve(weight_decay, hparams, step, k))
             if use_momentum:
@@ -134,9 +149,9 @@ def sgd(
             lr_k = resolve(lr, hparams, step, k)
             # p - lr * d: same bits as p + (-lr) * d, one kernel fewer for a tensor lr
             if isinstance(lr_k, Tensor):
-                new_params[k] = p - lr_k * d
+                new_params[k] = (p - lr_k * d).to(param.dtype)
             else:
-                new_params[k] = torch.add(p, d, alpha=-lr_k)
+                new_params[k] = torch.add(p, d, alpha=-lr_k).to(param.dtype)
         return new_params, SGDState(new_buf)
 
     return Optimizer("sgd", init, update, coefs, {"nesterov": nesterov, "dampening": dampening})
@@ -165,15 +180,16 @@ def adam(
 
     def init(params: Params) -> AdamState:
         return AdamState(
-            {k: torch.zeros_like(p) for k, p in params.items()},
-            {k: torch.zeros_like(p) for k, p in params.items()},
+            {k: torch.zeros_like(p, dtype=working_dtype(p)) for k, p in params.items()},
+            {k: torch.zeros_like(p, dtype=working_dtype(p)) for k, p in params.items()},
         )
 
     def update(grads: Params, state: AdamState, params: Params, hparams: HParamView, step: int):
         t = step + 1
         new_params, new_m, new_v = {}, {}, {}
-        for k, p in params.items():
-            g = grads[k]
+        for k, param in params.items():
+            p = param.to(working_dtype(param))
+            g = grads[k].to(p.dtype)
             lr_k = resolve(lr, hparams, step, k)
             if not _is_zero(weight_decay):
                 wd = resolve(weight_decay, hparams, step, k)
@@ -193,9 +209,9 @@ def adam(
             denom = safe_sqrt(v) / correction2_sqrt + resolve(eps, hparams, step, k)
             step_size = lr_k / correction1
             if isinstance(step_size, Tensor):
-                new_params[k] = p - step_size * (m / denom)
+                new_params[k] = (p - step_size * (m / denom)).to(param.dtype)
             else:
-                new_params[k] = torch.addcdiv(p, m, denom, value=-step_size)
+                new_params[k] = torch.addcdiv(p, m, denom, value=-step_size).to(param.dtype)
             new_m[k], new_v[k] = m, v
         return new_params, AdamState(new_m, new_v)
 

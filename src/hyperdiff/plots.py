@@ -55,11 +55,13 @@ def hparams_figure(history: History) -> Figure:
     axes = figure.subplots((len(names) + 2) // 3, min(len(names), 3), squeeze=False).ravel()
     steps = history.column("step")
     for ax, name in zip(axes, names, strict=False):
-        values = torch.tensor([_as_list(r.hparams[name]) for r in history], dtype=torch.float64)
+        values = torch.tensor([_as_list(r.hparams[name]) for r in history], dtype=torch.float64,
+                              device="cpu")
         if values.shape[1] == 1:
             ax.plot(steps, values[:, 0], marker=".")
         else:
-            low, high = torch.quantile(values, torch.tensor([0.1, 0.9], dtype=values.dtype), 1)
+            levels = torch.tensor([0.1, 0.9], dtype=values.dtype, device="cpu")
+            low, high = torch.quantile(values, levels, 1)
             ax.fill_between(steps, low, high, alpha=0.3, label="10-90%")
             ax.plot(steps, values.mean(1), label=f"mean of {values.shape[1]}")
             ax.legend(fontsize=8)
@@ -129,7 +131,8 @@ def sensitivity_figure(history: History, meta: dict) -> Figure:
     if not grads:
         left.set_title("no successful step")
         return figure
-    mean_abs = {n: torch.tensor([_as_list(g[n]) for g in grads]).abs().mean(0) for n in names}
+    mean_abs = {n: torch.tensor([_as_list(g[n]) for g in grads], device="cpu").abs().mean(0)
+                for n in names}
     per_name = sorted(((float(v.mean()), n) for n, v in mean_abs.items()), reverse=True)
     left.barh([n for _, n in per_name][::-1], [v for v, _ in per_name][::-1])
     left.set_xlabel("mean |dL/du| per coordinate")

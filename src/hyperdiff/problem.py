@@ -53,10 +53,26 @@ class Problem:
     def num_params(self) -> int:
         return sum(int(p.numel()) for p in self.params.values())
 
+    @property
+    def hparam_dtype(self) -> torch.dtype:
+        """dtype of hyperparameter values: the parameters' dtype, at least float32 (a bf16 or
+        fp16 model still sees lr 0.05, not its bf16 rounding 0.0498)."""
+        return torch.promote_types(self.dtype, torch.float32)
+
     def raw_tensors(self, raw: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """Raw values (default: the collection's current ones) in the parameters' dtype."""
+        """Raw values (default: the collection's current ones) on the parameters' device, in
+        :attr:`hparam_dtype`."""
         values = self.hparams.raw if raw is None else raw
-        return {n: v.detach().to(self.dtype) for n, v in values.items()}
+        return {n: v.detach().to(device=self.device, dtype=self.hparam_dtype)
+                for n, v in values.items()}
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Problem:
+        """A copy on ``device`` (floating-point tensors cast to ``dtype`` if given): params,
+        buffers, validation batches, and training batches as they are read (see
+        :mod:`hyperdiff.device`)."""
+        from .device import to_device  # local: device imports this module's names lazily
+
+        return to_device(self, device, dtype)
 
     def with_steps(self, steps: int) -> Problem:
         return replace(self, steps=positive_int("Problem", "steps", steps))
@@ -97,6 +113,12 @@ def _check_params(params: Any, name: str) -> Params:
         raise HyperdiffError(
             f"hypergradient: {name} must be a non-empty dict name -> tensor "
             f"(got {describe(params)})"
+        )
+    devices = {v.device for v in params.values() if isinstance(v, Tensor)}
+    if len(devices) > 1:
+        raise HyperdiffError(
+            f"hypergradient: {name} must live on one device (got {sorted(map(str, devices))}); "
+            "move them together, e.g. with problem.to(device)"
         )
     out = {}
     for key, value in params.items():

@@ -161,7 +161,7 @@ def trainings_per_trial(task: Task, objective: str) -> int:
 def evaluate_trial(task: Task, values: Mapping[str, Any], *, seed: int, objective: str
                    ) -> tuple[float, dict[str, float]]:
     """Train at ``values`` and return (objective, metrics); a diverged training gives ``inf``."""
-    natural = {n: torch.tensor(v, dtype=torch.float64) if isinstance(v, list) else v
+    natural = {n: torch.tensor(v, dtype=torch.float64, device="cpu") if isinstance(v, list) else v
                for n, v in values.items()}
     try:
         if objective == "outer_loss":

@@ -291,7 +291,8 @@ def dense_matrix(matvec: MatVec, n: int, like: Tensor, chunk_size: int) -> tuple
     for start in range(0, n, chunk_size):
         stop = min(n, start + chunk_size)
         units = torch.zeros(stop - start, n, dtype=like.dtype, device=like.device)
-        units[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+        units[torch.arange(stop - start, device=like.device),
+              torch.arange(start, stop, device=like.device)] = 1.0
         try:
             rows.append(torch.func.vmap(matvec)(units))
         except RuntimeError as err:

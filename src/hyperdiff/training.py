@@ -92,7 +92,7 @@ def unroll(
     stop = problem.steps if stop is None else stop
     # one preallocated buffer: keeping T small loss tensors alive would pin heap pages
     # between the steps' large temporaries (several MB of RSS at T = 1000)
-    losses = torch.empty(max(stop - start, 0), dtype=problem.dtype, device=problem.device)
+    losses = torch.empty(max(stop - start, 0), dtype=problem.hparam_dtype, device=problem.device)
     params, buffers, opt_state = state
     for step in range(start, stop):
         params, buffers, opt_state, loss = train_step(

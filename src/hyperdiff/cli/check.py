@@ -10,6 +10,8 @@ HELP = "check a built-in task's problem (method agreement, cost) and recommend a
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("task", nargs="?", help="built-in task (default: the default task)")
     parser.add_argument("--steps", type=int, help="inner steps T (default: the task's)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (default), cuda, cuda:N, mps or auto")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,7 +25,10 @@ def run(args: argparse.Namespace) -> int:
             f"check: the hyperdiff.check module must be installed to run checks (got "
             f"ImportError: {err})"
         ) from err
-    task = build_task(args.task or DEFAULT_TASK, steps=args.steps)
+    from ..device import resolve_device, task_to_device
+
+    device = resolve_device(args.device, "check", "--device")
+    task = task_to_device(build_task(args.task or DEFAULT_TASK, steps=args.steps), device)
     report = check(task.problems[0])
     print(report.table())
     print(report.recommendation)

@@ -9,18 +9,23 @@ from collections.abc import Callable
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """``[CONFIG.toml] [--task NAME] [--set KEY=VALUE ...]``."""
+    """``[CONFIG.toml] [--task NAME] [--set KEY=VALUE ...] [--device DEVICE]``."""
     parser.add_argument("config", nargs="?", help="TOML config (default: built-in defaults)")
     parser.add_argument("--task", help="built-in task (same as --set task.name=TASK)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         dest="overrides", help="override a config key, e.g. stop.max_steps=10")
+    parser.add_argument("--device", help='cpu, cuda, cuda:N, mps or auto (same as --set '
+                        "run.device=DEVICE)")
 
 
 def config_overrides(args: argparse.Namespace) -> list[str]:
-    """``--set`` values, with ``--task NAME`` first as ``task.name=NAME``."""
+    """``--set`` values, with ``--task NAME`` first as ``task.name=NAME`` and ``--device D``
+    last as ``run.device=D``."""
     overrides = list(args.overrides)
     if args.task:
         overrides.insert(0, f"task.name={args.task}")
+    if getattr(args, "device", None):
+        overrides.append(f'run.device="{args.device}"')
     return overrides
 
 

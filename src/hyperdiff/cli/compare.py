@@ -112,7 +112,7 @@ def evaluate_values(task: Any, values: Mapping[str, Any], seeds: Sequence[int]
     """Retrain at natural ``values`` (lists for per-coordinate vectors) on ``seeds``."""
     import torch
 
-    natural = {n: torch.tensor(v, dtype=torch.float64) for n, v in values.items()}
+    natural = {n: torch.tensor(v, dtype=torch.float64, device="cpu") for n, v in values.items()}
     return task.evaluate(task.hparams.with_natural(**natural).raw, seeds=tuple(seeds))
 
 

@@ -58,7 +58,7 @@ def _step_function(problem: Problem, step: int):
 def _coordinate_tangents(problem: Problem, raw: dict[str, Tensor]) -> dict[str, Tensor]:
     """One-hot tangents for the raw values: name -> (k, *shape)."""
     k = problem.hparams.numel
-    eye = torch.eye(k, dtype=problem.dtype, device=problem.device)
+    eye = torch.eye(k, dtype=problem.hparam_dtype, device=problem.device)
     out, start = {}, 0
     for name, value in raw.items():
         size = value.numel()
@@ -85,7 +85,7 @@ def _unroll_double_vjp(problem: Problem, raw: dict[str, Tensor], raw_tangent: di
         leaves, spec = tree_flatten(tuple(initial_state(problem, differentiable=False)))
     tangents = [x.new_zeros((k, *x.shape)) for x in leaves]
     names, raw_z = list(raw), list(raw_tangent.values())
-    losses = torch.empty(problem.steps, dtype=problem.dtype, device=problem.device)
+    losses = torch.empty(problem.steps, dtype=problem.hparam_dtype, device=problem.device)
     for step in range(problem.steps):
         xs = [x.detach().requires_grad_(x.is_floating_point()) for x in leaves]
         us = [raw[n].detach().requires_grad_() for n in names]
@@ -126,7 +126,7 @@ def _unroll_jvp(problem: Problem, raw: dict[str, Tensor], raw_tangent: dict[str,
     with torch.no_grad():
         state = tuple(initial_state(problem, differentiable=False))
     tangent = tree_map(lambda x: x.new_zeros((k, *x.shape)), state)
-    losses = torch.empty(problem.steps, dtype=problem.dtype, device=problem.device)
+    losses = torch.empty(problem.steps, dtype=problem.hparam_dtype, device=problem.device)
     for step in range(problem.steps):
         phi = _step_function(problem, step)
 

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from ..data import Epochs, FullBatch, Minibatches, Recorded, Sequence
+from ..device import unwrap
 from ..errors import HyperdiffError, describe, positive_float, positive_int
 from ..models import StepContext
 from ..problem import Problem, call_loss, sum_in_order
@@ -57,7 +58,7 @@ from .base import HyperGradient, Method, finish, zeros_for_unused
 
 def epoch_batches(problem: Problem) -> int:
     """Number of batches averaged into ``L_train`` by default (see the module doc)."""
-    source = problem.train_data
+    source = unwrap(problem.train_data)  # the source under Problem.to's device wrapper
     if isinstance(source, FullBatch):
         return 1
     if isinstance(source, Sequence):

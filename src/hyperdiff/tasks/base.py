@@ -153,7 +153,7 @@ def make_splits(
         raise HyperdiffError(
             f"task: selection_fraction must be in [0, 1) (got {selection_fraction})"
         )
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed), device="cpu")
     n_test, n_val = int(round(test * n)), int(round(val * n))
     n_sel = int(round(selection_fraction * n_val))
     test_idx = perm[:n_test]
@@ -172,7 +172,8 @@ def fold_indices(pool: Tensor, folds: int, seed: int) -> list[tuple[Tensor, Tens
         raise HyperdiffError(
             f"task: cv_folds must be 0 (off) or an int in [2, {pool.numel()}] (got {folds})"
         )
-    perm = pool[torch.randperm(pool.numel(), generator=torch.Generator().manual_seed(seed + 1))]
+    generator = torch.Generator().manual_seed(seed + 1)
+    perm = pool[torch.randperm(pool.numel(), generator=generator, device="cpu")]
     parts = torch.tensor_split(perm, folds)
     pairs = []
     for j, held in enumerate(parts):
@@ -248,8 +249,8 @@ def per_feature_l2_task(
     from .datasets import load  # local: datasets is a leaf the task modules also use
 
     x_np, y_np = load(dataset)
-    x_all = torch.as_tensor(x_np, dtype=torch.float64)
-    y = torch.as_tensor(y_np, dtype=label_dtype)
+    x_all = torch.as_tensor(x_np, dtype=torch.float64, device="cpu")
+    y = torch.as_tensor(y_np, dtype=label_dtype, device="cpu")
     splits = make_splits(
         len(y), test=0.25, val=0.25, selection_fraction=selection_fraction, seed=data_seed
     )

@@ -50,8 +50,8 @@ def metrics(params: Params, hparams: HParamView, batch: Batch) -> dict[str, floa
 
 def initial_params(features: int) -> Params:
     """Zeros: theta_0 of the inner training."""
-    return {"w": torch.zeros(features, dtype=torch.float64),
-            "b": torch.zeros((), dtype=torch.float64)}
+    return {"w": torch.zeros(features, dtype=torch.float64, device="cpu"),
+            "b": torch.zeros((), dtype=torch.float64, device="cpu")}
 
 
 def build(

@@ -54,8 +54,8 @@ def metrics(params: Params, hparams: HParamView, batch: Batch) -> dict[str, floa
 
 def initial_params(features: int) -> Params:
     """Zeros: theta_0 of the inner training."""
-    return {"W": torch.zeros(features, CLASSES, dtype=torch.float64),
-            "b": torch.zeros(CLASSES, dtype=torch.float64)}
+    return {"W": torch.zeros(features, CLASSES, dtype=torch.float64, device="cpu"),
+            "b": torch.zeros(CLASSES, dtype=torch.float64, device="cpu")}
 
 
 def build(

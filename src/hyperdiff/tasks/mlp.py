@@ -35,7 +35,8 @@ INITIAL = {"lr": 0.05, "momentum": 0.5, "weight_decay": 1e-3}
 def load_digits_data() -> tuple[Tensor, Tensor]:
     """Digits inputs scaled to [0, 1] (1797 x 64, float32) and labels (int64)."""
     x, y = load("digits")
-    return torch.as_tensor(x / 16.0, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)
+    return (torch.as_tensor(x / 16.0, dtype=torch.float32, device="cpu"),
+            torch.as_tensor(y, dtype=torch.long, device="cpu"))
 
 
 def init_mlp(inputs: int, hidden: int, classes: int, seed: int = 0) -> Params:
@@ -43,10 +44,10 @@ def init_mlp(inputs: int, hidden: int, classes: int, seed: int = 0) -> Params:
     gen = torch.Generator().manual_seed(seed)
 
     def uniform(shape: tuple[int, ...], fan_in: int) -> Tensor:
-        return (torch.rand(shape, generator=gen) * 2 - 1) / math.sqrt(fan_in)
+        return (torch.rand(shape, generator=gen, device="cpu") * 2 - 1) / math.sqrt(fan_in)
 
-    return {"W1": uniform((inputs, hidden), inputs), "b1": torch.zeros(hidden),
-            "W2": uniform((hidden, classes), hidden), "b2": torch.zeros(classes)}
+    return {"W1": uniform((inputs, hidden), inputs), "b1": torch.zeros(hidden, device="cpu"),
+            "W2": uniform((hidden, classes), hidden), "b2": torch.zeros(classes, device="cpu")}
 
 
 def forward(params: Params, x: Tensor) -> Tensor:

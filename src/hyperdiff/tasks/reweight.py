@@ -32,10 +32,11 @@ DEFAULTS = {"inner.steps": DEFAULT_STEPS, "outer.lr": 0.3, "stop.max_steps": 30}
 def flip_labels(y: Tensor, rows: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
     """Copy of ``y`` where ``fraction`` of ``rows`` get a different random class; the mask."""
     gen = torch.Generator().manual_seed(seed + 2)
-    flipped = torch.zeros(len(y), dtype=torch.bool)
-    chosen = rows[torch.randperm(len(rows), generator=gen)[: int(round(fraction * len(rows)))]]
+    flipped = torch.zeros(len(y), dtype=torch.bool, device=y.device)
+    order = torch.randperm(len(rows), generator=gen, device="cpu")
+    chosen = rows[order[: int(round(fraction * len(rows)))]]
     flipped[chosen] = True
-    shift = torch.randint(1, 10, (len(chosen),), generator=gen)
+    shift = torch.randint(1, 10, (len(chosen),), generator=gen, device="cpu")
     noisy = y.clone()
     noisy[chosen] = (y[chosen] + shift) % 10
     return noisy, flipped
@@ -78,7 +79,7 @@ def build(
     n_train = len(splits.train)
     hparams = HyperParameters(weight=per_feature(0.5, n_train, (0.0, 1.0)))
     theta0 = init_mlp(x.shape[1], HIDDEN, 10, seed=data_seed)
-    train_batch = (x[splits.train], y[splits.train], torch.arange(n_train))
+    train_batch = (x[splits.train], y[splits.train], torch.arange(n_train, device=x.device))
 
     def batch_for(rows: Tensor) -> Batch:
         return x[rows], y[rows]

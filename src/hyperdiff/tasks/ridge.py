@@ -58,7 +58,8 @@ def metrics(params: Params, hparams: HParamView, batch: Batch) -> dict[str, floa
 def closed_form(x: Tensor, y: Tensor, lam: float) -> Tensor:
     """The exact ridge solution ``(x^T x / n + lam I)^-1 x^T y / n`` (a test oracle)."""
     n, p = x.shape
-    return torch.linalg.solve(x.T @ x / n + lam * torch.eye(p, dtype=x.dtype), x.T @ y / n)
+    eye = torch.eye(p, dtype=x.dtype, device=x.device)
+    return torch.linalg.solve(x.T @ x / n + lam * eye, x.T @ y / n)
 
 
 def build(
@@ -68,7 +69,7 @@ def build(
     """The ridge task (see the module doc)."""
     steps = steps or DEFAULT_STEPS
     x_np, y_np = load("diabetes")
-    x_all, y_all = torch.as_tensor(x_np), torch.as_tensor(y_np)
+    x_all, y_all = torch.as_tensor(x_np, device="cpu"), torch.as_tensor(y_np, device="cpu")
     splits = make_splits(
         len(y_all), test=0.25, val=0.22, selection_fraction=selection_fraction, seed=data_seed
     )
@@ -81,7 +82,7 @@ def build(
 
     def problem_for(train_rows: Tensor, val_rows: Tensor) -> Problem:
         return make_problem(
-            train_loss, val_loss, hparams, {"w": torch.zeros(x.shape[1], dtype=torch.float64)},
+            train_loss, val_loss, hparams, {"w": x.new_zeros(x.shape[1])},
             optimizer=sgd(0.02, 0.9), train_data=batch_for(train_rows),
             val_data=batch_for(val_rows), steps=steps, probe=False,
         )
