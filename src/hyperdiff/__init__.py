@@ -9,6 +9,7 @@ from .data import BatchSource, minibatches
 from .driver import HyperOptimizer, Stopping
 from .errors import HyperdiffError, NonFiniteError
 from .history import History, OptimizeResult, StepRecord
+from .loggers import CSVLogger, TensorBoardLogger
 from .hyperparams import (
     HParamView,
     HyperParameter,
@@ -35,12 +36,14 @@ from .models import FunctionalModel, StepContext, functional
 from .optimizers import Optimizer, adam, adamw, sgd
 from .problem import Problem, make_problem
 from .solvers import ConvergenceWarning, Solver, SolveResult, cg, exact, neumann
+from .tasks import SearchRange, Task, TaskData, TaskSpec, build_task, given_splits, task
 from .training import train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Advice",
+    "CSVLogger",
     "BatchSource",
     "CheckReport",
     "Constraint",
@@ -62,13 +65,19 @@ __all__ = [
     "Optimizer",
     "Positive",
     "Problem",
+    "SearchRange",
     "SolveResult",
     "Solver",
     "StepContext",
     "StepRecord",
     "Stopping",
+    "Task",
+    "TaskData",
+    "TaskSpec",
+    "TensorBoardLogger",
     "adam",
     "adamw",
+    "build_task",
     "cg",
     "check",
     "checkpointed",
@@ -76,6 +85,7 @@ __all__ = [
     "finite_difference",
     "forward",
     "functional",
+    "given_splits",
     "hypergradient",
     "implicit",
     "linear",
@@ -91,6 +101,7 @@ __all__ = [
     "reversible",
     "scalar",
     "sgd",
+    "task",
     "train",
     "truncated",
 ]
