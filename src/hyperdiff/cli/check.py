@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "check a built-in task's problem (method agreement, cost) and recommend a method"
+HELP = "check a task's problem (method agreement, cost) and recommend a method"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("task", nargs="?", help="built-in task (default: the default task)")
+    parser.add_argument("task", nargs="?", help="built-in task, or your own as "
+                        "package.module:build or path/to/file.py:build (runs that code; "
+                        "default: the default task)")
+    parser.add_argument("--task", dest="task_option", metavar="TASK",
+                        help="the same as the positional TASK")
     parser.add_argument("--steps", type=int, help="inner steps T (default: the task's)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,8 +28,10 @@ def run(args: argparse.Namespace) -> int:
             f"check: the hyperdiff.check module must be installed to run checks (got "
             f"ImportError: {err})"
         ) from err
-    task = build_task(args.task or DEFAULT_TASK, steps=args.steps)
-    report = check(task.problems[0])
+    if args.steps is not None and args.steps < 1:
+        raise HyperdiffError(f"check: --steps must be a positive int (got {args.steps})")
+    task = build_task(args.task or args.task_option or DEFAULT_TASK, steps=args.steps)
+    report = check(task.problems[0], progress=False if args.quiet else None)
     print(report.table())
     print(report.recommendation)
     return 0
