@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import user_task_example
 
 import hyperdiff as hd
-import user_task_example
 from hyperdiff.cli import main
 from hyperdiff.config import load_config
 from hyperdiff.experiment import run_experiment

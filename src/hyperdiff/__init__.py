@@ -9,7 +9,6 @@ from .data import BatchSource, minibatches
 from .driver import HyperOptimizer, Stopping
 from .errors import HyperdiffError, NonFiniteError
 from .history import History, OptimizeResult, StepRecord
-from .loggers import CSVLogger, TensorBoardLogger
 from .hyperparams import (
     HParamView,
     HyperParameter,
@@ -20,6 +19,7 @@ from .hyperparams import (
     per_tensor,
     scalar,
 )
+from .loggers import CSVLogger, TensorBoardLogger
 from .methods import (
     CostWarning,
     HyperGradient,
@@ -43,8 +43,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Advice",
-    "CSVLogger",
     "BatchSource",
+    "CSVLogger",
     "CheckReport",
     "Constraint",
     "ConvergenceWarning",

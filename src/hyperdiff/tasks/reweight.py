@@ -10,10 +10,10 @@ constant weight cancels out of the normalized loss.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
-
-from collections.abc import Mapping
 
 from ..hyperparams import HParamView, HyperParameters, per_feature
 from ..optimizers import sgd
@@ -91,7 +91,7 @@ def build(*, steps: int = DEFAULT_STEPS, data_seed: int = 0) -> TaskSpec:
 def flipped_rows(data: TaskData) -> Tensor:
     """Which training rows (in the order of the weights) got a flipped label."""
     assert data.rows is not None
-    x, y_clean = load_digits_data()
+    _, y_clean = load_digits_data()
     _, flipped = flip_labels(y_clean, data.rows.train, NOISE, data.data_seed)
     return flipped[data.rows.train]
 
