@@ -120,7 +120,17 @@ def test_tensorboard_logger_writes_events(tmp_path):
     config = load_config(overrides=[f"task.name={MODULE_REF}", "report.seeds=1",
                                     "stop.max_steps=2", "log.tensorboard=tb"])
     run_experiment(config, out=tmp_path, progress=False, log=lambda m: None)
-    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    records = history(tmp_path)
+    for tag, key in (("val_loss", "val_loss"), ("grad_norm", "grad_norm"), ("lr", "lr")):
+        logged = events.Scalars(tag)
+        assert [e.step for e in logged] == [r["step"] for r in records]
+        assert [e.value for e in logged] == pytest.approx([r[key] for r in records], rel=1e-6)
+    assert [e.value for e in events.Scalars("hparams/wd")] == pytest.approx(
+        [r["hparams"]["wd"] for r in records], rel=1e-6)
 
 
 def test_tensorboard_without_the_package_is_one_clear_error(tmp_path, monkeypatch):
@@ -162,3 +172,12 @@ def test_given_splits_with_a_separate_selection():
         "val": 15, "selection": 15, "test": 30}
     with pytest.raises(hd.HyperdiffError, match="cv_folds must be 0 with given_splits"):
         replace(spec, data=given).build(cv_folds=3)
+
+
+def test_a_toml_config_names_a_user_task_and_gets_its_defaults(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text(f'[task]\nname = "{FILE_REF}"\n\n[outer]\nlr = 0.05\n')
+    config = load_config(path)
+    assert config.task.name == FILE_REF
+    assert (config.inner.steps, config.stop.max_steps, config.outer.lr) == (6, 3, 0.05)
+    assert load_config(data=config.to_dict()) == config  # what a run directory stores
