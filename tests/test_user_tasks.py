@@ -181,3 +181,38 @@ def test_a_toml_config_names_a_user_task_and_gets_its_defaults(tmp_path):
     assert config.task.name == FILE_REF
     assert (config.inner.steps, config.stop.max_steps, config.outer.lr) == (6, 3, 0.05)
     assert load_config(data=config.to_dict()) == config  # what a run directory stores
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [({"model": torch.nn.Linear(4, 3)}, "model must be hd.functional(module)"),
+     ({"data": "abc"}, "data must be a tensor, a tuple or a dict of tensors"),
+     ({"data": (torch.zeros(10, 4), torch.zeros(9))}, "must share their first dimension"),
+     ({"hparams": lambda data: {"lr": 0.1}}, "hparams must be a hd.HyperParameters"),
+     ({"test_fraction": 1.5}, "test_fraction must be in (0, 1)"),
+     ({"cross_validation": "folds would leak"}, "cv_folds must be 0 (got 3): folds would leak")],
+)
+def test_bad_task_descriptions_name_the_argument(change, expected):
+    spec = replace(user_task_example.build(), **change)
+    with pytest.raises(hd.HyperdiffError) as info:
+        spec.build(cv_folds=3 if "cross_validation" in change else 0)
+    assert expected in str(info.value)
+
+
+def test_hd_task_checks_its_arguments():
+    spec = user_task_example.build()
+    with pytest.raises(hd.HyperdiffError, match="optimizer must be made by hd.sgd"):
+        hd.task("x", model=spec.model, train_loss=spec.train_loss, val_loss=spec.val_loss,
+                hparams=spec.hparams, optimizer=torch.optim.SGD, data=spec.data, steps=5)
+    with pytest.raises(hd.HyperdiffError, match="steps must be a positive int"):
+        hd.task("x", model=spec.model, train_loss=spec.train_loss, val_loss=spec.val_loss,
+                hparams=spec.hparams, optimizer=spec.optimizer, data=spec.data, steps=0)
+
+
+def test_the_example_cnn_task_builds_and_evaluates_in_eval_mode():
+    root = HERE.parent
+    task = build_task(f"{root / 'examples' / 'own_task.py'}:build", steps=2)
+    assert task.name == "cnn_digits" and task.hparams["lr"].shape == (2,)
+    assert sum(task.info["sizes"].values()) == 1797
+    report = task.evaluate(seeds=(0,))
+    assert 0.0 <= report["test"]["accuracy"] <= 1.0
