@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -134,8 +135,6 @@ def test_tensorboard_logger_writes_events(tmp_path):
 
 
 def test_tensorboard_without_the_package_is_one_clear_error(tmp_path, monkeypatch):
-    import sys
-
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     config = load_config(overrides=[f"task.name={MODULE_REF}", "log.tensorboard=tb"])
     with pytest.raises(hd.HyperdiffError, match=r"hyperdiff\[tensorboard\]"):
@@ -216,3 +215,15 @@ def test_the_example_cnn_task_builds_and_evaluates_in_eval_mode():
     assert sum(task.info["sizes"].values()) == 1797
     report = task.evaluate(seeds=(0,))
     assert 0.0 <= report["test"]["accuracy"] <= 1.0
+
+
+def test_a_module_in_the_working_directory_is_found(tmp_path, monkeypatch):
+    """As `python -m` (and uvicorn) do: a console script has no working directory on
+    sys.path, so the loader adds it for a module reference."""
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])
+    source = (HERE / "user_task_example.py").read_text()
+    (tmp_path / "cwd_task_xyz.py").write_text(source)
+    monkeypatch.chdir(tmp_path)
+    task = build_task("cwd_task_xyz:build", steps=3)
+    assert task.name == "user_bn"
+    monkeypatch.delitem(sys.modules, "cwd_task_xyz")

@@ -44,11 +44,21 @@ def split_reference(ref: str) -> tuple[str, str]:
     return where, attr
 
 
+def _on_path(directory: Path) -> None:
+    """Put ``directory`` on ``sys.path`` (first) unless it is there already."""
+    entry = str(directory.resolve())
+    if entry not in sys.path:
+        sys.path.insert(0, entry)
+
+
 def import_target(where: str, ref: str) -> ModuleType:
-    """Import ``where``: a dotted module name, or a ``.py`` file path (relative to the
-    working directory)."""
+    """Import ``where``: a dotted module name (looked up on ``sys.path`` and in the working
+    directory, as ``python -m`` would), or a ``.py`` file path relative to the working
+    directory (its own directory goes on ``sys.path``, as for ``python file.py``)."""
     if where.endswith(".py") or "/" in where or "\\" in where:
         return _import_file(Path(where), ref)
+    if "" not in sys.path:
+        _on_path(Path.cwd())
     try:
         return importlib.import_module(where)
     except ModuleNotFoundError as err:
@@ -69,6 +79,7 @@ def _import_file(path: Path, ref: str) -> ModuleType:
     name = "hyperdiff_user_task_" + re.sub(r"\W", "_", str(resolved))
     if name in sys.modules:
         return sys.modules[name]
+    _on_path(resolved.parent)
     spec = importlib.util.spec_from_file_location(name, resolved)
     if spec is None or spec.loader is None:
         raise HyperdiffError(f"task: file {str(path)!r} of {ref!r} must be a Python file")
