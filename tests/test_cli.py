@@ -106,7 +106,7 @@ def test_check_calls_hyperdiff_check_on_the_task_problem(monkeypatch, capsys):
         def table(self):
             return "fake table"
 
-    def check(problem):
+    def check(problem, **options):
         seen["steps"] = problem.steps
         return Report()
 

@@ -298,7 +298,8 @@ def test_task_moved_to_float32_evaluates_like_float64():
     moved = task_to_device(task, "cpu", torch.float32)
     assert task_to_device(task, "cpu") is task  # nothing to move
     assert moved.final_problem.dtype == torch.float32
-    assert all(b[0].dtype == torch.float32 for b in moved.splits.values())
+    assert all(batch[0].dtype == torch.float32
+               for batches in moved.splits.values() for batch in batches)
     a, b = task.evaluate(), moved.evaluate()
     for split in a:  # float32 training of a well-conditioned linear model
         assert abs(a[split]["loss"] - b[split]["loss"]) <= 1e-4 * abs(a[split]["loss"])

@@ -10,9 +10,9 @@ import torch
 
 import hyperdiff as hd
 from hyperdiff.driver import HyperOptimizer, Stopping
-from hyperdiff.tasks import TASKS, build_task, list_tasks, ridge, task_defaults
-from hyperdiff.tasks.base import make_splits
-from hyperdiff.tasks.datasets import load
+from hyperdiff.tasks import TASKS, build_task, list_tasks, load_task_spec, ridge, task_defaults
+from hyperdiff.tasks.reweight import flipped_rows
+from hyperdiff.tasks.splits import fold_rows, split_rows
 from hyperdiff.training import train, validation_loss
 
 REPORT_SEEDS = (101, 102)
@@ -30,18 +30,33 @@ def tune(task, **kwargs):
                           **options).run()
 
 
-@pytest.mark.parametrize("name", ["diabetes", "breast_cancer", "digits"])
-def test_bundled_files_match_the_scikit_learn_loaders(name):
-    x_fast, y_fast = load(name)
-    x_ref, y_ref = load(name, fast=False)
-    assert np.array_equal(x_fast, x_ref) and np.array_equal(y_fast, y_ref)
-
-
 def test_splits_are_disjoint_and_cover_the_data():
-    s = make_splits(100, test=0.25, val=0.2, selection_fraction=0.5, seed=0)
+    s = split_rows(100, test=0.25, val=0.2, selection_fraction=0.5, seed=0)
     parts = [s.train, s.val, s.selection, s.test]
     assert [len(p) for p in parts] == [55, 10, 10, 25]
     assert torch.cat(parts).sort().values.tolist() == list(range(100))
+
+
+def test_classification_splits_and_folds_are_stratified():
+    """Every split and fold keeps the class shares (oracle: the shares of the whole set)."""
+    labels = torch.arange(200) % 4  # four classes of 50
+    s = split_rows(200, test=0.2, val=0.2, selection_fraction=0.5, seed=3, labels=labels)
+    for rows in (s.train, s.val, s.selection, s.test):
+        counts = torch.bincount(labels[rows], minlength=4)
+        assert int(counts.max() - counts.min()) <= 1, counts
+    pool = torch.cat([s.train, s.val]).sort().values
+    folds = fold_rows(pool, 4, seed=3, labels=labels)
+    held = torch.cat([va for _, va in folds])
+    assert held.sort().values.tolist() == pool.tolist()  # each pool row validated once
+    for tr, va in folds:
+        assert set(tr.tolist()).isdisjoint(va.tolist())
+        counts = torch.bincount(labels[va], minlength=4)
+        assert int(counts.max() - counts.min()) <= 1, counts
+
+
+def test_the_selection_split_must_leave_validation_rows():
+    with pytest.raises(hd.HyperdiffError, match="at least one row"):
+        build_task("ridge_diabetes", selection_fraction=0.999)
 
 
 def test_registry_lists_every_task():
@@ -58,7 +73,7 @@ def test_black_box_interface():
     # oracle: plain training at lam = 0.3 and the test mean squared error
     raw = task.hparams.with_natural(lam=0.3).raw
     state, _ = train(task.final_problem, raw)
-    x, y = task.splits["test"]
+    x, y = task.splits["test"][0]
     assert out["test_loss"] == pytest.approx(float(((x @ state.params["w"] - y) ** 2).mean()))
 
 
@@ -123,12 +138,16 @@ def test_reweighting_lowers_the_validation_loss(reweighting):
     after = task.evaluate(result.best_raw, seeds=(0,))
     assert after["val"]["loss"] < before["val"]["loss"]
     assert task.hparams.numel == task.info["sizes"]["train"] > 900
+    assert task_defaults("reweight_digits") == dict(load_task_spec("reweight_digits").defaults)
 
 
 def test_reweighting_down_weights_the_flipped_examples(reweighting):
     task, result = reweighting
     weight = result.best_hparams.natural()["weight"]
-    flipped = task.info["flipped"]
+    spec = load_task_spec("reweight_digits", steps=30)
+    rows = split_rows(1797, test=0.25, val=0.2, selection_fraction=0.5, seed=0,
+                         labels=spec.data[1])
+    flipped = flipped_rows(hd.tasks.TaskData(spec.data, rows, 0))
     assert 0.25 < float(flipped.double().mean()) < 0.35
     assert float(weight[flipped].mean()) < float(weight[~flipped].mean())
     summary = task.summarize({"weight": weight})

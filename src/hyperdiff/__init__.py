@@ -20,6 +20,7 @@ from .hyperparams import (
     per_tensor,
     scalar,
 )
+from .loggers import CSVLogger, TensorBoardLogger
 from .methods import (
     CostWarning,
     HyperGradient,
@@ -36,6 +37,7 @@ from .models import FunctionalModel, StepContext, functional
 from .optimizers import Optimizer, adam, adamw, sgd
 from .problem import Problem, make_problem
 from .solvers import ConvergenceWarning, Solver, SolveResult, cg, exact, neumann
+from .tasks import SearchRange, Task, TaskData, TaskSpec, build_task, given_splits, task
 from .training import train
 
 __version__ = "0.1.0"
@@ -43,6 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Advice",
     "BatchSource",
+    "CSVLogger",
     "CheckReport",
     "Constraint",
     "ConvergenceWarning",
@@ -63,14 +66,20 @@ __all__ = [
     "Optimizer",
     "Positive",
     "Problem",
+    "SearchRange",
     "SolveResult",
     "Solver",
     "StepContext",
     "StepRecord",
     "Stopping",
+    "Task",
+    "TaskData",
+    "TaskSpec",
+    "TensorBoardLogger",
     "TunedSchedule",
     "adam",
     "adamw",
+    "build_task",
     "cg",
     "check",
     "checkpointed",
@@ -78,6 +87,7 @@ __all__ = [
     "finite_difference",
     "forward",
     "functional",
+    "given_splits",
     "hypergradient",
     "implicit",
     "linear",
@@ -95,6 +105,7 @@ __all__ = [
     "reversible",
     "scalar",
     "sgd",
+    "task",
     "torch_optimizer",
     "train",
     "truncated",

@@ -217,6 +217,7 @@ def check(
     seed: int = 0,
     memory: bool = True,
     memory_bytes: float | None = None,
+    progress: bool | None = False,
 ) -> CheckReport:
     """Compare every applicable hypergradient method with central finite differences.
 
@@ -228,6 +229,7 @@ def check(
         seed: picks the coordinates.
         memory: also measure peak memory (one extra profiled run per method).
         memory_bytes: memory budget passed to the recommendation.
+        progress: a tqdm bar over the methods (``None``: only on a terminal).
 
     Returns a :class:`CheckReport`: ``print(report.table())``, ``report.recommendation``.
     """
@@ -249,9 +251,15 @@ def check(
     picked = torch.randperm(k, generator=generator, device="cpu")  # host ints: coordinates
     coords = sorted(picked[: min(coordinates, k)].tolist())
 
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(chosen) + 1, unit="method", desc="check", leave=True,
+               disable=None if progress is None else not progress)
     fd = finite_difference(coordinates=coords, warn=False)
     started = time.perf_counter()
+    bar.set_postfix_str("finite_difference")
     reference = fd(problem)
+    bar.update(1)
     fd_seconds = time.perf_counter() - started
     ref = reference.vector[coords]
     scale = float(ref.norm())
@@ -259,7 +267,9 @@ def check(
     rows, results, measured = [], {"finite_difference": reference}, {}
     converged = None
     for label, method in chosen.items():
+        bar.set_postfix_str(label)
         result, seconds, peak, notes, failed = _run(method, problem, memory)
+        bar.update(1)
         error = math.nan
         if result is not None:
             results[label] = result
@@ -270,6 +280,7 @@ def check(
                 stationary = bool(result.diagnostics.get("stationary", False))
                 converged = stationary if converged is None else converged and stationary
         rows.append(CheckRow(label, error, seconds, peak, notes, failed))
+    bar.close()
     rows.append(
         CheckRow(
             "finite_difference", math.nan, fd_seconds, None, f"{2 * len(coords) + 1} trainings"

@@ -23,7 +23,7 @@ from typing import Any, Union, cast, get_args, get_origin, get_type_hints
 
 from .errors import HyperdiffError, describe
 from .registry import METHODS, OPTIMIZERS, SCHEDULES, method_constructor
-from .tasks import DEFAULT_TASK, TASKS, task_defaults
+from .tasks import DEFAULT_TASK, check_task_name, task_defaults
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -41,8 +41,9 @@ def option(default: Any, help: str, *, choices: Any = None, low: float | None = 
 
 @dataclass(frozen=True)
 class TaskConfig:
-    name: str = option(DEFAULT_TASK, "built-in task (see `hyperdiff tasks`)",
-                       choices=lambda: list(TASKS))
+    name: str = option(DEFAULT_TASK, "built-in task (see `hyperdiff tasks`), or your own "
+                       "task factory as 'package.module:build' or 'path/to/file.py:build' "
+                       "(naming a module runs its code)")
     selection_fraction: float = option(
         0.5, "share of the validation split held out from hypergradients; used only to pick "
         "the best step and to stop early (0: off)", low=0.0, high=1.0, open_high=True)
@@ -117,6 +118,14 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    tensorboard: str = option("", "TensorBoard log directory, relative to the run directory "
+                              "(empty: off; needs pip install 'hyperdiff[tensorboard]')")
+    csv: str = option("", "CSV file with one row per outer step, relative to the run "
+                      "directory (empty: off)")
+
+
+@dataclass(frozen=True)
 class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     inner: InnerConfig = field(default_factory=InnerConfig)
@@ -127,6 +136,7 @@ class Config:
     report: ReportConfig = field(default_factory=ReportConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict; method options are flattened into ``[method]``."""
@@ -187,6 +197,7 @@ def resolve(source: dict[str, Any]) -> Config:
                                  f"(got {describe(values)})")
     task_name = source.get("task", {}).get("name", DEFAULT_TASK)
     _check_value("task", "name", task_name, _meta(TaskConfig, "name"), str)
+    check_task_name(task_name, "config: task.name")
     merged: dict[str, Any] = {}
     for dotted, value in task_defaults(task_name).items():
         merged = _merge(merged, _nest(dotted, value))

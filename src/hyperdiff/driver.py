@@ -179,7 +179,7 @@ class HyperOptimizer:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.stopping.max_steps, initial=self.step_index, unit="step",
-                   disable=None if progress is None else not progress, leave=False)
+                   disable=None if progress is None else not progress, leave=True)
         try:
             while self.stop_reason() is None:
                 try:

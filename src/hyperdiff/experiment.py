@@ -10,7 +10,7 @@ for both.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,11 @@ from .device import resolve_device, task_to_device
 from .driver import HyperOptimizer, Stopping
 from .errors import HyperdiffError, NonFiniteError
 from .history import OptimizeResult, natural_values
+from .loggers import Progress, close_all, config_loggers, start_all
 from .registry import make_method
 from .rundir import RunDir
 from .tasks import Task, build_task
+from .tasks.loader import label
 
 REPORT_SEED = 1_000_000
 """Report trainings use seeds ``REPORT_SEED + i``, distinct from the tuning seeds."""
@@ -57,7 +59,7 @@ def build(config: Config) -> tuple[Task, HyperOptimizer]:
 def default_run_dir(config: Config) -> Path:
     if config.output.dir:
         return Path(config.output.dir)
-    return Path("runs") / f"{config.task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path("runs") / f"{label(config.task.name)}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def config_differences(old: Config, new: Config) -> list[str]:
@@ -77,7 +79,7 @@ def config_differences(old: Config, new: Config) -> list[str]:
 def run_experiment(
     config: Config | None, *, out: str | Path | None = None, resume: str | Path | None = None,
     overrides: tuple[str, ...] = (), progress: bool | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, callbacks: Sequence[Callable[..., Any]] = (),
 ) -> dict[str, Any]:
     """Run (or resume) a tuning job; return the result written to ``result.json``.
 
@@ -89,8 +91,12 @@ def run_experiment(
             ``config`` (except ``[output]``), else the resume is refused.
         overrides: ``section.key=value`` applied to the stored config when resuming without
             ``config``.
-        progress: tqdm progress bar (``None``: only on a terminal).
+        progress: tqdm progress bar over the outer steps and the final report's trainings
+            (``None``: only on a terminal).
         log: where progress messages go.
+        callbacks: ``callback(optimizer, record)`` after every outer step, e.g. to send
+            metrics to MLflow or W&B (see :mod:`hyperdiff.loggers`); run after the loggers
+            of ``[log]``.
     """
     if resume is not None:
         rundir = RunDir(resume)
@@ -124,6 +130,7 @@ def run_experiment(
                 "--resume, or choose another directory with --out"
             )
     task, driver = build(config)
+    watchers = [*config_loggers(config.log, rundir.path), *callbacks]
     if resume is not None and (state := rundir.load_checkpoint()) is not None:
         driver.load_state_dict(state, rundir.load_history(int(state["step"])))
         log(f"resuming {rundir.path} at outer step {driver.step_index}")
@@ -140,9 +147,15 @@ def run_experiment(
         if opt.step_index % config.output.checkpoint_every == 0 or opt.stop_reason():
             rundir.save_checkpoint(opt.state_dict())
 
+    per_step = len(task.problems) * config.outer.samples
+    bar = Progress(steps=config.stop.max_steps, done=driver.step_index, units_per_step=per_step,
+                   report_trainings=2 * config.report.seeds, enabled=progress, desc=task.name)
+    start_all(watchers, list(driver.history))
     try:
-        outcome = driver.run(callbacks=[on_step], progress=progress)
+        outcome = driver.run(callbacks=[on_step, *watchers, bar], progress=False)
     except KeyboardInterrupt:
+        bar.close()
+        close_all(watchers)
         log(f"interrupted after outer step {driver.step_index}; continue with "
             f"`hyperdiff run --resume {rundir.path}`")
         raise
@@ -151,18 +164,24 @@ def run_experiment(
         result = {"task": task.name, "status": "diverged", "message": str(err),
                   "run_dir": str(rundir.path), "steps": driver.step_index}
         rundir.write_result(result)
+        bar.close()
+        close_all(watchers)
         raise
+    close_all(watchers)
     rundir.save_checkpoint(driver.state_dict())
-    result = final_report(task, outcome, config, elapsed=driver.elapsed)
+    result = final_report(task, outcome, config, elapsed=driver.elapsed,
+                          progress=bar.report_phase())
+    bar.close()
     result["run_dir"] = str(rundir.path)
     rundir.write_result(result)
     return result
 
 
-def final_report(task: Task, outcome: OptimizeResult, config: Config, *, elapsed: float
-                 ) -> dict[str, Any]:
+def final_report(task: Task, outcome: OptimizeResult, config: Config, *, elapsed: float,
+                 progress: Callable[[], None] | None = None) -> dict[str, Any]:
     """Retrain at the initial and the best hyperparameters (``config.report.seeds`` fresh
-    seeds each, the same for both) and evaluate every split."""
+    seeds each, the same for both) and evaluate every split; ``progress()`` after each
+    training."""
     seeds = tuple(REPORT_SEED + i for i in range(config.report.seeds))
     segments = outcome.best_step + 1 if config.inner.warm_start else 1
     sides = {"initial": task.hparams.raw, "tuned": outcome.best_raw}
@@ -178,7 +197,7 @@ def final_report(task: Task, outcome: OptimizeResult, config: Config, *, elapsed
         report[side] = {
             "hparams": natural_values(task.hparams, raw),
             "summary": task.summarize(natural) if task.summarize else {},
-            "metrics": task.evaluate(raw, seeds=seeds, segments=segments),
+            "metrics": task.evaluate(raw, seeds=seeds, segments=segments, progress=progress),
         }
     return report
 

@@ -181,14 +181,18 @@ def evaluate_trial(task: Task, values: Mapping[str, Any], *, seed: int, objectiv
 def run_points(
     task: Task, points: Iterable[Values], *, method: str, seed: int = 0,
     objective: str = "val_loss", clock: Callable[[], float] = time.perf_counter,
+    progress: Callable[[], None] | None = None,
 ) -> SearchResult:
-    """Evaluate the given natural values in order (a grid, or any list of candidates)."""
+    """Evaluate the given natural values in order (a grid, or any list of candidates);
+    ``progress()`` after each trial."""
     start, trials = clock(), []
     per = trainings_per_trial(task, objective)
     for number, values in enumerate(points):
         loss, metrics = evaluate_trial(task, values, seed=seed, objective=objective)
         trials.append(Trial(number, dict(values), loss, metrics, (number + 1) * per,
                             clock() - start))
+        if progress is not None:
+            progress()
     return SearchResult(method, tuple(trials))
 
 
@@ -207,6 +211,7 @@ def sample_point(dims: Sequence[Dimension], rng: np.random.Generator) -> list[fl
 def random_search(
     task: Task, budget: int, *, seed: int = 0, per_coordinate: Iterable[str] = (),
     objective: str = "val_loss", clock: Callable[[], float] = time.perf_counter,
+    progress: Callable[[], None] | None = None,
 ) -> SearchResult:
     """``budget`` trials at points drawn independently from the search space (one training
     each; one per fold with ``objective="outer_loss"``).
@@ -219,7 +224,7 @@ def random_search(
     rng = np.random.default_rng(seed)
     points = (assemble_values(dims, sample_point(dims, rng)) for _ in range(budget))
     return run_points(task, points, method="random", seed=seed, objective=objective,
-                      clock=clock)
+                      clock=clock, progress=progress)
 
 
 def optuna_available() -> bool:
@@ -234,6 +239,7 @@ OPTUNA_MISSING = ("Optuna is not installed, so the TPE search is skipped; instal
 def tpe_search(
     task: Task, budget: int, *, seed: int = 0, per_coordinate: Iterable[str] = (),
     objective: str = "val_loss", clock: Callable[[], float] = time.perf_counter,
+    progress: Callable[[], None] | None = None,
 ) -> SearchResult:
     """``budget`` trials proposed by Optuna's TPE sampler (seeded; its logging silenced), each
     one training (one per fold with ``objective="outer_loss"``).
@@ -263,6 +269,8 @@ def tpe_search(
         study.tell(trial, loss if math.isfinite(loss) else 1e300)
         trials.append(Trial(number, values, loss, metrics, (number + 1) * per,
                             clock() - start))
+        if progress is not None:
+            progress()
     return SearchResult("tpe", tuple(trials))
 
 

@@ -11,7 +11,9 @@ from collections.abc import Callable
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """``[CONFIG.toml] [--task NAME] [--set KEY=VALUE ...] [--device DEVICE]``."""
     parser.add_argument("config", nargs="?", help="TOML config (default: built-in defaults)")
-    parser.add_argument("--task", help="built-in task (same as --set task.name=TASK)")
+    parser.add_argument("--task", help="built-in task, or your own task factory as "
+                        "package.module:build or path/to/file.py:build, which runs that code "
+                        "(same as --set task.name=TASK)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         dest="overrides", help="override a config key, e.g. stop.max_steps=10")
     parser.add_argument("--device", help='cpu, cuda, cuda:N, mps or auto (same as --set '

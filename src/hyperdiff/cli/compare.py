@@ -50,10 +50,12 @@ def run(args: argparse.Namespace) -> int:
     set_threads("compare", args.threads)
     log = stderr_log(args.quiet)
 
-    out = Path(args.out or Path("runs") / f"compare-{config.task.name}-"
+    from ..tasks.loader import label
+
+    out = Path(args.out or Path("runs") / f"compare-{label(config.task.name)}-"
                f"{time.strftime('%Y%m%d-%H%M%S')}")
     report = compare(config, budget=args.budget or None, per_coordinate=args.per_coordinate,
-                     tpe=not args.no_tpe, log=log)
+                     tpe=not args.no_tpe, log=log, progress=False if args.quiet else None)
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.json").write_text(json.dumps(report, indent=1) + "\n")
     figure = comparison_figure(report["methods"], title=report["task"])
@@ -64,9 +66,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = False,
-            tpe: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+            tpe: bool = True, log: Callable[[str], None] = print,
+            progress: bool | None = False) -> dict[str, Any]:
     """Tune ``config``'s task with hyperdiff, random search and (optionally) TPE; return a
-    JSON-ready report with each method's curve and its winner's held-out metrics."""
+    JSON-ready report with each method's curve and its winner's held-out metrics.
+    ``progress``: tqdm bars (``None``: only on a terminal)."""
+    from tqdm.auto import tqdm
+
     from ..experiment import REPORT_SEED, build
     from ..search import (
         OPTUNA_MISSING,
@@ -81,7 +87,7 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
     task, driver = build(config)
     objective = objective_for(task)  # with CV, every method minimises the same CV loss
     log(f"compare on {task.name}: hyperdiff ({task.hparams.numel} hyperparameters)")
-    outcome = driver.run(progress=False)
+    outcome = driver.run(progress=progress)
     hyper = from_history(outcome.history, method="hyperdiff")
     budget = budget or driver.trainings
     seeds = tuple(REPORT_SEED + i for i in range(config.report.seeds))
@@ -96,8 +102,10 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
     trials = max(1, budget // trainings_per_trial(task, objective))
     for name, search in searches:
         log(f"compare on {task.name}: {name} search, {trials} trials ({budget} trainings)")
-        result = search(task, trials, seed=config.outer.seed, per_coordinate=names,
-                        objective=objective)
+        with tqdm(total=trials, unit="trial", desc=name, leave=True,
+                  disable=None if progress is None else not progress) as bar:
+            result = search(task, trials, seed=config.outer.seed, per_coordinate=names,
+                            objective=objective, progress=lambda: bar.update(1))
         methods.append(summarize(result, evaluate_values(task, result.best.values, seeds),
                                  picked_by=objective))
     return {"task": task.name, "hparams": task.hparams.numel, "budget": budget,

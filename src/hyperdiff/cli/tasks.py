@@ -20,4 +20,6 @@ def run(args: argparse.Namespace) -> int:
         mark = " (default)" if name == DEFAULT_TASK else ""
         print(f"{name:<{width}}{summary}{mark}")
         print(f"{'':<{width}}tunes: {tunes}")
+    print("\nyour own task: --task package.module:build or --task path/to/file.py:build, a "
+          "function returning hd.task(...) (docs/own_model.md); naming it runs that code")
     return 0

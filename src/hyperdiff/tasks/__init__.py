@@ -1,19 +1,23 @@
-"""Built-in tuning tasks on data bundled with scikit-learn (nothing downloads).
+"""Tuning tasks: the public task API (:func:`task`) and the built-in tasks, which use it.
 
-Each task module defines ``SUMMARY`` (one line), ``TUNES`` (what it tunes), ``DEFAULTS``
-(config values it recommends, as dotted keys) and
-``build(*, steps, selection_fraction, cv_folds, data_seed) -> Task``.
-Adding a task is one module and one line in :data:`TASKS`.
+A task is named by a reference (:mod:`.loader`): a built-in name (``ridge_diabetes``), or a
+factory in the user's code, ``package.module:build`` or ``path/to/file.py:build``. Each
+built-in task module defines ``SUMMARY`` (one line), ``TUNES`` (what it tunes), ``DEFAULTS``
+(config values it recommends, as dotted keys) and ``build(*, steps, data_seed) -> TaskSpec``.
+Adding a built-in task is one module and one line in :data:`TASKS`.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from types import ModuleType
 from typing import Any
 
 from ..errors import HyperdiffError
+from . import loader
 from .base import SearchRange, Task
+from .spec import GivenSplits, TaskData, TaskSpec, given_splits, task
 
 TASKS: dict[str, str] = {
     "ridge_diabetes": "hyperdiff.tasks.ridge",
@@ -25,21 +29,56 @@ TASKS: dict[str, str] = {
 DEFAULT_TASK = "reweight_digits"
 
 
+def check_task_name(name: str, what: str = "tasks: name") -> str:
+    """``name`` if it is a built-in task or looks like a factory reference, else raise
+    (the message starts with ``what``)."""
+    if name in TASKS:
+        return name
+    if loader.is_reference(name):
+        loader.split_reference(name)
+        return name
+    close = difflib.get_close_matches(name, list(TASKS), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise HyperdiffError(
+        f"{what} must be one of {list(TASKS)}, or 'package.module:factory' / "
+        f"'path/to/file.py:factory' naming your own task (got {name!r}){hint}"
+    )
+
+
 def task_module(name: str) -> ModuleType:
-    """The module that defines task ``name``."""
+    """The module that defines built-in task ``name``."""
     if name not in TASKS:
-        raise HyperdiffError(f"tasks: name must be one of {list(TASKS)} (got {name!r})")
+        check_task_name(name)
+        raise HyperdiffError(f"tasks: {name!r} must be a built-in task name, one of "
+                             f"{list(TASKS)}")
     return importlib.import_module(TASKS[name])
 
 
-def build_task(name: str, **options: Any) -> Task:
-    """Build task ``name``; ``options`` go to its ``build`` (steps, selection_fraction, ...)."""
-    return task_module(name).build(**options)
+def factory_reference(name: str) -> str:
+    """``module:build`` of a built-in task, the reference itself otherwise."""
+    return f"{TASKS[name]}:build" if name in TASKS else check_task_name(name)
+
+
+def load_task_spec(name: str, *, steps: int | None = None, data_seed: int = 0) -> TaskSpec:
+    """The :class:`TaskSpec` that task ``name`` (built-in or reference) describes."""
+    return loader.load_spec(name, factory_reference(name), steps=steps, data_seed=data_seed)
+
+
+def build_task(name: str, *, steps: int | None = None, selection_fraction: float = 0.5,
+               cv_folds: int = 0, data_seed: int = 0) -> Task:
+    """Build task ``name`` (built-in, ``module:factory`` or ``file.py:factory``)."""
+    spec = load_task_spec(name, steps=steps, data_seed=data_seed)
+    return spec.build(steps=steps, selection_fraction=selection_fraction, cv_folds=cv_folds,
+                      data_seed=data_seed)
 
 
 def task_defaults(name: str) -> dict[str, Any]:
-    """The config values (dotted keys) that task ``name`` recommends."""
-    return dict(task_module(name).DEFAULTS)
+    """The config values (dotted keys) that task ``name`` recommends; for a user task its
+    ``defaults`` and ``inner.steps = steps`` (this calls its factory)."""
+    if name in TASKS:
+        return dict(task_module(name).DEFAULTS)
+    spec = load_task_spec(name)
+    return {"inner.steps": spec.steps, **spec.defaults}
 
 
 def list_tasks() -> list[tuple[str, str, str]]:
@@ -47,5 +86,6 @@ def list_tasks() -> list[tuple[str, str, str]]:
     return [(name, task_module(name).TUNES, task_module(name).SUMMARY) for name in TASKS]
 
 
-__all__ = ["DEFAULT_TASK", "TASKS", "SearchRange", "Task", "build_task", "list_tasks",
-           "task_defaults", "task_module"]
+__all__ = ["DEFAULT_TASK", "TASKS", "GivenSplits", "SearchRange", "Task", "TaskData",
+           "TaskSpec", "build_task", "check_task_name", "given_splits", "list_tasks",
+           "load_task_spec", "task", "task_defaults", "task_module"]

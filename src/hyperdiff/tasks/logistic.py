@@ -13,7 +13,9 @@ from torch.nn.functional import binary_cross_entropy_with_logits
 
 from ..hyperparams import HParamView
 from ..typing import Batch, Params
-from .base import SearchRange, Task, per_feature_l2_task
+from .base import SearchRange
+from .per_feature import per_feature_l2_task
+from .spec import TaskSpec
 
 SUMMARY = "logistic regression on breast_cancer"
 TUNES = "lam per feature (30)"
@@ -54,16 +56,12 @@ def initial_params(features: int) -> Params:
             "b": torch.zeros((), dtype=torch.float64, device="cpu")}
 
 
-def build(
-    *, steps: int | None = None, selection_fraction: float = 0.5, cv_folds: int = 0,
-    data_seed: int = 0,
-) -> Task:
+def build(*, steps: int = DEFAULT_STEPS) -> TaskSpec:
     """The per-feature L2 logistic regression task (see the module doc)."""
-    steps = steps or DEFAULT_STEPS
     return per_feature_l2_task(
         name="logistic_cancer", description=SUMMARY, dataset="breast_cancer",
         label_dtype=torch.float64,
         theta0_of=initial_params, losses=(train_loss, val_loss), metrics=metrics,
         initial_lam=INITIAL["lam"], search_space={"lam": SearchRange(1e-4, 10.0)}, steps=steps,
-        selection_fraction=selection_fraction, cv_folds=cv_folds, data_seed=data_seed,
+        defaults=DEFAULTS,
     )

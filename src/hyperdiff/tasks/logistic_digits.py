@@ -15,7 +15,9 @@ from torch.nn.functional import cross_entropy
 
 from ..hyperparams import HParamView
 from ..typing import Batch, Params
-from .base import SearchRange, Task, classification_metrics, per_feature_l2_task
+from .base import SearchRange, classification_metrics
+from .per_feature import per_feature_l2_task
+from .spec import TaskSpec
 
 SUMMARY = "multinomial logistic regression on digits (650 parameters)"
 TUNES = "lam per feature (64)"
@@ -58,15 +60,11 @@ def initial_params(features: int) -> Params:
             "b": torch.zeros(CLASSES, dtype=torch.float64, device="cpu")}
 
 
-def build(
-    *, steps: int | None = None, selection_fraction: float = 0.5, cv_folds: int = 0,
-    data_seed: int = 0,
-) -> Task:
+def build(*, steps: int = DEFAULT_STEPS) -> TaskSpec:
     """The per-feature L2 multinomial logistic regression task (see the module doc)."""
-    steps = steps or DEFAULT_STEPS
     return per_feature_l2_task(
         name="logistic_digits", description=SUMMARY, dataset="digits", label_dtype=torch.long,
         theta0_of=initial_params, losses=(train_loss, val_loss), metrics=metrics,
         initial_lam=INITIAL["lam"], search_space={"lam": SearchRange(1e-5, 1.0)}, steps=steps,
-        selection_fraction=selection_fraction, cv_folds=cv_folds, data_seed=data_seed,
+        defaults=DEFAULTS,
     )

@@ -14,13 +14,12 @@ import math
 import torch
 from torch import Tensor
 
-from ..data import minibatches
 from ..hyperparams import HParamView, HyperParameters, per_step, per_tensor, scalar
 from ..optimizers import sgd
-from ..problem import Problem, make_problem
 from ..typing import Batch, Params
-from .base import SearchRange, Task, assemble, classification_metrics, make_splits
+from .base import SearchRange, classification_metrics
 from .datasets import load
+from .spec import TaskSpec, task
 
 SUMMARY = "one-hidden-layer MLP on digits, minibatch SGD with momentum"
 TUNES = "lr schedule (T), momentum (1), weight_decay per tensor (4)"
@@ -70,37 +69,22 @@ def metrics(params: Params, hparams: HParamView, batch: Batch) -> dict[str, floa
     return classification_metrics(forward(params, x), y)
 
 
-def build(
-    *, steps: int | None = None, selection_fraction: float = 0.5, cv_folds: int = 0,
-    data_seed: int = 0,
-) -> Task:
-    """The MLP training-recipe task (see the module doc)."""
-    steps = steps or DEFAULT_STEPS
+def build(*, steps: int = DEFAULT_STEPS, data_seed: int = 0) -> TaskSpec:
+    """The MLP training-recipe task (see the module doc); theta_0 is drawn from
+    ``data_seed``."""
     x, y = load_digits_data()
-    splits = make_splits(
-        len(y), test=0.25, val=0.2, selection_fraction=selection_fraction, seed=data_seed
-    )
     theta0 = init_mlp(x.shape[1], HIDDEN, 10, seed=data_seed)
     hparams = HyperParameters(
         lr=per_step(steps, INITIAL["lr"]),
         momentum=scalar(INITIAL["momentum"], (0.0, 1.0)),
         weight_decay=per_tensor(theta0, INITIAL["weight_decay"]),
     )
-
-    def batch_for(rows: Tensor) -> Batch:
-        return x[rows], y[rows]
-
-    def problem_for(train_rows: Tensor, val_rows: Tensor) -> Problem:
-        return make_problem(
-            train_loss, val_loss, hparams, theta0,
-            optimizer=sgd("lr", "momentum", weight_decay="weight_decay"),
-            train_data=minibatches(x[train_rows], y[train_rows], batch_size=BATCH_SIZE),
-            val_data=batch_for(val_rows), steps=steps, probe=False,
-        )
-
-    return assemble(
-        name="mlp_digits", description=SUMMARY, splits=splits, problem_for=problem_for,
-        batch_for=batch_for, metrics=metrics, cv_folds=cv_folds, data_seed=data_seed,
+    return task(
+        "mlp_digits", description=SUMMARY, model=theta0, train_loss=train_loss,
+        val_loss=val_loss, hparams=hparams,
+        optimizer=sgd("lr", "momentum", weight_decay="weight_decay"), data=(x, y),
+        steps=steps, batch_size=BATCH_SIZE, test_fraction=0.25, val_fraction=0.2,
+        metrics=metrics, defaults=DEFAULTS, probe=False,
         search_space={"lr": SearchRange(1e-3, 1.0), "momentum": SearchRange(0.0, 0.99, False),
                       "weight_decay": SearchRange(1e-6, 1e-1)},
     )

@@ -10,16 +10,18 @@ constant weight cancels out of the normalized loss.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
-from ..errors import HyperdiffError
 from ..hyperparams import HParamView, HyperParameters, per_feature
 from ..optimizers import sgd
-from ..problem import Problem, make_problem
 from ..typing import Batch, Params
-from .base import SearchRange, Task, assemble, classification_metrics, make_splits
+from .base import SearchRange, classification_metrics
 from .mlp import forward, init_mlp, load_digits_data
+from .spec import TaskData, TaskSpec, task
+from .splits import Splits
 
 SUMMARY = "MLP on digits with 30% of the training labels flipped"
 TUNES = "weight per training example (989)"
@@ -59,46 +61,45 @@ def metrics(params: Params, hparams: HParamView, batch: Batch) -> dict[str, floa
     return classification_metrics(forward(params, batch[0]), batch[1])
 
 
-def build(
-    *, steps: int | None = None, selection_fraction: float = 0.5, cv_folds: int = 0,
-    data_seed: int = 0,
-) -> Task:
-    """The noisy-label reweighting task (see the module doc)."""
-    if cv_folds:
-        raise HyperdiffError(
-            "reweight_digits: task.cv_folds must be 0 (got "
-            f"{cv_folds}): the weights belong to training examples and the validation "
-            "examples must stay clean, so folds cannot mix them"
-        )
-    steps = steps or DEFAULT_STEPS
+def build(*, steps: int = DEFAULT_STEPS, data_seed: int = 0) -> TaskSpec:
+    """The noisy-label reweighting task (see the module doc). The data carry a third column,
+    each row's position among the training rows (``-1`` elsewhere), that indexes the weights."""
     x, y_clean = load_digits_data()
-    splits = make_splits(
-        len(y_clean), test=0.25, val=0.2, selection_fraction=selection_fraction, seed=data_seed
-    )
-    y, flipped = flip_labels(y_clean, splits.train, NOISE, data_seed)
-    n_train = len(splits.train)
-    hparams = HyperParameters(weight=per_feature(0.5, n_train, (0.0, 1.0)))
-    theta0 = init_mlp(x.shape[1], HIDDEN, 10, seed=data_seed)
-    train_batch = (x[splits.train], y[splits.train], torch.arange(n_train, device=x.device))
 
-    def batch_for(rows: Tensor) -> Batch:
-        return x[rows], y[rows]
+    def prepare(data: tuple[Tensor, Tensor], rows: Splits) -> tuple[Tensor, Tensor, Tensor]:
+        x, y = data
+        noisy, _ = flip_labels(y, rows.train, NOISE, data_seed)
+        position = torch.full((len(y),), -1, dtype=torch.long, device=y.device)
+        position[rows.train] = torch.arange(len(rows.train), device=y.device)
+        return x, noisy, position
 
-    def problem_for(train_rows: Tensor, val_rows: Tensor) -> Problem:
-        return make_problem(
-            train_loss, val_loss, hparams, theta0, optimizer=sgd(0.5, 0.9),
-            train_data=train_batch, val_data=batch_for(val_rows), steps=steps, probe=False,
-        )
+    def hparams(data: TaskData) -> HyperParameters:
+        assert data.rows is not None
+        return HyperParameters(weight=per_feature(0.5, len(data.rows.train), (0.0, 1.0)))
 
-    return assemble(
-        name="reweight_digits", description=SUMMARY, splits=splits, problem_for=problem_for,
-        batch_for=batch_for, metrics=metrics, cv_folds=0, data_seed=data_seed,
-        search_space={"weight": SearchRange(0.01, 0.99, False)},
-        info={"flipped": flipped[splits.train]},
-        summarize=lambda values: weight_summary(values["weight"], flipped[splits.train]),
+    return task(
+        "reweight_digits", description=SUMMARY, model=init_mlp(x.shape[1], HIDDEN, 10,
+                                                              seed=data_seed),
+        train_loss=train_loss, val_loss=val_loss, hparams=hparams, optimizer=sgd(0.5, 0.9),
+        data=(x, y_clean), steps=steps, test_fraction=0.25, val_fraction=0.2, prepare=prepare,
+        metrics=metrics, search_space={"weight": SearchRange(0.01, 0.99, False)},
+        summarize=summary, defaults=DEFAULTS, probe=False,
+        cross_validation="the weights belong to training examples and the validation examples "
+        "must stay clean, so folds cannot mix them",
     )
 
 
+def flipped_rows(data: TaskData) -> Tensor:
+    """Which training rows (in the order of the weights) got a flipped label."""
+    assert data.rows is not None
+    _, y_clean = load_digits_data()
+    _, flipped = flip_labels(y_clean, data.rows.train, NOISE, data.data_seed)
+    return flipped[data.rows.train]
+
+
+def summary(values: Mapping[str, Tensor], data: TaskData) -> dict[str, float]:
+    """Mean learned weight of the flipped and of the clean training examples."""
+    return weight_summary(values["weight"], flipped_rows(data))
 def weight_summary(weight: Tensor, flipped: Tensor) -> dict[str, float]:
     """Mean learned weight of the flipped and of the clean training examples."""
     return {"mean weight, flipped labels": float(weight[flipped].mean()),

@@ -14,10 +14,11 @@ from torch import Tensor
 
 from ..hyperparams import HParamView, HyperParameters, scalar
 from ..optimizers import sgd
-from ..problem import Problem, make_problem
 from ..typing import Batch, Params
-from .base import SearchRange, Task, assemble, make_splits, standardize
+from .base import SearchRange, standardize
 from .datasets import load
+from .spec import TaskSpec, task
+from .splits import Splits
 
 SUMMARY = "ridge regression on diabetes with 65 polynomial features"
 TUNES = "lam (1)"
@@ -62,33 +63,24 @@ def closed_form(x: Tensor, y: Tensor, lam: float) -> Tensor:
     return torch.linalg.solve(x.T @ x / n + lam * eye, x.T @ y / n)
 
 
-def build(
-    *, steps: int | None = None, selection_fraction: float = 0.5, cv_folds: int = 0,
-    data_seed: int = 0,
-) -> Task:
+def prepare(data: tuple[Tensor, Tensor], rows: Splits) -> tuple[Tensor, Tensor]:
+    """Polynomial features and targets, both standardized on the training rows."""
+    x_all, y_all = data
+    y = (y_all - y_all[rows.train].mean()) / y_all[rows.train].std()
+    return features(x_all, rows.train), y
+
+
+def build(*, steps: int = DEFAULT_STEPS) -> TaskSpec:
     """The ridge task (see the module doc)."""
-    steps = steps or DEFAULT_STEPS
     x_np, y_np = load("diabetes")
     x_all, y_all = torch.as_tensor(x_np, device="cpu"), torch.as_tensor(y_np, device="cpu")
-    splits = make_splits(
-        len(y_all), test=0.25, val=0.22, selection_fraction=selection_fraction, seed=data_seed
-    )
-    x = features(x_all, splits.train)
-    y = (y_all - y_all[splits.train].mean()) / y_all[splits.train].std()
-    hparams = HyperParameters(lam=scalar(INITIAL["lam"]))
-
-    def batch_for(rows: Tensor) -> Batch:
-        return x[rows], y[rows]
-
-    def problem_for(train_rows: Tensor, val_rows: Tensor) -> Problem:
-        return make_problem(
-            train_loss, val_loss, hparams, {"w": x.new_zeros(x.shape[1])},
-            optimizer=sgd(0.02, 0.9), train_data=batch_for(train_rows),
-            val_data=batch_for(val_rows), steps=steps, probe=False,
-        )
-
-    return assemble(
-        name="ridge_diabetes", description=SUMMARY, splits=splits, problem_for=problem_for,
-        batch_for=batch_for, metrics=metrics, search_space={"lam": SearchRange(1e-4, 1e2)},
-        cv_folds=cv_folds, data_seed=data_seed,
+    width = 65  # 10 inputs and their 55 degree-2 products
+    return task(
+        "ridge_diabetes", description=SUMMARY,
+        model={"w": torch.zeros(width, dtype=torch.float64, device="cpu")},
+        train_loss=train_loss, val_loss=val_loss,
+        hparams=HyperParameters(lam=scalar(INITIAL["lam"])), optimizer=sgd(0.02, 0.9),
+        data=(x_all, y_all), steps=steps, test_fraction=0.25, val_fraction=0.22,
+        prepare=prepare, metrics=metrics, search_space={"lam": SearchRange(1e-4, 1e2)},
+        defaults=DEFAULTS, probe=False,
     )

@@ -1,0 +1,185 @@
+"""Watching long work: per-step loggers (CSV, TensorBoard), the callback hook, progress.
+
+A *callback* is any callable ``callback(optimizer, record)``: the
+:class:`~hyperdiff.HyperOptimizer` and the :class:`~hyperdiff.StepRecord` of the outer step
+that just ended (successful or failed). Pass callbacks to ``HyperOptimizer.run(callbacks=...)``
+or ``hyperdiff.experiment.run_experiment(..., callbacks=...)``; that is the hook for MLflow,
+Weights & Biases or anything else::
+
+    def to_mlflow(opt, record):
+        mlflow.log_metrics(scalars(record), step=record.step)
+
+A callback may also define ``start(history)`` (called once before the first step, with the
+records of a resumed run) and ``close()`` (called when the run ends). :class:`CSVLogger` and
+:class:`TensorBoardLogger` are such callbacks; ``[log] csv`` and ``[log] tensorboard`` in a
+config switch them on for ``hyperdiff run``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import HyperdiffError
+from .history import StepRecord
+
+LOSS_FIELDS = ("train_loss", "val_loss", "val_loss_std", "selection_loss", "grad_norm",
+               "grad_std", "lr")
+CSV_FIELDS = ("step", "status", *LOSS_FIELDS, "best", "trainings", "time_s", "step_time_s",
+              "message")
+
+
+def scalars(record: StepRecord) -> dict[str, float]:
+    """The record's numbers by name: losses, hypergradient norm, outer lr, and each
+    hyperparameter (a scalar as ``hparams/NAME``, a vector as ``hparams/NAME/mean``, ``/min``,
+    ``/max``); ``None`` values are left out."""
+    out = {k: float(getattr(record, k)) for k in LOSS_FIELDS if getattr(record, k) is not None}
+    return {**out, **hparam_scalars(record)}
+
+
+def hparam_scalars(record: StepRecord) -> dict[str, float]:
+    """``hparams/NAME`` (a scalar) or ``hparams/NAME/mean|min|max`` (a vector)."""
+    out = {}
+    for name, value in record.hparams.items():
+        if isinstance(value, list):
+            out[f"hparams/{name}/mean"] = sum(value) / len(value)
+            out[f"hparams/{name}/min"] = float(min(value))
+            out[f"hparams/{name}/max"] = float(max(value))
+        else:
+            out[f"hparams/{name}"] = float(value)
+    return out
+
+
+class CSVLogger:
+    """One CSV row per outer step: the record's fields (``CSV_FIELDS``) and, for each
+    hyperparameter, its value (a vector's mean, min and max). Floats are written with
+    ``repr`` so that they read back exactly; ``None`` is an empty cell. On resume the file is
+    rewritten from the history first, so its rows always equal the history."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.columns: list[str] | None = None
+
+    def start(self, history: Sequence[StepRecord]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("")
+        self.columns = None
+        for record in history:
+            self._write(record)
+
+    def __call__(self, opt: Any, record: StepRecord) -> None:
+        self._write(record)
+
+    def _write(self, record: StepRecord) -> None:
+        row = self.row(record)
+        with open(self.path, "a", newline="") as handle:
+            writer = csv.writer(handle)
+            if self.columns is None:
+                self.columns = list(row)
+                writer.writerow(self.columns)
+            writer.writerow([_cell(row.get(c)) for c in self.columns])
+
+    @staticmethod
+    def row(record: StepRecord) -> dict[str, Any]:
+        return {**{k: getattr(record, k) for k in CSV_FIELDS}, **hparam_scalars(record)}
+
+    def close(self) -> None:
+        pass
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else str(value)
+    return str(value)
+
+
+class TensorBoardLogger:
+    """Scalars of every outer step (:func:`scalars`) through
+    ``torch.utils.tensorboard.SummaryWriter``, at ``global_step = record.step``."""
+
+    def __init__(self, log_dir: str | Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise HyperdiffError(
+                "log: tensorboard must be installed to write TensorBoard logs (pip install "
+                f"'hyperdiff[tensorboard]'); got ImportError: {err}"
+            ) from None
+        self.log_dir = Path(log_dir)
+        self._writer_class = SummaryWriter
+        self.writer: Any = None
+
+    def start(self, history: Sequence[StepRecord]) -> None:
+        # purge events past the resume point so a resumed run shows one curve
+        self.writer = self._writer_class(str(self.log_dir), purge_step=len(history) or None)
+
+    def __call__(self, opt: Any, record: StepRecord) -> None:
+        if self.writer is None:
+            self.start([])
+        for key, value in scalars(record).items():
+            self.writer.add_scalar(key, value, record.step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def config_loggers(log: Any, run_dir: Path) -> list[Any]:
+    """The loggers that a config's ``[log]`` section asks for (paths relative to
+    ``run_dir``)."""
+    loggers: list[Any] = []
+    if log.csv:
+        loggers.append(CSVLogger(run_dir / log.csv))
+    if log.tensorboard:
+        loggers.append(TensorBoardLogger(run_dir / log.tensorboard))
+    return loggers
+
+
+def start_all(callbacks: Iterable[Any], history: Sequence[StepRecord]) -> None:
+    for callback in callbacks:
+        if hasattr(callback, "start"):
+            callback.start(history)
+
+
+def close_all(callbacks: Iterable[Any]) -> None:
+    for callback in callbacks:
+        if hasattr(callback, "close"):
+            callback.close()
+
+
+class Progress:
+    """A tqdm bar over a whole ``hyperdiff run``: ``units_per_step`` per outer step (the
+    trainings it costs) and one unit per final-report training, so its total and ETA include
+    the report. Shown only on a terminal unless ``enabled`` says otherwise; stays on screen."""
+
+    def __init__(self, *, steps: int, done: int, units_per_step: int, report_trainings: int,
+                 enabled: bool | None, desc: str = ""):
+        from tqdm.auto import tqdm
+
+        self.units_per_step, self.report, self.desc = units_per_step, report_trainings, desc
+        self.bar = tqdm(total=steps * units_per_step + report_trainings,
+                        initial=done * units_per_step, unit="training", desc=desc,
+                        disable=None if enabled is None else not enabled, leave=True)
+
+    def __call__(self, opt: Any, record: StepRecord) -> None:
+        self.bar.update(self.units_per_step)
+        if record.selection_loss is not None or record.val_loss is not None:
+            loss = record.selection_loss if record.selection_loss is not None else record.val_loss
+            self.bar.set_postfix(step=record.step, loss=f"{loss:.4g}", refresh=False)
+
+    def report_phase(self) -> Callable[[], None]:
+        """Shrink the total to what is left (early stops end before the budget); return the
+        per-training tick of the report."""
+        self.bar.total = self.bar.n + self.report
+        self.bar.set_description_str(f"{self.desc} final report".strip())
+        self.bar.refresh()
+        return lambda: self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,169 @@
+"""Find a task factory from its reference: a built-in name, ``pkg.module:attr`` or
+``path/to/file.py:attr``.
+
+**Naming a module or a file runs its code** (it is imported, then the factory is called), in
+``hyperdiff run|check|compare`` and whenever such a config is read: name only code you trust.
+
+A factory is a function returning :func:`hyperdiff.task` (a :class:`~.spec.TaskSpec`); it is
+called with the keyword arguments it declares among ``steps`` (the config's ``inner.steps``,
+omitted while the config's defaults are read) and ``data_seed``. An attribute that already is
+a ``TaskSpec`` is used as is. Every failure is one :class:`~hyperdiff.HyperdiffError` that
+names the reference: a missing module, file or attribute, an attribute that is not a factory,
+a factory that raises or returns something else.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ..errors import HyperdiffError
+from .spec import TaskSpec
+
+FORMS = "a built-in task name, 'package.module:factory' or 'path/to/file.py:factory'"
+_SPECS: dict[tuple[str, int | None, int], TaskSpec] = {}
+
+
+def is_reference(name: str) -> bool:
+    """True for ``module:attr`` or ``file.py:attr`` (not a built-in name)."""
+    return ":" in name
+
+
+def split_reference(ref: str) -> tuple[str, str]:
+    """``(module or file, attribute)`` of ``ref``."""
+    where, _, attr = ref.rpartition(":")
+    if not where or not attr or not attr.isidentifier():
+        raise HyperdiffError(f"task: name must be {FORMS} (got {ref!r})")
+    return where, attr
+
+
+def _on_path(directory: Path) -> None:
+    """Put ``directory`` on ``sys.path`` (first) unless it is there already."""
+    entry = str(directory.resolve())
+    if entry not in sys.path:
+        sys.path.insert(0, entry)
+
+
+def import_target(where: str, ref: str) -> ModuleType:
+    """Import ``where``: a dotted module name (looked up on ``sys.path`` and in the working
+    directory, as ``python -m`` would), or a ``.py`` file path relative to the working
+    directory (its own directory goes on ``sys.path``, as for ``python file.py``)."""
+    if where.endswith(".py") or "/" in where or "\\" in where:
+        return _import_file(Path(where), ref)
+    if "" not in sys.path:
+        _on_path(Path.cwd())
+    try:
+        return importlib.import_module(where)
+    except ModuleNotFoundError as err:
+        if err.name and (where == err.name or where.startswith(err.name + ".")):
+            raise HyperdiffError(
+                f"task: module {where!r} of {ref!r} must be importable (got no module named "
+                f"{err.name!r}; is it installed, or on PYTHONPATH?)") from None
+        raise _import_failed(ref, err) from err
+    except Exception as err:
+        raise _import_failed(ref, err) from err
+
+
+def _import_file(path: Path, ref: str) -> ModuleType:
+    if not path.is_file():
+        raise HyperdiffError(f"task: file {str(path)!r} of {ref!r} must exist (got no such "
+                             f"file in {Path.cwd()})")
+    resolved = path.resolve()
+    name = "hyperdiff_user_task_" + re.sub(r"\W", "_", str(resolved))
+    if name in sys.modules:
+        return sys.modules[name]
+    _on_path(resolved.parent)
+    spec = importlib.util.spec_from_file_location(name, resolved)
+    if spec is None or spec.loader is None:
+        raise HyperdiffError(f"task: file {str(path)!r} of {ref!r} must be a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        del sys.modules[name]
+        raise _import_failed(ref, err) from err
+    return module
+
+
+def _import_failed(ref: str, err: BaseException) -> HyperdiffError:
+    return HyperdiffError(f"task: importing {ref!r} must succeed (got "
+                          f"{type(err).__name__}: {err})")
+
+
+def resolve_factory(ref: str) -> Callable[..., Any] | TaskSpec:
+    """The factory (or task spec) that ``ref`` names."""
+    where, attr = split_reference(ref)
+    module = import_target(where, ref)
+    if not hasattr(module, attr):
+        names = sorted(n for n, v in vars(module).items()
+                       if not n.startswith("_") and (callable(v) or isinstance(v, TaskSpec))
+                       and getattr(v, "__module__", module.__name__) == module.__name__)
+        raise HyperdiffError(f"task: {where!r} must define {attr!r} (got no such attribute; it "
+                             f"defines {', '.join(names) or 'no functions'})")
+    factory = getattr(module, attr)
+    if isinstance(factory, TaskSpec):
+        return factory
+    if not callable(factory) or isinstance(factory, type):
+        raise HyperdiffError(f"task: {ref!r} must be a task factory, a function returning "
+                             f"hd.task(...) (got {type(factory).__name__})")
+    return factory
+
+
+def call_factory(factory: Callable[..., Any] | TaskSpec, ref: str, *, steps: int | None,
+                 data_seed: int) -> TaskSpec:
+    """Call ``factory`` with the options it declares; check that it returns a TaskSpec."""
+    if isinstance(factory, TaskSpec):
+        return factory
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}  # type: ignore[assignment]
+    var_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    options: dict[str, Any] = {}
+    if steps is not None and (var_kw or "steps" in params):
+        options["steps"] = steps
+    if var_kw or "data_seed" in params:
+        options["data_seed"] = data_seed
+    try:
+        spec = factory(**options)
+    except HyperdiffError as err:
+        raise HyperdiffError(f"task: the factory {ref!r} raised: {err}") from err
+    except Exception as err:
+        raise HyperdiffError(f"task: the factory {ref!r} must return a task; it raised "
+                             f"{type(err).__name__}: {err}") from err
+    if not isinstance(spec, TaskSpec):
+        raise HyperdiffError(f"task: the factory {ref!r} must return hd.task(...) (got "
+                             f"{type(spec).__name__})")
+    return spec
+
+
+def load_spec(ref: str, factory_ref: str, *, steps: int | None = None, data_seed: int = 0
+              ) -> TaskSpec:
+    """The task spec of ``ref`` (``factory_ref`` is where its factory lives), cached per
+    ``(ref, steps, data_seed)`` within the process."""
+    key = (ref, steps, data_seed)
+    if key not in _SPECS:
+        spec = call_factory(resolve_factory(factory_ref), ref, steps=steps,
+                            data_seed=data_seed)
+        if len(_SPECS) > 16:
+            _SPECS.pop(next(iter(_SPECS)))
+        _SPECS[key] = spec
+        _SPECS.setdefault((ref, spec.steps, data_seed), spec)
+    return _SPECS[key]
+
+
+def label(ref: str) -> str:
+    """A file-name-safe label of a task reference (``file.py:build`` -> ``file-build``)."""
+    if not is_reference(ref):
+        return ref
+    where, _, attr = ref.rpartition(":")
+    stem = Path(where).stem if where.endswith(".py") else where
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", f"{stem}-{attr}")
