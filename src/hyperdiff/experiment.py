@@ -48,6 +48,7 @@ def build(config: Config) -> tuple[Task, HyperOptimizer]:
             step_tol=stop.step_tol,
         ),
         shrink=config.guard.shrink, max_failures=config.guard.max_failures,
+        max_loss_ratio=config.guard.max_loss_ratio,
     )
     return task, driver
 
@@ -99,9 +100,12 @@ def run_experiment(
     if resume is not None and out is not None:
         raise HyperdiffError(f"run: --out must not be given with --resume (got --out {out}); "
                              f"a resumed run stays in its own directory {resume}")
-    if resume is None and config is None:
+    if resume is not None:
+        rundir = RunDir.existing(resume)
+    elif config is None:
         raise HyperdiffError("run: a config is required unless resuming")
-    rundir = RunDir.existing(resume) if resume is not None else new_run_dir(config, out)
+    else:
+        rundir = new_run_dir(config, out)
     try:
         with rundir.lock():
             return _run_locked(rundir, config, resume=resume is not None,
