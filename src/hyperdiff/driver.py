@@ -300,6 +300,9 @@ class HyperOptimizer:
         with torch.no_grad():
             for name, leaf in self.leaves.items():
                 leaf.copy_(state["raw"][name])
+        if missing := _missing_optimizer_entries(self.optimizer, state["optimizer"]):
+            raise HyperdiffError(f"HyperOptimizer: the outer optimizer state lacks the entries "
+                                 f"{missing} that {type(self.optimizer).__name__} needs")
         self.optimizer.load_state_dict(state["optimizer"])
         self.guard.load_state_dict(state["guard"])
         self.best, self.since_best = state["best"], int(state["since_best"])
@@ -405,3 +408,17 @@ def _as_batches(selection: Batch | list[Batch] | None) -> list[Batch] | None:
         return None
     return list(selection) if isinstance(selection, list) else [selection]
 
+
+def _missing_optimizer_entries(optimizer: torch.optim.Optimizer, state: dict[str, Any]
+                               ) -> list[str]:
+    """Per-parameter entries (``exp_avg``, ``square_avg``, ...) that ``optimizer.step`` needs
+    and a non-empty saved parameter state lacks, found by one step of a probe optimizer."""
+    params = [p.detach().clone().requires_grad_() for g in optimizer.param_groups
+              for p in g["params"]]
+    probe = type(optimizer)(params, **optimizer.defaults)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    probe.step()
+    needed = set().union(*(probe.state[p].keys() for p in params))
+    saved = [entry for entry in state.get("state", {}).values() if entry]
+    return sorted(needed.difference(*(set(entry) for entry in saved))) if saved else []

@@ -149,9 +149,10 @@ def _run_locked(
         try:
             driver.load_state_dict(state, history)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+            what = str(err) if isinstance(err, HyperdiffError) else f"{type(err).__name__}: {err}"
             raise HyperdiffError(
                 f"run directory: {rundir.file('checkpoint.pt')} does not fit this run's driver "
-                f"({type(err).__name__}: {err}); restore it, or start a new run with the same "
+                f"({what}); restore it, or start a new run with the same "
                 f"config (`hyperdiff run {rundir.file('config.toml')} --out NEW_DIR`)"
             ) from None
         log(f"resuming {rundir.path} at outer step {driver.step_index}")

@@ -51,7 +51,7 @@ from .files import (
 )
 from .lock import RunLock
 from .manifest import MANIFEST, Manifest, sha256
-from .records import NEW_RUN, RECOVER, parse_line, parse_records, split_lines
+from .records import new_run, parse_line, parse_records, recover, split_lines
 
 CONFIG, HISTORY, CHECKPOINT, RESULT = "config.toml", "history.jsonl", "checkpoint.pt", "result.json"
 HPARAMS, LOCK = "hparams.json", "run.lock"
@@ -230,7 +230,8 @@ class RunDir:
         if len(lines) < steps:
             raise HyperdiffError(
                 f"run directory: {path} must hold at least {steps} steps to resume from the "
-                f"checkpoint (got {len(lines)}); the history was edited or lost: {RECOVER}"
+                f"checkpoint (got {len(lines)}); the history was edited or lost: "
+                f"{recover(self.path)}"
             )
         kept = lines[:steps]
         records = parse_records(kept, path)
@@ -241,7 +242,7 @@ class RunDir:
         ):
             raise HyperdiffError(
                 f"run directory: {path}: its first {steps} records differ from those that "
-                f"{CHECKPOINT} was written with (a record was edited); {RECOVER}"
+                f"{CHECKPOINT} was written with (a record was edited); {recover(self.path)}"
             )
         if len(lines) != steps or rest:
             atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
@@ -301,7 +302,7 @@ class RunDir:
                 raise HyperdiffError(
                     f"run directory: {path} is missing, but {MANIFEST} records a checkpoint of "
                     f"step {step}; continuing without it would discard the history. Restore "
-                    f"it, or {NEW_RUN}"
+                    f"it, or {new_run(self.path)}"
                 )
             return None
         data = read_bytes(path)
@@ -310,12 +311,14 @@ class RunDir:
             raise HyperdiffError(
                 f"run directory: {path} is damaged: its sha256 matches none of the checkpoints "
                 f"recorded in {MANIFEST} (flipped bits, a truncated or a replaced file). "
-                f"Restore it, or {NEW_RUN}"
+                f"Restore it, or {new_run(self.path)}"
             )
         state = load_state(data, path)
         if not isinstance(state, dict) or state.get("step") != entry["step"]:
+            got = (f"step {state.get('step')!r}" if isinstance(state, dict)
+                   else type(state).__name__)
             raise HyperdiffError(f"run directory: {path} must hold a driver state of step "
-                                 f"{entry['step']} (got {type(state).__name__}); {RECOVER}")
+                                 f"{entry['step']} (got {got}); {recover(self.path)}")
         self._entry = entry
         return state
 
@@ -400,13 +403,14 @@ def load_state(data: bytes, path: Path) -> Any:
             f"run directory: torch.load(weights_only=True) refused {path}{detail}. It is not a "
             "checkpoint that hyperdiff wrote (those hold only tensors and plain containers): "
             "it was damaged or replaced. Do not load it with weights_only=False unless you "
-            f"trust where it came from; {RECOVER}"
+            f"trust where it came from; {recover(path.parent)}"
         ) from None
     except Exception as err:  # torch raises RuntimeError, EOFError, zipfile errors, ...
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else "no detail"
+        text = str(err).strip()
+        first = text.splitlines()[0].split(". ")[0][:160] if text else "no detail"
         raise HyperdiffError(
             f"run directory: torch.load cannot read {path} ({type(err).__name__}: {first}): "
-            f"it is truncated or damaged; {RECOVER}"
+            f"it is truncated or damaged; {recover(path.parent)}"
         ) from None
 
 

@@ -95,8 +95,8 @@ def read_text(path: Path) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise HyperdiffError(f"run directory: {path} is not UTF-8 text (byte {err.start}); "
-                             "it was damaged or replaced") from None
+        raise HyperdiffError(f"run directory: {path} is not UTF-8 text (byte {err.start}): it "
+                             "was damaged or replaced; restore it from a copy") from None
 
 
 def append_bytes(path: Path, data: bytes) -> None:

@@ -75,6 +75,6 @@ class Manifest:
             raise HyperdiffError(
                 f"run directory: {path} is damaged ({type(err).__name__}: {err}); without it "
                 "the checkpoint cannot be verified: restore it, or start a new run with the "
-                "same config (`hyperdiff run RUN_DIR/config.toml --out NEW_DIR`)"
+                f"same config (`hyperdiff run {path.parent / 'config.toml'} --out NEW_DIR`)"
             ) from None
         return cls(files, checkpoints)

@@ -14,9 +14,15 @@ from pathlib import Path
 from ..errors import HyperdiffError
 from ..history import StepRecord
 
-NEW_RUN = ("start a new run with the same config (`hyperdiff run RUN_DIR/config.toml --out "
-           "NEW_DIR`): a run is deterministic and recomputes the same steps")
-RECOVER = f"restore the file from a copy, or {NEW_RUN}"
+
+def new_run(directory: Path) -> str:
+    """What to do when a run directory cannot be continued: the same run, elsewhere."""
+    return (f"start a new run with the same config (`hyperdiff run {directory / 'config.toml'} "
+            "--out NEW_DIR`): a run is deterministic and recomputes the same steps")
+
+
+def recover(directory: Path) -> str:
+    return f"restore the file from a copy, or {new_run(directory)}"
 
 
 def split_lines(text: str) -> tuple[list[str], str]:
@@ -33,7 +39,7 @@ def parse_line(line: str, path: Path, number: int) -> StepRecord:
         what = f"not valid JSON ({err.msg} at column {err.colno})"
     except ValueError as err:
         what = f"not a step record: {err}"
-    raise HyperdiffError(f"run directory: {path} line {number} is {what}; {RECOVER}")
+    raise HyperdiffError(f"run directory: {path} line {number} is {what}; {recover(path.parent)}")
 
 
 def parse_records(lines: list[str], path: Path) -> list[StepRecord]:
@@ -45,7 +51,7 @@ def parse_records(lines: list[str], path: Path) -> list[StepRecord]:
             raise HyperdiffError(
                 f"run directory: {path} line {index + 1} holds step {record.step} where step "
                 f"{index} belongs (a line was duplicated, removed or replaced by another "
-                f"step's); {RECOVER}"
+                f"step's); {recover(path.parent)}"
             )
         records.append(record)
     return records
