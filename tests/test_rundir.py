@@ -377,13 +377,12 @@ DAMAGE = {
 @pytest.mark.parametrize("kind", list(DAMAGE))
 def test_each_kind_of_damage_is_refused_in_one_line_that_names_it(copy, capsys, kind):
     damage, expected = DAMAGE[kind]
-    before = {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()}
     damage(copy)
-    after = {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()}
+    damaged = {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()}
     err = cli_error(capsys, "run", "--resume", str(copy), "--quiet")
     assert expected.format(run=copy) in err, err
-    assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == after
-    assert before  # the refusal changed nothing: the user can still repair the directory
+    # the refusal changed nothing: the user can still repair the directory
+    assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == damaged
 
 
 def test_the_undamaged_copy_resumes_to_the_uninterrupted_history(copy, straight):
@@ -495,3 +494,11 @@ def test_step_record_json_round_trip_and_its_errors():
         StepRecord.from_json(record.to_json().replace('"best": true', '"best": 1'))
     with pytest.raises(ValueError, match="must be a JSON object"):
         StepRecord.from_json("[1, 2]")
+
+
+def test_plot_refuses_a_planted_figures_link(copy, tmp_path, capsys):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (copy / "figures").symlink_to(victim, target_is_directory=True)
+    assert "figures: it is a symbolic link" in cli_error(capsys, "plot", str(copy))
+    assert list(victim.iterdir()) == []

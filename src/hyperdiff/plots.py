@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 
 from .history import History
 from .rundir import RunDir, atomic_write_bytes
-from .rundir.files import os_errors
+from .rundir.files import os_errors, refuse_link
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
@@ -37,6 +37,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
 
         raise HyperdiffError(f"plot: {rundir.path} must hold at least one outer step (got 0)")
     target = Path(out) if out else rundir.path / "figures"
+    if not out:
+        refuse_link(target)  # a planted link must not send the figures elsewhere
     with os_errors(target, "create the figure directory"):
         target.mkdir(parents=True, exist_ok=True)
     meta = rundir.read_hparams()
