@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 from torch import Tensor
@@ -81,13 +81,16 @@ class StepRecord:
         data = json.loads(line)
         if not isinstance(data, dict):
             raise ValueError(f"a record must be a JSON object (got {type(data).__name__})")
-        missing = [f.name for f in fields(cls) if f.name not in data]
+        required = [f.name for f in fields(cls)
+                    if f.default is MISSING and f.default_factory is MISSING]
+        missing = [name for name in required if name not in data]
         if missing:
             raise ValueError(f"the record lacks the field(s) {', '.join(missing)}")
-        for f in fields(cls):
+        present = [f for f in fields(cls) if f.name in data]
+        for f in present:
             if not _json_type_fits(data[f.name], str(f.type)):
                 raise ValueError(f"field {f.name!r} must be {f.type} (got {data[f.name]!r:.60})")
-        return cls(**{f.name: data[f.name] for f in fields(cls)})
+        return cls(**{f.name: data[f.name] for f in present})
 
     def without_timing(self) -> dict[str, Any]:
         """The record as a dict without wall-time fields (for comparing runs)."""
@@ -175,7 +178,8 @@ def _json_type_fits(value: Any, annotation: str) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if base == "float":
         return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, {"str": str, "dict": dict}[base])
+    kinds: dict[str, type] = {"str": str, "dict": dict, "list": list}
+    return base not in kinds or isinstance(value, kinds[base])
 
 
 def finite_or_none(value: float | None) -> float | None:

@@ -284,7 +284,9 @@ class RunDir:
         manifest = self._manifest_or_empty()
         self._write_manifest(manifest.with_checkpoint(sha256(data), step,
                                                       self._history_sha(step)))
-        atomic_write_bytes(self.file(CHECKPOINT), data)
+        # the manifest's rename is made durable first; losing this one keeps the old, listed
+        # checkpoint, from which the run resumes exactly
+        atomic_write_bytes(self.file(CHECKPOINT), data, sync_directory=False)
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         """The last checkpoint, verified, or ``None`` if the run was killed before its first.

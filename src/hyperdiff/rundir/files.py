@@ -111,11 +111,13 @@ def append_bytes(path: Path, data: bytes) -> None:
             os.fsync(handle.fileno())
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, *, sync_directory: bool = True) -> None:
     """Write ``data`` to ``path`` so that a reader sees the old or the new file, never half.
 
     The temporary file ``.<name>.<random>.tmp`` is created exclusively next to ``path``; it is
-    removed again if anything fails.
+    removed again if anything fails. ``sync_directory``: fsync the directory after the rename,
+    so that the new file survives a power loss before any later write (skip it where losing
+    the rename only means falling back to the old file).
     """
     refuse_link(path)
     with os_errors(path, "write"):
@@ -130,7 +132,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             with suppress(OSError):
                 os.unlink(tmp)
             raise
-    fsync_directory(path.parent)
+    if sync_directory:
+        fsync_directory(path.parent)
 
 
 def _exclusive_temporary(path: Path) -> tuple[int, Path]:
