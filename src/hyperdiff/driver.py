@@ -420,5 +420,5 @@ def _missing_optimizer_entries(optimizer: torch.optim.Optimizer, state: dict[str
         p.grad = torch.zeros_like(p)
     probe.step()
     needed = set().union(*(probe.state[p].keys() for p in params))
-    saved = [entry for entry in state.get("state", {}).values() if entry]
-    return sorted(needed.difference(*(set(entry) for entry in saved))) if saved else []
+    saved = [set(entry) for entry in state.get("state", {}).values() if entry]
+    return sorted(set().union(*(needed - entry for entry in saved)))

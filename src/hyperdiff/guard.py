@@ -58,7 +58,6 @@ class DivergenceGuard:
 
     def check_values(self, hparams: HyperParameters, raw: dict[str, Tensor]) -> None:
         """Raise ``NonFiniteError`` if a natural value of ``raw`` is outside its constraint."""
-        names = hparams.coordinate_names()
         start = 0
         for name, value in hparams.natural(raw).items():
             spec = hparams[name]
@@ -70,7 +69,8 @@ class DivergenceGuard:
                 how = ("overflowed its raw value" if not math.isfinite(value_f)
                        else "pushed its raw value so far that it rounds onto a bound")
                 raise NonFiniteError(
-                    f"{names[start + where]} = {value_f:.6g} is outside its constraint "
+                    f"{hparams.coordinate_names()[start + where]} = {value_f:.6g} is outside "
+                    "its constraint "
                     f"({spec.constraint.describe_valid()}"
                     f"{f'; {len(bad)} entries are' if len(bad) > 1 else ''}): the last outer "
                     f"update {how}"
