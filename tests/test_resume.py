@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -114,17 +116,23 @@ def test_resume_needs_a_run_directory(tmp_path):
 
 
 def test_checkpoint_replacement_is_atomic(tmp_path, monkeypatch):
+    """A checkpoint write that fails (here: the disk fills up before the rename) leaves the old
+    checkpoint readable and verified, no temporary file, and one clear error."""
     rundir = RunDir(tmp_path)
     rundir.save_checkpoint({"step": 1})
+    replace = os.replace
 
-    def crash(obj, path):
-        Path(path).write_bytes(b"half a checkpoint")
-        raise OSError("disk full")
+    def full_disk(src, dst):
+        if Path(dst).name == CHECKPOINT:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        replace(src, dst)
 
-    monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(hd.HyperdiffError, match="No space left on device; free some disk"):
         rundir.save_checkpoint({"step": 2})
-    assert rundir.load_checkpoint() == {"step": 1}
+    monkeypatch.setattr(os, "replace", replace)
+    assert RunDir(tmp_path).load_checkpoint() == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT, "manifest.json"]
 
 
 def test_driver_state_dict_round_trip_keeps_guard_and_optimizer_state(tmp_path):

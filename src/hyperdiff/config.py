@@ -98,6 +98,9 @@ class GuardConfig:
     shrink: float = option(0.5, "outer learning-rate factor after a failed step", low=0.0,
                            high=1.0, open_low=True, open_high=True)
     max_failures: int = option(5, "failed steps in a row before the run stops", low=1)
+    max_loss_ratio: float = option(1e6, "a step fails when a loss exceeds this many times "
+                                   "max(|initial loss|, 1)", low=1.0,
+                                   open_low=True)
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,9 @@ class HyperOptimizer:
             step and early stopping use its loss (``problem.val_loss`` on these batches).
         seed: base of the per-step minibatch seeds.
         stopping: the :class:`Stopping` rules.
-        shrink, max_failures: the divergence guard (:mod:`hyperdiff.guard`).
+        shrink, max_failures, max_loss_ratio: the divergence guard (:mod:`hyperdiff.guard`):
+            a step fails when training diverges, a loss exceeds ``max_loss_ratio`` x
+            max(|initial loss|, 1), or a value leaves its constraint.
 
     >>> import torch, hyperdiff as hd
     >>> from hyperdiff.driver import HyperOptimizer, Stopping
@@ -110,6 +112,7 @@ class HyperOptimizer:
         stopping: Stopping | None = None,
         shrink: float = 0.5,
         max_failures: int = 5,
+        max_loss_ratio: float = 1e6,
     ):
         self.problems = _check_problems(problem)
         self.hparams = self.problems[0].hparams
@@ -130,7 +133,8 @@ class HyperOptimizer:
         self.selection = _as_batches(selection)
         self.seed = nonnegative_int("HyperOptimizer", "seed", seed)
         self.stopping = stopping or Stopping()
-        self.guard = DivergenceGuard(shrink=shrink, max_failures=max_failures)
+        self.guard = DivergenceGuard(shrink=shrink, max_failures=max_failures,
+                                     max_loss_ratio=max_loss_ratio)
         self.leaves = {n: v.clone().requires_grad_() for n, v in self.hparams.raw.items()}
         optim_class = getattr(torch.optim, OPTIMIZERS[optimizer])
         self.optimizer = optim_class(list(self.leaves.values()), lr=self.lr)
@@ -227,7 +231,9 @@ class HyperOptimizer:
         lr = self.learning_rate(step)
         self.trainings += len(self.warm)
         try:
+            self.guard.check_values(self.hparams, raw)
             evaluations, selection = self._evaluate(step, raw)
+            self.guard.check_losses([hg.value for hg in evaluations], selection)
         except NonFiniteError as err:
             return self._failed(step, raw, lr, str(err), started)
         self.guard.succeeded(snapshot)
@@ -294,6 +300,9 @@ class HyperOptimizer:
         with torch.no_grad():
             for name, leaf in self.leaves.items():
                 leaf.copy_(state["raw"][name])
+        if missing := _missing_optimizer_entries(self.optimizer, state["optimizer"]):
+            raise HyperdiffError(f"HyperOptimizer: the outer optimizer state lacks the entries "
+                                 f"{missing} that {type(self.optimizer).__name__} needs")
         self.optimizer.load_state_dict(state["optimizer"])
         self.guard.load_state_dict(state["guard"])
         self.best, self.since_best = state["best"], int(state["since_best"])
@@ -399,3 +408,17 @@ def _as_batches(selection: Batch | list[Batch] | None) -> list[Batch] | None:
         return None
     return list(selection) if isinstance(selection, list) else [selection]
 
+
+def _missing_optimizer_entries(optimizer: torch.optim.Optimizer, state: dict[str, Any]
+                               ) -> list[str]:
+    """Per-parameter entries (``exp_avg``, ``square_avg``, ...) that ``optimizer.step`` needs
+    and a non-empty saved parameter state lacks, found by one step of a probe optimizer."""
+    params = [p.detach().clone().requires_grad_() for g in optimizer.param_groups
+              for p in g["params"]]
+    probe = type(optimizer)(params, **optimizer.defaults)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    probe.step()
+    needed = set().union(*(probe.state[p].keys() for p in params))
+    saved = [set(entry) for entry in state.get("state", {}).values() if entry]
+    return sorted(set().union(*(needed - entry for entry in saved)))

@@ -52,14 +52,19 @@ def build(config: Config) -> tuple[Task, HyperOptimizer]:
             step_tol=stop.step_tol,
         ),
         shrink=config.guard.shrink, max_failures=config.guard.max_failures,
+        max_loss_ratio=config.guard.max_loss_ratio,
     )
     return task, driver
 
 
-def default_run_dir(config: Config) -> Path:
-    if config.output.dir:
-        return Path(config.output.dir)
-    return Path("runs") / f"{label(config.task.name)}-{time.strftime('%Y%m%d-%H%M%S')}"
+def new_run_dir(config: Config, out: str | Path | None = None) -> RunDir:
+    """The directory of a new run: ``out``, else ``config.output.dir``, else a fresh
+    ``runs/<task>-<date>-<time>`` (with ``-2``, ``-3``, ... when that name is taken),
+    created atomically."""
+    if out or config.output.dir:
+        return RunDir.create(out or config.output.dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return RunDir.create_unique("runs", f"{label(config.task.name)}-{stamp}")
 
 
 def config_differences(old: Config, new: Config) -> list[str]:
@@ -97,9 +102,34 @@ def run_experiment(
         callbacks: ``callback(optimizer, record)`` after every outer step, e.g. to send
             metrics to MLflow or W&B (see :mod:`hyperdiff.loggers`); run after the loggers
             of ``[log]``.
+
+    The run directory is locked for the whole run (a second process on it is refused), and a
+    resume verifies its files first (see ``docs/run_directory.md``).
     """
+    if resume is not None and out is not None:
+        raise HyperdiffError(f"run: --out must not be given with --resume (got --out {out}); "
+                             f"a resumed run stays in its own directory {resume}")
     if resume is not None:
-        rundir = RunDir(resume)
+        rundir = RunDir.existing(resume)
+    elif config is None:
+        raise HyperdiffError("run: a config is required unless resuming")
+    else:
+        rundir = new_run_dir(config, out)
+    try:
+        with rundir.lock():
+            return _run_locked(rundir, config, resume=resume is not None,
+                               overrides=overrides, progress=progress, log=log,
+                               callbacks=callbacks)
+    except BaseException:
+        rundir.discard_if_unused()
+        raise
+
+
+def _run_locked(
+    rundir: RunDir, config: Config | None, *, resume: bool, overrides: tuple[str, ...],
+    progress: bool | None, log: Callable[[str], None], callbacks: Sequence[Callable[..., Any]],
+) -> dict[str, Any]:
+    if resume:
         stored = load_config(rundir.config_path())
         if config is None:
             config = load_config(data=stored.to_dict(), overrides=overrides)
@@ -121,18 +151,21 @@ def run_experiment(
             log(f"{rundir.path} already finished; its result:")
             return finished
     else:
-        if config is None:
-            raise HyperdiffError("run: a config is required unless resuming")
-        rundir = RunDir(out or default_run_dir(config))
-        if rundir.has_run():
-            raise HyperdiffError(
-                f"run: the run directory {rundir.path} already holds a run; continue it with "
-                "--resume, or choose another directory with --out"
-            )
+        rundir.refuse_existing_run()
+    assert config is not None
     task, driver = build(config)
     watchers = [*config_loggers(config.log, rundir.path), *callbacks]
-    if resume is not None and (state := rundir.load_checkpoint()) is not None:
-        driver.load_state_dict(state, rundir.load_history(int(state["step"])))
+    if resume and (state := rundir.load_checkpoint()) is not None:
+        history = rundir.load_history(int(state["step"]))
+        try:
+            driver.load_state_dict(state, history)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+            what = str(err) if isinstance(err, HyperdiffError) else f"{type(err).__name__}: {err}"
+            raise HyperdiffError(
+                f"run directory: {rundir.file('checkpoint.pt')} does not fit this run's driver "
+                f"({what}); restore it, or start a new run with the same "
+                f"config (`hyperdiff run {rundir.file('config.toml')} --out NEW_DIR`)"
+            ) from None
         log(f"resuming {rundir.path} at outer step {driver.step_index}")
     else:
         rundir.start(config.to_toml(), task.hparams)

@@ -1,7 +1,19 @@
 """The divergence guard of the outer loop.
 
-When an outer step fails (inner training diverged, or a loss or hypergradient is not finite),
-the driver goes back to the snapshot of the last successful step (its raw values, outer
+An outer step fails when
+
+- inner training diverged, or a loss or hypergradient is not finite (a ``NonFiniteError`` from
+  the method);
+- the values ``lam_s`` it was asked to evaluate are outside their constraint
+  (:meth:`DivergenceGuard.check_values`): the last update overflowed a raw value to a natural
+  value that is infinite or NaN, or under/overflowed it onto a bound (a positive value that is
+  exactly 0.0, an interval value equal to an end). Such a step trains nothing;
+- a validation or selection loss is absurd (:meth:`DivergenceGuard.check_losses`): finite but
+  ``|L| > max_loss_ratio * max(|L_0|, 1)``, with ``L_0`` the same loss at the first outer step
+  (default ratio ``1e6``). A training that blew up to 1e39 has not produced a hypergradient
+  worth following. The floor 1 keeps a near-zero initial loss from making every step absurd.
+
+Then the driver goes back to the snapshot of the last successful step (its raw values, outer
 optimizer state and warm-start parameters), multiplies the outer learning rate by ``shrink``
 and goes on. ``max_failures`` failures in a row end the run with a
 :class:`~hyperdiff.errors.NonFiniteError` that says what happened.
@@ -9,10 +21,15 @@ and goes on. ``max_failures`` failures in a row end the run with a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+from torch import Tensor
+
 from .errors import NonFiniteError, fail
+from .hyperparams import HyperParameters
 
 
 @dataclass
@@ -25,14 +42,59 @@ class DivergenceGuard:
     failures: int = 0
     total_failures: int = 0
     good: Any = None
+    max_loss_ratio: float = 1e6
+    reference: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        ratio = self.max_loss_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 1:
+            raise fail("HyperOptimizer", "max_loss_ratio", "a number > 1 (inf: off)", ratio)
         if not 0.0 < self.shrink < 1.0:
             raise fail("HyperOptimizer", "guard shrink", "in (0, 1)", self.shrink)
         if isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int) or (
             self.max_failures < 1
         ):
             raise fail("HyperOptimizer", "guard max_failures", "a positive int", self.max_failures)
+
+    def check_values(self, hparams: HyperParameters, raw: dict[str, Tensor]) -> None:
+        """Raise ``NonFiniteError`` if a natural value of ``raw`` is outside its constraint."""
+        start = 0
+        for name, value in hparams.natural(raw).items():
+            spec = hparams[name]
+            flat = value.detach().reshape(-1)
+            bad = (~spec.constraint.valid(flat)).nonzero().reshape(-1)
+            if len(bad):
+                where = int(bad[0])
+                value_f = float(flat[where])
+                how = ("overflowed its raw value" if not math.isfinite(value_f)
+                       else "pushed its raw value so far that it rounds onto a bound")
+                raise NonFiniteError(
+                    f"{hparams.coordinate_names()[start + where]} = {value_f:.6g} is outside "
+                    "its constraint "
+                    f"({spec.constraint.describe_valid()}"
+                    f"{f'; {len(bad)} entries are' if len(bad) > 1 else ''}): the last outer "
+                    f"update {how}"
+                )
+            start += flat.numel()
+
+    def check_losses(self, values: Sequence[float], selection: float | None) -> None:
+        """Raise ``NonFiniteError`` if a loss is absurd (see the module doc). The first call
+        sets the references ``L_0``: the mean validation loss and the selection loss."""
+        groups = {"validation": [float(v) for v in values]}
+        if selection is not None:
+            groups["selection"] = [float(selection)]
+        for kind, group in groups.items():
+            worst = max(group, key=abs)
+            reference = self.reference.get(kind)
+            if reference is None and math.isfinite(worst):
+                reference = self.reference[kind] = sum(group) / len(group)
+            limit = self.max_loss_ratio * max(abs(reference or 0.0), 1.0)
+            if not math.isfinite(worst) or abs(worst) > limit:
+                raise NonFiniteError(
+                    f"the {kind} loss {worst:.3g} is absurd: more than {self.max_loss_ratio:.3g}"
+                    f" x max(|initial loss| {abs(reference or 0.0):.3g}, 1); inner training "
+                    "has probably diverged"
+                )
 
     def succeeded(self, snapshot: Any) -> None:
         """Remember ``snapshot`` (taken before the successful step) as the last good one."""
@@ -70,10 +132,12 @@ class DivergenceGuard:
 
     def state_dict(self) -> dict[str, Any]:
         return {"scale": self.scale, "failures": self.failures,
-                "total_failures": self.total_failures, "good": self.good}
+                "total_failures": self.total_failures, "good": self.good,
+                "reference": dict(self.reference)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.scale = float(state["scale"])
         self.failures = int(state["failures"])
         self.total_failures = int(state["total_failures"])
         self.good = state["good"]
+        self.reference = {k: float(v) for k, v in state.get("reference", {}).items()}

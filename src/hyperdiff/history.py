@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 from torch import Tensor
@@ -27,9 +27,11 @@ class StepRecord:
 
     Attributes:
         step: outer step index ``s`` (0-based).
-        hparams: natural values ``lam_s``: a float per scalar, a list per vector.
-        status: ``"ok"``, or ``"failed"`` when training diverged or the hypergradient was not
-            finite (then ``lam`` was restored to the last good value).
+        hparams: natural values ``lam_s``: a float per scalar, a list per vector (``None``
+            for a value that is not finite, which only a failed step can hold).
+        status: ``"ok"``, or ``"failed"`` when training diverged, a loss or the hypergradient
+            was not finite, a loss was absurdly large, or ``lam_s`` left its constraint (see
+            :mod:`hyperdiff.guard`; then ``lam`` was restored to the last good value).
         train_loss, val_loss: means over the step's trainings (seeds x folds).
         val_loss_std: their standard deviation (0 for one training).
         selection_loss: loss on the selection split (``None`` without one).
@@ -71,9 +73,24 @@ class StepRecord:
 
     @classmethod
     def from_json(cls, line: str) -> StepRecord:
+        """Parse one JSON line (unknown keys are ignored).
+
+        Raises:
+            ValueError: invalid JSON, or a field missing or of the wrong JSON type.
+        """
         data = json.loads(line)
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        if not isinstance(data, dict):
+            raise ValueError(f"a record must be a JSON object (got {type(data).__name__})")
+        required = [f.name for f in fields(cls)
+                    if f.default is MISSING and f.default_factory is MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise ValueError(f"the record lacks the field(s) {', '.join(missing)}")
+        present = [f for f in fields(cls) if f.name in data]
+        for f in present:
+            if not _json_type_fits(data[f.name], str(f.type)):
+                raise ValueError(f"field {f.name!r} must be {f.type} (got {data[f.name]!r:.60})")
+        return cls(**{f.name: data[f.name] for f in present})
 
     def without_timing(self) -> dict[str, Any]:
         """The record as a dict without wall-time fields (for comparing runs)."""
@@ -141,9 +158,28 @@ def natural_values(hparams: HyperParameters, raw: dict[str, Tensor]) -> dict[str
     return {name: to_number(v) for name, v in hparams.natural(raw).items()}
 
 
-def to_number(value: Tensor) -> float | list[float]:
+def to_number(value: Tensor) -> float | list[float | None] | None:
+    """A float per scalar, a list per vector; ``None`` where a value is not finite (JSON has
+    no inf or NaN: only a failed step can hold such a value)."""
     value = value.detach().double()
-    return float(value) if value.dim() == 0 else value.reshape(-1).tolist()
+    if value.dim() == 0:
+        return finite_or_none(float(value))
+    return [finite_or_none(v) for v in value.reshape(-1).tolist()]
+
+
+def _json_type_fits(value: Any, annotation: str) -> bool:
+    """Does a JSON value fit a field annotated ``int``, ``float | None``, ``dict[...]``, ...?"""
+    if value is None:
+        return annotation.endswith("| None")
+    base = annotation.split("[")[0].split("|")[0].strip()
+    if base == "bool":
+        return isinstance(value, bool)
+    if base == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if base == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    kinds: dict[str, type] = {"str": str, "dict": dict, "list": list}
+    return base not in kinds or isinstance(value, kinds[base])
 
 
 def finite_or_none(value: float | None) -> float | None:

@@ -1,7 +1,7 @@
 """PNG figures of a run directory (``hyperdiff plot RUN_DIR``).
 
-- ``hparams.png``: each hyperparameter per outer step (natural units); a vector is drawn as
-  its mean with a 10-90% band.
+- ``hparams.png``: each hyperparameter per successful outer step (natural units; failed steps
+  are red lines); a vector is drawn as its mean with a 10-90% band.
 - ``losses.png``: train, validation and selection loss per outer step; the best step and failed
   steps are marked.
 - ``hypergradient.png``: norm of the mean raw hypergradient per step, with the spread over the
@@ -10,18 +10,22 @@
   the mean absolute raw hypergradient over the successful steps. Raw units are log units for
   positive hyperparameters, so sizes compare across very different scales.
 
-Figures are drawn with matplotlib's object API (no pyplot, no global state, no display).
+Figures are drawn with matplotlib's object API (no pyplot, no global state, no display) and
+written atomically. The history is read as ``--resume`` reads it: an unfinished last line is
+skipped with a warning, any other damage is one error naming the file and the line.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
 
 from .history import History
-from .rundir import RunDir
+from .rundir import RunDir, atomic_write_bytes
+from .rundir.files import os_errors, refuse_link
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
@@ -33,7 +37,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
 
         raise HyperdiffError(f"plot: {rundir.path} must hold at least one outer step (got 0)")
     target = Path(out) if out else rundir.path / "figures"
-    target.mkdir(parents=True, exist_ok=True)
+    if not out:
+        refuse_link(target)  # a planted link must not send the figures elsewhere
+    with os_errors(target, "create the figure directory"):
+        target.mkdir(parents=True, exist_ok=True)
     meta = rundir.read_hparams()
     figures = {
         "hparams.png": hparams_figure(history),
@@ -43,35 +50,41 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     }
     paths = []
     for name, figure in figures.items():
-        figure.savefig(target / name, dpi=110, bbox_inches="tight")
+        png = io.BytesIO()
+        figure.savefig(png, format="png", dpi=110, bbox_inches="tight")
+        atomic_write_bytes(target / name, png.getvalue())
         paths.append(target / name)
     return paths
 
 
 def hparams_figure(history: History) -> Figure:
+    """Values of the successful steps; a failed step (whose values may be absurd or not
+    finite) is a red line."""
     names = list(history[0].hparams)
     figure = Figure(figsize=(5.0 * min(len(names), 3), 3.4 * ((len(names) + 2) // 3)),
                     layout="constrained")
     axes = figure.subplots((len(names) + 2) // 3, min(len(names), 3), squeeze=False).ravel()
-    steps = history.column("step")
+    ok = [r for r in history if r.status == "ok"]
+    steps = [r.step for r in ok]
     for ax, name in zip(axes, names, strict=False):
-        values = torch.tensor([_as_list(r.hparams[name]) for r in history], dtype=torch.float64,
-                              device="cpu")
+        values = torch.tensor([_as_list(r.hparams[name]) for r in ok],
+                              dtype=torch.float64, device="cpu").reshape(len(ok), -1)
         if values.shape[1] == 1:
             ax.plot(steps, values[:, 0], marker=".")
-        else:
-            levels = torch.tensor([0.1, 0.9], dtype=values.dtype, device="cpu")
-            low, high = torch.quantile(values, levels, 1)
+        elif len(ok):
+            low, high = torch.quantile(values, values.new_tensor([0.1, 0.9]), 1)
             ax.fill_between(steps, low, high, alpha=0.3, label="10-90%")
             ax.plot(steps, values.mean(1), label=f"mean of {values.shape[1]}")
             ax.legend(fontsize=8)
-        if bool((values > 0).all()) and float(values.max() / values.min()) > 50:
+        for step in (r.step for r in history if r.status != "ok"):
+            ax.axvline(step, color="red", alpha=0.3)
+        if len(ok) and bool((values > 0).all()) and float(values.max() / values.min()) > 50:
             ax.set_yscale("log")
         ax.set_title(name)
         ax.set_xlabel("outer step")
     for ax in axes[len(names):]:
         ax.set_visible(False)
-    figure.suptitle("hyperparameters (natural units)")
+    figure.suptitle("hyperparameters (natural units; red: failed steps)")
     return figure
 
 
@@ -151,5 +164,7 @@ def sensitivity_figure(history: History, meta: dict) -> Figure:
     return figure
 
 
-def _as_list(value: float | list[float]) -> list[float]:
-    return value if isinstance(value, list) else [value]
+def _as_list(value: float | list[float | None] | None) -> list[float]:
+    """A record's value as a list; ``None`` (not finite, in a failed step) is drawn as a gap."""
+    values = value if isinstance(value, list) else [value]
+    return [float("nan") if v is None else v for v in values]

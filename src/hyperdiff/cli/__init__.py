@@ -52,6 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `hyperdiff run --print-config | head`
         sys.stdout = None  # type: ignore[assignment]
         return 0
+    except OSError as err:  # a filesystem error that no module turned into a HyperdiffError
+        where = f" {err.filename}" if err.filename else ""
+        print(f"hyperdiff {args.command}: error: cannot use{where}: "
+              f"{err.strerror or err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"hyperdiff {args.command}: interrupted", file=sys.stderr)
         return 130

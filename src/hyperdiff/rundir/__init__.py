@@ -1,0 +1,24 @@
+"""Run directories: layout and resume (:mod:`.directory`), the OS lock (:mod:`.lock`),
+atomic files that never follow links (:mod:`.files`), checksums (:mod:`.manifest`) and the
+checked history reader (:mod:`.records`). See ``docs/run_directory.md``."""
+
+from .directory import (
+    CHECKPOINT,
+    CONFIG,
+    HISTORY,
+    HPARAMS,
+    LOCK,
+    RESULT,
+    RUN_FILES,
+    RunDir,
+    describe,
+    json_safe,
+    load_state,
+)
+from .files import atomic_write_bytes, read_bytes
+from .lock import RunLock
+from .manifest import MANIFEST, Manifest
+
+__all__ = ["CHECKPOINT", "CONFIG", "HISTORY", "HPARAMS", "LOCK", "MANIFEST", "RESULT",
+           "RUN_FILES", "Manifest", "RunDir", "RunLock", "atomic_write_bytes", "describe",
+           "json_safe", "load_state", "read_bytes"]
