@@ -18,9 +18,12 @@ from .config import Config, load_config
 from .driver import HyperOptimizer, Stopping
 from .errors import HyperdiffError, NonFiniteError
 from .history import OptimizeResult, natural_values
+from .logs import get_logger
 from .registry import make_method
 from .rundir import RunDir
 from .tasks import Task, build_task
+
+_LOG = get_logger("experiment")
 
 REPORT_SEED = 1_000_000
 """Report trainings use seeds ``REPORT_SEED + i``, distinct from the tuning seeds."""
@@ -75,7 +78,7 @@ def config_differences(old: Config, new: Config) -> list[str]:
 def run_experiment(
     config: Config | None, *, out: str | Path | None = None, resume: str | Path | None = None,
     overrides: tuple[str, ...] = (), progress: bool | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a tuning job; return the result written to ``result.json``.
 
@@ -88,8 +91,11 @@ def run_experiment(
         overrides: ``section.key=value`` applied to the stored config when resuming without
             ``config``.
         progress: tqdm progress bar (``None``: only on a terminal).
-        log: where progress messages go.
+        log: progress messages go to the ``hyperdiff.experiment`` logger at INFO level (the
+            CLI shows them on stderr); a callable here receives them instead (kept for
+            callers that silence them; prefer configuring :mod:`logging`).
     """
+    log = _progress(log)
     if resume is not None:
         rundir = RunDir(resume)
         stored = load_config(rundir.config_path())
@@ -155,6 +161,18 @@ def run_experiment(
     result["run_dir"] = str(rundir.path)
     rundir.write_result(result)
     return result
+
+
+def _progress(extra: Callable[[str], None] | None) -> Callable[[str], None]:
+    """``log(message)``: INFO on the ``hyperdiff.experiment`` logger, or ``extra``."""
+
+    def log(message: str) -> None:
+        if extra is None:
+            _LOG.info(message)
+        else:
+            extra(message)
+
+    return log
 
 
 def final_report(task: Task, outcome: OptimizeResult, config: Config, *, elapsed: float
