@@ -33,7 +33,7 @@ from .methods import (
 )
 from .models import FunctionalModel, StepContext, functional
 from .optimizers import Optimizer, adam, adamw, sgd
-from .problem import Problem, make_problem
+from .problem import Problem, make_problem, with_context
 from .solvers import ConvergenceWarning, Solver, SolveResult, cg, exact, neumann
 from .training import train
 
@@ -93,4 +93,5 @@ __all__ = [
     "sgd",
     "train",
     "truncated",
+    "with_context",
 ]

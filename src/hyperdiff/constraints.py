@@ -155,3 +155,13 @@ def as_constraint(
         f"{caller}: constraint must be a Constraint, one of 'free', 'positive', 'log', "
         f"'softplus', or a (low, high) tuple (got {describe(spec)})"
     )
+
+
+def natural_range(constraint: Constraint) -> tuple[float | None, float | None]:
+    """``(low, high)`` of the natural values a constraint allows (``None``: unbounded); every
+    built-in constraint excludes its ends."""
+    if isinstance(constraint, Positive):
+        return 0.0, None
+    if isinstance(constraint, Interval):
+        return constraint.low, constraint.high
+    return None, None
