@@ -42,7 +42,8 @@ def build(config: Config) -> tuple[Task, HyperOptimizer]:
         method=make_method(config.method.name, **config.method.options),
         optimizer=config.outer.optimizer, lr=config.outer.lr,
         clip=config.outer.clip or None, schedule=config.outer.schedule,
-        samples=config.outer.samples, tie_steps=config.outer.tie_steps,
+        samples="auto" if config.outer.auto_samples else config.outer.samples,
+        max_samples=config.outer.max_samples, tie_steps=config.outer.tie_steps,
         warm_start=config.inner.warm_start,
         selection=task.selection, seed=config.outer.seed,
         stopping=Stopping(

@@ -12,7 +12,7 @@ import importlib
 from types import ModuleType
 from typing import Any
 
-from ..errors import HyperdiffError
+from ..errors import UNIT_OPEN_HIGH, HyperdiffError, nonnegative_int, number, positive_int
 from .base import SearchRange, Task
 
 TASKS: dict[str, str] = {
@@ -34,7 +34,16 @@ def task_module(name: str) -> ModuleType:
 
 def build_task(name: str, **options: Any) -> Task:
     """Build task ``name``; ``options`` go to its ``build`` (steps, selection_fraction, ...)."""
-    return task_module(name).build(**options)
+    module = task_module(name)
+    caller = f"task {name}"
+    if options.get("steps") is not None:  # None: the task's default; 0 is not
+        positive_int(caller, "steps", options["steps"])
+    if "selection_fraction" in options:
+        number(caller, "selection_fraction", options["selection_fraction"], UNIT_OPEN_HIGH)
+    for key in ("cv_folds", "data_seed"):
+        if key in options:
+            nonnegative_int(caller, key, options[key])
+    return module.build(**options)
 
 
 def task_defaults(name: str) -> dict[str, Any]:

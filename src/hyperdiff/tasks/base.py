@@ -181,6 +181,21 @@ def fold_indices(pool: Tensor, folds: int, seed: int) -> list[tuple[Tensor, Tens
     return pairs
 
 
+def check_split_sizes(name: str, splits: Splits) -> None:
+    """Refuse splits that leave train, validation or test without rows, with the sizes."""
+    sizes = {k: int(v.numel()) for k, v in splits.__dict__.items()}
+    empty = [k for k in ("train", "val", "test") if sizes[k] == 0]
+    if empty:
+        listed = ", ".join(f"{k} {n}" for k, n in sizes.items())
+        hint = (" task.selection_fraction is the share of the validation rows held out for "
+                "selection: lower it (0 switches the selection split off)"
+                if "val" in empty and sizes["selection"] else "")
+        raise HyperdiffError(
+            f"task {name}: the {' and '.join(empty)} split must hold at least one row "
+            f"(got {listed} rows).{hint}"
+        )
+
+
 def assemble(
     *,
     name: str,
@@ -196,6 +211,7 @@ def assemble(
     summarize: Callable[[Mapping[str, Tensor]], dict[str, float]] | None = None,
 ) -> Task:
     """Build a :class:`Task` from a problem factory ``problem_for(train_rows, val_rows)``."""
+    check_split_sizes(name, splits)
     if cv_folds:
         pool = torch.cat([splits.train, splits.val]).sort().values
         problems = tuple(problem_for(tr, va) for tr, va in fold_indices(pool, cv_folds, data_seed))
