@@ -44,16 +44,15 @@ import torch
 
 from .advice import Advice, optimizer_kind, recommend
 from .errors import HyperdiffError, nonnegative_int, positive_int
+from .logs import get_logger
 from .methods.base import HyperGradient, Method
 from .methods.finite_difference import CostWarning, finite_difference
 from .methods.forward import forward
 from .methods.implicit import implicit
 from .methods.reverse import reverse
-from .logs import get_logger
 from .precision import in_float64
 from .problem import Problem
 from .solvers import ConvergenceWarning, cg, exact
-
 
 _LOG = get_logger("check")
 
@@ -115,16 +114,16 @@ class CheckReport:
             f"T={self.steps} steps; finite differences on {len(self.coordinates)} "
             f"coordinates: {names}"
         )
-        lines = [summary, *text]
+        report = [summary, *text]
         if self.reference_dtype != "float64":
-            lines.append(
+            report.append(
                 f"reference: finite differences in {self.reference_dtype} (the float64 copy "
                 f"of the problem failed); their rounding noise is about "
                 f"{self.reference_noise or math.nan:.2g} of the reference's norm, so smaller "
                 "errors are not measured")
         elif self.reference_noise is not None:
-            lines.append("reference: finite differences on a float64 copy of the problem")
-        return "\n".join(lines)
+            report.append("reference: finite differences on a float64 copy of the problem")
+        return "\n".join(report)
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .datacheck import check_batch, shapes_of
 from .errors import (
     HyperdiffError,
     NonFiniteError,
@@ -37,7 +38,6 @@ from .errors import (
     positive_float,
     positive_int,
 )
-from .datacheck import check_batch, shapes_of
 from .guard import DivergenceGuard
 from .history import (
     History,
@@ -47,9 +47,9 @@ from .history import (
     natural_values,
     to_number,
 )
+from .logs import get_logger
 from .methods.base import HyperGradient, Method
 from .problem import Problem
-from .logs import get_logger
 from .registry import METHODS, OPTIMIZERS, SCHEDULES, make_method
 from .snr import SNR_TARGET, AutoSamples, sample_means, signal_to_noise
 from .stopping import Stopping, ranking_loss, ranking_name, tied
@@ -343,7 +343,7 @@ class HyperOptimizer:
             self.trainings += len(self.problems)
             count += 1
         evaluations = [done[slot][0] for slot in sorted(done)]
-        selection = [done[slot][1] for slot in sorted(done) if done[slot][1] is not None]
+        selection = [v for slot in sorted(done) if (v := done[slot][1]) is not None]
         for slot, (hg, _) in done.items():
             self.warm[slot] = (hg.params, hg.buffers) if self.warm_start else None
         if not selection:
