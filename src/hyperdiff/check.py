@@ -332,8 +332,11 @@ def check(
 
 def _reference(problem: Problem, coords: list[int]) -> tuple[HyperGradient, str, float | None]:
     """Finite differences on ``coords``: in float64 (on a float64 copy of a lower-precision
-    problem, see :mod:`hyperdiff.precision`), else in the problem's dtype with an estimate of
-    their rounding noise relative to the reference's norm: ``eps |L| / h`` per coordinate.
+    problem, see :mod:`hyperdiff.precision`), else in the problem's dtype with a measurement of
+    their rounding noise relative to the reference's norm: per coordinate the change of the
+    difference quotient when its step doubles, ``|g_h - g_2h|`` (truncation moves it by
+    about ``h^2`` times the third derivative, negligible at these steps; rounding by its full
+    size; two more trainings per coordinate), at least ``eps |L| / h_i``.
 
     Returns the reference, its dtype name and the noise estimate (``None`` in float64 for a
     float64 problem; 0.0 for a float64 copy, whose noise is negligible at float32 tolerances).
@@ -350,8 +353,12 @@ def _reference(problem: Problem, coords: list[int]) -> tuple[HyperGradient, str,
     eps = torch.finfo(problem.dtype).eps
     base = problem.hparams.flatten(problem.raw_tensors())
     h = float(reference.diagnostics["eps"])
-    per_coordinate = [eps * abs(reference.value) / (h * max(1.0, abs(float(base[i]))))
-                      for i in coords]
+    doubled = finite_difference(2 * h, coordinates=coords, warn=False)(problem).vector
+    per_coordinate = [
+        max(abs(float(reference.vector[i] - doubled[i])),
+            eps * abs(reference.value) / (h * max(1.0, abs(float(base[i])))))
+        for i in coords
+    ]
     scale = float(reference.vector[coords].norm())
     noise = math.sqrt(sum(n * n for n in per_coordinate)) / scale if scale > 0 else math.inf
     return reference, str(problem.dtype).removeprefix("torch."), noise
