@@ -3,7 +3,9 @@ rounding, and peak memory from torch's public APIs."""
 
 from __future__ import annotations
 
+import inspect
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,7 +85,7 @@ def logistic(momentum, steps, hparams=None):
 
 
 def test_reversible_with_a_momentum_that_is_not_a_multiple_of_its_resolution():
-    assert 0.9 * DENOMINATOR != round(0.9 * DENOMINATOR)  # 0.9 is not representable
+    assert round(0.9 * DENOMINATOR) != 0.9 * DENOMINATOR  # 0.9 is not representable
     q = quantised(0.9)
     assert 0 < abs(q - 0.9) <= 2.0**-32
     got = hd.reversible()(logistic(0.9, 100))
@@ -100,7 +102,7 @@ def test_reversible_with_a_momentum_that_is_not_a_multiple_of_its_resolution():
 
 
 def test_peak_memory_uses_no_private_profiler_fields():
-    source = open(sys.modules[peak_memory.__module__].__file__, encoding="utf-8").read()
+    source = Path(inspect.getfile(sys.modules[peak_memory.__module__])).read_text("utf-8")
     assert "kineto" not in source and "prof.profiler" not in source
 
     def allocate():
