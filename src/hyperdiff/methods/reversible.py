@@ -31,11 +31,14 @@ the buffer. The trajectory differs from the floating-point one by the rounding t
 runs as 0.8999999999068677), and the backward pass differentiates exactly that training (its
 vector-Jacobian products use ``n / D`` too, with the derivative of ``mu`` passed straight
 through to a momentum hyperparameter). So it equals reverse mode *at momentum n / D* to the
-fixed-point rounding (measured 2e-13 at T = 100, 5e-14 at T = 1000 in float64), and differs
-from reverse mode at ``mu`` by the sensitivity of the hypergradient to the momentum times that
-rounding: ``~ |d g / d mu| * 2.3e-10``, measured 1.6e-10 relative at T = 100 and 2.8e-12 at
-T = 1000 for mu = 0.9 on the test problem. Momenta that are exact multiples of ``2^-31``
-(0.5, 0.875, ...) have no such term.
+fixed-point rounding, and differs from reverse mode at ``mu`` by the sensitivity of the
+hypergradient to the momentum times that rounding, ``~ |d g / d mu| * |mu - n / D|``.
+Measured in float64 for mu = 0.9 (``python benchmarks/reversible_momentum.py``, the logistic
+problem of the tests): against reverse mode at ``n / D`` 2.1e-13 (T = 100) and 5.2e-14
+(T = 1000) with a constant momentum, 1.3e-11 and 2.3e-12 with a momentum hyperparameter;
+against reverse mode at 0.9 9.5e-11 and 2.8e-12 (constant), 1.6e-10 and 2.8e-12
+(hyperparameter). Momenta that are multiples of ``2^-31`` (0.5, 0.875, ...) have no
+momentum term.
 """
 
 from __future__ import annotations
