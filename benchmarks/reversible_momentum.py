@@ -27,7 +27,7 @@ import hyperdiff as hd
 from hyperdiff.methods.reversible import quantised
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_long_horizon import _logistic_problem  # noqa: E402
+from test_long_horizon import _logistic_problem
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
