@@ -33,10 +33,9 @@ from .datacheck import check_batch, shapes_of
 from .errors import (
     HyperdiffError,
     NonFiniteError,
-    Range,
     fail,
+    is_number,
     nonnegative_int,
-    number,
     positive_float,
     positive_int,
 )
@@ -148,7 +147,8 @@ class HyperOptimizer:
         _check_selection(self.problems[0], self.selection)
         self.seed = nonnegative_int("HyperOptimizer", "seed", seed)
         self.stopping = stopping or Stopping()
-        number("HyperOptimizer", "shrink", shrink, Range(0.0, 1.0, open_low=True, open_high=True))
+        if not (is_number(shrink) and 0.0 < shrink < 1.0):  # the guard's own check, for any type
+            raise fail("HyperOptimizer", "guard shrink", "in (0, 1)", shrink)
         self.guard = DivergenceGuard(shrink=shrink, max_failures=max_failures)
         self.leaves = {n: v.clone().requires_grad_() for n, v in self.hparams.raw.items()}
         optim_class = getattr(torch.optim, OPTIMIZERS[optimizer])
