@@ -471,7 +471,8 @@ def _check_selection(problem: Problem, selection: list[Batch] | None) -> None:
         _LOG.warning(
             "HyperOptimizer: no selection split: the best step and early stopping use the "
             "validation loss that the hypergradient descends, which many hyperparameters can "
-            "overfit; pass selection=batches held out from val_data")
+            "overfit; pass selection=batches held out from val_data (hyperdiff run: "
+            "task.selection_fraction > 0)")
         return
     for batch in selection:
         check_batch("HyperOptimizer", "selection", batch)
