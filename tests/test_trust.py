@@ -4,6 +4,8 @@ rounding, and peak memory from torch's public APIs."""
 from __future__ import annotations
 
 import inspect
+import math
+import random
 import sys
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import torch
 import hyperdiff as hd
 from hyperdiff.check import check, peak_memory
 from hyperdiff.methods.finite_difference import finite_difference
-from hyperdiff.methods.reversible import DENOMINATOR, quantised
+from hyperdiff.methods.reversible import DENOMINATOR, InfoBuffer, quantised, scale_down, scale_up
 
 from conftest import rel_err
 
@@ -84,21 +86,39 @@ def logistic(momentum, steps, hparams=None):
                            val_data=(x[:16], y[:16]), steps=steps, probe=False)
 
 
-def test_reversible_with_a_momentum_that_is_not_a_multiple_of_its_resolution():
-    assert round(0.9 * DENOMINATOR) != 0.9 * DENOMINATOR  # 0.9 is not representable
-    q = quantised(0.9)
-    assert 0 < abs(q - 0.9) <= 2.0**-32
-    got = hd.reversible()(logistic(0.9, 100))
-    assert got.diagnostics["momentum_rounding"] == pytest.approx(abs(q - 0.9), rel=1e-6)
-    # it is reverse mode of the training it ran (momentum n / D), to the fixed-point rounding
-    assert rel_err(got.vector, hd.reverse()(logistic(q, 100)).vector) < 2e-12
-    # and differs from reverse mode at 0.9 by the documented momentum term, not more
-    at_09 = rel_err(got.vector, hd.reverse()(logistic(0.9, 100)).vector)
-    assert at_09 < 1e-8
-    # with a momentum hyperparameter the derivative of mu passes straight through
+@pytest.mark.parametrize("mu", [0.9, 0.123456789, math.pi / 4])
+def test_reversible_with_momenta_that_are_not_multiples_of_2_to_the_minus_31(mu):
+    assert round(mu * DENOMINATOR) != mu * DENOMINATOR  # not representable as n / 2^31
+    assert abs(quantised(mu) - mu) <= 1e-16  # the closest fraction n / d with d <= 2^31
+    got = hd.reversible()(logistic(mu, 100))
+    assert got.diagnostics["momentum_rounding"] <= 1e-16
+    # reverse mode at the same momentum, to the fixed-point rounding (the README's ~1e-12)
+    assert rel_err(got.vector, hd.reverse()(logistic(mu, 100)).vector) < 2e-12
+
+
+def test_reversible_momentum_hyperparameter_matches_reverse():
     hp = hd.HyperParameters(lr=hd.scalar(0.2), wd=hd.scalar(1e-2), mu=hd.scalar(0.9, (0.0, 1.0)))
     problem = logistic("mu", 60, hp)
-    assert rel_err(hd.reversible()(problem).vector, hd.reverse()(problem).vector) < 1e-8
+    assert rel_err(hd.reversible()(problem).vector, hd.reverse()(problem).vector) < 2e-12
+
+
+def test_scale_down_with_any_fraction_is_undone_exactly():
+    rng = random.Random(0)
+    numel = 64
+    info = InfoBuffer(numel)
+    x0 = torch.tensor([rng.randrange(-2**60, 2**60) for _ in range(numel)])
+    x, history = x0.clone(), []
+    for _ in range(20):
+        d = torch.tensor([rng.randrange(1, DENOMINATOR + 1) for _ in range(numel)])
+        n = torch.tensor([rng.randrange(1, int(v) + 1) for v in d])
+        new = scale_down(x, n, info, d)
+        for i in range(numel):  # |x' - x n / d| < 1, in exact integers
+            assert abs(int(new[i]) * int(d[i]) - int(x[i]) * int(n[i])) < int(d[i])
+        history.append((n, d))
+        x = new
+    for n, d in reversed(history):
+        x = scale_up(x, n, info, d)
+    assert torch.equal(x, x0) and not info.limbs
 
 
 def test_peak_memory_uses_no_private_profiler_fields():
