@@ -135,7 +135,7 @@ def run_experiment(
     else:
         rundir.start(config.to_toml(), task.hparams)
     log(f"tuning {task.name}: {task.hparams.numel} hyperparameters, "
-        f"{len(task.problems) * config.outer.samples} training(s) of {config.inner.steps} "
+        f"{_trainings_text(len(task.problems), config)} training(s) of {config.inner.steps} "
         f"steps per outer step; run directory {rundir.path}")
 
     def on_step(opt: HyperOptimizer, record: Any) -> None:
@@ -162,6 +162,13 @@ def run_experiment(
     result["run_dir"] = str(rundir.path)
     rundir.write_result(result)
     return result
+
+
+def _trainings_text(folds: int, config: Config) -> str:
+    """Trainings per outer step: ``"2"``, or ``"4-32 (auto)"`` with ``outer.auto_samples``."""
+    if config.outer.auto_samples:
+        return f"{2 * folds}-{config.outer.max_samples * folds} (auto)"
+    return str(folds * config.outer.samples)
 
 
 def _progress(extra: Callable[[str], None] | None) -> Callable[[str], None]:
