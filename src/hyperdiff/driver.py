@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .data import FullBatch
 from .datacheck import check_batch, shapes_of
 from .errors import (
     HyperdiffError,
@@ -145,6 +146,11 @@ class HyperOptimizer:
         self.warm_start = bool(warm_start)
         self.selection = _as_batches(selection)
         _check_selection(self.problems[0], self.selection)
+        if self.auto is None and self.samples == 1 and not all(
+                isinstance(p.train_data, FullBatch) for p in self.problems):
+            _LOG.info("HyperOptimizer: samples=1 with minibatches: the hypergradient's noise is "
+                      "not measured; samples='auto' measures its signal-to-noise ratio and "
+                      "draws enough samples")
         self.seed = nonnegative_int("HyperOptimizer", "seed", seed)
         self.stopping = stopping or Stopping()
         if not (is_number(shrink) and 0.0 < shrink < 1.0):  # the guard's own check, for any type
