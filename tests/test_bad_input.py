@@ -204,3 +204,25 @@ def test_with_context_marks_a_loss():
         hd.with_context(optional_ctx, "yes")
     with pytest.raises(hd.HyperdiffError, match="required keyword-only arguments"):
         takes_context(lambda p, h, b, *, lam: 0, "train_loss")
+
+
+def test_messages_go_through_the_hyperdiff_logger(capsys):
+    from hyperdiff.logs import StderrHandler, configure, get_logger, level_for
+
+    assert [level_for(v) for v in (-3, -2, -1, 0, 1, 5)] == [
+        logging.ERROR, logging.ERROR, logging.WARNING, logging.INFO, logging.DEBUG, logging.DEBUG]
+    root = logging.getLogger("hyperdiff")
+    try:
+        configure(-1)  # -q
+        get_logger("test").info("progress line")
+        get_logger("test").warning("a warning")
+        err = capsys.readouterr().err
+        assert "a warning" in err and "progress line" not in err
+        configure(0)
+        get_logger("test").info("progress line")
+        assert "progress line" in capsys.readouterr().err
+        assert sum(isinstance(h, StderrHandler) for h in root.handlers) == 1
+    finally:
+        for handler in [h for h in root.handlers if isinstance(h, StderrHandler)]:
+            root.removeHandler(handler)
+        root.setLevel(logging.NOTSET)

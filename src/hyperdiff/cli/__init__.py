@@ -46,23 +46,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hyperdiff`` script; returns the exit status."""
     from ..errors import HyperdiffError, NonFiniteError
-    from ..logs import configure
+    from ..logs import configure, get_logger
 
     args = build_parser().parse_args(argv)
     configure(args.verbose - args.quiet)
     try:
         return int(args.handler(args))
     except HyperdiffError as err:
-        print(f"hyperdiff {args.command}: error: {err}", file=sys.stderr)
+        get_logger("cli").error("hyperdiff %s: error: %s", args.command, err)
         return 2
     except NonFiniteError as err:
-        print(f"hyperdiff {args.command}: failed: {err}", file=sys.stderr)
+        get_logger("cli").error("hyperdiff %s: failed: %s", args.command, err)
         return 1
     except BrokenPipeError:  # e.g. `hyperdiff run --print-config | head`
         sys.stdout = None  # type: ignore[assignment]
         return 0
     except KeyboardInterrupt:
-        print(f"hyperdiff {args.command}: interrupted", file=sys.stderr)
+        get_logger("cli").error("hyperdiff %s: interrupted", args.command)
         return 130
 
 
