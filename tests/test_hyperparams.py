@@ -70,8 +70,8 @@ def test_repr_shows_natural_values():
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda: hd.HyperParameters(lr=hd.scalar(-0.1)), "'lr' must be finite and > 0"),
-        (lambda: hd.HyperParameters(lr=hd.scalar(float("nan"))), "'lr' must be finite"),
+        (lambda: hd.HyperParameters(lr=hd.scalar(-0.1)), "scalar: value must be finite and > 0"),
+        (lambda: hd.HyperParameters(lr=hd.scalar(float("nan"))), "value must be finite"),
         (lambda: hd.HyperParameters(m=hd.scalar(1.5, (0.0, 1.0))), "strictly between 0.0 and 1.0"),
         (lambda: hd.HyperParameters(lr=0.1), "must be a HyperParameter"),
         (lambda: hd.per_step(0), "steps must be a positive int"),

@@ -96,5 +96,5 @@ def test_optimizer_errors():
         hd.sgd(0.1, nesterov=True)
     with pytest.raises(hd.HyperdiffError, match="betas must be a pair"):
         hd.adam(0.1, betas=0.9)
-    with pytest.raises(hd.HyperdiffError, match="lr must be a number, a hyperparameter name"):
+    with pytest.raises(hd.HyperdiffError, match="lr must be a number >= 0, a hyperparameter name"):
         hd.sgd([0.1])

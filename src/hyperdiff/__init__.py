@@ -35,7 +35,7 @@ from .methods import (
 )
 from .models import FunctionalModel, StepContext, functional
 from .optimizers import Optimizer, adam, adamw, sgd
-from .problem import Problem, make_problem
+from .problem import Problem, make_problem, with_context
 from .solvers import ConvergenceWarning, Solver, SolveResult, cg, exact, neumann
 from .tasks import SearchRange, Task, TaskData, TaskSpec, build_task, given_splits, task
 from .training import train
@@ -110,4 +110,5 @@ __all__ = [
     "train",
     "truncated",
     "tuned_hparams",
+    "with_context",
 ]

@@ -9,13 +9,18 @@ random flat coordinates, then reports per method the relative error on those coo
 
 the wall time and the peak memory, and recommends a method (:func:`hyperdiff.advice.recommend`).
 Finite differences differentiate the same T-step training as reverse and forward, so the
-implicit rows also measure the bias of stopping training at T.
+implicit rows also measure the bias of stopping training at T. For a float32 (or lower)
+problem they run on a float64 copy (:func:`hyperdiff.precision.in_float64`): in float32 their
+own rounding noise (``eps |L| / h``, often tens of percent of the hypergradient) would be
+the error measured. When the copy fails (a model that keeps float32 constants), they run in
+the problem's dtype and the report states their estimated noise, which then widens the
+tolerance of the recommendation.
 
-**Peak memory** counts torch's own CPU allocations (on a CUDA problem: the device's, from
-``torch.cuda.max_memory_allocated``): each method runs once under
-``torch.profiler`` with ``profile_memory=True``, whose allocator events (bytes allocated and
-freed, in order) are summed into a running total; the peak is its maximum above the level at
-the start. ``tracemalloc`` cannot see these (they are C++ allocations), and the process RSS
+**Peak memory** counts torch's own allocations: on CUDA ``torch.cuda.max_memory_allocated``;
+on the CPU each method runs once under ``torch.profiler`` with ``profile_memory=True``, whose
+allocator events (bytes allocated and freed, in order, read from the profiler's public Chrome
+trace export) are summed into a running total; the peak is its maximum above the level at the
+start. ``tracemalloc`` cannot see these (they are C++ allocations), and the process RSS
 mixes in the allocator's caching. Each method then runs a second time without the profiler for
 the timing (the first run also warms it up). The first profiler start in a process takes
 several seconds; ``memory=False`` skips the profiled runs and warms up with one inner step.
@@ -24,9 +29,11 @@ several seconds; ``memory=False`` skips the profiled runs and warms up with one 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -37,13 +44,17 @@ import torch
 
 from .advice import Advice, optimizer_kind, recommend
 from .errors import HyperdiffError, nonnegative_int, positive_int
+from .logs import get_logger
 from .methods.base import HyperGradient, Method
 from .methods.finite_difference import CostWarning, finite_difference
 from .methods.forward import forward
 from .methods.implicit import implicit
 from .methods.reverse import reverse
+from .precision import in_float64
 from .problem import Problem
 from .solvers import ConvergenceWarning, cg, exact
+
+_LOG = get_logger("check")
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,8 @@ class CheckReport:
     steps: int
     advice: Advice
     results: dict[str, HyperGradient] = field(default_factory=dict, repr=False)
+    reference_dtype: str = "float64"
+    reference_noise: float | None = None
 
     @property
     def recommendation(self) -> str:
@@ -101,7 +114,16 @@ class CheckReport:
             f"T={self.steps} steps; finite differences on {len(self.coordinates)} "
             f"coordinates: {names}"
         )
-        return "\n".join([summary, *text])
+        report = [summary, *text]
+        if self.reference_dtype != "float64":
+            report.append(
+                f"reference: finite differences in {self.reference_dtype} (the float64 copy "
+                f"of the problem failed); their rounding noise is about "
+                f"{self.reference_noise or math.nan:.2g} of the reference's norm, so smaller "
+                "errors are not measured")
+        elif self.reference_noise is not None:
+            report.append("reference: finite differences on a float64 copy of the problem")
+        return "\n".join(report)
 
 
 @contextlib.contextmanager
@@ -118,9 +140,23 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(null)
 
 
-def peak_memory(fn: Callable[[], Any]) -> tuple[Any, int]:
-    """Run ``fn()`` and return its result and the peak of torch CPU allocations (bytes) above
-    the level at the start, from ``torch.profiler`` allocator events (see the module doc)."""
+def peak_memory(fn: Callable[[], Any], device: torch.device | str | None = None
+                ) -> tuple[Any, int]:
+    """Run ``fn()`` and return its result and the peak of torch's allocations (bytes) above
+    the level at the start.
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. On the
+    CPU: ``torch.profiler`` with ``profile_memory=True``, whose allocator events (bytes
+    allocated and freed, in order) come from its public Chrome trace export and are summed into
+    a running total; the peak is its maximum.
+    """
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        return result, max(0, torch.cuda.max_memory_allocated(device) - start)
     from torch.profiler import ProfilerActivity, profile
 
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
@@ -131,26 +167,21 @@ def peak_memory(fn: Callable[[], Any]) -> tuple[Any, int]:
     finally:
         with _quiet_stderr():
             prof.__exit__(None, None, None)
-    # torch's allocator events (private API): nbytes > 0 allocates, < 0 frees
-    kineto = prof.profiler.kineto_results  # type: ignore[union-attr]
-    events = [e for e in kineto.events() if e.name() == "[memory]"]  # type: ignore[union-attr]
-    events.sort(key=lambda e: e.start_ns())
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trace.json")
+        with _quiet_stderr():
+            prof.export_chrome_trace(path)
+        with open(path, encoding="utf-8") as file:
+            events = json.load(file).get("traceEvents", [])
+    allocations = sorted(
+        (e["ts"], e["args"].get("Bytes", 0)) for e in events
+        if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0
+    )
     current = peak = 0
-    for e in events:
-        current += e.nbytes()  # type: ignore[union-attr]
+    for _, nbytes in allocations:  # > 0 allocates, < 0 frees
+        current += nbytes
         peak = max(peak, current)
     return result, peak
-
-
-def cuda_peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int]:
-    """Run ``fn()`` and return its result and the peak of CUDA allocations on ``device``
-    (bytes) above the level at the start (``torch.cuda.max_memory_allocated``)."""
-    torch.cuda.synchronize(device)
-    start = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    result = fn()
-    torch.cuda.synchronize(device)
-    return result, torch.cuda.max_memory_allocated(device) - start
 
 
 def _run(method: Method, problem: Problem, memory: bool):
@@ -160,10 +191,8 @@ def _run(method: Method, problem: Problem, memory: bool):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            if memory and problem.device.type == "cuda":
-                _, peak = cuda_peak_memory(lambda: method(problem), problem.device)
-            elif memory:
-                _, peak = peak_memory(lambda: method(problem))
+            if memory:
+                _, peak = peak_memory(lambda: method(problem), problem.device)
             else:
                 _warm_up(method, problem)
             started = time.perf_counter()
@@ -255,10 +284,9 @@ def check(
 
     bar = tqdm(total=len(chosen) + 1, unit="method", desc="check", leave=True,
                disable=None if progress is None else not progress)
-    fd = finite_difference(coordinates=coords, warn=False)
     started = time.perf_counter()
     bar.set_postfix_str("finite_difference")
-    reference = fd(problem)
+    reference, reference_dtype, noise = _reference(problem, coords)
     bar.update(1)
     fd_seconds = time.perf_counter() - started
     ref = reference.vector[coords]
@@ -295,7 +323,8 @@ def check(
         measured=measured,
         bytes_per_value=torch.finfo(problem.dtype).bits // 8,
         optimizer=optimizer_kind(problem.optimizer),
-        tolerance=_tolerance(problem.dtype),
+        tolerance=max(_tolerance(problem.dtype), 3 * noise if reference_dtype != "float64"
+                      and noise is not None else 0.0),
     )
     names = problem.hparams.coordinate_names()
     return CheckReport(
@@ -308,7 +337,43 @@ def check(
         problem.steps,
         advice,
         results,
+        reference_dtype,
+        noise,
     )
+
+
+def _reference(problem: Problem, coords: list[int]) -> tuple[HyperGradient, str, float | None]:
+    """Finite differences on ``coords``: in float64 (on a float64 copy of a lower-precision
+    problem, see :mod:`hyperdiff.precision`), else in the problem's dtype with a measurement of
+    their rounding noise relative to the reference's norm: per coordinate the change of the
+    difference quotient when its step doubles, ``|g_h - g_2h|`` (truncation moves it by
+    about ``h^2`` times the third derivative, negligible at these steps; rounding by its full
+    size; two more trainings per coordinate), at least ``eps |L| / h_i``.
+
+    Returns the reference, its dtype name and the noise estimate (``None`` in float64 for a
+    float64 problem; 0.0 for a float64 copy, whose noise is negligible at float32 tolerances).
+    """
+    fd = finite_difference(coordinates=coords, warn=False)
+    if problem.dtype == torch.float64:
+        return fd(problem), "float64", None
+    try:
+        return fd(in_float64(problem)), "float64", 0.0
+    except (HyperdiffError, FloatingPointError, RuntimeError, TypeError) as err:
+        _LOG.info("check: finite differences on a float64 copy failed (%s); using %s",
+                  str(err).splitlines()[0][:120], problem.dtype)
+    reference = fd(problem)
+    eps = torch.finfo(problem.dtype).eps
+    base = problem.hparams.flatten(problem.raw_tensors())
+    h = float(reference.diagnostics["eps"])
+    doubled = finite_difference(2 * h, coordinates=coords, warn=False)(problem).vector
+    per_coordinate = [
+        max(abs(float(reference.vector[i] - doubled[i])),
+            eps * abs(reference.value) / (h * max(1.0, abs(float(base[i])))))
+        for i in coords
+    ]
+    scale = float(reference.vector[coords].norm())
+    noise = math.sqrt(sum(n * n for n in per_coordinate)) / scale if scale > 0 else math.inf
+    return reference, str(problem.dtype).removeprefix("torch."), noise
 
 
 def _tolerance(dtype: torch.dtype) -> float:

@@ -76,6 +76,10 @@ class OuterConfig:
     clip: float = option(0.0, "clip the hypergradient to this L2 norm (0: off)", low=0.0)
     samples: int = option(1, "trainings with different minibatch seeds averaged per step",
                           low=1)
+    auto_samples: bool = option(False, "choose the samples per step: 2, then more until the "
+                                "hypergradient's signal-to-noise ratio is >= 1 (replaces "
+                                "outer.samples)")
+    max_samples: int = option(16, "the most samples per step with outer.auto_samples", low=2)
     seed: int = option(0, "base seed of the minibatch orders", low=0)
     tie_steps: int = option(0, "first outer steps in which each vector hyperparameter moves as "
                             "one (mean hypergradient of its entries; 0: off)", low=0)
@@ -176,9 +180,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     source: dict[str, Any] = {}
     if path is not None:
         try:
-            source = tomllib.loads(Path(path).read_text())
+            source = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise HyperdiffError(f"config: file {str(path)!r} does not exist") from None
+        except IsADirectoryError:
+            raise HyperdiffError(
+                f"config: {str(path)!r} must be a TOML file (got a directory)") from None
+        except UnicodeDecodeError as err:
+            raise HyperdiffError(
+                f"config: {str(path)!r} must be UTF-8 text, as TOML requires (got a byte "
+                f"{err.object[err.start]:#04x} at offset {err.start} that is not UTF-8)"
+            ) from None
+        except OSError as err:
+            raise HyperdiffError(
+                f"config: {str(path)!r} must be a readable file (got {err.strerror})") from None
         except tomllib.TOMLDecodeError as err:
             raise HyperdiffError(f"config: {path} is not valid TOML: {err}") from None
     if data is not None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .errors import HyperdiffError, describe, is_number
+
 
 class Constraint:
     """Base class: ``to_natural(u) = x``, ``to_raw(x) = u``, ``derivative(u) = dx/du``."""
@@ -67,8 +69,8 @@ class Positive(Constraint):
 
     def __post_init__(self) -> None:
         if self.transform not in ("log", "softplus"):
-            raise ValueError(
-                f"Positive: transform must be 'log' or 'softplus' (got {self.transform!r})"
+            raise HyperdiffError(
+                f"Positive: transform must be 'log' or 'softplus' (got {describe(self.transform)})"
             )
 
     def to_natural(self, raw: Tensor) -> Tensor:
@@ -103,8 +105,9 @@ class Interval(Constraint):
     name = "interval"
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.low) and math.isfinite(self.high) and self.low < self.high):
-            raise ValueError(
+        if not (is_number(self.low) and is_number(self.high) and math.isfinite(self.low)
+                and math.isfinite(self.high) and self.low < self.high):
+            raise HyperdiffError(
                 "Interval: bounds must be finite with low < high "
                 f"(got low={self.low}, high={self.high})"
             )
@@ -127,19 +130,38 @@ class Interval(Constraint):
         return f"strictly between {self.low} and {self.high}"
 
 
-def as_constraint(spec: Constraint | str | tuple[float, float] | None) -> Constraint:
+def as_constraint(
+    spec: Constraint | str | tuple[float, float] | None, caller: str = "hyperparameter"
+) -> Constraint:
     """Accept a Constraint, a name ('free', 'positive', 'log', 'softplus') or (low, high)."""
     if spec is None:
         return Positive()
     if isinstance(spec, Constraint):
         return spec
-    if isinstance(spec, tuple) and len(spec) == 2:
-        return Interval(float(spec[0]), float(spec[1]))
+    if isinstance(spec, (tuple, list)) and len(spec) == 2:
+        low, high = spec
+        if not (is_number(low) and is_number(high) and math.isfinite(low)
+                and math.isfinite(high) and low < high):
+            raise HyperdiffError(
+                f"{caller}: constraint bounds (low, high) must be finite numbers with "
+                f"low < high (got {describe(spec)})"
+            )
+        return Interval(float(low), float(high))
     names = {"free": Free(), "positive": Positive(), "log": Positive("log"),
              "softplus": Positive("softplus")}
     if isinstance(spec, str) and spec in names:
         return names[spec]
-    raise ValueError(
-        "constraint must be a Constraint, one of 'free', 'positive', 'log', 'softplus', "
-        f"or a (low, high) tuple (got {spec!r})"
+    raise HyperdiffError(
+        f"{caller}: constraint must be a Constraint, one of 'free', 'positive', 'log', "
+        f"'softplus', or a (low, high) tuple (got {describe(spec)})"
     )
+
+
+def natural_range(constraint: Constraint) -> tuple[float | None, float | None]:
+    """``(low, high)`` of the natural values a constraint allows (``None``: unbounded); every
+    built-in constraint excludes its ends."""
+    if isinstance(constraint, Positive):
+        return 0.0, None
+    if isinstance(constraint, Interval):
+        return constraint.low, constraint.high
+    return None, None

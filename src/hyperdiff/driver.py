@@ -29,10 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .data import FullBatch
+from .datacheck import check_batch, shapes_of
 from .errors import (
     HyperdiffError,
     NonFiniteError,
     fail,
+    is_number,
     nonnegative_int,
     positive_float,
     positive_int,
@@ -46,14 +49,17 @@ from .history import (
     natural_values,
     to_number,
 )
+from .logs import get_logger
 from .methods.base import HyperGradient, Method
 from .problem import Problem
 from .registry import METHODS, OPTIMIZERS, SCHEDULES, make_method
+from .snr import SNR_TARGET, AutoSamples, sample_means, signal_to_noise
 from .stopping import Stopping, ranking_loss, ranking_name, tied
 from .training import validation_loss
 from .typing import Batch
 
 Callback = Callable[["HyperOptimizer", StepRecord], None]
+_LOG = get_logger("driver")
 
 
 class HyperOptimizer:
@@ -66,16 +72,24 @@ class HyperOptimizer:
         optimizer: outer optimizer, a name in :data:`OPTIMIZERS` (default Adam).
         lr: outer learning rate (raw units: 0.05 moves a log-constrained value by ~5%).
         clip: clip the raw hypergradient to this L2 norm (``None``: no clipping).
-        schedule: ``"constant"`` or ``"cosine"`` (decay to 0 over ``stopping.max_steps``).
+        schedule: ``"cosine"`` (decay to 0 over ``stopping.max_steps``, the default, as in
+            ``hyperdiff run``) or ``"constant"``.
         samples: trainings per step with different minibatch seeds; their hypergradients are
-            averaged (variance reduction) and their spread is recorded.
+            averaged (variance reduction), their spread and signal-to-noise ratio are recorded
+            (:mod:`hyperdiff.snr`), and a ratio below 1 is logged as a warning. ``"auto"``:
+            2 samples, then one more at a time until the ratio reaches 1 or ``max_samples``.
+        max_samples: the most samples per step with ``samples="auto"``.
         tie_steps: for the first ``tie_steps`` outer steps every vector hyperparameter moves as
             one: its update uses the mean of its raw hypergradient over its entries (coarse to
             fine: the shared level is found before the entries spread; a defence against
             fitting the validation set with many hyperparameters). 0: off.
         warm_start: start each step's training from the previous step's theta_T.
         selection: batches of a split never used for hypergradients; when given, the best
-            step and early stopping use its loss (``problem.val_loss`` on these batches).
+            step and early stopping use its loss (``problem.val_loss`` on these batches). It
+            is evaluated once at theta_0 here, so that batches the loss cannot take fail at
+            once. Without it a warning is logged: the best step is then picked by the loss
+            the hypergradient descends (as ``hyperdiff run`` with ``task.selection_fraction =
+            0``).
         seed: base of the per-step minibatch seeds.
         stopping: the :class:`Stopping` rules.
         shrink, max_failures, max_loss_ratio: the divergence guard (:mod:`hyperdiff.guard`):
@@ -103,8 +117,9 @@ class HyperOptimizer:
         optimizer: str = "adam",
         lr: float = 0.05,
         clip: float | None = None,
-        schedule: str = "constant",
-        samples: int = 1,
+        schedule: str = "cosine",
+        samples: int | str = 1,
+        max_samples: int = 16,
         tie_steps: int = 0,
         warm_start: bool = False,
         selection: Batch | list[Batch] | None = None,
@@ -127,12 +142,22 @@ class HyperOptimizer:
         self.lr = positive_float("HyperOptimizer", "lr", lr)
         self.clip = None if clip is None else positive_float("HyperOptimizer", "clip", clip)
         self.schedule = schedule
-        self.samples = positive_int("HyperOptimizer", "samples", samples)
+        self.auto = _auto_samples(samples, max_samples)
+        self.samples = self.auto.maximum if self.auto else positive_int(
+            "HyperOptimizer", "samples", samples)  # the stride of seeds and warm slots
         self.tie_steps = nonnegative_int("HyperOptimizer", "tie_steps", tie_steps)
         self.warm_start = bool(warm_start)
         self.selection = _as_batches(selection)
+        _check_selection(self.problems[0], self.selection)
+        if self.auto is None and self.samples == 1 and not all(
+                isinstance(p.train_data, FullBatch) for p in self.problems):
+            _LOG.info("HyperOptimizer: samples=1 with minibatches: the hypergradient's noise is "
+                      "not measured; samples='auto' measures its signal-to-noise ratio and "
+                      "draws enough samples")
         self.seed = nonnegative_int("HyperOptimizer", "seed", seed)
         self.stopping = stopping or Stopping()
+        if not (is_number(shrink) and 0.0 < shrink < 1.0):  # the guard's own check, for any type
+            raise fail("HyperOptimizer", "guard shrink", "in (0, 1)", shrink)
         self.guard = DivergenceGuard(shrink=shrink, max_failures=max_failures,
                                      max_loss_ratio=max_loss_ratio)
         self.leaves = {n: v.clone().requires_grad_() for n, v in self.hparams.raw.items()}
@@ -229,7 +254,7 @@ class HyperOptimizer:
         snapshot = {"raw": raw, "optimizer": copy.deepcopy(self.optimizer.state_dict()),
                     "warm": list(self.warm)}
         lr = self.learning_rate(step)
-        self.trainings += len(self.warm)
+        self.trainings += len(self.problems) * (self.auto.minimum if self.auto else self.samples)
         try:
             self.guard.check_values(self.hparams, raw)
             evaluations, selection = self._evaluate(step, raw)
@@ -239,6 +264,14 @@ class HyperOptimizer:
         self.guard.succeeded(snapshot)
         grads = torch.stack([self.hparams.flatten(hg.grad).double() for hg in evaluations])
         mean = grads.mean(0)
+        per_sample = sample_means(grads, len(self.problems))
+        snr = signal_to_noise(per_sample)
+        if snr is not None and snr < SNR_TARGET:
+            _LOG.warning(
+                "outer step %d: the hypergradient's signal-to-noise ratio is %.2g < %g over "
+                "%d samples: the step direction is mostly minibatch noise; use more samples "
+                "(samples=%s)", step, snr, SNR_TARGET, per_sample.shape[0],
+                "'auto'" if self.auto is None else f"'auto' with max_samples > {self.samples}")
         self._update(tied(self.hparams.unflatten(mean)) if step < self.tie_steps
                      else self.hparams.unflatten(mean), lr)
         values = torch.tensor([hg.value for hg in evaluations], dtype=torch.float64, device="cpu")
@@ -266,6 +299,7 @@ class HyperOptimizer:
             selection_loss=selection, grad_norm=grad_norm,
             grad_std=float(grads.std(0).norm()) if len(grads) > 1 else None,
             grad={n: to_number(g) for n, g in self.hparams.unflatten(mean).items()},
+            grad_snr=snr, samples=per_sample.shape[0],
         )
 
     def learning_rate(self, step: int) -> float:
@@ -319,19 +353,16 @@ class HyperOptimizer:
 
     def _evaluate(self, step: int, raw: dict[str, Tensor]
                   ) -> tuple[list[HyperGradient], float | None]:
-        evaluations, selection = [], []
-        for j, base in enumerate(self.problems):
-            for i in range(self.samples):
-                slot = j * self.samples + i
-                problem = replace(base, seed=self.seed_for(step, i))
-                if self.warm_start and self.warm[slot] is not None:
-                    problem = replace(problem, params=self.warm[slot][0],
-                                      buffers=self.warm[slot][1])
-                hg = self.method(problem, raw)
-                evaluations.append(hg)
-                if self.selection is not None:
-                    selection.append(self._selection_loss(problem, self.selection, hg, raw))
-        for slot, hg in enumerate(evaluations):
+        done: dict[int, tuple[HyperGradient, float | None]] = {}  # slot -> (hg, selection)
+        count = self.auto.minimum if self.auto else self.samples
+        self._sample(step, raw, range(count), done)
+        while self.auto and not self.auto.enough(self._per_sample(done, count)):
+            self._sample(step, raw, range(count, count + 1), done)  # one more, every fold
+            self.trainings += len(self.problems)
+            count += 1
+        evaluations = [done[slot][0] for slot in sorted(done)]
+        selection = [v for slot in sorted(done) if (v := done[slot][1]) is not None]
+        for slot, (hg, _) in done.items():
             self.warm[slot] = (hg.params, hg.buffers) if self.warm_start else None
         if not selection:
             return evaluations, None
@@ -339,6 +370,30 @@ class HyperOptimizer:
         if not math.isfinite(value):
             raise NonFiniteError(f"the selection loss is not finite ({value})")
         return evaluations, value
+
+    def _sample(self, step: int, raw: dict[str, Tensor], samples: range,
+                done: dict[int, tuple[HyperGradient, float | None]]) -> None:
+        """Train and differentiate ``samples`` of every problem (fold-major slots)."""
+        for j, base in enumerate(self.problems):
+            for i in samples:
+                slot = j * self.samples + i
+                problem = replace(base, seed=self.seed_for(step, i))
+                if self.warm_start and self.warm[slot] is not None:
+                    problem = replace(problem, params=self.warm[slot][0],
+                                      buffers=self.warm[slot][1])
+                hg = self.method(problem, raw)
+                selection = None
+                if self.selection is not None:
+                    selection = self._selection_loss(problem, self.selection, hg, raw)
+                done[slot] = (hg, selection)
+
+    def _per_sample(self, done: dict[int, tuple[HyperGradient, float | None]], count: int
+                    ) -> Tensor:
+        """``(count, k)``: each sample's hypergradient averaged over the problems."""
+        rows = [torch.stack([self.hparams.flatten(done[j * self.samples + i][0].grad).double()
+                             for j in range(len(self.problems))]).mean(0)
+                for i in range(count)]
+        return torch.stack(rows)
 
     @staticmethod
     def _selection_loss(problem: Problem, selection: list[Batch], hg: HyperGradient,
@@ -383,6 +438,7 @@ class HyperOptimizer:
             **{k: finite_or_none(losses.get(k)) for k in fields}, grad=losses.get("grad"),
             lr=lr, best=best, trainings=self.trainings, message=message,
             time_s=self.elapsed, step_time_s=time.perf_counter() - started,
+            grad_snr=finite_or_none(losses.get("grad_snr")), samples=losses.get("samples"),
         )
         self.history.append(record)
         self.step_index += 1
@@ -406,7 +462,53 @@ def _check_problems(problem: Problem | Sequence[Problem]) -> tuple[Problem, ...]
 def _as_batches(selection: Batch | list[Batch] | None) -> list[Batch] | None:
     if selection is None:
         return None
-    return list(selection) if isinstance(selection, list) else [selection]
+    batches = list(selection) if isinstance(selection, list) else [selection]
+    if not batches:
+        raise fail("HyperOptimizer", "selection", "a batch or a non-empty list of batches "
+                   "(None: no selection split)", selection)
+    return batches
+
+
+def _auto_samples(samples: int | str, max_samples: int) -> AutoSamples | None:
+    """``AutoSamples`` for ``samples="auto"``, ``None`` for a fixed count."""
+    if isinstance(samples, str):
+        if samples != "auto":
+            raise fail("HyperOptimizer", "samples", "a positive int or 'auto'", samples)
+        return AutoSamples(maximum=positive_int("HyperOptimizer", "max_samples", max_samples))
+    positive_int("HyperOptimizer", "max_samples", max_samples)
+    return None
+
+
+def _check_selection(problem: Problem, selection: list[Batch] | None) -> None:
+    """Evaluate ``val_loss`` once on the selection batches at theta_0: a batch it cannot take
+    fails here with the shapes, not after the first training; warn when there is none."""
+    if selection is None:
+        _LOG.warning(
+            "HyperOptimizer: no selection split: the best step and early stopping use the "
+            "validation loss that the hypergradient descends, which many hyperparameters can "
+            "overfit; pass selection=batches held out from val_data (hyperdiff run: "
+            "task.selection_fraction > 0)")
+        return
+    for batch in selection:
+        check_batch("HyperOptimizer", "selection", batch)
+    hview = problem.hparams.view(problem.raw_tensors())
+    try:
+        with torch.no_grad():
+            value = float(validation_loss(replace(problem, val_data=selection), problem.params,
+                                          problem.buffers, hview))
+    except HyperdiffError:
+        raise
+    except (RuntimeError, IndexError, TypeError, ValueError, KeyError) as err:
+        raise HyperdiffError(
+            "HyperOptimizer: selection must be batches that val_loss accepts, like val_data "
+            f"(selection batch: {shapes_of(selection[0])}; validation batch: "
+            f"{shapes_of(problem.val_data[0])}; parameter shapes "
+            f"{ {n: tuple(p.shape) for n, p in problem.params.items()} }): "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    if not math.isfinite(value):
+        raise fail("HyperOptimizer", "selection loss at the initial parameters",
+                   "finite", value)
 
 
 def _missing_optimizer_entries(optimizer: torch.optim.Optimizer, state: dict[str, Any]

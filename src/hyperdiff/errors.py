@@ -7,6 +7,7 @@ complained, about which argument, what would be valid and what they passed.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -80,3 +81,72 @@ def scalar_loss(caller: str, which: str, loss: Any) -> torch.Tensor:
     if not loss.is_floating_point():
         raise fail(caller, f"{which} return value", "a floating-point tensor", loss.dtype)
     return loss
+
+
+def is_number(value: Any) -> bool:
+    """True for a real Python or NumPy number (``bool`` excluded)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return True
+    return type(value).__module__ == "numpy" and hasattr(value, "dtype") and (
+        getattr(value, "ndim", 1) == 0 and value.dtype.kind in "iuf"
+    )
+
+
+@dataclass(frozen=True)
+class Range:
+    """A set of valid numbers ``low <= x <= high`` (each end open or closed, or absent).
+
+    >>> Range(0.0, 1.0, open_high=True).text()
+    'a finite number in [0, 1)'
+    """
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def contains(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+            return False
+        return self.high is None or not (
+            value >= self.high if self.open_high else value > self.high
+        )
+
+    def tensor_contains(self, value: torch.Tensor) -> torch.Tensor:
+        """Elementwise :meth:`contains` (a boolean tensor)."""
+        ok = torch.isfinite(value)
+        if self.low is not None:
+            ok &= value > self.low if self.open_low else value >= self.low
+        if self.high is not None:
+            ok &= value < self.high if self.open_high else value <= self.high
+        return ok
+
+    def text(self, noun: str = "a finite number") -> str:
+        low, high = self.low, self.high
+        if low is not None and high is not None:
+            left, right = "(" if self.open_low else "[", ")" if self.open_high else "]"
+            return f"{noun} in {left}{low:g}, {high:g}{right}"
+        if low is not None:
+            return f"{noun} {'>' if self.open_low else '>='} {low:g}"
+        if high is not None:
+            return f"{noun} {'<' if self.open_high else '<='} {high:g}"
+        return noun
+
+
+ANY = Range()
+NONNEGATIVE = Range(0.0)
+POSITIVE = Range(0.0, open_low=True)
+UNIT = Range(0.0, 1.0)
+UNIT_OPEN_HIGH = Range(0.0, 1.0, open_high=True)
+
+
+def number(caller: str, name: str, value: Any, valid: Range = ANY) -> float:
+    """Return ``value`` as a float if it is a finite real number in ``valid``, else raise
+    ``"<caller>: <name> must be <valid> (got <value>)"``."""
+    if not is_number(value) or not valid.contains(float(value)):
+        raise fail(caller, name, valid.text(), value)
+    return float(value)

@@ -20,10 +20,13 @@ from .driver import HyperOptimizer, Stopping
 from .errors import HyperdiffError, NonFiniteError
 from .history import OptimizeResult, natural_values
 from .loggers import Progress, close_all, config_loggers, start_all
+from .logs import get_logger
 from .registry import make_method
 from .rundir import RunDir
 from .tasks import Task, build_task
 from .tasks.loader import label
+
+_LOG = get_logger("experiment")
 
 REPORT_SEED = 1_000_000
 """Report trainings use seeds ``REPORT_SEED + i``, distinct from the tuning seeds."""
@@ -43,7 +46,8 @@ def build(config: Config) -> tuple[Task, HyperOptimizer]:
         method=make_method(config.method.name, **config.method.options),
         optimizer=config.outer.optimizer, lr=config.outer.lr,
         clip=config.outer.clip or None, schedule=config.outer.schedule,
-        samples=config.outer.samples, tie_steps=config.outer.tie_steps,
+        samples="auto" if config.outer.auto_samples else config.outer.samples,
+        max_samples=config.outer.max_samples, tie_steps=config.outer.tie_steps,
         warm_start=config.inner.warm_start,
         selection=task.selection, seed=config.outer.seed,
         stopping=Stopping(
@@ -84,7 +88,7 @@ def config_differences(old: Config, new: Config) -> list[str]:
 def run_experiment(
     config: Config | None, *, out: str | Path | None = None, resume: str | Path | None = None,
     overrides: tuple[str, ...] = (), progress: bool | None = None,
-    log: Callable[[str], None] = print, callbacks: Sequence[Callable[..., Any]] = (),
+    log: Callable[[str], None] | None = None, callbacks: Sequence[Callable[..., Any]] = (),
 ) -> dict[str, Any]:
     """Run (or resume) a tuning job; return the result written to ``result.json``.
 
@@ -98,7 +102,9 @@ def run_experiment(
             ``config``.
         progress: tqdm progress bar over the outer steps and the final report's trainings
             (``None``: only on a terminal).
-        log: where progress messages go.
+        log: progress messages go to the ``hyperdiff.experiment`` logger at INFO level (the
+            CLI shows them on stderr); a callable here receives them instead (kept for
+            callers that silence them; prefer configuring :mod:`logging`).
         callbacks: ``callback(optimizer, record)`` after every outer step, e.g. to send
             metrics to MLflow or W&B (see :mod:`hyperdiff.loggers`); run after the loggers
             of ``[log]``.
@@ -109,6 +115,7 @@ def run_experiment(
     if resume is not None and out is not None:
         raise HyperdiffError(f"run: --out must not be given with --resume (got --out {out}); "
                              f"a resumed run stays in its own directory {resume}")
+    log = _progress(log)
     if resume is not None:
         rundir = RunDir.existing(resume)
     elif config is None:
@@ -170,7 +177,7 @@ def _run_locked(
     else:
         rundir.start(config.to_toml(), task.hparams)
     log(f"tuning {task.name}: {task.hparams.numel} hyperparameters, "
-        f"{len(task.problems) * config.outer.samples} training(s) of {config.inner.steps} "
+        f"{_trainings_text(len(task.problems), config)} training(s) of {config.inner.steps} "
         f"steps per outer step; run directory {rundir.path}")
 
     def on_step(opt: HyperOptimizer, record: Any) -> None:
@@ -208,6 +215,25 @@ def _run_locked(
     result["run_dir"] = str(rundir.path)
     rundir.write_result(result)
     return result
+
+
+def _trainings_text(folds: int, config: Config) -> str:
+    """Trainings per outer step: ``"2"``, or ``"4-32 (auto)"`` with ``outer.auto_samples``."""
+    if config.outer.auto_samples:
+        return f"{2 * folds}-{config.outer.max_samples * folds} (auto)"
+    return str(folds * config.outer.samples)
+
+
+def _progress(extra: Callable[[str], None] | None) -> Callable[[str], None]:
+    """``log(message)``: INFO on the ``hyperdiff.experiment`` logger, or ``extra``."""
+
+    def log(message: str) -> None:
+        if extra is None:
+            _LOG.info(message)
+        else:
+            extra(message)
+
+    return log
 
 
 def final_report(task: Task, outcome: OptimizeResult, config: Config, *, elapsed: float,

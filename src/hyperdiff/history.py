@@ -44,6 +44,10 @@ class StepRecord:
         trainings: inner trainings done so far (cumulative).
         message: what the divergence guard did, if anything.
         time_s, step_time_s: wall time since the start of the run, and of this step.
+        grad_snr: signal-to-noise ratio of the mean hypergradient over its samples,
+            ``||mean|| / (||std|| / sqrt(n))`` (:mod:`hyperdiff.snr`); ``None`` with one sample,
+            for a failed step, or when the samples agree exactly.
+        samples: the number of samples ``n`` averaged (``None`` for a failed step).
     """
 
     step: int
@@ -62,6 +66,8 @@ class StepRecord:
     message: str
     time_s: float
     step_time_s: float
+    grad_snr: float | None = None
+    samples: int | None = None
 
     @property
     def criterion(self) -> float | None:

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .constraints import Constraint, as_constraint
-from .errors import HyperdiffError, describe
+from .errors import HyperdiffError, describe, fail, is_number, positive_int
 
 KINDS = ("scalar", "per_feature", "per_tensor", "per_element", "per_step")
 
@@ -43,14 +44,52 @@ class HyperParameter:
         return tuple(self.init.shape)
 
 
-def _tensor(value: float | Tensor | list[float]) -> Tensor:
-    # specs are host state: float64 on the CPU; Problem.raw_tensors moves values to the device
-    return torch.as_tensor(value, dtype=torch.float64, device="cpu").detach().clone()
+VALUE_TEXT = "a real number, a list of numbers or a real tensor"
+
+
+def _tensor(value: float | Tensor | list[float], caller: str = "hyperparameter") -> Tensor:
+    """``value`` as a float64 copy; a clear error for strings, bools, complex or ragged input."""
+    if isinstance(value, Tensor):
+        if value.is_complex() or value.dtype == torch.bool:
+            raise fail(caller, "value", VALUE_TEXT, value)
+        # specs are host state: float64 on the CPU; Problem.raw_tensors moves values to the device
+        return value.detach().to(device="cpu", dtype=torch.float64).clone()
+    if not isinstance(value, (list, tuple)) and not is_number(value):
+        raise fail(caller, "value", VALUE_TEXT, value)
+    try:
+        return torch.as_tensor(value, dtype=torch.float64, device="cpu").detach().clone()
+    except (TypeError, ValueError, RuntimeError):
+        raise fail(caller, "value", VALUE_TEXT, value) from None
+
+
+def _checked(caller: str, init: Tensor, constraint: Constraint, kind: str,
+             names: tuple[str, ...] = (), shapes: tuple[tuple[int, ...], ...] = ()
+             ) -> HyperParameter:
+    """The spec, after checking that every initial value lies inside its constraint."""
+    ok = constraint.valid(init)
+    if not bool(ok.all()):
+        bad = init[~ok].reshape(-1)[:3].tolist()
+        raise HyperdiffError(
+            f"{caller}: value must be {constraint.describe_valid()} for a {constraint.name} "
+            f"constraint (got {bad if init.dim() else init.item()})"
+        )
+    return HyperParameter(init, constraint, kind, names, shapes)
+
+
+def _check_params(caller: str, params: Any) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
+    if not isinstance(params, Mapping) or not params or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in params.items()
+    ):
+        raise fail(caller, "params", "a non-empty dict name -> tensor", params)
+    return tuple(params), tuple(tuple(p.shape) for p in params.values())
 
 
 def scalar(value: float, constraint: Constraint | str | tuple | None = None) -> HyperParameter:
     """A scalar hyperparameter with natural value ``value`` (default constraint: positive)."""
-    return HyperParameter(_tensor(value).reshape(()), as_constraint(constraint), "scalar")
+    v = _tensor(value, "scalar")
+    if v.dim() != 0 and v.numel() != 1:
+        raise fail("scalar", "value", "a single number (for a vector use hd.per_feature)", value)
+    return _checked("scalar", v.reshape(()), as_constraint(constraint, "scalar"), "scalar")
 
 
 def per_feature(
@@ -59,8 +98,9 @@ def per_feature(
     constraint: Constraint | str | tuple | None = None,
 ) -> HyperParameter:
     """A vector hyperparameter of ``size`` entries (``value`` a scalar or a full vector)."""
-    v = _tensor(value)
+    v = _tensor(value, "per_feature")
     if size is not None:
+        size = positive_int("per_feature", "size", size)
         v = v.expand(size).clone() if v.dim() == 0 else v
         if v.shape != (size,):
             raise HyperdiffError(
@@ -71,7 +111,9 @@ def per_feature(
         raise HyperdiffError(
             f"per_feature: value must be a 1-D vector, or a scalar with size (got {describe(v)})"
         )
-    return HyperParameter(v, as_constraint(constraint), "per_feature")
+    if v.numel() == 0:
+        raise fail("per_feature", "value", "a non-empty vector", value)
+    return _checked("per_feature", v, as_constraint(constraint, "per_feature"), "per_feature")
 
 
 def per_tensor(
@@ -80,17 +122,18 @@ def per_tensor(
     constraint: Constraint | str | tuple | None = None,
 ) -> HyperParameter:
     """One value per parameter tensor of ``params`` (a float, or a dict name -> float)."""
-    names = tuple(params)
-    if not names:
-        raise HyperdiffError("per_tensor: params must be a non-empty dict (got {})")
+    names, _ = _check_params("per_tensor", params)
     if isinstance(value, Mapping):
         missing = [n for n in names if n not in value]
         if missing:
             raise HyperdiffError(f"per_tensor: value is missing parameters {missing}")
-        v = _tensor([float(value[n]) for n in names])
+        v = _tensor([value[n] for n in names], "per_tensor")
     else:
-        v = _tensor(value).expand(len(names)).clone()
-    return HyperParameter(v, as_constraint(constraint), "per_tensor", names)
+        v = _tensor(value, "per_tensor")
+        if v.dim() != 0:
+            raise fail("per_tensor", "value", "a number or a dict name -> number", value)
+        v = v.expand(len(names)).clone()
+    return _checked("per_tensor", v, as_constraint(constraint, "per_tensor"), "per_tensor", names)
 
 
 def per_element(
@@ -99,11 +142,14 @@ def per_element(
     constraint: Constraint | str | tuple | None = None,
 ) -> HyperParameter:
     """One value per parameter element of ``params``, stored flat."""
-    names = tuple(params)
-    shapes = tuple(tuple(p.shape) for p in params.values())
+    names, shapes = _check_params("per_element", params)
     total = sum(int(p.numel()) for p in params.values())
-    v = _tensor(value).expand(total).clone()
-    return HyperParameter(v, as_constraint(constraint), "per_element", names, shapes)
+    v = _tensor(value, "per_element")
+    if v.dim() != 0:
+        raise fail("per_element", "value", "a number", value)
+    v = v.expand(total).clone()
+    return _checked("per_element", v, as_constraint(constraint, "per_element"), "per_element",
+                    names, shapes)
 
 
 def per_step(
@@ -113,14 +159,14 @@ def per_step(
     """A schedule: one value per inner step ``t = 0 .. steps-1``."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise HyperdiffError(f"per_step: steps must be a positive int (got {describe(steps)})")
-    v = _tensor(value)
+    v = _tensor(value, "per_step")
     v = v.expand(steps).clone() if v.dim() == 0 else v
     if v.shape != (steps,):
         raise HyperdiffError(
             f"per_step: value must be a scalar or have shape ({steps},) "
             f"(got shape {tuple(v.shape)})"
         )
-    return HyperParameter(v, as_constraint(constraint), "per_step")
+    return _checked("per_step", v, as_constraint(constraint, "per_step"), "per_step")
 
 
 class HParamView(Mapping[str, Tensor]):
@@ -262,7 +308,12 @@ class HyperParameters(Mapping[str, HyperParameter]):
                     f"valid names are {list(self._specs)}"
                 )
             spec = self._specs[name]
-            v = torch.as_tensor(value, dtype=torch.float64, device="cpu").expand(spec.shape).clone()
+            v = _tensor(value, "HyperParameters.with_natural")
+            try:
+                v = v.expand(spec.shape).clone()
+            except RuntimeError:
+                raise fail("HyperParameters.with_natural", name,
+                           f"a number or a tensor of shape {spec.shape}", value) from None
             _check_natural(name, spec.constraint, v)
             raw[name] = spec.constraint.to_raw(v)
         return HyperParameters(self._specs, raw=raw)

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .errors import HyperdiffError, describe
+from .errors import NONNEGATIVE, POSITIVE, UNIT, UNIT_OPEN_HIGH, HyperdiffError, Range, describe
 from .hyperparams import HParamView
 from .typing import Params
 
@@ -41,6 +41,7 @@ class Optimizer(NamedTuple):
     coefficients: Mapping[str, Coefficient]
     settings: Mapping[str, Any] = {}
     """Fixed, non-differentiable options (``nesterov``, ``dampening``), for export."""
+    valid: Mapping[str, Range] = {}  # valid values of each number coefficient (read only)
 
 
 class SGDState(NamedTuple):
@@ -94,14 +95,25 @@ def working_dtype(param: Tensor) -> torch.dtype:
     return torch.promote_types(param.dtype, torch.float32)
 
 
-def _check_coefficient(caller: str, name: str, coef: Coefficient) -> None:
+SGD_VALID = {"lr": NONNEGATIVE, "momentum": NONNEGATIVE, "dampening": UNIT,
+             "weight_decay": NONNEGATIVE}
+"""Valid values of SGD's coefficients (``torch.optim.SGD`` refuses the same)."""
+
+ADAM_VALID = {"lr": NONNEGATIVE, "beta1": UNIT_OPEN_HIGH, "beta2": UNIT_OPEN_HIGH,
+              "eps": POSITIVE, "weight_decay": NONNEGATIVE}
+"""Valid values of Adam's and AdamW's coefficients (as ``torch.optim.Adam``; eps > 0)."""
+
+
+def _check_coefficient(caller: str, name: str, coef: Coefficient, valid: Range) -> None:
     if isinstance(coef, bool) or (not isinstance(coef, (int, float, str)) and not callable(coef)):
         raise HyperdiffError(
-            f"{caller}: {name} must be a number, a hyperparameter name or a callable "
-            f"(got {describe(coef)})"
+            f"{caller}: {name} must be {valid.text('a number')}, a hyperparameter name or a "
+            f"callable (got {describe(coef)})"
         )
-    if isinstance(coef, (int, float)) and not float(coef) == float(coef):
-        raise HyperdiffError(f"{caller}: {name} must not be NaN (got {coef})")
+    if isinstance(coef, (int, float)) and not valid.contains(float(coef)):
+        raise HyperdiffError(f"{caller}: {name} must be {valid.text()} (got {describe(coef)})")
+    if isinstance(coef, str) and not coef:
+        raise HyperdiffError(f"{caller}: {name} must be a hyperparameter name (got '')")
 
 
 def sgd(
@@ -119,10 +131,19 @@ def sgd(
     """
     coefs = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
     for name, coef in coefs.items():
-        _check_coefficient("sgd", name, coef)
+        _check_coefficient("sgd", name, coef, SGD_VALID[name])
+    if isinstance(dampening, bool) or not isinstance(dampening, (int, float)):
+        raise HyperdiffError(
+            f"sgd: dampening must be a number in [0, 1] (got {describe(dampening)})"
+        )
+    _check_coefficient("sgd", "dampening", dampening, SGD_VALID["dampening"])
+    if not isinstance(nesterov, bool):
+        raise HyperdiffError(f"sgd: nesterov must be True or False (got {describe(nesterov)})")
     use_momentum = not _is_zero(momentum)
     if nesterov and not use_momentum:
         raise HyperdiffError("sgd: nesterov=True needs a non-zero momentum (got momentum=0)")
+    if nesterov and dampening != 0:
+        raise HyperdiffError(f"sgd: nesterov=True needs dampening=0 (got {dampening})")
 
     def init(params: Params) -> SGDState:
         if not use_momentum:
@@ -154,7 +175,8 @@ def sgd(
                 new_params[k] = torch.add(p, d, alpha=-lr_k).to(param.dtype)
         return new_params, SGDState(new_buf)
 
-    return Optimizer("sgd", init, update, coefs, {"nesterov": nesterov, "dampening": dampening})
+    return Optimizer("sgd", init, update, coefs,
+                     settings={"nesterov": nesterov, "dampening": dampening}, valid=SGD_VALID)
 
 
 def adam(
@@ -172,11 +194,18 @@ def adam(
     ``p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`` with ``t = step + 1``.
     """
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise HyperdiffError(f"adam: betas must be a pair (beta1, beta2) (got {describe(betas)})")
+        raise HyperdiffError(
+            f"{'adamw' if decoupled else 'adam'}: betas must be a pair (beta1, beta2) of numbers "
+            f"in [0, 1) (got {describe(betas)})"
+        )
     beta1, beta2 = betas
     coefs = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay}
+    caller = "adamw" if decoupled else "adam"
+    labels = {"beta1": "betas[0]", "beta2": "betas[1]"}
     for name, coef in coefs.items():
-        _check_coefficient("adamw" if decoupled else "adam", name, coef)
+        _check_coefficient(caller, labels.get(name, name), coef, ADAM_VALID[name])
+    if not isinstance(decoupled, bool):
+        raise HyperdiffError(f"adam: decoupled must be True or False (got {describe(decoupled)})")
 
     def init(params: Params) -> AdamState:
         return AdamState(
@@ -215,7 +244,7 @@ def adam(
             new_m[k], new_v[k] = m, v
         return new_params, AdamState(new_m, new_v)
 
-    return Optimizer("adamw" if decoupled else "adam", init, update, coefs)
+    return Optimizer(caller, init, update, coefs, valid=ADAM_VALID)
 
 
 def adamw(

@@ -16,12 +16,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .constraints import natural_range
 from .data import BatchSource, as_source, validation_batches
+from .datacheck import check_batch, check_source, shapes_of
 from .errors import HyperdiffError, describe, nonnegative_int, positive_int, scalar_loss
 from .hyperparams import HyperParameters
+from .logs import get_logger
 from .models import StepContext
 from .optimizers import Optimizer
 from .typing import Batch, LossFn, Params
+
+_LOG = get_logger("problem")
 
 
 @dataclass(frozen=True)
@@ -78,29 +83,80 @@ class Problem:
         return replace(self, steps=positive_int("Problem", "steps", steps))
 
 
+CONTEXT_FLAG = "__hyperdiff_takes_context__"
+
+
+def with_context(fn: LossFn, takes_context: bool = True) -> LossFn:
+    """Mark a loss as receiving the :class:`StepContext` as its fourth positional argument
+    (``takes_context=False``: never), overriding the rule of :func:`takes_context`.
+
+    >>> import hyperdiff as hd
+    >>> loss = hd.with_context(lambda p, h, b, ctx=None: p["w"].sum())
+    >>> hd.problem.takes_context(loss, "train_loss")
+    True
+    """
+    if not callable(fn):
+        raise HyperdiffError(f"with_context: fn must be a callable loss (got {describe(fn)})")
+    if not isinstance(takes_context, bool):
+        raise HyperdiffError(
+            f"with_context: takes_context must be True or False (got {describe(takes_context)})"
+        )
+    try:
+        setattr(fn, CONTEXT_FLAG, takes_context)
+        return fn
+    except (AttributeError, TypeError):  # a bound method or builtin: wrap it
+
+        def marked(*args: Any) -> Any:
+            return fn(*args)
+
+        setattr(marked, CONTEXT_FLAG, takes_context)
+        return marked
+
+
 def takes_context(fn: LossFn, name: str) -> bool:
-    """True for ``fn(params, hparams, batch, ctx)``, False for ``fn(params, hparams, batch)``."""
+    """True for ``fn(params, hparams, batch, ctx)``, False for ``fn(params, hparams, batch)``.
+
+    The rule counts *required* positional parameters (those without a default): four means
+    the loss receives the context, three that it does not; optional ones never receive it, so
+    ``loss(params, h, batch, lam=0.1)`` keeps its ``lam``. A loss marked by
+    :func:`with_context` is called as marked. More than four required arguments, required
+    keyword-only arguments, or fewer than three positional ones are errors.
+    """
     if not callable(fn):
         raise HyperdiffError(
             f"hypergradient: {name} must be a callable loss(params, hparams, batch[, ctx]) "
             f"(got {type(fn).__name__})"
         )
+    marked = getattr(fn, CONTEXT_FLAG, None)
+    if isinstance(marked, bool):
+        return marked
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return False
-    positional = [
-        p for p in sig.parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
-    if any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values()):
-        return False
+    values = list(sig.parameters.values())
+    positional = [p for p in values if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p.name for p in positional if p.default is p.empty]
+    keyword_only = [p.name for p in values if p.kind == p.KEYWORD_ONLY and p.default is p.empty]
+    if keyword_only:
+        raise HyperdiffError(
+            f"hypergradient: {name} must not have required keyword-only arguments, hyperdiff "
+            f"passes (params, hparams, batch[, ctx]) by position (got {keyword_only})"
+        )
+    if len(required) > 4:
+        raise HyperdiffError(
+            f"hypergradient: {name} must have 3 required arguments (params, hparams, batch) or "
+            f"4 (params, hparams, batch, ctx); give the others defaults (got {len(required)} "
+            f"required: {', '.join(required)})"
+        )
+    if any(p.kind == p.VAR_POSITIONAL for p in values):
+        return len(required) == 4
     if len(positional) < 3:
         raise HyperdiffError(
             f"hypergradient: {name} must accept (params, hparams, batch) or "
             f"(params, hparams, batch, ctx) (got a function of {len(positional)} arguments)"
         )
-    return len(positional) >= 4
+    return len(required) == 4
 
 
 def _check_params(params: Any, name: str) -> Params:
@@ -193,6 +249,7 @@ def make_problem(
                     f"hypergradient: optimizer coefficient {coef_name}={coef!r} must be a scalar, "
                     "per_step, per_tensor or per_element hyperparameter (got per_feature)"
                 )
+            _check_coefficient_values(optimizer, coef_name, coef, hparams)
     problem = Problem(
         train_loss=train_loss,
         val_loss=val_loss,
@@ -208,9 +265,41 @@ def make_problem(
         val_takes_ctx=takes_context(val_loss, "val_loss"),
     )
     problem.train_data.check(steps, seed)
+    check_source("hypergradient", "train_data", problem.train_data, seed)
+    for batch in problem.val_data:
+        check_batch("hypergradient", "val_data", batch)
     if probe:
         _probe(problem)
     return problem
+
+
+def _check_coefficient_values(
+    optimizer: Optimizer, coef_name: str, hparam: str, hparams: HyperParameters
+) -> None:
+    """The current values of a hyperparameter that is an optimizer coefficient must be valid
+    for it (``sgd`` momentum >= 0, ``adam`` betas in [0, 1), ...); warn when its constraint
+    lets the outer loop move it out of that range."""
+    valid = optimizer.valid.get(coef_name)
+    if valid is None:
+        return
+    values = hparams.natural()[hparam]
+    ok = valid.tensor_contains(values)
+    if not bool(ok.all()):
+        bad = values[~ok].reshape(-1)[:3].tolist()
+        raise HyperdiffError(
+            f"hypergradient: hyperparameter {hparam!r}, the {optimizer.name} {coef_name}, "
+            f"must be {valid.text()} (got {bad})"
+        )
+    low, high = natural_range(hparams[hparam].constraint)
+    inside = (valid.low is None or (low is not None and low >= valid.low)) and (
+        valid.high is None or (high is not None and high <= valid.high))
+    if not inside:
+        _LOG.warning(
+            "hypergradient: hyperparameter %r, the %s %s, has a %s constraint that lets "
+            "tuning move it outside its valid values (%s); constrain it, e.g. "
+            "hd.scalar(value, (low, high))",
+            hparam, optimizer.name, coef_name, hparams[hparam].constraint.name, valid.text(),
+        )
 
 
 def call_loss(
@@ -231,6 +320,7 @@ def _probe(problem: Problem) -> None:
     params = {k: v.requires_grad_() for k, v in problem.params.items()}
     buffers, opt_state = dict(problem.buffers), problem.optimizer.init(params)
     try:
+        moves_params = _train_loss_depends_on_params(problem, params, hview)
         losses = []
         for step in range(min(2, problem.steps)):
             params, buffers, opt_state, loss = train_step(
@@ -240,20 +330,53 @@ def _probe(problem: Problem) -> None:
         losses.append(validation_loss(problem, params, buffers, hview))
     except HyperdiffError:
         raise
-    except RuntimeError as err:
-        shapes = {n: tuple(v.shape) for n, v in raw.items()}
+    except (RuntimeError, IndexError, TypeError, ValueError) as err:
         raise HyperdiffError(
             "hypergradient: the losses or the optimizer failed on the given data and "
-            f"hyperparameters (shapes {shapes}): {err}"
+            f"hyperparameters ({_shapes_text(problem, raw)}): {type(err).__name__}: {err}"
         ) from err
+    if not moves_params:
+        warnings.warn(
+            "hypergradient: train_loss does not depend on the parameters (its gradient with "
+            f"respect to every one of {list(problem.params)} is structurally zero), so "
+            "training never moves them; check that train_loss uses params",
+            stacklevel=3,
+        )
     grads = torch.autograd.grad(sum_in_order(losses), list(raw.values()), allow_unused=True)
     unused = [n for n, g in zip(raw, grads, strict=True) if g is None]
     for name in unused:
+        reason = (
+            "the validation loss: train_loss does not depend on the parameters, so training "
+            "cannot carry it there" if not moves_params else "the losses or the optimizer"
+        )
         warnings.warn(
-            f"hypergradient: hyperparameter {name!r} never reaches the losses or the optimizer; "
+            f"hypergradient: hyperparameter {name!r} never reaches {reason}; "
             "its hypergradient is identically zero",
             stacklevel=3,
         )
+
+
+def _train_loss_depends_on_params(problem: Problem, params: Params, hview: Any) -> bool:
+    """Whether the train loss of step 0 is connected to at least one parameter."""
+    batch = problem.train_data.batch(0, problem.seed)
+    ctx = StepContext(step=0, seed=problem.seed, train=True, buffers=dict(problem.buffers))
+    with torch.enable_grad():
+        loss = call_loss(problem, "train_loss", params, hview, batch, ctx)
+        if not loss.requires_grad:
+            return False
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    return any(g is not None for g in grads)
+
+
+def _shapes_text(problem: Problem, raw: dict[str, Tensor]) -> str:
+    """Shapes of everything a loss sees, for errors: hyperparameters, parameters, data."""
+    hshapes = {n: tuple(v.shape) for n, v in raw.items()}
+    pshapes = {n: tuple(v.shape) for n, v in problem.params.items()}
+    return (
+        f"hyperparameter shapes {hshapes}; parameter shapes {pshapes}; train batch of step 0: "
+        f"{shapes_of(problem.train_data.batch(0, problem.seed))}; validation batch: "
+        f"{shapes_of(problem.val_data[0])}"
+    )
 
 
 def sum_in_order(values: Sequence[Tensor]) -> Tensor:

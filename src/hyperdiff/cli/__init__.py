@@ -28,9 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Gradient-based hyperparameter optimization: tune, inspect and plot runs.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    verbosity = argparse.ArgumentParser(add_help=False)  # every subcommand: -v / -q
+    verbosity.add_argument("-v", "--verbose", action="count", default=0,
+                           help="more messages (debug level)")
+    verbosity.add_argument("-q", "--quiet", action="count", default=0,
+                           help="fewer messages: -q warnings and errors only (and no progress "
+                           "bar), -qq errors only")
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
-        command = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        command = sub.add_parser(name, help=module.HELP, description=module.HELP,
+                                 parents=[verbosity])
         module.add_arguments(command)
         command.set_defaults(handler=module.run)
     return parser
@@ -39,15 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hyperdiff`` script; returns the exit status."""
     from ..errors import HyperdiffError, NonFiniteError
+    from ..logs import configure, get_logger
 
     args = build_parser().parse_args(argv)
+    configure(args.verbose - args.quiet)
     try:
         return int(args.handler(args))
     except HyperdiffError as err:
-        print(f"hyperdiff {args.command}: error: {err}", file=sys.stderr)
+        get_logger("cli").error("hyperdiff %s: error: %s", args.command, err)
         return 2
     except NonFiniteError as err:
-        print(f"hyperdiff {args.command}: failed: {err}", file=sys.stderr)
+        get_logger("cli").error("hyperdiff %s: failed: %s", args.command, err)
         return 1
     except BrokenPipeError:  # e.g. `hyperdiff run --print-config | head`
         sys.stdout = None  # type: ignore[assignment]
@@ -58,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{err.strerror or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"hyperdiff {args.command}: interrupted", file=sys.stderr)
+        get_logger("cli").error("hyperdiff %s: interrupted", args.command)
         return 130
 
 

@@ -16,7 +16,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="inner steps T (default: the task's)")
     parser.add_argument("--device", default="cpu",
                         help="cpu (default), cuda, cuda:N, mps or auto")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:

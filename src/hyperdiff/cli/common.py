@@ -1,11 +1,9 @@
 """What the tuning subcommands (``run``, ``compare``) share: config arguments, the list of
-config overrides, the torch thread count and progress messages on stderr."""
+config overrides and the torch thread count (messages go through :mod:`hyperdiff.logs`)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Callable
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,11 +40,3 @@ def set_threads(command: str, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def stderr_log(quiet: bool) -> Callable[[str], None]:
-    """A ``log(message)`` that prints to stderr unless ``quiet``."""
-
-    def log(message: str) -> None:
-        if not quiet:
-            print(message, file=sys.stderr)
-
-    return log

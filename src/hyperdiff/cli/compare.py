@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .common import add_config_arguments, config_overrides, set_threads, stderr_log
+from .common import add_config_arguments, config_overrides, set_threads
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -37,7 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-tpe", action="store_true", help="skip Optuna's TPE")
     parser.add_argument("--out", help="output directory (default: runs/compare-<task>-<time>)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--quiet", action="store_true", help="no progress messages")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,7 +47,9 @@ def run(args: argparse.Namespace) -> int:
     if args.budget < 0:
         raise HyperdiffError(f"compare: --budget must be a positive int (got {args.budget})")
     set_threads("compare", args.threads)
-    log = stderr_log(args.quiet)
+    from ..logs import get_logger
+
+    log = get_logger("compare").info
 
     from ..tasks.loader import label
 
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = False,
-            tpe: bool = True, log: Callable[[str], None] = print,
+            tpe: bool = True, log: Callable[[str], None] | None = None,
             progress: bool | None = False) -> dict[str, Any]:
     """Tune ``config``'s task with hyperdiff, random search and (optionally) TPE; return a
     JSON-ready report with each method's curve and its winner's held-out metrics.
@@ -74,6 +75,7 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
     from tqdm.auto import tqdm
 
     from ..experiment import REPORT_SEED, build
+    from ..logs import get_logger
     from ..search import (
         OPTUNA_MISSING,
         from_history,
@@ -84,6 +86,7 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
         trainings_per_trial,
     )
 
+    log = log or get_logger("compare").info
     task, driver = build(config)
     objective = objective_for(task)  # with CV, every method minimises the same CV loss
     log(f"compare on {task.name}: hyperdiff ({task.hparams.numel} hyperparameters)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_config_arguments, config_overrides, set_threads, stderr_log
+from .common import add_config_arguments, config_overrides, set_threads
 
 HELP = "tune hyperparameters (default: a built-in task) and print a result table"
 
@@ -17,7 +17,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: the built-in tasks are small, and "
                         "one thread is fastest and safe on a busy machine)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config with comments and exit")
 
@@ -36,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     set_threads("run", args.threads)
     result = run_experiment(
         config, out=args.out, resume=args.resume, overrides=tuple(overrides),
-        progress=False if args.quiet else None, log=stderr_log(args.quiet),
+        progress=False if args.quiet else None,
     )
     print(format_table(result))
     return 0

@@ -14,7 +14,7 @@ import importlib
 from types import ModuleType
 from typing import Any
 
-from ..errors import HyperdiffError
+from ..errors import UNIT_OPEN_HIGH, HyperdiffError, nonnegative_int, number, positive_int
 from . import loader
 from .base import SearchRange, Task
 from .spec import GivenSplits, TaskData, TaskSpec, given_splits, task
@@ -67,6 +67,12 @@ def load_task_spec(name: str, *, steps: int | None = None, data_seed: int = 0) -
 def build_task(name: str, *, steps: int | None = None, selection_fraction: float = 0.5,
                cv_folds: int = 0, data_seed: int = 0) -> Task:
     """Build task ``name`` (built-in, ``module:factory`` or ``file.py:factory``)."""
+    caller = f"task {name}"
+    if steps is not None:  # None: the task's default; 0 is not
+        positive_int(caller, "steps", steps)
+    number(caller, "selection_fraction", selection_fraction, UNIT_OPEN_HIGH)
+    nonnegative_int(caller, "cv_folds", cv_folds)
+    nonnegative_int(caller, "data_seed", data_seed)
     spec = load_task_spec(name, steps=steps, data_seed=data_seed)
     return spec.build(steps=steps, selection_fraction=selection_fraction, cv_folds=cv_folds,
                       data_seed=data_seed)

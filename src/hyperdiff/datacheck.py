@@ -1,0 +1,72 @@
+"""Checks of the data itself, before any training: non-finite values and empty batches.
+
+A NaN in the inputs or a batch with zero rows makes every loss NaN at step 0, which would
+otherwise be reported as "inner training diverged; lower the learning rate". These checks say
+what is wrong with which tensor instead. They look at every row where the data is held in
+memory (one batch, a list of batches, :func:`hyperdiff.minibatches`), and at the first batch of
+other sources (a ``DataLoader``, an iterator, ``fn(step)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import HyperdiffError
+from .typing import Batch
+
+
+def tensors_in(batch: Batch, label: str = "batch") -> Iterator[tuple[str, Tensor]]:
+    """``(label, tensor)`` for every tensor in a tensor, tuple/list or dict batch."""
+    if isinstance(batch, Tensor):
+        yield label, batch
+    elif isinstance(batch, Mapping):
+        for key, value in batch.items():
+            yield from tensors_in(value, f"{label}[{key!r}]")
+    elif isinstance(batch, (tuple, list)):
+        for i, value in enumerate(batch):
+            yield from tensors_in(value, f"{label}[{i}]")
+
+
+def shapes_of(batch: Batch) -> str:
+    """``"batch[0] (12, 3), batch[1] (12,)"``: the shapes of a batch's tensors."""
+    parts = [f"{label} {tuple(t.shape)}" for label, t in tensors_in(batch)]
+    return ", ".join(parts) if parts else type(batch).__name__
+
+
+def check_batch(caller: str, name: str, batch: Batch) -> None:
+    """Raise if a floating-point tensor of ``batch`` holds NaN or inf, or has zero rows."""
+    for label, tensor in tensors_in(batch):
+        where = label.replace("batch", name, 1)
+        if tensor.dim() >= 1 and tensor.shape[0] == 0:
+            raise HyperdiffError(
+                f"{caller}: {name} must have at least one row (got {where} of shape "
+                f"{tuple(tensor.shape)}); check how the data was split"
+            )
+        if tensor.is_floating_point() or tensor.is_complex():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise HyperdiffError(
+                    f"{caller}: {name} must be finite (got {bad} NaN or infinite entries of "
+                    f"{tensor.numel()} in {where}); clean or impute the data"
+                )
+
+
+def check_source(caller: str, name: str, source: Any, seed: int) -> None:
+    """:func:`check_batch` over every in-memory batch of a train-data source, else over the
+    batch of step 0."""
+    from .data import FullBatch, Minibatches, Recorded, Sequence
+
+    if isinstance(source, Minibatches):
+        held = [tuple(source.tensors)]  # every row, not only the rows of the first batches
+    elif isinstance(source, FullBatch):
+        held = [source.data]
+    elif isinstance(source, (Sequence, Recorded)):
+        held = list(source.batches)
+    else:
+        held = [source.batch(0, seed)]
+    for batch in held:
+        check_batch(caller, name, batch)

@@ -1,0 +1,205 @@
+"""Generated invalid-parameter tests, in the spirit of scikit-learn's.
+
+Every public constructor is listed once with valid arguments and, per argument, the *kind* of
+value it takes; every config key comes from the config dataclasses' fields and metadata. Each
+kind expands into wrong types, non-finite values (NaN, inf) and out-of-range values, and every
+one must raise ``hd.HyperdiffError`` (a ``ValueError``) whose message names the argument.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+from typing import Any, get_type_hints
+
+import pytest
+import torch
+
+import hyperdiff as hd
+from hyperdiff.config import SECTIONS, resolve
+
+D = torch.float64
+NAN, INF = float("nan"), float("inf")
+TEXT, OBJECT = "text", object()
+
+BAD: dict[str, list[Any]] = {
+    # kind -> values that must be refused
+    "number>0": [TEXT, OBJECT, None, True, NAN, INF, -INF, 0.0, -1.0],
+    "number>=0": [TEXT, OBJECT, True, NAN, INF, -1.0],
+    "coefficient>=0": [OBJECT, None, True, "", NAN, INF, -1.0],  # a str names a hyperparameter
+    "coefficient>0": [OBJECT, None, True, "", NAN, INF, 0.0, -1.0],
+    "unit[0,1)": [TEXT, NAN, INF, -0.1, 1.0, 1.5],
+    "unit[0,1]": [TEXT, NAN, INF, -0.1, 1.5],
+    "int>=1": [TEXT, None, 2.5, True, NAN, INF, 0, -1],
+    "int>=0": [TEXT, 2.5, True, NAN, -1],
+    "int>=2": [TEXT, 2.5, NAN, 1, 0],
+    "hparam value": [TEXT, [TEXT], OBJECT, None, True, NAN, INF, -1.0, 0.0],
+    "constraint": ["bogus", 3, (1.0, 0.0), (0.0, TEXT), (NAN, 1.0), (0.0, INF)],
+    "params": [None, {}, TEXT, {"w": 1.0}, [torch.zeros(2)]],
+    "optional number>0": [TEXT, OBJECT, NAN, INF, 0.0, -1.0],
+    "optional int>=1": [TEXT, 2.5, True, NAN, 0, -1],
+    "betas": [TEXT, 0.9, (0.9,), (1.5, 0.999), (0.9, NAN), (-0.1, 0.9), (0.9, 1.0)],
+    "choice": ["no-such-name", 3, None],
+}
+
+
+def _problem():
+    x = torch.linspace(-1, 1, 24, dtype=D).reshape(8, 3)
+    y = x.sum(1)
+
+    def val(p, h, b):
+        return ((b[0] @ p["w"] - b[1]) ** 2).mean()
+
+    def train(p, h, b):
+        return val(p, h, b) + h["lam"] * p["w"].square().sum()
+
+    return hd.make_problem(train, val, hd.HyperParameters(lam=hd.scalar(0.1)),
+                           {"w": torch.zeros(3, dtype=D)}, optimizer=hd.sgd(0.1),
+                           train_data=(x, y), val_data=(x, y), steps=2, probe=False)
+
+
+PROBLEM = _problem()
+PARAMS = {"w": torch.zeros(3, dtype=D)}
+X, Y = torch.zeros(8, 3, dtype=D), torch.zeros(8, dtype=D)
+
+
+def _problem_kwargs() -> dict[str, Any]:
+    return dict(train_loss=PROBLEM.train_loss, val_loss=PROBLEM.val_loss,
+                hparams=PROBLEM.hparams, params=dict(PARAMS), optimizer=hd.sgd(0.1),
+                train_data=(X, Y), val_data=(X, Y), steps=2)
+
+
+# name -> (constructor, valid keyword arguments, {argument: kind})
+CONSTRUCTORS: dict[str, tuple[Any, dict[str, Any], dict[str, str]]] = {
+    "scalar": (hd.scalar, {"value": 0.1}, {"value": "hparam value", "constraint": "constraint"}),
+    "per_step": (hd.per_step, {"steps": 4, "value": 0.1},
+                 {"steps": "int>=1", "value": "hparam value", "constraint": "constraint"}),
+    "per_tensor": (hd.per_tensor, {"params": PARAMS, "value": 0.1},
+                   {"params": "params", "value": "hparam value", "constraint": "constraint"}),
+    "per_feature": (hd.per_feature, {"value": 0.1, "size": 3},
+                    {"value": "hparam value", "size": "int>=1", "constraint": "constraint"}),
+    "per_element": (hd.per_element, {"params": PARAMS, "value": 0.1},
+                    {"params": "params", "value": "hparam value", "constraint": "constraint"}),
+    "sgd": (hd.sgd, {"lr": 0.1, "momentum": 0.9},
+            {"lr": "coefficient>=0", "momentum": "coefficient>=0", "dampening": "unit[0,1]",
+             "weight_decay": "coefficient>=0"}),
+    "adam": (hd.adam, {}, {"lr": "coefficient>=0", "betas": "betas", "eps": "coefficient>0",
+                           "weight_decay": "coefficient>=0"}),
+    "adamw": (hd.adamw, {}, {"lr": "coefficient>=0", "betas": "betas", "eps": "coefficient>0",
+                             "weight_decay": "coefficient>=0"}),
+    "checkpointed": (hd.checkpointed, {}, {"segments": "optional int>=1"}),
+    "truncated": (hd.truncated, {"k": 2}, {"k": "int>=1"}),
+    "forward": (hd.forward, {}, {"chunk_size": "optional int>=1", "engine": "choice"}),
+    "implicit": (hd.implicit, {}, {"solver": "choice", "stationarity_tol": "number>0",
+                                   "val_change_tol": "number>0",
+                                   "train_batches": "optional int>=1"}),
+    "finite_difference": (hd.finite_difference, {}, {"eps": "optional number>0"}),
+    "reversible": (hd.reversible, {}, {"fraction_bits": "int>=1"}),
+    "cg": (hd.cg, {}, {"tol": "optional number>0", "maxiter": "int>=1",
+                       "damping": "number>=0"}),
+    "neumann": (hd.neumann, {}, {"step": "optional number>0", "iterations": "int>=1",
+                                 "tol": "optional number>0", "damping": "number>=0"}),
+    "exact": (hd.exact, {}, {"max_size": "int>=1", "chunk_size": "int>=1",
+                             "tol": "optional number>0", "damping": "number>=0"}),
+    "Stopping": (hd.Stopping, {}, {"max_steps": "int>=1", "max_time_s": "optional number>0",
+                                   "patience": "optional int>=1", "min_delta": "number>=0",
+                                   "grad_tol": "number>=0", "step_tol": "number>=0"}),
+    "HyperOptimizer": (hd.HyperOptimizer, {"problem": PROBLEM},
+                       {"method": "choice", "optimizer": "choice", "lr": "number>0",
+                        "clip": "optional number>0", "schedule": "choice",
+                        "samples": "int>=1", "max_samples": "int>=1", "tie_steps": "int>=0",
+                        "seed": "int>=0", "shrink": "unit[0,1)", "max_failures": "int>=1"}),
+    "minibatches": (lambda **kw: hd.minibatches(X, Y, **kw), {"batch_size": 4},
+                    {"batch_size": "int>=1"}),
+    "make_problem": (hd.make_problem, _problem_kwargs(), {"steps": "int>=1", "seed": "int>=0"}),
+    "hypergradient": (hd.hypergradient, _problem_kwargs(),
+                      {"steps": "int>=1", "seed": "int>=0"}),
+}
+# values that are valid for one argument although its kind would refuse them
+VALID_HERE = {("HyperOptimizer", "samples"): ["auto"], ("HyperOptimizer", "shrink"): [],
+              ("HyperOptimizer", "method"): [], ("implicit", "solver"): [None],
+              ("reversible", "fraction_bits"): []}
+
+
+def _constructor_cases():
+    for name, (make, valid, kinds) in CONSTRUCTORS.items():
+        for argument, kind in kinds.items():
+            allowed = VALID_HERE.get((name, argument), [])
+            for value in BAD[kind]:
+                if any(value is a or value == a for a in allowed):
+                    continue
+                yield pytest.param(make, {**valid, argument: value}, argument,
+                                   id=f"{name}-{argument}={value!r}"[:80])
+
+
+@pytest.mark.parametrize("make, kwargs, argument", list(_constructor_cases()))
+def test_constructor_refuses(make, kwargs, argument):
+    with pytest.raises(hd.HyperdiffError) as info:
+        make(**kwargs)
+    assert argument in str(info.value), str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_hypergradient_shaped_inputs():
+    """Inputs that are not single values: hyperparameters, params, data, losses."""
+    bad = {"hparams": {"lam": 0.1}, "params": {"w": torch.zeros(3, dtype=torch.long)},
+           "train_data": None, "val_data": [], "optimizer": torch.optim.SGD,
+           "train_loss": "loss", "val_loss": lambda p, h: 0.0}
+    for argument, value in bad.items():
+        with pytest.raises(hd.HyperdiffError) as info:
+            hd.make_problem(**{**_problem_kwargs(), argument: value})
+        assert argument in str(info.value), str(info.value)
+
+
+def _config_bad_values(hint: Any, meta: Any) -> list[Any]:
+    """Wrong types, non-finite and out-of-range values of one config key."""
+    if hint is bool:
+        return ["yes", 1, 0.5]
+    if hint is str:
+        return [3, 1.5, True] + (["no-such-choice"] if meta.get("choices") else [])
+    if hint is int:
+        values: list[Any] = [TEXT, 1.5, True, NAN, [1]]
+    else:
+        values = [TEXT, True, NAN, INF, -INF, [1.0]]
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None:
+        values.append(low - 1 if not meta["open_low"] else low)
+    if high is not None:
+        values.append(high + 1 if not meta["open_high"] else high)
+    return values
+
+
+def _config_cases():
+    for section, cls in SECTIONS.items():
+        hints = get_type_hints(cls)
+        for f in fields(cls):
+            if f.name == "options":
+                continue
+            for value in _config_bad_values(hints[f.name], f.metadata):
+                yield pytest.param(section, f.name, value, id=f"{section}.{f.name}={value!r}")
+
+
+CONFIG_CASES = list(_config_cases())
+
+
+def test_every_config_key_is_covered():
+    keys = {(s, f.name) for s, cls in SECTIONS.items() for f in fields(cls) if f.name != "options"}
+    covered = {(c.values[0], c.values[1]) for c in CONFIG_CASES}
+    assert keys == covered and len(keys) >= 25
+
+
+@pytest.mark.parametrize("section, key, value", CONFIG_CASES)
+def test_config_key_refuses(section, key, value):
+    with pytest.raises(hd.HyperdiffError) as info:
+        resolve({section: {key: value}})
+    assert f"{section}.{key}" in str(info.value), str(info.value)
+
+
+def test_generated_values_are_really_bad_not_typos():
+    """The valid arguments of every constructor are accepted (so refusals above are caused by
+    the one bad argument)."""
+    for name, (make, valid, _) in CONSTRUCTORS.items():
+        if name in ("make_problem", "hypergradient"):
+            assert math.isfinite(float(hd.hypergradient(**valid).value))
+            continue
+        make(**valid)
