@@ -7,7 +7,15 @@ See ``docs/data.md`` and :func:`as_source` for what is accepted.
 from .convert import as_source, describe_source, stream, validation_batches
 from .loader import LoaderStream
 from .replay import ReplayLog, check_batch, fingerprint
-from .sources import BatchSource, FromCallable, FullBatch, Minibatches, Recorded, Sequence, minibatches
+from .sources import (
+    BatchSource,
+    FromCallable,
+    FullBatch,
+    Minibatches,
+    Recorded,
+    Sequence,
+    minibatches,
+)
 from .streaming import IterableStream, Streamed
 
 __all__ = [

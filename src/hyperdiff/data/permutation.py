@@ -11,7 +11,6 @@ epoch's order, so memory does not grow with the data set (``torch.randperm(n)`` 
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 ROUNDS = 6
@@ -49,6 +48,7 @@ def _feistel(x: Tensor, half_bits: int, keys: list[int]) -> Tensor:
 def permute(positions: Tensor, n: int, key: int) -> Tensor:
     """``pi_key(positions)`` for int64 ``positions`` in ``[0, n)``; same shape, same device.
 
+    >>> import torch
     >>> p = permute(torch.arange(10), 10, key=3)
     >>> sorted(p.tolist()) == list(range(10))
     True

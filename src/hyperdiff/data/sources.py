@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator
+
 import torch
 from torch import Tensor
 
@@ -26,6 +27,10 @@ class BatchSource:
 
     def check(self, steps: int, seed: int) -> None:
         """Raise a clear error if fewer than ``steps`` batches are available."""
+
+    def describe(self) -> str:
+        """The data source's name in messages (its ``name``, else the class name)."""
+        return str(getattr(self, "name", type(self).__name__))
 
 
 class FullBatch(BatchSource):
@@ -137,7 +142,7 @@ class FromCallable(BatchSource):
     """Batches from ``fn(step)`` or ``fn(step, seed)``, verified to repeat on every call."""
 
     def __init__(self, fn: Callable[..., Batch], name: str = "function"):
-        self.fn = fn
+        self.fn, self.name = fn, name
         try:
             self.takes_seed = len(inspect.signature(fn).parameters) >= 2
         except (TypeError, ValueError):
