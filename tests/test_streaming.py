@@ -198,6 +198,7 @@ def test_clear_errors_for_data_that_is_not_a_stream_of_tensor_batches():
         (DataLoader(["a", "b", "c", "d"], batch_size=2), "step 0 from train_data DataLoader"),
         (_Once(batches), r"_Once .*empty epoch 1 at step 4"),
         (DataLoader(ShuffledStream(0), batch_size=None), "empty epoch 0"),
+        (DataLoader(NoisyTable(2), batch_size=4, drop_last=True), "got an empty epoch: 2 samp"),
         (iter(batches[:3]), "ran out after 3 batches, but steps=12"),
         (lambda: (x, y), "a function of no arguments, must return an iterator"),
     ]

@@ -37,6 +37,7 @@ from torch.utils.data import (
     get_worker_info,
 )
 
+from ..errors import HyperdiffError
 from ..typing import Batch
 from .permutation import mix, permute
 from .streaming import Streamed
@@ -56,7 +57,7 @@ def has_random_access(loader: Any) -> bool:
     if type(sampler) is SequentialSampler:
         return True
     return (type(sampler) is RandomSampler and not sampler.replacement
-            and sampler._num_samples is None)
+            and sampler.num_samples == len(loader.dataset))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,12 @@ class LoaderStream(Streamed):
         self.loader = loader
         self.plan = IndexPlan(len(loader.dataset), int(loader.batch_size or 1),  # type: ignore[arg-type]
                               loader.drop_last, type(loader.sampler) is RandomSampler)
+        if self.plan.per_epoch == 0:
+            raise HyperdiffError(
+                f"data: train_data {name} must yield at least one batch per epoch (got an empty "
+                f"epoch: {self.plan.n} samples, batch_size={self.plan.batch_size}, drop_last="
+                f"{self.plan.drop_last})"
+            )
         self.run: _Run | None = None
 
     def epoch_length(self, seed: int) -> int:
@@ -145,7 +152,7 @@ class LoaderStream(Streamed):
             start = step
             if (seed, step + 1) in self.cache:  # walking backwards: read a window at once
                 start = max(0, step - self.window + 1)
-            run = self.run = self._start(seed, start, max(self.horizon, step + 1))
+            run = self.run = self._start(seed, start, max(self.horizon, step + self.window))
         while run.next_step <= step:
             self._keep(seed, run.next_step, next(run.iterator))
             run.next_step += 1
