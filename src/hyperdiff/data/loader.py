@@ -161,6 +161,7 @@ class LoaderStream(Streamed):
         self.run = None  # drop the previous run's iterator (and its workers) first
         user = self.loader
         workers = user.num_workers
+        options: dict[str, Any] = {"in_order": True} if hasattr(user, "in_order") else {}
         loader = DataLoader(
             SeededItems(user.dataset),
             batch_sampler=StepIndices(self.plan, seed, start, stop),
@@ -173,6 +174,6 @@ class LoaderStream(Streamed):
             generator=torch.Generator().manual_seed(mix(seed, start)),
             prefetch_factor=user.prefetch_factor if workers else None,
             pin_memory_device=user.pin_memory_device,
-            in_order=True,
+            **options,
         )
         return _Run(seed, start, stop, iter(loader))
