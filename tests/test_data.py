@@ -32,8 +32,8 @@ def test_list_cycles_and_callable():
 
 
 def test_one_shot_iterator_runs_out_with_a_clear_error():
-    source = as_source(iter([1, 2]))
-    assert source.batch(1, 0) == 2
+    source = as_source(iter([torch.tensor(1), torch.tensor(2)]))
+    assert int(source.batch(1, 0)) == 2
     with pytest.raises(hd.HyperdiffError, match="ran out after 2 batches, but steps=5"):
         source.check(5, 0)
 

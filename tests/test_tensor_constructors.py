@@ -22,11 +22,6 @@ CONSTRUCTORS = frozenset({
 
 ALLOWED: dict[tuple[str, str, str], str] = {
     # (file relative to src/hyperdiff, enclosing function, constructor): reason
-    ("data.py", "_permutation", "randperm"):
-        "a seeded CPU torch.Generator permutation; Minibatches.batch moves the rows to the "
-        "data's device right after (data.py is being rewritten by another helper)",
-    ("data.py", "_permutation", "arange"):
-        "the unshuffled order next to the CPU permutation above, moved with it",
 }
 
 

@@ -16,10 +16,11 @@ state)``. The T steps are split into S segments ``[b_0=0, b_1) ... [b_{S-1}, b_S
 The replay calls the same :func:`~hyperdiff.training.train_step` with the same step indices,
 so it sees the same batches and dropout masks and reproduces the forward pass bit for bit
 (``diagnostics["replay_mismatch"]``, the largest difference between a replayed segment end and
-its stored checkpoint, is 0). The hypergradient equals full reverse mode up to the order of
-floating-point summation. Memory: S checkpoints plus the graph of one segment of about T/S
-steps (``S = ceil(sqrt(T))`` by default balances the two); time: one extra graph-free
-pass over the first ``T - T/S`` steps on top of plain reverse mode.
+its stored checkpoint, is 0). A difference above rounding (``sqrt(eps) * max(1, |s|)``) means
+training is not a function of ``(step, seed)`` and raises. The hypergradient equals full
+reverse mode up to the order of floating-point summation. Memory: S checkpoints plus the graph
+of one segment of about T/S steps (``S = ceil(sqrt(T))`` by default balances the two); time:
+one extra graph-free pass over the first ``T - T/S`` steps on top of plain reverse mode.
 """
 
 from __future__ import annotations
@@ -109,7 +110,9 @@ def _checkpointed(problem: Problem, raw: dict[str, Tensor], segments: int | None
         )
         outputs = tree_flatten(tuple(seg_end))[0]
         stored = tree_flatten(tuple(starts[i + 1]))[0]
-        mismatch = max(mismatch, _max_difference(outputs, stored))
+        mismatch = max(
+            mismatch, _check_replay(problem, outputs, stored, bounds[i], bounds[i + 1])
+        )
         grads = _pull_back(outputs, leaves + raw_leaves, adjoint)
         adjoint = grads[: len(leaves)]
         grad_raw = [g + v for g, v in zip(grad_raw, grads[len(leaves) :], strict=True)]
@@ -121,6 +124,26 @@ def _checkpointed(problem: Problem, raw: dict[str, Tensor], segments: int | None
         train_losses=torch.cat(all_losses), started=started,
         segments=len(bounds) - 1, replay_mismatch=mismatch,
     )
+
+
+def _check_replay(
+    problem: Problem, replayed: list[Tensor], stored: list[Tensor], step0: int, stop: int
+) -> float:
+    """The largest difference between a replayed segment end and its checkpoint; raise if it
+    exceeds rounding, ``sqrt(eps) * max(1, max |stored|)``."""
+    difference = _max_difference(replayed, stored)
+    scale = max([float(x.abs().max()) for x in stored if x.numel()], default=0.0)
+    tolerance = torch.finfo(problem.dtype).eps ** 0.5 * max(1.0, scale)
+    if not difference <= tolerance:
+        raise HyperdiffError(
+            f"checkpointed: replaying steps {step0}..{stop - 1} (seed {problem.seed}) must "
+            f"reproduce the stored state (got a difference of {difference:.3g}, above the "
+            f"rounding tolerance {tolerance:.3g}); training must be a function of (step, seed): "
+            f"train_data {problem.train_data.describe()} must yield the same batches on "
+            "a replay (pass a DataLoader over a map-style Dataset, a list, or fn(step, seed)) "
+            "and the train loss must draw randomness from ctx (seeded by step and seed)"
+        )
+    return difference
 
 
 def _max_difference(a: list[Tensor], b: list[Tensor]) -> float:

@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ..data import Epochs, FullBatch, Minibatches, Recorded, Sequence
+from ..data import FullBatch, Minibatches, Recorded, Sequence, Streamed
 from ..device import unwrap
 from ..errors import HyperdiffError, describe, positive_float, positive_int
 from ..models import StepContext
@@ -65,8 +65,8 @@ def epoch_batches(problem: Problem) -> int:
         return len(source.batches)
     if isinstance(source, Minibatches):
         return source.per_epoch
-    if isinstance(source, Epochs):
-        return len(source._epoch(problem.seed, 0))
+    if isinstance(source, Streamed):
+        return source.epoch_length(problem.seed)
     if isinstance(source, Recorded):
         return 1
     return 1

@@ -1,28 +1,22 @@
-"""Deterministic batch sources for inner training.
+"""In-memory batch sources: one full batch, a list, seeded minibatches, ``fn(step, seed)``, and
+a recorded one-shot iterator.
 
 Every hypergradient method replays the same training run (finite differences replay it 2k
-times), so a source maps ``(step, seed)`` to a batch deterministically. :func:`as_source`
-turns what users have into a source:
-
-- a tensor, a tuple of tensors or a dict of tensors: one full batch, used at every step;
-- a list: a sequence of batches, cycled in order;
-- a re-iterable (``DataLoader``): iterated epoch after epoch, each epoch's shuffling seeded
-  from ``(seed, epoch)``;
-- a one-shot iterator: recorded as it is consumed, an error if it runs out before ``steps``;
-- a callable ``fn(step)`` or a :class:`BatchSource`.
+times), so a source maps ``(step, seed)`` to a batch deterministically; streamed sources
+(re-iterables, ``DataLoader``) are in :mod:`.streaming` and :mod:`.loader`.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 
-from .errors import HyperdiffError, describe
-from .typing import Batch
+from ..errors import HyperdiffError, describe
+from ..typing import Batch
+from .replay import ReplayLog, check_batch
 
 
 class BatchSource:
@@ -34,12 +28,16 @@ class BatchSource:
     def check(self, steps: int, seed: int) -> None:
         """Raise a clear error if fewer than ``steps`` batches are available."""
 
+    def describe(self) -> str:
+        """The data source's name in messages (its ``name``, else the class name)."""
+        return str(getattr(self, "name", type(self).__name__))
+
 
 class FullBatch(BatchSource):
     """The same batch at every step."""
 
     def __init__(self, data: Batch):
-        self.data = data
+        self.data = check_batch(data, "data: train_data")
 
     def batch(self, step: int, seed: int) -> Batch:
         return self.data
@@ -51,6 +49,8 @@ class Sequence(BatchSource):
     def __init__(self, batches: list[Batch]):
         if not batches:
             raise HyperdiffError("data: a list of batches must not be empty (got [])")
+        for i, batch in enumerate(batches):
+            check_batch(batch, f"data: train_data[{i}]")
         self.batches = batches
 
     def batch(self, step: int, seed: int) -> Batch:
@@ -86,9 +86,10 @@ class Minibatches(BatchSource):
             n = self.tensors[0].shape[0]
             if self.shuffle:
                 gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-                self._perm_cache[key] = torch.randperm(n, generator=gen)
+                # a CPU generator's permutation; batch() moves the rows to the data's device
+                self._perm_cache[key] = torch.randperm(n, generator=gen, device="cpu")
             else:
-                self._perm_cache[key] = torch.arange(n)
+                self._perm_cache[key] = torch.arange(n, device="cpu")
             if len(self._perm_cache) > 8:
                 self._perm_cache.pop(next(iter(self._perm_cache)))
         return self._perm_cache[key]
@@ -108,39 +109,6 @@ def minibatches(*tensors: Tensor, batch_size: int, shuffle: bool = True) -> Mini
     return Minibatches(*tensors, batch_size=batch_size, shuffle=shuffle)
 
 
-class Epochs(BatchSource):
-    """A re-iterable (e.g. a ``DataLoader``) iterated epoch after epoch; each epoch's iterator
-    is created under a global RNG seeded from ``(seed, epoch)``, which fixes its shuffling."""
-
-    def __init__(self, iterable: Iterable[Batch]):
-        self.iterable = iterable
-        self._cache: dict[int, list[Batch]] = {}
-
-    def _epoch(self, seed: int, epoch: int) -> list[Batch]:
-        key = seed * 100_003 + epoch
-        if key not in self._cache:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(key)
-                batches = list(self.iterable)
-            if not batches:
-                raise HyperdiffError("data: the iterable yielded no batches (got an empty epoch)")
-            if len(self._cache) > 4:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = batches
-        return self._cache[key]
-
-    def batch(self, step: int, seed: int) -> Batch:
-        first = self._epoch(seed, 0)
-        epoch, index = divmod(step, len(first))
-        batches = self._epoch(seed, epoch)
-        if index >= len(batches):
-            raise HyperdiffError(
-                f"data: epoch {epoch} yielded {len(batches)} batches, fewer than the first "
-                f"epoch's {len(first)}"
-            )
-        return batches[index]
-
-
 class Recorded(BatchSource):
     """A one-shot iterator, recorded as it is consumed so that it can be replayed."""
 
@@ -152,9 +120,13 @@ class Recorded(BatchSource):
     def check(self, steps: int, seed: int) -> None:
         while len(self.batches) < steps and not self.exhausted:
             try:
-                self.batches.append(next(self.iterator))
+                batch = next(self.iterator)
             except StopIteration:
                 self.exhausted = True
+                break
+            self.batches.append(
+                check_batch(batch, f"data: batch {len(self.batches)} of the train_data iterator")
+            )
         if len(self.batches) < steps:
             raise HyperdiffError(
                 f"data: the train_data iterator ran out after {len(self.batches)} batches, but "
@@ -168,53 +140,18 @@ class Recorded(BatchSource):
 
 
 class FromCallable(BatchSource):
-    """Batches from ``fn(step)`` or ``fn(step, seed)``."""
+    """Batches from ``fn(step)`` or ``fn(step, seed)``, verified to repeat on every call."""
 
-    def __init__(self, fn: Callable[..., Batch]):
-        self.fn = fn
+    def __init__(self, fn: Callable[..., Batch], name: str = "function"):
+        self.fn, self.name = fn, name
         try:
             self.takes_seed = len(inspect.signature(fn).parameters) >= 2
         except (TypeError, ValueError):
             self.takes_seed = False
+        self.log = ReplayLog(name, "fn(step, seed) must return the same batch for the same "
+                                   "arguments: draw any randomness from a generator seeded by "
+                                   "(step, seed)")
 
     def batch(self, step: int, seed: int) -> Batch:
-        return self.fn(step, seed) if self.takes_seed else self.fn(step)
-
-
-def as_source(data: Any, name: str = "train_data") -> BatchSource:
-    """Turn user data into a :class:`BatchSource` (see the module doc for the rules)."""
-    if isinstance(data, BatchSource):
-        return data
-    if data is None:
-        raise HyperdiffError(f"hypergradient: {name} must be given (got None)")
-    if isinstance(data, (Tensor, tuple, dict)):
-        return FullBatch(data)
-    if isinstance(data, list):
-        return Sequence(data)
-    if callable(data) and not hasattr(data, "__iter__"):
-        return FromCallable(data)
-    if isinstance(data, Iterator):
-        return Recorded(data)
-    if isinstance(data, Iterable):
-        return Epochs(data)
-    raise HyperdiffError(
-        f"hypergradient: {name} must be a tensor, a tuple or dict of tensors, a list of "
-        f"batches, an iterable, or a callable fn(step) (got {type(data).__name__})"
-    )
-
-
-def validation_batches(data: Any) -> list[Batch]:
-    """Validation data as a list of batches: one batch, or every batch of a list/iterable."""
-    if data is None:
-        raise HyperdiffError("hypergradient: val_data must be given (got None)")
-    if isinstance(data, (Tensor, tuple, dict)):
-        return [data]
-    if isinstance(data, Iterable):
-        batches = list(data)
-        if not batches:
-            raise HyperdiffError("hypergradient: val_data must hold at least one batch (got 0)")
-        return batches
-    raise HyperdiffError(
-        "hypergradient: val_data must be a tensor, a tuple or dict of tensors, or a list or "
-        f"iterable of batches (got {type(data).__name__})"
-    )
+        batch = self.fn(step, seed) if self.takes_seed else self.fn(step)
+        return self.log.check(seed, step, batch)

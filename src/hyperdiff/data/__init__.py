@@ -1,0 +1,25 @@
+"""Batch sources for inner training: ``source.batch(step, seed) -> batch``, the same batch every
+time it is asked for (replays are verified), read lazily from streams.
+
+See ``docs/data.md`` and :func:`as_source` for what is accepted.
+"""
+
+from .convert import as_source, describe_source, stream, validation_batches
+from .loader import LoaderStream
+from .replay import ReplayLog, check_batch, fingerprint
+from .sources import (
+    BatchSource,
+    FromCallable,
+    FullBatch,
+    Minibatches,
+    Recorded,
+    Sequence,
+    minibatches,
+)
+from .streaming import IterableStream, Streamed
+
+__all__ = [
+    "BatchSource", "FromCallable", "FullBatch", "IterableStream", "LoaderStream", "Minibatches",
+    "Recorded", "ReplayLog", "Sequence", "Streamed", "as_source", "check_batch",
+    "describe_source", "fingerprint", "minibatches", "stream", "validation_batches",
+]

@@ -1,0 +1,179 @@
+"""A ``DataLoader`` over a map-style ``Dataset``, read batch by batch with hyperdiff's shuffle.
+
+hyperdiff owns the index order instead of the loader's sampler (so a ``generator=`` given to the
+loader cannot make replays differ). With ``B`` the batch size, ``n = len(dataset)`` and
+``K = n // B`` (``drop_last``) or ``ceil(n / B)`` batches per epoch, inner step ``t`` of seed
+``s`` reads epoch ``e, j = divmod(t, K)`` and the samples
+
+    pi_{s,e}(j B), ..., pi_{s,e}(min(j B + B, n) - 1)     (identity pi if not shuffled)
+
+where ``pi_{s,e}`` is the pointwise permutation of :mod:`.permutation`: any batch can be rebuilt
+on its own. Samples are fetched by a ``DataLoader`` built from the user's (same ``collate_fn``,
+``num_workers``, ``pin_memory``, ``worker_init_fn``, ...) whose batch sampler yields the index
+lists of consecutive steps from the one asked for; it runs until the requested steps stop being
+consecutive, then a new one starts where they resume. Each sample is fetched with torch's random
+state seeded from ``(s, t, position)``, so random augmentation in ``__getitem__`` replays
+identically in the main process and in any worker.
+
+Reads: the steps training asks for, plus what the workers prefetch (``num_workers *
+prefetch_factor`` batches) ahead of a run that is abandoned; a request just behind a cached
+batch (reversible's backward pass) reads the ``window`` steps up to it in one run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    get_worker_info,
+)
+
+from ..errors import HyperdiffError
+from ..typing import Batch
+from .permutation import mix, permute
+from .streaming import Streamed
+
+CPU = torch.device("cpu")
+
+
+def has_random_access(loader: Any) -> bool:
+    """Whether ``loader`` is a ``DataLoader`` whose batches this module can rebuild: a
+    map-style dataset, automatic batching, and a plain random (without replacement, one pass)
+    or sequential sampler."""
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return False
+    if loader.batch_size is None or type(loader.batch_sampler) is not BatchSampler:
+        return False
+    sampler = loader.sampler
+    if type(sampler) is SequentialSampler:
+        return True
+    return (type(sampler) is RandomSampler and not sampler.replacement
+            and sampler.num_samples == len(loader.dataset))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    """Step -> sample indices (see the module doc)."""
+
+    n: int
+    batch_size: int
+    drop_last: bool
+    shuffle: bool
+
+    @property
+    def per_epoch(self) -> int:
+        full, rest = divmod(self.n, self.batch_size)
+        return full if self.drop_last or not rest else full + 1
+
+    def indices(self, step: int, seed: int) -> list[int]:
+        epoch, j = divmod(step, self.per_epoch)
+        stop = min((j + 1) * self.batch_size, self.n)
+        positions = torch.arange(j * self.batch_size, stop, device=CPU)
+        if self.shuffle:
+            positions = permute(positions, self.n, mix(seed, epoch))
+        return positions.tolist()
+
+
+class StepIndices:
+    """Batch sampler: ``[(index, sample_seed), ...]`` for steps ``start, ..., stop - 1``."""
+
+    def __init__(self, plan: IndexPlan, seed: int, start: int, stop: int):
+        self.plan, self.seed, self.start, self.stop = plan, seed, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start, self.stop):
+            indices = self.plan.indices(step, self.seed)
+            yield [(i, mix(self.seed, step, k)) for k, i in enumerate(indices)]
+
+
+class SeededItems(Dataset):
+    """``dataset[index]`` with torch's random state seeded from the sample's seed."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        index, sample_seed = item
+        if get_worker_info() is not None:  # a worker process: its random state is ours
+            torch.manual_seed(sample_seed)
+            return self.dataset[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            return self.dataset[index]
+
+
+@dataclass
+class _Run:
+    seed: int
+    next_step: int
+    stop: int
+    iterator: Iterator[Batch]
+
+
+class LoaderStream(Streamed):
+    """Lazy, random-access reading of a map-style ``DataLoader`` (see the module doc)."""
+
+    def __init__(self, loader: DataLoader, name: str, window: int = 8):
+        super().__init__(name, window)
+        self.loader = loader
+        self.plan = IndexPlan(len(loader.dataset), int(loader.batch_size or 1),  # type: ignore[arg-type]
+                              loader.drop_last, type(loader.sampler) is RandomSampler)
+        if self.plan.per_epoch == 0:
+            raise HyperdiffError(
+                f"data: train_data {name} must yield at least one batch per epoch (got an empty "
+                f"epoch: {self.plan.n} samples, batch_size={self.plan.batch_size}, drop_last="
+                f"{self.plan.drop_last})"
+            )
+        self.run: _Run | None = None
+
+    def epoch_length(self, seed: int) -> int:
+        return self.plan.per_epoch
+
+    def _fill(self, step: int, seed: int) -> None:
+        run = self.run
+        if run is None or run.seed != seed or not run.next_step <= step < run.stop or (
+            step - run.next_step > self.window
+        ):
+            start = step
+            if (seed, step + 1) in self.cache:  # walking backwards: read a window at once
+                start = max(0, step - self.window + 1)
+            run = self.run = self._start(seed, start, max(self.horizon, step + self.window))
+        while run.next_step <= step:
+            self._keep(seed, run.next_step, next(run.iterator))
+            run.next_step += 1
+
+    def _start(self, seed: int, start: int, stop: int) -> _Run:
+        self.run = None  # drop the previous run's iterator (and its workers) first
+        user = self.loader
+        workers = user.num_workers
+        options: dict[str, Any] = {"in_order": True} if hasattr(user, "in_order") else {}
+        loader = DataLoader(
+            SeededItems(user.dataset),
+            batch_sampler=StepIndices(self.plan, seed, start, stop),
+            num_workers=workers,
+            collate_fn=user.collate_fn,
+            pin_memory=user.pin_memory,
+            timeout=user.timeout,
+            worker_init_fn=user.worker_init_fn,
+            multiprocessing_context=user.multiprocessing_context,
+            generator=torch.Generator().manual_seed(mix(seed, start)),
+            prefetch_factor=user.prefetch_factor if workers else None,
+            pin_memory_device=user.pin_memory_device,
+            **options,
+        )
+        return _Run(seed, start, stop, iter(loader))

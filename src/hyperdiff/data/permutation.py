@@ -1,0 +1,65 @@
+"""A seeded permutation of ``range(n)`` evaluated pointwise, in O(batch) memory.
+
+``permute(positions, n, key)[j] = pi_key(positions[j])`` for a pseudo-random bijection
+``pi_key`` of ``{0, ..., n-1}``: a balanced Feistel network on ``2h`` bits (``4^h >= n``),
+restricted to ``[0, n)`` by cycle walking (apply again until the value falls below ``n``;
+fewer than four applications on average). Batch ``t`` of a shuffled epoch is then
+``pi_key(t B), ..., pi_key(t B + B - 1)``: random access to any batch without storing the
+epoch's order, so memory does not grow with the data set (``torch.randperm(n)`` would hold
+``8 n`` bytes per epoch).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+ROUNDS = 6
+LOW31 = (1 << 31) - 1
+MASK64 = (1 << 64) - 1
+
+
+def mix(*parts: int) -> int:
+    """A 63-bit seed from integers (splitmix64 finaliser over each part in turn)."""
+    state = 0x9E3779B97F4A7C15
+    for part in parts:
+        state = (state ^ (part & MASK64)) * 0xBF58476D1CE4E5B9 & MASK64
+        state = (state ^ (state >> 27)) * 0x94D049BB133111EB & MASK64
+        state ^= state >> 31
+    return state >> 1
+
+
+def _round(right: Tensor, key: int) -> Tensor:
+    """Feistel round function: a keyed multiply-xorshift hash (values stay below 2^63)."""
+    y = (right ^ key) & LOW31
+    y = y * 0x2545F491
+    y = y ^ (y >> 31)
+    y = (y & LOW31) * 0x4F6CDD1D
+    return y ^ (y >> 29)
+
+
+def _feistel(x: Tensor, half_bits: int, keys: list[int]) -> Tensor:
+    mask = (1 << half_bits) - 1
+    left, right = x >> half_bits, x & mask
+    for key in keys:
+        left, right = right, left ^ (_round(right, key) & mask)
+    return (left << half_bits) | right
+
+
+def permute(positions: Tensor, n: int, key: int) -> Tensor:
+    """``pi_key(positions)`` for int64 ``positions`` in ``[0, n)``; same shape, same device.
+
+    >>> import torch
+    >>> p = permute(torch.arange(10), 10, key=3)
+    >>> sorted(p.tolist()) == list(range(10))
+    True
+    """
+    if n <= 1:
+        return positions.clone()
+    half_bits = max(1, ((n - 1).bit_length() + 1) // 2)
+    keys = [mix(key, r) & LOW31 for r in range(ROUNDS)]
+    out = _feistel(positions, half_bits, keys)
+    outside = out >= n
+    while bool(outside.any()):
+        out[outside] = _feistel(out[outside], half_bits, keys)
+        outside = out >= n
+    return out
