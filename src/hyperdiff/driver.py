@@ -37,6 +37,7 @@ from .errors import (
     positive_float,
     positive_int,
 )
+from .distributed.spread import spreader_for
 from .guard import DivergenceGuard
 from .history import (
     History,
@@ -79,6 +80,9 @@ class HyperOptimizer:
         seed: base of the per-step minibatch seeds.
         stopping: the :class:`Stopping` rules.
         shrink, max_failures: the divergence guard (:mod:`hyperdiff.guard`).
+        process_group: spread the trainings of each step over the ranks of this
+            ``torch.distributed`` group (``None``: the initialised default group, if any; see
+            :mod:`hyperdiff.distributed`). Every rank then holds the single-process result.
 
     >>> import torch, hyperdiff as hd
     >>> from hyperdiff.driver import HyperOptimizer, Stopping
@@ -110,6 +114,7 @@ class HyperOptimizer:
         stopping: Stopping | None = None,
         shrink: float = 0.5,
         max_failures: int = 5,
+        process_group: Any = None,
     ):
         self.problems = _check_problems(problem)
         self.hparams = self.problems[0].hparams
@@ -143,6 +148,7 @@ class HyperOptimizer:
         self.warm: list[Any] = [None] * (len(self.problems) * self.samples)
         self._elapsed = 0.0
         self._clock: float | None = None
+        self.spreader = spreader_for(self.method, process_group)
 
     # ------------------------------------------------------------------ public loop
     @property
@@ -310,7 +316,7 @@ class HyperOptimizer:
 
     def _evaluate(self, step: int, raw: dict[str, Tensor]
                   ) -> tuple[list[HyperGradient], float | None]:
-        evaluations, selection = [], []
+        problems = []
         for j, base in enumerate(self.problems):
             for i in range(self.samples):
                 slot = j * self.samples + i
@@ -318,10 +324,11 @@ class HyperOptimizer:
                 if self.warm_start and self.warm[slot] is not None:
                     problem = replace(problem, params=self.warm[slot][0],
                                       buffers=self.warm[slot][1])
-                hg = self.method(problem, raw)
-                evaluations.append(hg)
-                if self.selection is not None:
-                    selection.append(self._selection_loss(problem, self.selection, hg, raw))
+                problems.append(problem)
+        outcomes = self.spreader.map(lambda p: self._train(p, raw), problems,
+                                     f"outer step {step}")
+        evaluations = [hg for hg, _ in outcomes]
+        selection = [s for _, s in outcomes if s is not None]
         for slot, hg in enumerate(evaluations):
             self.warm[slot] = (hg.params, hg.buffers) if self.warm_start else None
         if not selection:
@@ -330,6 +337,13 @@ class HyperOptimizer:
         if not math.isfinite(value):
             raise NonFiniteError(f"the selection loss is not finite ({value})")
         return evaluations, value
+
+    def _train(self, problem: Problem, raw: dict[str, Tensor]
+               ) -> tuple[HyperGradient, float | None]:
+        hg = self.method(problem, raw)
+        if self.selection is None:
+            return hg, None
+        return hg, self._selection_loss(problem, self.selection, hg, raw)
 
     @staticmethod
     def _selection_loss(problem: Problem, selection: list[Batch], hg: HyperGradient,

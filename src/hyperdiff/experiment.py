@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, load_config
+from .distributed import data_parallel, init_from_env, root_only
 from .driver import HyperOptimizer, Stopping
 from .errors import HyperdiffError, NonFiniteError
 from .history import OptimizeResult, natural_values
@@ -36,7 +37,9 @@ def build(config: Config) -> tuple[Task, HyperOptimizer]:
     stop = config.stop
     driver = HyperOptimizer(
         list(task.problems),
-        method=make_method(config.method.name, **config.method.options),
+        method=data_parallel(make_method(config.method.name, **config.method.options))
+        if config.distributed.data_parallel else make_method(config.method.name,
+                                                             **config.method.options),
         optimizer=config.outer.optimizer, lr=config.outer.lr,
         clip=config.outer.clip or None, schedule=config.outer.schedule,
         samples=config.outer.samples, tie_steps=config.outer.tie_steps,
@@ -90,8 +93,11 @@ def run_experiment(
         progress: tqdm progress bar (``None``: only on a terminal).
         log: where progress messages go.
     """
+    group = init_from_env()  # under torchrun: rank 0 alone touches the run directory
+    if group is not None and not group.is_root:
+        log, progress = (lambda _message: None), False
     if resume is not None:
-        rundir = RunDir(resume)
+        rundir = root_only(lambda: RunDir(resume))
         stored = load_config(rundir.config_path())
         if config is None:
             config = load_config(data=stored.to_dict(), overrides=overrides)
@@ -115,12 +121,14 @@ def run_experiment(
     else:
         if config is None:
             raise HyperdiffError("run: a config is required unless resuming")
-        rundir = RunDir(out or default_run_dir(config))
+        rundir = root_only(lambda: RunDir(out or default_run_dir(config)))
         if rundir.has_run():
             raise HyperdiffError(
                 f"run: the run directory {rundir.path} already holds a run; continue it with "
                 "--resume, or choose another directory with --out"
             )
+    if group is not None:
+        group.timeout_s = config.distributed.timeout_s
     task, driver = build(config)
     if resume is not None and (state := rundir.load_checkpoint()) is not None:
         driver.load_state_dict(state, rundir.load_history(int(state["step"])))

@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import load_config
+    from ..distributed import is_root
     from ..experiment import format_table, run_experiment
 
     overrides = config_overrides(args)
@@ -38,5 +39,6 @@ def run(args: argparse.Namespace) -> int:
         config, out=args.out, resume=args.resume, overrides=tuple(overrides),
         progress=False if args.quiet else None, log=stderr_log(args.quiet),
     )
-    print(format_table(result))
+    if is_root():
+        print(format_table(result))
     return 0
