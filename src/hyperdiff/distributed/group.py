@@ -116,20 +116,20 @@ class Group:
         key = f"at/{self._seq}/"
         self.store.set(f"{key}{self.rank}", where)
         others = [r for r in range(self.world) if r != self.rank]
-        started = time.monotonic()
-        while True:
-            try:
-                self.store.wait([f"{key}{r}" for r in others], timedelta(seconds=HEARTBEAT_S))
-                break
-            except Exception as err:  # a timeout of the short wait, or a lost store
-                missing = [r for r in others if not self._has(f"{key}{r}")]
-                if not missing:
-                    break
-                waited = time.monotonic() - started
+        started = last_look = time.monotonic()
+        pause = 1e-4
+        missing = others
+        while missing:  # poll (store.wait would log a warning at every short timeout)
+            missing = [r for r in missing if not self._has(f"{key}{r}")]
+            now = time.monotonic()
+            if missing and now - last_look > HEARTBEAT_S:
+                last_look, waited = now, now - started
                 silent = self.silent_ranks(missing)
                 if silent or waited > self.timeout_s:
-                    raise LostRankError(self._lost_message(where, missing, silent, waited)
-                                        ) from err
+                    raise LostRankError(self._lost_message(where, missing, silent, waited))
+            if missing:
+                time.sleep(pause)
+                pause = min(2 * pause, 0.01)
         if self._seq > 2:  # keep the store small: the marks of older barriers are not read
             self._delete(f"at/{self._seq - 2}/{self.rank}")
 
