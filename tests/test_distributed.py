@@ -11,11 +11,18 @@ import time
 
 import pytest
 import torch
+from distributed_jobs import (
+    WORLD,
+    close,
+    dp_methods,
+    launch,
+    mlp_problem,
+    outer_loop,
+    records,
+    run_settings,
+)
 
 import hyperdiff as hd
-from distributed_jobs import (
-    WORLD, close, dp_methods, launch, mlp_problem, outer_loop, records, run_settings,
-)
 from hyperdiff.distributed.data_parallel import ShardedBatches
 from hyperdiff.rundir import RunDir
 

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .distributed.spread import spreader_for
 from .errors import (
     HyperdiffError,
     NonFiniteError,
@@ -37,7 +38,6 @@ from .errors import (
     positive_float,
     positive_int,
 )
-from .distributed.spread import spreader_for
 from .guard import DivergenceGuard
 from .history import (
     History,

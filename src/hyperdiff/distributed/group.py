@@ -17,6 +17,7 @@ stopped)"``, instead of a hang or an anonymous socket error.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -68,7 +69,8 @@ class Group:
         self._seq = 0
         self.stale_s = STALE_S
         self._stop = threading.Event()
-        self._beat_store = dist.PrefixStore(f"hyperdiff/{_group_name(group)}/", base.clone())
+        self._beat_store = dist.PrefixStore(f"hyperdiff/{_group_name(group)}/",
+                                             base.clone())  # type: ignore[attr-defined]
         self._beat()
         self._thread = threading.Thread(target=self._beat_loop, daemon=True,
                                         name=f"hyperdiff-heartbeat-{self.rank}")
@@ -176,10 +178,8 @@ class Group:
             return False
 
     def _delete(self, key: str) -> None:
-        try:
+        with contextlib.suppress(Exception):  # some stores cannot delete; the marks are tiny
             self.store.delete_key(key)
-        except Exception:  # some stores cannot delete; the marks are tiny
-            pass
 
     # ------------------------------------------------------------------ object collectives
     def all_gather(self, where: str, value: Any) -> list[Any]:
