@@ -164,7 +164,8 @@ class Group:
         for rank in missing:
             if rank in silent:
                 age = silent[rank]
-                why = ("never beat" if age == float("inf") else f"no heartbeat for {age:.1f} s")
+                why = ("no heartbeat can be read" if age == float("inf")
+                       else f"no heartbeat for {age:.1f} s")
                 parts.append(f"rank {rank} is lost: {why} (the process died or is stopped)")
             else:
                 parts.append(f"rank {rank} did not arrive within {waited:.0f} s (hung?)")
