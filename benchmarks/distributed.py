@@ -1,5 +1,7 @@
 """Throughput on torch.distributed (gloo, CPU): 1 rank against 2 ranks, side by side.
 
+0. A control without hyperdiff or communication: the same 4 plain trainings, split over 2
+   processes; its speed-up is what the (shared) machine gives two processes at the moment.
 1. Outer steps of ``mlp_digits`` with 4 samples per step: with 2 ranks each rank runs 2 of the
    4 trainings (:mod:`hyperdiff.distributed.spread`). Target: >= 1.7x steps per second.
 2. The data-parallel inner step (:mod:`hyperdiff.distributed.data_parallel`) of a model large
@@ -144,7 +146,24 @@ def data_parallel_step(options: dict) -> dict:
             "grad": hg.vector.tolist()}
 
 
-JOBS = {"outer": outer_steps, "data_parallel": data_parallel_step}
+def control(options: dict) -> dict:
+    """The same compute as ``outer``'s trainings without hyperdiff or communication: the
+    4 samples' plain trainings split over the ranks (what the machine gives two processes)."""
+    from hyperdiff.tasks import build_task
+    from hyperdiff.training import train
+
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    problem = build_task("mlp_digits", steps=options["inner_steps"]).problems[0]
+    train(problem)
+    started = time.perf_counter()
+    for _ in range(options["outer_steps"]):
+        for _sample in range(rank, 4, world):
+            train(problem)
+    return {"step_s": (time.perf_counter() - started) / options["outer_steps"]}
+
+
+JOBS = {"outer": outer_steps, "data_parallel": data_parallel_step, "control": control}
 
 
 def main() -> None:
@@ -157,13 +176,14 @@ def main() -> None:
     outer_opts = {"inner_steps": args.inner_steps, "outer_steps": args.outer_steps}
     dp_opts = {"batch": args.batch}
     load_before = os.getloadavg()
-    runs: dict[str, dict[int, list[dict]]] = {"outer": {1: [], 2: []},
-                                              "data_parallel": {1: [], 2: []}}
+    runs: dict[str, dict[int, list[dict]]] = {job: {1: [], 2: []} for job in JOBS}
     for _ in range(args.repeats):
         for world in (1, 2):
+            runs["control"][world].append(run_ranks(world, "control", outer_opts))
             runs["outer"][world].append(run_ranks(world, "outer", outer_opts))
             runs["data_parallel"][world].append(run_ranks(world, "data_parallel", dp_opts))
     outer = {w: min(r["step_s"] for r in rs) for w, rs in runs["outer"].items()}
+    plain = {w: min(r["step_s"] for r in rs) for w, rs in runs["control"].items()}
     inner = {w: min(r["inner_step_s"] for r in rs) for w, rs in runs["data_parallel"].items()}
     same_loss = runs["outer"][1][0]["val_loss"] == runs["outer"][2][0]["val_loss"]
     g1 = torch.tensor(runs["data_parallel"][1][0]["grad"])
@@ -179,6 +199,10 @@ def main() -> None:
                        "seconds_per_step": {"1_rank": outer[1], "2_ranks": outer[2]},
                        "speedup": outer[1] / outer[2], "target": 1.7,
                        "same_history_value": same_loss},
+        "control_plain_trainings_no_communication": {
+            "seconds_per_step": {"1_process": plain[1], "2_processes": plain[2]},
+            "speedup": plain[1] / plain[2],
+            "meaning": "the parallelism the machine gave two processes during this run"},
         "data_parallel_inner_step": {
             "model": "MLP 256-1024-1024-10 float32, reverse hypergradient, T=4",
             "batch": args.batch,
@@ -195,6 +219,8 @@ def main() -> None:
             run.pop("grad")
     OUT.write_text(json.dumps(result, indent=1))
     print(f"{'':34}{'1 rank':>10}{'2 ranks':>10}{'speed-up':>10}")
+    print(f"{'control: 4 plain trainings (s)':34}{plain[1]:>10.3f}{plain[2]:>10.3f}"
+          f"{plain[1] / plain[2]:>9.2f}x")
     print(f"{'outer step, 4 samples (s)':34}{outer[1]:>10.3f}{outer[2]:>10.3f}"
           f"{outer[1] / outer[2]:>9.2f}x")
     print(f"{'data-parallel inner step (s)':34}{inner[1]:>10.4f}{inner[2]:>10.4f}"

@@ -10,12 +10,14 @@ import socket
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 import hyperdiff as hd
 from hyperdiff.config import load_config
+from hyperdiff.distributed.data_parallel import rank_seed
 from hyperdiff.driver import HyperOptimizer, Stopping
 from hyperdiff.experiment import run_experiment
 
@@ -58,6 +60,66 @@ def mlp_problem(batch_size: int = 8) -> hd.Problem:
                            val_data=(xv, yv), steps=STEPS, probe=False)
 
 
+def dropout_problem(emulate_ranks: bool = False) -> hd.Problem:
+    """A float64 MLP with dropout. With ``emulate_ranks`` one process computes what
+    data-parallel ranks do: the mean over shards ``r`` of the loss with rank ``r``'s dropout
+    seed (the single-process oracle of data-parallel dropout)."""
+    torch.manual_seed(0)
+    net = hd.functional(torch.nn.Sequential(
+        torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Dropout(0.3),
+        torch.nn.Linear(8, 1)).double())
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(32, 3, generator=gen, dtype=torch.float64)
+    y = torch.sin(x.sum(1, keepdim=True))
+
+    def shard_loss(p, h, batch, ctx):
+        xb, yb = batch
+        l2 = sum((v**2).sum() for v in p.values())
+        return ((net(p, xb, ctx) - yb) ** 2).mean() + 0.5 * h["wd"] * l2
+
+    def train_loss(p, h, batch, ctx):
+        if not emulate_ranks:
+            return shard_loss(p, h, batch, ctx)
+        seed, size, parts = ctx.seed, batch[0].shape[0] // WORLD, []
+        for r in range(WORLD):
+            ctx.seed, ctx.calls = rank_seed(seed, r), 0
+            rows = slice(r * size, (r + 1) * size)
+            parts.append(shard_loss(p, h, (batch[0][rows], batch[1][rows]), ctx))
+        ctx.seed = seed
+        return sum(parts) / WORLD
+
+    def val_loss(p, h, batch, ctx):
+        return ((net(p, batch[0], ctx) - batch[1]) ** 2).mean()
+
+    hparams = hd.HyperParameters(lr=hd.scalar(0.1), wd=hd.scalar(1e-2))
+    return hd.make_problem(train_loss, val_loss, hparams, net.params,
+                           optimizer=hd.sgd(lr="lr", momentum=0.9),
+                           train_data=hd.minibatches(x, y, batch_size=8),
+                           val_data=(x, y), steps=STEPS, seed=3, probe=False)
+
+
+def diverging_loop() -> HyperOptimizer:
+    """Sample 1 of outer step 1 (seed 4, on rank 1 of 2) diverges: the guard rejects that
+    step on every rank, and the loop goes on."""
+    problem = mlp_problem()
+    base = problem.train_loss
+
+    def train_loss(p, h, batch, ctx):
+        value = base(p, h, batch)
+        return value * float("nan") if ctx.seed == 4 else value
+
+    problem = replace(problem, train_loss=train_loss, train_takes_ctx=True)
+    return HyperOptimizer(problem, samples=3, stopping=Stopping(max_steps=4))
+
+
+def run_to_failure(opt: HyperOptimizer) -> tuple[str, list[dict]]:
+    try:
+        opt.run()
+    except hd.NonFiniteError as err:
+        return str(err), records(opt)
+    return "no failure", records(opt)
+
+
 def selection_split() -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     xs = torch.randn(16, 3, generator=gen, dtype=torch.float64)
@@ -92,6 +154,9 @@ def agreement(report: Report) -> None:
     dp_opt = outer_loop(hd.distributed.data_parallel("reverse"), samples=2, steps=1)
     dp_opt.run()
     report("dp_outer", records(dp_opt))
+    hg = hd.distributed.data_parallel("reverse")(dropout_problem())
+    report("dropout", (hg.vector, hg.value))
+    report("diverging", run_to_failure(diverging_loop()))
 
 
 def run_settings(out: str) -> dict:

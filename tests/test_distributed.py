@@ -14,12 +14,15 @@ import torch
 from distributed_jobs import (
     WORLD,
     close,
+    diverging_loop,
     dp_methods,
+    dropout_problem,
     launch,
     mlp_problem,
     outer_loop,
     records,
     run_settings,
+    run_to_failure,
 )
 
 import hyperdiff as hd
@@ -40,6 +43,8 @@ def references(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("dist") / "reference"
     run_settings(str(run_dir))  # uninterrupted, in one process
     return {"spread": spread, "methods": methods, "dp_outer": records(dp_outer),
+            "dropout": hd.reverse()(dropout_problem(emulate_ranks=True)),
+            "diverging": run_to_failure(diverging_loop()),
             "run": [r.without_timing() for r in RunDir(run_dir).read_history()]}
 
 
@@ -70,6 +75,18 @@ def test_two_ranks_equal_one_process(references, first):
     assert (methods["reverse"].vector - methods["forward"].vector).abs().max() < 1e-10
     for rank in range(WORLD):
         assert close(reports[rank, "dp_outer"], references["dp_outer"], 1e-10)
+
+
+def test_dropout_per_rank_and_divergence_agree_across_ranks(references, first):
+    reports, dropout = first[0], references["dropout"]
+    for rank in range(WORLD):  # rank r's dropout masks come from rank_seed(seed, r)
+        vector, value = reports[rank, "dropout"]
+        assert (vector - dropout.vector).abs().max() <= 1e-10 and abs(value - dropout.value) < 1e-10
+    message, history = references["diverging"]
+    assert message == "no failure" and [r["status"] for r in history] == [
+        "ok", "failed", "ok", "ok"] and "diverged at step 0" in history[1]["message"]
+    for rank in range(WORLD):  # every rank fails the same steps and gives up together
+        assert reports[rank, "diverging"] == references["diverging"]
 
 
 def test_a_rank_that_dies_mid_step_ends_the_others_with_its_name(first):
