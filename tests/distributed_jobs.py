@@ -7,10 +7,11 @@ import multiprocessing as mp
 import os
 import queue
 import socket
+import threading
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -141,7 +142,47 @@ def records(opt: HyperOptimizer) -> list[dict]:
     return [r.without_timing() for r in opt.history]
 
 
+class Journal:
+    """A stand-in for a run directory: appends lines, hands out an unpicklable lock."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def append(self, text: str) -> int:
+        with open(self.path, "a") as handle:
+            handle.write(f"{text} by {os.getpid()}\n")
+        return os.getpid()
+
+    def lock(self) -> JournalLock:
+        return JournalLock(self)
+
+
+class JournalLock:
+    def __init__(self, journal: Journal):
+        self.journal, self.mutex = journal, threading.Lock()  # a lock cannot be pickled
+
+    def __enter__(self) -> JournalLock:
+        self.mutex.acquire()
+        self.journal.append("locked")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.journal.append("unlocked")
+        self.mutex.release()
+
+    def owner(self) -> int:
+        return os.getpid()
+
+
 # ---------------------------------------------------------------------- rank jobs
+def root_calls(out: str, report: Report) -> None:
+    journal = hd.distributed.root_only(lambda: Journal(out + ".journal"))
+    writer = journal.append("hello")
+    with journal.lock() as held:
+        owner = held.owner()
+    report("root_calls", (os.getpid(), writer, owner, journal.path))
+
+
 def agreement(report: Report) -> None:
     """The spread outer loop, data-parallel hypergradients and a data-parallel outer step."""
     opt = outer_loop()
@@ -185,6 +226,7 @@ def killed_run(rank: int, out: str) -> None:
 
 def job_first(rank: int, out: str, report: Report) -> None:
     agreement(report)
+    root_calls(out, report)
     killed_run(rank, out)
 
 

@@ -89,6 +89,17 @@ def test_dropout_per_rank_and_divergence_agree_across_ranks(references, first):
         assert reports[rank, "diverging"] == references["diverging"]
 
 
+def test_root_only_runs_every_call_on_rank_0(first):
+    reports, out = first[0], first[2]
+    root_pid = reports[0, "root_calls"][0]
+    for rank in range(WORLD):  # every rank got rank 0's answers, even through a lock handle
+        _, writer, owner, path = reports[rank, "root_calls"]
+        assert writer == owner == root_pid and path == f"{out}.journal"
+    with open(f"{out}.journal") as handle:
+        lines = handle.read().splitlines()
+    assert lines == [f"{what} by {root_pid}" for what in ("hello", "locked", "unlocked")]
+
+
 def test_a_rank_that_dies_mid_step_ends_the_others_with_its_name(first):
     reports, codes, out, seconds = first
     assert codes[1] == 3 and (1, "error") not in reports  # rank 1 died inside a step

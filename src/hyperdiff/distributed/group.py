@@ -60,10 +60,13 @@ class Group:
             raise HyperdiffError("distributed: a process group must be initialised (call "
                                  "torch.distributed.init_process_group or launch with torchrun)")
         self.group = group
+        self._world_group = dist.group.WORLD  # held: its id keys the cache of groups
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.backend = str(dist.get_backend(group))
         self.timeout_s = positive_float("distributed", "timeout_s", timeout_s)
+        # the rendezvous store of the default group (torch has no public accessor); a second
+        # client (clone) serves the heartbeat thread, so the two threads never share a socket
         base = dist.distributed_c10d._get_default_store()
         self.store = dist.PrefixStore(f"hyperdiff/{_group_name(group)}/", base)
         self._seq = 0
@@ -198,11 +201,16 @@ class Group:
         return box[0]
 
 
-_GROUPS: dict[Any, Group] = {}
+_GROUPS: dict[tuple[str, int], Group] = {}
 
 
 def _group_name(group: Any) -> str:
     return "default" if group is None else str(dist.get_process_group_ranks(group))
+
+
+def _group_key(group: Any) -> tuple[str, int]:
+    """Name and identity of the process group (a re-initialised group is a new one)."""
+    return _group_name(group), id(dist.group.WORLD if group is None else group)
 
 
 def current_group(group: Any = None, *, timeout_s: float | None = None) -> Group | None:
@@ -218,7 +226,7 @@ def current_group(group: Any = None, *, timeout_s: float | None = None) -> Group
         return None
     if dist.get_world_size(group) < 2:
         return None
-    key = _group_name(group)
+    key = _group_key(group)
     if key not in _GROUPS:
         _GROUPS[key] = Group(group, timeout_s=timeout_s or DEFAULT_TIMEOUT_S)
     elif timeout_s is not None:

@@ -20,47 +20,74 @@ from .group import Group, current_group
 
 def on_root(group: Group | None, where: str, fn: Callable[..., Any], *args: Any,
             **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)`` computed on rank 0 and returned (or raised) on every rank."""
+    """``fn(*args, **kwargs)`` computed on rank 0 and returned (or raised) on every rank; a
+    value that cannot be pickled (a lock, an open file) stays on rank 0 and every rank gets an
+    :class:`OnRoot` handle to it (``with rundir.lock():`` then locks on rank 0 only)."""
     if group is None:
         return fn(*args, **kwargs)
     outcome: tuple[str, Any] | None = None
+    kept = None
     if group.is_root:
         try:
-            outcome = ("ok", fn(*args, **kwargs))
+            kept = fn(*args, **kwargs)
+            outcome = ("ok", kept) if _pickles(kept) else ("handle", None)
         except Exception as err:
-            outcome = ("error", _picklable(err))
+            outcome = ("error", err if _pickles(err) else
+                       HyperdiffError(f"rank 0: {type(err).__name__}: {err}"))
     outcome = group.broadcast(where, outcome)
     assert outcome is not None  # rank 0 always sends one
     if outcome[0] == "error":
         raise outcome[1]
+    if outcome[0] == "handle":
+        return OnRoot(kept, group, shared=False)
     return outcome[1]
 
 
-def _picklable(err: Exception) -> Exception:
+def _pickles(value: Any) -> bool:
     try:
-        pickle.loads(pickle.dumps(err))
-        return err
+        pickle.dumps(value)
+        return True
     except Exception:
-        return HyperdiffError(f"rank 0: {type(err).__name__}: {err}")
+        return False
 
 
 class OnRoot:
-    """``target``'s public methods run on rank 0 only (see the module doc); attributes that
-    are not methods (``rundir.path``) are read locally."""
+    """``target``'s public methods run on rank 0 only (see the module doc). With ``shared``
+    (every rank holds an equal ``target``) attributes that are not methods (``rundir.path``)
+    are read locally; a handle to an object only rank 0 holds asks rank 0 for everything."""
 
-    def __init__(self, target: Any, group: Group | None):
-        self._target, self._group = target, group
+    def __init__(self, target: Any, group: Group, *, shared: bool = True):
+        self._target, self._group, self._shared = target, group, shared
+
+    def _kind(self) -> str:
+        return type(self._target).__name__ if self._shared else "handle"
 
     def __getattr__(self, name: str) -> Any:
-        value = getattr(self._target, name)
-        if name.startswith("_") or not callable(value):
-            return value
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._shared:
+            value = getattr(self._target, name)
+            is_method = callable(value)
+        else:
+            is_method = on_root(self._group, f"handle.{name}",
+                                lambda: callable(getattr(self._target, name)))
+        if not is_method:
+            return value if self._shared else on_root(
+                self._group, f"handle.{name}", lambda: getattr(self._target, name))
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            kind = type(self._target).__name__
-            return on_root(self._group, f"{kind}.{name}", value, *args, **kwargs)
+            return on_root(self._group, f"{self._kind()}.{name}",
+                           lambda: getattr(self._target, name)(*args, **kwargs))
 
         return call
+
+    def __enter__(self) -> Any:
+        return on_root(self._group, f"{self._kind()}.__enter__",
+                       lambda: self._target.__enter__())
+
+    def __exit__(self, *exc: Any) -> Any:
+        return on_root(self._group, f"{self._kind()}.__exit__",
+                       lambda: self._target.__exit__(*exc))
 
 
 def root_only(make: Callable[[], Any], group: Any = None) -> Any:
