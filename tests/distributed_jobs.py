@@ -135,7 +135,8 @@ def outer_loop(method: Any = "reverse", samples: int = 3, steps: int = 2) -> Hyp
 
 def dp_methods() -> dict[str, hd.Method]:
     return {"reverse": hd.reverse(), "forward": hd.forward(),
-            "checkpointed": hd.checkpointed(segments=2)}
+            "checkpointed": hd.checkpointed(segments=2), "truncated": hd.truncated(3),
+            "finite_difference": hd.finite_difference(warn=False)}
 
 
 def records(opt: HyperOptimizer) -> list[dict]:
@@ -242,7 +243,26 @@ def job_resume(rank: int, out: str, report: Report) -> None:
         group.barrier("hang probe")
 
 
-JOBS = {"first": job_first, "resume": job_resume}
+def job_dp_death(rank: int, out: str, report: Report) -> None:
+    """Rank 1 dies inside a data-parallel training (its 4th train loss)."""
+    group = hd.distributed.current_group()
+    assert group is not None
+    group.stale_s = 1.0
+    problem = mlp_problem()
+    if rank == 1:
+        base, calls = problem.train_loss, {"n": 0}
+
+        def dying(p, h, batch):
+            calls["n"] += 1
+            if calls["n"] == 4:
+                os._exit(3)
+            return base(p, h, batch)
+
+        problem = replace(problem, train_loss=dying)
+    hd.distributed.data_parallel("reverse")(problem)
+
+
+JOBS = {"first": job_first, "resume": job_resume, "dp_death": job_dp_death}
 
 
 def worker(rank: int, port: int, job: str, arg: Any, results: Any) -> None:

@@ -64,15 +64,16 @@ def test_two_ranks_equal_one_process(references, first):
         history, raw = reports[rank, "spread"]
         assert close(history, records(spread), 1e-12)
         assert close(raw, spread.raw, 1e-12)
-    for name, hg in references["methods"].items():  # data-parallel == one-process full batch
-        assert float(hg.vector.abs().min()) > 1e-6, name  # a real hypergradient, not zeros
+    methods = references["methods"]
+    assert float(methods["reverse"].vector.abs().min()) > 1e-6  # a real one, not zeros
+    for name, hg in methods.items():  # data-parallel == one-process full batch
         for rank in range(WORLD):
             vector, value, train_loss = reports[rank, name]
             assert (vector - hg.vector).abs().max() <= 1e-10, name
             assert abs(value - hg.value) <= 1e-10 and abs(train_loss - hg.train_loss) <= 1e-10
-    # the full-batch reference against an independent method: forward mode agrees
-    methods = references["methods"]
+    # the full-batch reference against independent methods: forward mode, differences
     assert (methods["reverse"].vector - methods["forward"].vector).abs().max() < 1e-10
+    assert (methods["reverse"].vector - methods["finite_difference"].vector).abs().max() < 1e-6
     for rank in range(WORLD):
         assert close(reports[rank, "dp_outer"], references["dp_outer"], 1e-10)
 
@@ -119,6 +120,13 @@ def test_the_last_checkpoint_resumes_and_a_hung_rank_is_named(references, first)
     assert reports[0, "result"]["tuned"] == reports[1, "result"]["tuned"]
     # then rank 1 hangs, alive: rank 0 gives up after its 1 s timeout, naming it
     assert "hang probe: rank 1 did not arrive within 1 s (hung?)" in reports[0, "error"]
+
+
+def test_a_rank_that_dies_inside_a_data_parallel_training_is_named(first):
+    reports, codes, hung = launch("dp_death", "")
+    assert not hung and codes == [1, 3], reports
+    message = reports[0, "error"]
+    assert "LostRankError: data_parallel reverse (seed 0): rank 1 is lost" in message, message
 
 
 def test_data_parallel_refuses_what_it_cannot_do():
