@@ -55,6 +55,9 @@ class RankSpreader(Spreader):
             except NonFiniteError as err:
                 mine[index] = ("nonfinite", str(err))
                 break  # the step fails anyway; tell the others now
+            except HyperdiffError as err:  # bad input: the message a single process gives
+                mine[index] = ("hyperdiff", str(err))
+                break
             except Exception as err:
                 mine[index] = ("error", f"{type(err).__name__}: {err}\n"
                                         f"{traceback.format_exc(limit=4)}")
@@ -69,6 +72,8 @@ class RankSpreader(Spreader):
             rank = first % self.group.world
             if status == "nonfinite":
                 raise NonFiniteError(message)
+            if status == "hyperdiff":
+                raise HyperdiffError(message)
             raise HyperdiffError(f"{where}: training {first} failed on rank {rank}: {message}")
         return [results[i][1] for i in range(len(items))]
 
