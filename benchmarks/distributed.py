@@ -52,7 +52,7 @@ def _rank_main(rank: int, world: int, port: int, job: str, options: dict, result
         torch.distributed.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
             timeout=timedelta(seconds=120))
-    value = JOBS[job](options)
+    value = {**JOBS, **EXTRA_JOBS}[job](options)
     results.put((rank, value))
     if world > 1:
         import hyperdiff.distributed.group as group
@@ -170,7 +170,22 @@ def control(options: dict) -> dict:
             "cpu_s": (time.process_time() - cpu) / rounds}
 
 
+def all_reduce_time(options: dict) -> dict:
+    """Seconds of one gloo all-reduce of the data-parallel model's gradient (best of 10)."""
+    numel = sum(int(p.numel()) for p in big_problem(8).params.values())
+    x = torch.randn(numel)
+    for _ in range(3):
+        torch.distributed.all_reduce(x)
+    best = float("inf")
+    for _ in range(10):
+        started = time.perf_counter()
+        torch.distributed.all_reduce(x)
+        best = min(best, time.perf_counter() - started)
+    return {"all_reduce_s": best, "megabytes": numel * 4 / 1e6}
+
+
 JOBS = {"outer": outer_steps, "data_parallel": data_parallel_step, "control": control}
+EXTRA_JOBS = {"all_reduce": all_reduce_time}
 
 
 def main() -> None:
@@ -189,6 +204,7 @@ def main() -> None:
             runs["control"][world].append(run_ranks(world, "control", outer_opts))
             runs["outer"][world].append(run_ranks(world, "outer", outer_opts))
             runs["data_parallel"][world].append(run_ranks(world, "data_parallel", dp_opts))
+    reduce = run_ranks(2, "all_reduce", {})
     outer = {w: min(r["step_s"] for r in rs) for w, rs in runs["outer"].items()}
     plain = {w: min(r["step_s"] for r in rs) for w, rs in runs["control"].items()}
     cpu = {job: {w: min(r["cpu_s"] for r in rs) for w, rs in runs[job].items()} for job in JOBS}
@@ -216,7 +232,8 @@ def main() -> None:
             "model": "MLP 256-1024-1024-10 float32, reverse hypergradient, T=4",
             "batch": args.batch,
             "seconds_per_inner_step": {"1_rank_full_batch": inner[1], "2_ranks_half_each": inner[2]},
-            "speedup": inner[1] / inner[2], "relative_grad_difference_float32": dp_rel},
+            "speedup": inner[1] / inner[2], "relative_grad_difference_float32": dp_rel,
+            "gradient_all_reduce_2_ranks": reduce},
         "cpu_seconds_per_step_rank0": cpu,
         "cpu_ratio_1_over_2_ranks": cpu_ratio,
         "cpu_ratio_meaning": "CPU seconds of one process / of rank 0 of two: the speed-up on "
@@ -241,7 +258,8 @@ def main() -> None:
               f"{cpu_ratio[job]:>10.2f}x")
     print(f"load average before/after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f} "
           f"(the machine is shared: speed-ups are depressed); same val loss 1 vs 2 ranks: "
-          f"{same_loss}; data-parallel grad rel. diff (float32): {dp_rel:.1e}")
+          f"{same_loss}; data-parallel grad rel. diff (float32): {dp_rel:.1e}; one all-reduce "
+          f"of its {reduce['megabytes']:.1f} MB gradient: {1e3 * reduce['all_reduce_s']:.1f} ms")
     print(f"wrote {OUT}")
 
 
