@@ -7,6 +7,7 @@ Several checks share one start-up.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import time
 
 import pytest
@@ -28,6 +29,11 @@ from distributed_jobs import (
 import hyperdiff as hd
 from hyperdiff.distributed.data_parallel import ShardedBatches
 from hyperdiff.rundir import RunDir
+
+pytestmark = pytest.mark.skipif(
+    "fork" not in mp.get_all_start_methods() or not torch.distributed.is_available()
+    or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with gloo and the fork start method")
 
 
 # ---------------------------------------------------------------------- tests

@@ -72,8 +72,11 @@ class Group:
         self._seq = 0
         self.stale_s = STALE_S
         self._stop = threading.Event()
-        self._beat_store = dist.PrefixStore(f"hyperdiff/{_group_name(group)}/",
-                                             base.clone())  # type: ignore[attr-defined]
+        try:
+            beat_base = base.clone()  # type: ignore[attr-defined]
+        except (AttributeError, RuntimeError):  # a store without clients (file, hash store)
+            beat_base = base
+        self._beat_store = dist.PrefixStore(f"hyperdiff/{_group_name(group)}/", beat_base)
         self._beat()
         self._thread = threading.Thread(target=self._beat_loop, daemon=True,
                                         name=f"hyperdiff-heartbeat-{self.rank}")
