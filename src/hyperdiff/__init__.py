@@ -1,6 +1,6 @@
 """hyperdiff: gradient-based hyperparameter optimization for PyTorch."""
 
-from . import linear
+from . import distributed, linear
 from .advice import Advice, recommend
 from .api import hypergradient
 from .check import CheckReport, check
@@ -83,6 +83,7 @@ __all__ = [
     "cg",
     "check",
     "checkpointed",
+    "distributed",
     "exact",
     "finite_difference",
     "forward",

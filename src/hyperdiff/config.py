@@ -133,6 +133,14 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    data_parallel: bool = option(False, "under torchrun: each rank trains on its shard of every "
+                                 "batch (false: the trainings of a step are spread over ranks)")
+    timeout_s: float = option(300.0, "seconds to wait for a rank that is alive but does not "
+                              "arrive, before the run ends naming it", low=0.0, open_low=True)
+
+
+@dataclass(frozen=True)
 class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     inner: InnerConfig = field(default_factory=InnerConfig)
@@ -144,6 +152,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     run: RunConfig = field(default_factory=RunConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict; method options are flattened into ``[method]``."""

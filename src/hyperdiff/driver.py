@@ -31,6 +31,7 @@ from torch import Tensor
 
 from .data import FullBatch
 from .datacheck import check_batch, shapes_of
+from .distributed.spread import spreader_for
 from .errors import (
     HyperdiffError,
     NonFiniteError,
@@ -95,6 +96,9 @@ class HyperOptimizer:
         shrink, max_failures, max_loss_ratio: the divergence guard (:mod:`hyperdiff.guard`):
             a step fails when training diverges, a loss exceeds ``max_loss_ratio`` x
             max(|initial loss|, 1), or a value leaves its constraint.
+        process_group: spread the trainings of each step over the ranks of this
+            ``torch.distributed`` group (``None``: the initialised default group, if any; see
+            :mod:`hyperdiff.distributed`). Every rank then holds the single-process result.
 
     >>> import torch, hyperdiff as hd
     >>> from hyperdiff.driver import HyperOptimizer, Stopping
@@ -128,6 +132,7 @@ class HyperOptimizer:
         shrink: float = 0.5,
         max_failures: int = 5,
         max_loss_ratio: float = 1e6,
+        process_group: Any = None,
     ):
         self.problems = _check_problems(problem)
         self.hparams = self.problems[0].hparams
@@ -172,6 +177,7 @@ class HyperOptimizer:
         self.warm: list[Any] = [None] * (len(self.problems) * self.samples)
         self._elapsed = 0.0
         self._clock: float | None = None
+        self.spreader = spreader_for(self.method, process_group)
 
     # ------------------------------------------------------------------ public loop
     @property
@@ -373,19 +379,28 @@ class HyperOptimizer:
 
     def _sample(self, step: int, raw: dict[str, Tensor], samples: range,
                 done: dict[int, tuple[HyperGradient, float | None]]) -> None:
-        """Train and differentiate ``samples`` of every problem (fold-major slots)."""
+        """Train and differentiate ``samples`` of every problem (fold-major slots), spread
+        over the ranks of the process group when there is one."""
+        slots, problems = [], []
         for j, base in enumerate(self.problems):
             for i in samples:
-                slot = j * self.samples + i
                 problem = replace(base, seed=self.seed_for(step, i))
+                slot = j * self.samples + i
                 if self.warm_start and self.warm[slot] is not None:
                     problem = replace(problem, params=self.warm[slot][0],
                                       buffers=self.warm[slot][1])
-                hg = self.method(problem, raw)
-                selection = None
-                if self.selection is not None:
-                    selection = self._selection_loss(problem, self.selection, hg, raw)
-                done[slot] = (hg, selection)
+                slots.append(slot)
+                problems.append(problem)
+        outcomes = self.spreader.map(lambda p: self._train(p, raw), problems,
+                                     f"outer step {step}")
+        done.update(zip(slots, outcomes, strict=True))
+
+    def _train(self, problem: Problem, raw: dict[str, Tensor]
+               ) -> tuple[HyperGradient, float | None]:
+        hg = self.method(problem, raw)
+        if self.selection is None:
+            return hg, None
+        return hg, self._selection_loss(problem, self.selection, hg, raw)
 
     def _per_sample(self, done: dict[int, tuple[HyperGradient, float | None]], count: int
                     ) -> Tensor:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 from .config import Config, load_config
 from .device import resolve_device, task_to_device
+from .distributed import data_parallel, init_from_env, root_only
 from .driver import HyperOptimizer, Stopping
 from .errors import HyperdiffError, NonFiniteError
 from .history import OptimizeResult, natural_values
@@ -43,7 +45,9 @@ def build(config: Config) -> tuple[Task, HyperOptimizer]:
     stop = config.stop
     driver = HyperOptimizer(
         list(task.problems),
-        method=make_method(config.method.name, **config.method.options),
+        method=data_parallel(make_method(config.method.name, **config.method.options))
+        if config.distributed.data_parallel else make_method(config.method.name,
+                                                             **config.method.options),
         optimizer=config.outer.optimizer, lr=config.outer.lr,
         clip=config.outer.clip or None, schedule=config.outer.schedule,
         samples="auto" if config.outer.auto_samples else config.outer.samples,
@@ -116,25 +120,30 @@ def run_experiment(
         raise HyperdiffError(f"run: --out must not be given with --resume (got --out {out}); "
                              f"a resumed run stays in its own directory {resume}")
     log = _progress(log)
+    group = init_from_env()  # under torchrun: rank 0 alone touches the run directory
+    if group is not None and not group.is_root:
+        log, progress = (lambda _message: None), False
     if resume is not None:
-        rundir = RunDir.existing(resume)
+        rundir = root_only(lambda: RunDir.existing(resume))
     elif config is None:
         raise HyperdiffError("run: a config is required unless resuming")
     else:
-        rundir = new_run_dir(config, out)
+        rundir = root_only(lambda: new_run_dir(config, out))
     try:
         with rundir.lock():
             return _run_locked(rundir, config, resume=resume is not None,
                                overrides=overrides, progress=progress, log=log,
-                               callbacks=callbacks)
+                               callbacks=callbacks, group=group)
     except BaseException:
-        rundir.discard_if_unused()
+        with suppress(Exception):  # e.g. a lost rank: the error being raised says more
+            rundir.discard_if_unused()
         raise
 
 
 def _run_locked(
     rundir: RunDir, config: Config | None, *, resume: bool, overrides: tuple[str, ...],
     progress: bool | None, log: Callable[[str], None], callbacks: Sequence[Callable[..., Any]],
+    group: Any = None,
 ) -> dict[str, Any]:
     if resume:
         stored = load_config(rundir.config_path())
@@ -160,6 +169,8 @@ def _run_locked(
     else:
         rundir.refuse_existing_run()
     assert config is not None
+    if group is not None:
+        group.timeout_s = config.distributed.timeout_s
     task, driver = build(config)
     watchers = [*config_loggers(config.log, rundir.path), *callbacks]
     if resume and (state := rundir.load_checkpoint()) is not None:

@@ -23,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import load_config
+    from ..distributed import is_root
     from ..experiment import format_table, run_experiment
 
     overrides = config_overrides(args)
@@ -37,5 +38,6 @@ def run(args: argparse.Namespace) -> int:
         config, out=args.out, resume=args.resume, overrides=tuple(overrides),
         progress=False if args.quiet else None,
     )
-    print(format_table(result))
+    if is_root():
+        print(format_table(result))
     return 0

@@ -80,6 +80,17 @@ class RunDir:
         self._history_digest = hashlib.sha256()
         self._history_steps: int | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable state (torch.distributed sends rank 0's RunDir to the other ranks): the
+        running history digest is left out; a copy recomputes it from the file if asked."""
+        state = dict(vars(self))
+        state["_history_digest"], state["_history_steps"] = None, None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+        self._history_digest = hashlib.sha256()
+
     # ------------------------------------------------------------------ creating, locking
     @classmethod
     def create(cls, path: str | Path) -> RunDir:

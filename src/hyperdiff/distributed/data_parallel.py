@@ -1,0 +1,213 @@
+"""Data-parallel inner training: every rank trains on its shard of every batch.
+
+With ``W`` ranks, rank ``r`` holds the same parameters ``theta_t`` and takes rows
+``[r B/W, (r+1) B/W)`` of the step's batch (``B`` rows; ``B % W == 0``). Inside the
+differentiable step the gradient is averaged with a differentiable all-reduce
+(``torch.distributed.nn.functional.all_reduce``, whose backward is again an all-reduce)::
+
+    g_t = (1/W) sum_r grad L_train(theta_t, lam, shard_r(batch_t))      (= the full-batch
+    theta_{t+1} = update(g_t, state_t, theta_t, lam)                      gradient of a mean loss)
+
+so every rank runs the single-process full-batch training. Reverse-mode autograd across the
+ranks then differentiates ``sum_r L_val^(r) = W L_val`` (each rank seeds its own, equal,
+validation loss), so rank ``r``'s hypergradient is its share and their mean is ``dL_val/dlam``;
+forward mode and finite differences give ``dL_val/dlam`` on every rank already. The wrapper
+therefore returns the mean over ranks for every method, which equals the single-process
+full-batch hypergradient of :func:`~hyperdiff.methods.reverse`, ``checkpointed``,
+``truncated``, ``forward`` and ``finite_difference``. Forward mode runs its ``double_vjp``
+engine one tangent per backward pass (``chunk_size=1``): ``vmap``, which batches the
+tangents otherwise, has no rule for a c10d collective.
+
+The validation batches are not sharded (each rank evaluates all of them). The train loss each
+rank reports is the mean over ranks (its value; its gradient stays the local one), so a
+diverged step is seen by every rank at once. Dropout masks are drawn from a per-rank seed
+``(seed, rank)``, deterministic for a given world size; minibatch orders use the shared seed,
+so every rank slices the same batch. BatchNorm statistics are those of each rank's shard (not
+synchronised), and the implicit and reversible methods, which do not train through
+``train_step``, are not supported.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
+
+from ..data import BatchSource
+from ..errors import HyperdiffError, NonFiniteError
+from ..methods.base import HyperGradient, Method
+from ..optimizers import Optimizer
+from ..problem import Problem
+from ..registry import make_method
+from ..typing import Batch, Params
+from .group import Group, current_group
+
+SUPPORTED = ("reverse", "checkpointed", "truncated", "forward", "finite_difference")
+
+
+class ShardedBatches(BatchSource):
+    """Rows ``[rank n/world, (rank+1) n/world)`` of every tensor of ``source``'s batches."""
+
+    def __init__(self, source: BatchSource, rank: int, world: int):
+        self.source, self.rank, self.world = source, rank, world
+
+    def check(self, steps: int, seed: int) -> None:
+        self.source.check(steps, seed)
+
+    def batch(self, step: int, seed: int) -> Batch:
+        return self._shard(self.source.batch(step, seed), step)
+
+    def _shard(self, batch: Any, step: int) -> Any:
+        if isinstance(batch, Tensor):
+            rows = batch.shape[0] if batch.dim() else 0
+            if rows == 0 or rows % self.world:
+                raise HyperdiffError(
+                    f"data_parallel: the batch of inner step {step} must split evenly over "
+                    f"{self.world} ranks along its first dimension (got a tensor of shape "
+                    f"{tuple(batch.shape)})"
+                )
+            size = rows // self.world
+            return batch[self.rank * size : (self.rank + 1) * size]
+        if isinstance(batch, tuple):
+            return tuple(self._shard(b, step) for b in batch)
+        if isinstance(batch, list):
+            return [self._shard(b, step) for b in batch]
+        if isinstance(batch, dict):
+            return {k: self._shard(v, step) for k, v in batch.items()}
+        return batch
+
+
+def mean_gradients(grads: Params, group: Group) -> Params:
+    """``(1/W) sum_r grads^(r)`` with one differentiable all-reduce of the flattened grads."""
+    names = list(grads)
+    flat = torch.cat([grads[n].reshape(-1) for n in names])
+    with warnings.catch_warnings():  # deprecated for _functional_collectives, which has no
+        warnings.simplefilter("ignore", FutureWarning)  # double backward on gloo
+        total = differentiable_all_reduce(flat, group=group.group if group.group is not None
+                                          else dist.group.WORLD)
+    pieces = torch.split(total / group.world, [grads[n].numel() for n in names])
+    return {n: p.view_as(grads[n]) for n, p in zip(names, pieces, strict=True)}
+
+
+def averaged_optimizer(optimizer: Optimizer, group: Group) -> Optimizer:
+    """``optimizer`` whose update sees the gradient averaged over the ranks."""
+    inner = optimizer.update
+
+    def update(grads: Params, state: Any, params: Params, hparams: Any, step: int
+               ) -> tuple[Params, Any]:
+        return inner(mean_gradients(grads, group), state, params, hparams, step)
+
+    return optimizer._replace(update=update)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The dropout seed of ``rank`` for a training with ``seed`` (rank 0 keeps ``seed``)."""
+    return (seed + rank * 7_368_787) % (2**31)
+
+
+def shared_train_loss(problem: Problem, group: Group) -> Any:
+    """The train loss on this rank's shard (gradient) with the mean over ranks as its value;
+    dropout draws from :func:`rank_seed`."""
+    fn, takes_ctx = problem.train_loss, problem.train_takes_ctx
+
+    def loss(params: Params, hparams: Any, batch: Batch, ctx: Any) -> Tensor:
+        if takes_ctx:
+            seed, ctx.seed = ctx.seed, rank_seed(ctx.seed, group.rank)
+            try:
+                value = fn(params, hparams, batch, ctx)
+            finally:
+                ctx.seed = seed
+        else:
+            value = fn(params, hparams, batch)
+        if not isinstance(value, Tensor):
+            return value  # call_loss reports it
+        mean = value.detach().clone()
+        dist.all_reduce(mean, group=group.group)
+        return value + (mean / group.world - value.detach())
+
+    return loss
+
+
+def shard_problem(problem: Problem, group: Group) -> Problem:
+    """``problem`` as this rank trains it: its shard of each batch, averaged gradients."""
+    return replace(
+        problem, train_data=ShardedBatches(problem.train_data, group.rank, group.world),
+        optimizer=averaged_optimizer(problem.optimizer, group),
+        train_loss=shared_train_loss(problem, group), train_takes_ctx=True,
+    )
+
+
+@dataclass(frozen=True)
+class DataParallelMethod(Method):
+    """A hypergradient method whose inner training is data-parallel over a process group."""
+
+    inner: Method | None = field(default=None, repr=False)
+    group: Any = field(default=None, repr=False)
+
+
+def _run(inner: Method, group_arg: Any, problem: Problem, raw: dict[str, Tensor]
+         ) -> HyperGradient:
+    group = current_group(group_arg)
+    if group is None:
+        return inner.run(problem, raw)
+    where = f"data_parallel {inner.name} (seed {problem.seed})"
+    group.barrier(where)
+    failure, hg = None, None
+    try:
+        hg = inner.run(shard_problem(problem, group), raw)
+    except NonFiniteError as err:
+        failure = str(err)
+    except RuntimeError as err:  # a collective of the training failed: who is lost?
+        raise group.lost(where, err) from err
+    local = None if hg is None else (hg.vector.detach().double(), hg.train_loss)
+    parts = group.all_gather(where, (failure, local))
+    failures = [f for f, _ in parts if f is not None]
+    if failures or hg is None:
+        raise NonFiniteError(failures[0] if failures else f"{where}: no result")
+    total = parts[0][1][0]
+    for _, (vector, _) in parts[1:]:
+        total = total + vector
+    grad = problem.hparams.unflatten((total / group.world).to(hg.vector.dtype))
+    return replace(
+        hg, grad=grad, grad_natural=hg.hparams.natural_grad(grad, dict(raw)),
+        train_loss=sum(p[1][1] for p in parts) / group.world,
+        diagnostics={**hg.diagnostics, "world": group.world},
+    )
+
+
+def data_parallel(method: Method | str = "reverse", group: Any = None) -> DataParallelMethod:
+    """``method`` with data-parallel inner training over ``group`` (``None``: the initialised
+    default group; with none, or one rank, ``method`` runs unchanged). See the module doc.
+
+    Raises:
+        HyperdiffError: for a method that does not train through ``train_step`` (implicit,
+            reversible) or forward mode's ``jvp`` engine (torch.func cannot carry the
+            all-reduce); forward's other engines run as ``double_vjp`` with ``chunk_size=1``.
+    """
+    inner = make_method(method) if isinstance(method, str) else method
+    if not isinstance(inner, Method) or isinstance(inner, DataParallelMethod):
+        raise HyperdiffError(f"data_parallel: method must be a Method or a name, one of "
+                             f"{list(SUPPORTED)} (got {inner!r})")
+    if inner.name not in SUPPORTED:
+        raise HyperdiffError(f"data_parallel: method must be one of {list(SUPPORTED)} "
+                             f"(got {inner.name!r})")
+    if inner.name == "forward" and inner.options.get("engine") == "jvp":
+        raise HyperdiffError("data_parallel: forward engine must be 'double_vjp' or 'auto' "
+                             "(got 'jvp': torch.func cannot differentiate the all-reduce)")
+    if inner.name == "forward":  # one tangent per backward pass: vmap cannot batch c10d ops
+        from ..methods.forward import forward
+
+        inner = forward(chunk_size=1, engine="double_vjp")
+    return DataParallelMethod(
+        inner.name, lambda problem, raw: _run(inner, group, problem, raw),
+        {**inner.options, "data_parallel": True}, inner.exact, inner=inner, group=group,
+    )
+
+
+__all__ = ["DataParallelMethod", "ShardedBatches", "averaged_optimizer", "data_parallel",
+           "mean_gradients", "rank_seed", "shard_problem"]
