@@ -32,8 +32,10 @@ from .methods import (
     truncated,
 )
 from .models import FunctionalModel, StepContext, functional
+from .online import OnlineResult, OnlineTuner
 from .optimizers import Optimizer, adam, adamw, sgd
 from .problem import Problem, make_problem
+from .schedules import Schedule, resample, resampled, schedule
 from .solvers import ConvergenceWarning, Solver, SolveResult, cg, exact, neumann
 from .training import train
 
@@ -58,10 +60,13 @@ __all__ = [
     "Interval",
     "Method",
     "NonFiniteError",
+    "OnlineResult",
+    "OnlineTuner",
     "OptimizeResult",
     "Optimizer",
     "Positive",
     "Problem",
+    "Schedule",
     "SolveResult",
     "Solver",
     "StepContext",
@@ -87,9 +92,12 @@ __all__ = [
     "per_step",
     "per_tensor",
     "recommend",
+    "resample",
+    "resampled",
     "reverse",
     "reversible",
     "scalar",
+    "schedule",
     "sgd",
     "train",
     "truncated",
