@@ -63,6 +63,14 @@ def test_reverse_with_one_window_equals_offline_reverse():
     assert record.val_loss == pytest.approx(offline.value, rel=1e-13)
 
 
+def test_reverse_with_backprop_k_equals_offline_truncated_reverse():
+    prob = recipe(6)
+    record = hd.OnlineTuner(prob, window=6, backprop=2, lr=0.0).step()
+    offline = hd.truncated(2)(prob)
+    for name, g in offline.grad.items():
+        assert abs(record.grad[name] - float(g)) <= 1e-12 * max(1.0, abs(float(g)))
+
+
 def test_forward_over_windows_equals_offline_forward_at_fixed_hyperparameters():
     prob = recipe(6)
     tuner = hd.OnlineTuner(prob, window=2, method="forward", lr=0.0)

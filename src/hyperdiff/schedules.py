@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -100,6 +100,8 @@ class Schedule:
     steps: int
     prefix: str = "lr"
     drops: int = 3
+    # the last value computed: an optimizer reads it once per parameter tensor at each step
+    _last: dict[str, Any] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     @property
     def names(self) -> dict[str, str]:
@@ -130,8 +132,13 @@ class Schedule:
                 f"{self.family}: step must be in [0, {self.steps}) (got {step}); the schedule "
                 "is defined for a shorter run: use schedule.with_steps(N)"
             )
+        last = self._last
+        if last.get("hparams") is hparams and last.get("step") == step:
+            return last["value"]
         values = {f: hparams[n] for f, n in self.names.items()}
-        return CURVES[self.family](normalised_time(step, self.steps), values, self.drops)
+        value = CURVES[self.family](normalised_time(step, self.steps), values, self.drops)
+        last.update(hparams=hparams, step=step, value=value)
+        return value
 
     def __call__(self, hparams: Mapping[str, Tensor], step: int, param: str = "") -> Tensor:
         return self.value(hparams, step)

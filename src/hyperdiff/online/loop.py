@@ -91,13 +91,15 @@ class OnlineTuner:
         seed: seed of the validation-batch draws.
         engine: forward-mode engine (``"double_vjp"`` or ``"jvp"``).
         solver: linear solver of ``"implicit"`` (a Solver, ``"cg"`` or ``"neumann"``).
+        backprop: ``"reverse"`` only: backpropagate through the last ``backprop`` steps of each
+            window (the others are trained plainly; cheaper, truncated); ``None``: all K.
     """
 
     def __init__(self, problem: Problem, *, window: int = 1, method: str = "reverse",
                  optimizer: str = "adam", lr: float = 0.01, clip: float | None = None,
                  val_batch_size: int | None = None, selection: Batch | list[Batch] | None = None,
                  eval_every: int = 0, seed: int = 0, engine: str = "double_vjp",
-                 solver: Solver | str = "cg"):
+                 solver: Solver | str = "cg", backprop: int | None = None):
         if not isinstance(problem, Problem):
             raise fail("OnlineTuner", "problem", "a hd.Problem made by hd.make_problem", problem)
         if method not in METHODS:
@@ -108,6 +110,10 @@ class OnlineTuner:
             raise fail("OnlineTuner", "engine", "'double_vjp' or 'jvp'", engine)
         self.problem, self.method, self.engine = problem, method, engine
         self.window = positive_int("OnlineTuner", "window", window)
+        self.backprop = None if backprop is None else positive_int(
+            "OnlineTuner", "backprop", backprop)
+        if self.backprop is not None and method != "reverse":
+            raise fail("OnlineTuner", "backprop", "None unless method='reverse'", backprop)
         self.lr = float(lr) if lr == 0 else positive_float("OnlineTuner", "lr", lr)
         self.clip = None if clip is None else positive_float("OnlineTuner", "clip", clip)
         self.val_batch_size = None if val_batch_size is None else positive_int(
@@ -198,7 +204,7 @@ class OnlineTuner:
 
     def _window(self, raw: dict[str, Tensor], start: int, stop: int, val: list[Batch]) -> Window:
         if self.method == "reverse":
-            return reverse_window(self.problem, self.state, raw, start, stop, val)
+            return reverse_window(self.problem, self.state, raw, start, stop, val, self.backprop)
         if self.method == "forward":
             return forward_window(self.problem, self.state, raw, start, stop, val, self.tangent,
                                   engine=self.engine)

@@ -68,11 +68,20 @@ def _val_problem(problem: Problem, val_batches: list[Batch]) -> Problem:
 
 
 def reverse_window(problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
-                   stop: int, val_batches: list[Batch]) -> Window:
+                   stop: int, val_batches: list[Batch], backprop: int | None = None) -> Window:
     """Train steps ``start .. stop-1`` with their graph and backpropagate the validation loss
-    at the end through them (module doc)."""
+    at the end through them (module doc); with ``backprop = k`` only the last k steps keep
+    their graph (the first ones are trained plainly, as a constant start)."""
     leaves = {n: v.detach().requires_grad_() for n, v in raw.items()}
     hview = problem.hparams.view(leaves)
+    plain = stop - min(stop - start, backprop or stop - start)
+    if plain > start:
+        with torch.no_grad():
+            state, first = unroll(problem, problem.hparams.view(problem.raw_tensors(raw)), state,
+                                  start=start, stop=plain, differentiable=False)
+        check_finite_losses(first, "online reverse", start)
+        window = reverse_window(problem, state, raw, plain, stop, val_batches)
+        return window._replace(train_losses=torch.cat([first, window.train_losses]))
     params = {k: v.detach().requires_grad_() for k, v in state.params.items()}
     begin = TrainState(params, dict(state.buffers), state.opt_state)
     end, losses = unroll(problem, hview, begin, start=start, stop=stop, differentiable=True)
