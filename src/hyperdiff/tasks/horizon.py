@@ -58,10 +58,8 @@ def metrics(params: Params, hparams: HParamView, batch: Batch) -> dict[str, floa
 def hyperparameters(steps: int, peak: float = INITIAL["peak"]) -> HyperParameters:
     """The schedule's three parameters over ``steps`` and the weight decay."""
     lr = schedule("warmup_cosine", steps)
-    return HyperParameters(
-        **lr.hyperparameters(peak=peak, warmup=INITIAL["warmup"], final=INITIAL["final"]),
-        wd=scalar(INITIAL["wd"]),
-    )
+    specs = lr.hyperparameters(peak=peak, warmup=INITIAL["warmup"], final=INITIAL["final"])
+    return HyperParameters({**specs, "wd": scalar(INITIAL["wd"])})
 
 
 def build(
