@@ -258,3 +258,50 @@ def test_bad_schedule_arguments_raise_a_clear_error():
                                        "lr_final": torch.tensor(0.5)}, 3)
     with pytest.raises(hd.HyperdiffError, match="values must be a non-empty 1-D tensor"):
         hd.resample(torch.zeros(2, 2), 4)
+
+
+ONLINE = ["task.name=horizon_digits", "inner.steps=60", "outer.window=6", "outer.backprop=3",
+          "outer.val_batch=32", "report.seeds=1"]
+
+
+def test_online_run_directory_resumes_to_the_same_history_and_result(tmp_path, monkeypatch):
+    from hyperdiff.config import load_config
+    from hyperdiff.experiment import run_experiment
+    from hyperdiff.online import OnlineTuner
+
+    def log(_: str) -> None:
+        return None
+
+    whole = run_experiment(load_config(overrides=ONLINE), out=tmp_path / "a", log=log,
+                           progress=False)
+    step = OnlineTuner.step
+
+    def interrupt_at_4(self):
+        if self.hyper_step == 4:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(OnlineTuner, "step", interrupt_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(load_config(overrides=ONLINE), out=tmp_path / "b", log=log,
+                       progress=False)
+    monkeypatch.setattr(OnlineTuner, "step", step)
+    resumed = run_experiment(None, resume=tmp_path / "b", log=log, progress=False)
+    history = [[r.without_timing() for r in RunDir(tmp_path / d).read_history()] for d in "ab"]
+    assert len(history[0]) == 10 and history[0] == history[1]
+    assert resumed["tuned"] == whole["tuned"] and resumed["online_model"] == whole["online_model"]
+    assert whole["tuned"]["metrics"]["test"]["loss"] < whole["initial"]["metrics"]["test"]["loss"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method.name=checkpointed"], "method.name must be one of"),
+    (["method.name=forward", "method.chunk_size=2"], "method.chunk_size is not used"),
+    (["task.cv_folds=3"], "task.cv_folds must be 0 with outer.mode = 'online'"),
+    (["outer.window=0"], r"outer.window must be an int >= 1"),
+])
+def test_bad_online_config_raises_a_clear_error(overrides, message, tmp_path):
+    from hyperdiff.config import load_config
+    from hyperdiff.online.experiment import build_online
+
+    with pytest.raises(hd.HyperdiffError, match=message):
+        build_online(load_config(overrides=[*ONLINE, *overrides]))

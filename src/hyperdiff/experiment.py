@@ -121,6 +121,10 @@ def run_experiment(
                 f"run: the run directory {rundir.path} already holds a run; continue it with "
                 "--resume, or choose another directory with --out"
             )
+    if config.outer.mode == "online":
+        from .online.experiment import run_online
+
+        return run_online(config, rundir, resume=resume is not None, progress=progress, log=log)
     task, driver = build(config)
     if resume is not None and (state := rundir.load_checkpoint()) is not None:
         driver.load_state_dict(state, rundir.load_history(int(state["step"])))

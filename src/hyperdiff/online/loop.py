@@ -22,6 +22,7 @@ but its entry t receives a hypergradient only after step t has been trained.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from ..history import History, StepRecord, finite_or_none, natural_values, to_nu
 from ..hyperparams import HyperParameters
 from ..methods.forward import ENGINES
 from ..problem import Problem
-from ..registry import OPTIMIZERS
+from ..registry import OPTIMIZERS, SCHEDULES
 from ..solvers import Solver, cg, neumann
 from ..training import TrainState, initial_state, validation_loss
 from ..typing import Batch, Params
@@ -85,6 +86,8 @@ class OnlineTuner:
             across windows) or ``"implicit"`` (IFT at the current parameters).
         optimizer, lr, clip: the outer ``torch.optim`` optimizer of the raw values, its learning
             rate, and an optional L2 clip of the hypergradient.
+        schedule: outer learning rate ``"constant"`` or ``"cosine"`` (decay to 0 over the
+            run's windows).
         val_batch_size: rows of the validation split per hyper-step (``None``: all of it).
         selection: batches never used by hypergradients; their loss is recorded every
             ``eval_every`` hyper-steps (and at the last one).
@@ -96,7 +99,8 @@ class OnlineTuner:
     """
 
     def __init__(self, problem: Problem, *, window: int = 1, method: str = "reverse",
-                 optimizer: str = "adam", lr: float = 0.01, clip: float | None = None,
+                 optimizer: str = "adam", lr: float = 0.01, schedule: str = "constant",
+                 clip: float | None = None,
                  val_batch_size: int | None = None, selection: Batch | list[Batch] | None = None,
                  eval_every: int = 0, seed: int = 0, engine: str = "double_vjp",
                  solver: Solver | str = "cg", backprop: int | None = None):
@@ -106,9 +110,12 @@ class OnlineTuner:
             raise fail("OnlineTuner", "method", f"one of {list(METHODS)}", method)
         if optimizer not in OPTIMIZERS:
             raise fail("OnlineTuner", "optimizer", f"one of {sorted(OPTIMIZERS)}", optimizer)
+        if schedule not in SCHEDULES:
+            raise fail("OnlineTuner", "schedule", f"one of {list(SCHEDULES)}", schedule)
         if engine not in ENGINES or engine == "auto":
             raise fail("OnlineTuner", "engine", "'double_vjp' or 'jvp'", engine)
         self.problem, self.method, self.engine = problem, method, engine
+        self.schedule = schedule
         self.window = positive_int("OnlineTuner", "window", window)
         self.backprop = None if backprop is None else positive_int(
             "OnlineTuner", "backprop", backprop)
@@ -183,6 +190,9 @@ class OnlineTuner:
             leaf.grad = grad[name].clone()
         if self.clip is not None:
             torch.nn.utils.clip_grad_norm_(list(self.leaves.values()), self.clip)
+        outer_lr = self.outer_lr(self.hyper_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = outer_lr
         self.optimizer.step()
         self.state, self.tangent, self.inner_step = out.state, out.tangent, stop
         selection = None
@@ -196,11 +206,19 @@ class OnlineTuner:
             train_loss=finite_or_none(float(out.train_losses.mean())),
             val_loss=finite_or_none(out.value), val_loss_std=0.0, selection_loss=selection,
             grad_norm=norm, grad_std=None, grad={n: to_number(g) for n, g in grad.items()},
-            lr=self.lr, best=False, trainings=1, message="", time_s=self._elapsed,
+            lr=outer_lr, best=False, trainings=1, message="", time_s=self._elapsed,
             step_time_s=now - started,
         )
         self.history.append(record)
         return record
+
+    def outer_lr(self, hyper_step: int) -> float:
+        """The outer learning rate of hyper-step ``h`` (cosine: ``lr (1 + cos(pi h / H)) / 2``
+        over the run's ``H`` windows)."""
+        if self.schedule == "constant":
+            return self.lr
+        windows = -(-self.problem.steps // self.window)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * hyper_step / windows))
 
     def _window(self, raw: dict[str, Tensor], start: int, stop: int, val: list[Batch]) -> Window:
         if self.method == "reverse":
