@@ -9,9 +9,11 @@ Rows:
 (a) offline: ``HyperOptimizer`` (reverse mode, 30 outer steps, Adam, cosine decay, best step by
     the selection split) on unrolls of T = 50 / 200 / 1000 steps; the schedule's parameters
     are horizon-free, so the values tuned at T are applied unchanged at N.
-(b) online: one N-step run tuning as it trains (``hd.OnlineTuner``): HD (reverse, K=1), reverse
-    windows (K=10, backprop through the last 2 steps), RTHO (forward, K=10), online implicit
-    (K=50, Neumann); HD and reverse windows also started with lr_peak 10x too small / large.
+(b) online: one N-step run tuning as it trains (``hd.OnlineTuner``): reverse windows (K=50,
+    backprop through the last 10 steps; outer Adam lr 0.05 constant, and 0.2 with cosine
+    decay), HD (reverse, K=1), RTHO (forward,
+    K=10), online implicit (K=50, Neumann); all but implicit also started with lr_peak 10x too
+    small / large.
 (c) a 5-point grid over lr_peak (schedule shape and weight decay at their initial values; each
     point trained N steps, picked by validation loss) and Optuna TPE over all four
     hyperparameters with as many N-step trainings as the online reverse run costs (and 20).
@@ -139,13 +141,16 @@ def black_box_rows(task: Task, base: float, seeds, budget: int, quick: bool
 def online_configs(quick: bool) -> list[tuple[str, dict[str, Any], tuple[float, ...]]]:
     starts = (START, START / 10, START * 10)
     return [
-        ("online reverse K=10 (backprop 2)",
-         {"method": "reverse", "window": 10, "backprop": 2, "lr": 0.05, "val_batch_size": 64},
+        ("online reverse K=50 (backprop 10)",
+         {"method": "reverse", "window": 50, "backprop": 10, "lr": 0.05, "val_batch_size": 128},
          starts),
+        ("online reverse K=50 (backprop 10), outer lr 0.2 cosine",
+         {"method": "reverse", "window": 50, "backprop": 10, "lr": 0.2, "schedule": "cosine",
+          "val_batch_size": 128}, starts),
         ("HD (online reverse K=1)",
          {"method": "reverse", "window": 1, "lr": 0.02, "val_batch_size": 32}, starts),
         ("RTHO (online forward K=10)",
-         {"method": "forward", "window": 10, "lr": 0.05, "val_batch_size": 64}, (START,)),
+         {"method": "forward", "window": 10, "lr": 0.05, "val_batch_size": 64}, starts),
         ("online implicit K=50 (Neumann 5)",
          {"method": "implicit", "window": 50, "lr": 0.05, "val_batch_size": 64,
           "solver": hd.neumann(iterations=5, step=1.0)}, (START,)),

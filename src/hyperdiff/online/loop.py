@@ -131,9 +131,9 @@ class OnlineTuner:
         self.seed = nonnegative_int("OnlineTuner", "seed", seed)
         self.solver = _solver(solver)
         self.hparams = problem.hparams
-        self.leaves = {n: v.clone().requires_grad_() for n, v in self.hparams.raw.items()}
-        self.optimizer = getattr(torch.optim, OPTIMIZERS[optimizer])(
-            list(self.leaves.values()), lr=self.lr)
+        # one flat leaf of all raw values: one tensor for torch.optim to step per window
+        self.flat = self.hparams.flatten(self.hparams.raw).clone().requires_grad_()
+        self.optimizer = getattr(torch.optim, OPTIMIZERS[optimizer])([self.flat], lr=self.lr)
         with torch.no_grad():
             self.state = initial_state(problem, differentiable=False)
         self.tangent: Any = None
@@ -145,7 +145,7 @@ class OnlineTuner:
     @property
     def raw(self) -> dict[str, Tensor]:
         """Current raw values (detached copies)."""
-        return {n: v.detach().clone() for n, v in self.leaves.items()}
+        return {n: v.clone() for n, v in self.hparams.unflatten(self.flat.detach()).items()}
 
     @property
     def done(self) -> bool:
@@ -166,7 +166,10 @@ class OnlineTuner:
         rows_total = leaves[0].shape[0]
         size = min(self.val_batch_size, rows_total)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + hyper_step)
-        rows = torch.randperm(rows_total, generator=gen)[:size].to(leaves[0].device)
+        rows = torch.randperm(rows_total, generator=gen, device=gen.device)[:size]
+        rows = rows.to(leaves[0].device)
+        if isinstance(batch, tuple):
+            return [tuple(x[rows] for x in batch)]
         return [tree_unflatten([x[rows] for x in leaves], spec)]
 
     def step(self) -> StepRecord:
@@ -185,11 +188,9 @@ class OnlineTuner:
                 raise NonFiniteError(f"online {self.method}: the hypergradient of {name!r} is "
                                      f"not finite in the window of steps {start}..{stop - 1}")
         norm = float(torch.cat([g.reshape(-1) for g in grad.values()]).norm())
-        self.optimizer.zero_grad(set_to_none=False)
-        for name, leaf in self.leaves.items():
-            leaf.grad = grad[name].clone()
+        self.flat.grad = self.hparams.flatten(grad)
         if self.clip is not None:
-            torch.nn.utils.clip_grad_norm_(list(self.leaves.values()), self.clip)
+            torch.nn.utils.clip_grad_norm_([self.flat], self.clip)
         outer_lr = self.outer_lr(self.hyper_step)
         for group in self.optimizer.param_groups:
             group["lr"] = outer_lr
@@ -293,8 +294,7 @@ class OnlineTuner:
                     f"OnlineTuner.load_state_dict: {key} must match the saved run "
                     f"({state[key]!r}; got {getattr(self, key)!r})")
         with torch.no_grad():
-            for name, leaf in self.leaves.items():
-                leaf.copy_(state["raw"][name])
+            self.flat.copy_(self.hparams.flatten(state["raw"]))
         self.optimizer.load_state_dict(state["outer"])
         params = {k: v.clone() for k, v in state["params"].items()}
         template = tree_flatten(self.problem.optimizer.init(params))[1]

@@ -57,10 +57,23 @@ class Window(NamedTuple):
     diagnostics: dict[str, Any] | None = None
 
 
+def _detach(tree: Any) -> Any:
+    """``tree`` (tensors in dicts, tuples, NamedTuples) with every tensor detached."""
+    if isinstance(tree, Tensor):
+        return tree.detach()
+    if isinstance(tree, dict):
+        return {k: _detach(v) for k, v in tree.items()}
+    if isinstance(tree, tuple):
+        items = [_detach(v) for v in tree]
+        return type(tree)(*items) if hasattr(tree, "_fields") else tuple(items)
+    if isinstance(tree, list):
+        return [_detach(v) for v in tree]
+    return tree
+
+
 def _detached(state: Any) -> TrainState:
     params, buffers, opt_state = state
-    detach = torch.utils._pytree.tree_map(lambda x: x.detach(), (params, buffers, opt_state))
-    return TrainState(*detach)
+    return TrainState(_detach(params), _detach(buffers), _detach(opt_state))
 
 
 def _val_problem(problem: Problem, val_batches: list[Batch]) -> Problem:

@@ -34,8 +34,9 @@ DEFAULT_STEPS = 2000
 HIDDEN = 32
 BATCH_SIZE = 32
 MOMENTUM = 0.9
-DEFAULTS = {"inner.steps": DEFAULT_STEPS, "outer.mode": "online", "outer.window": 10,
-            "outer.lr": 0.05, "outer.val_batch": 128, "method.name": "reverse"}
+DEFAULTS = {"inner.steps": DEFAULT_STEPS, "outer.mode": "online", "outer.window": 50,
+            "outer.backprop": 10, "outer.lr": 0.05, "outer.schedule": "constant",
+            "outer.val_batch": 128, "method.name": "reverse"}
 INITIAL = {"peak": 0.05, "warmup": 0.05, "final": 0.05, "wd": 1e-4}
 
 
