@@ -19,7 +19,7 @@ Rows:
     hyperparameters with as many N-step trainings as the online reverse run costs (and 20).
 
 Cost is wall time over the time of one plain N-step training (``hd.train``), measured right
-before and after each run on this shared machine (noisy: the ratio is what to read).
+before and after each tuning run on this shared machine (noisy: the ratio is what to read).
 
     python benchmarks/horizon.py            # ~5-10 minutes on 2 busy cores
     python benchmarks/horizon.py --quick    # N = 500, T = 50 / 200, 1 seed
@@ -85,9 +85,11 @@ def offline_row(steps: int, horizon: int, task: Task, base: float, seeds) -> dic
     short = build_task("horizon_digits", steps=steps)
     opt = HyperOptimizer(list(short.problems), method="reverse", lr=0.05, schedule="cosine",
                          selection=short.selection, stopping=Stopping(max_steps=30, patience=None))
+    before = plain_time(task)
     started = time.perf_counter()
     result = opt.run()
     elapsed = time.perf_counter() - started
+    base = (before + plain_time(task)) / 2
     raw = {n: v.clone() for n, v in result.best_raw.items()}
     return {"group": "a", "label": f"offline reverse, T={steps}", "values": values_of(task, raw),
             "cost": elapsed / base, "inner_steps_per_N": result.steps * steps / horizon,
@@ -116,7 +118,9 @@ def black_box_rows(task: Task, base: float, seeds, budget: int, quick: bool
                    ) -> list[dict[str, Any]]:
     rows = []
     initial = values_of(task, task.hparams.raw)
+    before = plain_time(task)
     grid = run_points(task, [{**initial, "lr_peak": p} for p in GRID], method="grid")
+    base = (before + plain_time(task)) / 2
     for trial in grid.trials:
         rows.append({"group": "c", "label": f"grid lr_peak={trial.values['lr_peak']:g}",
                      "values": trial.values, "val_loss": trial.objective,
@@ -130,7 +134,9 @@ def black_box_rows(task: Task, base: float, seeds, budget: int, quick: bool
         rows.append({"group": "c", "label": "Optuna TPE", "skipped": OPTUNA_MISSING})
         return rows
     for trials in sorted({budget, 5 if quick else 20}):
+        before = plain_time(task)
         result = tpe_search(task, trials, seed=0)
+        base = (before + plain_time(task)) / 2
         rows.append({"group": "c", "label": f"Optuna TPE, {trials} trainings",
                      "values": result.best.values, "cost": result.time_s / base,
                      "inner_steps_per_N": float(trials),
