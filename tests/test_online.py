@@ -71,9 +71,10 @@ def test_reverse_with_backprop_k_equals_offline_truncated_reverse():
         assert abs(record.grad[name] - float(g)) <= 1e-12 * max(1.0, abs(float(g)))
 
 
-def test_forward_over_windows_equals_offline_forward_at_fixed_hyperparameters():
+@pytest.mark.parametrize("engine", ["double_vjp", "jvp"])
+def test_forward_over_windows_equals_offline_forward_at_fixed_hyperparameters(engine):
     prob = recipe(6)
-    tuner = hd.OnlineTuner(prob, window=2, method="forward", lr=0.0)
+    tuner = hd.OnlineTuner(prob, window=2, method="forward", lr=0.0, engine=engine)
     records = tuner.run().history
     assert len(records) == 3
     for j, record in enumerate(records):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -231,9 +231,9 @@ class OnlineTuner:
 
     def selection_loss(self) -> float:
         """The validation loss on the selection batches at the current parameters."""
-        from dataclasses import replace
-
-        assert self.selection is not None
+        if self.selection is None:
+            raise HyperdiffError("OnlineTuner.selection_loss: the tuner was made without "
+                                 "selection batches (got selection=None)")
         hview = self.hparams.view(self.problem.raw_tensors(self.raw))
         with torch.no_grad():
             value = validation_loss(replace(self.problem, val_data=self.selection),
