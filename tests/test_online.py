@@ -249,6 +249,13 @@ def test_bad_online_arguments_raise_a_clear_error(kwargs, message):
         hd.OnlineTuner(recipe(4), **kwargs)
 
 
+def test_a_schedule_for_another_horizon_is_refused_by_the_online_tuner():
+    sched = hd.schedule("exponential", 4)
+    prob = problem(hd.HyperParameters(**sched.hyperparameters()), hd.sgd(sched), 3)
+    with pytest.raises(hd.HyperdiffError, match=r"over the run's 3 steps \(got 4\)"):
+        hd.OnlineTuner(prob)
+
+
 def test_bad_schedule_arguments_raise_a_clear_error():
     with pytest.raises(hd.HyperdiffError, match="family must be one of"):
         hd.schedule("cosine", 10)

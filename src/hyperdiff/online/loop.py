@@ -45,6 +45,7 @@ from ..hyperparams import HyperParameters
 from ..methods.forward import ENGINES
 from ..problem import Problem
 from ..registry import OPTIMIZERS, SCHEDULES
+from ..schedules import Schedule
 from ..solvers import Solver, cg, neumann
 from ..training import TrainState, initial_state, validation_loss
 from ..typing import Batch, Params
@@ -114,6 +115,12 @@ class OnlineTuner:
             raise fail("OnlineTuner", "schedule", f"one of {list(SCHEDULES)}", schedule)
         if engine not in ENGINES or engine == "auto":
             raise fail("OnlineTuner", "engine", "'double_vjp' or 'jvp'", engine)
+        for coef_name, coef in problem.optimizer.coefficients.items():
+            if isinstance(coef, Schedule) and coef.steps != problem.steps:
+                raise HyperdiffError(
+                    f"OnlineTuner: the {coef.family} schedule of {coef_name} must be defined over "
+                    f"the run's {problem.steps} steps (got {coef.steps}); use "
+                    f"schedule.with_steps({problem.steps})")
         self.problem, self.method, self.engine = problem, method, engine
         self.schedule = schedule
         self.window = positive_int("OnlineTuner", "window", window)
