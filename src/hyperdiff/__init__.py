@@ -8,7 +8,7 @@ from .constraints import Constraint, Free, Interval, Positive
 from .data import BatchSource, minibatches
 from .driver import HyperOptimizer, Stopping
 from .errors import HyperdiffError, NonFiniteError
-from .export import TunedSchedule, load_into, resample, torch_optimizer, tuned_hparams
+from .export import TunedSchedule, load_into, torch_optimizer, tuned_hparams
 from .history import History, OptimizeResult, StepRecord
 from .hyperparams import (
     HParamView,
@@ -34,8 +34,10 @@ from .methods import (
     truncated,
 )
 from .models import FunctionalModel, StepContext, functional
+from .online import OnlineResult, OnlineTuner
 from .optimizers import Optimizer, adam, adamw, sgd
 from .problem import Problem, make_problem, with_context
+from .schedules import Schedule, resample, resampled, schedule
 from .solvers import ConvergenceWarning, Solver, SolveResult, cg, exact, neumann
 from .tasks import SearchRange, Task, TaskData, TaskSpec, build_task, given_splits, task
 from .training import train
@@ -62,10 +64,13 @@ __all__ = [
     "Interval",
     "Method",
     "NonFiniteError",
+    "OnlineResult",
+    "OnlineTuner",
     "OptimizeResult",
     "Optimizer",
     "Positive",
     "Problem",
+    "Schedule",
     "SearchRange",
     "SolveResult",
     "Solver",
@@ -102,9 +107,11 @@ __all__ = [
     "per_tensor",
     "recommend",
     "resample",
+    "resampled",
     "reverse",
     "reversible",
     "scalar",
+    "schedule",
     "sgd",
     "task",
     "torch_optimizer",

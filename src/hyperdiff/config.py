@@ -83,6 +83,14 @@ class OuterConfig:
     seed: int = option(0, "base seed of the minibatch orders", low=0)
     tie_steps: int = option(0, "first outer steps in which each vector hyperparameter moves as "
                             "one (mean hypergradient of its entries; 0: off)", low=0)
+    mode: str = option("offline", "offline: retrain T steps per outer step; online: tune "
+                       "during one run of inner.steps (docs/online.md)",
+                       choices=["offline", "online"])
+    window: int = option(10, "online: inner steps per hyper-step (1: hypergradient descent)",
+                         low=1)
+    backprop: int = option(0, "online reverse: backpropagate through the last this many steps "
+                           "of each window (0: all)", low=0)
+    val_batch: int = option(0, "online: validation rows drawn per hyper-step (0: all)", low=0)
 
 
 @dataclass(frozen=True)

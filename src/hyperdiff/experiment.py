@@ -171,6 +171,10 @@ def _run_locked(
     assert config is not None
     if group is not None:
         group.timeout_s = config.distributed.timeout_s
+    if config.outer.mode == "online":
+        from .online.experiment import run_online
+
+        return run_online(config, rundir, resume=resume, progress=progress, log=log)
     task, driver = build(config)
     watchers = [*config_loggers(config.log, rundir.path), *callbacks]
     if resume and (state := rundir.load_checkpoint()) is not None:

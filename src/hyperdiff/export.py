@@ -6,7 +6,8 @@
   param groups) and a :class:`TunedSchedule` that sets every scheduled coefficient (a
   ``per_step`` learning rate, a momentum schedule, ...) before each step. Training with the
   pair equals :func:`hyperdiff.train` (bit for bit where the coefficients are plain numbers).
-- :func:`resample` stretches a ``per_step`` schedule to another number of steps.
+- :func:`hyperdiff.schedules.resample` stretches a ``per_step`` schedule to another number
+  of steps (``torch_optimizer(..., steps=M)`` uses it).
 - :func:`load_into` loads trained params and buffers (BatchNorm statistics) into a module.
 - :func:`tuned_hparams` reads tuned values from a result, ``result.json`` or a run directory.
 
@@ -32,6 +33,7 @@ from .errors import HyperdiffError, describe, positive_int
 from .history import OptimizeResult
 from .hyperparams import HyperParameters
 from .optimizers import Optimizer, resolve
+from .schedules import resample
 
 # inner-optimizer coefficient -> torch.optim param-group key (betas are joined into a pair)
 GROUP_KEYS = {
@@ -41,31 +43,6 @@ GROUP_KEYS = {
 }
 GROUP_KEYS["adamw"] = GROUP_KEYS["adam"]
 Table = dict[str, tuple[float, ...]]  # coefficient -> its value at steps 0 .. S-1
-
-
-def resample(values: Tensor, steps: int) -> Tensor:
-    """A schedule of ``T`` values stretched to ``steps`` values by linear interpolation.
-
-    Step ``s`` of the new schedule sits at position ``u = s (T - 1) / (steps - 1)`` of the old
-    one (first and last values are kept) and gets
-    ``(1 - w) values[floor u] + w values[floor u + 1]`` with ``w = u - floor u``.
-    Shapes: ``(T,) -> (steps,)``; differentiable in ``values``.
-
-    >>> resample(torch.tensor([0.0, 1.0, 4.0]), 5).tolist()
-    [0.0, 0.5, 1.0, 2.5, 4.0]
-    """
-    steps = positive_int("resample", "steps", steps)
-    if values.dim() != 1 or values.numel() == 0:
-        raise HyperdiffError(f"resample: values must be a non-empty 1-D schedule "
-                             f"(got {describe(values)})")
-    length = values.shape[0]
-    if steps == 1 or length == 1:
-        return values[:1].expand(steps) if steps == 1 else values.expand(steps).clone()
-    position = torch.arange(steps, dtype=torch.float64, device=values.device)
-    position = position * (length - 1) / (steps - 1)
-    low = position.floor().long().clamp(max=length - 2)
-    weight = (position - low).to(values.dtype)
-    return values[low] * (1 - weight) + values[low + 1] * weight
 
 
 def _as_hparams(hparams: Any, caller: str) -> HyperParameters:
@@ -286,4 +263,4 @@ def tuned_hparams(hparams: HyperParameters, source: Any) -> HyperParameters:
     })
 
 
-__all__ = ["TunedSchedule", "load_into", "resample", "torch_optimizer", "tuned_hparams"]
+__all__ = ["TunedSchedule", "load_into", "torch_optimizer", "tuned_hparams"]

@@ -78,21 +78,24 @@ ENGINES = ("auto", "jvp", "double_vjp")
 
 
 def _unroll_double_vjp(problem: Problem, raw: dict[str, Tensor], raw_tangent: dict[str, Tensor],
-                       chunk_size: int | None):
-    """``(s_T, Z_T, losses)`` with ``J z`` from two reverse passes per step (module doc)."""
+                       chunk_size: int | None, state=None, tangent=None, start: int = 0,
+                       stop: int | None = None):
+    """``(s_T, Z_T, losses)`` with ``J z`` from two reverse passes per step (module doc);
+    steps ``start .. stop-1`` from ``(state, tangent)`` (default: theta_0 and Z = 0)."""
     hp, k = problem.hparams, problem.hparams.numel
-    with torch.no_grad():
-        leaves, spec = tree_flatten(tuple(initial_state(problem, differentiable=False)))
-    tangents = [x.new_zeros((k, *x.shape)) for x in leaves]
+    state, tangent = _start(problem, state, tangent)
+    leaves, spec = tree_flatten(tuple(state))
+    tangents = tree_flatten(tuple(tangent))[0]
     names, raw_z = list(raw), list(raw_tangent.values())
-    losses = torch.empty(problem.steps, dtype=problem.hparam_dtype, device=problem.device)
-    for step in range(problem.steps):
+    stop = problem.steps if stop is None else stop
+    losses = torch.empty(stop - start, dtype=problem.hparam_dtype, device=problem.device)
+    for step in range(start, stop):
         xs = [x.detach().requires_grad_(x.is_floating_point()) for x in leaves]
         us = [raw[n].detach().requires_grad_() for n in names]
         params, buffers, opt_state = tree_unflatten(xs, spec)
         hview = hp.view(dict(zip(names, us, strict=True)))
         new = train_step(problem, params, buffers, opt_state, hview, step, differentiable=True)
-        losses[step] = new[3]
+        losses[step - start] = new[3]
         outs, _ = tree_flatten(tuple(new[:3]))
         live = [i for i, o in enumerate(outs) if o.requires_grad]
         ws = [torch.zeros_like(outs[i], requires_grad=True) for i in live]
@@ -120,14 +123,16 @@ def _unroll_double_vjp(problem: Problem, raw: dict[str, Tensor], raw_tangent: di
 
 
 def _unroll_jvp(problem: Problem, raw: dict[str, Tensor], raw_tangent: dict[str, Tensor],
-                chunk_size: int | None):
-    """``(s_T, Z_T, losses)`` with vmapped ``torch.func.jvp`` of each step (module doc)."""
+                chunk_size: int | None, state=None, tangent=None, start: int = 0,
+                stop: int | None = None):
+    """``(s_T, Z_T, losses)`` with vmapped ``torch.func.jvp`` of each step (module doc);
+    steps ``start .. stop-1`` from ``(state, tangent)`` (default: theta_0 and Z = 0)."""
     k = problem.hparams.numel
-    with torch.no_grad():
-        state = tuple(initial_state(problem, differentiable=False))
-    tangent = tree_map(lambda x: x.new_zeros((k, *x.shape)), state)
-    losses = torch.empty(problem.steps, dtype=problem.hparam_dtype, device=problem.device)
-    for step in range(problem.steps):
+    state, tangent = _start(problem, state, tangent)
+    state, tangent = tuple(state), tuple(tangent)
+    stop = problem.steps if stop is None else stop
+    losses = torch.empty(stop - start, dtype=problem.hparam_dtype, device=problem.device)
+    for step in range(start, stop):
         phi = _step_function(problem, step)
 
         def push(z_state, z_raw, phi=phi, state=state):
@@ -149,8 +154,31 @@ def _unroll_jvp(problem: Problem, raw: dict[str, Tensor], raw_tangent: dict[str,
             ]
             state, loss = pieces[0][0], pieces[0][2]
             tangent = tree_map(lambda *zs: torch.cat(zs), *[p[1] for p in pieces])
-        losses[step] = loss.detach()
+        losses[step - start] = loss.detach()
     return state, tangent, losses
+
+
+def _start(problem: Problem, state, tangent):
+    """``(state, tangent)``, defaulting to theta_0's training state and zero tangents."""
+    if state is None:
+        with torch.no_grad():
+            state = initial_state(problem, differentiable=False)
+    if tangent is None:
+        k = problem.hparams.numel
+        tangent = tree_map(lambda x: x.new_zeros((k, *x.shape)), tuple(state))
+    return state, tangent
+
+
+def propagate(problem: Problem, raw: dict[str, Tensor], state, tangent, start: int, stop: int,
+              *, engine: str = "double_vjp", chunk_size: int | None = None):
+    """Carry ``(s_t, Z_t)`` through steps ``start .. stop-1`` at fixed raw values ``raw``:
+    ``Z_{t+1} = dPhi_t/ds Z_t + dPhi_t/du`` (the online forward mode, RTHO, calls this once per
+    window). ``state`` is a :class:`~hyperdiff.training.TrainState` (or its tuple), ``tangent``
+    the same structure with a leading axis of size k. Returns ``(state, tangent, losses)``."""
+    raw = {n: v.detach() for n, v in raw.items()}
+    push = _unroll_jvp if engine == "jvp" else _unroll_double_vjp
+    return push(problem, raw, _coordinate_tangents(problem, raw), chunk_size, state, tangent,
+                start, stop)
 
 
 def _forward(problem: Problem, raw: dict[str, Tensor], chunk_size: int | None, engine: str

@@ -25,6 +25,7 @@ TASKS: dict[str, str] = {
     "logistic_digits": "hyperdiff.tasks.logistic_digits",
     "mlp_digits": "hyperdiff.tasks.mlp",
     "reweight_digits": "hyperdiff.tasks.reweight",
+    "horizon_digits": "hyperdiff.tasks.horizon",
 }
 DEFAULT_TASK = "reweight_digits"
 

@@ -83,22 +83,33 @@ class Task:
         """
         raw = self.hparams.raw if raw is None else dict(raw)
         total: dict[str, dict[str, float]] = {}
-        with_ctx = takes_context(self.metrics, "metrics")
         for seed in seeds:
             params, buffers, hview = trained_params(self.final_problem, raw, seed=seed,
                                                     segments=segments)
-            with torch.no_grad():
-                for split, batches in self.splits.items():
-                    for batch in batches:
-                        ctx = StepContext(step=-1, seed=seed, train=False, buffers=buffers)
-                        values = (self.metrics(params, hview, batch, ctx) if with_ctx
-                                  else self.metrics(params, hview, batch))
-                        for key, value in values.items():
-                            total.setdefault(split, {}).setdefault(key, 0.0)
-                            total[split][key] += float(value) / (len(seeds) * len(batches))
+            for split, values in self.metrics_at(params, buffers, hview, seed=seed).items():
+                for key, value in values.items():
+                    total.setdefault(split, {}).setdefault(key, 0.0)
+                    total[split][key] += value / len(seeds)
             if progress is not None:
                 progress()
         return total
+
+    def metrics_at(self, params: Params, buffers: Params, hview: HParamView, *, seed: int = 0
+                   ) -> dict[str, dict[str, float]]:
+        """The metrics of every split at trained ``params`` / ``buffers`` (eval mode), averaged
+        over each split's batches: ``{split: {"loss": ..., ...}}``."""
+        with_ctx = takes_context(self.metrics, "metrics")
+        out: dict[str, dict[str, float]] = {}
+        with torch.no_grad():
+            for split, batches in self.splits.items():
+                for batch in batches:
+                    ctx = StepContext(step=-1, seed=seed, train=False, buffers=buffers)
+                    values = (self.metrics(params, hview, batch, ctx) if with_ctx
+                              else self.metrics(params, hview, batch))
+                    for key, value in values.items():
+                        out.setdefault(split, {}).setdefault(key, 0.0)
+                        out[split][key] += float(value) / len(batches)
+        return out
 
     def outer_loss(self, values: Mapping[str, float | Tensor], seed: int = 0) -> float:
         """The loss hypergradients descend, at natural ``values``: the validation loss of each

@@ -1,0 +1,119 @@
+"""``hyperdiff run`` with ``[outer] mode = "online"``: one training run that tunes itself.
+
+The task's first inner problem is trained once for ``inner.steps`` steps by
+:class:`~hyperdiff.online.loop.OnlineTuner` (window ``outer.window``, method ``method.name``
+among reverse / forward / implicit), with a record appended to the run directory's history and
+a checkpoint written every ``output.checkpoint_every`` hyper-steps, so that ``--resume``
+continues exactly. The report then trains fresh ``inner.steps``-step runs at the initial and at
+the final hyperparameters (``report.seeds`` seeds, the same as offline mode) and evaluates every
+split, the held-out test split included; the model trained during the online run itself is
+reported as well (``online_model``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..config import Config
+from ..errors import HyperdiffError, NonFiniteError
+from ..history import StepRecord, natural_values
+from ..rundir import RunDir
+from ..tasks import Task, build_task
+from .loop import METHODS, OnlineTuner
+
+OPTIONS = {"reverse": (), "forward": ("engine",), "implicit": ("solver",)}
+
+
+def build_online(config: Config) -> tuple[Task, OnlineTuner]:
+    """The task and the online tuner that ``config`` describes."""
+    method = config.method.name
+    if method not in METHODS:
+        raise HyperdiffError(f"config: method.name must be one of {list(METHODS)} with "
+                             f"outer.mode = 'online' (got {method!r})")
+    unused = sorted(set(config.method.options) - set(OPTIONS[method]))
+    if unused:
+        raise HyperdiffError(f"config: method.{unused[0]} is not used by online {method}; "
+                             f"it accepts {list(OPTIONS[method]) or 'no options'}")
+    if config.task.cv_folds:
+        raise HyperdiffError("config: task.cv_folds must be 0 with outer.mode = 'online' "
+                             f"(one training run; got {config.task.cv_folds})")
+    task = build_task(
+        config.task.name, steps=config.inner.steps,
+        selection_fraction=config.task.selection_fraction, cv_folds=0,
+        data_seed=config.task.data_seed,
+    )
+    outer = config.outer
+    tuner = OnlineTuner(
+        task.problems[0], window=outer.window, method=method, optimizer=outer.optimizer,
+        lr=outer.lr, schedule=outer.schedule, clip=outer.clip or None,
+        val_batch_size=outer.val_batch or None, selection=task.selection,
+        seed=outer.seed, backprop=(outer.backprop or None) if method == "reverse" else None,
+        **config.method.options,
+    )
+    return task, tuner
+
+
+def run_online(config: Config, rundir: RunDir, *, resume: bool, progress: bool | None,
+               log: Callable[[str], None]) -> dict[str, Any]:
+    """Run (or resume) an online tuning job in ``rundir``; return the result it writes."""
+    task, tuner = build_online(config)
+    if resume and (state := rundir.load_checkpoint()) is not None:
+        tuner.load_state_dict(state, rundir.load_history(int(state["step"])))
+        log(f"resuming {rundir.path} at inner step {tuner.inner_step}")
+    else:
+        rundir.start(config.to_toml(), task.hparams)
+    log(f"tuning {task.name} online: {task.hparams.numel} hyperparameters, one run of "
+        f"{config.inner.steps} steps, a {tuner.method} hypergradient every {tuner.window} "
+        f"steps; run directory {rundir.path}")
+
+    def on_step(opt: OnlineTuner, record: StepRecord) -> None:
+        rundir.append(record)
+        if opt.hyper_step % config.output.checkpoint_every == 0 or opt.done:
+            rundir.save_checkpoint(opt.state_dict())
+
+    try:
+        outcome = tuner.run(callbacks=[on_step], progress=progress)
+    except KeyboardInterrupt:
+        log(f"interrupted at inner step {tuner.inner_step}; continue with "
+            f"`hyperdiff run --resume {rundir.path}`")
+        raise
+    except NonFiniteError as err:
+        result = {"task": task.name, "status": "diverged", "message": str(err),
+                  "run_dir": str(rundir.path), "steps": tuner.hyper_step}
+        rundir.write_result(result)
+        raise
+    result = online_report(task, tuner, config)
+    result["time_s"] = outcome.time_s
+    result["run_dir"] = str(rundir.path)
+    rundir.write_result(result)
+    return result
+
+
+def online_report(task: Task, tuner: OnlineTuner, config: Config) -> dict[str, Any]:
+    """Fresh full-length trainings at the initial and the final values, and the metrics of the
+    model trained during the online run (same layout as the offline report)."""
+    from ..experiment import REPORT_SEED
+
+    seeds = tuple(REPORT_SEED + i for i in range(config.report.seeds))
+    final = tuner.raw
+    report: dict[str, Any] = {
+        "task": task.name, "status": "finished", "mode": "online",
+        "stop_reason": f"one run of {tuner.inner_step} inner steps",
+        "steps": tuner.hyper_step, "best_step": tuner.hyper_step - 1,
+        "criterion": "final values", "report_seeds": list(seeds),
+        "training_steps": config.inner.steps, "sizes": task.info.get("sizes", {}),
+        "cv_folds": 0, "window": tuner.window, "method": tuner.method,
+    }
+    for side, raw in {"initial": task.hparams.raw, "tuned": final}.items():
+        report[side] = {
+            "hparams": natural_values(task.hparams, raw),
+            "summary": task.summarize(task.hparams.natural(raw)) if task.summarize else {},
+            "metrics": task.evaluate(raw, seeds=seeds),
+        }
+    hview = task.hparams.view(tuner.problem.raw_tensors(final))
+    report["online_model"] = task.metrics_at(tuner.state.params, tuner.state.buffers, hview)
+    return report
+
+
+__all__ = ["build_online", "online_report", "run_online"]

@@ -1,0 +1,331 @@
+"""Online tuning: adapt hyperparameters every K steps of one training run, with no restart.
+
+With raw hyperparameters ``u`` (natural ``lam = f(u)``) and one run of N inner steps::
+
+    s = s_0 (theta_0, buffers, optimizer state); t = 0
+    while t < N:
+        train steps t .. t+K-1 at lam, taking the window hypergradient g = dL_val/du at the
+        validation batch B_h of hyper-step h (reverse / forward / implicit, see windows.py)
+        u <- torch.optim step on g (Adam by default); t <- t + K; h <- h + 1
+
+Training continues from the current parameters and optimizer state: the whole run costs one
+N-step training plus the window hypergradients. ``B_h`` is ``val_batch_size`` rows of the
+validation split drawn from ``(seed, h)`` (all of it when ``None``), so the run is a function
+of its inputs, and :meth:`OnlineTuner.state_dict` holds everything that a resumed run needs to
+continue bit for bit (parameters, buffers, optimizer state, raw values, the outer optimizer's
+state, forward-mode tangents and the step counters that fix the data position).
+
+Hyperparameters must be defined for the whole run: a parametric schedule over N steps
+(:mod:`hyperdiff.schedules`), scalars, per-tensor values. A ``per_step`` schedule is accepted
+but its entry t receives a hypergradient only after step t has been trained.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ..errors import (
+    HyperdiffError,
+    NonFiniteError,
+    fail,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
+from ..history import History, StepRecord, finite_or_none, natural_values, to_number
+from ..hyperparams import HyperParameters
+from ..methods.forward import ENGINES
+from ..problem import Problem
+from ..registry import OPTIMIZERS, SCHEDULES
+from ..schedules import Schedule
+from ..solvers import Solver, cg, neumann
+from ..training import TrainState, initial_state, validation_loss
+from ..typing import Batch, Params
+from .windows import Window, forward_window, implicit_window, reverse_window
+
+METHODS = ("reverse", "forward", "implicit")
+FORMAT = "hyperdiff-online-1"
+Callback = Callable[["OnlineTuner", StepRecord], None]
+
+
+@dataclass(frozen=True)
+class OnlineResult:
+    """The outcome of :meth:`OnlineTuner.run`.
+
+    Attributes:
+        final_raw: raw hyperparameters after the last update; ``final_hparams`` holds them.
+        params, buffers: the model at the end of the run (trained while tuning).
+        history: one :class:`StepRecord` per hyper-step (natural values used in its window).
+        steps: inner steps trained; ``hyper_steps`` windows; ``time_s`` wall time.
+    """
+
+    final_raw: dict[str, Tensor]
+    final_hparams: HyperParameters
+    params: Params
+    buffers: Params
+    history: History
+    steps: int
+    hyper_steps: int
+    time_s: float
+
+
+class OnlineTuner:
+    """Tune hyperparameters during one training run of ``problem.steps`` inner steps.
+
+    Args:
+        problem: the inner problem; ``problem.steps`` is the full run N.
+        window: K, inner steps per hyper-step (K=1 with ``method="reverse"``: HD).
+        method: ``"reverse"`` (backprop over the window), ``"forward"`` (RTHO, tangents carried
+            across windows) or ``"implicit"`` (IFT at the current parameters).
+        optimizer, lr, clip: the outer ``torch.optim`` optimizer of the raw values, its learning
+            rate, and an optional L2 clip of the hypergradient.
+        schedule: outer learning rate ``"constant"`` or ``"cosine"`` (decay to 0 over the
+            run's windows).
+        val_batch_size: rows of the validation split per hyper-step (``None``: all of it).
+        selection: batches never used by hypergradients; their loss is recorded every
+            ``eval_every`` hyper-steps (and at the last one).
+        seed: seed of the validation-batch draws.
+        engine: forward-mode engine (``"double_vjp"`` or ``"jvp"``).
+        solver: linear solver of ``"implicit"`` (a Solver, ``"cg"`` or ``"neumann"``).
+        backprop: ``"reverse"`` only: backpropagate through the last ``backprop`` steps of each
+            window (the others are trained plainly; cheaper, truncated); ``None``: all K.
+    """
+
+    def __init__(self, problem: Problem, *, window: int = 1, method: str = "reverse",
+                 optimizer: str = "adam", lr: float = 0.01, schedule: str = "constant",
+                 clip: float | None = None,
+                 val_batch_size: int | None = None, selection: Batch | list[Batch] | None = None,
+                 eval_every: int = 0, seed: int = 0, engine: str = "double_vjp",
+                 solver: Solver | str = "cg", backprop: int | None = None):
+        if not isinstance(problem, Problem):
+            raise fail("OnlineTuner", "problem", "a hd.Problem made by hd.make_problem", problem)
+        if method not in METHODS:
+            raise fail("OnlineTuner", "method", f"one of {list(METHODS)}", method)
+        if optimizer not in OPTIMIZERS:
+            raise fail("OnlineTuner", "optimizer", f"one of {sorted(OPTIMIZERS)}", optimizer)
+        if schedule not in SCHEDULES:
+            raise fail("OnlineTuner", "schedule", f"one of {list(SCHEDULES)}", schedule)
+        if engine not in ENGINES or engine == "auto":
+            raise fail("OnlineTuner", "engine", "'double_vjp' or 'jvp'", engine)
+        for coef_name, coef in problem.optimizer.coefficients.items():
+            if isinstance(coef, Schedule) and coef.steps != problem.steps:
+                raise HyperdiffError(
+                    f"OnlineTuner: the {coef.family} schedule of {coef_name} must be defined over "
+                    f"the run's {problem.steps} steps (got {coef.steps}); use "
+                    f"schedule.with_steps({problem.steps})")
+        self.problem, self.method, self.engine = problem, method, engine
+        self.schedule = schedule
+        self.window = positive_int("OnlineTuner", "window", window)
+        self.backprop = None if backprop is None else positive_int(
+            "OnlineTuner", "backprop", backprop)
+        if self.backprop is not None and method != "reverse":
+            raise fail("OnlineTuner", "backprop", "None unless method='reverse'", backprop)
+        self.lr = float(lr) if lr == 0 else positive_float("OnlineTuner", "lr", lr)
+        self.clip = None if clip is None else positive_float("OnlineTuner", "clip", clip)
+        self.val_batch_size = None if val_batch_size is None else positive_int(
+            "OnlineTuner", "val_batch_size", val_batch_size)
+        self.selection = None if selection is None else (
+            list(selection) if isinstance(selection, list) else [selection])
+        self.eval_every = nonnegative_int("OnlineTuner", "eval_every", eval_every)
+        self.seed = nonnegative_int("OnlineTuner", "seed", seed)
+        self.solver = _solver(solver)
+        self.hparams = problem.hparams
+        # one flat leaf of all raw values: one tensor for torch.optim to step per window
+        self.flat = self.hparams.flatten(self.hparams.raw).clone().requires_grad_()
+        self.optimizer = getattr(torch.optim, OPTIMIZERS[optimizer])([self.flat], lr=self.lr)
+        with torch.no_grad():
+            self.state = initial_state(problem, differentiable=False)
+        self.tangent: Any = None
+        self.inner_step = 0
+        self.history = History()
+        self._elapsed = 0.0
+
+    # ------------------------------------------------------------------ the loop
+    @property
+    def raw(self) -> dict[str, Tensor]:
+        """Current raw values (detached copies)."""
+        return {n: v.clone() for n, v in self.hparams.unflatten(self.flat.detach()).items()}
+
+    @property
+    def done(self) -> bool:
+        return self.inner_step >= self.problem.steps
+
+    @property
+    def hyper_step(self) -> int:
+        return len(self.history)
+
+    def val_batches(self, hyper_step: int) -> list[Batch]:
+        """The validation batch of hyper-step ``h``: ``val_batch_size`` rows drawn from
+        ``(seed, h)`` out of validation batch ``h mod len(val_data)`` (all batches if None)."""
+        batches = self.problem.val_data
+        if self.val_batch_size is None:
+            return batches
+        batch = batches[hyper_step % len(batches)]
+        leaves, spec = tree_flatten(batch)
+        rows_total = leaves[0].shape[0]
+        size = min(self.val_batch_size, rows_total)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + hyper_step)
+        rows = torch.randperm(rows_total, generator=gen, device=gen.device)[:size]
+        rows = rows.to(leaves[0].device)
+        if isinstance(batch, tuple):
+            return [tuple(x[rows] for x in batch)]
+        return [tree_unflatten([x[rows] for x in leaves], spec)]
+
+    def step(self) -> StepRecord:
+        """Train one window, take its hypergradient, update the hyperparameters."""
+        if self.done:
+            raise HyperdiffError(f"OnlineTuner.step: the run of {self.problem.steps} inner steps "
+                                 "is finished (got a call after its last window)")
+        started = time.perf_counter()
+        start, stop = self.inner_step, min(self.inner_step + self.window, self.problem.steps)
+        raw = self.problem.raw_tensors(self.raw)
+        natural = natural_values(self.hparams, raw)
+        out = self._window(raw, start, stop, self.val_batches(self.hyper_step))
+        grad = {n: g.detach().to(torch.float64) for n, g in out.grad.items()}
+        for name, g in grad.items():
+            if not torch.isfinite(g).all():
+                raise NonFiniteError(f"online {self.method}: the hypergradient of {name!r} is "
+                                     f"not finite in the window of steps {start}..{stop - 1}")
+        norm = float(torch.cat([g.reshape(-1) for g in grad.values()]).norm())
+        self.flat.grad = self.hparams.flatten(grad)
+        if self.clip is not None:
+            torch.nn.utils.clip_grad_norm_([self.flat], self.clip)
+        outer_lr = self.outer_lr(self.hyper_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = outer_lr
+        self.optimizer.step()
+        self.state, self.tangent, self.inner_step = out.state, out.tangent, stop
+        selection = None
+        if self.selection and (self.done or (self.eval_every and
+                                             (self.hyper_step + 1) % self.eval_every == 0)):
+            selection = self.selection_loss()
+        now = time.perf_counter()
+        self._elapsed += now - started
+        record = StepRecord(
+            step=self.hyper_step, hparams=natural, status="ok",
+            train_loss=finite_or_none(float(out.train_losses.mean())),
+            val_loss=finite_or_none(out.value), val_loss_std=0.0, selection_loss=selection,
+            grad_norm=norm, grad_std=None, grad={n: to_number(g) for n, g in grad.items()},
+            lr=outer_lr, best=False, trainings=1, message="", time_s=self._elapsed,
+            step_time_s=now - started,
+        )
+        self.history.append(record)
+        return record
+
+    def outer_lr(self, hyper_step: int) -> float:
+        """The outer learning rate of hyper-step ``h`` (cosine: ``lr (1 + cos(pi h / H)) / 2``
+        over the run's ``H`` windows)."""
+        if self.schedule == "constant":
+            return self.lr
+        windows = -(-self.problem.steps // self.window)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * hyper_step / windows))
+
+    def _window(self, raw: dict[str, Tensor], start: int, stop: int, val: list[Batch]) -> Window:
+        if self.method == "reverse":
+            return reverse_window(self.problem, self.state, raw, start, stop, val, self.backprop)
+        if self.method == "forward":
+            return forward_window(self.problem, self.state, raw, start, stop, val, self.tangent,
+                                  engine=self.engine)
+        return implicit_window(self.problem, self.state, raw, start, stop, val, self.solver)
+
+    def selection_loss(self) -> float:
+        """The validation loss on the selection batches at the current parameters."""
+        if self.selection is None:
+            raise HyperdiffError("OnlineTuner.selection_loss: the tuner was made without "
+                                 "selection batches (got selection=None)")
+        hview = self.hparams.view(self.problem.raw_tensors(self.raw))
+        with torch.no_grad():
+            value = validation_loss(replace(self.problem, val_data=self.selection),
+                                    self.state.params, self.state.buffers, hview)
+        return float(value)
+
+    def run(self, callbacks: Sequence[Callback] = (), progress: bool | None = False
+            ) -> OnlineResult:
+        """Step until the N inner steps are trained; ``callbacks(tuner, record)`` after each."""
+        from tqdm.auto import tqdm
+
+        total = -(-self.problem.steps // self.window)
+        bar = tqdm(total=total, initial=self.hyper_step, unit="window",
+                   disable=None if progress is None else not progress, leave=False)
+        try:
+            while not self.done:
+                record = self.step()
+                for callback in callbacks:
+                    callback(self, record)
+                bar.update(1)
+        finally:
+            bar.close()
+        return self.result()
+
+    def result(self) -> OnlineResult:
+        return OnlineResult(
+            final_raw=self.raw, final_hparams=self.hparams.with_raw(self.raw),
+            params=dict(self.state.params), buffers=dict(self.state.buffers),
+            history=History(list(self.history)), steps=self.inner_step,
+            hyper_steps=self.hyper_step, time_s=self._elapsed)
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly (tensors, numbers, strings only)."""
+        opt_leaves = tree_flatten(self.state.opt_state)[0]
+        tangent = None if self.tangent is None else tree_flatten(tuple(self.tangent))[0]
+        return {
+            "format": FORMAT, "method": self.method, "window": self.window,
+            "step": self.hyper_step, "inner_step": self.inner_step, "elapsed": self._elapsed,
+            "raw": self.raw, "outer": self.optimizer.state_dict(),
+            "params": {k: v.clone() for k, v in self.state.params.items()},
+            "buffers": {k: v.clone() for k, v in self.state.buffers.items()},
+            "opt_state": [x.clone() for x in opt_leaves],
+            "tangent": None if tangent is None else [z.clone() for z in tangent],
+            "history": [r.to_json() for r in self.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any],
+                        records: Sequence[StepRecord] | None = None) -> None:
+        """Restore :meth:`state_dict`; ``records`` (e.g. from the run directory) replace the
+        history it holds."""
+        if state.get("format") != FORMAT:
+            raise fail("OnlineTuner.load_state_dict", "state", f"a state_dict of format {FORMAT}",
+                       state.get("format"))
+        for key in ("method", "window"):
+            if state[key] != getattr(self, key):
+                raise HyperdiffError(
+                    f"OnlineTuner.load_state_dict: {key} must match the saved run "
+                    f"({state[key]!r}; got {getattr(self, key)!r})")
+        with torch.no_grad():
+            self.flat.copy_(self.hparams.flatten(state["raw"]))
+        self.optimizer.load_state_dict(state["outer"])
+        params = {k: v.clone() for k, v in state["params"].items()}
+        template = tree_flatten(self.problem.optimizer.init(params))[1]
+        opt_state = tree_unflatten([x.clone() for x in state["opt_state"]], template)
+        self.state = TrainState(params, {k: v.clone() for k, v in state["buffers"].items()},
+                                opt_state)
+        self.tangent = None
+        if state["tangent"] is not None:
+            spec = tree_flatten(tuple(self.state))[1]
+            self.tangent = tree_unflatten([z.clone() for z in state["tangent"]], spec)
+        self.inner_step, self._elapsed = int(state["inner_step"]), float(state["elapsed"])
+        lines = [r.to_json() for r in records] if records is not None else state["history"]
+        self.history = History([StepRecord.from_json(line) for line in lines][: state["step"]])
+
+
+def _solver(solver: Solver | str) -> Solver:
+    if isinstance(solver, Solver):
+        return solver
+    if solver == "cg":
+        return cg(maxiter=50)
+    if solver == "neumann":
+        return neumann(iterations=20)
+    raise fail("OnlineTuner", "solver", "a hd.cg() / hd.neumann() Solver, 'cg' or 'neumann'",
+               solver)
+
+
+__all__ = ["METHODS", "OnlineResult", "OnlineTuner"]

@@ -1,0 +1,315 @@
+"""Online tuning and schedules: each window hypergradient against an offline method or a hand
+derivation, schedules against finite differences and their documented formulas, resume
+against an uninterrupted run (float64, tiny problems)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import hyperdiff as hd
+from hyperdiff.rundir import RunDir
+from hyperdiff.training import train, validation_loss
+
+from conftest import sine_data
+
+DT = torch.float64
+
+
+def mlp_params(seed: int = 0, d: int = 5, hidden: int = 4) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"W1": torch.randn(d, hidden, generator=g, dtype=DT) * 0.5,
+            "b1": torch.zeros(hidden, dtype=DT),
+            "W2": torch.randn(hidden, 1, generator=g, dtype=DT) * 0.5}
+
+
+def predict(p, x):
+    return torch.tanh(x @ p["W1"] + p["b1"]) @ p["W2"]
+
+
+def val_loss(p, h, batch):
+    x, y = batch
+    return ((predict(p, x) - y) ** 2).mean()
+
+
+def train_loss(p, h, batch):
+    decay = h["wd"] * sum((v**2).sum() for v in p.values()) if "wd" in h else 0.0
+    return val_loss(p, h, batch) + decay
+
+
+def problem(hparams, optimizer, steps, *, batch_size=6, seed=0):
+    x, y = sine_data(24, 5, seed=1)
+    xv, yv = sine_data(16, 5, seed=2)
+    return hd.make_problem(train_loss, val_loss, hparams, mlp_params(), optimizer=optimizer,
+                           train_data=hd.minibatches(x, y, batch_size=batch_size),
+                           val_data=(xv, yv), steps=steps, seed=seed, probe=False)
+
+
+def recipe(steps=6):
+    hp = hd.HyperParameters(lr=hd.scalar(0.3), momentum=hd.scalar(0.6, (0.0, 1.0)),
+                            wd=hd.scalar(1e-2))
+    return problem(hp, hd.sgd("lr", "momentum"), steps)
+
+
+def test_reverse_with_one_window_equals_offline_reverse():
+    prob = recipe(6)
+    record = hd.OnlineTuner(prob, window=6, method="reverse", lr=0.0).step()
+    offline = hd.reverse()(prob)
+    for name, g in offline.grad.items():
+        assert abs(record.grad[name] - float(g)) <= 1e-12 * max(1.0, abs(float(g)))
+    assert record.val_loss == pytest.approx(offline.value, rel=1e-13)
+
+
+def test_reverse_with_backprop_k_equals_offline_truncated_reverse():
+    prob = recipe(6)
+    record = hd.OnlineTuner(prob, window=6, backprop=2, lr=0.0).step()
+    offline = hd.truncated(2)(prob)
+    for name, g in offline.grad.items():
+        assert abs(record.grad[name] - float(g)) <= 1e-12 * max(1.0, abs(float(g)))
+
+
+@pytest.mark.parametrize("engine", ["double_vjp", "jvp"])
+def test_forward_over_windows_equals_offline_forward_at_fixed_hyperparameters(engine):
+    prob = recipe(6)
+    tuner = hd.OnlineTuner(prob, window=2, method="forward", lr=0.0, engine=engine)
+    records = tuner.run().history
+    assert len(records) == 3
+    for j, record in enumerate(records):
+        offline = hd.forward()(prob.with_steps(2 * (j + 1)))
+        for name, g in offline.grad.items():
+            assert abs(record.grad[name] - float(g)) <= 1e-10 * max(1.0, abs(float(g)))
+    assert torch.equal(tuner.state.params["W1"], train(prob)[0].params["W1"])
+
+
+def test_window_one_with_sgd_is_hypergradient_descent_by_hand():
+    """K=1, plain SGD, a free lr and an SGD outer step: lr <- lr + beta <grad L_val(theta_{t+1}),
+    grad L_train(theta_t)> (Baydin et al. 2018, with the validation batch)."""
+    steps, beta = 7, 0.05
+    hp = hd.HyperParameters(lr=hd.scalar(0.2, "free"))
+    prob = problem(hp, hd.sgd("lr"), steps)
+    result = hd.OnlineTuner(prob, window=1, method="reverse", optimizer="sgd", lr=beta).run()
+
+    theta = {k: v.clone() for k, v in prob.params.items()}
+    lr, lrs = 0.2, []
+    for t in range(steps):
+        lrs.append(lr)
+        params = {k: v.clone().requires_grad_() for k, v in theta.items()}
+        g = torch.autograd.grad(train_loss(params, {}, prob.train_data.batch(t, 0)),
+                                list(params.values()))
+        theta = {k: v - lr * gk for (k, v), gk in zip(theta.items(), g, strict=True)}
+        after = {k: v.clone().requires_grad_() for k, v in theta.items()}
+        gv = torch.autograd.grad(val_loss(after, {}, prob.val_data[0]), list(after.values()))
+        dot = sum(float((a * b).sum()) for a, b in zip(gv, g, strict=True))
+        lr = lr + beta * dot
+    assert [r.hparams["lr"] for r in result.history] == pytest.approx(lrs, rel=1e-12)
+    assert float(result.final_raw["lr"]) == pytest.approx(lr, rel=1e-12)
+    for k, v in theta.items():
+        assert torch.allclose(result.params[k], v, rtol=0, atol=1e-13)
+
+
+def test_implicit_window_equals_offline_implicit_at_the_same_point():
+    x, y = sine_data(30, 5, seed=3)
+    xv, yv = sine_data(20, 5, seed=4)
+    hp = hd.HyperParameters(wd=hd.scalar(0.05))
+    prob = hd.make_problem(train_loss, val_loss, hp, mlp_params(), optimizer=hd.sgd(0.3, 0.5),
+                           train_data=(x, y), val_data=(xv, yv), steps=40, probe=False)
+    record = hd.OnlineTuner(prob, window=40, method="implicit", lr=0.0,
+                            solver=hd.exact()).step()
+    offline = hd.implicit(solver=hd.exact(), warn=False)(prob)
+    assert record.grad["wd"] == pytest.approx(float(offline.grad["wd"]), rel=1e-9)
+
+
+def fd_loss(prob, hp, **natural):
+    raw = hp.with_natural(**natural).raw
+    state, _ = train(prob, raw)
+    with torch.no_grad():
+        return float(validation_loss(prob, state.params, state.buffers,
+                                     hp.view(prob.raw_tensors(raw))))
+
+
+@pytest.mark.parametrize("family", ["warmup_cosine", "warmup_linear"])
+def test_parametric_schedule_hypergradient_matches_finite_differences(family):
+    steps = 8
+    sched = hd.schedule(family, steps)
+    hp = hd.HyperParameters(**sched.hyperparameters(peak=0.4, warmup=0.23, final=0.1))
+    prob = problem(hp, hd.sgd(sched, 0.5), steps)
+    grad = hd.reverse()(prob).grad_natural
+    values = {"lr_peak": 0.4, "lr_warmup": 0.23, "lr_final": 0.1}
+    for name in ("lr_peak", "lr_warmup", "lr_final"):
+        eps = 1e-5
+        up = fd_loss(prob, hp, **{**values, name: values[name] + eps})
+        down = fd_loss(prob, hp, **{**values, name: values[name] - eps})
+        assert float(grad[name]) == pytest.approx((up - down) / (2 * eps), rel=1e-6, abs=1e-10)
+
+
+def test_schedule_formulas_and_horizon_transfer():
+    hp = hd.HyperParameters(**hd.schedule("warmup_cosine", 11).hyperparameters(
+        peak=0.5, warmup=0.2, final=0.1))
+    values = hd.schedule("warmup_cosine", 11).values(hp)
+    s = np.arange(11) / 10
+    ramp = np.minimum(s / 0.2, 1)
+    p = np.clip((s - 0.2) / 0.8, 0, 1)
+    expected = 0.5 * ramp * (0.1 + 0.9 * 0.5 * (1 + np.cos(math.pi * p)))
+    assert np.allclose(values.numpy(), expected, rtol=1e-12, atol=1e-15)
+    long = hd.schedule("warmup_cosine", 11).with_steps(101).values(hp)
+    assert torch.allclose(long[::10], values, rtol=1e-12)  # same s, same value
+    exp = hd.schedule("exponential", 5)
+    hpe = hd.HyperParameters(**exp.hyperparameters(peak=1.0, final=0.01))
+    assert np.allclose(exp.values(hpe).numpy(), 0.01 ** (np.arange(5) / 4), rtol=1e-12)
+    step = hd.schedule("step_decay", 7, drops=2)
+    hps = hd.HyperParameters(**step.hyperparameters(peak=1.0, gamma=0.5))
+    assert step.values(hps).tolist() == pytest.approx([1, 1, 1, 0.5, 0.5, 0.5, 0.25])
+
+
+def test_resample_is_linear_interpolation_on_normalised_time():
+    values = torch.tensor([0.1, 0.4, 0.2, 0.3, 0.05], dtype=DT)
+    out = hd.resample(values, 9)
+    expected = np.interp(np.arange(9) / 8, np.arange(5) / 4, values.numpy())
+    assert np.allclose(out.numpy(), expected, rtol=0, atol=1e-15)
+    assert hd.resample(values, 2).tolist() == pytest.approx([0.1, 0.05])
+    hp = hd.HyperParameters(lr=hd.per_step(5, values), m=hd.scalar(0.7, (0.0, 1.0)))
+    longer = hd.resampled(hp, 13)
+    assert longer["lr"].shape == (13,)
+    assert np.allclose(longer.natural()["lr"].numpy(),
+                       np.interp(np.arange(13) / 12, np.arange(5) / 4, values.numpy()))
+    assert float(longer.natural()["m"]) == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize("method", ["reverse", "forward"])
+def test_resumed_run_equals_uninterrupted_run_bit_for_bit(method, tmp_path):
+    steps = 9
+    sched = hd.schedule("warmup_cosine", steps)
+
+    def tuner():
+        hp = hd.HyperParameters(**sched.hyperparameters(peak=0.3, warmup=0.3, final=0.2),
+                                momentum=hd.scalar(0.5, (0.0, 1.0)))
+        prob = problem(hp, hd.sgd(sched, "momentum"), steps, batch_size=5)
+        return hd.OnlineTuner(prob, window=2, method=method, lr=0.05, val_batch_size=7,
+                              seed=3)
+
+    whole = tuner().run()
+    first = tuner()
+    for _ in range(2):
+        first.step()
+    rundir = RunDir(tmp_path)
+    rundir.path.mkdir(exist_ok=True)
+    rundir.save_checkpoint(first.state_dict())
+    second = tuner()
+    second.load_state_dict(rundir.load_checkpoint())
+    resumed = second.run()
+    assert resumed.steps == whole.steps == steps
+    for k in whole.params:
+        assert torch.equal(resumed.params[k], whole.params[k])
+    for n in whole.final_raw:
+        assert torch.equal(resumed.final_raw[n], whole.final_raw[n])
+    assert [r.without_timing() for r in resumed.history] == [
+        r.without_timing() for r in whole.history]
+
+
+def test_validation_batches_are_drawn_from_the_seed():
+    tuner = hd.OnlineTuner(recipe(4), val_batch_size=5, seed=1)
+    a, b = tuner.val_batches(3)[0], tuner.val_batches(3)[0]
+    assert torch.equal(a[0], b[0]) and a[0].shape == (5, 5)
+    assert not torch.equal(a[0], tuner.val_batches(4)[0][0])
+
+
+def test_online_tuning_raises_a_too_small_lr_and_lowers_the_validation_loss():
+    """Full-batch least squares, lr 100x too small: every window's hypergradient says larger."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 5, generator=g, dtype=DT)
+    y = x @ torch.randn(5, 1, generator=g, dtype=DT)
+    steps = 40
+    sched = hd.schedule("exponential", steps)
+    hp = hd.HyperParameters(**sched.hyperparameters(peak=0.002, final=0.5))
+    lin = {"W": torch.zeros(5, 1, dtype=DT)}
+
+    def mse(p, h, batch):
+        return ((batch[0] @ p["W"] - batch[1]) ** 2).mean()
+
+    prob = hd.make_problem(mse, mse, hp, lin, optimizer=hd.sgd(sched), train_data=(x, y),
+                           val_data=(x, y), steps=steps, probe=False)
+    result = hd.OnlineTuner(prob, window=2, lr=0.2).run()
+    tuned = {k: float(v) for k, v in result.final_hparams.natural().items()}
+    assert tuned["lr_peak"] > 0.02
+    assert fd_loss(prob, hp, **tuned) < 0.5 * fd_loss(prob, hp)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"method": "truncated"}, "method must be one of"),
+    ({"window": 0}, "window must be a positive int"),
+    ({"optimizer": "lbfgs"}, "optimizer must be one of"),
+    ({"solver": "gmres"}, "solver must be"),
+    ({"val_batch_size": -1}, "val_batch_size must be a positive int"),
+])
+def test_bad_online_arguments_raise_a_clear_error(kwargs, message):
+    with pytest.raises(hd.HyperdiffError, match=message):
+        hd.OnlineTuner(recipe(4), **kwargs)
+
+
+def test_a_schedule_for_another_horizon_is_refused_by_the_online_tuner():
+    sched = hd.schedule("exponential", 4)
+    prob = problem(hd.HyperParameters(**sched.hyperparameters()), hd.sgd(sched), 3)
+    with pytest.raises(hd.HyperdiffError, match=r"over the run's 3 steps \(got 4\)"):
+        hd.OnlineTuner(prob)
+
+
+def test_bad_schedule_arguments_raise_a_clear_error():
+    with pytest.raises(hd.HyperdiffError, match="family must be one of"):
+        hd.schedule("cosine", 10)
+    with pytest.raises(hd.HyperdiffError, match="steps must be a positive int"):
+        hd.schedule("warmup_cosine", 0)
+    with pytest.raises(hd.HyperdiffError, match="with_steps"):
+        hd.schedule("exponential", 3)({"lr_peak": torch.tensor(1.0),
+                                       "lr_final": torch.tensor(0.5)}, 3)
+    with pytest.raises(hd.HyperdiffError, match="values must be a non-empty 1-D tensor"):
+        hd.resample(torch.zeros(2, 2), 4)
+
+
+ONLINE = ["task.name=horizon_digits", "inner.steps=60", "outer.window=6", "outer.backprop=3",
+          "outer.val_batch=32", "report.seeds=1"]
+
+
+def test_online_run_directory_resumes_to_the_same_history_and_result(tmp_path, monkeypatch):
+    from hyperdiff.config import load_config
+    from hyperdiff.experiment import run_experiment
+    from hyperdiff.online import OnlineTuner
+
+    def log(_: str) -> None:
+        return None
+
+    whole = run_experiment(load_config(overrides=ONLINE), out=tmp_path / "a", log=log,
+                           progress=False)
+    step = OnlineTuner.step
+
+    def interrupt_at_4(self):
+        if self.hyper_step == 4:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(OnlineTuner, "step", interrupt_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(load_config(overrides=ONLINE), out=tmp_path / "b", log=log,
+                       progress=False)
+    monkeypatch.setattr(OnlineTuner, "step", step)
+    resumed = run_experiment(None, resume=tmp_path / "b", log=log, progress=False)
+    history = [[r.without_timing() for r in RunDir(tmp_path / d).read_history()] for d in "ab"]
+    assert len(history[0]) == 10 and history[0] == history[1]
+    assert resumed["tuned"] == whole["tuned"] and resumed["online_model"] == whole["online_model"]
+    assert whole["tuned"]["metrics"]["test"]["loss"] < whole["initial"]["metrics"]["test"]["loss"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method.name=checkpointed"], "method.name must be one of"),
+    (["method.name=forward", "method.chunk_size=2"], "method.chunk_size is not used"),
+    (["task.cv_folds=3"], "task.cv_folds must be 0 with outer.mode = 'online'"),
+    (["outer.window=0"], r"outer.window must be an int >= 1"),
+])
+def test_bad_online_config_raises_a_clear_error(overrides, message, tmp_path):
+    from hyperdiff.config import load_config
+    from hyperdiff.online.experiment import build_online
+
+    with pytest.raises(hd.HyperdiffError, match=message):
+        build_online(load_config(overrides=[*ONLINE, *overrides]))
