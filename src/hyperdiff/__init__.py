@@ -6,6 +6,7 @@ from .api import hypergradient
 from .check import CheckReport, check
 from .constraints import Constraint, Free, Interval, Positive
 from .data import BatchSource, minibatches
+from .discrete import Choice, boolean, categorical, choose, integer, mix
 from .driver import HyperOptimizer, Stopping
 from .errors import HyperdiffError, NonFiniteError
 from .history import History, OptimizeResult, StepRecord
@@ -43,6 +44,7 @@ __all__ = [
     "Advice",
     "BatchSource",
     "CheckReport",
+    "Choice",
     "Constraint",
     "ConvergenceWarning",
     "CostWarning",
@@ -69,8 +71,11 @@ __all__ = [
     "Stopping",
     "adam",
     "adamw",
+    "boolean",
+    "categorical",
     "cg",
     "check",
+    "choose",
     "checkpointed",
     "exact",
     "finite_difference",
@@ -78,9 +83,11 @@ __all__ = [
     "functional",
     "hypergradient",
     "implicit",
+    "integer",
     "linear",
     "make_problem",
     "minibatches",
+    "mix",
     "neumann",
     "per_element",
     "per_feature",

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .discrete.outer import outer_hook
 from .errors import (
     HyperdiffError,
     NonFiniteError,
@@ -141,6 +142,8 @@ class HyperOptimizer:
         self.since_best = 0
         self.stopped: str | None = None
         self.warm: list[Any] = [None] * (len(self.problems) * self.samples)
+        self.discrete = outer_hook(self.hparams, seed=self.seed, samples=self.samples,
+                                   max_steps=self.stopping.max_steps, folds=len(self.problems))
         self._elapsed = 0.0
         self._clock: float | None = None
 
@@ -232,10 +235,13 @@ class HyperOptimizer:
             return self._failed(step, raw, lr, str(err), started)
         self.guard.succeeded(snapshot)
         grads = torch.stack([self.hparams.flatten(hg.grad).double() for hg in evaluations])
+        values = torch.tensor([hg.value for hg in evaluations], dtype=torch.float64)
+        discrete = None
+        if self.discrete is not None:  # REINFORCE estimates for the sampled choices' logits
+            grads, discrete = self.discrete.adjust(step, raw, grads, values)
         mean = grads.mean(0)
         self._update(tied(self.hparams.unflatten(mean)) if step < self.tie_steps
                      else self.hparams.unflatten(mean), lr)
-        values = torch.tensor([hg.value for hg in evaluations], dtype=torch.float64)
         val = float(values.mean())
         key = ranking_loss(step, self.tie_steps, self.selection is not None)
         criterion = selection if key == "selection" else val
@@ -260,6 +266,7 @@ class HyperOptimizer:
             selection_loss=selection, grad_norm=grad_norm,
             grad_std=float(grads.std(0).norm()) if len(grads) > 1 else None,
             grad={n: to_number(g) for n, g in self.hparams.unflatten(mean).items()},
+            discrete=discrete,
         )
 
     def learning_rate(self, step: int) -> float:
@@ -277,6 +284,7 @@ class HyperOptimizer:
             "guard": self.guard.state_dict(), "best": self.best, "since_best": self.since_best,
             "warm": self.warm, "elapsed": self.elapsed, "trainings": self.trainings,
             "stopped": self.stopped, "rng": torch.get_rng_state(),
+            **({} if self.discrete is None else {"discrete": self.discrete.state_dict()}),
         }
 
     def load_state_dict(self, state: dict[str, Any], history: Sequence[StepRecord]) -> None:
@@ -302,6 +310,8 @@ class HyperOptimizer:
         self._elapsed, self._clock = float(state["elapsed"]), None
         self.history = History(list(history))
         torch.set_rng_state(state["rng"])
+        if self.discrete is not None:
+            self.discrete.load_state_dict(state["discrete"])
 
     # ------------------------------------------------------------------ internals
     def seed_for(self, step: int, sample: int) -> int:
@@ -315,6 +325,8 @@ class HyperOptimizer:
             for i in range(self.samples):
                 slot = j * self.samples + i
                 problem = replace(base, seed=self.seed_for(step, i))
+                if self.discrete is not None:
+                    problem = self.discrete.prepare(problem, step, i, raw)
                 if self.warm_start and self.warm[slot] is not None:
                     problem = replace(problem, params=self.warm[slot][0],
                                       buffers=self.warm[slot][1])
@@ -372,6 +384,7 @@ class HyperOptimizer:
         record = StepRecord(
             step=step, hparams=natural_values(self.hparams, raw), status=status,
             **{k: finite_or_none(losses.get(k)) for k in fields}, grad=losses.get("grad"),
+            discrete=losses.get("discrete"),
             lr=lr, best=best, trainings=self.trainings, message=message,
             time_s=self.elapsed, step_time_s=time.perf_counter() - started,
         )

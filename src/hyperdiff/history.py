@@ -42,6 +42,8 @@ class StepRecord:
         trainings: inner trainings done so far (cumulative).
         message: what the divergence guard did, if anything.
         time_s, step_time_s: wall time since the start of the run, and of this step.
+        discrete: for discrete hyperparameters (:mod:`hyperdiff.discrete`): the temperatures,
+            REINFORCE's samples, baselines and estimate variance (``None`` without any).
     """
 
     step: int
@@ -60,6 +62,7 @@ class StepRecord:
     message: str
     time_s: float
     step_time_s: float
+    discrete: dict[str, Any] | None = None
 
     @property
     def criterion(self) -> float | None:

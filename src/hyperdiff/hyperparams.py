@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,6 +42,14 @@ class HyperParameter:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.init.shape)
+
+    def validate(self, name: str) -> None:
+        """Check the spec under ``name`` (discrete kinds check their choices; see
+        :mod:`hyperdiff.discrete`)."""
+
+    def read(self, name: str, raw: Tensor) -> Any:
+        """What a loss reads for ``raw``: the natural value (a discrete kind: a ``Choice``)."""
+        return self.constraint.to_natural(raw)
 
 
 def _tensor(value: float | Tensor | list[float]) -> Tensor:
@@ -211,6 +220,7 @@ class HyperParameters(Mapping[str, HyperParameter]):
                     "hd.scalar, hd.per_feature, hd.per_tensor, hd.per_element or hd.per_step "
                     f"(got {describe(spec)})"
                 )
+            spec.validate(name)
             _check_natural(name, spec.constraint, spec.init)
         self._specs = merged
         if raw is None:
@@ -245,7 +255,13 @@ class HyperParameters(Mapping[str, HyperParameter]):
 
     def view(self, raw: Mapping[str, Tensor]) -> HParamView:
         """Natural values of ``raw`` as a mapping with step / parameter lookup."""
-        return HParamView(self.natural(raw), self._specs)
+        return HParamView({n: s.read(n, raw[n]) for n, s in self._specs.items()}, self._specs)
+
+    def best(self) -> dict[str, Any]:
+        """The most probable choice of every discrete hyperparameter (:mod:`hyperdiff.discrete`)."""
+        from .discrete.kinds import best_choices  # local: discrete builds on this module
+
+        return best_choices(self)
 
     def with_raw(self, raw: Mapping[str, Tensor]) -> HyperParameters:
         """A copy with new raw values."""
