@@ -19,8 +19,21 @@ from torch import Tensor
 
 from ..errors import fail
 from ..hyperparams import HyperParameters
-from ..tasks.base import Task
+from ..tasks.base import SearchRange, Task
 from .kinds import DiscreteParameter, discrete_names, label, with_states
+
+
+@dataclass(frozen=True)
+class SearchChoices(SearchRange):
+    """A discrete dimension of a black-box search space: one of ``choices`` (JSON-ready
+    labels), suggested by Optuna as a categorical and drawn uniformly by random search."""
+
+    choices: tuple[Any, ...] = ()
+
+    @classmethod
+    def of(cls, choices: Sequence[Any]) -> SearchChoices:
+        labels = tuple(label(c) for c in choices)
+        return cls(0.0, float(len(labels) - 1), False, labels)
 
 
 def discretise(hparams: HyperParameters, raw: Mapping[str, Tensor] | None = None
@@ -107,4 +120,4 @@ def relaxation_gap(task: Task, raw: Mapping[str, Tensor], *, seeds: tuple[int, .
     return {"choices": choices, "relaxed": relaxed, "discretised": discrete, "gap": gap}
 
 
-__all__ = ["DiscreteTask", "discretise", "fix_choices", "relaxation_gap"]
+__all__ = ["DiscreteTask", "SearchChoices", "discretise", "fix_choices", "relaxation_gap"]

@@ -21,6 +21,7 @@ TASKS: dict[str, str] = {
     "logistic_digits": "hyperdiff.tasks.logistic_digits",
     "mlp_digits": "hyperdiff.tasks.mlp",
     "reweight_digits": "hyperdiff.tasks.reweight",
+    "arch_digits": "hyperdiff.tasks.arch_digits",
 }
 DEFAULT_TASK = "reweight_digits"
 

@@ -1,0 +1,131 @@
+"""An MLP on digits choosing its architecture while tuning its learning rate and weight decay.
+
+Discrete hyperparameters (:mod:`hyperdiff.discrete`): ``depth`` in {1, 2, 3} hidden layers,
+``width`` in {16, 32, 64, 128} units, ``activation`` in {relu, tanh, gelu}; continuous: the
+SGD learning rate ``lr`` and the weight decay ``weight_decay`` (momentum 0.9, batch 64, T
+steps). One shared-weight network of 3 hidden layers of 128 units represents every
+architecture: width ``w`` masks the units past ``w`` (a relaxed width mixes the masks), the
+activation mixes ``relu / tanh / gelu`` of each layer's pre-activation, and the output head
+reads the mixture over depths of the hidden states after layer 1, 2, 3. A plain (fixed or
+discretised) choice evaluates only the chosen path, so it trains the plain architecture.
+
+Reports and black-box trials train the discretised architecture (see
+:class:`~hyperdiff.discrete.report.DiscreteTask`); ``build(mode=...)`` picks how the discrete
+hyperparameters are differentiated (``"relax"``, ``"gumbel"``, ``"reinforce"``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..data import minibatches
+from ..discrete.kinds import categorical
+from ..discrete.relax import choose, mix
+from ..discrete.report import DiscreteTask, SearchChoices
+from ..hyperparams import HParamView, HyperParameters, scalar
+from ..optimizers import sgd
+from ..problem import Problem, make_problem
+from ..typing import Batch, Params
+from .base import SearchRange, assemble, classification_metrics, make_splits
+from .mlp import init_mlp, load_digits_data
+
+SUMMARY = "MLP on digits choosing depth, width and activation; lr and weight decay"
+TUNES = "depth {1,2,3}, width {16..128}, activation {relu,tanh,gelu} (10 logits), lr, weight_decay"
+DEPTHS, WIDTHS, ACTIVATIONS = (1, 2, 3), (16, 32, 64, 128), ("relu", "tanh", "gelu")
+DEFAULT_STEPS = 100
+BATCH_SIZE = 64
+DEFAULTS = {"inner.steps": DEFAULT_STEPS, "outer.lr": 0.1, "stop.max_steps": 25,
+            "outer.samples": 1, "report.seeds": 3}
+INITIAL = {"lr": 0.1, "weight_decay": 1e-4}
+FUNCTIONS = {"relu": torch.relu, "tanh": torch.tanh, "gelu": torch.nn.functional.gelu}
+
+
+def init_params(seed: int) -> Params:
+    """theta_0 of the widest, deepest network (as torch.nn.Linear initialises), float32."""
+    first = init_mlp(64, WIDTHS[-1], 10, seed=seed)
+    params = {"W0": first["W1"], "b0": first["b1"], "Wh": first["W2"], "bh": first["b2"]}
+    for layer in range(1, len(DEPTHS)):
+        more = init_mlp(WIDTHS[-1], WIDTHS[-1], 1, seed=seed + layer)
+        params[f"W{layer}"], params[f"b{layer}"] = more["W1"], more["b1"]
+    return params
+
+
+def width_masks(like: Tensor) -> list[Tensor]:
+    """One 0/1 mask over the 128 units per width."""
+    units = torch.arange(WIDTHS[-1], device=like.device)
+    return [(units < w).to(like.dtype) for w in WIDTHS]
+
+
+def forward(params: Params, h: HParamView, x: Tensor) -> Tensor:
+    """Logits of the architecture ``h`` chooses (a mixture when relaxed)."""
+    depth, width = h["depth"], h["width"]
+    mask = mix(width, width_masks(x)) if not width.is_fixed else width_masks(x)[width.index]
+    layers = len(DEPTHS) if not depth.is_fixed else DEPTHS[depth.index]
+    hidden, states = x, []
+    for layer in range(layers):
+        pre = hidden @ params[f"W{layer}"] + params[f"b{layer}"]
+        hidden = choose(h["activation"], FUNCTIONS, pre) * mask
+        states.append(hidden)
+    if depth.is_fixed:
+        out = states[-1]
+    else:
+        out = mix(depth, states)
+    return out @ params["Wh"] + params["bh"]
+
+
+def loss(params: Params, hparams: HParamView, batch: Batch) -> Tensor:
+    x, y = batch
+    return torch.nn.functional.cross_entropy(forward(params, hparams, x), y)
+
+
+def metrics(params: Params, hparams: HParamView, batch: Batch) -> dict[str, float]:
+    x, y = batch
+    return classification_metrics(forward(params, hparams, x), y)
+
+
+def make_hparams(mode: str, temperature: float | tuple[float, float] = (1.0, 0.3),
+                 baseline: str = "moving_average") -> HyperParameters:
+    """The mixed space with every discrete hyperparameter in ``mode``."""
+    options = {"mode": mode, "temperature": temperature, "baseline": baseline}
+    return HyperParameters(
+        depth=categorical(DEPTHS, kind="integer", **options),
+        width=categorical(WIDTHS, kind="integer", **options),
+        activation=categorical(ACTIVATIONS, **options),
+        lr=scalar(INITIAL["lr"]), weight_decay=scalar(INITIAL["weight_decay"]),
+    )
+
+
+def build(
+    *, steps: int | None = None, selection_fraction: float = 0.5, cv_folds: int = 0,
+    data_seed: int = 0, mode: str = "relax", baseline: str = "moving_average",
+    temperature: float | tuple[float, float] = (1.0, 0.3),
+) -> DiscreteTask:
+    """The architecture task (see the module doc)."""
+    steps = steps or DEFAULT_STEPS
+    x, y = load_digits_data()
+    splits = make_splits(len(y), test=0.25, val=0.2, selection_fraction=selection_fraction,
+                         seed=data_seed)
+    theta0 = init_params(data_seed)
+    hparams = make_hparams(mode, temperature, baseline)
+
+    def batch_for(rows: Tensor) -> Batch:
+        return x[rows], y[rows]
+
+    def problem_for(train_rows: Tensor, val_rows: Tensor) -> Problem:
+        return make_problem(
+            loss, loss, hparams, theta0,
+            optimizer=sgd("lr", 0.9, weight_decay="weight_decay"),
+            train_data=minibatches(x[train_rows], y[train_rows], batch_size=BATCH_SIZE),
+            val_data=batch_for(val_rows), steps=steps, probe=False,
+        )
+
+    task = assemble(
+        name="arch_digits", description=SUMMARY, splits=splits, problem_for=problem_for,
+        batch_for=batch_for, metrics=metrics, cv_folds=cv_folds, data_seed=data_seed,
+        search_space={"lr": SearchRange(1e-3, 1.0), "weight_decay": SearchRange(1e-6, 1e-1),
+                      "depth": SearchChoices.of(DEPTHS), "width": SearchChoices.of(WIDTHS),
+                      "activation": SearchChoices.of(ACTIVATIONS)},
+        info={"mode": mode},
+    )
+    return DiscreteTask(**task.__dict__)
