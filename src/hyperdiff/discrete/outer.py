@@ -96,8 +96,8 @@ class DiscreteOuter:
         self.moving_average = mean if self.moving_average is None else (
             decay * self.moving_average + (1 - decay) * mean)
         info.update({
-            "samples": {n: [label(self.spec(n).choices[self.drawn[i][n]]) for i in range(self.samples)]
-                        for n in self.reinforce},
+            "samples": {n: [label(self.spec(n).choices[self.drawn[i][n]])
+                            for i in range(self.samples)] for n in self.reinforce},
             "baseline": base.tolist(),
             "estimate_variance": variance if self.samples > 1 else None,
         })

@@ -16,12 +16,14 @@ hyperparameters are differentiated (``"relax"``, ``"gumbel"``, ``"reinforce"``).
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from torch import Tensor
 
 from ..data import minibatches
 from ..discrete.kinds import categorical
-from ..discrete.relax import choose, mix
+from ..discrete.relax import Choice, choose, mix
 from ..discrete.report import DiscreteTask, SearchChoices
 from ..hyperparams import HParamView, HyperParameters, scalar
 from ..optimizers import sgd
@@ -59,18 +61,15 @@ def width_masks(like: Tensor) -> list[Tensor]:
 
 def forward(params: Params, h: HParamView, x: Tensor) -> Tensor:
     """Logits of the architecture ``h`` chooses (a mixture when relaxed)."""
-    depth, width = h["depth"], h["width"]
-    mask = mix(width, width_masks(x)) if not width.is_fixed else width_masks(x)[width.index]
-    layers = len(DEPTHS) if not depth.is_fixed else DEPTHS[depth.index]
+    depth, width = cast(Choice, h["depth"]), cast(Choice, h["width"])
+    mask = mix(width, width_masks(x))  # a fixed width: its own 0/1 mask
+    layers = len(DEPTHS) if depth.index is None else DEPTHS[depth.index]
     hidden, states = x, []
     for layer in range(layers):
         pre = hidden @ params[f"W{layer}"] + params[f"b{layer}"]
-        hidden = choose(h["activation"], FUNCTIONS, pre) * mask
+        hidden = choose(cast(Choice, h["activation"]), FUNCTIONS, pre) * mask
         states.append(hidden)
-    if depth.is_fixed:
-        out = states[-1]
-    else:
-        out = mix(depth, states)
+    out = states[-1] if depth.index is not None else mix(depth, states)
     return out @ params["Wh"] + params["bh"]
 
 
@@ -87,7 +86,7 @@ def metrics(params: Params, hparams: HParamView, batch: Batch) -> dict[str, floa
 def make_hparams(mode: str, temperature: float | tuple[float, float] = (1.0, 0.3),
                  baseline: str = "moving_average") -> HyperParameters:
     """The mixed space with every discrete hyperparameter in ``mode``."""
-    options = {"mode": mode, "temperature": temperature, "baseline": baseline}
+    options: dict[str, Any] = {"mode": mode, "temperature": temperature, "baseline": baseline}
     return HyperParameters(
         depth=categorical(DEPTHS, kind="integer", **options),
         width=categorical(WIDTHS, kind="integer", **options),
