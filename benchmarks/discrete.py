@@ -8,7 +8,9 @@ step / trial (hyperdiff: the best step by selection loss; searches: the best tri
 validation loss) is discretised (argmax choices), retrained from scratch on a fresh seed and
 scored on the held-out test split (mean of 3 retraining seeds). Curves: mean test loss over the 3 seeds against trainings
 and wall time. Target: a hyperdiff mode reaches TPE's 100-trial test loss in <= 1/4 of TPE's
-trainings. Also reported: the relaxation gap of relax's final logits (relaxed vs discretised
+trainings. Every hyperdiff mode runs from two starts: the task's default (uniform
+probabilities, whose argmax ties pick the first choices: depth 1, width 16, relu) and a poor one
+(probability 0.7-0.8 on depth 3, width 16, gelu). Also reported: the relaxation gap of relax's final logits (relaxed vs discretised
 model, both retrained on 3 seeds).
 
     OMP_NUM_THREADS=1 python benchmarks/discrete.py          # full run (~10-15 min, 2 cores)
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,11 @@ from hyperdiff.tasks.arch_digits import build
 
 REPORT_SEED = 1_000_000
 REPORT_SEEDS = (REPORT_SEED, REPORT_SEED + 1, REPORT_SEED + 2)
+STARTS: dict[str, dict[str, Any]] = {  # initial values of the hyperdiff runs
+    "default": {},  # uniform probabilities (argmax ties: the first choice), lr 0.1, wd 1e-4
+    "poor": {"depth": [0.1, 0.1, 0.8], "width": [0.7, 0.1, 0.1, 0.1],
+             "activation": [0.1, 0.1, 0.8]},  # argmax depth 3, width 16, gelu
+}
 MODES = {  # mode -> (samples, baseline, outer steps); chosen in the runs recorded in the docs
     "relax": (1, "moving_average", 40),
     "gumbel": (1, "moving_average", 40),
@@ -49,11 +57,13 @@ def test_loss(task: Any, raw: dict[str, torch.Tensor], cache: dict[str, float]) 
     return cache[key]
 
 
-def run_mode(mode: str, seed: int, steps: int, quick: bool) -> dict[str, Any]:
+def run_mode(mode: str, seed: int, steps: int, quick: bool, start: str) -> dict[str, Any]:
     samples, baseline, outer_steps = MODES[mode]
     outer_steps = max(3, outer_steps // 4) if quick else outer_steps
     task = build(steps=steps, mode=mode, baseline=baseline)
-    driver = HyperOptimizer(list(task.problems), lr=0.1, samples=samples,
+    problems = [replace(p, hparams=p.hparams.with_natural(**STARTS[start]))
+                for p in task.problems]
+    driver = HyperOptimizer(problems, lr=0.1, samples=samples,
                             selection=task.selection, seed=seed,
                             stopping=Stopping(max_steps=outer_steps))
     cache: dict[str, float] = {}
@@ -64,7 +74,8 @@ def run_mode(mode: str, seed: int, steps: int, quick: bool) -> dict[str, Any]:
         curve["time_s"].append(driver.elapsed)
         curve["test_loss"].append(test_loss(task, driver.result().best_raw, cache))
     result = driver.result()
-    out = {"curve": curve, "choices": result.best_hparams.best(),
+    out = {"curve": curve, "stop_reason": result.stop_reason,
+           "initial_test_loss": test_loss(task, problems[0].hparams.raw, cache), "choices": result.best_hparams.best(),
            "probabilities": {n: result.best_hparams.natural()[n].tolist()
                              for n in ("depth", "width", "activation")},
            "lr": float(result.best_hparams.natural()["lr"]),
@@ -96,14 +107,23 @@ def run_search(name: str, seed: int, steps: int, trials: int) -> dict[str, Any]:
 
 
 def mean_curve(runs: list[dict[str, Any]]) -> dict[str, list[float]]:
-    length = min(len(r["curve"]["trainings"]) for r in runs)
-    return {key: [sum(r["curve"][key][i] for r in runs) / len(runs) for i in range(length)]
-            for key in ("trainings", "time_s", "test_loss")}
+    """Mean over seeds after each step; a run that stopped early (patience) keeps its last
+    configuration, its trainings and time stay where it stopped."""
+    length = max(len(r["curve"]["trainings"]) for r in runs)
+
+    def at(run: dict[str, Any], key: str, i: int) -> float:
+        values = run["curve"][key]
+        return values[min(i, len(values) - 1)]
+
+    out = {key: [sum(at(r, key, i) for r in runs) / len(runs) for i in range(length)]
+           for key in ("trainings", "time_s", "test_loss")}
+    out["trainings_axis"] = max((r["curve"]["trainings"] for r in runs), key=len)
+    return out
 
 
 def first_reaching(curve: dict[str, list[float]], target: float) -> tuple[int, float] | None:
-    for trainings, time_s, loss in zip(curve["trainings"], curve["time_s"], curve["test_loss"],
-                                       strict=True):
+    for trainings, time_s, loss in zip(curve["trainings_axis"], curve["time_s"],
+                                       curve["test_loss"], strict=True):
         if loss <= target:
             return int(trainings), time_s
     return None
@@ -119,9 +139,11 @@ def main() -> None:
     steps, trials = (40, 20) if args.quick else (100, 100)
     started = time.perf_counter()
     runs: dict[str, list[dict[str, Any]]] = {}
-    for mode in MODES:
-        runs[mode] = [run_mode(mode, s, steps, args.quick) for s in seeds]
-        print(f"{mode}: done ({time.perf_counter() - started:.0f} s)", flush=True)
+    for start in STARTS:
+        for mode in MODES:
+            name = mode if start == "default" else f"{mode} ({start} start)"
+            runs[name] = [run_mode(mode, s, steps, args.quick, start) for s in seeds]
+            print(f"{name}: done ({time.perf_counter() - started:.0f} s)", flush=True)
     searches = ["random"] + (["tpe"] if optuna_available() else [])
     for name in searches:
         runs[name] = [run_search(name, s, steps, trials) for s in seeds]
@@ -135,22 +157,30 @@ def main() -> None:
     print(f"\narch_digits, T={steps}; test loss of the retrained discretised configuration, "
           f"mean of {len(seeds)} seeds; target: {reference}'s {ref_trainings}-training "
           f"test loss {target:.4f}")
-    print(f"{'method':<10}{'trainings':>10}{'wall s':>9}{'final test':>12}"
+    print(f"{'method':<26}{'trainings':>10}{'wall s':>9}{'initial':>9}{'final test':>12}"
           f"{'reaches target at':>20}{'fraction':>10}")
     for name, curve in curves.items():
         hit = first_reaching(curve, target)
         fraction = None if hit is None else hit[0] / ref_trainings
+        initial = [r.get("initial_test_loss") for r in runs[name]]
+        initial_mean = None if None in initial else sum(initial) / len(initial)
         rows.append({"method": name, "trainings": curve["trainings"][-1],
+                     "initial_test_loss": initial_mean,
                      "time_s": curve["time_s"][-1], "final_test_loss": curve["test_loss"][-1],
                      "reaches_target_trainings": None if hit is None else hit[0],
                      "reaches_target_time_s": None if hit is None else hit[1],
                      "fraction_of_reference_trainings": fraction})
         where = "never" if hit is None else f"{hit[0]} ({hit[1]:.1f} s)"
         frac = "-" if fraction is None else f"{fraction:.2f}"
-        print(f"{name:<10}{curve['trainings'][-1]:>10}{curve['time_s'][-1]:>9.1f}"
+        init = "-" if initial_mean is None else f"{initial_mean:.4f}"
+        print(f"{name:<26}{curve['trainings'][-1]:>10.1f}{curve['time_s'][-1]:>9.1f}{init:>9}"
               f"{curve['test_loss'][-1]:>12.4f}{where:>20}{frac:>10}")
-    for name in MODES:
-        print(f"{name} choices per seed: {[r['choices'] for r in runs[name]]}")
+    print("trainings, wall s: mean over seeds of what each run used (hyperdiff runs stop "
+          "early after 10 steps without a better selection loss)")
+    for name in runs:
+        if "choices" in runs[name][0]:
+            print(f"{name} choices per seed: {[r['choices'] for r in runs[name]]}; stopped: "
+                  f"{[r['stop_reason'] for r in runs[name]]}")
     for name in searches:
         print(f"{name} best per seed: {[r['best_values'] for r in runs[name]]}")
     gaps = [r["relaxation_gap"] for r in runs["relax"]]

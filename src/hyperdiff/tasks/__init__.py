@@ -22,6 +22,8 @@ TASKS: dict[str, str] = {
     "mlp_digits": "hyperdiff.tasks.mlp",
     "reweight_digits": "hyperdiff.tasks.reweight",
     "arch_digits": "hyperdiff.tasks.arch_digits",
+    "arch_digits_gumbel": "hyperdiff.tasks.arch_digits_gumbel",
+    "arch_digits_reinforce": "hyperdiff.tasks.arch_digits_reinforce",
 }
 DEFAULT_TASK = "reweight_digits"
 
