@@ -15,6 +15,8 @@ model, both retrained on 3 seeds).
 
     OMP_NUM_THREADS=1 python benchmarks/discrete.py          # full run (~10-15 min, 2 cores)
     OMP_NUM_THREADS=1 python benchmarks/discrete.py --quick  # smoke run (1 seed, short)
+    OMP_NUM_THREADS=1 python benchmarks/discrete.py --starts poor --outer-lr 0.3 --no-search \
+        --out benchmarks/results/discrete_poor_lr03.json   # the poor start, faster outer lr
 
 Writes benchmarks/results/discrete.json.
 """
@@ -57,13 +59,14 @@ def test_loss(task: Any, raw: dict[str, torch.Tensor], cache: dict[str, float]) 
     return cache[key]
 
 
-def run_mode(mode: str, seed: int, steps: int, quick: bool, start: str) -> dict[str, Any]:
+def run_mode(mode: str, seed: int, steps: int, quick: bool, start: str, outer_lr: float
+             ) -> dict[str, Any]:
     samples, baseline, outer_steps = MODES[mode]
     outer_steps = max(3, outer_steps // 4) if quick else outer_steps
     task = build(steps=steps, mode=mode, baseline=baseline)
     problems = [replace(p, hparams=p.hparams.with_natural(**STARTS[start]))
                 for p in task.problems]
-    driver = HyperOptimizer(problems, lr=0.1, samples=samples,
+    driver = HyperOptimizer(problems, lr=outer_lr, samples=samples,
                             selection=task.selection, seed=seed,
                             stopping=Stopping(max_steps=outer_steps))
     cache: dict[str, float] = {}
@@ -133,26 +136,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, short runs")
     parser.add_argument("--out", default="benchmarks/results/discrete.json")
+    parser.add_argument("--outer-lr", type=float, default=0.1, help="hyperdiff's outer lr")
+    parser.add_argument("--starts", nargs="+", default=list(STARTS), choices=list(STARTS))
+    parser.add_argument("--no-search", action="store_true", help="skip random search and TPE")
     args = parser.parse_args()
     torch.set_num_threads(1)
     seeds = (0,) if args.quick else (0, 1, 2)
     steps, trials = (40, 20) if args.quick else (100, 100)
     started = time.perf_counter()
     runs: dict[str, list[dict[str, Any]]] = {}
-    for start in STARTS:
+    for start in args.starts:
         for mode in MODES:
             name = mode if start == "default" else f"{mode} ({start} start)"
-            runs[name] = [run_mode(mode, s, steps, args.quick, start) for s in seeds]
+            runs[name] = [run_mode(mode, s, steps, args.quick, start, args.outer_lr)
+                          for s in seeds]
             print(f"{name}: done ({time.perf_counter() - started:.0f} s)", flush=True)
-    searches = ["random"] + (["tpe"] if optuna_available() else [])
+    searches = [] if args.no_search else ["random"] + (["tpe"] if optuna_available() else [])
     for name in searches:
         runs[name] = [run_search(name, s, steps, trials) for s in seeds]
         print(f"{name}: done ({time.perf_counter() - started:.0f} s)", flush=True)
 
     curves = {name: mean_curve(r) for name, r in runs.items()}
     reference = "tpe" if "tpe" in curves else "random"
-    target = curves[reference]["test_loss"][-1]
-    ref_trainings = curves[reference]["trainings"][-1]
+    if reference not in curves:  # --no-search: the target of the stored full run
+        stored = json.loads(Path("benchmarks/results/discrete.json").read_text())
+        reference, target = stored["reference"], stored["target_test_loss"]
+        ref_trainings = stored["curves"][reference]["trainings"][-1]
+    else:
+        target = curves[reference]["test_loss"][-1]
+        ref_trainings = curves[reference]["trainings"][-1]
     rows = []
     print(f"\narch_digits, T={steps}; test loss of the retrained discretised configuration, "
           f"mean of {len(seeds)} seeds; target: {reference}'s {ref_trainings}-training "
@@ -183,11 +195,12 @@ def main() -> None:
                   f"{[r['stop_reason'] for r in runs[name]]}")
     for name in searches:
         print(f"{name} best per seed: {[r['best_values'] for r in runs[name]]}")
-    gaps = [r["relaxation_gap"] for r in runs["relax"]]
+    gaps = [r["relaxation_gap"] for r in runs.get("relax", [])]
     for g in gaps:
         print("relax relaxation gap (discretised - relaxed loss): "
               + ", ".join(f"{s} {v:+.4f}" for s, v in g["gap"].items()))
     out = {"task": "arch_digits", "steps": steps, "seeds": list(seeds), "quick": args.quick,
+           "outer_lr": args.outer_lr, "starts": args.starts,
            "reference": reference, "target_test_loss": target, "rows": rows,
            "curves": curves, "runs": runs, "modes": {k: list(v) for k, v in MODES.items()},
            "total_time_s": time.perf_counter() - started}

@@ -172,8 +172,11 @@ def categorical(
     if not isinstance(options, tuple):
         raise fail("categorical", "choices", "a list or tuple of hashable choices", choices)
     n = len(options)
-    probs = torch.full((n,), 1.0 / max(n, 1), dtype=torch.float64) if init is None else (
-        torch.as_tensor(init, dtype=torch.float64).detach().clone())
+    host = torch.device("cpu")  # specs hold float64 host values, as hyperparams.scalar does
+    if init is None:
+        probs = torch.full((n,), 1.0 / max(n, 1), dtype=torch.float64, device=host)
+    else:
+        probs = torch.as_tensor(init, dtype=torch.float64, device=host).detach().clone()
     if isinstance(temperature, (int, float)):
         temperature = (float(temperature), float(temperature))
     if not (isinstance(temperature, tuple) and len(temperature) == 2):

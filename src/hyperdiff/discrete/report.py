@@ -92,8 +92,9 @@ class DiscreteTask(Task):
                         ) -> dict[str, dict[str, float]]:
         """Retrain at natural continuous values and plain discrete choices (labels)."""
         names = set(discrete_names(self.hparams))
-        continuous = {n: torch.as_tensor(v, dtype=torch.float64) for n, v in values.items()
-                      if n not in names}
+        raw = self.hparams.raw
+        continuous = {n: torch.as_tensor(v, dtype=torch.float64, device=raw[n].device)
+                      for n, v in values.items() if n not in names}
         hp = fix_choices(self.hparams.with_natural(**continuous),
                          {n: v for n, v in values.items() if n in names})
         return self._with_hparams(hp).evaluate(hp.raw, seeds=tuple(seeds))

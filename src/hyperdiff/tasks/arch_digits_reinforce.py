@@ -13,7 +13,7 @@ from . import arch_digits
 
 SUMMARY = "arch_digits, discrete choices by reinforce"
 TUNES = arch_digits.TUNES
-DEFAULTS = {**arch_digits.DEFAULTS, "outer.samples": 4}
+DEFAULTS = {**arch_digits.DEFAULTS, "outer.samples": 4, "stop.max_steps": 12}
 
 
 def build(**options: Any) -> DiscreteTask:
