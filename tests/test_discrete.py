@@ -274,3 +274,19 @@ def test_arch_task_searches_and_reports_the_mixed_space():
     gap = relaxation_gap(task, raw)
     assert gap["discretised"]["test"]["loss"] == reported
     assert gap["relaxed"]["test"]["loss"] != reported  # the relaxed model is another model
+
+
+def test_arch_shared_network_at_one_hot_weights_is_the_plain_architecture():
+    """arch_digits' relaxed network (all depths, width masks, activation mixture) with
+    exactly one-hot weights trains and validates bit for bit like the plain architecture."""
+    from hyperdiff.tasks import build_task
+
+    task = build_task("arch_digits", steps=3, temperature=1e-4)
+    start = {"depth": [0.01, 0.98, 0.01], "width": [0.01, 0.97, 0.01, 0.01],
+             "activation": [0.01, 0.01, 0.98]}
+    problem = _with(task.problems[0], task.hparams.with_natural(**start))
+    weights = problem.hparams.view(problem.raw_tensors())["width"].weights
+    assert weights.tolist() == [0.0, 1.0, 0.0, 0.0]
+    plain = _with(problem, discretise(problem.hparams))
+    assert torch.equal(hd.train(problem)[1], hd.train(plain)[1])  # every step's train loss
+    assert hd.reverse()(problem).value == hd.reverse()(plain).value

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -102,8 +103,7 @@ class DiscreteParameter(HyperParameter):
                 f"{where}: choices must be hashable (got {describe(list(self.choices))})"
             ) from None
         if not distinct:
-            seen: set[Any] = set()
-            dups = [c for c in self.choices if c in seen or seen.add(c)]  # type: ignore[func-returns-value]
+            dups = [c for c, count in Counter(self.choices).items() if count > 1]
             raise HyperdiffError(
                 f"{where}: choices must be distinct (got duplicates {describe(dups)})"
             )
@@ -217,8 +217,7 @@ def best_choices(hparams: HyperParameters, raw: dict[str, Tensor] | None = None
     raw = hparams.raw if raw is None else raw
     out = {}
     for name in discrete_names(hparams):
-        spec = hparams[name]
-        assert isinstance(spec, DiscreteParameter)
+        spec = cast(DiscreteParameter, hparams[name])
         out[name] = spec.choices[int(raw[name].detach().argmax())]
     return out
 

@@ -117,6 +117,13 @@ def outer_hook(hparams: HyperParameters, *, seed: int, max_steps: int, samples: 
     names = discrete_names(hparams)
     if not names:
         return None
+    scored = [cast(DiscreteParameter, hparams[n]) for n in names
+              if cast(DiscreteParameter, hparams[n]).mode == "reinforce"]
+    if len({(s.baseline, s.decay) for s in scored}) > 1:  # one loss, so one baseline
+        raise HyperdiffError(
+            "HyperOptimizer: the REINFORCE hyperparameters must share one baseline and decay "
+            f"(got {[(s.baseline, s.decay) for s in scored]})"
+        )
     for name in names:
         spec = cast(DiscreteParameter, hparams[name])
         if spec.mode == "reinforce" and spec.baseline == "leave_one_out" and samples < 2:
