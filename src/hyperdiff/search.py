@@ -130,7 +130,7 @@ def dimensions(task: Task, per_coordinate: Iterable[str] = ()) -> list[Dimension
     sizes = {name: spec.numel() for name, spec in task.hparams.raw.items()}
     dims = []
     for name, rng in task.search_space.items():
-        if name in per_coordinate:
+        if name in per_coordinate and not isinstance(rng, SearchChoices):  # a choice: one dim
             dims += [Dimension(name, i, rng) for i in range(sizes[name])]
         else:
             dims.append(Dimension(name, None, rng))
