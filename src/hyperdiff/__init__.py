@@ -6,6 +6,7 @@ from .api import hypergradient
 from .check import CheckReport, check
 from .constraints import Constraint, Free, Interval, Positive
 from .data import BatchSource, minibatches
+from .discrete import Choice, boolean, categorical, choose, integer, mix
 from .driver import HyperOptimizer, Stopping
 from .errors import HyperdiffError, NonFiniteError
 from .export import TunedSchedule, load_into, torch_optimizer, tuned_hparams
@@ -49,6 +50,7 @@ __all__ = [
     "BatchSource",
     "CSVLogger",
     "CheckReport",
+    "Choice",
     "Constraint",
     "ConvergenceWarning",
     "CostWarning",
@@ -84,10 +86,13 @@ __all__ = [
     "TunedSchedule",
     "adam",
     "adamw",
+    "boolean",
     "build_task",
+    "categorical",
     "cg",
     "check",
     "checkpointed",
+    "choose",
     "distributed",
     "exact",
     "finite_difference",
@@ -96,10 +101,12 @@ __all__ = [
     "given_splits",
     "hypergradient",
     "implicit",
+    "integer",
     "linear",
     "load_into",
     "make_problem",
     "minibatches",
+    "mix",
     "neumann",
     "per_element",
     "per_feature",

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from .data import FullBatch
 from .datacheck import check_batch, shapes_of
+from .discrete.outer import outer_hook
 from .distributed.spread import spreader_for
 from .errors import (
     HyperdiffError,
@@ -175,6 +176,8 @@ class HyperOptimizer:
         self.since_best = 0
         self.stopped: str | None = None
         self.warm: list[Any] = [None] * (len(self.problems) * self.samples)
+        self.discrete = outer_hook(self.hparams, seed=self.seed, samples=self.samples,
+                                   max_steps=self.stopping.max_steps, folds=len(self.problems))
         self._elapsed = 0.0
         self._clock: float | None = None
         self.spreader = spreader_for(self.method, process_group)
@@ -269,6 +272,10 @@ class HyperOptimizer:
             return self._failed(step, raw, lr, str(err), started)
         self.guard.succeeded(snapshot)
         grads = torch.stack([self.hparams.flatten(hg.grad).double() for hg in evaluations])
+        values = torch.tensor([hg.value for hg in evaluations], dtype=torch.float64, device="cpu")
+        discrete = None
+        if self.discrete is not None:  # REINFORCE estimates for the sampled choices' logits
+            grads, discrete = self.discrete.adjust(step, raw, grads, values)
         mean = grads.mean(0)
         per_sample = sample_means(grads, len(self.problems))
         snr = signal_to_noise(per_sample)
@@ -280,7 +287,6 @@ class HyperOptimizer:
                 "'auto'" if self.auto is None else f"'auto' with max_samples > {self.samples}")
         self._update(tied(self.hparams.unflatten(mean)) if step < self.tie_steps
                      else self.hparams.unflatten(mean), lr)
-        values = torch.tensor([hg.value for hg in evaluations], dtype=torch.float64, device="cpu")
         val = float(values.mean())
         key = ranking_loss(step, self.tie_steps, self.selection is not None)
         criterion = selection if key == "selection" else val
@@ -306,6 +312,7 @@ class HyperOptimizer:
             grad_std=float(grads.std(0).norm()) if len(grads) > 1 else None,
             grad={n: to_number(g) for n, g in self.hparams.unflatten(mean).items()},
             grad_snr=snr, samples=per_sample.shape[0],
+            discrete=discrete,
         )
 
     def learning_rate(self, step: int) -> float:
@@ -323,6 +330,7 @@ class HyperOptimizer:
             "guard": self.guard.state_dict(), "best": self.best, "since_best": self.since_best,
             "warm": self.warm, "elapsed": self.elapsed, "trainings": self.trainings,
             "stopped": self.stopped, "rng": torch.get_rng_state(),
+            **({} if self.discrete is None else {"discrete": self.discrete.state_dict()}),
         }
 
     def load_state_dict(self, state: dict[str, Any], history: Sequence[StepRecord]) -> None:
@@ -351,6 +359,8 @@ class HyperOptimizer:
         self._elapsed, self._clock = float(state["elapsed"]), None
         self.history = History(list(history))
         torch.set_rng_state(state["rng"])
+        if self.discrete is not None:
+            self.discrete.load_state_dict(state["discrete"])
 
     # ------------------------------------------------------------------ internals
     def seed_for(self, step: int, sample: int) -> int:
@@ -385,6 +395,8 @@ class HyperOptimizer:
         for j, base in enumerate(self.problems):
             for i in samples:
                 problem = replace(base, seed=self.seed_for(step, i))
+                if self.discrete is not None:
+                    problem = self.discrete.prepare(problem, step, i, raw)
                 slot = j * self.samples + i
                 if self.warm_start and self.warm[slot] is not None:
                     problem = replace(problem, params=self.warm[slot][0],
@@ -451,6 +463,7 @@ class HyperOptimizer:
         record = StepRecord(
             step=step, hparams=natural_values(self.hparams, raw), status=status,
             **{k: finite_or_none(losses.get(k)) for k in fields}, grad=losses.get("grad"),
+            discrete=losses.get("discrete"),
             lr=lr, best=best, trainings=self.trainings, message=message,
             time_s=self.elapsed, step_time_s=time.perf_counter() - started,
             grad_snr=finite_or_none(losses.get("grad_snr")), samples=losses.get("samples"),

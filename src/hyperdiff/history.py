@@ -48,6 +48,8 @@ class StepRecord:
             ``||mean|| / (||std|| / sqrt(n))`` (:mod:`hyperdiff.snr`); ``None`` with one sample,
             for a failed step, or when the samples agree exactly.
         samples: the number of samples ``n`` averaged (``None`` for a failed step).
+        discrete: for discrete hyperparameters (:mod:`hyperdiff.discrete`): the temperatures,
+            REINFORCE's samples, baselines and estimate variance (``None`` without any).
     """
 
     step: int
@@ -68,6 +70,7 @@ class StepRecord:
     step_time_s: float
     grad_snr: float | None = None
     samples: int | None = None
+    discrete: dict[str, Any] | None = None
 
     @property
     def criterion(self) -> float | None:

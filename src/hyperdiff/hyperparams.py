@@ -43,6 +43,14 @@ class HyperParameter:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.init.shape)
 
+    def validate(self, name: str) -> None:
+        """Check the spec under ``name`` (discrete kinds check their choices; see
+        :mod:`hyperdiff.discrete`)."""
+
+    def read(self, name: str, raw: Tensor) -> Any:
+        """What a loss reads for ``raw``: the natural value (a discrete kind: a ``Choice``)."""
+        return self.constraint.to_natural(raw)
+
 
 VALUE_TEXT = "a real number, a list of numbers or a real tensor"
 
@@ -258,6 +266,7 @@ class HyperParameters(Mapping[str, HyperParameter]):
                     "hd.scalar, hd.per_feature, hd.per_tensor, hd.per_element or hd.per_step "
                     f"(got {describe(spec)})"
                 )
+            spec.validate(name)
             _check_natural(name, spec.constraint, spec.init)
         self._specs = merged
         if raw is None:
@@ -292,7 +301,13 @@ class HyperParameters(Mapping[str, HyperParameter]):
 
     def view(self, raw: Mapping[str, Tensor]) -> HParamView:
         """Natural values of ``raw`` as a mapping with step / parameter lookup."""
-        return HParamView(self.natural(raw), self._specs)
+        return HParamView({n: s.read(n, raw[n]) for n, s in self._specs.items()}, self._specs)
+
+    def best(self) -> dict[str, Any]:
+        """The most probable choice of every discrete hyperparameter (:mod:`hyperdiff.discrete`)."""
+        from .discrete.kinds import best_choices  # local: discrete builds on this module
+
+        return best_choices(self)
 
     def with_raw(self, raw: Mapping[str, Tensor]) -> HyperParameters:
         """A copy with new raw values."""

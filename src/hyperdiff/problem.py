@@ -244,6 +244,12 @@ def make_problem(
                     f"hypergradient: {spec.kind} hyperparameter {coef!r} must be defined over "
                     f"the trained parameters {list(params)} (got {list(spec.param_names)})"
                 )
+            if spec.kind in ("categorical", "integer", "boolean"):
+                raise HyperdiffError(
+                    f"hypergradient: optimizer coefficient {coef_name}={coef!r} must be a "
+                    f"continuous hyperparameter (got the discrete {spec.kind} {coef!r}; read it "
+                    "in the loss with hd.choose)"
+                )
             if spec.kind == "per_feature":
                 raise HyperdiffError(
                     f"hypergradient: optimizer coefficient {coef_name}={coef!r} must be a scalar, "
@@ -343,7 +349,8 @@ def _probe(problem: Problem) -> None:
             stacklevel=3,
         )
     grads = torch.autograd.grad(sum_in_order(losses), list(raw.values()), allow_unused=True)
-    unused = [n for n, g in zip(raw, grads, strict=True) if g is None]
+    unused = [n for n, g in zip(raw, grads, strict=True)  # REINFORCE logits: estimated apart
+              if g is None and getattr(problem.hparams[n], "mode", None) != "reinforce"]
     for name in unused:
         reason = (
             "the validation loss: train_loss does not depend on the parameters, so training "

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .discrete.report import SearchChoices
 from .errors import HyperdiffError, positive_int
 from .history import StepRecord
 from .tasks.base import SearchRange, Task
@@ -129,18 +130,20 @@ def dimensions(task: Task, per_coordinate: Iterable[str] = ()) -> list[Dimension
     sizes = {name: spec.numel() for name, spec in task.hparams.raw.items()}
     dims = []
     for name, rng in task.search_space.items():
-        if name in per_coordinate:
+        if name in per_coordinate and not isinstance(rng, SearchChoices):  # a choice: one dim
             dims += [Dimension(name, i, rng) for i in range(sizes[name])]
         else:
             dims.append(Dimension(name, None, rng))
     return dims
 
 
-def assemble_values(dims: Sequence[Dimension], point: Sequence[float]) -> Values:
+def assemble_values(dims: Sequence[Dimension], point: Sequence[Any]) -> Values:
     """Natural values from one number per dimension (vectors become lists)."""
     values: Values = {}
     for dim, x in zip(dims, point, strict=True):
-        if dim.index is None:
+        if isinstance(dim.range, SearchChoices):  # a discrete choice keeps its label
+            values[dim.name] = x
+        elif dim.index is None:
             values[dim.name] = float(x)
         else:
             values.setdefault(dim.name, []).append(float(x))
@@ -196,12 +199,15 @@ def run_points(
     return SearchResult(method, tuple(trials))
 
 
-def sample_point(dims: Sequence[Dimension], rng: np.random.Generator) -> list[float]:
-    """One uniform draw per dimension (uniform in log space for log ranges)."""
+def sample_point(dims: Sequence[Dimension], rng: np.random.Generator) -> list[Any]:
+    """One uniform draw per dimension (uniform in log space for log ranges; a uniform choice
+    for a discrete dimension)."""
     point = []
     for dim in dims:
         low, high = dim.range.low, dim.range.high
-        if dim.range.log:
+        if isinstance(dim.range, SearchChoices):
+            point.append(dim.range.choices[int(rng.integers(len(dim.range.choices)))])
+        elif dim.range.log:
             point.append(math.exp(rng.uniform(math.log(low), math.log(high))))
         else:
             point.append(rng.uniform(low, high))
@@ -262,7 +268,9 @@ def tpe_search(
     per = trainings_per_trial(task, objective)
     for number in range(budget):
         trial = study.ask()
-        point = [trial.suggest_float(d.label, d.range.low, d.range.high, log=d.range.log)
+        point = [trial.suggest_categorical(d.label, list(d.range.choices))
+                 if isinstance(d.range, SearchChoices) else
+                 trial.suggest_float(d.label, d.range.low, d.range.high, log=d.range.log)
                  for d in dims]
         values = assemble_values(dims, point)
         loss, metrics = evaluate_trial(task, values, seed=seed, objective=objective)

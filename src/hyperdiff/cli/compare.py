@@ -123,6 +123,8 @@ def evaluate_values(task: Any, values: Mapping[str, Any], seeds: Sequence[int]
     """Retrain at natural ``values`` (lists for per-coordinate vectors) on ``seeds``."""
     import torch
 
+    if hasattr(task, "evaluate_values"):  # a task with discrete choices maps their labels
+        return task.evaluate_values(values, seeds)
     natural = {n: torch.tensor(v, dtype=torch.float64, device="cpu") for n, v in values.items()}
     return task.evaluate(task.hparams.with_natural(**natural).raw, seeds=tuple(seeds))
 

@@ -25,6 +25,9 @@ TASKS: dict[str, str] = {
     "logistic_digits": "hyperdiff.tasks.logistic_digits",
     "mlp_digits": "hyperdiff.tasks.mlp",
     "reweight_digits": "hyperdiff.tasks.reweight",
+    "arch_digits": "hyperdiff.tasks.arch_digits",
+    "arch_digits_gumbel": "hyperdiff.tasks.arch_digits_gumbel",
+    "arch_digits_reinforce": "hyperdiff.tasks.arch_digits_reinforce",
     "horizon_digits": "hyperdiff.tasks.horizon",
 }
 DEFAULT_TASK = "reweight_digits"

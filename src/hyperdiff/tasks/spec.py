@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -98,6 +98,7 @@ class TaskSpec:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     cross_validation: bool | str = True
     probe: bool = True
+    task_type: type[Task] = Task
 
     def build(self, *, steps: int | None = None, selection_fraction: float = 0.5,
               cv_folds: int = 0, data_seed: int = 0) -> Task:
@@ -113,8 +114,12 @@ class TaskSpec:
             raise HyperdiffError(f"{self.name}: task.cv_folds must be 0 (got {cv_folds}): "
                                  f"{reason}")
         if isinstance(self.data, GivenSplits):
-            return self._build_given(steps, selection_fraction, cv_folds, data_seed)
-        return self._build_rows(steps, selection_fraction, cv_folds, data_seed)
+            built = self._build_given(steps, selection_fraction, cv_folds, data_seed)
+        else:
+            built = self._build_rows(steps, selection_fraction, cv_folds, data_seed)
+        if self.task_type is Task:
+            return built
+        return self.task_type(**{f.name: getattr(built, f.name) for f in fields(Task)})
 
     # ------------------------------------------------------------------ internals
     def _build_rows(self, steps: int, selection_fraction: float, cv_folds: int,
@@ -231,7 +236,7 @@ def task(
     prepare: Callable[[Any, Splits], Any] | None = None,
     summarize: Callable[[Mapping[str, Tensor], TaskData], dict[str, float]] | None = None,
     description: str = "", defaults: Mapping[str, Any] | None = None,
-    cross_validation: bool | str = True, probe: bool = True,
+    cross_validation: bool | str = True, probe: bool = True, task_type: type[Task] = Task,
 ) -> TaskSpec:
     """Describe a tuning task; return a :class:`TaskSpec` (build it with ``.build()``).
 
@@ -265,6 +270,9 @@ def task(
             (``{"outer.lr": 0.1}``); ``inner.steps`` defaults to ``steps``.
         cross_validation: ``True``, or a string saying why ``task.cv_folds`` is refused.
         probe: run two differentiable steps once at build time to check the losses.
+        task_type: the :class:`Task` subclass that ``build`` returns (e.g.
+            :class:`~hyperdiff.discrete.report.DiscreteTask`, whose reports retrain the
+            discretised model).
     """
     if not isinstance(name, str) or not name:
         raise HyperdiffError(f"task: name must be a non-empty string (got {describe(name)})")
@@ -286,7 +294,7 @@ def task(
         batch_size=batch_size, metrics=metrics, search_space=search_space, stratify=stratify,
         test_fraction=test_fraction, val_fraction=val_fraction, prepare=prepare,
         summarize=summarize, description=description, defaults=dict(defaults or {}),
-        cross_validation=cross_validation, probe=probe,
+        cross_validation=cross_validation, probe=probe, task_type=task_type,
     )
 
 
