@@ -242,9 +242,12 @@ def _probe(problem: Problem) -> None:
         raise
     except RuntimeError as err:
         shapes = {n: tuple(v.shape) for n, v in raw.items()}
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in problem.params.values()})
+        data = describe(problem.val_data[0]) if problem.val_data else "none"
         raise HyperdiffError(
             "hypergradient: the losses or the optimizer failed on the given data and "
-            f"hyperparameters (shapes {shapes}): {err}"
+            f"hyperparameters (hyperparameter shapes {shapes}; parameters "
+            f"{'/'.join(dtypes)} on {problem.device}; a validation batch: {data}): {err}"
         ) from err
     grads = torch.autograd.grad(sum_in_order(losses), list(raw.values()), allow_unused=True)
     unused = [n for n, g in zip(raw, grads, strict=True) if g is None]
