@@ -254,7 +254,7 @@ def probe_metrics(name: str, metrics: Metrics, problem: Problem, hparams: HyperP
                              "report and black-box search (hyperdiff compare) read on each "
                              f"split (got the keys {sorted(map(str, values))})")
     for key, value in values.items():
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) or (
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
             isinstance(value, Tensor) and value.numel() == 1)
         if not isinstance(key, str) or not ok:
             raise HyperdiffError(f"task {name}: metrics must return a dict {{name: number}}; "
