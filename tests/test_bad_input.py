@@ -171,7 +171,7 @@ def test_shape_errors_print_hyperparameter_parameter_and_data_shapes():
     text = str(info.value)
     assert "hyperparameter shapes {'lam': (5,)}" in text
     assert "parameter shapes {'w': (3,)}" in text
-    assert "train batch of step 0: batch[0] (12, 3), batch[1] (12,)" in text
+    assert "train batch of step 0: batch[0] (12, 3) float64, batch[1] (12,) float64" in text
 
 
 # --- which losses receive the context -------------------------------------------------------

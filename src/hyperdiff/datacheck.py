@@ -32,8 +32,10 @@ def tensors_in(batch: Batch, label: str = "batch") -> Iterator[tuple[str, Tensor
 
 
 def shapes_of(batch: Batch) -> str:
-    """``"batch[0] (12, 3), batch[1] (12,)"``: the shapes of a batch's tensors."""
-    parts = [f"{label} {tuple(t.shape)}" for label, t in tensors_in(batch)]
+    """``"batch[0] (12, 3) float32, batch[1] (12,) int64"``: shapes and dtypes of a batch's
+    tensors."""
+    parts = [f"{label} {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+             for label, t in tensors_in(batch)]
     return ", ".join(parts) if parts else type(batch).__name__
 
 

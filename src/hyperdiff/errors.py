@@ -32,7 +32,15 @@ def describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         if value.numel() <= 6:
             return f"tensor({value.detach().cpu().tolist()})"
-        return f"tensor of shape {tuple(value.shape)}"
+        return f"tensor of shape {tuple(value.shape)} ({str(value.dtype).removeprefix('torch.')})"
+    if isinstance(value, dict) and value and all(isinstance(v, torch.Tensor)
+                                                 for v in value.values()):
+        return "a dict of tensors {" + ", ".join(
+            f"{k!r}: {describe(v)}" for k, v in list(value.items())[:6]) + "}"
+    if isinstance(value, (tuple, list)) and value and len(value) <= 6 and all(
+            isinstance(v, torch.Tensor) for v in value):
+        kind = "tuple" if isinstance(value, tuple) else "list"
+        return f"a {kind} of tensors (" + ", ".join(describe(v) for v in value) + ")"
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 

@@ -291,12 +291,13 @@ def format_table(result: Mapping[str, Any]) -> str:
     labels = {"val": val_label, "selection": "selection loss",
               "test": "test loss (held out)"}
     for split, label in labels.items():
-        if split in initial["metrics"]:
+        if "loss" in initial["metrics"].get(split, {}):  # a user's metrics may have no loss
             rows.append((label, f"{initial['metrics'][split]['loss']:.4f}",
                          f"{tuned['metrics'][split]['loss']:.4f}"))
-    if "accuracy" in initial["metrics"]["test"]:
-        rows.append(("test accuracy (held out)", f"{initial['metrics']['test']['accuracy']:.4f}",
-                     f"{tuned['metrics']['test']['accuracy']:.4f}"))
+    for key in initial["metrics"]["test"]:  # every other metric of the task, on the test split
+        if key != "loss" and key in tuned["metrics"]["test"]:
+            rows.append((f"test {key} (held out)", f"{initial['metrics']['test'][key]:.4f}",
+                         f"{tuned['metrics']['test'][key]:.4f}"))
     width = max(len(r[0]) for r in rows) + 2
     col = max(12, *(len(r[1]) for r in rows)) + 2
     lines = [

@@ -379,8 +379,10 @@ def _shapes_text(problem: Problem, raw: dict[str, Tensor]) -> str:
     """Shapes of everything a loss sees, for errors: hyperparameters, parameters, data."""
     hshapes = {n: tuple(v.shape) for n, v in raw.items()}
     pshapes = {n: tuple(v.shape) for n, v in problem.params.items()}
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in problem.params.values()})
     return (
-        f"hyperparameter shapes {hshapes}; parameter shapes {pshapes}; train batch of step 0: "
+        f"hyperparameter shapes {hshapes}; parameter shapes {pshapes} "
+        f"({'/'.join(dtypes)} on {problem.device}); train batch of step 0: "
         f"{shapes_of(problem.train_data.batch(0, problem.seed))}; validation batch: "
         f"{shapes_of(problem.val_data[0])}"
     )

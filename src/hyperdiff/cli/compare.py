@@ -148,8 +148,9 @@ def format_comparison(report: Mapping[str, Any]) -> str:
     for row in report["methods"]:
         test = row["winner_metrics"]["test"]
         acc = f"{test['accuracy']:.4f}" if "accuracy" in test else "-"
+        loss = f"{test['loss']:.4f}" if "loss" in test else "-"  # a user's metrics may lack it
         lines.append(f"{row['method']:<12}{row['trainings']:>10}{row['time_s']:>9.1f}"
-                     f"{row['best_val_loss']:>10.4f}{test['loss']:>11.4f}{acc:>10}")
+                     f"{row['best_val_loss']:>10.4f}{loss:>11}{acc:>10}")
     picked = report["methods"][0]["picked_by"].replace("_", " ")
     folds = report.get("cv_folds") or 0
     what = (f"the mean validation loss over {folds} cross-validation folds, which every method "

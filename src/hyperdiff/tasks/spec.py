@@ -203,7 +203,9 @@ class TaskSpec:
             tensors = (train,) if isinstance(train, Tensor) else train
             if not isinstance(tensors, tuple) or not all(isinstance(t, Tensor) for t in tensors):
                 raise HyperdiffError(f"{self.name}: batch_size needs the training data as a "
-                                     f"tensor or a tuple of tensors (got {describe(train)})")
+                                     f"tensor or a tuple of tensors (got {describe(train)}); "
+                                     "for dict batches pass batch_size=None (full batch) or "
+                                     "hd.given_splits(train=a DataLoader of dicts, ...)")
             train = minibatches(*tensors, batch_size=self.batch_size)
         return make_problem(self.train_loss, self.val_loss, hparams, params,
                             buffers=buffers or None, optimizer=self.optimizer,
@@ -219,12 +221,49 @@ class TaskSpec:
             def summarize(values: Mapping[str, Tensor]) -> dict[str, float]:
                 return user(values, info)
 
+        if self.probe and self.metrics is not None:
+            probe_metrics(self.name, self.metrics, final, hparams, splits["val"][0])
         return Task(
             name=self.name, description=self.description, problems=problems,
             final_problem=final, splits=splits, metrics=self.metrics or loss_metrics(self),
             search_space=dict(self.search_space or default_search_space(hparams)),
             info=meta, summarize=summarize,
         )
+
+
+def probe_metrics(name: str, metrics: Metrics, problem: Problem, hparams: HyperParameters,
+                  batch: Batch) -> None:
+    """Call ``metrics`` once on ``batch`` at theta_0 in eval mode, so that a metrics function
+    that fails (e.g. a BatchNorm model called without ``ctx``) or returns something other
+    than ``{name: number}`` is refused when the task is built, not after the whole run."""
+    from ..models import StepContext  # local: as tasks.base does
+
+    with_ctx = takes_context(metrics, "metrics")
+    hview = hparams.view(problem.raw_tensors())
+    ctx = StepContext(step=-1, seed=0, train=False, buffers=dict(problem.buffers))
+    try:
+        with torch.no_grad():
+            values = (metrics(problem.params, hview, batch, ctx) if with_ctx
+                      else metrics(problem.params, hview, batch))
+    except HyperdiffError as err:
+        raise HyperdiffError(f"task {name}: metrics failed on the validation split at the "
+                             f"initial parameters: {err}") from None
+    except Exception as err:  # the user's code: name it instead of a deep traceback
+        raise HyperdiffError(f"task {name}: metrics failed on the validation split at the "
+                             f"initial parameters ({type(err).__name__}: {err})") from err
+    if not isinstance(values, Mapping) or not values:
+        raise HyperdiffError(f"task {name}: metrics must return a non-empty dict "
+                             f"{{name: number}} (got {describe(values)})")
+    if "loss" not in values:
+        raise HyperdiffError(f"task {name}: metrics must return a 'loss' entry, which the "
+                             "report and black-box search (hyperdiff compare) read on each "
+                             f"split (got the keys {sorted(map(str, values))})")
+    for key, value in values.items():
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
+            isinstance(value, Tensor) and value.numel() == 1)
+        if not isinstance(key, str) or not ok:
+            raise HyperdiffError(f"task {name}: metrics must return a dict {{name: number}}; "
+                                 f"entry {key!r} is {describe(value)}")
 
 
 def task(
