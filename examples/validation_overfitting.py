@@ -62,9 +62,10 @@ def main() -> None:
         if since >= args.patience:
             stop = i + 1
             break
+    stopped_at = rows[stop - 1]["step"] + 1
     choices = {"initial": rows[0], "best val": pick("val", len(rows)),
                "best selection": pick("selection", len(rows)),
-               f"early stop (at step {rows[stop - 1]['step'] + 1})": pick("selection", stop), "last": rows[-1]}
+               f"early stop (at step {stopped_at})": pick("selection", stop), "last": rows[-1]}
     print(f"{args.task}: {args.steps} outer steps, constant lr, test loss of each rule")
     for line in failed:
         print(f"failed {line}")
