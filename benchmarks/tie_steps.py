@@ -9,7 +9,7 @@ the data-seed-0 runs of ``logistic_digits`` the test loss at every outer step's 
 also recorded (same seeds), to tell whether a later step would have done better on test
 than the one the selection rule picked. Losses are deterministic; times are not reported.
 
-    OMP_NUM_THREADS=1 python benchmarks/tie_steps.py        # ~10 min on a loaded 2-core machine
+    OMP_NUM_THREADS=1 python benchmarks/tie_steps.py        # 3-10 min on a shared 2-core machine
 
 Writes benchmarks/results/tie_steps.json.
 """
