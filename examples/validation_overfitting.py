@@ -40,10 +40,13 @@ def main() -> None:
         lr=args.lr or defaults["outer.lr"], schedule="constant", selection=task.selection,
         stopping=Stopping(max_steps=args.steps, patience=None),
     )
-    rows = []
+    rows, failed = [], []
     for _ in range(args.steps):
         raw = opt.raw
         record = opt.step()
+        if record.status != "ok":  # the divergence guard restored the last good values
+            failed.append(f"step {record.step}: {record.message}")
+            continue
         test = task.evaluate(raw, seeds=(0,))["test"]
         rows.append({"step": record.step, "val": record.val_loss,
                      "selection": record.selection_loss, "test": test["loss"],
@@ -59,10 +62,13 @@ def main() -> None:
         if since >= args.patience:
             stop = i + 1
             break
+    stopped_at = rows[stop - 1]["step"] + 1
     choices = {"initial": rows[0], "best val": pick("val", len(rows)),
                "best selection": pick("selection", len(rows)),
-               f"early stop (at step {stop})": pick("selection", stop), "last": rows[-1]}
+               f"early stop (at step {stopped_at})": pick("selection", stop), "last": rows[-1]}
     print(f"{args.task}: {args.steps} outer steps, constant lr, test loss of each rule")
+    for line in failed:
+        print(f"failed {line}")
     print(f"{'rule':<28}{'step':>5}{'val':>9}{'selection':>11}{'test':>9}{'test acc':>10}")
     for name, r in choices.items():
         acc = "" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}"
@@ -70,7 +76,7 @@ def main() -> None:
               f"{r['test']:>9.4f}{acc:>10}")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"task": args.task, "rows": rows}, handle, indent=1)
+            json.dump({"task": args.task, "rows": rows, "failed": failed}, handle, indent=1)
 
 
 if __name__ == "__main__":
