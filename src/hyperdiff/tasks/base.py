@@ -30,6 +30,7 @@ from ..models import StepContext
 from ..problem import Problem, takes_context
 from ..training import initial_state, unroll, validation_loss
 from ..typing import Batch, Params
+from .metrics import split_metrics
 
 Metrics = Callable[..., dict[str, float]]
 """``metrics(params, hparams, batch)`` or ``metrics(params, hparams, batch, ctx)``."""
@@ -89,13 +90,11 @@ class Task:
                                                     segments=segments)
             with torch.no_grad():
                 for split, batches in self.splits.items():
-                    for batch in batches:
-                        ctx = StepContext(step=-1, seed=seed, train=False, buffers=buffers)
-                        values = (self.metrics(params, hview, batch, ctx) if with_ctx
-                                  else self.metrics(params, hview, batch))
-                        for key, value in values.items():
-                            total.setdefault(split, {}).setdefault(key, 0.0)
-                            total[split][key] += float(value) / (len(seeds) * len(batches))
+                    ctx = StepContext(step=-1, seed=seed, train=False, buffers=buffers)
+                    for key, value in split_metrics(self.metrics, with_ctx, params, hview,
+                                                    batches, ctx).items():
+                        total.setdefault(split, {}).setdefault(key, 0.0)
+                        total[split][key] += value / len(seeds)
             if progress is not None:
                 progress()
         return total

@@ -33,9 +33,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from ..constraints import Free, Interval
 from ..data import minibatches, validation_batches
+from ..data.evaluation import is_dataset_split
 from ..errors import HyperdiffError, describe, nonnegative_int, positive_int
 from ..hyperparams import HyperParameters
 from ..models import FunctionalModel
@@ -43,6 +45,7 @@ from ..optimizers import Optimizer
 from ..problem import Problem, make_problem, takes_context
 from ..typing import Batch, LossFn, Params
 from .base import Metrics, SearchRange, Task
+from .dataset_splits import split_size, test_split, train_source, validation_and_selection
 from .splits import Splits, fold_rows, split_given_rows, split_rows
 
 
@@ -159,8 +162,14 @@ class TaskSpec:
         if cv_folds:
             raise HyperdiffError(f"{self.name}: task.cv_folds must be 0 with given_splits (got "
                                  f"{cv_folds}): folds need the whole data set as data=")
-        val, selection = validation_batches(given.val), given.selection
-        if selection is None and selection_fraction > 0:
+        streamed = is_dataset_split(given.val)
+        if streamed:
+            val, selection = validation_and_selection(
+                given.val, given.selection, name=self.name, selection_fraction=selection_fraction,
+                seed=data_seed, stratify=self.stratify, batch_size=self.batch_size)
+        else:
+            val, selection = validation_batches(given.val), given.selection
+        if selection is None and selection_fraction > 0 and not streamed:
             if len(val) != 1:
                 raise HyperdiffError(
                     f"{self.name}: given_splits(selection=...) must be given when val is not "
@@ -175,13 +184,15 @@ class TaskSpec:
         info = TaskData(given, None, data_seed)
         hparams = self._hparams(info)
         model_params, buffers = model_state(self.model, self.name)
-        problem = self._problem(hparams, model_params, buffers, given.train, val, steps,
-                                self.probe)
+        problem = self._problem(hparams, model_params, buffers,
+                                train_source(given.train, self.batch_size, self.name), val,
+                                steps, self.probe)
         splits = {"val": val}
         if selection is not None:
             splits["selection"] = validation_batches(selection)
-        splits["test"] = validation_batches(given.test)
-        sizes = {k: sum(num_rows(b, self.name) for b in v) for k, v in splits.items()}
+        splits["test"] = (test_split(given.test, self.batch_size) if is_dataset_split(given.test)
+                          else validation_batches(given.test))
+        sizes = {k: split_size(v, lambda b: num_rows(b, self.name)) for k, v in splits.items()}
         return self._task((problem,), problem, splits, hparams, info,
                           {"sizes": sizes, "cv_folds": 0})
 
@@ -194,7 +205,7 @@ class TaskSpec:
 
     def _problem(self, hparams: HyperParameters, params: Params, buffers: Params,
                  train: Any, val: Any, steps: int, probe: bool) -> Problem:
-        if self.batch_size is not None:
+        if self.batch_size is not None and not isinstance(train, DataLoader):
             tensors = (train,) if isinstance(train, Tensor) else train
             if not isinstance(tensors, tuple) or not all(isinstance(t, Tensor) for t in tensors):
                 raise HyperdiffError(f"{self.name}: batch_size needs the training data as a "
