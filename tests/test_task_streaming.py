@@ -150,6 +150,22 @@ def test_augmentation_in_an_evaluation_split_replays_on_every_pass():
     assert workers.evaluate(raw, seeds=(1,))["test"] == first
 
 
+def test_a_lazy_split_moves_with_the_task():
+    """task_to_device (hyperdiff run --device/--dtype) moves each lazily read test batch;
+    oracle: the float64 report, to float32 rounding."""
+    from hyperdiff.device import task_to_device
+
+    task = ex.build(test=DataLoader(ex.Blobs(70, 3), batch_size=32)).build(selection_fraction=0.5)
+    moved = task_to_device(task, "cpu", torch.float32)
+    batch = next(iter(moved.splits["test"]))
+    assert batch[0].dtype == torch.float32 and batch[1].dtype == torch.int64
+    assert next(iter(task.splits["test"]))[0].dtype == torch.float64  # the original is kept
+    raw = task.hparams.raw
+    low, high = moved.evaluate(raw, seeds=(2,))["test"], task.evaluate(raw, seeds=(2,))["test"]
+    assert low["loss"] == pytest.approx(high["loss"], rel=1e-5)
+    assert moved.info["sizes"]["test"] == 70
+
+
 class NumpyNoise(ex.Blobs):
     def __getitem__(self, i):
         x, y = super().__getitem__(i)
@@ -159,7 +175,7 @@ class NumpyNoise(ex.Blobs):
 class Blobstream(torch.utils.data.IterableDataset):
     def __iter__(self):
         data = ex.Blobs(30, 1)
-        return iter(zip(data.x, data.y))
+        return iter(zip(data.x, data.y, strict=True))
 
 
 def test_bad_dataset_splits_are_refused_with_clear_errors():

@@ -87,10 +87,23 @@ class EvaluationSplit:
     """
 
     def __init__(self, name: str, passes: Callable[[], Iterator[Batch]],
-                 num_batches: int | None = None, num_samples: int | None = None):
-        self.name, self._passes = name, passes
+                 num_batches: int | None = None, num_samples: int | None = None,
+                 transform: Callable[[Batch], Batch] | None = None):
+        self.name, self._passes, self.transform = name, passes, transform
         self._num_batches, self._num_samples = num_batches, num_samples
         self._prints: list[bytes] | None = None
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None
+           ) -> EvaluationSplit:
+        """The same split with every batch moved to ``device`` (floating tensors cast to
+        ``dtype``) as it is read (``hyperdiff run --device``)."""
+        from ..device import move  # device imports this package
+
+        def moved(batch: Batch) -> Batch:
+            return move(batch if self.transform is None else self.transform(batch), device, dtype)
+
+        return EvaluationSplit(self.name, self._passes, self._num_batches, self._num_samples,
+                               moved)
 
     def __iter__(self) -> Iterator[Batch]:
         prints: list[bytes] = []
@@ -103,7 +116,7 @@ class EvaluationSplit:
                 raise self._changed(f"batch {j} differs from the first pass")
             prints.append(digest)
             samples += batch_rows(batch)
-            yield batch
+            yield batch if self.transform is None else self.transform(batch)
         if not prints:
             raise HyperdiffError(f"data: the {self.name} split must hold at least one batch "
                                  "(got an empty pass)")

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..data.evaluation import EvaluationSplit
 from ..hyperparams import HParamView, HyperParameters
 from ..models import StepContext
 from ..problem import Problem, takes_context
@@ -54,7 +55,7 @@ class Task:
     description: str
     problems: tuple[Problem, ...]
     final_problem: Problem
-    splits: dict[str, list[Batch]]
+    splits: dict[str, list[Batch] | EvaluationSplit]
     metrics: Metrics
     search_space: dict[str, SearchRange]
     info: dict[str, Any] = field(default_factory=dict)

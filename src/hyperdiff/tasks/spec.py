@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 
 from ..constraints import Free, Interval
 from ..data import minibatches, validation_batches
-from ..data.evaluation import is_dataset_split
+from ..data.evaluation import EvaluationSplit, is_dataset_split
 from ..errors import HyperdiffError, describe, nonnegative_int, positive_int
 from ..hyperparams import HyperParameters
 from ..models import FunctionalModel
@@ -148,7 +148,8 @@ class TaskSpec:
         else:
             problems = (problem_for(rows.train, rows.val, self.probe),)
             final = problems[0]
-        splits = {"train": [take(data, rows.train)], "val": [take(data, rows.val)]}
+        splits: dict[str, list[Batch] | EvaluationSplit] = {
+            "train": [take(data, rows.train)], "val": [take(data, rows.val)]}
         if rows.selection.numel():
             splits["selection"] = [take(data, rows.selection)]
         splits["test"] = [take(data, rows.test)]
@@ -187,7 +188,7 @@ class TaskSpec:
         problem = self._problem(hparams, model_params, buffers,
                                 train_source(given.train, self.batch_size, self.name), val,
                                 steps, self.probe)
-        splits = {"val": val}
+        splits: dict[str, list[Batch] | EvaluationSplit] = {"val": val}
         if selection is not None:
             splits["selection"] = validation_batches(selection)
         splits["test"] = (test_split(given.test, self.batch_size) if is_dataset_split(given.test)
@@ -216,7 +217,8 @@ class TaskSpec:
                             train_data=train, val_data=val, steps=steps, probe=probe)
 
     def _task(self, problems: tuple[Problem, ...], final: Problem,
-              splits: dict[str, list[Batch]], hparams: HyperParameters, info: TaskData,
+              splits: dict[str, list[Batch] | EvaluationSplit], hparams: HyperParameters,
+              info: TaskData,
               meta: dict[str, Any]) -> Task:
         summarize = None
         if self.summarize is not None:
