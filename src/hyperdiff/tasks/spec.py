@@ -60,10 +60,13 @@ class GivenSplits:
 
 
 def given_splits(*, train: Any, val: Any, test: Any, selection: Any = None) -> GivenSplits:
-    """Use these splits as they are. ``train``: anything ``make_problem`` takes as train_data;
-    ``val``, ``test``, ``selection``: a batch or a list / iterable of batches. Without
-    ``selection``, ``selection_fraction`` of ``val`` is taken out of it (``val`` must then be
-    one batch). Cross-validation needs the whole data set, so it is refused here."""
+    """Use these splits as they are. ``train``: anything ``make_problem`` takes as train_data,
+    or a map-style ``Dataset`` (trained in shuffled batches of the task's ``batch_size``);
+    ``val``, ``test``, ``selection``: a batch, a list of batches, or a ``Dataset`` /
+    ``DataLoader`` / generator function (read in batches; the test split lazily at every report,
+    see :mod:`hyperdiff.tasks.dataset_splits`). Without ``selection``, ``selection_fraction`` of
+    ``val`` is taken out of it (``val`` must then be one batch or a map-style data set).
+    Cross-validation needs the whole data set, so it is refused here."""
     return GivenSplits(train=train, val=val, test=test, selection=selection)
 
 
@@ -258,9 +261,11 @@ def task(
             number of training rows).
         optimizer: the inner optimizer (``hd.sgd``, ``hd.adam``, ``hd.adamw``).
         data: the whole data set as one batch (hyperdiff splits its rows), or
-            :func:`given_splits`.
+            :func:`given_splits` (tensors, lists of batches, ``Dataset`` s, ``DataLoader`` s).
         steps: default inner steps T (``inner.steps`` overrides it).
-        batch_size: train on seeded minibatches of this size (``None``: full batch).
+        batch_size: train on seeded minibatches of this size (``None``: full batch); with
+            :func:`given_splits`, the batch size of a bare ``Dataset`` split (evaluation
+            splits default to 256).
         metrics: ``metrics(params, hparams, batch[, ctx]) -> {name: float}`` for reports;
             ``ctx.buffers`` are the trained buffers, ``ctx.train`` is False (eval mode).
             Default: ``{"loss": val_loss}``.
@@ -325,7 +330,8 @@ def num_rows(data: Any, name: str) -> int:
     if not tensors or not all(isinstance(t, Tensor) and t.dim() >= 1 for t in tensors):
         raise HyperdiffError(f"{name}: data must be a tensor, a tuple or a dict of tensors with "
                              f"one row per example, or hd.given_splits(...) (got "
-                             f"{describe(data)})")
+                             f"{describe(data)}; a Dataset or DataLoader goes in "
+                             "hd.given_splits(train=, val=, test=))")
     sizes = {int(t.shape[0]) for t in tensors}
     if len(sizes) != 1:
         raise HyperdiffError(f"{name}: data's tensors must share their first dimension (got "
