@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from .data import BatchSource
+from .data.evaluation import EvaluationSplit
 from .errors import HyperdiffError, describe
 from .typing import Batch
 
@@ -201,7 +202,8 @@ def task_to_device(task: Any, device: torch.device | str,
     if "final_problem" in names:
         changes["final_problem"] = to_device(task.final_problem, device, dtype)
     if "splits" in names:
-        changes["splits"] = {k: move(v, device, dtype) for k, v in task.splits.items()}
+        changes["splits"] = {k: v.to(device, dtype) if isinstance(v, EvaluationSplit)
+                             else move(v, device, dtype) for k, v in task.splits.items()}
     return dataclasses.replace(task, **changes)
 
 

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from .data.evaluation import sample_weights
 from .errors import NonFiniteError
 from .hyperparams import HParamView
 from .models import StepContext
@@ -103,12 +104,16 @@ def unroll(
 
 
 def validation_loss(problem: Problem, params: Params, buffers: Params, hview: HParamView) -> Tensor:
-    """Mean validation loss over the validation batches, model in eval mode."""
+    """Mean validation loss over the validation batches, model in eval mode; batches of
+    different sizes are weighted by their sample counts (``sum_b n_b L_b / sum_b n_b``)."""
     losses = [
         call_loss(problem, "val_loss", params, hview, batch,
                   StepContext(step=-1, seed=problem.seed, train=False, buffers=buffers))
         for batch in problem.val_data
     ]
+    weights = sample_weights(problem.val_data)
+    if weights is not None:
+        return sum_in_order([w * loss for w, loss in zip(weights, losses, strict=True)])
     return sum_in_order(losses) / len(losses)
 
 

@@ -5,6 +5,7 @@ See ``docs/data.md`` and :func:`as_source` for what is accepted.
 """
 
 from .convert import as_source, describe_source, stream, validation_batches
+from .evaluation import EvaluationSplit, evaluation_split
 from .loader import LoaderStream
 from .replay import ReplayLog, check_batch, fingerprint
 from .sources import (
@@ -19,7 +20,8 @@ from .sources import (
 from .streaming import IterableStream, Streamed
 
 __all__ = [
-    "BatchSource", "FromCallable", "FullBatch", "IterableStream", "LoaderStream", "Minibatches",
-    "Recorded", "ReplayLog", "Sequence", "Streamed", "as_source", "check_batch",
-    "describe_source", "fingerprint", "minibatches", "stream", "validation_batches",
+    "BatchSource", "EvaluationSplit", "FromCallable", "FullBatch", "IterableStream",
+    "LoaderStream", "Minibatches", "Recorded", "ReplayLog", "Sequence", "Streamed", "as_source",
+    "check_batch", "describe_source", "evaluation_split", "fingerprint", "minibatches",
+    "stream", "validation_batches",
 ]

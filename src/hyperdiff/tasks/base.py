@@ -25,11 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..data.evaluation import EvaluationSplit
 from ..hyperparams import HParamView, HyperParameters
 from ..models import StepContext
 from ..problem import Problem, takes_context
 from ..training import initial_state, unroll, validation_loss
 from ..typing import Batch, Params
+from .metrics import split_metrics
 
 Metrics = Callable[..., dict[str, float]]
 """``metrics(params, hparams, batch)`` or ``metrics(params, hparams, batch, ctx)``."""
@@ -53,7 +55,7 @@ class Task:
     description: str
     problems: tuple[Problem, ...]
     final_problem: Problem
-    splits: dict[str, list[Batch]]
+    splits: dict[str, list[Batch] | EvaluationSplit]
     metrics: Metrics
     search_space: dict[str, SearchRange]
     info: dict[str, Any] = field(default_factory=dict)
@@ -97,19 +99,14 @@ class Task:
     def metrics_at(self, params: Params, buffers: Params, hview: HParamView, *, seed: int = 0
                    ) -> dict[str, dict[str, float]]:
         """The metrics of every split at trained ``params`` / ``buffers`` (eval mode), averaged
-        over each split's batches: ``{split: {"loss": ..., ...}}``."""
+        over each split's samples (:func:`~hyperdiff.tasks.metrics.split_metrics`):
+        ``{split: {"loss": ..., ...}}``."""
         with_ctx = takes_context(self.metrics, "metrics")
-        out: dict[str, dict[str, float]] = {}
         with torch.no_grad():
-            for split, batches in self.splits.items():
-                for batch in batches:
-                    ctx = StepContext(step=-1, seed=seed, train=False, buffers=buffers)
-                    values = (self.metrics(params, hview, batch, ctx) if with_ctx
-                              else self.metrics(params, hview, batch))
-                    for key, value in values.items():
-                        out.setdefault(split, {}).setdefault(key, 0.0)
-                        out[split][key] += float(value) / len(batches)
-        return out
+            return {split: split_metrics(self.metrics, with_ctx, params, hview, batches,
+                                         StepContext(step=-1, seed=seed, train=False,
+                                                     buffers=buffers))
+                    for split, batches in self.splits.items()}
 
     def outer_loss(self, values: Mapping[str, float | Tensor], seed: int = 0) -> float:
         """The loss hypergradients descend, at natural ``values``: the validation loss of each

@@ -33,9 +33,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from ..constraints import Free, Interval
 from ..data import minibatches, validation_batches
+from ..data.evaluation import EvaluationSplit, is_dataset_split
 from ..errors import HyperdiffError, describe, nonnegative_int, positive_int
 from ..hyperparams import HyperParameters
 from ..models import FunctionalModel
@@ -43,6 +45,7 @@ from ..optimizers import Optimizer
 from ..problem import Problem, make_problem, takes_context
 from ..typing import Batch, LossFn, Params
 from .base import Metrics, SearchRange, Task
+from .dataset_splits import split_size, test_split, train_source, validation_and_selection
 from .splits import Splits, fold_rows, split_given_rows, split_rows
 
 
@@ -57,10 +60,13 @@ class GivenSplits:
 
 
 def given_splits(*, train: Any, val: Any, test: Any, selection: Any = None) -> GivenSplits:
-    """Use these splits as they are. ``train``: anything ``make_problem`` takes as train_data;
-    ``val``, ``test``, ``selection``: a batch or a list / iterable of batches. Without
-    ``selection``, ``selection_fraction`` of ``val`` is taken out of it (``val`` must then be
-    one batch). Cross-validation needs the whole data set, so it is refused here."""
+    """Use these splits as they are. ``train``: anything ``make_problem`` takes as train_data,
+    or a map-style ``Dataset`` (trained in shuffled batches of the task's ``batch_size``);
+    ``val``, ``test``, ``selection``: a batch, a list of batches, or a ``Dataset`` /
+    ``DataLoader`` / generator function (read in batches; the test split lazily at every report,
+    see :mod:`hyperdiff.tasks.dataset_splits`). Without ``selection``, ``selection_fraction`` of
+    ``val`` is taken out of it (``val`` must then be one batch or a map-style data set).
+    Cross-validation needs the whole data set, so it is refused here."""
     return GivenSplits(train=train, val=val, test=test, selection=selection)
 
 
@@ -150,7 +156,8 @@ class TaskSpec:
         else:
             problems = (problem_for(rows.train, rows.val, self.probe),)
             final = problems[0]
-        splits = {"train": [take(data, rows.train)], "val": [take(data, rows.val)]}
+        splits: dict[str, list[Batch] | EvaluationSplit] = {
+            "train": [take(data, rows.train)], "val": [take(data, rows.val)]}
         if rows.selection.numel():
             splits["selection"] = [take(data, rows.selection)]
         splits["test"] = [take(data, rows.test)]
@@ -164,8 +171,14 @@ class TaskSpec:
         if cv_folds:
             raise HyperdiffError(f"{self.name}: task.cv_folds must be 0 with given_splits (got "
                                  f"{cv_folds}): folds need the whole data set as data=")
-        val, selection = validation_batches(given.val), given.selection
-        if selection is None and selection_fraction > 0:
+        streamed = is_dataset_split(given.val)
+        if streamed:
+            val, selection = validation_and_selection(
+                given.val, given.selection, name=self.name, selection_fraction=selection_fraction,
+                seed=data_seed, stratify=self.stratify, batch_size=self.batch_size)
+        else:
+            val, selection = validation_batches(given.val), given.selection
+        if selection is None and selection_fraction > 0 and not streamed:
             if len(val) != 1:
                 raise HyperdiffError(
                     f"{self.name}: given_splits(selection=...) must be given when val is not "
@@ -180,13 +193,15 @@ class TaskSpec:
         info = TaskData(given, None, data_seed)
         hparams = self._hparams(info)
         model_params, buffers = model_state(self.model, self.name)
-        problem = self._problem(hparams, model_params, buffers, given.train, val, steps,
-                                self.probe)
-        splits = {"val": val}
+        problem = self._problem(hparams, model_params, buffers,
+                                train_source(given.train, self.batch_size, self.name), val,
+                                steps, self.probe)
+        splits: dict[str, list[Batch] | EvaluationSplit] = {"val": val}
         if selection is not None:
             splits["selection"] = validation_batches(selection)
-        splits["test"] = validation_batches(given.test)
-        sizes = {k: sum(num_rows(b, self.name) for b in v) for k, v in splits.items()}
+        splits["test"] = (test_split(given.test, self.batch_size) if is_dataset_split(given.test)
+                          else validation_batches(given.test))
+        sizes = {k: split_size(v, lambda b: num_rows(b, self.name)) for k, v in splits.items()}
         return self._task((problem,), problem, splits, hparams, info,
                           {"sizes": sizes, "cv_folds": 0})
 
@@ -199,7 +214,7 @@ class TaskSpec:
 
     def _problem(self, hparams: HyperParameters, params: Params, buffers: Params,
                  train: Any, val: Any, steps: int, probe: bool) -> Problem:
-        if self.batch_size is not None:
+        if self.batch_size is not None and not isinstance(train, DataLoader):
             tensors = (train,) if isinstance(train, Tensor) else train
             if not isinstance(tensors, tuple) or not all(isinstance(t, Tensor) for t in tensors):
                 raise HyperdiffError(f"{self.name}: batch_size needs the training data as a "
@@ -212,7 +227,8 @@ class TaskSpec:
                             train_data=train, val_data=val, steps=steps, probe=probe)
 
     def _task(self, problems: tuple[Problem, ...], final: Problem,
-              splits: dict[str, list[Batch]], hparams: HyperParameters, info: TaskData,
+              splits: dict[str, list[Batch] | EvaluationSplit], hparams: HyperParameters,
+              info: TaskData,
               meta: dict[str, Any]) -> Task:
         summarize = None
         if self.summarize is not None:
@@ -222,7 +238,7 @@ class TaskSpec:
                 return user(values, info)
 
         if self.probe and self.metrics is not None:
-            probe_metrics(self.name, self.metrics, final, hparams, splits["val"][0])
+            probe_metrics(self.name, self.metrics, final, hparams, next(iter(splits["val"])))
         return Task(
             name=self.name, description=self.description, problems=problems,
             final_problem=final, splits=splits, metrics=self.metrics or loss_metrics(self),
@@ -289,9 +305,11 @@ def task(
             number of training rows).
         optimizer: the inner optimizer (``hd.sgd``, ``hd.adam``, ``hd.adamw``).
         data: the whole data set as one batch (hyperdiff splits its rows), or
-            :func:`given_splits`.
+            :func:`given_splits` (tensors, lists of batches, ``Dataset`` s, ``DataLoader`` s).
         steps: default inner steps T (``inner.steps`` overrides it).
-        batch_size: train on seeded minibatches of this size (``None``: full batch).
+        batch_size: train on seeded minibatches of this size (``None``: full batch); with
+            :func:`given_splits`, the batch size of a bare ``Dataset`` split (evaluation
+            splits default to 256).
         metrics: ``metrics(params, hparams, batch[, ctx]) -> {name: float}`` for reports;
             ``ctx.buffers`` are the trained buffers, ``ctx.train`` is False (eval mode).
             Default: ``{"loss": val_loss}``.
@@ -359,7 +377,8 @@ def num_rows(data: Any, name: str) -> int:
     if not tensors or not all(isinstance(t, Tensor) and t.dim() >= 1 for t in tensors):
         raise HyperdiffError(f"{name}: data must be a tensor, a tuple or a dict of tensors with "
                              f"one row per example, or hd.given_splits(...) (got "
-                             f"{describe(data)})")
+                             f"{describe(data)}; a Dataset or DataLoader goes in "
+                             "hd.given_splits(train=, val=, test=))")
     sizes = {int(t.shape[0]) for t in tensors}
     if len(sizes) != 1:
         raise HyperdiffError(f"{name}: data's tensors must share their first dimension (got "
