@@ -151,7 +151,8 @@ def test_tensorboard_without_the_package_is_one_clear_error(tmp_path, monkeypatc
      ("user_task_example:raises", "RuntimeError: the data server is down"),
      ("user_task_example:returns_a_dict", "must return hd.task(...) (got dict)"),
      ("user_task_example:", "'package.module:factory'"),
-     ("ridge_diabets", "did you mean ridge_diabetes?")],
+     ("ridge_diabets", "did you mean ridge_diabetes?"),
+     ("examples/own_task.py", "did you mean 'examples/own_task.py:build'")],
 )
 def test_bad_task_references_give_one_clear_error(tmp_path, capsys, ref, expected):
     assert main(["run", "--task", ref, "--out", str(tmp_path / "run"), "--quiet"]) == 2

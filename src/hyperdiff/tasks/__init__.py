@@ -43,6 +43,8 @@ def check_task_name(name: str, what: str = "tasks: name") -> str:
         return name
     close = difflib.get_close_matches(name, list(TASKS), n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
+    if ":" not in name and (name.endswith(".py") or "." in name):  # a reference without factory
+        hint = f" (did you mean {name + ':build'!r}, naming the factory function?)"
     raise HyperdiffError(
         f"{what} must be one of {list(TASKS)}, or 'package.module:factory' / "
         f"'path/to/file.py:factory' naming your own task (got {name!r}){hint}"
