@@ -9,26 +9,22 @@ other sources (a ``DataLoader``, an iterator, ``fn(step)``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .data.replay import leaves
 from .errors import HyperdiffError
 from .typing import Batch
 
 
 def tensors_in(batch: Batch, label: str = "batch") -> Iterator[tuple[str, Tensor]]:
     """``(label, tensor)`` for every tensor in a tensor, tuple/list or dict batch."""
-    if isinstance(batch, Tensor):
-        yield label, batch
-    elif isinstance(batch, Mapping):
-        for key, value in batch.items():
-            yield from tensors_in(value, f"{label}[{key!r}]")
-    elif isinstance(batch, (tuple, list)):
-        for i, value in enumerate(batch):
-            yield from tensors_in(value, f"{label}[{i}]")
+    for path, leaf in leaves(batch, label):
+        if isinstance(leaf, Tensor):
+            yield path, leaf
 
 
 def shapes_of(batch: Batch) -> str:

@@ -23,8 +23,8 @@ from ..hyperparams import HParamView, HyperParameters, scalar
 from ..optimizers import sgd
 from ..schedules import schedule
 from ..typing import Batch, Params
-from .base import SearchRange, classification_metrics
-from .mlp import forward, init_mlp, load_digits_data
+from .base import SearchRange
+from .mlp import forward, init_mlp, load_digits_data, metrics, val_loss
 from .spec import TaskSpec, task
 
 SUMMARY = "MLP on digits trained 2000 minibatch steps: a schedule for the full horizon"
@@ -43,16 +43,6 @@ def train_loss(params: Params, hparams: HParamView, batch: Batch) -> Tensor:
     x, y = batch
     decay = sum((p**2).sum() for n, p in params.items() if n.startswith("W"))
     return torch.nn.functional.cross_entropy(forward(params, x), y) + hparams["wd"] * decay
-
-
-def val_loss(params: Params, hparams: HParamView, batch: Batch) -> Tensor:
-    x, y = batch
-    return torch.nn.functional.cross_entropy(forward(params, x), y)
-
-
-def metrics(params: Params, hparams: HParamView, batch: Batch) -> dict[str, float]:
-    x, y = batch
-    return classification_metrics(forward(params, x), y)
 
 
 def hyperparameters(steps: int, peak: float = INITIAL["peak"]) -> HyperParameters:
