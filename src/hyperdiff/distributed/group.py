@@ -17,6 +17,7 @@ stopped)"``, instead of a hang or an anonymous socket error.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -101,8 +102,11 @@ class Group:
                 return
 
     def close(self) -> None:
-        """Stop the heartbeat thread (the process group itself is left alone)."""
+        """Stop the heartbeat thread and wait for it (the process group itself is left alone):
+        a thread still inside a store call when the process exits aborts it."""
         self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=4 * HEARTBEAT_S)
 
     def silent_ranks(self, ranks: list[int]) -> dict[int, float]:
         """Of ``ranks``, those whose heartbeat is older than :data:`STALE_S`: rank -> age."""
@@ -257,10 +261,14 @@ def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S) -> Group | None:
 
 
 def forget_groups() -> None:
-    """Stop the heartbeats of every :class:`Group` made here (before destroying the groups)."""
+    """Stop the heartbeats of every :class:`Group` made here (before destroying the groups;
+    also run at exit)."""
     for group in _GROUPS.values():
         group.close()
     _GROUPS.clear()
+
+
+atexit.register(forget_groups)
 
 
 __all__ = ["Group", "LostRankError", "current_group", "forget_groups", "init_from_env"]
