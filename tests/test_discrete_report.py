@@ -130,3 +130,21 @@ def test_cli_resume_of_a_discrete_run_is_exact(tmp_path, capsys):
     ours, theirs = (json.loads((d / "result.json").read_text()) for d in (cut, full))
     assert ours["discrete"] == theirs["discrete"]
     assert ours["tuned"] == theirs["tuned"]
+
+
+def test_a_mode_and_temperature_from_the_cli_through_a_factory_file(tmp_path, capsys):
+    """docs/discrete.md's recipe: a two-line factory file picks the mode and its options."""
+    factory = tmp_path / "my_arch.py"
+    factory.write_text(
+        "from hyperdiff.tasks import arch_digits\n\n"
+        "def build(*, steps=100, data_seed=0):\n"
+        "    return arch_digits.build(steps=steps, data_seed=data_seed, mode='gumbel',\n"
+        "                             temperature=(2.0, 0.5))\n")
+    out = tmp_path / "run"
+    assert main(["run", "--task", f"{factory}:build", *QUICK, "--out", str(out)]) == 0
+    assert "relaxation gap" in capsys.readouterr().out
+    first, last = lines(out)[0], lines(out)[-1]
+    assert first["discrete"]["temperature"] == {"depth": 2.0, "width": 2.0, "activation": 2.0}
+    assert last["discrete"]["temperature"]["width"] == pytest.approx(0.5)
+    task = build_task(f"{factory}:build", steps=4)
+    assert {task.hparams[n].mode for n in ("depth", "width", "activation")} == {"gumbel"}
