@@ -236,7 +236,8 @@ def gap_lines(result: Mapping[str, Any]) -> list[str]:
     lines = ["", f"discretised (the tuned column): {chosen}, retrained from scratch;",
              f"relaxation gap: against the relaxed mixture at temperature {tau}", "",
              f"{'':<24}{'relaxed':<12}{'discretised':<13}gap"]
-    for split, text in SPLIT_LABELS.items():
+    labels = {**SPLIT_LABELS, **({"val": "val loss (CV pool)"} if result.get("cv_folds") else {})}
+    for split, text in labels.items():
         if split in part["gap"]:
             lines.append(f"{text:<24}{part['relaxed'][split]['loss']:<12.4f}"
                          f"{part['discretised'][split]['loss']:<13.4f}"
