@@ -204,7 +204,8 @@ def _run_locked(
 
     per_step = len(task.problems) * config.outer.samples
     bar = Progress(steps=config.stop.max_steps, done=driver.step_index, units_per_step=per_step,
-                   report_trainings=2 * config.report.seeds, enabled=progress, desc=task.name)
+                   report_trainings=(2 + hasattr(task, "final_report_extra"))
+                   * config.report.seeds, enabled=progress, desc=task.name)
     start_all(watchers, list(driver.history))
     try:
         outcome = driver.run(callbacks=[on_step, *watchers, bar], progress=False)
@@ -273,6 +274,9 @@ def final_report(task: Task, outcome: OptimizeResult, config: Config, *, elapsed
             "summary": task.summarize(natural) if task.summarize else {},
             "metrics": task.evaluate(raw, seeds=seeds, segments=segments, progress=progress),
         }
+    extra = getattr(task, "final_report_extra", None)  # e.g. discrete choices' relaxation gap
+    if extra is not None:
+        report.update(extra(outcome, report, seeds=seeds, segments=segments, progress=progress))
     return report
 
 
@@ -280,7 +284,14 @@ def format_table(result: Mapping[str, Any]) -> str:
     """The short initial-vs-tuned table that ``hyperdiff run`` prints."""
     initial, tuned = result["initial"], result["tuned"]
     rows: list[tuple[str, str, str]] = []
+    discrete = result.get("discrete")
+    if discrete:  # the chosen values, not probability summaries
+        from .discrete.report import choice_rows, gap_lines
+
+        rows.extend(choice_rows(result))
     for name in initial["hparams"]:
+        if discrete and name in discrete["choices"]:
+            continue
         a, b = initial["hparams"][name], tuned["hparams"][name]
         label = name if not isinstance(a, list) else f"{name} ({len(a)} values)"
         rows.append((label, _summary(a), _summary(b)))
@@ -307,6 +318,7 @@ def format_table(result: Mapping[str, Any]) -> str:
         "",
         f"{'':<{width}}{'initial':<{col}}tuned",
         *(f"{a:<{width}}{b:<{col}}{c}" for a, b, c in rows),
+        *(gap_lines(result) if discrete else []),
         "",
         f"test split: {result['sizes'].get('test', '?')} examples never used while tuning; "
         f"metrics averaged over {len(result['report_seeds'])} fresh training seeds",
