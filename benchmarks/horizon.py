@@ -9,7 +9,8 @@ Rows:
 (a) offline: ``HyperOptimizer`` (reverse mode, 30 outer steps, Adam, cosine decay, best step by
     the selection split) on unrolls of T = 50 / 200 / 1000 steps; the schedule's parameters
     are horizon-free, so the values tuned at T are applied unchanged at N.
-(b) online: one N-step run tuning as it trains (``hd.OnlineTuner``): reverse windows (K=50,
+(b) online: one N-step run tuning as it trains (``hd.OnlineTuner``): the task's default (reverse,
+    K=5, backprop through the last step, normalised SGD outer steps of 0.05), reverse windows (K=50,
     backprop through the last 10 steps; outer Adam lr 0.05 constant, and 0.2 with cosine
     decay), HD (reverse, K=1), RTHO (forward,
     K=10), online implicit (K=50, Neumann); all but implicit also started with lr_peak 10x too
@@ -106,8 +107,7 @@ def online_row(task: Task, label: str, peak: float, seeds, **options: Any) -> di
     elapsed = time.perf_counter() - started
     after = plain_time(task)
     hview = task.hparams.view(problem.raw_tensors(result.final_raw))
-    with torch.no_grad():
-        own = task.metrics(result.params, hview, task.splits["test"])
+    own = task.metrics_at(result.params, result.buffers, hview)["test"]
     return {"group": "b", "label": f"{label}, start lr_peak={peak:g}", "start": peak,
             "values": values_of(task, result.final_raw), "cost": 2 * elapsed / (before + after),
             "inner_steps_per_N": 1.0, "time_s": elapsed, "online_model_test_loss": own["loss"],
@@ -147,6 +147,9 @@ def black_box_rows(task: Task, base: float, seeds, budget: int, quick: bool
 def online_configs(quick: bool) -> list[tuple[str, dict[str, Any], tuple[float, ...]]]:
     starts = (START, START / 10, START * 10)
     return [
+        ("online reverse K=5 (backprop 1), normalised SGD lr 0.05 (task default)",
+         {"method": "reverse", "window": 5, "backprop": 1, "optimizer": "sgd",
+          "normalize": True, "lr": 0.05, "val_batch_size": 32}, starts),
         ("online reverse K=50 (backprop 10)",
          {"method": "reverse", "window": 50, "backprop": 10, "lr": 0.05, "val_batch_size": 128},
          starts),

@@ -33,9 +33,13 @@ DEFAULT_STEPS = 2000
 HIDDEN = 32
 BATCH_SIZE = 32
 MOMENTUM = 0.9
-DEFAULTS = {"inner.steps": DEFAULT_STEPS, "outer.mode": "online", "outer.window": 50,
-            "outer.backprop": 10, "outer.lr": 0.05, "outer.schedule": "constant",
-            "outer.val_batch": 128, "method.name": "reverse"}
+# online defaults: a hyper-step every 5 steps through the last one (HD-like, ~1.5x one plain
+# training), normalised SGD: every hyper-step moves the raw (log) values by 0.05 in L2, so 400
+# hyper-steps can travel a decade and back (docs/online.md, benchmarks/horizon.py)
+DEFAULTS = {"inner.steps": DEFAULT_STEPS, "outer.mode": "online", "outer.window": 5,
+            "outer.backprop": 1, "outer.optimizer": "sgd", "outer.normalize": True,
+            "outer.lr": 0.05, "outer.schedule": "constant",
+            "outer.val_batch": 32, "method.name": "reverse"}
 INITIAL = {"peak": 0.05, "warmup": 0.05, "final": 0.05, "wd": 1e-4}
 
 
