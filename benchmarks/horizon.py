@@ -9,7 +9,9 @@ Rows:
 (a) offline: ``HyperOptimizer`` (reverse mode, 30 outer steps, Adam, cosine decay, best step by
     the selection split) on unrolls of T = 50 / 200 / 1000 steps; the schedule's parameters
     are horizon-free, so the values tuned at T are applied unchanged at N.
-(b) online: one N-step run tuning as it trains (``hd.OnlineTuner``): reverse windows (K=50,
+(b) online: one N-step run tuning as it trains (``hd.OnlineTuner``): the task's default (reverse,
+    K=10, backprop through the last step, normalised SGD outer steps of 0.2 with cosine decay),
+    the same with K=5 (outer 0.1 cosine, 0.05 constant), reverse windows (K=50,
     backprop through the last 10 steps; outer Adam lr 0.05 constant, and 0.2 with cosine
     decay), HD (reverse, K=1), RTHO (forward,
     K=10), online implicit (K=50, Neumann); all but implicit also started with lr_peak 10x too
@@ -106,11 +108,11 @@ def online_row(task: Task, label: str, peak: float, seeds, **options: Any) -> di
     elapsed = time.perf_counter() - started
     after = plain_time(task)
     hview = task.hparams.view(problem.raw_tensors(result.final_raw))
-    with torch.no_grad():
-        own = task.metrics(result.params, hview, task.splits["test"])
+    own = task.metrics_at(result.params, result.buffers, hview)["test"]
     return {"group": "b", "label": f"{label}, start lr_peak={peak:g}", "start": peak,
             "values": values_of(task, result.final_raw), "cost": 2 * elapsed / (before + after),
             "inner_steps_per_N": 1.0, "time_s": elapsed, "online_model_test_loss": own["loss"],
+            "failed_windows": sum(r.status == "failed" for r in result.history),
             **evaluate(task, result.final_raw, seeds)}
 
 
@@ -147,6 +149,15 @@ def black_box_rows(task: Task, base: float, seeds, budget: int, quick: bool
 def online_configs(quick: bool) -> list[tuple[str, dict[str, Any], tuple[float, ...]]]:
     starts = (START, START / 10, START * 10)
     return [
+        ("online reverse K=10 (backprop 1), normalised SGD lr 0.2 cosine (task default)",
+         {"method": "reverse", "window": 10, "backprop": 1, "optimizer": "sgd",
+          "normalize": True, "lr": 0.2, "schedule": "cosine", "val_batch_size": 32}, starts),
+        ("online reverse K=5 (backprop 1), normalised SGD lr 0.1 cosine",
+         {"method": "reverse", "window": 5, "backprop": 1, "optimizer": "sgd",
+          "normalize": True, "lr": 0.1, "schedule": "cosine", "val_batch_size": 32}, starts),
+        ("online reverse K=5 (backprop 1), normalised SGD lr 0.05 constant",
+         {"method": "reverse", "window": 5, "backprop": 1, "optimizer": "sgd",
+          "normalize": True, "lr": 0.05, "val_batch_size": 32}, starts),
         ("online reverse K=50 (backprop 10)",
          {"method": "reverse", "window": 50, "backprop": 10, "lr": 0.05, "val_batch_size": 128},
          starts),
@@ -165,14 +176,16 @@ def online_configs(quick: bool) -> list[tuple[str, dict[str, Any], tuple[float, 
 
 def fmt(row: dict[str, Any]) -> str:
     if "skipped" in row:
-        return f"| {row['label']} | skipped: {row['skipped']} | | | | |"
+        return f"| {row['label']} | skipped: {row['skipped']} | | | | | | |"
     v = row["values"]
     values = ", ".join(f"{v[n]:.3g}" for n in NAMES)
     cost = "-" if row.get("cost") is None else f"{row['cost']:.2f}"
     own = row.get("online_model_test_loss")
+    failed = row.get("failed_windows")
     return (f"| {row['label']} | {values} | {cost} | {row['inner_steps_per_N']:.3g} | "
             f"{row['test_loss']:.4f} ± {row['test_loss_std']:.4f} | "
-            f"{row['test_accuracy']:.4f} | {'-' if own is None else f'{own:.4f}'} |")
+            f"{row['test_accuracy']:.4f} | {'-' if own is None else f'{own:.4f}'} | "
+            f"{'-' if failed is None else failed} |")
 
 
 def main() -> None:
@@ -202,7 +215,8 @@ def main() -> None:
     rows.extend(black_box_rows(task, base, seeds, budget, args.quick))
     header = ("| row | lr_peak, lr_warmup, lr_final, wd | cost (x plain N-step training) | "
               "inner steps / N | test loss (fresh N-step trainings) | test accuracy | "
-              "test loss of the online run's own model |\n|---|---|---|---|---|---|---|")
+              "test loss of the online run's own model | failed windows (guard) |\n"
+              "|---|---|---|---|---|---|---|---|")
     table = "\n".join([header, *map(fmt, rows)])
     print("\n" + table)
     grid_best = next(r for r in rows if r.get("grid_best"))

@@ -313,3 +313,119 @@ def test_bad_online_config_raises_a_clear_error(overrides, message, tmp_path):
 
     with pytest.raises(hd.HyperdiffError, match=message):
         build_online(load_config(overrides=[*ONLINE, *overrides]))
+
+
+def blowup_tuner(steps=100, window=20):
+    """Full-batch least squares (stable for lr < ~0.5) at lr 0.05, with an outer Adam lr of 5:
+    the first update raises lr ~150x and the second window's training blows up."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 5, generator=g, dtype=DT)
+    y = x @ torch.randn(5, 1, generator=g, dtype=DT)
+    hp = hd.HyperParameters(lr=hd.scalar(0.05))
+
+    def mse(p, h, batch):
+        return ((batch[0] @ p["W"] - batch[1]) ** 2).mean()
+
+    prob = hd.make_problem(mse, mse, hp, {"W": torch.zeros(5, 1, dtype=DT)},
+                           optimizer=hd.sgd("lr"), train_data=(x, y), val_data=(x, y),
+                           steps=steps, probe=False)
+    return hd.OnlineTuner(prob, window=window, lr=5.0, max_failures=4)
+
+
+def test_a_window_that_blows_up_is_discarded_and_the_run_goes_on(caplog):
+    tuner = blowup_tuner()
+    first = tuner.step()
+    before = {k: v.clone() for k, v in tuner.state.params.items()}
+    assert tuner.raw["lr"] > math.log(1.0)  # lr ~7.4: far past the stability limit
+    failed = tuner.step()
+    assert failed.status == "failed" and "absurd" in failed.message
+    assert "restored the hyperparameters" in failed.message
+    # the window is discarded: training state, data position and values of the last good one
+    assert tuner.inner_step == 20 and torch.equal(tuner.state.params["W"], before["W"])
+    assert float(tuner.raw["lr"]) == pytest.approx(math.log(first.hparams["lr"]), abs=1e-15)
+    assert tuner.guard.scale == 0.5 and tuner.outer_lr(1) == 2.5
+    assert "window of steps 20..39" in caplog.text
+    result = tuner.run()
+    assert result.steps == 100 and torch.isfinite(result.params["W"]).all()
+    ok = [r for r in result.history if r.status == "ok"]
+    assert len(ok) == 5 and ok[1].hparams["lr"] == first.hparams["lr"]
+    # the run trained the least-squares problem: its final loss is far below the start
+    assert ok[-1].val_loss < 1e-3 * ok[0].val_loss
+
+
+def test_resume_after_a_failed_window_is_exact(tmp_path):
+    whole = blowup_tuner().run()
+    assert [r.status for r in whole.history][:2] == ["ok", "failed"]
+    first = blowup_tuner()
+    first.step(), first.step()
+    rundir = RunDir(tmp_path)
+    rundir.path.mkdir(exist_ok=True)
+    rundir.save_checkpoint(first.state_dict())
+    second = blowup_tuner()
+    second.load_state_dict(rundir.load_checkpoint())
+    assert second.guard.scale == 0.5 and second.guard.good is not None
+    resumed = second.run()
+    assert torch.equal(resumed.params["W"], whole.params["W"])
+    assert torch.equal(resumed.final_raw["lr"], whole.final_raw["lr"])
+    assert [r.without_timing() for r in resumed.history] == [
+        r.without_timing() for r in whole.history]
+
+
+def test_non_finite_hypergradients_stop_the_run_after_max_failures(monkeypatch):
+    tuner = hd.OnlineTuner(recipe(12), window=2, lr=0.01, max_failures=3)
+    good_raw = tuner.raw  # the values of the last good window, restored after each failure
+    tuner.step()
+    good_state = tuner.state
+    window = tuner._window
+
+    def nan_grad(*args, **kwargs):
+        out = window(*args, **kwargs)
+        return out._replace(grad={n: g * math.nan for n, g in out.grad.items()})
+
+    monkeypatch.setattr(tuner, "_window", nan_grad)
+    for _ in range(2):
+        record = tuner.step()
+        assert record.status == "failed" and "hypergradient of" in record.message
+        assert tuner.state is good_state and tuner.inner_step == 2
+        assert all(torch.equal(tuner.raw[n], good_raw[n]) for n in good_raw)
+    with pytest.raises(hd.NonFiniteError, match="OnlineTuner: 3 outer steps in a row failed"):
+        tuner.step()
+    assert tuner.history[-1].status == "failed"
+
+
+def test_values_outside_their_constraint_fail_without_training():
+    tuner = hd.OnlineTuner(recipe(8), window=2, lr=0.01)
+    tuner.step()
+    state = tuner.state
+    with torch.no_grad():  # momentum's raw logit so large that sigmoid rounds onto 1.0
+        tuner.flat[tuner.hparams.coordinate_names().index("momentum")] = 1e4
+    record = tuner.step()
+    assert record.status == "failed" and "outside its constraint" in record.message
+    assert tuner.state is state and tuner.inner_step == 2
+    assert tuner.hparams.natural(tuner.raw)["momentum"] < 1.0
+    assert tuner.run().steps == 8
+
+
+def test_a_first_window_that_fails_stops_with_a_clear_message():
+    tuner = blowup_tuner()
+    with torch.no_grad():
+        tuner.flat.fill_(math.log(1e10))  # the loss overflows to inf in the first window
+    with pytest.raises(hd.NonFiniteError, match="OnlineTuner: the initial hyperparameters"):
+        tuner.step()
+    with pytest.raises(hd.HyperdiffError, match="OnlineTuner: guard shrink must be in"):
+        hd.OnlineTuner(recipe(4), shrink=1.5)
+
+
+def test_normalised_sgd_moves_the_raw_values_by_lr_along_the_hypergradient():
+    """normalize=True with SGD: u <- u - lr g / ||g||_2, g the offline reverse hypergradient
+    of the same window (one window = the whole run)."""
+    prob = recipe(6)
+    tuner = hd.OnlineTuner(prob, window=6, optimizer="sgd", normalize=True, lr=0.1)
+    before = tuner.hparams.flatten(tuner.raw)
+    tuner.step()
+    g = prob.hparams.flatten(hd.reverse()(prob).grad).to(DT)
+    after = tuner.hparams.flatten(tuner.raw)
+    assert torch.allclose(after, before - 0.1 * g / g.norm(), rtol=0, atol=1e-12)
+    assert float((after - before).norm()) == pytest.approx(0.1, rel=1e-12)
+    with pytest.raises(hd.HyperdiffError, match="normalize must be True or False"):
+        hd.OnlineTuner(prob, normalize=1)

@@ -91,6 +91,8 @@ class OuterConfig:
     backprop: int = option(0, "online reverse: backpropagate through the last this many steps "
                            "of each window (0: all)", low=0)
     val_batch: int = option(0, "online: validation rows drawn per hyper-step (0: all)", low=0)
+    normalize: bool = option(False, "online: divide each hypergradient by its L2 norm before "
+                             "the outer step (with sgd: every step moves the raw values by lr)")
 
 
 @dataclass(frozen=True)

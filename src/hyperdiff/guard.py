@@ -44,17 +44,18 @@ class DivergenceGuard:
     good: Any = None
     max_loss_ratio: float = 1e6
     reference: dict[str, float] = field(default_factory=dict)
+    caller: str = "HyperOptimizer"  # names the loop in messages (OnlineTuner: online mode)
 
     def __post_init__(self) -> None:
         ratio = self.max_loss_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 1:
-            raise fail("HyperOptimizer", "max_loss_ratio", "a number > 1 (inf: off)", ratio)
+            raise fail(self.caller, "max_loss_ratio", "a number > 1 (inf: off)", ratio)
         if not 0.0 < self.shrink < 1.0:
-            raise fail("HyperOptimizer", "guard shrink", "in (0, 1)", self.shrink)
+            raise fail(self.caller, "guard shrink", "in (0, 1)", self.shrink)
         if isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int) or (
             self.max_failures < 1
         ):
-            raise fail("HyperOptimizer", "guard max_failures", "a positive int", self.max_failures)
+            raise fail(self.caller, "guard max_failures", "a positive int", self.max_failures)
 
     def check_values(self, hparams: HyperParameters, raw: dict[str, Tensor]) -> None:
         """Raise ``NonFiniteError`` if a natural value of ``raw`` is outside its constraint."""
@@ -112,13 +113,13 @@ class DivergenceGuard:
         self.total_failures += 1
         if self.good is None:
             raise NonFiniteError(
-                f"HyperOptimizer: the initial hyperparameters already fail at step {step}: "
+                f"{self.caller}: the initial hyperparameters already fail at step {step}: "
                 f"{reason}. Start from safer values (e.g. a smaller inner learning rate or "
                 "fewer inner steps)"
             )
         if self.failures >= self.max_failures:
             raise NonFiniteError(
-                f"HyperOptimizer: {self.failures} outer steps in a row failed (last at step "
+                f"{self.caller}: {self.failures} outer steps in a row failed (last at step "
                 f"{step}: {reason}), although the outer learning rate was cut to "
                 f"{self.scale:.3g} x its initial value. Lower the outer learning rate, turn on "
                 "clipping, or bound the hyperparameters that drive training to diverge"

@@ -49,6 +49,8 @@ def build_online(config: Config) -> tuple[Task, OnlineTuner]:
         lr=outer.lr, schedule=outer.schedule, clip=outer.clip or None,
         val_batch_size=outer.val_batch or None, selection=task.selection,
         seed=outer.seed, backprop=(outer.backprop or None) if method == "reverse" else None,
+        shrink=config.guard.shrink, max_failures=config.guard.max_failures,
+        max_loss_ratio=config.guard.max_loss_ratio, normalize=outer.normalize,
         **config.method.options,
     )
     return task, tuner
@@ -69,6 +71,8 @@ def run_online(config: Config, rundir: RunDir, *, resume: bool, progress: bool |
 
     def on_step(opt: OnlineTuner, record: StepRecord) -> None:
         rundir.append(record)
+        if record.status == "failed":
+            log(f"guard: {record.message}")
         if opt.hyper_step % config.output.checkpoint_every == 0 or opt.done:
             rundir.save_checkpoint(opt.state_dict())
 

@@ -6,7 +6,8 @@ With raw hyperparameters ``u`` (natural ``lam = f(u)``) and one run of N inner s
     while t < N:
         train steps t .. t+K-1 at lam, taking the window hypergradient g = dL_val/du at the
         validation batch B_h of hyper-step h (reverse / forward / implicit, see windows.py)
-        u <- torch.optim step on g (Adam by default); t <- t + K; h <- h + 1
+        u <- torch.optim step on g (Adam by default; normalize=True: on g / ||g||_2)
+        t <- t + K; h <- h + 1
 
 Training continues from the current parameters and optimizer state: the whole run costs one
 N-step training plus the window hypergradients. ``B_h`` is ``val_batch_size`` rows of the
@@ -15,6 +16,16 @@ of its inputs, and :meth:`OnlineTuner.state_dict` holds everything that a resume
 continue bit for bit (parameters, buffers, optimizer state, raw values, the outer optimizer's
 state, forward-mode tangents and the step counters that fix the data position).
 
+**Divergence guard** (:class:`~hyperdiff.guard.DivergenceGuard`, as offline): a window fails when
+its values are outside their constraint (nothing is trained), its training or hypergradient is
+not finite, or its validation (or selection) loss is absurd (``> max_loss_ratio x
+max(|L_0|, 1)``). The tuner then discards the window: the parameters, buffers, optimizer state,
+tangents and data position go back to the start of the failed window (the end of the last good
+one), the raw values and the outer optimizer's state to those of the last good window, the
+outer learning rate is multiplied by ``shrink``, and the same window is trained again (with the
+next validation draw). ``max_failures`` failures in a row stop the run with a
+:class:`~hyperdiff.errors.NonFiniteError` that says what happened.
+
 Hyperparameters must be defined for the whole run: a parametric schedule over N steps
 (:mod:`hyperdiff.schedules`), scalars, per-tensor values. A ``per_step`` schedule is accepted
 but its entry t receives a hypergradient only after step t has been trained.
@@ -22,6 +33,8 @@ but its entry t receives a hypergradient only after step t has been trained.
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -36,10 +49,12 @@ from ..errors import (
     HyperdiffError,
     NonFiniteError,
     fail,
+    is_number,
     nonnegative_int,
     positive_float,
     positive_int,
 )
+from ..guard import DivergenceGuard
 from ..history import History, StepRecord, finite_or_none, natural_values, to_number
 from ..hyperparams import HyperParameters
 from ..methods.forward import ENGINES
@@ -54,6 +69,7 @@ from .windows import Window, forward_window, implicit_window, reverse_window
 METHODS = ("reverse", "forward", "implicit")
 FORMAT = "hyperdiff-online-1"
 Callback = Callable[["OnlineTuner", StepRecord], None]
+_LOG = logging.getLogger("hyperdiff.online")
 
 
 @dataclass(frozen=True)
@@ -87,6 +103,9 @@ class OnlineTuner:
             across windows) or ``"implicit"`` (IFT at the current parameters).
         optimizer, lr, clip: the outer ``torch.optim`` optimizer of the raw values, its learning
             rate, and an optional L2 clip of the hypergradient.
+        normalize: divide each window's hypergradient ``g`` by ``||g||_2`` (all raw values
+            together) before the outer step; with ``optimizer="sgd"`` every hyper-step moves
+            the raw values by exactly ``lr`` (times the guard's scale) along ``-g / ||g||``.
         schedule: outer learning rate ``"constant"`` or ``"cosine"`` (decay to 0 over the
             run's windows).
         val_batch_size: rows of the validation split per hyper-step (``None``: all of it).
@@ -97,6 +116,9 @@ class OnlineTuner:
         solver: linear solver of ``"implicit"`` (a Solver, ``"cg"`` or ``"neumann"``).
         backprop: ``"reverse"`` only: backpropagate through the last ``backprop`` steps of each
             window (the others are trained plainly; cheaper, truncated); ``None``: all K.
+        shrink, max_failures, max_loss_ratio: the divergence guard (module doc): outer lr
+            factor after a failed window, failures in a row before the run stops, and the
+            ratio to the first window's loss above which a loss is absurd.
     """
 
     def __init__(self, problem: Problem, *, window: int = 1, method: str = "reverse",
@@ -104,7 +126,9 @@ class OnlineTuner:
                  clip: float | None = None,
                  val_batch_size: int | None = None, selection: Batch | list[Batch] | None = None,
                  eval_every: int = 0, seed: int = 0, engine: str = "double_vjp",
-                 solver: Solver | str = "cg", backprop: int | None = None):
+                 solver: Solver | str = "cg", backprop: int | None = None,
+                 shrink: float = 0.5, max_failures: int = 5, max_loss_ratio: float = 1e6,
+                 normalize: bool = False):
         if not isinstance(problem, Problem):
             raise fail("OnlineTuner", "problem", "a hd.Problem made by hd.make_problem", problem)
         if method not in METHODS:
@@ -137,6 +161,13 @@ class OnlineTuner:
         self.eval_every = nonnegative_int("OnlineTuner", "eval_every", eval_every)
         self.seed = nonnegative_int("OnlineTuner", "seed", seed)
         self.solver = _solver(solver)
+        if not isinstance(normalize, bool):
+            raise fail("OnlineTuner", "normalize", "True or False", normalize)
+        self.normalize = normalize
+        if not (is_number(shrink) and 0.0 < shrink < 1.0):  # the guard's own check, any type
+            raise fail("OnlineTuner", "guard shrink", "in (0, 1)", shrink)
+        self.guard = DivergenceGuard(shrink=shrink, max_failures=max_failures,
+                                     max_loss_ratio=max_loss_ratio, caller="OnlineTuner")
         self.hparams = problem.hparams
         # one flat leaf of all raw values: one tensor for torch.optim to step per window
         self.flat = self.hparams.flatten(self.hparams.raw).clone().requires_grad_()
@@ -188,25 +219,34 @@ class OnlineTuner:
         start, stop = self.inner_step, min(self.inner_step + self.window, self.problem.steps)
         raw = self.problem.raw_tensors(self.raw)
         natural = natural_values(self.hparams, raw)
-        out = self._window(raw, start, stop, self.val_batches(self.hyper_step))
-        grad = {n: g.detach().to(torch.float64) for n, g in out.grad.items()}
-        for name, g in grad.items():
-            if not torch.isfinite(g).all():
-                raise NonFiniteError(f"online {self.method}: the hypergradient of {name!r} is "
-                                     f"not finite in the window of steps {start}..{stop - 1}")
-        norm = float(torch.cat([g.reshape(-1) for g in grad.values()]).norm())
-        self.flat.grad = self.hparams.flatten(grad)
-        if self.clip is not None:
-            torch.nn.utils.clip_grad_norm_([self.flat], self.clip)
-        outer_lr = self.outer_lr(self.hyper_step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = outer_lr
-        self.optimizer.step()
+        snapshot = {"raw": self.raw, "outer": copy.deepcopy(self.optimizer.state_dict())}
+        outer_lr = self.outer_lr(start // self.window)
+        try:
+            self.guard.check_values(self.hparams, raw)
+            out = self._window(raw, start, stop, self.val_batches(self.hyper_step))
+            grad = {n: g.detach().to(torch.float64) for n, g in out.grad.items()}
+            for name, g in grad.items():
+                if not torch.isfinite(g).all():
+                    raise NonFiniteError(f"online {self.method}: the hypergradient of {name!r} "
+                                         f"is not finite in the window of steps "
+                                         f"{start}..{stop - 1}")
+            norm = float(torch.cat([g.reshape(-1) for g in grad.values()]).norm())
+            flat_grad = self.hparams.flatten(grad)
+            self.flat.grad = flat_grad / norm if self.normalize and norm > 0 else flat_grad
+            if self.clip is not None:
+                torch.nn.utils.clip_grad_norm_([self.flat], self.clip)
+            for group in self.optimizer.param_groups:
+                group["lr"] = outer_lr
+            self.optimizer.step()
+            selection = None
+            if self.selection and (stop >= self.problem.steps or (
+                    self.eval_every and (self.hyper_step + 1) % self.eval_every == 0)):
+                selection = self.selection_loss(out.state)
+            self.guard.check_losses([out.value], selection)
+        except NonFiniteError as err:
+            return self._failed(natural, start, stop, outer_lr, str(err), started)
+        self.guard.succeeded(snapshot)
         self.state, self.tangent, self.inner_step = out.state, out.tangent, stop
-        selection = None
-        if self.selection and (self.done or (self.eval_every and
-                                             (self.hyper_step + 1) % self.eval_every == 0)):
-            selection = self.selection_loss()
         now = time.perf_counter()
         self._elapsed += now - started
         record = StepRecord(
@@ -220,13 +260,41 @@ class OnlineTuner:
         self.history.append(record)
         return record
 
-    def outer_lr(self, hyper_step: int) -> float:
-        """The outer learning rate of hyper-step ``h`` (cosine: ``lr (1 + cos(pi h / H)) / 2``
-        over the run's ``H`` windows)."""
+    def outer_lr(self, window: int) -> float:
+        """The outer learning rate of the run's window ``w`` (its first step ``w K``): ``lr``
+        times the guard's scale, times ``(1 + cos(pi w / W)) / 2`` over the run's ``W``
+        windows with ``schedule="cosine"``."""
         if self.schedule == "constant":
-            return self.lr
+            return self.lr * self.guard.scale
         windows = -(-self.problem.steps // self.window)
-        return self.lr * 0.5 * (1.0 + math.cos(math.pi * hyper_step / windows))
+        return self.lr * self.guard.scale * 0.5 * (1.0 + math.cos(math.pi * window / windows))
+
+    def _failed(self, natural: dict[str, Any], start: int, stop: int, outer_lr: float,
+                reason: str, started: float) -> StepRecord:
+        """Discard the failed window (module doc) and record it; re-raise when the guard
+        gives up."""
+        try:
+            good, message = self.guard.failed(self.hyper_step, reason)
+            message = (f"{message}; training goes on from inner step {start}, the parameters "
+                       "and optimizer state before the failed window")
+        except NonFiniteError as err:
+            good, message = None, str(err)
+        if good is not None:
+            with torch.no_grad():
+                self.flat.copy_(self.hparams.flatten(good["raw"]))
+            self.optimizer.load_state_dict(copy.deepcopy(good["outer"]))
+        self.flat.grad = None
+        now = time.perf_counter()
+        self._elapsed += now - started
+        self.history.append(StepRecord(
+            step=self.hyper_step, hparams=natural, status="failed", train_loss=None,
+            val_loss=None, val_loss_std=None, selection_loss=None, grad_norm=None,
+            grad_std=None, grad=None, lr=outer_lr, best=False, trainings=1, message=message,
+            time_s=self._elapsed, step_time_s=now - started))
+        if good is None:
+            raise NonFiniteError(message)
+        _LOG.warning("OnlineTuner: window of steps %d..%d: %s", start, stop - 1, message)
+        return self.history[-1]
 
     def _window(self, raw: dict[str, Tensor], start: int, stop: int, val: list[Batch]) -> Window:
         if self.method == "reverse":
@@ -236,15 +304,17 @@ class OnlineTuner:
                                   engine=self.engine)
         return implicit_window(self.problem, self.state, raw, start, stop, val, self.solver)
 
-    def selection_loss(self) -> float:
-        """The validation loss on the selection batches at the current parameters."""
+    def selection_loss(self, state: TrainState | None = None) -> float:
+        """The validation loss on the selection batches at the current parameters (or at
+        ``state``'s)."""
         if self.selection is None:
             raise HyperdiffError("OnlineTuner.selection_loss: the tuner was made without "
                                  "selection batches (got selection=None)")
         hview = self.hparams.view(self.problem.raw_tensors(self.raw))
+        state = self.state if state is None else state
         with torch.no_grad():
             value = validation_loss(replace(self.problem, val_data=self.selection),
-                                    self.state.params, self.state.buffers, hview)
+                                    state.params, state.buffers, hview)
         return float(value)
 
     def run(self, callbacks: Sequence[Callback] = (), progress: bool | None = False
@@ -286,6 +356,7 @@ class OnlineTuner:
             "opt_state": [x.clone() for x in opt_leaves],
             "tangent": None if tangent is None else [z.clone() for z in tangent],
             "history": [r.to_json() for r in self.history],
+            "guard": copy.deepcopy(self.guard.state_dict()),
         }
 
     def load_state_dict(self, state: dict[str, Any],
@@ -313,6 +384,8 @@ class OnlineTuner:
             spec = tree_flatten(tuple(self.state))[1]
             self.tangent = tree_unflatten([z.clone() for z in state["tangent"]], spec)
         self.inner_step, self._elapsed = int(state["inner_step"]), float(state["elapsed"])
+        if "guard" in state:  # checkpoints written before the online guard have none
+            self.guard.load_state_dict(copy.deepcopy(state["guard"]))
         lines = [r.to_json() for r in records] if records is not None else state["history"]
         self.history = History([StepRecord.from_json(line) for line in lines][: state["step"]])
 

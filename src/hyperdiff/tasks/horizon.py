@@ -33,9 +33,14 @@ DEFAULT_STEPS = 2000
 HIDDEN = 32
 BATCH_SIZE = 32
 MOMENTUM = 0.9
-DEFAULTS = {"inner.steps": DEFAULT_STEPS, "outer.mode": "online", "outer.window": 50,
-            "outer.backprop": 10, "outer.lr": 0.05, "outer.schedule": "constant",
-            "outer.val_batch": 128, "method.name": "reverse"}
+# online defaults: a hyper-step every 10 steps through the last one (HD-like, < 2x one plain
+# training); normalised SGD: hyper-step h moves the raw (log) values by 0.2 (1 + cos(pi h/200))/2
+# in L2, enough to travel a decade in the first 20 of the 200 hyper-steps, and settling at the
+# end (docs/online.md, benchmarks/horizon.py)
+DEFAULTS = {"inner.steps": DEFAULT_STEPS, "outer.mode": "online", "outer.window": 10,
+            "outer.backprop": 1, "outer.optimizer": "sgd", "outer.normalize": True,
+            "outer.lr": 0.2, "outer.schedule": "cosine",
+            "outer.val_batch": 32, "method.name": "reverse"}
 INITIAL = {"peak": 0.05, "warmup": 0.05, "final": 0.05, "wd": 1e-4}
 
 
