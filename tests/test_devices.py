@@ -230,6 +230,8 @@ def test_problem_to_moves_everything_and_keeps_the_original():
     again = to_device(moved, torch.device("cpu"))  # no wrapper on a wrapper
     assert isinstance(again.train_data, OnDevice) and not isinstance(
         again.train_data.source, OnDevice)
+    # a .to without dtype keeps the earlier cast of the training batches, as of the params
+    assert again.dtype == torch.float32 and again.train_data.batch(0, 0)[0].dtype == torch.float32
     labels = move({"y": torch.arange(3), "x": torch.zeros(3), "n": 4}, "cpu", torch.float16)
     assert labels["y"].dtype == torch.long and labels["x"].dtype == torch.float16
     assert labels["n"] == 4
