@@ -45,7 +45,13 @@ from ..optimizers import Optimizer
 from ..problem import Problem, make_problem, takes_context
 from ..typing import Batch, LossFn, Params
 from .base import Metrics, SearchRange, Task
-from .dataset_splits import split_size, test_split, train_source, validation_and_selection
+from .dataset_splits import (
+    selection_batches,
+    split_size,
+    test_split,
+    train_source,
+    validation_and_selection,
+)
 from .splits import Splits, fold_rows, split_given_rows, split_rows
 
 
@@ -177,7 +183,8 @@ class TaskSpec:
                 given.val, given.selection, name=self.name, selection_fraction=selection_fraction,
                 seed=data_seed, stratify=self.stratify, batch_size=self.batch_size)
         else:
-            val, selection = validation_batches(given.val), given.selection
+            val = validation_batches(given.val)
+            selection = selection_batches(given.selection, self.batch_size)
         if selection is None and selection_fraction > 0 and not streamed:
             if len(val) != 1:
                 raise HyperdiffError(
