@@ -239,6 +239,22 @@ def test_problem_to_moves_everything_and_keeps_the_original():
     assert all(v.dtype == torch.float32 for v in raw.values())
 
 
+def test_float64_copy_casts_every_batch_and_keeps_the_source_visible():
+    from hyperdiff.methods.implicit import epoch_batches
+    from hyperdiff.precision import in_float64
+
+    low = PROBLEMS[True].to("cpu", torch.float32)
+    copy = in_float64(low)
+    assert copy.dtype == torch.float64 and low.dtype == torch.float32
+    assert all(b.dtype == torch.float64 for b in copy.buffers.values())
+    assert copy.val_data[0][0].dtype == torch.float64
+    x = copy.train_data.batch(1, 0)[0]
+    assert x.dtype == torch.float64 and torch.equal(x, low.train_data.batch(1, 0)[0].double())
+    # the implicit method's L_train averages the source's epoch through the wrappers
+    assert unwrap(copy.train_data) is unwrap(low.train_data)
+    assert epoch_batches(copy) == epoch_batches(low) > 1
+
+
 def test_problem_to_refuses_bad_devices_and_dtypes():
     with pytest.raises(hd.HyperdiffError, match="dtype must be a floating-point"):
         PROBLEMS[False].to("cpu", torch.int64)
