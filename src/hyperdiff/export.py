@@ -221,14 +221,15 @@ def load_into(module: nn.Module, params: Mapping[str, Tensor],
             f"load_into: params must name exactly the module's parameters {sorted(own_params)} "
             f"(unknown: {unknown}, missing: {missing})"
         )
+    targets = {name: own_params[name] if name in own_params else own_buffers[name]
+               for name in given}
+    for name, value in given.items():  # every shape first: an error leaves the module as it was
+        if tuple(targets[name].shape) != tuple(value.shape):
+            raise HyperdiffError(f"load_into: {name!r} must have shape "
+                                 f"{tuple(targets[name].shape)} (got {tuple(value.shape)})")
     with torch.no_grad():
         for name, value in given.items():
-            target = own_params.get(name, own_buffers.get(name))
-            assert target is not None  # checked above
-            if tuple(target.shape) != tuple(value.shape):
-                raise HyperdiffError(f"load_into: {name!r} must have shape "
-                                     f"{tuple(target.shape)} (got {tuple(value.shape)})")
-            target.copy_(value.detach())
+            targets[name].copy_(value.detach())
     return module
 
 
