@@ -148,22 +148,22 @@ class TaskSpec:
         info = TaskData(data, rows, data_seed)
         hparams = self._hparams(info)
         model_params, buffers = model_state(self.model, self.name)
+        train, val = take(data, rows.train), take(data, rows.val)  # shared by problems and splits
 
-        def problem_for(train_rows: Tensor, val_rows: Tensor, probe: bool) -> Problem:
-            return self._problem(hparams, model_params, buffers, take(data, train_rows),
-                                 take(data, val_rows), steps, probe)
+        def problem_for(train_batch: Batch, val_batch: Batch, probe: bool) -> Problem:
+            return self._problem(hparams, model_params, buffers, train_batch, val_batch, steps,
+                                 probe)
 
         if cv_folds:
             pool = torch.cat([rows.train, rows.val]).sort().values
             folds = fold_rows(pool, cv_folds, data_seed, labels)
-            problems = tuple(problem_for(tr, va, self.probe and j == 0)
+            problems = tuple(problem_for(take(data, tr), take(data, va), self.probe and j == 0)
                              for j, (tr, va) in enumerate(folds))
-            final = problem_for(pool, rows.val, False)
+            final = problem_for(take(data, pool), val, False)
         else:
-            problems = (problem_for(rows.train, rows.val, self.probe),)
+            problems = (problem_for(train, val, self.probe),)
             final = problems[0]
-        splits: dict[str, list[Batch] | EvaluationSplit] = {
-            "train": [take(data, rows.train)], "val": [take(data, rows.val)]}
+        splits: dict[str, list[Batch] | EvaluationSplit] = {"train": [train], "val": [val]}
         if rows.selection.numel():
             splits["selection"] = [take(data, rows.selection)]
         splits["test"] = [take(data, rows.test)]
