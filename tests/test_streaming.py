@@ -208,6 +208,10 @@ def test_clear_errors_for_data_that_is_not_a_stream_of_tensor_batches():
     for data, message in cases:
         with pytest.raises(hd.HyperdiffError, match=message):
             hd.reverse()(_problem(data))
+    workers = DataLoader(NoisyTable(N), batch_size=BATCH, num_workers=2)  # prefetch 2 x 2
+    for window in ("8", None, 0):  # refused before the prefetch room is added
+        with pytest.raises(hd.HyperdiffError, match="data: window must be a positive int"):
+            hd.data.stream(workers, window=window)
     with pytest.raises(hd.HyperdiffError, match="val_data must be .*text is not data"):
         hd.make_problem(*decayed_mse_losses(hd.functional(nn.Linear(5, 1).double())),
                         hd.HyperParameters(lr=hd.scalar(0.1)),
