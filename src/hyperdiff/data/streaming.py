@@ -181,6 +181,7 @@ class IterableStream(Streamed):
     def _fill(self, step: int, seed: int) -> None:
         run = self.run
         if run is None or run.seed != seed or run.next_step > step:
+            run = self.run = None  # release the open iteration (and any workers) before the next
             run = self.run = self._start_for(step, seed)
         while run.next_step <= step:
             try:
