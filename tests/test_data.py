@@ -43,6 +43,9 @@ def test_minibatch_errors():
         hd.minibatches(torch.zeros(4, 2), batch_size=8)
     with pytest.raises(hd.HyperdiffError, match="share their first dimension"):
         hd.minibatches(torch.zeros(4, 2), torch.zeros(3), batch_size=2)
+    for bad in ([1, 2, 3], "y", torch.tensor(1.0)):  # not a tensor with rows: no raw traceback
+        with pytest.raises(hd.HyperdiffError, match="minibatches: tensors must be torch tensors"):
+            hd.minibatches(torch.zeros(4, 2), bad, batch_size=2)
 
 
 def test_batch_rows_looks_past_a_nested_part_without_rows():
