@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 from ..constraints import Free, Interval
 from ..data import minibatches, validation_batches
 from ..data.evaluation import EvaluationSplit, is_dataset_split
+from ..datacheck import tensors_in
 from ..errors import HyperdiffError, describe, nonnegative_int, positive_int
 from ..hyperparams import HyperParameters
 from ..models import FunctionalModel
@@ -208,7 +209,7 @@ class TaskSpec:
             splits["selection"] = validation_batches(selection)
         splits["test"] = (test_split(given.test, self.batch_size) if is_dataset_split(given.test)
                           else validation_batches(given.test))
-        sizes = {k: split_size(v, lambda b: num_rows(b, self.name)) for k, v in splits.items()}
+        sizes = {k: split_size(v, lambda b: tensor_rows(b, self.name)) for k, v in splits.items()}
         return self._task((problem,), problem, splits, hparams, info,
                           {"sizes": sizes, "cv_folds": 0})
 
@@ -391,6 +392,12 @@ def num_rows(data: Any, name: str) -> int:
         raise HyperdiffError(f"{name}: data's tensors must share their first dimension (got "
                              f"{[tuple(t.shape) for t in tensors]})")
     return sizes.pop()
+
+
+def tensor_rows(batch: Batch, name: str) -> int:
+    """The shared first dimension of the tensors of a given split's batch; other entries (the
+    lists of ids or strings that ``default_collate`` makes) are not counted."""
+    return num_rows(tuple(t for _, t in tensors_in(batch)), name)
 
 
 def take(data: Any, rows: Tensor) -> Batch:
