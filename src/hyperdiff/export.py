@@ -86,7 +86,8 @@ def _horizon(optimizer: Optimizer, hparams: HyperParameters, steps: int | None) 
 def _coefficient_tables(optimizer: Optimizer, hparams: HyperParameters, names: list[str],
                         steps: int) -> dict[str, Table]:
     """``{param: {coefficient: values at steps 0..steps-1}}``; per_step hyperparameters are
-    resampled to ``steps``, callables evaluated at every step, the rest held constant."""
+    resampled to ``steps``, callables evaluated at every step, the rest held constant (one
+    value, which :func:`_group_values` holds for every step)."""
     view = hparams.view(hparams.raw)
     tables: dict[str, Table] = {name: {} for name in names}
     for coef_name, coef in optimizer.coefficients.items():
@@ -106,9 +107,10 @@ def _coefficient_tables(optimizer: Optimizer, hparams: HyperParameters, names: l
                 for name in names:
                     tables[name][coef_name] = tuple(values)
                 continue
+        varying = range(steps) if callable(coef) else range(1)
         for name in names:
             tables[name][coef_name] = tuple(
-                float(resolve(coef, view, step, name)) for step in range(steps)
+                float(resolve(coef, view, step, name)) for step in varying
             )
     return tables
 
