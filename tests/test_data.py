@@ -43,3 +43,17 @@ def test_minibatch_errors():
         hd.minibatches(torch.zeros(4, 2), batch_size=8)
     with pytest.raises(hd.HyperdiffError, match="share their first dimension"):
         hd.minibatches(torch.zeros(4, 2), torch.zeros(3), batch_size=2)
+    for bad in ([1, 2, 3], "y", torch.tensor(1.0)):  # not a tensor with rows: no raw traceback
+        with pytest.raises(hd.HyperdiffError, match="minibatches: tensors must be torch tensors"):
+            hd.minibatches(torch.zeros(4, 2), bad, batch_size=2)
+
+
+def test_batch_rows_looks_past_a_nested_part_without_rows():
+    from hyperdiff.data.evaluation import batch_rows, sample_weights
+
+    x = torch.zeros(5, 2)
+    assert batch_rows(({"count": torch.tensor(3)}, x)) == 5  # the first tensor with rows
+    assert batch_rows({"meta": [7, "id"], "x": {"pixels": x}}) == 5
+    assert batch_rows(x) == 5 and batch_rows(torch.tensor(1.0)) == 1 and batch_rows([1]) == 1
+    assert sample_weights([({"k": torch.tensor(0)}, x), ({"k": torch.tensor(0)}, x[:3])]) == [
+        5 / 8, 3 / 8]

@@ -230,11 +230,29 @@ def test_problem_to_moves_everything_and_keeps_the_original():
     again = to_device(moved, torch.device("cpu"))  # no wrapper on a wrapper
     assert isinstance(again.train_data, OnDevice) and not isinstance(
         again.train_data.source, OnDevice)
+    # a .to without dtype keeps the earlier cast of the training batches, as of the params
+    assert again.dtype == torch.float32 and again.train_data.batch(0, 0)[0].dtype == torch.float32
     labels = move({"y": torch.arange(3), "x": torch.zeros(3), "n": 4}, "cpu", torch.float16)
     assert labels["y"].dtype == torch.long and labels["x"].dtype == torch.float16
     assert labels["n"] == 4
     raw = moved.raw_tensors()
     assert all(v.dtype == torch.float32 for v in raw.values())
+
+
+def test_float64_copy_casts_every_batch_and_keeps_the_source_visible():
+    from hyperdiff.methods.implicit import epoch_batches
+    from hyperdiff.precision import in_float64
+
+    low = PROBLEMS[True].to("cpu", torch.float32)
+    copy = in_float64(low)
+    assert copy.dtype == torch.float64 and low.dtype == torch.float32
+    assert all(b.dtype == torch.float64 for b in copy.buffers.values())
+    assert copy.val_data[0][0].dtype == torch.float64
+    x = copy.train_data.batch(1, 0)[0]
+    assert x.dtype == torch.float64 and torch.equal(x, low.train_data.batch(1, 0)[0].double())
+    # the implicit method's L_train averages the source's epoch through the wrappers
+    assert unwrap(copy.train_data) is unwrap(low.train_data)
+    assert epoch_batches(copy) == epoch_batches(low) > 1
 
 
 def test_problem_to_refuses_bad_devices_and_dtypes():

@@ -190,3 +190,13 @@ def test_bad_input_is_a_clear_error(call, match):
     module = make_module()
     with pytest.raises(hd.HyperdiffError, match=match):
         call(module, hd.functional(module).params)
+
+
+def test_load_into_with_a_wrong_shape_leaves_the_module_unchanged():
+    module = make_module()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    new = {k: v + 1.0 for k, v in hd.functional(module).params.items()}
+    new["2.bias"] = torch.zeros(3, dtype=torch.float64)  # the last one given: wrong shape
+    with pytest.raises(hd.HyperdiffError, match="'2.bias' must have shape"):
+        hd.load_into(module, new)
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())

@@ -11,6 +11,8 @@ of a 1,000-sample data set (nothing ahead: no workers).
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -208,8 +210,61 @@ def test_clear_errors_for_data_that_is_not_a_stream_of_tensor_batches():
     for data, message in cases:
         with pytest.raises(hd.HyperdiffError, match=message):
             hd.reverse()(_problem(data))
+    workers = DataLoader(NoisyTable(N), batch_size=BATCH, num_workers=2)  # prefetch 2 x 2
+    for window in ("8", None, 0):  # refused before the prefetch room is added
+        with pytest.raises(hd.HyperdiffError, match="data: window must be a positive int"):
+            hd.data.stream(workers, window=window)
     with pytest.raises(hd.HyperdiffError, match="val_data must be .*text is not data"):
         hd.make_problem(*decayed_mse_losses(hd.functional(nn.Linear(5, 1).double())),
                         hd.HyperParameters(lr=hd.scalar(0.1)),
                         hd.functional(nn.Linear(5, 1).double()).params,
                         optimizer=hd.sgd("lr"), train_data=(x, y), val_data="abc", steps=2)
+
+
+class _TrackedIterable:
+    """A re-iterable whose open iterators are counted (``live``) and seen at each ``iter``."""
+
+    def __init__(self, batches):
+        self.batches, self.live, self.most_live = batches, weakref.WeakSet(), 0
+
+    def __iter__(self):
+        self.most_live = max(self.most_live, len(self.live))  # open ones when a new one starts
+        it = _TrackedIterator(iter(self.batches))
+        self.live.add(it)
+        return it
+
+
+class _TrackedIterator:
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.inner)
+
+
+def test_a_restarted_stream_releases_its_open_iteration_first(monkeypatch):
+    from hyperdiff.data import loader as loader_module
+
+    x, y = sine_data(N)
+    tracked = _TrackedIterable([(x[k : k + BATCH], y[k : k + BATCH]) for k in range(0, N, BATCH)])
+    stream = hd.data.stream(tracked, window=1)
+    stream.batch(2, 0)
+    stream.batch(0, 0)  # behind the open iteration: the epoch restarts
+    assert tracked.most_live == 0  # the old iterator was gone before the new one was made
+
+    source = hd.data.stream(DataLoader(NoisyTable(), batch_size=BATCH), window=1)
+    source.batch(5, 0)
+    previous = weakref.ref(source.run.iterator)
+    alive_at_start = []
+
+    class Spy(loader_module.SeededItems):
+        def __init__(self, dataset):
+            alive_at_start.append(previous() is not None)
+            super().__init__(dataset)
+
+    monkeypatch.setattr(loader_module, "SeededItems", Spy)
+    source.batch(0, 0)  # behind the run: a new loader (and workers, if any) starts
+    assert alive_at_start == [False]

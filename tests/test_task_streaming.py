@@ -207,3 +207,39 @@ def test_bad_dataset_splits_are_refused_with_clear_errors():
         train=DataLoader(ex.Blobs(20, 1), batch_size=4), val=ex.Blobs(20, 2), test=ex.Blobs(9, 3)))
     with pytest.raises(hd.HyperdiffError, match="DataLoader's batch_size 4"):
         mismatch.build()
+
+
+class _Rows(Dataset):
+    """Dict samples with a string id, as many real data sets have: default_collate gives
+    ``{"x": tensor, "y": tensor, "id": [str, ...]}``."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        return {"x": self.x[i], "y": self.y[i], "id": f"row{i}"}
+
+
+def test_dataset_splits_with_string_ids_build_and_count_samples():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, generator=gen, dtype=torch.float64)
+    y = x @ torch.ones(3, dtype=torch.float64)
+
+    def mse(p, h, b):
+        return ((b["x"] @ p["w"] - b["y"]) ** 2).mean()
+
+    def train_loss(p, h, b):
+        return mse(p, h, b) + h["lam"] * p["w"].square().sum()
+
+    spec = hd.task("ids", model={"w": torch.zeros(3, dtype=torch.float64)},
+                   train_loss=train_loss, val_loss=mse, hparams=hd.HyperParameters(lam=hd.scalar(0.1)),
+                   optimizer=hd.sgd(0.1), steps=2, batch_size=5, data=hd.given_splits(
+                       train=_Rows(x[:20], y[:20]), val=_Rows(x[20:30], y[20:30]),
+                       test=_Rows(x[30:], y[30:])))
+    built = spec.build(selection_fraction=0.4)
+    assert built.info["sizes"] == {"val": 6, "selection": 4, "test": 10}
+    ids = [[i for b in built.splits[k] for i in b["id"]] for k in ("val", "selection")]
+    assert sorted(ids[0] + ids[1]) == sorted(f"row{i}" for i in range(10))  # cut by index

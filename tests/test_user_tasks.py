@@ -174,6 +174,20 @@ def test_given_splits_with_a_separate_selection():
         replace(spec, data=given).build(cv_folds=3)
 
 
+def test_given_splits_selection_may_be_a_dataset_beside_in_memory_val():
+    from torch.utils.data import TensorDataset
+
+    x, y = user_task_example.data()
+    spec = user_task_example.build()
+    given = hd.given_splits(train=(x[:90], y[:90]), val=(x[90:120], y[90:120]),
+                            test=(x[120:], y[120:]), selection=TensorDataset(x[:20], y[:20]))
+    task = replace(spec, data=given).build(selection_fraction=0.5)
+    selection = task.splits["selection"]
+    assert isinstance(selection, list) and len(selection) == 1
+    assert torch.equal(selection[0][0], x[:20]) and torch.equal(selection[0][1], y[:20])
+    assert task.info["sizes"] == {"val": 30, "selection": 20, "test": 30}
+
+
 def test_a_toml_config_names_a_user_task_and_gets_its_defaults(tmp_path):
     path = tmp_path / "config.toml"
     path.write_text(f'[task]\nname = "{FILE_REF}"\n\n[outer]\nlr = 0.05\n')

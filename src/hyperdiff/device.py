@@ -169,14 +169,24 @@ def to_device(problem: Problem, device: torch.device | str,
     """
     device = resolve_device(device, "Problem.to") if isinstance(device, str) else device
     dtype = _check_dtype(dtype, "Problem.to")
-    source = unwrap(problem.train_data)
+    # without a dtype, the training batches keep the cast of an earlier .to (as params do)
+    train_dtype = dtype if dtype is not None else _cast_dtype(problem.train_data)
     return dataclasses.replace(
         problem,
         params=move(problem.params, device, dtype),
         buffers=move(problem.buffers, device, dtype),
         val_data=[move(batch, device, dtype) for batch in problem.val_data],
-        train_data=OnDevice(source, device, dtype),
+        train_data=OnDevice(unwrap(problem.train_data), device, train_dtype),
     )
+
+
+def _cast_dtype(source: Any) -> torch.dtype | None:
+    """The dtype that the outermost casting :class:`OnDevice` wrapper gives the batches."""
+    while isinstance(source, OnDevice):
+        if source.dtype is not None:
+            return source.dtype
+        source = source.source
+    return None
 
 
 def _is_dataclass_instance(value: Any) -> bool:

@@ -86,7 +86,8 @@ def _horizon(optimizer: Optimizer, hparams: HyperParameters, steps: int | None) 
 def _coefficient_tables(optimizer: Optimizer, hparams: HyperParameters, names: list[str],
                         steps: int) -> dict[str, Table]:
     """``{param: {coefficient: values at steps 0..steps-1}}``; per_step hyperparameters are
-    resampled to ``steps``, callables evaluated at every step, the rest held constant."""
+    resampled to ``steps``, callables evaluated at every step, the rest held constant (one
+    value, which :func:`_group_values` holds for every step)."""
     view = hparams.view(hparams.raw)
     tables: dict[str, Table] = {name: {} for name in names}
     for coef_name, coef in optimizer.coefficients.items():
@@ -106,9 +107,10 @@ def _coefficient_tables(optimizer: Optimizer, hparams: HyperParameters, names: l
                 for name in names:
                     tables[name][coef_name] = tuple(values)
                 continue
+        varying = range(steps) if callable(coef) else range(1)
         for name in names:
             tables[name][coef_name] = tuple(
-                float(resolve(coef, view, step, name)) for step in range(steps)
+                float(resolve(coef, view, step, name)) for step in varying
             )
     return tables
 
@@ -221,14 +223,15 @@ def load_into(module: nn.Module, params: Mapping[str, Tensor],
             f"load_into: params must name exactly the module's parameters {sorted(own_params)} "
             f"(unknown: {unknown}, missing: {missing})"
         )
+    targets = {name: own_params[name] if name in own_params else own_buffers[name]
+               for name in given}
+    for name, value in given.items():  # every shape first: an error leaves the module as it was
+        if tuple(targets[name].shape) != tuple(value.shape):
+            raise HyperdiffError(f"load_into: {name!r} must have shape "
+                                 f"{tuple(targets[name].shape)} (got {tuple(value.shape)})")
     with torch.no_grad():
         for name, value in given.items():
-            target = own_params.get(name, own_buffers.get(name))
-            assert target is not None  # checked above
-            if tuple(target.shape) != tuple(value.shape):
-                raise HyperdiffError(f"load_into: {name!r} must have shape "
-                                     f"{tuple(target.shape)} (got {tuple(value.shape)})")
-            target.copy_(value.detach())
+            targets[name].copy_(value.detach())
     return module
 
 

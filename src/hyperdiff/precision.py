@@ -10,52 +10,24 @@ differentiated by finite differences at float64 precision.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any
 
 import torch
 
-from .data import BatchSource
+from .device import OnDevice, move
 from .problem import Problem
-from .typing import Batch
-
-
-def cast(batch: Batch, dtype: torch.dtype) -> Batch:
-    """``batch`` with every floating-point tensor cast to ``dtype`` (others unchanged)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(dtype) if batch.is_floating_point() else batch
-    if isinstance(batch, Mapping):
-        return {k: cast(v, dtype) for k, v in batch.items()}
-    if isinstance(batch, tuple):
-        return tuple(cast(v, dtype) for v in batch)
-    if isinstance(batch, list):
-        return [cast(v, dtype) for v in batch]
-    return batch
-
-
-class CastSource(BatchSource):
-    """The batches of ``source``, cast to ``dtype``."""
-
-    def __init__(self, source: BatchSource, dtype: torch.dtype):
-        self.source, self.dtype = source, dtype
-
-    def batch(self, step: int, seed: int) -> Batch:
-        return cast(self.source.batch(step, seed), self.dtype)
-
-    def check(self, steps: int, seed: int) -> None:
-        self.source.check(steps, seed)
 
 
 def in_float64(problem: Problem) -> Problem:
-    """The same problem with parameters, buffers and data in float64."""
-    dtype = torch.float64
+    """The same problem with parameters, buffers and data in float64, on its device.
 
-    def params(values: dict[str, Any]) -> dict[str, Any]:
-        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in values.items()}
-
+    The training batches are those of ``problem.train_data`` (after any cast of an earlier
+    ``Problem.to``), cast as they are read by an :class:`~hyperdiff.device.OnDevice` wrapper.
+    """
+    device, dtype = problem.device, torch.float64
     return replace(
-        problem, params=params(problem.params), buffers=params(problem.buffers),
-        train_data=CastSource(problem.train_data, dtype),
-        val_data=[cast(b, dtype) for b in problem.val_data],
+        problem, params=move(problem.params, device, dtype),
+        buffers=move(problem.buffers, device, dtype),
+        train_data=OnDevice(problem.train_data, device, dtype),
+        val_data=[move(b, device, dtype) for b in problem.val_data],
     )

@@ -26,7 +26,7 @@ from typing import Any
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from ..errors import HyperdiffError, describe
+from ..errors import HyperdiffError, describe, positive_int
 from ..typing import Batch
 from .loader import LoaderStream, has_random_access
 from .replay import check_batch
@@ -68,9 +68,11 @@ def stream(data: Any, *, window: int = DEFAULT_WINDOW) -> BatchSource:
         HyperdiffError: ``data`` cannot be streamed (see :func:`as_source`).
     """
     name = describe_source(data)
+    window = positive_int("data", "window", window)
+    if isinstance(data, DataLoader):  # room for what the workers prefetch
+        window = max(window, data.num_workers * (data.prefetch_factor or 0))
     if has_random_access(data):
-        prefetch = data.num_workers * (data.prefetch_factor or 0)
-        return LoaderStream(data, name, window=max(window, prefetch))
+        return LoaderStream(data, name, window=window)
     if callable(data) and not hasattr(data, "__iter__"):
         if _required_positional(data) == 0:
             return IterableStream(data, name, factory=True, window=window)
@@ -82,8 +84,6 @@ def stream(data: Any, *, window: int = DEFAULT_WINDOW) -> BatchSource:
             "a DataLoader, or a zero-argument function that returns a new iterator"
         )
     if isinstance(data, Iterable) and not isinstance(data, (str, bytes, bytearray)):
-        window = window if not isinstance(data, DataLoader) else max(
-            window, data.num_workers * (data.prefetch_factor or 0))
         return IterableStream(data, name, window=window)
     raise HyperdiffError(f"data: stream needs a DataLoader, a re-iterable or a function of no "
                          f"arguments (got {name})")

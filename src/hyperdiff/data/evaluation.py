@@ -22,7 +22,7 @@ metric is the sample-weighted mean of its batch values, ``sum_b n_b m_b / sum_b 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -33,7 +33,7 @@ from ..errors import HyperdiffError
 from ..typing import Batch
 from .loader import SeededItems, has_random_access
 from .permutation import mix
-from .replay import check_batch, fingerprint
+from .replay import check_batch, fingerprint, leaves
 from .streaming import PrivateRandom
 
 EVAL_KEY = 0x5EED_E7A1  # the per-sample seeds of evaluation reads: mix(EVAL_KEY, index)
@@ -43,15 +43,9 @@ DEFAULT_EVAL_BATCH = 256
 def batch_rows(batch: Batch) -> int:
     """Samples in a batch: the first dimension of its first tensor of dimension >= 1 (1 if
     there is none)."""
-    if isinstance(batch, Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(
-        batch, (tuple, list)) else ()
-    for item in items:
-        if isinstance(item, Tensor) and item.dim():
-            return int(item.shape[0])
-        if isinstance(item, (Mapping, tuple, list)):
-            return batch_rows(item)
+    for _, leaf in leaves(batch):
+        if isinstance(leaf, Tensor) and leaf.dim():
+            return int(leaf.shape[0])
     return 1
 
 

@@ -154,6 +154,7 @@ class LoaderStream(Streamed):
             start = step
             if (seed, step + 1) in self.cache:  # walking backwards: read a window at once
                 start = max(0, step - self.window + 1)
+            run = None  # no reference left: _start releases the previous run's workers first
             run = self.run = self._start(seed, start, max(self.horizon, step + self.window))
         while run.next_step <= step:
             self._keep(seed, run.next_step, next(run.iterator))

@@ -64,6 +64,13 @@ class Minibatches(BatchSource):
     def __init__(self, *tensors: Tensor, batch_size: int, shuffle: bool = True):
         if not tensors:
             raise HyperdiffError("minibatches: at least one tensor is required")
+        for i, t in enumerate(tensors):
+            if not isinstance(t, Tensor) or t.dim() == 0:
+                raise HyperdiffError(
+                    f"minibatches: tensors must be torch tensors with a first (row) dimension "
+                    f"(got {type(t).__name__} {describe(t)} as argument {i}); convert with "
+                    "torch.as_tensor"
+                )
         n = tensors[0].shape[0]
         if any(t.shape[0] != n for t in tensors):
             raise HyperdiffError(

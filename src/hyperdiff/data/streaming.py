@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import HyperdiffError
+from ..errors import HyperdiffError, positive_int
 from ..typing import Batch
 from .permutation import mix
 from .replay import ReplayLog
@@ -46,9 +46,7 @@ class Streamed(BatchSource):
     """
 
     def __init__(self, name: str, window: int):
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise HyperdiffError(f"data: window must be a positive int (got {window!r})")
-        self.name, self.window = name, window
+        self.name, self.window = name, positive_int("data", "window", window)
         self.cache: OrderedDict[tuple[int, int], Batch] = OrderedDict()
         self.log = ReplayLog(name, ADVICE)
         self.horizon = 0  # the largest number of steps announced through check()
@@ -183,6 +181,7 @@ class IterableStream(Streamed):
     def _fill(self, step: int, seed: int) -> None:
         run = self.run
         if run is None or run.seed != seed or run.next_step > step:
+            run = self.run = None  # release the open iteration (and any workers) before the next
             run = self.run = self._start_for(step, seed)
         while run.next_step <= step:
             try:

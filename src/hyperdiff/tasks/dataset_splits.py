@@ -91,9 +91,8 @@ def validation_and_selection(
     doc); ``selection`` is ``None`` when ``selection_fraction`` is 0 and none was given."""
     size = eval_batch_size(batch_size)
     if selection is not None:
-        chosen = (list(evaluation_split("selection", selection, batch_size=size))
-                  if is_dataset_split(selection) else selection)
-        return list(evaluation_split("validation", val, batch_size=size)), chosen
+        return (list(evaluation_split("validation", val, batch_size=size)),
+                selection_batches(selection, batch_size))
     if selection_fraction == 0:
         return list(evaluation_split("validation", val, batch_size=size)), None
     cut = _map_style(val, size)
@@ -113,6 +112,13 @@ def validation_and_selection(
         return val_batches, None
     return val_batches, list(map_style_split("selection", dataset, batch_size=size,
                                              rows=sel_rows, like=like))
+
+
+def selection_batches(selection: Any, batch_size: int | None) -> Any:
+    """A given ``selection``: a data set read once into a list of batches, else as it is."""
+    if not is_dataset_split(selection):
+        return selection
+    return list(evaluation_split("selection", selection, batch_size=eval_batch_size(batch_size)))
 
 
 def test_split(test: Any, batch_size: int | None) -> EvaluationSplit:

@@ -99,8 +99,6 @@ def flipped_rows(data: TaskData) -> Tensor:
 
 def summary(values: Mapping[str, Tensor], data: TaskData) -> dict[str, float]:
     """Mean learned weight of the flipped and of the clean training examples."""
-    return weight_summary(values["weight"], flipped_rows(data))
-def weight_summary(weight: Tensor, flipped: Tensor) -> dict[str, float]:
-    """Mean learned weight of the flipped and of the clean training examples."""
+    weight, flipped = values["weight"], flipped_rows(data)
     return {"mean weight, flipped labels": float(weight[flipped].mean()),
             "mean weight, clean labels": float(weight[~flipped].mean())}

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 from ..constraints import Free, Interval
 from ..data import minibatches, validation_batches
 from ..data.evaluation import EvaluationSplit, is_dataset_split
+from ..datacheck import tensors_in
 from ..errors import HyperdiffError, describe, nonnegative_int, positive_int
 from ..hyperparams import HyperParameters
 from ..models import FunctionalModel
@@ -45,7 +46,13 @@ from ..optimizers import Optimizer
 from ..problem import Problem, make_problem, takes_context
 from ..typing import Batch, LossFn, Params
 from .base import Metrics, SearchRange, Task
-from .dataset_splits import split_size, test_split, train_source, validation_and_selection
+from .dataset_splits import (
+    selection_batches,
+    split_size,
+    test_split,
+    train_source,
+    validation_and_selection,
+)
 from .splits import Splits, fold_rows, split_given_rows, split_rows
 
 
@@ -142,22 +149,22 @@ class TaskSpec:
         info = TaskData(data, rows, data_seed)
         hparams = self._hparams(info)
         model_params, buffers = model_state(self.model, self.name)
+        train, val = take(data, rows.train), take(data, rows.val)  # shared by problems and splits
 
-        def problem_for(train_rows: Tensor, val_rows: Tensor, probe: bool) -> Problem:
-            return self._problem(hparams, model_params, buffers, take(data, train_rows),
-                                 take(data, val_rows), steps, probe)
+        def problem_for(train_batch: Batch, val_batch: Batch, probe: bool) -> Problem:
+            return self._problem(hparams, model_params, buffers, train_batch, val_batch, steps,
+                                 probe)
 
         if cv_folds:
             pool = torch.cat([rows.train, rows.val]).sort().values
             folds = fold_rows(pool, cv_folds, data_seed, labels)
-            problems = tuple(problem_for(tr, va, self.probe and j == 0)
+            problems = tuple(problem_for(take(data, tr), take(data, va), self.probe and j == 0)
                              for j, (tr, va) in enumerate(folds))
-            final = problem_for(pool, rows.val, False)
+            final = problem_for(take(data, pool), val, False)
         else:
-            problems = (problem_for(rows.train, rows.val, self.probe),)
+            problems = (problem_for(train, val, self.probe),)
             final = problems[0]
-        splits: dict[str, list[Batch] | EvaluationSplit] = {
-            "train": [take(data, rows.train)], "val": [take(data, rows.val)]}
+        splits: dict[str, list[Batch] | EvaluationSplit] = {"train": [train], "val": [val]}
         if rows.selection.numel():
             splits["selection"] = [take(data, rows.selection)]
         splits["test"] = [take(data, rows.test)]
@@ -177,7 +184,8 @@ class TaskSpec:
                 given.val, given.selection, name=self.name, selection_fraction=selection_fraction,
                 seed=data_seed, stratify=self.stratify, batch_size=self.batch_size)
         else:
-            val, selection = validation_batches(given.val), given.selection
+            val = validation_batches(given.val)
+            selection = selection_batches(given.selection, self.batch_size)
         if selection is None and selection_fraction > 0 and not streamed:
             if len(val) != 1:
                 raise HyperdiffError(
@@ -201,7 +209,7 @@ class TaskSpec:
             splits["selection"] = validation_batches(selection)
         splits["test"] = (test_split(given.test, self.batch_size) if is_dataset_split(given.test)
                           else validation_batches(given.test))
-        sizes = {k: split_size(v, lambda b: num_rows(b, self.name)) for k, v in splits.items()}
+        sizes = {k: split_size(v, lambda b: tensor_rows(b, self.name)) for k, v in splits.items()}
         return self._task((problem,), problem, splits, hparams, info,
                           {"sizes": sizes, "cv_folds": 0})
 
@@ -384,6 +392,12 @@ def num_rows(data: Any, name: str) -> int:
         raise HyperdiffError(f"{name}: data's tensors must share their first dimension (got "
                              f"{[tuple(t.shape) for t in tensors]})")
     return sizes.pop()
+
+
+def tensor_rows(batch: Batch, name: str) -> int:
+    """The shared first dimension of the tensors of a given split's batch; other entries (the
+    lists of ids or strings that ``default_collate`` makes) are not counted."""
+    return num_rows(tuple(t for _, t in tensors_in(batch)), name)
 
 
 def take(data: Any, rows: Tensor) -> Batch:
