@@ -37,7 +37,6 @@ from .errors import (
     HyperdiffError,
     NonFiniteError,
     fail,
-    is_number,
     nonnegative_int,
     positive_float,
     positive_int,
@@ -162,8 +161,6 @@ class HyperOptimizer:
                       "draws enough samples")
         self.seed = nonnegative_int("HyperOptimizer", "seed", seed)
         self.stopping = stopping or Stopping()
-        if not (is_number(shrink) and 0.0 < shrink < 1.0):  # the guard's own check, for any type
-            raise fail("HyperOptimizer", "guard shrink", "in (0, 1)", shrink)
         self.guard = DivergenceGuard(shrink=shrink, max_failures=max_failures,
                                      max_loss_ratio=max_loss_ratio)
         self.leaves = {n: v.clone().requires_grad_() for n, v in self.hparams.raw.items()}
