@@ -369,7 +369,7 @@ class HyperOptimizer:
         done: dict[int, tuple[HyperGradient, float | None]] = {}  # slot -> (hg, selection)
         count = self.auto.minimum if self.auto else self.samples
         self._sample(step, raw, range(count), done)
-        while self.auto and not self.auto.enough(self._per_sample(done, count)):
+        while self.auto and not self.auto.enough(self._per_sample(done)):
             self._sample(step, raw, range(count, count + 1), done)  # one more, every fold
             self.trainings += len(self.problems)
             count += 1
@@ -411,13 +411,11 @@ class HyperOptimizer:
             return hg, None
         return hg, self._selection_loss(problem, self.selection, hg, raw)
 
-    def _per_sample(self, done: dict[int, tuple[HyperGradient, float | None]], count: int
-                    ) -> Tensor:
-        """``(count, k)``: each sample's hypergradient averaged over the problems."""
-        rows = [torch.stack([self.hparams.flatten(done[j * self.samples + i][0].grad).double()
-                             for j in range(len(self.problems))]).mean(0)
-                for i in range(count)]
-        return torch.stack(rows)
+    def _per_sample(self, done: dict[int, tuple[HyperGradient, float | None]]) -> Tensor:
+        """``(count, k)``: each sample's hypergradient averaged over the problems (the slots
+        in order are fold-major, as :func:`~hyperdiff.snr.sample_means` takes them)."""
+        grads = [self.hparams.flatten(done[slot][0].grad).double() for slot in sorted(done)]
+        return sample_means(torch.stack(grads), len(self.problems))
 
     @staticmethod
     def _selection_loss(problem: Problem, selection: list[Batch], hg: HyperGradient,
