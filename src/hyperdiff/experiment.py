@@ -176,7 +176,9 @@ def _run_locked(
 
         return run_online(config, rundir, resume=resume, progress=progress, log=log)
     task, driver = build(config)
-    watchers = [*config_loggers(config.log, rundir.path), *callbacks]
+    # the [log] files are the run directory's, so rank 0 alone writes them
+    loggers = config_loggers(config.log, rundir.path) if group is None or group.is_root else []
+    watchers = [*loggers, *callbacks]
     if resume and (state := rundir.load_checkpoint()) is not None:
         history = rundir.load_history(int(state["step"]))
         try:

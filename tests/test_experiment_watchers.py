@@ -1,0 +1,40 @@
+"""run_experiment's loggers and callbacks: the [log] files are written by rank 0 only."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import hyperdiff.experiment as experiment
+from hyperdiff.config import load_config
+from hyperdiff.rundir import RunDir
+
+SMALL = ["task.name=ridge_diabetes", "inner.steps=5", "stop.max_steps=3", "report.seeds=1"]
+
+
+class Watcher:
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.closed = False
+
+    def __call__(self, opt, record) -> None:
+        self.steps.append(record.step)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def failing(opt, record) -> None:
+    if record.step == 1:
+        raise ValueError("a callback's own error")
+
+
+def test_a_rank_other_than_0_writes_no_log_file(tmp_path, monkeypatch):
+    # one process playing rank 1: its run directory calls run here, its [log] files must not
+    rank1 = SimpleNamespace(is_root=False, timeout_s=None)
+    monkeypatch.setattr(experiment, "init_from_env", lambda: rank1)
+    watcher = Watcher()
+    config = load_config(overrides=[*SMALL, "log.csv=steps.csv"])
+    experiment.run_experiment(config, out=tmp_path, callbacks=[watcher])
+    assert len(RunDir(tmp_path).read_history()) == 3 == len(watcher.steps) and watcher.closed
+    assert not (tmp_path / "steps.csv").exists()
+    assert rank1.timeout_s == config.distributed.timeout_s
