@@ -1,8 +1,10 @@
-"""run_experiment's loggers and callbacks: the [log] files are written by rank 0 only."""
+"""run_experiment's loggers and callbacks: closed on every way out, written by rank 0 only."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
+
+import pytest
 
 import hyperdiff.experiment as experiment
 from hyperdiff.config import load_config
@@ -26,6 +28,14 @@ class Watcher:
 def failing(opt, record) -> None:
     if record.step == 1:
         raise ValueError("a callback's own error")
+
+
+def test_watchers_are_closed_when_a_callback_raises(tmp_path):
+    watcher = Watcher()
+    with pytest.raises(ValueError, match="a callback's own error"):
+        experiment.run_experiment(load_config(overrides=SMALL), out=tmp_path, progress=False,
+                                  log=lambda _: None, callbacks=[watcher, failing])
+    assert watcher.steps == [0, 1] and watcher.closed
 
 
 def test_a_rank_other_than_0_writes_no_log_file(tmp_path, monkeypatch):

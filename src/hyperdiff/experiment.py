@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import suppress
+from contextlib import closing, suppress
 from pathlib import Path
 from typing import Any
 
@@ -208,28 +208,25 @@ def _run_locked(
     bar = Progress(steps=config.stop.max_steps, done=driver.step_index, units_per_step=per_step,
                    report_trainings=(2 + hasattr(task, "final_report_extra"))
                    * config.report.seeds, enabled=progress, desc=task.name)
-    start_all(watchers, list(driver.history))
-    try:
-        outcome = driver.run(callbacks=[on_step, *watchers, bar], progress=False)
-    except KeyboardInterrupt:
-        bar.close()
-        close_all(watchers)
-        log(f"interrupted after outer step {driver.step_index}; continue with "
-            f"`hyperdiff run --resume {rundir.path}`")
-        raise
-    except NonFiniteError as err:
+    with closing(bar):
+        start_all(watchers, list(driver.history))
+        try:
+            outcome = driver.run(callbacks=[on_step, *watchers, bar], progress=False)
+        except KeyboardInterrupt:
+            log(f"interrupted after outer step {driver.step_index}; continue with "
+                f"`hyperdiff run --resume {rundir.path}`")
+            raise
+        except NonFiniteError as err:
+            rundir.save_checkpoint(driver.state_dict())
+            result = {"task": task.name, "status": "diverged", "message": str(err),
+                      "run_dir": str(rundir.path), "steps": driver.step_index}
+            rundir.write_result(result)
+            raise
+        finally:  # also after any other error (a callback's, a lost rank's)
+            close_all(watchers)
         rundir.save_checkpoint(driver.state_dict())
-        result = {"task": task.name, "status": "diverged", "message": str(err),
-                  "run_dir": str(rundir.path), "steps": driver.step_index}
-        rundir.write_result(result)
-        bar.close()
-        close_all(watchers)
-        raise
-    close_all(watchers)
-    rundir.save_checkpoint(driver.state_dict())
-    result = final_report(task, outcome, config, elapsed=driver.elapsed,
-                          progress=bar.report_phase())
-    bar.close()
+        result = final_report(task, outcome, config, elapsed=driver.elapsed,
+                              progress=bar.report_phase())
     result["run_dir"] = str(rundir.path)
     rundir.write_result(result)
     return result
