@@ -303,7 +303,7 @@ class HyperOptimizer:
         return self._record(
             step, raw, started, status="ok", lr=lr, best=is_best,
             train_loss=sum(hg.train_loss for hg in evaluations) / len(evaluations),
-            val_loss=float(values.mean()),
+            val_loss=val,
             val_loss_std=float(values.std()) if len(values) > 1 else 0.0,
             selection_loss=selection, grad_norm=grad_norm,
             grad_std=float(grads.std(0).norm()) if len(grads) > 1 else None,
