@@ -43,11 +43,10 @@ def build(config: Config) -> tuple[Task, HyperOptimizer]:
     )
     task = task_to_device(task, resolve_device(config.run.device, "config", "run.device"))
     stop = config.stop
+    method = make_method(config.method.name, **config.method.options)
     driver = HyperOptimizer(
         list(task.problems),
-        method=data_parallel(make_method(config.method.name, **config.method.options))
-        if config.distributed.data_parallel else make_method(config.method.name,
-                                                             **config.method.options),
+        method=data_parallel(method) if config.distributed.data_parallel else method,
         optimizer=config.outer.optimizer, lr=config.outer.lr,
         clip=config.outer.clip or None, schedule=config.outer.schedule,
         samples="auto" if config.outer.auto_samples else config.outer.samples,
