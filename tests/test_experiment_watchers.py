@@ -41,10 +41,20 @@ def test_watchers_are_closed_when_a_callback_raises(tmp_path):
 def test_a_rank_other_than_0_writes_no_log_file(tmp_path, monkeypatch):
     # one process playing rank 1: its run directory calls run here, its [log] files must not
     rank1 = SimpleNamespace(is_root=False, timeout_s=None)
-    monkeypatch.setattr(experiment, "init_from_env", lambda: rank1)
+    monkeypatch.setattr(experiment, "init_from_env", lambda *_: rank1)
     watcher = Watcher()
     config = load_config(overrides=[*SMALL, "log.csv=steps.csv"])
     experiment.run_experiment(config, out=tmp_path, callbacks=[watcher])
     assert len(RunDir(tmp_path).read_history()) == 3 == len(watcher.steps) and watcher.closed
     assert not (tmp_path / "steps.csv").exists()
     assert rank1.timeout_s == config.distributed.timeout_s
+
+
+def test_the_process_group_is_set_up_with_the_configs_timeout(tmp_path, monkeypatch):
+    # torch's own collective timeout and the first collectives' (the run directory, the
+    # lock) must be distributed.timeout_s, not the 300 s default
+    asked = []
+    monkeypatch.setattr(experiment, "init_from_env", lambda *args: asked.append(args))
+    config = load_config(overrides=[*SMALL, "distributed.timeout_s=700"])
+    experiment.run_experiment(config, out=tmp_path, log=lambda _: None, progress=False)
+    assert asked == [(700.0,)]

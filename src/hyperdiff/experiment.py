@@ -119,7 +119,9 @@ def run_experiment(
         raise HyperdiffError(f"run: --out must not be given with --resume (got --out {out}); "
                              f"a resumed run stays in its own directory {resume}")
     log = _progress(log)
-    group = init_from_env()  # under torchrun: rank 0 alone touches the run directory
+    # under torchrun: rank 0 alone touches the run directory; a resume learns its timeout
+    # from the stored config below
+    group = init_from_env() if config is None else init_from_env(config.distributed.timeout_s)
     if group is not None and not group.is_root:
         log, progress = (lambda _message: None), False
     if resume is not None:
