@@ -1,13 +1,16 @@
-"""run_experiment's loggers and callbacks: closed on every way out, written by rank 0 only."""
+"""run_experiment's loggers and callbacks: closed on every way out, written by rank 0 only,
+with the signal-to-noise record."""
 
 from __future__ import annotations
 
+import csv
 from types import SimpleNamespace
 
 import pytest
 
 import hyperdiff.experiment as experiment
 from hyperdiff.config import load_config
+from hyperdiff.loggers import scalars
 from hyperdiff.rundir import RunDir
 
 SMALL = ["task.name=ridge_diabetes", "inner.steps=5", "stop.max_steps=3", "report.seeds=1"]
@@ -58,3 +61,17 @@ def test_the_process_group_is_set_up_with_the_configs_timeout(tmp_path, monkeypa
     config = load_config(overrides=[*SMALL, "distributed.timeout_s=700"])
     experiment.run_experiment(config, out=tmp_path, log=lambda _: None, progress=False)
     assert asked == [(700.0,)]
+
+
+def test_the_csv_and_the_scalars_carry_the_signal_to_noise_record(tmp_path):
+    config = load_config(overrides=["task.name=mlp_digits", "inner.steps=4", "stop.max_steps=2",
+                                    "outer.samples=3", "report.seeds=1", "log.csv=steps.csv"])
+    experiment.run_experiment(config, out=tmp_path, log=lambda _: None, progress=False)
+    records = RunDir(tmp_path).read_history()
+    with open(tmp_path / "steps.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(records) == 2
+    for row, record in zip(rows, records, strict=True):
+        assert record.samples == 3 and record.grad_snr is not None  # minibatches: measured
+        assert float(row["grad_snr"]) == record.grad_snr and int(row["samples"]) == 3
+        assert scalars(record)["grad_snr"] == record.grad_snr

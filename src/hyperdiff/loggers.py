@@ -27,15 +27,15 @@ from .errors import HyperdiffError
 from .history import StepRecord
 
 LOSS_FIELDS = ("train_loss", "val_loss", "val_loss_std", "selection_loss", "grad_norm",
-               "grad_std", "lr")
-CSV_FIELDS = ("step", "status", *LOSS_FIELDS, "best", "trainings", "time_s", "step_time_s",
-              "message")
+               "grad_std", "grad_snr", "lr")
+CSV_FIELDS = ("step", "status", *LOSS_FIELDS, "best", "trainings", "samples", "time_s",
+              "step_time_s", "message")
 
 
 def scalars(record: StepRecord) -> dict[str, float]:
-    """The record's numbers by name: losses, hypergradient norm, outer lr, and each
-    hyperparameter (a scalar as ``hparams/NAME``, a vector as ``hparams/NAME/mean``, ``/min``,
-    ``/max``); ``None`` values are left out."""
+    """The record's numbers by name: losses, hypergradient norm and signal-to-noise ratio,
+    outer lr, and each hyperparameter (a scalar as ``hparams/NAME``, a vector as
+    ``hparams/NAME/mean``, ``/min``, ``/max``); ``None`` values are left out."""
     out = {k: float(getattr(record, k)) for k in LOSS_FIELDS if getattr(record, k) is not None}
     return {**out, **hparam_scalars(record)}
 
