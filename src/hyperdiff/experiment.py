@@ -25,6 +25,7 @@ from .loggers import Progress, close_all, config_loggers, start_all
 from .logs import get_logger
 from .registry import make_method
 from .rundir import RunDir
+from .rundir.records import new_run
 from .tasks import Task, build_task
 from .tasks.loader import label
 
@@ -188,8 +189,7 @@ def _run_locked(
             what = str(err) if isinstance(err, HyperdiffError) else f"{type(err).__name__}: {err}"
             raise HyperdiffError(
                 f"run directory: {rundir.file('checkpoint.pt')} does not fit this run's driver "
-                f"({what}); restore it, or start a new run with the same "
-                f"config (`hyperdiff run {rundir.file('config.toml')} --out NEW_DIR`)"
+                f"({what}); restore it, or {new_run(rundir.path)}"
             ) from None
         log(f"resuming {rundir.path} at outer step {driver.step_index}")
     else:

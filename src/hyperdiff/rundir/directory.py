@@ -377,8 +377,7 @@ class RunDir:
                 raise HyperdiffError(
                     f"run directory: {path} is missing, so the run's files cannot be verified "
                     f"(it was deleted, or {self.path} was written before hyperdiff kept "
-                    f"manifests); start a new run with the same config (`hyperdiff run "
-                    f"{self.file(CONFIG)} --out NEW_DIR`)"
+                    f"manifests); {new_run(self.path)}"
                 )
             self._manifest = Manifest.from_bytes(read_bytes(path), path)
         return self._manifest
