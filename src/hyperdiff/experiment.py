@@ -205,8 +205,9 @@ def _run_locked(
         if opt.step_index % config.output.checkpoint_every == 0 or opt.stop_reason():
             rundir.save_checkpoint(opt.state_dict())
 
-    per_step = len(task.problems) * config.outer.samples
+    per_step = len(task.problems) * (driver.auto.minimum if driver.auto else driver.samples)
     bar = Progress(steps=config.stop.max_steps, done=driver.step_index, units_per_step=per_step,
+                   trainings=driver.trainings,
                    report_trainings=(2 + hasattr(task, "final_report_extra"))
                    * config.report.seeds, enabled=progress, desc=task.name)
     with closing(bar):
