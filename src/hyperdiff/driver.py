@@ -497,7 +497,7 @@ def _auto_samples(samples: int | str, max_samples: int) -> AutoSamples | None:
     if isinstance(samples, str):
         if samples != "auto":
             raise fail("HyperOptimizer", "samples", "a positive int or 'auto'", samples)
-        return AutoSamples(maximum=positive_int("HyperOptimizer", "max_samples", max_samples))
+        return AutoSamples(maximum=max_samples)  # which checks it
     positive_int("HyperOptimizer", "max_samples", max_samples)
     return None
 
