@@ -194,3 +194,12 @@ def test_the_config_key_reaches_the_guard():
     assert driver.guard.max_loss_ratio == 50.0
     with pytest.raises(hd.HyperdiffError, match="guard.max_loss_ratio must be a number > 1"):
         load_config(overrides=["guard.max_loss_ratio=0.5"])
+
+
+@pytest.mark.parametrize("shrink", ["0.5", None, [0.5]])
+def test_the_guard_refuses_a_shrink_that_is_not_a_number(shrink):
+    # the guard's own check (not only HyperOptimizer's): no TypeError from comparing a str
+    with pytest.raises(hd.HyperdiffError, match="guard shrink must be in \\(0, 1\\)"):
+        DivergenceGuard(shrink=shrink)
+    with pytest.raises(hd.HyperdiffError, match="guard shrink must be in \\(0, 1\\)"):
+        HyperOptimizer(ridge_problem()[0], shrink=shrink)

@@ -37,7 +37,6 @@ from .errors import (
     HyperdiffError,
     NonFiniteError,
     fail,
-    is_number,
     nonnegative_int,
     positive_float,
     positive_int,
@@ -162,8 +161,6 @@ class HyperOptimizer:
                       "draws enough samples")
         self.seed = nonnegative_int("HyperOptimizer", "seed", seed)
         self.stopping = stopping or Stopping()
-        if not (is_number(shrink) and 0.0 < shrink < 1.0):  # the guard's own check, for any type
-            raise fail("HyperOptimizer", "guard shrink", "in (0, 1)", shrink)
         self.guard = DivergenceGuard(shrink=shrink, max_failures=max_failures,
                                      max_loss_ratio=max_loss_ratio)
         self.leaves = {n: v.clone().requires_grad_() for n, v in self.hparams.raw.items()}
@@ -306,7 +303,7 @@ class HyperOptimizer:
         return self._record(
             step, raw, started, status="ok", lr=lr, best=is_best,
             train_loss=sum(hg.train_loss for hg in evaluations) / len(evaluations),
-            val_loss=float(values.mean()),
+            val_loss=val,
             val_loss_std=float(values.std()) if len(values) > 1 else 0.0,
             selection_loss=selection, grad_norm=grad_norm,
             grad_std=float(grads.std(0).norm()) if len(grads) > 1 else None,
@@ -372,7 +369,7 @@ class HyperOptimizer:
         done: dict[int, tuple[HyperGradient, float | None]] = {}  # slot -> (hg, selection)
         count = self.auto.minimum if self.auto else self.samples
         self._sample(step, raw, range(count), done)
-        while self.auto and not self.auto.enough(self._per_sample(done, count)):
+        while self.auto and not self.auto.enough(self._per_sample(done)):
             self._sample(step, raw, range(count, count + 1), done)  # one more, every fold
             self.trainings += len(self.problems)
             count += 1
@@ -414,13 +411,11 @@ class HyperOptimizer:
             return hg, None
         return hg, self._selection_loss(problem, self.selection, hg, raw)
 
-    def _per_sample(self, done: dict[int, tuple[HyperGradient, float | None]], count: int
-                    ) -> Tensor:
-        """``(count, k)``: each sample's hypergradient averaged over the problems."""
-        rows = [torch.stack([self.hparams.flatten(done[j * self.samples + i][0].grad).double()
-                             for j in range(len(self.problems))]).mean(0)
-                for i in range(count)]
-        return torch.stack(rows)
+    def _per_sample(self, done: dict[int, tuple[HyperGradient, float | None]]) -> Tensor:
+        """``(count, k)``: each sample's hypergradient averaged over the problems (the slots
+        in order are fold-major, as :func:`~hyperdiff.snr.sample_means` takes them)."""
+        grads = [self.hparams.flatten(done[slot][0].grad).double() for slot in sorted(done)]
+        return sample_means(torch.stack(grads), len(self.problems))
 
     @staticmethod
     def _selection_loss(problem: Problem, selection: list[Batch], hg: HyperGradient,
@@ -502,7 +497,7 @@ def _auto_samples(samples: int | str, max_samples: int) -> AutoSamples | None:
     if isinstance(samples, str):
         if samples != "auto":
             raise fail("HyperOptimizer", "samples", "a positive int or 'auto'", samples)
-        return AutoSamples(maximum=positive_int("HyperOptimizer", "max_samples", max_samples))
+        return AutoSamples(maximum=max_samples)  # which checks it
     positive_int("HyperOptimizer", "max_samples", max_samples)
     return None
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import suppress
+from contextlib import closing, suppress
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from .loggers import Progress, close_all, config_loggers, start_all
 from .logs import get_logger
 from .registry import make_method
 from .rundir import RunDir
+from .rundir.records import new_run
 from .tasks import Task, build_task
 from .tasks.loader import label
 
@@ -43,11 +44,10 @@ def build(config: Config) -> tuple[Task, HyperOptimizer]:
     )
     task = task_to_device(task, resolve_device(config.run.device, "config", "run.device"))
     stop = config.stop
+    method = make_method(config.method.name, **config.method.options)
     driver = HyperOptimizer(
         list(task.problems),
-        method=data_parallel(make_method(config.method.name, **config.method.options))
-        if config.distributed.data_parallel else make_method(config.method.name,
-                                                             **config.method.options),
+        method=data_parallel(method) if config.distributed.data_parallel else method,
         optimizer=config.outer.optimizer, lr=config.outer.lr,
         clip=config.outer.clip or None, schedule=config.outer.schedule,
         samples="auto" if config.outer.auto_samples else config.outer.samples,
@@ -120,7 +120,9 @@ def run_experiment(
         raise HyperdiffError(f"run: --out must not be given with --resume (got --out {out}); "
                              f"a resumed run stays in its own directory {resume}")
     log = _progress(log)
-    group = init_from_env()  # under torchrun: rank 0 alone touches the run directory
+    # under torchrun: rank 0 alone touches the run directory; a resume learns its timeout
+    # from the stored config below
+    group = init_from_env() if config is None else init_from_env(config.distributed.timeout_s)
     if group is not None and not group.is_root:
         log, progress = (lambda _message: None), False
     if resume is not None:
@@ -176,7 +178,9 @@ def _run_locked(
 
         return run_online(config, rundir, resume=resume, progress=progress, log=log)
     task, driver = build(config)
-    watchers = [*config_loggers(config.log, rundir.path), *callbacks]
+    # the [log] files are the run directory's, so rank 0 alone writes them
+    loggers = config_loggers(config.log, rundir.path) if group is None or group.is_root else []
+    watchers = [*loggers, *callbacks]
     if resume and (state := rundir.load_checkpoint()) is not None:
         history = rundir.load_history(int(state["step"]))
         try:
@@ -185,8 +189,7 @@ def _run_locked(
             what = str(err) if isinstance(err, HyperdiffError) else f"{type(err).__name__}: {err}"
             raise HyperdiffError(
                 f"run directory: {rundir.file('checkpoint.pt')} does not fit this run's driver "
-                f"({what}); restore it, or start a new run with the same "
-                f"config (`hyperdiff run {rundir.file('config.toml')} --out NEW_DIR`)"
+                f"({what}); restore it, or {new_run(rundir.path)}"
             ) from None
         log(f"resuming {rundir.path} at outer step {driver.step_index}")
     else:
@@ -202,32 +205,30 @@ def _run_locked(
         if opt.step_index % config.output.checkpoint_every == 0 or opt.stop_reason():
             rundir.save_checkpoint(opt.state_dict())
 
-    per_step = len(task.problems) * config.outer.samples
+    per_step = len(task.problems) * (driver.auto.minimum if driver.auto else driver.samples)
     bar = Progress(steps=config.stop.max_steps, done=driver.step_index, units_per_step=per_step,
+                   trainings=driver.trainings,
                    report_trainings=(2 + hasattr(task, "final_report_extra"))
                    * config.report.seeds, enabled=progress, desc=task.name)
-    start_all(watchers, list(driver.history))
-    try:
-        outcome = driver.run(callbacks=[on_step, *watchers, bar], progress=False)
-    except KeyboardInterrupt:
-        bar.close()
-        close_all(watchers)
-        log(f"interrupted after outer step {driver.step_index}; continue with "
-            f"`hyperdiff run --resume {rundir.path}`")
-        raise
-    except NonFiniteError as err:
+    with closing(bar):
+        start_all(watchers, list(driver.history))
+        try:
+            outcome = driver.run(callbacks=[on_step, *watchers, bar], progress=False)
+        except KeyboardInterrupt:
+            log(f"interrupted after outer step {driver.step_index}; continue with "
+                f"`hyperdiff run --resume {rundir.path}`")
+            raise
+        except NonFiniteError as err:
+            rundir.save_checkpoint(driver.state_dict())
+            result = {"task": task.name, "status": "diverged", "message": str(err),
+                      "run_dir": str(rundir.path), "steps": driver.step_index}
+            rundir.write_result(result)
+            raise
+        finally:  # also after any other error (a callback's, a lost rank's)
+            close_all(watchers)
         rundir.save_checkpoint(driver.state_dict())
-        result = {"task": task.name, "status": "diverged", "message": str(err),
-                  "run_dir": str(rundir.path), "steps": driver.step_index}
-        rundir.write_result(result)
-        bar.close()
-        close_all(watchers)
-        raise
-    close_all(watchers)
-    rundir.save_checkpoint(driver.state_dict())
-    result = final_report(task, outcome, config, elapsed=driver.elapsed,
-                          progress=bar.report_phase())
-    bar.close()
+        result = final_report(task, outcome, config, elapsed=driver.elapsed,
+                              progress=bar.report_phase())
     result["run_dir"] = str(rundir.path)
     rundir.write_result(result)
     return result

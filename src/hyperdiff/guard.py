@@ -28,7 +28,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .errors import NonFiniteError, fail
+from .errors import NonFiniteError, fail, is_number
 from .hyperparams import HyperParameters
 
 
@@ -50,7 +50,7 @@ class DivergenceGuard:
         ratio = self.max_loss_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 1:
             raise fail(self.caller, "max_loss_ratio", "a number > 1 (inf: off)", ratio)
-        if not 0.0 < self.shrink < 1.0:
+        if not (is_number(self.shrink) and 0.0 < self.shrink < 1.0):
             raise fail(self.caller, "guard shrink", "in (0, 1)", self.shrink)
         if isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int) or (
             self.max_failures < 1

@@ -27,15 +27,15 @@ from .errors import HyperdiffError
 from .history import StepRecord
 
 LOSS_FIELDS = ("train_loss", "val_loss", "val_loss_std", "selection_loss", "grad_norm",
-               "grad_std", "lr")
-CSV_FIELDS = ("step", "status", *LOSS_FIELDS, "best", "trainings", "time_s", "step_time_s",
-              "message")
+               "grad_std", "grad_snr", "lr")
+CSV_FIELDS = ("step", "status", *LOSS_FIELDS, "best", "trainings", "samples", "time_s",
+              "step_time_s", "message")
 
 
 def scalars(record: StepRecord) -> dict[str, float]:
-    """The record's numbers by name: losses, hypergradient norm, outer lr, and each
-    hyperparameter (a scalar as ``hparams/NAME``, a vector as ``hparams/NAME/mean``, ``/min``,
-    ``/max``); ``None`` values are left out."""
+    """The record's numbers by name: losses, hypergradient norm and signal-to-noise ratio,
+    outer lr, and each hyperparameter (a scalar as ``hparams/NAME``, a vector as
+    ``hparams/NAME/mean``, ``/min``, ``/max``); ``None`` values are left out."""
     out = {k: float(getattr(record, k)) for k in LOSS_FIELDS if getattr(record, k) is not None}
     return {**out, **hparam_scalars(record)}
 
@@ -154,21 +154,26 @@ def close_all(callbacks: Iterable[Any]) -> None:
 
 
 class Progress:
-    """A tqdm bar over a whole ``hyperdiff run``: ``units_per_step`` per outer step (the
-    trainings it costs) and one unit per final-report training, so its total and ETA include
-    the report. Shown only on a terminal unless ``enabled`` says otherwise; stays on screen."""
+    """A tqdm bar over a whole ``hyperdiff run``: one unit per inner training, those of the
+    outer steps (``record.trainings``, cumulative; the ``steps - done`` steps to come are
+    counted at ``units_per_step`` each, the fewest with ``samples="auto"``) and those of the
+    final report, so its total and ETA include the report. Shown only on a terminal unless
+    ``enabled`` says otherwise; stays on screen."""
 
     def __init__(self, *, steps: int, done: int, units_per_step: int, report_trainings: int,
-                 enabled: bool | None, desc: str = ""):
+                 enabled: bool | None, desc: str = "", trainings: int | None = None):
         from tqdm.auto import tqdm
 
-        self.units_per_step, self.report, self.desc = units_per_step, report_trainings, desc
-        self.bar = tqdm(total=steps * units_per_step + report_trainings,
-                        initial=done * units_per_step, unit="training", desc=desc,
+        self.report, self.desc = report_trainings, desc
+        self.trainings = done * units_per_step if trainings is None else trainings
+        self.bar = tqdm(total=self.trainings + (steps - done) * units_per_step
+                        + report_trainings,
+                        initial=self.trainings, unit="training", desc=desc,
                         disable=None if enabled is None else not enabled, leave=True)
 
     def __call__(self, opt: Any, record: StepRecord) -> None:
-        self.bar.update(self.units_per_step)
+        self.bar.update(record.trainings - self.trainings)
+        self.trainings = record.trainings
         if record.selection_loss is not None or record.val_loss is not None:
             loss = record.selection_loss if record.selection_loss is not None else record.val_loss
             self.bar.set_postfix(step=record.step, loss=f"{loss:.4g}", refresh=False)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from .errors import fail, positive_int
@@ -79,8 +78,3 @@ def sample_means(grads: Tensor, folds: int) -> Tensor:
     """Per-sample hypergradients averaged over folds: ``grads`` is ``(folds * n, k)`` in
     fold-major order (fold j's samples at rows ``j n .. j n + n - 1``); returns ``(n, k)``."""
     return grads.reshape(folds, -1, grads.shape[-1]).mean(0)
-
-
-def stack(vectors: list[Tensor]) -> Tensor:
-    """``torch.stack`` of flat hypergradients in float64."""
-    return torch.stack([v.double() for v in vectors])

@@ -63,8 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except OSError as err:  # a filesystem error that no module turned into a HyperdiffError
         where = f" {err.filename}" if err.filename else ""
-        print(f"hyperdiff {args.command}: error: cannot use{where}: "
-              f"{err.strerror or err}", file=sys.stderr)
+        get_logger("cli").error("hyperdiff %s: error: cannot use%s: %s", args.command, where,
+                                err.strerror or err)
         return 2
     except KeyboardInterrupt:
         get_logger("cli").error("hyperdiff %s: interrupted", args.command)

@@ -47,16 +47,12 @@ def run(args: argparse.Namespace) -> int:
     if args.budget < 0:
         raise HyperdiffError(f"compare: --budget must be a positive int (got {args.budget})")
     set_threads("compare", args.threads)
-    from ..logs import get_logger
-
-    log = get_logger("compare").info
-
     from ..tasks.loader import label
 
     out = Path(args.out or Path("runs") / f"compare-{label(config.task.name)}-"
                f"{time.strftime('%Y%m%d-%H%M%S')}")
     report = compare(config, budget=args.budget or None, per_coordinate=args.per_coordinate,
-                     tpe=not args.no_tpe, log=log, progress=False if args.quiet else None)
+                     tpe=not args.no_tpe, progress=False if args.quiet else None)
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.json").write_text(json.dumps(report, indent=1) + "\n")
     figure = comparison_figure(report["methods"], title=report["task"])

@@ -172,7 +172,7 @@ class RunDir:
         return bool(self._present(RUN_FILES))
 
     def _present(self, names: tuple[str, ...]) -> list[str]:
-        return [n for n in names if self.file(n).exists() or self.file(n).is_symlink()]
+        return [n for n in names if self._exists(n)]
 
     def refuse_existing_run(self) -> None:
         """Raise if the directory holds another run's files (call it under :meth:`lock`)."""
@@ -184,7 +184,7 @@ class RunDir:
             )
 
     def config_file_exists(self) -> None:
-        if not (self.file(CONFIG).exists() or self.file(CONFIG).is_symlink()):
+        if not self._exists(CONFIG):
             raise HyperdiffError(f"run directory: {self.file(CONFIG)} does not exist, so "
                                  f"{self.path} holds no run to resume")
 
@@ -377,8 +377,7 @@ class RunDir:
                 raise HyperdiffError(
                     f"run directory: {path} is missing, so the run's files cannot be verified "
                     f"(it was deleted, or {self.path} was written before hyperdiff kept "
-                    f"manifests); start a new run with the same config (`hyperdiff run "
-                    f"{self.file(CONFIG)} --out NEW_DIR`)"
+                    f"manifests); {new_run(self.path)}"
                 )
             self._manifest = Manifest.from_bytes(read_bytes(path), path)
         return self._manifest

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import HyperdiffError
+from .records import new_run
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -74,7 +75,6 @@ class Manifest:
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise HyperdiffError(
                 f"run directory: {path} is damaged ({type(err).__name__}: {err}); without it "
-                "the checkpoint cannot be verified: restore it, or start a new run with the "
-                f"same config (`hyperdiff run {path.parent / 'config.toml'} --out NEW_DIR`)"
+                f"the checkpoint cannot be verified: restore it, or {new_run(path.parent)}"
             ) from None
         return cls(files, checkpoints)
