@@ -429,3 +429,34 @@ def test_normalised_sgd_moves_the_raw_values_by_lr_along_the_hypergradient():
     assert float((after - before).norm()) == pytest.approx(0.1, rel=1e-12)
     with pytest.raises(hd.HyperdiffError, match="normalize must be True or False"):
         hd.OnlineTuner(prob, normalize=1)
+
+
+def test_online_runs_feed_the_log_files_and_callbacks(tmp_path):
+    import csv
+
+    from hyperdiff.config import load_config
+    from hyperdiff.experiment import run_experiment
+
+    seen: list[int] = []
+    run_experiment(load_config(overrides=[*ONLINE, "log.csv=steps.csv"]), out=tmp_path,
+                   log=lambda _: None, progress=False,
+                   callbacks=[lambda opt, record: seen.append(record.step)])
+    history = RunDir(tmp_path).read_history()
+    with open(tmp_path / "steps.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert seen == [r.step for r in history] == [int(r["step"]) for r in rows]
+    assert [float(r["val_loss"]) for r in rows] == pytest.approx(
+        [r.val_loss for r in history], rel=1e-12)
+
+
+def test_online_mode_under_torchrun_is_refused(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from hyperdiff import experiment
+    from hyperdiff.config import load_config
+
+    group = SimpleNamespace(is_root=True, timeout_s=None, world=2)
+    monkeypatch.setattr(experiment, "init_from_env", lambda *_: group)
+    with pytest.raises(hd.HyperdiffError, match="each of the 2 ranks would repeat it"):
+        experiment.run_experiment(load_config(overrides=ONLINE), out=tmp_path / "r",
+                                  log=lambda _: None, progress=False)

@@ -176,7 +176,13 @@ def _run_locked(
     if config.outer.mode == "online":
         from .online.experiment import run_online
 
-        return run_online(config, rundir, resume=resume, progress=progress, log=log)
+        if group is not None:
+            raise HyperdiffError(
+                "run: outer.mode = 'online' is one training run in one process; under torchrun "
+                f"each of the {group.world} ranks would repeat it. Launch it with plain "
+                "`hyperdiff run`, or use outer.mode = 'offline' to spread trainings over ranks")
+        return run_online(config, rundir, resume=resume, progress=progress, log=log,
+                          callbacks=callbacks)
     task, driver = build(config)
     # the [log] files are the run directory's, so rank 0 alone writes them
     loggers = config_loggers(config.log, rundir.path) if group is None or group.is_root else []

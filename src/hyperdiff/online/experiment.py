@@ -12,12 +12,14 @@ reported as well (``online_model``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..config import Config
+from ..device import resolve_device, task_to_device
 from ..errors import HyperdiffError, NonFiniteError
 from ..history import StepRecord, natural_values
+from ..loggers import close_all, config_loggers, start_all
 from ..rundir import RunDir
 from ..tasks import Task, build_task
 from .loop import METHODS, OnlineTuner
@@ -43,6 +45,7 @@ def build_online(config: Config) -> tuple[Task, OnlineTuner]:
         selection_fraction=config.task.selection_fraction, cv_folds=0,
         data_seed=config.task.data_seed,
     )
+    task = task_to_device(task, resolve_device(config.run.device, "config", "run.device"))
     outer = config.outer
     tuner = OnlineTuner(
         task.problems[0], window=outer.window, method=method, optimizer=outer.optimizer,
@@ -57,8 +60,10 @@ def build_online(config: Config) -> tuple[Task, OnlineTuner]:
 
 
 def run_online(config: Config, rundir: RunDir, *, resume: bool, progress: bool | None,
-               log: Callable[[str], None]) -> dict[str, Any]:
-    """Run (or resume) an online tuning job in ``rundir``; return the result it writes."""
+               log: Callable[[str], None], callbacks: Sequence[Callable[..., Any]] = ()
+               ) -> dict[str, Any]:
+    """Run (or resume) an online tuning job in ``rundir``; return the result it writes.
+    ``callbacks(tuner, record)`` run after each window, after the loggers of ``[log]``."""
     task, tuner = build_online(config)
     if resume and (state := rundir.load_checkpoint()) is not None:
         tuner.load_state_dict(state, rundir.load_history(int(state["step"])))
@@ -76,8 +81,10 @@ def run_online(config: Config, rundir: RunDir, *, resume: bool, progress: bool |
         if opt.hyper_step % config.output.checkpoint_every == 0 or opt.done:
             rundir.save_checkpoint(opt.state_dict())
 
+    watchers = [*config_loggers(config.log, rundir.path), *callbacks]
+    start_all(watchers, list(tuner.history))
     try:
-        outcome = tuner.run(callbacks=[on_step], progress=progress)
+        outcome = tuner.run(callbacks=[on_step, *watchers], progress=progress)
     except KeyboardInterrupt:
         log(f"interrupted at inner step {tuner.inner_step}; continue with "
             f"`hyperdiff run --resume {rundir.path}`")
@@ -87,6 +94,8 @@ def run_online(config: Config, rundir: RunDir, *, resume: bool, progress: bool |
                   "run_dir": str(rundir.path), "steps": tuner.hyper_step}
         rundir.write_result(result)
         raise
+    finally:
+        close_all(watchers)
     result = online_report(task, tuner, config)
     result["time_s"] = outcome.time_s
     result["run_dir"] = str(rundir.path)
