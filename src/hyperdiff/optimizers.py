@@ -193,19 +193,19 @@ def adam(
     ``m <- lerp(m, g, 1 - b1)``; ``v <- b2 * v + (1 - b2) * g^2``;
     ``p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`` with ``t = step + 1``.
     """
+    if not isinstance(decoupled, bool):  # first: it names the caller of the errors below
+        raise HyperdiffError(f"adam: decoupled must be True or False (got {describe(decoupled)})")
+    caller = "adamw" if decoupled else "adam"
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise HyperdiffError(
-            f"{'adamw' if decoupled else 'adam'}: betas must be a pair (beta1, beta2) of numbers "
-            f"in [0, 1) (got {describe(betas)})"
+            f"{caller}: betas must be a pair (beta1, beta2) of numbers in [0, 1) "
+            f"(got {describe(betas)})"
         )
     beta1, beta2 = betas
     coefs = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay}
-    caller = "adamw" if decoupled else "adam"
     labels = {"beta1": "betas[0]", "beta2": "betas[1]"}
     for name, coef in coefs.items():
         _check_coefficient(caller, labels.get(name, name), coef, ADAM_VALID[name])
-    if not isinstance(decoupled, bool):
-        raise HyperdiffError(f"adam: decoupled must be True or False (got {describe(decoupled)})")
 
     def init(params: Params) -> AdamState:
         return AdamState(
