@@ -290,3 +290,12 @@ def test_arch_shared_network_at_one_hot_weights_is_the_plain_architecture():
     plain = _with(problem, discretise(problem.hparams))
     assert torch.equal(hd.train(problem)[1], hd.train(plain)[1])  # every step's train loss
     assert hd.reverse()(problem).value == hd.reverse()(plain).value
+
+
+@pytest.mark.parametrize("init", ["ab", [0.5, "x"], [[0.5], [0.5, 0.2]]])
+def test_categorical_init_not_numbers_is_a_hyperdiff_error(init):
+    # torch.as_tensor's TypeError / ValueError used to reach the user
+    with pytest.raises(hd.HyperdiffError, match=r"^categorical: init must be a real number"):
+        hd.categorical(["a", "b"], init=init)
+    with pytest.raises(hd.HyperdiffError, match=r"^integer: init must be"):
+        hd.integer(1, 2, init=init)

@@ -55,19 +55,21 @@ class HyperParameter:
 VALUE_TEXT = "a real number, a list of numbers or a real tensor"
 
 
-def _tensor(value: float | Tensor | list[float], caller: str = "hyperparameter") -> Tensor:
-    """``value`` as a float64 copy; a clear error for strings, bools, complex or ragged input."""
+def _tensor(value: float | Tensor | list[float], caller: str = "hyperparameter",
+            what: str = "value") -> Tensor:
+    """``value`` as a float64 copy; a clear error (naming argument ``what``) for strings,
+    bools, complex or ragged input."""
     if isinstance(value, Tensor):
         if value.is_complex() or value.dtype == torch.bool:
-            raise fail(caller, "value", VALUE_TEXT, value)
+            raise fail(caller, what, VALUE_TEXT, value)
         # specs are host state: float64 on the CPU; Problem.raw_tensors moves values to the device
         return value.detach().to(device="cpu", dtype=torch.float64).clone()
     if not isinstance(value, (list, tuple)) and not is_number(value):
-        raise fail(caller, "value", VALUE_TEXT, value)
+        raise fail(caller, what, VALUE_TEXT, value)
     try:
         return torch.as_tensor(value, dtype=torch.float64, device="cpu").detach().clone()
     except (TypeError, ValueError, RuntimeError):
-        raise fail(caller, "value", VALUE_TEXT, value) from None
+        raise fail(caller, what, VALUE_TEXT, value) from None
 
 
 def _checked(caller: str, init: Tensor, constraint: Constraint, kind: str,

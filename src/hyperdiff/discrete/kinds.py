@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..constraints import Constraint
 from ..errors import HyperdiffError, describe, fail
-from ..hyperparams import HyperParameter, HyperParameters
+from ..hyperparams import HyperParameter, HyperParameters, _tensor
 from . import gumbel, relax
 
 MODES = ("relax", "gumbel", "reinforce")
@@ -176,7 +176,7 @@ def categorical(
     if init is None:
         probs = torch.full((n,), 1.0 / max(n, 1), dtype=torch.float64, device=host)
     else:
-        probs = torch.as_tensor(init, dtype=torch.float64, device=host).detach().clone()
+        probs = _tensor(init, kind, "init")  # a float64 host copy; HyperdiffError for non-numbers
     if isinstance(temperature, (int, float)):
         temperature = (float(temperature), float(temperature))
     if not (isinstance(temperature, tuple) and len(temperature) == 2):
