@@ -76,13 +76,7 @@ def _checked(caller: str, init: Tensor, constraint: Constraint, kind: str,
              names: tuple[str, ...] = (), shapes: tuple[tuple[int, ...], ...] = ()
              ) -> HyperParameter:
     """The spec, after checking that every initial value lies inside its constraint."""
-    ok = constraint.valid(init)
-    if not bool(ok.all()):
-        bad = init[~ok].reshape(-1)[:3].tolist()
-        raise HyperdiffError(
-            f"{caller}: value must be {constraint.describe_valid()} for a {constraint.name} "
-            f"constraint (got {bad if init.dim() else init.item()})"
-        )
+    _check_inside(f"{caller}: value", constraint, init)
     return HyperParameter(init, constraint, kind, names, shapes)
 
 
@@ -410,10 +404,16 @@ class HyperParameters(Mapping[str, HyperParameter]):
 
 
 def _check_natural(name: str, constraint: Constraint, value: Tensor) -> None:
+    _check_inside(f"HyperParameters: natural value of {name!r}", constraint, value)
+
+
+def _check_inside(what: str, constraint: Constraint, value: Tensor) -> None:
+    """Raise ``"<what> must be <valid> for a <name> constraint (got <the first bad values>)"``
+    unless every entry of ``value`` lies inside ``constraint``."""
     ok = constraint.valid(value)
     if not bool(ok.all()):
         bad = value[~ok].reshape(-1)[:3].tolist()
         raise HyperdiffError(
-            f"HyperParameters: natural value of {name!r} must be {constraint.describe_valid()} "
-            f"for a {constraint.name} constraint (got {bad if value.dim() else value.item()})"
+            f"{what} must be {constraint.describe_valid()} for a {constraint.name} constraint "
+            f"(got {bad if value.dim() else value.item()})"
         )
