@@ -299,3 +299,18 @@ def test_categorical_init_not_numbers_is_a_hyperdiff_error(init):
         hd.categorical(["a", "b"], init=init)
     with pytest.raises(hd.HyperdiffError, match=r"^integer: init must be"):
         hd.integer(1, 2, init=init)
+
+
+def test_discrete_spec_refuses_what_it_used_to_accept_or_crash_on():
+    # init not summing to 1 was silently renormalised (natural [1/3, 2/3] for init [1, 2])
+    with pytest.raises(hd.HyperdiffError, match=r"'a': init must be probabilities that sum to 1"):
+        hd.HyperParameters(a=hd.categorical(["x", "y"], init=[1.0, 2.0]))
+    # a non-number decay raised torch/Python's TypeError from the comparison
+    with pytest.raises(hd.HyperdiffError, match=r"'a': decay must be in \[0, 1\)"):
+        hd.HyperParameters(a=hd.categorical(["x", "y"], decay="0.5"))
+    # an empty range was only refused later, as HyperParameters' "choices must be non-empty"
+    with pytest.raises(hd.HyperdiffError, match=r"^integer: high must be an int >= low=3"):
+        hd.integer(3, 1)
+    ok = hd.HyperParameters(a=hd.categorical(["x", "y", "z"], init=[0.2, 0.3, 0.5]))
+    torch.testing.assert_close(ok.natural()["a"], torch.tensor([0.2, 0.3, 0.5],
+                                                               dtype=torch.float64))
