@@ -256,9 +256,13 @@ def quantised_optimizer(optimizer: Optimizer, gain: float) -> Optimizer:
     (``gain = 1 - dampening``)."""
     coefs = optimizer.coefficients
     momentum = coefs["momentum"]
+    last: list[Any] = [None, None]  # (mu, quantised(mu)) of the previous call
 
     def rounded(hparams: HParamView, step: int, param: str) -> Tensor | float:
-        return quantised(resolve(momentum, hparams, step, param))
+        mu = resolve(momentum, hparams, step, param)
+        if last[0] is not mu:  # a momentum shared by all tensors (or constant): rounded once
+            last[0], last[1] = mu, quantised(mu)
+        return last[1]
 
     return sgd(coefs["lr"], rounded, dampening=1.0 - gain, weight_decay=coefs["weight_decay"])
 
