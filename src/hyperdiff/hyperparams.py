@@ -16,7 +16,7 @@ Shapes (``kind``):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +55,7 @@ class HyperParameter:
 VALUE_TEXT = "a real number, a list of numbers or a real tensor"
 
 
-def _tensor(value: float | Tensor | list[float], caller: str = "hyperparameter",
+def _tensor(value: float | Tensor | Sequence[float], caller: str = "hyperparameter",
             what: str = "value") -> Tensor:
     """``value`` as a float64 copy; a clear error (naming argument ``what``) for strings,
     bools, complex or ragged input."""
