@@ -24,7 +24,16 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .errors import NONNEGATIVE, POSITIVE, UNIT, UNIT_OPEN_HIGH, HyperdiffError, Range, describe
+from .errors import (
+    NONNEGATIVE,
+    POSITIVE,
+    UNIT,
+    UNIT_OPEN_HIGH,
+    HyperdiffError,
+    Range,
+    describe,
+    number,
+)
 from .hyperparams import HParamView
 from .typing import Params
 
@@ -132,11 +141,7 @@ def sgd(
     coefs = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
     for name, coef in coefs.items():
         _check_coefficient("sgd", name, coef, SGD_VALID[name])
-    if isinstance(dampening, bool) or not isinstance(dampening, (int, float)):
-        raise HyperdiffError(
-            f"sgd: dampening must be a number in [0, 1] (got {describe(dampening)})"
-        )
-    _check_coefficient("sgd", "dampening", dampening, SGD_VALID["dampening"])
+    dampening = number("sgd", "dampening", dampening, SGD_VALID["dampening"])  # fixed, a float
     if not isinstance(nesterov, bool):
         raise HyperdiffError(f"sgd: nesterov must be True or False (got {describe(nesterov)})")
     use_momentum = not _is_zero(momentum)
