@@ -161,8 +161,7 @@ def per_step(
     constraint: Constraint | str | tuple | None = None,
 ) -> HyperParameter:
     """A schedule: one value per inner step ``t = 0 .. steps-1``."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise HyperdiffError(f"per_step: steps must be a positive int (got {describe(steps)})")
+    steps = positive_int("per_step", "steps", steps)
     v = _tensor(value, "per_step")
     v = v.expand(steps).clone() if v.dim() == 0 else v
     if v.shape != (steps,):
