@@ -314,3 +314,12 @@ def test_discrete_spec_refuses_what_it_used_to_accept_or_crash_on():
     ok = hd.HyperParameters(a=hd.categorical(["x", "y", "z"], init=[0.2, 0.3, 0.5]))
     torch.testing.assert_close(ok.natural()["a"], torch.tensor([0.2, 0.3, 0.5],
                                                                dtype=torch.float64))
+
+
+def test_choice_inside_a_list_passed_to_torch_is_named():
+    # torch.stack([c, c]) passes the choices in a list: an IndexError used to escape
+    hp = hd.HyperParameters(act=hd.categorical(["relu", "tanh"]))
+    h = hp.view(hp.raw)
+    for call in (lambda: torch.stack([h["act"], h["act"]]), lambda: torch.cat((h["act"],))):
+        with pytest.raises(hd.HyperdiffError, match=r"'act' is discrete .* \(passed to torch\."):
+            call()
