@@ -21,7 +21,7 @@ from ..errors import fail
 from ..history import OptimizeResult
 from ..hyperparams import HyperParameters
 from ..tasks.base import SearchRange, Task
-from .kinds import DiscreteParameter, discrete_names, label, with_states
+from .kinds import DiscreteParameter, best_choices, discrete_names, label, with_states
 
 
 @dataclass(frozen=True)
@@ -157,8 +157,7 @@ def _evaluate_with(task: Task, hparams: HyperParameters, raw: Mapping[str, Tenso
 
 def chosen_labels(hparams: HyperParameters, raw: Mapping[str, Tensor]) -> dict[str, Any]:
     """The argmax choice (as a label) of every discrete hyperparameter at ``raw``."""
-    return {n: label(cast(DiscreteParameter, hparams[n]).choices[int(raw[n].argmax())])
-            for n in discrete_names(hparams)}
+    return {n: label(choice) for n, choice in best_choices(hparams, dict(raw)).items()}
 
 
 def relaxation_gap(task: Task, raw: Mapping[str, Tensor], *, seeds: tuple[int, ...] = (0,),
