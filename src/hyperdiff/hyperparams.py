@@ -52,7 +52,7 @@ class HyperParameter:
         return self.constraint.to_natural(raw)
 
 
-VALUE_TEXT = "a real number, a list of numbers or a real tensor"
+VALUE_TEXT = "a real number, a list of numbers, a real NumPy array or a real tensor"
 
 
 def _tensor(value: float | Tensor | Sequence[float], caller: str = "hyperparameter",
@@ -64,12 +64,18 @@ def _tensor(value: float | Tensor | Sequence[float], caller: str = "hyperparamet
             raise fail(caller, what, VALUE_TEXT, value)
         # specs are host state: float64 on the CPU; Problem.raw_tensors moves values to the device
         return value.detach().to(device="cpu", dtype=torch.float64).clone()
-    if not isinstance(value, (list, tuple)) and not is_number(value):
+    if not isinstance(value, (list, tuple)) and not is_number(value) and not _is_real_array(value):
         raise fail(caller, what, VALUE_TEXT, value)
     try:
         return torch.as_tensor(value, dtype=torch.float64, device="cpu").detach().clone()
     except (TypeError, ValueError, RuntimeError):
         raise fail(caller, what, VALUE_TEXT, value) from None
+
+
+def _is_real_array(value: Any) -> bool:
+    """A NumPy array of integers or reals (``torch.as_tensor`` reads it as numbers)."""
+    kind = getattr(getattr(value, "dtype", None), "kind", None)
+    return type(value).__module__ == "numpy" and kind is not None and kind in "iuf"
 
 
 def _checked(caller: str, init: Tensor, constraint: Constraint, kind: str,
