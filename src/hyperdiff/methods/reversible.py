@@ -187,8 +187,8 @@ class Coefficients:
 
     def __init__(self, problem: Problem, hview: HParamView):
         self.problem, self.hview = problem, hview
-        self.cache: dict[str, Any] = {}  # per-name coefficients; "n": (mu, n)
-        self.momentum_rounding = 0.0  # max |mu - n / D| seen
+        self.cache: dict[str, Any] = {}  # per-name coefficients; "n": (mu, (n, d))
+        self.momentum_rounding = 0.0  # max |mu - n / d| seen
 
     def __call__(self, name: str, step: int) -> Tensor:
         coef = self.problem.optimizer.coefficients[name]
