@@ -245,6 +245,14 @@ def make_problem(
                     f"hypergradient: {spec.kind} hyperparameter {coef!r} must be defined over "
                     f"the trained parameters {list(params)} (got {list(spec.param_names)})"
                 )
+            if spec.kind == "per_element" and spec.param_shapes != tuple(
+                    tuple(params[n].shape) for n in spec.param_names):
+                raise HyperdiffError(
+                    f"hypergradient: per_element hyperparameter {coef!r} must have the shapes of "
+                    f"the trained parameters "
+                    f"{ {n: tuple(params[n].shape) for n in spec.param_names} } "
+                    f"(got {dict(zip(spec.param_names, spec.param_shapes, strict=True))})"
+                )
             if spec.kind in ("categorical", "integer", "boolean"):
                 raise HyperdiffError(
                     f"hypergradient: optimizer coefficient {coef_name}={coef!r} must be a "
