@@ -107,6 +107,18 @@ def test_hyperparameter_coefficient_starting_out_of_range():
         problem(hparams=hparams, optimizer=hd.sgd(0.1, "mu"))
 
 
+def test_per_element_coefficient_for_other_shapes_is_refused():
+    # built for w of shape (1,), trained on w of shape (3,): accepted, and the learning rate
+    # broadcast silently (or a (3,) rate turned a (1,) parameter into a (3,) one)
+    hparams = hd.HyperParameters(lam=hd.scalar(0.1),
+                                 lr=hd.per_element({"w": torch.zeros(1)}, 0.1))
+    with pytest.raises(hd.HyperdiffError, match=r"per_element hyperparameter 'lr' must have the "
+                       r"shapes of the trained parameters \{'w': \(3,\)\} \(got \{'w': \(1,\)\}\)"):
+        problem(hparams=hparams, optimizer=hd.sgd("lr"))
+    ok = hd.HyperParameters(lam=hd.scalar(0.1), lr=hd.per_element({"w": torch.zeros(3)}, 0.1))
+    assert problem(hparams=ok, optimizer=hd.sgd("lr")).hparams["lr"].shape == (3,)
+
+
 def test_constraint_that_allows_invalid_coefficients_is_logged(caplog):
     hparams = hd.HyperParameters(lam=hd.scalar(0.1), b1=hd.scalar(0.9, "free"))
     with caplog.at_level(logging.WARNING, logger="hyperdiff"):

@@ -290,3 +290,36 @@ def test_arch_shared_network_at_one_hot_weights_is_the_plain_architecture():
     plain = _with(problem, discretise(problem.hparams))
     assert torch.equal(hd.train(problem)[1], hd.train(plain)[1])  # every step's train loss
     assert hd.reverse()(problem).value == hd.reverse()(plain).value
+
+
+@pytest.mark.parametrize("init", ["ab", [0.5, "x"], [[0.5], [0.5, 0.2]]])
+def test_categorical_init_not_numbers_is_a_hyperdiff_error(init):
+    # torch.as_tensor's TypeError / ValueError used to reach the user
+    with pytest.raises(hd.HyperdiffError, match=r"^categorical: init must be a real number"):
+        hd.categorical(["a", "b"], init=init)
+    with pytest.raises(hd.HyperdiffError, match=r"^integer: init must be"):
+        hd.integer(1, 2, init=init)
+
+
+def test_discrete_spec_refuses_what_it_used_to_accept_or_crash_on():
+    # init not summing to 1 was silently renormalised (natural [1/3, 2/3] for init [1, 2])
+    with pytest.raises(hd.HyperdiffError, match=r"'a': init must be probabilities that sum to 1"):
+        hd.HyperParameters(a=hd.categorical(["x", "y"], init=[1.0, 2.0]))
+    # a non-number decay raised torch/Python's TypeError from the comparison
+    with pytest.raises(hd.HyperdiffError, match=r"'a': decay must be in \[0, 1\)"):
+        hd.HyperParameters(a=hd.categorical(["x", "y"], decay="0.5"))
+    # an empty range was only refused later, as HyperParameters' "choices must be non-empty"
+    with pytest.raises(hd.HyperdiffError, match=r"^integer: high must be an int >= low=3"):
+        hd.integer(3, 1)
+    ok = hd.HyperParameters(a=hd.categorical(["x", "y", "z"], init=[0.2, 0.3, 0.5]))
+    torch.testing.assert_close(ok.natural()["a"], torch.tensor([0.2, 0.3, 0.5],
+                                                               dtype=torch.float64))
+
+
+def test_choice_inside_a_list_passed_to_torch_is_named():
+    # torch.stack([c, c]) passes the choices in a list: an IndexError used to escape
+    hp = hd.HyperParameters(act=hd.categorical(["relu", "tanh"]))
+    h = hp.view(hp.raw)
+    for call in (lambda: torch.stack([h["act"], h["act"]]), lambda: torch.cat((h["act"],))):
+        with pytest.raises(hd.HyperdiffError, match=r"'act' is discrete .* \(passed to torch\."):
+            call()

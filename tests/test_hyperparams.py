@@ -96,3 +96,14 @@ def test_bad_values_are_named(make, match):
 def test_bad_constraint_spec():
     with pytest.raises(ValueError, match="constraint must be"):
         hd.scalar(0.1, "postive")
+
+
+def test_numpy_arrays_are_values_as_before():
+    # the value check added with the validation refused NumPy arrays, which torch.as_tensor
+    # (and hyperdiff before it) read as numbers; oracle: the same values given as a list
+    np = pytest.importorskip("numpy")
+    for make in (lambda v: hd.per_feature(v), lambda v: hd.per_step(3, v)):
+        torch.testing.assert_close(make(np.array([0.1, 0.2, 0.3])).init, make([0.1, 0.2, 0.3]).init)
+    assert float(hd.scalar(np.array(0.25)).init) == 0.25
+    with pytest.raises(hd.HyperdiffError, match="per_feature: value must be a real number"):
+        hd.per_feature(np.array(["a", "b"]))

@@ -299,3 +299,14 @@ def test_reversible_detects_overflow_and_nondeterminism():
     )
     with pytest.raises(hd.NonFiniteError, match="retrace the forward pass exactly"):
         reversible()(problem)
+
+
+def test_schedule_initial_values_are_checked_under_their_own_names():
+    s = hd.schedule("warmup_cosine", 10)
+    # a string raised float()'s ValueError; an out-of-range warmup was blamed on "scalar: value"
+    with pytest.raises(hd.HyperdiffError, match=r"^warmup_cosine: peak must be a finite number > 0"):
+        s.hyperparameters(peak="big")
+    with pytest.raises(hd.HyperdiffError, match=r"^warmup_cosine: warmup must be a finite number "
+                                                r"in \(0, 1\) \(got 1.5\)"):
+        s.hyperparameters(warmup=1.5)
+    assert float(s.hyperparameters(peak=2)["lr_peak"].init) == 2.0

@@ -98,3 +98,11 @@ def test_optimizer_errors():
         hd.adam(0.1, betas=0.9)
     with pytest.raises(hd.HyperdiffError, match="lr must be a number >= 0, a hyperparameter name"):
         hd.sgd([0.1])
+
+
+def test_adam_decoupled_checked_before_it_names_the_caller():
+    # a non-bool decoupled used to be read as truthy first, so the lr error said "adamw:"
+    with pytest.raises(hd.HyperdiffError, match=r"^adam: decoupled must be True or False"):
+        hd.adam(-1.0, decoupled="yes")  # type: ignore[arg-type]
+    with pytest.raises(hd.HyperdiffError, match=r"^adamw: betas\[0\] must be"):
+        hd.adamw(0.1, betas=(1.5, 0.999))

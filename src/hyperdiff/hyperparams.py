@@ -16,7 +16,7 @@ Shapes (``kind``):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,35 +52,37 @@ class HyperParameter:
         return self.constraint.to_natural(raw)
 
 
-VALUE_TEXT = "a real number, a list of numbers or a real tensor"
+VALUE_TEXT = "a real number, a list of numbers, a real NumPy array or a real tensor"
 
 
-def _tensor(value: float | Tensor | list[float], caller: str = "hyperparameter") -> Tensor:
-    """``value`` as a float64 copy; a clear error for strings, bools, complex or ragged input."""
+def _tensor(value: float | Tensor | Sequence[float], caller: str = "hyperparameter",
+            what: str = "value") -> Tensor:
+    """``value`` as a float64 copy; a clear error (naming argument ``what``) for strings,
+    bools, complex or ragged input."""
     if isinstance(value, Tensor):
         if value.is_complex() or value.dtype == torch.bool:
-            raise fail(caller, "value", VALUE_TEXT, value)
+            raise fail(caller, what, VALUE_TEXT, value)
         # specs are host state: float64 on the CPU; Problem.raw_tensors moves values to the device
         return value.detach().to(device="cpu", dtype=torch.float64).clone()
-    if not isinstance(value, (list, tuple)) and not is_number(value):
-        raise fail(caller, "value", VALUE_TEXT, value)
+    if not isinstance(value, (list, tuple)) and not is_number(value) and not _is_real_array(value):
+        raise fail(caller, what, VALUE_TEXT, value)
     try:
         return torch.as_tensor(value, dtype=torch.float64, device="cpu").detach().clone()
     except (TypeError, ValueError, RuntimeError):
-        raise fail(caller, "value", VALUE_TEXT, value) from None
+        raise fail(caller, what, VALUE_TEXT, value) from None
+
+
+def _is_real_array(value: Any) -> bool:
+    """A NumPy array of integers or reals (``torch.as_tensor`` reads it as numbers)."""
+    kind = getattr(getattr(value, "dtype", None), "kind", None)
+    return type(value).__module__ == "numpy" and kind is not None and kind in "iuf"
 
 
 def _checked(caller: str, init: Tensor, constraint: Constraint, kind: str,
              names: tuple[str, ...] = (), shapes: tuple[tuple[int, ...], ...] = ()
              ) -> HyperParameter:
     """The spec, after checking that every initial value lies inside its constraint."""
-    ok = constraint.valid(init)
-    if not bool(ok.all()):
-        bad = init[~ok].reshape(-1)[:3].tolist()
-        raise HyperdiffError(
-            f"{caller}: value must be {constraint.describe_valid()} for a {constraint.name} "
-            f"constraint (got {bad if init.dim() else init.item()})"
-        )
+    _check_inside(f"{caller}: value", constraint, init)
     return HyperParameter(init, constraint, kind, names, shapes)
 
 
@@ -165,8 +167,7 @@ def per_step(
     constraint: Constraint | str | tuple | None = None,
 ) -> HyperParameter:
     """A schedule: one value per inner step ``t = 0 .. steps-1``."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise HyperdiffError(f"per_step: steps must be a positive int (got {describe(steps)})")
+    steps = positive_int("per_step", "steps", steps)
     v = _tensor(value, "per_step")
     v = v.expand(steps).clone() if v.dim() == 0 else v
     if v.shape != (steps,):
@@ -408,10 +409,16 @@ class HyperParameters(Mapping[str, HyperParameter]):
 
 
 def _check_natural(name: str, constraint: Constraint, value: Tensor) -> None:
+    _check_inside(f"HyperParameters: natural value of {name!r}", constraint, value)
+
+
+def _check_inside(what: str, constraint: Constraint, value: Tensor) -> None:
+    """Raise ``"<what> must be <valid> for a <name> constraint (got <the first bad values>)"``
+    unless every entry of ``value`` lies inside ``constraint``."""
     ok = constraint.valid(value)
     if not bool(ok.all()):
         bad = value[~ok].reshape(-1)[:3].tolist()
         raise HyperdiffError(
-            f"HyperParameters: natural value of {name!r} must be {constraint.describe_valid()} "
-            f"for a {constraint.name} constraint (got {bad if value.dim() else value.item()})"
+            f"{what} must be {constraint.describe_valid()} for a {constraint.name} constraint "
+            f"(got {bad if value.dim() else value.item()})"
         )

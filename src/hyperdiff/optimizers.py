@@ -24,7 +24,16 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .errors import NONNEGATIVE, POSITIVE, UNIT, UNIT_OPEN_HIGH, HyperdiffError, Range, describe
+from .errors import (
+    NONNEGATIVE,
+    POSITIVE,
+    UNIT,
+    UNIT_OPEN_HIGH,
+    HyperdiffError,
+    Range,
+    describe,
+    number,
+)
 from .hyperparams import HParamView
 from .typing import Params
 
@@ -132,11 +141,7 @@ def sgd(
     coefs = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
     for name, coef in coefs.items():
         _check_coefficient("sgd", name, coef, SGD_VALID[name])
-    if isinstance(dampening, bool) or not isinstance(dampening, (int, float)):
-        raise HyperdiffError(
-            f"sgd: dampening must be a number in [0, 1] (got {describe(dampening)})"
-        )
-    _check_coefficient("sgd", "dampening", dampening, SGD_VALID["dampening"])
+    dampening = number("sgd", "dampening", dampening, SGD_VALID["dampening"])  # fixed, a float
     if not isinstance(nesterov, bool):
         raise HyperdiffError(f"sgd: nesterov must be True or False (got {describe(nesterov)})")
     use_momentum = not _is_zero(momentum)
@@ -193,19 +198,19 @@ def adam(
     ``m <- lerp(m, g, 1 - b1)``; ``v <- b2 * v + (1 - b2) * g^2``;
     ``p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`` with ``t = step + 1``.
     """
+    if not isinstance(decoupled, bool):  # first: it names the caller of the errors below
+        raise HyperdiffError(f"adam: decoupled must be True or False (got {describe(decoupled)})")
+    caller = "adamw" if decoupled else "adam"
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise HyperdiffError(
-            f"{'adamw' if decoupled else 'adam'}: betas must be a pair (beta1, beta2) of numbers "
-            f"in [0, 1) (got {describe(betas)})"
+            f"{caller}: betas must be a pair (beta1, beta2) of numbers in [0, 1) "
+            f"(got {describe(betas)})"
         )
     beta1, beta2 = betas
     coefs = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay}
-    caller = "adamw" if decoupled else "adam"
     labels = {"beta1": "betas[0]", "beta2": "betas[1]"}
     for name, coef in coefs.items():
         _check_coefficient(caller, labels.get(name, name), coef, ADAM_VALID[name])
-    if not isinstance(decoupled, bool):
-        raise HyperdiffError(f"adam: decoupled must be True or False (got {describe(decoupled)})")
 
     def init(params: Params) -> AdamState:
         return AdamState(

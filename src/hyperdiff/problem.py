@@ -23,7 +23,7 @@ from .errors import HyperdiffError, describe, nonnegative_int, positive_int, sca
 from .hyperparams import HyperParameters
 from .logs import get_logger
 from .models import StepContext
-from .optimizers import Optimizer
+from .optimizers import Optimizer, working_dtype
 from .typing import Batch, LossFn, Params
 
 _LOG = get_logger("problem")
@@ -61,8 +61,9 @@ class Problem:
     @property
     def hparam_dtype(self) -> torch.dtype:
         """dtype of hyperparameter values: the parameters' dtype, at least float32 (a bf16 or
-        fp16 model still sees lr 0.05, not its bf16 rounding 0.0498)."""
-        return torch.promote_types(self.dtype, torch.float32)
+        fp16 model still sees lr 0.05, not its bf16 rounding 0.0498): the dtype its optimizer
+        updates in (:func:`~hyperdiff.optimizers.working_dtype`)."""
+        return working_dtype(next(iter(self.params.values())))
 
     def raw_tensors(self, raw: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Raw values (default: the collection's current ones) on the parameters' device, in
@@ -243,6 +244,14 @@ def make_problem(
                 raise HyperdiffError(
                     f"hypergradient: {spec.kind} hyperparameter {coef!r} must be defined over "
                     f"the trained parameters {list(params)} (got {list(spec.param_names)})"
+                )
+            if spec.kind == "per_element" and spec.param_shapes != tuple(
+                    tuple(params[n].shape) for n in spec.param_names):
+                raise HyperdiffError(
+                    f"hypergradient: per_element hyperparameter {coef!r} must have the shapes of "
+                    f"the trained parameters "
+                    f"{ {n: tuple(params[n].shape) for n in spec.param_names} } "
+                    f"(got {dict(zip(spec.param_names, spec.param_shapes, strict=True))})"
                 )
             if spec.kind in ("categorical", "integer", "boolean"):
                 raise HyperdiffError(

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import HyperdiffError, fail, positive_int
+from .errors import POSITIVE, HyperdiffError, Range, fail, number, positive_int
 from .hyperparams import HyperParameter, HyperParameters, per_step, scalar
 
 FAMILIES = ("warmup_cosine", "warmup_linear", "exponential", "step_decay")
@@ -49,6 +49,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
 }
 DEFAULTS: dict[str, float] = {"peak": 0.1, "warmup": 0.05, "final": 0.01, "gamma": 0.5}
 UNIT = (0.0, 1.0)  # warmup, final and gamma live in the open interval (0, 1)
+OPEN_UNIT = Range(0.0, 1.0, open_low=True, open_high=True)
 
 
 def normalised_time(step: int, steps: int) -> float:
@@ -117,7 +118,9 @@ class Schedule:
                        f"among {list(FIELDS[self.family])}", unknown)
         out = {}
         for field_name, name in self.names.items():
-            value = float(initial.get(field_name, DEFAULTS[field_name]))
+            valid = POSITIVE if field_name == "peak" else OPEN_UNIT  # the constraint's values
+            value = number(self.family, field_name, initial.get(field_name, DEFAULTS[field_name]),
+                           valid)
             out[name] = scalar(value, None if field_name == "peak" else UNIT)
         return out
 

@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from ..constraints import Constraint
-from ..errors import HyperdiffError, describe, fail
-from ..hyperparams import HyperParameter, HyperParameters
+from ..errors import HyperdiffError, describe, fail, is_number
+from ..hyperparams import HyperParameter, HyperParameters, _tensor
 from . import gumbel, relax
 
 MODES = ("relax", "gumbel", "reinforce")
@@ -120,12 +120,18 @@ class DiscreteParameter(HyperParameter):
         if self.baseline not in BASELINES:
             raise HyperdiffError(f"{where}: baseline must be one of {list(BASELINES)} "
                                  f"(got {self.baseline!r})")
-        if not 0.0 <= self.decay < 1.0:
+        if not (is_number(self.decay) and 0.0 <= self.decay < 1.0):
             raise HyperdiffError(f"{where}: decay must be in [0, 1) (got {self.decay!r})")
         if tuple(self.init.shape) != (len(self.choices),):
             raise HyperdiffError(
                 f"{where}: init must hold one probability per choice, shape "
                 f"({len(self.choices)},) (got shape {tuple(self.init.shape)})"
+            )
+        total = float(self.init.sum())
+        if not abs(total - 1.0) <= 1e-6:  # else softmax(to_raw(init)) would silently rescale it
+            raise HyperdiffError(
+                f"{where}: init must be probabilities that sum to 1 (got {describe(self.init)}, "
+                f"sum {total:.6g})"
             )
 
     def read(self, name: str, raw: Tensor) -> relax.Choice:
@@ -176,7 +182,7 @@ def categorical(
     if init is None:
         probs = torch.full((n,), 1.0 / max(n, 1), dtype=torch.float64, device=host)
     else:
-        probs = torch.as_tensor(init, dtype=torch.float64, device=host).detach().clone()
+        probs = _tensor(init, kind, "init")  # a float64 host copy; HyperdiffError for non-numbers
     if isinstance(temperature, (int, float)):
         temperature = (float(temperature), float(temperature))
     if not (isinstance(temperature, tuple) and len(temperature) == 2):
@@ -191,6 +197,8 @@ def integer(low: int, high: int, **options: Any) -> DiscreteParameter:
     for what, value in (("low", low), ("high", high)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise fail("integer", what, "an int", value)
+    if high < low:
+        raise fail("integer", "high", f"an int >= low={low}", high)
     return categorical(tuple(range(low, high + 1)), kind="integer", **options)
 
 

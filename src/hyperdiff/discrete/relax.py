@@ -76,7 +76,7 @@ class Choice:
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None
                            ) -> Any:
-        found = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, Choice)]
+        found = [a for a in _flat((*args, *(kwargs or {}).values())) if isinstance(a, Choice)]
         name = getattr(func, "__name__", str(func))
         raise found[0].misuse(f"passed to torch.{name}")
 
@@ -84,6 +84,14 @@ class Choice:
         if self.index is not None:
             return f"Choice({self.name!r}: {self.choices[self.index]!r})"
         return f"Choice({self.name!r}: weights {[round(float(w), 4) for w in self.weights]})"
+
+
+def _flat(values: Any) -> list[Any]:
+    """The leaves of nested lists and tuples (``torch.stack([c, c])`` passes a list)."""
+    out: list[Any] = []
+    for value in values:
+        out.extend(_flat(value) if isinstance(value, (list, tuple)) else [value])
+    return out
 
 
 def _refuse(op: str) -> Callable[..., Any]:

@@ -11,7 +11,7 @@ and whose black-box interface takes plain choices (labels) for its discrete hype
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, cast
 
 import torch
@@ -21,7 +21,7 @@ from ..errors import fail
 from ..history import OptimizeResult
 from ..hyperparams import HyperParameters
 from ..tasks.base import SearchRange, Task
-from .kinds import DiscreteParameter, discrete_names, label, with_states
+from .kinds import DiscreteParameter, best_choices, discrete_names, label, with_states
 
 
 @dataclass(frozen=True)
@@ -73,10 +73,11 @@ class DiscreteTask(Task):
     retrains the discretised (argmax) model; ``evaluate_relaxed`` the model as tuned."""
 
     def _with_hparams(self, hparams: HyperParameters) -> Task:
-        return Task(name=self.name, description=self.description, problems=self.problems,
-                    final_problem=replace(self.final_problem, hparams=hparams),
-                    splits=self.splits, metrics=self.metrics, search_space=self.search_space,
-                    info=self.info, summarize=self.summarize)
+        """A plain :class:`Task` (every field of this one) whose final problem has ``hparams``:
+        its ``evaluate`` trains them as they are."""
+        values = {f.name: getattr(self, f.name) for f in fields(Task) if f.init}
+        values["final_problem"] = replace(self.final_problem, hparams=hparams)
+        return Task(**values)
 
     def evaluate(self, raw: Mapping[str, Tensor] | None = None, *,
                  seeds: tuple[int, ...] = (0,), segments: int = 1,
@@ -94,9 +95,7 @@ class DiscreteTask(Task):
         """The hyperparameters at natural continuous ``values`` and plain discrete choices
         (choices or their labels) among ``values``."""
         names = set(discrete_names(self.hparams))
-        raw = self.hparams.raw
-        continuous = {n: torch.as_tensor(v, dtype=torch.float64, device=raw[n].device)
-                      for n, v in values.items() if n not in names}
+        continuous = {n: v for n, v in values.items() if n not in names}  # checked by with_natural
         return fix_choices(self.hparams.with_natural(**continuous),
                            {n: v for n, v in values.items() if n in names})
 
@@ -158,8 +157,7 @@ def _evaluate_with(task: Task, hparams: HyperParameters, raw: Mapping[str, Tenso
 
 def chosen_labels(hparams: HyperParameters, raw: Mapping[str, Tensor]) -> dict[str, Any]:
     """The argmax choice (as a label) of every discrete hyperparameter at ``raw``."""
-    return {n: label(cast(DiscreteParameter, hparams[n]).choices[int(raw[n].argmax())])
-            for n in discrete_names(hparams)}
+    return {n: label(choice) for n, choice in best_choices(hparams, dict(raw)).items()}
 
 
 def relaxation_gap(task: Task, raw: Mapping[str, Tensor], *, seeds: tuple[int, ...] = (0,),

@@ -12,9 +12,10 @@ Given ``(theta_{t+1}, v_t)`` the step can be undone: ``theta_t = theta_{t+1} + l
 this is unstable (dividing by ``mu < 1`` amplifies the rounding errors of every step), so the
 forward pass keeps ``theta`` and ``v`` as exact integers ``X = round(x * 2^R)`` (R =
 ``fraction_bits``). Additions of rounded quantities are exactly invertible; the product by
-``mu = n / d``, the closest fraction to ``mu`` with ``d <= 2^31`` (0.9 is 9 / 10; a float64
-``mu`` is matched to about ``2^-62``, far below its own precision), is made a bijection of the
-pair (integer X, information buffer S), with an error below one unit of ``2^-R``:
+``mu = n / d``, the closest fraction to ``mu`` with ``d <= 2^31`` (0.9 is 9 / 10; a typical
+float64 ``mu`` is matched to about ``2^-62``, but one a hair away from a fraction with a small
+denominator gets that fraction: 0.5 + 2^-40 runs as 1 / 2), is made a bijection of the pair
+(integer X, information buffer S), with an error below one unit of ``2^-R``:
 
     forward:  e = pop(base n);  X, r = divmod(X n + e, d);  push(r, base d)
     backward: r = pop(base d);  X, e = divmod(X d + r, n);  push(e, base n)
@@ -29,11 +30,12 @@ grow with T except for the buffer. The trajectory differs from the floating-poin
 rounding to ``2^-R``.
 
 **What it differentiates.** The training it runs has momentum ``n / d``
-(``diagnostics["momentum_rounding"] = max |mu - n / d|``: 0 for 0.9, at most about 1e-16 for a
-float64 momentum), and the backward pass differentiates exactly that training (its
-vector-Jacobian products use ``n / d`` too, with the derivative of ``mu`` passed straight
-through to a momentum hyperparameter). Earlier versions used ``n / 2^31``, which runs 0.9 as
-0.8999999999068677 and put reversible mode 1e-10 away from reverse mode at short horizons.
+(``diagnostics["momentum_rounding"] = max |mu - n / d|``: 0 for 0.9, below 1e-16 for 0.123456789
+or pi / 4, 2^-40 for 0.5 + 2^-40), and the backward pass differentiates exactly that
+training (its vector-Jacobian products use ``n / d`` too, with the derivative of ``mu`` passed
+straight through to a momentum hyperparameter). Earlier versions used ``n / 2^31``, which runs
+0.9 as 0.8999999999068677 and put reversible mode 1e-10 away from reverse mode at short
+horizons.
 Measured in float64 (``python benchmarks/reversible_momentum.py``, the logistic problem of
 the tests, mu = 0.9): relative difference from reverse mode 3.4e-13 (T = 100) and 2.2e-13
 (T = 1000) with a constant momentum, 3.8e-13 and 2.3e-13 with a momentum hyperparameter.
@@ -185,8 +187,8 @@ class Coefficients:
 
     def __init__(self, problem: Problem, hview: HParamView):
         self.problem, self.hview = problem, hview
-        self.cache: dict[str, Any] = {}  # per-name coefficients; "n": (mu, n)
-        self.momentum_rounding = 0.0  # max |mu - n / D| seen
+        self.cache: dict[str, Any] = {}  # per-name coefficients; "n": (mu, (n, d))
+        self.momentum_rounding = 0.0  # max |mu - n / d| seen
 
     def __call__(self, name: str, step: int) -> Tensor:
         coef = self.problem.optimizer.coefficients[name]
@@ -231,7 +233,8 @@ class Coefficients:
 def fraction_of(mu: Tensor) -> tuple[Tensor, Tensor]:
     """Numerators and denominators of the best rational approximations ``n / d`` of ``mu``
     with ``d <= 2^31`` (:meth:`fractions.Fraction.limit_denominator`, once per distinct
-    value): 0.9 is 9 / 10 exactly, a float64 ``mu`` is matched to about ``2^-62``."""
+    value): 0.9 is 9 / 10 exactly, a typical float64 ``mu`` is matched to about ``2^-62``,
+    one a hair away from a fraction with a small denominator gets it (0.5 + 2^-40: 1 / 2)."""
     values, inverse = torch.unique(mu.detach().double().cpu(), return_inverse=True)
     parts = [Fraction(float(v)).limit_denominator(DENOMINATOR) for v in values.tolist()]
     # built on the host from Python ints (as values were read), then moved to mu's device
@@ -256,9 +259,13 @@ def quantised_optimizer(optimizer: Optimizer, gain: float) -> Optimizer:
     (``gain = 1 - dampening``)."""
     coefs = optimizer.coefficients
     momentum = coefs["momentum"]
+    last: list[Any] = [None, None]  # (mu, quantised(mu)) of the previous call
 
     def rounded(hparams: HParamView, step: int, param: str) -> Tensor | float:
-        return quantised(resolve(momentum, hparams, step, param))
+        mu = resolve(momentum, hparams, step, param)
+        if last[0] is not mu:  # a momentum shared by all tensors (or constant): rounded once
+            last[0], last[1] = mu, quantised(mu)
+        return last[1]
 
     return sgd(coefs["lr"], rounded, dampening=1.0 - gain, weight_decay=coefs["weight_decay"])
 
