@@ -460,3 +460,36 @@ def test_online_mode_under_torchrun_is_refused(tmp_path, monkeypatch):
     with pytest.raises(hd.HyperdiffError, match="each of the 2 ranks would repeat it"):
         experiment.run_experiment(load_config(overrides=ONLINE), out=tmp_path / "r",
                                   log=lambda _: None, progress=False)
+
+
+def test_an_online_checkpoint_that_does_not_fit_is_one_clear_error(tmp_path, monkeypatch):
+    import hashlib
+    import io
+    import json
+
+    from hyperdiff.config import load_config
+    from hyperdiff.experiment import run_experiment
+    from hyperdiff.online import OnlineTuner
+
+    step = OnlineTuner.step
+
+    def interrupt_at_2(self):
+        if self.hyper_step == 2:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(OnlineTuner, "step", interrupt_at_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(load_config(overrides=ONLINE), out=tmp_path, log=lambda _: None,
+                       progress=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del state["params"]  # a checkpoint the manifest lists, but not an OnlineTuner state
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    (tmp_path / "checkpoint.pt").write_bytes(buffer.getvalue())
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["checkpoints"][-1]["sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(hd.HyperdiffError, match=r"checkpoint.pt does not fit this run's driver "
+                       r"\(KeyError: 'params'\); restore it, or"):
+        run_experiment(None, resume=tmp_path, log=lambda _: None, progress=False)

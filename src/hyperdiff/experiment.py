@@ -75,6 +75,26 @@ def new_run_dir(config: Config, out: str | Path | None = None) -> RunDir:
     return RunDir.create_unique("runs", f"{label(config.task.name)}-{stamp}")
 
 
+def restore_or_start(rundir: RunDir, config: Config, hparams: Any, loop: Any, *,
+                     resume: bool) -> bool:
+    """Load the run's last checkpoint into ``loop`` (a :class:`HyperOptimizer` or an
+    :class:`~hyperdiff.online.OnlineTuner`) when resuming one, else write the start files of a
+    new run; True when resumed. A checkpoint that does not fit ``loop`` is one clear error."""
+    if not (resume and (state := rundir.load_checkpoint()) is not None):
+        rundir.start(config.to_toml(), hparams)
+        return False
+    history = rundir.load_history(int(state["step"]))
+    try:
+        loop.load_state_dict(state, history)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+        what = str(err) if isinstance(err, HyperdiffError) else f"{type(err).__name__}: {err}"
+        raise HyperdiffError(
+            f"run directory: {rundir.file('checkpoint.pt')} does not fit this run's driver "
+            f"({what}); restore it, or {new_run(rundir.path)}"
+        ) from None
+    return True
+
+
 def config_differences(old: Config, new: Config) -> list[str]:
     """``"section.key: old -> new"`` for every key that differs (``[output]`` ignored)."""
     a, b = old.to_dict(), new.to_dict()
@@ -187,19 +207,8 @@ def _run_locked(
     # the [log] files are the run directory's, so rank 0 alone writes them
     loggers = config_loggers(config.log, rundir.path) if group is None or group.is_root else []
     watchers = [*loggers, *callbacks]
-    if resume and (state := rundir.load_checkpoint()) is not None:
-        history = rundir.load_history(int(state["step"]))
-        try:
-            driver.load_state_dict(state, history)
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
-            what = str(err) if isinstance(err, HyperdiffError) else f"{type(err).__name__}: {err}"
-            raise HyperdiffError(
-                f"run directory: {rundir.file('checkpoint.pt')} does not fit this run's driver "
-                f"({what}); restore it, or {new_run(rundir.path)}"
-            ) from None
+    if restore_or_start(rundir, config, task.hparams, driver, resume=resume):
         log(f"resuming {rundir.path} at outer step {driver.step_index}")
-    else:
-        rundir.start(config.to_toml(), task.hparams)
     log(f"tuning {task.name}: {task.hparams.numel} hyperparameters, "
         f"{_trainings_text(len(task.problems), config)} training(s) of {config.inner.steps} "
         f"steps per outer step; run directory {rundir.path}")

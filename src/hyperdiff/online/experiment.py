@@ -64,12 +64,11 @@ def run_online(config: Config, rundir: RunDir, *, resume: bool, progress: bool |
                ) -> dict[str, Any]:
     """Run (or resume) an online tuning job in ``rundir``; return the result it writes.
     ``callbacks(tuner, record)`` run after each window, after the loggers of ``[log]``."""
+    from ..experiment import restore_or_start  # local: experiment hands online runs to here
+
     task, tuner = build_online(config)
-    if resume and (state := rundir.load_checkpoint()) is not None:
-        tuner.load_state_dict(state, rundir.load_history(int(state["step"])))
+    if restore_or_start(rundir, config, task.hparams, tuner, resume=resume):
         log(f"resuming {rundir.path} at inner step {tuner.inner_step}")
-    else:
-        rundir.start(config.to_toml(), task.hparams)
     log(f"tuning {task.name} online: {task.hparams.numel} hyperparameters, one run of "
         f"{config.inner.steps} steps, a {tuner.method} hypergradient every {tuner.window} "
         f"steps; run directory {rundir.path}")
