@@ -68,6 +68,23 @@ def cli_error(capsys, *argv: str) -> str:
     return err
 
 
+def interrupted_run(out: Path, settings: list[str], *, at: int) -> None:
+    """``hyperdiff run`` of ``settings`` into ``out``, interrupted (Ctrl-C) at outer step ``at``."""
+    step = HyperOptimizer.step
+
+    def interrupt(self):
+        if self.step_index == at:
+            raise KeyboardInterrupt
+        return step(self)
+
+    HyperOptimizer.step = interrupt  # type: ignore[method-assign]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_experiment(load_config(overrides=settings), out=out, log=quiet, progress=False)
+    finally:
+        HyperOptimizer.step = step  # type: ignore[method-assign]
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """The uninterrupted run: the oracle of every resume here."""
@@ -80,19 +97,7 @@ def straight(tmp_path_factory):
 def unfinished(tmp_path_factory):
     """A run interrupted after 3 of 5 steps (checkpoint of step 3, history of 3 lines)."""
     out = tmp_path_factory.mktemp("unfinished") / "run"
-    step = HyperOptimizer.step
-
-    def interrupt_at_3(self):
-        if self.step_index == 3:
-            raise KeyboardInterrupt
-        return step(self)
-
-    HyperOptimizer.step = interrupt_at_3  # type: ignore[method-assign]
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_experiment(load_config(overrides=SETTINGS), out=out, log=quiet, progress=False)
-    finally:
-        HyperOptimizer.step = step  # type: ignore[method-assign]
+    interrupted_run(out, SETTINGS, at=3)
     assert steps_of(out) == [0, 1, 2]
     return out
 
@@ -398,19 +403,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, straigh
     restarts from step 0, recomputing the logged steps identically."""
     out = tmp_path / "run"
     settings = [*SETTINGS, "output.checkpoint_every=10"]
-    step = HyperOptimizer.step
-
-    def interrupt_at_2(self):
-        if self.step_index == 2:
-            raise KeyboardInterrupt
-        return step(self)
-
-    HyperOptimizer.step = interrupt_at_2  # type: ignore[method-assign]
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_experiment(load_config(overrides=settings), out=out, log=quiet, progress=False)
-    finally:
-        HyperOptimizer.step = step  # type: ignore[method-assign]
+    interrupted_run(out, settings, at=2)
     assert steps_of(out) == [0, 1] and not (out / CHECKPOINT).exists()
     run_experiment(None, resume=out, log=quiet, progress=False)
     assert records(out) == records(straight)
