@@ -22,7 +22,7 @@ from types import UnionType
 from typing import Any, Union, cast, get_args, get_origin, get_type_hints
 
 from .errors import HyperdiffError, describe
-from .registry import METHODS, OPTIMIZERS, SCHEDULES, method_constructor
+from .registry import METHODS, ONLINE_ONLY_METHODS, OPTIMIZERS, SCHEDULES, method_constructor
 from .tasks import DEFAULT_TASK, check_task_name, task_defaults
 
 if sys.version_info >= (3, 11):
@@ -62,7 +62,7 @@ class InnerConfig:
 @dataclass(frozen=True)
 class MethodConfig:
     name: str = option("reverse", "hypergradient method; other keys of [method] are its "
-                       "options", choices=lambda: list(METHODS))
+                       "options", choices=lambda: [*METHODS, *ONLINE_ONLY_METHODS])
     options: dict[str, Any] = field(default_factory=dict, metadata={"help": "method options"})
 
 
@@ -270,6 +270,8 @@ def _build_section(section: str, cls: type, values: dict[str, Any]) -> Any:
 
 
 def _method_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    if name in ONLINE_ONLY_METHODS:  # checked by the online tuner (online/experiment.py)
+        return dict(options)
     constructor = method_constructor(name)
     params = inspect.signature(constructor).parameters
     try:

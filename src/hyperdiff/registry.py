@@ -25,6 +25,9 @@ METHODS: dict[str, str] = {
 }
 """Method name -> ``"module:constructor"``, imported on first use. One line adds a method."""
 
+ONLINE_ONLY_METHODS = ("curvature",)
+"""Window hypergradients of online tuning with no offline method of the same name."""
+
 OPTIMIZERS: dict[str, str] = {
     "adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop",
 }
@@ -36,6 +39,9 @@ SCHEDULES = ("constant", "cosine")
 
 def method_constructor(name: str) -> Callable[..., Method]:
     """The constructor registered as ``name`` in :data:`METHODS`."""
+    if name in ONLINE_ONLY_METHODS:
+        raise fail("HyperOptimizer", "method", f"one of {sorted(METHODS)} ({name!r} exists "
+                   "only in online tuning: hd.OnlineTuner, outer.mode = 'online')", name)
     if name not in METHODS:
         raise fail("HyperOptimizer", "method", f"one of {sorted(METHODS)}", name)
     module, attr = METHODS[name].split(":")

@@ -48,6 +48,18 @@ def grads_of(loss: Tensor, params: Params, *, create_graph: bool) -> Params:
     return dict(zip(params, zeros_for_unused(grads, inputs), strict=True))
 
 
+def train_gradient(problem: Problem, params: Params, buffers: Params, hview: HParamView,
+                   step: int, *, create_graph: bool) -> tuple[Params, Params, Tensor]:
+    """``grad L_train(theta_t, lam; batch_t)`` at ``params`` (which must require grad), the
+    buffers after the forward pass (BatchNorm statistics) and the train loss (attached)."""
+    batch = problem.train_data.batch(step, problem.seed)
+    ctx = StepContext(step=step, seed=problem.seed, train=True, buffers=buffers)
+    with torch.enable_grad():
+        loss = call_loss(problem, "train_loss", params, hview, batch, ctx)
+        grads = grads_of(loss, params, create_graph=create_graph)
+    return grads, {**buffers, **ctx.new_buffers}, loss
+
+
 def train_step(
     problem: Problem,
     params: Params,
@@ -62,14 +74,10 @@ def train_step(
 
     Returns new params, buffers, optimizer state and the (detached) train loss at theta_t.
     """
-    batch = problem.train_data.batch(step, problem.seed)
-    ctx = StepContext(step=step, seed=problem.seed, train=True, buffers=buffers)
-    with torch.enable_grad():
-        if not differentiable:
-            params = {k: v.detach().requires_grad_() for k, v in params.items()}
-        loss = call_loss(problem, "train_loss", params, hview, batch, ctx)
-        grads = grads_of(loss, params, create_graph=differentiable)
-    new_buffers = {**buffers, **ctx.new_buffers}
+    if not differentiable:
+        params = {k: v.detach().requires_grad_() for k, v in params.items()}
+    grads, new_buffers, loss = train_gradient(problem, params, buffers, hview, step,
+                                              create_graph=differentiable)
     if differentiable:
         new_params, new_state = problem.optimizer.update(grads, opt_state, params, hview, step)
     else:

@@ -2,8 +2,9 @@
 
 The task's first inner problem is trained once for ``inner.steps`` steps by
 :class:`~hyperdiff.online.loop.OnlineTuner` (window ``outer.window``, method ``method.name``
-among reverse / forward / implicit), with a record appended to the run directory's history and
-a checkpoint written every ``output.checkpoint_every`` hyper-steps, so that ``--resume``
+among reverse / forward / implicit / curvature), with a record appended to the run directory's
+history and a checkpoint written every ``output.checkpoint_every`` hyper-steps, so that
+``--resume``
 continues exactly. The report then trains fresh ``inner.steps``-step runs at the initial and at
 the final hyperparameters (``report.seeds`` seeds, the same as offline mode) and evaluates every
 split, the held-out test split included; the model trained during the online run itself is
@@ -24,7 +25,8 @@ from ..rundir import RunDir
 from ..tasks import Task, build_task
 from .loop import METHODS, OnlineTuner
 
-OPTIONS = {"reverse": (), "forward": ("engine",), "implicit": ("solver",)}
+OPTIONS = {"reverse": (), "forward": ("engine",), "implicit": ("solver",),
+           "curvature": ("horizon", "curvature_scale")}
 
 
 def build_online(config: Config) -> tuple[Task, OnlineTuner]:

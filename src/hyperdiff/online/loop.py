@@ -64,9 +64,10 @@ from ..schedules import Schedule
 from ..solvers import Solver, cg, neumann
 from ..training import TrainState, initial_state, validation_loss
 from ..typing import Batch, Params
+from .curvature import CurvatureTangent, check_optimizer, curvature_window, initial_tangent
 from .windows import Window, forward_window, implicit_window, reverse_window
 
-METHODS = ("reverse", "forward", "implicit")
+METHODS = ("reverse", "forward", "implicit", "curvature")
 FORMAT = "hyperdiff-online-1"
 Callback = Callable[["OnlineTuner", StepRecord], None]
 _LOG = logging.getLogger("hyperdiff.online")
@@ -100,7 +101,9 @@ class OnlineTuner:
         problem: the inner problem; ``problem.steps`` is the full run N.
         window: K, inner steps per hyper-step (K=1 with ``method="reverse"``: HD).
         method: ``"reverse"`` (backprop over the window), ``"forward"`` (RTHO, tangents carried
-            across windows) or ``"implicit"`` (IFT at the current parameters).
+            across windows), ``"implicit"`` (IFT at the current parameters) or
+            ``"curvature"`` (the learning rate's tangents carried under a diagonal curvature
+            model, :mod:`hyperdiff.online.curvature`; heavy-ball SGD only).
         optimizer, lr, clip: the outer ``torch.optim`` optimizer of the raw values, its learning
             rate, and an optional L2 clip of the hypergradient.
         normalize: divide each window's hypergradient ``g`` by ``||g||_2`` (all raw values
@@ -119,6 +122,10 @@ class OnlineTuner:
         shrink, max_failures, max_loss_ratio: the divergence guard (module doc): outer lr
             factor after a failed window, failures in a row before the run stops, and the
             ratio to the first window's loss above which a loss is absurd.
+        horizon, curvature_scale: ``"curvature"`` only: the tangents forget at ``1 - 1 /
+            horizon`` per step (``None``: never), and the curvature estimate is
+            ``curvature_scale`` (``None``: the training batch's rows) times the average
+            squared gradient.
     """
 
     def __init__(self, problem: Problem, *, window: int = 1, method: str = "reverse",
@@ -128,7 +135,8 @@ class OnlineTuner:
                  eval_every: int = 0, seed: int = 0, engine: str = "double_vjp",
                  solver: Solver | str = "cg", backprop: int | None = None,
                  shrink: float = 0.5, max_failures: int = 5, max_loss_ratio: float = 1e6,
-                 normalize: bool = False):
+                 normalize: bool = False, horizon: int | None = 500,
+                 curvature_scale: float | None = None):
         if not isinstance(problem, Problem):
             raise fail("OnlineTuner", "problem", "a hd.Problem made by hd.make_problem", problem)
         if method not in METHODS:
@@ -145,6 +153,16 @@ class OnlineTuner:
                     f"OnlineTuner: the {coef.family} schedule of {coef_name} must be defined over "
                     f"the run's {problem.steps} steps (got {coef.steps}); use "
                     f"schedule.with_steps({problem.steps})")
+        if method == "curvature":
+            check_optimizer(problem)
+        elif horizon != 500 or curvature_scale is not None:
+            raise fail("OnlineTuner", "horizon / curvature_scale",
+                       "their defaults unless method='curvature'", (horizon, curvature_scale))
+        self.horizon = None if horizon is None else positive_int("OnlineTuner", "horizon",
+                                                                 horizon)
+        self.curvature_scale = None if curvature_scale is None else float(
+            curvature_scale if curvature_scale == 0 else positive_float(
+                "OnlineTuner", "curvature_scale", curvature_scale))
         self.problem, self.method, self.engine = problem, method, engine
         self.schedule = schedule
         self.window = positive_int("OnlineTuner", "window", window)
@@ -302,6 +320,10 @@ class OnlineTuner:
         if self.method == "forward":
             return forward_window(self.problem, self.state, raw, start, stop, val, self.tangent,
                                   engine=self.engine)
+        if self.method == "curvature":
+            return curvature_window(self.problem, self.state, raw, start, stop, val,
+                                    self.tangent, horizon=self.horizon,
+                                    scale=self.curvature_scale)
         return implicit_window(self.problem, self.state, raw, start, stop, val, self.solver)
 
     def selection_loss(self, state: TrainState | None = None) -> float:
@@ -381,8 +403,12 @@ class OnlineTuner:
                                 opt_state)
         self.tangent = None
         if state["tangent"] is not None:
-            spec = tree_flatten(tuple(self.state))[1]
+            like = (initial_tangent(self.problem, self.raw) if self.method == "curvature"
+                    else self.state)
+            spec = tree_flatten(tuple(like))[1]
             self.tangent = tree_unflatten([z.clone() for z in state["tangent"]], spec)
+            if self.method == "curvature":
+                self.tangent = CurvatureTangent(*self.tangent)
         self.inner_step, self._elapsed = int(state["inner_step"]), float(state["elapsed"])
         if "guard" in state:  # checkpoints written before the online guard have none
             self.guard.load_state_dict(copy.deepcopy(state["guard"]))

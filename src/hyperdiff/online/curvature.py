@@ -1,0 +1,248 @@
+"""Online window hypergradient with long-horizon tangents under a diagonal curvature model.
+
+Real-time forward mode (RTHO, :func:`~hyperdiff.online.windows.forward_window`) carries the
+exact tangents ``Z_t = d theta_t / d lam`` through every step, at the price of Jacobian-vector
+products with all hyperparameters at every step (7-10x one plain training in
+``benchmarks/horizon.py``); the greedy windows (``reverse``, K steps back) are cheap but see the
+effect of the learning rate only a few steps later, where a larger one mostly adds noise (the
+short-horizon bias). This method keeps RTHO's horizon at the cost of elementwise operations:
+for heavy-ball SGD (``hd.sgd``: ``b_{t+1} = beta b_t + d_t``, ``theta_{t+1} = theta_t -
+lr_t b_{t+1}``, with ``d_t`` the gradient plus the optimizer's weight decay) it propagates the
+learning rate's tangents with the Hessian replaced by a diagonal estimate ``D_t``::
+
+    Zb_{t+1} = beta Zb_t + D_t * Z_t                       (momentum tangent; Zb_1 = D_0 Z_0)
+    Z_{t+1}  = mu (Z_t - lr_t Zb_{t+1}) - (d lr_t / du) b_{t+1}
+    D_t      = min(scale * vhat_t, 2 (1 + beta) / lr_t),   v_t = rho v_{t-1} + (1 - rho) d_t^2
+
+``vhat`` is ``v`` bias-corrected (as Adam's second moment), ``scale`` the training batch's rows
+(``B * E[g_B^2]`` estimates the diagonal of the empirical Fisher, a Gauss-Newton model of the
+Hessian), and the cap keeps the recurrence inside heavy-ball's stability region. ``mu = 1 -
+1 / horizon`` forgets what the hyperparameters did ``horizon`` steps ago: the tangent is the
+derivative for hyperparameters held fixed over the past, which they are not during tuning.
+With a zero Hessian (a loss linear in ``theta``) and ``scale = 0``, ``mu = 1``, the recurrence is
+exact and the method equals RTHO (``tests/test_online_curvature.py``).
+
+At the end of the window the last step is differentiated exactly (reverse mode through it,
+with the state before it constant, as ``reverse`` with ``backprop=1``): that gives every
+hyperparameter its direct one-step effect (the loss's, such as a weight decay, included); the
+carried tangents add the earlier steps' effect through the learning rate::
+
+    dL/du = [reverse through step t1-1] + <grad_theta L_val(theta_{t1}), Zt_{t1}>
+
+with ``Zt_{t1}`` the tangent propagated through the last step without its direct term. Only the
+optimizer's ``lr`` coefficient is carried (its derivative in every raw value, exactly, by
+autograd once per window); buffers (BatchNorm statistics) are constants.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..errors import HyperdiffError
+from ..optimizers import resolve
+from ..problem import Problem
+from ..schedules import Schedule
+from ..training import (
+    TrainState,
+    check_finite_losses,
+    train_gradient,
+    validation_loss,
+    zeros_for_unused,
+)
+from ..typing import Batch, Params
+from .windows import Window, _detached, _val_problem
+
+RHO = 0.99  # decay of the squared-gradient average (Adam's beta2 for this estimate)
+
+
+class CurvatureTangent(NamedTuple):
+    """The carried state, over the ``n`` parameter entries flattened in ``problem.params``
+    order: ``z`` and ``zb`` the tangents of the parameters and of the momentum, shape ``(P,
+    n)`` for the ``P`` raw values; ``v`` (n,) the squared-gradient average; ``steps`` the steps
+    averaged (a 0-d tensor)."""
+
+    z: Tensor
+    zb: Tensor
+    v: Tensor
+    steps: Tensor
+
+
+def initial_tangent(problem: Problem, raw: dict[str, Tensor]) -> CurvatureTangent:
+    """Zero tangents and curvature statistics for the start of the run."""
+    size = problem.hparams.flatten(raw).numel()
+    like = _flat(problem.params)
+    z = like.new_zeros((size, like.numel()))
+    return CurvatureTangent(z, torch.zeros_like(z), torch.zeros_like(like),
+                            like.new_zeros((), dtype=torch.int64))
+
+
+def check_optimizer(problem: Problem) -> None:
+    """Refuse optimizers whose update this method's tangent rule does not describe."""
+    opt = problem.optimizer
+    if opt.name != "sgd" or opt.settings.get("nesterov") or opt.settings.get("dampening"):
+        raise HyperdiffError(
+            "OnlineTuner: method 'curvature' carries heavy-ball SGD's tangents (hd.sgd without "
+            f"nesterov or dampening); got {opt.name} with settings {dict(opt.settings)}: use "
+            "method 'reverse' or 'forward' for it")
+    dtypes = {p.dtype for p in problem.params.values()}
+    if len(dtypes) > 1:
+        raise HyperdiffError(f"OnlineTuner: method 'curvature' needs parameters of one dtype "
+                             f"(got {sorted(map(str, dtypes))})")
+
+
+def lr_derivatives(problem: Problem, raw: dict[str, Tensor], start: int, stop: int
+                   ) -> tuple[Tensor, Tensor]:
+    """``lr_t`` and ``d lr_t / du`` at the window's steps for each parameter entry: shapes
+    ``(K, n)`` and ``(K, P, n)``, with ``u`` the ``P`` flat raw values. A schedule is evaluated
+    for the whole window in one pass; a learning rate that is the same for every parameter
+    tensor is computed once per step."""
+    hp = problem.hparams
+    sizes = [p.numel() for p in problem.params.values()]
+    flat = hp.flatten(problem.raw_tensors(raw)).detach().requires_grad_()
+    coef = problem.optimizer.coefficients["lr"]
+    with torch.enable_grad():
+        hview = hp.view(hp.unflatten(flat))
+        if isinstance(coef, Schedule):
+            rows = coef.window(hview, start, stop)[:, None]                  # (K, 1)
+        elif _same_for_every_tensor(problem, coef):
+            key = next(iter(problem.params))
+            rows = torch.stack([_as_tensor(resolve(coef, hview, t, key), flat)
+                                for t in range(start, stop)])[:, None]
+        else:
+            rows = torch.stack([torch.stack([_as_tensor(resolve(coef, hview, t, k), flat)
+                                             for k in problem.params])
+                                for t in range(start, stop)])                # (K, tensors)
+        jac = None
+        if rows.requires_grad:  # one batched backward pass over the window's K rows
+            eye = torch.eye(rows.numel(), dtype=rows.dtype, device=rows.device)
+            (jac,) = torch.autograd.grad(rows.reshape(-1), flat, eye, is_grads_batched=True,
+                                         allow_unused=True)
+        if jac is None:  # a learning rate that no hyperparameter moves
+            jac = torch.zeros((rows.numel(), flat.numel()), dtype=flat.dtype, device=flat.device)
+        jac = jac.reshape(*rows.shape, flat.numel())
+    counts = torch.tensor(sizes, device=flat.device)
+    widths = rows.shape[1]
+    lrs = rows.detach()
+    if widths == 1:
+        n = sum(sizes)
+        return lrs.expand(-1, n), jac[:, 0, :, None].expand(-1, -1, n)
+    return (torch.repeat_interleave(lrs, counts, dim=1),
+            torch.repeat_interleave(jac, counts, dim=1).transpose(1, 2))
+
+
+def _same_for_every_tensor(problem: Problem, coef: Any) -> bool:
+    if not isinstance(coef, str):
+        return not callable(coef)
+    return problem.hparams[coef].kind != "per_tensor"
+
+
+def _as_tensor(value: Tensor | float, like: Tensor) -> Tensor:
+    return torch.as_tensor(value, dtype=like.dtype, device=like.device).reshape(())
+
+
+def _flat(tree: Params) -> Tensor:
+    return torch.cat([v.reshape(-1) for v in tree.values()])
+
+
+def _heavy_ball(problem: Problem, hview: Any, grads: Params, opt_state: Any, params: Params,
+                step: int) -> tuple[Tensor, Tensor, float]:
+    """``d_t`` (the gradient plus the optimizer's weight decay), ``b_{t+1}`` and ``beta`` of
+    :func:`hd.sgd`'s step at ``step``, flat."""
+    coefs = problem.optimizer.coefficients
+    key = next(iter(params))
+    direction = _flat(grads)
+    wd = coefs["weight_decay"]
+    if not (isinstance(wd, (int, float)) and wd == 0):
+        decay = torch.cat([float(resolve(wd, hview, step, k)) * p.reshape(-1)
+                           for k, p in params.items()])
+        direction = direction + decay
+    if not opt_state.momentum:
+        return direction, direction, 0.0
+    beta = float(resolve(coefs["momentum"], hview, step, key))
+    if step == 0:  # torch.optim.SGD: b_1 = d_0
+        return direction, direction, beta
+    return direction, torch.add(direction, _flat(opt_state.momentum), alpha=beta), beta
+
+
+def _advance(tangent: CurvatureTangent, momentum: Tensor, direction: Tensor, lr: Tensor,
+             dlr: Tensor | None, beta: float, mu: float, scale: float) -> None:
+    """One step of the recurrence of the module doc, in place. ``momentum`` is ``b_{t+1}``,
+    ``direction`` ``d_t`` (n,); ``lr`` (n,), ``dlr`` (P, n) or None (no direct term)."""
+    z, zb, v, steps = tangent
+    steps += 1
+    v.mul_(RHO).addcmul_(direction, direction, value=1.0 - RHO)
+    curvature = v * (scale / (1.0 - RHO ** float(steps)))
+    curvature = torch.minimum(curvature, (2.0 * (1.0 + beta)) / lr.clamp(min=1e-30))
+    zb.mul_(beta).addcmul_(z, curvature)
+    z.addcmul_(zb, lr, value=-1.0)
+    if mu != 1.0:
+        z.mul_(mu)
+    if dlr is not None:
+        z.addcmul_(dlr, momentum, value=-1.0)
+
+
+def curvature_window(problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
+                     stop: int, val_batches: list[Batch], tangent: CurvatureTangent | None, *,
+                     horizon: int | None = 500, scale: float | None = None) -> Window:
+    """Train steps ``start .. stop-1`` carrying the tangents, then the hypergradient of the
+    module doc at the validation batches. ``tangent=None`` at the start of the run; the one
+    given is not modified (a failed window is discarded)."""
+    hp = problem.hparams
+    tangent = initial_tangent(problem, raw) if tangent is None else tangent
+    tangent = CurvatureTangent(*(t.clone() for t in tangent))
+    mu = 1.0 if not horizon else 1.0 - 1.0 / horizon
+    if scale is None:
+        scale = float(_rows(problem.train_data.batch(start, problem.seed)))
+    lrs, dlrs = lr_derivatives(problem, raw, start, stop)
+    hview = hp.view(problem.raw_tensors(raw))
+    losses = torch.empty(stop - start, dtype=problem.hparam_dtype, device=problem.device)
+    params, buffers, opt_state = state
+    for step in range(start, stop - 1):
+        theta = {k: v.detach().requires_grad_() for k, v in params.items()}
+        grads, buffers, loss = train_gradient(problem, theta, buffers, hview, step,
+                                              create_graph=False)
+        with torch.no_grad():
+            direction, momentum, beta = _heavy_ball(problem, hview, grads, opt_state, params,
+                                                    step)
+            params, opt_state = problem.optimizer.update(grads, opt_state, params, hview, step)
+            i = step - start
+            _advance(tangent, momentum, direction, lrs[i], dlrs[i], beta, mu, scale)
+        buffers = {k: v.detach() for k, v in buffers.items()}
+        losses[step - start] = loss.detach()
+    # the last step: exactly by reverse mode (the state before it constant) ...
+    leaves = {n: v.detach().requires_grad_() for n, v in raw.items()}
+    hleaves = hp.view(leaves)
+    theta = {k: v.detach().requires_grad_() for k, v in params.items()}
+    grads, new_buffers, loss = train_gradient(problem, theta, buffers, hleaves, stop - 1,
+                                              create_graph=True)
+    new_params, new_state = problem.optimizer.update(grads, opt_state, theta, hleaves, stop - 1)
+    losses[-1] = loss.detach()
+    check_finite_losses(losses, "online curvature", start)
+    value = validation_loss(_val_problem(problem, val_batches), new_params, new_buffers, hleaves)
+    inputs = [*leaves.values(), *new_params.values()]
+    grads_all = zeros_for_unused(torch.autograd.grad(value, inputs, allow_unused=True), inputs)
+    direct = hp.flatten(dict(zip(leaves, grads_all[: len(leaves)], strict=True)))
+    # ... and the carried tangents through it (without its direct term, in the part above)
+    with torch.no_grad():
+        plain = {k: g.detach() for k, g in grads.items()}
+        direction, momentum, beta = _heavy_ball(problem, hview, plain, opt_state, params,
+                                                stop - 1)
+        _advance(tangent, momentum, direction, lrs[-1], None, beta, mu, scale)
+        val_theta = torch.cat([g.reshape(-1) for g in grads_all[len(leaves):]])
+        indirect = tangent.z @ val_theta.to(tangent.z.dtype)
+        tangent.z.addcmul_(dlrs[-1], momentum, value=-1.0)
+    end = _detached(TrainState(new_params, new_buffers, new_state))
+    grad = hp.unflatten(direct + indirect.to(direct.dtype))
+    return Window(end, grad, float(value.detach()), losses, tangent)
+
+
+def _rows(batch: Any) -> int:
+    leaf = batch[0] if isinstance(batch, (tuple, list)) else next(iter(batch.values()))
+    return int(leaf.shape[0]) if isinstance(leaf, Tensor) else 1
+
+
+__all__ = ["CurvatureTangent", "check_optimizer", "curvature_window", "initial_tangent",
+           "lr_derivatives"]
