@@ -14,8 +14,10 @@ Rows:
     the same with K=5 (outer 0.1 cosine, 0.05 constant), reverse windows (K=50,
     backprop through the last 10 steps; outer Adam lr 0.05 constant, and 0.2 with cosine
     decay), HD (reverse, K=1), RTHO (forward,
-    K=10), online implicit (K=50, Neumann); all but implicit also started with lr_peak 10x too
-    small / large.
+    K=10), curvature (K=20 and K=10: the learning rate's tangents under a diagonal curvature
+    model, forgetting over 500 steps, all validation rows; K=20 also with the online run's
+    minibatch order from tuning seeds 1 and 2), online implicit (K=50, Neumann); all but
+    implicit also started with lr_peak 10x too small / large.
 (c) a 5-point grid over lr_peak (schedule shape and weight decay at their initial values; each
     point trained N steps, picked by validation loss) and Optuna TPE over all four
     hyperparameters with as many N-step trainings as the online reverse run costs (and 20).
@@ -50,6 +52,7 @@ EVAL_SEED = 1_000_000
 GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
 START = 0.05  # the task's initial lr_peak; starts 10x too small / large: 0.005 / 0.5
 NAMES = ("lr_peak", "lr_warmup", "lr_final", "wd")
+TUNING_SEEDS = (0, 1, 2)  # minibatch orders of the online run itself (curvature rows)
 
 
 def plain_time(task: Task) -> float:
@@ -98,9 +101,13 @@ def offline_row(steps: int, horizon: int, task: Task, base: float, seeds) -> dic
             "time_s": elapsed, **evaluate(task, raw, seeds)}
 
 
-def online_row(task: Task, label: str, peak: float, seeds, **options: Any) -> dict[str, Any]:
+def online_row(task: Task, label: str, peak: float, seeds, tuning_seed: int = 0,
+               **options: Any) -> dict[str, Any]:
     problem = task.problems[0]
-    problem = replace(problem, hparams=problem.hparams.with_natural(lr_peak=peak))
+    problem = replace(problem, hparams=problem.hparams.with_natural(lr_peak=peak),
+                      seed=problem.seed + tuning_seed)
+    if tuning_seed:
+        label = f"{label}, tuning seed {tuning_seed}"
     before = plain_time(task)
     tuner = hd.OnlineTuner(problem, selection=task.selection, **options)
     started = time.perf_counter()
@@ -110,6 +117,7 @@ def online_row(task: Task, label: str, peak: float, seeds, **options: Any) -> di
     hview = task.hparams.view(problem.raw_tensors(result.final_raw))
     own = task.metrics_at(result.params, result.buffers, hview)["test"]
     return {"group": "b", "label": f"{label}, start lr_peak={peak:g}", "start": peak,
+            "config": label.split(", tuning seed")[0], "tuning_seed": tuning_seed,
             "values": values_of(task, result.final_raw), "cost": 2 * elapsed / (before + after),
             "inner_steps_per_N": 1.0, "time_s": elapsed, "online_model_test_loss": own["loss"],
             "failed_windows": sum(r.status == "failed" for r in result.history),
@@ -146,7 +154,8 @@ def black_box_rows(task: Task, base: float, seeds, budget: int, quick: bool
     return rows
 
 
-def online_configs(quick: bool) -> list[tuple[str, dict[str, Any], tuple[float, ...]]]:
+def online_configs(quick: bool) -> list[tuple[Any, ...]]:
+    """(label, options, starts[, tuning seeds]) per online configuration."""
     starts = (START, START / 10, START * 10)
     return [
         ("online reverse K=10 (backprop 1), normalised SGD lr 0.2 cosine (task default)",
@@ -168,6 +177,13 @@ def online_configs(quick: bool) -> list[tuple[str, dict[str, Any], tuple[float, 
          {"method": "reverse", "window": 1, "lr": 0.02, "val_batch_size": 32}, starts),
         ("RTHO (online forward K=10)",
          {"method": "forward", "window": 10, "lr": 0.05, "val_batch_size": 64}, starts),
+        ("online curvature K=20 (horizon 500), normalised SGD lr 0.2 cosine",
+         {"method": "curvature", "window": 20, "horizon": 500, "optimizer": "sgd",
+          "normalize": True, "lr": 0.2, "schedule": "cosine", "val_batch_size": None}, starts,
+         TUNING_SEEDS),
+        ("online curvature K=10 (horizon 500), normalised SGD lr 0.2 cosine",
+         {"method": "curvature", "window": 10, "horizon": 500, "optimizer": "sgd",
+          "normalize": True, "lr": 0.2, "schedule": "cosine", "val_batch_size": None}, starts),
         ("online implicit K=50 (Neumann 5)",
          {"method": "implicit", "window": 50, "lr": 0.05, "val_batch_size": 64,
           "solver": hd.neumann(iterations=5, step=1.0)}, (START,)),
@@ -207,10 +223,11 @@ def main() -> None:
     for steps in unrolls:
         rows.append(offline_row(steps, horizon, task, base, seeds))
         print(fmt(rows[-1]), flush=True)
-    for label, options, starts in online_configs(args.quick):
-        for peak in starts:
-            rows.append(online_row(task, label, peak, seeds, **options))
-            print(fmt(rows[-1]), flush=True)
+    for label, options, starts, *more in online_configs(args.quick):
+        for tuning_seed in (more[0] if more else (0,)):
+            for peak in starts:
+                rows.append(online_row(task, label, peak, seeds, tuning_seed, **options))
+                print(fmt(rows[-1]), flush=True)
     budget = math.ceil(max(r["cost"] for r in rows if r["label"].startswith("online reverse")))
     rows.extend(black_box_rows(task, base, seeds, budget, args.quick))
     header = ("| row | lr_peak, lr_warmup, lr_final, wd | cost (x plain N-step training) | "
@@ -227,6 +244,21 @@ def main() -> None:
                            "test_loss_at_most_grid_best": row["test_loss"]
                            <= grid_best["test_loss"]})
     print(f"\ngrid best (by validation loss) test loss: {grid_best['test_loss']:.4f}")
+    repeated = sorted({r["config"] for r in rows if r.get("tuning_seed")})
+    summary = []
+    for config in repeated:
+        for start in sorted({r["start"] for r in rows if r.get("config") == config}):
+            runs = [r for r in rows if r.get("config") == config and r["start"] == start]
+            losses = [r["test_loss"] for r in runs]
+            summary.append({"config": config, "start": start, "test_losses": losses,
+                            "mean_test_loss": statistics.fmean(losses),
+                            "cost": statistics.fmean(r["cost"] for r in runs),
+                            "within_grid_best": sum(x <= grid_best["test_loss"]
+                                                    for x in losses)})
+            print(f"{config}, start {start:g}, tuning seeds {len(runs)}: test loss "
+                  f"{', '.join(f'{x:.4f}' for x in losses)} (mean {summary[-1]['mean_test_loss']:.4f}); "
+                  f"cost {summary[-1]['cost']:.2f}x; within the grid's best in "
+                  f"{summary[-1]['within_grid_best']} of {len(runs)}")
     for check in checks:
         print(f"{check['row']}: cost <= 2x: {check['cost_at_most_2x']}; test loss <= grid "
               f"best: {check['test_loss_at_most_grid_best']}")
@@ -234,6 +266,7 @@ def main() -> None:
     RESULTS.write_text(json.dumps({
         "task": "horizon_digits", "N": horizon, "unrolls": list(unrolls),
         "eval_seeds": list(seeds), "plain_time_s": base, "rows": rows, "checks": checks,
+        "tuning_seed_summary": summary,
         "table": table, "quick": args.quick, "time_s": time.perf_counter() - started,
     }, indent=1, default=float))
     print(f"\nwrote {RESULTS} ({time.perf_counter() - started:.0f} s)")

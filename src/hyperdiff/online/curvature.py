@@ -96,9 +96,9 @@ def check_optimizer(problem: Problem) -> None:
 def lr_derivatives(problem: Problem, raw: dict[str, Tensor], start: int, stop: int
                    ) -> tuple[Tensor, Tensor]:
     """``lr_t`` and ``d lr_t / du`` at the window's steps for each parameter entry: shapes
-    ``(K, n)`` and ``(K, P, n)``, with ``u`` the ``P`` flat raw values. A schedule is evaluated
-    for the whole window in one pass; a learning rate that is the same for every parameter
-    tensor is computed once per step."""
+    ``(K, n)`` and ``(K, P, n)``, with ``u`` the ``P`` flat raw values, or ``(K, 1)`` and ``(K,
+    P, 1)`` (broadcast over the entries) when the learning rate is the same for every parameter
+    tensor. A schedule is evaluated for the whole window in one pass."""
     hp = problem.hparams
     sizes = [p.numel() for p in problem.params.values()]
     flat = hp.flatten(problem.raw_tensors(raw)).detach().requires_grad_()
@@ -123,12 +123,10 @@ def lr_derivatives(problem: Problem, raw: dict[str, Tensor], start: int, stop: i
         if jac is None:  # a learning rate that no hyperparameter moves
             jac = torch.zeros((rows.numel(), flat.numel()), dtype=flat.dtype, device=flat.device)
         jac = jac.reshape(*rows.shape, flat.numel())
-    counts = torch.tensor(sizes, device=flat.device)
-    widths = rows.shape[1]
     lrs = rows.detach()
-    if widths == 1:
-        n = sum(sizes)
-        return lrs.expand(-1, n), jac[:, 0, :, None].expand(-1, -1, n)
+    if rows.shape[1] == 1:  # one learning rate for every entry: broadcast, not copied
+        return lrs, jac.transpose(1, 2)
+    counts = torch.tensor(sizes, device=flat.device)
     return (torch.repeat_interleave(lrs, counts, dim=1),
             torch.repeat_interleave(jac, counts, dim=1).transpose(1, 2))
 
@@ -170,7 +168,8 @@ def _heavy_ball(problem: Problem, hview: Any, grads: Params, opt_state: Any, par
 def _advance(tangent: CurvatureTangent, momentum: Tensor, direction: Tensor, lr: Tensor,
              dlr: Tensor | None, beta: float, mu: float, scale: float) -> None:
     """One step of the recurrence of the module doc, in place. ``momentum`` is ``b_{t+1}``,
-    ``direction`` ``d_t`` (n,); ``lr`` (n,), ``dlr`` (P, n) or None (no direct term)."""
+    ``direction`` ``d_t`` (n,); ``lr`` (n,) or (1,), ``dlr`` (P, n) or (P, 1), or None (no
+    direct term)."""
     z, zb, v, steps = tangent
     steps += 1
     v.mul_(RHO).addcmul_(direction, direction, value=1.0 - RHO)
