@@ -9,14 +9,14 @@ Rows:
 (a) offline: ``HyperOptimizer`` (reverse mode, 30 outer steps, Adam, cosine decay, best step by
     the selection split) on unrolls of T = 50 / 200 / 1000 steps; the schedule's parameters
     are horizon-free, so the values tuned at T are applied unchanged at N.
-(b) online: one N-step run tuning as it trains (``hd.OnlineTuner``): the task's default (reverse,
-    K=10, backprop through the last step, normalised SGD outer steps of 0.2 with cosine decay),
-    the same with K=5 (outer 0.1 cosine, 0.05 constant), reverse windows (K=50,
+(b) online: one N-step run tuning as it trains (``hd.OnlineTuner``): the previous task default
+    (reverse, K=10, backprop through the last step, normalised SGD outer steps of 0.2 with
+    cosine decay), the same with K=5 (outer 0.1 cosine, 0.05 constant), reverse windows (K=50,
     backprop through the last 10 steps; outer Adam lr 0.05 constant, and 0.2 with cosine
     decay), HD (reverse, K=1), RTHO (forward,
-    K=10), curvature (K=20 and K=10: the learning rate's tangents under a diagonal curvature
-    model, forgetting over 500 steps, all validation rows; K=20 also with the online run's
-    minibatch order from tuning seeds 1 and 2), online implicit (K=50, Neumann); all but
+    K=10), curvature (K=20, the task's default, and K=10: the learning rate's tangents under a
+    diagonal curvature model, forgetting over 500 steps, all validation rows; K=20 also with
+    the online run's minibatch order from tuning seeds 1 and 2), online implicit (K=50, Neumann); all but
     implicit also started with lr_peak 10x too small / large.
 (c) a 5-point grid over lr_peak (schedule shape and weight decay at their initial values; each
     point trained N steps, picked by validation loss) and Optuna TPE over all four
@@ -158,7 +158,7 @@ def online_configs(quick: bool) -> list[tuple[Any, ...]]:
     """(label, options, starts[, tuning seeds]) per online configuration."""
     starts = (START, START / 10, START * 10)
     return [
-        ("online reverse K=10 (backprop 1), normalised SGD lr 0.2 cosine (task default)",
+        ("online reverse K=10 (backprop 1), normalised SGD lr 0.2 cosine (previous default)",
          {"method": "reverse", "window": 10, "backprop": 1, "optimizer": "sgd",
           "normalize": True, "lr": 0.2, "schedule": "cosine", "val_batch_size": 32}, starts),
         ("online reverse K=5 (backprop 1), normalised SGD lr 0.1 cosine",
@@ -177,7 +177,7 @@ def online_configs(quick: bool) -> list[tuple[Any, ...]]:
          {"method": "reverse", "window": 1, "lr": 0.02, "val_batch_size": 32}, starts),
         ("RTHO (online forward K=10)",
          {"method": "forward", "window": 10, "lr": 0.05, "val_batch_size": 64}, starts),
-        ("online curvature K=20 (horizon 500), normalised SGD lr 0.2 cosine",
+        ("online curvature K=20 (horizon 500), normalised SGD lr 0.2 cosine (task default)",
          {"method": "curvature", "window": 20, "horizon": 500, "optimizer": "sgd",
           "normalize": True, "lr": 0.2, "schedule": "cosine", "val_batch_size": None}, starts,
          TUNING_SEEDS),
