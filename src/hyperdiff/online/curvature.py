@@ -20,7 +20,8 @@ Hessian), and the cap keeps the recurrence inside heavy-ball's stability region.
 1 / horizon`` forgets what the hyperparameters did ``horizon`` steps ago: the tangent is the
 derivative for hyperparameters held fixed over the past, which they are not during tuning.
 With a zero Hessian (a loss linear in ``theta``) and ``scale = 0``, ``mu = 1``, the recurrence is
-exact and the method equals RTHO (``tests/test_online_curvature.py``).
+exact and the method equals RTHO (``tests/test_online_curvature.py``). Adam and AdamW get the
+same model through their moments' tangents: :mod:`hyperdiff.online.curvature_adam`.
 
 At the end of the window the last step is differentiated exactly (reverse mode through it,
 with the state before it constant, as ``reverse`` with ``backprop=1``): that gives every
