@@ -20,7 +20,8 @@ Hessian), and the cap keeps the recurrence inside heavy-ball's stability region.
 1 / horizon`` forgets what the hyperparameters did ``horizon`` steps ago: the tangent is the
 derivative for hyperparameters held fixed over the past, which they are not during tuning.
 With a zero Hessian (a loss linear in ``theta``) and ``scale = 0``, ``mu = 1``, the recurrence is
-exact and the method equals RTHO (``tests/test_online_curvature.py``).
+exact and the method equals RTHO (``tests/test_online_curvature.py``). Adam and AdamW get the
+same model through their moments' tangents: :mod:`hyperdiff.online.curvature_adam`.
 
 At the end of the window the last step is differentiated exactly (reverse mode through it,
 with the state before it constant, as ``reverse`` with ``backprop=1``): that gives every
@@ -70,8 +71,13 @@ class CurvatureTangent(NamedTuple):
     steps: Tensor
 
 
-def initial_tangent(problem: Problem, raw: dict[str, Tensor]) -> CurvatureTangent:
-    """Zero tangents and curvature statistics for the start of the run."""
+def initial_tangent(problem: Problem, raw: dict[str, Tensor]) -> Any:
+    """Zero tangents and curvature statistics for the start of the run (an
+    :class:`~hyperdiff.online.curvature_adam.AdamCurvatureTangent` for Adam / AdamW)."""
+    from .curvature_adam import ADAM_NAMES, initial_adam_tangent  # it imports this module
+
+    if problem.optimizer.name in ADAM_NAMES:
+        return initial_adam_tangent(problem, raw)
     size = problem.hparams.flatten(raw).numel()
     like = _flat(problem.params)
     z = like.new_zeros((size, like.numel()))
@@ -81,12 +87,17 @@ def initial_tangent(problem: Problem, raw: dict[str, Tensor]) -> CurvatureTangen
 
 def check_optimizer(problem: Problem) -> None:
     """Refuse optimizers whose update this method's tangent rule does not describe."""
+    from .curvature_adam import ADAM_NAMES  # it imports this module
+
     opt = problem.optimizer
-    if opt.name != "sgd" or opt.settings.get("nesterov") or opt.settings.get("dampening"):
+    adam = opt.name in ADAM_NAMES
+    if not adam and (opt.name != "sgd" or opt.settings.get("nesterov")
+                     or opt.settings.get("dampening")):
         raise HyperdiffError(
-            "OnlineTuner: method 'curvature' carries heavy-ball SGD's tangents (hd.sgd without "
-            f"nesterov or dampening); got {opt.name} with settings {dict(opt.settings)}: use "
-            "method 'reverse' or 'forward' for it")
+            "OnlineTuner: method 'curvature' carries the tangents of heavy-ball SGD (hd.sgd "
+            "without nesterov or dampening), hd.adam and hd.adamw; got "
+            f"{opt.name} with settings {dict(opt.settings)}: use method 'reverse' or "
+            "'forward' for it")
     dtypes = {p.dtype for p in problem.params.values()}
     if len(dtypes) > 1:
         raise HyperdiffError(f"OnlineTuner: method 'curvature' needs parameters of one dtype "
@@ -184,11 +195,17 @@ def _advance(tangent: CurvatureTangent, momentum: Tensor, direction: Tensor, lr:
 
 
 def curvature_window(problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
-                     stop: int, val_batches: list[Batch], tangent: CurvatureTangent | None, *,
+                     stop: int, val_batches: list[Batch], tangent: Any, *,
                      horizon: int | None = 500, scale: float | None = None) -> Window:
     """Train steps ``start .. stop-1`` carrying the tangents, then the hypergradient of the
-    module doc at the validation batches. ``tangent=None`` at the start of the run; the one
-    given is not modified (a failed window is discarded)."""
+    module doc at the validation batches (Adam / AdamW: by
+    :func:`~hyperdiff.online.curvature_adam.adam_curvature_window`). ``tangent=None`` at the
+    start of the run; the one given is not modified (a failed window is discarded)."""
+    from .curvature_adam import ADAM_NAMES, adam_curvature_window  # it imports this module
+
+    if problem.optimizer.name in ADAM_NAMES:
+        return adam_curvature_window(problem, state, raw, start, stop, val_batches, tangent,
+                                     horizon=horizon, scale=scale)
     hp = problem.hparams
     tangent = initial_tangent(problem, raw) if tangent is None else tangent
     tangent = CurvatureTangent(*(t.clone() for t in tangent))

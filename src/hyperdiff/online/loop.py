@@ -64,7 +64,7 @@ from ..schedules import Schedule
 from ..solvers import Solver, cg, neumann
 from ..training import TrainState, initial_state, validation_loss
 from ..typing import Batch, Params
-from .curvature import CurvatureTangent, check_optimizer, curvature_window, initial_tangent
+from .curvature import check_optimizer, curvature_window, initial_tangent
 from .windows import Window, forward_window, implicit_window, reverse_window
 
 METHODS = ("reverse", "forward", "implicit", "curvature")
@@ -103,7 +103,7 @@ class OnlineTuner:
         method: ``"reverse"`` (backprop over the window), ``"forward"`` (RTHO, tangents carried
             across windows), ``"implicit"`` (IFT at the current parameters) or
             ``"curvature"`` (the learning rate's tangents carried under a diagonal curvature
-            model, :mod:`hyperdiff.online.curvature`; heavy-ball SGD only).
+            model, :mod:`hyperdiff.online.curvature`; heavy-ball SGD, Adam and AdamW).
         optimizer, lr, clip: the outer ``torch.optim`` optimizer of the raw values, its learning
             rate, and an optional L2 clip of the hypergradient.
         normalize: divide each window's hypergradient ``g`` by ``||g||_2`` (all raw values
@@ -407,8 +407,8 @@ class OnlineTuner:
                     else self.state)
             spec = tree_flatten(tuple(like))[1]
             self.tangent = tree_unflatten([z.clone() for z in state["tangent"]], spec)
-            if self.method == "curvature":
-                self.tangent = CurvatureTangent(*self.tangent)
+            if self.method == "curvature":  # the NamedTuple of the optimizer's rule
+                self.tangent = type(like)(*self.tangent)
         self.inner_step, self._elapsed = int(state["inner_step"]), float(state["elapsed"])
         if "guard" in state:  # checkpoints written before the online guard have none
             self.guard.load_state_dict(copy.deepcopy(state["guard"]))
