@@ -57,18 +57,16 @@ from ..errors import (
 from ..guard import DivergenceGuard
 from ..history import History, StepRecord, finite_or_none, natural_values, to_number
 from ..hyperparams import HyperParameters
-from ..methods.forward import ENGINES
 from ..problem import Problem
 from ..registry import OPTIMIZERS, SCHEDULES
 from ..schedules import Schedule
-from ..solvers import Solver, cg, neumann
+from ..solvers import Solver
 from ..training import TrainState, initial_state, validation_loss
 from ..typing import Batch, Params
-from .curvature import check_optimizer, curvature_window, initial_tangent
-from .windows import Window, forward_window, implicit_window, reverse_window
+from .checkpoint import restore_tuner, tuner_state
+from .methods import METHODS, window_method
+from .windows import Window
 
-METHODS = ("reverse", "forward", "implicit", "curvature")
-FORMAT = "hyperdiff-online-1"
 Callback = Callable[["OnlineTuner", StepRecord], None]
 _LOG = logging.getLogger("hyperdiff.online")
 
@@ -139,37 +137,24 @@ class OnlineTuner:
                  curvature_scale: float | None = None):
         if not isinstance(problem, Problem):
             raise fail("OnlineTuner", "problem", "a hd.Problem made by hd.make_problem", problem)
-        if method not in METHODS:
-            raise fail("OnlineTuner", "method", f"one of {list(METHODS)}", method)
+        method_of = window_method(method, problem, engine=engine, solver=solver,
+                                  backprop=backprop, horizon=horizon,
+                                  curvature_scale=curvature_scale)
         if optimizer not in OPTIMIZERS:
             raise fail("OnlineTuner", "optimizer", f"one of {sorted(OPTIMIZERS)}", optimizer)
         if schedule not in SCHEDULES:
             raise fail("OnlineTuner", "schedule", f"one of {list(SCHEDULES)}", schedule)
-        if engine not in ENGINES or engine == "auto":
-            raise fail("OnlineTuner", "engine", "'double_vjp' or 'jvp'", engine)
         for coef_name, coef in problem.optimizer.coefficients.items():
             if isinstance(coef, Schedule) and coef.steps != problem.steps:
                 raise HyperdiffError(
                     f"OnlineTuner: the {coef.family} schedule of {coef_name} must be defined over "
                     f"the run's {problem.steps} steps (got {coef.steps}); use "
                     f"schedule.with_steps({problem.steps})")
-        if method == "curvature":
-            check_optimizer(problem)
-        elif horizon != 500 or curvature_scale is not None:
-            raise fail("OnlineTuner", "horizon / curvature_scale",
-                       "their defaults unless method='curvature'", (horizon, curvature_scale))
-        self.horizon = None if horizon is None else positive_int("OnlineTuner", "horizon",
-                                                                 horizon)
-        self.curvature_scale = None if curvature_scale is None else float(
-            curvature_scale if curvature_scale == 0 else positive_float(
-                "OnlineTuner", "curvature_scale", curvature_scale))
-        self.problem, self.method, self.engine = problem, method, engine
-        self.schedule = schedule
+        self.window_method = method_of
+        self.problem, self.method, self.schedule = problem, method, schedule
+        self.engine, self.solver, self.backprop = engine, method_of.solver, method_of.backprop
+        self.horizon, self.curvature_scale = method_of.horizon, method_of.curvature_scale
         self.window = positive_int("OnlineTuner", "window", window)
-        self.backprop = None if backprop is None else positive_int(
-            "OnlineTuner", "backprop", backprop)
-        if self.backprop is not None and method != "reverse":
-            raise fail("OnlineTuner", "backprop", "None unless method='reverse'", backprop)
         self.lr = float(lr) if lr == 0 else positive_float("OnlineTuner", "lr", lr)
         self.clip = None if clip is None else positive_float("OnlineTuner", "clip", clip)
         self.val_batch_size = None if val_batch_size is None else positive_int(
@@ -178,7 +163,6 @@ class OnlineTuner:
             list(selection) if isinstance(selection, list) else [selection])
         self.eval_every = nonnegative_int("OnlineTuner", "eval_every", eval_every)
         self.seed = nonnegative_int("OnlineTuner", "seed", seed)
-        self.solver = _solver(solver)
         if not isinstance(normalize, bool):
             raise fail("OnlineTuner", "normalize", "True or False", normalize)
         self.normalize = normalize
@@ -315,16 +299,7 @@ class OnlineTuner:
         return self.history[-1]
 
     def _window(self, raw: dict[str, Tensor], start: int, stop: int, val: list[Batch]) -> Window:
-        if self.method == "reverse":
-            return reverse_window(self.problem, self.state, raw, start, stop, val, self.backprop)
-        if self.method == "forward":
-            return forward_window(self.problem, self.state, raw, start, stop, val, self.tangent,
-                                  engine=self.engine)
-        if self.method == "curvature":
-            return curvature_window(self.problem, self.state, raw, start, stop, val,
-                                    self.tangent, horizon=self.horizon,
-                                    scale=self.curvature_scale)
-        return implicit_window(self.problem, self.state, raw, start, stop, val, self.solver)
+        return self.window_method(self.problem, self.state, raw, start, stop, val, self.tangent)
 
     def selection_loss(self, state: TrainState | None = None) -> float:
         """The validation loss on the selection batches at the current parameters (or at
@@ -366,65 +341,15 @@ class OnlineTuner:
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly (tensors, numbers, strings only)."""
-        opt_leaves = tree_flatten(self.state.opt_state)[0]
-        tangent = None if self.tangent is None else tree_flatten(tuple(self.tangent))[0]
-        return {
-            "format": FORMAT, "method": self.method, "window": self.window,
-            "step": self.hyper_step, "inner_step": self.inner_step, "elapsed": self._elapsed,
-            "raw": self.raw, "outer": self.optimizer.state_dict(),
-            "params": {k: v.clone() for k, v in self.state.params.items()},
-            "buffers": {k: v.clone() for k, v in self.state.buffers.items()},
-            "opt_state": [x.clone() for x in opt_leaves],
-            "tangent": None if tangent is None else [z.clone() for z in tangent],
-            "history": [r.to_json() for r in self.history],
-            "guard": copy.deepcopy(self.guard.state_dict()),
-        }
+        """Everything needed to continue exactly (tensors, numbers, strings only; see
+        :mod:`hyperdiff.online.checkpoint`)."""
+        return tuner_state(self)
 
     def load_state_dict(self, state: dict[str, Any],
                         records: Sequence[StepRecord] | None = None) -> None:
         """Restore :meth:`state_dict`; ``records`` (e.g. from the run directory) replace the
         history it holds."""
-        if state.get("format") != FORMAT:
-            raise fail("OnlineTuner.load_state_dict", "state", f"a state_dict of format {FORMAT}",
-                       state.get("format"))
-        for key in ("method", "window"):
-            if state[key] != getattr(self, key):
-                raise HyperdiffError(
-                    f"OnlineTuner.load_state_dict: {key} must match the saved run "
-                    f"({state[key]!r}; got {getattr(self, key)!r})")
-        with torch.no_grad():
-            self.flat.copy_(self.hparams.flatten(state["raw"]))
-        self.optimizer.load_state_dict(state["outer"])
-        params = {k: v.clone() for k, v in state["params"].items()}
-        template = tree_flatten(self.problem.optimizer.init(params))[1]
-        opt_state = tree_unflatten([x.clone() for x in state["opt_state"]], template)
-        self.state = TrainState(params, {k: v.clone() for k, v in state["buffers"].items()},
-                                opt_state)
-        self.tangent = None
-        if state["tangent"] is not None:
-            like = (initial_tangent(self.problem, self.raw) if self.method == "curvature"
-                    else self.state)
-            spec = tree_flatten(tuple(like))[1]
-            self.tangent = tree_unflatten([z.clone() for z in state["tangent"]], spec)
-            if self.method == "curvature":  # the NamedTuple of the optimizer's rule
-                self.tangent = type(like)(*self.tangent)
-        self.inner_step, self._elapsed = int(state["inner_step"]), float(state["elapsed"])
-        if "guard" in state:  # checkpoints written before the online guard have none
-            self.guard.load_state_dict(copy.deepcopy(state["guard"]))
-        lines = [r.to_json() for r in records] if records is not None else state["history"]
-        self.history = History([StepRecord.from_json(line) for line in lines][: state["step"]])
-
-
-def _solver(solver: Solver | str) -> Solver:
-    if isinstance(solver, Solver):
-        return solver
-    if solver == "cg":
-        return cg(maxiter=50)
-    if solver == "neumann":
-        return neumann(iterations=20)
-    raise fail("OnlineTuner", "solver", "a hd.cg() / hd.neumann() Solver, 'cg' or 'neumann'",
-               solver)
+        restore_tuner(self, state, records)
 
 
 __all__ = ["METHODS", "OnlineResult", "OnlineTuner"]
