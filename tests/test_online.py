@@ -268,8 +268,8 @@ def test_bad_schedule_arguments_raise_a_clear_error():
         hd.resample(torch.zeros(2, 2), 4)
 
 
-ONLINE = ["task.name=horizon_digits", "inner.steps=60", "outer.window=6", "outer.backprop=3",
-          "outer.val_batch=32", "report.seeds=1"]
+ONLINE = ["task.name=horizon_digits", "inner.steps=60", "outer.window=6", "outer.val_batch=32",
+          "report.seeds=1"]
 
 
 def test_online_run_directory_resumes_to_the_same_history_and_result(tmp_path, monkeypatch):
@@ -306,6 +306,7 @@ def test_online_run_directory_resumes_to_the_same_history_and_result(tmp_path, m
     (["method.name=forward", "method.chunk_size=2"], "method.chunk_size is not used"),
     (["task.cv_folds=3"], "task.cv_folds must be 0 with outer.mode = 'online'"),
     (["outer.window=0"], r"outer.window must be an int >= 1"),
+    (["outer.backprop=3"], r"outer.backprop is used by method.name = 'reverse' only"),
 ])
 def test_bad_online_config_raises_a_clear_error(overrides, message, tmp_path):
     from hyperdiff.config import load_config

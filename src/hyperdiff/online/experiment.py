@@ -39,6 +39,9 @@ def build_online(config: Config) -> tuple[Task, OnlineTuner]:
     if unused:
         raise HyperdiffError(f"config: method.{unused[0]} is not used by online {method}; "
                              f"it accepts {list(OPTIONS[method]) or 'no options'}")
+    if config.outer.backprop and method != "reverse":
+        raise HyperdiffError(f"config: outer.backprop is used by method.name = 'reverse' only "
+                             f"(got {config.outer.backprop} with {method!r}); set it to 0")
     if config.task.cv_folds:
         raise HyperdiffError("config: task.cv_folds must be 0 with outer.mode = 'online' "
                              f"(one training run; got {config.task.cv_folds})")
