@@ -34,9 +34,10 @@ from .distributed.spread import spreader_for
 from .driver_checks import (
     as_batches,
     auto_samples,
+    check_optimizer_state,
     check_problems,
+    check_resume,
     check_selection,
-    missing_optimizer_entries,
 )
 from .errors import (
     HyperdiffError,
@@ -213,17 +214,9 @@ class HyperOptimizer:
 
     def stop_reason(self) -> str | None:
         """Why the loop should stop now, or ``None`` to go on."""
-        rules = self.stopping
-        if self.stopped:
-            return self.stopped
-        if self.step_index >= rules.max_steps:
-            return f"budget: {rules.max_steps} outer steps"
-        if rules.max_time_s is not None and self.elapsed >= rules.max_time_s:
-            return f"time: {rules.max_time_s:g} s"
-        if rules.patience and self.since_best >= rules.patience:
-            which = "selection" if self.selection else "validation"
-            return f"early stopping: no better {which} loss for {rules.patience} steps"
-        return None
+        return self.stopped or self.stopping.reason(
+            steps=self.step_index, elapsed=self.elapsed, since_best=self.since_best,
+            has_selection=bool(self.selection))
 
     def run(self, callbacks: Sequence[Callback] = (), progress: bool | None = False
             ) -> OptimizeResult:
@@ -341,22 +334,11 @@ class HyperOptimizer:
 
     def load_state_dict(self, state: dict[str, Any], history: Sequence[StepRecord]) -> None:
         """Restore :meth:`state_dict` and the first ``state["step"]`` history records."""
-        if len(history) != state["step"]:
-            raise HyperdiffError(
-                f"HyperOptimizer: history must hold {state['step']} records to resume "
-                f"(got {len(history)})"
-            )
-        if len(state["warm"]) != len(self.warm):
-            raise HyperdiffError(
-                "HyperOptimizer: the checkpoint must come from a run with the same folds and "
-                f"samples ({len(self.warm)} trainings per step; got {len(state['warm'])})"
-            )
+        check_resume(state, records=len(history), slots=len(self.warm))
         with torch.no_grad():
             for name, leaf in self.leaves.items():
                 leaf.copy_(state["raw"][name])
-        if missing := missing_optimizer_entries(self.optimizer, state["optimizer"]):
-            raise HyperdiffError(f"HyperOptimizer: the outer optimizer state lacks the entries "
-                                 f"{missing} that {type(self.optimizer).__name__} needs")
+        check_optimizer_state(self.optimizer, state["optimizer"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.guard.load_state_dict(state["guard"])
         self.best, self.since_best = state["best"], int(state["since_best"])

@@ -3,7 +3,8 @@
 Each raises :class:`~hyperdiff.errors.HyperdiffError` naming ``HyperOptimizer``, the argument,
 what is valid and what was given: the problems (one, or folds that tune the same
 hyperparameters), the selection split (evaluated once at theta_0, so that a batch the loss
-cannot take fails at once), the sample count, and a checkpoint's outer optimizer state.
+cannot take fails at once), the sample count, and a checkpoint to resume from (its step and
+history, its trainings per step, its outer optimizer state).
 """
 
 from __future__ import annotations
@@ -92,6 +93,28 @@ def check_selection(problem: Problem, selection: list[Batch] | None) -> None:
     if not math.isfinite(value):
         raise fail("HyperOptimizer", "selection loss at the initial parameters",
                    "finite", value)
+
+
+def check_resume(state: dict[str, Any], *, records: int, slots: int) -> None:
+    """A checkpoint ``state`` resumes a run with ``records`` history records and ``slots``
+    trainings per step only when it was saved at step ``records`` with as many slots."""
+    if records != state["step"]:
+        raise HyperdiffError(
+            f"HyperOptimizer: history must hold {state['step']} records to resume "
+            f"(got {records})"
+        )
+    if len(state["warm"]) != slots:
+        raise HyperdiffError(
+            "HyperOptimizer: the checkpoint must come from a run with the same folds and "
+            f"samples ({slots} trainings per step; got {len(state['warm'])})"
+        )
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """A saved outer optimizer ``state`` must hold every entry ``optimizer.step`` needs."""
+    if missing := missing_optimizer_entries(optimizer, state):
+        raise HyperdiffError(f"HyperOptimizer: the outer optimizer state lacks the entries "
+                             f"{missing} that {type(optimizer).__name__} needs")
 
 
 def missing_optimizer_entries(optimizer: torch.optim.Optimizer, state: dict[str, Any]
