@@ -15,6 +15,11 @@ budget, on early stopping or on convergence, and survives divergence (see
 outer step and returns its immutable :class:`~hyperdiff.history.StepRecord`;
 :meth:`HyperOptimizer.run` loops until a stopping rule fires. :meth:`state_dict` holds all that a
 checkpoint needs to resume the run exactly.
+
+The trainings of a step (seeds, warm starts, ``samples="auto"``, the selection loss and the
+combined hypergradient) are :class:`~hyperdiff.sampler.Sampler`'s, the checks of the arguments
+and of a checkpoint are in :mod:`hyperdiff.driver_checks`, the stopping rules and the ranking
+of steps in :mod:`hyperdiff.stopping`.
 """
 
 from __future__ import annotations
@@ -287,16 +292,7 @@ class HyperOptimizer:
         self._update(tied(self.hparams.unflatten(mean)) if step < self.tie_steps
                      else self.hparams.unflatten(mean), lr)
         val = float(values.mean())
-        key = ranking_loss(step, self.tie_steps, self.selection is not None)
-        criterion = selection if key == "selection" else val
-        reference = None if self.best is None else self.best.get(key, self.best["value"])
-        is_best = reference is None or criterion < reference - self.stopping.min_delta
-        if is_best:
-            self.best = {"step": step, "raw": raw, "value": criterion, "val": val,
-                         "selection": selection}
-            self.since_best = 0
-        else:
-            self.since_best += 1
+        is_best = self._rank(step, raw, val, selection)
         moved = max(float((self.leaves[n].detach() - raw[n]).abs().max()) for n in raw)
         grad_norm = float(mean.norm())
         if grad_norm < self.stopping.grad_tol or moved < self.stopping.step_tol:
@@ -361,6 +357,22 @@ class HyperOptimizer:
             torch.nn.utils.clip_grad_norm_(list(self.leaves.values()), self.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _rank(self, step: int, raw: dict[str, Tensor], val: float, selection: float | None
+              ) -> bool:
+        """Whether ``step`` is the new best by its ranking loss (:mod:`hyperdiff.stopping`):
+        the validation loss ``val`` or the ``selection`` loss; counts the steps since."""
+        key = ranking_loss(step, self.tie_steps, self.selection is not None)
+        criterion = selection if key == "selection" else val
+        reference = None if self.best is None else self.best.get(key, self.best["value"])
+        is_best = reference is None or criterion < reference - self.stopping.min_delta
+        if is_best:
+            self.best = {"step": step, "raw": raw, "value": criterion, "val": val,
+                         "selection": selection}
+            self.since_best = 0
+        else:
+            self.since_best += 1
+        return is_best
 
     def _failed(self, step: int, raw: dict[str, Tensor], lr: float, reason: str,
                 started: float) -> StepRecord:
