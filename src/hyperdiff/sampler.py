@@ -43,7 +43,7 @@ class Estimate(NamedTuple):
     """One outer step's hypergradient from its ``n`` slots (``k`` flat hyperparameters)."""
 
     grads: Tensor  # (n, k) float64, each slot's raw hypergradient (REINFORCE-adjusted)
-    values: Tensor  # (n,) float64, each slot's validation loss
+    values: Tensor  # (n,) float64 on the CPU, each slot's validation loss
     mean: Tensor  # (k,) g_s = mean over the slots
     per_sample: Tensor  # (samples, k) each sample's mean over the problems
     snr: float | None  # signal-to-noise ratio of per_sample (None for one sample)
@@ -65,7 +65,8 @@ class Sampler:
         spreader: maps the trainings of a round over the ranks of a process group.
 
     ``warm`` holds each slot's last ``(params, buffers)`` (``None`` without warm start) and
-    ``trainings`` counts the trainings run; both are part of the driver's checkpoint.
+    ``trainings`` counts the trainings run (the driver adds each step's :attr:`first_round`
+    before the step, :meth:`evaluate` the samples it adds); both are in the driver's checkpoint.
     """
 
     def __init__(self, problems: tuple[Problem, ...], method: Method, *, samples: int,
