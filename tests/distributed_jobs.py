@@ -21,6 +21,7 @@ from hyperdiff.config import load_config
 from hyperdiff.distributed.data_parallel import rank_seed
 from hyperdiff.driver import HyperOptimizer, Stopping
 from hyperdiff.experiment import run_experiment
+from hyperdiff.sampler import Sampler
 
 WORLD = 2
 STEPS = 6
@@ -210,7 +211,7 @@ def killed_run(rank: int, out: str) -> None:
     """Run SETTINGS; rank 1 dies in the middle of outer step 2; rank 0 must say so."""
     if rank == 1:
         calls = {"n": 0}
-        train = HyperOptimizer._train
+        train = Sampler._train
 
         def dying(self, problem, raw):
             calls["n"] += 1
@@ -218,7 +219,7 @@ def killed_run(rank: int, out: str) -> None:
                 os._exit(3)
             return train(self, problem, raw)
 
-        HyperOptimizer._train = dying  # type: ignore[method-assign]
+        Sampler._train = dying  # type: ignore[method-assign]
     group = hd.distributed.current_group()
     assert group is not None
     group.stale_s = 1.0

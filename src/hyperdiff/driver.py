@@ -15,6 +15,11 @@ budget, on early stopping or on convergence, and survives divergence (see
 outer step and returns its immutable :class:`~hyperdiff.history.StepRecord`;
 :meth:`HyperOptimizer.run` loops until a stopping rule fires. :meth:`state_dict` holds all that a
 checkpoint needs to resume the run exactly.
+
+The trainings of a step (seeds, warm starts, ``samples="auto"``, the selection loss and the
+combined hypergradient) are :class:`~hyperdiff.sampler.Sampler`'s, the checks of the arguments
+and of a checkpoint are in :mod:`hyperdiff.driver_checks`, the stopping rules and the ranking
+of steps in :mod:`hyperdiff.stopping`.
 """
 
 from __future__ import annotations
@@ -23,16 +28,22 @@ import copy
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .data import FullBatch
-from .datacheck import check_batch, shapes_of
 from .discrete.outer import outer_hook
 from .distributed.spread import spreader_for
+from .driver_checks import (
+    as_batches,
+    auto_samples,
+    check_optimizer_state,
+    check_problems,
+    check_resume,
+    check_selection,
+)
 from .errors import (
     HyperdiffError,
     NonFiniteError,
@@ -51,12 +62,11 @@ from .history import (
     to_number,
 )
 from .logs import get_logger
-from .methods.base import HyperGradient, Method
+from .methods.base import Method
 from .problem import Problem
 from .registry import METHODS, OPTIMIZERS, SCHEDULES, make_method
-from .snr import SNR_TARGET, AutoSamples, sample_means, signal_to_noise
+from .sampler import Sampler
 from .stopping import Stopping, ranking_loss, ranking_name, tied
-from .training import validation_loss
 from .typing import Batch
 
 Callback = Callable[["HyperOptimizer", StepRecord], None]
@@ -134,7 +144,7 @@ class HyperOptimizer:
         max_loss_ratio: float = 1e6,
         process_group: Any = None,
     ):
-        self.problems = _check_problems(problem)
+        self.problems = check_problems(problem)
         self.hparams = self.problems[0].hparams
         self.method = make_method(method) if isinstance(method, str) else method
         if not isinstance(self.method, Method):
@@ -147,13 +157,13 @@ class HyperOptimizer:
         self.lr = positive_float("HyperOptimizer", "lr", lr)
         self.clip = None if clip is None else positive_float("HyperOptimizer", "clip", clip)
         self.schedule = schedule
-        self.auto = _auto_samples(samples, max_samples)
+        self.auto = auto_samples(samples, max_samples)
         self.samples = self.auto.maximum if self.auto else positive_int(
             "HyperOptimizer", "samples", samples)  # the stride of seeds and warm slots
         self.tie_steps = nonnegative_int("HyperOptimizer", "tie_steps", tie_steps)
         self.warm_start = bool(warm_start)
-        self.selection = _as_batches(selection)
-        _check_selection(self.problems[0], self.selection)
+        self.selection = as_batches(selection)
+        check_selection(self.problems[0], self.selection)
         if self.auto is None and self.samples == 1 and not all(
                 isinstance(p.train_data, FullBatch) for p in self.problems):
             _LOG.info("HyperOptimizer: samples=1 with minibatches: the hypergradient's noise is "
@@ -168,16 +178,18 @@ class HyperOptimizer:
         self.optimizer = optim_class(list(self.leaves.values()), lr=self.lr)
         self.history = History()
         self.step_index = 0
-        self.trainings = 0
         self.best: dict[str, Any] | None = None
         self.since_best = 0
         self.stopped: str | None = None
-        self.warm: list[Any] = [None] * (len(self.problems) * self.samples)
         self.discrete = outer_hook(self.hparams, seed=self.seed, samples=self.samples,
                                    max_steps=self.stopping.max_steps, folds=len(self.problems))
         self._elapsed = 0.0
         self._clock: float | None = None
         self.spreader = spreader_for(self.method, process_group)
+        self.sampler = Sampler(self.problems, self.method, samples=self.samples, auto=self.auto,
+                               seed=self.seed, selection=self.selection,
+                               warm_start=self.warm_start, discrete=self.discrete,
+                               spreader=self.spreader)
 
     # ------------------------------------------------------------------ public loop
     @property
@@ -190,19 +202,26 @@ class HyperOptimizer:
         """Wall time spent in steps of this run, across resumes."""
         return self._elapsed if self._clock is None else time.perf_counter() - self._clock
 
+    @property
+    def trainings(self) -> int:
+        """Trainings run so far, across resumes (a failed step counts those it started)."""
+        return self.sampler.trainings
+
+    @property
+    def warm(self) -> list[Any]:
+        """Each slot's last ``(params, buffers)`` with warm starts, else ``None`` (see
+        :class:`~hyperdiff.sampler.Sampler`)."""
+        return self.sampler.warm
+
+    def seed_for(self, step: int, sample: int) -> int:
+        """Minibatch seed of ``sample`` at outer ``step``."""
+        return self.sampler.seed_for(step, sample)
+
     def stop_reason(self) -> str | None:
         """Why the loop should stop now, or ``None`` to go on."""
-        rules = self.stopping
-        if self.stopped:
-            return self.stopped
-        if self.step_index >= rules.max_steps:
-            return f"budget: {rules.max_steps} outer steps"
-        if rules.max_time_s is not None and self.elapsed >= rules.max_time_s:
-            return f"time: {rules.max_time_s:g} s"
-        if rules.patience and self.since_best >= rules.patience:
-            which = "selection" if self.selection else "validation"
-            return f"early stopping: no better {which} loss for {rules.patience} steps"
-        return None
+        return self.stopped or self.stopping.reason(
+            steps=self.step_index, elapsed=self.elapsed, since_best=self.since_best,
+            has_selection=bool(self.selection))
 
     def run(self, callbacks: Sequence[Callback] = (), progress: bool | None = False
             ) -> OptimizeResult:
@@ -260,41 +279,20 @@ class HyperOptimizer:
         snapshot = {"raw": raw, "optimizer": copy.deepcopy(self.optimizer.state_dict()),
                     "warm": list(self.warm)}
         lr = self.learning_rate(step)
-        self.trainings += len(self.problems) * (self.auto.minimum if self.auto else self.samples)
+        self.sampler.trainings += self.sampler.first_round
         try:
             self.guard.check_values(self.hparams, raw)
-            evaluations, selection = self._evaluate(step, raw)
+            evaluations, selection = self.sampler.evaluate(step, raw)
             self.guard.check_losses([hg.value for hg in evaluations], selection)
         except NonFiniteError as err:
             return self._failed(step, raw, lr, str(err), started)
         self.guard.succeeded(snapshot)
-        grads = torch.stack([self.hparams.flatten(hg.grad).double() for hg in evaluations])
-        values = torch.tensor([hg.value for hg in evaluations], dtype=torch.float64, device="cpu")
-        discrete = None
-        if self.discrete is not None:  # REINFORCE estimates for the sampled choices' logits
-            grads, discrete = self.discrete.adjust(step, raw, grads, values)
-        mean = grads.mean(0)
-        per_sample = sample_means(grads, len(self.problems))
-        snr = signal_to_noise(per_sample)
-        if snr is not None and snr < SNR_TARGET:
-            _LOG.warning(
-                "outer step %d: the hypergradient's signal-to-noise ratio is %.2g < %g over "
-                "%d samples: the step direction is mostly minibatch noise; use more samples "
-                "(samples=%s)", step, snr, SNR_TARGET, per_sample.shape[0],
-                "'auto'" if self.auto is None else f"'auto' with max_samples > {self.samples}")
+        grads, values, mean, per_sample, snr, discrete = self.sampler.estimate(
+            step, raw, evaluations)
         self._update(tied(self.hparams.unflatten(mean)) if step < self.tie_steps
                      else self.hparams.unflatten(mean), lr)
         val = float(values.mean())
-        key = ranking_loss(step, self.tie_steps, self.selection is not None)
-        criterion = selection if key == "selection" else val
-        reference = None if self.best is None else self.best.get(key, self.best["value"])
-        is_best = reference is None or criterion < reference - self.stopping.min_delta
-        if is_best:
-            self.best = {"step": step, "raw": raw, "value": criterion, "val": val,
-                         "selection": selection}
-            self.since_best = 0
-        else:
-            self.since_best += 1
+        is_best = self._rank(step, raw, val, selection)
         moved = max(float((self.leaves[n].detach() - raw[n]).abs().max()) for n in raw)
         grad_norm = float(mean.norm())
         if grad_norm < self.stopping.grad_tol or moved < self.stopping.step_tol:
@@ -332,26 +330,16 @@ class HyperOptimizer:
 
     def load_state_dict(self, state: dict[str, Any], history: Sequence[StepRecord]) -> None:
         """Restore :meth:`state_dict` and the first ``state["step"]`` history records."""
-        if len(history) != state["step"]:
-            raise HyperdiffError(
-                f"HyperOptimizer: history must hold {state['step']} records to resume "
-                f"(got {len(history)})"
-            )
-        if len(state["warm"]) != len(self.warm):
-            raise HyperdiffError(
-                "HyperOptimizer: the checkpoint must come from a run with the same folds and "
-                f"samples ({len(self.warm)} trainings per step; got {len(state['warm'])})"
-            )
+        check_resume(state, records=len(history), slots=len(self.warm))
         with torch.no_grad():
             for name, leaf in self.leaves.items():
                 leaf.copy_(state["raw"][name])
-        if missing := _missing_optimizer_entries(self.optimizer, state["optimizer"]):
-            raise HyperdiffError(f"HyperOptimizer: the outer optimizer state lacks the entries "
-                                 f"{missing} that {type(self.optimizer).__name__} needs")
+        check_optimizer_state(self.optimizer, state["optimizer"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.guard.load_state_dict(state["guard"])
         self.best, self.since_best = state["best"], int(state["since_best"])
-        self.warm, self.trainings = list(state["warm"]), int(state["trainings"])
+        self.sampler.warm = list(state["warm"])
+        self.sampler.trainings = int(state["trainings"])
         self.step_index, self.stopped = int(state["step"]), state["stopped"]
         self._elapsed, self._clock = float(state["elapsed"]), None
         self.history = History(list(history))
@@ -360,71 +348,6 @@ class HyperOptimizer:
             self.discrete.load_state_dict(state["discrete"])
 
     # ------------------------------------------------------------------ internals
-    def seed_for(self, step: int, sample: int) -> int:
-        """Minibatch seed of ``sample`` at outer ``step``."""
-        return (self.seed * 1_000_003 + step * self.samples + sample) % (2**31)
-
-    def _evaluate(self, step: int, raw: dict[str, Tensor]
-                  ) -> tuple[list[HyperGradient], float | None]:
-        done: dict[int, tuple[HyperGradient, float | None]] = {}  # slot -> (hg, selection)
-        count = self.auto.minimum if self.auto else self.samples
-        self._sample(step, raw, range(count), done)
-        while self.auto and not self.auto.enough(self._per_sample(done)):
-            self._sample(step, raw, range(count, count + 1), done)  # one more, every fold
-            self.trainings += len(self.problems)
-            count += 1
-        evaluations = [done[slot][0] for slot in sorted(done)]
-        selection = [v for slot in sorted(done) if (v := done[slot][1]) is not None]
-        for slot, (hg, _) in done.items():
-            self.warm[slot] = (hg.params, hg.buffers) if self.warm_start else None
-        if not selection:
-            return evaluations, None
-        value = sum(selection) / len(selection)
-        if not math.isfinite(value):
-            raise NonFiniteError(f"the selection loss is not finite ({value})")
-        return evaluations, value
-
-    def _sample(self, step: int, raw: dict[str, Tensor], samples: range,
-                done: dict[int, tuple[HyperGradient, float | None]]) -> None:
-        """Train and differentiate ``samples`` of every problem (fold-major slots), spread
-        over the ranks of the process group when there is one."""
-        slots, problems = [], []
-        for j, base in enumerate(self.problems):
-            for i in samples:
-                problem = replace(base, seed=self.seed_for(step, i))
-                if self.discrete is not None:
-                    problem = self.discrete.prepare(problem, step, i, raw)
-                slot = j * self.samples + i
-                if self.warm_start and self.warm[slot] is not None:
-                    problem = replace(problem, params=self.warm[slot][0],
-                                      buffers=self.warm[slot][1])
-                slots.append(slot)
-                problems.append(problem)
-        outcomes = self.spreader.map(lambda p: self._train(p, raw), problems,
-                                     f"outer step {step}")
-        done.update(zip(slots, outcomes, strict=True))
-
-    def _train(self, problem: Problem, raw: dict[str, Tensor]
-               ) -> tuple[HyperGradient, float | None]:
-        hg = self.method(problem, raw)
-        if self.selection is None:
-            return hg, None
-        return hg, self._selection_loss(problem, self.selection, hg, raw)
-
-    def _per_sample(self, done: dict[int, tuple[HyperGradient, float | None]]) -> Tensor:
-        """``(count, k)``: each sample's hypergradient averaged over the problems (the slots
-        in order are fold-major, as :func:`~hyperdiff.snr.sample_means` takes them)."""
-        grads = [self.hparams.flatten(done[slot][0].grad).double() for slot in sorted(done)]
-        return sample_means(torch.stack(grads), len(self.problems))
-
-    @staticmethod
-    def _selection_loss(problem: Problem, selection: list[Batch], hg: HyperGradient,
-                        raw: dict[str, Tensor]) -> float:
-        probe = replace(problem, val_data=selection)
-        with torch.no_grad():
-            hview = problem.hparams.view(problem.raw_tensors(raw))
-            return float(validation_loss(probe, hg.params, hg.buffers, hview))
-
     def _update(self, grad: dict[str, Tensor], lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -434,6 +357,22 @@ class HyperOptimizer:
             torch.nn.utils.clip_grad_norm_(list(self.leaves.values()), self.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _rank(self, step: int, raw: dict[str, Tensor], val: float, selection: float | None
+              ) -> bool:
+        """Whether ``step`` is the new best by its ranking loss (:mod:`hyperdiff.stopping`):
+        the validation loss ``val`` or the ``selection`` loss; counts the steps since."""
+        key = ranking_loss(step, self.tie_steps, self.selection is not None)
+        criterion = selection if key == "selection" else val
+        reference = None if self.best is None else self.best.get(key, self.best["value"])
+        is_best = reference is None or criterion < reference - self.stopping.min_delta
+        if is_best:
+            self.best = {"step": step, "raw": raw, "value": criterion, "val": val,
+                         "selection": selection}
+            self.since_best = 0
+        else:
+            self.since_best += 1
+        return is_best
 
     def _failed(self, step: int, raw: dict[str, Tensor], lr: float, reason: str,
                 started: float) -> StepRecord:
@@ -448,7 +387,7 @@ class HyperOptimizer:
             for name, leaf in self.leaves.items():
                 leaf.copy_(good["raw"][name])
         self.optimizer.load_state_dict(copy.deepcopy(good["optimizer"]))
-        self.warm = list(good["warm"])
+        self.sampler.warm = list(good["warm"])
         return self._record(step, raw, started, status="failed", lr=lr, message=message)
 
     def _record(self, step: int, raw: dict[str, Tensor], started: float, *, status: str,
@@ -467,83 +406,3 @@ class HyperOptimizer:
         self.step_index += 1
         return record
 
-
-def _check_problems(problem: Problem | Sequence[Problem]) -> tuple[Problem, ...]:
-    problems = (problem,) if isinstance(problem, Problem) else tuple(problem)
-    if not problems or not all(isinstance(p, Problem) for p in problems):
-        raise fail("HyperOptimizer", "problem",
-                   "a Problem or a non-empty sequence of Problems (made by hd.make_problem)",
-                   problem)
-    names = list(problems[0].hparams)
-    for p in problems[1:]:
-        if list(p.hparams) != names:
-            raise fail("HyperOptimizer", "problems", f"all tuning the hyperparameters {names}",
-                       list(p.hparams))
-    return problems
-
-
-def _as_batches(selection: Batch | list[Batch] | None) -> list[Batch] | None:
-    if selection is None:
-        return None
-    batches = list(selection) if isinstance(selection, list) else [selection]
-    if not batches:
-        raise fail("HyperOptimizer", "selection", "a batch or a non-empty list of batches "
-                   "(None: no selection split)", selection)
-    return batches
-
-
-def _auto_samples(samples: int | str, max_samples: int) -> AutoSamples | None:
-    """``AutoSamples`` for ``samples="auto"``, ``None`` for a fixed count."""
-    if isinstance(samples, str):
-        if samples != "auto":
-            raise fail("HyperOptimizer", "samples", "a positive int or 'auto'", samples)
-        return AutoSamples(maximum=max_samples)  # which checks it
-    positive_int("HyperOptimizer", "max_samples", max_samples)
-    return None
-
-
-def _check_selection(problem: Problem, selection: list[Batch] | None) -> None:
-    """Evaluate ``val_loss`` once on the selection batches at theta_0: a batch it cannot take
-    fails here with the shapes, not after the first training; warn when there is none."""
-    if selection is None:
-        _LOG.warning(
-            "HyperOptimizer: no selection split: the best step and early stopping use the "
-            "validation loss that the hypergradient descends, which many hyperparameters can "
-            "overfit; pass selection=batches held out from val_data (hyperdiff run: "
-            "task.selection_fraction > 0)")
-        return
-    for batch in selection:
-        check_batch("HyperOptimizer", "selection", batch)
-    hview = problem.hparams.view(problem.raw_tensors())
-    try:
-        with torch.no_grad():
-            value = float(validation_loss(replace(problem, val_data=selection), problem.params,
-                                          problem.buffers, hview))
-    except HyperdiffError:
-        raise
-    except (RuntimeError, IndexError, TypeError, ValueError, KeyError) as err:
-        raise HyperdiffError(
-            "HyperOptimizer: selection must be batches that val_loss accepts, like val_data "
-            f"(selection batch: {shapes_of(selection[0])}; validation batch: "
-            f"{shapes_of(problem.val_data[0])}; parameter shapes "
-            f"{ {n: tuple(p.shape) for n, p in problem.params.items()} }): "
-            f"{type(err).__name__}: {err}"
-        ) from err
-    if not math.isfinite(value):
-        raise fail("HyperOptimizer", "selection loss at the initial parameters",
-                   "finite", value)
-
-
-def _missing_optimizer_entries(optimizer: torch.optim.Optimizer, state: dict[str, Any]
-                               ) -> list[str]:
-    """Per-parameter entries (``exp_avg``, ``square_avg``, ...) that ``optimizer.step`` needs
-    and a non-empty saved parameter state lacks, found by one step of a probe optimizer."""
-    params = [p.detach().clone().requires_grad_() for g in optimizer.param_groups
-              for p in g["params"]]
-    probe = type(optimizer)(params, **optimizer.defaults)
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    probe.step()
-    needed = set().union(*(probe.state[p].keys() for p in params))
-    saved = [set(entry) for entry in state.get("state", {}).values() if entry]
-    return sorted(set().union(*(needed - entry for entry in saved)))

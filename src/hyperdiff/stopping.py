@@ -53,6 +53,19 @@ class Stopping:
             ):
                 raise fail("Stopping", name, "a finite number >= 0", value)
 
+    def reason(self, *, steps: int, elapsed: float, since_best: int,
+               has_selection: bool) -> str | None:
+        """The first rule that fires after ``steps`` outer steps, ``elapsed`` seconds and
+        ``since_best`` steps without a new best, or ``None`` to go on."""
+        if steps >= self.max_steps:
+            return f"budget: {self.max_steps} outer steps"
+        if self.max_time_s is not None and elapsed >= self.max_time_s:
+            return f"time: {self.max_time_s:g} s"
+        if self.patience and since_best >= self.patience:
+            which = "selection" if has_selection else "validation"
+            return f"early stopping: no better {which} loss for {self.patience} steps"
+        return None
+
 
 def ranking_loss(step: int, tie_steps: int, has_selection: bool) -> str:
     """``"val"`` or ``"selection"``: the loss that ranks outer ``step`` (see the module doc)."""
