@@ -37,6 +37,7 @@ autograd once per window); buffers (BatchNorm statistics) are constants.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -54,7 +55,7 @@ from ..training import (
     zeros_for_unused,
 )
 from ..typing import Batch, Params
-from .windows import Window, _detached, _val_problem
+from .windows import Window, _detach, _detached, _val_problem
 
 RHO = 0.99  # decay of the squared-gradient average (Adam's beta2 for this estimate)
 
@@ -71,13 +72,36 @@ class CurvatureTangent(NamedTuple):
     steps: Tensor
 
 
+class CurvatureRule(NamedTuple):
+    """One optimizer's tangent rule for :func:`curvature_window`:
+
+    - ``initial(problem, raw)``: the zero tangent it carries;
+    - ``values(problem, hview, grads, params, old_state, new_state, step)``: what the rule
+      reads from step ``step`` (its gradient, moments, coefficients);
+    - ``advance(tangent, values, lr, dlr, mu, scale)``: one step of the recurrence, in place
+      (``dlr`` None: without the direct term);
+    - ``direct(values, lr)``: ``-d theta_{t+1} / d lr_t`` (n,), the direct term's vector."""
+
+    initial: Callable[[Problem, dict[str, Tensor]], Any]
+    values: Callable[..., Any]
+    advance: Callable[..., None]
+    direct: Callable[[Any, Tensor], Tensor]
+
+
+def rule_for(problem: Problem) -> CurvatureRule:
+    """The tangent rule of ``problem``'s optimizer (heavy-ball SGD, Adam / AdamW)."""
+    from .curvature_adam import ADAM_NAMES, ADAM_RULE  # it imports this module
+
+    return ADAM_RULE if problem.optimizer.name in ADAM_NAMES else SGD_RULE
+
+
 def initial_tangent(problem: Problem, raw: dict[str, Tensor]) -> Any:
     """Zero tangents and curvature statistics for the start of the run (an
     :class:`~hyperdiff.online.curvature_adam.AdamCurvatureTangent` for Adam / AdamW)."""
-    from .curvature_adam import ADAM_NAMES, initial_adam_tangent  # it imports this module
+    return rule_for(problem).initial(problem, raw)
 
-    if problem.optimizer.name in ADAM_NAMES:
-        return initial_adam_tangent(problem, raw)
+
+def _initial_sgd(problem: Problem, raw: dict[str, Tensor]) -> CurvatureTangent:
     size = problem.hparams.flatten(raw).numel()
     like = _flat(problem.params)
     z = like.new_zeros((size, like.numel()))
@@ -194,21 +218,33 @@ def _advance(tangent: CurvatureTangent, momentum: Tensor, direction: Tensor, lr:
         z.addcmul_(dlr, momentum, value=-1.0)
 
 
+def _sgd_values(problem: Problem, hview: Any, grads: Params, params: Params, old_state: Any,
+                new_state: Any, step: int) -> tuple[Tensor, Tensor, float]:
+    return _heavy_ball(problem, hview, grads, old_state, params, step)
+
+
+def _sgd_advance(tangent: CurvatureTangent, values: tuple[Tensor, Tensor, float], lr: Tensor,
+                 dlr: Tensor | None, mu: float, scale: float) -> None:
+    direction, momentum, beta = values
+    _advance(tangent, momentum, direction, lr, dlr, beta, mu, scale)
+
+
+SGD_RULE = CurvatureRule(_initial_sgd, _sgd_values, _sgd_advance,
+                         lambda values, lr: values[1])
+"""Heavy-ball SGD's rule (the module doc's recurrence); the direct term's vector is ``b_{t+1}``."""
+
+
 def curvature_window(problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
                      stop: int, val_batches: list[Batch], tangent: Any, *,
                      horizon: int | None = 500, scale: float | None = None) -> Window:
-    """Train steps ``start .. stop-1`` carrying the tangents, then the hypergradient of the
-    module doc at the validation batches (Adam / AdamW: by
-    :func:`~hyperdiff.online.curvature_adam.adam_curvature_window`). ``tangent=None`` at the
-    start of the run; the one given is not modified (a failed window is discarded)."""
-    from .curvature_adam import ADAM_NAMES, adam_curvature_window  # it imports this module
-
-    if problem.optimizer.name in ADAM_NAMES:
-        return adam_curvature_window(problem, state, raw, start, stop, val_batches, tangent,
-                                     horizon=horizon, scale=scale)
+    """Train steps ``start .. stop-1`` carrying the tangents by the optimizer's rule
+    (:func:`rule_for`), then the hypergradient of the module doc at the validation batches.
+    ``tangent=None`` at the start of the run; the one given is not modified (a failed window
+    is discarded)."""
+    rule = rule_for(problem)
     hp = problem.hparams
-    tangent = initial_tangent(problem, raw) if tangent is None else tangent
-    tangent = CurvatureTangent(*(t.clone() for t in tangent))
+    tangent = rule.initial(problem, raw) if tangent is None else tangent
+    tangent = type(tangent)(*(t.clone() for t in tangent))
     mu = 1.0 if not horizon else 1.0 - 1.0 / horizon
     if scale is None:
         scale = float(_rows(problem.train_data.batch(start, problem.seed)))
@@ -221,11 +257,12 @@ def curvature_window(problem: Problem, state: TrainState, raw: dict[str, Tensor]
         grads, buffers, loss = train_gradient(problem, theta, buffers, hview, step,
                                               create_graph=False)
         with torch.no_grad():
-            direction, momentum, beta = _heavy_ball(problem, hview, grads, opt_state, params,
-                                                    step)
-            params, opt_state = problem.optimizer.update(grads, opt_state, params, hview, step)
+            new_params, new_state = problem.optimizer.update(grads, opt_state, params, hview,
+                                                             step)
+            values = rule.values(problem, hview, grads, params, opt_state, new_state, step)
             i = step - start
-            _advance(tangent, momentum, direction, lrs[i], dlrs[i], beta, mu, scale)
+            rule.advance(tangent, values, lrs[i], dlrs[i], mu, scale)
+        params, opt_state = new_params, new_state
         buffers = {k: v.detach() for k, v in buffers.items()}
         losses[step - start] = loss.detach()
     # the last step: exactly by reverse mode (the state before it constant) ...
@@ -244,12 +281,12 @@ def curvature_window(problem: Problem, state: TrainState, raw: dict[str, Tensor]
     # ... and the carried tangents through it (without its direct term, in the part above)
     with torch.no_grad():
         plain = {k: g.detach() for k, g in grads.items()}
-        direction, momentum, beta = _heavy_ball(problem, hview, plain, opt_state, params,
-                                                stop - 1)
-        _advance(tangent, momentum, direction, lrs[-1], None, beta, mu, scale)
+        values = rule.values(problem, hview, plain, params, opt_state, _detach(new_state),
+                             stop - 1)
+        rule.advance(tangent, values, lrs[-1], None, mu, scale)
         val_theta = torch.cat([g.reshape(-1) for g in grads_all[len(leaves):]])
         indirect = tangent.z @ val_theta.to(tangent.z.dtype)
-        tangent.z.addcmul_(dlrs[-1], momentum, value=-1.0)
+        tangent.z.addcmul_(dlrs[-1], rule.direct(values, lrs[-1]), value=-1.0)
     end = _detached(TrainState(new_params, new_buffers, new_state))
     grad = hp.unflatten(direct + indirect.to(direct.dtype))
     return Window(end, grad, float(value.detach()), losses, tangent)
@@ -260,5 +297,5 @@ def _rows(batch: Any) -> int:
     return int(leaf.shape[0]) if isinstance(leaf, Tensor) else 1
 
 
-__all__ = ["CurvatureTangent", "check_optimizer", "curvature_window", "initial_tangent",
-           "lr_derivatives"]
+__all__ = ["SGD_RULE", "CurvatureRule", "CurvatureTangent", "check_optimizer", "curvature_window",
+           "initial_tangent", "lr_derivatives", "rule_for"]

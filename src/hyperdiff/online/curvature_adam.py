@@ -38,16 +38,8 @@ from torch import Tensor
 
 from ..optimizers import AdamState, resolve, safe_sqrt
 from ..problem import Problem
-from ..training import (
-    TrainState,
-    check_finite_losses,
-    train_gradient,
-    validation_loss,
-    zeros_for_unused,
-)
-from ..typing import Batch, Params
-from .curvature import RHO, _flat, _rows, lr_derivatives
-from .windows import Window, _detach, _detached, _val_problem
+from ..typing import Params
+from .curvature import RHO, CurvatureRule, _flat
 
 ADAM_NAMES = ("adam", "adamw")
 
@@ -166,61 +158,14 @@ def advance_adam(tangent: AdamCurvatureTangent, values: AdamStep, lr: Tensor,
         z.addcmul_(dlr, lr_direction(values, lr), value=-1.0)
 
 
-def adam_curvature_window(problem: Problem, state: TrainState, raw: dict[str, Tensor],
-                          start: int, stop: int, val_batches: list[Batch],
-                          tangent: AdamCurvatureTangent | None, *, horizon: int | None = 500,
-                          scale: float | None = None) -> Window:
-    """:func:`~hyperdiff.online.curvature.curvature_window` for Adam / AdamW: the same window
-    (steps ``start .. stop-1``, the exact last step by reverse mode) with this module's
-    recurrence. The tangent given is not modified."""
-    hp = problem.hparams
-    tangent = initial_adam_tangent(problem, raw) if tangent is None else tangent
-    tangent = AdamCurvatureTangent(*(t.clone() for t in tangent))
-    mu = 1.0 if not horizon else 1.0 - 1.0 / horizon
-    if scale is None:
-        scale = float(_rows(problem.train_data.batch(start, problem.seed)))
-    lrs, dlrs = lr_derivatives(problem, raw, start, stop)
-    hview = hp.view(problem.raw_tensors(raw))
-    losses = torch.empty(stop - start, dtype=problem.hparam_dtype, device=problem.device)
-    params, buffers, opt_state = state
-    for step in range(start, stop - 1):
-        theta = {k: v.detach().requires_grad_() for k, v in params.items()}
-        grads, buffers, loss = train_gradient(problem, theta, buffers, hview, step,
-                                              create_graph=False)
-        with torch.no_grad():
-            new_params, opt_state = problem.optimizer.update(grads, opt_state, params, hview,
-                                                             step)
-            values = adam_step(problem, hview, grads, params, opt_state, step)
-            i = step - start
-            advance_adam(tangent, values, lrs[i], dlrs[i], mu, scale)
-            params = new_params
-        buffers = {k: v.detach() for k, v in buffers.items()}
-        losses[step - start] = loss.detach()
-    # the last step: exactly by reverse mode (the state before it constant) ...
-    leaves = {n: v.detach().requires_grad_() for n, v in raw.items()}
-    hleaves = hp.view(leaves)
-    theta = {k: v.detach().requires_grad_() for k, v in params.items()}
-    grads, new_buffers, loss = train_gradient(problem, theta, buffers, hleaves, stop - 1,
-                                              create_graph=True)
-    new_params, new_state = problem.optimizer.update(grads, opt_state, theta, hleaves, stop - 1)
-    losses[-1] = loss.detach()
-    check_finite_losses(losses, "online curvature", start)
-    value = validation_loss(_val_problem(problem, val_batches), new_params, new_buffers, hleaves)
-    inputs = [*leaves.values(), *new_params.values()]
-    grads_all = zeros_for_unused(torch.autograd.grad(value, inputs, allow_unused=True), inputs)
-    direct = hp.flatten(dict(zip(leaves, grads_all[: len(leaves)], strict=True)))
-    # ... and the carried tangents through it (without its direct term, in the part above)
-    with torch.no_grad():
-        plain = {k: g.detach() for k, g in grads.items()}
-        values = adam_step(problem, hview, plain, params, _detach(new_state), stop - 1)
-        advance_adam(tangent, values, lrs[-1], None, mu, scale)
-        val_theta = torch.cat([g.reshape(-1) for g in grads_all[len(leaves):]])
-        indirect = tangent.z @ val_theta.to(tangent.z.dtype)
-        tangent.z.addcmul_(dlrs[-1], lr_direction(values, lrs[-1]), value=-1.0)
-    end = _detached(TrainState(new_params, new_buffers, new_state))
-    grad = hp.unflatten(direct + indirect.to(direct.dtype))
-    return Window(end, grad, float(value.detach()), losses, tangent)
+def _adam_values(problem: Problem, hview: Any, grads: Params, params: Params, old_state: Any,
+                 new_state: AdamState, step: int) -> AdamStep:
+    return adam_step(problem, hview, grads, params, new_state, step)
 
 
-__all__ = ["ADAM_NAMES", "AdamCurvatureTangent", "AdamStep", "adam_curvature_window",
-           "adam_step", "advance_adam", "initial_adam_tangent", "lr_direction"]
+ADAM_RULE = CurvatureRule(initial_adam_tangent, _adam_values, advance_adam, lr_direction)
+"""Adam's and AdamW's rule for :func:`~hyperdiff.online.curvature.curvature_window`."""
+
+
+__all__ = ["ADAM_NAMES", "ADAM_RULE", "AdamCurvatureTangent", "AdamStep", "adam_step",
+           "advance_adam", "initial_adam_tangent", "lr_direction"]
