@@ -8,11 +8,11 @@ from dataclasses import replace
 
 import pytest
 import torch
+from online_resume import assert_resumes_bit_for_bit
 from test_online import mlp_params, predict, val_loss
 
 import hyperdiff as hd
 from hyperdiff.online.curvature import RHO, curvature_window, initial_tangent
-from hyperdiff.rundir import RunDir
 from hyperdiff.schedules import FAMILIES
 from hyperdiff.training import initial_state, train_step
 
@@ -129,22 +129,7 @@ def test_resumed_curvature_run_equals_uninterrupted_run_bit_for_bit(tmp_path):
                               optimizer="sgd", normalize=True, val_batch_size=7, seed=3,
                               horizon=20)
 
-    whole = tuner().run()
-    first = tuner()
-    for _ in range(2):
-        first.step()
-    rundir = RunDir(tmp_path)
-    rundir.path.mkdir(exist_ok=True)
-    rundir.save_checkpoint(first.state_dict())
-    second = tuner()
-    second.load_state_dict(rundir.load_checkpoint())
-    resumed = second.run()
-    for k in whole.params:
-        assert torch.equal(resumed.params[k], whole.params[k])
-    for n in whole.final_raw:
-        assert torch.equal(resumed.final_raw[n], whole.final_raw[n])
-    assert [r.without_timing() for r in resumed.history] == [
-        r.without_timing() for r in whole.history]
+    assert_resumes_bit_for_bit(tuner, tmp_path)
 
 
 def test_schedule_window_equals_its_values_step_by_step():

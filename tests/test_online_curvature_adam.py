@@ -9,13 +9,13 @@ from dataclasses import replace
 
 import pytest
 import torch
+from online_resume import assert_resumes_bit_for_bit
 from test_online import mlp_params, val_loss
 from test_online_curvature import linear_train_loss, mlp_train_loss
 
 import hyperdiff as hd
 from hyperdiff.online.curvature import RHO, curvature_window, initial_tangent
 from hyperdiff.online.curvature_adam import AdamCurvatureTangent
-from hyperdiff.rundir import RunDir
 from hyperdiff.training import initial_state, train_step
 
 from conftest import sine_data
@@ -180,23 +180,8 @@ def test_resumed_curvature_run_equals_uninterrupted_run_bit_for_bit(tmp_path, ki
                               lr=0.1, optimizer="sgd", normalize=True, val_batch_size=7, seed=3,
                               horizon=20)
 
-    whole = tuner().run()
-    first = tuner()
-    for _ in range(2):
-        first.step()
-    rundir = RunDir(tmp_path)
-    rundir.path.mkdir(exist_ok=True)
-    rundir.save_checkpoint(first.state_dict())
-    second = tuner()
-    second.load_state_dict(rundir.load_checkpoint())
+    second, whole = assert_resumes_bit_for_bit(tuner, tmp_path)
     assert isinstance(second.tangent, AdamCurvatureTangent)
-    resumed = second.run()
-    for k in whole.params:
-        assert torch.equal(resumed.params[k], whole.params[k])
-    for n in whole.final_raw:
-        assert torch.equal(resumed.final_raw[n], whole.final_raw[n])
-    assert [r.without_timing() for r in resumed.history] == [
-        r.without_timing() for r in whole.history]
     assert len({r.hparams["lr_peak"] for r in whole.history}) > 1  # the outer steps moved it
 
 
