@@ -14,9 +14,10 @@ Rows:
     cosine decay), the same with K=5 (outer 0.1 cosine, 0.05 constant), reverse windows (K=50,
     backprop through the last 10 steps; outer Adam lr 0.05 constant, and 0.2 with cosine
     decay), HD (reverse, K=1), RTHO (forward,
-    K=10), curvature (K=20, the task's default, and K=10: the learning rate's tangents under a
-    diagonal curvature model, forgetting over 500 steps, all validation rows; K=20 also with
-    the online run's minibatch order from tuning seeds 1 and 2), online implicit (K=50, Neumann); all but
+    K=10), curvature (the learning rate's tangents under a diagonal curvature model, all
+    validation rows: K=20 forgetting over an optimization time sum lr_t of 20, the task's
+    default, and over 500 steps, each with the online run's minibatch order from tuning seeds
+    0-5; K=10 over 500 steps), online implicit (K=50, Neumann); all but
     implicit also started with lr_peak 10x too small / large.
 (c) a 5-point grid over lr_peak (schedule shape and weight decay at their initial values; each
     point trained N steps, picked by validation loss) and Optuna TPE over all four
@@ -52,7 +53,7 @@ EVAL_SEED = 1_000_000
 GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
 START = 0.05  # the task's initial lr_peak; starts 10x too small / large: 0.005 / 0.5
 NAMES = ("lr_peak", "lr_warmup", "lr_final", "wd")
-TUNING_SEEDS = (0, 1, 2)  # minibatch orders of the online run itself (curvature rows)
+TUNING_SEEDS = (0, 1, 2, 3, 4, 5)  # minibatch orders of the online run itself (curvature)
 
 
 def plain_time(task: Task) -> float:
@@ -177,7 +178,11 @@ def online_configs(quick: bool) -> list[tuple[Any, ...]]:
          {"method": "reverse", "window": 1, "lr": 0.02, "val_batch_size": 32}, starts),
         ("RTHO (online forward K=10)",
          {"method": "forward", "window": 10, "lr": 0.05, "val_batch_size": 64}, starts),
-        ("online curvature K=20 (horizon 500), normalised SGD lr 0.2 cosine (task default)",
+        ("online curvature K=20 (lr horizon 20), normalised SGD lr 0.2 cosine (task default)",
+         {"method": "curvature", "window": 20, "horizon": 20.0, "horizon_unit": "lr",
+          "optimizer": "sgd", "normalize": True, "lr": 0.2, "schedule": "cosine",
+          "val_batch_size": None}, starts, TUNING_SEEDS),
+        ("online curvature K=20 (horizon 500 steps), normalised SGD lr 0.2 cosine",
          {"method": "curvature", "window": 20, "horizon": 500, "optimizer": "sgd",
           "normalize": True, "lr": 0.2, "schedule": "cosine", "val_batch_size": None}, starts,
          TUNING_SEEDS),

@@ -55,13 +55,13 @@ def test_with_a_zero_hessian_it_equals_rtho_window_by_window(momentum):
     assert any(abs(g) > 1e-3 for g in ours[-1].grad.values())  # a non-trivial signal
 
 
-def reference(prob, steps, horizon, scale):
+def reference(prob, steps, horizon, scale, unit="steps"):
     """The module doc's recurrence written out per step and per parameter tensor: the learning
     rate's derivative by autograd at each step, the momentum and curvature by hand."""
     sched = prob.optimizer.coefficients["lr"]
     names = list(prob.hparams.raw)
     raw = {n: v.clone().requires_grad_() for n, v in prob.hparams.raw.items()}
-    mu = 1.0 - 1.0 / horizon
+    mu_steps = 1.0 - 1.0 / horizon
     hview = prob.hparams.view({n: v.detach() for n, v in raw.items()})
     state = initial_state(prob, differentiable=False)
     z = {k: torch.zeros(len(names), *p.shape, dtype=DT) for k, p in prob.params.items()}
@@ -83,6 +83,7 @@ def reference(prob, steps, horizon, scale):
             curv = torch.minimum(scale * v[k] / (1 - RHO ** (t + 1)),
                                  torch.full_like(d, 2 * (1 + beta) / max(float(lr_t.detach()), 1e-30)))
             zb[k] = beta * zb[k] + curv * z[k]
+            mu = mu_steps if unit == "steps" else max(0.0, 1.0 - float(lr_t.detach()) / horizon)
             z[k] = mu * (z[k] - float(lr_t.detach()) * zb[k]) - dlr.reshape(-1, *[1] * d.dim()) * b[k]
         params, buffers, opt_state, _ = train_step(prob, state.params, state.buffers,
                                                    state.opt_state, hview, t,
@@ -95,19 +96,29 @@ def reference(prob, steps, horizon, scale):
     return dict(zip(names, total, strict=True)), state
 
 
-def test_each_window_is_the_documented_recurrence_step_by_step():
-    steps, window, horizon = 10, 5, 7
+@pytest.mark.parametrize("unit, horizon", [("steps", 7), ("lr", 0.5)])
+def test_each_window_is_the_documented_recurrence_step_by_step(unit, horizon):
+    steps, window = 10, 5
     prob = make(mlp_train_loss, steps, 0.7)
-    tuner = hd.OnlineTuner(prob, window=window, method="curvature", lr=0.0, horizon=horizon)
+    tuner = hd.OnlineTuner(prob, window=window, method="curvature", lr=0.0, horizon=horizon,
+                           horizon_unit=unit)
     records = tuner.run().history
     scale = 6.0  # the training batch's rows
     for j, record in enumerate(records):
-        expected, state = reference(prob, (j + 1) * window, horizon, scale)
+        expected, state = reference(prob, (j + 1) * window, horizon, scale, unit)
         for name, g in expected.items():
             assert abs(record.grad[name] - float(g)) <= 1e-10 * max(1.0, abs(float(g))), name
     for k, p in tuner.state.params.items():
         assert torch.allclose(p, state.params[k], rtol=0, atol=1e-14)
     assert tuner.tangent.steps.item() == steps
+
+
+def test_forgetting_in_optimization_time_is_one_minus_lr_over_the_horizon():
+    from hyperdiff.online.curvature import forgetting
+
+    lr = torch.tensor([0.1, 0.3, 2.0], dtype=DT)
+    assert torch.equal(forgetting(0.5, "lr")(lr), torch.tensor([0.8, 0.4, 0.0], dtype=DT))
+    assert forgetting(4, "steps")(lr) == 0.75 and forgetting(None, "lr")(lr) == 1.0
 
 
 def test_a_window_leaves_the_tangent_it_was_given_untouched():
@@ -152,6 +163,10 @@ def test_optimizers_it_does_not_describe_are_refused(optimizer, message):
 
 
 def test_curvature_options_with_another_method_are_refused():
+    with pytest.raises(hd.HyperdiffError, match="horizon_unit must be one of"):
+        hd.OnlineTuner(make(mlp_train_loss, 4), method="curvature", horizon_unit="epochs")
+    with pytest.raises(hd.HyperdiffError, match="unless method='curvature'"):
+        hd.OnlineTuner(make(mlp_train_loss, 4), method="forward", horizon_unit="lr")
     with pytest.raises(hd.HyperdiffError, match="unless method='curvature'"):
         hd.OnlineTuner(make(mlp_train_loss, 4), method="reverse", horizon=100)
     with pytest.raises(hd.HyperdiffError, match="horizon"):
@@ -175,3 +190,17 @@ def test_the_cli_runs_the_curvature_method(tmp_path):
 def test_offline_tuning_refuses_the_online_only_method_by_name():
     with pytest.raises(hd.HyperdiffError, match="exists only in online tuning"):
         hd.HyperOptimizer(make(mlp_train_loss, 4), method="curvature")
+
+
+def test_a_task_s_method_options_do_not_follow_another_method():
+    from hyperdiff.config import load_config
+    from hyperdiff.online.experiment import build_online
+
+    default = load_config(overrides=["task.name=horizon_digits"])
+    assert default.method.name == "curvature" and default.method.options == {
+        "horizon": 20.0, "horizon_unit": "lr"}
+    other = load_config(overrides=["task.name=horizon_digits", "method.name=reverse",
+                                   "outer.backprop=1", "inner.steps=40"])
+    assert other.method.options == {}
+    _, tuner = build_online(other)
+    assert tuner.method == "reverse" and tuner.backprop == 1

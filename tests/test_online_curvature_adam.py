@@ -68,7 +68,7 @@ def test_with_a_zero_hessian_it_equals_rtho_window_by_window(kind, wd, loss):
     assert abs(ours[-1].grad["lr_peak"]) > 1e-3  # a non-trivial signal
 
 
-def reference(prob, steps, horizon, scale, kind, wd):
+def reference(prob, steps, horizon, scale, kind, wd, unit="steps"):
     """The recurrence of ``online/curvature_adam.py`` written out per step and per parameter
     tensor: the learning rate's derivative by autograd, Adam's moments and the tangents by
     hand (the last step's direct term included: the schedule's values act only through the
@@ -78,7 +78,7 @@ def reference(prob, steps, horizon, scale, kind, wd):
     b1, b2, eps = BETAS[0], BETAS[1], 1e-6
     names = list(prob.hparams.raw)
     raw = {n: v.clone().requires_grad_() for n, v in prob.hparams.raw.items()}
-    mu = 1.0 - 1.0 / horizon
+    mu_steps = 1.0 - 1.0 / horizon
     hview = prob.hparams.view({n: v.detach() for n, v in raw.items()})
     state = initial_state(prob, differentiable=False)
     z = {k: torch.zeros(len(names), *p.shape, dtype=DT) for k, p in prob.params.items()}
@@ -117,6 +117,7 @@ def reference(prob, steps, horizon, scale, kind, wd):
             decay = 1 - lr * wd if kind == "adamw" else 1.0
             shape = (-1, *[1] * g.dim())
             direct = r / c1 + (wd * p if kind == "adamw" else 0.0)
+            mu = mu_steps if unit == "steps" else max(0.0, 1.0 - float(lr) / horizon)
             z[k] = mu * (decay * z[k] - lr / c1 * dr) - dlr.reshape(shape) * direct
             zm[k], zv[k] = mu * zm[k], mu * zv[k]
         params, buffers, opt_state, _ = train_step(prob, state.params, state.buffers,
@@ -133,19 +134,21 @@ def reference(prob, steps, horizon, scale, kind, wd):
     return dict(zip(names, total, strict=True)), state, capped
 
 
-@pytest.mark.parametrize("kind, wd, scale", [("adam", 0.2, None), ("adamw", 0.2, None),
-                                             ("adam", 0.0, 2000.0)])
-def test_each_window_is_the_documented_recurrence_step_by_step(kind, wd, scale):
-    steps, window, horizon = 10, 5, 7
+@pytest.mark.parametrize("kind, wd, scale, unit", [
+    ("adam", 0.2, None, "steps"), ("adamw", 0.2, None, "steps"), ("adam", 0.0, 2000.0, "steps"),
+    ("adamw", 0.2, None, "lr")])
+def test_each_window_is_the_documented_recurrence_step_by_step(kind, wd, scale, unit):
+    steps, window = 10, 5
+    horizon = 7 if unit == "steps" else 0.25
     prob = make(mlp_train_loss, steps, kind, wd, peak=0.1)
     tuner = hd.OnlineTuner(prob, window=window, method="curvature", lr=0.0, horizon=horizon,
-                           curvature_scale=scale)
+                           horizon_unit=unit, curvature_scale=scale)
     records = tuner.run().history
     capped_somewhere = scale is not None
     scale = scale or 6.0  # default: the training batch's rows
     for j, record in enumerate(records):
         stop = (j + 1) * window
-        expected_grad, state, capped = reference(prob, stop, horizon, scale, kind, wd)
+        expected_grad, state, capped = reference(prob, stop, horizon, scale, kind, wd, unit)
         for name, g in expected_grad.items():
             expected = float(g)
             assert abs(record.grad[name] - expected) <= 1e-10 * max(1.0, abs(expected)), name

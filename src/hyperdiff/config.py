@@ -236,7 +236,12 @@ def resolve(source: dict[str, Any]) -> Config:
     _check_value("task", "name", task_name, _meta(TaskConfig, "name"), str)
     check_task_name(task_name, "config: task.name")
     merged: dict[str, Any] = {}
-    for dotted, value in task_defaults(task_name).items():
+    defaults = task_defaults(task_name)
+    chosen = source.get("method", {}).get("name", defaults.get("method.name"))
+    if chosen != defaults.get("method.name"):  # the task's method options belong to its method
+        defaults = {k: v for k, v in defaults.items()
+                    if not k.startswith("method.") or k == "method.name"}
+    for dotted, value in defaults.items():
         merged = _merge(merged, _nest(dotted, value))
     merged = _merge(merged, source)
     built = {}

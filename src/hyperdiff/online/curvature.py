@@ -200,8 +200,28 @@ def _heavy_ball(problem: Problem, hview: Any, grads: Params, opt_state: Any, par
     return direction, torch.add(direction, _flat(opt_state.momentum), alpha=beta), beta
 
 
+HORIZON_UNITS = ("steps", "lr")
+
+
+def forgetting(horizon: float | None, unit: str = "steps") -> Callable[[Tensor], float | Tensor]:
+    """The factor ``mu_t`` the tangents are multiplied by at a step of learning rate ``lr_t``:
+    ``1 - 1 / horizon`` (``unit="steps"``: forget over ``horizon`` steps), ``max(0, 1 - lr_t /
+    horizon)`` (``unit="lr"``: over an optimization time ``sum_t lr_t`` of ``horizon``), or 1
+    (``horizon=None``)."""
+    if not horizon:
+        return lambda lr: 1.0
+    if unit == "lr":
+        return lambda lr: torch.clamp(1.0 - lr / horizon, min=0.0)
+    mu = 1.0 - 1.0 / horizon
+    return lambda lr: mu
+
+
+def _keeps_all(mu: float | Tensor) -> bool:
+    return isinstance(mu, float) and mu == 1.0
+
+
 def _advance(tangent: CurvatureTangent, momentum: Tensor, direction: Tensor, lr: Tensor,
-             dlr: Tensor | None, beta: float, mu: float, scale: float) -> None:
+             dlr: Tensor | None, beta: float, mu: float | Tensor, scale: float) -> None:
     """One step of the recurrence of the module doc, in place. ``momentum`` is ``b_{t+1}``,
     ``direction`` ``d_t`` (n,); ``lr`` (n,) or (1,), ``dlr`` (P, n) or (P, 1), or None (no
     direct term)."""
@@ -212,7 +232,7 @@ def _advance(tangent: CurvatureTangent, momentum: Tensor, direction: Tensor, lr:
     curvature = torch.minimum(curvature, (2.0 * (1.0 + beta)) / lr.clamp(min=1e-30))
     zb.mul_(beta).addcmul_(z, curvature)
     z.addcmul_(zb, lr, value=-1.0)
-    if mu != 1.0:
+    if not _keeps_all(mu):
         z.mul_(mu)
     if dlr is not None:
         z.addcmul_(dlr, momentum, value=-1.0)
@@ -224,7 +244,7 @@ def _sgd_values(problem: Problem, hview: Any, grads: Params, params: Params, old
 
 
 def _sgd_advance(tangent: CurvatureTangent, values: tuple[Tensor, Tensor, float], lr: Tensor,
-                 dlr: Tensor | None, mu: float, scale: float) -> None:
+                 dlr: Tensor | None, mu: float | Tensor, scale: float) -> None:
     direction, momentum, beta = values
     _advance(tangent, momentum, direction, lr, dlr, beta, mu, scale)
 
@@ -236,16 +256,17 @@ SGD_RULE = CurvatureRule(_initial_sgd, _sgd_values, _sgd_advance,
 
 def curvature_window(problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
                      stop: int, val_batches: list[Batch], tangent: Any, *,
-                     horizon: int | None = 500, scale: float | None = None) -> Window:
+                     horizon: float | None = 500, horizon_unit: str = "steps",
+                     scale: float | None = None) -> Window:
     """Train steps ``start .. stop-1`` carrying the tangents by the optimizer's rule
     (:func:`rule_for`), then the hypergradient of the module doc at the validation batches.
     ``tangent=None`` at the start of the run; the one given is not modified (a failed window
     is discarded)."""
     rule = rule_for(problem)
+    forget = forgetting(horizon, horizon_unit)
     hp = problem.hparams
     tangent = rule.initial(problem, raw) if tangent is None else tangent
     tangent = type(tangent)(*(t.clone() for t in tangent))
-    mu = 1.0 if not horizon else 1.0 - 1.0 / horizon
     if scale is None:
         scale = float(_rows(problem.train_data.batch(start, problem.seed)))
     lrs, dlrs = lr_derivatives(problem, raw, start, stop)
@@ -261,7 +282,7 @@ def curvature_window(problem: Problem, state: TrainState, raw: dict[str, Tensor]
                                                              step)
             values = rule.values(problem, hview, grads, params, opt_state, new_state, step)
             i = step - start
-            rule.advance(tangent, values, lrs[i], dlrs[i], mu, scale)
+            rule.advance(tangent, values, lrs[i], dlrs[i], forget(lrs[i]), scale)
         params, opt_state = new_params, new_state
         buffers = {k: v.detach() for k, v in buffers.items()}
         losses[step - start] = loss.detach()
@@ -283,7 +304,7 @@ def curvature_window(problem: Problem, state: TrainState, raw: dict[str, Tensor]
         plain = {k: g.detach() for k, g in grads.items()}
         values = rule.values(problem, hview, plain, params, opt_state, _detach(new_state),
                              stop - 1)
-        rule.advance(tangent, values, lrs[-1], None, mu, scale)
+        rule.advance(tangent, values, lrs[-1], None, forget(lrs[-1]), scale)
         val_theta = torch.cat([g.reshape(-1) for g in grads_all[len(leaves):]])
         indirect = tangent.z @ val_theta.to(tangent.z.dtype)
         tangent.z.addcmul_(dlrs[-1], rule.direct(values, lrs[-1]), value=-1.0)
@@ -297,5 +318,5 @@ def _rows(batch: Any) -> int:
     return int(leaf.shape[0]) if isinstance(leaf, Tensor) else 1
 
 
-__all__ = ["SGD_RULE", "CurvatureRule", "CurvatureTangent", "check_optimizer", "curvature_window",
-           "initial_tangent", "lr_derivatives", "rule_for"]
+__all__ = ["HORIZON_UNITS", "SGD_RULE", "CurvatureRule", "CurvatureTangent", "check_optimizer",
+           "curvature_window", "forgetting", "initial_tangent", "lr_derivatives", "rule_for"]

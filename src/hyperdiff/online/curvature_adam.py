@@ -39,7 +39,7 @@ from torch import Tensor
 from ..optimizers import AdamState, resolve, safe_sqrt
 from ..problem import Problem
 from ..typing import Params
-from .curvature import RHO, CurvatureRule, _flat
+from .curvature import RHO, CurvatureRule, _flat, _keeps_all
 
 ADAM_NAMES = ("adam", "adamw")
 
@@ -124,7 +124,7 @@ def lr_direction(values: AdamStep, lr: Tensor) -> Tensor:
 
 
 def advance_adam(tangent: AdamCurvatureTangent, values: AdamStep, lr: Tensor,
-                 dlr: Tensor | None, mu: float, scale: float) -> None:
+                 dlr: Tensor | None, mu: float | Tensor, scale: float) -> None:
     """One step of the module doc's recurrence, in place. ``lr`` (n,) or (1,); ``dlr`` (P, n)
     or (P, 1), or None (no direct term)."""
     z, zm, zv, v_est, steps = tangent
@@ -151,7 +151,7 @@ def advance_adam(tangent: AdamCurvatureTangent, values: AdamStep, lr: Tensor,
     if decoupled and not _no_decay(wd):
         z.mul_(1 - lr * wd)
     z.sub_(d_ratio * step_size)
-    if mu != 1.0:
+    if not _keeps_all(mu):
         for t in (z, zm, zv):
             t.mul_(mu)
     if dlr is not None:

@@ -26,7 +26,7 @@ from ..tasks import Task, build_task
 from .loop import METHODS, OnlineTuner
 
 OPTIONS = {"reverse": (), "forward": ("engine",), "implicit": ("solver",),
-           "curvature": ("horizon", "curvature_scale")}
+           "curvature": ("horizon", "horizon_unit", "curvature_scale")}
 
 
 def build_online(config: Config) -> tuple[Task, OnlineTuner]:

@@ -120,10 +120,11 @@ class OnlineTuner:
         shrink, max_failures, max_loss_ratio: the divergence guard (module doc): outer lr
             factor after a failed window, failures in a row before the run stops, and the
             ratio to the first window's loss above which a loss is absurd.
-        horizon, curvature_scale: ``"curvature"`` only: the tangents forget at ``1 - 1 /
-            horizon`` per step (``None``: never), and the curvature estimate is
-            ``curvature_scale`` (``None``: the training batch's rows) times the average
-            squared gradient.
+        horizon, horizon_unit, curvature_scale: ``"curvature"`` only: the tangents forget
+            at ``1 - 1 / horizon`` per step (``horizon_unit="steps"``) or at ``max(0, 1 - lr_t
+            / horizon)`` (``"lr"``: over an optimization time ``sum_t lr_t`` of ``horizon``);
+            ``None``: never; the curvature estimate is ``curvature_scale`` (``None``: the
+            training batch's rows) times the average squared gradient.
     """
 
     def __init__(self, problem: Problem, *, window: int = 1, method: str = "reverse",
@@ -133,13 +134,13 @@ class OnlineTuner:
                  eval_every: int = 0, seed: int = 0, engine: str = "double_vjp",
                  solver: Solver | str = "cg", backprop: int | None = None,
                  shrink: float = 0.5, max_failures: int = 5, max_loss_ratio: float = 1e6,
-                 normalize: bool = False, horizon: int | None = 500,
-                 curvature_scale: float | None = None):
+                 normalize: bool = False, horizon: float | None = 500,
+                 horizon_unit: str = "steps", curvature_scale: float | None = None):
         if not isinstance(problem, Problem):
             raise fail("OnlineTuner", "problem", "a hd.Problem made by hd.make_problem", problem)
         method_of = window_method(method, problem, engine=engine, solver=solver,
                                   backprop=backprop, horizon=horizon,
-                                  curvature_scale=curvature_scale)
+                                  horizon_unit=horizon_unit, curvature_scale=curvature_scale)
         if optimizer not in OPTIMIZERS:
             raise fail("OnlineTuner", "optimizer", f"one of {sorted(OPTIMIZERS)}", optimizer)
         if schedule not in SCHEDULES:
@@ -154,6 +155,7 @@ class OnlineTuner:
         self.problem, self.method, self.schedule = problem, method, schedule
         self.engine, self.solver, self.backprop = engine, method_of.solver, method_of.backprop
         self.horizon, self.curvature_scale = method_of.horizon, method_of.curvature_scale
+        self.horizon_unit = method_of.horizon_unit
         self.window = positive_int("OnlineTuner", "window", window)
         self.lr = float(lr) if lr == 0 else positive_float("OnlineTuner", "lr", lr)
         self.clip = None if clip is None else positive_float("OnlineTuner", "clip", clip)

@@ -9,7 +9,7 @@ functions: ``method(problem, state, raw, start, stop, val_batches, tangent) -> W
 - ``"forward"``: :func:`~hyperdiff.online.windows.forward_window` (option ``engine``);
 - ``"implicit"``: :func:`~hyperdiff.online.windows.implicit_window` (option ``solver``);
 - ``"curvature"``: :func:`~hyperdiff.online.curvature.curvature_window` (options ``horizon``,
-  ``curvature_scale``).
+  ``horizon_unit``, ``curvature_scale``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from ..problem import Problem
 from ..solvers import Solver, cg, neumann
 from ..training import TrainState
 from ..typing import Batch
-from .curvature import check_optimizer, curvature_window, initial_tangent
+from .curvature import HORIZON_UNITS, check_optimizer, curvature_window, initial_tangent
 from .windows import Window, forward_window, implicit_window, reverse_window
 
 METHODS = ("reverse", "forward", "implicit", "curvature")
@@ -40,7 +40,8 @@ class WindowMethod:
     engine: str = "double_vjp"
     solver: Solver | None = None
     backprop: int | None = None
-    horizon: int | None = DEFAULT_HORIZON
+    horizon: float | None = DEFAULT_HORIZON
+    horizon_unit: str = "steps"
     curvature_scale: float | None = None
 
     def __call__(self, problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
@@ -52,7 +53,8 @@ class WindowMethod:
                                   engine=self.engine)
         if self.name == "curvature":
             return curvature_window(problem, state, raw, start, stop, val_batches, tangent,
-                                    horizon=self.horizon, scale=self.curvature_scale)
+                                    horizon=self.horizon, horizon_unit=self.horizon_unit,
+                                    scale=self.curvature_scale)
         assert self.solver is not None  # set by window_method for "implicit"
         return implicit_window(problem, state, raw, start, stop, val_batches, self.solver)
 
@@ -63,7 +65,7 @@ class WindowMethod:
 
 def window_method(name: str, problem: Problem, *, engine: str = "double_vjp",
                   solver: Solver | str = "cg", backprop: int | None = None,
-                  horizon: int | None = DEFAULT_HORIZON,
+                  horizon: float | None = DEFAULT_HORIZON, horizon_unit: str = "steps",
                   curvature_scale: float | None = None) -> WindowMethod:
     """The :class:`WindowMethod` called ``name``; options of other methods must keep their
     defaults (raises :class:`~hyperdiff.errors.HyperdiffError` naming the bad one)."""
@@ -76,18 +78,23 @@ def window_method(name: str, problem: Problem, *, engine: str = "double_vjp",
         backprop = positive_int("OnlineTuner", "backprop", backprop)
         if name != "reverse":
             raise fail("OnlineTuner", "backprop", "None unless method='reverse'", backprop)
-    if name != "curvature" and (horizon != DEFAULT_HORIZON or curvature_scale is not None):
-        raise fail("OnlineTuner", "horizon / curvature_scale",
-                   "their defaults unless method='curvature'", (horizon, curvature_scale))
+    if name != "curvature" and (horizon != DEFAULT_HORIZON or curvature_scale is not None
+                                or horizon_unit != "steps"):
+        raise fail("OnlineTuner", "horizon / horizon_unit / curvature_scale",
+                   "their defaults unless method='curvature'",
+                   (horizon, horizon_unit, curvature_scale))
+    if horizon_unit not in HORIZON_UNITS:
+        raise fail("OnlineTuner", "horizon_unit", f"one of {list(HORIZON_UNITS)}", horizon_unit)
     if name == "curvature":
         check_optimizer(problem)
     if horizon is not None:
-        horizon = positive_int("OnlineTuner", "horizon", horizon)
+        horizon = (positive_int("OnlineTuner", "horizon", horizon) if horizon_unit == "steps"
+                   else positive_float("OnlineTuner", "horizon", horizon))
     if curvature_scale is not None:
         curvature_scale = float(curvature_scale if curvature_scale == 0 else positive_float(
             "OnlineTuner", "curvature_scale", curvature_scale))
     return WindowMethod(name, engine=engine, solver=checked, backprop=backprop, horizon=horizon,
-                        curvature_scale=curvature_scale)
+                        horizon_unit=horizon_unit, curvature_scale=curvature_scale)
 
 
 def _solver(solver: Solver | str) -> Solver:

@@ -34,13 +34,15 @@ HIDDEN = 32
 BATCH_SIZE = 32
 MOMENTUM = 0.9
 # online defaults: the learning rate's tangents carried over every step under a diagonal
-# curvature model (method "curvature", forgetting over 500 steps) and a hypergradient every 20
-# steps on all validation rows (< 2x one plain training); normalised SGD: hyper-step h moves the
-# raw (log) values by 0.2 (1 + cos(pi h/100))/2 in L2, enough to travel a decade in the first
-# dozen of the 100 hyper-steps, and settling at the end (docs/online.md, benchmarks/horizon.py)
+# curvature model (method "curvature"), forgotten over an optimization time sum_t lr_t of 20
+# (about 500 steps at lr 0.04), and a hypergradient every 20 steps on all validation rows
+# (< 2x one plain training); normalised SGD: hyper-step h moves the raw (log) values by
+# 0.2 (1 + cos(pi h/100))/2 in L2, enough to travel a decade in the first dozen of the 100
+# hyper-steps, and settling at the end (docs/online.md, benchmarks/horizon.py)
 DEFAULTS = {"inner.steps": DEFAULT_STEPS, "outer.mode": "online", "outer.window": 20,
             "outer.optimizer": "sgd", "outer.normalize": True, "outer.lr": 0.2,
-            "outer.schedule": "cosine", "outer.val_batch": 0, "method.name": "curvature"}
+            "outer.schedule": "cosine", "outer.val_batch": 0, "method.name": "curvature",
+            "method.horizon": 20.0, "method.horizon_unit": "lr"}
 INITIAL = {"peak": 0.05, "warmup": 0.05, "final": 0.05, "wd": 1e-4}
 
 
