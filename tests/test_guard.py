@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from interrupt import interrupted_run
 from test_driver import flaky, ridge_problem
 
 import hyperdiff as hd
@@ -53,8 +54,7 @@ def exploding(on: set[int], value: float = 1e39, grad: float = 1e30) -> Method:
     return Method("exploding", run)
 
 
-def test_an_overflowing_update_is_a_failed_step_and_the_run_finishes_and_resumes(
-        tmp_path, monkeypatch):
+def test_an_overflowing_update_is_a_failed_step_and_the_run_finishes_and_resumes(tmp_path):
     """outer.lr=1000 moves log(lam) by ~1000: lam = exp(995) = inf. That step must fail
     like a diverged training (restore, shrink), the history must stay valid JSON, and a run
     interrupted in the middle must resume to the same history."""
@@ -74,18 +74,7 @@ def test_an_overflowing_update_is_a_failed_step_and_the_run_finishes_and_resumes
     assert 0 < result["tuned"]["hparams"]["lam"] < math.inf
 
     interrupted = tmp_path / "interrupted"
-    step = HyperOptimizer.step
-
-    def interrupt_at_3(self):
-        if self.step_index == 3:
-            raise KeyboardInterrupt
-        return step(self)
-
-    monkeypatch.setattr(HyperOptimizer, "step", interrupt_at_3)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(load_config(overrides=OVERFLOW), out=interrupted, log=quiet,
-                       progress=False)
-    monkeypatch.setattr(HyperOptimizer, "step", step)
+    interrupted_run(interrupted, OVERFLOW, at=3)
     resumed = run_experiment(None, resume=interrupted, log=quiet, progress=False)
 
     def without_timing(path):

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from interrupt import interrupted_run
 from online_resume import assert_resumes_bit_for_bit
 
 import hyperdiff as hd
@@ -258,28 +259,16 @@ ONLINE = ["task.name=horizon_digits", "inner.steps=60", "outer.window=6", "outer
           "report.seeds=1"]
 
 
-def test_online_run_directory_resumes_to_the_same_history_and_result(tmp_path, monkeypatch):
+def test_online_run_directory_resumes_to_the_same_history_and_result(tmp_path):
     from hyperdiff.config import load_config
     from hyperdiff.experiment import run_experiment
-    from hyperdiff.online import OnlineTuner
 
     def log(_: str) -> None:
         return None
 
     whole = run_experiment(load_config(overrides=ONLINE), out=tmp_path / "a", log=log,
                            progress=False)
-    step = OnlineTuner.step
-
-    def interrupt_at_4(self):
-        if self.hyper_step == 4:
-            raise KeyboardInterrupt
-        return step(self)
-
-    monkeypatch.setattr(OnlineTuner, "step", interrupt_at_4)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(load_config(overrides=ONLINE), out=tmp_path / "b", log=log,
-                       progress=False)
-    monkeypatch.setattr(OnlineTuner, "step", step)
+    interrupted_run(tmp_path / "b", ONLINE, at=4)
     resumed = run_experiment(None, resume=tmp_path / "b", log=log, progress=False)
     history = [[r.without_timing() for r in RunDir(tmp_path / d).read_history()] for d in "ab"]
     assert len(history[0]) == 10 and history[0] == history[1]
@@ -449,26 +438,14 @@ def test_online_mode_under_torchrun_is_refused(tmp_path, monkeypatch):
                                   log=lambda _: None, progress=False)
 
 
-def test_an_online_checkpoint_that_does_not_fit_is_one_clear_error(tmp_path, monkeypatch):
+def test_an_online_checkpoint_that_does_not_fit_is_one_clear_error(tmp_path):
     import hashlib
     import io
     import json
 
-    from hyperdiff.config import load_config
     from hyperdiff.experiment import run_experiment
-    from hyperdiff.online import OnlineTuner
 
-    step = OnlineTuner.step
-
-    def interrupt_at_2(self):
-        if self.hyper_step == 2:
-            raise KeyboardInterrupt
-        return step(self)
-
-    monkeypatch.setattr(OnlineTuner, "step", interrupt_at_2)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(load_config(overrides=ONLINE), out=tmp_path, log=lambda _: None,
-                       progress=False)
+    interrupted_run(tmp_path, ONLINE, at=2)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     del state["params"]  # a checkpoint the manifest lists, but not an OnlineTuner state
     buffer = io.BytesIO()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from interrupt import interrupted_run
 
 import hyperdiff as hd
 from hyperdiff.config import load_config
@@ -72,20 +73,10 @@ def test_sigkilled_run_resumes_to_the_same_history(reference, tmp_path):
     assert result["tuned"] == ref_result["tuned"]
 
 
-def test_interrupted_run_resumes_to_the_same_history(reference, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_history(reference, tmp_path):
     ref_dir, _ = reference
     out = tmp_path / "interrupted"
-    step = HyperOptimizer.step
-
-    def interrupt_at_4(self):
-        if self.step_index == 4:
-            raise KeyboardInterrupt
-        return step(self)
-
-    monkeypatch.setattr(HyperOptimizer, "step", interrupt_at_4)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(load_config(overrides=SETTINGS), out=out, log=quiet, progress=False)
-    monkeypatch.setattr(HyperOptimizer, "step", step)
+    interrupted_run(out, SETTINGS, at=4)
     assert len(histories(out)) == 4
     run_experiment(None, resume=out, log=quiet, progress=False)
     assert histories(out) == histories(ref_dir)

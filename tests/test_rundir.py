@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from interrupt import interrupted_run
 
 import hyperdiff as hd
 from hyperdiff import experiment
@@ -66,23 +67,6 @@ def cli_error(capsys, *argv: str) -> str:
     assert status == 2, err
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     return err
-
-
-def interrupted_run(out: Path, settings: list[str], *, at: int) -> None:
-    """``hyperdiff run`` of ``settings`` into ``out``, interrupted (Ctrl-C) at outer step ``at``."""
-    step = HyperOptimizer.step
-
-    def interrupt(self):
-        if self.step_index == at:
-            raise KeyboardInterrupt
-        return step(self)
-
-    HyperOptimizer.step = interrupt  # type: ignore[method-assign]
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_experiment(load_config(overrides=settings), out=out, log=quiet, progress=False)
-    finally:
-        HyperOptimizer.step = step  # type: ignore[method-assign]
 
 
 @pytest.fixture(scope="module")
