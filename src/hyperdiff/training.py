@@ -7,6 +7,7 @@ differences, replay).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import torch
@@ -34,6 +35,11 @@ def initial_state(problem: Problem, *, differentiable: bool) -> TrainState:
         k: v.detach().clone().requires_grad_(differentiable) for k, v in problem.params.items()
     }
     return TrainState(params, dict(problem.buffers), problem.optimizer.init(params))
+
+
+def flat(tensors: Iterable[Tensor]) -> Tensor:
+    """The entries of ``tensors`` concatenated in order, one 1-D tensor."""
+    return torch.cat([t.reshape(-1) for t in tensors])
 
 
 def zeros_for_unused(grads: tuple[Tensor | None, ...], like: list[Tensor]) -> list[Tensor]:

@@ -51,7 +51,14 @@ from ..errors import HyperdiffError, describe, positive_float, positive_int
 from ..models import StepContext
 from ..problem import Problem, call_loss, sum_in_order
 from ..solvers import ConvergenceWarning, Solver, cg, exact, neumann
-from ..training import check_finite_losses, grads_of, initial_state, unroll, validation_loss
+from ..training import (
+    check_finite_losses,
+    flat,
+    grads_of,
+    initial_state,
+    unroll,
+    validation_loss,
+)
 from ..typing import Params
 from .base import HyperGradient, Method, finish, zeros_for_unused
 
@@ -87,16 +94,12 @@ def train_objective(problem: Problem, batches: int):
     return objective
 
 
-def _flat(tensors: Any) -> Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
 def _vjp(output: Tensor, inputs: list[Tensor], v: Tensor, *, retain: bool) -> Tensor:
     """``(d output / d inputs)^T v`` as one flat vector (zeros where independent)."""
     if not output.requires_grad:
         return torch.zeros(sum(x.numel() for x in inputs), dtype=v.dtype, device=v.device)
     grads = torch.autograd.grad(output, inputs, v, retain_graph=retain, allow_unused=True)
-    return _flat(zeros_for_unused(grads, inputs))
+    return flat(zeros_for_unused(grads, inputs))
 
 
 class _System(NamedTuple):
@@ -122,7 +125,7 @@ def _stationary_system(g: Tensor, theta: list[Tensor], raw: list[Tensor], start:
 
 def _fixed_point_system(phi: Tensor, theta: list[Tensor], raw: list[Tensor], first: float):
     """``(I - dPhi/dtheta)^T v = b``; indirect term ``(dPhi/du)^T v``."""
-    step = phi.detach() - _flat(theta).detach()
+    step = phi.detach() - flat(theta).detach()
     return _System(
         matvec=lambda v: v - _vjp(phi, theta, v, retain=True),
         indirect=lambda v: _vjp(phi, raw, v, retain=False),
@@ -141,7 +144,7 @@ def _end_of_training(problem: Problem, raw: dict[str, Tensor]):
     state, losses = unroll(problem, hview, state1, start=1, differentiable=False)
     losses = torch.cat([first_loss, losses])
     check_finite_losses(losses, "implicit")
-    first_step = float((_flat(state1.params.values()) - _flat(state0.params.values())).norm())
+    first_step = float((flat(state1.params.values()) - flat(state0.params.values())).norm())
     return state, first_step, losses
 
 
@@ -200,17 +203,17 @@ def _implicit(
     value = validation_loss(problem, theta, {}, hview)
     inputs = theta_list + raw_list
     grads = zeros_for_unused(torch.autograd.grad(value, inputs, allow_unused=True), inputs)
-    rhs, direct = _flat(grads[: len(theta_list)]), _flat(grads[len(theta_list) :])
+    rhs, direct = flat(grads[: len(theta_list)]), flat(grads[len(theta_list) :])
 
     # g(theta*, u) = grad L_train, kept with its graph for the vjps
     grad = grads_of(objective(theta, hview), theta, create_graph=True)
-    g = _flat(grad.values())
+    g = flat(grad.values())
     start_norm = _start_gradient_norm(problem, objective, hp.view(raw))
     if fixed_point:  # Phi = one optimizer step, state frozen at the end of training
         new_params, _ = problem.optimizer.update(
             grad, state.opt_state, theta, hview, problem.steps - 1
         )
-        system = _fixed_point_system(_flat(new_params.values()), theta_list, raw_list, first_step)
+        system = _fixed_point_system(flat(new_params.values()), theta_list, raw_list, first_step)
     else:
         system = _stationary_system(g, theta_list, raw_list, start_norm)
 
@@ -277,7 +280,7 @@ def _start_gradient_norm(problem: Problem, objective, hview) -> float:
     params = {k: v.detach().clone().requires_grad_() for k, v in problem.params.items()}
     with torch.enable_grad():
         grads = grads_of(objective(params, hview), params, create_graph=False)
-    return float(_flat(grads.values()).norm())
+    return float(flat(grads.values()).norm())
 
 
 SOLVERS: dict[str, Callable[[], Solver]] = {"cg": cg, "neumann": neumann, "exact": exact}

@@ -43,13 +43,15 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from ..data.evaluation import batch_rows
 from ..errors import HyperdiffError
-from ..optimizers import resolve
+from ..optimizers import _is_zero, resolve
 from ..problem import Problem
 from ..schedules import Schedule
 from ..training import (
     TrainState,
     check_finite_losses,
+    flat,
     train_gradient,
     validation_loss,
     zeros_for_unused,
@@ -103,7 +105,7 @@ def initial_tangent(problem: Problem, raw: dict[str, Tensor]) -> Any:
 
 def _initial_sgd(problem: Problem, raw: dict[str, Tensor]) -> CurvatureTangent:
     size = problem.hparams.flatten(raw).numel()
-    like = _flat(problem.params)
+    like = flat(problem.params.values())
     z = like.new_zeros((size, like.numel()))
     return CurvatureTangent(z, torch.zeros_like(z), torch.zeros_like(like),
                             like.new_zeros((), dtype=torch.int64))
@@ -176,19 +178,15 @@ def _as_tensor(value: Tensor | float, like: Tensor) -> Tensor:
     return torch.as_tensor(value, dtype=like.dtype, device=like.device).reshape(())
 
 
-def _flat(tree: Params) -> Tensor:
-    return torch.cat([v.reshape(-1) for v in tree.values()])
-
-
 def _heavy_ball(problem: Problem, hview: Any, grads: Params, opt_state: Any, params: Params,
                 step: int) -> tuple[Tensor, Tensor, float]:
     """``d_t`` (the gradient plus the optimizer's weight decay), ``b_{t+1}`` and ``beta`` of
     :func:`hd.sgd`'s step at ``step``, flat."""
     coefs = problem.optimizer.coefficients
     key = next(iter(params))
-    direction = _flat(grads)
+    direction = flat(grads.values())
     wd = coefs["weight_decay"]
-    if not (isinstance(wd, (int, float)) and wd == 0):
+    if not _is_zero(wd):
         decay = torch.cat([float(resolve(wd, hview, step, k)) * p.reshape(-1)
                            for k, p in params.items()])
         direction = direction + decay
@@ -197,7 +195,7 @@ def _heavy_ball(problem: Problem, hview: Any, grads: Params, opt_state: Any, par
     beta = float(resolve(coefs["momentum"], hview, step, key))
     if step == 0:  # torch.optim.SGD: b_1 = d_0
         return direction, direction, beta
-    return direction, torch.add(direction, _flat(opt_state.momentum), alpha=beta), beta
+    return direction, torch.add(direction, flat(opt_state.momentum.values()), alpha=beta), beta
 
 
 HORIZON_UNITS = ("steps", "lr")
@@ -268,7 +266,7 @@ def curvature_window(problem: Problem, state: TrainState, raw: dict[str, Tensor]
     tangent = rule.initial(problem, raw) if tangent is None else tangent
     tangent = type(tangent)(*(t.clone() for t in tangent))
     if scale is None:
-        scale = float(_rows(problem.train_data.batch(start, problem.seed)))
+        scale = float(batch_rows(problem.train_data.batch(start, problem.seed)))
     lrs, dlrs = lr_derivatives(problem, raw, start, stop)
     hview = hp.view(problem.raw_tensors(raw))
     losses = torch.empty(stop - start, dtype=problem.hparam_dtype, device=problem.device)
@@ -305,17 +303,12 @@ def curvature_window(problem: Problem, state: TrainState, raw: dict[str, Tensor]
         values = rule.values(problem, hview, plain, params, opt_state, _detach(new_state),
                              stop - 1)
         rule.advance(tangent, values, lrs[-1], None, forget(lrs[-1]), scale)
-        val_theta = torch.cat([g.reshape(-1) for g in grads_all[len(leaves):]])
+        val_theta = flat(grads_all[len(leaves):])
         indirect = tangent.z @ val_theta.to(tangent.z.dtype)
         tangent.z.addcmul_(dlrs[-1], rule.direct(values, lrs[-1]), value=-1.0)
     end = _detached(TrainState(new_params, new_buffers, new_state))
     grad = hp.unflatten(direct + indirect.to(direct.dtype))
     return Window(end, grad, float(value.detach()), losses, tangent)
-
-
-def _rows(batch: Any) -> int:
-    leaf = batch[0] if isinstance(batch, (tuple, list)) else next(iter(batch.values()))
-    return int(leaf.shape[0]) if isinstance(leaf, Tensor) else 1
 
 
 __all__ = ["HORIZON_UNITS", "SGD_RULE", "CurvatureRule", "CurvatureTangent", "check_optimizer",

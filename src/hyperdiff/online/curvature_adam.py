@@ -38,8 +38,9 @@ from torch import Tensor
 
 from ..optimizers import AdamState, resolve, safe_sqrt
 from ..problem import Problem
+from ..training import flat
 from ..typing import Params
-from .curvature import RHO, CurvatureRule, _flat, _keeps_all
+from .curvature import RHO, CurvatureRule, _keeps_all
 
 ADAM_NAMES = ("adam", "adamw")
 
@@ -77,7 +78,7 @@ class AdamStep(NamedTuple):
 def initial_adam_tangent(problem: Problem, raw: dict[str, Tensor]) -> AdamCurvatureTangent:
     """Zero tangents and curvature statistics for the start of the run."""
     size = problem.hparams.flatten(raw).numel()
-    like = _flat(problem.params)
+    like = flat(problem.params.values())
     z = like.new_zeros((size, like.numel()))
     return AdamCurvatureTangent(z, torch.zeros_like(z), torch.zeros_like(z),
                                 torch.zeros_like(like), like.new_zeros((), dtype=torch.int64))
@@ -98,13 +99,14 @@ def adam_step(problem: Problem, hview: Any, grads: Params, params: Params, new_s
     """The values of Adam's step at ``step`` the tangent rule needs (the new moments read from
     the optimizer's own new state)."""
     coefs = problem.optimizer.coefficients
-    g = _flat(grads)
-    p = _flat(params).to(g.dtype)
+    g = flat(grads.values())
+    p = flat(params.values()).to(g.dtype)
     wd = _entries(coefs["weight_decay"], hview, step, params, g)
     decoupled = problem.optimizer.name == "adamw"
-    s = g if decoupled or (isinstance(wd, float) and wd == 0) else g + wd * p
+    s = g if decoupled or _no_decay(wd) else g + wd * p
     return AdamStep(
-        g, s, p, _flat(new_state.exp_avg).to(g.dtype), _flat(new_state.exp_avg_sq).to(g.dtype),
+        g, s, p, flat(new_state.exp_avg.values()).to(g.dtype),
+        flat(new_state.exp_avg_sq.values()).to(g.dtype),
         _entries(coefs["beta1"], hview, step, params, g),
         _entries(coefs["beta2"], hview, step, params, g),
         _entries(coefs["eps"], hview, step, params, g), wd, decoupled, step + 1)

@@ -61,7 +61,7 @@ from ..problem import Problem
 from ..registry import OPTIMIZERS, SCHEDULES
 from ..schedules import Schedule
 from ..solvers import Solver
-from ..training import TrainState, initial_state, validation_loss
+from ..training import TrainState, flat, initial_state, validation_loss
 from ..typing import Batch, Params
 from .checkpoint import restore_tuner, tuner_state
 from .methods import METHODS, window_method
@@ -234,7 +234,7 @@ class OnlineTuner:
                     raise NonFiniteError(f"online {self.method}: the hypergradient of {name!r} "
                                          f"is not finite in the window of steps "
                                          f"{start}..{stop - 1}")
-            norm = float(torch.cat([g.reshape(-1) for g in grad.values()]).norm())
+            norm = float(flat(grad.values()).norm())
             flat_grad = self.hparams.flatten(grad)
             self.flat.grad = flat_grad / norm if self.normalize and norm > 0 else flat_grad
             if self.clip is not None:

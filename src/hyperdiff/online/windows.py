@@ -37,6 +37,7 @@ from ..solvers import Solver
 from ..training import (
     TrainState,
     check_finite_losses,
+    flat,
     grads_of,
     unroll,
     validation_loss,
@@ -147,16 +148,16 @@ def implicit_window(problem: Problem, state: TrainState, raw: dict[str, Tensor],
         value = validation_loss(_val_problem(problem, val_batches), theta, end.buffers, hview)
         inputs = [*theta_list, *leaves.values()]
         grads = zeros_for_unused(torch.autograd.grad(value, inputs, allow_unused=True), inputs)
-        rhs = torch.cat([g.reshape(-1) for g in grads[: len(theta_list)]])
+        rhs = flat(grads[: len(theta_list)])
         direct = hp.flatten(dict(zip(leaves, grads[len(theta_list):], strict=True)))
         batch = problem.train_data.batch(stop - 1, problem.seed)
         ctx = StepContext(step=stop - 1, seed=problem.seed, train=True, buffers=end.buffers)
         train = call_loss(problem, "train_loss", theta, hview, batch, ctx)
-        g = torch.cat([x.reshape(-1) for x in grads_of(train, theta, create_graph=True).values()])
+        g = flat(grads_of(train, theta, create_graph=True).values())
 
         def hvp(v: Tensor) -> Tensor:
             out = torch.autograd.grad(g, theta_list, v, retain_graph=True, allow_unused=True)
-            return torch.cat([x.reshape(-1) for x in zeros_for_unused(out, theta_list)])
+            return flat(zeros_for_unused(out, theta_list))
 
         result = solver(hvp, rhs.detach(), warn=False)
         mixed = torch.autograd.grad(g, list(leaves.values()), result.x, allow_unused=True)
