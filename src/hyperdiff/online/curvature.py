@@ -124,6 +124,12 @@ def check_optimizer(problem: Problem) -> None:
             "without nesterov or dampening), hd.adam and hd.adamw; got "
             f"{opt.name} with settings {dict(opt.settings)}: use method 'reverse' or "
             "'forward' for it")
+    lr = opt.coefficients["lr"]
+    if isinstance(lr, str) and problem.hparams[lr].kind == "per_element":
+        raise HyperdiffError(
+            f"OnlineTuner: method 'curvature' needs one learning rate per step and parameter "
+            f"tensor (a number, a schedule, a scalar, per_step or per_tensor hyperparameter); "
+            f"got the per_element hyperparameter {lr!r}: use method 'reverse' for it")
     dtypes = {p.dtype for p in problem.params.values()}
     if len(dtypes) > 1:
         raise HyperdiffError(f"OnlineTuner: method 'curvature' needs parameters of one dtype "
@@ -175,7 +181,12 @@ def _same_for_every_tensor(problem: Problem, coef: Any) -> bool:
 
 
 def _as_tensor(value: Tensor | float, like: Tensor) -> Tensor:
-    return torch.as_tensor(value, dtype=like.dtype, device=like.device).reshape(())
+    value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    if value.numel() != 1:
+        raise HyperdiffError(f"OnlineTuner: method 'curvature' needs one learning rate per step "
+                             f"and parameter tensor; the lr coefficient gave a tensor of shape "
+                             f"{tuple(value.shape)}: use method 'reverse' for it")
+    return value.reshape(())
 
 
 def _heavy_ball(problem: Problem, hview: Any, grads: Params, opt_state: Any, params: Params,
