@@ -181,7 +181,7 @@ def test_the_cli_runs_the_curvature_method(tmp_path):
         "task.name=horizon_digits", "inner.steps=40", "outer.mode=online", "outer.window=10",
         "method.name=curvature", "method.horizon=200", "outer.val_batch=0"])
     _, tuner = build_online(config)
-    assert tuner.method == "curvature" and tuner.horizon == 200
+    assert tuner.method == "curvature" and tuner.window_method.horizon == 200
     record = tuner.step()
     assert record.status == "ok" and abs(record.grad["lr_peak"]) > 0
     _ = predict  # the shared helpers come from test_online

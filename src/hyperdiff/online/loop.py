@@ -154,8 +154,6 @@ class OnlineTuner:
         self.window_method = method_of
         self.problem, self.method, self.schedule = problem, method, schedule
         self.engine, self.solver, self.backprop = engine, method_of.solver, method_of.backprop
-        self.horizon, self.curvature_scale = method_of.horizon, method_of.curvature_scale
-        self.horizon_unit = method_of.horizon_unit
         self.window = positive_int("OnlineTuner", "window", window)
         self.lr = float(lr) if lr == 0 else positive_float("OnlineTuner", "lr", lr)
         self.clip = None if clip is None else positive_float("OnlineTuner", "clip", clip)
