@@ -457,3 +457,13 @@ def test_an_online_checkpoint_that_does_not_fit_is_one_clear_error(tmp_path):
     with pytest.raises(hd.HyperdiffError, match=r"checkpoint.pt does not fit this run's driver "
                        r"\(KeyError: 'params'\); restore it, or"):
         run_experiment(None, resume=tmp_path, log=lambda _: None, progress=False)
+
+
+def test_an_outer_optimizer_state_with_missing_entries_is_one_clear_error():
+    tuner = hd.OnlineTuner(recipe(6), window=2, lr=0.01)  # outer Adam
+    tuner.step()
+    state = tuner.state_dict()
+    del state["outer"]["state"][0]["exp_avg_sq"]
+    with pytest.raises(hd.HyperdiffError, match=r"OnlineTuner.load_state_dict: the outer "
+                       r"optimizer state lacks the entries \['exp_avg_sq'\]"):
+        hd.OnlineTuner(recipe(6), window=2, lr=0.01).load_state_dict(state)

@@ -110,10 +110,11 @@ def check_resume(state: dict[str, Any], *, records: int, slots: int) -> None:
         )
 
 
-def check_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+def check_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], *,
+                          caller: str = "HyperOptimizer") -> None:
     """A saved outer optimizer ``state`` must hold every entry ``optimizer.step`` needs."""
     if missing := missing_optimizer_entries(optimizer, state):
-        raise HyperdiffError(f"HyperOptimizer: the outer optimizer state lacks the entries "
+        raise HyperdiffError(f"{caller}: the outer optimizer state lacks the entries "
                              f"{missing} that {type(optimizer).__name__} needs")
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..driver_checks import check_optimizer_state
 from ..errors import HyperdiffError, fail
 from ..history import History, StepRecord
 from ..training import TrainState
@@ -56,6 +57,7 @@ def restore_tuner(tuner: OnlineTuner, state: dict[str, Any],
                                  f"got {getattr(tuner, key)!r})")
     with torch.no_grad():
         tuner.flat.copy_(tuner.hparams.flatten(state["raw"]))
+    check_optimizer_state(tuner.optimizer, state["outer"], caller=caller)
     tuner.optimizer.load_state_dict(state["outer"])
     params = {k: v.clone() for k, v in state["params"].items()}
     template = tree_flatten(tuner.problem.optimizer.init(params))[1]
