@@ -204,3 +204,47 @@ def test_a_task_s_method_options_do_not_follow_another_method():
     assert other.method.options == {}
     _, tuner = build_online(other)
     assert tuner.method == "reverse" and tuner.backprop == 1
+
+
+class HostReads:
+    """Counts reads of a tensor's value back to the host (each one a device synchronisation on
+    an accelerator): float(t), int(t), bool(t), t.item(), t.tolist()."""
+
+    NAMES = ("__float__", "__int__", "__bool__", "__index__", "item", "tolist")
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _original=original):
+                self.count += 1
+                return _original(tensor, *args)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_a_window_reads_no_device_value_per_step(monkeypatch, kind):
+    """The steps of a window add no host read: K=3 and K=9 read the same number of values
+    (momentum and weight decay given as hyperparameters: tensors, not numbers)."""
+    steps = 10
+    sched = hd.schedule("warmup_cosine", steps)
+    hp = hd.HyperParameters(**sched.hyperparameters(peak=0.1, warmup=0.2, final=0.3),
+                            mom=hd.scalar(0.6), wd=hd.scalar(1e-3))
+    opt = (hd.sgd(sched, "mom", weight_decay="wd") if kind == "sgd"
+           else hd.adam(sched, weight_decay="wd"))
+    x, y = sine_data(24, 5, seed=1)
+    prob = hd.make_problem(mlp_train_loss, val_loss, hp, mlp_params(), optimizer=opt,
+                           train_data=hd.minibatches(x, y, batch_size=6),
+                           val_data=sine_data(16, 5, seed=2), steps=steps, seed=0, probe=False)
+    raw = prob.raw_tensors(hp.raw)
+    state = initial_state(prob, differentiable=False)
+    reads = []
+    for window in (3, 9):
+        counter = HostReads(monkeypatch)
+        out = curvature_window(prob, state, raw, 0, window, prob.val_data, None)
+        reads.append(counter.count)
+        monkeypatch.undo()
+        assert int(out.tangent.steps) == window
+    assert reads[0] == reads[1], reads

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from ..data.evaluation import batch_rows
 from ..errors import HyperdiffError
-from ..optimizers import _is_zero, resolve
+from ..optimizers import _add_scaled, _is_zero, resolve
 from ..problem import Problem
 from ..schedules import Schedule
 from ..training import (
@@ -80,8 +80,9 @@ class CurvatureRule(NamedTuple):
     - ``initial(problem, raw)``: the zero tangent it carries;
     - ``values(problem, hview, grads, params, old_state, new_state, step)``: what the rule
       reads from step ``step`` (its gradient, moments, coefficients);
-    - ``advance(tangent, values, lr, dlr, mu, scale)``: one step of the recurrence, in place
-      (``dlr`` None: without the direct term);
+    - ``advance(tangent, values, lr, dlr, mu, scale, count)``: one step of the recurrence, in
+      place (``dlr`` None: without the direct term; ``count`` the squared gradients averaged
+      after it, a Python int: the bias correction reads no device value);
     - ``direct(values, lr)``: ``-d theta_{t+1} / d lr_t`` (n,), the direct term's vector."""
 
     initial: Callable[[Problem, dict[str, Tensor]], Any]
@@ -189,24 +190,30 @@ def _as_tensor(value: Tensor | float, like: Tensor) -> Tensor:
     return value.reshape(())
 
 
+def _coefficient(coef: Any, hview: Any, step: int, key: str) -> Tensor | float:
+    """A coefficient's value at ``step``: a float for a number, else a detached tensor (never
+    read back to the host: no device synchronisation per step)."""
+    value = resolve(coef, hview, step, key)
+    return value.detach() if isinstance(value, Tensor) else float(value)
+
+
 def _heavy_ball(problem: Problem, hview: Any, grads: Params, opt_state: Any, params: Params,
-                step: int) -> tuple[Tensor, Tensor, float]:
+                step: int) -> tuple[Tensor, Tensor, Tensor | float]:
     """``d_t`` (the gradient plus the optimizer's weight decay), ``b_{t+1}`` and ``beta`` of
     :func:`hd.sgd`'s step at ``step``, flat."""
     coefs = problem.optimizer.coefficients
-    key = next(iter(params))
     direction = flat(grads.values())
     wd = coefs["weight_decay"]
     if not _is_zero(wd):
-        decay = torch.cat([float(resolve(wd, hview, step, k)) * p.reshape(-1)
+        decay = torch.cat([_coefficient(wd, hview, step, k) * p.reshape(-1)
                            for k, p in params.items()])
         direction = direction + decay
     if not opt_state.momentum:
         return direction, direction, 0.0
-    beta = float(resolve(coefs["momentum"], hview, step, key))
+    beta = _coefficient(coefs["momentum"], hview, step, next(iter(params)))
     if step == 0:  # torch.optim.SGD: b_1 = d_0
         return direction, direction, beta
-    return direction, torch.add(direction, flat(opt_state.momentum.values()), alpha=beta), beta
+    return direction, _add_scaled(direction, flat(opt_state.momentum.values()), beta), beta
 
 
 HORIZON_UNITS = ("steps", "lr")
@@ -230,14 +237,14 @@ def _keeps_all(mu: float | Tensor) -> bool:
 
 
 def _advance(tangent: CurvatureTangent, momentum: Tensor, direction: Tensor, lr: Tensor,
-             dlr: Tensor | None, beta: float, mu: float | Tensor, scale: float) -> None:
+             dlr: Tensor | None, beta: Tensor | float, mu: float | Tensor, scale: float,
+             count: int) -> None:
     """One step of the recurrence of the module doc, in place. ``momentum`` is ``b_{t+1}``,
     ``direction`` ``d_t`` (n,); ``lr`` (n,) or (1,), ``dlr`` (P, n) or (P, 1), or None (no
-    direct term)."""
-    z, zb, v, steps = tangent
-    steps += 1
+    direct term); ``count`` the squared gradients in ``v`` after this step."""
+    z, zb, v, _ = tangent
     v.mul_(RHO).addcmul_(direction, direction, value=1.0 - RHO)
-    curvature = v * (scale / (1.0 - RHO ** float(steps)))
+    curvature = v * (scale / (1.0 - RHO ** count))
     curvature = torch.minimum(curvature, (2.0 * (1.0 + beta)) / lr.clamp(min=1e-30))
     zb.mul_(beta).addcmul_(z, curvature)
     z.addcmul_(zb, lr, value=-1.0)
@@ -248,14 +255,15 @@ def _advance(tangent: CurvatureTangent, momentum: Tensor, direction: Tensor, lr:
 
 
 def _sgd_values(problem: Problem, hview: Any, grads: Params, params: Params, old_state: Any,
-                new_state: Any, step: int) -> tuple[Tensor, Tensor, float]:
+                new_state: Any, step: int) -> tuple[Tensor, Tensor, Tensor | float]:
     return _heavy_ball(problem, hview, grads, old_state, params, step)
 
 
-def _sgd_advance(tangent: CurvatureTangent, values: tuple[Tensor, Tensor, float], lr: Tensor,
-                 dlr: Tensor | None, mu: float | Tensor, scale: float) -> None:
+def _sgd_advance(tangent: CurvatureTangent, values: tuple[Tensor, Tensor, Tensor | float],
+                 lr: Tensor, dlr: Tensor | None, mu: float | Tensor, scale: float,
+                 count: int) -> None:
     direction, momentum, beta = values
-    _advance(tangent, momentum, direction, lr, dlr, beta, mu, scale)
+    _advance(tangent, momentum, direction, lr, dlr, beta, mu, scale, count)
 
 
 SGD_RULE = CurvatureRule(_initial_sgd, _sgd_values, _sgd_advance,
@@ -276,6 +284,7 @@ def curvature_window(problem: Problem, state: TrainState, raw: dict[str, Tensor]
     hp = problem.hparams
     tangent = rule.initial(problem, raw) if tangent is None else tangent
     tangent = type(tangent)(*(t.clone() for t in tangent))
+    count = int(tangent.steps)  # read once per window: the steps add no host synchronisation
     if scale is None:
         scale = float(batch_rows(problem.train_data.batch(start, problem.seed)))
     lrs, dlrs = lr_derivatives(problem, raw, start, stop)
@@ -290,8 +299,8 @@ def curvature_window(problem: Problem, state: TrainState, raw: dict[str, Tensor]
             new_params, new_state = problem.optimizer.update(grads, opt_state, params, hview,
                                                              step)
             values = rule.values(problem, hview, grads, params, opt_state, new_state, step)
-            i = step - start
-            rule.advance(tangent, values, lrs[i], dlrs[i], forget(lrs[i]), scale)
+            i, count = step - start, count + 1
+            rule.advance(tangent, values, lrs[i], dlrs[i], forget(lrs[i]), scale, count)
         params, opt_state = new_params, new_state
         buffers = {k: v.detach() for k, v in buffers.items()}
         losses[step - start] = loss.detach()
@@ -313,7 +322,8 @@ def curvature_window(problem: Problem, state: TrainState, raw: dict[str, Tensor]
         plain = {k: g.detach() for k, g in grads.items()}
         values = rule.values(problem, hview, plain, params, opt_state, _detach(new_state),
                              stop - 1)
-        rule.advance(tangent, values, lrs[-1], None, forget(lrs[-1]), scale)
+        rule.advance(tangent, values, lrs[-1], None, forget(lrs[-1]), scale, count + 1)
+        tangent.steps.fill_(count + 1)
         val_theta = flat(grads_all[len(leaves):])
         indirect = tangent.z @ val_theta.to(tangent.z.dtype)
         tangent.z.addcmul_(dlrs[-1], rule.direct(values, lrs[-1]), value=-1.0)

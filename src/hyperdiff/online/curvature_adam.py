@@ -126,14 +126,14 @@ def lr_direction(values: AdamStep, lr: Tensor) -> Tensor:
 
 
 def advance_adam(tangent: AdamCurvatureTangent, values: AdamStep, lr: Tensor,
-                 dlr: Tensor | None, mu: float | Tensor, scale: float) -> None:
+                 dlr: Tensor | None, mu: float | Tensor, scale: float, count: int) -> None:
     """One step of the module doc's recurrence, in place. ``lr`` (n,) or (1,); ``dlr`` (P, n)
-    or (P, 1), or None (no direct term)."""
-    z, zm, zv, v_est, steps = tangent
+    or (P, 1), or None (no direct term); ``count`` the squared gradients in the curvature
+    estimate after this step."""
+    z, zm, zv, v_est, _ = tangent
     g, s, _, m, v, b1, b2, eps, wd, decoupled, k = values
-    steps += 1
     v_est.mul_(RHO).addcmul_(g, g, value=1.0 - RHO)
-    curvature = v_est * (scale / (1.0 - RHO ** float(steps)))
+    curvature = v_est * (scale / (1.0 - RHO ** count))
     c1 = 1 - b1 ** k
     c2_sqrt = (1 - b2 ** k) ** 0.5
     root = safe_sqrt(v)
