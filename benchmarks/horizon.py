@@ -103,14 +103,15 @@ def offline_row(steps: int, horizon: int, task: Task, base: float, seeds) -> dic
 
 
 def online_row(task: Task, label: str, peak: float, seeds, tuning_seed: int = 0,
-               **options: Any) -> dict[str, Any]:
+               tuner_class: type[hd.OnlineTuner] = hd.OnlineTuner, **options: Any
+               ) -> dict[str, Any]:
     problem = task.problems[0]
     problem = replace(problem, hparams=problem.hparams.with_natural(lr_peak=peak),
                       seed=problem.seed + tuning_seed)
     if tuning_seed:
         label = f"{label}, tuning seed {tuning_seed}"
     before = plain_time(task)
-    tuner = hd.OnlineTuner(problem, selection=task.selection, **options)
+    tuner = tuner_class(problem, selection=task.selection, **options)
     started = time.perf_counter()
     result = tuner.run()
     elapsed = time.perf_counter() - started
