@@ -45,6 +45,7 @@ import torch
 
 import hyperdiff as hd
 from hyperdiff.driver import HyperOptimizer, Stopping
+from hyperdiff.online.hot_start import hot_start_ratio
 from hyperdiff.search import OPTUNA_MISSING, optuna_available, run_points, tpe_search
 from hyperdiff.tasks import Task, build_task
 
@@ -118,11 +119,13 @@ def online_row(task: Task, label: str, peak: float, seeds, tuning_seed: int = 0,
     after = plain_time(task)
     hview = task.hparams.view(problem.raw_tensors(result.final_raw))
     own = task.metrics_at(result.params, result.buffers, hview)["test"]
+    hot = hot_start_ratio(problem, result.history, tuner.window)
     return {"group": "b", "label": f"{label}, start lr_peak={peak:g}", "start": peak,
             "config": label.split(", tuning seed")[0], "tuning_seed": tuning_seed,
             "values": values_of(task, result.final_raw), "cost": 2 * elapsed / (before + after),
             "inner_steps_per_N": 1.0, "time_s": elapsed, "online_model_test_loss": own["loss"],
             "failed_windows": sum(r.status == "failed" for r in result.history),
+            "hot_start_ratio": None if hot is None else hot[1], "warnings": list(result.warnings),
             **evaluate(task, result.final_raw, seeds)}
 
 

@@ -4,8 +4,10 @@
 over an optimization time of 20, normalised SGD outer steps of 0.2 with cosine decay) from the
 task's start lr_peak = 0.05 and from 10x too small / too large. This script scans the start
 (lr_peak 0.005 ... 0.5, the schedule's shape and the weight decay at their initial values),
-each over the online run's minibatch order from tuning seeds 0-5, and two variants that restart
-the run once (not in the library; a subclass here):
+each over the online run's minibatch order from tuning seeds 0-5, with the hot-start measure of
+each run (:mod:`hyperdiff.online.hot_start`: the optimization time trained in the first 10% of
+the run over the one its values by then give those steps; a warning above 2.5), and two
+variants that restart the run once (not in the library; a subclass here):
 
 - ``restart@R``: after the window that ends at inner step R, the parameters, optimizer state,
   tangents and step counter go back to the start (theta_0, step 0) and the run trains its N
@@ -72,6 +74,13 @@ def restarting(restart_at: int, freeze_warmup: bool) -> type[RestartingTuner]:
                 {"restart_at": restart_at, "freeze_warmup": freeze_warmup})
 
 
+def _ratios(summary: dict) -> str:
+    ratios = [r for r in summary["hot_start_ratios"] if r is not None]
+    if not ratios:
+        return "-"
+    return f"{min(ratios):.2f}-{max(ratios):.2f} ({summary['warned']} of {summary['runs']})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="N=500, 2 tuning seeds, 3 starts")
@@ -101,22 +110,29 @@ def main() -> None:
             for tuning_seed in tuning_seeds:
                 row = online_row(task, label, peak, seeds, tuning_seed, tuner_class, **DEFAULT)
                 row["within_grid_best"] = row["test_loss"] <= target
+                if tuner_class is not hd.OnlineTuner:  # its history restarts: not measured
+                    row["hot_start_ratio"], row["warnings"] = None, []
                 runs.append(row)
                 values = ", ".join(f"{row['values'][n]:.3g}" for n in NAMES)
+                ratio = row["hot_start_ratio"]
                 print(f"  {row['label']}: {values}; test {row['test_loss']:.4f}; cost "
-                      f"{row['cost']:.2f}x", flush=True)
+                      f"{row['cost']:.2f}x; hot-start ratio "
+                      f"{'-' if ratio is None else f'{ratio:.2f}'}", flush=True)
             losses = [r["test_loss"] for r in runs]
             summary.append({"config": label, "start": peak, "test_losses": losses,
                             "median_test_loss": statistics.median(losses),
                             "within_grid_best": sum(r["within_grid_best"] for r in runs),
-                            "runs": len(runs), "cost": statistics.fmean(r["cost"] for r in runs)})
+                            "runs": len(runs), "cost": statistics.fmean(r["cost"] for r in runs),
+                            "hot_start_ratios": [r["hot_start_ratio"] for r in runs],
+                            "warned": sum(bool(r["warnings"]) for r in runs)})
             rows.extend(runs)
     header = ("| config | start lr_peak | test loss per tuning seed | median | within the "
-              f"grid's best ({target:.4f}) | cost (mean) |\n|---|---|---|---|---|---|")
+              f"grid's best ({target:.4f}) | cost (mean) | hot-start ratio at 10% (warned) |\n"
+              "|---|---|---|---|---|---|---|")
     lines = [f"| {s['config']} | {s['start']:g} | "
              f"{' / '.join(f'{x:.4f}' for x in s['test_losses'])} | "
              f"{s['median_test_loss']:.4f} | {s['within_grid_best']} of {s['runs']} | "
-             f"{s['cost']:.2f}x |" for s in summary]
+             f"{s['cost']:.2f}x | {_ratios(s)} |" for s in summary]
     table = "\n".join([header, *lines])
     print("\n" + table)
     RESULTS.parent.mkdir(exist_ok=True)

@@ -273,6 +273,7 @@ def test_online_run_directory_resumes_to_the_same_history_and_result(tmp_path):
     history = [[r.without_timing() for r in RunDir(tmp_path / d).read_history()] for d in "ab"]
     assert len(history[0]) == 10 and history[0] == history[1]
     assert resumed["tuned"] == whole["tuned"] and resumed["online_model"] == whole["online_model"]
+    assert whole["warnings"] == resumed["warnings"] == []  # the task's start is not hot
     assert whole["tuned"]["metrics"]["test"]["loss"] < whole["initial"]["metrics"]["test"]["loss"]
 
 

@@ -335,6 +335,7 @@ def format_table(result: Mapping[str, Any]) -> str:
         f"{'':<{width}}{'initial':<{col}}tuned",
         *(f"{a:<{width}}{b:<{col}}{c}" for a, b, c in rows),
         *(gap_lines(result) if discrete else []),
+        *(f"warning: {warning}" for warning in result.get("warnings", [])),
         "",
         f"test split: {result['sizes'].get('test', '?')} examples never used while tuning; "
         f"metrics averaged over {len(result['report_seeds'])} fresh training seeds",

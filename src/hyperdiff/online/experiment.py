@@ -130,6 +130,7 @@ def online_report(task: Task, tuner: OnlineTuner, config: Config) -> dict[str, A
         }
     hview = task.hparams.view(tuner.problem.raw_tensors(final))
     report["online_model"] = task.metrics_at(tuner.state.params, tuner.state.buffers, hview)
+    report["warnings"] = list(tuner.warnings)
     return report
 
 

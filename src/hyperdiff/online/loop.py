@@ -64,6 +64,8 @@ from ..solvers import Solver
 from ..training import TrainState, flat, initial_state, validation_loss
 from ..typing import Batch, Params
 from .checkpoint import restore_tuner, tuner_state
+from .hot_start import FRACTION as HOT_FRACTION
+from .hot_start import hot_start_warning
 from .methods import METHODS, window_method
 from .windows import Window
 
@@ -80,6 +82,7 @@ class OnlineResult:
         params, buffers: the model at the end of the run (trained while tuning).
         history: one :class:`StepRecord` per hyper-step (natural values used in its window).
         steps: inner steps trained; ``hyper_steps`` windows; ``time_s`` wall time.
+        warnings: what the run found suspect (:mod:`hyperdiff.online.hot_start`).
     """
 
     final_raw: dict[str, Tensor]
@@ -90,6 +93,7 @@ class OnlineResult:
     steps: int
     hyper_steps: int
     time_s: float
+    warnings: tuple[str, ...] = ()
 
 
 class OnlineTuner:
@@ -260,7 +264,18 @@ class OnlineTuner:
             step_time_s=now - started,
         )
         self.history.append(record)
+        if start < math.ceil(HOT_FRACTION * self.problem.steps) <= stop:
+            for warning in self.warnings:  # once, when the run reaches HOT_FRACTION of N
+                _LOG.warning("OnlineTuner: %s", warning)
         return record
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What the run's history shows suspect: a start hotter than the values it found
+        (:func:`~hyperdiff.online.hot_start.hot_start_warning`)."""
+        current = natural_values(self.hparams, self.raw)
+        warning = hot_start_warning(self.problem, self.history, self.window, current)
+        return () if warning is None else (warning,)
 
     def outer_lr(self, window: int) -> float:
         """The outer learning rate of the run's window ``w`` (its first step ``w K``): ``lr``
@@ -337,7 +352,7 @@ class OnlineTuner:
             final_raw=self.raw, final_hparams=self.hparams.with_raw(self.raw),
             params=dict(self.state.params), buffers=dict(self.state.buffers),
             history=History(list(self.history)), steps=self.inner_step,
-            hyper_steps=self.hyper_step, time_s=self._elapsed)
+            hyper_steps=self.hyper_step, time_s=self._elapsed, warnings=self.warnings)
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
