@@ -45,7 +45,6 @@ import torch
 
 import hyperdiff as hd
 from hyperdiff.driver import HyperOptimizer, Stopping
-from hyperdiff.online.hot_start import hot_start_ratio
 from hyperdiff.search import OPTUNA_MISSING, optuna_available, run_points, tpe_search
 from hyperdiff.tasks import Task, build_task
 
@@ -104,28 +103,28 @@ def offline_row(steps: int, horizon: int, task: Task, base: float, seeds) -> dic
 
 
 def online_row(task: Task, label: str, peak: float, seeds, tuning_seed: int = 0,
-               tuner_class: type[hd.OnlineTuner] = hd.OnlineTuner, **options: Any
-               ) -> dict[str, Any]:
+               **options: Any) -> dict[str, Any]:
     problem = task.problems[0]
     problem = replace(problem, hparams=problem.hparams.with_natural(lr_peak=peak),
                       seed=problem.seed + tuning_seed)
     if tuning_seed:
         label = f"{label}, tuning seed {tuning_seed}"
     before = plain_time(task)
-    tuner = tuner_class(problem, selection=task.selection, **options)
+    tuner = hd.OnlineTuner(problem, selection=task.selection, **options)
     started = time.perf_counter()
     result = tuner.run()
     elapsed = time.perf_counter() - started
     after = plain_time(task)
     hview = task.hparams.view(problem.raw_tensors(result.final_raw))
     own = task.metrics_at(result.params, result.buffers, hview)["test"]
-    hot = hot_start_ratio(problem, result.history, tuner.window)
     return {"group": "b", "label": f"{label}, start lr_peak={peak:g}", "start": peak,
             "config": label.split(", tuning seed")[0], "tuning_seed": tuning_seed,
             "values": values_of(task, result.final_raw), "cost": 2 * elapsed / (before + after),
             "inner_steps_per_N": 1.0, "time_s": elapsed, "online_model_test_loss": own["loss"],
             "failed_windows": sum(r.status == "failed" for r in result.history),
-            "hot_start_ratio": None if hot is None else hot[1], "warnings": list(result.warnings),
+            "hot_start_ratio": None if tuner.hot_start_measure is None
+            else tuner.hot_start_measure[1], "restarted": tuner.restarted,
+            "warnings": list(result.warnings),
             **evaluate(task, result.final_raw, seeds)}
 
 

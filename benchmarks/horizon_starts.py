@@ -4,16 +4,15 @@
 over an optimization time of 20, normalised SGD outer steps of 0.2 with cosine decay) from the
 task's start lr_peak = 0.05 and from 10x too small / too large. This script scans the start
 (lr_peak 0.005 ... 0.5, the schedule's shape and the weight decay at their initial values),
-each over the online run's minibatch order from tuning seeds 0-5, with the hot-start measure of
-each run (:mod:`hyperdiff.online.hot_start`: the optimization time trained in the first 10% of
-the run over the one its values by then give those steps; a warning above 2.5), and two
-variants that restart the run once (not in the library; a subclass here):
+each over the online run's minibatch order from tuning seeds 0-5, with the hot-start measure
+of each run (:mod:`hyperdiff.online.hot_start`: the optimization time trained in the first 10%
+of the run over the one its values by then give those steps). Rows:
 
-- ``restart@R``: after the window that ends at inner step R, the parameters, optimizer state,
-  tangents and step counter go back to the start (theta_0, step 0) and the run trains its N
-  steps again from there, with the values tuned so far (cost: R more steps);
-- ``restart@R, warmup frozen``: the same, and the warmup's hypergradient is set to 0 in every
-  window that starts after the warmup has ended (the run cannot re-enter its warmup).
+- ``task default``: the tuner's default ``hot_start="restart"``: above a measure of 2 the run
+  starts over once from theta_0 with the values found, the learning rate divided by the
+  measure (cost: the first 10% of the run again);
+- ``hot_start=warn``: the same run without the restart (what the default did before), from
+  the starts whose measure can exceed 2 (0.1 and above; below, both rows are the same runs).
 
 Every tuned configuration is evaluated as in ``horizon.py``: fresh N-step trainings with the
 3 evaluation seeds, test loss on the held-out split, compared with the 5-point grid's best
@@ -34,44 +33,13 @@ from pathlib import Path
 import torch
 from horizon import EVAL_SEED, NAMES, evaluate, online_row, raw_of, values_of
 
-import hyperdiff as hd
-from hyperdiff.history import StepRecord
 from hyperdiff.tasks import build_task
-from hyperdiff.training import initial_state
 
 RESULTS = Path(__file__).parent / "results" / "horizon_starts.json"
 STARTS = (0.005, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 GRID_BEST = 0.1  # horizon.py's grid point picked by validation loss
 DEFAULT = {"window": 20, "method": "curvature", "horizon": 20.0, "horizon_unit": "lr",
            "optimizer": "sgd", "normalize": True, "lr": 0.2, "schedule": "cosine"}
-
-
-class RestartingTuner(hd.OnlineTuner):
-    """An online run that starts over once, from theta_0, after inner step ``restart_at``."""
-
-    restart_at = 100
-    freeze_warmup = False
-    restarted = False
-
-    def step(self) -> StepRecord:
-        record = super().step()
-        if not self.restarted and record.status == "ok" and self.inner_step >= self.restart_at:
-            with torch.no_grad():
-                self.state = initial_state(self.problem, differentiable=False)
-            self.tangent, self.inner_step, self.restarted = None, 0, True
-        return record
-
-    def _window(self, raw, start, stop, val):
-        out = super()._window(raw, start, stop, val)
-        warmup = float(self.hparams.view(raw)["lr_warmup"])
-        if self.freeze_warmup and start / (self.problem.steps - 1) > warmup:
-            out.grad["lr_warmup"] = torch.zeros_like(out.grad["lr_warmup"])
-        return out
-
-
-def restarting(restart_at: int, freeze_warmup: bool) -> type[RestartingTuner]:
-    return type("Restarting", (RestartingTuner,),
-                {"restart_at": restart_at, "freeze_warmup": freeze_warmup})
 
 
 def _ratios(summary: dict) -> str:
@@ -97,37 +65,35 @@ def main() -> None:
     target = grid["test_loss"]
     print(f"horizon_digits, N={horizon}: grid best (lr_peak={GRID_BEST}) test loss "
           f"{target:.4f}", flush=True)
-    configs: list[tuple[str, type[hd.OnlineTuner], tuple[float, ...]]] = [
-        ("task default", hd.OnlineTuner, starts)]
-    restart_at = 25 if args.quick else 100
-    for freeze in (False, True):
-        label = f"restart@{restart_at}" + (", warmup frozen" if freeze else "")
-        configs.append((label, restarting(restart_at, freeze), (0.05, 0.5)))
+    configs: list[tuple[str, dict[str, str], tuple[float, ...]]] = [
+        ("task default", {}, starts),
+        ("hot_start=warn", {"hot_start": "warn"}, tuple(x for x in starts if x >= 0.1))]
     rows, summary = [], []
-    for label, tuner_class, config_starts in configs:
+    for label, extra, config_starts in configs:
         for peak in config_starts:
             runs = []
             for tuning_seed in tuning_seeds:
-                row = online_row(task, label, peak, seeds, tuning_seed, tuner_class, **DEFAULT)
+                row = online_row(task, label, peak, seeds, tuning_seed, **DEFAULT, **extra)
                 row["within_grid_best"] = row["test_loss"] <= target
-                if tuner_class is not hd.OnlineTuner:  # its history restarts: not measured
-                    row["hot_start_ratio"], row["warnings"] = None, []
                 runs.append(row)
                 values = ", ".join(f"{row['values'][n]:.3g}" for n in NAMES)
                 ratio = row["hot_start_ratio"]
                 print(f"  {row['label']}: {values}; test {row['test_loss']:.4f}; cost "
                       f"{row['cost']:.2f}x; hot-start ratio "
-                      f"{'-' if ratio is None else f'{ratio:.2f}'}", flush=True)
+                      f"{'-' if ratio is None else f'{ratio:.2f}'}"
+                      f"{', restarted' if row['restarted'] else ''}", flush=True)
             losses = [r["test_loss"] for r in runs]
             summary.append({"config": label, "start": peak, "test_losses": losses,
                             "median_test_loss": statistics.median(losses),
                             "within_grid_best": sum(r["within_grid_best"] for r in runs),
                             "runs": len(runs), "cost": statistics.fmean(r["cost"] for r in runs),
                             "hot_start_ratios": [r["hot_start_ratio"] for r in runs],
-                            "warned": sum(bool(r["warnings"]) for r in runs)})
+                            "warned": sum(bool(r["warnings"]) for r in runs),
+                            "restarted": sum(r["restarted"] for r in runs)})
             rows.extend(runs)
     header = ("| config | start lr_peak | test loss per tuning seed | median | within the "
-              f"grid's best ({target:.4f}) | cost (mean) | hot-start ratio at 10% (warned) |\n"
+              f"grid's best ({target:.4f}) | cost (mean) | hot-start ratio at 10% (restarted or "
+              "warned) |\n"
               "|---|---|---|---|---|---|---|")
     lines = [f"| {s['config']} | {s['start']:g} | "
              f"{' / '.join(f'{x:.4f}' for x in s['test_losses'])} | "

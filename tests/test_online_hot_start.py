@@ -1,6 +1,7 @@
-"""The hot-start warning of online runs (:mod:`hyperdiff.online.hot_start`): its optimization
-times against sums written out, its ratio against the quotient computed by hand, and the
-built-in full-length task warned from 10x too large a start and not from its own."""
+"""The hot-start measure and restart of online runs (:mod:`hyperdiff.online.hot_start`): its
+optimization times against sums written out, its ratio against the quotient computed by hand,
+and the built-in full-length task: restarted (or warned) from 10x too large a start, untouched
+from its own; resume across the restart bit for bit."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import torch
 from test_online import recipe
 
 import hyperdiff as hd
-from hyperdiff.online.hot_start import hot_start_ratio, hot_start_warning, optimization_time
+from hyperdiff.online.hot_start import cooled, hot_start_ratio, optimization_time
 from hyperdiff.tasks import build_task
+from hyperdiff.training import initial_state
 
 DT = torch.float64
 
@@ -52,34 +54,97 @@ def test_ratio_is_the_trained_over_the_tuned_optimization_time():
     assert hot_start_ratio(prob, made[:4], 2, current, fraction=0.3) == \
         (6, pytest.approx(3.6 / 5.4, rel=1e-12))
     assert hot_start_ratio(prob, made[:2], 2, fraction=0.3) is None  # not at M yet
-    assert hot_start_warning(prob, made, 2, fraction=0.3, limit=2.9) is not None
-    assert hot_start_warning(prob, made, 2, fraction=0.3, limit=3.1) is None
     # values held fixed (outer lr 0): the ratio is exactly 1
     fixed = [tuner.step() for _ in range(6)]
     assert hot_start_ratio(prob, records + fixed, 2)[1] == pytest.approx(1.0, rel=1e-12)
 
 
-def test_the_full_length_task_warns_from_a_hot_start_only(caplog):
-    """horizon_digits, its default tuner, the first 10% of the run: from 10x too large a peak
-    the run trains 3.4x the optimization time its values give those steps; from its start
-    0.05, 1.0x (benchmarks/horizon_starts.py)."""
+OPTIONS = {"window": 20, "method": "curvature", "horizon": 20.0, "horizon_unit": "lr",
+           "optimizer": "sgd", "normalize": True, "lr": 0.2, "schedule": "cosine"}
+
+
+def full_length(peak, **options):
+    """The built-in 2000-step task's problem from ``peak`` and its default online tuner."""
     task = build_task("horizon_digits", steps=2000)
-    options = {"window": 20, "method": "curvature", "horizon": 20.0, "horizon_unit": "lr",
-               "optimizer": "sgd", "normalize": True, "lr": 0.2, "schedule": "cosine"}
-    found = {}
-    for peak in (0.05, 0.5):
-        problem = task.problems[0]
-        problem = replace(problem, hparams=problem.hparams.with_natural(lr_peak=peak))
-        tuner = hd.OnlineTuner(problem, **options)
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="hyperdiff.online"):
-            for _ in range(11):  # windows to step 220, past M = 200
-                tuner.step()
-        found[peak] = (tuner.warnings, [r.getMessage() for r in caplog.records])
-    assert found[0.05] == ((), [])
-    warnings, logged = found[0.5]
-    assert len(warnings) == 1 and "3.4x" in warnings[0]
-    assert logged == [f"OnlineTuner: {warnings[0]}"]  # logged once, when the run reached M
+    problem = task.problems[0]
+    problem = replace(problem, hparams=problem.hparams.with_natural(lr_peak=peak))
+    return problem, hd.OnlineTuner(problem, **{**OPTIONS, **options})
+
+
+def test_cooled_divides_the_peak_or_the_scalar_learning_rate():
+    problem, _ = full_length(0.5)
+    natural = problem.hparams.natural()
+    out = problem.hparams.with_raw(cooled(problem, problem.hparams.raw, 4.0)).natural()
+    assert float(out["lr_peak"]) == pytest.approx(0.125, rel=1e-12)
+    assert all(torch.equal(out[n], natural[n]) for n in natural if n != "lr_peak")
+    scalar = recipe(6)
+    out = scalar.hparams.with_raw(cooled(scalar, scalar.hparams.raw, 2.0)).natural()
+    assert float(out["lr"]) == pytest.approx(0.15, rel=1e-12)
+    assert float(out["momentum"]) == pytest.approx(0.6, rel=1e-12)
+
+
+def test_a_hot_start_restarts_from_theta_0_cooler_and_warn_mode_only_warns(caplog):
+    """From 10x too large a peak the first 10% (200 steps) train 3.4x the optimization time
+    that the values by then give: the default restarts from theta_0 at step 0 with those values
+    and lr_peak divided by the ratio; "warn" goes on with them; from the task's start (ratio
+    1.03) nothing happens (benchmarks/horizon_starts.py)."""
+    problem, restart = full_length(0.5)
+    _, warn = full_length(0.5, hot_start="warn")
+    with caplog.at_level(logging.WARNING, logger="hyperdiff.online"):
+        for _ in range(10):  # windows to step 200 = M
+            restart.step()
+            warn.step()
+    (steps, ratio), measured = restart.hot_start_measure, warn.hot_start_measure
+    assert steps == 200 and ratio == pytest.approx(3.40, abs=0.005) and measured == (steps, ratio)
+    assert restart.restarted and not warn.restarted and restart.inner_step == 0
+    assert warn.inner_step == 200
+    theta_0 = initial_state(problem, differentiable=False).params
+    assert all(torch.equal(restart.state.params[k], v) for k, v in theta_0.items())
+    assert restart.tangent is None
+    cool, found = restart.hparams.natural(restart.raw), warn.hparams.natural(warn.raw)
+    assert float(cool["lr_peak"]) * ratio == pytest.approx(float(found["lr_peak"]), rel=1e-6)
+    assert all(torch.equal(cool[n], found[n]) for n in found if n != "lr_peak")
+    assert "restarted from theta_0" in restart.warnings[0]
+    assert "rerun from a smaller" in warn.warnings[0]
+    assert restart.history[-1].message == restart.warnings[0]
+    logged = [r.getMessage() for r in caplog.records]
+    assert logged == [f"OnlineTuner: {restart.warnings[0]}", f"OnlineTuner: {warn.warnings[0]}"]
+    record = restart.step()  # the second pass trains steps 0..19 again, and is not measured
+    assert restart.inner_step == 20
+    assert record.hparams["lr_peak"] == pytest.approx(float(cool["lr_peak"]), rel=1e-6)
+    _, calm = full_length(0.05)
+    for _ in range(11):
+        calm.step()
+    assert calm.hot_start_measure[1] < 2.0 and calm.warnings == () and not calm.restarted
+
+
+def test_a_run_resumed_after_its_restart_continues_bit_for_bit():
+    _, whole = full_length(0.5)
+    for _ in range(13):
+        whole.step()
+    _, first = full_length(0.5)
+    for _ in range(11):
+        first.step()
+    _, resumed = full_length(0.5)
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.restarted and resumed.hot_start_measure == first.hot_start_measure
+    for _ in range(2):
+        resumed.step()
+    assert [r.without_timing() for r in resumed.history] == \
+        [r.without_timing() for r in whole.history]
+    assert all(torch.equal(resumed.state.params[k], v) for k, v in whole.state.params.items())
+    assert torch.equal(resumed.flat, whole.flat) and resumed.warnings == whole.warnings
+
+
+def test_no_restart_when_the_measuring_window_ends_the_run():
+    """One window of the whole run (K = N) whose outer step lowers lr by 6.65x: measured and
+    warned, nothing to restart."""
+    prob = recipe(6)
+    tuner = hd.OnlineTuner(prob, window=6, optimizer="sgd", normalize=True, lr=2.0)
+    tuner.run()
+    assert tuner.done and tuner.inner_step == 6 and not tuner.restarted
+    assert tuner.hot_start_measure[1] == pytest.approx(6.652, abs=1e-3)
+    assert "the run ended with that window" in tuner.warnings[0]
 
 
 def test_the_report_table_prints_the_run_warnings():

@@ -4,7 +4,7 @@ The state is plain tensors, numbers and strings (``torch.save`` / weights-only l
 parameters, buffers and inner optimizer state, the raw values and the outer optimizer's state,
 the carried tangents (forward mode's, curvature's), the step counters (which fix the data
 position: minibatches and dropout masks are functions of ``(seed, step)``, validation draws of
-``(seed, h)``), the records and the divergence guard.
+``(seed, h)``), the records, the divergence guard and the hot-start measure.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ def tuner_state(tuner: OnlineTuner) -> dict[str, Any]:
         "tangent": None if tangent is None else [z.clone() for z in tangent],
         "history": [r.to_json() for r in tuner.history],
         "guard": copy.deepcopy(tuner.guard.state_dict()),
+        "hot_start": None if tuner.hot_start_measure is None else list(tuner.hot_start_measure),
+        "restarted": tuner.restarted,
     }
 
 
@@ -74,6 +76,10 @@ def restore_tuner(tuner: OnlineTuner, state: dict[str, Any],
     tuner.inner_step, tuner._elapsed = int(state["inner_step"]), float(state["elapsed"])
     if "guard" in state:  # checkpoints written before the online guard have none
         tuner.guard.load_state_dict(copy.deepcopy(state["guard"]))
+    measured = state.get("hot_start")  # checkpoints written before the measure have none
+    tuner.hot_start_measure = None if measured is None else (int(measured[0]),
+                                                             float(measured[1]))
+    tuner.restarted = bool(state.get("restarted", False))
     lines = [r.to_json() for r in records] if records is not None else state["history"]
     tuner.history = History([StepRecord.from_json(line) for line in lines][: state["step"]])
 

@@ -1,20 +1,23 @@
-"""Did an online run start hotter than the values it found? A warning, from its history.
+"""Did an online run start hotter than the values it found? Measured at 10% of the run.
 
 Online tuning moves the learning rate reliably *up* from a too small start: a slow beginning
 is made up later. From a too large start it is not reliable: the first steps train the model
 fast at the large rate, and the signals after them describe that model, which a fresh training
-with the tuned values never becomes (``benchmarks/horizon_starts.py``: docs/online.md). The
+with the tuned values never becomes (``benchmarks/horizon_starts.py``, docs/online.md). The
 measure, at the first window that ends at or after ``fraction * N`` steps (step ``M``)::
 
     ratio = sum_{t < M} lr_t(lam_w(t)) / sum_{t < M} lr_t(lam_M)
 
 the optimization time the run trained in its first M steps (each window ``w`` at the values
 ``lam_w`` it used) over the one that the values tuned by step M (those after the update that
-follows the window ending at M), ``lam_M``, give those steps. Above ``limit`` the run trained its
-beginning hotter than its own tuned values would, and the result deserves a rerun from a
-smaller initial learning rate. The learning rate is the optimizer's ``lr`` coefficient: a
-schedule (:mod:`hyperdiff.schedules`) or the name of a scalar hyperparameter; for other kinds
-(a number, per-tensor or per-step values, a callable) the measure is not taken.
+follows the window ending at M), ``lam_M``, give those steps. Above :data:`LIMIT` (2) the run
+trained its beginning hotter than its own tuned values would. The tuner then
+(``hot_start="restart"``) starts over from theta_0 at step 0 with ``lam_M`` whose learning rate
+is divided by ``ratio`` (:func:`cooled`): a start below what it found, from where online tuning
+is reliable; or it only warns (``"warn"``). The learning rate is the optimizer's ``lr``
+coefficient: a schedule (:mod:`hyperdiff.schedules`, its ``peak`` is scaled) or the name of a
+scalar hyperparameter; for other kinds (a number, per-tensor or per-step values, a callable)
+nothing is measured.
 """
 
 from __future__ import annotations
@@ -24,13 +27,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
 
+from ..errors import HyperdiffError
 from ..history import StepRecord
 from ..problem import Problem
 from ..schedules import Schedule
 
 FRACTION = 0.1
-LIMIT = 2.5
+LIMIT = 2.0
+MODES = ("restart", "warn", "ignore")
 
 
 def optimization_time(problem: Problem, values: Mapping[str, Any], start: int, stop: int
@@ -39,8 +45,8 @@ def optimization_time(problem: Problem, values: Mapping[str, Any], start: int, s
     None where the learning rate is not a schedule or a scalar hyperparameter."""
     coef = problem.optimizer.coefficients.get("lr")
     if isinstance(coef, Schedule):
-        natural = {n: torch.tensor(float(values[n]), dtype=torch.float64)
-                   for n in coef.names.values()}
+        natural = {n: torch.tensor(float(values[n]), dtype=torch.float64, device="cpu")
+                   for n in coef.names.values()}  # host numbers from the records: host math
         return float(coef.window(natural, start, stop).sum())
     if isinstance(coef, str) and isinstance(values.get(coef), float):
         return float(values[coef]) * (stop - start)
@@ -78,19 +84,36 @@ def _values_after(records: Sequence[StepRecord], record: StepRecord,
     return later[0].hparams if later else current
 
 
-def hot_start_warning(problem: Problem, records: Sequence[StepRecord], window: int,
-                      current: Mapping[str, Any] | None = None, fraction: float = FRACTION,
-                      limit: float = LIMIT) -> str | None:
-    """The warning text when the measure exceeds ``limit``, else None."""
-    measured = hot_start_ratio(problem, records, window, current, fraction)
-    if measured is None or measured[1] <= limit:
-        return None
-    steps, ratio = measured
-    return (f"the run's first {steps} steps trained at {ratio:.1f}x the optimization time "
-            f"(sum of learning rates) that the values tuned by then give those steps (limit "
-            f"{limit:g}): it started hotter than what it found, and from such starts online "
-            "tuning is not reliable (docs/online.md); rerun from a smaller initial learning "
-            "rate: online tuning raises a too small one reliably")
+def cooled(problem: Problem, raw: dict[str, Tensor], factor: float) -> dict[str, Tensor]:
+    """``raw`` with the learning rate divided by ``factor``: a schedule's ``peak``, or the
+    scalar hyperparameter that the ``lr`` coefficient names."""
+    coef = problem.optimizer.coefficients["lr"]
+    if isinstance(coef, Schedule):
+        name = coef.names["peak"]
+    elif isinstance(coef, str):
+        name = coef
+    else:  # optimization_time measures no other kind, so no restart asks for it
+        raise HyperdiffError(f"cooled: the learning rate must be a schedule or a hyperparameter "
+                             f"name (got {type(coef).__name__})")
+    hparams = problem.hparams.with_raw(raw)
+    value = float(hparams.natural()[name]) / factor
+    return hparams.with_natural(**{name: value}).raw
 
 
-__all__ = ["FRACTION", "LIMIT", "hot_start_ratio", "hot_start_warning", "optimization_time"]
+def hot_start_message(steps: int, ratio: float, mode: str, restarted: bool) -> str:
+    """What the tuner logs (and keeps in its warnings) for a hot start of ``ratio`` at step
+    ``steps`` with ``hot_start=mode``."""
+    found = (f"the run's first {steps} steps trained at {ratio:.2f}x the optimization time "
+             f"(sum of learning rates) that the values tuned by then give those steps (limit "
+             f"{LIMIT:g}): it started hotter than what it found, and from such starts online "
+             "tuning is not reliable (docs/online.md)")
+    if restarted:
+        return (f"{found}; restarted from theta_0 at step 0 with those values and the "
+                f"learning rate divided by {ratio:.2f}")
+    if mode == "restart":  # the measuring window was the run's last one
+        return f"{found}; the run ended with that window: rerun from a smaller initial rate"
+    return f"{found}; rerun from a smaller initial learning rate, or use hot_start='restart'"
+
+
+__all__ = ["FRACTION", "LIMIT", "MODES", "cooled", "hot_start_message", "hot_start_ratio",
+           "optimization_time"]

@@ -26,6 +26,11 @@ outer learning rate is multiplied by ``shrink``, and the same window is trained 
 next validation draw). ``max_failures`` failures in a row stop the run with a
 :class:`~hyperdiff.errors.NonFiniteError` that says what happened.
 
+**Hot start** (:mod:`~hyperdiff.online.hot_start`): at the window that reaches 10% of the run,
+a run that trained more than twice the optimization time that its values by then give those
+steps started hotter than what it found; by default (``hot_start="restart"``) it starts over
+once from theta_0 at step 0 with those values, the learning rate divided by that ratio.
+
 Hyperparameters must be defined for the whole run: a parametric schedule over N steps
 (:mod:`hyperdiff.schedules`), scalars, per-tensor values. A ``per_step`` schedule is accepted
 but its entry t receives a hypergradient only after step t has been trained.
@@ -65,7 +70,9 @@ from ..training import TrainState, flat, initial_state, validation_loss
 from ..typing import Batch, Params
 from .checkpoint import restore_tuner, tuner_state
 from .hot_start import FRACTION as HOT_FRACTION
-from .hot_start import hot_start_warning
+from .hot_start import LIMIT as HOT_LIMIT
+from .hot_start import MODES as HOT_START_MODES
+from .hot_start import cooled, hot_start_message, hot_start_ratio
 from .methods import METHODS, window_method
 from .windows import Window
 
@@ -129,6 +136,10 @@ class OnlineTuner:
             / horizon)`` (``"lr"``: over an optimization time ``sum_t lr_t`` of ``horizon``);
             ``None``: never; the curvature estimate is ``curvature_scale`` (``None``: the
             training batch's rows) times the average squared gradient.
+        hot_start: at 10% of the run, when it trained more than twice the optimization time
+            that the values found by then give those steps (:mod:`hyperdiff.online.hot_start`):
+            ``"restart"`` from theta_0 with those values, the learning rate divided by that
+            ratio (once; logged), ``"warn"`` (logged, :attr:`warnings`), or ``"ignore"``.
     """
 
     def __init__(self, problem: Problem, *, window: int = 1, method: str = "reverse",
@@ -139,7 +150,8 @@ class OnlineTuner:
                  solver: Solver | str = "cg", backprop: int | None = None,
                  shrink: float = 0.5, max_failures: int = 5, max_loss_ratio: float = 1e6,
                  normalize: bool = False, horizon: float | None = 500,
-                 horizon_unit: str = "steps", curvature_scale: float | None = None):
+                 horizon_unit: str = "steps", curvature_scale: float | None = None,
+                 hot_start: str = "restart"):
         if not isinstance(problem, Problem):
             raise fail("OnlineTuner", "problem", "a hd.Problem made by hd.make_problem", problem)
         method_of = window_method(method, problem, engine=engine, solver=solver,
@@ -170,6 +182,11 @@ class OnlineTuner:
         if not isinstance(normalize, bool):
             raise fail("OnlineTuner", "normalize", "True or False", normalize)
         self.normalize = normalize
+        if hot_start not in HOT_START_MODES:
+            raise fail("OnlineTuner", "hot_start", f"one of {list(HOT_START_MODES)}", hot_start)
+        self.hot_start = hot_start
+        self.hot_start_measure: tuple[int, float] | None = None
+        self.restarted = False
         if not (is_number(shrink) and 0.0 < shrink < 1.0):  # the guard's own check, any type
             raise fail("OnlineTuner", "guard shrink", "in (0, 1)", shrink)
         self.guard = DivergenceGuard(shrink=shrink, max_failures=max_failures,
@@ -263,19 +280,50 @@ class OnlineTuner:
             lr=outer_lr, best=False, trainings=1, message="", time_s=self._elapsed,
             step_time_s=now - started,
         )
+        restart = self._measure_hot_start(record, start, stop)
+        if restart:
+            record = replace(record, message=self.warnings[0])
         self.history.append(record)
-        if start < math.ceil(HOT_FRACTION * self.problem.steps) <= stop:
-            for warning in self.warnings:  # once, when the run reaches HOT_FRACTION of N
-                _LOG.warning("OnlineTuner: %s", warning)
+        if restart:
+            self._restart_cooler()
         return record
+
+    def _measure_hot_start(self, record: StepRecord, start: int, stop: int) -> bool:
+        """At the window that reaches 10% of the run (first pass): the hot-start measure
+        (:mod:`hyperdiff.online.hot_start`); True when the run is to start over."""
+        target = math.ceil(HOT_FRACTION * self.problem.steps)
+        if self.hot_start == "ignore" or self.restarted or not start < target <= stop:
+            return False
+        current = natural_values(self.hparams, self.raw)
+        self.hot_start_measure = hot_start_ratio(self.problem, [*self.history, record],
+                                                 self.window, current)
+        if self.hot_start_measure is None or self.hot_start_measure[1] <= HOT_LIMIT:
+            return False
+        restart = self.hot_start == "restart" and stop < self.problem.steps
+        self.restarted = restart
+        _LOG.warning("OnlineTuner: %s", self.warnings[0])
+        return restart
+
+    def _restart_cooler(self) -> None:
+        """Start over from theta_0 at step 0 (parameters, buffers, optimizer state, tangents)
+        with the current values, the learning rate divided by the hot-start ratio."""
+        assert self.hot_start_measure is not None
+        raw = cooled(self.problem, self.raw, self.hot_start_measure[1])
+        with torch.no_grad():
+            self.flat.copy_(self.hparams.flatten(raw))
+            self.state = initial_state(self.problem, differentiable=False)
+        self.tangent, self.inner_step = None, 0
+        self.guard.succeeded({"raw": self.raw,
+                              "outer": copy.deepcopy(self.optimizer.state_dict())})
 
     @property
     def warnings(self) -> tuple[str, ...]:
-        """What the run's history shows suspect: a start hotter than the values it found
-        (:func:`~hyperdiff.online.hot_start.hot_start_warning`)."""
-        current = natural_values(self.hparams, self.raw)
-        warning = hot_start_warning(self.problem, self.history, self.window, current)
-        return () if warning is None else (warning,)
+        """What the run found suspect: a start hotter than the values it found
+        (:mod:`hyperdiff.online.hot_start`), and whether it restarted for it."""
+        measured = self.hot_start_measure
+        if measured is None or measured[1] <= HOT_LIMIT:
+            return ()
+        return (hot_start_message(*measured, self.hot_start, self.restarted),)
 
     def outer_lr(self, window: int) -> float:
         """The outer learning rate of the run's window ``w`` (its first step ``w K``): ``lr``
