@@ -140,7 +140,8 @@ def test_no_restart_when_the_measuring_window_ends_the_run():
     """One window of the whole run (K = N) whose outer step lowers lr by 6.65x: measured and
     warned, nothing to restart."""
     prob = recipe(6)
-    tuner = hd.OnlineTuner(prob, window=6, optimizer="sgd", normalize=True, lr=2.0)
+    tuner = hd.OnlineTuner(prob, window=6, optimizer="sgd", normalize=True, lr=2.0,
+                           hot_start="restart")
     tuner.run()
     assert tuner.done and tuner.inner_step == 6 and not tuner.restarted
     assert tuner.hot_start_measure[1] == pytest.approx(6.652, abs=1e-3)
@@ -158,3 +159,14 @@ def test_the_report_table_prints_the_run_warnings():
     table = format_table({**result, "warnings": ["it started hot", "second"]})
     assert [line for line in table.splitlines() if line.startswith("warning: ")] == \
         ["warning: it started hot", "warning: second"]
+
+
+def test_the_restart_is_the_default_of_the_long_horizon_method_only():
+    """Greedy windows lower the learning rate from any start (their short-horizon bias): with
+    them a falling value is no sign of a hot start, and nothing is measured by default."""
+    assert hd.OnlineTuner(recipe(6)).hot_start == "ignore"
+    assert hd.OnlineTuner(recipe(6), method="forward").hot_start == "ignore"
+    assert full_length(0.05)[1].hot_start == "restart"
+    assert hd.OnlineTuner(recipe(6), hot_start="warn").hot_start == "warn"
+    with pytest.raises(hd.HyperdiffError, match="hot_start must be None or one of"):
+        hd.OnlineTuner(recipe(6), hot_start="always")

@@ -93,11 +93,11 @@ class OuterConfig:
     val_batch: int = option(0, "online: validation rows drawn per hyper-step (0: all)", low=0)
     normalize: bool = option(False, "online: divide each hypergradient by its L2 norm before "
                              "the outer step (with sgd: every step moves the raw values by lr)")
-    hot_start: str = option("restart", "online: at 10% of the run, if it trained more than 2x "
+    hot_start: str = option("auto", "online: at 10% of the run, if it trained more than 2x "
                             "the optimization time that its values by then give those steps: "
                             "restart from theta_0 with the learning rate divided by that ratio, "
-                            "warn, or ignore (docs/online.md)",
-                            choices=["restart", "warn", "ignore"])
+                            "warn, or ignore; auto: restart with method curvature, else ignore "
+                            "(docs/online.md)", choices=["auto", "restart", "warn", "ignore"])
 
 
 @dataclass(frozen=True)

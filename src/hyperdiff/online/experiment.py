@@ -59,7 +59,8 @@ def build_online(config: Config) -> tuple[Task, OnlineTuner]:
         seed=outer.seed, backprop=(outer.backprop or None) if method == "reverse" else None,
         shrink=config.guard.shrink, max_failures=config.guard.max_failures,
         max_loss_ratio=config.guard.max_loss_ratio, normalize=outer.normalize,
-        hot_start=outer.hot_start, **config.method.options,
+        hot_start=None if outer.hot_start == "auto" else outer.hot_start,
+        **config.method.options,
     )
     return task, tuner
 

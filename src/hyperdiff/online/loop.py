@@ -28,8 +28,9 @@ next validation draw). ``max_failures`` failures in a row stop the run with a
 
 **Hot start** (:mod:`~hyperdiff.online.hot_start`): at the window that reaches 10% of the run,
 a run that trained more than twice the optimization time that its values by then give those
-steps started hotter than what it found; by default (``hot_start="restart"``) it starts over
-once from theta_0 at step 0 with those values, the learning rate divided by that ratio.
+steps started hotter than what it found; with ``method="curvature"`` it then starts over by
+default, once, from theta_0 at step 0 with those values, the learning rate divided by that
+ratio (``hot_start``).
 
 Hyperparameters must be defined for the whole run: a parametric schedule over N steps
 (:mod:`hyperdiff.schedules`), scalars, per-tensor values. A ``per_step`` schedule is accepted
@@ -139,7 +140,10 @@ class OnlineTuner:
         hot_start: at 10% of the run, when it trained more than twice the optimization time
             that the values found by then give those steps (:mod:`hyperdiff.online.hot_start`):
             ``"restart"`` from theta_0 with those values, the learning rate divided by that
-            ratio (once; logged), ``"warn"`` (logged, :attr:`warnings`), or ``"ignore"``.
+            ratio (once; logged), ``"warn"`` (logged, :attr:`warnings`), or ``"ignore"``;
+            ``None``: ``"restart"`` with ``method="curvature"``, else ``"ignore"`` (greedy
+            windows lower the learning rate from any start: their short-horizon bias, not a
+            hot start).
     """
 
     def __init__(self, problem: Problem, *, window: int = 1, method: str = "reverse",
@@ -151,7 +155,7 @@ class OnlineTuner:
                  shrink: float = 0.5, max_failures: int = 5, max_loss_ratio: float = 1e6,
                  normalize: bool = False, horizon: float | None = 500,
                  horizon_unit: str = "steps", curvature_scale: float | None = None,
-                 hot_start: str = "restart"):
+                 hot_start: str | None = None):
         if not isinstance(problem, Problem):
             raise fail("OnlineTuner", "problem", "a hd.Problem made by hd.make_problem", problem)
         method_of = window_method(method, problem, engine=engine, solver=solver,
@@ -182,8 +186,11 @@ class OnlineTuner:
         if not isinstance(normalize, bool):
             raise fail("OnlineTuner", "normalize", "True or False", normalize)
         self.normalize = normalize
+        if hot_start is None:  # measured for the long-horizon signal only (module doc)
+            hot_start = "restart" if method == "curvature" else "ignore"
         if hot_start not in HOT_START_MODES:
-            raise fail("OnlineTuner", "hot_start", f"one of {list(HOT_START_MODES)}", hot_start)
+            raise fail("OnlineTuner", "hot_start", f"None or one of {list(HOT_START_MODES)}",
+                       hot_start)
         self.hot_start = hot_start
         self.hot_start_measure: tuple[int, float] | None = None
         self.restarted = False
