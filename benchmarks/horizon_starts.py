@@ -8,9 +8,9 @@ each over the online run's minibatch order from tuning seeds 0-5, with the hot-s
 of each run (:mod:`hyperdiff.online.hot_start`: the optimization time trained in the first 10%
 of the run over the one its values by then give those steps). Rows:
 
-- ``task default``: the tuner's default ``hot_start="restart"``: above a measure of 2 the run
-  starts over once from theta_0 with the values found, the learning rate divided by the
-  measure (cost: the first 10% of the run again);
+- ``task default``: ``hot_start="restart"``, the default of ``method="curvature"``: above a
+  measure of 2 the run starts over once from theta_0 with the values found, the learning rate
+  divided by the measure (cost: the first 10% of the run again);
 - ``hot_start=warn``: the same run without the restart (what the default did before), from
   the starts whose measure can exceed 2 (0.1 and above; below, both rows are the same runs).
 
