@@ -170,3 +170,31 @@ def test_the_restart_is_the_default_of_the_long_horizon_method_only():
     assert hd.OnlineTuner(recipe(6), hot_start="warn").hot_start == "warn"
     with pytest.raises(hd.HyperdiffError, match="hot_start must be None or one of"):
         hd.OnlineTuner(recipe(6), hot_start="always")
+
+
+HOT = ["task.name=horizon_digits", "inner.steps=200", "outer.window=5", "outer.lr=3.0",
+       "report.seeds=1"]  # outer steps of 3 in L2: the lr falls 5.4x in the first 20 steps
+
+
+def test_the_cli_run_restarts_reports_it_and_resumes_across_the_restart(tmp_path):
+    from interrupt import interrupted_run
+
+    from hyperdiff.config import load_config
+    from hyperdiff.experiment import format_table, run_experiment
+    from hyperdiff.rundir import RunDir
+
+    def log(_: str) -> None:
+        return None
+
+    whole = run_experiment(load_config(overrides=HOT), out=tmp_path / "a", log=log,
+                           progress=False)
+    assert len(whole["warnings"]) == 1 and "restarted from theta_0" in whole["warnings"][0]
+    assert f"warning: {whole['warnings'][0]}" in format_table(whole).splitlines()
+    history = RunDir(tmp_path / "a").read_history()
+    assert len(history) == 4 + 40  # 4 windows to step 20, then the whole run again
+    assert history[3].message == whole["warnings"][0]
+    interrupted_run(tmp_path / "b", HOT, at=7)  # stopped after the restart
+    resumed = run_experiment(None, resume=tmp_path / "b", log=log, progress=False)
+    again = RunDir(tmp_path / "b").read_history()
+    assert [r.without_timing() for r in again] == [r.without_timing() for r in history]
+    assert resumed["tuned"] == whole["tuned"] and resumed["warnings"] == whole["warnings"]
