@@ -22,17 +22,25 @@ nothing is measured.
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from ..errors import HyperdiffError
-from ..history import StepRecord
+from ..history import StepRecord, natural_values
 from ..problem import Problem
 from ..schedules import Schedule
+from ..training import initial_state
+
+if TYPE_CHECKING:
+    from .loop import OnlineTuner
+
+_LOG = logging.getLogger("hyperdiff.online")
 
 FRACTION = 0.1
 LIMIT = 2.0
@@ -115,5 +123,45 @@ def hot_start_message(steps: int, ratio: float, mode: str, restarted: bool) -> s
     return f"{found}; rerun from a smaller initial learning rate, or use hot_start='restart'"
 
 
+def measure_hot_start(tuner: OnlineTuner, record: StepRecord, start: int, stop: int) -> bool:
+    """At the window (``record``, steps ``start .. stop-1``) that reaches :data:`FRACTION` of
+    the run, first pass only: take the measure into ``tuner.hot_start_measure`` and log the
+    message above :data:`LIMIT`; True when the run is to start over (``hot_start="restart"``
+    and the window is not the run's last)."""
+    target = math.ceil(FRACTION * tuner.problem.steps)
+    if tuner.hot_start == "ignore" or tuner.restarted or not start < target <= stop:
+        return False
+    current = natural_values(tuner.hparams, tuner.raw)
+    tuner.hot_start_measure = hot_start_ratio(tuner.problem, [*tuner.history, record],
+                                              tuner.window, current)
+    if tuner.hot_start_measure is None or tuner.hot_start_measure[1] <= LIMIT:
+        return False
+    tuner.restarted = tuner.hot_start == "restart" and stop < tuner.problem.steps
+    _LOG.warning("OnlineTuner: %s", hot_start_warnings(tuner)[0])
+    return tuner.restarted
+
+
+def restart_cooler(tuner: OnlineTuner) -> None:
+    """Start ``tuner``'s run over from theta_0 at step 0 (parameters, buffers, optimizer state,
+    tangents) with its current values, the learning rate divided by the measured ratio; that
+    becomes the divergence guard's last good point."""
+    assert tuner.hot_start_measure is not None
+    raw = cooled(tuner.problem, tuner.raw, tuner.hot_start_measure[1])
+    with torch.no_grad():
+        tuner.flat.copy_(tuner.hparams.flatten(raw))
+        tuner.state = initial_state(tuner.problem, differentiable=False)
+    tuner.tangent, tuner.inner_step = None, 0
+    tuner.guard.succeeded({"raw": tuner.raw,
+                           "outer": copy.deepcopy(tuner.optimizer.state_dict())})
+
+
+def hot_start_warnings(tuner: OnlineTuner) -> tuple[str, ...]:
+    """The hot-start message of ``tuner``'s run, if its measure exceeded :data:`LIMIT`."""
+    measured = tuner.hot_start_measure
+    if measured is None or measured[1] <= LIMIT:
+        return ()
+    return (hot_start_message(*measured, tuner.hot_start, tuner.restarted),)
+
+
 __all__ = ["FRACTION", "LIMIT", "MODES", "cooled", "hot_start_message", "hot_start_ratio",
-           "optimization_time"]
+           "hot_start_warnings", "measure_hot_start", "optimization_time", "restart_cooler"]

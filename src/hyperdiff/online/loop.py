@@ -70,10 +70,8 @@ from ..solvers import Solver
 from ..training import TrainState, flat, initial_state, validation_loss
 from ..typing import Batch, Params
 from .checkpoint import restore_tuner, tuner_state
-from .hot_start import FRACTION as HOT_FRACTION
-from .hot_start import LIMIT as HOT_LIMIT
 from .hot_start import MODES as HOT_START_MODES
-from .hot_start import cooled, hot_start_message, hot_start_ratio
+from .hot_start import hot_start_warnings, measure_hot_start, restart_cooler
 from .methods import METHODS, window_method
 from .windows import Window
 
@@ -287,50 +285,19 @@ class OnlineTuner:
             lr=outer_lr, best=False, trainings=1, message="", time_s=self._elapsed,
             step_time_s=now - started,
         )
-        restart = self._measure_hot_start(record, start, stop)
+        restart = measure_hot_start(self, record, start, stop)
         if restart:
             record = replace(record, message=self.warnings[0])
         self.history.append(record)
         if restart:
-            self._restart_cooler()
+            restart_cooler(self)
         return record
-
-    def _measure_hot_start(self, record: StepRecord, start: int, stop: int) -> bool:
-        """At the window that reaches 10% of the run (first pass): the hot-start measure
-        (:mod:`hyperdiff.online.hot_start`); True when the run is to start over."""
-        target = math.ceil(HOT_FRACTION * self.problem.steps)
-        if self.hot_start == "ignore" or self.restarted or not start < target <= stop:
-            return False
-        current = natural_values(self.hparams, self.raw)
-        self.hot_start_measure = hot_start_ratio(self.problem, [*self.history, record],
-                                                 self.window, current)
-        if self.hot_start_measure is None or self.hot_start_measure[1] <= HOT_LIMIT:
-            return False
-        restart = self.hot_start == "restart" and stop < self.problem.steps
-        self.restarted = restart
-        _LOG.warning("OnlineTuner: %s", self.warnings[0])
-        return restart
-
-    def _restart_cooler(self) -> None:
-        """Start over from theta_0 at step 0 (parameters, buffers, optimizer state, tangents)
-        with the current values, the learning rate divided by the hot-start ratio."""
-        assert self.hot_start_measure is not None
-        raw = cooled(self.problem, self.raw, self.hot_start_measure[1])
-        with torch.no_grad():
-            self.flat.copy_(self.hparams.flatten(raw))
-            self.state = initial_state(self.problem, differentiable=False)
-        self.tangent, self.inner_step = None, 0
-        self.guard.succeeded({"raw": self.raw,
-                              "outer": copy.deepcopy(self.optimizer.state_dict())})
 
     @property
     def warnings(self) -> tuple[str, ...]:
         """What the run found suspect: a start hotter than the values it found
         (:mod:`hyperdiff.online.hot_start`), and whether it restarted for it."""
-        measured = self.hot_start_measure
-        if measured is None or measured[1] <= HOT_LIMIT:
-            return ()
-        return (hot_start_message(*measured, self.hot_start, self.restarted),)
+        return hot_start_warnings(self)
 
     def outer_lr(self, window: int) -> float:
         """The outer learning rate of the run's window ``w`` (its first step ``w K``): ``lr``
