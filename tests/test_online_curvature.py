@@ -55,26 +55,44 @@ def test_with_a_zero_hessian_it_equals_rtho_window_by_window(momentum):
     assert any(abs(g) > 1e-3 for g in ours[-1].grad.values())  # a non-trivial signal
 
 
-def reference(prob, steps, horizon, scale, unit="steps"):
-    """The module doc's recurrence written out per step and per parameter tensor: the learning
-    rate's derivative by autograd at each step, the momentum and curvature by hand."""
+def reference_start(prob, horizon):
+    """What the written-out recurrences (SGD's here, Adam's in test_online_curvature_adam)
+    start from: the schedule, the raw names and leaves, the per-step forgetting, the natural
+    view, theta_0 and the zero parameter tangents ``(P, *shape)``."""
     sched = prob.optimizer.coefficients["lr"]
     names = list(prob.hparams.raw)
     raw = {n: v.clone().requires_grad_() for n, v in prob.hparams.raw.items()}
-    mu_steps = 1.0 - 1.0 / horizon
     hview = prob.hparams.view({n: v.detach() for n, v in raw.items()})
     state = initial_state(prob, differentiable=False)
     z = {k: torch.zeros(len(names), *p.shape, dtype=DT) for k, p in prob.params.items()}
+    return sched, names, raw, 1.0 - 1.0 / horizon, hview, state, z
+
+
+def lr_and_derivative(prob, sched, raw, names, t):
+    """``lr_t`` and its derivative in every raw value (P,), by autograd."""
+    lr_t = sched.value(prob.hparams.view(raw), t)
+    dlr = torch.stack([g if g is not None else torch.zeros((), dtype=DT) for g in
+                       torch.autograd.grad(lr_t, [raw[n] for n in names], allow_unused=True)])
+    return lr_t, dlr
+
+
+def train_gradient_at(prob, params, hview, t):
+    """The training gradient at step ``t``'s minibatch, by parameter name."""
+    theta = {k: p.detach().requires_grad_() for k, p in params.items()}
+    loss = mlp_train_loss(theta, hview, prob.train_data.batch(t, prob.seed))
+    return dict(zip(theta, torch.autograd.grad(loss, list(theta.values())), strict=True))
+
+
+def reference(prob, steps, horizon, scale, unit="steps"):
+    """The module doc's recurrence written out per step and per parameter tensor: the learning
+    rate's derivative by autograd at each step, the momentum and curvature by hand."""
+    sched, names, raw, mu_steps, hview, state, z = reference_start(prob, horizon)
     zb = {k: torch.zeros_like(t) for k, t in z.items()}
     v = {k: torch.zeros_like(p) for k, p in prob.params.items()}
     b = {k: torch.zeros_like(p) for k, p in prob.params.items()}
     for t in range(steps):
-        lr_t = sched.value(prob.hparams.view(raw), t)
-        dlr = torch.stack([g if g is not None else torch.zeros((), dtype=DT) for g in
-                           torch.autograd.grad(lr_t, [raw[n] for n in names], allow_unused=True)])
-        theta = {k: p.detach().requires_grad_() for k, p in state.params.items()}
-        loss = mlp_train_loss(theta, hview, prob.train_data.batch(t, prob.seed))
-        grads = dict(zip(theta, torch.autograd.grad(loss, list(theta.values())), strict=True))
+        lr_t, dlr = lr_and_derivative(prob, sched, raw, names, t)
+        grads = train_gradient_at(prob, state.params, hview, t)
         beta = 0.7
         for k in z:
             d = grads[k]

@@ -11,7 +11,13 @@ import pytest
 import torch
 from online_resume import assert_resumes_bit_for_bit
 from test_online import mlp_params, val_loss
-from test_online_curvature import linear_train_loss, mlp_train_loss
+from test_online_curvature import (
+    linear_train_loss,
+    lr_and_derivative,
+    mlp_train_loss,
+    reference_start,
+    train_gradient_at,
+)
 
 import hyperdiff as hd
 from hyperdiff.online.curvature import RHO, curvature_window, initial_tangent
@@ -74,14 +80,8 @@ def reference(prob, steps, horizon, scale, kind, wd, unit="steps"):
     hand (the last step's direct term included: the schedule's values act only through the
     learning rate). Returns the hypergradient, the final state and how many entries were
     capped."""
-    sched = prob.optimizer.coefficients["lr"]
     b1, b2, eps = BETAS[0], BETAS[1], 1e-6
-    names = list(prob.hparams.raw)
-    raw = {n: v.clone().requires_grad_() for n, v in prob.hparams.raw.items()}
-    mu_steps = 1.0 - 1.0 / horizon
-    hview = prob.hparams.view({n: v.detach() for n, v in raw.items()})
-    state = initial_state(prob, differentiable=False)
-    z = {k: torch.zeros(len(names), *p.shape, dtype=DT) for k, p in prob.params.items()}
+    sched, names, raw, mu_steps, hview, state, z = reference_start(prob, horizon)
     zm = {k: torch.zeros_like(t) for k, t in z.items()}
     zv = {k: torch.zeros_like(t) for k, t in z.items()}
     est = {k: torch.zeros_like(p) for k, p in prob.params.items()}
@@ -89,13 +89,9 @@ def reference(prob, steps, horizon, scale, kind, wd, unit="steps"):
     v = {k: torch.zeros_like(p) for k, p in prob.params.items()}
     capped = 0
     for t in range(steps):
-        lr_t = sched.value(prob.hparams.view(raw), t)
-        dlr = torch.stack([g if g is not None else torch.zeros((), dtype=DT) for g in
-                           torch.autograd.grad(lr_t, [raw[n] for n in names], allow_unused=True)])
+        lr_t, dlr = lr_and_derivative(prob, sched, raw, names, t)
         lr = float(lr_t.detach())
-        theta = {k: p.detach().requires_grad_() for k, p in state.params.items()}
-        loss = mlp_train_loss(theta, hview, prob.train_data.batch(t, prob.seed))
-        grads = dict(zip(theta, torch.autograd.grad(loss, list(theta.values())), strict=True))
+        grads = train_gradient_at(prob, state.params, hview, t)
         k_t = t + 1
         c1, c2 = 1 - b1 ** k_t, 1 - b2 ** k_t
         for k in z:
