@@ -203,3 +203,23 @@ def test_generated_values_are_really_bad_not_typos():
             assert math.isfinite(float(hd.hypergradient(**valid).value))
             continue
         make(**valid)
+
+
+# --- issue 18: files written where they must not be ---
+OUTSIDE_OR_RUN_FILE = ["../steps.csv", "a/../../steps.csv", "/tmp/steps.csv", ".", "history.jsonl",
+                       "CHECKPOINT.PT", "figures/x", "manifest.json/x", "run.lock"]
+
+
+@pytest.mark.parametrize("key", ["csv", "tensorboard"])
+@pytest.mark.parametrize("value", OUTSIDE_OR_RUN_FILE)
+def test_log_paths_must_stay_inside_the_run_directory_and_off_its_files(key, value):
+    with pytest.raises(hd.HyperdiffError) as info:
+        resolve({"log": {key: value}})
+    assert str(info.value).startswith(f"config: log.{key} must be a path inside the run "
+                                      "directory"), str(info.value)
+    assert f"(got {value!r}: " in str(info.value)
+
+
+@pytest.mark.parametrize("key", ["csv", "tensorboard"])
+def test_log_paths_inside_the_run_directory_are_accepted(key):
+    assert getattr(resolve({"log": {key: "logs/steps"}}).log, key) == "logs/steps"

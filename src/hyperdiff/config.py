@@ -17,12 +17,13 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from pathlib import Path
+from pathlib import Path, PurePath
 from types import UnionType
 from typing import Any, Union, cast, get_args, get_origin, get_type_hints
 
 from .errors import HyperdiffError, describe
 from .registry import METHODS, ONLINE_ONLY_METHODS, OPTIMIZERS, SCHEDULES, method_constructor
+from .rundir.paths import inside_run_dir
 from .tasks import DEFAULT_TASK, check_task_name, task_defaults
 
 if sys.version_info >= (3, 11):
@@ -32,10 +33,12 @@ else:  # pragma: no cover
 
 
 def option(default: Any, help: str, *, choices: Any = None, low: float | None = None,
-           high: float | None = None, open_low: bool = False, open_high: bool = False) -> Any:
-    """A config field with its documentation and valid range (``choices`` may be a callable)."""
+           high: float | None = None, open_low: bool = False, open_high: bool = False,
+           check: Callable[[str, str], Any] | None = None) -> Any:
+    """A config field with its documentation and valid range (``choices`` may be a callable;
+    ``check(value, "config: section.key")`` raises for a non-empty string that is invalid)."""
     meta = {"help": help, "choices": choices, "low": low, "high": high,
-            "open_low": open_low, "open_high": open_high}
+            "open_low": open_low, "open_high": open_high, "check": check}
     return field(default=default, metadata=meta)
 
 
@@ -129,7 +132,9 @@ class ReportConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    dir: str = option("", "run directory (empty: runs/<task>-<date>-<time>)")
+    dir: str = option("", "run directory of a new run, relative to the working directory "
+                      "without '..' (empty: runs/<task>-<date>-<time>; any other place: "
+                      "--out)")
     checkpoint_every: int = option(1, "write a checkpoint every this many outer steps", low=1)
 
 
@@ -141,10 +146,11 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
-    tensorboard: str = option("", "TensorBoard log directory, relative to the run directory "
-                              "(empty: off; needs pip install 'hyperdiff[tensorboard]')")
-    csv: str = option("", "CSV file with one row per outer step, relative to the run "
-                      "directory (empty: off)")
+    tensorboard: str = option("", "TensorBoard log directory inside the run directory "
+                              "(relative, no '..', not a run file; empty: off; needs pip "
+                              "install 'hyperdiff[tensorboard]')", check=inside_run_dir)
+    csv: str = option("", "CSV file with one row per outer step inside the run directory "
+                      "(relative, no '..', not a run file; empty: off)", check=inside_run_dir)
 
 
 @dataclass(frozen=True)
@@ -255,7 +261,18 @@ def resolve(source: dict[str, Any]) -> Config:
     if built["task"].cv_folds == 1:
         raise HyperdiffError("config: task.cv_folds must be 0 (hold-out validation) or an int "
                              ">= 2 (got 1)")
+    _check_log_paths(built["log"])
     return Config(**built)
+
+
+def _check_log_paths(log: LogConfig) -> None:
+    """Raise if the CSV file would take the place of the TensorBoard directory (or one of the
+    folders above it)."""
+    csv, board = PurePath(log.csv).parts, PurePath(log.tensorboard).parts
+    if log.csv and log.tensorboard and board[: len(csv)] == csv:
+        raise HyperdiffError(
+            f"config: log.csv must not be log.tensorboard's directory or a folder above it "
+            f"(got {log.csv!r} with log.tensorboard = {log.tensorboard!r})")
 
 
 def _build_section(section: str, cls: type, values: dict[str, Any]) -> Any:
@@ -351,6 +368,8 @@ def _check_value(section: str, key: str, value: Any, meta: Any, kind: Any) -> An
                 f"config: {where} must be one of {', '.join(map(repr, choices))} "
                 f"(got {value!r}){_suggest(value, list(choices), '')}"
             )
+        if value and meta.get("check"):
+            meta["check"](value, f"config: {where}")
         return value
     is_int = kind is int
     numeric = isinstance(value, int) if is_int else isinstance(value, (int, float))

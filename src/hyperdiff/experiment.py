@@ -25,6 +25,7 @@ from .loggers import Progress, close_all, config_loggers, start_all
 from .logs import get_logger
 from .registry import make_method
 from .rundir import RunDir
+from .rundir.paths import below_working_dir
 from .rundir.records import new_run
 from .tasks import Task, build_task
 from .tasks.loader import label
@@ -68,9 +69,12 @@ def build(config: Config) -> tuple[Task, HyperOptimizer]:
 def new_run_dir(config: Config, out: str | Path | None = None) -> RunDir:
     """The directory of a new run: ``out``, else ``config.output.dir``, else a fresh
     ``runs/<task>-<date>-<time>`` (with ``-2``, ``-3``, ... when that name is taken),
-    created atomically."""
-    if out or config.output.dir:
-        return RunDir.create(out or config.output.dir)
+    created atomically. ``out`` (the command line's ``--out``) may be anywhere;
+    ``output.dir`` (a config file's) must stay below the working directory."""
+    if out:
+        return RunDir.create(out)
+    if config.output.dir:
+        return RunDir.create(below_working_dir(config.output.dir, "config: output.dir"))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return RunDir.create_unique("runs", f"{label(config.task.name)}-{stamp}")
 

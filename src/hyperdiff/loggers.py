@@ -18,13 +18,23 @@ config switch them on for ``hyperdiff run``.
 from __future__ import annotations
 
 import csv
+import io
 import math
+import secrets
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import HyperdiffError
 from .history import StepRecord
+from .rundir.files import (
+    append_bytes,
+    atomic_write_bytes,
+    os_errors,
+    refuse_link,
+    remove_temporaries,
+)
+from .rundir.paths import inside_run_dir, make_directories
 
 LOSS_FIELDS = ("train_loss", "val_loss", "val_loss_std", "selection_loss", "grad_norm",
                "grad_std", "grad_snr", "lr")
@@ -57,30 +67,37 @@ class CSVLogger:
     """One CSV row per outer step: the record's fields (``CSV_FIELDS``) and, for each
     hyperparameter, its value (a vector's mean, min and max). Floats are written with
     ``repr`` so that they read back exactly; ``None`` is an empty cell. On resume the file is
-    rewritten from the history first, so its rows always equal the history."""
+    rewritten from the history first, so its rows always equal the history. The file is
+    written as run files are (:mod:`hyperdiff.rundir.files`): replaced atomically at the start,
+    appended after, never through a symbolic link."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.columns: list[str] | None = None
 
     def start(self, history: Sequence[StepRecord]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("")
+        with os_errors(self.path.parent, "create the directory"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(self.path.parent, (self.path.name,))
         self.columns = None
-        for record in history:
-            self._write(record)
+        atomic_write_bytes(self.path, b"".join(self._line(r) for r in history),
+                           sync_directory=False)
 
     def __call__(self, opt: Any, record: StepRecord) -> None:
-        self._write(record)
+        if self.columns is None and not self.path.exists():
+            self.start([])
+        append_bytes(self.path, self._line(record))
 
-    def _write(self, record: StepRecord) -> None:
+    def _line(self, record: StepRecord) -> bytes:
+        """The record's row (after the header, when it is the first), as CSV bytes."""
         row = self.row(record)
-        with open(self.path, "a", newline="") as handle:
-            writer = csv.writer(handle)
-            if self.columns is None:
-                self.columns = list(row)
-                writer.writerow(self.columns)
-            writer.writerow([_cell(row.get(c)) for c in self.columns])
+        text = io.StringIO()
+        writer = csv.writer(text)
+        if self.columns is None:
+            self.columns = list(row)
+            writer.writerow(self.columns)
+        writer.writerow([_cell(row.get(c)) for c in self.columns])
+        return text.getvalue().encode()
 
     @staticmethod
     def row(record: StepRecord) -> dict[str, Any]:
@@ -115,8 +132,10 @@ class TensorBoardLogger:
         self.writer: Any = None
 
     def start(self, history: Sequence[StepRecord]) -> None:
-        # purge events past the resume point so a resumed run shows one curve
-        self.writer = self._writer_class(str(self.log_dir), purge_step=len(history) or None)
+        # purge events past the resume point so a resumed run shows one curve; a random
+        # suffix makes the event file's name unguessable, so no link can be planted there
+        self.writer = self._writer_class(str(self.log_dir), purge_step=len(history) or None,
+                                         filename_suffix=f".{secrets.token_hex(8)}")
 
     def __call__(self, opt: Any, record: StepRecord) -> None:
         if self.writer is None:
@@ -131,13 +150,19 @@ class TensorBoardLogger:
 
 
 def config_loggers(log: Any, run_dir: Path) -> list[Any]:
-    """The loggers that a config's ``[log]`` section asks for (paths relative to
-    ``run_dir``)."""
+    """The loggers that a config's ``[log]`` section asks for, with their directories made
+    inside ``run_dir`` (:func:`~hyperdiff.rundir.paths.inside_run_dir` checks the paths: no
+    absolute path, no ``..``, no run file; a symbolic link on the way is refused)."""
     loggers: list[Any] = []
     if log.csv:
-        loggers.append(CSVLogger(run_dir / log.csv))
+        csv_path = inside_run_dir(log.csv, "config: log.csv")
+        path = make_directories(run_dir, csv_path.parent) / csv_path.name
+        refuse_link(path)  # before the run writes anything, not at the first row
+        loggers.append(CSVLogger(path))
     if log.tensorboard:
-        loggers.append(TensorBoardLogger(run_dir / log.tensorboard))
+        board = inside_run_dir(log.tensorboard, "config: log.tensorboard")
+        loggers.append(TensorBoardLogger(run_dir / board))  # first: is tensorboard installed?
+        make_directories(run_dir, board)
     return loggers
 
 

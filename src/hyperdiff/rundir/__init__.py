@@ -5,6 +5,7 @@ checked history reader (:mod:`.records`). See ``docs/run_directory.md``."""
 from .directory import (
     CHECKPOINT,
     CONFIG,
+    FIGURES,
     HISTORY,
     HPARAMS,
     LOCK,
@@ -19,6 +20,6 @@ from .files import atomic_write_bytes, read_bytes
 from .lock import RunLock
 from .manifest import MANIFEST, Manifest
 
-__all__ = ["CHECKPOINT", "CONFIG", "HISTORY", "HPARAMS", "LOCK", "MANIFEST", "RESULT",
+__all__ = ["CHECKPOINT", "CONFIG", "FIGURES", "HISTORY", "HPARAMS", "LOCK", "MANIFEST", "RESULT",
            "RUN_FILES", "Manifest", "RunDir", "RunLock", "atomic_write_bytes", "describe",
            "json_safe", "load_state", "read_bytes"]

@@ -54,7 +54,7 @@ from .manifest import MANIFEST, Manifest, sha256
 from .records import new_run, parse_line, parse_records, recover, split_lines
 
 CONFIG, HISTORY, CHECKPOINT, RESULT = "config.toml", "history.jsonl", "checkpoint.pt", "result.json"
-HPARAMS, LOCK = "hparams.json", "run.lock"
+HPARAMS, LOCK, FIGURES = "hparams.json", "run.lock", "figures"
 RUN_FILES = (CONFIG, HPARAMS, HISTORY, CHECKPOINT, MANIFEST, RESULT)
 """The files that make a directory a run directory (``run.lock`` alone does not)."""
 CHECKSUMMED = (CONFIG, HPARAMS)
