@@ -172,3 +172,31 @@ def test_out_on_the_command_line_may_name_any_directory(tmp_path, monkeypatch):
     assert main([*RUN, "tune.toml", "--out", "../outside/x"]) == 0
     assert (tmp_path / "outside" / "x" / HISTORY).exists()
     assert not (tmp_path / "elsewhere").exists()
+
+
+# ---------------------------------------------------------------------------- plot, compare
+def test_plot_writes_no_figure_when_a_link_is_planted_at_one(unfinished, tmp_path, victim,
+                                                             capsys):
+    run = tmp_path / "run"
+    shutil.copytree(unfinished, run)
+    (run / "figures").mkdir()
+    (run / "figures" / "losses.png").symlink_to(victim)
+    assert "losses.png: it is a symbolic link" in cli_error(capsys, "plot", str(run))
+    assert victim.read_text() == PRECIOUS
+    assert [p.name for p in (run / "figures").iterdir()] == ["losses.png"]
+
+
+def test_compare_refuses_a_link_at_its_output_before_tuning(tmp_path, victim, capsys,
+                                                            monkeypatch):
+    from hyperdiff.cli import compare
+
+    def tuned(*args, **kwargs):
+        raise AssertionError("tuned although its output is refused")
+
+    monkeypatch.setattr(compare, "compare", tuned)
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "comparison.json").symlink_to(victim)
+    err = cli_error(capsys, "compare", "--task", "ridge_diabetes", "--quiet", "--out", str(out))
+    assert "comparison.json: it is a symbolic link" in err
+    assert victim.read_text() == PRECIOUS

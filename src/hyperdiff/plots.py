@@ -24,8 +24,10 @@ import torch
 from matplotlib.figure import Figure
 
 from .history import History
-from .rundir import RunDir, atomic_write_bytes
+from .rundir import FIGURES, RunDir, atomic_write_bytes
 from .rundir.files import os_errors, refuse_link
+
+FIGURE_NAMES = ("hparams.png", "losses.png", "hypergradient.png", "sensitivity.png")
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
@@ -36,18 +38,17 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
         from .errors import HyperdiffError
 
         raise HyperdiffError(f"plot: {rundir.path} must hold at least one outer step (got 0)")
-    target = Path(out) if out else rundir.path / "figures"
+    target = Path(out) if out else rundir.path / FIGURES
     if not out:
         refuse_link(target)  # a planted link must not send the figures elsewhere
+    for name in FIGURE_NAMES:  # refused before any figure is written, not halfway
+        refuse_link(target / name)
     with os_errors(target, "create the figure directory"):
         target.mkdir(parents=True, exist_ok=True)
     meta = rundir.read_hparams()
-    figures = {
-        "hparams.png": hparams_figure(history),
-        "losses.png": losses_figure(history),
-        "hypergradient.png": hypergradient_figure(history),
-        "sensitivity.png": sensitivity_figure(history, meta),
-    }
+    figures = dict(zip(FIGURE_NAMES, (hparams_figure(history), losses_figure(history),
+                                      hypergradient_figure(history),
+                                      sensitivity_figure(history, meta)), strict=True))
     paths = []
     for name, figure in figures.items():
         png = io.BytesIO()

@@ -13,6 +13,7 @@ and against wall time) and ``comparison.json`` into the run directory.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -24,6 +25,7 @@ from .common import add_config_arguments, config_overrides, set_threads
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+OUTPUTS = ("comparison.json", "comparison.png")
 HELP = "tune a task with hyperdiff and with random search / TPE under one budget; table + figure"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..errors import HyperdiffError
+    from ..rundir.files import refuse_link
 
     config = load_config(args.config, config_overrides(args))
     if args.budget < 0:
@@ -49,17 +52,37 @@ def run(args: argparse.Namespace) -> int:
     set_threads("compare", args.threads)
     from ..tasks.loader import label
 
-    out = Path(args.out or Path("runs") / f"compare-{label(config.task.name)}-"
-               f"{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.out:  # refused now, not after the tuning: a link where a file will be written
+        for name in OUTPUTS:
+            refuse_link(Path(args.out) / name)
     report = compare(config, budget=args.budget or None, per_coordinate=args.per_coordinate,
                      tpe=not args.no_tpe, progress=False if args.quiet else None)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "comparison.json").write_text(json.dumps(report, indent=1) + "\n")
-    figure = comparison_figure(report["methods"], title=report["task"])
-    figure.savefig(out / "comparison.png", dpi=110, bbox_inches="tight")
+    out = write_outputs(report, args.out, f"compare-{label(config.task.name)}-"
+                        f"{time.strftime('%Y%m%d-%H%M%S')}")
     print(format_comparison(report))
-    print(f"figure and JSON: {out / 'comparison.png'}, {out / 'comparison.json'}")
+    print(f"figure and JSON: {out / OUTPUTS[1]}, {out / OUTPUTS[0]}")
     return 0
+
+
+def write_outputs(report: Mapping[str, Any], out: str | None, stem: str) -> Path:
+    """Write ``comparison.json`` and ``comparison.png`` into ``out``, or into a new directory
+    ``runs/<stem>`` (``-2``, ``-3``, ... when taken); each file is replaced atomically and
+    never written through a symbolic link. Returns the directory."""
+    from ..rundir import RunDir, atomic_write_bytes
+    from ..rundir.files import os_errors
+
+    if out:
+        directory = Path(out)
+        with os_errors(directory, "create the directory"):
+            directory.mkdir(parents=True, exist_ok=True)
+    else:
+        directory = RunDir.create_unique("runs", stem).path
+    png = io.BytesIO()
+    figure = comparison_figure(report["methods"], title=report["task"])
+    figure.savefig(png, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(directory / OUTPUTS[0], (json.dumps(report, indent=1) + "\n").encode())
+    atomic_write_bytes(directory / OUTPUTS[1], png.getvalue())
+    return directory
 
 
 def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = False,
@@ -185,4 +208,4 @@ def comparison_figure(methods: Sequence[Mapping[str, Any]], *, title: str = "") 
 
 
 __all__ = ["add_arguments", "compare", "comparison_figure", "evaluate_values",
-           "format_comparison", "run", "summarize"]
+           "format_comparison", "run", "summarize", "write_outputs"]
