@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -283,3 +284,28 @@ def test_an_iterable_split_records_its_type_only_and_types_are_compared():
     ]
     assert fingerprint_changes("selection", {}, listed) == [
         "split 'selection': absent at the start, list of length 2 now"]
+
+
+def test_a_batch_with_other_entries_is_hashed_whole():
+    ids = ["a", "b"]
+    batch = (torch.zeros(2, 3), ids)
+    base = split_fingerprint(batch)
+    assert base["kind"] == "value" and base["fields"] == "(float32[2, 3], (str, str))"
+    assert split_fingerprint((torch.zeros(2, 3), ["a", "c"]))["sha256"] != base["sha256"]
+    assert split_fingerprint((torch.ones(2, 3), ids))["sha256"] != base["sha256"]
+
+
+def test_an_edited_task_module_is_refused(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "pkg_dir"
+    task = write_task(folder, streamed=False)
+    module = task.rename(folder / "fingerprint_task_mod.py")
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(sys.modules, "fingerprint_task_mod", raising=False)
+    interrupted(tmp_path / "run", "fingerprint_task_mod:build", "offline")
+    code = json.loads((tmp_path / "run" / MANIFEST).read_text())["inputs"]["task"]
+    assert code["kind"] == "module" and code["path"] == str(module)
+    module.write_text(module.read_text() + "# edited\n")
+    capsys.readouterr()
+    assert main(["run", "--resume", str(tmp_path / "run"), "--quiet"]) == 2
+    assert f"the task's code: {module} was edited" in capsys.readouterr().err
+    monkeypatch.delitem(sys.modules, "fingerprint_task_mod")

@@ -2,7 +2,7 @@
 
 A fingerprint is a small JSON-able dict::
 
-    {"kind": "batch" | "items" | "iterable", "type": "TensorDataset", "length": n,
+    {"kind": "batch" | "items" | "value" | "iterable", "type": "TensorDataset", "length": n,
      "fields": "(float32[5], int64[])", "sampled": k, "sha256": "<hex>"}
 
 - ``batch`` (a tensor, or a tuple / dict of tensors sharing their first dimension, held in
@@ -15,6 +15,8 @@ A fingerprint is a small JSON-able dict::
   :data:`SAMPLE` of them). Items are read with torch's, Python's and NumPy's random states
   seeded and restored afterwards, so that augmentation in ``__getitem__`` neither changes the
   hash nor the run.
+- ``value`` (a tuple or dict batch whose entries are not all tensors of one length): the
+  dtypes and shapes of its tensors and a digest of its whole content.
 - ``iterable`` (an ``IterableDataset``, a generator function): only the type is recorded;
   reading it could consume it, so its content is not verified.
 
@@ -43,26 +45,27 @@ SAMPLE = 64
 WHOLE_BYTES = 1 << 26
 """An in-memory batch up to this size (64 MiB) is hashed whole."""
 SEED = 0
-DISTINCT_DRAWS = 1 << 22
-"""Up to this length the sample is drawn without repeats (from a permutation)."""
 
 
 def sample_indices(length: int, k: int = SAMPLE, seed: int = SEED) -> list[int]:
-    """Up to ``k`` sorted indices in ``[0, length)``: all of them when ``length <= k``, else
-    0, ``length - 1`` and ``k - 2`` seeded draws (fewer if draws repeat).
+    """``min(k, length)`` sorted indices in ``[0, length)``: all of them when ``length <= k``,
+    else 0, ``length - 1`` and ``k - 2`` others, the j-th draw being
+    ``1 + sha256(f"{seed}:{j}") mod (length - 2)`` (repeats skipped). sha256 rather than a
+    torch or Python generator: the sample must not change when either is upgraded between a
+    run's start and its resume.
 
     >>> drawn = sample_indices(100)
-    >>> sample_indices(3), len(drawn), drawn[0], drawn[-1], len(sample_indices(10**9))
+    >>> sample_indices(3), len(drawn), drawn[0], drawn[-1], len(sample_indices(10**12))
     ([0, 1, 2], 64, 0, 99, 64)
     """
     if length <= k:
         return list(range(length))
-    gen = torch.Generator().manual_seed(seed)
-    if length <= DISTINCT_DRAWS:
-        inner = (torch.randperm(length - 2, generator=gen)[: k - 2] + 1).tolist()
-    else:  # a permutation would not fit in memory; repeats (rare) leave fewer indices
-        inner = torch.randint(1, length - 1, (k - 2,), generator=gen).tolist()
-    return sorted({0, length - 1, *inner})
+    chosen, draw = {0, length - 1}, 0
+    while len(chosen) < k:
+        word = hashlib.sha256(f"{seed}:{draw}".encode()).digest()
+        chosen.add(1 + int.from_bytes(word[:8], "big") % (length - 2))
+        draw += 1
+    return sorted(chosen)
 
 
 def split_fingerprint(data: Any) -> dict[str, Any]:
@@ -79,6 +82,9 @@ def split_fingerprint(data: Any) -> dict[str, Any]:
                 "batch_size": data.batch_size, "drop_last": data.drop_last}
     if is_map_style(data) or isinstance(data, list):
         return _items_fingerprint(data)
+    if isinstance(data, (tuple, Mapping)):  # a batch with entries other than row tensors
+        return {"kind": "value", "type": type(data).__name__, "fields": _fields(data),
+                "sha256": item_digest(data).hex()}
     return _iterable(data)
 
 
