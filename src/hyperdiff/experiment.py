@@ -12,11 +12,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import closing, suppress
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import __version__
 from .config import Config, load_config
 from .device import resolve_device, task_to_device
 from .distributed import data_parallel, init_from_env, root_only
@@ -26,17 +24,24 @@ from .history import OptimizeResult, natural_values
 from .loggers import Progress, close_all, config_loggers, start_all
 from .logs import get_logger
 from .registry import make_method
+from .run_inputs import (
+    ACCEPT_FLAG,
+    changed_inputs_error,
+    input_change_warnings,
+    run_inputs,
+    verify_inputs,
+    with_absolute_task,
+)
 from .rundir import RunDir
 from .rundir.records import new_run
-from .tasks import Task, build_task, task_inputs
-from .tasks.inputs import input_changes, task_file_change
-from .tasks.loader import absolute_reference, forget_specs, label
+from .tasks import Task, build_task
+from .tasks.inputs import task_file_change
+from .tasks.loader import forget_specs, label
 
 _LOG = get_logger("experiment")
 
 REPORT_SEED = 1_000_000
 """Report trainings use seeds ``REPORT_SEED + i``, distinct from the tuning seeds."""
-ACCEPT_FLAG = "--accept-changed-inputs"
 
 
 def build(config: Config) -> tuple[Task, HyperOptimizer]:
@@ -79,49 +84,6 @@ def new_run_dir(config: Config, out: str | Path | None = None) -> RunDir:
     return RunDir.create_unique("runs", f"{label(config.task.name)}-{stamp}")
 
 
-def with_absolute_task(config: Config) -> Config:
-    """``config`` with a task file's path made absolute, so that a resume from another working
-    directory loads the same file."""
-    name = absolute_reference(config.task.name)
-    return config if name == config.task.name else replace(
-        config, task=replace(config.task, name=name))
-
-
-def run_inputs(config: Config) -> dict[str, Any]:
-    """Fingerprints of the task's code and data splits (the task must be built already)."""
-    return task_inputs(config.task.name, steps=config.inner.steps,
-                       data_seed=config.task.data_seed, version=__version__)
-
-
-def changed_inputs_error(rundir: RunDir, changes: list[str]) -> HyperdiffError:
-    return HyperdiffError(
-        f"run: --resume must use the inputs the run was started with; {rundir.path}: "
-        f"{'; '.join(changes)}. Restore them, resume with {ACCEPT_FLAG} to continue with the "
-        "changed inputs (the steps before and after the resume then saw different inputs), or "
-        "start a new run with --out NEW_DIR"
-    )
-
-
-def verify_inputs(rundir: RunDir, inputs: dict[str, Any], *, step: int, accept: bool
-                  ) -> dict[str, Any] | None:
-    """Compare ``inputs`` with those the manifest records: a change is an error unless
-    ``accept``; return the accepted change ``{"step", "changes"}``, else ``None``."""
-    recorded = rundir.recorded_inputs()
-    if recorded is None:
-        _LOG.warning("%s was written before hyperdiff recorded fingerprints of the task's code "
-                     "and data, so this resume cannot verify them; they are recorded now",
-                     rundir.path)
-        return None
-    changes = input_changes(recorded, inputs)
-    if changes and not accept:
-        raise changed_inputs_error(rundir, changes)
-    if changes:
-        _LOG.warning("resuming %s at step %d with changed inputs (%s): %s", rundir.path, step,
-                     ACCEPT_FLAG, "; ".join(changes))
-        return {"step": step, "changes": changes}
-    return None
-
-
 def restore_or_start(rundir: RunDir, config: Config, hparams: Any, loop: Any, *,
                      resume: bool, accept_changed_inputs: bool = False) -> bool:
     """Load the run's last checkpoint into ``loop`` (a :class:`HyperOptimizer` or an
@@ -147,12 +109,6 @@ def restore_or_start(rundir: RunDir, config: Config, hparams: Any, loop: Any, *,
     if unrecorded or change is not None:
         rundir.record_inputs(inputs, change)
     return True
-
-
-def input_change_warnings(rundir: RunDir) -> list[str]:
-    """One warning per resume that accepted changed inputs (for the result)."""
-    return [f"resumed at step {c.get('step')} with changed inputs ({ACCEPT_FLAG}): "
-            f"{'; '.join(c.get('changes', []))}" for c in rundir.input_changes()]
 
 
 def config_differences(old: Config, new: Config) -> list[str]:

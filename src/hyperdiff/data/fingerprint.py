@@ -128,7 +128,7 @@ def _batch_tensors(data: Any) -> list[Tensor] | None:
 def _batch_fingerprint(data: Any, tensors: list[Tensor]) -> dict[str, Any]:
     rows = int(tensors[0].shape[0])
     whole = sum(t.numel() * t.element_size() for t in tensors) <= WHOLE_BYTES
-    index = None if whole else torch.tensor(sample_indices(rows))
+    index = None if whole else torch.tensor(sample_indices(rows), device=tensors[0].device)
     digest = hashlib.sha256()
     for t in tensors:
         digest.update(f"{t.dtype}{tuple(t.shape)}".encode())

@@ -21,6 +21,7 @@ from ..device import resolve_device, task_to_device
 from ..errors import HyperdiffError, NonFiniteError
 from ..history import StepRecord, natural_values
 from ..loggers import close_all, config_loggers, start_all
+from ..run_inputs import input_change_warnings
 from ..rundir import RunDir
 from ..tasks import Task, build_task
 from .loop import METHODS, OnlineTuner
@@ -71,8 +72,7 @@ def run_online(config: Config, rundir: RunDir, *, resume: bool, progress: bool |
     """Run (or resume) an online tuning job in ``rundir``; return the result it writes.
     ``callbacks(tuner, record)`` run after each window, after the loggers of ``[log]``;
     ``accept_changed_inputs``: see :func:`~hyperdiff.experiment.run_experiment`."""
-    # local: experiment hands online runs to here
-    from ..experiment import input_change_warnings, restore_or_start
+    from ..experiment import restore_or_start  # local: experiment hands online runs to here
 
     task, tuner = build_online(config)
     if restore_or_start(rundir, config, task.hparams, tuner, resume=resume,
