@@ -24,11 +24,20 @@ from .history import OptimizeResult, natural_values
 from .loggers import Progress, close_all, config_loggers, start_all
 from .logs import get_logger
 from .registry import make_method
+from .run_inputs import (
+    ACCEPT_FLAG,
+    changed_inputs_error,
+    input_change_warnings,
+    run_inputs,
+    verify_inputs,
+    with_absolute_task,
+)
 from .rundir import RunDir
 from .rundir.paths import below_working_dir
 from .rundir.records import new_run
 from .tasks import Task, build_task
-from .tasks.loader import label
+from .tasks.inputs import task_file_change
+from .tasks.loader import forget_specs, label
 
 _LOG = get_logger("experiment")
 
@@ -80,13 +89,18 @@ def new_run_dir(config: Config, out: str | Path | None = None) -> RunDir:
 
 
 def restore_or_start(rundir: RunDir, config: Config, hparams: Any, loop: Any, *,
-                     resume: bool) -> bool:
+                     resume: bool, accept_changed_inputs: bool = False) -> bool:
     """Load the run's last checkpoint into ``loop`` (a :class:`HyperOptimizer` or an
     :class:`~hyperdiff.online.OnlineTuner`) when resuming one, else write the start files of a
-    new run; True when resumed. A checkpoint that does not fit ``loop`` is one clear error."""
+    new run; True when resumed. A checkpoint that does not fit ``loop`` is one clear error, and
+    so are changed inputs (the task's code or data) unless ``accept_changed_inputs``."""
+    inputs = run_inputs(config)
     if not (resume and (state := rundir.load_checkpoint()) is not None):
-        rundir.start(config.to_toml(), hparams)
+        rundir.start(config.to_toml(), hparams, inputs)
         return False
+    unrecorded = rundir.recorded_inputs() is None
+    change = verify_inputs(rundir, inputs, step=int(state["step"]),
+                           accept=accept_changed_inputs)
     history = rundir.load_history(int(state["step"]))
     try:
         loop.load_state_dict(state, history)
@@ -96,6 +110,8 @@ def restore_or_start(rundir: RunDir, config: Config, hparams: Any, loop: Any, *,
             f"run directory: {rundir.file('checkpoint.pt')} does not fit this run's driver "
             f"({what}); restore it, or {new_run(rundir.path)}"
         ) from None
+    if unrecorded or change is not None:
+        rundir.record_inputs(inputs, change)
     return True
 
 
@@ -117,6 +133,7 @@ def run_experiment(
     config: Config | None, *, out: str | Path | None = None, resume: str | Path | None = None,
     overrides: tuple[str, ...] = (), progress: bool | None = None,
     log: Callable[[str], None] | None = None, callbacks: Sequence[Callable[..., Any]] = (),
+    accept_changed_inputs: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) a tuning job; return the result written to ``result.json``.
 
@@ -136,13 +153,22 @@ def run_experiment(
         callbacks: ``callback(optimizer, record)`` after every outer step, e.g. to send
             metrics to MLflow or W&B (see :mod:`hyperdiff.loggers`); run after the loggers
             of ``[log]``.
+        accept_changed_inputs: resume although the task's code or data changed since the run
+            started (recorded in the manifest and the result's warnings); without it, a
+            change is refused.
 
     The run directory is locked for the whole run (a second process on it is refused), and a
-    resume verifies its files first (see ``docs/run_directory.md``).
+    resume verifies its files, the task's code and its data first (see
+    ``docs/run_directory.md``).
     """
     if resume is not None and out is not None:
         raise HyperdiffError(f"run: --out must not be given with --resume (got --out {out}); "
                              f"a resumed run stays in its own directory {resume}")
+    if accept_changed_inputs and resume is None:
+        raise HyperdiffError(f"run: {ACCEPT_FLAG} must be given with --resume only (got it for "
+                             "a new run, whose inputs are recorded as they are)")
+    if config is not None:
+        config = with_absolute_task(config)
     log = _progress(log)
     # under torchrun: rank 0 alone touches the run directory; a resume learns its timeout
     # from the stored config below
@@ -150,6 +176,7 @@ def run_experiment(
     if group is not None and not group.is_root:
         log, progress = (lambda _message: None), False
     if resume is not None:
+        forget_specs()  # the task's data as they are now, not as this process first read them
         rundir = root_only(lambda: RunDir.existing(resume))
     elif config is None:
         raise HyperdiffError("run: a config is required unless resuming")
@@ -159,7 +186,8 @@ def run_experiment(
         with rundir.lock():
             return _run_locked(rundir, config, resume=resume is not None,
                                overrides=overrides, progress=progress, log=log,
-                               callbacks=callbacks, group=group)
+                               callbacks=callbacks, group=group,
+                               accept_changed_inputs=accept_changed_inputs)
     except BaseException:
         with suppress(Exception):  # e.g. a lost rank: the error being raised says more
             rundir.discard_if_unused()
@@ -169,12 +197,17 @@ def run_experiment(
 def _run_locked(
     rundir: RunDir, config: Config | None, *, resume: bool, overrides: tuple[str, ...],
     progress: bool | None, log: Callable[[str], None], callbacks: Sequence[Callable[..., Any]],
-    group: Any = None,
+    group: Any = None, accept_changed_inputs: bool = False,
 ) -> dict[str, Any]:
     if resume:
-        stored = load_config(rundir.config_path())
+        config_path = rundir.config_path()
+        # before the config is read, which imports the task: its file must be the one recorded
+        change = task_file_change(rundir.recorded_inputs())
+        if change is not None and not accept_changed_inputs:
+            raise changed_inputs_error(rundir, [change])
+        stored = with_absolute_task(load_config(config_path))
         if config is None:
-            config = load_config(data=stored.to_dict(), overrides=overrides)
+            config = with_absolute_task(load_config(data=stored.to_dict(), overrides=overrides))
         diffs = config_differences(stored, config)
         if diffs:
             raise HyperdiffError(
@@ -206,12 +239,13 @@ def _run_locked(
                 f"each of the {group.world} ranks would repeat it. Launch it with plain "
                 "`hyperdiff run`, or use outer.mode = 'offline' to spread trainings over ranks")
         return run_online(config, rundir, resume=resume, progress=progress, log=log,
-                          callbacks=callbacks)
+                          callbacks=callbacks, accept_changed_inputs=accept_changed_inputs)
     task, driver = build(config)
     # the [log] files are the run directory's, so rank 0 alone writes them
     loggers = config_loggers(config.log, rundir.path) if group is None or group.is_root else []
     watchers = [*loggers, *callbacks]
-    if restore_or_start(rundir, config, task.hparams, driver, resume=resume):
+    if restore_or_start(rundir, config, task.hparams, driver, resume=resume,
+                        accept_changed_inputs=accept_changed_inputs):
         log(f"resuming {rundir.path} at outer step {driver.step_index}")
     log(f"tuning {task.name}: {task.hparams.numel} hyperparameters, "
         f"{_trainings_text(len(task.problems), config)} training(s) of {config.inner.steps} "
@@ -239,8 +273,9 @@ def _run_locked(
             raise
         except NonFiniteError as err:
             rundir.save_checkpoint(driver.state_dict())
-            result = {"task": task.name, "status": "diverged", "message": str(err),
-                      "run_dir": str(rundir.path), "steps": driver.step_index}
+            result: dict[str, Any] = {
+                "task": task.name, "status": "diverged", "message": str(err),
+                "run_dir": str(rundir.path), "steps": driver.step_index}
             rundir.write_result(result)
             raise
         finally:  # also after any other error (a callback's, a lost rank's)
@@ -249,6 +284,9 @@ def _run_locked(
         result = final_report(task, outcome, config, elapsed=driver.elapsed,
                               progress=bar.report_phase())
     result["run_dir"] = str(rundir.path)
+    changed = input_change_warnings(rundir)
+    if changed:
+        result["warnings"] = [*result.get("warnings", []), *changed]
     rundir.write_result(result)
     return result
 

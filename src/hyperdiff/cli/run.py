@@ -13,7 +13,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--out", help="run directory (default: runs/<task>-<date>-<time>)")
     parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue an interrupted run (with its own config)")
+                        help="continue an interrupted run (with its own config); refused if "
+                        "the task's code or data changed since it started")
+    parser.add_argument("--accept-changed-inputs", action="store_true",
+                        help="with --resume: continue although the task's code or data "
+                        "changed (recorded in the manifest and the result)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: the built-in tasks are small, and "
                         "one thread is fastest and safe on a busy machine)")
@@ -37,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_experiment(
         config, out=args.out, resume=args.resume, overrides=tuple(overrides),
         progress=False if args.quiet else None,
+        accept_changed_inputs=args.accept_changed_inputs,
     )
     if is_root():
         print(format_table(result))

@@ -21,6 +21,7 @@ from ..device import resolve_device, task_to_device
 from ..errors import HyperdiffError, NonFiniteError
 from ..history import StepRecord, natural_values
 from ..loggers import close_all, config_loggers, start_all
+from ..run_inputs import input_change_warnings
 from ..rundir import RunDir
 from ..tasks import Task, build_task
 from .loop import METHODS, OnlineTuner
@@ -66,14 +67,16 @@ def build_online(config: Config) -> tuple[Task, OnlineTuner]:
 
 
 def run_online(config: Config, rundir: RunDir, *, resume: bool, progress: bool | None,
-               log: Callable[[str], None], callbacks: Sequence[Callable[..., Any]] = ()
-               ) -> dict[str, Any]:
+               log: Callable[[str], None], callbacks: Sequence[Callable[..., Any]] = (),
+               accept_changed_inputs: bool = False) -> dict[str, Any]:
     """Run (or resume) an online tuning job in ``rundir``; return the result it writes.
-    ``callbacks(tuner, record)`` run after each window, after the loggers of ``[log]``."""
+    ``callbacks(tuner, record)`` run after each window, after the loggers of ``[log]``;
+    ``accept_changed_inputs``: see :func:`~hyperdiff.experiment.run_experiment`."""
     from ..experiment import restore_or_start  # local: experiment hands online runs to here
 
     task, tuner = build_online(config)
-    if restore_or_start(rundir, config, task.hparams, tuner, resume=resume):
+    if restore_or_start(rundir, config, task.hparams, tuner, resume=resume,
+                        accept_changed_inputs=accept_changed_inputs):
         log(f"resuming {rundir.path} at inner step {tuner.inner_step}")
     log(f"tuning {task.name} online: {task.hparams.numel} hyperparameters, one run of "
         f"{config.inner.steps} steps, a {tuner.method} hypergradient every {tuner.window} "
@@ -95,8 +98,9 @@ def run_online(config: Config, rundir: RunDir, *, resume: bool, progress: bool |
             f"`hyperdiff run --resume {rundir.path}`")
         raise
     except NonFiniteError as err:
-        result = {"task": task.name, "status": "diverged", "message": str(err),
-                  "run_dir": str(rundir.path), "steps": tuner.hyper_step}
+        result: dict[str, Any] = {"task": task.name, "status": "diverged",
+                                  "message": str(err), "run_dir": str(rundir.path),
+                                  "steps": tuner.hyper_step}
         rundir.write_result(result)
         raise
     finally:
@@ -104,6 +108,7 @@ def run_online(config: Config, rundir: RunDir, *, resume: bool, progress: bool |
     result = online_report(task, tuner, config)
     result["time_s"] = outcome.time_s
     result["run_dir"] = str(rundir.path)
+    result["warnings"] = [*result["warnings"], *input_change_warnings(rundir)]
     rundir.write_result(result)
     return result
 

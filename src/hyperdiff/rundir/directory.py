@@ -188,13 +188,16 @@ class RunDir:
             raise HyperdiffError(f"run directory: {self.file(CONFIG)} does not exist, so "
                                  f"{self.path} holds no run to resume")
 
-    def start(self, config_toml: str, hparams: HyperParameters) -> None:
-        """Write the hyperparameters, an empty history, the config and the manifest."""
+    def start(self, config_toml: str, hparams: HyperParameters,
+              inputs: dict[str, Any] | None = None) -> None:
+        """Write the hyperparameters, an empty history, the config and the manifest (with the
+        fingerprints ``inputs`` of the task's code and data)."""
         files = {HPARAMS: json.dumps(describe(hparams), indent=1).encode(),
                  HISTORY: b"", CONFIG: config_toml.encode()}
         for name, data in files.items():
             atomic_write_bytes(self.file(name), data)
-        self._write_manifest(Manifest({n: sha256(files[n]) for n in CHECKSUMMED}))
+        self._write_manifest(Manifest({n: sha256(files[n]) for n in CHECKSUMMED},
+                                      inputs=inputs))
         self._history_digest, self._history_steps = hashlib.sha256(), 0
 
     def config_path(self) -> Path:
@@ -218,6 +221,20 @@ class RunDir:
                     f"{self.file(CONFIG)} --out NEW_DIR`)"
                 )
         return self.file(CONFIG)
+
+    def recorded_inputs(self) -> dict[str, Any] | None:
+        """The fingerprints of the task's code and data that the manifest records (``None``
+        for a run written before hyperdiff recorded them)."""
+        return self._require_manifest().inputs
+
+    def record_inputs(self, inputs: dict[str, Any], change: dict[str, Any] | None = None
+                      ) -> None:
+        """Record ``inputs`` in the manifest, and ``change`` (what a resume accepted)."""
+        self._write_manifest(self._require_manifest().with_inputs(inputs, change))
+
+    def input_changes(self) -> list[dict[str, Any]]:
+        """The changed inputs that resumes of this run accepted, oldest first."""
+        return list(self._require_manifest().input_changes)
 
     # ------------------------------------------------------------------ history
     def append(self, record: StepRecord) -> None:

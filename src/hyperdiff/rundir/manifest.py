@@ -5,20 +5,25 @@
     {"format": 1,
      "files": {"config.toml": "<sha256>", "hparams.json": "<sha256>"},
      "checkpoints": [{"sha256": "<of checkpoint.pt>", "step": s,
-                      "history_sha256": "<of the first s lines of history.jsonl>"}, ...]}
+                      "history_sha256": "<of the first s lines of history.jsonl>"}, ...],
+     "inputs": {"task": {...}, "data": {"train": {...}, ...}},
+     "input_changes": [{"step": s, "changes": ["..."]}, ...]}
 
 ``files`` is written when the run starts. Before ``checkpoint.pt`` is replaced, the manifest
 is rewritten (atomically) to list the new checkpoint next to the current one, so a run killed
 between the two writes still finds its checkpoint listed; ``checkpoints`` keeps the last two.
 A resume accepts a checkpoint only if its sha256 is listed, and the history only if its first
-``step`` lines hash to the recorded value.
+``step`` lines hash to the recorded value. ``inputs`` are the fingerprints of the task's code
+and data (:mod:`hyperdiff.tasks.inputs`), written when the run starts; a resume that accepted
+changed inputs replaces them and appends what changed to ``input_changes``. Both are absent in
+manifests written before hyperdiff recorded them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,20 +45,32 @@ class Manifest:
 
     files: dict[str, str] = field(default_factory=dict)
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    inputs: dict[str, Any] | None = None
+    input_changes: list[dict[str, Any]] = field(default_factory=list)
 
     def with_checkpoint(self, digest: str, step: int, history_digest: str | None) -> Manifest:
         """A copy that also lists a new checkpoint (the last two are kept)."""
         entry = {"sha256": digest, "step": step, "history_sha256": history_digest}
         kept = [c for c in self.checkpoints if c["sha256"] != digest]
-        return Manifest(dict(self.files), [*kept, entry][-KEPT_CHECKPOINTS:])
+        return replace(self, checkpoints=[*kept, entry][-KEPT_CHECKPOINTS:])
+
+    def with_inputs(self, inputs: dict[str, Any], change: dict[str, Any] | None) -> Manifest:
+        """A copy that records ``inputs`` (and, if given, appends ``change``)."""
+        changes = self.input_changes if change is None else [*self.input_changes, change]
+        return replace(self, inputs=inputs, input_changes=changes)
 
     def checkpoint(self, digest: str) -> dict[str, Any] | None:
         """The listed entry of the checkpoint with this sha256, or ``None``."""
         return next((c for c in self.checkpoints if c["sha256"] == digest), None)
 
     def to_bytes(self) -> bytes:
-        return json.dumps({"format": FORMAT, "files": self.files,
-                           "checkpoints": self.checkpoints}, indent=1).encode()
+        raw: dict[str, Any] = {"format": FORMAT, "files": self.files,
+                               "checkpoints": self.checkpoints}
+        if self.inputs is not None:
+            raw["inputs"] = self.inputs
+        if self.input_changes:
+            raw["input_changes"] = self.input_changes
+        return json.dumps(raw, indent=1).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes, path: Path) -> Manifest:
@@ -72,9 +89,14 @@ class Manifest:
                 and isinstance(c.get("step"), int) for c in checkpoints
             ):
                 raise ValueError("'checkpoints' must be a list of {sha256, step, ...}")
+            inputs, changes = raw.get("inputs"), raw.get("input_changes", [])
+            if inputs is not None and not isinstance(inputs, dict):
+                raise ValueError("'inputs' must be an object")
+            if not isinstance(changes, list):
+                raise ValueError("'input_changes' must be a list")
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise HyperdiffError(
                 f"run directory: {path} is damaged ({type(err).__name__}: {err}); without it "
                 f"the checkpoint cannot be verified: restore it, or {new_run(path.parent)}"
             ) from None
-        return cls(files, checkpoints)
+        return cls(files, checkpoints, inputs, changes)

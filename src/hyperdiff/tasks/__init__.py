@@ -17,6 +17,7 @@ from typing import Any
 from ..errors import UNIT_OPEN_HIGH, HyperdiffError, nonnegative_int, number, positive_int
 from . import loader
 from .base import SearchRange, Task
+from .inputs import code_fingerprint, data_fingerprints
 from .spec import GivenSplits, TaskData, TaskSpec, given_splits, task
 
 TASKS: dict[str, str] = {
@@ -84,6 +85,16 @@ def build_task(name: str, *, steps: int | None = None, selection_fraction: float
                       data_seed=data_seed)
 
 
+def task_inputs(name: str, *, steps: int | None, data_seed: int, version: str
+                ) -> dict[str, Any]:
+    """Fingerprints of task ``name``'s code and of each of its data splits, which a resumed
+    run verifies (see :mod:`.inputs`); the spec comes from the cache that ``build_task``
+    filled."""
+    spec = load_task_spec(name, steps=steps, data_seed=data_seed)
+    return {"task": code_fingerprint(name, builtin=name in TASKS, version=version),
+            "data": data_fingerprints(spec)}
+
+
 def task_defaults(name: str) -> dict[str, Any]:
     """The config values (dotted keys) that task ``name`` recommends; for a user task its
     ``defaults`` and ``inner.steps = steps`` (this calls its factory)."""
@@ -100,4 +111,4 @@ def list_tasks() -> list[tuple[str, str, str]]:
 
 __all__ = ["DEFAULT_TASK", "TASKS", "GivenSplits", "SearchRange", "Task", "TaskData",
            "TaskSpec", "build_task", "check_task_name", "given_splits", "list_tasks",
-           "load_task_spec", "task", "task_defaults", "task_module"]
+           "load_task_spec", "task", "task_defaults", "task_inputs", "task_module"]

@@ -44,6 +44,24 @@ def split_reference(ref: str) -> tuple[str, str]:
     return where, attr
 
 
+def is_file_reference(where: str) -> bool:
+    """True when the ``where`` part of a reference names a ``.py`` file, not a module."""
+    return where.endswith(".py") or "/" in where or "\\" in where
+
+
+def absolute_reference(ref: str) -> str:
+    """``ref`` with a file's path made absolute (against the working directory), so that a
+    resumed run loads the same file from anywhere; other references unchanged.
+
+    >>> absolute_reference("pkg.mod:build"), absolute_reference("/abs/t.py:build")
+    ('pkg.mod:build', '/abs/t.py:build')
+    """
+    if not is_reference(ref):
+        return ref
+    where, attr = split_reference(ref)
+    return f"{Path(where).resolve()}:{attr}" if is_file_reference(where) else ref
+
+
 def _on_path(directory: Path) -> None:
     """Put ``directory`` on ``sys.path`` (first) unless it is there already."""
     entry = str(directory.resolve())
@@ -55,7 +73,7 @@ def import_target(where: str, ref: str) -> ModuleType:
     """Import ``where``: a dotted module name (looked up on ``sys.path`` and in the working
     directory, as ``python -m`` would), or a ``.py`` file path relative to the working
     directory (its own directory goes on ``sys.path``, as for ``python file.py``)."""
-    if where.endswith(".py") or "/" in where or "\\" in where:
+    if is_file_reference(where):
         return _import_file(Path(where), ref)
     if "" not in sys.path:
         _on_path(Path.cwd())
@@ -158,6 +176,13 @@ def load_spec(ref: str, factory_ref: str, *, steps: int | None = None, data_seed
         _SPECS[key] = spec
         _SPECS.setdefault((ref, spec.steps, data_seed), spec)
     return _SPECS[key]
+
+
+def forget_specs() -> None:
+    """Empty the cache of :func:`load_spec`, so that the next call runs the factory again (a
+    resumed run must fingerprint the data as they are now, not as an earlier run in this
+    process loaded them)."""
+    _SPECS.clear()
 
 
 def label(ref: str) -> str:
