@@ -57,6 +57,9 @@ def _as_hparams(hparams: Any, caller: str) -> HyperParameters:
 
 
 def _named_parameters(module_or_params: Any, caller: str) -> dict[str, Tensor]:
+    """The tensors ``torch.optim`` trains: leaf tensors that require grad. Frozen ones
+    (``requires_grad=False``) are left out, as ``[p for p in model.parameters() if
+    p.requires_grad]`` would leave them out, and as every method of hyperdiff keeps them fixed."""
     named: dict[str, Tensor]
     if isinstance(module_or_params, nn.Module):
         named = dict(module_or_params.named_parameters())
@@ -66,12 +69,17 @@ def _named_parameters(module_or_params: Any, caller: str) -> dict[str, Tensor]:
         raise HyperdiffError(f"{caller}: module_or_params must be a torch.nn.Module or a dict "
                              f"name -> parameter (got {describe(module_or_params)})")
     for name, p in named.items():
-        if not isinstance(p, Tensor) or not p.is_leaf or not p.requires_grad:
-            raise HyperdiffError(f"{caller}: parameter {name!r} must be a leaf tensor that "
-                                 f"requires grad (got {describe(p)})")
-    if not named:
-        raise HyperdiffError(f"{caller}: module_or_params has no parameters")
-    return named
+        if not isinstance(p, Tensor) or not p.is_leaf:
+            raise HyperdiffError(f"{caller}: parameter {name!r} must be a leaf tensor "
+                                 f"(got {describe(p)})")
+    trainable = {name: p for name, p in named.items() if p.requires_grad}
+    if not trainable:
+        raise HyperdiffError(
+            f"{caller}: module_or_params must have a parameter that requires grad (got "
+            f"{len(named)} frozen ones); frozen parameters are not trained, so there is "
+            "nothing to optimize"
+        )
+    return trainable
 
 
 def _horizon(optimizer: Optimizer, hparams: HyperParameters, steps: int | None) -> int:
@@ -208,7 +216,9 @@ def load_into(module: nn.Module, params: Mapping[str, Tensor],
     """Copy trained ``params`` (and ``buffers``: BatchNorm running statistics) into ``module``.
 
     Names are those of ``module.named_parameters()`` / ``named_buffers()`` (as in
-    ``hd.functional(module).params``); every parameter must be given. Returns ``module``.
+    ``hd.functional(module).params``); every parameter that requires grad must be given, frozen
+    ones (``requires_grad=False``, not in ``hd.functional(module).params``) may be. Returns
+    ``module``.
     """
     if not isinstance(module, nn.Module):
         raise HyperdiffError(f"load_into: module must be a torch.nn.Module (got "
@@ -217,10 +227,11 @@ def load_into(module: nn.Module, params: Mapping[str, Tensor],
     own_buffers = dict(module.named_buffers())
     given = {**dict(params), **dict(buffers or {})}
     unknown = sorted(set(given) - set(own_params) - set(own_buffers))
-    missing = sorted(set(own_params) - set(params))
+    trainable = sorted(n for n, p in own_params.items() if p.requires_grad)
+    missing = sorted(set(trainable) - set(params))
     if unknown or missing:
         raise HyperdiffError(
-            f"load_into: params must name exactly the module's parameters {sorted(own_params)} "
+            f"load_into: params must name the module's trainable parameters {trainable} "
             f"(unknown: {unknown}, missing: {missing})"
         )
     targets = {name: own_params[name] if name in own_params else own_buffers[name]
