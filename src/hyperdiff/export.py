@@ -33,7 +33,7 @@ from .errors import HyperdiffError, describe, positive_int
 from .history import OptimizeResult
 from .hyperparams import HyperParameters
 from .optimizers import Optimizer, resolve
-from .schedules import resample
+from .schedules import Schedule, resample
 
 # inner-optimizer coefficient -> torch.optim param-group key (betas are joined into a pair)
 GROUP_KEYS = {
@@ -82,20 +82,48 @@ def _named_parameters(module_or_params: Any, caller: str) -> dict[str, Tensor]:
     return trainable
 
 
+def _declared_lengths(optimizer: Optimizer, hparams: HyperParameters) -> dict[str, int]:
+    """Coefficient -> the number of steps its schedule declares: the length of a ``per_step``
+    hyperparameter, or ``steps`` of a :class:`~hyperdiff.schedules.Schedule`."""
+    lengths = {}
+    for coef_name, coef in optimizer.coefficients.items():
+        if isinstance(coef, Schedule):
+            lengths[coef_name] = coef.steps
+        elif isinstance(coef, str) and coef in hparams and hparams[coef].kind == "per_step":
+            lengths[coef_name] = hparams[coef].shape[0]
+    return lengths
+
+
 def _horizon(optimizer: Optimizer, hparams: HyperParameters, steps: int | None) -> int:
-    """The number of steps the exported schedule covers."""
+    """The number of steps the exported schedule covers: ``steps``, or else the one length
+    the schedules declare (1 when every coefficient is constant). A callable coefficient that
+    declares no length (a plain function of the step) needs ``steps``: held at its step-0
+    value it would lose every later one."""
     if steps is not None:
         return positive_int("torch_optimizer", "steps", steps)
-    lengths = [hparams[c].shape[0] for c in optimizer.coefficients.values()
-               if isinstance(c, str) and c in hparams and hparams[c].kind == "per_step"]
-    return max(lengths, default=1)
+    undeclared = [name for name, coef in optimizer.coefficients.items()
+                  if callable(coef) and not isinstance(coef, Schedule)]
+    if undeclared:
+        raise HyperdiffError(
+            f"torch_optimizer: steps must be the number of training steps T when coefficient "
+            f"{undeclared[0]} is a function of the step (got steps=None); pass steps=T to "
+            "evaluate it at steps 0 .. T-1"
+        )
+    lengths = _declared_lengths(optimizer, hparams)
+    if len(set(lengths.values())) > 1:
+        raise HyperdiffError(
+            f"torch_optimizer: steps must be given when the schedules' lengths differ (got "
+            f"steps=None, lengths {lengths}); pass steps=T, and each is stretched to T steps"
+        )
+    return next(iter(lengths.values()), 1)
 
 
 def _coefficient_tables(optimizer: Optimizer, hparams: HyperParameters, names: list[str],
                         steps: int) -> dict[str, Table]:
     """``{param: {coefficient: values at steps 0..steps-1}}``; per_step hyperparameters are
-    resampled to ``steps``, callables evaluated at every step, the rest held constant (one
-    value, which :func:`_group_values` holds for every step)."""
+    resampled to ``steps``, schedules stretched to ``steps`` (:meth:`Schedule.with_steps`),
+    other callables evaluated at every step, the rest held constant (one value, which
+    :func:`_group_values` holds for every step)."""
     view = hparams.view(hparams.raw)
     tables: dict[str, Table] = {name: {} for name in names}
     for coef_name, coef in optimizer.coefficients.items():
@@ -115,6 +143,8 @@ def _coefficient_tables(optimizer: Optimizer, hparams: HyperParameters, names: l
                 for name in names:
                     tables[name][coef_name] = tuple(values)
                 continue
+        if isinstance(coef, Schedule) and coef.steps != steps:
+            coef = coef.with_steps(steps)  # the same curve in normalised time over T steps
         varying = range(steps) if callable(coef) else range(1)
         for name in names:
             tables[name][coef_name] = tuple(
@@ -175,8 +205,10 @@ def torch_optimizer(
         hparams: tuned hyperparameters (``result.best_hparams``) or an ``OptimizeResult``.
         module_or_params: the module (``named_parameters()`` names must be those the
             hyperparameters were defined over) or a dict name -> leaf parameter.
-        steps: length of the exported schedule; a ``per_step`` schedule of another length is
-            stretched by :func:`resample` (default: the schedule's own length).
+        steps: length T of the exported schedule; a ``per_step`` schedule of another length is
+            stretched by :func:`resample`, a :class:`Schedule` by ``with_steps(T)``, another
+            callable coefficient is evaluated at steps ``0 .. T-1`` (default: the length the
+            schedules declare; required with a callable that declares none).
 
     Returns:
         ``(torch_opt, scheduler)``: ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` with one param
