@@ -5,6 +5,8 @@ hyperdiff.schedules), not the code under test."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import numpy as np
@@ -84,3 +86,48 @@ def test_the_horizon_digits_optimizer_exports_its_whole_schedule():
     natural = {k: float(v) for k, v in spec.hparams.natural().items()}
     want = warmup_cosine(40, natural["lr_peak"], natural["lr_warmup"], natural["lr_final"])
     np.testing.assert_allclose(seen, want, rtol=1e-12, atol=0)
+
+
+def toy_task(name: str) -> hd.TaskSpec:
+    x = torch.randn(40, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = x @ torch.ones(3, dtype=torch.float64)
+
+    def mse(p, h, b):
+        return ((b[0] @ p["w"] - b[1]) ** 2).mean()
+
+    return hd.task(name, model={"w": torch.zeros(3, dtype=torch.float64)},
+                   train_loss=lambda p, h, b: mse(p, h, b) + h["lam"] * p["w"].square().sum(),
+                   val_loss=mse, hparams=hd.HyperParameters(lam=hd.scalar(0.1)),
+                   optimizer=hd.sgd(0.1), data=(x, y), steps=5)
+
+
+def run_directory(tmp_path, task_name: str):
+    """A run directory as ``hyperdiff run`` leaves it: result.json records the task's name."""
+    result = {"task": task_name, "status": "finished", "tuned": {"hparams": {"lam": 0.025}}}
+    (tmp_path / "result.json").write_text(json.dumps(result))
+    return tmp_path
+
+
+def test_tuned_hparams_reads_a_run_of_the_same_task(tmp_path):
+    spec = toy_task("toy")
+    run_dir = run_directory(tmp_path, "toy")
+    for task in (spec, spec.build(selection_fraction=0.5)):
+        tuned = hd.tuned_hparams(task, run_dir).natural()
+        assert float(tuned["lam"]) == pytest.approx(0.025, rel=1e-15)
+
+
+def test_tuned_hparams_refuses_a_run_of_another_task_with_the_same_names(tmp_path):
+    run_dir = run_directory(tmp_path, "ridge")  # another task that also tunes "lam"
+    for task in (toy_task("toy"), toy_task("toy").build(selection_fraction=0.5)):
+        with pytest.raises(hd.HyperdiffError, match=r"tuned_hparams: source must be a run of "
+                           r"task 'toy' \(got .*result.json, a run of task 'ridge'\)"):
+            hd.tuned_hparams(task, run_dir)
+    with pytest.raises(hd.HyperdiffError, match="a run of task None"):
+        hd.tuned_hparams(toy_task("toy"), {"tuned": {"hparams": {"lam": 0.025}}})
+
+
+def test_tuned_hparams_needs_a_built_task_when_its_hparams_depend_on_the_data(tmp_path):
+    spec = dataclasses.replace(toy_task("toy"), hparams=lambda data: hd.HyperParameters(
+        lam=hd.scalar(0.1)))
+    with pytest.raises(hd.HyperdiffError, match=r"task must be built .* pass spec.build"):
+        hd.tuned_hparams(spec, run_directory(tmp_path, "toy"))

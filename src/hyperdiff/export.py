@@ -34,6 +34,7 @@ from .history import OptimizeResult
 from .hyperparams import HyperParameters
 from .optimizers import Optimizer, resolve
 from .schedules import Schedule, resample
+from .tasks import Task, TaskSpec
 
 # inner-optimizer coefficient -> torch.optim param-group key (betas are joined into a pair)
 GROUP_KEYS = {
@@ -278,27 +279,64 @@ def load_into(module: nn.Module, params: Mapping[str, Tensor],
     return module
 
 
-def tuned_hparams(hparams: HyperParameters, source: Any) -> HyperParameters:
-    """``hparams`` with the tuned natural values of ``source``: an ``OptimizeResult``, the
-    dict that ``hyperdiff run`` writes to ``result.json``, that file, or its run directory."""
+def _target(target: Any) -> tuple[HyperParameters, str | None]:
+    """The hyperparameters to fill in and the task name a run must record (None: unchecked)."""
+    if isinstance(target, HyperParameters):
+        return target, None
+    if isinstance(target, Task):
+        return target.hparams, target.name
+    if isinstance(target, TaskSpec):
+        if not isinstance(target.hparams, HyperParameters):
+            raise HyperdiffError(
+                f"tuned_hparams: task must be built when its hparams are a function of the data "
+                f"(got the TaskSpec {target.name!r}); pass spec.build(...)"
+            )
+        return target.hparams, target.name
+    raise HyperdiffError("tuned_hparams: task must be a hd.Task, a TaskSpec (hd.task(...)) or "
+                         f"its hd.HyperParameters (got {describe(target)})")
+
+
+def _read_result(source: str | Path) -> tuple[Any, Path]:
+    """The parsed ``result.json`` of a run directory, or of the file ``source``."""
+    path = Path(source)
+    path = path / "result.json" if path.is_dir() else path
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), path
+    except FileNotFoundError:
+        raise HyperdiffError(f"tuned_hparams: {path} does not exist; a finished run "
+                             "directory holds result.json") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise HyperdiffError(f"tuned_hparams: {path} is not a readable result "
+                             f"file ({err})") from None
+
+
+def tuned_hparams(task: Task | TaskSpec | HyperParameters, source: Any) -> HyperParameters:
+    """The task's hyperparameters with the tuned natural values of ``source``: an
+    ``OptimizeResult``, the dict that ``hyperdiff run`` writes to ``result.json``, that file,
+    or its run directory.
+
+    Given a task (a built ``hd.Task`` or the ``hd.task(...)`` spec), a result that records
+    another task (its ``"task"`` entry) is refused, also when the hyperparameter names happen
+    to match; given only ``hd.HyperParameters``, the names and shapes are checked.
+    """
+    hparams, task_name = _target(task)
     if isinstance(source, OptimizeResult):
         return source.best_hparams
+    where = "the result"
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        path = path / "result.json" if path.is_dir() else path
-        try:
-            source = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise HyperdiffError(f"tuned_hparams: {path} does not exist; a finished run "
-                                 "directory holds result.json") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise HyperdiffError(f"tuned_hparams: {path} is not a readable result "
-                                 f"file ({err})") from None
+        source, path = _read_result(source)
+        where = str(path)
     values = source.get("tuned", {}).get("hparams") if isinstance(source, Mapping) else None
     if not isinstance(values, Mapping):
         raise HyperdiffError("tuned_hparams: source must be an OptimizeResult, a run directory "
                              "or a result with a 'tuned' -> 'hparams' entry "
                              f"(got {describe(source)})")
+    recorded = source.get("task")
+    if task_name is not None and recorded != task_name:
+        raise HyperdiffError(
+            f"tuned_hparams: source must be a run of task {task_name!r} (got {where}, a run "
+            f"of task {recorded!r}); pass that run's directory, or the task it tuned"
+        )
     missing = sorted(set(hparams) - set(values))
     if missing:
         raise HyperdiffError(f"tuned_hparams: the result has no values for {missing}; it "
