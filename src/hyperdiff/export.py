@@ -5,7 +5,8 @@
   group per set of tensors that share their coefficients, so per-tensor weight decay becomes
   param groups) and a :class:`TunedSchedule` that sets every scheduled coefficient (a
   ``per_step`` learning rate, a momentum schedule, ...) before each step. Training with the
-  pair equals :func:`hyperdiff.train` (bit for bit where the coefficients are plain numbers).
+  pair equals :func:`hyperdiff.train`: bit for bit where the coefficients are plain numbers, to
+  rounding otherwise (docs/export.md, "What is bit for bit").
 - :func:`hyperdiff.schedules.resample` stretches a ``per_step`` schedule to another number
   of steps (``torch_optimizer(..., steps=M)`` uses it).
 - :func:`load_into` loads trained params and buffers (BatchNorm statistics) into a module.
@@ -205,7 +206,8 @@ def torch_optimizer(
         optimizer: the inner optimizer that was tuned (``hd.sgd``, ``hd.adam``, ``hd.adamw``).
         hparams: tuned hyperparameters (``result.best_hparams``) or an ``OptimizeResult``.
         module_or_params: the module (``named_parameters()`` names must be those the
-            hyperparameters were defined over) or a dict name -> leaf parameter.
+            hyperparameters were defined over) or a dict name -> leaf parameter; only those
+            that require grad are exported (frozen ones stay fixed, as in hyperdiff).
         steps: length T of the exported schedule; a ``per_step`` schedule of another length is
             stretched by :func:`resample`, a :class:`Schedule` by ``with_steps(T)``, another
             callable coefficient is evaluated at steps ``0 .. T-1`` (default: the length the
@@ -214,6 +216,11 @@ def torch_optimizer(
     Returns:
         ``(torch_opt, scheduler)``: ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` with one param
         group per set of tensors sharing their coefficient values, and a :class:`TunedSchedule`.
+
+    Raises:
+        HyperdiffError: a callable coefficient that declares no length (or schedules of
+            different lengths) without ``steps``; ``per_element`` / ``per_feature``
+            coefficients; no parameter that requires grad.
     """
     if not isinstance(optimizer, Optimizer):
         raise HyperdiffError("torch_optimizer: optimizer must be made by hd.sgd, hd.adam or "
