@@ -74,6 +74,9 @@ CASES = {
              lambda p: hd.HyperParameters(lr=hd.per_step(STEPS, schedule() / 5),
                                           b1=hd.scalar(0.85, (0.0, 1.0)),
                                           wd=hd.per_tensor(p, 1e-2))),
+    "sgd_warmup_cosine": (lambda: hd.sgd(hd.schedule("warmup_cosine", STEPS), 0.9),
+                          lambda p: hd.HyperParameters(**hd.schedule(
+                              "warmup_cosine", STEPS).hyperparameters(peak=0.1, warmup=0.2))),
     "adamw": (lambda: hd.adamw("lr", weight_decay="wd"),
               lambda p: hd.HyperParameters(lr=hd.per_step(STEPS, schedule() / 5),
                                            wd=hd.per_tensor(p, {n: 0.1 / (i + 1) for i, n

@@ -223,3 +223,20 @@ def test_log_paths_must_stay_inside_the_run_directory_and_off_its_files(key, val
 @pytest.mark.parametrize("key", ["csv", "tensorboard"])
 def test_log_paths_inside_the_run_directory_are_accepted(key):
     assert getattr(resolve({"log": {key: "logs/steps"}}).log, key) == "logs/steps"
+
+
+# --- issue 18: exports that lose values, frozen parameters are trained ---
+
+
+def test_a_frozen_parameter_given_as_a_parameter_to_train_is_refused():
+    layer = torch.nn.Linear(3, 2).double().requires_grad_(False)
+    x, y = torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4, 2, dtype=torch.float64)
+
+    def loss(p, h, b):
+        return ((b[0] @ p["weight"].T + p["bias"] - b[1]) ** 2).mean()
+
+    with pytest.raises(hd.HyperdiffError, match=r"hypergradient: params\['weight'\] must be a "
+                       r"parameter to train \(got a frozen nn.Parameter, requires_grad=False\)"):
+        hd.make_problem(loss, loss, hd.HyperParameters(a=hd.scalar(1.0)),
+                        dict(layer.named_parameters()), optimizer=hd.sgd(0.1),
+                        train_data=(x, y), val_data=(x, y), steps=2)

@@ -5,7 +5,8 @@
   group per set of tensors that share their coefficients, so per-tensor weight decay becomes
   param groups) and a :class:`TunedSchedule` that sets every scheduled coefficient (a
   ``per_step`` learning rate, a momentum schedule, ...) before each step. Training with the
-  pair equals :func:`hyperdiff.train` (bit for bit where the coefficients are plain numbers).
+  pair equals :func:`hyperdiff.train`: bit for bit where the coefficients are plain numbers, to
+  rounding otherwise (docs/export.md, "What is bit for bit").
 - :func:`hyperdiff.schedules.resample` stretches a ``per_step`` schedule to another number
   of steps (``torch_optimizer(..., steps=M)`` uses it).
 - :func:`load_into` loads trained params and buffers (BatchNorm statistics) into a module.
@@ -33,7 +34,8 @@ from .errors import HyperdiffError, describe, positive_int
 from .history import OptimizeResult
 from .hyperparams import HyperParameters
 from .optimizers import Optimizer, resolve
-from .schedules import resample
+from .schedules import Schedule, resample
+from .tasks import Task, TaskSpec
 
 # inner-optimizer coefficient -> torch.optim param-group key (betas are joined into a pair)
 GROUP_KEYS = {
@@ -57,6 +59,9 @@ def _as_hparams(hparams: Any, caller: str) -> HyperParameters:
 
 
 def _named_parameters(module_or_params: Any, caller: str) -> dict[str, Tensor]:
+    """The tensors ``torch.optim`` trains: leaf tensors that require grad. Frozen ones
+    (``requires_grad=False``) are left out, as ``[p for p in model.parameters() if
+    p.requires_grad]`` would leave them out, and as every method of hyperdiff keeps them fixed."""
     named: dict[str, Tensor]
     if isinstance(module_or_params, nn.Module):
         named = dict(module_or_params.named_parameters())
@@ -66,28 +71,61 @@ def _named_parameters(module_or_params: Any, caller: str) -> dict[str, Tensor]:
         raise HyperdiffError(f"{caller}: module_or_params must be a torch.nn.Module or a dict "
                              f"name -> parameter (got {describe(module_or_params)})")
     for name, p in named.items():
-        if not isinstance(p, Tensor) or not p.is_leaf or not p.requires_grad:
-            raise HyperdiffError(f"{caller}: parameter {name!r} must be a leaf tensor that "
-                                 f"requires grad (got {describe(p)})")
-    if not named:
-        raise HyperdiffError(f"{caller}: module_or_params has no parameters")
-    return named
+        if not isinstance(p, Tensor) or not p.is_leaf:
+            raise HyperdiffError(f"{caller}: parameter {name!r} must be a leaf tensor "
+                                 f"(got {describe(p)})")
+    trainable = {name: p for name, p in named.items() if p.requires_grad}
+    if not trainable:
+        raise HyperdiffError(
+            f"{caller}: module_or_params must have a parameter that requires grad (got "
+            f"{len(named)} frozen ones); frozen parameters are not trained, so there is "
+            "nothing to optimize"
+        )
+    return trainable
+
+
+def _declared_lengths(optimizer: Optimizer, hparams: HyperParameters) -> dict[str, int]:
+    """Coefficient -> the number of steps its schedule declares: the length of a ``per_step``
+    hyperparameter, or ``steps`` of a :class:`~hyperdiff.schedules.Schedule`."""
+    lengths = {}
+    for coef_name, coef in optimizer.coefficients.items():
+        if isinstance(coef, Schedule):
+            lengths[coef_name] = coef.steps
+        elif isinstance(coef, str) and coef in hparams and hparams[coef].kind == "per_step":
+            lengths[coef_name] = hparams[coef].shape[0]
+    return lengths
 
 
 def _horizon(optimizer: Optimizer, hparams: HyperParameters, steps: int | None) -> int:
-    """The number of steps the exported schedule covers."""
+    """The number of steps the exported schedule covers: ``steps``, or else the one length
+    the schedules declare (1 when every coefficient is constant). A callable coefficient that
+    declares no length (a plain function of the step) needs ``steps``: held at its step-0
+    value it would lose every later one."""
     if steps is not None:
         return positive_int("torch_optimizer", "steps", steps)
-    lengths = [hparams[c].shape[0] for c in optimizer.coefficients.values()
-               if isinstance(c, str) and c in hparams and hparams[c].kind == "per_step"]
-    return max(lengths, default=1)
+    undeclared = [name for name, coef in optimizer.coefficients.items()
+                  if callable(coef) and not isinstance(coef, Schedule)]
+    if undeclared:
+        raise HyperdiffError(
+            f"torch_optimizer: steps must be the number of training steps T when coefficient "
+            f"{undeclared[0]} is a function of the step (got steps=None); pass steps=T to "
+            "evaluate it at steps 0 .. T-1"
+        )
+    lengths = _declared_lengths(optimizer, hparams)
+    if len(set(lengths.values())) > 1:
+        raise HyperdiffError(
+            f"torch_optimizer: steps must be given when the schedules' lengths differ (got "
+            f"steps=None, lengths {lengths}); pass steps=T, and each is stretched to T steps"
+        )
+    return next(iter(lengths.values()), 1)
 
 
 def _coefficient_tables(optimizer: Optimizer, hparams: HyperParameters, names: list[str],
                         steps: int) -> dict[str, Table]:
     """``{param: {coefficient: values at steps 0..steps-1}}``; per_step hyperparameters are
-    resampled to ``steps``, callables evaluated at every step, the rest held constant (one
-    value, which :func:`_group_values` holds for every step)."""
+    resampled to ``steps``, schedules stretched to ``steps`` (:meth:`Schedule.with_steps`),
+    other callables evaluated at every step, the rest held constant (one value, which
+    :func:`_group_values` holds for every step)."""
     view = hparams.view(hparams.raw)
     tables: dict[str, Table] = {name: {} for name in names}
     for coef_name, coef in optimizer.coefficients.items():
@@ -107,6 +145,8 @@ def _coefficient_tables(optimizer: Optimizer, hparams: HyperParameters, names: l
                 for name in names:
                     tables[name][coef_name] = tuple(values)
                 continue
+        if isinstance(coef, Schedule) and coef.steps != steps:
+            coef = coef.with_steps(steps)  # the same curve in normalised time over T steps
         varying = range(steps) if callable(coef) else range(1)
         for name in names:
             tables[name][coef_name] = tuple(
@@ -166,13 +206,21 @@ def torch_optimizer(
         optimizer: the inner optimizer that was tuned (``hd.sgd``, ``hd.adam``, ``hd.adamw``).
         hparams: tuned hyperparameters (``result.best_hparams``) or an ``OptimizeResult``.
         module_or_params: the module (``named_parameters()`` names must be those the
-            hyperparameters were defined over) or a dict name -> leaf parameter.
-        steps: length of the exported schedule; a ``per_step`` schedule of another length is
-            stretched by :func:`resample` (default: the schedule's own length).
+            hyperparameters were defined over) or a dict name -> leaf parameter; only those
+            that require grad are exported (frozen ones stay fixed, as in hyperdiff).
+        steps: length T of the exported schedule; a ``per_step`` schedule of another length is
+            stretched by :func:`resample`, a :class:`Schedule` by ``with_steps(T)``, another
+            callable coefficient is evaluated at steps ``0 .. T-1`` (default: the length the
+            schedules declare; required with a callable that declares none).
 
     Returns:
         ``(torch_opt, scheduler)``: ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` with one param
         group per set of tensors sharing their coefficient values, and a :class:`TunedSchedule`.
+
+    Raises:
+        HyperdiffError: a callable coefficient that declares no length (or schedules of
+            different lengths) without ``steps``; ``per_element`` / ``per_feature``
+            coefficients; no parameter that requires grad.
     """
     if not isinstance(optimizer, Optimizer):
         raise HyperdiffError("torch_optimizer: optimizer must be made by hd.sgd, hd.adam or "
@@ -208,7 +256,9 @@ def load_into(module: nn.Module, params: Mapping[str, Tensor],
     """Copy trained ``params`` (and ``buffers``: BatchNorm running statistics) into ``module``.
 
     Names are those of ``module.named_parameters()`` / ``named_buffers()`` (as in
-    ``hd.functional(module).params``); every parameter must be given. Returns ``module``.
+    ``hd.functional(module).params``); every parameter that requires grad must be given, frozen
+    ones (``requires_grad=False``, not in ``hd.functional(module).params``) may be. Returns
+    ``module``.
     """
     if not isinstance(module, nn.Module):
         raise HyperdiffError(f"load_into: module must be a torch.nn.Module (got "
@@ -217,10 +267,11 @@ def load_into(module: nn.Module, params: Mapping[str, Tensor],
     own_buffers = dict(module.named_buffers())
     given = {**dict(params), **dict(buffers or {})}
     unknown = sorted(set(given) - set(own_params) - set(own_buffers))
-    missing = sorted(set(own_params) - set(params))
+    trainable = sorted(n for n, p in own_params.items() if p.requires_grad)
+    missing = sorted(set(trainable) - set(params))
     if unknown or missing:
         raise HyperdiffError(
-            f"load_into: params must name exactly the module's parameters {sorted(own_params)} "
+            f"load_into: params must name the module's trainable parameters {trainable} "
             f"(unknown: {unknown}, missing: {missing})"
         )
     targets = {name: own_params[name] if name in own_params else own_buffers[name]
@@ -235,27 +286,64 @@ def load_into(module: nn.Module, params: Mapping[str, Tensor],
     return module
 
 
-def tuned_hparams(hparams: HyperParameters, source: Any) -> HyperParameters:
-    """``hparams`` with the tuned natural values of ``source``: an ``OptimizeResult``, the
-    dict that ``hyperdiff run`` writes to ``result.json``, that file, or its run directory."""
+def _target(target: Any) -> tuple[HyperParameters, str | None]:
+    """The hyperparameters to fill in and the task name a run must record (None: unchecked)."""
+    if isinstance(target, HyperParameters):
+        return target, None
+    if isinstance(target, Task):
+        return target.hparams, target.name
+    if isinstance(target, TaskSpec):
+        if not isinstance(target.hparams, HyperParameters):
+            raise HyperdiffError(
+                f"tuned_hparams: task must be built when its hparams are a function of the data "
+                f"(got the TaskSpec {target.name!r}); pass spec.build(...)"
+            )
+        return target.hparams, target.name
+    raise HyperdiffError("tuned_hparams: task must be a hd.Task, a TaskSpec (hd.task(...)) or "
+                         f"its hd.HyperParameters (got {describe(target)})")
+
+
+def _read_result(source: str | Path) -> tuple[Any, Path]:
+    """The parsed ``result.json`` of a run directory, or of the file ``source``."""
+    path = Path(source)
+    path = path / "result.json" if path.is_dir() else path
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), path
+    except FileNotFoundError:
+        raise HyperdiffError(f"tuned_hparams: {path} does not exist; a finished run "
+                             "directory holds result.json") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise HyperdiffError(f"tuned_hparams: {path} is not a readable result "
+                             f"file ({err})") from None
+
+
+def tuned_hparams(task: Task | TaskSpec | HyperParameters, source: Any) -> HyperParameters:
+    """The task's hyperparameters with the tuned natural values of ``source``: an
+    ``OptimizeResult``, the dict that ``hyperdiff run`` writes to ``result.json``, that file,
+    or its run directory.
+
+    Given a task (a built ``hd.Task`` or the ``hd.task(...)`` spec), a result that records
+    another task (its ``"task"`` entry) is refused, also when the hyperparameter names happen
+    to match; given only ``hd.HyperParameters``, the names and shapes are checked.
+    """
+    hparams, task_name = _target(task)
     if isinstance(source, OptimizeResult):
         return source.best_hparams
+    where = "the result"
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        path = path / "result.json" if path.is_dir() else path
-        try:
-            source = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise HyperdiffError(f"tuned_hparams: {path} does not exist; a finished run "
-                                 "directory holds result.json") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise HyperdiffError(f"tuned_hparams: {path} is not a readable result "
-                                 f"file ({err})") from None
+        source, path = _read_result(source)
+        where = str(path)
     values = source.get("tuned", {}).get("hparams") if isinstance(source, Mapping) else None
     if not isinstance(values, Mapping):
         raise HyperdiffError("tuned_hparams: source must be an OptimizeResult, a run directory "
                              "or a result with a 'tuned' -> 'hparams' entry "
                              f"(got {describe(source)})")
+    recorded = source.get("task")
+    if task_name is not None and recorded != task_name:
+        raise HyperdiffError(
+            f"tuned_hparams: source must be a run of task {task_name!r} (got {where}, a run "
+            f"of task {recorded!r}); pass that run's directory, or the task it tuned"
+        )
     missing = sorted(set(hparams) - set(values))
     if missing:
         raise HyperdiffError(f"tuned_hparams: the result has no values for {missing}; it "

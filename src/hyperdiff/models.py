@@ -103,6 +103,15 @@ def _seeded_rng(ctx: StepContext, devices: list[torch.device]) -> Iterator[None]
         yield
 
 
+def trainable_parameters(module: nn.Module) -> tuple[Params, tuple[str, ...]]:
+    """Detached copies of the parameters that require grad (the ones training moves), and the
+    names of the frozen ones (``requires_grad=False``), which stay constants of the forward
+    pass: ``torch.optim`` would get ``[p for p in module.parameters() if p.requires_grad]``."""
+    named = dict(module.named_parameters())
+    params = {n: p.detach().clone() for n, p in named.items() if p.requires_grad}
+    return params, tuple(n for n, p in named.items() if not p.requires_grad)
+
+
 class FunctionalModel:
     """A module evaluated as ``net(params, *inputs, ctx=None, **kw_inputs)``; see
     :func:`functional`."""
@@ -125,7 +134,7 @@ class FunctionalModel:
                     "hd.functional(torch.compile(model)) differentiates its eager module"
                 )
         self.module = module
-        self.params: Params = {n: p.detach().clone() for n, p in module.named_parameters()}
+        self.params, self.frozen = trainable_parameters(module)
         self.buffers: Params = {}
         self._bn: dict[str, nn.Module] = {}
         self._fill_in_cache: dict[Any, dict[str, Tensor]] = {}
@@ -281,7 +290,9 @@ def functional(module: nn.Module) -> FunctionalModel:
     """Wrap ``module`` as a pure function ``net(params, *inputs, ctx=None, **kw_inputs)``.
 
     ``net.params`` and ``net.buffers`` hold detached copies of the initial parameters and of the
-    BatchNorm running statistics.
+    BatchNorm running statistics. Frozen parameters (``requires_grad=False``) are not in
+    ``net.params``: no method trains them, the forward pass reads them from the module as
+    constants, and ``net.frozen`` names them.
 
     Inputs: positional inputs after ``params`` go to ``module.forward`` positionally and keyword
     inputs by keyword, so ``net(params, x1, x2, ctx=ctx)`` calls ``module(x1, x2)`` and

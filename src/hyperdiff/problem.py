@@ -184,6 +184,12 @@ def _check_params(params: Any, name: str) -> Params:
                 f"hypergradient: {name}[{key!r}] must be a floating-point tensor "
                 f"(got {describe(value)})"
             )
+        if isinstance(value, torch.nn.Parameter) and not value.requires_grad:
+            raise HyperdiffError(
+                f"hypergradient: {name}[{key!r}] must be a parameter to train (got a frozen "
+                "nn.Parameter, requires_grad=False); leave frozen parameters out, as "
+                "hd.functional(module).params does: the forward pass reads them from the module"
+            )
         if not torch.isfinite(value).all():
             raise HyperdiffError(f"hypergradient: {name}[{key!r}] must be finite (got NaN or inf)")
         out[key] = value.detach().clone()
