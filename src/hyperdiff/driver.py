@@ -52,7 +52,7 @@ from .errors import (
     positive_float,
     positive_int,
 )
-from .guard import DivergenceGuard
+from .guard import DivergenceGuard, untrained_loss
 from .history import (
     History,
     OptimizeResult,
@@ -283,7 +283,8 @@ class HyperOptimizer:
         try:
             self.guard.check_values(self.hparams, raw)
             evaluations, selection = self.sampler.evaluate(step, raw)
-            self.guard.check_losses([hg.value for hg in evaluations], selection)
+            self.guard.check_losses([hg.value for hg in evaluations], selection,
+                                    untrained=lambda: self._untrained(raw))
         except NonFiniteError as err:
             return self._failed(step, raw, lr, str(err), started)
         self.guard.succeeded(snapshot)
@@ -357,6 +358,16 @@ class HyperOptimizer:
             torch.nn.utils.clip_grad_norm_(list(self.leaves.values()), self.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _untrained(self, raw: dict[str, Tensor]) -> dict[str, float]:
+        """The untrained model's mean validation (and selection) loss over the problems at
+        ``raw``: the divergence guard's reference for the first step's losses."""
+        losses = {"validation": [untrained_loss(p, p.params, p.buffers, raw)
+                                 for p in self.problems]}
+        if self.selection is not None:
+            losses["selection"] = [untrained_loss(p, p.params, p.buffers, raw, self.selection)
+                                   for p in self.problems]
+        return {kind: sum(values) / len(values) for kind, values in losses.items()}
 
     def _rank(self, step: int, raw: dict[str, Tensor], val: float, selection: float | None
               ) -> bool:
