@@ -21,6 +21,7 @@ from .errors import HyperdiffError, fail, positive_int
 from .logs import get_logger
 from .problem import Problem
 from .snr import AutoSamples
+from .state_checks import optimizer_probe_state
 from .training import validation_loss
 from .typing import Batch
 
@@ -122,12 +123,7 @@ def missing_optimizer_entries(optimizer: torch.optim.Optimizer, state: dict[str,
                               ) -> list[str]:
     """Per-parameter entries (``exp_avg``, ``square_avg``, ...) that ``optimizer.step`` needs
     and a non-empty saved parameter state lacks, found by one step of a probe optimizer."""
-    params = [p.detach().clone().requires_grad_() for g in optimizer.param_groups
-              for p in g["params"]]
-    probe = type(optimizer)(params, **optimizer.defaults)
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    probe.step()
-    needed = set().union(*(probe.state[p].keys() for p in params))
+    fresh = optimizer_probe_state(optimizer)
+    needed = set().union(*(entry.keys() for entry in fresh.values()))
     saved = [set(entry) for entry in state.get("state", {}).values() if entry]
     return sorted(set().union(*(needed - entry for entry in saved)))

@@ -1,0 +1,109 @@
+"""Is a loaded checkpoint state shaped like the one this run would write? One check each.
+
+A checkpoint that the run directory's manifest lists can still be damaged (edited, with the
+manifest fixed up to match). Before anything uses it, a state is compared with a freshly built
+one of the same run: the same keys, a tensor where a tensor is (of the same shape, dtype and
+device), ``None`` where ``None`` is, numbers where numbers are. A mismatch is one
+:class:`~hyperdiff.errors.HyperdiffError`::
+
+    <caller>: the checkpoint is damaged: <entry> must be <expected> (got <found>)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import HyperdiffError, describe, is_number
+
+
+def damaged(caller: str, entry: str, expected: str, found: str) -> HyperdiffError:
+    """The error for a state whose ``entry`` is ``found`` where ``expected`` was due."""
+    return HyperdiffError(f"{caller}: the checkpoint is damaged: {entry} must be {expected} "
+                          f"(got {found})")
+
+
+def shape_of(value: Any) -> str:
+    """What ``value`` is, as far as the structure goes: a tensor's shape, dtype and device."""
+    if isinstance(value, Tensor):
+        dtype = str(value.dtype).removeprefix("torch.")
+        return f"a {dtype} tensor of shape {tuple(value.shape)} on {value.device}"
+    if value is None:
+        return "None"
+    if isinstance(value, dict):
+        return f"a dict with the keys {sorted(map(str, value))}"
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of {len(value)} entries"
+    return f"{type(value).__name__} {describe(value)}"
+
+
+def mismatch(saved: Any, fresh: Any, entry: str) -> tuple[str, str, str] | None:
+    """The first ``(entry, expected, found)`` where ``saved`` is not shaped like ``fresh``
+    (recursively through dicts, lists and tuples), or ``None``."""
+    if isinstance(fresh, Tensor):
+        same = isinstance(saved, Tensor) and (saved.shape, saved.dtype, saved.device) == (
+            fresh.shape, fresh.dtype, fresh.device)
+        return None if same else (entry, shape_of(fresh), shape_of(saved))
+    if isinstance(fresh, dict):
+        if not isinstance(saved, dict) or set(saved) != set(fresh):
+            return entry, shape_of(fresh), shape_of(saved)
+        pairs = [(saved[k], fresh[k], f"{entry}[{k!r}]") for k in fresh]
+    elif isinstance(fresh, (list, tuple)):
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(fresh):
+            return entry, shape_of(fresh), shape_of(saved)
+        pairs = [(s, f, f"{entry}[{i}]") for i, (s, f) in enumerate(zip(saved, fresh, strict=True))]
+    else:
+        same = (saved is None if fresh is None else isinstance(saved, bool)
+                if isinstance(fresh, bool) else is_number(saved) if is_number(fresh)
+                else isinstance(saved, type(fresh)))
+        return None if same else (entry, f"{shape_of(fresh).split(' ')[0]}", shape_of(saved))
+    for args in pairs:
+        if (found := mismatch(*args)) is not None:
+            return found
+    return None
+
+
+def check_like(caller: str, entry: str, saved: Any, fresh: Any) -> None:
+    """Raise the damaged-checkpoint error where ``saved`` is not shaped like ``fresh``."""
+    if (found := mismatch(saved, fresh, entry)) is not None:
+        raise damaged(caller, *found)
+
+
+def check_count(caller: str, entry: str, saved: Any, expected: int, why: str) -> None:
+    """A saved counter must be the int ``expected`` that the history on disk implies."""
+    if isinstance(saved, bool) or not isinstance(saved, int) or saved != expected:
+        raise damaged(caller, entry, f"{expected} ({why})", describe(saved))
+
+
+def optimizer_probe_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The per-parameter state of one step of a probe copy of ``optimizer``: the entries,
+    shapes and dtypes that a saved state of it holds."""
+    params = [p.detach().clone().requires_grad_() for g in optimizer.param_groups
+              for p in g["params"]]
+    probe = type(optimizer)(params, **optimizer.defaults)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    probe.step()
+    return probe.state_dict()["state"]
+
+
+def check_optimizer_shapes(caller: str, entry: str, optimizer: torch.optim.Optimizer,
+                           state: Any) -> None:
+    """Each non-empty per-parameter entry of a saved optimizer ``state`` must be shaped like
+    one step of ``optimizer``'s (tensors of the parameter's shape and dtype, its ``step``)."""
+    if not isinstance(state, dict) or not isinstance(state.get("state"), dict):
+        raise damaged(caller, entry, "an optimizer state_dict with a 'state' dict",
+                      shape_of(state))
+    fresh = optimizer_probe_state(optimizer)
+    for index, saved in state["state"].items():
+        if index not in fresh:
+            raise damaged(caller, f"{entry}['state']", f"entries for the parameters "
+                          f"{sorted(fresh)}", f"an entry for {index!r}")
+        if saved:
+            check_like(caller, f"{entry}['state'][{index!r}]", saved, fresh[index])
+
+
+__all__ = ["check_count", "check_like", "check_optimizer_shapes", "damaged", "mismatch",
+           "optimizer_probe_state", "shape_of"]
