@@ -39,9 +39,8 @@ from .distributed.spread import spreader_for
 from .driver_checks import (
     as_batches,
     auto_samples,
-    check_optimizer_state,
+    check_driver_state,
     check_problems,
-    check_resume,
     check_selection,
 )
 from .errors import (
@@ -331,11 +330,10 @@ class HyperOptimizer:
 
     def load_state_dict(self, state: dict[str, Any], history: Sequence[StepRecord]) -> None:
         """Restore :meth:`state_dict` and the first ``state["step"]`` history records."""
-        check_resume(state, records=len(history), slots=len(self.warm))
+        check_driver_state(self, state, history)
         with torch.no_grad():
             for name, leaf in self.leaves.items():
                 leaf.copy_(state["raw"][name])
-        check_optimizer_state(self.optimizer, state["optimizer"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.guard.load_state_dict(state["guard"])
         self.best, self.since_best = state["best"], int(state["since_best"])

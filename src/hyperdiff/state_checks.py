@@ -11,6 +11,7 @@ device), ``None`` where ``None`` is, numbers where numbers are. A mismatch is on
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -77,6 +78,39 @@ def check_count(caller: str, entry: str, saved: Any, expected: int, why: str) ->
         raise damaged(caller, entry, f"{expected} ({why})", describe(saved))
 
 
+def check_guard_state(caller: str, saved: Any, fresh: dict[str, Any], good: Any,
+                      failed: list[bool], shrink: float) -> None:
+    """A saved divergence guard: entries like ``fresh`` (a new guard's ``state_dict``), its
+    snapshot (if any) like ``good`` (an optimizer there: a state of it), and the counts those
+    of the history's ``failed`` records: all of them, those that end it, ``shrink ** all``."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("reference"), dict):
+        raise damaged(caller, "guard", "a dict with a 'reference' dict", shape_of(saved))
+    template = {**fresh, "good": saved.get("good"),
+                "reference": {kind: 0.0 for kind in saved["reference"]
+                              if kind in ("validation", "selection")}}
+    check_like(caller, "guard", saved, template)
+    if (snapshot := saved["good"]) is not None:
+        if not isinstance(snapshot, dict) or set(snapshot) != set(good):
+            raise damaged(caller, "guard['good']", f"a dict with the keys {sorted(good)}",
+                          shape_of(snapshot))
+        for key, like in good.items():
+            entry = f"guard['good'][{key!r}]"
+            if isinstance(like, torch.optim.Optimizer):
+                check_optimizer_shapes(caller, entry, like, snapshot[key])
+            else:
+                check_like(caller, entry, snapshot[key], like)
+    trailing = len(failed) - next((i + 1 for i in reversed(range(len(failed)))
+                                   if not failed[i]), 0)
+    check_count(caller, "guard['total_failures']", saved["total_failures"], sum(failed),
+                "the failed records in the history")
+    check_count(caller, "guard['failures']", saved["failures"], trailing,
+                "the failed records that end the history")
+    scale = shrink ** sum(failed)
+    if not math.isclose(float(saved["scale"]), scale, rel_tol=1e-9):
+        raise damaged(caller, "guard['scale']", f"{scale:.6g} (shrink ** the failed records)",
+                      f"{saved['scale']!r}")
+
+
 def optimizer_probe_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The per-parameter state of one step of a probe copy of ``optimizer``: the entries,
     shapes and dtypes that a saved state of it holds."""
@@ -105,5 +139,5 @@ def check_optimizer_shapes(caller: str, entry: str, optimizer: torch.optim.Optim
             check_like(caller, f"{entry}['state'][{index!r}]", saved, fresh[index])
 
 
-__all__ = ["check_count", "check_like", "check_optimizer_shapes", "damaged", "mismatch",
-           "optimizer_probe_state", "shape_of"]
+__all__ = ["check_count", "check_guard_state", "check_like", "check_optimizer_shapes",
+           "damaged", "mismatch", "optimizer_probe_state", "shape_of"]

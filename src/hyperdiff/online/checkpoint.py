@@ -30,6 +30,7 @@ from ..errors import HyperdiffError, fail
 from ..history import History, StepRecord
 from ..state_checks import (
     check_count,
+    check_guard_state,
     check_like,
     check_optimizer_shapes,
     damaged,
@@ -82,7 +83,6 @@ def restore_tuner(tuner: OnlineTuner, state: dict[str, Any],
     check_tuner_state(tuner, state, lines)
     with torch.no_grad():
         tuner.flat.copy_(tuner.hparams.flatten(state["raw"]))
-    check_optimizer_state(tuner.optimizer, state["outer"], caller=caller)
     tuner.optimizer.load_state_dict(state["outer"])
     params = {k: v.clone() for k, v in state["params"].items()}
     template = tree_flatten(tuner.problem.optimizer.init(params))[1]
@@ -133,7 +133,9 @@ def check_tuner_state(tuner: OnlineTuner, state: dict[str, Any], lines: Any) -> 
                    if restart_at is not None else ""))
     check_tangent(tuner, state["tangent"], inner)
     if "guard" in state:
-        check_guard(tuner, state["guard"], records, fresh["raw"])
+        check_guard_state(CALLER, state["guard"], tuner.guard.state_dict(),
+                          {"raw": fresh["raw"], "outer": tuner.optimizer},
+                          [r.status == "failed" for r in records], tuner.guard.shrink)
     if "hot_start" in state:
         check_like(CALLER, "hot_start", state["hot_start"], None if state["hot_start"] is None
                    else [0, 0.0])
@@ -182,35 +184,6 @@ def check_tangent(tuner: OnlineTuner, saved: Any, inner_step: int) -> None:
     if tuner.method == "curvature":
         check_count(CALLER, "tangent[-1] (the curvature steps)", int(saved[-1]), inner_step,
                     "inner_step")
-
-
-def check_guard(tuner: OnlineTuner, saved: Any, records: Sequence[StepRecord],
-                raw: dict[str, Any]) -> None:
-    """The guard's entries shaped like a fresh guard's, its snapshot like the tuner's raw
-    values and outer state, its counts those of the failed records."""
-    if not isinstance(saved, dict) or not isinstance(saved.get("reference"), dict):
-        raise damaged(CALLER, "guard", "a dict with a 'reference' dict", shape_of(saved))
-    template = {**tuner.guard.state_dict(), "good": saved.get("good")}
-    check_like(CALLER, "guard", saved, {**template, "reference": saved["reference"]})
-    if saved["good"] is not None:
-        check_like(CALLER, "guard['good']", {**saved["good"], "outer": None},
-                   {"raw": raw, "outer": None})
-        check_optimizer_shapes(CALLER, "guard['good']['outer']", tuner.optimizer,
-                               saved["good"]["outer"])
-    check_like(CALLER, "guard['reference']", saved["reference"],
-               {kind: 0.0 for kind in saved["reference"]
-                if kind in ("validation", "selection")})
-    failed = [r.status == "failed" for r in records]
-    trailing = len(failed) - next((i + 1 for i in reversed(range(len(failed)))
-                                   if not failed[i]), 0)
-    check_count(CALLER, "guard['total_failures']", saved["total_failures"], sum(failed),
-                "the failed records in the history")
-    check_count(CALLER, "guard['failures']", saved["failures"], trailing,
-                "the failed records that end the history")
-    scale = tuner.guard.shrink ** sum(failed)
-    if not math.isclose(float(saved["scale"]), scale, rel_tol=1e-9):
-        raise damaged(CALLER, "guard['scale']", f"{scale:.6g} (shrink ** the failed records)",
-                      f"{saved['scale']!r}")
 
 
 __all__ = ["FORMAT", "check_tuner_state", "restore_tuner", "tuner_state"]

@@ -1,6 +1,7 @@
 """Issue 18, class 6: damaged checkpoints that the manifest lists (edited, the manifest's sha256
 fixed up to match) are refused before anything uses them: one error naming the entry, what
-was expected and what was found, and that the checkpoint is damaged."""
+was expected and what was found, and that the checkpoint is damaged. Online runs first, then
+the same audit of the offline driver's checkpoint."""
 
 from __future__ import annotations
 
@@ -160,3 +161,74 @@ def test_an_undamaged_state_resumes_exactly():
     resumed.step()
     resumed.step()
     assert torch.equal(resumed.flat, whole.flat)
+
+
+# ---------------------------------------------------------------------------- offline driver
+OFFLINE = ["task.name=ridge_diabetes", "inner.steps=20", "stop.max_steps=6", "report.seeds=1",
+           "inner.warm_start=true"]
+OFFLINE_DAMAGED = r"HyperOptimizer: the checkpoint is damaged: "
+
+
+@pytest.fixture(scope="module")
+def interrupted_offline(tmp_path_factory) -> Path:
+    """An offline run with warm starts stopped at outer step 3."""
+    run = tmp_path_factory.mktemp("offline") / "run"
+    interrupted_run(run, OFFLINE, at=3)
+    return run
+
+
+def edited(key, value):
+    def edit(state):
+        state[key] = value(state[key])
+    return edit
+
+
+def narrower_warm(state):
+    params, buffers = state["warm"][0]
+    name = next(iter(params))
+    state["warm"][0] = ({**params, name: params[name][:-1].clone()}, buffers)
+
+
+def best_moved(state):
+    state["best"]["step"] -= 1
+
+
+def guard_scale(state):
+    state["guard"]["scale"] = 0.5
+
+
+def float32_best_raw(state):
+    state["best"]["raw"] = {k: v.float() for k, v in state["best"]["raw"].items()}
+
+
+OFFLINE_CASES = {
+    "edited since_best": (edited("since_best", lambda n: n + 2),
+                          r"since_best must be \d+ \(the records after the best one\)"),
+    "edited trainings": (edited("trainings", lambda n: n + 5),
+                         r"trainings must be 3 \(those of the last record\) \(got 8\)"),
+    "best step moved": (best_moved, r"best\['step'\] must be \d+ \(the last record marked "
+                        r"best\)"),
+    "best raw of another dtype": (float32_best_raw, r"best\['raw'\]\['lam'\] must be a "
+                                  r"float64 tensor of shape \(\) on cpu \(got a float32 "),
+    "guard scale": (guard_scale, r"guard\['scale'\] must be 1 \(shrink \*\* the failed "
+                    r"records\) \(got 0.5\)"),
+    "warm slot of another shape": (narrower_warm, r"warm\[0\]\[0\]\['[^']+'\] must be a "
+                                   r"float64 tensor of shape \(\d+,\) on cpu"),
+    "missing rng": (lambda state: state.pop("rng"), r"the state must be a dict with the "
+                    r"entries \['rng'\] \(got a dict without them\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(OFFLINE_CASES))
+def test_a_damaged_offline_checkpoint_is_one_clear_error(interrupted_offline, tmp_path, case):
+    edit, message = OFFLINE_CASES[case]
+    run = damage(interrupted_offline, tmp_path / "damaged", edit)
+    with pytest.raises(hd.HyperdiffError, match=r"checkpoint.pt does not fit this run's driver "
+                       rf"\({OFFLINE_DAMAGED}{message}"):
+        run_experiment(None, resume=run, log=quiet, progress=False)
+
+
+def test_the_undamaged_offline_copy_resumes(interrupted_offline, tmp_path):
+    run = damage(interrupted_offline, tmp_path / "copy", lambda state: None)
+    result = run_experiment(None, resume=run, log=quiet, progress=False)
+    assert result["status"] == "finished"
