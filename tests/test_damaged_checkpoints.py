@@ -145,6 +145,19 @@ def test_guard_counts_must_match_the_failed_records():
         fresh("reverse").load_state_dict(state)
 
 
+def test_the_guard_snapshot_must_exist_after_a_good_window():
+    _, state = tuner_after("reverse", 2)
+    state["guard"]["good"] = None
+    with pytest.raises(hd.HyperdiffError, match=DAMAGED + r"guard\['good'\] must be the "
+                       r"snapshot of the last good step \(got None\)"):
+        fresh("reverse").load_state_dict(state)
+    _, state = tuner_after("reverse", 2)
+    state["guard"]["good"]["outer"]["state"][0]["exp_avg_sq"] = torch.zeros(4)
+    with pytest.raises(hd.HyperdiffError, match=DAMAGED + r"guard\['good'\]\['outer'\]\['state'\]"
+                       r"\[0\]\['exp_avg_sq'\] must be a float64 tensor of shape \(3,\)"):
+        fresh("reverse").load_state_dict(state)
+
+
 def test_an_outer_state_of_the_wrong_shape_is_refused():
     _, state = tuner_after("reverse", 2)
     state["outer"]["state"][0]["exp_avg"] = torch.zeros(2, dtype=torch.float64)

@@ -82,13 +82,18 @@ def check_guard_state(caller: str, saved: Any, fresh: dict[str, Any], good: Any,
                       failed: list[bool], shrink: float) -> None:
     """A saved divergence guard: entries like ``fresh`` (a new guard's ``state_dict``), its
     snapshot (if any) like ``good`` (an optimizer there: a state of it), and the counts those
-    of the history's ``failed`` records: all of them, those that end it, ``shrink ** all``."""
+    of the history's ``failed`` records: all of them, those that end it, ``shrink ** all``;
+    a snapshot exactly when a record succeeded."""
     if not isinstance(saved, dict) or not isinstance(saved.get("reference"), dict):
         raise damaged(caller, "guard", "a dict with a 'reference' dict", shape_of(saved))
     template = {**fresh, "good": saved.get("good"),
                 "reference": {kind: 0.0 for kind in saved["reference"]
                               if kind in ("validation", "selection")}}
     check_like(caller, "guard", saved, template)
+    if (saved["good"] is None) == (False in failed):
+        raise damaged(caller, "guard['good']", "the snapshot of the last good step" if
+                      False in failed else "None (no step of the history succeeded)",
+                      shape_of(saved["good"]))
     if (snapshot := saved["good"]) is not None:
         if not isinstance(snapshot, dict) or set(snapshot) != set(good):
             raise damaged(caller, "guard['good']", f"a dict with the keys {sorted(good)}",
