@@ -40,9 +40,24 @@ def shape_of(value: Any) -> str:
     return f"{type(value).__name__} {describe(value)}"
 
 
+def leaf_kind(value: Any) -> str:
+    """What a leaf that is not a tensor or container must be: ``None``, a bool, a number (int
+    or float alike: counters are checked on their own) or its type."""
+    if value is None or isinstance(value, bool):
+        return repr(value) if value is None else "a bool"
+    return "a number" if is_number(value) else f"a {type(value).__name__}"
+
+
 def mismatch(saved: Any, fresh: Any, entry: str) -> tuple[str, str, str] | None:
     """The first ``(entry, expected, found)`` where ``saved`` is not shaped like ``fresh``
-    (recursively through dicts, lists and tuples), or ``None``."""
+    (recursively through dicts, lists and tuples), or ``None``.
+
+    >>> fresh = {"z": [torch.zeros(3, 5)], "steps": 0}
+    >>> mismatch({"z": [torch.zeros(3, 4)], "steps": 7}, fresh, "state")[::2]
+    ("state['z'][0]", 'a float32 tensor of shape (3, 4) on cpu')
+    >>> mismatch({"z": None, "steps": 7}, fresh, "state")
+    ("state['z']", 'a list of 1 entries', 'None')
+    """
     if isinstance(fresh, Tensor):
         same = isinstance(saved, Tensor) and (saved.shape, saved.dtype, saved.device) == (
             fresh.shape, fresh.dtype, fresh.device)
@@ -56,10 +71,8 @@ def mismatch(saved: Any, fresh: Any, entry: str) -> tuple[str, str, str] | None:
             return entry, shape_of(fresh), shape_of(saved)
         pairs = [(s, f, f"{entry}[{i}]") for i, (s, f) in enumerate(zip(saved, fresh, strict=True))]
     else:
-        same = (saved is None if fresh is None else isinstance(saved, bool)
-                if isinstance(fresh, bool) else is_number(saved) if is_number(fresh)
-                else isinstance(saved, type(fresh)))
-        return None if same else (entry, f"{shape_of(fresh).split(' ')[0]}", shape_of(saved))
+        kind = leaf_kind(fresh)
+        return None if leaf_kind(saved) == kind else (entry, kind, shape_of(saved))
     for args in pairs:
         if (found := mismatch(*args)) is not None:
             return found
@@ -145,4 +158,4 @@ def check_optimizer_shapes(caller: str, entry: str, optimizer: torch.optim.Optim
 
 
 __all__ = ["check_count", "check_guard_state", "check_like", "check_optimizer_shapes",
-           "damaged", "mismatch", "optimizer_probe_state", "shape_of"]
+           "damaged", "leaf_kind", "mismatch", "optimizer_probe_state", "shape_of"]
