@@ -456,7 +456,9 @@ def test_an_online_checkpoint_that_does_not_fit_is_one_clear_error(tmp_path):
     manifest["checkpoints"][-1]["sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(hd.HyperdiffError, match=r"checkpoint.pt does not fit this run's driver "
-                       r"\(KeyError: 'params'\); restore it, or"):
+                       r"\(OnlineTuner.load_state_dict: the checkpoint is damaged: the state "
+                       r"must be a dict with the entries \['params'\] \(got a dict without them\)\); "
+                       r"restore it, or"):
         run_experiment(None, resume=tmp_path, log=lambda _: None, progress=False)
 
 

@@ -39,9 +39,8 @@ from .distributed.spread import spreader_for
 from .driver_checks import (
     as_batches,
     auto_samples,
-    check_optimizer_state,
+    check_driver_state,
     check_problems,
-    check_resume,
     check_selection,
 )
 from .errors import (
@@ -52,7 +51,7 @@ from .errors import (
     positive_float,
     positive_int,
 )
-from .guard import DivergenceGuard
+from .guard import DivergenceGuard, untrained_loss
 from .history import (
     History,
     OptimizeResult,
@@ -283,7 +282,8 @@ class HyperOptimizer:
         try:
             self.guard.check_values(self.hparams, raw)
             evaluations, selection = self.sampler.evaluate(step, raw)
-            self.guard.check_losses([hg.value for hg in evaluations], selection)
+            self.guard.check_losses([hg.value for hg in evaluations], selection,
+                                    untrained=lambda: self._untrained(raw))
         except NonFiniteError as err:
             return self._failed(step, raw, lr, str(err), started)
         self.guard.succeeded(snapshot)
@@ -330,11 +330,10 @@ class HyperOptimizer:
 
     def load_state_dict(self, state: dict[str, Any], history: Sequence[StepRecord]) -> None:
         """Restore :meth:`state_dict` and the first ``state["step"]`` history records."""
-        check_resume(state, records=len(history), slots=len(self.warm))
+        check_driver_state(self, state, history)
         with torch.no_grad():
             for name, leaf in self.leaves.items():
                 leaf.copy_(state["raw"][name])
-        check_optimizer_state(self.optimizer, state["optimizer"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.guard.load_state_dict(state["guard"])
         self.best, self.since_best = state["best"], int(state["since_best"])
@@ -357,6 +356,16 @@ class HyperOptimizer:
             torch.nn.utils.clip_grad_norm_(list(self.leaves.values()), self.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _untrained(self, raw: dict[str, Tensor]) -> dict[str, float]:
+        """The untrained model's mean validation (and selection) loss over the problems at
+        ``raw``: the divergence guard's reference for the first step's losses."""
+        losses = {"validation": [untrained_loss(p, p.params, p.buffers, raw)
+                                 for p in self.problems]}
+        if self.selection is not None:
+            losses["selection"] = [untrained_loss(p, p.params, p.buffers, raw, self.selection)
+                                   for p in self.problems]
+        return {kind: sum(values) / len(values) for kind, values in losses.items()}
 
     def _rank(self, step: int, raw: dict[str, Tensor], val: float, selection: float | None
               ) -> bool:

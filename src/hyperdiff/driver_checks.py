@@ -21,6 +21,14 @@ from .errors import HyperdiffError, fail, positive_int
 from .logs import get_logger
 from .problem import Problem
 from .snr import AutoSamples
+from .state_checks import (
+    check_count,
+    check_guard_state,
+    check_like,
+    check_optimizer_shapes,
+    damaged,
+    optimizer_probe_state,
+)
 from .training import validation_loss
 from .typing import Batch
 
@@ -110,6 +118,70 @@ def check_resume(state: dict[str, Any], *, records: int, slots: int) -> None:
         )
 
 
+def check_driver_state(driver: Any, state: dict[str, Any], records: Sequence[Any]) -> None:
+    """A checkpoint ``state`` of :class:`~hyperdiff.driver.HyperOptimizer` ``driver`` must be
+    shaped like the driver's own (:mod:`hyperdiff.state_checks`) and its counters those of
+    the ``records`` on disk: the best step and the steps since, the trainings, the guard's."""
+    caller = "HyperOptimizer"
+    fresh = driver.state_dict()
+    if missing := sorted(set(fresh) - set(state)):
+        raise damaged(caller, "the state", f"a dict with the entries {missing}",
+                      "a dict without them")
+    if unknown := sorted(map(str, set(state) - set(fresh))):
+        raise damaged(caller, "the state", f"a dict without the entries {unknown}",
+                      "a dict with them")
+    check_resume(state, records=len(records), slots=len(driver.warm))
+    check_optimizer_state(driver.optimizer, state["optimizer"])
+    for key in ("step", "raw", "since_best", "elapsed", "trainings", "rng"):
+        check_like(caller, key, state[key], fresh[key])
+    check_like(caller, "stopped", state["stopped"], None if state["stopped"] is None else "")
+    if "discrete" in fresh:  # the REINFORCE baseline: None before the first step
+        average = state["discrete"].get("moving_average") if isinstance(
+            state["discrete"], dict) else 0.0
+        check_like(caller, "discrete", state["discrete"],
+                   {"moving_average": None if average is None else 0.0})
+    check_optimizer_shapes(caller, "optimizer", driver.optimizer, state["optimizer"])
+    check_warm(driver, state["warm"])
+    check_best(caller, state["best"], fresh["raw"], state["since_best"], records)
+    check_count(caller, "trainings", state["trainings"],
+                records[-1].trainings if records else 0, "those of the last record")
+    check_guard_state(caller, state["guard"], driver.guard.state_dict(),
+                      {"raw": fresh["raw"], "optimizer": driver.optimizer,
+                       "warm": state["warm"]}, [r.status == "failed" for r in records],
+                      driver.guard.shrink)
+
+
+def check_warm(driver: Any, warm: list[Any]) -> None:
+    """Each warm slot ``None`` or ``(params, buffers)`` like its problem's (fold-major slots);
+    ``None`` everywhere without warm starts."""
+    for slot, saved in enumerate(warm):
+        problem = driver.problems[slot // driver.samples]
+        like = None if saved is None or not driver.warm_start else (problem.params,
+                                                                     problem.buffers)
+        check_like("HyperOptimizer", f"warm[{slot}]", saved, like)
+
+
+def check_best(caller: str, best: Any, raw: dict[str, Any], since_best: int,
+               records: Sequence[Any]) -> None:
+    """``best`` like the driver's record of its best step, that step the last record marked
+    best, and ``since_best`` the records after it (all of them before any best step)."""
+    marked = [r.step for r in records if r.best]
+    if best is None:
+        if marked:
+            raise damaged(caller, "best", f"the record of step {marked[-1]}, the last one "
+                          "marked best", "None")
+        check_count(caller, "since_best", since_best, len(records),
+                    "the records, none of them best")
+        return
+    selection = None if best.get("selection") is None else 0.0
+    check_like(caller, "best", best, {"step": 0, "raw": raw, "value": 0.0, "val": 0.0,
+                                      "selection": selection})
+    check_count(caller, "best['step']", best["step"], marked[-1] if marked else -1,
+                "the last record marked best")
+    check_count(caller, "since_best", since_best, len(records) - 1 - best["step"],
+                "the records after the best one")
+
+
 def check_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], *,
                           caller: str = "HyperOptimizer") -> None:
     """A saved outer optimizer ``state`` must hold every entry ``optimizer.step`` needs."""
@@ -122,12 +194,7 @@ def missing_optimizer_entries(optimizer: torch.optim.Optimizer, state: dict[str,
                               ) -> list[str]:
     """Per-parameter entries (``exp_avg``, ``square_avg``, ...) that ``optimizer.step`` needs
     and a non-empty saved parameter state lacks, found by one step of a probe optimizer."""
-    params = [p.detach().clone().requires_grad_() for g in optimizer.param_groups
-              for p in g["params"]]
-    probe = type(optimizer)(params, **optimizer.defaults)
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    probe.step()
-    needed = set().union(*(probe.state[p].keys() for p in params))
+    fresh = optimizer_probe_state(optimizer)
+    needed = set().union(*(entry.keys() for entry in fresh.values()))
     saved = [set(entry) for entry in state.get("state", {}).values() if entry]
     return sorted(set().union(*(needed - entry for entry in saved)))

@@ -12,6 +12,11 @@ An outer step fails when
   ``|L| > max_loss_ratio * max(|L_0|, 1)``, with ``L_0`` the same loss at the first outer step
   (default ratio ``1e6``). A training that blew up to 1e39 has not produced a hypergradient
   worth following. The floor 1 keeps a near-zero initial loss from making every step absurd.
+  At the first outer step, which sets ``L_0``, a start that is itself diverged must not become
+  the reference: there the limit is ``min(START_LOSS_RATIO, max_loss_ratio) * max(|U|, 1)``
+  with ``U`` the same loss of the untrained model (theta_0 on the same batches; default ratio
+  ``1e3``). At every step a loss above :data:`OVERFLOW_LOSS` (``1e30``) is absurd, whatever
+  the reference. ``max_loss_ratio=inf`` turns all of these off.
 
 Then the driver goes back to the snapshot of the last successful step (its raw values, outer
 optimizer state and warm-start parameters), multiplies the outer learning rate by ``shrink``
@@ -22,14 +27,21 @@ and goes on. ``max_failures`` failures in a row end the run with a
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .errors import NonFiniteError, fail, is_number
 from .hyperparams import HyperParameters
+from .problem import Problem
+from .training import validation_loss
+from .typing import Batch, Params
+
+START_LOSS_RATIO = 1e3  # the first step's loss over the untrained model's, above it: diverged
+OVERFLOW_LOSS = 1e30  # a loss above it is absurd at any step (float32 overflows at 3.4e38)
 
 
 @dataclass
@@ -78,15 +90,20 @@ class DivergenceGuard:
                 )
             start += flat.numel()
 
-    def check_losses(self, values: Sequence[float], selection: float | None) -> None:
+    def check_losses(self, values: Sequence[float], selection: float | None,
+                     untrained: Callable[[], Mapping[str, float]] | None = None) -> None:
         """Raise ``NonFiniteError`` if a loss is absurd (see the module doc). The first call
-        sets the references ``L_0``: the mean validation loss and the selection loss."""
+        sets the references ``L_0``: the mean validation loss and the selection loss; it
+        compares them with ``untrained()`` (``{"validation": U, "selection": U_sel}``, the
+        untrained model's losses, evaluated only then) first."""
         groups = {"validation": [float(v) for v in values]}
         if selection is not None:
             groups["selection"] = [float(selection)]
         for kind, group in groups.items():
             worst = max(group, key=abs)
             reference = self.reference.get(kind)
+            if reference is None and untrained is not None:
+                self._check_start(kind, worst, untrained().get(kind))
             if reference is None and math.isfinite(worst):
                 reference = self.reference[kind] = sum(group) / len(group)
             limit = self.max_loss_ratio * max(abs(reference or 0.0), 1.0)
@@ -96,6 +113,22 @@ class DivergenceGuard:
                     f" x max(|initial loss| {abs(reference or 0.0):.3g}, 1); inner training "
                     "has probably diverged"
                 )
+            if abs(worst) > OVERFLOW_LOSS and math.isfinite(self.max_loss_ratio):
+                raise NonFiniteError(
+                    f"the {kind} loss {worst:.3g} is absurd: above {OVERFLOW_LOSS:.3g}, the "
+                    "scale of an overflow; inner training has probably diverged")
+
+    def _check_start(self, kind: str, worst: float, untrained: float | None) -> None:
+        """The first step's ``worst`` loss of ``kind`` against ``untrained`` (module doc)."""
+        ratio = min(START_LOSS_RATIO, self.max_loss_ratio)
+        if untrained is None or not math.isfinite(untrained) or math.isinf(self.max_loss_ratio):
+            return
+        if math.isfinite(worst) and abs(worst) > ratio * max(abs(untrained), 1.0):
+            raise NonFiniteError(
+                f"the {kind} loss {worst:.3g} is absurd: more than {ratio:.3g} x max(|the "
+                f"untrained model's loss| {abs(untrained):.3g}, 1); inner training has "
+                "probably diverged"
+            )
 
     def succeeded(self, snapshot: Any) -> None:
         """Remember ``snapshot`` (taken before the successful step) as the last good one."""
@@ -142,3 +175,14 @@ class DivergenceGuard:
         self.total_failures = int(state["total_failures"])
         self.good = state["good"]
         self.reference = {k: float(v) for k, v in state.get("reference", {}).items()}
+
+
+def untrained_loss(problem: Problem, params: Params, buffers: Params, raw: dict[str, Tensor],
+                   val_data: list[Batch] | None = None) -> float:
+    """The validation loss of the untrained model (``params``, ``buffers``: theta_0) at the raw
+    values ``raw``, on ``val_data`` (default: the problem's validation batches)."""
+    if val_data is not None:
+        problem = replace(problem, val_data=val_data)
+    hview = problem.hparams.view(problem.raw_tensors(raw))
+    with torch.no_grad():
+        return float(validation_loss(problem, params, buffers, hview))

@@ -5,11 +5,20 @@ parameters, buffers and inner optimizer state, the raw values and the outer opti
 the carried tangents (forward mode's, curvature's), the step counters (which fix the data
 position: minibatches and dropout masks are functions of ``(seed, step)``, validation draws of
 ``(seed, h)``), the records, the divergence guard and the hot-start measure.
+
+:func:`check_tuner_state` refuses a damaged state before anything uses it (one
+:mod:`hyperdiff.state_checks` error naming the entry): every entry shaped like the tuner's own
+(tangents like a fresh run's: forward mode's ``(P, *leaf)`` per state leaf, curvature's
+:func:`~hyperdiff.online.curvature.initial_tangent`), and the counters consistent with the
+history: ``inner_step`` the steps of the ok windows since the hot-start restart, a tangent
+exactly when a carrying method has trained since, curvature's ``steps`` equal to
+``inner_step``, the guard's failure counts and scale those of the failed records.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -19,12 +28,24 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..driver_checks import check_optimizer_state
 from ..errors import HyperdiffError, fail
 from ..history import History, StepRecord
+from ..state_checks import (
+    check_count,
+    check_guard_state,
+    check_like,
+    check_optimizer_shapes,
+    damaged,
+    shape_of,
+)
 from ..training import TrainState
+from .curvature import initial_tangent
+from .hot_start import FRACTION
 
 if TYPE_CHECKING:
     from .loop import OnlineTuner
 
 FORMAT = "hyperdiff-online-1"
+CALLER = "OnlineTuner.load_state_dict"
+OPTIONAL = ("guard", "hot_start", "restarted")  # absent from checkpoints of older versions
 
 
 def tuner_state(tuner: OnlineTuner) -> dict[str, Any]:
@@ -50,16 +71,18 @@ def restore_tuner(tuner: OnlineTuner, state: dict[str, Any],
                   records: Sequence[StepRecord] | None = None) -> None:
     """Put :func:`tuner_state`'s ``state`` back into ``tuner`` (made with the same method and
     window); ``records`` (e.g. from the run directory) replace the history it holds."""
-    caller = "OnlineTuner.load_state_dict"
-    if state.get("format") != FORMAT:
-        raise fail(caller, "state", f"a state_dict of format {FORMAT}", state.get("format"))
+    caller = CALLER
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise fail(caller, "state", f"a state_dict of format {FORMAT}",
+                   state.get("format") if isinstance(state, dict) else state)
     for key in ("method", "window"):
-        if state[key] != getattr(tuner, key):
-            raise HyperdiffError(f"{caller}: {key} must match the saved run ({state[key]!r}; "
-                                 f"got {getattr(tuner, key)!r})")
+        if state.get(key) != getattr(tuner, key):
+            raise HyperdiffError(f"{caller}: {key} must match the saved run "
+                                 f"({state.get(key)!r}; got {getattr(tuner, key)!r})")
+    lines: Any = [r.to_json() for r in records] if records is not None else state.get("history")
+    check_tuner_state(tuner, state, lines)
     with torch.no_grad():
         tuner.flat.copy_(tuner.hparams.flatten(state["raw"]))
-    check_optimizer_state(tuner.optimizer, state["outer"], caller=caller)
     tuner.optimizer.load_state_dict(state["outer"])
     params = {k: v.clone() for k, v in state["params"].items()}
     template = tree_flatten(tuner.problem.optimizer.init(params))[1]
@@ -80,8 +103,87 @@ def restore_tuner(tuner: OnlineTuner, state: dict[str, Any],
     tuner.hot_start_measure = None if measured is None else (int(measured[0]),
                                                              float(measured[1]))
     tuner.restarted = bool(state.get("restarted", False))
-    lines = [r.to_json() for r in records] if records is not None else state["history"]
     tuner.history = History([StepRecord.from_json(line) for line in lines][: state["step"]])
 
 
-__all__ = ["FORMAT", "restore_tuner", "tuner_state"]
+def check_tuner_state(tuner: OnlineTuner, state: dict[str, Any], lines: Any) -> None:
+    """Refuse a ``state`` (of ``tuner``'s method and window) that is not shaped like
+    ``tuner``'s own or whose counters disagree with the history ``lines`` (module doc)."""
+    fresh = tuner_state(tuner)
+    if missing := sorted(set(fresh) - set(state) - set(OPTIONAL)):
+        raise damaged(CALLER, "the state", f"a dict with the entries {missing}",
+                      "a dict without them")
+    if unknown := sorted(map(str, set(state) - set(fresh))):
+        raise damaged(CALLER, "the state", f"a dict without the entries {unknown}",
+                      "a dict with them")
+    for key in ("step", "inner_step", "elapsed", "raw", "params", "buffers", "opt_state"):
+        check_like(CALLER, key, state[key], fresh[key])
+    if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):
+        raise damaged(CALLER, "history", "a list of JSON lines", shape_of(lines))
+    if len(lines) < state["step"]:
+        raise damaged(CALLER, "history", f"at least step = {state['step']} records",
+                      f"{len(lines)}")
+    records = [StepRecord.from_json(line) for line in lines[: state["step"]]]
+    check_optimizer_state(tuner.optimizer, state["outer"], caller=CALLER)
+    check_optimizer_shapes(CALLER, "outer", tuner.optimizer, state["outer"])
+    inner, restart_at = trained_steps(tuner, records, bool(state.get("restarted", False)))
+    check_count(CALLER, "inner_step", state["inner_step"], inner,
+                "the steps of the ok windows in the history"
+                + (f" after the hot-start restart at step {restart_at}"
+                   if restart_at is not None else ""))
+    check_tangent(tuner, state["tangent"], inner)
+    if "guard" in state:
+        check_guard_state(CALLER, state["guard"], tuner.guard.state_dict(),
+                          {"raw": fresh["raw"], "outer": tuner.optimizer},
+                          [r.status == "failed" for r in records], tuner.guard.shrink)
+    if "hot_start" in state:
+        check_like(CALLER, "hot_start", state["hot_start"], None if state["hot_start"] is None
+                   else [0, 0.0])
+    if "restarted" in state:
+        check_like(CALLER, "restarted", state["restarted"], False)
+
+
+def trained_steps(tuner: OnlineTuner, records: Sequence[StepRecord], restarted: bool
+                  ) -> tuple[int, int | None]:
+    """The inner step that ``records`` end at: ``min(t + K, N)`` per ok window (failed ones
+    were discarded), back to 0 after the window where a restarted run restarted (the first
+    that reached :data:`~hyperdiff.online.hot_start.FRACTION` of the run); and that record's
+    step (``None``: no restart)."""
+    steps, target = tuner.problem.steps, math.ceil(FRACTION * tuner.problem.steps)
+    position, restart_at = 0, None
+    for record in records:
+        if record.status != "ok":
+            continue
+        start, position = position, min(position + tuner.window, steps)
+        if restarted and restart_at is None and start < target <= position:
+            position, restart_at = 0, record.step
+    if restarted and restart_at is None:
+        raise damaged(CALLER, "restarted", "False (no window of the history reached the "
+                      "hot-start measure)", "True")
+    return position, restart_at
+
+
+def check_tangent(tuner: OnlineTuner, saved: Any, inner_step: int) -> None:
+    """Forward and curvature carry a tangent once they trained a window, shaped like a fresh
+    run's; the others carry none."""
+    carries = tuner.method in ("forward", "curvature") and inner_step > 0
+    if not carries:
+        check_like(CALLER, "tangent", saved, None)
+        return
+    raw = tuner.problem.raw_tensors(tuner.raw)
+    if tuner.method == "curvature":
+        fresh = tree_flatten(tuple(initial_tangent(tuner.problem, raw)))[0]
+    else:  # forward: every state leaf with a leading axis of the P raw values
+        size = tuner.hparams.flatten(raw).numel()
+        fresh = [x.new_empty((size, *x.shape))
+                 for x in tree_flatten(tuple(tuner.state))[0]]
+    if saved is None:
+        raise damaged(CALLER, "tangent", f"a list of {len(fresh)} tensors (the run trained "
+                      f"{inner_step} steps with method {tuner.method!r})", "None")
+    check_like(CALLER, "tangent", saved, fresh)
+    if tuner.method == "curvature":
+        check_count(CALLER, "tangent[-1] (the curvature steps)", int(saved[-1]), inner_step,
+                    "inner_step")
+
+
+__all__ = ["FORMAT", "check_tuner_state", "restore_tuner", "tuner_state"]

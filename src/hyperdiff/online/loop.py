@@ -19,7 +19,8 @@ state, forward-mode tangents and the step counters that fix the data position).
 **Divergence guard** (:class:`~hyperdiff.guard.DivergenceGuard`, as offline): a window fails when
 its values are outside their constraint (nothing is trained), its training or hypergradient is
 not finite, or its validation (or selection) loss is absurd (``> max_loss_ratio x
-max(|L_0|, 1)``). The tuner then discards the window: the parameters, buffers, optimizer state,
+max(|L_0|, 1)``; at the first window, far above the untrained model's: :mod:`hyperdiff.guard`).
+The tuner then discards the window: the parameters, buffers, optimizer state,
 tangents and data position go back to the start of the failed window (the end of the last good
 one), the raw values and the outer optimizer's state to those of the last good window, the
 outer learning rate is multiplied by ``shrink``, and the same window is trained again (with the
@@ -60,7 +61,7 @@ from ..errors import (
     positive_float,
     positive_int,
 )
-from ..guard import DivergenceGuard
+from ..guard import DivergenceGuard, untrained_loss
 from ..history import History, StepRecord, finite_or_none, natural_values, to_number
 from ..hyperparams import HyperParameters
 from ..problem import Problem
@@ -251,7 +252,8 @@ class OnlineTuner:
         outer_lr = self.outer_lr(start // self.window)
         try:
             self.guard.check_values(self.hparams, raw)
-            out = self._window(raw, start, stop, self.val_batches(self.hyper_step))
+            val = self.val_batches(self.hyper_step)
+            out = self._window(raw, start, stop, val)
             grad = {n: g.detach().to(torch.float64) for n, g in out.grad.items()}
             for name, g in grad.items():
                 if not torch.isfinite(g).all():
@@ -270,7 +272,8 @@ class OnlineTuner:
             if self.selection and (stop >= self.problem.steps or (
                     self.eval_every and (self.hyper_step + 1) % self.eval_every == 0)):
                 selection = self.selection_loss(out.state)
-            self.guard.check_losses([out.value], selection)
+            self.guard.check_losses([out.value], selection,
+                                    untrained=lambda: self._untrained(raw, val))
         except NonFiniteError as err:
             return self._failed(natural, start, stop, outer_lr, str(err), started)
         self.guard.succeeded(snapshot)
@@ -337,6 +340,17 @@ class OnlineTuner:
 
     def _window(self, raw: dict[str, Tensor], start: int, stop: int, val: list[Batch]) -> Window:
         return self.window_method(self.problem, self.state, raw, start, stop, val, self.tangent)
+
+    def _untrained(self, raw: dict[str, Tensor], val: list[Batch]) -> dict[str, float]:
+        """The untrained model's loss (theta_0) on the window's validation batches ``val``
+        (and the selection batches) at ``raw``: the guard's reference at the first window."""
+        problem = self.problem
+        losses = {"validation": untrained_loss(problem, problem.params, problem.buffers, raw,
+                                               val)}
+        if self.selection is not None:
+            losses["selection"] = untrained_loss(problem, problem.params, problem.buffers, raw,
+                                                 self.selection)
+        return losses
 
     def selection_loss(self, state: TrainState | None = None) -> float:
         """The validation loss on the selection batches at the current parameters (or at

@@ -1,0 +1,106 @@
+"""Issue 18, class 9: the divergence guard on a finite but absurd start.
+
+SGD on the quadratic ``L(w) = 1/2 sum_i a_i (w_i - 1)^2`` from ``w = 0`` is stable for
+``lr < 2 / L`` with ``L = max_i a_i``; after T steps ``w_i - 1 = -(1 - lr a_i)^T``, so the loss
+is known in closed form (:func:`closed_form_loss`, the oracle). At 3x the limit the start has
+diverged to a finite but absurd loss; it must fail at step 0 as an infinite loss does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import hyperdiff as hd
+from hyperdiff.driver import HyperOptimizer
+from hyperdiff.guard import DivergenceGuard
+
+DT = torch.float64
+CURVATURES = (4.0, 1.0, 0.25)  # the Hessian's eigenvalues: L = 4, stability limit 2 / L
+LIMIT = 2.0 / max(CURVATURES)
+STEPS = 40
+
+
+def closed_form_loss(lr: float, steps: int, scale: float = 1.0) -> float:
+    """``L(w_T)`` of SGD from ``w = 0`` toward ``scale * 1``: ``1/2 sum a_i scale^2 (1 - lr
+    a_i)^(2T)``."""
+    return 0.5 * sum(a * scale**2 * (1.0 - lr * a) ** (2 * steps) for a in CURVATURES)
+
+
+def quadratic(lr: float, steps: int = STEPS, scale: float = 1.0) -> hd.Problem:
+    a = torch.tensor(CURVATURES, dtype=DT)
+
+    def loss(params, h, target):
+        w = params["w"] - target
+        return 0.5 * (a * w * w).sum()
+
+    target = torch.full((len(CURVATURES),), scale, dtype=DT)
+    return hd.make_problem(loss, loss, hd.HyperParameters(lr=hd.scalar(lr)),
+                           {"w": torch.zeros(len(CURVATURES), dtype=DT)},
+                           optimizer=hd.sgd("lr"), train_data=target, val_data=target,
+                           steps=steps)
+
+
+def offline(problem: hd.Problem) -> HyperOptimizer:
+    return HyperOptimizer(problem, lr=0.01, stopping=hd.Stopping(max_steps=4))
+
+
+def online(problem: hd.Problem) -> hd.OnlineTuner:
+    return hd.OnlineTuner(problem, window=STEPS, lr=0.01)
+
+
+def start_message(caller: str) -> str:
+    return f"{caller}: the initial hyperparameters already fail at step 0: "
+
+
+@pytest.mark.parametrize(("caller", "loop"), [("HyperOptimizer", offline),
+                                              ("OnlineTuner", online)])
+def test_a_start_at_three_times_the_stability_limit_fails_at_step_0(caller, loop):
+    untrained = closed_form_loss(0.0, STEPS)
+    diverged = closed_form_loss(3 * LIMIT, STEPS)
+    assert math.isfinite(diverged) and diverged > 1e3 * untrained  # the oracle's case
+    with pytest.raises(hd.NonFiniteError) as caught:
+        loop(quadratic(3 * LIMIT)).run()
+    message = str(caught.value)
+    assert message.startswith(start_message(caller))
+    assert f"the validation loss {diverged:.3g} is absurd" in message
+    assert f"the untrained model's loss| {untrained:.3g}" in message
+
+
+@pytest.mark.parametrize(("caller", "loop"), [("HyperOptimizer", offline),
+                                              ("OnlineTuner", online)])
+def test_an_infinite_start_fails_with_the_same_message(caller, loop):
+    with pytest.raises(hd.NonFiniteError, match=f"^{start_message(caller)}"):
+        loop(quadratic(1e6 * LIMIT, steps=200)).run()
+
+
+def test_half_the_stability_limit_runs_normally():
+    result = offline(quadratic(0.5 * LIMIT)).run()
+    assert [r.status for r in result.history] == ["ok"] * 4
+    assert result.history[0].val_loss == pytest.approx(closed_form_loss(0.5 * LIMIT, STEPS),
+                                                       rel=1e-10)
+    tuner = hd.OnlineTuner(quadratic(0.5 * LIMIT), window=5, lr=0.01)
+    assert {r.status for r in tuner.run().history} == {"ok"}
+
+
+def test_a_first_loss_at_the_overflow_scale_fails_whatever_the_untrained_loss():
+    """Targets at 1e14: the untrained loss is ~1e28, and 1.1x the limit for 12 steps grows it
+    past 1e30 but less than 1e3 x: the overflow rule, not the ratio, fails it."""
+    lr, steps, scale = 1.1 * LIMIT, 12, 1e14
+    untrained, trained = closed_form_loss(0.0, steps, scale), closed_form_loss(lr, steps, scale)
+    assert 1e30 < trained < 1e3 * untrained
+    with pytest.raises(hd.NonFiniteError, match=r"is absurd: above 1e\+30, the scale of an "
+                                                r"overflow"):
+        offline(quadratic(lr, steps, scale)).run()
+
+
+def test_the_start_rule_uses_the_tighter_ratio_and_is_off_with_the_guard():
+    untrained = {"validation": 2.0}
+    with pytest.raises(hd.NonFiniteError, match=r"more than 10 x max\(\|the untrained"):
+        DivergenceGuard(max_loss_ratio=10).check_losses([21.0], None, lambda: untrained)
+    DivergenceGuard(max_loss_ratio=10).check_losses([19.0], None, lambda: untrained)
+    off = DivergenceGuard(max_loss_ratio=math.inf)
+    off.check_losses([1e35], None, lambda: untrained)
+    assert off.reference == {"validation": 1e35}
