@@ -237,3 +237,17 @@ def test_unresolved_names_finds_what_the_old_advice_recommended():
     assert RUNS_THE_CHECK.search(old)
     assert unresolved_names("hd.sgd_momentum(), outer.lr, outer.nope, fixed_point=True, "
                             "nope=1") == ["sgd_momentum", "outer.nope", "nope"]
+
+
+def test_the_cli_check_prints_the_verdict(capsys):
+    from hyperdiff.cli import main
+
+    assert main(["check", "ridge_diabetes", "--steps", "5", "-q"]) == 0
+    out = capsys.readouterr().out
+    verdict = [line for line in out.splitlines() if line.startswith("verdict: ")]
+    # at T = 5 ridge is far from stationary: the implicit rows are rightly blamed
+    assert len(verdict) == 1
+    assert verdict[0].startswith("verdict: reverse, forward agree with the reference")
+    assert verdict[0].endswith("; implicit(cg), implicit(exact) disagree with the reference by "
+                               "more than its estimated error (see rel. error)")
+    assert not unresolved_names(out) and not RUNS_THE_CHECK.search(out)
