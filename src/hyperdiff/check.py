@@ -94,7 +94,13 @@ class CheckRow:
 
 @dataclass(frozen=True)
 class CheckReport:
-    """Result of :func:`check`: :meth:`table` and :attr:`recommendation`."""
+    """Result of :func:`check`: :meth:`table`, :attr:`verdict` and :attr:`recommendation`.
+
+    ``reference`` holds the finite-difference quotients at the middle step, ``reference_error``
+    their estimated error per coordinate (the spread over ``reference_steps``, whose quotients
+    are ``reference_quotients``), ``reference_reliable`` whether it is within the tolerance and
+    ``reference_noise`` its norm relative to the reference's.
+    """
 
     rows: list[CheckRow]
     coordinates: list[int]
