@@ -251,3 +251,25 @@ def test_the_cli_check_prints_the_verdict(capsys):
     assert verdict[0].endswith("; implicit(cg), implicit(exact) disagree with the reference by "
                                "more than its estimated error (see rel. error)")
     assert not unresolved_names(out) and not RUNS_THE_CHECK.search(out)
+
+
+def test_a_step_whose_losses_are_not_finite_makes_the_entry_unreliable_not_the_check_fail():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 3, generator=g, dtype=D)
+    y = x.sum(1)
+
+    def train(p, h, b):
+        return ((b[0] @ p["w"] - b[1]) ** 2).mean() + h["lam"] * p["w"].square().sum()
+
+    def val(p, h, b):  # log(1.00003 - lam): NaN at lam = exp(+-6.1e-5), finite at exp(+-6.1e-6)
+        return ((b[0] @ p["w"] - b[1]) ** 2).mean() - torch.log(1.00003 - h["lam"])
+
+    problem = hd.make_problem(train, val, hd.HyperParameters(lam=hd.scalar(1.0)),
+                              {"w": torch.zeros(3, dtype=D)}, optimizer=hd.sgd(0.1),
+                              train_data=(x, y), val_data=(x, y), steps=5, probe=False)
+    report = hd.check(problem, memory=False)
+    assert report.reference_reliable == [False] and report.reference_error == [float("inf")]
+    assert report.verdict.startswith("verdict: reference unreliable for these entries: lam")
+    assert "a step's losses were not finite" in report.verdict
+    rows = {r.label: r for r in report.rows}
+    assert rows["reverse"].verdict == rows["forward"].verdict == "ref. unreliable"

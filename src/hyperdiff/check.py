@@ -144,11 +144,14 @@ class CheckReport:
             values = ", ".join(
                 f"{self.coordinate_names[i]} {self.reference[i]:.6g} +- "
                 f"{self.reference_error[i]:.2g}" for i in unreliable)
-            rounding = ("" if self.reference_dtype == "float64"
-                        else f"rounding noise of {self.reference_dtype} differences, or ")
+            causes = "".join((
+                "a step's losses were not finite, or "
+                if any(math.isinf(self.reference_error[i]) for i in unreliable) else "",
+                "" if self.reference_dtype == "float64"
+                else f"rounding noise of {self.reference_dtype} differences, or "))
             parts.append(
                 f"reference unreliable for these entries: {values} (its steps disagree by more "
-                f"than the tolerance: {rounding}a loss that is not smooth in them at the steps' "
+                f"than the tolerance: {causes}a loss that is not smooth in them at the steps' "
                 "scale, e.g. ReLU kinks or BatchNorm batch statistics), so no method is blamed "
                 "there")
         if failed:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .errors import NonFiniteError
 from .methods.base import HyperGradient
 from .methods.finite_difference import finite_difference
 from .problem import Problem
@@ -75,13 +76,26 @@ def spread(quotients: Tensor, middle: int) -> Tensor:
 
 def multi_step_reference(problem: Problem, coordinates: list[int]) -> Reference:
     """Finite differences of ``problem`` on ``coordinates`` at every step of
-    :data:`STEP_FACTORS` (``2 C + 1`` trainings each) and their spread."""
+    :data:`STEP_FACTORS` (``2 C + 1`` trainings each) and their spread. A step other than
+    ``h0`` whose losses are not finite (training diverges, a log leaves its domain) gives
+    infinite quotients: the reference is then unreliable there, not the check failed."""
     h0 = torch.finfo(problem.dtype).eps ** (1 / 3)
     steps = tuple(h0 * factor for factor in STEP_FACTORS)
-    results = [finite_difference(h, coordinates=coordinates, warn=False)(problem) for h in steps]
-    quotients = torch.stack([r.vector[coordinates] for r in results]).to(torch.float64)
     middle = STEP_FACTORS.index(1.0)
-    return Reference(results[middle], steps, quotients, spread(quotients, middle))
+    result = finite_difference(steps[middle], coordinates=coordinates, warn=False)(problem)
+    rows = []
+    for j, h in enumerate(steps):
+        if j == middle:
+            rows.append(result.vector[coordinates].to(torch.float64))
+            continue
+        try:
+            other = finite_difference(h, coordinates=coordinates, warn=False)(problem)
+            rows.append(other.vector[coordinates].to(torch.float64))
+        except NonFiniteError:
+            rows.append(torch.full((len(coordinates),), math.inf, dtype=torch.float64,
+                                   device=result.vector.device))
+    quotients = torch.stack(rows)
+    return Reference(result, steps, quotients, spread(quotients, middle))
 
 
 def classify(method: Tensor, reference: Tensor, error: Tensor, tolerance: float) -> list[str]:
