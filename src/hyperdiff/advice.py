@@ -74,25 +74,31 @@ class Advice:
 
 def _implicit_applies(size: Size) -> str | None:
     if size.converged is None:
-        return "unknown whether training converged (run hyperdiff.check to measure)"
+        return ("unknown whether training converged (recommend(..., converged=True) if it "
+                "reaches a stationary point)")
     if not size.converged:
         return "training did not reach a stationary point"
     return None
 
 
 def optimizer_kind(optimizer: Any) -> str:
-    """``"sgd_momentum"`` for heavy-ball SGD, else the optimizer's name (for ``recommend``)."""
+    """``"sgd_momentum"`` for heavy-ball SGD, ``"sgd_nesterov"`` for Nesterov's, else the
+    optimizer's name (for ``recommend``)."""
     coefs = getattr(optimizer, "coefficients", {})
     name = getattr(optimizer, "name", str(optimizer))
     momentum = coefs.get("momentum", 0.0)
     if name == "sgd" and not (isinstance(momentum, (int, float)) and momentum == 0):
-        return "sgd_momentum"
+        nesterov = getattr(optimizer, "settings", {}).get("nesterov", False)
+        return "sgd_nesterov" if nesterov else "sgd_momentum"
     return name
 
 
 def _reversible_applies(size: Size) -> str | None:
-    if size.optimizer not in ("sgd_momentum",):
-        return "needs SGD with heavy-ball momentum (pass optimizer='sgd_momentum')"
+    if size.optimizer is None:
+        return ("needs hd.sgd with heavy-ball momentum (recommend(..., "
+                "optimizer='sgd_momentum') when training uses it)")
+    if size.optimizer != "sgd_momentum":
+        return f"needs hd.sgd with heavy-ball momentum (got {size.optimizer})"
     return None
 
 
@@ -189,6 +195,7 @@ def recommend(
     optimizer: str | None = None,
     tolerance: float = 1e-4,
     candidates: Sequence[Candidate] = CANDIDATES,
+    unavailable: Mapping[str, str] | None = None,
 ) -> Advice:
     """Recommend a hypergradient method.
 
@@ -202,6 +209,8 @@ def recommend(
         optimizer: ``"sgd_momentum"``, ``"sgd"``, ``"adam"``, ... (reversible needs the first).
         tolerance: largest acceptable measured relative error.
         candidates: the table of methods (default :data:`CANDIDATES`).
+        unavailable: ``{name: reason}`` for methods the caller knows do not apply (e.g. a
+            model with buffers), reported like the candidates' own reasons.
 
     >>> recommend(10, 10_000, 100).method
     'reverse'
@@ -222,7 +231,12 @@ def recommend(
         converged,
         optimizer,
     )
-    usable = [c for c in candidates if not c.reference and c.applies(size) is None]
+    reasons = dict(unavailable or {})
+
+    def why_not(c: Candidate) -> str | None:
+        return reasons.get(c.name) or c.applies(size)
+
+    usable = [c for c in candidates if not c.reference and why_not(c) is None]
     if not usable:
         raise HyperdiffError("recommend: candidates must include a usable method (got none)")
     if measured:
@@ -246,11 +260,10 @@ def recommend(
     if len(ranked) > 1:
         parts.append("vs " + ", ".join(f"{c.name} {c.time(size):.3g}" for c in ranked[1:]))
     skipped = [
-        f"{c.name} ({c.applies(size)})"
-        for c in candidates
-        if not c.reference and c.applies(size) is not None
+        f"{c.name} ({why_not(c)})" for c in candidates if not c.reference and why_not(c) is not None
     ]
-    too_big = [c.name for c in usable if c not in fits]
+    too_big = [c.name for c in usable
+               if memory_bytes is not None and c.memory(size) > memory_bytes]
     if too_big:
         parts.append(f"over the memory budget: {', '.join(too_big)}")
     if skipped:

@@ -13,8 +13,14 @@ implicit rows also measure the bias of stopping training at T. For a float32 (or
 problem they run on a float64 copy (:func:`hyperdiff.precision.in_float64`): in float32 their
 own rounding noise (``eps |L| / h``, often tens of percent of the hypergradient) would be
 the error measured. When the copy fails (a model that keeps float32 constants), they run in
-the problem's dtype and the report states their estimated noise, which then widens the
-tolerance of the recommendation.
+the problem's dtype.
+
+**The verdict.** The reference is taken at three steps and its error estimated from their
+spread (:mod:`hyperdiff.check_reference`); each method's entries are classified as agreeing
+within that error, disagreeing by more, or unresolved where the reference itself is
+unreliable (its steps disagree by more than the tolerance: a loss that is not smooth at that
+scale, such as ReLU kinks or BatchNorm batch statistics). :attr:`CheckReport.verdict` states
+it in one line; the recommendation uses only the reliable entries.
 
 **Peak memory** counts torch's own allocations: on CUDA ``torch.cuda.max_memory_allocated``;
 on the CPU each method runs once under ``torch.profiler`` with ``profile_memory=True``, whose
@@ -41,12 +47,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from .advice import Advice, optimizer_kind, recommend
+from .check_reference import DISAGREES, UNRELIABLE, Reference, classify, multi_step_reference
+from .check_reference import reliable as reliable_entries
 from .errors import HyperdiffError, nonnegative_int, positive_int
 from .logs import get_logger
 from .methods.base import HyperGradient, Method
-from .methods.finite_difference import CostWarning, finite_difference
+from .methods.finite_difference import CostWarning
 from .methods.forward import forward
 from .methods.implicit import implicit
 from .methods.reverse import reverse
@@ -59,7 +68,9 @@ _LOG = get_logger("check")
 
 @dataclass(frozen=True)
 class CheckRow:
-    """One method's line: relative error vs finite differences, time, peak memory, notes."""
+    """One method's line: relative error vs finite differences, time, peak memory, notes, and
+    per reference entry ``"ok"``, ``"unreliable"`` or ``"disagrees"``
+    (:func:`hyperdiff.check_reference.classify`)."""
 
     label: str
     rel_error: float
@@ -67,11 +78,29 @@ class CheckRow:
     peak_bytes: int | None
     notes: str = ""
     failed: bool = False
+    entries: tuple[str, ...] = ()
+
+    @property
+    def verdict(self) -> str:
+        """``"agrees"``, ``"disagrees"`` (some entry off by more than the reference's error),
+        ``"ref. unreliable"`` (none disagrees, some the reference cannot tell) or
+        ``"failed"``."""
+        if self.failed:
+            return "failed"
+        if DISAGREES in self.entries:
+            return "disagrees"
+        return "ref. unreliable" if UNRELIABLE in self.entries else "agrees"
 
 
 @dataclass(frozen=True)
 class CheckReport:
-    """Result of :func:`check`: :meth:`table` and :attr:`recommendation`."""
+    """Result of :func:`check`: :meth:`table`, :attr:`verdict` and :attr:`recommendation`.
+
+    ``reference`` holds the finite-difference quotients at the middle step, ``reference_error``
+    their estimated error per coordinate (the spread over ``reference_steps``, whose quotients
+    are ``reference_quotients``), ``reference_reliable`` whether it is within the tolerance and
+    ``reference_noise`` its norm relative to the reference's.
+    """
 
     rows: list[CheckRow]
     coordinates: list[int]
@@ -84,27 +113,69 @@ class CheckReport:
     results: dict[str, HyperGradient] = field(default_factory=dict, repr=False)
     reference_dtype: str = "float64"
     reference_noise: float | None = None
+    reference_source: str = "the problem"
+    reference_steps: list[float] = field(default_factory=list)
+    reference_quotients: list[list[float]] = field(default_factory=list)
+    reference_error: list[float] = field(default_factory=list)
+    reference_reliable: list[bool] = field(default_factory=list)
 
     @property
     def recommendation(self) -> str:
         return str(self.advice)
 
+    @property
+    def verdict(self) -> str:
+        """One line: which methods agree with the reference, which disagree by more than its
+        error, and for which entries the reference itself is unreliable."""
+        methods = [r for r in self.rows if r.label != "finite_difference"]
+        agree = [r.label for r in methods if r.verdict in ("agrees", "ref. unreliable")]
+        disagree = [r.label for r in methods if r.verdict == "disagrees"]
+        failed = [r.label for r in methods if r.failed]
+        unreliable = [i for i, ok in enumerate(self.reference_reliable) if not ok]
+        parts = []
+        if agree and len(unreliable) < len(self.reference_reliable):
+            parts.append(f"{', '.join(agree)} agree with the reference " + (
+                "where it is reliable" if unreliable
+                else f"(estimated error {self.reference_noise or 0.0:.2g} of its norm)"))
+        if disagree:
+            parts.append(f"{', '.join(disagree)} disagree with the reference by more than its "
+                         "estimated error (see rel. error)")
+        if unreliable:
+            values = ", ".join(
+                f"{self.coordinate_names[i]} {self.reference[i]:.6g} +- "
+                f"{self.reference_error[i]:.2g}" for i in unreliable)
+            causes = "".join((
+                "a step's losses were not finite, or "
+                if any(math.isinf(self.reference_error[i]) for i in unreliable) else "",
+                "" if self.reference_dtype == "float64"
+                else f"rounding noise of {self.reference_dtype} differences, or "))
+            parts.append(
+                f"reference unreliable for these entries: {values} (its steps disagree by more "
+                f"than the tolerance: {causes}a loss that is not smooth in them at the steps' "
+                "scale, e.g. ReLU kinks or BatchNorm batch statistics), so no method is blamed "
+                "there")
+        if failed:
+            parts.append(f"failed: {', '.join(failed)}")
+        return "verdict: " + "; ".join(parts)
+
     def table(self) -> str:
         """A plain-text table: method, relative error, time, peak memory, notes."""
-        head = ("method", "rel. error", "time (s)", "peak MiB", "notes")
+        head = ("method", "rel. error", "verdict", "time (s)", "peak MiB", "notes")
         lines = [head]
         for r in self.rows:
+            is_reference = r.label == "finite_difference"
             error = (
                 "reference"
-                if r.label == "finite_difference"
+                if is_reference
                 else ("failed" if r.failed else f"{r.rel_error:.2e}")
             )
+            verdict = "-" if is_reference else r.verdict
             peak = "-" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.3g}"
-            lines.append((r.label, error, f"{r.time_s:.3g}", peak, r.notes))
-        widths = [max(len(line[i]) for line in lines) for i in range(4)]
+            lines.append((r.label, error, verdict, f"{r.time_s:.3g}", peak, r.notes))
+        widths = [max(len(line[i]) for line in lines) for i in range(5)]
         text = [
-            "  ".join(cell.ljust(w) for cell, w in zip(line[:4], widths, strict=True))
-            + ("  " + line[4] if line[4] else "")
+            "  ".join(cell.ljust(w) for cell, w in zip(line[:5], widths, strict=True))
+            + ("  " + line[5] if line[5] else "")
             for line in lines
         ]
         text.insert(1, "-" * len(text[0]))
@@ -114,15 +185,15 @@ class CheckReport:
             f"T={self.steps} steps; finite differences on {len(self.coordinates)} "
             f"coordinates: {names}"
         )
-        report = [summary, *text]
-        if self.reference_dtype != "float64":
-            report.append(
-                f"reference: finite differences in {self.reference_dtype} (the float64 copy "
-                f"of the problem failed); their rounding noise is about "
-                f"{self.reference_noise or math.nan:.2g} of the reference's norm, so smaller "
-                "errors are not measured")
-        elif self.reference_noise is not None:
-            report.append("reference: finite differences on a float64 copy of the problem")
+        steps = ", ".join(f"{h:.2g}" for h in self.reference_steps)
+        report = [
+            summary, *text,
+            f"reference: central differences in {self.reference_dtype} on "
+            f"{self.reference_source} at steps h = {steps}; their spread estimates its error "
+            f"at {self.reference_noise or 0.0:.2g} of its norm"
+            + ("" if self.reference_dtype == "float64" else ", so smaller errors are not measured"),
+            self.verdict,
+        ]
         return "\n".join(report)
 
 
@@ -286,32 +357,40 @@ def check(
                disable=None if progress is None else not progress)
     started = time.perf_counter()
     bar.set_postfix_str("finite_difference")
-    reference, reference_dtype, noise = _reference(problem, coords)
+    reference, reference_dtype, source = _reference(problem, coords)
     bar.update(1)
     fd_seconds = time.perf_counter() - started
-    ref = reference.vector[coords]
+    ref = reference.value
     scale = float(ref.norm())
+    tolerance = _tolerance(problem.dtype)
+    trusted = reliable_entries(ref, reference.error, tolerance)
 
-    rows, results, measured = [], {"finite_difference": reference}, {}
+    rows, results, measured = [], {"finite_difference": reference.result}, {}
     converged = None
     for label, method in chosen.items():
         bar.set_postfix_str(label)
         result, seconds, peak, notes, failed = _run(method, problem, memory)
         bar.update(1)
         error = math.nan
+        entries: tuple[str, ...] = ()
         if result is not None:
             results[label] = result
-            diff = float((result.vector[coords] - ref).norm())
+            values = result.vector[coords].detach().to(torch.float64)
+            diff = float((values - ref).norm())
             error = diff / scale if scale > 0 else diff
-            measured[label] = {"rel_error": error, "time_s": seconds, "peak_bytes": peak}
+            entries = tuple(classify(values, ref, reference.error, tolerance))
+            if any(trusted):
+                measured[label] = {"rel_error": _relative(values, ref, trusted),
+                                   "time_s": seconds, "peak_bytes": peak}
             if label.startswith("implicit"):
                 stationary = bool(result.diagnostics.get("stationary", False))
                 converged = stationary if converged is None else converged and stationary
-        rows.append(CheckRow(label, error, seconds, peak, notes, failed))
+        rows.append(CheckRow(label, error, seconds, peak, notes, failed, entries))
     bar.close()
     rows.append(
         CheckRow(
-            "finite_difference", math.nan, fd_seconds, None, f"{2 * len(coords) + 1} trainings"
+            "finite_difference", math.nan, fd_seconds, None,
+            f"{len(reference.steps) * (2 * len(coords) + 1)} trainings",
         )
     )
     advice = recommend(
@@ -323,8 +402,10 @@ def check(
         measured=measured,
         bytes_per_value=torch.finfo(problem.dtype).bits // 8,
         optimizer=optimizer_kind(problem.optimizer),
-        tolerance=max(_tolerance(problem.dtype), 3 * noise if reference_dtype != "float64"
-                      and noise is not None else 0.0),
+        unavailable=_unavailable(problem, chosen, converged),
+        # agreement within the tolerance plus the reference's own error on its reliable entries
+        tolerance=tolerance + (_relative(ref + reference.error, ref, trusted)
+                               if any(trusted) else 0.0),
     )
     names = problem.hparams.coordinate_names()
     return CheckReport(
@@ -338,42 +419,51 @@ def check(
         advice,
         results,
         reference_dtype,
-        noise,
+        reference.relative_error(),
+        source,
+        list(reference.steps),
+        reference.quotients.tolist(),
+        reference.error.tolist(),
+        trusted,
     )
 
 
-def _reference(problem: Problem, coords: list[int]) -> tuple[HyperGradient, str, float | None]:
-    """Finite differences on ``coords``: in float64 (on a float64 copy of a lower-precision
-    problem, see :mod:`hyperdiff.precision`), else in the problem's dtype with a measurement of
-    their rounding noise relative to the reference's norm: per coordinate the change of the
-    difference quotient when its step doubles, ``|g_h - g_2h|`` (truncation moves it by
-    about ``h^2`` times the third derivative, negligible at these steps; rounding by its full
-    size; two more trainings per coordinate), at least ``eps |L| / h_i``.
+def _unavailable(problem: Problem, chosen: dict[str, Method], converged: bool | None
+                 ) -> dict[str, str]:
+    """Why implicit and reversible do not apply, as far as this check knows: a model with
+    buffers (both refuse them), or implicit runs that all failed."""
+    if problem.buffers:
+        reason = "the model has buffers (BatchNorm statistics); hd.checkpointed() takes them"
+        return {"implicit": reason, "reversible": reason}
+    if converged is None and any(label.startswith("implicit") for label in chosen):
+        return {"implicit": "its runs failed in this check (see the table)"}
+    return {}
 
-    Returns the reference, its dtype name and the noise estimate (``None`` in float64 for a
-    float64 problem; 0.0 for a float64 copy, whose noise is negligible at float32 tolerances).
+
+def _relative(values: Tensor, reference: Tensor, mask: list[bool]) -> float:
+    """``||v[m] - r[m]|| / ||r[m]||`` over the entries where ``mask`` holds."""
+    keep = torch.tensor(mask, dtype=torch.bool, device=reference.device)
+    diff, scale = float((values[keep] - reference[keep]).norm()), float(reference[keep].norm())
+    return diff / scale if scale > 0 else diff
+
+
+def _reference(problem: Problem, coords: list[int]) -> tuple[Reference, str, str]:
+    """The multi-step finite-difference reference on ``coords``
+    (:func:`~hyperdiff.check_reference.multi_step_reference`): in float64 (on a float64 copy of
+    a lower-precision problem, see :mod:`hyperdiff.precision`), else in the problem's dtype.
+
+    Returns the reference, its dtype name and what it differentiated (for the report).
     """
-    fd = finite_difference(coordinates=coords, warn=False)
     if problem.dtype == torch.float64:
-        return fd(problem), "float64", None
+        return multi_step_reference(problem, coords), "float64", "the problem"
     try:
-        return fd(in_float64(problem)), "float64", 0.0
+        reference = multi_step_reference(in_float64(problem), coords)
+        return reference, "float64", "a float64 copy of the problem"
     except (HyperdiffError, FloatingPointError, RuntimeError, TypeError) as err:
         _LOG.info("check: finite differences on a float64 copy failed (%s); using %s",
                   str(err).splitlines()[0][:120], problem.dtype)
-    reference = fd(problem)
-    eps = torch.finfo(problem.dtype).eps
-    base = problem.hparams.flatten(problem.raw_tensors())
-    h = float(reference.diagnostics["eps"])
-    doubled = finite_difference(2 * h, coordinates=coords, warn=False)(problem).vector
-    per_coordinate = [
-        max(abs(float(reference.vector[i] - doubled[i])),
-            eps * abs(reference.value) / (h * max(1.0, abs(float(base[i])))))
-        for i in coords
-    ]
-    scale = float(reference.vector[coords].norm())
-    noise = math.sqrt(sum(n * n for n in per_coordinate)) / scale if scale > 0 else math.inf
-    return reference, str(problem.dtype).removeprefix("torch."), noise
+    dtype = str(problem.dtype).removeprefix("torch.")
+    return multi_step_reference(problem, coords), dtype, "the problem (the float64 copy failed)"
 
 
 def _tolerance(dtype: torch.dtype) -> float:

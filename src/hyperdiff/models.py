@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -61,7 +61,12 @@ class StepContext:
     def next_seed(self) -> int:
         """A seed for the next random model call of this step, distinct per call."""
         self.calls += 1
-        return (self.seed * 1_000_003 + (self.step + 1) * 7_919 + self.calls) % (2**62)
+        return self.call_seed(self.calls)
+
+    def call_seed(self, call: int) -> int:
+        """The seed of model call ``call`` (1, 2, ...) of this step; ``call = 0`` seeds the
+        loss function itself (randomness it draws outside the model, e.g. ``F.dropout``)."""
+        return (self.seed * 1_000_003 + (self.step + 1) * 7_919 + call) % (2**62)
 
 
 def _is_batch_norm(module: nn.Module) -> bool:
@@ -84,12 +89,12 @@ def _tensor_devices(*trees: Any) -> list[torch.device]:
 
 
 @contextlib.contextmanager
-def _seeded_rng(ctx: StepContext, devices: list[torch.device]) -> Iterator[None]:
-    """Fork the CPU generator and those of ``devices``, seeding each from ``ctx`` (CPU first,
-    then the devices in order), and restore them afterwards."""
+def _seeded_rng(next_seed: Callable[[], int], devices: list[torch.device]) -> Iterator[None]:
+    """Fork the CPU generator and those of ``devices``, seeding each from ``next_seed()`` (CPU
+    first, then the devices in order), and restore them afterwards."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.random.fork_rng(devices=[]))
-        torch.default_generator.manual_seed(ctx.next_seed())
+        torch.default_generator.manual_seed(next_seed())
         for kind in sorted({d.type for d in devices}):
             indices = [d.index or 0 for d in devices if d.type == kind]
             stack.enter_context(torch.random.fork_rng(devices=indices, device_type=kind))
@@ -97,9 +102,9 @@ def _seeded_rng(ctx: StepContext, devices: list[torch.device]) -> Iterator[None]
             for index in indices:
                 generators = getattr(backend, "default_generators", None)
                 if generators:  # cuda, xpu: one generator per device
-                    generators[index].manual_seed(ctx.next_seed())
+                    generators[index].manual_seed(next_seed())
                 else:  # mps: a single device
-                    backend.manual_seed(ctx.next_seed())
+                    backend.manual_seed(next_seed())
         yield
 
 
@@ -110,6 +115,16 @@ def trainable_parameters(module: nn.Module) -> tuple[Params, tuple[str, ...]]:
     named = dict(module.named_parameters())
     params = {n: p.detach().clone() for n, p in named.items() if p.requires_grad}
     return params, tuple(n for n, p in named.items() if not p.requires_grad)
+
+
+def replayed_rng(ctx: StepContext, *trees: Any) -> contextlib.AbstractContextManager[None]:
+    """The global generators (CPU, and the devices of the tensors in ``trees``) seeded by
+    ``ctx.call_seed(0)`` for one loss evaluation and restored afterwards, so that randomness a
+    loss draws outside the model (``F.dropout``, ``torch.rand``) is the same every time the same
+    ``(seed, step)`` is evaluated: every training of a method or of finite differences replays it.
+    """
+    seed = ctx.call_seed(0)
+    return _seeded_rng(lambda: seed, _tensor_devices(*trees))
 
 
 class FunctionalModel:
@@ -230,7 +245,7 @@ class FunctionalModel:
         try:
             self.module.train(ctx.train)
             if ctx.train:
-                with _seeded_rng(ctx, _tensor_devices(params, inputs, kw_inputs)):
+                with _seeded_rng(ctx.next_seed, _tensor_devices(params, inputs, kw_inputs)):
                     return self._run(self.module, state, inputs, kw_inputs)
             if self.compiled is not None and not torch.is_grad_enabled() and not self.buffers:
                 # evaluation without a graph: the compiled module is valid (no double backward)

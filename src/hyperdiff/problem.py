@@ -22,7 +22,7 @@ from .datacheck import check_batch, check_source, shapes_of
 from .errors import HyperdiffError, describe, nonnegative_int, positive_int, scalar_loss
 from .hyperparams import HyperParameters
 from .logs import get_logger
-from .models import StepContext
+from .models import StepContext, replayed_rng
 from .optimizers import Optimizer, working_dtype
 from .typing import Batch, LossFn, Params
 
@@ -326,10 +326,13 @@ def _check_coefficient_values(
 def call_loss(
     problem: Problem, which: str, params: Params, hview: Any, batch: Batch, ctx: StepContext
 ) -> Tensor:
-    """Evaluate the train or validation loss, with a clear error if it misbehaves."""
+    """Evaluate the train or validation loss, with a clear error if it misbehaves; randomness
+    it draws from the global generators is seeded by ``(ctx.seed, ctx.step)``
+    (:func:`~hyperdiff.models.replayed_rng`)."""
     fn = problem.train_loss if which == "train_loss" else problem.val_loss
     takes_ctx = problem.train_takes_ctx if which == "train_loss" else problem.val_takes_ctx
-    loss = fn(params, hview, batch, ctx) if takes_ctx else fn(params, hview, batch)
+    with replayed_rng(ctx, params, batch):
+        loss = fn(params, hview, batch, ctx) if takes_ctx else fn(params, hview, batch)
     return scalar_loss("hypergradient", which, loss)
 
 

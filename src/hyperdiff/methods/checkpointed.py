@@ -141,7 +141,8 @@ def _check_replay(
             f"rounding tolerance {tolerance:.3g}); training must be a function of (step, seed): "
             f"train_data {problem.train_data.describe()} must yield the same batches on "
             "a replay (pass a DataLoader over a map-style Dataset, a list, or fn(step, seed)) "
-            "and the train loss must draw randomness from ctx (seeded by step and seed)"
+            "and the train loss must keep no state between calls (its random draws are "
+            "seeded by step and seed)"
         )
     return difference
 
