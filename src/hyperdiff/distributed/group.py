@@ -152,8 +152,10 @@ class Group:
         """Poll ``missing()`` (the ranks still awaited) until it is empty, checking their
         heartbeats every :data:`HEARTBEAT_S`: raise :class:`LostRankError` as soon as one is
         silent for :data:`STALE_S` (dead or stopped), or when ``timeout_s`` has passed.
-        Python code runs between polls, so a signal (torchrun's SIGTERM) is handled at once."""
-        started = last_look = time.monotonic()
+        Python code runs between polls, so a signal (torchrun's SIGTERM) is handled at once.
+        Once a rank was lost, the first check comes at once (the clean-up after the error)."""
+        started = time.monotonic()
+        last_look = started - HEARTBEAT_S if _LOST else started
         pause = 1e-4
         while waiting := missing():  # store.wait would log a warning at every short timeout
             now = time.monotonic()
