@@ -148,12 +148,14 @@ class Group:
         if self._seq > 2:  # keep the store small: the marks of older barriers are not read
             self._delete(f"at/{self._seq - 2}/{self.rank}")
 
-    def _await(self, where: str, missing: Callable[[], list[int]]) -> None:
+    def _await(self, where: str, missing: Callable[[], list[int]],
+               done: threading.Event | None = None) -> None:
         """Poll ``missing()`` (the ranks still awaited) until it is empty, checking their
         heartbeats every :data:`HEARTBEAT_S`: raise :class:`LostRankError` as soon as one is
         silent for :data:`STALE_S` (dead or stopped), or when ``timeout_s`` has passed.
-        Python code runs between polls, so a signal (torchrun's SIGTERM) is handled at once.
-        Once a rank was lost, the first check comes at once (the clean-up after the error)."""
+        Between polls it sleeps, or waits on ``done`` (set when the awaited thing finishes);
+        both let a signal handler run (torchrun's SIGTERM). Once a rank was lost, the first
+        check comes at once (the clean-up after the error)."""
         started = time.monotonic()
         last_look = started - HEARTBEAT_S if _LOST else started
         pause = 1e-4
@@ -164,15 +166,20 @@ class Group:
                 silent = self.silent_ranks(waiting)
                 if silent or waited > self.timeout_s:
                     raise _lost_error(self._lost_message(where, waiting, silent, waited))
-            time.sleep(pause)
-            pause = min(2 * pause, 0.01)
+            if done is not None:
+                done.wait(HEARTBEAT_S)
+            else:
+                time.sleep(pause)
+                pause = min(2 * pause, 0.01)
 
     def _finish(self, where: str, work: Any) -> None:
         """Wait for an asynchronous collective (a ``torch.distributed`` work handle) the way
         :meth:`_await` waits, instead of blocking inside the backend for its whole timeout
         (a stopped rank keeps its sockets open, so the backend alone would wait that long)."""
         others = [r for r in range(self.world) if r != self.rank]
-        self._await(where, lambda: [] if work.is_completed() else others)
+        done = threading.Event()  # set by the backend's thread: no polling delay
+        work.get_future().add_done_callback(lambda _future: done.set())
+        self._await(where, lambda: [] if done.is_set() else others, done)
         work.wait()  # the backend's own error, if it failed (a dead peer's closed socket)
 
     def collective(self, where: str, fn: Callable[[], Any], *, barrier: bool = True) -> None:
