@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import signal
 import socket
 import threading
 import time
@@ -251,27 +252,72 @@ def job_dp_death(rank: int, out: str, report: Report) -> None:
     group.stale_s = 1.0
     problem = mlp_problem()
     if rank == 1:
-        base, calls = problem.train_loss, {"n": 0}
-
-        def dying(p, h, batch):
-            calls["n"] += 1
-            if calls["n"] == 4:
-                os._exit(3)
-            return base(p, h, batch)
-
-        problem = replace(problem, train_loss=dying)
+        problem = at_fourth_train_loss(problem, lambda: os._exit(3))
     hd.distributed.data_parallel("reverse")(problem)
 
 
-JOBS = {"first": job_first, "resume": job_resume, "dp_death": job_dp_death}
+def at_fourth_train_loss(problem: hd.Problem, action: Callable[[], Any]) -> hd.Problem:
+    """``problem`` whose train loss calls ``action()`` at its 4th call."""
+    base, calls = problem.train_loss, {"n": 0}
+
+    def train_loss(p, h, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            action()
+        return base(p, h, batch)
+
+    return replace(problem, train_loss=train_loss)
 
 
-def worker(rank: int, port: int, job: str, arg: Any, results: Any) -> None:
+def stop_myself(report: Report) -> None:
+    """Report the time, then SIGSTOP this process (alive, silent: every thread stops)."""
+    report("stopped at", time.time())
+    time.sleep(0.3)  # the queue's feeder thread sends the report first
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def lost_at(report: Report, fn: Callable[[], Any]) -> None:
+    """``fn()``; report the time and message of the :class:`LostRankError` it raises."""
+    try:
+        fn()
+    except hd.distributed.LostRankError as err:
+        report("lost", (time.time(), str(err)))
+        raise
+
+
+def job_stopped_in_gather(rank: int, out: str, report: Report) -> None:
+    """Rank 1 arrives at a gather's barrier and stops before the gather itself: rank 0 waits
+    inside the backend's all-gather (timeout_s = 300 s)."""
+    group = hd.distributed.current_group(timeout_s=300.0)
+    assert group is not None
+    if rank == 1:
+        group.barrier("outer step 0 (spread)")
+        stop_myself(report)
+    lost_at(report, lambda: group.all_gather("outer step 0 (spread)", rank))
+
+
+def job_stopped_in_dp_training(rank: int, out: str, report: Report) -> None:
+    """Rank 1 stops inside a data-parallel training (its 4th train loss), so rank 0 waits
+    in an all-reduce (timeout_s = 300 s)."""
+    group = hd.distributed.current_group(timeout_s=300.0)
+    assert group is not None
+    problem = mlp_problem()
+    if rank == 1:
+        problem = at_fourth_train_loss(problem, lambda: stop_myself(report))
+    lost_at(report, lambda: hd.distributed.data_parallel("reverse")(problem))
+
+
+JOBS = {"first": job_first, "resume": job_resume, "dp_death": job_dp_death,
+        "stopped_in_gather": job_stopped_in_gather,
+        "stopped_in_dp_training": job_stopped_in_dp_training}
+
+
+def worker(rank: int, port: int, job: str, arg: Any, results: Any, timeout_s: float) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     torch.distributed.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-        timeout=timedelta(seconds=30))
+        timeout=timedelta(seconds=timeout_s))
 
     def report(tag: str, value: Any) -> None:
         results.put((rank, tag, value))
@@ -295,15 +341,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(job: str, arg: Any = None, timeout: float = 60.0
+def launch(job: str, arg: Any = None, timeout: float = 60.0, *, until: int | None = None,
+           group_timeout_s: float = 30.0
            ) -> tuple[dict[tuple[int, str], Any], list[int | None], list[int]]:
-    """Run WORLD ranks of ``job``: their reports by (rank, tag), their exit codes, and the
-    ranks still running after ``timeout`` (killed)."""
+    """Run WORLD ranks of ``job`` (process group timeout ``group_timeout_s``): their reports
+    by (rank, tag), their exit codes, and the ranks still running after ``timeout``, or once
+    rank ``until`` has ended (killed)."""
     ctx = mp.get_context("fork")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, port, job, arg, results), daemon=True)
-             for r in range(WORLD)]
+    procs = [ctx.Process(target=worker, args=(r, port, job, arg, results, group_timeout_s),
+                         daemon=True) for r in range(WORLD)]
     for proc in procs:
         proc.start()
     out: dict[tuple[int, str], Any] = {}
@@ -314,7 +362,8 @@ def launch(job: str, arg: Any = None, timeout: float = 60.0
                 rank, tag, value = results.get(timeout=0.1)
                 out[rank, tag] = value
             except queue.Empty:
-                if all(not p.is_alive() for p in procs):
+                waited = procs if until is None else [procs[until]]
+                if all(not p.is_alive() for p in waited):
                     break
     finally:
         hung = [r for r, p in enumerate(procs) if p.is_alive()]

@@ -3,7 +3,7 @@
 With ``W`` ranks, rank ``r`` holds the same parameters ``theta_t`` and takes rows
 ``[r B/W, (r+1) B/W)`` of the step's batch (``B`` rows; ``B % W == 0``). Inside the
 differentiable step the gradient is averaged with a differentiable all-reduce
-(``torch.distributed.nn.functional.all_reduce``, whose backward is again an all-reduce)::
+(``_SumOverRanks``, whose backward is again an all-reduce)::
 
     g_t = (1/W) sum_r grad L_train(theta_t, lam, shard_r(batch_t))      (= the full-batch
     theta_{t+1} = update(g_t, state_t, theta_t, lam)                      gradient of a mean loss)
@@ -29,14 +29,11 @@ synchronised), and the implicit and reversible methods, which do not train throu
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
 
 from ..data import BatchSource
 from ..errors import HyperdiffError, NonFiniteError
@@ -82,25 +79,39 @@ class ShardedBatches(BatchSource):
         return batch
 
 
-def mean_gradients(grads: Params, group: Group) -> Params:
+class _SumOverRanks(torch.autograd.Function):
+    """``y = sum_r x^(r)`` on every rank; its backward is the same sum of the incoming
+    gradients (``dL/dx^(r) = sum_s dL^(s)/dy``), again through this function, so it
+    differentiates twice (forward mode's ``double_vjp``). Each all-reduce waits with
+    :meth:`Group.all_reduce`'s heartbeat checks, so a stopped rank fails it within seconds."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: Group, where: str) -> Tensor:
+        ctx.group, ctx.where = group, where
+        return group.all_reduce(where, x.detach().clone())
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        return _SumOverRanks.apply(grad, ctx.group, ctx.where), None, None
+
+
+def mean_gradients(grads: Params, group: Group, where: str = "data_parallel") -> Params:
     """``(1/W) sum_r grads^(r)`` with one differentiable all-reduce of the flattened grads."""
     names = list(grads)
     flat = torch.cat([grads[n].reshape(-1) for n in names])
-    with warnings.catch_warnings():  # deprecated for _functional_collectives, which has no
-        warnings.simplefilter("ignore", FutureWarning)  # double backward on gloo
-        total = differentiable_all_reduce(flat, group=group.group if group.group is not None
-                                          else dist.group.WORLD)
+    total = _SumOverRanks.apply(flat, group, where)
     pieces = torch.split(total / group.world, [grads[n].numel() for n in names])
     return {n: p.view_as(grads[n]) for n, p in zip(names, pieces, strict=True)}
 
 
-def averaged_optimizer(optimizer: Optimizer, group: Group) -> Optimizer:
+def averaged_optimizer(optimizer: Optimizer, group: Group, where: str = "data_parallel"
+                       ) -> Optimizer:
     """``optimizer`` whose update sees the gradient averaged over the ranks."""
     inner = optimizer.update
 
     def update(grads: Params, state: Any, params: Params, hparams: Any, step: int
                ) -> tuple[Params, Any]:
-        return inner(mean_gradients(grads, group), state, params, hparams, step)
+        return inner(mean_gradients(grads, group, where), state, params, hparams, step)
 
     return optimizer._replace(update=update)
 
@@ -110,7 +121,7 @@ def rank_seed(seed: int, rank: int) -> int:
     return (seed + rank * 7_368_787) % (2**31)
 
 
-def shared_train_loss(problem: Problem, group: Group) -> Any:
+def shared_train_loss(problem: Problem, group: Group, where: str = "data_parallel") -> Any:
     """The train loss on this rank's shard (gradient) with the mean over ranks as its value;
     dropout draws from :func:`rank_seed`."""
     fn, takes_ctx = problem.train_loss, problem.train_takes_ctx
@@ -126,19 +137,19 @@ def shared_train_loss(problem: Problem, group: Group) -> Any:
             value = fn(params, hparams, batch)
         if not isinstance(value, Tensor):
             return value  # call_loss reports it
-        mean = value.detach().clone()
-        dist.all_reduce(mean, group=group.group)
+        mean = group.all_reduce(where, value.detach().clone())
         return value + (mean / group.world - value.detach())
 
     return loss
 
 
-def shard_problem(problem: Problem, group: Group) -> Problem:
-    """``problem`` as this rank trains it: its shard of each batch, averaged gradients."""
+def shard_problem(problem: Problem, group: Group, where: str = "data_parallel") -> Problem:
+    """``problem`` as this rank trains it: its shard of each batch, averaged gradients
+    (``where`` names the training in the error of a lost rank)."""
     return replace(
         problem, train_data=ShardedBatches(problem.train_data, group.rank, group.world),
-        optimizer=averaged_optimizer(problem.optimizer, group),
-        train_loss=shared_train_loss(problem, group), train_takes_ctx=True,
+        optimizer=averaged_optimizer(problem.optimizer, group, where),
+        train_loss=shared_train_loss(problem, group, where), train_takes_ctx=True,
     )
 
 
@@ -159,11 +170,9 @@ def _run(inner: Method, group_arg: Any, problem: Problem, raw: dict[str, Tensor]
     group.barrier(where)
     failure, hg = None, None
     try:
-        hg = inner.run(shard_problem(problem, group), raw)
+        hg = inner.run(shard_problem(problem, group, where), raw)
     except NonFiniteError as err:
         failure = str(err)
-    except RuntimeError as err:  # a collective of the training failed: who is lost?
-        raise group.lost(where, err) from err
     local = None if hg is None else (hg.vector.detach().double(), hg.train_loss)
     parts = group.all_gather(where, (failure, local))
     failures = [f for f, _ in parts if f is not None]

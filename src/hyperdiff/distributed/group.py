@@ -5,14 +5,19 @@ pass) in a :class:`Group`; :func:`init_from_env` initialises the default group f
 variables that ``torchrun`` sets (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ...), with gloo on
 CPU and NCCL when the ranks drive GPUs.
 
-Failure handling. Each rank beats a heartbeat key in the group's store every
-``HEARTBEAT_S`` seconds from a daemon thread, and before every collective hyperdiff issues,
-:meth:`Group.barrier` marks the rank's arrival in the store and waits for the others' marks.
-A rank that does not arrive within ``timeout_s`` is named as hung; one whose heartbeat stops
-is named as lost as soon as that is seen (a few seconds), so a dead or stuck rank ends the run
-on every other rank with a :class:`LostRankError` such as
-``"outer step 3 (spread): rank 1 is lost: no heartbeat for 3.1 s (the process died or is
-stopped)"``, instead of a hang or an anonymous socket error.
+Failure handling. Each rank beats a heartbeat key in the group's store
+(``ProcessGroup.get_group_store``) every ``HEARTBEAT_S`` seconds from a daemon thread. Before
+every collective hyperdiff issues, :meth:`Group.barrier` marks the rank's arrival in the store
+and waits for the others' marks; the collective itself is started asynchronously and polled.
+Both waits check the awaited ranks' heartbeats every ``HEARTBEAT_S``: a rank silent for
+``STALE_S`` (dead, or stopped: SIGSTOP stops its heartbeat thread too) is named as lost within
+about ``STALE_S + HEARTBEAT_S`` seconds whatever ``timeout_s`` is, and one that is alive but
+does not arrive within ``timeout_s`` is named as hung. Every other rank then stops with a
+:class:`LostRankError` such as ``"outer step 3: rank 1 is lost: no heartbeat for 3.1 s (the
+process died or is stopped)"``, instead of a hang or an anonymous socket error. Under
+``torchrun``, whose agent stops the surviving workers with SIGTERM when one dies,
+:func:`raise_on_sigterm` turns that SIGTERM into the same error; and a process that raised one
+exits at once (status 1) rather than wait in the backend's shutdown for the lost rank.
 """
 
 from __future__ import annotations
@@ -21,14 +26,18 @@ import atexit
 import contextlib
 import logging
 import os
+import pickle
+import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from ..errors import HyperdiffError, positive_float
 
@@ -41,7 +50,8 @@ STALE_S = 3.0
 DEFAULT_TIMEOUT_S = 300.0
 """Default seconds to wait for a rank that is alive but does not arrive (hung)."""
 
-T = TypeVar("T")
+_LOST = False
+"""Set once a :class:`Group` raised a :class:`LostRankError`: the process group is broken."""
 
 
 class LostRankError(HyperdiffError):
@@ -66,15 +76,16 @@ class Group:
         self.world = dist.get_world_size(group)
         self.backend = str(dist.get_backend(group))
         self.timeout_s = positive_float("distributed", "timeout_s", timeout_s)
-        # the rendezvous store of the default group (torch has no public accessor); a second
-        # client (clone) serves the heartbeat thread, so the two threads never share a socket
-        base = dist.distributed_c10d._get_default_store()
+        # the group's own store (ProcessGroup.get_group_store); a second client (clone) serves
+        # the heartbeat thread, so the two threads never share a socket
+        owner: Any = self._world_group if group is None else group
+        base = owner.get_group_store()
         self.store = dist.PrefixStore(f"hyperdiff/{_group_name(group)}/", base)
         self._seq = 0
         self.stale_s = STALE_S
         self._stop = threading.Event()
         try:
-            beat_base = base.clone()  # type: ignore[attr-defined]
+            beat_base = base.clone()  # type: ignore[union-attr]
         except (AttributeError, RuntimeError):  # a store without clients (file, hash store)
             beat_base = base
         self._beat_store = dist.PrefixStore(f"hyperdiff/{_group_name(group)}/", beat_base)
@@ -127,34 +138,63 @@ class Group:
         self._seq += 1
         key = f"at/{self._seq}/"
         self.store.set(f"{key}{self.rank}", where)
-        others = [r for r in range(self.world) if r != self.rank]
-        started = last_look = time.monotonic()
-        pause = 1e-4
-        missing = others
-        while missing:  # poll (store.wait would log a warning at every short timeout)
-            missing = [r for r in missing if not self._has(f"{key}{r}")]
-            now = time.monotonic()
-            if missing and now - last_look > HEARTBEAT_S:
-                last_look, waited = now, now - started
-                silent = self.silent_ranks(missing)
-                if silent or waited > self.timeout_s:
-                    raise LostRankError(self._lost_message(where, missing, silent, waited))
-            if missing:
-                time.sleep(pause)
-                pause = min(2 * pause, 0.01)
+        waiting = [r for r in range(self.world) if r != self.rank]
+
+        def missing() -> list[int]:
+            waiting[:] = [r for r in waiting if not self._has(f"{key}{r}")]
+            return waiting
+
+        self._await(where, missing)
         if self._seq > 2:  # keep the store small: the marks of older barriers are not read
             self._delete(f"at/{self._seq - 2}/{self.rank}")
 
-    def collective(self, where: str, fn: Callable[[], T]) -> T:
-        """``fn()`` (a collective) after a :meth:`barrier`; a backend error is reported with
-        the ranks that are lost."""
-        self.barrier(where)
-        try:
-            return fn()
-        except RuntimeError as err:
-            raise self.lost(where, err) from err
+    def _await(self, where: str, missing: Callable[[], list[int]],
+               done: threading.Event | None = None) -> None:
+        """Poll ``missing()`` (the ranks still awaited) until it is empty, checking their
+        heartbeats every :data:`HEARTBEAT_S`: raise :class:`LostRankError` as soon as one is
+        silent for :data:`STALE_S` (dead or stopped), or when ``timeout_s`` has passed.
+        Between polls it sleeps, or waits on ``done`` (set when the awaited thing finishes);
+        both let a signal handler run (torchrun's SIGTERM). Once a rank was lost, the first
+        check comes at once (the clean-up after the error)."""
+        started = time.monotonic()
+        last_look = started - HEARTBEAT_S if _LOST else started
+        pause = 1e-4
+        while waiting := missing():  # store.wait would log a warning at every short timeout
+            now = time.monotonic()
+            if now - last_look > HEARTBEAT_S:
+                last_look, waited = now, now - started
+                silent = self.silent_ranks(waiting)
+                if silent or waited > self.timeout_s:
+                    raise _lost_error(self._lost_message(where, waiting, silent, waited))
+            if done is not None:
+                done.wait(HEARTBEAT_S)
+            else:
+                time.sleep(pause)
+                pause = min(2 * pause, 0.01)
 
-    def lost(self, where: str, err: BaseException) -> LostRankError:
+    def _finish(self, where: str, work: Any) -> None:
+        """Wait for an asynchronous collective (a ``torch.distributed`` work handle) the way
+        :meth:`_await` waits, instead of blocking inside the backend for its whole timeout
+        (a stopped rank keeps its sockets open, so the backend alone would wait that long)."""
+        others = [r for r in range(self.world) if r != self.rank]
+        done = threading.Event()  # set by the backend's thread: no polling delay
+        work.get_future().add_done_callback(lambda _future: done.set())
+        self._await(where, lambda: [] if done.is_set() else others, done)
+        work.wait()  # the backend's own error, if it failed (a dead peer's closed socket)
+
+    def collective(self, where: str, fn: Callable[[], Any], *, barrier: bool = True) -> None:
+        """Run ``fn()``, which starts a collective and returns its work handle
+        (``async_op=True``), after a :meth:`barrier` (which names the ranks that do not
+        arrive), and wait for it with heartbeat checks; a backend error is reported with the
+        ranks that are lost."""
+        if barrier:
+            self.barrier(where)
+        try:
+            self._finish(where, fn())
+        except RuntimeError as err:
+            raise self.lost(where, f"a collective failed ({err})") from err
+
+    def lost(self, where: str, err: BaseException | str) -> LostRankError:
         """The :class:`LostRankError` for a collective that failed with ``err``: waits up to
         :data:`STALE_S` for the heartbeats to tell which ranks are gone."""
         others = [r for r in range(self.world) if r != self.rank]
@@ -164,9 +204,15 @@ class Group:
             time.sleep(HEARTBEAT_S)
             silent = self.silent_ranks(others)
         if silent:
-            return LostRankError(self._lost_message(where, sorted(silent), silent, 0.0))
-        return LostRankError(f"{where}: a collective failed on rank {self.rank} of {self.world} "
-                             f"while every rank's heartbeat is alive: {err}")
+            return _lost_error(self._lost_message(where, sorted(silent), silent, 0.0))
+        return _lost_error(f"{where}: {err} on rank {self.rank} of {self.world} while every "
+                             "rank's heartbeat is alive")
+
+    def terminated(self) -> LostRankError:
+        """The :class:`LostRankError` of a rank that its launcher stops with SIGTERM, as
+        ``torchrun`` stops the other workers when one fails: it names the rank whose heartbeat
+        stopped (waiting up to :data:`STALE_S` for it to show)."""
+        return self.lost("torchrun stopped this rank (SIGTERM)", "the launcher sent SIGTERM")
 
     def _lost_message(self, where: str, missing: list[int], silent: dict[int, float],
                       waited: float) -> str:
@@ -192,20 +238,58 @@ class Group:
         with contextlib.suppress(Exception):  # some stores cannot delete; the marks are tiny
             self.store.delete_key(key)
 
-    # ------------------------------------------------------------------ object collectives
+    # ------------------------------------------------------------------ collectives
+    def all_reduce(self, where: str, tensor: Tensor) -> Tensor:
+        """``tensor`` summed over the ranks, in place (and returned); no barrier first, as
+        the all-reduces inside a data-parallel training are many and small."""
+        self.collective(where, lambda: dist.all_reduce(tensor, group=self.group,
+                                                       async_op=True), barrier=False)
+        return tensor
+
     def all_gather(self, where: str, value: Any) -> list[Any]:
-        """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
-        out: list[Any] = [None] * self.world
-        self.collective(where, lambda: dist.all_gather_object(out, value, group=self.group))
-        return out
+        """Every rank's ``value`` (any picklable object), in rank order, on every rank: the
+        lengths of the pickles, then the pickles padded to the longest, in two all-gathers."""
+        data = self._to_bytes(value)
+        sizes = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(self.world)]
+        size = torch.tensor([data.numel()], dtype=torch.int64, device=self.device)
+        self.collective(where, lambda: dist.all_gather(sizes, size, group=self.group,
+                                                       async_op=True))
+        longest = int(max(int(n) for n in sizes))
+        padded = torch.zeros(longest, dtype=torch.uint8, device=self.device)
+        padded[: data.numel()] = data
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        self.collective(where, lambda: dist.all_gather(parts, padded, group=self.group,
+                                                       async_op=True))
+        return [_from_bytes(part[: int(n)]) for part, n in zip(parts, sizes, strict=True)]
 
     def broadcast(self, where: str, value: Any, src: int = 0) -> Any:
-        """Rank ``src``'s ``value`` on every rank."""
-        box = [value if self.rank == src else None]
+        """Rank ``src``'s ``value`` on every rank (its pickle's length, then the pickle)."""
         root = dist.get_global_rank(self.group, src) if self.group is not None else src
-        self.collective(where, lambda: dist.broadcast_object_list(box, src=root,
-                                                                  group=self.group))
-        return box[0]
+        data = self._to_bytes(value) if self.rank == src else None
+        size = torch.tensor([0 if data is None else data.numel()], dtype=torch.int64,
+                            device=self.device)
+        self.collective(where, lambda: dist.broadcast(size, src=root, group=self.group,
+                                                      async_op=True))
+        box = data if data is not None else torch.empty(int(size), dtype=torch.uint8,
+                                                         device=self.device)
+        self.collective(where, lambda: dist.broadcast(box, src=root, group=self.group,
+                                                      async_op=True))
+        return value if self.rank == src else _from_bytes(box)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the backend takes tensors: the rank's GPU for NCCL, else the CPU."""
+        if self.backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _to_bytes(self, value: Any) -> Tensor:
+        return torch.frombuffer(bytearray(pickle.dumps(value)), dtype=torch.uint8).to(
+            self.device)
+
+
+def _from_bytes(data: Tensor) -> Any:
+    return pickle.loads(data.cpu().numpy().tobytes())
 
 
 _GROUPS: dict[tuple[str, int], Group] = {}
@@ -257,7 +341,25 @@ def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S) -> Group | None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
         log.info("distributed: rank %d of %d (%s)", dist.get_rank(), world, backend)
-    return current_group(timeout_s=timeout_s)
+    group = current_group(timeout_s=timeout_s)
+    if group is not None:
+        raise_on_sigterm(group)
+    return group
+
+
+def raise_on_sigterm(group: Group) -> None:
+    """Make SIGTERM raise ``group.terminated()`` in the main thread (when SIGTERM still has
+    its default action): ``torchrun`` stops the surviving workers with SIGTERM when one dies,
+    and each then reports which rank was lost instead of vanishing without a word."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
+        raise group.terminated()
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def forget_groups() -> None:
@@ -268,7 +370,28 @@ def forget_groups() -> None:
     _GROUPS.clear()
 
 
-atexit.register(forget_groups)
+def _lost_error(message: str) -> LostRankError:
+    """The :class:`LostRankError` of ``message``, noting that the process group is broken."""
+    global _LOST
+    _LOST = True
+    return LostRankError(message)
 
 
-__all__ = ["Group", "LostRankError", "current_group", "forget_groups", "init_from_env"]
+def _at_exit() -> None:
+    """Stop the heartbeats; after a :class:`LostRankError`, end the process at once with
+    status 1: the backend's shutdown of a broken group waits for the lost rank, a stopped
+    rank's pending collective for the whole timeout (``distributed.timeout_s``)."""
+    forget_groups()
+    if _LOST:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(1)
+
+
+atexit.register(_at_exit)
+
+
+__all__ = ["Group", "LostRankError", "current_group", "forget_groups", "init_from_env",
+           "raise_on_sigterm"]

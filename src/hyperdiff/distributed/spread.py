@@ -2,10 +2,11 @@
 
 An outer step of :class:`~hyperdiff.driver.HyperOptimizer` runs ``n = folds x samples``
 independent trainings. With ``W`` ranks, rank ``r`` runs the trainings ``i`` with
-``i % W == r``; one ``all_gather_object`` then gives every rank all ``n`` results in the order
-of the single-process loop, so the mean hypergradient, the losses and their spreads that the
-driver computes from them are the single-process ones bit for bit (each training is the same
-arithmetic in whichever process runs it), and every rank takes the same outer update.
+``i % W == r``; one :meth:`~hyperdiff.distributed.group.Group.all_gather` then gives every
+rank all ``n`` results in the order of the single-process loop, so the mean hypergradient,
+the losses and their spreads that the driver computes from them are the single-process ones
+bit for bit (each training is the same arithmetic in whichever process runs it), and every
+rank takes the same outer update.
 
 A training that fails (a :class:`~hyperdiff.errors.NonFiniteError` of a diverged inner run,
 or any other error) is gathered too and raised on every rank, so the divergence guard stays
