@@ -39,7 +39,7 @@ from ..constraints import Free, Interval
 from ..data import minibatches, validation_batches
 from ..data.evaluation import EvaluationSplit, is_dataset_split
 from ..datacheck import tensors_in
-from ..errors import HyperdiffError, describe, nonnegative_int, positive_int
+from ..errors import HyperdiffError, describe, fail, nonnegative_int, positive_int
 from ..hyperparams import HyperParameters
 from ..models import FunctionalModel
 from ..optimizers import Optimizer
@@ -74,6 +74,11 @@ def given_splits(*, train: Any, val: Any, test: Any, selection: Any = None) -> G
     see :mod:`hyperdiff.tasks.dataset_splits`). Without ``selection``, ``selection_fraction`` of
     ``val`` is taken out of it (``val`` must then be one batch or a map-style data set).
     Cross-validation needs the whole data set, so it is refused here."""
+    given = {"train": train, "val": val, "test": test, "selection": selection}
+    for name, split in given.items():
+        if (split is None and name != "selection") or isinstance(split, (str, bytes, bytearray)):
+            raise fail("given_splits", name, "data: a batch of tensors, a list of batches, a "
+                       "Dataset, a DataLoader or a generator function", split)
     return GivenSplits(train=train, val=val, test=test, selection=selection)
 
 
