@@ -1,0 +1,177 @@
+"""Issue 18, class 8: messages that blamed the wrong thing or nothing. Each test is built from
+the case the issue reports and failed before the fix."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+import hyperdiff as hd
+from hyperdiff.cli import main
+from hyperdiff.driver import HyperOptimizer
+from hyperdiff.methods.base import Method
+from hyperdiff.snr import below
+from hyperdiff.wording import config_syntax, option
+
+D = torch.float64
+
+
+def ridge_problem(train_data=None, steps=4):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, generator=g, dtype=D)
+    y = x @ torch.tensor([1.0, -1.0, 0.5], dtype=D)
+
+    def val(p, h, b):
+        return ((b[0] @ p["w"] - b[1]) ** 2).mean()
+
+    def train(p, h, b):
+        return val(p, h, b) + h["lam"] * p["w"].square().sum()
+
+    return hd.make_problem(train, val, hd.HyperParameters(lam=hd.scalar(0.3)),
+                           {"w": torch.zeros(3, dtype=D)}, optimizer=hd.sgd(0.1),
+                           train_data=(x, y) if train_data is None else train_data,
+                           val_data=(x, y), steps=steps, probe=False)
+
+
+# ---------------------------------------------------------------- discrete kinds
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: hd.categorical(["relu"]), r"^categorical: choices must be at least two distinct "
+                                       r"choices \(got \['relu'\]\)"),
+    (lambda: hd.categorical([]), r"^categorical: choices must be at least two"),
+    (lambda: hd.categorical([math.nan, math.nan]),
+     r"^categorical: choices must be finite numbers .* \(got \[nan, nan\]\)"),
+    (lambda: hd.categorical([float("nan"), float("nan")]), r"^categorical: choices must be finite"),
+    (lambda: hd.categorical([1.0, math.inf]), r"^categorical: choices must be finite .*\[inf\]"),
+    (lambda: hd.categorical(["a", "b", "a"]), r"^categorical: choices must be distinct "
+                                              r"\(got duplicates \['a'\]\)"),
+    (lambda: hd.categorical([[1], [2]]), r"^categorical: choices must be hashable"),
+    (lambda: hd.integer(2, 2), r"^integer: high must be an int > low=2 .*\(got 2\)"),
+])
+def test_discrete_kinds_refuse_degenerate_choices(make, message):
+    with pytest.raises(hd.HyperdiffError, match=message):
+        make()
+
+
+def test_a_discrete_spec_built_directly_is_checked_by_name():
+    spec = hd.categorical(["a", "b"])
+    with pytest.raises(hd.HyperdiffError, match=r"categorical 'act': choices must be at least"):
+        hd.HyperParameters(act=replace(spec, choices=("a",), init=spec.init[:1] * 2))
+
+
+def test_two_choices_and_a_two_value_range_are_accepted():
+    hp = hd.HyperParameters(a=hd.categorical(["x", math.pi]), b=hd.integer(2, 3), c=hd.boolean())
+    assert hp.best() == {"a": "x", "b": 2, "c": False}
+
+
+# ---------------------------------------------------------------- given_splits
+@pytest.mark.parametrize("missing", ["train", "val", "test"])
+def test_given_splits_refuses_a_missing_split_by_its_own_name(missing):
+    x = torch.zeros(4, 2)
+    splits = {"train": (x,), "val": (x,), "test": (x,), missing: None}
+    with pytest.raises(hd.HyperdiffError, match=rf"^given_splits: {missing} must be data: .*"
+                                                r"\(got None\)"):
+        hd.given_splits(**splits)
+
+
+def test_given_splits_refuses_text_as_a_selection_split():
+    x = torch.zeros(4, 2)
+    with pytest.raises(hd.HyperdiffError, match=r"^given_splits: selection must be data"):
+        hd.given_splits(train=x, val=x, test=x, selection="val.csv")
+
+
+# ---------------------------------------------------------------- task factories
+@pytest.mark.parametrize(("body", "said"), [
+    ("    sys.exit(3)", "called sys.exit(3)"),
+    ("    raise SystemExit('no data')", "called sys.exit('no data')"),
+    ("    raise KeyError('x')", "raised KeyError: 'x'"),
+])
+def test_a_task_factory_that_exits_is_named_with_its_file(tmp_path, capsys, body, said):
+    path = tmp_path / "exiting_task.py"
+    path.write_text(f"import sys\n\n\ndef build():\n{body}\n")
+    assert main(["run", "--task", f"{path}:build", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"the factory '{path}:build' (defined in {path}, line 4)" in err, err
+    assert said in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_task_file_that_exits_on_import_is_named(tmp_path, capsys):
+    path = tmp_path / "exit_on_import.py"
+    path.write_text("import sys\nsys.exit(4)\n\n\ndef build():\n    pass\n")
+    assert main(["run", "--task", f"{path}:build", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"importing '{path}:build' must succeed" in err and "sys.exit(4)" in err, err
+
+
+# ---------------------------------------------------------------- the SNR warning
+def test_below_keeps_the_printed_value_below_the_bound():
+    for value in (0.996, 0.9999, 0.99999999, 0.43, 0.0051, 0.95):
+        text = below(value, 1.0)
+        assert float(text) < 1.0 and abs(float(text) - value) <= 0.006 * value, text
+    assert below(0.43, 1.0) == "0.43"
+
+
+def _fixed_grads(values):
+    """A method whose hypergradient of lam is ``values[seed]``: a known SNR."""
+    exact = hd.reverse()
+
+    def run(problem, raw):
+        hg = exact.run(problem, raw)
+        return replace(hg, grad={"lam": torch.full_like(hg.grad["lam"], values[problem.seed])})
+
+    return Method("fixed", run)
+
+
+def test_the_snr_warning_never_prints_one_below_one(caplog):
+    values: dict[int, float] = {}
+    opt = HyperOptimizer(ridge_problem(), method=_fixed_grads(values), samples=2,
+                         selection=None)
+    # two samples a, b: SNR = |a + b| / |a - b| = 0.996 / 1 (oracle by hand, not the module)
+    values.update({opt.seed_for(0, 0): 0.998, opt.seed_for(0, 1): -0.002})
+    with caplog.at_level(logging.WARNING, logger="hyperdiff"):
+        record = opt.step()
+    assert record.grad_snr == pytest.approx(0.996, rel=1e-9)
+    assert "signal-to-noise ratio is 0.996 < 1 " in caplog.text, caplog.text
+    assert "samples='auto'" in caplog.text
+
+
+# ---------------------------------------------------------------- option syntax
+def test_option_names_the_config_key_only_inside_the_cli():
+    assert option("samples='auto'", "outer.auto_samples = true") == "samples='auto'"
+    with config_syntax():
+        assert option("samples='auto'", "outer.auto_samples = true") == \
+            "outer.auto_samples = true"
+    assert option("a", "b") == "a"
+
+
+def test_the_cli_warnings_name_the_config_keys(tmp_path, capsys):
+    assert main(["run", "--task", "ridge_diabetes", "--set", "task.selection_fraction=0",
+                 "--set", "stop.max_steps=1", "--set", "inner.steps=2", "--set",
+                 "report.seeds=1", "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert "no selection split" in err and "set task.selection_fraction > 0" in err, err
+    assert "selection=batches" not in err, err
+
+
+def test_the_snr_warning_in_config_syntax_names_the_config_key(caplog):
+    values: dict[int, float] = {}
+    opt = HyperOptimizer(ridge_problem(), method=_fixed_grads(values), samples=2,
+                         selection=None)
+    values.update({opt.seed_for(0, 0): 0.6, opt.seed_for(0, 1): -0.4})
+    with caplog.at_level(logging.WARNING, logger="hyperdiff"), config_syntax():
+        opt.step()
+    assert "ratio is 0.2 < 1 " in caplog.text, caplog.text
+    assert "(outer.auto_samples = true)" in caplog.text and "samples='auto'" not in caplog.text
+
+
+def test_the_finite_difference_cost_warning_follows_the_syntax():
+    problem = ridge_problem(steps=2)
+    with pytest.warns(UserWarning, match=r"use reverse\(\) or forward\(\) for real work"):
+        hd.finite_difference()(problem)
+    with config_syntax(), pytest.warns(UserWarning, match=r'use method.name = "reverse" or '
+                                                          r'"forward" for real work'):
+        hd.finite_difference()(problem)
