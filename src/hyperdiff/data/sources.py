@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..errors import HyperdiffError, describe
 from ..typing import Batch
+from .failures import check_finite, user_code
 from .replay import ReplayLog, check_batch
 
 
@@ -127,7 +128,8 @@ class Recorded(BatchSource):
     def check(self, steps: int, seed: int) -> None:
         while len(self.batches) < steps and not self.exhausted:
             try:
-                batch = next(self.iterator)
+                with user_code(lambda: f"batch {len(self.batches)} of the train_data iterator"):
+                    batch = next(self.iterator)
             except StopIteration:
                 self.exhausted = True
                 break
@@ -160,5 +162,9 @@ class FromCallable(BatchSource):
                                    "(step, seed)")
 
     def batch(self, step: int, seed: int) -> Batch:
-        batch = self.fn(step, seed) if self.takes_seed else self.fn(step)
+        call = f"{self.name}({step}, {seed})" if self.takes_seed else f"{self.name}({step})"
+        with user_code(lambda: f"the batch of step {step} (seed {seed}), {call},"):
+            batch = self.fn(step, seed) if self.takes_seed else self.fn(step)
+        if (seed, step) not in self.log.prints:
+            check_finite(f"the batch of step {step} (seed {seed}), {call},", batch)
         return self.log.check(seed, step, batch)
