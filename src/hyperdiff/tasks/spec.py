@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from ..constraints import Free, Interval
 from ..data import minibatches, validation_batches
 from ..data.evaluation import EvaluationSplit, is_dataset_split
-from ..datacheck import tensors_in
+from ..datacheck import check_batch, tensors_in
 from ..errors import HyperdiffError, describe, fail, nonnegative_int, positive_int
 from ..hyperparams import HyperParameters
 from ..models import FunctionalModel
@@ -243,6 +243,10 @@ class TaskSpec:
               splits: dict[str, list[Batch] | EvaluationSplit], hparams: HyperParameters,
               info: TaskData,
               meta: dict[str, Any]) -> Task:
+        for split, batches in splits.items():  # a lazy split checks itself as it is read
+            if not isinstance(batches, EvaluationSplit):
+                for batch in batches:
+                    check_batch(self.name, f"the {split} split", batch)
         summarize = None
         if self.summarize is not None:
             user = self.summarize
