@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 import hyperdiff as hd
 from hyperdiff.cli import main
@@ -175,3 +176,173 @@ def test_the_finite_difference_cost_warning_follows_the_syntax():
     with config_syntax(), pytest.warns(UserWarning, match=r'use method.name = "reverse" or '
                                                           r'"forward" for real work'):
         hd.finite_difference()(problem)
+
+
+# ---------------------------------------------------------------- the user's data code
+class Samples(Dataset):
+    """32 samples ``(x_i, sum x_i)``; sample 20 is broken in the way ``fault`` says."""
+
+    def __init__(self, fault: str | None):
+        self.fault = fault
+
+    def __len__(self):
+        return 32
+
+    def __getitem__(self, i):
+        x = torch.full((3,), i / 32, dtype=D)
+        if i == 20:
+            if self.fault == "ragged":
+                x = torch.ones(4, dtype=D)
+            elif self.fault == "nan":
+                x[1] = math.nan
+            elif self.fault == "index":
+                raise IndexError("list index out of range")
+            elif self.fault == "os":
+                raise OSError(5, "Input/output error", "/data/20.png")
+            elif self.fault == "own":
+                raise LookupError("no label for row 20")
+        return x, x.sum()
+
+
+def loader(fault, **options):
+    # no shuffle: sample 20 is in the batch of step 20 // 4 = 5, with samples 20..23
+    return DataLoader(Samples(fault), batch_size=4, shuffle=False, **options)
+
+
+def train_with(train_data, steps=8):
+    problem = ridge_problem(train_data=train_data, steps=steps)
+    return hd.reverse()(problem)
+
+
+@pytest.mark.parametrize(("fault", "cause", "said"), [
+    ("index", IndexError, "sample 20 of Samples raised IndexError: list index out of range"),
+    ("os", OSError, "sample 20 of Samples raised OSError: [Errno 5] Input/output error: "
+                    "'/data/20.png'"),
+    ("own", LookupError, "sample 20 of Samples raised LookupError: no label for row 20"),
+])
+def test_a_datasets_own_exception_names_the_split_step_and_sample(fault, cause, said):
+    with pytest.raises(hd.HyperdiffError) as info:
+        train_with(loader(fault))
+    text = str(info.value)
+    assert text.startswith("data: the batch of step 5 (seed 0, samples [20, 21, 22, 23]) of "
+                           "train_data DataLoader(dataset=Samples"), text
+    assert said in text, text
+    original = info.value.__cause__.__cause__  # HyperdiffError <- SampleError <- the original
+    assert isinstance(original, cause)
+
+
+def test_a_ragged_sample_is_named_not_a_collate_traceback():
+    with pytest.raises(hd.HyperdiffError) as info:
+        train_with(loader("ragged"))
+    text = str(info.value)
+    assert "the batch of step 5 (seed 0, samples [20, 21, 22, 23]) of train_data" in text, text
+    assert "sample 21's [0] has shape (3,), sample 20's (4,)" in text, text
+    assert isinstance(info.value.__cause__, RuntimeError)  # torch's collate error, kept
+
+
+def test_a_ragged_sample_read_by_a_worker_is_named():
+    with pytest.raises(hd.HyperdiffError) as info:
+        train_with(loader("ragged", num_workers=1))
+    text = str(info.value)
+    assert "step 5 (seed 0, samples [20, 21, 22, 23])" in text
+    assert "sample 21's [0] has shape (3,), sample 20's (4,)" in text, text
+
+
+def test_a_nan_in_a_later_streamed_sample_is_a_data_error_not_a_divergence():
+    with pytest.raises(hd.HyperdiffError) as info:
+        train_with(loader("nan"))
+    text = str(info.value)
+    assert not isinstance(info.value, hd.NonFiniteError)
+    assert "the batch of step 5 (seed 0, samples [20, 21, 22, 23])" in text, text
+    assert "must be finite (got 1 NaN or infinite entries in field [0], first at row 0 " \
+           "(sample 20))" in text, text
+    assert "learning rate" not in text
+
+
+def test_a_nan_from_fn_step_and_from_a_generator_is_named():
+    def fn(step):
+        x = torch.ones(4, 3, dtype=D)
+        if step == 3:
+            x[2, 0] = math.inf
+        return x, x.sum(1)
+
+    with pytest.raises(hd.HyperdiffError, match=r"the batch of step 3 \(seed 0\), function .*"
+                       r"fn\(3\), must be finite .*field \[0\], first at row 2\)"):
+        train_with(fn)
+
+    def epoch():
+        for step in range(6):
+            yield fn(step)
+
+    with pytest.raises(hd.HyperdiffError, match=r"the batch of step 3 \(seed 0\) of train_data "
+                       r"function .*epoch must be finite"):
+        train_with(epoch)
+
+
+def test_an_exception_in_a_generator_names_the_step():
+    def epoch():
+        for step in range(6):
+            if step == 4:
+                raise KeyError("column 'y'")
+            yield torch.ones(2, 3, dtype=D), torch.ones(2, dtype=D)
+
+    with pytest.raises(hd.HyperdiffError) as info:
+        train_with(epoch)
+    assert "data: the batch of step 4 (seed 0) of train_data function" in str(info.value)
+    assert "KeyError: \"column 'y'\"" in str(info.value)
+    assert isinstance(info.value.__cause__, KeyError)
+
+    def fn(step, seed):
+        raise ValueError("bad row")
+
+    with pytest.raises(hd.HyperdiffError, match=r"the batch of step 0 \(seed 0\), function "
+                       r".*fn\(0, 0\), must be readable .*ValueError: bad row"):
+        train_with(fn)
+
+
+def test_val_data_from_an_iterable_that_fails_is_named():
+    class Batches:
+        def __iter__(self):
+            yield torch.ones(2, 3, dtype=D), torch.ones(2, dtype=D)
+            raise OSError("disk gone")
+
+    with pytest.raises(hd.HyperdiffError, match=r"data: batch 1 of val_data must be readable "
+                       r".*OSError: disk gone"):
+        hd.make_problem(lambda p, h, b: p["w"].sum(), lambda p, h, b: p["w"].sum(),
+                        hd.HyperParameters(lam=hd.scalar(0.1)), {"w": torch.zeros(3)},
+                        optimizer=hd.sgd(0.1), train_data=torch.ones(2, 3), val_data=Batches(),
+                        steps=2)
+
+
+def _task_with_test(test):
+    x = torch.randn(32, 3, dtype=D)
+    data = (x, x.sum(1))
+
+    def mse(p, h, b):
+        return ((b[0] @ p["w"] - b[1]) ** 2).mean()
+
+    return hd.task("toy", model={"w": torch.zeros(3, dtype=D)},
+                   train_loss=lambda p, h, b: mse(p, h, b) + h["lam"] * p["w"].square().sum(),
+                   val_loss=mse, hparams=hd.HyperParameters(lam=hd.scalar(0.1)),
+                   optimizer=hd.sgd(0.1), steps=3, batch_size=4,
+                   data=hd.given_splits(train=data, val=data, test=test))
+
+
+def test_a_lazy_test_split_names_its_batch_and_sample():
+    task = _task_with_test(Samples("nan")).build(selection_fraction=0)
+    # a bare Dataset is read in batches of the task's batch_size: sample 20 is in batch 5
+    with pytest.raises(hd.HyperdiffError, match=r"data: batch 5 \(samples \[20, 21, 22, 23\]\) "
+                       r"of the test split must be finite .*\(sample 20\)"):
+        list(task.splits["test"])
+    task = _task_with_test(Samples("index")).build(selection_fraction=0)
+    with pytest.raises(hd.HyperdiffError, match=r"data: batch 5 \(samples \[20, 21, 22, 23\]\) "
+                       r"of the test split must be readable .*sample 20 of Samples raised "
+                       r"IndexError"):
+        list(task.splits["test"])
+
+
+def test_an_in_memory_test_split_with_nan_is_refused_at_build():
+    x = torch.randn(8, 3, dtype=D)
+    x[5, 2] = math.nan
+    with pytest.raises(hd.HyperdiffError, match=r"^toy: the test split must be finite"):
+        _task_with_test((x, x.sum(1))).build(selection_fraction=0)
