@@ -346,3 +346,20 @@ def test_an_in_memory_test_split_with_nan_is_refused_at_build():
     x[5, 2] = math.nan
     with pytest.raises(hd.HyperdiffError, match=r"^toy: the test split must be finite"):
         _task_with_test((x, x.sum(1))).build(selection_fraction=0)
+
+
+# ---------------------------------------------------------------- run files
+@pytest.mark.parametrize("content", ['{}', '{"task": "ridge_diabetes", "status": "finished"}',
+                                     '{"task": "t", "status": "finished", "stop_reason": "s", '
+                                     '"steps": 1, "best_step": 0, "criterion": "c", "time_s": 1, '
+                                     '"sizes": {}, "initial": [], "tuned": {}}'])
+def test_a_finished_result_that_lost_entries_is_called_damaged(tmp_path, capsys, content):
+    run = tmp_path / "run"
+    assert main(["run", "--task", "ridge_diabetes", "--set", "stop.max_steps=1", "--set",
+                 "inner.steps=2", "--set", "report.seeds=1", "--quiet", "--out", str(run)]) == 0
+    (run / "result.json").write_text(content)
+    capsys.readouterr()
+    assert main(["run", "--resume", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"run directory: {run / 'result.json'} is damaged (" in err, err
+    assert "delete the file and resume the run" in err
