@@ -3,6 +3,7 @@ the case the issue reports and failed before the fix."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import replace
@@ -363,3 +364,18 @@ def test_a_finished_result_that_lost_entries_is_called_damaged(tmp_path, capsys,
     err = capsys.readouterr().err
     assert f"run directory: {run / 'result.json'} is damaged (" in err, err
     assert "delete the file and resume the run" in err
+
+
+@pytest.mark.parametrize("entry", ["1", '{"coordinates": 5}', '{"coordinates": ["a", "b"]}'])
+def test_a_damaged_hparams_entry_is_named_by_plot(tmp_path, capsys, entry):
+    run = tmp_path / "run"
+    assert main(["run", "--task", "ridge_diabetes", "--set", "stop.max_steps=1", "--set",
+                 "inner.steps=2", "--set", "report.seeds=1", "--quiet", "--out", str(run)]) == 0
+    meta = json.loads((run / "hparams.json").read_text())
+    name = next(iter(meta))
+    meta[name] = json.loads(entry)
+    (run / "hparams.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(["plot", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"run directory: {run / 'hparams.json'} is damaged (its entry {name!r} must be" in err
