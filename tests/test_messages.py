@@ -379,3 +379,16 @@ def test_a_damaged_hparams_entry_is_named_by_plot(tmp_path, capsys, entry):
     assert main(["plot", str(run)]) == 2
     err = capsys.readouterr().err
     assert f"run directory: {run / 'hparams.json'} is damaged (its entry {name!r} must be" in err
+
+
+def test_the_leave_one_out_samples_error_names_the_key_as_the_user_sets_it():
+    from hyperdiff.discrete.outer import outer_hook
+
+    hp = hd.HyperParameters(act=hd.categorical(["a", "b"], mode="reinforce",
+                                               baseline="leave_one_out"))
+    with pytest.raises(hd.HyperdiffError, match=r"^HyperOptimizer: samples must be >= 2 .* "
+                       r"\(got 1\)"):
+        outer_hook(hp, seed=0, samples=1, max_steps=3, folds=1)
+    with config_syntax(), pytest.raises(hd.HyperdiffError, match=r"^HyperOptimizer: "
+                                        r"outer.samples must be >= 2 .*\(got 1\)"):
+        outer_hook(hp, seed=0, samples=1, max_steps=3, folds=1)
