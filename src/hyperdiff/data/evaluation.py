@@ -23,6 +23,7 @@ metric is the sample-weighted mean of its batch values, ``sum_b n_b m_b / sum_b 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -114,8 +115,8 @@ class EvaluationSplit:
         for j, batch in enumerate(named_batches(self._passes, self.where)):
             check_batch(batch, f"data: batch {j} of the {self.name} split")
             if self._prints is None:  # the first pass: is the data finite?
-                check_finite(self.where(j), batch,
-                             None if self.samples_of is None else self.samples_of(j))
+                check_finite(partial(self.where, j), batch,
+                             None if self.samples_of is None else partial(self.samples_of, j))
             digest = fingerprint(batch)
             if self._prints is not None and (j >= len(self._prints) or
                                              self._prints[j] != digest):

@@ -126,18 +126,20 @@ def first_nonfinite(batch: Batch) -> tuple[str, int | None, int] | None:
     return None
 
 
-def check_finite(where: str, batch: Batch, rows: Sequence[int] | None = None) -> None:
-    """Raise a data error if ``batch`` holds NaN or inf: which field, which row and (``rows``:
-    the dataset index of each row) which sample."""
+def check_finite(where: Callable[[], str], batch: Batch,
+                 rows: Callable[[], Sequence[int] | None] | None = None) -> None:
+    """Raise a data error if ``batch`` holds NaN or inf: which field, which row and (``rows()``:
+    the dataset index of each row) which sample. ``where`` and ``rows`` are called only then."""
     found = first_nonfinite(batch)
     if found is None:
         return
     field, row, count = found
+    indices = rows() if rows is not None else None
     at = ""
     if row is not None:
         at = f", first at row {row}"
-        if rows is not None and row < len(rows):
-            at += f" (sample {rows[row]})"
+        if indices is not None and row < len(indices):
+            at += f" (sample {indices[row]})"
     raise HyperdiffError(
-        f"data: {where} must be finite (got {count} NaN or infinite entries in field {field}"
-        f"{at}); clean or impute the data: a NaN in the data is not a divergence")
+        f"data: {where()} must be finite (got {count} NaN or infinite entries in field "
+        f"{field}{at}); clean or impute the data: a NaN in the data is not a divergence")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -161,10 +162,14 @@ class FromCallable(BatchSource):
                                    "arguments: draw any randomness from a generator seeded by "
                                    "(step, seed)")
 
-    def batch(self, step: int, seed: int) -> Batch:
+    def where(self, step: int, seed: int) -> str:
+        """The batch of ``step`` in messages."""
         call = f"{self.name}({step}, {seed})" if self.takes_seed else f"{self.name}({step})"
-        with user_code(lambda: f"the batch of step {step} (seed {seed}), {call},"):
+        return f"the batch of step {step} (seed {seed}), {call},"
+
+    def batch(self, step: int, seed: int) -> Batch:
+        with user_code(partial(self.where, step, seed)):
             batch = self.fn(step, seed) if self.takes_seed else self.fn(step)
         if (seed, step) not in self.log.prints:
-            check_finite(f"the batch of step {step} (seed {seed}), {call},", batch)
+            check_finite(partial(self.where, step, seed), batch)
         return self.log.check(seed, step, batch)

@@ -81,7 +81,8 @@ class Streamed(BatchSource):
 
     def _keep(self, seed: int, step: int, batch: Batch) -> None:
         if (seed, step) not in self.log.prints:  # a first read: is the data finite?
-            check_finite(self.where(step, seed), batch, self.sample_indices(step, seed))
+            check_finite(partial(self.where, step, seed), batch,
+                         partial(self.sample_indices, step, seed))
         self.cache[(seed, step)] = self.log.check(seed, step, batch)
         self.cache.move_to_end((seed, step))
         while len(self.cache) > self.window:
