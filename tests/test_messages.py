@@ -392,3 +392,30 @@ def test_the_leave_one_out_samples_error_names_the_key_as_the_user_sets_it():
     with config_syntax(), pytest.raises(hd.HyperdiffError, match=r"^HyperOptimizer: "
                                         r"outer.samples must be >= 2 .*\(got 1\)"):
         outer_hook(hp, seed=0, samples=1, max_steps=3, folds=1)
+
+
+def test_a_tasks_own_prepare_or_hparams_function_that_fails_is_named():
+    x = torch.randn(40, 3, dtype=D)
+
+    def mse(p, h, b):
+        return ((b[0] @ p["w"] - b[1]) ** 2).mean()
+
+    def prepare(data, splits):
+        raise KeyError("mean")
+
+    def hparams(info):
+        raise SystemExit(5)
+
+    common = dict(model={"w": torch.zeros(3, dtype=D)}, val_loss=mse,
+                  train_loss=lambda p, h, b: mse(p, h, b) + h["lam"] * p["w"].square().sum(),
+                  optimizer=hd.sgd(0.1), data=(x, x.sum(1)), steps=3)
+    spec = hd.task("toy", hparams=hd.HyperParameters(lam=hd.scalar(0.1)), prepare=prepare,
+                   **common)
+    with pytest.raises(hd.HyperdiffError, match=r"^toy: prepare\(data, splits\) \(.*prepare\) "
+                       r"must succeed; it raised KeyError: 'mean'") as info:
+        spec.build()
+    assert isinstance(info.value.__cause__, KeyError)
+    spec = hd.task("toy", hparams=hparams, **common)
+    with pytest.raises(hd.HyperdiffError, match=r"^toy: hparams\(task_data\) \(.*hparams\) must "
+                       r"succeed; it called sys.exit\(5\)"):
+        spec.build()

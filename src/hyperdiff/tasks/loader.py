@@ -25,7 +25,7 @@ from types import ModuleType
 from typing import Any
 
 from ..errors import HyperdiffError
-from .spec import TaskSpec
+from .spec import TaskSpec, how_it_failed
 
 FORMS = "a built-in task name, 'package.module:factory' or 'path/to/file.py:factory'"
 _SPECS: dict[tuple[str, int | None, int], TaskSpec] = {}
@@ -94,14 +94,7 @@ def _import_file(path: Path, ref: str) -> ModuleType:
 
 
 def _import_failed(ref: str, err: BaseException) -> HyperdiffError:
-    return HyperdiffError(f"task: importing {ref!r} must succeed (got: it {_what_happened(err)})")
-
-
-def _what_happened(err: BaseException) -> str:
-    """``"called sys.exit(3)"`` or ``"raised KeyError: 'x'"``: how user code stopped."""
-    if isinstance(err, SystemExit):
-        return f"called sys.exit({err.code!r}), which would end the run without a message"
-    return f"raised {type(err).__name__}: {err}"
+    return HyperdiffError(f"task: importing {ref!r} must succeed (got: it {how_it_failed(err)})")
 
 
 def _defined_in(factory: Any) -> str:
@@ -155,7 +148,7 @@ def call_factory(factory: Callable[..., Any] | TaskSpec, ref: str, *, steps: int
                              f"{err}") from err
     except (Exception, SystemExit) as err:
         raise HyperdiffError(f"task: the factory {ref!r}{_defined_in(factory)} must return a "
-                             f"task; it {_what_happened(err)}") from err
+                             f"task; it {how_it_failed(err)}") from err
     if not isinstance(spec, TaskSpec):
         raise HyperdiffError(f"task: the factory {ref!r} must return hd.task(...) (got "
                              f"{type(spec).__name__})")
