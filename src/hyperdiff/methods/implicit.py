@@ -185,10 +185,11 @@ def _implicit(
 ) -> HyperGradient:
     started = time.perf_counter()
     if problem.buffers:
+        exact = option("reverse() or forward()", 'method.name = "reverse" or "forward"')
         raise HyperdiffError(
             f"implicit: the model must have no buffers (got BatchNorm running statistics "
             f"{list(problem.buffers)[:3]}); the end point of training is not a stationary point "
-            "of a loss of the parameters alone; use reverse() or forward()"
+            f"of a loss of the parameters alone; use {exact}"
         )
     hp = problem.hparams
     raw = {n: v.detach() for n, v in raw.items()}
