@@ -112,6 +112,14 @@ def ragged(samples: Sequence[Any], indices: Sequence[int]) -> str:
     return ""
 
 
+def first_row(mask: Tensor) -> int | None:
+    """The first index along dim 0 where boolean ``mask`` has a True entry (``None`` for a 0-d
+    mask or none)."""
+    if mask.dim() == 0 or not bool(mask.any()):
+        return None
+    return int(mask.reshape(mask.shape[0], -1).any(1).nonzero()[0, 0])
+
+
 def first_nonfinite(batch: Batch) -> tuple[str, int | None, int] | None:
     """``(field, row, count)``: the first floating field of ``batch`` holding NaN or inf, the
     row (index along dim 0; ``None`` for a 0-d field) of its first such entry, and how many
@@ -120,9 +128,7 @@ def first_nonfinite(batch: Batch) -> tuple[str, int | None, int] | None:
         if isinstance(leaf, Tensor) and (leaf.is_floating_point() or leaf.is_complex()):
             bad = ~torch.isfinite(leaf.detach())
             if bool(bad.any()):
-                row = int(bad.reshape(bad.shape[0], -1).any(1).nonzero()[0, 0]) if (
-                    leaf.dim()) else None
-                return path or "the batch", row, int(bad.sum())
+                return path or "the batch", first_row(bad), int(bad.sum())
     return None
 
 
