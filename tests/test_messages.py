@@ -453,3 +453,12 @@ def test_a_nan_in_a_list_of_batches_names_the_batch_and_the_row():
         hd.make_problem(lambda p, h, b: p["w"].sum(), lambda p, h, b: p["w"].sum(),
                         hd.HyperParameters(lam=hd.scalar(0.1)), {"w": torch.zeros(3)},
                         optimizer=hd.sgd(0.1), train_data=x, val_data=batches, steps=2)
+
+
+def test_a_ragged_sample_in_a_lazy_test_split_is_named():
+    task = _task_with_test(Samples("ragged")).build(selection_fraction=0)
+    with pytest.raises(hd.HyperdiffError, match=r"data: batch 5 \(samples \[20, 21, 22, 23\]\) "
+                       r"of the test split must be readable .*RuntimeError: .*; sample 21's \[0\] "
+                       r"has shape \(3,\), sample 20's \(4,\)\)") as info:
+        list(task.splits["test"])
+    assert isinstance(info.value.__cause__, RuntimeError)

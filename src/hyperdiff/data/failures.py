@@ -74,16 +74,17 @@ def user_code(where: Callable[[], str], detail: Callable[[BaseException], str] |
         raise read_failed(where(), err, detail(err) if detail else "") from err
 
 
-def named_batches(start: Callable[[], Iterator[Batch]], where: Callable[[int], str]
+def named_batches(start: Callable[[], Iterator[Batch]], where: Callable[[int], str],
+                  detail: Callable[[int, BaseException], str] | None = None
                   ) -> Iterator[Batch]:
     """The batches of ``start()``, an exception from the data's own code named by
-    ``where(j)`` for batch ``j`` (``where(0)`` when starting fails)."""
+    ``where(j)`` (and ``detail(j, err)``) for batch ``j`` (``where(0)`` when starting fails)."""
     with user_code(partial(where, 0)):
         iterator = start()
     j = 0
     while True:
         try:
-            with user_code(partial(where, j)):
+            with user_code(partial(where, j), None if detail is None else partial(detail, j)):
                 batch = next(iterator)
         except StopIteration:
             return

@@ -129,6 +129,17 @@ class SeededItems(Dataset):
                               f"{summary(err)}") from err
 
 
+def reread_ragged(dataset: Any, items: list[tuple[int, int]]) -> str:
+    """Read the ``(index, sample_seed)`` samples of a batch that failed again, here, and name
+    the first whose shapes differ from the first's (:func:`.failures.ragged`), or ``""``."""
+    seeded = SeededItems(dataset)
+    try:
+        samples = [seeded[item] for item in items]
+    except Exception:  # a sample that fails alone is named by its own error
+        return ""
+    return ragged(samples, [index for index, _ in items])
+
+
 @dataclass
 class _Run:
     seed: int
@@ -184,12 +195,8 @@ class LoaderStream(Streamed):
     def _ragged(self, step: int, seed: int, err: BaseException) -> str:
         """After a failed batch: which sample's shapes differ (read again, here), or ``""``."""
         indices = self.plan.indices(step, seed)
-        items = SeededItems(self.loader.dataset)
-        try:
-            samples = [items[(i, mix(seed, step, k))] for k, i in enumerate(indices)]
-        except Exception:  # a sample that fails alone is named by its own error
-            return ""
-        return ragged(samples, indices)
+        return reread_ragged(self.loader.dataset,
+                             [(i, mix(seed, step, k)) for k, i in enumerate(indices)])
 
     def _start(self, seed: int, start: int, stop: int) -> _Run:
         self.run = None  # drop the previous run's iterator (and its workers) first
