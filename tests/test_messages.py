@@ -462,3 +462,22 @@ def test_a_ragged_sample_in_a_lazy_test_split_is_named():
                        r"has shape \(3,\), sample 20's \(4,\)\)") as info:
         list(task.splits["test"])
     assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_a_tasks_summarize_that_fails_is_named():
+    x = torch.randn(40, 3, dtype=D)
+
+    def mse(p, h, b):
+        return ((b[0] @ p["w"] - b[1]) ** 2).mean()
+
+    def summarize(values, info):
+        return {"lr": values["missing"]}
+
+    spec = hd.task("toy", model={"w": torch.zeros(3, dtype=D)}, val_loss=mse,
+                   train_loss=lambda p, h, b: mse(p, h, b) + h["lam"] * p["w"].square().sum(),
+                   hparams=hd.HyperParameters(lam=hd.scalar(0.1)), optimizer=hd.sgd(0.1),
+                   data=(x, x.sum(1)), steps=3, summarize=summarize)
+    task = spec.build()
+    with pytest.raises(hd.HyperdiffError, match=r"^toy: summarize\(values, task_data\) "
+                       r"\(.*summarize\) must succeed; it raised KeyError: 'missing'"):
+        task.summarize(task.hparams.natural())

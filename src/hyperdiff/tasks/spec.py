@@ -280,7 +280,8 @@ class TaskSpec:
             user = self.summarize
 
             def summarize(values: Mapping[str, Tensor]) -> dict[str, float]:
-                return user(values, info)
+                with task_code(self.name, "summarize(values, task_data)", user):
+                    return user(values, info)
 
         if self.probe and self.metrics is not None:
             probe_metrics(self.name, self.metrics, final, hparams, next(iter(splits["val"])))
