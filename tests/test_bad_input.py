@@ -142,7 +142,7 @@ def test_nan_in_training_data_is_named_not_called_divergence():
     bad = X.clone()
     bad[3, 1] = float("nan")
     with pytest.raises(hd.HyperdiffError, match=r"train_data must be finite \(got 1 NaN or "
-                       r"infinite entries of 36 in train_data\[0\]\)"):
+                       r"infinite entries of 36 in train_data\[0\], first at row 3\)"):
         problem(train_data=(bad, Y))
     with pytest.raises(hd.HyperdiffError, match="train_data must be finite"):
         problem(train_data=hd.minibatches(bad, Y, batch_size=4))  # a row no probe would see

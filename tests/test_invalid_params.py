@@ -240,3 +240,82 @@ def test_a_frozen_parameter_given_as_a_parameter_to_train_is_refused():
         hd.make_problem(loss, loss, hd.HyperParameters(a=hd.scalar(1.0)),
                         dict(layer.named_parameters()), optimizer=hd.sgd(0.1),
                         train_data=(x, y), val_data=(x, y), steps=2)
+
+
+# --- issue 18: messages that blame the wrong thing or nothing ---
+BAD_CHOICES: list[Any] = [[], ["relu"], ["a", "a"], [NAN, NAN], [1.0, INF], [1.0, -INF],
+                          [[1], [2]], [1, True]]  # 1 == True: duplicates
+
+
+@pytest.mark.parametrize("choices", BAD_CHOICES, ids=repr)
+def test_categorical_refuses_degenerate_choices(choices):
+    with pytest.raises(hd.HyperdiffError, match=r"^categorical: choices must be .* \(got "):
+        hd.categorical(choices)
+
+
+@pytest.mark.parametrize(("low", "high"), [(2, 2), (3, 1), (0, -1)])
+def test_integer_refuses_a_range_of_fewer_than_two(low, high):
+    with pytest.raises(hd.HyperdiffError, match=rf"^integer: high must be an int > low={low} "
+                       rf".*\(got {high}\)"):
+        hd.integer(low, high)
+
+
+@pytest.mark.parametrize(("split", "value"), [
+    (split, value) for split in ("train", "val", "test", "selection")
+    for value in (None, TEXT, b"bytes") if (split, value) != ("selection", None)  # optional
+])
+def test_given_splits_refuses_a_missing_or_text_split(split, value):
+    x = torch.zeros(4, 2)
+    kwargs = {"train": x, "val": x, "test": x, split: value}
+    with pytest.raises(hd.HyperdiffError, match=rf"^given_splits: {split} must be data"):
+        hd.given_splits(**kwargs)
+
+
+class _Broken(torch.utils.data.Dataset):
+    """A data set whose sample 1 is broken as ``fault`` says."""
+
+    def __init__(self, fault):
+        self.fault = fault
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        x = torch.ones(3, dtype=D)
+        if i == 1:
+            if self.fault == "nan":
+                x[0] = NAN
+            elif self.fault == "inf":
+                x[2] = -INF
+            elif self.fault == "ragged":
+                x = torch.ones(2, dtype=D)
+            else:
+                raise self.fault
+        return x, x.sum()
+
+
+@pytest.mark.parametrize("fault", ["nan", "inf", "ragged", KeyError(1), IndexError(1),
+                                   OSError("unreadable"), RuntimeError("decode"),
+                                   ZeroDivisionError("scale")], ids=repr)
+def test_a_broken_dataset_sample_is_named(fault):
+    loader = torch.utils.data.DataLoader(_Broken(fault), batch_size=2)  # sample 1: step 0
+    kwargs = {**_problem_kwargs(), "train_data": loader}
+    with pytest.raises(hd.HyperdiffError, match=r"data: the batch of step 0 \(seed 0, samples "
+                       r"\[0, 1\]\) of train_data DataLoader") as info:
+        hd.make_problem(**kwargs)
+    assert "sample 1" in str(info.value)
+
+
+@pytest.mark.parametrize(("body", "said"), [("sys.exit(3)", "called sys.exit(3)"),
+                                            ("sys.exit()", "called sys.exit(None)"),
+                                            ("raise ValueError('no data')",
+                                             "raised ValueError: no data"),
+                                            ("return 3", "must return hd.task(...) (got int)")])
+def test_a_task_file_whose_factory_fails_is_named(tmp_path, body, said):
+    from hyperdiff.tasks import build_task
+
+    path = tmp_path / "bad_task.py"
+    path.write_text(f"import sys\n\n\ndef build():\n    {body}\n")
+    with pytest.raises(hd.HyperdiffError, match=r"^task: the factory ") as info:
+        build_task(f"{path}:build")
+    assert said in str(info.value) and str(path) in str(info.value)

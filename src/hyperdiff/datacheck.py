@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .data.failures import first_row
 from .data.replay import leaves
 from .errors import HyperdiffError
 from .typing import Batch
@@ -45,11 +46,13 @@ def check_batch(caller: str, name: str, batch: Batch) -> None:
                 f"{tuple(tensor.shape)}); check how the data was split"
             )
         if tensor.is_floating_point() or tensor.is_complex():
-            bad = int((~torch.isfinite(tensor)).sum())
+            nonfinite = ~torch.isfinite(tensor)
+            bad = int(nonfinite.sum())
             if bad:
+                row = "" if tensor.dim() == 0 else f", first at row {first_row(nonfinite)}"
                 raise HyperdiffError(
                     f"{caller}: {name} must be finite (got {bad} NaN or infinite entries of "
-                    f"{tensor.numel()} in {where}); clean or impute the data"
+                    f"{tensor.numel()} in {where}{row}); clean or impute the data"
                 )
 
 
@@ -66,5 +69,5 @@ def check_source(caller: str, name: str, source: Any, seed: int) -> None:
         held = list(source.batches)
     else:
         held = [source.batch(0, seed)]
-    for batch in held:
-        check_batch(caller, name, batch)
+    for i, batch in enumerate(held):
+        check_batch(caller, name if len(held) == 1 else f"{name}[{i}]", batch)

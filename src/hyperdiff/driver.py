@@ -65,8 +65,10 @@ from .methods.base import Method
 from .problem import Problem
 from .registry import METHODS, OPTIMIZERS, SCHEDULES, make_method
 from .sampler import Sampler
+from .snr import more_samples_advice
 from .stopping import Stopping, ranking_loss, ranking_name, tied
 from .typing import Batch
+from .wording import option
 
 Callback = Callable[["HyperOptimizer", StepRecord], None]
 _LOG = get_logger("driver")
@@ -165,9 +167,10 @@ class HyperOptimizer:
         check_selection(self.problems[0], self.selection)
         if self.auto is None and self.samples == 1 and not all(
                 isinstance(p.train_data, FullBatch) for p in self.problems):
-            _LOG.info("HyperOptimizer: samples=1 with minibatches: the hypergradient's noise is "
-                      "not measured; samples='auto' measures its signal-to-noise ratio and "
-                      "draws enough samples")
+            _LOG.info("HyperOptimizer: %s with minibatches: the hypergradient's noise is "
+                      "not measured; %s measures its signal-to-noise ratio and draws enough "
+                      "samples", option("samples=1", "outer.samples = 1"),
+                      more_samples_advice(False, 1))
         self.seed = nonnegative_int("HyperOptimizer", "seed", seed)
         self.stopping = stopping or Stopping()
         self.guard = DivergenceGuard(shrink=shrink, max_failures=max_failures,

@@ -31,6 +31,7 @@ from .state_checks import (
 )
 from .training import validation_loss
 from .typing import Batch
+from .wording import option
 
 _LOG = get_logger("driver")  # the driver's warnings, under the driver's logger
 
@@ -78,8 +79,8 @@ def check_selection(problem: Problem, selection: list[Batch] | None) -> None:
         _LOG.warning(
             "HyperOptimizer: no selection split: the best step and early stopping use the "
             "validation loss that the hypergradient descends, which many hyperparameters can "
-            "overfit; pass selection=batches held out from val_data (hyperdiff run: "
-            "task.selection_fraction > 0)")
+            "overfit; %s", option("pass selection=batches held out from val_data",
+                                  "set task.selection_fraction > 0"))
         return
     for batch in selection:
         check_batch("HyperOptimizer", "selection", batch)

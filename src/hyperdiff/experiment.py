@@ -223,6 +223,12 @@ def _run_locked(
                 "start a new run with a smaller outer.lr or with outer.clip"
             )
         if finished is not None:
+            damage = result_damage(finished)
+            if damage:
+                raise HyperdiffError(
+                    f"run directory: {rundir.file('result.json')} is damaged ({damage}); the run "
+                    "finished but its result cannot be shown: delete the file and resume the "
+                    "run to write it again")
             log(f"{rundir.path} already finished; its result:")
             return finished
     else:
@@ -336,6 +342,25 @@ def final_report(task: Task, outcome: OptimizeResult, config: Config, *, elapsed
     if extra is not None:
         report.update(extra(outcome, report, seeds=seeds, segments=segments, progress=progress))
     return report
+
+
+RESULT_KEYS = ("task", "status", "stop_reason", "steps", "best_step", "criterion", "time_s",
+               "sizes", "initial", "tuned")
+SIDE_KEYS = ("hparams", "summary", "metrics")
+
+
+def result_damage(result: Mapping[str, Any]) -> str | None:
+    """What a finished run's ``result.json`` lacks that :func:`format_table` reads, or
+    ``None`` when it has it all."""
+    missing = [key for key in RESULT_KEYS if key not in result]
+    if missing:
+        return f"it lacks the entries {missing}"
+    for side in ("initial", "tuned"):
+        value = result[side]
+        if not isinstance(value, Mapping) or not all(
+                isinstance(value.get(key), Mapping) for key in SIDE_KEYS):
+            return f"its {side!r} entry must be an object with the objects {list(SIDE_KEYS)}"
+    return None
 
 
 def format_table(result: Mapping[str, Any]) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
+from .errors import HyperdiffError, describe
 from .history import History
 from .rundir import FIGURES, RunDir, atomic_write_bytes
 from .rundir.files import os_errors, refuse_link
@@ -35,8 +36,6 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     rundir = RunDir(run_dir)
     history = History(rundir.read_history())
     if not len(history):
-        from .errors import HyperdiffError
-
         raise HyperdiffError(f"plot: {rundir.path} must hold at least one outer step (got 0)")
     target = Path(out) if out else rundir.path / FIGURES
     if not out:
@@ -48,7 +47,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     meta = rundir.read_hparams()
     figures = dict(zip(FIGURE_NAMES, (hparams_figure(history), losses_figure(history),
                                       hypergradient_figure(history),
-                                      sensitivity_figure(history, meta)), strict=True))
+                                      sensitivity_figure(history, meta,
+                                                         rundir.file("hparams.json"))),
+                       strict=True))
     paths = []
     for name, figure in figures.items():
         png = io.BytesIO()
@@ -137,7 +138,8 @@ def hypergradient_figure(history: History) -> Figure:
     return figure
 
 
-def sensitivity_figure(history: History, meta: dict) -> Figure:
+def sensitivity_figure(history: History, meta: dict, source: Path | str = "hparams.json"
+                       ) -> Figure:
     grads = [r.grad for r in history if r.grad is not None]
     names = list(history[0].hparams)
     figure = Figure(figsize=(11.0, 4.4), layout="constrained")
@@ -153,8 +155,7 @@ def sensitivity_figure(history: History, meta: dict) -> Figure:
     left.set_title("hyperparameters by hypergradient size")
     coords: list[tuple[float, str]] = []
     for name, values in mean_abs.items():
-        labels = meta.get(name, {}).get("coordinates") or [
-            name if len(values) == 1 else f"{name}[{i}]" for i in range(len(values))]
+        labels = coordinate_labels(meta, name, len(values), source)
         coords.extend(zip(values.tolist(), labels, strict=True))
     top = sorted(coords, reverse=True)[:20]
     right.barh([c for _, c in top][::-1], [v for v, _ in top][::-1])
@@ -163,6 +164,23 @@ def sensitivity_figure(history: History, meta: dict) -> Figure:
     right.tick_params(axis="y", labelsize=7)
     figure.suptitle("sensitivity: raw hypergradient size over the run (u = raw value)")
     return figure
+
+
+def coordinate_labels(meta: dict, name: str, count: int, source: Path | str) -> list[str]:
+    """The ``count`` coordinate names of ``name`` in ``hparams.json``'s ``meta`` (read from
+    ``source``), or ``name[i]`` when it has none; a damaged entry raises naming the file."""
+    entry = meta.get(name, {})
+    labels = entry.get("coordinates") if isinstance(entry, dict) else entry
+    if not labels:
+        return [name] if count == 1 else [f"{name}[{i}]" for i in range(count)]
+    if not (isinstance(labels, list) and len(labels) == count
+            and all(isinstance(label, str) for label in labels)):
+        raise HyperdiffError(
+            f"run directory: {source} is damaged (its entry {name!r} must be an object whose "
+            f"'coordinates' are {count} name{'s' if count != 1 else ''}, got "
+            f"{describe(entry)}); restore it, or delete "
+            "it (figures then name coordinates by index)")
+    return labels
 
 
 def _as_list(value: float | list[float | None] | None) -> list[float]:

@@ -287,8 +287,9 @@ def make_problem(
     )
     problem.train_data.check(steps, seed)
     check_source("hypergradient", "train_data", problem.train_data, seed)
-    for batch in problem.val_data:
-        check_batch("hypergradient", "val_data", batch)
+    for i, batch in enumerate(problem.val_data):
+        check_batch("hypergradient", "val_data" if len(problem.val_data) == 1 else
+                    f"val_data[{i}]", batch)
     if probe:
         _probe(problem)
     return problem

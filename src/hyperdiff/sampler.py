@@ -30,7 +30,14 @@ from .errors import NonFiniteError
 from .logs import get_logger
 from .methods.base import HyperGradient, Method
 from .problem import Problem
-from .snr import SNR_TARGET, AutoSamples, sample_means, signal_to_noise
+from .snr import (
+    SNR_TARGET,
+    AutoSamples,
+    below,
+    more_samples_advice,
+    sample_means,
+    signal_to_noise,
+)
 from .training import validation_loss
 from .typing import Batch
 
@@ -131,10 +138,10 @@ class Sampler:
         snr = signal_to_noise(per_sample)
         if snr is not None and snr < SNR_TARGET:
             _LOG.warning(
-                "outer step %d: the hypergradient's signal-to-noise ratio is %.2g < %g over "
+                "outer step %d: the hypergradient's signal-to-noise ratio is %s < %g over "
                 "%d samples: the step direction is mostly minibatch noise; use more samples "
-                "(samples=%s)", step, snr, SNR_TARGET, per_sample.shape[0],
-                "'auto'" if self.auto is None else f"'auto' with max_samples > {self.samples}")
+                "(%s)", step, below(snr, SNR_TARGET), SNR_TARGET, per_sample.shape[0],
+                more_samples_advice(self.auto is not None, self.samples))
         return Estimate(grads, values, mean, per_sample, snr, discrete)
 
     def _sample(self, step: int, raw: dict[str, Tensor], samples: range,

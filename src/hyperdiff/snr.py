@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from .errors import fail, positive_int
+from .wording import option
 
 SNR_TARGET = 1.0
 """The signal-to-noise ratio below which the driver warns and ``samples="auto"`` adds samples."""
@@ -46,6 +47,28 @@ def signal_to_noise(per_sample: Tensor) -> float | None:
     if standard_error == 0.0:
         return math.inf if mean_norm > 0 else None
     return mean_norm / standard_error
+
+
+def below(value: float, bound: float) -> str:
+    """``value`` with the fewest significant digits (at least 2) that still print it below
+    ``bound``: ``below(0.996, 1) == "0.996"`` where ``%.2g`` would print ``1 < 1``.
+
+    >>> below(0.4321, 1.0), below(0.996, 1.0)
+    ('0.43', '0.996')
+    """
+    for digits in range(2, 18):
+        text = f"{value:.{digits}g}"
+        if float(text) < bound:
+            return text
+    return repr(value)
+
+
+def more_samples_advice(auto: bool, samples: int) -> str:
+    """How to draw more samples per step, named as the user sets it (:mod:`..wording`)."""
+    if not auto:
+        return option("samples='auto'", "outer.auto_samples = true")
+    return option(f"samples='auto' with max_samples > {samples}",
+                  f"outer.max_samples > {samples}")
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,9 @@ import torch
 from torch import Tensor
 
 from .errors import HyperdiffError, describe, positive_float, positive_int
+from .wording import option
+
+CG_KEY, EXACT_KEY = 'method.solver = "cg"', 'method.solver = "exact"'  # in the CLI's advice
 
 MatVec = Callable[[Tensor], Tensor]
 
@@ -140,7 +143,7 @@ def _cg(matvec: MatVec, b: Tensor, init: Tensor | None, tol: float | None, maxit
             info = (
                 f"breakdown at iteration {iterations}: p'Ap = {curvature:.3g} <= 0, the matrix "
                 "is not positive definite (a saddle point or maximum?); add damping, or use "
-                "exact() for an indefinite system"
+                f"{option('exact()', EXACT_KEY)} for an indefinite system"
             )
             if not math.isfinite(curvature):
                 info = f"breakdown at iteration {iterations}: p'Ap = {curvature} is not finite"
@@ -236,7 +239,8 @@ def _neumann(matvec, b, init, step, iterations, tol):
         if not math.isfinite(r_norm) or r_norm > 1e6 * b_norm:
             info = (
                 f"{note}diverged after {done} terms (residual {r_norm:.3g}): step must be "
-                "below 2 / lambda_max and A positive definite; lower step or use cg()"
+                "below 2 / lambda_max and A positive definite; lower step or use "
+                f"{option('cg()', CG_KEY)}"
             )
             return SolveResult(x, done, r_norm / b_norm, False, info, matvecs)
         if r_norm <= tol * b_norm:
@@ -307,8 +311,8 @@ def _exact(matvec, b, init, max_size, chunk_size, tol):
     if n > max_size:
         raise HyperdiffError(
             f"exact: the system size must be at most max_size={max_size} (got {n} unknowns, "
-            f"a dense {n}x{n} matrix of {n * n * b.element_size() / 2**20:.0f} MiB); use cg() "
-            "or raise max_size"
+            f"a dense {n}x{n} matrix of {n * n * b.element_size() / 2**20:.0f} MiB); use "
+            f"{option('cg()', CG_KEY)} or raise max_size"
         )
     tol = math.sqrt(torch.finfo(b.dtype).eps) if tol is None else tol
     A, how = dense_matrix(matvec, n, b, chunk_size)

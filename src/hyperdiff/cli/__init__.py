@@ -47,11 +47,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hyperdiff`` script; returns the exit status."""
     from ..errors import HyperdiffError, NonFiniteError
     from ..logs import configure, get_logger
+    from ..wording import config_syntax
 
     args = build_parser().parse_args(argv)
     configure(args.verbose - args.quiet)
     try:
-        return int(args.handler(args))
+        with config_syntax():  # advice names config keys, not library arguments
+            return int(args.handler(args))
     except HyperdiffError as err:
         get_logger("cli").error("hyperdiff %s: error: %s", args.command, err)
         return 2

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import HyperdiffError, describe, positive_int
 from ..typing import Batch
+from .failures import named_batches
 from .loader import LoaderStream, has_random_access
 from .replay import check_batch
 from .sources import BatchSource, FromCallable, FullBatch, Recorded, Sequence
@@ -131,7 +132,7 @@ def validation_batches(data: Any) -> list[Batch]:
     if isinstance(data, (Tensor, tuple, dict)):
         return [check_batch(data, "hypergradient: val_data")]
     if isinstance(data, Iterable):
-        batches = list(data)
+        batches = list(named_batches(lambda: iter(data), lambda j: f"batch {j} of val_data"))
         if not batches:
             raise HyperdiffError("hypergradient: val_data must hold at least one batch (got 0)")
         for i, batch in enumerate(batches):

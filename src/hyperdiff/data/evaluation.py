@@ -23,6 +23,7 @@ metric is the sample-weighted mean of its batch values, ``sum_b n_b m_b / sum_b 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -31,7 +32,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ..errors import HyperdiffError
 from ..typing import Batch
-from .loader import SeededItems, has_random_access
+from .failures import check_finite, indices_text, named_batches
+from .loader import SeededItems, has_random_access, reread_ragged
 from .permutation import mix
 from .replay import check_batch, fingerprint, leaves
 from .streaming import PrivateRandom
@@ -82,10 +84,20 @@ class EvaluationSplit:
 
     def __init__(self, name: str, passes: Callable[[], Iterator[Batch]],
                  num_batches: int | None = None, num_samples: int | None = None,
-                 transform: Callable[[Batch], Batch] | None = None):
+                 transform: Callable[[Batch], Batch] | None = None,
+                 samples_of: Callable[[int], list[int]] | None = None,
+                 explain: Callable[[int, BaseException], str] | None = None):
         self.name, self._passes, self.transform = name, passes, transform
         self._num_batches, self._num_samples = num_batches, num_samples
         self._prints: list[bytes] | None = None
+        self.samples_of = samples_of  # batch j -> the dataset index of each of its rows
+        self.explain = explain  # (batch j, its error) -> which sample is ragged, or ""
+
+    def where(self, j: int) -> str:
+        """Batch ``j`` in messages."""
+        samples = "" if self.samples_of is None else (
+            f" (samples {indices_text(self.samples_of(j))})")
+        return f"batch {j}{samples} of the {self.name} split"
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None
            ) -> EvaluationSplit:
@@ -97,13 +109,16 @@ class EvaluationSplit:
             return move(batch if self.transform is None else self.transform(batch), device, dtype)
 
         return EvaluationSplit(self.name, self._passes, self._num_batches, self._num_samples,
-                               moved)
+                               moved, self.samples_of, self.explain)
 
     def __iter__(self) -> Iterator[Batch]:
         prints: list[bytes] = []
         samples = 0
-        for j, batch in enumerate(self._passes()):
+        for j, batch in enumerate(named_batches(self._passes, self.where, self.explain)):
             check_batch(batch, f"data: batch {j} of the {self.name} split")
+            if self._prints is None:  # the first pass: is the data finite?
+                check_finite(partial(self.where, j), batch,
+                             None if self.samples_of is None else partial(self.samples_of, j))
             digest = fingerprint(batch)
             if self._prints is not None and (j >= len(self._prints) or
                                              self._prints[j] != digest):
@@ -182,7 +197,15 @@ def map_style_split(name: str, dataset: Any, *, batch_size: int, rows: Tensor | 
                             generator=torch.Generator().manual_seed(EVAL_KEY), **options)
         return iter(loader)
 
-    return EvaluationSplit(name, passes, num_batches=-(-n // batch_size), num_samples=n)
+    def samples_of(j: int) -> list[int]:
+        chunk = slice(j * batch_size, min((j + 1) * batch_size, n))
+        return list(range(chunk.start, chunk.stop)) if rows is None else rows[chunk].tolist()
+
+    def explain(j: int, err: BaseException) -> str:
+        return reread_ragged(dataset, [(i, mix(EVAL_KEY, i)) for i in samples_of(j)])
+
+    return EvaluationSplit(name, passes, num_batches=-(-n // batch_size), num_samples=n,
+                           samples_of=samples_of, explain=explain)
 
 
 def iterable_split(name: str, data: Any) -> EvaluationSplit:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ from torch.utils.data import (
 
 from ..errors import HyperdiffError
 from ..typing import Batch
+from .failures import SampleError, indices_text, ragged, summary, user_code
 from .permutation import mix, permute
 from .streaming import Streamed
 
@@ -113,10 +115,29 @@ class SeededItems(Dataset):
         # generator (fork_rng(devices=[]) does not restore those) at ~60x the cost per sample
         if get_worker_info() is not None:  # a worker process: its random state is ours
             torch.default_generator.manual_seed(sample_seed)
-            return self.dataset[index]
+            return self._read(index)
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(sample_seed)
+            return self._read(index)
+
+    def _read(self, index: int) -> Any:
+        """``dataset[index]``; its own exception becomes a :class:`SampleError` naming it."""
+        try:
             return self.dataset[index]
+        except Exception as err:
+            raise SampleError(f"sample {index} of {type(self.dataset).__name__} raised "
+                              f"{summary(err)}") from err
+
+
+def reread_ragged(dataset: Any, items: list[tuple[int, int]]) -> str:
+    """Read the ``(index, sample_seed)`` samples of a batch that failed again, here, and name
+    the first whose shapes differ from the first's (:func:`.failures.ragged`), or ``""``."""
+    seeded = SeededItems(dataset)
+    try:
+        samples = [seeded[item] for item in items]
+    except Exception:  # a sample that fails alone is named by its own error
+        return ""
+    return ragged(samples, [index for index, _ in items])
 
 
 @dataclass
@@ -157,8 +178,25 @@ class LoaderStream(Streamed):
             run = None  # no reference left: _start releases the previous run's workers first
             run = self.run = self._start(seed, start, max(self.horizon, step + self.window))
         while run.next_step <= step:
-            self._keep(seed, run.next_step, next(run.iterator))
+            at = run.next_step
+            with user_code(partial(self.where, at, seed), partial(self._ragged, at, seed)):
+                batch = next(run.iterator)
+            self._keep(seed, at, batch)
             run.next_step += 1
+
+    def where(self, step: int, seed: int) -> str:
+        indices = indices_text(self.plan.indices(step, seed))
+        return (f"the batch of step {step} (seed {seed}, samples {indices}) of train_data "
+                f"{self.name}")
+
+    def sample_indices(self, step: int, seed: int) -> list[int] | None:
+        return self.plan.indices(step, seed)
+
+    def _ragged(self, step: int, seed: int, err: BaseException) -> str:
+        """After a failed batch: which sample's shapes differ (read again, here), or ``""``."""
+        indices = self.plan.indices(step, seed)
+        return reread_ragged(self.loader.dataset,
+                             [(i, mix(seed, step, k)) for k, i in enumerate(indices)])
 
     def _start(self, seed: int, start: int, stop: int) -> _Run:
         self.run = None  # drop the previous run's iterator (and its workers) first

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import torch
 from torch import Tensor
 
 from ..errors import HyperdiffError, describe
 from ..typing import Batch
+from .failures import check_finite, user_code
 from .replay import ReplayLog, check_batch
 
 
@@ -127,7 +129,8 @@ class Recorded(BatchSource):
     def check(self, steps: int, seed: int) -> None:
         while len(self.batches) < steps and not self.exhausted:
             try:
-                batch = next(self.iterator)
+                with user_code(lambda: f"batch {len(self.batches)} of the train_data iterator"):
+                    batch = next(self.iterator)
             except StopIteration:
                 self.exhausted = True
                 break
@@ -159,6 +162,14 @@ class FromCallable(BatchSource):
                                    "arguments: draw any randomness from a generator seeded by "
                                    "(step, seed)")
 
+    def where(self, step: int, seed: int) -> str:
+        """The batch of ``step`` in messages."""
+        call = f"{self.name}({step}, {seed})" if self.takes_seed else f"{self.name}({step})"
+        return f"the batch of step {step} (seed {seed}), {call},"
+
     def batch(self, step: int, seed: int) -> Batch:
-        batch = self.fn(step, seed) if self.takes_seed else self.fn(step)
+        with user_code(partial(self.where, step, seed)):
+            batch = self.fn(step, seed) if self.takes_seed else self.fn(step)
+        if (seed, step) not in self.log.prints:
+            check_finite(partial(self.where, step, seed), batch)
         return self.log.check(seed, step, batch)

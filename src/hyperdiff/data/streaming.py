@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ import torch
 
 from ..errors import HyperdiffError, positive_int
 from ..typing import Batch
+from .failures import check_finite, user_code
 from .permutation import mix
 from .replay import ReplayLog
 from .sources import BatchSource
@@ -69,7 +71,18 @@ class Streamed(BatchSource):
     def _fill(self, step: int, seed: int) -> None:
         raise NotImplementedError
 
+    def where(self, step: int, seed: int) -> str:
+        """The batch of ``step`` in messages."""
+        return f"the batch of step {step} (seed {seed}) of train_data {self.name}"
+
+    def sample_indices(self, step: int, seed: int) -> list[int] | None:
+        """The dataset index of each row of the batch of ``step``, where known."""
+        return None
+
     def _keep(self, seed: int, step: int, batch: Batch) -> None:
+        if (seed, step) not in self.log.prints:  # a first read: is the data finite?
+            check_finite(partial(self.where, step, seed), batch,
+                         partial(self.sample_indices, step, seed))
         self.cache[(seed, step)] = self.log.check(seed, step, batch)
         self.cache.move_to_end((seed, step))
         while len(self.cache) > self.window:
@@ -158,7 +171,8 @@ class IterableStream(Streamed):
 
     def _open(self, seed: int, epoch: int, first_step: int) -> _EpochRun:
         rng = PrivateRandom(mix(seed, epoch))
-        with rng.active(self.iterable):
+        with rng.active(self.iterable), user_code(
+                lambda: f"epoch {epoch} (seed {seed}) of train_data {self.name}"):
             made = self.iterable() if self.factory else iter(self.iterable)
         if self.factory and not isinstance(made, Iterator):
             if isinstance(made, (torch.Tensor, tuple, dict, str, bytes)) or not isinstance(
@@ -169,7 +183,8 @@ class IterableStream(Streamed):
                     f"iterator of batches (got {type(made).__name__}); for one batch per step "
                     "write fn(step) or fn(step, seed)"
                 )
-            with rng.active(self.iterable):
+            with rng.active(self.iterable), user_code(
+                    lambda: f"epoch {epoch} (seed {seed}) of train_data {self.name}"):
                 made = iter(made)
         return _EpochRun(seed, epoch, first_step, first_step, made, rng)
 
@@ -185,7 +200,8 @@ class IterableStream(Streamed):
             run = self.run = self._start_for(step, seed)
         while run.next_step <= step:
             try:
-                with run.rng.active(self.iterable):
+                with run.rng.active(self.iterable), user_code(
+                        partial(self.where, run.next_step, seed)):
                     batch = next(run.iterator)
             except StopIteration:
                 run = self.run = self._next_epoch(run)

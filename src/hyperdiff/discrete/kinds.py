@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..constraints import Constraint
-from ..errors import HyperdiffError, describe, fail, is_number
+from ..errors import HyperdiffError, Text, describe, fail, is_number
 from ..hyperparams import HyperParameter, HyperParameters, _tensor
 from . import gumbel, relax
 
@@ -94,19 +94,7 @@ class DiscreteParameter(HyperParameter):
 
     def validate(self, name: str) -> None:
         where = f"HyperParameters: {self.kind} {name!r}"
-        if not self.choices:
-            raise HyperdiffError(f"{where}: choices must be a non-empty sequence (got [])")
-        try:
-            distinct = len(set(self.choices)) == len(self.choices)
-        except TypeError:
-            raise HyperdiffError(
-                f"{where}: choices must be hashable (got {describe(list(self.choices))})"
-            ) from None
-        if not distinct:
-            dups = [c for c, count in Counter(self.choices).items() if count > 1]
-            raise HyperdiffError(
-                f"{where}: choices must be distinct (got duplicates {describe(dups)})"
-            )
+        check_choices(where, self.choices)
         if self.mode not in MODES:
             raise HyperdiffError(f"{where}: mode must be one of {list(MODES)} "
                                  f"(got {self.mode!r})")
@@ -161,6 +149,24 @@ class DiscreteParameter(HyperParameter):
         return float(start * (end / start) ** frac)
 
 
+def check_choices(caller: str, choices: tuple[Any, ...]) -> None:
+    """Raise ``"<caller>: choices must be ... (got ...)"`` unless ``choices`` holds at least two
+    distinct, hashable choices and no NaN or infinite number (a choice among one is no choice,
+    and NaN != NaN would make two NaNs look distinct)."""
+    if len(choices) < 2:
+        raise fail(caller, "choices", "at least two distinct choices", list(choices))
+    odd = [c for c in choices if is_number(c) and not math.isfinite(float(c))]
+    if odd:
+        raise fail(caller, "choices", "finite numbers or other hashable values", odd)
+    try:
+        counts = Counter(choices)
+    except TypeError:
+        raise fail(caller, "choices", "hashable", list(choices)) from None
+    dups = [c for c, count in counts.items() if count > 1]
+    if dups:
+        raise fail(caller, "choices", "distinct", Text(f"duplicates {describe(dups)}"))
+
+
 def categorical(
     choices: Sequence[Hashable], *, mode: str = "relax", init: Sequence[float] | None = None,
     temperature: float | tuple[float, float] = 1.0, baseline: str = "moving_average",
@@ -177,6 +183,7 @@ def categorical(
     options = tuple(choices) if isinstance(choices, (list, tuple, range)) else choices
     if not isinstance(options, tuple):
         raise fail("categorical", "choices", "a list or tuple of hashable choices", choices)
+    check_choices(kind, options)
     n = len(options)
     host = torch.device("cpu")  # specs hold float64 host values, as hyperparams.scalar does
     if init is None:
@@ -197,8 +204,8 @@ def integer(low: int, high: int, **options: Any) -> DiscreteParameter:
     for what, value in (("low", low), ("high", high)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise fail("integer", what, "an int", value)
-    if high < low:
-        raise fail("integer", "high", f"an int >= low={low}", high)
+    if high <= low:
+        raise fail("integer", "high", f"an int > low={low} (two choices at least)", high)
     return categorical(tuple(range(low, high + 1)), kind="integer", **options)
 
 

@@ -27,6 +27,7 @@ from torch import Tensor
 from ..errors import HyperdiffError
 from ..hyperparams import HyperParameters
 from ..problem import Problem
+from ..wording import option
 from . import reinforce
 from .kinds import DiscreteParameter, discrete_names, label, with_states
 
@@ -127,9 +128,10 @@ def outer_hook(hparams: HyperParameters, *, seed: int, max_steps: int, samples: 
     for name in names:
         spec = cast(DiscreteParameter, hparams[name])
         if spec.mode == "reinforce" and spec.baseline == "leave_one_out" and samples < 2:
+            key = option("samples", "outer.samples")
             raise HyperdiffError(
-                f"HyperOptimizer: samples must be >= 2 for the leave-one-out baseline of "
-                f"{name!r} (got samples={samples}); use baseline='moving_average' or more samples"
+                f"HyperOptimizer: {key} must be >= 2 for the leave-one-out baseline of "
+                f"{name!r} (got {samples}); use baseline='moving_average' or more samples"
             )
     return DiscreteOuter(hparams, seed=seed, max_steps=max_steps, samples=samples, folds=folds)
 

@@ -18,6 +18,7 @@ from torch import Tensor
 from ..errors import HyperdiffError, describe, positive_float
 from ..problem import Problem
 from ..training import check_finite_losses, train, validation_loss
+from ..wording import option
 from .base import HyperGradient, Method, finish
 
 
@@ -48,9 +49,10 @@ def _finite_difference(
                 f"finite_difference: coordinates must be ints in [0, {k}) (got {describe(i)})"
             )
     if warn:
+        exact = option("reverse() or forward()", 'method.name = "reverse" or "forward"')
         warnings.warn(
             f"finite_difference: {len(coords)} coordinates cost {2 * len(coords)} trainings of "
-            f"{problem.steps} steps; use reverse() or forward() for real work",
+            f"{problem.steps} steps; use {exact} for real work",
             CostWarning,
             stacklevel=3,
         )

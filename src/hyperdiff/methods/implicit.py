@@ -60,6 +60,7 @@ from ..training import (
     validation_loss,
 )
 from ..typing import Params
+from ..wording import option
 from .base import HyperGradient, Method, finish, zeros_for_unused
 
 
@@ -158,11 +159,13 @@ def _stationarity(system: _System, tol: float, dtype: torch.dtype, fixed_point: 
         hint = (
             ""
             if fixed_point
-            else ("; if the optimizer adds to the gradient (weight decay), use fixed_point=True")
+            else ("; if the optimizer adds to the gradient (weight decay), use "
+                  + option("fixed_point=True", "method.fixed_point = true"))
         )
         warnings.warn(
             f"implicit: training did not reach a stationary point: {what} = {measure:.3g} is "
-            f"{relative:.3g} of its value at the start (stationarity_tol={tol:g}); the implicit "
+            f"{relative:.3g} of its value at the start "
+            f"({option('stationarity_tol', 'method.stationarity_tol')}={tol:g}); the implicit "
             f"hypergradient is biased; train longer{hint}",
             ConvergenceWarning,
             stacklevel=5,
@@ -182,10 +185,11 @@ def _implicit(
 ) -> HyperGradient:
     started = time.perf_counter()
     if problem.buffers:
+        exact = option("reverse() or forward()", 'method.name = "reverse" or "forward"')
         raise HyperdiffError(
             f"implicit: the model must have no buffers (got BatchNorm running statistics "
             f"{list(problem.buffers)[:3]}); the end point of training is not a stationary point "
-            "of a loss of the parameters alone; use reverse() or forward()"
+            f"of a loss of the parameters alone; use {exact}"
         )
     hp = problem.hparams
     raw = {n: v.detach() for n, v in raw.items()}
@@ -232,8 +236,9 @@ def _implicit(
             warnings.warn(
                 f"implicit: training did not reach a stationary point: to first order the "
                 f"validation loss would still change by {val_change:.3g} "
-                f"({relative_change:.3g} of itself; val_change_tol={val_change_tol:g}) on the way "
-                "to it, although the gradient test passed; the implicit hypergradient is "
+                f"({relative_change:.3g} of itself; "
+                f"{option('val_change_tol', 'method.val_change_tol')}={val_change_tol:g}) on "
+                "the way to it, although the gradient test passed; the implicit hypergradient is "
                 "biased; train longer",
                 ConvergenceWarning,
                 stacklevel=4,

@@ -56,6 +56,7 @@ from ..models import StepContext
 from ..optimizers import Optimizer, SGDState, resolve, sgd
 from ..problem import Problem, call_loss
 from ..training import check_finite_losses, grads_of, validation_loss
+from ..wording import option
 from .base import HyperGradient, Method, finish, zeros_for_unused
 
 DENOMINATOR_BITS = 31  # mu is represented as n / 2**31 with 1 <= n <= 2**31
@@ -273,10 +274,11 @@ def quantised_optimizer(optimizer: Optimizer, gain: float) -> Optimizer:
 def _check_problem(problem: Problem, coefficients: Coefficients) -> float:
     """Refuse what cannot be reversed; return the velocity gain ``1 - dampening``."""
     opt = problem.optimizer
+    checkpointed = option("checkpointed()", 'method.name = "checkpointed"')
     if opt.name != "sgd":
         raise HyperdiffError(
             f"reversible: the optimizer must be hd.sgd with momentum (got {opt.name}); use "
-            "checkpointed() for a memory-saving exact method with other optimizers"
+            f"{checkpointed} for a memory-saving exact method with other optimizers"
         )
     momentum = opt.coefficients["momentum"]
     if isinstance(momentum, (int, float)) and momentum == 0:
@@ -286,7 +288,7 @@ def _check_problem(problem: Problem, coefficients: Coefficients) -> float:
     if problem.buffers:
         raise HyperdiffError(
             "reversible: the model must have no buffers (got BatchNorm running statistics "
-            f"{sorted(problem.buffers)}); use checkpointed()"
+            f"{sorted(problem.buffers)}); use {checkpointed}"
         )
     # probe the update at params 0, grads 1, v = 0: v' = 1 - dampening at step 1, and
     # theta' = -lr v' for heavy ball but -lr (1 + mu) v' for Nesterov

@@ -36,6 +36,7 @@ from ..history import StepRecord, natural_values
 from ..problem import Problem
 from ..schedules import Schedule
 from ..training import initial_state
+from ..wording import option
 
 if TYPE_CHECKING:
     from .loop import OnlineTuner
@@ -120,7 +121,8 @@ def hot_start_message(steps: int, ratio: float, mode: str, restarted: bool) -> s
                 f"learning rate divided by {ratio:.2f}")
     if mode == "restart":  # the measuring window was the run's last one
         return f"{found}; the run ended with that window: rerun from a smaller initial rate"
-    return f"{found}; rerun from a smaller initial learning rate, or use hot_start='restart'"
+    restart = option("hot_start='restart'", 'outer.hot_start = "restart"')
+    return f"{found}; rerun from a smaller initial learning rate, or use {restart}"
 
 
 def measure_hot_start(tuner: OnlineTuner, record: StepRecord, start: int, stop: int) -> bool:

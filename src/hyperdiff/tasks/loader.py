@@ -25,7 +25,7 @@ from types import ModuleType
 from typing import Any
 
 from ..errors import HyperdiffError
-from .spec import TaskSpec
+from .spec import TaskSpec, how_it_failed
 
 FORMS = "a built-in task name, 'package.module:factory' or 'path/to/file.py:factory'"
 _SPECS: dict[tuple[str, int | None, int], TaskSpec] = {}
@@ -85,7 +85,7 @@ def import_target(where: str, ref: str) -> ModuleType:
                 f"task: module {where!r} of {ref!r} must be importable (got no module named "
                 f"{err.name!r}; is it installed, or on PYTHONPATH?)") from None
         raise _import_failed(ref, err) from err
-    except Exception as err:
+    except (Exception, SystemExit) as err:
         raise _import_failed(ref, err) from err
 
 
@@ -105,15 +105,24 @@ def _import_file(path: Path, ref: str) -> ModuleType:
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as err:
+    except (Exception, SystemExit) as err:
         del sys.modules[name]
         raise _import_failed(ref, err) from err
     return module
 
 
 def _import_failed(ref: str, err: BaseException) -> HyperdiffError:
-    return HyperdiffError(f"task: importing {ref!r} must succeed (got "
-                          f"{type(err).__name__}: {err})")
+    return HyperdiffError(f"task: importing {ref!r} must succeed (got: it {how_it_failed(err)})")
+
+
+def _defined_in(factory: Any) -> str:
+    """``" (defined in /path/file.py, line 12)"``, or ``""`` when the source is unknown."""
+    try:
+        path = inspect.getsourcefile(factory)
+        line = inspect.getsourcelines(factory)[1]
+    except (TypeError, OSError):
+        return ""
+    return f" (defined in {path}, line {line})" if path else ""
 
 
 def resolve_factory(ref: str) -> Callable[..., Any] | TaskSpec:
@@ -153,10 +162,11 @@ def call_factory(factory: Callable[..., Any] | TaskSpec, ref: str, *, steps: int
     try:
         spec = factory(**options)
     except HyperdiffError as err:
-        raise HyperdiffError(f"task: the factory {ref!r} raised: {err}") from err
-    except Exception as err:
-        raise HyperdiffError(f"task: the factory {ref!r} must return a task; it raised "
-                             f"{type(err).__name__}: {err}") from err
+        raise HyperdiffError(f"task: the factory {ref!r}{_defined_in(factory)} raised: "
+                             f"{err}") from err
+    except (Exception, SystemExit) as err:
+        raise HyperdiffError(f"task: the factory {ref!r}{_defined_in(factory)} must return a "
+                             f"task; it {how_it_failed(err)}") from err
     if not isinstance(spec, TaskSpec):
         raise HyperdiffError(f"task: the factory {ref!r} must return hd.task(...) (got "
                              f"{type(spec).__name__})")

@@ -27,7 +27,8 @@ dimension (a tensor, a tuple or a dict of tensors); hyperdiff splits its rows; o
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -38,8 +39,8 @@ from torch.utils.data import DataLoader
 from ..constraints import Free, Interval
 from ..data import minibatches, validation_batches
 from ..data.evaluation import EvaluationSplit, is_dataset_split
-from ..datacheck import tensors_in
-from ..errors import HyperdiffError, describe, nonnegative_int, positive_int
+from ..datacheck import check_batch, tensors_in
+from ..errors import HyperdiffError, describe, fail, nonnegative_int, positive_int
 from ..hyperparams import HyperParameters
 from ..models import FunctionalModel
 from ..optimizers import Optimizer
@@ -74,7 +75,33 @@ def given_splits(*, train: Any, val: Any, test: Any, selection: Any = None) -> G
     see :mod:`hyperdiff.tasks.dataset_splits`). Without ``selection``, ``selection_fraction`` of
     ``val`` is taken out of it (``val`` must then be one batch or a map-style data set).
     Cross-validation needs the whole data set, so it is refused here."""
+    given = {"train": train, "val": val, "test": test, "selection": selection}
+    for name, split in given.items():
+        if (split is None and name != "selection") or isinstance(split, (str, bytes, bytearray)):
+            raise fail("given_splits", name, "data: a batch of tensors, a list of batches, a "
+                       "Dataset, a DataLoader or a generator function", split)
     return GivenSplits(train=train, val=val, test=test, selection=selection)
+
+
+def how_it_failed(err: BaseException) -> str:
+    """``"called sys.exit(3), ..."`` or ``"raised KeyError: 'x'"``: how user code stopped."""
+    if isinstance(err, SystemExit):
+        return f"called sys.exit({err.code!r}), which would end the run without a message"
+    return f"raised {type(err).__name__}: {err}"
+
+
+@contextmanager
+def task_code(task: str, call: str, fn: Any) -> Iterator[None]:
+    """Run a task's own function ``fn`` (named ``call``); an exception or ``sys.exit`` in it is
+    re-raised as ``"<task>: <call> must ... ; it raised ..."`` from the original."""
+    try:
+        yield
+    except HyperdiffError:
+        raise
+    except (Exception, SystemExit) as err:
+        name = getattr(fn, "__qualname__", type(fn).__name__)
+        raise HyperdiffError(f"{task}: {call} ({name}) must succeed; it "
+                             f"{how_it_failed(err)}") from err
 
 
 @dataclass(frozen=True)
@@ -145,7 +172,10 @@ class TaskSpec:
                                  "second element of data (or data['y'])")
         rows = split_rows(n, test=self.test_fraction, val=self.val_fraction,
                           selection_fraction=selection_fraction, seed=data_seed, labels=labels)
-        data = self.prepare(self.data, rows) if self.prepare else self.data
+        data = self.data
+        if self.prepare is not None:
+            with task_code(self.name, "prepare(data, splits)", self.prepare):
+                data = self.prepare(self.data, rows)
         info = TaskData(data, rows, data_seed)
         hparams = self._hparams(info)
         model_params, buffers = model_state(self.model, self.name)
@@ -214,7 +244,10 @@ class TaskSpec:
                           {"sizes": sizes, "cv_folds": 0})
 
     def _hparams(self, info: TaskData) -> HyperParameters:
-        hparams = self.hparams(info) if callable(self.hparams) else self.hparams
+        hparams = self.hparams
+        if callable(hparams):
+            with task_code(self.name, "hparams(task_data)", hparams):
+                hparams = hparams(info)
         if not isinstance(hparams, HyperParameters):
             raise HyperdiffError(f"{self.name}: hparams must be a hd.HyperParameters or a "
                                  f"function returning one (got {type(hparams).__name__})")
@@ -238,12 +271,17 @@ class TaskSpec:
               splits: dict[str, list[Batch] | EvaluationSplit], hparams: HyperParameters,
               info: TaskData,
               meta: dict[str, Any]) -> Task:
+        for split, batches in splits.items():  # a lazy split checks itself as it is read
+            if not isinstance(batches, EvaluationSplit):
+                for batch in batches:
+                    check_batch(self.name, f"the {split} split", batch)
         summarize = None
         if self.summarize is not None:
             user = self.summarize
 
             def summarize(values: Mapping[str, Tensor]) -> dict[str, float]:
-                return user(values, info)
+                with task_code(self.name, "summarize(values, task_data)", user):
+                    return user(values, info)
 
         if self.probe and self.metrics is not None:
             probe_metrics(self.name, self.metrics, final, hparams, next(iter(splits["val"])))
