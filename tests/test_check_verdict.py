@@ -5,6 +5,7 @@ training, and advice that names only APIs that exist."""
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import re
 from dataclasses import replace
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 import hyperdiff as hd
 from hyperdiff.config import config_rows
 from hyperdiff.methods.finite_difference import finite_difference
+from hyperdiff.registry import METHODS
 
 from conftest import rel_err
 
@@ -175,6 +177,16 @@ def _public_parameters() -> set[str]:
     return names
 
 
+def _method_options() -> set[str]:
+    """The keyword arguments of every registered method's constructor: the other keys of the
+    config's [method] section."""
+    options = set()
+    for reference in METHODS.values():
+        module, _, name = reference.partition(":")
+        options |= set(inspect.signature(getattr(importlib.import_module(module), name)).parameters)
+    return options
+
+
 def unresolved_names(text: str) -> list[str]:
     """What ``text`` recommends that does not exist: ``hd.X`` / ``hyperdiff.X`` not in the
     package, a dotted ``section.key`` not a config key, a ``name=`` keyword that no public
@@ -182,6 +194,7 @@ def unresolved_names(text: str) -> list[str]:
     public function that takes ``name``."""
     missing = [m for m in re.findall(r"\b(?:hd|hyperdiff)\.(\w+)", text) if not hasattr(hd, m)]
     keys = {key for key, _, _ in config_rows()}
+    keys |= {f"method.{option}" for option in _method_options()}  # [method]'s other keys
     sections = {key.split(".")[0] for key in keys}
     missing += [m for m in re.findall(r"\b([a-z_]+\.[a-z_]+)\b", text)
                 if m.split(".")[0] in sections and m not in keys]

@@ -199,12 +199,17 @@ def test_reinforce_in_the_driver_is_the_score_function_estimate():
 def test_bad_input_names_the_hyperparameter():
     cases = [(dict(choices=[]), r"^categorical: choices must be at least two distinct"),
              (dict(choices=["a", "a"]), r"^categorical: choices must be distinct"),
-             (dict(choices=["a", "b"], temperature=0.0), "'act': temperature must be"),
-             (dict(choices=["a", "b"], temperature=(1.0, -1.0)), "'act': temperature must be"),
-             (dict(choices=["a", "b"], mode="darts"), "'act': mode must be one of")]
-    for kwargs, message in cases:
+             (dict(choices=["a", "b"], temperature=0.0), r"^categorical: temperature must be"),
+             (dict(choices=["a", "b"], temperature=(1.0, -1.0)),
+              r"^categorical: temperature must be"),
+             (dict(choices=["a", "b"], mode="darts"), r"^categorical: mode must be one of")]
+    for kwargs, message in cases:  # refused by the call that got them
         with pytest.raises(hd.HyperdiffError, match=message):
-            hd.HyperParameters(act=hd.categorical(**kwargs))
+            hd.categorical(**kwargs)
+    spec = hd.categorical(["a", "b"])  # a value changed after the call: named in the set
+    object.__setattr__(spec, "mode", "darts")
+    with pytest.raises(hd.HyperdiffError, match="'act': mode must be one of"):
+        hd.HyperParameters(act=spec)
     hp = hd.HyperParameters(act=hd.categorical(["relu", "tanh"]), lr=hd.scalar(0.1))
     with pytest.raises(hd.HyperdiffError, match="hyperparameter 'act' is discrete"):
         hp.view(hp.raw)["act"] * 2.0
@@ -303,11 +308,12 @@ def test_categorical_init_not_numbers_is_a_hyperdiff_error(init):
 
 def test_discrete_spec_refuses_what_it_used_to_accept_or_crash_on():
     # init not summing to 1 was silently renormalised (natural [1/3, 2/3] for init [1, 2])
-    with pytest.raises(hd.HyperdiffError, match=r"'a': init must be probabilities that sum to 1"):
-        hd.HyperParameters(a=hd.categorical(["x", "y"], init=[1.0, 2.0]))
+    with pytest.raises(hd.HyperdiffError,
+                       match=r"^categorical: init must be probabilities that sum to 1"):
+        hd.categorical(["x", "y"], init=[1.0, 2.0])
     # a non-number decay raised torch/Python's TypeError from the comparison
-    with pytest.raises(hd.HyperdiffError, match=r"'a': decay must be in \[0, 1\)"):
-        hd.HyperParameters(a=hd.categorical(["x", "y"], decay="0.5"))
+    with pytest.raises(hd.HyperdiffError, match=r"^categorical: decay must be in \[0, 1\)"):
+        hd.categorical(["x", "y"], decay="0.5")
     # an empty range was only refused later, as HyperParameters' "choices must be non-empty"
     with pytest.raises(hd.HyperdiffError, match=r"^integer: high must be an int > low=3"):
         hd.integer(3, 1)

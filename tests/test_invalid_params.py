@@ -40,6 +40,7 @@ BAD: dict[str, list[Any]] = {
     "optional int>=1": [TEXT, 2.5, True, NAN, 0, -1],
     "betas": [TEXT, 0.9, (0.9,), (1.5, 0.999), (0.9, NAN), (-0.1, 0.9), (0.9, 1.0)],
     "choice": ["no-such-name", 3, None],
+    "path": [3, None, "", OBJECT],
 }
 
 
@@ -109,6 +110,28 @@ CONSTRUCTORS: dict[str, tuple[Any, dict[str, Any], dict[str, str]]] = {
                         "clip": "optional number>0", "schedule": "choice",
                         "samples": "int>=1", "max_samples": "int>=1", "tie_steps": "int>=0",
                         "seed": "int>=0", "shrink": "unit[0,1)", "max_failures": "int>=1"}),
+    "OnlineTuner": (hd.OnlineTuner, {"problem": PROBLEM},
+                    {"window": "int>=1", "method": "choice", "optimizer": "choice",
+                     "lr": "number>=0", "schedule": "choice", "clip": "optional number>0",
+                     "val_batch_size": "optional int>=1", "eval_every": "int>=0",
+                     "seed": "int>=0", "engine": "choice", "solver": "choice",
+                     "backprop": "optional int>=1", "shrink": "unit[0,1)",
+                     "max_failures": "int>=1", "max_loss_ratio": "number>0",
+                     "horizon": "optional number>0", "horizon_unit": "choice",
+                     "curvature_scale": "optional number>0", "hot_start": "choice"}),
+    "categorical": (hd.categorical, {"choices": ["a", "b"]},
+                    {"mode": "choice", "temperature": "number>0", "baseline": "choice",
+                     "decay": "unit[0,1)"}),
+    "schedule": (hd.schedule, {"family": "warmup_cosine", "steps": 10},
+                 {"family": "choice", "steps": "int>=1", "drops": "int>=1"}),
+    "check": (hd.check, {"problem": PROBLEM, "memory": False},
+              {"coordinates": "int>=1", "seed": "int>=0", "memory_bytes": "optional number>0"}),
+    "torch_optimizer": (hd.torch_optimizer, {"optimizer": hd.sgd(0.1),
+                                             "hparams": hd.HyperParameters(a=hd.scalar(1.0)),
+                                             "module_or_params": torch.nn.Linear(3, 1)},
+                        {"steps": "optional int>=1"}),
+    "CSVLogger": (hd.CSVLogger, {"path": "steps.csv"}, {"path": "path"}),
+    "TensorBoardLogger": (hd.TensorBoardLogger, {"log_dir": "tb"}, {"log_dir": "path"}),
     "minibatches": (lambda **kw: hd.minibatches(X, Y, **kw), {"batch_size": 4},
                     {"batch_size": "int>=1"}),
     "make_problem": (hd.make_problem, _problem_kwargs(), {"steps": "int>=1", "seed": "int>=0"}),
@@ -118,7 +141,9 @@ CONSTRUCTORS: dict[str, tuple[Any, dict[str, Any], dict[str, str]]] = {
 # values that are valid for one argument although its kind would refuse them
 VALID_HERE = {("HyperOptimizer", "samples"): ["auto"], ("HyperOptimizer", "shrink"): [],
               ("HyperOptimizer", "method"): [], ("implicit", "solver"): [None],
-              ("reversible", "fraction_bits"): []}
+              ("reversible", "fraction_bits"): [],
+              ("OnlineTuner", "max_loss_ratio"): [INF],  # inf turns the loss-ratio rules off
+              ("OnlineTuner", "hot_start"): [None]}  # None: the method's default
 
 
 def _constructor_cases():

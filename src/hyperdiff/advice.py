@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .errors import HyperdiffError, positive_int
+from .errors import HyperdiffError, positive_float, positive_int
 
 
 class Size(NamedTuple):
@@ -231,6 +231,8 @@ def recommend(
         converged,
         optimizer,
     )
+    if memory_bytes is not None:
+        memory_bytes = positive_float("recommend", "memory_bytes", memory_bytes)
     reasons = dict(unavailable or {})
 
     def why_not(c: Candidate) -> str | None:

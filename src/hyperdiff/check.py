@@ -52,7 +52,7 @@ from torch import Tensor
 from .advice import Advice, optimizer_kind, recommend
 from .check_reference import DISAGREES, UNRELIABLE, Reference, classify, multi_step_reference
 from .check_reference import reliable as reliable_entries
-from .errors import HyperdiffError, nonnegative_int, positive_int
+from .errors import HyperdiffError, nonnegative_int, positive_float, positive_int
 from .logs import get_logger
 from .methods.base import HyperGradient, Method
 from .methods.finite_difference import CostWarning
@@ -339,6 +339,8 @@ def check(
         )
     coordinates = positive_int("check", "coordinates", coordinates)
     seed = nonnegative_int("check", "seed", seed)
+    if memory_bytes is not None:
+        memory_bytes = positive_float("check", "memory_bytes", memory_bytes)
     chosen = default_methods(problem)
     for method in methods or ():
         if not isinstance(method, Method):

@@ -20,12 +20,13 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import HyperdiffError
+from .errors import HyperdiffError, describe
 from .history import StepRecord
 from .rundir.files import (
     append_bytes,
@@ -63,6 +64,14 @@ def hparam_scalars(record: StepRecord) -> dict[str, float]:
     return out
 
 
+def log_path(caller: str, name: str, value: Any) -> Path:
+    """``value`` as a :class:`~pathlib.Path`, refused unless it is a non-empty str or path."""
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise HyperdiffError(f"{caller}: {name} must be a non-empty path (a str or "
+                             f"os.PathLike; got {describe(value)})")
+    return Path(value)
+
+
 class CSVLogger:
     """One CSV row per outer step: the record's fields (``CSV_FIELDS``) and, for each
     hyperparameter, its value (a vector's mean, min and max). Floats are written with
@@ -72,7 +81,7 @@ class CSVLogger:
     appended after, never through a symbolic link."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = log_path("CSVLogger", "path", path)
         self.columns: list[str] | None = None
 
     def start(self, history: Sequence[StepRecord]) -> None:
@@ -127,7 +136,7 @@ class TensorBoardLogger:
                 "log: tensorboard must be installed to write TensorBoard logs (pip install "
                 f"'hyperdiff[tensorboard]'); got ImportError: {err}"
             ) from None
-        self.log_dir = Path(log_dir)
+        self.log_dir = log_path("TensorBoardLogger", "log_dir", log_dir)
         self._writer_class = SummaryWriter
         self.writer: Any = None
 

@@ -93,7 +93,10 @@ class DiscreteParameter(HyperParameter):
     noise_seed: int = 0
 
     def validate(self, name: str) -> None:
-        where = f"HyperParameters: {self.kind} {name!r}"
+        self.check_options(f"HyperParameters: {self.kind} {name!r}")
+
+    def check_options(self, where: str) -> None:
+        """Refuse invalid choices, mode, temperature, baseline, decay or init, naming ``where``."""
         check_choices(where, self.choices)
         if self.mode not in MODES:
             raise HyperdiffError(f"{where}: mode must be one of {list(MODES)} "
@@ -190,13 +193,15 @@ def categorical(
         probs = torch.full((n,), 1.0 / max(n, 1), dtype=torch.float64, device=host)
     else:
         probs = _tensor(init, kind, "init")  # a float64 host copy; HyperdiffError for non-numbers
-    if isinstance(temperature, (int, float)):
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
         temperature = (float(temperature), float(temperature))
     if not (isinstance(temperature, tuple) and len(temperature) == 2):
         raise fail("categorical", "temperature", "a number > 0 or a (start, end) pair",
                    temperature)
-    return DiscreteParameter(probs, Softmax(), kind, choices=options, mode=mode,
-                             temperature=temperature, baseline=baseline, decay=decay)
+    param = DiscreteParameter(probs, Softmax(), kind, choices=options, mode=mode,
+                              temperature=temperature, baseline=baseline, decay=decay)
+    param.check_options(kind)  # at the call that got them, not when the set is built
+    return param
 
 
 def integer(low: int, high: int, **options: Any) -> DiscreteParameter:
