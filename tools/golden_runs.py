@@ -30,7 +30,8 @@ from typing import Any
 TIMING = {"time_s", "step_time_s", "wall_s", "run_dir", "elapsed_s", "started", "finished"}
 MODES = {
     "offline": ["stop.max_steps=3", "inner.steps=40", "report.seeds=1"],
-    "online": ["outer.mode=online", "task.cv_folds=0", "inner.steps=60", "outer.window=10", "report.seeds=1"],
+    "online": ["outer.mode=online", "task.cv_folds=0", "inner.steps=60", "outer.window=10",
+               "report.seeds=1"],
 }
 INTERRUPTED_TASK = "mlp_digits"
 
