@@ -8,6 +8,7 @@ one must raise ``hd.HyperdiffError`` (a ``ValueError``) whose message names the 
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import fields
 from typing import Any, get_type_hints
@@ -131,13 +132,15 @@ CONSTRUCTORS: dict[str, tuple[Any, dict[str, Any], dict[str, str]]] = {
                                              "module_or_params": torch.nn.Linear(3, 1)},
                         {"steps": "optional int>=1"}),
     "CSVLogger": (hd.CSVLogger, {"path": "steps.csv"}, {"path": "path"}),
-    "TensorBoardLogger": (hd.TensorBoardLogger, {"log_dir": "tb"}, {"log_dir": "path"}),
     "minibatches": (lambda **kw: hd.minibatches(X, Y, **kw), {"batch_size": 4},
                     {"batch_size": "int>=1"}),
     "make_problem": (hd.make_problem, _problem_kwargs(), {"steps": "int>=1", "seed": "int>=0"}),
     "hypergradient": (hd.hypergradient, _problem_kwargs(),
                       {"steps": "int>=1", "seed": "int>=0"}),
 }
+if importlib.util.find_spec("tensorboard") is not None:  # its valid call needs the package
+    CONSTRUCTORS["TensorBoardLogger"] = (hd.TensorBoardLogger, {"log_dir": "tb"},
+                                         {"log_dir": "path"})
 # values that are valid for one argument although its kind would refuse them
 VALID_HERE = {("HyperOptimizer", "samples"): ["auto"], ("HyperOptimizer", "shrink"): [],
               ("HyperOptimizer", "method"): [], ("implicit", "solver"): [None],

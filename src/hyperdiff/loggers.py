@@ -129,6 +129,7 @@ class TensorBoardLogger:
     ``torch.utils.tensorboard.SummaryWriter``, at ``global_step = record.step``."""
 
     def __init__(self, log_dir: str | Path):
+        self.log_dir = log_path("TensorBoardLogger", "log_dir", log_dir)
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as err:
@@ -136,7 +137,6 @@ class TensorBoardLogger:
                 "log: tensorboard must be installed to write TensorBoard logs (pip install "
                 f"'hyperdiff[tensorboard]'); got ImportError: {err}"
             ) from None
-        self.log_dir = log_path("TensorBoardLogger", "log_dir", log_dir)
         self._writer_class = SummaryWriter
         self.writer: Any = None
 
