@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from hyperdiff.engine.data.failures import first_row
-from hyperdiff.engine.data.replay import leaves
 from hyperdiff.errors import HyperdiffError
+from hyperdiff.tree import leaves
 from hyperdiff.typing import Batch
 
 

@@ -26,9 +26,9 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils._pytree import tree_flatten
 
 from hyperdiff.errors import HyperdiffError
+from hyperdiff.tree import tree_flatten
 from hyperdiff.typing import Params
 
 _ACTIVE: contextvars.ContextVar[tuple[FunctionalModel, StepContext] | None] = (

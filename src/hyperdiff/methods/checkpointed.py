@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from hyperdiff.engine.problem import Problem
 from hyperdiff.engine.training import (
@@ -44,6 +43,7 @@ from hyperdiff.engine.training import (
 )
 from hyperdiff.errors import HyperdiffError, describe
 from hyperdiff.methods.base import HyperGradient, Method, finish, zeros_for_unused
+from hyperdiff.tree import tree_flatten, tree_unflatten
 
 
 def segment_bounds(steps: int, segments: int) -> list[int]:

@@ -27,7 +27,6 @@ import time
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from hyperdiff.engine.models import StepContext
 from hyperdiff.engine.problem import Problem, call_loss, sum_in_order
@@ -39,6 +38,7 @@ from hyperdiff.engine.training import (
 )
 from hyperdiff.errors import HyperdiffError, positive_int
 from hyperdiff.methods.base import HyperGradient, Method, finish, zeros_for_unused
+from hyperdiff.tree import tree_flatten, tree_map, tree_unflatten
 
 
 def _step_function(problem: Problem, step: int):

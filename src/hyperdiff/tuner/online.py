@@ -50,7 +50,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from hyperdiff.engine.problem import Problem
 from hyperdiff.engine.solvers import Solver
@@ -69,6 +68,7 @@ from hyperdiff.hparams.schedules import Schedule
 from hyperdiff.methods.registry import OPTIMIZERS, SCHEDULES
 from hyperdiff.methods.window_methods import METHODS, window_method
 from hyperdiff.methods.windows import Window
+from hyperdiff.tree import tree_flatten, tree_unflatten
 from hyperdiff.tuner.guard import DivergenceGuard, untrained_loss
 from hyperdiff.tuner.history import History, StepRecord, finite_or_none, natural_values, to_number
 from hyperdiff.tuner.hot_start import MODES as HOT_START_MODES

@@ -23,11 +23,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from hyperdiff.engine.training import TrainState
 from hyperdiff.errors import HyperdiffError, fail
 from hyperdiff.methods.curvature import initial_tangent
+from hyperdiff.tree import tree_flatten, tree_unflatten
 from hyperdiff.tuner.driver_checks import check_optimizer_state
 from hyperdiff.tuner.history import History, StepRecord
 from hyperdiff.tuner.hot_start import FRACTION

@@ -33,9 +33,10 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from hyperdiff.engine.data.failures import check_finite, indices_text, named_batches
 from hyperdiff.engine.data.loader import SeededItems, has_random_access, reread_ragged
 from hyperdiff.engine.data.permutation import mix
-from hyperdiff.engine.data.replay import check_batch, fingerprint, leaves
+from hyperdiff.engine.data.replay import check_batch, fingerprint
 from hyperdiff.engine.data.streaming import PrivateRandom
 from hyperdiff.errors import HyperdiffError
+from hyperdiff.tree import leaves, move
 from hyperdiff.typing import Batch
 
 EVAL_KEY = 0x5EED_E7A1  # the per-sample seeds of evaluation reads: mix(EVAL_KEY, index)
@@ -103,8 +104,6 @@ class EvaluationSplit:
            ) -> EvaluationSplit:
         """The same split with every batch moved to ``device`` (floating tensors cast to
         ``dtype``) as it is read (``hyperdiff run --device``)."""
-        from hyperdiff.engine.device import move  # device imports this package
-
         def moved(batch: Batch) -> Batch:
             return move(batch if self.transform is None else self.transform(batch), device, dtype)
 

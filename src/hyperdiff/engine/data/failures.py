@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hyperdiff.engine.data.replay import leaves
 from hyperdiff.errors import HyperdiffError
+from hyperdiff.tree import leaves
 from hyperdiff.typing import Batch
 
 SHOWN = 8  # sample indices listed in a message

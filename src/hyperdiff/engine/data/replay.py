@@ -14,29 +14,17 @@ dtype, shape and bytes (tensors of up to ``FULL_ELEMENTS`` elements completely; 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from hyperdiff.errors import HyperdiffError
+from hyperdiff.tree import leaves
 from hyperdiff.typing import Batch
 
 FULL_ELEMENTS = 1 << 20
 SCALARS = (int, float, complex, str, bytes, bool, type(None))
-
-
-def leaves(batch: Any, path: str = "") -> Iterator[tuple[str, Any]]:
-    """``(path, leaf)`` pairs of a batch: tensors and other leaves inside mappings/lists/tuples."""
-    if isinstance(batch, Mapping):
-        for key, value in batch.items():
-            yield from leaves(value, f"{path}[{key!r}]")
-    elif isinstance(batch, (list, tuple)):
-        for i, value in enumerate(batch):
-            yield from leaves(value, f"{path}[{i}]")
-    else:
-        yield path, batch
 
 
 def check_batch(batch: Batch, where: str) -> Batch:
