@@ -15,9 +15,10 @@ from hyperdiff.app.tasks import (
 from hyperdiff.diagnose.advice import Advice, recommend
 from hyperdiff.diagnose.check import CheckReport, check
 from hyperdiff.engine.data import BatchSource, minibatches
+from hyperdiff.engine.make import make_problem
 from hyperdiff.engine.models import FunctionalModel, StepContext, functional
 from hyperdiff.engine.optimizers import Optimizer, adam, adamw, sgd
-from hyperdiff.engine.problem import Problem, make_problem, with_context
+from hyperdiff.engine.problem import Problem, with_context
 from hyperdiff.engine.solvers import ConvergenceWarning, Solver, SolveResult, cg, exact, neumann
 from hyperdiff.engine.training import train
 from hyperdiff.errors import HyperdiffError, NonFiniteError

@@ -15,19 +15,20 @@ Hyperparameter values need no moving: every method takes them through
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_map
 
 from hyperdiff.engine.data import BatchSource
 from hyperdiff.engine.data.evaluation import EvaluationSplit
 from hyperdiff.errors import HyperdiffError, describe
+from hyperdiff.tree import move
 from hyperdiff.typing import Batch
 
-if TYPE_CHECKING:
-    from hyperdiff.engine.problem import Problem
+# a Problem; device.py sits below problem.py (whose Problem.to calls to_device), so it names the
+# problem's type by a variable instead of importing it
+ProblemT = TypeVar("ProblemT")
 
 DEVICE_HELP = '"auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:N" or "mps"'
 
@@ -73,20 +74,6 @@ def tensor_of(value: Any) -> Tensor:
     """``value`` as a tensor: a tensor stays where it is, anything else (a numpy array, a list)
     becomes a CPU tensor, as ``torch.as_tensor`` makes it."""
     return value if isinstance(value, Tensor) else torch.as_tensor(value, device="cpu")
-
-
-def move(data: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> Any:
-    """``data`` (a tensor, or tuples / lists / dicts of them) with every tensor on ``device``;
-    floating-point tensors are also cast to ``dtype`` when it is given. Non-tensors are kept."""
-
-    def one(x: Any) -> Any:
-        if not isinstance(x, Tensor):
-            return x
-        if dtype is not None and x.is_floating_point():
-            return x.to(device=device, dtype=dtype)
-        return x.to(device=device)
-
-    return tree_map(one, data)
 
 
 class OnDevice(BatchSource):
@@ -154,8 +141,8 @@ def _check_dtype(dtype: Any, caller: str) -> torch.dtype | None:
     return dtype
 
 
-def to_device(problem: Problem, device: torch.device | str,
-              dtype: torch.dtype | None = None) -> Problem:
+def to_device(problem: ProblemT, device: torch.device | str,
+              dtype: torch.dtype | None = None) -> ProblemT:
     """A copy of ``problem`` on ``device`` (see the module doc); the original is unchanged.
 
     >>> import torch, hyperdiff as hd
@@ -169,15 +156,17 @@ def to_device(problem: Problem, device: torch.device | str,
     """
     device = resolve_device(device, "Problem.to") if isinstance(device, str) else device
     dtype = _check_dtype(dtype, "Problem.to")
+    p: Any = problem
     # without a dtype, the training batches keep the cast of an earlier .to (as params do)
-    train_dtype = dtype if dtype is not None else _cast_dtype(problem.train_data)
-    return dataclasses.replace(
-        problem,
-        params=move(problem.params, device, dtype),
-        buffers=move(problem.buffers, device, dtype),
-        val_data=[move(batch, device, dtype) for batch in problem.val_data],
-        train_data=OnDevice(unwrap(problem.train_data), device, train_dtype),
+    train_dtype = dtype if dtype is not None else _cast_dtype(p.train_data)
+    moved: ProblemT = dataclasses.replace(
+        p,
+        params=move(p.params, device, dtype),
+        buffers=move(p.buffers, device, dtype),
+        val_data=[move(batch, device, dtype) for batch in p.val_data],
+        train_data=OnDevice(unwrap(p.train_data), device, train_dtype),
     )
+    return moved
 
 
 def _cast_dtype(source: Any) -> torch.dtype | None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from hyperdiff.engine.make import make_problem
 from hyperdiff.engine.models import FunctionalModel
 from hyperdiff.engine.optimizers import Optimizer
-from hyperdiff.engine.problem import make_problem
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.hparams.hyperparams import HyperParameters
 from hyperdiff.methods import HyperGradient, Method, reverse

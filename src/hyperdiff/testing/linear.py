@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hyperdiff.engine.device import tensor_of
+from hyperdiff.engine.make import make_problem
 from hyperdiff.engine.optimizers import Optimizer, sgd
-from hyperdiff.engine.problem import Problem, make_problem
+from hyperdiff.engine.problem import Problem
 from hyperdiff.errors import HyperdiffError, describe, positive_float, positive_int
 from hyperdiff.hparams.hyperparams import HyperParameters, per_feature, scalar
 from hyperdiff.testing.closed_form import RidgeAnswer, ridge_hypergradient, ridge_solution

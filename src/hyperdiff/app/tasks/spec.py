@@ -48,9 +48,10 @@ from hyperdiff.app.tasks.splits import Splits, fold_rows, split_given_rows, spli
 from hyperdiff.engine.data import minibatches, validation_batches
 from hyperdiff.engine.data.evaluation import EvaluationSplit, is_dataset_split
 from hyperdiff.engine.datacheck import check_batch, tensors_in
+from hyperdiff.engine.make import make_problem
 from hyperdiff.engine.models import FunctionalModel
 from hyperdiff.engine.optimizers import Optimizer
-from hyperdiff.engine.problem import Problem, make_problem, takes_context
+from hyperdiff.engine.problem import Problem, takes_context
 from hyperdiff.errors import HyperdiffError, describe, fail, nonnegative_int, positive_int
 from hyperdiff.hparams.constraints import Free, Interval
 from hyperdiff.hparams.hyperparams import HyperParameters
