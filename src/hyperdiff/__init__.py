@@ -54,8 +54,7 @@ from hyperdiff.tuner import distributed
 from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 from hyperdiff.tuner.history import History, OptimizeResult, StepRecord
 from hyperdiff.tuner.online import OnlineResult, OnlineTuner
-
-__version__ = "0.1.0"
+from hyperdiff.version import __version__ as __version__
 
 __all__ = [
     "Advice",

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from hyperdiff import __version__
 from hyperdiff.app.config import Config
 from hyperdiff.app.rundir import RunDir
 from hyperdiff.app.tasks import task_inputs
@@ -17,6 +16,7 @@ from hyperdiff.app.tasks.inputs import input_changes
 from hyperdiff.app.tasks.loader import absolute_reference
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.logs import get_logger
+from hyperdiff.version import __version__
 
 _LOG = get_logger("experiment")
 

@@ -26,7 +26,7 @@ import zlib
 from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -91,6 +91,12 @@ class DiscreteParameter(HyperParameter):
     current_temperature: float | None = None
     sample: int | None = None
     noise_seed: int = 0
+
+    is_discrete: ClassVar[bool] = True
+
+    def best_choice(self, raw: Tensor) -> Any:
+        """The choice of the largest logit in ``raw``."""
+        return self.choices[int(raw.detach().argmax())]
 
     def validate(self, name: str) -> None:
         self.check_options(f"HyperParameters: {self.kind} {name!r}")
@@ -235,11 +241,7 @@ def best_choices(hparams: HyperParameters, raw: dict[str, Tensor] | None = None
                  ) -> dict[str, Any]:
     """The argmax choice of every discrete hyperparameter at ``raw`` (default: current)."""
     raw = hparams.raw if raw is None else raw
-    out = {}
-    for name in discrete_names(hparams):
-        spec = cast(DiscreteParameter, hparams[name])
-        out[name] = spec.choices[int(raw[name].detach().argmax())]
-    return out
+    return {name: hparams[name].best_choice(raw[name]) for name in discrete_names(hparams)}
 
 
 def with_states(hparams: HyperParameters, states: dict[str, dict[str, Any]]) -> HyperParameters:

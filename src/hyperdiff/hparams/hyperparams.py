@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -51,6 +51,12 @@ class HyperParameter:
     def read(self, name: str, raw: Tensor) -> Any:
         """What a loss reads for ``raw``: the natural value (a discrete kind: a ``Choice``)."""
         return self.constraint.to_natural(raw)
+
+    is_discrete: ClassVar[bool] = False
+
+    def best_choice(self, raw: Tensor) -> Any:
+        """The most probable choice at ``raw``: only discrete kinds have choices."""
+        raise TypeError(f"a {self.kind} hyperparameter has no choices")
 
 
 VALUE_TEXT = "a real number, a list of numbers, a real NumPy array or a real tensor"
@@ -308,9 +314,7 @@ class HyperParameters(Mapping[str, HyperParameter]):
     def best(self) -> dict[str, Any]:
         """The most probable choice of every discrete hyperparameter
         (:mod:`hyperdiff.hparams.discrete`)."""
-        from hyperdiff.hparams.discrete import best_choices  # local: discrete builds on this module
-
-        return best_choices(self)
+        return {n: s.best_choice(self._raw[n]) for n, s in self._specs.items() if s.is_discrete}
 
     def with_raw(self, raw: Mapping[str, Tensor]) -> HyperParameters:
         """A copy with new raw values."""
