@@ -56,10 +56,10 @@ from hyperdiff.engine.training import (
 )
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.hparams.schedules import Schedule
+from hyperdiff.methods.curvature_adam import ADAM_NAMES, ADAM_RULE
+from hyperdiff.methods.curvature_rule import RHO, CurvatureRule, keeps_all
 from hyperdiff.methods.windows import Window, _detach, _detached, _val_problem
 from hyperdiff.typing import Batch, Params
-
-RHO = 0.99  # decay of the squared-gradient average (Adam's beta2 for this estimate)
 
 
 class CurvatureTangent(NamedTuple):
@@ -74,27 +74,8 @@ class CurvatureTangent(NamedTuple):
     steps: Tensor
 
 
-class CurvatureRule(NamedTuple):
-    """One optimizer's tangent rule for :func:`curvature_window`:
-
-    - ``initial(problem, raw)``: the zero tangent it carries;
-    - ``values(problem, hview, grads, params, old_state, new_state, step)``: what the rule
-      reads from step ``step`` (its gradient, moments, coefficients);
-    - ``advance(tangent, values, lr, dlr, mu, scale, count)``: one step of the recurrence, in
-      place (``dlr`` None: without the direct term; ``count`` the squared gradients averaged
-      after it, a Python int: the bias correction reads no device value);
-    - ``direct(values, lr)``: ``-d theta_{t+1} / d lr_t`` (n,), the direct term's vector."""
-
-    initial: Callable[[Problem, dict[str, Tensor]], Any]
-    values: Callable[..., Any]
-    advance: Callable[..., None]
-    direct: Callable[[Any, Tensor], Tensor]
-
-
 def rule_for(problem: Problem) -> CurvatureRule:
     """The tangent rule of ``problem``'s optimizer (heavy-ball SGD, Adam / AdamW)."""
-    from hyperdiff.methods.curvature_adam import ADAM_NAMES, ADAM_RULE  # it imports this module
-
     return ADAM_RULE if problem.optimizer.name in ADAM_NAMES else SGD_RULE
 
 
@@ -114,8 +95,6 @@ def _initial_sgd(problem: Problem, raw: dict[str, Tensor]) -> CurvatureTangent:
 
 def check_optimizer(problem: Problem) -> None:
     """Refuse optimizers whose update this method's tangent rule does not describe."""
-    from hyperdiff.methods.curvature_adam import ADAM_NAMES  # it imports this module
-
     opt = problem.optimizer
     adam = opt.name in ADAM_NAMES
     if not adam and (opt.name != "sgd" or opt.settings.get("nesterov")
@@ -232,10 +211,6 @@ def forgetting(horizon: float | None, unit: str = "steps") -> Callable[[Tensor],
     return lambda lr: mu
 
 
-def _keeps_all(mu: float | Tensor) -> bool:
-    return isinstance(mu, float) and mu == 1.0
-
-
 def _advance(tangent: CurvatureTangent, momentum: Tensor, direction: Tensor, lr: Tensor,
              dlr: Tensor | None, beta: Tensor | float, mu: float | Tensor, scale: float,
              count: int) -> None:
@@ -248,7 +223,7 @@ def _advance(tangent: CurvatureTangent, momentum: Tensor, direction: Tensor, lr:
     curvature = torch.minimum(curvature, (2.0 * (1.0 + beta)) / lr.clamp(min=1e-30))
     zb.mul_(beta).addcmul_(z, curvature)
     z.addcmul_(zb, lr, value=-1.0)
-    if not _keeps_all(mu):
+    if not keeps_all(mu):
         z.mul_(mu)
     if dlr is not None:
         z.addcmul_(dlr, momentum, value=-1.0)

@@ -23,7 +23,8 @@ forgets, so ``Z_t = sum_s mu^(t-1-s) J_(t<-s) dPhi_s/du``. The other coefficient
 weight decay) are constants here; their one-step effect comes from the exact last step.
 
 ``D_t = min(scale * vhat_t, 2 (1 + b1) / ((1 - b1) a_t))`` with ``vhat`` the bias-corrected
-average (decay :data:`~hyperdiff.methods.curvature.RHO`) of the squared train gradient ``g_t^2``
+average (decay :data:`~hyperdiff.methods.curvature_rule.RHO`) of the squared train gradient
+``g_t^2``
 (without the decay) and ``a_t = lr_t / (c1 q)`` Adam's effective step per coordinate: with the
 denominator frozen, Adam's step is heavy-ball with learning rate ``(1 - b1) a_t`` and momentum
 ``b1``, whose stability limit on a curvature is that cap (``2 / a_t`` for ``b1 = 0``).
@@ -39,7 +40,7 @@ from torch import Tensor
 from hyperdiff.engine.optimizers import AdamState, resolve, safe_sqrt
 from hyperdiff.engine.problem import Problem
 from hyperdiff.engine.training import flat
-from hyperdiff.methods.curvature import RHO, CurvatureRule, _keeps_all
+from hyperdiff.methods.curvature_rule import RHO, CurvatureRule, keeps_all
 from hyperdiff.typing import Params
 
 ADAM_NAMES = ("adam", "adamw")
@@ -153,7 +154,7 @@ def advance_adam(tangent: AdamCurvatureTangent, values: AdamStep, lr: Tensor,
     if decoupled and not _no_decay(wd):
         z.mul_(1 - lr * wd)
     z.sub_(d_ratio * step_size)
-    if not _keeps_all(mu):
+    if not keeps_all(mu):
         for t in (z, zm, zv):
             t.mul_(mu)
     if dlr is not None:
