@@ -26,7 +26,7 @@ import copy
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,10 +36,8 @@ from hyperdiff.engine.training import initial_state
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.hparams.schedules import Schedule
 from hyperdiff.tuner.history import StepRecord, natural_values
+from hyperdiff.tuner.online_run import OnlineRun
 from hyperdiff.wording import option
-
-if TYPE_CHECKING:
-    from hyperdiff.tuner.online import OnlineTuner
 
 _LOG = logging.getLogger("hyperdiff.online")
 
@@ -125,7 +123,7 @@ def hot_start_message(steps: int, ratio: float, mode: str, restarted: bool) -> s
     return f"{found}; rerun from a smaller initial learning rate, or use {restart}"
 
 
-def measure_hot_start(tuner: OnlineTuner, record: StepRecord, start: int, stop: int) -> bool:
+def measure_hot_start(tuner: OnlineRun, record: StepRecord, start: int, stop: int) -> bool:
     """At the window (``record``, steps ``start .. stop-1``) that reaches :data:`FRACTION` of
     the run, first pass only: take the measure into ``tuner.hot_start_measure`` and log the
     message above :data:`LIMIT`; True when the run is to start over (``hot_start="restart"``
@@ -143,7 +141,7 @@ def measure_hot_start(tuner: OnlineTuner, record: StepRecord, start: int, stop: 
     return tuner.restarted
 
 
-def restart_cooler(tuner: OnlineTuner) -> None:
+def restart_cooler(tuner: OnlineRun) -> None:
     """Start ``tuner``'s run over from theta_0 at step 0 (parameters, buffers, optimizer state,
     tangents) with its current values, the learning rate divided by the measured ratio; that
     becomes the divergence guard's last good point."""
@@ -157,7 +155,7 @@ def restart_cooler(tuner: OnlineTuner) -> None:
                            "outer": copy.deepcopy(tuner.optimizer.state_dict())})
 
 
-def hot_start_warnings(tuner: OnlineTuner) -> tuple[str, ...]:
+def hot_start_warnings(tuner: OnlineRun) -> tuple[str, ...]:
     """The hot-start message of ``tuner``'s run, if its measure exceeded :data:`LIMIT`."""
     measured = tuner.hot_start_measure
     if measured is None or measured[1] <= LIMIT:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -31,6 +31,7 @@ from hyperdiff.tree import tree_flatten, tree_unflatten
 from hyperdiff.tuner.driver_checks import check_optimizer_state
 from hyperdiff.tuner.history import History, StepRecord
 from hyperdiff.tuner.hot_start import FRACTION
+from hyperdiff.tuner.online_run import OnlineRun
 from hyperdiff.tuner.state_checks import (
     check_count,
     check_guard_state,
@@ -40,15 +41,12 @@ from hyperdiff.tuner.state_checks import (
     shape_of,
 )
 
-if TYPE_CHECKING:
-    from hyperdiff.tuner.online import OnlineTuner
-
 FORMAT = "hyperdiff-online-1"
 CALLER = "OnlineTuner.load_state_dict"
 OPTIONAL = ("guard", "hot_start", "restarted")  # absent from checkpoints of older versions
 
 
-def tuner_state(tuner: OnlineTuner) -> dict[str, Any]:
+def tuner_state(tuner: OnlineRun) -> dict[str, Any]:
     """``tuner``'s state as a dict (copies)."""
     opt_leaves = tree_flatten(tuner.state.opt_state)[0]
     tangent = None if tuner.tangent is None else tree_flatten(tuple(tuner.tangent))[0]
@@ -67,7 +65,7 @@ def tuner_state(tuner: OnlineTuner) -> dict[str, Any]:
     }
 
 
-def restore_tuner(tuner: OnlineTuner, state: dict[str, Any],
+def restore_tuner(tuner: OnlineRun, state: dict[str, Any],
                   records: Sequence[StepRecord] | None = None) -> None:
     """Put :func:`tuner_state`'s ``state`` back into ``tuner`` (made with the same method and
     window); ``records`` (e.g. from the run directory) replace the history it holds."""
@@ -106,7 +104,7 @@ def restore_tuner(tuner: OnlineTuner, state: dict[str, Any],
     tuner.history = History([StepRecord.from_json(line) for line in lines][: state["step"]])
 
 
-def check_tuner_state(tuner: OnlineTuner, state: dict[str, Any], lines: Any) -> None:
+def check_tuner_state(tuner: OnlineRun, state: dict[str, Any], lines: Any) -> None:
     """Refuse a ``state`` (of ``tuner``'s method and window) that is not shaped like
     ``tuner``'s own or whose counters disagree with the history ``lines`` (module doc)."""
     fresh = tuner_state(tuner)
@@ -143,7 +141,7 @@ def check_tuner_state(tuner: OnlineTuner, state: dict[str, Any], lines: Any) -> 
         check_like(CALLER, "restarted", state["restarted"], False)
 
 
-def trained_steps(tuner: OnlineTuner, records: Sequence[StepRecord], restarted: bool
+def trained_steps(tuner: OnlineRun, records: Sequence[StepRecord], restarted: bool
                   ) -> tuple[int, int | None]:
     """The inner step that ``records`` end at: ``min(t + K, N)`` per ok window (failed ones
     were discarded), back to 0 after the window where a restarted run restarted (the first
@@ -163,7 +161,7 @@ def trained_steps(tuner: OnlineTuner, records: Sequence[StepRecord], restarted: 
     return position, restart_at
 
 
-def check_tangent(tuner: OnlineTuner, saved: Any, inner_step: int) -> None:
+def check_tangent(tuner: OnlineRun, saved: Any, inner_step: int) -> None:
     """Forward and curvature carry a tangent once they trained a window, shaped like a fresh
     run's; the others carry none."""
     carries = tuner.method in ("forward", "curvature") and inner_step > 0
