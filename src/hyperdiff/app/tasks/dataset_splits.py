@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from hyperdiff.app.tasks.splits import split_given_rows
+from hyperdiff.app.tasks.splits import split_given_rows, stratify_labels
 from hyperdiff.engine.data.evaluation import (
     DEFAULT_EVAL_BATCH,
     EvaluationSplit,
@@ -70,8 +70,6 @@ def _map_style(data: Any, batch_size: int) -> tuple[Any, int, DataLoader | None]
 
 def _labels(split: EvaluationSplit, stratify: bool | None) -> Tensor | None:
     """The labels of every sample of ``split`` in order, or ``None`` if a batch has none."""
-    from hyperdiff.app.tasks.spec import stratify_labels  # spec imports this module
-
     if stratify is False:
         return None
     parts = []

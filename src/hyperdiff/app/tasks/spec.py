@@ -44,7 +44,13 @@ from hyperdiff.app.tasks.dataset_splits import (
     train_source,
     validation_and_selection,
 )
-from hyperdiff.app.tasks.splits import Splits, fold_rows, split_given_rows, split_rows
+from hyperdiff.app.tasks.splits import (
+    Splits,
+    fold_rows,
+    split_given_rows,
+    split_rows,
+    stratify_labels,
+)
 from hyperdiff.engine.data import minibatches, validation_batches
 from hyperdiff.engine.data.evaluation import EvaluationSplit, is_dataset_split
 from hyperdiff.engine.datacheck import check_batch, tensors_in
@@ -446,18 +452,6 @@ def take(data: Any, rows: Tensor) -> Batch:
     if isinstance(data, (tuple, list)):
         return tuple(t[rows.to(t.device)] for t in data)
     return data[rows.to(data.device)]
-
-
-def stratify_labels(data: Any, *, any_dtype: bool = False) -> Tensor | None:
-    """Class labels of a batch (``data[1]`` or ``data["y"]``, 1-d): integer ones, or any
-    dtype with ``any_dtype`` (e.g. 0./1. targets of a binary cross-entropy); else ``None``."""
-    labels = (data.get("y") if isinstance(data, dict)
-              else data[1] if isinstance(data, (tuple, list)) and len(data) > 1 else None)
-    if not isinstance(labels, Tensor) or labels.dim() != 1:
-        return None
-    if any_dtype or not (labels.is_floating_point() or labels.is_complex()):
-        return labels
-    return None
 
 
 def loss_metrics(spec: TaskSpec) -> Metrics:

@@ -11,6 +11,7 @@ classification (integer labels) every cut is stratified by label
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -132,3 +133,15 @@ def fold_rows(pool: Tensor, folds: int, seed: int, labels: Tensor | None = None
                     if counts.min() >= folds else KFold(folds, shuffle=True, random_state=seed + 1))
         cuts = splitter.split(rows, y)
     return [(_rows(rows[tr]), _rows(rows[va])) for tr, va in cuts]
+
+
+def stratify_labels(data: Any, *, any_dtype: bool = False) -> Tensor | None:
+    """Class labels of a batch (``data[1]`` or ``data["y"]``, 1-d): integer ones, or any
+    dtype with ``any_dtype`` (e.g. 0./1. targets of a binary cross-entropy); else ``None``."""
+    labels = (data.get("y") if isinstance(data, dict)
+              else data[1] if isinstance(data, (tuple, list)) and len(data) > 1 else None)
+    if not isinstance(labels, Tensor) or labels.dim() != 1:
+        return None
+    if any_dtype or not (labels.is_floating_point() or labels.is_complex()):
+        return labels
+    return None
