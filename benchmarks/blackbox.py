@@ -45,7 +45,7 @@ from sklearn.model_selection import ParameterGrid
 
 from hyperdiff.app.cli.compare import evaluate_values
 from hyperdiff.app.config import load_config
-from hyperdiff.app.experiment import REPORT_SEED, build
+from hyperdiff.app.experiment import build
 from hyperdiff.app.search import (
     OPTUNA_MISSING,
     SearchResult,
@@ -55,6 +55,7 @@ from hyperdiff.app.search import (
     run_points,
     tpe_search,
 )
+from hyperdiff.seeds import REPORT_SEED
 from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 
 RESULTS = Path(__file__).parent / "results"

@@ -35,10 +35,10 @@ import torch
 from hyperdiff.app.discrete_report import relaxation_gap
 from hyperdiff.app.search import optuna_available, random_search, tpe_search
 from hyperdiff.app.tasks.arch_digits import build
+from hyperdiff.seeds import report_seeds
 from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 
-REPORT_SEED = 1_000_000
-REPORT_SEEDS = (REPORT_SEED, REPORT_SEED + 1, REPORT_SEED + 2)
+REPORT_SEEDS = report_seeds(3)
 STARTS: dict[str, dict[str, Any]] = {  # initial values of the hyperdiff runs
     "default": {},  # uniform probabilities (argmax ties: the first choice), lr 0.1, wd 1e-4
     "poor": {"depth": [0.1, 0.1, 0.8], "width": [0.7, 0.1, 0.1, 0.1],

@@ -12,9 +12,10 @@ import torch
 import hyperdiff as hd
 from hyperdiff.app.cli import main
 from hyperdiff.app.config import load_config
-from hyperdiff.app.experiment import REPORT_SEED, run_experiment
+from hyperdiff.app.experiment import run_experiment
 from hyperdiff.app.rundir import CHECKPOINT
 from hyperdiff.app.tasks import Task, arch_digits, build_task
+from hyperdiff.seeds import REPORT_SEED
 
 QUICK = ["--set", "inner.steps=4", "--set", "stop.max_steps=3", "--set", "report.seeds=1",
          "--set", "task.selection_fraction=0.5", "--quiet"]

@@ -35,14 +35,13 @@ from hyperdiff.engine.device import resolve_device, task_to_device
 from hyperdiff.errors import HyperdiffError, NonFiniteError
 from hyperdiff.logs import get_logger
 from hyperdiff.methods.registry import make_method
+from hyperdiff.seeds import report_seeds
 from hyperdiff.tuner.distributed import data_parallel, init_from_env, root_only
 from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 from hyperdiff.tuner.history import OptimizeResult, natural_values
 
 _LOG = get_logger("experiment")
 
-REPORT_SEED = 1_000_000
-"""Report trainings use seeds ``REPORT_SEED + i``, distinct from the tuning seeds."""
 
 
 def build(config: Config) -> tuple[Task, HyperOptimizer]:
@@ -321,7 +320,7 @@ def final_report(task: Task, outcome: OptimizeResult, config: Config, *, elapsed
     """Retrain at the initial and the best hyperparameters (``config.report.seeds`` fresh
     seeds each, the same for both) and evaluate every split; ``progress()`` after each
     training."""
-    seeds = tuple(REPORT_SEED + i for i in range(config.report.seeds))
+    seeds = report_seeds(config.report.seeds)
     segments = outcome.best_step + 1 if config.inner.warm_start else 1
     sides = {"initial": task.hparams.raw, "tuned": outcome.best_raw}
     report: dict[str, Any] = {

@@ -23,6 +23,7 @@ from hyperdiff.app.rundir import RunDir
 from hyperdiff.app.tasks import Task, build_task
 from hyperdiff.engine.device import resolve_device, task_to_device
 from hyperdiff.errors import HyperdiffError, NonFiniteError
+from hyperdiff.seeds import report_seeds
 from hyperdiff.tuner.history import StepRecord, natural_values
 from hyperdiff.tuner.online import METHODS, OnlineTuner
 
@@ -118,9 +119,7 @@ def run_online(config: Config, rundir: RunDir, *, resume: bool, progress: bool |
 def online_report(task: Task, tuner: OnlineTuner, config: Config) -> dict[str, Any]:
     """Fresh full-length trainings at the initial and the final values, and the metrics of the
     model trained during the online run (same layout as the offline report)."""
-    from hyperdiff.app.experiment import REPORT_SEED
-
-    seeds = tuple(REPORT_SEED + i for i in range(config.report.seeds))
+    seeds = report_seeds(config.report.seeds)
     final = tuner.raw
     report: dict[str, Any] = {
         "task": task.name, "status": "finished", "mode": "online",

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from hyperdiff.errors import HyperdiffError
+from hyperdiff.seeds import call_seed
 from hyperdiff.tree import tree_flatten
 from hyperdiff.typing import Params
 
@@ -66,7 +67,7 @@ class StepContext:
     def call_seed(self, call: int) -> int:
         """The seed of model call ``call`` (1, 2, ...) of this step; ``call = 0`` seeds the
         loss function itself (randomness it draws outside the model, e.g. ``F.dropout``)."""
-        return (self.seed * 1_000_003 + (self.step + 1) * 7_919 + call) % (2**62)
+        return call_seed(self.seed, self.step, call)
 
 
 def _is_batch_norm(module: nn.Module) -> bool:

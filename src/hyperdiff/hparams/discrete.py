@@ -22,7 +22,6 @@ hypergradients of its logits (a gradient on the probability simplex is not uniqu
 from __future__ import annotations
 
 import math
-import zlib
 from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from hyperdiff.errors import HyperdiffError, Text, describe, fail, is_number
 from hyperdiff.hparams import gumbel, relax
 from hyperdiff.hparams.constraints import Constraint
 from hyperdiff.hparams.hyperparams import HyperParameter, HyperParameters, _tensor
+from hyperdiff.seeds import gumbel_seed
 
 MODES = ("relax", "gumbel", "reinforce")
 BASELINES = ("moving_average", "leave_one_out", "none")
@@ -139,7 +139,7 @@ class DiscreteParameter(HyperParameter):
             return relax.Choice.fixed(name, self.choices, index, probs)
         tau = self.temperature[0] if self.current_temperature is None else self.current_temperature
         if self.mode == "gumbel":
-            seed = (self.noise_seed * 1_000_003 + zlib.crc32(name.encode())) % (2**62)
+            seed = gumbel_seed(self.noise_seed, name)
             weights = gumbel.straight_through(raw, tau, seed)
         else:
             weights = relax.relaxed_weights(raw, tau)

@@ -17,7 +17,6 @@ baseline, the temperature and the estimate's variance.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import replace
 from typing import Any, cast
 
@@ -28,6 +27,7 @@ from hyperdiff.engine.problem import Problem
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.hparams.discrete import DiscreteParameter, discrete_names, label, with_states
 from hyperdiff.hparams.hyperparams import HyperParameters
+from hyperdiff.seeds import choice_seed
 from hyperdiff.tuner import reinforce
 from hyperdiff.wording import option
 
@@ -48,8 +48,7 @@ class DiscreteOuter:
         return cast(DiscreteParameter, self.hparams[name])
 
     def sample_seed(self, step: int, sample: int, name: str) -> int:
-        return (self.seed * 1_000_003 + step * 7_919 + sample * 104_729
-                + zlib.crc32(name.encode())) % (2**62)
+        return choice_seed(self.seed, step, sample, name)
 
     def prepare(self, problem: Problem, step: int, sample: int, raw: dict[str, Tensor]
                 ) -> Problem:

@@ -68,6 +68,7 @@ from hyperdiff.hparams.schedules import Schedule
 from hyperdiff.methods.registry import OPTIMIZERS, SCHEDULES
 from hyperdiff.methods.window_methods import METHODS, window_method
 from hyperdiff.methods.windows import Window
+from hyperdiff.seeds import window_seed
 from hyperdiff.tree import tree_flatten, tree_unflatten
 from hyperdiff.tuner.guard import DivergenceGuard, untrained_loss
 from hyperdiff.tuner.history import History, StepRecord, finite_or_none, natural_values, to_number
@@ -232,7 +233,7 @@ class OnlineTuner:
         leaves, spec = tree_flatten(batch)
         rows_total = leaves[0].shape[0]
         size = min(self.val_batch_size, rows_total)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + hyper_step)
+        gen = torch.Generator().manual_seed(window_seed(self.seed, hyper_step))
         rows = torch.randperm(rows_total, generator=gen, device=gen.device)[:size]
         rows = rows.to(leaves[0].device)
         if isinstance(batch, tuple):

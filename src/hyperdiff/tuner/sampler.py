@@ -30,6 +30,7 @@ from hyperdiff.engine.training import validation_loss
 from hyperdiff.errors import NonFiniteError
 from hyperdiff.logs import get_logger
 from hyperdiff.methods.base import HyperGradient, Method
+from hyperdiff.seeds import minibatch_seed
 from hyperdiff.tuner.discrete_outer import DiscreteOuter
 from hyperdiff.tuner.distributed.spread import Spreader
 from hyperdiff.tuner.snr import (
@@ -93,7 +94,7 @@ class Sampler:
 
     def seed_for(self, step: int, sample: int) -> int:
         """Minibatch seed of ``sample`` at outer ``step``."""
-        return (self.seed * 1_000_003 + step * self.samples + sample) % (2**31)
+        return minibatch_seed(self.seed, step, self.samples, sample)
 
     def evaluate(self, step: int, raw: dict[str, Tensor]
                  ) -> tuple[list[HyperGradient], float | None]:

@@ -93,7 +93,7 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
     ``progress``: tqdm bars (``None``: only on a terminal)."""
     from tqdm.auto import tqdm
 
-    from hyperdiff.app.experiment import REPORT_SEED, build
+    from hyperdiff.app.experiment import build
     from hyperdiff.app.search import (
         OPTUNA_MISSING,
         from_history,
@@ -104,6 +104,7 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
         trainings_per_trial,
     )
     from hyperdiff.logs import get_logger
+    from hyperdiff.seeds import report_seeds
 
     log = log or get_logger("compare").info
     task, driver = build(config)
@@ -112,7 +113,7 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
     outcome = driver.run(progress=progress)
     hyper = from_history(outcome.history, method="hyperdiff")
     budget = budget or driver.trainings
-    seeds = tuple(REPORT_SEED + i for i in range(config.report.seeds))
+    seeds = report_seeds(config.report.seeds)
     names = list(task.search_space) if per_coordinate else []
     methods = [summarize(hyper, task.evaluate(outcome.best_raw, seeds=seeds),
                          picked_by=outcome.criterion)]

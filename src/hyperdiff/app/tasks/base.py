@@ -31,6 +31,7 @@ from hyperdiff.engine.models import StepContext
 from hyperdiff.engine.problem import Problem, takes_context
 from hyperdiff.engine.training import initial_state, unroll, validation_loss
 from hyperdiff.hparams.hyperparams import HParamView, HyperParameters
+from hyperdiff.seeds import segment_seed
 from hyperdiff.typing import Batch, Params
 
 Metrics = Callable[..., dict[str, float]]
@@ -142,7 +143,7 @@ def trained_params(
     hview = problem.hparams.view(problem.raw_tensors(dict(raw)))
     params, buffers = problem.params, problem.buffers
     for segment in range(segments):
-        run = replace(problem, params=params, buffers=buffers, seed=seed + 7919 * segment)
+        run = replace(problem, params=params, buffers=buffers, seed=segment_seed(seed, segment))
         with torch.no_grad():
             state, _ = unroll(run, hview, initial_state(run, differentiable=False),
                               differentiable=False)

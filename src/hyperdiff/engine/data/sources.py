@@ -18,6 +18,7 @@ from torch import Tensor
 from hyperdiff.engine.data.failures import check_finite, user_code
 from hyperdiff.engine.data.replay import ReplayLog, check_batch
 from hyperdiff.errors import HyperdiffError, describe
+from hyperdiff.seeds import epoch_seed
 from hyperdiff.typing import Batch
 
 
@@ -94,7 +95,7 @@ class Minibatches(BatchSource):
         if key not in self._perm_cache:
             n = self.tensors[0].shape[0]
             if self.shuffle:
-                gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+                gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
                 # a CPU generator's permutation; batch() moves the rows to the data's device
                 self._perm_cache[key] = torch.randperm(n, generator=gen, device="cpu")
             else:

@@ -41,6 +41,7 @@ from hyperdiff.engine.problem import Problem
 from hyperdiff.errors import HyperdiffError, NonFiniteError
 from hyperdiff.methods.base import HyperGradient, Method
 from hyperdiff.methods.registry import make_method
+from hyperdiff.seeds import rank_seed
 from hyperdiff.tuner.distributed.group import Group, current_group
 from hyperdiff.typing import Batch, Params
 
@@ -114,11 +115,6 @@ def averaged_optimizer(optimizer: Optimizer, group: Group, where: str = "data_pa
         return inner(mean_gradients(grads, group, where), state, params, hparams, step)
 
     return optimizer._replace(update=update)
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """The dropout seed of ``rank`` for a training with ``seed`` (rank 0 keeps ``seed``)."""
-    return (seed + rank * 7_368_787) % (2**31)
 
 
 def shared_train_loss(problem: Problem, group: Group, where: str = "data_parallel") -> Any:
