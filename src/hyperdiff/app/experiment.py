@@ -21,13 +21,11 @@ from hyperdiff.app.run_inputs import (
     ACCEPT_FLAG,
     changed_inputs_error,
     input_change_warnings,
-    run_inputs,
-    verify_inputs,
+    restore_or_start,
     with_absolute_task,
 )
 from hyperdiff.app.rundir import RunDir
 from hyperdiff.app.rundir.paths import below_working_dir
-from hyperdiff.app.rundir.records import new_run
 from hyperdiff.app.tasks import Task, build_task
 from hyperdiff.app.tasks.inputs import task_file_change
 from hyperdiff.app.tasks.loader import forget_specs, label
@@ -85,33 +83,6 @@ def new_run_dir(config: Config, out: str | Path | None = None) -> RunDir:
         return RunDir.create(below_working_dir(config.output.dir, "config: output.dir"))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return RunDir.create_unique("runs", f"{label(config.task.name)}-{stamp}")
-
-
-def restore_or_start(rundir: RunDir, config: Config, hparams: Any, loop: Any, *,
-                     resume: bool, accept_changed_inputs: bool = False) -> bool:
-    """Load the run's last checkpoint into ``loop`` (a :class:`HyperOptimizer` or an
-    :class:`~hyperdiff.tuner.online.OnlineTuner`) when resuming one, else write the start files of a
-    new run; True when resumed. A checkpoint that does not fit ``loop`` is one clear error, and
-    so are changed inputs (the task's code or data) unless ``accept_changed_inputs``."""
-    inputs = run_inputs(config)
-    if not (resume and (state := rundir.load_checkpoint()) is not None):
-        rundir.start(config.to_toml(), hparams, inputs)
-        return False
-    unrecorded = rundir.recorded_inputs() is None
-    change = verify_inputs(rundir, inputs, step=int(state["step"]),
-                           accept=accept_changed_inputs)
-    history = rundir.load_history(int(state["step"]))
-    try:
-        loop.load_state_dict(state, history)
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
-        what = str(err) if isinstance(err, HyperdiffError) else f"{type(err).__name__}: {err}"
-        raise HyperdiffError(
-            f"run directory: {rundir.file('checkpoint.pt')} does not fit this run's driver "
-            f"({what}); restore it, or {new_run(rundir.path)}"
-        ) from None
-    if unrecorded or change is not None:
-        rundir.record_inputs(inputs, change)
-    return True
 
 
 def config_differences(old: Config, new: Config) -> list[str]:

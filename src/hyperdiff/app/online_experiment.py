@@ -18,7 +18,7 @@ from typing import Any
 
 from hyperdiff.app.config import Config
 from hyperdiff.app.loggers import close_all, config_loggers, start_all
-from hyperdiff.app.run_inputs import input_change_warnings
+from hyperdiff.app.run_inputs import input_change_warnings, restore_or_start
 from hyperdiff.app.rundir import RunDir
 from hyperdiff.app.tasks import Task, build_task
 from hyperdiff.engine.device import resolve_device, task_to_device
@@ -73,10 +73,6 @@ def run_online(config: Config, rundir: RunDir, *, resume: bool, progress: bool |
     """Run (or resume) an online tuning job in ``rundir``; return the result it writes.
     ``callbacks(tuner, record)`` run after each window, after the loggers of ``[log]``;
     ``accept_changed_inputs``: see :func:`~hyperdiff.app.experiment.run_experiment`."""
-    from hyperdiff.app.experiment import (
-        restore_or_start,  # local: experiment hands online runs to here
-    )
-
     task, tuner = build_online(config)
     if restore_or_start(rundir, config, task.hparams, tuner, resume=resume,
                         accept_changed_inputs=accept_changed_inputs):

@@ -1,7 +1,8 @@
 """What a resume verifies about the task's inputs, for :mod:`hyperdiff.app.experiment` and
 :mod:`hyperdiff.app.online_experiment`: the fingerprints of the task's code and data splits
 (:mod:`hyperdiff.app.tasks.inputs`) recorded in the run's manifest, compared with those of today;
-a change is refused unless ``--accept-changed-inputs`` (see ``docs/run_directory.md``).
+a change is refused unless ``--accept-changed-inputs`` (see ``docs/run_directory.md``);
+and :func:`restore_or_start`, which both run modes call to resume a run or start it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 
 from hyperdiff.app.config import Config
 from hyperdiff.app.rundir import RunDir
+from hyperdiff.app.rundir.records import new_run
 from hyperdiff.app.tasks import task_inputs
 from hyperdiff.app.tasks.inputs import input_changes
 from hyperdiff.app.tasks.loader import absolute_reference
@@ -72,5 +74,32 @@ def input_change_warnings(rundir: RunDir) -> list[str]:
             f"{'; '.join(c.get('changes', []))}" for c in rundir.input_changes()]
 
 
-__all__ = ["ACCEPT_FLAG", "changed_inputs_error", "input_change_warnings", "run_inputs",
-           "verify_inputs", "with_absolute_task"]
+def restore_or_start(rundir: RunDir, config: Config, hparams: Any, loop: Any, *,
+                     resume: bool, accept_changed_inputs: bool = False) -> bool:
+    """Load the run's last checkpoint into ``loop`` (a :class:`HyperOptimizer` or an
+    :class:`~hyperdiff.tuner.online.OnlineTuner`) when resuming one, else write the start files of a
+    new run; True when resumed. A checkpoint that does not fit ``loop`` is one clear error, and
+    so are changed inputs (the task's code or data) unless ``accept_changed_inputs``."""
+    inputs = run_inputs(config)
+    if not (resume and (state := rundir.load_checkpoint()) is not None):
+        rundir.start(config.to_toml(), hparams, inputs)
+        return False
+    unrecorded = rundir.recorded_inputs() is None
+    change = verify_inputs(rundir, inputs, step=int(state["step"]),
+                           accept=accept_changed_inputs)
+    history = rundir.load_history(int(state["step"]))
+    try:
+        loop.load_state_dict(state, history)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+        what = str(err) if isinstance(err, HyperdiffError) else f"{type(err).__name__}: {err}"
+        raise HyperdiffError(
+            f"run directory: {rundir.file('checkpoint.pt')} does not fit this run's driver "
+            f"({what}); restore it, or {new_run(rundir.path)}"
+        ) from None
+    if unrecorded or change is not None:
+        rundir.record_inputs(inputs, change)
+    return True
+
+
+__all__ = ["ACCEPT_FLAG", "changed_inputs_error", "input_change_warnings", "restore_or_start",
+           "run_inputs", "verify_inputs", "with_absolute_task"]
