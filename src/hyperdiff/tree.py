@@ -2,7 +2,10 @@
 
 The only module of hyperdiff that imports a private torch module (``torch.utils._pytree``,
 which torch keeps stable in practice but does not document as public); every other module
-takes its pytree helpers from here, so a change in torch is fixed in one place.
+takes its pytree helpers from here, so a change in torch is fixed in one place. For the same
+reason it also names :data:`BatchNormBase`, torch's private base class of every batch-norm
+layer (``torch.nn.modules.batchnorm._BatchNorm``), which :mod:`hyperdiff.engine.models` needs
+to find them.
 
 >>> import torch
 >>> leaves, spec = tree_flatten({"a": (torch.ones(1), 2)})
@@ -17,7 +20,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_map, tree_unflatten
+
+BatchNormBase = _BatchNorm
+"""The base class of ``nn.BatchNorm1d/2d/3d``, their lazy forms and ``nn.SyncBatchNorm``."""
 
 
 def move(data: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> Any:
@@ -46,4 +53,5 @@ def leaves(batch: Any, path: str = "") -> Iterator[tuple[str, Any]]:
         yield path, batch
 
 
-__all__ = ["TreeSpec", "leaves", "move", "tree_flatten", "tree_map", "tree_unflatten"]
+__all__ = ["BatchNormBase", "TreeSpec", "leaves", "move", "tree_flatten", "tree_map",
+           "tree_unflatten"]

@@ -25,11 +25,10 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.seeds import call_seed
-from hyperdiff.tree import tree_flatten
+from hyperdiff.tree import BatchNormBase, tree_flatten
 from hyperdiff.typing import Params
 
 _ACTIVE: contextvars.ContextVar[tuple[FunctionalModel, StepContext] | None] = (
@@ -71,7 +70,7 @@ class StepContext:
 
 
 def _is_batch_norm(module: nn.Module) -> bool:
-    return isinstance(module, _BatchNorm)
+    return isinstance(module, BatchNormBase)
 
 
 def _is_compiled(module: Any) -> bool:
@@ -171,7 +170,7 @@ class FunctionalModel:
     def _make_hook(self, prefix: str):
         base = f"{prefix}." if prefix else ""
 
-        def hook(bn: _BatchNorm, inputs: tuple[Any, ...]) -> None:
+        def hook(bn: BatchNormBase, inputs: tuple[Any, ...]) -> None:
             active = _ACTIVE.get()
             if active is None or active[0] is not self or not active[1].train:
                 return
@@ -191,7 +190,7 @@ class FunctionalModel:
     def _make_eval_hook(self, prefix: str):
         base = f"{prefix}." if prefix else ""
 
-        def hook(bn: _BatchNorm, inputs: tuple[Any, ...], output: Tensor) -> Tensor | None:
+        def hook(bn: BatchNormBase, inputs: tuple[Any, ...], output: Tensor) -> Tensor | None:
             # torch's batch_norm is not differentiable in its running statistics; in eval mode
             # recompute the output from the (differentiable) buffers we carry.
             active = _ACTIVE.get()
