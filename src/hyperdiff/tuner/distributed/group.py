@@ -93,6 +93,7 @@ class Group:
         self._thread = threading.Thread(target=self._beat_loop, daemon=True,
                                         name=f"hyperdiff-heartbeat-{self.rank}")
         self._thread.start()
+        _stop_at_exit()
 
     @property
     def is_root(self) -> bool:
@@ -390,7 +391,16 @@ def _at_exit() -> None:
         os._exit(1)
 
 
-atexit.register(_at_exit)
+_EXIT_REGISTERED = False
+
+
+def _stop_at_exit() -> None:
+    """Register :func:`_at_exit` once, when the first :class:`Group` starts its heartbeat
+    (importing hyperdiff registers nothing)."""
+    global _EXIT_REGISTERED
+    if not _EXIT_REGISTERED:
+        atexit.register(_at_exit)
+        _EXIT_REGISTERED = True
 
 
 __all__ = ["Group", "LostRankError", "current_group", "forget_groups", "init_from_env",
