@@ -302,3 +302,12 @@ def test_architecture_page_lists_each_module_under_its_layer():
         for module in re.findall(r"^\| `(hyperdiff(?:\.[a-z_]+)+)` \|", line):
             assert folder is not None, f"{module} is listed before any layer heading"
             assert layer_of(module)[0] == folder, f"{module} is listed under {folder or 'root'}/"
+
+
+def test_public_names_survive_the_move():
+    """Every public ``hd.X`` still resolves, and the moved subpackages stay attributes."""
+    import hyperdiff as hd
+
+    assert [n for n in hd.__all__ if not hasattr(hd, n)] == []
+    assert callable(hd.tasks.build_task) and callable(hd.linear.ridge)
+    assert callable(hd.distributed.current_group)
