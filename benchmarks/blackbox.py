@@ -43,11 +43,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 from sklearn.model_selection import ParameterGrid
 
-from hyperdiff.cli.compare import evaluate_values
-from hyperdiff.config import load_config
-from hyperdiff.driver import HyperOptimizer, Stopping
-from hyperdiff.experiment import REPORT_SEED, build
-from hyperdiff.search import (
+from hyperdiff.app.cli.compare import evaluate_values
+from hyperdiff.app.config import load_config
+from hyperdiff.app.experiment import build
+from hyperdiff.app.search import (
     OPTUNA_MISSING,
     SearchResult,
     from_history,
@@ -56,6 +55,8 @@ from hyperdiff.search import (
     run_points,
     tpe_search,
 )
+from hyperdiff.seeds import REPORT_SEED
+from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 
 RESULTS = Path(__file__).parent / "results"
 SEEDS = tuple(REPORT_SEED + i for i in range(3))

@@ -1,6 +1,6 @@
 """Discrete hyperparameters on ``arch_digits``: relax / gumbel / reinforce against TPE and random.
 
-The task (src/hyperdiff/tasks/arch_digits.py): an MLP on digits choosing depth {1,2,3}, width
+The task (src/hyperdiff/app/tasks/arch_digits.py): an MLP on digits choosing depth {1,2,3}, width
 {16,32,64,128} and activation {relu,tanh,gelu} while tuning the SGD learning rate and weight
 decay. For each hyperdiff mode and each black-box search, and each of 3 seeds (the outer seed
 of hyperdiff, the sampler seed of the searches), the *current* configuration after every outer
@@ -32,13 +32,13 @@ from typing import Any
 
 import torch
 
-from hyperdiff.discrete.report import relaxation_gap
-from hyperdiff.driver import HyperOptimizer, Stopping
-from hyperdiff.search import optuna_available, random_search, tpe_search
-from hyperdiff.tasks.arch_digits import build
+from hyperdiff.app.discrete_report import relaxation_gap
+from hyperdiff.app.search import optuna_available, random_search, tpe_search
+from hyperdiff.app.tasks.arch_digits import build
+from hyperdiff.seeds import report_seeds
+from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 
-REPORT_SEED = 1_000_000
-REPORT_SEEDS = (REPORT_SEED, REPORT_SEED + 1, REPORT_SEED + 2)
+REPORT_SEEDS = report_seeds(3)
 STARTS: dict[str, dict[str, Any]] = {  # initial values of the hyperdiff runs
     "default": {},  # uniform probabilities (argmax ties: the first choice), lr 0.1, wd 1e-4
     "poor": {"depth": [0.1, 0.1, 0.8], "width": [0.7, 0.1, 0.1, 0.1],

@@ -3,8 +3,8 @@
 0. A control without hyperdiff or communication: the same 4 plain trainings, split over 2
    processes; its speed-up is what the (shared) machine gives two processes at the moment.
 1. Outer steps of ``mlp_digits`` with 4 samples per step: with 2 ranks each rank runs 2 of the
-   4 trainings (:mod:`hyperdiff.distributed.spread`). Target: >= 1.7x steps per second.
-2. The data-parallel inner step (:mod:`hyperdiff.distributed.data_parallel`) of a model large
+   4 trainings (:mod:`hyperdiff.tuner.distributed.spread`). Target: >= 1.7x steps per second.
+2. The data-parallel inner step (:mod:`hyperdiff.tuner.distributed.data_parallel`) of a model large
    enough for compute to dominate (an MLP 256-1024-1024-10, batch 1024, float32): reverse-mode
    hypergradient time per inner step, one process on the full batch against 2 ranks on halves.
 
@@ -55,7 +55,7 @@ def _rank_main(rank: int, world: int, port: int, job: str, options: dict, result
     value = {**JOBS, **EXTRA_JOBS}[job](options)
     results.put((rank, value))
     if world > 1:
-        import hyperdiff.distributed.group as group
+        import hyperdiff.tuner.distributed.group as group
 
         group.forget_groups()
         torch.distributed.destroy_process_group()
@@ -92,8 +92,8 @@ def run_ranks(world: int, job: str, options: dict, timeout: float = 600.0) -> An
 # ---------------------------------------------------------------------- jobs
 def outer_steps(options: dict) -> dict:
     """Seconds per outer step of mlp_digits with 4 samples (after one warm-up step)."""
-    from hyperdiff.driver import HyperOptimizer, Stopping
-    from hyperdiff.tasks import build_task
+    from hyperdiff.app.tasks import build_task
+    from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 
     task = build_task("mlp_digits", steps=options["inner_steps"])
     opt = HyperOptimizer(list(task.problems), samples=4, lr=0.05,
@@ -154,8 +154,8 @@ def data_parallel_step(options: dict) -> dict:
 def control(options: dict) -> dict:
     """The same compute as ``outer``'s trainings without hyperdiff or communication: the
     4 samples' plain trainings split over the ranks (what the machine gives two processes)."""
-    from hyperdiff.tasks import build_task
-    from hyperdiff.training import train
+    from hyperdiff.app.tasks import build_task
+    from hyperdiff.engine.training import train
 
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     rank = torch.distributed.get_rank() if world > 1 else 0

@@ -3,7 +3,7 @@
 The RSS rise that ``benchmarks/hypergrad_cost.py`` reports includes glibc's heap fragmentation,
 which grows with the number of steps when a loop allocates and frees many differently sized
 tensors. This script counts live tensor bytes instead: the peak of torch's own allocation and
-free events (``hyperdiff.check.peak_memory``, the profiler's memory events), for the digits
+free events (``hyperdiff.diagnose.check.peak_memory``, the profiler's memory events), for the digits
 MLP of ``hypergrad_cost.py`` (minibatches of 100, SGD momentum, k grouped L2 penalties).
 
     python benchmarks/forward_memory.py        # about 3 minutes
@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hypergrad_cost import cost_problem
 
-from hyperdiff.check import peak_memory
+from hyperdiff.diagnose.check import peak_memory
 from hyperdiff.methods.forward import forward
 
 RESULTS = Path(__file__).resolve().parent / "results" / "forward_memory.json"

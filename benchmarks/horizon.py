@@ -44,9 +44,9 @@ from typing import Any
 import torch
 
 import hyperdiff as hd
-from hyperdiff.driver import HyperOptimizer, Stopping
-from hyperdiff.search import OPTUNA_MISSING, optuna_available, run_points, tpe_search
-from hyperdiff.tasks import Task, build_task
+from hyperdiff.app.search import OPTUNA_MISSING, optuna_available, run_points, tpe_search
+from hyperdiff.app.tasks import Task, build_task
+from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 
 RESULTS = Path(__file__).parent / "results" / "horizon.json"
 EVAL_SEED = 1_000_000

@@ -5,7 +5,7 @@ over an optimization time of 20, normalised SGD outer steps of 0.2 with cosine d
 task's start lr_peak = 0.05 and from 10x too small / too large. This script scans the start
 (lr_peak 0.005 ... 0.5, the schedule's shape and the weight decay at their initial values),
 each over the online run's minibatch order from tuning seeds 0-5, with the hot-start measure
-of each run (:mod:`hyperdiff.online.hot_start`: the optimization time trained in the first 10%
+of each run (:mod:`hyperdiff.tuner.hot_start`: the optimization time trained in the first 10%
 of the run over the one its values by then give those steps). Rows:
 
 - ``task default``: ``hot_start="restart"``, the default of ``method="curvature"``: above a
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from horizon import EVAL_SEED, NAMES, evaluate, online_row, raw_of, values_of
 
-from hyperdiff.tasks import build_task
+from hyperdiff.app.tasks import build_task
 
 RESULTS = Path(__file__).parent / "results" / "horizon_starts.json"
 STARTS = (0.005, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)

@@ -6,7 +6,7 @@ Usage (from the repo root):
   python benchmarks/implicit.py --quick         # small sizes, for a smoke run
 
 Problem: multinomial logistic regression on scikit-learn's digits (standardised, 30%
-validation), per-feature L2 (``hyperdiff.linear.logistic``), at ``l2 = 1`` for every feature
+validation), per-feature L2 (``hyperdiff.testing.linear.logistic``), at ``l2 = 1`` for every feature
 (scikit-learn's default ``C = 1``, also about the best single value on this split).
 ``theta*`` is found by Newton's method (digits) or L-BFGS (random features, where Newton's
 dense Hessian would dominate the run); each method then runs with ``steps=1`` from ``theta*``
@@ -43,9 +43,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 import hyperdiff as hd
-from hyperdiff.linear import Dataset, load_dataset, logistic
+from hyperdiff.engine.solvers import ConvergenceWarning, cg, exact, neumann
 from hyperdiff.methods.implicit import implicit
-from hyperdiff.solvers import ConvergenceWarning, cg, exact, neumann
+from hyperdiff.testing.linear import Dataset, load_dataset, logistic
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "implicit.json")
 

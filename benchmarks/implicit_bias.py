@@ -25,9 +25,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 import hyperdiff as hd
+from hyperdiff.app.tasks import build_task
+from hyperdiff.engine.solvers import ConvergenceWarning, exact
 from hyperdiff.methods.implicit import implicit
-from hyperdiff.solvers import ConvergenceWarning, exact
-from hyperdiff.tasks import build_task
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                        "implicit_bias.json")

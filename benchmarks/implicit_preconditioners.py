@@ -29,8 +29,8 @@ from torch import Tensor
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from hyperdiff.linear import load_dataset, logistic
-from hyperdiff.solvers import exact
+from hyperdiff.engine.solvers import exact
+from hyperdiff.testing.linear import load_dataset, logistic
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                        "implicit_preconditioners.json")

@@ -3,7 +3,7 @@
 Each trial forks 2 gloo ranks on 127.0.0.1 that run ``hyperdiff``'s ``run_experiment`` on
 ``mlp_digits`` (spread: 2 samples per outer step; or data-parallel), waits until rank 0
 has finished its first outer step and then a random 0-1 s more (a few steps), stops rank 1 with SIGSTOP (so it may be computing, at a barrier, or inside a
-collective) and times rank 0 until it raises its :class:`~hyperdiff.distributed.LostRankError`;
+collective) and times rank 0 until it raises its :class:`~hyperdiff.tuner.distributed.LostRankError`;
 then rank 1 is killed. The documented bound is ``STALE_S + HEARTBEAT_S`` (3.5 s) plus the
 load's delays.
 
@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
-from hyperdiff.config import load_config
-from hyperdiff.distributed import LostRankError
-from hyperdiff.experiment import run_experiment
+from hyperdiff.app.config import load_config
+from hyperdiff.app.experiment import run_experiment
+from hyperdiff.tuner.distributed import LostRankError
 
 OUT = Path(__file__).parent / "results" / "lost_rank.json"
 TIMEOUT_S = 300.0

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from hyperdiff.config import load_config
-from hyperdiff.experiment import build
-from hyperdiff.rundir import RunDir
-from hyperdiff.rundir.directory import HISTORY
+from hyperdiff.app.config import load_config
+from hyperdiff.app.experiment import build
+from hyperdiff.app.rundir import RunDir
+from hyperdiff.app.rundir.directory import HISTORY
 
 TASKS = ("ridge_diabetes", "mlp_digits", "reweight_digits")
 

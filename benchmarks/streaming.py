@@ -8,10 +8,10 @@ samples. Each size runs in a fresh subprocess and reports:
 - samples read (``__getitem__`` calls) against the target ``T * batch`` plus one prefetch window
   (no workers here: the window is 0 batches);
 - peak RSS growth (VmHWM after a reset, above the RSS before the call), peak Python
-  allocations (``tracemalloc``) and peak live torch tensor bytes (``hyperdiff.check.peak_memory``,
-  torch's profiler allocator events), each over its own run of problem construction plus the
-  hypergradient (the tools would count each other's bookkeeping). Target: within 10% between
-  the two sizes.
+  allocations (``tracemalloc``) and peak live torch tensor bytes
+  (``hyperdiff.diagnose.check.peak_memory``, torch's profiler allocator events), each over its own
+  run of problem construction plus the hypergradient (the tools would count each other's
+  bookkeeping). Target: within 10% between the two sizes.
 
 A reference row iterates the same ``DataLoader`` for T batches with plain torch (its
 ``RandomSampler`` draws ``torch.randperm(n).tolist()``: a Python list of n ints per epoch).
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import in_subprocess, peak_rss_bytes, reset_peak_rss, rss_bytes
 
 import hyperdiff as hd
-from hyperdiff.check import peak_memory
+from hyperdiff.diagnose.check import peak_memory
 
 RESULTS = Path(__file__).resolve().parent / "results" / "streaming.json"
 STEPS, BATCH, FEATURES, CLASSES = 50, 128, 32, 10

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from hyperdiff.cli.compare import evaluate_values
-from hyperdiff.config import load_config
-from hyperdiff.experiment import REPORT_SEED, build
+from hyperdiff.app.cli.compare import evaluate_values
+from hyperdiff.app.config import load_config
+from hyperdiff.app.experiment import build
+from hyperdiff.seeds import REPORT_SEED
 
 RESULTS = Path(__file__).parent / "results" / "tie_steps.json"
 SEEDS = tuple(REPORT_SEED + i for i in range(3))

@@ -19,8 +19,8 @@ import json
 
 import torch
 
-from hyperdiff.driver import HyperOptimizer, Stopping
-from hyperdiff.tasks import build_task, task_defaults
+from hyperdiff.app.tasks import build_task, task_defaults
+from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 
 
 def main() -> None:

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 
 import hyperdiff as hd
-from hyperdiff.config import load_config
-from hyperdiff.distributed.data_parallel import rank_seed
-from hyperdiff.driver import HyperOptimizer, Stopping
-from hyperdiff.experiment import run_experiment
-from hyperdiff.sampler import Sampler
+from hyperdiff.app.config import load_config
+from hyperdiff.app.experiment import run_experiment
+from hyperdiff.tuner.distributed.data_parallel import rank_seed
+from hyperdiff.tuner.driver import HyperOptimizer, Stopping
+from hyperdiff.tuner.sampler import Sampler
 
 WORLD = 2
 STEPS = 6

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from hyperdiff.config import load_config
-from hyperdiff.driver import HyperOptimizer
-from hyperdiff.experiment import run_experiment
-from hyperdiff.online import OnlineTuner
+from hyperdiff.app.config import load_config
+from hyperdiff.app.experiment import run_experiment
+from hyperdiff.tuner.driver import HyperOptimizer
+from hyperdiff.tuner.online import OnlineTuner
 
 
 def interrupted_run(out: Path, settings: list[str], *, at: int) -> None:

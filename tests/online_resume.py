@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 import hyperdiff as hd
-from hyperdiff.rundir import RunDir
+from hyperdiff.app.rundir import RunDir
 
 
 def assert_resumes_bit_for_bit(make_tuner: Callable[[], hd.OnlineTuner], tmp_path,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hyperdiff as hd
-import hyperdiff.optimizers as optimizers
+import hyperdiff.engine.optimizers as optimizers
 
 from conftest import quiet, rel_err
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import hyperdiff as hd
-from hyperdiff.cli import main
-from hyperdiff.config import load_config
-from hyperdiff.problem import takes_context
-from hyperdiff.tasks import build_task
+from hyperdiff.app.cli import main
+from hyperdiff.app.config import load_config
+from hyperdiff.app.tasks import build_task
+from hyperdiff.engine.problem import takes_context
 
 D = torch.float64
 X = torch.linspace(-1, 1, 36, dtype=D).reshape(12, 3)

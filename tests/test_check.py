@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import hyperdiff as hd
-from hyperdiff.advice import CANDIDATES, Candidate, recommend
-from hyperdiff.check import CheckReport, check, peak_memory
-from hyperdiff.linear import ridge, ridge_hypergradient
+from hyperdiff.diagnose.advice import CANDIDATES, Candidate, recommend
+from hyperdiff.diagnose.check import CheckReport, check, peak_memory
+from hyperdiff.engine.solvers import neumann
 from hyperdiff.methods.implicit import implicit
-from hyperdiff.solvers import neumann
+from hyperdiff.testing.linear import ridge, ridge_hypergradient
 
 from conftest import synthetic_regression
 

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 import hyperdiff as hd
-from hyperdiff.config import config_rows
+from hyperdiff.app.config import config_rows
 from hyperdiff.methods.finite_difference import finite_difference
-from hyperdiff.registry import METHODS
+from hyperdiff.methods.registry import METHODS
 
 from conftest import rel_err
 
@@ -253,7 +253,7 @@ def test_unresolved_names_finds_what_the_old_advice_recommended():
 
 
 def test_the_cli_check_prints_the_verdict(capsys):
-    from hyperdiff.cli import main
+    from hyperdiff.app.cli import main
 
     assert main(["check", "ridge_diabetes", "--steps", "5", "-q"]) == 0
     out = capsys.readouterr().out

@@ -9,9 +9,9 @@ from importlib.metadata import entry_points
 
 import pytest
 
-from hyperdiff.cli import COMMANDS, main
-from hyperdiff.config import load_config
-from hyperdiff.tasks import TASKS
+from hyperdiff.app.cli import COMMANDS, main
+from hyperdiff.app.config import load_config
+from hyperdiff.app.tasks import TASKS
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SMALL = ["--task", "ridge_diabetes", "--set", "inner.steps=40", "--set", "stop.max_steps=4",
@@ -34,7 +34,7 @@ def test_tasks_lists_every_builtin_task(capsys):
 def test_registry_has_one_module_per_subcommand():
     assert set(COMMANDS) >= {"run", "tasks", "plot", "check"}
     for module in COMMANDS.values():
-        assert module.startswith("hyperdiff.cli.")
+        assert module.startswith("hyperdiff.app.cli.")
 
 
 @pytest.mark.parametrize(
@@ -110,7 +110,7 @@ def test_check_calls_hyperdiff_check_on_the_task_problem(monkeypatch, capsys):
         seen["steps"] = problem.steps
         return Report()
 
-    monkeypatch.setitem(sys.modules, "hyperdiff.check",
+    monkeypatch.setitem(sys.modules, "hyperdiff.diagnose.check",
                         types.SimpleNamespace(check=check))
     assert main(["check", "ridge_diabetes", "--steps", "7"]) == 0
     assert capsys.readouterr().out.split("\n")[:2] == ["fake table", "use reverse"]
@@ -118,14 +118,14 @@ def test_check_calls_hyperdiff_check_on_the_task_problem(monkeypatch, capsys):
 
 
 def test_check_without_the_check_module_says_so(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "hyperdiff.check", None)
+    monkeypatch.setitem(sys.modules, "hyperdiff.diagnose.check", None)
     assert main(["check", "ridge_diabetes"]) == 2
-    assert "hyperdiff.check module must be installed" in capsys.readouterr().err
+    assert "hyperdiff.diagnose.check module must be installed" in capsys.readouterr().err
 
 
 def test_console_script_points_at_main(capsys):
     scripts = entry_points(group="console_scripts")
-    assert [e.value for e in scripts if e.name == "hyperdiff"] == ["hyperdiff.cli:main"]
+    assert [e.value for e in scripts if e.name == "hyperdiff"] == ["hyperdiff.app.cli:main"]
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
@@ -142,7 +142,7 @@ def exploding():
 
 def test_a_run_whose_guard_gives_up_exits_1_and_cannot_be_resumed(tmp_path, capsys,
                                                                     monkeypatch):
-    from hyperdiff import registry
+    from hyperdiff.methods import registry
 
     monkeypatch.setitem(registry.METHODS, "exploding", "test_cli:exploding")
     run_dir = tmp_path / "run"

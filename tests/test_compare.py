@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from hyperdiff import search
-from hyperdiff.cli import COMMANDS, main
+from hyperdiff.app import search
+from hyperdiff.app.cli import COMMANDS, main
 
 
 def run_compare(tmp_path, *extra):
@@ -58,7 +58,7 @@ def test_compare_with_cross_validation_scores_every_method_by_the_cv_loss(tmp_pa
 def test_outer_loss_is_the_mean_validation_loss_of_the_folds():
     """Oracle: the hypergradient's own value (reverse mode) at the same values, per fold."""
     import hyperdiff as hd
-    from hyperdiff.tasks import build_task
+    from hyperdiff.app.tasks import build_task
 
     task = build_task("ridge_diabetes", steps=20, cv_folds=3)
     values = {"lam": 0.3}

@@ -14,7 +14,7 @@ from test_online import recipe
 from test_rundir import replace_checkpoint, torch_bytes
 
 import hyperdiff as hd
-from hyperdiff.experiment import run_experiment
+from hyperdiff.app.experiment import run_experiment
 
 CURVATURE = ["task.name=horizon_digits", "inner.steps=60", "outer.window=6",
              "outer.val_batch=32", "report.seeds=1", "method.name=curvature"]

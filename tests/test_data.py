@@ -3,7 +3,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import hyperdiff as hd
-from hyperdiff.data import as_source
+from hyperdiff.engine.data import as_source
 
 
 def test_minibatches_are_seeded_and_cover_each_epoch():
@@ -49,7 +49,7 @@ def test_minibatch_errors():
 
 
 def test_batch_rows_looks_past_a_nested_part_without_rows():
-    from hyperdiff.data.evaluation import batch_rows, sample_weights
+    from hyperdiff.engine.data.evaluation import batch_rows, sample_weights
 
     x = torch.zeros(5, 2)
     assert batch_rows(({"count": torch.tensor(3)}, x)) == 5  # the first tensor with rows

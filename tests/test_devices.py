@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 import hyperdiff as hd
-from hyperdiff.device import OnDevice, move, resolve_device, to_device, unwrap
-from hyperdiff.training import train
+from hyperdiff.engine.device import OnDevice, move, resolve_device, to_device, unwrap
+from hyperdiff.engine.training import train
 
 T = 6
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -240,8 +240,8 @@ def test_problem_to_moves_everything_and_keeps_the_original():
 
 
 def test_float64_copy_casts_every_batch_and_keeps_the_source_visible():
+    from hyperdiff.engine.precision import in_float64
     from hyperdiff.methods.implicit import epoch_batches
-    from hyperdiff.precision import in_float64
 
     low = PROBLEMS[True].to("cpu", torch.float32)
     copy = in_float64(low)
@@ -282,7 +282,7 @@ SMALL_RUN = ["--task", "ridge_diabetes", "--set", "inner.steps=5", "--set", "sto
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
 @pytest.mark.parametrize("command", ["run", "compare", "check"])
 def test_cli_device_that_is_not_there_is_a_clear_error(command, tmp_path, capsys):
-    from hyperdiff.cli import main
+    from hyperdiff.app.cli import main
 
     args = ["ridge_diabetes"] if command == "check" else [*SMALL_RUN, "--out", str(tmp_path)]
     assert main([command, *args, "--device", "cuda"]) == 2
@@ -292,9 +292,9 @@ def test_cli_device_that_is_not_there_is_a_clear_error(command, tmp_path, capsys
 
 
 def test_config_run_device_places_the_task_problems():
-    from hyperdiff.cli.common import config_overrides
-    from hyperdiff.config import load_config
-    from hyperdiff.experiment import build
+    from hyperdiff.app.cli.common import config_overrides
+    from hyperdiff.app.config import load_config
+    from hyperdiff.app.experiment import build
 
     args = types.SimpleNamespace(overrides=["inner.steps=5"], task="ridge_diabetes",
                                  device="auto")
@@ -309,8 +309,8 @@ def test_config_run_device_places_the_task_problems():
 
 
 def test_task_moved_to_float32_evaluates_like_float64():
-    from hyperdiff.device import task_to_device
-    from hyperdiff.tasks import build_task
+    from hyperdiff.app.tasks import build_task
+    from hyperdiff.engine.device import task_to_device
 
     task = build_task("logistic_cancer", steps=10)
     moved = task_to_device(task, "cpu", torch.float32)

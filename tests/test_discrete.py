@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import hyperdiff as hd
-from hyperdiff.discrete import reinforce, with_states
-from hyperdiff.discrete.report import discretise, fix_choices
-from hyperdiff.driver import HyperOptimizer, Stopping
+from hyperdiff.app.discrete_report import discretise, fix_choices
+from hyperdiff.hparams.discrete import with_states
+from hyperdiff.tuner import reinforce
+from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 
 ACTS = {"tanh": torch.tanh, "square": torch.square, "zero": lambda z: 0.0 * z}
 OPTIONS = {**ACTS, "cube": lambda z: z**3 / 3}  # a loss reads the options of its choices
@@ -256,9 +257,9 @@ def test_resume_is_exact():
 def test_arch_task_searches_and_reports_the_mixed_space():
     """Black-box trials take plain choices; a tuned run is reported discretised, and the
     discretised report equals a black-box evaluation at the argmax choices."""
-    from hyperdiff.discrete.report import relaxation_gap
-    from hyperdiff.search import optuna_available, random_search, tpe_search
-    from hyperdiff.tasks import build_task
+    from hyperdiff.app.discrete_report import relaxation_gap
+    from hyperdiff.app.search import optuna_available, random_search, tpe_search
+    from hyperdiff.app.tasks import build_task
 
     task = build_task("arch_digits", steps=4)
     searches = [random_search] + ([tpe_search] if optuna_available() else [])
@@ -274,7 +275,7 @@ def test_arch_task_searches_and_reports_the_mixed_space():
     assert values["width"] == 64
     reported = task.evaluate(raw)["test"]["loss"]
     assert reported == task.evaluate_values(values, (0,))["test"]["loss"]
-    from hyperdiff.cli.compare import evaluate_values  # what `hyperdiff compare` reports
+    from hyperdiff.app.cli.compare import evaluate_values  # what `hyperdiff compare` reports
     assert evaluate_values(task, values, (0,))["test"]["loss"] == reported
     gap = relaxation_gap(task, raw)
     assert gap["discretised"]["test"]["loss"] == reported
@@ -284,7 +285,7 @@ def test_arch_task_searches_and_reports_the_mixed_space():
 def test_arch_shared_network_at_one_hot_weights_is_the_plain_architecture():
     """arch_digits' relaxed network (all depths, width masks, activation mixture) with
     exactly one-hot weights trains and validates bit for bit like the plain architecture."""
-    from hyperdiff.tasks import arch_digits
+    from hyperdiff.app.tasks import arch_digits
 
     task = arch_digits.build(steps=3, temperature=1e-4).build()
     start = {"depth": [0.01, 0.98, 0.01], "width": [0.01, 0.97, 0.01, 0.01],

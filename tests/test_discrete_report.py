@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import hyperdiff as hd
-from hyperdiff.cli import main
-from hyperdiff.config import load_config
-from hyperdiff.experiment import REPORT_SEED, run_experiment
-from hyperdiff.rundir import CHECKPOINT
-from hyperdiff.tasks import Task, arch_digits, build_task
+from hyperdiff.app.cli import main
+from hyperdiff.app.config import load_config
+from hyperdiff.app.experiment import run_experiment
+from hyperdiff.app.rundir import CHECKPOINT
+from hyperdiff.app.tasks import Task, arch_digits, build_task
+from hyperdiff.seeds import REPORT_SEED
 
 QUICK = ["--set", "inner.steps=4", "--set", "stop.max_steps=3", "--set", "report.seeds=1",
          "--set", "task.selection_fraction=0.5", "--quiet"]
@@ -136,7 +137,7 @@ def test_a_mode_and_temperature_from_the_cli_through_a_factory_file(tmp_path, ca
     """docs/discrete.md's recipe: a two-line factory file picks the mode and its options."""
     factory = tmp_path / "my_arch.py"
     factory.write_text(
-        "from hyperdiff.tasks import arch_digits\n\n"
+        "from hyperdiff.app.tasks import arch_digits\n\n"
         "def build(*, steps=100, data_seed=0):\n"
         "    return arch_digits.build(steps=steps, data_seed=data_seed, mode='gumbel',\n"
         "                             temperature=(2.0, 0.5))\n")

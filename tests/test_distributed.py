@@ -27,8 +27,8 @@ from distributed_jobs import (
 )
 
 import hyperdiff as hd
-from hyperdiff.distributed.data_parallel import ShardedBatches
-from hyperdiff.rundir import RunDir
+from hyperdiff.app.rundir import RunDir
+from hyperdiff.tuner.distributed.data_parallel import ShardedBatches
 
 pytestmark = pytest.mark.skipif(
     "fork" not in mp.get_all_start_methods() or not torch.distributed.is_available()

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import hyperdiff as hd
-from hyperdiff.driver import HyperOptimizer
-from hyperdiff.guard import DivergenceGuard
+from hyperdiff.tuner.driver import HyperOptimizer
+from hyperdiff.tuner.guard import DivergenceGuard
 
 DT = torch.float64
 CURVATURES = (4.0, 1.0, 0.25)  # the Hessian's eigenvalues: L = 4, stability limit 2 / L

@@ -1,4 +1,4 @@
-"""The outer loop (hyperdiff.driver): updates, variance reduction, guard, stopping rules."""
+"""The outer loop (hyperdiff.tuner.driver): updates, variance reduction, guard, stopping rules."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import hyperdiff as hd
-from hyperdiff.driver import METHODS, HyperOptimizer, Stopping, make_method
 from hyperdiff.methods.base import Method
 from hyperdiff.methods.reverse import reverse
+from hyperdiff.tuner.driver import METHODS, HyperOptimizer, Stopping, make_method
 
 DT = torch.float64
 

@@ -8,10 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 
-import hyperdiff.experiment as experiment
-from hyperdiff.config import load_config
-from hyperdiff.loggers import Progress, scalars
-from hyperdiff.rundir import RunDir
+import hyperdiff.app.experiment as experiment
+from hyperdiff.app.config import load_config
+from hyperdiff.app.loggers import Progress, scalars
+from hyperdiff.app.rundir import RunDir
 
 SMALL = ["task.name=ridge_diabetes", "inner.steps=5", "stop.max_steps=3", "report.seeds=1"]
 

@@ -1,7 +1,7 @@
 """Exports that lose values: every scheduled coefficient keeps its values over the whole run.
 
 The reference values are the schedule's formula written out here in numpy (docs of
-hyperdiff.schedules), not the code under test."""
+hyperdiff.hparams.schedules), not the code under test."""
 
 from __future__ import annotations
 

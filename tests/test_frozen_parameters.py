@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import hyperdiff as hd
-from hyperdiff.training import validation_loss
+from hyperdiff.engine.training import validation_loss
 
 STEPS = 8
 

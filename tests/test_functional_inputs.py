@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import hyperdiff as hd
-from hyperdiff.models import StepContext
+from hyperdiff.engine.models import StepContext
 
 
 def rel(a: hd.HyperGradient, b: hd.HyperGradient) -> float:
@@ -180,7 +180,7 @@ def test_torch_compile_submodule_is_refused():
 
 
 def test_rng_devices_are_found_in_every_argument():
-    from hyperdiff.models import _tensor_devices
+    from hyperdiff.engine.models import _tensor_devices
 
     cpu = torch.zeros(1)
     assert _tensor_devices({"w": cpu}, ({"ids": cpu, "x": [cpu]},), {"mask": cpu}) == []

@@ -13,13 +13,13 @@ from interrupt import interrupted_run
 from test_driver import flaky, ridge_problem
 
 import hyperdiff as hd
-from hyperdiff.config import load_config
-from hyperdiff.driver import HyperOptimizer, Stopping
-from hyperdiff.experiment import build, run_experiment
-from hyperdiff.guard import DivergenceGuard
+from hyperdiff.app.config import load_config
+from hyperdiff.app.experiment import build, run_experiment
+from hyperdiff.app.rundir import HISTORY, RESULT, RunDir
 from hyperdiff.methods.base import Method
 from hyperdiff.methods.reverse import reverse
-from hyperdiff.rundir import HISTORY, RESULT, RunDir
+from hyperdiff.tuner.driver import HyperOptimizer, Stopping
+from hyperdiff.tuner.guard import DivergenceGuard
 
 OVERFLOW = ["task.name=ridge_diabetes", "inner.steps=20", "outer.lr=1000", "stop.max_steps=6",
             "stop.patience=0", "report.seeds=1"]

@@ -11,9 +11,15 @@ import pytest
 import torch
 
 import hyperdiff as hd
-from hyperdiff.linear import load_dataset, logistic, ridge, ridge_hypergradient, ridge_solution
+from hyperdiff.engine.solvers import ConvergenceWarning, cg, exact, neumann
 from hyperdiff.methods.implicit import implicit
-from hyperdiff.solvers import ConvergenceWarning, cg, exact, neumann
+from hyperdiff.testing.linear import (
+    load_dataset,
+    logistic,
+    ridge,
+    ridge_hypergradient,
+    ridge_solution,
+)
 
 from conftest import synthetic_regression
 

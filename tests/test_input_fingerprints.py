@@ -19,12 +19,12 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from hyperdiff.cli import main
-from hyperdiff.config import load_config
-from hyperdiff.data.fingerprint import fingerprint_changes, sample_indices, split_fingerprint
-from hyperdiff.experiment import run_experiment
-from hyperdiff.rundir import MANIFEST
-from hyperdiff.tasks import loader
+from hyperdiff.app.cli import main
+from hyperdiff.app.config import load_config
+from hyperdiff.app.experiment import run_experiment
+from hyperdiff.app.rundir import MANIFEST
+from hyperdiff.app.tasks import loader
+from hyperdiff.engine.data.fingerprint import fingerprint_changes, sample_indices, split_fingerprint
 
 ROWS = 60
 TASK = '''
@@ -256,7 +256,7 @@ def test_augmentation_neither_changes_the_hash_nor_the_random_states():
 
 
 def test_a_large_batch_is_sampled_by_index(monkeypatch):
-    monkeypatch.setattr("hyperdiff.data.fingerprint.WHOLE_BYTES", 1000)
+    monkeypatch.setattr("hyperdiff.engine.data.fingerprint.WHOLE_BYTES", 1000)
     x = torch.randn(500, 4, dtype=torch.float64)
     base = split_fingerprint((x, x[:, 0]))
     assert base["sampled"] == 64 and base["fields"] == "(float64[4], float64[])"

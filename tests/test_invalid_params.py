@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import hyperdiff as hd
-from hyperdiff.config import SECTIONS, resolve
+from hyperdiff.app.config import SECTIONS, resolve
 
 D = torch.float64
 NAN, INF = float("nan"), float("inf")
@@ -340,7 +340,7 @@ def test_a_broken_dataset_sample_is_named(fault):
                                              "raised ValueError: no data"),
                                             ("return 3", "must return hd.task(...) (got int)")])
 def test_a_task_file_whose_factory_fails_is_named(tmp_path, body, said):
-    from hyperdiff.tasks import build_task
+    from hyperdiff.app.tasks import build_task
 
     path = tmp_path / "bad_task.py"
     path.write_text(f"import sys\n\n\ndef build():\n    {body}\n")

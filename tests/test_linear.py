@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hyperdiff as hd
-from hyperdiff.linear import (
+from hyperdiff.testing.linear import (
     load_dataset,
     logistic,
     ridge,

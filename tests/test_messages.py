@@ -13,10 +13,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import hyperdiff as hd
-from hyperdiff.cli import main
-from hyperdiff.driver import HyperOptimizer
+from hyperdiff.app.cli import main
 from hyperdiff.methods.base import Method
-from hyperdiff.snr import below
+from hyperdiff.tuner.driver import HyperOptimizer
+from hyperdiff.tuner.snr import below
 from hyperdiff.wording import config_syntax, option
 
 D = torch.float64
@@ -382,7 +382,7 @@ def test_a_damaged_hparams_entry_is_named_by_plot(tmp_path, capsys, entry):
 
 
 def test_the_leave_one_out_samples_error_names_the_key_as_the_user_sets_it():
-    from hyperdiff.discrete.outer import outer_hook
+    from hyperdiff.tuner.discrete_outer import outer_hook
 
     hp = hd.HyperParameters(act=hd.categorical(["a", "b"], mode="reinforce",
                                                baseline="leave_one_out"))

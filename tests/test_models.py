@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import hyperdiff as hd
-from hyperdiff.models import StepContext
+from hyperdiff.engine.models import StepContext
 
 
 def test_batchnorm_running_statistics_match_torch():

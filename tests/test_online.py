@@ -13,8 +13,8 @@ from interrupt import interrupted_run
 from online_resume import assert_resumes_bit_for_bit
 
 import hyperdiff as hd
-from hyperdiff.rundir import RunDir
-from hyperdiff.training import train, validation_loss
+from hyperdiff.app.rundir import RunDir
+from hyperdiff.engine.training import train, validation_loss
 
 from conftest import sine_data
 
@@ -260,8 +260,8 @@ ONLINE = ["task.name=horizon_digits", "inner.steps=60", "outer.window=6", "outer
 
 
 def test_online_run_directory_resumes_to_the_same_history_and_result(tmp_path):
-    from hyperdiff.config import load_config
-    from hyperdiff.experiment import run_experiment
+    from hyperdiff.app.config import load_config
+    from hyperdiff.app.experiment import run_experiment
 
     def log(_: str) -> None:
         return None
@@ -285,8 +285,8 @@ def test_online_run_directory_resumes_to_the_same_history_and_result(tmp_path):
     (["outer.backprop=3"], r"outer.backprop is used by method.name = 'reverse' only"),
 ])
 def test_bad_online_config_raises_a_clear_error(overrides, message, tmp_path):
-    from hyperdiff.config import load_config
-    from hyperdiff.online.experiment import build_online
+    from hyperdiff.app.config import load_config
+    from hyperdiff.app.online_experiment import build_online
 
     with pytest.raises(hd.HyperdiffError, match=message):
         build_online(load_config(overrides=[*ONLINE, *overrides]))
@@ -411,8 +411,8 @@ def test_normalised_sgd_moves_the_raw_values_by_lr_along_the_hypergradient():
 def test_online_runs_feed_the_log_files_and_callbacks(tmp_path):
     import csv
 
-    from hyperdiff.config import load_config
-    from hyperdiff.experiment import run_experiment
+    from hyperdiff.app.config import load_config
+    from hyperdiff.app.experiment import run_experiment
 
     seen: list[int] = []
     run_experiment(load_config(overrides=[*ONLINE, "log.csv=steps.csv"]), out=tmp_path,
@@ -429,8 +429,8 @@ def test_online_runs_feed_the_log_files_and_callbacks(tmp_path):
 def test_online_mode_under_torchrun_is_refused(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from hyperdiff import experiment
-    from hyperdiff.config import load_config
+    from hyperdiff.app import experiment
+    from hyperdiff.app.config import load_config
 
     group = SimpleNamespace(is_root=True, timeout_s=None, world=2)
     monkeypatch.setattr(experiment, "init_from_env", lambda *_: group)
@@ -444,7 +444,7 @@ def test_an_online_checkpoint_that_does_not_fit_is_one_clear_error(tmp_path):
     import io
     import json
 
-    from hyperdiff.experiment import run_experiment
+    from hyperdiff.app.experiment import run_experiment
 
     interrupted_run(tmp_path, ONLINE, at=2)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)

@@ -12,9 +12,9 @@ from online_resume import assert_resumes_bit_for_bit
 from test_online import mlp_params, predict, val_loss
 
 import hyperdiff as hd
-from hyperdiff.online.curvature import RHO, curvature_window, initial_tangent
-from hyperdiff.schedules import FAMILIES
-from hyperdiff.training import initial_state, train_step
+from hyperdiff.engine.training import initial_state, train_step
+from hyperdiff.hparams.schedules import FAMILIES
+from hyperdiff.methods.curvature import RHO, curvature_window, initial_tangent
 
 from conftest import sine_data
 
@@ -132,7 +132,7 @@ def test_each_window_is_the_documented_recurrence_step_by_step(unit, horizon):
 
 
 def test_forgetting_in_optimization_time_is_one_minus_lr_over_the_horizon():
-    from hyperdiff.online.curvature import forgetting
+    from hyperdiff.methods.curvature import forgetting
 
     lr = torch.tensor([0.1, 0.3, 2.0], dtype=DT)
     assert torch.equal(forgetting(0.5, "lr")(lr), torch.tensor([0.8, 0.4, 0.0], dtype=DT))
@@ -192,8 +192,8 @@ def test_curvature_options_with_another_method_are_refused():
 
 
 def test_the_cli_runs_the_curvature_method(tmp_path):
-    from hyperdiff.config import load_config
-    from hyperdiff.online.experiment import build_online
+    from hyperdiff.app.config import load_config
+    from hyperdiff.app.online_experiment import build_online
 
     config = load_config(overrides=[
         "task.name=horizon_digits", "inner.steps=40", "outer.mode=online", "outer.window=10",
@@ -211,8 +211,8 @@ def test_offline_tuning_refuses_the_online_only_method_by_name():
 
 
 def test_a_task_s_method_options_do_not_follow_another_method():
-    from hyperdiff.config import load_config
-    from hyperdiff.online.experiment import build_online
+    from hyperdiff.app.config import load_config
+    from hyperdiff.app.online_experiment import build_online
 
     default = load_config(overrides=["task.name=horizon_digits"])
     assert default.method.name == "curvature" and default.method.options == {

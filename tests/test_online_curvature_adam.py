@@ -20,9 +20,9 @@ from test_online_curvature import (
 )
 
 import hyperdiff as hd
-from hyperdiff.online.curvature import RHO, curvature_window, initial_tangent
-from hyperdiff.online.curvature_adam import AdamCurvatureTangent
-from hyperdiff.training import initial_state, train_step
+from hyperdiff.engine.training import initial_state, train_step
+from hyperdiff.methods.curvature import RHO, curvature_window, initial_tangent
+from hyperdiff.methods.curvature_adam import AdamCurvatureTangent
 
 from conftest import sine_data
 

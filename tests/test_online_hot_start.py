@@ -1,4 +1,4 @@
-"""The hot-start measure and restart of online runs (:mod:`hyperdiff.online.hot_start`): its
+"""The hot-start measure and restart of online runs (:mod:`hyperdiff.tuner.hot_start`): its
 optimization times against sums written out, its ratio against the quotient computed by hand,
 and the built-in full-length task: restarted (or warned) from 10x too large a start, untouched
 from its own; resume across the restart bit for bit."""
@@ -13,9 +13,9 @@ import torch
 from test_online import recipe
 
 import hyperdiff as hd
-from hyperdiff.online.hot_start import cooled, hot_start_ratio, optimization_time
-from hyperdiff.tasks import build_task
-from hyperdiff.training import initial_state
+from hyperdiff.app.tasks import build_task
+from hyperdiff.engine.training import initial_state
+from hyperdiff.tuner.hot_start import cooled, hot_start_ratio, optimization_time
 
 DT = torch.float64
 
@@ -149,7 +149,7 @@ def test_no_restart_when_the_measuring_window_ends_the_run():
 
 
 def test_the_report_table_prints_the_run_warnings():
-    from hyperdiff.experiment import format_table
+    from hyperdiff.app.experiment import format_table
 
     side = {"hparams": {"lr": 0.1}, "summary": {}, "metrics": {"test": {"loss": 1.0}}}
     result = {"task": "t", "steps": 1, "time_s": 0.0, "stop_reason": "x", "best_step": 0,
@@ -179,9 +179,9 @@ HOT = ["task.name=horizon_digits", "inner.steps=200", "outer.window=5", "outer.l
 def test_the_cli_run_restarts_reports_it_and_resumes_across_the_restart(tmp_path):
     from interrupt import interrupted_run
 
-    from hyperdiff.config import load_config
-    from hyperdiff.experiment import format_table, run_experiment
-    from hyperdiff.rundir import RunDir
+    from hyperdiff.app.config import load_config
+    from hyperdiff.app.experiment import format_table, run_experiment
+    from hyperdiff.app.rundir import RunDir
 
     def log(_: str) -> None:
         return None

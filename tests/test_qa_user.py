@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import hyperdiff as hd
+from hyperdiff.app.experiment import format_table
 from hyperdiff.errors import describe
-from hyperdiff.experiment import format_table
 
 
 def _spec(metrics=None, data=None, batch_size=None):

@@ -15,10 +15,10 @@ import torch
 from interrupt import interrupted_run
 
 import hyperdiff as hd
-from hyperdiff.config import load_config
-from hyperdiff.driver import HyperOptimizer, Stopping
-from hyperdiff.experiment import run_experiment
-from hyperdiff.rundir import CHECKPOINT, HISTORY, RunDir
+from hyperdiff.app.config import load_config
+from hyperdiff.app.experiment import run_experiment
+from hyperdiff.app.rundir import CHECKPOINT, HISTORY, RunDir
+from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 
 # minibatch seeds, two samples per step and warm starts: all must survive the restart
 SETTINGS = ["task.name=mlp_digits", "inner.steps=10", "inner.warm_start=true",
@@ -49,9 +49,9 @@ def test_sigkilled_run_resumes_to_the_same_history(reference, tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, torch
         torch.set_num_threads(1)
-        from hyperdiff import rundir
-        from hyperdiff.config import load_config
-        from hyperdiff.experiment import run_experiment
+        from hyperdiff.app import rundir
+        from hyperdiff.app.config import load_config
+        from hyperdiff.app.experiment import run_experiment
         calls = {{"n": 0}}
         save = rundir.RunDir.save_checkpoint
         def save_then_die(self, state):

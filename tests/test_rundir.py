@@ -24,13 +24,11 @@ import torch
 from interrupt import interrupted_run
 
 import hyperdiff as hd
-from hyperdiff import experiment
-from hyperdiff.cli import main
-from hyperdiff.config import load_config
-from hyperdiff.driver import HyperOptimizer
-from hyperdiff.experiment import new_run_dir, run_experiment
-from hyperdiff.history import StepRecord
-from hyperdiff.rundir import (
+from hyperdiff.app import experiment
+from hyperdiff.app.cli import main
+from hyperdiff.app.config import load_config
+from hyperdiff.app.experiment import new_run_dir, run_experiment
+from hyperdiff.app.rundir import (
     CHECKPOINT,
     CONFIG,
     HISTORY,
@@ -41,7 +39,9 @@ from hyperdiff.rundir import (
     RunDir,
     atomic_write_bytes,
 )
-from hyperdiff.rundir.manifest import sha256
+from hyperdiff.app.rundir.manifest import sha256
+from hyperdiff.tuner.driver import HyperOptimizer
+from hyperdiff.tuner.history import StepRecord
 
 SETTINGS = ["task.name=ridge_diabetes", "inner.steps=20", "stop.max_steps=5",
             "report.seeds=1"]
@@ -104,9 +104,9 @@ def test_a_second_process_on_a_running_directory_is_refused_naming_the_holder(
     script = textwrap.dedent(f"""
         import pathlib, time, torch
         torch.set_num_threads(1)
-        from hyperdiff.config import load_config
-        from hyperdiff.driver import HyperOptimizer
-        from hyperdiff.experiment import run_experiment
+        from hyperdiff.app.config import load_config
+        from hyperdiff.tuner.driver import HyperOptimizer
+        from hyperdiff.app.experiment import run_experiment
         step = HyperOptimizer.step
         def pause_at_2(self):
             if self.step_index == 2:

@@ -15,11 +15,11 @@ import pytest
 from interrupt import interrupted_run
 from test_rundir import cli_error
 
-from hyperdiff.cli import main
-from hyperdiff.config import load_config
-from hyperdiff.experiment import run_experiment
-from hyperdiff.rundir import CONFIG, HISTORY, LOCK, MANIFEST
-from hyperdiff.rundir.manifest import sha256
+from hyperdiff.app.cli import main
+from hyperdiff.app.config import load_config
+from hyperdiff.app.experiment import run_experiment
+from hyperdiff.app.rundir import CONFIG, HISTORY, LOCK, MANIFEST
+from hyperdiff.app.rundir.manifest import sha256
 
 SETTINGS = ["task.name=ridge_diabetes", "inner.steps=20", "stop.max_steps=3",
             "report.seeds=1"]
@@ -188,7 +188,7 @@ def test_plot_writes_no_figure_when_a_link_is_planted_at_one(unfinished, tmp_pat
 
 def test_compare_refuses_a_link_at_its_output_before_tuning(tmp_path, victim, capsys,
                                                             monkeypatch):
-    from hyperdiff.cli import compare
+    from hyperdiff.app.cli import compare
 
     def tuned(*args, **kwargs):
         raise AssertionError("tuned although its output is refused")

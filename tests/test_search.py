@@ -1,4 +1,4 @@
-"""Black-box search baselines (hyperdiff.search) and the logistic_digits task."""
+"""Black-box search baselines (hyperdiff.app.search) and the logistic_digits task."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from hyperdiff import search
-from hyperdiff.driver import HyperOptimizer, Stopping
+from hyperdiff.app import search
+from hyperdiff.app.search import dimensions, from_history, random_search, tpe_search
+from hyperdiff.app.tasks import build_task
 from hyperdiff.errors import HyperdiffError
-from hyperdiff.search import dimensions, from_history, random_search, tpe_search
-from hyperdiff.tasks import build_task
+from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import hyperdiff as hd
-from hyperdiff.config import OuterConfig, load_config
-from hyperdiff.driver import HyperOptimizer, Stopping
-from hyperdiff.experiment import build
-from hyperdiff.history import StepRecord
+from hyperdiff.app.config import OuterConfig, load_config
+from hyperdiff.app.experiment import build
 from hyperdiff.methods.base import Method
-from hyperdiff.snr import signal_to_noise
+from hyperdiff.tuner.driver import HyperOptimizer, Stopping
+from hyperdiff.tuner.history import StepRecord
+from hyperdiff.tuner.snr import signal_to_noise
 
 D = torch.float64
 

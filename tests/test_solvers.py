@@ -9,8 +9,8 @@ import warnings
 import pytest
 import torch
 
+from hyperdiff.engine.solvers import ConvergenceWarning, SolveResult, cg, exact, neumann
 from hyperdiff.errors import HyperdiffError
-from hyperdiff.solvers import ConvergenceWarning, SolveResult, cg, exact, neumann
 
 D = torch.float64
 

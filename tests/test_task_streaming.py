@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 import hyperdiff as hd
-from hyperdiff.cli import main
-from hyperdiff.config import load_config
-from hyperdiff.experiment import run_experiment
-from hyperdiff.tasks.base import trained_params
+from hyperdiff.app.cli import main
+from hyperdiff.app.config import load_config
+from hyperdiff.app.experiment import run_experiment
+from hyperdiff.app.tasks.base import trained_params
 
 REF = f"{Path(__file__).parent / 'stream_task_example.py'}:build"
 QUICK = ["--set", "report.seeds=1", "--quiet"]
@@ -153,7 +153,7 @@ def test_augmentation_in_an_evaluation_split_replays_on_every_pass():
 def test_a_lazy_split_moves_with_the_task():
     """task_to_device (hyperdiff run --device/--dtype) moves each lazily read test batch;
     oracle: the float64 report, to float32 rounding."""
-    from hyperdiff.device import task_to_device
+    from hyperdiff.engine.device import task_to_device
 
     task = ex.build(test=DataLoader(ex.Blobs(70, 3), batch_size=32)).build(selection_fraction=0.5)
     moved = task_to_device(task, "cpu", torch.float32)

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import hyperdiff as hd
-from hyperdiff.driver import HyperOptimizer, Stopping
-from hyperdiff.tasks import TASKS, build_task, list_tasks, load_task_spec, ridge, task_defaults
-from hyperdiff.tasks.reweight import flipped_rows
-from hyperdiff.tasks.splits import fold_rows, split_rows
-from hyperdiff.training import train, validation_loss
+from hyperdiff.app.tasks import TASKS, build_task, list_tasks, load_task_spec, ridge, task_defaults
+from hyperdiff.app.tasks.reweight import flipped_rows
+from hyperdiff.app.tasks.splits import fold_rows, split_rows
+from hyperdiff.engine.training import train, validation_loss
+from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 
 REPORT_SEEDS = (101, 102)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import hyperdiff as hd
-from hyperdiff.check import check, peak_memory
+from hyperdiff.diagnose.check import check, peak_memory
 from hyperdiff.methods.finite_difference import finite_difference
 from hyperdiff.methods.reversible import DENOMINATOR, InfoBuffer, quantised, scale_down, scale_up
 

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 import user_task_example
 
 import hyperdiff as hd
-from hyperdiff.cli import main
-from hyperdiff.config import load_config
-from hyperdiff.experiment import run_experiment
-from hyperdiff.tasks import build_task
+from hyperdiff.app.cli import main
+from hyperdiff.app.config import load_config
+from hyperdiff.app.experiment import run_experiment
+from hyperdiff.app.tasks import build_task
 
 HERE = Path(__file__).parent
 FILE_REF = f"{HERE / 'user_task_example.py'}:build"

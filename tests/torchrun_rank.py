@@ -12,8 +12,8 @@ import signal
 import sys
 import time
 
-from hyperdiff.cli import main
-from hyperdiff.distributed import Group
+from hyperdiff.app.cli import main
+from hyperdiff.tuner.distributed import Group
 
 
 def signal_myself_after_barrier(name: str, where: str = "outer step 1") -> None:

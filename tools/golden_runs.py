@@ -38,7 +38,7 @@ INTERRUPTED_TASK = "mlp_digits"
 
 def tasks() -> list[str]:
     """The built-in task names, as ``hyperdiff tasks`` lists them."""
-    from hyperdiff.tasks import TASKS
+    from hyperdiff.app.tasks import TASKS
 
     return list(TASKS)
 

@@ -1,17 +1,30 @@
 """hyperdiff: gradient-based hyperparameter optimization for PyTorch."""
 
-from . import distributed, linear
-from .advice import Advice, recommend
-from .api import hypergradient
-from .check import CheckReport, check
-from .constraints import Constraint, Free, Interval, Positive
-from .data import BatchSource, minibatches
-from .discrete import Choice, boolean, categorical, choose, integer, mix
-from .driver import HyperOptimizer, Stopping
-from .errors import HyperdiffError, NonFiniteError
-from .export import TunedSchedule, load_into, torch_optimizer, tuned_hparams
-from .history import History, OptimizeResult, StepRecord
-from .hyperparams import (
+from hyperdiff.app import tasks as tasks  # hd.tasks stays reachable
+from hyperdiff.app.export import TunedSchedule, load_into, torch_optimizer, tuned_hparams
+from hyperdiff.app.loggers import CSVLogger, TensorBoardLogger
+from hyperdiff.app.tasks import (
+    SearchRange,
+    Task,
+    TaskData,
+    TaskSpec,
+    build_task,
+    given_splits,
+    task,
+)
+from hyperdiff.diagnose.advice import Advice, recommend
+from hyperdiff.diagnose.check import CheckReport, check
+from hyperdiff.engine.data import BatchSource, minibatches
+from hyperdiff.engine.make import make_problem
+from hyperdiff.engine.models import FunctionalModel, StepContext, functional
+from hyperdiff.engine.optimizers import Optimizer, adam, adamw, sgd
+from hyperdiff.engine.problem import Problem, with_context
+from hyperdiff.engine.solvers import ConvergenceWarning, Solver, SolveResult, cg, exact, neumann
+from hyperdiff.engine.training import train
+from hyperdiff.errors import HyperdiffError, NonFiniteError
+from hyperdiff.hparams.constraints import Constraint, Free, Interval, Positive
+from hyperdiff.hparams.discrete import boolean, categorical, integer
+from hyperdiff.hparams.hyperparams import (
     HParamView,
     HyperParameter,
     HyperParameters,
@@ -21,8 +34,9 @@ from .hyperparams import (
     per_tensor,
     scalar,
 )
-from .loggers import CSVLogger, TensorBoardLogger
-from .methods import (
+from hyperdiff.hparams.relax import Choice, choose, mix
+from hyperdiff.hparams.schedules import Schedule, resample, resampled, schedule
+from hyperdiff.methods import (
     CostWarning,
     HyperGradient,
     Method,
@@ -34,16 +48,13 @@ from .methods import (
     reversible,
     truncated,
 )
-from .models import FunctionalModel, StepContext, functional
-from .online import OnlineResult, OnlineTuner
-from .optimizers import Optimizer, adam, adamw, sgd
-from .problem import Problem, make_problem, with_context
-from .schedules import Schedule, resample, resampled, schedule
-from .solvers import ConvergenceWarning, Solver, SolveResult, cg, exact, neumann
-from .tasks import SearchRange, Task, TaskData, TaskSpec, build_task, given_splits, task
-from .training import train
-
-__version__ = "0.1.0"
+from hyperdiff.methods.api import hypergradient
+from hyperdiff.testing import linear
+from hyperdiff.tuner import distributed
+from hyperdiff.tuner.driver import HyperOptimizer, Stopping
+from hyperdiff.tuner.history import History, OptimizeResult, StepRecord
+from hyperdiff.tuner.online import OnlineResult, OnlineTuner
+from hyperdiff.version import __version__ as __version__
 
 __all__ = [
     "Advice",

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import NonFiniteError
-from ..hyperparams import HyperParameters
-from ..problem import Problem
-from ..training import zeros_for_unused
-from ..typing import Params
+from hyperdiff.engine.problem import Problem
+from hyperdiff.engine.training import zeros_for_unused
+from hyperdiff.errors import NonFiniteError
+from hyperdiff.hparams.hyperparams import HyperParameters
+from hyperdiff.typing import Params
 
 
 @dataclass(frozen=True)

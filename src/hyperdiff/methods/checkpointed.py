@@ -13,7 +13,7 @@ state)``. The T steps are split into S segments ``[b_0=0, b_1) ... [b_{S-1}, b_S
 
        a_{b_i} = a_{b_{i+1}}^T ds_{b_{i+1}}/ds_{b_i},    g += a_{b_{i+1}}^T ds_{b_{i+1}}/dlam.
 
-The replay calls the same :func:`~hyperdiff.training.train_step` with the same step indices,
+The replay calls the same :func:`~hyperdiff.engine.training.train_step` with the same step indices,
 so it sees the same batches and dropout masks and reproduces the forward pass bit for bit
 (``diagnostics["replay_mismatch"]``, the largest difference between a replayed segment end and
 its stored checkpoint, is 0). A difference above rounding (``sqrt(eps) * max(1, |s|)``) means
@@ -32,12 +32,18 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..errors import HyperdiffError, describe
-from ..problem import Problem
-from ..training import TrainState, check_finite_losses, initial_state, unroll, validation_loss
-from .base import HyperGradient, Method, finish, zeros_for_unused
+from hyperdiff.engine.problem import Problem
+from hyperdiff.engine.training import (
+    TrainState,
+    check_finite_losses,
+    initial_state,
+    unroll,
+    validation_loss,
+)
+from hyperdiff.errors import HyperdiffError, describe
+from hyperdiff.methods.base import HyperGradient, Method, finish, zeros_for_unused
+from hyperdiff.tree import tree_flatten, tree_unflatten
 
 
 def segment_bounds(steps: int, segments: int) -> list[int]:

@@ -15,11 +15,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..errors import HyperdiffError, describe, positive_float
-from ..problem import Problem
-from ..training import check_finite_losses, train, validation_loss
-from ..wording import option
-from .base import HyperGradient, Method, finish
+from hyperdiff.engine.problem import Problem
+from hyperdiff.engine.training import check_finite_losses, train, validation_loss
+from hyperdiff.errors import HyperdiffError, describe, positive_float
+from hyperdiff.methods.base import HyperGradient, Method, finish
+from hyperdiff.wording import option
 
 
 class CostWarning(UserWarning):

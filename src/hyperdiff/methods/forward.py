@@ -27,13 +27,18 @@ import time
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from ..errors import HyperdiffError, positive_int
-from ..models import StepContext
-from ..problem import Problem, call_loss, sum_in_order
-from ..training import check_finite_losses, initial_state, train_step, validation_loss
-from .base import HyperGradient, Method, finish, zeros_for_unused
+from hyperdiff.engine.models import StepContext
+from hyperdiff.engine.problem import Problem, call_loss, sum_in_order
+from hyperdiff.engine.training import (
+    check_finite_losses,
+    initial_state,
+    train_step,
+    validation_loss,
+)
+from hyperdiff.errors import HyperdiffError, positive_int
+from hyperdiff.methods.base import HyperGradient, Method, finish, zeros_for_unused
+from hyperdiff.tree import tree_flatten, tree_map, tree_unflatten
 
 
 def _step_function(problem: Problem, step: int):
@@ -173,8 +178,9 @@ def propagate(problem: Problem, raw: dict[str, Tensor], state, tangent, start: i
               *, engine: str = "double_vjp", chunk_size: int | None = None):
     """Carry ``(s_t, Z_t)`` through steps ``start .. stop-1`` at fixed raw values ``raw``:
     ``Z_{t+1} = dPhi_t/ds Z_t + dPhi_t/du`` (the online forward mode, RTHO, calls this once per
-    window). ``state`` is a :class:`~hyperdiff.training.TrainState` (or its tuple), ``tangent``
-    the same structure with a leading axis of size k. Returns ``(state, tangent, losses)``."""
+    window). ``state`` is a :class:`~hyperdiff.engine.training.TrainState` (or its tuple),
+    ``tangent`` the same structure with a leading axis of size k. Returns ``(state, tangent,
+    losses)``."""
     raw = {n: v.detach() for n, v in raw.items()}
     push = _unroll_jvp if engine == "jvp" else _unroll_double_vjp
     return push(problem, raw, _coordinate_tangents(problem, raw), chunk_size, state, tangent,

@@ -18,8 +18,8 @@ state_T, theta, lam, step=T-1)``, with the optimizer state (momentum, Adam momen
 its final value. This captures hyperparameters that act through the optimizer (coupled weight
 decay, and learning rates, whose hypergradient vanishes at a fixed point). For plain SGD the
 system is ``lr (H + wd I)``, symmetric; with Adam or per-parameter learning rates it is not
-symmetric, and :func:`~hyperdiff.solvers.exact` or :func:`~hyperdiff.solvers.neumann` should be
-used instead of CG.
+symmetric, and :func:`~hyperdiff.engine.solvers.exact` or :func:`~hyperdiff.engine.solvers.neumann`
+should be used instead of CG.
 
 **Which training loss.** ``L_train`` at ``theta*`` is the mean train loss over the batches of
 one epoch of the source, batch ``i`` evaluated as at inner step ``i`` (same seed and context):
@@ -30,7 +30,7 @@ the batches of steps ``0 .. m-1``.
 
 The answer is exact only at a stationary (fixed) point: diagnostics report the gradient norm
 (fixed-point residual) at ``theta*`` relative to its value at the start, and a
-:class:`~hyperdiff.solvers.ConvergenceWarning` is emitted when it is above
+:class:`~hyperdiff.engine.solvers.ConvergenceWarning` is emitted when it is above
 ``stationarity_tol`` or the linear solve did not converge.
 """
 
@@ -45,13 +45,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ..data import FullBatch, Minibatches, Recorded, Sequence, Streamed
-from ..device import unwrap
-from ..errors import HyperdiffError, describe, positive_float, positive_int
-from ..models import StepContext
-from ..problem import Problem, call_loss, sum_in_order
-from ..solvers import ConvergenceWarning, Solver, cg, exact, neumann
-from ..training import (
+from hyperdiff.engine.data import FullBatch, Minibatches, Recorded, Sequence, Streamed
+from hyperdiff.engine.device import unwrap
+from hyperdiff.engine.models import StepContext
+from hyperdiff.engine.problem import Problem, call_loss, sum_in_order
+from hyperdiff.engine.solvers import ConvergenceWarning, Solver, cg, exact, neumann
+from hyperdiff.engine.training import (
     check_finite_losses,
     flat,
     grads_of,
@@ -59,9 +58,10 @@ from ..training import (
     unroll,
     validation_loss,
 )
-from ..typing import Params
-from ..wording import option
-from .base import HyperGradient, Method, finish, zeros_for_unused
+from hyperdiff.errors import HyperdiffError, describe, positive_float, positive_int
+from hyperdiff.methods.base import HyperGradient, Method, finish, zeros_for_unused
+from hyperdiff.typing import Params
+from hyperdiff.wording import option
 
 
 def epoch_batches(problem: Problem) -> int:
@@ -318,7 +318,7 @@ def implicit(
             tasks the hypergradient's relative error was 20-120 times this quantity.
         stationarity_tol: warn when the gradient norm (fixed-point residual) at ``theta*`` is
             above this fraction of its value at the start of training.
-        warn: emit :class:`~hyperdiff.solvers.ConvergenceWarning` for a solve that did not
+        warn: emit :class:`~hyperdiff.engine.solvers.ConvergenceWarning` for a solve that did not
             converge or a non-stationary end point.
         train_batches: average ``L_train`` over the batches of steps ``0 .. m-1`` (default:
             one epoch of the source; see the module doc).
@@ -332,7 +332,7 @@ def implicit(
         solver = SOLVERS[solver]()
     if not isinstance(solver, Solver):
         raise HyperdiffError(
-            "implicit: solver must be made by hyperdiff.solvers.cg(), neumann() or exact(), "
+            "implicit: solver must be made by hyperdiff.engine.solvers.cg(), neumann() or exact(), "
             f"or be one of {sorted(SOLVERS)} (got {describe(solver)})"
         )
     stationarity_tol = positive_float("implicit", "stationarity_tol", stationarity_tol)

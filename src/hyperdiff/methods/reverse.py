@@ -11,9 +11,15 @@ import time
 
 from torch import Tensor
 
-from ..problem import Problem
-from ..training import check_finite_losses, grads_of, initial_state, unroll, validation_loss
-from .base import HyperGradient, Method, finish
+from hyperdiff.engine.problem import Problem
+from hyperdiff.engine.training import (
+    check_finite_losses,
+    grads_of,
+    initial_state,
+    unroll,
+    validation_loss,
+)
+from hyperdiff.methods.base import HyperGradient, Method, finish
 
 
 def _reverse(problem: Problem, raw: dict[str, Tensor]) -> HyperGradient:

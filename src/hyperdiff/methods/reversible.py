@@ -50,14 +50,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import HyperdiffError, NonFiniteError, describe
-from ..hyperparams import HParamView
-from ..models import StepContext
-from ..optimizers import Optimizer, SGDState, resolve, sgd
-from ..problem import Problem, call_loss
-from ..training import check_finite_losses, grads_of, validation_loss
-from ..wording import option
-from .base import HyperGradient, Method, finish, zeros_for_unused
+from hyperdiff.engine.models import StepContext
+from hyperdiff.engine.optimizers import Optimizer, SGDState, resolve, sgd
+from hyperdiff.engine.problem import Problem, call_loss
+from hyperdiff.engine.training import check_finite_losses, grads_of, validation_loss
+from hyperdiff.errors import HyperdiffError, NonFiniteError, describe
+from hyperdiff.hparams.hyperparams import HParamView
+from hyperdiff.methods.base import HyperGradient, Method, finish, zeros_for_unused
+from hyperdiff.wording import option
 
 DENOMINATOR_BITS = 31  # mu is represented as n / 2**31 with 1 <= n <= 2**31
 DENOMINATOR = 1 << DENOMINATOR_BITS

@@ -19,9 +19,8 @@ import time
 import torch
 from torch import Tensor
 
-from ..errors import positive_int
-from ..problem import Problem
-from ..training import (
+from hyperdiff.engine.problem import Problem
+from hyperdiff.engine.training import (
     TrainState,
     check_finite_losses,
     grads_of,
@@ -29,7 +28,8 @@ from ..training import (
     unroll,
     validation_loss,
 )
-from .base import HyperGradient, Method, finish
+from hyperdiff.errors import positive_int
+from hyperdiff.methods.base import HyperGradient, Method, finish
 
 
 def _frozen_prefix(

@@ -1,0 +1,43 @@
+"""``hyperdiff check [TASK]``: diagnose a task's inner problem (``hyperdiff.diagnose.check``)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "check a task's problem (method agreement, cost) and recommend a method"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("task", nargs="?", help="built-in task, or your own as "
+                        "package.module:build or path/to/file.py:build (runs that code; "
+                        "default: the default task)")
+    parser.add_argument("--task", dest="task_option", metavar="TASK",
+                        help="the same as the positional TASK")
+    parser.add_argument("--steps", type=int, help="inner steps T (default: the task's)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (default), cuda, cuda:N, mps or auto")
+
+
+def run(args: argparse.Namespace) -> int:
+    from hyperdiff.app.tasks import DEFAULT_TASK, build_task
+    from hyperdiff.errors import HyperdiffError
+
+    try:
+        from hyperdiff.diagnose.check import check
+    except ImportError as err:
+        raise HyperdiffError(
+            f"check: the hyperdiff.diagnose.check module must be installed to run checks (got "
+            f"ImportError: {err})"
+        ) from err
+    from hyperdiff.engine.device import resolve_device, task_to_device
+
+    if args.steps is not None and args.steps < 1:
+        raise HyperdiffError(f"check: --steps must be a positive int (got {args.steps})")
+    device = resolve_device(args.device, "check", "--device")
+    task = task_to_device(
+        build_task(args.task or args.task_option or DEFAULT_TASK, steps=args.steps), device
+    )
+    report = check(task.problems[0], progress=False if args.quiet else None)
+    print(report.table())
+    print(report.recommendation)
+    return 0

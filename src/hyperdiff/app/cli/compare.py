@@ -1,0 +1,212 @@
+"""``hyperdiff compare [CONFIG.toml]``: hyperdiff against black-box search on the same task.
+
+The task is tuned by hyperdiff with the config's settings, then by random search (and Optuna's
+TPE when it is installed) under the same budget of inner trainings (``--budget``, default: the
+number hyperdiff used). All methods minimise the loss that the hypergradient sees: the
+validation loss, or with ``task.cv_folds = k`` the k-fold CV loss (a black-box trial then costs
+k trainings); the winner of each is retrained with fresh seeds and evaluated on the held-out
+test split.
+Prints a table and writes ``comparison.png`` (best validation loss so far against trainings
+and against wall time) and ``comparison.json`` into the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hyperdiff.app.cli.common import add_config_arguments, config_overrides, set_threads
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+OUTPUTS = ("comparison.json", "comparison.png")
+HELP = "tune a task with hyperdiff and with random search / TPE under one budget; table + figure"
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--budget", type=int, default=0,
+                        help="trainings per black-box method (default: as many as hyperdiff "
+                        "used)")
+    parser.add_argument("--per-coordinate", action="store_true",
+                        help="search every entry of a vector hyperparameter separately "
+                        "(default: one shared value per hyperparameter)")
+    parser.add_argument("--no-tpe", action="store_true", help="skip Optuna's TPE")
+    parser.add_argument("--out", help="output directory (default: runs/compare-<task>-<time>)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from hyperdiff.app.config import load_config
+    from hyperdiff.app.rundir.files import refuse_link
+    from hyperdiff.errors import HyperdiffError
+
+    config = load_config(args.config, config_overrides(args))
+    if args.budget < 0:
+        raise HyperdiffError(f"compare: --budget must be a positive int (got {args.budget})")
+    set_threads("compare", args.threads)
+    from hyperdiff.app.tasks.loader import label
+
+    if args.out:  # refused now, not after the tuning: a link where a file will be written
+        for name in OUTPUTS:
+            refuse_link(Path(args.out) / name)
+    report = compare(config, budget=args.budget or None, per_coordinate=args.per_coordinate,
+                     tpe=not args.no_tpe, progress=False if args.quiet else None)
+    out = write_outputs(report, args.out, f"compare-{label(config.task.name)}-"
+                        f"{time.strftime('%Y%m%d-%H%M%S')}")
+    print(format_comparison(report))
+    print(f"figure and JSON: {out / OUTPUTS[1]}, {out / OUTPUTS[0]}")
+    return 0
+
+
+def write_outputs(report: Mapping[str, Any], out: str | None, stem: str) -> Path:
+    """Write ``comparison.json`` and ``comparison.png`` into ``out``, or into a new directory
+    ``runs/<stem>`` (``-2``, ``-3``, ... when taken); each file is replaced atomically and
+    never written through a symbolic link. Returns the directory."""
+    from hyperdiff.app.rundir import RunDir, atomic_write_bytes
+    from hyperdiff.app.rundir.files import os_errors
+
+    if out:
+        directory = Path(out)
+        with os_errors(directory, "create the directory"):
+            directory.mkdir(parents=True, exist_ok=True)
+    else:
+        directory = RunDir.create_unique("runs", stem).path
+    png = io.BytesIO()
+    figure = comparison_figure(report["methods"], title=report["task"])
+    figure.savefig(png, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(directory / OUTPUTS[0], (json.dumps(report, indent=1) + "\n").encode())
+    atomic_write_bytes(directory / OUTPUTS[1], png.getvalue())
+    return directory
+
+
+def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = False,
+            tpe: bool = True, log: Callable[[str], None] | None = None,
+            progress: bool | None = False) -> dict[str, Any]:
+    """Tune ``config``'s task with hyperdiff, random search and (optionally) TPE; return a
+    JSON-ready report with each method's curve and its winner's held-out metrics.
+    ``progress``: tqdm bars (``None``: only on a terminal)."""
+    from tqdm.auto import tqdm
+
+    from hyperdiff.app.experiment import build
+    from hyperdiff.app.search import (
+        OPTUNA_MISSING,
+        from_history,
+        objective_for,
+        optuna_available,
+        random_search,
+        tpe_search,
+        trainings_per_trial,
+    )
+    from hyperdiff.logs import get_logger
+    from hyperdiff.seeds import report_seeds
+
+    log = log or get_logger("compare").info
+    task, driver = build(config)
+    objective = objective_for(task)  # with CV, every method minimises the same CV loss
+    log(f"compare on {task.name}: hyperdiff ({task.hparams.numel} hyperparameters)")
+    outcome = driver.run(progress=progress)
+    hyper = from_history(outcome.history, method="hyperdiff")
+    budget = budget or driver.trainings
+    seeds = report_seeds(config.report.seeds)
+    names = list(task.search_space) if per_coordinate else []
+    methods = [summarize(hyper, task.evaluate(outcome.best_raw, seeds=seeds),
+                         picked_by=outcome.criterion)]
+    searches = [("random", random_search)]
+    if tpe and optuna_available():
+        searches.append(("tpe", tpe_search))
+    elif tpe:
+        log(OPTUNA_MISSING)
+    trials = max(1, budget // trainings_per_trial(task, objective))
+    for name, search in searches:
+        log(f"compare on {task.name}: {name} search, {trials} trials ({budget} trainings)")
+        with tqdm(total=trials, unit="trial", desc=name, leave=True,
+                  disable=None if progress is None else not progress) as bar:
+            result = search(task, trials, seed=config.outer.seed, per_coordinate=names,
+                            objective=objective, progress=lambda: bar.update(1))
+        methods.append(summarize(result, evaluate_values(task, result.best.values, seeds),
+                                 picked_by=objective))
+    return {"task": task.name, "hparams": task.hparams.numel, "budget": budget,
+            "objective": objective, "cv_folds": config.task.cv_folds,
+            "per_coordinate": per_coordinate, "report_seeds": list(seeds),
+            "stop_reason": outcome.stop_reason, "methods": methods,
+            "skipped": [] if not tpe or optuna_available() else ["tpe: optuna not installed"]}
+
+
+def evaluate_values(task: Any, values: Mapping[str, Any], seeds: Sequence[int]
+                    ) -> dict[str, dict[str, float]]:
+    """Retrain at natural ``values`` (lists for per-coordinate vectors) on ``seeds``."""
+    import torch
+
+    if hasattr(task, "evaluate_values"):  # a task with discrete choices maps their labels
+        return task.evaluate_values(values, seeds)
+    natural = {n: torch.tensor(v, dtype=torch.float64, device="cpu") for n, v in values.items()}
+    return task.evaluate(task.hparams.with_natural(**natural).raw, seeds=tuple(seeds))
+
+
+def summarize(result: Any, metrics: Mapping[str, Mapping[str, float]], *,
+              picked_by: str = "val_loss") -> dict[str, Any]:
+    """One method's row: budget used, best validation loss, its winner's metrics."""
+    best = result.best
+    return {"method": result.method, "trainings": result.trainings, "time_s": result.time_s,
+            "best_val_loss": best.objective, "picked_by": picked_by,
+            "winner_metrics": {s: dict(m) for s, m in metrics.items()},
+            "curve": result.curve()}
+
+
+def format_comparison(report: Mapping[str, Any]) -> str:
+    """The table ``hyperdiff compare`` prints."""
+    head = (f"{'method':<12}{'trainings':>10}{'wall s':>9}{'best val':>10}{'test loss':>11}"
+            f"{'test acc':>10}")
+    lines = [f"{report['task']}: {report['hparams']} hyperparameters; black-box budget "
+             f"{report['budget']} trainings", "", head]
+    for row in report["methods"]:
+        test = row["winner_metrics"]["test"]
+        acc = f"{test['accuracy']:.4f}" if "accuracy" in test else "-"
+        loss = f"{test['loss']:.4f}" if "loss" in test else "-"  # a user's metrics may lack it
+        lines.append(f"{row['method']:<12}{row['trainings']:>10}{row['time_s']:>9.1f}"
+                     f"{row['best_val_loss']:>10.4f}{loss:>11}{acc:>10}")
+    picked = report["methods"][0]["picked_by"].replace("_", " ")
+    folds = report.get("cv_folds") or 0
+    what = (f"the mean validation loss over {folds} cross-validation folds, which every method "
+            "minimises" if folds else "the split the hypergradient sees")
+    lines += ["", f"best val: lowest validation loss found ({what}); "
+              f"test: the winner (hyperdiff's picked by {picked}, the others by "
+              f"{'CV' if folds else 'val'} loss) "
+              f"retrained on {len(report['report_seeds'])} fresh seeds"]
+    lines += [f"skipped: {s}" for s in report.get("skipped", [])]
+    return "\n".join(lines)
+
+
+def comparison_figure(methods: Sequence[Mapping[str, Any]], *, title: str = "") -> Figure:
+    """Best validation loss so far against trainings (left) and wall time (right)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    figure = Figure(figsize=(10, 4))
+    by_runs, by_time = figure.subplots(1, 2)
+    for row in methods:
+        curve = row["curve"]
+        by_runs.step(curve["trainings"], curve["best"], where="post", label=row["method"])
+        by_time.step(curve["time_s"], curve["best"], where="post", label=row["method"])
+    by_runs.set_xlabel("trainings")
+    by_time.set_xlabel("wall time (s)")
+    by_time.set_xscale("log")
+    by_time.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    by_time.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    by_time.xaxis.set_minor_formatter(NullFormatter())
+    for axes in (by_runs, by_time):
+        axes.set_ylabel("best validation loss so far")
+        axes.grid(alpha=0.3)
+    by_runs.legend()
+    figure.suptitle(title)
+    return figure
+
+
+__all__ = ["add_arguments", "compare", "comparison_figure", "evaluate_values",
+           "format_comparison", "run", "summarize", "write_outputs"]

@@ -1,0 +1,475 @@
+"""The run configuration: typed dataclasses, loaded from TOML and validated key by key.
+
+A config is resolved in four layers: the dataclass defaults below, then the values that the
+chosen task recommends (its ``DEFAULTS``), then the TOML file, then ``--set key=value``
+overrides. Every error names the key path and what is valid, e.g.
+``config: outer.lr must be a number > 0 (got -1)`` or
+``config: unknown key outer.lrr; [outer] accepts clip, lr, ... (did you mean outer.lr?)``.
+The config is data only: it is parsed with :mod:`tomllib`, never executed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path, PurePath
+from types import UnionType
+from typing import Any, Union, cast, get_args, get_origin, get_type_hints
+
+from hyperdiff.app.rundir.paths import inside_run_dir
+from hyperdiff.app.tasks import DEFAULT_TASK, check_task_name, task_defaults
+from hyperdiff.errors import HyperdiffError, describe
+from hyperdiff.methods.registry import (
+    METHODS,
+    ONLINE_ONLY_METHODS,
+    OPTIMIZERS,
+    SCHEDULES,
+    method_constructor,
+)
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def option(default: Any, help: str, *, choices: Any = None, low: float | None = None,
+           high: float | None = None, open_low: bool = False, open_high: bool = False,
+           check: Callable[[str, str], Any] | None = None) -> Any:
+    """A config field with its documentation and valid range (``choices`` may be a callable;
+    ``check(value, "config: section.key")`` raises for a non-empty string that is invalid)."""
+    meta = {"help": help, "choices": choices, "low": low, "high": high,
+            "open_low": open_low, "open_high": open_high, "check": check}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str = option(DEFAULT_TASK, "built-in task (see `hyperdiff tasks`), or your own "
+                       "task factory as 'package.module:build' or 'path/to/file.py:build' "
+                       "(naming a module runs its code)")
+    selection_fraction: float = option(
+        0.5, "share of the validation split held out from hypergradients; used only to pick "
+        "the best step and to stop early (0: off)", low=0.0, high=1.0, open_high=True)
+    cv_folds: int = option(0, "k-fold cross-validation over train+validation as the outer "
+                           "loss (0: hold-out validation)", low=0)
+    data_seed: int = option(0, "seed of the data split (and label noise)", low=0)
+
+
+@dataclass(frozen=True)
+class InnerConfig:
+    steps: int = option(100, "inner training steps T per outer step", low=1)
+    warm_start: bool = option(False, "start each outer step from the last theta_T instead of "
+                              "theta_0")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str = option("reverse", "hypergradient method; other keys of [method] are its "
+                       "options", choices=lambda: [*METHODS, *ONLINE_ONLY_METHODS])
+    options: dict[str, Any] = field(default_factory=dict, metadata={"help": "method options"})
+
+
+@dataclass(frozen=True)
+class OuterConfig:
+    optimizer: str = option("adam", "torch.optim optimizer of the raw hyperparameters",
+                            choices=lambda: list(OPTIMIZERS))
+    lr: float = option(0.05, "outer learning rate (raw units)", low=0.0, open_low=True)
+    schedule: str = option("cosine", "outer learning-rate schedule: constant, or cosine decay "
+                           "to 0 over stop.max_steps", choices=list(SCHEDULES))
+    clip: float = option(0.0, "clip the hypergradient to this L2 norm (0: off)", low=0.0)
+    samples: int = option(1, "trainings with different minibatch seeds averaged per step",
+                          low=1)
+    auto_samples: bool = option(False, "choose the samples per step: 2, then more until the "
+                                "hypergradient's signal-to-noise ratio is >= 1 (replaces "
+                                "outer.samples)")
+    max_samples: int = option(16, "the most samples per step with outer.auto_samples", low=2)
+    seed: int = option(0, "base seed of the minibatch orders", low=0)
+    tie_steps: int = option(0, "first outer steps in which each vector hyperparameter moves as "
+                            "one (mean hypergradient of its entries; 0: off)", low=0)
+    mode: str = option("offline", "offline: retrain T steps per outer step; online: tune "
+                       "during one run of inner.steps (docs/online.md)",
+                       choices=["offline", "online"])
+    window: int = option(10, "online: inner steps per hyper-step (1: hypergradient descent)",
+                         low=1)
+    backprop: int = option(0, "online reverse: backpropagate through the last this many steps "
+                           "of each window (0: all)", low=0)
+    val_batch: int = option(0, "online: validation rows drawn per hyper-step (0: all)", low=0)
+    normalize: bool = option(False, "online: divide each hypergradient by its L2 norm before "
+                             "the outer step (with sgd: every step moves the raw values by lr)")
+    hot_start: str = option("auto", "online: at 10% of the run, if it trained more than 2x "
+                            "the optimization time that its values by then give those steps: "
+                            "restart from theta_0 with the learning rate divided by that ratio, "
+                            "warn, or ignore; auto: restart with method curvature, else ignore "
+                            "(docs/online.md)", choices=["auto", "restart", "warn", "ignore"])
+
+
+@dataclass(frozen=True)
+class StopConfig:
+    max_steps: int = option(30, "budget of outer steps", low=1)
+    max_time_s: float = option(0.0, "wall-time budget in seconds (0: none)", low=0.0)
+    patience: int = option(10, "stop after this many steps without a better selection "
+                           "loss (0: off)", low=0)
+    min_delta: float = option(0.0, "smallest improvement that counts", low=0.0)
+    grad_tol: float = option(0.0, "converged below this hypergradient norm (0: off)", low=0.0)
+    step_tol: float = option(0.0, "converged when no raw value moves more than this "
+                             "(0: off)", low=0.0)
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    shrink: float = option(0.5, "outer learning-rate factor after a failed step", low=0.0,
+                           high=1.0, open_low=True, open_high=True)
+    max_failures: int = option(5, "failed steps in a row before the run stops", low=1)
+    max_loss_ratio: float = option(1e6, "a step fails when a loss exceeds this many times "
+                                   "max(|initial loss|, 1)", low=1.0,
+                                   open_low=True)
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    seeds: int = option(3, "seeds averaged in the final report (initial vs tuned)", low=1)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = option("", "run directory of a new run, relative to the working directory "
+                      "without '..' (empty: runs/<task>-<date>-<time>; any other place: "
+                      "--out)")
+    checkpoint_every: int = option(1, "write a checkpoint every this many outer steps", low=1)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    device: str = option("cpu", 'where tuning runs: "cpu", "cuda", "cuda:N", "mps" or "auto" '
+                         "(CUDA when available)")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    tensorboard: str = option("", "TensorBoard log directory inside the run directory "
+                              "(relative, no '..', not a run file; empty: off; needs pip "
+                              "install 'hyperdiff[tensorboard]')", check=inside_run_dir)
+    csv: str = option("", "CSV file with one row per outer step inside the run directory "
+                      "(relative, no '..', not a run file; empty: off)", check=inside_run_dir)
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    data_parallel: bool = option(False, "under torchrun: each rank trains on its shard of every "
+                                 "batch (false: the trainings of a step are spread over ranks)")
+    timeout_s: float = option(300.0, "seconds to wait for a rank that is alive but does not "
+                              "arrive, before the run ends naming it", low=0.0, open_low=True)
+
+
+@dataclass(frozen=True)
+class Config:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    outer: OuterConfig = field(default_factory=OuterConfig)
+    stop: StopConfig = field(default_factory=StopConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dict; method options are flattened into ``[method]``."""
+        data = asdict(self)
+        options = data["method"].pop("options")
+        data["method"].update(options)
+        return data
+
+    def to_toml(self, comments: bool = False) -> str:
+        """TOML text that :func:`load_config` reads back to an equal config."""
+        lines: list[str] = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            helps = _helps(SECTIONS[section])
+            for key, value in values.items():
+                text = f"{key} = {_toml_value(value)}"
+                if comments and key in helps:
+                    text = f"{text:<32} # {helps[key]}"
+                lines.append(text)
+            lines.append("")
+        return "\n".join(lines)
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                *, data: dict[str, Any] | None = None) -> Config:
+    """Resolve a config: defaults, task defaults, the TOML file (or ``data``), overrides.
+
+    ``overrides`` are ``"section.key=value"`` strings; the value is read as TOML (a bare word
+    is a string).
+    """
+    source: dict[str, Any] = {}
+    if path is not None:
+        try:
+            source = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise HyperdiffError(f"config: file {str(path)!r} does not exist") from None
+        except IsADirectoryError:
+            raise HyperdiffError(
+                f"config: {str(path)!r} must be a TOML file (got a directory)") from None
+        except UnicodeDecodeError as err:
+            raise HyperdiffError(
+                f"config: {str(path)!r} must be UTF-8 text, as TOML requires (got a byte "
+                f"{err.object[err.start]:#04x} at offset {err.start} that is not UTF-8)"
+            ) from None
+        except OSError as err:
+            raise HyperdiffError(
+                f"config: {str(path)!r} must be a readable file (got {err.strerror})") from None
+        except tomllib.TOMLDecodeError as err:
+            raise HyperdiffError(f"config: {path} is not valid TOML: {err}") from None
+    if data is not None:
+        source = _merge(source, data)
+    for item in overrides:
+        source = _merge(source, _parse_override(item))
+    return resolve(source)
+
+
+def resolve(source: dict[str, Any]) -> Config:
+    """Validate ``source`` (nested dict as read from TOML) over the defaults."""
+    for section, values in source.items():
+        if section not in SECTIONS:
+            raise HyperdiffError(f"config: unknown section [{section}]; valid sections are "
+                                 f"{', '.join(f'[{s}]' for s in SECTIONS)}"
+                                 f"{_suggest(section, list(SECTIONS), '[', ']')}")
+        if not isinstance(values, dict):
+            raise HyperdiffError(f"config: {section} must be a table [{section}] "
+                                 f"(got {describe(values)})")
+    task_name = source.get("task", {}).get("name", DEFAULT_TASK)
+    _check_value("task", "name", task_name, _meta(TaskConfig, "name"), str)
+    check_task_name(task_name, "config: task.name")
+    merged: dict[str, Any] = {}
+    defaults = task_defaults(task_name)
+    chosen = source.get("method", {}).get("name", defaults.get("method.name"))
+    if chosen != defaults.get("method.name"):  # the task's method options belong to its method
+        defaults = {k: v for k, v in defaults.items()
+                    if not k.startswith("method.") or k == "method.name"}
+    for dotted, value in defaults.items():
+        merged = _merge(merged, _nest(dotted, value))
+    merged = _merge(merged, source)
+    built = {}
+    for section, cls in SECTIONS.items():
+        built[section] = _build_section(section, cls, merged.get(section, {}))
+    if built["task"].cv_folds == 1:
+        raise HyperdiffError("config: task.cv_folds must be 0 (hold-out validation) or an int "
+                             ">= 2 (got 1)")
+    _check_log_paths(built["log"])
+    return Config(**built)
+
+
+def _check_log_paths(log: LogConfig) -> None:
+    """Raise if the CSV file would take the place of the TensorBoard directory (or one of the
+    folders above it)."""
+    csv, board = PurePath(log.csv).parts, PurePath(log.tensorboard).parts
+    if log.csv and log.tensorboard and board[: len(csv)] == csv:
+        raise HyperdiffError(
+            f"config: log.csv must not be log.tensorboard's directory or a folder above it "
+            f"(got {log.csv!r} with log.tensorboard = {log.tensorboard!r})")
+
+
+def _build_section(section: str, cls: type, values: dict[str, Any]) -> Any:
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls) if f.name != "options"}
+    kwargs: dict[str, Any] = {}
+    extra = {k: v for k, v in values.items() if k not in known}
+    if section == "method":
+        name = values.get("name", known["name"].default)
+        _check_value(section, "name", name, known["name"].metadata, str)
+        kwargs["options"] = _method_options(name, extra)
+    elif extra:
+        key = next(iter(extra))
+        raise HyperdiffError(
+            f"config: unknown key {section}.{key}; [{section}] accepts "
+            f"{', '.join(known)}{_suggest(key, list(known), section + '.')}"
+        )
+    for name, f in known.items():
+        if name in values:
+            kwargs[name] = _check_value(section, name, values[name], f.metadata, hints[name])
+    return cls(**kwargs)
+
+
+def _method_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    if name in ONLINE_ONLY_METHODS:  # checked by the online tuner (online/experiment.py)
+        return dict(options)
+    constructor = method_constructor(name)
+    params = inspect.signature(constructor).parameters
+    try:
+        hints = get_type_hints(constructor)
+    except Exception:  # unresolvable annotations: skip the type check
+        hints = {}
+    valid = [p for p in params if params[p].kind in (inspect.Parameter.KEYWORD_ONLY,
+                                                     inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for key in valid:
+        if params[key].default is inspect.Parameter.empty and key not in options:
+            raise HyperdiffError(
+                f"config: method.{key} must be given for method {name!r} "
+                f"({_type_text(hints[key]) if key in hints else 'required'})"
+            )
+    for key, value in options.items():
+        if key not in valid:
+            listed = ", ".join(valid) if valid else "none"
+            raise HyperdiffError(
+                f"config: unknown key method.{key}; method {name!r} accepts the options "
+                f"{listed}{_suggest(key, valid, 'method.')}"
+            )
+        if key in hints and not _matches(value, hints[key]):
+            raise HyperdiffError(
+                f"config: method.{key} must be {_type_text(hints[key])} (got {describe(value)})"
+            )
+    return dict(options)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Loose isinstance for config values against a type hint (int counts as float)."""
+    args = get_args(hint)
+    if get_origin(hint) in (Union, UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    origin = get_origin(hint) or hint
+    try:
+        return isinstance(value, origin)
+    except TypeError:
+        return True
+
+
+def _type_text(hint: Any) -> str:
+    if get_origin(hint) in (Union, UnionType):
+        return " or ".join(_type_text(a) for a in get_args(hint) if a is not type(None))
+    return f"of type {getattr(get_origin(hint) or hint, '__name__', str(hint))}"
+
+
+def _check_value(section: str, key: str, value: Any, meta: Any, kind: Any) -> Any:
+    where = f"{section}.{key}"
+    choices = meta.get("choices")
+    if callable(choices):
+        choices = choices()
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise HyperdiffError(f"config: {where} must be true or false (got {describe(value)})")
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise HyperdiffError(f"config: {where} must be a string (got {describe(value)})")
+        if choices and value not in choices:
+            raise HyperdiffError(
+                f"config: {where} must be one of {', '.join(map(repr, choices))} "
+                f"(got {value!r}){_suggest(value, list(choices), '')}"
+            )
+        if value and meta.get("check"):
+            meta["check"](value, f"config: {where}")
+        return value
+    is_int = kind is int
+    numeric = isinstance(value, int) if is_int else isinstance(value, (int, float))
+    if isinstance(value, bool) or not numeric or (not is_int and not math.isfinite(value)):
+        noun = "an int" if is_int else "a number"
+        raise HyperdiffError(
+            f"config: {where} must be {noun}{_range_text(meta)} (got {describe(value)})"
+        )
+    low, high = meta.get("low"), meta.get("high")
+    too_low = low is not None and (value <= low if meta["open_low"] else value < low)
+    too_high = high is not None and (value >= high if meta["open_high"] else value > high)
+    if too_low or too_high:
+        noun = "an int" if is_int else "a number"
+        raise HyperdiffError(
+            f"config: {where} must be {noun}{_range_text(meta)} (got {describe(value)})"
+        )
+    return int(value) if is_int else float(value)
+
+
+def _range_text(meta: Any) -> str:
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and high is not None:
+        left = "(" if meta["open_low"] else "["
+        right = ")" if meta["open_high"] else "]"
+        return f" in {left}{low:g}, {high:g}{right}"
+    if low is not None:
+        return f" {'>' if meta['open_low'] else '>='} {low:g}"
+    if high is not None:
+        return f" {'<' if meta['open_high'] else '<='} {high:g}"
+    return ""
+
+
+def _suggest(word: str, candidates: list[str], prefix: str, suffix: str = "") -> str:
+    close = difflib.get_close_matches(str(word), candidates, n=1)
+    return f" (did you mean {prefix}{close[0]}{suffix}?)" if close else ""
+
+
+def _meta(cls: type, name: str) -> Any:
+    return next(f.metadata for f in fields(cls) if f.name == name)
+
+
+def _helps(cls: type) -> dict[str, str]:
+    return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    head, _, rest = dotted.partition(".")
+    return {head: _nest(rest, value) if rest else value}
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _parse_override(item: str) -> dict[str, Any]:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or "." not in key:
+        raise HyperdiffError(
+            f"config: an override must look like section.key=value (got {item!r})"
+        )
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    return _nest(key, value)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise HyperdiffError(f"config: cannot write {describe(value)} as TOML")
+
+
+def config_rows() -> list[tuple[str, str, str]]:
+    """``(key, default, help)`` of every config key, for documentation."""
+    rows = []
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            if f.name == "options":
+                continue
+            factory = cast(Callable[[], Any], f.default_factory)
+            default = f.default if f.default is not MISSING else factory()
+            rows.append((f"{section}.{f.name}", _toml_value(default), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,394 @@
+"""A configured tuning job end to end: task, driver, run directory, final report.
+
+:func:`run_experiment` is what ``hyperdiff run`` does: build the task and the
+:class:`~hyperdiff.tuner.driver.HyperOptimizer` from a :class:`~hyperdiff.app.config.Config`, run it
+with a checkpoint after every step (or resume one), then retrain at the initial and at the best
+hyperparameters with fresh seeds and report every split, the held-out test split included,
+for both.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import closing, suppress
+from pathlib import Path
+from typing import Any
+
+from hyperdiff.app.config import Config, load_config
+from hyperdiff.app.loggers import Progress, close_all, config_loggers, start_all
+from hyperdiff.app.run_inputs import (
+    ACCEPT_FLAG,
+    changed_inputs_error,
+    input_change_warnings,
+    restore_or_start,
+    with_absolute_task,
+)
+from hyperdiff.app.rundir import RunDir
+from hyperdiff.app.rundir.paths import below_working_dir
+from hyperdiff.app.tasks import Task, build_task
+from hyperdiff.app.tasks.inputs import task_file_change
+from hyperdiff.app.tasks.loader import forget_specs, label
+from hyperdiff.engine.device import resolve_device, task_to_device
+from hyperdiff.errors import HyperdiffError, NonFiniteError
+from hyperdiff.logs import get_logger
+from hyperdiff.methods.registry import make_method
+from hyperdiff.seeds import report_seeds
+from hyperdiff.tuner.distributed import data_parallel, init_from_env, root_only
+from hyperdiff.tuner.driver import HyperOptimizer, Stopping
+from hyperdiff.tuner.history import OptimizeResult, natural_values
+
+_LOG = get_logger("experiment")
+
+
+
+def build(config: Config) -> tuple[Task, HyperOptimizer]:
+    """The task and the driver that ``config`` describes."""
+    task = build_task(
+        config.task.name, steps=config.inner.steps,
+        selection_fraction=config.task.selection_fraction, cv_folds=config.task.cv_folds,
+        data_seed=config.task.data_seed,
+    )
+    task = task_to_device(task, resolve_device(config.run.device, "config", "run.device"))
+    stop = config.stop
+    method = make_method(config.method.name, **config.method.options)
+    driver = HyperOptimizer(
+        list(task.problems),
+        method=data_parallel(method) if config.distributed.data_parallel else method,
+        optimizer=config.outer.optimizer, lr=config.outer.lr,
+        clip=config.outer.clip or None, schedule=config.outer.schedule,
+        samples="auto" if config.outer.auto_samples else config.outer.samples,
+        max_samples=config.outer.max_samples, tie_steps=config.outer.tie_steps,
+        warm_start=config.inner.warm_start,
+        selection=task.selection, seed=config.outer.seed,
+        stopping=Stopping(
+            max_steps=stop.max_steps, max_time_s=stop.max_time_s or None,
+            patience=stop.patience or None, min_delta=stop.min_delta, grad_tol=stop.grad_tol,
+            step_tol=stop.step_tol,
+        ),
+        shrink=config.guard.shrink, max_failures=config.guard.max_failures,
+        max_loss_ratio=config.guard.max_loss_ratio,
+    )
+    return task, driver
+
+
+def new_run_dir(config: Config, out: str | Path | None = None) -> RunDir:
+    """The directory of a new run: ``out``, else ``config.output.dir``, else a fresh
+    ``runs/<task>-<date>-<time>`` (with ``-2``, ``-3``, ... when that name is taken),
+    created atomically. ``out`` (the command line's ``--out``) may be anywhere;
+    ``output.dir`` (a config file's) must stay below the working directory."""
+    if out:
+        return RunDir.create(out)
+    if config.output.dir:
+        return RunDir.create(below_working_dir(config.output.dir, "config: output.dir"))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return RunDir.create_unique("runs", f"{label(config.task.name)}-{stamp}")
+
+
+def config_differences(old: Config, new: Config) -> list[str]:
+    """``"section.key: old -> new"`` for every key that differs (``[output]`` ignored)."""
+    a, b = old.to_dict(), new.to_dict()
+    diffs = []
+    for section in a:
+        if section == "output":
+            continue
+        for key in sorted(set(a[section]) | set(b[section])):
+            if a[section].get(key) != b[section].get(key):
+                diffs.append(f"{section}.{key}: {a[section].get(key)!r} there, "
+                             f"{b[section].get(key)!r} now")
+    return diffs
+
+
+def run_experiment(
+    config: Config | None, *, out: str | Path | None = None, resume: str | Path | None = None,
+    overrides: tuple[str, ...] = (), progress: bool | None = None,
+    log: Callable[[str], None] | None = None, callbacks: Sequence[Callable[..., Any]] = (),
+    accept_changed_inputs: bool = False,
+) -> dict[str, Any]:
+    """Run (or resume) a tuning job; return the result written to ``result.json``.
+
+    Args:
+        config: the resolved config; with ``resume`` and ``None``, the run's own config.
+        out: run directory of a new run (default: ``config.output.dir`` or
+            ``runs/<task>-<date>-<time>``).
+        resume: run directory of an interrupted run to continue. Its config must equal
+            ``config`` (except ``[output]``), else the resume is refused.
+        overrides: ``section.key=value`` applied to the stored config when resuming without
+            ``config``.
+        progress: tqdm progress bar over the outer steps and the final report's trainings
+            (``None``: only on a terminal).
+        log: progress messages go to the ``hyperdiff.experiment`` logger at INFO level (the
+            CLI shows them on stderr); a callable here receives them instead (kept for
+            callers that silence them; prefer configuring :mod:`logging`).
+        callbacks: ``callback(optimizer, record)`` after every outer step, e.g. to send
+            metrics to MLflow or W&B (see :mod:`hyperdiff.app.loggers`); run after the loggers
+            of ``[log]``.
+        accept_changed_inputs: resume although the task's code or data changed since the run
+            started (recorded in the manifest and the result's warnings); without it, a
+            change is refused.
+
+    The run directory is locked for the whole run (a second process on it is refused), and a
+    resume verifies its files, the task's code and its data first (see
+    ``docs/run_directory.md``).
+    """
+    if resume is not None and out is not None:
+        raise HyperdiffError(f"run: --out must not be given with --resume (got --out {out}); "
+                             f"a resumed run stays in its own directory {resume}")
+    if accept_changed_inputs and resume is None:
+        raise HyperdiffError(f"run: {ACCEPT_FLAG} must be given with --resume only (got it for "
+                             "a new run, whose inputs are recorded as they are)")
+    if config is not None:
+        config = with_absolute_task(config)
+    log = _progress(log)
+    # under torchrun: rank 0 alone touches the run directory; a resume learns its timeout
+    # from the stored config below
+    group = init_from_env() if config is None else init_from_env(config.distributed.timeout_s)
+    if group is not None and not group.is_root:
+        log, progress = (lambda _message: None), False
+    if resume is not None:
+        forget_specs()  # the task's data as they are now, not as this process first read them
+        rundir = root_only(lambda: RunDir.existing(resume))
+    elif config is None:
+        raise HyperdiffError("run: a config is required unless resuming")
+    else:
+        rundir = root_only(lambda: new_run_dir(config, out))
+    try:
+        with rundir.lock():
+            return _run_locked(rundir, config, resume=resume is not None,
+                               overrides=overrides, progress=progress, log=log,
+                               callbacks=callbacks, group=group,
+                               accept_changed_inputs=accept_changed_inputs)
+    except BaseException:
+        with suppress(Exception):  # e.g. a lost rank: the error being raised says more
+            rundir.discard_if_unused()
+        raise
+
+
+def _run_locked(
+    rundir: RunDir, config: Config | None, *, resume: bool, overrides: tuple[str, ...],
+    progress: bool | None, log: Callable[[str], None], callbacks: Sequence[Callable[..., Any]],
+    group: Any = None, accept_changed_inputs: bool = False,
+) -> dict[str, Any]:
+    if resume:
+        config_path = rundir.config_path()
+        # before the config is read, which imports the task: its file must be the one recorded
+        change = task_file_change(rundir.recorded_inputs())
+        if change is not None and not accept_changed_inputs:
+            raise changed_inputs_error(rundir, [change])
+        stored = with_absolute_task(load_config(config_path))
+        if config is None:
+            config = with_absolute_task(load_config(data=stored.to_dict(), overrides=overrides))
+        diffs = config_differences(stored, config)
+        if diffs:
+            raise HyperdiffError(
+                f"run: --resume must use the config the run was started with; {rundir.path} "
+                f"differs in {'; '.join(diffs)}. Resume without a config file, or start a new "
+                "run in another directory with --out"
+            )
+        finished = rundir.read_result()
+        if finished is not None and finished.get("status") == "diverged":
+            raise HyperdiffError(
+                f"run: {rundir.path} must be an unfinished run to resume (got a run that "
+                f"stopped after its divergence guard gave up: {finished.get('message')}); "
+                "start a new run with a smaller outer.lr or with outer.clip"
+            )
+        if finished is not None:
+            damage = result_damage(finished)
+            if damage:
+                raise HyperdiffError(
+                    f"run directory: {rundir.file('result.json')} is damaged ({damage}); the run "
+                    "finished but its result cannot be shown: delete the file and resume the "
+                    "run to write it again")
+            log(f"{rundir.path} already finished; its result:")
+            return finished
+    else:
+        rundir.refuse_existing_run()
+    assert config is not None
+    if group is not None:
+        group.timeout_s = config.distributed.timeout_s
+    if config.outer.mode == "online":
+        from hyperdiff.app.online_experiment import run_online
+
+        if group is not None:
+            raise HyperdiffError(
+                "run: outer.mode = 'online' is one training run in one process; under torchrun "
+                f"each of the {group.world} ranks would repeat it. Launch it with plain "
+                "`hyperdiff run`, or use outer.mode = 'offline' to spread trainings over ranks")
+        return run_online(config, rundir, resume=resume, progress=progress, log=log,
+                          callbacks=callbacks, accept_changed_inputs=accept_changed_inputs)
+    task, driver = build(config)
+    # the [log] files are the run directory's, so rank 0 alone writes them
+    loggers = config_loggers(config.log, rundir.path) if group is None or group.is_root else []
+    watchers = [*loggers, *callbacks]
+    if restore_or_start(rundir, config, task.hparams, driver, resume=resume,
+                        accept_changed_inputs=accept_changed_inputs):
+        log(f"resuming {rundir.path} at outer step {driver.step_index}")
+    log(f"tuning {task.name}: {task.hparams.numel} hyperparameters, "
+        f"{_trainings_text(len(task.problems), config)} training(s) of {config.inner.steps} "
+        f"steps per outer step; run directory {rundir.path}")
+
+    def on_step(opt: HyperOptimizer, record: Any) -> None:
+        rundir.append(record)
+        if record.message:
+            log(f"guard: {record.message}")
+        if opt.step_index % config.output.checkpoint_every == 0 or opt.stop_reason():
+            rundir.save_checkpoint(opt.state_dict())
+
+    per_step = len(task.problems) * (driver.auto.minimum if driver.auto else driver.samples)
+    bar = Progress(steps=config.stop.max_steps, done=driver.step_index, units_per_step=per_step,
+                   trainings=driver.trainings,
+                   report_trainings=(2 + hasattr(task, "final_report_extra"))
+                   * config.report.seeds, enabled=progress, desc=task.name)
+    with closing(bar):
+        start_all(watchers, list(driver.history))
+        try:
+            outcome = driver.run(callbacks=[on_step, *watchers, bar], progress=False)
+        except KeyboardInterrupt:
+            log(f"interrupted after outer step {driver.step_index}; continue with "
+                f"`hyperdiff run --resume {rundir.path}`")
+            raise
+        except NonFiniteError as err:
+            rundir.save_checkpoint(driver.state_dict())
+            result: dict[str, Any] = {
+                "task": task.name, "status": "diverged", "message": str(err),
+                "run_dir": str(rundir.path), "steps": driver.step_index}
+            rundir.write_result(result)
+            raise
+        finally:  # also after any other error (a callback's, a lost rank's)
+            close_all(watchers)
+        rundir.save_checkpoint(driver.state_dict())
+        result = final_report(task, outcome, config, elapsed=driver.elapsed,
+                              progress=bar.report_phase())
+    result["run_dir"] = str(rundir.path)
+    changed = input_change_warnings(rundir)
+    if changed:
+        result["warnings"] = [*result.get("warnings", []), *changed]
+    rundir.write_result(result)
+    return result
+
+
+def _trainings_text(folds: int, config: Config) -> str:
+    """Trainings per outer step: ``"2"``, or ``"4-32 (auto)"`` with ``outer.auto_samples``."""
+    if config.outer.auto_samples:
+        return f"{2 * folds}-{config.outer.max_samples * folds} (auto)"
+    return str(folds * config.outer.samples)
+
+
+def _progress(extra: Callable[[str], None] | None) -> Callable[[str], None]:
+    """``log(message)``: INFO on the ``hyperdiff.experiment`` logger, or ``extra``."""
+
+    def log(message: str) -> None:
+        if extra is None:
+            _LOG.info(message)
+        else:
+            extra(message)
+
+    return log
+
+
+def final_report(task: Task, outcome: OptimizeResult, config: Config, *, elapsed: float,
+                 progress: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Retrain at the initial and the best hyperparameters (``config.report.seeds`` fresh
+    seeds each, the same for both) and evaluate every split; ``progress()`` after each
+    training."""
+    seeds = report_seeds(config.report.seeds)
+    segments = outcome.best_step + 1 if config.inner.warm_start else 1
+    sides = {"initial": task.hparams.raw, "tuned": outcome.best_raw}
+    report: dict[str, Any] = {
+        "task": task.name, "status": "finished", "stop_reason": outcome.stop_reason,
+        "steps": outcome.steps, "best_step": outcome.best_step,
+        "criterion": outcome.criterion, "time_s": elapsed, "report_seeds": list(seeds),
+        "training_steps": segments * config.inner.steps, "sizes": task.info.get("sizes", {}),
+        "cv_folds": config.task.cv_folds,
+    }
+    for side, raw in sides.items():
+        natural = task.hparams.natural(raw)
+        report[side] = {
+            "hparams": natural_values(task.hparams, raw),
+            "summary": task.summarize(natural) if task.summarize else {},
+            "metrics": task.evaluate(raw, seeds=seeds, segments=segments, progress=progress),
+        }
+    extra = getattr(task, "final_report_extra", None)  # e.g. discrete choices' relaxation gap
+    if extra is not None:
+        report.update(extra(outcome, report, seeds=seeds, segments=segments, progress=progress))
+    return report
+
+
+RESULT_KEYS = ("task", "status", "stop_reason", "steps", "best_step", "criterion", "time_s",
+               "sizes", "initial", "tuned")
+SIDE_KEYS = ("hparams", "summary", "metrics")
+
+
+def result_damage(result: Mapping[str, Any]) -> str | None:
+    """What a finished run's ``result.json`` lacks that :func:`format_table` reads, or
+    ``None`` when it has it all."""
+    missing = [key for key in RESULT_KEYS if key not in result]
+    if missing:
+        return f"it lacks the entries {missing}"
+    for side in ("initial", "tuned"):
+        value = result[side]
+        if not isinstance(value, Mapping) or not all(
+                isinstance(value.get(key), Mapping) for key in SIDE_KEYS):
+            return f"its {side!r} entry must be an object with the objects {list(SIDE_KEYS)}"
+    return None
+
+
+def format_table(result: Mapping[str, Any]) -> str:
+    """The short initial-vs-tuned table that ``hyperdiff run`` prints."""
+    initial, tuned = result["initial"], result["tuned"]
+    rows: list[tuple[str, str, str]] = []
+    discrete = result.get("discrete")
+    if discrete:  # the chosen values, not probability summaries
+        from hyperdiff.app.discrete_report import choice_rows, gap_lines
+
+        rows.extend(choice_rows(result))
+    for name in initial["hparams"]:
+        if discrete and name in discrete["choices"]:
+            continue
+        a, b = initial["hparams"][name], tuned["hparams"][name]
+        label = name if not isinstance(a, list) else f"{name} ({len(a)} values)"
+        rows.append((label, _summary(a), _summary(b)))
+    for key in initial["summary"]:
+        rows.append((f"  {key}", f"{initial['summary'][key]:.3g}", f"{tuned['summary'][key]:.3g}"))
+    val_label = ("val loss (in the CV pool)" if result.get("cv_folds")
+                 else "val loss (hypergradient split)")
+    labels = {"val": val_label, "selection": "selection loss",
+              "test": "test loss (held out)"}
+    for split, label in labels.items():
+        if "loss" in initial["metrics"].get(split, {}):  # a user's metrics may have no loss
+            rows.append((label, f"{initial['metrics'][split]['loss']:.4f}",
+                         f"{tuned['metrics'][split]['loss']:.4f}"))
+    for key in initial["metrics"]["test"]:  # every other metric of the task, on the test split
+        if key != "loss" and key in tuned["metrics"]["test"]:
+            rows.append((f"test {key} (held out)", f"{initial['metrics']['test'][key]:.4f}",
+                         f"{tuned['metrics']['test'][key]:.4f}"))
+    width = max(len(r[0]) for r in rows) + 2
+    col = max(12, *(len(r[1]) for r in rows)) + 2
+    lines = [
+        f"{result['task']}: {result['steps']} outer steps in {result['time_s']:.1f} s "
+        f"({result['stop_reason']}); best step {result['best_step']} by "
+        f"{result['criterion'].replace('_', ' ')}",
+        "",
+        f"{'':<{width}}{'initial':<{col}}tuned",
+        *(f"{a:<{width}}{b:<{col}}{c}" for a, b, c in rows),
+        *(gap_lines(result) if discrete else []),
+        *(f"warning: {warning}" for warning in result.get("warnings", [])),
+        "",
+        f"test split: {result['sizes'].get('test', '?')} examples never used while tuning; "
+        f"metrics averaged over {len(result['report_seeds'])} fresh training seeds",
+        f"run directory: {result['run_dir']}",
+    ]
+    return "\n".join(lines)
+
+
+def _summary(value: float | list[float]) -> str:
+    if not isinstance(value, list):
+        return f"{value:.4g}"
+    low, high = min(value), max(value)
+    mean = sum(value) / len(value)
+    return f"{mean:.3g}" if low == high else f"{mean:.3g} [{low:.2g}, {high:.2g}]"
+
+
+__all__ = ["build", "config_differences", "final_report", "format_table", "run_experiment"]
+
+

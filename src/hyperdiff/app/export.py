@@ -1,0 +1,357 @@
+"""Tuned values back in torch: ``torch.optim`` param groups, a scheduler, module weights.
+
+- :func:`torch_optimizer` turns an inner optimizer (``hd.sgd`` / ``hd.adam`` / ``hd.adamw``) and
+  tuned hyperparameters into a ``torch.optim`` optimizer over a module's parameters (one param
+  group per set of tensors that share their coefficients, so per-tensor weight decay becomes
+  param groups) and a :class:`TunedSchedule` that sets every scheduled coefficient (a
+  ``per_step`` learning rate, a momentum schedule, ...) before each step. Training with the
+  pair equals :func:`hyperdiff.train`: bit for bit where the coefficients are plain numbers, to
+  rounding otherwise (docs/export.md, "What is bit for bit").
+- :func:`hyperdiff.hparams.schedules.resample` stretches a ``per_step`` schedule to another number
+  of steps (``torch_optimizer(..., steps=M)`` uses it).
+- :func:`load_into` loads trained params and buffers (BatchNorm statistics) into a module.
+- :func:`tuned_hparams` reads tuned values from a result, ``result.json`` or a run directory.
+
+Usage, after tuning::
+
+    opt, sched = hd.torch_optimizer(hd.sgd("lr", 0.9, weight_decay="wd"), result, model)
+    for step in range(steps):
+        opt.zero_grad(); loss_fn(model(x[step]), y[step]).backward(); opt.step(); sched.step()
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LRScheduler
+
+from hyperdiff.app.tasks import Task, TaskSpec
+from hyperdiff.engine.optimizers import Optimizer, resolve
+from hyperdiff.errors import HyperdiffError, describe, positive_int
+from hyperdiff.hparams.hyperparams import HyperParameters
+from hyperdiff.hparams.schedules import Schedule, resample
+from hyperdiff.tuner.history import OptimizeResult
+
+# inner-optimizer coefficient -> torch.optim param-group key (betas are joined into a pair)
+GROUP_KEYS = {
+    "sgd": {"lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay"},
+    "adam": {"lr": "lr", "beta1": "betas", "beta2": "betas", "eps": "eps",
+             "weight_decay": "weight_decay"},
+}
+GROUP_KEYS["adamw"] = GROUP_KEYS["adam"]
+Table = dict[str, tuple[float, ...]]  # coefficient -> its value at steps 0 .. S-1
+
+
+def _as_hparams(hparams: Any, caller: str) -> HyperParameters:
+    if isinstance(hparams, OptimizeResult):
+        return hparams.best_hparams
+    if isinstance(hparams, HyperParameters):
+        return hparams
+    raise HyperdiffError(
+        f"{caller}: hparams must be a hd.HyperParameters (e.g. result.best_hparams, or "
+        f"hd.tuned_hparams(task.hparams, run_dir)) or an OptimizeResult (got {describe(hparams)})"
+    )
+
+
+def _named_parameters(module_or_params: Any, caller: str) -> dict[str, Tensor]:
+    """The tensors ``torch.optim`` trains: leaf tensors that require grad. Frozen ones
+    (``requires_grad=False``) are left out, as ``[p for p in model.parameters() if
+    p.requires_grad]`` would leave them out, and as every method of hyperdiff keeps them fixed."""
+    named: dict[str, Tensor]
+    if isinstance(module_or_params, nn.Module):
+        named = dict(module_or_params.named_parameters())
+    elif isinstance(module_or_params, Mapping):
+        named = dict(module_or_params)
+    else:
+        raise HyperdiffError(f"{caller}: module_or_params must be a torch.nn.Module or a dict "
+                             f"name -> parameter (got {describe(module_or_params)})")
+    for name, p in named.items():
+        if not isinstance(p, Tensor) or not p.is_leaf:
+            raise HyperdiffError(f"{caller}: parameter {name!r} must be a leaf tensor "
+                                 f"(got {describe(p)})")
+    trainable = {name: p for name, p in named.items() if p.requires_grad}
+    if not trainable:
+        raise HyperdiffError(
+            f"{caller}: module_or_params must have a parameter that requires grad (got "
+            f"{len(named)} frozen ones); frozen parameters are not trained, so there is "
+            "nothing to optimize"
+        )
+    return trainable
+
+
+def _declared_lengths(optimizer: Optimizer, hparams: HyperParameters) -> dict[str, int]:
+    """Coefficient -> the number of steps its schedule declares: the length of a ``per_step``
+    hyperparameter, or ``steps`` of a :class:`~hyperdiff.hparams.schedules.Schedule`."""
+    lengths = {}
+    for coef_name, coef in optimizer.coefficients.items():
+        if isinstance(coef, Schedule):
+            lengths[coef_name] = coef.steps
+        elif isinstance(coef, str) and coef in hparams and hparams[coef].kind == "per_step":
+            lengths[coef_name] = hparams[coef].shape[0]
+    return lengths
+
+
+def _horizon(optimizer: Optimizer, hparams: HyperParameters, steps: int | None) -> int:
+    """The number of steps the exported schedule covers: ``steps``, or else the one length
+    the schedules declare (1 when every coefficient is constant). A callable coefficient that
+    declares no length (a plain function of the step) needs ``steps``: held at its step-0
+    value it would lose every later one."""
+    if steps is not None:
+        return positive_int("torch_optimizer", "steps", steps)
+    undeclared = [name for name, coef in optimizer.coefficients.items()
+                  if callable(coef) and not isinstance(coef, Schedule)]
+    if undeclared:
+        raise HyperdiffError(
+            f"torch_optimizer: steps must be the number of training steps T when coefficient "
+            f"{undeclared[0]} is a function of the step (got steps=None); pass steps=T to "
+            "evaluate it at steps 0 .. T-1"
+        )
+    lengths = _declared_lengths(optimizer, hparams)
+    if len(set(lengths.values())) > 1:
+        raise HyperdiffError(
+            f"torch_optimizer: steps must be given when the schedules' lengths differ (got "
+            f"steps=None, lengths {lengths}); pass steps=T, and each is stretched to T steps"
+        )
+    return next(iter(lengths.values()), 1)
+
+
+def _coefficient_tables(optimizer: Optimizer, hparams: HyperParameters, names: list[str],
+                        steps: int) -> dict[str, Table]:
+    """``{param: {coefficient: values at steps 0..steps-1}}``; per_step hyperparameters are
+    resampled to ``steps``, schedules stretched to ``steps`` (:meth:`Schedule.with_steps`),
+    other callables evaluated at every step, the rest held constant (one value, which
+    :func:`_group_values` holds for every step)."""
+    view = hparams.view(hparams.raw)
+    tables: dict[str, Table] = {name: {} for name in names}
+    for coef_name, coef in optimizer.coefficients.items():
+        if isinstance(coef, str):
+            if coef not in hparams:
+                raise HyperdiffError(f"torch_optimizer: coefficient {coef_name}={coef!r} must "
+                                     f"name a hyperparameter, one of {list(hparams)}")
+            spec = hparams[coef]
+            if spec.kind in ("per_element", "per_feature"):
+                raise HyperdiffError(
+                    f"torch_optimizer: coefficient {coef_name}={coef!r} is {spec.kind}, which "
+                    "torch.optim param groups cannot express (one value per group of tensors); "
+                    "use scalar, per_tensor or per_step hyperparameters"
+                )
+            if spec.kind == "per_step":
+                values = resample(view[coef].detach(), steps).tolist()
+                for name in names:
+                    tables[name][coef_name] = tuple(values)
+                continue
+        if isinstance(coef, Schedule) and coef.steps != steps:
+            coef = coef.with_steps(steps)  # the same curve in normalised time over T steps
+        varying = range(steps) if callable(coef) else range(1)
+        for name in names:
+            tables[name][coef_name] = tuple(
+                float(resolve(coef, view, step, name)) for step in varying
+            )
+    return tables
+
+
+def _group_values(optimizer_name: str, table: Table, step: int) -> dict[str, Any]:
+    """torch.optim param-group entries of one group at ``step`` (the last step held after)."""
+    values = {c: v[min(step, len(v) - 1)] for c, v in table.items()}
+    group: dict[str, Any] = {}
+    for coef, key in GROUP_KEYS[optimizer_name].items():
+        if key == "betas":
+            group["betas"] = (values["beta1"], values["beta2"])
+        else:
+            group[key] = values[coef]
+    return group
+
+
+class TunedSchedule(LRScheduler):
+    """Sets every tuned coefficient of every param group before each optimizer step.
+
+    ``group[key] = value[step]`` for ``step = scheduler.last_epoch``; past the end of the
+    schedule the last values are held. Call ``scheduler.step()`` after ``optimizer.step()``,
+    as with any ``torch.optim.lr_scheduler``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, optimizer_name: str,
+                 tables: list[Table]):
+        self.optimizer_name, self.tables = optimizer_name, tables
+        super().__init__(optimizer)
+
+    def _values(self) -> list[dict[str, Any]]:
+        step = max(self.last_epoch, 0)
+        return [_group_values(self.optimizer_name, t, step) for t in self.tables]
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        return [float(v["lr"]) for v in self._values()]
+
+    def step(self, epoch: int | None = None) -> None:  # type: ignore[override]
+        if epoch is None:
+            super().step()
+        else:
+            super().step(epoch)
+        for group, values in zip(self.optimizer.param_groups, self._values(), strict=True):
+            group.update({k: v for k, v in values.items() if k != "lr"})
+
+
+def torch_optimizer(
+    optimizer: Optimizer, hparams: HyperParameters | OptimizeResult,
+    module_or_params: nn.Module | Mapping[str, Tensor], *, steps: int | None = None,
+) -> tuple[torch.optim.Optimizer, TunedSchedule]:
+    """A ``torch.optim`` optimizer and scheduler that train as ``optimizer`` at ``hparams``.
+
+    Args:
+        optimizer: the inner optimizer that was tuned (``hd.sgd``, ``hd.adam``, ``hd.adamw``).
+        hparams: tuned hyperparameters (``result.best_hparams``) or an ``OptimizeResult``.
+        module_or_params: the module (``named_parameters()`` names must be those the
+            hyperparameters were defined over) or a dict name -> leaf parameter; only those
+            that require grad are exported (frozen ones stay fixed, as in hyperdiff).
+        steps: length T of the exported schedule; a ``per_step`` schedule of another length is
+            stretched by :func:`resample`, a :class:`Schedule` by ``with_steps(T)``, another
+            callable coefficient is evaluated at steps ``0 .. T-1`` (default: the length the
+            schedules declare; required with a callable that declares none).
+
+    Returns:
+        ``(torch_opt, scheduler)``: ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` with one param
+        group per set of tensors sharing their coefficient values, and a :class:`TunedSchedule`.
+
+    Raises:
+        HyperdiffError: a callable coefficient that declares no length (or schedules of
+            different lengths) without ``steps``; ``per_element`` / ``per_feature``
+            coefficients; no parameter that requires grad.
+    """
+    if not isinstance(optimizer, Optimizer):
+        raise HyperdiffError("torch_optimizer: optimizer must be made by hd.sgd, hd.adam or "
+                             f"hd.adamw (got {describe(optimizer)})")
+    tuned = _as_hparams(hparams, "torch_optimizer")
+    named = _named_parameters(module_or_params, "torch_optimizer")
+    horizon = _horizon(optimizer, tuned, steps)
+    tables = _coefficient_tables(optimizer, tuned, list(named), horizon)
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for name, table in tables.items():
+        groups.setdefault(tuple(sorted(table.items())), []).append(name)
+    group_tables = [tables[members[0]] for members in groups.values()]
+    param_groups = [
+        {"params": [named[n] for n in members], **_group_values(optimizer.name, table, 0)}
+        for members, table in zip(groups.values(), group_tables, strict=True)
+    ]
+    torch_opt: torch.optim.Optimizer
+    if optimizer.name == "sgd":
+        settings = optimizer.settings
+        torch_opt = torch.optim.SGD(param_groups, lr=param_groups[0]["lr"],
+                                    momentum=param_groups[0]["momentum"],
+                                    nesterov=bool(settings.get("nesterov", False)),
+                                    dampening=float(settings.get("dampening", 0.0)))
+    elif optimizer.name == "adam":
+        torch_opt = torch.optim.Adam(param_groups)
+    else:
+        torch_opt = torch.optim.AdamW(param_groups)
+    return torch_opt, TunedSchedule(torch_opt, optimizer.name, group_tables)
+
+
+def load_into(module: nn.Module, params: Mapping[str, Tensor],
+              buffers: Mapping[str, Tensor] | None = None) -> nn.Module:
+    """Copy trained ``params`` (and ``buffers``: BatchNorm running statistics) into ``module``.
+
+    Names are those of ``module.named_parameters()`` / ``named_buffers()`` (as in
+    ``hd.functional(module).params``); every parameter that requires grad must be given, frozen
+    ones (``requires_grad=False``, not in ``hd.functional(module).params``) may be. Returns
+    ``module``.
+    """
+    if not isinstance(module, nn.Module):
+        raise HyperdiffError(f"load_into: module must be a torch.nn.Module (got "
+                             f"{describe(module)})")
+    own_params = dict(module.named_parameters())
+    own_buffers = dict(module.named_buffers())
+    given = {**dict(params), **dict(buffers or {})}
+    unknown = sorted(set(given) - set(own_params) - set(own_buffers))
+    trainable = sorted(n for n, p in own_params.items() if p.requires_grad)
+    missing = sorted(set(trainable) - set(params))
+    if unknown or missing:
+        raise HyperdiffError(
+            f"load_into: params must name the module's trainable parameters {trainable} "
+            f"(unknown: {unknown}, missing: {missing})"
+        )
+    targets = {name: own_params[name] if name in own_params else own_buffers[name]
+               for name in given}
+    for name, value in given.items():  # every shape first: an error leaves the module as it was
+        if tuple(targets[name].shape) != tuple(value.shape):
+            raise HyperdiffError(f"load_into: {name!r} must have shape "
+                                 f"{tuple(targets[name].shape)} (got {tuple(value.shape)})")
+    with torch.no_grad():
+        for name, value in given.items():
+            targets[name].copy_(value.detach())
+    return module
+
+
+def _target(target: Any) -> tuple[HyperParameters, str | None]:
+    """The hyperparameters to fill in and the task name a run must record (None: unchecked)."""
+    if isinstance(target, HyperParameters):
+        return target, None
+    if isinstance(target, Task):
+        return target.hparams, target.name
+    if isinstance(target, TaskSpec):
+        if not isinstance(target.hparams, HyperParameters):
+            raise HyperdiffError(
+                f"tuned_hparams: task must be built when its hparams are a function of the data "
+                f"(got the TaskSpec {target.name!r}); pass spec.build(...)"
+            )
+        return target.hparams, target.name
+    raise HyperdiffError("tuned_hparams: task must be a hd.Task, a TaskSpec (hd.task(...)) or "
+                         f"its hd.HyperParameters (got {describe(target)})")
+
+
+def _read_result(source: str | Path) -> tuple[Any, Path]:
+    """The parsed ``result.json`` of a run directory, or of the file ``source``."""
+    path = Path(source)
+    path = path / "result.json" if path.is_dir() else path
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), path
+    except FileNotFoundError:
+        raise HyperdiffError(f"tuned_hparams: {path} does not exist; a finished run "
+                             "directory holds result.json") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise HyperdiffError(f"tuned_hparams: {path} is not a readable result "
+                             f"file ({err})") from None
+
+
+def tuned_hparams(task: Task | TaskSpec | HyperParameters, source: Any) -> HyperParameters:
+    """The task's hyperparameters with the tuned natural values of ``source``: an
+    ``OptimizeResult``, the dict that ``hyperdiff run`` writes to ``result.json``, that file,
+    or its run directory.
+
+    Given a task (a built ``hd.Task`` or the ``hd.task(...)`` spec), a result that records
+    another task (its ``"task"`` entry) is refused, also when the hyperparameter names happen
+    to match; given only ``hd.HyperParameters``, the names and shapes are checked.
+    """
+    hparams, task_name = _target(task)
+    if isinstance(source, OptimizeResult):
+        return source.best_hparams
+    where = "the result"
+    if isinstance(source, (str, Path)):
+        source, path = _read_result(source)
+        where = str(path)
+    values = source.get("tuned", {}).get("hparams") if isinstance(source, Mapping) else None
+    if not isinstance(values, Mapping):
+        raise HyperdiffError("tuned_hparams: source must be an OptimizeResult, a run directory "
+                             "or a result with a 'tuned' -> 'hparams' entry "
+                             f"(got {describe(source)})")
+    recorded = source.get("task")
+    if task_name is not None and recorded != task_name:
+        raise HyperdiffError(
+            f"tuned_hparams: source must be a run of task {task_name!r} (got {where}, a run "
+            f"of task {recorded!r}); pass that run's directory, or the task it tuned"
+        )
+    missing = sorted(set(hparams) - set(values))
+    if missing:
+        raise HyperdiffError(f"tuned_hparams: the result has no values for {missing}; it "
+                             f"holds {sorted(values)}")
+    # hyperparameter values are held on the CPU in float64 (see hyperdiff.hparams.hyperparams)
+    return hparams.with_natural(**{
+        n: torch.as_tensor(values[n], dtype=torch.float64, device="cpu") for n in hparams
+    })
+
+
+__all__ = ["TunedSchedule", "load_into", "torch_optimizer", "tuned_hparams"]

@@ -1,0 +1,189 @@
+"""PNG figures of a run directory (``hyperdiff plot RUN_DIR``).
+
+- ``hparams.png``: each hyperparameter per successful outer step (natural units; failed steps
+  are red lines); a vector is drawn as its mean with a 10-90% band.
+- ``losses.png``: train, validation and selection loss per outer step; the best step and failed
+  steps are marked.
+- ``hypergradient.png``: norm of the mean raw hypergradient per step, with the spread over the
+  step's trainings when there were several, and the outer learning rate.
+- ``sensitivity.png``: hyperparameters (left) and single coordinates (right, top 20) ranked by
+  the mean absolute raw hypergradient over the successful steps. Raw units are log units for
+  positive hyperparameters, so sizes compare across very different scales.
+
+Figures are drawn with matplotlib's object API (no pyplot, no global state, no display) and
+written atomically. The history is read as ``--resume`` reads it: an unfinished last line is
+skipped with a warning, any other damage is one error naming the file and the line.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+
+from hyperdiff.app.rundir import FIGURES, RunDir, atomic_write_bytes
+from hyperdiff.app.rundir.files import os_errors, refuse_link
+from hyperdiff.errors import HyperdiffError, describe
+from hyperdiff.tuner.history import History
+
+FIGURE_NAMES = ("hparams.png", "losses.png", "hypergradient.png", "sensitivity.png")
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
+    """Write the figures of ``run_dir`` into ``out`` (default ``run_dir/figures``)."""
+    rundir = RunDir(run_dir)
+    history = History(rundir.read_history())
+    if not len(history):
+        raise HyperdiffError(f"plot: {rundir.path} must hold at least one outer step (got 0)")
+    target = Path(out) if out else rundir.path / FIGURES
+    if not out:
+        refuse_link(target)  # a planted link must not send the figures elsewhere
+    for name in FIGURE_NAMES:  # refused before any figure is written, not halfway
+        refuse_link(target / name)
+    with os_errors(target, "create the figure directory"):
+        target.mkdir(parents=True, exist_ok=True)
+    meta = rundir.read_hparams()
+    figures = dict(zip(FIGURE_NAMES, (hparams_figure(history), losses_figure(history),
+                                      hypergradient_figure(history),
+                                      sensitivity_figure(history, meta,
+                                                         rundir.file("hparams.json"))),
+                       strict=True))
+    paths = []
+    for name, figure in figures.items():
+        png = io.BytesIO()
+        figure.savefig(png, format="png", dpi=110, bbox_inches="tight")
+        atomic_write_bytes(target / name, png.getvalue())
+        paths.append(target / name)
+    return paths
+
+
+def hparams_figure(history: History) -> Figure:
+    """Values of the successful steps; a failed step (whose values may be absurd or not
+    finite) is a red line."""
+    names = list(history[0].hparams)
+    figure = Figure(figsize=(5.0 * min(len(names), 3), 3.4 * ((len(names) + 2) // 3)),
+                    layout="constrained")
+    axes = figure.subplots((len(names) + 2) // 3, min(len(names), 3), squeeze=False).ravel()
+    ok = [r for r in history if r.status == "ok"]
+    steps = [r.step for r in ok]
+    for ax, name in zip(axes, names, strict=False):
+        values = torch.tensor([_as_list(r.hparams[name]) for r in ok],
+                              dtype=torch.float64, device="cpu").reshape(len(ok), -1)
+        if values.shape[1] == 1:
+            ax.plot(steps, values[:, 0], marker=".")
+        elif len(ok):
+            low, high = torch.quantile(values, values.new_tensor([0.1, 0.9]), 1)
+            ax.fill_between(steps, low, high, alpha=0.3, label="10-90%")
+            ax.plot(steps, values.mean(1), label=f"mean of {values.shape[1]}")
+            ax.legend(fontsize=8)
+        for step in (r.step for r in history if r.status != "ok"):
+            ax.axvline(step, color="red", alpha=0.3)
+        if len(ok) and bool((values > 0).all()) and float(values.max() / values.min()) > 50:
+            ax.set_yscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("outer step")
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    figure.suptitle("hyperparameters (natural units; red: failed steps)")
+    return figure
+
+
+def losses_figure(history: History) -> Figure:
+    figure = Figure(figsize=(6.4, 4.0), layout="constrained")
+    ax = figure.subplots()
+    steps = history.column("step")
+    for column, label in (("train_loss", "train (last inner step)"),
+                          ("val_loss", "validation (hypergradient)"),
+                          ("selection_loss", "selection (held out from hypergradients)")):
+        values = [float("nan") if v is None else v for v in history.column(column)]
+        if any(v == v for v in values):
+            ax.plot(steps, values, marker=".", label=label)
+    best = history.best()
+    if best is not None:
+        ax.axvline(best.step, color="gray", linestyle="--", label=f"best step {best.step}")
+    failed = [r.step for r in history if r.status != "ok"]
+    for i, step in enumerate(failed):
+        ax.axvline(step, color="red", alpha=0.4, label="failed step" if i == 0 else None)
+    ax.set_xlabel("outer step")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=8)
+    ax.set_title("losses per outer step")
+    return figure
+
+
+def hypergradient_figure(history: History) -> Figure:
+    figure = Figure(figsize=(6.4, 4.0), layout="constrained")
+    ax = figure.subplots()
+    ok = [r for r in history if r.grad_norm is not None]
+    steps = [r.step for r in ok]
+    norms = [float(r.grad_norm) for r in ok if r.grad_norm is not None]
+    ax.plot(steps, norms, marker=".", label="||mean hypergradient||")
+    spread = [r.grad_std for r in ok if r.grad_std is not None]
+    if spread and len(spread) == len(ok):
+        ax.plot(steps, spread, linestyle=":", label="spread over trainings (||std||)")
+    if norms and min(norms) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("outer step")
+    ax.set_ylabel("raw hypergradient norm")
+    twin = ax.twinx()
+    twin.plot(history.column("step"), history.column("lr"), color="gray", alpha=0.5,
+              label="outer lr")
+    twin.set_ylabel("outer learning rate")
+    lines = ax.get_legend_handles_labels()
+    extra = twin.get_legend_handles_labels()
+    ax.legend(lines[0] + extra[0], lines[1] + extra[1], fontsize=8, loc="upper right")
+    ax.set_title("hypergradient norm")
+    return figure
+
+
+def sensitivity_figure(history: History, meta: dict, source: Path | str = "hparams.json"
+                       ) -> Figure:
+    grads = [r.grad for r in history if r.grad is not None]
+    names = list(history[0].hparams)
+    figure = Figure(figsize=(11.0, 4.4), layout="constrained")
+    left, right = figure.subplots(1, 2)
+    if not grads:
+        left.set_title("no successful step")
+        return figure
+    mean_abs = {n: torch.tensor([_as_list(g[n]) for g in grads], device="cpu").abs().mean(0)
+                for n in names}
+    per_name = sorted(((float(v.mean()), n) for n, v in mean_abs.items()), reverse=True)
+    left.barh([n for _, n in per_name][::-1], [v for v, _ in per_name][::-1])
+    left.set_xlabel("mean |dL/du| per coordinate")
+    left.set_title("hyperparameters by hypergradient size")
+    coords: list[tuple[float, str]] = []
+    for name, values in mean_abs.items():
+        labels = coordinate_labels(meta, name, len(values), source)
+        coords.extend(zip(values.tolist(), labels, strict=True))
+    top = sorted(coords, reverse=True)[:20]
+    right.barh([c for _, c in top][::-1], [v for v, _ in top][::-1])
+    right.set_xlabel("mean |dL/du|")
+    right.set_title(f"top {len(top)} of {len(coords)} coordinates")
+    right.tick_params(axis="y", labelsize=7)
+    figure.suptitle("sensitivity: raw hypergradient size over the run (u = raw value)")
+    return figure
+
+
+def coordinate_labels(meta: dict, name: str, count: int, source: Path | str) -> list[str]:
+    """The ``count`` coordinate names of ``name`` in ``hparams.json``'s ``meta`` (read from
+    ``source``), or ``name[i]`` when it has none; a damaged entry raises naming the file."""
+    entry = meta.get(name, {})
+    labels = entry.get("coordinates") if isinstance(entry, dict) else entry
+    if not labels:
+        return [name] if count == 1 else [f"{name}[{i}]" for i in range(count)]
+    if not (isinstance(labels, list) and len(labels) == count
+            and all(isinstance(label, str) for label in labels)):
+        raise HyperdiffError(
+            f"run directory: {source} is damaged (its entry {name!r} must be an object whose "
+            f"'coordinates' are {count} name{'s' if count != 1 else ''}, got "
+            f"{describe(entry)}); restore it, or delete "
+            "it (figures then name coordinates by index)")
+    return labels
+
+
+def _as_list(value: float | list[float | None] | None) -> list[float]:
+    """A record's value as a list; ``None`` (not finite, in a failed step) is drawn as a gap."""
+    values = value if isinstance(value, list) else [value]
+    return [float("nan") if v is None else v for v in values]

@@ -1,0 +1,105 @@
+"""What a resume verifies about the task's inputs, for :mod:`hyperdiff.app.experiment` and
+:mod:`hyperdiff.app.online_experiment`: the fingerprints of the task's code and data splits
+(:mod:`hyperdiff.app.tasks.inputs`) recorded in the run's manifest, compared with those of today;
+a change is refused unless ``--accept-changed-inputs`` (see ``docs/run_directory.md``);
+and :func:`restore_or_start`, which both run modes call to resume a run or start it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from hyperdiff.app.config import Config
+from hyperdiff.app.rundir import RunDir
+from hyperdiff.app.rundir.records import new_run
+from hyperdiff.app.tasks import task_inputs
+from hyperdiff.app.tasks.inputs import input_changes
+from hyperdiff.app.tasks.loader import absolute_reference
+from hyperdiff.errors import HyperdiffError
+from hyperdiff.logs import get_logger
+from hyperdiff.version import __version__
+
+_LOG = get_logger("experiment")
+
+ACCEPT_FLAG = "--accept-changed-inputs"
+
+
+def with_absolute_task(config: Config) -> Config:
+    """``config`` with a task file's path made absolute, so that a resume from another working
+    directory loads the same file."""
+    name = absolute_reference(config.task.name)
+    return config if name == config.task.name else replace(
+        config, task=replace(config.task, name=name))
+
+
+def run_inputs(config: Config) -> dict[str, Any]:
+    """Fingerprints of the task's code and data splits (the task must be built already)."""
+    return task_inputs(config.task.name, steps=config.inner.steps,
+                       data_seed=config.task.data_seed, version=__version__)
+
+
+def changed_inputs_error(rundir: RunDir, changes: list[str]) -> HyperdiffError:
+    return HyperdiffError(
+        f"run: --resume must use the inputs the run was started with; {rundir.path}: "
+        f"{'; '.join(changes)}. Restore them, resume with {ACCEPT_FLAG} to continue with the "
+        "changed inputs (the steps before and after the resume then saw different inputs), or "
+        "start a new run with --out NEW_DIR"
+    )
+
+
+def verify_inputs(rundir: RunDir, inputs: dict[str, Any], *, step: int, accept: bool
+                  ) -> dict[str, Any] | None:
+    """Compare ``inputs`` with those the manifest records: a change is an error unless
+    ``accept``; return the accepted change ``{"step", "changes"}``, else ``None``."""
+    recorded = rundir.recorded_inputs()
+    if recorded is None:
+        _LOG.warning("%s was written before hyperdiff recorded fingerprints of the task's code "
+                     "and data, so this resume cannot verify them; they are recorded now",
+                     rundir.path)
+        return None
+    changes = input_changes(recorded, inputs)
+    if changes and not accept:
+        raise changed_inputs_error(rundir, changes)
+    if changes:
+        _LOG.warning("resuming %s at step %d with changed inputs (%s): %s", rundir.path, step,
+                     ACCEPT_FLAG, "; ".join(changes))
+        return {"step": step, "changes": changes}
+    return None
+
+
+def input_change_warnings(rundir: RunDir) -> list[str]:
+    """One warning per resume that accepted changed inputs (for the result)."""
+    return [f"resumed at step {c.get('step')} with changed inputs ({ACCEPT_FLAG}): "
+            f"{'; '.join(c.get('changes', []))}" for c in rundir.input_changes()]
+
+
+def restore_or_start(rundir: RunDir, config: Config, hparams: Any, loop: Any, *,
+                     resume: bool, accept_changed_inputs: bool = False) -> bool:
+    """Load the run's last checkpoint into ``loop`` (a :class:`HyperOptimizer` or an
+    :class:`~hyperdiff.tuner.online.OnlineTuner`) when resuming one, else write the start files of a
+    new run; True when resumed. A checkpoint that does not fit ``loop`` is one clear error, and
+    so are changed inputs (the task's code or data) unless ``accept_changed_inputs``."""
+    inputs = run_inputs(config)
+    if not (resume and (state := rundir.load_checkpoint()) is not None):
+        rundir.start(config.to_toml(), hparams, inputs)
+        return False
+    unrecorded = rundir.recorded_inputs() is None
+    change = verify_inputs(rundir, inputs, step=int(state["step"]),
+                           accept=accept_changed_inputs)
+    history = rundir.load_history(int(state["step"]))
+    try:
+        loop.load_state_dict(state, history)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+        what = str(err) if isinstance(err, HyperdiffError) else f"{type(err).__name__}: {err}"
+        raise HyperdiffError(
+            f"run directory: {rundir.file('checkpoint.pt')} does not fit this run's driver "
+            f"({what}); restore it, or {new_run(rundir.path)}"
+        ) from None
+    if unrecorded or change is not None:
+        rundir.record_inputs(inputs, change)
+    return True
+
+
+__all__ = ["ACCEPT_FLAG", "changed_inputs_error", "input_change_warnings", "restore_or_start",
+           "run_inputs", "verify_inputs", "with_absolute_task"]

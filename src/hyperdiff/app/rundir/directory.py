@@ -1,0 +1,466 @@
+"""The run directory: config, append-only JSONL history, atomic checkpoints, final result.
+
+Layout of ``RUN_DIR`` (see ``docs/run_directory.md``)::
+
+    config.toml      the resolved config (every key), written when the run starts
+    hparams.json     the hyperparameters: kind, constraint and coordinate names
+    history.jsonl    one StepRecord per line, appended (and fsynced) after every outer step
+    checkpoint.pt    the driver's state_dict (torch.save), replaced atomically
+    manifest.json    sha256 of config.toml, hparams.json, the last checkpoints and the history
+                     they cover (see :mod:`hyperdiff.app.rundir.manifest`)
+    result.json      the final result and report, written when the run ends
+    run.lock         locked by the process that runs or resumes the run (see .lock)
+    figures/*.png    written by ``hyperdiff plot RUN_DIR``
+
+A run killed at any moment resumes exactly: the checkpoint says how many steps it covers,
+the history is cut back to that many lines (a step logged after the last checkpoint is
+recomputed, identically), and the driver continues from the saved state. A resume first
+verifies every file against the manifest and refuses, saying what is damaged, instead of
+continuing from a wrong state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hyperdiff.app.rundir.files import (
+    append_bytes,
+    atomic_write_bytes,
+    fs_error,
+    os_errors,
+    read_bytes,
+    read_text,
+    refuse_link,
+    remove_temporaries,
+)
+from hyperdiff.app.rundir.lock import RunLock
+from hyperdiff.app.rundir.manifest import MANIFEST, Manifest, sha256
+from hyperdiff.app.rundir.records import new_run, parse_line, parse_records, recover, split_lines
+from hyperdiff.errors import HyperdiffError
+from hyperdiff.hparams.hyperparams import HyperParameters
+from hyperdiff.tuner.history import StepRecord
+
+CONFIG, HISTORY, CHECKPOINT, RESULT = "config.toml", "history.jsonl", "checkpoint.pt", "result.json"
+HPARAMS, LOCK, FIGURES = "hparams.json", "run.lock", "figures"
+RUN_FILES = (CONFIG, HPARAMS, HISTORY, CHECKPOINT, MANIFEST, RESULT)
+"""The files that make a directory a run directory (``run.lock`` alone does not)."""
+CHECKSUMMED = (CONFIG, HPARAMS)
+
+LOGGER = logging.getLogger("hyperdiff.rundir")
+
+
+class RunDir:
+    """Files of one run (see the module doc).
+
+    A new run: ``RunDir.create(path)`` or ``RunDir.create_unique(parent, stem)``, then
+    ``with rundir.lock(): rundir.refuse_existing_run(); rundir.start(...)``. A resume:
+    ``RunDir.existing(path)``, then under ``lock()``: :meth:`config_path` (verifies the start
+    files), :meth:`load_checkpoint`, :meth:`load_history`.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.created = False
+        self._lock = RunLock(self.path / LOCK)
+        self._manifest: Manifest | None = None
+        self._entry: dict[str, Any] | None = None
+        self._history_digest = hashlib.sha256()
+        self._history_steps: int | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable state (torch.distributed sends rank 0's RunDir to the other ranks): the
+        running history digest is left out; a copy recomputes it from the file if asked."""
+        state = dict(vars(self))
+        state["_history_digest"], state["_history_steps"] = None, None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+        self._history_digest = hashlib.sha256()
+
+    # ------------------------------------------------------------------ creating, locking
+    @classmethod
+    def create(cls, path: str | Path) -> RunDir:
+        """The directory ``path`` for a new run, made (with its parents) if missing.
+
+        An existing directory is used only if it holds no run: call
+        :meth:`refuse_existing_run` under :meth:`lock`.
+        """
+        rundir = cls(path)
+        try:
+            rundir.path.mkdir(parents=True)
+            rundir.created = True
+        except FileExistsError:
+            if not rundir.path.is_dir():
+                raise HyperdiffError(f"run: --out {rundir.path} must be a directory (got an "
+                                     "existing file); choose another --out") from None
+        except OSError as err:
+            raise fs_error(rundir.path, "create the run directory", err) from None
+        return rundir
+
+    @classmethod
+    def create_unique(cls, parent: str | Path, stem: str) -> RunDir:
+        """A new, empty directory ``parent/stem``, or ``parent/stem-2``, ``-3``, ... if taken.
+
+        ``os.mkdir`` is atomic: of two processes asking for the same name, one gets it and the
+        other moves on to the next suffix.
+        """
+        parent = Path(parent)
+        with os_errors(parent, "create the directory"):
+            parent.mkdir(parents=True, exist_ok=True)
+        for number in itertools.count(1):
+            path = parent / (stem if number == 1 else f"{stem}-{number}")
+            try:
+                os.mkdir(path)
+            except FileExistsError:
+                continue
+            except OSError as err:
+                raise fs_error(path, "create the run directory", err) from None
+            rundir = cls(path)
+            rundir.created = True
+            return rundir
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @classmethod
+    def existing(cls, path: str | Path) -> RunDir:
+        """The directory of a run to resume; raises if it holds none."""
+        rundir = cls(path)
+        rundir.config_file_exists()
+        return rundir
+
+    @contextmanager
+    def lock(self) -> Iterator[RunDir]:
+        """Hold the run directory's OS lock (see :mod:`hyperdiff.app.rundir.lock`) for the block.
+
+        Temporary files that a killed run left behind are removed once the lock is held.
+        """
+        if not self.path.is_dir():
+            raise HyperdiffError(f"run directory: {self.path} does not exist or is not a "
+                                 "directory, so it holds no run")
+        with self._lock:
+            for path in remove_temporaries(self.path, RUN_FILES):
+                LOGGER.info("removed %s, left behind by an interrupted write", path)
+            yield self
+
+    def discard_if_unused(self) -> None:
+        """Remove a directory that :meth:`create` made when no run file was written to it."""
+        if not self.created or self.has_run():
+            return
+        with suppress(OSError):
+            (self.path / LOCK).unlink(missing_ok=True)
+            self.path.rmdir()
+
+    # ------------------------------------------------------------------ state of the directory
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def has_run(self) -> bool:
+        """True when a run was started here (any of :data:`RUN_FILES` exists)."""
+        return bool(self._present(RUN_FILES))
+
+    def _present(self, names: tuple[str, ...]) -> list[str]:
+        return [n for n in names if self._exists(n)]
+
+    def refuse_existing_run(self) -> None:
+        """Raise if the directory holds another run's files (call it under :meth:`lock`)."""
+        found = self._present(RUN_FILES)
+        if found:
+            raise HyperdiffError(
+                f"run: the run directory {self.path} already holds a run ({', '.join(found)}); "
+                "continue it with --resume, or choose another directory with --out"
+            )
+
+    def config_file_exists(self) -> None:
+        if not self._exists(CONFIG):
+            raise HyperdiffError(f"run directory: {self.file(CONFIG)} does not exist, so "
+                                 f"{self.path} holds no run to resume")
+
+    def start(self, config_toml: str, hparams: HyperParameters,
+              inputs: dict[str, Any] | None = None) -> None:
+        """Write the hyperparameters, an empty history, the config and the manifest (with the
+        fingerprints ``inputs`` of the task's code and data)."""
+        files = {HPARAMS: json.dumps(describe(hparams), indent=1).encode(),
+                 HISTORY: b"", CONFIG: config_toml.encode()}
+        for name, data in files.items():
+            atomic_write_bytes(self.file(name), data)
+        self._write_manifest(Manifest({n: sha256(files[n]) for n in CHECKSUMMED},
+                                      inputs=inputs))
+        self._history_digest, self._history_steps = hashlib.sha256(), 0
+
+    def config_path(self) -> Path:
+        """Path of the run's config, after verifying the start files against the manifest.
+
+        Raises:
+            HyperdiffError: no run here, a run file is a symbolic link, the manifest is
+                missing or damaged, or config.toml / hparams.json were changed.
+        """
+        self.config_file_exists()
+        for name in self._present(RUN_FILES):
+            refuse_link(self.file(name))
+        manifest = self._require_manifest()
+        for name in CHECKSUMMED:
+            expected = manifest.files.get(name)
+            if expected is not None and sha256(read_bytes(self.file(name))) != expected:
+                raise HyperdiffError(
+                    f"run directory: {self.file(name)} was changed after the run started (its "
+                    f"sha256 differs from the one in {MANIFEST}); restore the original, or "
+                    f"start a new run with the changed file (`hyperdiff run "
+                    f"{self.file(CONFIG)} --out NEW_DIR`)"
+                )
+        return self.file(CONFIG)
+
+    def recorded_inputs(self) -> dict[str, Any] | None:
+        """The fingerprints of the task's code and data that the manifest records (``None``
+        for a run written before hyperdiff recorded them)."""
+        return self._require_manifest().inputs
+
+    def record_inputs(self, inputs: dict[str, Any], change: dict[str, Any] | None = None
+                      ) -> None:
+        """Record ``inputs`` in the manifest, and ``change`` (what a resume accepted)."""
+        self._write_manifest(self._require_manifest().with_inputs(inputs, change))
+
+    def input_changes(self) -> list[dict[str, Any]]:
+        """The changed inputs that resumes of this run accepted, oldest first."""
+        return list(self._require_manifest().input_changes)
+
+    # ------------------------------------------------------------------ history
+    def append(self, record: StepRecord) -> None:
+        """Append one record to the history and flush it to disk."""
+        line = (record.to_json() + "\n").encode()
+        append_bytes(self.file(HISTORY), line)
+        self._history_digest.update(line)
+        if self._history_steps is not None:
+            self._history_steps += 1
+
+    def load_history(self, steps: int) -> list[StepRecord]:
+        """The first ``steps`` records, verified; the file is cut back to them (atomically).
+
+        Raises:
+            HyperdiffError: fewer lines than ``steps``, a damaged line, step indices other
+                than ``0 .. steps-1``, or records that differ from those the checkpoint of
+                ``steps`` was written with.
+        """
+        path = self.file(HISTORY)
+        lines, rest = split_lines(read_text(path)) if self._exists(HISTORY) else ([], "")
+        if len(lines) < steps:
+            raise HyperdiffError(
+                f"run directory: {path} must hold at least {steps} steps to resume from the "
+                f"checkpoint (got {len(lines)}); the history was edited or lost: "
+                f"{recover(self.path)}"
+            )
+        kept = lines[:steps]
+        records = parse_records(kept, path)
+        digest = hashlib.sha256("".join(line + "\n" for line in kept).encode())
+        entry = self._entry
+        if entry is not None and entry["step"] == steps and entry.get("history_sha256") and (
+            digest.hexdigest() != entry["history_sha256"]
+        ):
+            raise HyperdiffError(
+                f"run directory: {path}: its first {steps} records differ from those that "
+                f"{CHECKPOINT} was written with (a record was edited); {recover(self.path)}"
+            )
+        if len(lines) != steps or rest:
+            atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+        self._history_digest, self._history_steps = digest, steps
+        return records
+
+    def read_history(self) -> list[StepRecord]:
+        """Every record of the history file (for plots and reports).
+
+        An unfinished last line (a run killed while writing it) is skipped with a warning, as
+        ``--resume`` would drop it; any other damage raises.
+        """
+        path = self.file(HISTORY)
+        if not self._exists(HISTORY):
+            raise HyperdiffError(f"run directory: {path} does not exist; is {self.path} a run "
+                                 "directory made by `hyperdiff run`?")
+        lines, rest = split_lines(read_text(path))
+        records = parse_records(lines, path)
+        if rest:
+            try:
+                last = parse_line(rest, path, len(lines) + 1)
+            except HyperdiffError:
+                last = None
+            if last is not None and last.step == len(records):
+                records.append(last)
+            else:
+                LOGGER.warning("%s: skipped the unfinished line %d (a run killed while writing "
+                               "it; `hyperdiff run --resume` recomputes that step)", path,
+                               len(lines) + 1)
+        return records
+
+    # ------------------------------------------------------------------ checkpoint
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        """Write ``state`` with torch.save, atomically, listed in the manifest first."""
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        data = buffer.getvalue()
+        step = int(state.get("step", 0))
+        manifest = self._manifest_or_empty()
+        self._write_manifest(manifest.with_checkpoint(sha256(data), step,
+                                                      self._history_sha(step)))
+        # the manifest's rename is made durable first; losing this one keeps the old, listed
+        # checkpoint, from which the run resumes exactly
+        atomic_write_bytes(self.file(CHECKPOINT), data, sync_directory=False)
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        """The last checkpoint, verified, or ``None`` if the run was killed before its first.
+
+        Raises:
+            HyperdiffError: the checkpoint is missing although the manifest records one, its
+                sha256 is not in the manifest (damaged or replaced), or torch cannot read it
+                (also when ``weights_only=True`` refuses it).
+        """
+        path = self.file(CHECKPOINT)
+        manifest = self._require_manifest()
+        if not self._exists(CHECKPOINT):
+            if manifest.checkpoints:
+                step = manifest.checkpoints[-1]["step"]
+                raise HyperdiffError(
+                    f"run directory: {path} is missing, but {MANIFEST} records a checkpoint of "
+                    f"step {step}; continuing without it would discard the history. Restore "
+                    f"it, or {new_run(self.path)}"
+                )
+            return None
+        data = read_bytes(path)
+        entry = manifest.checkpoint(sha256(data))
+        if entry is None:
+            raise HyperdiffError(
+                f"run directory: {path} is damaged: its sha256 matches none of the checkpoints "
+                f"recorded in {MANIFEST} (flipped bits, a truncated or a replaced file). "
+                f"Restore it, or {new_run(self.path)}"
+            )
+        state = load_state(data, path)
+        if not isinstance(state, dict) or state.get("step") != entry["step"]:
+            got = (f"step {state.get('step')!r}" if isinstance(state, dict)
+                   else type(state).__name__)
+            raise HyperdiffError(f"run directory: {path} must hold a driver state of step "
+                                 f"{entry['step']} (got {got}); {recover(self.path)}")
+        self._entry = entry
+        return state
+
+    # ------------------------------------------------------------------ result, hparams
+    def write_result(self, result: dict[str, Any]) -> None:
+        """Write ``result.json`` (a value that is not finite is written as ``null``)."""
+        data = json.dumps(json_safe(result), indent=2, allow_nan=False)
+        atomic_write_bytes(self.file(RESULT), data.encode())
+
+    def read_result(self) -> dict[str, Any] | None:
+        if not self._exists(RESULT):
+            return None
+        return self._read_json(RESULT, "the run finished but its result file is damaged: "
+                               "delete it and resume the run to write it again")
+
+    def read_hparams(self) -> dict[str, Any]:
+        """What :meth:`start` wrote about the hyperparameters (empty if missing)."""
+        if not self._exists(HPARAMS):
+            return {}
+        return self._read_json(HPARAMS, "restore it, or delete it (figures then name "
+                               "coordinates by index)")
+
+    # ------------------------------------------------------------------ internals
+    def _exists(self, name: str) -> bool:
+        return self.file(name).exists() or self.file(name).is_symlink()
+
+    def _read_json(self, name: str, advice: str) -> dict[str, Any]:
+        path = self.file(name)
+        try:
+            value = json.loads(read_text(path))
+        except json.JSONDecodeError as err:
+            raise HyperdiffError(f"run directory: {path} is not valid JSON ({err.msg} at line "
+                                 f"{err.lineno} column {err.colno}); {advice}") from None
+        if not isinstance(value, dict):
+            raise HyperdiffError(f"run directory: {path} must hold a JSON object (got "
+                                 f"{type(value).__name__}); {advice}")
+        return value
+
+    def _require_manifest(self) -> Manifest:
+        if self._manifest is None:
+            path = self.file(MANIFEST)
+            if not self._exists(MANIFEST):
+                raise HyperdiffError(
+                    f"run directory: {path} is missing, so the run's files cannot be verified "
+                    f"(it was deleted, or {self.path} was written before hyperdiff kept "
+                    f"manifests); {new_run(self.path)}"
+                )
+            self._manifest = Manifest.from_bytes(read_bytes(path), path)
+        return self._manifest
+
+    def _manifest_or_empty(self) -> Manifest:
+        if self._manifest is None and not self._exists(MANIFEST):
+            return Manifest()
+        return self._require_manifest()
+
+    def _write_manifest(self, manifest: Manifest) -> None:
+        atomic_write_bytes(self.file(MANIFEST), manifest.to_bytes())
+        self._manifest = manifest
+
+    def _history_sha(self, steps: int) -> str | None:
+        """sha256 of the first ``steps`` history lines (``None`` if there are fewer)."""
+        if self._history_steps == steps:
+            return self._history_digest.hexdigest()
+        if not self._exists(HISTORY):
+            return None
+        lines, _ = split_lines(read_text(self.file(HISTORY)))
+        if len(lines) < steps:
+            return None
+        return hashlib.sha256("".join(line + "\n" for line in lines[:steps]).encode()).hexdigest()
+
+
+def load_state(data: bytes, path: Path) -> Any:
+    """``torch.load(weights_only=True)`` of checkpoint bytes; a refusal is one clear error."""
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True)
+    except pickle.UnpicklingError as err:
+        said = [line.split("WeightsUnpickler error:", 1)[1].strip()
+                for line in str(err).splitlines() if "WeightsUnpickler error:" in line]
+        detail = f": {said[0].split('. ')[0][:160]}" if said and said[0] else ""
+        raise HyperdiffError(
+            f"run directory: torch.load(weights_only=True) refused {path}{detail}. It is not a "
+            "checkpoint that hyperdiff wrote (those hold only tensors and plain containers): "
+            "it was damaged or replaced. Do not load it with weights_only=False unless you "
+            f"trust where it came from; {recover(path.parent)}"
+        ) from None
+    except Exception as err:  # torch raises RuntimeError, EOFError, zipfile errors, ...
+        text = str(err).strip()
+        first = text.splitlines()[0].split(". ")[0][:160] if text else "no detail"
+        raise HyperdiffError(
+            f"run directory: torch.load cannot read {path} ({type(err).__name__}: {first}): "
+            f"it is truncated or damaged; {recover(path.parent)}"
+        ) from None
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every float that is not finite replaced by ``None``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def describe(hparams: HyperParameters) -> dict[str, Any]:
+    """Kind, constraint, size and readable coordinate names of each hyperparameter."""
+    names = hparams.coordinate_names()
+    out, start = {}, 0
+    for name, spec in hparams.items():
+        size = int(spec.init.numel())
+        out[name] = {"kind": spec.kind, "constraint": spec.constraint.name, "size": size,
+                     "coordinates": names[start : start + size]}
+        start += size
+    return out

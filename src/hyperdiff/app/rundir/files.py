@@ -1,0 +1,171 @@
+"""Files of a run directory: written atomically, read and appended without following links.
+
+- :func:`atomic_write_bytes` writes a unique temporary file in the same directory, created
+  exclusively (``O_CREAT | O_EXCL``, and ``O_NOFOLLOW`` where the platform has it), fsyncs
+  it and ``os.replace``s it over the final name, so a reader sees the old file or the new one,
+  never half of one, and a link planted at the temporary or the final name is never written
+  through.
+- :func:`read_bytes` and :func:`append_bytes` open with ``O_NOFOLLOW``: a symbolic link in a
+  run directory is refused, not followed (a planted link could make a run read or overwrite a
+  file outside its directory).
+- every ``OSError`` becomes one :class:`~hyperdiff.errors.HyperdiffError` line through
+  :func:`os_errors`: which file, what went wrong, what to do.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from hyperdiff.errors import HyperdiffError
+
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+BINARY = getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+TEMPORARY_SUFFIX = ".tmp"
+
+ADVICE = {
+    errno.ENOSPC: "free some disk space, then resume the run",
+    errno.EDQUOT: "the disk quota is used up: free some space, then resume the run",
+    errno.EFBIG: "the file is larger than this process may write (see `ulimit -f`)",
+    errno.EROFS: "the file system is read-only: use a run directory on a writable one",
+    errno.EACCES: "check the permissions (and immutable attributes, `lsattr`) of the file "
+                  "and its directory",
+    errno.EPERM: "check the permissions (and immutable attributes, `lsattr`) of the file "
+                 "and its directory",
+    errno.EISDIR: "a directory is in the way of the file: remove or rename it",
+    errno.ENOTDIR: "a file is in the way of a directory: remove or rename it",
+    errno.ELOOP: "a run directory must hold regular files, and a planted link could make a "
+                 "run read or write outside it: replace the link by the file it points to",
+    errno.ENOENT: "the file or its directory is missing",
+}
+REASONS = {errno.ELOOP: "it is a symbolic link"}
+
+
+def fs_error(path: Path, action: str, err: OSError) -> HyperdiffError:
+    """``"run directory: cannot <action> <path>: <what went wrong>; <what to do>"``."""
+    code = err.errno if err.errno is not None else -1
+    reason = REASONS.get(code) or err.strerror or str(err)
+    advice = ADVICE.get(code, "check the file and its directory")
+    return HyperdiffError(f"run directory: cannot {action} {path}: {reason}; {advice}")
+
+
+@contextmanager
+def os_errors(path: Path, action: str) -> Iterator[None]:
+    """Turn an ``OSError`` raised inside the block into :func:`fs_error`."""
+    try:
+        yield
+    except OSError as err:
+        raise fs_error(path, action, err) from None
+
+
+def refuse_link(path: Path) -> None:
+    """Raise if ``path`` is a symbolic link (a clearer message than the ``ELOOP`` later)."""
+    if path.is_symlink():
+        raise fs_error(path, "use", OSError(errno.ELOOP, "symbolic link"))
+
+
+def regular_file(fd: int, path: Path) -> None:
+    """Raise unless the open ``fd`` is a regular file (not a directory, a FIFO, ...)."""
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISDIR(mode):
+        raise fs_error(path, "read", OSError(errno.EISDIR, "it is a directory, not a file"))
+    if not stat.S_ISREG(mode):
+        raise HyperdiffError(f"run directory: cannot read {path}: it is not a regular file; "
+                             "remove it")
+
+
+def read_bytes(path: Path) -> bytes:
+    """The content of the regular file ``path`` (a link is refused)."""
+    refuse_link(path)
+    with os_errors(path, "read"):
+        fd = os.open(path, os.O_RDONLY | NOFOLLOW | BINARY)
+        with os.fdopen(fd, "rb") as handle:
+            regular_file(handle.fileno(), path)
+            return handle.read()
+
+
+def read_text(path: Path) -> str:
+    """:func:`read_bytes` decoded as UTF-8 (an error names the file)."""
+    data = read_bytes(path)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise HyperdiffError(f"run directory: {path} is not UTF-8 text (byte {err.start}): it "
+                             "was damaged or replaced; restore it from a copy") from None
+
+
+def append_bytes(path: Path, data: bytes) -> None:
+    """Append ``data`` to the existing regular file ``path`` and fsync it."""
+    refuse_link(path)
+    with os_errors(path, "append to"):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | NOFOLLOW | BINARY)
+        with os.fdopen(fd, "ab") as handle:
+            regular_file(handle.fileno(), path)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, sync_directory: bool = True) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old or the new file, never half.
+
+    The temporary file ``.<name>.<random>.tmp`` is created exclusively next to ``path``; it is
+    removed again if anything fails. ``sync_directory``: fsync the directory after the rename,
+    so that the new file survives a power loss before any later write (skip it where losing
+    the rename only means falling back to the old file).
+    """
+    refuse_link(path)
+    with os_errors(path, "write"):
+        fd, tmp = _exclusive_temporary(path)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with suppress(OSError):
+                os.unlink(tmp)
+            raise
+    if sync_directory:
+        fsync_directory(path.parent)
+
+
+def _exclusive_temporary(path: Path) -> tuple[int, Path]:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW | BINARY
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}{TEMPORARY_SUFFIX}")
+        try:
+            return os.open(tmp, flags, 0o644), tmp
+        except FileExistsError:
+            continue
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (best effort; not every platform can)."""
+    with suppress(OSError, AttributeError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_temporaries(directory: Path, names: tuple[str, ...]) -> list[Path]:
+    """Delete ``.<name>.*.tmp`` files that a killed run left behind; return them."""
+    removed = []
+    with os_errors(directory, "list"):
+        entries = list(os.scandir(directory))
+    for entry in entries:
+        if entry.name.endswith(TEMPORARY_SUFFIX) and any(
+            entry.name.startswith(f".{name}.") for name in names
+        ):
+            with os_errors(Path(entry.path), "remove"):
+                os.unlink(entry.path)  # unlinks a link itself, never its target
+            removed.append(Path(entry.path))
+    return removed

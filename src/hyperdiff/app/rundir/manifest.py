@@ -1,0 +1,102 @@
+"""``manifest.json``: sha256 checksums that let a resume tell a sound run from a damaged one.
+
+::
+
+    {"format": 1,
+     "files": {"config.toml": "<sha256>", "hparams.json": "<sha256>"},
+     "checkpoints": [{"sha256": "<of checkpoint.pt>", "step": s,
+                      "history_sha256": "<of the first s lines of history.jsonl>"}, ...],
+     "inputs": {"task": {...}, "data": {"train": {...}, ...}},
+     "input_changes": [{"step": s, "changes": ["..."]}, ...]}
+
+``files`` is written when the run starts. Before ``checkpoint.pt`` is replaced, the manifest
+is rewritten (atomically) to list the new checkpoint next to the current one, so a run killed
+between the two writes still finds its checkpoint listed; ``checkpoints`` keeps the last two.
+A resume accepts a checkpoint only if its sha256 is listed, and the history only if its first
+``step`` lines hash to the recorded value. ``inputs`` are the fingerprints of the task's code
+and data (:mod:`hyperdiff.app.tasks.inputs`), written when the run starts; a resume that accepted
+changed inputs replaces them and appends what changed to ``input_changes``. Both are absent in
+manifests written before hyperdiff recorded them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from hyperdiff.app.rundir.records import new_run
+from hyperdiff.errors import HyperdiffError
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+KEPT_CHECKPOINTS = 2
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Manifest:
+    """Checksums of the run's files (see the module doc)."""
+
+    files: dict[str, str] = field(default_factory=dict)
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    inputs: dict[str, Any] | None = None
+    input_changes: list[dict[str, Any]] = field(default_factory=list)
+
+    def with_checkpoint(self, digest: str, step: int, history_digest: str | None) -> Manifest:
+        """A copy that also lists a new checkpoint (the last two are kept)."""
+        entry = {"sha256": digest, "step": step, "history_sha256": history_digest}
+        kept = [c for c in self.checkpoints if c["sha256"] != digest]
+        return replace(self, checkpoints=[*kept, entry][-KEPT_CHECKPOINTS:])
+
+    def with_inputs(self, inputs: dict[str, Any], change: dict[str, Any] | None) -> Manifest:
+        """A copy that records ``inputs`` (and, if given, appends ``change``)."""
+        changes = self.input_changes if change is None else [*self.input_changes, change]
+        return replace(self, inputs=inputs, input_changes=changes)
+
+    def checkpoint(self, digest: str) -> dict[str, Any] | None:
+        """The listed entry of the checkpoint with this sha256, or ``None``."""
+        return next((c for c in self.checkpoints if c["sha256"] == digest), None)
+
+    def to_bytes(self) -> bytes:
+        raw: dict[str, Any] = {"format": FORMAT, "files": self.files,
+                               "checkpoints": self.checkpoints}
+        if self.inputs is not None:
+            raw["inputs"] = self.inputs
+        if self.input_changes:
+            raw["input_changes"] = self.input_changes
+        return json.dumps(raw, indent=1).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, path: Path) -> Manifest:
+        """Parse ``data``; a damaged manifest is a :class:`HyperdiffError` naming ``path``."""
+        try:
+            raw = json.loads(data)
+            if raw.get("format") != FORMAT:
+                raise ValueError(f"format must be {FORMAT} (got {raw.get('format')!r})")
+            files, checkpoints = raw["files"], raw["checkpoints"]
+            if not isinstance(files, dict) or not all(
+                isinstance(v, str) for v in files.values()
+            ):
+                raise ValueError("'files' must map names to sha256 strings")
+            if not isinstance(checkpoints, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("sha256"), str)
+                and isinstance(c.get("step"), int) for c in checkpoints
+            ):
+                raise ValueError("'checkpoints' must be a list of {sha256, step, ...}")
+            inputs, changes = raw.get("inputs"), raw.get("input_changes", [])
+            if inputs is not None and not isinstance(inputs, dict):
+                raise ValueError("'inputs' must be an object")
+            if not isinstance(changes, list):
+                raise ValueError("'input_changes' must be a list")
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise HyperdiffError(
+                f"run directory: {path} is damaged ({type(err).__name__}: {err}); without it "
+                f"the checkpoint cannot be verified: restore it, or {new_run(path.parent)}"
+            ) from None
+        return cls(files, checkpoints, inputs, changes)

@@ -1,0 +1,303 @@
+"""Black-box search baselines over a task: random search, Optuna's TPE, a given grid.
+
+Every trial trains at the trial's natural values and scores them by ``objective``: the default
+``val_loss`` (one training through ``task.train_and_evaluate(values, seed)``, scored on the
+validation split the hypergradient sees), or ``outer_loss`` (``task.outer_loss``: the loss the
+hypergradient descends, averaged over the task's inner problems, so one training per
+cross-validation fold). :func:`objective_for` picks the one that matches a task. Each dimension of
+``task.search_space`` is searched uniformly, in log space when its range says ``log``. A
+vector hyperparameter gets one shared value, unless it is named in ``per_coordinate``: then
+each of its entries is a dimension of its own (64 dimensions for 64 per-feature penalties).
+
+A search returns a :class:`SearchResult`: its trials in order, each with the cumulative
+number of trainings and wall time, so curves of the best objective so far against budget
+compare across methods (:func:`from_history` turns a hyperdiff run into the same shape).
+Optuna is an optional extra (``pip install 'hyperdiff[search]'``); :func:`optuna_available`
+says whether :func:`tpe_search` can run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from hyperdiff.app.discrete_report import SearchChoices
+from hyperdiff.app.tasks.base import SearchRange, Task
+from hyperdiff.errors import HyperdiffError, positive_int
+from hyperdiff.tuner.history import StepRecord
+
+Values = dict[str, Any]
+"""Natural values of one trial: a float per hyperparameter, or a list for a per-coordinate
+vector."""
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One training run of a search (or one outer step of hyperdiff).
+
+    Attributes:
+        number: 0-based index in the search.
+        values: natural hyperparameter values evaluated (floats, or lists per coordinate).
+        objective: the minimised loss (``inf`` when the training diverged).
+        metrics: everything ``train_and_evaluate`` returned.
+        trainings: inner trainings done so far (cumulative, this trial included).
+        time_s: wall time since the search started, at the end of this trial.
+    """
+
+    number: int
+    values: Values
+    objective: float
+    metrics: dict[str, float]
+    trainings: int
+    time_s: float
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The trials of one search, in the order they ran."""
+
+    method: str
+    trials: tuple[Trial, ...]
+
+    @property
+    def best(self) -> Trial:
+        """The trial with the lowest objective (the first one on ties)."""
+        if not self.trials:
+            raise HyperdiffError(f"{self.method}: no trials, so no best trial")
+        return min(self.trials, key=lambda t: (t.objective, t.number))
+
+    @property
+    def trainings(self) -> int:
+        return self.trials[-1].trainings if self.trials else 0
+
+    @property
+    def time_s(self) -> float:
+        return self.trials[-1].time_s if self.trials else 0.0
+
+    def curve(self) -> dict[str, list[float]]:
+        """Best objective so far after each trial, against trainings and wall time."""
+        best = math.inf
+        out: dict[str, list[float]] = {"trainings": [], "time_s": [], "best": []}
+        for trial in self.trials:
+            best = min(best, trial.objective)
+            out["trainings"].append(trial.trainings)
+            out["time_s"].append(trial.time_s)
+            out["best"].append(best)
+        return out
+
+    def first_reaching(self, target: float) -> Trial | None:
+        """The first trial whose objective is at most ``target`` (``None`` if none is)."""
+        return next((t for t in self.trials if t.objective <= target), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        best = self.best
+        return {"method": self.method, "trainings": self.trainings, "time_s": self.time_s,
+                "best": {"number": best.number, "objective": best.objective,
+                         "values": best.values, "metrics": best.metrics},
+                "curve": self.curve()}
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched coordinate: ``name`` (and entry ``index`` of a vector, else ``None``)."""
+
+    name: str
+    index: int | None
+    range: SearchRange
+
+    @property
+    def label(self) -> str:
+        return self.name if self.index is None else f"{self.name}[{self.index}]"
+
+
+def dimensions(task: Task, per_coordinate: Iterable[str] = ()) -> list[Dimension]:
+    """The searched coordinates of ``task``: one per name of ``task.search_space``, or one per
+    entry for the vector hyperparameters named in ``per_coordinate``."""
+    per_coordinate = set(per_coordinate)
+    unknown = per_coordinate - set(task.search_space)
+    if unknown:
+        raise HyperdiffError(
+            f"search: per_coordinate must name hyperparameters of the search space "
+            f"{sorted(task.search_space)} (got {sorted(unknown)})"
+        )
+    sizes = {name: spec.numel() for name, spec in task.hparams.raw.items()}
+    dims = []
+    for name, rng in task.search_space.items():
+        if name in per_coordinate and not isinstance(rng, SearchChoices):  # a choice: one dim
+            dims += [Dimension(name, i, rng) for i in range(sizes[name])]
+        else:
+            dims.append(Dimension(name, None, rng))
+    return dims
+
+
+def assemble_values(dims: Sequence[Dimension], point: Sequence[Any]) -> Values:
+    """Natural values from one number per dimension (vectors become lists)."""
+    values: Values = {}
+    for dim, x in zip(dims, point, strict=True):
+        if isinstance(dim.range, SearchChoices):  # a discrete choice keeps its label
+            values[dim.name] = x
+        elif dim.index is None:
+            values[dim.name] = float(x)
+        else:
+            values.setdefault(dim.name, []).append(float(x))
+    return values
+
+
+def objective_for(task: Task) -> str:
+    """``"outer_loss"`` for a cross-validated task (its validation split is part of the final
+    model's training data, so a hold-out score would be meaningless), else ``"val_loss"``."""
+    return "outer_loss" if task.info.get("cv_folds") else "val_loss"
+
+
+def trainings_per_trial(task: Task, objective: str) -> int:
+    """Inner trainings one trial costs: one per inner problem for ``outer_loss``, else one."""
+    return len(task.problems) if objective == "outer_loss" else 1
+
+
+def evaluate_trial(task: Task, values: Mapping[str, Any], *, seed: int, objective: str
+                   ) -> tuple[float, dict[str, float]]:
+    """Train at ``values`` and return (objective, metrics); a diverged training gives ``inf``."""
+    natural = {n: torch.tensor(v, dtype=torch.float64, device="cpu") if isinstance(v, list) else v
+               for n, v in values.items()}
+    try:
+        if objective == "outer_loss":
+            metrics = {"outer_loss": task.outer_loss(natural, seed=seed)}
+        else:
+            metrics = task.train_and_evaluate(natural, seed=seed)
+    except FloatingPointError:
+        return math.inf, {}
+    if objective not in metrics:
+        raise HyperdiffError(
+            f"search: objective must be one of {sorted(metrics)} (got {objective!r})"
+        )
+    value = metrics[objective]
+    return (value if math.isfinite(value) else math.inf), metrics
+
+
+def run_points(
+    task: Task, points: Iterable[Values], *, method: str, seed: int = 0,
+    objective: str = "val_loss", clock: Callable[[], float] = time.perf_counter,
+    progress: Callable[[], None] | None = None,
+) -> SearchResult:
+    """Evaluate the given natural values in order (a grid, or any list of candidates);
+    ``progress()`` after each trial."""
+    start, trials = clock(), []
+    per = trainings_per_trial(task, objective)
+    for number, values in enumerate(points):
+        loss, metrics = evaluate_trial(task, values, seed=seed, objective=objective)
+        trials.append(Trial(number, dict(values), loss, metrics, (number + 1) * per,
+                            clock() - start))
+        if progress is not None:
+            progress()
+    return SearchResult(method, tuple(trials))
+
+
+def sample_point(dims: Sequence[Dimension], rng: np.random.Generator) -> list[Any]:
+    """One uniform draw per dimension (uniform in log space for log ranges; a uniform choice
+    for a discrete dimension)."""
+    point = []
+    for dim in dims:
+        low, high = dim.range.low, dim.range.high
+        if isinstance(dim.range, SearchChoices):
+            point.append(dim.range.choices[int(rng.integers(len(dim.range.choices)))])
+        elif dim.range.log:
+            point.append(math.exp(rng.uniform(math.log(low), math.log(high))))
+        else:
+            point.append(rng.uniform(low, high))
+    return point
+
+
+def random_search(
+    task: Task, budget: int, *, seed: int = 0, per_coordinate: Iterable[str] = (),
+    objective: str = "val_loss", clock: Callable[[], float] = time.perf_counter,
+    progress: Callable[[], None] | None = None,
+) -> SearchResult:
+    """``budget`` trials at points drawn independently from the search space (one training
+    each; one per fold with ``objective="outer_loss"``).
+
+    The draws depend only on ``seed`` (``numpy.random.default_rng(seed)``); every training
+    uses the minibatch seed ``seed`` as well, so two calls with the same seed agree.
+    """
+    positive_int("random_search", "budget", budget)
+    dims = dimensions(task, per_coordinate)
+    rng = np.random.default_rng(seed)
+    points = (assemble_values(dims, sample_point(dims, rng)) for _ in range(budget))
+    return run_points(task, points, method="random", seed=seed, objective=objective,
+                      clock=clock, progress=progress)
+
+
+def optuna_available() -> bool:
+    """Whether Optuna is installed (``pip install 'hyperdiff[search]'``)."""
+    return importlib.util.find_spec("optuna") is not None
+
+
+OPTUNA_MISSING = ("Optuna is not installed, so the TPE search is skipped; install it with "
+                  "`pip install 'hyperdiff[search]'` (or `pip install optuna`)")
+
+
+def tpe_search(
+    task: Task, budget: int, *, seed: int = 0, per_coordinate: Iterable[str] = (),
+    objective: str = "val_loss", clock: Callable[[], float] = time.perf_counter,
+    progress: Callable[[], None] | None = None,
+) -> SearchResult:
+    """``budget`` trials proposed by Optuna's TPE sampler (seeded; its logging silenced), each
+    one training (one per fold with ``objective="outer_loss"``).
+
+    The sampler's own time counts in the wall time, as it would for a user.
+
+    Raises:
+        HyperdiffError: when Optuna is not installed.
+    """
+    positive_int("tpe_search", "budget", budget)
+    if not optuna_available():
+        raise HyperdiffError(f"tpe_search: {OPTUNA_MISSING}")
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    dims = dimensions(task, per_coordinate)
+    study = optuna.create_study(direction="minimize",
+                                sampler=optuna.samplers.TPESampler(seed=seed))
+    start, trials = clock(), []
+    per = trainings_per_trial(task, objective)
+    for number in range(budget):
+        trial = study.ask()
+        point = [trial.suggest_categorical(d.label, list(d.range.choices))
+                 if isinstance(d.range, SearchChoices) else
+                 trial.suggest_float(d.label, d.range.low, d.range.high, log=d.range.log)
+                 for d in dims]
+        values = assemble_values(dims, point)
+        loss, metrics = evaluate_trial(task, values, seed=seed, objective=objective)
+        study.tell(trial, loss if math.isfinite(loss) else 1e300)
+        trials.append(Trial(number, values, loss, metrics, (number + 1) * per,
+                            clock() - start))
+        if progress is not None:
+            progress()
+    return SearchResult("tpe", tuple(trials))
+
+
+def from_history(history: Sequence[StepRecord], *, method: str = "hyperdiff",
+                 objective: str = "val_loss") -> SearchResult:
+    """A hyperdiff run as a :class:`SearchResult`: one trial per successful outer step, with
+    the driver's cumulative trainings and wall time (a failed step counts its trainings)."""
+    trials = []
+    for record in history:
+        value = getattr(record, objective)
+        if record.status != "ok" or value is None:
+            continue
+        metrics = {k: getattr(record, k) for k in ("val_loss", "selection_loss", "train_loss")
+                   if getattr(record, k) is not None}
+        trials.append(Trial(record.step, dict(record.hparams), float(value), metrics,
+                            record.trainings, record.time_s))
+    return SearchResult(method, tuple(trials))
+
+
+__all__ = ["OPTUNA_MISSING", "Dimension", "SearchResult", "Trial", "dimensions",
+           "evaluate_trial", "from_history", "objective_for", "optuna_available",
+           "random_search", "run_points", "tpe_search", "trainings_per_trial"]

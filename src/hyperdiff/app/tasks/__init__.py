@@ -1,0 +1,114 @@
+"""Tuning tasks: the public task API (:func:`task`) and the built-in tasks, which use it.
+
+A task is named by a reference (:mod:`.loader`): a built-in name (``ridge_diabetes``), or a
+factory in the user's code, ``package.module:build`` or ``path/to/file.py:build``. Each
+built-in task module defines ``SUMMARY`` (one line), ``TUNES`` (what it tunes), ``DEFAULTS``
+(config values it recommends, as dotted keys) and ``build(*, steps, data_seed) -> TaskSpec``.
+Adding a built-in task is one module and one line in :data:`TASKS`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from types import ModuleType
+from typing import Any
+
+from hyperdiff.app.tasks import loader
+from hyperdiff.app.tasks.base import SearchRange, Task
+from hyperdiff.app.tasks.inputs import code_fingerprint, data_fingerprints
+from hyperdiff.app.tasks.spec import GivenSplits, TaskData, TaskSpec, given_splits, task
+from hyperdiff.errors import UNIT_OPEN_HIGH, HyperdiffError, nonnegative_int, number, positive_int
+
+TASKS: dict[str, str] = {
+    "ridge_diabetes": "hyperdiff.app.tasks.ridge",
+    "logistic_cancer": "hyperdiff.app.tasks.logistic",
+    "logistic_digits": "hyperdiff.app.tasks.logistic_digits",
+    "mlp_digits": "hyperdiff.app.tasks.mlp",
+    "reweight_digits": "hyperdiff.app.tasks.reweight",
+    "arch_digits": "hyperdiff.app.tasks.arch_digits",
+    "arch_digits_gumbel": "hyperdiff.app.tasks.arch_digits_gumbel",
+    "arch_digits_reinforce": "hyperdiff.app.tasks.arch_digits_reinforce",
+    "horizon_digits": "hyperdiff.app.tasks.horizon",
+}
+DEFAULT_TASK = "reweight_digits"
+
+
+def check_task_name(name: str, what: str = "tasks: name") -> str:
+    """``name`` if it is a built-in task or looks like a factory reference, else raise
+    (the message starts with ``what``)."""
+    if name in TASKS:
+        return name
+    if loader.is_reference(name):
+        loader.split_reference(name)
+        return name
+    close = difflib.get_close_matches(name, list(TASKS), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    if ":" not in name and (name.endswith(".py") or "." in name):  # a reference without factory
+        hint = f" (did you mean {name + ':build'!r}, naming the factory function?)"
+    raise HyperdiffError(
+        f"{what} must be one of {list(TASKS)}, or 'package.module:factory' / "
+        f"'path/to/file.py:factory' naming your own task (got {name!r}){hint}"
+    )
+
+
+def task_module(name: str) -> ModuleType:
+    """The module that defines built-in task ``name``."""
+    if name not in TASKS:
+        check_task_name(name)
+        raise HyperdiffError(f"tasks: {name!r} must be a built-in task name, one of "
+                             f"{list(TASKS)}")
+    return importlib.import_module(TASKS[name])
+
+
+def factory_reference(name: str) -> str:
+    """``module:build`` of a built-in task, the reference itself otherwise."""
+    return f"{TASKS[name]}:build" if name in TASKS else check_task_name(name)
+
+
+def load_task_spec(name: str, *, steps: int | None = None, data_seed: int = 0) -> TaskSpec:
+    """The :class:`TaskSpec` that task ``name`` (built-in or reference) describes."""
+    return loader.load_spec(name, factory_reference(name), steps=steps, data_seed=data_seed)
+
+
+def build_task(name: str, *, steps: int | None = None, selection_fraction: float = 0.5,
+               cv_folds: int = 0, data_seed: int = 0) -> Task:
+    """Build task ``name`` (built-in, ``module:factory`` or ``file.py:factory``)."""
+    caller = f"task {name}"
+    if steps is not None:  # None: the task's default; 0 is not
+        positive_int(caller, "steps", steps)
+    number(caller, "selection_fraction", selection_fraction, UNIT_OPEN_HIGH)
+    nonnegative_int(caller, "cv_folds", cv_folds)
+    nonnegative_int(caller, "data_seed", data_seed)
+    spec = load_task_spec(name, steps=steps, data_seed=data_seed)
+    return spec.build(steps=steps, selection_fraction=selection_fraction, cv_folds=cv_folds,
+                      data_seed=data_seed)
+
+
+def task_inputs(name: str, *, steps: int | None, data_seed: int, version: str
+                ) -> dict[str, Any]:
+    """Fingerprints of task ``name``'s code and of each of its data splits, which a resumed
+    run verifies (see :mod:`.inputs`); the spec comes from the cache that ``build_task``
+    filled."""
+    spec = load_task_spec(name, steps=steps, data_seed=data_seed)
+    return {"task": code_fingerprint(name, builtin=name in TASKS, version=version),
+            "data": data_fingerprints(spec)}
+
+
+def task_defaults(name: str) -> dict[str, Any]:
+    """The config values (dotted keys) that task ``name`` recommends; for a user task its
+    ``defaults`` and ``inner.steps = steps`` (this calls its factory)."""
+    if name in TASKS:
+        return dict(task_module(name).DEFAULTS)
+    spec = load_task_spec(name)
+    return {"inner.steps": spec.steps, **spec.defaults}
+
+
+def list_tasks() -> list[tuple[str, str, str]]:
+    """``(name, what it tunes, summary)`` of every built-in task."""
+    return [(name, task_module(name).TUNES, task_module(name).SUMMARY) for name in TASKS]
+
+
+__all__ = ["DEFAULT_TASK", "TASKS", "GivenSplits", "SearchRange", "Task", "TaskData",
+           "TaskSpec", "build_task", "check_task_name", "given_splits", "list_tasks",
+           "load_task_spec", "task", "task_defaults", "task_inputs", "task_module"]

@@ -1,0 +1,163 @@
+"""What a tuning task is once built: data splits, the inner problem(s), evaluation at given values.
+
+A :class:`Task` (built from a :func:`hyperdiff.task` description by
+:meth:`~hyperdiff.app.tasks.spec.TaskSpec.build`) holds
+
+- ``problems``: the inner problems whose validation loss the hypergradient sees: one (hold-out
+  validation) or one per cross-validation fold;
+- ``selection``: a split that the hypergradient never sees, used only to pick the best
+  hyperparameters and to stop early (``None`` when switched off);
+- ``splits``: the batches of every split for reports (``train``, ``val``, ``selection``,
+  ``test``); ``test`` is never used while tuning;
+- ``final_problem``: the training run behind reports and black-box evaluations;
+- ``metrics``: ``metrics(params, hparams, batch[, ctx]) -> {name: float}``; with a ``ctx`` it
+  gets the trained buffers (BatchNorm running statistics) and ``ctx.train = False``, so a
+  model evaluates in eval mode;
+- ``summarize``: optional task-specific numbers about natural hyperparameter values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hyperdiff.app.tasks.metrics import split_metrics
+from hyperdiff.engine.data.evaluation import EvaluationSplit
+from hyperdiff.engine.models import StepContext
+from hyperdiff.engine.problem import Problem, takes_context
+from hyperdiff.engine.training import initial_state, unroll, validation_loss
+from hyperdiff.hparams.hyperparams import HParamView, HyperParameters
+from hyperdiff.seeds import segment_seed
+from hyperdiff.typing import Batch, Params
+
+Metrics = Callable[..., dict[str, float]]
+"""``metrics(params, hparams, batch)`` or ``metrics(params, hparams, batch, ctx)``."""
+
+
+@dataclass(frozen=True)
+class SearchRange:
+    """Natural-unit range of one hyperparameter for black-box search (a vector hyperparameter
+    gets one shared value, broadcast to all its entries)."""
+
+    low: float
+    high: float
+    log: bool = True
+
+
+@dataclass(frozen=True)
+class Task:
+    """A built tuning task (see the module doc)."""
+
+    name: str
+    description: str
+    problems: tuple[Problem, ...]
+    final_problem: Problem
+    splits: dict[str, list[Batch] | EvaluationSplit]
+    metrics: Metrics
+    search_space: dict[str, SearchRange]
+    info: dict[str, Any] = field(default_factory=dict)
+    summarize: Callable[[Mapping[str, Tensor]], dict[str, float]] | None = None
+
+    @property
+    def hparams(self) -> HyperParameters:
+        """The hyperparameters at their initial values."""
+        return self.problems[0].hparams
+
+    @property
+    def selection(self) -> list[Batch] | None:
+        """Selection batches (``None`` when the selection split is switched off)."""
+        batches = self.splits.get("selection")
+        return None if batches is None else list(batches)
+
+    def evaluate(
+        self, raw: Mapping[str, Tensor] | None = None, *, seeds: tuple[int, ...] = (0,),
+        segments: int = 1, progress: Callable[[], None] | None = None,
+    ) -> dict[str, dict[str, float]]:
+        """Train ``final_problem`` at ``raw`` from theta_0 (``segments`` times T steps, one run
+        per seed) and average the metrics of every split over the seeds (and over the split's
+        batches, when it has several). The metrics see the trained buffers in eval mode.
+
+        ``progress()`` is called after each training. Returns
+        ``{split: {"loss": ..., "accuracy": ...}}``.
+        """
+        raw = self.hparams.raw if raw is None else dict(raw)
+        total: dict[str, dict[str, float]] = {}
+        for seed in seeds:
+            params, buffers, hview = trained_params(self.final_problem, raw, seed=seed,
+                                                    segments=segments)
+            for split, values in self.metrics_at(params, buffers, hview, seed=seed).items():
+                for key, value in values.items():
+                    total.setdefault(split, {}).setdefault(key, 0.0)
+                    total[split][key] += value / len(seeds)
+            if progress is not None:
+                progress()
+        return total
+
+    def metrics_at(self, params: Params, buffers: Params, hview: HParamView, *, seed: int = 0
+                   ) -> dict[str, dict[str, float]]:
+        """The metrics of every split at trained ``params`` / ``buffers`` (eval mode), averaged
+        over each split's samples (:func:`~hyperdiff.app.tasks.metrics.split_metrics`):
+        ``{split: {"loss": ..., ...}}``."""
+        with_ctx = takes_context(self.metrics, "metrics")
+        with torch.no_grad():
+            return {split: split_metrics(self.metrics, with_ctx, params, hview, batches,
+                                         StepContext(step=-1, seed=seed, train=False,
+                                                     buffers=buffers))
+                    for split, batches in self.splits.items()}
+
+    def outer_loss(self, values: Mapping[str, float | Tensor], seed: int = 0) -> float:
+        """The loss hypergradients descend, at natural ``values``: the validation loss of each
+        inner problem (one, or one per cross-validation fold) trained from theta_0, averaged.
+        Costs ``len(self.problems)`` trainings; a diverged training gives a non-finite value.
+        """
+        raw = self.hparams.with_natural(**values).raw
+        losses = []
+        for problem in self.problems:
+            params, buffers, hview = trained_params(problem, raw, seed=seed)
+            with torch.no_grad():
+                losses.append(float(validation_loss(problem, params, buffers, hview)))
+        return sum(losses) / len(losses)
+
+    def train_and_evaluate(
+        self, values: Mapping[str, float | Tensor], seed: int = 0
+    ) -> dict[str, float]:
+        """Black-box interface: train at natural ``values`` (missing names keep their initial
+        value; a number for a vector hyperparameter is broadcast) and return
+        ``val_loss``, ``selection_loss`` (when there is a selection split), ``test_loss`` and
+        ``test_accuracy`` (classification tasks)."""
+        raw = self.hparams.with_natural(**values).raw
+        report = self.evaluate(raw, seeds=(seed,))
+        out = {f"{split}_{key}": value for split, m in report.items() for key, value in m.items()}
+        return {k: v for k, v in out.items() if not k.startswith("train_")}
+
+
+def trained_params(
+    problem: Problem, raw: Mapping[str, Tensor], *, seed: int, segments: int = 1
+) -> tuple[Params, Params, HParamView]:
+    """theta and buffers after ``segments`` runs of T steps at ``raw`` (each run warm-starts
+    the next), and the hyperparameter view they were trained with."""
+    hview = problem.hparams.view(problem.raw_tensors(dict(raw)))
+    params, buffers = problem.params, problem.buffers
+    for segment in range(segments):
+        run = replace(problem, params=params, buffers=buffers, seed=segment_seed(seed, segment))
+        with torch.no_grad():
+            state, _ = unroll(run, hview, initial_state(run, differentiable=False),
+                              differentiable=False)
+        params, buffers = state.params, state.buffers
+    return params, buffers, hview
+
+
+def standardize(x: Tensor, rows: Tensor) -> Tensor:
+    """Center and scale the columns of ``x`` with the statistics of ``rows`` only."""
+    mean, std = x[rows].mean(0), x[rows].std(0)
+    return (x - mean) / torch.where(std > 0, std, torch.ones_like(std))
+
+
+def classification_metrics(logits: Tensor, labels: Tensor) -> dict[str, float]:
+    """Mean cross-entropy and accuracy."""
+    loss = torch.nn.functional.cross_entropy(logits, labels)
+    return {"loss": float(loss), "accuracy": float((logits.argmax(-1) == labels).double().mean())}

@@ -1,0 +1,204 @@
+"""Find a task factory from its reference: a built-in name, ``pkg.module:attr`` or
+``path/to/file.py:attr``.
+
+**Naming a module or a file runs its code** (it is imported, then the factory is called), in
+``hyperdiff run|check|compare`` and whenever such a config is read: name only code you trust.
+
+A factory is a function returning :func:`hyperdiff.task` (a :class:`~.spec.TaskSpec`); it is
+called with the keyword arguments it declares among ``steps`` (the config's ``inner.steps``,
+omitted while the config's defaults are read) and ``data_seed``. An attribute that already is
+a ``TaskSpec`` is used as is. Every failure is one :class:`~hyperdiff.HyperdiffError` that
+names the reference: a missing module, file or attribute, an attribute that is not a factory,
+a factory that raises or returns something else.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from hyperdiff.app.tasks.spec import TaskSpec, how_it_failed
+from hyperdiff.errors import HyperdiffError
+
+FORMS = "a built-in task name, 'package.module:factory' or 'path/to/file.py:factory'"
+_SPECS: dict[tuple[str, int | None, int], TaskSpec] = {}
+
+
+def is_reference(name: str) -> bool:
+    """True for ``module:attr`` or ``file.py:attr`` (not a built-in name)."""
+    return ":" in name
+
+
+def split_reference(ref: str) -> tuple[str, str]:
+    """``(module or file, attribute)`` of ``ref``."""
+    where, _, attr = ref.rpartition(":")
+    if not where or not attr or not attr.isidentifier():
+        raise HyperdiffError(f"task: name must be {FORMS} (got {ref!r})")
+    return where, attr
+
+
+def is_file_reference(where: str) -> bool:
+    """True when the ``where`` part of a reference names a ``.py`` file, not a module."""
+    return where.endswith(".py") or "/" in where or "\\" in where
+
+
+def absolute_reference(ref: str) -> str:
+    """``ref`` with a file's path made absolute (against the working directory), so that a
+    resumed run loads the same file from anywhere; other references unchanged.
+
+    >>> absolute_reference("pkg.mod:build"), absolute_reference("/abs/t.py:build")
+    ('pkg.mod:build', '/abs/t.py:build')
+    """
+    if not is_reference(ref):
+        return ref
+    where, attr = split_reference(ref)
+    return f"{Path(where).resolve()}:{attr}" if is_file_reference(where) else ref
+
+
+def _on_path(directory: Path) -> None:
+    """Put ``directory`` on ``sys.path`` (first) unless it is there already."""
+    entry = str(directory.resolve())
+    if entry not in sys.path:
+        sys.path.insert(0, entry)
+
+
+def import_target(where: str, ref: str) -> ModuleType:
+    """Import ``where``: a dotted module name (looked up on ``sys.path`` and in the working
+    directory, as ``python -m`` would), or a ``.py`` file path relative to the working
+    directory (its own directory goes on ``sys.path``, as for ``python file.py``)."""
+    if is_file_reference(where):
+        return _import_file(Path(where), ref)
+    if "" not in sys.path:
+        _on_path(Path.cwd())
+    try:
+        return importlib.import_module(where)
+    except ModuleNotFoundError as err:
+        if err.name and (where == err.name or where.startswith(err.name + ".")):
+            raise HyperdiffError(
+                f"task: module {where!r} of {ref!r} must be importable (got no module named "
+                f"{err.name!r}; is it installed, or on PYTHONPATH?)") from None
+        raise _import_failed(ref, err) from err
+    except (Exception, SystemExit) as err:
+        raise _import_failed(ref, err) from err
+
+
+def _import_file(path: Path, ref: str) -> ModuleType:
+    if not path.is_file():
+        raise HyperdiffError(f"task: file {str(path)!r} of {ref!r} must exist (got no such "
+                             f"file in {Path.cwd()})")
+    resolved = path.resolve()
+    name = "hyperdiff_user_task_" + re.sub(r"\W", "_", str(resolved))
+    if name in sys.modules:
+        return sys.modules[name]
+    _on_path(resolved.parent)
+    spec = importlib.util.spec_from_file_location(name, resolved)
+    if spec is None or spec.loader is None:
+        raise HyperdiffError(f"task: file {str(path)!r} of {ref!r} must be a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except (Exception, SystemExit) as err:
+        del sys.modules[name]
+        raise _import_failed(ref, err) from err
+    return module
+
+
+def _import_failed(ref: str, err: BaseException) -> HyperdiffError:
+    return HyperdiffError(f"task: importing {ref!r} must succeed (got: it {how_it_failed(err)})")
+
+
+def _defined_in(factory: Any) -> str:
+    """``" (defined in /path/file.py, line 12)"``, or ``""`` when the source is unknown."""
+    try:
+        path = inspect.getsourcefile(factory)
+        line = inspect.getsourcelines(factory)[1]
+    except (TypeError, OSError):
+        return ""
+    return f" (defined in {path}, line {line})" if path else ""
+
+
+def resolve_factory(ref: str) -> Callable[..., Any] | TaskSpec:
+    """The factory (or task spec) that ``ref`` names."""
+    where, attr = split_reference(ref)
+    module = import_target(where, ref)
+    if not hasattr(module, attr):
+        names = sorted(n for n, v in vars(module).items()
+                       if not n.startswith("_") and (callable(v) or isinstance(v, TaskSpec))
+                       and getattr(v, "__module__", module.__name__) == module.__name__)
+        raise HyperdiffError(f"task: {where!r} must define {attr!r} (got no such attribute; it "
+                             f"defines {', '.join(names) or 'no functions'})")
+    factory = getattr(module, attr)
+    if isinstance(factory, TaskSpec):
+        return factory
+    if not callable(factory) or isinstance(factory, type):
+        raise HyperdiffError(f"task: {ref!r} must be a task factory, a function returning "
+                             f"hd.task(...) (got {type(factory).__name__})")
+    return factory
+
+
+def call_factory(factory: Callable[..., Any] | TaskSpec, ref: str, *, steps: int | None,
+                 data_seed: int) -> TaskSpec:
+    """Call ``factory`` with the options it declares; check that it returns a TaskSpec."""
+    if isinstance(factory, TaskSpec):
+        return factory
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}  # type: ignore[assignment]
+    var_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    options: dict[str, Any] = {}
+    if steps is not None and (var_kw or "steps" in params):
+        options["steps"] = steps
+    if var_kw or "data_seed" in params:
+        options["data_seed"] = data_seed
+    try:
+        spec = factory(**options)
+    except HyperdiffError as err:
+        raise HyperdiffError(f"task: the factory {ref!r}{_defined_in(factory)} raised: "
+                             f"{err}") from err
+    except (Exception, SystemExit) as err:
+        raise HyperdiffError(f"task: the factory {ref!r}{_defined_in(factory)} must return a "
+                             f"task; it {how_it_failed(err)}") from err
+    if not isinstance(spec, TaskSpec):
+        raise HyperdiffError(f"task: the factory {ref!r} must return hd.task(...) (got "
+                             f"{type(spec).__name__})")
+    return spec
+
+
+def load_spec(ref: str, factory_ref: str, *, steps: int | None = None, data_seed: int = 0
+              ) -> TaskSpec:
+    """The task spec of ``ref`` (``factory_ref`` is where its factory lives), cached per
+    ``(ref, steps, data_seed)`` within the process."""
+    key = (ref, steps, data_seed)
+    if key not in _SPECS:
+        spec = call_factory(resolve_factory(factory_ref), ref, steps=steps,
+                            data_seed=data_seed)
+        if len(_SPECS) > 16:
+            _SPECS.pop(next(iter(_SPECS)))
+        _SPECS[key] = spec
+        _SPECS.setdefault((ref, spec.steps, data_seed), spec)
+    return _SPECS[key]
+
+
+def forget_specs() -> None:
+    """Empty the cache of :func:`load_spec`, so that the next call runs the factory again (a
+    resumed run must fingerprint the data as they are now, not as an earlier run in this
+    process loaded them)."""
+    _SPECS.clear()
+
+
+def label(ref: str) -> str:
+    """A file-name-safe label of a task reference (``file.py:build`` -> ``file-build``)."""
+    if not is_reference(ref):
+        return ref
+    where, _, attr = ref.rpartition(":")
+    stem = Path(where).stem if where.endswith(".py") else where
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", f"{stem}-{attr}")

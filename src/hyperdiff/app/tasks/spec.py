@@ -1,0 +1,484 @@
+"""The public task API: :func:`task` describes a tuning task, :meth:`TaskSpec.build` builds it.
+
+A task is written once, in the user's own module or file, as a *factory*: a function that
+returns ``hd.task(...)``. hyperdiff calls it (``hyperdiff run --task my_pkg.cnn:build``) and
+then builds the :class:`~hyperdiff.app.tasks.base.Task` itself, with the config's
+``selection_fraction``, ``cv_folds`` and ``data_seed``, so every task gets the same defences
+(a selection split the hypergradient never sees, a held-out test split, stratified splits and
+folds for classification). The built-in tasks are factories of the same kind.
+
+``data`` is either the whole data set, one batch whose tensors share their first (row)
+dimension (a tensor, a tuple or a dict of tensors); hyperdiff splits its rows; or
+:func:`given_splits` (train / val / test, and optionally selection, each anything
+:func:`~hyperdiff.make_problem` accepts: tensors, a list of batches, a ``DataLoader``, ...).
+
+>>> import torch, hyperdiff as hd
+>>> x = torch.randn(40, 3, dtype=torch.float64); y = x @ torch.ones(3, dtype=torch.float64)
+>>> mse = lambda p, h, b: ((b[0] @ p["w"] - b[1]) ** 2).mean()
+>>> spec = hd.task("toy", model={"w": torch.zeros(3, dtype=torch.float64)},
+...     train_loss=lambda p, h, b: mse(p, h, b) + h["lam"] * p["w"].square().sum(),
+...     val_loss=mse, hparams=hd.HyperParameters(lam=hd.scalar(0.1)),
+...     optimizer=hd.sgd(0.1), data=(x, y), steps=20)
+>>> built = spec.build(selection_fraction=0.5)
+>>> sorted(built.splits), built.info["sizes"]["test"]
+(['selection', 'test', 'train', 'val'], 10)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from hyperdiff.app.tasks.base import Metrics, SearchRange, Task
+from hyperdiff.app.tasks.dataset_splits import (
+    selection_batches,
+    split_size,
+    test_split,
+    train_source,
+    validation_and_selection,
+)
+from hyperdiff.app.tasks.splits import (
+    Splits,
+    fold_rows,
+    split_given_rows,
+    split_rows,
+    stratify_labels,
+)
+from hyperdiff.engine.data import minibatches, validation_batches
+from hyperdiff.engine.data.evaluation import EvaluationSplit, is_dataset_split
+from hyperdiff.engine.datacheck import check_batch, tensors_in
+from hyperdiff.engine.make import make_problem
+from hyperdiff.engine.models import FunctionalModel
+from hyperdiff.engine.optimizers import Optimizer
+from hyperdiff.engine.problem import Problem, takes_context
+from hyperdiff.errors import HyperdiffError, describe, fail, nonnegative_int, positive_int
+from hyperdiff.hparams.constraints import Free, Interval
+from hyperdiff.hparams.hyperparams import HyperParameters
+from hyperdiff.typing import Batch, LossFn, Params
+
+
+@dataclass(frozen=True)
+class GivenSplits:
+    """Data already split by the user (see :func:`given_splits`)."""
+
+    train: Any
+    val: Any
+    test: Any
+    selection: Any = None
+
+
+def given_splits(*, train: Any, val: Any, test: Any, selection: Any = None) -> GivenSplits:
+    """Use these splits as they are. ``train``: anything ``make_problem`` takes as train_data,
+    or a map-style ``Dataset`` (trained in shuffled batches of the task's ``batch_size``);
+    ``val``, ``test``, ``selection``: a batch, a list of batches, or a ``Dataset`` /
+    ``DataLoader`` / generator function (read in batches; the test split lazily at every report,
+    see :mod:`hyperdiff.app.tasks.dataset_splits`). Without ``selection``, ``selection_fraction`` of
+    ``val`` is taken out of it (``val`` must then be one batch or a map-style data set).
+    Cross-validation needs the whole data set, so it is refused here."""
+    given = {"train": train, "val": val, "test": test, "selection": selection}
+    for name, split in given.items():
+        if (split is None and name != "selection") or isinstance(split, (str, bytes, bytearray)):
+            raise fail("given_splits", name, "data: a batch of tensors, a list of batches, a "
+                       "Dataset, a DataLoader or a generator function", split)
+    return GivenSplits(train=train, val=val, test=test, selection=selection)
+
+
+def how_it_failed(err: BaseException) -> str:
+    """``"called sys.exit(3), ..."`` or ``"raised KeyError: 'x'"``: how user code stopped."""
+    if isinstance(err, SystemExit):
+        return f"called sys.exit({err.code!r}), which would end the run without a message"
+    return f"raised {type(err).__name__}: {err}"
+
+
+@contextmanager
+def task_code(task: str, call: str, fn: Any) -> Iterator[None]:
+    """Run a task's own function ``fn`` (named ``call``); an exception or ``sys.exit`` in it is
+    re-raised as ``"<task>: <call> must ... ; it raised ..."`` from the original."""
+    try:
+        yield
+    except HyperdiffError:
+        raise
+    except (Exception, SystemExit) as err:
+        name = getattr(fn, "__qualname__", type(fn).__name__)
+        raise HyperdiffError(f"{task}: {call} ({name}) must succeed; it "
+                             f"{how_it_failed(err)}") from err
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """What data-dependent parts of a task see: the data after ``prepare`` and its splits
+    (``rows`` is ``None`` for :func:`given_splits`)."""
+
+    data: Any
+    rows: Splits | None
+    data_seed: int
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A tuning task as :func:`task` describes it; :meth:`build` makes the runnable task."""
+
+    name: str
+    model: Any
+    train_loss: LossFn
+    val_loss: LossFn
+    hparams: HyperParameters | Callable[[TaskData], HyperParameters]
+    optimizer: Optimizer
+    data: Any
+    steps: int
+    batch_size: int | None = None
+    metrics: Metrics | None = None
+    search_space: Mapping[str, SearchRange] | None = None
+    stratify: bool | None = None
+    test_fraction: float = 0.25
+    val_fraction: float = 0.2
+    prepare: Callable[[Any, Splits], Any] | None = None
+    summarize: Callable[[Mapping[str, Tensor], TaskData], dict[str, float]] | None = None
+    description: str = ""
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    cross_validation: bool | str = True
+    probe: bool = True
+    task_type: type[Task] = Task
+
+    def build(self, *, steps: int | None = None, selection_fraction: float = 0.5,
+              cv_folds: int = 0, data_seed: int = 0) -> Task:
+        """The runnable :class:`Task`: splits drawn from ``data_seed`` (the selection split
+        takes ``selection_fraction`` of the validation rows), one inner problem per
+        cross-validation fold when ``cv_folds >= 2``, T = ``steps`` (default: ``self.steps``).
+        """
+        steps = positive_int(f"task {self.name}", "steps", self.steps if steps is None else steps)
+        data_seed = nonnegative_int(f"task {self.name}", "data_seed", data_seed)
+        cv_folds = nonnegative_int(f"task {self.name}", "cv_folds", cv_folds)
+        if cv_folds and self.cross_validation is not True:
+            reason = self.cross_validation or "this task does not support it"
+            raise HyperdiffError(f"{self.name}: task.cv_folds must be 0 (got {cv_folds}): "
+                                 f"{reason}")
+        if isinstance(self.data, GivenSplits):
+            built = self._build_given(steps, selection_fraction, cv_folds, data_seed)
+        else:
+            built = self._build_rows(steps, selection_fraction, cv_folds, data_seed)
+        if self.task_type is Task:
+            return built
+        return self.task_type(**{f.name: getattr(built, f.name) for f in fields(Task)})
+
+    # ------------------------------------------------------------------ internals
+    def _build_rows(self, steps: int, selection_fraction: float, cv_folds: int,
+                    data_seed: int) -> Task:
+        n = num_rows(self.data, self.name)
+        labels = None if self.stratify is False else stratify_labels(
+            self.data, any_dtype=bool(self.stratify))
+        if self.stratify and labels is None:
+            raise HyperdiffError(f"{self.name}: stratify=True needs labels, a 1-d tensor as the "
+                                 "second element of data (or data['y'])")
+        rows = split_rows(n, test=self.test_fraction, val=self.val_fraction,
+                          selection_fraction=selection_fraction, seed=data_seed, labels=labels)
+        data = self.data
+        if self.prepare is not None:
+            with task_code(self.name, "prepare(data, splits)", self.prepare):
+                data = self.prepare(self.data, rows)
+        info = TaskData(data, rows, data_seed)
+        hparams = self._hparams(info)
+        model_params, buffers = model_state(self.model, self.name)
+        train, val = take(data, rows.train), take(data, rows.val)  # shared by problems and splits
+
+        def problem_for(train_batch: Batch, val_batch: Batch, probe: bool) -> Problem:
+            return self._problem(hparams, model_params, buffers, train_batch, val_batch, steps,
+                                 probe)
+
+        if cv_folds:
+            pool = torch.cat([rows.train, rows.val]).sort().values
+            folds = fold_rows(pool, cv_folds, data_seed, labels)
+            problems = tuple(problem_for(take(data, tr), take(data, va), self.probe and j == 0)
+                             for j, (tr, va) in enumerate(folds))
+            final = problem_for(take(data, pool), val, False)
+        else:
+            problems = (problem_for(train, val, self.probe),)
+            final = problems[0]
+        splits: dict[str, list[Batch] | EvaluationSplit] = {"train": [train], "val": [val]}
+        if rows.selection.numel():
+            splits["selection"] = [take(data, rows.selection)]
+        splits["test"] = [take(data, rows.test)]
+        return self._task(problems, final, splits, hparams, info,
+                          {"sizes": rows.sizes(), "cv_folds": cv_folds})
+
+    def _build_given(self, steps: int, selection_fraction: float, cv_folds: int,
+                     data_seed: int) -> Task:
+        given = self.data
+        assert isinstance(given, GivenSplits)
+        if cv_folds:
+            raise HyperdiffError(f"{self.name}: task.cv_folds must be 0 with given_splits (got "
+                                 f"{cv_folds}): folds need the whole data set as data=")
+        streamed = is_dataset_split(given.val)
+        if streamed:
+            val, selection = validation_and_selection(
+                given.val, given.selection, name=self.name, selection_fraction=selection_fraction,
+                seed=data_seed, stratify=self.stratify, batch_size=self.batch_size)
+        else:
+            val = validation_batches(given.val)
+            selection = selection_batches(given.selection, self.batch_size)
+        if selection is None and selection_fraction > 0 and not streamed:
+            if len(val) != 1:
+                raise HyperdiffError(
+                    f"{self.name}: given_splits(selection=...) must be given when val is not "
+                    f"one batch (got {len(val)} batches), or set task.selection_fraction = 0")
+            labels = None if self.stratify is False else stratify_labels(
+                val[0], any_dtype=bool(self.stratify))
+            val_rows, sel_rows = split_given_rows(
+                num_rows(val[0], self.name), selection_fraction=selection_fraction,
+                seed=data_seed, labels=labels)
+            selection = take(val[0], sel_rows) if sel_rows.numel() else None
+            val = [take(val[0], val_rows)]
+        info = TaskData(given, None, data_seed)
+        hparams = self._hparams(info)
+        model_params, buffers = model_state(self.model, self.name)
+        problem = self._problem(hparams, model_params, buffers,
+                                train_source(given.train, self.batch_size, self.name), val,
+                                steps, self.probe)
+        splits: dict[str, list[Batch] | EvaluationSplit] = {"val": val}
+        if selection is not None:
+            splits["selection"] = validation_batches(selection)
+        splits["test"] = (test_split(given.test, self.batch_size) if is_dataset_split(given.test)
+                          else validation_batches(given.test))
+        sizes = {k: split_size(v, lambda b: tensor_rows(b, self.name)) for k, v in splits.items()}
+        return self._task((problem,), problem, splits, hparams, info,
+                          {"sizes": sizes, "cv_folds": 0})
+
+    def _hparams(self, info: TaskData) -> HyperParameters:
+        hparams = self.hparams
+        if callable(hparams):
+            with task_code(self.name, "hparams(task_data)", hparams):
+                hparams = hparams(info)
+        if not isinstance(hparams, HyperParameters):
+            raise HyperdiffError(f"{self.name}: hparams must be a hd.HyperParameters or a "
+                                 f"function returning one (got {type(hparams).__name__})")
+        return hparams
+
+    def _problem(self, hparams: HyperParameters, params: Params, buffers: Params,
+                 train: Any, val: Any, steps: int, probe: bool) -> Problem:
+        if self.batch_size is not None and not isinstance(train, DataLoader):
+            tensors = (train,) if isinstance(train, Tensor) else train
+            if not isinstance(tensors, tuple) or not all(isinstance(t, Tensor) for t in tensors):
+                raise HyperdiffError(f"{self.name}: batch_size needs the training data as a "
+                                     f"tensor or a tuple of tensors (got {describe(train)}); "
+                                     "for dict batches pass batch_size=None (full batch) or "
+                                     "hd.given_splits(train=a DataLoader of dicts, ...)")
+            train = minibatches(*tensors, batch_size=self.batch_size)
+        return make_problem(self.train_loss, self.val_loss, hparams, params,
+                            buffers=buffers or None, optimizer=self.optimizer,
+                            train_data=train, val_data=val, steps=steps, probe=probe)
+
+    def _task(self, problems: tuple[Problem, ...], final: Problem,
+              splits: dict[str, list[Batch] | EvaluationSplit], hparams: HyperParameters,
+              info: TaskData,
+              meta: dict[str, Any]) -> Task:
+        for split, batches in splits.items():  # a lazy split checks itself as it is read
+            if not isinstance(batches, EvaluationSplit):
+                for batch in batches:
+                    check_batch(self.name, f"the {split} split", batch)
+        summarize = None
+        if self.summarize is not None:
+            user = self.summarize
+
+            def summarize(values: Mapping[str, Tensor]) -> dict[str, float]:
+                with task_code(self.name, "summarize(values, task_data)", user):
+                    return user(values, info)
+
+        if self.probe and self.metrics is not None:
+            probe_metrics(self.name, self.metrics, final, hparams, next(iter(splits["val"])))
+        return Task(
+            name=self.name, description=self.description, problems=problems,
+            final_problem=final, splits=splits, metrics=self.metrics or loss_metrics(self),
+            search_space=dict(self.search_space or default_search_space(hparams)),
+            info=meta, summarize=summarize,
+        )
+
+
+def probe_metrics(name: str, metrics: Metrics, problem: Problem, hparams: HyperParameters,
+                  batch: Batch) -> None:
+    """Call ``metrics`` once on ``batch`` at theta_0 in eval mode, so that a metrics function
+    that fails (e.g. a BatchNorm model called without ``ctx``) or returns something other
+    than ``{name: number}`` is refused when the task is built, not after the whole run."""
+    from hyperdiff.engine.models import StepContext  # local: as tasks.base does
+
+    with_ctx = takes_context(metrics, "metrics")
+    hview = hparams.view(problem.raw_tensors())
+    ctx = StepContext(step=-1, seed=0, train=False, buffers=dict(problem.buffers))
+    try:
+        with torch.no_grad():
+            values = (metrics(problem.params, hview, batch, ctx) if with_ctx
+                      else metrics(problem.params, hview, batch))
+    except HyperdiffError as err:
+        raise HyperdiffError(f"task {name}: metrics failed on the validation split at the "
+                             f"initial parameters: {err}") from None
+    except Exception as err:  # the user's code: name it instead of a deep traceback
+        raise HyperdiffError(f"task {name}: metrics failed on the validation split at the "
+                             f"initial parameters ({type(err).__name__}: {err})") from err
+    if not isinstance(values, Mapping) or not values:
+        raise HyperdiffError(f"task {name}: metrics must return a non-empty dict "
+                             f"{{name: number}} (got {describe(values)})")
+    if "loss" not in values:
+        raise HyperdiffError(f"task {name}: metrics must return a 'loss' entry, which the "
+                             "report and black-box search (hyperdiff compare) read on each "
+                             f"split (got the keys {sorted(map(str, values))})")
+    for key, value in values.items():
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
+            isinstance(value, Tensor) and value.numel() == 1)
+        if not isinstance(key, str) or not ok:
+            raise HyperdiffError(f"task {name}: metrics must return a dict {{name: number}}; "
+                                 f"entry {key!r} is {describe(value)}")
+
+
+def task(
+    name: str, *, model: Any, train_loss: LossFn, val_loss: LossFn,
+    hparams: HyperParameters | Callable[[TaskData], HyperParameters], optimizer: Optimizer,
+    data: Any, steps: int, batch_size: int | None = None, metrics: Metrics | None = None,
+    search_space: Mapping[str, SearchRange] | None = None, stratify: bool | None = None,
+    test_fraction: float = 0.25, val_fraction: float = 0.2,
+    prepare: Callable[[Any, Splits], Any] | None = None,
+    summarize: Callable[[Mapping[str, Tensor], TaskData], dict[str, float]] | None = None,
+    description: str = "", defaults: Mapping[str, Any] | None = None,
+    cross_validation: bool | str = True, probe: bool = True, task_type: type[Task] = Task,
+) -> TaskSpec:
+    """Describe a tuning task; return a :class:`TaskSpec` (build it with ``.build()``).
+
+    Args:
+        name: the task's name (run directories and reports).
+        model: ``hd.functional(module)`` (its params and BatchNorm buffers), a dict of
+            parameter tensors, or ``(params, buffers)``: theta_0 of every training.
+        train_loss, val_loss: ``loss(params, hparams, batch[, ctx])`` returning a scalar.
+        hparams: the :class:`~hyperdiff.HyperParameters` at their initial values, or a
+            function of :class:`TaskData` returning them (per-example weights need the
+            number of training rows).
+        optimizer: the inner optimizer (``hd.sgd``, ``hd.adam``, ``hd.adamw``).
+        data: the whole data set as one batch (hyperdiff splits its rows), or
+            :func:`given_splits` (tensors, lists of batches, ``Dataset`` s, ``DataLoader`` s).
+        steps: default inner steps T (``inner.steps`` overrides it).
+        batch_size: train on seeded minibatches of this size (``None``: full batch); with
+            :func:`given_splits`, the batch size of a bare ``Dataset`` split (evaluation
+            splits default to 256).
+        metrics: ``metrics(params, hparams, batch[, ctx]) -> {name: float}`` for reports;
+            ``ctx.buffers`` are the trained buffers, ``ctx.train`` is False (eval mode).
+            Default: ``{"loss": val_loss}``.
+        search_space: natural ranges for black-box search (``hyperdiff compare``); default:
+            two decades either side of a positive value, the inner 98% of an interval.
+        stratify: stratify splits and folds by the integer labels (``data[1]`` or
+            ``data["y"]``); ``None``: whenever the labels are integers.
+        test_fraction, val_fraction: shares of the rows for the test and validation splits
+            (the selection split is taken out of validation).
+        prepare: ``prepare(data, rows) -> data``, e.g. standardization fitted on
+            ``rows.train`` only; called once after splitting.
+        summarize: ``summarize(natural_values, task_data) -> {label: float}`` for the report.
+        description: one line for listings.
+        defaults: config values this task recommends, as dotted keys
+            (``{"outer.lr": 0.1}``); ``inner.steps`` defaults to ``steps``.
+        cross_validation: ``True``, or a string saying why ``task.cv_folds`` is refused.
+        probe: run two differentiable steps once at build time to check the losses.
+        task_type: the :class:`Task` subclass that ``build`` returns (e.g.
+            :class:`~hyperdiff.app.discrete_report.DiscreteTask`, whose reports retrain the
+            discretised model).
+    """
+    if not isinstance(name, str) or not name:
+        raise HyperdiffError(f"task: name must be a non-empty string (got {describe(name)})")
+    for arg, fn in (("train_loss", train_loss), ("val_loss", val_loss)):
+        takes_context(fn, arg)
+    if metrics is not None:
+        if not callable(metrics):
+            raise HyperdiffError(f"task {name}: metrics must be a function (params, hparams, "
+                                 f"batch[, ctx]) -> dict (got {describe(metrics)})")
+        takes_context(metrics, "metrics")
+    if not isinstance(optimizer, Optimizer):
+        raise HyperdiffError(f"task {name}: optimizer must be made by hd.sgd, hd.adam or "
+                             f"hd.adamw (got {type(optimizer).__name__})")
+    if batch_size is not None:
+        positive_int(f"task {name}", "batch_size", batch_size)
+    return TaskSpec(
+        name=name, model=model, train_loss=train_loss, val_loss=val_loss, hparams=hparams,
+        optimizer=optimizer, data=data, steps=positive_int(f"task {name}", "steps", steps),
+        batch_size=batch_size, metrics=metrics, search_space=search_space, stratify=stratify,
+        test_fraction=test_fraction, val_fraction=val_fraction, prepare=prepare,
+        summarize=summarize, description=description, defaults=dict(defaults or {}),
+        cross_validation=cross_validation, probe=probe, task_type=task_type,
+    )
+
+
+def model_state(model: Any, name: str) -> tuple[Params, Params]:
+    """``(params, buffers)`` of a functional model, a params dict or a pair."""
+    if isinstance(model, FunctionalModel):
+        return model.params, model.buffers
+    if isinstance(model, torch.nn.Module):
+        raise HyperdiffError(f"{name}: model must be hd.functional(module), not the module "
+                             "itself (the losses call it as net(params, x, ctx))")
+    if isinstance(model, tuple) and len(model) == 2:
+        return model[0], model[1]
+    if isinstance(model, dict):
+        return model, {}
+    raise HyperdiffError(f"{name}: model must be hd.functional(module), a dict of parameter "
+                         f"tensors or (params, buffers) (got {describe(model)})")
+
+
+def num_rows(data: Any, name: str) -> int:
+    """The shared first dimension of the tensors of a batch."""
+    tensors = (list(data.values()) if isinstance(data, dict)
+               else list(data) if isinstance(data, (tuple, list)) else [data])
+    if not tensors or not all(isinstance(t, Tensor) and t.dim() >= 1 for t in tensors):
+        raise HyperdiffError(f"{name}: data must be a tensor, a tuple or a dict of tensors with "
+                             f"one row per example, or hd.given_splits(...) (got "
+                             f"{describe(data)}; a Dataset or DataLoader goes in "
+                             "hd.given_splits(train=, val=, test=))")
+    sizes = {int(t.shape[0]) for t in tensors}
+    if len(sizes) != 1:
+        raise HyperdiffError(f"{name}: data's tensors must share their first dimension (got "
+                             f"{[tuple(t.shape) for t in tensors]})")
+    return sizes.pop()
+
+
+def tensor_rows(batch: Batch, name: str) -> int:
+    """The shared first dimension of the tensors of a given split's batch; other entries (the
+    lists of ids or strings that ``default_collate`` makes) are not counted."""
+    return num_rows(tuple(t for _, t in tensors_in(batch)), name)
+
+
+def take(data: Any, rows: Tensor) -> Batch:
+    """The rows ``rows`` of every tensor of ``data``."""
+    if isinstance(data, dict):
+        return {k: v[rows.to(v.device)] for k, v in data.items()}
+    if isinstance(data, (tuple, list)):
+        return tuple(t[rows.to(t.device)] for t in data)
+    return data[rows.to(data.device)]
+
+
+def loss_metrics(spec: TaskSpec) -> Metrics:
+    """Default report metrics: ``{"loss": val_loss}``."""
+    with_ctx = takes_context(spec.val_loss, "val_loss")
+
+    def metrics(params: Params, hparams: Any, batch: Batch, ctx: Any) -> dict[str, float]:
+        loss = spec.val_loss(params, hparams, batch, ctx) if with_ctx else spec.val_loss(
+            params, hparams, batch)
+        return {"loss": float(loss)}
+
+    return metrics
+
+
+def default_search_space(hparams: HyperParameters) -> dict[str, SearchRange]:
+    """Two decades either side of a positive value's mean, the inner 98% of an interval,
+    +-1 around a free value."""
+    space = {}
+    for name, spec in hparams.items():
+        mean = float(spec.init.double().mean())
+        if isinstance(spec.constraint, Interval):
+            low, high = spec.constraint.low, spec.constraint.high
+            pad = 0.01 * (high - low)
+            space[name] = SearchRange(low + pad, high - pad, log=False)
+        elif isinstance(spec.constraint, Free):
+            space[name] = SearchRange(mean - 1.0, mean + 1.0, log=False)
+        else:
+            mean = mean if mean > 0 and math.isfinite(mean) else 1.0
+            space[name] = SearchRange(mean / 100, mean * 100)
+    return space

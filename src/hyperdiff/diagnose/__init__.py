@@ -1,0 +1,2 @@
+"""Diagnostics: ``hd.check`` and its advice (layer 4, beside tuner).
+"""

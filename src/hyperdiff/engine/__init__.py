@@ -1,0 +1,3 @@
+"""One training at one value: data, models, optimizers, problem, training, solvers, device (layer
+2).
+"""

@@ -1,0 +1,176 @@
+"""In-memory batch sources: one full batch, a list, seeded minibatches, ``fn(step, seed)``, and
+a recorded one-shot iterator.
+
+Every hypergradient method replays the same training run (finite differences replay it 2k
+times), so a source maps ``(step, seed)`` to a batch deterministically; streamed sources
+(re-iterables, ``DataLoader``) are in :mod:`.streaming` and :mod:`.loader`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from hyperdiff.engine.data.failures import check_finite, user_code
+from hyperdiff.engine.data.replay import ReplayLog, check_batch
+from hyperdiff.errors import HyperdiffError, describe
+from hyperdiff.seeds import epoch_seed
+from hyperdiff.typing import Batch
+
+
+class BatchSource:
+    """Base class: ``source.batch(step, seed)`` returns the batch of inner step ``step``."""
+
+    def batch(self, step: int, seed: int) -> Batch:
+        raise NotImplementedError
+
+    def check(self, steps: int, seed: int) -> None:
+        """Raise a clear error if fewer than ``steps`` batches are available."""
+
+    def describe(self) -> str:
+        """The data source's name in messages (its ``name``, else the class name)."""
+        return str(getattr(self, "name", type(self).__name__))
+
+
+class FullBatch(BatchSource):
+    """The same batch at every step."""
+
+    def __init__(self, data: Batch):
+        self.data = check_batch(data, "data: train_data")
+
+    def batch(self, step: int, seed: int) -> Batch:
+        return self.data
+
+
+class Sequence(BatchSource):
+    """A fixed list of batches, cycled in order."""
+
+    def __init__(self, batches: list[Batch]):
+        if not batches:
+            raise HyperdiffError("data: a list of batches must not be empty (got [])")
+        for i, batch in enumerate(batches):
+            check_batch(batch, f"data: train_data[{i}]")
+        self.batches = batches
+
+    def batch(self, step: int, seed: int) -> Batch:
+        return self.batches[step % len(self.batches)]
+
+
+class Minibatches(BatchSource):
+    """Random minibatches of ``tensors`` (all with the same first dimension), reshuffled every
+    epoch from ``(seed, epoch)``; the last incomplete batch of an epoch is dropped."""
+
+    def __init__(self, *tensors: Tensor, batch_size: int, shuffle: bool = True):
+        if not tensors:
+            raise HyperdiffError("minibatches: at least one tensor is required")
+        for i, t in enumerate(tensors):
+            if not isinstance(t, Tensor) or t.dim() == 0:
+                raise HyperdiffError(
+                    f"minibatches: tensors must be torch tensors with a first (row) dimension "
+                    f"(got {type(t).__name__} {describe(t)} as argument {i}); convert with "
+                    "torch.as_tensor"
+                )
+        n = tensors[0].shape[0]
+        if any(t.shape[0] != n for t in tensors):
+            raise HyperdiffError(
+                "minibatches: tensors must share their first dimension "
+                f"(got {[tuple(t.shape) for t in tensors]})"
+            )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not (
+            1 <= batch_size <= n
+        ):
+            raise HyperdiffError(
+                f"minibatches: batch_size must be an int in [1, {n}] (got {describe(batch_size)})"
+            )
+        self.tensors, self.batch_size, self.shuffle = tensors, batch_size, shuffle
+        self.per_epoch = n // batch_size
+        self._perm_cache: dict[tuple[int, int], Tensor] = {}
+
+    def _permutation(self, seed: int, epoch: int) -> Tensor:
+        key = (seed, epoch)
+        if key not in self._perm_cache:
+            n = self.tensors[0].shape[0]
+            if self.shuffle:
+                gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+                # a CPU generator's permutation; batch() moves the rows to the data's device
+                self._perm_cache[key] = torch.randperm(n, generator=gen, device="cpu")
+            else:
+                self._perm_cache[key] = torch.arange(n, device="cpu")
+            if len(self._perm_cache) > 8:
+                self._perm_cache.pop(next(iter(self._perm_cache)))
+        return self._perm_cache[key]
+
+    def batch(self, step: int, seed: int) -> Batch:
+        epoch, index = divmod(step, self.per_epoch)
+        perm = self._permutation(seed, epoch)
+        rows = perm[index * self.batch_size : (index + 1) * self.batch_size].to(
+            self.tensors[0].device
+        )
+        picked = tuple(t[rows] for t in self.tensors)
+        return picked if len(picked) > 1 else picked[0]
+
+
+def minibatches(*tensors: Tensor, batch_size: int, shuffle: bool = True) -> Minibatches:
+    """Seeded random minibatches: ``hd.minibatches(x, y, batch_size=64)``."""
+    return Minibatches(*tensors, batch_size=batch_size, shuffle=shuffle)
+
+
+class Recorded(BatchSource):
+    """A one-shot iterator, recorded as it is consumed so that it can be replayed."""
+
+    def __init__(self, iterator: Iterator[Batch]):
+        self.iterator = iterator
+        self.batches: list[Batch] = []
+        self.exhausted = False
+
+    def check(self, steps: int, seed: int) -> None:
+        while len(self.batches) < steps and not self.exhausted:
+            try:
+                with user_code(lambda: f"batch {len(self.batches)} of the train_data iterator"):
+                    batch = next(self.iterator)
+            except StopIteration:
+                self.exhausted = True
+                break
+            self.batches.append(
+                check_batch(batch, f"data: batch {len(self.batches)} of the train_data iterator")
+            )
+        if len(self.batches) < steps:
+            raise HyperdiffError(
+                f"data: the train_data iterator ran out after {len(self.batches)} batches, but "
+                f"steps={steps} needs {steps}; pass a re-iterable (a list or DataLoader), a "
+                "callable fn(step), or fewer steps"
+            )
+
+    def batch(self, step: int, seed: int) -> Batch:
+        self.check(step + 1, seed)
+        return self.batches[step]
+
+
+class FromCallable(BatchSource):
+    """Batches from ``fn(step)`` or ``fn(step, seed)``, verified to repeat on every call."""
+
+    def __init__(self, fn: Callable[..., Batch], name: str = "function"):
+        self.fn, self.name = fn, name
+        try:
+            self.takes_seed = len(inspect.signature(fn).parameters) >= 2
+        except (TypeError, ValueError):
+            self.takes_seed = False
+        self.log = ReplayLog(name, "fn(step, seed) must return the same batch for the same "
+                                   "arguments: draw any randomness from a generator seeded by "
+                                   "(step, seed)")
+
+    def where(self, step: int, seed: int) -> str:
+        """The batch of ``step`` in messages."""
+        call = f"{self.name}({step}, {seed})" if self.takes_seed else f"{self.name}({step})"
+        return f"the batch of step {step} (seed {seed}), {call},"
+
+    def batch(self, step: int, seed: int) -> Batch:
+        with user_code(partial(self.where, step, seed)):
+            batch = self.fn(step, seed) if self.takes_seed else self.fn(step)
+        if (seed, step) not in self.log.prints:
+            check_finite(partial(self.where, step, seed), batch)
+        return self.log.check(seed, step, batch)

@@ -1,0 +1,228 @@
+"""Lazy, replay-verified reading of re-iterables: ``IterableDataset`` loaders, generator
+functions and any other object that can be iterated more than once.
+
+Epoch ``e`` of seed ``s`` is one fresh iteration, run under a private random state seeded from
+``(s, e)``: torch's, Python's and NumPy's global generators and any ``generator=`` attribute of a
+``DataLoader`` and its samplers are swapped for the iteration's own while it produces a batch,
+and swapped back afterwards (the user's random state is left untouched). So an iterable whose
+randomness comes from those generators yields the same epoch every time; anything else (a
+private unseeded RNG, a file that changed) is caught by the fingerprints of :mod:`.replay`.
+
+Batches are read as training asks for them; a window of the last ``window`` batches is kept.
+A request behind the open iteration restarts the epoch and skips forward (re-reading from the
+epoch start: sources with random access, such as a map-style ``DataLoader``, use
+:mod:`.loader` instead). Epoch lengths are learned as epochs end, and verified on replays.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+
+from hyperdiff.engine.data.failures import check_finite, user_code
+from hyperdiff.engine.data.permutation import mix
+from hyperdiff.engine.data.replay import ReplayLog
+from hyperdiff.engine.data.sources import BatchSource
+from hyperdiff.errors import HyperdiffError, positive_int
+from hyperdiff.typing import Batch
+
+ADVICE = (
+    "pass a DataLoader over a map-style Dataset (hyperdiff seeds its shuffling), a list of "
+    "batches, hd.minibatches(...), or a function fn(step, seed) that returns the batch"
+)
+
+
+class Streamed(BatchSource):
+    """A source read lazily through a bounded window of cached batches.
+
+    Subclasses implement ``_fill(step, seed)``, which reads batches and hands each to
+    ``_keep`` (verification, then the cache), ending with the batch of ``step``.
+    """
+
+    def __init__(self, name: str, window: int):
+        self.name, self.window = name, positive_int("data", "window", window)
+        self.cache: OrderedDict[tuple[int, int], Batch] = OrderedDict()
+        self.log = ReplayLog(name, ADVICE)
+        self.horizon = 0  # the largest number of steps announced through check()
+
+    def check(self, steps: int, seed: int) -> None:
+        self.horizon = max(self.horizon, steps)
+        self.batch(0, seed)
+
+    def batch(self, step: int, seed: int) -> Batch:
+        key = (seed, step)
+        if key not in self.cache:
+            self._fill(step, seed)
+        self.cache.move_to_end(key)
+        return self.cache[key]
+
+    def epoch_length(self, seed: int) -> int:
+        """Number of batches in epoch 0 (see subclasses for unbounded streams)."""
+        raise NotImplementedError
+
+    def _fill(self, step: int, seed: int) -> None:
+        raise NotImplementedError
+
+    def where(self, step: int, seed: int) -> str:
+        """The batch of ``step`` in messages."""
+        return f"the batch of step {step} (seed {seed}) of train_data {self.name}"
+
+    def sample_indices(self, step: int, seed: int) -> list[int] | None:
+        """The dataset index of each row of the batch of ``step``, where known."""
+        return None
+
+    def _keep(self, seed: int, step: int, batch: Batch) -> None:
+        if (seed, step) not in self.log.prints:  # a first read: is the data finite?
+            check_finite(partial(self.where, step, seed), batch,
+                         partial(self.sample_indices, step, seed))
+        self.cache[(seed, step)] = self.log.check(seed, step, batch)
+        self.cache.move_to_end((seed, step))
+        while len(self.cache) > self.window:
+            self.cache.popitem(last=False)
+
+
+class PrivateRandom:
+    """A random state of its own (torch CPU, ``random``, NumPy and one ``torch.Generator``),
+    made the global one while :meth:`active`."""
+
+    def __init__(self, key: int):
+        self.torch_state = torch.Generator().manual_seed(key).get_state()
+        self.python_state = random.Random(key).getstate()
+        self.numpy_state = np.random.RandomState(key % (1 << 32)).get_state()
+        self.generator = torch.Generator().manual_seed(mix(key, 1))
+
+    @contextmanager
+    def active(self, owner: Any):
+        saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        torch.set_rng_state(self.torch_state)
+        random.setstate(self.python_state)
+        np.random.set_state(self.numpy_state)
+        try:
+            with ExitStack() as stack:
+                for holder in _generator_holders(owner):
+                    stack.enter_context(_swapped_generator(holder, self.generator))
+                yield
+        finally:
+            self.torch_state = torch.get_rng_state()
+            self.python_state = random.getstate()
+            self.numpy_state = np.random.get_state()
+            torch.set_rng_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])
+
+
+def _generator_holders(owner: Any) -> list[Any]:
+    """Objects among ``owner``, its sampler(s) and dataset with a ``torch.Generator`` attribute."""
+    batch_sampler = getattr(owner, "batch_sampler", None)
+    candidates = [owner, getattr(owner, "sampler", None), batch_sampler,
+                  getattr(batch_sampler, "sampler", None), getattr(owner, "dataset", None)]
+    return [c for c in candidates
+            if c is not None and isinstance(getattr(c, "generator", None), torch.Generator)]
+
+
+@contextmanager
+def _swapped_generator(holder: Any, generator: torch.Generator):
+    original = holder.generator
+    holder.generator = generator
+    try:
+        yield
+    finally:
+        holder.generator = original
+
+
+@dataclass
+class _EpochRun:
+    """An open iteration over epoch ``epoch`` of ``seed``; ``next_step`` is its next global step."""
+
+    seed: int
+    epoch: int
+    first_step: int
+    next_step: int
+    iterator: Iterator[Batch]
+    rng: PrivateRandom
+
+
+class IterableStream(Streamed):
+    """A re-iterable (or a zero-argument function returning a fresh iterator), epoch by epoch."""
+
+    def __init__(self, iterable: Any, name: str, *, factory: bool = False, window: int = 8):
+        super().__init__(name, window)
+        self.iterable, self.factory = iterable, factory
+        self.epoch_starts: dict[int, list[int]] = {}  # seed -> first step of epochs 0, 1, ...
+        self.run: _EpochRun | None = None
+
+    def epoch_length(self, seed: int) -> int:
+        """Batches in epoch 0, read up to ``max(steps, 1)`` batches (a stream may be endless)."""
+        limit = max(self.horizon, 1)
+        starts = self.epoch_starts.setdefault(seed, [0])
+        step = 0
+        while len(starts) < 2 and step < limit:
+            self.batch(step, seed)
+            step += 1
+        return starts[1] if len(starts) > 1 else limit
+
+    def _open(self, seed: int, epoch: int, first_step: int) -> _EpochRun:
+        rng = PrivateRandom(mix(seed, epoch))
+        with rng.active(self.iterable), user_code(
+                lambda: f"epoch {epoch} (seed {seed}) of train_data {self.name}"):
+            made = self.iterable() if self.factory else iter(self.iterable)
+        if self.factory and not isinstance(made, Iterator):
+            if isinstance(made, (torch.Tensor, tuple, dict, str, bytes)) or not isinstance(
+                made, Iterable
+            ):
+                raise HyperdiffError(
+                    f"data: train_data {self.name}, a function of no arguments, must return an "
+                    f"iterator of batches (got {type(made).__name__}); for one batch per step "
+                    "write fn(step) or fn(step, seed)"
+                )
+            with rng.active(self.iterable), user_code(
+                    lambda: f"epoch {epoch} (seed {seed}) of train_data {self.name}"):
+                made = iter(made)
+        return _EpochRun(seed, epoch, first_step, first_step, made, rng)
+
+    def _start_for(self, step: int, seed: int) -> _EpochRun:
+        starts = self.epoch_starts.setdefault(seed, [0])
+        epoch = max(e for e, first in enumerate(starts) if first <= step)
+        return self._open(seed, epoch, starts[epoch])
+
+    def _fill(self, step: int, seed: int) -> None:
+        run = self.run
+        if run is None or run.seed != seed or run.next_step > step:
+            run = self.run = None  # release the open iteration (and any workers) before the next
+            run = self.run = self._start_for(step, seed)
+        while run.next_step <= step:
+            try:
+                with run.rng.active(self.iterable), user_code(
+                        partial(self.where, run.next_step, seed)):
+                    batch = next(run.iterator)
+            except StopIteration:
+                run = self.run = self._next_epoch(run)
+                continue
+            self._keep(seed, run.next_step, batch)
+            run.next_step += 1
+
+    def _next_epoch(self, run: _EpochRun) -> _EpochRun:
+        """Record (or verify) where epoch ``run.epoch`` ended and open the next one."""
+        length = run.next_step - run.first_step
+        if length == 0:
+            raise HyperdiffError(
+                f"data: train_data {self.name} must yield at least one batch per epoch (got an "
+                f"empty epoch {run.epoch} at step {run.first_step}, seed {run.seed}); an "
+                "iterator or generator object is used up after one pass: pass a list, a "
+                "DataLoader, or a zero-argument function that returns a new iterator"
+            )
+        starts = self.epoch_starts.setdefault(run.seed, [0])
+        if len(starts) > run.epoch + 1:
+            known = starts[run.epoch + 1] - starts[run.epoch]
+            self.log.check_epoch(run.seed, run.epoch, known, length)
+        else:
+            starts.append(run.next_step)
+        return self._open(run.seed, run.epoch + 1, run.next_step)

@@ -1,0 +1,210 @@
+"""Put a problem on a device (and dtype): parameters, buffers, validation and training data.
+
+:func:`to_device` returns a copy of a :class:`~hyperdiff.Problem` whose parameters, buffers and
+validation batches live on ``device`` (floating-point tensors cast to ``dtype`` when given;
+integer tensors such as labels keep theirs), and whose training source moves each batch to the
+device as it is read (:class:`OnDevice`), so a streaming source never has to fit on the device.
+Hyperparameter values need no moving: every method takes them through
+:meth:`~hyperdiff.Problem.raw_tensors`, which puts them on the parameters' device in
+``hparam_dtype`` (the parameters' dtype, at least float32).
+
+:func:`resolve_device` turns a user's device string (``"cpu"``, ``"cuda"``, ``"cuda:1"``,
+``"mps"``, ``"auto"``) into a ``torch.device`` and refuses one that this machine does not have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from hyperdiff.engine.data import BatchSource
+from hyperdiff.engine.data.evaluation import EvaluationSplit
+from hyperdiff.errors import HyperdiffError, describe
+from hyperdiff.tree import move
+from hyperdiff.typing import Batch
+
+# a Problem; device.py sits below problem.py (whose Problem.to calls to_device), so it names the
+# problem's type by a variable instead of importing it
+ProblemT = TypeVar("ProblemT")
+
+DEVICE_HELP = '"auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:N" or "mps"'
+
+
+def resolve_device(spec: str | torch.device, caller: str = "device",
+                   what: str = "device") -> torch.device:
+    """The ``torch.device`` named by ``spec``; ``"auto"`` picks CUDA when there is one.
+
+    Raises:
+        HyperdiffError: ``spec`` is not a device name, or names a device this machine lacks.
+    """
+    if isinstance(spec, str) and spec.strip().lower() == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise HyperdiffError(f"{caller}: {what} must be {DEVICE_HELP} (got {describe(spec)})"
+                             ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise HyperdiffError(
+                f"{caller}: {what} must be a device this machine has (got {str(device)!r}, "
+                f"which is not available: torch {torch.__version__} sees no CUDA device); "
+                'use "cpu" or "auto"'
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise HyperdiffError(
+                f"{caller}: {what} must be one of cuda:0 .. cuda:{count - 1} on this machine "
+                f"(got {str(device)!r})"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise HyperdiffError(
+            f"{caller}: {what} must be a device this machine has (got 'mps', which is not "
+            'available); use "cpu" or "auto"'
+        )
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise HyperdiffError(f"{caller}: {what} must be {DEVICE_HELP} (got {str(device)!r})")
+    return device
+
+
+def tensor_of(value: Any) -> Tensor:
+    """``value`` as a tensor: a tensor stays where it is, anything else (a numpy array, a list)
+    becomes a CPU tensor, as ``torch.as_tensor`` makes it."""
+    return value if isinstance(value, Tensor) else torch.as_tensor(value, device="cpu")
+
+
+class OnDevice(BatchSource):
+    """A batch source whose batches are moved to ``device`` (and ``dtype``) as they are read.
+
+    It wraps any :class:`~hyperdiff.engine.data.BatchSource` by composition: ``batch(step, seed)``
+    moves the wrapped source's batch; every other attribute and method (those of the
+    ``BatchSource`` base class included) is the wrapped source's. The last batch is cached by
+    identity, so a full-batch source is copied to the device once.
+    """
+
+    def __init__(self, source: BatchSource, device: torch.device,
+                 dtype: torch.dtype | None = None):
+        self.source, self.device, self.dtype = source, device, dtype
+        self._last: tuple[Any, Any] | None = None
+
+    def batch(self, step: int, seed: int) -> Batch:
+        original = self.source.batch(step, seed)
+        if self._last is not None and self._last[0] is original:
+            return self._last[1]
+        moved = move(original, self.device, self.dtype)
+        self._last = (original, moved)
+        return moved
+
+    def check(self, steps: int, seed: int) -> None:
+        self.source.check(steps, seed)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "source":  # not yet set (e.g. while unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+    def __repr__(self) -> str:
+        return f"OnDevice({self.source!r}, device={str(self.device)!r})"
+
+
+def _forwarding(name: str) -> Any:
+    def method(self: OnDevice, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.source, name)(*args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
+for _name, _value in list(vars(BatchSource).items()):
+    if not _name.startswith("_") and callable(_value) and _name not in vars(OnDevice):
+        setattr(OnDevice, _name, _forwarding(_name))
+
+
+def unwrap(source: Any) -> Any:
+    """The source under any :class:`OnDevice` wrappers."""
+    while isinstance(source, OnDevice):
+        source = source.source
+    return source
+
+
+def _check_dtype(dtype: Any, caller: str) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise HyperdiffError(
+            f"{caller}: dtype must be a floating-point torch.dtype such as torch.float32 "
+            f"(got {describe(dtype)})"
+        )
+    return dtype
+
+
+def to_device(problem: ProblemT, device: torch.device | str,
+              dtype: torch.dtype | None = None) -> ProblemT:
+    """A copy of ``problem`` on ``device`` (see the module doc); the original is unchanged.
+
+    >>> import torch, hyperdiff as hd
+    >>> p = hd.make_problem(lambda w, h, b: (w["w"] ** 2).sum() * h["c"],
+    ...                     lambda w, h, b: (w["w"] ** 2).sum(),
+    ...                     hd.HyperParameters(c=hd.scalar(1.0)),
+    ...                     {"w": torch.ones(2, dtype=torch.float64)}, optimizer=hd.sgd(0.1),
+    ...                     train_data=torch.zeros(1), val_data=torch.zeros(1), steps=2)
+    >>> p.to("cpu", torch.float32).dtype
+    torch.float32
+    """
+    device = resolve_device(device, "Problem.to") if isinstance(device, str) else device
+    dtype = _check_dtype(dtype, "Problem.to")
+    p: Any = problem
+    # without a dtype, the training batches keep the cast of an earlier .to (as params do)
+    train_dtype = dtype if dtype is not None else _cast_dtype(p.train_data)
+    moved: ProblemT = dataclasses.replace(
+        p,
+        params=move(p.params, device, dtype),
+        buffers=move(p.buffers, device, dtype),
+        val_data=[move(batch, device, dtype) for batch in p.val_data],
+        train_data=OnDevice(unwrap(p.train_data), device, train_dtype),
+    )
+    return moved
+
+
+def _cast_dtype(source: Any) -> torch.dtype | None:
+    """The dtype that the outermost casting :class:`OnDevice` wrapper gives the batches."""
+    while isinstance(source, OnDevice):
+        if source.dtype is not None:
+            return source.dtype
+        source = source.source
+    return None
+
+
+def _is_dataclass_instance(value: Any) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
+def task_to_device(task: Any, device: torch.device | str,
+                   dtype: torch.dtype | None = None) -> Any:
+    """A copy of a task (a dataclass with ``problems``, ``final_problem`` and ``splits``) with
+    every problem and evaluation split on ``device``. Fields it lacks are left alone."""
+    device = resolve_device(device, "task") if isinstance(device, str) else device
+    problems = [*getattr(task, "problems", ()), getattr(task, "final_problem", None)]
+    if dtype is None and all(p is None or p.device == device for p in problems):
+        return task  # already there: nothing to move or wrap
+    if not _is_dataclass_instance(task):
+        raise HyperdiffError(
+            f"task_to_device: task must be a Task dataclass (got {describe(task)})"
+        )
+    changes: dict[str, Any] = {}
+    names = {f.name for f in dataclasses.fields(task)}
+    if "problems" in names:
+        changes["problems"] = tuple(to_device(p, device, dtype) for p in task.problems)
+    if "final_problem" in names:
+        changes["final_problem"] = to_device(task.final_problem, device, dtype)
+    if "splits" in names:
+        changes["splits"] = {k: v.to(device, dtype) if isinstance(v, EvaluationSplit)
+                             else move(v, device, dtype) for k, v in task.splits.items()}
+    return dataclasses.replace(task, **changes)
+
+
+__all__ = ["OnDevice", "move", "resolve_device", "task_to_device", "tensor_of", "to_device",
+           "unwrap"]

@@ -1,0 +1,262 @@
+"""Build a :class:`~hyperdiff.engine.problem.Problem` from user input, validated once.
+
+:func:`make_problem` checks user input at the boundary (types, shapes, names, data length,
+scalar losses, hyperparameters that never reach the losses) so that methods can assume it is
+well formed; its probe runs two training steps (:mod:`hyperdiff.engine.training`), which is
+why it lives above the problem and training modules.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hyperdiff.engine.data import as_source, validation_batches
+from hyperdiff.engine.datacheck import check_batch, check_source, shapes_of
+from hyperdiff.engine.models import StepContext
+from hyperdiff.engine.optimizers import Optimizer
+from hyperdiff.engine.problem import Problem, call_loss, sum_in_order, takes_context
+from hyperdiff.engine.training import train_step, validation_loss
+from hyperdiff.errors import HyperdiffError, describe, nonnegative_int, positive_int
+from hyperdiff.hparams.constraints import natural_range
+from hyperdiff.hparams.hyperparams import HyperParameters
+from hyperdiff.logs import get_logger
+from hyperdiff.typing import LossFn, Params
+
+_LOG = get_logger("problem")  # the problem's warnings, under the problem's logger
+
+
+def _check_params(params: Any, name: str) -> Params:
+    if isinstance(params, torch.nn.Module):
+        raise HyperdiffError(
+            f"hypergradient: {name} must be a dict of tensors; for a module use "
+            "hd.functional(module).params"
+        )
+    if not isinstance(params, dict) or not params:
+        raise HyperdiffError(
+            f"hypergradient: {name} must be a non-empty dict name -> tensor "
+            f"(got {describe(params)})"
+        )
+    devices = {v.device for v in params.values() if isinstance(v, Tensor)}
+    if len(devices) > 1:
+        raise HyperdiffError(
+            f"hypergradient: {name} must live on one device (got {sorted(map(str, devices))}); "
+            "move them together, e.g. with problem.to(device)"
+        )
+    out = {}
+    for key, value in params.items():
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            raise HyperdiffError(
+                f"hypergradient: {name}[{key!r}] must be a floating-point tensor "
+                f"(got {describe(value)})"
+            )
+        if isinstance(value, torch.nn.Parameter) and not value.requires_grad:
+            raise HyperdiffError(
+                f"hypergradient: {name}[{key!r}] must be a parameter to train (got a frozen "
+                "nn.Parameter, requires_grad=False); leave frozen parameters out, as "
+                "hd.functional(module).params does: the forward pass reads them from the module"
+            )
+        if not torch.isfinite(value).all():
+            raise HyperdiffError(f"hypergradient: {name}[{key!r}] must be finite (got NaN or inf)")
+        out[key] = value.detach().clone()
+    dtypes = {v.dtype for v in out.values()}
+    if len(dtypes) > 1:
+        raise HyperdiffError(
+            f"hypergradient: {name} must share one dtype (got {sorted(map(str, dtypes))})"
+        )
+    return out
+
+
+def make_problem(
+    train_loss: LossFn,
+    val_loss: LossFn,
+    hparams: HyperParameters,
+    params: Params,
+    *,
+    optimizer: Optimizer,
+    train_data: Any,
+    val_data: Any,
+    steps: int,
+    buffers: Params | None = None,
+    seed: int = 0,
+    probe: bool = True,
+) -> Problem:
+    """Validate the inputs and return a :class:`Problem`.
+
+    With ``probe=True`` two differentiable training steps are run once to check that the losses
+    return scalars and to warn about hyperparameters whose hypergradient is identically zero.
+    """
+    if not isinstance(hparams, HyperParameters):
+        raise HyperdiffError(
+            f"hypergradient: hparams must be a hd.HyperParameters (got {type(hparams).__name__})"
+        )
+    if not isinstance(optimizer, Optimizer):
+        raise HyperdiffError(
+            "hypergradient: optimizer must be made by hd.sgd, hd.adam or hd.adamw "
+            f"(got {type(optimizer).__name__})"
+        )
+    steps = positive_int("hypergradient", "steps", steps)
+    seed = nonnegative_int("hypergradient", "seed", seed)
+    params = _check_params(params, "params")
+    buffers = {} if buffers is None else _check_params(buffers, "buffers") if buffers else {}
+    for coef_name, coef in optimizer.coefficients.items():
+        if isinstance(coef, str):
+            if coef not in hparams:
+                raise HyperdiffError(
+                    f"hypergradient: optimizer coefficient {coef_name}={coef!r} must name a "
+                    f"hyperparameter, one of {list(hparams)}"
+                )
+            spec = hparams[coef]
+            if spec.kind == "per_step" and spec.shape[0] < steps:
+                raise HyperdiffError(
+                    f"hypergradient: per_step hyperparameter {coef!r} must have at least "
+                    f"steps={steps} entries (got {spec.shape[0]})"
+                )
+            if spec.kind in ("per_tensor", "per_element") and set(spec.param_names) != set(params):
+                raise HyperdiffError(
+                    f"hypergradient: {spec.kind} hyperparameter {coef!r} must be defined over "
+                    f"the trained parameters {list(params)} (got {list(spec.param_names)})"
+                )
+            if spec.kind == "per_element" and spec.param_shapes != tuple(
+                    tuple(params[n].shape) for n in spec.param_names):
+                raise HyperdiffError(
+                    f"hypergradient: per_element hyperparameter {coef!r} must have the shapes of "
+                    f"the trained parameters "
+                    f"{ {n: tuple(params[n].shape) for n in spec.param_names} } "
+                    f"(got {dict(zip(spec.param_names, spec.param_shapes, strict=True))})"
+                )
+            if spec.kind in ("categorical", "integer", "boolean"):
+                raise HyperdiffError(
+                    f"hypergradient: optimizer coefficient {coef_name}={coef!r} must be a "
+                    f"continuous hyperparameter (got the discrete {spec.kind} {coef!r}; read it "
+                    "in the loss with hd.choose)"
+                )
+            if spec.kind == "per_feature":
+                raise HyperdiffError(
+                    f"hypergradient: optimizer coefficient {coef_name}={coef!r} must be a scalar, "
+                    "per_step, per_tensor or per_element hyperparameter (got per_feature)"
+                )
+            _check_coefficient_values(optimizer, coef_name, coef, hparams)
+    problem = Problem(
+        train_loss=train_loss,
+        val_loss=val_loss,
+        hparams=hparams,
+        params=params,
+        buffers=buffers,
+        optimizer=optimizer,
+        train_data=as_source(train_data, "train_data"),
+        val_data=validation_batches(val_data),
+        steps=steps,
+        seed=seed,
+        train_takes_ctx=takes_context(train_loss, "train_loss"),
+        val_takes_ctx=takes_context(val_loss, "val_loss"),
+    )
+    problem.train_data.check(steps, seed)
+    check_source("hypergradient", "train_data", problem.train_data, seed)
+    for i, batch in enumerate(problem.val_data):
+        check_batch("hypergradient", "val_data" if len(problem.val_data) == 1 else
+                    f"val_data[{i}]", batch)
+    if probe:
+        _probe(problem)
+    return problem
+
+
+def _check_coefficient_values(
+    optimizer: Optimizer, coef_name: str, hparam: str, hparams: HyperParameters
+) -> None:
+    """The current values of a hyperparameter that is an optimizer coefficient must be valid
+    for it (``sgd`` momentum >= 0, ``adam`` betas in [0, 1), ...); warn when its constraint
+    lets the outer loop move it out of that range."""
+    valid = optimizer.valid.get(coef_name)
+    if valid is None:
+        return
+    values = hparams.natural()[hparam]
+    ok = valid.tensor_contains(values)
+    if not bool(ok.all()):
+        bad = values[~ok].reshape(-1)[:3].tolist()
+        raise HyperdiffError(
+            f"hypergradient: hyperparameter {hparam!r}, the {optimizer.name} {coef_name}, "
+            f"must be {valid.text()} (got {bad})"
+        )
+    low, high = natural_range(hparams[hparam].constraint)
+    inside = (valid.low is None or (low is not None and low >= valid.low)) and (
+        valid.high is None or (high is not None and high <= valid.high))
+    if not inside:
+        _LOG.warning(
+            "hypergradient: hyperparameter %r, the %s %s, has a %s constraint that lets "
+            "tuning move it outside its valid values (%s); constrain it, e.g. "
+            "hd.scalar(value, (low, high))",
+            hparam, optimizer.name, coef_name, hparams[hparam].constraint.name, valid.text(),
+        )
+
+
+def _probe(problem: Problem) -> None:
+
+    raw = {n: v.requires_grad_() for n, v in problem.raw_tensors().items()}
+    hview = problem.hparams.view(raw)
+    params = {k: v.requires_grad_() for k, v in problem.params.items()}
+    buffers, opt_state = dict(problem.buffers), problem.optimizer.init(params)
+    try:
+        moves_params = _train_loss_depends_on_params(problem, params, hview)
+        losses = []
+        for step in range(min(2, problem.steps)):
+            params, buffers, opt_state, loss = train_step(
+                problem, params, buffers, opt_state, hview, step, differentiable=True
+            )
+            losses.append(loss)
+        losses.append(validation_loss(problem, params, buffers, hview))
+    except HyperdiffError:
+        raise
+    except (RuntimeError, IndexError, TypeError, ValueError) as err:
+        raise HyperdiffError(
+            "hypergradient: the losses or the optimizer failed on the given data and "
+            f"hyperparameters ({_shapes_text(problem, raw)}): {type(err).__name__}: {err}"
+        ) from err
+    if not moves_params:
+        warnings.warn(
+            "hypergradient: train_loss does not depend on the parameters (its gradient with "
+            f"respect to every one of {list(problem.params)} is structurally zero), so "
+            "training never moves them; check that train_loss uses params",
+            stacklevel=3,
+        )
+    grads = torch.autograd.grad(sum_in_order(losses), list(raw.values()), allow_unused=True)
+    unused = [n for n, g in zip(raw, grads, strict=True)  # REINFORCE logits: estimated apart
+              if g is None and getattr(problem.hparams[n], "mode", None) != "reinforce"]
+    for name in unused:
+        reason = (
+            "the validation loss: train_loss does not depend on the parameters, so training "
+            "cannot carry it there" if not moves_params else "the losses or the optimizer"
+        )
+        warnings.warn(
+            f"hypergradient: hyperparameter {name!r} never reaches {reason}; "
+            "its hypergradient is identically zero",
+            stacklevel=3,
+        )
+
+
+def _train_loss_depends_on_params(problem: Problem, params: Params, hview: Any) -> bool:
+    """Whether the train loss of step 0 is connected to at least one parameter."""
+    batch = problem.train_data.batch(0, problem.seed)
+    ctx = StepContext(step=0, seed=problem.seed, train=True, buffers=dict(problem.buffers))
+    with torch.enable_grad():
+        loss = call_loss(problem, "train_loss", params, hview, batch, ctx)
+        if not loss.requires_grad:
+            return False
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    return any(g is not None for g in grads)
+
+
+def _shapes_text(problem: Problem, raw: dict[str, Tensor]) -> str:
+    """Shapes of everything a loss sees, for errors: hyperparameters, parameters, data."""
+    hshapes = {n: tuple(v.shape) for n, v in raw.items()}
+    pshapes = {n: tuple(v.shape) for n, v in problem.params.items()}
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in problem.params.values()})
+    return (
+        f"hyperparameter shapes {hshapes}; parameter shapes {pshapes} "
+        f"({'/'.join(dtypes)} on {problem.device}); train batch of step 0: "
+        f"{shapes_of(problem.train_data.batch(0, problem.seed))}; validation batch: "
+        f"{shapes_of(problem.val_data[0])}"
+    )

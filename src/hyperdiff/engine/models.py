@@ -1,0 +1,333 @@
+"""Run any ``torch.nn.Module`` as a pure function of a parameter dict.
+
+:func:`functional` wraps a module so that ``net(params, x, ctx)`` evaluates it with
+``torch.func.functional_call`` and never mutates it. Two pieces of module state are handled so
+that hypergradients stay exact:
+
+- **BatchNorm running statistics** are carried as *buffers* through training and updated as
+  differentiable functions of the parameters (``r <- (1 - m) r + m * batch_stat``), so a
+  validation loss evaluated in eval mode sees how they depend on the hyperparameters.
+- **Randomness** (dropout) is drawn from a generator seeded by ``(seed, step, call)``, so the
+  same training run can be replayed exactly by every hypergradient method.
+
+Several inputs, keyword (dict) inputs, devices and ``torch.compile`` are described in
+:func:`functional` and docs/devices.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import itertools
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from hyperdiff.errors import HyperdiffError
+from hyperdiff.seeds import call_seed
+from hyperdiff.tree import BatchNormBase, tree_flatten
+from hyperdiff.typing import Params
+
+_ACTIVE: contextvars.ContextVar[tuple[FunctionalModel, StepContext] | None] = (
+    contextvars.ContextVar("hyperdiff_active_model", default=None)
+)
+
+
+@dataclass
+class StepContext:
+    """What a four-argument loss ``loss(params, hparams, batch, ctx)`` receives.
+
+    Attributes:
+        step: inner step index (``-1`` for the validation loss).
+        seed: seed of the training run; with ``step`` it fixes all randomness of the step.
+        train: True for training steps (dropout on, batch statistics), False for evaluation.
+        buffers: model buffers (BatchNorm running statistics) before this call.
+        new_buffers: buffers written by model calls during this loss evaluation.
+    """
+
+    step: int
+    seed: int
+    train: bool
+    buffers: dict[str, Tensor] = field(default_factory=dict)
+    new_buffers: dict[str, Tensor] = field(default_factory=dict)
+    calls: int = 0
+
+    def current_buffers(self) -> dict[str, Tensor]:
+        return {**self.buffers, **self.new_buffers}
+
+    def next_seed(self) -> int:
+        """A seed for the next random model call of this step, distinct per call."""
+        self.calls += 1
+        return self.call_seed(self.calls)
+
+    def call_seed(self, call: int) -> int:
+        """The seed of model call ``call`` (1, 2, ...) of this step; ``call = 0`` seeds the
+        loss function itself (randomness it draws outside the model, e.g. ``F.dropout``)."""
+        return call_seed(self.seed, self.step, call)
+
+
+def _is_batch_norm(module: nn.Module) -> bool:
+    return isinstance(module, BatchNormBase)
+
+
+def _is_compiled(module: Any) -> bool:
+    """True for the wrapper ``torch.compile(module)`` returns (an ``OptimizedModule``); checked
+    by name so that importing hyperdiff does not import torch._dynamo."""
+    return type(module).__name__ == "OptimizedModule" and isinstance(
+        getattr(module, "_orig_mod", None), nn.Module
+    )
+
+
+def _tensor_devices(*trees: Any) -> list[torch.device]:
+    """The distinct accelerator devices (not CPU, not meta) of the tensors in ``trees``, in a
+    fixed order: those whose random generators a training call seeds."""
+    found = {x.device for x in tree_flatten(trees)[0] if isinstance(x, Tensor)}
+    return sorted((d for d in found if d.type not in ("cpu", "meta")), key=str)
+
+
+@contextlib.contextmanager
+def _seeded_rng(next_seed: Callable[[], int], devices: list[torch.device]) -> Iterator[None]:
+    """Fork the CPU generator and those of ``devices``, seeding each from ``next_seed()`` (CPU
+    first, then the devices in order), and restore them afterwards."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=[]))
+        torch.default_generator.manual_seed(next_seed())
+        for kind in sorted({d.type for d in devices}):
+            indices = [d.index or 0 for d in devices if d.type == kind]
+            stack.enter_context(torch.random.fork_rng(devices=indices, device_type=kind))
+            backend = getattr(torch, kind)
+            for index in indices:
+                generators = getattr(backend, "default_generators", None)
+                if generators:  # cuda, xpu: one generator per device
+                    generators[index].manual_seed(next_seed())
+                else:  # mps: a single device
+                    backend.manual_seed(next_seed())
+        yield
+
+
+def trainable_parameters(module: nn.Module) -> tuple[Params, tuple[str, ...]]:
+    """Detached copies of the parameters that require grad (the ones training moves), and the
+    names of the frozen ones (``requires_grad=False``), which stay constants of the forward
+    pass: ``torch.optim`` would get ``[p for p in module.parameters() if p.requires_grad]``."""
+    named = dict(module.named_parameters())
+    params = {n: p.detach().clone() for n, p in named.items() if p.requires_grad}
+    return params, tuple(n for n, p in named.items() if not p.requires_grad)
+
+
+def replayed_rng(ctx: StepContext, *trees: Any) -> contextlib.AbstractContextManager[None]:
+    """The global generators (CPU, and the devices of the tensors in ``trees``) seeded by
+    ``ctx.call_seed(0)`` for one loss evaluation and restored afterwards, so that randomness a
+    loss draws outside the model (``F.dropout``, ``torch.rand``) is the same every time the same
+    ``(seed, step)`` is evaluated: every training of a method or of finite differences replays it.
+    """
+    seed = ctx.call_seed(0)
+    return _seeded_rng(lambda: seed, _tensor_devices(*trees))
+
+
+class FunctionalModel:
+    """A module evaluated as ``net(params, *inputs, ctx=None, **kw_inputs)``; see
+    :func:`functional`."""
+
+    def __init__(self, module: nn.Module):
+        if not isinstance(module, nn.Module):
+            raise HyperdiffError(
+                f"functional: module must be a torch.nn.Module (got {type(module).__name__})"
+            )
+        self.compiled: nn.Module | None = None
+        if _is_compiled(module):  # differentiate the eager module (see docs/devices.md)
+            self.compiled, module = module, cast(nn.Module, module._orig_mod)
+        for name, sub in module.named_modules():
+            if name and _is_compiled(sub):
+                raise HyperdiffError(
+                    f"functional: submodule {name!r} must not be a torch.compile'd module (got "
+                    "an OptimizedModule): hypergradients differentiate through training "
+                    "(double backward), which torch.compile's AOTAutograd does not support. "
+                    "Pass the eager submodule, or compile the whole model: "
+                    "hd.functional(torch.compile(model)) differentiates its eager module"
+                )
+        self.module = module
+        self.params, self.frozen = trainable_parameters(module)
+        self.buffers: Params = {}
+        self._bn: dict[str, nn.Module] = {}
+        self._fill_in_cache: dict[Any, dict[str, Tensor]] = {}
+        for prefix, sub in module.named_modules():
+            if _is_batch_norm(sub) and sub.track_running_stats:
+                if sub.momentum is None:
+                    raise HyperdiffError(
+                        f"functional: BatchNorm {prefix!r} must have a float momentum "
+                        "(got momentum=None, the cumulative average, which is not supported)"
+                    )
+                self._bn[prefix] = sub
+                sub.register_forward_pre_hook(self._make_hook(prefix))
+                sub.register_forward_hook(self._make_eval_hook(prefix))
+                base = f"{prefix}." if prefix else ""
+                self.buffers[base + "running_mean"] = sub.running_mean.detach().clone()
+                self.buffers[base + "running_var"] = sub.running_var.detach().clone()
+
+    def _make_hook(self, prefix: str):
+        base = f"{prefix}." if prefix else ""
+
+        def hook(bn: BatchNormBase, inputs: tuple[Any, ...]) -> None:
+            active = _ACTIVE.get()
+            if active is None or active[0] is not self or not active[1].train:
+                return
+            ctx = active[1]
+            x = inputs[0]
+            dims = [d for d in range(x.dim()) if d != 1]
+            mean = x.mean(dim=dims)
+            var = x.var(dim=dims, correction=1)
+            current = ctx.current_buffers()
+            m = cast(float, bn.momentum)  # None is refused in __init__
+            rm, rv = current[base + "running_mean"], current[base + "running_var"]
+            ctx.new_buffers[base + "running_mean"] = (1 - m) * rm + m * mean
+            ctx.new_buffers[base + "running_var"] = (1 - m) * rv + m * var
+
+        return hook
+
+    def _make_eval_hook(self, prefix: str):
+        base = f"{prefix}." if prefix else ""
+
+        def hook(bn: BatchNormBase, inputs: tuple[Any, ...], output: Tensor) -> Tensor | None:
+            # torch's batch_norm is not differentiable in its running statistics; in eval mode
+            # recompute the output from the (differentiable) buffers we carry.
+            active = _ACTIVE.get()
+            if active is None or active[0] is not self or active[1].train:
+                return None
+            current = active[1].current_buffers()
+            x = inputs[0]
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            mean = current[base + "running_mean"].view(shape)
+            var = current[base + "running_var"].view(shape)
+            out = (x - mean) / torch.sqrt(var + bn.eps)
+            if bn.affine:
+                weight, bias = cast(Tensor, bn.weight), cast(Tensor, bn.bias)
+                out = out * weight.view(shape) + bias.view(shape)
+            return out
+
+        return hook
+
+    def __call__(self, params: Params, /, *inputs: Any, ctx: StepContext | None = None,
+                 **kw_inputs: Any) -> Any:
+        """Evaluate ``module(*inputs, **kw_inputs)`` with ``params``; in training mode
+        (``ctx.train``) update ``ctx.new_buffers``. A :class:`StepContext` as the last
+        positional argument is the context: ``net(params, x, ctx)``."""
+        if inputs and isinstance(inputs[-1], StepContext):
+            if ctx is not None:
+                raise HyperdiffError(
+                    "functional model: ctx must be given once, positionally or as ctx= "
+                    "(got both)"
+                )
+            ctx, inputs = inputs[-1], inputs[:-1]
+        if ctx is None:
+            if self.buffers:
+                raise HyperdiffError(
+                    "functional model: this module has BatchNorm running statistics, so it "
+                    "must be called as net(params, x, ctx) from a loss taking a ctx argument "
+                    "(got ctx=None)"
+                )
+            ctx = StepContext(step=-1, seed=0, train=False)
+        device, dtype = _placement(params, ctx)
+        state = dict(self._fill_ins(params, device, dtype))
+        state.update(params)
+        # torch's batch_norm neither differentiates through nor (in training) should update
+        # our buffers: it gets detached copies, and the hooks compute the real values.
+        # (Passing None instead takes a ~400x slower kernel path in training mode.)
+        state.update({k: v.detach().clone() for k, v in ctx.current_buffers().items()})
+        for prefix in self._bn:
+            state[f"{prefix}.num_batches_tracked" if prefix else "num_batches_tracked"] = (
+                torch.zeros((), dtype=torch.long, device=device)
+            )
+        was_training = self.module.training
+        token = _ACTIVE.set((self, ctx))
+        try:
+            self.module.train(ctx.train)
+            if ctx.train:
+                with _seeded_rng(ctx.next_seed, _tensor_devices(params, inputs, kw_inputs)):
+                    return self._run(self.module, state, inputs, kw_inputs)
+            if self.compiled is not None and not torch.is_grad_enabled() and not self.buffers:
+                # evaluation without a graph: the compiled module is valid (no double backward)
+                prefixed = {f"_orig_mod.{k}": v for k, v in state.items()}
+                return self._run(self.compiled, prefixed, inputs, kw_inputs)
+            return self._run(self.module, state, inputs, kw_inputs)
+        finally:
+            _ACTIVE.reset(token)
+            self.module.train(was_training)
+
+    @staticmethod
+    def _run(module: nn.Module, state: dict[str, Tensor], inputs: tuple[Any, ...],
+             kw_inputs: dict[str, Any]) -> Any:
+        try:
+            return torch.func.functional_call(module, state, inputs, kw_inputs, strict=False)
+        except TypeError as err:
+            if len(inputs) == 1 and isinstance(inputs[0], Mapping) and not kw_inputs:
+                raise HyperdiffError(
+                    "functional model: a dict input is passed to forward as one positional "
+                    "argument; to call module(**batch) write net(params, **batch, ctx=ctx) "
+                    f"(got TypeError: {err})"
+                ) from err
+            raise
+
+    def _fill_ins(self, params: Params, device: torch.device | None,
+                  dtype: torch.dtype | None) -> dict[str, Tensor]:
+        """The module's own tensors that ``params`` and the carried buffers do not replace,
+        copied to the parameters' device (floating ones to their dtype) when they live
+        elsewhere; cached per placement."""
+        if device is None:
+            return {}
+        key = (device, dtype, tuple(params))
+        cached = self._fill_in_cache.get(key)
+        if cached is None:
+            skip = set(params) | set(self.buffers)
+            cached = {}
+            own = itertools.chain(self.module.named_parameters(), self.module.named_buffers())
+            for name, tensor in own:
+                if name in skip or name.endswith("num_batches_tracked"):
+                    continue
+                want = dtype if tensor.is_floating_point() and dtype is not None else tensor.dtype
+                if tensor.device != device or tensor.dtype != want:
+                    cached[name] = tensor.detach().to(device=device, dtype=want)
+            self._fill_in_cache = {key: cached}  # one placement at a time
+        return cached
+
+
+def _placement(params: Params, ctx: StepContext) -> tuple[torch.device | None, torch.dtype | None]:
+    """Device and floating dtype of the parameters (of the buffers when there are none)."""
+    for tensor in itertools.chain(params.values(), ctx.current_buffers().values()):
+        if isinstance(tensor, Tensor) and tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return None, None
+
+
+def functional(module: nn.Module) -> FunctionalModel:
+    """Wrap ``module`` as a pure function ``net(params, *inputs, ctx=None, **kw_inputs)``.
+
+    ``net.params`` and ``net.buffers`` hold detached copies of the initial parameters and of the
+    BatchNorm running statistics. Frozen parameters (``requires_grad=False``) are not in
+    ``net.params``: no method trains them, the forward pass reads them from the module as
+    constants, and ``net.frozen`` names them.
+
+    Inputs: positional inputs after ``params`` go to ``module.forward`` positionally and keyword
+    inputs by keyword, so ``net(params, x1, x2, ctx=ctx)`` calls ``module(x1, x2)`` and
+    ``net(params, **batch, ctx=ctx)`` calls ``module(**batch)``; a dict passed positionally
+    stays one argument, ``module(batch)``. A :class:`StepContext` as the last positional
+    argument is the context (``net(params, x, ctx)``).
+
+    Devices: the module runs on the parameters' device; its tensors that ``params`` does not
+    replace (frozen parameters, constant buffers) are copied there once. Dropout is seeded on
+    every device that an input or parameter lives on.
+
+    ``torch.compile``: for ``functional(torch.compile(model))`` the eager ``model`` is what
+    training runs and differentiates (AOTAutograd has no double backward, and one function in
+    every pass keeps replays exact); the compiled module runs evaluation calls made without a
+    graph (``torch.no_grad()``, eval mode) of models without BatchNorm statistics. A compiled
+    *submodule* is refused.
+
+    >>> import torch, hyperdiff as hd
+    >>> net = hd.functional(torch.nn.Linear(3, 2))
+    >>> net(net.params, torch.zeros(4, 3)).shape
+    torch.Size([4, 2])
+    """
+    return FunctionalModel(module)

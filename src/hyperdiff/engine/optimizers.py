@@ -1,0 +1,268 @@
+"""Differentiable inner optimizers as pure ``init`` / ``update`` functions over dicts.
+
+Each optimizer follows the update rule of its ``torch.optim`` namesake exactly (same operation
+order, bias correction in Python floats as torch does, so constant-coefficient runs match torch
+bit for bit), but returns new tensors instead of mutating, so autograd and ``torch.func`` can
+differentiate the whole training run with respect to the coefficients.
+
+A coefficient (learning rate, momentum, betas, eps, weight decay) is one of
+
+- a number: a constant;
+- a string: the name of a hyperparameter; ``per_step`` hyperparameters are read at the current
+  step (a schedule), ``per_tensor`` / ``per_element`` ones at the current parameter;
+- a callable ``(hparams, step, param_name) -> Tensor | float`` for anything else, e.g.
+  ``lambda h, t, _: h["lr"] * 0.5 * (1 + math.cos(math.pi * t / T))``.
+
+bf16 / fp16 parameters are updated in float32 (:func:`working_dtype`) and rounded back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from hyperdiff.errors import (
+    NONNEGATIVE,
+    POSITIVE,
+    UNIT,
+    UNIT_OPEN_HIGH,
+    HyperdiffError,
+    Range,
+    describe,
+    number,
+)
+from hyperdiff.hparams.hyperparams import HParamView
+from hyperdiff.typing import Params
+
+Coefficient = float | str | Callable[[HParamView, int, str], Any]
+
+
+class Optimizer(NamedTuple):
+    """A pure optimizer: ``state = init(params)``, then per step
+    ``new_params, state = update(grads, state, params, hparams, step)``."""
+
+    name: str
+    init: Callable[[Params], Any]
+    update: Callable[[Params, Any, Params, HParamView, int], tuple[Params, Any]]
+    coefficients: Mapping[str, Coefficient]
+    settings: Mapping[str, Any] = {}
+    """Fixed, non-differentiable options (``nesterov``, ``dampening``), for export."""
+    valid: Mapping[str, Range] = {}  # valid values of each number coefficient (read only)
+
+
+class SGDState(NamedTuple):
+    momentum: dict[str, Tensor]
+
+
+class AdamState(NamedTuple):
+    exp_avg: dict[str, Tensor]
+    exp_avg_sq: dict[str, Tensor]
+
+
+def resolve(coef: Coefficient, hparams: HParamView, step: int, param: str) -> Tensor | float:
+    """Value of a coefficient at ``step`` for parameter ``param``."""
+    if isinstance(coef, str):
+        return hparams.at(coef, step=step, param=param)
+    if callable(coef):
+        return coef(hparams, step, param)
+    return coef
+
+
+def _is_zero(coef: Coefficient) -> bool:
+    return isinstance(coef, (int, float)) and not isinstance(coef, bool) and coef == 0
+
+
+def _add_scaled(a: Tensor, b: Tensor, coef: Tensor | float) -> Tensor:
+    """``a + coef * b``, fused as torch.optim does when ``coef`` is a number."""
+    if isinstance(coef, Tensor):
+        return a + coef * b
+    return torch.add(a, b, alpha=coef)
+
+
+def safe_sqrt(x: Tensor) -> Tensor:
+    """``sqrt(x)`` for ``x >= 0`` whose derivative at ``x = 0`` is 0 instead of inf.
+
+    Adam's second moment is exactly 0 where a gradient coordinate has always been 0; the plain
+    square root then gives ``0 * inf = NaN`` in every derivative. The true derivative there is 0
+    (the moment does not move to first order), which the double ``where`` produces in both
+    reverse and forward mode.
+    """
+    positive = x > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), 0.0)
+
+
+def working_dtype(param: Tensor) -> torch.dtype:
+    """The dtype an update of ``param`` is computed in: its own, at least float32.
+
+    A bf16 / fp16 parameter is updated in float32 (its optimizer state too) and the new value
+    rounded back once, so a learning rate of 0.05 acts as 0.05 and not as its bf16 rounding;
+    for float32 and float64 parameters nothing changes (``.to`` of the same dtype is a no-op).
+    """
+    return torch.promote_types(param.dtype, torch.float32)
+
+
+SGD_VALID = {"lr": NONNEGATIVE, "momentum": NONNEGATIVE, "dampening": UNIT,
+             "weight_decay": NONNEGATIVE}
+"""Valid values of SGD's coefficients (``torch.optim.SGD`` refuses the same)."""
+
+ADAM_VALID = {"lr": NONNEGATIVE, "beta1": UNIT_OPEN_HIGH, "beta2": UNIT_OPEN_HIGH,
+              "eps": POSITIVE, "weight_decay": NONNEGATIVE}
+"""Valid values of Adam's and AdamW's coefficients (as ``torch.optim.Adam``; eps > 0)."""
+
+
+def _check_coefficient(caller: str, name: str, coef: Coefficient, valid: Range) -> None:
+    if isinstance(coef, bool) or (not isinstance(coef, (int, float, str)) and not callable(coef)):
+        raise HyperdiffError(
+            f"{caller}: {name} must be {valid.text('a number')}, a hyperparameter name or a "
+            f"callable (got {describe(coef)})"
+        )
+    if isinstance(coef, (int, float)) and not valid.contains(float(coef)):
+        raise HyperdiffError(f"{caller}: {name} must be {valid.text()} (got {describe(coef)})")
+    if isinstance(coef, str) and not coef:
+        raise HyperdiffError(f"{caller}: {name} must be a hyperparameter name (got '')")
+
+
+def sgd(
+    lr: Coefficient,
+    momentum: Coefficient = 0.0,
+    *,
+    nesterov: bool = False,
+    dampening: float = 0.0,
+    weight_decay: Coefficient = 0.0,
+) -> Optimizer:
+    """SGD with optional heavy-ball or Nesterov momentum, as ``torch.optim.SGD``.
+
+    ``d = g + wd * p``; ``b_0 = d``, ``b_t = mu * b_{t-1} + (1 - dampening) * d``;
+    ``d <- d + mu * b_t`` (Nesterov) or ``d <- b_t``; ``p <- p - lr * d``.
+    """
+    coefs = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+    for name, coef in coefs.items():
+        _check_coefficient("sgd", name, coef, SGD_VALID[name])
+    dampening = number("sgd", "dampening", dampening, SGD_VALID["dampening"])  # fixed, a float
+    if not isinstance(nesterov, bool):
+        raise HyperdiffError(f"sgd: nesterov must be True or False (got {describe(nesterov)})")
+    use_momentum = not _is_zero(momentum)
+    if nesterov and not use_momentum:
+        raise HyperdiffError("sgd: nesterov=True needs a non-zero momentum (got momentum=0)")
+    if nesterov and dampening != 0:
+        raise HyperdiffError(f"sgd: nesterov=True needs dampening=0 (got {dampening})")
+
+    def init(params: Params) -> SGDState:
+        if not use_momentum:
+            return SGDState({})
+        return SGDState(
+            {k: torch.zeros_like(p, dtype=working_dtype(p)) for k, p in params.items()}
+        )
+
+    def update(grads: Params, state: SGDState, params: Params, hparams: HParamView, step: int):
+        new_params, new_buf = {}, {}
+        for k, param in params.items():
+            p = param.to(working_dtype(param))
+            d = grads[k].to(p.dtype)
+            if not _is_zero(weight_decay):
+                d = _add_scaled(d, p, resolve(weight_decay, hparams, step, k))
+            if use_momentum:
+                mu = resolve(momentum, hparams, step, k)
+                if step == 0:
+                    buf = d
+                else:
+                    buf = _add_scaled(state.momentum[k] * mu, d, 1.0 - dampening)
+                new_buf[k] = buf
+                d = _add_scaled(d, buf, mu) if nesterov else buf
+            lr_k = resolve(lr, hparams, step, k)
+            # p - lr * d: same bits as p + (-lr) * d, one kernel fewer for a tensor lr
+            if isinstance(lr_k, Tensor):
+                new_params[k] = (p - lr_k * d).to(param.dtype)
+            else:
+                new_params[k] = torch.add(p, d, alpha=-lr_k).to(param.dtype)
+        return new_params, SGDState(new_buf)
+
+    return Optimizer("sgd", init, update, coefs,
+                     settings={"nesterov": nesterov, "dampening": dampening}, valid=SGD_VALID)
+
+
+def adam(
+    lr: Coefficient = 1e-3,
+    betas: tuple[Coefficient, Coefficient] = (0.9, 0.999),
+    eps: Coefficient = 1e-8,
+    *,
+    weight_decay: Coefficient = 0.0,
+    decoupled: bool = False,
+) -> Optimizer:
+    """Adam as ``torch.optim.Adam`` (``decoupled=True``: AdamW's weight decay).
+
+    ``g <- g + wd * p`` (or ``p <- p * (1 - lr * wd)`` when decoupled);
+    ``m <- lerp(m, g, 1 - b1)``; ``v <- b2 * v + (1 - b2) * g^2``;
+    ``p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`` with ``t = step + 1``.
+    """
+    if not isinstance(decoupled, bool):  # first: it names the caller of the errors below
+        raise HyperdiffError(f"adam: decoupled must be True or False (got {describe(decoupled)})")
+    caller = "adamw" if decoupled else "adam"
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise HyperdiffError(
+            f"{caller}: betas must be a pair (beta1, beta2) of numbers in [0, 1) "
+            f"(got {describe(betas)})"
+        )
+    beta1, beta2 = betas
+    coefs = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay}
+    labels = {"beta1": "betas[0]", "beta2": "betas[1]"}
+    for name, coef in coefs.items():
+        _check_coefficient(caller, labels.get(name, name), coef, ADAM_VALID[name])
+
+    def init(params: Params) -> AdamState:
+        return AdamState(
+            {k: torch.zeros_like(p, dtype=working_dtype(p)) for k, p in params.items()},
+            {k: torch.zeros_like(p, dtype=working_dtype(p)) for k, p in params.items()},
+        )
+
+    def update(grads: Params, state: AdamState, params: Params, hparams: HParamView, step: int):
+        t = step + 1
+        new_params, new_m, new_v = {}, {}, {}
+        for k, param in params.items():
+            p = param.to(working_dtype(param))
+            g = grads[k].to(p.dtype)
+            lr_k = resolve(lr, hparams, step, k)
+            if not _is_zero(weight_decay):
+                wd = resolve(weight_decay, hparams, step, k)
+                if decoupled:
+                    p = p * (1 - lr_k * wd)
+                else:
+                    g = _add_scaled(g, p, wd)
+            b1 = resolve(beta1, hparams, step, k)
+            b2 = resolve(beta2, hparams, step, k)
+            m = torch.lerp(state.exp_avg[k], g, 1 - b1)
+            if isinstance(b2, Tensor):
+                v = state.exp_avg_sq[k] * b2 + (1 - b2) * g * g
+            else:
+                v = torch.addcmul(state.exp_avg_sq[k] * b2, g, g, value=1 - b2)
+            correction1 = 1 - b1**t
+            correction2_sqrt = (1 - b2**t) ** 0.5
+            denom = safe_sqrt(v) / correction2_sqrt + resolve(eps, hparams, step, k)
+            step_size = lr_k / correction1
+            if isinstance(step_size, Tensor):
+                new_params[k] = (p - step_size * (m / denom)).to(param.dtype)
+            else:
+                new_params[k] = torch.addcdiv(p, m, denom, value=-step_size).to(param.dtype)
+            new_m[k], new_v[k] = m, v
+        return new_params, AdamState(new_m, new_v)
+
+    return Optimizer(caller, init, update, coefs, valid=ADAM_VALID)
+
+
+def adamw(
+    lr: Coefficient = 1e-3,
+    betas: tuple[Coefficient, Coefficient] = (0.9, 0.999),
+    eps: Coefficient = 1e-8,
+    *,
+    weight_decay: Coefficient = 1e-2,
+) -> Optimizer:
+    """AdamW as ``torch.optim.AdamW``: Adam with decoupled weight decay."""
+    return adam(lr, betas, eps, weight_decay=weight_decay, decoupled=True)
+
+
+def referenced_hyperparameters(optimizer: Optimizer) -> set[str]:
+    """Names of hyperparameters that the optimizer's string coefficients refer to."""
+    return {c for c in optimizer.coefficients.values() if isinstance(c, str)}

@@ -1,0 +1,179 @@
+"""The inner problem: everything a hypergradient method needs, validated once.
+
+:func:`~hyperdiff.engine.make.make_problem` checks user input at the boundary (types, shapes,
+names, data length, scalar losses, hyperparameters that never reach the losses) so that methods
+can assume a :class:`Problem` is well formed. Methods are then called as
+``method(problem, raw)`` for any raw values.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hyperdiff.engine.data import BatchSource
+from hyperdiff.engine.device import to_device
+from hyperdiff.engine.models import StepContext, replayed_rng
+from hyperdiff.engine.optimizers import Optimizer, working_dtype
+from hyperdiff.errors import HyperdiffError, describe, positive_int, scalar_loss
+from hyperdiff.hparams.hyperparams import HyperParameters
+from hyperdiff.logs import get_logger
+from hyperdiff.typing import Batch, LossFn, Params
+
+_LOG = get_logger("problem")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A validated bilevel problem (see :func:`~hyperdiff.engine.make.make_problem`)."""
+
+    train_loss: LossFn
+    val_loss: LossFn
+    hparams: HyperParameters
+    params: Params
+    buffers: Params
+    optimizer: Optimizer
+    train_data: BatchSource
+    val_data: list[Batch]
+    steps: int
+    seed: int
+    train_takes_ctx: bool
+    val_takes_ctx: bool
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.params.values())).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.params.values())).device
+
+    @property
+    def num_params(self) -> int:
+        return sum(int(p.numel()) for p in self.params.values())
+
+    @property
+    def hparam_dtype(self) -> torch.dtype:
+        """dtype of hyperparameter values: the parameters' dtype, at least float32 (a bf16 or
+        fp16 model still sees lr 0.05, not its bf16 rounding 0.0498): the dtype its optimizer
+        updates in (:func:`~hyperdiff.engine.optimizers.working_dtype`)."""
+        return working_dtype(next(iter(self.params.values())))
+
+    def raw_tensors(self, raw: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Raw values (default: the collection's current ones) on the parameters' device, in
+        :attr:`hparam_dtype`."""
+        values = self.hparams.raw if raw is None else raw
+        return {n: v.detach().to(device=self.device, dtype=self.hparam_dtype)
+                for n, v in values.items()}
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Problem:
+        """A copy on ``device`` (floating-point tensors cast to ``dtype`` if given): params,
+        buffers, validation batches, and training batches as they are read (see
+        :mod:`hyperdiff.engine.device`)."""
+
+        return to_device(self, device, dtype)
+
+    def with_steps(self, steps: int) -> Problem:
+        return replace(self, steps=positive_int("Problem", "steps", steps))
+
+
+CONTEXT_FLAG = "__hyperdiff_takes_context__"
+
+
+def with_context(fn: LossFn, takes_context: bool = True) -> LossFn:
+    """Mark a loss as receiving the :class:`StepContext` as its fourth positional argument
+    (``takes_context=False``: never), overriding the rule of :func:`takes_context`.
+
+    >>> import hyperdiff as hd
+    >>> loss = hd.with_context(lambda p, h, b, ctx=None: p["w"].sum())
+    >>> hd.engine.problem.takes_context(loss, "train_loss")
+    True
+    """
+    if not callable(fn):
+        raise HyperdiffError(f"with_context: fn must be a callable loss (got {describe(fn)})")
+    if not isinstance(takes_context, bool):
+        raise HyperdiffError(
+            f"with_context: takes_context must be True or False (got {describe(takes_context)})"
+        )
+    try:
+        setattr(fn, CONTEXT_FLAG, takes_context)
+        return fn
+    except (AttributeError, TypeError):  # a bound method or builtin: wrap it
+
+        def marked(*args: Any) -> Any:
+            return fn(*args)
+
+        setattr(marked, CONTEXT_FLAG, takes_context)
+        return marked
+
+
+def takes_context(fn: LossFn, name: str) -> bool:
+    """True for ``fn(params, hparams, batch, ctx)``, False for ``fn(params, hparams, batch)``.
+
+    The rule counts *required* positional parameters (those without a default): four means
+    the loss receives the context, three that it does not; optional ones never receive it, so
+    ``loss(params, h, batch, lam=0.1)`` keeps its ``lam``. A loss marked by
+    :func:`with_context` is called as marked. More than four required arguments, required
+    keyword-only arguments, or fewer than three positional ones are errors.
+    """
+    if not callable(fn):
+        raise HyperdiffError(
+            f"hypergradient: {name} must be a callable loss(params, hparams, batch[, ctx]) "
+            f"(got {type(fn).__name__})"
+        )
+    marked = getattr(fn, CONTEXT_FLAG, None)
+    if isinstance(marked, bool):
+        return marked
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return False
+    values = list(sig.parameters.values())
+    positional = [p for p in values if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p.name for p in positional if p.default is p.empty]
+    keyword_only = [p.name for p in values if p.kind == p.KEYWORD_ONLY and p.default is p.empty]
+    if keyword_only:
+        raise HyperdiffError(
+            f"hypergradient: {name} must not have required keyword-only arguments, hyperdiff "
+            f"passes (params, hparams, batch[, ctx]) by position (got {keyword_only})"
+        )
+    if len(required) > 4:
+        raise HyperdiffError(
+            f"hypergradient: {name} must have 3 required arguments (params, hparams, batch) or "
+            f"4 (params, hparams, batch, ctx); give the others defaults (got {len(required)} "
+            f"required: {', '.join(required)})"
+        )
+    if any(p.kind == p.VAR_POSITIONAL for p in values):
+        return len(required) == 4
+    if len(positional) < 3:
+        raise HyperdiffError(
+            f"hypergradient: {name} must accept (params, hparams, batch) or "
+            f"(params, hparams, batch, ctx) (got a function of {len(positional)} arguments)"
+        )
+    return len(required) == 4
+
+
+def call_loss(
+    problem: Problem, which: str, params: Params, hview: Any, batch: Batch, ctx: StepContext
+) -> Tensor:
+    """Evaluate the train or validation loss, with a clear error if it misbehaves; randomness
+    it draws from the global generators is seeded by ``(ctx.seed, ctx.step)``
+    (:func:`~hyperdiff.engine.models.replayed_rng`)."""
+    fn = problem.train_loss if which == "train_loss" else problem.val_loss
+    takes_ctx = problem.train_takes_ctx if which == "train_loss" else problem.val_takes_ctx
+    with replayed_rng(ctx, params, batch):
+        loss = fn(params, hview, batch, ctx) if takes_ctx else fn(params, hview, batch)
+    return scalar_loss("hypergradient", which, loss)
+
+
+def sum_in_order(values: Sequence[Tensor]) -> Tensor:
+    """``values[0] + values[1] + ...`` (left to right; at least one value)."""
+    total = values[0]
+    for value in values[1:]:
+        total = total + value
+    return total

@@ -1,0 +1,2 @@
+"""What is tuned: hyperparameter kinds, constraints, schedules, discrete kinds (layer 1).
+"""

@@ -1,0 +1,430 @@
+"""Named continuous hyperparameters: shapes, constraints, raw and natural values.
+
+A :class:`HyperParameters` collection maps names to :class:`HyperParameter` specs and holds
+the current *raw* (unconstrained) values, on which hypergradients are taken. Users give and read
+*natural* values (``lr=0.1``); see :mod:`hyperdiff.hparams.constraints` for the maps between the
+two.
+
+Shapes (``kind``):
+
+- ``scalar``: shape ``()``.
+- ``per_feature``: shape ``(n,)``; the loss decides what a feature is.
+- ``per_tensor``: shape ``(len(params),)``, one value per parameter tensor, looked up by name.
+- ``per_element``: shape ``(sum numel,)``, one value per parameter element (flat, in the order
+  of ``params``), looked up as a tensor shaped like the parameter.
+- ``per_step``: shape ``(steps,)``, one value per inner step (a schedule).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from hyperdiff.errors import HyperdiffError, describe, fail, is_number, positive_int
+from hyperdiff.hparams.constraints import Constraint, as_constraint
+
+KINDS = ("scalar", "per_feature", "per_tensor", "per_element", "per_step")
+
+
+@dataclass(frozen=True)
+class HyperParameter:
+    """One hyperparameter: initial natural value, constraint and kind (see module doc)."""
+
+    init: Tensor
+    constraint: Constraint
+    kind: str = "scalar"
+    param_names: tuple[str, ...] = ()
+    param_shapes: tuple[tuple[int, ...], ...] = field(default=())
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.init.shape)
+
+    def validate(self, name: str) -> None:
+        """Check the spec under ``name`` (discrete kinds check their choices; see
+        :mod:`hyperdiff.hparams.discrete`)."""
+
+    def read(self, name: str, raw: Tensor) -> Any:
+        """What a loss reads for ``raw``: the natural value (a discrete kind: a ``Choice``)."""
+        return self.constraint.to_natural(raw)
+
+    is_discrete: ClassVar[bool] = False
+
+    def best_choice(self, raw: Tensor) -> Any:
+        """The most probable choice at ``raw``: only discrete kinds have choices."""
+        raise TypeError(f"a {self.kind} hyperparameter has no choices")
+
+
+VALUE_TEXT = "a real number, a list of numbers, a real NumPy array or a real tensor"
+
+
+def _tensor(value: float | Tensor | Sequence[float], caller: str = "hyperparameter",
+            what: str = "value") -> Tensor:
+    """``value`` as a float64 copy; a clear error (naming argument ``what``) for strings,
+    bools, complex or ragged input."""
+    if isinstance(value, Tensor):
+        if value.is_complex() or value.dtype == torch.bool:
+            raise fail(caller, what, VALUE_TEXT, value)
+        # specs are host state: float64 on the CPU; Problem.raw_tensors moves values to the device
+        return value.detach().to(device="cpu", dtype=torch.float64).clone()
+    if not isinstance(value, (list, tuple)) and not is_number(value) and not _is_real_array(value):
+        raise fail(caller, what, VALUE_TEXT, value)
+    try:
+        return torch.as_tensor(value, dtype=torch.float64, device="cpu").detach().clone()
+    except (TypeError, ValueError, RuntimeError):
+        raise fail(caller, what, VALUE_TEXT, value) from None
+
+
+def _is_real_array(value: Any) -> bool:
+    """A NumPy array of integers or reals (``torch.as_tensor`` reads it as numbers)."""
+    kind = getattr(getattr(value, "dtype", None), "kind", None)
+    return type(value).__module__ == "numpy" and kind is not None and kind in "iuf"
+
+
+def _checked(caller: str, init: Tensor, constraint: Constraint, kind: str,
+             names: tuple[str, ...] = (), shapes: tuple[tuple[int, ...], ...] = ()
+             ) -> HyperParameter:
+    """The spec, after checking that every initial value lies inside its constraint."""
+    _check_inside(f"{caller}: value", constraint, init)
+    return HyperParameter(init, constraint, kind, names, shapes)
+
+
+def _check_params(caller: str, params: Any) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
+    if not isinstance(params, Mapping) or not params or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in params.items()
+    ):
+        raise fail(caller, "params", "a non-empty dict name -> tensor", params)
+    return tuple(params), tuple(tuple(p.shape) for p in params.values())
+
+
+def scalar(value: float, constraint: Constraint | str | tuple | None = None) -> HyperParameter:
+    """A scalar hyperparameter with natural value ``value`` (default constraint: positive)."""
+    v = _tensor(value, "scalar")
+    if v.dim() != 0 and v.numel() != 1:
+        raise fail("scalar", "value", "a single number (for a vector use hd.per_feature)", value)
+    return _checked("scalar", v.reshape(()), as_constraint(constraint, "scalar"), "scalar")
+
+
+def per_feature(
+    value: float | Tensor | list[float],
+    size: int | None = None,
+    constraint: Constraint | str | tuple | None = None,
+) -> HyperParameter:
+    """A vector hyperparameter of ``size`` entries (``value`` a scalar or a full vector)."""
+    v = _tensor(value, "per_feature")
+    if size is not None:
+        size = positive_int("per_feature", "size", size)
+        v = v.expand(size).clone() if v.dim() == 0 else v
+        if v.shape != (size,):
+            raise HyperdiffError(
+                f"per_feature: value must be a scalar or have shape ({size},) "
+                f"(got shape {tuple(v.shape)})"
+            )
+    if v.dim() != 1:
+        raise HyperdiffError(
+            f"per_feature: value must be a 1-D vector, or a scalar with size (got {describe(v)})"
+        )
+    if v.numel() == 0:
+        raise fail("per_feature", "value", "a non-empty vector", value)
+    return _checked("per_feature", v, as_constraint(constraint, "per_feature"), "per_feature")
+
+
+def per_tensor(
+    params: Mapping[str, Tensor],
+    value: float | Mapping[str, float] = 1e-3,
+    constraint: Constraint | str | tuple | None = None,
+) -> HyperParameter:
+    """One value per parameter tensor of ``params`` (a float, or a dict name -> float)."""
+    names, _ = _check_params("per_tensor", params)
+    if isinstance(value, Mapping):
+        missing = [n for n in names if n not in value]
+        if missing:
+            raise HyperdiffError(f"per_tensor: value is missing parameters {missing}")
+        v = _tensor([value[n] for n in names], "per_tensor")
+    else:
+        v = _tensor(value, "per_tensor")
+        if v.dim() != 0:
+            raise fail("per_tensor", "value", "a number or a dict name -> number", value)
+        v = v.expand(len(names)).clone()
+    return _checked("per_tensor", v, as_constraint(constraint, "per_tensor"), "per_tensor", names)
+
+
+def per_element(
+    params: Mapping[str, Tensor],
+    value: float = 1e-3,
+    constraint: Constraint | str | tuple | None = None,
+) -> HyperParameter:
+    """One value per parameter element of ``params``, stored flat."""
+    names, shapes = _check_params("per_element", params)
+    total = sum(int(p.numel()) for p in params.values())
+    v = _tensor(value, "per_element")
+    if v.dim() != 0:
+        raise fail("per_element", "value", "a number", value)
+    v = v.expand(total).clone()
+    return _checked("per_element", v, as_constraint(constraint, "per_element"), "per_element",
+                    names, shapes)
+
+
+def per_step(
+    steps: int, value: float | Tensor | list[float] = 0.1,
+    constraint: Constraint | str | tuple | None = None,
+) -> HyperParameter:
+    """A schedule: one value per inner step ``t = 0 .. steps-1``."""
+    steps = positive_int("per_step", "steps", steps)
+    v = _tensor(value, "per_step")
+    v = v.expand(steps).clone() if v.dim() == 0 else v
+    if v.shape != (steps,):
+        raise HyperdiffError(
+            f"per_step: value must be a scalar or have shape ({steps},) "
+            f"(got shape {tuple(v.shape)})"
+        )
+    return _checked("per_step", v, as_constraint(constraint, "per_step"), "per_step")
+
+
+class HParamView(Mapping[str, Tensor]):
+    """Natural values by name, plus :meth:`at` to look one up for a step or parameter."""
+
+    def __init__(self, values: Mapping[str, Tensor], specs: Mapping[str, HyperParameter]):
+        self._values = dict(values)
+        self._specs = specs
+        self._parts: dict[str, tuple[Tensor, ...]] = {}  # per-step / per-parameter slices
+
+    def __getitem__(self, name: str) -> Tensor:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise KeyError(
+                f"unknown hyperparameter {name!r}; defined: {sorted(self._values)}"
+            ) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def at(self, name: str, *, step: int | None = None, param: str | None = None) -> Tensor:
+        """Value of ``name`` for inner step ``step`` and parameter tensor ``param``."""
+        value = self[name]
+        spec = self._specs[name]
+        if spec.kind == "per_step":
+            if step is None:
+                raise HyperdiffError(f"hyperparameter {name!r} is per_step: a step is required")
+            if not 0 <= step < value.shape[0]:
+                raise HyperdiffError(
+                    f"hyperparameter {name!r}: step must be in [0, {value.shape[0]}) "
+                    f"(got {step}); the schedule is shorter than the training run"
+                )
+            return self._split(name)[step]
+        if spec.kind in ("per_tensor", "per_element"):
+            if param not in spec.param_names:
+                raise HyperdiffError(
+                    f"hyperparameter {name!r} is {spec.kind}: param must be one of "
+                    f"{list(spec.param_names)} (got {param!r})"
+                )
+            return self._split(name)[spec.param_names.index(param)]
+        return value
+
+    def _split(self, name: str) -> tuple[Tensor, ...]:
+        """The slices of a per-step, per-tensor or per-element value, cut once per view (one
+        kernel and one backward node for all steps or parameters, not one per lookup)."""
+        parts = self._parts.get(name)
+        if parts is None:
+            value, spec = self[name], self._specs[name]
+            if spec.kind == "per_element":
+                sizes = [int(torch.Size(s).numel()) for s in spec.param_shapes]
+                parts = tuple(v.view(s) for v, s in
+                              zip(value.split(sizes), spec.param_shapes, strict=True))
+            else:
+                parts = value.unbind(0)
+            self._parts[name] = parts
+        return parts
+
+
+class HyperParameters(Mapping[str, HyperParameter]):
+    """An immutable, ordered collection of hyperparameters with their current raw values.
+
+    >>> import hyperdiff as hd
+    >>> hp = hd.HyperParameters(lr=hd.scalar(0.1), momentum=hd.scalar(0.9, (0.0, 1.0)))
+    >>> hp
+    HyperParameters(lr=0.1, momentum=0.9)
+    >>> round(float(hp.raw["lr"]), 4)  # log(0.1)
+    -2.3026
+    """
+
+    def __init__(
+        self,
+        specs: Mapping[str, HyperParameter] | None = None,
+        /,
+        raw: Mapping[str, Tensor] | None = None,
+        **kwargs: HyperParameter,
+    ):
+        merged = dict(specs or {})
+        merged.update(kwargs)
+        if not merged:
+            raise HyperdiffError("HyperParameters: at least one hyperparameter is required")
+        for name, spec in merged.items():
+            if not isinstance(spec, HyperParameter):
+                raise HyperdiffError(
+                    f"HyperParameters: {name!r} must be a HyperParameter made by "
+                    "hd.scalar, hd.per_feature, hd.per_tensor, hd.per_element or hd.per_step "
+                    f"(got {describe(spec)})"
+                )
+            spec.validate(name)
+            _check_natural(name, spec.constraint, spec.init)
+        self._specs = merged
+        if raw is None:
+            raw = {n: s.constraint.to_raw(s.init) for n, s in merged.items()}
+        self._raw = self.check_raw(raw)
+
+    # Mapping over specs -------------------------------------------------------------------
+    def __getitem__(self, name: str) -> HyperParameter:
+        return self._specs[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    @property
+    def numel(self) -> int:
+        """Total number of scalar hyperparameters."""
+        return sum(int(s.init.numel()) for s in self._specs.values())
+
+    # Values -------------------------------------------------------------------------------
+    @property
+    def raw(self) -> dict[str, Tensor]:
+        """Current raw (unconstrained) values, float64 copies."""
+        return {n: v.clone() for n, v in self._raw.items()}
+
+    def natural(self, raw: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Natural values for ``raw`` (default: the current values); differentiable."""
+        raw = self._raw if raw is None else raw
+        return {n: s.constraint.to_natural(raw[n]) for n, s in self._specs.items()}
+
+    def view(self, raw: Mapping[str, Tensor]) -> HParamView:
+        """Natural values of ``raw`` as a mapping with step / parameter lookup."""
+        return HParamView({n: s.read(n, raw[n]) for n, s in self._specs.items()}, self._specs)
+
+    def best(self) -> dict[str, Any]:
+        """The most probable choice of every discrete hyperparameter
+        (:mod:`hyperdiff.hparams.discrete`)."""
+        return {n: s.best_choice(self._raw[n]) for n, s in self._specs.items() if s.is_discrete}
+
+    def with_raw(self, raw: Mapping[str, Tensor]) -> HyperParameters:
+        """A copy with new raw values."""
+        return HyperParameters(self._specs, raw={n: v.detach() for n, v in raw.items()})
+
+    def with_natural(self, **values: float | Tensor) -> HyperParameters:
+        """A copy with some natural values replaced: ``hp.with_natural(lr=0.05)``."""
+        raw = self.raw
+        for name, value in values.items():
+            if name not in self._specs:
+                raise HyperdiffError(
+                    f"HyperParameters.with_natural: unknown name {name!r}; "
+                    f"valid names are {list(self._specs)}"
+                )
+            spec = self._specs[name]
+            v = _tensor(value, "HyperParameters.with_natural")
+            try:
+                v = v.expand(spec.shape).clone()
+            except RuntimeError:
+                raise fail("HyperParameters.with_natural", name,
+                           f"a number or a tensor of shape {spec.shape}", value) from None
+            _check_natural(name, spec.constraint, v)
+            raw[name] = spec.constraint.to_raw(v)
+        return HyperParameters(self._specs, raw=raw)
+
+    def natural_grad(
+        self, grad_raw: Mapping[str, Tensor], raw: Mapping[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        """Chain rule to natural units: ``dL/dx = (dL/du) / f'(u)`` elementwise."""
+        raw = self._raw if raw is None else raw
+        return {
+            n: grad_raw[n] / s.constraint.derivative(raw[n].to(grad_raw[n]))
+            for n, s in self._specs.items()
+        }
+
+    def check_raw(self, raw: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Validate names, shapes and finiteness of raw values; return float64 CPU copies."""
+        if set(raw) != set(self._specs):
+            raise HyperdiffError(
+                f"HyperParameters: raw values must have exactly the names {list(self._specs)} "
+                f"(got {list(raw)})"
+            )
+        out = {}
+        for name, spec in self._specs.items():
+            value = torch.as_tensor(raw[name], dtype=torch.float64, device="cpu").detach()
+            if tuple(value.shape) != spec.shape:
+                raise HyperdiffError(
+                    f"HyperParameters: {name!r} must have shape {spec.shape} "
+                    f"(got shape {tuple(value.shape)})"
+                )
+            if not torch.isfinite(value).all():
+                raise HyperdiffError(
+                    f"HyperParameters: raw value of {name!r} must be finite (got {describe(value)})"
+                )
+            out[name] = value.clone()
+        return out
+
+    # Flat vectors for coordinate-wise methods ---------------------------------------------------
+    def flatten(self, values: Mapping[str, Tensor]) -> Tensor:
+        """Concatenate values (shaped like the hyperparameters) into one vector."""
+        return torch.cat([values[n].reshape(-1) for n in self._specs])
+
+    def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
+        """Inverse of :meth:`flatten`."""
+        out, start = {}, 0
+        for name, spec in self._specs.items():
+            size = int(spec.init.numel())
+            out[name] = vector[start : start + size].reshape(spec.shape)
+            start += size
+        return out
+
+    def coordinate_names(self) -> list[str]:
+        """Readable names of the flat coordinates, e.g. ``wd[fc1.weight]``, ``lr[3]``."""
+        names: list[str] = []
+        for name, spec in self._specs.items():
+            if spec.kind == "scalar":
+                names.append(name)
+            elif spec.kind == "per_tensor":
+                names.extend(f"{name}[{p}]" for p in spec.param_names)
+            else:
+                names.extend(f"{name}[{i}]" for i in range(int(spec.init.numel())))
+        return names
+
+    def __repr__(self) -> str:
+        parts = []
+        for name, value in self.natural().items():
+            if value.dim() == 0:
+                parts.append(f"{name}={float(value):.6g}")
+            elif value.numel() <= 4:
+                parts.append(f"{name}=[{', '.join(f'{float(v):.4g}' for v in value)}]")
+            else:
+                parts.append(
+                    f"{name}=<{self._specs[name].kind} {tuple(value.shape)}: "
+                    f"mean {float(value.mean()):.4g}, min {float(value.min()):.4g}, "
+                    f"max {float(value.max()):.4g}>"
+                )
+        return f"HyperParameters({', '.join(parts)})"
+
+
+def _check_natural(name: str, constraint: Constraint, value: Tensor) -> None:
+    _check_inside(f"HyperParameters: natural value of {name!r}", constraint, value)
+
+
+def _check_inside(what: str, constraint: Constraint, value: Tensor) -> None:
+    """Raise ``"<what> must be <valid> for a <name> constraint (got <the first bad values>)"``
+    unless every entry of ``value`` lies inside ``constraint``."""
+    ok = constraint.valid(value)
+    if not bool(ok.all()):
+        bad = value[~ok].reshape(-1)[:3].tolist()
+        raise HyperdiffError(
+            f"{what} must be {constraint.describe_valid()} for a {constraint.name} constraint "
+            f"(got {bad if value.dim() else value.item()})"
+        )

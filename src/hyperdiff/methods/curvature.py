@@ -1,0 +1,311 @@
+"""Online window hypergradient with long-horizon tangents under a diagonal curvature model.
+
+Real-time forward mode (RTHO, :func:`~hyperdiff.methods.windows.forward_window`) carries the
+exact tangents ``Z_t = d theta_t / d lam`` through every step, at the price of Jacobian-vector
+products with all hyperparameters at every step (7-10x one plain training in
+``benchmarks/horizon.py``); the greedy windows (``reverse``, K steps back) are cheap but see the
+effect of the learning rate only a few steps later, where a larger one mostly adds noise (the
+short-horizon bias). This method keeps RTHO's horizon at the cost of elementwise operations:
+for heavy-ball SGD (``hd.sgd``: ``b_{t+1} = beta b_t + d_t``, ``theta_{t+1} = theta_t -
+lr_t b_{t+1}``, with ``d_t`` the gradient plus the optimizer's weight decay) it propagates the
+learning rate's tangents with the Hessian replaced by a diagonal estimate ``D_t``::
+
+    Zb_{t+1} = beta Zb_t + D_t * Z_t                       (momentum tangent; Zb_1 = D_0 Z_0)
+    Z_{t+1}  = mu (Z_t - lr_t Zb_{t+1}) - (d lr_t / du) b_{t+1}
+    D_t      = min(scale * vhat_t, 2 (1 + beta) / lr_t),   v_t = rho v_{t-1} + (1 - rho) d_t^2
+
+``vhat`` is ``v`` bias-corrected (as Adam's second moment), ``scale`` the training batch's rows
+(``B * E[g_B^2]`` estimates the diagonal of the empirical Fisher, a Gauss-Newton model of the
+Hessian), and the cap keeps the recurrence inside heavy-ball's stability region. ``mu = 1 -
+1 / horizon`` forgets what the hyperparameters did ``horizon`` steps ago: the tangent is the
+derivative for hyperparameters held fixed over the past, which they are not during tuning.
+With a zero Hessian (a loss linear in ``theta``) and ``scale = 0``, ``mu = 1``, the recurrence is
+exact and the method equals RTHO (``tests/test_online_curvature.py``). Adam and AdamW get the
+same model through their moments' tangents: :mod:`hyperdiff.methods.curvature_adam`.
+
+At the end of the window the last step is differentiated exactly (reverse mode through it,
+with the state before it constant, as ``reverse`` with ``backprop=1``): that gives every
+hyperparameter its direct one-step effect (the loss's, such as a weight decay, included); the
+carried tangents add the earlier steps' effect through the learning rate::
+
+    dL/du = [reverse through step t1-1] + <grad_theta L_val(theta_{t1}), Zt_{t1}>
+
+with ``Zt_{t1}`` the tangent propagated through the last step without its direct term. Only the
+optimizer's ``lr`` coefficient is carried (its derivative in every raw value, exactly, by
+autograd once per window); buffers (BatchNorm statistics) are constants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from hyperdiff.engine.data.evaluation import batch_rows
+from hyperdiff.engine.optimizers import _add_scaled, _is_zero, resolve
+from hyperdiff.engine.problem import Problem
+from hyperdiff.engine.training import (
+    TrainState,
+    check_finite_losses,
+    flat,
+    train_gradient,
+    validation_loss,
+    zeros_for_unused,
+)
+from hyperdiff.errors import HyperdiffError
+from hyperdiff.hparams.schedules import Schedule
+from hyperdiff.methods.curvature_adam import ADAM_NAMES, ADAM_RULE
+from hyperdiff.methods.curvature_rule import RHO, CurvatureRule, keeps_all
+from hyperdiff.methods.windows import Window, _detach, _detached, _val_problem
+from hyperdiff.typing import Batch, Params
+
+
+class CurvatureTangent(NamedTuple):
+    """The carried state, over the ``n`` parameter entries flattened in ``problem.params``
+    order: ``z`` and ``zb`` the tangents of the parameters and of the momentum, shape ``(P,
+    n)`` for the ``P`` raw values; ``v`` (n,) the squared-gradient average; ``steps`` the steps
+    averaged (a 0-d tensor)."""
+
+    z: Tensor
+    zb: Tensor
+    v: Tensor
+    steps: Tensor
+
+
+def rule_for(problem: Problem) -> CurvatureRule:
+    """The tangent rule of ``problem``'s optimizer (heavy-ball SGD, Adam / AdamW)."""
+    return ADAM_RULE if problem.optimizer.name in ADAM_NAMES else SGD_RULE
+
+
+def initial_tangent(problem: Problem, raw: dict[str, Tensor]) -> Any:
+    """Zero tangents and curvature statistics for the start of the run (an
+    :class:`~hyperdiff.methods.curvature_adam.AdamCurvatureTangent` for Adam / AdamW)."""
+    return rule_for(problem).initial(problem, raw)
+
+
+def _initial_sgd(problem: Problem, raw: dict[str, Tensor]) -> CurvatureTangent:
+    size = problem.hparams.flatten(raw).numel()
+    like = flat(problem.params.values())
+    z = like.new_zeros((size, like.numel()))
+    return CurvatureTangent(z, torch.zeros_like(z), torch.zeros_like(like),
+                            like.new_zeros((), dtype=torch.int64))
+
+
+def check_optimizer(problem: Problem) -> None:
+    """Refuse optimizers whose update this method's tangent rule does not describe."""
+    opt = problem.optimizer
+    adam = opt.name in ADAM_NAMES
+    if not adam and (opt.name != "sgd" or opt.settings.get("nesterov")
+                     or opt.settings.get("dampening")):
+        raise HyperdiffError(
+            "OnlineTuner: method 'curvature' carries the tangents of heavy-ball SGD (hd.sgd "
+            "without nesterov or dampening), hd.adam and hd.adamw; got "
+            f"{opt.name} with settings {dict(opt.settings)}: use method 'reverse' or "
+            "'forward' for it")
+    lr = opt.coefficients["lr"]
+    if isinstance(lr, str) and problem.hparams[lr].kind == "per_element":
+        raise HyperdiffError(
+            f"OnlineTuner: method 'curvature' needs one learning rate per step and parameter "
+            f"tensor (a number, a schedule, a scalar, per_step or per_tensor hyperparameter); "
+            f"got the per_element hyperparameter {lr!r}: use method 'reverse' for it")
+    dtypes = {p.dtype for p in problem.params.values()}
+    if len(dtypes) > 1:
+        raise HyperdiffError(f"OnlineTuner: method 'curvature' needs parameters of one dtype "
+                             f"(got {sorted(map(str, dtypes))})")
+
+
+def lr_derivatives(problem: Problem, raw: dict[str, Tensor], start: int, stop: int
+                   ) -> tuple[Tensor, Tensor]:
+    """``lr_t`` and ``d lr_t / du`` at the window's steps for each parameter entry: shapes
+    ``(K, n)`` and ``(K, P, n)``, with ``u`` the ``P`` flat raw values, or ``(K, 1)`` and ``(K,
+    P, 1)`` (broadcast over the entries) when the learning rate is the same for every parameter
+    tensor. A schedule is evaluated for the whole window in one pass."""
+    hp = problem.hparams
+    sizes = [p.numel() for p in problem.params.values()]
+    flat = hp.flatten(problem.raw_tensors(raw)).detach().requires_grad_()
+    coef = problem.optimizer.coefficients["lr"]
+    with torch.enable_grad():
+        hview = hp.view(hp.unflatten(flat))
+        if isinstance(coef, Schedule):
+            rows = coef.window(hview, start, stop)[:, None]                  # (K, 1)
+        elif _same_for_every_tensor(problem, coef):
+            key = next(iter(problem.params))
+            rows = torch.stack([_as_tensor(resolve(coef, hview, t, key), flat)
+                                for t in range(start, stop)])[:, None]
+        else:
+            rows = torch.stack([torch.stack([_as_tensor(resolve(coef, hview, t, k), flat)
+                                             for k in problem.params])
+                                for t in range(start, stop)])                # (K, tensors)
+        jac = None
+        if rows.requires_grad:  # one batched backward pass over the window's K rows
+            eye = torch.eye(rows.numel(), dtype=rows.dtype, device=rows.device)
+            (jac,) = torch.autograd.grad(rows.reshape(-1), flat, eye, is_grads_batched=True,
+                                         allow_unused=True)
+        if jac is None:  # a learning rate that no hyperparameter moves
+            jac = torch.zeros((rows.numel(), flat.numel()), dtype=flat.dtype, device=flat.device)
+        jac = jac.reshape(*rows.shape, flat.numel())
+    lrs = rows.detach()
+    if rows.shape[1] == 1:  # one learning rate for every entry: broadcast, not copied
+        return lrs, jac.transpose(1, 2)
+    counts = torch.tensor(sizes, device=flat.device)
+    return (torch.repeat_interleave(lrs, counts, dim=1),
+            torch.repeat_interleave(jac, counts, dim=1).transpose(1, 2))
+
+
+def _same_for_every_tensor(problem: Problem, coef: Any) -> bool:
+    if not isinstance(coef, str):
+        return not callable(coef)
+    return problem.hparams[coef].kind != "per_tensor"
+
+
+def _as_tensor(value: Tensor | float, like: Tensor) -> Tensor:
+    value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    if value.numel() != 1:
+        raise HyperdiffError(f"OnlineTuner: method 'curvature' needs one learning rate per step "
+                             f"and parameter tensor; the lr coefficient gave a tensor of shape "
+                             f"{tuple(value.shape)}: use method 'reverse' for it")
+    return value.reshape(())
+
+
+def _coefficient(coef: Any, hview: Any, step: int, key: str) -> Tensor | float:
+    """A coefficient's value at ``step``: a float for a number, else a detached tensor (never
+    read back to the host: no device synchronisation per step)."""
+    value = resolve(coef, hview, step, key)
+    return value.detach() if isinstance(value, Tensor) else float(value)
+
+
+def _heavy_ball(problem: Problem, hview: Any, grads: Params, opt_state: Any, params: Params,
+                step: int) -> tuple[Tensor, Tensor, Tensor | float]:
+    """``d_t`` (the gradient plus the optimizer's weight decay), ``b_{t+1}`` and ``beta`` of
+    :func:`hd.sgd`'s step at ``step``, flat."""
+    coefs = problem.optimizer.coefficients
+    direction = flat(grads.values())
+    wd = coefs["weight_decay"]
+    if not _is_zero(wd):
+        decay = torch.cat([_coefficient(wd, hview, step, k) * p.reshape(-1)
+                           for k, p in params.items()])
+        direction = direction + decay
+    if not opt_state.momentum:
+        return direction, direction, 0.0
+    beta = _coefficient(coefs["momentum"], hview, step, next(iter(params)))
+    if step == 0:  # torch.optim.SGD: b_1 = d_0
+        return direction, direction, beta
+    return direction, _add_scaled(direction, flat(opt_state.momentum.values()), beta), beta
+
+
+HORIZON_UNITS = ("steps", "lr")
+
+
+def forgetting(horizon: float | None, unit: str = "steps") -> Callable[[Tensor], float | Tensor]:
+    """The factor ``mu_t`` the tangents are multiplied by at a step of learning rate ``lr_t``:
+    ``1 - 1 / horizon`` (``unit="steps"``: forget over ``horizon`` steps), ``max(0, 1 - lr_t /
+    horizon)`` (``unit="lr"``: over an optimization time ``sum_t lr_t`` of ``horizon``), or 1
+    (``horizon=None``)."""
+    if not horizon:
+        return lambda lr: 1.0
+    if unit == "lr":
+        return lambda lr: torch.clamp(1.0 - lr / horizon, min=0.0)
+    mu = 1.0 - 1.0 / horizon
+    return lambda lr: mu
+
+
+def _advance(tangent: CurvatureTangent, momentum: Tensor, direction: Tensor, lr: Tensor,
+             dlr: Tensor | None, beta: Tensor | float, mu: float | Tensor, scale: float,
+             count: int) -> None:
+    """One step of the recurrence of the module doc, in place. ``momentum`` is ``b_{t+1}``,
+    ``direction`` ``d_t`` (n,); ``lr`` (n,) or (1,), ``dlr`` (P, n) or (P, 1), or None (no
+    direct term); ``count`` the squared gradients in ``v`` after this step."""
+    z, zb, v, _ = tangent
+    v.mul_(RHO).addcmul_(direction, direction, value=1.0 - RHO)
+    curvature = v * (scale / (1.0 - RHO ** count))
+    curvature = torch.minimum(curvature, (2.0 * (1.0 + beta)) / lr.clamp(min=1e-30))
+    zb.mul_(beta).addcmul_(z, curvature)
+    z.addcmul_(zb, lr, value=-1.0)
+    if not keeps_all(mu):
+        z.mul_(mu)
+    if dlr is not None:
+        z.addcmul_(dlr, momentum, value=-1.0)
+
+
+def _sgd_values(problem: Problem, hview: Any, grads: Params, params: Params, old_state: Any,
+                new_state: Any, step: int) -> tuple[Tensor, Tensor, Tensor | float]:
+    return _heavy_ball(problem, hview, grads, old_state, params, step)
+
+
+def _sgd_advance(tangent: CurvatureTangent, values: tuple[Tensor, Tensor, Tensor | float],
+                 lr: Tensor, dlr: Tensor | None, mu: float | Tensor, scale: float,
+                 count: int) -> None:
+    direction, momentum, beta = values
+    _advance(tangent, momentum, direction, lr, dlr, beta, mu, scale, count)
+
+
+SGD_RULE = CurvatureRule(_initial_sgd, _sgd_values, _sgd_advance,
+                         lambda values, lr: values[1])
+"""Heavy-ball SGD's rule (the module doc's recurrence); the direct term's vector is ``b_{t+1}``."""
+
+
+def curvature_window(problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
+                     stop: int, val_batches: list[Batch], tangent: Any, *,
+                     horizon: float | None = 500, horizon_unit: str = "steps",
+                     scale: float | None = None) -> Window:
+    """Train steps ``start .. stop-1`` carrying the tangents by the optimizer's rule
+    (:func:`rule_for`), then the hypergradient of the module doc at the validation batches.
+    ``tangent=None`` at the start of the run; the one given is not modified (a failed window
+    is discarded)."""
+    rule = rule_for(problem)
+    forget = forgetting(horizon, horizon_unit)
+    hp = problem.hparams
+    tangent = rule.initial(problem, raw) if tangent is None else tangent
+    tangent = type(tangent)(*(t.clone() for t in tangent))
+    count = int(tangent.steps)  # read once per window: the steps add no host synchronisation
+    if scale is None:
+        scale = float(batch_rows(problem.train_data.batch(start, problem.seed)))
+    lrs, dlrs = lr_derivatives(problem, raw, start, stop)
+    hview = hp.view(problem.raw_tensors(raw))
+    losses = torch.empty(stop - start, dtype=problem.hparam_dtype, device=problem.device)
+    params, buffers, opt_state = state
+    for step in range(start, stop - 1):
+        theta = {k: v.detach().requires_grad_() for k, v in params.items()}
+        grads, buffers, loss = train_gradient(problem, theta, buffers, hview, step,
+                                              create_graph=False)
+        with torch.no_grad():
+            new_params, new_state = problem.optimizer.update(grads, opt_state, params, hview,
+                                                             step)
+            values = rule.values(problem, hview, grads, params, opt_state, new_state, step)
+            i, count = step - start, count + 1
+            rule.advance(tangent, values, lrs[i], dlrs[i], forget(lrs[i]), scale, count)
+        params, opt_state = new_params, new_state
+        buffers = {k: v.detach() for k, v in buffers.items()}
+        losses[step - start] = loss.detach()
+    # the last step: exactly by reverse mode (the state before it constant) ...
+    leaves = {n: v.detach().requires_grad_() for n, v in raw.items()}
+    hleaves = hp.view(leaves)
+    theta = {k: v.detach().requires_grad_() for k, v in params.items()}
+    grads, new_buffers, loss = train_gradient(problem, theta, buffers, hleaves, stop - 1,
+                                              create_graph=True)
+    new_params, new_state = problem.optimizer.update(grads, opt_state, theta, hleaves, stop - 1)
+    losses[-1] = loss.detach()
+    check_finite_losses(losses, "online curvature", start)
+    value = validation_loss(_val_problem(problem, val_batches), new_params, new_buffers, hleaves)
+    inputs = [*leaves.values(), *new_params.values()]
+    grads_all = zeros_for_unused(torch.autograd.grad(value, inputs, allow_unused=True), inputs)
+    direct = hp.flatten(dict(zip(leaves, grads_all[: len(leaves)], strict=True)))
+    # ... and the carried tangents through it (without its direct term, in the part above)
+    with torch.no_grad():
+        plain = {k: g.detach() for k, g in grads.items()}
+        values = rule.values(problem, hview, plain, params, opt_state, _detach(new_state),
+                             stop - 1)
+        rule.advance(tangent, values, lrs[-1], None, forget(lrs[-1]), scale, count + 1)
+        tangent.steps.fill_(count + 1)
+        val_theta = flat(grads_all[len(leaves):])
+        indirect = tangent.z @ val_theta.to(tangent.z.dtype)
+        tangent.z.addcmul_(dlrs[-1], rule.direct(values, lrs[-1]), value=-1.0)
+    end = _detached(TrainState(new_params, new_buffers, new_state))
+    grad = hp.unflatten(direct + indirect.to(direct.dtype))
+    return Window(end, grad, float(value.detach()), losses, tangent)
+
+
+__all__ = ["HORIZON_UNITS", "SGD_RULE", "CurvatureRule", "CurvatureTangent", "check_optimizer",
+           "curvature_window", "forgetting", "initial_tangent", "lr_derivatives", "rule_for"]

@@ -1,0 +1,174 @@
+"""The ``curvature`` window's tangent rule for Adam and AdamW (``hd.adam``, ``hd.adamw``).
+
+Adam's step ``t`` (``k = t + 1``), as :func:`hyperdiff.engine.optimizers.adam` and torch.optim::
+
+    s_t = g_t + wd p_t   (coupled, hd.adam)      s_t = g_t  (AdamW)
+    m'  = b1 m + (1 - b1) s_t,   v' = b2 v + (1 - b2) s_t^2,   c1 = 1 - b1^k, c2 = 1 - b2^k
+    r   = m' / (sqrt(v') / sqrt(c2) + eps)
+    p'  = p - (lr_t / c1) r      (AdamW: p' = (1 - lr_t wd) p - (lr_t / c1) r)
+
+differentiated forward in the learning rate's raw values ``u`` with the tangents ``Z = dp/du``,
+``Zm = dm/du``, ``Zv = dv/du`` (shape ``(P, n)``) and the train gradient's tangent modelled as
+``dg = D_t * Z`` (the diagonal curvature of :mod:`hyperdiff.methods.curvature`; the coupled decay's
+``wd Z`` exactly)::
+
+    ds   = (D_t + wd) * Z                       (AdamW: D_t * Z)
+    Zm'  = b1 Zm + (1 - b1) ds,   Zv' = b2 Zv + (1 - b2) 2 s_t ds
+    dq   = Zv' / (2 sqrt(v') sqrt(c2))          (0 where v' = 0, as optimizers.safe_sqrt)
+    Z'   = mu [(1 - lr_t wd) Z - (lr_t / c1) (Zm' - r dq) / q] - (d lr_t / du) (r / c1 + wd p)
+    q    = sqrt(v') / sqrt(c2) + eps, the factors ``(1 - lr_t wd)`` and ``wd p`` AdamW's only
+
+and ``Zm'``, ``Zv'`` also multiplied by ``mu = 1 - 1 / horizon``: the whole state's tangent
+forgets, so ``Z_t = sum_s mu^(t-1-s) J_(t<-s) dPhi_s/du``. The other coefficients (betas, eps,
+weight decay) are constants here; their one-step effect comes from the exact last step.
+
+``D_t = min(scale * vhat_t, 2 (1 + b1) / ((1 - b1) a_t))`` with ``vhat`` the bias-corrected
+average (decay :data:`~hyperdiff.methods.curvature_rule.RHO`) of the squared train gradient
+``g_t^2``
+(without the decay) and ``a_t = lr_t / (c1 q)`` Adam's effective step per coordinate: with the
+denominator frozen, Adam's step is heavy-ball with learning rate ``(1 - b1) a_t`` and momentum
+``b1``, whose stability limit on a curvature is that cap (``2 / a_t`` for ``b1 = 0``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from hyperdiff.engine.optimizers import AdamState, resolve, safe_sqrt
+from hyperdiff.engine.problem import Problem
+from hyperdiff.engine.training import flat
+from hyperdiff.methods.curvature_rule import RHO, CurvatureRule, keeps_all
+from hyperdiff.typing import Params
+
+ADAM_NAMES = ("adam", "adamw")
+
+
+class AdamCurvatureTangent(NamedTuple):
+    """The carried state over the ``n`` parameter entries (``problem.params`` order): ``z``,
+    ``zm``, ``zv`` the tangents of the parameters and of Adam's two moments, shape ``(P, n)``;
+    ``v`` (n,) the squared-gradient average of the curvature estimate; ``steps`` (0-d)."""
+
+    z: Tensor
+    zm: Tensor
+    zv: Tensor
+    v: Tensor
+    steps: Tensor
+
+
+class AdamStep(NamedTuple):
+    """One Adam step's values, flat (n,): the train gradient ``g``, the gradient Adam saw
+    ``s`` (``g + wd p`` when coupled), the parameters ``p`` before it, the new moments ``m``,
+    ``v``; coefficients as floats or (n,) tensors; ``k`` the bias-correction count."""
+
+    g: Tensor
+    s: Tensor
+    p: Tensor
+    m: Tensor
+    v: Tensor
+    b1: Tensor | float
+    b2: Tensor | float
+    eps: Tensor | float
+    wd: Tensor | float
+    decoupled: bool
+    k: int
+
+
+def initial_adam_tangent(problem: Problem, raw: dict[str, Tensor]) -> AdamCurvatureTangent:
+    """Zero tangents and curvature statistics for the start of the run."""
+    size = problem.hparams.flatten(raw).numel()
+    like = flat(problem.params.values())
+    z = like.new_zeros((size, like.numel()))
+    return AdamCurvatureTangent(z, torch.zeros_like(z), torch.zeros_like(z),
+                                torch.zeros_like(like), like.new_zeros((), dtype=torch.int64))
+
+
+def _entries(coef: Any, hview: Any, step: int, params: Params, like: Tensor) -> Tensor | float:
+    """A coefficient's value at ``step`` for every parameter entry: a float when it is a
+    number, else an (n,) tensor (detached: a constant of the tangent rule)."""
+    if isinstance(coef, (int, float)):
+        return float(coef)
+    return torch.cat([
+        torch.as_tensor(resolve(coef, hview, step, k), dtype=like.dtype, device=like.device)
+        .detach().expand(p.shape).reshape(-1) for k, p in params.items()])
+
+
+def adam_step(problem: Problem, hview: Any, grads: Params, params: Params, new_state: AdamState,
+              step: int) -> AdamStep:
+    """The values of Adam's step at ``step`` the tangent rule needs (the new moments read from
+    the optimizer's own new state)."""
+    coefs = problem.optimizer.coefficients
+    g = flat(grads.values())
+    p = flat(params.values()).to(g.dtype)
+    wd = _entries(coefs["weight_decay"], hview, step, params, g)
+    decoupled = problem.optimizer.name == "adamw"
+    s = g if decoupled or _no_decay(wd) else g + wd * p
+    return AdamStep(
+        g, s, p, flat(new_state.exp_avg.values()).to(g.dtype),
+        flat(new_state.exp_avg_sq.values()).to(g.dtype),
+        _entries(coefs["beta1"], hview, step, params, g),
+        _entries(coefs["beta2"], hview, step, params, g),
+        _entries(coefs["eps"], hview, step, params, g), wd, decoupled, step + 1)
+
+
+def _no_decay(wd: Tensor | float) -> bool:
+    return isinstance(wd, float) and wd == 0
+
+
+def lr_direction(values: AdamStep, lr: Tensor) -> Tensor:
+    """``-d p' / d lr_t`` (n,): ``r / c1``, plus ``wd p`` for AdamW."""
+    denom = safe_sqrt(values.v) / (1 - values.b2 ** values.k) ** 0.5 + values.eps
+    out = values.m / denom / (1 - values.b1 ** values.k)
+    if values.decoupled and not _no_decay(values.wd):
+        out = out + values.wd * values.p
+    return out
+
+
+def advance_adam(tangent: AdamCurvatureTangent, values: AdamStep, lr: Tensor,
+                 dlr: Tensor | None, mu: float | Tensor, scale: float, count: int) -> None:
+    """One step of the module doc's recurrence, in place. ``lr`` (n,) or (1,); ``dlr`` (P, n)
+    or (P, 1), or None (no direct term); ``count`` the squared gradients in the curvature
+    estimate after this step."""
+    z, zm, zv, v_est, _ = tangent
+    g, s, _, m, v, b1, b2, eps, wd, decoupled, k = values
+    v_est.mul_(RHO).addcmul_(g, g, value=1.0 - RHO)
+    curvature = v_est * (scale / (1.0 - RHO ** count))
+    c1 = 1 - b1 ** k
+    c2_sqrt = (1 - b2 ** k) ** 0.5
+    root = safe_sqrt(v)
+    denom = root / c2_sqrt + eps
+    step_size = lr / c1
+    cap = (2 * (1 + b1) / (1 - b1)) * denom / step_size.clamp(min=1e-30)
+    curvature = torch.minimum(curvature, cap)
+    if not decoupled and not _no_decay(wd):
+        curvature = curvature + wd
+    ds = z * curvature
+    zm.mul_(b1).add_(ds * (1 - b1))
+    zv.mul_(b2).add_(ds * ((1 - b2) * 2 * s))
+    positive = v > 0
+    half_inverse = torch.where(positive, 0.5 / torch.where(positive, root, 1.0), 0.0)
+    ratio = m / denom
+    d_ratio = (zm - zv * (half_inverse / c2_sqrt * ratio)) / denom
+    if decoupled and not _no_decay(wd):
+        z.mul_(1 - lr * wd)
+    z.sub_(d_ratio * step_size)
+    if not keeps_all(mu):
+        for t in (z, zm, zv):
+            t.mul_(mu)
+    if dlr is not None:
+        z.addcmul_(dlr, lr_direction(values, lr), value=-1.0)
+
+
+def _adam_values(problem: Problem, hview: Any, grads: Params, params: Params, old_state: Any,
+                 new_state: AdamState, step: int) -> AdamStep:
+    return adam_step(problem, hview, grads, params, new_state, step)
+
+
+ADAM_RULE = CurvatureRule(initial_adam_tangent, _adam_values, advance_adam, lr_direction)
+"""Adam's and AdamW's rule for :func:`~hyperdiff.methods.curvature.curvature_window`."""
+
+
+__all__ = ["ADAM_NAMES", "ADAM_RULE", "AdamCurvatureTangent", "AdamStep", "adam_step",
+           "advance_adam", "initial_adam_tangent", "lr_direction"]

@@ -1,0 +1,82 @@
+"""Every derived seed: how one base seed becomes the seeds of samples, steps, ranks and calls.
+
+Each formula is a small pure function of Python ints, so two parts of the library can never
+derive the same seed in two ways, and a change to one is a change in one place. The values are
+those hyperdiff has always used (runs recorded before this module reproduce exactly). The
+large odd multipliers (1_000_003, 100_003, 7_919, 104_729, 7_368_787) spread neighbouring
+inputs far apart; the moduli keep seeds within what ``torch.Generator.manual_seed`` (2**62,
+2**63) and NumPy / scikit-learn (2**31) accept.
+
+>>> minibatch_seed(3, step=2, samples=4, sample=1)
+3000018
+>>> rank_seed(5, 0), rank_seed(5, 1)
+(5, 7368792)
+"""
+
+from __future__ import annotations
+
+import zlib
+
+REPORT_SEED = 1_000_000
+"""Report trainings use seeds ``REPORT_SEED + i``, distinct from the tuning seeds."""
+
+
+def report_seeds(count: int) -> tuple[int, ...]:
+    """The seeds of the ``count`` report trainings: ``REPORT_SEED, REPORT_SEED + 1, ...``."""
+    return tuple(REPORT_SEED + i for i in range(count))
+
+
+def minibatch_seed(seed: int, step: int, samples: int, sample: int) -> int:
+    """Minibatch seed of ``sample`` (of ``samples``) at outer ``step`` of a tuner seeded ``seed``:
+    ``(seed * 1_000_003 + step * samples + sample) mod 2**31``."""
+    return (seed * 1_000_003 + step * samples + sample) % (2**31)
+
+
+def window_seed(seed: int, hyper_step: int) -> int:
+    """Seed of the validation rows drawn for window ``hyper_step`` of an online run:
+    ``seed * 1_000_003 + hyper_step``."""
+    return seed * 1_000_003 + hyper_step
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed of the shuffle of ``epoch`` of in-memory minibatches: ``seed * 100_003 + epoch``."""
+    return seed * 100_003 + epoch
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The dropout seed of ``rank`` for a training with ``seed`` (rank 0 keeps ``seed``):
+    ``(seed + rank * 7_368_787) mod 2**31``."""
+    return (seed + rank * 7_368_787) % (2**31)
+
+
+def name_hash(name: str) -> int:
+    """A stable hash of a hyperparameter's name (CRC-32 of its UTF-8 bytes)."""
+    return zlib.crc32(name.encode())
+
+
+def gumbel_seed(noise_seed: int, name: str) -> int:
+    """Gumbel noise seed of the discrete hyperparameter ``name`` in a training whose noise seed
+    is ``noise_seed``: ``(noise_seed * 1_000_003 + crc32(name)) mod 2**62``."""
+    return (noise_seed * 1_000_003 + name_hash(name)) % (2**62)
+
+
+def choice_seed(seed: int, step: int, sample: int, name: str) -> int:
+    """Seed of the choice drawn for ``name`` in ``sample`` at outer ``step`` (REINFORCE, Gumbel
+    noise): ``(seed * 1_000_003 + step * 7_919 + sample * 104_729 + crc32(name)) mod 2**62``."""
+    return (seed * 1_000_003 + step * 7_919 + sample * 104_729 + name_hash(name)) % (2**62)
+
+
+def call_seed(seed: int, step: int, call: int) -> int:
+    """Seed of model call ``call`` at inner ``step`` of a training seeded ``seed``:
+    ``(seed * 1_000_003 + (step + 1) * 7_919 + call) mod 2**62``."""
+    return (seed * 1_000_003 + (step + 1) * 7_919 + call) % (2**62)
+
+
+def segment_seed(seed: int, segment: int) -> int:
+    """Seed of ``segment`` of a long training cut into segments: ``seed + 7919 * segment``."""
+    return seed + 7919 * segment
+
+
+__all__ = ["REPORT_SEED", "call_seed", "choice_seed", "epoch_seed", "gumbel_seed",
+           "minibatch_seed", "name_hash", "rank_seed", "report_seeds", "segment_seed",
+           "window_seed"]

@@ -1,0 +1,218 @@
+"""Data-parallel inner training: every rank trains on its shard of every batch.
+
+With ``W`` ranks, rank ``r`` holds the same parameters ``theta_t`` and takes rows
+``[r B/W, (r+1) B/W)`` of the step's batch (``B`` rows; ``B % W == 0``). Inside the
+differentiable step the gradient is averaged with a differentiable all-reduce
+(``_SumOverRanks``, whose backward is again an all-reduce)::
+
+    g_t = (1/W) sum_r grad L_train(theta_t, lam, shard_r(batch_t))      (= the full-batch
+    theta_{t+1} = update(g_t, state_t, theta_t, lam)                      gradient of a mean loss)
+
+so every rank runs the single-process full-batch training. Reverse-mode autograd across the
+ranks then differentiates ``sum_r L_val^(r) = W L_val`` (each rank seeds its own, equal,
+validation loss), so rank ``r``'s hypergradient is its share and their mean is ``dL_val/dlam``;
+forward mode and finite differences give ``dL_val/dlam`` on every rank already. The wrapper
+therefore returns the mean over ranks for every method, which equals the single-process
+full-batch hypergradient of :func:`~hyperdiff.methods.reverse`, ``checkpointed``,
+``truncated``, ``forward`` and ``finite_difference``. Forward mode runs its ``double_vjp``
+engine one tangent per backward pass (``chunk_size=1``): ``vmap``, which batches the
+tangents otherwise, has no rule for a c10d collective.
+
+The validation batches are not sharded (each rank evaluates all of them). The train loss each
+rank reports is the mean over ranks (its value; its gradient stays the local one), so a
+diverged step is seen by every rank at once. Dropout masks are drawn from a per-rank seed
+``(seed, rank)``, deterministic for a given world size; minibatch orders use the shared seed,
+so every rank slices the same batch. BatchNorm statistics are those of each rank's shard (not
+synchronised), and the implicit and reversible methods, which do not train through
+``train_step``, are not supported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hyperdiff.engine.data import BatchSource
+from hyperdiff.engine.optimizers import Optimizer
+from hyperdiff.engine.problem import Problem
+from hyperdiff.errors import HyperdiffError, NonFiniteError
+from hyperdiff.methods.base import HyperGradient, Method
+from hyperdiff.methods.registry import make_method
+from hyperdiff.seeds import rank_seed
+from hyperdiff.tuner.distributed.group import Group, current_group
+from hyperdiff.typing import Batch, Params
+
+SUPPORTED = ("reverse", "checkpointed", "truncated", "forward", "finite_difference")
+
+
+class ShardedBatches(BatchSource):
+    """Rows ``[rank n/world, (rank+1) n/world)`` of every tensor of ``source``'s batches."""
+
+    def __init__(self, source: BatchSource, rank: int, world: int):
+        self.source, self.rank, self.world = source, rank, world
+
+    def check(self, steps: int, seed: int) -> None:
+        self.source.check(steps, seed)
+
+    def batch(self, step: int, seed: int) -> Batch:
+        return self._shard(self.source.batch(step, seed), step)
+
+    def _shard(self, batch: Any, step: int) -> Any:
+        if isinstance(batch, Tensor):
+            rows = batch.shape[0] if batch.dim() else 0
+            if rows == 0 or rows % self.world:
+                raise HyperdiffError(
+                    f"data_parallel: the batch of inner step {step} must split evenly over "
+                    f"{self.world} ranks along its first dimension (got a tensor of shape "
+                    f"{tuple(batch.shape)})"
+                )
+            size = rows // self.world
+            return batch[self.rank * size : (self.rank + 1) * size]
+        if isinstance(batch, tuple):
+            return tuple(self._shard(b, step) for b in batch)
+        if isinstance(batch, list):
+            return [self._shard(b, step) for b in batch]
+        if isinstance(batch, dict):
+            return {k: self._shard(v, step) for k, v in batch.items()}
+        return batch
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """``y = sum_r x^(r)`` on every rank; its backward is the same sum of the incoming
+    gradients (``dL/dx^(r) = sum_s dL^(s)/dy``), again through this function, so it
+    differentiates twice (forward mode's ``double_vjp``). Each all-reduce waits with
+    :meth:`Group.all_reduce`'s heartbeat checks, so a stopped rank fails it within seconds."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: Group, where: str) -> Tensor:
+        ctx.group, ctx.where = group, where
+        return group.all_reduce(where, x.detach().clone())
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        return _SumOverRanks.apply(grad, ctx.group, ctx.where), None, None
+
+
+def mean_gradients(grads: Params, group: Group, where: str = "data_parallel") -> Params:
+    """``(1/W) sum_r grads^(r)`` with one differentiable all-reduce of the flattened grads."""
+    names = list(grads)
+    flat = torch.cat([grads[n].reshape(-1) for n in names])
+    total = _SumOverRanks.apply(flat, group, where)
+    pieces = torch.split(total / group.world, [grads[n].numel() for n in names])
+    return {n: p.view_as(grads[n]) for n, p in zip(names, pieces, strict=True)}
+
+
+def averaged_optimizer(optimizer: Optimizer, group: Group, where: str = "data_parallel"
+                       ) -> Optimizer:
+    """``optimizer`` whose update sees the gradient averaged over the ranks."""
+    inner = optimizer.update
+
+    def update(grads: Params, state: Any, params: Params, hparams: Any, step: int
+               ) -> tuple[Params, Any]:
+        return inner(mean_gradients(grads, group, where), state, params, hparams, step)
+
+    return optimizer._replace(update=update)
+
+
+def shared_train_loss(problem: Problem, group: Group, where: str = "data_parallel") -> Any:
+    """The train loss on this rank's shard (gradient) with the mean over ranks as its value;
+    dropout draws from :func:`rank_seed`."""
+    fn, takes_ctx = problem.train_loss, problem.train_takes_ctx
+
+    def loss(params: Params, hparams: Any, batch: Batch, ctx: Any) -> Tensor:
+        if takes_ctx:
+            seed, ctx.seed = ctx.seed, rank_seed(ctx.seed, group.rank)
+            try:
+                value = fn(params, hparams, batch, ctx)
+            finally:
+                ctx.seed = seed
+        else:
+            value = fn(params, hparams, batch)
+        if not isinstance(value, Tensor):
+            return value  # call_loss reports it
+        mean = group.all_reduce(where, value.detach().clone())
+        return value + (mean / group.world - value.detach())
+
+    return loss
+
+
+def shard_problem(problem: Problem, group: Group, where: str = "data_parallel") -> Problem:
+    """``problem`` as this rank trains it: its shard of each batch, averaged gradients
+    (``where`` names the training in the error of a lost rank)."""
+    return replace(
+        problem, train_data=ShardedBatches(problem.train_data, group.rank, group.world),
+        optimizer=averaged_optimizer(problem.optimizer, group, where),
+        train_loss=shared_train_loss(problem, group, where), train_takes_ctx=True,
+    )
+
+
+@dataclass(frozen=True)
+class DataParallelMethod(Method):
+    """A hypergradient method whose inner training is data-parallel over a process group."""
+
+    inner: Method | None = field(default=None, repr=False)
+    group: Any = field(default=None, repr=False)
+
+
+def _run(inner: Method, group_arg: Any, problem: Problem, raw: dict[str, Tensor]
+         ) -> HyperGradient:
+    group = current_group(group_arg)
+    if group is None:
+        return inner.run(problem, raw)
+    where = f"data_parallel {inner.name} (seed {problem.seed})"
+    group.barrier(where)
+    failure, hg = None, None
+    try:
+        hg = inner.run(shard_problem(problem, group, where), raw)
+    except NonFiniteError as err:
+        failure = str(err)
+    local = None if hg is None else (hg.vector.detach().double(), hg.train_loss)
+    parts = group.all_gather(where, (failure, local))
+    failures = [f for f, _ in parts if f is not None]
+    if failures or hg is None:
+        raise NonFiniteError(failures[0] if failures else f"{where}: no result")
+    total = parts[0][1][0]
+    for _, (vector, _) in parts[1:]:
+        total = total + vector
+    grad = problem.hparams.unflatten((total / group.world).to(hg.vector.dtype))
+    return replace(
+        hg, grad=grad, grad_natural=hg.hparams.natural_grad(grad, dict(raw)),
+        train_loss=sum(p[1][1] for p in parts) / group.world,
+        diagnostics={**hg.diagnostics, "world": group.world},
+    )
+
+
+def data_parallel(method: Method | str = "reverse", group: Any = None) -> DataParallelMethod:
+    """``method`` with data-parallel inner training over ``group`` (``None``: the initialised
+    default group; with none, or one rank, ``method`` runs unchanged). See the module doc.
+
+    Raises:
+        HyperdiffError: for a method that does not train through ``train_step`` (implicit,
+            reversible) or forward mode's ``jvp`` engine (torch.func cannot carry the
+            all-reduce); forward's other engines run as ``double_vjp`` with ``chunk_size=1``.
+    """
+    inner = make_method(method) if isinstance(method, str) else method
+    if not isinstance(inner, Method) or isinstance(inner, DataParallelMethod):
+        raise HyperdiffError(f"data_parallel: method must be a Method or a name, one of "
+                             f"{list(SUPPORTED)} (got {inner!r})")
+    if inner.name not in SUPPORTED:
+        raise HyperdiffError(f"data_parallel: method must be one of {list(SUPPORTED)} "
+                             f"(got {inner.name!r})")
+    if inner.name == "forward" and inner.options.get("engine") == "jvp":
+        raise HyperdiffError("data_parallel: forward engine must be 'double_vjp' or 'auto' "
+                             "(got 'jvp': torch.func cannot differentiate the all-reduce)")
+    if inner.name == "forward":  # one tangent per backward pass: vmap cannot batch c10d ops
+        from hyperdiff.methods.forward import forward
+
+        inner = forward(chunk_size=1, engine="double_vjp")
+    return DataParallelMethod(
+        inner.name, lambda problem, raw: _run(inner, group, problem, raw),
+        {**inner.options, "data_parallel": True}, inner.exact, inner=inner, group=group,
+    )
+
+
+__all__ = ["DataParallelMethod", "ShardedBatches", "averaged_optimizer", "data_parallel",
+           "mean_gradients", "rank_seed", "shard_problem"]

@@ -1,0 +1,96 @@
+"""Spreading the trainings of an outer step over the ranks of a process group.
+
+An outer step of :class:`~hyperdiff.tuner.driver.HyperOptimizer` runs ``n = folds x samples``
+independent trainings. With ``W`` ranks, rank ``r`` runs the trainings ``i`` with
+``i % W == r``; one :meth:`~hyperdiff.tuner.distributed.group.Group.all_gather` then gives every
+rank all ``n`` results in the order of the single-process loop, so the mean hypergradient,
+the losses and their spreads that the driver computes from them are the single-process ones
+bit for bit (each training is the same arithmetic in whichever process runs it), and every
+rank takes the same outer update.
+
+A training that fails (a :class:`~hyperdiff.errors.NonFiniteError` of a diverged inner run,
+or any other error) is gathered too and raised on every rank, so the divergence guard stays
+in step across ranks instead of one rank leaving the others waiting.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from hyperdiff.errors import HyperdiffError, NonFiniteError
+from hyperdiff.tuner.distributed.group import Group, current_group
+
+A = TypeVar("A")
+B = TypeVar("B")
+
+
+class Spreader:
+    """Maps a function over the trainings of an outer step: ``map(fn, items, where)``."""
+
+    def map(self, fn: Callable[[A], B], items: Sequence[A], where: str) -> list[B]:
+        return [fn(item) for item in items]
+
+
+class LocalSpreader(Spreader):
+    """Every training in this process (one rank, or data-parallel trainings that use every
+    rank for each training)."""
+
+
+class RankSpreader(Spreader):
+    """Training ``i`` runs on rank ``i % world``; all results are gathered on every rank."""
+
+    def __init__(self, group: Group):
+        self.group = group
+
+    def owned(self, count: int) -> list[int]:
+        """Indices of the trainings this rank runs."""
+        return list(range(self.group.rank, count, self.group.world))
+
+    def map(self, fn: Callable[[A], B], items: Sequence[A], where: str) -> list[B]:
+        mine: dict[int, tuple[str, Any]] = {}
+        for index in self.owned(len(items)):
+            try:
+                mine[index] = ("ok", fn(items[index]))
+            except NonFiniteError as err:
+                mine[index] = ("nonfinite", str(err))
+                break  # the step fails anyway; tell the others now
+            except HyperdiffError as err:  # bad input: the message a single process gives
+                mine[index] = ("hyperdiff", str(err))
+                break
+            except Exception as err:
+                mine[index] = ("error", f"{type(err).__name__}: {err}\n"
+                                        f"{traceback.format_exc(limit=4)}")
+                break
+        results: dict[int, tuple[str, Any]] = {}
+        for part in self.group.all_gather(where, mine):
+            results.update(part)
+        failures = sorted(i for i, (status, _) in results.items() if status != "ok")
+        if failures:
+            first = failures[0]
+            status, message = results[first]
+            rank = first % self.group.world
+            if status == "nonfinite":
+                raise NonFiniteError(message)
+            if status == "hyperdiff":
+                raise HyperdiffError(message)
+            raise HyperdiffError(f"{where}: training {first} failed on rank {rank}: {message}")
+        return [results[i][1] for i in range(len(items))]
+
+
+def spreader_for(method: Any, group: Any = None) -> Spreader:
+    """The spreader for an outer loop with ``method`` on ``group`` (``None``: the initialised
+    default group, if any): trainings over ranks, or all of them here for one process or a
+    data-parallel method (see :mod:`hyperdiff.tuner.distributed.data_parallel`)."""
+    from hyperdiff.tuner.distributed.data_parallel import (
+        DataParallelMethod,  # local: data_parallel imports methods
+    )
+
+    found = current_group(group)
+    if found is None or isinstance(method, DataParallelMethod):
+        return LocalSpreader()
+    return RankSpreader(found)
+
+
+__all__ = ["LocalSpreader", "RankSpreader", "Spreader", "spreader_for"]

@@ -1,0 +1,201 @@
+"""The argument checks of :class:`~hyperdiff.tuner.driver.HyperOptimizer`, one function each.
+
+Each raises :class:`~hyperdiff.errors.HyperdiffError` naming ``HyperOptimizer``, the argument,
+what is valid and what was given: the problems (one, or folds that tune the same
+hyperparameters), the selection split (evaluated once at theta_0, so that a batch the loss
+cannot take fails at once), the sample count, and a checkpoint to resume from (its step and
+history, its trainings per step, its outer optimizer state).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from hyperdiff.engine.datacheck import check_batch, shapes_of
+from hyperdiff.engine.problem import Problem
+from hyperdiff.engine.training import validation_loss
+from hyperdiff.errors import HyperdiffError, fail, positive_int
+from hyperdiff.logs import get_logger
+from hyperdiff.tuner.snr import AutoSamples
+from hyperdiff.tuner.state_checks import (
+    check_count,
+    check_guard_state,
+    check_like,
+    check_optimizer_shapes,
+    damaged,
+    optimizer_probe_state,
+)
+from hyperdiff.typing import Batch
+from hyperdiff.wording import option
+
+_LOG = get_logger("driver")  # the driver's warnings, under the driver's logger
+
+
+def check_problems(problem: Problem | Sequence[Problem]) -> tuple[Problem, ...]:
+    """``problem`` as a non-empty tuple of problems that tune the same hyperparameters."""
+    problems = (problem,) if isinstance(problem, Problem) else tuple(problem)
+    if not problems or not all(isinstance(p, Problem) for p in problems):
+        raise fail("HyperOptimizer", "problem",
+                   "a Problem or a non-empty sequence of Problems (made by hd.make_problem)",
+                   problem)
+    names = list(problems[0].hparams)
+    for p in problems[1:]:
+        if list(p.hparams) != names:
+            raise fail("HyperOptimizer", "problems", f"all tuning the hyperparameters {names}",
+                       list(p.hparams))
+    return problems
+
+
+def as_batches(selection: Batch | list[Batch] | None) -> list[Batch] | None:
+    """``selection`` as a non-empty list of batches (``None``: no selection split)."""
+    if selection is None:
+        return None
+    batches = list(selection) if isinstance(selection, list) else [selection]
+    if not batches:
+        raise fail("HyperOptimizer", "selection", "a batch or a non-empty list of batches "
+                   "(None: no selection split)", selection)
+    return batches
+
+
+def auto_samples(samples: int | str, max_samples: int) -> AutoSamples | None:
+    """``AutoSamples`` for ``samples="auto"``, ``None`` for a fixed count."""
+    if isinstance(samples, str):
+        if samples != "auto":
+            raise fail("HyperOptimizer", "samples", "a positive int or 'auto'", samples)
+        return AutoSamples(maximum=max_samples)  # which checks it
+    positive_int("HyperOptimizer", "max_samples", max_samples)
+    return None
+
+
+def check_selection(problem: Problem, selection: list[Batch] | None) -> None:
+    """Evaluate ``val_loss`` once on the selection batches at theta_0: a batch it cannot take
+    fails here with the shapes, not after the first training; warn when there is none."""
+    if selection is None:
+        _LOG.warning(
+            "HyperOptimizer: no selection split: the best step and early stopping use the "
+            "validation loss that the hypergradient descends, which many hyperparameters can "
+            "overfit; %s", option("pass selection=batches held out from val_data",
+                                  "set task.selection_fraction > 0"))
+        return
+    for batch in selection:
+        check_batch("HyperOptimizer", "selection", batch)
+    hview = problem.hparams.view(problem.raw_tensors())
+    try:
+        with torch.no_grad():
+            value = float(validation_loss(replace(problem, val_data=selection), problem.params,
+                                          problem.buffers, hview))
+    except HyperdiffError:
+        raise
+    except (RuntimeError, IndexError, TypeError, ValueError, KeyError) as err:
+        raise HyperdiffError(
+            "HyperOptimizer: selection must be batches that val_loss accepts, like val_data "
+            f"(selection batch: {shapes_of(selection[0])}; validation batch: "
+            f"{shapes_of(problem.val_data[0])}; parameter shapes "
+            f"{ {n: tuple(p.shape) for n, p in problem.params.items()} }): "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    if not math.isfinite(value):
+        raise fail("HyperOptimizer", "selection loss at the initial parameters",
+                   "finite", value)
+
+
+def check_resume(state: dict[str, Any], *, records: int, slots: int) -> None:
+    """A checkpoint ``state`` resumes a run with ``records`` history records and ``slots``
+    trainings per step only when it was saved at step ``records`` with as many slots."""
+    if records != state["step"]:
+        raise HyperdiffError(
+            f"HyperOptimizer: history must hold {state['step']} records to resume "
+            f"(got {records})"
+        )
+    if len(state["warm"]) != slots:
+        raise HyperdiffError(
+            "HyperOptimizer: the checkpoint must come from a run with the same folds and "
+            f"samples ({slots} trainings per step; got {len(state['warm'])})"
+        )
+
+
+def check_driver_state(driver: Any, state: dict[str, Any], records: Sequence[Any]) -> None:
+    """A checkpoint ``state`` of :class:`~hyperdiff.tuner.driver.HyperOptimizer` ``driver`` must be
+    shaped like the driver's own (:mod:`hyperdiff.tuner.state_checks`) and its counters those of
+    the ``records`` on disk: the best step and the steps since, the trainings, the guard's."""
+    caller = "HyperOptimizer"
+    fresh = driver.state_dict()
+    if missing := sorted(set(fresh) - set(state)):
+        raise damaged(caller, "the state", f"a dict with the entries {missing}",
+                      "a dict without them")
+    if unknown := sorted(map(str, set(state) - set(fresh))):
+        raise damaged(caller, "the state", f"a dict without the entries {unknown}",
+                      "a dict with them")
+    check_resume(state, records=len(records), slots=len(driver.warm))
+    check_optimizer_state(driver.optimizer, state["optimizer"])
+    for key in ("step", "raw", "since_best", "elapsed", "trainings", "rng"):
+        check_like(caller, key, state[key], fresh[key])
+    check_like(caller, "stopped", state["stopped"], None if state["stopped"] is None else "")
+    if "discrete" in fresh:  # the REINFORCE baseline: None before the first step
+        average = state["discrete"].get("moving_average") if isinstance(
+            state["discrete"], dict) else 0.0
+        check_like(caller, "discrete", state["discrete"],
+                   {"moving_average": None if average is None else 0.0})
+    check_optimizer_shapes(caller, "optimizer", driver.optimizer, state["optimizer"])
+    check_warm(driver, state["warm"])
+    check_best(caller, state["best"], fresh["raw"], state["since_best"], records)
+    check_count(caller, "trainings", state["trainings"],
+                records[-1].trainings if records else 0, "those of the last record")
+    check_guard_state(caller, state["guard"], driver.guard.state_dict(),
+                      {"raw": fresh["raw"], "optimizer": driver.optimizer,
+                       "warm": state["warm"]}, [r.status == "failed" for r in records],
+                      driver.guard.shrink)
+
+
+def check_warm(driver: Any, warm: list[Any]) -> None:
+    """Each warm slot ``None`` or ``(params, buffers)`` like its problem's (fold-major slots);
+    ``None`` everywhere without warm starts."""
+    for slot, saved in enumerate(warm):
+        problem = driver.problems[slot // driver.samples]
+        like = None if saved is None or not driver.warm_start else (problem.params,
+                                                                     problem.buffers)
+        check_like("HyperOptimizer", f"warm[{slot}]", saved, like)
+
+
+def check_best(caller: str, best: Any, raw: dict[str, Any], since_best: int,
+               records: Sequence[Any]) -> None:
+    """``best`` like the driver's record of its best step, that step the last record marked
+    best, and ``since_best`` the records after it (all of them before any best step)."""
+    marked = [r.step for r in records if r.best]
+    if best is None:
+        if marked:
+            raise damaged(caller, "best", f"the record of step {marked[-1]}, the last one "
+                          "marked best", "None")
+        check_count(caller, "since_best", since_best, len(records),
+                    "the records, none of them best")
+        return
+    selection = None if best.get("selection") is None else 0.0
+    check_like(caller, "best", best, {"step": 0, "raw": raw, "value": 0.0, "val": 0.0,
+                                      "selection": selection})
+    check_count(caller, "best['step']", best["step"], marked[-1] if marked else -1,
+                "the last record marked best")
+    check_count(caller, "since_best", since_best, len(records) - 1 - best["step"],
+                "the records after the best one")
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], *,
+                          caller: str = "HyperOptimizer") -> None:
+    """A saved outer optimizer ``state`` must hold every entry ``optimizer.step`` needs."""
+    if missing := missing_optimizer_entries(optimizer, state):
+        raise HyperdiffError(f"{caller}: the outer optimizer state lacks the entries "
+                             f"{missing} that {type(optimizer).__name__} needs")
+
+
+def missing_optimizer_entries(optimizer: torch.optim.Optimizer, state: dict[str, Any]
+                              ) -> list[str]:
+    """Per-parameter entries (``exp_avg``, ``square_avg``, ...) that ``optimizer.step`` needs
+    and a non-empty saved parameter state lacks, found by one step of a probe optimizer."""
+    fresh = optimizer_probe_state(optimizer)
+    needed = set().union(*(entry.keys() for entry in fresh.values()))
+    saved = [set(entry) for entry in state.get("state", {}).values() if entry]
+    return sorted(set().union(*(needed - entry for entry in saved)))

@@ -1,0 +1,67 @@
+"""The score-function (REINFORCE) estimate of the hypergradient of a choice's logits.
+
+For choices ``z ~ p = softmax(u)`` and the validation loss ``L(z)`` of a training with the
+plain choice ``z``, the expected loss ``J(u) = E_p[L(z)] = sum_z p(z) L(z)`` has
+
+    dJ/du = E_p[(L(z) - b) * d log p(z)/du],      d log p(z)/du = onehot(z) - p
+
+for any baseline ``b`` that does not depend on ``z`` (its expectation term
+``b * E_p[onehot(z) - p] = 0``). With S samples per step the estimate is the mean of the
+per-sample terms. Baselines: ``"none"`` (``b = 0``), ``"moving_average"`` (of the mean loss of
+the previous outer steps) and ``"leave_one_out"`` (``b_i`` = mean of the step's other samples'
+losses, so ``b_i`` is independent of ``z_i``; needs S >= 2). Several discrete hyperparameters
+sampled independently share the loss: each gets ``(L - b) * (onehot(z_k) - p_k)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hyperdiff.errors import HyperdiffError
+
+
+def draw(probs: Tensor, seed: int) -> int:
+    """One index ``z ~ probs`` from a generator seeded by ``seed`` (CPU draw: portable)."""
+    gen = torch.Generator().manual_seed(int(seed) % (2**63))
+    return int(torch.multinomial(probs.detach().double().cpu(), 1, generator=gen))
+
+
+def score(index: int, probs: Tensor) -> Tensor:
+    """``d log p(z)/du = onehot(z) - p`` for logits ``u``, shape ``(n,)``."""
+    return torch.nn.functional.one_hot(
+        torch.tensor(index, device=probs.device), probs.shape[-1]).to(probs.dtype) - probs
+
+
+def baselines(losses: Tensor, kind: str, moving_average: float | None = None) -> Tensor:
+    """One baseline per sample, shape ``(S,)``, for the step's losses ``(S,)``."""
+    if kind == "none" or (kind == "moving_average" and moving_average is None):
+        return torch.zeros_like(losses)
+    if kind == "moving_average":
+        return torch.full_like(losses, float(moving_average))  # type: ignore[arg-type]
+    if kind == "leave_one_out":
+        count = losses.numel()
+        if count < 2:
+            raise HyperdiffError(
+                "reinforce: baseline 'leave_one_out' needs samples >= 2 per outer step "
+                f"(got samples={count}); use baseline='moving_average' or more samples"
+            )
+        return (losses.sum() - losses) / (count - 1)
+    raise HyperdiffError(f"reinforce: baseline must be one of 'moving_average', "
+                         f"'leave_one_out', 'none' (got {kind!r})")
+
+
+def estimates(losses: Tensor, scores: Tensor, baseline: Tensor) -> Tensor:
+    """Per-sample estimates ``(L_i - b_i) * score_i``, shape ``(S, n)``; their mean over
+    samples is the hypergradient estimate of the logits."""
+    return (losses - baseline).unsqueeze(-1) * scores
+
+
+def exact_gradient(losses_by_choice: Tensor, probs: Tensor) -> Tensor:
+    """``dJ/du = sum_z p(z) L(z) (onehot(z) - p)`` for one choice with ``n`` options, by
+    enumeration (the oracle of the tests), shape ``(n,)``."""
+    expected = (probs * losses_by_choice).sum()
+    return probs * (losses_by_choice - expected)
+
+
+__all__ = ["baselines", "draw", "estimates", "exact_gradient", "score"]

@@ -1,0 +1,190 @@
+"""The trainings of one outer step: every problem (fold) x ``samples`` minibatch seeds.
+
+Slot ``j * samples + i`` holds problem ``j``'s sample ``i`` at outer step ``s``: it trains T
+inner steps with the minibatch seed :meth:`Sampler.seed_for` ``(s, i)``, from theta_0 or (with
+warm start) from the slot's last theta_T, with the discrete choices drawn for it
+(:mod:`hyperdiff.hparams.discrete`), and gives::
+
+    g_ji = dL_val(theta_T(lam_s))/du  (a HyperGradient)    L_sel,ji = L_sel(theta_T)
+
+The selection loss of the step is ``mean_ji L_sel,ji`` (``None`` without a selection split).
+With ``samples="auto"`` (:class:`~hyperdiff.tuner.snr.AutoSamples`) a step starts with the minimum
+and adds one sample of every problem at a time until the signal-to-noise ratio of the per-sample
+hypergradients suffices. The trainings of each round are spread over the ranks of a process
+group when there is one (:mod:`hyperdiff.tuner.distributed`). :meth:`Sampler.estimate` combines the
+slots into the step's hypergradient ``g_s = mean_ji g_ji`` and its noise
+(:mod:`hyperdiff.tuner.snr`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from hyperdiff.engine.problem import Problem
+from hyperdiff.engine.training import validation_loss
+from hyperdiff.errors import NonFiniteError
+from hyperdiff.logs import get_logger
+from hyperdiff.methods.base import HyperGradient, Method
+from hyperdiff.seeds import minibatch_seed
+from hyperdiff.tuner.discrete_outer import DiscreteOuter
+from hyperdiff.tuner.distributed.spread import Spreader
+from hyperdiff.tuner.snr import (
+    SNR_TARGET,
+    AutoSamples,
+    below,
+    more_samples_advice,
+    sample_means,
+    signal_to_noise,
+)
+from hyperdiff.typing import Batch
+
+Outcomes = dict[int, tuple[HyperGradient, float | None]]
+"""slot -> (its hypergradient, its selection loss or ``None``)."""
+_LOG = get_logger("driver")  # the driver's warnings, under the driver's logger
+
+
+class Estimate(NamedTuple):
+    """One outer step's hypergradient from its ``n`` slots (``k`` flat hyperparameters)."""
+
+    grads: Tensor  # (n, k) float64, each slot's raw hypergradient (REINFORCE-adjusted)
+    values: Tensor  # (n,) float64 on the CPU, each slot's validation loss
+    mean: Tensor  # (k,) g_s = mean over the slots
+    per_sample: Tensor  # (samples, k) each sample's mean over the problems
+    snr: float | None  # signal-to-noise ratio of per_sample (None for one sample)
+    discrete: dict[str, Any] | None  # the record's entry for discrete hyperparameters
+
+
+class Sampler:
+    """Trains and differentiates the slots of each outer step; keeps their warm starts.
+
+    Args:
+        problems: the problems (folds) with the same hyperparameters.
+        method: the hypergradient method every slot runs.
+        samples: the stride of seeds and slots (the most samples per step).
+        auto: :class:`~hyperdiff.tuner.snr.AutoSamples` for ``samples="auto"``, else ``None``.
+        seed: base of the minibatch seeds.
+        selection: batches of the selection split, or ``None``.
+        warm_start: start each slot from its last theta_T.
+        discrete: the discrete hyperparameters' hook, or ``None``.
+        spreader: maps the trainings of a round over the ranks of a process group.
+
+    ``warm`` holds each slot's last ``(params, buffers)`` (``None`` without warm start) and
+    ``trainings`` counts the trainings run (the driver adds each step's :attr:`first_round`
+    before the step, :meth:`evaluate` the samples it adds); both are in the driver's checkpoint.
+    """
+
+    def __init__(self, problems: tuple[Problem, ...], method: Method, *, samples: int,
+                 auto: AutoSamples | None, seed: int, selection: list[Batch] | None,
+                 warm_start: bool, discrete: DiscreteOuter | None, spreader: Spreader):
+        self.problems, self.method, self.samples, self.auto = problems, method, samples, auto
+        self.seed, self.selection, self.warm_start = seed, selection, warm_start
+        self.discrete, self.spreader = discrete, spreader
+        self.warm: list[Any] = [None] * (len(problems) * samples)
+        self.trainings = 0
+
+    @property
+    def first_round(self) -> int:
+        """Trainings a step starts with: every problem x (auto's minimum, or ``samples``)."""
+        return len(self.problems) * (self.auto.minimum if self.auto else self.samples)
+
+    def seed_for(self, step: int, sample: int) -> int:
+        """Minibatch seed of ``sample`` at outer ``step``."""
+        return minibatch_seed(self.seed, step, self.samples, sample)
+
+    def evaluate(self, step: int, raw: dict[str, Tensor]
+                 ) -> tuple[list[HyperGradient], float | None]:
+        """The hypergradients of step ``step`` at ``raw`` (slots in order) and the mean
+        selection loss (``None`` without a selection split).
+
+        Counts the trainings beyond :attr:`first_round` (the caller counts that one) and
+        keeps each slot's theta_T for warm starts.
+
+        Raises:
+            NonFiniteError: a training diverged, or the selection loss is not finite.
+        """
+        done: Outcomes = {}
+        count = self.auto.minimum if self.auto else self.samples
+        self._sample(step, raw, range(count), done)
+        while self.auto and not self.auto.enough(self._per_sample(done)):
+            self._sample(step, raw, range(count, count + 1), done)  # one more, every fold
+            self.trainings += len(self.problems)
+            count += 1
+        evaluations = [done[slot][0] for slot in sorted(done)]
+        selection = [v for slot in sorted(done) if (v := done[slot][1]) is not None]
+        for slot, (hg, _) in done.items():
+            self.warm[slot] = (hg.params, hg.buffers) if self.warm_start else None
+        if not selection:
+            return evaluations, None
+        value = sum(selection) / len(selection)
+        if not math.isfinite(value):
+            raise NonFiniteError(f"the selection loss is not finite ({value})")
+        return evaluations, value
+
+    def estimate(self, step: int, raw: dict[str, Tensor], evaluations: list[HyperGradient]
+                 ) -> Estimate:
+        """Combine the slots' hypergradients (REINFORCE estimates for the sampled choices'
+        logits with discrete hyperparameters); warn when the SNR is below the target."""
+        hparams = self.problems[0].hparams
+        grads = torch.stack([hparams.flatten(hg.grad).double() for hg in evaluations])
+        values = torch.tensor([hg.value for hg in evaluations], dtype=torch.float64, device="cpu")
+        discrete = None
+        if self.discrete is not None:  # REINFORCE estimates for the sampled choices' logits
+            grads, discrete = self.discrete.adjust(step, raw, grads, values)
+        mean = grads.mean(0)
+        per_sample = sample_means(grads, len(self.problems))
+        snr = signal_to_noise(per_sample)
+        if snr is not None and snr < SNR_TARGET:
+            _LOG.warning(
+                "outer step %d: the hypergradient's signal-to-noise ratio is %s < %g over "
+                "%d samples: the step direction is mostly minibatch noise; use more samples "
+                "(%s)", step, below(snr, SNR_TARGET), SNR_TARGET, per_sample.shape[0],
+                more_samples_advice(self.auto is not None, self.samples))
+        return Estimate(grads, values, mean, per_sample, snr, discrete)
+
+    def _sample(self, step: int, raw: dict[str, Tensor], samples: range,
+                done: Outcomes) -> None:
+        """Train and differentiate ``samples`` of every problem (fold-major slots), spread
+        over the ranks of the process group when there is one."""
+        slots, problems = [], []
+        for j, base in enumerate(self.problems):
+            for i in samples:
+                problem = replace(base, seed=self.seed_for(step, i))
+                if self.discrete is not None:
+                    problem = self.discrete.prepare(problem, step, i, raw)
+                slot = j * self.samples + i
+                if self.warm_start and self.warm[slot] is not None:
+                    problem = replace(problem, params=self.warm[slot][0],
+                                      buffers=self.warm[slot][1])
+                slots.append(slot)
+                problems.append(problem)
+        outcomes = self.spreader.map(lambda p: self._train(p, raw), problems,
+                                     f"outer step {step}")
+        done.update(zip(slots, outcomes, strict=True))
+
+    def _train(self, problem: Problem, raw: dict[str, Tensor]
+               ) -> tuple[HyperGradient, float | None]:
+        hg = self.method(problem, raw)
+        if self.selection is None:
+            return hg, None
+        return hg, selection_loss(problem, self.selection, hg, raw)
+
+    def _per_sample(self, done: Outcomes) -> Tensor:
+        """``(count, k)``: each sample's hypergradient averaged over the problems (the slots
+        in order are fold-major, as :func:`~hyperdiff.tuner.snr.sample_means` takes them)."""
+        hparams = self.problems[0].hparams
+        grads = [hparams.flatten(done[slot][0].grad).double() for slot in sorted(done)]
+        return sample_means(torch.stack(grads), len(self.problems))
+
+
+def selection_loss(problem: Problem, selection: list[Batch], hg: HyperGradient,
+                   raw: dict[str, Tensor]) -> float:
+    """``problem.val_loss`` on the ``selection`` batches at the trained ``hg.params``."""
+    probe = replace(problem, val_data=selection)
+    with torch.no_grad():
+        hview = problem.hparams.view(problem.raw_tensors(raw))
+        return float(validation_loss(probe, hg.params, hg.buffers, hview))
