@@ -14,7 +14,8 @@ from hyperdiff.app.cli import main
 from hyperdiff.app.config import load_config
 from hyperdiff.app.experiment import run_experiment
 from hyperdiff.app.rundir import CHECKPOINT
-from hyperdiff.app.tasks import Task, arch_digits, build_task
+from hyperdiff.app.tasks import arch_digits, build_task
+from hyperdiff.hparams.choices import fixed_hparams
 from hyperdiff.seeds import REPORT_SEED
 
 QUICK = ["--set", "inner.steps=4", "--set", "stop.max_steps=3", "--set", "report.seeds=1",
@@ -39,9 +40,9 @@ def arch_run(tmp_path_factory):
 
 
 def test_run_prints_the_chosen_values_and_the_relaxation_gap(arch_run):
-    """Oracles: the discretised numbers are DiscreteTask.evaluate at the best raw values (from
-    the checkpoint); the relaxed ones are Task.evaluate of arch_digits built with a constant
-    temperature equal to the best step's, i.e. the plain relaxed model."""
+    """Oracles: the discretised numbers are Task.evaluate at the best raw values (from the
+    checkpoint); the relaxed ones are arch_digits built with a constant temperature equal to
+    the best step's, trained with its specs as they are (evaluate_as): the relaxed model."""
     out, table = arch_run
     result = json.loads((out / "result.json").read_text())
     part = result["discrete"]
@@ -59,7 +60,8 @@ def test_run_prints_the_chosen_values_and_the_relaxation_gap(arch_run):
     assert len(set(taus.values())) == 1 and set(taus) == {"depth", "width", "activation"}
     plain_relaxed = arch_digits.build(steps=4, temperature=taus["depth"]).build(
         selection_fraction=0.5)
-    relaxed = Task.evaluate(plain_relaxed, best_raw, seeds=seeds)
+    relaxed = plain_relaxed.evaluate_as(plain_relaxed.final_problem.hparams, best_raw,
+                                        seeds=seeds)
     assert part["relaxed"] == relaxed
     assert relaxed["test"]["loss"] != discretised["test"]["loss"]  # two different models
     for split in ("val", "selection", "test"):
@@ -89,7 +91,7 @@ def test_cross_validated_compare_trains_the_plain_choices(tmp_path, capsys):
     folds of the validation loss that reverse mode computes for the plain architecture."""
     task = build_task("arch_digits", steps=3, cv_folds=3)
     values = {"lr": 0.2, "weight_decay": 1e-3, "depth": 2, "width": 32, "activation": "tanh"}
-    plain = task.fixed_hparams(values)
+    plain = fixed_hparams(task.hparams, values)
     from dataclasses import replace
 
     by_method = [hd.reverse()(replace(p, hparams=plain)).value for p in task.problems]

@@ -4,6 +4,7 @@ from hyperdiff.app import tasks as tasks  # hd.tasks stays reachable
 from hyperdiff.app.export import TunedSchedule, load_into, torch_optimizer, tuned_hparams
 from hyperdiff.app.loggers import CSVLogger, TensorBoardLogger
 from hyperdiff.app.tasks import (
+    SearchChoices,
     SearchRange,
     Task,
     TaskData,
@@ -84,6 +85,7 @@ __all__ = [
     "Positive",
     "Problem",
     "Schedule",
+    "SearchChoices",
     "SearchRange",
     "SolveResult",
     "Solver",

@@ -3,22 +3,23 @@
 A relaxed model (a mixture of options) is not the model one deploys: at the end each discrete
 hyperparameter is fixed to its most probable choice and the model is retrained from scratch.
 The *relaxation gap* is the difference between the relaxed and the discretised losses (on the
-validation and the held-out test split). :class:`DiscreteTask` is a built-in task whose
-evaluations (reports, ``hyperdiff compare``, black-box trials) train the discretised model,
-and whose black-box interface takes plain choices (labels) for its discrete hyperparameters.
+validation and the held-out test split). Every task with discrete hyperparameters gets this
+report (``hyperdiff run`` calls :func:`final_report` when ``discrete_names(hparams)`` is
+non-empty); its evaluations (reports, ``hyperdiff compare``, black-box trials) train the
+discretised model (:mod:`hyperdiff.hparams.choices`), with no special task class.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import torch
 from torch import Tensor
 
-from hyperdiff.app.tasks.base import SearchRange, Task
-from hyperdiff.errors import fail
+from hyperdiff.app.tasks.base import SearchChoices, Task
+from hyperdiff.hparams.choices import discretise, fix_choices, fixed_hparams
 from hyperdiff.hparams.discrete import (
     DiscreteParameter,
     best_choices,
@@ -30,107 +31,33 @@ from hyperdiff.hparams.hyperparams import HyperParameters
 from hyperdiff.tuner.history import OptimizeResult
 
 
-@dataclass(frozen=True)
-class SearchChoices(SearchRange):
-    """A discrete dimension of a black-box search space: one of ``choices`` (JSON-ready
-    labels), suggested by Optuna as a categorical and drawn uniformly by random search."""
-
-    choices: tuple[Any, ...] = ()
-
-    @classmethod
-    def of(cls, choices: Sequence[Any]) -> SearchChoices:
-        labels = tuple(label(c) for c in choices)
-        return cls(0.0, float(len(labels) - 1), False, labels)
-
-
-def discretise(hparams: HyperParameters, raw: Mapping[str, Tensor] | None = None
-               ) -> HyperParameters:
-    """``hparams`` at ``raw`` with every discrete hyperparameter fixed to its argmax choice
-    (a plain choice: one-hot weights, only that option evaluated)."""
-    hp = hparams if raw is None else hparams.with_raw(dict(raw))
-    current = hp.raw
-    return with_states(hp, {n: {"sample": int(current[n].argmax())}
-                            for n in discrete_names(hp)})
-
-
-def fix_choices(hparams: HyperParameters, choices: Mapping[str, Any]) -> HyperParameters:
-    """``hparams`` with the named discrete hyperparameters fixed to the given choices (or their
-    labels, as :func:`~hyperdiff.hparams.discrete.label` writes them); logits set to put
-    probability ~1 on them."""
-    states, raw = {}, hparams.raw
-    for name, choice in choices.items():
-        spec = cast(DiscreteParameter, hparams[name])
-        labels = [label(c) for c in spec.choices]
-        if choice in spec.choices:
-            index = spec.choices.index(choice)
-        elif choice in labels:
-            index = labels.index(choice)
-        else:
-            raise fail("fix_choices", f"choice of {name!r}", f"one of {labels}", choice)
-        states[name] = {"sample": index}
-        raw[name] = torch.full_like(raw[name], -20.0)
-        raw[name][index] = 20.0
-    return with_states(hparams.with_raw(raw), states)
-
-
-@dataclass(frozen=True)
-class DiscreteTask(Task):
-    """A :class:`~hyperdiff.app.tasks.base.Task` with discrete hyperparameters: ``evaluate``
-    retrains the discretised (argmax) model; ``evaluate_relaxed`` the model as tuned."""
-
-    def _with_hparams(self, hparams: HyperParameters) -> Task:
-        """A plain :class:`Task` (every field of this one) whose final problem has ``hparams``:
-        its ``evaluate`` trains them as they are."""
-        values = {f.name: getattr(self, f.name) for f in fields(Task) if f.init}
-        values["final_problem"] = replace(self.final_problem, hparams=hparams)
-        return Task(**values)
-
-    def evaluate(self, raw: Mapping[str, Tensor] | None = None, *,
-                 seeds: tuple[int, ...] = (0,), segments: int = 1,
-                 progress: Callable[[], None] | None = None) -> dict[str, dict[str, float]]:
-        raw = self.hparams.raw if raw is None else dict(raw)
-        fixed = discretise(self.final_problem.hparams, raw)
-        return self._with_hparams(fixed).evaluate(raw, seeds=seeds, segments=segments,
-                                                  progress=progress)
+class _DiscreteTask(Task):
+    """Deprecated: a plain :class:`~hyperdiff.app.tasks.base.Task` (every task with discrete
+    hyperparameters now reports and searches their plain choices); kept for one release."""
 
     def evaluate_relaxed(self, raw: Mapping[str, Tensor] | None = None, *,
                          seeds: tuple[int, ...] = (0,)) -> dict[str, dict[str, float]]:
-        return Task.evaluate(self, raw, seeds=seeds)
+        """The model as tuned (a relaxed mixture stays a mixture)."""
+        raw = self.hparams.raw if raw is None else dict(raw)
+        return self.evaluate_as(self.final_problem.hparams, raw, seeds=seeds)
 
     def fixed_hparams(self, values: Mapping[str, Any]) -> HyperParameters:
-        """The hyperparameters at natural continuous ``values`` and plain discrete choices
-        (choices or their labels) among ``values``."""
-        names = set(discrete_names(self.hparams))
-        continuous = {n: v for n, v in values.items() if n not in names}  # checked by with_natural
-        return fix_choices(self.hparams.with_natural(**continuous),
-                           {n: v for n, v in values.items() if n in names})
+        """:func:`~hyperdiff.hparams.choices.fixed_hparams` of this task's hyperparameters."""
+        return fixed_hparams(self.hparams, values)
 
-    def evaluate_values(self, values: Mapping[str, Any], seeds: Sequence[int]
-                        ) -> dict[str, dict[str, float]]:
-        """Retrain at natural continuous values and plain discrete choices (labels)."""
-        hp = self.fixed_hparams(values)
-        return self._with_hparams(hp).evaluate(hp.raw, seeds=tuple(seeds))
 
-    def outer_loss(self, values: Mapping[str, Any], seed: int = 0) -> float:
-        """:meth:`Task.outer_loss <hyperdiff.app.tasks.base.Task.outer_loss>` (the mean
-        validation loss over the inner problems, e.g. the cross-validation folds) of the plain
-        architecture: discrete hyperparameters as choices (or labels) in ``values``."""
-        hp = self.fixed_hparams(values)
-        plain = replace(self, problems=tuple(replace(p, hparams=hp) for p in self.problems))
-        return Task.outer_loss(plain, {})
+DEPRECATED = ("hyperdiff.app.discrete_report.DiscreteTask is deprecated and will be removed in the "
+              "next release: a task whose hyperparameters include hd.categorical, hd.integer or "
+              "hd.boolean gets the discretised report and the choice-aware search without it; "
+              "drop task_type=DiscreteTask (the replacement is nothing)")
 
-    def final_report_extra(self, outcome: OptimizeResult, report: Mapping[str, Any], *,
-                           seeds: tuple[int, ...], segments: int = 1,
-                           progress: Callable[[], None] | None = None) -> dict[str, Any]:
-        """The ``discrete`` entry of ``hyperdiff run``'s result (see :func:`final_report`)."""
-        return {"discrete": final_report(self, outcome, report, seeds=seeds,
-                                         segments=segments, progress=progress)}
 
-    def train_and_evaluate(self, values: Mapping[str, Any], seed: int = 0
-                           ) -> dict[str, float]:
-        report = self.evaluate_values(values, (seed,))
-        out = {f"{split}_{key}": value for split, m in report.items() for key, value in m.items()}
-        return {k: v for k, v in out.items() if not k.startswith("train_")}
+def __getattr__(name: str) -> Any:
+    """``DiscreteTask``: the deprecated alias, with a :class:`DeprecationWarning`."""
+    if name == "DiscreteTask":
+        warnings.warn(DEPRECATED, DeprecationWarning, stacklevel=2)
+        return _DiscreteTask
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def relaxed(hparams: HyperParameters, temperatures: Mapping[str, float] | None = None
@@ -154,13 +81,6 @@ def has_relaxation(hparams: HyperParameters) -> bool:
                for n in discrete_names(hparams))
 
 
-def _evaluate_with(task: Task, hparams: HyperParameters, raw: Mapping[str, Tensor],
-                   **options: Any) -> dict[str, dict[str, float]]:
-    """:meth:`Task.evaluate` of ``task``'s final training with ``hparams``' specs."""
-    final = replace(task.final_problem, hparams=hparams)
-    return Task.evaluate(replace(task, final_problem=final), dict(raw), **options)
-
-
 def chosen_labels(hparams: HyperParameters, raw: Mapping[str, Tensor]) -> dict[str, Any]:
     """The argmax choice (as a label) of every discrete hyperparameter at ``raw``."""
     return {n: label(choice) for n, choice in best_choices(hparams, dict(raw)).items()}
@@ -177,9 +97,9 @@ def relaxation_gap(task: Task, raw: Mapping[str, Tensor], *, seeds: tuple[int, .
     the discretised metrics when already computed (not retrained again)."""
     options: dict[str, Any] = {"seeds": seeds, "segments": segments, "progress": progress}
     hp = task.final_problem.hparams
-    relaxed_metrics = _evaluate_with(task, relaxed(hp, temperatures), raw, **options)
+    relaxed_metrics = task.evaluate_as(relaxed(hp, temperatures), raw, **options)
     if discretised is None:
-        discretised = _evaluate_with(task, discretise(hp, raw), raw, **options)
+        discretised = task.evaluate_as(discretise(hp, raw), raw, **options)
     discrete = {s: dict(m) for s, m in discretised.items()}
     gap = {s: discrete[s]["loss"] - relaxed_metrics[s]["loss"]
            for s in relaxed_metrics if "loss" in relaxed_metrics[s] and s in discrete}
@@ -193,7 +113,7 @@ def final_report(task: Task, outcome: OptimizeResult, report: Mapping[str, Any],
     """The discrete part of ``hyperdiff run``'s result: the chosen values at the initial and
     the tuned hyperparameters, and at the tuned ones the relaxed model (at the best step's
     temperatures) retrained next to the discretised one (``report["tuned"]["metrics"]``:
-    :class:`DiscreteTask` reports the argmax configuration retrained from scratch).
+    every task reports the argmax configuration retrained from scratch).
 
     Returns ``{"initial_choices", "choices", "probabilities", "temperatures", "relaxed",
     "discretised", "gap"}``; ``relaxed`` and ``gap`` are ``None`` when every discrete
@@ -249,5 +169,5 @@ def gap_lines(result: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-__all__ = ["DiscreteTask", "SearchChoices", "choice_rows", "discretise", "final_report",
-           "fix_choices", "gap_lines", "has_relaxation", "relaxation_gap", "relaxed"]
+__all__ = ["SearchChoices", "choice_rows", "discretise", "final_report", "fix_choices",
+           "fixed_hparams", "gap_lines", "has_relaxation", "relaxation_gap", "relaxed"]

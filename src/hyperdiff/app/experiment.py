@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from hyperdiff.app.config import Config, load_config
+from hyperdiff.app.discrete_report import final_report as discrete_report
+from hyperdiff.app.discrete_report import has_relaxation
 from hyperdiff.app.loggers import Progress, close_all, config_loggers, start_all
 from hyperdiff.app.run_inputs import (
     ACCEPT_FLAG,
@@ -31,6 +33,7 @@ from hyperdiff.app.tasks.inputs import task_file_change
 from hyperdiff.app.tasks.loader import forget_specs, label
 from hyperdiff.engine.device import resolve_device, task_to_device
 from hyperdiff.errors import HyperdiffError, NonFiniteError
+from hyperdiff.hparams.discrete import discrete_names
 from hyperdiff.logs import get_logger
 from hyperdiff.methods.registry import make_method
 from hyperdiff.seeds import report_seeds
@@ -237,7 +240,7 @@ def _run_locked(
     per_step = len(task.problems) * (driver.auto.minimum if driver.auto else driver.samples)
     bar = Progress(steps=config.stop.max_steps, done=driver.step_index, units_per_step=per_step,
                    trainings=driver.trainings,
-                   report_trainings=(2 + hasattr(task, "final_report_extra"))
+                   report_trainings=(2 + has_relaxation(task.hparams))
                    * config.report.seeds, enabled=progress, desc=task.name)
     with closing(bar):
         start_all(watchers, list(driver.history))
@@ -308,9 +311,9 @@ def final_report(task: Task, outcome: OptimizeResult, config: Config, *, elapsed
             "summary": task.summarize(natural) if task.summarize else {},
             "metrics": task.evaluate(raw, seeds=seeds, segments=segments, progress=progress),
         }
-    extra = getattr(task, "final_report_extra", None)  # e.g. discrete choices' relaxation gap
-    if extra is not None:
-        report.update(extra(outcome, report, seeds=seeds, segments=segments, progress=progress))
+    if discrete_names(task.hparams):  # the argmax choices, and the relaxation gap
+        report["discrete"] = discrete_report(task, outcome, report, seeds=seeds,
+                                             segments=segments, progress=progress)
     return report
 
 

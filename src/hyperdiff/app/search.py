@@ -28,8 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hyperdiff.app.discrete_report import SearchChoices
-from hyperdiff.app.tasks.base import SearchRange, Task
+from hyperdiff.app.tasks.base import SearchChoices, SearchRange, Task
 from hyperdiff.errors import HyperdiffError, positive_int
 from hyperdiff.tuner.history import StepRecord
 

@@ -7,7 +7,10 @@ validation loss, or with ``task.cv_folds = k`` the k-fold CV loss (a black-box t
 k trainings); the winner of each is retrained with fresh seeds and evaluated on the held-out
 test split.
 Prints a table and writes ``comparison.png`` (best validation loss so far against trainings
-and against wall time) and ``comparison.json`` into the run directory.
+and against wall time) and ``comparison.json`` into the run directory, both rewritten as soon
+as each method's phase finishes: a phase that fails leaves the earlier ones there (and in the
+printed table), with the failure named under ``"failed"``; the error is still reported and the
+exit status is non-zero.
 """
 
 from __future__ import annotations
@@ -55,13 +58,39 @@ def run(args: argparse.Namespace) -> int:
     if args.out:  # refused now, not after the tuning: a link where a file will be written
         for name in OUTPUTS:
             refuse_link(Path(args.out) / name)
-    report = compare(config, budget=args.budget or None, per_coordinate=args.per_coordinate,
-                     tpe=not args.no_tpe, progress=False if args.quiet else None)
-    out = write_outputs(report, args.out, f"compare-{label(config.task.name)}-"
-                        f"{time.strftime('%Y%m%d-%H%M%S')}")
+    outputs = PhaseOutputs(args.out, f"compare-{label(config.task.name)}-"
+                           f"{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        report = compare(config, budget=args.budget or None, per_coordinate=args.per_coordinate,
+                         tpe=not args.no_tpe, progress=False if args.quiet else None,
+                         on_phase=outputs.write)
+    except BaseException:  # the phases done are on disk; show them, then report the error
+        if outputs.report is not None and outputs.directory is not None:
+            print(format_comparison(outputs.report))
+            print(f"kept the phases done: {outputs.directory / OUTPUTS[1]}, "
+                  f"{outputs.directory / OUTPUTS[0]}")
+        raise
+    out = outputs.directory or outputs.write(report)  # written after the last phase
     print(format_comparison(report))
     print(f"figure and JSON: {out / OUTPUTS[1]}, {out / OUTPUTS[0]}")
     return 0
+
+
+class PhaseOutputs:
+    """Writes the comparison so far after each phase, into one directory: ``out``, or
+    ``runs/<stem>`` made at the first write (``-2``, ``-3``, ... when taken)."""
+
+    def __init__(self, out: str | None, stem: str) -> None:
+        self.out, self.stem = out, stem
+        self.directory: Path | None = None
+        self.report: Mapping[str, Any] | None = None
+
+    def write(self, report: Mapping[str, Any]) -> Path:
+        """Write ``report``'s JSON and figure (see :func:`write_outputs`); the directory."""
+        where = str(self.directory) if self.directory is not None else self.out
+        self.directory = write_outputs(report, where, self.stem)
+        self.report = report
+        return self.directory
 
 
 def write_outputs(report: Mapping[str, Any], out: str | None, stem: str) -> Path:
@@ -87,10 +116,14 @@ def write_outputs(report: Mapping[str, Any], out: str | None, stem: str) -> Path
 
 def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = False,
             tpe: bool = True, log: Callable[[str], None] | None = None,
-            progress: bool | None = False) -> dict[str, Any]:
+            progress: bool | None = False,
+            on_phase: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
     """Tune ``config``'s task with hyperdiff, random search and (optionally) TPE; return a
     JSON-ready report with each method's curve and its winner's held-out metrics.
-    ``progress``: tqdm bars (``None``: only on a terminal)."""
+    ``progress``: tqdm bars (``None``: only on a terminal). ``on_phase(report)``: called with
+    the report so far as soon as each method's phase finishes, and once more when a black-box
+    phase fails: then ``report["failed"]`` names the method, the error and the methods not run,
+    and the error is raised again."""
     from tqdm.auto import tqdm
 
     from hyperdiff.app.experiment import build
@@ -107,6 +140,7 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
     from hyperdiff.seeds import report_seeds
 
     log = log or get_logger("compare").info
+    phase_done = on_phase or (lambda report: None)
     task, driver = build(config)
     objective = objective_for(task)  # with CV, every method minimises the same CV loss
     log(f"compare on {task.name}: hyperdiff ({task.hparams.numel} hyperparameters)")
@@ -122,31 +156,37 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
         searches.append(("tpe", tpe_search))
     elif tpe:
         log(OPTUNA_MISSING)
+    report = {"task": task.name, "hparams": task.hparams.numel, "budget": budget,
+              "objective": objective, "cv_folds": config.task.cv_folds,
+              "per_coordinate": per_coordinate, "report_seeds": list(seeds),
+              "stop_reason": outcome.stop_reason, "methods": methods,
+              "skipped": [] if not tpe or optuna_available() else ["tpe: optuna not installed"]}
+    phase_done(report)
     trials = max(1, budget // trainings_per_trial(task, objective))
-    for name, search in searches:
+    for number, (name, search) in enumerate(searches):
         log(f"compare on {task.name}: {name} search, {trials} trials ({budget} trainings)")
-        with tqdm(total=trials, unit="trial", desc=name, leave=True,
-                  disable=None if progress is None else not progress) as bar:
-            result = search(task, trials, seed=config.outer.seed, per_coordinate=names,
-                            objective=objective, progress=lambda: bar.update(1))
-        methods.append(summarize(result, evaluate_values(task, result.best.values, seeds),
-                                 picked_by=objective))
-    return {"task": task.name, "hparams": task.hparams.numel, "budget": budget,
-            "objective": objective, "cv_folds": config.task.cv_folds,
-            "per_coordinate": per_coordinate, "report_seeds": list(seeds),
-            "stop_reason": outcome.stop_reason, "methods": methods,
-            "skipped": [] if not tpe or optuna_available() else ["tpe: optuna not installed"]}
+        try:
+            with tqdm(total=trials, unit="trial", desc=name, leave=True,
+                      disable=None if progress is None else not progress) as bar:
+                result = search(task, trials, seed=config.outer.seed, per_coordinate=names,
+                                objective=objective, progress=lambda: bar.update(1))
+            methods.append(summarize(result, evaluate_values(task, result.best.values, seeds),
+                                     picked_by=objective))
+        except (Exception, KeyboardInterrupt) as err:
+            report["failed"] = {"method": name, "error": f"{type(err).__name__}: {err}",
+                                "not_run": [n for n, _ in searches[number + 1:]]}
+            phase_done(report)
+            raise
+        phase_done(report)
+    return report
 
 
 def evaluate_values(task: Any, values: Mapping[str, Any], seeds: Sequence[int]
                     ) -> dict[str, dict[str, float]]:
-    """Retrain at natural ``values`` (lists for per-coordinate vectors) on ``seeds``."""
-    import torch
-
-    if hasattr(task, "evaluate_values"):  # a task with discrete choices maps their labels
-        return task.evaluate_values(values, seeds)
-    natural = {n: torch.tensor(v, dtype=torch.float64, device="cpu") for n, v in values.items()}
-    return task.evaluate(task.hparams.with_natural(**natural).raw, seeds=tuple(seeds))
+    """Retrain at natural ``values`` (lists for per-coordinate vectors, plain choices or
+    their labels for discrete hyperparameters) on ``seeds``
+    (:meth:`~hyperdiff.app.tasks.base.Task.evaluate_values`)."""
+    return task.evaluate_values(values, seeds)
 
 
 def summarize(result: Any, metrics: Mapping[str, Mapping[str, float]], *,
@@ -180,6 +220,10 @@ def format_comparison(report: Mapping[str, Any]) -> str:
               f"{'CV' if folds else 'val'} loss) "
               f"retrained on {len(report['report_seeds'])} fresh seeds"]
     lines += [f"skipped: {s}" for s in report.get("skipped", [])]
+    failed = report.get("failed")
+    if failed:
+        not_run = f"; not run: {', '.join(failed['not_run'])}" if failed["not_run"] else ""
+        lines.append(f"failed: {failed['method']}: {failed['error']}{not_run}")
     return "\n".join(lines)
 
 
@@ -208,5 +252,5 @@ def comparison_figure(methods: Sequence[Mapping[str, Any]], *, title: str = "") 
     return figure
 
 
-__all__ = ["add_arguments", "compare", "comparison_figure", "evaluate_values",
+__all__ = ["PhaseOutputs", "add_arguments", "compare", "comparison_figure", "evaluate_values",
            "format_comparison", "run", "summarize", "write_outputs"]

@@ -15,7 +15,7 @@ from types import ModuleType
 from typing import Any
 
 from hyperdiff.app.tasks import loader
-from hyperdiff.app.tasks.base import SearchRange, Task
+from hyperdiff.app.tasks.base import SearchChoices, SearchRange, Task
 from hyperdiff.app.tasks.inputs import code_fingerprint, data_fingerprints
 from hyperdiff.app.tasks.spec import GivenSplits, TaskData, TaskSpec, given_splits, task
 from hyperdiff.errors import UNIT_OPEN_HIGH, HyperdiffError, nonnegative_int, number, positive_int
@@ -109,6 +109,6 @@ def list_tasks() -> list[tuple[str, str, str]]:
     return [(name, task_module(name).TUNES, task_module(name).SUMMARY) for name in TASKS]
 
 
-__all__ = ["DEFAULT_TASK", "TASKS", "GivenSplits", "SearchRange", "Task", "TaskData",
-           "TaskSpec", "build_task", "check_task_name", "given_splits", "list_tasks",
+__all__ = ["DEFAULT_TASK", "TASKS", "GivenSplits", "SearchChoices", "SearchRange", "Task",
+           "TaskData", "TaskSpec", "build_task", "check_task_name", "given_splits", "list_tasks",
            "load_task_spec", "task", "task_defaults", "task_inputs", "task_module"]

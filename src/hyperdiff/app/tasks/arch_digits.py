@@ -9,9 +9,9 @@ activation mixes ``relu / tanh / gelu`` of each layer's pre-activation, and the 
 reads the mixture over depths of the hidden states after layer 1, 2, 3. A plain (fixed or
 discretised) choice evaluates only the chosen path, so it trains the plain architecture.
 
-Reports and black-box trials train the discretised architecture (see
-:class:`~hyperdiff.app.discrete_report.DiscreteTask`); ``build(mode=...)`` picks how the discrete
-hyperparameters are differentiated (``"relax"``, ``"gumbel"``, ``"reinforce"``).
+Reports and black-box trials train the discretised architecture, as for every task with
+discrete hyperparameters (see :mod:`hyperdiff.app.discrete_report`); ``build(mode=...)`` picks how
+the discrete hyperparameters are differentiated (``"relax"``, ``"gumbel"``, ``"reinforce"``).
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from hyperdiff.app.discrete_report import DiscreteTask, SearchChoices
-from hyperdiff.app.tasks.base import SearchRange, classification_metrics
+from hyperdiff.app.tasks.base import SearchChoices, SearchRange, classification_metrics
 from hyperdiff.app.tasks.mlp import init_mlp, load_digits_data
 from hyperdiff.app.tasks.spec import TaskSpec, task
 from hyperdiff.engine.optimizers import sgd
@@ -111,5 +110,5 @@ def build(
         val_loss=loss, hparams=make_hparams(mode, temperature, baseline),
         optimizer=sgd("lr", 0.9, weight_decay="weight_decay"), data=(x, y), steps=steps,
         batch_size=BATCH_SIZE, test_fraction=0.25, val_fraction=0.2, metrics=metrics,
-        search_space=search, defaults=DEFAULTS, probe=False, task_type=DiscreteTask,
+        search_space=search, defaults=DEFAULTS, probe=False,
     )

@@ -14,11 +14,16 @@ A :class:`Task` (built from a :func:`hyperdiff.task` description by
   gets the trained buffers (BatchNorm running statistics) and ``ctx.train = False``, so a
   model evaluates in eval mode;
 - ``summarize``: optional task-specific numbers about natural hyperparameter values.
+
+Discrete hyperparameters (``categorical``, ``integer``, ``boolean``) need nothing special:
+``evaluate`` and every black-box evaluation train the plain model, each discrete
+hyperparameter fixed to one choice (:mod:`hyperdiff.hparams.choices`), and the default search
+space has a :class:`SearchChoices` dimension (its labels) for each.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -30,6 +35,8 @@ from hyperdiff.engine.data.evaluation import EvaluationSplit
 from hyperdiff.engine.models import StepContext
 from hyperdiff.engine.problem import Problem, takes_context
 from hyperdiff.engine.training import initial_state, unroll, validation_loss
+from hyperdiff.hparams.choices import discretise, fixed_hparams
+from hyperdiff.hparams.discrete import label
 from hyperdiff.hparams.hyperparams import HParamView, HyperParameters
 from hyperdiff.seeds import segment_seed
 from hyperdiff.typing import Batch, Params
@@ -46,6 +53,20 @@ class SearchRange:
     low: float
     high: float
     log: bool = True
+
+
+@dataclass(frozen=True)
+class SearchChoices(SearchRange):
+    """A discrete dimension of a black-box search space: one of ``choices`` (JSON-ready
+    labels), suggested by Optuna as a categorical and drawn uniformly by random search."""
+
+    choices: tuple[Any, ...] = ()
+
+    @classmethod
+    def of(cls, choices: Sequence[Any]) -> SearchChoices:
+        """The dimension over ``choices``, each kept as its label (a function: its name)."""
+        labels = tuple(label(c) for c in choices)
+        return cls(0.0, float(len(labels) - 1), False, labels)
 
 
 @dataclass(frozen=True)
@@ -80,15 +101,29 @@ class Task:
         """Train ``final_problem`` at ``raw`` from theta_0 (``segments`` times T steps, one run
         per seed) and average the metrics of every split over the seeds (and over the split's
         batches, when it has several). The metrics see the trained buffers in eval mode.
+        Discrete hyperparameters are fixed to their argmax choice at ``raw`` (the plain model,
+        :func:`~hyperdiff.hparams.choices.discretise`).
 
         ``progress()`` is called after each training. Returns
         ``{split: {"loss": ..., "accuracy": ...}}``.
         """
         raw = self.hparams.raw if raw is None else dict(raw)
+        return self.evaluate_as(discretise(self.final_problem.hparams, raw), raw, seeds=seeds,
+                                segments=segments, progress=progress)
+
+    def evaluate_as(
+        self, hparams: HyperParameters, raw: Mapping[str, Tensor], *,
+        seeds: tuple[int, ...] = (0,), segments: int = 1,
+        progress: Callable[[], None] | None = None,
+    ) -> dict[str, dict[str, float]]:
+        """:meth:`evaluate` with the final training's hyperparameter specs ``hparams`` taken as
+        they are (e.g. a relaxed mixture of the discrete options; no argmax)."""
+        problem = self.final_problem
+        if hparams is not problem.hparams:
+            problem = replace(problem, hparams=hparams)
         total: dict[str, dict[str, float]] = {}
         for seed in seeds:
-            params, buffers, hview = trained_params(self.final_problem, raw, seed=seed,
-                                                    segments=segments)
+            params, buffers, hview = trained_params(problem, raw, seed=seed, segments=segments)
             for split, values in self.metrics_at(params, buffers, hview, seed=seed).items():
                 for key, value in values.items():
                     total.setdefault(split, {}).setdefault(key, 0.0)
@@ -96,6 +131,12 @@ class Task:
             if progress is not None:
                 progress()
         return total
+
+    def evaluate_values(self, values: Mapping[str, Any], seeds: Sequence[int]
+                        ) -> dict[str, dict[str, float]]:
+        """:meth:`evaluate` at natural ``values`` (lists for per-coordinate vectors; plain
+        choices or their labels for discrete hyperparameters) on ``seeds``."""
+        return self.evaluate(fixed_hparams(self.hparams, values).raw, seeds=tuple(seeds))
 
     def metrics_at(self, params: Params, buffers: Params, hview: HParamView, *, seed: int = 0
                    ) -> dict[str, dict[str, float]]:
@@ -109,28 +150,32 @@ class Task:
                                                      buffers=buffers))
                     for split, batches in self.splits.items()}
 
-    def outer_loss(self, values: Mapping[str, float | Tensor], seed: int = 0) -> float:
+    def outer_loss(self, values: Mapping[str, Any], seed: int = 0) -> float:
         """The loss hypergradients descend, at natural ``values``: the validation loss of each
         inner problem (one, or one per cross-validation fold) trained from theta_0, averaged.
+        Discrete hyperparameters take plain choices (or labels) in ``values``.
         Costs ``len(self.problems)`` trainings; a diverged training gives a non-finite value.
         """
-        raw = self.hparams.with_natural(**values).raw
+        raw = fixed_hparams(self.hparams, values).raw
         losses = []
         for problem in self.problems:
+            hparams = discretise(problem.hparams, raw)
+            if hparams is not problem.hparams:
+                problem = replace(problem, hparams=hparams)
             params, buffers, hview = trained_params(problem, raw, seed=seed)
             with torch.no_grad():
                 losses.append(float(validation_loss(problem, params, buffers, hview)))
         return sum(losses) / len(losses)
 
     def train_and_evaluate(
-        self, values: Mapping[str, float | Tensor], seed: int = 0
+        self, values: Mapping[str, Any], seed: int = 0
     ) -> dict[str, float]:
         """Black-box interface: train at natural ``values`` (missing names keep their initial
-        value; a number for a vector hyperparameter is broadcast) and return
-        ``val_loss``, ``selection_loss`` (when there is a selection split), ``test_loss`` and
-        ``test_accuracy`` (classification tasks)."""
-        raw = self.hparams.with_natural(**values).raw
-        report = self.evaluate(raw, seeds=(seed,))
+        value; a number for a vector hyperparameter is broadcast; a discrete hyperparameter
+        takes a plain choice or its label) and return ``val_loss``, ``selection_loss`` (when
+        there is a selection split), ``test_loss`` and ``test_accuracy`` (classification
+        tasks)."""
+        report = self.evaluate_values(values, (seed,))
         out = {f"{split}_{key}": value for split, m in report.items() for key, value in m.items()}
         return {k: v for k, v in out.items() if not k.startswith("train_")}
 

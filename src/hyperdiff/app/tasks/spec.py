@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from hyperdiff.app.tasks.base import Metrics, SearchRange, Task
+from hyperdiff.app.tasks.base import Metrics, SearchChoices, SearchRange, Task
 from hyperdiff.app.tasks.dataset_splits import (
     selection_batches,
     split_size,
@@ -60,6 +60,7 @@ from hyperdiff.engine.optimizers import Optimizer
 from hyperdiff.engine.problem import Problem, takes_context
 from hyperdiff.errors import HyperdiffError, describe, fail, nonnegative_int, positive_int
 from hyperdiff.hparams.constraints import Free, Interval
+from hyperdiff.hparams.discrete import DiscreteParameter
 from hyperdiff.hparams.hyperparams import HyperParameters
 from hyperdiff.typing import Batch, LossFn, Params
 
@@ -295,7 +296,8 @@ class TaskSpec:
         return Task(
             name=self.name, description=self.description, problems=problems,
             final_problem=final, splits=splits, metrics=self.metrics or loss_metrics(self),
-            search_space=dict(self.search_space or default_search_space(hparams)),
+            search_space=checked_search_space(
+                self.name, hparams, self.search_space or default_search_space(hparams)),
             info=meta, summarize=summarize,
         )
 
@@ -367,7 +369,9 @@ def task(
             ``ctx.buffers`` are the trained buffers, ``ctx.train`` is False (eval mode).
             Default: ``{"loss": val_loss}``.
         search_space: natural ranges for black-box search (``hyperdiff compare``); default:
-            two decades either side of a positive value, the inner 98% of an interval.
+            two decades either side of a positive value, the inner 98% of an interval, a
+            discrete hyperparameter's plain choices (:class:`SearchChoices`, the only kind of
+            range it takes).
         stratify: stratify splits and folds by the integer labels (``data[1]`` or
             ``data["y"]``); ``None``: whenever the labels are integers.
         test_fraction, val_fraction: shares of the rows for the test and validation splits
@@ -380,9 +384,8 @@ def task(
             (``{"outer.lr": 0.1}``); ``inner.steps`` defaults to ``steps``.
         cross_validation: ``True``, or a string saying why ``task.cv_folds`` is refused.
         probe: run two differentiable steps once at build time to check the losses.
-        task_type: the :class:`Task` subclass that ``build`` returns (e.g.
-            :class:`~hyperdiff.app.discrete_report.DiscreteTask`, whose reports retrain the
-            discretised model).
+        task_type: the :class:`Task` subclass that ``build`` returns. Discrete
+            hyperparameters need none: every task reports and searches their plain choices.
     """
     if not isinstance(name, str) or not name:
         raise HyperdiffError(f"task: name must be a non-empty string (got {describe(name)})")
@@ -466,13 +469,33 @@ def loss_metrics(spec: TaskSpec) -> Metrics:
     return metrics
 
 
+def checked_search_space(task: str, hparams: HyperParameters,
+                         space: Mapping[str, SearchRange]) -> dict[str, SearchRange]:
+    """``space`` as a dict, refusing a discrete hyperparameter searched as anything but
+    :class:`SearchChoices` among its own choices' labels (a trial would otherwise fail only
+    after the tuning, e.g. at a depth of 1.7)."""
+    for name, rng in space.items():
+        spec = hparams.get(name)
+        if not isinstance(spec, DiscreteParameter):
+            continue
+        labels = SearchChoices.of(spec.choices).choices
+        if not (isinstance(rng, SearchChoices) and rng.choices
+                and all(c in labels for c in rng.choices)):
+            raise fail(f"task {task}", f"search_space[{name!r}]",
+                       f"hd.SearchChoices.of(some of {list(labels)}) for a discrete "
+                       "hyperparameter", rng)
+    return dict(space)
+
+
 def default_search_space(hparams: HyperParameters) -> dict[str, SearchRange]:
     """Two decades either side of a positive value's mean, the inner 98% of an interval,
-    +-1 around a free value."""
-    space = {}
+    +-1 around a free value; a discrete hyperparameter's plain choices (their labels)."""
+    space: dict[str, SearchRange] = {}
     for name, spec in hparams.items():
         mean = float(spec.init.double().mean())
-        if isinstance(spec.constraint, Interval):
+        if isinstance(spec, DiscreteParameter):
+            space[name] = SearchChoices.of(spec.choices)
+        elif isinstance(spec.constraint, Interval):
             low, high = spec.constraint.low, spec.constraint.high
             pad = 0.01 * (high - low)
             space[name] = SearchRange(low + pad, high - pad, log=False)
