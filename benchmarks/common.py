@@ -91,7 +91,7 @@ def in_subprocess(script: str, *args: str, env_extra: dict[str, str] | None = No
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def cross_entropy_losses(l2_of: Callable[[dict, hd.HParamView], torch.Tensor]):
+def cross_entropy_losses(l2_of: Callable[[dict, hd.hyperparams.HParamView], torch.Tensor]):
     """Train loss = cross-entropy + l2_of(params, hparams); validation loss = cross-entropy."""
 
     def train_loss(p, h, batch):

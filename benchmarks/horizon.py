@@ -9,7 +9,7 @@ Rows:
 (a) offline: ``HyperOptimizer`` (reverse mode, 30 outer steps, Adam, cosine decay, best step by
     the selection split) on unrolls of T = 50 / 200 / 1000 steps; the schedule's parameters
     are horizon-free, so the values tuned at T are applied unchanged at N.
-(b) online: one N-step run tuning as it trains (``hd.OnlineTuner``): the previous task default
+(b) online: one N-step run tuning as it trains (``hd.online.OnlineTuner``): the previous task default
     (reverse, K=10, backprop through the last step, normalised SGD outer steps of 0.2 with
     cosine decay), the same with K=5 (outer 0.1 cosine, 0.05 constant), reverse windows (K=50,
     backprop through the last 10 steps; outer Adam lr 0.05 constant, and 0.2 with cosine
@@ -23,7 +23,7 @@ Rows:
     point trained N steps, picked by validation loss) and Optuna TPE over all four
     hyperparameters with as many N-step trainings as the online reverse run costs (and 20).
 
-Cost is wall time over the time of one plain N-step training (``hd.train``), measured right
+Cost is wall time over the time of one plain N-step training (``hd.testing.train``), measured right
 before and after each tuning run on this shared machine (noisy: the ratio is what to read).
 
     python benchmarks/horizon.py            # ~5-10 minutes on 2 busy cores
@@ -58,7 +58,7 @@ TUNING_SEEDS = (0, 1, 2, 3, 4, 5)  # minibatch orders of the online run itself (
 
 def plain_time(task: Task) -> float:
     started = time.perf_counter()
-    hd.train(task.problems[0])
+    hd.testing.train(task.problems[0])
     return time.perf_counter() - started
 
 
@@ -110,7 +110,7 @@ def online_row(task: Task, label: str, peak: float, seeds, tuning_seed: int = 0,
     if tuning_seed:
         label = f"{label}, tuning seed {tuning_seed}"
     before = plain_time(task)
-    tuner = hd.OnlineTuner(problem, selection=task.selection, **options)
+    tuner = hd.online.OnlineTuner(problem, selection=task.selection, **options)
     started = time.perf_counter()
     result = tuner.run()
     elapsed = time.perf_counter() - started
@@ -194,7 +194,7 @@ def online_configs(quick: bool) -> list[tuple[Any, ...]]:
           "normalize": True, "lr": 0.2, "schedule": "cosine", "val_batch_size": None}, starts),
         ("online implicit K=50 (Neumann 5)",
          {"method": "implicit", "window": 50, "lr": 0.05, "val_batch_size": 64,
-          "solver": hd.neumann(iterations=5, step=1.0)}, (START,)),
+          "solver": hd.solvers.neumann(iterations=5, step=1.0)}, (START,)),
     ]
 
 

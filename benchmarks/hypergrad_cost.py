@@ -8,7 +8,7 @@ and is reported as a ratio to plain training for T steps (a torch.optim loop ove
 nn.Module, and hyperdiff's own non-differentiable training), timed in the same process,
 interleaved with the method's runs (best of up to 5 rounds).
 Workers run with one thread and a fixed glibc mmap threshold (see ``benchmarks/common.py``;
-``--default-malloc`` keeps glibc's adaptive one). Peak-memory ratios are to hd.train's peak
+``--default-malloc`` keeps glibc's adaptive one). Peak-memory ratios are to hd.testing.train's peak
 (at least 0.5 MB, since plain training's RSS growth is near zero).
 
 It also reports the float32 hypergradient's relative error against float64 on the same problem
@@ -103,13 +103,13 @@ def worker(kind: str, steps: int, k: int) -> dict:
     method = {"reverse": hd.reverse(), "forward": hd.forward()}.get(kind)
 
     def run():
-        return hd.train(problem) if method is None else method(problem)
+        return hd.testing.train(problem) if method is None else method(problem)
 
-    (hd.train(small) if method is None else method(small))  # warm-up: first-call overheads
+    (hd.testing.train(small) if method is None else method(small))  # warm-up: first-call overheads
     result = measure(run, 1)
     if kind == "train":
         return result
-    torch_run, hd_run = torch_training(steps), (lambda: hd.train(problem))
+    torch_run, hd_run = torch_training(steps), (lambda: hd.testing.train(problem))
     torch_training(2)()
     rounds = max(1, min(5, 300 // (steps * (k if kind == "forward" else 1))))
     times = {"method": [result["time_s"]], "torch": [], "hd": []}
@@ -171,7 +171,7 @@ def main() -> None:
     steps_grid = [10, 100] if args.quick else [10, 100, 1000]
     k_grid = [1, 10] if args.quick else [1, 10, 100]
     rows = []
-    print(f"{'T':>5} {'k':>4} {'method':>8} {'time s':>9} {'x torch':>8} {'x hd.train':>10} "
+    print(f"{'T':>5} {'k':>4} {'method':>8} {'time s':>9} {'x torch':>8} {'x hd.testing.train':>10} "
           f"{'peak MB':>9} {'x train':>8}")
     env = {} if args.default_malloc else FIXED_MMAP_THRESHOLD
     for steps in steps_grid:

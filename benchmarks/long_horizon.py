@@ -11,7 +11,7 @@ peak, one measurement per process is the only honest reading. Processes for the 
 interleaved over several rounds (shared, noisy machine); within a process the call is repeated
 up to 3 times when T < 1000. Time is the best call, memory the median over rounds. Ratios are
 to full reverse mode measured in the same run. Also reported: the relative difference of each
-hypergradient from reverse mode's (float32), and plain training (``hd.train``, no
+hypergradient from reverse mode's (float32), and plain training (``hd.testing.train``, no
 hypergradient) as the floor of time and memory in this harness.
 
 Targets at T=1000: checkpointed peak memory <= 1/5 of reverse at <= 1.5x its time;
@@ -64,10 +64,10 @@ def problem(steps: int) -> hd.Problem:
     )
 
 
-def make_method(name: str, steps: int) -> hd.Method:
+def make_method(name: str, steps: int) -> hd.methods.Method:
     """The method called ``name``; ``train`` is plain training (no hypergradient), the floor."""
     if name == "train":
-        return hd.Method("train", lambda problem, raw: _train_only(problem, raw))
+        return hd.methods.Method("train", lambda problem, raw: _train_only(problem, raw))
     if name == "reverse":
         return hd.reverse()
     if name == "checkpointed":
@@ -78,7 +78,7 @@ def make_method(name: str, steps: int) -> hd.Method:
 
 
 def _train_only(problem: hd.Problem, raw) -> hd.HyperGradient:
-    state, losses = hd.train(problem, raw)
+    state, losses = hd.testing.train(problem, raw)
     zeros = {n: torch.zeros_like(v) for n, v in raw.items()}
     return hd.HyperGradient(
         value=float("nan"), grad=zeros, grad_natural=zeros, method="train",

@@ -44,7 +44,7 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.tensor(y)
 
 
-def build(steps: int = STEPS, data_seed: int = 0) -> hd.TaskSpec:
+def build(steps: int = STEPS, data_seed: int = 0) -> hd.tasks.TaskSpec:
     """The task factory (``hyperdiff run --task examples/own_task.py:build`` calls it)."""
     net = hd.functional(make_cnn(data_seed))
 
@@ -115,13 +115,14 @@ def main() -> None:
     test = task.splits["test"][0]
     print(f"torch.optim retrain (exported param groups + LR scheduler, seed {seeds[0]}): "
           f"test accuracy {accuracy(module, test):.4f}")
-    state, _ = hd.train(replace(task.final_problem, seed=seeds[0]), result.best_raw)
+    state, _ = hd.testing.train(replace(task.final_problem, seed=seeds[0]), result.best_raw)
     trained = hd.load_into(make_cnn(0), state.params, state.buffers)
     theirs = trained.state_dict()
     gap = max(float((value - theirs[name]).abs().max())
               for name, value in module.state_dict().items() if value.is_floating_point())
-    print(f"hd.train's model loaded with load_into: test accuracy {accuracy(trained, test):.4f}; "
-          f"largest difference from the torch.optim weights {gap:.1e}")
+    print(f"hd.testing.train's model loaded with load_into: test accuracy "
+          f"{accuracy(trained, test):.4f}; largest difference from the torch.optim weights "
+          f"{gap:.1e}")
     print(f"total {time.perf_counter() - started:.1f} s")
 
 

@@ -11,8 +11,8 @@ import hyperdiff as hd
 from hyperdiff.app.rundir import RunDir
 
 
-def assert_resumes_bit_for_bit(make_tuner: Callable[[], hd.OnlineTuner], tmp_path,
-                               windows: int = 2) -> tuple[hd.OnlineTuner, hd.OnlineResult]:
+def assert_resumes_bit_for_bit(make_tuner: Callable[[], hd.online.OnlineTuner], tmp_path,
+                               windows: int = 2) -> tuple[hd.online.OnlineTuner, hd.online.OnlineResult]:
     """Run ``make_tuner()`` whole; run another for ``windows`` windows, save it to a run
     directory's checkpoint, load it into a third and finish; assert equal parameters, raw
     values and records. Returns the resumed tuner and the whole run's result."""

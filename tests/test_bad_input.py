@@ -211,7 +211,7 @@ def test_with_context_marks_a_loss():
         return train_loss(p, h, b)
 
     problem(train_loss=hd.with_context(optional_ctx))
-    assert seen and all(isinstance(c, hd.StepContext) for c in seen)
+    assert seen and all(isinstance(c, hd.models.StepContext) for c in seen)
     assert not takes_context(hd.with_context(lambda p, h, b, c: 0, False), "val_loss")
     with pytest.raises(hd.HyperdiffError, match="with_context: takes_context must be True or"):
         hd.with_context(optional_ctx, "yes")

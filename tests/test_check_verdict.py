@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import types
 from dataclasses import replace
 
 import torch
@@ -140,13 +141,13 @@ def smooth_ridge(steps: int = 30, optimizer=None) -> hd.Problem:
                            train_data=(x, y), val_data=(xv, yv), steps=steps, probe=False)
 
 
-def biased_reverse(factor: float) -> hd.Method:
+def biased_reverse(factor: float) -> hd.methods.Method:
     """Reverse mode with its hypergradient scaled by ``factor``: an injected error."""
     def run(problem, raw):
         result = hd.reverse()(problem, raw)
         return replace(result, grad={k: factor * v for k, v in result.grad.items()})
 
-    return hd.Method("biased", run)
+    return hd.methods.Method("biased", run)
 
 
 def test_a_method_off_a_reliable_reference_is_blamed():
@@ -164,11 +165,20 @@ def test_a_method_off_a_reliable_reference_is_blamed():
 
 
 # Advice: every name it recommends exists, and it never says to run the check -------------------
+def _public_objects() -> dict[str, object]:
+    """hyperdiff's public names: ``hd.X`` and ``hd.namespace.X`` (no deprecated spelling)."""
+    objects = {name: getattr(hd, name) for name in hd.__all__}
+    for namespace in dir(hd):
+        module = getattr(hd, namespace)
+        if isinstance(module, types.ModuleType):
+            objects |= {n: getattr(module, n) for n in module.__all__ if n not in objects}
+    return objects
+
+
 def _public_parameters() -> set[str]:
     """The keyword parameters of hyperdiff's public callables."""
     names = set()
-    for name in hd.__all__:
-        obj = getattr(hd, name)
+    for obj in _public_objects().values():
         if callable(obj):
             try:
                 names |= set(inspect.signature(obj).parameters)
@@ -192,18 +202,19 @@ def unresolved_names(text: str) -> list[str]:
     package, a dotted ``section.key`` not a config key, a ``name=`` keyword that no public
     callable takes, and a ``name='choice'`` outside a call ``fn(..., name='choice')`` of a
     public function that takes ``name``."""
-    missing = [m for m in re.findall(r"\b(?:hd|hyperdiff)\.(\w+)", text) if not hasattr(hd, m)]
+    missing = [m for m in re.findall(r"\b(?:hd|hyperdiff)\.(\w+)", text) if m not in dir(hd)]
     keys = {key for key, _, _ in config_rows()}
     keys |= {f"method.{option}" for option in _method_options()}  # [method]'s other keys
     sections = {key.split(".")[0] for key in keys}
     missing += [m for m in re.findall(r"\b([a-z_]+\.[a-z_]+)\b", text)
                 if m.split(".")[0] in sections and m not in keys]
     parameters = _public_parameters()
+    public = _public_objects()
     missing += [m for m in re.findall(r"(?<![<>!=\w])([a-z_]{2,})=(?!=)", text)
                 if m not in parameters]
     calls = {(fn, kw) for fn, args in re.findall(r"\b(\w+)\(([^()]*)\)", text)
              for kw in re.findall(r"(\w+)=", args)
-             if hasattr(hd, fn) and kw in inspect.signature(getattr(hd, fn)).parameters}
+             if fn in public and kw in inspect.signature(public[fn]).parameters}
     for kw in re.findall(r"\b(\w+)='[^']*'", text):
         if not any(k == kw for _, k in calls):
             missing.append(f"{kw}='...' outside a call that takes it")
@@ -218,7 +229,7 @@ def test_every_advice_string_names_only_what_exists():
     for converged in (None, False, True):
         for optimizer in (None, "sgd", "adam", "sgd_momentum", "sgd_nesterov"):
             for memory in (None, 2**20, 2**40):
-                advice = hd.recommend(50, 10_000, 1_000, converged=converged,
+                advice = hd.diagnose.recommend(50, 10_000, 1_000, converged=converged,
                                       optimizer=optimizer, memory_bytes=memory)
                 texts.append(str(advice))
     assert not [m for t in texts for m in unresolved_names(t)], texts

@@ -97,15 +97,15 @@ def test_the_undamaged_copy_resumes(interrupted, tmp_path):
     assert result["status"] == "finished" and result["steps"] == 10
 
 
-def tuner_after(method: str, windows: int, **options) -> tuple[hd.OnlineTuner, dict]:
-    tuner = hd.OnlineTuner(recipe(12), window=2, method=method, lr=0.01, **options)
+def tuner_after(method: str, windows: int, **options) -> tuple[hd.online.OnlineTuner, dict]:
+    tuner = hd.online.OnlineTuner(recipe(12), window=2, method=method, lr=0.01, **options)
     for _ in range(windows):
         tuner.step()
     return tuner, tuner.state_dict()
 
 
-def fresh(method: str, **options) -> hd.OnlineTuner:
-    return hd.OnlineTuner(recipe(12), window=2, method=method, lr=0.01, **options)
+def fresh(method: str, **options) -> hd.online.OnlineTuner:
+    return hd.online.OnlineTuner(recipe(12), window=2, method=method, lr=0.01, **options)
 
 
 def test_a_forward_tangent_of_the_wrong_shape_is_refused():

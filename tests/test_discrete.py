@@ -42,7 +42,7 @@ def train_loss(p, h, batch):
     return val_loss(p, h, batch) + 0.5 * h["wd"] * l2
 
 
-def make_toy(act: hd.HyperParameter, steps: int = 15, **extra: hd.HyperParameter):
+def make_toy(act: hd.hyperparams.HyperParameter, steps: int = 15, **extra: hd.hyperparams.HyperParameter):
     gen = torch.Generator().manual_seed(1)
     params = {"W": 0.5 * torch.randn(3, 4, generator=gen, dtype=torch.float64),
               "v": 0.5 * torch.randn(4, generator=gen, dtype=torch.float64)}
@@ -104,8 +104,8 @@ def test_one_hot_relaxation_equals_the_plain_choice_exactly():
     relaxed = problem.hparams.view(problem.raw_tensors())["act"].weights
     assert relaxed.tolist() == [0.0, 1.0, 0.0]
     plain = _with(problem, discretise(problem.hparams))
-    state_r, losses_r = hd.train(problem)
-    state_d, losses_d = hd.train(plain)
+    state_r, losses_r = hd.testing.train(problem)
+    state_d, losses_d = hd.testing.train(plain)
     assert torch.equal(losses_r, losses_d)
     hview_r, hview_d = (p.hparams.view(p.raw_tensors()) for p in (problem, plain))
     assert float(val_loss(state_r.params, hview_r, toy_data()[1])) == float(
@@ -121,7 +121,7 @@ def central_differences(problem, eps=1e-5):
         for sign in (1, -1):
             moved = flat.clone()
             moved[i] += sign * eps
-            state, _ = hd.train(problem, problem.hparams.unflatten(moved))
+            state, _ = hd.testing.train(problem, problem.hparams.unflatten(moved))
             hview = problem.hparams.view(problem.hparams.unflatten(moved))
             with torch.no_grad():
                 vals.append(float(val_loss(state.params, hview, problem.val_data[0])))
@@ -294,7 +294,7 @@ def test_arch_shared_network_at_one_hot_weights_is_the_plain_architecture():
     weights = problem.hparams.view(problem.raw_tensors())["width"].weights
     assert weights.tolist() == [0.0, 1.0, 0.0, 0.0]
     plain = _with(problem, discretise(problem.hparams))
-    assert torch.equal(hd.train(problem)[1], hd.train(plain)[1])  # every step's train loss
+    assert torch.equal(hd.testing.train(problem)[1], hd.testing.train(plain)[1])  # every step's train loss
     assert hd.reverse()(problem).value == hd.reverse()(plain).value
 
 

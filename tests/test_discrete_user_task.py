@@ -57,7 +57,7 @@ TASK_FILE = textwrap.dedent(f'''
             hidden = hd.choose(h["activation"], ACTIVATIONS,
                                hidden @ params[f"w{{i}}"] + params[f"b{{i}}"])
             states.append(hidden)
-        return hd.mix(h["depth"], states) @ params["out"]
+        return hd.discrete.mix(h["depth"], states) @ params["out"]
 
 
     def loss(params, h, batch):
@@ -164,7 +164,7 @@ def test_compare_on_a_user_task_searches_plain_choices(tmp_path, task_ref, capsy
         assert loss == pytest.approx(expected, rel=1e-9)
 
     space = build_task(task_ref).search_space
-    assert isinstance(space["depth"], hd.SearchChoices) and space["depth"].choices == (1, 2, 3)
+    assert isinstance(space["depth"], hd.tasks.SearchChoices) and space["depth"].choices == (1, 2, 3)
     assert space["activation"].choices == ("relu", "tanh")
 
 
@@ -206,12 +206,12 @@ def test_discrete_task_is_a_deprecated_alias_with_the_same_results(task_ref):
         retrained_loss(0.2, 2, "tanh", seed=3), rel=1e-9)
 
 
-@pytest.mark.parametrize("given", [hd.SearchRange(1.0, 3.0), hd.SearchChoices.of([1, 4])])
+@pytest.mark.parametrize("given", [hd.tasks.SearchRange(1.0, 3.0), hd.tasks.SearchChoices.of([1, 4])])
 def test_a_discrete_hyperparameter_searched_as_numbers_is_refused_at_build(task_ref, given):
     """Before, the task built and `hyperdiff compare` failed only after its hyperdiff phase."""
     spec = replace(load_task_spec(task_ref), search_space={"depth": given})
     with pytest.raises(hd.HyperdiffError) as err:
         spec.build()
     assert str(err.value) == (
-        "task user_arch: search_space['depth'] must be hd.SearchChoices.of(some of [1, 2, 3]) "
+        "task user_arch: search_space['depth'] must be hd.tasks.SearchChoices.of(some of [1, 2, 3]) "
         f"for a discrete hyperparameter (got {given!r})")

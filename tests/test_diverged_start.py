@@ -47,8 +47,8 @@ def offline(problem: hd.Problem) -> HyperOptimizer:
     return HyperOptimizer(problem, lr=0.01, stopping=hd.Stopping(max_steps=4))
 
 
-def online(problem: hd.Problem) -> hd.OnlineTuner:
-    return hd.OnlineTuner(problem, window=STEPS, lr=0.01)
+def online(problem: hd.Problem) -> hd.online.OnlineTuner:
+    return hd.online.OnlineTuner(problem, window=STEPS, lr=0.01)
 
 
 def start_message(caller: str) -> str:
@@ -81,7 +81,7 @@ def test_half_the_stability_limit_runs_normally():
     assert [r.status for r in result.history] == ["ok"] * 4
     assert result.history[0].val_loss == pytest.approx(closed_form_loss(0.5 * LIMIT, STEPS),
                                                        rel=1e-10)
-    tuner = hd.OnlineTuner(quadratic(0.5 * LIMIT), window=5, lr=0.01)
+    tuner = hd.online.OnlineTuner(quadratic(0.5 * LIMIT), window=5, lr=0.01)
     assert {r.status for r in tuner.run().history} == {"ok"}
 
 

@@ -46,7 +46,7 @@ def test_baseline_runs():
         ({"optimizer": hd.sgd("learning_rate")}, "coefficient lr='learning_rate' must name a hyperparameter"),
         ({"params": {"w": torch.zeros(3, dtype=torch.long)}}, r"params\['w'\] must be a floating-point tensor"),
         ({"params": {"w": torch.full((3,), float("nan"))}}, r"params\['w'\] must be finite"),
-        ({"params": torch.nn.Linear(3, 1)}, "for a module use hd.functional"),
+        ({"params": torch.nn.Linear(3, 1)}, r"params must be hd\.functional\(module\), not the module"),
         ({"train_loss": lambda p, h, b: (b[0] @ p["w"]) ** 2}, r"train_loss return value must be a scalar tensor .*got shape \(12,\)"),
         ({"val_loss": lambda p, h, b: 1.0}, "val_loss return value must be a scalar torch.Tensor"),
         ({"train_loss": lambda p, h: p}, "train_loss must accept"),

@@ -1,4 +1,4 @@
-"""Export to torch: torch.optim + TunedSchedule train as hd.train does; resample; load_into."""
+"""Export to torch: torch.optim + TunedSchedule train as hd.testing.train does; resample; load_into."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def make_data(n: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.sin(x[:, :2]) + 0.1 * torch.randn(n, 2, generator=gen, dtype=torch.float64)
 
 
-def problem_for(module: torch.nn.Module, optimizer: hd.Optimizer, hparams: hd.HyperParameters,
+def problem_for(module: torch.nn.Module, optimizer: hd.optimizers.Optimizer, hparams: hd.HyperParameters,
                 *, batch_size: int = 8) -> tuple[hd.Problem, hd.FunctionalModel]:
     net = hd.functional(module)
     x, y = make_data()
@@ -90,7 +90,7 @@ def test_exported_optimizer_trains_like_hd_train(case):
     module = make_module()
     net = hd.functional(module)
     problem, _ = problem_for(module, make_opt(), make_hp(net.params))
-    state, _ = hd.train(problem)
+    state, _ = hd.testing.train(problem)
     torch_opt, scheduler = hd.torch_optimizer(problem.optimizer, problem.hparams, module)
     trained = train_with_torch(module, problem, torch_opt, scheduler)
     for name, value in state.params.items():
@@ -103,7 +103,7 @@ def test_constant_coefficients_match_bit_for_bit(optimizer):
     module = make_module()
     hparams = hd.HyperParameters(unused=hd.scalar(1.0))  # every coefficient is a number
     problem, _ = problem_for(module, optimizer, hparams)
-    state, _ = hd.train(problem)
+    state, _ = hd.testing.train(problem)
     torch_opt, scheduler = hd.torch_optimizer(optimizer, hparams, module)
     trained = train_with_torch(module, problem, torch_opt, scheduler)
     assert all(torch.equal(trained[n], v) for n, v in state.params.items())
@@ -127,7 +127,7 @@ def test_per_tensor_values_become_param_groups():
 def test_resample_is_linear_interpolation_in_normalised_time():
     values = torch.tensor([0.3, 0.1, 0.7, 0.2, 0.25], dtype=torch.float64)
     for steps in (1, 2, 5, 9, 17, 3):
-        got = hd.resample(values, steps).numpy()
+        got = hd.schedules.resample(values, steps).numpy()
         u = np.linspace(0.0, 1.0, steps) if steps > 1 else np.zeros(1)
         want = np.interp(u, np.linspace(0.0, 1.0, 5), values.numpy())
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-15)
@@ -143,7 +143,7 @@ def test_stretched_schedule_follows_the_resampled_values():
         seen.append(torch_opt.param_groups[0]["lr"])
         torch_opt.step()
         scheduler.step()
-    want = hd.resample(lr, 2 * STEPS).tolist()
+    want = hd.schedules.resample(lr, 2 * STEPS).tolist()
     assert seen[: 2 * STEPS] == pytest.approx(want, rel=1e-14)
     assert seen[2 * STEPS :] == pytest.approx([want[-1]] * 3, rel=1e-14)  # held after the end
 
@@ -153,9 +153,9 @@ def test_load_into_reproduces_the_functional_eval_model():
     params = hd.functional(module).params
     problem, net = problem_for(module, hd.sgd(0.1, 0.9), hd.HyperParameters(
         wd=hd.per_tensor(params, 1e-3)))
-    state, _ = hd.train(problem)
+    state, _ = hd.testing.train(problem)
     x, _ = make_data()
-    ctx = hd.StepContext(step=-1, seed=0, train=False, buffers=state.buffers)
+    ctx = hd.models.StepContext(step=-1, seed=0, train=False, buffers=state.buffers)
     want = net(state.params, x, ctx)
     hd.load_into(module, state.params, state.buffers).eval()
     torch.testing.assert_close(module(x), want, rtol=0, atol=1e-13)
@@ -187,7 +187,7 @@ def test_tuned_hparams_from_result_file_and_run_directory(tmp_path):
     (lambda m, p: hd.tuned_hparams(hd.HyperParameters(a=hd.scalar(1.0)), {"x": 1}), "tuned"),
     (lambda m, p: hd.tuned_hparams(hd.HyperParameters(a=hd.scalar(1.0)), "/nonexistent/r"),
      "does not exist"),
-    (lambda m, p: hd.resample(torch.zeros(2, 2), 3), "1-D"),
+    (lambda m, p: hd.schedules.resample(torch.zeros(2, 2), 3), "1-D"),
 ])
 def test_bad_input_is_a_clear_error(call, match):
     module = make_module()

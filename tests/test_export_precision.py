@@ -1,4 +1,4 @@
-"""What "the exported optimizer trains as hd.train" means, precisely (docs/export.md):
+"""What "the exported optimizer trains as hd.testing.train" means, precisely (docs/export.md):
 
 - given identical gradients, the torch.optim step equals the inner optimizer's update bit for
   bit when every coefficient is a plain number, in float32 and float64;
@@ -74,7 +74,7 @@ def batch_norm_net(dtype: torch.dtype) -> torch.nn.Module:
 
 
 def adam_before_batch_norm(dtype: torch.dtype, steps: int = 50, *, constant: bool = False):
-    """(hd.train's params, the module trained by loss.backward() with the export, inputs);
+    """(hd.testing.train's params, the module trained by loss.backward() with the export, inputs);
     lr a per-step hyperparameter from 1e-2 to 1e-3, or the constant 1e-2."""
     module = batch_norm_net(dtype)
     net = hd.functional(module)
@@ -92,7 +92,7 @@ def adam_before_batch_norm(dtype: torch.dtype, steps: int = 50, *, constant: boo
                               optimizer=optimizer, train_data=hd.minibatches(x, y,
                                                                                  batch_size=16),
                               val_data=(x, y), steps=steps, probe=False)
-    state, _ = hd.train(problem)
+    state, _ = hd.testing.train(problem)
     retrained = batch_norm_net(dtype)
     torch_opt, scheduler = hd.torch_optimizer(problem.optimizer, hparams, retrained)
     train_with_torch(retrained, problem, torch_opt, scheduler, steps)

@@ -88,7 +88,7 @@ def test_the_horizon_digits_optimizer_exports_its_whole_schedule():
     np.testing.assert_allclose(seen, want, rtol=1e-12, atol=0)
 
 
-def toy_task(name: str) -> hd.TaskSpec:
+def toy_task(name: str) -> hd.tasks.TaskSpec:
     x = torch.randn(40, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     y = x @ torch.ones(3, dtype=torch.float64)
 

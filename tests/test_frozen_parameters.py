@@ -1,4 +1,4 @@
-"""Frozen parameters (``requires_grad=False``) stay fixed: in hd.train, in every hypergradient
+"""Frozen parameters (``requires_grad=False``) stay fixed: in hd.testing.train, in every hypergradient
 method, in the online windows and in export; they still act in the forward pass.
 
 The reference is the same network written by hand with the frozen layer as a constant tensor
@@ -68,8 +68,8 @@ def test_train_keeps_the_frozen_layer_and_trains_as_with_constants():
     module = frozen_first_layer()
     start = {k: v.detach().clone() for k, v in module[0].named_parameters()}
     problem, reference = problems(module)
-    state, _ = hd.train(problem)
-    want, _ = hd.train(reference)
+    state, _ = hd.testing.train(problem)
+    want, _ = hd.testing.train(reference)
     assert sorted(state.params) == ["2.bias", "2.weight"]
     assert all(torch.equal(getattr(module[0], k), v) for k, v in start.items())
     for name, value in want.params.items():
@@ -114,7 +114,7 @@ def test_the_reference_hypergradient_agrees_with_a_float64_finite_difference():
         losses = []
         for sign in (1.0, -1.0):
             shifted = {**raw, name: raw[name] + sign * eps}
-            state, _ = hd.train(problem, shifted)
+            state, _ = hd.testing.train(problem, shifted)
             hview = problem.hparams.view(problem.raw_tensors(shifted))
             losses.append(float(validation_loss(problem, state.params, state.buffers, hview)))
         assert float(got.grad[name]) == pytest.approx((losses[0] - losses[1]) / (2 * eps),
@@ -145,7 +145,7 @@ def test_torch_optimizer_exports_only_the_trainable_parameters_and_trains_like_t
 def test_exported_training_of_a_frozen_model_matches_hd_train():
     module = frozen_first_layer()
     problem, _ = problems(module)
-    state, _ = hd.train(problem)
+    state, _ = hd.testing.train(problem)
     torch_opt, scheduler = hd.torch_optimizer(problem.optimizer, problem.hparams, module)
     x, y = data()
     wd = float(problem.hparams.natural()["wd"])
@@ -172,7 +172,7 @@ def test_online_windows_keep_the_frozen_layer_and_match_the_constant_reference(m
     module = frozen_first_layer()
     start = {k: v.detach().clone() for k, v in module.state_dict().items()}
     problem, reference = problems(module)
-    runs = [hd.OnlineTuner(p, window=4, method=method, lr=0.05) for p in (problem, reference)]
+    runs = [hd.online.OnlineTuner(p, window=4, method=method, lr=0.05) for p in (problem, reference)]
     histories = [tuner.run().history for tuner in runs]
     assert all(torch.equal(module.state_dict()[k], v) for k, v in start.items())
     assert sorted(runs[0].state.params) == ["2.bias", "2.weight"]

@@ -17,7 +17,7 @@ import hyperdiff as hd
     ],
 )
 def test_constraint_round_trip_and_natural_gradient(constraint, values):
-    c = hd.hparams.constraints.as_constraint(constraint)
+    c = hd.constraints.as_constraint(constraint)
     x = torch.tensor(values, dtype=torch.float64)
     u = c.to_raw(x)
     assert torch.allclose(c.to_natural(u), x, rtol=1e-12, atol=0)

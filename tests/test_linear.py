@@ -159,7 +159,7 @@ def test_per_sample_weights_follow_minibatches():
 def test_default_problem_trains_to_the_solution():
     data = synthetic()
     lp = ridge(data, regularization="per_feature")
-    state, _ = hd.train(lp.problem(steps=200))
+    state, _ = hd.testing.train(lp.problem(steps=200))
     assert torch.allclose(state.params["w"], lp.solve()["w"], rtol=1e-9, atol=1e-11)
 
 

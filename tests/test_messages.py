@@ -424,13 +424,13 @@ def test_a_tasks_own_prepare_or_hparams_function_that_fails_is_named():
 def test_method_and_solver_advice_follows_the_syntax():
     b = torch.ones(3, dtype=D)
     with pytest.raises(hd.HyperdiffError, match=r"use cg\(\) or raise max_size"):
-        hd.exact(max_size=2)(lambda v: v, b)
+        hd.solvers.exact(max_size=2)(lambda v: v, b)
     with config_syntax(), pytest.raises(hd.HyperdiffError, match=r'use method.solver = "cg" or '
                                                                  r"raise max_size"):
-        hd.exact(max_size=2)(lambda v: v, b)
+        hd.solvers.exact(max_size=2)(lambda v: v, b)
     with config_syntax(), pytest.warns(UserWarning, match=r'or use method.solver = "exact" for '
                                                           r"an indefinite system"):
-        hd.cg()(lambda v: -v, b)  # A = -I: p'Ap < 0 at once
+        hd.solvers.cg()(lambda v: -v, b)  # A = -I: p'Ap < 0 at once
     problem = replace(ridge_problem(), optimizer=hd.adam(0.1))
     with pytest.raises(hd.HyperdiffError, match=r"use checkpointed\(\) for a memory-saving"):
         hd.reversible()(problem)

@@ -58,7 +58,7 @@ def recipe(steps=6):
 
 def test_reverse_with_one_window_equals_offline_reverse():
     prob = recipe(6)
-    record = hd.OnlineTuner(prob, window=6, method="reverse", lr=0.0).step()
+    record = hd.online.OnlineTuner(prob, window=6, method="reverse", lr=0.0).step()
     offline = hd.reverse()(prob)
     for name, g in offline.grad.items():
         assert abs(record.grad[name] - float(g)) <= 1e-12 * max(1.0, abs(float(g)))
@@ -67,7 +67,7 @@ def test_reverse_with_one_window_equals_offline_reverse():
 
 def test_reverse_with_backprop_k_equals_offline_truncated_reverse():
     prob = recipe(6)
-    record = hd.OnlineTuner(prob, window=6, backprop=2, lr=0.0).step()
+    record = hd.online.OnlineTuner(prob, window=6, backprop=2, lr=0.0).step()
     offline = hd.truncated(2)(prob)
     for name, g in offline.grad.items():
         assert abs(record.grad[name] - float(g)) <= 1e-12 * max(1.0, abs(float(g)))
@@ -76,7 +76,7 @@ def test_reverse_with_backprop_k_equals_offline_truncated_reverse():
 @pytest.mark.parametrize("engine", ["double_vjp", "jvp"])
 def test_forward_over_windows_equals_offline_forward_at_fixed_hyperparameters(engine):
     prob = recipe(6)
-    tuner = hd.OnlineTuner(prob, window=2, method="forward", lr=0.0, engine=engine)
+    tuner = hd.online.OnlineTuner(prob, window=2, method="forward", lr=0.0, engine=engine)
     records = tuner.run().history
     assert len(records) == 3
     for j, record in enumerate(records):
@@ -92,7 +92,7 @@ def test_window_one_with_sgd_is_hypergradient_descent_by_hand():
     steps, beta = 7, 0.05
     hp = hd.HyperParameters(lr=hd.scalar(0.2, "free"))
     prob = problem(hp, hd.sgd("lr"), steps)
-    result = hd.OnlineTuner(prob, window=1, method="reverse", optimizer="sgd", lr=beta).run()
+    result = hd.online.OnlineTuner(prob, window=1, method="reverse", optimizer="sgd", lr=beta).run()
 
     theta = {k: v.clone() for k, v in prob.params.items()}
     lr, lrs = 0.2, []
@@ -118,9 +118,9 @@ def test_implicit_window_equals_offline_implicit_at_the_same_point():
     hp = hd.HyperParameters(wd=hd.scalar(0.05))
     prob = hd.make_problem(train_loss, val_loss, hp, mlp_params(), optimizer=hd.sgd(0.3, 0.5),
                            train_data=(x, y), val_data=(xv, yv), steps=40, probe=False)
-    record = hd.OnlineTuner(prob, window=40, method="implicit", lr=0.0,
-                            solver=hd.exact()).step()
-    offline = hd.implicit(solver=hd.exact(), warn=False)(prob)
+    record = hd.online.OnlineTuner(prob, window=40, method="implicit", lr=0.0,
+                            solver=hd.solvers.exact()).step()
+    offline = hd.implicit(solver=hd.solvers.exact(), warn=False)(prob)
     assert record.grad["wd"] == pytest.approx(float(offline.grad["wd"]), rel=1e-9)
 
 
@@ -168,12 +168,12 @@ def test_schedule_formulas_and_horizon_transfer():
 
 def test_resample_is_linear_interpolation_on_normalised_time():
     values = torch.tensor([0.1, 0.4, 0.2, 0.3, 0.05], dtype=DT)
-    out = hd.resample(values, 9)
+    out = hd.schedules.resample(values, 9)
     expected = np.interp(np.arange(9) / 8, np.arange(5) / 4, values.numpy())
     assert np.allclose(out.numpy(), expected, rtol=0, atol=1e-15)
-    assert hd.resample(values, 2).tolist() == pytest.approx([0.1, 0.05])
+    assert hd.schedules.resample(values, 2).tolist() == pytest.approx([0.1, 0.05])
     hp = hd.HyperParameters(lr=hd.per_step(5, values), m=hd.scalar(0.7, (0.0, 1.0)))
-    longer = hd.resampled(hp, 13)
+    longer = hd.schedules.resampled(hp, 13)
     assert longer["lr"].shape == (13,)
     assert np.allclose(longer.natural()["lr"].numpy(),
                        np.interp(np.arange(13) / 12, np.arange(5) / 4, values.numpy()))
@@ -189,7 +189,7 @@ def test_resumed_run_equals_uninterrupted_run_bit_for_bit(method, tmp_path):
         hp = hd.HyperParameters(**sched.hyperparameters(peak=0.3, warmup=0.3, final=0.2),
                                 momentum=hd.scalar(0.5, (0.0, 1.0)))
         prob = problem(hp, hd.sgd(sched, "momentum"), steps, batch_size=5)
-        return hd.OnlineTuner(prob, window=2, method=method, lr=0.05, val_batch_size=7,
+        return hd.online.OnlineTuner(prob, window=2, method=method, lr=0.05, val_batch_size=7,
                               seed=3)
 
     _, whole = assert_resumes_bit_for_bit(tuner, tmp_path)
@@ -197,7 +197,7 @@ def test_resumed_run_equals_uninterrupted_run_bit_for_bit(method, tmp_path):
 
 
 def test_validation_batches_are_drawn_from_the_seed():
-    tuner = hd.OnlineTuner(recipe(4), val_batch_size=5, seed=1)
+    tuner = hd.online.OnlineTuner(recipe(4), val_batch_size=5, seed=1)
     a, b = tuner.val_batches(3)[0], tuner.val_batches(3)[0]
     assert torch.equal(a[0], b[0]) and a[0].shape == (5, 5)
     assert not torch.equal(a[0], tuner.val_batches(4)[0][0])
@@ -218,7 +218,7 @@ def test_online_tuning_raises_a_too_small_lr_and_lowers_the_validation_loss():
 
     prob = hd.make_problem(mse, mse, hp, lin, optimizer=hd.sgd(sched), train_data=(x, y),
                            val_data=(x, y), steps=steps, probe=False)
-    result = hd.OnlineTuner(prob, window=2, lr=0.2).run()
+    result = hd.online.OnlineTuner(prob, window=2, lr=0.2).run()
     tuned = {k: float(v) for k, v in result.final_hparams.natural().items()}
     assert tuned["lr_peak"] > 0.02
     assert fd_loss(prob, hp, **tuned) < 0.5 * fd_loss(prob, hp)
@@ -233,14 +233,14 @@ def test_online_tuning_raises_a_too_small_lr_and_lowers_the_validation_loss():
 ])
 def test_bad_online_arguments_raise_a_clear_error(kwargs, message):
     with pytest.raises(hd.HyperdiffError, match=message):
-        hd.OnlineTuner(recipe(4), **kwargs)
+        hd.online.OnlineTuner(recipe(4), **kwargs)
 
 
 def test_a_schedule_for_another_horizon_is_refused_by_the_online_tuner():
     sched = hd.schedule("exponential", 4)
     prob = problem(hd.HyperParameters(**sched.hyperparameters()), hd.sgd(sched), 3)
     with pytest.raises(hd.HyperdiffError, match=r"over the run's 3 steps \(got 4\)"):
-        hd.OnlineTuner(prob)
+        hd.online.OnlineTuner(prob)
 
 
 def test_bad_schedule_arguments_raise_a_clear_error():
@@ -252,7 +252,7 @@ def test_bad_schedule_arguments_raise_a_clear_error():
         hd.schedule("exponential", 3)({"lr_peak": torch.tensor(1.0),
                                        "lr_final": torch.tensor(0.5)}, 3)
     with pytest.raises(hd.HyperdiffError, match="values must be a non-empty 1-D tensor"):
-        hd.resample(torch.zeros(2, 2), 4)
+        hd.schedules.resample(torch.zeros(2, 2), 4)
 
 
 ONLINE = ["task.name=horizon_digits", "inner.steps=60", "outer.window=6", "outer.val_batch=32",
@@ -306,7 +306,7 @@ def blowup_tuner(steps=100, window=20):
     prob = hd.make_problem(mse, mse, hp, {"W": torch.zeros(5, 1, dtype=DT)},
                            optimizer=hd.sgd("lr"), train_data=(x, y), val_data=(x, y),
                            steps=steps, probe=False)
-    return hd.OnlineTuner(prob, window=window, lr=5.0, max_failures=4)
+    return hd.online.OnlineTuner(prob, window=window, lr=5.0, max_failures=4)
 
 
 def test_a_window_that_blows_up_is_discarded_and_the_run_goes_on(caplog):
@@ -349,7 +349,7 @@ def test_resume_after_a_failed_window_is_exact(tmp_path):
 
 
 def test_non_finite_hypergradients_stop_the_run_after_max_failures(monkeypatch):
-    tuner = hd.OnlineTuner(recipe(12), window=2, lr=0.01, max_failures=3)
+    tuner = hd.online.OnlineTuner(recipe(12), window=2, lr=0.01, max_failures=3)
     good_raw = tuner.raw  # the values of the last good window, restored after each failure
     tuner.step()
     good_state = tuner.state
@@ -371,7 +371,7 @@ def test_non_finite_hypergradients_stop_the_run_after_max_failures(monkeypatch):
 
 
 def test_values_outside_their_constraint_fail_without_training():
-    tuner = hd.OnlineTuner(recipe(8), window=2, lr=0.01)
+    tuner = hd.online.OnlineTuner(recipe(8), window=2, lr=0.01)
     tuner.step()
     state = tuner.state
     with torch.no_grad():  # momentum's raw logit so large that sigmoid rounds onto 1.0
@@ -390,14 +390,14 @@ def test_a_first_window_that_fails_stops_with_a_clear_message():
     with pytest.raises(hd.NonFiniteError, match="OnlineTuner: the initial hyperparameters"):
         tuner.step()
     with pytest.raises(hd.HyperdiffError, match="OnlineTuner: guard shrink must be in"):
-        hd.OnlineTuner(recipe(4), shrink=1.5)
+        hd.online.OnlineTuner(recipe(4), shrink=1.5)
 
 
 def test_normalised_sgd_moves_the_raw_values_by_lr_along_the_hypergradient():
     """normalize=True with SGD: u <- u - lr g / ||g||_2, g the offline reverse hypergradient
     of the same window (one window = the whole run)."""
     prob = recipe(6)
-    tuner = hd.OnlineTuner(prob, window=6, optimizer="sgd", normalize=True, lr=0.1)
+    tuner = hd.online.OnlineTuner(prob, window=6, optimizer="sgd", normalize=True, lr=0.1)
     before = tuner.hparams.flatten(tuner.raw)
     tuner.step()
     g = prob.hparams.flatten(hd.reverse()(prob).grad).to(DT)
@@ -405,7 +405,7 @@ def test_normalised_sgd_moves_the_raw_values_by_lr_along_the_hypergradient():
     assert torch.allclose(after, before - 0.1 * g / g.norm(), rtol=0, atol=1e-12)
     assert float((after - before).norm()) == pytest.approx(0.1, rel=1e-12)
     with pytest.raises(hd.HyperdiffError, match="normalize must be True or False"):
-        hd.OnlineTuner(prob, normalize=1)
+        hd.online.OnlineTuner(prob, normalize=1)
 
 
 def test_online_runs_feed_the_log_files_and_callbacks(tmp_path):
@@ -463,10 +463,10 @@ def test_an_online_checkpoint_that_does_not_fit_is_one_clear_error(tmp_path):
 
 
 def test_an_outer_optimizer_state_with_missing_entries_is_one_clear_error():
-    tuner = hd.OnlineTuner(recipe(6), window=2, lr=0.01)  # outer Adam
+    tuner = hd.online.OnlineTuner(recipe(6), window=2, lr=0.01)  # outer Adam
     tuner.step()
     state = tuner.state_dict()
     del state["outer"]["state"][0]["exp_avg_sq"]
     with pytest.raises(hd.HyperdiffError, match=r"OnlineTuner.load_state_dict: the outer "
                        r"optimizer state lacks the entries \['exp_avg_sq'\]"):
-        hd.OnlineTuner(recipe(6), window=2, lr=0.01).load_state_dict(state)
+        hd.online.OnlineTuner(recipe(6), window=2, lr=0.01).load_state_dict(state)

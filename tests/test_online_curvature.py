@@ -44,9 +44,9 @@ def make(train_loss, steps, momentum=0.7, *, batch_size=6):
 @pytest.mark.parametrize("momentum", [0.0, 0.7])
 def test_with_a_zero_hessian_it_equals_rtho_window_by_window(momentum):
     prob = make(linear_train_loss, 12, momentum)
-    ours = hd.OnlineTuner(prob, window=3, method="curvature", lr=0.0, horizon=None,
+    ours = hd.online.OnlineTuner(prob, window=3, method="curvature", lr=0.0, horizon=None,
                           curvature_scale=0.0).run().history
-    rtho = hd.OnlineTuner(prob, window=3, method="forward", lr=0.0).run().history
+    rtho = hd.online.OnlineTuner(prob, window=3, method="forward", lr=0.0).run().history
     assert len(ours) == len(rtho) == 4
     for a, b in zip(ours, rtho, strict=True):
         for name, g in b.grad.items():
@@ -118,7 +118,7 @@ def reference(prob, steps, horizon, scale, unit="steps"):
 def test_each_window_is_the_documented_recurrence_step_by_step(unit, horizon):
     steps, window = 10, 5
     prob = make(mlp_train_loss, steps, 0.7)
-    tuner = hd.OnlineTuner(prob, window=window, method="curvature", lr=0.0, horizon=horizon,
+    tuner = hd.online.OnlineTuner(prob, window=window, method="curvature", lr=0.0, horizon=horizon,
                            horizon_unit=unit)
     records = tuner.run().history
     scale = 6.0  # the training batch's rows
@@ -154,7 +154,7 @@ def test_a_window_leaves_the_tangent_it_was_given_untouched():
 
 def test_resumed_curvature_run_equals_uninterrupted_run_bit_for_bit(tmp_path):
     def tuner():
-        return hd.OnlineTuner(make(mlp_train_loss, 9), window=2, method="curvature", lr=0.1,
+        return hd.online.OnlineTuner(make(mlp_train_loss, 9), window=2, method="curvature", lr=0.1,
                               optimizer="sgd", normalize=True, val_batch_size=7, seed=3,
                               horizon=20)
 
@@ -177,18 +177,18 @@ def test_schedule_window_equals_its_values_step_by_step():
 def test_optimizers_it_does_not_describe_are_refused(optimizer, message):
     prob = make(mlp_train_loss, 4)
     with pytest.raises(hd.HyperdiffError, match=message):
-        hd.OnlineTuner(replace(prob, optimizer=optimizer), method="curvature")
+        hd.online.OnlineTuner(replace(prob, optimizer=optimizer), method="curvature")
 
 
 def test_curvature_options_with_another_method_are_refused():
     with pytest.raises(hd.HyperdiffError, match="horizon_unit must be one of"):
-        hd.OnlineTuner(make(mlp_train_loss, 4), method="curvature", horizon_unit="epochs")
+        hd.online.OnlineTuner(make(mlp_train_loss, 4), method="curvature", horizon_unit="epochs")
     with pytest.raises(hd.HyperdiffError, match="unless method='curvature'"):
-        hd.OnlineTuner(make(mlp_train_loss, 4), method="forward", horizon_unit="lr")
+        hd.online.OnlineTuner(make(mlp_train_loss, 4), method="forward", horizon_unit="lr")
     with pytest.raises(hd.HyperdiffError, match="unless method='curvature'"):
-        hd.OnlineTuner(make(mlp_train_loss, 4), method="reverse", horizon=100)
+        hd.online.OnlineTuner(make(mlp_train_loss, 4), method="reverse", horizon=100)
     with pytest.raises(hd.HyperdiffError, match="horizon"):
-        hd.OnlineTuner(make(mlp_train_loss, 4), method="curvature", horizon=0)
+        hd.online.OnlineTuner(make(mlp_train_loss, 4), method="curvature", horizon=0)
 
 
 def test_the_cli_runs_the_curvature_method(tmp_path):

@@ -59,10 +59,10 @@ def make(train_loss, steps, kind="adam", wd=0.0, *, peak=0.05, batch_size=6):
                                             ("adam", 0.0, linear_loss_without_b1)])
 def test_with_a_zero_hessian_it_equals_rtho_window_by_window(kind, wd, loss):
     prob = make(loss, 12, kind, wd)
-    tuner = hd.OnlineTuner(prob, window=3, method="curvature", lr=0.0, horizon=None,
+    tuner = hd.online.OnlineTuner(prob, window=3, method="curvature", lr=0.0, horizon=None,
                            curvature_scale=0.0)
     ours = tuner.run().history
-    rtho = hd.OnlineTuner(prob, window=3, method="forward", lr=0.0).run().history
+    rtho = hd.online.OnlineTuner(prob, window=3, method="forward", lr=0.0).run().history
     assert len(ours) == len(rtho) == 4
     if loss is linear_loss_without_b1:  # safe_sqrt's case: v = 0, its derivative 0
         assert not tuner.state.opt_state.exp_avg_sq["b1"].any()
@@ -137,7 +137,7 @@ def test_each_window_is_the_documented_recurrence_step_by_step(kind, wd, scale, 
     steps, window = 10, 5
     horizon = 7 if unit == "steps" else 0.25
     prob = make(mlp_train_loss, steps, kind, wd, peak=0.1)
-    tuner = hd.OnlineTuner(prob, window=window, method="curvature", lr=0.0, horizon=horizon,
+    tuner = hd.online.OnlineTuner(prob, window=window, method="curvature", lr=0.0, horizon=horizon,
                            horizon_unit=unit, curvature_scale=scale)
     records = tuner.run().history
     capped_somewhere = scale is not None
@@ -175,7 +175,7 @@ def test_a_window_leaves_the_tangent_it_was_given_untouched():
 @pytest.mark.parametrize("kind", ["adam", "adamw"])
 def test_resumed_curvature_run_equals_uninterrupted_run_bit_for_bit(tmp_path, kind):
     def tuner():
-        return hd.OnlineTuner(make(mlp_train_loss, 9, kind, 0.1), window=2, method="curvature",
+        return hd.online.OnlineTuner(make(mlp_train_loss, 9, kind, 0.1), window=2, method="curvature",
                               lr=0.1, optimizer="sgd", normalize=True, val_batch_size=7, seed=3,
                               horizon=20)
 
@@ -193,4 +193,4 @@ def test_optimizers_it_does_not_describe_are_refused(optimizer):
     prob = make(mlp_train_loss, 4)
     with pytest.raises(hd.HyperdiffError, match=r"heavy-ball SGD .*hd.adam and hd.adamw; got "
                        + optimizer.name):
-        hd.OnlineTuner(replace(prob, optimizer=optimizer), method="curvature")
+        hd.online.OnlineTuner(replace(prob, optimizer=optimizer), method="curvature")

@@ -47,9 +47,9 @@ def constant_lr():
 def test_learning_rates_of_every_kind_equal_rtho_with_a_zero_hessian(make):
     lr, hparams = make()
     prob = tuned(lr, hparams)
-    ours = hd.OnlineTuner(prob, window=4, method="curvature", lr=0.0, horizon=None,
+    ours = hd.online.OnlineTuner(prob, window=4, method="curvature", lr=0.0, horizon=None,
                           curvature_scale=0.0).run().history
-    rtho = hd.OnlineTuner(prob, window=4, method="forward", lr=0.0).run().history
+    rtho = hd.online.OnlineTuner(prob, window=4, method="forward", lr=0.0).run().history
     for a, b in zip(ours, rtho, strict=True):
         for name, g in b.grad.items():
             assert torch.allclose(torch.as_tensor(a.grad[name], dtype=torch.float64),
@@ -61,20 +61,20 @@ def test_learning_rates_of_every_kind_equal_rtho_with_a_zero_hessian(make):
 def test_a_constant_learning_rate_carries_nothing_and_gives_the_one_step_signal():
     lr, hparams = constant_lr()
     prob = tuned(lr, hparams, momentum="m")
-    record = hd.OnlineTuner(prob, window=4, method="curvature", lr=0.0).step()
-    reverse = hd.OnlineTuner(prob, window=4, method="reverse", backprop=1, lr=0.0).step()
+    record = hd.online.OnlineTuner(prob, window=4, method="curvature", lr=0.0).step()
+    reverse = hd.online.OnlineTuner(prob, window=4, method="reverse", backprop=1, lr=0.0).step()
     assert record.grad["m"] == pytest.approx(reverse.grad["m"], rel=1e-12)
 
 
 def test_a_learning_rate_per_element_is_refused_with_a_clear_error():
     per_element = hd.HyperParameters(lr=hd.per_element(mlp_params(), 0.1))
     with pytest.raises(hd.HyperdiffError, match="got the per_element hyperparameter 'lr'"):
-        hd.OnlineTuner(tuned("lr", per_element), window=4, method="curvature")
+        hd.online.OnlineTuner(tuned("lr", per_element), window=4, method="curvature")
 
     def elementwise(h, step, param):
         return h["lr"] * torch.ones(3)
 
-    tuner = hd.OnlineTuner(tuned(elementwise, hd.HyperParameters(lr=hd.scalar(0.1))), window=4,
+    tuner = hd.online.OnlineTuner(tuned(elementwise, hd.HyperParameters(lr=hd.scalar(0.1))), window=4,
                            method="curvature")
     with pytest.raises(hd.HyperdiffError, match=r"gave a tensor of shape \(3,\)"):
         tuner.step()

@@ -41,7 +41,7 @@ def test_ratio_is_the_trained_over_the_tuned_optimization_time():
     """Windows of 2 steps at lr 0.9, 0.6, 0.3 (a failed one between them, discarded), values
     0.2 after them: (0.9 + 0.6 + 0.3) * 2 / (0.2 * 6) = 3 at step M = 6 (30% of 20 steps)."""
     prob = recipe(20)
-    tuner = hd.OnlineTuner(prob, window=2, lr=0.0)
+    tuner = hd.online.OnlineTuner(prob, window=2, lr=0.0)
     records = [tuner.step() for _ in range(4)]
     made = [replace(records[0], hparams={**records[0].hparams, "lr": 0.9}),
             replace(records[1], hparams={**records[1].hparams, "lr": 5.0}, status="failed"),
@@ -68,7 +68,7 @@ def full_length(peak, **options):
     task = build_task("horizon_digits", steps=2000)
     problem = task.problems[0]
     problem = replace(problem, hparams=problem.hparams.with_natural(lr_peak=peak))
-    return problem, hd.OnlineTuner(problem, **{**OPTIONS, **options})
+    return problem, hd.online.OnlineTuner(problem, **{**OPTIONS, **options})
 
 
 def test_cooled_divides_the_peak_or_the_scalar_learning_rate():
@@ -140,7 +140,7 @@ def test_no_restart_when_the_measuring_window_ends_the_run():
     """One window of the whole run (K = N) whose outer step lowers lr by 6.65x: measured and
     warned, nothing to restart."""
     prob = recipe(6)
-    tuner = hd.OnlineTuner(prob, window=6, optimizer="sgd", normalize=True, lr=2.0,
+    tuner = hd.online.OnlineTuner(prob, window=6, optimizer="sgd", normalize=True, lr=2.0,
                            hot_start="restart")
     tuner.run()
     assert tuner.done and tuner.inner_step == 6 and not tuner.restarted
@@ -164,12 +164,12 @@ def test_the_report_table_prints_the_run_warnings():
 def test_the_restart_is_the_default_of_the_long_horizon_method_only():
     """Greedy windows lower the learning rate from any start (their short-horizon bias): with
     them a falling value is no sign of a hot start, and nothing is measured by default."""
-    assert hd.OnlineTuner(recipe(6)).hot_start == "ignore"
-    assert hd.OnlineTuner(recipe(6), method="forward").hot_start == "ignore"
+    assert hd.online.OnlineTuner(recipe(6)).hot_start == "ignore"
+    assert hd.online.OnlineTuner(recipe(6), method="forward").hot_start == "ignore"
     assert full_length(0.05)[1].hot_start == "restart"
-    assert hd.OnlineTuner(recipe(6), hot_start="warn").hot_start == "warn"
+    assert hd.online.OnlineTuner(recipe(6), hot_start="warn").hot_start == "warn"
     with pytest.raises(hd.HyperdiffError, match="hot_start must be None or one of"):
-        hd.OnlineTuner(recipe(6), hot_start="always")
+        hd.online.OnlineTuner(recipe(6), hot_start="always")
 
 
 HOT = ["task.name=horizon_digits", "inner.steps=200", "outer.window=5", "outer.lr=3.0",

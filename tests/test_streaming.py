@@ -217,7 +217,7 @@ def test_clear_errors_for_data_that_is_not_a_stream_of_tensor_batches():
     workers = DataLoader(NoisyTable(N), batch_size=BATCH, num_workers=2)  # prefetch 2 x 2
     for window in ("8", None, 0):  # refused before the prefetch room is added
         with pytest.raises(hd.HyperdiffError, match="data: window must be a positive int"):
-            hd.engine.data.stream(workers, window=window)
+            hd.data.stream(workers, window=window)
     with pytest.raises(hd.HyperdiffError, match="val_data must be .*text is not data"):
         hd.make_problem(*decayed_mse_losses(hd.functional(nn.Linear(5, 1).double())),
                         hd.HyperParameters(lr=hd.scalar(0.1)),
@@ -254,12 +254,12 @@ def test_a_restarted_stream_releases_its_open_iteration_first(monkeypatch):
 
     x, y = sine_data(N)
     tracked = _TrackedIterable([(x[k : k + BATCH], y[k : k + BATCH]) for k in range(0, N, BATCH)])
-    stream = hd.engine.data.stream(tracked, window=1)
+    stream = hd.data.stream(tracked, window=1)
     stream.batch(2, 0)
     stream.batch(0, 0)  # behind the open iteration: the epoch restarts
     assert tracked.most_live == 0  # the old iterator was gone before the new one was made
 
-    source = hd.engine.data.stream(DataLoader(NoisyTable(), batch_size=BATCH), window=1)
+    source = hd.data.stream(DataLoader(NoisyTable(), batch_size=BATCH), window=1)
     source.batch(5, 0)
     previous = weakref.ref(source.run.iterator)
     alive_at_start = []

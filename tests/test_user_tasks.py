@@ -79,7 +79,7 @@ def test_batchnorm_metrics_use_the_running_statistics():
     task = build_task(MODULE_REF, steps=6)
     seed = 11
     report = task.evaluate(seeds=(seed,))
-    state, _ = hd.train(replace(task.final_problem, seed=seed))
+    state, _ = hd.testing.train(replace(task.final_problem, seed=seed))
     module = copy.deepcopy(user_task_example.make_net(0))
     module.load_state_dict({**state.params, **state.buffers}, strict=False)
     module.eval()
@@ -101,7 +101,7 @@ def test_the_csv_logger_rows_equal_the_history(tmp_path):
     seen = []
     run_experiment(config, out=tmp_path, progress=False, log=lambda m: None,
                    callbacks=[lambda opt, record: seen.append(record)])
-    records = hd.History([hd.StepRecord.from_json(json.dumps(r)) for r in history(tmp_path)])
+    records = hd.history.History([hd.history.StepRecord.from_json(json.dumps(r)) for r in history(tmp_path)])
     assert [r.step for r in seen] == [r.step for r in records]
     with open(tmp_path / "steps.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))

@@ -19,6 +19,6 @@ Batch: TypeAlias = Any
 LossFn: TypeAlias = Callable[..., Any]
 """``loss(params, hparams, batch)`` or ``loss(params, hparams, batch, ctx)`` -> scalar tensor.
 
-The four-argument form receives a :class:`hyperdiff.StepContext` (buffers, seed, train flag)
-and is what models with BatchNorm or dropout need.
+The four-argument form receives a :class:`hyperdiff.engine.models.StepContext` (buffers, seed,
+train flag) and is what models with BatchNorm or dropout need.
 """

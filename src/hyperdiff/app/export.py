@@ -5,8 +5,8 @@
   group per set of tensors that share their coefficients, so per-tensor weight decay becomes
   param groups) and a :class:`TunedSchedule` that sets every scheduled coefficient (a
   ``per_step`` learning rate, a momentum schedule, ...) before each step. Training with the
-  pair equals :func:`hyperdiff.train`: bit for bit where the coefficients are plain numbers, to
-  rounding otherwise (docs/export.md, "What is bit for bit").
+  pair equals :func:`hyperdiff.testing.train`: bit for bit where the coefficients are plain
+  numbers, to rounding otherwise (docs/export.md, "What is bit for bit").
 - :func:`hyperdiff.hparams.schedules.resample` stretches a ``per_step`` schedule to another number
   of steps (``torch_optimizer(..., steps=M)`` uses it).
 - :func:`load_into` loads trained params and buffers (BatchNorm statistics) into a module.

@@ -1,8 +1,8 @@
 """Watching long work: per-step loggers (CSV, TensorBoard), the callback hook, progress.
 
 A *callback* is any callable ``callback(optimizer, record)``: the
-:class:`~hyperdiff.HyperOptimizer` and the :class:`~hyperdiff.StepRecord` of the outer step
-that just ended (successful or failed). Pass callbacks to ``HyperOptimizer.run(callbacks=...)``
+:class:`~hyperdiff.HyperOptimizer` and the :class:`~hyperdiff.tuner.history.StepRecord` of the outer
+step that just ended (successful or failed). Pass callbacks to ``HyperOptimizer.run(callbacks=...)``
 or ``hyperdiff.app.experiment.run_experiment(..., callbacks=...)``; that is the hook for MLflow,
 Weights & Biases or anything else::
 

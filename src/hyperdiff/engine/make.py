@@ -16,7 +16,7 @@ from torch import Tensor
 
 from hyperdiff.engine.data import as_source, validation_batches
 from hyperdiff.engine.datacheck import check_batch, check_source, shapes_of
-from hyperdiff.engine.models import StepContext
+from hyperdiff.engine.models import FunctionalModel, StepContext, model_state
 from hyperdiff.engine.optimizers import Optimizer
 from hyperdiff.engine.problem import Problem, call_loss, sum_in_order, takes_context
 from hyperdiff.engine.training import train_step, validation_loss
@@ -74,7 +74,7 @@ def make_problem(
     train_loss: LossFn,
     val_loss: LossFn,
     hparams: HyperParameters,
-    params: Params,
+    params: Params | FunctionalModel | tuple[Params, Params],
     *,
     optimizer: Optimizer,
     train_data: Any,
@@ -85,6 +85,10 @@ def make_problem(
     probe: bool = True,
 ) -> Problem:
     """Validate the inputs and return a :class:`Problem`.
+
+    ``params`` takes the model forms of :func:`hyperdiff.hypergradient` (see
+    :func:`hyperdiff.engine.models.model_state`): a :func:`functional` model, a dict name ->
+    tensor (with ``buffers``) or a pair ``(params, buffers)``.
 
     With ``probe=True`` two differentiable training steps are run once to check that the losses
     return scalars and to warn about hyperparameters whose hypergradient is identically zero.
@@ -100,8 +104,9 @@ def make_problem(
         )
     steps = positive_int("hypergradient", "steps", steps)
     seed = nonnegative_int("hypergradient", "seed", seed)
+    params, buffers = model_state("hypergradient", params, buffers, "params")
     params = _check_params(params, "params")
-    buffers = {} if buffers is None else _check_params(buffers, "buffers") if buffers else {}
+    buffers = _check_params(buffers, "buffers") if buffers else {}
     for coef_name, coef in optimizer.coefficients.items():
         if isinstance(coef, str):
             if coef not in hparams:

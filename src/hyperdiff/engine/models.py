@@ -26,7 +26,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from hyperdiff.errors import HyperdiffError
+from hyperdiff.errors import HyperdiffError, describe
 from hyperdiff.seeds import call_seed
 from hyperdiff.tree import BatchNormBase, tree_flatten
 from hyperdiff.typing import Params
@@ -331,3 +331,36 @@ def functional(module: nn.Module) -> FunctionalModel:
     torch.Size([4, 2])
     """
     return FunctionalModel(module)
+
+
+def model_state(caller: str, model: Any, buffers: Any = None, name: str = "model"
+                ) -> tuple[Any, Any]:
+    """``(params, buffers)`` of every model form the entry points take, unchecked.
+
+    ``model`` is a :func:`functional` model (its trained parameters and BatchNorm buffers), a
+    dict name -> tensor (with ``buffers``, a dict or ``None``: none) or a pair
+    ``(params, buffers)``. ``hd.hypergradient``, ``hd.make_problem`` and ``hd.task`` all read
+    their model through this function, so they accept the same forms; ``name`` is the
+    caller's word for the argument.
+
+    >>> model_state("f", {"w": torch.zeros(2)})
+    ({'w': tensor([0., 0.])}, {})
+    """
+    if isinstance(model, nn.Module):
+        raise HyperdiffError(f"{caller}: {name} must be hd.functional(module), not the module "
+                             "itself (the losses call it as net(params, x, ctx))")
+    if isinstance(model, FunctionalModel | tuple) and buffers is not None:
+        raise HyperdiffError(f"{caller}: buffers must not be given with a functional model or a "
+                             "(params, buffers) pair (its own buffers are used)")
+    if isinstance(model, FunctionalModel):
+        return model.params, model.buffers
+    if isinstance(model, tuple) and len(model) == 2:
+        return model[0], model[1]
+    if not isinstance(model, dict):
+        raise HyperdiffError(f"{caller}: {name} must be hd.functional(module), a dict of "
+                             f"parameter tensors or a pair (params, buffers) (got "
+                             f"{describe(model)})")
+    return model, {} if buffers is None else buffers
+
+
+__all__ = ["FunctionalModel", "StepContext", "functional", "model_state"]

@@ -266,3 +266,6 @@ def adamw(
 def referenced_hyperparameters(optimizer: Optimizer) -> set[str]:
     """Names of hyperparameters that the optimizer's string coefficients refer to."""
     return {c for c in optimizer.coefficients.values() if isinstance(c, str)}
+
+
+__all__ = ["AdamState", "Optimizer", "SGDState", "adam", "adamw", "sgd"]

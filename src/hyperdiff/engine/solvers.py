@@ -375,3 +375,6 @@ def _damping(caller: str, damping: Any) -> float:
             f"{caller}: damping must be a non-negative finite number (got {damping})"
         )
     return float(damping)
+
+
+__all__ = ["ConvergenceWarning", "SolveResult", "Solver", "cg", "damped", "exact", "neumann"]

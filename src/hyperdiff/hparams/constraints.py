@@ -165,3 +165,6 @@ def natural_range(constraint: Constraint) -> tuple[float | None, float | None]:
     if isinstance(constraint, Interval):
         return constraint.low, constraint.high
     return None, None
+
+
+__all__ = ["Constraint", "Free", "Interval", "Positive", "as_constraint", "natural_range"]

@@ -34,6 +34,7 @@ from hyperdiff.errors import HyperdiffError, Text, describe, fail, is_number
 from hyperdiff.hparams import gumbel, relax
 from hyperdiff.hparams.constraints import Constraint
 from hyperdiff.hparams.hyperparams import HyperParameter, HyperParameters, _tensor
+from hyperdiff.hparams.relax import Choice, choose, mix  # hd.discrete: what a loss reads
 from hyperdiff.seeds import gumbel_seed
 
 MODES = ("relax", "gumbel", "reinforce")
@@ -253,5 +254,6 @@ def with_states(hparams: HyperParameters, states: dict[str, dict[str, Any]]) -> 
     return HyperParameters(specs, raw=hparams.raw)
 
 
-__all__ = ["BASELINES", "MODES", "DiscreteParameter", "Softmax", "best_choices", "boolean",
-           "categorical", "discrete_names", "integer", "label", "with_states"]
+__all__ = ["BASELINES", "MODES", "Choice", "DiscreteParameter", "Softmax", "best_choices",
+           "boolean", "categorical", "choose", "discrete_names", "integer", "label", "mix",
+           "with_states"]

@@ -428,3 +428,7 @@ def _check_inside(what: str, constraint: Constraint, value: Tensor) -> None:
             f"{what} must be {constraint.describe_valid()} for a {constraint.name} constraint "
             f"(got {bad if value.dim() else value.item()})"
         )
+
+
+__all__ = ["HParamView", "HyperParameter", "HyperParameters", "per_element", "per_feature",
+           "per_step", "per_tensor", "scalar"]

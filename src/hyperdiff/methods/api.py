@@ -17,7 +17,7 @@ def hypergradient(
     train_loss: LossFn,
     val_loss: LossFn,
     hparams: HyperParameters,
-    params: Params | FunctionalModel,
+    params: Params | FunctionalModel | tuple[Params, Params],
     *,
     optimizer: Optimizer,
     train_data: Any,
@@ -39,8 +39,9 @@ def hypergradient(
             offers ``hparams.at(name, step=, param=)``; ``ctx`` is a :class:`StepContext`
             (buffers, seed, train flag) for models with BatchNorm or dropout.
         hparams: the :class:`HyperParameters` (their current values are used).
-        params: initial parameters theta_0 (name -> tensor), or a :func:`functional` model
-            (its parameters and BatchNorm buffers are used).
+        params: initial parameters theta_0 (name -> tensor), a :func:`functional` model (its
+            parameters and BatchNorm buffers are used) or a pair ``(params, buffers)``; the
+            forms :func:`make_problem` takes too.
         optimizer: inner optimizer (:func:`sgd`, :func:`adam`, :func:`adamw`).
         train_data: a batch, a list of batches, an iterable/DataLoader, a one-shot iterator
             or ``fn(step)``; see :mod:`hyperdiff.engine.data`.
@@ -57,14 +58,6 @@ def hypergradient(
         HyperdiffError: bad input, with the argument and what is valid.
         NonFiniteError: training diverged or the hypergradient is not finite.
     """
-    if isinstance(params, FunctionalModel):
-        if buffers is not None:
-            raise HyperdiffError(
-                "hypergradient: buffers must not be given with a functional model "
-                "(its own buffers are used)"
-            )
-        model = params
-        params, buffers = model.params, model.buffers
     method = reverse() if method is None else method
     if not isinstance(method, Method):
         raise HyperdiffError(

@@ -41,7 +41,7 @@ def method_constructor(name: str) -> Callable[..., Method]:
     """The constructor registered as ``name`` in :data:`METHODS`."""
     if name in ONLINE_ONLY_METHODS:
         raise fail("HyperOptimizer", "method", f"one of {sorted(METHODS)} ({name!r} exists "
-                   "only in online tuning: hd.OnlineTuner, outer.mode = 'online')", name)
+                   "only in online tuning: hd.online.OnlineTuner, outer.mode = 'online')", name)
     if name not in METHODS:
         raise fail("HyperOptimizer", "method", f"one of {sorted(METHODS)}", name)
     module, attr = METHODS[name].split(":")

@@ -109,8 +109,8 @@ def _solver(solver: Solver | str) -> Solver:
         return cg(maxiter=50)
     if solver == "neumann":
         return neumann(iterations=20)
-    raise fail("OnlineTuner", "solver", "a hd.cg() / hd.neumann() Solver, 'cg' or 'neumann'",
-               solver)
+    raise fail("OnlineTuner", "solver",
+               "a hd.solvers.cg() / hd.solvers.neumann() Solver, 'cg' or 'neumann'", solver)
 
 
 __all__ = ["METHODS", "WindowMethod", "window_method"]

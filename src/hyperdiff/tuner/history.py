@@ -194,3 +194,6 @@ def _json_type_fits(value: Any, annotation: str) -> bool:
 
 def finite_or_none(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
+
+
+__all__ = ["History", "OptimizeResult", "StepRecord"]

@@ -55,7 +55,7 @@ from hyperdiff.engine.data import minibatches, validation_batches
 from hyperdiff.engine.data.evaluation import EvaluationSplit, is_dataset_split
 from hyperdiff.engine.datacheck import check_batch, tensors_in
 from hyperdiff.engine.make import make_problem
-from hyperdiff.engine.models import FunctionalModel
+from hyperdiff.engine.models import model_state
 from hyperdiff.engine.optimizers import Optimizer
 from hyperdiff.engine.problem import Problem, takes_context
 from hyperdiff.errors import HyperdiffError, describe, fail, nonnegative_int, positive_int
@@ -186,7 +186,7 @@ class TaskSpec:
                 data = self.prepare(self.data, rows)
         info = TaskData(data, rows, data_seed)
         hparams = self._hparams(info)
-        model_params, buffers = model_state(self.model, self.name)
+        model_params, buffers = model_state(self.name, self.model)
         train, val = take(data, rows.train), take(data, rows.val)  # shared by problems and splits
 
         def problem_for(train_batch: Batch, val_batch: Batch, probe: bool) -> Problem:
@@ -238,7 +238,7 @@ class TaskSpec:
             val = [take(val[0], val_rows)]
         info = TaskData(given, None, data_seed)
         hparams = self._hparams(info)
-        model_params, buffers = model_state(self.model, self.name)
+        model_params, buffers = model_state(self.name, self.model)
         problem = self._problem(hparams, model_params, buffers,
                                 train_source(given.train, self.batch_size, self.name), val,
                                 steps, self.probe)
@@ -411,21 +411,6 @@ def task(
     )
 
 
-def model_state(model: Any, name: str) -> tuple[Params, Params]:
-    """``(params, buffers)`` of a functional model, a params dict or a pair."""
-    if isinstance(model, FunctionalModel):
-        return model.params, model.buffers
-    if isinstance(model, torch.nn.Module):
-        raise HyperdiffError(f"{name}: model must be hd.functional(module), not the module "
-                             "itself (the losses call it as net(params, x, ctx))")
-    if isinstance(model, tuple) and len(model) == 2:
-        return model[0], model[1]
-    if isinstance(model, dict):
-        return model, {}
-    raise HyperdiffError(f"{name}: model must be hd.functional(module), a dict of parameter "
-                         f"tensors or (params, buffers) (got {describe(model)})")
-
-
 def num_rows(data: Any, name: str) -> int:
     """The shared first dimension of the tensors of a batch."""
     tensors = (list(data.values()) if isinstance(data, dict)
@@ -482,7 +467,7 @@ def checked_search_space(task: str, hparams: HyperParameters,
         if not (isinstance(rng, SearchChoices) and rng.choices
                 and all(c in labels for c in rng.choices)):
             raise fail(f"task {task}", f"search_space[{name!r}]",
-                       f"hd.SearchChoices.of(some of {list(labels)}) for a discrete "
+                       f"hd.tasks.SearchChoices.of(some of {list(labels)}) for a discrete "
                        "hyperparameter", rng)
     return dict(space)
 
