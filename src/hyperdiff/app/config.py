@@ -79,7 +79,8 @@ class MethodConfig:
 class OuterConfig:
     optimizer: str = option("adam", "torch.optim optimizer of the raw hyperparameters",
                             choices=lambda: list(OPTIMIZERS))
-    lr: float = option(0.05, "outer learning rate (raw units)", low=0.0, open_low=True)
+    lr: float = option(0.05, "outer learning rate (raw units: 0.05 changes a positive "
+                       "hyperparameter by about 5%)", low=0.0, open_low=True)
     schedule: str = option("cosine", "outer learning-rate schedule: constant, or cosine decay "
                            "to 0 over stop.max_steps", choices=list(SCHEDULES))
     clip: float = option(0.0, "clip the hypergradient to this L2 norm (0: off)", low=0.0)
@@ -462,14 +463,46 @@ def _toml_value(value: Any) -> str:
     raise HyperdiffError(f"config: cannot write {describe(value)} as TOML")
 
 
+def _key_fields() -> list[tuple[str, Any]]:
+    """``(section.key, field)`` of every config key, in declaration order."""
+    return [(f"{section}.{f.name}", f) for section, cls in SECTIONS.items()
+            for f in fields(cls) if f.name != "options"]
+
+
+def _default(f: Any) -> Any:
+    factory = cast(Callable[[], Any], f.default_factory)
+    return f.default if f.default is not MISSING else factory()
+
+
 def config_rows() -> list[tuple[str, str, str]]:
     """``(key, default, help)`` of every config key, for documentation."""
-    rows = []
-    for section, cls in SECTIONS.items():
-        for f in fields(cls):
-            if f.name == "options":
-                continue
-            factory = cast(Callable[[], Any], f.default_factory)
-            default = f.default if f.default is not MISSING else factory()
-            rows.append((f"{section}.{f.name}", _toml_value(default), f.metadata.get("help", "")))
-    return rows
+    return [(key, _toml_value(_default(f)), f.metadata.get("help", ""))
+            for key, f in _key_fields()]
+
+
+def _valid_text(f: Any) -> str:
+    """What a key accepts, from its declaration: ``true, false``, the choices, or the range."""
+    meta = f.metadata
+    if isinstance(_default(f), bool):
+        return "true, false"
+    choices = meta.get("choices")
+    if callable(choices):
+        choices = choices()
+    if choices:
+        return ", ".join(f"`{c}`" for c in choices)
+    if isinstance(_default(f), (int, float)):
+        noun = "int" if isinstance(_default(f), int) else "number"
+        return f"{noun}{_range_text(meta)}"
+    return "string" + (" (a path inside the run directory)" if meta.get("check") else "")
+
+
+def config_table() -> str:
+    """The markdown table of every config key (key, default, valid values, meaning), generated
+    from the declarations above; ``docs/driver.md`` holds it between marker comments
+    (``hyperdiff run --print-config --markdown`` prints it)."""
+    lines = ["| key | default | valid | meaning |", "|---|---|---|---|"]
+    for key, f in _key_fields():
+        cells = [f"`{key}`", f"`{_toml_value(_default(f))}`", _valid_text(f),
+                 f.metadata.get("help", "")]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -23,6 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "one thread is fastest and safe on a busy machine)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config with comments and exit")
+    parser.add_argument("--markdown", action="store_true",
+                        help="with --print-config: print the table of every config key (its "
+                        "default, valid values and meaning) as markdown instead, as "
+                        "docs/driver.md holds it, and exit")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from hyperdiff.app.experiment import format_table, run_experiment
     from hyperdiff.tuner.distributed import is_root
 
+    if args.markdown:
+        return _print_table(args)
     overrides = config_overrides(args)
     config = None
     if args.config or not args.resume:
@@ -45,4 +51,16 @@ def run(args: argparse.Namespace) -> int:
     )
     if is_root():
         print(format_table(result))
+    return 0
+
+
+def _print_table(args: argparse.Namespace) -> int:
+    """``--print-config --markdown``: the config keys' table (their declared defaults, so no
+    other argument applies)."""
+    from hyperdiff.app.config import config_table
+    from hyperdiff.errors import HyperdiffError
+
+    if not args.print_config:
+        raise HyperdiffError("run: --markdown must be given with --print-config (got it alone)")
+    print(config_table(), end="")
     return 0
