@@ -286,7 +286,7 @@ def test_online_run_directory_resumes_to_the_same_history_and_result(tmp_path):
 ])
 def test_bad_online_config_raises_a_clear_error(overrides, message, tmp_path):
     from hyperdiff.app.config import load_config
-    from hyperdiff.app.online_experiment import build_online
+    from hyperdiff.app.plans import build_online
 
     with pytest.raises(hd.HyperdiffError, match=message):
         build_online(load_config(overrides=[*ONLINE, *overrides]))

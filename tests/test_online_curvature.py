@@ -193,7 +193,7 @@ def test_curvature_options_with_another_method_are_refused():
 
 def test_the_cli_runs_the_curvature_method(tmp_path):
     from hyperdiff.app.config import load_config
-    from hyperdiff.app.online_experiment import build_online
+    from hyperdiff.app.plans import build_online
 
     config = load_config(overrides=[
         "task.name=horizon_digits", "inner.steps=40", "outer.mode=online", "outer.window=10",
@@ -212,7 +212,7 @@ def test_offline_tuning_refuses_the_online_only_method_by_name():
 
 def test_a_task_s_method_options_do_not_follow_another_method():
     from hyperdiff.app.config import load_config
-    from hyperdiff.app.online_experiment import build_online
+    from hyperdiff.app.plans import build_online
 
     default = load_config(overrides=["task.name=horizon_digits"])
     assert default.method.name == "curvature" and default.method.options == {

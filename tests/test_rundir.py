@@ -183,7 +183,8 @@ def test_a_run_that_fails_before_it_starts_leaves_no_directory_behind(tmp_path, 
     def broken(config):
         raise hd.HyperdiffError("task: broken")
 
-    monkeypatch.setattr(experiment, "build", broken)
+    offline = experiment.PLANS["offline"]
+    monkeypatch.setitem(experiment.PLANS, "offline", offline._replace(build=broken))
     with pytest.raises(hd.HyperdiffError, match="task: broken"):
         run_experiment(load_config(overrides=SETTINGS), out=tmp_path / "new", log=quiet)
     assert list(tmp_path.iterdir()) == []

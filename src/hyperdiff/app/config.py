@@ -304,7 +304,7 @@ def _build_section(section: str, cls: type, values: dict[str, Any]) -> Any:
 
 
 def _method_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
-    if name in ONLINE_ONLY_METHODS:  # checked by the online tuner (online/experiment.py)
+    if name in ONLINE_ONLY_METHODS:  # checked by app/plans.py's build_online
         return dict(options)
     constructor = method_constructor(name)
     params = inspect.signature(constructor).parameters

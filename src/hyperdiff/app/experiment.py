@@ -1,24 +1,23 @@
-"""A configured tuning job end to end: task, driver, run directory, final report.
+"""A configured tuning job end to end: task, outer loop, run directory, final report.
 
-:func:`run_experiment` is what ``hyperdiff run`` does: build the task and the
-:class:`~hyperdiff.tuner.driver.HyperOptimizer` from a :class:`~hyperdiff.app.config.Config`, run it
-with a checkpoint after every step (or resume one), then retrain at the initial and at the best
-hyperparameters with fresh seeds and report every split, the held-out test split included,
-for both.
+:func:`run_experiment` is what ``hyperdiff run`` does, for every ``outer.mode``: take the run
+directory and its lock, check or record the inputs, build the task and the outer loop through
+the mode's plan (:data:`~hyperdiff.app.plans.PLANS`), run it with a checkpoint after every step
+(or resume one), then retrain at the initial and at the tuned hyperparameters with fresh seeds
+and report every split, the held-out test split included, for both (:func:`final_report`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import closing, suppress
+from contextlib import closing, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
 from hyperdiff.app.config import Config, load_config
-from hyperdiff.app.discrete_report import final_report as discrete_report
-from hyperdiff.app.discrete_report import has_relaxation
-from hyperdiff.app.loggers import Progress, close_all, config_loggers, start_all
+from hyperdiff.app.loggers import close_all, config_loggers, start_all
+from hyperdiff.app.plans import PLANS, Plan, Summary, build
 from hyperdiff.app.run_inputs import (
     ACCEPT_FLAG,
     changed_inputs_error,
@@ -28,51 +27,18 @@ from hyperdiff.app.run_inputs import (
 )
 from hyperdiff.app.rundir import RunDir
 from hyperdiff.app.rundir.paths import below_working_dir
-from hyperdiff.app.tasks import Task, build_task
+from hyperdiff.app.tasks import Task
 from hyperdiff.app.tasks.inputs import task_file_change
 from hyperdiff.app.tasks.loader import forget_specs, label
-from hyperdiff.engine.device import resolve_device, task_to_device
 from hyperdiff.errors import HyperdiffError, NonFiniteError
-from hyperdiff.hparams.discrete import discrete_names
 from hyperdiff.logs import get_logger
-from hyperdiff.methods.registry import make_method
 from hyperdiff.seeds import report_seeds
-from hyperdiff.tuner.distributed import data_parallel, init_from_env, root_only
-from hyperdiff.tuner.driver import HyperOptimizer, Stopping
-from hyperdiff.tuner.history import OptimizeResult, natural_values
+from hyperdiff.tuner.distributed import init_from_env, root_only
+from hyperdiff.tuner.history import StepRecord, natural_values
 
 _LOG = get_logger("experiment")
 
 
-
-def build(config: Config) -> tuple[Task, HyperOptimizer]:
-    """The task and the driver that ``config`` describes."""
-    task = build_task(
-        config.task.name, steps=config.inner.steps,
-        selection_fraction=config.task.selection_fraction, cv_folds=config.task.cv_folds,
-        data_seed=config.task.data_seed,
-    )
-    task = task_to_device(task, resolve_device(config.run.device, "config", "run.device"))
-    stop = config.stop
-    method = make_method(config.method.name, **config.method.options)
-    driver = HyperOptimizer(
-        list(task.problems),
-        method=data_parallel(method) if config.distributed.data_parallel else method,
-        optimizer=config.outer.optimizer, lr=config.outer.lr,
-        clip=config.outer.clip or None, schedule=config.outer.schedule,
-        samples="auto" if config.outer.auto_samples else config.outer.samples,
-        max_samples=config.outer.max_samples, tie_steps=config.outer.tie_steps,
-        warm_start=config.inner.warm_start,
-        selection=task.selection, seed=config.outer.seed,
-        stopping=Stopping(
-            max_steps=stop.max_steps, max_time_s=stop.max_time_s or None,
-            patience=stop.patience or None, min_delta=stop.min_delta, grad_tol=stop.grad_tol,
-            step_tol=stop.step_tol,
-        ),
-        shrink=config.guard.shrink, max_failures=config.guard.max_failures,
-        max_loss_ratio=config.guard.max_loss_ratio,
-    )
-    return task, driver
 
 
 def new_run_dir(config: Config, out: str | Path | None = None) -> RunDir:
@@ -209,72 +175,65 @@ def _run_locked(
     assert config is not None
     if group is not None:
         group.timeout_s = config.distributed.timeout_s
-    if config.outer.mode == "online":
-        from hyperdiff.app.online_experiment import run_online
+    plan = PLANS[config.outer.mode]
+    plan.check(config, group)
+    return _run_plan(plan, rundir, config, resume=resume, progress=progress, log=log,
+                     callbacks=callbacks, group=group,
+                     accept_changed_inputs=accept_changed_inputs)
 
-        if group is not None:
-            raise HyperdiffError(
-                "run: outer.mode = 'online' is one training run in one process; under torchrun "
-                f"each of the {group.world} ranks would repeat it. Launch it with plain "
-                "`hyperdiff run`, or use outer.mode = 'offline' to spread trainings over ranks")
-        return run_online(config, rundir, resume=resume, progress=progress, log=log,
-                          callbacks=callbacks, accept_changed_inputs=accept_changed_inputs)
-    task, driver = build(config)
+
+def _run_plan(
+    plan: Plan, rundir: RunDir, config: Config, *, resume: bool, progress: bool | None,
+    log: Callable[[str], None], callbacks: Sequence[Callable[..., Any]], group: Any,
+    accept_changed_inputs: bool,
+) -> dict[str, Any]:
+    """Build ``plan``'s outer loop, restore or start it, run it and write its result."""
+    task, loop = plan.build(config)
     # the [log] files are the run directory's, so rank 0 alone writes them
     loggers = config_loggers(config.log, rundir.path) if group is None or group.is_root else []
     watchers = [*loggers, *callbacks]
-    if restore_or_start(rundir, config, task.hparams, driver, resume=resume,
+    if restore_or_start(rundir, config, task.hparams, loop, resume=resume,
                         accept_changed_inputs=accept_changed_inputs):
-        log(f"resuming {rundir.path} at outer step {driver.step_index}")
-    log(f"tuning {task.name}: {task.hparams.numel} hyperparameters, "
-        f"{_trainings_text(len(task.problems), config)} training(s) of {config.inner.steps} "
-        f"steps per outer step; run directory {rundir.path}")
+        log(f"resuming {rundir.path} at {plan.where(loop)}")
+    log(f"{plan.describe(task, loop, config)}; run directory {rundir.path}")
 
-    def on_step(opt: HyperOptimizer, record: Any) -> None:
+    def on_step(opt: Any, record: StepRecord) -> None:
         rundir.append(record)
-        if record.message:
+        if plan.failed(record):
             log(f"guard: {record.message}")
-        if opt.step_index % config.output.checkpoint_every == 0 or opt.stop_reason():
+        if plan.steps(opt) % config.output.checkpoint_every == 0 or plan.done(opt):
             rundir.save_checkpoint(opt.state_dict())
 
-    per_step = len(task.problems) * (driver.auto.minimum if driver.auto else driver.samples)
-    bar = Progress(steps=config.stop.max_steps, done=driver.step_index, units_per_step=per_step,
-                   trainings=driver.trainings,
-                   report_trainings=(2 + has_relaxation(task.hparams))
-                   * config.report.seeds, enabled=progress, desc=task.name)
-    with closing(bar):
-        start_all(watchers, list(driver.history))
+    bar = plan.bar(task, loop, config, progress)
+    with closing(bar) if bar is not None else nullcontext():
+        start_all(watchers, list(loop.history))
         try:
-            outcome = driver.run(callbacks=[on_step, *watchers, bar], progress=False)
+            outcome = loop.run(callbacks=[on_step, *watchers, *([bar] if bar else [])],
+                               progress=progress if bar is None else False)
         except KeyboardInterrupt:
-            log(f"interrupted after outer step {driver.step_index}; continue with "
+            log(f"interrupted after {plan.where(loop)}; continue with "
                 f"`hyperdiff run --resume {rundir.path}`")
             raise
         except NonFiniteError as err:
-            rundir.save_checkpoint(driver.state_dict())
+            if plan.checkpoint_at_end:
+                rundir.save_checkpoint(loop.state_dict())
             result: dict[str, Any] = {
                 "task": task.name, "status": "diverged", "message": str(err),
-                "run_dir": str(rundir.path), "steps": driver.step_index}
+                "run_dir": str(rundir.path), "steps": plan.steps(loop)}
             rundir.write_result(result)
             raise
         finally:  # also after any other error (a callback's, a lost rank's)
             close_all(watchers)
-        rundir.save_checkpoint(driver.state_dict())
-        result = final_report(task, outcome, config, elapsed=driver.elapsed,
-                              progress=bar.report_phase())
+        if plan.checkpoint_at_end:
+            rundir.save_checkpoint(loop.state_dict())
+        result = final_report(task, plan.summary(task, loop, outcome, config), config,
+                              progress=bar.report_phase() if bar is not None else None)
     result["run_dir"] = str(rundir.path)
     changed = input_change_warnings(rundir)
     if changed:
         result["warnings"] = [*result.get("warnings", []), *changed]
     rundir.write_result(result)
     return result
-
-
-def _trainings_text(folds: int, config: Config) -> str:
-    """Trainings per outer step: ``"2"``, or ``"4-32 (auto)"`` with ``outer.auto_samples``."""
-    if config.outer.auto_samples:
-        return f"{2 * folds}-{config.outer.max_samples * folds} (auto)"
-    return str(folds * config.outer.samples)
 
 
 def _progress(extra: Callable[[str], None] | None) -> Callable[[str], None]:
@@ -289,31 +248,26 @@ def _progress(extra: Callable[[str], None] | None) -> Callable[[str], None]:
     return log
 
 
-def final_report(task: Task, outcome: OptimizeResult, config: Config, *, elapsed: float,
+def final_report(task: Task, summary: Summary, config: Config, *,
                  progress: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Retrain at the initial and the best hyperparameters (``config.report.seeds`` fresh
-    seeds each, the same for both) and evaluate every split; ``progress()`` after each
-    training."""
+    """Retrain at the initial and the tuned hyperparameters (``config.report.seeds`` fresh
+    seeds each, the same for both, ``summary.segments`` x ``inner.steps`` steps) and evaluate
+    every split; ``summary`` (a :class:`~hyperdiff.app.plans.Summary`) adds the mode's own
+    entries; ``progress()`` after each training."""
     seeds = report_seeds(config.report.seeds)
-    segments = outcome.best_step + 1 if config.inner.warm_start else 1
-    sides = {"initial": task.hparams.raw, "tuned": outcome.best_raw}
     report: dict[str, Any] = {
-        "task": task.name, "status": "finished", "stop_reason": outcome.stop_reason,
-        "steps": outcome.steps, "best_step": outcome.best_step,
-        "criterion": outcome.criterion, "time_s": elapsed, "report_seeds": list(seeds),
-        "training_steps": segments * config.inner.steps, "sizes": task.info.get("sizes", {}),
-        "cv_folds": config.task.cv_folds,
+        "task": task.name, "status": "finished", **summary.head, "report_seeds": list(seeds),
+        "training_steps": summary.segments * config.inner.steps,
+        "sizes": task.info.get("sizes", {}), "cv_folds": config.task.cv_folds, **summary.tail,
     }
-    for side, raw in sides.items():
-        natural = task.hparams.natural(raw)
+    for side, raw in {"initial": task.hparams.raw, "tuned": summary.tuned}.items():
         report[side] = {
             "hparams": natural_values(task.hparams, raw),
-            "summary": task.summarize(natural) if task.summarize else {},
-            "metrics": task.evaluate(raw, seeds=seeds, segments=segments, progress=progress),
+            "summary": task.summarize(task.hparams.natural(raw)) if task.summarize else {},
+            "metrics": task.evaluate(raw, seeds=seeds, segments=summary.segments,
+                                     progress=progress),
         }
-    if discrete_names(task.hparams):  # the argmax choices, and the relaxation gap
-        report["discrete"] = discrete_report(task, outcome, report, seeds=seeds,
-                                             segments=segments, progress=progress)
+    report.update(summary.extra(report, seeds, progress))
     return report
 
 

@@ -1,8 +1,8 @@
-"""What a resume verifies about the task's inputs, for :mod:`hyperdiff.app.experiment` and
-:mod:`hyperdiff.app.online_experiment`: the fingerprints of the task's code and data splits
-(:mod:`hyperdiff.app.tasks.inputs`) recorded in the run's manifest, compared with those of today;
-a change is refused unless ``--accept-changed-inputs`` (see ``docs/run_directory.md``);
-and :func:`restore_or_start`, which both run modes call to resume a run or start it.
+"""What a resume verifies about the task's inputs, for :mod:`hyperdiff.app.experiment`: the
+fingerprints of the task's code and data splits (:mod:`hyperdiff.app.tasks.inputs`) recorded in
+the run's manifest, compared with those of today; a change is refused unless
+``--accept-changed-inputs`` (see ``docs/run_directory.md``); and :func:`restore_or_start`,
+which the runner calls for every run mode to resume a run or start it.
 """
 
 from __future__ import annotations
