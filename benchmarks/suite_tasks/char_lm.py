@@ -3,9 +3,10 @@ ten standard-library modules (read with ``inspect.getsource``; about 300k charac
 exact text depends on the Python version). Characters outside printable ASCII map to one
 unknown symbol (97 symbols). The text is cut into windows of 33 characters (32 inputs, 32
 next-character targets); blocks of 16 consecutive windows go to train / val / test (60/20/20,
-seeded by ``data_seed``), so no split shares text with another; validation keeps 256 windows
-and test 512. One pre-norm transformer block (width 48, 2 causal attention heads, MLP 96),
-AdamW in minibatches of 32 windows.
+seeded by ``data_seed``), and a validation or test window whose text occurs in an earlier split
+is dropped, so no split shares a window with another; validation keeps 256 windows and test
+512. One pre-norm transformer block (width 48, 2 causal attention heads, MLP 96), AdamW in
+minibatches of 32 windows.
 
 Tunes the warmup-cosine learning-rate schedule (peak, warmup, final) and the weight decay.
 Metrics: next-character cross-entropy (nats) and accuracy.
@@ -21,7 +22,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from suite_common import Splits, lr_schedule, split_three, starts
+from suite_common import Splits, lr_schedule, schedule_space, split_three, starts
 from torch import Tensor
 
 import hyperdiff as hd
@@ -55,10 +56,14 @@ def data(data_seed: int = 0, n_val: int = 256, n_test: int = 512) -> Splits:
     n_windows = (len(ids) - 1) // (CONTEXT + 1)
     n_blocks = n_windows // BLOCK
     windows = ids[: n_blocks * BLOCK * (CONTEXT + 1)].reshape(n_blocks, BLOCK, CONTEXT + 1)
-    out = {}
+    out, seen = {}, set()
     for name, blocks, cap in zip(("train", "val", "test"), split_three(n_blocks, data_seed),
                                  (None, n_val, n_test), strict=True):
-        chosen = windows[blocks].reshape(-1, CONTEXT + 1)[:cap]
+        chosen = windows[blocks].reshape(-1, CONTEXT + 1)
+        text = [bytes(w.to(torch.uint8).tolist()) for w in chosen]
+        fresh = torch.tensor([t not in seen for t in text])  # source code repeats itself
+        seen.update(text)
+        chosen = chosen[fresh][:cap]
         out[name] = (chosen[:, :-1], chosen[:, 1:])
     return out
 
@@ -124,8 +129,7 @@ def build(steps: int | None = None, data_seed: int = 0, lr_scale: float = 1.0) -
         optimizer=hd.adamw(lr, weight_decay="wd"),
         data=hd.given_splits(train=splits["train"], val=splits["val"], test=splits["test"]),
         steps=steps, batch_size=BATCH_SIZE,
-        search_space={"lr_peak": hd.SearchRange(1e-4, 1.0), "lr_warmup": hd.SearchRange(0.01, 0.5, False),
-                      "lr_final": hd.SearchRange(0.01, 0.99, False), "wd": hd.SearchRange(1e-5, 1.0)},
+        search_space=schedule_space(lr=(1e-4, 1.0), wd=(1e-5, 1.0)),
         description="character-level transformer LM on Python standard-library source",
     )
 

@@ -12,7 +12,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from suite_common import Splits, classification, lr_schedule, seeded, split_three, starts
+from suite_common import (
+    Splits,
+    classification,
+    lr_schedule,
+    schedule_space,
+    seeded,
+    split_three,
+    starts,
+)
 
 import hyperdiff as hd
 
@@ -75,8 +83,7 @@ def build(steps: int | None = None, data_seed: int = 0, lr_scale: float = 1.0) -
         optimizer=hd.adamw(lr, weight_decay="wd"),
         data=hd.given_splits(train=splits["train"], val=splits["val"], test=splits["test"]),
         steps=steps, batch_size=BATCH_SIZE,
-        search_space={"lr_peak": hd.SearchRange(1e-4, 1.0), "lr_warmup": hd.SearchRange(0.01, 0.5, False),
-                      "lr_final": hd.SearchRange(0.01, 0.99, False), "wd": hd.SearchRange(1e-5, 1.0)},
+        search_space=schedule_space(lr=(1e-4, 1.0), wd=(1e-5, 1.0)),
         description="GRU counting symbols in synthetic sequences",
     )
 

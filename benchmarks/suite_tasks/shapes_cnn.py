@@ -14,7 +14,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from suite_common import Splits, classification, lr_schedule, seeded, split_three, starts
+from suite_common import (
+    Splits,
+    classification,
+    lr_schedule,
+    schedule_space,
+    seeded,
+    split_three,
+    starts,
+)
 from torch import Tensor
 
 import hyperdiff as hd
@@ -95,8 +103,7 @@ def build(steps: int | None = None, data_seed: int = 0, lr_scale: float = 1.0) -
         optimizer=hd.sgd(lr, 0.9, weight_decay="wd"),
         data=hd.given_splits(train=splits["train"], val=splits["val"], test=splits["test"]),
         steps=steps, batch_size=BATCH_SIZE,
-        search_space={"lr_peak": hd.SearchRange(1e-3, 10.0), "lr_warmup": hd.SearchRange(0.01, 0.5, False),
-                      "lr_final": hd.SearchRange(0.01, 0.99, False), "wd": hd.SearchRange(1e-6, 1e-1)},
+        search_space=schedule_space(lr=(1e-3, 10.0), wd=(1e-6, 1e-1)),
         description="CNN with BatchNorm on procedural 32x32 shapes and textures (10 classes)",
     )
 

@@ -82,3 +82,11 @@ def standardized(x: Tensor, train: Tensor) -> Tensor:
 
 Splits = dict[str, Any]
 """``{"train": ..., "val": ..., "test": ...}``: each a tuple of tensors, one row per example."""
+
+
+def schedule_space(lr: tuple[float, float], wd: tuple[float, float]
+                   ) -> dict[str, hd.SearchRange]:
+    """Black-box search ranges of :func:`lr_schedule`'s hyperparameters and a weight decay
+    ``wd``: the peak and the decay in log space, warmup and final fraction linear."""
+    return {"lr_peak": hd.SearchRange(*lr), "lr_warmup": hd.SearchRange(0.01, 0.5, False),
+            "lr_final": hd.SearchRange(0.01, 0.99, False), "wd": hd.SearchRange(*wd)}

@@ -12,7 +12,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import make_classification
-from suite_common import Splits, classification, lr_schedule, split_three, standardized, starts
+from suite_common import (
+    Splits,
+    classification,
+    lr_schedule,
+    schedule_space,
+    split_three,
+    standardized,
+    starts,
+)
 from torch.utils.data import DataLoader, TensorDataset
 
 import hyperdiff as hd
@@ -67,8 +75,7 @@ def build(steps: int | None = None, data_seed: int = 0, lr_scale: float = 1.0) -
         optimizer=hd.adamw(lr, weight_decay="wd"),
         data=hd.given_splits(train=train, val=splits["val"], test=splits["test"]),
         steps=steps, batch_size=BATCH_SIZE,
-        search_space={"lr_peak": hd.SearchRange(1e-4, 1.0), "lr_warmup": hd.SearchRange(0.01, 0.5, False),
-                      "lr_final": hd.SearchRange(0.01, 0.99, False), "wd": hd.SearchRange(1e-5, 1.0)},
+        search_space=schedule_space(lr=(1e-4, 1.0), wd=(1e-5, 1.0)),
         description="MLP on wide imbalanced synthetic tabular data (DataLoader)",
     )
 
