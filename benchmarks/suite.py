@@ -8,6 +8,7 @@ regression on widened breast-cancer data, and the noisy-label reweighting task.
 
 Methods, the same settings on every task (no per-task tuning of hyperdiff's outer loop):
 
+- ``untuned start``: the task's starting values, trained as they are (the reference point);
 - ``hd offline`` / ``hd online``: ``run_experiment`` with the default config (``outer.mode``
   offline or online), the task and the start being the only settings; also started with the
   learning rate 100x / 10x too small and 10x / 100x too large (``build_lr_x*`` factories);
@@ -137,7 +138,8 @@ def hyperdiff_row(ref: str, mode: str, settings: Settings, plain_s: float, start
                    time_s=time.perf_counter() - started, plain_s=plain_s, start=start,
                    note=f"failed: {err}"), []
     extra: dict[str, Any] = {"tuned": result["tuned"]["hparams"],
-                             "stop_reason": result["stop_reason"]}
+                             "stop_reason": result["stop_reason"],
+                             "initial_test": result["initial"]["metrics"]["test"]}
     if mode == "online":
         extra["online_model_test"] = result["online_model"]["test"]
         trainings = 1
@@ -274,9 +276,9 @@ def run_task(name: str, settings: Settings, workdir: Path) -> dict[str, Any]:
     plain_s = plain_training_s(task)
     say = _say(task.name)
     say(f"plain training {plain_s:.2f} s ({task.final_problem.steps} steps)")
-    rows = []
     offline, step_times = hyperdiff_row(ref, "offline", settings, plain_s, "x1", workdir)
-    rows.append(offline)
+    rows = [row("untuned start", offline.get("initial_test"), trainings=0, time_s=0.0,
+                plain_s=plain_s), offline]
     say(f"hd offline {offline['time_s']:.1f} s, {offline['trainings']} trainings")
     online, _ = hyperdiff_row(ref, "online", settings, plain_s, "x1", workdir)
     rows.append(online)
@@ -422,7 +424,13 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", choices=TASKS, help="run only these tasks")
     parser.add_argument("--out", default=str(RESULTS / "suite.json"))
     parser.add_argument("--markdown", metavar="JSON", help="print the tables of a result")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="combine the tasks of results run separately (the same mode) "
+                        "into --out, with the summary over all of them")
     args = parser.parse_args()
+    if args.merge:
+        merge([json.loads(Path(p).read_text()) for p in args.merge], Path(args.out))
+        return
     if args.markdown:
         payload = json.loads(Path(args.markdown).read_text())
         for block in payload["tasks"].values():
@@ -455,6 +463,24 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(_clean(payload), indent=1, allow_nan=False) + "\n")
     print(f"wrote {out} ({payload['total_time_s']:.0f} s)")
+
+
+def merge(parts: Sequence[dict[str, Any]], out: Path) -> None:
+    """Write one result with the tasks of ``parts`` (run one task per process, one after the
+    other) and the summary over all of them."""
+    modes = {p["mode"] for p in parts}
+    if len(modes) != 1:
+        raise SystemExit(f"suite: --merge needs results of one mode (got {sorted(modes)})")
+    tasks = {name: block for p in parts for name, block in p["tasks"].items()}
+    reference = f"tpe-{parts[0]['settings']['tpe_trials']}"
+    payload = {**parts[0], "tasks": tasks, "summary": summary(list(tasks.values()), reference),
+               "total_time_s": sum(p["total_time_s"] for p in parts),
+               "load_average_before": [p["load_average_before"] for p in parts],
+               "load_average_after": [p["load_average_after"] for p in parts],
+               "merged_from": len(parts)}
+    out.write_text(json.dumps(_clean(payload), indent=1, allow_nan=False) + "\n")
+    print(summary_table(payload["summary"]))
+    print(f"wrote {out}")
 
 
 def _clean(value: Any) -> Any:

@@ -28,7 +28,7 @@ from torch import Tensor
 import hyperdiff as hd
 
 NAME = "char_lm"
-DEFAULT_STEPS = 150
+DEFAULT_STEPS = 100
 BATCH_SIZE = 32
 LR = 3e-3
 LR_NAME = "lr_peak"

@@ -28,7 +28,7 @@ from torch import Tensor
 import hyperdiff as hd
 
 NAME = "shapes_cnn"
-DEFAULT_STEPS = 100
+DEFAULT_STEPS = 60
 BATCH_SIZE = 32
 LR = 0.05
 LR_NAME = "lr_peak"
