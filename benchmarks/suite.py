@@ -399,6 +399,15 @@ def task_table(block: dict[str, Any], markdown: bool = False) -> str:
     return _format(title, [*head, "note"], lines, markdown)
 
 
+def tasks_table(blocks: Sequence[dict[str, Any]], markdown: bool = False) -> str:
+    """What each task is and costs: hyperparameters, T, one plain training, one outer step."""
+    lines = [[b["task"], b["description"], str(b["hparams"]), str(b["steps"]),
+              _num(b["plain_training_s"], ".2f"), _num(b["outer_step_s"], ".2f"),
+              _num(b["outer_step_ratio"], ".2f")] for b in blocks]
+    return _format("tasks", ["task", "what", "hyperparameters", "T", "plain training s",
+                             "offline outer step s", "outer step / plain"], lines, markdown)
+
+
 def summary_table(summ: dict[str, dict[str, Any]], markdown: bool = False) -> str:
     reference = next(iter(summ.values()))["reference"] if summ else "-"
     lines = [[name, _num(e["geomean_loss_ratio"], ".3f"), str(e["wins"]), str(e["tasks"]),
@@ -439,6 +448,7 @@ def main() -> None:
         return
     if args.markdown:
         payload = json.loads(Path(args.markdown).read_text())
+        print(tasks_table(list(payload["tasks"].values()), markdown=True), end="\n\n")
         for block in payload["tasks"].values():
             print(task_table(block, markdown=True), end="\n\n")
         print(summary_table(payload["summary"], markdown=True))
