@@ -31,8 +31,8 @@ mean of test-loss ratios to TPE-100 and wins per task.
     OMP_NUM_THREADS=1 python benchmarks/suite.py           # the whole suite
     python benchmarks/suite.py --markdown benchmarks/results/suite.json  # tables for docs
 
-Writes benchmarks/results/suite.json (``tasks``: one entry per task; ``summary``: one per
-method).
+Writes benchmarks/results/suite.json, with ``--quick`` suite_quick.json (``mode``, ``tasks``:
+one entry per task, ``summary``: one per method).
 """
 
 from __future__ import annotations
@@ -437,14 +437,17 @@ def main() -> None:
                         help=f"tasks {', '.join(QUICK_TASKS)}; offline capped at 10 outer "
                         "steps; starts lr x0.1 and x10 offline only; TPE with 20 trainings")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, help="run only these tasks")
-    parser.add_argument("--out", default=str(RESULTS / "suite.json"))
+    parser.add_argument("--out", help="result file (default: benchmarks/results/suite.json, "
+                        "with --quick suite_quick.json)")
     parser.add_argument("--markdown", metavar="JSON", help="print the tables of a result")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="combine the tasks of results run separately (the same mode) "
                         "into --out, with the summary over all of them")
     args = parser.parse_args()
     if args.merge:
-        merge([json.loads(Path(p).read_text()) for p in args.merge], Path(args.out))
+        parts = [json.loads(Path(p).read_text()) for p in args.merge]
+        merge(parts, Path(args.out or RESULTS / ("suite.json" if parts[0]["mode"] == "full"
+                                                  else "suite_quick.json")))
         return
     if args.markdown:
         payload = json.loads(Path(args.markdown).read_text())
@@ -475,7 +478,7 @@ def main() -> None:
         "load_average_after": os.getloadavg(), "python": sys.version.split()[0],
         "torch": torch.__version__, "tasks": blocks, "summary": summ,
     }
-    out = Path(args.out)
+    out = Path(args.out or RESULTS / ("suite_quick.json" if args.quick else "suite.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(_clean(payload), indent=1, allow_nan=False) + "\n")
     print(f"wrote {out} ({payload['total_time_s']:.0f} s)")
