@@ -133,7 +133,7 @@ def hyperdiff_row(ref: str, mode: str, settings: Settings, plain_s: float, start
                                 out=workdir / f"{mode}-{start}", progress=False,
                                 log=lambda _message: None,
                                 callbacks=[lambda _opt, record: records.append(record)])
-    except hd.HyperdiffError as err:  # NonFiniteError included: the run gave up
+    except (hd.HyperdiffError, hd.NonFiniteError) as err:  # e.g. diverged at the start
         return row(method, None, trainings=records[-1].trainings if records else 0,
                    time_s=time.perf_counter() - started, plain_s=plain_s, start=start,
                    note=f"failed: {err}"), []

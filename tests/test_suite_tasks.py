@@ -91,3 +91,29 @@ def test_summary_geometric_mean_and_wins():
     assert out["a"]["geomean_loss_ratio"] == pytest.approx(math.sqrt(0.5 * 4.0))
     assert out["b"]["geomean_loss_ratio"] == pytest.approx(math.sqrt(2.0 * 0.5))
     assert (out["a"]["wins"], out["b"]["wins"], out["tpe-100"]["wins"]) == (1, 1, 0)
+
+
+DIVERGING_TASK = '''
+import torch
+import hyperdiff as hd
+
+def build(steps=None, data_seed=0):
+    x = torch.linspace(-1, 1, 64).reshape(-1, 1)
+    def loss(p, h, batch):
+        xb, yb = batch
+        return ((xb * p["w"] - yb) ** 2).mean()
+    return hd.task("diverging", model={"w": torch.zeros(1)}, train_loss=loss, val_loss=loss,
+                   hparams=hd.HyperParameters(lr=hd.scalar(1e30)), optimizer=hd.sgd("lr"),
+                   data=(x, 3 * x), steps=steps or 5, batch_size=None, probe=False)
+'''
+
+
+def test_a_run_that_diverges_at_the_start_is_a_row_with_a_note(tmp_path):
+    suite = load("suite")
+    path = tmp_path / "diverging.py"
+    path.write_text(DIVERGING_TASK)
+    row, steps = suite.hyperdiff_row(f"{path}:build", "offline", suite.QUICK, 1.0, "x100",
+                                     tmp_path / "runs")
+    assert row["method"] == "hd offline" and row["start"] == "x100"
+    assert row["test_loss"] is None and row["note"].startswith("failed: ")
+    assert "diverged" in row["note"] and steps == []
