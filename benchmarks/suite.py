@@ -1,0 +1,517 @@
+"""Head-to-head suite: hyperdiff against what users pick instead, on six tasks of different kinds.
+
+Tasks (``benchmarks/suite_tasks/``, each a task file a user could have written, runnable with
+``hyperdiff run --task benchmarks/suite_tasks/NAME.py:build``): a character-level transformer
+LM on standard-library source, a BatchNorm CNN on procedural 32x32 shapes, an MLP on wide
+imbalanced tabular data served by a DataLoader, a GRU counting task, per-feature-L2 logistic
+regression on widened breast-cancer data, and the noisy-label reweighting task.
+
+Methods, the same settings on every task (no per-task tuning of hyperdiff's outer loop):
+
+- ``untuned start``: the task's starting values, trained as they are (the reference point);
+- ``hd offline`` / ``hd online``: ``run_experiment`` with the default config (``outer.mode``
+  offline or online), the task and the start being the only settings; also started with the
+  learning rate 100x / 10x too small and 10x / 100x too large (``build_lr_x*`` factories);
+- ``tpe (time)`` / ``random (time)``: Optuna's TPE and random search over the task's search
+  space, given the wall time ``hd offline`` took in this run (the number of trainings that
+  bought is reported);
+- ``tpe-100``: TPE with 100 trainings (``--quick``: 20, and the summary says so);
+- ``lr grid``: 5 log-spaced learning rates over the search range, the rest at the start;
+- ``prodigy``, ``schedulefree adamw``, ``d-adapt adam``: learning-rate-free optimizers with
+  their published defaults, the same steps and batches, at the task's other starting values
+  (``pip install 'hyperdiff[bench]'``; a missing package is a skipped row with a note).
+
+Every chosen value set is retrained on 3 fresh seeds and scored on the held-out test split
+(online methods also report the run's own model). Columns: test loss / accuracy, full
+trainings used to choose, and wall time over one plain training measured in this run. Per task,
+one offline outer step's wall time over one plain training's. Summary per method: geometric
+mean of test-loss ratios to TPE-100 and wins per task.
+
+    OMP_NUM_THREADS=1 python benchmarks/suite.py --quick   # 4 tasks, fewer steps (< 10 min)
+    OMP_NUM_THREADS=1 python benchmarks/suite.py           # the whole suite
+    python benchmarks/suite.py --markdown benchmarks/results/suite.json  # tables for docs
+
+Writes benchmarks/results/suite.json, with ``--quick`` suite_quick.json (``mode``, ``tasks``:
+one entry per task, ``summary``: one per method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import hyperdiff as hd
+from hyperdiff.cli.compare import evaluate_values
+from hyperdiff.config import load_config
+from hyperdiff.experiment import REPORT_SEED, run_experiment
+from hyperdiff.problem import call_loss
+from hyperdiff.search import (
+    OPTUNA_MISSING,
+    SearchResult,
+    Trial,
+    assemble_values,
+    dimensions,
+    evaluate_trial,
+    optuna_available,
+    run_points,
+    sample_point,
+    tpe_search,
+)
+from hyperdiff.tasks.base import trained_params
+
+HERE = Path(__file__).parent
+TASK_DIR = HERE / "suite_tasks"
+RESULTS = HERE / "results"
+sys.path.insert(0, str(TASK_DIR))
+from suite_common import START_FACTORS, start_name  # noqa: E402
+
+TASKS = ("char_lm", "shapes_cnn", "tabular_mlp", "gru_seq", "logistic_wide", "reweight")
+QUICK_TASKS = ("tabular_mlp", "gru_seq", "logistic_wide", "reweight")
+SEEDS = tuple(REPORT_SEED + i for i in range(3))
+BENCH_HINT = "pip install 'hyperdiff[bench]'"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What differs between ``--quick`` and the full suite (the same for every task)."""
+
+    tasks: tuple[str, ...]
+    tpe_trials: int
+    starts: tuple[float, ...]
+    start_modes: tuple[str, ...]
+    max_steps: int | None  # cap on offline outer steps (None: the default, 30)
+
+
+FULL = Settings(TASKS, 100, START_FACTORS, ("offline", "online"), None)
+QUICK = Settings(QUICK_TASKS, 20, (0.1, 10.0), ("offline",), 10)
+
+
+# --- rows ------------------------------------------------------------------------------------
+
+def row(method: str, test: dict[str, float] | None, *, trainings: int | None, time_s: float,
+        plain_s: float, start: str = "x1", **extra: Any) -> dict[str, Any]:
+    """One method's result on one task; ``test``: mean test metrics over the report seeds."""
+    test = test or {}
+    return {"method": method, "start": start, "test_loss": test.get("loss"),
+            "test_accuracy": test.get("accuracy"), "trainings": trainings, "time_s": time_s,
+            "time_ratio": time_s / plain_s, **extra}
+
+
+def skipped(method: str, note: str) -> dict[str, Any]:
+    """A row that did not run (a missing optional package, a task without an lr)."""
+    return {"method": method, "start": "x1", "skipped": note}
+
+
+# --- hyperdiff -------------------------------------------------------------------------------
+
+def hyperdiff_row(ref: str, mode: str, settings: Settings, plain_s: float, start: str,
+                  workdir: Path) -> tuple[dict[str, Any], list[float]]:
+    """``run_experiment`` with the default config for ``mode``; the row and the offline outer
+    steps' wall times."""
+    overrides = [f"task.name={ref}", f"outer.mode={mode}"]
+    if mode == "offline" and settings.max_steps is not None:
+        overrides.append(f"stop.max_steps={settings.max_steps}")
+    records: list[Any] = []
+    method = f"hd {mode}"
+    started = time.perf_counter()
+    try:
+        result = run_experiment(load_config(overrides=overrides),
+                                out=workdir / f"{mode}-{start}", progress=False,
+                                log=lambda _message: None,
+                                callbacks=[lambda _opt, record: records.append(record)])
+    except (hd.HyperdiffError, hd.NonFiniteError) as err:  # e.g. diverged at the start
+        return row(method, None, trainings=records[-1].trainings if records else 0,
+                   time_s=time.perf_counter() - started, plain_s=plain_s, start=start,
+                   note=f"failed: {err}"), []
+    extra: dict[str, Any] = {"tuned": result["tuned"]["hparams"],
+                             "stop_reason": result["stop_reason"],
+                             "initial_test": result["initial"]["metrics"]["test"]}
+    if mode == "online":
+        extra["online_model_test"] = result["online_model"]["test"]
+        trainings = 1
+    else:
+        trainings = records[-1].trainings
+    steps = [r.step_time_s for r in records if r.status == "ok"]
+    return row(method, result["tuned"]["metrics"]["test"], trainings=trainings,
+               time_s=result["time_s"], plain_s=plain_s, start=start, **extra), steps
+
+
+# --- black-box search ------------------------------------------------------------------------
+
+def timed_search(task: hd.Task, method: str, budget_s: float, *, seed: int = 0,
+                 clock: Callable[[], float] = time.perf_counter) -> SearchResult:
+    """Random search or TPE until the next trial would end past ``budget_s`` seconds (at least
+    one trial); one training per trial, scored by the validation loss."""
+    dims = dimensions(task)
+    rng = np.random.default_rng(seed)
+    study = None
+    if method == "tpe":
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(direction="minimize",
+                                    sampler=optuna.samplers.TPESampler(seed=seed))
+    start, trials = clock(), []
+    while not trials or (clock() - start) * (1 + 1 / len(trials)) <= budget_s:
+        if study is None:
+            point = sample_point(dims, rng)
+        else:
+            trial = study.ask()
+            point = [trial.suggest_float(d.label, d.range.low, d.range.high, log=d.range.log)
+                     for d in dims]
+        values = assemble_values(dims, point)
+        loss, metrics = evaluate_trial(task, values, seed=seed, objective="val_loss")
+        if study is not None:
+            study.tell(trial, loss if math.isfinite(loss) else 1e300)
+        trials.append(Trial(len(trials), values, loss, metrics, len(trials) + 1, clock() - start))
+    return SearchResult(f"{method} (time)", tuple(trials))
+
+
+def search_row(task: hd.Task, result: SearchResult, plain_s: float) -> dict[str, Any]:
+    """The search's winner retrained on the report seeds."""
+    test = evaluate_values(task, result.best.values, SEEDS)["test"]
+    return row(result.method, test, trainings=result.trainings, time_s=result.time_s,
+               plain_s=plain_s, best_val_loss=result.best.objective, chosen=result.best.values)
+
+
+def lr_grid(task: hd.Task, lr_name: str) -> list[dict[str, float]]:
+    """5 log-spaced values of ``lr_name`` over its search range."""
+    rng = task.search_space[lr_name]
+    return [{lr_name: float(v)} for v in np.geomspace(rng.low, rng.high, 5)]
+
+
+# --- learning-rate-free optimizers -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class LrFree:
+    """A learning-rate-free torch optimizer: its package and how to make it (published
+    defaults); ``modes``: it has ``train()`` / ``eval()`` (schedule-free)."""
+
+    label: str
+    package: str
+    make: Callable[[Any, list[torch.Tensor]], torch.optim.Optimizer]
+    modes: bool = False
+
+
+LR_FREE = (
+    LrFree("prodigy", "prodigyopt", lambda m, p: m.Prodigy(p, lr=1.0)),
+    LrFree("schedulefree adamw", "schedulefree", lambda m, p: m.AdamWScheduleFree(p),
+           modes=True),
+    LrFree("d-adapt adam", "dadaptation", lambda m, p: m.DAdaptAdam(p, lr=1.0)),
+)
+
+
+def train_with(task: hd.Task, optimizer: LrFree, module: Any, seed: int
+               ) -> dict[str, dict[str, float]]:
+    """Train ``task.final_problem`` for its T steps on the minibatches of ``seed`` with a torch
+    optimizer (the loss at the task's starting hyperparameters; the optimizer's own weight
+    decay), then every split's metrics in eval mode."""
+    problem = task.final_problem
+    hview = problem.hparams.view(problem.raw_tensors())
+    params = {k: v.detach().clone().requires_grad_() for k, v in problem.params.items()}
+    buffers = dict(problem.buffers)
+    opt = optimizer.make(module, list(params.values()))
+    if optimizer.modes:
+        opt.train()  # type: ignore[attr-defined]
+    for step in range(problem.steps):
+        ctx = hd.StepContext(step=step, seed=seed, train=True, buffers=buffers)
+        loss = call_loss(problem, "train_loss", params, hview,
+                         problem.train_data.batch(step, seed), ctx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        buffers = {**buffers, **{k: v.detach() for k, v in ctx.new_buffers.items()}}
+    if optimizer.modes:
+        opt.eval()  # type: ignore[attr-defined]  # the averaged weights x
+    return task.metrics_at({k: v.detach() for k, v in params.items()}, buffers, hview,
+                           seed=seed)
+
+
+def lr_free_row(task: hd.Task, optimizer: LrFree, plain_s: float) -> dict[str, Any]:
+    """Mean test metrics over the report seeds; a skipped row when the package is missing."""
+    if importlib.util.find_spec(optimizer.package) is None:
+        return skipped(optimizer.label, f"{optimizer.package} is not installed ({BENCH_HINT})")
+    module = importlib.import_module(optimizer.package)
+    started, totals = time.perf_counter(), {"loss": 0.0, "accuracy": 0.0}
+    for seed in SEEDS:
+        test = train_with(task, optimizer, module, seed)["test"]
+        for key in totals:
+            totals[key] += test.get(key, math.nan) / len(SEEDS)
+    per_training = (time.perf_counter() - started) / len(SEEDS)
+    return row(optimizer.label, totals, trainings=1, time_s=per_training, plain_s=plain_s)
+
+
+# --- one task --------------------------------------------------------------------------------
+
+def plain_training_s(task: hd.Task, repeats: int = 2) -> float:
+    """Best wall time of ``repeats`` plain trainings (T steps at the start, no evaluation)."""
+    best = math.inf
+    for i in range(repeats):
+        started = time.perf_counter()
+        trained_params(task.final_problem, task.hparams.raw, seed=SEEDS[0] + i)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def run_task(name: str, settings: Settings, workdir: Path) -> dict[str, Any]:
+    """Every method on task ``name``; its JSON block."""
+    path = TASK_DIR / f"{name}.py"
+    ref = f"{path}:build"
+    module = _load(path)
+    task = hd.build_task(ref)
+    plain_s = plain_training_s(task)
+    say = _say(task.name)
+    say(f"plain training {plain_s:.2f} s ({task.final_problem.steps} steps)")
+    offline, step_times = hyperdiff_row(ref, "offline", settings, plain_s, "x1", workdir)
+    rows = [row("untuned start", offline.get("initial_test"), trainings=0, time_s=0.0,
+                plain_s=plain_s), offline]
+    say(f"hd offline {offline['time_s']:.1f} s, {offline['trainings']} trainings")
+    online, _ = hyperdiff_row(ref, "online", settings, plain_s, "x1", workdir)
+    rows.append(online)
+    say(f"hd online {online['time_s']:.1f} s")
+    lr_name = getattr(module, "LR_NAME", None)
+    for factor in settings.starts if lr_name else ():
+        for mode in settings.start_modes:
+            start = f"lr x{factor:g}"
+            started = f"{path}:{start_name(factor)}"
+            rows.append(hyperdiff_row(started, mode, settings, plain_s, start, workdir)[0])
+            say(f"hd {mode} from {start}: {rows[-1]['time_s']:.1f} s")
+    budget = offline["time_s"]
+    if optuna_available():
+        searches = [timed_search(task, "tpe", budget), timed_search(task, "random", budget),
+                    tpe_search(task, settings.tpe_trials, seed=0)]
+        searches[-1] = SearchResult(f"tpe-{settings.tpe_trials}", searches[-1].trials)
+    else:
+        searches = [timed_search(task, "random", budget)]
+        rows += [skipped("tpe (time)", OPTUNA_MISSING),
+                 skipped(f"tpe-{settings.tpe_trials}", OPTUNA_MISSING)]
+    for result in searches:
+        rows.append(search_row(task, result, plain_s))
+        say(f"{result.method}: {result.trainings} trainings, {result.time_s:.1f} s")
+    if lr_name:
+        grid = run_points(task, lr_grid(task, lr_name), method="lr grid")
+        rows.append(search_row(task, grid, plain_s))
+    else:
+        rows.append(skipped("lr grid", "the task has no learning-rate hyperparameter"))
+    for optimizer in LR_FREE:
+        rows.append(lr_free_row(task, optimizer, plain_s))
+        say(f"{optimizer.label} done")
+    # the machine's load changes while the task runs: the plain training is timed again at the
+    # end, and every ratio uses the faster of the two measurements
+    plain_s = min(plain_s, plain_training_s(task))
+    for r in rows:
+        if "time_s" in r:
+            r["time_ratio"] = r["time_s"] / plain_s
+    ratio = statistics.median(step_times) / plain_s if step_times else None
+    return {"task": task.name, "reference": f"benchmarks/suite_tasks/{name}.py:build",
+            "description": task.description, "hparams": task.hparams.numel,
+            "steps": task.final_problem.steps, "plain_training_s": plain_s,
+            "outer_step_s": statistics.median(step_times) if step_times else None,
+            "outer_step_ratio": ratio, "rows": rows}
+
+
+def _load(path: Path) -> Any:
+    """The task file as a module (for its ``LR_NAME``)."""
+    spec = importlib.util.spec_from_file_location(f"suite_task_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _say(name: str) -> Callable[[str], None]:
+    start = time.perf_counter()
+
+    def say(message: str) -> None:
+        print(f"  [{time.perf_counter() - start:6.1f} s] {name}: {message}", flush=True)
+
+    return say
+
+
+# --- summary and tables ----------------------------------------------------------------------
+
+def label(r: dict[str, Any]) -> str:
+    return r["method"] if r["start"] == "x1" else f"{r['method']} ({r['start']})"
+
+
+def summary(tasks: Sequence[dict[str, Any]], reference: str) -> dict[str, dict[str, Any]]:
+    """Per method: geometric mean of test-loss ratios to ``reference`` over the tasks where
+    both ran, wins (tasks where its test loss is the lowest of all rows) and tasks run."""
+    out: dict[str, dict[str, Any]] = {}
+    for block in tasks:
+        ran = [r for r in block["rows"] if _finite(r.get("test_loss"))]
+        best = min((r["test_loss"] for r in ran), default=None)
+        ref = next((r["test_loss"] for r in ran if r["method"] == reference), None)
+        for r in block["rows"]:
+            entry = out.setdefault(label(r), {"ratios": [], "wins": 0, "tasks": 0,
+                                              "skipped": 0})
+            if r.get("skipped") or not _finite(r.get("test_loss")):
+                entry["skipped"] += 1
+                continue
+            entry["tasks"] += 1
+            entry["wins"] += int(r["test_loss"] == best)
+            if ref is not None:
+                entry["ratios"].append(r["test_loss"] / ref)
+    for entry in out.values():
+        ratios = entry.pop("ratios")
+        entry["geomean_loss_ratio"] = (math.exp(sum(map(math.log, ratios)) / len(ratios))
+                                       if ratios else None)
+        entry["reference"] = reference
+    return out
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, float) and math.isfinite(x)
+
+
+def _num(x: Any, fmt: str) -> str:
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
+
+
+def task_table(block: dict[str, Any], markdown: bool = False) -> str:
+    """The task's rows: test loss / accuracy, trainings, wall time over one plain training."""
+    head = ["method", "test loss", "test acc", "own model loss", "trainings", "time / plain"]
+    lines = []
+    for r in block["rows"]:
+        own = r.get("online_model_test", {}).get("loss")
+        note = r.get("skipped") or r.get("note") or ""
+        lines.append([label(r), _num(r.get("test_loss"), ".4f"),
+                      _num(r.get("test_accuracy"), ".4f"), _num(own, ".4f"),
+                      _num(r.get("trainings"), "d"), _num(r.get("time_ratio"), ".1f"),
+                      note[:90]])
+    title = (f"{block['task']}: {block['description']}; {block['hparams']} hyperparameters, "
+             f"T = {block['steps']}; one plain training {block['plain_training_s']:.2f} s, one "
+             f"offline outer step {_num(block['outer_step_ratio'], '.2f')} x that")
+    return _format(title, [*head, "note"], lines, markdown)
+
+
+def tasks_table(blocks: Sequence[dict[str, Any]], markdown: bool = False) -> str:
+    """What each task is and costs: hyperparameters, T, one plain training, one outer step."""
+    lines = [[b["task"], b["description"], str(b["hparams"]), str(b["steps"]),
+              _num(b["plain_training_s"], ".2f"), _num(b["outer_step_s"], ".2f"),
+              _num(b["outer_step_ratio"], ".2f")] for b in blocks]
+    return _format("tasks", ["task", "what", "hyperparameters", "T", "plain training s",
+                             "offline outer step s", "outer step / plain"], lines, markdown)
+
+
+def summary_table(summ: dict[str, dict[str, Any]], markdown: bool = False) -> str:
+    reference = next(iter(summ.values()))["reference"] if summ else "-"
+    lines = [[name, _num(e["geomean_loss_ratio"], ".3f"), str(e["wins"]), str(e["tasks"]),
+              str(e["skipped"])] for name, e in summ.items()]
+    return _format(f"summary (test-loss ratio to {reference}: geometric mean over tasks)",
+                   ["method", f"loss / {reference}", "wins", "tasks run", "skipped"], lines,
+                   markdown)
+
+
+def _format(title: str, head: list[str], lines: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        out = [f"**{title}**", "", "| " + " | ".join(head) + " |",
+               "|" + "|".join("---" for _ in head) + "|"]
+        out += ["| " + " | ".join(line) + " |" for line in lines]
+        return "\n".join(out)
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
+    out = [title, "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
+    return "\n".join(out)
+
+
+# --- main ------------------------------------------------------------------------------------
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help=f"tasks {', '.join(QUICK_TASKS)}; offline capped at 10 outer "
+                        "steps; starts lr x0.1 and x10 offline only; TPE with 20 trainings")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, help="run only these tasks")
+    parser.add_argument("--out", help="result file (default: benchmarks/results/suite.json, "
+                        "with --quick suite_quick.json)")
+    parser.add_argument("--markdown", metavar="JSON", help="print the tables of a result")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="combine the tasks of results run separately (the same mode) "
+                        "into --out, with the summary over all of them")
+    args = parser.parse_args()
+    if args.merge:
+        parts = [json.loads(Path(p).read_text()) for p in args.merge]
+        merge(parts, Path(args.out or RESULTS / ("suite.json" if parts[0]["mode"] == "full"
+                                                  else "suite_quick.json")))
+        return
+    if args.markdown:
+        payload = json.loads(Path(args.markdown).read_text())
+        print(tasks_table(list(payload["tasks"].values()), markdown=True), end="\n\n")
+        for block in payload["tasks"].values():
+            print(task_table(block, markdown=True), end="\n\n")
+        print(summary_table(payload["summary"], markdown=True))
+        return
+    torch.set_num_threads(1)
+    settings = QUICK if args.quick else FULL
+    if args.tasks:
+        settings = Settings(tuple(args.tasks), settings.tpe_trials, settings.starts,
+                            settings.start_modes, settings.max_steps)
+    started, load_before = time.perf_counter(), os.getloadavg()
+    blocks = {}
+    with tempfile.TemporaryDirectory(prefix="hd-suite-") as tmp:
+        for name in settings.tasks:
+            print(f"{name}:", flush=True)
+            block = run_task(name, settings, Path(tmp) / name)
+            blocks[block["task"]] = block
+            print(task_table(block), end="\n\n", flush=True)
+    summ = summary(list(blocks.values()), f"tpe-{settings.tpe_trials}")
+    print(summary_table(summ))
+    payload = {
+        "mode": "quick" if args.quick else "full", "settings": asdict(settings),
+        "total_time_s": time.perf_counter() - started, "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(), "load_average_before": load_before,
+        "load_average_after": os.getloadavg(), "python": sys.version.split()[0],
+        "torch": torch.__version__, "tasks": blocks, "summary": summ,
+    }
+    out = Path(args.out or RESULTS / ("suite_quick.json" if args.quick else "suite.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(_clean(payload), indent=1, allow_nan=False) + "\n")
+    print(f"wrote {out} ({payload['total_time_s']:.0f} s)")
+
+
+def merge(parts: Sequence[dict[str, Any]], out: Path) -> None:
+    """Write one result with the tasks of ``parts`` (run one task per process, one after the
+    other) and the summary over all of them."""
+    modes = {p["mode"] for p in parts}
+    if len(modes) != 1:
+        raise SystemExit(f"suite: --merge needs results of one mode (got {sorted(modes)})")
+    tasks = {name: block for p in parts for name, block in p["tasks"].items()}
+    reference = f"tpe-{parts[0]['settings']['tpe_trials']}"
+    payload = {**parts[0], "tasks": tasks, "summary": summary(list(tasks.values()), reference),
+               "total_time_s": sum(p["total_time_s"] for p in parts),
+               "load_average_before": [p["load_average_before"] for p in parts],
+               "load_average_after": [p["load_average_after"] for p in parts],
+               "merged_from": len(parts)}
+    out.write_text(json.dumps(_clean(payload), indent=1, allow_nan=False) + "\n")
+    print(summary_table(payload["summary"]))
+    print(f"wrote {out}")
+
+
+def _clean(value: Any) -> Any:
+    """``value`` with tuples as lists and non-finite floats as ``None`` (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+if __name__ == "__main__":
+    main()
