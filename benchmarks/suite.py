@@ -55,11 +55,10 @@ import numpy as np
 import torch
 
 import hyperdiff as hd
-from hyperdiff.cli.compare import evaluate_values
-from hyperdiff.config import load_config
-from hyperdiff.experiment import REPORT_SEED, run_experiment
-from hyperdiff.problem import call_loss
-from hyperdiff.search import (
+from hyperdiff.app.cli.compare import evaluate_values
+from hyperdiff.app.config import load_config
+from hyperdiff.app.experiment import run_experiment
+from hyperdiff.app.search import (
     OPTUNA_MISSING,
     SearchResult,
     Trial,
@@ -71,7 +70,9 @@ from hyperdiff.search import (
     sample_point,
     tpe_search,
 )
-from hyperdiff.tasks.base import trained_params
+from hyperdiff.app.tasks.base import trained_params
+from hyperdiff.engine.problem import call_loss
+from hyperdiff.seeds import REPORT_SEED
 
 HERE = Path(__file__).parent
 TASK_DIR = HERE / "suite_tasks"
@@ -228,7 +229,7 @@ def train_with(task: hd.Task, optimizer: LrFree, module: Any, seed: int
     if optimizer.modes:
         opt.train()  # type: ignore[attr-defined]
     for step in range(problem.steps):
-        ctx = hd.StepContext(step=step, seed=seed, train=True, buffers=buffers)
+        ctx = hd.models.StepContext(step=step, seed=seed, train=True, buffers=buffers)
         loss = call_loss(problem, "train_loss", params, hview,
                          problem.train_data.batch(step, seed), ctx)
         opt.zero_grad()
@@ -272,7 +273,7 @@ def run_task(name: str, settings: Settings, workdir: Path) -> dict[str, Any]:
     path = TASK_DIR / f"{name}.py"
     ref = f"{path}:build"
     module = _load(path)
-    task = hd.build_task(ref)
+    task = hd.tasks.build_task(ref)
     plain_s = plain_training_s(task)
     say = _say(task.name)
     say(f"plain training {plain_s:.2f} s ({task.final_problem.steps} steps)")

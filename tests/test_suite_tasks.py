@@ -53,7 +53,7 @@ def test_splits_disjoint_and_deterministic(name):
 
 @pytest.mark.parametrize("name", [*OWN_SPLITS, "reweight"])
 def test_task_builds_and_trains(name):
-    task = hd.build_task(f"{TASK_DIR / name}.py:build", steps=2)
+    task = hd.tasks.build_task(f"{TASK_DIR / name}.py:build", steps=2)
     assert task.final_problem.steps == 2
     test = task.evaluate(seeds=(0,))["test"]
     assert math.isfinite(test["loss"]) and 0.0 <= test["accuracy"] <= 1.0
@@ -71,7 +71,7 @@ def test_starts_scale_the_learning_rate_only():
 
 def test_missing_optional_package_is_a_skipped_row():
     suite = load("suite")
-    task = hd.build_task(f"{TASK_DIR / 'logistic_wide'}.py:build", steps=2)
+    task = hd.tasks.build_task(f"{TASK_DIR / 'logistic_wide'}.py:build", steps=2)
     missing = suite.LrFree("nothing", "hyperdiff_no_such_package", lambda m, p: None)
     row = suite.lr_free_row(task, missing, plain_s=1.0)
     assert row["method"] == "nothing" and "hyperdiff_no_such_package" in row["skipped"]

@@ -42,7 +42,7 @@ def logits(params, x):
     return x @ params["w"] + params["b"]
 
 
-def build(steps: int | None = None, data_seed: int = 0, lr_scale: float = 1.0) -> hd.TaskSpec:
+def build(steps: int | None = None, data_seed: int = 0, lr_scale: float = 1.0) -> hd.tasks.TaskSpec:
     """The task (see the module doc); the initial lr is ``lr_scale`` x 0.1."""
     steps = DEFAULT_STEPS if steps is None else steps
     splits = data(data_seed)
@@ -71,7 +71,7 @@ def build(steps: int | None = None, data_seed: int = 0, lr_scale: float = 1.0) -
         optimizer=hd.sgd("lr", 0.9),
         data=hd.given_splits(train=splits["train"], val=splits["val"], test=splits["test"]),
         steps=steps, batch_size=None,
-        search_space={"lr": hd.SearchRange(1e-3, 10.0), "l2": hd.SearchRange(1e-6, 1.0)},
+        search_space={"lr": hd.tasks.SearchRange(1e-3, 10.0), "l2": hd.tasks.SearchRange(1e-6, 1.0)},
         description="logistic regression, 500 per-feature L2 penalties, 30 real + 470 noise features",
     )
 

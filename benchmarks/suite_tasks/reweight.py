@@ -14,14 +14,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 import hyperdiff as hd
-from hyperdiff.tasks import reweight
+from hyperdiff.app.tasks import reweight
 
 NAME = "reweight_digits"
 DEFAULT_STEPS = reweight.DEFAULT_STEPS
 LR_NAME = None
 
 
-def build(steps: int | None = None, data_seed: int = 0) -> hd.TaskSpec:
+def build(steps: int | None = None, data_seed: int = 0) -> hd.tasks.TaskSpec:
     """The built-in task with ``defaults`` reduced to its inner steps."""
     steps = DEFAULT_STEPS if steps is None else steps
     spec = reweight.build(steps=steps, data_seed=data_seed)

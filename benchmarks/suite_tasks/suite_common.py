@@ -32,12 +32,12 @@ def start_name(factor: float) -> str:
     return "build_lr_x" + f"{factor:g}".replace(".", "p")
 
 
-def starts(build: Callable[..., hd.TaskSpec]) -> dict[str, Callable[..., hd.TaskSpec]]:
+def starts(build: Callable[..., hd.tasks.TaskSpec]) -> dict[str, Callable[..., hd.tasks.TaskSpec]]:
     """``{start_name(f): factory}`` for every factor of :data:`START_FACTORS`; each factory
     takes ``steps`` and ``data_seed`` like ``build`` and starts at ``f`` x its lr."""
 
-    def scaled(factor: float) -> Callable[..., hd.TaskSpec]:
-        def factory(steps: int | None = None, data_seed: int = 0) -> hd.TaskSpec:
+    def scaled(factor: float) -> Callable[..., hd.tasks.TaskSpec]:
+        def factory(steps: int | None = None, data_seed: int = 0) -> hd.tasks.TaskSpec:
             return build(steps=steps, data_seed=data_seed, lr_scale=factor)
 
         factory.__name__ = start_name(factor)
@@ -46,7 +46,7 @@ def starts(build: Callable[..., hd.TaskSpec]) -> dict[str, Callable[..., hd.Task
     return {start_name(f): scaled(f) for f in START_FACTORS}
 
 
-def lr_schedule(steps: int, peak: float) -> tuple[hd.Schedule, dict[str, hd.HyperParameter]]:
+def lr_schedule(steps: int, peak: float) -> tuple[hd.schedules.Schedule, dict[str, hd.hyperparams.HyperParameter]]:
     """A warmup-cosine learning rate over ``steps`` (peak, warmup 5% of the run, final 5% of
     the peak): the schedule and its three hyperparameters ``lr_peak``, ``lr_warmup``,
     ``lr_final``."""
@@ -85,8 +85,8 @@ Splits = dict[str, Any]
 
 
 def schedule_space(lr: tuple[float, float], wd: tuple[float, float]
-                   ) -> dict[str, hd.SearchRange]:
+                   ) -> dict[str, hd.tasks.SearchRange]:
     """Black-box search ranges of :func:`lr_schedule`'s hyperparameters and a weight decay
     ``wd``: the peak and the decay in log space, warmup and final fraction linear."""
-    return {"lr_peak": hd.SearchRange(*lr), "lr_warmup": hd.SearchRange(0.01, 0.5, False),
-            "lr_final": hd.SearchRange(0.01, 0.99, False), "wd": hd.SearchRange(*wd)}
+    return {"lr_peak": hd.tasks.SearchRange(*lr), "lr_warmup": hd.tasks.SearchRange(0.01, 0.5, False),
+            "lr_final": hd.tasks.SearchRange(0.01, 0.99, False), "wd": hd.tasks.SearchRange(*wd)}

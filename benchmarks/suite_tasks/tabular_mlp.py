@@ -53,7 +53,7 @@ def make_mlp(seed: int) -> torch.nn.Module:
                                    torch.nn.Linear(HIDDEN, CLASSES))
 
 
-def build(steps: int | None = None, data_seed: int = 0, lr_scale: float = 1.0) -> hd.TaskSpec:
+def build(steps: int | None = None, data_seed: int = 0, lr_scale: float = 1.0) -> hd.tasks.TaskSpec:
     """The task (see the module doc); the initial peak lr is ``lr_scale`` x 3e-3."""
     steps = DEFAULT_STEPS if steps is None else steps
     net = hd.functional(make_mlp(data_seed))
