@@ -57,10 +57,11 @@ def method_constructor(name: str, caller: str = "HyperOptimizer") -> Callable[..
                    "only in online tuning: hd.online.OnlineTuner, outer.mode = 'online')", name)
     if name not in METHODS:
         raise fail(caller, "method", f"one of {sorted(offline)}", name)
-    return _constructor(name)
+    return registered_constructor(name)
 
 
-def _constructor(name: str) -> Callable[..., Method]:
+def registered_constructor(name: str) -> Callable[..., Method]:
+    """The constructor of ``name`` (a key of :data:`METHODS`), offline or not."""
     module, attr = METHODS[name].split(":")
     return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
 

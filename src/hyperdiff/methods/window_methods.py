@@ -18,7 +18,7 @@ from hyperdiff.errors import fail, positive_int
 from hyperdiff.methods.base import Method
 from hyperdiff.methods.curvature import curvature_options
 from hyperdiff.methods.forward import ENGINES
-from hyperdiff.methods.registry import _constructor, methods_where
+from hyperdiff.methods.registry import methods_where, registered_constructor
 
 DEFAULT_HORIZON = 500
 
@@ -27,7 +27,7 @@ def online_methods() -> list[str]:
     """The names the online tuner takes: online methods built without arguments."""
     return [name for name in methods_where(online=True)
             if all(p.default is not p.empty
-                   for p in inspect.signature(_constructor(name)).parameters.values())]
+                   for p in inspect.signature(registered_constructor(name)).parameters.values())]
 
 
 def window_method(name: str, problem: Problem, *, engine: str = "double_vjp",
@@ -60,7 +60,8 @@ def window_method(name: str, problem: Problem, *, engine: str = "double_vjp",
         "curvature": dict(zip(("horizon", "horizon_unit", "curvature_scale"), curvature_options(
             "OnlineTuner", horizon, horizon_unit, curvature_scale), strict=True)),
     }
-    method = _constructor("truncated" if backprop is not None else name)(**by_name.get(name, {}))
+    constructor = registered_constructor("truncated" if backprop is not None else name)
+    method = constructor(**by_name.get(name, {}))
     method.check(problem)
     return method
 
