@@ -250,8 +250,8 @@ def _forward(problem: Problem, raw: dict[str, Tensor], chunk_size: int | None, e
 
 
 def forward_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
-                   stop: int, val_batches: list[Batch], carry: Any = None, *,
-                   engine: str = "double_vjp") -> Segment:
+                    stop: int, val_batches: list[Batch], carry: Any = None, *,
+                    engine: str = "double_vjp") -> Segment:
     """Carry ``(s, Z)`` through steps ``start .. stop-1`` at ``raw`` and contract the validation
     gradient at the end with ``Z`` (module doc); the carry is ``Z`` (``None`` at the start of
     the run)."""

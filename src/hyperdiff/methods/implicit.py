@@ -304,7 +304,7 @@ def _start_gradient_norm(problem: Problem, objective, hview) -> float:
 
 
 def implicit_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
-                    stop: int, val_batches: list[Batch], carry: Any = None, *,
+                     stop: int, val_batches: list[Batch], carry: Any = None, *,
                      solver: Solver) -> Segment:
     """Train steps ``start .. stop-1`` plainly, then one implicit-function solve at the current
     parameters with the Hessian of the last training batch's loss (module doc)."""

@@ -37,9 +37,11 @@ SCHEDULES = ("constant", "cosine")
 
 
 def capabilities(name: str) -> Capabilities:
-    """The :class:`Capabilities` that the module of method ``name`` declares."""
+    """The :class:`Capabilities` that the module of method ``name`` declares as
+    ``CAPABILITIES``; a module that declares none holds an offline-only method (the defaults)."""
     module = importlib.import_module(METHODS[name].split(":")[0])
-    return module.CAPABILITIES  # type: ignore[no-any-return]
+    declared = getattr(module, "CAPABILITIES", Capabilities())
+    return declared if isinstance(declared, Capabilities) else Capabilities()
 
 
 def methods_where(**flags: bool) -> list[str]:

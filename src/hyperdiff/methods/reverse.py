@@ -52,7 +52,7 @@ def _reverse(problem: Problem, raw: dict[str, Tensor]) -> HyperGradient:
 
 
 def reverse_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
-                   stop: int, val_batches: list[Batch], carry: Any = None, *,
+                    stop: int, val_batches: list[Batch], carry: Any = None, *,
                     backprop: int | None = None) -> Segment:
     """Train steps ``start .. stop-1`` with their graph and backpropagate the validation loss
     at the end through them (module doc); with ``backprop = k`` only the last k steps keep
