@@ -9,8 +9,9 @@ import torch
 
 import hyperdiff as hd
 from hyperdiff.methods.base import Method
+from hyperdiff.methods.registry import METHODS
 from hyperdiff.methods.reverse import reverse
-from hyperdiff.tuner.driver import METHODS, HyperOptimizer, Stopping, make_method
+from hyperdiff.tuner.driver import HyperOptimizer, Stopping, make_method
 
 DT = torch.float64
 

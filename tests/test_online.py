@@ -1,5 +1,5 @@
-"""Online tuning and schedules: each window hypergradient against an offline method or a hand
-derivation, schedules against finite differences and their documented formulas, resume
+"""Online tuning and schedules: window hypergradients against a hand derivation (against the
+offline methods: the methods x (offline, online) table of tests/test_segments.py), schedules against finite differences and their documented formulas, resume
 against an uninterrupted run (float64, tiny problems)."""
 
 from __future__ import annotations
@@ -56,36 +56,6 @@ def recipe(steps=6):
     return problem(hp, hd.sgd("lr", "momentum"), steps)
 
 
-def test_reverse_with_one_window_equals_offline_reverse():
-    prob = recipe(6)
-    record = hd.online.OnlineTuner(prob, window=6, method="reverse", lr=0.0).step()
-    offline = hd.reverse()(prob)
-    for name, g in offline.grad.items():
-        assert abs(record.grad[name] - float(g)) <= 1e-12 * max(1.0, abs(float(g)))
-    assert record.val_loss == pytest.approx(offline.value, rel=1e-13)
-
-
-def test_reverse_with_backprop_k_equals_offline_truncated_reverse():
-    prob = recipe(6)
-    record = hd.online.OnlineTuner(prob, window=6, backprop=2, lr=0.0).step()
-    offline = hd.truncated(2)(prob)
-    for name, g in offline.grad.items():
-        assert abs(record.grad[name] - float(g)) <= 1e-12 * max(1.0, abs(float(g)))
-
-
-@pytest.mark.parametrize("engine", ["double_vjp", "jvp"])
-def test_forward_over_windows_equals_offline_forward_at_fixed_hyperparameters(engine):
-    prob = recipe(6)
-    tuner = hd.online.OnlineTuner(prob, window=2, method="forward", lr=0.0, engine=engine)
-    records = tuner.run().history
-    assert len(records) == 3
-    for j, record in enumerate(records):
-        offline = hd.forward()(prob.with_steps(2 * (j + 1)))
-        for name, g in offline.grad.items():
-            assert abs(record.grad[name] - float(g)) <= 1e-10 * max(1.0, abs(float(g)))
-    assert torch.equal(tuner.state.params["W1"], train(prob)[0].params["W1"])
-
-
 def test_window_one_with_sgd_is_hypergradient_descent_by_hand():
     """K=1, plain SGD, a free lr and an SGD outer step: lr <- lr + beta <grad L_val(theta_{t+1}),
     grad L_train(theta_t)> (Baydin et al. 2018, with the validation batch)."""
@@ -110,18 +80,6 @@ def test_window_one_with_sgd_is_hypergradient_descent_by_hand():
     assert float(result.final_raw["lr"]) == pytest.approx(lr, rel=1e-12)
     for k, v in theta.items():
         assert torch.allclose(result.params[k], v, rtol=0, atol=1e-13)
-
-
-def test_implicit_window_equals_offline_implicit_at_the_same_point():
-    x, y = sine_data(30, 5, seed=3)
-    xv, yv = sine_data(20, 5, seed=4)
-    hp = hd.HyperParameters(wd=hd.scalar(0.05))
-    prob = hd.make_problem(train_loss, val_loss, hp, mlp_params(), optimizer=hd.sgd(0.3, 0.5),
-                           train_data=(x, y), val_data=(xv, yv), steps=40, probe=False)
-    record = hd.online.OnlineTuner(prob, window=40, method="implicit", lr=0.0,
-                            solver=hd.solvers.exact()).step()
-    offline = hd.implicit(solver=hd.solvers.exact(), warn=False)(prob)
-    assert record.grad["wd"] == pytest.approx(float(offline.grad["wd"]), rel=1e-9)
 
 
 def fd_loss(prob, hp, **natural):

@@ -14,7 +14,7 @@ from test_online import mlp_params, predict, val_loss
 import hyperdiff as hd
 from hyperdiff.engine.training import initial_state, train_step
 from hyperdiff.hparams.schedules import FAMILIES
-from hyperdiff.methods.curvature import RHO, curvature_window, initial_tangent
+from hyperdiff.methods.curvature import RHO, curvature_segment, initial_tangent
 
 from conftest import sine_data
 
@@ -143,11 +143,11 @@ def test_a_window_leaves_the_tangent_it_was_given_untouched():
     prob = make(mlp_train_loss, 8)
     raw = prob.hparams.raw
     state = initial_state(prob, differentiable=False)
-    first = curvature_window(prob, state, raw, 0, 4, prob.val_data, None)
-    kept = [t.clone() for t in first.tangent]
-    again = [curvature_window(prob, first.state, raw, 4, 8, prob.val_data, first.tangent)
+    first = curvature_segment(prob, state, raw, 0, 4, prob.val_data, None)
+    kept = [t.clone() for t in first.carry]
+    again = [curvature_segment(prob, first.state, raw, 4, 8, prob.val_data, first.carry)
              for _ in range(2)]
-    assert all(torch.equal(a, b) for a, b in zip(kept, first.tangent, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(kept, first.carry, strict=True))
     assert all(torch.equal(again[0].grad[n], again[1].grad[n]) for n in again[0].grad)
     assert initial_tangent(prob, raw).z.shape == (3, sum(p.numel() for p in prob.params.values()))
 
@@ -199,7 +199,7 @@ def test_the_cli_runs_the_curvature_method(tmp_path):
         "task.name=horizon_digits", "inner.steps=40", "outer.mode=online", "outer.window=10",
         "method.name=curvature", "method.horizon=200", "outer.val_batch=0"])
     _, tuner = build_online(config)
-    assert tuner.method == "curvature" and tuner.window_method.horizon == 200
+    assert tuner.method == "curvature" and tuner.window_method.options["horizon"] == 200
     record = tuner.step()
     assert record.status == "ok" and abs(record.grad["lr_peak"]) > 0
     _ = predict  # the shared helpers come from test_online
@@ -261,8 +261,8 @@ def test_a_window_reads_no_device_value_per_step(monkeypatch, kind):
     reads = []
     for window in (3, 9):
         counter = HostReads(monkeypatch)
-        out = curvature_window(prob, state, raw, 0, window, prob.val_data, None)
+        out = curvature_segment(prob, state, raw, 0, window, prob.val_data, None)
         reads.append(counter.count)
         monkeypatch.undo()
-        assert int(out.tangent.steps) == window
+        assert int(out.carry.steps) == window
     assert reads[0] == reads[1], reads

@@ -21,7 +21,7 @@ from test_online_curvature import (
 
 import hyperdiff as hd
 from hyperdiff.engine.training import initial_state, train_step
-from hyperdiff.methods.curvature import RHO, curvature_window, initial_tangent
+from hyperdiff.methods.curvature import RHO, curvature_segment, initial_tangent
 from hyperdiff.methods.curvature_adam import AdamCurvatureTangent
 
 from conftest import sine_data
@@ -160,12 +160,12 @@ def test_a_window_leaves_the_tangent_it_was_given_untouched():
     prob = make(mlp_train_loss, 8, "adamw", 0.1)
     raw = prob.hparams.raw
     state = initial_state(prob, differentiable=False)
-    first = curvature_window(prob, state, raw, 0, 4, prob.val_data, None)
-    assert isinstance(first.tangent, AdamCurvatureTangent)
-    kept = [t.clone() for t in first.tangent]
-    again = [curvature_window(prob, first.state, raw, 4, 8, prob.val_data, first.tangent)
+    first = curvature_segment(prob, state, raw, 0, 4, prob.val_data, None)
+    assert isinstance(first.carry, AdamCurvatureTangent)
+    kept = [t.clone() for t in first.carry]
+    again = [curvature_segment(prob, first.state, raw, 4, 8, prob.val_data, first.carry)
              for _ in range(2)]
-    assert all(torch.equal(a, b) for a, b in zip(kept, first.tangent, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(kept, first.carry, strict=True))
     assert all(torch.equal(again[0].grad[n], again[1].grad[n]) for n in again[0].grad)
     like = initial_tangent(prob, raw)
     assert isinstance(like, AdamCurvatureTangent)

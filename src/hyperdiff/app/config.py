@@ -26,9 +26,9 @@ from hyperdiff.app.tasks import DEFAULT_TASK, check_task_name, task_defaults
 from hyperdiff.errors import HyperdiffError, describe
 from hyperdiff.methods.registry import (
     METHODS,
-    ONLINE_ONLY_METHODS,
     OPTIMIZERS,
     SCHEDULES,
+    capabilities,
     method_constructor,
 )
 
@@ -71,7 +71,7 @@ class InnerConfig:
 @dataclass(frozen=True)
 class MethodConfig:
     name: str = option("reverse", "hypergradient method; other keys of [method] are its "
-                       "options", choices=lambda: [*METHODS, *ONLINE_ONLY_METHODS])
+                       "options", choices=lambda: list(METHODS))
     options: dict[str, Any] = field(default_factory=dict, metadata={"help": "method options"})
 
 
@@ -304,7 +304,7 @@ def _build_section(section: str, cls: type, values: dict[str, Any]) -> Any:
 
 
 def _method_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
-    if name in ONLINE_ONLY_METHODS:  # checked by app/plans.py's build_online
+    if name in METHODS and not capabilities(name).offline:  # checked by app/plans.py's build_online
         return dict(options)
     constructor = method_constructor(name)
     params = inspect.signature(constructor).parameters

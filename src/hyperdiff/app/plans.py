@@ -154,10 +154,10 @@ def build_online(config: Config) -> tuple[Task, OnlineTuner]:
     if method not in METHODS:
         raise HyperdiffError(f"config: method.name must be one of {list(METHODS)} with "
                              f"outer.mode = 'online' (got {method!r})")
-    unused = sorted(set(config.method.options) - set(OPTIONS[method]))
+    unused = sorted(set(config.method.options) - set(OPTIONS.get(method, ())))
     if unused:
         raise HyperdiffError(f"config: method.{unused[0]} is not used by online {method}; "
-                             f"it accepts {list(OPTIONS[method]) or 'no options'}")
+                             f"it accepts {list(OPTIONS.get(method, ())) or 'no options'}")
     if config.outer.backprop and method != "reverse":
         raise HyperdiffError(f"config: outer.backprop is used by method.name = 'reverse' only "
                              f"(got {config.outer.backprop} with {method!r}); set it to 0")

@@ -1,7 +1,9 @@
-"""Hypergradient methods, all with the contract ``method(problem, raw=None) -> HyperGradient``."""
+"""Hypergradient methods: ``method(problem, raw=None) -> HyperGradient`` and, where their
+capabilities say online, ``method.segment(...) -> Segment`` (:mod:`hyperdiff.methods.base`)."""
 
-from hyperdiff.methods.base import HyperGradient, Method
+from hyperdiff.methods.base import Capabilities, HyperGradient, Method, Segment
 from hyperdiff.methods.checkpointed import checkpointed
+from hyperdiff.methods.curvature import curvature
 from hyperdiff.methods.finite_difference import CostWarning, finite_difference
 from hyperdiff.methods.forward import forward
 from hyperdiff.methods.implicit import implicit
@@ -10,10 +12,13 @@ from hyperdiff.methods.reversible import reversible
 from hyperdiff.methods.truncated import truncated
 
 __all__ = [
+    "Capabilities",
     "CostWarning",
     "HyperGradient",
     "Method",
+    "Segment",
     "checkpointed",
+    "curvature",
     "finite_difference",
     "forward",
     "implicit",

@@ -2,6 +2,16 @@
 
 A method is configured once (``reverse()``, ``forward()``, ``finite_difference(eps)``, ...) and
 then called as ``method(problem, raw=None)``; it returns a :class:`HyperGradient`.
+
+A method that can take a hypergradient over a *segment* of training also offers
+``method.segment(problem, state, raw, start, stop, val_batches, carry) -> Segment``: train
+steps ``start .. stop-1`` from ``state`` (the parameters, buffers and optimizer state at
+``start``), and return the state at ``stop``, ``dL_val/du`` at the validation batches, the
+validation loss and the *carry*: what the method hands to its next segment (forward mode's
+tangents ``Z_t = ds_t/du``, curvature's tangents and statistics; ``None`` for the others and
+at the start of a run). Offline is the segment ``[0, T)`` from ``theta_0``; an online window
+is ``[t, t+K)`` from the current state with the carry. What a method can do is declared in its
+:class:`Capabilities`, which the tuners and configs read instead of lists of names.
 """
 
 from __future__ import annotations
@@ -9,16 +19,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from hyperdiff.engine.problem import Problem
-from hyperdiff.engine.training import zeros_for_unused
-from hyperdiff.errors import NonFiniteError
+from hyperdiff.engine.training import TrainState, zeros_for_unused
+from hyperdiff.errors import HyperdiffError, NonFiniteError
 from hyperdiff.hparams.hyperparams import HyperParameters
-from hyperdiff.typing import Params
+from hyperdiff.typing import Batch, Params
 
 
 @dataclass(frozen=True)
@@ -69,16 +79,81 @@ class HyperGradient:
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """What a method can do, declared once on the method (read by the tuners and configs).
+
+    Attributes:
+        exact: the hypergradient is exact for the problem (not truncated or approximated).
+        offline: ``method(problem, raw)`` over the whole run ``[0, T)``.
+        online: ``method.segment(...)`` over a segment of training (online windows).
+        carries_state: its segments hand a carry to the next one (tangents).
+        data_parallel: trains through ``train_step``, so ``hd.distributed.data_parallel``
+            can shard its inner training.
+    """
+
+    exact: bool = True
+    offline: bool = True
+    online: bool = False
+    carries_state: bool = False
+    data_parallel: bool = False
+
+
+class Segment(NamedTuple):
+    """One segment ``[start, stop)`` of training: the state at ``stop`` (detached), the raw
+    hypergradient ``dL/du``, the validation loss, the segment's train losses ``(stop-start,)``,
+    the carry for the next segment, diagnostics."""
+
+    state: TrainState
+    grad: dict[str, Tensor]
+    value: float
+    train_losses: Tensor
+    carry: Any = None
+    diagnostics: dict[str, Any] | None = None
+
+
+SegmentFn = Callable[[Problem, TrainState, dict[str, Tensor], int, int, list[Batch], Any], Segment]
+"""``segment(problem, state, raw, start, stop, val_batches, carry) -> Segment``."""
+
+
+@dataclass(frozen=True)
 class Method:
-    """A configured hypergradient method: ``method(problem, raw=None) -> HyperGradient``."""
+    """A configured hypergradient method: ``method(problem, raw=None) -> HyperGradient`` and,
+    where ``capabilities.online``, ``method.segment(...) -> Segment`` (module doc)."""
 
     name: str
     run: Callable[[Problem, dict[str, Tensor]], HyperGradient] = field(repr=False)
     options: dict[str, Any] = field(default_factory=dict)
-    exact: bool = True
+    capabilities: Capabilities = Capabilities()
+    segment_fn: SegmentFn | None = field(default=None, repr=False, compare=False)
+    carry_fn: Callable[[Problem, dict[str, Tensor], TrainState], Any] | None = field(
+        default=None, repr=False, compare=False)
+    check_fn: Callable[[Problem], None] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def exact(self) -> bool:
+        return self.capabilities.exact
 
     def __call__(self, problem: Problem, raw: dict[str, Tensor] | None = None) -> HyperGradient:
         return self.run(problem, problem.raw_tensors(raw))
+
+    def segment(self, problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
+                stop: int, val_batches: list[Batch], carry: Any = None) -> Segment:
+        """The hypergradient over steps ``[start, stop)`` from ``state`` (module doc); the
+        ``carry`` given is not modified."""
+        if self.segment_fn is None:
+            raise HyperdiffError(f"{self.name}: method must support segments of training "
+                                 f"(capabilities.online) to be used online (got {self!r})")
+        return self.segment_fn(problem, state, raw, start, stop, val_batches, carry)
+
+    def check(self, problem: Problem) -> None:
+        """Refuse a ``problem`` the method cannot handle (raises :class:`HyperdiffError`)."""
+        if self.check_fn is not None:
+            self.check_fn(problem)
+
+    def carry_like(self, problem: Problem, raw: dict[str, Tensor], state: TrainState) -> Any:
+        """A carry of the right structure, shapes and dtypes (for checking and restoring a
+        saved one); ``None`` for a method that carries nothing."""
+        return None if self.carry_fn is None else self.carry_fn(problem, raw, state)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
@@ -138,4 +213,5 @@ def finish(
     )
 
 
-__all__ = ["HyperGradient", "Method", "finish", "zeros_for_unused"]
+__all__ = ["Capabilities", "HyperGradient", "Method", "Segment", "SegmentFn", "finish",
+           "zeros_for_unused"]

@@ -42,8 +42,11 @@ from hyperdiff.engine.training import (
     validation_loss,
 )
 from hyperdiff.errors import HyperdiffError, describe
-from hyperdiff.methods.base import HyperGradient, Method, finish, zeros_for_unused
+from hyperdiff.methods.base import Capabilities, HyperGradient, Method, finish, zeros_for_unused
 from hyperdiff.tree import tree_flatten, tree_unflatten
+
+CAPABILITIES = Capabilities(exact=True, offline=True, data_parallel=True)
+"""Offline only: its segments of recomputation are not segments of training."""
 
 
 def segment_bounds(steps: int, segments: int) -> list[int]:
@@ -177,4 +180,5 @@ def checkpointed(segments: int | None = None) -> Method:
     return Method(
         "checkpointed", lambda problem, raw: _checkpointed(problem, raw, segments),
         {"segments": segments},
+        capabilities=CAPABILITIES,
     )

@@ -1,6 +1,6 @@
 """Online window hypergradient with long-horizon tangents under a diagonal curvature model.
 
-Real-time forward mode (RTHO, :func:`~hyperdiff.methods.windows.forward_window`) carries the
+Real-time forward mode (RTHO, :func:`~hyperdiff.methods.forward.forward_segment`) carries the
 exact tangents ``Z_t = d theta_t / d lam`` through every step, at the price of Jacobian-vector
 products with all hyperparameters at every step (7-10x one plain training in
 ``benchmarks/horizon.py``); the greedy windows (``reverse``, K steps back) are cheap but see the
@@ -38,6 +38,7 @@ autograd once per window); buffers (BatchNorm statistics) are constants.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -54,11 +55,12 @@ from hyperdiff.engine.training import (
     validation_loss,
     zeros_for_unused,
 )
-from hyperdiff.errors import HyperdiffError
+from hyperdiff.errors import HyperdiffError, fail, positive_float, positive_int
 from hyperdiff.hparams.schedules import Schedule
+from hyperdiff.methods.base import Capabilities, HyperGradient, Method, Segment
 from hyperdiff.methods.curvature_adam import ADAM_NAMES, ADAM_RULE
 from hyperdiff.methods.curvature_rule import RHO, CurvatureRule, keeps_all
-from hyperdiff.methods.windows import Window, _detach, _detached, _val_problem
+from hyperdiff.methods.segments import at_val_batches, detach_tree, detached_state
 from hyperdiff.typing import Batch, Params
 
 
@@ -246,18 +248,18 @@ SGD_RULE = CurvatureRule(_initial_sgd, _sgd_values, _sgd_advance,
 """Heavy-ball SGD's rule (the module doc's recurrence); the direct term's vector is ``b_{t+1}``."""
 
 
-def curvature_window(problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
-                     stop: int, val_batches: list[Batch], tangent: Any, *,
-                     horizon: float | None = 500, horizon_unit: str = "steps",
-                     scale: float | None = None) -> Window:
+def curvature_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
+                      stop: int, val_batches: list[Batch], carry: Any = None, *,
+                      horizon: float | None = 500, horizon_unit: str = "steps",
+                      scale: float | None = None) -> Segment:
     """Train steps ``start .. stop-1`` carrying the tangents by the optimizer's rule
     (:func:`rule_for`), then the hypergradient of the module doc at the validation batches.
-    ``tangent=None`` at the start of the run; the one given is not modified (a failed window
-    is discarded)."""
+    The carry is the tangent (``None`` at the start of the run); the one given is not modified
+    (a failed window is discarded)."""
     rule = rule_for(problem)
     forget = forgetting(horizon, horizon_unit)
     hp = problem.hparams
-    tangent = rule.initial(problem, raw) if tangent is None else tangent
+    tangent = rule.initial(problem, raw) if carry is None else carry
     tangent = type(tangent)(*(t.clone() for t in tangent))
     count = int(tangent.steps)  # read once per window: the steps add no host synchronisation
     if scale is None:
@@ -288,24 +290,71 @@ def curvature_window(problem: Problem, state: TrainState, raw: dict[str, Tensor]
     new_params, new_state = problem.optimizer.update(grads, opt_state, theta, hleaves, stop - 1)
     losses[-1] = loss.detach()
     check_finite_losses(losses, "online curvature", start)
-    value = validation_loss(_val_problem(problem, val_batches), new_params, new_buffers, hleaves)
+    value = validation_loss(at_val_batches(problem, val_batches), new_params, new_buffers, hleaves)
     inputs = [*leaves.values(), *new_params.values()]
     grads_all = zeros_for_unused(torch.autograd.grad(value, inputs, allow_unused=True), inputs)
     direct = hp.flatten(dict(zip(leaves, grads_all[: len(leaves)], strict=True)))
     # ... and the carried tangents through it (without its direct term, in the part above)
     with torch.no_grad():
         plain = {k: g.detach() for k, g in grads.items()}
-        values = rule.values(problem, hview, plain, params, opt_state, _detach(new_state),
+        values = rule.values(problem, hview, plain, params, opt_state, detach_tree(new_state),
                              stop - 1)
         rule.advance(tangent, values, lrs[-1], None, forget(lrs[-1]), scale, count + 1)
         tangent.steps.fill_(count + 1)
         val_theta = flat(grads_all[len(leaves):])
         indirect = tangent.z @ val_theta.to(tangent.z.dtype)
         tangent.z.addcmul_(dlrs[-1], rule.direct(values, lrs[-1]), value=-1.0)
-    end = _detached(TrainState(new_params, new_buffers, new_state))
+    end = detached_state(TrainState(new_params, new_buffers, new_state))
     grad = hp.unflatten(direct + indirect.to(direct.dtype))
-    return Window(end, grad, float(value.detach()), losses, tangent)
+    return Segment(end, grad, float(value.detach()), losses, tangent)
 
 
-__all__ = ["HORIZON_UNITS", "SGD_RULE", "CurvatureRule", "CurvatureTangent", "check_optimizer",
-           "curvature_window", "forgetting", "initial_tangent", "lr_derivatives", "rule_for"]
+CAPABILITIES = Capabilities(exact=False, offline=False, online=True, carries_state=True)
+"""Online only: its tangents forget the past, which a fixed run's hyperparameters do not have."""
+
+
+def curvature_options(caller: str, horizon: float | None, horizon_unit: str,
+                      curvature_scale: float | None) -> tuple[float | None, str, float | None]:
+    """``(horizon, horizon_unit, curvature_scale)`` checked (``horizon`` an int >= 1 in steps,
+    a number > 0 in ``"lr"`` units; ``curvature_scale`` None, 0 or a number > 0)."""
+    if horizon_unit not in HORIZON_UNITS:
+        raise fail(caller, "horizon_unit", f"one of {list(HORIZON_UNITS)}", horizon_unit)
+    if horizon is not None:
+        horizon = (positive_int(caller, "horizon", horizon) if horizon_unit == "steps"
+                   else positive_float(caller, "horizon", horizon))
+    if curvature_scale is not None:
+        curvature_scale = float(curvature_scale if curvature_scale == 0 else positive_float(
+            caller, "curvature_scale", curvature_scale))
+    return horizon, horizon_unit, curvature_scale
+
+
+def _offline(problem: Problem, raw: dict[str, Tensor]) -> HyperGradient:
+    raise HyperdiffError("curvature: method must be used online (its capabilities say offline="
+                         "False): hd.online.OnlineTuner(problem, method='curvature'), "
+                         "outer.mode = 'online' (got an offline call)")
+
+
+def curvature(horizon: float | None = 500, horizon_unit: str = "steps",
+              curvature_scale: float | None = None) -> Method:
+    """The online method of the module doc: ``method.segment(...)`` carries the learning rate's
+    tangents under a diagonal curvature model (heavy-ball SGD, Adam, AdamW); no offline call.
+
+    Args:
+        horizon: the tangents forget over this many steps (``horizon_unit="steps"``) or this
+            optimization time ``sum_t lr_t`` (``"lr"``); ``None``: never (:func:`forgetting`).
+        curvature_scale: the curvature estimate's scale (``None``: the training batch's rows).
+    """
+    horizon, horizon_unit, scale = curvature_options("curvature", horizon, horizon_unit,
+                                                     curvature_scale)
+    return Method("curvature", _offline,
+                  {"horizon": horizon, "horizon_unit": horizon_unit, "curvature_scale": scale},
+                  capabilities=CAPABILITIES,
+                  segment_fn=partial(curvature_segment, horizon=horizon,
+                                     horizon_unit=horizon_unit, scale=scale),
+                  carry_fn=lambda problem, raw, state: initial_tangent(problem, raw),
+                  check_fn=check_optimizer)
+
+
+__all__ = ["CAPABILITIES", "HORIZON_UNITS", "SGD_RULE", "CurvatureRule", "CurvatureTangent",
+           "check_optimizer", "curvature", "curvature_options", "curvature_segment", "forgetting",
+           "initial_tangent", "lr_derivatives", "rule_for"]

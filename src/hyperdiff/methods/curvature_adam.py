@@ -167,7 +167,7 @@ def _adam_values(problem: Problem, hview: Any, grads: Params, params: Params, ol
 
 
 ADAM_RULE = CurvatureRule(initial_adam_tangent, _adam_values, advance_adam, lr_direction)
-"""Adam's and AdamW's rule for :func:`~hyperdiff.methods.curvature.curvature_window`."""
+"""Adam's and AdamW's rule for :func:`~hyperdiff.methods.curvature.curvature_segment`."""
 
 
 __all__ = ["ADAM_NAMES", "ADAM_RULE", "AdamCurvatureTangent", "AdamStep", "adam_step",

@@ -18,7 +18,7 @@ RHO = 0.99  # decay of the squared-gradient average (Adam's beta2 for this estim
 
 
 class CurvatureRule(NamedTuple):
-    """One optimizer's tangent rule for :func:`~hyperdiff.methods.curvature.curvature_window`:
+    """One optimizer's tangent rule for :func:`~hyperdiff.methods.curvature.curvature_segment`:
 
     - ``initial(problem, raw)``: the zero tangent it carries;
     - ``values(problem, hview, grads, params, old_state, new_state, step)``: what the rule

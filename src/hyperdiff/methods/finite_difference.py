@@ -18,8 +18,11 @@ from torch import Tensor
 from hyperdiff.engine.problem import Problem
 from hyperdiff.engine.training import check_finite_losses, train, validation_loss
 from hyperdiff.errors import HyperdiffError, describe, positive_float
-from hyperdiff.methods.base import HyperGradient, Method, finish
+from hyperdiff.methods.base import Capabilities, HyperGradient, Method, finish
 from hyperdiff.wording import option
+
+CAPABILITIES = Capabilities(exact=False, offline=True, data_parallel=True)
+"""Offline only: it retrains the whole run per coordinate."""
 
 
 class CostWarning(UserWarning):
@@ -93,5 +96,5 @@ def finite_difference(
         "finite_difference",
         lambda problem, raw: _finite_difference(problem, raw, eps, coordinates, warn),
         {"eps": eps} | ({"coordinates": list(coordinates)} if coordinates is not None else {}),
-        exact=False,
+        capabilities=CAPABILITIES,
     )

@@ -18,12 +18,19 @@ Z_T>``. Two engines compute the products, with the same result:
 - ``"jvp"``: ``torch.func.jvp`` of ``Phi`` (its gradient by ``torch.func.grad``), batched over
   the k coordinates with ``torch.func.vmap``; functorch's per-operation overhead dominates
   small models. ``engine="auto"`` falls back to it when an operation has no third derivative.
+
+Its segment (:func:`forward_segment`) carries ``(s, Z)`` across online windows from step 0
+(real-time forward mode, RTHO; Franceschi et al. 2017): ``dL/dlam = dL/dlam|direct +
+<dL/ds_{t1}, Z_{t1}>``, exact for hyperparameters held fixed since step 0, memory independent of
+the run's length.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
+from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,14 +38,27 @@ from torch import Tensor
 from hyperdiff.engine.models import StepContext
 from hyperdiff.engine.problem import Problem, call_loss, sum_in_order
 from hyperdiff.engine.training import (
+    TrainState,
     check_finite_losses,
     initial_state,
     train_step,
     validation_loss,
 )
 from hyperdiff.errors import HyperdiffError, positive_int
-from hyperdiff.methods.base import HyperGradient, Method, finish, zeros_for_unused
+from hyperdiff.methods.base import (
+    Capabilities,
+    HyperGradient,
+    Method,
+    Segment,
+    finish,
+    zeros_for_unused,
+)
+from hyperdiff.methods.segments import at_val_batches
 from hyperdiff.tree import tree_flatten, tree_map, tree_unflatten
+from hyperdiff.typing import Batch
+
+CAPABILITIES = Capabilities(exact=True, offline=True, online=True, carries_state=True,
+                            data_parallel=True)
 
 
 def _step_function(problem: Problem, step: int):
@@ -229,6 +249,40 @@ def _forward(problem: Problem, raw: dict[str, Tensor], chunk_size: int | None, e
     )
 
 
+def forward_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
+                    stop: int, val_batches: list[Batch], carry: Any = None, *,
+                    engine: str = "double_vjp") -> Segment:
+    """Carry ``(s, Z)`` through steps ``start .. stop-1`` at ``raw`` and contract the validation
+    gradient at the end with ``Z`` (module doc); the carry is ``Z`` (``None`` at the start of
+    the run)."""
+    end, tangent, losses = propagate(problem, raw, state, carry, start, stop, engine=engine)
+    check_finite_losses(losses, "online forward", start)
+    params, buffers, opt_state = end
+    theta = {k: v.detach().requires_grad_() for k, v in params.items()}
+    bufs = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in buffers.items()}
+    leaves = {n: v.detach().requires_grad_() for n, v in raw.items()}
+    value = validation_loss(at_val_batches(problem, val_batches), theta, bufs,
+                            problem.hparams.view(leaves))
+    tracked = [*theta.values(), *[b for b in bufs.values() if b.requires_grad]]
+    z_state = [*tangent[0].values(), *[tangent[1][k] for k, b in bufs.items() if b.requires_grad]]
+    inputs = [*tracked, *leaves.values()]
+    grads = zeros_for_unused(torch.autograd.grad(value, inputs, allow_unused=True), inputs)
+    hp = problem.hparams
+    indirect = sum(z.reshape(z.shape[0], -1) @ g.reshape(-1)
+                   for g, z in zip(grads[: len(tracked)], z_state, strict=True))
+    direct = hp.flatten(dict(zip(leaves, grads[len(tracked):], strict=True)))
+    grad = hp.unflatten(direct + indirect)
+    return Segment(TrainState(params, buffers, opt_state), grad, float(value.detach()), losses,
+                  tangent)
+
+
+def forward_carry_like(problem: Problem, raw: dict[str, Tensor], state: TrainState) -> TrainState:
+    """Uninitialised tangents shaped like :func:`forward_segment`'s carry: every state leaf
+    with a leading axis of the ``P`` raw values."""
+    size = problem.hparams.flatten(raw).numel()
+    return TrainState(*tree_map(lambda x: x.new_empty((size, *x.shape)), tuple(state)))
+
+
 def forward(chunk_size: int | None = None, engine: str = "auto") -> Method:
     """Exact hypergradient by forward-mode tangents (memory independent of T, cost O(k)).
 
@@ -246,4 +300,7 @@ def forward(chunk_size: int | None = None, engine: str = "auto") -> Method:
     return Method(
         "forward", lambda problem, raw: _forward(problem, raw, chunk_size, engine),
         {"chunk_size": chunk_size, "engine": engine},
+        capabilities=CAPABILITIES,
+        segment_fn=partial(forward_segment, engine=engine),
+        carry_fn=forward_carry_like,
     )

@@ -32,6 +32,11 @@ The answer is exact only at a stationary (fixed) point: diagnostics report the g
 (fixed-point residual) at ``theta*`` relative to its value at the start, and a
 :class:`~hyperdiff.engine.solvers.ConvergenceWarning` is emitted when it is above
 ``stationarity_tol`` or the linear solve did not converge.
+
+**Segment** (:func:`implicit_segment`, an online window): train the window plainly, then the
+stationary form at the current ``theta`` (Lorraine et al. 2020) with ``H`` the Hessian of
+``L_train`` on the window's last training batch. Hyperparameters that act only through the
+optimizer (learning rates, momentum) get 0: use it for those of the loss.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -51,6 +57,7 @@ from hyperdiff.engine.models import StepContext
 from hyperdiff.engine.problem import Problem, call_loss, sum_in_order
 from hyperdiff.engine.solvers import ConvergenceWarning, Solver, cg, exact, neumann
 from hyperdiff.engine.training import (
+    TrainState,
     check_finite_losses,
     flat,
     grads_of,
@@ -59,8 +66,16 @@ from hyperdiff.engine.training import (
     validation_loss,
 )
 from hyperdiff.errors import HyperdiffError, describe, positive_float, positive_int
-from hyperdiff.methods.base import HyperGradient, Method, finish, zeros_for_unused
-from hyperdiff.typing import Params
+from hyperdiff.methods.base import (
+    Capabilities,
+    HyperGradient,
+    Method,
+    Segment,
+    finish,
+    zeros_for_unused,
+)
+from hyperdiff.methods.segments import at_val_batches, detached_state
+from hyperdiff.typing import Batch, Params
 from hyperdiff.wording import option
 
 
@@ -288,6 +303,47 @@ def _start_gradient_norm(problem: Problem, objective, hview) -> float:
     return float(flat(grads.values()).norm())
 
 
+def implicit_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
+                     stop: int, val_batches: list[Batch], carry: Any = None, *,
+                     solver: Solver) -> Segment:
+    """Train steps ``start .. stop-1`` plainly, then one implicit-function solve at the current
+    parameters with the Hessian of the last training batch's loss (module doc)."""
+    hp = problem.hparams
+    with torch.no_grad():
+        end, losses = unroll(problem, hp.view(problem.raw_tensors(raw)), state, start=start,
+                             stop=stop, differentiable=False)
+    check_finite_losses(losses, "online implicit", start)
+    leaves = {n: v.detach().requires_grad_() for n, v in raw.items()}
+    hview = hp.view(leaves)
+    theta = {k: v.detach().requires_grad_() for k, v in end.params.items()}
+    theta_list = list(theta.values())
+    with torch.enable_grad():
+        value = validation_loss(at_val_batches(problem, val_batches), theta, end.buffers, hview)
+        inputs = [*theta_list, *leaves.values()]
+        grads = zeros_for_unused(torch.autograd.grad(value, inputs, allow_unused=True), inputs)
+        rhs = flat(grads[: len(theta_list)])
+        direct = hp.flatten(dict(zip(leaves, grads[len(theta_list):], strict=True)))
+        batch = problem.train_data.batch(stop - 1, problem.seed)
+        ctx = StepContext(step=stop - 1, seed=problem.seed, train=True, buffers=end.buffers)
+        train = call_loss(problem, "train_loss", theta, hview, batch, ctx)
+        g = flat(grads_of(train, theta, create_graph=True).values())
+
+        def hvp(v: Tensor) -> Tensor:
+            out = torch.autograd.grad(g, theta_list, v, retain_graph=True, allow_unused=True)
+            return flat(zeros_for_unused(out, theta_list))
+
+        result = solver(hvp, rhs.detach(), warn=False)
+        mixed = torch.autograd.grad(g, list(leaves.values()), result.x, allow_unused=True)
+    indirect = -hp.flatten(dict(zip(leaves, zeros_for_unused(mixed, list(leaves.values())),
+                                    strict=True)))
+    diagnostics = {"iterations": result.iterations, "residual": result.residual,
+                   "converged": result.converged}
+    return Segment(detached_state(end), hp.unflatten(direct + indirect), float(value.detach()),
+                  losses, None, diagnostics)
+
+
+CAPABILITIES = Capabilities(exact=False, offline=True, online=True)
+
 SOLVERS: dict[str, Callable[[], Solver]] = {"cg": cg, "neumann": neumann, "exact": exact}
 """Solver names accepted by :func:`implicit` (default options), e.g. from a TOML config."""
 
@@ -350,5 +406,6 @@ def implicit(
             train_batches,
         ),
         options,
-        exact=False,
+        capabilities=CAPABILITIES,
+        segment_fn=partial(implicit_segment, solver=solver),
     )

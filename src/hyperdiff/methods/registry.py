@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hyperdiff.errors import fail
-from hyperdiff.methods.base import Method
+from hyperdiff.methods.base import Capabilities, Method
 
 METHODS: dict[str, str] = {
     "reverse": "hyperdiff.methods.reverse:reverse",
@@ -22,11 +22,10 @@ METHODS: dict[str, str] = {
     "checkpointed": "hyperdiff.methods.checkpointed:checkpointed",
     "implicit": "hyperdiff.methods.implicit:implicit",
     "reversible": "hyperdiff.methods.reversible:reversible",
+    "curvature": "hyperdiff.methods.curvature:curvature",
 }
-"""Method name -> ``"module:constructor"``, imported on first use. One line adds a method."""
-
-ONLINE_ONLY_METHODS = ("curvature",)
-"""Window hypergradients of online tuning with no offline method of the same name."""
+"""Method name -> ``"module:constructor"``, imported on first use. One line adds a method; its
+module declares ``CAPABILITIES`` (:class:`~hyperdiff.methods.base.Capabilities`)."""
 
 OPTIMIZERS: dict[str, str] = {
     "adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop",
@@ -37,15 +36,36 @@ SCHEDULES = ("constant", "cosine")
 """Outer learning-rate schedules: constant, or cosine decay to 0 over the step budget."""
 
 
-def method_constructor(name: str) -> Callable[..., Method]:
-    """The constructor registered as ``name`` in :data:`METHODS`."""
-    if name in ONLINE_ONLY_METHODS:
-        raise fail("HyperOptimizer", "method", f"one of {sorted(METHODS)} ({name!r} exists "
+def capabilities(name: str) -> Capabilities:
+    """The :class:`Capabilities` that the module of method ``name`` declares as
+    ``CAPABILITIES``; a module that declares none holds an offline-only method (the defaults)."""
+    module = importlib.import_module(METHODS[name].split(":")[0])
+    declared = getattr(module, "CAPABILITIES", Capabilities())
+    return declared if isinstance(declared, Capabilities) else Capabilities()
+
+
+def methods_where(**flags: bool) -> list[str]:
+    """The registered names whose capabilities have the ``flags`` given, in registry order:
+    ``methods_where(online=True)``."""
+    return [name for name in METHODS
+            if all(getattr(capabilities(name), k) == v for k, v in flags.items())]
+
+
+def method_constructor(name: str, caller: str = "HyperOptimizer") -> Callable[..., Method]:
+    """The constructor registered as ``name`` in :data:`METHODS` (of an offline method)."""
+    offline = methods_where(offline=True)
+    if name in METHODS and name not in offline:
+        raise fail(caller, "method", f"one of {sorted(offline)} ({name!r} exists "
                    "only in online tuning: hd.online.OnlineTuner, outer.mode = 'online')", name)
     if name not in METHODS:
-        raise fail("HyperOptimizer", "method", f"one of {sorted(METHODS)}", name)
+        raise fail(caller, "method", f"one of {sorted(offline)}", name)
+    return registered_constructor(name)
+
+
+def registered_constructor(name: str) -> Callable[..., Method]:
+    """The constructor of ``name`` (a key of :data:`METHODS`), offline or not."""
     module, attr = METHODS[name].split(":")
-    return getattr(importlib.import_module(module), attr)
+    return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
 
 
 def make_method(name: str, **options: Any) -> Method:

@@ -3,23 +3,37 @@
 ``dL_val/dlam`` is obtained by one backward pass through all T steps, whose graph (including
 each step's ``create_graph`` gradient) is kept in memory: time about 2-3x plain training,
 memory O(T * params).
+
+Its segment (:func:`reverse_segment`, an online window ``[t0, t1)``) backpropagates
+``L_val(theta_{t1}; B)`` through the window's steps only, the state at ``t0`` a constant:
+``dL/dlam = dL/dlam|direct + dL/ds_{t1} sum_{t0<=t<t1} (prod_{t<j<t1} dPhi_j/ds) dPhi_t/dlam``.
+K=1 with SGD is hypergradient descent (Baydin et al. 2018): for the learning rate, ``dL/dlr =
+-<grad L_val(theta_{t+1}), grad L_train(theta_t)>``. ``backprop=k`` keeps the graph of the last
+k steps only (the segment of :func:`~hyperdiff.methods.truncated.truncated`).
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
+import torch
 from torch import Tensor
 
 from hyperdiff.engine.problem import Problem
 from hyperdiff.engine.training import (
+    TrainState,
     check_finite_losses,
     grads_of,
     initial_state,
     unroll,
     validation_loss,
 )
-from hyperdiff.methods.base import HyperGradient, Method, finish
+from hyperdiff.methods.base import Capabilities, HyperGradient, Method, Segment, finish
+from hyperdiff.methods.segments import at_val_batches, detached_state
+from hyperdiff.typing import Batch
+
+CAPABILITIES = Capabilities(exact=True, offline=True, online=True, data_parallel=True)
 
 
 def _reverse(problem: Problem, raw: dict[str, Tensor]) -> HyperGradient:
@@ -37,6 +51,31 @@ def _reverse(problem: Problem, raw: dict[str, Tensor]) -> HyperGradient:
     )
 
 
+def reverse_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
+                    stop: int, val_batches: list[Batch], carry: Any = None, *,
+                    backprop: int | None = None) -> Segment:
+    """Train steps ``start .. stop-1`` with their graph and backpropagate the validation loss
+    at the end through them (module doc); with ``backprop = k`` only the last k steps keep
+    their graph (the first ones are trained plainly, as a constant start)."""
+    leaves = {n: v.detach().requires_grad_() for n, v in raw.items()}
+    hview = problem.hparams.view(leaves)
+    plain = stop - min(stop - start, backprop or stop - start)
+    if plain > start:
+        with torch.no_grad():
+            state, first = unroll(problem, problem.hparams.view(problem.raw_tensors(raw)), state,
+                                  start=start, stop=plain, differentiable=False)
+        check_finite_losses(first, "online reverse", start)
+        segment = reverse_segment(problem, state, raw, plain, stop, val_batches)
+        return segment._replace(train_losses=torch.cat([first, segment.train_losses]))
+    params = {k: v.detach().requires_grad_() for k, v in state.params.items()}
+    begin = TrainState(params, dict(state.buffers), state.opt_state)
+    end, losses = unroll(problem, hview, begin, start=start, stop=stop, differentiable=True)
+    check_finite_losses(losses, "online reverse", start)
+    value = validation_loss(at_val_batches(problem, val_batches), end.params, end.buffers, hview)
+    grad = grads_of(value, leaves, create_graph=False)
+    return Segment(detached_state(end), grad, float(value.detach()), losses)
+
+
 def reverse() -> Method:
     """Exact hypergradient by backpropagating through all inner steps (memory O(T))."""
-    return Method("reverse", _reverse)
+    return Method("reverse", _reverse, capabilities=CAPABILITIES, segment_fn=reverse_segment)

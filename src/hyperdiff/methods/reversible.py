@@ -56,12 +56,15 @@ from hyperdiff.engine.problem import Problem, call_loss
 from hyperdiff.engine.training import check_finite_losses, grads_of, validation_loss
 from hyperdiff.errors import HyperdiffError, NonFiniteError, describe
 from hyperdiff.hparams.hyperparams import HParamView
-from hyperdiff.methods.base import HyperGradient, Method, finish, zeros_for_unused
+from hyperdiff.methods.base import Capabilities, HyperGradient, Method, finish, zeros_for_unused
 from hyperdiff.wording import option
 
 DENOMINATOR_BITS = 31  # mu is represented as n / 2**31 with 1 <= n <= 2**31
 DENOMINATOR = 1 << DENOMINATOR_BITS
 LOW_MASK = DENOMINATOR - 1  # limbs have DENOMINATOR_BITS bits: limb * n + carry < 2**63
+
+CAPABILITIES = Capabilities(exact=True, offline=True)
+"""Offline only: it reverses the whole run from its end point."""
 
 
 class InfoBuffer:
@@ -420,4 +423,5 @@ def reversible(fraction_bits: int = 44) -> Method:
     return Method(
         "reversible", lambda problem, raw: _reversible(problem, raw, fraction_bits),
         {"fraction_bits": fraction_bits},
+        capabilities=CAPABILITIES,
     )

@@ -9,12 +9,15 @@ of ``lam -> L_val(Phi_{T-1} o ... o Phi_{T-K}(s_{T-K}, lam), lam)`` with ``s_{T-
 where ``a_t`` is the reverse-mode adjoint of the state. It drops the terms
 ``t < T - K``, i.e. it ignores ``d s_{T-K} / dlam``: a *biased* approximation (Shaban et al.,
 2019, "Truncated back-propagation for bilevel optimization"), cheap in memory (O(K) steps).
-With ``K >= T`` it is exactly :func:`~hyperdiff.methods.reverse.reverse`.
+With ``K >= T`` it is exactly :func:`~hyperdiff.methods.reverse.reverse`. Its segment is
+reverse mode's with the graph over the segment's last K steps
+(:func:`~hyperdiff.methods.reverse.reverse_segment`, ``backprop=K``).
 """
 
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -29,7 +32,10 @@ from hyperdiff.engine.training import (
     validation_loss,
 )
 from hyperdiff.errors import positive_int
-from hyperdiff.methods.base import HyperGradient, Method, finish
+from hyperdiff.methods.base import Capabilities, HyperGradient, Method, finish
+from hyperdiff.methods.reverse import reverse_segment
+
+CAPABILITIES = Capabilities(exact=False, offline=True, online=True, data_parallel=True)
 
 
 def _frozen_prefix(
@@ -82,4 +88,4 @@ def truncated(k: int) -> Method:
     """
     k = positive_int("truncated", "k", k)
     return Method("truncated", lambda problem, raw: _truncated(problem, raw, k), {"k": k},
-                  exact=False)
+                  capabilities=CAPABILITIES, segment_fn=partial(reverse_segment, backprop=k))

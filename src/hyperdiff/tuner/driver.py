@@ -45,7 +45,7 @@ from hyperdiff.errors import (
 )
 from hyperdiff.logs import get_logger
 from hyperdiff.methods.base import Method
-from hyperdiff.methods.registry import METHODS, OPTIMIZERS, SCHEDULES, make_method
+from hyperdiff.methods.registry import OPTIMIZERS, SCHEDULES, make_method, methods_where
 from hyperdiff.tuner.discrete_outer import outer_hook
 from hyperdiff.tuner.distributed.spread import spreader_for
 from hyperdiff.tuner.driver_checks import (
@@ -81,7 +81,8 @@ class HyperOptimizer:
         problem: a :class:`~hyperdiff.engine.problem.Problem`, or a sequence of problems with the
         same
             hyperparameters (cross-validation folds) whose validation losses are averaged.
-        method: a :class:`~hyperdiff.methods.base.Method` or a name in :data:`METHODS`.
+        method: a :class:`~hyperdiff.methods.base.Method` usable offline or its name
+            (:data:`~hyperdiff.methods.registry.METHODS`).
         optimizer: outer optimizer, a name in :data:`OPTIMIZERS` (default Adam).
         lr: outer learning rate (raw units: 0.05 moves a log-constrained value by ~5%).
         clip: clip the raw hypergradient to this L2 norm (``None``: no clipping).
@@ -149,9 +150,9 @@ class HyperOptimizer:
         self.problems = check_problems(problem)
         self.hparams = self.problems[0].hparams
         self.method = make_method(method) if isinstance(method, str) else method
-        if not isinstance(self.method, Method):
-            raise fail("HyperOptimizer", "method", f"a Method or one of {sorted(METHODS)}",
-                       self.method)
+        if not isinstance(self.method, Method) or not self.method.capabilities.offline:
+            raise fail("HyperOptimizer", "method", "a Method usable offline or one of "
+                       f"{sorted(methods_where(offline=True))}", self.method)
         if optimizer not in OPTIMIZERS:
             raise fail("HyperOptimizer", "optimizer", f"one of {sorted(OPTIMIZERS)}", optimizer)
         if schedule not in SCHEDULES:

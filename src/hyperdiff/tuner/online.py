@@ -5,7 +5,7 @@ With raw hyperparameters ``u`` (natural ``lam = f(u)``) and one run of N inner s
     s = s_0 (theta_0, buffers, optimizer state); t = 0
     while t < N:
         train steps t .. t+K-1 at lam, taking the window hypergradient g = dL_val/du at the
-        validation batch B_h of hyper-step h (reverse / forward / implicit, see windows.py)
+        validation batch B_h of hyper-step h: method.segment(..., t, t+K, ...) (methods/base.py)
         u <- torch.optim step on g (Adam by default; normalize=True: on g / ||g||_2)
         t <- t + K; h <- h + 1
 
@@ -65,9 +65,9 @@ from hyperdiff.errors import (
 )
 from hyperdiff.hparams.hyperparams import HyperParameters
 from hyperdiff.hparams.schedules import Schedule
+from hyperdiff.methods.base import Segment
 from hyperdiff.methods.registry import OPTIMIZERS, SCHEDULES
-from hyperdiff.methods.window_methods import METHODS, window_method
-from hyperdiff.methods.windows import Window
+from hyperdiff.methods.window_methods import online_methods, window_method
 from hyperdiff.seeds import window_seed
 from hyperdiff.tree import tree_flatten, tree_unflatten
 from hyperdiff.tuner.guard import DivergenceGuard, untrained_loss
@@ -78,6 +78,9 @@ from hyperdiff.tuner.online_checkpoint import restore_tuner, tuner_state
 from hyperdiff.typing import Batch, Params
 
 Callback = Callable[["OnlineTuner", StepRecord], None]
+
+METHODS = tuple(online_methods())
+"""The method names the tuner takes (registered methods whose capabilities say online)."""
 _LOG = logging.getLogger("hyperdiff.online")
 
 
@@ -173,7 +176,8 @@ class OnlineTuner:
                     f"schedule.with_steps({problem.steps})")
         self.window_method = method_of
         self.problem, self.method, self.schedule = problem, method, schedule
-        self.engine, self.solver, self.backprop = engine, method_of.solver, method_of.backprop
+        self.engine, self.solver = engine, method_of.options.get("solver")
+        self.backprop = method_of.options.get("k")
         self.window = positive_int("OnlineTuner", "window", window)
         self.lr = float(lr) if lr == 0 else positive_float("OnlineTuner", "lr", lr)
         self.clip = None if clip is None else positive_float("OnlineTuner", "clip", clip)
@@ -278,7 +282,7 @@ class OnlineTuner:
         except NonFiniteError as err:
             return self._failed(natural, start, stop, outer_lr, str(err), started)
         self.guard.succeeded(snapshot)
-        self.state, self.tangent, self.inner_step = out.state, out.tangent, stop
+        self.state, self.tangent, self.inner_step = out.state, out.carry, stop
         now = time.perf_counter()
         self._elapsed += now - started
         record = StepRecord(
@@ -339,8 +343,10 @@ class OnlineTuner:
         _LOG.warning("OnlineTuner: window of steps %d..%d: %s", start, stop - 1, message)
         return self.history[-1]
 
-    def _window(self, raw: dict[str, Tensor], start: int, stop: int, val: list[Batch]) -> Window:
-        return self.window_method(self.problem, self.state, raw, start, stop, val, self.tangent)
+    def _window(self, raw: dict[str, Tensor], start: int, stop: int, val: list[Batch]
+                ) -> Segment:
+        return self.window_method.segment(self.problem, self.state, raw, start, stop, val,
+                                          self.tangent)
 
     def _untrained(self, raw: dict[str, Tensor], val: list[Batch]) -> dict[str, float]:
         """The untrained model's loss (theta_0) on the window's validation batches ``val``

@@ -8,11 +8,12 @@ position: minibatches and dropout masks are functions of ``(seed, step)``, valid
 
 :func:`check_tuner_state` refuses a damaged state before anything uses it (one
 :mod:`hyperdiff.tuner.state_checks` error naming the entry): every entry shaped like the tuner's own
-(tangents like a fresh run's: forward mode's ``(P, *leaf)`` per state leaf, curvature's
-:func:`~hyperdiff.methods.curvature.initial_tangent`), and the counters consistent with the
-history: ``inner_step`` the steps of the ok windows since the hot-start restart, a tangent
-exactly when a carrying method has trained since, curvature's ``steps`` equal to
-``inner_step``, the guard's failure counts and scale those of the failed records.
+(tangents like the method's ``carry_like``: forward mode's ``(P, *leaf)`` per state leaf,
+curvature's :func:`~hyperdiff.methods.curvature.initial_tangent`), and the counters consistent
+with the history: ``inner_step`` the steps of the ok windows since the hot-start restart, a
+tangent exactly when a method whose capabilities say ``carries_state`` has trained since,
+curvature's ``steps`` equal to ``inner_step``, the guard's failure counts and scale those of
+the failed records.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import torch
 
 from hyperdiff.engine.training import TrainState
 from hyperdiff.errors import HyperdiffError, fail
-from hyperdiff.methods.curvature import initial_tangent
 from hyperdiff.tree import tree_flatten, tree_unflatten
 from hyperdiff.tuner.driver_checks import check_optimizer_state
 from hyperdiff.tuner.history import History, StepRecord
@@ -89,7 +89,7 @@ def restore_tuner(tuner: OnlineRun, state: dict[str, Any],
                              opt_state)
     tuner.tangent = None
     if state["tangent"] is not None:
-        like = tuner.window_method.tangent_like(tuner.problem, tuner.raw, tuner.state)
+        like = tuner.window_method.carry_like(tuner.problem, tuner.raw, tuner.state)
         tangent = tree_unflatten([z.clone() for z in state["tangent"]],
                                  tree_flatten(tuple(like))[1])
         # forward mode carries a plain tuple shaped like the state, curvature its NamedTuple
@@ -164,22 +164,18 @@ def trained_steps(tuner: OnlineRun, records: Sequence[StepRecord], restarted: bo
 def check_tangent(tuner: OnlineRun, saved: Any, inner_step: int) -> None:
     """Forward and curvature carry a tangent once they trained a window, shaped like a fresh
     run's; the others carry none."""
-    carries = tuner.method in ("forward", "curvature") and inner_step > 0
+    carries = tuner.window_method.capabilities.carries_state and inner_step > 0
     if not carries:
         check_like(CALLER, "tangent", saved, None)
         return
     raw = tuner.problem.raw_tensors(tuner.raw)
-    if tuner.method == "curvature":
-        fresh = tree_flatten(tuple(initial_tangent(tuner.problem, raw)))[0]
-    else:  # forward: every state leaf with a leading axis of the P raw values
-        size = tuner.hparams.flatten(raw).numel()
-        fresh = [x.new_empty((size, *x.shape))
-                 for x in tree_flatten(tuple(tuner.state))[0]]
+    like = tuner.window_method.carry_like(tuner.problem, raw, tuner.state)
+    fresh = tree_flatten(tuple(like))[0]
     if saved is None:
         raise damaged(CALLER, "tangent", f"a list of {len(fresh)} tensors (the run trained "
                       f"{inner_step} steps with method {tuner.method!r})", "None")
     check_like(CALLER, "tangent", saved, fresh)
-    if tuner.method == "curvature":
+    if hasattr(like, "steps"):  # a carry that counts the steps it averaged (curvature's)
         check_count(CALLER, "tangent[-1] (the curvature steps)", int(saved[-1]), inner_step,
                     "inner_step")
 

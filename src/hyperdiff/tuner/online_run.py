@@ -15,7 +15,7 @@ from torch import Tensor
 from hyperdiff.engine.problem import Problem
 from hyperdiff.engine.training import TrainState
 from hyperdiff.hparams.hyperparams import HyperParameters
-from hyperdiff.methods.window_methods import WindowMethod
+from hyperdiff.methods.base import Method
 from hyperdiff.tuner.guard import DivergenceGuard
 from hyperdiff.tuner.history import History
 
@@ -28,7 +28,7 @@ class OnlineRun(Protocol):
     problem: Problem
     method: str
     window: int
-    window_method: WindowMethod
+    window_method: Method
     hot_start: str
     hot_start_measure: tuple[int, float] | None
     restarted: bool

@@ -40,12 +40,10 @@ from hyperdiff.engine.optimizers import Optimizer
 from hyperdiff.engine.problem import Problem
 from hyperdiff.errors import HyperdiffError, NonFiniteError
 from hyperdiff.methods.base import HyperGradient, Method
-from hyperdiff.methods.registry import make_method
+from hyperdiff.methods.registry import make_method, methods_where
 from hyperdiff.seeds import rank_seed
 from hyperdiff.tuner.distributed.group import Group, current_group
 from hyperdiff.typing import Batch, Params
-
-SUPPORTED = ("reverse", "checkpointed", "truncated", "forward", "finite_difference")
 
 
 class ShardedBatches(BatchSource):
@@ -197,10 +195,10 @@ def data_parallel(method: Method | str = "reverse", group: Any = None) -> DataPa
     inner = make_method(method) if isinstance(method, str) else method
     if not isinstance(inner, Method) or isinstance(inner, DataParallelMethod):
         raise HyperdiffError(f"data_parallel: method must be a Method or a name, one of "
-                             f"{list(SUPPORTED)} (got {inner!r})")
-    if inner.name not in SUPPORTED:
-        raise HyperdiffError(f"data_parallel: method must be one of {list(SUPPORTED)} "
-                             f"(got {inner.name!r})")
+                             f"{methods_where(data_parallel=True)} (got {inner!r})")
+    if not inner.capabilities.data_parallel:
+        raise HyperdiffError(f"data_parallel: method must be one of "  # capabilities say so
+                             f"{methods_where(data_parallel=True)} (got {inner.name!r})")
     if inner.name == "forward" and inner.options.get("engine") == "jvp":
         raise HyperdiffError("data_parallel: forward engine must be 'double_vjp' or 'auto' "
                              "(got 'jvp': torch.func cannot differentiate the all-reduce)")
@@ -210,7 +208,8 @@ def data_parallel(method: Method | str = "reverse", group: Any = None) -> DataPa
         inner = forward(chunk_size=1, engine="double_vjp")
     return DataParallelMethod(
         inner.name, lambda problem, raw: _run(inner, group, problem, raw),
-        {**inner.options, "data_parallel": True}, inner.exact, inner=inner, group=group,
+        {**inner.options, "data_parallel": True}, replace(inner.capabilities, online=False),
+        inner=inner, group=group,
     )
 
 

@@ -1,0 +1,198 @@
+"""One method contract over a segment of training: a table of methods x (offline, online).
+
+Every row checks one method's online windows (``OnlineTuner``, which calls
+``method.segment``) against the same method offline, or the segment ``[0, T)`` from theta_0
+against the offline call (the contract's definition of offline); the capability rows check that
+what a method declares is what it does (float64, tiny problems)."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from test_online import mlp_params, recipe, train_loss, val_loss
+
+import hyperdiff as hd
+from hyperdiff.engine.training import initial_state, train
+from hyperdiff.methods.registry import METHODS, capabilities, methods_where
+from hyperdiff.tree import tree_flatten
+
+from conftest import sine_data
+
+
+def implicit_problem():
+    x, y = sine_data(30, 5, seed=3)
+    xv, yv = sine_data(20, 5, seed=4)
+    hp = hd.HyperParameters(wd=hd.scalar(0.05))
+    return hd.make_problem(train_loss, val_loss, hp, mlp_params(), optimizer=hd.sgd(0.3, 0.5),
+                           train_data=(x, y), val_data=(xv, yv), steps=40, probe=False)
+
+
+def close(got: float, want: float, rel: float) -> bool:
+    return abs(got - want) <= rel * max(1.0, abs(want))
+
+
+# --- online windows x offline method: (name, problem, tuner options, window, offline, rel)
+ONLINE_ROWS = [
+    ("reverse", recipe, {"method": "reverse"}, 6, lambda p: hd.reverse()(p), 1e-12),
+    ("reverse backprop=2", recipe, {"backprop": 2}, 6, lambda p: hd.truncated(2)(p), 1e-12),
+    ("forward double_vjp", recipe, {"method": "forward", "engine": "double_vjp"}, 2,
+     lambda p: hd.forward()(p), 1e-10),
+    ("forward jvp", recipe, {"method": "forward", "engine": "jvp"}, 2,
+     lambda p: hd.forward()(p), 1e-10),
+    ("implicit", implicit_problem, {"method": "implicit", "solver": hd.solvers.exact()}, 40,
+     lambda p: hd.implicit(solver=hd.solvers.exact(), warn=False)(p), 1e-9),
+]
+
+
+@pytest.mark.parametrize("name, make, options, window, offline, rel", ONLINE_ROWS,
+                         ids=[row[0] for row in ONLINE_ROWS])
+def test_online_windows_equal_the_offline_method_at_fixed_hyperparameters(
+        name, make, options, window, offline, rel):
+    """At outer lr 0 the values never move, so window j's hypergradient is the offline one of
+    the first (j+1) K steps for an exact carrying method (forward), and of the whole run for one
+    window (the others)."""
+    prob = make()
+    tuner = hd.online.OnlineTuner(prob, window=window, lr=0.0, **options)
+    records = tuner.run().history
+    assert len(records) == prob.steps // window
+    for j, record in enumerate(records):
+        want = offline(prob.with_steps(window * (j + 1)))
+        for hname, g in want.grad.items():
+            assert close(record.grad[hname], float(g), rel), (name, j, hname)
+    assert close(records[-1].val_loss, want.value, 1e-12)
+    assert torch.equal(tuner.state.params["W1"], train(prob)[0].params["W1"])
+
+
+# --- the segment [0, T) from theta_0 is the offline method: (method, rel)
+SEGMENT_ROWS = [
+    (hd.reverse(), 1e-13),
+    (hd.truncated(2), 1e-13),
+    (hd.forward(), 1e-10),
+    (hd.forward(engine="jvp"), 1e-10),
+]
+
+
+@pytest.mark.parametrize("method, rel", SEGMENT_ROWS, ids=[repr(r[0]) for r in SEGMENT_ROWS])
+def test_the_segment_from_theta_0_over_the_whole_run_is_the_offline_method(method, rel):
+    prob = recipe(6)
+    raw = prob.raw_tensors(None)
+    with torch.no_grad():
+        state = initial_state(prob, differentiable=False)
+    segment = method.segment(prob, state, raw, 0, prob.steps, prob.val_data, None)
+    offline = method(prob)
+    assert close(segment.value, offline.value, 1e-13)
+    for name, g in offline.grad.items():
+        assert close(float(segment.grad[name]), float(g), rel), name
+    for key, p in offline.params.items():
+        assert torch.allclose(segment.state.params[key], p, rtol=0, atol=1e-13)
+    assert segment.train_losses.shape == (prob.steps,)
+
+
+# --- capabilities: what a method declares is what it does
+def every_method() -> list[hd.methods.Method]:
+    """Each registered method, built with its defaults (truncated with k=2)."""
+    out = []
+    for name, reference in METHODS.items():
+        module, _, attr = reference.partition(":")
+        constructor = getattr(importlib.import_module(module), attr)
+        out.append(constructor(2) if name == "truncated" else constructor())
+    return out
+
+
+@pytest.mark.parametrize("method", every_method(), ids=list(METHODS))
+def test_each_method_declares_the_capabilities_of_its_module(method):
+    assert method.capabilities == capabilities(method.name)
+    assert method.exact == method.capabilities.exact
+    assert method.capabilities.online == (method.segment_fn is not None)
+    assert method.capabilities.carries_state == (method.carry_fn is not None)
+
+
+@pytest.mark.parametrize("method", [m for m in every_method() if not m.capabilities.online],
+                         ids=lambda m: m.name)
+def test_a_method_without_segments_refuses_one_with_a_clear_error(method):
+    prob = recipe(2)
+    with torch.no_grad():
+        state = initial_state(prob, differentiable=False)
+    with pytest.raises(hd.HyperdiffError, match=rf"^{method.name}: method must support "
+                                                r"segments .* \(got "):
+        method.segment(prob, state, prob.raw_tensors(None), 0, 2, prob.val_data, None)
+    with pytest.raises(hd.HyperdiffError, match=r"^OnlineTuner: method must be one of "
+                                                r"\['reverse', 'forward', 'implicit', "
+                                                r"'curvature'\] \(got "):
+        hd.online.OnlineTuner(prob, method=method.name)
+
+
+def test_the_online_only_curvature_method_refuses_offline_use():
+    prob = recipe(2)
+    method = hd.methods.curvature(horizon=20)
+    assert not method.capabilities.offline and method.capabilities.online
+    assert "curvature" not in methods_where(offline=True)
+    with pytest.raises(hd.HyperdiffError, match=r"^curvature: method must be used online"):
+        method(prob)
+    with pytest.raises(hd.HyperdiffError, match=r"^HyperOptimizer: method must be a Method "
+                                                r"usable offline or one of \["):
+        hd.HyperOptimizer(prob, method=method)
+    with pytest.raises(hd.HyperdiffError, match=r"^data_parallel: method must be one of "):
+        hd.distributed.data_parallel(method)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"horizon": 0}, r"curvature: horizon must be"),
+    ({"horizon_unit": "epochs"}, r"curvature: horizon_unit must be one of \['steps', 'lr'\]"),
+    ({"curvature_scale": -1.0}, r"curvature: curvature_scale must be"),
+])
+def test_the_curvature_method_checks_its_options(bad, message):
+    with pytest.raises(hd.HyperdiffError, match=message):
+        hd.methods.curvature(**bad)
+
+
+@pytest.mark.parametrize("method", [hd.forward(), hd.methods.curvature()],
+                         ids=["forward", "curvature"])
+def test_a_carry_is_shaped_like_the_methods_carry_like(method):
+    """What a carrying method hands to its next segment has the structure, shapes and dtypes of
+    ``carry_like`` (the online checkpoint checks saved carries against it)."""
+    prob = recipe(4)
+    raw = prob.raw_tensors(None)
+    with torch.no_grad():
+        state = initial_state(prob, differentiable=False)
+    first = method.segment(prob, state, raw, 0, 2, prob.val_data, None)
+    second = method.segment(prob, first.state, raw, 2, 4, prob.val_data, first.carry)
+    like = method.carry_like(prob, raw, first.state)
+    got, want = tree_flatten(tuple(second.carry))[0], tree_flatten(tuple(like))[0]
+    assert [(x.shape, x.dtype) for x in got] == [(x.shape, x.dtype) for x in want]
+
+
+def test_the_capability_table_of_the_architecture_page_is_the_code():
+    text = (Path(__file__).parent.parent / "docs" / "architecture.md").read_text()
+    rows = re.findall(r"^\| `(\w+)(?:\(k\))?` \| (.+) \|$", text, re.MULTILINE)
+    table = {name: [cell.strip().startswith("yes") for cell in cells.split("|")]
+             for name, cells in rows if name in METHODS}
+    assert set(table) == set(METHODS)
+    for name, flags in table.items():
+        caps = capabilities(name)
+        assert flags == [caps.exact, caps.offline, caps.online, caps.carries_state,
+                         caps.data_parallel], name
+
+
+def test_a_new_method_is_its_file_and_its_registry_line(tmp_path, monkeypatch):
+    """The two files that docs/architecture.md counts: a module with CAPABILITIES and a
+    constructor, and one line in METHODS; the name then works offline and online."""
+    (tmp_path / "toy_method.py").write_text(
+        "from hyperdiff.methods.base import Capabilities, Method\n"
+        "from hyperdiff.methods.reverse import _reverse, reverse_segment\n\n"
+        "CAPABILITIES = Capabilities(exact=True, offline=True, online=True)\n\n\n"
+        "def toy():\n"
+        "    return Method('toy', _reverse, capabilities=CAPABILITIES,\n"
+        "                  segment_fn=reverse_segment)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(METHODS, "toy", "toy_method:toy")
+    prob = recipe(6)
+    assert hd.HyperOptimizer(prob, method="toy").method.name == "toy"
+    record = hd.online.OnlineTuner(prob, window=6, method="toy", lr=0.0).step()
+    offline = hd.reverse()(prob)
+    for name, g in offline.grad.items():
+        assert close(record.grad[name], float(g), 1e-12), name
