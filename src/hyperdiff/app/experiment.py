@@ -33,6 +33,7 @@ from hyperdiff.app.tasks.loader import forget_specs, label
 from hyperdiff.errors import HyperdiffError, NonFiniteError
 from hyperdiff.logs import get_logger
 from hyperdiff.seeds import report_seeds
+from hyperdiff.tuner.budget import still_moving
 from hyperdiff.tuner.distributed import init_from_env, root_only
 from hyperdiff.tuner.history import StepRecord, natural_values
 
@@ -230,10 +231,23 @@ def _run_plan(
                               progress=bar.report_phase() if bar is not None else None)
     result["run_dir"] = str(rundir.path)
     changed = input_change_warnings(rundir)
-    if changed:
-        result["warnings"] = [*result.get("warnings", []), *changed]
+    moving = _still_moving(loop, config) if config.outer.mode == "offline" else None
+    if moving:
+        log(moving)
+    if changed or moving:
+        result["warnings"] = [*result.get("warnings", []), *changed, *([moving] if moving else [])]
     rundir.write_result(result)
     return result
+
+
+def _still_moving(driver: Any, config: Config) -> str | None:
+    """:func:`~hyperdiff.tuner.budget.still_moving` on an offline run's history, with the
+    remedy (a larger ``stop.max_steps``) when it ran out of budget, or ``None``."""
+    moving = still_moving(list(driver.history))
+    if moving is None:
+        return None
+    return (f"{moving}; the values had not settled: a run with more outer steps "
+            f"(stop.max_steps larger than {config.stop.max_steps}) may tune them further")
 
 
 def _progress(extra: Callable[[str], None] | None) -> Callable[[str], None]:
