@@ -10,6 +10,7 @@ import pytest
 from hyperdiff.app.config import load_config
 from hyperdiff.app.experiment import run_experiment
 from hyperdiff.app.rundir import RunDir
+from hyperdiff.errors import HyperdiffError
 from hyperdiff.tuner.budget import THRESHOLD, recent_changes, still_moving
 from hyperdiff.tuner.history import StepRecord
 
@@ -75,5 +76,44 @@ def test_a_real_run_warns_in_its_result_only_when_its_values_still_move(tmp_path
     assert len(found) == warns
     assert [w for w in result.get("warnings", []) if w.startswith("still moving")] == found
     if warns:
-        assert "stop.max_steps larger than 5" in found[0]
+        assert f"--resume {tmp_path / 'run'} --set stop.max_steps=10" in found[0]
         assert any(m.startswith("still moving") for m in messages)
+
+
+# ------------------------------------------------------------------ extending a finished run
+EXTEND = ["task.name=mlp_digits", "inner.steps=10", "inner.warm_start=true", "outer.samples=2",
+          "report.seeds=1", "stop.patience=0", "outer.schedule=constant"]
+
+
+def lines(path) -> list[dict]:
+    return [record.without_timing() for record in RunDir(path).read_history()]
+
+
+def test_an_extended_run_continues_as_an_uninterrupted_longer_run(tmp_path):
+    longer = run_experiment(load_config(overrides=[*EXTEND, "stop.max_steps=7"]),
+                            out=tmp_path / "seven", log=quiet, progress=False)
+    run_experiment(load_config(overrides=[*EXTEND, "stop.max_steps=4"]), out=tmp_path / "four",
+                   log=quiet, progress=False)
+    assert len(lines(tmp_path / "four")) == 4
+    extended = run_experiment(None, resume=tmp_path / "four", overrides=("stop.max_steps=7",),
+                              log=quiet, progress=False)
+    assert lines(tmp_path / "four") == lines(tmp_path / "seven")
+    assert extended["steps"] == longer["steps"] == 7
+    assert extended["tuned"]["hparams"] == longer["tuned"]["hparams"]
+    assert extended["extensions"] == [{"step": 4, "from_max_steps": 4, "to_max_steps": 7}]
+    manifest = json.loads((tmp_path / "four" / "manifest.json").read_text())
+    assert manifest["extensions"] == extended["extensions"]
+    # resuming it again returns its result; the config now says 7
+    again = run_experiment(None, resume=tmp_path / "four", log=quiet)
+    assert again["steps"] == 7
+
+
+@pytest.mark.parametrize("steps", [2, 4])
+def test_extending_to_a_smaller_or_equal_budget_is_refused(tmp_path, steps):
+    run_experiment(load_config(overrides=[*EXTEND, "stop.max_steps=4"]), out=tmp_path / "run",
+                   log=quiet, progress=False)
+    with pytest.raises(HyperdiffError, match=r"stop.max_steps must be larger than the run's "
+                                             rf"budget 4 .*\(got {steps}\)"):
+        run_experiment(None, resume=tmp_path / "run", overrides=(f"stop.max_steps={steps}",),
+                       log=quiet)
+    assert "extensions" not in json.loads((tmp_path / "run" / "result.json").read_text())

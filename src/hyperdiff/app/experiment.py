@@ -149,7 +149,13 @@ def _run_locked(
         if config is None:
             config = with_absolute_task(load_config(data=stored.to_dict(), overrides=overrides))
         diffs = config_differences(stored, config)
-        if diffs:
+        asked = any(o.replace(" ", "").startswith("stop.max_steps=") for o in overrides)
+        extending = _extension(stored, config, diffs, rundir, asked=asked)
+        if extending:
+            rundir.extend(config.to_toml(), stored.stop.max_steps, config.stop.max_steps)
+            log(f"extending {rundir.path} from {stored.stop.max_steps} to "
+                f"{config.stop.max_steps} outer steps")
+        elif diffs:
             raise HyperdiffError(
                 f"run: --resume must use the config the run was started with; {rundir.path} "
                 f"differs in {'; '.join(diffs)}. Resume without a config file, or start a new "
@@ -162,7 +168,7 @@ def _run_locked(
                 f"stopped after its divergence guard gave up: {finished.get('message')}); "
                 "start a new run with a smaller outer.lr or with outer.clip"
             )
-        if finished is not None:
+        if finished is not None and not extending:
             damage = result_damage(finished)
             if damage:
                 raise HyperdiffError(
@@ -181,6 +187,33 @@ def _run_locked(
     return _run_plan(plan, rundir, config, resume=resume, progress=progress, log=log,
                      callbacks=callbacks, group=group,
                      accept_changed_inputs=accept_changed_inputs)
+
+
+def _extension(stored: Config, config: Config, diffs: list[str], rundir: RunDir, *,
+               asked: bool) -> bool:
+    """Whether this resume extends the run's budget: ``stop.max_steps`` is the one changed
+    key of an offline run that stopped on its budget (or has not stopped). A smaller or
+    equal budget (``asked``: ``--set stop.max_steps`` was given), or an extension the run
+    cannot take, is refused."""
+    old, new = stored.stop.max_steps, config.stop.max_steps
+    changed = len(diffs) == 1 and diffs[0].startswith("stop.max_steps:")
+    if not (changed or (asked and not diffs)):
+        return False
+    if new <= old:
+        raise HyperdiffError(
+            f"run: stop.max_steps must be larger than the run's budget {old} to extend "
+            f"{rundir.path} (got {new})")
+    if config.outer.mode != "offline":
+        raise HyperdiffError(
+            f"run: stop.max_steps can be raised on --resume for outer.mode = 'offline' runs "
+            f"only (got {config.outer.mode!r}); start a new run with --out NEW_DIR")
+    finished = rundir.read_result()
+    if finished is not None and not str(finished.get("stop_reason", "")).startswith("budget:"):
+        reason = finished.get("stop_reason") or finished.get("status")
+        raise HyperdiffError(
+            f"run: only a run that stopped on its step budget can be extended; {rundir.path} "
+            f"stopped with {reason!r}; start a new run with --out NEW_DIR")
+    return True
 
 
 def _run_plan(
@@ -231,23 +264,27 @@ def _run_plan(
                               progress=bar.report_phase() if bar is not None else None)
     result["run_dir"] = str(rundir.path)
     changed = input_change_warnings(rundir)
-    moving = _still_moving(loop, config) if config.outer.mode == "offline" else None
+    moving = (_still_moving(loop, config, rundir.path) if config.outer.mode == "offline"
+              else None)
     if moving:
         log(moving)
+    extensions = rundir.extensions()
+    if extensions:
+        result["extensions"] = extensions
     if changed or moving:
         result["warnings"] = [*result.get("warnings", []), *changed, *([moving] if moving else [])]
     rundir.write_result(result)
     return result
 
 
-def _still_moving(driver: Any, config: Config) -> str | None:
+def _still_moving(driver: Any, config: Config, path: Path) -> str | None:
     """:func:`~hyperdiff.tuner.budget.still_moving` on an offline run's history, with the
-    remedy (a larger ``stop.max_steps``) when it ran out of budget, or ``None``."""
+    remedy (extending its budget), or ``None``."""
     moving = still_moving(list(driver.history))
     if moving is None:
         return None
-    return (f"{moving}; the values had not settled: a run with more outer steps "
-            f"(stop.max_steps larger than {config.stop.max_steps}) may tune them further")
+    return (f"{moving}; give it more steps with `hyperdiff run --resume {path} --set "
+            f"stop.max_steps={2 * config.stop.max_steps}`")
 
 
 def _progress(extra: Callable[[str], None] | None) -> Callable[[str], None]:

@@ -232,6 +232,21 @@ class RunDir:
         """Record ``inputs`` in the manifest, and ``change`` (what a resume accepted)."""
         self._write_manifest(self._require_manifest().with_inputs(inputs, change))
 
+    def extend(self, config_toml: str, old_steps: int, new_steps: int) -> None:
+        """Replace the config with ``config_toml`` (the step budget ``old_steps`` raised to
+        ``new_steps``) and record the extension, at the last checkpoint's step, in the
+        manifest."""
+        data = config_toml.encode()
+        manifest = self._require_manifest()
+        step = manifest.checkpoints[-1]["step"] if manifest.checkpoints else 0
+        extension = {"step": step, "from_max_steps": old_steps, "to_max_steps": new_steps}
+        atomic_write_bytes(self.file(CONFIG), data)
+        self._write_manifest(manifest.with_extension(CONFIG, sha256(data), extension))
+
+    def extensions(self) -> list[dict[str, Any]]:
+        """The budget extensions of this run, oldest first."""
+        return list(self._require_manifest().extensions)
+
     def input_changes(self) -> list[dict[str, Any]]:
         """The changed inputs that resumes of this run accepted, oldest first."""
         return list(self._require_manifest().input_changes)

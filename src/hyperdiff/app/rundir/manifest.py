@@ -47,6 +47,7 @@ class Manifest:
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
     inputs: dict[str, Any] | None = None
     input_changes: list[dict[str, Any]] = field(default_factory=list)
+    extensions: list[dict[str, Any]] = field(default_factory=list)
 
     def with_checkpoint(self, digest: str, step: int, history_digest: str | None) -> Manifest:
         """A copy that also lists a new checkpoint (the last two are kept)."""
@@ -59,6 +60,12 @@ class Manifest:
         changes = self.input_changes if change is None else [*self.input_changes, change]
         return replace(self, inputs=inputs, input_changes=changes)
 
+    def with_extension(self, name: str, digest: str, extension: dict[str, Any]) -> Manifest:
+        """A copy with file ``name``'s new checksum (the extended config) and ``extension``
+        (``{"step", "from_max_steps", "to_max_steps"}``) appended."""
+        return replace(self, files={**self.files, name: digest},
+                       extensions=[*self.extensions, extension])
+
     def checkpoint(self, digest: str) -> dict[str, Any] | None:
         """The listed entry of the checkpoint with this sha256, or ``None``."""
         return next((c for c in self.checkpoints if c["sha256"] == digest), None)
@@ -70,6 +77,8 @@ class Manifest:
             raw["inputs"] = self.inputs
         if self.input_changes:
             raw["input_changes"] = self.input_changes
+        if self.extensions:
+            raw["extensions"] = self.extensions
         return json.dumps(raw, indent=1).encode()
 
     @classmethod
@@ -94,9 +103,12 @@ class Manifest:
                 raise ValueError("'inputs' must be an object")
             if not isinstance(changes, list):
                 raise ValueError("'input_changes' must be a list")
+            extensions = raw.get("extensions", [])
+            if not isinstance(extensions, list):
+                raise ValueError("'extensions' must be a list")
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise HyperdiffError(
                 f"run directory: {path} is damaged ({type(err).__name__}: {err}); without it "
                 f"the checkpoint cannot be verified: restore it, or {new_run(path.parent)}"
             ) from None
-        return cls(files, checkpoints, inputs, changes)
+        return cls(files, checkpoints, inputs, changes, extensions)
