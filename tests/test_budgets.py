@@ -6,9 +6,12 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 
 from hyperdiff.app.config import load_config
 from hyperdiff.app.experiment import run_experiment
+from hyperdiff.app.plans import build
+from hyperdiff.app.run_inputs import starting_at
 from hyperdiff.app.rundir import RunDir
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.tuner.budget import THRESHOLD, recent_changes, still_moving
@@ -117,3 +120,45 @@ def test_extending_to_a_smaller_or_equal_budget_is_refused(tmp_path, steps):
         run_experiment(None, resume=tmp_path / "run", overrides=(f"stop.max_steps={steps}",),
                        log=quiet)
     assert "extensions" not in json.loads((tmp_path / "run" / "result.json").read_text())
+
+
+# ------------------------------------------------------------------ --from: start at another run's values
+def test_from_starts_a_new_run_at_the_tuned_raw_values_of_another(tmp_path):
+    source = run_experiment(load_config(overrides=[*SETTINGS, "stop.max_steps=3",
+                                                   "outer.lr=0.5"]),
+                            out=tmp_path / "source", log=quiet, progress=False)
+    best = torch.load(tmp_path / "source" / "checkpoint.pt", weights_only=False)["best"]["raw"]
+    config = load_config(overrides=[*SETTINGS, "stop.max_steps=2"])
+    new = run_experiment(config, out=tmp_path / "new", start_from=tmp_path / "source",
+                         log=quiet, progress=False)
+    started = json.loads((tmp_path / "new" / "manifest.json").read_text())["start_from"]
+    assert started["run"] == str(tmp_path / "source")
+    for name, value in best.items():  # the raw values, exactly
+        assert torch.equal(torch.tensor(started["raw"][name], dtype=torch.float64), value)
+    assert new["initial"]["hparams"] == source["tuned"]["hparams"]
+    assert RunDir(tmp_path / "new").read_history()[0].hparams == source["tuned"]["hparams"]
+    # a resume of the new run keeps its start (the report's initial values)
+    assert run_experiment(None, resume=tmp_path / "new", log=quiet)["initial"] == new["initial"]
+
+
+def test_from_a_run_of_another_task_or_unfinished_is_refused(tmp_path):
+    run_experiment(load_config(overrides=[*SETTINGS, "stop.max_steps=2"]),
+                   out=tmp_path / "ridge", log=quiet, progress=False)
+    other = load_config(overrides=["task.name=logistic_cancer", "stop.max_steps=2"])
+    with pytest.raises(HyperdiffError, match=r"--from must name a run of task "
+                                             r"'logistic_cancer' \(got .*ridge_diabetes"):
+        run_experiment(other, out=tmp_path / "new", start_from=tmp_path / "ridge", log=quiet)
+    assert not (tmp_path / "new" / "history.jsonl").exists()
+    with pytest.raises(HyperdiffError, match="--from must be given for a new run only"):
+        run_experiment(None, resume=tmp_path / "ridge", start_from=tmp_path / "ridge", log=quiet)
+
+
+def test_from_a_run_with_other_hyperparameters_is_refused(tmp_path):
+    run_experiment(load_config(overrides=[*SETTINGS, "stop.max_steps=2"]),
+                   out=tmp_path / "ridge", log=quiet, progress=False)
+    start = {"run": "R", "raw": {"lam": -1.0},
+             "hparams": {"lam": {"kind": "scalar", "constraint": "identity", "size": 1,
+                                 "coordinates": ["lam"]}}}
+    task, _ = build(load_config(overrides=[*SETTINGS]))
+    with pytest.raises(HyperdiffError, match=r"same hyperparameters .* R differs in \['lam'\]"):
+        starting_at(task, start)

@@ -23,6 +23,7 @@ from hyperdiff.app.run_inputs import (
     changed_inputs_error,
     input_change_warnings,
     restore_or_start,
+    tuned_values,
     with_absolute_task,
 )
 from hyperdiff.app.rundir import RunDir
@@ -73,7 +74,7 @@ def run_experiment(
     config: Config | None, *, out: str | Path | None = None, resume: str | Path | None = None,
     overrides: tuple[str, ...] = (), progress: bool | None = None,
     log: Callable[[str], None] | None = None, callbacks: Sequence[Callable[..., Any]] = (),
-    accept_changed_inputs: bool = False,
+    accept_changed_inputs: bool = False, start_from: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a tuning job; return the result written to ``result.json``.
 
@@ -96,6 +97,8 @@ def run_experiment(
         accept_changed_inputs: resume although the task's code or data changed since the run
             started (recorded in the manifest and the result's warnings); without it, a
             change is refused.
+        start_from: a finished offline run of the same task whose best raw values a new
+            run starts at (``--from``; recorded in the new run's manifest).
 
     The run directory is locked for the whole run (a second process on it is refused), and a
     resume verifies its files, the task's code and its data first (see
@@ -107,8 +110,13 @@ def run_experiment(
     if accept_changed_inputs and resume is None:
         raise HyperdiffError(f"run: {ACCEPT_FLAG} must be given with --resume only (got it for "
                              "a new run, whose inputs are recorded as they are)")
+    if start_from is not None and (resume is not None or config is None):
+        raise HyperdiffError(f"run: --from must be given for a new run only (got --from "
+                             f"{start_from} with --resume {resume})")
     if config is not None:
         config = with_absolute_task(config)
+    start = (None if start_from is None or config is None
+             else tuned_values(RunDir.existing(start_from), config))
     log = _progress(log)
     # under torchrun: rank 0 alone touches the run directory; a resume learns its timeout
     # from the stored config below
@@ -127,7 +135,7 @@ def run_experiment(
             return _run_locked(rundir, config, resume=resume is not None,
                                overrides=overrides, progress=progress, log=log,
                                callbacks=callbacks, group=group,
-                               accept_changed_inputs=accept_changed_inputs)
+                               accept_changed_inputs=accept_changed_inputs, start=start)
     except BaseException:
         with suppress(Exception):  # e.g. a lost rank: the error being raised says more
             rundir.discard_if_unused()
@@ -138,6 +146,7 @@ def _run_locked(
     rundir: RunDir, config: Config | None, *, resume: bool, overrides: tuple[str, ...],
     progress: bool | None, log: Callable[[str], None], callbacks: Sequence[Callable[..., Any]],
     group: Any = None, accept_changed_inputs: bool = False,
+    start: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     if resume:
         config_path = rundir.config_path()
@@ -184,9 +193,11 @@ def _run_locked(
         group.timeout_s = config.distributed.timeout_s
     plan = PLANS[config.outer.mode]
     plan.check(config, group)
+    if resume:
+        start = rundir.start_from()
     return _run_plan(plan, rundir, config, resume=resume, progress=progress, log=log,
                      callbacks=callbacks, group=group,
-                     accept_changed_inputs=accept_changed_inputs)
+                     accept_changed_inputs=accept_changed_inputs, start=start)
 
 
 def _extension(stored: Config, config: Config, diffs: list[str], rundir: RunDir, *,
@@ -219,16 +230,20 @@ def _extension(stored: Config, config: Config, diffs: list[str], rundir: RunDir,
 def _run_plan(
     plan: Plan, rundir: RunDir, config: Config, *, resume: bool, progress: bool | None,
     log: Callable[[str], None], callbacks: Sequence[Callable[..., Any]], group: Any,
-    accept_changed_inputs: bool,
+    accept_changed_inputs: bool, start: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Build ``plan``'s outer loop, restore or start it, run it and write its result."""
-    task, loop = plan.build(config)
+    """Build ``plan``'s outer loop (at ``start``'s values, ``--from``), restore or start it,
+    run it and write its result."""
+    task, loop = plan.build(config, start)
     # the [log] files are the run directory's, so rank 0 alone writes them
     loggers = config_loggers(config.log, rundir.path) if group is None or group.is_root else []
     watchers = [*loggers, *callbacks]
     if restore_or_start(rundir, config, task.hparams, loop, resume=resume,
                         accept_changed_inputs=accept_changed_inputs):
         log(f"resuming {rundir.path} at {plan.where(loop)}")
+    elif start is not None:
+        rundir.record_start(start)
+        log(f"starting at the tuned values of {start['run']}")
     log(f"{plan.describe(task, loop, config)}; run directory {rundir.path}")
 
     def on_step(opt: Any, record: StepRecord) -> None:

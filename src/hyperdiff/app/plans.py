@@ -25,6 +25,7 @@ from hyperdiff.app.config import Config
 from hyperdiff.app.discrete_report import final_report as discrete_report
 from hyperdiff.app.discrete_report import has_relaxation
 from hyperdiff.app.loggers import Progress
+from hyperdiff.app.run_inputs import starting_at
 from hyperdiff.app.tasks import Task, build_task
 from hyperdiff.engine.device import resolve_device, task_to_device
 from hyperdiff.errors import HyperdiffError
@@ -53,7 +54,8 @@ class Summary(NamedTuple):
 class Plan(NamedTuple):
     """What one ``outer.mode`` contributes to a run; ``loop`` is the outer loop it builds."""
 
-    build: Callable[[Config], tuple[Task, Any]]  # the task and the outer loop
+    # the task and the outer loop (starting at --from's values, if given)
+    build: Callable[[Config, dict[str, Any] | None], tuple[Task, Any]]
     check: Callable[[Config, Any], None]  # refuse what the mode cannot run (torchrun group)
     describe: Callable[[Task, Any, Config], str]  # the "tuning ..." log line
     where: Callable[[Any], str]  # how far the loop is: "outer step 3"
@@ -76,9 +78,13 @@ def _task(config: Config, cv_folds: int) -> Task:
 
 
 # ------------------------------------------------------------------------------------ offline
-def build(config: Config) -> tuple[Task, HyperOptimizer]:
-    """The task and the driver that ``config`` describes."""
+def build(config: Config, start: dict[str, Any] | None = None
+          ) -> tuple[Task, HyperOptimizer]:
+    """The task and the driver that ``config`` describes, starting at ``start``'s raw values
+    (``--from``, see :func:`~hyperdiff.app.run_inputs.tuned_values`) if given."""
     task = _task(config, config.task.cv_folds)
+    if start is not None:
+        task = starting_at(task, start)
     stop = config.stop
     method = make_method(config.method.name, **config.method.options)
     driver = HyperOptimizer(
@@ -148,8 +154,13 @@ def _no_check(config: Config, group: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------- online
-def build_online(config: Config) -> tuple[Task, OnlineTuner]:
-    """The task and the online tuner that ``config`` describes."""
+def build_online(config: Config, start: dict[str, Any] | None = None
+                 ) -> tuple[Task, OnlineTuner]:
+    """The task and the online tuner that ``config`` describes (``start``: refused)."""
+    if start is not None:
+        raise HyperdiffError(f"run: --from is for outer.mode = 'offline' runs only (got "
+                             f"{config.outer.mode!r}); set the online run's initial values "
+                             "in its task")
     method = config.method.name
     if method not in METHODS:
         raise HyperdiffError(f"config: method.name must be one of {list(METHODS)} with "

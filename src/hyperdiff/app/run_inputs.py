@@ -10,10 +10,14 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from hyperdiff.app.config import Config
+import torch
+from torch import Tensor
+
+from hyperdiff.app.config import Config, load_config
 from hyperdiff.app.rundir import RunDir
+from hyperdiff.app.rundir.directory import describe
 from hyperdiff.app.rundir.records import new_run
-from hyperdiff.app.tasks import task_inputs
+from hyperdiff.app.tasks import Task, task_inputs
 from hyperdiff.app.tasks.inputs import input_changes
 from hyperdiff.app.tasks.loader import absolute_reference
 from hyperdiff.errors import HyperdiffError
@@ -74,6 +78,43 @@ def input_change_warnings(rundir: RunDir) -> list[str]:
             f"{'; '.join(c.get('changes', []))}" for c in rundir.input_changes()]
 
 
+def tuned_values(source: RunDir, config: Config) -> dict[str, Any]:
+    """``{"run", "raw"}``: the best raw values of the finished offline run ``source`` (from
+    its last checkpoint, exactly), for ``--from``; refused when ``source`` is unfinished, of
+    another mode or of another task than ``config``'s."""
+    stored = with_absolute_task(load_config(source.config_path()))
+    if stored.task.name != config.task.name:
+        raise HyperdiffError(f"run: --from must name a run of task {config.task.name!r} (got "
+                             f"{source.path}, a run of {stored.task.name!r})")
+    finished = source.read_result()
+    if stored.outer.mode != "offline" or finished is None or finished.get(
+            "status") != "finished":
+        raise HyperdiffError(f"run: --from must name a finished offline run (got {source.path}"
+                             f", {stored.outer.mode} and "
+                             f"{'unfinished' if finished is None else finished.get('status')})")
+    state = source.load_checkpoint()
+    if state is None or not isinstance(state.get("best"), dict):
+        raise HyperdiffError(f"run: --from {source.path} holds no checkpoint with a best "
+                             "step; resume it first")
+    raw = {name: value.tolist() for name, value in state["best"]["raw"].items()}
+    return {"run": str(source.path), "raw": raw, "hparams": source.read_hparams()}
+
+
+def starting_at(task: Task, start: dict[str, Any]) -> Task:
+    """``task`` with its initial raw values replaced by ``start["raw"]`` (names, kinds,
+    constraints and sizes must match those ``start["hparams"]`` records)."""
+    ours, theirs = describe(task.hparams), start["hparams"]
+    if ours != theirs:
+        differ = sorted(n for n in set(ours) | set(theirs) if ours.get(n) != theirs.get(n))
+        raise HyperdiffError(
+            f"run: --from must name a run with the same hyperparameters (names, kinds, "
+            f"constraints, sizes) as task {task.name!r}; {start['run']} differs in {differ}")
+    raw: dict[str, Tensor] = {n: torch.tensor(v, dtype=torch.float64)
+                              for n, v in start["raw"].items()}
+    hparams = task.hparams.with_raw(task.hparams.check_raw(raw))
+    return replace(task, problems=tuple(replace(p, hparams=hparams) for p in task.problems))
+
+
 def restore_or_start(rundir: RunDir, config: Config, hparams: Any, loop: Any, *,
                      resume: bool, accept_changed_inputs: bool = False) -> bool:
     """Load the run's last checkpoint into ``loop`` (a :class:`HyperOptimizer` or an
@@ -102,4 +143,4 @@ def restore_or_start(rundir: RunDir, config: Config, hparams: Any, loop: Any, *,
 
 
 __all__ = ["ACCEPT_FLAG", "changed_inputs_error", "input_change_warnings", "restore_or_start",
-           "run_inputs", "verify_inputs", "with_absolute_task"]
+           "run_inputs", "starting_at", "tuned_values", "verify_inputs", "with_absolute_task"]

@@ -13,8 +13,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--out", help="run directory (default: runs/<task>-<date>-<time>)")
     parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue an interrupted run (with its own config); refused if "
-                        "the task's code or data changed since it started")
+                        help="continue an interrupted run (with its own config; "
+                        "--set stop.max_steps=N with a larger N extends a finished offline "
+                        "run); refused if the task's code or data changed since it started")
+    parser.add_argument("--from", dest="start_from", metavar="RUN_DIR",
+                        help="start a new run at the tuned (best) values of a finished "
+                        "offline run of the same task")
     parser.add_argument("--accept-changed-inputs", action="store_true",
                         help="with --resume: continue although the task's code or data "
                         "changed (recorded in the manifest and the result)")
@@ -47,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_experiment(
         config, out=args.out, resume=args.resume, overrides=tuple(overrides),
         progress=False if args.quiet else None,
-        accept_changed_inputs=args.accept_changed_inputs,
+        accept_changed_inputs=args.accept_changed_inputs, start_from=args.start_from,
     )
     if is_root():
         print(format_table(result))

@@ -31,6 +31,7 @@ import os
 import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +243,14 @@ class RunDir:
         extension = {"step": step, "from_max_steps": old_steps, "to_max_steps": new_steps}
         atomic_write_bytes(self.file(CONFIG), data)
         self._write_manifest(manifest.with_extension(CONFIG, sha256(data), extension))
+
+    def record_start(self, start: dict[str, Any]) -> None:
+        """Record in the manifest the values ``--from`` started this run at."""
+        self._write_manifest(replace(self._require_manifest(), start_from=start))
+
+    def start_from(self) -> dict[str, Any] | None:
+        """The values ``--from`` started this run at, or ``None``."""
+        return self._require_manifest().start_from
 
     def extensions(self) -> list[dict[str, Any]]:
         """The budget extensions of this run, oldest first."""

@@ -48,6 +48,7 @@ class Manifest:
     inputs: dict[str, Any] | None = None
     input_changes: list[dict[str, Any]] = field(default_factory=list)
     extensions: list[dict[str, Any]] = field(default_factory=list)
+    start_from: dict[str, Any] | None = None  # --from: {"run", "raw", "hparams"}
 
     def with_checkpoint(self, digest: str, step: int, history_digest: str | None) -> Manifest:
         """A copy that also lists a new checkpoint (the last two are kept)."""
@@ -79,6 +80,8 @@ class Manifest:
             raw["input_changes"] = self.input_changes
         if self.extensions:
             raw["extensions"] = self.extensions
+        if self.start_from is not None:
+            raw["start_from"] = self.start_from
         return json.dumps(raw, indent=1).encode()
 
     @classmethod
@@ -103,12 +106,15 @@ class Manifest:
                 raise ValueError("'inputs' must be an object")
             if not isinstance(changes, list):
                 raise ValueError("'input_changes' must be a list")
-            extensions = raw.get("extensions", [])
+            extensions, start_from = raw.get("extensions", []), raw.get("start_from")
             if not isinstance(extensions, list):
                 raise ValueError("'extensions' must be a list")
+            if start_from is not None and not (isinstance(start_from, dict) and isinstance(
+                    start_from.get("raw"), dict) and isinstance(start_from.get("hparams"), dict)):
+                raise ValueError("'start_from' must be an object with 'raw' and 'hparams'")
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise HyperdiffError(
                 f"run directory: {path} is damaged ({type(err).__name__}: {err}); without it "
                 f"the checkpoint cannot be verified: restore it, or {new_run(path.parent)}"
             ) from None
-        return cls(files, checkpoints, inputs, changes, extensions)
+        return cls(files, checkpoints, inputs, changes, extensions, start_from)
