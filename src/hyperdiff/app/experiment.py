@@ -234,7 +234,7 @@ def _run_plan(
 ) -> dict[str, Any]:
     """Build ``plan``'s outer loop (at ``start``'s values, ``--from``), restore or start it,
     run it and write its result."""
-    task, loop = plan.build(config, start)
+    task, loop = plan.build(config) if start is None else plan.build(config, start)
     # the [log] files are the run directory's, so rank 0 alone writes them
     loggers = config_loggers(config.log, rundir.path) if group is None or group.is_root else []
     watchers = [*loggers, *callbacks]

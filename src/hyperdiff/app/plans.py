@@ -54,8 +54,8 @@ class Summary(NamedTuple):
 class Plan(NamedTuple):
     """What one ``outer.mode`` contributes to a run; ``loop`` is the outer loop it builds."""
 
-    # the task and the outer loop (starting at --from's values, if given)
-    build: Callable[[Config, dict[str, Any] | None], tuple[Task, Any]]
+    # (config) or (config, start): the task and the outer loop, at --from's values ``start``
+    build: Callable[..., tuple[Task, Any]]
     check: Callable[[Config, Any], None]  # refuse what the mode cannot run (torchrun group)
     describe: Callable[[Task, Any, Config], str]  # the "tuning ..." log line
     where: Callable[[Any], str]  # how far the loop is: "outer step 3"
