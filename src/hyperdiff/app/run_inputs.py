@@ -109,7 +109,7 @@ def starting_at(task: Task, start: dict[str, Any]) -> Task:
         raise HyperdiffError(
             f"run: --from must name a run with the same hyperparameters (names, kinds, "
             f"constraints, sizes) as task {task.name!r}; {start['run']} differs in {differ}")
-    raw: dict[str, Tensor] = {n: torch.tensor(v, dtype=torch.float64)
+    raw: dict[str, Tensor] = {n: torch.tensor(v, dtype=torch.float64, device="cpu")
                               for n, v in start["raw"].items()}
     hparams = task.hparams.with_raw(task.hparams.check_raw(raw))
     return replace(task, problems=tuple(replace(p, hparams=hparams) for p in task.problems))
