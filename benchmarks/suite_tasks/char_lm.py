@@ -22,7 +22,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from suite_common import Splits, lr_schedule, schedule_space, split_three, starts
+from suite_common import Splits, lr_schedule, schedule_space, seeded_module, split_three, starts
 from torch import Tensor
 
 import hyperdiff as hd
@@ -101,9 +101,7 @@ class TinyTransformer(torch.nn.Module):
 
 
 def make_model(seed: int) -> torch.nn.Module:
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return TinyTransformer()
+    return seeded_module(seed, TinyTransformer)
 
 
 def build(steps: int | None = None, data_seed: int = 0, lr_scale: float = 1.0) -> hd.tasks.TaskSpec:

@@ -18,6 +18,7 @@ from suite_common import (
     lr_schedule,
     schedule_space,
     seeded,
+    seeded_module,
     split_three,
     starts,
 )
@@ -57,9 +58,7 @@ class Counter(torch.nn.Module):
 
 
 def make_model(seed: int) -> torch.nn.Module:
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return Counter()
+    return seeded_module(seed, Counter)
 
 
 def build(steps: int | None = None, data_seed: int = 0, lr_scale: float = 1.0) -> hd.tasks.TaskSpec:

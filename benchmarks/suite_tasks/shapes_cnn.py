@@ -20,6 +20,7 @@ from suite_common import (
     lr_schedule,
     schedule_space,
     seeded,
+    seeded_module,
     split_three,
     starts,
 )
@@ -71,15 +72,13 @@ def data(data_seed: int = 0, rows: int = 2400) -> Splits:
 
 
 def make_cnn(seed: int) -> torch.nn.Module:
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return torch.nn.Sequential(
-            torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-            torch.nn.MaxPool2d(2),
-            torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
-            torch.nn.MaxPool2d(2), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
-            torch.nn.Linear(16 * 4 * 4, CLASSES),
-        )
+    return seeded_module(seed, lambda: torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+        torch.nn.Linear(16 * 4 * 4, CLASSES),
+    ))
 
 
 def build(steps: int | None = None, data_seed: int = 0, lr_scale: float = 1.0) -> hd.tasks.TaskSpec:

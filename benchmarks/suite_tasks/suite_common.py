@@ -46,6 +46,14 @@ def starts(build: Callable[..., hd.tasks.TaskSpec]) -> dict[str, Callable[..., h
     return {start_name(f): scaled(f) for f in START_FACTORS}
 
 
+def seeded_module(seed: int, make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """``make()`` with torch's generators seeded by ``seed`` and restored afterwards: the same
+    initial weights for the same seed, and the caller's random state untouched."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return make()
+
+
 def lr_schedule(steps: int, peak: float) -> tuple[hd.schedules.Schedule, dict[str, hd.hyperparams.HyperParameter]]:
     """A warmup-cosine learning rate over ``steps`` (peak, warmup 5% of the run, final 5% of
     the peak): the schedule and its three hyperparameters ``lr_peak``, ``lr_warmup``,

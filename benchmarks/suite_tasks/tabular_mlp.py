@@ -17,6 +17,7 @@ from suite_common import (
     classification,
     lr_schedule,
     schedule_space,
+    seeded_module,
     split_three,
     standardized,
     starts,
@@ -47,10 +48,9 @@ def data(data_seed: int = 0, rows: int = 4000) -> Splits:
 
 def make_mlp(seed: int) -> torch.nn.Module:
     """300 -> 64 (ReLU) -> 3."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return torch.nn.Sequential(torch.nn.Linear(FEATURES, HIDDEN), torch.nn.ReLU(),
-                                   torch.nn.Linear(HIDDEN, CLASSES))
+    return seeded_module(seed, lambda: torch.nn.Sequential(torch.nn.Linear(FEATURES, HIDDEN),
+                                                    torch.nn.ReLU(),
+                                                    torch.nn.Linear(HIDDEN, CLASSES)))
 
 
 def build(steps: int | None = None, data_seed: int = 0, lr_scale: float = 1.0) -> hd.tasks.TaskSpec:
