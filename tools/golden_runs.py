@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -43,12 +44,19 @@ def tasks() -> list[str]:
     return list(TASKS)
 
 
+SCRATCH = re.compile(re.escape(tempfile.gettempdir()) + r"/[^/\s'\"]+")
+"""A scratch folder of one recording or check (``tempfile``'s), as messages may quote it."""
+
+
 def strip(value: Any) -> Any:
-    """``value`` without timing fields and paths, at any depth."""
+    """``value`` without timing fields and paths, at any depth; scratch folders quoted in
+    strings (a warning naming its run directory) read ``<scratch>``."""
     if isinstance(value, dict):
         return {k: strip(v) for k, v in value.items() if k not in TIMING and "time" not in k}
     if isinstance(value, list):
         return [strip(v) for v in value]
+    if isinstance(value, str):
+        return SCRATCH.sub("<scratch>", value)
     return value
 
 
@@ -129,7 +137,7 @@ def first_difference(a: Any, b: Any, where: str = "") -> str | None:
 
 
 def check(folder: Path) -> int:
-    golden = json.loads((folder / "golden.json").read_text())
+    golden = strip(json.loads((folder / "golden.json").read_text()))
     failures = 0
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
