@@ -128,7 +128,7 @@ def test_params_change_the_fingerprint():
     assert input_changes(unparametrized, old) != []
 
 
-def test_params_survive_resume_and_a_changed_param_is_refused(tmp_path, capsys):
+def test_params_survive_resume_and_export_and_a_changed_param_is_refused(tmp_path, capsys):
     """Oracle: an interrupted, resumed run gives the history of an uninterrupted one."""
     full, cut = tmp_path / "full", tmp_path / "cut"
     args = ["--task", REF, "--set", "task.params.width=4", "--set", "task.params.start=0.2"]
@@ -161,8 +161,16 @@ def test_params_survive_resume_and_a_changed_param_is_refused(tmp_path, capsys):
     assert "task.params: {'width': 4, 'start': 0.2} there, {'width': 5, 'start': 0.2} now" in (
         capsys.readouterr().err)
 
+    task = build_task(REF, params={"width": 4, "start": 0.2})
+    tuned = hd.tuned_hparams(task, cut).natural()["lam"]
+    assert tuned.tolist() == result["tuned"]["hparams"]["lam"]
+    with pytest.raises(hd.HyperdiffError, match=r"tuned_hparams: source must be a run of task "
+                       r"'ridge_params' with the task's params \{'width': 4\} "
+                       r"\(got .*result.json, a run with the params \{'width': 4, 'start': 0.2\}"):
+        hd.tuned_hparams(build_task(REF, params={"width": 4}), cut)
 
-def test_check_builds_the_task_with_its_params(tmp_path, capsys):
+
+def test_check_and_compare_build_the_task_with_its_params(tmp_path, capsys):
     assert main(["check", REF, "--steps", "3", "--set", "task.params.width=2", "--quiet"]) == 0
     assert CALLS and all(c["width"] == 2 for c in CALLS)
     assert "reverse" in capsys.readouterr().out
@@ -170,3 +178,17 @@ def test_check_builds_the_task_with_its_params(tmp_path, capsys):
     assert "did you mean task.params.width?" in capsys.readouterr().err
     assert main(["check", REF, "--set", "outer.lr=2"]) == 2
     assert "check: --set must set a [task] key" in capsys.readouterr().err
+
+    forget_specs()
+    CALLS.clear()
+    out = tmp_path / "cmp"
+    assert main(["compare", "--task", REF, "--set", "task.params.width=2", "--no-tpe",
+                 "--budget", "2", *QUICK, "--out", str(out)]) == 0
+    assert CALLS and all(c["width"] == 2 for c in CALLS)
+    report = json.loads((out / "comparison.json").read_text())
+    assert report["task_params"] == {"width": 2} and report["hparams"] == 2
+    for row in report["methods"]:
+        assert all(len(t["values"]["lam"]) == 2 for t in row["trials"])
+    task = build_task(REF, params={"width": 2})
+    assert hd.tuned_hparams(task, out, method="random").natural()["lam"].tolist() == (
+        report["methods"][1]["best"]["values"]["lam"])
