@@ -3,6 +3,8 @@ regression on ``width`` synthetic features with one penalty per feature, so that
 hyperparameters, the data and theta_0 all depend on the params. ``CALLS`` records the keyword
 arguments of every call of ``build``."""
 
+import dataclasses
+
 import torch
 
 import hyperdiff as hd
@@ -42,3 +44,9 @@ def build_any(**options):
 def build_required(*, steps: int = 8, data_seed: int = 0, width: int):
     """A factory whose param ``width`` has no default."""
     return build(steps=steps, data_seed=data_seed, width=width)
+
+
+def build_recommending_a_param(*, steps: int = 8, data_seed: int = 0, width: int = 3):
+    """A factory whose task's defaults name a param (which the config must not take)."""
+    spec = build(steps=steps, data_seed=data_seed, width=width)
+    return dataclasses.replace(spec, defaults={**spec.defaults, "task.params.width": 9})

@@ -192,3 +192,10 @@ def test_check_and_compare_build_the_task_with_its_params(tmp_path, capsys):
     task = build_task(REF, params={"width": 2})
     assert hd.tuned_hparams(task, out, method="random").natural()["lam"].tolist() == (
         report["methods"][1]["best"]["values"]["lam"])
+
+
+def test_params_come_only_from_the_config_not_from_the_tasks_defaults():
+    """A task's ``defaults`` are read by calling its factory, so they cannot choose the params
+    it was called with: ``task.params.*`` there is ignored, not stored unchecked."""
+    config = load_config(overrides=["task.name=params_task_example:build_recommending_a_param"])
+    assert config.task.params == {} and CALLS[-1]["width"] == 3

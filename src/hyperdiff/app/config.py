@@ -274,6 +274,7 @@ def resolve(source: dict[str, Any]) -> Config:
     for dotted, value in defaults.items():
         merged = _merge(merged, _nest(dotted, value))
     merged = _merge(merged, source)
+    merged["task"] = {**merged.get("task", {}), "params": params}  # the checked ones, only
     built = {}
     for section, cls in SECTIONS.items():
         built[section] = _build_section(section, cls, merged.get(section, {}))
