@@ -22,7 +22,14 @@ from types import UnionType
 from typing import Any, Union, cast, get_args, get_origin, get_type_hints
 
 from hyperdiff.app.rundir.paths import inside_run_dir
-from hyperdiff.app.tasks import DEFAULT_TASK, check_task_name, task_defaults
+from hyperdiff.app.tasks import (
+    DEFAULT_TASK,
+    check_task_name,
+    check_task_params,
+    factory_reference,
+    task_defaults,
+)
+from hyperdiff.app.tasks.loader import factory_parameters, resolve_factory
 from hyperdiff.errors import HyperdiffError, describe
 from hyperdiff.methods.registry import (
     METHODS,
@@ -59,6 +66,10 @@ class TaskConfig:
     cv_folds: int = option(0, "k-fold cross-validation over train+validation as the outer "
                            "loss (0: hold-out validation)", low=0)
     data_seed: int = option(0, "seed of the data split (and label noise)", low=0)
+    params: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "the task's own parameters, passed to its factory as keyword arguments and "
+        "checked against its signature: a table [task.params] or --set task.params.NAME=VALUE "
+        "(e.g. mlp_digits takes hidden)"})
 
 
 @dataclass(frozen=True)
@@ -253,8 +264,9 @@ def resolve(source: dict[str, Any]) -> Config:
     task_name = source.get("task", {}).get("name", DEFAULT_TASK)
     _check_value("task", "name", task_name, _meta(TaskConfig, "name"), str)
     check_task_name(task_name, "config: task.name")
+    params = _task_params(task_name, source.get("task", {}).get("params", {}))
     merged: dict[str, Any] = {}
-    defaults = task_defaults(task_name)
+    defaults = task_defaults(task_name, params)
     chosen = source.get("method", {}).get("name", defaults.get("method.name"))
     if chosen != defaults.get("method.name"):  # the task's method options belong to its method
         defaults = {k: v for k, v in defaults.items()
@@ -262,6 +274,7 @@ def resolve(source: dict[str, Any]) -> Config:
     for dotted, value in defaults.items():
         merged = _merge(merged, _nest(dotted, value))
     merged = _merge(merged, source)
+    merged["task"] = {**merged.get("task", {}), "params": params}  # the checked ones, only
     built = {}
     for section, cls in SECTIONS.items():
         built[section] = _build_section(section, cls, merged.get(section, {}))
@@ -284,23 +297,71 @@ def _check_log_paths(log: LogConfig) -> None:
 
 def _build_section(section: str, cls: type, values: dict[str, Any]) -> Any:
     hints = get_type_hints(cls)
-    known = {f.name: f for f in fields(cls) if f.name != "options"}
+    known = {f.name: f for f in fields(cls) if f.name not in TABLES}
     kwargs: dict[str, Any] = {}
     extra = {k: v for k, v in values.items() if k not in known}
+    if section == "task":  # params: checked by _task_params before the task's defaults
+        kwargs["params"] = dict(extra.pop("params", {}))
     if section == "method":
         name = values.get("name", known["name"].default)
         _check_value(section, "name", name, known["name"].metadata, str)
         kwargs["options"] = _method_options(name, extra)
     elif extra:
         key = next(iter(extra))
+        names = [f.name for f in fields(cls) if f.name != "options"]
+        hint = _suggest(key, names, section + ".")
+        if section == "task" and key in factory_parameters(resolve_factory(factory_reference(
+                values.get("name", DEFAULT_TASK))))[0]:
+            hint = f" (did you mean task.params.{key}?)"
         raise HyperdiffError(
-            f"config: unknown key {section}.{key}; [{section}] accepts "
-            f"{', '.join(known)}{_suggest(key, list(known), section + '.')}"
-        )
+            f"config: unknown key {section}.{key}; [{section}] accepts {', '.join(names)}{hint}")
     for name, f in known.items():
         if name in values:
             kwargs[name] = _check_value(section, name, values[name], f.metadata, hints[name])
     return cls(**kwargs)
+
+
+TABLES = ("options", "params")  # fields that hold a table of keyword arguments
+
+
+def _hints(fn: Any) -> dict[str, Any]:
+    """``fn``'s resolved type hints; ``{}`` when they cannot be resolved (no type check)."""
+    try:
+        return get_type_hints(fn)
+    except Exception:
+        return {}
+
+
+def _check_types(prefix: str, options: dict[str, Any], hints: dict[str, Any]) -> None:
+    """Refuse an option whose value does not fit the type hint of its parameter."""
+    for key, value in options.items():
+        if key in hints and not _matches(value, hints[key]):
+            raise HyperdiffError(
+                f"config: {prefix}{key} must be {_type_text(hints[key])} (got {describe(value)})"
+            )
+
+
+def _task_params(task: str, params: Any) -> dict[str, Any]:
+    """``[task.params]`` checked against the signature of task ``task``'s factory (names, types
+    where it annotates them) and as TOML values that config.toml can hold."""
+    check_task_params(task, params, caller="config", prefix="task.params.")
+    for key, value in params.items():
+        _check_toml_value(f"task.params.{key}", value)
+    _check_types("task.params.", params, _hints(resolve_factory(factory_reference(task))))
+    return dict(params)
+
+
+def _check_toml_value(where: str, value: Any) -> None:
+    """Refuse what TOML cannot write back (dates and times) at any depth."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_toml_value(f"{where}.{key}", item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_toml_value(where, item)
+    elif not isinstance(value, (str, int, float)):
+        raise HyperdiffError(f"config: {where} must be a string, number, boolean, array or "
+                             f"table (got {describe(value)})")
 
 
 def _method_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -308,10 +369,7 @@ def _method_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
         return dict(options)
     constructor = method_constructor(name)
     params = inspect.signature(constructor).parameters
-    try:
-        hints = get_type_hints(constructor)
-    except Exception:  # unresolvable annotations: skip the type check
-        hints = {}
+    hints = _hints(constructor)
     valid = [p for p in params if params[p].kind in (inspect.Parameter.KEYWORD_ONLY,
                                                      inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     for key in valid:
@@ -320,17 +378,14 @@ def _method_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
                 f"config: method.{key} must be given for method {name!r} "
                 f"({_type_text(hints[key]) if key in hints else 'required'})"
             )
-    for key, value in options.items():
+    for key in options:
         if key not in valid:
             listed = ", ".join(valid) if valid else "none"
             raise HyperdiffError(
                 f"config: unknown key method.{key}; method {name!r} accepts the options "
                 f"{listed}{_suggest(key, valid, 'method.')}"
             )
-        if key in hints and not _matches(value, hints[key]):
-            raise HyperdiffError(
-                f"config: method.{key} must be {_type_text(hints[key])} (got {describe(value)})"
-            )
+    _check_types("method.", options, hints)
     return dict(options)
 
 
@@ -460,6 +515,9 @@ def _toml_value(value: Any) -> str:
         return json.dumps(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table: {"width" = 64}
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}"
+                               for k, v in value.items()) + "}"
     raise HyperdiffError(f"config: cannot write {describe(value)} as TOML")
 
 
@@ -485,6 +543,8 @@ def _valid_text(f: Any) -> str:
     meta = f.metadata
     if isinstance(_default(f), bool):
         return "true, false"
+    if isinstance(_default(f), dict):
+        return "a table of the task factory's keyword arguments"
     choices = meta.get("choices")
     if callable(choices):
         choices = choices()

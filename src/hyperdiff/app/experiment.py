@@ -323,6 +323,7 @@ def final_report(task: Task, summary: Summary, config: Config, *,
     seeds = report_seeds(config.report.seeds)
     report: dict[str, Any] = {
         "task": task.name, "status": "finished", **summary.head, "report_seeds": list(seeds),
+        **({"task_params": task.info["params"]} if task.info.get("params") else {}),
         "training_steps": summary.segments * config.inner.steps,
         "sizes": task.info.get("sizes", {}), "cv_folds": config.task.cv_folds, **summary.tail,
     }

@@ -10,7 +10,8 @@
 - :func:`hyperdiff.hparams.schedules.resample` stretches a ``per_step`` schedule to another number
   of steps (``torch_optimizer(..., steps=M)`` uses it).
 - :func:`load_into` loads trained params and buffers (BatchNorm statistics) into a module.
-- :func:`tuned_hparams` reads tuned values from a result, ``result.json`` or a run directory.
+- :func:`tuned_hparams` reads tuned values from a result, ``result.json`` or a run directory,
+  or one method's best values from ``hyperdiff compare``'s ``comparison.json``.
 
 Usage, after tuning::
 
@@ -21,6 +22,7 @@ Usage, after tuning::
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -304,9 +306,12 @@ def _target(target: Any) -> tuple[HyperParameters, str | None]:
 
 
 def _read_result(source: str | Path) -> tuple[Any, Path]:
-    """The parsed ``result.json`` of a run directory, or of the file ``source``."""
+    """The parsed ``result.json`` of a run directory (``comparison.json`` of a ``hyperdiff
+    compare`` directory, which holds no result.json), or of the file ``source``."""
     path = Path(source)
-    path = path / "result.json" if path.is_dir() else path
+    if path.is_dir():
+        path = path / ("comparison.json" if not (path / "result.json").exists()
+                       and (path / "comparison.json").exists() else "result.json")
     try:
         return json.loads(path.read_text(encoding="utf-8")), path
     except FileNotFoundError:
@@ -317,14 +322,54 @@ def _read_result(source: str | Path) -> tuple[Any, Path]:
                              f"file ({err})") from None
 
 
-def tuned_hparams(task: Task | TaskSpec | HyperParameters, source: Any) -> HyperParameters:
+def _compared_values(source: Mapping[str, Any], method: str | None, where: str) -> Any:
+    """The best natural values of ``method`` in a comparison (``hyperdiff compare``'s
+    ``comparison.json``): ``source["methods"][i]["best"]["values"]``."""
+    rows = {row.get("method"): row for row in source["methods"] if isinstance(row, Mapping)}
+    if method not in rows:
+        close = difflib.get_close_matches(str(method), [str(m) for m in rows], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise HyperdiffError(f"tuned_hparams: method must be one of the methods that {where} "
+                             f"compared, {sorted(map(str, rows))} (got {method!r}){hint}")
+    best = rows[method].get("best")
+    if not isinstance(best, Mapping) or not isinstance(best.get("values"), Mapping):
+        raise HyperdiffError(f"tuned_hparams: {where} must hold method {method!r}'s best "
+                             "values (got a comparison without them, written by an older "
+                             "hyperdiff compare); run hyperdiff compare again")
+    return best["values"]
+
+
+def _check_task(task: Any, task_name: str | None, source: Mapping[str, Any], where: str
+                ) -> None:
+    """Refuse a source of another task than ``task`` (named ``task_name``), or one made with
+    other task params than a task built by ``build_task`` (``task.info["params"]``)."""
+    recorded = source.get("task")
+    if task_name is not None and recorded != task_name:
+        raise HyperdiffError(
+            f"tuned_hparams: source must be a run of task {task_name!r} (got {where}, a run "
+            f"of task {recorded!r}); pass that run's directory, or the task it tuned"
+        )
+    if isinstance(task, Task) and "params" in task.info:
+        ours, theirs = dict(task.info["params"]), dict(source.get("task_params") or {})
+        if ours != theirs:
+            raise HyperdiffError(
+                f"tuned_hparams: source must be a run of task {task_name!r} with the task's "
+                f"params {ours} (got {where}, a run with the params {theirs}); build the task "
+                "with the run's params (--set task.params.NAME=VALUE, build_task(params=...))")
+
+
+def tuned_hparams(task: Task | TaskSpec | HyperParameters, source: Any, *,
+                  method: str | None = None) -> HyperParameters:
     """The task's hyperparameters with the tuned natural values of ``source``: an
     ``OptimizeResult``, the dict that ``hyperdiff run`` writes to ``result.json``, that file,
-    or its run directory.
+    or its run directory; or, with ``method`` (``"hyperdiff"``, ``"random"``, ``"tpe"``), the
+    best values that method found in a ``hyperdiff compare`` comparison (its
+    ``comparison.json``, that file's directory, or the loaded dict).
 
     Given a task (a built ``hd.Task`` or the ``hd.task(...)`` spec), a result that records
     another task (its ``"task"`` entry) is refused, also when the hyperparameter names happen
-    to match; given only ``hd.HyperParameters``, the names and shapes are checked.
+    to match, and so is one made with other task params than a task that ``build_task`` built
+    (``"task_params"``); given only ``hd.HyperParameters``, the names and shapes are checked.
     """
     hparams, task_name = _target(task)
     if isinstance(source, OptimizeResult):
@@ -333,17 +378,20 @@ def tuned_hparams(task: Task | TaskSpec | HyperParameters, source: Any) -> Hyper
     if isinstance(source, (str, Path)):
         source, path = _read_result(source)
         where = str(path)
-    values = source.get("tuned", {}).get("hparams") if isinstance(source, Mapping) else None
+    compared = isinstance(source, Mapping) and isinstance(source.get("methods"), list)
+    if compared:
+        values = _compared_values(source, method, where)
+    elif method is not None:
+        raise HyperdiffError(f"tuned_hparams: method must be given only with a comparison "
+                             f"(hyperdiff compare's comparison.json) (got method={method!r} "
+                             f"and {where}, a run's result)")
+    else:
+        values = source.get("tuned", {}).get("hparams") if isinstance(source, Mapping) else None
     if not isinstance(values, Mapping):
         raise HyperdiffError("tuned_hparams: source must be an OptimizeResult, a run directory "
-                             "or a result with a 'tuned' -> 'hparams' entry "
-                             f"(got {describe(source)})")
-    recorded = source.get("task")
-    if task_name is not None and recorded != task_name:
-        raise HyperdiffError(
-            f"tuned_hparams: source must be a run of task {task_name!r} (got {where}, a run "
-            f"of task {recorded!r}); pass that run's directory, or the task it tuned"
-        )
+                             "or a result with a 'tuned' -> 'hparams' entry, or a comparison "
+                             f"with method=... (got {describe(source)})")
+    _check_task(task, task_name, source, where)
     missing = sorted(set(hparams) - set(values))
     if missing:
         raise HyperdiffError(f"tuned_hparams: the result has no values for {missing}; it "

@@ -72,7 +72,7 @@ def _task(config: Config, cv_folds: int) -> Task:
     task = build_task(
         config.task.name, steps=config.inner.steps,
         selection_fraction=config.task.selection_fraction, cv_folds=cv_folds,
-        data_seed=config.task.data_seed,
+        data_seed=config.task.data_seed, params=config.task.params,
     )
     return task_to_device(task, resolve_device(config.run.device, "config", "run.device"))
 

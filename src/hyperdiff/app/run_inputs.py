@@ -38,9 +38,11 @@ def with_absolute_task(config: Config) -> Config:
 
 
 def run_inputs(config: Config) -> dict[str, Any]:
-    """Fingerprints of the task's code and data splits (the task must be built already)."""
+    """Fingerprints of the task's code (with its params) and data splits (the task must be
+    built already)."""
     return task_inputs(config.task.name, steps=config.inner.steps,
-                       data_seed=config.task.data_seed, version=__version__)
+                       data_seed=config.task.data_seed, version=__version__,
+                       params=config.task.params)
 
 
 def changed_inputs_error(rundir: RunDir, changes: list[str]) -> HyperdiffError:

@@ -30,7 +30,10 @@ import torch
 
 from hyperdiff.app.tasks.base import SearchChoices, SearchRange, Task
 from hyperdiff.errors import HyperdiffError, positive_int
-from hyperdiff.tuner.history import StepRecord
+from hyperdiff.hparams.choices import fixed_hparams
+from hyperdiff.hparams.discrete import discrete_names
+from hyperdiff.hparams.hyperparams import HyperParameters
+from hyperdiff.tuner.history import StepRecord, finite_or_none, natural_values
 
 Values = dict[str, Any]
 """Natural values of one trial: a float per hyperparameter, or a list for a per-coordinate
@@ -160,11 +163,56 @@ def trainings_per_trial(task: Task, objective: str) -> int:
     return len(task.problems) if objective == "outer_loss" else 1
 
 
+def as_tensors(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's values as the task takes them: per-coordinate lists become float64 tensors."""
+    return {n: torch.tensor(v, dtype=torch.float64, device="cpu") if isinstance(v, list) else v
+            for n, v in values.items()}
+
+
+def natural_form(hparams: HyperParameters, values: Mapping[str, Any]) -> Values:
+    """A trial's ``values`` as ``result.json`` writes natural values (``tuned`` ->
+    ``hparams``): a float per scalar and a list per vector, for every hyperparameter.
+
+    A continuous value is written as the trial trained it (a shared number repeated over the
+    vector), so that ``hd.tuned_hparams`` gives back the same raw values bit for bit; a
+    discrete hyperparameter's label becomes its natural values at that plain choice; names the
+    search left out keep their initial values.
+
+    >>> import hyperdiff as hd
+    >>> theta = {"a": torch.zeros(2), "b": torch.zeros(3)}
+    >>> hp = hd.HyperParameters(lr=hd.scalar(0.2), wd=hd.per_tensor(theta, 1.0))
+    >>> natural_form(hp, {"lr": 0.1, "wd": 0.5})
+    {'lr': 0.1, 'wd': [0.5, 0.5]}
+    """
+    fixed = fixed_hparams(hparams, as_tensors(values))
+    form = natural_values(fixed, fixed.raw)
+    discrete = set(discrete_names(hparams))
+    for name, value in values.items():
+        if name in discrete:
+            continue
+        shape = hparams[name].shape
+        if isinstance(value, list):
+            form[name] = [float(v) for v in value]
+        elif shape == ():
+            form[name] = float(value)
+        else:
+            form[name] = [float(value)] * math.prod(shape)
+    return form
+
+
+def trial_entry(trial: Trial, values: Values) -> dict[str, Any]:
+    """One trial of a comparison's history (JSON-ready; a non-finite loss is ``None``)."""
+    return {"trial": trial.number, "values": values,
+            "objective": finite_or_none(trial.objective),
+            "val_loss": finite_or_none(trial.metrics.get("val_loss")),
+            "selection_loss": finite_or_none(trial.metrics.get("selection_loss")),
+            "trainings": trial.trainings, "time_s": trial.time_s}
+
+
 def evaluate_trial(task: Task, values: Mapping[str, Any], *, seed: int, objective: str
                    ) -> tuple[float, dict[str, float]]:
     """Train at ``values`` and return (objective, metrics); a diverged training gives ``inf``."""
-    natural = {n: torch.tensor(v, dtype=torch.float64, device="cpu") if isinstance(v, list) else v
-               for n, v in values.items()}
+    natural = as_tensors(values)
     try:
         if objective == "outer_loss":
             metrics = {"outer_loss": task.outer_loss(natural, seed=seed)}
@@ -297,6 +345,6 @@ def from_history(history: Sequence[StepRecord], *, method: str = "hyperdiff",
     return SearchResult(method, tuple(trials))
 
 
-__all__ = ["OPTUNA_MISSING", "Dimension", "SearchResult", "Trial", "dimensions",
-           "evaluate_trial", "from_history", "objective_for", "optuna_available",
-           "random_search", "run_points", "tpe_search", "trainings_per_trial"]
+__all__ = ["OPTUNA_MISSING", "Dimension", "SearchResult", "Trial", "as_tensors", "dimensions",
+           "evaluate_trial", "from_history", "natural_form", "objective_for", "optuna_available",
+           "random_search", "run_points", "tpe_search", "trainings_per_trial", "trial_entry"]

@@ -1,4 +1,5 @@
-"""``hyperdiff check [TASK]``: diagnose a task's inner problem (``hyperdiff.diagnose.check``)."""
+"""``hyperdiff check [TASK] [--set task.params.NAME=VALUE ...]``: diagnose a task's inner problem
+(``hyperdiff.diagnose.check``), the task built with the given ``[task]`` keys."""
 
 from __future__ import annotations
 
@@ -14,11 +15,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", dest="task_option", metavar="TASK",
                         help="the same as the positional TASK")
     parser.add_argument("--steps", type=int, help="inner steps T (default: the task's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        dest="overrides", help="a [task] config key, as for `hyperdiff run`: "
+                        "task.params.NAME=VALUE passes NAME to the task's factory, "
+                        "task.data_seed=N draws another split")
     parser.add_argument("--device", default="cpu",
                         help="cpu (default), cuda, cuda:N, mps or auto")
 
 
 def run(args: argparse.Namespace) -> int:
+    from hyperdiff.app.config import load_config
     from hyperdiff.app.tasks import DEFAULT_TASK, build_task
     from hyperdiff.errors import HyperdiffError
 
@@ -33,10 +39,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.steps is not None and args.steps < 1:
         raise HyperdiffError(f"check: --steps must be a positive int (got {args.steps})")
+    for item in args.overrides:
+        if not item.strip().startswith("task."):
+            raise HyperdiffError(f"check: --set must set a [task] key, e.g. "
+                                 f"task.params.NAME=VALUE (got {item!r})")
     device = resolve_device(args.device, "check", "--device")
-    task = task_to_device(
-        build_task(args.task or args.task_option or DEFAULT_TASK, steps=args.steps), device
-    )
+    name = args.task or args.task_option or DEFAULT_TASK
+    given = load_config(data={"task": {"name": name}}, overrides=args.overrides).task
+    task = task_to_device(build_task(
+        name, steps=args.steps, selection_fraction=given.selection_fraction,
+        cv_folds=given.cv_folds, data_seed=given.data_seed, params=given.params), device)
     report = check(task.problems[0], progress=False if args.quiet else None)
     print(report.table())
     print(report.recommendation)

@@ -7,10 +7,11 @@ validation loss, or with ``task.cv_folds = k`` the k-fold CV loss (a black-box t
 k trainings); the winner of each is retrained with fresh seeds and evaluated on the held-out
 test split.
 Prints a table and writes ``comparison.png`` (best validation loss so far against trainings
-and against wall time) and ``comparison.json`` into the run directory, both rewritten as soon
-as each method's phase finishes: a phase that fails leaves the earlier ones there (and in the
-printed table), with the failure named under ``"failed"``; the error is still reported and the
-exit status is non-zero.
+and against wall time) and ``comparison.json`` (each method's curve, its trials and its
+winner's natural values, which ``hd.tuned_hparams(task, comparison, method=...)`` reads) into
+the run directory, both rewritten as soon as each method's phase finishes: a phase that fails
+leaves the earlier ones there (and in the printed table), with the failure named under
+``"failed"``; the error is still reported and the exit status is non-zero.
 """
 
 from __future__ import annotations
@@ -138,6 +139,7 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
     )
     from hyperdiff.logs import get_logger
     from hyperdiff.seeds import report_seeds
+    from hyperdiff.tuner.history import natural_values
 
     log = log or get_logger("compare").info
     phase_done = on_phase or (lambda report: None)
@@ -150,13 +152,16 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
     seeds = report_seeds(config.report.seeds)
     names = list(task.search_space) if per_coordinate else []
     methods = [summarize(hyper, task.evaluate(outcome.best_raw, seeds=seeds),
-                         picked_by=outcome.criterion)]
+                         picked_by=outcome.criterion, task=task,
+                         best=(outcome.best_step, natural_values(task.hparams, outcome.best_raw)))]
     searches = [("random", random_search)]
     if tpe and optuna_available():
         searches.append(("tpe", tpe_search))
     elif tpe:
         log(OPTUNA_MISSING)
-    report = {"task": task.name, "hparams": task.hparams.numel, "budget": budget,
+    report = {"task": task.name, **({"task_params": task.info["params"]}
+                                    if task.info.get("params") else {}),
+              "hparams": task.hparams.numel, "budget": budget,
               "objective": objective, "cv_folds": config.task.cv_folds,
               "per_coordinate": per_coordinate, "report_seeds": list(seeds),
               "stop_reason": outcome.stop_reason, "methods": methods,
@@ -171,7 +176,7 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
                 result = search(task, trials, seed=config.outer.seed, per_coordinate=names,
                                 objective=objective, progress=lambda: bar.update(1))
             methods.append(summarize(result, evaluate_values(task, result.best.values, seeds),
-                                     picked_by=objective))
+                                     picked_by=objective, task=task))
         except (Exception, KeyboardInterrupt) as err:
             report["failed"] = {"method": name, "error": f"{type(err).__name__}: {err}",
                                 "not_run": [n for n, _ in searches[number + 1:]]}
@@ -190,13 +195,31 @@ def evaluate_values(task: Any, values: Mapping[str, Any], seeds: Sequence[int]
 
 
 def summarize(result: Any, metrics: Mapping[str, Mapping[str, float]], *,
-              picked_by: str = "val_loss") -> dict[str, Any]:
-    """One method's row: budget used, best validation loss, its winner's metrics."""
-    best = result.best
-    return {"method": result.method, "trainings": result.trainings, "time_s": result.time_s,
-            "best_val_loss": best.objective, "picked_by": picked_by,
-            "winner_metrics": {s: dict(m) for s, m in metrics.items()},
-            "curve": result.curve()}
+              picked_by: str = "val_loss", task: Any = None,
+              best: tuple[int, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """One method's row: budget used, best validation loss, its winner's metrics, and with
+    ``task`` its winner (``"best"``: trial index and natural values in the form of
+    ``result.json``, which ``hd.tuned_hparams(task, comparison, method=...)`` reads) and every
+    trial (``"trials"``). ``best``: ``(trial, values)`` of a winner that the method picked by
+    another criterion than the lowest objective (hyperdiff's best step by selection loss)."""
+    from hyperdiff.app.search import natural_form, trial_entry
+
+    winner = result.best
+    row = {"method": result.method, "trainings": result.trainings, "time_s": result.time_s,
+           "best_val_loss": winner.objective, "picked_by": picked_by,
+           "winner_metrics": {s: dict(m) for s, m in metrics.items()},
+           "curve": result.curve()}
+    if task is None:
+        return row
+
+    def form(values: Mapping[str, Any]) -> dict[str, Any]:  # hyperdiff's: already natural
+        return dict(values) if result.method == "hyperdiff" else natural_form(task.hparams,
+                                                                              values)
+
+    trial, values = best if best is not None else (winner.number, form(winner.values))
+    row["best"] = {"trial": trial, "values": dict(values)}
+    row["trials"] = [trial_entry(t, form(t.values)) for t in result.trials]
+    return row
 
 
 def format_comparison(report: Mapping[str, Any]) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
@@ -66,41 +67,81 @@ def factory_reference(name: str) -> str:
     return f"{TASKS[name]}:build" if name in TASKS else check_task_name(name)
 
 
-def load_task_spec(name: str, *, steps: int | None = None, data_seed: int = 0) -> TaskSpec:
-    """The :class:`TaskSpec` that task ``name`` (built-in or reference) describes."""
-    return loader.load_spec(name, factory_reference(name), steps=steps, data_seed=data_seed)
+def load_task_spec(name: str, *, steps: int | None = None, data_seed: int = 0,
+                   params: Mapping[str, Any] | None = None) -> TaskSpec:
+    """The :class:`TaskSpec` that task ``name`` (built-in or reference) describes, its factory
+    called with ``params`` as keyword arguments."""
+    return loader.load_spec(name, factory_reference(name), steps=steps, data_seed=data_seed,
+                            params=params)
+
+
+def check_task_params(name: str, params: Mapping[str, Any], *, caller: str, prefix: str
+                      ) -> list[str]:
+    """Refuse ``params`` that task ``name``'s factory does not take (one message per kind of
+    mistake, naming ``prefix + key`` and the params it accepts, with a did-you-mean), a
+    reserved name (``steps``, ``data_seed``: set by ``inner.steps`` and ``task.data_seed``)
+    and a missing required one; return the names the factory accepts (``**kwargs``: any)."""
+    if not isinstance(params, Mapping):
+        raise HyperdiffError(f"{caller}: {prefix.rstrip('.')} must be a table of the task "
+                             f"factory's keyword arguments (got {params!r})")
+    accepted, required, any_name = loader.factory_parameters(
+        loader.resolve_factory(factory_reference(name)))
+    owner = f"task {name!r}" + ("" if name in TASKS else " (its factory)")
+    for key in params:
+        if key in loader.RESERVED:
+            setting = "inner.steps" if key == "steps" else "task.data_seed"
+            raise HyperdiffError(f"{caller}: {prefix}{key} must not be given; hyperdiff passes "
+                                 f"{key} to the factory from {setting} (set that instead)")
+        if not any_name and key not in accepted:
+            close = difflib.get_close_matches(str(key), accepted, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise HyperdiffError(f"{caller}: unknown key {prefix}{key}; {owner} accepts the "
+                                 f"params {', '.join(accepted) or 'none'}{hint}")
+    missing = [key for key in required if key not in params]
+    if missing:
+        raise HyperdiffError(f"{caller}: {prefix}{missing[0]} must be given; {owner} takes it "
+                             "without a default")
+    return accepted
 
 
 def build_task(name: str, *, steps: int | None = None, selection_fraction: float = 0.5,
-               cv_folds: int = 0, data_seed: int = 0) -> Task:
-    """Build task ``name`` (built-in, ``module:factory`` or ``file.py:factory``)."""
+               cv_folds: int = 0, data_seed: int = 0,
+               params: Mapping[str, Any] | None = None) -> Task:
+    """Build task ``name`` (built-in, ``module:factory`` or ``file.py:factory``), its factory
+    called with ``params`` (``[task.params]``) as keyword arguments, which it keeps in
+    ``task.info["params"]`` (``hd.tuned_hparams`` checks them against a run's)."""
     caller = f"task {name}"
     if steps is not None:  # None: the task's default; 0 is not
         positive_int(caller, "steps", steps)
     number(caller, "selection_fraction", selection_fraction, UNIT_OPEN_HIGH)
     nonnegative_int(caller, "cv_folds", cv_folds)
     nonnegative_int(caller, "data_seed", data_seed)
-    spec = load_task_spec(name, steps=steps, data_seed=data_seed)
-    return spec.build(steps=steps, selection_fraction=selection_fraction, cv_folds=cv_folds,
+    check_task_params(name, params or {}, caller=caller, prefix="params.")
+    params = dict(params or {})
+    spec = load_task_spec(name, steps=steps, data_seed=data_seed, params=params)
+    task = spec.build(steps=steps, selection_fraction=selection_fraction, cv_folds=cv_folds,
                       data_seed=data_seed)
+    task.info["params"] = params
+    return task
 
 
-def task_inputs(name: str, *, steps: int | None, data_seed: int, version: str
-                ) -> dict[str, Any]:
-    """Fingerprints of task ``name``'s code and of each of its data splits, which a resumed
-    run verifies (see :mod:`.inputs`); the spec comes from the cache that ``build_task``
-    filled."""
-    spec = load_task_spec(name, steps=steps, data_seed=data_seed)
-    return {"task": code_fingerprint(name, builtin=name in TASKS, version=version),
+def task_inputs(name: str, *, steps: int | None, data_seed: int, version: str,
+                params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Fingerprints of task ``name``'s code (with its ``params``) and of each of its data
+    splits, which a resumed run verifies (see :mod:`.inputs`); the spec comes from the cache
+    that ``build_task`` filled."""
+    spec = load_task_spec(name, steps=steps, data_seed=data_seed, params=params)
+    return {"task": code_fingerprint(name, builtin=name in TASKS, version=version,
+                                     params=params),
             "data": data_fingerprints(spec)}
 
 
-def task_defaults(name: str) -> dict[str, Any]:
+def task_defaults(name: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The config values (dotted keys) that task ``name`` recommends; for a user task its
-    ``defaults`` and ``inner.steps = steps`` (this calls its factory)."""
+    ``defaults`` and ``inner.steps = steps`` (this calls its factory, with ``params``)."""
     if name in TASKS:
         return dict(task_module(name).DEFAULTS)
-    spec = load_task_spec(name)
+    spec = load_task_spec(name, params=params)
     return {"inner.steps": spec.steps, **spec.defaults}
 
 
@@ -110,5 +151,6 @@ def list_tasks() -> list[tuple[str, str, str]]:
 
 
 __all__ = ["DEFAULT_TASK", "TASKS", "GivenSplits", "SearchChoices", "SearchRange", "Task",
-           "TaskData", "TaskSpec", "build_task", "check_task_name", "given_splits", "list_tasks",
-           "load_task_spec", "task", "task_defaults", "task_inputs", "task_module"]
+           "TaskData", "TaskSpec", "build_task", "check_task_name", "check_task_params",
+           "given_splits", "list_tasks", "load_task_spec", "task", "task_defaults", "task_inputs",
+           "task_module"]

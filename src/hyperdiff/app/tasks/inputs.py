@@ -9,8 +9,9 @@
 
 The task's code is a ``file`` (its absolute path and sha256), a ``module`` (the dotted name,
 the file it was imported from and its sha256) or a ``builtin`` task (its name and the hyperdiff
-version). Only that one file is hashed, not the modules it imports. The data are the splits
-as the factory returned them: ``{"data": ...}`` for a whole data set that hyperdiff splits by
+version); a task built with params (``[task.params]``) adds ``"params": {name: value}``.
+Only that one file is hashed, not the modules it imports. The data are the splits as the
+factory returned them: ``{"data": ...}`` for a whole data set that hyperdiff splits by
 ``task.data_seed``, one entry per split of :func:`~hyperdiff.app.tasks.spec.given_splits`; each is
 a :func:`~hyperdiff.engine.data.fingerprint.split_fingerprint`.
 """
@@ -38,18 +39,21 @@ def file_sha256(path: str | Path) -> str:
                              f"code (got {err.strerror})") from None
 
 
-def code_fingerprint(name: str, *, builtin: bool, version: str) -> dict[str, Any]:
-    """The fingerprint of task ``name``'s code (call it after the task was loaded)."""
+def code_fingerprint(name: str, *, builtin: bool, version: str,
+                     params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The fingerprint of task ``name``'s code (call it after the task was loaded), with the
+    factory's ``params`` when there are any."""
+    given = {"params": dict(params)} if params else {}
     if builtin:
-        return {"kind": "builtin", "name": name, "version": version}
+        return {"kind": "builtin", "name": name, "version": version, **given}
     where, _ = split_reference(name)
     if is_file_reference(where):
         path = Path(where).resolve()
         return {"kind": "file", "reference": name, "path": str(path),
-                "sha256": file_sha256(path)}
+                "sha256": file_sha256(path), **given}
     module_file = getattr(sys.modules.get(where), "__file__", None)
     return {"kind": "module", "reference": name, "path": module_file,
-            "sha256": file_sha256(module_file) if module_file else None}
+            "sha256": file_sha256(module_file) if module_file else None, **given}
 
 
 def data_fingerprints(spec: TaskSpec) -> dict[str, dict[str, Any]]:
@@ -66,6 +70,9 @@ def code_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """What differs between two task-code fingerprints, one phrase each."""
     if old.get("kind") != new.get("kind") or old.get("reference") != new.get("reference"):
         return [f"the task: {_task_label(old)} at the start, {_task_label(new)} now"]
+    if old.get("params", {}) != new.get("params", {}):
+        return [f"the task's params: {old.get('params', {})} at the start, "
+                f"{new.get('params', {})} now"]
     if old.get("kind") == "builtin":
         if old.get("version") != new.get("version"):
             return [f"the task: built-in {old.get('name')!r} of hyperdiff {old.get('version')} "

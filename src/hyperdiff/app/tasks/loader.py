@@ -6,10 +6,12 @@
 
 A factory is a function returning :func:`hyperdiff.task` (a :class:`~.spec.TaskSpec`); it is
 called with the keyword arguments it declares among ``steps`` (the config's ``inner.steps``,
-omitted while the config's defaults are read) and ``data_seed``. An attribute that already is
-a ``TaskSpec`` is used as is. Every failure is one :class:`~hyperdiff.HyperdiffError` that
-names the reference: a missing module, file or attribute, an attribute that is not a factory,
-a factory that raises or returns something else.
+omitted while the config's defaults are read) and ``data_seed``, and with the task's own
+params (the config's ``[task.params]``, checked against its signature by
+:func:`factory_parameters`). An attribute that already is a ``TaskSpec`` is used as is.
+Every failure is one :class:`~hyperdiff.HyperdiffError` that names the reference: a missing
+module, file or attribute, an attribute that is not a factory, a factory that raises or
+returns something else.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import json
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -28,7 +31,8 @@ from hyperdiff.app.tasks.spec import TaskSpec, how_it_failed
 from hyperdiff.errors import HyperdiffError
 
 FORMS = "a built-in task name, 'package.module:factory' or 'path/to/file.py:factory'"
-_SPECS: dict[tuple[str, int | None, int], TaskSpec] = {}
+RESERVED = ("steps", "data_seed")  # passed by hyperdiff from inner.steps and task.data_seed
+_SPECS: dict[tuple[str, int | None, int, str], TaskSpec] = {}
 
 
 def is_reference(name: str) -> bool:
@@ -144,20 +148,43 @@ def resolve_factory(ref: str) -> Callable[..., Any] | TaskSpec:
     return factory
 
 
+def _signature(factory: Callable[..., Any]) -> dict[str, inspect.Parameter]:
+    try:
+        return dict(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):
+        return {}
+
+
+def factory_parameters(factory: Callable[..., Any] | TaskSpec
+                       ) -> tuple[list[str], list[str], bool]:
+    """``(accepted, required, any)``: the keyword params a factory takes besides ``steps`` and
+    ``data_seed``, those without a default, and whether it takes ``**kwargs`` (any name).
+
+    >>> def build(*, steps=10, width: int = 32, depth, **extra): ...
+    >>> factory_parameters(build)
+    (['width', 'depth'], ['depth'], True)
+    """
+    if isinstance(factory, TaskSpec):
+        return [], [], False
+    params = _signature(factory)
+    named = [p for name, p in params.items() if name not in RESERVED
+             and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return ([p.name for p in named], [p.name for p in named if p.default is p.empty],
+            any(p.kind == p.VAR_KEYWORD for p in params.values()))
+
+
 def call_factory(factory: Callable[..., Any] | TaskSpec, ref: str, *, steps: int | None,
-                 data_seed: int) -> TaskSpec:
-    """Call ``factory`` with the options it declares; check that it returns a TaskSpec."""
+                 data_seed: int, params: Mapping[str, Any] | None = None) -> TaskSpec:
+    """Call ``factory`` with the options it declares and the task's ``params`` (checked by the
+    config against :func:`factory_parameters`); check that it returns a TaskSpec."""
     if isinstance(factory, TaskSpec):
         return factory
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        params = {}  # type: ignore[assignment]
-    var_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
-    options: dict[str, Any] = {}
-    if steps is not None and (var_kw or "steps" in params):
+    declared = _signature(factory)
+    var_kw = any(p.kind == p.VAR_KEYWORD for p in declared.values())
+    options: dict[str, Any] = dict(params or {})
+    if steps is not None and (var_kw or "steps" in declared):
         options["steps"] = steps
-    if var_kw or "data_seed" in params:
+    if var_kw or "data_seed" in declared:
         options["data_seed"] = data_seed
     try:
         spec = factory(**options)
@@ -173,18 +200,19 @@ def call_factory(factory: Callable[..., Any] | TaskSpec, ref: str, *, steps: int
     return spec
 
 
-def load_spec(ref: str, factory_ref: str, *, steps: int | None = None, data_seed: int = 0
-              ) -> TaskSpec:
+def load_spec(ref: str, factory_ref: str, *, steps: int | None = None, data_seed: int = 0,
+              params: Mapping[str, Any] | None = None) -> TaskSpec:
     """The task spec of ``ref`` (``factory_ref`` is where its factory lives), cached per
-    ``(ref, steps, data_seed)`` within the process."""
-    key = (ref, steps, data_seed)
+    ``(ref, steps, data_seed, params)`` within the process."""
+    frozen = json.dumps(dict(params or {}), sort_keys=True, default=repr)
+    key = (ref, steps, data_seed, frozen)
     if key not in _SPECS:
         spec = call_factory(resolve_factory(factory_ref), ref, steps=steps,
-                            data_seed=data_seed)
+                            data_seed=data_seed, params=params)
         if len(_SPECS) > 16:
             _SPECS.pop(next(iter(_SPECS)))
         _SPECS[key] = spec
-        _SPECS.setdefault((ref, spec.steps, data_seed), spec)
+        _SPECS.setdefault((ref, spec.steps, data_seed, frozen), spec)
     return _SPECS[key]
 
 

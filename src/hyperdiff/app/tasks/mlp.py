@@ -1,10 +1,10 @@
 """A one-hidden-layer MLP on scikit-learn's digits, tuning its training recipe.
 
 Inputs ``x`` (64 pixels scaled to [0, 1]), 10 classes. Model ``softmax(W2 relu(W1 x + b1) + b2)``
-with 32 hidden units, trained by minibatch SGD with momentum for T steps (batch 64). The
-hyperparameters are the whole recipe: a learning-rate schedule ``lr`` (one value per inner
-step), the momentum (in (0, 1)) and a weight decay per parameter tensor (``W1, b1, W2, b2``).
-Outer loss: validation cross-entropy.
+with 32 hidden units (the task param ``hidden``), trained by minibatch SGD with momentum for T
+steps (batch 64). The hyperparameters are the whole recipe: a learning-rate schedule ``lr`` (one
+value per inner step), the momentum (in (0, 1)) and a weight decay per parameter tensor
+(``W1, b1, W2, b2``). Outer loss: validation cross-entropy.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from hyperdiff.app.tasks.base import SearchRange, classification_metrics
 from hyperdiff.app.tasks.datasets import load
 from hyperdiff.app.tasks.spec import TaskSpec, task
 from hyperdiff.engine.optimizers import sgd
+from hyperdiff.errors import positive_int
 from hyperdiff.hparams.hyperparams import HParamView, HyperParameters, per_step, per_tensor, scalar
 from hyperdiff.typing import Batch, Params
 
@@ -69,11 +70,12 @@ def metrics(params: Params, hparams: HParamView, batch: Batch) -> dict[str, floa
     return classification_metrics(forward(params, x), y)
 
 
-def build(*, steps: int = DEFAULT_STEPS, data_seed: int = 0) -> TaskSpec:
-    """The MLP training-recipe task (see the module doc); theta_0 is drawn from
-    ``data_seed``."""
+def build(*, steps: int = DEFAULT_STEPS, data_seed: int = 0, hidden: int = HIDDEN) -> TaskSpec:
+    """The MLP training-recipe task (see the module doc) with ``hidden`` units (a task param:
+    ``--set task.params.hidden=64``); theta_0 is drawn from ``data_seed``."""
+    positive_int("mlp_digits", "hidden", hidden)
     x, y = load_digits_data()
-    theta0 = init_mlp(x.shape[1], HIDDEN, 10, seed=data_seed)
+    theta0 = init_mlp(x.shape[1], hidden, 10, seed=data_seed)
     hparams = HyperParameters(
         lr=per_step(steps, INITIAL["lr"]),
         momentum=scalar(INITIAL["momentum"], (0.0, 1.0)),
