@@ -143,6 +143,12 @@ class Method:
         if self.segment_fn is None:
             raise HyperdiffError(f"{self.name}: method must support segments of training "
                                  f"(capabilities.online) to be used online (got {self!r})")
+        if problem.initialization is not None:
+            raise HyperdiffError(
+                f"{self.name}: an online segment must train a problem without an "
+                f"initialization hyperparameter (got {problem.initialization!r}); theta_0 is "
+                "used at step 0 only, so windows later in the run cannot move it: tune it "
+                "offline (HyperOptimizer, outer.mode = \"offline\")")
         return self.segment_fn(problem, state, raw, start, stop, val_batches, carry)
 
     def check(self, problem: Problem) -> None:

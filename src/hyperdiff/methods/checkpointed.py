@@ -38,6 +38,7 @@ from hyperdiff.engine.training import (
     TrainState,
     check_finite_losses,
     initial_state,
+    initial_vjp,
     unroll,
     validation_loss,
 )
@@ -95,7 +96,7 @@ def _checkpointed(problem: Problem, raw: dict[str, Tensor], segments: int | None
 
     # 1. graph-free forward pass over all but the last segment, storing each segment's start
     with torch.no_grad():
-        state = initial_state(problem, differentiable=False)
+        state = initial_state(problem, hview, differentiable=False)
     starts, all_losses = [], []
     for step0, stop in itertools.pairwise(bounds[:-1]):
         starts.append(state)
@@ -126,6 +127,10 @@ def _checkpointed(problem: Problem, raw: dict[str, Tensor], segments: int | None
         adjoint = grads[: len(leaves)]
         grad_raw = [g + v for g, v in zip(grad_raw, grads[len(leaves) :], strict=True)]
         starts.pop()  # starts[i + 1], the end of segment i: no longer needed
+    if problem.initialization is not None:  # 4. theta_0 = u: g += a_0^T ds_0/du
+        adjoint_params = tree_unflatten(adjoint, tree_flatten(tuple(starts[0]))[1])[0]
+        grad_raw = [g + v for g, v in zip(grad_raw, initial_vjp(problem, raw, adjoint_params),
+                                          strict=True)]
 
     return finish(
         problem, raw, method="checkpointed", value=value,

@@ -155,7 +155,7 @@ def _end_of_training(problem: Problem, raw: dict[str, Tensor]):
     """Plain training; returns theta_T's state, the length of the first step, the losses."""
     hview = problem.hparams.view(raw)
     with torch.no_grad():
-        state0 = initial_state(problem, differentiable=False)
+        state0 = initial_state(problem, hview, differentiable=False)
     state1, first_loss = unroll(problem, hview, state0, stop=1, differentiable=False)
     state, losses = unroll(problem, hview, state1, start=1, differentiable=False)
     losses = torch.cat([first_loss, losses])
@@ -227,6 +227,8 @@ def _implicit(
     # g(theta*, u) = grad L_train, kept with its graph for the vjps
     grad = grads_of(objective(theta, hview), theta, create_graph=True)
     g = flat(grad.values())
+    if problem.initialization is not None:
+        _check_reads_initialization(problem, g, leaves[problem.initialization])
     start_norm = _start_gradient_norm(problem, objective, hp.view(raw))
     if fixed_point:  # Phi = one optimizer step, state frozen at the end of training
         new_params, _ = problem.optimizer.update(
@@ -295,9 +297,29 @@ def _implicit(
     )
 
 
+def _check_reads_initialization(problem: Problem, g: Tensor, leaf: Tensor) -> None:
+    """Refuse an initialization that the training loss does not read: at a stationary point
+    of a loss independent of theta_0 the implicit hypergradient of theta_0 is zero, which is
+    not MAML's (only iMAML's proximal term ties the end point to theta_0)."""
+    if torch.autograd.grad(g, leaf, torch.ones_like(g), retain_graph=True,
+                           allow_unused=True)[0] is None:
+        exact = option("reverse(), forward() or checkpointed()",
+                       'method.name = "reverse", "forward" or "checkpointed"')
+        name = problem.initialization
+        raise HyperdiffError(
+            f"implicit: the initialization {name!r} must be read by train_loss, e.g. as the "
+            f"centre of iMAML's proximal term "
+            f"hyperdiff.hparams.initialization.proximal(params, hparams, {name!r}, strength) "
+            f"(got a train_loss that does not read it: at a "
+            f"stationary point its implicit hypergradient is zero); for MAML's hypergradient "
+            f"through the steps use {exact}"
+        )
+
+
 def _start_gradient_norm(problem: Problem, objective, hview) -> float:
     """``||grad_theta L_train(theta_0)||``: the scale for the stationarity test."""
-    params = {k: v.detach().clone().requires_grad_() for k, v in problem.params.items()}
+    start = initial_state(problem, hview, differentiable=False).params
+    params = {k: v.detach().clone().requires_grad_() for k, v in start.items()}
     with torch.enable_grad():
         grads = grads_of(objective(params, hview), params, create_graph=False)
     return float(flat(grads.values()).norm())

@@ -53,7 +53,13 @@ from torch import Tensor
 from hyperdiff.engine.models import StepContext
 from hyperdiff.engine.optimizers import Optimizer, SGDState, resolve, sgd
 from hyperdiff.engine.problem import Problem, call_loss
-from hyperdiff.engine.training import check_finite_losses, grads_of, validation_loss
+from hyperdiff.engine.training import (
+    check_finite_losses,
+    grads_of,
+    initial_state,
+    initial_vjp,
+    validation_loss,
+)
 from hyperdiff.errors import HyperdiffError, NonFiniteError, describe
 from hyperdiff.hparams.hyperparams import HParamView
 from hyperdiff.methods.base import Capabilities, HyperGradient, Method, finish, zeros_for_unused
@@ -340,7 +346,8 @@ def _reversible(problem: Problem, raw: dict[str, Tensor], fraction_bits: int) ->
     gain = _check_problem(problem, coefficients)
     step_optimizer = quantised_optimizer(problem.optimizer, gain)
     fixed = FixedPoint(problem, fraction_bits)
-    P = fixed.to_int(flat(problem.params), "the initial parameters", 0)
+    start = initial_state(problem, coefficients.hview, differentiable=False).params
+    P = fixed.to_int(flat(start), "the initial parameters", 0)
     P_initial, V = P.clone(), torch.zeros_like(P)
     info = InfoBuffer(P.numel(), P.device)
 
@@ -387,6 +394,10 @@ def _reversible(problem: Problem, raw: dict[str, Tensor], fraction_bits: int) ->
         adjoint = vjp[: len(outputs)]
         grad_raw = [g + v for g, v in zip(grad_raw, vjp[len(outputs) :], strict=True)]
 
+    if problem.initialization is not None:  # theta_0 = u (rounded to 2^-R): g += a_0
+        adjoint_theta = dict(zip(start, adjoint[: len(start)], strict=True))
+        grad_raw = [g + v for g, v in zip(grad_raw, initial_vjp(problem, raw, adjoint_theta),
+                                          strict=True)]
     error = int((P - P_initial).abs().max()) + int(V.abs().max()) + len(info.limbs)
     if error:
         raise NonFiniteError(

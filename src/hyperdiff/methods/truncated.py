@@ -44,7 +44,7 @@ def _frozen_prefix(
     """Steps ``0 .. stop-1`` without a graph; the state comes back as fresh leaves."""
     hview = problem.hparams.view({n: v.detach() for n, v in raw.items()})
     with torch.no_grad():
-        state = initial_state(problem, differentiable=False)
+        state = initial_state(problem, hview, differentiable=False)
     state, losses = unroll(problem, hview, state, stop=stop, differentiable=False)
     params = {k: v.detach().requires_grad_() for k, v in state.params.items()}
     return TrainState(params, state.buffers, state.opt_state), losses
@@ -56,7 +56,7 @@ def _truncated(problem: Problem, raw: dict[str, Tensor], k: int) -> HyperGradien
     leaves = {n: v.detach().requires_grad_() for n, v in raw.items()}
     hview = problem.hparams.view(leaves)
     if start == 0:
-        state, prefix_losses = initial_state(problem, differentiable=True), None
+        state, prefix_losses = initial_state(problem, hview, differentiable=True), None
     else:
         state, prefix_losses = _frozen_prefix(problem, raw, start)
         check_finite_losses(prefix_losses, "truncated")
