@@ -198,9 +198,21 @@ def test_implicit_refuses_an_initialization_the_train_loss_does_not_read():
                               params, optimizer=hd.sgd(0.2), train_data=support,
                               val_data=query, steps=3)
     with pytest.raises(hd.HyperdiffError, match=r"^implicit: the initialization 'theta0' must "
-                       r"be read by train_loss.*proximal.*reverse\(\), forward\(\) or "
+                       r"be read by train_loss \(got a train_loss that does not read it, .*\); "
+                       r"add iMAML's proximal term .* or use reverse\(\), forward\(\) or "
                        r"checkpointed\(\)"):
         hd.implicit()(problem)
+
+
+def test_truncated_refuses_to_leave_out_the_steps_that_theta0_acts_through():
+    problem = _problem(_params())
+    with pytest.raises(hd.HyperdiffError, match=rf"^truncated: k must be at least the {STEPS} "
+                       r"inner steps for a problem whose initialization 'theta0' is a "
+                       r"hyperparameter \(got k=2\)"):
+        hd.truncated(2)(problem)
+    whole = hd.truncated(STEPS)(problem)  # k = T is reverse mode
+    torch.testing.assert_close(whole.grad["theta0"], _hand_written(_params())[0], rtol=0,
+                               atol=1e-10)
 
 
 # ------------------------------------------------------------------ outer loop and export

@@ -13,6 +13,9 @@ state)``. The T steps are split into S segments ``[b_0=0, b_1) ... [b_{S-1}, b_S
 
        a_{b_i} = a_{b_{i+1}}^T ds_{b_{i+1}}/ds_{b_i},    g += a_{b_{i+1}}^T ds_{b_{i+1}}/dlam.
 
+4. When theta_0 is a hyperparameter (``hd.initialization``), ``g += a_0^T ds_0/dlam``
+   (:func:`~hyperdiff.engine.training.initial_vjp`).
+
 The replay calls the same :func:`~hyperdiff.engine.training.train_step` with the same step indices,
 so it sees the same batches and dropout masks and reproduces the forward pass bit for bit
 (``diagnostics["replay_mismatch"]``, the largest difference between a replayed segment end and

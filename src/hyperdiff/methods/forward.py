@@ -2,10 +2,12 @@
 
 With ``Phi`` one inner step (gradient and optimizer update), ``s_{t+1} = Phi(s_t, lam)`` and
 
-    Z_{t+1} = dPhi/ds * Z_t + dPhi/dlam,    Z_0 = 0,
+    Z_{t+1} = dPhi/ds * Z_t + dPhi/dlam,    Z_0 = ds_0/dlam,
 
 one Jacobian-vector product of ``Phi`` per hyperparameter coordinate (``Z`` has shape
-``(k, *s.shape)``). The state ``s`` holds parameters, buffers and the optimizer state
+``(k, *s.shape)``). ``Z_0`` is zero, except for an initialization hyperparameter
+(``hd.initialization``, theta_0 = u): one-hot in its coordinates, which makes k at least the
+number of parameters. The state ``s`` holds parameters, buffers and the optimizer state
 (momentum, Adam moments), so every optimizer is differentiated exactly. Memory is independent
 of T; cost grows with k. At the end ``dL_val/dlam = dL_val/dlam|direct + sum_s <dL_val/ds,
 Z_T>``. Two engines compute the products, with the same result:

@@ -33,6 +33,14 @@ The answer is exact only at a stationary (fixed) point: diagnostics report the g
 :class:`~hyperdiff.engine.solvers.ConvergenceWarning` is emitted when it is above
 ``stationarity_tol`` or the linear solve did not converge.
 
+**Initialization.** At a stationary point of a training loss that does not read theta_0
+(``hd.initialization``) the end point does not depend on it, and its implicit hypergradient
+is zero: such a problem is refused. With iMAML's proximal term
+(:func:`~hyperdiff.hparams.initialization.proximal`, ``(s/2)||theta - theta_0||^2`` in the
+training loss) the stationary form gives ``dL_val/dtheta_0 = s (H + s I)^-1 dL_val/dtheta``,
+iMAML's meta-gradient (``H`` the Hessian of the task's loss without the term), in memory
+independent of T.
+
 **Segment** (:func:`implicit_segment`, an online window): train the window plainly, then the
 stationary form at the current ``theta`` (Lorraine et al. 2020) with ``H`` the Hessian of
 ``L_train`` on the window's last training batch. Hyperparameters that act only through the
@@ -307,12 +315,12 @@ def _check_reads_initialization(problem: Problem, g: Tensor, leaf: Tensor) -> No
                        'method.name = "reverse", "forward" or "checkpointed"')
         name = problem.initialization
         raise HyperdiffError(
-            f"implicit: the initialization {name!r} must be read by train_loss, e.g. as the "
-            f"centre of iMAML's proximal term "
-            f"hyperdiff.hparams.initialization.proximal(params, hparams, {name!r}, strength) "
-            f"(got a train_loss that does not read it: at a "
-            f"stationary point its implicit hypergradient is zero); for MAML's hypergradient "
-            f"through the steps use {exact}"
+            f"implicit: the initialization {name!r} must be read by train_loss (got a "
+            "train_loss that does not read it, at whose stationary point the implicit "
+            "hypergradient of theta_0 is zero, not MAML's); add iMAML's proximal term "
+            f"proximal(params, hparams, {name!r}, strength) from "
+            f"hyperdiff.hparams.initialization, or use {exact} for MAML's hypergradient "
+            "through the inner steps"
         )
 
 

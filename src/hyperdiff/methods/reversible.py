@@ -29,6 +29,9 @@ hypergradient with one vector-Jacobian product of the float step per step, so me
 grow with T except for the buffer. The trajectory differs from the floating-point one by the
 rounding to ``2^-R``.
 
+When theta_0 is a hyperparameter (``hd.initialization``), training starts from it (rounded
+to the grid) and the adjoint left at step 0 is its hypergradient.
+
 **What it differentiates.** The training it runs has momentum ``n / d``
 (``diagnostics["momentum_rounding"] = max |mu - n / d|``: 0 for 0.9, below 1e-16 for 0.123456789
 or pi / 4, 2^-40 for 0.5 + 2^-40), and the backward pass differentiates exactly that

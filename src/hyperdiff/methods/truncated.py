@@ -31,7 +31,7 @@ from hyperdiff.engine.training import (
     unroll,
     validation_loss,
 )
-from hyperdiff.errors import positive_int
+from hyperdiff.errors import HyperdiffError, positive_int
 from hyperdiff.methods.base import Capabilities, HyperGradient, Method, finish
 from hyperdiff.methods.reverse import reverse_segment
 
@@ -53,6 +53,13 @@ def _frozen_prefix(
 def _truncated(problem: Problem, raw: dict[str, Tensor], k: int) -> HyperGradient:
     started = time.perf_counter()
     start = max(problem.steps - k, 0)
+    if start > 0 and problem.initialization is not None:
+        raise HyperdiffError(
+            f"truncated: k must be at least the {problem.steps} inner steps for a problem whose "
+            f"initialization {problem.initialization!r} is a hyperparameter (got k={k}): "
+            "theta_0 acts only through the first steps, which are not differentiated, so its "
+            "hypergradient would be zero; use reverse() or checkpointed()"
+        )
     leaves = {n: v.detach().requires_grad_() for n, v in raw.items()}
     hview = problem.hparams.view(leaves)
     if start == 0:
