@@ -29,6 +29,7 @@ from hyperdiff.engine.training import TrainState, zeros_for_unused
 from hyperdiff.errors import HyperdiffError, NonFiniteError
 from hyperdiff.hparams.hyperparams import HyperParameters
 from hyperdiff.typing import Batch, Params
+from hyperdiff.wording import option
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,7 @@ class Method:
                 f"{self.name}: an online segment must train a problem without an "
                 f"initialization hyperparameter (got {problem.initialization!r}); theta_0 is "
                 "used at step 0 only, so windows later in the run cannot move it: tune it "
-                "offline (HyperOptimizer, outer.mode = \"offline\")")
+                f"offline ({option('HyperOptimizer', 'outer.mode = "offline"')})")
         return self.segment_fn(problem, state, raw, start, stop, val_batches, carry)
 
     def check(self, problem: Problem) -> None:
