@@ -116,6 +116,9 @@ SegmentFn = Callable[[Problem, TrainState, dict[str, Tensor], int, int, list[Bat
 """``segment(problem, state, raw, start, stop, val_batches, carry) -> Segment``."""
 
 
+OFFLINE_MODE = 'outer.mode = "offline"'
+
+
 @dataclass(frozen=True)
 class Method:
     """A configured hypergradient method: ``method(problem, raw=None) -> HyperGradient`` and,
@@ -149,7 +152,7 @@ class Method:
                 f"{self.name}: an online segment must train a problem without an "
                 f"initialization hyperparameter (got {problem.initialization!r}); theta_0 is "
                 "used at step 0 only, so windows later in the run cannot move it: tune it "
-                f"offline ({option('HyperOptimizer', 'outer.mode = "offline"')})")
+                f"offline ({option('HyperOptimizer', OFFLINE_MODE)})")
         return self.segment_fn(problem, state, raw, start, stop, val_batches, carry)
 
     def check(self, problem: Problem) -> None:
