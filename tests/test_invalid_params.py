@@ -347,3 +347,12 @@ def test_a_task_file_whose_factory_fails_is_named(tmp_path, body, said):
     with pytest.raises(hd.HyperdiffError, match=r"^task: the factory ") as info:
         build_task(f"{path}:build")
     assert said in str(info.value) and str(path) in str(info.value)
+
+
+# --- h21 init: hd.initialization (theta_0 as a hyperparameter) ---
+@pytest.mark.parametrize("value", BAD["params"] + [{"w": torch.zeros(2, dtype=torch.long)},
+                                                   {"w": torch.tensor([NAN])}], ids=repr)
+def test_initialization_refuses_bad_params(value):
+    with pytest.raises(hd.HyperdiffError, match=r"^initialization: params") as info:
+        hd.initialization(value)
+    assert isinstance(info.value, ValueError)

@@ -29,6 +29,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "hyperdiff"
     (lambda: seeds.call_seed(3 * 2**61, 8, 2), 2305843009213765225),
     (lambda: seeds.segment_seed(42, 3), 23799),
     (lambda: seeds.report_seeds(3), (1_000_000, 1_000_001, 1_000_002)),
+    (lambda: seeds.task_seed(3, 5, "sinusoid"), 2670532845),  # new with the few-shot tasks
 ])
 def test_seed_values_are_the_ones_used_before(value, expected):
     assert value() == expected
@@ -39,6 +40,7 @@ def test_seeds_fit_their_generators():
     assert 0 <= seeds.rank_seed(2**31 - 1, 2**20) < 2**31
     assert 0 <= seeds.call_seed(2**70, 2**40, 5) < 2**62
     assert 0 <= seeds.choice_seed(2**70, 3, 1, "x") < 2**62
+    assert 0 <= seeds.task_seed(2**70, 2**40, "episode:train") < 2**62
 
 
 MULTIPLIERS = {1_000_003, 100_003, 7_919, 104_729, 7_368_787, 1_000_000}

@@ -1,10 +1,10 @@
 """hyperdiff: gradient-based hyperparameter optimization for PyTorch.
 
-The public names (``__all__``, 44), by what a tuning job needs:
+The public names (``__all__``, 45), by what a tuning job needs:
 
 - hyperparameters: ``HyperParameters``, ``scalar``, ``per_element``, ``per_feature``,
-  ``per_tensor``, ``per_step``, ``schedule``, ``categorical``, ``integer``, ``boolean``,
-  ``choose``;
+  ``per_tensor``, ``per_step``, ``initialization``, ``schedule``, ``categorical``,
+  ``integer``, ``boolean``, ``choose``;
 - model and data: ``functional``, ``FunctionalModel``, ``with_context``, ``minibatches``;
 - inner optimizers: ``sgd``, ``adam``, ``adamw``;
 - one hypergradient: ``hypergradient``, ``HyperGradient``;
@@ -62,6 +62,7 @@ from hyperdiff.hparams.hyperparams import (
     per_tensor,
     scalar,
 )
+from hyperdiff.hparams.initialization import initialization
 from hyperdiff.hparams.relax import choose
 from hyperdiff.hparams.schedules import schedule
 from hyperdiff.methods import (
@@ -107,6 +108,7 @@ __all__ = [
     "given_splits",
     "hypergradient",
     "implicit",
+    "initialization",
     "integer",
     "load_into",
     "make_problem",

@@ -77,6 +77,13 @@ def segment_seed(seed: int, segment: int) -> int:
     return seed + 7919 * segment
 
 
+def task_seed(seed: int, index: int, stream: str) -> int:
+    """Seed of item ``index`` (a task, a class, an episode) of the random stream ``stream`` of
+    a task distribution seeded ``seed``, the same on every call:
+    ``(seed * 1_000_003 + index * 7_919 + crc32(stream)) mod 2**62``."""
+    return (seed * 1_000_003 + index * 7_919 + name_hash(stream)) % (2**62)
+
+
 __all__ = ["REPORT_SEED", "call_seed", "choice_seed", "epoch_seed", "gumbel_seed",
            "minibatch_seed", "name_hash", "rank_seed", "report_seeds", "segment_seed",
-           "window_seed"]
+           "task_seed", "window_seed"]

@@ -9,7 +9,8 @@
   numbers, to rounding otherwise (docs/export.md, "What is bit for bit").
 - :func:`hyperdiff.hparams.schedules.resample` stretches a ``per_step`` schedule to another number
   of steps (``torch_optimizer(..., steps=M)`` uses it).
-- :func:`load_into` loads trained params and buffers (BatchNorm statistics) into a module.
+- :func:`load_into` loads trained params and buffers (BatchNorm statistics) into a module, or
+  a learned initialisation (``hd.initialization``) from tuned hyperparameters or a result.
 - :func:`tuned_hparams` reads tuned values from a result, ``result.json`` or a run directory,
   or one method's best values from ``hyperdiff compare``'s ``comparison.json``.
 
@@ -36,6 +37,7 @@ from hyperdiff.app.tasks import Task, TaskSpec
 from hyperdiff.engine.optimizers import Optimizer, resolve
 from hyperdiff.errors import HyperdiffError, describe, positive_int
 from hyperdiff.hparams.hyperparams import HyperParameters
+from hyperdiff.hparams.initialization import initial_values, initialization_name
 from hyperdiff.hparams.schedules import Schedule, resample
 from hyperdiff.tuner.history import OptimizeResult
 
@@ -253,18 +255,28 @@ def torch_optimizer(
     return torch_opt, TunedSchedule(torch_opt, optimizer.name, group_tables)
 
 
-def load_into(module: nn.Module, params: Mapping[str, Tensor],
+def load_into(module: nn.Module,
+              params: Mapping[str, Tensor] | HyperParameters | OptimizeResult,
               buffers: Mapping[str, Tensor] | None = None) -> nn.Module:
     """Copy trained ``params`` (and ``buffers``: BatchNorm running statistics) into ``module``.
 
     Names are those of ``module.named_parameters()`` / ``named_buffers()`` (as in
     ``hd.functional(module).params``); every parameter that requires grad must be given, frozen
-    ones (``requires_grad=False``, not in ``hd.functional(module).params``) may be. Returns
-    ``module``.
+    ones (``requires_grad=False``, not in ``hd.functional(module).params``) may be. ``params``
+    may also be tuned hyperparameters (``result.best_hparams``, ``hd.tuned_hparams(...)``) or
+    an ``OptimizeResult`` holding an ``hd.initialization``: its learned theta_0 is loaded.
+    Returns ``module``.
     """
     if not isinstance(module, nn.Module):
         raise HyperdiffError(f"load_into: module must be a torch.nn.Module (got "
                              f"{describe(module)})")
+    if isinstance(params, (HyperParameters, OptimizeResult)):
+        hparams = _as_hparams(params, "load_into")
+        if initialization_name(hparams) is None:
+            raise HyperdiffError(
+                "load_into: params must be a dict name -> tensor, or tuned hyperparameters "
+                f"that hold an initialization (hd.initialization) (got {hparams!r})")
+        params = initial_values(hparams)
     own_params = dict(module.named_parameters())
     own_buffers = dict(module.named_buffers())
     given = {**dict(params), **dict(buffers or {})}

@@ -19,10 +19,11 @@ from hyperdiff.engine.datacheck import check_batch, check_source, shapes_of
 from hyperdiff.engine.models import FunctionalModel, StepContext, model_state
 from hyperdiff.engine.optimizers import Optimizer
 from hyperdiff.engine.problem import Problem, call_loss, sum_in_order, takes_context
-from hyperdiff.engine.training import train_step, validation_loss
+from hyperdiff.engine.training import initial_state, train_step, validation_loss
 from hyperdiff.errors import HyperdiffError, describe, nonnegative_int, positive_int
 from hyperdiff.hparams.constraints import natural_range
 from hyperdiff.hparams.hyperparams import HyperParameters
+from hyperdiff.hparams.initialization import check_matches, initialization_name
 from hyperdiff.logs import get_logger
 from hyperdiff.typing import LossFn, Params
 
@@ -107,6 +108,9 @@ def make_problem(
     params, buffers = model_state("hypergradient", params, buffers, "params")
     params = _check_params(params, "params")
     buffers = _check_params(buffers, "buffers") if buffers else {}
+    start = initialization_name(hparams)
+    if start is not None:
+        check_matches(hparams[start], start, params)
     for coef_name, coef in optimizer.coefficients.items():
         if isinstance(coef, str):
             if coef not in hparams:
@@ -139,10 +143,10 @@ def make_problem(
                     f"continuous hyperparameter (got the discrete {spec.kind} {coef!r}; read it "
                     "in the loss with hd.choose)"
                 )
-            if spec.kind == "per_feature":
+            if spec.kind in ("per_feature", "initialization"):
                 raise HyperdiffError(
                     f"hypergradient: optimizer coefficient {coef_name}={coef!r} must be a scalar, "
-                    "per_step, per_tensor or per_element hyperparameter (got per_feature)"
+                    f"per_step, per_tensor or per_element hyperparameter (got {spec.kind})"
                 )
             _check_coefficient_values(optimizer, coef_name, coef, hparams)
     problem = Problem(
@@ -202,8 +206,7 @@ def _probe(problem: Problem) -> None:
 
     raw = {n: v.requires_grad_() for n, v in problem.raw_tensors().items()}
     hview = problem.hparams.view(raw)
-    params = {k: v.requires_grad_() for k, v in problem.params.items()}
-    buffers, opt_state = dict(problem.buffers), problem.optimizer.init(params)
+    params, buffers, opt_state = initial_state(problem, hview, differentiable=True)
     try:
         moves_params = _train_loss_depends_on_params(problem, params, hview)
         losses = []

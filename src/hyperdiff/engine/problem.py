@@ -22,6 +22,7 @@ from hyperdiff.engine.models import StepContext, replayed_rng
 from hyperdiff.engine.optimizers import Optimizer, working_dtype
 from hyperdiff.errors import HyperdiffError, describe, positive_int, scalar_loss
 from hyperdiff.hparams.hyperparams import HyperParameters
+from hyperdiff.hparams.initialization import initialization_name
 from hyperdiff.logs import get_logger
 from hyperdiff.typing import Batch, LossFn, Params
 
@@ -52,6 +53,13 @@ class Problem:
     @property
     def device(self) -> torch.device:
         return next(iter(self.params.values())).device
+
+    @property
+    def initialization(self) -> str | None:
+        """The name of the hyperparameter training starts from (``hd.initialization``), if
+        any: theta_0 is then its value, not :attr:`params`, which give names, shapes and
+        dtypes only."""
+        return initialization_name(self.hparams)
 
     @property
     def num_params(self) -> int:

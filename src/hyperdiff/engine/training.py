@@ -29,12 +29,47 @@ class TrainState(NamedTuple):
     opt_state: Any
 
 
-def initial_state(problem: Problem, *, differentiable: bool) -> TrainState:
-    """theta_0 (leaves that require grad when ``differentiable``), buffers, optimizer state."""
-    params = {
-        k: v.detach().clone().requires_grad_(differentiable) for k, v in problem.params.items()
-    }
+def initial_state(problem: Problem, hview: HParamView | None = None, *,
+                  differentiable: bool) -> TrainState:
+    """theta_0, buffers, optimizer state.
+
+    theta_0 is ``problem.params`` (fresh leaves, requiring grad when ``differentiable``), or,
+    for a problem with an initialization hyperparameter, its value in ``hview`` (default: the
+    hyperparameters' current values), cast to each parameter's dtype: attached to ``hview``'s
+    raw values when ``differentiable``, so that backpropagation reaches them.
+    """
+    name = problem.initialization
+    if name is None:
+        params = {k: v.detach().clone().requires_grad_(differentiable)
+                  for k, v in problem.params.items()}
+    else:
+        hview = problem.hparams.view(problem.raw_tensors()) if hview is None else hview
+        params = {k: _start_value(hview.at(name, param=k).to(v.dtype), differentiable)
+                  for k, v in problem.params.items()}
     return TrainState(params, dict(problem.buffers), problem.optimizer.init(params))
+
+
+def initial_vjp(problem: Problem, raw: dict[str, Tensor], adjoint: Params) -> list[Tensor]:
+    """``a^T dtheta_0/du`` for an adjoint ``a`` of theta_0 (name -> tensor), one tensor per raw
+    value (in ``raw``'s order; zeros for all but an initialization hyperparameter): the last
+    piece of a backward pass that runs to the start of training (the optimizer state starts
+    at zero, and buffers at the problem's, whatever ``u``)."""
+    leaves = [v.detach().requires_grad_() for v in raw.values()]
+    with torch.enable_grad():
+        start = initial_state(problem, problem.hparams.view(dict(zip(raw, leaves, strict=True))),
+                              differentiable=True).params
+        used = [n for n in start if start[n].requires_grad]
+        grads = torch.autograd.grad([start[n] for n in used], leaves, [adjoint[n] for n in used],
+                                    allow_unused=True) if used else (None,) * len(leaves)
+    return zeros_for_unused(grads, leaves)
+
+
+def _start_value(value: Tensor, differentiable: bool) -> Tensor:
+    """``value`` as a start of training: with its graph when ``differentiable`` (a fresh leaf
+    that requires grad if it has none), else a detached copy."""
+    if differentiable and value.requires_grad:
+        return value
+    return value.detach().clone().requires_grad_(differentiable)
 
 
 def flat(tensors: Iterable[Tensor]) -> Tensor:
@@ -146,5 +181,5 @@ def train(problem: Problem, raw: dict[str, Tensor] | None = None) -> tuple[Train
     """Plain (non-differentiable) training for ``problem.steps`` steps at ``raw``."""
     hview = problem.hparams.view(problem.raw_tensors(raw))
     with torch.no_grad():
-        state = initial_state(problem, differentiable=False)
+        state = initial_state(problem, hview, differentiable=False)
     return unroll(problem, hview, state, differentiable=False)

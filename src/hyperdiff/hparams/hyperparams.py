@@ -13,6 +13,8 @@ Shapes (``kind``):
 - ``per_element``: shape ``(sum numel,)``, one value per parameter element (flat, in the order
   of ``params``), looked up as a tensor shaped like the parameter.
 - ``per_step``: shape ``(steps,)``, one value per inner step (a schedule).
+- ``initialization``: the parameters training starts from, stored and looked up as
+  ``per_element`` (:mod:`hyperdiff.hparams.initialization`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from hyperdiff.errors import HyperdiffError, describe, fail, is_number, positive
 from hyperdiff.hparams.constraints import Constraint, as_constraint
 
 KINDS = ("scalar", "per_feature", "per_tensor", "per_element", "per_step")
+ELEMENTWISE = ("per_element", "initialization")
+"""Kinds stored flat with one value per parameter element, looked up shaped like it."""
 
 
 @dataclass(frozen=True)
@@ -220,7 +224,7 @@ class HParamView(Mapping[str, Tensor]):
                     f"(got {step}); the schedule is shorter than the training run"
                 )
             return self._split(name)[step]
-        if spec.kind in ("per_tensor", "per_element"):
+        if spec.kind == "per_tensor" or spec.kind in ELEMENTWISE:
             if param not in spec.param_names:
                 raise HyperdiffError(
                     f"hyperparameter {name!r} is {spec.kind}: param must be one of "
@@ -235,7 +239,7 @@ class HParamView(Mapping[str, Tensor]):
         parts = self._parts.get(name)
         if parts is None:
             value, spec = self[name], self._specs[name]
-            if spec.kind == "per_element":
+            if spec.kind in ELEMENTWISE:
                 sizes = [int(torch.Size(s).numel()) for s in spec.param_shapes]
                 parts = tuple(v.view(s) for v, s in
                               zip(value.split(sizes), spec.param_shapes, strict=True))
@@ -271,7 +275,8 @@ class HyperParameters(Mapping[str, HyperParameter]):
             if not isinstance(spec, HyperParameter):
                 raise HyperdiffError(
                     f"HyperParameters: {name!r} must be a HyperParameter made by "
-                    "hd.scalar, hd.per_feature, hd.per_tensor, hd.per_element or hd.per_step "
+                    "hd.scalar, hd.per_feature, hd.per_tensor, hd.per_element, hd.per_step or "
+                    "hd.initialization "
                     f"(got {describe(spec)})"
                 )
             spec.validate(name)

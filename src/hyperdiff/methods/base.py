@@ -29,6 +29,7 @@ from hyperdiff.engine.training import TrainState, zeros_for_unused
 from hyperdiff.errors import HyperdiffError, NonFiniteError
 from hyperdiff.hparams.hyperparams import HyperParameters
 from hyperdiff.typing import Batch, Params
+from hyperdiff.wording import option
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,9 @@ SegmentFn = Callable[[Problem, TrainState, dict[str, Tensor], int, int, list[Bat
 """``segment(problem, state, raw, start, stop, val_batches, carry) -> Segment``."""
 
 
+OFFLINE_MODE = 'outer.mode = "offline"'
+
+
 @dataclass(frozen=True)
 class Method:
     """A configured hypergradient method: ``method(problem, raw=None) -> HyperGradient`` and,
@@ -143,6 +147,12 @@ class Method:
         if self.segment_fn is None:
             raise HyperdiffError(f"{self.name}: method must support segments of training "
                                  f"(capabilities.online) to be used online (got {self!r})")
+        if problem.initialization is not None:
+            raise HyperdiffError(
+                f"{self.name}: an online segment must train a problem without an "
+                f"initialization hyperparameter (got {problem.initialization!r}); theta_0 is "
+                "used at step 0 only, so windows later in the run cannot move it: tune it "
+                f"offline ({option('HyperOptimizer', OFFLINE_MODE)})")
         return self.segment_fn(problem, state, raw, start, stop, val_batches, carry)
 
     def check(self, problem: Problem) -> None:

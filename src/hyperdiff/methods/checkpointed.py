@@ -13,6 +13,9 @@ state)``. The T steps are split into S segments ``[b_0=0, b_1) ... [b_{S-1}, b_S
 
        a_{b_i} = a_{b_{i+1}}^T ds_{b_{i+1}}/ds_{b_i},    g += a_{b_{i+1}}^T ds_{b_{i+1}}/dlam.
 
+4. When theta_0 is a hyperparameter (``hd.initialization``), ``g += a_0^T ds_0/dlam``
+   (:func:`~hyperdiff.engine.training.initial_vjp`).
+
 The replay calls the same :func:`~hyperdiff.engine.training.train_step` with the same step indices,
 so it sees the same batches and dropout masks and reproduces the forward pass bit for bit
 (``diagnostics["replay_mismatch"]``, the largest difference between a replayed segment end and
@@ -38,6 +41,7 @@ from hyperdiff.engine.training import (
     TrainState,
     check_finite_losses,
     initial_state,
+    initial_vjp,
     unroll,
     validation_loss,
 )
@@ -95,7 +99,7 @@ def _checkpointed(problem: Problem, raw: dict[str, Tensor], segments: int | None
 
     # 1. graph-free forward pass over all but the last segment, storing each segment's start
     with torch.no_grad():
-        state = initial_state(problem, differentiable=False)
+        state = initial_state(problem, hview, differentiable=False)
     starts, all_losses = [], []
     for step0, stop in itertools.pairwise(bounds[:-1]):
         starts.append(state)
@@ -126,6 +130,10 @@ def _checkpointed(problem: Problem, raw: dict[str, Tensor], segments: int | None
         adjoint = grads[: len(leaves)]
         grad_raw = [g + v for g, v in zip(grad_raw, grads[len(leaves) :], strict=True)]
         starts.pop()  # starts[i + 1], the end of segment i: no longer needed
+    if problem.initialization is not None:  # 4. theta_0 = u: g += a_0^T ds_0/du
+        adjoint_params = tree_unflatten(adjoint, tree_flatten(tuple(starts[0]))[1])[0]
+        grad_raw = [g + v for g, v in zip(grad_raw, initial_vjp(problem, raw, adjoint_params),
+                                          strict=True)]
 
     return finish(
         problem, raw, method="checkpointed", value=value,

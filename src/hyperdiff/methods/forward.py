@@ -2,10 +2,12 @@
 
 With ``Phi`` one inner step (gradient and optimizer update), ``s_{t+1} = Phi(s_t, lam)`` and
 
-    Z_{t+1} = dPhi/ds * Z_t + dPhi/dlam,    Z_0 = 0,
+    Z_{t+1} = dPhi/ds * Z_t + dPhi/dlam,    Z_0 = ds_0/dlam,
 
 one Jacobian-vector product of ``Phi`` per hyperparameter coordinate (``Z`` has shape
-``(k, *s.shape)``). The state ``s`` holds parameters, buffers and the optimizer state
+``(k, *s.shape)``). ``Z_0`` is zero, except for an initialization hyperparameter
+(``hd.initialization``, theta_0 = u): one-hot in its coordinates, which makes k at least the
+number of parameters. The state ``s`` holds parameters, buffers and the optimizer state
 (momentum, Adam moments), so every optimizer is differentiated exactly. Memory is independent
 of T; cost grows with k. At the end ``dL_val/dlam = dL_val/dlam|direct + sum_s <dL_val/ds,
 Z_T>``. Two engines compute the products, with the same result:
@@ -108,7 +110,7 @@ def _unroll_double_vjp(problem: Problem, raw: dict[str, Tensor], raw_tangent: di
     """``(s_T, Z_T, losses)`` with ``J z`` from two reverse passes per step (module doc);
     steps ``start .. stop-1`` from ``(state, tangent)`` (default: theta_0 and Z = 0)."""
     hp, k = problem.hparams, problem.hparams.numel
-    state, tangent = _start(problem, state, tangent)
+    state, tangent = _start(problem, raw, state, tangent)
     leaves, spec = tree_flatten(tuple(state))
     tangents = tree_flatten(tuple(tangent))[0]
     names, raw_z = list(raw), list(raw_tangent.values())
@@ -153,7 +155,7 @@ def _unroll_jvp(problem: Problem, raw: dict[str, Tensor], raw_tangent: dict[str,
     """``(s_T, Z_T, losses)`` with vmapped ``torch.func.jvp`` of each step (module doc);
     steps ``start .. stop-1`` from ``(state, tangent)`` (default: theta_0 and Z = 0)."""
     k = problem.hparams.numel
-    state, tangent = _start(problem, state, tangent)
+    state, tangent = _start(problem, raw, state, tangent)
     state, tangent = tuple(state), tuple(tangent)
     stop = problem.steps if stop is None else stop
     losses = torch.empty(stop - start, dtype=problem.hparam_dtype, device=problem.device)
@@ -183,15 +185,30 @@ def _unroll_jvp(problem: Problem, raw: dict[str, Tensor], raw_tangent: dict[str,
     return state, tangent, losses
 
 
-def _start(problem: Problem, state, tangent):
-    """``(state, tangent)``, defaulting to theta_0's training state and zero tangents."""
+def _start(problem: Problem, raw: dict[str, Tensor], state, tangent):
+    """``(state, tangent)``, defaulting to theta_0's training state at ``raw`` and the
+    tangents of the start of a run: zero, except ``Z_0 = dtheta_0/du`` (one-hot) for an
+    initialization hyperparameter."""
     if state is None:
         with torch.no_grad():
-            state = initial_state(problem, differentiable=False)
+            state = initial_state(problem, problem.hparams.view(raw), differentiable=False)
     if tangent is None:
         k = problem.hparams.numel
         tangent = tree_map(lambda x: x.new_zeros((k, *x.shape)), tuple(state))
+        if problem.initialization is not None:
+            tangent = (_initial_tangents(problem, raw, problem.initialization), *tangent[1:])
     return state, tangent
+
+
+def _initial_tangents(problem: Problem, raw: dict[str, Tensor], name: str
+                      ) -> dict[str, Tensor]:
+    """``Z_0 = dtheta_0/du`` for theta_0 the value of initialization ``name`` (natural = raw):
+    for each parameter, the one-hot rows of its coordinates, shape ``(k, *param.shape)``."""
+    eye = _coordinate_tangents(problem, raw)[name]  # (k, sum numel), in the spec's order
+    order = problem.hparams[name].param_names
+    parts = dict(zip(order, eye.split([problem.params[n].numel() for n in order], dim=1),
+                     strict=True))
+    return {n: parts[n].reshape(-1, *p.shape).to(p.dtype) for n, p in problem.params.items()}
 
 
 def propagate(problem: Problem, raw: dict[str, Tensor], state, tangent, start: int, stop: int,

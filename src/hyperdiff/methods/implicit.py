@@ -33,6 +33,14 @@ The answer is exact only at a stationary (fixed) point: diagnostics report the g
 :class:`~hyperdiff.engine.solvers.ConvergenceWarning` is emitted when it is above
 ``stationarity_tol`` or the linear solve did not converge.
 
+**Initialization.** At a stationary point of a training loss that does not read theta_0
+(``hd.initialization``) the end point does not depend on it, and its implicit hypergradient
+is zero: such a problem is refused. With iMAML's proximal term
+(:func:`~hyperdiff.hparams.initialization.proximal`, ``(s/2)||theta - theta_0||^2`` in the
+training loss) the stationary form gives ``dL_val/dtheta_0 = s (H + s I)^-1 dL_val/dtheta``,
+iMAML's meta-gradient (``H`` the Hessian of the task's loss without the term), in memory
+independent of T.
+
 **Segment** (:func:`implicit_segment`, an online window): train the window plainly, then the
 stationary form at the current ``theta`` (Lorraine et al. 2020) with ``H`` the Hessian of
 ``L_train`` on the window's last training batch. Hyperparameters that act only through the
@@ -155,7 +163,7 @@ def _end_of_training(problem: Problem, raw: dict[str, Tensor]):
     """Plain training; returns theta_T's state, the length of the first step, the losses."""
     hview = problem.hparams.view(raw)
     with torch.no_grad():
-        state0 = initial_state(problem, differentiable=False)
+        state0 = initial_state(problem, hview, differentiable=False)
     state1, first_loss = unroll(problem, hview, state0, stop=1, differentiable=False)
     state, losses = unroll(problem, hview, state1, start=1, differentiable=False)
     losses = torch.cat([first_loss, losses])
@@ -227,6 +235,8 @@ def _implicit(
     # g(theta*, u) = grad L_train, kept with its graph for the vjps
     grad = grads_of(objective(theta, hview), theta, create_graph=True)
     g = flat(grad.values())
+    if problem.initialization is not None:
+        _check_reads_initialization(problem, g, leaves[problem.initialization])
     start_norm = _start_gradient_norm(problem, objective, hp.view(raw))
     if fixed_point:  # Phi = one optimizer step, state frozen at the end of training
         new_params, _ = problem.optimizer.update(
@@ -295,9 +305,29 @@ def _implicit(
     )
 
 
+def _check_reads_initialization(problem: Problem, g: Tensor, leaf: Tensor) -> None:
+    """Refuse an initialization that the training loss does not read: at a stationary point
+    of a loss independent of theta_0 the implicit hypergradient of theta_0 is zero, which is
+    not MAML's (only iMAML's proximal term ties the end point to theta_0)."""
+    if torch.autograd.grad(g, leaf, torch.ones_like(g), retain_graph=True,
+                           allow_unused=True)[0] is None:
+        exact = option("reverse(), forward() or checkpointed()",
+                       'method.name = "reverse", "forward" or "checkpointed"')
+        name = problem.initialization
+        raise HyperdiffError(
+            f"implicit: the initialization {name!r} must be read by train_loss (got a "
+            "train_loss that does not read it, at whose stationary point the implicit "
+            "hypergradient of theta_0 is zero, not MAML's); add iMAML's proximal term "
+            f"proximal(params, hparams, {name!r}, strength) from "
+            f"hyperdiff.hparams.initialization, or use {exact} for MAML's hypergradient "
+            "through the inner steps"
+        )
+
+
 def _start_gradient_norm(problem: Problem, objective, hview) -> float:
     """``||grad_theta L_train(theta_0)||``: the scale for the stationarity test."""
-    params = {k: v.detach().clone().requires_grad_() for k, v in problem.params.items()}
+    start = initial_state(problem, hview, differentiable=False).params
+    params = {k: v.detach().clone().requires_grad_() for k, v in start.items()}
     with torch.enable_grad():
         grads = grads_of(objective(params, hview), params, create_graph=False)
     return float(flat(grads.values()).norm())

@@ -40,7 +40,7 @@ def _reverse(problem: Problem, raw: dict[str, Tensor]) -> HyperGradient:
     started = time.perf_counter()
     leaves = {n: v.detach().requires_grad_() for n, v in raw.items()}
     hview = problem.hparams.view(leaves)
-    state = initial_state(problem, differentiable=True)
+    state = initial_state(problem, hview, differentiable=True)
     state, losses = unroll(problem, hview, state, differentiable=True)
     check_finite_losses(losses, "reverse")
     value = validation_loss(problem, state.params, state.buffers, hview)

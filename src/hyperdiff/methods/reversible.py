@@ -29,6 +29,9 @@ hypergradient with one vector-Jacobian product of the float step per step, so me
 grow with T except for the buffer. The trajectory differs from the floating-point one by the
 rounding to ``2^-R``.
 
+When theta_0 is a hyperparameter (``hd.initialization``), training starts from it (rounded
+to the grid) and the adjoint left at step 0 is its hypergradient.
+
 **What it differentiates.** The training it runs has momentum ``n / d``
 (``diagnostics["momentum_rounding"] = max |mu - n / d|``: 0 for 0.9, below 1e-16 for 0.123456789
 or pi / 4, 2^-40 for 0.5 + 2^-40), and the backward pass differentiates exactly that
@@ -53,7 +56,13 @@ from torch import Tensor
 from hyperdiff.engine.models import StepContext
 from hyperdiff.engine.optimizers import Optimizer, SGDState, resolve, sgd
 from hyperdiff.engine.problem import Problem, call_loss
-from hyperdiff.engine.training import check_finite_losses, grads_of, validation_loss
+from hyperdiff.engine.training import (
+    check_finite_losses,
+    grads_of,
+    initial_state,
+    initial_vjp,
+    validation_loss,
+)
 from hyperdiff.errors import HyperdiffError, NonFiniteError, describe
 from hyperdiff.hparams.hyperparams import HParamView
 from hyperdiff.methods.base import Capabilities, HyperGradient, Method, finish, zeros_for_unused
@@ -340,7 +349,8 @@ def _reversible(problem: Problem, raw: dict[str, Tensor], fraction_bits: int) ->
     gain = _check_problem(problem, coefficients)
     step_optimizer = quantised_optimizer(problem.optimizer, gain)
     fixed = FixedPoint(problem, fraction_bits)
-    P = fixed.to_int(flat(problem.params), "the initial parameters", 0)
+    start = initial_state(problem, coefficients.hview, differentiable=False).params
+    P = fixed.to_int(flat(start), "the initial parameters", 0)
     P_initial, V = P.clone(), torch.zeros_like(P)
     info = InfoBuffer(P.numel(), P.device)
 
@@ -387,6 +397,10 @@ def _reversible(problem: Problem, raw: dict[str, Tensor], fraction_bits: int) ->
         adjoint = vjp[: len(outputs)]
         grad_raw = [g + v for g, v in zip(grad_raw, vjp[len(outputs) :], strict=True)]
 
+    if problem.initialization is not None:  # theta_0 = u (rounded to 2^-R): g += a_0
+        adjoint_theta = dict(zip(start, adjoint[: len(start)], strict=True))
+        grad_raw = [g + v for g, v in zip(grad_raw, initial_vjp(problem, raw, adjoint_theta),
+                                          strict=True)]
     error = int((P - P_initial).abs().max()) + int(V.abs().max()) + len(info.limbs)
     if error:
         raise NonFiniteError(

@@ -31,7 +31,7 @@ from hyperdiff.engine.training import (
     unroll,
     validation_loss,
 )
-from hyperdiff.errors import positive_int
+from hyperdiff.errors import HyperdiffError, positive_int
 from hyperdiff.methods.base import Capabilities, HyperGradient, Method, finish
 from hyperdiff.methods.reverse import reverse_segment
 
@@ -44,7 +44,7 @@ def _frozen_prefix(
     """Steps ``0 .. stop-1`` without a graph; the state comes back as fresh leaves."""
     hview = problem.hparams.view({n: v.detach() for n, v in raw.items()})
     with torch.no_grad():
-        state = initial_state(problem, differentiable=False)
+        state = initial_state(problem, hview, differentiable=False)
     state, losses = unroll(problem, hview, state, stop=stop, differentiable=False)
     params = {k: v.detach().requires_grad_() for k, v in state.params.items()}
     return TrainState(params, state.buffers, state.opt_state), losses
@@ -53,10 +53,17 @@ def _frozen_prefix(
 def _truncated(problem: Problem, raw: dict[str, Tensor], k: int) -> HyperGradient:
     started = time.perf_counter()
     start = max(problem.steps - k, 0)
+    if start > 0 and problem.initialization is not None:
+        raise HyperdiffError(
+            f"truncated: k must be at least the {problem.steps} inner steps for a problem whose "
+            f"initialization {problem.initialization!r} is a hyperparameter (got k={k}): "
+            "theta_0 acts only through the first steps, which are not differentiated, so its "
+            "hypergradient would be zero; use reverse() or checkpointed()"
+        )
     leaves = {n: v.detach().requires_grad_() for n, v in raw.items()}
     hview = problem.hparams.view(leaves)
     if start == 0:
-        state, prefix_losses = initial_state(problem, differentiable=True), None
+        state, prefix_losses = initial_state(problem, hview, differentiable=True), None
     else:
         state, prefix_losses = _frozen_prefix(problem, raw, start)
         check_finite_losses(prefix_losses, "truncated")

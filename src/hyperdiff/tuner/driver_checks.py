@@ -104,6 +104,21 @@ def check_selection(problem: Problem, selection: list[Batch] | None) -> None:
                    "finite", value)
 
 
+def check_warm_start(problems: Sequence[Problem], warm_start: bool) -> None:
+    """Refuse ``warm_start`` for problems whose theta_0 is a hyperparameter
+    (``hd.initialization``): a warm start trains each outer step from the last theta_T, so the
+    learned theta_0 would never be trained from."""
+    starts = sorted({p.initialization for p in problems if p.initialization is not None})
+    if warm_start and starts:
+        raise HyperdiffError(
+            f"HyperOptimizer: {option('warm_start', 'inner.warm_start')} must be false for "
+            f"a problem whose initialization is a hyperparameter (got true with the "
+            f"initialization {starts[0]!r}): a warm start trains every outer step from the "
+            "last step's theta_T, so theta_0 would never be used; drop the warm start or "
+            "the initialization"
+        )
+
+
 def check_resume(state: dict[str, Any], *, records: int, slots: int) -> None:
     """A checkpoint ``state`` resumes a run with ``records`` history records and ``slots``
     trainings per step only when it was saved at step ``records`` with as many slots."""

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from hyperdiff.engine.problem import Problem
-from hyperdiff.engine.training import validation_loss
+from hyperdiff.engine.training import initial_state, validation_loss
 from hyperdiff.errors import NonFiniteError, fail, is_number
 from hyperdiff.hparams.hyperparams import HyperParameters
 from hyperdiff.typing import Batch, Params
@@ -179,10 +179,13 @@ class DivergenceGuard:
 
 def untrained_loss(problem: Problem, params: Params, buffers: Params, raw: dict[str, Tensor],
                    val_data: list[Batch] | None = None) -> float:
-    """The validation loss of the untrained model (``params``, ``buffers``: theta_0) at the raw
+    """The validation loss of the untrained model (``params``, ``buffers``: theta_0; for a
+    problem with an initialization hyperparameter theta_0 is its value at ``raw``) at the raw
     values ``raw``, on ``val_data`` (default: the problem's validation batches)."""
     if val_data is not None:
         problem = replace(problem, val_data=val_data)
     hview = problem.hparams.view(problem.raw_tensors(raw))
     with torch.no_grad():
+        if problem.initialization is not None:
+            params = initial_state(problem, hview, differentiable=False).params
         return float(validation_loss(problem, params, buffers, hview))

@@ -190,7 +190,7 @@ def trained_params(
     for segment in range(segments):
         run = replace(problem, params=params, buffers=buffers, seed=segment_seed(seed, segment))
         with torch.no_grad():
-            state, _ = unroll(run, hview, initial_state(run, differentiable=False),
+            state, _ = unroll(run, hview, initial_state(run, hview, differentiable=False),
                               differentiable=False)
         params, buffers = state.params, state.buffers
     return params, buffers, hview
