@@ -1,12 +1,13 @@
 """Spreading the trainings of an outer step over the ranks of a process group.
 
 An outer step of :class:`~hyperdiff.tuner.driver.HyperOptimizer` runs ``n = folds x samples``
-independent trainings. With ``W`` ranks, rank ``r`` runs the trainings ``i`` with
-``i % W == r``; one :meth:`~hyperdiff.tuner.distributed.group.Group.all_gather` then gives every
-rank all ``n`` results in the order of the single-process loop, so the mean hypergradient,
-the losses and their spreads that the driver computes from them are the single-process ones
-bit for bit (each training is the same arithmetic in whichever process runs it), and every
-rank takes the same outer update.
+independent trainings (a run's final report its ``rows x seeds`` retrainings, ``hyperdiff
+compare`` its random-search and grid trials). With ``W`` ranks, rank ``r`` runs the trainings
+``i`` with ``i % W == r``; one :meth:`~hyperdiff.tuner.distributed.group.Group.all_gather`
+then gives every rank all ``n`` results in the order of the single-process loop, so the mean
+hypergradient, the losses and their spreads that the driver computes from them (the report's
+seed averages) are the single-process ones bit for bit (each training is the same arithmetic
+in whichever process runs it), and every rank takes the same outer update.
 
 A training that fails (a :class:`~hyperdiff.errors.NonFiniteError` of a diverged inner run,
 or any other error) is gathered too and raised on every rank, so the divergence guard stays
@@ -28,6 +29,10 @@ B = TypeVar("B")
 
 class Spreader:
     """Maps a function over the trainings of an outer step: ``map(fn, items, where)``."""
+
+    def owned(self, count: int) -> list[int]:
+        """Indices of the ``count`` trainings this process runs (all of them here)."""
+        return list(range(count))
 
     def map(self, fn: Callable[[A], B], items: Sequence[A], where: str) -> list[B]:
         return [fn(item) for item in items]
