@@ -7,6 +7,7 @@ timeout) after the references are computed here; one start of the ranks serves e
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import pickle
 from collections.abc import Callable
@@ -18,7 +19,8 @@ import torch
 from distributed_jobs import WORLD, close, launch, mlp_problem
 
 import hyperdiff as hd
-from hyperdiff.app import experiment
+from hyperdiff.app import experiment, search
+from hyperdiff.app.cli import main
 from hyperdiff.app.config import load_config
 from hyperdiff.app.rundir import RunDir
 from hyperdiff.app.tasks import base
@@ -35,6 +37,8 @@ REPORT_SETTINGS = ["task.name=mlp_digits", "inner.steps=8", "outer.samples=2",
 # a discrete task adds a relaxed row to the report: 3 rows x 2 seeds
 DISCRETE_SETTINGS = ["task.name=arch_digits", "inner.steps=6", "stop.max_steps=1",
                      "report.seeds=2"]
+COMPARE_ARGS = ["compare", "--set", "task.name=mlp_digits", "--set", "inner.steps=8", "--set",
+                "outer.samples=2", "--set", "stop.max_steps=2", "--set", "report.seeds=2"]
 WINDOWS = ((0, 3), (3, 6))  # two online windows of the 6-step problem, the carry handed on
 
 
@@ -80,12 +84,37 @@ def without_timing(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k not in ("time_s", "run_dir")}
 
 
+def counted_compare(out: str) -> tuple[dict[str, Any], int]:
+    """``hyperdiff compare``'s comparison.json (wall times removed; written by rank 0) and
+    how many black-box trials this process trained."""
+    calls = {"n": 0}
+    trial = search.evaluate_trial
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        return trial(*args, **kwargs)
+
+    search.evaluate_trial = counting
+    try:
+        assert main([*COMPARE_ARGS, "--out", out, "-q"]) == 0
+    finally:
+        search.evaluate_trial = trial
+    if not hd.distributed.is_root():
+        return {}, calls["n"]
+    with open(f"{out}/comparison.json") as handle:
+        report = json.load(handle)
+    for row in report["methods"]:
+        del row["time_s"], row["curve"]["time_s"]
+    return report, calls["n"]
+
+
 def job_whole(rank: int, out: str, report: Callable[[str, Any], None]) -> None:
     def send(tag: str, value: Any) -> None:  # pickled here: tensors would be shared by a
         report(tag, pickle.dumps(value))     # file descriptor that ends with this process
 
     send("report", counted_report(REPORT_SETTINGS, f"{out}/report"))
     send("discrete", counted_report(DISCRETE_SETTINGS, f"{out}/discrete"))
+    send("compare", counted_compare(f"{out}/compare"))
     problem = mlp_problem()
     for name, method in segment_methods().items():
         send(name, windows(hd.distributed.data_parallel(method), problem))
@@ -101,6 +130,7 @@ def runs(tmp_path_factory):
     problem = mlp_problem()
     references = {"report": counted_report(REPORT_SETTINGS, str(here / "report")),
                   "discrete": counted_report(DISCRETE_SETTINGS, str(here / "discrete")),
+                  "compare": counted_compare(str(here / "compare")),
                   **{name: windows(method, problem)
                      for name, method in segment_methods().items()}}
     out = tmp_path_factory.mktemp("two")
@@ -123,6 +153,18 @@ def test_the_report_trainings_are_spread_and_give_the_one_process_result(runs, n
     assert counts == [len(range(r, rows * seeds, WORLD)) for r in range(WORLD)]
     written = RunDir(out / name).read_result()
     assert without_timing(written) == single
+
+
+def test_compare_spreads_its_random_trials_and_gives_the_one_process_comparison(runs):
+    references, reports, _ = runs
+    single, trained = references["compare"]
+    rows = {row["method"]: row for row in single["methods"]}
+    assert set(rows) == {"hyperdiff", "random", "tpe"}
+    random, tpe = rows["random"]["trainings"], rows["tpe"]["trainings"]
+    assert trained == random + tpe
+    assert reports[0, "compare"][0] == single  # rank 0 wrote it
+    for rank in range(WORLD):  # random trials spread, TPE's (sequential) on every rank
+        assert reports[rank, "compare"][1] == len(range(rank, random, WORLD)) + tpe
 
 
 @pytest.mark.parametrize("name", list(segment_methods()))

@@ -147,7 +147,7 @@ class Task:
         order; a :class:`~hyperdiff.tuner.distributed.spread.RankSpreader` runs training ``i``
         on rank ``i % W`` and gathers the metrics on every rank), and each request's metrics
         are averaged over its seeds in seed order, so every rank holds the one-process result
-        bit for bit. ``progress()`` after each training (the ranks' count once gathered)."""
+        bit for bit. ``progress()`` after each training (the other ranks' once gathered)."""
         jobs = []
         for hparams, raw in requests:
             problem = self.final_problem
@@ -158,24 +158,18 @@ class Task:
         def train(job: tuple[Problem, Mapping[str, Tensor], int]) -> dict[str, dict[str, float]]:
             problem, raw, seed = job
             params, buffers, hview = trained_params(problem, raw, seed=seed, segments=segments)
-            metrics = self.metrics_at(params, buffers, hview, seed=seed)
-            if progress is not None:
-                progress()
-            return metrics
+            return self.metrics_at(params, buffers, hview, seed=seed)
 
-        spread = spread or LocalSpreader()
-        done = spread.map(train, jobs, "report trainings")
-        if progress is not None:  # the trainings other ranks ran
-            for _ in range(len(jobs) - len(spread.owned(len(jobs)))):
-                progress()
+        done = (spread or LocalSpreader()).map(train, jobs, "report trainings", progress)
         n = len(seeds)
         return [mean_over_seeds(done[i * n:(i + 1) * n]) for i in range(len(requests))]
 
-    def evaluate_values(self, values: Mapping[str, Any], seeds: Sequence[int]
-                        ) -> dict[str, dict[str, float]]:
+    def evaluate_values(self, values: Mapping[str, Any], seeds: Sequence[int],
+                        spread: Spreader | None = None) -> dict[str, dict[str, float]]:
         """:meth:`evaluate` at natural ``values`` (lists for per-coordinate vectors; plain
         choices or their labels for discrete hyperparameters) on ``seeds``."""
-        return self.evaluate(fixed_hparams(self.hparams, values).raw, seeds=tuple(seeds))
+        return self.evaluate(fixed_hparams(self.hparams, values).raw, seeds=tuple(seeds),
+                             spread=spread)
 
     def metrics_at(self, params: Params, buffers: Params, hview: HParamView, *, seed: int = 0
                    ) -> dict[str, dict[str, float]]:

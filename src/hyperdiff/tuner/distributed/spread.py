@@ -30,12 +30,15 @@ B = TypeVar("B")
 class Spreader:
     """Maps a function over the trainings of an outer step: ``map(fn, items, where)``."""
 
-    def owned(self, count: int) -> list[int]:
-        """Indices of the ``count`` trainings this process runs (all of them here)."""
-        return list(range(count))
-
-    def map(self, fn: Callable[[A], B], items: Sequence[A], where: str) -> list[B]:
-        return [fn(item) for item in items]
+    def map(self, fn: Callable[[A], B], items: Sequence[A], where: str,
+            progress: Callable[[], None] | None = None) -> list[B]:
+        """``[fn(item) for item in items]``; ``progress()`` after each item."""
+        out = []
+        for item in items:
+            out.append(fn(item))
+            if progress is not None:
+                progress()
+        return out
 
 
 class LocalSpreader(Spreader):
@@ -53,11 +56,16 @@ class RankSpreader(Spreader):
         """Indices of the trainings this rank runs."""
         return list(range(self.group.rank, count, self.group.world))
 
-    def map(self, fn: Callable[[A], B], items: Sequence[A], where: str) -> list[B]:
+    def map(self, fn: Callable[[A], B], items: Sequence[A], where: str,
+            progress: Callable[[], None] | None = None) -> list[B]:
+        """This rank's items, then every rank's results gathered in item order; ``progress()``
+        after each of this rank's items and, once gathered, once for each of the others'."""
         mine: dict[int, tuple[str, Any]] = {}
         for index in self.owned(len(items)):
             try:
                 mine[index] = ("ok", fn(items[index]))
+                if progress is not None:
+                    progress()
             except NonFiniteError as err:
                 mine[index] = ("nonfinite", str(err))
                 break  # the step fails anyway; tell the others now
@@ -81,6 +89,9 @@ class RankSpreader(Spreader):
             if status == "hyperdiff":
                 raise HyperdiffError(message)
             raise HyperdiffError(f"{where}: training {first} failed on rank {rank}: {message}")
+        if progress is not None:  # the items the other ranks ran
+            for _ in range(len(items) - len(mine)):
+                progress()
         return [results[i][1] for i in range(len(items))]
 
 
