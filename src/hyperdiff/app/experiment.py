@@ -36,7 +36,8 @@ from hyperdiff.logs import get_logger
 from hyperdiff.seeds import report_seeds
 from hyperdiff.tuner.budget import still_moving
 from hyperdiff.tuner.distributed import init_from_env, root_only
-from hyperdiff.tuner.distributed.spread import LocalSpreader, Spreader, spreader_for
+from hyperdiff.tuner.distributed.group import Group
+from hyperdiff.tuner.distributed.spread import LocalSpreader, RankSpreader, Spreader
 from hyperdiff.tuner.history import StepRecord, natural_values
 
 _LOG = get_logger("experiment")
@@ -278,7 +279,8 @@ def _run_plan(
             rundir.save_checkpoint(loop.state_dict())
         result = final_report(task, plan.summary(task, loop, outcome, config), config,
                               progress=bar.report_phase() if bar is not None else None,
-                              spread=spreader_for(None, group))
+                              spread=RankSpreader(group) if isinstance(group, Group)
+                              else LocalSpreader())
     result["run_dir"] = str(rundir.path)
     changed = input_change_warnings(rundir)
     moving = (_still_moving(loop, config, rundir.path) if config.outer.mode == "offline"
