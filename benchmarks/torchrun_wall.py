@@ -6,7 +6,8 @@ target of issue 19, item 5) as one process and as ``torchrun --standalone --npro
 processes, and keeps the best wall time of each. Each run's stderr lines are time-stamped as
 they arrive, so the table also splits the wall time into phases: start-up (until the
 "tuning ..." line: imports, torchrun's agent, the process group, the task), the outer steps
-(``time_s`` of result.json), and the rest (final report, writing, exit). It checks that the
+(``time_s`` of result.json), and the rest (final report, writing, exit), and the CPU seconds
+of all the run's processes (torchrun's agent and the ranks together). It checks that the
 2-rank history and result equal the single-process ones (<= 1e-10; timing fields and the run
 directory aside). Target: 2 ranks in at most 1/1.3 of the single process's wall time.
 
@@ -24,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -48,7 +50,9 @@ def command(world: int, out: Path, steps: int, samples: int) -> list[str]:
 
 
 def timed_run(world: int, out: Path, steps: int, samples: int) -> dict[str, Any]:
-    """One run: its wall time, the time its "tuning ..." line appeared, the phases."""
+    """One run: its wall time, the time its "tuning ..." line appeared, the phases, and the
+    CPU seconds of all its processes (torchrun's agent and ranks)."""
+    cpu = _children_cpu()
     started = time.perf_counter()
     proc = subprocess.Popen(command(world, out, steps, samples),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -65,7 +69,12 @@ def timed_run(world: int, out: Path, steps: int, samples: int) -> dict[str, Any]
         raise RuntimeError(f"{world} rank(s) exited with {code}:\n{''.join(lines[-30:])}")
     result = json.loads((out / "result.json").read_text())
     return {"wall_s": wall, "startup_s": tuning, "outer_s": result["time_s"],
-            "rest_s": wall - tuning - result["time_s"]}
+            "rest_s": wall - tuning - result["time_s"], "cpu_s": _children_cpu() - cpu}
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def history(out: Path) -> list[dict[str, Any]]:
@@ -123,12 +132,13 @@ def main() -> None:
     print(f"hyperdiff run --task mlp_digits, outer.samples={args.samples}, "
           f"stop.max_steps={args.steps}; best of {args.repeats} alternating runs; "
           f"load average {before[0]:.1f} before, {after[0]:.1f} after")
-    print(f"{'':<10}{'wall s':>9}{'start-up s':>12}{'outer s':>9}{'rest s':>8}   all walls")
+    print(f"{'':<10}{'wall s':>9}{'start-up s':>12}{'outer s':>9}{'rest s':>8}{'CPU s':>8}"
+          "   all walls")
     for world in (1, 2):
         b = best[world]
         walls = ", ".join(f"{r['wall_s']:.2f}" for r in runs[world])
         print(f"{f'{world} rank(s)':<10}{b['wall_s']:>9.2f}{b['startup_s']:>12.2f}"
-              f"{b['outer_s']:>9.2f}{b['rest_s']:>8.2f}   {walls}")
+              f"{b['outer_s']:>9.2f}{b['rest_s']:>8.2f}{b['cpu_s']:>8.2f}   {walls}")
     print(f"speed-up {ratio:.2f}x (target {TARGET}x: "
           f"{'met' if ratio >= TARGET else 'not met'}); largest difference 2 ranks vs 1: "
           f"history {differences['history']:.1e}, result {differences['result']:.1e}")
