@@ -14,9 +14,9 @@ directory aside). Target: 2 ranks in at most 1/1.3 of the single process's wall 
 The load average (``/proc/loadavg``) before and after is recorded: on a shared machine the
 timings swing with the other jobs' load.
 
-    python benchmarks/torchrun_wall.py [--repeats 3] [--steps 20] [--samples 4]
+    python benchmarks/torchrun_wall.py [--repeats 3] [--steps 20] [--samples 4] [--out JSON]
 
-prints a table and writes ``benchmarks/results/torchrun_wall.json``.
+prints a table and writes ``benchmarks/results/torchrun_wall.json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -98,7 +98,9 @@ def largest_difference(a: Any, b: Any) -> float:
 
 
 def comparable_result(out: Path) -> dict[str, Any]:
-    result = json.loads((out / "result.json").read_text())
+    """result.json without its timing and with its run directory (which a warning may name)
+    replaced by ``RUN_DIR``."""
+    result = json.loads((out / "result.json").read_text().replace(str(out), "RUN_DIR"))
     return {k: v for k, v in result.items() if k not in ("time_s", "run_dir")}
 
 
@@ -111,6 +113,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=OUT, help="the JSON file to write")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     before = load()
@@ -142,8 +145,8 @@ def main() -> None:
     print(f"speed-up {ratio:.2f}x (target {TARGET}x: "
           f"{'met' if ratio >= TARGET else 'not met'}); largest difference 2 ranks vs 1: "
           f"history {differences['history']:.1e}, result {differences['result']:.1e}")
-    OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(json.dumps({
+    args.out.parent.mkdir(exist_ok=True)
+    args.out.write_text(json.dumps({
         "command": " ".join(command(2, Path("OUT"), args.steps, args.samples)[1:]),
         "repeats": args.repeats, "loadavg_before": before, "loadavg_after": after,
         "runs": {str(w): rs for w, rs in runs.items()},
