@@ -136,8 +136,8 @@ def test_the_online_only_curvature_method_refuses_offline_use():
     with pytest.raises(hd.HyperdiffError, match=r"^HyperOptimizer: method must be a Method "
                                                 r"usable offline or one of \["):
         hd.HyperOptimizer(prob, method=method)
-    with pytest.raises(hd.HyperdiffError, match=r"^data_parallel: method must be one of "):
-        hd.distributed.data_parallel(method)
+    with pytest.raises(hd.HyperdiffError, match=r"^curvature: method must be used online"):
+        hd.distributed.data_parallel(method)(prob)  # wrapped (for its segment): still online
 
 
 @pytest.mark.parametrize("bad, message", [

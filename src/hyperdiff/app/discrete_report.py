@@ -28,6 +28,7 @@ from hyperdiff.hparams.discrete import (
     with_states,
 )
 from hyperdiff.hparams.hyperparams import HyperParameters
+from hyperdiff.tuner.distributed.spread import Spreader
 from hyperdiff.tuner.history import OptimizeResult
 
 
@@ -90,16 +91,20 @@ def relaxation_gap(task: Task, raw: Mapping[str, Tensor], *, seeds: tuple[int, .
                    temperatures: Mapping[str, float] | None = None, segments: int = 1,
                    progress: Callable[[], None] | None = None,
                    discretised: Mapping[str, Mapping[str, float]] | None = None,
-                   ) -> dict[str, Any]:
+                   spread: Spreader | None = None) -> dict[str, Any]:
     """The relaxed (:func:`relaxed`, at ``temperatures``) and the discretised model at
     ``raw``, each retrained from scratch on ``seeds``: ``{"choices", "relaxed",
     "discretised", "gap"}`` (gap = discretised - relaxed loss per split). ``discretised``:
-    the discretised metrics when already computed (not retrained again)."""
-    options: dict[str, Any] = {"seeds": seeds, "segments": segments, "progress": progress}
+    the discretised metrics when already computed (not retrained again); ``spread`` maps
+    the trainings (over the ranks of a process group)."""
+    options: dict[str, Any] = {"seeds": seeds, "segments": segments, "progress": progress,
+                               "spread": spread}
     hp = task.final_problem.hparams
-    relaxed_metrics = task.evaluate_as(relaxed(hp, temperatures), raw, **options)
+    requests = [(relaxed(hp, temperatures), raw)]
     if discretised is None:
-        discretised = task.evaluate_as(discretise(hp, raw), raw, **options)
+        requests.append((discretise(hp, raw), raw))
+    relaxed_metrics, *rest = task.evaluate_as_all(requests, **options)
+    discretised = rest[0] if discretised is None else discretised
     discrete = {s: dict(m) for s, m in discretised.items()}
     gap = {s: discrete[s]["loss"] - relaxed_metrics[s]["loss"]
            for s in relaxed_metrics if "loss" in relaxed_metrics[s] and s in discrete}
@@ -109,7 +114,8 @@ def relaxation_gap(task: Task, raw: Mapping[str, Tensor], *, seeds: tuple[int, .
 
 def final_report(task: Task, outcome: OptimizeResult, report: Mapping[str, Any], *,
                  seeds: tuple[int, ...], segments: int = 1,
-                 progress: Callable[[], None] | None = None) -> dict[str, Any]:
+                 progress: Callable[[], None] | None = None,
+                 spread: Spreader | None = None) -> dict[str, Any]:
     """The discrete part of ``hyperdiff run``'s result: the chosen values at the initial and
     the tuned hyperparameters, and at the tuned ones the relaxed model (at the best step's
     temperatures) retrained next to the discretised one (``report["tuned"]["metrics"]``:
@@ -131,7 +137,8 @@ def final_report(task: Task, outcome: OptimizeResult, report: Mapping[str, Any],
         "discretised": {s: dict(m) for s, m in discretised.items()}, "gap": None}
     if has_relaxation(hp):
         gap = relaxation_gap(task, raw, seeds=seeds, temperatures=temperatures,
-                             segments=segments, progress=progress, discretised=discretised)
+                             segments=segments, progress=progress, discretised=discretised,
+                             spread=spread)
         out.update(relaxed=gap["relaxed"], gap=gap["gap"])
     return out
 

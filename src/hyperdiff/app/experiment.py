@@ -36,6 +36,8 @@ from hyperdiff.logs import get_logger
 from hyperdiff.seeds import report_seeds
 from hyperdiff.tuner.budget import still_moving
 from hyperdiff.tuner.distributed import init_from_env, root_only
+from hyperdiff.tuner.distributed.group import Group
+from hyperdiff.tuner.distributed.spread import LocalSpreader, RankSpreader, Spreader
 from hyperdiff.tuner.history import StepRecord, natural_values
 
 _LOG = get_logger("experiment")
@@ -276,7 +278,9 @@ def _run_plan(
         if plan.checkpoint_at_end:
             rundir.save_checkpoint(loop.state_dict())
         result = final_report(task, plan.summary(task, loop, outcome, config), config,
-                              progress=bar.report_phase() if bar is not None else None)
+                              progress=bar.report_phase() if bar is not None else None,
+                              spread=RankSpreader(group) if isinstance(group, Group)
+                              else LocalSpreader())
     result["run_dir"] = str(rundir.path)
     changed = input_change_warnings(rundir)
     moving = (_still_moving(loop, config, rundir.path) if config.outer.mode == "offline"
@@ -315,11 +319,14 @@ def _progress(extra: Callable[[str], None] | None) -> Callable[[str], None]:
 
 
 def final_report(task: Task, summary: Summary, config: Config, *,
-                 progress: Callable[[], None] | None = None) -> dict[str, Any]:
+                 progress: Callable[[], None] | None = None,
+                 spread: Spreader | None = None) -> dict[str, Any]:
     """Retrain at the initial and the tuned hyperparameters (``config.report.seeds`` fresh
     seeds each, the same for both, ``summary.segments`` x ``inner.steps`` steps) and evaluate
     every split; ``summary`` (a :class:`~hyperdiff.app.plans.Summary`) adds the mode's own
-    entries; ``progress()`` after each training."""
+    entries; ``progress()`` after each training. ``spread`` maps the trainings: under
+    torchrun a :class:`~hyperdiff.tuner.distributed.spread.RankSpreader` spreads them over the
+    ranks, and every rank gets the one-process report bit for bit."""
     seeds = report_seeds(config.report.seeds)
     report: dict[str, Any] = {
         "task": task.name, "status": "finished", **summary.head, "report_seeds": list(seeds),
@@ -327,14 +334,16 @@ def final_report(task: Task, summary: Summary, config: Config, *,
         "training_steps": summary.segments * config.inner.steps,
         "sizes": task.info.get("sizes", {}), "cv_folds": config.task.cv_folds, **summary.tail,
     }
-    for side, raw in {"initial": task.hparams.raw, "tuned": summary.tuned}.items():
+    sides = {"initial": task.hparams.raw, "tuned": summary.tuned}
+    metrics = task.evaluate_all(list(sides.values()), seeds=seeds, segments=summary.segments,
+                                progress=progress, spread=spread)
+    for (side, raw), side_metrics in zip(sides.items(), metrics, strict=True):
         report[side] = {
             "hparams": natural_values(task.hparams, raw),
             "summary": task.summarize(task.hparams.natural(raw)) if task.summarize else {},
-            "metrics": task.evaluate(raw, seeds=seeds, segments=summary.segments,
-                                     progress=progress),
+            "metrics": side_metrics,
         }
-    report.update(summary.extra(report, seeds, progress))
+    report.update(summary.extra(report, seeds, progress, spread or LocalSpreader()))
     return report
 
 

@@ -32,6 +32,7 @@ from hyperdiff.errors import HyperdiffError
 from hyperdiff.hparams.discrete import discrete_names
 from hyperdiff.methods.registry import make_method
 from hyperdiff.tuner.distributed import data_parallel
+from hyperdiff.tuner.distributed.spread import Spreader
 from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 from hyperdiff.tuner.history import StepRecord
 from hyperdiff.tuner.online import METHODS, OnlineTuner
@@ -47,8 +48,10 @@ class Summary(NamedTuple):
     tail: dict[str, Any]  # after "cv_folds"
     tuned: dict[str, Tensor]  # the raw values reported as "tuned"
     segments: int  # each report training is segments x inner.steps steps
-    # (report, seeds, progress) -> the entries after "initial" and "tuned"
-    extra: Callable[[dict[str, Any], tuple[int, ...], Callable[[], None] | None], dict[str, Any]]
+    # (report, seeds, progress, spread) -> the entries after "initial" and "tuned"; ``spread``
+    # maps any trainings they need over the ranks (as the report's own)
+    extra: Callable[[dict[str, Any], tuple[int, ...], Callable[[], None] | None, Spreader],
+                    dict[str, Any]]
 
 
 class Plan(NamedTuple):
@@ -140,11 +143,12 @@ def _offline_summary(task: Task, driver: HyperOptimizer, outcome: Any,
             "time_s": driver.elapsed}
 
     def extra(report: dict[str, Any], seeds: tuple[int, ...],
-              progress: Callable[[], None] | None) -> dict[str, Any]:
+              progress: Callable[[], None] | None, spread: Spreader) -> dict[str, Any]:
         if not discrete_names(task.hparams):
             return {}
         return {"discrete": discrete_report(task, outcome, report, seeds=seeds,
-                                            segments=segments, progress=progress)}
+                                            segments=segments, progress=progress,
+                                            spread=spread)}
 
     return Summary(head, {}, outcome.best_raw, segments, extra)
 
@@ -213,7 +217,7 @@ def _online_summary(task: Task, tuner: OnlineTuner, outcome: Any, config: Config
     final = tuner.raw
 
     def extra(report: dict[str, Any], seeds: tuple[int, ...],
-              progress: Callable[[], None] | None) -> dict[str, Any]:
+              progress: Callable[[], None] | None, spread: Spreader) -> dict[str, Any]:
         hview = task.hparams.view(tuner.problem.raw_tensors(final))
         return {"online_model": task.metrics_at(tuner.state.params, tuner.state.buffers, hview),
                 "warnings": list(tuner.warnings), "time_s": outcome.time_s}

@@ -30,10 +30,15 @@ import torch
 
 from hyperdiff.app.tasks.base import SearchChoices, SearchRange, Task
 from hyperdiff.errors import HyperdiffError, positive_int
+<<<<<<< HEAD
 from hyperdiff.hparams.choices import fixed_hparams
 from hyperdiff.hparams.discrete import discrete_names
 from hyperdiff.hparams.hyperparams import HyperParameters
 from hyperdiff.tuner.history import StepRecord, finite_or_none, natural_values
+=======
+from hyperdiff.tuner.distributed.spread import LocalSpreader, Spreader
+from hyperdiff.tuner.history import StepRecord
+>>>>>>> h19-ranks
 
 Values = dict[str, Any]
 """Natural values of one trial: a float per hyperparameter, or a list for a per-coordinate
@@ -231,18 +236,27 @@ def evaluate_trial(task: Task, values: Mapping[str, Any], *, seed: int, objectiv
 def run_points(
     task: Task, points: Iterable[Values], *, method: str, seed: int = 0,
     objective: str = "val_loss", clock: Callable[[], float] = time.perf_counter,
-    progress: Callable[[], None] | None = None,
+    progress: Callable[[], None] | None = None, spread: Spreader | None = None,
 ) -> SearchResult:
     """Evaluate the given natural values in order (a grid, or any list of candidates);
-    ``progress()`` after each trial."""
-    start, trials = clock(), []
+    ``progress()`` after each trial. The trials are independent: ``spread`` maps them (over
+    the ranks of a process group: trial ``i`` on rank ``i % W``, every rank gets every
+    trial), and a trial's ``time_s`` is when it ended on its rank, counted from that rank's
+    start of the search (at least the previous trial's)."""
+    values = [dict(v) for v in points]
     per = trainings_per_trial(task, objective)
-    for number, values in enumerate(points):
-        loss, metrics = evaluate_trial(task, values, seed=seed, objective=objective)
-        trials.append(Trial(number, dict(values), loss, metrics, (number + 1) * per,
-                            clock() - start))
-        if progress is not None:
-            progress()
+    start = clock()
+
+    def trial(number: int) -> tuple[float, dict[str, float], float]:
+        loss, metrics = evaluate_trial(task, values[number], seed=seed, objective=objective)
+        return loss, metrics, clock() - start
+
+    done = (spread or LocalSpreader()).map(trial, range(len(values)), f"{method} search",
+                                           progress)
+    trials, ended = [], 0.0
+    for number, (loss, metrics, at) in enumerate(done):
+        ended = max(ended, at)
+        trials.append(Trial(number, values[number], loss, metrics, (number + 1) * per, ended))
     return SearchResult(method, tuple(trials))
 
 
@@ -264,20 +278,22 @@ def sample_point(dims: Sequence[Dimension], rng: np.random.Generator) -> list[An
 def random_search(
     task: Task, budget: int, *, seed: int = 0, per_coordinate: Iterable[str] = (),
     objective: str = "val_loss", clock: Callable[[], float] = time.perf_counter,
-    progress: Callable[[], None] | None = None,
+    progress: Callable[[], None] | None = None, spread: Spreader | None = None,
 ) -> SearchResult:
     """``budget`` trials at points drawn independently from the search space (one training
-    each; one per fold with ``objective="outer_loss"``).
+    each; one per fold with ``objective="outer_loss"``), mapped by ``spread``
+    (:func:`run_points`).
 
     The draws depend only on ``seed`` (``numpy.random.default_rng(seed)``); every training
-    uses the minibatch seed ``seed`` as well, so two calls with the same seed agree.
+    uses the minibatch seed ``seed`` as well, so two calls with the same seed agree (also on
+    any number of ranks).
     """
     positive_int("random_search", "budget", budget)
     dims = dimensions(task, per_coordinate)
     rng = np.random.default_rng(seed)
     points = (assemble_values(dims, sample_point(dims, rng)) for _ in range(budget))
     return run_points(task, points, method="random", seed=seed, objective=objective,
-                      clock=clock, progress=progress)
+                      clock=clock, progress=progress, spread=spread)
 
 
 def optuna_available() -> bool:
@@ -292,12 +308,14 @@ OPTUNA_MISSING = ("Optuna is not installed, so the TPE search is skipped; instal
 def tpe_search(
     task: Task, budget: int, *, seed: int = 0, per_coordinate: Iterable[str] = (),
     objective: str = "val_loss", clock: Callable[[], float] = time.perf_counter,
-    progress: Callable[[], None] | None = None,
+    progress: Callable[[], None] | None = None, spread: Spreader | None = None,
 ) -> SearchResult:
     """``budget`` trials proposed by Optuna's TPE sampler (seeded; its logging silenced), each
     one training (one per fold with ``objective="outer_loss"``).
 
-    The sampler's own time counts in the wall time, as it would for a user.
+    The sampler's own time counts in the wall time, as it would for a user. Its trials are
+    sequential (each is proposed from the results before it), so ``spread`` is not used:
+    under a process group every rank runs the same search.
 
     Raises:
         HyperdiffError: when Optuna is not installed.

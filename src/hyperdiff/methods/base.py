@@ -88,8 +88,9 @@ class Capabilities:
         offline: ``method(problem, raw)`` over the whole run ``[0, T)``.
         online: ``method.segment(...)`` over a segment of training (online windows).
         carries_state: its segments hand a carry to the next one (tangents).
-        data_parallel: trains through ``train_step``, so ``hd.distributed.data_parallel``
-            can shard its inner training.
+        data_parallel: takes its train-loss gradients by autograd at the parameters
+            (``train_step``, ``train_gradient``), so ``hd.distributed.data_parallel`` can shard
+            its inner training (offline call and segment).
     """
 
     exact: bool = True

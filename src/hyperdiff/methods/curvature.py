@@ -309,8 +309,11 @@ def curvature_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor
     return Segment(end, grad, float(value.detach()), losses, tangent)
 
 
-CAPABILITIES = Capabilities(exact=False, offline=False, online=True, carries_state=True)
-"""Online only: its tangents forget the past, which a fixed run's hyperparameters do not have."""
+CAPABILITIES = Capabilities(exact=False, offline=False, online=True, carries_state=True,
+                            data_parallel=True)
+"""Online only: its tangents forget the past, which a fixed run's hyperparameters do not have.
+Data-parallel: it takes its gradients from the train loss (``train_gradient``), which
+``hd.distributed.data_parallel`` averages over the ranks."""
 
 
 def curvature_options(caller: str, horizon: float | None, horizon_unit: str,

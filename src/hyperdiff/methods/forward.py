@@ -268,11 +268,12 @@ def _forward(problem: Problem, raw: dict[str, Tensor], chunk_size: int | None, e
 
 def forward_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
                     stop: int, val_batches: list[Batch], carry: Any = None, *,
-                    engine: str = "double_vjp") -> Segment:
+                    engine: str = "double_vjp", chunk_size: int | None = None) -> Segment:
     """Carry ``(s, Z)`` through steps ``start .. stop-1`` at ``raw`` and contract the validation
     gradient at the end with ``Z`` (module doc); the carry is ``Z`` (``None`` at the start of
-    the run)."""
-    end, tangent, losses = propagate(problem, raw, state, carry, start, stop, engine=engine)
+    the run); ``chunk_size`` as :func:`forward`'s."""
+    end, tangent, losses = propagate(problem, raw, state, carry, start, stop, engine=engine,
+                                     chunk_size=chunk_size)
     check_finite_losses(losses, "online forward", start)
     params, buffers, opt_state = end
     theta = {k: v.detach().requires_grad_() for k, v in params.items()}
@@ -318,6 +319,6 @@ def forward(chunk_size: int | None = None, engine: str = "auto") -> Method:
         "forward", lambda problem, raw: _forward(problem, raw, chunk_size, engine),
         {"chunk_size": chunk_size, "engine": engine},
         capabilities=CAPABILITIES,
-        segment_fn=partial(forward_segment, engine=engine),
+        segment_fn=partial(forward_segment, engine=engine, chunk_size=chunk_size),
         carry_fn=forward_carry_like,
     )

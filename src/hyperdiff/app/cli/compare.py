@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from hyperdiff.app.config import load_config
     from hyperdiff.app.rundir.files import refuse_link
     from hyperdiff.errors import HyperdiffError
+    from hyperdiff.tuner.distributed import init_from_env, on_root
 
     config = load_config(args.config, config_overrides(args))
     if args.budget < 0:
@@ -59,21 +60,31 @@ def run(args: argparse.Namespace) -> int:
     if args.out:  # refused now, not after the tuning: a link where a file will be written
         for name in OUTPUTS:
             refuse_link(Path(args.out) / name)
+    # under torchrun: the trainings are spread over the ranks, rank 0 alone writes and prints
+    group = init_from_env(config.distributed.timeout_s)
+    root = group is None or group.is_root
     outputs = PhaseOutputs(args.out, f"compare-{label(config.task.name)}-"
                            f"{time.strftime('%Y%m%d-%H%M%S')}")
+
+    def write(report: dict[str, Any]) -> Path:
+        where: Path = on_root(group, "compare: outputs", outputs.write, report)
+        return where
+
     try:
         report = compare(config, budget=args.budget or None, per_coordinate=args.per_coordinate,
-                         tpe=not args.no_tpe, progress=False if args.quiet else None,
-                         on_phase=outputs.write)
+                         tpe=not args.no_tpe,
+                         progress=False if args.quiet or not root else None,
+                         on_phase=write, log=None if root else (lambda _message: None))
     except BaseException:  # the phases done are on disk; show them, then report the error
-        if outputs.report is not None and outputs.directory is not None:
+        if root and outputs.report is not None and outputs.directory is not None:
             print(format_comparison(outputs.report))
             print(f"kept the phases done: {outputs.directory / OUTPUTS[1]}, "
                   f"{outputs.directory / OUTPUTS[0]}")
         raise
-    out = outputs.directory or outputs.write(report)  # written after the last phase
-    print(format_comparison(report))
-    print(f"figure and JSON: {out / OUTPUTS[1]}, {out / OUTPUTS[0]}")
+    if root:
+        out = outputs.directory or outputs.write(report)  # written after the last phase
+        print(format_comparison(report))
+        print(f"figure and JSON: {out / OUTPUTS[1]}, {out / OUTPUTS[0]}")
     return 0
 
 
@@ -139,10 +150,14 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
     )
     from hyperdiff.logs import get_logger
     from hyperdiff.seeds import report_seeds
+    from hyperdiff.tuner.distributed import current_group, on_root
+    from hyperdiff.tuner.distributed.spread import spreader_for
     from hyperdiff.tuner.history import natural_values
 
     log = log or get_logger("compare").info
     phase_done = on_phase or (lambda report: None)
+    group = current_group()  # under torchrun (initialised by `run`): spread the trainings
+    spread = spreader_for(None, group)
     task, driver = build(config)
     objective = objective_for(task)  # with CV, every method minimises the same CV loss
     log(f"compare on {task.name}: hyperdiff ({task.hparams.numel} hyperparameters)")
@@ -151,7 +166,7 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
     budget = budget or driver.trainings
     seeds = report_seeds(config.report.seeds)
     names = list(task.search_space) if per_coordinate else []
-    methods = [summarize(hyper, task.evaluate(outcome.best_raw, seeds=seeds),
+    methods = [summarize(hyper, task.evaluate(outcome.best_raw, seeds=seeds, spread=spread),
                          picked_by=outcome.criterion, task=task,
                          best=(outcome.best_step, natural_values(task.hparams, outcome.best_raw)))]
     searches = [("random", random_search)]
@@ -174,8 +189,12 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
             with tqdm(total=trials, unit="trial", desc=name, leave=True,
                       disable=None if progress is None else not progress) as bar:
                 result = search(task, trials, seed=config.outer.seed, per_coordinate=names,
-                                objective=objective, progress=lambda: bar.update(1))
-            methods.append(summarize(result, evaluate_values(task, result.best.values, seeds),
+                                objective=objective, progress=lambda: bar.update(1),
+                                spread=spread)
+            # rank 0's winner (TPE runs on every rank: the same search, unless the machines
+            # round differently)
+            best = on_root(group, f"compare: {name} winner", dict, result.best.values)
+            methods.append(summarize(result, evaluate_values(task, best, seeds, spread),
                                      picked_by=objective, task=task))
         except (Exception, KeyboardInterrupt) as err:
             report["failed"] = {"method": name, "error": f"{type(err).__name__}: {err}",
@@ -186,12 +205,12 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
     return report
 
 
-def evaluate_values(task: Any, values: Mapping[str, Any], seeds: Sequence[int]
-                    ) -> dict[str, dict[str, float]]:
+def evaluate_values(task: Any, values: Mapping[str, Any], seeds: Sequence[int],
+                    spread: Any = None) -> dict[str, dict[str, float]]:
     """Retrain at natural ``values`` (lists for per-coordinate vectors, plain choices or
-    their labels for discrete hyperparameters) on ``seeds``
+    their labels for discrete hyperparameters) on ``seeds``, mapped by ``spread``
     (:meth:`~hyperdiff.app.tasks.base.Task.evaluate_values`)."""
-    return task.evaluate_values(values, seeds)
+    return task.evaluate_values(values, seeds, spread=spread)
 
 
 def summarize(result: Any, metrics: Mapping[str, Mapping[str, float]], *,

@@ -39,6 +39,7 @@ from hyperdiff.hparams.choices import discretise, fixed_hparams
 from hyperdiff.hparams.discrete import label
 from hyperdiff.hparams.hyperparams import HParamView, HyperParameters
 from hyperdiff.seeds import segment_seed
+from hyperdiff.tuner.distributed.spread import LocalSpreader, Spreader
 from hyperdiff.typing import Batch, Params
 
 Metrics = Callable[..., dict[str, float]]
@@ -97,6 +98,7 @@ class Task:
     def evaluate(
         self, raw: Mapping[str, Tensor] | None = None, *, seeds: tuple[int, ...] = (0,),
         segments: int = 1, progress: Callable[[], None] | None = None,
+        spread: Spreader | None = None,
     ) -> dict[str, dict[str, float]]:
         """Train ``final_problem`` at ``raw`` from theta_0 (``segments`` times T steps, one run
         per seed) and average the metrics of every split over the seeds (and over the split's
@@ -104,39 +106,70 @@ class Task:
         Discrete hyperparameters are fixed to their argmax choice at ``raw`` (the plain model,
         :func:`~hyperdiff.hparams.choices.discretise`).
 
-        ``progress()`` is called after each training. Returns
+        ``progress()`` is called after each training; ``spread`` maps the trainings (over the
+        ranks of a process group, see :meth:`evaluate_all`). Returns
         ``{split: {"loss": ..., "accuracy": ...}}``.
         """
-        raw = self.hparams.raw if raw is None else dict(raw)
-        return self.evaluate_as(discretise(self.final_problem.hparams, raw), raw, seeds=seeds,
-                                segments=segments, progress=progress)
+        return self.evaluate_all([raw], seeds=seeds, segments=segments, progress=progress,
+                                 spread=spread)[0]
+
+    def evaluate_all(
+        self, raws: Sequence[Mapping[str, Tensor] | None], *, seeds: tuple[int, ...] = (0,),
+        segments: int = 1, progress: Callable[[], None] | None = None,
+        spread: Spreader | None = None,
+    ) -> list[dict[str, dict[str, float]]]:
+        """:meth:`evaluate` at each of ``raws`` (``None``: the initial values), their
+        ``len(raws) x len(seeds)`` trainings mapped by ``spread`` in one go."""
+        requests = []
+        for raw in raws:
+            values = self.hparams.raw if raw is None else dict(raw)
+            requests.append((discretise(self.final_problem.hparams, values), values))
+        return self.evaluate_as_all(requests, seeds=seeds, segments=segments,
+                                    progress=progress, spread=spread)
 
     def evaluate_as(
         self, hparams: HyperParameters, raw: Mapping[str, Tensor], *,
         seeds: tuple[int, ...] = (0,), segments: int = 1,
-        progress: Callable[[], None] | None = None,
+        progress: Callable[[], None] | None = None, spread: Spreader | None = None,
     ) -> dict[str, dict[str, float]]:
         """:meth:`evaluate` with the final training's hyperparameter specs ``hparams`` taken as
         they are (e.g. a relaxed mixture of the discrete options; no argmax)."""
-        problem = self.final_problem
-        if hparams is not problem.hparams:
-            problem = replace(problem, hparams=hparams)
-        total: dict[str, dict[str, float]] = {}
-        for seed in seeds:
-            params, buffers, hview = trained_params(problem, raw, seed=seed, segments=segments)
-            for split, values in self.metrics_at(params, buffers, hview, seed=seed).items():
-                for key, value in values.items():
-                    total.setdefault(split, {}).setdefault(key, 0.0)
-                    total[split][key] += value / len(seeds)
-            if progress is not None:
-                progress()
-        return total
+        return self.evaluate_as_all([(hparams, raw)], seeds=seeds, segments=segments,
+                                    progress=progress, spread=spread)[0]
 
-    def evaluate_values(self, values: Mapping[str, Any], seeds: Sequence[int]
-                        ) -> dict[str, dict[str, float]]:
+    def evaluate_as_all(
+        self, requests: Sequence[tuple[HyperParameters, Mapping[str, Tensor]]], *,
+        seeds: tuple[int, ...] = (0,), segments: int = 1,
+        progress: Callable[[], None] | None = None, spread: Spreader | None = None,
+    ) -> list[dict[str, dict[str, float]]]:
+        """:meth:`evaluate_as` of each ``(hparams, raw)`` request. Its ``len(requests) x
+        len(seeds)`` trainings are independent: ``spread`` maps them (``None``: here, in
+        order; a :class:`~hyperdiff.tuner.distributed.spread.RankSpreader` runs training ``i``
+        on rank ``i % W`` and gathers the metrics on every rank), and each request's metrics
+        are averaged over its seeds in seed order, so every rank holds the one-process result
+        bit for bit. ``progress()`` after each training (the other ranks' once gathered)."""
+        jobs = []
+        for hparams, raw in requests:
+            problem = self.final_problem
+            if hparams is not problem.hparams:
+                problem = replace(problem, hparams=hparams)
+            jobs += [(problem, raw, seed) for seed in seeds]
+
+        def train(job: tuple[Problem, Mapping[str, Tensor], int]) -> dict[str, dict[str, float]]:
+            problem, raw, seed = job
+            params, buffers, hview = trained_params(problem, raw, seed=seed, segments=segments)
+            return self.metrics_at(params, buffers, hview, seed=seed)
+
+        done = (spread or LocalSpreader()).map(train, jobs, "report trainings", progress)
+        n = len(seeds)
+        return [mean_over_seeds(done[i * n:(i + 1) * n]) for i in range(len(requests))]
+
+    def evaluate_values(self, values: Mapping[str, Any], seeds: Sequence[int],
+                        spread: Spreader | None = None) -> dict[str, dict[str, float]]:
         """:meth:`evaluate` at natural ``values`` (lists for per-coordinate vectors; plain
         choices or their labels for discrete hyperparameters) on ``seeds``."""
-        return self.evaluate(fixed_hparams(self.hparams, values).raw, seeds=tuple(seeds))
+        return self.evaluate(fixed_hparams(self.hparams, values).raw, seeds=tuple(seeds),
+                             spread=spread)
 
     def metrics_at(self, params: Params, buffers: Params, hview: HParamView, *, seed: int = 0
                    ) -> dict[str, dict[str, float]]:
@@ -178,6 +211,18 @@ class Task:
         report = self.evaluate_values(values, (seed,))
         out = {f"{split}_{key}": value for split, m in report.items() for key, value in m.items()}
         return {k: v for k, v in out.items() if not k.startswith("train_")}
+
+
+def mean_over_seeds(per_seed: Sequence[Mapping[str, Mapping[str, float]]]
+                    ) -> dict[str, dict[str, float]]:
+    """``{split: {key: sum_s value_s / S}}`` over the ``S`` seeds' metrics, summed in order."""
+    total: dict[str, dict[str, float]] = {}
+    for metrics in per_seed:
+        for split, values in metrics.items():
+            for key, value in values.items():
+                total.setdefault(split, {}).setdefault(key, 0.0)
+                total[split][key] += value / len(per_seed)
+    return total
 
 
 def trained_params(

@@ -1,46 +1,58 @@
 """Data-parallel inner training: every rank trains on its shard of every batch.
 
 With ``W`` ranks, rank ``r`` holds the same parameters ``theta_t`` and takes rows
-``[r B/W, (r+1) B/W)`` of the step's batch (``B`` rows; ``B % W == 0``). Inside the
-differentiable step the gradient is averaged with a differentiable all-reduce
-(``_SumOverRanks``, whose backward is again an all-reduce)::
+``[r B/W, (r+1) B/W)`` of the step's batch (``B`` rows; ``B % W == 0``). The train loss sees
+the parameters through an identity whose backward averages the incoming gradient over the
+ranks with a differentiable all-reduce (``_MeanGradient``, through ``_SumOverRanks``, whose
+backward is again an all-reduce)::
 
     g_t = (1/W) sum_r grad L_train(theta_t, lam, shard_r(batch_t))      (= the full-batch
     theta_{t+1} = update(g_t, state_t, theta_t, lam)                      gradient of a mean loss)
 
-so every rank runs the single-process full-batch training. Reverse-mode autograd across the
-ranks then differentiates ``sum_r L_val^(r) = W L_val`` (each rank seeds its own, equal,
-validation loss), so rank ``r``'s hypergradient is its share and their mean is ``dL_val/dlam``;
-forward mode and finite differences give ``dL_val/dlam`` on every rank already. The wrapper
-therefore returns the mean over ranks for every method, which equals the single-process
-full-batch hypergradient of :func:`~hyperdiff.methods.reverse`, ``checkpointed``,
-``truncated``, ``forward`` and ``finite_difference``. Forward mode runs its ``double_vjp``
-engine one tangent per backward pass (``chunk_size=1``): ``vmap``, which batches the
-tangents otherwise, has no rule for a c10d collective.
+so every rank runs the single-process full-batch training, and anything a method computes
+from the gradient (the optimizer's update, the ``curvature`` method's squared-gradient
+statistics) sees ``g_t``. Reverse-mode autograd across the ranks then differentiates
+``sum_r L_val^(r) = W L_val`` (each rank seeds its own, equal, validation loss), so rank ``r``'s
+hypergradient is its share and their mean is ``dL_val/dlam``; forward mode and finite
+differences give ``dL_val/dlam`` on every rank already. The wrapper therefore returns the mean
+over ranks for every method, which equals the single-process full-batch hypergradient of
+:func:`~hyperdiff.methods.reverse`, ``checkpointed``, ``truncated``, ``forward`` and
+``finite_difference``. Forward mode runs its ``double_vjp`` engine one tangent per backward
+pass (``chunk_size=1``): ``vmap``, which batches the tangents otherwise, has no rule for a c10d
+collective.
+
+A segment (``method.segment(problem, state, raw, start, stop, val_batches, carry)``, an
+online window) is sharded the same way: every rank holds the same state, carry (forward's
+tangents, curvature's tangents and statistics), validation loss and train losses at ``stop``,
+and the mean of the ranks' raw hypergradients, which is the single-process full-batch
+segment's (``reverse``, ``truncated``, ``forward``, ``curvature``). The ``curvature`` method's
+default scale, the training batch's rows, is the whole batch's ``B``, not a shard's.
 
 The validation batches are not sharded (each rank evaluates all of them). The train loss each
-rank reports is the mean over ranks (its value; its gradient stays the local one), so a
-diverged step is seen by every rank at once. Dropout masks are drawn from a per-rank seed
-``(seed, rank)``, deterministic for a given world size; minibatch orders use the shared seed,
-so every rank slices the same batch. BatchNorm statistics are those of each rank's shard (not
-synchronised), and the implicit and reversible methods, which do not train through
-``train_step``, are not supported.
+rank reports is the mean over ranks (its value; its gradient is the shard's, averaged as
+above), so a diverged step is seen by every rank at once. Dropout masks are drawn from a
+per-rank seed ``(seed, rank)``, deterministic for a given world size; minibatch orders use the
+shared seed, so every rank slices the same batch. BatchNorm statistics are those of each
+rank's shard (not synchronised), and the implicit and reversible methods, which do not train
+through ``train_step``, are not supported.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from hyperdiff.engine.data import BatchSource
-from hyperdiff.engine.optimizers import Optimizer
+from hyperdiff.engine.data.evaluation import batch_rows
 from hyperdiff.engine.problem import Problem
+from hyperdiff.engine.training import TrainState
 from hyperdiff.errors import HyperdiffError, NonFiniteError
-from hyperdiff.methods.base import HyperGradient, Method
-from hyperdiff.methods.registry import make_method, methods_where
+from hyperdiff.methods.base import HyperGradient, Method, Segment
+from hyperdiff.methods.registry import make_method, methods_where, registered_constructor
 from hyperdiff.seeds import rank_seed
 from hyperdiff.tuner.distributed.group import Group, current_group
 from hyperdiff.typing import Batch, Params
@@ -94,33 +106,38 @@ class _SumOverRanks(torch.autograd.Function):
         return _SumOverRanks.apply(grad, ctx.group, ctx.where), None, None
 
 
-def mean_gradients(grads: Params, group: Group, where: str = "data_parallel") -> Params:
-    """``(1/W) sum_r grads^(r)`` with one differentiable all-reduce of the flattened grads."""
-    names = list(grads)
-    flat = torch.cat([grads[n].reshape(-1) for n in names])
-    total = _SumOverRanks.apply(flat, group, where)
-    pieces = torch.split(total / group.world, [grads[n].numel() for n in names])
-    return {n: p.view_as(grads[n]) for n, p in zip(names, pieces, strict=True)}
+class _MeanGradient(torch.autograd.Function):
+    """The identity on this rank's flat parameters; its backward is the mean over the ranks of
+    the incoming gradients (``_SumOverRanks``, differentiable again), so the gradient of a
+    train loss taken through it is the mean of the ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: Group, where: str) -> Tensor:
+        ctx.group, ctx.where = group, where
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        return _SumOverRanks.apply(grad, ctx.group, ctx.where) / ctx.group.world, None, None
 
 
-def averaged_optimizer(optimizer: Optimizer, group: Group, where: str = "data_parallel"
-                       ) -> Optimizer:
-    """``optimizer`` whose update sees the gradient averaged over the ranks."""
-    inner = optimizer.update
-
-    def update(grads: Params, state: Any, params: Params, hparams: Any, step: int
-               ) -> tuple[Params, Any]:
-        return inner(mean_gradients(grads, group, where), state, params, hparams, step)
-
-    return optimizer._replace(update=update)
+def averaging_gradients(params: Params, group: Group, where: str = "data_parallel") -> Params:
+    """``params`` (the same values) through :class:`_MeanGradient`: a gradient taken at them is
+    ``(1/W) sum_r grad^(r)``, in one all-reduce of the flattened gradient."""
+    names = list(params)
+    flat = _MeanGradient.apply(torch.cat([params[n].reshape(-1) for n in names]), group, where)
+    pieces = torch.split(flat, [params[n].numel() for n in names])
+    return {n: p.view_as(params[n]) for n, p in zip(names, pieces, strict=True)}
 
 
 def shared_train_loss(problem: Problem, group: Group, where: str = "data_parallel") -> Any:
-    """The train loss on this rank's shard (gradient) with the mean over ranks as its value;
+    """The train loss on this rank's shard with the mean over ranks as its value, and a
+    gradient in the parameters that is the mean of the ranks' (:func:`averaging_gradients`);
     dropout draws from :func:`rank_seed`."""
     fn, takes_ctx = problem.train_loss, problem.train_takes_ctx
 
     def loss(params: Params, hparams: Any, batch: Batch, ctx: Any) -> Tensor:
+        params = averaging_gradients(params, group, where)
         if takes_ctx:
             seed, ctx.seed = ctx.seed, rank_seed(ctx.seed, group.rank)
             try:
@@ -142,7 +159,6 @@ def shard_problem(problem: Problem, group: Group, where: str = "data_parallel") 
     (``where`` names the training in the error of a lost rank)."""
     return replace(
         problem, train_data=ShardedBatches(problem.train_data, group.rank, group.world),
-        optimizer=averaged_optimizer(problem.optimizer, group, where),
         train_loss=shared_train_loss(problem, group, where), train_takes_ctx=True,
     )
 
@@ -153,6 +169,21 @@ class DataParallelMethod(Method):
 
     inner: Method | None = field(default=None, repr=False)
     group: Any = field(default=None, repr=False)
+
+
+def _mean_over_ranks(group: Group, where: str, failure: str | None, vector: Tensor | None,
+                     train_loss: float) -> tuple[Tensor, float]:
+    """Every rank's failure, or the means over the ranks of ``vector`` (in float64, summed in
+    rank order) and ``train_loss``; a failure on any rank is raised on every rank."""
+    local = None if vector is None else (vector.detach().double(), train_loss)
+    parts = group.all_gather(where, (failure, local))
+    failures = [f for f, _ in parts if f is not None]
+    if failures or vector is None:
+        raise NonFiniteError(failures[0] if failures else f"{where}: no result")
+    total = parts[0][1][0]
+    for _, (other, _) in parts[1:]:
+        total = total + other
+    return (total / group.world).to(vector.dtype), sum(p[1][1] for p in parts) / group.world
 
 
 def _run(inner: Method, group_arg: Any, problem: Problem, raw: dict[str, Tensor]
@@ -167,20 +198,49 @@ def _run(inner: Method, group_arg: Any, problem: Problem, raw: dict[str, Tensor]
         hg = inner.run(shard_problem(problem, group, where), raw)
     except NonFiniteError as err:
         failure = str(err)
-    local = None if hg is None else (hg.vector.detach().double(), hg.train_loss)
-    parts = group.all_gather(where, (failure, local))
-    failures = [f for f, _ in parts if f is not None]
-    if failures or hg is None:
-        raise NonFiniteError(failures[0] if failures else f"{where}: no result")
-    total = parts[0][1][0]
-    for _, (vector, _) in parts[1:]:
-        total = total + vector
-    grad = problem.hparams.unflatten((total / group.world).to(hg.vector.dtype))
+    vector, train_loss = _mean_over_ranks(group, where, failure,
+                                          None if hg is None else hg.vector,
+                                          0.0 if hg is None else hg.train_loss)
+    assert hg is not None  # _mean_over_ranks raised otherwise
+    grad = problem.hparams.unflatten(vector)
     return replace(
         hg, grad=grad, grad_natural=hg.hparams.natural_grad(grad, dict(raw)),
-        train_loss=sum(p[1][1] for p in parts) / group.world,
-        diagnostics={**hg.diagnostics, "world": group.world},
+        train_loss=train_loss, diagnostics={**hg.diagnostics, "world": group.world},
     )
+
+
+def _segment(inner: Method, group_arg: Any, problem: Problem, state: TrainState,
+             raw: dict[str, Tensor], start: int, stop: int, val_batches: list[Batch],
+             carry: Any = None) -> Segment:
+    """``inner``'s segment ``[start, stop)`` with each rank training on its shard: the state,
+    the validation loss, the train losses and the carry are every rank's (equal), the raw
+    hypergradient is the mean of the ranks' (module doc)."""
+    group = current_group(group_arg)
+    if group is None:
+        return inner.segment(problem, state, raw, start, stop, val_batches, carry)
+    where = f"data_parallel {inner.name} segment [{start}, {stop}) (seed {problem.seed})"
+    group.barrier(where)
+    method, failure, part = _full_batch_scale(inner, problem, start), None, None
+    try:
+        part = method.segment(shard_problem(problem, group, where), state, raw, start, stop,
+                              val_batches, carry)
+    except NonFiniteError as err:
+        failure = str(err)
+    vector, _ = _mean_over_ranks(group, where, failure,
+                                 None if part is None else problem.hparams.flatten(part.grad),
+                                 0.0)
+    assert part is not None  # _mean_over_ranks raised otherwise
+    return part._replace(grad=problem.hparams.unflatten(vector),
+                         diagnostics={**(part.diagnostics or {}), "world": group.world})
+
+
+def _full_batch_scale(inner: Method, problem: Problem, start: int) -> Method:
+    """``inner``, with a curvature scale left to the training batch's rows (``curvature_scale
+    = None``) fixed to the rows of the whole batch at ``start``, not of this rank's shard."""
+    if "curvature_scale" not in inner.options or inner.options["curvature_scale"] is not None:
+        return inner
+    rows = float(batch_rows(problem.train_data.batch(start, problem.seed)))
+    return registered_constructor(inner.name)(**{**inner.options, "curvature_scale": rows})
 
 
 def data_parallel(method: Method | str = "reverse", group: Any = None) -> DataParallelMethod:
@@ -208,10 +268,11 @@ def data_parallel(method: Method | str = "reverse", group: Any = None) -> DataPa
         inner = forward(chunk_size=1, engine="double_vjp")
     return DataParallelMethod(
         inner.name, lambda problem, raw: _run(inner, group, problem, raw),
-        {**inner.options, "data_parallel": True}, replace(inner.capabilities, online=False),
-        inner=inner, group=group,
+        {**inner.options, "data_parallel": True}, inner.capabilities,
+        segment_fn=None if inner.segment_fn is None else partial(_segment, inner, group),
+        carry_fn=inner.carry_fn, check_fn=inner.check_fn, inner=inner, group=group,
     )
 
 
-__all__ = ["DataParallelMethod", "ShardedBatches", "averaged_optimizer", "data_parallel",
-           "mean_gradients", "rank_seed", "shard_problem"]
+__all__ = ["DataParallelMethod", "ShardedBatches", "averaging_gradients", "data_parallel",
+           "rank_seed", "shard_problem"]

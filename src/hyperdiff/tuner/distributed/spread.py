@@ -1,12 +1,13 @@
 """Spreading the trainings of an outer step over the ranks of a process group.
 
 An outer step of :class:`~hyperdiff.tuner.driver.HyperOptimizer` runs ``n = folds x samples``
-independent trainings. With ``W`` ranks, rank ``r`` runs the trainings ``i`` with
-``i % W == r``; one :meth:`~hyperdiff.tuner.distributed.group.Group.all_gather` then gives every
-rank all ``n`` results in the order of the single-process loop, so the mean hypergradient,
-the losses and their spreads that the driver computes from them are the single-process ones
-bit for bit (each training is the same arithmetic in whichever process runs it), and every
-rank takes the same outer update.
+independent trainings (a run's final report its ``rows x seeds`` retrainings, ``hyperdiff
+compare`` its random-search and grid trials). With ``W`` ranks, rank ``r`` runs the trainings
+``i`` with ``i % W == r``; one :meth:`~hyperdiff.tuner.distributed.group.Group.all_gather`
+then gives every rank all ``n`` results in the order of the single-process loop, so the mean
+hypergradient, the losses and their spreads that the driver computes from them (the report's
+seed averages) are the single-process ones bit for bit (each training is the same arithmetic
+in whichever process runs it), and every rank takes the same outer update.
 
 A training that fails (a :class:`~hyperdiff.errors.NonFiniteError` of a diverged inner run,
 or any other error) is gathered too and raised on every rank, so the divergence guard stays
@@ -29,8 +30,15 @@ B = TypeVar("B")
 class Spreader:
     """Maps a function over the trainings of an outer step: ``map(fn, items, where)``."""
 
-    def map(self, fn: Callable[[A], B], items: Sequence[A], where: str) -> list[B]:
-        return [fn(item) for item in items]
+    def map(self, fn: Callable[[A], B], items: Sequence[A], where: str,
+            progress: Callable[[], None] | None = None) -> list[B]:
+        """``[fn(item) for item in items]``; ``progress()`` after each item."""
+        out = []
+        for item in items:
+            out.append(fn(item))
+            if progress is not None:
+                progress()
+        return out
 
 
 class LocalSpreader(Spreader):
@@ -48,11 +56,16 @@ class RankSpreader(Spreader):
         """Indices of the trainings this rank runs."""
         return list(range(self.group.rank, count, self.group.world))
 
-    def map(self, fn: Callable[[A], B], items: Sequence[A], where: str) -> list[B]:
+    def map(self, fn: Callable[[A], B], items: Sequence[A], where: str,
+            progress: Callable[[], None] | None = None) -> list[B]:
+        """This rank's items, then every rank's results gathered in item order; ``progress()``
+        after each of this rank's items and, once gathered, once for each of the others'."""
         mine: dict[int, tuple[str, Any]] = {}
         for index in self.owned(len(items)):
             try:
                 mine[index] = ("ok", fn(items[index]))
+                if progress is not None:
+                    progress()
             except NonFiniteError as err:
                 mine[index] = ("nonfinite", str(err))
                 break  # the step fails anyway; tell the others now
@@ -76,6 +89,9 @@ class RankSpreader(Spreader):
             if status == "hyperdiff":
                 raise HyperdiffError(message)
             raise HyperdiffError(f"{where}: training {first} failed on rank {rank}: {message}")
+        if progress is not None:  # the items the other ranks ran
+            for _ in range(len(items) - len(mine)):
+                progress()
         return [results[i][1] for i in range(len(items))]
 
 
