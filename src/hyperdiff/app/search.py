@@ -30,15 +30,11 @@ import torch
 
 from hyperdiff.app.tasks.base import SearchChoices, SearchRange, Task
 from hyperdiff.errors import HyperdiffError, positive_int
-<<<<<<< HEAD
 from hyperdiff.hparams.choices import fixed_hparams
 from hyperdiff.hparams.discrete import discrete_names
 from hyperdiff.hparams.hyperparams import HyperParameters
-from hyperdiff.tuner.history import StepRecord, finite_or_none, natural_values
-=======
 from hyperdiff.tuner.distributed.spread import LocalSpreader, Spreader
-from hyperdiff.tuner.history import StepRecord
->>>>>>> h19-ranks
+from hyperdiff.tuner.history import StepRecord, finite_or_none, natural_values
 
 Values = dict[str, Any]
 """Natural values of one trial: a float per hyperparameter, or a list for a per-coordinate
