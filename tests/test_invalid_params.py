@@ -19,6 +19,10 @@ import torch
 import hyperdiff as hd
 from hyperdiff.app.config import SECTIONS, resolve
 
+# the deprecated shim is what these tests exercise (they predate the one loop)
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:hd.online.OnlineTuner is deprecated:DeprecationWarning")
+
 D = torch.float64
 NAN, INF = float("nan"), float("inf")
 TEXT, OBJECT = "text", object()
