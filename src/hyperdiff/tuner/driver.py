@@ -285,11 +285,8 @@ class HyperOptimizer:
         """Outer learning rate of ``step``: base x guard scale x schedule, the cosine over the
         plan's outer steps (offline: ``step / max_steps``; online: the window's first inner
         step over the run's windows)."""
-        factor = 1.0
-        if self.schedule == "cosine":
-            index, total = self.plan.schedule_position(self, step)
-            factor = 0.5 * (1.0 + math.cos(math.pi * index / total))
-        return self.lr * self.guard.scale * factor
+        return self.lr * self.guard.scale * schedule_factor(
+            self.schedule, *self.plan.schedule_position(self, step))
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -413,4 +410,12 @@ class HyperOptimizer:
         return record
 
 
-__all__ = ["Callback", "HyperOptimizer", "Outcome", "Stopping"]
+def schedule_factor(schedule: str, index: int, total: int) -> float:
+    """The outer learning rate's factor at outer step ``index`` of ``total``: 1 for
+    ``"constant"``, ``(1 + cos(pi index / total)) / 2`` for ``"cosine"``."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * index / total))
+    return 1.0
+
+
+__all__ = ["Callback", "HyperOptimizer", "Outcome", "Stopping", "schedule_factor"]

@@ -19,9 +19,9 @@ from torch import Tensor
 from hyperdiff.engine.problem import Problem
 from hyperdiff.engine.solvers import Solver
 from hyperdiff.engine.training import TrainState
-from hyperdiff.errors import fail
+from hyperdiff.errors import HyperdiffError, fail
 from hyperdiff.methods.window_methods import online_methods, window_method
-from hyperdiff.tuner.driver import HyperOptimizer
+from hyperdiff.tuner.driver import HyperOptimizer, schedule_factor
 from hyperdiff.tuner.online_plan import OnlinePlan, OnlineResult
 from hyperdiff.typing import Batch
 
@@ -101,32 +101,16 @@ class OnlineTuner(HyperOptimizer):
 
     def outer_lr(self, window: int) -> float:
         """The outer learning rate of the run's window ``w``."""
-        import math
-
-        if self.schedule == "constant":
-            return self.lr * self.guard.scale
-        return self.lr * self.guard.scale * 0.5 * (
-            1.0 + math.cos(math.pi * window / self.online.windows))
+        return self.lr * self.guard.scale * schedule_factor(self.schedule, window,
+                                                            self.online.windows)
 
     def selection_loss(self, state: TrainState | None = None) -> float:
         """The validation loss on the selection batches at the current parameters (or at
         ``state``'s)."""
-        from dataclasses import replace
-
-        import torch
-
-        from hyperdiff.engine.training import validation_loss
-        from hyperdiff.errors import HyperdiffError
-
         if self.selection is None:
             raise HyperdiffError("OnlineTuner.selection_loss: the tuner was made without "
                                  "selection batches (got selection=None)")
-        hview = self.hparams.view(self.problem.raw_tensors(self.raw))
-        state = self.state if state is None else state
-        with torch.no_grad():
-            value = validation_loss(replace(self.problem, val_data=self.selection),
-                                    state.params, state.buffers, hview)
-        return float(value)
+        return self.online.selection_at(self, self.state if state is None else state)
 
 
 __all__ = ["METHODS", "OnlineResult", "OnlineTuner"]

@@ -277,10 +277,14 @@ class OnlinePlan:
         if not loop.selection or not (stop >= self.problem.steps or (
                 self.eval_every and (loop.step_index + 1) % self.eval_every == 0)):
             return None
+        return self.selection_at(loop, outcome.kept.state)
+
+    def selection_at(self, loop: Any, state: TrainState) -> float:
+        """The validation loss on the loop's selection batches at ``state``'s parameters and
+        the loop's current values."""
         hview = loop.hparams.view(self.problem.raw_tensors(loop.raw))
         probe = replace(self.problem, val_data=loop.selection)
         with torch.no_grad():
-            state = outcome.kept.state
             return float(validation_loss(probe, state.params, state.buffers, hview))
 
     def commit(self, loop: Any, outcome: Outcome, record: StepRecord) -> StepRecord:
