@@ -171,7 +171,9 @@ def test_the_deprecated_online_tuner_is_the_one_loop_with_the_online_plan():
 
 def test_what_the_online_plan_cannot_do_is_refused_with_the_fix():
     with pytest.raises(hd.HyperdiffError, match=r"^HyperOptimizer: samples must be its "
-                       r"default 1 when a plan is given .* \(got 4\)"):
+                       r"default 1 when a plan is given \(the offline plan takes it: "
+                       r"hd.plans.OfflinePlan; an online window continues one training\) "
+                       r"\(got 4\)"):
         HyperOptimizer(ridge(), plan=hd.plans.OnlinePlan(window=2), samples=4)
     with pytest.raises(hd.HyperdiffError, match=r"^OnlineTuner: problem must be one Problem "
                        r"\(an online run is one training; cross-validation folds are for the "
@@ -181,6 +183,29 @@ def test_what_the_online_plan_cannot_do_is_refused_with_the_fix():
                        r"a segment or one of \['curvature', 'forward', 'implicit', "
                        r"'reverse', 'truncated'\]"):
         HyperOptimizer(ridge(), plan=hd.plans.OnlinePlan(window=2), method="checkpointed")
+
+
+@pytest.mark.filterwarnings("ignore:HyperOptimizer. no selection split")
+@pytest.mark.parametrize("plan_name", list(PLANS))
+def test_a_plan_serves_one_loop(plan_name):
+    plan = PLANS[plan_name]()
+    HyperOptimizer(ridge(), plan=plan)
+    with pytest.raises(hd.HyperdiffError, match=r"plan must be a new \w+Plan for each "
+                       r"HyperOptimizer \(it holds one run's state; got one already given to "
+                       r"another\)"):
+        HyperOptimizer(ridge(), plan=plan)
+
+
+def test_the_cli_refuses_auto_samples_online():
+    from hyperdiff.app.config import load_config
+    from hyperdiff.app.plans import build_online
+
+    config = load_config(overrides=["task.name=ridge_diabetes", "outer.mode=online",
+                                    "task.cv_folds=0", "outer.auto_samples=true"])
+    with pytest.raises(hd.HyperdiffError, match=r"^config: outer.auto_samples must be false "
+                       r"with outer.mode = 'online' \(a window continues one training: one "
+                       r"sample per window; got true\)"):
+        build_online(config)
 
 
 # ------------------------------------------------------------------ discrete choices online

@@ -32,6 +32,7 @@ from hyperdiff.app.tasks import Task, build_task
 from hyperdiff.engine.device import resolve_device, task_to_device
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.hparams.discrete import discrete_names
+from hyperdiff.logs import get_logger
 from hyperdiff.methods.registry import make_method
 from hyperdiff.methods.window_methods import online_methods, window_method
 from hyperdiff.tuner.distributed import data_parallel
@@ -39,6 +40,7 @@ from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 from hyperdiff.tuner.offline_plan import OfflinePlan
 from hyperdiff.tuner.online_plan import OnlinePlan
 
+_LOG = get_logger("experiment")
 OPTIONS = {"reverse": (), "forward": ("engine",), "implicit": ("solver",),
            "curvature": ("horizon", "horizon_unit", "curvature_scale")}
 
@@ -177,6 +179,13 @@ def build_online(config: Config, start: dict[str, Any] | None = None
     if config.task.cv_folds:
         raise HyperdiffError("config: task.cv_folds must be 0 with outer.mode = 'online' "
                              f"(one training run; got {config.task.cv_folds})")
+    if config.outer.auto_samples:
+        raise HyperdiffError("config: outer.auto_samples must be false with outer.mode = "
+                             "'online' (a window continues one training: one sample per "
+                             "window; got true)")
+    if config.outer.samples != 1:  # a task's offline default (arch_digits_reinforce's 4)
+        _LOG.warning("outer.samples = %d is not used with outer.mode = 'online': a window "
+                     "continues one training, one sample per window", config.outer.samples)
     task = _task(config, 0)
     outer = config.outer
     problem = task.problems[0]

@@ -136,7 +136,8 @@ class HyperOptimizer:
             for key, (value, default) in offline.items():
                 if value is not default and value != default:
                     raise fail("HyperOptimizer", key, f"its default {default!r} when a plan is "
-                               "given (pass it to hd.plans.OfflinePlan)", value)
+                               "given (the offline plan takes it: hd.plans.OfflinePlan; an "
+                               "online window continues one training)", value)
         self.plan = plan
         caller = plan.caller
         self.problems = check_problems(problem)

@@ -32,7 +32,7 @@ from hyperdiff.tuner.distributed.spread import spreader_for
 from hyperdiff.tuner.driver_checks import auto_samples, check_driver_state, check_selection
 from hyperdiff.tuner.guard import untrained_losses
 from hyperdiff.tuner.history import History, OptimizeResult, StepRecord, to_number
-from hyperdiff.tuner.plan import Outcome
+from hyperdiff.tuner.plan import Outcome, bind_once
 from hyperdiff.tuner.sampler import Sampler
 from hyperdiff.tuner.snr import more_samples_advice
 from hyperdiff.tuner.stopping import ranking_name
@@ -73,6 +73,7 @@ class OfflinePlan:
 
     def bind(self, loop: Any) -> None:
         """Check the method and the selection split; make the sampler and the discrete hook."""
+        bind_once(self, loop)
         method = make_method(loop.method) if isinstance(loop.method, str) else loop.method
         if not isinstance(method, Method) or not method.capabilities.offline:
             raise fail("HyperOptimizer", "method", "a Method usable offline or one of "

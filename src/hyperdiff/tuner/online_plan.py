@@ -73,7 +73,7 @@ from hyperdiff.tuner.history import History, StepRecord, to_number
 from hyperdiff.tuner.hot_start import MODES as HOT_START_MODES
 from hyperdiff.tuner.hot_start import hot_start_warnings, measure_hot_start, restart_cooler
 from hyperdiff.tuner.online_checkpoint import restore_tuner, tuner_state
-from hyperdiff.tuner.plan import Outcome
+from hyperdiff.tuner.plan import Outcome, bind_once
 from hyperdiff.typing import Batch, Params
 
 _LOG = logging.getLogger("hyperdiff.online")
@@ -141,6 +141,7 @@ class OnlinePlan:
 
     def bind(self, loop: Any) -> None:
         """Take the loop's one problem and its method (with a segment); start the training."""
+        bind_once(self, loop)
         if len(loop.problems) != 1:
             raise fail(self.caller, "problem", "one Problem (an online run is one training; "
                        "cross-validation folds are for the offline plan)",

@@ -31,6 +31,8 @@ from typing import Any, NamedTuple, Protocol
 
 from torch import Tensor
 
+from hyperdiff.errors import HyperdiffError
+
 
 class Outcome(NamedTuple):
     """What one outer step's trainings give the loop.
@@ -92,4 +94,15 @@ class Plan(Protocol):
     def result(self, loop: Any) -> Any: ...
 
 
-__all__ = ["Outcome", "Plan"]
+def bind_once(plan: Any, loop: Any) -> None:
+    """Mark ``plan`` as ``loop``'s: a plan holds one run's state (warm slots, a training), so a
+    second loop must get a plan of its own."""
+    owner = getattr(plan, "_loop_id", None)
+    if owner is not None and owner != id(loop):
+        raise HyperdiffError(f"{plan.caller}: plan must be a new {type(plan).__name__} for "
+                             "each HyperOptimizer (it holds one run's state; got one already "
+                             "given to another)")
+    plan._loop_id = id(loop)
+
+
+__all__ = ["Outcome", "Plan", "bind_once"]
