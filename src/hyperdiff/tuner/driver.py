@@ -147,7 +147,8 @@ class HyperOptimizer:
             raise fail(caller, "optimizer", f"one of {sorted(OPTIMIZERS)}", optimizer)
         if schedule not in SCHEDULES:
             raise fail(caller, "schedule", f"one of {list(SCHEDULES)}", schedule)
-        self.lr = float(lr) if lr == 0 and not plan.ranks else positive_float(caller, "lr", lr)
+        self.lr = (float(lr) if lr == 0 and plan.zero_lr
+                   else positive_float(caller, "lr", lr))
         self.clip = None if clip is None else positive_float(caller, "clip", clip)
         self.schedule = schedule
         if not isinstance(normalize, bool):

@@ -56,6 +56,7 @@ class OfflinePlan:
     flat_leaf = False  # one leaf per name (clip_grad_norm_ over the leaves)
     optimizer_key = "optimizer"
     ranks = True
+    zero_lr = False  # a zero outer rate would retrain the same values every step
 
     def __init__(self, samples: int | str = 1, max_samples: int = 16, warm_start: bool = False):
         self.auto = auto_samples(samples, max_samples)

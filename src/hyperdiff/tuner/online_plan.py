@@ -121,6 +121,7 @@ class OnlinePlan:
     flat_leaf = True  # one flat leaf of all raw values (clip_grad_norm_ over it)
     optimizer_key = "outer"
     ranks = False  # no best step: the run's final values and model are its result
+    zero_lr = True  # lr = 0: one training with its window hypergradients measured
 
     def __init__(self, window: int = 1, val_batch_size: int | None = None, eval_every: int = 0,
                  hot_start: str | None = None):

@@ -62,6 +62,7 @@ class Plan(Protocol):
     flat_leaf: bool  # the outer optimizer steps one flat leaf (True) or one leaf per name
     optimizer_key: str  # the outer optimizer's entry in checkpoints and guard snapshots
     ranks: bool  # the loop ranks steps (best step, early stopping, convergence)
+    zero_lr: bool  # an outer learning rate of 0 is allowed (hypergradients measured only)
 
     def bind(self, loop: Any) -> None: ...
 
