@@ -9,7 +9,7 @@ Rows:
 (a) offline: ``HyperOptimizer`` (reverse mode, 30 outer steps, Adam, cosine decay, best step by
     the selection split) on unrolls of T = 50 / 200 / 1000 steps; the schedule's parameters
     are horizon-free, so the values tuned at T are applied unchanged at N.
-(b) online: one N-step run tuning as it trains (``hd.online.OnlineTuner``): the previous task default
+(b) online: one N-step run tuning as it trains (``hd.HyperOptimizer`` with ``hd.plans.OnlinePlan``): the previous task default
     (reverse, K=10, backprop through the last step, normalised SGD outer steps of 0.2 with
     cosine decay), the same with K=5 (outer 0.1 cosine, 0.05 constant), reverse windows (K=50,
     backprop through the last 10 steps; outer Adam lr 0.05 constant, and 0.2 with cosine
@@ -46,6 +46,7 @@ import torch
 import hyperdiff as hd
 from hyperdiff.app.search import OPTUNA_MISSING, optuna_available, run_points, tpe_search
 from hyperdiff.app.tasks import Task, build_task
+from hyperdiff.methods.window_methods import window_method
 from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 
 RESULTS = Path(__file__).parent / "results" / "horizon.json"
@@ -110,7 +111,14 @@ def online_row(task: Task, label: str, peak: float, seeds, tuning_seed: int = 0,
     if tuning_seed:
         label = f"{label}, tuning seed {tuning_seed}"
     before = plain_time(task)
-    tuner = hd.online.OnlineTuner(problem, selection=task.selection, **options)
+    options = dict(options)
+    plan = hd.plans.OnlinePlan(window=options.pop("window"),
+                               val_batch_size=options.pop("val_batch_size", None))
+    method = window_method(options.pop("method"), problem, **{
+        k: options.pop(k) for k in ("backprop", "horizon", "horizon_unit", "solver", "engine")
+        if k in options})
+    tuner = HyperOptimizer(problem, plan=plan, method=method, selection=task.selection,
+                              schedule=options.pop("schedule", "constant"), **options)
     started = time.perf_counter()
     result = tuner.run()
     elapsed = time.perf_counter() - started
@@ -122,8 +130,8 @@ def online_row(task: Task, label: str, peak: float, seeds, tuning_seed: int = 0,
             "values": values_of(task, result.final_raw), "cost": 2 * elapsed / (before + after),
             "inner_steps_per_N": 1.0, "time_s": elapsed, "online_model_test_loss": own["loss"],
             "failed_windows": sum(r.status == "failed" for r in result.history),
-            "hot_start_ratio": None if tuner.hot_start_measure is None
-            else tuner.hot_start_measure[1], "restarted": tuner.restarted,
+            "hot_start_ratio": None if plan.hot_start_measure is None
+            else plan.hot_start_measure[1], "restarted": plan.restarted,
             "warnings": list(result.warnings),
             **evaluate(task, result.final_raw, seeds)}
 

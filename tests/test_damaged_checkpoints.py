@@ -16,6 +16,10 @@ from test_rundir import replace_checkpoint, torch_bytes
 import hyperdiff as hd
 from hyperdiff.app.experiment import run_experiment
 
+# the deprecated shim is what these tests exercise (they predate the one loop)
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:hd.online.OnlineTuner is deprecated:DeprecationWarning")
+
 CURVATURE = ["task.name=horizon_digits", "inner.steps=60", "outer.window=6",
              "outer.val_batch=32", "report.seeds=1", "method.name=curvature"]
 DAMAGED = r"OnlineTuner.load_state_dict: the checkpoint is damaged: "

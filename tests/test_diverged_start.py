@@ -17,6 +17,10 @@ import hyperdiff as hd
 from hyperdiff.tuner.driver import HyperOptimizer
 from hyperdiff.tuner.guard import DivergenceGuard
 
+# the deprecated shim is what these tests exercise (they predate the one loop)
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:hd.online.OnlineTuner is deprecated:DeprecationWarning")
+
 DT = torch.float64
 CURVATURES = (4.0, 1.0, 0.25)  # the Hessian's eigenvalues: L = 4, stability limit 2 / L
 LIMIT = 2.0 / max(CURVATURES)

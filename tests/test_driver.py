@@ -9,9 +9,9 @@ import torch
 
 import hyperdiff as hd
 from hyperdiff.methods.base import Method
-from hyperdiff.methods.registry import METHODS
+from hyperdiff.methods.registry import METHODS, make_method
 from hyperdiff.methods.reverse import reverse
-from hyperdiff.tuner.driver import HyperOptimizer, Stopping, make_method
+from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 
 DT = torch.float64
 
@@ -103,7 +103,7 @@ def test_samples_average_hypergradients_over_seeds_and_report_spread():
     opt = HyperOptimizer(problem, samples=3, seed=4)
     record = opt.step()
     grads = torch.stack([
-        reverse()(replace(problem, seed=opt.seed_for(0, i))).grad["lam"] for i in range(3)
+        reverse()(replace(problem, seed=opt.plan.seed_for(0, i))).grad["lam"] for i in range(3)
     ])
     assert len({float(g) for g in grads}) == 3  # the minibatch orders differ
     assert record.grad["lam"] == pytest.approx(float(grads.mean()), rel=1e-12)

@@ -13,6 +13,10 @@ import torch.nn.functional as F
 import hyperdiff as hd
 from hyperdiff.engine.training import validation_loss
 
+# the deprecated shim is what these tests exercise (they predate the one loop)
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:hd.online.OnlineTuner is deprecated:DeprecationWarning")
+
 STEPS = 8
 
 

@@ -19,6 +19,10 @@ import torch
 import hyperdiff as hd
 from hyperdiff.app.config import SECTIONS, resolve
 
+# the deprecated shim is what these tests exercise (they predate the one loop)
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:hd.online.OnlineTuner is deprecated:DeprecationWarning")
+
 D = torch.float64
 NAN, INF = float("nan"), float("inf")
 TEXT, OBJECT = "text", object()
@@ -356,3 +360,29 @@ def test_initialization_refuses_bad_params(value):
     with pytest.raises(hd.HyperdiffError, match=r"^initialization: params") as info:
         hd.initialization(value)
     assert isinstance(info.value, ValueError)
+
+
+# --- issue 19 item 3: the plans of the one outer loop ---
+PLAN_ARGUMENTS = {
+    "OfflinePlan": (hd.plans.OfflinePlan, {"samples": "int>=1", "max_samples": "int>=1"}),
+    "OnlinePlan": (hd.plans.OnlinePlan, {"window": "int>=1", "val_batch_size": "optional int>=1",
+                                         "eval_every": "int>=0", "hot_start": "choice"}),
+}
+PLAN_VALID_HERE = {("OfflinePlan", "samples"): ["auto"], ("OnlinePlan", "hot_start"): [None]}
+
+
+def _plan_cases():
+    for name, (make, kinds) in PLAN_ARGUMENTS.items():
+        for argument, kind in kinds.items():
+            allowed = PLAN_VALID_HERE.get((name, argument), [])
+            for value in BAD[kind]:
+                if not any(value is a or value == a for a in allowed):
+                    yield pytest.param(make, argument, value,
+                                       id=f"{name}-{argument}={value!r}"[:80])
+
+
+@pytest.mark.parametrize("make, argument, value", list(_plan_cases()))
+def test_a_plan_refuses(make, argument, value):
+    with pytest.raises(hd.HyperdiffError) as info:
+        make(**{argument: value})
+    assert argument in str(info.value) and "(got " in str(info.value), str(info.value)

@@ -133,7 +133,7 @@ def test_the_snr_warning_never_prints_one_below_one(caplog):
     opt = HyperOptimizer(ridge_problem(), method=_fixed_grads(values), samples=2,
                          selection=None)
     # two samples a, b: SNR = |a + b| / |a - b| = 0.996 / 1 (oracle by hand, not the module)
-    values.update({opt.seed_for(0, 0): 0.998, opt.seed_for(0, 1): -0.002})
+    values.update({opt.plan.seed_for(0, 0): 0.998, opt.plan.seed_for(0, 1): -0.002})
     with caplog.at_level(logging.WARNING, logger="hyperdiff"):
         record = opt.step()
     assert record.grad_snr == pytest.approx(0.996, rel=1e-9)
@@ -163,7 +163,7 @@ def test_the_snr_warning_in_config_syntax_names_the_config_key(caplog):
     values: dict[int, float] = {}
     opt = HyperOptimizer(ridge_problem(), method=_fixed_grads(values), samples=2,
                          selection=None)
-    values.update({opt.seed_for(0, 0): 0.6, opt.seed_for(0, 1): -0.4})
+    values.update({opt.plan.seed_for(0, 0): 0.6, opt.plan.seed_for(0, 1): -0.4})
     with caplog.at_level(logging.WARNING, logger="hyperdiff"), config_syntax():
         opt.step()
     assert "ratio is 0.2 < 1 " in caplog.text, caplog.text

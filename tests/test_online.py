@@ -18,6 +18,10 @@ from hyperdiff.engine.training import train, validation_loss
 
 from conftest import sine_data
 
+# the deprecated shim is what these tests exercise (they predate the one loop)
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:hd.online.OnlineTuner is deprecated:DeprecationWarning")
+
 DT = torch.float64
 
 
@@ -311,13 +315,13 @@ def test_non_finite_hypergradients_stop_the_run_after_max_failures(monkeypatch):
     good_raw = tuner.raw  # the values of the last good window, restored after each failure
     tuner.step()
     good_state = tuner.state
-    window = tuner._window
+    window = tuner.plan.segment
 
     def nan_grad(*args, **kwargs):
         out = window(*args, **kwargs)
         return out._replace(grad={n: g * math.nan for n, g in out.grad.items()})
 
-    monkeypatch.setattr(tuner, "_window", nan_grad)
+    monkeypatch.setattr(tuner.plan, "segment", nan_grad)
     for _ in range(2):
         record = tuner.step()
         assert record.status == "failed" and "hypergradient of" in record.message

@@ -26,6 +26,10 @@ from hyperdiff.methods.curvature_adam import AdamCurvatureTangent
 
 from conftest import sine_data
 
+# the deprecated shim is what these tests exercise (they predate the one loop)
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:hd.online.OnlineTuner is deprecated:DeprecationWarning")
+
 DT = torch.float64
 BETAS = (0.8, 0.95)
 

@@ -13,6 +13,10 @@ import hyperdiff as hd
 
 from conftest import sine_data
 
+# the deprecated shim is what these tests exercise (they predate the one loop)
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:hd.online.OnlineTuner is deprecated:DeprecationWarning")
+
 
 def tuned(lr, hparams, momentum=0.5, steps=8):
     x, y = sine_data(24, 5, seed=1)

@@ -17,6 +17,10 @@ from hyperdiff.app.tasks import build_task
 from hyperdiff.engine.training import initial_state
 from hyperdiff.tuner.hot_start import cooled, hot_start_ratio, optimization_time
 
+# the deprecated shim is what these tests exercise (they predate the one loop)
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:hd.online.OnlineTuner is deprecated:DeprecationWarning")
+
 DT = torch.float64
 
 

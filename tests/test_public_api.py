@@ -21,7 +21,7 @@ import hyperdiff as hd
 ROOT = Path(__file__).resolve().parents[1]
 
 NAMESPACES = ("constraints", "data", "diagnose", "discrete", "distributed", "export", "history",
-              "hyperparams", "methods", "models", "online", "optimizers", "schedules", "solvers",
+              "hyperparams", "methods", "models", "online", "optimizers", "plans", "schedules", "solvers",
               "tasks", "testing")
 
 # the names that left the top level in 0.1, and where they live now

@@ -22,6 +22,10 @@ from hyperdiff.tree import tree_flatten
 
 from conftest import sine_data
 
+# the deprecated shim is what these tests exercise (they predate the one loop)
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:hd.online.OnlineTuner is deprecated:DeprecationWarning")
+
 
 def implicit_problem():
     x, y = sine_data(30, 5, seed=3)

@@ -73,7 +73,7 @@ def test_recorded_snr_of_real_minibatch_noise():
     problem = ridge(batch_size=6)
     opt = HyperOptimizer(problem, samples=4, seed=2)
     record = opt.step()
-    grads = [float(hd.reverse()(replace(problem, seed=opt.seed_for(0, i))).grad["lam"])
+    grads = [float(hd.reverse()(replace(problem, seed=opt.plan.seed_for(0, i))).grad["lam"])
              for i in range(4)]
     assert len(set(grads)) == 4
     assert record.samples == 4
@@ -88,7 +88,7 @@ def test_known_noise_gives_the_expected_ratio_and_a_warning(caplog):
     opt = HyperOptimizer(problem, method=noisy(3 * signal), samples=16, selection=None)
     record = opt.step()
     expected = snr_by_hand([signal * (1 if signal > 0 else -1) + 3 * signal
-                            * noise_of(opt.seed_for(0, i)) for i in range(16)])
+                            * noise_of(opt.plan.seed_for(0, i)) for i in range(16)])
     assert record.grad_snr == pytest.approx(expected, rel=1e-6)
     assert 0.6 < record.grad_snr < 3.0
     with caplog.at_level(logging.WARNING, logger="hyperdiff"):
@@ -105,7 +105,7 @@ def test_auto_samples_stop_at_the_first_ratio_above_one():
     for step in range(3):
         g = float(hd.reverse()(problem, opt.raw).grad["lam"])
         record = opt.step()
-        draws = [g + sigma * noise_of(opt.seed_for(step, i)) for i in range(16)]
+        draws = [g + sigma * noise_of(opt.plan.seed_for(step, i)) for i in range(16)]
         expected = next((n for n in range(2, 17) if snr_by_hand(draws[:n]) >= 1), 16)
         assert record.samples == expected
         assert record.grad_snr == pytest.approx(snr_by_hand(draws[:expected]), rel=1e-6)
@@ -122,7 +122,7 @@ def test_config_auto_samples_reach_the_driver():
     config = load_config(overrides=["task.name=ridge_diabetes", "outer.auto_samples=true",
                                     "outer.max_samples=5", "inner.steps=3"])
     _, driver = build(config)
-    assert driver.auto is not None and driver.auto.maximum == 5
+    assert driver.plan.auto is not None and driver.plan.auto.maximum == 5
     with pytest.raises(hd.HyperdiffError, match="samples must be a positive int or 'auto'"):
         HyperOptimizer(ridge(), samples="many")
 
@@ -131,7 +131,7 @@ def test_library_defaults_match_the_command_line(caplog):
     config = OuterConfig()  # the defaults before a task's recommendations
     opt = HyperOptimizer(ridge(), stopping=Stopping(max_steps=4))
     assert opt.schedule == config.schedule == "cosine"
-    assert opt.lr == config.lr and opt.samples == config.samples
+    assert opt.lr == config.lr and opt.plan.samples == config.samples
     assert opt.optimizer.__class__.__name__.lower() == config.optimizer
     assert opt.learning_rate(2) == pytest.approx(0.5 * opt.lr)  # cosine at half the budget
     with caplog.at_level(logging.WARNING, logger="hyperdiff"):

@@ -22,7 +22,8 @@ The rest lives in namespaces, attributes of ``hd``: ``hd.solvers`` (``cg``, ``ne
 ``Schedule``), ``hd.discrete`` (``mix``, ``Choice``, ...), ``hd.tasks`` (``build_task``,
 ``TaskSpec``, ``TaskData``, ``SearchRange``, ``SearchChoices``, ...), ``hd.diagnose``
 (``recommend``, ``Advice``, ``CheckReport``), ``hd.testing`` (ridge and logistic problems
-with closed-form answers, ``train``), ``hd.online`` (``OnlineTuner``, ``OnlineResult``),
+with closed-form answers, ``train``), ``hd.plans`` (``OfflinePlan``, ``OnlinePlan``, the plans
+of ``HyperOptimizer``), ``hd.online`` (the deprecated ``OnlineTuner``, ``OnlineResult``),
 ``hd.distributed``, ``hd.constraints`` (``Positive``, ``Interval``, ``Free``, ``Constraint``),
 ``hd.history`` (``OptimizeResult``, ``History``, ``StepRecord``), ``hd.hyperparams``
 (``HyperParameter``, ``HParamView``), ``hd.models`` (``StepContext``), ``hd.methods`` (``Method``),
@@ -77,7 +78,7 @@ from hyperdiff.methods import (
     truncated,
 )
 from hyperdiff.methods.api import hypergradient
-from hyperdiff.tuner import distributed, history, online
+from hyperdiff.tuner import distributed, history, online, plans
 from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 from hyperdiff.version import __version__ as __version__
 
@@ -144,6 +145,7 @@ _NAMESPACES: dict[str, ModuleType] = {
     "models": models,
     "online": online,
     "optimizers": optimizers,
+    "plans": plans,
     "schedules": schedules,
     "solvers": solvers,
     "tasks": tasks,

@@ -242,7 +242,7 @@ def _run_plan(
     watchers = [*loggers, *callbacks]
     if restore_or_start(rundir, config, task.hparams, loop, resume=resume,
                         accept_changed_inputs=accept_changed_inputs):
-        log(f"resuming {rundir.path} at {plan.where(loop)}")
+        log(f"resuming {rundir.path} at {loop.where()}")
     elif start is not None:
         rundir.record_start(start)
         log(f"starting at the tuned values of {start['run']}")
@@ -250,9 +250,9 @@ def _run_plan(
 
     def on_step(opt: Any, record: StepRecord) -> None:
         rundir.append(record)
-        if plan.failed(record):
+        if record.status == "failed":
             log(f"guard: {record.message}")
-        if plan.steps(opt) % config.output.checkpoint_every == 0 or plan.done(opt):
+        if opt.step_index % config.output.checkpoint_every == 0 or opt.done:
             rundir.save_checkpoint(opt.state_dict())
 
     bar = plan.bar(task, loop, config, progress)
@@ -262,21 +262,19 @@ def _run_plan(
             outcome = loop.run(callbacks=[on_step, *watchers, *([bar] if bar else [])],
                                progress=progress if bar is None else False)
         except KeyboardInterrupt:
-            log(f"interrupted after {plan.where(loop)}; continue with "
+            log(f"interrupted after {loop.where()}; continue with "
                 f"`hyperdiff run --resume {rundir.path}`")
             raise
         except NonFiniteError as err:
-            if plan.checkpoint_at_end:
-                rundir.save_checkpoint(loop.state_dict())
+            rundir.save_checkpoint(loop.state_dict())
             result: dict[str, Any] = {
                 "task": task.name, "status": "diverged", "message": str(err),
-                "run_dir": str(rundir.path), "steps": plan.steps(loop)}
+                "run_dir": str(rundir.path), "steps": loop.step_index}
             rundir.write_result(result)
             raise
         finally:  # also after any other error (a callback's, a lost rank's)
             close_all(watchers)
-        if plan.checkpoint_at_end:
-            rundir.save_checkpoint(loop.state_dict())
+        rundir.save_checkpoint(loop.state_dict())
         result = final_report(task, plan.summary(task, loop, outcome, config), config,
                               progress=bar.report_phase() if bar is not None else None,
                               spread=RankSpreader(group) if isinstance(group, Group)

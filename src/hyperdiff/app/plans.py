@@ -1,15 +1,17 @@
 """The run modes of ``hyperdiff run``: one :class:`Plan` per ``outer.mode``, in :data:`PLANS`.
 
-A plan builds the mode's outer loop and reads it (how far it is, when it is done, which rows
-its report adds); the runner (:func:`~hyperdiff.app.experiment.run_experiment`) does the rest
-the same way for every mode: run directory and lock, inputs, loggers, checkpoints, report.
+A mode builds the one outer loop (:class:`~hyperdiff.tuner.driver.HyperOptimizer`) with its
+plan and adds its own report rows; the runner (:func:`~hyperdiff.app.experiment.run_experiment`)
+does the rest the same way for every mode, reading the loop the same way (``loop.where()``,
+``loop.step_index``, ``loop.done``): run directory and lock, inputs, loggers, checkpoints,
+report.
 
-- ``offline``: :class:`~hyperdiff.tuner.driver.HyperOptimizer` retrains ``inner.steps`` steps
-  per outer step; the report retrains at the best step's values.
-- ``online``: :class:`~hyperdiff.tuner.online.OnlineTuner` trains the task's first inner problem
-  once for ``inner.steps`` steps and takes an outer step every ``outer.window`` steps; the
-  report retrains at the final values and also evaluates the model trained during the run
-  (``online_model``).
+- ``offline``: the :class:`~hyperdiff.tuner.offline_plan.OfflinePlan` retrains ``inner.steps``
+  steps per outer step; the report retrains at the best step's values.
+- ``online``: the :class:`~hyperdiff.tuner.online_plan.OnlinePlan` trains the task's first
+  inner problem once for ``inner.steps`` steps and takes an outer step every ``outer.window``
+  steps; the report retrains at the final values and also evaluates the model trained during
+  the run (``online_model``).
 
 A new mode is one more entry of :data:`PLANS` (and its choice in ``outer.mode``).
 """
@@ -30,13 +32,16 @@ from hyperdiff.app.tasks import Task, build_task
 from hyperdiff.engine.device import resolve_device, task_to_device
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.hparams.discrete import discrete_names
+from hyperdiff.logs import get_logger
 from hyperdiff.methods.registry import make_method
+from hyperdiff.methods.window_methods import online_methods, window_method
 from hyperdiff.tuner.distributed import data_parallel
 from hyperdiff.tuner.distributed.spread import Spreader
 from hyperdiff.tuner.driver import HyperOptimizer, Stopping
-from hyperdiff.tuner.history import StepRecord
-from hyperdiff.tuner.online import METHODS, OnlineTuner
+from hyperdiff.tuner.offline_plan import OfflinePlan
+from hyperdiff.tuner.online_plan import OnlinePlan
 
+_LOG = get_logger("experiment")
 OPTIONS = {"reverse": (), "forward": ("engine",), "implicit": ("solver",),
            "curvature": ("horizon", "horizon_unit", "curvature_scale")}
 
@@ -55,19 +60,15 @@ class Summary(NamedTuple):
 
 
 class Plan(NamedTuple):
-    """What one ``outer.mode`` contributes to a run; ``loop`` is the outer loop it builds."""
+    """What one ``outer.mode`` contributes to a run: the :class:`HyperOptimizer` with its
+    plan, and the few readings that differ (log line, progress bar, report rows)."""
 
     # (config) or (config, start): the task and the outer loop, at --from's values ``start``
-    build: Callable[..., tuple[Task, Any]]
+    build: Callable[..., tuple[Task, HyperOptimizer]]
     check: Callable[[Config, Any], None]  # refuse what the mode cannot run (torchrun group)
-    describe: Callable[[Task, Any, Config], str]  # the "tuning ..." log line
-    where: Callable[[Any], str]  # how far the loop is: "outer step 3"
-    steps: Callable[[Any], int]  # outer steps recorded so far
-    done: Callable[[Any], bool]  # finished: checkpoint now
-    failed: Callable[[StepRecord], bool]  # a record the log reports as "guard: ..."
-    bar: Callable[[Task, Any, Config, bool | None], Progress | None]  # None: loop's own
-    summary: Callable[[Task, Any, Any, Config], Summary]  # (task, loop, outcome, config)
-    checkpoint_at_end: bool  # checkpoint after the run and on divergence too
+    describe: Callable[[Task, HyperOptimizer, Config], str]  # the "tuning ..." log line
+    bar: Callable[[Task, HyperOptimizer, Config, bool | None], Progress | None]  # None: loop's
+    summary: Callable[[Task, HyperOptimizer, Any, Config], Summary]  # (task, loop, outcome, ..)
 
 
 def _task(config: Config, cv_folds: int) -> Task:
@@ -90,14 +91,14 @@ def build(config: Config, start: dict[str, Any] | None = None
         task = starting_at(task, start)
     stop = config.stop
     method = make_method(config.method.name, **config.method.options)
+    plan = OfflinePlan(samples="auto" if config.outer.auto_samples else config.outer.samples,
+                       max_samples=config.outer.max_samples, warm_start=config.inner.warm_start)
     driver = HyperOptimizer(
-        list(task.problems),
+        list(task.problems), plan=plan,
         method=data_parallel(method) if config.distributed.data_parallel else method,
         optimizer=config.outer.optimizer, lr=config.outer.lr,
         clip=config.outer.clip or None, schedule=config.outer.schedule,
-        samples="auto" if config.outer.auto_samples else config.outer.samples,
-        max_samples=config.outer.max_samples, tie_steps=config.outer.tie_steps,
-        warm_start=config.inner.warm_start,
+        tie_steps=config.outer.tie_steps,
         selection=task.selection, seed=config.outer.seed,
         stopping=Stopping(
             max_steps=stop.max_steps, max_time_s=stop.max_time_s or None,
@@ -126,7 +127,9 @@ def _describe_offline(task: Task, driver: HyperOptimizer, config: Config) -> str
 def _offline_bar(task: Task, driver: HyperOptimizer, config: Config,
                  enabled: bool | None) -> Progress:
     """One bar over the outer steps' trainings and the final report's."""
-    per_step = len(task.problems) * (driver.auto.minimum if driver.auto else driver.samples)
+    plan = driver.plan
+    assert isinstance(plan, OfflinePlan)
+    per_step = len(task.problems) * (plan.auto.minimum if plan.auto else plan.samples)
     return Progress(steps=config.stop.max_steps, done=driver.step_index,
                     units_per_step=per_step, trainings=driver.trainings,
                     report_trainings=(2 + has_relaxation(task.hparams)) * config.report.seeds,
@@ -159,15 +162,16 @@ def _no_check(config: Config, group: Any) -> None:
 
 # ------------------------------------------------------------------------------------- online
 def build_online(config: Config, start: dict[str, Any] | None = None
-                 ) -> tuple[Task, OnlineTuner]:
-    """The task and the online tuner that ``config`` describes (``start``: refused)."""
+                 ) -> tuple[Task, HyperOptimizer]:
+    """The task and the online loop that ``config`` describes (``start``: refused)."""
     if start is not None:
         raise HyperdiffError(f"run: --from is for outer.mode = 'offline' runs only (got "
                              f"{config.outer.mode!r}); set the online run's initial values "
                              "in its task")
     method = config.method.name
-    if method not in METHODS:
-        raise HyperdiffError(f"config: method.name must be one of {list(METHODS)} with "
+    names = online_methods()
+    if method not in names:
+        raise HyperdiffError(f"config: method.name must be one of {names} with "
                              f"outer.mode = 'online' (got {method!r})")
     unused = sorted(set(config.method.options) - set(OPTIONS.get(method, ())))
     if unused:
@@ -179,19 +183,32 @@ def build_online(config: Config, start: dict[str, Any] | None = None
     if config.task.cv_folds:
         raise HyperdiffError("config: task.cv_folds must be 0 with outer.mode = 'online' "
                              f"(one training run; got {config.task.cv_folds})")
+    if config.outer.auto_samples:
+        raise HyperdiffError("config: outer.auto_samples must be false with outer.mode = "
+                             "'online' (a window continues one training: one sample per "
+                             "window; got true)")
+    if config.outer.samples != 1:  # a task's offline default (arch_digits_reinforce's 4)
+        _LOG.warning("outer.samples = %d is not used with outer.mode = 'online': a window "
+                     "continues one training, one sample per window", config.outer.samples)
     task = _task(config, 0)
     outer = config.outer
-    tuner = OnlineTuner(
-        task.problems[0], window=outer.window, method=method, optimizer=outer.optimizer,
-        lr=outer.lr, schedule=outer.schedule, clip=outer.clip or None,
-        val_batch_size=outer.val_batch or None, selection=task.selection,
-        seed=outer.seed, backprop=(outer.backprop or None) if method == "reverse" else None,
-        shrink=config.guard.shrink, max_failures=config.guard.max_failures,
-        max_loss_ratio=config.guard.max_loss_ratio, normalize=outer.normalize,
-        hot_start=None if outer.hot_start == "auto" else outer.hot_start,
-        **config.method.options,
-    )
-    return task, tuner
+    problem = task.problems[0]
+    configured = window_method(
+        method, problem, backprop=(outer.backprop or None) if method == "reverse" else None,
+        **config.method.options)
+    plan = OnlinePlan(window=outer.window, val_batch_size=outer.val_batch or None,
+                      hot_start=None if outer.hot_start == "auto" else outer.hot_start)
+    loop = HyperOptimizer(
+        problem, plan=plan, method=configured, optimizer=outer.optimizer, lr=outer.lr,
+        schedule=outer.schedule, clip=outer.clip or None, selection=task.selection,
+        seed=outer.seed, shrink=config.guard.shrink, max_failures=config.guard.max_failures,
+        max_loss_ratio=config.guard.max_loss_ratio, normalize=outer.normalize)
+    return task, loop
+
+
+def _online(loop: HyperOptimizer) -> OnlinePlan:
+    assert isinstance(loop.plan, OnlinePlan)
+    return loop.plan
 
 
 def _one_process(config: Config, group: Any) -> None:
@@ -202,42 +219,37 @@ def _one_process(config: Config, group: Any) -> None:
             "`hyperdiff run`, or use outer.mode = 'offline' to spread trainings over ranks")
 
 
-def _describe_online(task: Task, tuner: OnlineTuner, config: Config) -> str:
+def _describe_online(task: Task, loop: HyperOptimizer, config: Config) -> str:
+    plan = _online(loop)
     return (f"tuning {task.name} online: {task.hparams.numel} hyperparameters, one run of "
-            f"{config.inner.steps} steps, a {tuner.method} hypergradient every "
-            f"{tuner.window} steps")
+            f"{config.inner.steps} steps, a {plan.label} hypergradient every "
+            f"{plan.window} steps")
 
 
-def _online_summary(task: Task, tuner: OnlineTuner, outcome: Any, config: Config) -> Summary:
+def _online_summary(task: Task, loop: HyperOptimizer, outcome: Any, config: Config
+                    ) -> Summary:
     """Retrain at the final values; also the metrics of the model the run itself trained."""
-    head = {"mode": "online", "stop_reason": f"one run of {tuner.inner_step} inner steps",
-            "steps": tuner.hyper_step, "best_step": tuner.hyper_step - 1,
+    plan = _online(loop)
+    head = {"mode": "online", "stop_reason": f"one run of {plan.inner_step} inner steps",
+            "steps": loop.step_index, "best_step": loop.step_index - 1,
             "criterion": "final values"}
-    tail = {"window": tuner.window, "method": tuner.method}
-    final = tuner.raw
+    tail = {"window": plan.window, "method": plan.label}
+    final = loop.raw
 
     def extra(report: dict[str, Any], seeds: tuple[int, ...],
               progress: Callable[[], None] | None, spread: Spreader) -> dict[str, Any]:
-        hview = task.hparams.view(tuner.problem.raw_tensors(final))
-        return {"online_model": task.metrics_at(tuner.state.params, tuner.state.buffers, hview),
-                "warnings": list(tuner.warnings), "time_s": outcome.time_s}
+        hview = task.hparams.view(plan.problem.raw_tensors(final))
+        return {"online_model": task.metrics_at(plan.state.params, plan.state.buffers, hview),
+                "warnings": list(plan.warnings), "time_s": outcome.time_s}
 
     return Summary(head, tail, final, 1, extra)
 
 
 PLANS: dict[str, Plan] = {
-    "offline": Plan(
-        build=build, check=_no_check, describe=_describe_offline,
-        where=lambda driver: f"outer step {driver.step_index}",
-        steps=lambda driver: driver.step_index, done=lambda driver: bool(driver.stop_reason()),
-        failed=lambda record: bool(record.message), bar=_offline_bar,
-        summary=_offline_summary, checkpoint_at_end=True),
-    "online": Plan(
-        build=build_online, check=_one_process, describe=_describe_online,
-        where=lambda tuner: f"inner step {tuner.inner_step}",
-        steps=lambda tuner: tuner.hyper_step, done=lambda tuner: tuner.done,
-        failed=lambda record: record.status == "failed", bar=lambda *_: None,
-        summary=_online_summary, checkpoint_at_end=False),
+    "offline": Plan(build=build, check=_no_check, describe=_describe_offline, bar=_offline_bar,
+                    summary=_offline_summary),
+    "online": Plan(build=build_online, check=_one_process, describe=_describe_online,
+                   bar=lambda *_: None, summary=_online_summary),
 }
 
 __all__ = ["PLANS", "Plan", "Summary", "build", "build_online"]

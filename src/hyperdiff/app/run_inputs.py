@@ -119,8 +119,8 @@ def starting_at(task: Task, start: dict[str, Any]) -> Task:
 
 def restore_or_start(rundir: RunDir, config: Config, hparams: Any, loop: Any, *,
                      resume: bool, accept_changed_inputs: bool = False) -> bool:
-    """Load the run's last checkpoint into ``loop`` (a :class:`HyperOptimizer` or an
-    :class:`~hyperdiff.tuner.online.OnlineTuner`) when resuming one, else write the start files of a
+    """Load the run's last checkpoint into ``loop`` (a :class:`HyperOptimizer` with either
+    plan) when resuming one, else write the start files of a
     new run; True when resumed. A checkpoint that does not fit ``loop`` is one clear error, and
     so are changed inputs (the task's code or data) unless ``accept_changed_inputs``."""
     inputs = run_inputs(config)

@@ -333,8 +333,9 @@ def curvature_options(caller: str, horizon: float | None, horizon_unit: str,
 
 def _offline(problem: Problem, raw: dict[str, Tensor]) -> HyperGradient:
     raise HyperdiffError("curvature: method must be used online (its capabilities say offline="
-                         "False): hd.online.OnlineTuner(problem, method='curvature'), "
-                         "outer.mode = 'online' (got an offline call)")
+                         "False): hd.HyperOptimizer(problem, plan=hd.plans.OnlinePlan(...), "
+                         "method=hd.methods.curvature()), outer.mode = 'online' (got an offline "
+                         "call)")
 
 
 def curvature(horizon: float | None = 500, horizon_unit: str = "steps",

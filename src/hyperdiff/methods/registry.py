@@ -56,7 +56,8 @@ def method_constructor(name: str, caller: str = "HyperOptimizer") -> Callable[..
     offline = methods_where(offline=True)
     if name in METHODS and name not in offline:
         raise fail(caller, "method", f"one of {sorted(offline)} ({name!r} exists "
-                   "only in online tuning: hd.online.OnlineTuner, outer.mode = 'online')", name)
+                   "only in online tuning: plan=hd.plans.OnlinePlan(...), outer.mode = 'online')",
+                   name)
     if name not in METHODS:
         raise fail(caller, "method", f"one of {sorted(offline)}", name)
     return registered_constructor(name)

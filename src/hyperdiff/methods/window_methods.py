@@ -66,6 +66,12 @@ def window_method(name: str, problem: Problem, *, engine: str = "double_vjp",
     return method
 
 
+def window_name(method: Method) -> str:
+    """The online tuner's name of a configured ``method`` (in checkpoints and reports):
+    ``truncated(k)`` is ``"reverse"`` with ``backprop=k``."""
+    return "reverse" if method.name == "truncated" else method.name
+
+
 def _solver(solver: Solver | str) -> Solver:
     """The online solvers: ``"cg"`` is ``cg(maxiter=50)``, ``"neumann"`` 20 iterations."""
     if isinstance(solver, Solver):
@@ -78,4 +84,4 @@ def _solver(solver: Solver | str) -> Solver:
                "a hd.solvers.cg() / hd.solvers.neumann() Solver, 'cg' or 'neumann'", solver)
 
 
-__all__ = ["online_methods", "window_method"]
+__all__ = ["online_methods", "window_method", "window_name"]

@@ -1,3 +1,3 @@
-"""Outer loops: driver, sampler, guard, stopping, history, online tuning, discrete hooks,
-distribution over ranks (layer 4); knows no config, files or CLI.
+"""The one outer loop and its plans (offline, online), guard, stopping, history, discrete
+hooks, distribution over ranks (layer 4); knows no config, files or CLI.
 """

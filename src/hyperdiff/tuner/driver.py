@@ -1,25 +1,24 @@
-"""The outer loop as a library object: :class:`HyperOptimizer`.
+"""The one outer loop as a library object: :class:`HyperOptimizer`, driven by a plan.
 
 At outer step ``s`` with raw hyperparameters ``u_s`` (natural values ``lam_s = f(u_s)``)::
 
-    for each problem j (one, or one per cross-validation fold) and sample i < samples:
-        train T inner steps from theta_0 (or, with warm_start, from that slot's last theta)
-        with minibatch seed seed(s, i): theta_T(lam_s); L_ji = L_val(theta_T), g_ji = dL_ji/du
-    g_s = mean_ji g_ji   (spread: std_ji g_ji)
-    u_{s+1} = torch.optim step on g_s (Adam by default; optional clipping and cosine decay)
+    g_s, losses = plan.evaluate(s, u_s)     what the plan trains (tuner/plan.py):
+        offline: every problem (fold) j and sample i retrains T inner steps from theta_0 (or
+                 its warm start) with minibatch seed seed(s, i); g_s = mean_ji dL_ji/du
+        online:  the window [t, t+K) of the one training, from its current state
+    u_{s+1} = torch.optim step on g_s       (Adam by default; optional tying, normalizing,
+                                             clipping, cosine decay of the outer rate)
 
-The loop keeps the ``lam_s`` with the lowest *selection* loss, computed on a split the
-hypergradient never sees (the validation loss when there is no selection split), stops on a
-budget, on early stopping or on convergence, and survives divergence (see
-:mod:`hyperdiff.tuner.guard`). It is shaped like an Optuna study: :meth:`HyperOptimizer.step` runs
-one outer step and returns its immutable :class:`~hyperdiff.tuner.history.StepRecord`;
-:meth:`HyperOptimizer.run` loops until a stopping rule fires. :meth:`state_dict` holds all that a
-checkpoint needs to resume the run exactly.
-
-The trainings of a step (seeds, warm starts, ``samples="auto"``, the selection loss and the
-combined hypergradient) are :class:`~hyperdiff.tuner.sampler.Sampler`'s, the checks of the arguments
-and of a checkpoint are in :mod:`hyperdiff.tuner.driver_checks`, the stopping rules and the ranking
-of steps in :mod:`hyperdiff.tuner.stopping`.
+Everything around the plan is written once here: the outer optimizer and its leaves, the
+learning-rate schedule, the divergence guard with its snapshots (:mod:`hyperdiff.tuner.guard`),
+stopping and the best step (:mod:`hyperdiff.tuner.stopping`; an online plan has neither: it
+stops when its training ends and reports its final values), the records and the history, the
+callbacks, the progress bar, the clock, the checkpoint (:meth:`HyperOptimizer.state_dict`) and
+the discrete hooks (:mod:`hyperdiff.tuner.discrete_outer`: temperatures anneal over the plan's
+outer steps, REINFORCE estimates the logits' hypergradient in both plans). The loop is shaped
+like an Optuna study: :meth:`HyperOptimizer.step` runs one outer step and returns its immutable
+:class:`~hyperdiff.tuner.history.StepRecord`; :meth:`HyperOptimizer.run` loops until the plan
+or a stopping rule ends it.
 """
 
 from __future__ import annotations
@@ -33,85 +32,65 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hyperdiff.engine.data import FullBatch
 from hyperdiff.engine.problem import Problem
+from hyperdiff.engine.training import flat
 from hyperdiff.errors import (
-    HyperdiffError,
     NonFiniteError,
     fail,
     nonnegative_int,
     positive_float,
-    positive_int,
 )
 from hyperdiff.logs import get_logger
 from hyperdiff.methods.base import Method
-from hyperdiff.methods.registry import OPTIMIZERS, SCHEDULES, make_method, methods_where
-from hyperdiff.tuner.discrete_outer import outer_hook
-from hyperdiff.tuner.distributed.spread import spreader_for
-from hyperdiff.tuner.driver_checks import (
-    as_batches,
-    auto_samples,
-    check_driver_state,
-    check_problems,
-    check_selection,
-)
-from hyperdiff.tuner.guard import DivergenceGuard, untrained_loss
-from hyperdiff.tuner.history import (
-    History,
-    OptimizeResult,
-    StepRecord,
-    finite_or_none,
-    natural_values,
-    to_number,
-)
-from hyperdiff.tuner.sampler import Sampler
-from hyperdiff.tuner.snr import more_samples_advice
-from hyperdiff.tuner.stopping import Stopping, ranking_loss, ranking_name, tied
+from hyperdiff.methods.registry import OPTIMIZERS, SCHEDULES
+from hyperdiff.tuner.driver_checks import as_batches, check_problems
+from hyperdiff.tuner.guard import DivergenceGuard
+from hyperdiff.tuner.history import History, StepRecord, finite_or_none, natural_values
+from hyperdiff.tuner.offline_plan import OfflinePlan
+from hyperdiff.tuner.plan import Outcome, Plan
+from hyperdiff.tuner.stopping import Stopping, ranking_loss, tied
 from hyperdiff.typing import Batch
-from hyperdiff.wording import option
 
 Callback = Callable[["HyperOptimizer", StepRecord], None]
 _LOG = get_logger("driver")
+RECORD_FIELDS = ("train_loss", "val_loss", "val_loss_std", "selection_loss", "grad_norm",
+                 "grad_std", "grad_snr")
 
 
 class HyperOptimizer:
     """Hypergradient descent on the hyperparameters of one or more inner problems.
 
     Args:
-        problem: a :class:`~hyperdiff.engine.problem.Problem`, or a sequence of problems with the
-        same
-            hyperparameters (cross-validation folds) whose validation losses are averaged.
-        method: a :class:`~hyperdiff.methods.base.Method` usable offline or its name
-            (:data:`~hyperdiff.methods.registry.METHODS`).
+        problem: a :class:`~hyperdiff.engine.problem.Problem`, or a sequence of problems with
+            the same hyperparameters (cross-validation folds, offline) whose validation losses
+            are averaged.
+        plan: what one outer step trains: :class:`~hyperdiff.tuner.offline_plan.OfflinePlan`
+            (the default, built from ``samples``, ``max_samples`` and ``warm_start``) or
+            :class:`~hyperdiff.tuner.online_plan.OnlinePlan` (``hd.plans``).
+        method: a configured :class:`~hyperdiff.methods.base.Method` or its name
+            (:data:`~hyperdiff.methods.registry.METHODS`): usable offline for the offline
+            plan, with a segment for the online plan.
         optimizer: outer optimizer, a name in :data:`OPTIMIZERS` (default Adam).
-        lr: outer learning rate (raw units: 0.05 moves a log-constrained value by ~5%).
+        lr: outer learning rate (raw units: 0.05 moves a log-constrained value by ~5%); 0 is
+            allowed online (hypergradients are measured, values stay).
         clip: clip the raw hypergradient to this L2 norm (``None``: no clipping).
-        schedule: ``"cosine"`` (decay to 0 over ``stopping.max_steps``, the default, as in
-            ``hyperdiff run``) or ``"constant"``.
-        samples: trainings per step with different minibatch seeds; their hypergradients are
-            averaged (variance reduction), their spread and signal-to-noise ratio are recorded
-            (:mod:`hyperdiff.tuner.snr`), and a ratio below 1 is logged as a warning. ``"auto"``:
-            2 samples, then one more at a time until the ratio reaches 1 or ``max_samples``.
-        max_samples: the most samples per step with ``samples="auto"``.
+        schedule: ``"cosine"`` (decay to 0 over the plan's outer steps: ``stopping.max_steps``
+            offline, the run's windows online) or ``"constant"``.
+        normalize: divide each step's hypergradient ``g`` by ``||g||_2`` (all raw values
+            together) before the outer step.
+        samples, max_samples, warm_start: the offline plan's (``OfflinePlan``) when ``plan``
+            is not given; with a plan they keep their defaults.
         tie_steps: for the first ``tie_steps`` outer steps every vector hyperparameter moves as
-            one: its update uses the mean of its raw hypergradient over its entries (coarse to
-            fine: the shared level is found before the entries spread; a defence against
-            fitting the validation set with many hyperparameters). 0: off.
-        warm_start: start each step's training from the previous step's theta_T.
-        selection: batches of a split never used for hypergradients; when given, the best
-            step and early stopping use its loss (``problem.val_loss`` on these batches). It
-            is evaluated once at theta_0 here, so that batches the loss cannot take fail at
-            once. Without it a warning is logged: the best step is then picked by the loss
-            the hypergradient descends (as ``hyperdiff run`` with ``task.selection_fraction =
-            0``).
-        seed: base of the per-step minibatch seeds.
-        stopping: the :class:`Stopping` rules.
-        shrink, max_failures, max_loss_ratio: the divergence guard (:mod:`hyperdiff.tuner.guard`):
-            a step fails when training diverges, a loss exceeds ``max_loss_ratio`` x
-            max(|initial loss|, 1), or a value leaves its constraint.
-        process_group: spread the trainings of each step over the ranks of this
-            ``torch.distributed`` group (``None``: the initialised default group, if any; see
-            :mod:`hyperdiff.tuner.distributed`). Every rank then holds the single-process result.
+            one: its update uses the mean of its raw hypergradient over its entries. 0: off.
+        selection: batches of a split never used for hypergradients; offline the best step
+            and early stopping use its loss; online it is recorded every ``eval_every``
+            windows and at the last one.
+        seed: base of the minibatch seeds (offline) or of the validation draws (online), and
+            of the discrete draws.
+        stopping: the :class:`Stopping` rules (offline).
+        shrink, max_failures, max_loss_ratio: the divergence guard (:mod:`hyperdiff.tuner.guard`).
+        process_group: offline: spread the trainings of each step over the ranks of this
+            ``torch.distributed`` group (``None``: the initialised default group, if any).
 
     >>> import torch, hyperdiff as hd
     >>> from hyperdiff.tuner.driver import HyperOptimizer, Stopping
@@ -130,11 +109,13 @@ class HyperOptimizer:
         self,
         problem: Problem | Sequence[Problem],
         *,
+        plan: Plan | None = None,
         method: Method | str = "reverse",
         optimizer: str = "adam",
         lr: float = 0.05,
         clip: float | None = None,
         schedule: str = "cosine",
+        normalize: bool = False,
         samples: int | str = 1,
         max_samples: int = 16,
         tie_steps: int = 0,
@@ -147,59 +128,70 @@ class HyperOptimizer:
         max_loss_ratio: float = 1e6,
         process_group: Any = None,
     ):
+        if plan is None:
+            plan = OfflinePlan(samples=samples, max_samples=max_samples, warm_start=warm_start)
+        else:
+            offline = {"samples": (samples, 1), "max_samples": (max_samples, 16),
+                       "warm_start": (warm_start, False)}
+            for key, (value, default) in offline.items():
+                if value is not default and value != default:
+                    raise fail("HyperOptimizer", key, f"its default {default!r} when a plan is "
+                               "given (the offline plan takes it: hd.plans.OfflinePlan; an "
+                               "online window continues one training)", value)
+        self.plan = plan
+        caller = plan.caller
         self.problems = check_problems(problem)
         self.hparams = self.problems[0].hparams
-        self.method = make_method(method) if isinstance(method, str) else method
-        if not isinstance(self.method, Method) or not self.method.capabilities.offline:
-            raise fail("HyperOptimizer", "method", "a Method usable offline or one of "
-                       f"{sorted(methods_where(offline=True))}", self.method)
+        self.method: Any = method
         if optimizer not in OPTIMIZERS:
-            raise fail("HyperOptimizer", "optimizer", f"one of {sorted(OPTIMIZERS)}", optimizer)
+            raise fail(caller, "optimizer", f"one of {sorted(OPTIMIZERS)}", optimizer)
         if schedule not in SCHEDULES:
-            raise fail("HyperOptimizer", "schedule", f"one of {list(SCHEDULES)}", schedule)
-        self.lr = positive_float("HyperOptimizer", "lr", lr)
-        self.clip = None if clip is None else positive_float("HyperOptimizer", "clip", clip)
+            raise fail(caller, "schedule", f"one of {list(SCHEDULES)}", schedule)
+        self.lr = (float(lr) if lr == 0 and plan.zero_lr
+                   else positive_float(caller, "lr", lr))
+        self.clip = None if clip is None else positive_float(caller, "clip", clip)
         self.schedule = schedule
-        self.auto = auto_samples(samples, max_samples)
-        self.samples = self.auto.maximum if self.auto else positive_int(
-            "HyperOptimizer", "samples", samples)  # the stride of seeds and warm slots
-        self.tie_steps = nonnegative_int("HyperOptimizer", "tie_steps", tie_steps)
-        self.warm_start = bool(warm_start)
+        if not isinstance(normalize, bool):
+            raise fail(caller, "normalize", "True or False", normalize)
+        self.normalize = normalize
+        self.tie_steps = nonnegative_int(caller, "tie_steps", tie_steps)
         self.selection = as_batches(selection)
-        check_selection(self.problems[0], self.selection)
-        if self.auto is None and self.samples == 1 and not all(
-                isinstance(p.train_data, FullBatch) for p in self.problems):
-            _LOG.info("HyperOptimizer: %s with minibatches: the hypergradient's noise is "
-                      "not measured; %s measures its signal-to-noise ratio and draws enough "
-                      "samples", option("samples=1", "outer.samples = 1"),
-                      more_samples_advice(False, 1))
-        self.seed = nonnegative_int("HyperOptimizer", "seed", seed)
+        self.seed = nonnegative_int(caller, "seed", seed)
         self.stopping = stopping or Stopping()
         self.guard = DivergenceGuard(shrink=shrink, max_failures=max_failures,
-                                     max_loss_ratio=max_loss_ratio)
-        self.leaves = {n: v.clone().requires_grad_() for n, v in self.hparams.raw.items()}
-        optim_class = getattr(torch.optim, OPTIMIZERS[optimizer])
-        self.optimizer = optim_class(list(self.leaves.values()), lr=self.lr)
+                                     max_loss_ratio=max_loss_ratio, caller=caller)
+        self.process_group = process_group
+        self.discrete: Any = None  # the plan's discrete hook (tuner/discrete_outer.py)
         self.history = History()
         self.step_index = 0
         self.best: dict[str, Any] | None = None
         self.since_best = 0
         self.stopped: str | None = None
-        self.discrete = outer_hook(self.hparams, seed=self.seed, samples=self.samples,
-                                   max_steps=self.stopping.max_steps, folds=len(self.problems))
         self._elapsed = 0.0
         self._clock: float | None = None
-        self.spreader = spreader_for(self.method, process_group)
-        self.sampler = Sampler(self.problems, self.method, samples=self.samples, auto=self.auto,
-                               seed=self.seed, selection=self.selection,
-                               warm_start=self.warm_start, discrete=self.discrete,
-                               spreader=self.spreader)
+        plan.bind(self)
+        raw = self.hparams.raw
+        self.leaves = ([self.hparams.flatten(raw).clone().requires_grad_()] if plan.flat_leaf
+                       else [v.clone().requires_grad_() for v in raw.values()])
+        self.optimizer = getattr(torch.optim, OPTIMIZERS[optimizer])(self.leaves, lr=self.lr)
 
     # ------------------------------------------------------------------ public loop
     @property
     def raw(self) -> dict[str, Tensor]:
         """Current raw values (detached copies)."""
-        return {n: v.detach().clone() for n, v in self.leaves.items()}
+        if self.plan.flat_leaf:
+            values = self.hparams.unflatten(self.leaves[0].detach())
+            return {n: v.clone() for n, v in values.items()}
+        return {n: v.detach().clone() for n, v in zip(self.hparams, self.leaves, strict=True)}
+
+    def set_raw(self, raw: dict[str, Tensor]) -> None:
+        """Put ``raw`` into the outer optimizer's leaves (its state is kept)."""
+        with torch.no_grad():
+            if self.plan.flat_leaf:
+                self.leaves[0].copy_(self.hparams.flatten(raw))
+            else:
+                for name, leaf in zip(self.hparams, self.leaves, strict=True):
+                    leaf.copy_(raw[name])
 
     @property
     def elapsed(self) -> float:
@@ -208,36 +200,35 @@ class HyperOptimizer:
 
     @property
     def trainings(self) -> int:
-        """Trainings run so far, across resumes (a failed step counts those it started)."""
-        return self.sampler.trainings
+        """Trainings run so far, as the records count them (offline: cumulative)."""
+        return self.plan.trainings(self)
 
     @property
-    def warm(self) -> list[Any]:
-        """Each slot's last ``(params, buffers)`` with warm starts, else ``None`` (see
-        :class:`~hyperdiff.tuner.sampler.Sampler`)."""
-        return self.sampler.warm
+    def done(self) -> bool:
+        """Finished: a stopping rule fired, or the plan is done."""
+        return self.stop_reason() is not None
 
-    def seed_for(self, step: int, sample: int) -> int:
-        """Minibatch seed of ``sample`` at outer ``step``."""
-        return self.sampler.seed_for(step, sample)
+    def where(self) -> str:
+        """How far the loop is, for log lines: ``"outer step 3"``, ``"inner step 40"``."""
+        return self.plan.where(self)
 
     def stop_reason(self) -> str | None:
         """Why the loop should stop now, or ``None`` to go on."""
-        return self.stopped or self.stopping.reason(
-            steps=self.step_index, elapsed=self.elapsed, since_best=self.since_best,
-            has_selection=bool(self.selection))
+        return self.stopped or self.plan.stop_reason(self)
 
-    def run(self, callbacks: Sequence[Callback] = (), progress: bool | None = False
-            ) -> OptimizeResult:
-        """Call :meth:`step` until :meth:`stop_reason` fires; return the result.
+    def run(self, callbacks: Sequence[Callback] = (), progress: bool | None = False) -> Any:
+        """Call :meth:`step` until :meth:`stop_reason` fires; return the plan's result
+        (offline :class:`~hyperdiff.tuner.history.OptimizeResult`, online
+        :class:`~hyperdiff.tuner.online_plan.OnlineResult` with the trained model).
 
         ``callbacks(optimizer, record)`` run after every step (also after a failed one that
         ends the run). ``progress``: a tqdm bar (``None``: only on a terminal).
         """
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=self.stopping.max_steps, initial=self.step_index, unit="step",
-                   disable=None if progress is None else not progress, leave=True)
+        bar = tqdm(total=self.plan.schedule_position(self, self.step_index)[1],
+                   initial=self.step_index, unit="step",
+                   disable=None if progress is None else not progress, leave=self.plan.ranks)
         try:
             while self.stop_reason() is None:
                 try:
@@ -255,20 +246,9 @@ class HyperOptimizer:
             bar.close()
         return self.result()
 
-    def result(self) -> OptimizeResult:
-        """The best hyperparameters so far, the history and the stop reason."""
-        if self.best is None:
-            raise HyperdiffError("HyperOptimizer: no successful step yet, so no result")
-        return OptimizeResult(
-            best_raw=dict(self.best["raw"]),
-            best_hparams=self.hparams.with_raw(self.best["raw"]),
-            best_step=int(self.best["step"]),
-            best_loss=float(self.best["value"]),
-            criterion=ranking_name(self.tie_steps, self.selection is not None),
-            final_raw=self.raw,
-            history=History(list(self.history)),
-            stop_reason=self.stop_reason() or "not finished",
-        )
+    def result(self) -> Any:
+        """The plan's result: the best (offline) or final (online) values and the history."""
+        return self.plan.result(self)
 
     def step(self) -> StepRecord:
         """One outer step: train, hypergradient, update; return its record.
@@ -279,98 +259,94 @@ class HyperOptimizer:
         if self._clock is None:
             self._clock = time.perf_counter() - self._elapsed
         started = time.perf_counter()
-        step, raw = self.step_index, self.raw
-        snapshot = {"raw": raw, "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-                    "warm": list(self.warm)}
+        step, stored = self.step_index, self.raw
+        snapshot = self._snapshot(stored)
         lr = self.learning_rate(step)
-        self.sampler.trainings += self.sampler.first_round
+        raw = self.plan.begin(self, step)
         try:
             self.guard.check_values(self.hparams, raw)
-            evaluations, selection = self.sampler.evaluate(step, raw)
-            self.guard.check_losses([hg.value for hg in evaluations], selection,
-                                    untrained=lambda: self._untrained(raw))
+            outcome = self.plan.evaluate(self, step, raw)
+            self._update(outcome.grad, step, lr)
+            selection = self.plan.selection_loss(self, outcome)
+            self.guard.check_losses(outcome.values, selection, untrained=outcome.untrained)
         except NonFiniteError as err:
             return self._failed(step, raw, lr, str(err), started)
         self.guard.succeeded(snapshot)
-        grads, values, mean, per_sample, snr, discrete = self.sampler.estimate(
-            step, raw, evaluations)
-        self._update(tied(self.hparams.unflatten(mean)) if step < self.tie_steps
-                     else self.hparams.unflatten(mean), lr)
-        val = float(values.mean())
-        is_best = self._rank(step, raw, val, selection)
-        moved = max(float((self.leaves[n].detach() - raw[n]).abs().max()) for n in raw)
-        grad_norm = float(mean.norm())
-        if grad_norm < self.stopping.grad_tol or moved < self.stopping.step_tol:
-            self.stopped = (f"converged: hypergradient norm {grad_norm:.3g}, largest raw step "
-                            f"{moved:.3g}")
-        return self._record(
-            step, raw, started, status="ok", lr=lr, best=is_best,
-            train_loss=sum(hg.train_loss for hg in evaluations) / len(evaluations),
-            val_loss=val,
-            val_loss_std=float(values.std()) if len(values) > 1 else 0.0,
-            selection_loss=selection, grad_norm=grad_norm,
-            grad_std=float(grads.std(0).norm()) if len(grads) > 1 else None,
-            grad={n: to_number(g) for n, g in self.hparams.unflatten(mean).items()},
-            grad_snr=snr, samples=per_sample.shape[0],
-            discrete=discrete,
-        )
+        if self.discrete is not None:
+            self.discrete.commit()
+        best = False
+        if self.plan.ranks:
+            best = self._rank(step, raw, outcome.fields["val_loss"], selection)
+            self._converged(stored, outcome.fields["grad_norm"])
+        record = self._make_record(step, raw, started, status="ok", lr=lr, best=best,
+                                   selection_loss=selection, **outcome.fields)
+        record = self.plan.commit(self, outcome, record)
+        return self._append(record)
 
     def learning_rate(self, step: int) -> float:
-        """Outer learning rate of ``step``: base x guard scale x schedule."""
-        factor = 1.0
-        if self.schedule == "cosine":
-            factor = 0.5 * (1.0 + math.cos(math.pi * step / self.stopping.max_steps))
-        return self.lr * self.guard.scale * factor
+        """Outer learning rate of ``step``: base x guard scale x schedule, the cosine over the
+        plan's outer steps (offline: ``step / max_steps``; online: the window's first inner
+        step over the run's windows)."""
+        return self.lr * self.guard.scale * schedule_factor(
+            self.schedule, *self.plan.schedule_position(self, step))
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly (the history is kept by the caller)."""
-        return {
-            "step": self.step_index, "raw": self.raw, "optimizer": self.optimizer.state_dict(),
-            "guard": self.guard.state_dict(), "best": self.best, "since_best": self.since_best,
-            "warm": self.warm, "elapsed": self.elapsed, "trainings": self.trainings,
-            "stopped": self.stopped, "rng": torch.get_rng_state(),
-            **({} if self.discrete is None else {"discrete": self.discrete.state_dict()}),
-        }
-
-    def load_state_dict(self, state: dict[str, Any], history: Sequence[StepRecord]) -> None:
-        """Restore :meth:`state_dict` and the first ``state["step"]`` history records."""
-        check_driver_state(self, state, history)
-        with torch.no_grad():
-            for name, leaf in self.leaves.items():
-                leaf.copy_(state["raw"][name])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.guard.load_state_dict(state["guard"])
-        self.best, self.since_best = state["best"], int(state["since_best"])
-        self.sampler.warm = list(state["warm"])
-        self.sampler.trainings = int(state["trainings"])
-        self.step_index, self.stopped = int(state["step"]), state["stopped"]
-        self._elapsed, self._clock = float(state["elapsed"]), None
-        self.history = History(list(history))
-        torch.set_rng_state(state["rng"])
+        """Everything needed to resume exactly: the loop's entries and the plan's."""
+        state = {"step": self.step_index, "raw": self.raw, "elapsed": self.elapsed,
+                 self.plan.optimizer_key: self.optimizer.state_dict(),
+                 "guard": self.guard.state_dict()}
+        if self.plan.ranks:
+            state.update(best=self.best, since_best=self.since_best, stopped=self.stopped)
         if self.discrete is not None:
+            state["discrete"] = self.discrete.state_dict()
+        return {**state, **self.plan.state_dict(self)}
+
+    def load_state_dict(self, state: dict[str, Any],
+                        history: Sequence[StepRecord] | None = None) -> None:
+        """Restore :meth:`state_dict` and the first ``state["step"]`` history records (given,
+        or, online, those the state holds). A state that does not fit is refused whole
+        before anything is changed."""
+        records = self.plan.load_state_dict(self, state, history)
+        self.set_raw(state["raw"])
+        self.optimizer.load_state_dict(state[self.plan.optimizer_key])
+        if "guard" in state:  # online checkpoints written before the online guard have none
+            self.guard.load_state_dict(copy.deepcopy(state["guard"]))
+        if self.plan.ranks:
+            self.best, self.since_best = state["best"], int(state["since_best"])
+            self.stopped = state["stopped"]
+        if self.discrete is not None and "discrete" in state:
             self.discrete.load_state_dict(state["discrete"])
+        self.step_index = int(state["step"])
+        self._elapsed, self._clock = float(state["elapsed"]), None
+        self.history = History(list(records))
 
     # ------------------------------------------------------------------ internals
-    def _update(self, grad: dict[str, Tensor], lr: float) -> None:
+    def _snapshot(self, raw: dict[str, Tensor]) -> dict[str, Any]:
+        """The guard's snapshot before a step: raw values, outer optimizer, the plan's part."""
+        return {"raw": raw,
+                self.plan.optimizer_key: copy.deepcopy(self.optimizer.state_dict()),
+                **self.plan.snapshot()}
+
+    def _update(self, grad: dict[str, Tensor], step: int, lr: float) -> None:
+        """One outer step on ``grad`` (float64 by name): tied, normalized, clipped."""
+        if step < self.tie_steps:
+            grad = tied(grad)
+        if self.normalize:
+            norm = float(flat(grad.values()).norm())
+            grad = {n: g / norm for n, g in grad.items()} if norm > 0 else grad
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        for name, leaf in self.leaves.items():
-            leaf.grad = grad[name].detach().to(device=leaf.device, dtype=leaf.dtype, copy=True)
+        if self.plan.flat_leaf:
+            self.leaves[0].grad = self.hparams.flatten(grad)
+        else:
+            for name, leaf in zip(self.hparams, self.leaves, strict=True):
+                leaf.grad = grad[name].detach().to(device=leaf.device, dtype=leaf.dtype,
+                                                   copy=True)
         if self.clip is not None:
-            torch.nn.utils.clip_grad_norm_(list(self.leaves.values()), self.clip)
+            torch.nn.utils.clip_grad_norm_(self.leaves, self.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-
-    def _untrained(self, raw: dict[str, Tensor]) -> dict[str, float]:
-        """The untrained model's mean validation (and selection) loss over the problems at
-        ``raw``: the divergence guard's reference for the first step's losses."""
-        losses = {"validation": [untrained_loss(p, p.params, p.buffers, raw)
-                                 for p in self.problems]}
-        if self.selection is not None:
-            losses["selection"] = [untrained_loss(p, p.params, p.buffers, raw, self.selection)
-                                   for p in self.problems]
-        return {kind: sum(values) / len(values) for kind, values in losses.items()}
 
     def _rank(self, step: int, raw: dict[str, Tensor], val: float, selection: float | None
               ) -> bool:
@@ -388,35 +364,60 @@ class HyperOptimizer:
             self.since_best += 1
         return is_best
 
+    def _converged(self, before: dict[str, Tensor], grad_norm: float) -> None:
+        """Stop when the hypergradient or the raw step is below its tolerance."""
+        after = self.raw
+        moved = max(float((after[n] - before[n]).abs().max()) for n in before)
+        if grad_norm < self.stopping.grad_tol or moved < self.stopping.step_tol:
+            self.stopped = (f"converged: hypergradient norm {grad_norm:.3g}, largest raw step "
+                            f"{moved:.3g}")
+
     def _failed(self, step: int, raw: dict[str, Tensor], lr: float, reason: str,
                 started: float) -> StepRecord:
-        self.since_best += 1
+        """Go back to the guard's last good snapshot and record the failure; re-raise when
+        the guard gives up."""
+        for leaf in self.leaves:
+            leaf.grad = None
+        if self.plan.ranks:
+            self.since_best += 1
         try:
             good, message = self.guard.failed(step, reason)
         except NonFiniteError as err:
             self.stopped = "diverged"
-            self._record(step, raw, started, status="failed", lr=lr, message=str(err))
+            self._append(self._make_record(step, raw, started, status="failed", lr=lr,
+                                           message=str(err)))
             raise
-        with torch.no_grad():
-            for name, leaf in self.leaves.items():
-                leaf.copy_(good["raw"][name])
-        self.optimizer.load_state_dict(copy.deepcopy(good["optimizer"]))
-        self.sampler.warm = list(good["warm"])
-        return self._record(step, raw, started, status="failed", lr=lr, message=message)
+        self.set_raw(good["raw"])
+        self.optimizer.load_state_dict(copy.deepcopy(good[self.plan.optimizer_key]))
+        self.plan.restore(good)
+        message = self.plan.failure_note(self, message)
+        return self._append(self._make_record(step, raw, started, status="failed", lr=lr,
+                                              message=message))
 
-    def _record(self, step: int, raw: dict[str, Tensor], started: float, *, status: str,
-                lr: float, best: bool = False, message: str = "", **losses: Any) -> StepRecord:
-        fields = ("train_loss", "val_loss", "val_loss_std", "selection_loss", "grad_norm",
-                  "grad_std")
-        record = StepRecord(
+    def _make_record(self, step: int, raw: dict[str, Tensor], started: float, *, status: str,
+                     lr: float, best: bool = False, message: str = "", **fields: Any
+                     ) -> StepRecord:
+        return StepRecord(
             step=step, hparams=natural_values(self.hparams, raw), status=status,
-            **{k: finite_or_none(losses.get(k)) for k in fields}, grad=losses.get("grad"),
-            discrete=losses.get("discrete"),
+            **{k: finite_or_none(fields.get(k)) for k in RECORD_FIELDS},
+            grad=fields.get("grad"), discrete=fields.get("discrete"),
             lr=lr, best=best, trainings=self.trainings, message=message,
             time_s=self.elapsed, step_time_s=time.perf_counter() - started,
-            grad_snr=finite_or_none(losses.get("grad_snr")), samples=losses.get("samples"),
+            samples=fields.get("samples"),
         )
+
+    def _append(self, record: StepRecord) -> StepRecord:
         self.history.append(record)
         self.step_index += 1
         return record
 
+
+def schedule_factor(schedule: str, index: int, total: int) -> float:
+    """The outer learning rate's factor at outer step ``index`` of ``total``: 1 for
+    ``"constant"``, ``(1 + cos(pi index / total)) / 2`` for ``"cosine"``."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * index / total))
+    return 1.0
+
+
+__all__ = ["Callback", "HyperOptimizer", "Outcome", "Stopping", "schedule_factor"]

@@ -134,10 +134,12 @@ def check_resume(state: dict[str, Any], *, records: int, slots: int) -> None:
         )
 
 
-def check_driver_state(driver: Any, state: dict[str, Any], records: Sequence[Any]) -> None:
-    """A checkpoint ``state`` of :class:`~hyperdiff.tuner.driver.HyperOptimizer` ``driver`` must be
-    shaped like the driver's own (:mod:`hyperdiff.tuner.state_checks`) and its counters those of
-    the ``records`` on disk: the best step and the steps since, the trainings, the guard's."""
+def check_driver_state(driver: Any, plan: Any, state: dict[str, Any],
+                       records: Sequence[Any]) -> None:
+    """A checkpoint ``state`` of :class:`~hyperdiff.tuner.driver.HyperOptimizer` ``driver`` with
+    the offline ``plan`` must be shaped like the driver's own
+    (:mod:`hyperdiff.tuner.state_checks`) and its counters those of the ``records`` on disk:
+    the best step and the steps since, the trainings, the guard's."""
     caller = "HyperOptimizer"
     fresh = driver.state_dict()
     if missing := sorted(set(fresh) - set(state)):
@@ -146,7 +148,7 @@ def check_driver_state(driver: Any, state: dict[str, Any], records: Sequence[Any
     if unknown := sorted(map(str, set(state) - set(fresh))):
         raise damaged(caller, "the state", f"a dict without the entries {unknown}",
                       "a dict with them")
-    check_resume(state, records=len(records), slots=len(driver.warm))
+    check_resume(state, records=len(records), slots=len(plan.warm))
     check_optimizer_state(driver.optimizer, state["optimizer"])
     for key in ("step", "raw", "since_best", "elapsed", "trainings", "rng"):
         check_like(caller, key, state[key], fresh[key])
@@ -157,7 +159,7 @@ def check_driver_state(driver: Any, state: dict[str, Any], records: Sequence[Any
         check_like(caller, "discrete", state["discrete"],
                    {"moving_average": None if average is None else 0.0})
     check_optimizer_shapes(caller, "optimizer", driver.optimizer, state["optimizer"])
-    check_warm(driver, state["warm"])
+    check_warm(plan, state["warm"])
     check_best(caller, state["best"], fresh["raw"], state["since_best"], records)
     check_count(caller, "trainings", state["trainings"],
                 records[-1].trainings if records else 0, "those of the last record")
@@ -167,12 +169,12 @@ def check_driver_state(driver: Any, state: dict[str, Any], records: Sequence[Any
                       driver.guard.shrink)
 
 
-def check_warm(driver: Any, warm: list[Any]) -> None:
+def check_warm(plan: Any, warm: list[Any]) -> None:
     """Each warm slot ``None`` or ``(params, buffers)`` like its problem's (fold-major slots);
-    ``None`` everywhere without warm starts."""
+    ``None`` everywhere without warm starts (``plan``: the offline plan)."""
     for slot, saved in enumerate(warm):
-        problem = driver.problems[slot // driver.samples]
-        like = None if saved is None or not driver.warm_start else (problem.params,
+        problem = plan.problems[slot // plan.samples]
+        like = None if saved is None or not plan.warm_start else (problem.params,
                                                                      problem.buffers)
         check_like("HyperOptimizer", f"warm[{slot}]", saved, like)
 

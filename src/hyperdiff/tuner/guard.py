@@ -189,3 +189,17 @@ def untrained_loss(problem: Problem, params: Params, buffers: Params, raw: dict[
         if problem.initialization is not None:
             params = initial_state(problem, hview, differentiable=False).params
         return float(validation_loss(problem, params, buffers, hview))
+
+
+def untrained_losses(problems: Sequence[Problem], raw: dict[str, Tensor],
+                     val_data: list[Batch] | None, selection: list[Batch] | None
+                     ) -> dict[str, float]:
+    """The untrained models' mean validation loss over ``problems`` at ``raw`` (on
+    ``val_data``, default each problem's), and their mean ``selection`` loss if given: the
+    guard's reference for the first step's losses (``{"validation": U, "selection": U_sel}``)."""
+    losses = {"validation": [untrained_loss(p, p.params, p.buffers, raw, val_data)
+                             for p in problems]}
+    if selection is not None:
+        losses["selection"] = [untrained_loss(p, p.params, p.buffers, raw, selection)
+                               for p in problems]
+    return {kind: sum(values) / len(values) for kind, values in losses.items()}

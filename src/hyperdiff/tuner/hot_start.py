@@ -36,7 +36,7 @@ from hyperdiff.engine.training import initial_state
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.hparams.schedules import Schedule
 from hyperdiff.tuner.history import StepRecord, natural_values
-from hyperdiff.tuner.online_run import OnlineRun
+from hyperdiff.tuner.online_run import Loop, OnlineRun
 from hyperdiff.wording import option
 
 _LOG = logging.getLogger("hyperdiff.online")
@@ -123,44 +123,45 @@ def hot_start_message(steps: int, ratio: float, mode: str, restarted: bool) -> s
     return f"{found}; rerun from a smaller initial learning rate, or use {restart}"
 
 
-def measure_hot_start(tuner: OnlineRun, record: StepRecord, start: int, stop: int) -> bool:
+def measure_hot_start(run: OnlineRun, loop: Loop, record: StepRecord, start: int,
+                      stop: int) -> bool:
     """At the window (``record``, steps ``start .. stop-1``) that reaches :data:`FRACTION` of
-    the run, first pass only: take the measure into ``tuner.hot_start_measure`` and log the
+    the run, first pass only: take the measure into ``run.hot_start_measure`` and log the
     message above :data:`LIMIT`; True when the run is to start over (``hot_start="restart"``
     and the window is not the run's last)."""
-    target = math.ceil(FRACTION * tuner.problem.steps)
-    if tuner.hot_start == "ignore" or tuner.restarted or not start < target <= stop:
+    target = math.ceil(FRACTION * run.problem.steps)
+    if run.hot_start == "ignore" or run.restarted or not start < target <= stop:
         return False
-    current = natural_values(tuner.hparams, tuner.raw)
-    tuner.hot_start_measure = hot_start_ratio(tuner.problem, [*tuner.history, record],
-                                              tuner.window, current)
-    if tuner.hot_start_measure is None or tuner.hot_start_measure[1] <= LIMIT:
+    current = natural_values(loop.hparams, loop.raw)
+    run.hot_start_measure = hot_start_ratio(run.problem, [*loop.history, record], run.window,
+                                            current)
+    if run.hot_start_measure is None or run.hot_start_measure[1] <= LIMIT:
         return False
-    tuner.restarted = tuner.hot_start == "restart" and stop < tuner.problem.steps
-    _LOG.warning("OnlineTuner: %s", hot_start_warnings(tuner)[0])
-    return tuner.restarted
+    run.restarted = run.hot_start == "restart" and stop < run.problem.steps
+    _LOG.warning("OnlineTuner: %s", hot_start_warnings(run)[0])
+    return run.restarted
 
 
-def restart_cooler(tuner: OnlineRun) -> None:
-    """Start ``tuner``'s run over from theta_0 at step 0 (parameters, buffers, optimizer state,
-    tangents) with its current values, the learning rate divided by the measured ratio; that
-    becomes the divergence guard's last good point."""
-    assert tuner.hot_start_measure is not None
-    raw = cooled(tuner.problem, tuner.raw, tuner.hot_start_measure[1])
+def restart_cooler(run: OnlineRun, loop: Loop) -> None:
+    """Start ``run`` over from theta_0 at step 0 (parameters, buffers, optimizer state,
+    tangents) with ``loop``'s current values, the learning rate divided by the measured ratio;
+    that becomes the divergence guard's last good point."""
+    assert run.hot_start_measure is not None
+    raw = cooled(run.problem, loop.raw, run.hot_start_measure[1])
+    loop.set_raw(raw)
     with torch.no_grad():
-        tuner.flat.copy_(tuner.hparams.flatten(raw))
-        tuner.state = initial_state(tuner.problem, differentiable=False)
-    tuner.tangent, tuner.inner_step = None, 0
-    tuner.guard.succeeded({"raw": tuner.raw,
-                           "outer": copy.deepcopy(tuner.optimizer.state_dict())})
+        run.state = initial_state(run.problem, differentiable=False)
+    run.tangent, run.inner_step = None, 0
+    loop.guard.succeeded({"raw": loop.raw,
+                          "outer": copy.deepcopy(loop.optimizer.state_dict())})
 
 
-def hot_start_warnings(tuner: OnlineRun) -> tuple[str, ...]:
-    """The hot-start message of ``tuner``'s run, if its measure exceeded :data:`LIMIT`."""
-    measured = tuner.hot_start_measure
+def hot_start_warnings(run: OnlineRun) -> tuple[str, ...]:
+    """The hot-start message of ``run``, if its measure exceeded :data:`LIMIT`."""
+    measured = run.hot_start_measure
     if measured is None or measured[1] <= LIMIT:
         return ()
-    return (hot_start_message(*measured, tuner.hot_start, tuner.restarted),)
+    return (hot_start_message(*measured, run.hot_start, run.restarted),)
 
 
 __all__ = ["FRACTION", "LIMIT", "MODES", "cooled", "hot_start_message", "hot_start_ratio",

@@ -1,10 +1,13 @@
-"""Saving and restoring an online run: everything a resumed run needs to continue bit for bit.
+"""The online plan's part of a checkpoint: what a resumed online run needs beyond the loop's.
 
-The state is plain tensors, numbers and strings (``torch.save`` / weights-only loading): the
-parameters, buffers and inner optimizer state, the raw values and the outer optimizer's state,
-the carried tangents (forward mode's, curvature's), the step counters (which fix the data
-position: minibatches and dropout masks are functions of ``(seed, step)``, validation draws of
-``(seed, h)``), the records, the divergence guard and the hot-start measure.
+The outer loop (:meth:`~hyperdiff.tuner.driver.HyperOptimizer.state_dict`) saves the raw values,
+the outer optimizer's state (under ``"outer"``), the guard, the step and the clock; the online
+plan adds plain tensors, numbers and strings (``torch.save`` / weights-only loading): the
+parameters, buffers and inner optimizer state, the carried tangents (forward mode's,
+curvature's), the inner step (which fixes the data position: minibatches and dropout masks are
+functions of ``(seed, step)``, validation draws of ``(seed, h)``), the records and the
+hot-start measure. The layout is the one the online tuner wrote before the one loop, so its
+checkpoints resume unchanged.
 
 :func:`check_tuner_state` refuses a damaged state before anything uses it (one
 :mod:`hyperdiff.tuner.state_checks` error naming the entry): every entry shaped like the tuner's own
@@ -18,20 +21,17 @@ the failed records.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 from typing import Any
-
-import torch
 
 from hyperdiff.engine.training import TrainState
 from hyperdiff.errors import HyperdiffError, fail
 from hyperdiff.tree import tree_flatten, tree_unflatten
 from hyperdiff.tuner.driver_checks import check_optimizer_state
-from hyperdiff.tuner.history import History, StepRecord
+from hyperdiff.tuner.history import StepRecord
 from hyperdiff.tuner.hot_start import FRACTION
-from hyperdiff.tuner.online_run import OnlineRun
+from hyperdiff.tuner.online_run import Loop, OnlineRun
 from hyperdiff.tuner.state_checks import (
     check_count,
     check_guard_state,
@@ -43,71 +43,66 @@ from hyperdiff.tuner.state_checks import (
 
 FORMAT = "hyperdiff-online-1"
 CALLER = "OnlineTuner.load_state_dict"
-OPTIONAL = ("guard", "hot_start", "restarted")  # absent from checkpoints of older versions
+# absent from checkpoints of older versions (discrete: before REINFORCE and annealing online)
+OPTIONAL = ("guard", "hot_start", "restarted", "discrete")
 
 
-def tuner_state(tuner: OnlineRun) -> dict[str, Any]:
-    """``tuner``'s state as a dict (copies)."""
-    opt_leaves = tree_flatten(tuner.state.opt_state)[0]
-    tangent = None if tuner.tangent is None else tree_flatten(tuple(tuner.tangent))[0]
+def tuner_state(run: OnlineRun, loop: Loop) -> dict[str, Any]:
+    """The online plan's entries of the checkpoint (copies)."""
+    opt_leaves = tree_flatten(run.state.opt_state)[0]
+    tangent = None if run.tangent is None else tree_flatten(tuple(run.tangent))[0]
     return {
-        "format": FORMAT, "method": tuner.method, "window": tuner.window,
-        "step": tuner.hyper_step, "inner_step": tuner.inner_step, "elapsed": tuner._elapsed,
-        "raw": tuner.raw, "outer": tuner.optimizer.state_dict(),
-        "params": {k: v.clone() for k, v in tuner.state.params.items()},
-        "buffers": {k: v.clone() for k, v in tuner.state.buffers.items()},
+        "format": FORMAT, "method": run.label, "window": run.window,
+        "inner_step": run.inner_step,
+        "params": {k: v.clone() for k, v in run.state.params.items()},
+        "buffers": {k: v.clone() for k, v in run.state.buffers.items()},
         "opt_state": [x.clone() for x in opt_leaves],
         "tangent": None if tangent is None else [z.clone() for z in tangent],
-        "history": [r.to_json() for r in tuner.history],
-        "guard": copy.deepcopy(tuner.guard.state_dict()),
-        "hot_start": None if tuner.hot_start_measure is None else list(tuner.hot_start_measure),
-        "restarted": tuner.restarted,
+        "history": [r.to_json() for r in loop.history],
+        "hot_start": None if run.hot_start_measure is None else list(run.hot_start_measure),
+        "restarted": run.restarted,
     }
 
 
-def restore_tuner(tuner: OnlineRun, state: dict[str, Any],
-                  records: Sequence[StepRecord] | None = None) -> None:
-    """Put :func:`tuner_state`'s ``state`` back into ``tuner`` (made with the same method and
-    window); ``records`` (e.g. from the run directory) replace the history it holds."""
+def restore_tuner(run: OnlineRun, loop: Loop, state: dict[str, Any],
+                  records: Sequence[StepRecord] | None = None) -> list[StepRecord]:
+    """Check ``state`` (a whole checkpoint of a loop with ``run``'s method and window), put the
+    plan's entries back into ``run`` and return the records the loop keeps: ``records`` (e.g.
+    from the run directory) or those the state holds, up to its step."""
     caller = CALLER
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise fail(caller, "state", f"a state_dict of format {FORMAT}",
                    state.get("format") if isinstance(state, dict) else state)
-    for key in ("method", "window"):
-        if state.get(key) != getattr(tuner, key):
+    for key, mine in (("method", run.label), ("window", run.window)):
+        if state.get(key) != mine:
             raise HyperdiffError(f"{caller}: {key} must match the saved run "
-                                 f"({state.get(key)!r}; got {getattr(tuner, key)!r})")
+                                 f"({state.get(key)!r}; got {mine!r})")
     lines: Any = [r.to_json() for r in records] if records is not None else state.get("history")
-    check_tuner_state(tuner, state, lines)
-    with torch.no_grad():
-        tuner.flat.copy_(tuner.hparams.flatten(state["raw"]))
-    tuner.optimizer.load_state_dict(state["outer"])
+    check_tuner_state(run, loop, state, lines)
     params = {k: v.clone() for k, v in state["params"].items()}
-    template = tree_flatten(tuner.problem.optimizer.init(params))[1]
+    template = tree_flatten(run.problem.optimizer.init(params))[1]
     opt_state = tree_unflatten([x.clone() for x in state["opt_state"]], template)
-    tuner.state = TrainState(params, {k: v.clone() for k, v in state["buffers"].items()},
-                             opt_state)
-    tuner.tangent = None
+    run.state = TrainState(params, {k: v.clone() for k, v in state["buffers"].items()},
+                           opt_state)
+    run.tangent = None
     if state["tangent"] is not None:
-        like = tuner.window_method.carry_like(tuner.problem, tuner.raw, tuner.state)
+        raw = loop.hparams.unflatten(loop.hparams.flatten(state["raw"]))
+        like = run.method.carry_like(run.problem, raw, run.state)
         tangent = tree_unflatten([z.clone() for z in state["tangent"]],
                                  tree_flatten(tuple(like))[1])
         # forward mode carries a plain tuple shaped like the state, curvature its NamedTuple
-        tuner.tangent = tangent if isinstance(like, TrainState) else type(like)(*tangent)
-    tuner.inner_step, tuner._elapsed = int(state["inner_step"]), float(state["elapsed"])
-    if "guard" in state:  # checkpoints written before the online guard have none
-        tuner.guard.load_state_dict(copy.deepcopy(state["guard"]))
+        run.tangent = tangent if isinstance(like, TrainState) else type(like)(*tangent)
+    run.inner_step = int(state["inner_step"])
     measured = state.get("hot_start")  # checkpoints written before the measure have none
-    tuner.hot_start_measure = None if measured is None else (int(measured[0]),
-                                                             float(measured[1]))
-    tuner.restarted = bool(state.get("restarted", False))
-    tuner.history = History([StepRecord.from_json(line) for line in lines][: state["step"]])
+    run.hot_start_measure = None if measured is None else (int(measured[0]), float(measured[1]))
+    run.restarted = bool(state.get("restarted", False))
+    return [StepRecord.from_json(line) for line in lines][: state["step"]]
 
 
-def check_tuner_state(tuner: OnlineRun, state: dict[str, Any], lines: Any) -> None:
-    """Refuse a ``state`` (of ``tuner``'s method and window) that is not shaped like
-    ``tuner``'s own or whose counters disagree with the history ``lines`` (module doc)."""
-    fresh = tuner_state(tuner)
+def check_tuner_state(run: OnlineRun, loop: Loop, state: dict[str, Any], lines: Any) -> None:
+    """Refuse a ``state`` (of ``run``'s method and window) that is not shaped like ``loop``'s
+    own or whose counters disagree with the history ``lines`` (module doc)."""
+    fresh = loop.state_dict()
     if missing := sorted(set(fresh) - set(state) - set(OPTIONAL)):
         raise damaged(CALLER, "the state", f"a dict with the entries {missing}",
                       "a dict without them")
@@ -122,37 +117,42 @@ def check_tuner_state(tuner: OnlineRun, state: dict[str, Any], lines: Any) -> No
         raise damaged(CALLER, "history", f"at least step = {state['step']} records",
                       f"{len(lines)}")
     records = [StepRecord.from_json(line) for line in lines[: state["step"]]]
-    check_optimizer_state(tuner.optimizer, state["outer"], caller=CALLER)
-    check_optimizer_shapes(CALLER, "outer", tuner.optimizer, state["outer"])
-    inner, restart_at = trained_steps(tuner, records, bool(state.get("restarted", False)))
+    check_optimizer_state(loop.optimizer, state["outer"], caller=CALLER)
+    check_optimizer_shapes(CALLER, "outer", loop.optimizer, state["outer"])
+    inner, restart_at = trained_steps(run, records, bool(state.get("restarted", False)))
     check_count(CALLER, "inner_step", state["inner_step"], inner,
                 "the steps of the ok windows in the history"
                 + (f" after the hot-start restart at step {restart_at}"
                    if restart_at is not None else ""))
-    check_tangent(tuner, state["tangent"], inner)
+    check_tangent(run, loop, state["tangent"], inner)
     if "guard" in state:
-        check_guard_state(CALLER, state["guard"], tuner.guard.state_dict(),
-                          {"raw": fresh["raw"], "outer": tuner.optimizer},
-                          [r.status == "failed" for r in records], tuner.guard.shrink)
+        check_guard_state(CALLER, state["guard"], loop.guard.state_dict(),
+                          {"raw": fresh["raw"], "outer": loop.optimizer},
+                          [r.status == "failed" for r in records], loop.guard.shrink)
     if "hot_start" in state:
         check_like(CALLER, "hot_start", state["hot_start"], None if state["hot_start"] is None
                    else [0, 0.0])
     if "restarted" in state:
         check_like(CALLER, "restarted", state["restarted"], False)
+    if "discrete" in state and "discrete" in fresh:
+        average = state["discrete"].get("moving_average") if isinstance(
+            state["discrete"], dict) else 0.0
+        check_like(CALLER, "discrete", state["discrete"],
+                   {"moving_average": None if average is None else 0.0})
 
 
-def trained_steps(tuner: OnlineRun, records: Sequence[StepRecord], restarted: bool
+def trained_steps(run: OnlineRun, records: Sequence[StepRecord], restarted: bool
                   ) -> tuple[int, int | None]:
     """The inner step that ``records`` end at: ``min(t + K, N)`` per ok window (failed ones
     were discarded), back to 0 after the window where a restarted run restarted (the first
     that reached :data:`~hyperdiff.tuner.hot_start.FRACTION` of the run); and that record's
     step (``None``: no restart)."""
-    steps, target = tuner.problem.steps, math.ceil(FRACTION * tuner.problem.steps)
+    steps, target = run.problem.steps, math.ceil(FRACTION * run.problem.steps)
     position, restart_at = 0, None
     for record in records:
         if record.status != "ok":
             continue
-        start, position = position, min(position + tuner.window, steps)
+        start, position = position, min(position + run.window, steps)
         if restarted and restart_at is None and start < target <= position:
             position, restart_at = 0, record.step
     if restarted and restart_at is None:
@@ -161,19 +161,19 @@ def trained_steps(tuner: OnlineRun, records: Sequence[StepRecord], restarted: bo
     return position, restart_at
 
 
-def check_tangent(tuner: OnlineRun, saved: Any, inner_step: int) -> None:
+def check_tangent(run: OnlineRun, loop: Loop, saved: Any, inner_step: int) -> None:
     """Forward and curvature carry a tangent once they trained a window, shaped like a fresh
     run's; the others carry none."""
-    carries = tuner.window_method.capabilities.carries_state and inner_step > 0
+    carries = run.method.capabilities.carries_state and inner_step > 0
     if not carries:
         check_like(CALLER, "tangent", saved, None)
         return
-    raw = tuner.problem.raw_tensors(tuner.raw)
-    like = tuner.window_method.carry_like(tuner.problem, raw, tuner.state)
+    raw = run.problem.raw_tensors(loop.raw)
+    like = run.method.carry_like(run.problem, raw, run.state)
     fresh = tree_flatten(tuple(like))[0]
     if saved is None:
         raise damaged(CALLER, "tangent", f"a list of {len(fresh)} tensors (the run trained "
-                      f"{inner_step} steps with method {tuner.method!r})", "None")
+                      f"{inner_step} steps with method {run.label!r})", "None")
     check_like(CALLER, "tangent", saved, fresh)
     if hasattr(like, "steps"):  # a carry that counts the steps it averaged (curvature's)
         check_count(CALLER, "tangent[-1] (the curvature steps)", int(saved[-1]), inner_step,

@@ -1,9 +1,10 @@
-"""What one online run holds: the attributes of an :class:`~hyperdiff.tuner.online.OnlineTuner`
-that its hot start (:mod:`hyperdiff.tuner.hot_start`) and its checkpoint
-(:mod:`hyperdiff.tuner.online_checkpoint`) read and set.
+"""What one online run holds: the state of an :class:`~hyperdiff.tuner.online_plan.OnlinePlan`
+and the parts of its loop that its hot start (:mod:`hyperdiff.tuner.hot_start`) and its
+checkpoint (:mod:`hyperdiff.tuner.online_checkpoint`) read and set.
 
-Those two modules sit below :mod:`hyperdiff.tuner.online`, which calls them, so they name the
-tuner by this protocol instead of importing it.
+Those two modules sit below :mod:`hyperdiff.tuner.online_plan` and
+:mod:`hyperdiff.tuner.driver`, which call them, so they name the plan and the loop by these
+protocols instead of importing them.
 """
 
 from __future__ import annotations
@@ -21,32 +22,36 @@ from hyperdiff.tuner.history import History
 
 
 class OnlineRun(Protocol):
-    """An online tuner's state: its problem and options, the inner training (``state``,
-    ``inner_step``, ``tangent``), the outer optimizer over one flat leaf of raw values
-    (``flat``, ``optimizer``), the guard, the hot-start measure and the history."""
+    """An online plan's state: its problem, method and window, the inner training
+    (``state``, ``inner_step``, ``tangent``) and the hot-start measure."""
 
     problem: Problem
-    method: str
+    label: str  # the method's name in checkpoints and reports
     window: int
-    window_method: Method
+    method: Method
     hot_start: str
     hot_start_measure: tuple[int, float] | None
     restarted: bool
-    guard: DivergenceGuard
-    hparams: HyperParameters
-    flat: Tensor
-    optimizer: Any
     state: TrainState
     tangent: Any
     inner_step: int
+
+
+class Loop(Protocol):
+    """The parts of the outer loop (:class:`~hyperdiff.tuner.driver.HyperOptimizer`) that the
+    online plan's helpers read: the raw values, the outer optimizer, the guard, the history."""
+
+    hparams: HyperParameters
+    guard: DivergenceGuard
+    optimizer: Any
     history: History
-    _elapsed: float
 
     @property
     def raw(self) -> dict[str, Tensor]: ...
 
-    @property
-    def hyper_step(self) -> int: ...
+    def set_raw(self, raw: dict[str, Tensor]) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
 
 
-__all__ = ["OnlineRun"]
+__all__ = ["Loop", "OnlineRun"]

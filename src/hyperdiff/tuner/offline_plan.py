@@ -1,0 +1,193 @@
+"""The offline plan: every outer step retrains ``[0, T)`` for every fold x sample.
+
+Outer step ``s`` at raw values ``u_s`` (:class:`~hyperdiff.tuner.sampler.Sampler`)::
+
+    for each problem j (one, or one per cross-validation fold) and sample i < samples:
+        train T inner steps from theta_0 (or, with warm_start, from that slot's last theta)
+        with minibatch seed seed(s, i): theta_T(lam_s); L_ji = L_val(theta_T), g_ji = dL_ji/du
+    g_s = mean_ji g_ji   (spread: std_ji g_ji; REINFORCE estimates for sampled choices)
+
+``samples="auto"`` draws 2 samples, then one more at a time until the signal-to-noise ratio
+of the per-sample hypergradients reaches 1 or ``max_samples`` (:mod:`hyperdiff.tuner.snr`).
+The plan's state is the warm slots (each slot's last ``(params, buffers)``) and the trainings
+count; the loop (:class:`~hyperdiff.tuner.driver.HyperOptimizer`) ranks its steps, stops by
+its :class:`~hyperdiff.tuner.stopping.Stopping` rules and returns the best step's values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hyperdiff.engine.data import FullBatch
+from hyperdiff.errors import HyperdiffError, fail, positive_int
+from hyperdiff.logs import get_logger
+from hyperdiff.methods.base import Method
+from hyperdiff.methods.registry import make_method, methods_where
+from hyperdiff.tuner.discrete_outer import outer_hook
+from hyperdiff.tuner.distributed.spread import spreader_for
+from hyperdiff.tuner.driver_checks import auto_samples, check_driver_state, check_selection
+from hyperdiff.tuner.guard import untrained_losses
+from hyperdiff.tuner.history import History, OptimizeResult, StepRecord, to_number
+from hyperdiff.tuner.plan import Outcome, bind_once
+from hyperdiff.tuner.sampler import Sampler
+from hyperdiff.tuner.snr import more_samples_advice
+from hyperdiff.tuner.stopping import ranking_name
+from hyperdiff.wording import option
+
+_LOG = get_logger("driver")
+
+
+class OfflinePlan:
+    """Retrain every outer step: ``samples`` minibatch seeds x the problems (folds).
+
+    Args:
+        samples: trainings per step and problem with different minibatch seeds; their
+            hypergradients are averaged, their spread and signal-to-noise ratio recorded.
+            ``"auto"``: 2 samples, then one more at a time until the ratio reaches 1.
+        max_samples: the most samples per step with ``samples="auto"``.
+        warm_start: start each step's training from the slot's previous theta_T.
+    """
+
+    caller = "HyperOptimizer"
+    flat_leaf = False  # one leaf per name (clip_grad_norm_ over the leaves)
+    optimizer_key = "optimizer"
+    ranks = True
+    zero_lr = False  # a zero outer rate would retrain the same values every step
+
+    def __init__(self, samples: int | str = 1, max_samples: int = 16, warm_start: bool = False):
+        self.auto = auto_samples(samples, max_samples)
+        self.samples = self.auto.maximum if self.auto else positive_int(
+            "HyperOptimizer", "samples", samples)  # the stride of seeds and warm slots
+        self.warm_start = bool(warm_start)
+        self._sampler: Sampler | None = None
+
+    @property
+    def sampler(self) -> Sampler:
+        if self._sampler is None:
+            raise HyperdiffError("OfflinePlan: the plan must be given to a HyperOptimizer "
+                                 "before it trains (got an unbound plan)")
+        return self._sampler
+
+    def bind(self, loop: Any) -> None:
+        """Check the method and the selection split; make the sampler and the discrete hook."""
+        bind_once(self, loop)
+        method = make_method(loop.method) if isinstance(loop.method, str) else loop.method
+        if not isinstance(method, Method) or not method.capabilities.offline:
+            raise fail("HyperOptimizer", "method", "a Method usable offline or one of "
+                       f"{sorted(methods_where(offline=True))}", method)
+        loop.method = method
+        check_selection(loop.problems[0], loop.selection)
+        if self.auto is None and self.samples == 1 and not all(
+                isinstance(p.train_data, FullBatch) for p in loop.problems):
+            _LOG.info("HyperOptimizer: %s with minibatches: the hypergradient's noise is "
+                      "not measured; %s measures its signal-to-noise ratio and draws enough "
+                      "samples", option("samples=1", "outer.samples = 1"),
+                      more_samples_advice(False, 1))
+        loop.discrete = outer_hook(loop.hparams, seed=loop.seed, samples=self.samples,
+                                   max_steps=loop.stopping.max_steps, folds=len(loop.problems))
+        self.problems = loop.problems
+        self._sampler = Sampler(loop.problems, method, samples=self.samples, auto=self.auto,
+                                seed=loop.seed, selection=loop.selection,
+                                warm_start=self.warm_start, discrete=loop.discrete,
+                                spreader=spreader_for(method, loop.process_group))
+
+    @property
+    def warm(self) -> list[Any]:
+        """Each slot's last ``(params, buffers)`` with warm starts, else ``None``."""
+        return self.sampler.warm
+
+    def seed_for(self, step: int, sample: int) -> int:
+        """Minibatch seed of ``sample`` at outer ``step``."""
+        return self.sampler.seed_for(step, sample)
+
+    # ------------------------------------------------------------------ one outer step
+    def schedule_position(self, loop: Any, step: int) -> tuple[int, int]:
+        return step, loop.stopping.max_steps
+
+    def stop_reason(self, loop: Any) -> str | None:
+        return loop.stopping.reason(steps=loop.step_index, elapsed=loop.elapsed,
+                                    since_best=loop.since_best,
+                                    has_selection=bool(loop.selection))
+
+    def where(self, loop: Any) -> str:
+        return f"outer step {loop.step_index}"
+
+    def trainings(self, loop: Any) -> int:
+        return self.sampler.trainings
+
+    def begin(self, loop: Any, step: int) -> dict[str, Tensor]:
+        self.sampler.trainings += self.sampler.first_round
+        return loop.raw
+
+    def evaluate(self, loop: Any, step: int, raw: dict[str, Tensor]) -> Outcome:
+        """Train every slot at ``raw`` and combine their hypergradients."""
+        evaluations, selection = self.sampler.evaluate(step, raw)
+        grads, values, mean, per_sample, snr, discrete = self.sampler.estimate(
+            step, raw, evaluations)
+        grad = loop.hparams.unflatten(mean)
+        fields = {
+            "train_loss": sum(hg.train_loss for hg in evaluations) / len(evaluations),
+            "val_loss": float(values.mean()),
+            "val_loss_std": float(values.std()) if len(values) > 1 else 0.0,
+            "grad_norm": float(mean.norm()),
+            "grad_std": float(grads.std(0).norm()) if len(grads) > 1 else None,
+            "grad": {n: to_number(g) for n, g in grad.items()},
+            "grad_snr": snr, "samples": per_sample.shape[0], "discrete": discrete,
+        }
+        return Outcome(grad, [hg.value for hg in evaluations], fields,
+                       lambda: untrained_losses(self.problems, raw, None, loop.selection),
+                       selection)
+
+    def selection_loss(self, loop: Any, outcome: Outcome) -> float | None:
+        return outcome.kept  # the slots' mean, measured where each was trained
+
+    def commit(self, loop: Any, outcome: Outcome, record: StepRecord) -> StepRecord:
+        return record
+
+    def failure_note(self, loop: Any, message: str) -> str:
+        return message
+
+    # ------------------------------------------------------------------ guard and checkpoint
+    def snapshot(self) -> dict[str, Any]:
+        return {"warm": list(self.warm)}
+
+    def restore(self, good: dict[str, Any]) -> None:
+        self.sampler.warm = list(good["warm"])
+
+    def state_dict(self, loop: Any) -> dict[str, Any]:
+        return {"warm": self.warm, "trainings": self.sampler.trainings,
+                "rng": torch.get_rng_state()}
+
+    def load_state_dict(self, loop: Any, state: dict[str, Any],
+                        history: Sequence[StepRecord] | None) -> list[StepRecord]:
+        """Check ``state`` against ``history`` (required), then restore the plan's part."""
+        if history is None:
+            raise fail("HyperOptimizer.load_state_dict", "history",
+                       "the run's records (offline checkpoints hold none)", history)
+        check_driver_state(loop, self, state, history)
+        self.sampler.warm = list(state["warm"])
+        self.sampler.trainings = int(state["trainings"])
+        torch.set_rng_state(state["rng"])
+        return list(history)
+
+    def result(self, loop: Any) -> OptimizeResult:
+        """The best step's values, the history and the stop reason."""
+        if loop.best is None:
+            raise HyperdiffError("HyperOptimizer: no successful step yet, so no result")
+        return OptimizeResult(
+            best_raw=dict(loop.best["raw"]),
+            best_hparams=loop.hparams.with_raw(loop.best["raw"]),
+            best_step=int(loop.best["step"]),
+            best_loss=float(loop.best["value"]),
+            criterion=ranking_name(loop.tie_steps, loop.selection is not None),
+            final_raw=loop.raw,
+            history=History(list(loop.history)),
+            stop_reason=loop.stop_reason() or "not finished",
+        )
+
+
+__all__ = ["OfflinePlan"]

@@ -1,0 +1,335 @@
+"""The online plan: one training, and each outer step is a window of it.
+
+With raw hyperparameters ``u`` (natural ``lam = f(u)``) and one run of N inner steps::
+
+    s = s_0 (theta_0, buffers, optimizer state); t = 0; h = 0
+    while t < N:
+        train steps t .. t+K-1 at lam from s with the method's carry, taking the window
+        hypergradient g = dL_val/du at the validation batch B_h:
+        method.segment(problem, s, u, t, t+K, B_h, carry) (methods/base.py)
+        the loop's outer step on g; t <- t + K; h <- h + 1
+
+Training continues from the current parameters and optimizer state: the whole run costs one
+N-step training plus the window hypergradients. ``B_h`` is ``val_batch_size`` rows of the
+validation split drawn from ``(seed, h)`` (all of it when ``None``), so the run is a function of
+its inputs. The plan's state is the training state, the carry (forward mode's tangents,
+curvature's statistics), the inner step and the hot-start measure; its checkpoint part is
+:mod:`hyperdiff.tuner.online_checkpoint`.
+
+**Divergence guard** (the loop's, :mod:`hyperdiff.tuner.guard`): a failed window is discarded:
+the training state, carry and data position stay at the end of the last good window, the raw
+values and the outer optimizer's state go back to the last good window's, and the same window
+is trained again (with the next validation draw).
+
+**Hot start** (:mod:`~hyperdiff.tuner.hot_start`): at the window that reaches 10% of the run,
+a run that trained more than twice the optimization time that its values by then give those
+steps started hotter than what it found; with ``hot_start="restart"`` (the default for
+``curvature``) it starts over, once, from theta_0 at step 0 with those values, the learning
+rate divided by that ratio.
+
+**Discrete hyperparameters** (:mod:`hyperdiff.tuner.discrete_outer`): a relaxed or Gumbel
+choice's temperature anneals over the run's windows (window ``w`` of ``W`` as offline step
+``s`` of ``max_steps``); a REINFORCE choice draws one plain choice per window (seeded by
+``(seed, h)``) and its logits get the score-function estimate ``(L_h - b) (onehot(z_h) - p)``
+(baseline ``"moving_average"`` or ``"none"``; a window trains one sample, so a
+``"leave_one_out"`` baseline becomes the moving average, with a warning). Several samples per
+window and cross-validation folds are refused: a window continues one training.
+
+Hyperparameters must be defined for the whole run: a parametric schedule over N steps
+(:mod:`hyperdiff.hparams.schedules`), scalars, per-tensor values. A ``per_step`` schedule is
+accepted but its entry t receives a hypergradient only after step t has been trained.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any, cast
+
+import torch
+from torch import Tensor
+
+from hyperdiff.engine.problem import Problem
+from hyperdiff.engine.training import TrainState, flat, initial_state, validation_loss
+from hyperdiff.errors import (
+    HyperdiffError,
+    NonFiniteError,
+    fail,
+    nonnegative_int,
+    positive_int,
+)
+from hyperdiff.hparams.discrete import DiscreteParameter, discrete_names
+from hyperdiff.hparams.hyperparams import HyperParameters
+from hyperdiff.hparams.schedules import Schedule
+from hyperdiff.methods.base import Method, Segment
+from hyperdiff.methods.registry import make_method, methods_where
+from hyperdiff.methods.window_methods import window_name
+from hyperdiff.seeds import window_seed
+from hyperdiff.tree import tree_flatten, tree_unflatten
+from hyperdiff.tuner.discrete_outer import outer_hook
+from hyperdiff.tuner.guard import untrained_losses
+from hyperdiff.tuner.history import History, StepRecord, to_number
+from hyperdiff.tuner.hot_start import MODES as HOT_START_MODES
+from hyperdiff.tuner.hot_start import hot_start_warnings, measure_hot_start, restart_cooler
+from hyperdiff.tuner.online_checkpoint import restore_tuner, tuner_state
+from hyperdiff.tuner.plan import Outcome, bind_once
+from hyperdiff.typing import Batch, Params
+
+_LOG = logging.getLogger("hyperdiff.online")
+
+
+@dataclass(frozen=True)
+class OnlineResult:
+    """The outcome of an online run (``HyperOptimizer(plan=OnlinePlan(...)).run()``).
+
+    Attributes:
+        final_raw: raw hyperparameters after the last update; ``final_hparams`` holds them.
+        params, buffers: the model at the end of the run (trained while tuning).
+        history: one :class:`StepRecord` per hyper-step (natural values used in its window).
+        steps: inner steps trained; ``hyper_steps`` windows; ``time_s`` wall time.
+        warnings: what the run found suspect (:mod:`hyperdiff.tuner.hot_start`).
+    """
+
+    final_raw: dict[str, Tensor]
+    final_hparams: HyperParameters
+    params: Params
+    buffers: Params
+    history: History
+    steps: int
+    hyper_steps: int
+    time_s: float
+    warnings: tuple[str, ...] = ()
+
+
+class OnlinePlan:
+    """Tune during one training run of ``problem.steps`` inner steps, a window at a time.
+
+    Args:
+        window: K, inner steps per outer step (K=1 with ``reverse``: hypergradient descent).
+        val_batch_size: rows of the validation split per window (``None``: all of it).
+        eval_every: record the selection loss every ``eval_every`` windows (0: only at the
+            last one).
+        hot_start: at 10% of the run, when it trained more than twice the optimization time
+            that the values found by then give those steps (:mod:`hyperdiff.tuner.hot_start`):
+            ``"restart"`` from theta_0 with those values (once), ``"warn"``, or ``"ignore"``;
+            ``None``: ``"restart"`` for a method that carries long-horizon state
+            (``curvature``), else ``"ignore"``.
+    """
+
+    caller = "OnlineTuner"  # names the online loop in messages, as before the one loop
+    flat_leaf = True  # one flat leaf of all raw values (clip_grad_norm_ over it)
+    optimizer_key = "outer"
+    ranks = False  # no best step: the run's final values and model are its result
+    zero_lr = True  # lr = 0: one training with its window hypergradients measured
+
+    def __init__(self, window: int = 1, val_batch_size: int | None = None, eval_every: int = 0,
+                 hot_start: str | None = None):
+        self.window = positive_int(self.caller, "window", window)
+        self.val_batch_size = None if val_batch_size is None else positive_int(
+            self.caller, "val_batch_size", val_batch_size)
+        self.eval_every = nonnegative_int(self.caller, "eval_every", eval_every)
+        if hot_start is not None and hot_start not in HOT_START_MODES:
+            raise fail(self.caller, "hot_start", f"None or one of {list(HOT_START_MODES)}",
+                       hot_start)
+        self.hot_start = hot_start or "ignore"
+        self._hot_start_given = hot_start
+        self.hot_start_measure: tuple[int, float] | None = None
+        self.restarted = False
+        self.tangent: Any = None
+        self.inner_step = 0
+        self.span: tuple[int, int] = (0, 0)
+
+    def bind(self, loop: Any) -> None:
+        """Take the loop's one problem and its method (with a segment); start the training."""
+        bind_once(self, loop)
+        if len(loop.problems) != 1:
+            raise fail(self.caller, "problem", "one Problem (an online run is one training; "
+                       "cross-validation folds are for the offline plan)",
+                       f"{len(loop.problems)} problems")
+        if loop.process_group is not None:
+            raise fail(self.caller, "process_group", "None (an online run is one training in "
+                       "one process)", loop.process_group)
+        self.problem: Problem = loop.problems[0]
+        method = make_method(loop.method) if isinstance(loop.method, str) else loop.method
+        if not isinstance(method, Method) or not method.capabilities.online:
+            raise fail(self.caller, "method", "a Method with a segment or one of "
+                       f"{sorted(methods_where(online=True))}", method)
+        method.check(self.problem)
+        loop.method = self.method = method
+        self.label = window_name(method)
+        if self._hot_start_given is None:  # measured for the long-horizon signal only
+            self.hot_start = "restart" if self.label == "curvature" else "ignore"
+        for coef_name, coef in self.problem.optimizer.coefficients.items():
+            if isinstance(coef, Schedule) and coef.steps != self.problem.steps:
+                raise HyperdiffError(
+                    f"{self.caller}: the {coef.family} schedule of {coef_name} must be defined "
+                    f"over the run's {self.problem.steps} steps (got {coef.steps}); use "
+                    f"schedule.with_steps({self.problem.steps})")
+        loop.discrete = outer_hook(loop.hparams, seed=loop.seed, samples=1,
+                                   max_steps=self.windows, folds=1,
+                                   baseline=self._baseline(loop.hparams))
+        with torch.no_grad():
+            self.state: TrainState = initial_state(self.problem, differentiable=False)
+
+    def _baseline(self, hparams: HyperParameters) -> str | None:
+        """``"moving_average"`` in place of a leave-one-out baseline (an online window trains
+        one sample, so there is no other sample to leave out), with a warning; else None."""
+        for name in discrete_names(hparams):
+            spec = cast(DiscreteParameter, hparams[name])
+            if spec.mode == "reinforce" and spec.baseline == "leave_one_out":
+                _LOG.warning(
+                    "%s: the REINFORCE baseline of %r is 'leave_one_out', which needs several "
+                    "samples per step; an online window trains one, so the moving average of "
+                    "the past windows' losses (decay %g) is the baseline instead",
+                    self.caller, name, spec.decay)
+                return "moving_average"
+        return None
+
+    @property
+    def windows(self) -> int:
+        """The run's windows ``ceil(N / K)``."""
+        return -(-self.problem.steps // self.window)
+
+    @property
+    def done(self) -> bool:
+        return self.inner_step >= self.problem.steps
+
+    def val_batches(self, seed: int, hyper_step: int) -> list[Batch]:
+        """The validation batch of hyper-step ``h``: ``val_batch_size`` rows drawn from
+        ``(seed, h)`` out of validation batch ``h mod len(val_data)`` (all batches if None)."""
+        batches = self.problem.val_data
+        if self.val_batch_size is None:
+            return batches
+        batch = batches[hyper_step % len(batches)]
+        leaves, spec = tree_flatten(batch)
+        rows_total = leaves[0].shape[0]
+        size = min(self.val_batch_size, rows_total)
+        gen = torch.Generator().manual_seed(window_seed(seed, hyper_step))
+        rows = torch.randperm(rows_total, generator=gen, device=gen.device)[:size]
+        rows = rows.to(leaves[0].device)
+        if isinstance(batch, tuple):
+            return [tuple(x[rows] for x in batch)]
+        return [tree_unflatten([x[rows] for x in leaves], spec)]
+
+    # ------------------------------------------------------------------ one outer step
+    def schedule_position(self, loop: Any, step: int) -> tuple[int, int]:
+        """The current window ``t // K`` of the run's windows (after a failure the same
+        window again; after a hot-start restart from 0)."""
+        return self.inner_step // self.window, self.windows
+
+    def stop_reason(self, loop: Any) -> str | None:
+        return f"one run of {self.inner_step} inner steps" if self.done else None
+
+    def where(self, loop: Any) -> str:
+        return f"inner step {self.inner_step}"
+
+    def trainings(self, loop: Any) -> int:
+        return 1
+
+    def begin(self, loop: Any, step: int) -> dict[str, Tensor]:
+        """The window to train next; the raw values on the problem's device and dtype."""
+        if self.done:
+            raise HyperdiffError(f"OnlineTuner.step: the run of {self.problem.steps} inner "
+                                 "steps is finished (got a call after its last window)")
+        self.span = (self.inner_step, min(self.inner_step + self.window, self.problem.steps))
+        return self.problem.raw_tensors(loop.raw)
+
+    def evaluate(self, loop: Any, step: int, raw: dict[str, Tensor]) -> Outcome:
+        """Train the window from the current state; its hypergradient (REINFORCE estimates
+        for the sampled choices' logits)."""
+        start, stop = self.span
+        val = self.val_batches(loop.seed, step)
+        problem = self.problem
+        position = start // self.window
+        if loop.discrete is not None:
+            problem = loop.discrete.prepare(problem, step, 0, raw, anneal_step=position,
+                                            noise_seed=window_seed(loop.seed, step))
+        out = self.segment(problem, raw, start, stop, val)
+        grad = {n: g.detach().to(torch.float64) for n, g in out.grad.items()}
+        for name, g in grad.items():
+            if not torch.isfinite(g).all():
+                raise NonFiniteError(f"online {self.label}: the hypergradient of {name!r} is "
+                                     f"not finite in the window of steps {start}..{stop - 1}")
+        discrete = None
+        if loop.discrete is not None:
+            rows, discrete = loop.discrete.adjust(
+                step, raw, loop.hparams.flatten(grad).unsqueeze(0),
+                torch.tensor([out.value], dtype=torch.float64, device="cpu"),
+                anneal_step=position)
+            grad = loop.hparams.unflatten(rows[0])
+        fields = {"train_loss": float(out.train_losses.mean()), "val_loss": out.value,
+                  "val_loss_std": 0.0, "grad_norm": float(flat(grad.values()).norm()),
+                  "grad_std": None, "grad": {n: to_number(g) for n, g in grad.items()},
+                  "discrete": discrete}
+        return Outcome(grad, [out.value], fields,
+                       lambda: untrained_losses([self.problem], raw, val, loop.selection),
+                       out)
+
+    def segment(self, problem: Problem, raw: dict[str, Tensor], start: int, stop: int,
+                val: list[Batch]) -> Segment:
+        """The one place the plan trains: the method's segment ``[start, stop)`` from the
+        current state with the carry (a data-parallel method wraps here too)."""
+        return self.method.segment(problem, self.state, raw, start, stop, val, self.tangent)
+
+    def selection_loss(self, loop: Any, outcome: Outcome) -> float | None:
+        """The selection loss at the window's end (at the updated values), every
+        ``eval_every`` windows and at the last."""
+        stop = self.span[1]
+        if not loop.selection or not (stop >= self.problem.steps or (
+                self.eval_every and (loop.step_index + 1) % self.eval_every == 0)):
+            return None
+        return self.selection_at(loop, outcome.kept.state)
+
+    def selection_at(self, loop: Any, state: TrainState) -> float:
+        """The validation loss on the loop's selection batches at ``state``'s parameters and
+        the loop's current values."""
+        hview = loop.hparams.view(self.problem.raw_tensors(loop.raw))
+        probe = replace(self.problem, val_data=loop.selection)
+        with torch.no_grad():
+            return float(validation_loss(probe, state.params, state.buffers, hview))
+
+    def commit(self, loop: Any, outcome: Outcome, record: StepRecord) -> StepRecord:
+        """Keep the window's training state and carry; measure the hot start (and restart)."""
+        start, stop = self.span
+        self.state, self.tangent, self.inner_step = outcome.kept.state, outcome.kept.carry, stop
+        if measure_hot_start(self, loop, record, start, stop):
+            record = replace(record, message=self.warnings[0])
+            restart_cooler(self, loop)
+        return record
+
+    def failure_note(self, loop: Any, message: str) -> str:
+        start, stop = self.span
+        message = (f"{message}; training goes on from inner step {start}, the parameters "
+                   "and optimizer state before the failed window")
+        _LOG.warning("OnlineTuner: window of steps %d..%d: %s", start, stop - 1, message)
+        return message
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What the run found suspect: a start hotter than the values it found."""
+        return hot_start_warnings(self)
+
+    # ------------------------------------------------------------------ guard and checkpoint
+    def snapshot(self) -> dict[str, Any]:
+        return {}  # a failed window is never committed: the training state stays
+
+    def restore(self, good: dict[str, Any]) -> None:
+        return None
+
+    def state_dict(self, loop: Any) -> dict[str, Any]:
+        return tuner_state(self, loop)
+
+    def load_state_dict(self, loop: Any, state: dict[str, Any],
+                        history: Sequence[StepRecord] | None) -> list[StepRecord]:
+        return restore_tuner(self, loop, state, history)
+
+    def result(self, loop: Any) -> OnlineResult:
+        return OnlineResult(
+            final_raw=loop.raw, final_hparams=loop.hparams.with_raw(loop.raw),
+            params=dict(self.state.params), buffers=dict(self.state.buffers),
+            history=History(list(loop.history)), steps=self.inner_step,
+            hyper_steps=len(loop.history), time_s=loop.elapsed, warnings=self.warnings)
+
+
+__all__ = ["OnlinePlan", "OnlineResult"]
