@@ -260,6 +260,8 @@ def test_warm_start_and_an_initialization_are_refused_together():
                        r"with the initialization 'theta0'\)"):
         check_warm_start([problem], True)
     check_warm_start([problem], False)
+    with pytest.raises(hd.HyperdiffError, match=r"^HyperOptimizer: warm_start must be false"):
+        hd.HyperOptimizer(problem, warm_start=True)  # the loop calls the check
 
 
 def test_raw_values_round_trip_through_a_checkpoint():

@@ -29,7 +29,12 @@ from hyperdiff.methods.base import Method
 from hyperdiff.methods.registry import make_method, methods_where
 from hyperdiff.tuner.discrete_outer import outer_hook
 from hyperdiff.tuner.distributed.spread import spreader_for
-from hyperdiff.tuner.driver_checks import auto_samples, check_driver_state, check_selection
+from hyperdiff.tuner.driver_checks import (
+    auto_samples,
+    check_driver_state,
+    check_selection,
+    check_warm_start,
+)
 from hyperdiff.tuner.guard import untrained_losses
 from hyperdiff.tuner.history import History, OptimizeResult, StepRecord, to_number
 from hyperdiff.tuner.plan import Outcome, bind_once
@@ -81,6 +86,7 @@ class OfflinePlan:
                        f"{sorted(methods_where(offline=True))}", method)
         loop.method = method
         check_selection(loop.problems[0], loop.selection)
+        check_warm_start(loop.problems, self.warm_start)
         if self.auto is None and self.samples == 1 and not all(
                 isinstance(p.train_data, FullBatch) for p in loop.problems):
             _LOG.info("HyperOptimizer: %s with minibatches: the hypergradient's noise is "
