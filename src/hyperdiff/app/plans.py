@@ -120,14 +120,16 @@ def _describe_offline(task: Task, driver: HyperOptimizer, config: Config) -> str
             f"{config.inner.steps} steps per outer step")
 
 
-def _offline_bar(task: Task, driver: HyperOptimizer, config: Config,
-                 enabled: bool | None) -> Progress:
-    """One bar over the outer steps' trainings and the final report's."""
+def offline_bar(task: Task, driver: HyperOptimizer, config: Config, enabled: bool | None,
+                report_trainings: int | None = None) -> Progress:
+    """One bar over the outer steps' trainings (the steps to come at the fewest trainings
+    each) and the final report's (``report_trainings``, default the run's report)."""
     per_step = len(task.problems) * (driver.auto.minimum if driver.auto else driver.samples)
-    return Progress(steps=config.stop.max_steps, done=driver.step_index,
-                    units_per_step=per_step, trainings=driver.trainings,
-                    report_trainings=(2 + has_relaxation(task.hparams)) * config.report.seeds,
-                    enabled=enabled, desc=task.name)
+    report = (2 + has_relaxation(task.hparams)) * config.report.seeds
+    return Progress(total=driver.trainings
+                    + (config.stop.max_steps - driver.step_index) * per_step,
+                    initial=driver.trainings, enabled=enabled, desc=task.name,
+                    report_trainings=report if report_trainings is None else report_trainings)
 
 
 def _offline_summary(task: Task, driver: HyperOptimizer, outcome: Any,
@@ -204,6 +206,16 @@ def _describe_online(task: Task, tuner: OnlineTuner, config: Config) -> str:
             f"{tuner.window} steps")
 
 
+def _online_bar(task: Task, tuner: OnlineTuner, config: Config,
+                enabled: bool | None) -> Progress:
+    """One bar over the run's inner steps and the final report's (2 trainings of the run's
+    length per seed), showing each window's loss."""
+    steps = tuner.problem.steps
+    return Progress(total=steps, initial=tuner.inner_step, unit="step", desc=task.name,
+                    report_trainings=2 * config.report.seeds, report_unit=steps,
+                    enabled=enabled, position=lambda loop, record: loop.inner_step)
+
+
 def _online_summary(task: Task, tuner: OnlineTuner, outcome: Any, config: Config) -> Summary:
     """Retrain at the final values; also the metrics of the model the run itself trained."""
     head = {"mode": "online", "stop_reason": f"one run of {tuner.inner_step} inner steps",
@@ -226,14 +238,14 @@ PLANS: dict[str, Plan] = {
         build=build, check=_no_check, describe=_describe_offline,
         where=lambda driver: f"outer step {driver.step_index}",
         steps=lambda driver: driver.step_index, done=lambda driver: bool(driver.stop_reason()),
-        failed=lambda record: bool(record.message), bar=_offline_bar,
+        failed=lambda record: bool(record.message), bar=offline_bar,
         summary=_offline_summary, checkpoint_at_end=True),
     "online": Plan(
         build=build_online, check=_one_process, describe=_describe_online,
         where=lambda tuner: f"inner step {tuner.inner_step}",
         steps=lambda tuner: tuner.hyper_step, done=lambda tuner: tuner.done,
-        failed=lambda record: record.status == "failed", bar=lambda *_: None,
+        failed=lambda record: record.status == "failed", bar=_online_bar,
         summary=_online_summary, checkpoint_at_end=False),
 }
 
-__all__ = ["PLANS", "Plan", "Summary", "build", "build_online"]
+__all__ = ["PLANS", "Plan", "Summary", "build", "build_online", "offline_bar"]

@@ -132,11 +132,13 @@ class Task:
                 progress()
         return total
 
-    def evaluate_values(self, values: Mapping[str, Any], seeds: Sequence[int]
+    def evaluate_values(self, values: Mapping[str, Any], seeds: Sequence[int],
+                        progress: Callable[[], None] | None = None,
                         ) -> dict[str, dict[str, float]]:
         """:meth:`evaluate` at natural ``values`` (lists for per-coordinate vectors; plain
         choices or their labels for discrete hyperparameters) on ``seeds``."""
-        return self.evaluate(fixed_hparams(self.hparams, values).raw, seeds=tuple(seeds))
+        return self.evaluate(fixed_hparams(self.hparams, values).raw, seeds=tuple(seeds),
+                             progress=progress)
 
     def metrics_at(self, params: Params, buffers: Params, hview: HParamView, *, seed: int = 0
                    ) -> dict[str, dict[str, float]]:
