@@ -10,7 +10,8 @@ the start and the tuned values (``hparam/NAME``) at the end (a value that change
 an extended run's, is kept in the run's tags under the same key, since MLflow params never
 change). A resumed run continues the same
 MLflow run and logs no (metric, step) twice: the steps it already holds are skipped (a resume
-recomputes them bit for bit).
+recomputes them bit for bit). Metrics are queued and written every 2 s and when the loop
+ends, one transaction each (a killed process loses at most those 2 s, which its resume logs).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ EXPERIMENT = "hyperdiff"
 DATABASE = "mlflow.db"
 BATCH = 1000  # MLflow's limit of metrics per log_batch call
 PARAM_BATCH = 100  # ... and of params
+FLUSH_S = 2.0  # metrics are written at most this often (and at the end): a transaction each
 
 
 def check_installed() -> None:
@@ -56,6 +58,8 @@ class MLflowLogger:
         self.client: Any = None
         self.run_id = ""
         self.logged: set[tuple[str, int]] = set()
+        self.pending: list[Any] = []
+        self.flushed = time.monotonic()
 
     @property
     def uri(self) -> str:
@@ -96,14 +100,23 @@ class MLflowLogger:
             self.client.log_batch(self.run_id, tags=tags)
 
     def _log(self, points: list[tuple[str, float, int]]) -> None:
+        """Queue the points the run does not hold yet; write them every :data:`FLUSH_S`."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         fresh = [Metric(key, value, now, step) for key, value, step in points
                  if (key, step) not in self.logged]
-        for first in range(0, len(fresh), BATCH):
-            self.client.log_batch(self.run_id, metrics=fresh[first:first + BATCH])
+        self.pending.extend(fresh)
         self.logged.update((m.key, m.step) for m in fresh)
+        if time.monotonic() - self.flushed >= FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the queued metrics (one transaction per :data:`BATCH`)."""
+        pending, self.pending = self.pending, []
+        for first in range(0, len(pending), BATCH):
+            self.client.log_batch(self.run_id, metrics=pending[first:first + BATCH])
+        self.flushed = time.monotonic()
 
     def __call__(self, opt: Any, record: StepRecord) -> None:
         if self.client is None:
@@ -126,10 +139,13 @@ class MLflowLogger:
         tuned = hparam_tags(result.get("tuned", {}).get("hparams", {}),
                             None if self.problem is None else self.problem.hparams)
         self._params({key: repr(value) for key, value in tuned.items()})
+        self.flush()
         self.client.set_terminated(self.run_id, status="FINISHED")
 
     def close(self) -> None:
-        """Nothing to release: every call wrote through."""
+        """Write what is queued (also when the loop ends on an error or an interrupt)."""
+        if self.client is not None:
+            self.flush()
 
 
 __all__ = ["MLflowLogger", "check_installed"]

@@ -42,7 +42,8 @@ import torch
 from hyperdiff.engine.optimizers import resolve
 from hyperdiff.engine.problem import Problem
 from hyperdiff.hparams.discrete import label
-from hyperdiff.hparams.hyperparams import HyperParameter
+from hyperdiff.hparams.hyperparams import HParamView, HyperParameter
+from hyperdiff.hparams.schedules import Schedule
 from hyperdiff.tuner.history import StepRecord
 
 VECTOR_LIMIT = 16
@@ -120,11 +121,27 @@ def inner_tags(problem: Problem, natural: Mapping[str, Any], steps: range
     raw = {n: s.constraint.to_raw(torch.tensor(natural[n], dtype=torch.float64))
            for n, s in specs.items()}
     view = specs.view(raw)
-    names = list(problem.params)
     with torch.no_grad():
-        return {t: {f"inner/{safe(name)}": sum(
-            float(torch.as_tensor(resolve(c, view, t, p), dtype=torch.float64).mean())
-            for p in names) / len(names) for name, c in coefficients.items()} for t in steps}
+        curves = {f"inner/{safe(name)}": _curve(c, view, specs, steps, list(problem.params))
+                  for name, c in coefficients.items()}
+    return {t: {tag: curve[i] for tag, curve in curves.items()} for i, t in enumerate(steps)}
+
+
+def _curve(coef: Any, view: HParamView, specs: Mapping[str, HyperParameter], steps: range,
+           params: list[str]) -> list[float]:
+    """A coefficient's values at ``steps``, each the mean over ``params``: a schedule in one
+    vectorised pass, a hyperparameter that does not vary with the step once, anything else
+    (a function) step by step and parameter by parameter."""
+    if isinstance(coef, Schedule):
+        return coef.window(view, steps.start, steps.stop).tolist()
+
+    def mean_at(t: int) -> float:
+        return sum(float(torch.as_tensor(resolve(coef, view, t, p), dtype=torch.float64).mean())
+                   for p in params) / len(params)
+
+    if isinstance(coef, str) and specs[coef].kind != "per_step":
+        return [mean_at(steps.start)] * len(steps)
+    return [mean_at(t) for t in steps]
 
 
 def report_tags(result: Mapping[str, Any]) -> dict[str, float]:
