@@ -16,8 +16,10 @@ ends, one transaction each (a killed process loses at most those 2 s, which its 
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,20 @@ EXPERIMENT = "hyperdiff"
 DATABASE = "mlflow.db"
 BATCH = 1000  # MLflow's limit of metrics per log_batch call
 PARAM_BATCH = 100  # ... and of params
+STORE_LOGGER = "mlflow.store.db.utils"
 FLUSH_S = 2.0  # metrics are written at most this often (and at the end): a transaction each
+
+
+@contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """The stdlib logger ``name`` at WARNING while the block runs, as it was after."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def check_installed() -> None:
@@ -71,8 +86,9 @@ class MLflowLogger:
         from mlflow.tracking import MlflowClient
 
         refuse_link(self.store / DATABASE)
-        self.client = MlflowClient(tracking_uri=self.uri)
-        experiment = self.client.get_experiment_by_name(EXPERIMENT)
+        with _quiet(STORE_LOGGER):  # its INFO lines on creating tables, past hyperdiff's -q
+            self.client = MlflowClient(tracking_uri=self.uri)
+            experiment = self.client.get_experiment_by_name(EXPERIMENT)
         experiment_id = (experiment.experiment_id if experiment is not None else
                          self.client.create_experiment(
                              EXPERIMENT, artifact_location=(self.store / "artifacts").resolve()
