@@ -118,8 +118,8 @@ def inner_tags(problem: Problem, natural: Mapping[str, Any], steps: range
                                             for v in natural.values()):
         return {}
     specs = problem.hparams
-    raw = {n: s.constraint.to_raw(torch.tensor(natural[n], dtype=torch.float64))
-           for n, s in specs.items()}
+    raw = {n: s.constraint.to_raw(torch.tensor(natural[n], dtype=torch.float64, device="cpu"))
+           for n, s in specs.items()}  # host values, as the specs' own
     view = specs.view(raw)
     with torch.no_grad():
         curves = {f"inner/{safe(name)}": _curve(c, view, specs, steps, list(problem.params))
@@ -135,9 +135,9 @@ def _curve(coef: Any, view: HParamView, specs: Mapping[str, HyperParameter], ste
     if isinstance(coef, Schedule):
         return coef.window(view, steps.start, steps.stop).tolist()
 
-    def mean_at(t: int) -> float:
-        return sum(float(torch.as_tensor(resolve(coef, view, t, p), dtype=torch.float64).mean())
-                   for p in params) / len(params)
+    def mean_at(t: int) -> float:  # a host number: the hyperparameters' specs live on the CPU
+        return sum(float(torch.as_tensor(resolve(coef, view, t, p), dtype=torch.float64,
+                                         device="cpu").mean()) for p in params) / len(params)
 
     if isinstance(coef, str) and specs[coef].kind != "per_step":
         return [mean_at(steps.start)] * len(steps)
