@@ -74,13 +74,12 @@ def test_the_csv_and_the_scalars_carry_the_signal_to_noise_record(tmp_path):
     for row, record in zip(rows, records, strict=True):
         assert record.samples == 3 and record.grad_snr is not None  # minibatches: measured
         assert float(row["grad_snr"]) == record.grad_snr and int(row["samples"]) == 3
-        assert scalars(record)["grad_snr"] == record.grad_snr
+        assert scalars(record)["outer/grad_snr"] == record.grad_snr
 
 
 def test_the_progress_bar_counts_the_trainings_each_step_drew():
     # samples="auto" draws 2 or more per step: the bar follows record.trainings, not a guess
-    bar = Progress(steps=4, done=1, units_per_step=2, report_trainings=3, enabled=True,
-                   trainings=5)
+    bar = Progress(total=5 + 3 * 2, initial=5, report_trainings=3, enabled=True)
     assert (bar.bar.n, bar.bar.total) == (5, 5 + 3 * 2 + 3)
     for trainings in (7, 13):
         bar(None, SimpleNamespace(step=1, trainings=trainings, selection_loss=None,

@@ -386,3 +386,15 @@ def test_a_plan_refuses(make, argument, value):
     with pytest.raises(hd.HyperdiffError) as info:
         make(**{argument: value})
     assert argument in str(info.value) and "(got " in str(info.value), str(info.value)
+
+
+# --- issue 22: logging that shows the model ---
+
+
+@pytest.mark.parametrize("value", OUTSIDE_OR_RUN_FILE)
+def test_the_mlflow_store_must_stay_inside_the_run_directory_and_off_its_files(value):
+    with pytest.raises(hd.HyperdiffError) as info:
+        resolve({"log": {"mlflow": value}})
+    assert str(info.value).startswith("config: log.mlflow must be a path inside the run "
+                                      "directory"), str(info.value)
+    assert f"(got {value!r}: " in str(info.value)

@@ -126,11 +126,12 @@ def test_tensorboard_logger_writes_events(tmp_path):
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     records = history(tmp_path)
-    for tag, key in (("val_loss", "val_loss"), ("grad_norm", "grad_norm"), ("lr", "lr")):
+    for tag, key in (("loss/val", "val_loss"), ("outer/grad_norm", "grad_norm"),
+                     ("outer/lr", "lr")):
         logged = events.Scalars(tag)
         assert [e.step for e in logged] == [r["step"] for r in records]
         assert [e.value for e in logged] == pytest.approx([r[key] for r in records], rel=1e-6)
-    assert [e.value for e in events.Scalars("hparams/wd")] == pytest.approx(
+    assert [e.value for e in events.Scalars("hparam/wd")] == pytest.approx(
         [r["hparams"]["wd"] for r in records], rel=1e-6)
 
 

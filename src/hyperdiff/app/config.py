@@ -169,6 +169,9 @@ class LogConfig:
                               "install 'hyperdiff[tensorboard]')", check=inside_run_dir)
     csv: str = option("", "CSV file with one row per outer step inside the run directory "
                       "(relative, no '..', not a run file; empty: off)", check=inside_run_dir)
+    mlflow: str = option("", "MLflow store directory inside the run directory (relative, no "
+                         "'..', not a run file; empty: off; needs pip install "
+                         "'hyperdiff[mlflow]')", check=inside_run_dir)
 
 
 @dataclass(frozen=True)
@@ -286,13 +289,21 @@ def resolve(source: dict[str, Any]) -> Config:
 
 
 def _check_log_paths(log: LogConfig) -> None:
-    """Raise if the CSV file would take the place of the TensorBoard directory (or one of the
-    folders above it)."""
-    csv, board = PurePath(log.csv).parts, PurePath(log.tensorboard).parts
-    if log.csv and log.tensorboard and board[: len(csv)] == csv:
+    """Raise if the CSV file would take the place of the TensorBoard or MLflow directory (or
+    of one of the folders above it), or if those two directories nest."""
+    csv = PurePath(log.csv).parts
+    for key in ("tensorboard", "mlflow"):
+        folder = getattr(log, key)
+        if log.csv and folder and PurePath(folder).parts[: len(csv)] == csv:
+            raise HyperdiffError(
+                f"config: log.csv must not be log.{key}'s directory or a folder above it "
+                f"(got {log.csv!r} with log.{key} = {folder!r})")
+    board, store = PurePath(log.tensorboard).parts, PurePath(log.mlflow).parts
+    shorter = min(len(board), len(store))
+    if log.tensorboard and log.mlflow and board[:shorter] == store[:shorter]:
         raise HyperdiffError(
-            f"config: log.csv must not be log.tensorboard's directory or a folder above it "
-            f"(got {log.csv!r} with log.tensorboard = {log.tensorboard!r})")
+            f"config: log.mlflow must be a directory apart from log.tensorboard's, neither "
+            f"inside the other (got {log.mlflow!r} with log.tensorboard = {log.tensorboard!r})")
 
 
 def _build_section(section: str, cls: type, values: dict[str, Any]) -> Any:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hyperdiff.app.config import Config, load_config
-from hyperdiff.app.loggers import close_all, config_loggers, start_all
+from hyperdiff.app.loggers import close_all, config_loggers, report_all, start_all
 from hyperdiff.app.plans import PLANS, Plan, Summary, build
 from hyperdiff.app.run_inputs import (
     ACCEPT_FLAG,
@@ -238,7 +238,8 @@ def _run_plan(
     run it and write its result."""
     task, loop = plan.build(config) if start is None else plan.build(config, start)
     # the [log] files are the run directory's, so rank 0 alone writes them
-    loggers = config_loggers(config.log, rundir.path) if group is None or group.is_root else []
+    loggers = (config_loggers(config.log, rundir.path, task.problems[0], config)
+               if group is None or group.is_root else [])
     watchers = [*loggers, *callbacks]
     if restore_or_start(rundir, config, task.hparams, loop, resume=resume,
                         accept_changed_inputs=accept_changed_inputs):
@@ -291,6 +292,7 @@ def _run_plan(
     if changed or moving:
         result["warnings"] = [*result.get("warnings", []), *changed, *([moving] if moving else [])]
     rundir.write_result(result)
+    report_all(watchers, result)  # the final metrics, to the loggers that show them
     return result
 
 

@@ -1,18 +1,22 @@
-"""Watching long work: per-step loggers (CSV, TensorBoard), the callback hook, progress.
+"""Watching long work: per-step loggers (CSV, TensorBoard), the callback hook, progress bars.
 
 A *callback* is any callable ``callback(optimizer, record)``: the
-:class:`~hyperdiff.HyperOptimizer` and the :class:`~hyperdiff.tuner.history.StepRecord` of the outer
-step that just ended (successful or failed). Pass callbacks to ``HyperOptimizer.run(callbacks=...)``
-or ``hyperdiff.app.experiment.run_experiment(..., callbacks=...)``; that is the hook for MLflow,
+:class:`~hyperdiff.HyperOptimizer` (or the online tuner) and the
+:class:`~hyperdiff.tuner.history.StepRecord` of the outer step (window) that just ended
+(successful or failed). Pass callbacks to ``HyperOptimizer.run(callbacks=...)`` or
+``hyperdiff.app.experiment.run_experiment(..., callbacks=...)``; that is the hook for
 Weights & Biases or anything else::
 
-    def to_mlflow(opt, record):
-        mlflow.log_metrics(scalars(record), step=record.step)
+    def to_wandb(opt, record):
+        wandb.log(scalars(record), step=record.step)
 
 A callback may also define ``start(history)`` (called once before the first step, with the
-records of a resumed run) and ``close()`` (called when the run ends). :class:`CSVLogger` and
-:class:`TensorBoardLogger` are such callbacks; ``[log] csv`` and ``[log] tensorboard`` in a
-config switch them on for ``hyperdiff run``.
+records of a resumed run), ``close()`` (called when the loop ends) and ``report(result)``
+(called with the final result once ``result.json`` is written). :class:`CSVLogger`,
+:class:`TensorBoardLogger` and :class:`~hyperdiff.app.mlflow_logger.MLflowLogger` are such
+callbacks; ``[log] csv``, ``[log] tensorboard`` and ``[log] mlflow`` in a config switch them on
+for ``hyperdiff run``. The tags that TensorBoard and MLflow get are :mod:`hyperdiff.app.tags`'s
+(docs/logging.md). :class:`Progress` is the bar of each long phase.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ import io
 import math
 import os
 import secrets
-from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path, PurePath
 from typing import Any
 
 from hyperdiff.app.rundir.files import (
@@ -34,6 +38,15 @@ from hyperdiff.app.rundir.files import (
     remove_temporaries,
 )
 from hyperdiff.app.rundir.paths import inside_run_dir, make_directories
+from hyperdiff.app.tags import (
+    hparam_tags,
+    inner_tags,
+    record_tags,
+    report_tags,
+    run_params,
+    window_steps,
+)
+from hyperdiff.engine.problem import Problem
 from hyperdiff.errors import HyperdiffError, describe
 from hyperdiff.tuner.history import StepRecord
 
@@ -44,15 +57,14 @@ CSV_FIELDS = ("step", "status", *LOSS_FIELDS, "best", "trainings", "samples", "t
 
 
 def scalars(record: StepRecord) -> dict[str, float]:
-    """The record's numbers by name: losses, hypergradient norm and signal-to-noise ratio,
-    outer lr, and each hyperparameter (a scalar as ``hparams/NAME``, a vector as
-    ``hparams/NAME/mean``, ``/min``, ``/max``); ``None`` values are left out."""
-    out = {k: float(getattr(record, k)) for k in LOSS_FIELDS if getattr(record, k) is not None}
-    return {**out, **hparam_scalars(record)}
+    """The record's numbers by tag (:func:`~hyperdiff.app.tags.record_tags`: ``loss/val``,
+    ``outer/lr``, ``hparam/NAME``, ...); ``None`` values are left out."""
+    return record_tags(record)
 
 
 def hparam_scalars(record: StepRecord) -> dict[str, float]:
-    """``hparams/NAME`` (a scalar) or ``hparams/NAME/mean|min|max`` (a vector)."""
+    """The CSV's columns of the hyperparameters: ``hparams/NAME`` (a scalar) or
+    ``hparams/NAME/mean|min|max`` (a vector)."""
     out = {}
     for name, value in record.hparams.items():
         if isinstance(value, list):
@@ -125,10 +137,16 @@ def _cell(value: Any) -> str:
 
 
 class TensorBoardLogger:
-    """Scalars of every outer step (:func:`scalars`) through
-    ``torch.utils.tensorboard.SummaryWriter``, at ``global_step = record.step``."""
+    """The run in TensorBoard, in the tag scheme of :mod:`hyperdiff.app.tags`: every record's
+    losses, outer-loop numbers and the model's hyperparameters at ``global_step =
+    record.step``; with ``problem`` (the inner problem), the discrete choices by name and, for
+    an online loop, the inner optimizer's coefficients at every inner step of each window
+    (in the sub-directory ``inner``, a run of its own); :meth:`report` adds the final report's
+    metrics and the HParams view (``params``: the config's keys, with the tuned values).
+    A resumed run purges the events past its resume point, so each curve is drawn once."""
 
-    def __init__(self, log_dir: str | Path):
+    def __init__(self, log_dir: str | Path, *, problem: Problem | None = None,
+                 params: Mapping[str, Any] | None = None):
         self.log_dir = log_path("TensorBoardLogger", "log_dir", log_dir)
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -138,31 +156,71 @@ class TensorBoardLogger:
                 f"'hyperdiff[tensorboard]'); got ImportError: {err}"
             ) from None
         self._writer_class = SummaryWriter
+        self.problem, self.params = problem, dict(params or {})
         self.writer: Any = None
+        self.inner: Any = None
+        self.resumed = False
+
+    def _writer(self, path: Path, purge_step: int | None) -> Any:
+        # a random suffix makes the event file's name unguessable, so no link can be planted
+        return self._writer_class(str(path), purge_step=purge_step,
+                                  filename_suffix=f".{secrets.token_hex(8)}")
 
     def start(self, history: Sequence[StepRecord]) -> None:
-        # purge events past the resume point so a resumed run shows one curve; a random
-        # suffix makes the event file's name unguessable, so no link can be planted there
-        self.writer = self._writer_class(str(self.log_dir), purge_step=len(history) or None,
-                                         filename_suffix=f".{secrets.token_hex(8)}")
+        # purge events past the resume point so a resumed run shows one curve
+        self.writer = self._writer(self.log_dir, len(history) or None)
+        self.resumed = bool(history)
 
     def __call__(self, opt: Any, record: StepRecord) -> None:
         if self.writer is None:
             self.start([])
-        for key, value in scalars(record).items():
+        specs = None if self.problem is None else self.problem.hparams
+        for key, value in record_tags(record, specs).items():
             self.writer.add_scalar(key, value, record.step)
         self.writer.flush()
+        values = ({} if self.problem is None else
+                  inner_tags(self.problem, record.hparams, window_steps(opt, record)))
+        if values:
+            if self.inner is None:  # purged from the first inner step written after a resume
+                inner = make_directories(self.log_dir, PurePath("inner"))
+                self.inner = self._writer(inner, min(values) if self.resumed else None)
+            for step, tags in values.items():
+                for key, value in tags.items():
+                    self.inner.add_scalar(key, value, step)
+            self.inner.flush()
+
+    def report(self, result: Mapping[str, Any]) -> None:
+        """The final report's metrics (:func:`~hyperdiff.app.tags.report_tags`) at the run's
+        last step, and the HParams view: the config's keys and the tuned values against
+        them."""
+        if self.writer is None:
+            self.start([])
+        from torch.utils.tensorboard.summary import hparams
+
+        metrics = report_tags(result)
+        step = int(result.get("steps", 0))
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, step)
+        tuned = hparam_tags(result.get("tuned", {}).get("hparams", {}),
+                            None if self.problem is None else self.problem.hparams)
+        for summary in hparams({**self.params, **tuned}, metrics):
+            self.writer.file_writer.add_summary(summary, step)
+        self.close()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        for writer in (self.writer, self.inner):
+            if writer is not None:
+                writer.close()
 
 
-def config_loggers(log: Any, run_dir: Path) -> list[Any]:
+def config_loggers(log: Any, run_dir: Path, problem: Problem | None = None,
+                   config: Any = None) -> list[Any]:
     """The loggers that a config's ``[log]`` section asks for, with their directories made
     inside ``run_dir`` (:func:`~hyperdiff.app.rundir.paths.inside_run_dir` checks the paths: no
-    absolute path, no ``..``, no run file; a symbolic link on the way is refused)."""
+    absolute path, no ``..``, no run file; a symbolic link on the way is refused).
+    ``problem``: the task's inner problem; ``config``: the run's, for the params logged."""
     loggers: list[Any] = []
+    params = {} if config is None else run_params(config)
     if log.csv:
         csv_path = inside_run_dir(log.csv, "config: log.csv")
         path = make_directories(run_dir, csv_path.parent) / csv_path.name
@@ -170,8 +228,15 @@ def config_loggers(log: Any, run_dir: Path) -> list[Any]:
         loggers.append(CSVLogger(path))
     if log.tensorboard:
         board = inside_run_dir(log.tensorboard, "config: log.tensorboard")
-        loggers.append(TensorBoardLogger(run_dir / board))  # first: is tensorboard installed?
+        # first: is tensorboard installed?
+        loggers.append(TensorBoardLogger(run_dir / board, problem=problem, params=params))
         make_directories(run_dir, board)
+    if getattr(log, "mlflow", ""):
+        from hyperdiff.app.mlflow_logger import MLflowLogger, check_installed
+
+        check_installed()
+        store = make_directories(run_dir, inside_run_dir(log.mlflow, "config: log.mlflow"))
+        loggers.append(MLflowLogger(store, problem=problem, params=params))
     return loggers
 
 
@@ -187,38 +252,67 @@ def close_all(callbacks: Iterable[Any]) -> None:
             callback.close()
 
 
-class Progress:
-    """A tqdm bar over a whole ``hyperdiff run``: one unit per inner training, those of the
-    outer steps (``record.trainings``, cumulative; the ``steps - done`` steps to come are
-    counted at ``units_per_step`` each, the fewest with ``samples="auto"``) and those of the
-    final report, so its total and ETA include the report. Shown only on a terminal unless
-    ``enabled`` says otherwise; stays on screen."""
+def report_all(callbacks: Iterable[Any], result: Mapping[str, Any]) -> None:
+    """Hand the run's final result to every callback that defines ``report(result)``."""
+    for callback in callbacks:
+        if hasattr(callback, "report"):
+            callback.report(result)
 
-    def __init__(self, *, steps: int, done: int, units_per_step: int, report_trainings: int,
-                 enabled: bool | None, desc: str = "", trainings: int | None = None):
+
+class Progress:
+    """A tqdm bar over one phase of long work, with an ETA, that leaves a one-line summary.
+
+    The bar counts ``unit``s: ``total`` for the phase's loop (``initial`` done already, e.g.
+    on resume) and ``report_trainings`` of ``report_unit`` each for the retrainings that
+    follow (:meth:`report_phase`), so its ETA includes them. As a callback of an outer loop,
+    each record moves it to ``position(loop, record)`` (default: ``record.trainings``, the
+    trainings done so far) and shows the step and its loss (selection, else validation).
+    Shown only on a terminal unless ``enabled`` says otherwise; ``file``: the stream (tqdm's
+    default, stderr). On :meth:`close` it stays on screen as ``"DESC done: ..."``.
+    """
+
+    def __init__(self, *, total: int, initial: int = 0, report_trainings: int = 0,
+                 enabled: bool | None, desc: str = "", unit: str = "training",
+                 report_unit: int = 1,
+                 position: Callable[[Any, StepRecord], int] | None = None,
+                 file: Any = None):
         from tqdm.auto import tqdm
 
-        self.report, self.desc = report_trainings, desc
-        self.trainings = done * units_per_step if trainings is None else trainings
-        self.bar = tqdm(total=self.trainings + (steps - done) * units_per_step
-                        + report_trainings,
-                        initial=self.trainings, unit="training", desc=desc,
-                        disable=None if enabled is None else not enabled, leave=True)
+        self.report, self.report_unit, self.desc = report_trainings, report_unit, desc
+        self.position = position or (lambda loop, record: record.trainings)
+        self.bar = tqdm(total=total + report_trainings * report_unit, initial=initial,
+                        unit=unit, desc=desc, disable=None if enabled is None else not enabled,
+                        leave=True, file=file)
+        self.steps = 0
+        self.best: float | None = None
 
     def __call__(self, opt: Any, record: StepRecord) -> None:
-        self.bar.update(record.trainings - self.trainings)
-        self.trainings = record.trainings
-        if record.selection_loss is not None or record.val_loss is not None:
-            loss = record.selection_loss if record.selection_loss is not None else record.val_loss
+        self.advance(self.position(opt, record) - self.bar.n)
+        self.steps += 1
+        loss = record.selection_loss if record.selection_loss is not None else record.val_loss
+        if loss is not None:
+            self.best = loss if self.best is None else min(self.best, loss)
             self.bar.set_postfix(step=record.step, loss=f"{loss:.4g}", refresh=False)
+
+    def advance(self, units: int) -> None:
+        """Move the bar by ``units`` (a search's trial: its trainings)."""
+        self.bar.update(units)
 
     def report_phase(self) -> Callable[[], None]:
         """Shrink the total to what is left (early stops end before the budget); return the
-        per-training tick of the report."""
-        self.bar.total = self.bar.n + self.report
+        per-training tick of the retrainings."""
+        self.bar.total = self.bar.n + self.report * self.report_unit
         self.bar.set_description_str(f"{self.desc} final report".strip())
         self.bar.refresh()
-        return lambda: self.bar.update(1)
+        return lambda: self.bar.update(self.report_unit)
 
-    def close(self) -> None:
+    def close(self, **summary: Any) -> None:
+        """Leave the bar as the phase's summary: ``"DESC done"``, the steps and the best loss
+        seen (or ``summary``'s entries)."""
+        if not summary and self.best is not None:
+            summary = {**({"steps": self.steps} if self.steps else {}),
+                       "best loss": f"{self.best:.4g}"}
+        self.bar.set_description_str(f"{self.desc} done".strip())
+        if summary:
+            self.bar.set_postfix(summary, refresh=False)
         self.bar.close()

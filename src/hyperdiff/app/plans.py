@@ -124,16 +124,18 @@ def _describe_offline(task: Task, driver: HyperOptimizer, config: Config) -> str
             f"{config.inner.steps} steps per outer step")
 
 
-def _offline_bar(task: Task, driver: HyperOptimizer, config: Config,
-                 enabled: bool | None) -> Progress:
-    """One bar over the outer steps' trainings and the final report's."""
+def offline_bar(task: Task, driver: HyperOptimizer, config: Config, enabled: bool | None,
+                report_trainings: int | None = None) -> Progress:
+    """One bar over the outer steps' trainings (the steps to come at the fewest trainings
+    each) and the final report's (``report_trainings``, default the run's report)."""
     plan = driver.plan
     assert isinstance(plan, OfflinePlan)
     per_step = len(task.problems) * (plan.auto.minimum if plan.auto else plan.samples)
-    return Progress(steps=config.stop.max_steps, done=driver.step_index,
-                    units_per_step=per_step, trainings=driver.trainings,
-                    report_trainings=(2 + has_relaxation(task.hparams)) * config.report.seeds,
-                    enabled=enabled, desc=task.name)
+    report = (2 + has_relaxation(task.hparams)) * config.report.seeds
+    return Progress(total=driver.trainings
+                    + (config.stop.max_steps - driver.step_index) * per_step,
+                    initial=driver.trainings, enabled=enabled, desc=task.name,
+                    report_trainings=report if report_trainings is None else report_trainings)
 
 
 def _offline_summary(task: Task, driver: HyperOptimizer, outcome: Any,
@@ -226,6 +228,17 @@ def _describe_online(task: Task, loop: HyperOptimizer, config: Config) -> str:
             f"{plan.window} steps")
 
 
+def _online_bar(task: Task, loop: HyperOptimizer, config: Config,
+                enabled: bool | None) -> Progress:
+    """One bar over the run's inner steps and the final report's (2 trainings of the run's
+    length per seed), showing each window's loss."""
+    plan = _online(loop)
+    steps = plan.problem.steps
+    return Progress(total=steps, initial=plan.inner_step, unit="step", desc=task.name,
+                    report_trainings=2 * config.report.seeds, report_unit=steps,
+                    enabled=enabled, position=lambda loop, record: _online(loop).inner_step)
+
+
 def _online_summary(task: Task, loop: HyperOptimizer, outcome: Any, config: Config
                     ) -> Summary:
     """Retrain at the final values; also the metrics of the model the run itself trained."""
@@ -246,10 +259,10 @@ def _online_summary(task: Task, loop: HyperOptimizer, outcome: Any, config: Conf
 
 
 PLANS: dict[str, Plan] = {
-    "offline": Plan(build=build, check=_no_check, describe=_describe_offline, bar=_offline_bar,
+    "offline": Plan(build=build, check=_no_check, describe=_describe_offline, bar=offline_bar,
                     summary=_offline_summary),
     "online": Plan(build=build_online, check=_one_process, describe=_describe_online,
-                   bar=lambda *_: None, summary=_online_summary),
+                   bar=_online_bar, summary=_online_summary),
 }
 
-__all__ = ["PLANS", "Plan", "Summary", "build", "build_online"]
+__all__ = ["PLANS", "Plan", "Summary", "build", "build_online", "offline_bar"]

@@ -394,6 +394,8 @@ def check(
                 stationary = bool(result.diagnostics.get("stationary", False))
                 converged = stationary if converged is None else converged and stationary
         rows.append(CheckRow(label, error, seconds, peak, notes, failed, entries))
+    bar.set_description_str("check done")  # the bar stays on screen as the phase's summary
+    bar.set_postfix_str(f"{len(chosen)} methods against finite differences", refresh=False)
     bar.close()
     rows.append(
         CheckRow(

@@ -21,6 +21,8 @@ import io
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import closing
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -136,9 +138,9 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
     the report so far as soon as each method's phase finishes, and once more when a black-box
     phase fails: then ``report["failed"]`` names the method, the error and the methods not run,
     and the error is raised again."""
-    from tqdm.auto import tqdm
-
     from hyperdiff.app.experiment import build
+    from hyperdiff.app.loggers import Progress
+    from hyperdiff.app.plans import offline_bar
     from hyperdiff.app.search import (
         OPTUNA_MISSING,
         from_history,
@@ -161,13 +163,16 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
     task, driver = build(config)
     objective = objective_for(task)  # with CV, every method minimises the same CV loss
     log(f"compare on {task.name}: hyperdiff ({task.hparams.numel} hyperparameters)")
-    outcome = driver.run(progress=progress)
+    seeds = report_seeds(config.report.seeds)
+    # one bar per phase: the method's trainings, then its winner's retrainings
+    with closing(offline_bar(task, driver, config, progress, len(seeds))) as bar:
+        outcome = driver.run(callbacks=[bar])
+        winner = task.evaluate(outcome.best_raw, seeds=seeds, progress=bar.report_phase(),
+                               spread=spread)
     hyper = from_history(outcome.history, method="hyperdiff")
     budget = budget or driver.trainings
-    seeds = report_seeds(config.report.seeds)
     names = list(task.search_space) if per_coordinate else []
-    methods = [summarize(hyper, task.evaluate(outcome.best_raw, seeds=seeds, spread=spread),
-                         picked_by=outcome.criterion, task=task,
+    methods = [summarize(hyper, winner, picked_by=outcome.criterion, task=task,
                          best=(outcome.best_step, natural_values(task.hparams, outcome.best_raw)))]
     searches = [("random", random_search)]
     if tpe and optuna_available():
@@ -182,20 +187,25 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
               "stop_reason": outcome.stop_reason, "methods": methods,
               "skipped": [] if not tpe or optuna_available() else ["tpe: optuna not installed"]}
     phase_done(report)
-    trials = max(1, budget // trainings_per_trial(task, objective))
+    per_trial = trainings_per_trial(task, objective)
+    trials = max(1, budget // per_trial)
     for number, (name, search) in enumerate(searches):
         log(f"compare on {task.name}: {name} search, {trials} trials ({budget} trainings)")
         try:
-            with tqdm(total=trials, unit="trial", desc=name, leave=True,
-                      disable=None if progress is None else not progress) as bar:
+            search_bar = Progress(total=trials * per_trial, report_trainings=len(seeds),
+                                  enabled=progress, desc=name)
+            with closing(search_bar):
                 result = search(task, trials, seed=config.outer.seed, per_coordinate=names,
-                                objective=objective, progress=lambda: bar.update(1),
+                                objective=objective,
+                                progress=partial(search_bar.advance, per_trial),
                                 spread=spread)
-            # rank 0's winner (TPE runs on every rank: the same search, unless the machines
-            # round differently)
-            best = on_root(group, f"compare: {name} winner", dict, result.best.values)
-            methods.append(summarize(result, evaluate_values(task, best, seeds, spread),
-                                     picked_by=objective, task=task))
+                # rank 0's winner (TPE runs on every rank: the same search, unless the
+                # machines round differently)
+                best = on_root(group, f"compare: {name} winner", dict, result.best.values)
+                metrics = evaluate_values(task, best, seeds, spread,
+                                          progress=search_bar.report_phase())
+                search_bar.best = result.best.objective
+            methods.append(summarize(result, metrics, picked_by=objective, task=task))
         except (Exception, KeyboardInterrupt) as err:
             report["failed"] = {"method": name, "error": f"{type(err).__name__}: {err}",
                                 "not_run": [n for n, _ in searches[number + 1:]]}
@@ -206,11 +216,12 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
 
 
 def evaluate_values(task: Any, values: Mapping[str, Any], seeds: Sequence[int],
-                    spread: Any = None) -> dict[str, dict[str, float]]:
+                    spread: Any = None, progress: Callable[[], None] | None = None,
+                    ) -> dict[str, dict[str, float]]:
     """Retrain at natural ``values`` (lists for per-coordinate vectors, plain choices or
     their labels for discrete hyperparameters) on ``seeds``, mapped by ``spread``
-    (:meth:`~hyperdiff.app.tasks.base.Task.evaluate_values`)."""
-    return task.evaluate_values(values, seeds, spread=spread)
+    (:meth:`~hyperdiff.app.tasks.base.Task.evaluate_values`); ``progress()`` after each."""
+    return task.evaluate_values(values, seeds, spread=spread, progress=progress)
 
 
 def summarize(result: Any, metrics: Mapping[str, Mapping[str, float]], *,

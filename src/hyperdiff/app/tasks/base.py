@@ -165,11 +165,13 @@ class Task:
         return [mean_over_seeds(done[i * n:(i + 1) * n]) for i in range(len(requests))]
 
     def evaluate_values(self, values: Mapping[str, Any], seeds: Sequence[int],
-                        spread: Spreader | None = None) -> dict[str, dict[str, float]]:
+                        spread: Spreader | None = None,
+                        progress: Callable[[], None] | None = None,
+                        ) -> dict[str, dict[str, float]]:
         """:meth:`evaluate` at natural ``values`` (lists for per-coordinate vectors; plain
         choices or their labels for discrete hyperparameters) on ``seeds``."""
         return self.evaluate(fixed_hparams(self.hparams, values).raw, seeds=tuple(seeds),
-                             spread=spread)
+                             spread=spread, progress=progress)
 
     def metrics_at(self, params: Params, buffers: Params, hview: HParamView, *, seed: int = 0
                    ) -> dict[str, dict[str, float]]:
