@@ -26,11 +26,11 @@ from hyperdiff.app.tasks import DEFAULT_TASK, check_task_name, task_defaults
 from hyperdiff.errors import HyperdiffError, describe
 from hyperdiff.methods.registry import (
     METHODS,
-    OPTIMIZERS,
     SCHEDULES,
     capabilities,
     method_constructor,
 )
+from hyperdiff.tuner.outer_steps import offline_optimizers
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -78,7 +78,7 @@ class MethodConfig:
 @dataclass(frozen=True)
 class OuterConfig:
     optimizer: str = option("adam", "torch.optim optimizer of the raw hyperparameters",
-                            choices=lambda: list(OPTIMIZERS))
+                            choices=offline_optimizers)
     lr: float = option(0.05, "outer learning rate (raw units: 0.05 changes a positive "
                        "hyperparameter by about 5%)", low=0.0, open_low=True)
     schedule: str = option("cosine", "outer learning-rate schedule: constant, or cosine decay "

@@ -45,7 +45,7 @@ from hyperdiff.errors import (
 )
 from hyperdiff.logs import get_logger
 from hyperdiff.methods.base import Method
-from hyperdiff.methods.registry import OPTIMIZERS, SCHEDULES, make_method, methods_where
+from hyperdiff.methods.registry import SCHEDULES, make_method, methods_where
 from hyperdiff.tuner.discrete_outer import outer_hook
 from hyperdiff.tuner.distributed.spread import spreader_for
 from hyperdiff.tuner.driver_checks import (
@@ -64,6 +64,7 @@ from hyperdiff.tuner.history import (
     natural_values,
     to_number,
 )
+from hyperdiff.tuner.outer_steps import offline_optimizers, outer_optimizer
 from hyperdiff.tuner.sampler import Sampler
 from hyperdiff.tuner.snr import more_samples_advice
 from hyperdiff.tuner.stopping import Stopping, ranking_loss, ranking_name, tied
@@ -153,8 +154,9 @@ class HyperOptimizer:
         if not isinstance(self.method, Method) or not self.method.capabilities.offline:
             raise fail("HyperOptimizer", "method", "a Method usable offline or one of "
                        f"{sorted(methods_where(offline=True))}", self.method)
-        if optimizer not in OPTIMIZERS:
-            raise fail("HyperOptimizer", "optimizer", f"one of {sorted(OPTIMIZERS)}", optimizer)
+        if optimizer not in offline_optimizers():
+            raise fail("HyperOptimizer", "optimizer", f"one of {sorted(offline_optimizers())}",
+                       optimizer)
         if schedule not in SCHEDULES:
             raise fail("HyperOptimizer", "schedule", f"one of {list(SCHEDULES)}", schedule)
         self.lr = positive_float("HyperOptimizer", "lr", lr)
@@ -178,8 +180,7 @@ class HyperOptimizer:
         self.guard = DivergenceGuard(shrink=shrink, max_failures=max_failures,
                                      max_loss_ratio=max_loss_ratio)
         self.leaves = {n: v.clone().requires_grad_() for n, v in self.hparams.raw.items()}
-        optim_class = getattr(torch.optim, OPTIMIZERS[optimizer])
-        self.optimizer = optim_class(list(self.leaves.values()), lr=self.lr)
+        self.optimizer = outer_optimizer(optimizer)(list(self.leaves.values()), lr=self.lr)
         self.history = History()
         self.step_index = 0
         self.best: dict[str, Any] | None = None
@@ -294,9 +295,9 @@ class HyperOptimizer:
         self.guard.succeeded(snapshot)
         grads, values, mean, per_sample, snr, discrete = self.sampler.estimate(
             step, raw, evaluations)
-        self._update(tied(self.hparams.unflatten(mean)) if step < self.tie_steps
-                     else self.hparams.unflatten(mean), lr)
         val = float(values.mean())
+        self._update(tied(self.hparams.unflatten(mean)) if step < self.tie_steps
+                     else self.hparams.unflatten(mean), lr, val if selection is None else selection)
         is_best = self._rank(step, raw, val, selection)
         moved = max(float((self.leaves[n].detach() - raw[n]).abs().max()) for n in raw)
         grad_norm = float(mean.norm())
@@ -352,14 +353,16 @@ class HyperOptimizer:
             self.discrete.load_state_dict(state["discrete"])
 
     # ------------------------------------------------------------------ internals
-    def _update(self, grad: dict[str, Tensor], lr: float) -> None:
+    def _update(self, grad: dict[str, Tensor], lr: float, loss: float) -> None:
+        """Step the outer optimizer on ``grad`` at ``lr``; ``loss`` (the ranking loss at the
+        current values) reaches it as ``step(closure)``, for those that use it."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         for name, leaf in self.leaves.items():
             leaf.grad = grad[name].detach().to(device=leaf.device, dtype=leaf.dtype, copy=True)
         if self.clip is not None:
             torch.nn.utils.clip_grad_norm_(list(self.leaves.values()), self.clip)
-        self.optimizer.step()
+        self.optimizer.step(lambda: loss)
         self.optimizer.zero_grad(set_to_none=True)
 
     def _untrained(self, raw: dict[str, Tensor]) -> dict[str, float]:
