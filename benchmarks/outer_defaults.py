@@ -11,6 +11,9 @@ earlier) are the second reference.
 
     OMP_NUM_THREADS=1 nice python benchmarks/outer_defaults.py            # everything
     python benchmarks/outer_defaults.py --tasks logistic_wide --candidates adam signstep
+    python benchmarks/outer_defaults.py --tasks mlp_digits reweight_digits --candidates \
+        "adam 0.05" signstep recommended "signstep + task lr" --out /tmp/builtin.json
+    python benchmarks/outer_defaults.py --merge /tmp/a.json /tmp/builtin.json  # -> --out
     python benchmarks/outer_defaults.py --table benchmarks/results/outer_defaults.json
 
 Writes ``benchmarks/results/outer_defaults.json`` after every run (``runs``: one entry per
@@ -32,6 +35,7 @@ from typing import Any
 import hyperdiff as hd
 from hyperdiff.app.config import load_config
 from hyperdiff.app.experiment import run_experiment
+from hyperdiff.app.tasks import task_defaults
 
 HERE = Path(__file__).parent
 TASK_DIR = HERE / "suite_tasks"
@@ -44,11 +48,16 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "adam 0.2": {"outer.optimizer": "adam", "outer.lr": 0.2},
     "signstep": {"outer.optimizer": "signstep", "outer.lr": 0.05},
     "trust": {"outer.optimizer": "trust", "outer.lr": 0.05},
+    "recommended": {},  # a built-in task's own outer settings: see recommended()
+    "signstep + task lr": {},  # the same with signstep where the task names no optimizer
 }
 BASELINE = "adam 0.05"
 TASKS = {"logistic_wide": "logistic_wide", "reweight": "reweight_digits",
          "tabular_mlp": "tabular_mlp", "gru_seq": "gru_seq"}
-"""Task file -> the name the suite's results use."""
+"""Suite task file -> the name the suite's results use."""
+BUILT_IN = ("mlp_digits", "reweight_digits", "logistic_cancer", "ridge_diabetes",
+            "logistic_digits")
+"""Built-in tasks (``--tasks``; no starts off: they run from their own start only)."""
 STARTS = (0.01, 1.0, 100.0)
 FIXED = {"outer.mode": "offline", "outer.schedule": "cosine", "stop.max_steps": 30}
 
@@ -57,7 +66,8 @@ def run_one(file: str, start: float, overrides: dict[str, Any], workdir: Path
             ) -> dict[str, Any]:
     """One offline run; its test loss (report retraining), best selection loss, steps, time."""
     factory = "build" if start == 1.0 else start_name(start)
-    settings = {**FIXED, **overrides, "task.name": f"{TASK_DIR / file}.py:{factory}"}
+    name = file if file in BUILT_IN else f"{TASK_DIR / file}.py:{factory}"
+    settings = {**FIXED, **overrides, "task.name": name}
     started = time.perf_counter()
     trainings: list[int] = []
     try:
@@ -74,6 +84,14 @@ def run_one(file: str, start: float, overrides: dict[str, Any], workdir: Path
             "tuned": result["tuned"]["hparams"], "stop_reason": result["stop_reason"],
             "trainings": trainings[-1] if trainings else 0,
             "time_s": time.perf_counter() - started}
+
+
+def recommended(file: str, optimizer: str = "adam") -> dict[str, Any]:
+    """The outer settings a built-in task recommends (``outer.*`` of its defaults), on top of
+    ``optimizer`` with lr 0.05 (Adam: the old default); for a suite task, just that."""
+    defaults = task_defaults(file) if file in BUILT_IN else {}
+    return {"outer.optimizer": optimizer, "outer.lr": 0.05,
+            **{k: v for k, v in defaults.items() if k.startswith("outer.")}}
 
 
 def tpe_reference() -> dict[str, float]:
@@ -97,7 +115,7 @@ def summarize(runs: Sequence[dict[str, Any]], tpe: dict[str, float]) -> dict[str
         vs_base = [r["test_loss"] / base[(r["task"], r["start"])] for r in mine
                    if (r["task"], r["start"]) in base and _finite(r["test_loss"])]
         vs_tpe = [r["test_loss"] / tpe[TASKS[r["task"]]] for r in mine
-                  if TASKS[r["task"]] in tpe and _finite(r["test_loss"])]
+                  if TASKS.get(r["task"]) in tpe and _finite(r["test_loss"])]
         out[name] = {"runs": len(mine), "failed": sum(not _finite(r["test_loss"]) for r in mine),
                      "geomean_vs_baseline": _geomean(vs_base), "geomean_vs_tpe100": _geomean(vs_tpe),
                      "wins": sum(x < 0.99 for x in vs_base), "losses": sum(x > 1.01 for x in vs_base),
@@ -126,7 +144,7 @@ def table(data: dict[str, Any]) -> str:
     loss = {(r["candidate"], r["task"], r["start"]): r["test_loss"] for r in runs}
     head = ["task", "start", *names, "tpe-100 (suite)"]
     lines = [[task, f"x{start:g}", *(_num(loss.get((n, task, start)), ".4f") for n in names),
-              _num(tpe.get(TASKS[task]), ".4f")] for task, start in keys]
+              _num(tpe.get(TASKS.get(task, "")), ".4f")] for task, start in keys]
     out = ["test loss (report retraining, mean of 3 seeds)", " | ".join(head)]
     out += [" | ".join(line) for line in lines]
     out += ["", f"summary (ratios: geometric mean; wins/losses vs {BASELINE}, ties within 1%)",
@@ -143,13 +161,22 @@ def table(data: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES),
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS),
+                        choices=[*TASKS, *BUILT_IN])
+    parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES)[:4],
                         choices=list(CANDIDATES))
     parser.add_argument("--starts", nargs="+", type=float, default=list(STARTS))
     parser.add_argument("--out", type=Path, default=RESULTS / "outer_defaults.json")
     parser.add_argument("--table", type=Path, help="print the tables of a results file")
+    parser.add_argument("--merge", type=Path, nargs="+",
+                        help="combine the runs of these results files into --out")
     args = parser.parse_args(argv)
+    if args.merge:
+        loaded = [json.loads(path.read_text()) for path in args.merge]
+        runs = [r for data in loaded for r in data["runs"]]
+        merged = {**loaded[0], "runs": runs, "summary": summarize(runs, loaded[0]["tpe100"])}
+        args.out.write_text(json.dumps(merged, indent=1, default=str))
+        args.table = args.out
     if args.table:
         print(table(json.loads(args.table.read_text())))
         return 0
@@ -157,13 +184,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for file in args.tasks:
-            starts = [1.0] if file == "reweight" else args.starts  # no lr to start off
+            # reweight has no lr to start off; built-in tasks have no factories for it
+            starts = [1.0] if file == "reweight" or file in BUILT_IN else args.starts
             for start in starts:
                 for name in args.candidates:
                     work = Path(tmp) / f"{file}-{start:g}-{name.replace(' ', '_')}"
-                    runs.append({"candidate": name, "task": file, "start": start,
-                                 **CANDIDATES[name],
-                                 **run_one(file, start, CANDIDATES[name], work)})
+                    outer = (recommended(file) if name == "recommended" else
+                             recommended(file, "signstep") if name == "signstep + task lr"
+                             else CANDIDATES[name])
+                    runs.append({"candidate": name, "task": file, "start": start, **outer,
+                                 **run_one(file, start, outer, work)})
                     r = runs[-1]
                     print(f"[{time.perf_counter() - began:7.1f} s] {file} x{start:g} {name}: "
                           f"test loss {_num(r['test_loss'], '.4f')} in {r['time_s']:.1f} s",
