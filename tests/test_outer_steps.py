@@ -140,3 +140,15 @@ def test_the_driver_names_every_outer_optimizer():
     with pytest.raises(hd.HyperdiffError, match=r"optimizer must be one of \[.*'signstep'.*"
                                                 r"'trust'.*\] \(got 'rprop'\)"):
         HyperOptimizer(problem, optimizer="rprop")
+
+
+def test_online_runs_refuse_an_offline_only_optimizer_and_auto_gives_them_adam():
+    from hyperdiff.app.config import load_config
+    from hyperdiff.app.plans import build_online
+
+    online = ["task.name=ridge_diabetes", "outer.mode=online", "inner.steps=20"]
+    _, tuner = build_online(load_config(overrides=online))
+    assert type(tuner.optimizer) is torch.optim.Adam
+    with pytest.raises(hd.HyperdiffError, match=r"OnlineTuner: optimizer must be one of "
+                                                r"\[.*'adam'.*\] \(got 'signstep'\)"):
+        build_online(load_config(overrides=[*online, "outer.optimizer=signstep"]))

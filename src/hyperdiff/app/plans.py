@@ -35,6 +35,7 @@ from hyperdiff.tuner.distributed import data_parallel
 from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 from hyperdiff.tuner.history import StepRecord
 from hyperdiff.tuner.online import METHODS, OnlineTuner
+from hyperdiff.tuner.outer_steps import DEFAULT_OFFLINE
 
 OPTIONS = {"reverse": (), "forward": ("engine",), "implicit": ("solver",),
            "curvature": ("horizon", "horizon_unit", "curvature_scale")}
@@ -77,6 +78,16 @@ def _task(config: Config, cv_folds: int) -> Task:
     return task_to_device(task, resolve_device(config.run.device, "config", "run.device"))
 
 
+def outer_optimizer_name(config: Config) -> str:
+    """``outer.optimizer`` with ``"auto"`` resolved: the measured offline default
+    (:data:`~hyperdiff.tuner.outer_steps.DEFAULT_OFFLINE`) offline, Adam online (the
+    optimizers of :mod:`hyperdiff.tuner.outer_steps` are offline only)."""
+    name = config.outer.optimizer
+    if name != "auto":
+        return name
+    return DEFAULT_OFFLINE if config.outer.mode == "offline" else "adam"
+
+
 # ------------------------------------------------------------------------------------ offline
 def build(config: Config, start: dict[str, Any] | None = None
           ) -> tuple[Task, HyperOptimizer]:
@@ -90,7 +101,7 @@ def build(config: Config, start: dict[str, Any] | None = None
     driver = HyperOptimizer(
         list(task.problems),
         method=data_parallel(method) if config.distributed.data_parallel else method,
-        optimizer=config.outer.optimizer, lr=config.outer.lr,
+        optimizer=outer_optimizer_name(config), lr=config.outer.lr,
         clip=config.outer.clip or None, schedule=config.outer.schedule,
         samples="auto" if config.outer.auto_samples else config.outer.samples,
         max_samples=config.outer.max_samples, tie_steps=config.outer.tie_steps,
@@ -178,7 +189,8 @@ def build_online(config: Config, start: dict[str, Any] | None = None
     task = _task(config, 0)
     outer = config.outer
     tuner = OnlineTuner(
-        task.problems[0], window=outer.window, method=method, optimizer=outer.optimizer,
+        task.problems[0], window=outer.window, method=method,
+        optimizer=outer_optimizer_name(config),
         lr=outer.lr, schedule=outer.schedule, clip=outer.clip or None,
         val_batch_size=outer.val_batch or None, selection=task.selection,
         seed=outer.seed, backprop=(outer.backprop or None) if method == "reverse" else None,

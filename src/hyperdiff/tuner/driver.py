@@ -6,7 +6,8 @@ At outer step ``s`` with raw hyperparameters ``u_s`` (natural values ``lam_s = f
         train T inner steps from theta_0 (or, with warm_start, from that slot's last theta)
         with minibatch seed seed(s, i): theta_T(lam_s); L_ji = L_val(theta_T), g_ji = dL_ji/du
     g_s = mean_ji g_ji   (spread: std_ji g_ji)
-    u_{s+1} = torch.optim step on g_s (Adam by default; optional clipping and cosine decay)
+    u_{s+1} = optimizer step on g_s (sign agreement by default, hyperdiff.tuner.outer_steps;
+              optional clipping and cosine decay)
 
 The loop keeps the ``lam_s`` with the lowest *selection* loss, computed on a split the
 hypergradient never sees (the validation loss when there is no selection split), stops on a
@@ -64,7 +65,7 @@ from hyperdiff.tuner.history import (
     natural_values,
     to_number,
 )
-from hyperdiff.tuner.outer_steps import offline_optimizers, outer_optimizer
+from hyperdiff.tuner.outer_steps import DEFAULT_OFFLINE, offline_optimizers, outer_optimizer
 from hyperdiff.tuner.sampler import Sampler
 from hyperdiff.tuner.snr import more_samples_advice
 from hyperdiff.tuner.stopping import Stopping, ranking_loss, ranking_name, tied
@@ -84,8 +85,12 @@ class HyperOptimizer:
             hyperparameters (cross-validation folds) whose validation losses are averaged.
         method: a :class:`~hyperdiff.methods.base.Method` usable offline or its name
             (:data:`~hyperdiff.methods.registry.METHODS`).
-        optimizer: outer optimizer, a name in :data:`OPTIMIZERS` (default Adam).
-        lr: outer learning rate (raw units: 0.05 moves a log-constrained value by ~5%).
+        optimizer: outer optimizer, a name in
+            :func:`~hyperdiff.tuner.outer_steps.offline_optimizers`: torch.optim's ``adam``,
+            ``adamw``, ``sgd``, ``rmsprop``, or ``signstep`` (the default, measured across
+            tasks: docs/driver.md) and ``trust`` (:mod:`hyperdiff.tuner.outer_steps`).
+        lr: outer learning rate in raw units (0.05 moves a log-constrained value by ~5%; with
+            ``signstep`` the first step of every coordinate, which grows up to 10x).
         clip: clip the raw hypergradient to this L2 norm (``None``: no clipping).
         schedule: ``"cosine"`` (decay to 0 over ``stopping.max_steps``, the default, as in
             ``hyperdiff run``) or ``"constant"``.
@@ -132,7 +137,7 @@ class HyperOptimizer:
         problem: Problem | Sequence[Problem],
         *,
         method: Method | str = "reverse",
-        optimizer: str = "adam",
+        optimizer: str = DEFAULT_OFFLINE,
         lr: float = 0.05,
         clip: float | None = None,
         schedule: str = "cosine",

@@ -164,6 +164,10 @@ class TrustAdam(torch.optim.Adam):
 OUTER_STEPS: dict[str, type[torch.optim.Optimizer]] = {"signstep": SignStep, "trust": TrustAdam}
 """Outer optimizers of this module, by name (offline only)."""
 
+DEFAULT_OFFLINE = "signstep"
+"""The offline default (``HyperOptimizer``'s, and ``outer.optimizer = "auto"`` offline), chosen
+by test loss across tasks and starts (``benchmarks/outer_defaults.py``, docs/driver.md)."""
+
 
 def offline_optimizers() -> list[str]:
     """Every name the offline driver accepts: :data:`OPTIMIZERS` (torch.optim) and ours."""
