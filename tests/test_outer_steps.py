@@ -152,3 +152,19 @@ def test_online_runs_refuse_an_offline_only_optimizer_and_auto_gives_them_adam()
     with pytest.raises(hd.HyperdiffError, match=r"OnlineTuner: optimizer must be one of "
                                                 r"\[.*'adam'.*\] \(got 'signstep'\)"):
         build_online(load_config(overrides=[*online, "outer.optimizer=signstep"]))
+
+
+def test_sign_step_on_pure_noise_stays_bounded_and_shrinks():
+    """Hypergradients of random sign (no signal): no step exceeds lr x max_scale, and the
+    scales drift down (an agreement x1.5 is undone by a flip x0.5, and flips are as likely)."""
+    gen = torch.Generator().manual_seed(0)
+    u = torch.zeros(1000, dtype=DT, requires_grad=True)
+    opt = SignStep([u], lr=0.05)
+    largest = 0.0
+    for _ in range(200):
+        before = u.detach().clone()
+        u.grad = torch.randn(1000, generator=gen, dtype=DT)
+        opt.step()
+        largest = max(largest, float((u.detach() - before).abs().max()))
+    assert largest <= 0.05 * 10.0 * (1 + 1e-12)
+    assert float(opt.state[u]["scale"].median()) < 0.5
