@@ -85,8 +85,12 @@ class SignStep(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """One step on the leaves' ``.grad`` (``closure``: called and returned, as torch does)."""
-        loss = None if closure is None else closure()
+        """One step on the leaves' ``.grad`` (``closure``: called with gradients enabled and
+        its value returned, as torch's optimizers do)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             low, high = group["scales"]
             for p in group["params"]:
