@@ -19,15 +19,20 @@ import json
 
 import torch
 
+from hyperdiff.app.config import OuterConfig
 from hyperdiff.app.tasks import build_task, task_defaults
 from hyperdiff.tuner.driver import HyperOptimizer, Stopping
+from hyperdiff.tuner.outer_steps import DEFAULT_OFFLINE
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="logistic_cancer")
     parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--lr", type=float, help="outer lr (default: the task's)")
+    parser.add_argument("--optimizer", help="outer optimizer (default: the task's, else "
+                        f"{DEFAULT_OFFLINE})")
+    parser.add_argument("--lr", type=float, help="outer lr (default: the task's, else "
+                        f"{OuterConfig().lr})")
     parser.add_argument("--patience", type=int, default=10)
     parser.add_argument("--json", help="write the per-step numbers here")
     args = parser.parse_args()
@@ -36,8 +41,10 @@ def main() -> None:
     task = build_task(args.task)
     defaults = task_defaults(args.task)
     opt = HyperOptimizer(
-        list(task.problems), optimizer=defaults.get("outer.optimizer", "adam"),
-        lr=args.lr or defaults["outer.lr"], schedule="constant", selection=task.selection,
+        list(task.problems),
+        optimizer=args.optimizer or defaults.get("outer.optimizer", DEFAULT_OFFLINE),
+        lr=args.lr or defaults.get("outer.lr", OuterConfig().lr), schedule="constant",
+        selection=task.selection,
         stopping=Stopping(max_steps=args.steps, patience=None),
     )
     rows, failed = [], []

@@ -126,16 +126,19 @@ def test_checkpoint_replacement_is_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT, "manifest.json"]
 
 
-def test_driver_state_dict_round_trip_keeps_guard_and_optimizer_state(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adam", "signstep", "trust"])
+def test_driver_state_dict_round_trip_keeps_guard_and_optimizer_state(tmp_path, optimizer):
     """Library level: 2 steps, save, load into a fresh driver, 3 more == 5 straight, with a
-    guard event (restored lam, shrunk step) inside the resumed part."""
+    guard event (restored lam, shrunk step) inside the resumed part; for torch's Adam and for
+    the outer optimizers of hyperdiff.tuner.outer_steps (their own state and param groups)."""
     from test_driver import flaky, ridge_problem
 
     problem, selection = ridge_problem(batch_size=6)
 
     def driver(fail_on):
         return HyperOptimizer(problem, method=flaky(fail_on), samples=2, selection=selection,
-                              stopping=Stopping(max_steps=5, patience=None), lr=0.2)
+                              stopping=Stopping(max_steps=5, patience=None), lr=0.2,
+                              optimizer=optimizer)
 
     straight = driver({6}).run().history  # call 6 = step 3, first sample
     first = driver({6})

@@ -279,10 +279,11 @@ class Unsafe:
     """Not a tensor or a plain container: torch's weights-only loader refuses it."""
 
 
-def without_square_avg(run: Path) -> bytes:
+def without_scale(run: Path) -> bytes:
+    """The checkpoint without the per-coordinate scales of the default outer optimizer."""
     state = torch.load(run / CHECKPOINT, weights_only=True)
     for entry in state["optimizer"]["state"].values():
-        del entry["square_avg"]
+        del entry["scale"]
     return torch_bytes(state)
 
 
@@ -310,9 +311,9 @@ DAMAGE = {
         lambda r: replace_checkpoint(r, torch_bytes({"step": 3, "x": Unsafe()})),
         "torch.load(weights_only=True) refused"),
     "checkpoint missing optimizer keys": (
-        lambda r: replace_checkpoint(r, without_square_avg(r)),
+        lambda r: replace_checkpoint(r, without_scale(r)),
         "does not fit this run's driver (HyperOptimizer: the outer optimizer state lacks "
-        "the entries ['square_avg'] that RMSprop needs)"),
+        "the entries ['scale'] that SignStep needs)"),
     "checkpoint of another step": (
         lambda r: replace_checkpoint(r, torch_bytes({"step": 2})),
         "must hold a driver state of step 3"),

@@ -11,11 +11,13 @@ import pytest
 import torch
 
 import hyperdiff as hd
-from hyperdiff.app.config import OuterConfig, load_config
+from hyperdiff.app.config import Config, OuterConfig, load_config
 from hyperdiff.app.experiment import build
+from hyperdiff.app.plans import outer_optimizer_name
 from hyperdiff.methods.base import Method
 from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 from hyperdiff.tuner.history import StepRecord
+from hyperdiff.tuner.outer_steps import outer_optimizer
 from hyperdiff.tuner.snr import signal_to_noise
 
 D = torch.float64
@@ -132,7 +134,10 @@ def test_library_defaults_match_the_command_line(caplog):
     opt = HyperOptimizer(ridge(), stopping=Stopping(max_steps=4))
     assert opt.schedule == config.schedule == "cosine"
     assert opt.lr == config.lr and opt.plan.samples == config.samples
-    assert opt.optimizer.__class__.__name__.lower() == config.optimizer
+    # outer.optimizer = "auto" is the library's default offline (Adam online)
+    assert config.optimizer == "auto"
+    assert type(opt.optimizer) is outer_optimizer(outer_optimizer_name(Config()))
+    assert outer_optimizer_name(replace(Config(), outer=replace(config, mode="online"))) == "adam"
     assert opt.learning_rate(2) == pytest.approx(0.5 * opt.lr)  # cosine at half the budget
     with caplog.at_level(logging.WARNING, logger="hyperdiff"):
         HyperOptimizer(ridge())

@@ -33,11 +33,11 @@ from hyperdiff.app.tasks.loader import factory_parameters, resolve_factory
 from hyperdiff.errors import HyperdiffError, describe
 from hyperdiff.methods.registry import (
     METHODS,
-    OPTIMIZERS,
     SCHEDULES,
     capabilities,
     method_constructor,
 )
+from hyperdiff.tuner.outer_steps import DEFAULT_OFFLINE, offline_optimizers
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -88,8 +88,10 @@ class MethodConfig:
 
 @dataclass(frozen=True)
 class OuterConfig:
-    optimizer: str = option("adam", "torch.optim optimizer of the raw hyperparameters",
-                            choices=lambda: list(OPTIMIZERS))
+    optimizer: str = option("auto", "optimizer of the raw hyperparameters: torch.optim's, or "
+                            "signstep / trust (offline only; docs/driver.md); auto: "
+                            f"{DEFAULT_OFFLINE} offline, adam online",
+                            choices=lambda: ["auto", *offline_optimizers()])
     lr: float = option(0.05, "outer learning rate (raw units: 0.05 changes a positive "
                        "hyperparameter by about 5%)", low=0.0, open_low=True)
     schedule: str = option("cosine", "outer learning-rate schedule: constant, or cosine decay "

@@ -40,6 +40,7 @@ from hyperdiff.tuner.distributed.spread import Spreader
 from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 from hyperdiff.tuner.offline_plan import OfflinePlan
 from hyperdiff.tuner.online_plan import OnlinePlan
+from hyperdiff.tuner.outer_steps import DEFAULT_OFFLINE
 
 _LOG = get_logger("experiment")
 OPTIONS = {"reverse": (), "forward": ("engine",), "implicit": ("solver",),
@@ -81,6 +82,16 @@ def _task(config: Config, cv_folds: int) -> Task:
     return task_to_device(task, resolve_device(config.run.device, "config", "run.device"))
 
 
+def outer_optimizer_name(config: Config) -> str:
+    """``outer.optimizer`` with ``"auto"`` resolved: the measured offline default
+    (:data:`~hyperdiff.tuner.outer_steps.DEFAULT_OFFLINE`) offline, Adam online (the
+    optimizers of :mod:`hyperdiff.tuner.outer_steps` are offline only)."""
+    name = config.outer.optimizer
+    if name != "auto":
+        return name
+    return DEFAULT_OFFLINE if config.outer.mode == "offline" else "adam"
+
+
 # ------------------------------------------------------------------------------------ offline
 def build(config: Config, start: dict[str, Any] | None = None
           ) -> tuple[Task, HyperOptimizer]:
@@ -96,7 +107,7 @@ def build(config: Config, start: dict[str, Any] | None = None
     driver = HyperOptimizer(
         list(task.problems), plan=plan,
         method=data_parallel(method) if config.distributed.data_parallel else method,
-        optimizer=config.outer.optimizer, lr=config.outer.lr,
+        optimizer=outer_optimizer_name(config), lr=config.outer.lr,
         clip=config.outer.clip or None, schedule=config.outer.schedule,
         tie_steps=config.outer.tie_steps,
         selection=task.selection, seed=config.outer.seed,
@@ -201,7 +212,8 @@ def build_online(config: Config, start: dict[str, Any] | None = None
     plan = OnlinePlan(window=outer.window, val_batch_size=outer.val_batch or None,
                       hot_start=None if outer.hot_start == "auto" else outer.hot_start)
     loop = HyperOptimizer(
-        problem, plan=plan, method=configured, optimizer=outer.optimizer, lr=outer.lr,
+        problem, plan=plan, method=configured, optimizer=outer_optimizer_name(config),
+        lr=outer.lr,
         schedule=outer.schedule, clip=outer.clip or None, selection=task.selection,
         seed=outer.seed, shrink=config.guard.shrink, max_failures=config.guard.max_failures,
         max_loss_ratio=config.guard.max_loss_ratio, normalize=outer.normalize)

@@ -6,8 +6,10 @@ At outer step ``s`` with raw hyperparameters ``u_s`` (natural values ``lam_s = f
         offline: every problem (fold) j and sample i retrains T inner steps from theta_0 (or
                  its warm start) with minibatch seed seed(s, i); g_s = mean_ji dL_ji/du
         online:  the window [t, t+K) of the one training, from its current state
-    u_{s+1} = torch.optim step on g_s       (Adam by default; optional tying, normalizing,
-                                             clipping, cosine decay of the outer rate)
+    u_{s+1} = optimizer step on g_s         (offline: sign agreement by default,
+                                             hyperdiff.tuner.outer_steps; online: Adam;
+                                             optional tying, normalizing, clipping, cosine
+                                             decay of the outer rate)
 
 Everything around the plan is written once here: the outer optimizer and its leaves, the
 learning-rate schedule, the divergence guard with its snapshots (:mod:`hyperdiff.tuner.guard`),
@@ -42,11 +44,12 @@ from hyperdiff.errors import (
 )
 from hyperdiff.logs import get_logger
 from hyperdiff.methods.base import Method
-from hyperdiff.methods.registry import OPTIMIZERS, SCHEDULES
+from hyperdiff.methods.registry import SCHEDULES
 from hyperdiff.tuner.driver_checks import as_batches, check_problems
 from hyperdiff.tuner.guard import DivergenceGuard
 from hyperdiff.tuner.history import History, StepRecord, finite_or_none, natural_values
 from hyperdiff.tuner.offline_plan import OfflinePlan
+from hyperdiff.tuner.outer_steps import outer_optimizer
 from hyperdiff.tuner.plan import Outcome, Plan
 from hyperdiff.tuner.stopping import Stopping, ranking_loss, tied
 from hyperdiff.typing import Batch
@@ -70,7 +73,11 @@ class HyperOptimizer:
         method: a configured :class:`~hyperdiff.methods.base.Method` or its name
             (:data:`~hyperdiff.methods.registry.METHODS`): usable offline for the offline
             plan, with a segment for the online plan.
-        optimizer: outer optimizer, a name in :data:`OPTIMIZERS` (default Adam).
+        optimizer: outer optimizer, a name in the plan's ``optimizers``: torch.optim's
+            ``adam``, ``adamw``, ``sgd``, ``rmsprop``, and offline also ``signstep`` and
+            ``trust`` (:mod:`hyperdiff.tuner.outer_steps`); ``None``: the plan's
+            ``default_optimizer`` (offline ``signstep``, measured across tasks: docs/driver.md;
+            online ``adam``).
         lr: outer learning rate (raw units: 0.05 moves a log-constrained value by ~5%); 0 is
             allowed online (hypergradients are measured, values stay).
         clip: clip the raw hypergradient to this L2 norm (``None``: no clipping).
@@ -111,7 +118,7 @@ class HyperOptimizer:
         *,
         plan: Plan | None = None,
         method: Method | str = "reverse",
-        optimizer: str = "adam",
+        optimizer: str | None = None,
         lr: float = 0.05,
         clip: float | None = None,
         schedule: str = "cosine",
@@ -143,8 +150,9 @@ class HyperOptimizer:
         self.problems = check_problems(problem)
         self.hparams = self.problems[0].hparams
         self.method: Any = method
-        if optimizer not in OPTIMIZERS:
-            raise fail(caller, "optimizer", f"one of {sorted(OPTIMIZERS)}", optimizer)
+        optimizer = plan.default_optimizer if optimizer is None else optimizer
+        if optimizer not in plan.optimizers:
+            raise fail(caller, "optimizer", f"one of {sorted(plan.optimizers)}", optimizer)
         if schedule not in SCHEDULES:
             raise fail(caller, "schedule", f"one of {list(SCHEDULES)}", schedule)
         self.lr = (float(lr) if lr == 0 and plan.zero_lr
@@ -173,7 +181,7 @@ class HyperOptimizer:
         raw = self.hparams.raw
         self.leaves = ([self.hparams.flatten(raw).clone().requires_grad_()] if plan.flat_leaf
                        else [v.clone().requires_grad_() for v in raw.values()])
-        self.optimizer = getattr(torch.optim, OPTIMIZERS[optimizer])(self.leaves, lr=self.lr)
+        self.optimizer = outer_optimizer(optimizer)(self.leaves, lr=self.lr)
 
     # ------------------------------------------------------------------ public loop
     @property
@@ -266,7 +274,7 @@ class HyperOptimizer:
         try:
             self.guard.check_values(self.hparams, raw)
             outcome = self.plan.evaluate(self, step, raw)
-            self._update(outcome.grad, step, lr)
+            self._update(outcome.grad, step, lr, outcome)
             selection = self.plan.selection_loss(self, outcome)
             self.guard.check_losses(outcome.values, selection, untrained=outcome.untrained)
         except NonFiniteError as err:
@@ -328,8 +336,12 @@ class HyperOptimizer:
                 self.plan.optimizer_key: copy.deepcopy(self.optimizer.state_dict()),
                 **self.plan.snapshot()}
 
-    def _update(self, grad: dict[str, Tensor], step: int, lr: float) -> None:
-        """One outer step on ``grad`` (float64 by name): tied, normalized, clipped."""
+    def _update(self, grad: dict[str, Tensor], step: int, lr: float, outcome: Outcome
+                ) -> None:
+        """One outer step on ``grad`` (float64 by name): tied, normalized, clipped. A plan that
+        ranks its steps hands the optimizer the ranking loss of the values it steps from
+        (the selection loss, else the validation loss) as ``step(closure)``, for the
+        optimizers that read it (``trust``)."""
         if step < self.tie_steps:
             grad = tied(grad)
         if self.normalize:
@@ -345,8 +357,15 @@ class HyperOptimizer:
                                                    copy=True)
         if self.clip is not None:
             torch.nn.utils.clip_grad_norm_(self.leaves, self.clip)
-        self.optimizer.step()
+        if self.plan.ranks:
+            self.optimizer.step(lambda: self._ranking_value(outcome))
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _ranking_value(self, outcome: Outcome) -> float:
+        selection = self.plan.selection_loss(self, outcome)
+        return float(outcome.fields["val_loss"] if selection is None else selection)
 
     def _rank(self, step: int, raw: dict[str, Tensor], val: float, selection: float | None
               ) -> bool:

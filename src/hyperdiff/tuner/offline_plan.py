@@ -37,6 +37,7 @@ from hyperdiff.tuner.driver_checks import (
 )
 from hyperdiff.tuner.guard import untrained_losses
 from hyperdiff.tuner.history import History, OptimizeResult, StepRecord, to_number
+from hyperdiff.tuner.outer_steps import DEFAULT_OFFLINE, offline_optimizers
 from hyperdiff.tuner.plan import Outcome, bind_once
 from hyperdiff.tuner.sampler import Sampler
 from hyperdiff.tuner.snr import more_samples_advice
@@ -62,6 +63,8 @@ class OfflinePlan:
     optimizer_key = "optimizer"
     ranks = True
     zero_lr = False  # a zero outer rate would retrain the same values every step
+    optimizers = tuple(offline_optimizers())  # torch.optim's and tuner/outer_steps.py's
+    default_optimizer = DEFAULT_OFFLINE  # measured across tasks (docs/driver.md)
 
     def __init__(self, samples: int | str = 1, max_samples: int = 16, warm_start: bool = False):
         self.auto = auto_samples(samples, max_samples)

@@ -63,7 +63,7 @@ from hyperdiff.hparams.discrete import DiscreteParameter, discrete_names
 from hyperdiff.hparams.hyperparams import HyperParameters
 from hyperdiff.hparams.schedules import Schedule
 from hyperdiff.methods.base import Method, Segment
-from hyperdiff.methods.registry import make_method, methods_where
+from hyperdiff.methods.registry import OPTIMIZERS, make_method, methods_where
 from hyperdiff.methods.window_methods import window_name
 from hyperdiff.seeds import window_seed
 from hyperdiff.tree import tree_flatten, tree_unflatten
@@ -122,6 +122,8 @@ class OnlinePlan:
     optimizer_key = "outer"
     ranks = False  # no best step: the run's final values and model are its result
     zero_lr = True  # lr = 0: one training with its window hypergradients measured
+    optimizers = tuple(OPTIMIZERS)  # torch.optim's (outer_steps.py's are measured offline)
+    default_optimizer = "adam"
 
     def __init__(self, window: int = 1, val_batch_size: int | None = None, eval_every: int = 0,
                  hot_start: str | None = None):

@@ -63,6 +63,8 @@ class Plan(Protocol):
     optimizer_key: str  # the outer optimizer's entry in checkpoints and guard snapshots
     ranks: bool  # the loop ranks steps (best step, early stopping, convergence)
     zero_lr: bool  # an outer learning rate of 0 is allowed (hypergradients measured only)
+    optimizers: tuple[str, ...]  # the outer optimizers it takes, by name
+    default_optimizer: str  # the one HyperOptimizer(optimizer=None) uses
 
     def bind(self, loop: Any) -> None: ...
 

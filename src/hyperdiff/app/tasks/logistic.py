@@ -20,7 +20,7 @@ from hyperdiff.typing import Batch, Params
 SUMMARY = "logistic regression on breast_cancer"
 TUNES = "lam per feature (30)"
 DEFAULT_STEPS = 100
-DEFAULTS = {"inner.steps": DEFAULT_STEPS, "outer.lr": 0.2, "stop.max_steps": 40}
+DEFAULTS = {"inner.steps": DEFAULT_STEPS, "stop.max_steps": 40}
 INITIAL = {"lam": 0.05}
 
 

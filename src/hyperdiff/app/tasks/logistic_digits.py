@@ -22,8 +22,8 @@ from hyperdiff.typing import Batch, Params
 SUMMARY = "multinomial logistic regression on digits (650 parameters)"
 TUNES = "lam per feature (64)"
 DEFAULT_STEPS = 100
-DEFAULTS = {"inner.steps": DEFAULT_STEPS, "outer.lr": 0.5, "stop.max_steps": 20,
-            "task.cv_folds": 5, "outer.tie_steps": 8}
+DEFAULTS = {"inner.steps": DEFAULT_STEPS, "stop.max_steps": 20, "task.cv_folds": 5,
+            "outer.tie_steps": 8}
 """64 penalties fit a 225-example validation split easily (docs/blackbox.md): the defaults
 tune the shared level first (8 tied steps, picked by the 5-fold CV loss), then let the
 penalties spread only while the selection split agrees."""

@@ -27,8 +27,7 @@ TUNES = "lr schedule (T), momentum (1), weight_decay per tensor (4)"
 DEFAULT_STEPS = 60
 HIDDEN = 32
 BATCH_SIZE = 64
-DEFAULTS = {"inner.steps": DEFAULT_STEPS, "outer.lr": 0.1, "stop.max_steps": 30,
-            "outer.samples": 2}
+DEFAULTS = {"inner.steps": DEFAULT_STEPS, "stop.max_steps": 30, "outer.samples": 2}
 INITIAL = {"lr": 0.05, "momentum": 0.5, "weight_decay": 1e-3}
 
 

@@ -28,7 +28,7 @@ TUNES = "weight per training example (989)"
 DEFAULT_STEPS = 60
 NOISE = 0.3
 HIDDEN = 32
-DEFAULTS = {"inner.steps": DEFAULT_STEPS, "outer.lr": 0.3, "stop.max_steps": 30}
+DEFAULTS = {"inner.steps": DEFAULT_STEPS, "stop.max_steps": 30}
 
 
 def flip_labels(y: Tensor, rows: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:

@@ -23,10 +23,7 @@ from hyperdiff.typing import Batch, Params
 SUMMARY = "ridge regression on diabetes with 65 polynomial features"
 TUNES = "lam (1)"
 DEFAULT_STEPS = 150
-DEFAULTS = {"inner.steps": DEFAULT_STEPS, "outer.optimizer": "rmsprop", "outer.lr": 0.1,
-            "stop.max_steps": 30}
-"""RMSprop rather than Adam: with one smooth hyperparameter Adam's momentum overshoots the
-minimum and its long second-moment memory then stalls the last few percent of the way back."""
+DEFAULTS = {"inner.steps": DEFAULT_STEPS, "stop.max_steps": 30}
 INITIAL = {"lam": 1e-2}
 
 
