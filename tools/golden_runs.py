@@ -44,13 +44,14 @@ def tasks() -> list[str]:
     return list(TASKS)
 
 
-SCRATCH = re.compile(re.escape(tempfile.gettempdir()) + r"/[^/\s'\"]+")
-"""A scratch folder of one recording or check (``tempfile``'s), as messages may quote it."""
+SCRATCH = re.compile(re.escape(tempfile.gettempdir()) + r"/[^\s'\"`]+")
+"""A path under a scratch folder of one recording or check (``tempfile``'s), as messages may
+quote it (a run directory's name differs between a recorded and a resumed run)."""
 
 
 def strip(value: Any) -> Any:
     """``value`` without timing fields and paths, at any depth; scratch folders quoted in
-    strings (a warning naming its run directory) read ``<scratch>``."""
+    strings (a warning naming its run directory) read ``<scratch>``, whole."""
     if isinstance(value, dict):
         return {k: strip(v) for k, v in value.items() if k not in TIMING and "time" not in k}
     if isinstance(value, list):
