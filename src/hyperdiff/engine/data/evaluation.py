@@ -13,8 +13,9 @@ measure different things:
   dataset that draws from torch's random state has sample ``i`` read with that state seeded
   from ``i`` (random augmentation in ``__getitem__`` replays);
 - any other re-iterable (a loader with a custom sampler, an ``IterableDataset``, a zero-argument
-  generator function) is iterated once per pass under a private random state (torch, Python,
-  NumPy and the loader's ``generator``, as :mod:`.streaming` does for training).
+  generator function) is iterated once per pass with a private random state (the loader's
+  ``generator``; torch's, Python's and NumPy's global ones only for data that draws from them,
+  as :mod:`.streaming` does for training: :mod:`.random_state`).
 
 The first pass fingerprints every batch; later passes are verified against it. A split's
 metric is the sample-weighted mean of its batch values, ``sum_b n_b m_b / sum_b n_b``, with
@@ -23,6 +24,7 @@ metric is the sample-weighted mean of its batch values, ``sum_b n_b m_b / sum_b 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import Any
@@ -35,8 +37,8 @@ from hyperdiff.engine.data.failures import check_finite, indices_text, named_bat
 from hyperdiff.engine.data.fetch import BatchRequest, SeededBatches, as_is, reread_ragged
 from hyperdiff.engine.data.loader import has_random_access
 from hyperdiff.engine.data.permutation import mix
+from hyperdiff.engine.data.random_state import DrewGlobal, PrivateRandom, ReadRandomness
 from hyperdiff.engine.data.replay import check_batch, fingerprint
-from hyperdiff.engine.data.streaming import PrivateRandom
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.tree import leaves, move
 from hyperdiff.typing import Batch
@@ -214,21 +216,27 @@ def map_style_split(name: str, dataset: Any, *, batch_size: int, rows: Tensor | 
 
 
 def iterable_split(name: str, data: Any) -> EvaluationSplit:
-    """A re-iterable or zero-argument generator function, one iteration per pass under a
-    private random state."""
+    """A re-iterable or zero-argument generator function, one iteration per pass with a
+    private random state (:mod:`.random_state`)."""
     factory = callable(data) and not hasattr(data, "__iter__")
+    randomness = ReadRandomness(data)
 
     def passes() -> Iterator[Batch]:
-        rng = PrivateRandom(mix(EVAL_KEY, 1))
-        with rng.active(data):
-            iterator = iter(data() if factory else data)
+        yielded = 0  # batches of this pass given out
         while True:
-            with rng.active(data):
-                try:
-                    batch = next(iterator)
-                except StopIteration:
-                    return
-            yield batch
+            rng = PrivateRandom(mix(EVAL_KEY, 1))
+            try:
+                iterator = randomness.call(rng, lambda: iter(data() if factory else data))
+                for j in itertools.count():
+                    try:
+                        batch = randomness.call(rng, partial(next, iterator))
+                    except StopIteration:
+                        return
+                    if j >= yielded:
+                        yielded += 1
+                        yield batch
+            except DrewGlobal:  # it draws from the global generators: the pass again, swapped
+                continue
 
     return EvaluationSplit(name, passes)
 
