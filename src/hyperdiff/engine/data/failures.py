@@ -127,6 +127,8 @@ def first_nonfinite(batch: Batch) -> tuple[str, int | None, int] | None:
     entries are non-finite; ``None`` when every value is finite."""
     for path, leaf in leaves(batch):
         if isinstance(leaf, Tensor) and (leaf.is_floating_point() or leaf.is_complex()):
+            if bool(torch.isfinite(leaf.detach().sum())):  # a NaN or inf makes the sum one
+                continue
             bad = ~torch.isfinite(leaf.detach())
             if bool(bad.any()):
                 return path or "the batch", first_row(bad), int(bad.sum())

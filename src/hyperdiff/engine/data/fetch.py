@@ -105,7 +105,10 @@ class SeededBatches(Dataset):
     def _unseeded(self, indices: list[int]) -> list[Any]:
         many = getattr(self.dataset, "__getitems__", None)
         if not many:
-            return [self._read(i) for i in indices]
+            try:
+                return [self.dataset[i] for i in indices]
+            except Exception:  # again one at a time, to name the sample that fails
+                return [self._read(i) for i in indices]
         try:
             return list(many(indices))
         except Exception as err:

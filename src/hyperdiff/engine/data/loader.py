@@ -9,7 +9,7 @@ loader cannot make replays differ). With ``B`` the batch size, ``n = len(dataset
 
 where ``pi_{s,e}`` is the pointwise permutation of :mod:`.permutation`: any batch can be rebuilt
 on its own (the shuffle is evaluated for up to ``CHUNK`` samples of consecutive steps at once:
-one Feistel pass costs about the same for 256 samples as for 8192). Batches are fetched by a
+a Feistel evaluation costs about as much for 256 samples as for 8192). Batches are fetched by a
 ``DataLoader`` built from the user's (same ``collate_fn``, ``num_workers``, ``pin_memory``,
 ``worker_init_fn``, ...) whose sampler yields one :class:`~.fetch.BatchRequest` per step, from
 the one asked for; it runs until the requested steps stop being consecutive, then a new one
@@ -48,7 +48,7 @@ from hyperdiff.errors import HyperdiffError
 from hyperdiff.typing import Batch
 
 CPU = torch.device("cpu")
-CHUNK = 8192  # samples whose shuffled positions are computed in one pass
+CHUNK = 32768  # samples whose shuffled positions are computed in one pass (256 KB)
 
 
 def has_random_access(loader: Any) -> bool:
@@ -86,11 +86,11 @@ class IndexPlan:
 
     def step_indices(self, start: int, stop: int, seed: int) -> Iterator[Tensor]:
         """The indices of steps ``start, ..., stop - 1``, one int64 tensor per step, computed
-        for up to :data:`CHUNK` samples of one epoch at a time (8 steps first: a run may be
-        abandoned after a few)."""
+        for up to :data:`CHUNK` samples of one epoch at a time (a quarter of that first: a run
+        may be abandoned after a few steps)."""
         size, step = self.batch_size, start
         most = max(1, CHUNK // size)
-        count = min(8, most)
+        count = max(1, most // 4)
         while step < stop:
             epoch, j = divmod(step, self.per_epoch)
             take = min(stop - step, self.per_epoch - j, count)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import numpy as np
@@ -49,32 +49,35 @@ class PrivateRandom:
         self.python_state = random.Random(key).getstate()
         self.numpy_state = np.random.RandomState(key % (1 << 32)).get_state()
         self.generator = torch.Generator().manual_seed(mix(key, 1))
+        self.loader_generator = torch.Generator().manual_seed(key)  # the torch state, lent
 
     @contextmanager
-    def lent(self, owner: Any) -> Iterator[None]:
-        """The private generator lent to ``owner``'s generator attributes (a ``DataLoader``
-        without one gets one in the private torch state); the global generators untouched."""
-        with ExitStack() as stack:
-            for holder in _generator_holders(owner):
-                stack.enter_context(_swapped_generator(holder, self.generator))
-            if isinstance(owner, DataLoader) and owner.generator is None:
-                own = torch.Generator()
-                own.set_state(self.torch_state)
-                stack.enter_context(_swapped_generator(owner, own))
-                stack.callback(lambda: setattr(self, "torch_state", own.get_state()))
+    def lent(self, holders: list[Any], loader: DataLoader | None) -> Iterator[None]:
+        """The private generator lent to the ``holders``' ``generator`` attributes, and the
+        private torch state to ``loader`` (a ``DataLoader`` without a generator); the global
+        generators untouched."""
+        lent = [(holder, self.generator) for holder in holders]
+        if loader is not None:
+            lent.append((loader, self.loader_generator))
+        originals = [holder.generator for holder, _ in lent]
+        for holder, generator in lent:
+            holder.generator = generator
+        try:
             yield
+        finally:
+            for (holder, _), original in zip(lent, originals, strict=True):
+                holder.generator = original
 
     @contextmanager
-    def swapped(self, owner: Any) -> Iterator[None]:
-        """The private states made the global ones (and lent to ``owner``) while active."""
+    def swapped(self, holders: list[Any]) -> Iterator[None]:
+        """The private states made the global ones (and lent to the ``holders``) while active,
+        the user's put back afterwards."""
         saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
         torch.set_rng_state(self.torch_state)
         random.setstate(self.python_state)
         np.random.set_state(self.numpy_state)
         try:
-            with ExitStack() as stack:
-                for holder in _generator_holders(owner):
-                    stack.enter_context(_swapped_generator(holder, self.generator))
+            with self.lent(holders, None):
                 yield
         finally:
             self.torch_state = torch.get_rng_state()
@@ -90,16 +93,18 @@ class ReadRandomness:
 
     def __init__(self, owner: Any):
         self.owner = owner
+        self.holders = _generator_holders(owner)
+        self.loader = owner if isinstance(owner, DataLoader) and owner.generator is None else None
         self.draws = False  # has the iterable drawn from a global generator?
 
     def call(self, rng: PrivateRandom, fn: Callable[[], T]) -> T:
         """``fn()`` under ``rng``; raises :class:`DrewGlobal` (states put back) the first time
         ``fn`` draws from a global generator."""
         if self.draws:
-            with rng.swapped(self.owner):
+            with rng.swapped(self.holders):
                 return fn()
         before = _global_states()
-        with rng.lent(self.owner):
+        with rng.lent(self.holders, self.loader):
             try:
                 result = fn()
             except BaseException:
@@ -126,8 +131,9 @@ def _global_states() -> tuple[Any, ...]:
 
 
 def _same_states(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
-    return (torch.equal(a[0], b[0]) and a[1] == b[1]
-            and all(np.array_equal(x, y) for x, y in zip(a[2], b[2], strict=True)))
+    """NumPy's legacy state: (name, key array, position, has_gauss, cached_gaussian)."""
+    return (torch.equal(a[0], b[0]) and a[1] == b[1] and a[2][2:] == b[2][2:]
+            and np.array_equal(a[2][1], b[2][1]))
 
 
 def _generator_holders(owner: Any) -> list[Any]:
@@ -138,12 +144,3 @@ def _generator_holders(owner: Any) -> list[Any]:
     return [c for c in candidates
             if c is not None and isinstance(getattr(c, "generator", None), torch.Generator)]
 
-
-@contextmanager
-def _swapped_generator(holder: Any, generator: torch.Generator) -> Iterator[None]:
-    original = holder.generator
-    holder.generator = generator
-    try:
-        yield
-    finally:
-        holder.generator = original
