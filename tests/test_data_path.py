@@ -208,6 +208,24 @@ def test_a_dataset_drawing_from_python_random_is_refused_on_its_replay():
         source.batch(0, 0)
 
 
+class DrawsThenFails(Rows):
+    def __getitem__(self, i: int):
+        torch.rand(())
+        if i == 3:
+            raise OSError("sample 3 is unreadable")
+        return {"x": self.x[i], "y": self.y[i]}
+
+
+def test_a_sample_that_draws_and_fails_is_named_and_leaves_the_users_state():
+    x, y = table()
+    source = hd.data.stream(DataLoader(DrawsThenFails(x, y), batch_size=4))
+    torch.manual_seed(5)
+    before = global_states()
+    with pytest.raises(hd.HyperdiffError, match=r"sample 3 of DrawsThenFails raised OSError"):
+        source.batch(0, 0)
+    assert_same_states(before, global_states())
+
+
 class FailingMany(Rows):
     def __getitems__(self, indices: list[int]):
         raise KeyError("no such rows")

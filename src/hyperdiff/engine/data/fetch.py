@@ -81,12 +81,16 @@ class SeededBatches(Dataset):
         before = generator.get_state()
         whole = bool(getattr(self.dataset, "__getitems__", None))
         samples: list[Any] = []
-        for part in [indices] if whole else [indices[:1], indices[1:]]:
-            samples += self._unseeded(part)
-            if not torch.equal(before, generator.get_state()):
-                self.draws = True
-                generator.set_state(before)
-                return None
+        try:
+            for part in [indices] if whole else [indices[:1], indices[1:]]:
+                samples += self._unseeded(part)
+                if not torch.equal(before, generator.get_state()):
+                    self.draws = True
+                    generator.set_state(before)
+                    return None
+        except BaseException:  # a sample that failed may have drawn first
+            generator.set_state(before)
+            raise
         return samples
 
     def seeded(self, request: BatchRequest) -> list[Any]:

@@ -107,8 +107,8 @@ class ReadRandomness:
         with rng.lent(self.holders, self.loader):
             try:
                 result = fn()
-            except BaseException:
-                if self._drew(before):
+            except BaseException as err:  # Ctrl-C still stops the read (states put back)
+                if self._drew(before) and isinstance(err, Exception):
                     raise DrewGlobal from None
                 raise
         if self._drew(before):
