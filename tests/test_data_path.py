@@ -320,3 +320,12 @@ def test_an_evaluation_pass_that_starts_drawing_is_read_again_seeded():
     assert all(torch.equal(a[0], b[0]) for a, b in zip(first, second, strict=True))
     expected = batches_under_private_state(Watched("torch", after=2), mix(EVAL_KEY, 1), N // 5)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(first, expected, strict=True))
+
+
+def test_sample_seeds_mixed_at_once_equal_the_seeds_mixed_one_by_one():
+    from hyperdiff.engine.data.permutation import mix_each
+
+    rng = random.Random(0)
+    for prefix in [(), (3,), (-(2**70), 12), (2**64 + 5, 0, 7)]:
+        lasts = [0, 1, 2**63, 2**64 - 1, *(rng.randrange(2**64) for _ in range(50))]
+        assert mix_each(prefix, lasts) == [mix(*prefix, k) for k in lasts]

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset, default_collate, get_worker_info
 
 from hyperdiff.engine.data.failures import SampleError, indices_text, ragged, summary
-from hyperdiff.engine.data.permutation import mix
+from hyperdiff.engine.data.permutation import mix_each
 from hyperdiff.typing import Batch
 
 
@@ -44,8 +44,8 @@ class BatchRequest:
 
     def sample_seeds(self) -> list[int]:
         """The seed of each sample, in the order of ``indices``."""
-        keys = self.indices if self.by_index else range(len(self.indices))
-        return [mix(*self.prefix, k) for k in keys]
+        return mix_each(self.prefix, self.indices if self.by_index
+                        else list(range(len(self.indices))))
 
 
 class SeededBatches(Dataset):

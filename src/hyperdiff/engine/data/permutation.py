@@ -22,16 +22,35 @@ from torch import Tensor
 ROUNDS = 6
 LOW31 = (1 << 31) - 1
 MASK64 = (1 << 64) - 1
+SPLITMIX, MUL1, MUL2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 
 def mix(*parts: int) -> int:
     """A 63-bit seed from integers (splitmix64 finaliser over each part in turn)."""
-    state = 0x9E3779B97F4A7C15
+    state = SPLITMIX
     for part in parts:
-        state = (state ^ (part & MASK64)) * 0xBF58476D1CE4E5B9 & MASK64
-        state = (state ^ (state >> 27)) * 0x94D049BB133111EB & MASK64
-        state ^= state >> 31
+        state = _absorb(state, part)
     return state >> 1
+
+
+def mix_each(prefix: tuple[int, ...], lasts: list[int]) -> list[int]:
+    """``[mix(*prefix, k) for k in lasts]`` for ``0 <= k < 2^64``, the last part absorbed by
+    NumPy uint64 arithmetic (which wraps modulo 2^64, as ``& MASK64`` does)."""
+    state = SPLITMIX
+    for part in prefix:
+        state = _absorb(state, part)
+    s = np.uint64(state) ^ np.asarray(lasts, dtype=np.uint64)
+    s = s * np.uint64(MUL1)
+    s ^= s >> np.uint64(27)
+    s = s * np.uint64(MUL2)
+    s ^= s >> np.uint64(31)
+    return (s >> np.uint64(1)).tolist()
+
+
+def _absorb(state: int, part: int) -> int:
+    state = (state ^ (part & MASK64)) * MUL1 & MASK64
+    state = (state ^ (state >> 27)) * MUL2 & MASK64
+    return state ^ (state >> 31)
 
 
 def _round(right: np.ndarray, key: int) -> np.ndarray:
