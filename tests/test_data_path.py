@@ -329,3 +329,13 @@ def test_sample_seeds_mixed_at_once_equal_the_seeds_mixed_one_by_one():
     for prefix in [(), (3,), (-(2**70), 12), (2**64 + 5, 0, 7)]:
         lasts = [0, 1, 2**63, 2**64 - 1, *(rng.randrange(2**64) for _ in range(50))]
         assert mix_each(prefix, lasts) == [mix(*prefix, k) for k in lasts]
+
+
+def test_finite_data_whose_sum_overflows_is_not_called_non_finite():
+    from hyperdiff.engine.data.failures import first_nonfinite
+
+    big = torch.tensor([[60000.0, 60000.0], [1.0, 2.0]], dtype=torch.float16)  # sum: inf
+    assert first_nonfinite([big]) is None
+    big[1, 1] = float("nan")
+    assert first_nonfinite([big]) == ("[0]", 1, 1)
+    assert first_nonfinite({"z": torch.tensor([1 + 1j, complex(0, float("inf"))])}) == ("['z']", 1, 1)
