@@ -9,11 +9,13 @@ measure different things:
 - a map-style ``Dataset`` (or a ``DataLoader`` over one with a sequential or plain random
   sampler) is read in index order ``0, ..., n-1`` in batches of ``B`` (the loader's batch size;
   ``batch_size`` for a bare ``Dataset``), through a ``DataLoader`` with the user's
-  ``collate_fn``, ``num_workers``, ...; sample ``i`` is fetched with torch's random state
-  seeded from ``i`` (random augmentation in ``__getitem__`` replays);
+  ``collate_fn``, ``num_workers``, ...; a batch is read in one go (:mod:`.fetch`), and a
+  dataset that draws from torch's random state has sample ``i`` read with that state seeded
+  from ``i`` (random augmentation in ``__getitem__`` replays);
 - any other re-iterable (a loader with a custom sampler, an ``IterableDataset``, a zero-argument
-  generator function) is iterated once per pass under a private random state (torch, Python,
-  NumPy and the loader's ``generator``, as :mod:`.streaming` does for training).
+  generator function) is iterated once per pass with a private random state (the loader's
+  ``generator``; torch's, Python's and NumPy's global ones only for data that draws from them,
+  as :mod:`.streaming` does for training: :mod:`.random_state`).
 
 The first pass fingerprints every batch; later passes are verified against it. A split's
 metric is the sample-weighted mean of its batch values, ``sum_b n_b m_b / sum_b n_b``, with
@@ -22,19 +24,21 @@ metric is the sample-weighted mean of its batch values, ``sum_b n_b m_b / sum_b 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
 from hyperdiff.engine.data.failures import check_finite, indices_text, named_batches
-from hyperdiff.engine.data.loader import SeededItems, has_random_access, reread_ragged
+from hyperdiff.engine.data.fetch import BatchRequest, SeededBatches, as_is, reread_ragged
+from hyperdiff.engine.data.loader import has_random_access
 from hyperdiff.engine.data.permutation import mix
+from hyperdiff.engine.data.random_state import DrewGlobal, PrivateRandom, ReadRandomness
 from hyperdiff.engine.data.replay import check_batch, fingerprint
-from hyperdiff.engine.data.streaming import PrivateRandom
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.tree import leaves, move
 from hyperdiff.typing import Batch
@@ -155,7 +159,8 @@ class EvaluationSplit:
 
 
 class _IndexBatches:
-    """Batch sampler: ``[(index, seed), ...]`` for consecutive chunks of ``rows``."""
+    """Sampler: one :class:`~.fetch.BatchRequest` per consecutive chunk of ``rows``, each
+    sample seeded from ``mix(EVAL_KEY, index)``."""
 
     def __init__(self, rows: Tensor | None, n: int, batch_size: int):
         self.rows, self.n, self.batch_size = rows, n, batch_size
@@ -163,12 +168,12 @@ class _IndexBatches:
     def __len__(self) -> int:
         return -(-self.n // self.batch_size)
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[BatchRequest]:
         for start in range(0, self.n, self.batch_size):
             stop = min(start + self.batch_size, self.n)
-            chunk = (range(start, stop) if self.rows is None
+            chunk = (list(range(start, stop)) if self.rows is None
                      else self.rows[start:stop].tolist())
-            yield [(i, mix(EVAL_KEY, i)) for i in chunk]
+            yield BatchRequest(chunk, (EVAL_KEY,), by_index=True)
 
 
 def map_style_split(name: str, dataset: Any, *, batch_size: int, rows: Tensor | None = None,
@@ -180,11 +185,13 @@ def map_style_split(name: str, dataset: Any, *, batch_size: int, rows: Tensor | 
         raise HyperdiffError(f"data: the {name} split must hold at least one sample (got an "
                              "empty data set)")
 
+    batches = SeededBatches(dataset, default_collate if like is None else like.collate_fn)
+
     def passes() -> Iterator[Batch]:
         options: dict[str, Any] = {}
         if like is not None:
             workers = like.num_workers
-            options = dict(num_workers=workers, collate_fn=like.collate_fn,
+            options = dict(num_workers=workers,
                            pin_memory=like.pin_memory, timeout=like.timeout,
                            worker_init_fn=like.worker_init_fn,
                            multiprocessing_context=like.multiprocessing_context,
@@ -192,8 +199,9 @@ def map_style_split(name: str, dataset: Any, *, batch_size: int, rows: Tensor | 
                            pin_memory_device=like.pin_memory_device)
             if hasattr(like, "in_order"):
                 options["in_order"] = True
-        loader = DataLoader(SeededItems(dataset), batch_sampler=_IndexBatches(rows, n, batch_size),
-                            generator=torch.Generator().manual_seed(EVAL_KEY), **options)
+        loader = DataLoader(batches, batch_size=None, sampler=_IndexBatches(rows, n, batch_size),
+                            collate_fn=as_is, generator=torch.Generator().manual_seed(EVAL_KEY),
+                            **options)
         return iter(loader)
 
     def samples_of(j: int) -> list[int]:
@@ -201,28 +209,34 @@ def map_style_split(name: str, dataset: Any, *, batch_size: int, rows: Tensor | 
         return list(range(chunk.start, chunk.stop)) if rows is None else rows[chunk].tolist()
 
     def explain(j: int, err: BaseException) -> str:
-        return reread_ragged(dataset, [(i, mix(EVAL_KEY, i)) for i in samples_of(j)])
+        return reread_ragged(dataset, BatchRequest(samples_of(j), (EVAL_KEY,), by_index=True))
 
     return EvaluationSplit(name, passes, num_batches=-(-n // batch_size), num_samples=n,
                            samples_of=samples_of, explain=explain)
 
 
 def iterable_split(name: str, data: Any) -> EvaluationSplit:
-    """A re-iterable or zero-argument generator function, one iteration per pass under a
-    private random state."""
+    """A re-iterable or zero-argument generator function, one iteration per pass with a
+    private random state (:mod:`.random_state`)."""
     factory = callable(data) and not hasattr(data, "__iter__")
+    randomness = ReadRandomness(data)
 
     def passes() -> Iterator[Batch]:
-        rng = PrivateRandom(mix(EVAL_KEY, 1))
-        with rng.active(data):
-            iterator = iter(data() if factory else data)
+        yielded = 0  # batches of this pass given out
         while True:
-            with rng.active(data):
-                try:
-                    batch = next(iterator)
-                except StopIteration:
-                    return
-            yield batch
+            rng = PrivateRandom(mix(EVAL_KEY, 1))
+            try:
+                iterator = randomness.call(rng, lambda: iter(data() if factory else data))
+                for j in itertools.count():
+                    try:
+                        batch = randomness.call(rng, partial(next, iterator))
+                    except StopIteration:
+                        return
+                    if j >= yielded:
+                        yielded += 1
+                        yield batch
+            except DrewGlobal:  # it draws from the global generators: the pass again, swapped
+                continue
 
     return EvaluationSplit(name, passes)
 

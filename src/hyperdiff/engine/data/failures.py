@@ -10,6 +10,7 @@ step or batch and the sample, raised ``from`` the original exception (which is k
 
 from __future__ import annotations
 
+import cmath
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -127,6 +128,8 @@ def first_nonfinite(batch: Batch) -> tuple[str, int | None, int] | None:
     entries are non-finite; ``None`` when every value is finite."""
     for path, leaf in leaves(batch):
         if isinstance(leaf, Tensor) and (leaf.is_floating_point() or leaf.is_complex()):
+            if cmath.isfinite(leaf.detach().sum().item()):  # a NaN or inf makes the sum one
+                continue
             bad = ~torch.isfinite(leaf.detach())
             if bool(bad.any()):
                 return path or "the batch", first_row(bad), int(bad.sum())

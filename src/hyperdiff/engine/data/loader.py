@@ -8,12 +8,15 @@ loader cannot make replays differ). With ``B`` the batch size, ``n = len(dataset
     pi_{s,e}(j B), ..., pi_{s,e}(min(j B + B, n) - 1)     (identity pi if not shuffled)
 
 where ``pi_{s,e}`` is the pointwise permutation of :mod:`.permutation`: any batch can be rebuilt
-on its own. Samples are fetched by a ``DataLoader`` built from the user's (same ``collate_fn``,
-``num_workers``, ``pin_memory``, ``worker_init_fn``, ...) whose batch sampler yields the index
-lists of consecutive steps from the one asked for; it runs until the requested steps stop being
-consecutive, then a new one starts where they resume. Each sample is fetched with torch's random
-state seeded from ``(s, t, position)``, so random augmentation in ``__getitem__`` replays
-identically in the main process and in any worker.
+on its own (the shuffle is evaluated for up to ``CHUNK`` samples of consecutive steps at once:
+a Feistel evaluation costs about as much for 256 samples as for 8192). Batches are fetched by a
+``DataLoader`` built from the user's (same ``collate_fn``, ``num_workers``, ``pin_memory``,
+``worker_init_fn``, ...) whose sampler yields one :class:`~.fetch.BatchRequest` per step, from
+the one asked for; it runs until the requested steps stop being consecutive, then a new one
+starts where they resume. A batch is read in one go (:mod:`.fetch`: a ``TensorDataset`` by index
+tensor, ``__getitems__`` where the dataset has it); only a dataset that draws from torch's random
+state has each sample read with that state seeded from ``(s, t, position)``, so random
+augmentation in ``__getitem__`` replays identically in the main process and in any worker.
 
 Reads: the steps training asks for, plus what the workers prefetch (``num_workers *
 prefetch_factor`` batches) ahead of a run that is abandoned; a request just behind a cached
@@ -28,23 +31,24 @@ from functools import partial
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.utils.data import (
     BatchSampler,
     DataLoader,
-    Dataset,
     IterableDataset,
     RandomSampler,
     SequentialSampler,
-    get_worker_info,
 )
 
-from hyperdiff.engine.data.failures import SampleError, indices_text, ragged, summary, user_code
+from hyperdiff.engine.data.failures import indices_text, user_code
+from hyperdiff.engine.data.fetch import BatchRequest, SeededBatches, as_is, reread_ragged
 from hyperdiff.engine.data.permutation import mix, permute
 from hyperdiff.engine.data.streaming import Streamed
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.typing import Batch
 
 CPU = torch.device("cpu")
+CHUNK = 32768  # samples whose shuffled positions are computed in one pass (256 KB)
 
 
 def has_random_access(loader: Any) -> bool:
@@ -77,16 +81,29 @@ class IndexPlan:
         return full if self.drop_last or not rest else full + 1
 
     def indices(self, step: int, seed: int) -> list[int]:
-        epoch, j = divmod(step, self.per_epoch)
-        stop = min((j + 1) * self.batch_size, self.n)
-        positions = torch.arange(j * self.batch_size, stop, device=CPU)
-        if self.shuffle:
-            positions = permute(positions, self.n, mix(seed, epoch))
-        return positions.tolist()
+        """The dataset index of each sample of step ``step``."""
+        return next(self.step_indices(step, step + 1, seed)).tolist()
+
+    def step_indices(self, start: int, stop: int, seed: int) -> Iterator[Tensor]:
+        """The indices of steps ``start, ..., stop - 1``, one int64 tensor per step, computed
+        for up to :data:`CHUNK` samples of one epoch at a time (a quarter of that first: a run
+        may be abandoned after a few steps)."""
+        size, step = self.batch_size, start
+        most = max(1, CHUNK // size)
+        count = max(1, most // 4)
+        while step < stop:
+            epoch, j = divmod(step, self.per_epoch)
+            take = min(stop - step, self.per_epoch - j, count)
+            positions = torch.arange(j * size, min((j + take) * size, self.n), device=CPU)
+            if self.shuffle:
+                positions = permute(positions, self.n, mix(seed, epoch))
+            yield from positions.split(size)
+            step += take
+            count = min(most, 2 * count)
 
 
-class StepIndices:
-    """Batch sampler: ``[(index, sample_seed), ...]`` for steps ``start, ..., stop - 1``."""
+class StepRequests:
+    """Sampler: one :class:`~.fetch.BatchRequest` for each step ``start, ..., stop - 1``."""
 
     def __init__(self, plan: IndexPlan, seed: int, start: int, stop: int):
         self.plan, self.seed, self.start, self.stop = plan, seed, start, stop
@@ -94,50 +111,10 @@ class StepIndices:
     def __len__(self) -> int:
         return self.stop - self.start
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for step in range(self.start, self.stop):
-            indices = self.plan.indices(step, self.seed)
-            yield [(i, mix(self.seed, step, k)) for k, i in enumerate(indices)]
-
-
-class SeededItems(Dataset):
-    """``dataset[index]`` with torch's CPU random state seeded from the sample's seed."""
-
-    def __init__(self, dataset: Any):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, item: tuple[int, int]) -> Any:
-        index, sample_seed = item
-        # the CPU generator only: torch.manual_seed would also reseed every accelerator's
-        # generator (fork_rng(devices=[]) does not restore those) at ~60x the cost per sample
-        if get_worker_info() is not None:  # a worker process: its random state is ours
-            torch.default_generator.manual_seed(sample_seed)
-            return self._read(index)
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(sample_seed)
-            return self._read(index)
-
-    def _read(self, index: int) -> Any:
-        """``dataset[index]``; its own exception becomes a :class:`SampleError` naming it."""
-        try:
-            return self.dataset[index]
-        except Exception as err:
-            raise SampleError(f"sample {index} of {type(self.dataset).__name__} raised "
-                              f"{summary(err)}") from err
-
-
-def reread_ragged(dataset: Any, items: list[tuple[int, int]]) -> str:
-    """Read the ``(index, sample_seed)`` samples of a batch that failed again, here, and name
-    the first whose shapes differ from the first's (:func:`.failures.ragged`), or ``""``."""
-    seeded = SeededItems(dataset)
-    try:
-        samples = [seeded[item] for item in items]
-    except Exception:  # a sample that fails alone is named by its own error
-        return ""
-    return ragged(samples, [index for index, _ in items])
+    def __iter__(self) -> Iterator[BatchRequest]:
+        steps = self.plan.step_indices(self.start, self.stop, self.seed)
+        for step, indices in enumerate(steps, self.start):
+            yield BatchRequest(indices.tolist(), (self.seed, step))
 
 
 @dataclass
@@ -162,6 +139,7 @@ class LoaderStream(Streamed):
                 f"epoch: {self.plan.n} samples, batch_size={self.plan.batch_size}, drop_last="
                 f"{self.plan.drop_last})"
             )
+        self.batches = SeededBatches(loader.dataset, loader.collate_fn)
         self.run: _Run | None = None
 
     def epoch_length(self, seed: int) -> int:
@@ -194,9 +172,8 @@ class LoaderStream(Streamed):
 
     def _ragged(self, step: int, seed: int, err: BaseException) -> str:
         """After a failed batch: which sample's shapes differ (read again, here), or ``""``."""
-        indices = self.plan.indices(step, seed)
         return reread_ragged(self.loader.dataset,
-                             [(i, mix(seed, step, k)) for k, i in enumerate(indices)])
+                             BatchRequest(self.plan.indices(step, seed), (seed, step)))
 
     def _start(self, seed: int, start: int, stop: int) -> _Run:
         self.run = None  # drop the previous run's iterator (and its workers) first
@@ -204,10 +181,11 @@ class LoaderStream(Streamed):
         workers = user.num_workers
         options: dict[str, Any] = {"in_order": True} if hasattr(user, "in_order") else {}
         loader = DataLoader(
-            SeededItems(user.dataset),
-            batch_sampler=StepIndices(self.plan, seed, start, stop),
+            self.batches,
+            batch_size=None,  # the dataset reads and collates whole batches
+            sampler=StepRequests(self.plan, seed, start, stop),
             num_workers=workers,
-            collate_fn=user.collate_fn,
+            collate_fn=as_is,
             pin_memory=user.pin_memory,
             timeout=user.timeout,
             worker_init_fn=user.worker_init_fn,

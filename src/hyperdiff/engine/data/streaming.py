@@ -1,10 +1,12 @@
 """Lazy, replay-verified reading of re-iterables: ``IterableDataset`` loaders, generator
 functions and any other object that can be iterated more than once.
 
-Epoch ``e`` of seed ``s`` is one fresh iteration, run under a private random state seeded from
-``(s, e)``: torch's, Python's and NumPy's global generators and any ``generator=`` attribute of a
-``DataLoader`` and its samplers are swapped for the iteration's own while it produces a batch,
-and swapped back afterwards (the user's random state is left untouched). So an iterable whose
+Epoch ``e`` of seed ``s`` is one fresh iteration with a private random state seeded from
+``(s, e)`` (:mod:`.random_state`): the loader's and its samplers' ``generator=`` attributes get
+a private generator (a ``DataLoader`` without one gets one, which seeds its workers), while
+torch's, Python's and NumPy's global generators stay the user's and are only watched. An
+iterable seen drawing from them has its epoch read again with the private states made the
+global ones while its code runs (and the user's restored after each call). So an iterable whose
 randomness comes from those generators yields the same epoch every time; anything else (a
 private unseeded RNG, a file that changed) is caught by the fingerprints of :mod:`.replay`.
 
@@ -16,24 +18,23 @@ epoch start: sources with random access, such as a map-style ``DataLoader``, use
 
 from __future__ import annotations
 
-import random
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
-import numpy as np
 import torch
 
 from hyperdiff.engine.data.failures import check_finite, user_code
 from hyperdiff.engine.data.permutation import mix
+from hyperdiff.engine.data.random_state import DrewGlobal, PrivateRandom, ReadRandomness
 from hyperdiff.engine.data.replay import ReplayLog
 from hyperdiff.engine.data.sources import BatchSource
 from hyperdiff.errors import HyperdiffError, positive_int
 from hyperdiff.typing import Batch
 
+T = TypeVar("T")
 ADVICE = (
     "pass a DataLoader over a map-style Dataset (hyperdiff seeds its shuffling), a list of "
     "batches, hd.minibatches(...), or a function fn(step, seed) that returns the batch"
@@ -89,55 +90,6 @@ class Streamed(BatchSource):
             self.cache.popitem(last=False)
 
 
-class PrivateRandom:
-    """A random state of its own (torch CPU, ``random``, NumPy and one ``torch.Generator``),
-    made the global one while :meth:`active`."""
-
-    def __init__(self, key: int):
-        self.torch_state = torch.Generator().manual_seed(key).get_state()
-        self.python_state = random.Random(key).getstate()
-        self.numpy_state = np.random.RandomState(key % (1 << 32)).get_state()
-        self.generator = torch.Generator().manual_seed(mix(key, 1))
-
-    @contextmanager
-    def active(self, owner: Any):
-        saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
-        torch.set_rng_state(self.torch_state)
-        random.setstate(self.python_state)
-        np.random.set_state(self.numpy_state)
-        try:
-            with ExitStack() as stack:
-                for holder in _generator_holders(owner):
-                    stack.enter_context(_swapped_generator(holder, self.generator))
-                yield
-        finally:
-            self.torch_state = torch.get_rng_state()
-            self.python_state = random.getstate()
-            self.numpy_state = np.random.get_state()
-            torch.set_rng_state(saved[0])
-            random.setstate(saved[1])
-            np.random.set_state(saved[2])
-
-
-def _generator_holders(owner: Any) -> list[Any]:
-    """Objects among ``owner``, its sampler(s) and dataset with a ``torch.Generator`` attribute."""
-    batch_sampler = getattr(owner, "batch_sampler", None)
-    candidates = [owner, getattr(owner, "sampler", None), batch_sampler,
-                  getattr(batch_sampler, "sampler", None), getattr(owner, "dataset", None)]
-    return [c for c in candidates
-            if c is not None and isinstance(getattr(c, "generator", None), torch.Generator)]
-
-
-@contextmanager
-def _swapped_generator(holder: Any, generator: torch.Generator):
-    original = holder.generator
-    holder.generator = generator
-    try:
-        yield
-    finally:
-        holder.generator = original
-
-
 @dataclass
 class _EpochRun:
     """An open iteration over epoch ``epoch`` of ``seed``; ``next_step`` is its next global step."""
@@ -158,6 +110,7 @@ class IterableStream(Streamed):
         self.iterable, self.factory = iterable, factory
         self.epoch_starts: dict[int, list[int]] = {}  # seed -> first step of epochs 0, 1, ...
         self.run: _EpochRun | None = None
+        self.randomness = ReadRandomness(iterable)
 
     def epoch_length(self, seed: int) -> int:
         """Batches in epoch 0, read up to ``max(steps, 1)`` batches (a stream may be endless)."""
@@ -169,11 +122,21 @@ class IterableStream(Streamed):
             step += 1
         return starts[1] if len(starts) > 1 else limit
 
+    def _user(self, rng: PrivateRandom, where: Callable[[], str], fn: Callable[[], T]) -> T:
+        """``fn()``, the iterable's own code, under ``rng``; its failures named by ``where``."""
+        def named() -> T:
+            with user_code(where):
+                return fn()
+
+        return self.randomness.call(rng, named)
+
     def _open(self, seed: int, epoch: int, first_step: int) -> _EpochRun:
         rng = PrivateRandom(mix(seed, epoch))
-        with rng.active(self.iterable), user_code(
-                lambda: f"epoch {epoch} (seed {seed}) of train_data {self.name}"):
-            made = self.iterable() if self.factory else iter(self.iterable)
+        def where() -> str:
+            return f"epoch {epoch} (seed {seed}) of train_data {self.name}"
+
+        made = self._user(rng, where, self.iterable if self.factory else partial(iter,
+                                                                                 self.iterable))
         if self.factory and not isinstance(made, Iterator):
             if isinstance(made, (torch.Tensor, tuple, dict, str, bytes)) or not isinstance(
                 made, Iterable
@@ -183,9 +146,7 @@ class IterableStream(Streamed):
                     f"iterator of batches (got {type(made).__name__}); for one batch per step "
                     "write fn(step) or fn(step, seed)"
                 )
-            with rng.active(self.iterable), user_code(
-                    lambda: f"epoch {epoch} (seed {seed}) of train_data {self.name}"):
-                made = iter(made)
+            made = self._user(rng, where, partial(iter, made))
         return _EpochRun(seed, epoch, first_step, first_step, made, rng)
 
     def _start_for(self, step: int, seed: int) -> _EpochRun:
@@ -194,15 +155,21 @@ class IterableStream(Streamed):
         return self._open(seed, epoch, starts[epoch])
 
     def _fill(self, step: int, seed: int) -> None:
+        try:
+            self._read_to(step, seed)
+        except DrewGlobal:  # it draws from the global generators: its epoch again, swapped
+            self.run = None
+            self._read_to(step, seed)
+
+    def _read_to(self, step: int, seed: int) -> None:
         run = self.run
         if run is None or run.seed != seed or run.next_step > step:
             run = self.run = None  # release the open iteration (and any workers) before the next
             run = self.run = self._start_for(step, seed)
         while run.next_step <= step:
             try:
-                with run.rng.active(self.iterable), user_code(
-                        partial(self.where, run.next_step, seed)):
-                    batch = next(run.iterator)
+                batch = self._user(run.rng, partial(self.where, run.next_step, seed),
+                                   partial(next, run.iterator))
             except StopIteration:
                 run = self.run = self._next_epoch(run)
                 continue
