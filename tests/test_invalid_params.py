@@ -45,6 +45,7 @@ BAD: dict[str, list[Any]] = {
     "optional int>=1": [TEXT, 2.5, True, NAN, 0, -1],
     "betas": [TEXT, 0.9, (0.9,), (1.5, 0.999), (0.9, NAN), (-0.1, 0.9), (0.9, 1.0)],
     "choice": ["no-such-name", 3, None],
+    "optional choice": ["no-such-name", 3],  # None: the default (the plan's outer optimizer)
     "path": [3, None, "", OBJECT],
 }
 
@@ -111,12 +112,12 @@ CONSTRUCTORS: dict[str, tuple[Any, dict[str, Any], dict[str, str]]] = {
                                    "patience": "optional int>=1", "min_delta": "number>=0",
                                    "grad_tol": "number>=0", "step_tol": "number>=0"}),
     "HyperOptimizer": (hd.HyperOptimizer, {"problem": PROBLEM},
-                       {"method": "choice", "optimizer": "choice", "lr": "number>0",
+                       {"method": "choice", "optimizer": "optional choice", "lr": "number>0",
                         "clip": "optional number>0", "schedule": "choice",
                         "samples": "int>=1", "max_samples": "int>=1", "tie_steps": "int>=0",
                         "seed": "int>=0", "shrink": "unit[0,1)", "max_failures": "int>=1"}),
     "OnlineTuner": (hd.online.OnlineTuner, {"problem": PROBLEM},
-                    {"window": "int>=1", "method": "choice", "optimizer": "choice",
+                    {"window": "int>=1", "method": "choice", "optimizer": "optional choice",
                      "lr": "number>=0", "schedule": "choice", "clip": "optional number>0",
                      "val_batch_size": "optional int>=1", "eval_every": "int>=0",
                      "seed": "int>=0", "engine": "choice", "solver": "choice",
