@@ -30,7 +30,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "suite_tasks"))
 
-from suite import LR_FREE, SEEDS, TASK_DIR, lr_free_row  # noqa: E402
+from suite import LR_FREE, SEEDS, TASK_DIR, _load, lr_free_row  # noqa: E402
 from suite_common import start_name  # noqa: E402
 
 import hyperdiff as hd  # noqa: E402
@@ -78,7 +78,8 @@ def run_task(name: str, configs: list[str], starts: list[float]) -> dict[str, An
     task = hd.tasks.build_task(ref)
     plain_s, plain_cpu = plain_training(task)
     rows = []
-    for factor in [1.0, *starts]:
+    has_lr = getattr(_load(TASK_DIR / f"{name}.py"), "LR_NAME", None) is not None
+    for factor in [1.0, *(starts if has_lr else [])]:  # no lr: no starts off
         started = ref if factor == 1.0 else f"{TASK_DIR / name}.py:{start_name(factor)}"
         for config in configs:
             r = online_row(started, config, plain_s)
