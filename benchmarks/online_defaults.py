@@ -72,8 +72,10 @@ def online_row(ref: str, config: str, plain_s: float) -> dict[str, Any]:
                       result.final_hparams.natural().items()}}
 
 
-def run_task(name: str, configs: list[str], starts: list[float]) -> dict[str, Any]:
-    """Every configuration from every start on task ``name``, and the lr-free rows."""
+def run_task(name: str, configs: list[str], starts: list[float], lr_free: bool = True
+             ) -> dict[str, Any]:
+    """Every configuration from every start on task ``name``, and the lr-free rows (unless
+    ``lr_free`` is False)."""
     ref = f"{TASK_DIR / name}.py:build"
     task = hd.tasks.build_task(ref)
     plain_s, plain_cpu = plain_training(task)
@@ -87,7 +89,7 @@ def run_task(name: str, configs: list[str], starts: list[float]) -> dict[str, An
             print(f"{name} x{factor:g} [{config or 'default'}]: "
                   f"{r.get('test_loss', math.nan):.4f}, CPU "
                   f"{r.get('cpu_s', math.nan) / plain_cpu:.2f}x {r.get('note', '')}", flush=True)
-    lr_free = [lr_free_row(task, optimizer, plain_s) for optimizer in LR_FREE]
+    others = [lr_free_row(task, optimizer, plain_s) for optimizer in LR_FREE] if lr_free else []
     again = plain_training(task)
     plain_s, plain_cpu = min(plain_s, again[0]), min(plain_cpu, again[1])
     for r in rows:
@@ -95,7 +97,7 @@ def run_task(name: str, configs: list[str], starts: list[float]) -> dict[str, An
             r["time_ratio"] = r["time_s"] / plain_s
             r["cpu_ratio"] = r["cpu_s"] / plain_cpu
     return {"task": name, "steps": task.final_problem.steps, "plain_training_s": plain_s,
-            "plain_training_cpu_s": plain_cpu, "online": rows, "lr_free": lr_free}
+            "plain_training_cpu_s": plain_cpu, "online": rows, "lr_free": others}
 
 
 def table(block: dict[str, Any]) -> str:
@@ -126,9 +128,12 @@ def main() -> None:
                         help="override sets, each a space-separated list of key=value")
     parser.add_argument("--starts", nargs="*", type=float, default=[],
                         help="lr start factors besides x1 (e.g. 0.1 10)")
+    parser.add_argument("--no-lr-free", action="store_true",
+                        help="online rows only (no Prodigy / schedule-free / D-Adapt rows)")
     parser.add_argument("--out", type=Path, default=RESULTS / "online_defaults.json")
     args = parser.parse_args()
-    blocks = [run_task(name, args.configs, args.starts) for name in args.tasks]
+    blocks = [run_task(name, args.configs, args.starts, not args.no_lr_free)
+              for name in args.tasks]
     for block in blocks:
         print(table(block) + "\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
