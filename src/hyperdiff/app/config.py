@@ -16,7 +16,7 @@ import json
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path, PurePath
 from types import UnionType
 from typing import Any, Union, cast, get_args, get_origin, get_type_hints
@@ -82,7 +82,8 @@ class InnerConfig:
 @dataclass(frozen=True)
 class MethodConfig:
     name: str = option("reverse", "hypergradient method; other keys of [method] are its "
-                       "options", choices=lambda: list(METHODS))
+                       "options (outer.mode = online: curvature when not set)",
+                       choices=lambda: list(METHODS))
     options: dict[str, Any] = field(default_factory=dict, metadata={"help": "method options"})
 
 
@@ -93,7 +94,9 @@ class OuterConfig:
                             f"{DEFAULT_OFFLINE} offline, adam online",
                             choices=lambda: ["auto", *offline_optimizers()])
     lr: float = option(0.05, "outer learning rate (raw units: 0.05 changes a positive "
-                       "hyperparameter by about 5%)", low=0.0, open_low=True)
+                       "hyperparameter by about 5%); online, when not set: min(0.5, 10 / "
+                       "windows), windows = ceil(inner.steps / outer.window)", low=0.0,
+                       open_low=True)
     schedule: str = option("cosine", "outer learning-rate schedule: constant, or cosine decay "
                            "to 0 over stop.max_steps", choices=list(SCHEDULES))
     clip: float = option(0.0, "clip the hypergradient to this L2 norm (0: off)", low=0.0)
@@ -109,7 +112,7 @@ class OuterConfig:
     mode: str = option("offline", "offline: retrain T steps per outer step; online: tune "
                        "during one run of inner.steps (docs/online.md)",
                        choices=["offline", "online"])
-    window: int = option(10, "online: inner steps per hyper-step (1: hypergradient descent)",
+    window: int = option(5, "online: inner steps per hyper-step (1: hypergradient descent)",
                          low=1)
     backprop: int = option(0, "online reverse: backpropagate through the last this many steps "
                            "of each window (0: all)", low=0)
@@ -223,6 +226,29 @@ class Config:
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
 
 
+ONLINE_DEFAULTS: dict[str, Any] = {"method.name": "curvature"}
+"""What ``outer.mode = "online"`` changes in the defaults (a task's defaults, the TOML file and
+``--set`` still win); chosen by ``benchmarks/online_defaults.py`` (docs/online.md)."""
+
+ONLINE_TRAVEL = 10.0
+"""Online: ``outer.lr * windows`` when ``outer.lr`` is not set (:func:`online_lr`)."""
+
+
+def online_lr(steps: int, window: int) -> float:
+    """The online outer learning rate when none is set: ``min(0.5, 10 / W)`` for the run's
+    ``W = ceil(steps / window)`` windows.
+
+    Adam moves a raw value by at most about ``lr`` per window, and a cosine decay over W
+    windows sums to ``lr W / 2``: 5 in log units, a factor of about 150, whatever the run's
+    length, so a start 100x off can be reached in one run; 0.5 caps one window's move at a
+    factor of e^0.5 (short runs).
+
+    >>> online_lr(100, 5), online_lr(2000, 10)
+    (0.5, 0.05)
+    """
+    return min(0.5, ONLINE_TRAVEL / -(-steps // window))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 *, data: dict[str, Any] | None = None) -> Config:
     """Resolve a config: defaults, task defaults, the TOML file (or ``data``), overrides.
@@ -272,6 +298,9 @@ def resolve(source: dict[str, Any]) -> Config:
     params = _task_params(task_name, source.get("task", {}).get("params", {}))
     merged: dict[str, Any] = {}
     defaults = task_defaults(task_name, params)
+    online = source.get("outer", {}).get("mode", defaults.get("outer.mode")) == "online"
+    if online:  # the online mode's own defaults, under the task's
+        defaults = {**ONLINE_DEFAULTS, **defaults}
     chosen = source.get("method", {}).get("name", defaults.get("method.name"))
     if chosen != defaults.get("method.name"):  # the task's method options belong to its method
         defaults = {k: v for k, v in defaults.items()
@@ -283,6 +312,9 @@ def resolve(source: dict[str, Any]) -> Config:
     built = {}
     for section, cls in SECTIONS.items():
         built[section] = _build_section(section, cls, merged.get(section, {}))
+    if online and "lr" not in merged.get("outer", {}):
+        built["outer"] = replace(built["outer"], lr=online_lr(built["inner"].steps,
+                                                              built["outer"].window))
     if built["task"].cv_folds == 1:
         raise HyperdiffError("config: task.cv_folds must be 0 (hold-out validation) or an int "
                              ">= 2 (got 1)")

@@ -30,9 +30,13 @@ carried tangents add the earlier steps' effect through the learning rate::
 
     dL/du = [reverse through step t1-1] + <grad_theta L_val(theta_{t1}), Zt_{t1}>
 
-with ``Zt_{t1}`` the tangent propagated through the last step without its direct term. Only the
+with ``Zt_{t1}`` the tangent propagated through the last step without its direct term. The
 optimizer's ``lr`` coefficient is carried (its derivative in every raw value, exactly, by
-autograd once per window); buffers (BatchNorm statistics) are constants.
+autograd once per window), and AdamW's decoupled weight decay when a hyperparameter sets it (its
+direct term ``-(d wd_t / du) lr_t p_t``: :func:`decay_derivatives`), so a weight decay gets the
+same long-horizon signal as the learning rate; other coefficients (SGD's or Adam's coupled
+decay, momentum, betas) get their one-step effect only. Buffers (BatchNorm statistics) are
+constants.
 """
 
 from __future__ import annotations
@@ -118,16 +122,17 @@ def check_optimizer(problem: Problem) -> None:
                              f"(got {sorted(map(str, dtypes))})")
 
 
-def lr_derivatives(problem: Problem, raw: dict[str, Tensor], start: int, stop: int
-                   ) -> tuple[Tensor, Tensor]:
+def lr_derivatives(problem: Problem, raw: dict[str, Tensor], start: int, stop: int,
+                   name: str = "lr") -> tuple[Tensor, Tensor]:
     """``lr_t`` and ``d lr_t / du`` at the window's steps for each parameter entry: shapes
     ``(K, n)`` and ``(K, P, n)``, with ``u`` the ``P`` flat raw values, or ``(K, 1)`` and ``(K,
     P, 1)`` (broadcast over the entries) when the learning rate is the same for every parameter
-    tensor. A schedule is evaluated for the whole window in one pass."""
+    tensor. A schedule is evaluated for the whole window in one pass. ``name``: another of the
+    optimizer's coefficients instead (AdamW's ``"weight_decay"``: :func:`decay_derivatives`)."""
     hp = problem.hparams
     sizes = [p.numel() for p in problem.params.values()]
     flat = hp.flatten(problem.raw_tensors(raw)).detach().requires_grad_()
-    coef = problem.optimizer.coefficients["lr"]
+    coef = problem.optimizer.coefficients[name]
     with torch.enable_grad():
         hview = hp.view(hp.unflatten(flat))
         if isinstance(coef, Schedule):
@@ -154,6 +159,21 @@ def lr_derivatives(problem: Problem, raw: dict[str, Tensor], start: int, stop: i
     counts = torch.tensor(sizes, device=flat.device)
     return (torch.repeat_interleave(lrs, counts, dim=1),
             torch.repeat_interleave(jac, counts, dim=1).transpose(1, 2))
+
+
+def decay_derivatives(problem: Problem, raw: dict[str, Tensor], start: int, stop: int
+                      ) -> Tensor | None:
+    """``d wd_t / du`` (as :func:`lr_derivatives`) of AdamW's decoupled weight decay when a
+    hyperparameter or a schedule sets it, else None (a number; also a ``per_element`` or
+    callable one, which keeps its one-step signal). Its step ``p' = (1 - lr_t wd_t) p - ...``
+    gives the tangent the direct term ``-(d wd_t / du) lr_t p``, carried like the learning
+    rate's."""
+    coef = problem.optimizer.coefficients.get("weight_decay")
+    if problem.optimizer.name != "adamw" or not (
+            isinstance(coef, Schedule)
+            or (isinstance(coef, str) and problem.hparams[coef].kind != "per_element")):
+        return None
+    return lr_derivatives(problem, raw, start, stop, "weight_decay")[1]
 
 
 def _same_for_every_tensor(problem: Problem, coef: Any) -> bool:
@@ -265,6 +285,7 @@ def curvature_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor
     if scale is None:
         scale = float(batch_rows(problem.train_data.batch(start, problem.seed)))
     lrs, dlrs = lr_derivatives(problem, raw, start, stop)
+    dwds = decay_derivatives(problem, raw, start, stop)
     hview = hp.view(problem.raw_tensors(raw))
     losses = torch.empty(stop - start, dtype=problem.hparam_dtype, device=problem.device)
     params, buffers, opt_state = state
@@ -278,6 +299,8 @@ def curvature_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor
             values = rule.values(problem, hview, grads, params, opt_state, new_state, step)
             i, count = step - start, count + 1
             rule.advance(tangent, values, lrs[i], dlrs[i], forget(lrs[i]), scale, count)
+            if dwds is not None:
+                tangent.z.addcmul_(dwds[i], lrs[i] * values.p, value=-1.0)
         params, opt_state = new_params, new_state
         buffers = {k: v.detach() for k, v in buffers.items()}
         losses[step - start] = loss.detach()
@@ -304,6 +327,8 @@ def curvature_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor
         val_theta = flat(grads_all[len(leaves):])
         indirect = tangent.z @ val_theta.to(tangent.z.dtype)
         tangent.z.addcmul_(dlrs[-1], rule.direct(values, lrs[-1]), value=-1.0)
+        if dwds is not None:
+            tangent.z.addcmul_(dwds[-1], lrs[-1] * values.p, value=-1.0)
     end = detached_state(TrainState(new_params, new_buffers, new_state))
     grad = hp.unflatten(direct + indirect.to(direct.dtype))
     return Segment(end, grad, float(value.detach()), losses, tangent)
