@@ -35,8 +35,8 @@ from hyperdiff.methods.registry import (
     METHODS,
     OPTIMIZERS,
     SCHEDULES,
-    capabilities,
     method_constructor,
+    registered_constructor,
 )
 
 if sys.version_info >= (3, 11):
@@ -365,9 +365,9 @@ def _check_toml_value(where: str, value: Any) -> None:
 
 
 def _method_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
-    if name in METHODS and not capabilities(name).offline:  # checked by app/plans.py's build_online
-        return dict(options)
-    constructor = method_constructor(name)
+    # every registered method's options are its constructor's (online-only ones too); the
+    # mode's own rules (which options a segment reads) are app/plans.py's
+    constructor = registered_constructor(name) if name in METHODS else method_constructor(name)
     params = inspect.signature(constructor).parameters
     hints = _hints(constructor)
     valid = [p for p in params if params[p].kind in (inspect.Parameter.KEYWORD_ONLY,
