@@ -174,7 +174,8 @@ class LogConfig:
 @dataclass(frozen=True)
 class DistributedConfig:
     data_parallel: bool = option(False, "under torchrun: each rank trains on its shard of every "
-                                 "batch (false: the trainings of a step are spread over ranks)")
+                                 "batch (false: the trainings of a step are spread over ranks; "
+                                 "outer.mode = online under torchrun needs true)")
     timeout_s: float = option(300.0, "seconds to wait for a rank that is alive but does not "
                               "arrive, before the run ends naming it", low=0.0, open_low=True)
 
