@@ -23,6 +23,7 @@ pytestmark = pytest.mark.filterwarnings(
 CURVATURE = ["task.name=horizon_digits", "inner.steps=60", "outer.window=6",
              "outer.val_batch=32", "report.seeds=1", "method.name=curvature"]
 DAMAGED = r"OnlineTuner.load_state_dict: the checkpoint is damaged: "
+RUN_DAMAGED = DAMAGED.replace("OnlineTuner", "HyperOptimizer")  # the CLI's loop names itself
 
 
 def quiet(_: str) -> None:
@@ -90,7 +91,7 @@ def test_a_damaged_checkpoint_with_a_fixed_up_manifest_is_one_clear_error(
     edit, message = CASES[case]
     run = damage(interrupted, tmp_path / "damaged", edit)
     with pytest.raises(hd.HyperdiffError, match=r"checkpoint.pt does not fit this run's driver "
-                       rf"\({DAMAGED}{message}") as caught:
+                       rf"\({RUN_DAMAGED}{message}") as caught:
         run_experiment(None, resume=run, log=quiet, progress=False)
     assert "Traceback" not in str(caught.value)
 

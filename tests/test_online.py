@@ -241,7 +241,10 @@ def test_online_run_directory_resumes_to_the_same_history_and_result(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (["method.name=checkpointed"], "method.name must be one of"),
-    (["method.name=forward", "method.chunk_size=2"], "method.chunk_size is not used"),
+    # an option of the offline call that the segment does not read (forward's chunk_size is
+    # read by its segment, and accepted)
+    (["method.name=implicit", "method.fixed_point=true"],
+     r"method.fixed_point is not used by online implicit; it accepts \['solver'\]"),
     (["task.cv_folds=3"], "task.cv_folds must be 0 with outer.mode = 'online'"),
     (["outer.window=0"], r"outer.window must be an int >= 1"),
     (["outer.backprop=3"], r"outer.backprop is used by method.name = 'reverse' only"),
@@ -396,7 +399,9 @@ def test_online_mode_under_torchrun_is_refused(tmp_path, monkeypatch):
 
     group = SimpleNamespace(is_root=True, timeout_s=None, world=2)
     monkeypatch.setattr(experiment, "init_from_env", lambda *_: group)
-    with pytest.raises(hd.HyperdiffError, match="each of the 2 ranks would repeat it"):
+    with pytest.raises(hd.HyperdiffError, match=r"distributed.data_parallel must be true for "
+                       r"outer.mode = 'online' under torchrun \(got false: each of the 2 ranks "
+                       "would repeat the one training run"):
         experiment.run_experiment(load_config(overrides=ONLINE), out=tmp_path / "r",
                                   log=lambda _: None, progress=False)
 
@@ -418,7 +423,7 @@ def test_an_online_checkpoint_that_does_not_fit_is_one_clear_error(tmp_path):
     manifest["checkpoints"][-1]["sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(hd.HyperdiffError, match=r"checkpoint.pt does not fit this run's driver "
-                       r"\(OnlineTuner.load_state_dict: the checkpoint is damaged: the state "
+                       r"\(HyperOptimizer.load_state_dict: the checkpoint is damaged: the state "
                        r"must be a dict with the entries \['params'\] \(got a dict without them\)\); "
                        r"restore it, or"):
         run_experiment(None, resume=tmp_path, log=lambda _: None, progress=False)

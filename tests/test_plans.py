@@ -175,11 +175,11 @@ def test_what_the_online_plan_cannot_do_is_refused_with_the_fix():
                        r"hd.plans.OfflinePlan; an online window continues one training\) "
                        r"\(got 4\)"):
         HyperOptimizer(ridge(), plan=hd.plans.OnlinePlan(window=2), samples=4)
-    with pytest.raises(hd.HyperdiffError, match=r"^OnlineTuner: problem must be one Problem "
+    with pytest.raises(hd.HyperdiffError, match=r"^HyperOptimizer: problem must be one Problem "
                        r"\(an online run is one training; cross-validation folds are for the "
                        r"offline plan\) \(got '2 problems'\)"):
         HyperOptimizer([ridge(), ridge()], plan=hd.plans.OnlinePlan(window=2))
-    with pytest.raises(hd.HyperdiffError, match=r"^OnlineTuner: method must be a Method with "
+    with pytest.raises(hd.HyperdiffError, match=r"^HyperOptimizer: method must be a Method with "
                        r"a segment or one of \['curvature', 'forward', 'implicit', "
                        r"'reverse', 'truncated'\]"):
         HyperOptimizer(ridge(), plan=hd.plans.OnlinePlan(window=2), method="checkpointed")

@@ -34,8 +34,8 @@ from hyperdiff.errors import HyperdiffError, describe
 from hyperdiff.methods.registry import (
     METHODS,
     SCHEDULES,
-    capabilities,
     method_constructor,
+    registered_constructor,
 )
 from hyperdiff.tuner.outer_steps import DEFAULT_OFFLINE, offline_optimizers
 
@@ -182,7 +182,8 @@ class LogConfig:
 @dataclass(frozen=True)
 class DistributedConfig:
     data_parallel: bool = option(False, "under torchrun: each rank trains on its shard of every "
-                                 "batch (false: the trainings of a step are spread over ranks)")
+                                 "batch (false: the trainings of a step are spread over ranks; "
+                                 "outer.mode = online under torchrun needs true)")
     timeout_s: float = option(300.0, "seconds to wait for a rank that is alive but does not "
                               "arrive, before the run ends naming it", low=0.0, open_low=True)
 
@@ -410,9 +411,9 @@ def _check_toml_value(where: str, value: Any) -> None:
 
 
 def _method_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
-    if name in METHODS and not capabilities(name).offline:  # checked by app/plans.py's build_online
-        return dict(options)
-    constructor = method_constructor(name)
+    # every registered method's options are its constructor's (online-only ones too); the
+    # mode's own rules (which options a segment reads) are app/plans.py's
+    constructor = registered_constructor(name) if name in METHODS else method_constructor(name)
     params = inspect.signature(constructor).parameters
     hints = _hints(constructor)
     valid = [p for p in params if params[p].kind in (inspect.Parameter.KEYWORD_ONLY,

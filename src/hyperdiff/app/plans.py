@@ -33,8 +33,13 @@ from hyperdiff.engine.device import resolve_device, task_to_device
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.hparams.discrete import discrete_names
 from hyperdiff.logs import get_logger
-from hyperdiff.methods.registry import make_method
-from hyperdiff.methods.window_methods import online_methods, window_method
+from hyperdiff.methods.base import Method
+from hyperdiff.methods.registry import (
+    capabilities,
+    make_method,
+    methods_where,
+    registered_constructor,
+)
 from hyperdiff.tuner.distributed import data_parallel
 from hyperdiff.tuner.distributed.spread import Spreader
 from hyperdiff.tuner.driver import HyperOptimizer, Stopping
@@ -43,8 +48,6 @@ from hyperdiff.tuner.online_plan import OnlinePlan
 from hyperdiff.tuner.outer_steps import DEFAULT_OFFLINE
 
 _LOG = get_logger("experiment")
-OPTIONS = {"reverse": (), "forward": ("engine",), "implicit": ("solver",),
-           "curvature": ("horizon", "horizon_unit", "curvature_scale")}
 
 
 class Summary(NamedTuple):
@@ -92,6 +95,41 @@ def outer_optimizer_name(config: Config) -> str:
     return DEFAULT_OFFLINE if config.outer.mode == "offline" else "adam"
 
 
+def configured_method(config: Config) -> Method:
+    """The method of ``config``'s ``[method]``, one path for both modes: the registered
+    constructor of ``method.name`` called with its options (``hd.implicit(solver="cg")`` is the
+    same method offline and online); online, ``outer.backprop = k`` is ``truncated(k)``; with
+    ``distributed.data_parallel``, wrapped by :func:`~hyperdiff.tuner.distributed.data_parallel`
+    (each rank trains on its shard of every batch)."""
+    if config.outer.mode == "online":
+        name, options = _online_method(config)
+        method = registered_constructor(name)(**options)
+    else:
+        method = make_method(config.method.name, **config.method.options)
+    return data_parallel(method) if config.distributed.data_parallel else method
+
+
+def _online_method(config: Config) -> tuple[str, dict[str, Any]]:
+    """The registered name and options of the online method ``config`` asks for: a method
+    whose capabilities say ``online``, with only the options its segment reads."""
+    name, options = config.method.name, config.method.options
+    names = methods_where(online=True)
+    if name not in names:
+        raise HyperdiffError(f"config: method.name must be one of {names} with "
+                             f"outer.mode = 'online' (got {name!r})")
+    accepted = list(capabilities(name).segment_options)
+    unused = sorted(set(options) - set(accepted))
+    if unused:
+        raise HyperdiffError(f"config: method.{unused[0]} is not used by online {name}; "
+                             f"it accepts {accepted or 'no options'}")
+    if config.outer.backprop and name != "reverse":
+        raise HyperdiffError(f"config: outer.backprop is used by method.name = 'reverse' only "
+                             f"(got {config.outer.backprop} with {name!r}); set it to 0")
+    if config.outer.backprop:
+        return "truncated", {"k": config.outer.backprop}
+    return name, dict(options)
+
+
 # ------------------------------------------------------------------------------------ offline
 def build(config: Config, start: dict[str, Any] | None = None
           ) -> tuple[Task, HyperOptimizer]:
@@ -101,12 +139,11 @@ def build(config: Config, start: dict[str, Any] | None = None
     if start is not None:
         task = starting_at(task, start)
     stop = config.stop
-    method = make_method(config.method.name, **config.method.options)
     plan = OfflinePlan(samples="auto" if config.outer.auto_samples else config.outer.samples,
                        max_samples=config.outer.max_samples, warm_start=config.inner.warm_start)
     driver = HyperOptimizer(
         list(task.problems), plan=plan,
-        method=data_parallel(method) if config.distributed.data_parallel else method,
+        method=configured_method(config),
         optimizer=outer_optimizer_name(config), lr=config.outer.lr,
         clip=config.outer.clip or None, schedule=config.outer.schedule,
         tie_steps=config.outer.tie_steps,
@@ -181,18 +218,7 @@ def build_online(config: Config, start: dict[str, Any] | None = None
         raise HyperdiffError(f"run: --from is for outer.mode = 'offline' runs only (got "
                              f"{config.outer.mode!r}); set the online run's initial values "
                              "in its task")
-    method = config.method.name
-    names = online_methods()
-    if method not in names:
-        raise HyperdiffError(f"config: method.name must be one of {names} with "
-                             f"outer.mode = 'online' (got {method!r})")
-    unused = sorted(set(config.method.options) - set(OPTIONS.get(method, ())))
-    if unused:
-        raise HyperdiffError(f"config: method.{unused[0]} is not used by online {method}; "
-                             f"it accepts {list(OPTIONS.get(method, ())) or 'no options'}")
-    if config.outer.backprop and method != "reverse":
-        raise HyperdiffError(f"config: outer.backprop is used by method.name = 'reverse' only "
-                             f"(got {config.outer.backprop} with {method!r}); set it to 0")
+    _online_method(config)  # refused before the task is built
     if config.task.cv_folds:
         raise HyperdiffError("config: task.cv_folds must be 0 with outer.mode = 'online' "
                              f"(one training run; got {config.task.cv_folds})")
@@ -206,15 +232,12 @@ def build_online(config: Config, start: dict[str, Any] | None = None
     task = _task(config, 0)
     outer = config.outer
     problem = task.problems[0]
-    configured = window_method(
-        method, problem, backprop=(outer.backprop or None) if method == "reverse" else None,
-        **config.method.options)
     plan = OnlinePlan(window=outer.window, val_batch_size=outer.val_batch or None,
                       hot_start=None if outer.hot_start == "auto" else outer.hot_start)
     loop = HyperOptimizer(
-        problem, plan=plan, method=configured, optimizer=outer_optimizer_name(config),
-        lr=outer.lr,
-        schedule=outer.schedule, clip=outer.clip or None, selection=task.selection,
+        problem, plan=plan, method=configured_method(config),
+        optimizer=outer_optimizer_name(config),
+        lr=outer.lr, schedule=outer.schedule, clip=outer.clip or None, selection=task.selection,
         seed=outer.seed, shrink=config.guard.shrink, max_failures=config.guard.max_failures,
         max_loss_ratio=config.guard.max_loss_ratio, normalize=outer.normalize)
     return task, loop
@@ -225,12 +248,16 @@ def _online(loop: HyperOptimizer) -> OnlinePlan:
     return loop.plan
 
 
-def _one_process(config: Config, group: Any) -> None:
-    if group is not None:
+def _data_parallel_only(config: Config, group: Any) -> None:
+    """Under torchrun an online run is data-parallel: every rank trains the same windows on
+    its shard of every batch (``distributed.data_parallel = true``); else refused."""
+    if group is not None and not config.distributed.data_parallel:
         raise HyperdiffError(
-            "run: outer.mode = 'online' is one training run in one process; under torchrun "
-            f"each of the {group.world} ranks would repeat it. Launch it with plain "
-            "`hyperdiff run`, or use outer.mode = 'offline' to spread trainings over ranks")
+            "run: distributed.data_parallel must be true for outer.mode = 'online' under "
+            f"torchrun (got false: each of the {group.world} ranks would repeat the one "
+            "training run). Set distributed.data_parallel = true to train every window on "
+            "the ranks' shards of each batch, launch it with plain `hyperdiff run`, or use "
+            "outer.mode = 'offline' to spread trainings over ranks")
 
 
 def _describe_online(task: Task, loop: HyperOptimizer, config: Config) -> str:
@@ -273,8 +300,9 @@ def _online_summary(task: Task, loop: HyperOptimizer, outcome: Any, config: Conf
 PLANS: dict[str, Plan] = {
     "offline": Plan(build=build, check=_no_check, describe=_describe_offline, bar=offline_bar,
                     summary=_offline_summary),
-    "online": Plan(build=build_online, check=_one_process, describe=_describe_online,
+    "online": Plan(build=build_online, check=_data_parallel_only, describe=_describe_online,
                    bar=_online_bar, summary=_online_summary),
 }
 
-__all__ = ["PLANS", "Plan", "Summary", "build", "build_online", "offline_bar"]
+__all__ = ["PLANS", "Plan", "Summary", "build", "build_online", "configured_method",
+           "offline_bar"]

@@ -91,6 +91,11 @@ class Capabilities:
         data_parallel: takes its train-loss gradients by autograd at the parameters
             (``train_step``, ``train_gradient``), so ``hd.distributed.data_parallel`` can shard
             its inner training (offline call and segment).
+        long_horizon: its carry estimates the effect of the whole run's past, over a
+            forgetting horizon (``curvature``), so an online run restarts a start hotter than
+            the values it found by default (``OnlinePlan(hot_start=None)``).
+        segment_options: the constructor's options that its segment reads; an online run
+            configured with any other option is refused (it would be ignored).
     """
 
     exact: bool = True
@@ -98,6 +103,8 @@ class Capabilities:
     online: bool = False
     carries_state: bool = False
     data_parallel: bool = False
+    long_horizon: bool = False
+    segment_options: tuple[str, ...] = ()
 
 
 class Segment(NamedTuple):

@@ -106,19 +106,19 @@ def check_optimizer(problem: Problem) -> None:
     if not adam and (opt.name != "sgd" or opt.settings.get("nesterov")
                      or opt.settings.get("dampening")):
         raise HyperdiffError(
-            "OnlineTuner: method 'curvature' carries the tangents of heavy-ball SGD (hd.sgd "
+            "curvature: the method carries the tangents of heavy-ball SGD (hd.sgd "
             "without nesterov or dampening), hd.adam and hd.adamw; got "
             f"{opt.name} with settings {dict(opt.settings)}: use method 'reverse' or "
             "'forward' for it")
     lr = opt.coefficients["lr"]
     if isinstance(lr, str) and problem.hparams[lr].kind == "per_element":
         raise HyperdiffError(
-            f"OnlineTuner: method 'curvature' needs one learning rate per step and parameter "
+            f"curvature: the method needs one learning rate per step and parameter "
             f"tensor (a number, a schedule, a scalar, per_step or per_tensor hyperparameter); "
             f"got the per_element hyperparameter {lr!r}: use method 'reverse' for it")
     dtypes = {p.dtype for p in problem.params.values()}
     if len(dtypes) > 1:
-        raise HyperdiffError(f"OnlineTuner: method 'curvature' needs parameters of one dtype "
+        raise HyperdiffError(f"curvature: the method needs parameters of one dtype "
                              f"(got {sorted(map(str, dtypes))})")
 
 
@@ -185,7 +185,7 @@ def _same_for_every_tensor(problem: Problem, coef: Any) -> bool:
 def _as_tensor(value: Tensor | float, like: Tensor) -> Tensor:
     value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
     if value.numel() != 1:
-        raise HyperdiffError(f"OnlineTuner: method 'curvature' needs one learning rate per step "
+        raise HyperdiffError(f"curvature: the method needs one learning rate per step "
                              f"and parameter tensor; the lr coefficient gave a tensor of shape "
                              f"{tuple(value.shape)}: use method 'reverse' for it")
     return value.reshape(())
@@ -335,7 +335,8 @@ def curvature_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor
 
 
 CAPABILITIES = Capabilities(exact=False, offline=False, online=True, carries_state=True,
-                            data_parallel=True)
+                            data_parallel=True, long_horizon=True,
+                            segment_options=("horizon", "horizon_unit", "curvature_scale"))
 """Online only: its tangents forget the past, which a fixed run's hyperparameters do not have.
 Data-parallel: it takes its gradients from the train loss (``train_gradient``), which
 ``hd.distributed.data_parallel`` averages over the ranks."""

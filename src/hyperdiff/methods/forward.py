@@ -60,7 +60,7 @@ from hyperdiff.tree import tree_flatten, tree_map, tree_unflatten
 from hyperdiff.typing import Batch
 
 CAPABILITIES = Capabilities(exact=True, offline=True, online=True, carries_state=True,
-                            data_parallel=True)
+                            data_parallel=True, segment_options=("chunk_size", "engine"))
 
 
 def _step_function(problem: Problem, step: int):

@@ -372,7 +372,7 @@ def implicit_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor]
                   losses, None, diagnostics)
 
 
-CAPABILITIES = Capabilities(exact=False, offline=True, online=True)
+CAPABILITIES = Capabilities(exact=False, offline=True, online=True, segment_options=("solver",))
 
 SOLVERS: dict[str, Callable[[], Solver]] = {"cg": cg, "neumann": neumann, "exact": exact}
 """Solver names accepted by :func:`implicit` (default options), e.g. from a TOML config."""

@@ -35,7 +35,8 @@ from hyperdiff.errors import HyperdiffError, positive_int
 from hyperdiff.methods.base import Capabilities, HyperGradient, Method, finish
 from hyperdiff.methods.reverse import reverse_segment
 
-CAPABILITIES = Capabilities(exact=False, offline=True, online=True, data_parallel=True)
+CAPABILITIES = Capabilities(exact=False, offline=True, online=True, data_parallel=True,
+                            segment_options=("k",))
 
 
 def _frozen_prefix(

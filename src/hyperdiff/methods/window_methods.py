@@ -1,4 +1,7 @@
-"""The online tuner's ``method`` name and options -> a :class:`~hyperdiff.methods.base.Method`.
+"""The deprecated ``OnlineTuner``'s method name and flat options -> a configured ``Method``.
+
+For the shim's last release; the CLI and ``HyperOptimizer`` take a configured method
+(``app/plans.py``'s ``configured_method``).
 
 A thin lookup through the registry (:mod:`hyperdiff.methods.registry`): the names are the
 methods whose capabilities say ``online`` and whose constructor needs no argument; the

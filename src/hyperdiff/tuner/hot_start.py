@@ -138,7 +138,7 @@ def measure_hot_start(run: OnlineRun, loop: Loop, record: StepRecord, start: int
     if run.hot_start_measure is None or run.hot_start_measure[1] <= LIMIT:
         return False
     run.restarted = run.hot_start == "restart" and stop < run.problem.steps
-    _LOG.warning("OnlineTuner: %s", hot_start_warnings(run)[0])
+    _LOG.warning("%s: %s", run.caller, hot_start_warnings(run)[0])
     return run.restarted
 
 

@@ -36,6 +36,12 @@ def _from_plan(name: str) -> Any:
     return property(lambda self: getattr(self.plan, name), doc=f"The online plan's {name}.")
 
 
+class _TunerPlan(OnlinePlan):
+    """The online plan under the old tuner's name in messages."""
+
+    caller = "OnlineTuner"
+
+
 class OnlineTuner(HyperOptimizer):
     """Deprecated: ``HyperOptimizer(problem, plan=OnlinePlan(window, val_batch_size,
     eval_every, hot_start), method=<the named method with the options>, ...)`` (module doc).
@@ -60,7 +66,7 @@ class OnlineTuner(HyperOptimizer):
                                    backprop=backprop, horizon=horizon,
                                    horizon_unit=horizon_unit, curvature_scale=curvature_scale)
         super().__init__(
-            problem, plan=OnlinePlan(window=window, val_batch_size=val_batch_size,
+            problem, plan=_TunerPlan(window=window, val_batch_size=val_batch_size,
                                      eval_every=eval_every, hot_start=hot_start),
             method=configured, optimizer=optimizer, lr=lr, schedule=schedule, clip=clip,
             normalize=normalize, selection=selection, seed=seed, shrink=shrink,

@@ -42,9 +42,14 @@ from hyperdiff.tuner.state_checks import (
 )
 
 FORMAT = "hyperdiff-online-1"
-CALLER = "OnlineTuner.load_state_dict"
 # absent from checkpoints of older versions (discrete: before REINFORCE and annealing online)
 OPTIONAL = ("guard", "hot_start", "restarted", "discrete")
+
+
+def _caller(run: OnlineRun) -> str:
+    """Who names a damaged checkpoint in messages: ``"HyperOptimizer.load_state_dict"`` (the
+    deprecated shim's ``"OnlineTuner.load_state_dict"``)."""
+    return f"{run.caller}.load_state_dict"
 
 
 def tuner_state(run: OnlineRun, loop: Loop) -> dict[str, Any]:
@@ -69,7 +74,7 @@ def restore_tuner(run: OnlineRun, loop: Loop, state: dict[str, Any],
     """Check ``state`` (a whole checkpoint of a loop with ``run``'s method and window), put the
     plan's entries back into ``run`` and return the records the loop keeps: ``records`` (e.g.
     from the run directory) or those the state holds, up to its step."""
-    caller = CALLER
+    caller = _caller(run)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise fail(caller, "state", f"a state_dict of format {FORMAT}",
                    state.get("format") if isinstance(state, dict) else state)
@@ -102,42 +107,43 @@ def restore_tuner(run: OnlineRun, loop: Loop, state: dict[str, Any],
 def check_tuner_state(run: OnlineRun, loop: Loop, state: dict[str, Any], lines: Any) -> None:
     """Refuse a ``state`` (of ``run``'s method and window) that is not shaped like ``loop``'s
     own or whose counters disagree with the history ``lines`` (module doc)."""
+    caller = _caller(run)
     fresh = loop.state_dict()
     if missing := sorted(set(fresh) - set(state) - set(OPTIONAL)):
-        raise damaged(CALLER, "the state", f"a dict with the entries {missing}",
+        raise damaged(caller, "the state", f"a dict with the entries {missing}",
                       "a dict without them")
     if unknown := sorted(map(str, set(state) - set(fresh))):
-        raise damaged(CALLER, "the state", f"a dict without the entries {unknown}",
+        raise damaged(caller, "the state", f"a dict without the entries {unknown}",
                       "a dict with them")
     for key in ("step", "inner_step", "elapsed", "raw", "params", "buffers", "opt_state"):
-        check_like(CALLER, key, state[key], fresh[key])
+        check_like(caller, key, state[key], fresh[key])
     if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):
-        raise damaged(CALLER, "history", "a list of JSON lines", shape_of(lines))
+        raise damaged(caller, "history", "a list of JSON lines", shape_of(lines))
     if len(lines) < state["step"]:
-        raise damaged(CALLER, "history", f"at least step = {state['step']} records",
+        raise damaged(caller, "history", f"at least step = {state['step']} records",
                       f"{len(lines)}")
     records = [StepRecord.from_json(line) for line in lines[: state["step"]]]
-    check_optimizer_state(loop.optimizer, state["outer"], caller=CALLER)
-    check_optimizer_shapes(CALLER, "outer", loop.optimizer, state["outer"])
+    check_optimizer_state(loop.optimizer, state["outer"], caller=caller)
+    check_optimizer_shapes(caller, "outer", loop.optimizer, state["outer"])
     inner, restart_at = trained_steps(run, records, bool(state.get("restarted", False)))
-    check_count(CALLER, "inner_step", state["inner_step"], inner,
+    check_count(caller, "inner_step", state["inner_step"], inner,
                 "the steps of the ok windows in the history"
                 + (f" after the hot-start restart at step {restart_at}"
                    if restart_at is not None else ""))
     check_tangent(run, loop, state["tangent"], inner)
     if "guard" in state:
-        check_guard_state(CALLER, state["guard"], loop.guard.state_dict(),
+        check_guard_state(caller, state["guard"], loop.guard.state_dict(),
                           {"raw": fresh["raw"], "outer": loop.optimizer},
                           [r.status == "failed" for r in records], loop.guard.shrink)
     if "hot_start" in state:
-        check_like(CALLER, "hot_start", state["hot_start"], None if state["hot_start"] is None
+        check_like(caller, "hot_start", state["hot_start"], None if state["hot_start"] is None
                    else [0, 0.0])
     if "restarted" in state:
-        check_like(CALLER, "restarted", state["restarted"], False)
+        check_like(caller, "restarted", state["restarted"], False)
     if "discrete" in state and "discrete" in fresh:
         average = state["discrete"].get("moving_average") if isinstance(
             state["discrete"], dict) else 0.0
-        check_like(CALLER, "discrete", state["discrete"],
+        check_like(caller, "discrete", state["discrete"],
                    {"moving_average": None if average is None else 0.0})
 
 
@@ -147,6 +153,7 @@ def trained_steps(run: OnlineRun, records: Sequence[StepRecord], restarted: bool
     were discarded), back to 0 after the window where a restarted run restarted (the first
     that reached :data:`~hyperdiff.tuner.hot_start.FRACTION` of the run); and that record's
     step (``None``: no restart)."""
+    caller = _caller(run)
     steps, target = run.problem.steps, math.ceil(FRACTION * run.problem.steps)
     position, restart_at = 0, None
     for record in records:
@@ -156,7 +163,7 @@ def trained_steps(run: OnlineRun, records: Sequence[StepRecord], restarted: bool
         if restarted and restart_at is None and start < target <= position:
             position, restart_at = 0, record.step
     if restarted and restart_at is None:
-        raise damaged(CALLER, "restarted", "False (no window of the history reached the "
+        raise damaged(caller, "restarted", "False (no window of the history reached the "
                       "hot-start measure)", "True")
     return position, restart_at
 
@@ -164,19 +171,20 @@ def trained_steps(run: OnlineRun, records: Sequence[StepRecord], restarted: bool
 def check_tangent(run: OnlineRun, loop: Loop, saved: Any, inner_step: int) -> None:
     """Forward and curvature carry a tangent once they trained a window, shaped like a fresh
     run's; the others carry none."""
+    caller = _caller(run)
     carries = run.method.capabilities.carries_state and inner_step > 0
     if not carries:
-        check_like(CALLER, "tangent", saved, None)
+        check_like(caller, "tangent", saved, None)
         return
     raw = run.problem.raw_tensors(loop.raw)
     like = run.method.carry_like(run.problem, raw, run.state)
     fresh = tree_flatten(tuple(like))[0]
     if saved is None:
-        raise damaged(CALLER, "tangent", f"a list of {len(fresh)} tensors (the run trained "
+        raise damaged(caller, "tangent", f"a list of {len(fresh)} tensors (the run trained "
                       f"{inner_step} steps with method {run.label!r})", "None")
-    check_like(CALLER, "tangent", saved, fresh)
+    check_like(caller, "tangent", saved, fresh)
     if hasattr(like, "steps"):  # a carry that counts the steps it averaged (curvature's)
-        check_count(CALLER, "tangent[-1] (the curvature steps)", int(saved[-1]), inner_step,
+        check_count(caller, "tangent[-1] (the curvature steps)", int(saved[-1]), inner_step,
                     "inner_step")
 
 

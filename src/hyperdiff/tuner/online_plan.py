@@ -23,9 +23,9 @@ is trained again (with the next validation draw).
 
 **Hot start** (:mod:`~hyperdiff.tuner.hot_start`): at the window that reaches 10% of the run,
 a run that trained more than twice the optimization time that its values by then give those
-steps started hotter than what it found; with ``hot_start="restart"`` (the default for
-``curvature``) it starts over, once, from theta_0 at step 0 with those values, the learning
-rate divided by that ratio.
+steps started hotter than what it found; with ``hot_start="restart"`` (the default for a
+method whose capabilities say ``long_horizon``: ``curvature``) it starts over, once, from
+theta_0 at step 0 with those values, the learning rate divided by that ratio.
 
 **Discrete hyperparameters** (:mod:`hyperdiff.tuner.discrete_outer`): a relaxed or Gumbel
 choice's temperature anneals over the run's windows (window ``w`` of ``W`` as offline step
@@ -113,11 +113,11 @@ class OnlinePlan:
         hot_start: at 10% of the run, when it trained more than twice the optimization time
             that the values found by then give those steps (:mod:`hyperdiff.tuner.hot_start`):
             ``"restart"`` from theta_0 with those values (once), ``"warn"``, or ``"ignore"``;
-            ``None``: ``"restart"`` for a method that carries long-horizon state
+            ``None``: ``"restart"`` for a method whose capabilities say ``long_horizon``
             (``curvature``), else ``"ignore"``.
     """
 
-    caller = "OnlineTuner"  # names the online loop in messages, as before the one loop
+    caller = "HyperOptimizer"  # names the loop in messages (the deprecated shim: OnlineTuner)
     flat_leaf = True  # one flat leaf of all raw values (clip_grad_norm_ over it)
     optimizer_key = "outer"
     ranks = False  # no best step: the run's final values and model are its result
@@ -150,8 +150,9 @@ class OnlinePlan:
                        "cross-validation folds are for the offline plan)",
                        f"{len(loop.problems)} problems")
         if loop.process_group is not None:
-            raise fail(self.caller, "process_group", "None (an online run is one training in "
-                       "one process)", loop.process_group)
+            raise fail(self.caller, "process_group", "None (an online run is one training; "
+                       "to train its windows on the ranks' shards of every batch pass "
+                       "method=hd.distributed.data_parallel(method))", loop.process_group)
         self.problem: Problem = loop.problems[0]
         method = make_method(loop.method) if isinstance(loop.method, str) else loop.method
         if not isinstance(method, Method) or not method.capabilities.online:
@@ -161,7 +162,7 @@ class OnlinePlan:
         loop.method = self.method = method
         self.label = window_name(method)
         if self._hot_start_given is None:  # measured for the long-horizon signal only
-            self.hot_start = "restart" if self.label == "curvature" else "ignore"
+            self.hot_start = "restart" if method.capabilities.long_horizon else "ignore"
         for coef_name, coef in self.problem.optimizer.coefficients.items():
             if isinstance(coef, Schedule) and coef.steps != self.problem.steps:
                 raise HyperdiffError(
@@ -232,7 +233,7 @@ class OnlinePlan:
     def begin(self, loop: Any, step: int) -> dict[str, Tensor]:
         """The window to train next; the raw values on the problem's device and dtype."""
         if self.done:
-            raise HyperdiffError(f"OnlineTuner.step: the run of {self.problem.steps} inner "
+            raise HyperdiffError(f"{self.caller}.step: the run of {self.problem.steps} inner "
                                  "steps is finished (got a call after its last window)")
         self.span = (self.inner_step, min(self.inner_step + self.window, self.problem.steps))
         return self.problem.raw_tensors(loop.raw)
@@ -304,7 +305,7 @@ class OnlinePlan:
         start, stop = self.span
         message = (f"{message}; training goes on from inner step {start}, the parameters "
                    "and optimizer state before the failed window")
-        _LOG.warning("OnlineTuner: window of steps %d..%d: %s", start, stop - 1, message)
+        _LOG.warning("%s: window of steps %d..%d: %s", self.caller, start, stop - 1, message)
         return message
 
     @property

@@ -25,6 +25,7 @@ class OnlineRun(Protocol):
     """An online plan's state: its problem, method and window, the inner training
     (``state``, ``inner_step``, ``tangent``) and the hot-start measure."""
 
+    caller: str  # names the loop in messages ("HyperOptimizer"; the shim's "OnlineTuner")
     problem: Problem
     label: str  # the method's name in checkpoints and reports
     window: int
