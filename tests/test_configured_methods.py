@@ -53,20 +53,23 @@ def test_an_online_method_is_the_same_configured_method_as_offline():
 
 
 def test_outer_backprop_is_truncated_and_truncated_is_configured_online():
-    by_key = configured_method(load_config(overrides=[*ONLINE, "outer.backprop=2"]))
+    # (the online default method is curvature: outer.backprop needs method.name = "reverse")
+    by_key = configured_method(load_config(overrides=[*ONLINE, "method.name=reverse",
+                                                      "outer.backprop=2"]))
     named = configured_method(load_config(overrides=[*ONLINE, "method.name=truncated",
                                                      "method.k=2"]))
     assert (by_key.name, by_key.options) == (named.name, named.options) == ("truncated",
                                                                           {"k": 2})
-    _, loop = build_online(load_config(overrides=[*ONLINE, "outer.backprop=2"]))
+    _, loop = build_online(load_config(overrides=[*ONLINE, "method.name=reverse",
+                                                  "outer.backprop=2"]))
     assert loop.plan.label == "reverse"  # as checkpoints and result.json have recorded it
 
 
 def test_data_parallel_wraps_the_configured_method_in_both_modes():
-    for mode in (ONLINE, ONLINE[:1]):
+    for mode, default in ((ONLINE, "curvature"), (ONLINE[:1], "reverse")):  # each mode's own
         method = configured_method(load_config(overrides=[*mode,
                                                           "distributed.data_parallel=true"]))
-        assert isinstance(method, DataParallelMethod) and method.inner.name == "reverse"
+        assert isinstance(method, DataParallelMethod) and method.inner.name == default
 
 
 def test_an_online_only_methods_options_are_checked_when_the_config_is_read():
