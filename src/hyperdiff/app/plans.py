@@ -124,7 +124,9 @@ def _online_method(config: Config) -> tuple[str, dict[str, Any]]:
                              f"it accepts {accepted or 'no options'}")
     if config.outer.backprop and name != "reverse":
         raise HyperdiffError(f"config: outer.backprop is used by method.name = 'reverse' only "
-                             f"(got {config.outer.backprop} with {name!r}); set it to 0")
+                             f"(got {config.outer.backprop} with {name!r}, the online default "
+                             "when method.name is not set); set it to 0, or set "
+                             "method.name = 'reverse'")
     if config.outer.backprop:
         return "truncated", {"k": config.outer.backprop}
     return name, dict(options)
