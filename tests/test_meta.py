@@ -291,3 +291,119 @@ def test_check_reports_first_order_maml_and_reptile_as_approximations_with_their
         assert f"{name} {row.rel_error:.2g}" in report.verdict
     assert rows["reverse"].verdict == "agrees"
     assert "disagree" not in report.verdict
+
+
+# --- the CLI: outer.mode = "meta", the built-in sinusoid_maml, a user's task distribution
+CLI_SMALL = ["--task", "sinusoid_maml", "--set", "stop.max_steps=3", "--set",
+             "outer.meta_batch=2", "--set", "outer.meta_test_tasks=3", "--set", "inner.steps=2",
+             "--set", "report.seeds=1", "--quiet"]
+
+
+def written_out_query_loss(params, support, query, steps, lr):
+    """Plain SGD on the support set, written out, then the query MSE (float32 as the task)."""
+    def f(p, x):
+        h = torch.relu(x @ p["W0"] + p["b0"])
+        return torch.relu(h @ p["W1"] + p["b1"]) @ p["W2"] + p["b2"]
+
+    theta = {k: v.clone().requires_grad_() for k, v in params.items()}
+    for _ in range(steps):
+        loss = ((f(theta, support[0]) - support[1]) ** 2).mean()
+        grads = torch.autograd.grad(loss, list(theta.values()))
+        theta = {k: (v - lr * g).detach().requires_grad_()
+                 for (k, v), g in zip(theta.items(), grads, strict=True)}
+    with torch.no_grad():
+        return float(((f(theta, query[0]) - query[1]) ** 2).mean())
+
+
+def test_cli_meta_run_reports_held_out_tasks_adapted_from_the_initial_values(tmp_path, capsys):
+    import json
+
+    from hyperdiff.app.cli import main
+    from hyperdiff.app.tasks.few_shot import sinusoid_task
+    from hyperdiff.app.tasks.sinusoid_maml import INNER_LR, init_mlp
+    from hyperdiff.seeds import REPORT_SEED, task_seed
+
+    run_dir = tmp_path / "run"
+    assert main(["run", *CLI_SMALL, "--out", str(run_dir)]) == 0
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["mode"] == "meta" and result["steps"] == 3
+    assert result["criterion"] == "final values" and result["best_step"] == 2
+    held_out = result["held_out_tasks"]
+    expected = []
+    for j in range(3):  # the held-out stream, never drawn by meta-training
+        drawn = sinusoid_task(0, shots=10, queries=10, seed=task_seed(REPORT_SEED, j,
+                                                                      "meta-test"))
+        expected.append(written_out_query_loss(init_mlp(0), drawn.support, drawn.query, 2,
+                                               INNER_LR))
+    assert held_out["initial"]["query_loss"] == pytest.approx(sum(expected) / 3, rel=1e-5)
+    assert held_out["tuned"]["tasks"] == 3
+    assert held_out["tuned"]["query_loss"] != held_out["initial"]["query_loss"]
+
+
+def test_cli_meta_run_extended_by_resume_equals_one_longer_run(tmp_path):
+    import json
+
+    from hyperdiff.app.cli import main
+
+    def records(run_dir):
+        lines = (run_dir / "history.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if "time" not in k}
+                for line in lines]
+
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    longer = [*CLI_SMALL, "--set", "stop.max_steps=4"]
+    assert main(["run", *longer, "--out", str(whole)]) == 0
+    short = [*CLI_SMALL, "--set", "stop.max_steps=2"]
+    assert main(["run", *short, "--out", str(part)]) == 0
+    assert main(["run", "--resume", str(part), "--set", "stop.max_steps=4", "--quiet"]) == 0
+    assert records(part) == records(whole)
+
+
+def test_cli_meta_mode_needs_a_task_with_a_distribution(tmp_path, capsys):
+    from hyperdiff.app.cli import main
+
+    assert main(["run", "--task", "ridge_diabetes", "--set", "outer.mode=meta",
+                 "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "config: outer.mode must be 'offline' or 'online' for task 'ridge_diabetes', " \
+           "which has no task distribution (got 'meta')" in err
+
+
+USER_TASK = '''
+import torch
+import hyperdiff as hd
+
+def sample(index, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(2, generator=g, dtype=torch.float64)
+    xs, xq = torch.randn(5, 2, generator=g, dtype=torch.float64), torch.randn(4, 2, generator=g,
+                                                                              dtype=torch.float64)
+    return (xs, xs @ a), (xq, xq @ a)
+
+def mse(p, h, b):
+    return ((b[0] @ p["w"] - b[1]) ** 2).mean()
+
+def build(*, steps=3, data_seed=0):
+    params = {"w": torch.zeros(2, dtype=torch.float64)}
+    (xs, ys), (xq, yq) = sample(0, 1)
+    return hd.task("user_meta", model=params, train_loss=mse, val_loss=mse,
+                   hparams=hd.HyperParameters(theta0=hd.initialization(params)),
+                   optimizer=hd.sgd(0.1), steps=steps, tasks=sample,
+                   data=hd.given_splits(train=(xs, ys), val=(xq, yq), test=(xq, yq)))
+'''
+
+
+def test_cli_runs_a_users_task_distribution(tmp_path):
+    import json
+
+    from hyperdiff.app.cli import main
+
+    path = tmp_path / "meta_task.py"
+    path.write_text(USER_TASK)
+    run_dir = tmp_path / "run"
+    assert main(["run", "--task", f"{path}:build", "--set", "outer.mode=meta", "--set",
+                 "outer.meta_batch=3", "--set", "stop.max_steps=3", "--set",
+                 "outer.meta_test_tasks=4", "--set", "task.selection_fraction=0", "--set",
+                 "report.seeds=1", "--out", str(run_dir), "--quiet"]) == 0
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["meta_batch"] == 3 and result["held_out_tasks"]["initial"]["tasks"] == 4

@@ -15,12 +15,15 @@ so exact methods give the MAML meta-gradient, ``hd.methods.fomaml()`` / ``hd.met
 its first-order approximations, ``hd.implicit()`` with ``hd.proximal`` in the training loss
 iMAML, and per-parameter learning rates as hyperparameters Meta-SGD. The tasks of a step are a
 pure function of ``(seed, step, i)``, so a resumed run draws the same tasks; they are spread
-over the ranks of a process group as the offline plan's trainings are. Everything else
-(ranking by validation loss, stopping, the result) is the offline plan's.
+over the ranks of a process group as the offline plan's trainings are. Stopping and the
+checkpoint are the offline plan's; the result is the final values (each step's losses are of
+other tasks, so the step with the lowest one is the luckiest draw).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from typing import Any
 
 from torch import Tensor
@@ -31,6 +34,7 @@ from hyperdiff.hparams.discrete import discrete_names
 from hyperdiff.seeds import meta_task
 from hyperdiff.tuner.distributed.spread import spreader_for
 from hyperdiff.tuner.driver_checks import check_selection
+from hyperdiff.tuner.history import OptimizeResult
 from hyperdiff.tuner.offline_plan import OfflinePlan, offline_method, sampled_outcome
 from hyperdiff.tuner.plan import Outcome, bind_once
 from hyperdiff.tuner.sampler import Sampler
@@ -70,7 +74,8 @@ class MetaPlan(OfflinePlan):
             raise fail("MetaPlan", "hparams", "continuous hyperparameters only (discrete ones "
                        "are tuned by the offline and online plans)", names)
         method = offline_method(loop, "MetaPlan")
-        check_selection(loop.problems[0], loop.selection)
+        if loop.selection is not None:  # none is usual: each step's tasks are new
+            check_selection(loop.problems[0], loop.selection)
         self.problems = loop.problems
         self.spreader = spreader_for(method, loop.process_group)
         # the run's counters and (empty) warm slots, in the offline plan's checkpoint layout
@@ -95,6 +100,17 @@ class MetaPlan(OfflinePlan):
                         spreader=self.spreader)
         outcome = sampled_outcome(loop, tasks, step, raw)
         return outcome._replace(fields={**outcome.fields, "samples": self.batch})
+
+    def result(self, loop: Any) -> OptimizeResult:
+        """The final values (``criterion="final values"``): each step's losses are of other
+        tasks, so the step with the lowest batch loss is the luckiest draw, not the best
+        theta_0; ``best_step`` is the last step, ``best_loss`` its batch loss."""
+        ranked = super().result(loop)
+        last = loop.history[-1]
+        return replace(ranked, best_raw=ranked.final_raw,
+                       best_hparams=loop.hparams.with_raw(ranked.final_raw),
+                       best_step=int(last.step), best_loss=float(last.val_loss or math.nan),
+                       criterion="final values")
 
     def where(self, loop: Any) -> str:
         return f"meta step {loop.step_index}"

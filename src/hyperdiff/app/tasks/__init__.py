@@ -33,6 +33,7 @@ TASKS: dict[str, str] = {
     "arch_digits_gumbel": "hyperdiff.app.tasks.arch_digits_gumbel",
     "arch_digits_reinforce": "hyperdiff.app.tasks.arch_digits_reinforce",
     "horizon_digits": "hyperdiff.app.tasks.horizon",
+    "sinusoid_maml": "hyperdiff.app.tasks.sinusoid_maml",
 }
 DEFAULT_TASK = "reweight_digits"
 
