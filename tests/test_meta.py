@@ -132,7 +132,8 @@ def test_first_order_maml_and_reptile_equal_their_formulas(which):
     outcome = loop.plan.evaluate(loop, 1, {"theta0": raw})
     expected = first_order_reference(1, raw, which)
     assert torch.allclose(outcome.grad["theta0"], expected, rtol=0, atol=1e-12)
-    exact = loop_for(hd.reverse()).plan.evaluate(loop, 1, {"theta0": raw}).grad["theta0"]
+    exact_loop = loop_for(hd.reverse())
+    exact = exact_loop.plan.evaluate(exact_loop, 1, {"theta0": raw}).grad["theta0"]
     assert not torch.allclose(outcome.grad["theta0"], exact, atol=1e-6)  # an approximation
 
 
