@@ -59,7 +59,7 @@ def held_out_report(task: Task, values: Mapping[str, Mapping[str, Tensor]], coun
     for label, raw in values.items():
         losses = torch.tensor(spread.map(partial(_loss_at, raw), problems,
                                          f"held-out tasks at the {label} values"),
-                              dtype=torch.float64)
+                              dtype=torch.float64, device="cpu")
         out[label] = {"query_loss": float(losses.mean()),
                       "query_loss_std": float(losses.std()) if count > 1 else 0.0,
                       "tasks": count}

@@ -52,8 +52,8 @@ def init_mlp(seed: int) -> Params:
     params = {}
     for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
         bound = 1 / math.sqrt(fan_in)
-        params[f"W{i}"] = (torch.rand(fan_in, fan_out, generator=g) * 2 - 1) * bound
-        params[f"b{i}"] = (torch.rand(fan_out, generator=g) * 2 - 1) * bound
+        params[f"W{i}"] = (torch.rand(fan_in, fan_out, generator=g, device="cpu") * 2 - 1) * bound
+        params[f"b{i}"] = (torch.rand(fan_out, generator=g, device="cpu") * 2 - 1) * bound
     return params
 
 
