@@ -408,3 +408,21 @@ def test_cli_runs_a_users_task_distribution(tmp_path):
                  "report.seeds=1", "--out", str(run_dir), "--quiet"]) == 0
     result = json.loads((run_dir / "result.json").read_text())
     assert result["meta_batch"] == 3 and result["held_out_tasks"]["initial"]["tasks"] == 4
+
+
+def test_tasks_follow_a_template_moved_to_another_dtype():
+    """A template moved by .to(device, dtype) (as --device moves a task) trains each task's
+    data there too: float32 tasks on a float64 template equal float64 tasks."""
+    def float32_tasks(index, seed):
+        (xs, ys), (xq, yq) = sample(index, seed)
+        return (xs.float(), ys.float()), (xq.float(), yq.float())
+
+    moved = template().to("cpu", torch.float64)
+    loop = loop_for(hd.reverse(), problem=moved, tasks=float32_tasks)
+    got = loop.plan.evaluate(loop, 0, loop.raw).grad["theta0"]
+    def as_float64(index, seed):
+        return tuple(tuple(t.double() for t in part) for part in float32_tasks(index, seed))
+
+    reference_loop = loop_for(hd.reverse(), tasks=as_float64)
+    expected = reference_loop.plan.evaluate(reference_loop, 0, reference_loop.raw).grad["theta0"]
+    assert torch.equal(got, expected)

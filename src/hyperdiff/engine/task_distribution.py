@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from hyperdiff.engine.data.convert import as_source, validation_batches
+from hyperdiff.engine.device import OnDevice, to_device
 from hyperdiff.engine.problem import Problem
 from hyperdiff.errors import HyperdiffError, describe, fail
 
@@ -43,7 +44,8 @@ class TaskDistribution:
 
     def problem(self, base: Problem, index: int, seed: int) -> Problem:
         """``base`` with task ``index``'s support set as its training data and its query set
-        as its validation data.
+        as its validation data, on ``base``'s device (and in its dtype) when ``base`` was moved
+        there (``problem.to(device, dtype)``, ``--device``).
 
         Raises:
             HyperdiffError: ``sample`` did not return a pair ``(support, query)``, or either
@@ -61,7 +63,10 @@ class TaskDistribution:
             val = validation_batches(query)
         except HyperdiffError as err:
             raise HyperdiffError(f"{where} data: {err}") from err
-        return replace(base, train_data=train, val_data=val)
+        problem = replace(base, train_data=train, val_data=val)
+        if isinstance(base.train_data, OnDevice):  # a template moved by .to(device, dtype)
+            return to_device(problem, base.train_data.device, base.train_data.dtype)
+        return problem
 
 
 def task_distribution(sample: TaskSampler, *, name: str = "tasks") -> TaskDistribution:
