@@ -300,12 +300,15 @@ CLI_SMALL = ["--task", "sinusoid_maml", "--set", "stop.max_steps=3", "--set",
              "--set", "report.seeds=1", "--quiet"]
 
 
+def net_relu(p, x):
+    """The 1-40-40-1 ReLU MLP, written out."""
+    h = torch.relu(x @ p["W0"] + p["b0"])
+    return torch.relu(h @ p["W1"] + p["b1"]) @ p["W2"] + p["b2"]
+
+
 def written_out_query_loss(params, support, query, steps, lr):
     """Plain SGD on the support set, written out, then the query MSE (float32 as the task)."""
-    def f(p, x):
-        h = torch.relu(x @ p["W0"] + p["b0"])
-        return torch.relu(h @ p["W1"] + p["b1"]) @ p["W2"] + p["b2"]
-
+    f = net_relu
     theta = {k: v.clone().requires_grad_() for k, v in params.items()}
     for _ in range(steps):
         loss = ((f(theta, support[0]) - support[1]) ** 2).mean()
@@ -339,6 +342,27 @@ def test_cli_meta_run_reports_held_out_tasks_adapted_from_the_initial_values(tmp
     assert held_out["initial"]["query_loss"] == pytest.approx(sum(expected) / 3, rel=1e-5)
     assert held_out["tuned"]["tasks"] == 3
     assert held_out["tuned"]["query_loss"] != held_out["initial"]["query_loss"]
+    # the baseline: Adam (the run's outer lr 0.003) on the pooled support and query sets of
+    # the 3 steps x 2 tasks that meta-training drew, written out, then adapted as above
+    params = {k: v.clone().requires_grad_() for k, v in init_mlp(0).items()}
+    adam = torch.optim.Adam(params.values(), lr=0.003)
+    for step in range(3):
+        parts = []
+        for i in range(2):
+            drawn = sinusoid_task(0, shots=10, queries=10, seed=meta_task(0, step, 2, i)[1])
+            parts += [drawn.support, drawn.query]
+        adam.zero_grad()
+        losses = [((net_relu(params, x) - y) ** 2).mean() for x, y in parts]
+        (sum(losses) / len(losses)).backward()
+        adam.step()
+    pretrained = {k: v.detach() for k, v in params.items()}
+    expected = []
+    for j in range(3):
+        drawn = sinusoid_task(0, shots=10, queries=10, seed=task_seed(REPORT_SEED, j,
+                                                                      "meta-test"))
+        expected.append(written_out_query_loss(pretrained, drawn.support, drawn.query, 2,
+                                               INNER_LR))
+    assert held_out["pretrained"]["query_loss"] == pytest.approx(sum(expected) / 3, rel=1e-5)
 
 
 def test_cli_meta_run_extended_by_resume_equals_one_longer_run(tmp_path):

@@ -393,6 +393,9 @@ def format_table(result: Mapping[str, Any]) -> str:
         rows.append((f"query loss, {held_out['initial']['tasks']} held-out tasks",
                      f"{held_out['initial']['query_loss']:.4f}",
                      f"{held_out['tuned']['query_loss']:.4f}"))
+        if "pretrained" in held_out:  # the baseline: pre-trained on the run's tasks
+            rows.append(("  pre-trained on its tasks", "",
+                         f"{held_out['pretrained']['query_loss']:.4f}"))
     for key in initial["metrics"]["test"]:  # every other metric of the task, on the test split
         if key != "loss" and key in tuned["metrics"]["test"]:
             rows.append((f"test {key} (held out)", f"{initial['metrics']['test'][key]:.4f}",

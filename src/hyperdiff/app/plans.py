@@ -30,7 +30,7 @@ from hyperdiff.app.config import Config
 from hyperdiff.app.discrete_report import final_report as discrete_report
 from hyperdiff.app.discrete_report import has_relaxation
 from hyperdiff.app.loggers import Progress
-from hyperdiff.app.meta_report import held_out_report
+from hyperdiff.app.meta_report import held_out_report, pretrained_start
 from hyperdiff.app.run_inputs import starting_at
 from hyperdiff.app.tasks import Task, build_task
 from hyperdiff.engine.device import resolve_device, task_to_device
@@ -302,7 +302,11 @@ def _meta_summary(task: Task, loop: HyperOptimizer, outcome: Any, config: Config
 
     def extra(report: dict[str, Any], seeds: tuple[int, ...],
               progress: Callable[[], None] | None, spread: Spreader) -> dict[str, Any]:
-        return {"held_out_tasks": held_out_report(task, values, config.outer.meta_test_tasks,
+        pretrained = pretrained_start(task, task.hparams.raw, steps=outcome.steps,
+                                      batch=config.outer.meta_batch, seed=config.outer.seed,
+                                      lr=config.outer.lr)
+        rows = values if pretrained is None else {**values, "pretrained": pretrained}
+        return {"held_out_tasks": held_out_report(task, rows, config.outer.meta_test_tasks,
                                                   spread)}
 
     return Summary(head, tail, outcome.best_raw, 1, extra)
