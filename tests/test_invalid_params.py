@@ -399,3 +399,29 @@ def test_the_mlflow_store_must_stay_inside_the_run_directory_and_off_its_files(v
     assert str(info.value).startswith("config: log.mlflow must be a path inside the run "
                                       "directory"), str(info.value)
     assert f"(got {value!r}: " in str(info.value)
+
+
+# --- issue 21 meta: the meta plan, its task distribution, Reptile ---
+def _a_task(index, seed):
+    return (torch.zeros(2, 1), torch.zeros(2, 1)), (torch.zeros(2, 1), torch.zeros(2, 1))
+
+
+@pytest.mark.parametrize("value", BAD["int>=1"], ids=repr)
+def test_meta_plan_refuses_a_bad_batch(value):
+    with pytest.raises(hd.HyperdiffError, match=r"^MetaPlan: batch must be a positive int "
+                                                r"\(got "):
+        hd.plans.MetaPlan(_a_task, batch=value)
+
+
+@pytest.mark.parametrize("value", [TEXT, None, 3, OBJECT], ids=repr)
+def test_task_distribution_refuses_what_is_not_a_function(value):
+    with pytest.raises(hd.HyperdiffError, match=r"^task_distribution: sample must be a "
+                                                r"function sample\(index, seed\) "):
+        hd.tasks.distribution(value)
+
+
+@pytest.mark.parametrize("value", BAD["number>0"], ids=repr)
+def test_reptile_refuses_a_bad_scale(value):
+    with pytest.raises(hd.HyperdiffError, match=r"^reptile: scale must be a positive finite "
+                                                r"number \(got "):
+        hd.methods.reptile(scale=value)

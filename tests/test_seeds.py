@@ -30,6 +30,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "hyperdiff"
     (lambda: seeds.segment_seed(42, 3), 23799),
     (lambda: seeds.report_seeds(3), (1_000_000, 1_000_001, 1_000_002)),
     (lambda: seeds.task_seed(3, 5, "sinusoid"), 2670532845),  # new with the few-shot tasks
+    (lambda: seeds.meta_task(3, 5, 2, 1), (11, 3626053443)),  # new with the meta plan
 ])
 def test_seed_values_are_the_ones_used_before(value, expected):
     assert value() == expected

@@ -84,6 +84,18 @@ def task_seed(seed: int, index: int, stream: str) -> int:
     return (seed * 1_000_003 + index * 7_919 + name_hash(stream)) % (2**62)
 
 
+def meta_task(seed: int, step: int, batch: int, task: int) -> tuple[int, int]:
+    """Index and seed of task ``task`` of the batch of ``batch`` tasks drawn at outer ``step``
+    of a meta run seeded ``seed``: index ``step * batch + task`` (every outer step draws new
+    tasks), seed :func:`task_seed` ``(seed, index, "meta")``.
+
+    >>> meta_task(0, 2, 4, 1)
+    (9, 3623037596)
+    """
+    index = step * batch + task
+    return index, task_seed(seed, index, "meta")
+
+
 __all__ = ["REPORT_SEED", "call_seed", "choice_seed", "epoch_seed", "gumbel_seed",
-           "minibatch_seed", "name_hash", "rank_seed", "report_seeds", "segment_seed",
-           "task_seed", "window_seed"]
+           "meta_task", "minibatch_seed", "name_hash", "rank_seed", "report_seeds",
+           "segment_seed", "task_seed", "window_seed"]

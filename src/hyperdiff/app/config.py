@@ -110,8 +110,13 @@ class OuterConfig:
     tie_steps: int = option(0, "first outer steps in which each vector hyperparameter moves as "
                             "one (mean hypergradient of its entries; 0: off)", low=0)
     mode: str = option("offline", "offline: retrain T steps per outer step; online: tune "
-                       "during one run of inner.steps (docs/online.md)",
-                       choices=["offline", "online"])
+                       "during one run of inner.steps (docs/online.md); meta: every outer "
+                       "step adapts on a batch of new tasks of the task's distribution "
+                       "(docs/meta.md)", choices=["offline", "online", "meta"])
+    meta_batch: int = option(4, "meta: tasks per outer step, their hypergradients averaged",
+                             low=1)
+    meta_test_tasks: int = option(20, "meta: held-out tasks on which the report adapts the "
+                                  "initial and tuned values", low=1)
     window: int = option(5, "online: inner steps per hyper-step (1: hypergradient descent)",
                          low=1)
     backprop: int = option(0, "online reverse: backpropagate through the last this many steps "

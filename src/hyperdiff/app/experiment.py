@@ -216,10 +216,10 @@ def _extension(stored: Config, config: Config, diffs: list[str], rundir: RunDir,
         raise HyperdiffError(
             f"run: stop.max_steps must be larger than the run's budget {old} to extend "
             f"{rundir.path} (got {new})")
-    if config.outer.mode != "offline":
+    if config.outer.mode not in ("offline", "meta"):
         raise HyperdiffError(
-            f"run: stop.max_steps can be raised on --resume for outer.mode = 'offline' runs "
-            f"only (got {config.outer.mode!r}); start a new run with --out NEW_DIR")
+            f"run: stop.max_steps can be raised on --resume for outer.mode = 'offline' or "
+            f"'meta' runs only (got {config.outer.mode!r}); start a new run with --out NEW_DIR")
     finished = rundir.read_result()
     if finished is not None and not str(finished.get("stop_reason", "")).startswith("budget:"):
         reason = finished.get("stop_reason") or finished.get("status")
@@ -391,6 +391,13 @@ def format_table(result: Mapping[str, Any]) -> str:
         if "loss" in initial["metrics"].get(split, {}):  # a user's metrics may have no loss
             rows.append((label, f"{initial['metrics'][split]['loss']:.4f}",
                          f"{tuned['metrics'][split]['loss']:.4f}"))
+    if held_out := result.get("held_out_tasks"):  # a meta run: adapted on new tasks
+        rows.append((f"query loss, {held_out['initial']['tasks']} held-out tasks",
+                     f"{held_out['initial']['query_loss']:.4f}",
+                     f"{held_out['tuned']['query_loss']:.4f}"))
+        if "pretrained" in held_out:  # the baseline: pre-trained on the run's tasks
+            rows.append(("  pre-trained on its tasks", "",
+                         f"{held_out['pretrained']['query_loss']:.4f}"))
     for key in initial["metrics"]["test"]:  # every other metric of the task, on the test split
         if key != "loss" and key in tuned["metrics"]["test"]:
             rows.append((f"test {key} (held out)", f"{initial['metrics']['test'][key]:.4f}",

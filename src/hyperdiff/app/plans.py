@@ -12,6 +12,9 @@ report.
   inner problem once for ``inner.steps`` steps and takes an outer step every ``outer.window``
   steps; the report retrains at the final values and also evaluates the model trained during
   the run (``online_model``).
+- ``meta``: the :class:`~hyperdiff.tuner.meta_plan.MetaPlan` adapts on ``outer.meta_batch``
+  new tasks of the task's distribution per outer step; the report adds the post-adaptation
+  query loss on ``outer.meta_test_tasks`` held-out tasks (``held_out_tasks``).
 
 A new mode is one more entry of :data:`PLANS` (and its choice in ``outer.mode``).
 """
@@ -27,6 +30,7 @@ from hyperdiff.app.config import Config
 from hyperdiff.app.discrete_report import final_report as discrete_report
 from hyperdiff.app.discrete_report import has_relaxation
 from hyperdiff.app.loggers import Progress
+from hyperdiff.app.meta_report import held_out_report, pretrained_start
 from hyperdiff.app.run_inputs import starting_at
 from hyperdiff.app.tasks import Task, build_task
 from hyperdiff.engine.device import resolve_device, task_to_device
@@ -43,6 +47,7 @@ from hyperdiff.methods.registry import (
 from hyperdiff.tuner.distributed import data_parallel
 from hyperdiff.tuner.distributed.spread import Spreader
 from hyperdiff.tuner.driver import HyperOptimizer, Stopping
+from hyperdiff.tuner.meta_plan import MetaPlan
 from hyperdiff.tuner.offline_plan import OfflinePlan
 from hyperdiff.tuner.online_plan import OnlinePlan
 from hyperdiff.tuner.outer_steps import DEFAULT_OFFLINE
@@ -140,16 +145,21 @@ def build(config: Config, start: dict[str, Any] | None = None
     task = _task(config, config.task.cv_folds)
     if start is not None:
         task = starting_at(task, start)
-    stop = config.stop
     plan = OfflinePlan(samples="auto" if config.outer.auto_samples else config.outer.samples,
                        max_samples=config.outer.max_samples, warm_start=config.inner.warm_start)
-    driver = HyperOptimizer(
-        list(task.problems), plan=plan,
-        method=configured_method(config),
+    return task, _outer_loop(config, list(task.problems), plan, task.selection)
+
+
+def _outer_loop(config: Config, problems: list[Any], plan: Any,
+                selection: list[Any] | None) -> HyperOptimizer:
+    """The :class:`HyperOptimizer` of an offline or meta run with ``plan``."""
+    stop = config.stop
+    return HyperOptimizer(
+        problems, plan=plan, method=configured_method(config),
         optimizer=outer_optimizer_name(config), lr=config.outer.lr,
         clip=config.outer.clip or None, schedule=config.outer.schedule,
         tie_steps=config.outer.tie_steps,
-        selection=task.selection, seed=config.outer.seed,
+        selection=selection, seed=config.outer.seed,
         stopping=Stopping(
             max_steps=stop.max_steps, max_time_s=stop.max_time_s or None,
             patience=stop.patience or None, min_delta=stop.min_delta, grad_tol=stop.grad_tol,
@@ -158,7 +168,6 @@ def build(config: Config, start: dict[str, Any] | None = None
         shrink=config.guard.shrink, max_failures=config.guard.max_failures,
         max_loss_ratio=config.guard.max_loss_ratio,
     )
-    return task, driver
 
 
 def _trainings_text(folds: int, config: Config) -> str:
@@ -299,12 +308,72 @@ def _online_summary(task: Task, loop: HyperOptimizer, outcome: Any, config: Conf
     return Summary(head, tail, final, 1, extra)
 
 
+# --------------------------------------------------------------------------------------- meta
+def build_meta(config: Config, start: dict[str, Any] | None = None
+               ) -> tuple[Task, HyperOptimizer]:
+    """The task and the meta loop: :class:`~hyperdiff.tuner.meta_plan.MetaPlan` over the
+    task's distribution, ``outer.meta_batch`` tasks per outer step, the task's problem as the
+    template of every task (no selection split: each step's tasks are new)."""
+    if config.task.cv_folds:
+        raise HyperdiffError("config: task.cv_folds must be 0 with outer.mode = 'meta' (the "
+                             f"tasks take the place of folds; got {config.task.cv_folds})")
+    task = _task(config, 0)
+    if task.tasks is None:
+        raise HyperdiffError(
+            f"config: outer.mode must be 'offline' or 'online' for task {task.name!r}, which "
+            "has no task distribution (got 'meta'); a meta task passes "
+            "hd.task(..., tasks=sample) with sample(index, seed) -> (support, query), or use "
+            "the built-in sinusoid_maml")
+    if start is not None:
+        task = starting_at(task, start)
+    plan = MetaPlan(task.tasks, batch=config.outer.meta_batch)
+    return task, _outer_loop(config, [task.problems[0]], plan, None)
+
+
+def _describe_meta(task: Task, loop: HyperOptimizer, config: Config) -> str:
+    return (f"tuning {task.name} by meta-learning: {task.hparams.numel} hyperparameters, "
+            f"{config.outer.meta_batch} new task(s) of {config.inner.steps} inner steps per "
+            "outer step")
+
+
+def _meta_bar(task: Task, loop: HyperOptimizer, config: Config,
+              enabled: bool | None) -> Progress:
+    """One bar over the outer steps' trainings (``outer.meta_batch`` each) and the report's."""
+    return Progress(total=loop.trainings
+                    + (config.stop.max_steps - loop.step_index) * config.outer.meta_batch,
+                    initial=loop.trainings, enabled=enabled, desc=task.name,
+                    report_trainings=2 * (config.report.seeds + config.outer.meta_test_tasks))
+
+
+def _meta_summary(task: Task, loop: HyperOptimizer, outcome: Any, config: Config) -> Summary:
+    """The offline summary, plus the post-adaptation query loss on held-out tasks at the
+    initial and the tuned values (:mod:`hyperdiff.app.meta_report`)."""
+    head = {"mode": "meta", "stop_reason": outcome.stop_reason, "steps": outcome.steps,
+            "best_step": outcome.best_step, "criterion": outcome.criterion,
+            "time_s": loop.elapsed}
+    tail = {"meta_batch": config.outer.meta_batch, "method": config.method.name}
+    values = {"initial": task.hparams.raw, "tuned": outcome.best_raw}
+
+    def extra(report: dict[str, Any], seeds: tuple[int, ...],
+              progress: Callable[[], None] | None, spread: Spreader) -> dict[str, Any]:
+        pretrained = pretrained_start(task, task.hparams.raw, steps=outcome.steps,
+                                      batch=config.outer.meta_batch, seed=config.outer.seed,
+                                      lr=config.outer.lr)
+        rows = values if pretrained is None else {**values, "pretrained": pretrained}
+        return {"held_out_tasks": held_out_report(task, rows, config.outer.meta_test_tasks,
+                                                  spread)}
+
+    return Summary(head, tail, outcome.best_raw, 1, extra)
+
+
 PLANS: dict[str, Plan] = {
     "offline": Plan(build=build, check=_no_check, describe=_describe_offline, bar=offline_bar,
                     summary=_offline_summary),
     "online": Plan(build=build_online, check=_data_parallel_only, describe=_describe_online,
                    bar=_online_bar, summary=_online_summary),
+    "meta": Plan(build=build_meta, check=_no_check, describe=_describe_meta, bar=_meta_bar,
+                 summary=_meta_summary),
 }
 
-__all__ = ["PLANS", "Plan", "Summary", "build", "build_online", "configured_method",
-           "offline_bar"]
+__all__ = ["PLANS", "Plan", "Summary", "build", "build_meta", "build_online",
+           "configured_method", "offline_bar"]

@@ -2,8 +2,10 @@
 
 :func:`check` computes the hypergradient of a problem with each applicable method (reverse;
 forward when ``k <= forward_limit``; implicit with CG; implicit with the exact solve when
-``P <= exact_limit``; plus any methods passed in) and with central finite differences on a few
-random flat coordinates, then reports per method the relative error on those coordinates,
+``P <= exact_limit``; first-order MAML and Reptile when theta_0 is a hyperparameter,
+``hd.initialization``, reported as approximations with their error; plus any methods passed
+in) and with central finite differences on a few random flat coordinates, then reports per
+method the relative error on those coordinates,
 
     ||g_method[c] - g_fd[c]|| / ||g_fd[c]||,
 
@@ -65,11 +67,18 @@ from hyperdiff.errors import HyperdiffError, nonnegative_int, positive_float, po
 from hyperdiff.logs import get_logger
 from hyperdiff.methods.base import HyperGradient, Method
 from hyperdiff.methods.finite_difference import CostWarning
+from hyperdiff.methods.fomaml import fomaml
 from hyperdiff.methods.forward import forward
 from hyperdiff.methods.implicit import implicit
+from hyperdiff.methods.reptile import reptile
 from hyperdiff.methods.reverse import reverse
 
 _LOG = get_logger("check")
+
+
+FIRST_ORDER = ("fomaml", "reptile")
+"""Methods that drop the Jacobian of training by design: their rows report the error as their
+bias ("approximation"), never as a disagreement, and they are not recommended."""
 
 
 @dataclass(frozen=True)
@@ -85,14 +94,18 @@ class CheckRow:
     notes: str = ""
     failed: bool = False
     entries: tuple[str, ...] = ()
+    approximation: bool = False
 
     @property
     def verdict(self) -> str:
         """``"agrees"``, ``"disagrees"`` (some entry off by more than the reference's error),
-        ``"ref. unreliable"`` (none disagrees, some the reference cannot tell) or
-        ``"failed"``."""
+        ``"ref. unreliable"`` (none disagrees, some the reference cannot tell),
+        ``"approximation"`` (a first-order meta-gradient, :data:`FIRST_ORDER`: its error is
+        its bias by design) or ``"failed"``."""
         if self.failed:
             return "failed"
+        if self.approximation:
+            return "approximation"
         if DISAGREES in self.entries:
             return "disagrees"
         return "ref. unreliable" if UNRELIABLE in self.entries else "agrees"
@@ -137,6 +150,8 @@ class CheckReport:
         agree = [r.label for r in methods if r.verdict in ("agrees", "ref. unreliable")]
         disagree = [r.label for r in methods if r.verdict == "disagrees"]
         failed = [r.label for r in methods if r.failed]
+        approximations = [f"{r.label} {r.rel_error:.2g}" for r in methods
+                          if r.verdict == "approximation"]
         unreliable = [i for i, ok in enumerate(self.reference_reliable) if not ok]
         parts = []
         if agree and len(unreliable) < len(self.reference_reliable):
@@ -160,6 +175,9 @@ class CheckReport:
                 f"than the tolerance: {causes}a loss that is not smooth in them at the steps' "
                 "scale, e.g. ReLU kinks or BatchNorm batch statistics), so no method is blamed "
                 "there")
+        if approximations:
+            parts.append("approximations by design, their relative error: "
+                         + ", ".join(approximations))
         if failed:
             parts.append(f"failed: {', '.join(failed)}")
         return "verdict: " + "; ".join(parts)
@@ -305,6 +323,9 @@ def default_methods(
         methods["implicit(cg)"] = implicit(cg())
         if problem.num_params <= exact_limit:
             methods["implicit(exact)"] = implicit(exact())
+    if problem.initialization is not None:  # theta_0 tuned: the first-order meta-gradients
+        methods["fomaml"] = fomaml()
+        methods["reptile"] = reptile()
     return methods
 
 
@@ -387,13 +408,14 @@ def check(
             diff = float((values - ref).norm())
             error = diff / scale if scale > 0 else diff
             entries = tuple(classify(values, ref, reference.error, tolerance))
-            if any(trusted):
+            if any(trusted) and method.name not in FIRST_ORDER:  # reported, not recommended
                 measured[label] = {"rel_error": _relative(values, ref, trusted),
                                    "time_s": seconds, "peak_bytes": peak}
             if label.startswith("implicit"):
                 stationary = bool(result.diagnostics.get("stationary", False))
                 converged = stationary if converged is None else converged and stationary
-        rows.append(CheckRow(label, error, seconds, peak, notes, failed, entries))
+        rows.append(CheckRow(label, error, seconds, peak, notes, failed, entries,
+                             approximation=method.name in FIRST_ORDER))
     bar.set_description_str("check done")  # the bar stays on screen as the phase's summary
     bar.set_postfix_str(f"{len(chosen)} methods against finite differences", refresh=False)
     bar.close()

@@ -23,6 +23,8 @@ METHODS: dict[str, str] = {
     "implicit": "hyperdiff.methods.implicit:implicit",
     "reversible": "hyperdiff.methods.reversible:reversible",
     "curvature": "hyperdiff.methods.curvature:curvature",
+    "fomaml": "hyperdiff.methods.fomaml:fomaml",
+    "reptile": "hyperdiff.methods.reptile:reptile",
 }
 """Method name -> ``"module:constructor"``, imported on first use. One line adds a method; its
 module declares ``CAPABILITIES`` (:class:`~hyperdiff.methods.base.Capabilities`)."""

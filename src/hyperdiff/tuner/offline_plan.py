@@ -83,11 +83,7 @@ class OfflinePlan:
     def bind(self, loop: Any) -> None:
         """Check the method and the selection split; make the sampler and the discrete hook."""
         bind_once(self, loop)
-        method = make_method(loop.method) if isinstance(loop.method, str) else loop.method
-        if not isinstance(method, Method) or not method.capabilities.offline:
-            raise fail("HyperOptimizer", "method", "a Method usable offline or one of "
-                       f"{sorted(methods_where(offline=True))}", method)
-        loop.method = method
+        method = offline_method(loop, "HyperOptimizer")
         check_selection(loop.problems[0], loop.selection)
         check_warm_start(loop.problems, self.warm_start)
         if self.auto is None and self.samples == 1 and not all(
@@ -134,22 +130,7 @@ class OfflinePlan:
 
     def evaluate(self, loop: Any, step: int, raw: dict[str, Tensor]) -> Outcome:
         """Train every slot at ``raw`` and combine their hypergradients."""
-        evaluations, selection = self.sampler.evaluate(step, raw)
-        grads, values, mean, per_sample, snr, discrete = self.sampler.estimate(
-            step, raw, evaluations)
-        grad = loop.hparams.unflatten(mean)
-        fields = {
-            "train_loss": sum(hg.train_loss for hg in evaluations) / len(evaluations),
-            "val_loss": float(values.mean()),
-            "val_loss_std": float(values.std()) if len(values) > 1 else 0.0,
-            "grad_norm": float(mean.norm()),
-            "grad_std": float(grads.std(0).norm()) if len(grads) > 1 else None,
-            "grad": {n: to_number(g) for n, g in grad.items()},
-            "grad_snr": snr, "samples": per_sample.shape[0], "discrete": discrete,
-        }
-        return Outcome(grad, [hg.value for hg in evaluations], fields,
-                       lambda: untrained_losses(self.problems, raw, None, loop.selection),
-                       selection)
+        return sampled_outcome(loop, self.sampler, step, raw)
 
     def selection_loss(self, loop: Any, outcome: Outcome) -> float | None:
         return outcome.kept  # the slots' mean, measured where each was trained
@@ -199,4 +180,35 @@ class OfflinePlan:
         )
 
 
-__all__ = ["OfflinePlan"]
+def offline_method(loop: Any, caller: str) -> Method:
+    """``loop.method`` built from its name if it is one, set on the loop; refused unless it is
+    a :class:`Method` usable offline."""
+    method = make_method(loop.method) if isinstance(loop.method, str) else loop.method
+    if not isinstance(method, Method) or not method.capabilities.offline:
+        raise fail(caller, "method", "a Method usable offline or one of "
+                   f"{sorted(methods_where(offline=True))}", method)
+    loop.method = method
+    return method
+
+
+def sampled_outcome(loop: Any, sampler: Sampler, step: int, raw: dict[str, Tensor]) -> Outcome:
+    """Train every slot of ``sampler`` at ``raw``; the step's mean hypergradient, losses and
+    record fields (the selection loss is the outcome's ``kept``)."""
+    evaluations, selection = sampler.evaluate(step, raw)
+    grads, values, mean, per_sample, snr, discrete = sampler.estimate(step, raw, evaluations)
+    grad = loop.hparams.unflatten(mean)
+    fields = {
+        "train_loss": sum(hg.train_loss for hg in evaluations) / len(evaluations),
+        "val_loss": float(values.mean()),
+        "val_loss_std": float(values.std()) if len(values) > 1 else 0.0,
+        "grad_norm": float(mean.norm()),
+        "grad_std": float(grads.std(0).norm()) if len(grads) > 1 else None,
+        "grad": {n: to_number(g) for n, g in grad.items()},
+        "grad_snr": snr, "samples": per_sample.shape[0], "discrete": discrete,
+    }
+    problems = sampler.problems
+    return Outcome(grad, [hg.value for hg in evaluations], fields,
+                   lambda: untrained_losses(problems, raw, None, loop.selection), selection)
+
+
+__all__ = ["OfflinePlan", "offline_method", "sampled_outcome"]

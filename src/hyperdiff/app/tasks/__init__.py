@@ -19,6 +19,8 @@ from hyperdiff.app.tasks import loader
 from hyperdiff.app.tasks.base import SearchChoices, SearchRange, Task
 from hyperdiff.app.tasks.inputs import code_fingerprint, data_fingerprints
 from hyperdiff.app.tasks.spec import GivenSplits, TaskData, TaskSpec, given_splits, task
+from hyperdiff.engine.task_distribution import TaskDistribution
+from hyperdiff.engine.task_distribution import task_distribution as distribution
 from hyperdiff.errors import UNIT_OPEN_HIGH, HyperdiffError, nonnegative_int, number, positive_int
 
 TASKS: dict[str, str] = {
@@ -31,6 +33,7 @@ TASKS: dict[str, str] = {
     "arch_digits_gumbel": "hyperdiff.app.tasks.arch_digits_gumbel",
     "arch_digits_reinforce": "hyperdiff.app.tasks.arch_digits_reinforce",
     "horizon_digits": "hyperdiff.app.tasks.horizon",
+    "sinusoid_maml": "hyperdiff.app.tasks.sinusoid_maml",
 }
 DEFAULT_TASK = "reweight_digits"
 
@@ -151,6 +154,6 @@ def list_tasks() -> list[tuple[str, str, str]]:
 
 
 __all__ = ["DEFAULT_TASK", "TASKS", "GivenSplits", "SearchChoices", "SearchRange", "Task",
-           "TaskData", "TaskSpec", "build_task", "check_task_name", "check_task_params",
-           "given_splits", "list_tasks", "load_task_spec", "task", "task_defaults", "task_inputs",
-           "task_module"]
+           "TaskData", "TaskDistribution", "TaskSpec", "build_task", "check_task_name",
+           "check_task_params", "distribution", "given_splits", "list_tasks", "load_task_spec",
+           "task", "task_defaults", "task_inputs", "task_module"]

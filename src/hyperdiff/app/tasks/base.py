@@ -34,6 +34,7 @@ from hyperdiff.app.tasks.metrics import split_metrics
 from hyperdiff.engine.data.evaluation import EvaluationSplit
 from hyperdiff.engine.models import StepContext
 from hyperdiff.engine.problem import Problem, takes_context
+from hyperdiff.engine.task_distribution import TaskDistribution
 from hyperdiff.engine.training import initial_state, unroll, validation_loss
 from hyperdiff.hparams.choices import discretise, fixed_hparams
 from hyperdiff.hparams.discrete import label
@@ -83,6 +84,7 @@ class Task:
     search_space: dict[str, SearchRange]
     info: dict[str, Any] = field(default_factory=dict)
     summarize: Callable[[Mapping[str, Tensor]], dict[str, float]] | None = None
+    tasks: TaskDistribution | None = None  # meta-learning: the distribution of tasks
 
     @property
     def hparams(self) -> HyperParameters:

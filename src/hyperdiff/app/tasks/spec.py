@@ -58,6 +58,7 @@ from hyperdiff.engine.make import make_problem
 from hyperdiff.engine.models import model_state
 from hyperdiff.engine.optimizers import Optimizer
 from hyperdiff.engine.problem import Problem, takes_context
+from hyperdiff.engine.task_distribution import TaskDistribution, TaskSampler, task_distribution
 from hyperdiff.errors import HyperdiffError, describe, fail, nonnegative_int, positive_int
 from hyperdiff.hparams.constraints import Free, Interval
 from hyperdiff.hparams.discrete import DiscreteParameter
@@ -147,6 +148,7 @@ class TaskSpec:
     cross_validation: bool | str = True
     probe: bool = True
     task_type: type[Task] = Task
+    tasks: TaskDistribution | None = None
 
     def build(self, *, steps: int | None = None, selection_fraction: float = 0.5,
               cv_folds: int = 0, data_seed: int = 0) -> Task:
@@ -298,7 +300,7 @@ class TaskSpec:
             final_problem=final, splits=splits, metrics=self.metrics or loss_metrics(self),
             search_space=checked_search_space(
                 self.name, hparams, self.search_space or default_search_space(hparams)),
-            info=meta, summarize=summarize,
+            info=meta, summarize=summarize, tasks=self.tasks,
         )
 
 
@@ -347,6 +349,7 @@ def task(
     summarize: Callable[[Mapping[str, Tensor], TaskData], dict[str, float]] | None = None,
     description: str = "", defaults: Mapping[str, Any] | None = None,
     cross_validation: bool | str = True, probe: bool = True, task_type: type[Task] = Task,
+    tasks: TaskDistribution | TaskSampler | None = None,
 ) -> TaskSpec:
     """Describe a tuning task; return a :class:`TaskSpec` (build it with ``.build()``).
 
@@ -386,6 +389,10 @@ def task(
         probe: run two differentiable steps once at build time to check the losses.
         task_type: the :class:`Task` subclass that ``build`` returns. Discrete
             hyperparameters need none: every task reports and searches their plain choices.
+        tasks: for meta-learning (``outer.mode = "meta"``, docs/meta.md): the task
+            distribution, ``hd.tasks.distribution(sample)`` or ``sample(index, seed) ->
+            (support, query)`` itself; the task's own data is then one task, the template
+            that checks the losses and that the report trains on.
     """
     if not isinstance(name, str) or not name:
         raise HyperdiffError(f"task: name must be a non-empty string (got {describe(name)})")
@@ -408,6 +415,8 @@ def task(
         test_fraction=test_fraction, val_fraction=val_fraction, prepare=prepare,
         summarize=summarize, description=description, defaults=dict(defaults or {}),
         cross_validation=cross_validation, probe=probe, task_type=task_type,
+        tasks=None if tasks is None or isinstance(tasks, TaskDistribution)
+        else task_distribution(tasks, name=f"task {name}: tasks"),
     )
 
 
