@@ -149,7 +149,7 @@ def test_online_runs_refuse_an_offline_only_optimizer_and_auto_gives_them_adam()
     online = ["task.name=ridge_diabetes", "outer.mode=online", "inner.steps=20"]
     _, tuner = build_online(load_config(overrides=online))
     assert type(tuner.optimizer) is torch.optim.Adam
-    with pytest.raises(hd.HyperdiffError, match=r"OnlineTuner: optimizer must be one of "
+    with pytest.raises(hd.HyperdiffError, match=r"HyperOptimizer: optimizer must be one of "
                                                 r"\[.*'adam'.*\] \(got 'signstep'\)"):
         build_online(load_config(overrides=[*online, "outer.optimizer=signstep"]))
 
