@@ -83,6 +83,17 @@ def test_a_real_run_warns_in_its_result_only_when_its_values_still_move(tmp_path
         assert any(m.startswith("still moving") for m in messages)
 
 
+def test_a_run_that_stopped_early_does_not_say_it_is_still_moving(tmp_path):
+    # the early-stopped run's values moved as much as a warned run's, but more steps would not
+    # help and `--resume --set stop.max_steps` (the warning's remedy) is refused for it
+    config = load_config(overrides=[*SETTINGS[:3], "stop.patience=1", "stop.max_steps=30",
+                                    "outer.lr=0.5"])
+    result = run_experiment(config, out=tmp_path / "run", log=quiet, progress=False)
+    assert result["stop_reason"].startswith("early stopping")
+    assert still_moving(RunDir(tmp_path / "run").read_history()) is not None
+    assert not [w for w in result.get("warnings", []) if w.startswith("still moving")]
+
+
 # ------------------------------------------------------------------ extending a finished run
 EXTEND = ["task.name=mlp_digits", "inner.steps=10", "inner.warm_start=true", "outer.samples=2",
           "report.seeds=1", "stop.patience=0", "outer.schedule=constant"]

@@ -298,7 +298,11 @@ def _run_plan(
 
 def _still_moving(driver: Any, config: Config, path: Path) -> str | None:
     """:func:`~hyperdiff.tuner.budget.still_moving` on an offline run's history, with the
-    remedy (extending its budget), or ``None``."""
+    remedy (extending its budget), or ``None``; only for a run that ended on its step budget
+    (after early stopping or convergence more steps would not help, and the extension the
+    warning suggests is refused)."""
+    if not str(driver.stop_reason() or "").startswith("budget:"):
+        return None
     moving = still_moving(list(driver.history))
     if moving is None:
         return None
