@@ -161,8 +161,9 @@ def test_compare_spreads_its_random_trials_and_gives_the_one_process_comparison(
     references, reports, _ = runs
     single, trained = references["compare"]
     rows = {row["method"]: row for row in single["methods"]}
-    assert set(rows) == {"hyperdiff", "random", "tpe"}
-    random, tpe = rows["random"]["trainings"], rows["tpe"]["trainings"]
+    # TPE's row only with Optuna installed (an optional extra; CI has none)
+    assert set(rows) == {"hyperdiff", "random", *(["tpe"] if search.optuna_available() else [])}
+    random, tpe = rows["random"]["trainings"], rows.get("tpe", {"trainings": 0})["trainings"]
     assert trained == random + tpe
     assert reports[0, "compare"][0] == single  # rank 0 wrote it
     for rank in range(WORLD):  # random trials spread, TPE's (sequential) on every rank
