@@ -9,8 +9,9 @@ the default config of an offline run), best of ``--repeats`` each:
   backward pass; no selection evaluation, no record);
 - loop step: ``HyperOptimizer.step()`` after the first (the first step also evaluates the
   guard's untrained-loss reference, reported on its own as ``first loop step``);
-- forward (tasks with at most ``FORWARD_MAX`` hyperparameters): forward mode called alone,
-  against the configured method's ``hypergradient``;
+- forward and truncated T/4 (tasks with at most ``FORWARD_MAX`` hyperparameters): forward
+  mode, and backpropagation through the last T/4 inner steps (biased), called alone, to
+  compare with the configured method's ``hypergradient``;
 - cli step: ``run_experiment`` with ``stop.max_steps`` steps, the per-step time from the
   records' ``time_s`` differences (they include the history line, the checkpoint and the
   loggers of the previous step).
@@ -132,6 +133,8 @@ def measure_task(name: str, ref: str, repeats: int, workdir: Path) -> dict[str, 
     if task.hparams.numel <= FORWARD_MAX:  # few hyperparameters: forward mode's k tangents
         forward = make_method("forward")
         kinds["forward"] = lambda i: forward(replace(problem, seed=i), raw)
+        truncated = make_method("truncated", k=max(1, problem.steps // 4))
+        kinds["truncated T/4"] = lambda i: truncated(replace(problem, seed=i), raw)
     best = {kind: math.inf for kind in kinds}
     for i in range(repeats + 1):
         for kind, run in kinds.items():
@@ -155,7 +158,8 @@ def measure_task(name: str, ref: str, repeats: int, workdir: Path) -> dict[str, 
                    "loop step per training": best["loop step"] / plain / trainings,
                    "cli step": best["cli step"] / plain,
                    "cli step per training": best["cli step"] / plain / trainings,
-                   **({"forward": best["forward"] / plain} if "forward" in best else {})},
+                   **{kind: best[kind] / plain for kind in ("forward", "truncated T/4")
+                      if kind in best}},
         "loop_profile_s": loop_parts, "loop_profile_total_s": loop_total,
         "cli_profile_s": cli_parts, "cli_profile_total_s": cli_total,
     }
@@ -163,13 +167,14 @@ def measure_task(name: str, ref: str, repeats: int, workdir: Path) -> dict[str, 
 
 def table(blocks: list[dict[str, Any]]) -> str:
     head = ["task", "k", "T", "trainings", "plain s", "hypergrad", "1st step", "loop step",
-            "per train", "cli step", "per train", "forward"]
+            "per train", "cli step", "per train", "forward", "trunc T/4"]
     lines = [[b["task"], str(b["hparams"]), str(b["steps"]), str(b["trainings_per_step"]),
               f"{b['plain_s']:.3f}",
               *(f"{b['ratios'][k]:.2f}x" for k in ("hypergradient", "first loop step",
                                                     "loop step", "loop step per training",
                                                     "cli step", "cli step per training")),
-              f"{b['ratios']['forward']:.2f}x" if "forward" in b["ratios"] else "-"]
+              *(f"{b['ratios'][k]:.2f}x" if k in b["ratios"] else "-"
+                for k in ("forward", "truncated T/4"))]
              for b in blocks]
     out = [_row(head), _row(["-" * len(h) for h in head]), *map(_row, lines)]
     out.append("\nloop step by part (profiled; share of one profiled step):")
@@ -200,7 +205,7 @@ def main() -> None:
     repeats = 2 if args.quick else args.repeats
     blocks = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
+        for name in names:  # each task's kinds interleaved; ratios only within one task
             blocks.append(measure_task(name, TASKS[name], repeats, Path(tmp)))
             print(f"{name} done", flush=True)
     print(table(blocks))
