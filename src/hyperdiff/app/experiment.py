@@ -249,12 +249,18 @@ def _run_plan(
         log(f"starting at the tuned values of {start['run']}")
     log(f"{plan.describe(task, loop, config)}; run directory {rundir.path}")
 
+    saved = [-1]  # the step of the last checkpoint written
+
+    def save(opt: Any) -> None:
+        rundir.save_checkpoint(opt.state_dict())
+        saved[0] = opt.step_index
+
     def on_step(opt: Any, record: StepRecord) -> None:
         rundir.append(record)
         if record.status == "failed":
             log(f"guard: {record.message}")
         if opt.step_index % config.output.checkpoint_every == 0 or opt.done:
-            rundir.save_checkpoint(opt.state_dict())
+            save(opt)
 
     bar = plan.bar(task, loop, config, progress)
     with closing(bar) if bar is not None else nullcontext():
@@ -275,7 +281,8 @@ def _run_plan(
             raise
         finally:  # also after any other error (a callback's, a lost rank's)
             close_all(watchers)
-        rundir.save_checkpoint(loop.state_dict())
+        if saved[0] != loop.step_index:  # the last step's own checkpoint holds the same state
+            save(loop)
         result = final_report(task, plan.summary(task, loop, outcome, config), config,
                               progress=bar.report_phase() if bar is not None else None,
                               spread=RankSpreader(group) if isinstance(group, Group)
