@@ -137,3 +137,9 @@ def test_meta_run_extended_by_resume_equals_one_longer_run(tmp_path):
 
 def test_registered_as_a_built_in_task():
     assert build_task("glyphs_maml", params={"shots": 5}).tasks is not None
+
+
+def test_held_out_sampler_must_be_callable():
+    with pytest.raises(hd.HyperdiffError, match=r"task_distribution: held_out must be None or "
+                       r"a function held_out\(index, seed\) -> \(support, query\) \(got "):
+        hd.tasks.distribution(lambda i, s: ((), ()), held_out=3)
