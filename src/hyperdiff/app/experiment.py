@@ -409,6 +409,12 @@ def format_table(result: Mapping[str, Any]) -> str:
         if "pretrained" in held_out:  # the baseline: pre-trained on the run's tasks
             rows.append(("  pre-trained on its tasks", "",
                          f"{held_out['pretrained']['query_loss']:.4f}"))
+        if "query_accuracy" in held_out["initial"]:  # a classification task
+            rows.append(("  query accuracy", f"{held_out['initial']['query_accuracy']:.4f}",
+                         f"{held_out['tuned']['query_accuracy']:.4f}"))
+            if "pretrained" in held_out:
+                rows.append(("  pre-trained: query accuracy", "",
+                             f"{held_out['pretrained']['query_accuracy']:.4f}"))
     for key in initial["metrics"]["test"]:  # every other metric of the task, on the test split
         if key != "loss" and key in tuned["metrics"]["test"]:
             rows.append((f"test {key} (held out)", f"{initial['metrics']['test'][key]:.4f}",

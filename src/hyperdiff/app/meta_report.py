@@ -1,4 +1,4 @@
-"""The report of a meta run: post-adaptation query loss on held-out tasks.
+"""The report of a meta run: post-adaptation query loss (and accuracy) on held-out tasks.
 
 Held-out task ``j`` (``j < outer.meta_test_tasks``) is ``tasks.sample(j, seed_j)`` with
 ``seed_j = task_seed(REPORT_SEED, j, "meta-test")`` (:mod:`hyperdiff.seeds`), a stream that
@@ -8,6 +8,9 @@ that draws its task from ``seed`` gives tasks that training never saw. At each r
 on its support set for T steps and is scored on its query set::
 
     L_query(j, u) = L_val(theta_T(u; support_j); query_j)      mean and std over j
+
+with every other metric of the task's ``metrics`` (``accuracy`` for classification) on the same
+query set beside it (``query_accuracy``).
 
 The pre-training baseline (:func:`pretrained_start`, for a task that tunes an initialization)
 uses the same tasks that meta-training drew: for each outer step ``s``, one Adam step (the run's
@@ -24,8 +27,10 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from hyperdiff.app.tasks.base import Task
-from hyperdiff.engine.problem import Problem
+from hyperdiff.app.tasks.base import Metrics, Task
+from hyperdiff.app.tasks.metrics import split_metrics
+from hyperdiff.engine.models import StepContext
+from hyperdiff.engine.problem import Problem, takes_context
 from hyperdiff.engine.training import initial_state, unroll, validation_loss
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.hparams.initialization import initial_values
@@ -40,17 +45,33 @@ def held_out_tasks(count: int) -> list[tuple[int, int]]:
     return [(j, task_seed(REPORT_SEED, j, STREAM)) for j in range(count)]
 
 
-def adapted_query_loss(problem: Problem, raw: Mapping[str, Tensor]) -> float:
-    """``L_val(theta_T)`` after training ``problem`` (one task) at ``raw``, without a graph."""
+def adapted_query_metrics(problem: Problem, raw: Mapping[str, Tensor],
+                          metrics: Metrics | None = None) -> dict[str, float]:
+    """``{"query_loss": L_val(theta_T), "query_<name>": ...}`` after training ``problem``
+    (one task) at ``raw``, without a graph: every metric of ``metrics`` but its ``loss`` on
+    the query set (eval mode), averaged over its samples."""
     with torch.no_grad():
         hview = problem.hparams.view(problem.raw_tensors(dict(raw)))
         state = initial_state(problem, hview, differentiable=False)
         state, _ = unroll(problem, hview, state, differentiable=False)
-        return float(validation_loss(problem, state.params, state.buffers, hview))
+        out = {"query_loss": float(validation_loss(problem, state.params, state.buffers,
+                                                   hview))}
+        if metrics is not None:
+            ctx = StepContext(step=-1, seed=problem.seed, train=False, buffers=state.buffers)
+            values = split_metrics(metrics, takes_context(metrics, "metrics"), state.params,
+                                   hview, problem.val_data, ctx)
+            out |= {f"query_{key}": value for key, value in values.items() if key != "loss"}
+        return out
 
 
-def _loss_at(raw: Mapping[str, Tensor], problem: Problem) -> float:
-    return adapted_query_loss(problem, raw)
+def adapted_query_loss(problem: Problem, raw: Mapping[str, Tensor]) -> float:
+    """``L_val(theta_T)`` after training ``problem`` (one task) at ``raw``, without a graph."""
+    return adapted_query_metrics(problem, raw)["query_loss"]
+
+
+def _metrics_at(raw: Mapping[str, Tensor], metrics: Metrics, problem: Problem
+                ) -> dict[str, float]:
+    return adapted_query_metrics(problem, raw, metrics)
 
 
 def pretrained_start(task: Task, raw: Mapping[str, Tensor], *, steps: int, batch: int,
@@ -81,22 +102,26 @@ def pretrained_start(task: Task, raw: Mapping[str, Tensor], *, steps: int, batch
 def held_out_report(task: Task, values: Mapping[str, Mapping[str, Tensor]], count: int,
                     spread: Spreader) -> dict[str, dict[str, float]]:
     """``{label: {"query_loss": mean, "query_loss_std": std, "tasks": count}}`` for each
-    labelled raw value of ``values`` (``"initial"``, ``"tuned"``)."""
+    labelled raw value of ``values`` (``"initial"``, ``"tuned"``), with the mean and std of
+    every other metric of the task beside the loss (``query_accuracy``, ...)."""
     if task.tasks is None:
         raise HyperdiffError(f"{task.name}: the meta report needs the task's distribution "
                              "(hd.task(..., tasks=...)) (got none)")
     distribution, base = task.tasks, task.problems[0]
-    problems = [distribution.problem(base, index, seed) for index, seed in held_out_tasks(count)]
-    out = {}
+    problems = [distribution.problem(base, index, seed, held_out=True)
+                for index, seed in held_out_tasks(count)]
+    out: dict[str, dict[str, float]] = {}
     for label, raw in values.items():
-        losses = torch.tensor(spread.map(partial(_loss_at, raw), problems,
-                                         f"held-out tasks at the {label} values"),
-                              dtype=torch.float64, device="cpu")
-        out[label] = {"query_loss": float(losses.mean()),
-                      "query_loss_std": float(losses.std()) if count > 1 else 0.0,
-                      "tasks": count}
+        per_task = spread.map(partial(_metrics_at, raw, task.metrics), problems,
+                              f"held-out tasks at the {label} values")
+        out[label] = {}
+        for key in per_task[0]:
+            column = torch.tensor([m[key] for m in per_task], dtype=torch.float64, device="cpu")
+            out[label] |= {key: float(column.mean()),
+                           f"{key}_std": float(column.std()) if count > 1 else 0.0}
+        out[label]["tasks"] = count
     return out
 
 
-__all__ = ["STREAM", "adapted_query_loss", "held_out_report", "held_out_tasks",
-           "pretrained_start"]
+__all__ = ["STREAM", "adapted_query_loss", "adapted_query_metrics", "held_out_report",
+           "held_out_tasks", "pretrained_start"]

@@ -11,7 +11,10 @@ validation split). A user describes the distribution with one function::
 the function can draw with ``torch.Generator().manual_seed(seed)``; it must give the same task
 for the same arguments (a resumed run draws the same tasks). ``support`` is any training data
 ``hd.make_problem`` takes (a batch, a list of batches, ``fn(step, seed)``), ``query`` any
-validation data (a batch or a list of batches).
+validation data (a batch or a list of batches). An optional second function ``held_out`` of
+the same form draws the held-out tasks of a meta run's report (for example episodes of
+meta-test classes that meta-training never sees); without one the report draws from
+``sample`` with seeds that meta-training never uses.
 
 >>> import torch
 >>> tasks = task_distribution(lambda i, seed: ((torch.ones(2, 1) * i,), (torch.zeros(3, 1),)))
@@ -41,17 +44,21 @@ class TaskDistribution:
 
     sample: TaskSampler
     name: str = "tasks"
+    held_out: TaskSampler | None = None
 
-    def problem(self, base: Problem, index: int, seed: int) -> Problem:
+    def problem(self, base: Problem, index: int, seed: int, *, held_out: bool = False
+                ) -> Problem:
         """``base`` with task ``index``'s support set as its training data and its query set
-        as its validation data, on ``base``'s device (and in its dtype) when ``base`` was moved
+        as its validation data (``held_out``: the held-out sampler's task, when there is
+        one), on ``base``'s device (and in its dtype) when ``base`` was moved
         there (``problem.to(device, dtype)``, ``--device``).
 
         Raises:
             HyperdiffError: ``sample`` did not return a pair ``(support, query)``, or either
                 is not data.
         """
-        pair = self.sample(index, seed)
+        sample = self.held_out if held_out and self.held_out is not None else self.sample
+        pair = sample(index, seed)
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise HyperdiffError(
                 f"{self.name}: sample({index}, {seed}) must return a pair (support, query) "
@@ -69,18 +76,24 @@ class TaskDistribution:
         return problem
 
 
-def task_distribution(sample: TaskSampler, *, name: str = "tasks") -> TaskDistribution:
-    """The task distribution ``sample(index, seed) -> (support, query)`` (module doc).
+def task_distribution(sample: TaskSampler, *, name: str = "tasks",
+                      held_out: TaskSampler | None = None) -> TaskDistribution:
+    """The task distribution ``sample(index, seed) -> (support, query)`` (module doc), with
+    ``held_out(index, seed)`` drawing the report's held-out tasks if given.
 
     Raises:
-        HyperdiffError: ``sample`` is not callable, or ``name`` is not a non-empty string.
+        HyperdiffError: ``sample`` or a given ``held_out`` is not callable, or ``name`` is not
+            a non-empty string.
     """
     if not callable(sample):
         raise fail("task_distribution", "sample",
                    "a function sample(index, seed) -> (support, query)", sample)
+    if held_out is not None and not callable(held_out):
+        raise fail("task_distribution", "held_out",
+                   "None or a function held_out(index, seed) -> (support, query)", held_out)
     if not isinstance(name, str) or not name:
         raise fail("task_distribution", "name", "a non-empty string", name)
-    return TaskDistribution(sample, name)
+    return TaskDistribution(sample, name, held_out)
 
 
 __all__ = ["TaskDistribution", "TaskSampler", "task_distribution"]

@@ -34,6 +34,7 @@ TASKS: dict[str, str] = {
     "arch_digits_reinforce": "hyperdiff.app.tasks.arch_digits_reinforce",
     "horizon_digits": "hyperdiff.app.tasks.horizon",
     "sinusoid_maml": "hyperdiff.app.tasks.sinusoid_maml",
+    "glyphs_maml": "hyperdiff.app.tasks.glyphs_maml",
 }
 DEFAULT_TASK = "reweight_digits"
 

@@ -47,8 +47,13 @@ DEFAULTS = {"inner.steps": DEFAULT_STEPS, "outer.mode": "meta", "outer.meta_batc
 
 def init_mlp(seed: int) -> Params:
     """1-40-40-1 weights, uniform in +-1/sqrt(fan_in) as ``torch.nn.Linear``, from ``seed``."""
+    return linear_layers([1, HIDDEN, HIDDEN, 1], seed)
+
+
+def linear_layers(sizes: list[int], seed: int) -> Params:
+    """``W{i}`` ``(sizes[i], sizes[i+1])`` and ``b{i}``, uniform in +-1/sqrt(fan_in) as
+    ``torch.nn.Linear``, drawn from ``seed`` in order."""
     g = torch.Generator().manual_seed(seed)
-    sizes = [1, HIDDEN, HIDDEN, 1]
     params = {}
     for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
         bound = 1 / math.sqrt(fan_in)

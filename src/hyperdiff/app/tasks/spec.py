@@ -415,7 +415,7 @@ def task(
         test_fraction=test_fraction, val_fraction=val_fraction, prepare=prepare,
         summarize=summarize, description=description, defaults=dict(defaults or {}),
         cross_validation=cross_validation, probe=probe, task_type=task_type,
-        tasks=None if tasks is None or isinstance(tasks, TaskDistribution)
+        tasks=tasks if tasks is None or isinstance(tasks, TaskDistribution)
         else task_distribution(tasks, name=f"task {name}: tasks"),
     )
 
