@@ -65,7 +65,7 @@ def build(steps: int = STEPS, data_seed: int = 0) -> hd.tasks.TaskSpec:
         optimizer=hd.sgd("lr", 0.9, weight_decay="weight_decay"),
         data=digits(), steps=steps, batch_size=BATCH_SIZE, metrics=metrics,
         description="CNN with BatchNorm on 8x8 digits",
-        defaults={"outer.lr": 0.2, "stop.max_steps": 20},
+        defaults={"stop.max_steps": 20},
     )
 
 
@@ -81,7 +81,7 @@ def main() -> None:
     started = time.perf_counter()
     spec = build()
     task = spec.build(selection_fraction=0.5)  # hyperdiff draws the splits (data_seed 0)
-    tuner = hd.HyperOptimizer(list(task.problems), lr=0.2, schedule="cosine",
+    tuner = hd.HyperOptimizer(list(task.problems), schedule="cosine",
                               selection=task.selection, stopping=hd.Stopping(max_steps=20))
     result = tuner.run()
     seeds = (1000, 1001, 1002)  # fresh minibatch orders, as hyperdiff run's report
