@@ -50,7 +50,6 @@ from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 from hyperdiff.tuner.meta_plan import MetaPlan
 from hyperdiff.tuner.offline_plan import OfflinePlan
 from hyperdiff.tuner.online_plan import OnlinePlan
-from hyperdiff.tuner.outer_steps import DEFAULT_OFFLINE
 
 _LOG = get_logger("experiment")
 
@@ -91,13 +90,14 @@ def _task(config: Config, cv_folds: int) -> Task:
 
 
 def outer_optimizer_name(config: Config) -> str:
-    """``outer.optimizer`` with ``"auto"`` resolved: the measured offline default
-    (:data:`~hyperdiff.tuner.outer_steps.DEFAULT_OFFLINE`) offline, Adam online (the
-    optimizers of :mod:`hyperdiff.tuner.outer_steps` are offline only)."""
+    """``outer.optimizer`` with ``"auto"`` resolved: the ``default_optimizer`` of the plan that
+    ``outer.mode`` runs (offline the measured ``signstep``, online and meta Adam)."""
     name = config.outer.optimizer
     if name != "auto":
         return name
-    return DEFAULT_OFFLINE if config.outer.mode == "offline" else "adam"
+    defaults = {"offline": OfflinePlan.default_optimizer,
+                "online": OnlinePlan.default_optimizer, "meta": MetaPlan.default_optimizer}
+    return defaults[config.outer.mode]
 
 
 def configured_method(config: Config) -> Method:
