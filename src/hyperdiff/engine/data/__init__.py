@@ -10,6 +10,7 @@ from hyperdiff.engine.data.loader import LoaderStream
 from hyperdiff.engine.data.replay import ReplayLog, check_batch, fingerprint
 from hyperdiff.engine.data.sources import (
     BatchSource,
+    Fed,
     FromCallable,
     FullBatch,
     Minibatches,
@@ -20,7 +21,7 @@ from hyperdiff.engine.data.sources import (
 from hyperdiff.engine.data.streaming import IterableStream, Streamed
 
 __all__ = [
-    "BatchSource", "EvaluationSplit", "FromCallable", "FullBatch", "IterableStream",
+    "BatchSource", "EvaluationSplit", "Fed", "FromCallable", "FullBatch", "IterableStream",
     "LoaderStream", "Minibatches", "Recorded", "ReplayLog", "Sequence", "Streamed", "as_source",
     "check_batch", "describe_source", "evaluation_split", "fingerprint", "minibatches",
     "stream", "validation_batches",

@@ -174,3 +174,26 @@ class FromCallable(BatchSource):
         if (seed, step) not in self.log.prints:
             check_finite(partial(self.where, step, seed), batch)
         return self.log.check(seed, step, batch)
+
+
+class Fed(BatchSource):
+    """Batches handed over by a training loop outside hyperdiff (a Lightning ``Trainer``), by
+    step: ``feed(step, batch)`` before any training reads step ``step``; ``forget(step)``
+    drops the batches before it once no window will read them again."""
+
+    def __init__(self, name: str = "fed batches"):
+        self.name = name
+        self.batches: dict[int, Batch] = {}
+
+    def feed(self, step: int, batch: Batch) -> None:
+        self.batches[step] = check_batch(batch, f"data: the batch of step {step} of {self.name}")
+
+    def forget(self, step: int) -> None:
+        for old in [s for s in self.batches if s < step]:
+            del self.batches[old]
+
+    def batch(self, step: int, seed: int) -> Batch:
+        if step not in self.batches:
+            raise HyperdiffError(f"data: step {step} must be one of the steps fed to {self.name} "
+                                 f"(got a read of it; fed: {sorted(self.batches)})")
+        return self.batches[step]

@@ -1,0 +1,106 @@
+"""``configure_optimizers`` both ways: the module's torch optimizer as a hyperdiff inner
+optimizer, and tuned values back as ``configure_optimizers`` output.
+
+``torch.optim.SGD`` / ``Adam`` / ``AdamW`` become ``hd.sgd`` / ``hd.adam`` / ``hd.adamw`` with
+the same settings (which match torch.optim bit for bit); every coefficient named in the tuned
+``hparams`` (``lr``, ``weight_decay``, ``momentum``, ``beta1``, ``beta2``, ``eps``) is read from
+that hyperparameter, the others keep the optimizer's numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hyperdiff.app.export import GROUP_KEYS, torch_optimizer
+from hyperdiff.engine.optimizers import Optimizer, adam, adamw, sgd
+from hyperdiff.errors import HyperdiffError, describe
+from hyperdiff.hparams.hyperparams import HyperParameters
+from hyperdiff.tuner.history import OptimizeResult
+
+SUPPORTED = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adamw"}
+REFUSED_FLAGS = ("maximize", "amsgrad", "fused", "differentiable", "capturable")
+
+
+def configured_optimizer(module: nn.Module, caller: str) -> torch.optim.Optimizer:
+    """The one optimizer that ``module.configure_optimizers()`` returns: the optimizer, a
+    one-element list or tuple of it, or ``{"optimizer": opt}``. A learning-rate scheduler is
+    refused: the schedule is what hyperdiff tunes."""
+    out = module.configure_optimizers()  # type: ignore[operator]
+    if isinstance(out, (list, tuple)) and len(out) == 1:
+        out = out[0]
+    if isinstance(out, Mapping) and set(out) == {"optimizer"}:
+        out = out["optimizer"]
+    if not isinstance(out, torch.optim.Optimizer):
+        raise HyperdiffError(
+            f"{caller}: configure_optimizers must return one torch.optim optimizer without an "
+            f"lr scheduler (the schedule is what hyperdiff tunes) (got {describe(out)})")
+    return out
+
+
+def _settings(opt: torch.optim.Optimizer, caller: str) -> dict[str, Any]:
+    """The optimizer's one set of group settings; several groups must agree."""
+    kinds = [k for k in SUPPORTED if type(opt) is k]
+    if not kinds:
+        raise HyperdiffError(f"{caller}: configure_optimizers must return torch.optim.SGD, Adam "
+                             f"or AdamW (got {type(opt).__name__}), the optimizers hyperdiff "
+                             "reproduces bit for bit")
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    if any(g != groups[0] for g in groups[1:]):
+        raise HyperdiffError(
+            f"{caller}: configure_optimizers' param groups must share their settings (got "
+            f"{len(groups)} groups that differ); tune per-tensor values with hd.per_tensor "
+            "instead")
+    settings = groups[0]
+    for flag in REFUSED_FLAGS:
+        if settings.get(flag):
+            raise HyperdiffError(f"{caller}: the optimizer's {flag} must be False (got True); "
+                                 "hyperdiff's inner optimizers have no such variant")
+    return settings
+
+
+def inner_optimizer(opt: torch.optim.Optimizer, hparams: HyperParameters,
+                    params: Mapping[str, Tensor], caller: str) -> Optimizer:
+    """The hyperdiff inner optimizer that trains as ``opt`` does, its coefficients named in
+    ``hparams`` read from them. ``opt`` must train exactly ``params`` (the module's trainable
+    parameters)."""
+    settings = _settings(opt, caller)
+    kind = SUPPORTED[type(opt)]
+    if kind == "adam" and settings.get("decoupled_weight_decay"):
+        kind = "adamw"
+    given = {id(p) for g in opt.param_groups for p in g["params"]}
+    if given != {id(p) for p in params.values()}:
+        raise HyperdiffError(f"{caller}: configure_optimizers must optimize every trainable "
+                             f"parameter of the module and no other (got {len(given)} tensors "
+                             f"for the module's {len(params)})")
+    unknown = [n for n in hparams if n not in GROUP_KEYS[kind]]
+    if unknown:
+        raise HyperdiffError(f"{caller}: hparams must name coefficients of {type(opt).__name__}, "
+                             f"some of {list(GROUP_KEYS[kind])} (got {unknown[0]!r})")
+
+    def coef(name: str, value: Any) -> Any:
+        return name if name in hparams else float(value)
+
+    if kind == "sgd":
+        return sgd(coef("lr", settings["lr"]), coef("momentum", settings["momentum"]),
+                   nesterov=bool(settings["nesterov"]), dampening=float(settings["dampening"]),
+                   weight_decay=coef("weight_decay", settings["weight_decay"]))
+    betas = (coef("beta1", settings["betas"][0]), coef("beta2", settings["betas"][1]))
+    make = adamw if kind == "adamw" else adam
+    return make(coef("lr", settings["lr"]), betas, coef("eps", settings["eps"]),
+                weight_decay=coef("weight_decay", settings["weight_decay"]))
+
+
+def lightning_optimizers(optimizer: Optimizer, hparams: HyperParameters | OptimizeResult,
+                         module: nn.Module, *, steps: int | None = None) -> dict[str, Any]:
+    """Tuned values as ``configure_optimizers`` output: ``{"optimizer": torch_opt,
+    "lr_scheduler": {"scheduler": schedule, "interval": "step"}}``, the pair of
+    :func:`hyperdiff.torch_optimizer` (param groups per set of tensors sharing their values,
+    a scheduler that sets every scheduled coefficient before each step), stepped by the
+    ``Trainer`` after every optimizer step."""
+    torch_opt, schedule = torch_optimizer(optimizer, hparams, module, steps=steps)
+    return {"optimizer": torch_opt,
+            "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1}}
