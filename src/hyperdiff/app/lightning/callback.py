@@ -22,7 +22,7 @@ the same way (dropout) fails the state check.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -37,6 +37,7 @@ from hyperdiff.engine.make import make_problem
 from hyperdiff.engine.optimizers import Optimizer, resolve
 from hyperdiff.errors import HyperdiffError, describe, positive_int
 from hyperdiff.hparams.hyperparams import HyperParameters
+from hyperdiff.hparams.schedules import Schedule
 from hyperdiff.tree import tree_map
 from hyperdiff.tuner.driver import HyperOptimizer
 from hyperdiff.tuner.online_plan import OnlinePlan, OnlineResult
@@ -85,6 +86,10 @@ class HyperdiffCallback(Callback):
         val_batch_size: validation rows per window (``None``: the whole split).
         val_loss: ``val_loss(module, batch)`` (default: ``validation_step``'s loss).
         val_data: validation batches, when ``trainer.fit`` gets no DataModule.
+        schedules: coefficient -> ``hd.schedule(family, steps)`` over the run's optimizer
+            steps, its parameters (``lr_peak``, ...) in ``hparams``. A parametric schedule is
+            what online tuning can move: a ``per_step`` entry gets its hypergradient only after
+            its step has been trained, so it never changes the run that tunes it.
 
     After ``fit``: :attr:`tuned` (the final values), :attr:`result` (the online run's
     ``OnlineResult``: history, values, replayed weights) and :meth:`configure_optimizers`.
@@ -94,7 +99,7 @@ class HyperdiffCallback(Callback):
                  lr: float = 0.05, optimizer: str | None = None, clip: float | None = None,
                  schedule: str = "cosine", seed: int = 0, val_batch_size: int | None = None,
                  val_loss: Callable[[nn.Module, Batch], Tensor] | None = None,
-                 val_data: Any = None):
+                 val_data: Any = None, schedules: Mapping[str, Schedule] | None = None):
         if Callback is object:
             raise HyperdiffError(f"{CALLER}: needs lightning (pip install "
                                  "'hyperdiff[lightning]')")
@@ -102,6 +107,7 @@ class HyperdiffCallback(Callback):
             raise HyperdiffError(f"{CALLER}: hparams must be a hd.HyperParameters naming the "
                                  f"optimizer's coefficients (got {describe(hparams)})")
         self.hparams, self.val_loss, self.val_data = hparams, val_loss, val_data
+        self.schedules = schedules
         self.plan = OnlinePlan(window=window, val_batch_size=val_batch_size, hot_start="ignore")
         self.outer = {"method": method, "lr": lr, "optimizer": optimizer, "clip": clip,
                       "schedule": schedule, "seed": seed}
@@ -115,7 +121,8 @@ class HyperdiffCallback(Callback):
         self.steps_of = LightningSteps(pl_module, CALLER)
         self.named = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
         opt = trainer.optimizers[0]
-        self.optimizer: Optimizer = inner_optimizer(opt, self.hparams, self.named, CALLER)
+        self.optimizer: Optimizer = inner_optimizer(opt, self.hparams, self.named, CALLER,
+                                                    self.schedules)
         if any(opt.state.get(p) for p in self.named.values()):
             raise HyperdiffError(f"{CALLER}: the optimizer must start without state (got a "
                                  "resumed one); tune a fresh fit")
@@ -151,7 +158,7 @@ class HyperdiffCallback(Callback):
         for name, group in self.groups:
             values = {c: float(resolve(coef, hview, step, name))
                       for c, coef in self.optimizer.coefficients.items()
-                      if isinstance(coef, str)}
+                      if not isinstance(coef, (int, float))}
             for coef_name, value in values.items():
                 key = GROUP_KEYS[self.optimizer.name][coef_name]
                 if key == "betas":

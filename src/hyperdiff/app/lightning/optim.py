@@ -4,7 +4,9 @@ optimizer, and tuned values back as ``configure_optimizers`` output.
 ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` become ``hd.sgd`` / ``hd.adam`` / ``hd.adamw`` with
 the same settings (which match torch.optim bit for bit); every coefficient named in the tuned
 ``hparams`` (``lr``, ``weight_decay``, ``momentum``, ``beta1``, ``beta2``, ``eps``) is read from
-that hyperparameter, the others keep the optimizer's numbers.
+that hyperparameter, or from an ``hd.schedule`` given for it (whose few parameters are
+hyperparameters: the way to tune a learning-rate schedule online), the others keep the
+optimizer's numbers.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from hyperdiff.app.export import GROUP_KEYS, torch_optimizer
 from hyperdiff.engine.optimizers import Optimizer, adam, adamw, sgd
 from hyperdiff.errors import HyperdiffError, describe
 from hyperdiff.hparams.hyperparams import HyperParameters
+from hyperdiff.hparams.schedules import Schedule
 from hyperdiff.tuner.history import OptimizeResult
 
 SUPPORTED = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adamw"}
@@ -63,10 +66,13 @@ def _settings(opt: torch.optim.Optimizer, caller: str) -> dict[str, Any]:
 
 
 def inner_optimizer(opt: torch.optim.Optimizer, hparams: HyperParameters,
-                    params: Mapping[str, Tensor], caller: str) -> Optimizer:
+                    params: Mapping[str, Tensor], caller: str,
+                    schedules: Mapping[str, Schedule] | None = None) -> Optimizer:
     """The hyperdiff inner optimizer that trains as ``opt`` does, its coefficients named in
-    ``hparams`` read from them. ``opt`` must train exactly ``params`` (the module's trainable
-    parameters)."""
+    ``hparams`` read from them and those in ``schedules`` (coefficient -> ``hd.schedule``, its
+    parameters in ``hparams``) from the schedule. ``opt`` must train exactly ``params`` (the
+    module's trainable parameters)."""
+    schedules = dict(schedules or {})
     settings = _settings(opt, caller)
     kind = SUPPORTED[type(opt)]
     if kind == "adam" and settings.get("decoupled_weight_decay"):
@@ -76,12 +82,21 @@ def inner_optimizer(opt: torch.optim.Optimizer, hparams: HyperParameters,
         raise HyperdiffError(f"{caller}: configure_optimizers must optimize every trainable "
                              f"parameter of the module and no other (got {len(given)} tensors "
                              f"for the module's {len(params)})")
-    unknown = [n for n in hparams if n not in GROUP_KEYS[kind]]
+    for coef_name, sched in schedules.items():
+        if coef_name not in GROUP_KEYS[kind] or not isinstance(sched, Schedule):
+            raise HyperdiffError(f"{caller}: schedules must map coefficients of "
+                                 f"{type(opt).__name__} ({list(GROUP_KEYS[kind])}) to "
+                                 f"hd.schedule(...) (got {coef_name!r}: {describe(sched)})")
+    scheduled = {n for sched in schedules.values() for n in sched.names.values()}
+    unknown = [n for n in hparams if n not in GROUP_KEYS[kind] and n not in scheduled]
     if unknown:
         raise HyperdiffError(f"{caller}: hparams must name coefficients of {type(opt).__name__}, "
-                             f"some of {list(GROUP_KEYS[kind])} (got {unknown[0]!r})")
+                             f"some of {list(GROUP_KEYS[kind])}, or the parameters of "
+                             f"schedules (got {unknown[0]!r})")
 
     def coef(name: str, value: Any) -> Any:
+        if name in schedules:
+            return schedules[name]
         return name if name in hparams else float(value)
 
     if kind == "sgd":

@@ -29,6 +29,7 @@ from hyperdiff.engine.data import FromCallable
 from hyperdiff.engine.models import StepContext
 from hyperdiff.errors import HyperdiffError, describe
 from hyperdiff.hparams.hyperparams import HyperParameters
+from hyperdiff.hparams.schedules import Schedule
 from hyperdiff.typing import Batch, Params
 
 CALLER = "lightning_task"
@@ -73,7 +74,7 @@ def lightning_task(
     module: nn.Module, datamodule: Any, hparams: HyperParameters, *, steps: int,
     val_loss: Callable[[nn.Module, Batch], Tensor] | None = None,
     metrics: Callable[[nn.Module, Batch], Mapping[str, Any]] | None = None,
-    name: str | None = None, **options: Any,
+    schedules: Mapping[str, Schedule] | None = None, name: str | None = None, **options: Any,
 ) -> TaskSpec:
     """A tuning task (``hd.task``) that trains ``module`` as a ``Trainer`` would.
 
@@ -88,6 +89,8 @@ def lightning_task(
         steps: inner steps T, optimizer steps of the ``Trainer`` (``max_steps``).
         val_loss: ``val_loss(module, batch) -> scalar`` (default: ``validation_step``'s).
         metrics: ``metrics(module, batch) -> {"loss": ..., ...}`` for reports.
+        schedules: coefficient -> ``hd.schedule(family, steps)``, whose parameters
+            (``lr_peak``, ...) are then in ``hparams``: ``{"lr": hd.schedule(...)}``.
         name: the task's name (default: the module's class name).
         options: any other keyword of ``hd.task`` (``defaults``, ``description``, ...).
 
@@ -101,7 +104,8 @@ def lightning_task(
         raise HyperdiffError(f"{CALLER}: hparams must be a hd.HyperParameters naming the "
                              f"optimizer's coefficients (got {describe(hparams)})")
     named = {n: p for n, p in module.named_parameters() if p.requires_grad}
-    optimizer = inner_optimizer(configured_optimizer(module, CALLER), hparams, named, CALLER)
+    optimizer = inner_optimizer(configured_optimizer(module, CALLER), hparams, named, CALLER,
+                                schedules)
     loaders = datamodule_loaders(datamodule, CALLER, ("fit", "test"))
     order = TrainerOrder(loaders["train"], CALLER)
     train = FromCallable(order, f"train_dataloader() of {type(datamodule).__name__}")
