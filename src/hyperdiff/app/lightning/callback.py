@@ -22,6 +22,7 @@ the same way (dropout) fails the state check.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -136,8 +137,11 @@ class HyperdiffCallback(Callback):
                                      "no datamodule (got None)")
             self.val_data = datamodule_loaders(trainer.datamodule, CALLER, ())["val"]
         self.val_batches = validation_batches(self.val_data)
-        self.total = positive_int(CALLER, "the Trainer's optimizer steps (max_steps or "
-                                  "max_epochs x batches)", int(trainer.estimated_stepping_batches))
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise HyperdiffError(f"{CALLER}: the Trainer's optimizer steps must be finite "
+                                 f"(got {total}); set max_steps or max_epochs")
+        self.total = positive_int(CALLER, "the Trainer's optimizer steps", int(total))
 
     def on_train_batch_start(self, trainer: Any, pl_module: nn.Module, batch: Batch,
                              batch_idx: int) -> None:
