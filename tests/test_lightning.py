@@ -284,3 +284,45 @@ def test_the_example_runs(capsys):
     assert out["tuned_accuracy"] > out["initial_accuracy"] + 0.05
     assert out["retrained_accuracy"] > out["initial_accuracy"] + 0.05
     assert "windows of 4" in capsys.readouterr().out
+
+
+class Normed(MLP):
+    """The MLP with a BatchNorm after its first layer (running statistics carried as buffers)
+    or a dropout layer (masks the replay does not draw as the Trainer did)."""
+
+    def __init__(self, layer: str):
+        super().__init__()
+        torch.manual_seed(1)
+        extra = torch.nn.BatchNorm1d(8) if layer == "batchnorm" else torch.nn.Dropout(0.5)
+        self.net = torch.nn.Sequential(torch.nn.Linear(5, 8), extra.double(), torch.nn.Tanh(),
+                                       torch.nn.Linear(8, 3)).double()
+
+
+def test_online_batchnorm_statistics_follow_the_trainer():
+    module = Normed("batchnorm")
+    callback = lightning_hd.HyperdiffCallback(hparams_for(module), window=7, lr=0.1)
+    with tempfile.TemporaryDirectory() as root:
+        quiet_trainer(root, max_steps=STEPS, callbacks=[callback]).fit(module, datamodule=Data())
+    replayed = callback.result  # torch's BatchNorm in the Trainer, hyperdiff's in the replay
+    running = {n: b for n, b in module.named_buffers() if n.startswith("net.1.running")}
+    assert sorted(running) == sorted(replayed.buffers)
+    assert close(running, replayed.buffers) <= TOL
+    assert close(dict(module.named_parameters()), replayed.params) <= TOL
+
+
+def test_online_dropout_fails_the_state_check():
+    module = Normed("dropout")
+    callback = lightning_hd.HyperdiffCallback(hparams_for(module), window=7, lr=0.1)
+    with tempfile.TemporaryDirectory() as root, pytest.raises(
+            hd.HyperdiffError, match=r"replayed 'net.0.weight' must equal the Trainer's after "
+                                     r"steps 0..6.*dropout"):
+        quiet_trainer(root, max_steps=STEPS, callbacks=[callback]).fit(module, datamodule=Data())
+
+
+def test_a_callback_tunes_one_fit():
+    module = MLP()
+    callback = lightning_hd.HyperdiffCallback(hparams_for(module), window=7, lr=0.1)
+    with tempfile.TemporaryDirectory() as root:
+        quiet_trainer(root, max_steps=STEPS, callbacks=[callback]).fit(module, datamodule=Data())
+        with pytest.raises(hd.HyperdiffError, match="a callback must tune one fit"):
+            quiet_trainer(root, max_steps=STEPS, callbacks=[callback]).fit(MLP(), datamodule=Data())

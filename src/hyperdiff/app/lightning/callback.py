@@ -118,6 +118,9 @@ class HyperdiffCallback(Callback):
     # ------------------------------------------------------------------ Lightning hooks
     def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
         """Check the Trainer, translate its optimizer, split its param groups per tensor."""
+        if self.loop is not None:
+            raise HyperdiffError(f"{CALLER}: a callback must tune one fit (got a second "
+                                 "trainer.fit); make a new HyperdiffCallback for each")
         _refuse_trainer_settings(trainer, pl_module)
         self.steps_of = LightningSteps(pl_module, CALLER)
         self.named = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
@@ -135,7 +138,7 @@ class HyperdiffCallback(Callback):
             if trainer.datamodule is None:
                 raise HyperdiffError(f"{CALLER}: val_data must be given when trainer.fit gets "
                                      "no datamodule (got None)")
-            self.val_data = datamodule_loaders(trainer.datamodule, CALLER, ())["val"]
+            self.val_data = datamodule_loaders(trainer.datamodule, CALLER, None)["val"]
         self.val_batches = validation_batches(self.val_data)
         total = trainer.estimated_stepping_batches
         if not math.isfinite(total):

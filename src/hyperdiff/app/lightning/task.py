@@ -35,18 +35,21 @@ from hyperdiff.typing import Batch, Params
 CALLER = "lightning_task"
 
 
-def datamodule_loaders(datamodule: Any, caller: str, stages: tuple[str, ...]) -> dict[str, Any]:
+def datamodule_loaders(datamodule: Any, caller: str, stages: tuple[str, ...] | None
+                       ) -> dict[str, Any]:
     """``{"train": ..., "val": ..., "test": ...}`` loaders of a ``LightningDataModule`` after
-    ``prepare_data()`` and ``setup(stage)`` for each of ``stages``, as a ``Trainer`` calls them."""
+    ``prepare_data()`` and ``setup(stage)`` for each of ``stages``, as a ``Trainer`` calls them
+    (``None``: a Trainer has already set it up; train and val only)."""
     for hook in ("train_dataloader", "val_dataloader"):
         if not callable(getattr(datamodule, hook, None)):
             raise HyperdiffError(f"{caller}: datamodule must be a LightningDataModule with "
                                  f"{hook}() (got {describe(datamodule)})")
-    datamodule.prepare_data()
-    for stage in stages:
-        datamodule.setup(stage)
+    if stages is not None:
+        datamodule.prepare_data()
+        for stage in stages:
+            datamodule.setup(stage)
     loaders: dict[str, Any] = {}
-    for split in ("train", "val", *(("test",) if "test" in stages else ())):
+    for split in ("train", "val", *(("test",) if stages and "test" in stages else ())):
         try:
             loaders[split] = getattr(datamodule, f"{split}_dataloader")()
         except Exception as err:  # Lightning's own "must be implemented" included
