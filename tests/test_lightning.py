@@ -176,20 +176,23 @@ def scheduled_hparams(module):
                               weight_decay=hd.per_tensor(dict(module.named_parameters()), 1e-3))
 
 
-def online_run(window=4):
-    module = MLP()
+def online_run(window=4, kind="sgd"):
+    module = MLP(kind)
     callback = lightning_hd.HyperdiffCallback(scheduled_hparams(module), schedules={"lr": LR},
                                               window=window, lr=0.1)
-    reference = MLP()
+    reference = MLP(kind)
     with tempfile.TemporaryDirectory() as root:
         quiet_trainer(root, max_steps=STEPS, callbacks=[callback]).fit(module, datamodule=Data())
     return module, callback, reference
 
 
-def test_online_callback_equals_hyperdiffs_own_online_run():
-    module, callback, reference = online_run(window=4)
-    problem = hand_problem(reference, scheduled_hparams(reference),
-                           hd.sgd(LR, 0.9, weight_decay="weight_decay"))
+@pytest.mark.parametrize(("kind", "optimizer"), [
+    ("sgd", hd.sgd(LR, 0.9, weight_decay="weight_decay")),
+    ("adamw", hd.adamw(LR, weight_decay="weight_decay")),
+])
+def test_online_callback_equals_hyperdiffs_own_online_run(kind, optimizer):
+    module, callback, reference = online_run(window=4, kind=kind)
+    problem = hand_problem(reference, scheduled_hparams(reference), optimizer)
     own = hd.HyperOptimizer(problem, plan=hd.plans.OnlinePlan(window=4), lr=0.1).run()
     assert len(callback.result.history) == len(own.history) == 4  # windows 4+4+4+2
     assert close(dict(module.named_parameters()), own.params) <= TOL
@@ -205,6 +208,18 @@ def test_exported_optimizers_retrain_in_a_plain_trainer_as_hyperdiff_trains():
         quiet_trainer(root, max_steps=STEPS).fit(fresh, datamodule=Data())
     problem = hand_problem(reference, tuned, hd.sgd(LR, 0.9, weight_decay="weight_decay"))
     state, _ = train(problem)
+    assert close(dict(fresh.named_parameters()), state.params) <= TOL
+
+
+def test_offline_values_exported_retrain_in_a_plain_trainer():
+    module = MLP()
+    spec = lightning_hd.lightning_task(module, Data(), hparams_for(module), steps=STEPS)
+    best = hd.HyperOptimizer(spec.build(selection_fraction=0.0).problems, lr=0.1,
+                             stopping=hd.Stopping(max_steps=2)).run().best_hparams
+    fresh = MLP(optimizers=lambda m: lightning_hd.lightning_optimizers(spec.optimizer, best, m))
+    with tempfile.TemporaryDirectory() as root:
+        quiet_trainer(root, max_steps=STEPS).fit(fresh, datamodule=Data())
+    state, _ = train(hand_problem(MLP(), best, hd.sgd("lr", 0.9, weight_decay="weight_decay")))
     assert close(dict(fresh.named_parameters()), state.params) <= TOL
 
 
