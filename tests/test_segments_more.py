@@ -185,3 +185,32 @@ def test_an_online_run_gives_the_window_hypergradients_of_reverse(method, rel, r
         assert got.val_loss == pytest.approx(want.val_loss, rel=1e-12), j
         for name, g in want.grad.items():
             assert abs(got.grad[name] - g) <= rel * max(1.0, abs(g)), (j, name)
+
+
+# --- the CLI: the capabilities decide, no list of names
+CLI = ["task.name=mlp_digits", "outer.mode=online", "inner.steps=20", "outer.window=5"]
+
+
+@pytest.mark.parametrize("name, option", [("checkpointed", "segments=2"),
+                                          ("reversible", "fraction_bits=40"),
+                                          ("finite_difference", "eps=0.0001")])
+def test_the_online_cli_builds_each_method_with_the_options_its_segment_reads(name, option):
+    from hyperdiff.app.config import load_config
+    from hyperdiff.app.plans import build_online
+
+    _, loop = build_online(load_config(overrides=[*CLI, f"method.name={name}",
+                                                  f"method.{option}"]))
+    key, value = option.split("=")
+    assert loop.method.name == name and loop.method.segment_fn is not None
+    assert str(loop.method.options[key]) == value
+
+
+def test_the_online_cli_refuses_finite_difference_coordinates():
+    from hyperdiff.app.config import load_config
+    from hyperdiff.app.plans import build_online
+
+    with pytest.raises(hd.HyperdiffError, match=r"^config: method.coordinates is not used by "
+                                                r"online finite_difference; it accepts "
+                                                r"\['eps', 'warn'\]"):
+        build_online(load_config(overrides=[*CLI, "method.name=finite_difference",
+                                            "method.coordinates=[0]"]))

@@ -37,7 +37,7 @@ from hyperdiff.typing import Batch
 from hyperdiff.wording import option
 
 CAPABILITIES = Capabilities(exact=False, offline=True, online=True, data_parallel=True,
-                            segment_options=("eps",))
+                            segment_options=("eps", "warn"))
 
 
 class CostWarning(UserWarning):
