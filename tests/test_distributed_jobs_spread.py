@@ -44,7 +44,8 @@ WINDOWS = ((0, 3), (3, 6))  # two online windows of the 6-step problem, the carr
 
 def segment_methods() -> dict[str, hd.methods.Method]:
     return {"reverse": hd.reverse(), "forward": hd.forward(),
-            "curvature": hd.methods.curvature(horizon=20)}
+            "curvature": hd.methods.curvature(horizon=20), "checkpointed": hd.checkpointed(),
+            "finite_difference": hd.finite_difference(warn=False)}
 
 
 def windows(method: hd.methods.Method, problem: hd.Problem) -> list[tuple[Any, ...]]:

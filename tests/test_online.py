@@ -240,7 +240,7 @@ def test_online_run_directory_resumes_to_the_same_history_and_result(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["method.name=checkpointed"], "method.name must be one of"),
+    (["method.name=fomaml"], "method.name must be one of"),
     # an option of the offline call that the segment does not read (forward's chunk_size is
     # read by its segment, and accepted)
     (["method.name=implicit", "method.fixed_point=true"],

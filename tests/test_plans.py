@@ -29,41 +29,48 @@ def _mse(w, x, y):
     return ((x @ w - y) ** 2).mean()
 
 
-def ridge(steps: int = STEPS, lam: float = 0.3) -> hd.Problem:
-    """Ridge regression trained by plain full-batch SGD: ``steps`` steps from w = 0."""
+def ridge(steps: int = STEPS, lam: float = 0.3, momentum: float = 0.0) -> hd.Problem:
+    """Ridge regression trained by full-batch SGD (heavy-ball ``momentum``): ``steps`` steps
+    from w = 0."""
     return hd.make_problem(
         lambda p, h, b: _mse(p["w"], *b) + h["lam"] * p["w"].square().sum(),
         lambda p, h, b: _mse(p["w"], *b), hd.HyperParameters(lam=hd.scalar(lam)),
-        {"w": torch.zeros(3, dtype=DT)}, optimizer=hd.sgd(INNER_LR), train_data=(X, Y),
-        val_data=(XV, YV), steps=steps)
+        {"w": torch.zeros(3, dtype=DT)}, optimizer=hd.sgd(INNER_LR, momentum),
+        train_data=(X, Y), val_data=(XV, YV), steps=steps)
 
 
-def unrolled_val_loss(raw_lam: float, steps: int = STEPS) -> float:
+def unrolled_val_loss(raw_lam: float, steps: int = STEPS, momentum: float = 0.0) -> float:
     """The validation loss after ``steps`` SGD steps at raw value ``raw_lam``, written out."""
     lam = float(ridge().hparams.natural({"lam": torch.tensor(raw_lam, dtype=DT)})["lam"])
-    w = torch.zeros(3, dtype=DT)
+    w, v = torch.zeros(3, dtype=DT), torch.zeros(3, dtype=DT)
     for _ in range(steps):
         grad = 2 * X.T @ (X @ w - Y) / len(Y) + 2 * lam * w
-        w = w - INNER_LR * grad
+        v = momentum * v + grad
+        w = w - INNER_LR * v
     return float(_mse(w, XV, YV))
 
 
-def finite_difference(raw_lam: float, eps: float = 1e-6) -> float:
-    return (unrolled_val_loss(raw_lam + eps) - unrolled_val_loss(raw_lam - eps)) / (2 * eps)
+def finite_difference(raw_lam: float, eps: float = 1e-6, momentum: float = 0.0) -> float:
+    return (unrolled_val_loss(raw_lam + eps, momentum=momentum)
+            - unrolled_val_loss(raw_lam - eps, momentum=momentum)) / (2 * eps)
 
 
 PLANS = {"offline": lambda: hd.plans.OfflinePlan(),
          "online": lambda: hd.plans.OnlinePlan(window=STEPS)}
 ONLINE_AND_OFFLINE = {"reverse": hd.reverse, "forward": hd.forward, "implicit": hd.implicit,
-                      "truncated": lambda: hd.truncated(3)}
-EXACT = ("reverse", "forward")
+                      "truncated": lambda: hd.truncated(3), "checkpointed": hd.checkpointed,
+                      "reversible": hd.reversible,
+                      "finite_difference": lambda: hd.finite_difference(warn=False)}
+EXACT = ("reverse", "forward", "checkpointed", "reversible")
+MOMENTUM = {"reversible": 0.5}  # it reverses heavy-ball SGD only
 
 
 def loop(plan_name: str, method, **kwargs) -> HyperOptimizer:
     """One window of the whole run online (``[0, T)`` from theta_0), one retraining offline."""
     steps = kwargs.pop("steps", STEPS)
     plan = kwargs.pop("plan", None) or PLANS[plan_name]()
-    return HyperOptimizer(ridge(steps), plan=plan, method=method, lr=0.05,
+    problem = ridge(steps, momentum=MOMENTUM.get(method.name, 0.0))
+    return HyperOptimizer(problem, plan=plan, method=method, lr=0.05,
                           schedule="constant", stopping=hd.Stopping(max_steps=3), **kwargs)
 
 
@@ -82,13 +89,15 @@ def test_methods_x_plans_run_through_the_one_loop(name, plan_name):
     opt = loop(plan_name, ONLINE_AND_OFFLINE[name]())
     record = opt.step()
     assert record.status == "ok" and opt.step_index == 1
-    raw = float(ridge().hparams.raw["lam"])
+    raw, momentum = float(ridge().hparams.raw["lam"]), MOMENTUM.get(name, 0.0)
     if name in EXACT:
-        assert record.grad["lam"] == pytest.approx(finite_difference(raw), rel=1e-6)
+        assert record.grad["lam"] == pytest.approx(finite_difference(raw, momentum=momentum),
+                                                   rel=1e-6)
     else:
         reference = loop("offline", ONLINE_AND_OFFLINE[name]()).step().grad["lam"]
         assert record.grad["lam"] == pytest.approx(reference, rel=1e-9, abs=1e-14)
-    assert record.val_loss == pytest.approx(unrolled_val_loss(raw), rel=1e-12)
+    assert record.val_loss == pytest.approx(unrolled_val_loss(raw, momentum=momentum),
+                                            rel=1e-12)
 
 
 @pytest.mark.parametrize("name", ["reverse", "forward", "curvature"])
@@ -180,9 +189,10 @@ def test_what_the_online_plan_cannot_do_is_refused_with_the_fix():
                        r"offline plan\) \(got '2 problems'\)"):
         HyperOptimizer([ridge(), ridge()], plan=hd.plans.OnlinePlan(window=2))
     with pytest.raises(hd.HyperdiffError, match=r"^HyperOptimizer: method must be a Method with "
-                       r"a segment or one of \['curvature', 'forward', 'implicit', "
-                       r"'reverse', 'truncated'\]"):
-        HyperOptimizer(ridge(), plan=hd.plans.OnlinePlan(window=2), method="checkpointed")
+                       r"a segment or one of \['checkpointed', 'curvature', "
+                       r"'finite_difference', 'forward', 'implicit', 'reverse', 'reversible', "
+                       r"'truncated'\] \(got fomaml\(\)\)"):
+        HyperOptimizer(ridge(), plan=hd.plans.OnlinePlan(window=2), method="fomaml")
 
 
 @pytest.mark.filterwarnings("ignore:HyperOptimizer. no selection split")

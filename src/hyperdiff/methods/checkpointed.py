@@ -24,6 +24,12 @@ training is not a function of ``(step, seed)`` and raises. The hypergradient equ
 reverse mode up to the order of floating-point summation. Memory: S checkpoints plus the graph
 of one segment of about T/S steps (``S = ceil(sqrt(T))`` by default balances the two); time:
 one extra graph-free pass over the first ``T - T/S`` steps on top of plain reverse mode.
+
+Its segment (:func:`checkpointed_segment`, an online window ``[t0, t1)`` from the state at
+``t0``, a constant) runs the same scheme over the window's K steps in ``S`` sub-segments
+(default ``ceil(sqrt(K))``): the state at ``t1``, ``dL_val/du`` at the window's validation
+batches (direct term included), no carry. The offline call is the segment ``[0, T)`` from
+theta_0, plus step 4.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -46,11 +53,20 @@ from hyperdiff.engine.training import (
     validation_loss,
 )
 from hyperdiff.errors import HyperdiffError, describe
-from hyperdiff.methods.base import Capabilities, HyperGradient, Method, finish, zeros_for_unused
+from hyperdiff.methods.base import (
+    Capabilities,
+    HyperGradient,
+    Method,
+    Segment,
+    finish,
+    zeros_for_unused,
+)
+from hyperdiff.methods.segments import at_val_batches, detached_state
 from hyperdiff.tree import tree_flatten, tree_unflatten
+from hyperdiff.typing import Batch
 
-CAPABILITIES = Capabilities(exact=True, offline=True, data_parallel=True)
-"""Offline only: its segments of recomputation are not segments of training."""
+CAPABILITIES = Capabilities(exact=True, offline=True, online=True, data_parallel=True,
+                            segment_options=("segments",))
 
 
 def segment_bounds(steps: int, segments: int) -> list[int]:
@@ -90,28 +106,45 @@ def _pull_back(
     return zeros_for_unused(grads, inputs)
 
 
-def _checkpointed(problem: Problem, raw: dict[str, Tensor], segments: int | None) -> HyperGradient:
-    started = time.perf_counter()
-    T = problem.steps
-    bounds = segment_bounds(T, segments if segments is not None else math.isqrt(T - 1) + 1)
-    raw = {n: v.detach() for n, v in raw.items()}
+def default_segments(steps: int) -> int:
+    """``S = ceil(sqrt(steps))``: S checkpoints balance the graph of one sub-segment."""
+    return math.isqrt(steps - 1) + 1
+
+
+class Span(NamedTuple):
+    """What :func:`backpropagate` returns: the end state (with the last sub-segment's graph),
+    the validation loss, the raw hypergradient (one tensor per raw value), the adjoint of the
+    start state (flat leaves), the train losses, the sub-segments and the replay mismatch."""
+
+    end: TrainState
+    value: Tensor
+    grad: list[Tensor]
+    adjoint: list[Tensor]
+    losses: Tensor
+    segments: int
+    mismatch: float
+
+
+def backpropagate(problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
+                  stop: int, segments: int) -> Span:
+    """Steps ``1.-3.`` of the module doc over steps ``start .. stop-1`` from ``state`` (a
+    constant, detached), in ``segments`` sub-segments; the validation loss is ``problem``'s."""
+    bounds = [start + b for b in segment_bounds(stop - start, segments)]
     hview = problem.hparams.view(raw)
 
     # 1. graph-free forward pass over all but the last segment, storing each segment's start
-    with torch.no_grad():
-        state = initial_state(problem, hview, differentiable=False)
     starts, all_losses = [], []
-    for step0, stop in itertools.pairwise(bounds[:-1]):
+    for step0, end in itertools.pairwise(bounds[:-1]):
         starts.append(state)
-        state, losses = unroll(problem, hview, state, start=step0, stop=stop, differentiable=False)
+        state, losses = unroll(problem, hview, state, start=step0, stop=end, differentiable=False)
         check_finite_losses(losses, "checkpointed", step0)
         all_losses.append(losses)
     starts.append(state)
 
     # 2. the last segment with its graph, the validation loss on top: the adjoint at b_{S-1}
-    leaves, raw_leaves, end, hview, losses = _replay(problem, state, bounds[-2], T, raw)
+    leaves, raw_leaves, last, hview, losses = _replay(problem, state, bounds[-2], stop, raw)
     all_losses.append(losses)
-    value = validation_loss(problem, end.params, end.buffers, hview)
+    value = validation_loss(problem, last.params, last.buffers, hview)
     grads = _pull_back([value], leaves + raw_leaves, None)
     adjoint, grad_raw = grads[: len(leaves)], grads[len(leaves) :]
 
@@ -130,17 +163,43 @@ def _checkpointed(problem: Problem, raw: dict[str, Tensor], segments: int | None
         adjoint = grads[: len(leaves)]
         grad_raw = [g + v for g, v in zip(grad_raw, grads[len(leaves) :], strict=True)]
         starts.pop()  # starts[i + 1], the end of segment i: no longer needed
+    return Span(last, value, grad_raw, adjoint, torch.cat(all_losses), len(bounds) - 1, mismatch)
+
+
+def _checkpointed(problem: Problem, raw: dict[str, Tensor], segments: int | None) -> HyperGradient:
+    """The segment ``[0, T)`` from theta_0, plus ``a_0^T ds_0/du`` for an initialization."""
+    started = time.perf_counter()
+    T = problem.steps
+    raw = {n: v.detach() for n, v in raw.items()}
+    with torch.no_grad():
+        state = initial_state(problem, problem.hparams.view(raw), differentiable=False)
+    span = backpropagate(problem, state, raw, 0, T,
+                         segments if segments is not None else default_segments(T))
+    grad_raw = span.grad
     if problem.initialization is not None:  # 4. theta_0 = u: g += a_0^T ds_0/du
-        adjoint_params = tree_unflatten(adjoint, tree_flatten(tuple(starts[0]))[1])[0]
+        adjoint_params = tree_unflatten(span.adjoint, tree_flatten(tuple(state))[1])[0]
         grad_raw = [g + v for g, v in zip(grad_raw, initial_vjp(problem, raw, adjoint_params),
                                           strict=True)]
-
     return finish(
-        problem, raw, method="checkpointed", value=value,
-        grad=dict(zip(raw, grad_raw, strict=True)), params=end.params, buffers=end.buffers,
-        train_losses=torch.cat(all_losses), started=started,
-        segments=len(bounds) - 1, replay_mismatch=mismatch,
+        problem, raw, method="checkpointed", value=span.value,
+        grad=dict(zip(raw, grad_raw, strict=True)), params=span.end.params,
+        buffers=span.end.buffers, train_losses=span.losses, started=started,
+        segments=span.segments, replay_mismatch=span.mismatch,
     )
+
+
+def checkpointed_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor],
+                         start: int, stop: int, val_batches: list[Batch], carry: Any = None, *,
+                         segments: int | None = None) -> Segment:
+    """The module doc's recomputation over steps ``start .. stop-1`` from ``state``, in
+    ``segments`` sub-segments (default ``ceil(sqrt(stop - start))``): the state at ``stop``, the
+    hypergradient of the validation loss at ``val_batches`` (direct term included), no carry."""
+    raw = {n: v.detach() for n, v in raw.items()}
+    span = backpropagate(at_val_batches(problem, val_batches), state, raw, start, stop,
+                         segments if segments is not None else default_segments(stop - start))
+    return Segment(detached_state(span.end), dict(zip(raw, span.grad, strict=True)),
+                   float(span.value.detach()), span.losses,
+                   diagnostics={"segments": span.segments, "replay_mismatch": span.mismatch})
 
 
 def _check_replay(
@@ -189,4 +248,5 @@ def checkpointed(segments: int | None = None) -> Method:
         "checkpointed", lambda problem, raw: _checkpointed(problem, raw, segments),
         {"segments": segments},
         capabilities=CAPABILITIES,
+        segment_fn=partial(checkpointed_segment, segments=segments),
     )

@@ -4,38 +4,98 @@
 on the raw values; 2k full trainings for k coordinates. The default ``eps`` is the cube root
 of the dtype's machine epsilon (6e-6 in float64, 5e-3 in float32), which balances truncation
 and rounding error for smooth problems.
+
+Its segment (:func:`finite_difference_segment`, an online window ``[t0, t1)``) differences the
+validation loss at the window's end: each perturbed value trains the window's steps again from
+the same state on the same batches (2k retrainings of the window per window); the state at
+``t1`` is the unperturbed training's.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from hyperdiff.engine.problem import Problem
-from hyperdiff.engine.training import check_finite_losses, train, validation_loss
+from hyperdiff.engine.training import (
+    TrainState,
+    check_finite_losses,
+    initial_state,
+    unroll,
+    validation_loss,
+)
 from hyperdiff.errors import HyperdiffError, describe, positive_float
-from hyperdiff.methods.base import Capabilities, HyperGradient, Method, finish
+from hyperdiff.methods.base import Capabilities, HyperGradient, Method, Segment, finish
+from hyperdiff.methods.segments import at_val_batches, detached_state
+from hyperdiff.typing import Batch
 from hyperdiff.wording import option
 
-CAPABILITIES = Capabilities(exact=False, offline=True, data_parallel=True)
-"""Offline only: it retrains the whole run per coordinate."""
+CAPABILITIES = Capabilities(exact=False, offline=True, online=True, data_parallel=True,
+                            segment_options=("eps", "warn"))
 
 
 class CostWarning(UserWarning):
     """An expensive method was chosen (finite differences over many coordinates)."""
 
 
-def evaluate(problem: Problem, raw: dict[str, Tensor]):
-    """Train at ``raw`` and return (validation loss, final state, train losses)."""
-    state, losses = train(problem, raw)
-    check_finite_losses(losses, "finite_difference")
+def evaluate(problem: Problem, raw: dict[str, Tensor], state: TrainState | None = None,
+             start: int = 0, stop: int | None = None) -> tuple[Tensor, TrainState, Tensor]:
+    """Train steps ``start .. stop-1`` (default: the whole run) at ``raw`` from ``state``
+    (default: theta_0 at ``raw``); return (validation loss, final state, train losses)."""
+    hview = problem.hparams.view(raw)
+    if state is None:
+        with torch.no_grad():
+            state = initial_state(problem, hview, differentiable=False)
+    state, losses = unroll(problem, hview, state, start=start, stop=stop, differentiable=False)
+    check_finite_losses(losses, "finite_difference", start)
     with torch.no_grad():
-        value = validation_loss(problem, state.params, state.buffers, problem.hparams.view(raw))
+        value = validation_loss(problem, state.params, state.buffers, hview)
     return value, state, losses
+
+
+def central_differences(problem: Problem, raw: dict[str, Tensor], coords: list[int],
+                        eps: float | None, loss_at: Callable[[dict[str, Tensor]], Tensor]
+                        ) -> tuple[Tensor, float]:
+    """``(L(u + h_i e_i) - L(u - h_i e_i)) / (2 h_i)`` for each i in ``coords`` (NaN at the
+    others), flat shape ``(k,)``, with ``h_i = eps * max(1, |u_i|)``; and the ``eps`` used."""
+    hp = problem.hparams
+    base = hp.flatten(raw)
+    h = eps if eps is not None else torch.finfo(problem.dtype).eps ** (1 / 3)
+    flat_grad = torch.full_like(base, float("nan"))
+    for i in coords:
+        step = h * max(1.0, abs(float(base[i])))
+        plus, minus = base.clone(), base.clone()
+        plus[i] += step
+        minus[i] -= step
+        flat_grad[i] = (loss_at(hp.unflatten(plus)) - loss_at(hp.unflatten(minus))) / (2 * step)
+    return flat_grad, h
+
+
+def _cost_warning(coords: list[int], steps: int, per: str) -> None:
+    exact = option("reverse() or forward()", 'method.name = "reverse" or "forward"')
+    warnings.warn(
+        f"finite_difference: {len(coords)} coordinates cost {2 * len(coords)} trainings of "
+        f"{steps} steps{per}; use {exact} for real work",
+        CostWarning,
+        stacklevel=4,
+    )
+
+
+def _coordinates(problem: Problem, coordinates: Sequence[int] | None) -> list[int]:
+    k = problem.hparams.numel
+    coords = list(range(k)) if coordinates is None else list(coordinates)
+    for i in coords:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < k:
+            raise HyperdiffError(
+                f"finite_difference: coordinates must be ints in [0, {k}) (got {describe(i)})"
+            )
+    return coords
 
 
 def _finite_difference(
@@ -43,40 +103,44 @@ def _finite_difference(
     coordinates: Sequence[int] | None, warn: bool,
 ) -> HyperGradient:
     started = time.perf_counter()
-    hp = problem.hparams
-    k = hp.numel
-    coords = list(range(k)) if coordinates is None else list(coordinates)
-    for i in coords:
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < k:
-            raise HyperdiffError(
-                f"finite_difference: coordinates must be ints in [0, {k}) (got {describe(i)})"
-            )
+    coords = _coordinates(problem, coordinates)
     if warn:
-        exact = option("reverse() or forward()", 'method.name = "reverse" or "forward"')
-        warnings.warn(
-            f"finite_difference: {len(coords)} coordinates cost {2 * len(coords)} trainings of "
-            f"{problem.steps} steps; use {exact} for real work",
-            CostWarning,
-            stacklevel=3,
-        )
-    base = hp.flatten(raw)
-    h = eps if eps is not None else torch.finfo(problem.dtype).eps ** (1 / 3)
+        _cost_warning(coords, problem.steps, "")
     value, state, losses = evaluate(problem, raw)
-    flat_grad = torch.full_like(base, float("nan"))
-    for i in coords:
-        step = h * max(1.0, abs(float(base[i])))
-        plus, minus = base.clone(), base.clone()
-        plus[i] += step
-        minus[i] -= step
-        f_plus = evaluate(problem, hp.unflatten(plus))[0]
-        f_minus = evaluate(problem, hp.unflatten(minus))[0]
-        flat_grad[i] = (f_plus - f_minus) / (2 * step)
-    grad = hp.unflatten(flat_grad)
+    flat_grad, h = central_differences(problem, raw, coords, eps,
+                                       lambda u: evaluate(problem, u)[0])
     return finish(
-        problem, raw, method="finite_difference", value=value, grad=grad, params=state.params,
-        buffers=state.buffers, train_losses=losses, started=started,
+        problem, raw, method="finite_difference", value=value,
+        grad=problem.hparams.unflatten(flat_grad), params=state.params, buffers=state.buffers,
+        train_losses=losses, started=started,
         computed=None if coordinates is None else coords, eps=h, coordinates=coords,
     )
+
+
+def finite_difference_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor],
+                              start: int, stop: int, val_batches: list[Batch], carry: Any = None,
+                              *, eps: float | None = None, coordinates: Sequence[int] | None = None,
+                              warn: bool = True) -> Segment:
+    """Central differences of the validation loss at ``val_batches`` after steps
+    ``start .. stop-1`` from ``state``: every perturbed value trains the same steps from the
+    same state on the same batches; the state at ``stop`` is the unperturbed run's.
+
+    Raises:
+        HyperdiffError: ``coordinates`` was given (a segment's hypergradient is complete).
+    """
+    if coordinates is not None:
+        raise HyperdiffError(
+            "finite_difference: coordinates must be None (all) for a segment of training, "
+            f"whose hypergradient takes an outer step (got {list(coordinates)})")
+    coords = _coordinates(problem, None)
+    if warn:
+        _cost_warning(coords, stop - start, " per segment")
+    problem = at_val_batches(problem, val_batches)
+    value, end, losses = evaluate(problem, raw, state, start, stop)
+    flat_grad, h = central_differences(problem, raw, coords, eps,
+                                       lambda u: evaluate(problem, u, state, start, stop)[0])
+    return Segment(detached_state(end), problem.hparams.unflatten(flat_grad), float(value),
+                   losses, diagnostics={"eps": h})
 
 
 def finite_difference(
@@ -97,4 +161,6 @@ def finite_difference(
         lambda problem, raw: _finite_difference(problem, raw, eps, coordinates, warn),
         {"eps": eps} | ({"coordinates": list(coordinates)} if coordinates is not None else {}),
         capabilities=CAPABILITIES,
+        segment_fn=partial(finite_difference_segment, eps=eps, coordinates=coordinates,
+                           warn=warn),
     )

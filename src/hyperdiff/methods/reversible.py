@@ -42,13 +42,22 @@ horizons.
 Measured in float64 (``python benchmarks/reversible_momentum.py``, the logistic problem of
 the tests, mu = 0.9): relative difference from reverse mode 3.4e-13 (T = 100) and 2.2e-13
 (T = 1000) with a constant momentum, 3.8e-13 and 2.3e-13 with a momentum hyperparameter.
+
+**Segments** (:func:`reversible_segment`, an online window ``[t0, t1)``): the same, from the
+parameters and the velocity ``v_{t0-1}`` of the state at ``t0`` (the optimizer state of
+``hd.sgd``), rounded to the grid as theta_0 is; the backward pass is checked to end exactly at
+that integer state with an empty buffer, and the window's state at ``t1`` is the integer
+training's (within rounding to ``2^-R`` of the float one). Nothing in the reversal needs the
+run's start: the buffer begins empty at ``t0`` as at step 0. The offline call is the segment
+``[0, T)`` from theta_0, plus the adjoint at theta_0 for an initialization hyperparameter.
 """
 
 from __future__ import annotations
 
 import time
 from fractions import Fraction
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -57,6 +66,7 @@ from hyperdiff.engine.models import StepContext
 from hyperdiff.engine.optimizers import Optimizer, SGDState, resolve, sgd
 from hyperdiff.engine.problem import Problem, call_loss
 from hyperdiff.engine.training import (
+    TrainState,
     check_finite_losses,
     grads_of,
     initial_state,
@@ -65,15 +75,24 @@ from hyperdiff.engine.training import (
 )
 from hyperdiff.errors import HyperdiffError, NonFiniteError, describe
 from hyperdiff.hparams.hyperparams import HParamView
-from hyperdiff.methods.base import Capabilities, HyperGradient, Method, finish, zeros_for_unused
+from hyperdiff.methods.base import (
+    Capabilities,
+    HyperGradient,
+    Method,
+    Segment,
+    finish,
+    zeros_for_unused,
+)
+from hyperdiff.methods.segments import at_val_batches
+from hyperdiff.typing import Batch
 from hyperdiff.wording import option
 
 DENOMINATOR_BITS = 31  # mu is represented as n / 2**31 with 1 <= n <= 2**31
 DENOMINATOR = 1 << DENOMINATOR_BITS
 LOW_MASK = DENOMINATOR - 1  # limbs have DENOMINATOR_BITS bits: limb * n + carry < 2**63
 
-CAPABILITIES = Capabilities(exact=True, offline=True)
-"""Offline only: it reverses the whole run from its end point."""
+CAPABILITIES = Capabilities(exact=True, offline=True, online=True,
+                            segment_options=("fraction_bits",))
 
 
 class InfoBuffer:
@@ -342,20 +361,42 @@ def _displacement(coefficients: Coefficients, fixed: FixedPoint, V: Tensor, step
     return fixed.to_int(coefficients("lr", step) * v, "the parameter step", step)
 
 
-def _reversible(problem: Problem, raw: dict[str, Tensor], fraction_bits: int) -> HyperGradient:
-    started = time.perf_counter()
-    raw = {n: v.detach() for n, v in raw.items()}
-    coefficients = Coefficients(problem, problem.hparams.view(raw))
-    gain = _check_problem(problem, coefficients)
+class Reversal(NamedTuple):
+    """What :func:`reverse_steps` returns: the parameters and velocity at ``stop`` (float
+    leaves), the validation loss, the raw hypergradient (one tensor per raw value), the
+    adjoint of the start's parameters, the train losses and the information buffer's peak."""
+
+    params: dict[str, Tensor]
+    velocity: dict[str, Tensor]
+    value: Tensor
+    grad: list[Tensor]
+    adjoint: list[Tensor]
+    losses: Tensor
+    info_bytes: int
+    info_bits: int
+
+
+def reverse_steps(problem: Problem, raw: dict[str, Tensor], coefficients: Coefficients,
+                  gain: float, fixed: FixedPoint, params: dict[str, Tensor],
+                  velocity: Tensor | None, start: int, stop: int) -> Reversal:
+    """Train steps ``start .. stop-1`` in exact integers from ``params`` and the velocity
+    ``v_{start-1}`` (flat; ``None`` at step 0, where there is none), then run them backwards
+    to ``start`` accumulating the hypergradient of ``problem``'s validation loss (module doc);
+    ``gain = 1 - dampening`` from :func:`_check_problem`.
+
+    Raises:
+        NonFiniteError: the backward pass did not end exactly at the start (the train loss is
+            not a function of (step, seed)).
+    """
     step_optimizer = quantised_optimizer(problem.optimizer, gain)
-    fixed = FixedPoint(problem, fraction_bits)
-    start = initial_state(problem, coefficients.hview, differentiable=False).params
-    P = fixed.to_int(flat(start), "the initial parameters", 0)
-    P_initial, V = P.clone(), torch.zeros_like(P)
+    P = fixed.to_int(flat(params), "the initial parameters", start)
+    V = torch.zeros_like(P) if velocity is None else fixed.to_int(velocity, "the velocity",
+                                                                    start)
+    P_start, V_start = P.clone(), V.clone()
     info = InfoBuffer(P.numel(), P.device)
 
     losses = []
-    for t in range(problem.steps):  # forward: exact integer training, nothing stored
+    for t in range(start, stop):  # forward: exact integer training, nothing stored
         theta = fixed.leaves(P)
         grads, loss = _gradient(problem, theta, coefficients.hview, t)
         losses.append(loss)
@@ -366,18 +407,18 @@ def _reversible(problem: Problem, raw: dict[str, Tensor], fraction_bits: int) ->
         V = V + increment
         P = P - _displacement(coefficients, fixed, V, t)
     losses_t = torch.stack(losses)
-    check_finite_losses(losses_t, "reversible")
+    check_finite_losses(losses_t, "reversible", start)
     info_bytes = info.nbytes
 
-    theta_T = fixed.leaves(P)
+    theta_stop, velocity_stop = fixed.leaves(P), fixed.leaves(V)
     leaves = {n: v.clone().requires_grad_() for n, v in raw.items()}
-    value = validation_loss(problem, theta_T, {}, problem.hparams.view(leaves))
-    inputs = list(theta_T.values()) + list(leaves.values())
+    value = validation_loss(problem, theta_stop, {}, problem.hparams.view(leaves))
+    inputs = list(theta_stop.values()) + list(leaves.values())
     grads = zeros_for_unused(torch.autograd.grad(value, inputs, allow_unused=True), inputs)
-    adjoint = grads[: len(theta_T)] + [torch.zeros_like(g) for g in grads[: len(theta_T)]]
-    grad_raw = grads[len(theta_T) :]
+    adjoint = grads[: len(theta_stop)] + [torch.zeros_like(g) for g in grads[: len(theta_stop)]]
+    grad_raw = grads[len(theta_stop) :]
 
-    for t in range(problem.steps - 1, -1, -1):  # backward: undo step t, then one vjp
+    for t in range(stop - 1, start - 1, -1):  # backward: undo step t, then one vjp
         P = P + _displacement(coefficients, fixed, V, t)
         theta = fixed.leaves(P)
         leaves = {n: v.detach().requires_grad_() for n, v in raw.items()}
@@ -387,33 +428,70 @@ def _reversible(problem: Problem, raw: dict[str, Tensor], fraction_bits: int) ->
         if t > 0:
             n, d = coefficients.fraction(t)
             V = scale_up(V, n, info, d)
-        velocity = fixed.leaves(V)
-        new_theta, new_state = step_optimizer.update(grads, SGDState(velocity), theta, hview, t)
+        velocity_t = fixed.leaves(V)
+        new_theta, new_state = step_optimizer.update(grads, SGDState(velocity_t), theta, hview, t)
         outputs = list(new_theta.values()) + list(new_state.momentum.values())
-        inputs = list(theta.values()) + list(velocity.values()) + list(leaves.values())
+        inputs = list(theta.values()) + list(velocity_t.values()) + list(leaves.values())
         vjp = zeros_for_unused(
             torch.autograd.grad(outputs, inputs, adjoint, allow_unused=True), inputs
         )
         adjoint = vjp[: len(outputs)]
         grad_raw = [g + v for g, v in zip(grad_raw, vjp[len(outputs) :], strict=True)]
 
-    if problem.initialization is not None:  # theta_0 = u (rounded to 2^-R): g += a_0
-        adjoint_theta = dict(zip(start, adjoint[: len(start)], strict=True))
-        grad_raw = [g + v for g, v in zip(grad_raw, initial_vjp(problem, raw, adjoint_theta),
-                                          strict=True)]
-    error = int((P - P_initial).abs().max()) + int(V.abs().max()) + len(info.limbs)
+    error = int((P - P_start).abs().max()) + int((V - V_start).abs().max()) + len(info.limbs)
     if error:
         raise NonFiniteError(
             "reversible: the backward pass must retrace the forward pass exactly (got an "
             f"integer mismatch of {error}); the train loss must be deterministic in (step, seed)"
         )
+    return Reversal(theta_stop, velocity_stop, value, grad_raw, adjoint[: len(theta_stop)],
+                    losses_t, info_bytes, info.peak_limbs * DENOMINATOR_BITS)
+
+
+def _reversible(problem: Problem, raw: dict[str, Tensor], fraction_bits: int) -> HyperGradient:
+    """The steps ``[0, T)`` from theta_0, plus ``a_0`` for an initialization hyperparameter."""
+    started = time.perf_counter()
+    raw = {n: v.detach() for n, v in raw.items()}
+    coefficients = Coefficients(problem, problem.hparams.view(raw))
+    gain = _check_problem(problem, coefficients)
+    start = initial_state(problem, coefficients.hview, differentiable=False).params
+    out = reverse_steps(problem, raw, coefficients, gain, FixedPoint(problem, fraction_bits),
+                        start, None, 0, problem.steps)
+    grad_raw = out.grad
+    if problem.initialization is not None:  # theta_0 = u (rounded to 2^-R): g += a_0
+        adjoint_theta = dict(zip(start, out.adjoint, strict=True))
+        grad_raw = [g + v for g, v in zip(grad_raw, initial_vjp(problem, raw, adjoint_theta),
+                                          strict=True)]
     return finish(
-        problem, raw, method="reversible", value=value,
-        grad=dict(zip(raw, grad_raw, strict=True)), params=theta_T, buffers={},
-        train_losses=losses_t, started=started, info_bytes=info_bytes,
-        info_bits_per_element=info.peak_limbs * DENOMINATOR_BITS, fraction_bits=fraction_bits,
+        problem, raw, method="reversible", value=out.value,
+        grad=dict(zip(raw, grad_raw, strict=True)), params=out.params, buffers={},
+        train_losses=out.losses, started=started, info_bytes=out.info_bytes,
+        info_bits_per_element=out.info_bits, fraction_bits=fraction_bits,
         momentum_rounding=coefficients.momentum_rounding,
     )
+
+
+def reversible_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
+                       stop: int, val_batches: list[Batch], carry: Any = None, *,
+                       fraction_bits: int = 44) -> Segment:
+    """Steps ``start .. stop-1`` from ``state`` (its parameters and the velocity ``v_{start-1}``
+    of its optimizer state, rounded to the grid ``2^-R``) in exact integers, run backwards to
+    ``start`` and checked to end there exactly; the state at ``stop`` is the integer training's
+    (``state``'s dtypes), the hypergradient that of the validation loss at ``val_batches``."""
+    raw = {n: v.detach() for n, v in raw.items()}
+    problem = at_val_batches(problem, val_batches)
+    coefficients = Coefficients(problem, problem.hparams.view(raw))
+    gain = _check_problem(problem, coefficients)
+    velocity = None if start == 0 else flat(state.opt_state.momentum)
+    out = reverse_steps(problem, raw, coefficients, gain, FixedPoint(problem, fraction_bits),
+                        state.params, velocity, start, stop)
+    params = {k: out.params[k].detach().to(v.dtype) for k, v in state.params.items()}
+    momentum = {k: out.velocity[k].detach().to(v.dtype)
+                for k, v in state.opt_state.momentum.items()}
+    return Segment(TrainState(params, dict(state.buffers), SGDState(momentum)),
+                   dict(zip(raw, out.grad, strict=True)), float(out.value.detach()), out.losses,
+                   diagnostics={"info_bytes": out.info_bytes,
+                                "momentum_rounding": coefficients.momentum_rounding})
 
 
 def reversible(fraction_bits: int = 44) -> Method:
@@ -438,4 +516,5 @@ def reversible(fraction_bits: int = 44) -> Method:
         "reversible", lambda problem, raw: _reversible(problem, raw, fraction_bits),
         {"fraction_bits": fraction_bits},
         capabilities=CAPABILITIES,
+        segment_fn=partial(reversible_segment, fraction_bits=fraction_bits),
     )
