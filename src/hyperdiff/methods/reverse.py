@@ -66,7 +66,8 @@ def reverse_samples(problem: Problem, state: TrainState, raw: dict[str, Tensor],
                     stop: int, val_sets: list[list[Batch]], carry: Any = None, *,
                     backprop: int | None = None) -> list[Segment]:
     """:func:`reverse_segment` at each of ``val_sets``: the window's graph is built once and
-    each set's validation loss is backpropagated through it (one backward pass each)."""
+    the sets' validation losses are backpropagated through it together
+    (:func:`~hyperdiff.methods.segments.sample_grads`)."""
     leaves = {n: v.detach().requires_grad_() for n, v in raw.items()}
     hview = problem.hparams.view(leaves)
     plain = stop - min(stop - start, backprop or stop - start)

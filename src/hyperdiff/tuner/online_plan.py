@@ -22,12 +22,12 @@ j)``, :func:`~hyperdiff.seeds.window_sample_seed`; ``B_h^0 = B_h``)::
     g_h = mean_j g_h^j,   recorded as offline: grad_std, grad_snr, samples, val_loss_std
 
 through ``method.segment_samples`` (one training of the window; per sample only the validation
-side: one validation gradient contracted with forward's or curvature's tangents, one backward
-pass through reverse's window graph, one solve for implicit). With a REINFORCE choice sample
-``j`` also draws its own choice ``z_j`` (seeded by ``(seed, h, j)``), so it trains the window
-from the same start with it; the run continues with sample 0's training. ``m`` samples allow the
-leave-one-out baseline. The combination, the SNR and its warning are the offline plan's
-(:func:`~hyperdiff.tuner.sampler.combine`).
+side: one validation gradient contracted with forward's or curvature's tangents, a share of a
+batched backward pass through reverse's window graph, one solve for implicit). With a
+REINFORCE choice sample ``j`` also draws its own choice ``z_j`` (seeded by ``(seed, h, j)``), so
+it trains the window from the same start with it; the run continues with sample 0's training.
+``m`` samples allow the leave-one-out baseline. The combination, the SNR and its warning are
+the offline plan's (:func:`~hyperdiff.tuner.sampler.combine`).
 
 The plan's state is the training state, the carry (forward mode's tangents, curvature's
 statistics), the inner step and the hot-start measure; its checkpoint part is
