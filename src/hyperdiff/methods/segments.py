@@ -49,9 +49,9 @@ def sample_grads(values: list[Tensor], inputs: list[Tensor]) -> list[list[Tensor
     through the values' shared graph (an online window's, ``Method.segment_samples``).
 
     Several values take one batched vector-Jacobian product, ``J^T e_j`` for the ``m`` rows of
-    the identity at once (``is_grads_batched``): on the digits MLP's reverse windows 1.5x (4
-    samples) and 1.7x (8) faster than one backward pass per value (docs/online.md, "Samples
-    per window"). Where ``vmap`` cannot batch the backward (an operation without a batching
+    the identity at once (``is_grads_batched``): on the digits MLP's reverse windows 1.25x
+    (2 samples), 1.3x (4) and 2x (8) faster than one backward pass per value (docs/online.md,
+    "Samples per window"). Where ``vmap`` cannot batch the backward (an operation without a batching
     rule; the all-reduce of ``hd.distributed.data_parallel``), one backward pass per value,
     the graph kept until the last."""
     if len(values) > 1:
