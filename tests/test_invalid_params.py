@@ -425,3 +425,11 @@ def test_reptile_refuses_a_bad_scale(value):
     with pytest.raises(hd.HyperdiffError, match=r"^reptile: scale must be a positive finite "
                                                 r"number \(got "):
         hd.methods.reptile(scale=value)
+
+
+# --- samples/SNR online (issue 19 item 3) ---
+@pytest.mark.parametrize("value", BAD["int>=1"], ids=repr)
+def test_the_online_plan_refuses_bad_samples(value):
+    with pytest.raises(hd.HyperdiffError, match=r"^HyperOptimizer: samples must be a positive "
+                                                r"int \(got "):
+        hd.plans.OnlinePlan(val_batch_size=4, samples=value)

@@ -318,13 +318,13 @@ def test_non_finite_hypergradients_stop_the_run_after_max_failures(monkeypatch):
     good_raw = tuner.raw  # the values of the last good window, restored after each failure
     tuner.step()
     good_state = tuner.state
-    window = tuner.plan.segment
+    window = tuner.plan.segments
 
     def nan_grad(*args, **kwargs):
-        out = window(*args, **kwargs)
-        return out._replace(grad={n: g * math.nan for n, g in out.grad.items()})
+        return [out._replace(grad={n: g * math.nan for n, g in out.grad.items()})
+                for out in window(*args, **kwargs)]
 
-    monkeypatch.setattr(tuner.plan, "segment", nan_grad)
+    monkeypatch.setattr(tuner.plan, "segments", nan_grad)
     for _ in range(2):
         record = tuner.step()
         assert record.status == "failed" and "hypergradient of" in record.message

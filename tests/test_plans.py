@@ -180,9 +180,9 @@ def test_the_deprecated_online_tuner_is_the_one_loop_with_the_online_plan():
 
 def test_what_the_online_plan_cannot_do_is_refused_with_the_fix():
     with pytest.raises(hd.HyperdiffError, match=r"^HyperOptimizer: samples must be its "
-                       r"default 1 when a plan is given \(the offline plan takes it: "
-                       r"hd.plans.OfflinePlan; an online window continues one training\) "
-                       r"\(got 4\)"):
+                       r"default 1 when a plan is given \(the plan takes it: "
+                       r"hd.plans.OfflinePlan; hd.plans.OnlinePlan\(samples=...\) for "
+                       r"validation samples per window\) \(got 4\)"):
         HyperOptimizer(ridge(), plan=hd.plans.OnlinePlan(window=2), samples=4)
     with pytest.raises(hd.HyperdiffError, match=r"^HyperOptimizer: problem must be one Problem "
                        r"\(an online run is one training; cross-validation folds are for the "
@@ -213,8 +213,8 @@ def test_the_cli_refuses_auto_samples_online():
     config = load_config(overrides=["task.name=ridge_diabetes", "outer.mode=online",
                                     "task.cv_folds=0", "outer.auto_samples=true"])
     with pytest.raises(hd.HyperdiffError, match=r"^config: outer.auto_samples must be false "
-                       r"with outer.mode = 'online' \(a window continues one training: one "
-                       r"sample per window; got true\)"):
+                       r"with outer.mode = 'online' \(a window draws a fixed outer.samples "
+                       r"validation samples; got true\)"):
         build_online(config)
 
 
@@ -295,13 +295,13 @@ def test_relaxed_choices_anneal_over_the_windows_as_offline_over_the_steps(mode)
     opt = HyperOptimizer(problem, plan=hd.plans.OnlinePlan(window=3), method=hd.reverse(),
                          lr=0.01)
     used = []
-    segment = opt.plan.segment
+    segments = opt.plan.segments
 
     def recording(problem, *args):
         used.append(problem.hparams["c"].current_temperature)
-        return segment(problem, *args)
+        return segments(problem, *args)
 
-    opt.plan.segment = recording  # type: ignore[method-assign]
+    opt.plan.segments = recording  # type: ignore[method-assign]
     opt.run()
     schedule = [start * (end / start) ** (w / (windows - 1)) for w in range(windows)]
     assert used == pytest.approx(schedule, rel=1e-12)

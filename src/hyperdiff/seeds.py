@@ -38,6 +38,19 @@ def window_seed(seed: int, hyper_step: int) -> int:
     return seed * 1_000_003 + hyper_step
 
 
+def window_sample_seed(seed: int, hyper_step: int, sample: int) -> int:
+    """Seed of the validation rows of ``sample`` of window ``hyper_step`` of an online run with
+    several samples per window: :func:`window_seed` for sample 0 (so a one-sample run draws
+    what it always drew), else ``(window_seed(seed, h) * 104_729 + sample) mod 2**62``.
+
+    >>> window_sample_seed(7, 9, 0), window_sample_seed(7, 9, 1)
+    (7000030, 733106141871)
+    """
+    if sample == 0:
+        return window_seed(seed, hyper_step)
+    return (window_seed(seed, hyper_step) * 104_729 + sample) % (2**62)
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """Seed of the shuffle of ``epoch`` of in-memory minibatches: ``seed * 100_003 + epoch``."""
     return seed * 100_003 + epoch
@@ -98,4 +111,4 @@ def meta_task(seed: int, step: int, batch: int, task: int) -> tuple[int, int]:
 
 __all__ = ["REPORT_SEED", "call_seed", "choice_seed", "epoch_seed", "gumbel_seed",
            "meta_task", "minibatch_seed", "name_hash", "rank_seed", "report_seeds",
-           "segment_seed", "task_seed", "window_seed"]
+           "segment_seed", "task_seed", "window_sample_seed", "window_seed"]

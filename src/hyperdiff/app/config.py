@@ -100,8 +100,9 @@ class OuterConfig:
     schedule: str = option("cosine", "outer learning-rate schedule: constant, or cosine decay "
                            "to 0 over stop.max_steps", choices=list(SCHEDULES))
     clip: float = option(0.0, "clip the hypergradient to this L2 norm (0: off)", low=0.0)
-    samples: int = option(1, "trainings with different minibatch seeds averaged per step",
-                          low=1)
+    samples: int = option(1, "trainings with different minibatch seeds averaged per step; "
+                          "online: validation samples per window (outer.val_batch rows each; "
+                          "a task's value is for offline runs)", low=1)
     auto_samples: bool = option(False, "choose the samples per step: 2, then more until the "
                                 "hypergradient's signal-to-noise ratio is >= 1 (replaces "
                                 "outer.samples)")
@@ -236,6 +237,11 @@ ONLINE_DEFAULTS: dict[str, Any] = {"method.name": "curvature"}
 """What ``outer.mode = "online"`` changes in the defaults (a task's defaults, the TOML file and
 ``--set`` still win); chosen by ``benchmarks/online_defaults.py`` (docs/online.md)."""
 
+OFFLINE_ONLY_DEFAULTS = ("outer.samples",)
+"""A task's defaults that are for offline runs: its ``outer.samples`` counts trainings per
+step; online it would count validation samples per window (1 unless the TOML file or
+``--set`` sets it)."""
+
 ONLINE_TRAVEL = 10.0
 """Online: ``outer.lr * windows`` when ``outer.lr`` is not set (:func:`online_lr`)."""
 
@@ -305,8 +311,9 @@ def resolve(source: dict[str, Any]) -> Config:
     merged: dict[str, Any] = {}
     defaults = task_defaults(task_name, params)
     online = source.get("outer", {}).get("mode", defaults.get("outer.mode")) == "online"
-    if online:  # the online mode's own defaults, under the task's
-        defaults = {**ONLINE_DEFAULTS, **defaults}
+    if online:  # the online mode's own defaults, under the task's offline-free ones
+        defaults = {**ONLINE_DEFAULTS, **{k: v for k, v in defaults.items()
+                                          if k not in OFFLINE_ONLY_DEFAULTS}}
     chosen = source.get("method", {}).get("name", defaults.get("method.name"))
     if chosen != defaults.get("method.name"):  # the task's method options belong to its method
         defaults = {k: v for k, v in defaults.items()

@@ -36,7 +36,6 @@ from hyperdiff.app.tasks import Task, build_task
 from hyperdiff.engine.device import resolve_device, task_to_device
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.hparams.discrete import discrete_names
-from hyperdiff.logs import get_logger
 from hyperdiff.methods.base import Method
 from hyperdiff.methods.registry import (
     capabilities,
@@ -50,8 +49,6 @@ from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 from hyperdiff.tuner.meta_plan import MetaPlan
 from hyperdiff.tuner.offline_plan import OfflinePlan
 from hyperdiff.tuner.online_plan import OnlinePlan
-
-_LOG = get_logger("experiment")
 
 
 class Summary(NamedTuple):
@@ -232,19 +229,19 @@ def build_online(config: Config, start: dict[str, Any] | None = None
     _online_method(config)  # refused before the task is built
     if config.task.cv_folds:
         raise HyperdiffError("config: task.cv_folds must be 0 with outer.mode = 'online' "
-                             f"(one training run; got {config.task.cv_folds})")
+                             "(one training run; cross-validation folds are offline only, "
+                             "outer.samples draws validation samples per window; got "
+                             f"{config.task.cv_folds})")
     if config.outer.auto_samples:
         raise HyperdiffError("config: outer.auto_samples must be false with outer.mode = "
-                             "'online' (a window continues one training: one sample per "
-                             "window; got true)")
-    if config.outer.samples != 1:  # a task's offline default (arch_digits_reinforce's 4)
-        _LOG.warning("outer.samples = %d is not used with outer.mode = 'online': a window "
-                     "continues one training, one sample per window", config.outer.samples)
+                             "'online' (a window draws a fixed outer.samples validation "
+                             "samples; got true)")
     task = _task(config, 0)
     outer = config.outer
     problem = task.problems[0]
     plan = OnlinePlan(window=outer.window, val_batch_size=outer.val_batch or None,
-                      hot_start=None if outer.hot_start == "auto" else outer.hot_start)
+                      hot_start=None if outer.hot_start == "auto" else outer.hot_start,
+                      samples=outer.samples)
     loop = HyperOptimizer(
         problem, plan=plan, method=configured_method(config),
         optimizer=outer_optimizer_name(config),

@@ -123,6 +123,11 @@ class Segment(NamedTuple):
 SegmentFn = Callable[[Problem, TrainState, dict[str, Tensor], int, int, list[Batch], Any], Segment]
 """``segment(problem, state, raw, start, stop, val_batches, carry) -> Segment``."""
 
+SamplesFn = Callable[[Problem, TrainState, dict[str, Tensor], int, int, list[list[Batch]], Any],
+                     list[Segment]]
+"""``samples(problem, state, raw, start, stop, val_sets, carry) -> [Segment per set]``: one
+trajectory, the validation side once per set of validation batches."""
+
 
 OFFLINE_MODE = 'outer.mode = "offline"'
 
@@ -140,6 +145,7 @@ class Method:
     carry_fn: Callable[[Problem, dict[str, Tensor], TrainState], Any] | None = field(
         default=None, repr=False, compare=False)
     check_fn: Callable[[Problem], None] | None = field(default=None, repr=False, compare=False)
+    samples_fn: SamplesFn | None = field(default=None, repr=False, compare=False)
 
     @property
     def exact(self) -> bool:
@@ -152,6 +158,25 @@ class Method:
                 stop: int, val_batches: list[Batch], carry: Any = None) -> Segment:
         """The hypergradient over steps ``[start, stop)`` from ``state`` (module doc); the
         ``carry`` given is not modified."""
+        self._check_segment(problem)
+        assert self.segment_fn is not None  # _check_segment refused it otherwise
+        return self.segment_fn(problem, state, raw, start, stop, val_batches, carry)
+
+    def segment_samples(self, problem: Problem, state: TrainState, raw: dict[str, Tensor],
+                        start: int, stop: int, val_sets: list[list[Batch]], carry: Any = None
+                        ) -> list[Segment]:
+        """The segment ``[start, stop)`` evaluated at each of ``val_sets`` (lists of validation
+        batches): one :class:`Segment` per set, all of the same trajectory (state, train
+        losses, carry), each with its own hypergradient and validation loss. A method with a
+        ``samples_fn`` trains the segment once and repeats only the validation side; the
+        others train it once per set (the same arithmetic each time)."""
+        if self.samples_fn is None or len(val_sets) == 1:
+            return [self.segment(problem, state, raw, start, stop, val, carry)
+                    for val in val_sets]
+        self._check_segment(problem)
+        return self.samples_fn(problem, state, raw, start, stop, val_sets, carry)
+
+    def _check_segment(self, problem: Problem) -> None:
         if self.segment_fn is None:
             raise HyperdiffError(f"{self.name}: method must support segments of training "
                                  f"(capabilities.online) to be used online (got {self!r})")
@@ -161,7 +186,6 @@ class Method:
                 f"initialization hyperparameter (got {problem.initialization!r}); theta_0 is "
                 "used at step 0 only, so windows later in the run cannot move it: tune it "
                 f"offline ({option('HyperOptimizer', OFFLINE_MODE)})")
-        return self.segment_fn(problem, state, raw, start, stop, val_batches, carry)
 
     def check(self, problem: Problem) -> None:
         """Refuse a ``problem`` the method cannot handle (raises :class:`HyperdiffError`)."""
@@ -231,5 +255,5 @@ def finish(
     )
 
 
-__all__ = ["Capabilities", "HyperGradient", "Method", "Segment", "SegmentFn", "finish",
-           "zeros_for_unused"]
+__all__ = ["Capabilities", "HyperGradient", "Method", "SamplesFn", "Segment", "SegmentFn",
+           "finish", "zeros_for_unused"]

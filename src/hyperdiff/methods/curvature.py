@@ -57,14 +57,18 @@ from hyperdiff.engine.training import (
     flat,
     train_gradient,
     validation_loss,
-    zeros_for_unused,
 )
 from hyperdiff.errors import HyperdiffError, fail, positive_float, positive_int
 from hyperdiff.hparams.schedules import Schedule
 from hyperdiff.methods.base import Capabilities, HyperGradient, Method, Segment
 from hyperdiff.methods.curvature_adam import ADAM_NAMES, ADAM_RULE
 from hyperdiff.methods.curvature_rule import RHO, CurvatureRule, keeps_all
-from hyperdiff.methods.segments import at_val_batches, detach_tree, detached_state
+from hyperdiff.methods.segments import (
+    at_val_batches,
+    detach_tree,
+    detached_state,
+    sample_grads,
+)
 from hyperdiff.typing import Batch, Params
 
 
@@ -276,6 +280,17 @@ def curvature_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor
     (:func:`rule_for`), then the hypergradient of the module doc at the validation batches.
     The carry is the tangent (``None`` at the start of the run); the one given is not modified
     (a failed window is discarded)."""
+    return curvature_samples(problem, state, raw, start, stop, [val_batches], carry,
+                             horizon=horizon, horizon_unit=horizon_unit, scale=scale)[0]
+
+
+def curvature_samples(problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
+                      stop: int, val_sets: list[list[Batch]], carry: Any = None, *,
+                      horizon: float | None = 500, horizon_unit: str = "steps",
+                      scale: float | None = None) -> list[Segment]:
+    """:func:`curvature_segment` at each of ``val_sets``: the window, its last step's graph and
+    the tangents once; per set one validation gradient through that step, contracted with the
+    tangents."""
     rule = rule_for(problem)
     forget = forgetting(horizon, horizon_unit)
     hp = problem.hparams
@@ -313,10 +328,9 @@ def curvature_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor
     new_params, new_state = problem.optimizer.update(grads, opt_state, theta, hleaves, stop - 1)
     losses[-1] = loss.detach()
     check_finite_losses(losses, "online curvature", start)
-    value = validation_loss(at_val_batches(problem, val_batches), new_params, new_buffers, hleaves)
-    inputs = [*leaves.values(), *new_params.values()]
-    grads_all = zeros_for_unused(torch.autograd.grad(value, inputs, allow_unused=True), inputs)
-    direct = hp.flatten(dict(zip(leaves, grads_all[: len(leaves)], strict=True)))
+    val_losses = [validation_loss(at_val_batches(problem, val), new_params, new_buffers, hleaves)
+                  for val in val_sets]
+    sampled = sample_grads(val_losses, [*leaves.values(), *new_params.values()])
     # ... and the carried tangents through it (without its direct term, in the part above)
     with torch.no_grad():
         plain = {k: g.detach() for k, g in grads.items()}
@@ -324,14 +338,20 @@ def curvature_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor
                              stop - 1)
         rule.advance(tangent, values, lrs[-1], None, forget(lrs[-1]), scale, count + 1)
         tangent.steps.fill_(count + 1)
-        val_theta = flat(grads_all[len(leaves):])
-        indirect = tangent.z @ val_theta.to(tangent.z.dtype)
+        grad = [_direct_and_carried(hp.flatten(dict(zip(leaves, g[: len(leaves)], strict=True))),
+                                    tangent.z, flat(g[len(leaves):])) for g in sampled]
         tangent.z.addcmul_(dlrs[-1], rule.direct(values, lrs[-1]), value=-1.0)
         if dwds is not None:
             tangent.z.addcmul_(dwds[-1], lrs[-1] * values.p, value=-1.0)
     end = detached_state(TrainState(new_params, new_buffers, new_state))
-    grad = hp.unflatten(direct + indirect.to(direct.dtype))
-    return Segment(end, grad, float(value.detach()), losses, tangent)
+    return [Segment(end, hp.unflatten(g), float(value.detach()), losses, tangent)
+            for g, value in zip(grad, val_losses, strict=True)]
+
+
+def _direct_and_carried(direct: Tensor, z: Tensor, val_theta: Tensor) -> Tensor:
+    """``dL/du`` of the module doc: the last step's direct part plus ``Zt @ grad_theta L_val``
+    (``z`` (P, n), ``val_theta`` (n,)), in the direct part's dtype."""
+    return direct + (z @ val_theta.to(z.dtype)).to(direct.dtype)
 
 
 CAPABILITIES = Capabilities(exact=False, offline=False, online=True, carries_state=True,
@@ -381,10 +401,12 @@ def curvature(horizon: float | None = 500, horizon_unit: str = "steps",
                   capabilities=CAPABILITIES,
                   segment_fn=partial(curvature_segment, horizon=horizon,
                                      horizon_unit=horizon_unit, scale=scale),
+                  samples_fn=partial(curvature_samples, horizon=horizon,
+                                     horizon_unit=horizon_unit, scale=scale),
                   carry_fn=lambda problem, raw, state: initial_tangent(problem, raw),
                   check_fn=check_optimizer)
 
 
 __all__ = ["CAPABILITIES", "HORIZON_UNITS", "SGD_RULE", "CurvatureRule", "CurvatureTangent",
-           "check_optimizer", "curvature", "curvature_options", "curvature_segment", "forgetting",
-           "initial_tangent", "lr_derivatives", "rule_for"]
+           "check_optimizer", "curvature", "curvature_options", "curvature_samples",
+           "curvature_segment", "forgetting", "initial_tangent", "lr_derivatives", "rule_for"]

@@ -55,7 +55,7 @@ from hyperdiff.methods.base import (
     finish,
     zeros_for_unused,
 )
-from hyperdiff.methods.segments import at_val_batches
+from hyperdiff.methods.segments import at_val_batches, sample_grads
 from hyperdiff.tree import tree_flatten, tree_map, tree_unflatten
 from hyperdiff.typing import Batch
 
@@ -272,6 +272,16 @@ def forward_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor],
     """Carry ``(s, Z)`` through steps ``start .. stop-1`` at ``raw`` and contract the validation
     gradient at the end with ``Z`` (module doc); the carry is ``Z`` (``None`` at the start of
     the run); ``chunk_size`` as :func:`forward`'s."""
+    return forward_samples(problem, state, raw, start, stop, [val_batches], carry,
+                           engine=engine, chunk_size=chunk_size)[0]
+
+
+def forward_samples(problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
+                    stop: int, val_sets: list[list[Batch]], carry: Any = None, *,
+                    engine: str = "double_vjp", chunk_size: int | None = None
+                    ) -> list[Segment]:
+    """:func:`forward_segment` at each of ``val_sets``: the tangents are carried once, and each
+    set costs one validation gradient contracted with them."""
     end, tangent, losses = propagate(problem, raw, state, carry, start, stop, engine=engine,
                                      chunk_size=chunk_size)
     check_finite_losses(losses, "online forward", start)
@@ -279,19 +289,20 @@ def forward_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor],
     theta = {k: v.detach().requires_grad_() for k, v in params.items()}
     bufs = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in buffers.items()}
     leaves = {n: v.detach().requires_grad_() for n, v in raw.items()}
-    value = validation_loss(at_val_batches(problem, val_batches), theta, bufs,
-                            problem.hparams.view(leaves))
+    values = [validation_loss(at_val_batches(problem, val), theta, bufs,
+                              problem.hparams.view(leaves)) for val in val_sets]
     tracked = [*theta.values(), *[b for b in bufs.values() if b.requires_grad]]
     z_state = [*tangent[0].values(), *[tangent[1][k] for k, b in bufs.items() if b.requires_grad]]
-    inputs = [*tracked, *leaves.values()]
-    grads = zeros_for_unused(torch.autograd.grad(value, inputs, allow_unused=True), inputs)
-    hp = problem.hparams
-    indirect = sum(z.reshape(z.shape[0], -1) @ g.reshape(-1)
-                   for g, z in zip(grads[: len(tracked)], z_state, strict=True))
-    direct = hp.flatten(dict(zip(leaves, grads[len(tracked):], strict=True)))
-    grad = hp.unflatten(direct + indirect)
-    return Segment(TrainState(params, buffers, opt_state), grad, float(value.detach()), losses,
-                  tangent)
+    hp, kept = problem.hparams, TrainState(params, buffers, opt_state)
+    segments = []
+    for value, grads in zip(values, sample_grads(values, [*tracked, *leaves.values()]),
+                            strict=True):
+        indirect = sum(z.reshape(z.shape[0], -1) @ g.reshape(-1)
+                       for g, z in zip(grads[: len(tracked)], z_state, strict=True))
+        direct = hp.flatten(dict(zip(leaves, grads[len(tracked):], strict=True)))
+        segments.append(Segment(kept, hp.unflatten(direct + indirect), float(value.detach()),
+                                losses, tangent))
+    return segments
 
 
 def forward_carry_like(problem: Problem, raw: dict[str, Tensor], state: TrainState) -> TrainState:
@@ -320,5 +331,6 @@ def forward(chunk_size: int | None = None, engine: str = "auto") -> Method:
         {"chunk_size": chunk_size, "engine": engine},
         capabilities=CAPABILITIES,
         segment_fn=partial(forward_segment, engine=engine, chunk_size=chunk_size),
+        samples_fn=partial(forward_samples, engine=engine, chunk_size=chunk_size),
         carry_fn=forward_carry_like,
     )

@@ -338,6 +338,15 @@ def implicit_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor]
                      solver: Solver) -> Segment:
     """Train steps ``start .. stop-1`` plainly, then one implicit-function solve at the current
     parameters with the Hessian of the last training batch's loss (module doc)."""
+    return implicit_samples(problem, state, raw, start, stop, [val_batches], carry,
+                            solver=solver)[0]
+
+
+def implicit_samples(problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
+                     stop: int, val_sets: list[list[Batch]], carry: Any = None, *,
+                     solver: Solver) -> list[Segment]:
+    """:func:`implicit_segment` at each of ``val_sets``: the window and the train gradient's
+    graph once; per set one validation gradient, one solve and one mixed product."""
     hp = problem.hparams
     with torch.no_grad():
         end, losses = unroll(problem, hp.view(problem.raw_tensors(raw)), state, start=start,
@@ -346,13 +355,8 @@ def implicit_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor]
     leaves = {n: v.detach().requires_grad_() for n, v in raw.items()}
     hview = hp.view(leaves)
     theta = {k: v.detach().requires_grad_() for k, v in end.params.items()}
-    theta_list = list(theta.values())
+    theta_list, kept, segments = list(theta.values()), detached_state(end), []
     with torch.enable_grad():
-        value = validation_loss(at_val_batches(problem, val_batches), theta, end.buffers, hview)
-        inputs = [*theta_list, *leaves.values()]
-        grads = zeros_for_unused(torch.autograd.grad(value, inputs, allow_unused=True), inputs)
-        rhs = flat(grads[: len(theta_list)])
-        direct = hp.flatten(dict(zip(leaves, grads[len(theta_list):], strict=True)))
         batch = problem.train_data.batch(stop - 1, problem.seed)
         ctx = StepContext(step=stop - 1, seed=problem.seed, train=True, buffers=end.buffers)
         train = call_loss(problem, "train_loss", theta, hview, batch, ctx)
@@ -362,14 +366,22 @@ def implicit_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor]
             out = torch.autograd.grad(g, theta_list, v, retain_graph=True, allow_unused=True)
             return flat(zeros_for_unused(out, theta_list))
 
-        result = solver(hvp, rhs.detach(), warn=False)
-        mixed = torch.autograd.grad(g, list(leaves.values()), result.x, allow_unused=True)
-    indirect = -hp.flatten(dict(zip(leaves, zeros_for_unused(mixed, list(leaves.values())),
-                                    strict=True)))
-    diagnostics = {"iterations": result.iterations, "residual": result.residual,
-                   "converged": result.converged}
-    return Segment(detached_state(end), hp.unflatten(direct + indirect), float(value.detach()),
-                  losses, None, diagnostics)
+        for val in val_sets:
+            value = validation_loss(at_val_batches(problem, val), theta, end.buffers, hview)
+            inputs = [*theta_list, *leaves.values()]
+            grads = zeros_for_unused(torch.autograd.grad(value, inputs, allow_unused=True),
+                                     inputs)
+            direct = hp.flatten(dict(zip(leaves, grads[len(theta_list):], strict=True)))
+            result = solver(hvp, flat(grads[: len(theta_list)]).detach(), warn=False)
+            mixed = torch.autograd.grad(g, list(leaves.values()), result.x, allow_unused=True,
+                                        retain_graph=True)
+            indirect = -hp.flatten(dict(zip(leaves, zeros_for_unused(
+                mixed, list(leaves.values())), strict=True)))
+            diagnostics = {"iterations": result.iterations, "residual": result.residual,
+                           "converged": result.converged}
+            segments.append(Segment(kept, hp.unflatten(direct + indirect),
+                                    float(value.detach()), losses, None, diagnostics))
+    return segments
 
 
 CAPABILITIES = Capabilities(exact=False, offline=True, online=True, segment_options=("solver",))
@@ -438,4 +450,5 @@ def implicit(
         options,
         capabilities=CAPABILITIES,
         segment_fn=partial(implicit_segment, solver=solver),
+        samples_fn=partial(implicit_samples, solver=solver),
     )

@@ -10,6 +10,7 @@ Its segment (:func:`reverse_segment`, an online window ``[t0, t1)``) backpropaga
 K=1 with SGD is hypergradient descent (Baydin et al. 2018): for the learning rate, ``dL/dlr =
 -<grad L_val(theta_{t+1}), grad L_train(theta_t)>``. ``backprop=k`` keeps the graph of the last
 k steps only (the segment of :func:`~hyperdiff.methods.truncated.truncated`).
+:func:`reverse_samples` backpropagates several validation losses through one window's graph.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from hyperdiff.engine.training import (
     validation_loss,
 )
 from hyperdiff.methods.base import Capabilities, HyperGradient, Method, Segment, finish
-from hyperdiff.methods.segments import at_val_batches, detached_state
+from hyperdiff.methods.segments import at_val_batches, detached_state, sample_grads
 from hyperdiff.typing import Batch
 
 CAPABILITIES = Capabilities(exact=True, offline=True, online=True, data_parallel=True)
@@ -57,6 +58,16 @@ def reverse_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor],
     """Train steps ``start .. stop-1`` with their graph and backpropagate the validation loss
     at the end through them (module doc); with ``backprop = k`` only the last k steps keep
     their graph (the first ones are trained plainly, as a constant start)."""
+    return reverse_samples(problem, state, raw, start, stop, [val_batches], carry,
+                           backprop=backprop)[0]
+
+
+def reverse_samples(problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
+                    stop: int, val_sets: list[list[Batch]], carry: Any = None, *,
+                    backprop: int | None = None) -> list[Segment]:
+    """:func:`reverse_segment` at each of ``val_sets``: the window's graph is built once and
+    the sets' validation losses are backpropagated through it together
+    (:func:`~hyperdiff.methods.segments.sample_grads`)."""
     leaves = {n: v.detach().requires_grad_() for n, v in raw.items()}
     hview = problem.hparams.view(leaves)
     plain = stop - min(stop - start, backprop or stop - start)
@@ -65,17 +76,21 @@ def reverse_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor],
             state, first = unroll(problem, problem.hparams.view(problem.raw_tensors(raw)), state,
                                   start=start, stop=plain, differentiable=False)
         check_finite_losses(first, "online reverse", start)
-        segment = reverse_segment(problem, state, raw, plain, stop, val_batches)
-        return segment._replace(train_losses=torch.cat([first, segment.train_losses]))
+        segments = reverse_samples(problem, state, raw, plain, stop, val_sets)
+        return [s._replace(train_losses=torch.cat([first, s.train_losses])) for s in segments]
     params = {k: v.detach().requires_grad_() for k, v in state.params.items()}
     begin = TrainState(params, dict(state.buffers), state.opt_state)
     end, losses = unroll(problem, hview, begin, start=start, stop=stop, differentiable=True)
     check_finite_losses(losses, "online reverse", start)
-    value = validation_loss(at_val_batches(problem, val_batches), end.params, end.buffers, hview)
-    grad = grads_of(value, leaves, create_graph=False)
-    return Segment(detached_state(end), grad, float(value.detach()), losses)
+    values = [validation_loss(at_val_batches(problem, val), end.params, end.buffers, hview)
+              for val in val_sets]
+    grads = sample_grads(values, list(leaves.values()))
+    kept = detached_state(end)
+    return [Segment(kept, dict(zip(leaves, grad, strict=True)), float(value.detach()), losses)
+            for value, grad in zip(values, grads, strict=True)]
 
 
 def reverse() -> Method:
     """Exact hypergradient by backpropagating through all inner steps (memory O(T))."""
-    return Method("reverse", _reverse, capabilities=CAPABILITIES, segment_fn=reverse_segment)
+    return Method("reverse", _reverse, capabilities=CAPABILITIES, segment_fn=reverse_segment,
+                  samples_fn=reverse_samples)

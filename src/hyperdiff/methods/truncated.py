@@ -33,7 +33,7 @@ from hyperdiff.engine.training import (
 )
 from hyperdiff.errors import HyperdiffError, positive_int
 from hyperdiff.methods.base import Capabilities, HyperGradient, Method, finish
-from hyperdiff.methods.reverse import reverse_segment
+from hyperdiff.methods.reverse import reverse_samples, reverse_segment
 
 CAPABILITIES = Capabilities(exact=False, offline=True, online=True, data_parallel=True,
                             segment_options=("k",))
@@ -96,4 +96,5 @@ def truncated(k: int) -> Method:
     """
     k = positive_int("truncated", "k", k)
     return Method("truncated", lambda problem, raw: _truncated(problem, raw, k), {"k": k},
-                  capabilities=CAPABILITIES, segment_fn=partial(reverse_segment, backprop=k))
+                  capabilities=CAPABILITIES, segment_fn=partial(reverse_segment, backprop=k),
+                  samples_fn=partial(reverse_samples, backprop=k))

@@ -143,8 +143,9 @@ class HyperOptimizer:
             for key, (value, default) in offline.items():
                 if value is not default and value != default:
                     raise fail("HyperOptimizer", key, f"its default {default!r} when a plan is "
-                               "given (the offline plan takes it: hd.plans.OfflinePlan; an "
-                               "online window continues one training)", value)
+                               "given (the plan takes it: hd.plans.OfflinePlan; "
+                               "hd.plans.OnlinePlan(samples=...) for validation samples per "
+                               "window)", value)
         self.plan = plan
         caller = plan.caller
         self.problems = check_problems(problem)

@@ -36,10 +36,10 @@ from hyperdiff.tuner.driver_checks import (
     check_warm_start,
 )
 from hyperdiff.tuner.guard import untrained_losses
-from hyperdiff.tuner.history import History, OptimizeResult, StepRecord, to_number
+from hyperdiff.tuner.history import History, OptimizeResult, StepRecord
 from hyperdiff.tuner.outer_steps import DEFAULT_OFFLINE, offline_optimizers
 from hyperdiff.tuner.plan import Outcome, bind_once
-from hyperdiff.tuner.sampler import Sampler
+from hyperdiff.tuner.sampler import Sampler, estimate_fields
 from hyperdiff.tuner.snr import more_samples_advice
 from hyperdiff.tuner.stopping import ranking_name
 from hyperdiff.wording import option
@@ -195,17 +195,10 @@ def sampled_outcome(loop: Any, sampler: Sampler, step: int, raw: dict[str, Tenso
     """Train every slot of ``sampler`` at ``raw``; the step's mean hypergradient, losses and
     record fields (the selection loss is the outcome's ``kept``)."""
     evaluations, selection = sampler.evaluate(step, raw)
-    grads, values, mean, per_sample, snr, discrete = sampler.estimate(step, raw, evaluations)
-    grad = loop.hparams.unflatten(mean)
-    fields = {
-        "train_loss": sum(hg.train_loss for hg in evaluations) / len(evaluations),
-        "val_loss": float(values.mean()),
-        "val_loss_std": float(values.std()) if len(values) > 1 else 0.0,
-        "grad_norm": float(mean.norm()),
-        "grad_std": float(grads.std(0).norm()) if len(grads) > 1 else None,
-        "grad": {n: to_number(g) for n, g in grad.items()},
-        "grad_snr": snr, "samples": per_sample.shape[0], "discrete": discrete,
-    }
+    found = sampler.estimate(step, raw, evaluations)
+    grad = loop.hparams.unflatten(found.mean)
+    fields = {"train_loss": sum(hg.train_loss for hg in evaluations) / len(evaluations),
+              **estimate_fields(loop.hparams, found)}
     problems = sampler.problems
     return Outcome(grad, [hg.value for hg in evaluations], fields,
                    lambda: untrained_losses(problems, raw, None, loop.selection), selection)

@@ -12,8 +12,25 @@ With raw hyperparameters ``u`` (natural ``lam = f(u)``) and one run of N inner s
 Training continues from the current parameters and optimizer state: the whole run costs one
 N-step training plus the window hypergradients. ``B_h`` is ``val_batch_size`` rows of the
 validation split drawn from ``(seed, h)`` (all of it when ``None``), so the run is a function of
-its inputs. The plan's state is the training state, the carry (forward mode's tangents,
-curvature's statistics), the inner step and the hot-start measure; its checkpoint part is
+its inputs.
+
+**Samples** (``samples = m``): the window's trajectory is one (the model being trained is
+single); its hypergradient is noisy through the validation batch, so sample ``j`` is the window
+hypergradient of the same trajectory at its own batch ``B_h^j`` (rows drawn from ``(seed, h,
+j)``, :func:`~hyperdiff.seeds.window_sample_seed`; ``B_h^0 = B_h``)::
+
+    g_h = mean_j g_h^j,   recorded as offline: grad_std, grad_snr, samples, val_loss_std
+
+through ``method.segment_samples`` (one training of the window; per sample only the validation
+side: one validation gradient contracted with forward's or curvature's tangents, a share of a
+batched backward pass through reverse's window graph, one solve for implicit). With a
+REINFORCE choice sample ``j`` also draws its own choice ``z_j`` (seeded by ``(seed, h, j)``), so
+it trains the window from the same start with it; the run continues with sample 0's training.
+``m`` samples allow the leave-one-out baseline. The combination, the SNR and its warning are
+the offline plan's (:func:`~hyperdiff.tuner.sampler.combine`).
+
+The plan's state is the training state, the carry (forward mode's tangents, curvature's
+statistics), the inner step and the hot-start measure; its checkpoint part is
 :mod:`hyperdiff.tuner.online_checkpoint`.
 
 **Divergence guard** (the loop's, :mod:`hyperdiff.tuner.guard`): a failed window is discarded:
@@ -31,9 +48,9 @@ theta_0 at step 0 with those values, the learning rate divided by that ratio.
 choice's temperature anneals over the run's windows (window ``w`` of ``W`` as offline step
 ``s`` of ``max_steps``); a REINFORCE choice draws one plain choice per window (seeded by
 ``(seed, h)``) and its logits get the score-function estimate ``(L_h - b) (onehot(z_h) - p)``
-(baseline ``"moving_average"`` or ``"none"``; a window trains one sample, so a
-``"leave_one_out"`` baseline becomes the moving average, with a warning). Several samples per
-window and cross-validation folds are refused: a window continues one training.
+(baseline ``"moving_average"`` or ``"none"``; with one sample per window a
+``"leave_one_out"`` baseline becomes the moving average, with a warning). Cross-validation
+folds are refused (offline only): a window continues one training.
 
 Hyperparameters must be defined for the whole run: a parametric schedule over N steps
 (:mod:`hyperdiff.hparams.schedules`), scalars, per-tensor values. A ``per_step`` schedule is
@@ -51,7 +68,7 @@ import torch
 from torch import Tensor
 
 from hyperdiff.engine.problem import Problem
-from hyperdiff.engine.training import TrainState, flat, initial_state, validation_loss
+from hyperdiff.engine.training import TrainState, initial_state, validation_loss
 from hyperdiff.errors import (
     HyperdiffError,
     NonFiniteError,
@@ -65,16 +82,18 @@ from hyperdiff.hparams.schedules import Schedule
 from hyperdiff.methods.base import Method, Segment
 from hyperdiff.methods.registry import OPTIMIZERS, make_method, methods_where
 from hyperdiff.methods.window_methods import window_name
-from hyperdiff.seeds import window_seed
+from hyperdiff.seeds import window_sample_seed, window_seed
 from hyperdiff.tree import tree_flatten, tree_unflatten
 from hyperdiff.tuner.discrete_outer import outer_hook
 from hyperdiff.tuner.guard import untrained_losses
-from hyperdiff.tuner.history import History, StepRecord, to_number
+from hyperdiff.tuner.history import History, StepRecord
 from hyperdiff.tuner.hot_start import MODES as HOT_START_MODES
 from hyperdiff.tuner.hot_start import hot_start_warnings, measure_hot_start, restart_cooler
 from hyperdiff.tuner.online_checkpoint import restore_tuner, tuner_state
 from hyperdiff.tuner.plan import Outcome, bind_once
+from hyperdiff.tuner.sampler import combine, estimate_fields, warn_low_snr
 from hyperdiff.typing import Batch, Params
+from hyperdiff.wording import option
 
 _LOG = logging.getLogger("hyperdiff.online")
 
@@ -115,6 +134,8 @@ class OnlinePlan:
             ``"restart"`` from theta_0 with those values (once), ``"warn"``, or ``"ignore"``;
             ``None``: ``"restart"`` for a method whose capabilities say ``long_horizon``
             (``curvature``), else ``"ignore"``.
+        samples: validation samples per window (module doc); more than 1 needs
+            ``val_batch_size`` or a REINFORCE choice (else they would be identical).
     """
 
     caller = "HyperOptimizer"  # names the loop in messages (the deprecated shim: OnlineTuner)
@@ -126,8 +147,9 @@ class OnlinePlan:
     default_optimizer = "adam"
 
     def __init__(self, window: int = 1, val_batch_size: int | None = None, eval_every: int = 0,
-                 hot_start: str | None = None):
+                 hot_start: str | None = None, samples: int = 1):
         self.window = positive_int(self.caller, "window", window)
+        self.samples = positive_int(self.caller, "samples", samples)
         self.val_batch_size = None if val_batch_size is None else positive_int(
             self.caller, "val_batch_size", val_batch_size)
         self.eval_every = nonnegative_int(self.caller, "eval_every", eval_every)
@@ -169,22 +191,35 @@ class OnlinePlan:
                     f"{self.caller}: the {coef.family} schedule of {coef_name} must be defined "
                     f"over the run's {self.problem.steps} steps (got {coef.steps}); use "
                     f"schedule.with_steps({self.problem.steps})")
-        loop.discrete = outer_hook(loop.hparams, seed=loop.seed, samples=1,
+        self._check_samples(loop.hparams)
+        loop.discrete = outer_hook(loop.hparams, seed=loop.seed, samples=self.samples,
                                    max_steps=self.windows, folds=1,
                                    baseline=self._baseline(loop.hparams))
         with torch.no_grad():
             self.state: TrainState = initial_state(self.problem, differentiable=False)
 
+    def _check_samples(self, hparams: HyperParameters) -> None:
+        """Refuse samples that could only repeat one another: with ``val_batch_size=None``
+        every sample evaluates the whole validation split, and only REINFORCE draws differ."""
+        if self.samples > 1 and self.val_batch_size is None and not _reinforced(hparams):
+            raise fail(self.caller, "samples", "1 when every window evaluates the whole "
+                       "validation split (val_batch_size=None) and no choice is sampled by "
+                       "REINFORCE: its samples would be identical; set val_batch_size "
+                       f"({option('val_batch_size', 'outer.val_batch')}) to draw each sample's "
+                       "validation rows", self.samples)
+
     def _baseline(self, hparams: HyperParameters) -> str | None:
-        """``"moving_average"`` in place of a leave-one-out baseline (an online window trains
-        one sample, so there is no other sample to leave out), with a warning; else None."""
+        """``"moving_average"`` in place of a leave-one-out baseline when a window draws one
+        sample (there is no other sample to leave out), with a warning; else None."""
+        if self.samples > 1:
+            return None
         for name in discrete_names(hparams):
             spec = cast(DiscreteParameter, hparams[name])
             if spec.mode == "reinforce" and spec.baseline == "leave_one_out":
                 _LOG.warning(
                     "%s: the REINFORCE baseline of %r is 'leave_one_out', which needs several "
-                    "samples per step; an online window trains one, so the moving average of "
-                    "the past windows' losses (decay %g) is the baseline instead",
+                    "samples per step; this online run draws one per window, so the moving "
+                    "average of the past windows' losses (decay %g) is the baseline instead",
                     self.caller, name, spec.decay)
                 return "moving_average"
         return None
@@ -198,9 +233,10 @@ class OnlinePlan:
     def done(self) -> bool:
         return self.inner_step >= self.problem.steps
 
-    def val_batches(self, seed: int, hyper_step: int) -> list[Batch]:
-        """The validation batch of hyper-step ``h``: ``val_batch_size`` rows drawn from
-        ``(seed, h)`` out of validation batch ``h mod len(val_data)`` (all batches if None)."""
+    def val_batches(self, seed: int, hyper_step: int, sample: int = 0) -> list[Batch]:
+        """The validation batch of ``sample`` of hyper-step ``h``: ``val_batch_size`` rows drawn
+        from ``(seed, h, sample)`` (:func:`~hyperdiff.seeds.window_sample_seed`) out of
+        validation batch ``h mod len(val_data)`` (all batches if None)."""
         batches = self.problem.val_data
         if self.val_batch_size is None:
             return batches
@@ -208,7 +244,7 @@ class OnlinePlan:
         leaves, spec = tree_flatten(batch)
         rows_total = leaves[0].shape[0]
         size = min(self.val_batch_size, rows_total)
-        gen = torch.Generator().manual_seed(window_seed(seed, hyper_step))
+        gen = torch.Generator().manual_seed(window_sample_seed(seed, hyper_step, sample))
         rows = torch.randperm(rows_total, generator=gen, device=gen.device)[:size]
         rows = rows.to(leaves[0].device)
         if isinstance(batch, tuple):
@@ -239,41 +275,62 @@ class OnlinePlan:
         return self.problem.raw_tensors(loop.raw)
 
     def evaluate(self, loop: Any, step: int, raw: dict[str, Tensor]) -> Outcome:
-        """Train the window from the current state; its hypergradient (REINFORCE estimates
-        for the sampled choices' logits)."""
+        """Train the window from the current state; its hypergradient, the mean over its
+        samples (REINFORCE estimates for the sampled choices' logits), whose spread and
+        signal-to-noise ratio the record holds as offline."""
         start, stop = self.span
-        val = self.val_batches(loop.seed, step)
-        problem = self.problem
-        position = start // self.window
-        if loop.discrete is not None:
-            problem = loop.discrete.prepare(problem, step, 0, raw, anneal_step=position,
-                                            noise_seed=window_seed(loop.seed, step))
-        out = self.segment(problem, raw, start, stop, val)
-        grad = {n: g.detach().to(torch.float64) for n, g in out.grad.items()}
+        vals = [self.val_batches(loop.seed, step, j) for j in range(self.samples)]
+        outs = self._sampled(loop, step, raw, vals)
+        grads = torch.stack([loop.hparams.flatten(self._finite(out.grad, j)).double()
+                             for j, out in enumerate(outs)])
+        values = torch.tensor([out.value for out in outs], dtype=torch.float64, device="cpu")
+        found = combine(grads, values, folds=1, discrete=loop.discrete, step=step, raw=raw,
+                        anneal_step=start // self.window)
+        warn_low_snr(found, f"{self.caller}: window of steps {start}..{stop - 1}",
+                     "validation-batch noise", option("OnlinePlan(samples=...) or a larger "
+                     "val_batch_size", "outer.samples or outer.val_batch"))
+        fields = {"train_loss": float(outs[0].train_losses.mean()),
+                  **estimate_fields(loop.hparams, found)}
+        return Outcome(loop.hparams.unflatten(found.mean), values.tolist(), fields,
+                       lambda: untrained_losses([self.problem], raw, vals[0], loop.selection),
+                       outs[0])
+
+    def _sampled(self, loop: Any, step: int, raw: dict[str, Tensor], vals: list[list[Batch]]
+                 ) -> list[Segment]:
+        """The window's segments, one per sample: one trajectory evaluated at every sample's
+        validation batch; with REINFORCE choices, sample ``j`` trains its own draw from the
+        same start (sample 0's trajectory is the one the run continues)."""
+        start, stop = self.span
+        if loop.discrete is None:
+            return self.segments(self.problem, raw, start, stop, vals)
+        problems = [loop.discrete.prepare(self.problem, step, j, raw,
+                                          anneal_step=start // self.window,
+                                          noise_seed=window_seed(loop.seed, step))
+                    for j in range(self.samples if loop.discrete.reinforce else 1)]
+        if len(problems) == 1:
+            return self.segments(problems[0], raw, start, stop, vals)
+        return [self.segments(p, raw, start, stop, [val])[0]
+                for p, val in zip(problems, vals, strict=True)]
+
+    def _finite(self, grad: dict[str, Tensor], sample: int) -> dict[str, Tensor]:
+        """``grad`` in float64, refused when not finite (naming the window and the sample)."""
+        start, stop = self.span
+        which = f" (sample {sample})" if self.samples > 1 else ""
+        grad = {n: g.detach().to(torch.float64) for n, g in grad.items()}
         for name, g in grad.items():
             if not torch.isfinite(g).all():
                 raise NonFiniteError(f"online {self.label}: the hypergradient of {name!r} is "
-                                     f"not finite in the window of steps {start}..{stop - 1}")
-        discrete = None
-        if loop.discrete is not None:
-            rows, discrete = loop.discrete.adjust(
-                step, raw, loop.hparams.flatten(grad).unsqueeze(0),
-                torch.tensor([out.value], dtype=torch.float64, device="cpu"),
-                anneal_step=position)
-            grad = loop.hparams.unflatten(rows[0])
-        fields = {"train_loss": float(out.train_losses.mean()), "val_loss": out.value,
-                  "val_loss_std": 0.0, "grad_norm": float(flat(grad.values()).norm()),
-                  "grad_std": None, "grad": {n: to_number(g) for n, g in grad.items()},
-                  "discrete": discrete}
-        return Outcome(grad, [out.value], fields,
-                       lambda: untrained_losses([self.problem], raw, val, loop.selection),
-                       out)
+                                     f"not finite in the window of steps {start}..{stop - 1}"
+                                     f"{which}")
+        return grad
 
-    def segment(self, problem: Problem, raw: dict[str, Tensor], start: int, stop: int,
-                val: list[Batch]) -> Segment:
+    def segments(self, problem: Problem, raw: dict[str, Tensor], start: int, stop: int,
+                 vals: list[list[Batch]]) -> list[Segment]:
         """The one place the plan trains: the method's segment ``[start, stop)`` from the
-        current state with the carry (a data-parallel method wraps here too)."""
-        return self.method.segment(problem, self.state, raw, start, stop, val, self.tangent)
+        current state with the carry, at each of ``vals`` (``Method.segment_samples``: one
+        trajectory; a data-parallel method wraps here too)."""
+        return self.method.segment_samples(problem, self.state, raw, start, stop, vals,
+                                           self.tangent)
 
     def selection_loss(self, loop: Any, outcome: Outcome) -> float | None:
         """The selection loss at the window's end (at the updated values), every
@@ -333,6 +390,12 @@ class OnlinePlan:
             params=dict(self.state.params), buffers=dict(self.state.buffers),
             history=History(list(loop.history)), steps=self.inner_step,
             hyper_steps=len(loop.history), time_s=loop.elapsed, warnings=self.warnings)
+
+
+def _reinforced(hparams: HyperParameters) -> bool:
+    """Whether a discrete hyperparameter of ``hparams`` is sampled by REINFORCE."""
+    return any(cast(DiscreteParameter, hparams[n]).mode == "reinforce"
+               for n in discrete_names(hparams))
 
 
 __all__ = ["OnlinePlan", "OnlineResult"]

@@ -28,11 +28,13 @@ from torch import Tensor
 from hyperdiff.engine.problem import Problem
 from hyperdiff.engine.training import validation_loss
 from hyperdiff.errors import NonFiniteError
+from hyperdiff.hparams.hyperparams import HyperParameters
 from hyperdiff.logs import get_logger
 from hyperdiff.methods.base import HyperGradient, Method
 from hyperdiff.seeds import minibatch_seed
 from hyperdiff.tuner.discrete_outer import DiscreteOuter
 from hyperdiff.tuner.distributed.spread import Spreader
+from hyperdiff.tuner.history import to_number
 from hyperdiff.tuner.snr import (
     SNR_TARGET,
     AutoSamples,
@@ -127,24 +129,16 @@ class Sampler:
 
     def estimate(self, step: int, raw: dict[str, Tensor], evaluations: list[HyperGradient]
                  ) -> Estimate:
-        """Combine the slots' hypergradients (REINFORCE estimates for the sampled choices'
-        logits with discrete hyperparameters); warn when the SNR is below the target."""
+        """Combine the slots' hypergradients (:func:`combine`); warn when the SNR is below the
+        target."""
         hparams = self.problems[0].hparams
         grads = torch.stack([hparams.flatten(hg.grad).double() for hg in evaluations])
         values = torch.tensor([hg.value for hg in evaluations], dtype=torch.float64, device="cpu")
-        discrete = None
-        if self.discrete is not None:  # REINFORCE estimates for the sampled choices' logits
-            grads, discrete = self.discrete.adjust(step, raw, grads, values)
-        mean = grads.mean(0)
-        per_sample = sample_means(grads, len(self.problems))
-        snr = signal_to_noise(per_sample)
-        if snr is not None and snr < SNR_TARGET:
-            _LOG.warning(
-                "outer step %d: the hypergradient's signal-to-noise ratio is %s < %g over "
-                "%d samples: the step direction is mostly minibatch noise; use more samples "
-                "(%s)", step, below(snr, SNR_TARGET), SNR_TARGET, per_sample.shape[0],
-                more_samples_advice(self.auto is not None, self.samples))
-        return Estimate(grads, values, mean, per_sample, snr, discrete)
+        found = combine(grads, values, folds=len(self.problems), discrete=self.discrete,
+                        step=step, raw=raw)
+        warn_low_snr(found, f"outer step {step}", "minibatch noise",
+                     more_samples_advice(self.auto is not None, self.samples))
+        return found
 
     def _sample(self, step: int, raw: dict[str, Tensor], samples: range,
                 done: Outcomes) -> None:
@@ -179,6 +173,44 @@ class Sampler:
         hparams = self.problems[0].hparams
         grads = [hparams.flatten(done[slot][0].grad).double() for slot in sorted(done)]
         return sample_means(torch.stack(grads), len(self.problems))
+
+
+def combine(grads: Tensor, values: Tensor, *, folds: int, discrete: DiscreteOuter | None,
+            step: int, raw: dict[str, Tensor], anneal_step: int | None = None) -> Estimate:
+    """One step's :class:`Estimate` from its trainings' flat hypergradients ``grads`` ``(n, k)``
+    (fold-major rows) and validation losses ``values`` ``(n,)``: REINFORCE estimates for the
+    sampled choices' logits (the discrete hook's, at ``anneal_step``), ``g_s = mean_i g_i``,
+    the per-sample means over the folds and their signal-to-noise ratio
+    (:mod:`hyperdiff.tuner.snr`). Shared by the offline and the online plan."""
+    info = None
+    if discrete is not None:
+        grads, info = discrete.adjust(step, raw, grads, values, anneal_step=anneal_step)
+    per_sample = sample_means(grads, folds)
+    return Estimate(grads, values, grads.mean(0), per_sample, signal_to_noise(per_sample), info)
+
+
+def warn_low_snr(found: Estimate, where: str, noise: str, advice: str) -> None:
+    """Warn that ``where``'s direction is mostly ``noise`` when its SNR is below the target."""
+    if found.snr is not None and found.snr < SNR_TARGET:
+        _LOG.warning(
+            "%s: the hypergradient's signal-to-noise ratio is %s < %g over %d samples: the "
+            "step direction is mostly %s; use more samples (%s)", where,
+            below(found.snr, SNR_TARGET), SNR_TARGET, found.per_sample.shape[0], noise, advice)
+
+
+def estimate_fields(hparams: HyperParameters, found: Estimate) -> dict[str, Any]:
+    """The record's fields of an :class:`Estimate` (``train_loss`` is the plan's): the mean
+    and spread of the losses and hypergradients, the SNR, the samples, the discrete entry."""
+    values, grads, mean = found.values, found.grads, found.mean
+    return {
+        "val_loss": float(values.mean()),
+        "val_loss_std": float(values.std()) if len(values) > 1 else 0.0,
+        "grad_norm": float(mean.norm()),
+        "grad_std": float(grads.std(0).norm()) if len(grads) > 1 else None,
+        "grad": {n: to_number(g) for n, g in hparams.unflatten(mean).items()},
+        "grad_snr": found.snr, "samples": found.per_sample.shape[0],
+        "discrete": found.discrete,
+    }
 
 
 def selection_loss(problem: Problem, selection: list[Batch], hg: HyperGradient,

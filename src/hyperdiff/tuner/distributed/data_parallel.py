@@ -25,8 +25,11 @@ A segment (``method.segment(problem, state, raw, start, stop, val_batches, carry
 online window) is sharded the same way: every rank holds the same state, carry (forward's
 tangents, curvature's tangents and statistics), validation loss and train losses at ``stop``,
 and the mean of the ranks' raw hypergradients, which is the single-process full-batch
-segment's (``reverse``, ``truncated``, ``forward``, ``curvature``). The ``curvature`` method's
-default scale, the training batch's rows, is the whole batch's ``B``, not a shard's.
+segment's (``reverse``, ``truncated``, ``forward``, ``curvature``). A window with several
+validation samples (``method.segment_samples``) trains once on the shards and evaluates every
+sample on every rank, as offline a data-parallel method runs every training on all ranks.
+The ``curvature`` method's default scale, the training batch's rows, is the whole batch's
+``B``, not a shard's.
 
 The validation batches are not sharded (each rank evaluates all of them). The train loss each
 rank reports is the mean over ranks (its value; its gradient is the shard's, averaged as
@@ -215,23 +218,33 @@ def _segment(inner: Method, group_arg: Any, problem: Problem, state: TrainState,
     """``inner``'s segment ``[start, stop)`` with each rank training on its shard: the state,
     the validation loss, the train losses and the carry are every rank's (equal), the raw
     hypergradient is the mean of the ranks' (module doc)."""
+    return _samples(inner, group_arg, problem, state, raw, start, stop, [val_batches], carry)[0]
+
+
+def _samples(inner: Method, group_arg: Any, problem: Problem, state: TrainState,
+             raw: dict[str, Tensor], start: int, stop: int, val_sets: list[list[Batch]],
+             carry: Any = None) -> list[Segment]:
+    """:func:`_segment` at each of ``val_sets`` (``inner.segment_samples``): every rank
+    evaluates every set, and each set's hypergradient is the mean of the ranks'."""
     group = current_group(group_arg)
     if group is None:
-        return inner.segment(problem, state, raw, start, stop, val_batches, carry)
+        return inner.segment_samples(problem, state, raw, start, stop, val_sets, carry)
     where = f"data_parallel {inner.name} segment [{start}, {stop}) (seed {problem.seed})"
     group.barrier(where)
-    method, failure, part = _full_batch_scale(inner, problem, start), None, None
+    method, failure, parts = _full_batch_scale(inner, problem, start), None, None
     try:
-        part = method.segment(shard_problem(problem, group, where), state, raw, start, stop,
-                              val_batches, carry)
+        parts = method.segment_samples(shard_problem(problem, group, where), state, raw, start,
+                                       stop, val_sets, carry)
     except NonFiniteError as err:
         failure = str(err)
-    vector, _ = _mean_over_ranks(group, where, failure,
-                                 None if part is None else problem.hparams.flatten(part.grad),
-                                 0.0)
-    assert part is not None  # _mean_over_ranks raised otherwise
-    return part._replace(grad=problem.hparams.unflatten(vector),
-                         diagnostics={**(part.diagnostics or {}), "world": group.world})
+    vector, _ = _mean_over_ranks(
+        group, where, failure,
+        None if parts is None else torch.cat([problem.hparams.flatten(p.grad) for p in parts]),
+        0.0)
+    assert parts is not None  # _mean_over_ranks raised otherwise
+    return [part._replace(grad=problem.hparams.unflatten(row),
+                          diagnostics={**(part.diagnostics or {}), "world": group.world})
+            for part, row in zip(parts, vector.reshape(len(parts), -1), strict=True)]
 
 
 def _full_batch_scale(inner: Method, problem: Problem, start: int) -> Method:
@@ -270,6 +283,7 @@ def data_parallel(method: Method | str = "reverse", group: Any = None) -> DataPa
         inner.name, lambda problem, raw: _run(inner, group, problem, raw),
         {**inner.options, "data_parallel": True}, inner.capabilities,
         segment_fn=None if inner.segment_fn is None else partial(_segment, inner, group),
+        samples_fn=None if inner.segment_fn is None else partial(_samples, inner, group),
         carry_fn=inner.carry_fn, check_fn=inner.check_fn, inner=inner, group=group,
     )
 
