@@ -92,6 +92,14 @@ def test_batched_reverse_equals_each_task_alone(optimizer):
     assert all(hg.diagnostics["batched"] == len(problems) for hg in batched)
 
 
+@pytest.mark.parametrize("method", [hd.methods.fomaml(), hd.methods.reptile(scale=2.0)],
+                         ids=["fomaml", "reptile"])
+def test_batched_first_order_methods_equal_each_task_alone(method):
+    problems = tasks_for(template(optimizer=hd.sgd(LR, momentum=0.5)))
+    batched, _ = assert_batch_equals_loop(method, problems)
+    assert all(hg.diagnostics["batched"] == len(problems) for hg in batched)
+
+
 def test_meta_sgd_learning_rates_equal_the_loop_and_central_differences():
     base = template(meta_sgd=True)
     problems = tasks_for(base)

@@ -145,10 +145,14 @@ def batched_initial_state(tasks: TaskBatch, leaves: dict[str, Tensor]) -> TrainS
 
 
 def batched_train_step(tasks: TaskBatch, state: TrainState, leaves: dict[str, Tensor],
-                       step: int) -> tuple[TrainState, Tensor]:
-    """One differentiable inner step of every task (module doc); the tasks' train losses
-    ``(m,)`` at ``P_t``, detached."""
+                       step: int, *, differentiable: bool = True) -> tuple[TrainState, Tensor]:
+    """One inner step of every task (module doc), with its graph when ``differentiable``
+    (else plain training, as :func:`~hyperdiff.engine.training.train_step`); the tasks'
+    train losses ``(m,)`` at ``P_t``, detached."""
     problem, params = tasks.template, state.params
+    if not differentiable:
+        params = {k: v.detach().requires_grad_() for k, v in params.items()}
+        leaves = {n: v.detach() for n, v in leaves.items()}
     ctx = StepContext(step=step, seed=problem.seed, train=True, buffers={})
 
     def loss(p: Params, u: dict[str, Tensor], batch: Batch) -> Tensor:
@@ -156,20 +160,29 @@ def batched_train_step(tasks: TaskBatch, state: TrainState, leaves: dict[str, Te
 
     with torch.enable_grad():
         losses = _vmap(loss, params, leaves, tasks.support)
-        grads = grads_of(losses.sum(), params, create_graph=True)
-    new_params, opt_state = _vmap(
-        lambda g, s, p, u: problem.optimizer.update(g, s, p, problem.hparams.view(u), step),
-        grads, state.opt_state, params, leaves)
+        grads = grads_of(losses.sum(), params, create_graph=differentiable)
+    with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+        new_params, opt_state = _vmap(
+            lambda g, s, p, u: problem.optimizer.update(g, s, p, problem.hparams.view(u), step),
+            grads, state.opt_state, params if differentiable else _detached(params), leaves)
     return TrainState(new_params, {}, opt_state), losses.detach()
 
 
-def batched_unroll(tasks: TaskBatch, leaves: dict[str, Tensor]) -> tuple[TrainState, Tensor]:
-    """All ``T`` differentiable inner steps of every task from theta_0; the state at ``T`` and
-    the train losses ``(m, T)``."""
+def _detached(params: Params) -> Params:
+    return {k: v.detach() for k, v in params.items()}
+
+
+def batched_unroll(tasks: TaskBatch, leaves: dict[str, Tensor], *, differentiable: bool = True
+                   ) -> tuple[TrainState, Tensor]:
+    """All ``T`` inner steps of every task from theta_0 (with their graph when
+    ``differentiable``); the state at ``T`` and the train losses ``(m, T)``."""
     state = batched_initial_state(tasks, leaves)
+    if not differentiable:
+        state = TrainState(_detached(state.params), {}, state.opt_state)
     losses = []
     for step in range(tasks.template.steps):
-        state, loss = batched_train_step(tasks, state, leaves, step)
+        state, loss = batched_train_step(tasks, state, leaves, step,
+                                         differentiable=differentiable)
         losses.append(loss)
     return state, torch.stack(losses, dim=1).to(tasks.template.hparam_dtype)
 
