@@ -1,7 +1,8 @@
 """Meta-learning as a plan of the one outer loop (issue 21): hd.plans.MetaPlan, a task
 distribution, first-order MAML and Reptile, iMAML through the plan.
 
-Every reference is independent of the code under test: the MAML meta-gradient is a
+Every reference is independent of the code under test: the MAML meta-gradient (the plan's
+vmapped batch of tasks, and the per-task loop where tasks have unequal shapes) is a
 hand-written unroll (plain autograd over an explicitly written SGD loop per task, averaged over
 the batch); first-order MAML and Reptile are their formulas on an explicitly written loop;
 iMAML is central finite differences of the proximal inner problem solved in closed form.
@@ -9,6 +10,7 @@ iMAML is central finite differences of the proximal inner problem solved in clos
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import pytest
@@ -122,6 +124,55 @@ def test_exact_meta_gradient_equals_a_hand_written_unroll_over_the_batch(method,
     assert torch.allclose(outcome.grad["theta0"], expected, rtol=0, atol=1e-10)
     assert outcome.grad["theta0"].norm() > 1e-3  # not a trivially equal pair of zeros
     assert outcome.fields["samples"] == BATCH
+
+
+def counting(method):
+    """``method`` whose batched form counts its calls (the plan took the vmapped path)."""
+    calls = []
+
+    def batch_fn(tasks, raw):
+        calls.append(tasks.size)
+        return method.batch_fn(tasks, raw)
+
+    return dataclasses.replace(method, batch_fn=batch_fn), calls
+
+
+@pytest.mark.parametrize("step", [0, 3])
+def test_vmapped_meta_gradient_equals_the_per_task_loop_and_the_hand_written_unroll(step):
+    method, calls = counting(hd.reverse())
+    loop = loop_for(method)
+    raw = loop.raw["theta0"] + 0.1 * torch.arange(10, dtype=D).sin()
+    outcome = loop.plan.evaluate(loop, step, {"theta0": raw})
+    assert calls == [BATCH]  # all the step's tasks in one batched computation
+    base = loop.problems[0]
+    per_task = [hd.reverse()(loop.plan.tasks.problem(base, *ij), {"theta0": raw})
+                for ij in loop.plan.task_indices(loop, step)]
+    loop_mean = torch.stack([hg.grad["theta0"] for hg in per_task]).mean(0)
+    assert torch.allclose(outcome.grad["theta0"], loop_mean, rtol=0, atol=1e-12)
+    assert abs(outcome.fields["val_loss"] - sum(hg.value for hg in per_task) / BATCH) <= 1e-12
+    assert abs(outcome.fields["train_loss"]
+               - sum(hg.train_loss for hg in per_task) / BATCH) <= 1e-12
+    assert torch.allclose(outcome.grad["theta0"], hand_maml(step, raw), rtol=0, atol=1e-10)
+
+
+def test_tasks_of_unequal_shapes_fall_back_to_the_per_task_loop():
+    def uneven(index, seed):  # support sets of 6 and 5 points
+        (xs, ys), query = sample(index, seed)
+        return ((xs, ys) if index % 2 else (xs[:5], ys[:5])), query
+
+    method, calls = counting(hd.reverse())
+    loop = loop_for(method, tasks=uneven)
+    raw = loop.raw["theta0"]
+    got = loop.plan.evaluate(loop, 1, {"theta0": raw}).grad["theta0"]
+    assert calls == []  # not stackable: one task at a time
+    total = torch.zeros_like(raw)
+    for index, seed in [meta_task(SEED, 1, BATCH, i) for i in range(BATCH)]:
+        support, query = uneven(index, seed)
+        theta0 = raw.clone().requires_grad_()
+        theta = adapt(theta0, support, create_graph=True)
+        total += torch.autograd.grad(((net(theta, query[0]) - query[1]) ** 2).mean(), theta0)[0]
+    assert torch.allclose(got, total / BATCH, rtol=0, atol=1e-10)
+    assert got.norm() > 1e-3
 
 
 @pytest.mark.parametrize("which", ["fomaml", "reptile"])

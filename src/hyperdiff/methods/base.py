@@ -10,14 +10,18 @@ steps ``start .. stop-1`` from ``state`` (the parameters, buffers and optimizer 
 validation loss and the *carry*: what the method hands to its next segment (forward mode's
 tangents ``Z_t = ds_t/du``, curvature's tangents and statistics; ``None`` for the others and
 at the start of a run). Offline is the segment ``[0, T)`` from ``theta_0``; an online window
-is ``[t, t+K)`` from the current state with the carry. What a method can do is declared in its
-:class:`Capabilities`, which the tuners and configs read instead of lists of names.
+is ``[t, t+K)`` from the current state with the carry. Several problems that differ only in
+their data (the tasks of a meta step) are differentiated by ``method.batch(problems, raw)``:
+one batched computation where the method offers one and the tasks are stackable
+(:mod:`hyperdiff.engine.task_batch`), one call per problem otherwise. What a method can do
+is declared in its :class:`Capabilities`, which the tuners and configs read instead of lists
+of names.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -25,9 +29,11 @@ import torch
 from torch import Tensor
 
 from hyperdiff.engine.problem import Problem
+from hyperdiff.engine.task_batch import TaskBatch, stack_tasks
 from hyperdiff.engine.training import TrainState, zeros_for_unused
 from hyperdiff.errors import HyperdiffError, NonFiniteError
 from hyperdiff.hparams.hyperparams import HyperParameters
+from hyperdiff.logs import get_logger
 from hyperdiff.typing import Batch, Params
 from hyperdiff.wording import option
 
@@ -129,7 +135,11 @@ SamplesFn = Callable[[Problem, TrainState, dict[str, Tensor], int, int, list[lis
 trajectory, the validation side once per set of validation batches."""
 
 
+BatchFn = Callable[[TaskBatch, dict[str, Tensor]], list["HyperGradient"]]
+"""``batch(tasks, raw) -> [HyperGradient per task]`` over stacked tasks."""
+
 OFFLINE_MODE = 'outer.mode = "offline"'
+_LOG = get_logger("methods")
 
 
 @dataclass(frozen=True)
@@ -146,6 +156,7 @@ class Method:
         default=None, repr=False, compare=False)
     check_fn: Callable[[Problem], None] | None = field(default=None, repr=False, compare=False)
     samples_fn: SamplesFn | None = field(default=None, repr=False, compare=False)
+    batch_fn: BatchFn | None = field(default=None, repr=False, compare=False)
 
     @property
     def exact(self) -> bool:
@@ -153,6 +164,20 @@ class Method:
 
     def __call__(self, problem: Problem, raw: dict[str, Tensor] | None = None) -> HyperGradient:
         return self.run(problem, problem.raw_tensors(raw))
+
+    def batch(self, problems: Sequence[Problem], raw: dict[str, Tensor] | None = None
+              ) -> list[HyperGradient]:
+        """``[method(p, raw) for p in problems]`` for problems that differ only in their data:
+        one batched computation when the method has one and the problems are stackable
+        (:func:`~hyperdiff.engine.task_batch.stack_tasks`), else one call per problem, also
+        when vmap refuses the losses (data-dependent Python control flow, ``.item()``)."""
+        tasks = None if self.batch_fn is None else stack_tasks(problems)
+        if tasks is not None:
+            try:
+                return self.batch_fn(tasks, tasks.template.raw_tensors(raw))  # type: ignore[misc]
+            except RuntimeError as err:  # vmap's refusal; the loop raises a real error again
+                _LOG.debug("%s: batched tasks fell back to one by one: %s", self.name, err)
+        return [self(p, raw) for p in problems]
 
     def segment(self, problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
                 stop: int, val_batches: list[Batch], carry: Any = None) -> Segment:
@@ -255,5 +280,5 @@ def finish(
     )
 
 
-__all__ = ["Capabilities", "HyperGradient", "Method", "SamplesFn", "Segment", "SegmentFn",
-           "finish", "zeros_for_unused"]
+__all__ = ["BatchFn", "Capabilities", "HyperGradient", "Method", "SamplesFn", "Segment",
+           "SegmentFn", "finish", "zeros_for_unused"]

@@ -10,7 +10,8 @@ first-order MAML (Finn et al. 2017, section 5.2) drops the Jacobian of training
                                                    part, no path through training: usually 0)
 
 Training runs once without a graph and the gradient costs one backward pass of the validation
-loss: time about that of plain training, memory O(params), independent of T. Its error
+loss: time about that of plain training, memory O(params), independent of T. The tasks of a
+meta step with equal shapes train as one vmapped computation (:func:`first_order_batch`). Its error
 against the exact hypergradient grows with T and the learning rate (``hd.check`` reports it).
 """
 
@@ -18,11 +19,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from hyperdiff.engine.problem import Problem
+from hyperdiff.engine.task_batch import (
+    TaskBatch,
+    batched_unroll,
+    batched_validation_loss,
+    row,
+    task_leaves,
+)
 from hyperdiff.engine.training import (
     check_finite_losses,
     flat,
@@ -47,12 +56,7 @@ def first_order(problem: Problem, raw: dict[str, Tensor], method: str,
     direct hypergradient, and ``initial_grad(theta_0, theta_T, grad L_val(theta_T))`` added to
     the initialization's entry (flat, in its parameters' order)."""
     started = time.perf_counter()
-    name = problem.initialization
-    if name is None:
-        raise HyperdiffError(
-            f"{method}: problem must tune its initialization (hd.initialization(params) among "
-            "its hyperparameters; a first-order meta-gradient is one of theta_0) (got the "
-            f"hyperparameters {list(problem.hparams)})")
+    _initialization(problem, method)
     with torch.no_grad():
         start = initial_state(problem, problem.hparams.view(problem.raw_tensors(raw)),
                               differentiable=False)
@@ -62,25 +66,82 @@ def first_order(problem: Problem, raw: dict[str, Tensor], method: str,
     leaves = {n: v.detach().requires_grad_() for n, v in raw.items()}
     adapted = {k: v.detach().requires_grad_() for k, v in end.params.items()}
     value = validation_loss(problem, adapted, end.buffers, problem.hparams.view(leaves))
+    grad, at_end = _value_grads(value, leaves, adapted)
+    theta0 = {k: v.detach() for k, v in start.params.items()}
+    return _packaged(problem, leaves, method, initial_grad, value, grad, at_end, theta0,
+                     end.params, end.buffers, losses, started)
+
+
+def first_order_batch(tasks: TaskBatch, raw: dict[str, Tensor], method: str,
+                      initial_grad: InitialGrad) -> list[HyperGradient]:
+    """:func:`first_order` of every task, trained as one vmapped computation
+    (:mod:`hyperdiff.engine.task_batch`): row ``i`` of each gradient is task ``i``'s."""
+    started = time.perf_counter()
+    problem = tasks.template
+    _initialization(problem, method)
+    with torch.no_grad():  # theta_0 is every task's: the same raw values
+        theta0 = initial_state(problem, problem.hparams.view(raw), differentiable=False).params
+    leaves = task_leaves(raw, tasks.size)
+    end, losses = batched_unroll(tasks, leaves, differentiable=False)
+    for task_losses in losses:
+        check_finite_losses(task_losses, method)
+    adapted = {k: v.detach().requires_grad_() for k, v in end.params.items()}
+    values = batched_validation_loss(tasks, adapted, leaves)
+    grad, at_end = _value_grads(values.sum(), leaves, adapted)
+    return [_packaged(p, raw, method, initial_grad, values[i], row(grad, i), row(at_end, i),
+                      theta0, row(end.params, i), p.buffers, losses[i], started,
+                      batched=tasks.size)
+            for i, p in enumerate(tasks.problems)]
+
+
+def _initialization(problem: Problem, method: str) -> str:
+    name = problem.initialization
+    if name is None:
+        raise HyperdiffError(
+            f"{method}: problem must tune its initialization (hd.initialization(params) among "
+            "its hyperparameters; a first-order meta-gradient is one of theta_0) (got the "
+            f"hyperparameters {list(problem.hparams)})")
+    return name
+
+
+def _value_grads(value: Tensor, leaves: Params, adapted: Params) -> tuple[Params, Params]:
+    """``d value/d leaves`` and ``d value/d adapted`` (zeros where unused)."""
     inputs = [*leaves.values(), *adapted.values()]
     grads = zeros_for_unused(torch.autograd.grad(value, inputs, allow_unused=True), inputs)
-    grad = dict(zip(leaves, grads[:len(leaves)], strict=True))
-    at_end = dict(zip(adapted, grads[len(leaves):], strict=True))
-    theta0 = {k: v.detach() for k, v in start.params.items()}
-    extra = initial_grad(theta0, {k: v.detach() for k, v in end.params.items()}, at_end)
+    return (dict(zip(leaves, grads[:len(leaves)], strict=True)),
+            dict(zip(adapted, grads[len(leaves):], strict=True)))
+
+
+def _packaged(problem: Problem, raw: dict[str, Tensor], method: str, initial_grad: InitialGrad,
+              value: Tensor, grad: Params, at_end: Params, theta0: Params, theta_t: Params,
+              buffers: Params, losses: Tensor, started: float, **diagnostics: Any
+              ) -> HyperGradient:
+    """``initial_grad(theta_0, theta_T, at_end)`` added to the initialization's entry of
+    ``grad`` (flat, in its parameters' order), packaged by :func:`finish`."""
+    name = _initialization(problem, method)
+    extra = initial_grad(theta0, {k: v.detach() for k, v in theta_t.items()}, at_end)
     order = problem.hparams[name].param_names  # type: ignore[attr-defined]
-    grad[name] = grad[name] + flat(extra[k] for k in order).to(grad[name])
-    return finish(problem, leaves, method=method, value=value, grad=grad, params=end.params,
-                  buffers=end.buffers, train_losses=losses, started=started)
+    grad = {**grad, name: grad[name] + flat(extra[k] for k in order).to(grad[name])}
+    return finish(problem, raw, method=method, value=value, grad=grad, params=theta_t,
+                  buffers=buffers, train_losses=losses, started=started, **diagnostics)
 
 
-def _fomaml(problem: Problem, raw: dict[str, Tensor]) -> HyperGradient:
-    return first_order(problem, raw, "fomaml", lambda theta0, theta_t, g_t: g_t)
+def _adapted_grad(theta0: Params, theta_t: Params, g_t: Params) -> Params:
+    return g_t
 
 
 def fomaml() -> Method:
     """First-order MAML: ``grad L_val(theta_T)`` as theta_0's hypergradient (module doc)."""
-    return Method("fomaml", _fomaml, capabilities=CAPABILITIES)
+    return Method("fomaml", partial_first_order(first_order, "fomaml", _adapted_grad),
+                  capabilities=CAPABILITIES,
+                  batch_fn=partial_first_order(first_order_batch, "fomaml", _adapted_grad))
 
 
-__all__ = ["CAPABILITIES", "first_order", "fomaml"]
+def partial_first_order(fn: Callable[..., Any], method: str, initial_grad: InitialGrad
+                        ) -> Callable[..., Any]:
+    """``fn(problem_or_tasks, raw)`` with the method's name and ``initial_grad`` bound."""
+    return lambda target, raw: fn(target, raw, method, initial_grad)
+
+
+__all__ = ["CAPABILITIES", "first_order", "first_order_batch", "fomaml",
+           "partial_first_order"]

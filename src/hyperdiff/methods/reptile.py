@@ -12,17 +12,16 @@ Reptile's update exactly. For inner SGD with rate ``alpha``, ``scale = 1 / (T al
 ``g`` the mean of the T training gradients along the path, comparable in size to the
 (first-order) MAML meta-gradient; Adam, the outer default, is invariant to the scale. Reptile
 uses the support (training) set only; the validation loss is reported but not differentiated
-for theta_0. Time about plain training, memory O(params).
+for theta_0. Time about plain training, memory O(params); the tasks of a meta step with equal
+shapes train as one vmapped computation, as first-order MAML's.
 """
 
 from __future__ import annotations
 
-from torch import Tensor
-
-from hyperdiff.engine.problem import Problem
 from hyperdiff.errors import positive_float
-from hyperdiff.methods.base import Capabilities, HyperGradient, Method
-from hyperdiff.methods.fomaml import first_order
+from hyperdiff.methods.base import Capabilities, Method
+from hyperdiff.methods.fomaml import first_order, first_order_batch, partial_first_order
+from hyperdiff.typing import Params
 
 CAPABILITIES = Capabilities(exact=False, offline=True)
 
@@ -35,11 +34,12 @@ def reptile(scale: float = 1.0) -> Method:
     """
     factor = positive_float("reptile", "scale", scale)
 
-    def run(problem: Problem, raw: dict[str, Tensor]) -> HyperGradient:
-        return first_order(problem, raw, "reptile", lambda theta0, theta_t, g_t: {
-            k: factor * (theta0[k] - theta_t[k]) for k in theta0})
+    def moved(theta0: Params, theta_t: Params, g_t: Params) -> Params:
+        return {k: factor * (theta0[k] - theta_t[k]) for k in theta0}
 
-    return Method("reptile", run, options={"scale": factor}, capabilities=CAPABILITIES)
+    return Method("reptile", partial_first_order(first_order, "reptile", moved),
+                  options={"scale": factor}, capabilities=CAPABILITIES,
+                  batch_fn=partial_first_order(first_order_batch, "reptile", moved))
 
 
 __all__ = ["CAPABILITIES", "reptile"]

@@ -9,7 +9,9 @@ Its segment (:func:`reverse_segment`, an online window ``[t0, t1)``) backpropaga
 ``dL/dlam = dL/dlam|direct + dL/ds_{t1} sum_{t0<=t<t1} (prod_{t<j<t1} dPhi_j/ds) dPhi_t/dlam``.
 K=1 with SGD is hypergradient descent (Baydin et al. 2018): for the learning rate, ``dL/dlr =
 -<grad L_val(theta_{t+1}), grad L_train(theta_t)>``. ``backprop=k`` keeps the graph of the last
-k steps only (the segment of :func:`~hyperdiff.methods.truncated.truncated`).
+k steps only (the segment of :func:`~hyperdiff.methods.truncated.truncated`). Its batch
+(:func:`_reverse_batch`, the tasks of a meta step) runs all tasks' unrolls as one vmapped
+computation (:mod:`hyperdiff.engine.task_batch`).
 :func:`reverse_samples` backpropagates several validation losses through one window's graph.
 """
 
@@ -22,6 +24,13 @@ import torch
 from torch import Tensor
 
 from hyperdiff.engine.problem import Problem
+from hyperdiff.engine.task_batch import (
+    TaskBatch,
+    batched_unroll,
+    batched_validation_loss,
+    row,
+    task_leaves,
+)
 from hyperdiff.engine.training import (
     TrainState,
     check_finite_losses,
@@ -50,6 +59,22 @@ def _reverse(problem: Problem, raw: dict[str, Tensor]) -> HyperGradient:
         problem, leaves, method="reverse", value=value, grad=grad, params=state.params,
         buffers=state.buffers, train_losses=losses, started=started,
     )
+
+
+def _reverse_batch(tasks: TaskBatch, raw: dict[str, Tensor]) -> list[HyperGradient]:
+    """Every task's reverse-mode hypergradient from one batched unroll
+    (:mod:`hyperdiff.engine.task_batch`): ``d(sum_i L_val,i)/dU``, row ``i`` task ``i``'s."""
+    started = time.perf_counter()
+    leaves = task_leaves(raw, tasks.size)
+    state, losses = batched_unroll(tasks, leaves)
+    for task_losses in losses:
+        check_finite_losses(task_losses, "reverse")
+    values = batched_validation_loss(tasks, state.params, leaves)
+    grads = grads_of(values.sum(), leaves, create_graph=False)
+    return [finish(problem, raw, method="reverse", value=values[i], grad=row(grads, i),
+                   params=row(state.params, i), buffers=problem.buffers, train_losses=losses[i],
+                   started=started, batched=tasks.size)
+            for i, problem in enumerate(tasks.problems)]
 
 
 def reverse_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
@@ -93,4 +118,4 @@ def reverse_samples(problem: Problem, state: TrainState, raw: dict[str, Tensor],
 def reverse() -> Method:
     """Exact hypergradient by backpropagating through all inner steps (memory O(T))."""
     return Method("reverse", _reverse, capabilities=CAPABILITIES, segment_fn=reverse_segment,
-                  samples_fn=reverse_samples)
+                  samples_fn=reverse_samples, batch_fn=_reverse_batch)

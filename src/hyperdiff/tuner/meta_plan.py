@@ -13,7 +13,9 @@ step ``s`` at raw values ``u_s``::
 
 so exact methods give the MAML meta-gradient, ``hd.methods.fomaml()`` / ``hd.methods.reptile()``
 its first-order approximations, ``hd.implicit()`` with ``hd.proximal`` in the training loss
-iMAML, and per-parameter learning rates as hyperparameters Meta-SGD. The tasks of a step are a
+iMAML, and per-parameter learning rates as hyperparameters Meta-SGD. A method with a batched
+form (``reverse``) adapts a rank's tasks of a step as one vmapped computation when they have
+equal shapes (:mod:`hyperdiff.engine.task_batch`), one by one otherwise. The tasks of a step are a
 pure function of ``(seed, step, i)``, so a resumed run draws the same tasks; they are spread
 over the ranks of a process group as the offline plan's trainings are. Stopping and the
 checkpoint are the offline plan's; the result is the final values (each step's losses are of
@@ -101,7 +103,7 @@ class MetaPlan(OfflinePlan):
             raise HyperdiffError(f"MetaPlan: outer step {step}: {err}") from err
         tasks = Sampler(problems, self.sampler.method, samples=1, auto=None, seed=loop.seed,
                         selection=loop.selection, warm_start=False, discrete=None,
-                        spreader=self.spreader)
+                        spreader=self.spreader, batched=True)
         outcome = sampled_outcome(loop, tasks, step, raw)
         return outcome._replace(fields={**outcome.fields, "samples": self.batch})
 

@@ -74,6 +74,8 @@ class Sampler:
         warm_start: start each slot from its last theta_T.
         discrete: the discrete hyperparameters' hook, or ``None``.
         spreader: maps the trainings of a round over the ranks of a process group.
+        batched: hand each rank's trainings of a round to ``method.batch`` at once (the
+            tasks of a meta step: one vmapped computation where they are stackable).
 
     ``warm`` holds each slot's last ``(params, buffers)`` (``None`` without warm start) and
     ``trainings`` counts the trainings run (the driver adds each step's :attr:`first_round`
@@ -82,10 +84,12 @@ class Sampler:
 
     def __init__(self, problems: tuple[Problem, ...], method: Method, *, samples: int,
                  auto: AutoSamples | None, seed: int, selection: list[Batch] | None,
-                 warm_start: bool, discrete: DiscreteOuter | None, spreader: Spreader):
+                 warm_start: bool, discrete: DiscreteOuter | None, spreader: Spreader,
+                 batched: bool = False):
         self.problems, self.method, self.samples, self.auto = problems, method, samples, auto
         self.seed, self.selection, self.warm_start = seed, selection, warm_start
         self.discrete, self.spreader = discrete, spreader
+        self.batched = batched and discrete is None and not warm_start
         self.warm: list[Any] = [None] * (len(problems) * samples)
         self.trainings = 0
 
@@ -156,8 +160,12 @@ class Sampler:
                                       buffers=self.warm[slot][1])
                 slots.append(slot)
                 problems.append(problem)
-        outcomes = self.spreader.map(lambda p: self._train(p, raw), problems,
-                                     f"outer step {step}")
+        where = f"outer step {step}"
+        if self.batched:
+            outcomes = self.spreader.map_batch(lambda ps: self._train_batch(ps, raw), problems,
+                                               where)
+        else:
+            outcomes = self.spreader.map(lambda p: self._train(p, raw), problems, where)
         done.update(zip(slots, outcomes, strict=True))
 
     def _train(self, problem: Problem, raw: dict[str, Tensor]
@@ -166,6 +174,14 @@ class Sampler:
         if self.selection is None:
             return hg, None
         return hg, selection_loss(problem, self.selection, hg, raw)
+
+    def _train_batch(self, problems: list[Problem], raw: dict[str, Tensor]
+                     ) -> list[tuple[HyperGradient, float | None]]:
+        hgs = self.method.batch(problems, raw)
+        if self.selection is None:
+            return [(hg, None) for hg in hgs]
+        return [(hg, selection_loss(p, self.selection, hg, raw))
+                for p, hg in zip(problems, hgs, strict=True)]
 
     def _per_sample(self, done: Outcomes) -> Tensor:
         """``(count, k)``: each sample's hypergradient averaged over the problems (the slots

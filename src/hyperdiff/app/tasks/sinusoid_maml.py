@@ -5,7 +5,9 @@ Each task is a sinusoid ``y = A sin(x - phi)`` with ``A ~ U[0.1, 5]``, ``phi ~ U
 ``queries`` query points. The model is a 1-40-40-1 ReLU MLP adapted by ``inner.steps`` SGD
 steps (learning rate 0.01) on a task's support set, with mean squared error as both losses. It
 tunes the initialization theta_0 (``hd.initialization``: MAML), and with ``meta_sgd = true``
-also one learning rate per parameter tensor (Meta-SGD, per tensor).
+also one learning rate per parameter tensor (Meta-SGD, per tensor). ``proximal = s > 0`` adds
+iMAML's proximal term ``(s/2) ||theta - theta_0||^2`` to the training loss (run it with
+``method.name = "implicit"``).
 
 Run with ``outer.mode = "meta"`` (the default of this task): every outer step draws
 ``outer.meta_batch`` new tasks. The task's own splits are one task (the template: its support
@@ -25,14 +27,14 @@ from torch import Tensor
 from hyperdiff.app.tasks.few_shot import sinusoid_task
 from hyperdiff.app.tasks.spec import TaskSpec, given_splits, task
 from hyperdiff.engine.optimizers import sgd
-from hyperdiff.errors import positive_int
+from hyperdiff.errors import NONNEGATIVE, number, positive_int
 from hyperdiff.hparams.hyperparams import (
     HParamView,
     HyperParameter,
     HyperParameters,
     per_tensor,
 )
-from hyperdiff.hparams.initialization import initialization
+from hyperdiff.hparams.initialization import initialization, proximal
 from hyperdiff.typing import Batch, Params
 
 SUMMARY = "few-shot sinusoid regression, 1-40-40-1 MLP: MAML's initialization (meta-learning)"
@@ -73,12 +75,22 @@ def mse(params: Params, hparams: HParamView, batch: Batch) -> Tensor:
     return ((forward(params, x) - y) ** 2).mean()
 
 
+def with_proximal(strength: float):
+    """iMAML's training loss: ``mse + (strength/2) ||theta - theta_0||^2``."""
+
+    def loss(params: Params, hparams: HParamView, batch: Batch) -> Tensor:
+        return mse(params, hparams, batch) + proximal(params, hparams, "theta0", strength)
+
+    return loss
+
+
 def build(*, steps: int = DEFAULT_STEPS, data_seed: int = 0, shots: int = 10,
-          queries: int = 10, meta_sgd: bool = False) -> TaskSpec:
+          queries: int = 10, meta_sgd: bool = False, proximal: float = 0.0) -> TaskSpec:
     """The sinusoid meta-learning task (module doc); theta_0 starts at a random init drawn
     from ``data_seed``."""
     shots = positive_int("sinusoid_maml", "shots", shots)
     queries = positive_int("sinusoid_maml", "queries", queries)
+    strength = number("sinusoid_maml", "proximal", proximal, NONNEGATIVE)
     params = init_mlp(data_seed)
     specs: dict[str, HyperParameter] = {"theta0": initialization(params)}
     if meta_sgd:
@@ -91,7 +103,8 @@ def build(*, steps: int = DEFAULT_STEPS, data_seed: int = 0, shots: int = 10,
         return drawn.support, drawn.query
 
     return task(
-        "sinusoid_maml", description=SUMMARY, model=params, train_loss=mse, val_loss=mse,
+        "sinusoid_maml", description=SUMMARY, model=params,
+        train_loss=with_proximal(strength) if strength else mse, val_loss=mse,
         hparams=HyperParameters(specs), optimizer=sgd("lr" if meta_sgd else INNER_LR),
         data=given_splits(train=template.support, val=template.query, test=test.query),
         steps=steps, defaults=DEFAULTS, tasks=sample, cross_validation="meta-learning "

@@ -40,6 +40,11 @@ class Spreader:
                 progress()
         return out
 
+    def map_batch(self, fn: Callable[[list[A]], list[B]], items: Sequence[A], where: str
+                  ) -> list[B]:
+        """``fn(items)``: one call for all items (``fn`` maps a list to a list of results)."""
+        return fn(list(items))
+
 
 class LocalSpreader(Spreader):
     """Every training in this process (one rank, or data-parallel trainings that use every
@@ -62,20 +67,32 @@ class RankSpreader(Spreader):
         after each of this rank's items and, once gathered, once for each of the others'."""
         mine: dict[int, tuple[str, Any]] = {}
         for index in self.owned(len(items)):
-            try:
-                mine[index] = ("ok", fn(items[index]))
-                if progress is not None:
-                    progress()
-            except NonFiniteError as err:
-                mine[index] = ("nonfinite", str(err))
+            mine[index] = _attempt(fn, items[index])
+            if mine[index][0] != "ok":
                 break  # the step fails anyway; tell the others now
-            except HyperdiffError as err:  # bad input: the message a single process gives
-                mine[index] = ("hyperdiff", str(err))
-                break
-            except Exception as err:
-                mine[index] = ("error", f"{type(err).__name__}: {err}\n"
-                                        f"{traceback.format_exc(limit=4)}")
-                break
+            if progress is not None:
+                progress()
+        results = self._gathered(where, mine)
+        if progress is not None:  # the items the other ranks ran
+            for _ in range(len(items) - len(mine)):
+                progress()
+        return [results[i][1] for i in range(len(items))]
+
+    def map_batch(self, fn: Callable[[list[A]], list[B]], items: Sequence[A], where: str
+                  ) -> list[B]:
+        """This rank's items in one call ``fn(list)``, then every rank's results gathered in
+        item order (a failure is reported as the rank's first item's)."""
+        owned = self.owned(len(items))
+        status, value = _attempt(fn, [items[i] for i in owned]) if owned else ("ok", [])
+        mine = (dict(zip(owned, (("ok", v) for v in value), strict=True)) if status == "ok"
+                else {owned[0]: (status, value)})
+        results = self._gathered(where, mine)
+        return [results[i][1] for i in range(len(items))]
+
+    def _gathered(self, where: str, mine: dict[int, tuple[str, Any]]
+                  ) -> dict[int, tuple[str, Any]]:
+        """Every rank's ``{item: (status, result)}`` merged; the first failed item's error
+        raised on every rank."""
         results: dict[int, tuple[str, Any]] = {}
         for part in self.group.all_gather(where, mine):
             results.update(part)
@@ -89,10 +106,21 @@ class RankSpreader(Spreader):
             if status == "hyperdiff":
                 raise HyperdiffError(message)
             raise HyperdiffError(f"{where}: training {first} failed on rank {rank}: {message}")
-        if progress is not None:  # the items the other ranks ran
-            for _ in range(len(items) - len(mine)):
-                progress()
-        return [results[i][1] for i in range(len(items))]
+        return results
+
+
+def _attempt(fn: Callable[[Any], Any], arg: Any) -> tuple[str, Any]:
+    """``("ok", fn(arg))``, or the failure's kind and message to gather: ``"nonfinite"`` (a
+    diverged training), ``"hyperdiff"`` (bad input: the message one process gives) or
+    ``"error"`` with a short traceback."""
+    try:
+        return "ok", fn(arg)
+    except NonFiniteError as err:
+        return "nonfinite", str(err)
+    except HyperdiffError as err:
+        return "hyperdiff", str(err)
+    except Exception as err:
+        return "error", f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=4)}"
 
 
 def spreader_for(method: Any, group: Any = None) -> Spreader:
