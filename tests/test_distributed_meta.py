@@ -141,7 +141,7 @@ def test_a_meta_run_on_two_ranks_gives_the_one_process_run(runs, method):
 
 
 # ---------------------------------------------------------------------- torchrun, the CLI
-CLI = ["run", "--task", "sinusoid_maml", "--quiet", "--set", "outer.meta_batch=3",
+CLI = ["run", "--task", "sinusoid_maml", "--set", "outer.meta_batch=3",
        "--set", "stop.max_steps=3", "--set", "inner.steps=2", "--set", "outer.meta_val_tasks=3",
        "--set", "outer.meta_test_tasks=3", "--set", "report.seeds=1"]
 SRC = str(Path(__file__).parents[1] / "src")
