@@ -118,6 +118,9 @@ class OuterConfig:
                              low=1)
     meta_test_tasks: int = option(20, "meta: held-out tasks on which the report adapts the "
                                   "initial and tuned values", low=1)
+    meta_val_tasks: int = option(0, "meta: fixed validation tasks on which every outer step's "
+                                 "values are scored after adaptation, choosing the best step "
+                                 "(0: none, the result is the final values)", low=0)
     window: int = option(5, "online: inner steps per hyper-step (1: hypergradient descent)",
                          low=1)
     backprop: int = option(0, "online reverse: backpropagate through the last this many steps "

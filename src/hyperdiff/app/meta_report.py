@@ -31,7 +31,8 @@ from hyperdiff.app.tasks.base import Metrics, Task
 from hyperdiff.app.tasks.metrics import split_metrics
 from hyperdiff.engine.models import StepContext
 from hyperdiff.engine.problem import Problem, takes_context
-from hyperdiff.engine.training import initial_state, unroll, validation_loss
+from hyperdiff.engine.task_distribution import adapted, adapted_query_loss
+from hyperdiff.engine.training import validation_loss
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.hparams.initialization import initial_values
 from hyperdiff.seeds import REPORT_SEED, meta_task, task_seed
@@ -50,10 +51,8 @@ def adapted_query_metrics(problem: Problem, raw: Mapping[str, Tensor],
     """``{"query_loss": L_val(theta_T), "query_<name>": ...}`` after training ``problem``
     (one task) at ``raw``, without a graph: every metric of ``metrics`` but its ``loss`` on
     the query set (eval mode), averaged over its samples."""
+    state, hview = adapted(problem, raw)
     with torch.no_grad():
-        hview = problem.hparams.view(problem.raw_tensors(dict(raw)))
-        state = initial_state(problem, hview, differentiable=False)
-        state, _ = unroll(problem, hview, state, differentiable=False)
         out = {"query_loss": float(validation_loss(problem, state.params, state.buffers,
                                                    hview))}
         if metrics is not None:
@@ -62,11 +61,6 @@ def adapted_query_metrics(problem: Problem, raw: Mapping[str, Tensor],
                                    hview, problem.val_data, ctx)
             out |= {f"query_{key}": value for key, value in values.items() if key != "loss"}
         return out
-
-
-def adapted_query_loss(problem: Problem, raw: Mapping[str, Tensor]) -> float:
-    """``L_val(theta_T)`` after training ``problem`` (one task) at ``raw``, without a graph."""
-    return adapted_query_metrics(problem, raw)["query_loss"]
 
 
 def _metrics_at(raw: Mapping[str, Tensor], metrics: Metrics, problem: Problem

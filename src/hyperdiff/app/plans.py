@@ -310,7 +310,8 @@ def build_meta(config: Config, start: dict[str, Any] | None = None
                ) -> tuple[Task, HyperOptimizer]:
     """The task and the meta loop: :class:`~hyperdiff.tuner.meta_plan.MetaPlan` over the
     task's distribution, ``outer.meta_batch`` tasks per outer step, the task's problem as the
-    template of every task (no selection split: each step's tasks are new)."""
+    template of every task (no selection split: each step's tasks are new; with
+    ``outer.meta_val_tasks`` fixed validation tasks rank the steps)."""
     if config.task.cv_folds:
         raise HyperdiffError("config: task.cv_folds must be 0 with outer.mode = 'meta' (the "
                              f"tasks take the place of folds; got {config.task.cv_folds})")
@@ -323,7 +324,8 @@ def build_meta(config: Config, start: dict[str, Any] | None = None
             "the built-in sinusoid_maml")
     if start is not None:
         task = starting_at(task, start)
-    plan = MetaPlan(task.tasks, batch=config.outer.meta_batch)
+    plan = MetaPlan(task.tasks, batch=config.outer.meta_batch,
+                    validation_tasks=config.outer.meta_val_tasks)
     return task, _outer_loop(config, [task.problems[0]], plan, None)
 
 

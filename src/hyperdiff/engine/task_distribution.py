@@ -25,14 +25,19 @@ meta-test classes that meta-training never sees); without one the report draws f
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
+
+import torch
+from torch import Tensor
 
 from hyperdiff.engine.data.convert import as_source, validation_batches
 from hyperdiff.engine.device import OnDevice, to_device
 from hyperdiff.engine.problem import Problem
+from hyperdiff.engine.training import TrainState, initial_state, unroll, validation_loss
 from hyperdiff.errors import HyperdiffError, describe, fail
+from hyperdiff.hparams.hyperparams import HParamView
 
 TaskSampler = Callable[[int, int], tuple[Any, Any]]
 """``sample(index, seed) -> (support, query)``."""
@@ -96,4 +101,22 @@ def task_distribution(sample: TaskSampler, *, name: str = "tasks",
     return TaskDistribution(sample, name, held_out)
 
 
-__all__ = ["TaskDistribution", "TaskSampler", "task_distribution"]
+def adapted(problem: Problem, raw: Mapping[str, Tensor]) -> tuple[TrainState, HParamView]:
+    """theta_T of ``problem`` (one task) trained on its support set at the raw values
+    ``raw``, without a graph, and the hyperparameters' view at ``raw``."""
+    with torch.no_grad():
+        hview = problem.hparams.view(problem.raw_tensors(dict(raw)))
+        state = initial_state(problem, hview, differentiable=False)
+        state, _ = unroll(problem, hview, state, differentiable=False)
+    return state, hview
+
+
+def adapted_query_loss(problem: Problem, raw: Mapping[str, Tensor]) -> float:
+    """``L_val(theta_T)``: the query loss of ``problem`` (one task) after :func:`adapted`."""
+    state, hview = adapted(problem, raw)
+    with torch.no_grad():
+        return float(validation_loss(problem, state.params, state.buffers, hview))
+
+
+__all__ = ["TaskDistribution", "TaskSampler", "adapted", "adapted_query_loss",
+           "task_distribution"]

@@ -372,7 +372,7 @@ class HyperOptimizer:
               ) -> bool:
         """Whether ``step`` is the new best by its ranking loss (:mod:`hyperdiff.tuner.stopping`):
         the validation loss ``val`` or the ``selection`` loss; counts the steps since."""
-        key = ranking_loss(step, self.tie_steps, self.selection is not None)
+        key = ranking_loss(step, self.tie_steps, selection is not None)
         criterion = selection if key == "selection" else val
         reference = None if self.best is None else self.best.get(key, self.best["value"])
         is_best = reference is None or criterion < reference - self.stopping.min_delta

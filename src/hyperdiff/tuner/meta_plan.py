@@ -17,29 +17,57 @@ iMAML, and per-parameter learning rates as hyperparameters Meta-SGD. A method wi
 form (``reverse``) adapts a rank's tasks of a step as one vmapped computation when they have
 equal shapes (:mod:`hyperdiff.engine.task_batch`), one by one otherwise. The tasks of a step are a
 pure function of ``(seed, step, i)``, so a resumed run draws the same tasks; they are spread
-over the ranks of a process group as the offline plan's trainings are. Stopping and the
-checkpoint are the offline plan's; the result is the final values (each step's losses are of
-other tasks, so the step with the lowest one is the luckiest draw).
+over the ranks of a process group as the offline plan's trainings are (each rank adapts the
+tasks ``i`` with ``i % W == r``, and the gathered hypergradients are averaged in the order of
+the single-process loop, so every rank takes the single-process step).
+
+Each step's losses are of other tasks, so the step with the lowest batch loss is the luckiest
+draw. With ``validation_tasks = n`` the plan ranks its steps on a fixed set instead: tasks
+``(j, task_seed(loop seed, j, "meta-validation"))``, ``j < n``, drawn once from ``sample`` (a
+seed stream that training never draws from), adapted at every step's ``u_s`` without a graph::
+
+    L_sel(u_s) = mean_j L_query_j(theta_T(u_s; support_j))
+
+the step's selection loss: the best step, early stopping and the result (the best step's
+values) use it, and the same tasks every step make it comparable across steps. Without
+validation tasks the result is the final values. Stopping and the checkpoint are the offline
+plan's.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from torch import Tensor
 
-from hyperdiff.engine.task_distribution import TaskDistribution, task_distribution
-from hyperdiff.errors import HyperdiffError, Text, fail, positive_int
+from hyperdiff.engine.problem import Problem
+from hyperdiff.engine.task_distribution import (
+    TaskDistribution,
+    adapted_query_loss,
+    task_distribution,
+)
+from hyperdiff.errors import (
+    HyperdiffError,
+    NonFiniteError,
+    Text,
+    fail,
+    nonnegative_int,
+    positive_int,
+)
 from hyperdiff.hparams.discrete import discrete_names
-from hyperdiff.seeds import meta_task
+from hyperdiff.seeds import meta_task, task_seed
 from hyperdiff.tuner.distributed.spread import spreader_for
 from hyperdiff.tuner.driver_checks import check_selection
 from hyperdiff.tuner.history import OptimizeResult
 from hyperdiff.tuner.offline_plan import OfflinePlan, offline_method, sampled_outcome
 from hyperdiff.tuner.plan import Outcome, bind_once
 from hyperdiff.tuner.sampler import Sampler
+from hyperdiff.tuner.stopping import ranking_name
+
+VALIDATION_STREAM = "meta-validation"
 
 
 class MetaPlan(OfflinePlan):
@@ -50,6 +78,9 @@ class MetaPlan(OfflinePlan):
             ``sample(index, seed) -> (support, query)`` itself
             (:mod:`hyperdiff.engine.task_distribution`).
         batch: tasks per outer step (the meta-batch ``m``).
+        validation_tasks: fixed tasks on which every step's values are scored after
+            adaptation, ranking the steps (module doc); 0: none, the result is the final
+            values.
 
     The problem given to the loop is the template of every task: its model, losses,
     hyperparameters (usually ``hd.initialization``), inner optimizer and steps; its own
@@ -64,9 +95,13 @@ class MetaPlan(OfflinePlan):
     # tasks, not on meta-learning: docs/driver.md)
     default_optimizer = "adam"
 
-    def __init__(self, tasks: TaskDistribution | Any, batch: int = 1):
+    def __init__(self, tasks: TaskDistribution | Any, batch: int = 1,
+                 validation_tasks: int = 0):
         self.tasks = tasks if isinstance(tasks, TaskDistribution) else task_distribution(tasks)
         self.batch = positive_int("MetaPlan", "batch", batch)
+        self.validation_tasks = nonnegative_int("MetaPlan", "validation_tasks",
+                                                validation_tasks)
+        self.validation: tuple[Problem, ...] = ()
         super().__init__(samples=self.batch)
 
     def bind(self, loop: Any) -> None:
@@ -80,9 +115,13 @@ class MetaPlan(OfflinePlan):
             raise fail("MetaPlan", "hparams", "continuous hyperparameters only (discrete ones "
                        "are tuned by the offline and online plans)", names)
         method = offline_method(loop, "MetaPlan")
+        if loop.selection is not None and self.validation_tasks:
+            raise fail("MetaPlan", "selection", "None with validation_tasks (the validation "
+                       "tasks rank the steps)", Text("a selection split"))
         if loop.selection is not None:  # none is usual: each step's tasks are new
             check_selection(loop.problems[0], loop.selection)
         self.problems = loop.problems
+        self.validation = self._validation_problems(loop)
         self.spreader = spreader_for(method, loop.process_group)
         # the run's counters and (empty) warm slots, in the offline plan's checkpoint layout
         self._sampler = Sampler(loop.problems, method, samples=self.batch, auto=None,
@@ -93,8 +132,35 @@ class MetaPlan(OfflinePlan):
         """``(index, seed)`` of each task of outer ``step`` (:func:`~hyperdiff.seeds.meta_task`)."""
         return [meta_task(loop.seed, step, self.batch, i) for i in range(self.batch)]
 
+    def validation_indices(self, loop: Any) -> list[tuple[int, int]]:
+        """``(index, seed)`` of the fixed validation tasks (module doc)."""
+        return [(j, task_seed(loop.seed, j, VALIDATION_STREAM))
+                for j in range(self.validation_tasks)]
+
+    def _validation_problems(self, loop: Any) -> tuple[Problem, ...]:
+        try:
+            return tuple(self.tasks.problem(self.problems[0], index, seed)
+                         for index, seed in self.validation_indices(loop))
+        except HyperdiffError as err:
+            raise HyperdiffError(f"MetaPlan: validation tasks: {err}") from err
+
+    def validation_loss(self, step: int, raw: dict[str, Tensor]) -> float:
+        """``L_sel(raw)``: the mean query loss of the validation tasks adapted at ``raw``,
+        spread over the ranks as the step's tasks are.
+
+        Raises:
+            NonFiniteError: the loss is not finite (an adaptation diverged).
+        """
+        losses = self.spreader.map(partial(_adapted_loss, raw), self.validation,
+                                   f"outer step {step} (validation tasks)")
+        value = sum(losses) / len(losses)
+        if not math.isfinite(value):
+            raise NonFiniteError(f"the validation tasks' query loss is not finite ({value})")
+        return value
+
     def evaluate(self, loop: Any, step: int, raw: dict[str, Tensor]) -> Outcome:
-        """Adapt on each task of the step's batch at ``raw``; the mean hypergradient."""
+        """Adapt on each task of the step's batch at ``raw``; the mean hypergradient, and
+        the validation tasks' loss at ``raw`` as the selection loss (``kept``) if any."""
         base = self.problems[0]
         try:
             problems = tuple(self.tasks.problem(base, index, seed)
@@ -105,13 +171,25 @@ class MetaPlan(OfflinePlan):
                         selection=loop.selection, warm_start=False, discrete=None,
                         spreader=self.spreader, batched=True)
         outcome = sampled_outcome(loop, tasks, step, raw)
-        return outcome._replace(fields={**outcome.fields, "samples": self.batch})
+        outcome = outcome._replace(fields={**outcome.fields, "samples": self.batch})
+        if self.validation:
+            outcome = outcome._replace(kept=self.validation_loss(step, raw))
+        return outcome
+
+    def stop_reason(self, loop: Any) -> str | None:
+        return loop.stopping.reason(steps=loop.step_index, elapsed=loop.elapsed,
+                                    since_best=loop.since_best,
+                                    has_selection=bool(loop.selection or self.validation))
 
     def result(self, loop: Any) -> OptimizeResult:
-        """The final values (``criterion="final values"``): each step's losses are of other
-        tasks, so the step with the lowest batch loss is the luckiest draw, not the best
-        theta_0; ``best_step`` is the last step, ``best_loss`` its batch loss."""
+        """With validation tasks the best step's values by their loss; else the final values
+        (``criterion="final values"``): each step's losses are of other tasks, so the step
+        with the lowest batch loss is the luckiest draw, not the best theta_0;
+        ``best_step`` is the last step, ``best_loss`` its batch loss."""
         ranked = super().result(loop)
+        if self.validation:
+            return replace(ranked, criterion=f"{ranking_name(loop.tie_steps, True)} of "
+                           f"{self.validation_tasks} fixed validation tasks")
         last = loop.history[-1]
         return replace(ranked, best_raw=ranked.final_raw,
                        best_hparams=loop.hparams.with_raw(ranked.final_raw),
@@ -120,6 +198,10 @@ class MetaPlan(OfflinePlan):
 
     def where(self, loop: Any) -> str:
         return f"meta step {loop.step_index}"
+
+
+def _adapted_loss(raw: dict[str, Tensor], problem: Problem) -> float:
+    return adapted_query_loss(problem, raw)
 
 
 __all__ = ["MetaPlan"]
