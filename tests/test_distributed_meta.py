@@ -2,7 +2,8 @@
 adapts tasks ``i`` with ``i % 2 == r``, the validation tasks likewise), and the run's history
 (meta-hypergradients, losses, selection losses) and result equal the single-process run's
 (float64, <= 1e-10); ``torchrun -m hyperdiff run --task sinusoid_maml`` writes the history
-and result of the same run in one process.
+and result of the same run in one process (float32: to rounding, as the ranks' vmapped batches
+have other sizes).
 
 The references run here in one process; the ranks are forked from this process
 (tests/distributed_jobs.py's ``launch``, with a hard timeout), or started by torchrun as real
@@ -170,5 +171,8 @@ def test_torchrun_hyperdiff_run_meta_writes_the_one_process_run(tmp_path):
     history, result = written(tmp_path / "one")
     got_history, got_result = written(tmp_path / "two")
     assert len(history) == 3 and result["mode"] == "meta"
-    assert close(got_history, history, 1e-10)
-    assert close(got_result, result, 1e-10)
+    # sinusoid_maml is float32 and each rank stacks its share of the tasks into one vmapped
+    # batch (2 and 1 tasks where one process stacks 3): batched kernels of another batch size
+    # round differently, so the runs agree to float32 rounding (measured: up to 8e-8)
+    assert close(got_history, history, 1e-6)
+    assert close(got_result, result, 1e-6)
