@@ -40,7 +40,7 @@ from torch import Tensor
 from hyperdiff.engine.optimizers import AdamState, resolve, safe_sqrt
 from hyperdiff.engine.problem import Problem
 from hyperdiff.engine.training import flat
-from hyperdiff.methods.curvature_rule import RHO, CurvatureRule, keeps_all
+from hyperdiff.methods.curvature_rule import RHO, CurvatureRule, keeps_all, tangent_rows
 from hyperdiff.typing import Params
 
 ADAM_NAMES = ("adam", "adamw")
@@ -48,7 +48,7 @@ ADAM_NAMES = ("adam", "adamw")
 
 class AdamCurvatureTangent(NamedTuple):
     """The carried state over the ``n`` parameter entries (``problem.params`` order): ``z``,
-    ``zm``, ``zv`` the tangents of the parameters and of Adam's two moments, shape ``(P, n)``;
+    ``zm``, ``zv`` the tangents of the parameters and of Adam's two moments, shape ``(R, n)``;
     ``v`` (n,) the squared-gradient average of the curvature estimate; ``steps`` (0-d)."""
 
     z: Tensor
@@ -78,7 +78,7 @@ class AdamStep(NamedTuple):
 
 def initial_adam_tangent(problem: Problem, raw: dict[str, Tensor]) -> AdamCurvatureTangent:
     """Zero tangents and curvature statistics for the start of the run."""
-    size = problem.hparams.flatten(raw).numel()
+    size = tangent_rows(problem)  # the rows the carried coefficients read (curvature_rule)
     like = flat(problem.params.values())
     z = like.new_zeros((size, like.numel()))
     return AdamCurvatureTangent(z, torch.zeros_like(z), torch.zeros_like(z),
@@ -128,8 +128,8 @@ def lr_direction(values: AdamStep, lr: Tensor) -> Tensor:
 
 def advance_adam(tangent: AdamCurvatureTangent, values: AdamStep, lr: Tensor,
                  dlr: Tensor | None, mu: float | Tensor, scale: float, count: int) -> None:
-    """One step of the module doc's recurrence, in place. ``lr`` (n,) or (1,); ``dlr`` (P, n)
-    or (P, 1), or None (no direct term); ``count`` the squared gradients in the curvature
+    """One step of the module doc's recurrence, in place. ``lr`` (n,) or (1,); ``dlr`` (R, n)
+    or (R, 1), or None (no direct term); ``count`` the squared gradients in the curvature
     estimate after this step."""
     z, zm, zv, v_est, _ = tangent
     g, s, _, m, v, b1, b2, eps, wd, decoupled, k = values
