@@ -37,6 +37,7 @@ from hyperdiff.errors import HyperdiffError
 from hyperdiff.hparams.schedules import Schedule
 from hyperdiff.tuner.history import StepRecord, natural_values
 from hyperdiff.tuner.online_run import Loop, OnlineRun
+from hyperdiff.tuner.windows import window_stop
 from hyperdiff.wording import option
 
 _LOG = logging.getLogger("hyperdiff.online")
@@ -61,8 +62,8 @@ def optimization_time(problem: Problem, values: Mapping[str, Any], start: int, s
 
 
 def hot_start_ratio(problem: Problem, records: Sequence[StepRecord], window: int,
-                    current: Mapping[str, Any] | None = None, fraction: float = FRACTION
-                    ) -> tuple[int, float] | None:
+                    current: Mapping[str, Any] | None = None, fraction: float = FRACTION,
+                    growth: float = 0.0) -> tuple[int, float] | None:
     """``(M, ratio)`` of the module doc from the run's records (``current``: the natural
     values now, used when no record follows the window that reaches M), or None before the
     run has trained ``fraction * N`` steps or where the measure is not taken."""
@@ -71,7 +72,7 @@ def hot_start_ratio(problem: Problem, records: Sequence[StepRecord], window: int
     for record in records:
         if record.status != "ok":
             continue  # a failed window was discarded and trained again
-        start, stop = stop, min(stop + window, problem.steps)
+        start, stop = stop, window_stop(stop, problem.steps, window, growth)
         used = optimization_time(problem, record.hparams, start, stop)
         if used is None:
             return None
@@ -134,7 +135,7 @@ def measure_hot_start(run: OnlineRun, loop: Loop, record: StepRecord, start: int
         return False
     current = natural_values(loop.hparams, loop.raw)
     run.hot_start_measure = hot_start_ratio(run.problem, [*loop.history, record], run.window,
-                                            current)
+                                            current, growth=run.growth)
     if run.hot_start_measure is None or run.hot_start_measure[1] <= LIMIT:
         return False
     run.restarted = run.hot_start == "restart" and stop < run.problem.steps

@@ -55,8 +55,10 @@ from hyperdiff.engine.training import TrainState, flat, initial_state, validatio
 from hyperdiff.errors import (
     HyperdiffError,
     NonFiniteError,
+    Range,
     fail,
     nonnegative_int,
+    number,
     positive_int,
 )
 from hyperdiff.hparams.discrete import DiscreteParameter, discrete_names
@@ -74,9 +76,11 @@ from hyperdiff.tuner.hot_start import MODES as HOT_START_MODES
 from hyperdiff.tuner.hot_start import hot_start_warnings, measure_hot_start, restart_cooler
 from hyperdiff.tuner.online_checkpoint import restore_tuner, tuner_state
 from hyperdiff.tuner.plan import Outcome, bind_once
+from hyperdiff.tuner.windows import window_index, window_starts, window_stop
 from hyperdiff.typing import Batch, Params
 
 _LOG = logging.getLogger("hyperdiff.online")
+GROWTH = Range(0.0)  # the windows' growth: a finite number >= 0
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,8 @@ class OnlinePlan:
 
     Args:
         window: K, inner steps per outer step (K=1 with ``reverse``: hypergradient descent).
+        growth: a window that starts at inner step t trains ``K + floor(growth * t)`` steps
+            (:mod:`hyperdiff.tuner.windows`: dense windows early, sparse ones later); 0: K.
         val_batch_size: rows of the validation split per window (``None``: all of it).
         eval_every: record the selection loss every ``eval_every`` windows (0: only at the
             last one).
@@ -126,8 +132,9 @@ class OnlinePlan:
     default_optimizer = "adam"
 
     def __init__(self, window: int = 1, val_batch_size: int | None = None, eval_every: int = 0,
-                 hot_start: str | None = None):
+                 hot_start: str | None = None, growth: float = 0.0):
         self.window = positive_int(self.caller, "window", window)
+        self.growth = number(self.caller, "growth", growth, GROWTH)
         self.val_batch_size = None if val_batch_size is None else positive_int(
             self.caller, "val_batch_size", val_batch_size)
         self.eval_every = nonnegative_int(self.caller, "eval_every", eval_every)
@@ -191,8 +198,14 @@ class OnlinePlan:
 
     @property
     def windows(self) -> int:
-        """The run's windows ``ceil(N / K)``."""
-        return -(-self.problem.steps // self.window)
+        """The run's windows (``ceil(N / K)`` without growth)."""
+        if not self.growth:
+            return -(-self.problem.steps // self.window)
+        return len(window_starts(self.problem.steps, self.window, self.growth))
+
+    def window_stop(self, start: int) -> int:
+        """The end (exclusive) of the window that starts at inner step ``start``."""
+        return window_stop(start, self.problem.steps, self.window, self.growth)
 
     @property
     def done(self) -> bool:
@@ -217,9 +230,10 @@ class OnlinePlan:
 
     # ------------------------------------------------------------------ one outer step
     def schedule_position(self, loop: Any, step: int) -> tuple[int, int]:
-        """The current window ``t // K`` of the run's windows (after a failure the same
-        window again; after a hot-start restart from 0)."""
-        return self.inner_step // self.window, self.windows
+        """The current window (``t // K`` without growth) of the run's windows (after a
+        failure the same window again; after a hot-start restart from 0)."""
+        return (window_index(self.inner_step, self.problem.steps, self.window, self.growth),
+                self.windows)
 
     def stop_reason(self, loop: Any) -> str | None:
         return f"one run of {self.inner_step} inner steps" if self.done else None
@@ -235,7 +249,7 @@ class OnlinePlan:
         if self.done:
             raise HyperdiffError(f"{self.caller}.step: the run of {self.problem.steps} inner "
                                  "steps is finished (got a call after its last window)")
-        self.span = (self.inner_step, min(self.inner_step + self.window, self.problem.steps))
+        self.span = (self.inner_step, self.window_stop(self.inner_step))
         return self.problem.raw_tensors(loop.raw)
 
     def evaluate(self, loop: Any, step: int, raw: dict[str, Tensor]) -> Outcome:
@@ -244,7 +258,7 @@ class OnlinePlan:
         start, stop = self.span
         val = self.val_batches(loop.seed, step)
         problem = self.problem
-        position = start // self.window
+        position = window_index(start, problem.steps, self.window, self.growth)
         if loop.discrete is not None:
             problem = loop.discrete.prepare(problem, step, 0, raw, anneal_step=position,
                                             noise_seed=window_seed(loop.seed, step))
