@@ -99,7 +99,7 @@ class OuterConfig:
                             f"{DEFAULT_OFFLINE} offline, adam online",
                             choices=lambda: ["auto", *offline_optimizers()])
     lr: float = option(0.05, "outer learning rate (raw units: 0.05 changes a positive "
-                       "hyperparameter by about 5%); online, when not set: min(1, 10 / "
+                       "hyperparameter by about 5%); online, when not set: min(0.7, 10 / "
                        "windows), the run's windows (ceil(inner.steps / outer.window) without "
                        "outer.window_growth)", low=0.0, open_low=True)
     schedule: str = option("cosine", "outer learning-rate schedule: constant, or cosine decay "
@@ -247,24 +247,26 @@ ONLINE_DEFAULTS: dict[str, Any] = {"method.name": "curvature",
 """What ``outer.mode = "online"`` changes in the defaults (a task's defaults, the TOML file and
 ``--set`` still win); chosen by ``benchmarks/online_defaults.py`` (docs/online.md)."""
 
-ONLINE_LR_CAP = 1.0
-"""Online: the largest outer lr :func:`online_lr` gives (0.5 before the growing windows)."""
+ONLINE_LR_CAP = 0.7
+"""Online: the largest outer lr :func:`online_lr` gives (0.5 before the growing windows; 0.5,
+0.7 and 1 measured in docs/online.md)."""
 
 ONLINE_TRAVEL = 10.0
 """Online: ``outer.lr * windows`` when ``outer.lr`` is not set (:func:`online_lr`)."""
 
 
 def online_lr(steps: int, window: int, growth: float = 0.0) -> float:
-    """The online outer learning rate when none is set: ``min(1, 10 / W)`` for the run's
+    """The online outer learning rate when none is set: ``min(0.7, 10 / W)`` for the run's
     ``W`` windows (``ceil(steps / window)`` without growth, :mod:`hyperdiff.tuner.windows`).
 
     Adam moves a raw value by at most about ``lr`` per window, and a cosine decay over W
     windows sums to ``lr W / 2``: 5 in log units, a factor of about 150, whatever the run's
-    length, so a start 100x off can be reached in one run; 1 caps one window's move at a
-    factor of e (short runs, whose growing windows are few: 9 for 100 steps of K=5).
+    length, so a start 100x off can be reached in one run; 0.7 caps one window's move at a
+    factor of e^0.7 (short runs, whose growing windows are few: 9 for 100 steps of K=5, which
+    travel 0.7 x 9 / 2 = 3.2, a factor of 23).
 
     >>> online_lr(100, 5), online_lr(100, 5, 0.2), online_lr(2000, 10)
-    (0.5, 1.0, 0.05)
+    (0.5, 0.7, 0.05)
     """
     return min(ONLINE_LR_CAP, ONLINE_TRAVEL / len(window_starts(steps, window, growth)))
 
