@@ -17,7 +17,11 @@ is divided by ``ratio`` (:func:`cooled`): a start below what it found, from wher
 is reliable; or it only warns (``"warn"``). The learning rate is the optimizer's ``lr``
 coefficient: a schedule (:mod:`hyperdiff.hparams.schedules`, its ``peak`` is scaled) or the name of
 a scalar hyperparameter; for other kinds (a number, per-tensor or per-step values, a callable)
-nothing is measured.
+nothing is measured. Nor is a run that reaches M within its first :data:`MIN_WINDOWS` (3)
+windows: ``lam_M`` is then one or two outer steps from the start, and Adam's first steps move
+every value by the full outer learning rate whatever the signal's strength, so the ratio
+measures the outer step size, not a hot start (and dividing by it lowers the learning rate a
+second time: docs/online.md, "Cost and quality").
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ _LOG = logging.getLogger("hyperdiff.online")
 
 FRACTION = 0.1
 LIMIT = 2.0
+MIN_WINDOWS = 3  # the measuring window must be at least the run's third
 MODES = ("restart", "warn", "ignore")
 
 
@@ -133,6 +138,8 @@ def measure_hot_start(run: OnlineRun, loop: Loop, record: StepRecord, start: int
     target = math.ceil(FRACTION * run.problem.steps)
     if run.hot_start == "ignore" or run.restarted or not start < target <= stop:
         return False
+    if sum(r.status == "ok" for r in loop.history) + 1 < MIN_WINDOWS:
+        return False  # too few outer steps for the measure (module doc)
     current = natural_values(loop.hparams, loop.raw)
     run.hot_start_measure = hot_start_ratio(run.problem, [*loop.history, record], run.window,
                                             current, growth=run.growth)
