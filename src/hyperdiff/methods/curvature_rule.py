@@ -72,11 +72,12 @@ def carried_rows(problem: Problem) -> Tensor | None:
             names.add(coef)
         elif callable(coef):
             return None
-    index = hp.unflatten(torch.arange(hp.numel))
+    index = hp.unflatten(torch.arange(hp.numel, device=problem.device))
     rows = [index[n].reshape(-1) for n in hp if n in names]
     if sum(len(r) for r in rows) == hp.numel:
         return None
-    return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64)
+    return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64,
+                                                     device=problem.device)
 
 
 def tangent_rows(problem: Problem) -> int:
