@@ -10,7 +10,9 @@ With raw hyperparameters ``u`` (natural ``lam = f(u)``) and one run of N inner s
         the loop's outer step on g; t <- t + K; h <- h + 1
 
 Training continues from the current parameters and optimizer state: the whole run costs one
-N-step training plus the window hypergradients. ``B_h`` is ``val_batch_size`` rows of the
+N-step training plus the window hypergradients. With ``growth > 0`` the window from step t is
+``K + floor(growth t)`` steps long (:mod:`hyperdiff.tuner.windows`): fewer hypergradients later
+in the run, where the values have settled. ``B_h`` is ``val_batch_size`` rows of the
 validation split drawn from ``(seed, h)`` (all of it when ``None``), so the run is a function of
 its inputs. The plan's state is the training state, the carry (forward mode's tangents,
 curvature's statistics), the inner step and the hot-start measure; its checkpoint part is
