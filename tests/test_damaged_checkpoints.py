@@ -73,7 +73,7 @@ def float64_params(state):
 
 CASES = {
     "wrong tangent shape": (narrower_tangent, r"tangent\[0\] must be a float32 tensor of shape "
-                            r"\(4, (\d+)\) on cpu \(got a float32 tensor of shape \(4, (?!\1\))\d+\)"),
+                            r"\(3, (\d+)\) on cpu \(got a float32 tensor of shape \(3, (?!\1\))\d+\)"),
     "None tangent": (no_tangent, r"tangent must be a list of 4 tensors \(the run trained 18 "
                      r"steps with method 'curvature'\) \(got None\)"),
     "edited inner_step": (inner_step_moved, r"inner_step must be 18 \(the steps of the ok "

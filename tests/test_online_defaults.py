@@ -16,15 +16,17 @@ from hyperdiff.app.plans import build_online
 GRU = Path(__file__).resolve().parents[1] / "benchmarks" / "suite_tasks" / "gru_seq.py:build"
 
 
-@pytest.mark.parametrize(("steps", "window", "expected"), [
-    (100, 5, 0.5),       # 20 windows: 10 / 20
-    (150, 5, 1 / 3),     # 30 windows
-    (2000, 10, 0.05),    # 200 windows
-    (2001, 10, 10 / 201),  # the last, shorter window counts
-    (10, 5, 0.5),        # 2 windows: capped at 0.5
+@pytest.mark.parametrize(("steps", "window", "growth", "expected"), [
+    (100, 5, 0.0, 0.5),       # 20 windows: 10 / 20
+    (150, 5, 0.0, 1 / 3),     # 30 windows
+    (2000, 10, 0.0, 0.05),    # 200 windows
+    (2001, 10, 0.0, 10 / 201),  # the last, shorter window counts
+    (10, 5, 0.0, 0.7),        # 2 windows: capped at 0.7
+    (100, 5, 0.2, 0.7),       # 9 windows (0, 5, 11, 18, 26, 36, 48, 62, 79): capped
+    (2000, 20, 0.2, 10 / 17),  # 17 growing windows (tuner/windows.py's doctest rule)
 ])
-def test_the_online_lr_is_ten_over_the_windows_capped_at_a_half(steps, window, expected):
-    assert online_lr(steps, window) == pytest.approx(expected, rel=1e-12)
+def test_the_online_lr_is_ten_over_the_windows_capped_at_0_7(steps, window, growth, expected):
+    assert online_lr(steps, window, growth) == pytest.approx(expected, rel=1e-12)
 
 
 def test_adam_under_the_online_lr_can_travel_a_factor_of_about_150():
@@ -49,7 +51,9 @@ def test_online_mode_alone_picks_curvature_windows_of_5_and_the_travel_lr():
     # a user task without recommended settings (the suite's GRU task)
     config = load_config(overrides=[f"task.name={GRU}", "outer.mode=online", "inner.steps=300"])
     assert (config.method.name, config.outer.window) == ("curvature", 5)
-    assert config.outer.lr == pytest.approx(10 / 60)
+    assert config.outer.window_growth == 0.2
+    # windows 0, 5, 11, 18, 26, 36, 48, 62, 79, 99, 123, 152, 187, 229, 279 (K + floor(0.2 t))
+    assert config.outer.lr == pytest.approx(10 / 15)
 
 
 def test_the_users_settings_and_the_tasks_defaults_win_over_the_online_layer():
@@ -77,5 +81,5 @@ def test_an_online_run_with_no_other_settings_runs_curvature_windows():
     _, loop = build_online(config)
     result = loop.run()
     assert loop.plan.label == "curvature" and loop.plan.window == 5
-    assert result.hyper_steps == 4 and result.steps == 20
+    assert result.hyper_steps == 3 and result.steps == 20  # steps 0-4, 5-10, 11-19
     assert isinstance(result.final_hparams, hd.HyperParameters)

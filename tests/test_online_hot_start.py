@@ -15,6 +15,7 @@ from test_online import recipe
 import hyperdiff as hd
 from hyperdiff.app.tasks import build_task
 from hyperdiff.engine.training import initial_state
+from hyperdiff.tuner import hot_start
 from hyperdiff.tuner.hot_start import cooled, hot_start_ratio, optimization_time
 
 # the deprecated shim is what these tests exercise (they predate the one loop)
@@ -140,16 +141,38 @@ def test_a_run_resumed_after_its_restart_continues_bit_for_bit():
     assert torch.equal(resumed.flat, whole.flat) and resumed.warnings == whole.warnings
 
 
-def test_no_restart_when_the_measuring_window_ends_the_run():
-    """One window of the whole run (K = N) whose outer step lowers lr by 6.65x: measured and
-    warned, nothing to restart."""
-    prob = recipe(6)
-    tuner = hd.online.OnlineTuner(prob, window=6, optimizer="sgd", normalize=True, lr=2.0,
-                           hot_start="restart")
-    tuner.run()
-    assert tuner.done and tuner.inner_step == 6 and not tuner.restarted
-    assert tuner.hot_start_measure[1] == pytest.approx(6.652, abs=1e-3)
-    assert "the run ended with that window" in tuner.warnings[0]
+def test_no_restart_when_the_measuring_window_ends_the_run(monkeypatch):
+    """Windows 0..9, 10..109 and 110..1114 (K = 10 growing by 9 t; the last 5 steps join the
+    third): the third window, the first measured (MIN_WINDOWS), reaches 10% of the run (step
+    112) and ends it; above the limit (lowered to 1 here: this run's ratio is 1.04) it is
+    warned, with nothing to restart. The ratio is the trained optimization time over the found
+    one, summed from the records: lr is a scalar, so each window's is lr x its steps."""
+    monkeypatch.setattr(hot_start, "LIMIT", 1.0)
+    prob = recipe(1115)
+    loop = hd.HyperOptimizer(prob, plan=hd.plans.OnlinePlan(window=10, growth=9.0,
+                                                            hot_start="restart"),
+                             method=hd.truncated(1), optimizer="sgd", normalize=True, lr=0.5)
+    result = loop.run()
+    assert loop.plan.done and loop.plan.inner_step == 1115 and not loop.plan.restarted
+    assert [r.status for r in result.history] == ["ok"] * 3
+    used = [r.hparams["lr"] for r in result.history]
+    trained = used[0] * 10 + used[1] * 100 + used[2] * 1005
+    found = float(result.final_hparams.natural()["lr"]) * 1115
+    assert loop.plan.hot_start_measure == (1115, pytest.approx(trained / found, rel=1e-9))
+    assert trained / found > 1.0
+    assert "the run ended with that window" in loop.plan.warnings[0]
+
+
+@pytest.mark.parametrize(("steps", "measured"), [(20, False), (30, True)])
+def test_a_run_is_measured_from_its_third_window_on(steps, measured):
+    """With K = 1 the 10% point of 20 steps is reached in the second window: one outer step
+    from the start is no measure of a hot start (tuner/hot_start.py's MIN_WINDOWS); of 30 steps
+    in the third, which is measured."""
+    tuner = hd.online.OnlineTuner(recipe(steps), window=1, optimizer="sgd", normalize=True,
+                                  lr=2.0, hot_start="warn")
+    for _ in range(3):
+        tuner.step()
+    assert (tuner.hot_start_measure is not None) == measured
 
 
 def test_the_report_table_prints_the_run_warnings():

@@ -38,6 +38,11 @@ from hyperdiff.methods.registry import (
     registered_constructor,
 )
 from hyperdiff.tuner.outer_steps import DEFAULT_OFFLINE, offline_optimizers
+from hyperdiff.tuner.windows import window_starts
+
+ONLINE_GROWTH = 0.2
+"""Online: ``outer.window_growth`` when not set (windows longer by 0.2 x the steps trained before
+them; docs/online.md, ``benchmarks/online_cost.py``)."""
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -94,9 +99,9 @@ class OuterConfig:
                             f"{DEFAULT_OFFLINE} offline, adam online",
                             choices=lambda: ["auto", *offline_optimizers()])
     lr: float = option(0.05, "outer learning rate (raw units: 0.05 changes a positive "
-                       "hyperparameter by about 5%); online, when not set: min(0.5, 10 / "
-                       "windows), windows = ceil(inner.steps / outer.window)", low=0.0,
-                       open_low=True)
+                       "hyperparameter by about 5%); online, when not set: min(0.7, 10 / "
+                       "windows), the run's windows (ceil(inner.steps / outer.window) without "
+                       "outer.window_growth)", low=0.0, open_low=True)
     schedule: str = option("cosine", "outer learning-rate schedule: constant, or cosine decay "
                            "to 0 over stop.max_steps", choices=list(SCHEDULES))
     clip: float = option(0.0, "clip the hypergradient to this L2 norm (0: off)", low=0.0)
@@ -123,6 +128,11 @@ class OuterConfig:
                                  "(0: none, the result is the final values)", low=0)
     window: int = option(5, "online: inner steps per hyper-step (1: hypergradient descent)",
                          low=1)
+    window_growth: float = option(0.0, "online: a window that starts at inner step t trains "
+                                  "outer.window + floor(window_growth * t) steps (dense "
+                                  "hypergradients early, sparse later; 0: outer.window each); "
+                                  f"outer.mode = online, when not set: {ONLINE_GROWTH:g}",
+                                  low=0.0)
     backprop: int = option(0, "online reverse: backpropagate through the last this many steps "
                            "of each window (0: all)", low=0)
     val_batch: int = option(0, "online: validation rows drawn per hyper-step (0: all)", low=0)
@@ -236,7 +246,8 @@ class Config:
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
 
 
-ONLINE_DEFAULTS: dict[str, Any] = {"method.name": "curvature"}
+ONLINE_DEFAULTS: dict[str, Any] = {"method.name": "curvature",
+                                   "outer.window_growth": ONLINE_GROWTH}
 """What ``outer.mode = "online"`` changes in the defaults (a task's defaults, the TOML file and
 ``--set`` still win); chosen by ``benchmarks/online_defaults.py`` (docs/online.md)."""
 
@@ -245,23 +256,28 @@ OFFLINE_ONLY_DEFAULTS = ("outer.samples",)
 step; online it would count validation samples per window (1 unless the TOML file or
 ``--set`` sets it)."""
 
+ONLINE_LR_CAP = 0.7
+"""Online: the largest outer lr :func:`online_lr` gives (0.5 before the growing windows; 0.5,
+0.7 and 1 measured in docs/online.md)."""
+
 ONLINE_TRAVEL = 10.0
 """Online: ``outer.lr * windows`` when ``outer.lr`` is not set (:func:`online_lr`)."""
 
 
-def online_lr(steps: int, window: int) -> float:
-    """The online outer learning rate when none is set: ``min(0.5, 10 / W)`` for the run's
-    ``W = ceil(steps / window)`` windows.
+def online_lr(steps: int, window: int, growth: float = 0.0) -> float:
+    """The online outer learning rate when none is set: ``min(0.7, 10 / W)`` for the run's
+    ``W`` windows (``ceil(steps / window)`` without growth, :mod:`hyperdiff.tuner.windows`).
 
     Adam moves a raw value by at most about ``lr`` per window, and a cosine decay over W
     windows sums to ``lr W / 2``: 5 in log units, a factor of about 150, whatever the run's
-    length, so a start 100x off can be reached in one run; 0.5 caps one window's move at a
-    factor of e^0.5 (short runs).
+    length, so a start 100x off can be reached in one run; 0.7 caps one window's move at a
+    factor of e^0.7 (short runs, whose growing windows are few: 9 for 100 steps of K=5, which
+    travel 0.7 x 9 / 2 = 3.2, a factor of 23).
 
-    >>> online_lr(100, 5), online_lr(2000, 10)
-    (0.5, 0.05)
+    >>> online_lr(100, 5), online_lr(100, 5, 0.2), online_lr(2000, 10)
+    (0.5, 0.7, 0.05)
     """
-    return min(0.5, ONLINE_TRAVEL / -(-steps // window))
+    return min(ONLINE_LR_CAP, ONLINE_TRAVEL / len(window_starts(steps, window, growth)))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -329,8 +345,8 @@ def resolve(source: dict[str, Any]) -> Config:
     for section, cls in SECTIONS.items():
         built[section] = _build_section(section, cls, merged.get(section, {}))
     if online and "lr" not in merged.get("outer", {}):
-        built["outer"] = replace(built["outer"], lr=online_lr(built["inner"].steps,
-                                                              built["outer"].window))
+        built["outer"] = replace(built["outer"], lr=online_lr(
+            built["inner"].steps, built["outer"].window, built["outer"].window_growth))
     if built["task"].cv_folds == 1:
         raise HyperdiffError("config: task.cv_folds must be 0 (hold-out validation) or an int "
                              ">= 2 (got 1)")

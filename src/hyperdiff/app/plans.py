@@ -240,6 +240,7 @@ def build_online(config: Config, start: dict[str, Any] | None = None
     outer = config.outer
     problem = task.problems[0]
     plan = OnlinePlan(window=outer.window, val_batch_size=outer.val_batch or None,
+                      growth=outer.window_growth,
                       hot_start=None if outer.hot_start == "auto" else outer.hot_start,
                       samples=outer.samples)
     loop = HyperOptimizer(

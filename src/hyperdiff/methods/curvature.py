@@ -62,7 +62,13 @@ from hyperdiff.errors import HyperdiffError, fail, positive_float, positive_int
 from hyperdiff.hparams.schedules import Schedule
 from hyperdiff.methods.base import Capabilities, HyperGradient, Method, Segment
 from hyperdiff.methods.curvature_adam import ADAM_NAMES, ADAM_RULE
-from hyperdiff.methods.curvature_rule import RHO, CurvatureRule, keeps_all
+from hyperdiff.methods.curvature_rule import (
+    RHO,
+    CurvatureRule,
+    carried_rows,
+    keeps_all,
+    tangent_rows,
+)
 from hyperdiff.methods.segments import (
     at_val_batches,
     detach_tree,
@@ -74,9 +80,10 @@ from hyperdiff.typing import Batch, Params
 
 class CurvatureTangent(NamedTuple):
     """The carried state, over the ``n`` parameter entries flattened in ``problem.params``
-    order: ``z`` and ``zb`` the tangents of the parameters and of the momentum, shape ``(P,
-    n)`` for the ``P`` raw values; ``v`` (n,) the squared-gradient average; ``steps`` the steps
-    averaged (a 0-d tensor)."""
+    order: ``z`` and ``zb`` the tangents of the parameters and of the momentum, shape ``(R,
+    n)`` for the ``R`` raw values that the carried coefficients read
+    (:func:`~hyperdiff.methods.curvature_rule.carried_rows`; the others' rows are 0); ``v``
+    (n,) the squared-gradient average; ``steps`` the steps averaged (a 0-d tensor)."""
 
     z: Tensor
     zb: Tensor
@@ -96,7 +103,7 @@ def initial_tangent(problem: Problem, raw: dict[str, Tensor]) -> Any:
 
 
 def _initial_sgd(problem: Problem, raw: dict[str, Tensor]) -> CurvatureTangent:
-    size = problem.hparams.flatten(raw).numel()
+    size = tangent_rows(problem)
     like = flat(problem.params.values())
     z = like.new_zeros((size, like.numel()))
     return CurvatureTangent(z, torch.zeros_like(z), torch.zeros_like(like),
@@ -241,7 +248,7 @@ def _advance(tangent: CurvatureTangent, momentum: Tensor, direction: Tensor, lr:
              dlr: Tensor | None, beta: Tensor | float, mu: float | Tensor, scale: float,
              count: int) -> None:
     """One step of the recurrence of the module doc, in place. ``momentum`` is ``b_{t+1}``,
-    ``direction`` ``d_t`` (n,); ``lr`` (n,) or (1,), ``dlr`` (P, n) or (P, 1), or None (no
+    ``direction`` ``d_t`` (n,); ``lr`` (n,) or (1,), ``dlr`` (R, n) or (R, 1), or None (no
     direct term); ``count`` the squared gradients in ``v`` after this step."""
     z, zb, v, _ = tangent
     v.mul_(RHO).addcmul_(direction, direction, value=1.0 - RHO)
@@ -299,8 +306,12 @@ def curvature_samples(problem: Problem, state: TrainState, raw: dict[str, Tensor
     count = int(tangent.steps)  # read once per window: the steps add no host synchronisation
     if scale is None:
         scale = float(batch_rows(problem.train_data.batch(start, problem.seed)))
+    rows = carried_rows(problem)
     lrs, dlrs = lr_derivatives(problem, raw, start, stop)
     dwds = decay_derivatives(problem, raw, start, stop)
+    if rows is not None:  # the tangent's rows only: the others stay 0 (carried_rows)
+        dlrs = dlrs[:, rows.to(dlrs.device)]
+        dwds = None if dwds is None else dwds[:, rows.to(dwds.device)]
     hview = hp.view(problem.raw_tensors(raw))
     losses = torch.empty(stop - start, dtype=problem.hparam_dtype, device=problem.device)
     params, buffers, opt_state = state
@@ -339,7 +350,8 @@ def curvature_samples(problem: Problem, state: TrainState, raw: dict[str, Tensor
         rule.advance(tangent, values, lrs[-1], None, forget(lrs[-1]), scale, count + 1)
         tangent.steps.fill_(count + 1)
         grad = [_direct_and_carried(hp.flatten(dict(zip(leaves, g[: len(leaves)], strict=True))),
-                                    tangent.z, flat(g[len(leaves):])) for g in sampled]
+                                    tangent.z, flat(g[len(leaves):]), rows)
+                for g in sampled]
         tangent.z.addcmul_(dlrs[-1], rule.direct(values, lrs[-1]), value=-1.0)
         if dwds is not None:
             tangent.z.addcmul_(dwds[-1], lrs[-1] * values.p, value=-1.0)
@@ -348,10 +360,16 @@ def curvature_samples(problem: Problem, state: TrainState, raw: dict[str, Tensor
             for g, value in zip(grad, val_losses, strict=True)]
 
 
-def _direct_and_carried(direct: Tensor, z: Tensor, val_theta: Tensor) -> Tensor:
+def _direct_and_carried(direct: Tensor, z: Tensor, val_theta: Tensor, rows: Tensor | None
+                        ) -> Tensor:
     """``dL/du`` of the module doc: the last step's direct part plus ``Zt @ grad_theta L_val``
-    (``z`` (P, n), ``val_theta`` (n,)), in the direct part's dtype."""
-    return direct + (z @ val_theta.to(z.dtype)).to(direct.dtype)
+    (``z`` (R, n) for the carried rows ``rows`` of the raw values, all of them when ``None``;
+    ``val_theta`` (n,)), in the direct part's dtype; the rows not carried get their direct
+    part only (their tangents are 0, :func:`carried_rows`)."""
+    indirect = (z @ val_theta.to(z.dtype)).to(direct.dtype)
+    if rows is not None:
+        indirect = direct.new_zeros(direct.shape).index_copy_(0, rows.to(direct.device), indirect)
+    return direct + indirect
 
 
 CAPABILITIES = Capabilities(exact=False, offline=False, online=True, carries_state=True,

@@ -40,7 +40,7 @@ from torch import Tensor
 from hyperdiff.engine.optimizers import AdamState, resolve, safe_sqrt
 from hyperdiff.engine.problem import Problem
 from hyperdiff.engine.training import flat
-from hyperdiff.methods.curvature_rule import RHO, CurvatureRule, keeps_all
+from hyperdiff.methods.curvature_rule import RHO, CurvatureRule, keeps_all, tangent_rows
 from hyperdiff.typing import Params
 
 ADAM_NAMES = ("adam", "adamw")
@@ -48,7 +48,7 @@ ADAM_NAMES = ("adam", "adamw")
 
 class AdamCurvatureTangent(NamedTuple):
     """The carried state over the ``n`` parameter entries (``problem.params`` order): ``z``,
-    ``zm``, ``zv`` the tangents of the parameters and of Adam's two moments, shape ``(P, n)``;
+    ``zm``, ``zv`` the tangents of the parameters and of Adam's two moments, shape ``(R, n)``;
     ``v`` (n,) the squared-gradient average of the curvature estimate; ``steps`` (0-d)."""
 
     z: Tensor
@@ -78,7 +78,7 @@ class AdamStep(NamedTuple):
 
 def initial_adam_tangent(problem: Problem, raw: dict[str, Tensor]) -> AdamCurvatureTangent:
     """Zero tangents and curvature statistics for the start of the run."""
-    size = problem.hparams.flatten(raw).numel()
+    size = tangent_rows(problem)  # the rows the carried coefficients read (curvature_rule)
     like = flat(problem.params.values())
     z = like.new_zeros((size, like.numel()))
     return AdamCurvatureTangent(z, torch.zeros_like(z), torch.zeros_like(z),
@@ -128,37 +128,45 @@ def lr_direction(values: AdamStep, lr: Tensor) -> Tensor:
 
 def advance_adam(tangent: AdamCurvatureTangent, values: AdamStep, lr: Tensor,
                  dlr: Tensor | None, mu: float | Tensor, scale: float, count: int) -> None:
-    """One step of the module doc's recurrence, in place. ``lr`` (n,) or (1,); ``dlr`` (P, n)
-    or (P, 1), or None (no direct term); ``count`` the squared gradients in the curvature
-    estimate after this step."""
+    """One step of the module doc's recurrence, in place. ``lr`` (n,) or (1,); ``dlr`` (R, n)
+    or (R, 1), or None (no direct term); ``count`` the squared gradients in the curvature
+    estimate after this step.
+
+    The ``(R, n)`` tangents take 11 in-place operations and one temporary: every factor that
+    is the same for all rows (``(1 - b1) D``, ``(1 - b2) 2 s D``, ``r / (2 sqrt(v') sqrt(c2))``,
+    ``lr / (c1 q)``) is an ``(n,)`` vector, computed once."""
     z, zm, zv, v_est, _ = tangent
     g, s, _, m, v, b1, b2, eps, wd, decoupled, k = values
     v_est.mul_(RHO).addcmul_(g, g, value=1.0 - RHO)
     curvature = v_est * (scale / (1.0 - RHO ** count))
     c1 = 1 - b1 ** k
     c2_sqrt = (1 - b2 ** k) ** 0.5
-    root = safe_sqrt(v)
+    root = torch.sqrt(v)  # v >= 0; no derivative is taken here
     denom = root / c2_sqrt + eps
     step_size = lr / c1
     cap = (2 * (1 + b1) / (1 - b1)) * denom / step_size.clamp(min=1e-30)
     curvature = torch.minimum(curvature, cap)
     if not decoupled and not _no_decay(wd):
         curvature = curvature + wd
-    ds = z * curvature
-    zm.mul_(b1).add_(ds * (1 - b1))
-    zv.mul_(b2).add_(ds * ((1 - b2) * 2 * s))
-    positive = v > 0
-    half_inverse = torch.where(positive, 0.5 / torch.where(positive, root, 1.0), 0.0)
+    # Zm' = b1 Zm + (1 - b1) D Z and Zv' = b2 Zv + (1 - b2) 2 s D Z (the old Z on the right)
+    zm.mul_(b1).addcmul_(z, curvature * (1 - b1))
+    zv.mul_(b2).addcmul_(z, curvature * ((1 - b2) * 2) * s)
     ratio = m / denom
-    d_ratio = (zm - zv * (half_inverse / c2_sqrt * ratio)) / denom
+    half_inverse = (0.5 / root).masked_fill_(v <= 0, 0.0)  # the Zv term is 0 where v' = 0
+    # Z' = Z - (lr / c1) (Zm' - Zv' r / (2 sqrt(v') sqrt(c2))) / q
+    change = zv * (half_inverse / c2_sqrt * ratio)
+    change.sub_(zm)
     if decoupled and not _no_decay(wd):
         z.mul_(1 - lr * wd)
-    z.sub_(d_ratio * step_size)
+    z.addcmul_(change, step_size / denom)
     if not keeps_all(mu):
         for t in (z, zm, zv):
             t.mul_(mu)
     if dlr is not None:
-        z.addcmul_(dlr, lr_direction(values, lr), value=-1.0)
+        direction = ratio / c1
+        if decoupled and not _no_decay(wd):
+            direction = direction + wd * values.p
+        z.addcmul_(dlr, direction, value=-1.0)
 
 
 def _adam_values(problem: Problem, hview: Any, grads: Params, params: Params, old_state: Any,

@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor
 
 from hyperdiff.engine.problem import Problem
+from hyperdiff.hparams.schedules import Schedule
 
 RHO = 0.99  # decay of the squared-gradient average (Adam's beta2 for this estimate)
 
@@ -39,4 +41,50 @@ def keeps_all(mu: float | Tensor) -> bool:
     return isinstance(mu, float) and mu == 1.0
 
 
-__all__ = ["RHO", "CurvatureRule", "keeps_all"]
+def carried_coefficients(problem: Problem) -> list[Any]:
+    """The optimizer coefficients whose tangents are carried: ``lr``, and AdamW's decoupled
+    ``weight_decay`` when a schedule or a (not ``per_element``) hyperparameter sets it."""
+    coefs = problem.optimizer.coefficients
+    out = [coefs["lr"]]
+    wd = coefs.get("weight_decay")
+    if problem.optimizer.name == "adamw" and (
+            isinstance(wd, Schedule)
+            or (isinstance(wd, str) and problem.hparams[wd].kind != "per_element")):
+        out.append(wd)
+    return out
+
+
+def carried_rows(problem: Problem) -> Tensor | None:
+    """Indices of the flat raw values (``problem.hparams.flatten`` order) that the carried
+    coefficients read, or None for all of them (a callable coefficient may read any).
+
+    The tangent ``Z_t = d theta_t / du`` starts at 0 and its recurrence is driven only by the
+    carried coefficients' derivatives ``d lr_t / du`` (and ``d wd_t / du``): a row ``u_j`` that
+    none of them reads stays exactly 0 for the whole run, so the tangents are kept for these
+    rows only (``R x n`` instead of ``P x n``; 1 of 501 rows with a learning rate and 500
+    per-feature penalties)."""
+    hp = problem.hparams
+    names: set[str] = set()
+    for coef in carried_coefficients(problem):
+        if isinstance(coef, Schedule):
+            names.update(coef.names.values())
+        elif isinstance(coef, str):
+            names.add(coef)
+        elif callable(coef):
+            return None
+    index = hp.unflatten(torch.arange(hp.numel, device=problem.device))
+    rows = [index[n].reshape(-1) for n in hp if n in names]
+    if sum(len(r) for r in rows) == hp.numel:
+        return None
+    return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64,
+                                                     device=problem.device)
+
+
+def tangent_rows(problem: Problem) -> int:
+    """The rows of the carried tangents: ``len(carried_rows(problem))``, or every raw value."""
+    rows = carried_rows(problem)
+    return problem.hparams.numel if rows is None else len(rows)
+
+
+__all__ = ["RHO", "CurvatureRule", "carried_coefficients", "carried_rows", "keeps_all",
+           "tangent_rows"]

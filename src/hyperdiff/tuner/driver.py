@@ -46,7 +46,7 @@ from hyperdiff.logs import get_logger
 from hyperdiff.methods.base import Method
 from hyperdiff.methods.registry import SCHEDULES
 from hyperdiff.tuner.driver_checks import as_batches, check_problems
-from hyperdiff.tuner.guard import DivergenceGuard
+from hyperdiff.tuner.guard import DivergenceGuard, start_values
 from hyperdiff.tuner.history import History, StepRecord, finite_or_none, natural_values
 from hyperdiff.tuner.offline_plan import OfflinePlan
 from hyperdiff.tuner.outer_steps import outer_optimizer
@@ -401,7 +401,7 @@ class HyperOptimizer:
         if self.plan.ranks:
             self.since_best += 1
         try:
-            good, message = self.guard.failed(step, reason)
+            good, message = self.guard.failed(step, reason, start_values(self.hparams, raw))
         except NonFiniteError as err:
             self.stopped = "diverged"
             self._append(self._make_record(step, raw, started, status="failed", lr=lr,

@@ -135,8 +135,9 @@ class DivergenceGuard:
         self.good = snapshot
         self.failures = 0
 
-    def failed(self, step: int, reason: str) -> tuple[Any, str]:
-        """Register a failure; return the snapshot to restore and a log message.
+    def failed(self, step: int, reason: str, values: str = "") -> tuple[Any, str]:
+        """Register a failure; return the snapshot to restore and a log message (``values``:
+        the failed step's natural values, named in the message when the start fails).
 
         Raises:
             NonFiniteError: at the first step (nothing good to restore) or after
@@ -147,8 +148,8 @@ class DivergenceGuard:
         if self.good is None:
             raise NonFiniteError(
                 f"{self.caller}: the initial hyperparameters already fail at step {step}: "
-                f"{reason}. Start from safer values (e.g. a smaller inner learning rate or "
-                "fewer inner steps)"
+                f"{reason}. Start from safer values{' than ' + values if values else ''} "
+                "(e.g. a smaller inner learning rate or fewer inner steps)"
             )
         if self.failures >= self.max_failures:
             raise NonFiniteError(
@@ -175,6 +176,18 @@ class DivergenceGuard:
         self.total_failures = int(state["total_failures"])
         self.good = state["good"]
         self.reference = {k: float(v) for k, v in state.get("reference", {}).items()}
+
+
+def start_values(hparams: HyperParameters, raw: dict[str, Tensor], limit: int = 6) -> str:
+    """The natural values of ``raw`` for a message: ``lr_peak=0.5, wd=0.0001``; a vector as its
+    range (``l2=[500 values in 0.001..0.001]``); at most ``limit`` names, then ``...``."""
+    parts = []
+    for name, value in list(hparams.natural(raw).items())[:limit]:
+        flat = value.detach().double().reshape(-1)
+        parts.append(f"{name}={float(flat[0]):.3g}" if flat.numel() == 1 else
+                     f"{name}=[{flat.numel()} values in {float(flat.min()):.3g}.."
+                     f"{float(flat.max()):.3g}]")
+    return ", ".join(parts) + (", ..." if len(hparams.raw) > limit else "")
 
 
 def untrained_loss(problem: Problem, params: Params, buffers: Params, raw: dict[str, Tensor],

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from hyperdiff.hparams.hyperparams import HyperParameters
@@ -174,7 +175,10 @@ def to_number(value: Tensor) -> float | list[float | None] | None:
     value = value.detach().double()
     if value.dim() == 0:
         return finite_or_none(float(value))
-    return [finite_or_none(v) for v in value.reshape(-1).tolist()]
+    numbers = value.reshape(-1).tolist()
+    if bool(torch.isfinite(value).all()):  # one check for the whole vector (500 penalties)
+        return numbers
+    return [finite_or_none(v) for v in numbers]
 
 
 def _json_type_fits(value: Any, annotation: str) -> bool:

@@ -17,7 +17,11 @@ is divided by ``ratio`` (:func:`cooled`): a start below what it found, from wher
 is reliable; or it only warns (``"warn"``). The learning rate is the optimizer's ``lr``
 coefficient: a schedule (:mod:`hyperdiff.hparams.schedules`, its ``peak`` is scaled) or the name of
 a scalar hyperparameter; for other kinds (a number, per-tensor or per-step values, a callable)
-nothing is measured.
+nothing is measured. Nor is a run that reaches M within its first :data:`MIN_WINDOWS` (3)
+windows: ``lam_M`` is then one or two outer steps from the start, and Adam's first steps move
+every value by the full outer learning rate whatever the signal's strength, so the ratio
+measures the outer step size, not a hot start (and dividing by it lowers the learning rate a
+second time: docs/online.md, "Cost and quality").
 """
 
 from __future__ import annotations
@@ -37,12 +41,14 @@ from hyperdiff.errors import HyperdiffError
 from hyperdiff.hparams.schedules import Schedule
 from hyperdiff.tuner.history import StepRecord, natural_values
 from hyperdiff.tuner.online_run import Loop, OnlineRun
+from hyperdiff.tuner.windows import window_stop
 from hyperdiff.wording import option
 
 _LOG = logging.getLogger("hyperdiff.online")
 
 FRACTION = 0.1
 LIMIT = 2.0
+MIN_WINDOWS = 3  # the measuring window must be at least the run's third
 MODES = ("restart", "warn", "ignore")
 
 
@@ -61,8 +67,8 @@ def optimization_time(problem: Problem, values: Mapping[str, Any], start: int, s
 
 
 def hot_start_ratio(problem: Problem, records: Sequence[StepRecord], window: int,
-                    current: Mapping[str, Any] | None = None, fraction: float = FRACTION
-                    ) -> tuple[int, float] | None:
+                    current: Mapping[str, Any] | None = None, fraction: float = FRACTION,
+                    growth: float = 0.0) -> tuple[int, float] | None:
     """``(M, ratio)`` of the module doc from the run's records (``current``: the natural
     values now, used when no record follows the window that reaches M), or None before the
     run has trained ``fraction * N`` steps or where the measure is not taken."""
@@ -71,7 +77,7 @@ def hot_start_ratio(problem: Problem, records: Sequence[StepRecord], window: int
     for record in records:
         if record.status != "ok":
             continue  # a failed window was discarded and trained again
-        start, stop = stop, min(stop + window, problem.steps)
+        start, stop = stop, window_stop(stop, problem.steps, window, growth)
         used = optimization_time(problem, record.hparams, start, stop)
         if used is None:
             return None
@@ -132,9 +138,11 @@ def measure_hot_start(run: OnlineRun, loop: Loop, record: StepRecord, start: int
     target = math.ceil(FRACTION * run.problem.steps)
     if run.hot_start == "ignore" or run.restarted or not start < target <= stop:
         return False
+    if sum(r.status == "ok" for r in loop.history) + 1 < MIN_WINDOWS:
+        return False  # too few outer steps for the measure (module doc)
     current = natural_values(loop.hparams, loop.raw)
     run.hot_start_measure = hot_start_ratio(run.problem, [*loop.history, record], run.window,
-                                            current)
+                                            current, growth=run.growth)
     if run.hot_start_measure is None or run.hot_start_measure[1] <= LIMIT:
         return False
     run.restarted = run.hot_start == "restart" and stop < run.problem.steps

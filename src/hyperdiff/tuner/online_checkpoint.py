@@ -40,6 +40,7 @@ from hyperdiff.tuner.state_checks import (
     damaged,
     shape_of,
 )
+from hyperdiff.tuner.windows import window_stop
 
 FORMAT = "hyperdiff-online-1"
 # absent from checkpoints of older versions (discrete: before REINFORCE and annealing online)
@@ -57,7 +58,7 @@ def tuner_state(run: OnlineRun, loop: Loop) -> dict[str, Any]:
     opt_leaves = tree_flatten(run.state.opt_state)[0]
     tangent = None if run.tangent is None else tree_flatten(tuple(run.tangent))[0]
     return {
-        "format": FORMAT, "method": run.label, "window": run.window,
+        "format": FORMAT, "method": run.label, "window": run.window, "growth": run.growth,
         "inner_step": run.inner_step,
         "params": {k: v.clone() for k, v in run.state.params.items()},
         "buffers": {k: v.clone() for k, v in run.state.buffers.items()},
@@ -78,10 +79,11 @@ def restore_tuner(run: OnlineRun, loop: Loop, state: dict[str, Any],
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise fail(caller, "state", f"a state_dict of format {FORMAT}",
                    state.get("format") if isinstance(state, dict) else state)
-    for key, mine in (("method", run.label), ("window", run.window)):
-        if state.get(key) != mine:
+    saved = {"growth": 0.0, **state}  # checkpoints from before the growth: K steps each
+    for key, mine in (("method", run.label), ("window", run.window), ("growth", run.growth)):
+        if saved.get(key) != mine:
             raise HyperdiffError(f"{caller}: {key} must match the saved run "
-                                 f"({state.get(key)!r}; got {mine!r})")
+                                 f"({saved.get(key)!r}; got {mine!r})")
     lines: Any = [r.to_json() for r in records] if records is not None else state.get("history")
     check_tuner_state(run, loop, state, lines)
     params = {k: v.clone() for k, v in state["params"].items()}
@@ -159,7 +161,7 @@ def trained_steps(run: OnlineRun, records: Sequence[StepRecord], restarted: bool
     for record in records:
         if record.status != "ok":
             continue
-        start, position = position, min(position + run.window, steps)
+        start, position = position, window_stop(position, steps, run.window, run.growth)
         if restarted and restart_at is None and start < target <= position:
             position, restart_at = 0, record.step
     if restarted and restart_at is None:

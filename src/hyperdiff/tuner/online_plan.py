@@ -10,7 +10,9 @@ With raw hyperparameters ``u`` (natural ``lam = f(u)``) and one run of N inner s
         the loop's outer step on g; t <- t + K; h <- h + 1
 
 Training continues from the current parameters and optimizer state: the whole run costs one
-N-step training plus the window hypergradients. ``B_h`` is ``val_batch_size`` rows of the
+N-step training plus the window hypergradients. With ``growth > 0`` the window from step t is
+``K + floor(growth t)`` steps long (:mod:`hyperdiff.tuner.windows`): fewer hypergradients later
+in the run, where the values have settled. ``B_h`` is ``val_batch_size`` rows of the
 validation split drawn from ``(seed, h)`` (all of it when ``None``), so the run is a function of
 its inputs.
 
@@ -72,8 +74,10 @@ from hyperdiff.engine.training import TrainState, initial_state, validation_loss
 from hyperdiff.errors import (
     HyperdiffError,
     NonFiniteError,
+    Range,
     fail,
     nonnegative_int,
+    number,
     positive_int,
 )
 from hyperdiff.hparams.discrete import DiscreteParameter, discrete_names
@@ -92,10 +96,12 @@ from hyperdiff.tuner.hot_start import hot_start_warnings, measure_hot_start, res
 from hyperdiff.tuner.online_checkpoint import restore_tuner, tuner_state
 from hyperdiff.tuner.plan import Outcome, bind_once
 from hyperdiff.tuner.sampler import combine, estimate_fields, warn_low_snr
+from hyperdiff.tuner.windows import window_index, window_starts, window_stop
 from hyperdiff.typing import Batch, Params
 from hyperdiff.wording import option
 
 _LOG = logging.getLogger("hyperdiff.online")
+GROWTH = Range(0.0)  # the windows' growth: a finite number >= 0
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,8 @@ class OnlinePlan:
 
     Args:
         window: K, inner steps per outer step (K=1 with ``reverse``: hypergradient descent).
+        growth: a window that starts at inner step t trains ``K + floor(growth * t)`` steps
+            (:mod:`hyperdiff.tuner.windows`: dense windows early, sparse ones later); 0: K.
         val_batch_size: rows of the validation split per window (``None``: all of it).
         eval_every: record the selection loss every ``eval_every`` windows (0: only at the
             last one).
@@ -147,9 +155,10 @@ class OnlinePlan:
     default_optimizer = "adam"
 
     def __init__(self, window: int = 1, val_batch_size: int | None = None, eval_every: int = 0,
-                 hot_start: str | None = None, samples: int = 1):
+                 hot_start: str | None = None, samples: int = 1, growth: float = 0.0):
         self.window = positive_int(self.caller, "window", window)
         self.samples = positive_int(self.caller, "samples", samples)
+        self.growth = number(self.caller, "growth", growth, GROWTH)
         self.val_batch_size = None if val_batch_size is None else positive_int(
             self.caller, "val_batch_size", val_batch_size)
         self.eval_every = nonnegative_int(self.caller, "eval_every", eval_every)
@@ -226,8 +235,14 @@ class OnlinePlan:
 
     @property
     def windows(self) -> int:
-        """The run's windows ``ceil(N / K)``."""
-        return -(-self.problem.steps // self.window)
+        """The run's windows (``ceil(N / K)`` without growth)."""
+        if not self.growth:
+            return -(-self.problem.steps // self.window)
+        return len(window_starts(self.problem.steps, self.window, self.growth))
+
+    def window_stop(self, start: int) -> int:
+        """The end (exclusive) of the window that starts at inner step ``start``."""
+        return window_stop(start, self.problem.steps, self.window, self.growth)
 
     @property
     def done(self) -> bool:
@@ -253,9 +268,10 @@ class OnlinePlan:
 
     # ------------------------------------------------------------------ one outer step
     def schedule_position(self, loop: Any, step: int) -> tuple[int, int]:
-        """The current window ``t // K`` of the run's windows (after a failure the same
-        window again; after a hot-start restart from 0)."""
-        return self.inner_step // self.window, self.windows
+        """The current window (``t // K`` without growth) of the run's windows (after a
+        failure the same window again; after a hot-start restart from 0)."""
+        return (window_index(self.inner_step, self.problem.steps, self.window, self.growth),
+                self.windows)
 
     def stop_reason(self, loop: Any) -> str | None:
         return f"one run of {self.inner_step} inner steps" if self.done else None
@@ -271,7 +287,7 @@ class OnlinePlan:
         if self.done:
             raise HyperdiffError(f"{self.caller}.step: the run of {self.problem.steps} inner "
                                  "steps is finished (got a call after its last window)")
-        self.span = (self.inner_step, min(self.inner_step + self.window, self.problem.steps))
+        self.span = (self.inner_step, self.window_stop(self.inner_step))
         return self.problem.raw_tensors(loop.raw)
 
     def evaluate(self, loop: Any, step: int, raw: dict[str, Tensor]) -> Outcome:
@@ -285,7 +301,7 @@ class OnlinePlan:
                              for j, out in enumerate(outs)])
         values = torch.tensor([out.value for out in outs], dtype=torch.float64, device="cpu")
         found = combine(grads, values, folds=1, discrete=loop.discrete, step=step, raw=raw,
-                        anneal_step=start // self.window)
+                        anneal_step=self.position(start))
         warn_low_snr(found, f"{self.caller}: window of steps {start}..{stop - 1}",
                      "validation-batch noise", option("OnlinePlan(samples=...) or a larger "
                      "val_batch_size", "outer.samples or outer.val_batch"))
@@ -304,7 +320,7 @@ class OnlinePlan:
         if loop.discrete is None:
             return self.segments(self.problem, raw, start, stop, vals)
         problems = [loop.discrete.prepare(self.problem, step, j, raw,
-                                          anneal_step=start // self.window,
+                                          anneal_step=self.position(start),
                                           noise_seed=window_seed(loop.seed, step))
                     for j in range(self.samples if loop.discrete.reinforce else 1)]
         if len(problems) == 1:
@@ -323,6 +339,11 @@ class OnlinePlan:
                                      f"not finite in the window of steps {start}..{stop - 1}"
                                      f"{which}")
         return grad
+
+    def position(self, start: int) -> int:
+        """The index of the window that starts at inner step ``start`` (the annealing step of
+        relaxed choices; windows grow with ``growth``, tuner/windows.py)."""
+        return window_index(start, self.problem.steps, self.window, self.growth)
 
     def segments(self, problem: Problem, raw: dict[str, Tensor], start: int, stop: int,
                  vals: list[list[Batch]]) -> list[Segment]:

@@ -29,6 +29,7 @@ class OnlineRun(Protocol):
     problem: Problem
     label: str  # the method's name in checkpoints and reports
     window: int
+    growth: float  # windows of K + floor(growth * t) steps (tuner/windows.py)
     method: Method
     hot_start: str
     hot_start_measure: tuple[int, float] | None

@@ -38,8 +38,10 @@ MOMENTUM = 0.9
 # (about 500 steps at lr 0.04), and a hypergradient every 20 steps on all validation rows
 # (< 2x one plain training); normalised SGD: hyper-step h moves the raw (log) values by
 # 0.2 (1 + cos(pi h/100))/2 in L2, enough to travel a decade in the first dozen of the 100
-# hyper-steps, and settling at the end (docs/online.md, benchmarks/horizon.py)
+# hyper-steps, and settling at the end (docs/online.md, benchmarks/horizon.py); windows of 20
+# steps throughout (no outer.window_growth: the values measured there)
 DEFAULTS = {"inner.steps": DEFAULT_STEPS, "outer.mode": "online", "outer.window": 20,
+            "outer.window_growth": 0.0,
             "outer.optimizer": "sgd", "outer.normalize": True, "outer.lr": 0.2,
             "outer.schedule": "cosine", "outer.val_batch": 0, "method.name": "curvature",
             "method.horizon": 20.0, "method.horizon_unit": "lr"}
