@@ -280,12 +280,30 @@ def online_lr(steps: int, window: int, growth: float = 0.0) -> float:
     return min(ONLINE_LR_CAP, ONLINE_TRAVEL / len(window_starts(steps, window, growth)))
 
 
+def legacy_values(source: dict[str, Any]) -> dict[str, Any]:
+    """A run directory's stored config with the values that reproduce what the code did when
+    it was written, for keys added since (a stored config lists every key of its time).
+
+    A config without ``outer.window_growth`` was written before growing windows and before
+    online runs drew ``outer.samples`` validation samples: its online windows are all K steps
+    (growth 0) and its ``outer.samples`` (a task default stored with it, e.g. mlp_digits' 2)
+    was ignored online, so it reads as 1 there."""
+    outer = source.get("outer", {})
+    if not isinstance(outer, dict) or "window_growth" in outer:
+        return source
+    legacy: dict[str, Any] = {"window_growth": 0.0}
+    if outer.get("mode") == "online":
+        legacy["samples"] = 1
+    return _merge(source, {"outer": legacy})
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                *, data: dict[str, Any] | None = None) -> Config:
+                *, data: dict[str, Any] | None = None, stored: bool = False) -> Config:
     """Resolve a config: defaults, task defaults, the TOML file (or ``data``), overrides.
 
     ``overrides`` are ``"section.key=value"`` strings; the value is read as TOML (a bare word
-    is a string).
+    is a string). ``stored``: the file is a run directory's ``config.toml`` (every key the code
+    had when the run started), read with :func:`legacy_values` for keys added since.
     """
     source: dict[str, Any] = {}
     if path is not None:
@@ -306,6 +324,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 f"config: {str(path)!r} must be a readable file (got {err.strerror})") from None
         except tomllib.TOMLDecodeError as err:
             raise HyperdiffError(f"config: {path} is not valid TOML: {err}") from None
+    if stored:
+        source = legacy_values(source)
     if data is not None:
         source = _merge(source, data)
     for item in overrides:

@@ -156,7 +156,7 @@ def _run_locked(
         change = task_file_change(rundir.recorded_inputs())
         if change is not None and not accept_changed_inputs:
             raise changed_inputs_error(rundir, [change])
-        stored = with_absolute_task(load_config(config_path))
+        stored = with_absolute_task(load_config(config_path, stored=True))
         if config is None:
             config = with_absolute_task(load_config(data=stored.to_dict(), overrides=overrides))
         diffs = config_differences(stored, config)

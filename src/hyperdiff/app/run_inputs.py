@@ -84,7 +84,7 @@ def tuned_values(source: RunDir, config: Config) -> dict[str, Any]:
     """``{"run", "raw"}``: the best raw values of the finished offline run ``source`` (from
     its last checkpoint, exactly), for ``--from``; refused when ``source`` is unfinished, of
     another mode or of another task than ``config``'s."""
-    stored = with_absolute_task(load_config(source.config_path()))
+    stored = with_absolute_task(load_config(source.config_path(), stored=True))
     if stored.task.name != config.task.name:
         raise HyperdiffError(f"run: --from must name a run of task {config.task.name!r} (got "
                              f"{source.path}, a run of {stored.task.name!r})")

@@ -157,6 +157,8 @@ class Method:
     check_fn: Callable[[Problem], None] | None = field(default=None, repr=False, compare=False)
     samples_fn: SamplesFn | None = field(default=None, repr=False, compare=False)
     batch_fn: BatchFn | None = field(default=None, repr=False, compare=False)
+    saved_carry_fn: Callable[[Problem, Any], Any] | None = field(default=None, repr=False,
+                                                                 compare=False)
 
     @property
     def exact(self) -> bool:
@@ -221,6 +223,11 @@ class Method:
         """A carry of the right structure, shapes and dtypes (for checking and restoring a
         saved one); ``None`` for a method that carries nothing."""
         return None if self.carry_fn is None else self.carry_fn(problem, raw, state)
+
+    def saved_carry(self, problem: Problem, saved: Any) -> Any:
+        """A carry read from a checkpoint in the layout :meth:`carry_like` gives today (a
+        method whose carry's layout changed converts older checkpoints; unchanged otherwise)."""
+        return saved if self.saved_carry_fn is None else self.saved_carry_fn(problem, saved)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -67,6 +67,7 @@ from hyperdiff.methods.curvature_rule import (
     CurvatureRule,
     carried_rows,
     keeps_all,
+    saved_tangent_rows,
     tangent_rows,
 )
 from hyperdiff.methods.segments import (
@@ -422,7 +423,7 @@ def curvature(horizon: float | None = 500, horizon_unit: str = "steps",
                   samples_fn=partial(curvature_samples, horizon=horizon,
                                      horizon_unit=horizon_unit, scale=scale),
                   carry_fn=lambda problem, raw, state: initial_tangent(problem, raw),
-                  check_fn=check_optimizer)
+                  saved_carry_fn=saved_tangent_rows, check_fn=check_optimizer)
 
 
 __all__ = ["CAPABILITIES", "HORIZON_UNITS", "SGD_RULE", "CurvatureRule", "CurvatureTangent",

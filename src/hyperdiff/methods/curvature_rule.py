@@ -86,5 +86,28 @@ def tangent_rows(problem: Problem) -> int:
     return problem.hparams.numel if rows is None else len(rows)
 
 
+def saved_tangent_rows(problem: Problem, saved: Any) -> Any:
+    """A saved tangent (the checkpoint's list of tensors) in today's layout: a checkpoint
+    written before :func:`carried_rows` holds every raw value's row (``(P, n)`` tensors);
+    where the rows not carried are exactly 0 there (the recurrence never drives them) they are
+    dropped, so the run resumes. Anything else is returned unchanged, for the checkpoint's
+    shape check to refuse."""
+    rows = carried_rows(problem)
+    numel = problem.hparams.numel
+    if rows is None or not isinstance(saved, list):
+        return saved
+    out = []
+    for tensor in saved:
+        if isinstance(tensor, Tensor) and tensor.dim() == 2 and tensor.shape[0] == numel:
+            index = rows.to(tensor.device)
+            dropped = torch.ones(numel, dtype=torch.bool, device=tensor.device)
+            dropped[index] = False
+            if bool(tensor[dropped].any()):
+                return saved
+            tensor = tensor[index]
+        out.append(tensor)
+    return out
+
+
 __all__ = ["RHO", "CurvatureRule", "carried_coefficients", "carried_rows", "keeps_all",
-           "tangent_rows"]
+           "saved_tangent_rows", "tangent_rows"]

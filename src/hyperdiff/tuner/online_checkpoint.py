@@ -43,8 +43,9 @@ from hyperdiff.tuner.state_checks import (
 from hyperdiff.tuner.windows import window_stop
 
 FORMAT = "hyperdiff-online-1"
-# absent from checkpoints of older versions (discrete: before REINFORCE and annealing online)
-OPTIONAL = ("guard", "hot_start", "restarted", "discrete")
+# absent from checkpoints of older versions (discrete: before REINFORCE and annealing online;
+# growth: before growing windows, K steps each)
+OPTIONAL = ("guard", "hot_start", "restarted", "discrete", "growth")
 
 
 def _caller(run: OnlineRun) -> str:
@@ -80,6 +81,8 @@ def restore_tuner(run: OnlineRun, loop: Loop, state: dict[str, Any],
         raise fail(caller, "state", f"a state_dict of format {FORMAT}",
                    state.get("format") if isinstance(state, dict) else state)
     saved = {"growth": 0.0, **state}  # checkpoints from before the growth: K steps each
+    if isinstance(state.get("tangent"), list):  # an older layout of the method's carry
+        state = {**state, "tangent": run.method.saved_carry(run.problem, state["tangent"])}
     for key, mine in (("method", run.label), ("window", run.window), ("growth", run.growth)):
         if saved.get(key) != mine:
             raise HyperdiffError(f"{caller}: {key} must match the saved run "

@@ -284,7 +284,8 @@ def data_parallel(method: Method | str = "reverse", group: Any = None) -> DataPa
         {**inner.options, "data_parallel": True}, inner.capabilities,
         segment_fn=None if inner.segment_fn is None else partial(_segment, inner, group),
         samples_fn=None if inner.segment_fn is None else partial(_samples, inner, group),
-        carry_fn=inner.carry_fn, check_fn=inner.check_fn, inner=inner, group=group,
+        carry_fn=inner.carry_fn, saved_carry_fn=inner.saved_carry_fn, check_fn=inner.check_fn,
+        inner=inner, group=group,
     )
 
 

@@ -1,0 +1,91 @@
+"""Run directories and checkpoints written before growing windows, online samples and the
+curvature tangents' carried rows resume: a stored config without ``outer.window_growth`` reads
+growth 0 and (online) one sample, as the code that wrote it ran; a checkpoint without
+``growth`` and with every raw value's tangent rows (zeros where no carried coefficient reads
+the value) continues exactly as the run that never stopped. Each old layout is built here from
+today's checkpoint by hand (what the old code wrote: the rows it carried were 0)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_online_cost import penalized_problem
+
+import hyperdiff as hd
+from hyperdiff.app.config import legacy_values, load_config
+from hyperdiff.methods.curvature_rule import carried_rows
+
+
+def stored(tmp_path, text: str):
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return load_config(path, stored=True)
+
+
+def test_a_stored_online_config_without_window_growth_reads_growth_0_and_one_sample(tmp_path):
+    config = stored(tmp_path, '[task]\nname = "mlp_digits"\n[outer]\nmode = "online"\n'
+                    'samples = 2\nwindow = 10\n')
+    assert config.outer.window_growth == 0.0 and config.outer.samples == 1
+    assert config.outer.window == 10
+
+
+def test_a_stored_offline_config_without_window_growth_keeps_its_samples(tmp_path):
+    config = stored(tmp_path, '[task]\nname = "mlp_digits"\n[outer]\nsamples = 3\n')
+    assert config.outer.window_growth == 0.0 and config.outer.samples == 3
+
+
+def test_a_stored_config_with_window_growth_is_read_as_written(tmp_path):
+    config = stored(tmp_path, '[task]\nname = "mlp_digits"\n[outer]\nmode = "online"\n'
+                    'samples = 2\nval_batch = 64\nwindow_growth = 0.1\n')
+    assert config.outer.window_growth == 0.1 and config.outer.samples == 2
+    fresh = load_config(data={"task": {"name": "mlp_digits"}, "outer": {"mode": "online"}})
+    assert fresh.outer.window_growth == 0.2  # a new run gets today's default
+    assert legacy_values({"outer": {"window_growth": 0.3}}) == {"outer": {"window_growth": 0.3}}
+
+
+def loop():
+    return hd.HyperOptimizer(penalized_problem(12), plan=hd.plans.OnlinePlan(window=3),
+                             method=hd.methods.curvature(horizon=20), optimizer="adam",
+                             lr=0.2, seed=3)
+
+
+def old_layout(state: dict, problem) -> dict:
+    """``state`` as the code before growing windows and carried rows wrote it: no ``growth``
+    entry, every raw value's row in the tangents (z, zb: (P, n)), 0 where not carried."""
+    rows = carried_rows(problem)
+    numel = problem.hparams.numel
+    tangent = []
+    for t in state["tangent"]:
+        if t.dim() == 2:
+            full = torch.zeros(numel, t.shape[1], dtype=t.dtype)
+            full[rows] = t
+            t = full
+        tangent.append(t)
+    return {**{k: v for k, v in state.items() if k != "growth"}, "tangent": tangent}
+
+
+def test_a_checkpoint_in_the_old_layout_continues_as_the_run_that_never_stopped():
+    whole = loop().run()
+    first = loop()
+    first.step()
+    first.step()
+    state = old_layout(first.state_dict(), first.plan.problem)
+    assert state["tangent"][0].shape == (penalized_problem(12).hparams.numel, 28)
+    second = loop()
+    second.load_state_dict(state)
+    resumed = second.run()
+    for k in whole.params:
+        assert torch.equal(resumed.params[k], whole.params[k])
+    assert [r.without_timing() for r in resumed.history] == [
+        r.without_timing() for r in whole.history]
+
+
+def test_an_old_layout_tangent_with_a_non_zero_row_that_is_not_carried_is_refused():
+    first = loop()
+    first.step()
+    state = old_layout(first.state_dict(), first.plan.problem)
+    rows = set(carried_rows(first.plan.problem).tolist())
+    other = next(i for i in range(state["tangent"][0].shape[0]) if i not in rows)
+    state["tangent"][0][other, 0] = 1e-3  # not what the old code could have written
+    with pytest.raises(hd.HyperdiffError, match="damaged"):
+        loop().load_state_dict(state)
