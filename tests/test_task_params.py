@@ -199,3 +199,23 @@ def test_params_come_only_from_the_config_not_from_the_tasks_defaults():
     it was called with: ``task.params.*`` there is ignored, not stored unchecked."""
     config = load_config(overrides=["task.name=params_task_example:build_recommending_a_param"])
     assert config.task.params == {} and CALLS[-1]["width"] == 3
+
+
+def test_hyperdiff_tasks_lists_the_params_each_factory_takes(capsys):
+    """The params a built-in factory accepts (besides steps and data_seed), with the defaults
+    read from its own signature."""
+    import inspect
+
+    from hyperdiff.app.tasks import task_module
+
+    assert main(["tasks"]) == 0
+    lines, task = {}, None
+    for line in capsys.readouterr().out.splitlines():
+        if line and not line.startswith(" "):
+            task = line.split()[0]
+        elif line.strip().startswith("params:"):
+            lines[task] = line.strip()
+    hidden = inspect.signature(task_module("mlp_digits").build).parameters["hidden"].default
+    assert lines["mlp_digits"].startswith(f"params: hidden={hidden}")
+    assert "shots=" in lines["sinusoid_maml"] and "meta_sgd=False" in lines["sinusoid_maml"]
+    assert "ridge_diabetes" not in lines  # its factory takes no params

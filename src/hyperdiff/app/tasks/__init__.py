@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
@@ -149,6 +150,18 @@ def task_defaults(name: str, params: Mapping[str, Any] | None = None) -> dict[st
     return {"inner.steps": spec.steps, **spec.defaults}
 
 
+def task_params_line(name: str) -> str:
+    """The parameters the factory of built-in task ``name`` takes (``[task.params]``), with
+    their defaults: ``"hidden=64, meta_sgd=False"``; ``""`` for none."""
+    factory = loader.resolve_factory(factory_reference(name))
+    if isinstance(factory, TaskSpec):
+        return ""
+    accepted, _, _ = loader.factory_parameters(factory)
+    defaults = {k: p.default for k, p in inspect.signature(factory).parameters.items()}
+    return ", ".join(name if defaults[name] is inspect.Parameter.empty
+                     else f"{name}={defaults[name]!r}" for name in accepted)
+
+
 def list_tasks() -> list[tuple[str, str, str]]:
     """``(name, what it tunes, summary)`` of every built-in task."""
     return [(name, task_module(name).TUNES, task_module(name).SUMMARY) for name in TASKS]
@@ -157,4 +170,4 @@ def list_tasks() -> list[tuple[str, str, str]]:
 __all__ = ["DEFAULT_TASK", "TASKS", "GivenSplits", "SearchChoices", "SearchRange", "Task",
            "TaskData", "TaskDistribution", "TaskSpec", "build_task", "check_task_name",
            "check_task_params", "distribution", "given_splits", "list_tasks", "load_task_spec",
-           "task", "task_defaults", "task_inputs", "task_module"]
+           "task", "task_defaults", "task_inputs", "task_module", "task_params_line"]
