@@ -180,3 +180,15 @@ def test_the_config_passes_explore_to_the_offline_plan():
                                     "outer.explore_decades=1.5"])
     _task, loop = build(config)
     assert (loop.plan.explore, loop.plan.explore_decades, loop.plan.gradient_start) == (3, 1.5, 4)
+
+
+def test_early_stopping_counts_from_the_gradient_phase():
+    """The best of the phase at step 0 (the start) and ``patience`` steps without a better
+    one: the run stops ``patience`` steps after the phase, not ``patience`` after step 0."""
+    problem, _ = ridge_problem(lam=0.05)
+    loop = HyperOptimizer(problem, plan=OfflinePlan(explore=4), lr=1e-9,
+                          stopping=Stopping(max_steps=30, patience=3, min_delta=1.0))
+    result = loop.run()
+    assert result.best_step == 0
+    assert len(result.history) == 5 + 3  # steps 0..4 the phase, 5..7 the gradient phase
+    assert result.stop_reason.startswith("early stopping")

@@ -10,6 +10,7 @@ With ``explore = k`` the offline loop's outer steps are (``u_0`` the start's raw
     after step k    the raw values become the best step's so far (the loop's ranking: the
                     selection loss), the outer optimizer starts afresh, and the gradient phase
                     runs steps k+1 ... with its own cosine schedule over the remaining steps
+                    and its own early-stopping count (``patience`` steps from step k+1)
 
 Each point moves a hyperparameter as one (one coordinate per name, a vector shifted by one
 amount), so ``d`` is the number of explored names, not of values. Explored: positive values

@@ -140,9 +140,11 @@ class OfflinePlan:
         return 1 + len(self._points) if self._points else 0
 
     def stop_reason(self, loop: Any) -> str | None:
+        """The loop's stopping rules; early stopping counts the gradient phase's steps only
+        (it gets its own ``patience`` steps to improve on the global phase's best)."""
+        since_best = min(loop.since_best, max(loop.step_index - self.gradient_start, 0))
         return loop.stopping.reason(steps=loop.step_index, elapsed=loop.elapsed,
-                                    since_best=loop.since_best,
-                                    has_selection=bool(loop.selection))
+                                    since_best=since_best, has_selection=bool(loop.selection))
 
     def where(self, loop: Any) -> str:
         return f"outer step {loop.step_index}"
