@@ -136,7 +136,8 @@ class OfflinePlan:
 
     @property
     def gradient_start(self) -> int:
-        """The first step of the gradient phase: 1 + the points of the global phase."""
+        """The first step of the gradient phase: 1 + the points of the global phase (0 before
+        the plan is bound, and without explored hyperparameters)."""
         return 1 + len(self._points) if self._points else 0
 
     def stop_reason(self, loop: Any) -> str | None:
