@@ -50,6 +50,10 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "trust": {"outer.optimizer": "trust", "outer.lr": 0.05},
     "recommended": {},  # a built-in task's own outer settings: see recommended()
     "signstep + task lr": {},  # the same with signstep where the task names no optimizer
+    # a global phase of quasi-random points around the start before signstep (global_phase.py)
+    "signstep explore 4": {"outer.optimizer": "signstep", "outer.lr": 0.05, "outer.explore": 4},
+    "signstep explore 8": {"outer.optimizer": "signstep", "outer.lr": 0.05, "outer.explore": 8},
+    "signstep 0.15": {"outer.optimizer": "signstep", "outer.lr": 0.15},
 }
 BASELINE = "adam 0.05"
 TASKS = {"logistic_wide": "logistic_wide", "reweight": "reweight_digits",
@@ -65,12 +69,12 @@ STARTS = (0.01, 1.0, 100.0)
 FIXED = {"outer.mode": "offline", "outer.schedule": "cosine", "stop.max_steps": 30}
 
 
-def run_one(file: str, start: float, overrides: dict[str, Any], workdir: Path
-            ) -> dict[str, Any]:
+def run_one(file: str, start: float, overrides: dict[str, Any], workdir: Path,
+            fixed: dict[str, Any] = FIXED) -> dict[str, Any]:
     """One offline run; its test loss (report retraining), best selection loss, steps, time."""
     factory = "build" if start == 1.0 else start_name(start)
     name = file if file in BUILT_IN else f"{TASK_DIR / file}.py:{factory}"
-    settings = {**FIXED, **overrides, "task.name": name}
+    settings = {**fixed, **overrides, "task.name": name}
     started = time.perf_counter()
     trainings: list[int] = []
     try:
@@ -107,11 +111,12 @@ def tpe_reference() -> dict[str, float]:
             if r["method"] == "tpe-100" and r.get("test_loss") is not None}
 
 
-def summarize(runs: Sequence[dict[str, Any]], tpe: dict[str, float]) -> dict[str, Any]:
+def summarize(runs: Sequence[dict[str, Any]], tpe: dict[str, float],
+              baseline: str = BASELINE) -> dict[str, Any]:
     """Per candidate: geometric means of test-loss ratios to the baseline (same task and start,
     this run) and to TPE-100; wins / losses / ties (within 1%) against the baseline."""
     base = {(r["task"], r["start"]): r["test_loss"] for r in runs
-            if r["candidate"] == BASELINE and _finite(r["test_loss"])}
+            if r["candidate"] == baseline and _finite(r["test_loss"])}
     out: dict[str, Any] = {}
     for name in dict.fromkeys(r["candidate"] for r in runs):
         mine = [r for r in runs if r["candidate"] == name]
@@ -141,7 +146,7 @@ def _num(x: Any, fmt: str) -> str:
 
 def table(data: dict[str, Any]) -> str:
     """Runs as a task x start grid of test losses per candidate, then the summary."""
-    runs, tpe = data["runs"], data["tpe100"]
+    runs, tpe, baseline = data["runs"], data["tpe100"], data.get("baseline", BASELINE)
     names = list(dict.fromkeys(r["candidate"] for r in runs))
     keys = list(dict.fromkeys((r["task"], r["start"]) for r in runs))
     loss = {(r["candidate"], r["task"], r["start"]): r["test_loss"] for r in runs}
@@ -150,9 +155,9 @@ def table(data: dict[str, Any]) -> str:
               _num(tpe.get(TASKS.get(task, "")), ".4f")] for task, start in keys]
     out = ["test loss (report retraining, mean of 3 seeds)", " | ".join(head)]
     out += [" | ".join(line) for line in lines]
-    out += ["", f"summary (ratios: geometric mean; wins/losses vs {BASELINE}, ties within 1%)",
-            "candidate | runs | failed | vs " + BASELINE + " | vs tpe-100 | wins | losses | "
-            "ties | worst vs " + BASELINE]
+    out += ["", f"summary (ratios: geometric mean; wins/losses vs {baseline}, ties within 1%)",
+            "candidate | runs | failed | vs " + baseline + " | vs tpe-100 | wins | losses | "
+            "ties | worst vs " + baseline]
     for name, e in data["summary"].items():
         out.append(" | ".join([name, str(e["runs"]), str(e["failed"]),
                                _num(e["geomean_vs_baseline"], ".3f"),
@@ -170,6 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         choices=list(CANDIDATES))
     parser.add_argument("--starts", nargs="+", type=float, default=list(STARTS))
     parser.add_argument("--out", type=Path, default=RESULTS / "outer_defaults.json")
+    parser.add_argument("--baseline", default=BASELINE, choices=list(CANDIDATES),
+                        help="the candidate every ratio is taken against")
+    parser.add_argument("--max-steps", type=int, default=FIXED["stop.max_steps"],
+                        help="outer steps per run (stop.max_steps)")
     parser.add_argument("--table", type=Path, help="print the tables of a results file")
     parser.add_argument("--merge", type=Path, nargs="+",
                         help="combine the runs of these results files into --out")
@@ -177,13 +186,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.merge:
         loaded = [json.loads(path.read_text()) for path in args.merge]
         runs = [r for data in loaded for r in data["runs"]]
-        merged = {**loaded[0], "runs": runs, "summary": summarize(runs, loaded[0]["tpe100"])}
+        merged = {**loaded[0], "runs": runs,
+                  "summary": summarize(runs, loaded[0]["tpe100"],
+                                       loaded[0].get("baseline", BASELINE))}
         args.out.write_text(json.dumps(merged, indent=1, default=str))
         args.table = args.out
     if args.table:
         print(table(json.loads(args.table.read_text())))
         return 0
     tpe, runs = tpe_reference(), []
+    fixed = {**FIXED, "stop.max_steps": args.max_steps}
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for file in args.tasks:
@@ -196,14 +208,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                              recommended(file, "signstep") if name == "signstep + task lr"
                              else CANDIDATES[name])
                     runs.append({"candidate": name, "task": file, "start": start, **outer,
-                                 **run_one(file, start, outer, work)})
+                                 **run_one(file, start, outer, work, fixed)})
                     r = runs[-1]
                     print(f"[{time.perf_counter() - began:7.1f} s] {file} x{start:g} {name}: "
                           f"test loss {_num(r['test_loss'], '.4f')} in {r['time_s']:.1f} s",
                           flush=True)
-                    data = {"settings": FIXED, "baseline": BASELINE, "tpe100": tpe,
+                    data = {"settings": fixed, "baseline": args.baseline, "tpe100": tpe,
                             "score": "held-out test loss, report retraining (3 seeds)",
-                            "runs": runs, "summary": summarize(runs, tpe)}
+                            "runs": runs, "summary": summarize(runs, tpe, args.baseline)}
                     args.out.write_text(json.dumps(data, indent=1, default=str))
     print(table(data))
     return 0

@@ -95,6 +95,7 @@ class Settings:
     starts: tuple[float, ...]
     start_modes: tuple[str, ...]
     max_steps: int | None  # cap on offline outer steps (None: the default, 30)
+    offline_set: tuple[str, ...] = ()  # config overrides of the hd offline rows (--set)
 
 
 FULL = Settings(TASKS, 100, START_FACTORS, ("offline", "online"), None)
@@ -126,6 +127,8 @@ def hyperdiff_row(ref: str, mode: str, settings: Settings, plain_s: float, start
     overrides = [f"task.name={ref}", f"outer.mode={mode}"]
     if mode == "offline" and settings.max_steps is not None:
         overrides.append(f"stop.max_steps={settings.max_steps}")
+    if mode == "offline":
+        overrides.extend(settings.offline_set)
     records: list[Any] = []
     method = f"hd {mode}"
     started = time.perf_counter()
@@ -440,6 +443,9 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", choices=TASKS, help="run only these tasks")
     parser.add_argument("--out", help="result file (default: benchmarks/results/suite.json, "
                         "with --quick suite_quick.json)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides of the hd offline rows only (a candidate "
+                        "against the defaults: e.g. --set outer.explore=4)")
     parser.add_argument("--markdown", metavar="JSON", help="print the tables of a result")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="combine the tasks of results run separately (the same mode) "
@@ -462,6 +468,9 @@ def main() -> None:
     if args.tasks:
         settings = Settings(tuple(args.tasks), settings.tpe_trials, settings.starts,
                             settings.start_modes, settings.max_steps)
+    if args.set:
+        settings = Settings(settings.tasks, settings.tpe_trials, settings.starts,
+                            settings.start_modes, settings.max_steps, tuple(args.set))
     started, load_before = time.perf_counter(), os.getloadavg()
     blocks = {}
     with tempfile.TemporaryDirectory(prefix="hd-suite-") as tmp:

@@ -112,6 +112,12 @@ class OuterConfig:
                                 "hypergradient's signal-to-noise ratio is >= 1 (replaces "
                                 "outer.samples)")
     max_samples: int = option(16, "the most samples per step with outer.auto_samples", low=2)
+    explore: int = option(0, "offline: quasi-random points (Sobol) tried at outer steps "
+                          "1..explore around the start before the gradient phase, which goes on "
+                          "from the best (0: none; docs/driver.md)", low=0)
+    explore_decades: float = option(2.0, "offline: half-width in decades of outer.explore's "
+                                    "box around the start (log-odds for interval values)",
+                                    low=0.0, open_low=True, high=10.0)
     seed: int = option(0, "base seed of the minibatch orders", low=0)
     tie_steps: int = option(0, "first outer steps in which each vector hyperparameter moves as "
                             "one (mean hypergradient of its entries; 0: off)", low=0)

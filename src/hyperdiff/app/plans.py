@@ -143,7 +143,9 @@ def build(config: Config, start: dict[str, Any] | None = None
     if start is not None:
         task = starting_at(task, start)
     plan = OfflinePlan(samples="auto" if config.outer.auto_samples else config.outer.samples,
-                       max_samples=config.outer.max_samples, warm_start=config.inner.warm_start)
+                       max_samples=config.outer.max_samples, warm_start=config.inner.warm_start,
+                       explore=config.outer.explore,
+                       explore_decades=config.outer.explore_decades)
     return task, _outer_loop(config, list(task.problems), plan, task.selection)
 
 
@@ -232,6 +234,7 @@ def build_online(config: Config, start: dict[str, Any] | None = None
                              "(one training run; cross-validation folds are offline only, "
                              "outer.samples draws validation samples per window; got "
                              f"{config.task.cv_folds})")
+    _offline_only_explore(config)
     if config.outer.auto_samples:
         raise HyperdiffError("config: outer.auto_samples must be false with outer.mode = "
                              "'online' (a window draws a fixed outer.samples validation "
@@ -307,12 +310,21 @@ def _online_summary(task: Task, loop: HyperOptimizer, outcome: Any, config: Conf
 
 
 # --------------------------------------------------------------------------------------- meta
+def _offline_only_explore(config: Config) -> None:
+    """Refuse ``outer.explore`` outside offline runs (the global phase is the offline plan's)."""
+    if config.outer.explore:
+        raise HyperdiffError(f"config: outer.explore must be 0 with outer.mode = "
+                             f"{config.outer.mode!r} (the global phase is offline only; got "
+                             f"{config.outer.explore})")
+
+
 def build_meta(config: Config, start: dict[str, Any] | None = None
                ) -> tuple[Task, HyperOptimizer]:
     """The task and the meta loop: :class:`~hyperdiff.tuner.meta_plan.MetaPlan` over the
     task's distribution, ``outer.meta_batch`` tasks per outer step, the task's problem as the
     template of every task (no selection split: each step's tasks are new; with
     ``outer.meta_val_tasks`` fixed validation tasks rank the steps)."""
+    _offline_only_explore(config)
     if config.task.cv_folds:
         raise HyperdiffError("config: task.cv_folds must be 0 with outer.mode = 'meta' (the "
                              f"tasks take the place of folds; got {config.task.cv_folds})")

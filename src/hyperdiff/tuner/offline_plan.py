@@ -7,6 +7,10 @@ Outer step ``s`` at raw values ``u_s`` (:class:`~hyperdiff.tuner.sampler.Sampler
         with minibatch seed seed(s, i): theta_T(lam_s); L_ji = L_val(theta_T), g_ji = dL_ji/du
     g_s = mean_ji g_ji   (spread: std_ji g_ji; REINFORCE estimates for sampled choices)
 
+``explore=k`` makes steps 1..k a global phase (:mod:`hyperdiff.tuner.global_phase`): k
+quasi-random points in a box of +-``explore_decades`` decades around the start, then the
+gradient phase from the best step so far with a fresh outer optimizer.
+
 ``samples="auto"`` draws 2 samples, then one more at a time until the signal-to-noise ratio
 of the per-sample hypergradients reaches 1 or ``max_samples`` (:mod:`hyperdiff.tuner.snr`).
 The plan's state is the warm slots (each slot's last ``(params, buffers)``) and the trainings
@@ -16,6 +20,8 @@ its :class:`~hyperdiff.tuner.stopping.Stopping` rules and returns the best step'
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +41,7 @@ from hyperdiff.tuner.driver_checks import (
     check_selection,
     check_warm_start,
 )
+from hyperdiff.tuner.global_phase import check_explore, explore_points
 from hyperdiff.tuner.guard import untrained_losses
 from hyperdiff.tuner.history import History, OptimizeResult, StepRecord
 from hyperdiff.tuner.outer_steps import DEFAULT_OFFLINE, offline_optimizers
@@ -56,6 +63,9 @@ class OfflinePlan:
             ``"auto"``: 2 samples, then one more at a time until the ratio reaches 1.
         max_samples: the most samples per step with ``samples="auto"``.
         warm_start: start each step's training from the slot's previous theta_T.
+        explore: quasi-random points tried at steps 1..explore before the gradient phase
+            (0: none; :mod:`hyperdiff.tuner.global_phase`).
+        explore_decades: half-width of their box around the start, in decades.
     """
 
     caller = "HyperOptimizer"
@@ -66,12 +76,17 @@ class OfflinePlan:
     optimizers = tuple(offline_optimizers())  # torch.optim's and tuner/outer_steps.py's
     default_optimizer = DEFAULT_OFFLINE  # measured across tasks (docs/driver.md)
 
-    def __init__(self, samples: int | str = 1, max_samples: int = 16, warm_start: bool = False):
+    def __init__(self, samples: int | str = 1, max_samples: int = 16, warm_start: bool = False,
+                 explore: int = 0, explore_decades: float = 2.0):
         self.auto = auto_samples(samples, max_samples)
         self.samples = self.auto.maximum if self.auto else positive_int(
             "HyperOptimizer", "samples", samples)  # the stride of seeds and warm slots
         self.warm_start = bool(warm_start)
+        self.explore, self.explore_decades = check_explore("HyperOptimizer", explore,
+                                                           explore_decades)
         self._sampler: Sampler | None = None
+        self._points: list[dict[str, Tensor]] = []
+        self._fresh: dict[str, Any] | None = None  # the outer optimizer's state before step 0
 
     @property
     def sampler(self) -> Sampler:
@@ -95,6 +110,8 @@ class OfflinePlan:
         loop.discrete = outer_hook(loop.hparams, seed=loop.seed, samples=self.samples,
                                    max_steps=loop.stopping.max_steps, folds=len(loop.problems))
         self.problems = loop.problems
+        self._points = explore_points(loop.hparams, loop.hparams.raw, self.explore,
+                                      self.explore_decades, loop.seed)
         self._sampler = Sampler(loop.problems, method, samples=self.samples, auto=self.auto,
                                 seed=loop.seed, selection=loop.selection,
                                 warm_start=self.warm_start, discrete=loop.discrete,
@@ -111,12 +128,24 @@ class OfflinePlan:
 
     # ------------------------------------------------------------------ one outer step
     def schedule_position(self, loop: Any, step: int) -> tuple[int, int]:
-        return step, loop.stopping.max_steps
+        """The gradient phase's cosine runs over the steps after the global phase."""
+        first = self.gradient_start
+        if step < first:
+            return 0, loop.stopping.max_steps
+        return step - first, max(loop.stopping.max_steps - first, 1)
+
+    @property
+    def gradient_start(self) -> int:
+        """The first step of the gradient phase: 1 + the points of the global phase (0 before
+        the plan is bound, and without explored hyperparameters)."""
+        return 1 + len(self._points) if self._points else 0
 
     def stop_reason(self, loop: Any) -> str | None:
+        """The loop's stopping rules; early stopping counts the gradient phase's steps only
+        (it gets its own ``patience`` steps to improve on the global phase's best)."""
+        since_best = min(loop.since_best, max(loop.step_index - self.gradient_start, 0))
         return loop.stopping.reason(steps=loop.step_index, elapsed=loop.elapsed,
-                                    since_best=loop.since_best,
-                                    has_selection=bool(loop.selection))
+                                    since_best=since_best, has_selection=bool(loop.selection))
 
     def where(self, loop: Any) -> str:
         return f"outer step {loop.step_index}"
@@ -125,7 +154,12 @@ class OfflinePlan:
         return self.sampler.trainings
 
     def begin(self, loop: Any, step: int) -> dict[str, Tensor]:
+        """The values of ``step``: the global phase's point, else the loop's raw values."""
+        if self._fresh is None:
+            self._fresh = copy.deepcopy(loop.optimizer.state_dict())
         self.sampler.trainings += self.sampler.first_round
+        if 1 <= step < self.gradient_start:
+            loop.set_raw(self._points[step - 1])
         return loop.raw
 
     def evaluate(self, loop: Any, step: int, raw: dict[str, Tensor]) -> Outcome:
@@ -136,10 +170,36 @@ class OfflinePlan:
         return outcome.kept  # the slots' mean, measured where each was trained
 
     def commit(self, loop: Any, outcome: Outcome, record: StepRecord) -> StepRecord:
-        return record
+        """In the global phase: name the point, and after the last go to the best step."""
+        if record.step >= self.gradient_start:
+            return record
+        if loop.stopped is not None and loop.stopped.startswith("converged"):
+            loop.stopped = None  # one point's small hypergradient does not end the phase
+        self._end_global_phase(loop, record.step)
+        return dataclasses.replace(record, message=self._phase_note(record.step))
 
     def failure_note(self, loop: Any, message: str) -> str:
-        return message
+        step = loop.step_index
+        if step >= self.gradient_start:
+            return message
+        loop.guard.scale = 1.0  # a point of the phase failed, not a step of the gradient
+        self._end_global_phase(loop, step)
+        return (f"{self._phase_note(step)}: {message} (a failed point of the global phase "
+                "leaves the outer learning rate as it was)")
+
+    def _phase_note(self, step: int) -> str:
+        where = "the start" if step == 0 else f"point {step} of {len(self._points)}"
+        return f"global phase: {where}"
+
+    def _end_global_phase(self, loop: Any, step: int) -> None:
+        """After the global phase's last step: the best step's values and the outer optimizer
+        as before step 0."""
+        if step != self.gradient_start - 1:
+            return
+        if loop.best is not None:
+            loop.set_raw(loop.best["raw"])
+        if self._fresh is not None:
+            loop.optimizer.load_state_dict(copy.deepcopy(self._fresh))
 
     # ------------------------------------------------------------------ guard and checkpoint
     def snapshot(self) -> dict[str, Any]:
@@ -159,6 +219,8 @@ class OfflinePlan:
             raise fail("HyperOptimizer.load_state_dict", "history",
                        "the run's records (offline checkpoints hold none)", history)
         check_driver_state(loop, self, state, history)
+        if self._fresh is None:  # the loop's optimizer is still the one it made
+            self._fresh = copy.deepcopy(loop.optimizer.state_dict())
         self.sampler.warm = list(state["warm"])
         self.sampler.trainings = int(state["trainings"])
         torch.set_rng_state(state["rng"])
