@@ -90,7 +90,8 @@ def raw_of(task: Task, values: dict[str, float]) -> dict[str, torch.Tensor]:
 
 def offline_row(steps: int, horizon: int, task: Task, base: float, seeds) -> dict[str, Any]:
     short = build_task("horizon_digits", steps=steps)
-    opt = HyperOptimizer(list(short.problems), method="reverse", lr=0.05, schedule="cosine",
+    opt = HyperOptimizer(list(short.problems), method="reverse", optimizer="adam", lr=0.05,
+                         schedule="cosine",
                          selection=short.selection, stopping=Stopping(max_steps=30, patience=None))
     before = plain_time(task)
     started = time.perf_counter()
