@@ -89,3 +89,32 @@ def test_an_old_layout_tangent_with_a_non_zero_row_that_is_not_carried_is_refuse
     state["tangent"][0][other, 0] = 1e-3  # not what the old code could have written
     with pytest.raises(hd.HyperdiffError, match="damaged"):
         loop().load_state_dict(state)
+
+
+@pytest.mark.parametrize("other", [{"samples": 3}, {"val_batch_size": 3}])
+def test_a_checkpoint_of_other_samples_or_validation_rows_is_refused(other):
+    """Loading a checkpoint into a loop that draws other validation samples would continue
+    with other draws than the saved run's: refused, naming the entry."""
+    from test_online_samples import online, regression
+
+    settings = {"samples": 2, "val_batch_size": 2, **other}
+    first = online(regression(), hd.reverse(), 2)
+    first.step()
+    key, value = next(iter(other.items()))
+    with pytest.raises(hd.HyperdiffError, match=rf"{key} must match the saved run \(2; got "
+                       rf"{value}\)"):
+        online(regression(), hd.reverse(), settings["samples"],
+               val_batch_size=settings["val_batch_size"]).load_state_dict(first.state_dict())
+
+
+def test_a_checkpoint_without_samples_entries_loads_as_one_sample():
+    """Checkpoints written before online samples hold neither entry: one sample."""
+    from test_online_samples import online, regression
+
+    first = online(regression(), hd.reverse(), 1)
+    first.step()
+    state = {k: v for k, v in first.state_dict().items()
+             if k not in ("samples", "val_batch_size")}
+    online(regression(), hd.reverse(), 1).load_state_dict(state)
+    with pytest.raises(hd.HyperdiffError, match=r"samples must match the saved run \(1; got 2"):
+        online(regression(), hd.reverse(), 2).load_state_dict(state)

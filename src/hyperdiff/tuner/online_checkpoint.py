@@ -44,8 +44,9 @@ from hyperdiff.tuner.windows import window_stop
 
 FORMAT = "hyperdiff-online-1"
 # absent from checkpoints of older versions (discrete: before REINFORCE and annealing online;
-# growth: before growing windows, K steps each)
-OPTIONAL = ("guard", "hot_start", "restarted", "discrete", "growth")
+# growth: before growing windows, K steps each; samples: before online samples, 1;
+# val_batch_size: not recorded before, not checked then)
+OPTIONAL = ("guard", "hot_start", "restarted", "discrete", "growth", "samples", "val_batch_size")
 
 
 def _caller(run: OnlineRun) -> str:
@@ -60,6 +61,7 @@ def tuner_state(run: OnlineRun, loop: Loop) -> dict[str, Any]:
     tangent = None if run.tangent is None else tree_flatten(tuple(run.tangent))[0]
     return {
         "format": FORMAT, "method": run.label, "window": run.window, "growth": run.growth,
+        "samples": run.samples, "val_batch_size": run.val_batch_size,
         "inner_step": run.inner_step,
         "params": {k: v.clone() for k, v in run.state.params.items()},
         "buffers": {k: v.clone() for k, v in run.state.buffers.items()},
@@ -80,10 +82,12 @@ def restore_tuner(run: OnlineRun, loop: Loop, state: dict[str, Any],
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise fail(caller, "state", f"a state_dict of format {FORMAT}",
                    state.get("format") if isinstance(state, dict) else state)
-    saved = {"growth": 0.0, **state}  # checkpoints from before the growth: K steps each
+    # checkpoints from before the growth: K steps each; from before online samples: one
+    saved = {"growth": 0.0, "samples": 1, "val_batch_size": run.val_batch_size, **state}
     if isinstance(state.get("tangent"), list):  # an older layout of the method's carry
         state = {**state, "tangent": run.method.saved_carry(run.problem, state["tangent"])}
-    for key, mine in (("method", run.label), ("window", run.window), ("growth", run.growth)):
+    for key, mine in (("method", run.label), ("window", run.window), ("growth", run.growth),
+                      ("samples", run.samples), ("val_batch_size", run.val_batch_size)):
         if saved.get(key) != mine:
             raise HyperdiffError(f"{caller}: {key} must match the saved run "
                                  f"({saved.get(key)!r}; got {mine!r})")

@@ -30,6 +30,8 @@ class OnlineRun(Protocol):
     label: str  # the method's name in checkpoints and reports
     window: int
     growth: float  # windows of K + floor(growth * t) steps (tuner/windows.py)
+    samples: int  # validation samples per window
+    val_batch_size: int | None  # rows of each sample's validation batch (None: all)
     method: Method
     hot_start: str
     hot_start_measure: tuple[int, float] | None
