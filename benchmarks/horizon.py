@@ -114,7 +114,8 @@ def online_row(task: Task, label: str, peak: float, seeds, tuning_seed: int = 0,
     before = plain_time(task)
     options = dict(options)
     plan = hd.plans.OnlinePlan(window=options.pop("window"),
-                               val_batch_size=options.pop("val_batch_size", None))
+                               val_batch_size=options.pop("val_batch_size", None),
+                               hot_start=options.pop("hot_start", None))
     method = window_method(options.pop("method"), problem, **{
         k: options.pop(k) for k in ("backprop", "horizon", "horizon_unit", "solver", "engine")
         if k in options})
