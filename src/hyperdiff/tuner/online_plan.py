@@ -270,8 +270,7 @@ class OnlinePlan:
     def schedule_position(self, loop: Any, step: int) -> tuple[int, int]:
         """The current window (``t // K`` without growth) of the run's windows (after a
         failure the same window again; after a hot-start restart from 0)."""
-        return (window_index(self.inner_step, self.problem.steps, self.window, self.growth),
-                self.windows)
+        return self.position(self.inner_step), self.windows
 
     def stop_reason(self, loop: Any) -> str | None:
         return f"one run of {self.inner_step} inner steps" if self.done else None
