@@ -54,6 +54,9 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "signstep explore 4": {"outer.optimizer": "signstep", "outer.lr": 0.05, "outer.explore": 4},
     "signstep explore 8": {"outer.optimizer": "signstep", "outer.lr": 0.05, "outer.explore": 8},
     "signstep 0.15": {"outer.optimizer": "signstep", "outer.lr": 0.15},
+    # no cosine decay: the sign agreement alone sets the step (flips shrink it)
+    "signstep constant": {"outer.optimizer": "signstep", "outer.lr": 0.05,
+                          "outer.schedule": "constant"},
 }
 BASELINE = "adam 0.05"
 TASKS = {"logistic_wide": "logistic_wide", "reweight": "reweight_digits",
