@@ -57,6 +57,16 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     # no cosine decay: the sign agreement alone sets the step (flips shrink it)
     "signstep constant": {"outer.optimizer": "signstep", "outer.lr": 0.05,
                           "outer.schedule": "constant"},
+    "signstep constant explore 4": {"outer.optimizer": "signstep", "outer.lr": 0.05,
+                                    "outer.schedule": "constant", "outer.explore": 4},
+    # the global phase only after a broken start (step 0 failed or trained no better than the
+    # untrained model)
+    "signstep constant broken 4": {"outer.optimizer": "signstep", "outer.lr": 0.05,
+                                   "outer.schedule": "constant", "outer.explore": 4,
+                                   "outer.explore_when": "broken"},
+    "signstep constant broken 8": {"outer.optimizer": "signstep", "outer.lr": 0.05,
+                                   "outer.schedule": "constant", "outer.explore": 8,
+                                   "outer.explore_when": "broken"},
 }
 BASELINE = "adam 0.05"
 TASKS = {"logistic_wide": "logistic_wide", "reweight": "reweight_digits",

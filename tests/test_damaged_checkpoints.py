@@ -229,7 +229,7 @@ OFFLINE_CASES = {
     "best raw of another dtype": (float32_best_raw, r"best\['raw'\]\['lam'\] must be a "
                                   r"float64 tensor of shape \(\) on cpu \(got a float32 "),
     "guard scale": (guard_scale, r"guard\['scale'\] must be 1 \(shrink \*\* the failed "
-                    r"records\) \(got 0.5\)"),
+                    r"records that cut it\) \(got 0.5\)"),
     "warm slot of another shape": (narrower_warm, r"warm\[0\]\[0\]\['[^']+'\] must be a "
                                    r"float64 tensor of shape \(\d+,\) on cpu"),
     "missing rng": (lambda state: state.pop("rng"), r"the state must be a dict with the "

@@ -166,7 +166,10 @@ def test_each_mode_finds_the_clearly_best_choice(mode, samples, choices):
                                       baseline="leave_one_out"))
     losses = losses_by_choice(problem)
     assert int(losses.argmin()) == 0 and losses[0] < 0.5 * losses[1:].min()  # tanh is best
-    driver = HyperOptimizer(problem, lr=0.5, samples=samples, stopping=Stopping(max_steps=30))
+    # cosine: the probabilities settle (at signstep's default constant rate relax ends at 0.83
+    # on tanh after 30 steps, its choice still right)
+    driver = HyperOptimizer(problem, lr=0.5, samples=samples, schedule="cosine",
+                            stopping=Stopping(max_steps=30))
     result = driver.run()
     probs = result.final_raw["act"].softmax(0)
     assert float(probs[0]) > 0.9, (mode, probs)

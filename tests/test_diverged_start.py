@@ -16,6 +16,7 @@ import torch
 import hyperdiff as hd
 from hyperdiff.tuner.driver import HyperOptimizer
 from hyperdiff.tuner.guard import DivergenceGuard
+from hyperdiff.tuner.offline_plan import OfflinePlan
 
 # the deprecated shim is what these tests exercise (they predate the one loop)
 pytestmark = pytest.mark.filterwarnings(
@@ -48,7 +49,10 @@ def quadratic(lr: float, steps: int = STEPS, scale: float = 1.0) -> hd.Problem:
 
 
 def offline(problem: hd.Problem) -> HyperOptimizer:
-    return HyperOptimizer(problem, lr=0.01, stopping=hd.Stopping(max_steps=4))
+    """The guard alone: no global phase after the broken start (see
+    test_the_default_global_phase_rescues_a_diverged_start)."""
+    return HyperOptimizer(problem, lr=0.01, plan=OfflinePlan(explore=0),
+                          stopping=hd.Stopping(max_steps=4))
 
 
 def online(problem: hd.Problem) -> hd.online.OnlineTuner:
@@ -108,3 +112,32 @@ def test_the_start_rule_uses_the_tighter_ratio_and_is_off_with_the_guard():
     off = DivergenceGuard(max_loss_ratio=math.inf)
     off.check_losses([1e35], None, lambda: untrained)
     assert off.reference == {"validation": 1e35}
+
+
+def test_the_default_global_phase_rescues_a_diverged_start():
+    """With the default plan (8 points after a broken start, +-2 decades) the start at 3x the
+    stability limit goes on to the points instead of ending the run: every point below the
+    limit trains to its closed-form loss, and the result is one of them."""
+    result = HyperOptimizer(quadratic(3 * LIMIT), lr=0.01,
+                            stopping=hd.Stopping(max_steps=12)).run()
+    history = result.history
+    assert history[0].status == "failed"
+    assert history[0].message.startswith("global phase: the start: step 0 failed (the "
+                                         "validation loss")
+    stable = [r for r in history[1:9] if r.hparams["lr"] < LIMIT]
+    assert stable and all(r.status == "ok" for r in stable)
+    for r in stable:
+        assert r.val_loss == pytest.approx(closed_form_loss(r.hparams["lr"], STEPS), rel=1e-10)
+    best_lr = result.history[result.best_step].hparams["lr"]
+    assert best_lr < LIMIT
+    assert result.best_loss == pytest.approx(closed_form_loss(best_lr, STEPS), rel=1e-10)
+
+
+def test_a_budget_that_ends_in_failed_points_names_the_start():
+    """An infinite start whose points (within +-2 decades) all diverge too: the run ends after
+    its 4 steps with one error that says so, not "no result"."""
+    with pytest.raises(hd.NonFiniteError, match=r"^HyperOptimizer: all 4 outer steps failed, "
+                       r"the start and the global phase's points tried after it; step 0: "
+                       r"global phase: the start: step 0 failed \("):
+        HyperOptimizer(quadratic(1e6 * LIMIT, steps=200), lr=0.01,
+                       stopping=hd.Stopping(max_steps=4)).run()

@@ -12,6 +12,7 @@ from hyperdiff.methods.base import Method
 from hyperdiff.methods.registry import METHODS, make_method
 from hyperdiff.methods.reverse import reverse
 from hyperdiff.tuner.driver import HyperOptimizer, Stopping
+from hyperdiff.tuner.offline_plan import OfflinePlan
 
 DT = torch.float64
 
@@ -149,7 +150,10 @@ def test_selection_split_drives_best_step_and_early_stopping():
     """Hypergradients see one split, selection another that disagrees: the validation loss
     keeps falling, but the best step is the first and early stopping fires."""
     problem, selection = ridge_problem(lam=5.0)
+    # explore=0: the disagreeing selection split would call the start broken (its selection
+    # loss above the untrained model's) and try the global phase's points first
     opt = HyperOptimizer(problem, lr=0.3, selection=selection, schedule="constant",
+                         plan=OfflinePlan(explore=0),
                          stopping=Stopping(max_steps=30, patience=3))
     result = opt.run()
     val = result.history.column("val_loss")
@@ -204,7 +208,7 @@ def test_diverging_initial_hyperparameters_fail_at_once():
     problem, _ = ridge_problem()
     problem = replace(problem, optimizer=hd.sgd(100.0)).with_steps(200)
     with pytest.raises(hd.NonFiniteError, match="initial hyperparameters"):
-        HyperOptimizer(problem).step()
+        HyperOptimizer(problem, plan=OfflinePlan(explore=0)).step()
 
 
 @pytest.mark.parametrize(

@@ -67,14 +67,15 @@ def test_no_points_without_an_explored_name():
     free = hd.make_problem(problem.train_loss, problem.val_loss, hp, problem.params,
                            optimizer=hd.sgd(0.1), train_data=problem.train_data,
                            val_data=problem.val_data, steps=5)
-    loop = HyperOptimizer(free, plan=OfflinePlan(explore=4), stopping=Stopping(max_steps=3))
+    loop = HyperOptimizer(free, plan=OfflinePlan(explore=4, explore_when="always"), stopping=Stopping(max_steps=3))
     assert loop.plan.gradient_start == 0 and loop.run().history[0].message == ""
 
 
 def run_loop(explore=3, steps=8, lr=0.3, decades=1.0, lam=0.05, stop_at=None):
     problem, _ = ridge_problem(lam=lam)
-    loop = HyperOptimizer(problem, plan=OfflinePlan(explore=explore, explore_decades=decades),
-                          lr=lr, stopping=Stopping(max_steps=steps, patience=None))
+    loop = HyperOptimizer(problem, plan=OfflinePlan(explore=explore, explore_decades=decades, explore_when="always"),
+                          lr=lr, schedule="cosine",
+                          stopping=Stopping(max_steps=steps, patience=None))
     while not loop.done and (stop_at is None or loop.step_index < stop_at):
         loop.step()
     return loop
@@ -113,8 +114,8 @@ def test_a_resumed_run_repeats_the_straight_one(stop_at):
     first = run_loop(stop_at=stop_at)
     state = copy.deepcopy(first.state_dict())
     problem, _ = ridge_problem(lam=0.05)
-    resumed = HyperOptimizer(problem, plan=OfflinePlan(explore=3, explore_decades=1.0), lr=0.3,
-                             stopping=Stopping(max_steps=8, patience=None))
+    resumed = HyperOptimizer(problem, plan=OfflinePlan(explore=3, explore_decades=1.0, explore_when="always"), lr=0.3,
+                             schedule="cosine", stopping=Stopping(max_steps=8, patience=None))
     resumed.load_state_dict(state, history=list(first.history))
     resumed.run()
     assert [r.hparams for r in resumed.history] == [r.hparams for r in straight.history]
@@ -138,7 +139,7 @@ def test_a_diverging_point_fails_without_cutting_the_gradient_phase_lr():
 
 def test_a_flat_point_does_not_stop_the_phase_as_converged():
     problem, _ = ridge_problem(lam=0.05)
-    loop = HyperOptimizer(problem, plan=OfflinePlan(explore=3), lr=0.3,
+    loop = HyperOptimizer(problem, plan=OfflinePlan(explore=3, explore_when="always"), lr=0.3,
                           stopping=Stopping(max_steps=6, grad_tol=1e9, patience=None))
     result = loop.run()
     assert len(result.history) == 5  # 0..3 the phase, then the first gradient step converges
@@ -166,8 +167,8 @@ def test_the_config_refuses_explore_outside_offline_runs(mode, tmp_path):
     task = "sinusoid_maml" if mode == "meta" else "ridge_diabetes"
     config = load_config(overrides=[f"task.name={task}", f"outer.mode={mode}",
                                     "outer.explore=2"])
-    with pytest.raises(hd.HyperdiffError, match=f"config: outer.explore must be 0 with "
-                       f"outer.mode = '{mode}' .*got 2"):
+    with pytest.raises(hd.HyperdiffError, match=f"config: outer.explore must be 0 or its "
+                       f"default 8 .*with outer.mode = '{mode}' .*got 2, 'broken'"):
         run_experiment(config, out=tmp_path / "run", progress=False, log=lambda _m: None)
 
 
@@ -176,7 +177,7 @@ def test_the_config_passes_explore_to_the_offline_plan():
     from hyperdiff.app.plans import build
 
     config = load_config(overrides=["task.name=ridge_diabetes", "outer.explore=3",
-                                    "outer.explore_decades=1.5"])
+                                    "outer.explore_decades=1.5", "outer.explore_when=always"])
     _task, loop = build(config)
     assert (loop.plan.explore, loop.plan.explore_decades, loop.plan.gradient_start) == (3, 1.5, 4)
 
@@ -185,7 +186,7 @@ def test_early_stopping_counts_from_the_gradient_phase():
     """The best of the phase at step 0 (the start) and ``patience`` steps without a better
     one: the run stops ``patience`` steps after the phase, not ``patience`` after step 0."""
     problem, _ = ridge_problem(lam=0.05)
-    loop = HyperOptimizer(problem, plan=OfflinePlan(explore=4), lr=1e-9,
+    loop = HyperOptimizer(problem, plan=OfflinePlan(explore=4, explore_when="always"), lr=1e-9,
                           stopping=Stopping(max_steps=30, patience=3, min_delta=1.0))
     result = loop.run()
     assert result.best_step == 0

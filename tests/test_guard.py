@@ -20,6 +20,7 @@ from hyperdiff.methods.base import Method
 from hyperdiff.methods.reverse import reverse
 from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 from hyperdiff.tuner.guard import DivergenceGuard
+from hyperdiff.tuner.offline_plan import OfflinePlan
 
 OVERFLOW = ["task.name=ridge_diabetes", "inner.steps=20", "outer.lr=1000", "stop.max_steps=6",
             "stop.patience=0", "report.seeds=1"]
@@ -90,8 +91,9 @@ def test_an_absurd_loss_is_handled_exactly_like_a_diverged_training():
     problem, selection = ridge_problem(batch_size=6)
 
     def history(method):
-        opt = HyperOptimizer(problem, method=method, samples=1, selection=selection,
-                             stopping=Stopping(max_steps=5, patience=None), lr=0.2)
+        opt = HyperOptimizer(problem, method=method, plan=OfflinePlan(explore=0),
+                             selection=selection, stopping=Stopping(max_steps=5, patience=None),
+                             lr=0.2)
         return opt.run().history
 
     absurd, diverged = history(exploding({2})), history(flaky({2}))

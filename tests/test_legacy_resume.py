@@ -40,7 +40,10 @@ def test_a_stored_config_with_window_growth_is_read_as_written(tmp_path):
     assert config.outer.window_growth == 0.1 and config.outer.samples == 2
     fresh = load_config(data={"task": {"name": "mlp_digits"}, "outer": {"mode": "online"}})
     assert fresh.outer.window_growth == 0.2  # a new run gets today's default
-    assert legacy_values({"outer": {"window_growth": 0.3}}) == {"outer": {"window_growth": 0.3}}
+    today = {"outer": {"window_growth": 0.3, "explore": 8, "explore_when": "broken"}}
+    assert legacy_values(today) == today
+    assert legacy_values({"outer": {"window_growth": 0.3}}) == {
+        "outer": {"window_growth": 0.3, "explore": 0, "explore_when": "always"}}
 
 
 def loop():

@@ -13,6 +13,7 @@ from test_driver import ridge_problem
 
 import hyperdiff as hd
 from hyperdiff.tuner.driver import HyperOptimizer, Stopping
+from hyperdiff.tuner.offline_plan import OfflinePlan
 from hyperdiff.tuner.outer_steps import SignStep, TrustAdam
 
 DT = torch.float64
@@ -107,6 +108,7 @@ def test_driver_passes_the_selection_loss_to_trust_adam():
     """The radius after a run equals the one the history's selection losses give."""
     problem, selection = ridge_problem(batch_size=6)
     driver = HyperOptimizer(problem, optimizer="trust", selection=selection, lr=0.3,
+                            plan=OfflinePlan(explore=0),  # the disagreeing split: no phase
                             stopping=Stopping(max_steps=8, patience=None))
     history = driver.run().history
     losses = [r.selection_loss for r in history]

@@ -17,7 +17,7 @@ from hyperdiff.app.plans import outer_optimizer_name
 from hyperdiff.methods.base import Method
 from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 from hyperdiff.tuner.history import StepRecord
-from hyperdiff.tuner.outer_steps import outer_optimizer
+from hyperdiff.tuner.outer_steps import default_schedule, outer_optimizer
 from hyperdiff.tuner.snr import signal_to_noise
 
 D = torch.float64
@@ -132,13 +132,15 @@ def test_config_auto_samples_reach_the_driver():
 def test_library_defaults_match_the_command_line(caplog):
     config = OuterConfig()  # the defaults before a task's recommendations
     opt = HyperOptimizer(ridge(), stopping=Stopping(max_steps=4))
-    assert opt.schedule == config.schedule == "cosine"
+    # outer.schedule = "auto": constant with signstep (the offline default), cosine otherwise
+    assert config.schedule == "auto" and opt.schedule == default_schedule("signstep")
+    assert (opt.plan.explore, opt.plan.explore_when) == (config.explore, config.explore_when)
     assert opt.lr == config.lr and opt.plan.samples == config.samples
     # outer.optimizer = "auto" is the library's default offline (Adam online)
     assert config.optimizer == "auto"
     assert type(opt.optimizer) is outer_optimizer(outer_optimizer_name(Config()))
     assert outer_optimizer_name(replace(Config(), outer=replace(config, mode="online"))) == "adam"
-    assert opt.learning_rate(2) == pytest.approx(0.5 * opt.lr)  # cosine at half the budget
+    assert opt.learning_rate(2) == opt.lr  # signstep's auto schedule: constant
     with caplog.at_level(logging.WARNING, logger="hyperdiff"):
         HyperOptimizer(ridge())
     assert "no selection split" in caplog.text

@@ -102,8 +102,9 @@ class OuterConfig:
                        "hyperparameter by about 5%); online, when not set: min(0.7, 10 / "
                        "windows), the run's windows (ceil(inner.steps / outer.window) without "
                        "outer.window_growth)", low=0.0, open_low=True)
-    schedule: str = option("cosine", "outer learning-rate schedule: constant, or cosine decay "
-                           "to 0 over stop.max_steps", choices=list(SCHEDULES))
+    schedule: str = option("auto", "outer learning-rate schedule: constant, cosine decay to 0 "
+                           "over stop.max_steps, or auto: constant with signstep (it anneals "
+                           "itself), cosine otherwise", choices=["auto", *SCHEDULES])
     clip: float = option(0.0, "clip the hypergradient to this L2 norm (0: off)", low=0.0)
     samples: int = option(1, "trainings with different minibatch seeds averaged per step; "
                           "online: validation samples per window (outer.val_batch rows each; "
@@ -112,12 +113,17 @@ class OuterConfig:
                                 "hypergradient's signal-to-noise ratio is >= 1 (replaces "
                                 "outer.samples)")
     max_samples: int = option(16, "the most samples per step with outer.auto_samples", low=2)
-    explore: int = option(0, "offline: quasi-random points (Sobol) tried at outer steps "
+    explore: int = option(8, "offline: quasi-random points (Sobol) tried at outer steps "
                           "1..explore around the start before the gradient phase, which goes on "
-                          "from the best (0: none; docs/driver.md)", low=0)
+                          "from the best (0: none; when: outer.explore_when; docs/driver.md)",
+                          low=0)
     explore_decades: float = option(2.0, "offline: half-width in decades of outer.explore's "
                                     "box around the start (log-odds for interval values)",
                                     low=0.0, open_low=True, high=10.0)
+    explore_when: str = option("broken", "offline: when outer.explore's points are tried: "
+                               "always, or broken: only when step 0 fails or trains to a "
+                               "loss no better than the untrained model's",
+                               choices=["always", "broken"])
     seed: int = option(0, "base seed of the minibatch orders", low=0)
     tie_steps: int = option(0, "first outer steps in which each vector hyperparameter moves as "
                             "one (mean hypergradient of its entries; 0: off)", low=0)
@@ -293,14 +299,22 @@ def legacy_values(source: dict[str, Any]) -> dict[str, Any]:
     A config without ``outer.window_growth`` was written before growing windows and before
     online runs drew ``outer.samples`` validation samples: its online windows are all K steps
     (growth 0) and its ``outer.samples`` (a task default stored with it, e.g. mlp_digits' 2)
-    was ignored online, so it reads as 1 there."""
+    was ignored online, so it reads as 1 there. A config without ``outer.explore_when`` was
+    written when ``outer.explore``'s points ran after every start (``always``), and one without
+    ``outer.explore`` before the global phase (0 points)."""
     outer = source.get("outer", {})
-    if not isinstance(outer, dict) or "window_growth" in outer:
+    if not isinstance(outer, dict):
         return source
-    legacy: dict[str, Any] = {"window_growth": 0.0}
-    if outer.get("mode") == "online":
-        legacy["samples"] = 1
-    return _merge(source, {"outer": legacy})
+    legacy: dict[str, Any] = {}
+    if "window_growth" not in outer:
+        legacy["window_growth"] = 0.0
+        if outer.get("mode") == "online":
+            legacy["samples"] = 1
+    if "explore_when" not in outer:
+        legacy["explore_when"] = "always"
+        if "explore" not in outer:
+            legacy["explore"] = 0
+    return _merge(source, {"outer": legacy}) if legacy else source
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 from torch import Tensor
 
-from hyperdiff.app.config import Config
+from hyperdiff.app.config import Config, OuterConfig
 from hyperdiff.app.discrete_report import final_report as discrete_report
 from hyperdiff.app.discrete_report import has_relaxation
 from hyperdiff.app.loggers import Progress
@@ -145,7 +145,8 @@ def build(config: Config, start: dict[str, Any] | None = None
     plan = OfflinePlan(samples="auto" if config.outer.auto_samples else config.outer.samples,
                        max_samples=config.outer.max_samples, warm_start=config.inner.warm_start,
                        explore=config.outer.explore,
-                       explore_decades=config.outer.explore_decades)
+                       explore_decades=config.outer.explore_decades,
+                       explore_when=config.outer.explore_when)
     return task, _outer_loop(config, list(task.problems), plan, task.selection)
 
 
@@ -311,11 +312,16 @@ def _online_summary(task: Task, loop: HyperOptimizer, outcome: Any, config: Conf
 
 # --------------------------------------------------------------------------------------- meta
 def _offline_only_explore(config: Config) -> None:
-    """Refuse ``outer.explore`` outside offline runs (the global phase is the offline plan's)."""
-    if config.outer.explore:
-        raise HyperdiffError(f"config: outer.explore must be 0 with outer.mode = "
+    """Refuse an ``outer.explore`` set for an online or meta run (the global phase is the
+    offline plan's; the default, a phase after a broken start only, does not apply there)."""
+    default = OuterConfig()
+    asked = (config.outer.explore, config.outer.explore_when)
+    if config.outer.explore and asked != (default.explore, default.explore_when):
+        raise HyperdiffError(f"config: outer.explore must be 0 or its default "
+                             f"{default.explore} (outer.explore_when = "
+                             f"{default.explore_when!r}) with outer.mode = "
                              f"{config.outer.mode!r} (the global phase is offline only; got "
-                             f"{config.outer.explore})")
+                             f"{config.outer.explore}, {config.outer.explore_when!r})")
 
 
 def build_meta(config: Config, start: dict[str, Any] | None = None

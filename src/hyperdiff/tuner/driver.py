@@ -49,7 +49,7 @@ from hyperdiff.tuner.driver_checks import as_batches, check_problems
 from hyperdiff.tuner.guard import DivergenceGuard, start_values
 from hyperdiff.tuner.history import History, StepRecord, finite_or_none, natural_values
 from hyperdiff.tuner.offline_plan import OfflinePlan
-from hyperdiff.tuner.outer_steps import outer_optimizer
+from hyperdiff.tuner.outer_steps import default_schedule, outer_optimizer
 from hyperdiff.tuner.plan import Outcome, Plan
 from hyperdiff.tuner.stopping import Stopping, ranking_loss, tied
 from hyperdiff.typing import Batch
@@ -82,7 +82,8 @@ class HyperOptimizer:
             allowed online (hypergradients are measured, values stay).
         clip: clip the raw hypergradient to this L2 norm (``None``: no clipping).
         schedule: ``"cosine"`` (decay to 0 over the plan's outer steps: ``stopping.max_steps``
-            offline, the run's windows online) or ``"constant"``.
+            offline, the run's windows online), ``"constant"``, or ``"auto"``: constant with
+            ``signstep``, cosine otherwise (:func:`~hyperdiff.tuner.outer_steps.default_schedule`).
         normalize: divide each step's hypergradient ``g`` by ``||g||_2`` (all raw values
             together) before the outer step.
         samples, max_samples, warm_start: the offline plan's (``OfflinePlan``) when ``plan``
@@ -121,7 +122,7 @@ class HyperOptimizer:
         optimizer: str | None = None,
         lr: float = 0.05,
         clip: float | None = None,
-        schedule: str = "cosine",
+        schedule: str = "auto",
         normalize: bool = False,
         samples: int | str = 1,
         max_samples: int = 16,
@@ -154,12 +155,12 @@ class HyperOptimizer:
         optimizer = plan.default_optimizer if optimizer is None else optimizer
         if optimizer not in plan.optimizers:
             raise fail(caller, "optimizer", f"one of {sorted(plan.optimizers)}", optimizer)
-        if schedule not in SCHEDULES:
-            raise fail(caller, "schedule", f"one of {list(SCHEDULES)}", schedule)
+        if schedule not in ("auto", *SCHEDULES):
+            raise fail(caller, "schedule", f"one of {['auto', *SCHEDULES]}", schedule)
         self.lr = (float(lr) if lr == 0 and plan.zero_lr
                    else positive_float(caller, "lr", lr))
         self.clip = None if clip is None else positive_float(caller, "clip", clip)
-        self.schedule = schedule
+        self.schedule = default_schedule(optimizer) if schedule == "auto" else schedule
         if not isinstance(normalize, bool):
             raise fail(caller, "normalize", "True or False", normalize)
         self.normalize = normalize
@@ -279,7 +280,7 @@ class HyperOptimizer:
             selection = self.plan.selection_loss(self, outcome)
             self.guard.check_losses(outcome.values, selection, untrained=outcome.untrained)
         except NonFiniteError as err:
-            return self._failed(step, raw, lr, str(err), started)
+            return self._failed(step, raw, lr, str(err), started, snapshot)
         self.guard.succeeded(snapshot)
         if self.discrete is not None:
             self.discrete.commit()
@@ -393,13 +394,15 @@ class HyperOptimizer:
                             f"{moved:.3g}")
 
     def _failed(self, step: int, raw: dict[str, Tensor], lr: float, reason: str,
-                started: float) -> StepRecord:
-        """Go back to the guard's last good snapshot and record the failure; re-raise when
-        the guard gives up."""
+                started: float, snapshot: Any) -> StepRecord:
+        """Go back to the guard's last good snapshot (a failed start: to the start itself, if
+        the plan goes on from it) and record the failure; re-raise when the guard gives up."""
         for leaf in self.leaves:
             leaf.grad = None
         if self.plan.ranks:
             self.since_best += 1
+        if self.guard.good is None and self.plan.rescue_start(self):
+            self.guard.good = snapshot
         try:
             good, message = self.guard.failed(step, reason, start_values(self.hparams, raw))
         except NonFiniteError as err:

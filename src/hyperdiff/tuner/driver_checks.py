@@ -163,10 +163,15 @@ def check_driver_state(driver: Any, plan: Any, state: dict[str, Any],
     check_best(caller, state["best"], fresh["raw"], state["since_best"], records)
     check_count(caller, "trainings", state["trainings"],
                 records[-1].trainings if records else 0, "those of the last record")
+    if "explored" in fresh:
+        check_like(caller, "explored", state["explored"], fresh["explored"])
+    failed = [r.status == "failed" for r in records]
+    phase = plan.gradient_start_of(state)  # a failed point of the global phase cuts no lr
     check_guard_state(caller, state["guard"], driver.guard.state_dict(),
                       {"raw": fresh["raw"], "optimizer": driver.optimizer,
-                       "warm": state["warm"]}, [r.status == "failed" for r in records],
-                      driver.guard.shrink)
+                       "warm": state["warm"]}, failed, driver.guard.shrink,
+                      cuts=[f and r.step >= phase for f, r in zip(failed, records, strict=True)],
+                      rescued=bool(failed) and failed[0] and phase > 0)
 
 
 def check_warm(plan: Any, warm: list[Any]) -> None:

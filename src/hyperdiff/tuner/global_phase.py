@@ -26,6 +26,8 @@ of the seed and the start alone, so a resumed run draws the same ones.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -70,6 +72,27 @@ def explore_points(hparams: HyperParameters, start: dict[str, Tensor], count: in
     return points
 
 
+def broken_start(record: Any, untrained: Mapping[str, float]) -> str:
+    """Why step 0's ``record`` is a broken start, or ``""``: its selection loss (else its
+    validation loss) is not below the untrained model's (``untrained``: ``{"validation": U,
+    "selection": U_sel}``), so its training made the model no better than not training.
+
+    >>> from types import SimpleNamespace as R
+    >>> print(broken_start(R(selection_loss=None, val_loss=2.5), {"validation": 1.1}))
+    the start trained to validation loss 2.5 >= 1.1, the untrained model's
+    >>> broken_start(R(selection_loss=0.4, val_loss=2.5), {"validation": 1.1, "selection": 1.0})
+    ''
+    """
+    kind, loss = (("selection", record.selection_loss) if record.selection_loss is not None
+                  else ("validation", record.val_loss))
+    reference = untrained.get(kind)
+    if loss is None or reference is None or not math.isfinite(reference):
+        return ""
+    if math.isfinite(loss) and loss < reference:
+        return ""
+    return f"the start trained to {kind} loss {loss:.3g} >= {reference:.3g}, the untrained model's"
+
+
 def check_explore(caller: str, explore: int, decades: float) -> tuple[int, float]:
     """``explore`` as an int >= 0 and ``decades`` as a number in (0, 10], else the standard
     error."""
@@ -79,4 +102,4 @@ def check_explore(caller: str, explore: int, decades: float) -> tuple[int, float
     return count, float(decades)
 
 
-__all__ = ["check_explore", "explore_points", "explored_names"]
+__all__ = ["broken_start", "check_explore", "explore_points", "explored_names"]

@@ -102,7 +102,7 @@ class MetaPlan(OfflinePlan):
         self.validation_tasks = nonnegative_int("MetaPlan", "validation_tasks",
                                                 validation_tasks)
         self.validation: tuple[Problem, ...] = ()
-        super().__init__(samples=self.batch)
+        super().__init__(samples=self.batch, explore=0)  # no global phase over tasks
 
     def bind(self, loop: Any) -> None:
         """Check the problem (one template, no discrete hyperparameters) and the method."""

@@ -9,7 +9,11 @@ Outer step ``s`` at raw values ``u_s`` (:class:`~hyperdiff.tuner.sampler.Sampler
 
 ``explore=k`` makes steps 1..k a global phase (:mod:`hyperdiff.tuner.global_phase`): k
 quasi-random points in a box of +-``explore_decades`` decades around the start, then the
-gradient phase from the best step so far with a fresh outer optimizer.
+gradient phase from the best step so far with a fresh outer optimizer. With
+``explore_when="broken"`` the phase runs only after a broken start: step 0 failed, or its
+training ended no better than the untrained model (its selection loss, else its validation
+loss, ``>=`` the untrained model's on the same batches), where the hypergradient of a diverging
+or chaotic training does not point the way.
 
 ``samples="auto"`` draws 2 samples, then one more at a time until the signal-to-noise ratio
 of the per-sample hypergradients reaches 1 or ``max_samples`` (:mod:`hyperdiff.tuner.snr`).
@@ -29,7 +33,7 @@ import torch
 from torch import Tensor
 
 from hyperdiff.engine.data import FullBatch
-from hyperdiff.errors import HyperdiffError, fail, positive_int
+from hyperdiff.errors import HyperdiffError, NonFiniteError, fail, positive_int
 from hyperdiff.logs import get_logger
 from hyperdiff.methods.base import Method
 from hyperdiff.methods.registry import make_method, methods_where
@@ -41,7 +45,7 @@ from hyperdiff.tuner.driver_checks import (
     check_selection,
     check_warm_start,
 )
-from hyperdiff.tuner.global_phase import check_explore, explore_points
+from hyperdiff.tuner.global_phase import broken_start, check_explore, explore_points
 from hyperdiff.tuner.guard import untrained_losses
 from hyperdiff.tuner.history import History, OptimizeResult, StepRecord
 from hyperdiff.tuner.outer_steps import DEFAULT_OFFLINE, offline_optimizers
@@ -52,6 +56,8 @@ from hyperdiff.tuner.stopping import ranking_name
 from hyperdiff.wording import option
 
 _LOG = get_logger("driver")
+EXPLORE_WHEN = ("always", "broken")
+"""When the global phase runs: after every start, or only after a broken one."""
 
 
 class OfflinePlan:
@@ -64,8 +70,10 @@ class OfflinePlan:
         max_samples: the most samples per step with ``samples="auto"``.
         warm_start: start each step's training from the slot's previous theta_T.
         explore: quasi-random points tried at steps 1..explore before the gradient phase
-            (0: none; :mod:`hyperdiff.tuner.global_phase`).
+            (0: none; :mod:`hyperdiff.tuner.global_phase`); by default 8, after a broken
+            start only.
         explore_decades: half-width of their box around the start, in decades.
+        explore_when: ``"always"``, or ``"broken"``: only after a broken start (module doc).
     """
 
     caller = "HyperOptimizer"
@@ -77,15 +85,20 @@ class OfflinePlan:
     default_optimizer = DEFAULT_OFFLINE  # measured across tasks (docs/driver.md)
 
     def __init__(self, samples: int | str = 1, max_samples: int = 16, warm_start: bool = False,
-                 explore: int = 0, explore_decades: float = 2.0):
+                 explore: int = 8, explore_decades: float = 2.0, explore_when: str = "broken"):
         self.auto = auto_samples(samples, max_samples)
         self.samples = self.auto.maximum if self.auto else positive_int(
             "HyperOptimizer", "samples", samples)  # the stride of seeds and warm slots
         self.warm_start = bool(warm_start)
         self.explore, self.explore_decades = check_explore("HyperOptimizer", explore,
                                                            explore_decades)
+        if explore_when not in EXPLORE_WHEN:
+            raise fail("HyperOptimizer", "explore_when", f"one of {list(EXPLORE_WHEN)}",
+                       explore_when)
+        self.explore_when = explore_when
         self._sampler: Sampler | None = None
-        self._points: list[dict[str, Tensor]] = []
+        self._candidates: list[dict[str, Tensor]] = []  # the phase's points, if it runs
+        self._points: list[dict[str, Tensor]] = []  # those it runs (set once it is decided)
         self._fresh: dict[str, Any] | None = None  # the outer optimizer's state before step 0
 
     @property
@@ -110,8 +123,9 @@ class OfflinePlan:
         loop.discrete = outer_hook(loop.hparams, seed=loop.seed, samples=self.samples,
                                    max_steps=loop.stopping.max_steps, folds=len(loop.problems))
         self.problems = loop.problems
-        self._points = explore_points(loop.hparams, loop.hparams.raw, self.explore,
-                                      self.explore_decades, loop.seed)
+        self._candidates = explore_points(loop.hparams, loop.hparams.raw, self.explore,
+                                          self.explore_decades, loop.seed)
+        self._points = self._candidates if self.explore_when == "always" else []
         self._sampler = Sampler(loop.problems, method, samples=self.samples, auto=self.auto,
                                 seed=loop.seed, selection=loop.selection,
                                 warm_start=self.warm_start, discrete=loop.discrete,
@@ -139,6 +153,12 @@ class OfflinePlan:
         """The first step of the gradient phase: 1 + the points of the global phase (0 before
         the plan is bound, and without explored hyperparameters)."""
         return 1 + len(self._points) if self._points else 0
+
+    def gradient_start_of(self, state: dict[str, Any]) -> int:
+        """:attr:`gradient_start` of the run that saved ``state`` (its ``explored``)."""
+        if "explored" not in state:
+            return self.gradient_start
+        return 1 + len(self._candidates) if state["explored"] is True else 0
 
     def stop_reason(self, loop: Any) -> str | None:
         """The loop's stopping rules; early stopping counts the gradient phase's steps only
@@ -170,13 +190,31 @@ class OfflinePlan:
         return outcome.kept  # the slots' mean, measured where each was trained
 
     def commit(self, loop: Any, outcome: Outcome, record: StepRecord) -> StepRecord:
-        """In the global phase: name the point, and after the last go to the best step."""
+        """In the global phase: name the point, and after the last go to the best step; at
+        step 0 with ``explore_when="broken"``, decide whether the phase runs."""
+        broken = ""
+        if record.step == 0 and self._waits_for_start():
+            broken = broken_start(record, outcome.untrained())
+            if broken:
+                self._points = self._candidates
         if record.step >= self.gradient_start:
             return record
         if loop.stopped is not None and loop.stopped.startswith("converged"):
             loop.stopped = None  # one point's small hypergradient does not end the phase
         self._end_global_phase(loop, record.step)
-        return dataclasses.replace(record, message=self._phase_note(record.step))
+        note = self._phase_note(record.step) + (f" ({broken})" if broken else "")
+        return dataclasses.replace(record, message=note)
+
+    def rescue_start(self, loop: Any) -> bool:
+        """Whether a failed step 0 goes on to the global phase's points (instead of ending the
+        run: the guard has no good step to go back to but the start itself)."""
+        if loop.step_index != 0 or not self._candidates:
+            return False
+        self._points = self._candidates
+        return True
+
+    def _waits_for_start(self) -> bool:
+        return self.explore_when == "broken" and bool(self._candidates) and not self._points
 
     def failure_note(self, loop: Any, message: str) -> str:
         step = loop.step_index
@@ -209,8 +247,11 @@ class OfflinePlan:
         self.sampler.warm = list(good["warm"])
 
     def state_dict(self, loop: Any) -> dict[str, Any]:
-        return {"warm": self.warm, "trainings": self.sampler.trainings,
-                "rng": torch.get_rng_state()}
+        state = {"warm": self.warm, "trainings": self.sampler.trainings,
+                 "rng": torch.get_rng_state()}
+        if self.explore_when == "broken" and self._candidates:
+            state["explored"] = bool(self._points)  # decided at step 0
+        return state
 
     def load_state_dict(self, loop: Any, state: dict[str, Any],
                         history: Sequence[StepRecord] | None) -> list[StepRecord]:
@@ -224,11 +265,19 @@ class OfflinePlan:
         self.sampler.warm = list(state["warm"])
         self.sampler.trainings = int(state["trainings"])
         torch.set_rng_state(state["rng"])
+        if "explored" in state:
+            self._points = self._candidates if state["explored"] else []
         return list(history)
 
     def result(self, loop: Any) -> OptimizeResult:
         """The best step's values, the history and the stop reason."""
         if loop.best is None:
+            if loop.history and all(r.status == "failed" for r in loop.history):
+                raise NonFiniteError(
+                    f"HyperOptimizer: all {len(loop.history)} outer steps failed, the start and "
+                    f"the global phase's points tried after it; step 0: "
+                    f"{loop.history[0].message}. Start from safer values (e.g. a smaller inner "
+                    "learning rate or fewer inner steps)")
             raise HyperdiffError("HyperOptimizer: no successful step yet, so no result")
         return OptimizeResult(
             best_raw=dict(loop.best["raw"]),

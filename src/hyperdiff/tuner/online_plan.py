@@ -378,6 +378,10 @@ class OnlinePlan:
             restart_cooler(self, loop)
         return record
 
+    def rescue_start(self, loop: Any) -> bool:
+        """A failed first window ends the run (no global phase online)."""
+        return False
+
     def failure_note(self, loop: Any, message: str) -> str:
         start, stop = self.span
         message = (f"{message}; training goes on from inner step {start}, the parameters "

@@ -173,6 +173,13 @@ DEFAULT_OFFLINE = "signstep"
 by test loss across tasks and starts (``benchmarks/outer_defaults.py``, docs/driver.md)."""
 
 
+def default_schedule(optimizer: str) -> str:
+    """The outer schedule ``"auto"`` means for ``optimizer``: ``"constant"`` for
+    ``signstep`` (a flipped sign halves its step, so it anneals itself, and a cosine decay
+    would cap its travel: about e-fold in 10 steps; docs/driver.md), else ``"cosine"``."""
+    return "constant" if optimizer == "signstep" else "cosine"
+
+
 def offline_optimizers() -> list[str]:
     """Every name the offline driver accepts: :data:`OPTIMIZERS` (torch.optim) and ours."""
     return [*OPTIMIZERS, *OUTER_STEPS]

@@ -92,20 +92,23 @@ def check_count(caller: str, entry: str, saved: Any, expected: int, why: str) ->
 
 
 def check_guard_state(caller: str, saved: Any, fresh: dict[str, Any], good: Any,
-                      failed: list[bool], shrink: float) -> None:
+                      failed: list[bool], shrink: float, *, cuts: list[bool] | None = None,
+                      rescued: bool = False) -> None:
     """A saved divergence guard: entries like ``fresh`` (a new guard's ``state_dict``), its
     snapshot (if any) like ``good`` (an optimizer there: a state of it), and the counts those
-    of the history's ``failed`` records: all of them, those that end it, ``shrink ** all``;
-    a snapshot exactly when a record succeeded."""
+    of the history's ``failed`` records: all of them, those that end it, ``shrink ** cuts``
+    (``cuts``: the failures that cut the outer learning rate, default all of them); a snapshot
+    exactly when a record succeeded, or when the plan went on from a failed start
+    (``rescued``: the start is then the snapshot)."""
     if not isinstance(saved, dict) or not isinstance(saved.get("reference"), dict):
         raise damaged(caller, "guard", "a dict with a 'reference' dict", shape_of(saved))
     template = {**fresh, "good": saved.get("good"),
                 "reference": {kind: 0.0 for kind in saved["reference"]
                               if kind in ("validation", "selection")}}
     check_like(caller, "guard", saved, template)
-    if (saved["good"] is None) == (False in failed):
+    if (saved["good"] is None) == (False in failed or rescued):
         raise damaged(caller, "guard['good']", "the snapshot of the last good step" if
-                      False in failed else "None (no step of the history succeeded)",
+                      False in failed or rescued else "None (no step of the history succeeded)",
                       shape_of(saved["good"]))
     if (snapshot := saved["good"]) is not None:
         if not isinstance(snapshot, dict) or set(snapshot) != set(good):
@@ -123,10 +126,10 @@ def check_guard_state(caller: str, saved: Any, fresh: dict[str, Any], good: Any,
                 "the failed records in the history")
     check_count(caller, "guard['failures']", saved["failures"], trailing,
                 "the failed records that end the history")
-    scale = shrink ** sum(failed)
+    scale = shrink ** sum(failed if cuts is None else cuts)
     if not math.isclose(float(saved["scale"]), scale, rel_tol=1e-9):
-        raise damaged(caller, "guard['scale']", f"{scale:.6g} (shrink ** the failed records)",
-                      f"{saved['scale']!r}")
+        raise damaged(caller, "guard['scale']", f"{scale:.6g} (shrink ** the failed records"
+                      f"{'' if cuts is None else ' that cut it'})", f"{saved['scale']!r}")
 
 
 def optimizer_probe_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
