@@ -59,8 +59,11 @@ AREAS: tuple[tuple[str, tuple[tuple[str, str], ...], tuple[str, ...] | None], ..
       ("methods/curvature_adam.py", "_adam_values")), None),
     ("learning-rate derivatives (per window)", (("methods/curvature.py", "lr_derivatives"),),
      None),
+    # the window's validation gradients through its last step: methods/segments.py's
+    # sample_grads since the online samples (it was curvature_segment's own call before, and
+    # this area read 0 since)
     ("last step's backward pass (per window)", (("torch/autograd/__init__.py", "grad"),),
-     ("curvature_segment",)),
+     ("curvature_segment", "sample_grads")),
     ("validation loss (per window, guard, selection)",
      (("engine/training.py", "validation_loss"),), None),
     ("outer step", (("tuner/driver.py", "_update"),), None),
