@@ -47,8 +47,10 @@ from hyperdiff.app.tasks.base import trained_params  # noqa: E402
 
 RESULTS = HERE / "results"
 
-# profile areas: (label, functions as (file suffix, function name), callers or None: all)
-AREAS: tuple[tuple[str, tuple[tuple[str, str], ...], tuple[str, ...] | None], ...] = (
+# profile areas: (label, functions as (file suffix, function name), callers as the same pairs
+# or None: all)
+AREAS: tuple[tuple[str, tuple[tuple[str, str], ...], tuple[tuple[str, str], ...] | None],
+             ...] = (
     ("training steps (forward, backward, optimizer)",
      (("engine/training.py", "train_gradient"), ("engine/optimizers.py", "update")), None),
     ("  of which data (minibatches)", (("engine/data/sources.py", "batch"),
@@ -59,8 +61,12 @@ AREAS: tuple[tuple[str, tuple[tuple[str, str], ...], tuple[str, ...] | None], ..
       ("methods/curvature_adam.py", "_adam_values")), None),
     ("learning-rate derivatives (per window)", (("methods/curvature.py", "lr_derivatives"),),
      None),
+    # the window's validation gradients through its last step: methods/segments.py's
+    # sample_grads (its comprehension, a caller of its own) since the online samples; it was
+    # curvature_segment's own call before, and this area read 0 since
     ("last step's backward pass (per window)", (("torch/autograd/__init__.py", "grad"),),
-     ("curvature_segment",)),
+     (("methods/curvature.py", "curvature_segment"), ("methods/segments.py", "sample_grads"),
+      ("methods/segments.py", "<listcomp>"))),
     ("validation loss (per window, guard, selection)",
      (("engine/training.py", "validation_loss"),), None),
     ("outer step", (("tuner/driver.py", "_update"),), None),
@@ -72,7 +78,7 @@ AREAS: tuple[tuple[str, tuple[tuple[str, str], ...], tuple[str, ...] | None], ..
 
 
 def _area_time(stats: pstats.Stats, functions: tuple[tuple[str, str], ...],
-               callers: tuple[str, ...] | None) -> float:
+               callers: tuple[tuple[str, str], ...] | None) -> float:
     """Cumulative seconds of ``functions`` (called from ``callers`` only, if given)."""
     total = 0.0
     for (file, _line, name), entry in stats.stats.items():  # type: ignore[attr-defined]
@@ -81,8 +87,8 @@ def _area_time(stats: pstats.Stats, functions: tuple[tuple[str, str], ...],
         if callers is None:
             total += entry[3]
             continue
-        for (_cfile, _cline, cname), c_entry in entry[4].items():
-            if cname in callers:
+        for (cfile, _cline, cname), c_entry in entry[4].items():
+            if any(cfile.endswith(suffix) and cname == fn for suffix, fn in callers):
                 total += c_entry[3]
     return total
 

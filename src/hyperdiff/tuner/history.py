@@ -20,6 +20,7 @@ from torch import Tensor
 from hyperdiff.hparams.hyperparams import HyperParameters
 
 TIMING_FIELDS = ("time_s", "step_time_s")
+_JSON_LINE = "_json_line"  # where a record keeps its JSON line once written
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,19 @@ class StepRecord:
         return self.val_loss if self.selection_loss is None else self.selection_loss
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), allow_nan=False)
+        """The record as one JSON line (``json.dumps`` of its fields, floats by ``repr``).
+
+        Written once and kept: a record is immutable, and the run directory's history and
+        every online checkpoint (which holds all records so far) write it, so a run of W
+        windows serialized ``W (W + 1) / 2`` records before. The fields go to ``json.dumps``
+        as they are, without ``asdict``'s deep copy (the same text: they are JSON values).
+        """
+        line = self.__dict__.get(_JSON_LINE)
+        if line is None:
+            line = json.dumps({f.name: getattr(self, f.name) for f in fields(self)},
+                              allow_nan=False)
+            object.__setattr__(self, _JSON_LINE, line)
+        return line
 
     @classmethod
     def from_json(cls, line: str) -> StepRecord:
