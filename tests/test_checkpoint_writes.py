@@ -10,7 +10,7 @@ from hyperdiff.app.config import load_config
 from hyperdiff.app.experiment import run_experiment
 from hyperdiff.app.rundir import RunDir
 
-BASE = ["task.name=mlp_digits", "inner.steps=5", "report.seeds=1"]
+BASE = ["task.name=mlp_digits", "inner.steps=5", "report.seeds=1", "output.checkpoint_seconds=0"]
 
 
 @pytest.mark.parametrize(("max_steps", "every", "expected"), [
@@ -35,3 +35,55 @@ def test_each_checkpoint_is_written_once(tmp_path, monkeypatch, max_steps, every
     assert state is not None and state["step"] == max_steps
     assert [r.step for r in RunDir.existing(out).read_history()] == list(range(max_steps))
     assert all(torch.isfinite(v).all() for v in state["raw"].values())
+
+
+@pytest.mark.parametrize(("every", "seconds", "distributed", "expected"), [
+    (1, 0.0, False, [1, 2, 3, 4, 5, 6, 7, 8]),
+    (1, 2.5, False, [3, 6]),  # steps 1 s apart: after 3 s, then 3 s after that
+    (2, 2.5, False, [4, 8]),  # every second step, once 2.5 s have passed
+    (1, 2.5, True, [1, 2, 3, 4, 5, 6, 7, 8]),  # under torchrun: steps only
+])
+def test_checkpoints_wait_for_their_seconds(every, seconds, distributed, expected):
+    from hyperdiff.app.experiment import _checkpoint_clock
+
+    now = [0.0]
+    config = load_config(overrides=[f"output.checkpoint_every={every}",
+                                    f"output.checkpoint_seconds={seconds}"])
+    due = _checkpoint_clock(config, distributed=distributed, clock=lambda: now[0])
+    written = []
+    for step in range(1, 9):
+        now[0] += 1.0
+        if due(step):
+            written.append(step)
+    assert written == expected
+
+
+def test_a_run_killed_between_checkpoints_resumes_to_the_same_history(tmp_path):
+    """With a checkpoint only at the end (seconds far above the run's), a run interrupted
+    after 3 of 5 steps left no checkpoint of step 3: it resumes from the start of what it
+    has and writes the straight run's records."""
+    overrides = ["task.name=mlp_digits", "inner.steps=5", "report.seeds=1", "stop.max_steps=5"]
+    straight = tmp_path / "straight"
+    run_experiment(load_config(overrides=overrides), out=straight, log=lambda _m: None,
+                   progress=False)
+
+    class StopError(Exception):
+        pass
+
+    def stop_after_3(_opt, record):
+        if record.step == 2:
+            raise StopError
+
+    killed = tmp_path / "killed"
+    with pytest.raises(StopError):
+        run_experiment(load_config(overrides=[*overrides, "output.checkpoint_seconds=1e6"]),
+                       out=killed, log=lambda _m: None, progress=False,
+                       callbacks=[stop_after_3])
+    assert RunDir.existing(killed).load_checkpoint() is None
+    assert len(RunDir.existing(killed).read_history()) == 3
+    run_experiment(None, resume=killed, log=lambda _m: None, progress=False)
+
+    def lines(path):
+        return [r.without_timing() for r in RunDir.existing(path).read_history()]
+
+    assert lines(killed) == lines(straight)

@@ -20,7 +20,7 @@ from hyperdiff.app.experiment import run_experiment
 pytestmark = pytest.mark.filterwarnings(
     "ignore:hd.online.OnlineTuner is deprecated:DeprecationWarning")
 
-CURVATURE = ["task.name=horizon_digits", "inner.steps=60", "outer.window=6",
+CURVATURE = ["output.checkpoint_seconds=0", "task.name=horizon_digits", "inner.steps=60", "outer.window=6",
              "outer.val_batch=32", "report.seeds=1", "method.name=curvature"]
 DAMAGED = r"OnlineTuner.load_state_dict: the checkpoint is damaged: "
 RUN_DAMAGED = DAMAGED.replace("OnlineTuner", "HyperOptimizer")  # the CLI's loop names itself
@@ -182,7 +182,7 @@ def test_an_undamaged_state_resumes_exactly():
 
 
 # ---------------------------------------------------------------------------- offline driver
-OFFLINE = ["task.name=ridge_diabetes", "inner.steps=20", "stop.max_steps=6", "report.seeds=1",
+OFFLINE = ["output.checkpoint_seconds=0", "task.name=ridge_diabetes", "inner.steps=20", "stop.max_steps=6", "report.seeds=1",
            "inner.warm_start=true"]
 OFFLINE_DAMAGED = r"HyperOptimizer: the checkpoint is damaged: "
 

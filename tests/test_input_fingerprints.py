@@ -55,8 +55,8 @@ def build(steps=6, data_seed=0):
         val_loss=mse, hparams=hd.HyperParameters(wd=hd.scalar(0.1)),
         optimizer=hd.sgd(0.1), data=data, steps=steps, stratify=False)
 '''
-SETTINGS = {"offline": ["stop.max_steps=4", "inner.steps=5"],
-            "online": ["outer.mode='online'", "method.name='reverse'", "inner.steps=12",
+SETTINGS = {"offline": ["stop.max_steps=4", "inner.steps=5", "output.checkpoint_seconds=0"],
+            "online": ["output.checkpoint_seconds=0", "outer.mode='online'", "method.name='reverse'", "inner.steps=12",
                        "outer.window=3", "outer.val_batch=0"]}
 CHANGES = {
     "edit": lambda x, y: (x.index_put((torch.tensor([5]),), x[5] + 1.0), y),

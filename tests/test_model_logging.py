@@ -20,9 +20,9 @@ from hyperdiff.errors import HyperdiffError
 from hyperdiff.hparams.discrete import categorical
 from hyperdiff.hparams.hyperparams import per_feature, scalar
 
-OFFLINE = ["task.name=mlp_digits", "inner.steps=4", "stop.max_steps=4", "report.seeds=1",
+OFFLINE = ["output.checkpoint_seconds=0", "task.name=mlp_digits", "inner.steps=4", "stop.max_steps=4", "report.seeds=1",
            "output.checkpoint_every=2", "log.tensorboard=tb", "log.mlflow=mlruns"]
-ONLINE = ["task.name=horizon_digits", "inner.steps=40", "outer.window=10", "report.seeds=1",
+ONLINE = ["output.checkpoint_seconds=0", "task.name=horizon_digits", "inner.steps=40", "outer.window=10", "report.seeds=1",
           "outer.hot_start=ignore", "output.checkpoint_every=2", "log.tensorboard=tb",
           "log.mlflow=mlruns"]
 

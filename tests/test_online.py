@@ -217,7 +217,7 @@ def test_bad_schedule_arguments_raise_a_clear_error():
         hd.schedules.resample(torch.zeros(2, 2), 4)
 
 
-ONLINE = ["task.name=horizon_digits", "inner.steps=60", "outer.window=6", "outer.val_batch=32",
+ONLINE = ["output.checkpoint_seconds=0", "task.name=horizon_digits", "inner.steps=60", "outer.window=6", "outer.val_batch=32",
           "report.seeds=1"]
 
 

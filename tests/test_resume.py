@@ -21,7 +21,7 @@ from hyperdiff.app.rundir import CHECKPOINT, HISTORY, RunDir
 from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 
 # minibatch seeds, two samples per step and warm starts: all must survive the restart
-SETTINGS = ["task.name=mlp_digits", "inner.steps=10", "inner.warm_start=true",
+SETTINGS = ["output.checkpoint_seconds=0", "task.name=mlp_digits", "inner.steps=10", "inner.warm_start=true",
             "outer.samples=2", "stop.max_steps=6", "report.seeds=1"]
 
 

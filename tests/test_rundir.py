@@ -43,7 +43,7 @@ from hyperdiff.app.rundir.manifest import sha256
 from hyperdiff.tuner.driver import HyperOptimizer
 from hyperdiff.tuner.history import StepRecord
 
-SETTINGS = ["task.name=ridge_diabetes", "inner.steps=20", "stop.max_steps=5",
+SETTINGS = ["output.checkpoint_seconds=0", "task.name=ridge_diabetes", "inner.steps=20", "stop.max_steps=5",
             "report.seeds=1"]
 TIMEOUT = 60
 

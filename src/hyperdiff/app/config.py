@@ -190,6 +190,11 @@ class OutputConfig:
                       "without '..' (empty: runs/<task>-<date>-<time>; any other place: "
                       "--out)")
     checkpoint_every: int = option(1, "write a checkpoint every this many outer steps", low=1)
+    checkpoint_seconds: float = option(5.0, "and at least this many seconds after the last one "
+                                       "(the last step's is always written; a killed run "
+                                       "redoes at most this much work, identically; 0: every "
+                                       "checkpoint_every steps; under torchrun always 0)",
+                                       low=0.0)
 
 
 @dataclass(frozen=True)

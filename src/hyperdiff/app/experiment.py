@@ -229,6 +229,28 @@ def _extension(stored: Config, config: Config, diffs: list[str], rundir: RunDir,
     return True
 
 
+def _checkpoint_clock(config: Config, *, distributed: bool,
+                      clock: Callable[[], float] = time.monotonic) -> Callable[[int], bool]:
+    """``due(step)``: whether the checkpoint after outer step ``step`` is written: every
+    ``output.checkpoint_every`` steps, once ``output.checkpoint_seconds`` have passed since the
+    last one written (or since the run started). Under torchrun every rank must decide alike,
+    so the seconds are not counted there. A killed run resumes from the last checkpoint and
+    redoes the steps after it, which replay identically (their history lines are cut back and
+    written again)."""
+    every, seconds = config.output.checkpoint_every, config.output.checkpoint_seconds
+    last = [clock()]
+
+    def due(step: int) -> bool:
+        if step % every:
+            return False
+        if not distributed and seconds > 0 and clock() - last[0] < seconds:
+            return False
+        last[0] = clock()
+        return True
+
+    return due
+
+
 def _run_plan(
     plan: Plan, rundir: RunDir, config: Config, *, resume: bool, progress: bool | None,
     log: Callable[[str], None], callbacks: Sequence[Callable[..., Any]], group: Any,
@@ -250,6 +272,7 @@ def _run_plan(
     log(f"{plan.describe(task, loop, config)}; run directory {rundir.path}")
 
     saved = [-1]  # the step of the last checkpoint written
+    due = _checkpoint_clock(config, distributed=group is not None)
 
     def save(opt: Any) -> None:
         rundir.save_checkpoint(opt.state_dict())
@@ -259,7 +282,7 @@ def _run_plan(
         rundir.append(record)
         if record.status == "failed":
             log(f"guard: {record.message}")
-        if opt.step_index % config.output.checkpoint_every == 0 or opt.done:
+        if due(opt.step_index) or opt.done:
             save(opt)
 
     bar = plan.bar(task, loop, config, progress)
