@@ -14,6 +14,7 @@ from test_driver import ridge_problem
 
 import hyperdiff as hd
 from hyperdiff.app.config import load_config
+from hyperdiff.methods.base import Method
 from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 from hyperdiff.tuner.global_phase import explore_points
 from hyperdiff.tuner.offline_plan import OfflinePlan
@@ -175,3 +176,38 @@ def test_bad_schedule_is_refused():
                        r"'constant', 'cosine'\] \(got 'linear'\)"):
         HyperOptimizer(problem, schedule="linear")
     assert torch.is_tensor(problem.hparams.raw["lam"])
+
+
+def chaotic_at_start(factor: float = 1e6) -> Method:
+    """Reverse mode whose first call's hypergradient is ``factor`` x the true one (the loss
+    unchanged): a start whose hypergradient is far above its loss, as a chaotic training's."""
+    from dataclasses import replace
+
+    inner, calls = hd.reverse(), {"n": 0}
+
+    def run(problem, raw):
+        result = inner.run(problem, raw)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return replace(result, grad={k: g * factor for k, g in result.grad.items()})
+        return result
+
+    return Method("chaotic_at_start", run)
+
+
+@pytest.mark.parametrize(("factor", "phase"), [(1e6, True), (10.0, False)])
+def test_a_chaotic_start_gets_the_phase(factor, phase):
+    """Ratio of the hypergradient norm to max(|L_val|, 1) above 1e3: the phase runs; a
+    hypergradient 10x too large at a good start (ratio well below 1e3) changes nothing."""
+    history = loop_for(GOOD, method=chaotic_at_start(factor)).run().history
+    record = history[0]
+    ratio = record.grad_norm / max(abs(record.val_loss), 1.0)
+    assert (ratio > 1e3) == phase
+    assert record.val_loss < untrained_val_loss()  # the training itself is fine
+    if phase:
+        assert record.message == (
+            f"global phase: the start (its hypergradient norm {record.grad_norm:.3g} is above "
+            f"1e+03 x max(|validation loss| {record.val_loss:.3g}, 1): chaotic)")
+        assert history[1].message.startswith(f"global phase: point 1 of {K}")
+    else:
+        assert [r.message for r in history] == [""] * len(history)

@@ -72,25 +72,44 @@ def explore_points(hparams: HyperParameters, start: dict[str, Tensor], count: in
     return points
 
 
+CHAOTIC_RATIO = 1e3
+"""A start whose hypergradient norm (raw units) exceeds this many times ``max(|L_val|, 1)`` is
+chaotic: the loss would change by 1000x itself per unit of a raw (log) value, and no step of
+finite length follows such a derivative (healthy starts of the suite's tasks measure 0.006-0.8,
+a learning rate 100x too large on its GRU 1e23)."""
+
+
 def broken_start(record: Any, untrained: Mapping[str, float]) -> str:
     """Why step 0's ``record`` is a broken start, or ``""``: its selection loss (else its
     validation loss) is not below the untrained model's (``untrained``: ``{"validation": U,
-    "selection": U_sel}``), so its training made the model no better than not training.
+    "selection": U_sel}``), so its training made the model no better than not training; or its
+    hypergradient norm is above :data:`CHAOTIC_RATIO` x ``max(|validation loss|, 1)``, so the
+    training is chaotic in the hyperparameters.
 
     >>> from types import SimpleNamespace as R
-    >>> print(broken_start(R(selection_loss=None, val_loss=2.5), {"validation": 1.1}))
+    >>> print(broken_start(R(selection_loss=None, val_loss=2.5, grad_norm=0.1),
+    ...                    {"validation": 1.1}))
     the start trained to validation loss 2.5 >= 1.1, the untrained model's
-    >>> broken_start(R(selection_loss=0.4, val_loss=2.5), {"validation": 1.1, "selection": 1.0})
+    >>> broken_start(R(selection_loss=0.4, val_loss=2.5, grad_norm=0.1),
+    ...              {"validation": 1.1, "selection": 1.0})
     ''
+    >>> print(broken_start(R(selection_loss=0.4, val_loss=0.5, grad_norm=2e23),
+    ...                    {"validation": 1.1, "selection": 1.0}))
+    its hypergradient norm 2e+23 is above 1e+03 x max(|validation loss| 0.5, 1): chaotic
     """
     kind, loss = (("selection", record.selection_loss) if record.selection_loss is not None
                   else ("validation", record.val_loss))
     reference = untrained.get(kind)
-    if loss is None or reference is None or not math.isfinite(reference):
-        return ""
-    if math.isfinite(loss) and loss < reference:
-        return ""
-    return f"the start trained to {kind} loss {loss:.3g} >= {reference:.3g}, the untrained model's"
+    if loss is not None and reference is not None and math.isfinite(reference) and not (
+            math.isfinite(loss) and loss < reference):
+        return (f"the start trained to {kind} loss {loss:.3g} >= {reference:.3g}, the untrained "
+                "model's")
+    norm, value = record.grad_norm, record.val_loss
+    if norm is not None and value is not None and math.isfinite(value) and (
+            not math.isfinite(norm) or norm > CHAOTIC_RATIO * max(abs(value), 1.0)):
+        return (f"its hypergradient norm {norm:.3g} is above {CHAOTIC_RATIO:.0e} x max(|validation"
+                f" loss| {abs(value):.3g}, 1): chaotic")
+    return ""
 
 
 def check_explore(caller: str, explore: int, decades: float) -> tuple[int, float]:
@@ -102,4 +121,4 @@ def check_explore(caller: str, explore: int, decades: float) -> tuple[int, float
     return count, float(decades)
 
 
-__all__ = ["broken_start", "check_explore", "explore_points", "explored_names"]
+__all__ = ["CHAOTIC_RATIO", "broken_start", "check_explore", "explore_points", "explored_names"]
