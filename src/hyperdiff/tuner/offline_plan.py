@@ -10,10 +10,11 @@ Outer step ``s`` at raw values ``u_s`` (:class:`~hyperdiff.tuner.sampler.Sampler
 ``explore=k`` makes steps 1..k a global phase (:mod:`hyperdiff.tuner.global_phase`): k
 quasi-random points in a box of +-``explore_decades`` decades around the start, then the
 gradient phase from the best step so far with a fresh outer optimizer. With
-``explore_when="broken"`` the phase runs only after a broken start: step 0 failed, or its
-training ended no better than the untrained model (its selection loss, else its validation
-loss, ``>=`` the untrained model's on the same batches), where the hypergradient of a diverging
-or chaotic training does not point the way.
+``explore_when="broken"`` (the default) the phase runs only after a broken start: step 0
+failed, its training ended no better than the untrained model (its selection loss, else its
+validation loss, ``>=`` the untrained model's on the same batches), or its hypergradient is
+chaotic (:func:`~hyperdiff.tuner.global_phase.broken_start`): where the hypergradient of a
+diverging or chaotic training does not point the way.
 
 ``samples="auto"`` draws 2 samples, then one more at a time until the signal-to-noise ratio
 of the per-sample hypergradients reaches 1 or ``max_samples`` (:mod:`hyperdiff.tuner.snr`).
