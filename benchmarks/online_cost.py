@@ -217,13 +217,18 @@ def profile_table(blocks: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def task_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--tasks``, ``--configs`` and ``--starts`` (also ``online_matched.py``'s)."""
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--configs", nargs="+", default=[""],
                         help="override sets, each a space-separated list of key=value")
     parser.add_argument("--starts", nargs="*", type=float, default=[],
                         help="lr start factors besides x1 (e.g. 0.1 10)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    task_arguments(parser)
     parser.add_argument("--repeats", type=int, default=2, help="best of this many timings")
     parser.add_argument("--profile", action="store_true",
                         help="one more run of the first config under cProfile")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import hyperdiff as hd
-from hyperdiff.app.config import load_config, online_lr
+from hyperdiff.app.config import ONLINE_BETAS, load_config, online_lr
 from hyperdiff.app.plans import build_online
 
 GRU = Path(__file__).resolve().parents[1] / "benchmarks" / "suite_tasks" / "gru_seq.py:build"
@@ -29,14 +29,16 @@ def test_the_online_lr_is_ten_over_the_windows_capped_at_0_7(steps, window, grow
     assert online_lr(steps, window, growth) == pytest.approx(expected, rel=1e-12)
 
 
-def test_adam_under_the_online_lr_can_travel_a_factor_of_about_150():
+@pytest.mark.parametrize("betas", [(0.9, 0.999), ONLINE_BETAS])
+def test_adam_under_the_online_lr_can_travel_a_factor_of_about_150(betas):
     """The distance the rule promises, by simulation: Adam (torch.optim) with a constant-sign
     hypergradient under a cosine decay over W windows moves a raw value by lr W / 2 = 5."""
+    # with constant signs m / sqrt(v) = 1 whatever the betas: the online betas keep the travel
     import torch
 
     windows = 200
     u = torch.zeros(1, requires_grad=True)
-    opt = torch.optim.Adam([u], lr=online_lr(windows * 10, 10))
+    opt = torch.optim.Adam([u], lr=online_lr(windows * 10, 10), betas=betas)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=windows)
     for _ in range(windows):
         opt.zero_grad()

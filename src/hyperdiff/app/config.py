@@ -44,6 +44,12 @@ ONLINE_GROWTH = 0.2
 """Online: ``outer.window_growth`` when not set (windows longer by 0.2 x the steps trained before
 them; docs/online.md, ``benchmarks/online_cost.py``)."""
 
+ONLINE_BETAS = (0.5, 0.99)
+"""Online: ``outer.beta1`` and ``outer.beta2`` when not set (moving averages over about 2 and 100
+windows instead of torch's 10 and 1000; (0.5, 0.9) and torch's measured beside them in
+``benchmarks/results/online_betas_s26.json``; docs/online.md, "When the run ends worse than its
+start")."""
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -150,6 +156,13 @@ class OuterConfig:
     val_batch: int = option(0, "online: validation rows drawn per hyper-step (0: all)", low=0)
     normalize: bool = option(False, "online: divide each hypergradient by its L2 norm before "
                              "the outer step (with sgd: every step moves the raw values by lr)")
+    beta1: float = option(0.9, "online: the outer Adam's (or AdamW's) beta1, the memory of its "
+                          "hypergradient average (about 1 / (1 - beta1) windows); outer.mode = "
+                          f"online, when not set: {ONLINE_BETAS[0]:g}", low=0.0, high=1.0,
+                          open_high=True)
+    beta2: float = option(0.999, "online: the outer Adam's (or AdamW's) beta2, the memory of its "
+                          "squared-hypergradient average; outer.mode = online, when not set: "
+                          f"{ONLINE_BETAS[1]:g}", low=0.0, high=1.0, open_high=True)
     hot_start: str = option("auto", "online: at 10% of the run, if it trained more than 2x "
                             "the optimization time that its values by then give those steps: "
                             "restart from theta_0 with the learning rate divided by that ratio, "
@@ -264,7 +277,9 @@ SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Config)} 
 
 
 ONLINE_DEFAULTS: dict[str, Any] = {"method.name": "curvature",
-                                   "outer.window_growth": ONLINE_GROWTH}
+                                   "outer.window_growth": ONLINE_GROWTH,
+                                   "outer.beta1": ONLINE_BETAS[0],
+                                   "outer.beta2": ONLINE_BETAS[1]}
 """What ``outer.mode = "online"`` changes in the defaults (a task's defaults, the TOML file and
 ``--set`` still win); chosen by ``benchmarks/online_defaults.py`` (docs/online.md)."""
 
@@ -306,7 +321,8 @@ def legacy_values(source: dict[str, Any]) -> dict[str, Any]:
     (growth 0) and its ``outer.samples`` (a task default stored with it, e.g. mlp_digits' 2)
     was ignored online, so it reads as 1 there. A config without ``outer.explore_when`` was
     written when ``outer.explore``'s points ran after every start (``always``), and one without
-    ``outer.explore`` before the global phase (0 points)."""
+    ``outer.explore`` before the global phase (0 points). One without ``outer.beta1`` was
+    written when the outer Adam had torch's betas (0.9, 0.999) online too."""
     outer = source.get("outer", {})
     if not isinstance(outer, dict):
         return source
@@ -315,6 +331,8 @@ def legacy_values(source: dict[str, Any]) -> dict[str, Any]:
         legacy["window_growth"] = 0.0
         if outer.get("mode") == "online":
             legacy["samples"] = 1
+    if "beta1" not in outer:
+        legacy["beta1"], legacy["beta2"] = 0.9, 0.999
     if "explore_when" not in outer:
         legacy["explore_when"] = "always"
         if "explore" not in outer:

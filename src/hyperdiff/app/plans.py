@@ -48,7 +48,7 @@ from hyperdiff.tuner.distributed.spread import Spreader
 from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 from hyperdiff.tuner.meta_plan import MetaPlan
 from hyperdiff.tuner.offline_plan import OfflinePlan
-from hyperdiff.tuner.online_plan import OnlinePlan
+from hyperdiff.tuner.online_plan import ADAM_FAMILY, OnlinePlan
 
 
 class Summary(NamedTuple):
@@ -243,13 +243,14 @@ def build_online(config: Config, start: dict[str, Any] | None = None
     task = _task(config, 0)
     outer = config.outer
     problem = task.problems[0]
+    optimizer = outer_optimizer_name(config)
     plan = OnlinePlan(window=outer.window, val_batch_size=outer.val_batch or None,
                       growth=outer.window_growth,
                       hot_start=None if outer.hot_start == "auto" else outer.hot_start,
-                      samples=outer.samples)
+                      samples=outer.samples,
+                      betas=(outer.beta1, outer.beta2) if optimizer in ADAM_FAMILY else None)
     loop = HyperOptimizer(
-        problem, plan=plan, method=configured_method(config),
-        optimizer=outer_optimizer_name(config),
+        problem, plan=plan, method=configured_method(config), optimizer=optimizer,
         lr=outer.lr, schedule=outer.schedule, clip=outer.clip or None, selection=task.selection,
         seed=outer.seed, shrink=config.guard.shrink, max_failures=config.guard.max_failures,
         max_loss_ratio=config.guard.max_loss_ratio, normalize=outer.normalize)

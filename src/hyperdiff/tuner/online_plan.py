@@ -102,6 +102,8 @@ from hyperdiff.wording import option
 
 _LOG = logging.getLogger("hyperdiff.online")
 GROWTH = Range(0.0)  # the windows' growth: a finite number >= 0
+BETA = Range(0.0, 1.0, open_high=True)  # one of Adam's betas
+ADAM_FAMILY = ("adam", "adamw")  # the outer optimizers whose betas ``betas`` sets
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,12 @@ class OnlinePlan:
             (``curvature``), else ``"ignore"``.
         samples: validation samples per window (module doc); more than 1 needs
             ``val_batch_size`` or a REINFORCE choice (else they would be identical).
+        betas: ``(beta1, beta2)`` of the outer Adam (or AdamW), each in [0, 1): the memories
+            of its moving averages ``m = beta1 m + (1 - beta1) g``, ``v = beta2 v + (1 -
+            beta2) g^2``, about ``1 / (1 - beta)`` windows; ``None``: torch's (0.9, 0.999). A
+            run of a few windows averages its whole history with torch's, so the first,
+            largest window hypergradients set the direction and scale of every later step
+            (docs/online.md, "When the run ends worse than its start").
     """
 
     caller = "HyperOptimizer"  # names the loop in messages (the deprecated shim: OnlineTuner)
@@ -155,8 +163,10 @@ class OnlinePlan:
     default_optimizer = "adam"
 
     def __init__(self, window: int = 1, val_batch_size: int | None = None, eval_every: int = 0,
-                 hot_start: str | None = None, samples: int = 1, growth: float = 0.0):
+                 hot_start: str | None = None, samples: int = 1, growth: float = 0.0,
+                 betas: tuple[float, float] | None = None):
         self.window = positive_int(self.caller, "window", window)
+        self.betas = None if betas is None else _betas(self.caller, betas)
         self.samples = positive_int(self.caller, "samples", samples)
         self.growth = number(self.caller, "growth", growth, GROWTH)
         self.val_batch_size = None if val_batch_size is None else positive_int(
@@ -232,6 +242,16 @@ class OnlinePlan:
                     self.caller, name, spec.decay)
                 return "moving_average"
         return None
+
+    def outer_options(self, optimizer: str) -> dict[str, Any]:
+        """Keyword options of the outer optimizer named ``optimizer`` (the loop builds it with
+        them): ``betas`` for Adam and AdamW when set; refused with another optimizer."""
+        if self.betas is None:
+            return {}
+        if optimizer not in ADAM_FAMILY:
+            raise fail(self.caller, "betas", f"None with optimizer={optimizer!r} (they are the "
+                       f"betas of {' and '.join(ADAM_FAMILY)})", self.betas)
+        return {"betas": self.betas}
 
     @property
     def windows(self) -> int:
@@ -414,6 +434,15 @@ class OnlinePlan:
             params=dict(self.state.params), buffers=dict(self.state.buffers),
             history=History(list(loop.history)), steps=self.inner_step,
             hyper_steps=len(loop.history), time_s=loop.elapsed, warnings=self.warnings)
+
+
+def _betas(caller: str, betas: Any) -> tuple[float, float]:
+    """``betas`` as a pair of floats in [0, 1), else the standard error."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise fail(caller, "betas", "None or a pair (beta1, beta2) of numbers in [0, 1)",
+                   betas)
+    return (number(caller, "betas[0]", betas[0], BETA), number(caller, "betas[1]", betas[1],
+                                                                BETA))
 
 
 def _reinforced(hparams: HyperParameters) -> bool:
