@@ -130,7 +130,9 @@ class OuterConfig:
                                "always, or broken: only when step 0 fails or trains to a "
                                "loss no better than the untrained model's",
                                choices=["always", "broken"])
-    seed: int = option(0, "base seed of the minibatch orders", low=0)
+    seed: int = option(0, "base seed of the minibatch orders of the outer steps' trainings "
+                       "(offline, meta); online: of the validation draws (the one training "
+                       "follows its problem's own minibatch order)", low=0)
     tie_steps: int = option(0, "first outer steps in which each vector hyperparameter moves as "
                             "one (mean hypergradient of its entries; 0: off)", low=0)
     mode: str = option("offline", "offline: retrain T steps per outer step; online: tune "
