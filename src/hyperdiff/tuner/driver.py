@@ -183,9 +183,9 @@ class HyperOptimizer:
         raw = self.hparams.raw
         self.leaves = ([self.hparams.flatten(raw).clone().requires_grad_()] if plan.flat_leaf
                        else [v.clone().requires_grad_() for v in raw.values()])
-        # a plan may set the outer optimizer's options (OnlinePlan(betas=...): Adam's betas)
-        options = plan.outer_options(optimizer) if hasattr(plan, "outer_options") else {}
-        self.optimizer = outer_optimizer(optimizer)(self.leaves, lr=self.lr, **options)
+        # the plan's options of the outer optimizer (OnlinePlan(betas=...): Adam's betas)
+        self.optimizer = outer_optimizer(optimizer)(self.leaves, lr=self.lr,
+                                                    **plan.outer_options(optimizer))
 
     # ------------------------------------------------------------------ public loop
     @property

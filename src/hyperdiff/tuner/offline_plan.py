@@ -206,6 +206,10 @@ class OfflinePlan:
         note = self._phase_note(record.step) + (f" ({broken})" if broken else "")
         return dataclasses.replace(record, message=note)
 
+    def outer_options(self, optimizer: str) -> dict[str, Any]:
+        """Keyword options of the outer optimizer: none (its defaults) offline."""
+        return {}
+
     def rescue_start(self, loop: Any) -> bool:
         """Whether a failed step 0 goes on to the global phase's points (instead of ending the
         run: the guard has no good step to go back to but the start itself)."""
