@@ -211,3 +211,19 @@ def test_a_chaotic_start_gets_the_phase(factor, phase):
         assert history[1].message.startswith(f"global phase: point 1 of {K}")
     else:
         assert [r.message for r in history] == [""] * len(history)
+
+
+def test_step_0_evaluates_the_untrained_model_once(monkeypatch):
+    """The guard's reference and the broken-start test share one evaluation."""
+    from hyperdiff.tuner import offline_plan
+
+    calls = []
+    real = offline_plan.untrained_losses
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(offline_plan, "untrained_losses", counting)
+    loop_for(GOOD, steps=2).run()
+    assert len(calls) == 1
