@@ -8,6 +8,7 @@ diverged to a finite but absurd loss; it must fail at step 0 as an infinite loss
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 
 import hyperdiff as hd
 from hyperdiff.tuner.driver import HyperOptimizer
+from hyperdiff.tuner.global_phase import explore_points
 from hyperdiff.tuner.guard import DivergenceGuard
 from hyperdiff.tuner.offline_plan import OfflinePlan
 
@@ -141,3 +143,53 @@ def test_a_budget_that_ends_in_failed_points_names_the_start():
                        r"global phase: the start: step 0 failed \("):
         HyperOptimizer(quadratic(1e6 * LIMIT, steps=200), lr=0.01,
                        stopping=hd.Stopping(max_steps=4)).run()
+
+
+def seven_failures_in_a_row(steps: int = 12) -> HyperOptimizer:
+    return HyperOptimizer(quadratic(30 * LIMIT), lr=0.01, seed=4,
+                          stopping=hd.Stopping(max_steps=steps))
+
+
+def test_failed_points_of_the_global_phase_do_not_end_the_run():
+    """Outer seed 4 orders the 8 points so that the failed start and the first 6 points all
+    diverge (each at least 1e3x the untrained loss by the closed form) and point 7 (lr 0.31)
+    is stable: the phase is independent trials, so those 7 failures in a row must neither end
+    the run (the guard's limit is 5) nor cut the outer learning rate. Point 7 trains to its
+    closed-form loss and the gradient phase goes on from it."""
+    steps = 12
+    start = hd.HyperParameters(lr=hd.scalar(30 * LIMIT))
+    points = explore_points(start, start.raw, 8, 2.0, seed=4)
+    lrs = [float(p["lr"].exp()) for p in points]
+    untrained = closed_form_loss(0.0, STEPS)
+    assert all(closed_form_loss(lr, STEPS) > 1e3 * untrained for lr in lrs[:6])  # the case
+    assert lrs[6] < LIMIT
+    loop = seven_failures_in_a_row(steps)
+    result = loop.run()
+    statuses = [r.status for r in result.history]
+    assert statuses[:7] == ["failed"] * 7 and statuses[7] == "ok"
+    assert result.history[7].hparams["lr"] == pytest.approx(lrs[6], rel=1e-12)
+    assert result.history[7].val_loss == pytest.approx(closed_form_loss(lrs[6], STEPS),
+                                                       rel=1e-10)
+    assert all("does not count toward the failures in a row" in r.message
+               for r in result.history[1:7])
+    assert len(result.history) == steps and loop.guard.total_failures == statuses.count("failed")
+    assert loop.guard.scale == 0.5 ** sum(s == "failed" for s in statuses[9:])  # gradient only
+    assert result.history[result.best_step].hparams["lr"] < LIMIT
+
+
+@pytest.mark.parametrize("stop_at", [3, 7, 10])
+def test_a_run_resumed_among_uncounted_failures_repeats_the_straight_one(stop_at):
+    """The checkpoint's guard counts only the failures that count (none in the phase): a run
+    stopped inside the failed points, just after them and in the gradient phase resumes to
+    the straight run."""
+    straight = seven_failures_in_a_row().run()
+    first = seven_failures_in_a_row()
+    while first.step_index < stop_at:
+        first.step()
+    assert first.guard.failures == sum(r.status == "failed" for r in first.history[9:])
+    resumed = seven_failures_in_a_row()
+    resumed.load_state_dict(copy.deepcopy(first.state_dict()), history=list(first.history))
+    result = resumed.run()
+    assert [r.hparams for r in result.history] == [r.hparams for r in straight.history]
+    assert [r.val_loss for r in result.history] == [r.val_loss for r in straight.history]
+    assert [r.message for r in result.history] == [r.message for r in straight.history]

@@ -406,7 +406,8 @@ class HyperOptimizer:
         if self.guard.good is None and self.plan.rescue_start(self):
             self.guard.good = snapshot
         try:
-            good, message = self.guard.failed(step, reason, start_values(self.hparams, raw))
+            good, message = self.guard.failed(step, reason, start_values(self.hparams, raw),
+                                              counted=self.plan.counts_failure(self))
         except NonFiniteError as err:
             self.stopped = "diverged"
             self._append(self._make_record(step, raw, started, status="failed", lr=lr,

@@ -21,7 +21,10 @@ An outer step fails when
 Then the driver goes back to the snapshot of the last successful step (its raw values, outer
 optimizer state and warm-start parameters), multiplies the outer learning rate by ``shrink``
 and goes on. ``max_failures`` failures in a row end the run with a
-:class:`~hyperdiff.errors.NonFiniteError` that says what happened.
+:class:`~hyperdiff.errors.NonFiniteError` that says what happened. A failure the plan does not
+count (``counted=False``: a point of the offline global phase, which is an independent trial,
+not a step of the outer learning rate) restores the snapshot too, but neither cuts the outer
+learning rate nor counts toward ``max_failures``.
 """
 
 from __future__ import annotations
@@ -135,15 +138,17 @@ class DivergenceGuard:
         self.good = snapshot
         self.failures = 0
 
-    def failed(self, step: int, reason: str, values: str = "") -> tuple[Any, str]:
+    def failed(self, step: int, reason: str, values: str = "", *, counted: bool = True
+               ) -> tuple[Any, str]:
         """Register a failure; return the snapshot to restore and a log message (``values``:
-        the failed step's natural values, named in the message when the start fails).
+        the failed step's natural values, named in the message when the start fails;
+        ``counted=False``: no cut and no count toward ``max_failures``, module doc).
 
         Raises:
             NonFiniteError: at the first step (nothing good to restore) or after
-                ``max_failures`` failures in a row.
+                ``max_failures`` counted failures in a row.
         """
-        self.failures += 1
+        self.failures += counted
         self.total_failures += 1
         if self.good is None:
             raise NonFiniteError(
@@ -158,6 +163,9 @@ class DivergenceGuard:
                 f"{self.scale:.3g} x its initial value. Lower the outer learning rate, turn on "
                 "clipping, or bound the hyperparameters that drive training to diverge"
             )
+        if not counted:
+            return self.good, (f"step {step} failed ({reason}); restored the hyperparameters "
+                               "of the last good step")
         self.scale *= self.shrink
         message = (
             f"step {step} failed ({reason}); restored the hyperparameters of the last good "

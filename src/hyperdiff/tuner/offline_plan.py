@@ -222,14 +222,20 @@ class OfflinePlan:
     def _waits_for_start(self) -> bool:
         return self.explore_when == "broken" and bool(self._candidates) and not self._points
 
+    def counts_failure(self, loop: Any) -> bool:
+        """Whether the failing step counts toward the guard's failures in a row and cuts the
+        outer learning rate: a step of the gradient phase does; the start and the points of
+        a global phase are independent trials (asked after :meth:`rescue_start`)."""
+        return loop.step_index >= self.gradient_start
+
     def failure_note(self, loop: Any, message: str) -> str:
         step = loop.step_index
         if step >= self.gradient_start:
             return message
-        loop.guard.scale = 1.0  # a point of the phase failed, not a step of the gradient
         self._end_global_phase(loop, step)
         return (f"{self._phase_note(step)}: {message} (a failed point of the global phase "
-                "leaves the outer learning rate as it was)")
+                "leaves the outer learning rate as it was and does not count toward the "
+                "failures in a row)")
 
     def _phase_note(self, step: int) -> str:
         where = "the start" if step == 0 else f"point {step} of {len(self._points)}"

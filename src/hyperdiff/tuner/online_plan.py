@@ -402,6 +402,10 @@ class OnlinePlan:
         """A failed first window ends the run (no global phase online)."""
         return False
 
+    def counts_failure(self, loop: Any) -> bool:
+        """Every failed window counts toward the guard's failures in a row."""
+        return True
+
     def failure_note(self, loop: Any, message: str) -> str:
         start, stop = self.span
         message = (f"{message}; training goes on from inner step {start}, the parameters "

@@ -96,8 +96,9 @@ def check_guard_state(caller: str, saved: Any, fresh: dict[str, Any], good: Any,
                       rescued: bool = False) -> None:
     """A saved divergence guard: entries like ``fresh`` (a new guard's ``state_dict``), its
     snapshot (if any) like ``good`` (an optimizer there: a state of it), and the counts those
-    of the history's ``failed`` records: all of them, those that end it, ``shrink ** cuts``
-    (``cuts``: the failures that cut the outer learning rate, default all of them); a snapshot
+    of the history's ``failed`` records: all of them, the counted ones that end it (after the
+    last success), ``shrink ** cuts`` (``cuts``: the failures that count and cut the outer
+    learning rate, default all of them); a snapshot
     exactly when a record succeeded, or when the plan went on from a failed start
     (``rescued``: the start is then the snapshot)."""
     if not isinstance(saved, dict) or not isinstance(saved.get("reference"), dict):
@@ -120,13 +121,14 @@ def check_guard_state(caller: str, saved: Any, fresh: dict[str, Any], good: Any,
                 check_optimizer_shapes(caller, entry, like, snapshot[key])
             else:
                 check_like(caller, entry, snapshot[key], like)
-    trailing = len(failed) - next((i + 1 for i in reversed(range(len(failed)))
-                                   if not failed[i]), 0)
+    counted = failed if cuts is None else cuts
+    last_ok = next((i + 1 for i in reversed(range(len(failed))) if not failed[i]), 0)
+    trailing = sum(counted[last_ok:])
     check_count(caller, "guard['total_failures']", saved["total_failures"], sum(failed),
                 "the failed records in the history")
     check_count(caller, "guard['failures']", saved["failures"], trailing,
                 "the failed records that end the history")
-    scale = shrink ** sum(failed if cuts is None else cuts)
+    scale = shrink ** sum(counted)
     if not math.isclose(float(saved["scale"]), scale, rel_tol=1e-9):
         raise damaged(caller, "guard['scale']", f"{scale:.6g} (shrink ** the failed records"
                       f"{'' if cuts is None else ' that cut it'})", f"{saved['scale']!r}")
