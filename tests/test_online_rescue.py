@@ -9,12 +9,14 @@ unstable ends with one error naming them; a stable start runs exactly as without
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 import hyperdiff as hd
 from hyperdiff.app.config import legacy_values, load_config
+from hyperdiff.app.rundir import RunDir
 from hyperdiff.tuner.driver import HyperOptimizer
 from hyperdiff.tuner.online_rescue import broken_window
 from hyperdiff.tuner.plans import OnlinePlan
@@ -99,13 +101,17 @@ def test_a_stable_start_runs_exactly_as_without_the_rescue(lr):
 
 
 @pytest.mark.parametrize("stop", [1, 2, 3, 5])
-def test_a_resumed_rescue_repeats_the_straight_run_bit_for_bit(stop):
+def test_a_resumed_rescue_repeats_the_straight_run_bit_for_bit(stop, tmp_path):
+    """Stopped after the first try, the second, the first ok window, a later one; saved to a
+    run directory's checkpoint and loaded into a fresh loop."""
     whole = loop(30.0).run()
     first = loop(30.0)
     for _ in range(stop):
         first.step()
+    rundir = RunDir(tmp_path)
+    rundir.save_checkpoint(first.state_dict())
     second = loop(30.0)
-    second.load_state_dict(first.state_dict())
+    second.load_state_dict(rundir.load_checkpoint())
     assert second.plan.rescues == min(stop, 2)
     resumed = second.run()
     assert [r.without_timing() for r in resumed.history] == \
@@ -171,3 +177,29 @@ def test_an_old_run_directory_reads_without_the_rescue():
                         "explore_when": "broken"}}
     assert legacy_values(stored)["outer"]["rescue"] == 0
     assert load_config().outer.rescue == 3
+
+
+SHAPES = str(Path(__file__).resolve().parents[1] / "benchmarks" / "suite_tasks" /
+             "shapes_cnn.py:build_lr_x100")
+CLI = [f"task.name={SHAPES}", "outer.mode=online", "report.seeds=1"]
+
+
+def test_the_cli_rescues_the_suite_start_that_it_refused_and_resumes_across_the_tries(tmp_path):
+    """shapes_cnn from 100x its learning rate (the suite's refused start: validation loss
+    1.34e8, then 4.66e3 from 10x): two cuts, then its own start's run; a run interrupted
+    after the first try resumes to the same records."""
+    from interrupt import interrupted_run
+
+    from hyperdiff.app.experiment import run_experiment
+
+    whole = run_experiment(load_config(overrides=CLI), out=tmp_path / "a", log=lambda _: None,
+                           progress=False)
+    history = RunDir(tmp_path / "a").read_history()
+    assert [r.status for r in history[:3]] == ["failed", "failed", "ok"]
+    assert [r.hparams["lr_peak"] for r in history[:3]] == pytest.approx([5.0, 0.5, 0.05],
+                                                                       rel=1e-6)
+    interrupted_run(tmp_path / "b", CLI, at=1)
+    resumed = run_experiment(None, resume=tmp_path / "b", log=lambda _: None, progress=False)
+    again = RunDir(tmp_path / "b").read_history()
+    assert [r.without_timing() for r in again] == [r.without_timing() for r in history]
+    assert resumed["tuned"] == whole["tuned"]
