@@ -9,6 +9,7 @@ unstable ends with one error naming them; a stable start runs exactly as without
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -74,8 +75,9 @@ def test_the_rescued_run_trains_at_the_first_stable_decade_with_its_tries_record
     assert [r.status for r in tries] == ["failed"] * j and first_ok.status == "ok"
     assert [r.hparams["lr"] for r in history[:j + 1]] == pytest.approx(
         [lr / 10**i for i in range(j + 1)], rel=1e-12)
-    assert all("broken start" in r.message and "starting over from theta_0" in r.message
-               for r in tries)
+    assert all("broken start" in r.message and f"steps 0..{WINDOW - 1} trained): starting "
+               f"over from theta_0 at step 0 with lr = {lr / 10**(i + 1):.3g}" in r.message
+               for i, r in enumerate(tries))
     assert [r.step for r in history] == list(range(len(history)))
     assert sum(r.status == "ok" for r in history) == STEPS // WINDOW  # a whole run after
 
@@ -139,6 +141,17 @@ def test_every_try_unstable_ends_with_one_error_naming_them():
     assert "broken start" in message  # the last try's reason
     assert [r.status for r in opt.history] == ["failed"] * 4
     assert opt.history[-1].message == message
+
+
+def test_a_cut_below_the_constraint_ends_the_run_with_the_tries_named():
+    """lr in (1, 100) from 30: 3 is unstable too (2 / L ~ 1), and 0.3 is outside."""
+    prob = replace(problem(30.0), hparams=hd.HyperParameters(lr=hd.scalar(30.0, (1.0, 100.0)),
+                                                             wd=hd.scalar(1e-3)))
+    opt = HyperOptimizer(prob, plan=OnlinePlan(window=WINDOW, rescue=3), method="reverse")
+    with pytest.raises(hd.NonFiniteError, match=r"2 tries, with lr = 30, 3 .*lr cannot be cut "
+                       r"10x within its constraint"):
+        opt.run()
+    assert [r.status for r in opt.history] == ["failed", "failed"]
 
 
 def test_without_the_rescue_the_guard_refuses_the_start_as_before():

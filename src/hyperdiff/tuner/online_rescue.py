@@ -21,8 +21,9 @@ and the run starts over from theta_0 at step 0 with the learning rate divided by
 :data:`FACTOR` (10; :func:`~hyperdiff.tuner.hot_start.cooled`: a schedule's peak or the
 scalar hyperparameter that ``lr`` names), a fresh outer optimizer at full outer learning rate
 and a fresh loss reference, at most ``n`` times (``n = 3``: down to 1000x); if the last try is
-broken too, the run ends with one error naming every learning rate tried. A start whose first
-window is not broken runs exactly as without the rescue.
+broken too (or the next cut would leave the learning rate's constraint), the run ends with one
+error naming every learning rate tried. A start whose first window is not broken runs exactly
+as without the rescue.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 
+from torch import Tensor
+
 from hyperdiff.engine.problem import Problem
-from hyperdiff.errors import NonFiniteError
+from hyperdiff.errors import HyperdiffError, NonFiniteError
 from hyperdiff.hparams.schedules import Schedule
 from hyperdiff.tuner.global_phase import CHAOTIC_RATIO
 from hyperdiff.tuner.history import StepRecord
@@ -108,20 +111,33 @@ def start_over(run: OnlineRun, loop: Loop, message: str) -> str:
     tried = [float(r.hparams[name]) for r in loop.history[:leading_failures(loop.history)]]
     tried.append(float(loop.hparams.natural(loop.raw)[name]))
     loop.guard.scale = 1.0  # a broken start is not a failed outer step
-    if run.rescues >= run.rescue:
+    cut = _cooler(run, loop) if run.rescues < run.rescue else None
+    if cut is None:
+        bound = "" if run.rescues >= run.rescue else (
+            f"; {name} cannot be cut {FACTOR:g}x within its constraint")
         raise NonFiniteError(
             f"{run.caller}: the start failed at each of its {len(tried)} tries, with {name} = "
             f"{', '.join(f'{v:.3g}' for v in tried)} (each a {FACTOR:g}x cut of the one before; "
-            f"{option('OnlinePlan(rescue=...)', 'outer.rescue')} = {run.rescue}); the last: "
-            f"{message.partition('; restored the')[0]}. Start from a smaller learning rate, "
-            "or check the model and data")
+            f"{option('OnlinePlan(rescue=...)', 'outer.rescue')} = {run.rescue}{bound}); the "
+            f"last: {message.partition('; restored the')[0]}. Start from a smaller learning "
+            "rate, or check the model and data")
     run.rescues += 1
-    loop.set_raw(cooled(run.problem, loop.raw, FACTOR))
+    loop.set_raw(cut)
     loop.guard.good = {"raw": loop.raw, "outer": copy.deepcopy(loop.optimizer.state_dict())}
     loop.guard.reference.clear()
     return (f"{message.partition('; restored the')[0]}; broken start (try {len(tried)} of "
-            f"{run.rescue + 1}, {name} = {tried[-1]:.3g}): starting over from theta_0 at step "
-            f"0 with {name} = {tried[-1] / FACTOR:.3g}")
+            f"{run.rescue + 1}, {name} = {tried[-1]:.3g}, steps {run.span[0]}..{run.span[1] - 1} "
+            f"trained): starting over from theta_0 at step 0 with {name} = "
+            f"{tried[-1] / FACTOR:.3g}")
+
+
+def _cooler(run: OnlineRun, loop: Loop) -> dict[str, Tensor] | None:
+    """``loop``'s raw values with the learning rate cut :data:`FACTOR` x, or None where the
+    cut value leaves its constraint (an interval's lower end)."""
+    try:
+        return cooled(run.problem, loop.raw, FACTOR)
+    except HyperdiffError:
+        return None
 
 
 def check_broken(run: OnlineRun, history: Sequence[StepRecord], val_loss: float,
