@@ -40,6 +40,11 @@ the training state, carry and data position stay at the end of the last good win
 values and the outer optimizer's state go back to the last good window's, and the same window
 is trained again (with the next validation draw).
 
+**Broken start** (``rescue = n``, :mod:`~hyperdiff.tuner.online_rescue`): a first window from
+theta_0 that the guard fails, that trains far worse than the untrained model or whose
+hypergradient is chaotic is recorded as failed, and the run starts over from theta_0 at step 0
+with the learning rate cut 10x, at most ``n`` times; then one error naming the rates tried.
+
 **Hot start** (:mod:`~hyperdiff.tuner.hot_start`): at the window that reaches 10% of the run,
 a run that trained more than twice the optimization time that its values by then give those
 steps started hotter than what it found; with ``hot_start="restart"`` (the default for a
