@@ -433,3 +433,11 @@ def test_the_online_plan_refuses_bad_samples(value):
     with pytest.raises(hd.HyperdiffError, match=r"^HyperOptimizer: samples must be a positive "
                                                 r"int \(got "):
         hd.plans.OnlinePlan(val_batch_size=4, samples=value)
+
+
+# --- onrescue: the online rescue of a broken start ---
+@pytest.mark.parametrize("value", BAD["int>=0"], ids=repr)
+def test_the_online_plan_refuses_a_bad_rescue(value):
+    with pytest.raises(hd.HyperdiffError, match=r"^HyperOptimizer: rescue must be a non-negative "
+                                                r"int \(got "):
+        hd.plans.OnlinePlan(rescue=value)

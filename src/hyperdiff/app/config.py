@@ -37,6 +37,7 @@ from hyperdiff.methods.registry import (
     method_constructor,
     registered_constructor,
 )
+from hyperdiff.tuner.online_rescue import TRIES as RESCUE_TRIES
 from hyperdiff.tuner.outer_steps import DEFAULT_OFFLINE, offline_optimizers
 from hyperdiff.tuner.windows import window_starts
 
@@ -170,6 +171,11 @@ class OuterConfig:
                             "restart from theta_0 with the learning rate divided by that ratio, "
                             "warn, or ignore; auto: restart with method curvature, else ignore "
                             "(docs/online.md)", choices=["auto", "restart", "warn", "ignore"])
+    rescue: int = option(RESCUE_TRIES, "online: a broken start (its first window fails, trains "
+                         "to far worse than the untrained model, or has a chaotic "
+                         "hypergradient) starts over from theta_0 with the learning rate cut "
+                         "10x, at most this many times (0: the guard refuses it; "
+                         "docs/online.md)", low=0)
 
 
 @dataclass(frozen=True)
@@ -324,7 +330,8 @@ def legacy_values(source: dict[str, Any]) -> dict[str, Any]:
     was ignored online, so it reads as 1 there. A config without ``outer.explore_when`` was
     written when ``outer.explore``'s points ran after every start (``always``), and one without
     ``outer.explore`` before the global phase (0 points). One without ``outer.beta1`` was
-    written when the outer Adam had torch's betas (0.9, 0.999) online too."""
+    written when the outer Adam had torch's betas (0.9, 0.999) online too. One without
+    ``outer.rescue`` was written before the online rescue of a broken start (0 cuts)."""
     outer = source.get("outer", {})
     if not isinstance(outer, dict):
         return source
@@ -335,6 +342,8 @@ def legacy_values(source: dict[str, Any]) -> dict[str, Any]:
             legacy["samples"] = 1
     if "beta1" not in outer:
         legacy["beta1"], legacy["beta2"] = 0.9, 0.999
+    if "rescue" not in outer:
+        legacy["rescue"] = 0
     if "explore_when" not in outer:
         legacy["explore_when"] = "always"
         if "explore" not in outer:

@@ -398,7 +398,8 @@ class HyperOptimizer:
     def _failed(self, step: int, raw: dict[str, Tensor], lr: float, reason: str,
                 started: float, snapshot: Any) -> StepRecord:
         """Go back to the guard's last good snapshot (a failed start: to the start itself, if
-        the plan goes on from it) and record the failure; re-raise when the guard gives up."""
+        the plan goes on from it) and record the failure; re-raise when the guard gives up
+        (or the plan's note ends the run: the online rescue's last try)."""
         for leaf in self.leaves:
             leaf.grad = None
         if self.plan.ranks:
@@ -408,15 +409,15 @@ class HyperOptimizer:
         try:
             good, message = self.guard.failed(step, reason, start_values(self.hparams, raw),
                                               counted=self.plan.counts_failure(self))
+            self.set_raw(good["raw"])
+            self.optimizer.load_state_dict(copy.deepcopy(good[self.plan.optimizer_key]))
+            self.plan.restore(good)
+            message = self.plan.failure_note(self, message)
         except NonFiniteError as err:
             self.stopped = "diverged"
             self._append(self._make_record(step, raw, started, status="failed", lr=lr,
                                            message=str(err)))
             raise
-        self.set_raw(good["raw"])
-        self.optimizer.load_state_dict(copy.deepcopy(good[self.plan.optimizer_key]))
-        self.plan.restore(good)
-        message = self.plan.failure_note(self, message)
         return self._append(self._make_record(step, raw, started, status="failed", lr=lr,
                                               message=message))
 

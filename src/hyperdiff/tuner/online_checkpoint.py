@@ -31,6 +31,7 @@ from hyperdiff.tree import tree_flatten, tree_unflatten
 from hyperdiff.tuner.driver_checks import check_optimizer_state
 from hyperdiff.tuner.history import StepRecord
 from hyperdiff.tuner.hot_start import FRACTION
+from hyperdiff.tuner.online_rescue import leading_failures
 from hyperdiff.tuner.online_run import Loop, OnlineRun
 from hyperdiff.tuner.state_checks import (
     check_count,
@@ -45,8 +46,9 @@ from hyperdiff.tuner.windows import window_stop
 FORMAT = "hyperdiff-online-1"
 # absent from checkpoints of older versions (discrete: before REINFORCE and annealing online;
 # growth: before growing windows, K steps each; samples: before online samples, 1;
-# val_batch_size: not recorded before, not checked then)
-OPTIONAL = ("guard", "hot_start", "restarted", "discrete", "growth", "samples", "val_batch_size")
+# val_batch_size: not recorded before, not checked then; rescues: before the rescue, 0)
+OPTIONAL = ("guard", "hot_start", "restarted", "discrete", "growth", "samples", "val_batch_size",
+            "rescues")
 
 
 def _caller(run: OnlineRun) -> str:
@@ -70,6 +72,7 @@ def tuner_state(run: OnlineRun, loop: Loop) -> dict[str, Any]:
         "history": [r.to_json() for r in loop.history],
         "hot_start": None if run.hot_start_measure is None else list(run.hot_start_measure),
         "restarted": run.restarted,
+        "rescues": run.rescues,
     }
 
 
@@ -110,6 +113,7 @@ def restore_tuner(run: OnlineRun, loop: Loop, state: dict[str, Any],
     measured = state.get("hot_start")  # checkpoints written before the measure have none
     run.hot_start_measure = None if measured is None else (int(measured[0]), float(measured[1]))
     run.restarted = bool(state.get("restarted", False))
+    run.rescues = int(state.get("rescues", 0))
     return [StepRecord.from_json(line) for line in lines][: state["step"]]
 
 
@@ -140,10 +144,15 @@ def check_tuner_state(run: OnlineRun, loop: Loop, state: dict[str, Any], lines: 
                 + (f" after the hot-start restart at step {restart_at}"
                    if restart_at is not None else ""))
     check_tangent(run, loop, state["tangent"], inner)
-    if "guard" in state:
+    failed = [r.status == "failed" for r in records]
+    tries = leading_failures(records)  # a rescued start's failed tries (online_rescue.py)
+    check_count(caller, "rescues", state.get("rescues", 0), min(tries, run.rescue),
+                "the failed records before the first ok one, at most the plan's rescue")
+    if "guard" in state:  # the tries' failures do not cut the outer learning rate
         check_guard_state(caller, state["guard"], loop.guard.state_dict(),
-                          {"raw": fresh["raw"], "outer": loop.optimizer},
-                          [r.status == "failed" for r in records], loop.guard.shrink)
+                          {"raw": fresh["raw"], "outer": loop.optimizer}, failed,
+                          loop.guard.shrink, cuts=[f and i >= tries for i, f in enumerate(failed)],
+                          rescued=state.get("rescues", 0) > 0)
     if "hot_start" in state:
         check_like(caller, "hot_start", state["hot_start"], None if state["hot_start"] is None
                    else [0, 0.0])

@@ -40,6 +40,11 @@ the training state, carry and data position stay at the end of the last good win
 values and the outer optimizer's state go back to the last good window's, and the same window
 is trained again (with the next validation draw).
 
+**Broken start** (``rescue = n``, :mod:`~hyperdiff.tuner.online_rescue`): a first window from
+theta_0 that the guard fails, that trains far worse than the untrained model or whose
+hypergradient is chaotic is recorded as failed, and the run starts over from theta_0 at step 0
+with the learning rate cut 10x, at most ``n`` times; then one error naming the rates tried.
+
 **Hot start** (:mod:`~hyperdiff.tuner.hot_start`): at the window that reaches 10% of the run,
 a run that trained more than twice the optimization time that its values by then give those
 steps started hotter than what it found; with ``hot_start="restart"`` (the default for a
@@ -61,6 +66,7 @@ accepted but its entry t receives a hypergradient only after step t has been tra
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -94,6 +100,7 @@ from hyperdiff.tuner.history import History, StepRecord
 from hyperdiff.tuner.hot_start import MODES as HOT_START_MODES
 from hyperdiff.tuner.hot_start import hot_start_warnings, measure_hot_start, restart_cooler
 from hyperdiff.tuner.online_checkpoint import restore_tuner, tuner_state
+from hyperdiff.tuner.online_rescue import at_start, check_broken, start_over
 from hyperdiff.tuner.plan import Outcome, bind_once
 from hyperdiff.tuner.sampler import combine, estimate_fields, warn_low_snr
 from hyperdiff.tuner.windows import window_index, window_starts, window_stop
@@ -152,6 +159,10 @@ class OnlinePlan:
             run of a few windows averages its whole history with torch's, so the first,
             largest window hypergradients set the direction and scale of every later step
             (docs/online.md, "When the run ends worse than its start").
+        rescue: a broken start (its first window fails, trains to far worse than the
+            untrained model, or has a chaotic hypergradient) starts over from theta_0 with
+            the learning rate cut 10x, at most this many times
+            (:mod:`hyperdiff.tuner.online_rescue`); 0: the guard refuses it.
     """
 
     caller = "HyperOptimizer"  # names the loop in messages (the deprecated shim: OnlineTuner)
@@ -164,7 +175,7 @@ class OnlinePlan:
 
     def __init__(self, window: int = 1, val_batch_size: int | None = None, eval_every: int = 0,
                  hot_start: str | None = None, samples: int = 1, growth: float = 0.0,
-                 betas: tuple[float, float] | None = None):
+                 betas: tuple[float, float] | None = None, rescue: int = 0):
         self.window = positive_int(self.caller, "window", window)
         self.betas = None if betas is None else _betas(self.caller, betas)
         self.samples = positive_int(self.caller, "samples", samples)
@@ -178,6 +189,8 @@ class OnlinePlan:
         self.hot_start = hot_start or "ignore"
         self._hot_start_given = hot_start
         self.hot_start_measure: tuple[int, float] | None = None
+        self.rescue = nonnegative_int(self.caller, "rescue", rescue)
+        self.rescues = 0
         self.restarted = False
         self.tangent: Any = None
         self.inner_step = 0
@@ -326,8 +339,10 @@ class OnlinePlan:
                      "val_batch_size", "outer.samples or outer.val_batch"))
         fields = {"train_loss": float(outs[0].train_losses.mean()),
                   **estimate_fields(loop.hparams, found)}
-        return Outcome(loop.hparams.unflatten(found.mean), values.tolist(), fields,
-                       lambda: untrained_losses([self.problem], raw, vals[0], loop.selection),
+        untrained = functools.cache(  # once: the rescue's test and the guard's reference
+            lambda: untrained_losses([self.problem], raw, vals[0], loop.selection))
+        check_broken(self, loop.history, fields["val_loss"], fields["grad_norm"], untrained)
+        return Outcome(loop.hparams.unflatten(found.mean), values.tolist(), fields, untrained,
                        outs[0])
 
     def _sampled(self, loop: Any, step: int, raw: dict[str, Tensor], vals: list[list[Batch]]
@@ -399,15 +414,24 @@ class OnlinePlan:
         return record
 
     def rescue_start(self, loop: Any) -> bool:
-        """A failed first window ends the run (no global phase online)."""
-        return False
+        """Whether a failed first window starts over cooler (``rescue``) instead of ending
+        the run."""
+        return at_start(self, loop.history)
 
     def counts_failure(self, loop: Any) -> bool:
-        """Every failed window counts toward the guard's failures in a row."""
-        return True
+        """A failed window counts toward the guard's failures in a row and cuts the outer
+        learning rate, except a rescue's try (a broken start is not a failed outer step)."""
+        return not at_start(self, loop.history)
 
     def failure_note(self, loop: Any, message: str) -> str:
+        """A try's failed first window: start over cooler (or end the run when the tries are
+        spent, :mod:`hyperdiff.tuner.online_rescue`); any other: go on from the last good
+        window."""
         start, stop = self.span
+        if at_start(self, loop.history):
+            message = start_over(self, loop, message)
+            _LOG.warning("%s: window of steps %d..%d: %s", self.caller, start, stop - 1, message)
+            return message
         message = (f"{message}; training goes on from inner step {start}, the parameters "
                    "and optimizer state before the failed window")
         _LOG.warning("%s: window of steps %d..%d: %s", self.caller, start, stop - 1, message)

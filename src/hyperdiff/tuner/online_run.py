@@ -39,6 +39,9 @@ class OnlineRun(Protocol):
     state: TrainState
     tangent: Any
     inner_step: int
+    span: tuple[int, int]  # the current window's steps [start, stop)
+    rescue: int  # the most learning-rate cuts of a broken start (tuner/online_rescue.py)
+    rescues: int  # the cuts made so far
 
 
 class Loop(Protocol):
