@@ -22,17 +22,24 @@ Methods, the same settings on every task (no per-task tuning of hyperdiff's oute
   (``pip install 'hyperdiff[bench]'``; a missing package is a skipped row with a note).
 
 Every chosen value set is retrained on 3 fresh seeds and scored on the held-out test split
-(online methods also report the run's own model). Columns: test loss / accuracy, full
+(online methods also report the run's own model). An ``hd online`` row is three online runs, one
+per report seed (``outer.train_seed``: the minibatch order and dropout that the lr-free rows
+train on): its own-model and retrained test metrics and its time are the means over the three
+(each run's final values retrained on the 3 report seeds, as a one-run row was), each run under
+``per_seed``; a run that fails is left out of the means and named in the row's note. Columns: test loss / accuracy, full
 trainings used to choose, and wall time over one plain training measured in this run. Per task,
 one offline outer step's wall time over one plain training's. Summary per method: geometric
 mean of test-loss ratios to TPE-100 and wins per task.
 
     OMP_NUM_THREADS=1 python benchmarks/suite.py --quick   # 4 tasks, fewer steps (< 10 min)
     OMP_NUM_THREADS=1 python benchmarks/suite.py           # the whole suite
+    OMP_NUM_THREADS=1 python benchmarks/suite.py --methods online lr-free  # those rows only
     python benchmarks/suite.py --markdown benchmarks/results/suite.json  # tables for docs
 
-Writes benchmarks/results/suite.json, with ``--quick`` suite_quick.json (``mode``, ``tasks``:
-one entry per task, ``summary``: one per method).
+Writes benchmarks/results/suite.json, with ``--quick`` suite_quick.json, with ``--methods`` a subset
+suite_<methods>.json (``mode``, ``tasks``: one entry per task, ``summary``: one per method,
+``online_vs_lr_free``: per online row the tasks where its own model's mean test loss is at or
+below the best lr-free optimizer's).
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +90,9 @@ from suite_common import START_FACTORS, start_name  # noqa: E402
 TASKS = ("char_lm", "shapes_cnn", "tabular_mlp", "gru_seq", "logistic_wide", "reweight")
 QUICK_TASKS = ("tabular_mlp", "gru_seq", "logistic_wide", "reweight")
 SEEDS = tuple(REPORT_SEED + i for i in range(3))
+METHODS = ("offline", "online", "search", "lr-grid", "lr-free")
+"""Method groups ``--methods`` picks: hd offline and hd online (with their lr starts), the
+black-box searches (given hd offline's time), the lr grid, the lr-free optimizers."""
 BENCH_HINT = "pip install 'hyperdiff[bench]'"
 
 
@@ -96,6 +106,7 @@ class Settings:
     start_modes: tuple[str, ...]
     max_steps: int | None  # cap on offline outer steps (None: the default, 30)
     offline_set: tuple[str, ...] = ()  # config overrides of the hd offline rows (--set)
+    methods: tuple[str, ...] = METHODS  # the method groups run (--methods)
 
 
 FULL = Settings(TASKS, 100, START_FACTORS, ("offline", "online"), None)
@@ -121,10 +132,14 @@ def skipped(method: str, note: str) -> dict[str, Any]:
 # --- hyperdiff -------------------------------------------------------------------------------
 
 def hyperdiff_row(ref: str, mode: str, settings: Settings, plain_s: float, start: str,
-                  workdir: Path) -> tuple[dict[str, Any], list[float]]:
-    """``run_experiment`` with the default config for ``mode``; the row and the offline outer
-    steps' wall times."""
+                  workdir: Path, train_seed: int | None = None
+                  ) -> tuple[dict[str, Any], list[float]]:
+    """``run_experiment`` with the default config for ``mode`` (online: its one training on
+    ``train_seed``, ``None``: the problem's own); the row and the offline outer steps' wall
+    times."""
     overrides = [f"task.name={ref}", f"outer.mode={mode}"]
+    if train_seed is not None:
+        overrides.append(f"outer.train_seed={train_seed}")
     if mode == "offline" and settings.max_steps is not None:
         overrides.append(f"stop.max_steps={settings.max_steps}")
     if mode == "offline":
@@ -132,26 +147,67 @@ def hyperdiff_row(ref: str, mode: str, settings: Settings, plain_s: float, start
     records: list[Any] = []
     method = f"hd {mode}"
     started = time.perf_counter()
+    run_dir = f"{mode}-{start}" + ("" if train_seed is None else f"-seed{train_seed}")
     try:
         result = run_experiment(load_config(overrides=overrides),
-                                out=workdir / f"{mode}-{start}", progress=False,
+                                out=workdir / run_dir, progress=False,
                                 log=lambda _message: None,
                                 callbacks=[lambda _opt, record: records.append(record)])
     except (hd.HyperdiffError, hd.NonFiniteError) as err:  # e.g. diverged at the start
+        seed = {} if train_seed is None else {"train_seed": train_seed}
         return row(method, None, trainings=records[-1].trainings if records else 0,
                    time_s=time.perf_counter() - started, plain_s=plain_s, start=start,
-                   note=f"failed: {err}"), []
+                   note=f"failed: {err}", **seed), []
     extra: dict[str, Any] = {"tuned": result["tuned"]["hparams"],
                              "stop_reason": result["stop_reason"],
                              "initial_test": result["initial"]["metrics"]["test"]}
     if mode == "online":
         extra["online_model_test"] = result["online_model"]["test"]
+        extra["train_seed"] = train_seed
         trainings = 1
     else:
         trainings = records[-1].trainings
     steps = [r.step_time_s for r in records if r.status == "ok"]
     return row(method, result["tuned"]["metrics"]["test"], trainings=trainings,
                time_s=result["time_s"], plain_s=plain_s, start=start, **extra), steps
+
+
+def online_row(ref: str, settings: Settings, plain_s: float, start: str, workdir: Path
+               ) -> dict[str, Any]:
+    """One online run per report seed (its training's minibatch order and dropout), combined
+    by :func:`seed_mean`."""
+    return seed_mean([hyperdiff_row(ref, "online", settings, plain_s, start, workdir,
+                                    train_seed=seed)[0] for seed in SEEDS])
+
+
+PER_SEED = ("train_seed", "test_loss", "test_accuracy", "online_model_test", "time_s",
+            "tuned", "stop_reason", "note")
+
+
+def seed_mean(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The row of online ``runs`` on different training seeds: the first run's fields, with
+    ``test_loss`` / ``test_accuracy`` (final values retrained) and ``online_model_test`` the
+    means over the runs that finished, ``time_s`` the mean over all; ``tuned`` and
+    ``initial_test`` are the first finished run's, every run's own under ``per_seed``."""
+    ran = [r for r in runs if "note" not in r]
+    out = {k: v for k, v in (ran or runs)[0].items() if k not in ("train_seed", "note")}
+    out["per_seed"] = [{k: r[k] for k in PER_SEED if k in r} for r in runs]
+    out["time_s"] = statistics.fmean(r["time_s"] for r in runs)
+    if ran:
+        for key in ("test_loss", "test_accuracy"):
+            values = [r[key] for r in ran]
+            out[key] = None if None in values else statistics.fmean(values)
+        own = [r["online_model_test"] for r in ran]
+        out["online_model_test"] = {k: statistics.fmean(o[k] for o in own) for k in own[0]}
+        if len(own) > 1:  # the spread over the training seeds (sample standard deviation)
+            out["online_model_test_sd"] = {k: statistics.stdev(o[k] for o in own)
+                                           for k in own[0]}
+    failed = [r for r in runs if "note" in r]
+    if failed:
+        seeds = ", ".join(str(r["train_seed"]) for r in failed)
+        out["note"] = (f"failed on train seed(s) {seeds}, mean over the other {len(ran)}: "
+                       if ran else "") + failed[0]["note"]
+    return out
 
 
 # --- black-box search ------------------------------------------------------------------------
@@ -280,38 +336,34 @@ def run_task(name: str, settings: Settings, workdir: Path) -> dict[str, Any]:
     plain_s = plain_training_s(task)
     say = _say(task.name)
     say(f"plain training {plain_s:.2f} s ({task.final_problem.steps} steps)")
-    offline, step_times = hyperdiff_row(ref, "offline", settings, plain_s, "x1", workdir)
-    rows = [row("untuned start", offline.get("initial_test"), trainings=0, time_s=0.0,
-                plain_s=plain_s), offline]
-    say(f"hd offline {offline['time_s']:.1f} s, {offline['trainings']} trainings")
-    online, _ = hyperdiff_row(ref, "online", settings, plain_s, "x1", workdir)
-    rows.append(online)
-    say(f"hd online {online['time_s']:.1f} s")
+    methods, rows, step_times = settings.methods, [], []
+    if "offline" in methods:
+        offline, step_times = hyperdiff_row(ref, "offline", settings, plain_s, "x1", workdir)
+        rows.append(offline)
+        say(f"hd offline {offline['time_s']:.1f} s, {offline['trainings']} trainings")
+    if "online" in methods:
+        rows.append(online_row(ref, settings, plain_s, "x1", workdir))
+        say(f"hd online {rows[-1]['time_s']:.1f} s per run, {len(SEEDS)} train seeds")
+    rows.insert(0, row("untuned start", untuned_test(task, rows), trainings=0, time_s=0.0,
+                       plain_s=plain_s))
     lr_name = getattr(module, "LR_NAME", None)
     for factor in settings.starts if lr_name else ():
-        for mode in settings.start_modes:
+        for mode in (m for m in settings.start_modes if m in methods):
             start = f"lr x{factor:g}"
             started = f"{path}:{start_name(factor)}"
-            rows.append(hyperdiff_row(started, mode, settings, plain_s, start, workdir)[0])
+            rows.append(online_row(started, settings, plain_s, start, workdir)
+                        if mode == "online" else
+                        hyperdiff_row(started, mode, settings, plain_s, start, workdir)[0])
             say(f"hd {mode} from {start}: {rows[-1]['time_s']:.1f} s")
-    budget = offline["time_s"]
-    if optuna_available():
-        searches = [timed_search(task, "tpe", budget), timed_search(task, "random", budget),
-                    tpe_search(task, settings.tpe_trials, seed=0)]
-        searches[-1] = SearchResult(f"tpe-{settings.tpe_trials}", searches[-1].trials)
-    else:
-        searches = [timed_search(task, "random", budget)]
-        rows += [skipped("tpe (time)", OPTUNA_MISSING),
-                 skipped(f"tpe-{settings.tpe_trials}", OPTUNA_MISSING)]
-    for result in searches:
-        rows.append(search_row(task, result, plain_s))
-        say(f"{result.method}: {result.trainings} trainings, {result.time_s:.1f} s")
-    if lr_name:
+    if "search" in methods:
+        offline_s = next(r["time_s"] for r in rows if label(r) == "hd offline")
+        rows += search_rows(task, settings, offline_s, plain_s, say)
+    if "lr-grid" in methods and lr_name:
         grid = run_points(task, lr_grid(task, lr_name), method="lr grid")
         rows.append(search_row(task, grid, plain_s))
-    else:
+    elif "lr-grid" in methods:
         rows.append(skipped("lr grid", "the task has no learning-rate hyperparameter"))
-    for optimizer in LR_FREE:
+    for optimizer in LR_FREE if "lr-free" in methods else ():
         rows.append(lr_free_row(task, optimizer, plain_s))
         say(f"{optimizer.label} done")
     # the machine's load changes while the task runs: the plain training is timed again at the
@@ -326,6 +378,32 @@ def run_task(name: str, settings: Settings, workdir: Path) -> dict[str, Any]:
             "steps": task.final_problem.steps, "plain_training_s": plain_s,
             "outer_step_s": statistics.median(step_times) if step_times else None,
             "outer_step_ratio": ratio, "rows": rows}
+
+
+def untuned_test(task: hd.Task, rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """The test metrics of the task's start trained on the report seeds: an hd row's report
+    has them (``initial_test``), else the trainings are run here."""
+    found = next((r["initial_test"] for r in rows if r.get("initial_test")), None)
+    return found if found is not None else task.evaluate(seeds=SEEDS)["test"]
+
+
+def search_rows(task: hd.Task, settings: Settings, budget: float, plain_s: float,
+                say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """TPE and random search given ``budget`` seconds (hd offline's), and TPE with
+    ``settings.tpe_trials`` trainings; skipped rows without Optuna."""
+    rows = []
+    if optuna_available():
+        searches = [timed_search(task, "tpe", budget), timed_search(task, "random", budget),
+                    tpe_search(task, settings.tpe_trials, seed=0)]
+        searches[-1] = SearchResult(f"tpe-{settings.tpe_trials}", searches[-1].trials)
+    else:
+        searches = [timed_search(task, "random", budget)]
+        rows += [skipped("tpe (time)", OPTUNA_MISSING),
+                 skipped(f"tpe-{settings.tpe_trials}", OPTUNA_MISSING)]
+    for result in searches:
+        rows.append(search_row(task, result, plain_s))
+        say(f"{result.method}: {result.trainings} trainings, {result.time_s:.1f} s")
+    return rows
 
 
 def _load(path: Path) -> Any:
@@ -376,6 +454,50 @@ def summary(tasks: Sequence[dict[str, Any]], reference: str) -> dict[str, dict[s
                                        if ratios else None)
         entry["reference"] = reference
     return out
+
+
+def online_vs_lr_free(tasks: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per ``hd online`` row (its start): the tasks where its own model's test loss (mean over
+    the training seeds) is at or below the best learning-rate-free optimizer's (mean over the
+    same seeds), the tasks where it is above, and those where it failed; tasks without an lr-free
+    row are left out."""
+    out: dict[str, dict[str, Any]] = {}
+    lr_free = {o.label for o in LR_FREE}
+    for block in tasks:
+        free = [r["test_loss"] for r in block["rows"]
+                if r["method"] in lr_free and _finite(r.get("test_loss"))]
+        for r in block["rows"] if free else ():
+            if r["method"] != "hd online":
+                continue
+            entry = out.setdefault(label(r), {"at_or_below": [], "above": [], "failed": []})
+            own = r.get("online_model_test", {}).get("loss")
+            side = ("failed" if not _finite(own) else
+                    "at_or_below" if own <= min(free) else "above")
+            entry[side].append(block["task"])
+    return out
+
+
+def online_table(tasks: Sequence[dict[str, Any]], markdown: bool = False) -> str:
+    """Per task and ``hd online`` row: its own model's test loss on each training seed, their
+    mean and spread, the final values retrained (mean), and the best lr-free optimizer."""
+    lr_free = {o.label for o in LR_FREE}
+    lines = []
+    for block in tasks:
+        free = [r for r in block["rows"] if r["method"] in lr_free and _finite(r.get("test_loss"))]
+        best = min(free, key=lambda r: r["test_loss"], default=None)
+        for r in (r for r in block["rows"] if r["method"] == "hd online"):
+            seeds = [p.get("online_model_test", {}).get("loss") for p in r.get("per_seed", [])]
+            own = r.get("online_model_test", {}).get("loss")
+            sd = r.get("online_model_test_sd", {}).get("loss")
+            lines.append([block["task"], r["start"], " / ".join(_num(x, ".3f") for x in seeds),
+                          _num(own, ".4f"), _num(sd, ".3f"), _num(r.get("test_loss"), ".4f"),
+                          "-" if best is None else f"{best['test_loss']:.4f} ({best['method']})",
+                          "-" if best is None or not _finite(own) else
+                          "yes" if own <= best["test_loss"] else "no"])
+    return _format("online own model over the training seeds against the best lr-free "
+                   "optimizer (test loss; means over the same 3 seeds)",
+                   ["task", "start", "own model per seed", "own mean", "own sd",
+                    "retrained mean", "best lr-free", "own <= lr-free"], lines, markdown)
 
 
 def _finite(x: Any) -> bool:
@@ -441,8 +563,12 @@ def main() -> None:
                         help=f"tasks {', '.join(QUICK_TASKS)}; offline capped at 10 outer "
                         "steps; starts lr x0.1 and x10 offline only; TPE with 20 trainings")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, help="run only these tasks")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                        help="run only these method groups (search needs offline: it gets "
+                        "hd offline's time); e.g. --methods online lr-free")
     parser.add_argument("--out", help="result file (default: benchmarks/results/suite.json, "
-                        "with --quick suite_quick.json)")
+                        "with --quick suite_quick.json, with some --methods "
+                        "suite_<methods>.json)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides of the hd offline rows only (a candidate "
                         "against the defaults: e.g. --set outer.explore=4)")
@@ -451,6 +577,9 @@ def main() -> None:
                         help="combine the tasks of results run separately (the same mode) "
                         "into --out, with the summary over all of them")
     args = parser.parse_args()
+    methods = tuple(m for m in METHODS if m in args.methods)
+    if "search" in methods and "offline" not in methods:
+        parser.error("--methods search needs offline (the searches get hd offline's time)")
     if args.merge:
         parts = [json.loads(Path(p).read_text()) for p in args.merge]
         merge(parts, Path(args.out or RESULTS / ("suite.json" if parts[0]["mode"] == "full"
@@ -462,15 +591,16 @@ def main() -> None:
         for block in payload["tasks"].values():
             print(task_table(block, markdown=True), end="\n\n")
         print(summary_table(payload["summary"], markdown=True))
+        if any(r["method"] == "hd online" for b in payload["tasks"].values()
+               for r in b["rows"]):
+            print("\n" + online_table(list(payload["tasks"].values()), markdown=True))
         return
     torch.set_num_threads(1)
-    settings = QUICK if args.quick else FULL
+    settings = replace(QUICK if args.quick else FULL, methods=methods)
     if args.tasks:
-        settings = Settings(tuple(args.tasks), settings.tpe_trials, settings.starts,
-                            settings.start_modes, settings.max_steps)
+        settings = replace(settings, tasks=tuple(args.tasks))
     if args.set:
-        settings = Settings(settings.tasks, settings.tpe_trials, settings.starts,
-                            settings.start_modes, settings.max_steps, tuple(args.set))
+        settings = replace(settings, offline_set=tuple(args.set))
     started, load_before = time.perf_counter(), os.getloadavg()
     blocks = {}
     with tempfile.TemporaryDirectory(prefix="hd-suite-") as tmp:
@@ -481,14 +611,20 @@ def main() -> None:
             print(task_table(block), end="\n\n", flush=True)
     summ = summary(list(blocks.values()), f"tpe-{settings.tpe_trials}")
     print(summary_table(summ))
+    if "online" in methods:
+        print("\n" + online_table(list(blocks.values())))
     payload = {
         "mode": "quick" if args.quick else "full", "settings": asdict(settings),
         "total_time_s": time.perf_counter() - started, "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(), "load_average_before": load_before,
         "load_average_after": os.getloadavg(), "python": sys.version.split()[0],
         "torch": torch.__version__, "tasks": blocks, "summary": summ,
+        "online_vs_lr_free": online_vs_lr_free(list(blocks.values())),
     }
-    out = Path(args.out or RESULTS / ("suite_quick.json" if args.quick else "suite.json"))
+    name = "suite_quick" if args.quick else "suite"
+    if methods != METHODS:
+        name += "_" + "_".join(methods)
+    out = Path(args.out or RESULTS / f"{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(_clean(payload), indent=1, allow_nan=False) + "\n")
     print(f"wrote {out} ({payload['total_time_s']:.0f} s)")
@@ -503,6 +639,7 @@ def merge(parts: Sequence[dict[str, Any]], out: Path) -> None:
     tasks = {name: block for p in parts for name, block in p["tasks"].items()}
     reference = f"tpe-{parts[0]['settings']['tpe_trials']}"
     payload = {**parts[0], "tasks": tasks, "summary": summary(list(tasks.values()), reference),
+               "online_vs_lr_free": online_vs_lr_free(list(tasks.values())),
                "total_time_s": sum(p["total_time_s"] for p in parts),
                "load_average_before": [p["load_average_before"] for p in parts],
                "load_average_after": [p["load_average_after"] for p in parts],

@@ -441,3 +441,18 @@ def test_the_online_plan_refuses_a_bad_rescue(value):
     with pytest.raises(hd.HyperdiffError, match=r"^HyperOptimizer: rescue must be a non-negative "
                                                 r"int \(got "):
         hd.plans.OnlinePlan(rescue=value)
+
+
+# --- online training seed (issue 20 item 3/5) ---
+@pytest.mark.parametrize("value", BAD["int>=0"], ids=repr)
+def test_the_online_plan_refuses_a_bad_train_seed(value):
+    with pytest.raises(hd.HyperdiffError, match=r"^HyperOptimizer: train_seed must be a "
+                                                r"non-negative int \(got "):
+        hd.plans.OnlinePlan(train_seed=value)
+
+
+@pytest.mark.parametrize("mode", ["offline", "meta"])
+def test_the_config_refuses_a_train_seed_outside_online_runs(mode):
+    with pytest.raises(hd.HyperdiffError, match=r"^config: outer\.train_seed must be -1 with "
+                                                rf"outer\.mode = '{mode}' \(.*; got 0\)$"):
+        resolve({"outer": {"mode": mode, "train_seed": 0}})

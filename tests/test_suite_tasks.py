@@ -117,3 +117,89 @@ def test_a_run_that_diverges_at_the_start_is_a_row_with_a_note(tmp_path):
     assert row["method"] == "hd offline" and row["start"] == "x100"
     assert row["test_loss"] is None and row["note"].startswith("failed: ")
     assert "diverged" in row["note"] and steps == []
+
+
+def online_run(seed, loss, own, time_s, failed=False):
+    """One online run's row as ``hyperdiff_row`` returns it (failed: no metrics, a note)."""
+    if failed:
+        return {"method": "hd online", "start": "x1", "test_loss": None, "test_accuracy": None,
+                "time_s": time_s, "train_seed": seed, "note": "failed: diverged"}
+    return {"method": "hd online", "start": "x1", "test_loss": loss, "test_accuracy": 0.5,
+            "time_s": time_s, "train_seed": seed, "tuned": {"lr": seed},
+            "online_model_test": {"loss": own, "accuracy": 0.25}}
+
+
+def test_an_online_row_is_the_mean_over_its_training_seeds():
+    suite = load("suite")
+    out = suite.seed_mean([online_run(1, 0.3, 1.0, 2.0), online_run(2, 0.6, 2.0, 4.0),
+                           online_run(3, 0.9, 6.0, 9.0)])
+    assert out["test_loss"] == pytest.approx(0.6) and out["test_accuracy"] == pytest.approx(0.5)
+    assert out["online_model_test"] == pytest.approx({"loss": 3.0, "accuracy": 0.25})
+    # sample sd of 1, 2, 6: mean 3, squares 4 + 1 + 9 = 14 over 2
+    assert out["online_model_test_sd"]["loss"] == pytest.approx(math.sqrt(7.0))
+    assert out["time_s"] == pytest.approx(5.0) and out["tuned"] == {"lr": 1}
+    assert [p["train_seed"] for p in out["per_seed"]] == [1, 2, 3]
+    assert "note" not in out and "train_seed" not in out
+
+
+def test_a_failed_seed_is_left_out_of_the_means_and_named():
+    suite = load("suite")
+    out = suite.seed_mean([online_run(1, 0.0, 0.0, 1.0, failed=True),
+                           online_run(2, 0.2, 1.0, 2.0), online_run(3, 0.4, 3.0, 6.0)])
+    assert out["test_loss"] == pytest.approx(0.3)
+    assert out["online_model_test"]["loss"] == pytest.approx(2.0)
+    assert out["time_s"] == pytest.approx(3.0)  # what the three runs cost
+    assert out["note"] == ("failed on train seed(s) 1, mean over the other 2: "
+                           "failed: diverged")
+    everything_failed = suite.seed_mean([online_run(s, 0, 0, 1.0, failed=True)
+                                         for s in (1, 2)])
+    assert everything_failed["test_loss"] is None
+    assert everything_failed["note"] == "failed: diverged"
+
+
+def test_online_against_lr_free_counts_tasks_at_or_below_the_best():
+    suite = load("suite")
+
+    def r(method, loss, own=None, start="x1"):
+        extra = {} if own is None else {"online_model_test": {"loss": own}}
+        return {"method": method, "start": start, "test_loss": loss, **extra}
+
+    blocks = [{"task": "a", "rows": [r("hd online", 9.0, 0.5), r("prodigy", 0.5),
+                                     r("d-adapt adam", 0.7), r("hd online", 1.0, 0.6, "lr x10")]},
+              {"task": "b", "rows": [r("hd online", 0.1, 0.9), r("schedulefree adamw", 0.8),
+                                     r("hd online", None, None, "lr x10")]},
+              {"task": "c", "rows": [r("hd online", 0.1, 0.1)]}]  # no lr-free row: left out
+    out = suite.online_vs_lr_free(blocks)
+    assert out["hd online"] == {"at_or_below": ["a"], "above": ["b"], "failed": []}
+    assert out["hd online (lr x10)"] == {"at_or_below": [], "above": ["a"], "failed": ["b"]}
+    assert "online own model" in suite.online_table(blocks)
+
+
+MINIBATCH_TASK = '''
+import torch
+import hyperdiff as hd
+
+def build(steps=None, data_seed=0):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 3, generator=g)
+    y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.3 * torch.randn(96, generator=g)
+    def loss(p, h, batch):
+        xb, yb = batch
+        return ((xb @ p["w"] - yb) ** 2).mean()
+    return hd.task("minibatch", model={"w": torch.zeros(3)}, train_loss=loss, val_loss=loss,
+                   hparams=hd.HyperParameters(lr=hd.scalar(0.05)), optimizer=hd.sgd("lr"),
+                   data=(x, y), steps=steps or 12, batch_size=4, probe=False)
+'''
+
+
+def test_the_online_row_trains_once_on_each_report_seed(tmp_path):
+    suite = load("suite")
+    path = tmp_path / "minibatch.py"
+    path.write_text(MINIBATCH_TASK)
+    out = suite.online_row(f"{path}:build", suite.QUICK, 1.0, "x1", tmp_path / "runs")
+    per_seed = out["per_seed"]
+    assert [p["train_seed"] for p in per_seed] == list(suite.SEEDS)
+    own = [p["online_model_test"]["loss"] for p in per_seed]
+    assert len(set(own)) == 3  # three minibatch orders, three models
+    assert out["online_model_test"]["loss"] == pytest.approx(sum(own) / 3, rel=1e-12)
+    assert out["test_loss"] == pytest.approx(sum(p["test_loss"] for p in per_seed) / 3)

@@ -133,7 +133,11 @@ class OuterConfig:
                                choices=["always", "broken"])
     seed: int = option(0, "base seed of the minibatch orders of the outer steps' trainings "
                        "(offline, meta); online: of the validation draws (the one training "
-                       "follows its problem's own minibatch order)", low=0)
+                       "follows outer.train_seed)", low=0)
+    train_seed: int = option(-1, "online: seed of the one training's minibatch order and "
+                             "dropout (a plain training at this seed reads the same batches; "
+                             "-1: the task's problem's own seed); offline and meta: -1 (their "
+                             "trainings' seeds come from outer.seed)", low=-1)
     tie_steps: int = option(0, "first outer steps in which each vector hyperparameter moves as "
                             "one (mean hypergradient of its entries; 0: off)", low=0)
     mode: str = option("offline", "offline: retrain T steps per outer step; online: tune "
@@ -331,7 +335,9 @@ def legacy_values(source: dict[str, Any]) -> dict[str, Any]:
     written when ``outer.explore``'s points ran after every start (``always``), and one without
     ``outer.explore`` before the global phase (0 points). One without ``outer.beta1`` was
     written when the outer Adam had torch's betas (0.9, 0.999) online too. One without
-    ``outer.rescue`` was written before the online rescue of a broken start (0 cuts)."""
+    ``outer.rescue`` was written before the online rescue of a broken start (0 cuts);
+    ``outer.train_seed`` trained online on its problem's own seed: the default (-1), so it
+    needs no entry here."""
     outer = source.get("outer", {})
     if not isinstance(outer, dict):
         return source
@@ -421,6 +427,7 @@ def resolve(source: dict[str, Any]) -> Config:
     if online and "lr" not in merged.get("outer", {}):
         built["outer"] = replace(built["outer"], lr=online_lr(
             built["inner"].steps, built["outer"].window, built["outer"].window_growth))
+    _check_train_seed(built["outer"])
     if built["task"].cv_folds == 1:
         raise HyperdiffError("config: task.cv_folds must be 0 (hold-out validation) or an int "
                              ">= 2 (got 1)")
@@ -444,6 +451,16 @@ def _check_log_paths(log: LogConfig) -> None:
         raise HyperdiffError(
             f"config: log.mlflow must be a directory apart from log.tensorboard's, neither "
             f"inside the other (got {log.mlflow!r} with log.tensorboard = {log.tensorboard!r})")
+
+
+def _check_train_seed(outer: OuterConfig) -> None:
+    """Refuse ``outer.train_seed`` outside online runs (offline and meta trainings take their
+    seeds from ``outer.seed``)."""
+    if outer.mode != "online" and outer.train_seed != -1:
+        raise HyperdiffError(f"config: outer.train_seed must be -1 with outer.mode = "
+                             f"{outer.mode!r} (it seeds an online run's one training; "
+                             "offline and meta trainings take their minibatch seeds from "
+                             f"outer.seed; got {outer.train_seed})")
 
 
 def _build_section(section: str, cls: type, values: dict[str, Any]) -> Any:

@@ -248,7 +248,8 @@ def build_online(config: Config, start: dict[str, Any] | None = None
                       growth=outer.window_growth,
                       hot_start=None if outer.hot_start == "auto" else outer.hot_start,
                       samples=outer.samples, rescue=outer.rescue,
-                      betas=(outer.beta1, outer.beta2) if optimizer in ADAM_FAMILY else None)
+                      betas=(outer.beta1, outer.beta2) if optimizer in ADAM_FAMILY else None,
+                      train_seed=None if outer.train_seed < 0 else outer.train_seed)
     loop = HyperOptimizer(
         problem, plan=plan, method=configured_method(config), optimizer=optimizer,
         lr=outer.lr, schedule=outer.schedule, clip=outer.clip or None, selection=task.selection,

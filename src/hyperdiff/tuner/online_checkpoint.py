@@ -4,10 +4,10 @@ The outer loop (:meth:`~hyperdiff.tuner.driver.HyperOptimizer.state_dict`) saves
 the outer optimizer's state (under ``"outer"``), the guard, the step and the clock; the online
 plan adds plain tensors, numbers and strings (``torch.save`` / weights-only loading): the
 parameters, buffers and inner optimizer state, the carried tangents (forward mode's,
-curvature's), the inner step (which fixes the data position: minibatches and dropout masks are
-functions of ``(seed, step)``, validation draws of ``(seed, h)``), the records and the
-hot-start measure. The layout is the one the online tuner wrote before the one loop, so its
-checkpoints resume unchanged.
+curvature's), the training seed and the inner step (which fix the data position: minibatches
+and dropout masks are functions of ``(train seed, step)``, validation draws of ``(seed, h)``),
+the records and the hot-start measure. The layout is the one the online tuner wrote before the
+one loop, so its checkpoints resume unchanged.
 
 :func:`check_tuner_state` refuses a damaged state before anything uses it (one
 :mod:`hyperdiff.tuner.state_checks` error naming the entry): every entry shaped like the tuner's own
@@ -46,9 +46,10 @@ from hyperdiff.tuner.windows import window_stop
 FORMAT = "hyperdiff-online-1"
 # absent from checkpoints of older versions (discrete: before REINFORCE and annealing online;
 # growth: before growing windows, K steps each; samples: before online samples, 1;
-# val_batch_size: not recorded before, not checked then; rescues: before the rescue, 0)
+# val_batch_size, train_seed: not recorded before, not checked then; rescues: before the
+# rescue, 0)
 OPTIONAL = ("guard", "hot_start", "restarted", "discrete", "growth", "samples", "val_batch_size",
-            "rescues")
+            "rescues", "train_seed")
 
 
 def _caller(run: OnlineRun) -> str:
@@ -64,7 +65,7 @@ def tuner_state(run: OnlineRun, loop: Loop) -> dict[str, Any]:
     return {
         "format": FORMAT, "method": run.label, "window": run.window, "growth": run.growth,
         "samples": run.samples, "val_batch_size": run.val_batch_size,
-        "inner_step": run.inner_step,
+        "train_seed": run.problem.seed, "inner_step": run.inner_step,
         "params": {k: v.clone() for k, v in run.state.params.items()},
         "buffers": {k: v.clone() for k, v in run.state.buffers.items()},
         "opt_state": [x.clone() for x in opt_leaves],
@@ -86,11 +87,13 @@ def restore_tuner(run: OnlineRun, loop: Loop, state: dict[str, Any],
         raise fail(caller, "state", f"a state_dict of format {FORMAT}",
                    state.get("format") if isinstance(state, dict) else state)
     # checkpoints from before the growth: K steps each; from before online samples: one
-    saved = {"growth": 0.0, "samples": 1, "val_batch_size": run.val_batch_size, **state}
+    saved = {"growth": 0.0, "samples": 1, "val_batch_size": run.val_batch_size,
+             "train_seed": run.problem.seed, **state}
     if isinstance(state.get("tangent"), list):  # an older layout of the method's carry
         state = {**state, "tangent": run.method.saved_carry(run.problem, state["tangent"])}
     for key, mine in (("method", run.label), ("window", run.window), ("growth", run.growth),
-                      ("samples", run.samples), ("val_batch_size", run.val_batch_size)):
+                      ("samples", run.samples), ("val_batch_size", run.val_batch_size),
+                      ("train_seed", run.problem.seed)):
         if saved.get(key) != mine:
             raise HyperdiffError(f"{caller}: {key} must match the saved run "
                                  f"({saved.get(key)!r}; got {mine!r})")

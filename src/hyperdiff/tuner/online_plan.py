@@ -14,7 +14,8 @@ N-step training plus the window hypergradients. With ``growth > 0`` the window f
 ``K + floor(growth t)`` steps long (:mod:`hyperdiff.tuner.windows`): fewer hypergradients later
 in the run, where the values have settled. ``B_h`` is ``val_batch_size`` rows of the
 validation split drawn from ``(seed, h)`` (all of it when ``None``), so the run is a function of
-its inputs.
+its inputs. The training's minibatches and dropout follow ``train_seed`` (``problem.seed`` when
+``None``): ``train_data.batch(t, train_seed)``, as a plain training at that seed reads them.
 
 **Samples** (``samples = m``): the window's trajectory is one (the model being trained is
 single); its hypergradient is noisy through the validation batch, so sample ``j`` is the window
@@ -163,6 +164,10 @@ class OnlinePlan:
             untrained model, or has a chaotic hypergradient) starts over from theta_0 with
             the learning rate cut 10x, at most this many times
             (:mod:`hyperdiff.tuner.online_rescue`); 0: the guard refuses it.
+        train_seed: the seed of the one training's minibatch order and dropout (what
+            ``problem.seed`` seeds in a plain training: ``train_data.batch(t, train_seed)``,
+            ``StepContext(seed=train_seed)``); ``None``: the problem's own seed. The loop's
+            ``seed`` still seeds the validation draws.
     """
 
     caller = "HyperOptimizer"  # names the loop in messages (the deprecated shim: OnlineTuner)
@@ -175,8 +180,11 @@ class OnlinePlan:
 
     def __init__(self, window: int = 1, val_batch_size: int | None = None, eval_every: int = 0,
                  hot_start: str | None = None, samples: int = 1, growth: float = 0.0,
-                 betas: tuple[float, float] | None = None, rescue: int = 0):
+                 betas: tuple[float, float] | None = None, rescue: int = 0,
+                 train_seed: int | None = None):
         self.window = positive_int(self.caller, "window", window)
+        self.train_seed = None if train_seed is None else nonnegative_int(
+            self.caller, "train_seed", train_seed)
         self.betas = None if betas is None else _betas(self.caller, betas)
         self.samples = positive_int(self.caller, "samples", samples)
         self.growth = number(self.caller, "growth", growth, GROWTH)
@@ -207,7 +215,8 @@ class OnlinePlan:
             raise fail(self.caller, "process_group", "None (an online run is one training; "
                        "to train its windows on the ranks' shards of every batch pass "
                        "method=hd.distributed.data_parallel(method))", loop.process_group)
-        self.problem: Problem = loop.problems[0]
+        own: Problem = loop.problems[0]  # the one place the online path takes its seed
+        self.problem = own if self.train_seed is None else replace(own, seed=self.train_seed)
         method = make_method(loop.method) if isinstance(loop.method, str) else loop.method
         if not isinstance(method, Method) or not method.capabilities.online:
             raise fail(self.caller, "method", "a Method with a segment or one of "
