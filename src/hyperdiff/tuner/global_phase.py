@@ -122,8 +122,8 @@ STEEP_RATIO = 5.0
 """A start whose hypergradient norm (raw units) exceeds this many times the validation loss
 its training removed (``U - L``) is steep (:func:`weak_start`): one e-fold change of a
 hyperparameter would move the loss by five times all that the training achieved. The suite's
-own starts measure 0.01-0.5, ``logistic_wide`` from 100x too large 23, ``char_lm`` from 10x
-too large 250."""
+own starts measure 0.01-0.5, ``logistic_wide`` from 100x too large 33, ``char_lm`` from 10x
+too large 233."""
 
 
 def weak_start(record: Any, untrained: Mapping[str, float]) -> str:
