@@ -110,7 +110,7 @@ def test_a_resumed_run_repeats_the_straight_one(lam, stop_at):
 
 def test_bad_explore_when_is_refused():
     with pytest.raises(hd.HyperdiffError, match=r"HyperOptimizer: explore_when must be one "
-                       r"of \['always', 'broken'\] \(got 'never'\)"):
+                       r"of \['always', 'weak', 'broken'\] \(got 'never'\)"):
         OfflinePlan(explore=2, explore_when="never")
 
 

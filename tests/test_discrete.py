@@ -15,6 +15,7 @@ from hyperdiff.app.discrete_report import discretise, fix_choices
 from hyperdiff.hparams.discrete import with_states
 from hyperdiff.tuner import reinforce
 from hyperdiff.tuner.driver import HyperOptimizer, Stopping
+from hyperdiff.tuner.offline_plan import OfflinePlan
 
 ACTS = {"tanh": torch.tanh, "square": torch.square, "zero": lambda z: 0.0 * z}
 OPTIONS = {**ACTS, "cube": lambda z: z**3 / 3}  # a loss reads the options of its choices
@@ -168,7 +169,10 @@ def test_each_mode_finds_the_clearly_best_choice(mode, samples, choices):
     assert int(losses.argmin()) == 0 and losses[0] < 0.5 * losses[1:].min()  # tanh is best
     # cosine: the probabilities settle (at signstep's default constant rate relax ends at 0.83
     # on tanh after 30 steps, its choice still right)
-    driver = HyperOptimizer(problem, lr=0.5, samples=samples, schedule="cosine",
+    # the mixture start removes 9.5% of the untrained loss, a weak start: the global phase
+    # would take 8 of the 30 steps; this test is about the mode, so no phase
+    driver = HyperOptimizer(problem, lr=0.5, schedule="cosine",
+                            plan=OfflinePlan(samples=samples, explore_when="broken"),
                             stopping=Stopping(max_steps=30))
     result = driver.run()
     probs = result.final_raw["act"].softmax(0)

@@ -168,7 +168,7 @@ def test_the_config_refuses_explore_outside_offline_runs(mode, tmp_path):
     config = load_config(overrides=[f"task.name={task}", f"outer.mode={mode}",
                                     "outer.explore=2"])
     with pytest.raises(hd.HyperdiffError, match=f"config: outer.explore must be 0 or its "
-                       f"default 8 .*with outer.mode = '{mode}' .*got 2, 'broken'"):
+                       f"default 8 .*with outer.mode = '{mode}' .*got 2, 'weak'"):
         run_experiment(config, out=tmp_path / "run", progress=False, log=lambda _m: None)
 
 

@@ -127,10 +127,13 @@ class OuterConfig:
     explore_decades: float = option(2.0, "offline: half-width in decades of outer.explore's "
                                     "box around the start (log-odds for interval values)",
                                     low=0.0, open_low=True, high=10.0)
-    explore_when: str = option("broken", "offline: when outer.explore's points are tried: "
-                               "always, or broken: only when step 0 fails or trains to a "
-                               "loss no better than the untrained model's",
-                               choices=["always", "broken"])
+    explore_when: str = option("weak", "offline: when outer.explore's points are tried: "
+                               "always; broken: only when step 0 fails, trains to a loss no "
+                               "better than the untrained model's or has a chaotic "
+                               "hypergradient; weak: also when its training removes less than "
+                               "20% of the untrained model's loss or its hypergradient is "
+                               "steep (docs/driver.md)",
+                               choices=["always", "weak", "broken"])
     seed: int = option(0, "base seed of the minibatch orders of the outer steps' trainings "
                        "(offline, meta); online: of the validation draws (the one training "
                        "follows outer.train_seed)", low=0)

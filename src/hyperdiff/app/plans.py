@@ -315,7 +315,8 @@ def _online_summary(task: Task, loop: HyperOptimizer, outcome: Any, config: Conf
 # --------------------------------------------------------------------------------------- meta
 def _offline_only_explore(config: Config) -> None:
     """Refuse an ``outer.explore`` set for an online or meta run (the global phase is the
-    offline plan's; the default, a phase after a broken start only, does not apply there)."""
+    offline plan's; the default, a phase after a broken or weak start only, does not apply
+    there)."""
     default = OuterConfig()
     asked = (config.outer.explore, config.outer.explore_when)
     if config.outer.explore and asked != (default.explore, default.explore_when):

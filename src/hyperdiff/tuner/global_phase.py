@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import Tensor
@@ -112,6 +112,60 @@ def broken_start(record: Any, untrained: Mapping[str, float]) -> str:
     return ""
 
 
+WEAK_FRACTION = 0.2
+"""A start whose training removes less than this fraction of the untrained model's loss is
+weak (:func:`weak_start`). The suite's own starts remove 27-87% (``shapes_cnn`` 27%,
+``char_lm`` 43%, ``tabular_mlp`` 47%); its learning rates 100x too small 0.6-13% (``gru_seq``
+0.6%, ``char_lm`` 2.5%, ``tabular_mlp`` 3.6%, ``shapes_cnn`` 13%; ``logistic_wide`` 62%)."""
+
+STEEP_RATIO = 5.0
+"""A start whose hypergradient norm (raw units) exceeds this many times the validation loss
+its training removed (``U - L``) is steep (:func:`weak_start`): one e-fold change of a
+hyperparameter would move the loss by five times all that the training achieved. The suite's
+own starts measure 0.01-0.5, ``logistic_wide`` from 100x too large 33, ``char_lm`` from 10x
+too large 233."""
+
+
+def weak_start(record: Any, untrained: Mapping[str, float]) -> str:
+    """Why step 0's ``record``, trained but not broken, is a weak start, or ``""``: its
+    selection loss (else its validation loss) ``L`` is above ``(1 - WEAK_FRACTION) U``, the
+    untrained model's ``U > 0`` (``untrained``: ``{"validation": U, "selection": U_sel}``), so
+    its training removed less than :data:`WEAK_FRACTION` of the loss; or its hypergradient norm
+    is above :data:`STEEP_RATIO` x ``(U - L)`` on the validation split, so the start sits on a
+    steep slope of the loss in its hyperparameters.
+
+    >>> from types import SimpleNamespace as R
+    >>> untrained = {"validation": 1.2, "selection": 1.2}
+    >>> print(weak_start(R(selection_loss=1.1, val_loss=1.1, grad_norm=0.04), untrained))
+    the start trained to selection loss 1.1, 8.3% below the untrained model's 1.2 (less than 20%)
+    >>> weak_start(R(selection_loss=0.6, val_loss=0.6, grad_norm=0.04), untrained)
+    ''
+    >>> print(weak_start(R(selection_loss=0.6, val_loss=0.6, grad_norm=4.0), untrained))
+    its hypergradient norm 4 is above 5 x the validation loss its training removed (0.6): steep
+    """
+    kind, loss = (("selection", record.selection_loss) if record.selection_loss is not None
+                  else ("validation", record.val_loss))
+    reference = untrained.get(kind)
+    if not (_finite(loss) and _finite(reference) and reference > 0):
+        return ""
+    gained = (reference - loss) / reference
+    if gained < WEAK_FRACTION:
+        return (f"the start trained to {kind} loss {loss:.3g}, {gained:.1%} below the untrained "
+                f"model's {reference:.3g} (less than {WEAK_FRACTION:.0%})")
+    norm, value, start = record.grad_norm, record.val_loss, untrained.get("validation")
+    if not (_finite(norm) and _finite(value) and _finite(start)):
+        return ""
+    removed = start - value
+    if removed > 0 and norm > STEEP_RATIO * removed:
+        return (f"its hypergradient norm {norm:.3g} is above {STEEP_RATIO:g} x the validation "
+                f"loss its training removed ({removed:.3g}): steep")
+    return ""
+
+
+def _finite(value: Any) -> TypeGuard[float]:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def check_explore(caller: str, explore: int, decades: float) -> tuple[int, float]:
     """``explore`` as an int >= 0 and ``decades`` as a number in (0, 10], else the standard
     error."""
@@ -121,4 +175,5 @@ def check_explore(caller: str, explore: int, decades: float) -> tuple[int, float
     return count, float(decades)
 
 
-__all__ = ["CHAOTIC_RATIO", "broken_start", "check_explore", "explore_points", "explored_names"]
+__all__ = ["CHAOTIC_RATIO", "STEEP_RATIO", "WEAK_FRACTION", "broken_start", "check_explore",
+           "explore_points", "explored_names", "weak_start"]

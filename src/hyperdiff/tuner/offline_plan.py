@@ -10,11 +10,15 @@ Outer step ``s`` at raw values ``u_s`` (:class:`~hyperdiff.tuner.sampler.Sampler
 ``explore=k`` makes steps 1..k a global phase (:mod:`hyperdiff.tuner.global_phase`): k
 quasi-random points in a box of +-``explore_decades`` decades around the start, then the
 gradient phase from the best step so far with a fresh outer optimizer. With
-``explore_when="broken"`` (the default) the phase runs only after a broken start: step 0
-failed, its training ended no better than the untrained model (its selection loss, else its
-validation loss, ``>=`` the untrained model's on the same batches), or its hypergradient is
-chaotic (:func:`~hyperdiff.tuner.global_phase.broken_start`): where the hypergradient of a
-diverging or chaotic training does not point the way.
+``explore_when="broken"`` the phase runs only after a broken start: step 0 failed, its
+training ended no better than the untrained model (its selection loss, else its validation
+loss, ``>=`` the untrained model's on the same batches), or its hypergradient is chaotic
+(:func:`~hyperdiff.tuner.global_phase.broken_start`): where the hypergradient of a diverging
+or chaotic training does not point the way. With ``explore_when="weak"`` (the default) also
+after a weak start: its training removed less than a fifth of the untrained model's loss (a
+learning rate far too small), or its hypergradient is steep against what the training
+removed (:func:`~hyperdiff.tuner.global_phase.weak_start`): where the gradient phase would
+spend its budget travelling.
 
 ``samples="auto"`` draws 2 samples, then one more at a time until the signal-to-noise ratio
 of the per-sample hypergradients reaches 1 or ``max_samples`` (:mod:`hyperdiff.tuner.snr`).
@@ -28,7 +32,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -47,7 +51,7 @@ from hyperdiff.tuner.driver_checks import (
     check_selection,
     check_warm_start,
 )
-from hyperdiff.tuner.global_phase import broken_start, check_explore, explore_points
+from hyperdiff.tuner.global_phase import broken_start, check_explore, explore_points, weak_start
 from hyperdiff.tuner.guard import untrained_losses
 from hyperdiff.tuner.history import History, OptimizeResult, StepRecord
 from hyperdiff.tuner.outer_steps import DEFAULT_OFFLINE, offline_optimizers
@@ -58,8 +62,9 @@ from hyperdiff.tuner.stopping import ranking_name
 from hyperdiff.wording import option
 
 _LOG = get_logger("driver")
-EXPLORE_WHEN = ("always", "broken")
-"""When the global phase runs: after every start, or only after a broken one."""
+EXPLORE_WHEN = ("always", "weak", "broken")
+"""When the global phase runs: after every start, after a broken or weak one, or after a
+broken one only."""
 
 
 class OfflinePlan:
@@ -73,9 +78,10 @@ class OfflinePlan:
         warm_start: start each step's training from the slot's previous theta_T.
         explore: quasi-random points tried at steps 1..explore before the gradient phase
             (0: none; :mod:`hyperdiff.tuner.global_phase`); by default 8, after a broken
-            start only.
+            or weak start only.
         explore_decades: half-width of their box around the start, in decades.
-        explore_when: ``"always"``, or ``"broken"``: only after a broken start (module doc).
+        explore_when: ``"always"``; ``"weak"``: after a broken or weak start; ``"broken"``:
+            after a broken start only (module doc).
     """
 
     caller = "HyperOptimizer"
@@ -87,7 +93,7 @@ class OfflinePlan:
     default_optimizer = DEFAULT_OFFLINE  # measured across tasks (docs/driver.md)
 
     def __init__(self, samples: int | str = 1, max_samples: int = 16, warm_start: bool = False,
-                 explore: int = 8, explore_decades: float = 2.0, explore_when: str = "broken"):
+                 explore: int = 8, explore_decades: float = 2.0, explore_when: str = "weak"):
         self.auto = auto_samples(samples, max_samples)
         self.samples = self.auto.maximum if self.auto else positive_int(
             "HyperOptimizer", "samples", samples)  # the stride of seeds and warm slots
@@ -193,10 +199,10 @@ class OfflinePlan:
 
     def commit(self, loop: Any, outcome: Outcome, record: StepRecord) -> StepRecord:
         """In the global phase: name the point, and after the last go to the best step; at
-        step 0 with ``explore_when="broken"``, decide whether the phase runs."""
+        step 0 with ``explore_when`` ``"weak"`` or ``"broken"``, decide whether the phase runs."""
         broken = ""
         if record.step == 0 and self._waits_for_start():
-            broken = broken_start(record, outcome.untrained())
+            broken = self._start_verdict(record, outcome.untrained())
             if broken:
                 self._points = self._candidates
         if record.step >= self.gradient_start:
@@ -220,7 +226,14 @@ class OfflinePlan:
         return True
 
     def _waits_for_start(self) -> bool:
-        return self.explore_when == "broken" and bool(self._candidates) and not self._points
+        return self.explore_when != "always" and bool(self._candidates) and not self._points
+
+    def _start_verdict(self, record: StepRecord, untrained: Mapping[str, float]) -> str:
+        """Why step 0 calls for the phase under ``explore_when``, or ``""``."""
+        broken = broken_start(record, untrained)
+        if broken or self.explore_when == "broken":
+            return broken
+        return weak_start(record, untrained)
 
     def counts_failure(self, loop: Any) -> bool:
         """Whether the failing step counts toward the guard's failures in a row and cuts the
@@ -261,7 +274,7 @@ class OfflinePlan:
     def state_dict(self, loop: Any) -> dict[str, Any]:
         state = {"warm": self.warm, "trainings": self.sampler.trainings,
                  "rng": torch.get_rng_state()}
-        if self.explore_when == "broken" and self._candidates:
+        if self.explore_when != "always" and self._candidates:
             state["explored"] = bool(self._points)  # decided at step 0
         return state
 
