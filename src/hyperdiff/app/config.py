@@ -165,6 +165,13 @@ class OuterConfig:
     beta2: float = option(0.999, "online: the outer Adam's (or AdamW's) beta2, the memory of its "
                           "squared-hypergradient average; outer.mode = online, when not set: "
                           f"{ONLINE_BETAS[1]:g}", low=0.0, high=1.0, open_high=True)
+    settle: float = option(1.0, "online: stop tuning once the run has trained this fraction of "
+                           "its steps; the rest trains plainly at the values reached (no "
+                           "tangents, validation or outer steps; 1: tune to the end; "
+                           "docs/online.md)", low=0.0, open_low=True, high=1.0)
+    settle_tol: float = option(0.0, "online: stop tuning once no value changed by more than "
+                               "this (relative) over the last 2 windows (0: off; as "
+                               "outer.settle otherwise)", low=0.0)
     hot_start: str = option("auto", "online: at 10% of the run, if it trained more than 2x "
                             "the optimization time that its values by then give those steps: "
                             "restart from theta_0 with the learning rate divided by that ratio, "

@@ -5,16 +5,18 @@ the outer optimizer's state (under ``"outer"``), the guard, the step and the clo
 plan adds plain tensors, numbers and strings (``torch.save`` / weights-only loading): the
 parameters, buffers and inner optimizer state, the carried tangents (forward mode's,
 curvature's), the inner step (which fixes the data position: minibatches and dropout masks are
-functions of ``(seed, step)``, validation draws of ``(seed, h)``), the records and the
-hot-start measure. The layout is the one the online tuner wrote before the one loop, so its
-checkpoints resume unchanged.
+functions of ``(seed, step)``, validation draws of ``(seed, h)``), the records, the
+hot-start measure and where the values settled (``settled_at``,
+:mod:`hyperdiff.tuner.settling`). The layout is the one the online tuner wrote before the one
+loop, so its checkpoints resume unchanged.
 
 :func:`check_tuner_state` refuses a damaged state before anything uses it (one
 :mod:`hyperdiff.tuner.state_checks` error naming the entry): every entry shaped like the tuner's own
 (tangents like the method's ``carry_like``: forward mode's ``(P, *leaf)`` per state leaf,
 curvature's :func:`~hyperdiff.methods.curvature.initial_tangent`), and the counters consistent
 with the history: ``inner_step`` the steps of the ok windows since the hot-start restart, a
-tangent exactly when a method whose capabilities say ``carries_state`` has trained since,
+tangent exactly when a method whose capabilities say ``carries_state`` has trained since
+and the run has not settled (``settled_at``: None, or an inner step up to ``inner_step``),
 curvature's ``steps`` equal to ``inner_step``, the guard's failure counts and scale those of
 the failed records.
 """
@@ -46,7 +48,9 @@ FORMAT = "hyperdiff-online-1"
 # absent from checkpoints of older versions (discrete: before REINFORCE and annealing online;
 # growth: before growing windows, K steps each; samples: before online samples, 1;
 # val_batch_size: not recorded before, not checked then)
-OPTIONAL = ("guard", "hot_start", "restarted", "discrete", "growth", "samples", "val_batch_size")
+# settled_at: before settling, never settled)
+OPTIONAL = ("guard", "hot_start", "restarted", "discrete", "growth", "samples", "val_batch_size",
+            "settled_at")
 
 
 def _caller(run: OnlineRun) -> str:
@@ -70,6 +74,7 @@ def tuner_state(run: OnlineRun, loop: Loop) -> dict[str, Any]:
         "history": [r.to_json() for r in loop.history],
         "hot_start": None if run.hot_start_measure is None else list(run.hot_start_measure),
         "restarted": run.restarted,
+        "settled_at": run.settled_at,
     }
 
 
@@ -110,6 +115,7 @@ def restore_tuner(run: OnlineRun, loop: Loop, state: dict[str, Any],
     measured = state.get("hot_start")  # checkpoints written before the measure have none
     run.hot_start_measure = None if measured is None else (int(measured[0]), float(measured[1]))
     run.restarted = bool(state.get("restarted", False))
+    run.settled_at = state.get("settled_at")
     return [StepRecord.from_json(line) for line in lines][: state["step"]]
 
 
@@ -139,7 +145,12 @@ def check_tuner_state(run: OnlineRun, loop: Loop, state: dict[str, Any], lines: 
                 "the steps of the ok windows in the history"
                 + (f" after the hot-start restart at step {restart_at}"
                    if restart_at is not None else ""))
-    check_tangent(run, loop, state["tangent"], inner)
+    settled = state.get("settled_at")
+    if settled is not None and (type(settled) is not int or not 0 < settled <= inner):
+        raise damaged(caller, "settled_at", f"None or an inner step in 1..{inner} (where the "
+                      "plain windows began)", repr(settled))
+    # a settled run dropped its carry: a tangent only while it tunes
+    check_tangent(run, loop, state["tangent"], inner if settled is None else 0)
     if "guard" in state:
         check_guard_state(caller, state["guard"], loop.guard.state_dict(),
                           {"raw": fresh["raw"], "outer": loop.optimizer},

@@ -39,6 +39,7 @@ class OnlineRun(Protocol):
     state: TrainState
     tangent: Any
     inner_step: int
+    settled_at: int | None  # where the plain windows began (tuner/settling.py); None: tuning
 
 
 class Loop(Protocol):
