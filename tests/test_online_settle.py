@@ -163,3 +163,33 @@ def test_the_cli_keys_reach_the_plan():
                                     "outer.settle_tol=0.01"])
     _, loop = build_online(config)
     assert loop.plan.settling == Settling(after=0.25, tol=0.01)
+
+
+def test_settling_before_the_last_window_trains_the_same_model():
+    """The last window's outer step moves values that no step trains with: settling at its
+    start (settle = 0.9: step 27 of 30) trains the run's model bit for bit as the run that
+    tunes to the end (curvature's windows train with the same arithmetic as a plain step);
+    only the final values differ, by the one outer step left out."""
+    method = hd.methods.curvature(horizon=20)
+    tuned = tuner(method).run()
+    settled = tuner(method, settle=0.9).run()
+    assert [r.grad is None for r in settled.history] == [False] * 9 + [True]
+    for k, v in tuned.params.items():
+        assert torch.equal(settled.params[k], v), k
+    assert settled.history[-1].hparams == tuned.history[-1].hparams  # the values trained with
+    assert not torch.equal(settled.final_raw["lr"], tuned.final_raw["lr"])
+
+
+def test_an_online_run_settles_at_75_percent_by_default_and_old_run_directories_never(tmp_path):
+    from hyperdiff.app.config import ONLINE_SETTLE, legacy_values, load_config
+
+    fresh = load_config(overrides=["task.name=mlp_digits", "outer.mode=online"])
+    assert fresh.outer.settle == ONLINE_SETTLE == 0.75
+    assert load_config(overrides=["task.name=mlp_digits"]).outer.settle == 1.0  # offline
+    assert load_config(overrides=["task.name=mlp_digits", "outer.mode=online",
+                                  "outer.settle=1"]).outer.settle == 1.0  # set: as set
+    path = tmp_path / "config.toml"  # a run directory's config from before outer.settle
+    path.write_text('[task]\nname = "mlp_digits"\n[outer]\nmode = "online"\n'
+                    'window_growth = 0.2\nbeta1 = 0.5\nbeta2 = 0.99\nexplore_when = "broken"\n')
+    assert load_config(path, stored=True).outer.settle == 1.0
+    assert legacy_values({"outer": {"settle": 0.75}})["outer"]["settle"] == 0.75

@@ -50,6 +50,11 @@ windows instead of torch's 10 and 1000; (0.5, 0.9) and torch's measured beside t
 ``benchmarks/results/online_betas_s26.json``; docs/online.md, "When the run ends worse than its
 start")."""
 
+ONLINE_SETTLE = 0.75
+"""Online: ``outer.settle`` when not set: the windows after 75% of the run train plainly at the
+values reached (on the suite's tasks the last window, whose outer step moves values that no
+step trains with; ``benchmarks/results/online_settle.json``, docs/online.md "Settled values")."""
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -168,7 +173,8 @@ class OuterConfig:
     settle: float = option(1.0, "online: stop tuning once the run has trained this fraction of "
                            "its steps; the rest trains plainly at the values reached (no "
                            "tangents, validation or outer steps; 1: tune to the end; "
-                           "docs/online.md)", low=0.0, open_low=True, high=1.0)
+                           f"docs/online.md); outer.mode = online, when not set: "
+                           f"{ONLINE_SETTLE:g}", low=0.0, open_low=True, high=1.0)
     settle_tol: float = option(0.0, "online: stop tuning once no value changed by more than "
                                "this (relative) over the last 2 windows (0: off; as "
                                "outer.settle otherwise)", low=0.0)
@@ -288,7 +294,8 @@ SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Config)} 
 ONLINE_DEFAULTS: dict[str, Any] = {"method.name": "curvature",
                                    "outer.window_growth": ONLINE_GROWTH,
                                    "outer.beta1": ONLINE_BETAS[0],
-                                   "outer.beta2": ONLINE_BETAS[1]}
+                                   "outer.beta2": ONLINE_BETAS[1],
+                                   "outer.settle": ONLINE_SETTLE}
 """What ``outer.mode = "online"`` changes in the defaults (a task's defaults, the TOML file and
 ``--set`` still win); chosen by ``benchmarks/online_defaults.py`` (docs/online.md)."""
 
@@ -331,7 +338,8 @@ def legacy_values(source: dict[str, Any]) -> dict[str, Any]:
     was ignored online, so it reads as 1 there. A config without ``outer.explore_when`` was
     written when ``outer.explore``'s points ran after every start (``always``), and one without
     ``outer.explore`` before the global phase (0 points). One without ``outer.beta1`` was
-    written when the outer Adam had torch's betas (0.9, 0.999) online too."""
+    written when the outer Adam had torch's betas (0.9, 0.999) online too, and one without
+    ``outer.settle`` when online runs tuned to their end (1)."""
     outer = source.get("outer", {})
     if not isinstance(outer, dict):
         return source
@@ -342,6 +350,8 @@ def legacy_values(source: dict[str, Any]) -> dict[str, Any]:
             legacy["samples"] = 1
     if "beta1" not in outer:
         legacy["beta1"], legacy["beta2"] = 0.9, 0.999
+    if "settle" not in outer:
+        legacy["settle"] = 1.0
     if "explore_when" not in outer:
         legacy["explore_when"] = "always"
         if "explore" not in outer:
