@@ -186,6 +186,8 @@ def test_an_online_run_settles_at_75_percent_by_default_and_old_run_directories_
     fresh = load_config(overrides=["task.name=mlp_digits", "outer.mode=online"])
     assert fresh.outer.settle == ONLINE_SETTLE == 0.75
     assert load_config(overrides=["task.name=mlp_digits"]).outer.settle == 1.0  # offline
+    # horizon_digits keeps the runs its docs measured (constant windows, tuned to the end)
+    assert load_config(overrides=["task.name=horizon_digits"]).outer.settle == 1.0
     assert load_config(overrides=["task.name=mlp_digits", "outer.mode=online",
                                   "outer.settle=1"]).outer.settle == 1.0  # set: as set
     path = tmp_path / "config.toml"  # a run directory's config from before outer.settle
