@@ -28,13 +28,12 @@ window's state: the same steps, data and arithmetic as ``unroll(..., differentia
 True
 >>> rule.reason(stop=50, steps=100, current={"lr": 0.1}, earlier=[])
 'the run reached 50% of its steps (outer.settle = 0.5)'
->>> relative_change({"lr": 0.1, "w": [1.0, 2.0]}, {"lr": 0.1, "w": [1.0, 2.1]})
-0.05
+>>> largest_change({"lr": 0.1, "w": [1.0, 2.0]}, {"lr": 0.1, "w": [1.0, 2.5]})
+0.25
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +44,7 @@ from torch import Tensor
 from hyperdiff.engine.problem import Problem
 from hyperdiff.engine.training import TrainState, check_finite_losses, unroll
 from hyperdiff.errors import Range, fail, number
+from hyperdiff.tuner.budget import relative_change
 
 AFTER = Range(0.0, 1.0, open_low=True)  # a fraction of the run in (0, 1]
 TOL = Range(0.0)  # a relative change >= 0 (0: never by the change)
@@ -83,27 +83,19 @@ class Settling:
             return (f"the run reached {100 * stop / steps:.3g}% of its steps "
                     f"(outer.settle = {self.after:g})")
         if self.tol > 0.0 and len(earlier) >= WINDOWS:
-            change = relative_change(earlier[-WINDOWS], current)
+            change = largest_change(earlier[-WINDOWS], current)
             if change < self.tol:
                 return (f"the values changed by at most {change:.3g} (relative) over the last "
                         f"{WINDOWS} windows (outer.settle_tol = {self.tol:g})")
         return None
 
 
-def relative_change(before: dict[str, Any], after: dict[str, Any]) -> float:
+def largest_change(before: dict[str, Any], after: dict[str, Any]) -> float:
     """``max_i |after_i - before_i| / |before_i|`` over every entry of every value (natural
-    values as records hold them: a float per scalar, a list per vector); ``inf`` where a
-    value before is 0 and changed, or where one is not finite."""
-    worst = 0.0
-    for name, old in before.items():
-        olds = old if isinstance(old, list) else [old]
-        new = after[name]
-        for a, b in zip(olds, new if isinstance(new, list) else [new], strict=True):
-            if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)):
-                return math.inf
-            if a != b:
-                worst = max(worst, abs(b - a) / abs(a) if a != 0 else math.inf)
-    return worst
+    values as records hold them: a float per scalar, a list per vector;
+    :func:`~hyperdiff.tuner.budget.relative_change` of each); ``inf`` where a value before is 0
+    and changed."""
+    return max((relative_change(old, after[name]) for name, old in before.items()), default=0.0)
 
 
 def plain_window(problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
@@ -125,4 +117,4 @@ def plain_window(problem: Problem, state: TrainState, raw: dict[str, Tensor], st
     return state, losses
 
 
-__all__ = ["WINDOWS", "Settling", "plain_window", "relative_change"]
+__all__ = ["WINDOWS", "Settling", "largest_change", "plain_window"]
