@@ -194,3 +194,21 @@ def test_an_online_run_settles_at_75_percent_by_default_and_old_run_directories_
                     'window_growth = 0.2\nbeta1 = 0.5\nbeta2 = 0.99\nexplore_when = "broken"\n')
     assert load_config(path, stored=True).outer.settle == 1.0
     assert legacy_values({"outer": {"settle": 0.75}})["outer"]["settle"] == 0.75
+
+
+def test_a_run_with_a_sampled_choice_tunes_to_the_end():
+    """A plain window would have no choice to draw: with discrete hyperparameters the rule is
+    off (the same records as without it)."""
+    from test_plans import choice_problem
+
+    def run(**settle):
+        loop = hd.HyperOptimizer(choice_problem(steps=15), plan=hd.plans.OnlinePlan(
+            window=3, **settle), method=hd.reverse(), lr=0.01)
+        return loop, loop.run()
+
+    loop, settled = run(settle=0.5)
+    _, tuned = run()
+    assert loop.plan.settled_at is None and loop.plan.settling.never
+    assert all(r.grad is not None for r in settled.history)
+    assert [r.without_timing() for r in settled.history] == \
+        [r.without_timing() for r in tuned.history]
