@@ -51,6 +51,11 @@ windows instead of torch's 10 and 1000; (0.5, 0.9) and torch's measured beside t
 ``benchmarks/results/online_betas_s26.json``; docs/online.md, "When the run ends worse than its
 start")."""
 
+ONLINE_SETTLE = 0.75
+"""Online: ``outer.settle`` when not set: the windows after 75% of the run train plainly at the
+values reached (on the suite's tasks the last window, whose outer step moves values that no
+step trains with; ``benchmarks/results/online_settle.json``, docs/online.md "Settled values")."""
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -173,6 +178,14 @@ class OuterConfig:
     beta2: float = option(0.999, "online: the outer Adam's (or AdamW's) beta2, the memory of its "
                           "squared-hypergradient average; outer.mode = online, when not set: "
                           f"{ONLINE_BETAS[1]:g}", low=0.0, high=1.0, open_high=True)
+    settle: float = option(1.0, "online: stop tuning once the run has trained this fraction of "
+                           "its steps; the rest trains plainly at the values reached (no "
+                           "tangents, validation or outer steps; 1: tune to the end; "
+                           f"docs/online.md); outer.mode = online, when not set: "
+                           f"{ONLINE_SETTLE:g}", low=0.0, open_low=True, high=1.0)
+    settle_tol: float = option(0.0, "online: stop tuning once no value changed by more than "
+                               "this (relative) over the last 2 windows (0: off; as "
+                               "outer.settle otherwise)", low=0.0)
     hot_start: str = option("auto", "online: at 10% of the run, if it trained more than 2x "
                             "the optimization time that its values by then give those steps: "
                             "restart from theta_0 with the learning rate divided by that ratio, "
@@ -294,7 +307,8 @@ SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Config)} 
 ONLINE_DEFAULTS: dict[str, Any] = {"method.name": "curvature",
                                    "outer.window_growth": ONLINE_GROWTH,
                                    "outer.beta1": ONLINE_BETAS[0],
-                                   "outer.beta2": ONLINE_BETAS[1]}
+                                   "outer.beta2": ONLINE_BETAS[1],
+                                   "outer.settle": ONLINE_SETTLE}
 """What ``outer.mode = "online"`` changes in the defaults (a task's defaults, the TOML file and
 ``--set`` still win); chosen by ``benchmarks/online_defaults.py`` (docs/online.md)."""
 
@@ -338,7 +352,8 @@ def legacy_values(source: dict[str, Any]) -> dict[str, Any]:
     written when ``outer.explore``'s points ran after every start (``always``), and one without
     ``outer.explore`` before the global phase (0 points). One without ``outer.beta1`` was
     written when the outer Adam had torch's betas (0.9, 0.999) online too. One without
-    ``outer.rescue`` was written before the online rescue of a broken start (0 cuts);
+    ``outer.rescue`` was written before the online rescue of a broken start (0 cuts), one
+    without ``outer.settle`` when online runs tuned to their end (1);
     ``outer.train_seed`` trained online on its problem's own seed: the default (-1), so it
     needs no entry here."""
     outer = source.get("outer", {})
@@ -353,6 +368,8 @@ def legacy_values(source: dict[str, Any]) -> dict[str, Any]:
         legacy["beta1"], legacy["beta2"] = 0.9, 0.999
     if "rescue" not in outer:
         legacy["rescue"] = 0
+    if "settle" not in outer:
+        legacy["settle"] = 1.0
     if "explore_when" not in outer:
         legacy["explore_when"] = "always"
         if "explore" not in outer:

@@ -18,7 +18,7 @@ FRACTION = 0.2  # the last 20% of the outer steps
 THRESHOLD = 0.1  # a relative change above 10% in them counts as still moving
 
 
-def _relative(first: Any, last: Any) -> float:
+def relative_change(first: Any, last: Any) -> float:
     """``max_i |last_i - first_i| / |first_i|`` over the entries of two scalars or lists
     (``inf`` where ``first_i`` is 0 and ``last_i`` is not; ``nan`` entries are skipped)."""
     pairs = zip(first, last, strict=True) if isinstance(first, list) else [(first, last)]
@@ -52,7 +52,7 @@ def recent_changes(history: Sequence[StepRecord], *,
         same_shape = (isinstance(value, float) and isinstance(old, float)) or (
             isinstance(value, list) and isinstance(old, list) and len(value) == len(old))
         if numeric and same_shape:
-            changes[name] = _relative(old, value)
+            changes[name] = relative_change(old, value)
     return window, changes
 
 
@@ -76,4 +76,4 @@ def still_moving(history: Sequence[StepRecord], *, threshold: float = THRESHOLD,
     return (f"still moving: {names} over the last {window} of {steps} outer steps "
             f"(threshold {threshold:.0%})")
 
-__all__ = ["FRACTION", "THRESHOLD", "recent_changes", "still_moving"]
+__all__ = ["FRACTION", "THRESHOLD", "recent_changes", "relative_change", "still_moving"]

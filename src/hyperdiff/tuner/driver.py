@@ -278,7 +278,8 @@ class HyperOptimizer:
         try:
             self.guard.check_values(self.hparams, raw)
             outcome = self.plan.evaluate(self, step, raw)
-            self._update(outcome.grad, step, lr, outcome)
+            if outcome.grad is not None:  # None: a step that tunes nothing (settled online)
+                self._update(outcome.grad, step, lr, outcome)
             selection = self.plan.selection_loss(self, outcome)
             self.guard.check_losses(outcome.values, selection, untrained=outcome.untrained)
         except NonFiniteError as err:

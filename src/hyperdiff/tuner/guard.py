@@ -99,7 +99,7 @@ class DivergenceGuard:
         sets the references ``L_0``: the mean validation loss and the selection loss; it
         compares them with ``untrained()`` (``{"validation": U, "selection": U_sel}``, the
         untrained model's losses, evaluated only then) first."""
-        groups = {"validation": [float(v) for v in values]}
+        groups = {"validation": [float(v) for v in values]} if values else {}
         if selection is not None:
             groups["selection"] = [float(selection)]
         for kind, group in groups.items():

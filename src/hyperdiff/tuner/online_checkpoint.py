@@ -6,15 +6,17 @@ plan adds plain tensors, numbers and strings (``torch.save`` / weights-only load
 parameters, buffers and inner optimizer state, the carried tangents (forward mode's,
 curvature's), the training seed and the inner step (which fix the data position: minibatches
 and dropout masks are functions of ``(train seed, step)``, validation draws of ``(seed, h)``),
-the records and the hot-start measure. The layout is the one the online tuner wrote before the
-one loop, so its checkpoints resume unchanged.
+the records, the hot-start measure and where the values settled (``settled_at``,
+:mod:`hyperdiff.tuner.settling`). The layout is the one the online tuner wrote before the one
+loop, so its checkpoints resume unchanged.
 
 :func:`check_tuner_state` refuses a damaged state before anything uses it (one
 :mod:`hyperdiff.tuner.state_checks` error naming the entry): every entry shaped like the tuner's own
 (tangents like the method's ``carry_like``: forward mode's ``(P, *leaf)`` per state leaf,
 curvature's :func:`~hyperdiff.methods.curvature.initial_tangent`), and the counters consistent
 with the history: ``inner_step`` the steps of the ok windows since the hot-start restart, a
-tangent exactly when a method whose capabilities say ``carries_state`` has trained since,
+tangent exactly when a method whose capabilities say ``carries_state`` has trained since
+and the run has not settled (``settled_at``: None, or an inner step up to ``inner_step``),
 curvature's ``steps`` equal to ``inner_step``, the guard's failure counts and scale those of
 the failed records.
 """
@@ -47,9 +49,9 @@ FORMAT = "hyperdiff-online-1"
 # absent from checkpoints of older versions (discrete: before REINFORCE and annealing online;
 # growth: before growing windows, K steps each; samples: before online samples, 1;
 # val_batch_size, train_seed: not recorded before, not checked then; rescues: before the
-# rescue, 0)
+# rescue, 0; settled_at: before settling, never settled)
 OPTIONAL = ("guard", "hot_start", "restarted", "discrete", "growth", "samples", "val_batch_size",
-            "rescues", "train_seed")
+            "rescues", "train_seed", "settled_at")
 
 
 def _caller(run: OnlineRun) -> str:
@@ -74,6 +76,7 @@ def tuner_state(run: OnlineRun, loop: Loop) -> dict[str, Any]:
         "hot_start": None if run.hot_start_measure is None else list(run.hot_start_measure),
         "restarted": run.restarted,
         "rescues": run.rescues,
+        "settled_at": run.settled_at,
     }
 
 
@@ -117,6 +120,7 @@ def restore_tuner(run: OnlineRun, loop: Loop, state: dict[str, Any],
     run.hot_start_measure = None if measured is None else (int(measured[0]), float(measured[1]))
     run.restarted = bool(state.get("restarted", False))
     run.rescues = int(state.get("rescues", 0))
+    run.settled_at = state.get("settled_at")
     return [StepRecord.from_json(line) for line in lines][: state["step"]]
 
 
@@ -146,7 +150,12 @@ def check_tuner_state(run: OnlineRun, loop: Loop, state: dict[str, Any], lines: 
                 "the steps of the ok windows in the history"
                 + (f" after the hot-start restart at step {restart_at}"
                    if restart_at is not None else ""))
-    check_tangent(run, loop, state["tangent"], inner)
+    settled = state.get("settled_at")
+    if settled is not None and (type(settled) is not int or not 0 < settled <= inner):
+        raise damaged(caller, "settled_at", f"None or an inner step in 1..{inner} (where the "
+                      "plain windows began)", repr(settled))
+    # a settled run dropped its carry: a tangent only while it tunes
+    check_tangent(run, loop, state["tangent"], inner if settled is None else 0)
     failed = [r.status == "failed" for r in records]
     tries = leading_failures(records)  # a rescued start's failed tries (online_rescue.py)
     check_count(caller, "rescues", state.get("rescues", 0), min(tries, run.rescue),

@@ -17,6 +17,11 @@ validation split drawn from ``(seed, h)`` (all of it when ``None``), so the run 
 its inputs. The training's minibatches and dropout follow ``train_seed`` (``problem.seed`` when
 ``None``): ``train_data.batch(t, train_seed)``, as a plain training at that seed reads them.
 
+**Settling** (``settle``, ``settle_tol``; :mod:`hyperdiff.tuner.settling`): once the run has
+trained a fraction of its steps, or its values stopped changing, the remaining windows are
+trained plainly at the values reached (no carry, no validation, no outer step: the loop gets
+``grad=None``); the settling window's record says so, and ``settled_at`` is checkpointed.
+
 **Samples** (``samples = m``): the window's trajectory is one (the model being trained is
 single); its hypergradient is noisy through the validation batch, so sample ``j`` is the window
 hypergradient of the same trajectory at its own batch ``B_h^j`` (rows drawn from ``(seed, h,
@@ -69,6 +74,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, cast
@@ -97,13 +103,15 @@ from hyperdiff.seeds import window_sample_seed, window_seed
 from hyperdiff.tree import tree_flatten, tree_unflatten
 from hyperdiff.tuner.discrete_outer import outer_hook
 from hyperdiff.tuner.guard import untrained_losses
-from hyperdiff.tuner.history import History, StepRecord
+from hyperdiff.tuner.history import History, StepRecord, natural_values
+from hyperdiff.tuner.hot_start import FRACTION as HOT_START_FRACTION
 from hyperdiff.tuner.hot_start import MODES as HOT_START_MODES
 from hyperdiff.tuner.hot_start import hot_start_warnings, measure_hot_start, restart_cooler
 from hyperdiff.tuner.online_checkpoint import restore_tuner, tuner_state
 from hyperdiff.tuner.online_rescue import at_start, check_broken, start_over
 from hyperdiff.tuner.plan import Outcome, bind_once
 from hyperdiff.tuner.sampler import combine, estimate_fields, warn_low_snr
+from hyperdiff.tuner.settling import Settling, plain_window
 from hyperdiff.tuner.windows import window_index, window_starts, window_stop
 from hyperdiff.typing import Batch, Params
 from hyperdiff.wording import option
@@ -168,6 +176,11 @@ class OnlinePlan:
             ``problem.seed`` seeds in a plain training: ``train_data.batch(t, train_seed)``,
             ``StepContext(seed=train_seed)``); ``None``: the problem's own seed. The loop's
             ``seed`` still seeds the validation draws.
+        settle, settle_tol: stop tuning once the run has trained the fraction ``settle`` of
+            its steps (1: never by it), or once the values' largest relative change over the
+            last two windows is below ``settle_tol`` (0: never by it); the rest of the run
+            trains plainly at the settled values (:mod:`hyperdiff.tuner.settling`). Not with
+            discrete hyperparameters or a data-parallel method (their windows keep tuning).
     """
 
     caller = "HyperOptimizer"  # names the loop in messages (the deprecated shim: OnlineTuner)
@@ -181,7 +194,7 @@ class OnlinePlan:
     def __init__(self, window: int = 1, val_batch_size: int | None = None, eval_every: int = 0,
                  hot_start: str | None = None, samples: int = 1, growth: float = 0.0,
                  betas: tuple[float, float] | None = None, rescue: int = 0,
-                 train_seed: int | None = None):
+                 train_seed: int | None = None, settle: float = 1.0, settle_tol: float = 0.0):
         self.window = positive_int(self.caller, "window", window)
         self.train_seed = None if train_seed is None else nonnegative_int(
             self.caller, "train_seed", train_seed)
@@ -203,6 +216,8 @@ class OnlinePlan:
         self.tangent: Any = None
         self.inner_step = 0
         self.span: tuple[int, int] = (0, 0)
+        self.settling = Settling.checked(self.caller, settle, settle_tol)
+        self.settled_at: int | None = None  # the inner step where the plain windows begin
 
     def bind(self, loop: Any) -> None:
         """Take the loop's one problem and its method (with a segment); start the training."""
@@ -236,6 +251,8 @@ class OnlinePlan:
         loop.discrete = outer_hook(loop.hparams, seed=loop.seed, samples=self.samples,
                                    max_steps=self.windows, folds=1,
                                    baseline=self._baseline(loop.hparams))
+        if loop.discrete is not None or method.options.get("data_parallel"):
+            self.settling = Settling()  # a plain window draws no choice, shards no batch
         with torch.no_grad():
             self.state: TrainState = initial_state(self.problem, differentiable=False)
 
@@ -336,6 +353,8 @@ class OnlinePlan:
         samples (REINFORCE estimates for the sampled choices' logits), whose spread and
         signal-to-noise ratio the record holds as offline."""
         start, stop = self.span
+        if self.settled_at is not None:
+            return self._plain(raw)
         vals = [self.val_batches(loop.seed, step, j) for j in range(self.samples)]
         outs = self._sampled(loop, step, raw, vals)
         grads = torch.stack([loop.hparams.flatten(self._finite(out.grad, j)).double()
@@ -353,6 +372,13 @@ class OnlinePlan:
         check_broken(self, loop.history, fields["val_loss"], fields["grad_norm"], untrained)
         return Outcome(loop.hparams.unflatten(found.mean), values.tolist(), fields, untrained,
                        outs[0])
+
+    def _plain(self, raw: dict[str, Tensor]) -> Outcome:
+        """A window after the values settled: trained plainly at them, no hypergradient
+        (``grad=None``: the loop takes no outer step) and no validation loss."""
+        state, losses = plain_window(self.problem, self.state, raw, *self.span)
+        return Outcome(None, [], {"train_loss": float(losses.mean())}, dict,
+                       Segment(state, {}, math.nan, losses))
 
     def _sampled(self, loop: Any, step: int, raw: dict[str, Tensor], vals: list[list[Batch]]
                  ) -> list[Segment]:
@@ -417,10 +443,28 @@ class OnlinePlan:
         """Keep the window's training state and carry; measure the hot start (and restart)."""
         start, stop = self.span
         self.state, self.tangent, self.inner_step = outcome.kept.state, outcome.kept.carry, stop
+        if self.settled_at is not None:
+            return replace(record, message="plain window at the settled values")
         if measure_hot_start(self, loop, record, start, stop):
             record = replace(record, message=self.warnings[0])
             restart_cooler(self, loop)
+        elif reason := self._settles(loop, record, stop):
+            self.settled_at, self.tangent = stop, None
+            message = (f"tuning settled: {reason}; steps {stop}..{self.problem.steps - 1} "
+                       "train plainly at the values after this window")
+            _LOG.info("%s: %s", self.caller, message)
+            record = replace(record, message="; ".join(m for m in (record.message, message) if m))
         return record
+
+    def _settles(self, loop: Any, record: StepRecord, stop: int) -> str | None:
+        """Why the run settles after the tuned window that ends at ``stop`` (``record``), or
+        None: never at the run's end nor before the hot-start measure's point."""
+        steps = self.problem.steps
+        if self.settling.never or stop >= steps or stop < math.ceil(HOT_START_FRACTION * steps):
+            return None
+        earlier = [r.hparams for r in (*loop.history, record) if r.status == "ok"]
+        return self.settling.reason(stop, steps, natural_values(loop.hparams, loop.raw),
+                                    earlier)
 
     def rescue_start(self, loop: Any) -> bool:
         """Whether a failed first window starts over cooler (``rescue``) instead of ending

@@ -42,6 +42,7 @@ class OnlineRun(Protocol):
     span: tuple[int, int]  # the current window's steps [start, stop)
     rescue: int  # the most learning-rate cuts of a broken start (tuner/online_rescue.py)
     rescues: int  # the cuts made so far
+    settled_at: int | None  # where the plain windows began (tuner/settling.py); None: tuning
 
 
 class Loop(Protocol):

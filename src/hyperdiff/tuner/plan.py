@@ -38,7 +38,8 @@ class Outcome(NamedTuple):
     """What one outer step's trainings give the loop.
 
     Attributes:
-        grad: the raw hypergradient ``g_s`` the outer update follows, float64, by name.
+        grad: the raw hypergradient ``g_s`` the outer update follows, float64, by name;
+            ``None``: no outer update (an online window after the values settled).
         values: the validation losses the guard checks (one per training).
         fields: the record's own fields of the plan (``train_loss``, ``val_loss``,
             ``val_loss_std``, ``grad_norm``, ``grad_std``, ``grad``, ``grad_snr``,
@@ -48,7 +49,7 @@ class Outcome(NamedTuple):
         kept: what :meth:`Plan.commit` keeps (the trained state of an online window).
     """
 
-    grad: dict[str, Tensor]
+    grad: dict[str, Tensor] | None
     values: list[float]
     fields: dict[str, Any]
     untrained: Callable[[], Mapping[str, float]]
