@@ -1,6 +1,6 @@
 """Does the default online run end worse than not tuning? Compared on the same minibatch order.
 
-An online run trains one run with its problem's seed (``task.problems[0].seed``; ``outer.seed``
+An online run trains one run with ``outer.train_seed`` (default: its problem's seed; ``outer.seed``
 seeds only its validation draws, which the default's full validation split does not make), while
 the suite's untuned row and the learning-rate-free optimizers are means over the report seeds.
 For each suite task and start this prints, on the validation split (what the windows descend)
@@ -58,10 +58,10 @@ def plain_losses(task: hd.Task, raw: Mapping[str, Tensor], seeds: tuple[int, ...
 def matched_row(ref: str, config: str) -> dict[str, Any]:
     """One online run with the overrides ``config`` and its plain-training references."""
     try:
-        task, _, result, _, _ = timed_online(ref, config)
+        task, loop, result, _, _ = timed_online(ref, config)
     except (hd.HyperdiffError, hd.NonFiniteError) as err:
         return {"config": config, "note": f"failed: {err}"}
-    seed = task.problems[0].seed
+    seed = loop.plan.problem.seed  # the one training's (outer.train_seed, else the problem's)
     final = {k: v.detach() for k, v in result.final_raw.items()}
     hview = task.hparams.view(task.final_problem.raw_tensors(result.final_raw))
     own = task.metrics_at(result.params, result.buffers, hview)
