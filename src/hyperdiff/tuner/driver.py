@@ -298,8 +298,8 @@ class HyperOptimizer:
 
     def learning_rate(self, step: int) -> float:
         """Outer learning rate of ``step``: base x guard scale x schedule, the cosine over the
-        plan's outer steps (offline: ``step / max_steps``; online: the window's first inner
-        step over the run's windows)."""
+        plan's outer steps (offline: ``step / max_steps``; online: the window over the run's
+        windows, or its first inner step over the run's steps)."""
         return self.lr * self.guard.scale * schedule_factor(
             self.schedule, *self.plan.schedule_position(self, step))
 
@@ -440,7 +440,7 @@ class HyperOptimizer:
         return record
 
 
-def schedule_factor(schedule: str, index: int, total: int) -> float:
+def schedule_factor(schedule: str, index: float, total: int) -> float:
     """The outer learning rate's factor at outer step ``index`` of ``total``: 1 for
     ``"constant"``, ``(1 + cos(pi index / total)) / 2`` for ``"cosine"``."""
     if schedule == "cosine":

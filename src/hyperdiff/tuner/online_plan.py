@@ -120,6 +120,7 @@ _LOG = logging.getLogger("hyperdiff.online")
 GROWTH = Range(0.0)  # the windows' growth: a finite number >= 0
 BETA = Range(0.0, 1.0, open_high=True)  # one of Adam's betas
 ADAM_FAMILY = ("adam", "adamw")  # the outer optimizers whose betas ``betas`` sets
+SCHEDULE_OVER = ("windows", "steps")  # what the outer learning rate's cosine runs over
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,12 @@ class OnlinePlan:
             last two windows is below ``settle_tol`` (0: never by it); the rest of the run
             trains plainly at the settled values (:mod:`hyperdiff.tuner.settling`). Not with
             discrete hyperparameters or a data-parallel method (their windows keep tuning).
+        schedule_over: what the loop's cosine decay of the outer learning rate runs over:
+            ``"windows"``, window ``h`` of the run's ``W``: factor ``(1 + cos(pi h / W)) / 2``;
+            ``"steps"``, the window's first inner step ``t`` of ``N``: ``(1 + cos(pi t / N))
+            / 2``. Growing windows make ``h / W`` run ahead of ``t / N`` early in the run
+            (the first windows are short), so over the windows the rate decays faster at the
+            start (docs/online.md, "A cosine over the inner steps").
     """
 
     caller = "HyperOptimizer"  # names the loop in messages (the deprecated shim: OnlineTuner)
@@ -194,8 +201,13 @@ class OnlinePlan:
     def __init__(self, window: int = 1, val_batch_size: int | None = None, eval_every: int = 0,
                  hot_start: str | None = None, samples: int = 1, growth: float = 0.0,
                  betas: tuple[float, float] | None = None, rescue: int = 0,
-                 train_seed: int | None = None, settle: float = 1.0, settle_tol: float = 0.0):
+                 train_seed: int | None = None, settle: float = 1.0, settle_tol: float = 0.0,
+                 schedule_over: str = "windows"):
         self.window = positive_int(self.caller, "window", window)
+        if schedule_over not in SCHEDULE_OVER:
+            raise fail(self.caller, "schedule_over", f"one of {list(SCHEDULE_OVER)}",
+                       schedule_over)
+        self.schedule_over = schedule_over
         self.train_seed = None if train_seed is None else nonnegative_int(
             self.caller, "train_seed", train_seed)
         self.betas = None if betas is None else _betas(self.caller, betas)
@@ -326,9 +338,13 @@ class OnlinePlan:
         return [tree_unflatten([x[rows] for x in leaves], spec)]
 
     # ------------------------------------------------------------------ one outer step
-    def schedule_position(self, loop: Any, step: int) -> tuple[int, int]:
-        """The current window (``t // K`` without growth) of the run's windows (after a
-        failure the same window again; after a hot-start restart from 0)."""
+    def schedule_position(self, loop: Any, step: int) -> tuple[float, int]:
+        """Where the outer learning rate's schedule stands, out of the run's windows ``W``:
+        the current window (``t // K`` without growth), or with ``schedule_over="steps"`` its
+        first inner step ``t`` in window units, ``t W / N`` (the cosine's ``pi t / N``).
+        After a failure the same window again; after a restart from step 0, 0."""
+        if self.schedule_over == "steps":
+            return self.inner_step * self.windows / self.problem.steps, self.windows
         return self.position(self.inner_step), self.windows
 
     def stop_reason(self, loop: Any) -> str | None:
