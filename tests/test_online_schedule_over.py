@@ -63,7 +63,7 @@ def test_each_windows_rate_is_the_cosine_written_out_and_the_sgd_step_uses_it(sc
 
 def test_the_steps_cosine_decays_slower_early_with_growing_windows():
     """Over the steps the second window (t = 3 of 30) keeps 97.6% of the rate; over the
-    windows (h = 1 of 6) 93.3%: the windows' index runs ahead of the training early."""
+    windows (h = 1 of 6) 93.3%: the windows' index runs ahead of the training."""
     steps = [r.lr for _, r in stepped(tuner("steps"))[:-1]]
     windows = [r.lr for _, r in stepped(tuner("windows"))[:-1]]
     assert steps[0] == windows[0] == pytest.approx(LR)
@@ -141,3 +141,16 @@ def test_a_stored_config_without_the_key_reads_the_windows(tmp_path):
     assert load_config(path, stored=True).outer.schedule_over == "windows"
     assert legacy_values({"outer": {"schedule_over": "steps"}})["outer"]["schedule_over"] == (
         "steps")
+
+
+def test_constant_windows_that_divide_the_run_give_the_same_run_either_way():
+    """Without growth and with K dividing N, t_h / N = h K / N = h / W: the same rates, bit for
+    bit (``horizon_digits``' 100 windows of 20 of 2000 steps keep their runs)."""
+    runs = []
+    for schedule_over in ("windows", "steps"):
+        plan = hd.plans.OnlinePlan(window=WINDOW, schedule_over=schedule_over)
+        runs.append(hd.HyperOptimizer(recipe(STEPS), plan=plan, method=hd.reverse(),
+                                      optimizer="adam", lr=LR, schedule="cosine").run())
+    assert len(runs[0].history) == STEPS // WINDOW
+    assert [r.without_timing() for r in runs[0].history] == [
+        r.without_timing() for r in runs[1].history]

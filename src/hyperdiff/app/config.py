@@ -59,7 +59,7 @@ step trains with; ``benchmarks/results/online_settle.json``, docs/online.md "Set
 
 ONLINE_SCHEDULE_OVER = "steps"
 """Online: ``outer.schedule_over`` when not set: the outer learning rate's cosine runs over the
-run's inner steps, not its growing windows (whose index runs ahead of the training early): own
+run's inner steps, not its growing windows (whose index runs ahead of the training): own
 model's test loss x0.974 (geometric mean of 16 task x start rows, 3-seed means) with as many rows
 at or below the best lr-free optimizer (``benchmarks/results/online_cosine_steps_s27.json``,
 docs/online.md "A cosine over the inner steps")."""

@@ -185,9 +185,9 @@ class OnlinePlan:
         schedule_over: what the loop's cosine decay of the outer learning rate runs over:
             ``"windows"``, window ``h`` of the run's ``W``: factor ``(1 + cos(pi h / W)) / 2``;
             ``"steps"``, the window's first inner step ``t`` of ``N``: ``(1 + cos(pi t / N))
-            / 2``. Growing windows make ``h / W`` run ahead of ``t / N`` early in the run
-            (the first windows are short), so over the windows the rate decays faster at the
-            start (docs/online.md, "A cosine over the inner steps").
+            / 2``. Growing windows make ``h / W`` run ahead of ``t / N`` (the first windows
+            are short; most in the middle of the run), so over the windows the rate decays
+            faster (docs/online.md, "A cosine over the inner steps").
     """
 
     caller = "HyperOptimizer"  # names the loop in messages (the deprecated shim: OnlineTuner)
