@@ -85,7 +85,8 @@ def test_a_stored_config_without_the_betas_reads_torchs():
     assert legacy_values(stored)["outer"]["beta1"] == 0.9
     assert legacy_values(stored)["outer"]["beta2"] == 0.999
     current = {"outer": {"mode": "online", "window_growth": 0.2, "explore_when": "broken",
-                         "beta1": 0.5, "beta2": 0.9, "rescue": 3, "settle": 0.75}}
+                         "beta1": 0.5, "beta2": 0.9, "rescue": 3, "settle": 0.75,
+                         "schedule_over": "steps"}}
     assert legacy_values(current) == current
 
 
