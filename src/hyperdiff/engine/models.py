@@ -87,17 +87,22 @@ def _add_devices(tree: Any, found: set[torch.device]) -> None:
     pytree nodes) through :func:`~hyperdiff.tree.tree_flatten`, whose leaves are the same."""
     kind = type(tree)
     if kind is dict:
-        for value in tree.values():
-            _add_devices(value, found)
+        children = tree.values()
     elif kind is list or kind is tuple:
-        for value in tree:
-            _add_devices(value, found)
+        children = tree
     elif isinstance(tree, Tensor):
         found.add(tree.device)
+        return
     elif tree is None or kind in (int, float, bool, str):
         return
     else:
         found.update(x.device for x in tree_flatten(tree)[0] if isinstance(x, Tensor))
+        return
+    for child in children:
+        if isinstance(child, Tensor):  # a leaf: no call
+            found.add(child.device)
+        else:
+            _add_devices(child, found)
 
 
 def _tensor_devices(*trees: Any) -> list[torch.device]:
