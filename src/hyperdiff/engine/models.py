@@ -81,10 +81,35 @@ def _is_compiled(module: Any) -> bool:
     )
 
 
+def _add_devices(tree: Any, found: set[torch.device]) -> None:
+    """Add the devices of the tensors in ``tree`` to ``found``: plain dicts, lists and tuples
+    walked here (the common case, per training call), anything else (namedtuples, registered
+    pytree nodes) through :func:`~hyperdiff.tree.tree_flatten`, whose leaves are the same."""
+    kind = type(tree)
+    if kind is dict:
+        children = tree.values()
+    elif kind is list or kind is tuple:
+        children = tree
+    elif isinstance(tree, Tensor):
+        found.add(tree.device)
+        return
+    elif tree is None or kind in (int, float, bool, str):
+        return
+    else:
+        found.update(x.device for x in tree_flatten(tree)[0] if isinstance(x, Tensor))
+        return
+    for child in children:
+        if isinstance(child, Tensor):  # a leaf: no call
+            found.add(child.device)
+        else:
+            _add_devices(child, found)
+
+
 def _tensor_devices(*trees: Any) -> list[torch.device]:
     """The distinct accelerator devices (not CPU, not meta) of the tensors in ``trees``, in a
     fixed order: those whose random generators a training call seeds."""
-    found = {x.device for x in tree_flatten(trees)[0] if isinstance(x, Tensor)}
+    found: set[torch.device] = set()
+    _add_devices(trees, found)
     return sorted((d for d in found if d.type not in ("cpu", "meta")), key=str)
 
 
@@ -92,6 +117,14 @@ def _tensor_devices(*trees: Any) -> list[torch.device]:
 def _seeded_rng(next_seed: Callable[[], int], devices: list[torch.device]) -> Iterator[None]:
     """Fork the CPU generator and those of ``devices``, seeding each from ``next_seed()`` (CPU
     first, then the devices in order), and restore them afterwards."""
+    if not devices:  # CPU only: what torch.random.fork_rng(devices=[]) does, without its setup
+        state = torch.get_rng_state()
+        torch.default_generator.manual_seed(next_seed())
+        try:
+            yield
+        finally:
+            torch.set_rng_state(state)
+        return
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.random.fork_rng(devices=[]))
         torch.default_generator.manual_seed(next_seed())
@@ -106,6 +139,15 @@ def _seeded_rng(next_seed: Callable[[], int], devices: list[torch.device]) -> It
                 else:  # mps: a single device
                     backend.manual_seed(next_seed())
         yield
+
+
+def _set_training(module: nn.Module, mode: bool) -> None:
+    """``module.train(mode)``, skipped where it would change nothing: every submodule already
+    in ``mode`` and none overriding ``train`` or ``__setattr__`` (``train`` walks every
+    submodule through ``nn.Module.__setattr__``, a cost paid twice per model call)."""
+    if any(sub.training is not mode or type(sub).train is not nn.Module.train
+           or type(sub).__setattr__ is not nn.Module.__setattr__ for sub in module.modules()):
+        module.train(mode)
 
 
 def trainable_parameters(module: nn.Module) -> tuple[Params, tuple[str, ...]]:
@@ -243,7 +285,7 @@ class FunctionalModel:
         was_training = self.module.training
         token = _ACTIVE.set((self, ctx))
         try:
-            self.module.train(ctx.train)
+            _set_training(self.module, ctx.train)
             if ctx.train:
                 with _seeded_rng(ctx.next_seed, _tensor_devices(params, inputs, kw_inputs)):
                     return self._run(self.module, state, inputs, kw_inputs)
@@ -254,7 +296,7 @@ class FunctionalModel:
             return self._run(self.module, state, inputs, kw_inputs)
         finally:
             _ACTIVE.reset(token)
-            self.module.train(was_training)
+            _set_training(self.module, was_training)
 
     @staticmethod
     def _run(module: nn.Module, state: dict[str, Tensor], inputs: tuple[Any, ...],

@@ -60,6 +60,37 @@ RECORD_FIELDS = ("train_loss", "val_loss", "val_loss_std", "selection_loss", "gr
                  "grad_std", "grad_snr")
 
 
+class _NotPlainError(Exception):
+    """Raised inside :func:`copied_state` for a value it leaves to ``copy.deepcopy``."""
+
+
+def copied_state(value: Any) -> Any:
+    """``copy.deepcopy(value)`` for an optimizer's state dict, cheaper: plain dicts, lists and
+    tuples are rebuilt, tensors that need no graph cloned, immutable scalars shared; anything
+    else (and a tensor met twice, whose sharing deepcopy keeps) is deep-copied."""
+    seen: set[int] = set()
+
+    def one(x: Any) -> Any:
+        kind = type(x)
+        if kind is dict:
+            return {k: one(v) for k, v in x.items()}
+        if kind is list:
+            return [one(v) for v in x]
+        if kind is tuple:
+            return tuple(one(v) for v in x)
+        if kind is Tensor and not x.requires_grad and id(x) not in seen:
+            seen.add(id(x))
+            return x.clone(memory_format=torch.preserve_format)
+        if x is None or kind in (int, float, bool, str):
+            return x
+        raise _NotPlainError
+
+    try:
+        return one(value)
+    except _NotPlainError:
+        return copy.deepcopy(value)
+
+
 class HyperOptimizer:
     """Hypergradient descent on the hyperparameters of one or more inner problems.
 
@@ -338,7 +369,7 @@ class HyperOptimizer:
     def _snapshot(self, raw: dict[str, Tensor]) -> dict[str, Any]:
         """The guard's snapshot before a step: raw values, outer optimizer, the plan's part."""
         return {"raw": raw,
-                self.plan.optimizer_key: copy.deepcopy(self.optimizer.state_dict()),
+                self.plan.optimizer_key: copied_state(self.optimizer.state_dict()),
                 **self.plan.snapshot()}
 
     def _update(self, grad: dict[str, Tensor], step: int, lr: float, outcome: Outcome
