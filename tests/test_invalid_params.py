@@ -435,20 +435,13 @@ def test_the_online_plan_refuses_bad_samples(value):
         hd.plans.OnlinePlan(val_batch_size=4, samples=value)
 
 
-# --- onrescue: the online rescue of a broken start ---
+# --- onrescue and the online training seed (issue 20 items 3/5) ---
+@pytest.mark.parametrize("name", ["rescue", "train_seed"])
 @pytest.mark.parametrize("value", BAD["int>=0"], ids=repr)
-def test_the_online_plan_refuses_a_bad_rescue(value):
-    with pytest.raises(hd.HyperdiffError, match=r"^HyperOptimizer: rescue must be a non-negative "
-                                                r"int \(got "):
-        hd.plans.OnlinePlan(rescue=value)
-
-
-# --- online training seed (issue 20 item 3/5) ---
-@pytest.mark.parametrize("value", BAD["int>=0"], ids=repr)
-def test_the_online_plan_refuses_a_bad_train_seed(value):
-    with pytest.raises(hd.HyperdiffError, match=r"^HyperOptimizer: train_seed must be a "
+def test_the_online_plan_refuses_a_bad_rescue_or_train_seed(name, value):
+    with pytest.raises(hd.HyperdiffError, match=rf"^HyperOptimizer: {name} must be a "
                                                 r"non-negative int \(got "):
-        hd.plans.OnlinePlan(train_seed=value)
+        hd.plans.OnlinePlan(**{name: value})
 
 
 @pytest.mark.parametrize("mode", ["offline", "meta"])
