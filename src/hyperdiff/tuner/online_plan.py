@@ -131,7 +131,11 @@ class OnlineResult:
         final_raw: raw hyperparameters after the last update; ``final_hparams`` holds them.
         params, buffers: the model at the end of the run (trained while tuning).
         history: one :class:`StepRecord` per hyper-step (natural values used in its window).
-        steps: inner steps trained; ``hyper_steps`` windows; ``time_s`` wall time.
+        steps: the inner step the model ended at (N for a finished run): the steps of the
+            model returned, not every step run (a failed window's steps, a rescue's tries and
+            the steps before a hot-start restart were trained and discarded; their cost is
+            in ``time_s`` and the records' times); ``hyper_steps`` windows, failed ones
+            included; ``time_s`` wall time.
         warnings: what the run found suspect (:mod:`hyperdiff.tuner.hot_start`).
     """
 
