@@ -212,3 +212,30 @@ def test_a_run_with_a_sampled_choice_tunes_to_the_end():
     assert all(r.grad is not None for r in settled.history)
     assert [r.without_timing() for r in settled.history] == \
         [r.without_timing() for r in tuned.history]
+
+
+def test_a_plain_window_that_diverges_fails_by_the_guard_and_the_run_goes_on():
+    """After settling, a learning rate that makes training diverge (set here by hand: 1e6
+    on the float64 MLP; the first plain window's train loss reaches 5e24, finite in float64)
+    fails that window by the guard's absurd-loss rule against the settling window's train
+    loss (before, it went on as "ok" up to 8e187). The guard puts back the last good step's
+    values (those the settling window trained with) and the state before the failed window,
+    and the rest of the run is a hand-written heavy-ball training at them."""
+    loop = tuner(settle=0.5)
+    settling = settled_run(loop)
+    state, good = loop.plan.state, loop.guard.good["raw"]
+    raw = dict(loop.raw)
+    raw["lr"] = torch.full_like(raw["lr"], math.log(1e6))
+    loop.set_raw(raw)
+    result = loop.run()
+    failed = [r for r in result.history if r.status == "failed"]
+    assert [r.step for r in failed] == [5]
+    assert (f"the train loss 5.26e+24 is absurd: more than 1e+06 x max(|last tuned window's "
+            f"loss| {settling.train_loss:.3g}, 1)") in failed[0].message
+    assert all(r.status == "ok" and r.hparams == settling.hparams
+               for r in result.history[6:])
+    values = loop.hparams.natural(good)
+    theta, _ = by_hand(loop.plan.problem, state.params, state.opt_state.momentum, values,
+                       15, STEPS)
+    for k, v in theta.items():
+        assert torch.equal(result.params[k], v), k

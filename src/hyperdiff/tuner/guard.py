@@ -16,7 +16,10 @@ An outer step fails when
   the reference: there the limit is ``min(START_LOSS_RATIO, max_loss_ratio) * max(|U|, 1)``
   with ``U`` the same loss of the untrained model (theta_0 on the same batches; default ratio
   ``1e3``). At every step a loss above :data:`OVERFLOW_LOSS` (``1e30``) is absurd, whatever
-  the reference. ``max_loss_ratio=inf`` turns all of these off.
+  the reference. ``max_loss_ratio=inf`` turns all of these off. A window that evaluates no
+  validation loss (an online run's plain window after its values settled,
+  :mod:`hyperdiff.tuner.settling`) has its mean train loss checked by the same rule against
+  the last tuned window's (:meth:`DivergenceGuard.check_train_loss`).
 
 Then the driver goes back to the snapshot of the last successful step (its raw values, outer
 optimizer state and warm-start parameters), multiplies the outer learning rate by ``shrink``
@@ -109,17 +112,26 @@ class DivergenceGuard:
                 self._check_start(kind, worst, untrained().get(kind))
             if reference is None and math.isfinite(worst):
                 reference = self.reference[kind] = sum(group) / len(group)
-            limit = self.max_loss_ratio * max(abs(reference or 0.0), 1.0)
-            if not math.isfinite(worst) or abs(worst) > limit:
-                raise NonFiniteError(
-                    f"the {kind} loss {worst:.3g} is absurd: more than {self.max_loss_ratio:.3g}"
-                    f" x max(|initial loss| {abs(reference or 0.0):.3g}, 1); inner training "
-                    "has probably diverged"
-                )
-            if abs(worst) > OVERFLOW_LOSS and math.isfinite(self.max_loss_ratio):
-                raise NonFiniteError(
-                    f"the {kind} loss {worst:.3g} is absurd: above {OVERFLOW_LOSS:.3g}, the "
-                    "scale of an overflow; inner training has probably diverged")
+            self._check(kind, worst, reference, "initial loss")
+
+    def check_train_loss(self, loss: float, reference: float | None) -> None:
+        """A window that evaluates no validation loss (an online run's plain window after its
+        values settled): its mean train loss by the same rule, against ``reference``, the
+        mean train loss of the last window that was checked on its validation loss."""
+        self._check("train", loss, reference, "last tuned window's loss")
+
+    def _check(self, kind: str, worst: float, reference: float | None, what: str) -> None:
+        limit = self.max_loss_ratio * max(abs(reference or 0.0), 1.0)
+        if not math.isfinite(worst) or abs(worst) > limit:
+            raise NonFiniteError(
+                f"the {kind} loss {worst:.3g} is absurd: more than {self.max_loss_ratio:.3g}"
+                f" x max(|{what}| {abs(reference or 0.0):.3g}, 1); inner training "
+                "has probably diverged"
+            )
+        if abs(worst) > OVERFLOW_LOSS and math.isfinite(self.max_loss_ratio):
+            raise NonFiniteError(
+                f"the {kind} loss {worst:.3g} is absurd: above {OVERFLOW_LOSS:.3g}, the "
+                "scale of an overflow; inner training has probably diverged")
 
     def _check_start(self, kind: str, worst: float, untrained: float | None) -> None:
         """The first step's ``worst`` loss of ``kind`` against ``untrained`` (module doc)."""

@@ -374,7 +374,7 @@ class OnlinePlan:
         signal-to-noise ratio the record holds as offline."""
         start, stop = self.span
         if self.settled_at is not None:
-            return self._plain(raw)
+            return self._plain(loop, raw)
         vals = [self.val_batches(loop.seed, step, j) for j in range(self.samples)]
         outs = self._sampled(loop, step, raw, vals)
         grads = torch.stack([loop.hparams.flatten(self._finite(out.grad, j)).double()
@@ -393,10 +393,14 @@ class OnlinePlan:
         return Outcome(loop.hparams.unflatten(found.mean), values.tolist(), fields, untrained,
                        outs[0])
 
-    def _plain(self, raw: dict[str, Tensor]) -> Outcome:
+    def _plain(self, loop: Any, raw: dict[str, Tensor]) -> Outcome:
         """A window after the values settled: trained plainly at them, no hypergradient
-        (``grad=None``: the loop takes no outer step) and no validation loss."""
+        (``grad=None``: the loop takes no outer step) and no validation loss; its mean train
+        loss goes through the guard's absurd-loss rule against the last tuned window's."""
         state, losses = plain_window(self.problem, self.state, raw, *self.span)
+        tuned = next((r.train_loss for r in reversed(loop.history)
+                      if r.status == "ok" and r.grad is not None), None)
+        loop.guard.check_train_loss(float(losses.mean()), tuned)
         return Outcome(None, [], {"train_loss": float(losses.mean())}, dict,
                        Segment(state, {}, math.nan, losses))
 
