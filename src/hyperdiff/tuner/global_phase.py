@@ -104,11 +104,20 @@ def broken_start(record: Any, untrained: Mapping[str, float]) -> str:
             math.isfinite(loss) and loss < reference):
         return (f"the start trained to {kind} loss {loss:.3g} >= {reference:.3g}, the untrained "
                 "model's")
-    norm, value = record.grad_norm, record.val_loss
-    if norm is not None and value is not None and math.isfinite(value) and (
-            not math.isfinite(norm) or norm > CHAOTIC_RATIO * max(abs(value), 1.0)):
-        return (f"its hypergradient norm {norm:.3g} is above {CHAOTIC_RATIO:.0e} x max(|validation"
-                f" loss| {abs(value):.3g}, 1): chaotic")
+    if record.grad_norm is None or record.val_loss is None:
+        return ""
+    return chaotic(record.grad_norm, record.val_loss)
+
+
+def chaotic(grad_norm: float, val_loss: float) -> str:
+    """Why a training with this raw hypergradient norm and finite validation loss is chaotic
+    in its hyperparameters (the norm is not finite, or above :data:`CHAOTIC_RATIO` x
+    ``max(|val_loss|, 1)``), or ``""`` (also when ``val_loss`` is not finite: that is another
+    failure)."""
+    if math.isfinite(val_loss) and (
+            not math.isfinite(grad_norm) or grad_norm > CHAOTIC_RATIO * max(abs(val_loss), 1.0)):
+        return (f"its hypergradient norm {grad_norm:.3g} is above {CHAOTIC_RATIO:.0e} x "
+                f"max(|validation loss| {abs(val_loss):.3g}, 1): chaotic")
     return ""
 
 
@@ -175,5 +184,5 @@ def check_explore(caller: str, explore: int, decades: float) -> tuple[int, float
     return count, float(decades)
 
 
-__all__ = ["CHAOTIC_RATIO", "STEEP_RATIO", "WEAK_FRACTION", "broken_start", "check_explore",
-           "explore_points", "explored_names", "weak_start"]
+__all__ = ["CHAOTIC_RATIO", "STEEP_RATIO", "WEAK_FRACTION", "broken_start", "chaotic",
+           "check_explore", "explore_points", "explored_names", "weak_start"]

@@ -37,7 +37,7 @@ from torch import Tensor
 from hyperdiff.engine.problem import Problem
 from hyperdiff.errors import HyperdiffError, NonFiniteError
 from hyperdiff.hparams.schedules import Schedule
-from hyperdiff.tuner.global_phase import CHAOTIC_RATIO
+from hyperdiff.tuner.global_phase import chaotic
 from hyperdiff.tuner.history import StepRecord
 from hyperdiff.tuner.hot_start import cooled
 from hyperdiff.tuner.online_run import Loop, OnlineRun
@@ -78,11 +78,7 @@ def broken_window(val_loss: float, grad_norm: float, untrained: float) -> str:
             and val_loss <= untrained + LOSS_MARGIN * max(abs(untrained), 1.0)):
         return (f"first window's validation loss {val_loss:.3g} > U + {LOSS_MARGIN:g} max(|U|, "
                 f"1), U = {untrained:.3g} the untrained model's")
-    if math.isfinite(val_loss) and not (
-            math.isfinite(grad_norm) and grad_norm <= CHAOTIC_RATIO * max(abs(val_loss), 1.0)):
-        return (f"its hypergradient norm {grad_norm:.3g} is above {CHAOTIC_RATIO:.0e} x "
-                f"max(|validation loss| {abs(val_loss):.3g}, 1): chaotic")
-    return ""
+    return chaotic(grad_norm, val_loss)
 
 
 def at_start(run: OnlineRun, history: Sequence[StepRecord]) -> bool:
