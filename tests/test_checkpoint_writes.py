@@ -87,3 +87,42 @@ def test_a_run_killed_between_checkpoints_resumes_to_the_same_history(tmp_path):
         return [r.without_timing() for r in RunDir.existing(path).read_history()]
 
     assert lines(killed) == lines(straight)
+
+
+def test_history_lines_are_fsynced_once_per_checkpoint_and_before_it(tmp_path, monkeypatch):
+    """The history is not fsynced per step: its lines are durable before each checkpoint
+    (and the result) that covers them, which is all a resume needs (it cuts the lines after
+    the last checkpoint and recomputes them)."""
+    import os
+    from pathlib import Path
+
+    if not Path("/proc/self/fd").exists():
+        pytest.skip("needs /proc")
+    out = tmp_path / "run"
+    history = out / "history.jsonl"
+    events: list[tuple[str, int]] = []  # (what was fsynced, the history's size then)
+    fsync = os.fsync
+
+    def recording(fd):
+        name = Path(os.readlink(f"/proc/self/fd/{fd}")).name
+        events.append((name, history.stat().st_size if history.exists() else 0))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    overrides = [*BASE, "stop.max_steps=6", "output.checkpoint_every=3"]
+    run_experiment(load_config(overrides=overrides), out=out, log=lambda _m: None,
+                   progress=False)
+    synced = [size for name, size in events if name == "history.jsonl"]
+    checkpoints = [size for name, size in events if name.startswith(".checkpoint.pt.")]
+    assert len(checkpoints) == 2  # steps 3 and 6
+    assert len(synced) == 2  # once before each checkpoint; the result finds nothing new
+    # each checkpoint is written after the history lines it covers were fsynced: the history
+    # had not grown between the history's fsync and the checkpoint's
+    durable = 0
+    for name, size in events:
+        if name == "history.jsonl":
+            durable = size
+        elif name.startswith((".checkpoint.pt.", ".manifest.json.", ".result.json.")):
+            assert size == durable, (name, size, durable)
+    assert durable == history.stat().st_size
+    assert [r.step for r in RunDir.existing(out).read_history()] == list(range(6))

@@ -4,7 +4,9 @@ Layout of ``RUN_DIR`` (see ``docs/run_directory.md``)::
 
     config.toml      the resolved config (every key), written when the run starts
     hparams.json     the hyperparameters: kind, constraint and coordinate names
-    history.jsonl    one StepRecord per line, appended (and fsynced) after every outer step
+    history.jsonl    one StepRecord per line, appended after every outer step (fsynced before
+                     each checkpoint and the result: only lines a checkpoint covers must
+                     survive a power loss; the others are recomputed on resume)
     checkpoint.pt    the driver's state_dict (torch.save), replaced atomically
     manifest.json    sha256 of config.toml, hparams.json, the last checkpoints and the history
                      they cover (see :mod:`hyperdiff.app.rundir.manifest`)
@@ -46,6 +48,7 @@ from hyperdiff.app.rundir.files import (
     read_text,
     refuse_link,
     remove_temporaries,
+    sync_file,
 )
 from hyperdiff.app.rundir.lock import RunLock
 from hyperdiff.app.rundir.manifest import MANIFEST, Manifest, sha256
@@ -80,12 +83,14 @@ class RunDir:
         self._entry: dict[str, Any] | None = None
         self._history_digest = hashlib.sha256()
         self._history_steps: int | None = None
+        self._history_unsynced = False
 
     def __getstate__(self) -> dict[str, Any]:
         """Picklable state (torch.distributed sends rank 0's RunDir to the other ranks): the
         running history digest is left out; a copy recomputes it from the file if asked."""
         state = dict(vars(self))
         state["_history_digest"], state["_history_steps"] = None, None
+        state["_history_unsynced"] = False  # the copy appends nothing
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -262,9 +267,13 @@ class RunDir:
 
     # ------------------------------------------------------------------ history
     def append(self, record: StepRecord) -> None:
-        """Append one record to the history and flush it to disk."""
+        """Append one record to the history, handed to the operating system; it is fsynced
+        by the next checkpoint or result (:meth:`sync_history`): a line after the last
+        checkpoint is cut back and recomputed on resume, so only those before must be
+        durable."""
         line = (record.to_json() + "\n").encode()
-        append_bytes(self.file(HISTORY), line)
+        append_bytes(self.file(HISTORY), line, sync=False)
+        self._history_unsynced = True
         self._history_digest.update(line)
         if self._history_steps is not None:
             self._history_steps += 1
@@ -326,9 +335,17 @@ class RunDir:
                                len(lines) + 1)
         return records
 
+    def sync_history(self) -> None:
+        """fsync the history's appended lines, if any are not yet."""
+        if self._history_unsynced:
+            sync_file(self.file(HISTORY))
+            self._history_unsynced = False
+
     # ------------------------------------------------------------------ checkpoint
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        """Write ``state`` with torch.save, atomically, listed in the manifest first."""
+        """Write ``state`` with torch.save, atomically, listed in the manifest first (after
+        the history lines it covers are durable)."""
+        self.sync_history()
         buffer = io.BytesIO()
         torch.save(state, buffer)
         data = buffer.getvalue()
@@ -378,7 +395,9 @@ class RunDir:
 
     # ------------------------------------------------------------------ result, hparams
     def write_result(self, result: dict[str, Any]) -> None:
-        """Write ``result.json`` (a value that is not finite is written as ``null``)."""
+        """Write ``result.json`` (a value that is not finite is written as ``null``), after
+        the history is durable."""
+        self.sync_history()
         data = json.dumps(json_safe(result), indent=2, allow_nan=False)
         atomic_write_bytes(self.file(RESULT), data.encode())
 

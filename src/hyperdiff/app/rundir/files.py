@@ -5,9 +5,9 @@
   it and ``os.replace``s it over the final name, so a reader sees the old file or the new one,
   never half of one, and a link planted at the temporary or the final name is never written
   through.
-- :func:`read_bytes` and :func:`append_bytes` open with ``O_NOFOLLOW``: a symbolic link in a
-  run directory is refused, not followed (a planted link could make a run read or overwrite a
-  file outside its directory).
+- :func:`read_bytes`, :func:`append_bytes` and :func:`sync_file` open with ``O_NOFOLLOW``: a
+  symbolic link in a run directory is refused, not followed (a planted link could make a run
+  read or overwrite a file outside its directory).
 - every ``OSError`` becomes one :class:`~hyperdiff.errors.HyperdiffError` line through
   :func:`os_errors`: which file, what went wrong, what to do.
 """
@@ -99,8 +99,10 @@ def read_text(path: Path) -> str:
                              "was damaged or replaced; restore it from a copy") from None
 
 
-def append_bytes(path: Path, data: bytes) -> None:
-    """Append ``data`` to the existing regular file ``path`` and fsync it."""
+def append_bytes(path: Path, data: bytes, *, sync: bool = True) -> None:
+    """Append ``data`` to the existing regular file ``path`` and fsync it (``sync=False``:
+    hand it to the operating system only, which a killed process does not lose; a later
+    :func:`sync_file` makes it durable against a power loss)."""
     refuse_link(path)
     with os_errors(path, "append to"):
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | NOFOLLOW | BINARY)
@@ -108,7 +110,20 @@ def append_bytes(path: Path, data: bytes) -> None:
             regular_file(handle.fileno(), path)
             handle.write(data)
             handle.flush()
-            os.fsync(handle.fileno())
+            if sync:
+                os.fsync(handle.fileno())
+
+
+def sync_file(path: Path) -> None:
+    """fsync the existing regular file ``path`` (what :func:`append_bytes` appended unsynced)."""
+    refuse_link(path)
+    with os_errors(path, "append to"):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | NOFOLLOW | BINARY)
+        try:
+            regular_file(fd, path)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes, *, sync_directory: bool = True) -> None:
