@@ -37,7 +37,7 @@ from hyperdiff.methods.registry import (
     method_constructor,
     registered_constructor,
 )
-from hyperdiff.tuner.online_plan import SCHEDULE_OVER
+from hyperdiff.tuner.online_plan import LOWERING, SCHEDULE_OVER
 from hyperdiff.tuner.online_rescue import TRIES as RESCUE_TRIES
 from hyperdiff.tuner.outer_steps import DEFAULT_OFFLINE, offline_optimizers
 from hyperdiff.tuner.windows import window_starts
@@ -209,6 +209,11 @@ class OuterConfig:
                                 "inner steps (the window's first step t of N: (1 + cos(pi t / "
                                 "N)) / 2; docs/online.md); outer.mode = online, when not set: "
                                 f"{ONLINE_SCHEDULE_OVER}", choices=list(SCHEDULE_OVER))
+    lowering: float = option(1.0, "online: the fraction of its move that an outer step keeps "
+                             "where it lowers the learning rate of the rest of the run (window "
+                             "hypergradients favour smaller rates: the short-horizon bias; 1: "
+                             "every move as the outer optimizer makes it; docs/online.md)",
+                             low=LOWERING.low, open_low=True, high=LOWERING.high)
 
 
 @dataclass(frozen=True)
@@ -372,7 +377,8 @@ def legacy_values(source: dict[str, Any]) -> dict[str, Any]:
     written when the outer Adam had torch's betas (0.9, 0.999) online too. One without
     ``outer.rescue`` was written before the online rescue of a broken start (0 cuts), one
     without ``outer.settle`` when online runs tuned to their end (1), one without
-    ``outer.schedule_over`` when the outer learning rate's cosine ran over the windows;
+    ``outer.schedule_over`` when the outer learning rate's cosine ran over the windows, one
+    without ``outer.lowering`` when every outer move was kept whole (1);
     ``outer.train_seed`` trained online on its problem's own seed: the default (-1), so it
     needs no entry here."""
     outer = source.get("outer", {})
@@ -391,6 +397,8 @@ def legacy_values(source: dict[str, Any]) -> dict[str, Any]:
         legacy["settle"] = 1.0
     if "schedule_over" not in outer:
         legacy["schedule_over"] = "windows"
+    if "lowering" not in outer:
+        legacy["lowering"] = 1.0
     if "explore_when" not in outer:
         legacy["explore_when"] = "always"
         if "explore" not in outer:
