@@ -64,6 +64,14 @@ model's test loss x0.974 (geometric mean of 16 task x start rows, 3-seed means) 
 at or below the best lr-free optimizer (``benchmarks/results/online_cosine_steps_s27.json``,
 docs/online.md "A cosine over the inner steps")."""
 
+ONLINE_LOWERING = 0.2
+"""Online: ``outer.lowering`` when not set: an outer move that lowers the learning rate of the
+rest of the run keeps a fifth of its length (window hypergradients favour smaller rates, the
+short-horizon bias): own model's test loss x0.932 (geometric mean of 16 task x start rows, 3-seed
+means), at or below the best lr-free optimizer on 12 rows instead of 11, 5 of 6 from the tasks'
+own starts instead of 4 (``benchmarks/results/online_lowering_s28.json``, docs/online.md "Why
+tabular_mlp's online run ends worse than not tuning")."""
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -212,7 +220,8 @@ class OuterConfig:
     lowering: float = option(1.0, "online: the fraction of its move that an outer step keeps "
                              "where it lowers the learning rate of the rest of the run (window "
                              "hypergradients favour smaller rates: the short-horizon bias; 1: "
-                             "every move as the outer optimizer makes it; docs/online.md)",
+                             "every move as the outer optimizer makes it; docs/online.md); "
+                             f"outer.mode = online, when not set: {ONLINE_LOWERING:g}",
                              low=LOWERING.low, open_low=True, high=LOWERING.high)
 
 
@@ -327,7 +336,8 @@ ONLINE_DEFAULTS: dict[str, Any] = {"method.name": "curvature",
                                    "outer.beta1": ONLINE_BETAS[0],
                                    "outer.beta2": ONLINE_BETAS[1],
                                    "outer.settle": ONLINE_SETTLE,
-                                   "outer.schedule_over": ONLINE_SCHEDULE_OVER}
+                                   "outer.schedule_over": ONLINE_SCHEDULE_OVER,
+                                   "outer.lowering": ONLINE_LOWERING}
 """What ``outer.mode = "online"`` changes in the defaults (a task's defaults, the TOML file and
 ``--set`` still win); chosen by ``benchmarks/online_defaults.py`` (docs/online.md)."""
 
