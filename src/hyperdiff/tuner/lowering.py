@@ -37,14 +37,16 @@ from hyperdiff.hparams.schedules import Schedule
 def lr_direction(problem: Problem, raw: Mapping[str, Tensor], start: int
                  ) -> dict[str, Tensor] | None:
     """``sign(d T / du)`` by name, ``T = sum_{start <= t < N} lr_t`` the optimization time
-    that steps ``start..N-1`` train with at raw values ``raw`` (shapes as ``raw``); None when
-    the learning rate is neither a schedule nor a hyperparameter's name, or no step is left."""
+    that steps ``start..N-1`` train with at raw values ``raw`` (shapes as ``raw``, float64 on
+    the host); None when the learning rate is neither a schedule nor a hyperparameter's name,
+    or no step is left."""
     coef = problem.optimizer.coefficients.get("lr")
     steps = problem.steps
     if not (isinstance(coef, (Schedule, str)) and start < steps):
         return None
     hp = problem.hparams
-    leaves = {n: v.detach().to(torch.float64).requires_grad_() for n, v in raw.items()}
+    # host float64 (a few numbers per schedule; float64 is not on every accelerator)
+    leaves = {n: v.detach().to("cpu", torch.float64).requires_grad_() for n, v in raw.items()}
     with torch.enable_grad():
         hview = hp.view(leaves)
         total = (coef.window(hview, start, steps).sum() if isinstance(coef, Schedule)
