@@ -249,6 +249,7 @@ def build_online(config: Config, start: dict[str, Any] | None = None
                       hot_start=None if outer.hot_start == "auto" else outer.hot_start,
                       samples=outer.samples, rescue=outer.rescue, settle=outer.settle,
                       settle_tol=outer.settle_tol, schedule_over=outer.schedule_over,
+                      lowering=outer.lowering,
                       betas=(outer.beta1, outer.beta2) if optimizer in ADAM_FAMILY else None,
                       train_seed=None if outer.train_seed < 0 else outer.train_seed)
     loop = HyperOptimizer(

@@ -374,10 +374,11 @@ class HyperOptimizer:
 
     def _update(self, grad: dict[str, Tensor], step: int, lr: float, outcome: Outcome
                 ) -> None:
-        """One outer step on ``grad`` (float64 by name): tied, normalized, clipped. A plan that
-        ranks its steps hands the optimizer the ranking loss of the values it steps from
-        (the selection loss, else the validation loss) as ``step(closure)``, for the
-        optimizers that read it (``trust``)."""
+        """One outer step on ``grad`` (float64 by name): tied, normalized, clipped, and kept as
+        the outcome's ``step_rule`` says (online: a move that lowers the learning rate
+        shortened). A plan that ranks its steps hands the optimizer the ranking loss of the
+        values it steps from (the selection loss, else the validation loss) as
+        ``step(closure)``, for the optimizers that read it (``trust``)."""
         if step < self.tie_steps:
             grad = tied(grad)
         if self.normalize:
@@ -393,11 +394,15 @@ class HyperOptimizer:
                                                    copy=True)
         if self.clip is not None:
             torch.nn.utils.clip_grad_norm_(self.leaves, self.clip)
+        rule = outcome.step_rule
+        before = self.raw if rule is not None else {}
         if self.plan.ranks:
             self.optimizer.step(lambda: self._ranking_value(outcome))
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if rule is not None:  # the plan's say on the move
+            self.set_raw(rule(before, self.raw))
 
     def _ranking_value(self, outcome: Outcome) -> float:
         selection = self.plan.selection_loss(self, outcome)

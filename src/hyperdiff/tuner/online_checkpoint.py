@@ -50,9 +50,9 @@ FORMAT = "hyperdiff-online-1"
 # growth: before growing windows, K steps each; samples: before online samples, 1;
 # val_batch_size, train_seed: not recorded before, not checked then; rescues: before the
 # rescue, 0; settled_at: before settling, never settled; schedule_over: before the choice,
-# the outer lr's cosine over the windows)
+# the outer lr's cosine over the windows; lowering: before it, every move kept, 1)
 OPTIONAL = ("guard", "hot_start", "restarted", "discrete", "growth", "samples", "val_batch_size",
-            "rescues", "train_seed", "settled_at", "schedule_over")
+            "rescues", "train_seed", "settled_at", "schedule_over", "lowering")
 
 
 def _caller(run: OnlineRun) -> str:
@@ -69,6 +69,7 @@ def tuner_state(run: OnlineRun, loop: Loop) -> dict[str, Any]:
         "format": FORMAT, "method": run.label, "window": run.window, "growth": run.growth,
         "samples": run.samples, "val_batch_size": run.val_batch_size,
         "train_seed": run.problem.seed, "schedule_over": run.schedule_over,
+        "lowering": run.lowering,
         "inner_step": run.inner_step,
         "params": {k: v.clone() for k, v in run.state.params.items()},
         "buffers": {k: v.clone() for k, v in run.state.buffers.items()},
@@ -93,12 +94,14 @@ def restore_tuner(run: OnlineRun, loop: Loop, state: dict[str, Any],
                    state.get("format") if isinstance(state, dict) else state)
     # checkpoints from before the growth: K steps each; from before online samples: one
     saved = {"growth": 0.0, "samples": 1, "val_batch_size": run.val_batch_size,
-             "train_seed": run.problem.seed, "schedule_over": "windows", **state}
+             "train_seed": run.problem.seed, "schedule_over": "windows", "lowering": 1.0,
+             **state}
     if isinstance(state.get("tangent"), list):  # an older layout of the method's carry
         state = {**state, "tangent": run.method.saved_carry(run.problem, state["tangent"])}
     for key, mine in (("method", run.label), ("window", run.window), ("growth", run.growth),
                       ("samples", run.samples), ("val_batch_size", run.val_batch_size),
-                      ("train_seed", run.problem.seed), ("schedule_over", run.schedule_over)):
+                      ("train_seed", run.problem.seed), ("schedule_over", run.schedule_over),
+                      ("lowering", run.lowering)):
         if saved.get(key) != mine:
             raise HyperdiffError(f"{caller}: {key} must match the saved run "
                                  f"({saved.get(key)!r}; got {mine!r})")

@@ -107,6 +107,7 @@ from hyperdiff.tuner.history import History, StepRecord, natural_values
 from hyperdiff.tuner.hot_start import FRACTION as HOT_START_FRACTION
 from hyperdiff.tuner.hot_start import MODES as HOT_START_MODES
 from hyperdiff.tuner.hot_start import hot_start_warnings, measure_hot_start, restart_cooler
+from hyperdiff.tuner.lowering import lr_direction, shortened
 from hyperdiff.tuner.online_checkpoint import restore_tuner, tuner_state
 from hyperdiff.tuner.online_rescue import at_start, check_broken, start_over
 from hyperdiff.tuner.plan import Outcome, bind_once
@@ -121,6 +122,7 @@ GROWTH = Range(0.0)  # the windows' growth: a finite number >= 0
 BETA = Range(0.0, 1.0, open_high=True)  # one of Adam's betas
 ADAM_FAMILY = ("adam", "adamw")  # the outer optimizers whose betas ``betas`` sets
 SCHEDULE_OVER = ("windows", "steps")  # what the outer learning rate's cosine runs over
+LOWERING = Range(0.0, 1.0, open_low=True)  # the kept fraction of a move that lowers the lr
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,11 @@ class OnlinePlan:
             / 2``. Growing windows make ``h / W`` run ahead of ``t / N`` (the first windows
             are short; most in the middle of the run), so over the windows the rate decays
             faster (docs/online.md, "A cosine over the inner steps").
+        lowering: in (0, 1], the fraction of its move that the outer step keeps where it
+            lowers the learning rate of the rest of the run (:mod:`hyperdiff.tuner.lowering`:
+            a window's hypergradient favours a smaller rate, the short-horizon bias); 1: every
+            move as the outer optimizer makes it (docs/online.md, "Why tabular_mlp's online
+            run ends worse than not tuning").
     """
 
     caller = "HyperOptimizer"  # names the loop in messages (the deprecated shim: OnlineTuner)
@@ -206,8 +213,9 @@ class OnlinePlan:
                  hot_start: str | None = None, samples: int = 1, growth: float = 0.0,
                  betas: tuple[float, float] | None = None, rescue: int = 0,
                  train_seed: int | None = None, settle: float = 1.0, settle_tol: float = 0.0,
-                 schedule_over: str = "windows"):
+                 schedule_over: str = "windows", lowering: float = 1.0):
         self.window = positive_int(self.caller, "window", window)
+        self.lowering = number(self.caller, "lowering", lowering, LOWERING)
         if schedule_over not in SCHEDULE_OVER:
             raise fail(self.caller, "schedule_over", f"one of {list(SCHEDULE_OVER)}",
                        schedule_over)
@@ -391,7 +399,17 @@ class OnlinePlan:
             lambda: untrained_losses([self.problem], raw, vals[0], loop.selection))
         check_broken(self, loop.history, fields["val_loss"], fields["grad_norm"], untrained)
         return Outcome(loop.hparams.unflatten(found.mean), values.tolist(), fields, untrained,
-                       outs[0])
+                       outs[0], self._step_rule(raw, stop))
+
+    def _step_rule(self, raw: dict[str, Tensor], stop: int) -> Any:
+        """The outer step's rule for ``lowering < 1``: a move that lowers the learning rate of
+        steps ``stop..N-1`` keeps ``lowering`` of its length (None: every move kept)."""
+        if self.lowering == 1.0:
+            return None
+        direction = lr_direction(self.problem, raw, stop)
+        if direction is None:
+            return None
+        return functools.partial(shortened, direction=direction, keep=self.lowering)
 
     def _plain(self, loop: Any, raw: dict[str, Tensor]) -> Outcome:
         """A window after the values settled: trained plainly at them, no hypergradient

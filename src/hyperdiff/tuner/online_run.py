@@ -32,6 +32,7 @@ class OnlineRun(Protocol):
     growth: float  # windows of K + floor(growth * t) steps (tuner/windows.py)
     samples: int  # validation samples per window
     schedule_over: str  # the outer lr's cosine over the run's "windows" or inner "steps"
+    lowering: float  # the kept fraction of an outer move that lowers the learning rate
     val_batch_size: int | None  # rows of each sample's validation batch (None: all)
     method: Method
     hot_start: str

@@ -47,6 +47,10 @@ class Outcome(NamedTuple):
         untrained: the untrained model's losses (``{"validation": U, "selection": U_sel}``),
             the guard's reference at the first step; called only then.
         kept: what :meth:`Plan.commit` keeps (the trained state of an online window).
+        step_rule: ``rule(before, after) -> kept``: the raw values the loop keeps after its
+            outer step from ``before`` to ``after`` (by name); None keeps ``after`` (online
+            with ``lowering < 1``: a move that lowers the learning rate is shortened,
+            :mod:`hyperdiff.tuner.lowering`).
     """
 
     grad: dict[str, Tensor] | None
@@ -54,6 +58,7 @@ class Outcome(NamedTuple):
     fields: dict[str, Any]
     untrained: Callable[[], Mapping[str, float]]
     kept: Any = None
+    step_rule: Callable[[dict[str, Tensor], dict[str, Tensor]], dict[str, Tensor]] | None = None
 
 
 class Plan(Protocol):
