@@ -17,7 +17,7 @@ from test_online import mlp_params, recipe, train_loss, val_loss
 
 import hyperdiff as hd
 from hyperdiff.engine.training import initial_state, train
-from hyperdiff.methods.registry import METHODS, capabilities, methods_where
+from hyperdiff.methods.registry import METHODS, capabilities
 from hyperdiff.tree import tree_flatten
 
 from conftest import sine_data
@@ -89,6 +89,7 @@ SEGMENT_ROWS = [
     (hd.checkpointed(segments=2), 0.0),
     (hd.reversible(), 0.0),
     (hd.finite_difference(warn=False), 0.0),
+    (hd.methods.curvature(horizon=None), 0.0),  # the offline call is this segment
 ]
 
 
@@ -141,20 +142,6 @@ def test_a_method_without_segments_refuses_one_with_a_clear_error(method):
                                                 r"'checkpointed', 'implicit', 'reversible', "
                                                 r"'curvature'\] \(got "):
         hd.online.OnlineTuner(prob, method=method.name)
-
-
-def test_the_online_only_curvature_method_refuses_offline_use():
-    prob = recipe(2)
-    method = hd.methods.curvature(horizon=20)
-    assert not method.capabilities.offline and method.capabilities.online
-    assert "curvature" not in methods_where(offline=True)
-    with pytest.raises(hd.HyperdiffError, match=r"^curvature: method must be used online"):
-        method(prob)
-    with pytest.raises(hd.HyperdiffError, match=r"^HyperOptimizer: method must be a Method "
-                                                r"usable offline or one of \["):
-        hd.HyperOptimizer(prob, method=method)
-    with pytest.raises(hd.HyperdiffError, match=r"^curvature: method must be used online"):
-        hd.distributed.data_parallel(method)(prob)  # wrapped (for its segment): still online
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -13,8 +13,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from hyperdiff.engine.optimizers import resolve
 from hyperdiff.engine.problem import Problem
 from hyperdiff.hparams.schedules import Schedule
+from hyperdiff.typing import Params
 
 RHO = 0.99  # decay of the squared-gradient average (Adam's beta2 for this estimate)
 
@@ -28,12 +30,15 @@ class CurvatureRule(NamedTuple):
     - ``advance(tangent, values, lr, dlr, mu, scale, count)``: one step of the recurrence, in
       place (``dlr`` None: without the direct term; ``count`` the squared gradients averaged
       after it, a Python int: the bias correction reads no device value);
-    - ``direct(values, lr)``: ``-d theta_{t+1} / d lr_t`` (n,), the direct term's vector."""
+    - ``direct(values, lr)``: ``-d theta_{t+1} / d lr_t`` (n,), the direct term's vector;
+    - ``decay(tangent, values, lr, dwd)``: add a carried weight decay's direct term, ``dwd =
+      d wd_t / du`` (R, n) or (R, 1), in place (:func:`carries_decay`)."""
 
     initial: Callable[[Problem, dict[str, Tensor]], Any]
     values: Callable[..., Any]
     advance: Callable[..., None]
     direct: Callable[[Any, Tensor], Tensor]
+    decay: Callable[[Any, Any, Tensor, Tensor], None]
 
 
 def keeps_all(mu: float | Tensor) -> bool:
@@ -41,17 +46,38 @@ def keeps_all(mu: float | Tensor) -> bool:
     return isinstance(mu, float) and mu == 1.0
 
 
+DECAY_CARRIED = ("adamw", "sgd")
+"""The optimizers whose weight decay's tangent is carried: AdamW's decoupled decay and
+heavy-ball SGD's coupled one (Adam's coupled decay, inside both moments, keeps its one-step
+effect)."""
+
+
+def carries_decay(problem: Problem) -> bool:
+    """Whether the optimizer's ``weight_decay`` is carried: :data:`DECAY_CARRIED`'s optimizers
+    when a schedule or a (not ``per_element``) hyperparameter sets it (a number has no
+    derivative; a ``per_element`` or callable one keeps its one-step signal)."""
+    wd = problem.optimizer.coefficients.get("weight_decay")
+    return problem.optimizer.name in DECAY_CARRIED and (
+        isinstance(wd, Schedule)
+        or (isinstance(wd, str) and problem.hparams[wd].kind != "per_element"))
+
+
 def carried_coefficients(problem: Problem) -> list[Any]:
-    """The optimizer coefficients whose tangents are carried: ``lr``, and AdamW's decoupled
-    ``weight_decay`` when a schedule or a (not ``per_element``) hyperparameter sets it."""
+    """The optimizer coefficients whose tangents are carried: ``lr``, and the weight decay
+    where :func:`carries_decay`."""
     coefs = problem.optimizer.coefficients
-    out = [coefs["lr"]]
-    wd = coefs.get("weight_decay")
-    if problem.optimizer.name == "adamw" and (
-            isinstance(wd, Schedule)
-            or (isinstance(wd, str) and problem.hparams[wd].kind != "per_element")):
-        out.append(wd)
-    return out
+    return [coefs["lr"], coefs["weight_decay"]] if carries_decay(problem) else [coefs["lr"]]
+
+
+def per_entry(coef: Any, hview: Any, step: int, params: Params, like: Tensor
+              ) -> Tensor | float:
+    """A coefficient's value at ``step`` for every parameter entry: a float when it is a
+    number, else an (n,) tensor (detached: a constant of the tangent rule)."""
+    if isinstance(coef, (int, float)):
+        return float(coef)
+    return torch.cat([
+        torch.as_tensor(resolve(coef, hview, step, k), dtype=like.dtype, device=like.device)
+        .detach().expand(p.shape).reshape(-1) for k, p in params.items()])
 
 
 def carried_rows(problem: Problem) -> Tensor | None:
@@ -109,5 +135,5 @@ def saved_tangent_rows(problem: Problem, saved: Any) -> Any:
     return out
 
 
-__all__ = ["RHO", "CurvatureRule", "carried_coefficients", "carried_rows", "keeps_all",
-           "saved_tangent_rows", "tangent_rows"]
+__all__ = ["DECAY_CARRIED", "RHO", "CurvatureRule", "carried_coefficients", "carried_rows",
+           "carries_decay", "keeps_all", "per_entry", "saved_tangent_rows", "tangent_rows"]
