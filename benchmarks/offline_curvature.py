@@ -16,9 +16,13 @@ training. Timings on a shared machine are noisy: compare ratios of one task's bl
     python benchmarks/offline_curvature.py --merge /tmp/a.json /tmp/b.json \
         --out benchmarks/results/offline_curvature.json
     python benchmarks/offline_curvature.py --table benchmarks/results/offline_curvature.json
+    OMP_NUM_THREADS=1 python benchmarks/offline_curvature.py --agreement --out /tmp/c.json
+
+``--agreement`` instead compares each configuration's hypergradient at the task's start (one
+training of its first problem) with the first configuration's: cosine and signs.
 
 Writes ``--out`` after every run (``cost``: one block per task; ``runs``: one entry per
-configuration x task x start x seed).
+configuration x task x start x seed; ``agreement``: one block per task).
 """
 
 from __future__ import annotations
@@ -76,6 +80,22 @@ def cost(file: str, configs: Sequence[str], repeats: int) -> dict[str, Any]:
             "seconds": best, "ratios": {k: v / best["plain"] for k, v in best.items()}}
 
 
+def agreement(file: str, configs: Sequence[str]) -> dict[str, Any]:
+    """Each configuration's hypergradient at the task's start (its first problem, one
+    training) against the first configuration's: cosine and per-value sign agreement."""
+    vectors = {}
+    for config in configs:
+        settings = {**FIXED, **overrides(config), "task.name": f"{TASK_DIR / file}.py:build"}
+        _, loop = build(load_config(overrides=[f"{k}={v}" for k, v in settings.items()]))
+        vectors[config] = loop.method(loop.problems[0], loop.raw).vector.double()
+    first = vectors[configs[0]]
+    return {"task": file, "names": list(loop.raw), "vectors": {c: v.tolist()
+                                                               for c, v in vectors.items()},
+            "cosine": {c: float(v @ first / (v.norm() * first.norm()))
+                       for c, v in vectors.items()},
+            "same_sign": {c: (v.sign() == first.sign()).tolist() for c, v in vectors.items()}}
+
+
 def table(data: dict[str, Any]) -> str:
     """Cost ratios per task, then test loss per task x start: each configuration's seeds and
     mean, and the ratio of means to the first configuration."""
@@ -87,6 +107,11 @@ def table(data: dict[str, Any]) -> str:
         out.append(" | ".join([block["task"], f"{block['seconds']['plain']:.3f}",
                                *(f"{ratios[f'{c} {kind}']:.2f}x" for c in configs
                                  for kind in ("hypergradient", "loop step"))]))
+    if data.get("agreement"):
+        out += ["", f"hypergradient at the start against {configs[0]}'s: cosine, same signs"]
+        out += [f"{block['task']} ({', '.join(block['names'])}): " + "; ".join(
+            f"{c} {block['cosine'][c]:+.2f}, {sum(block['same_sign'][c])}/{len(block['names'])}"
+            for c in configs[1:]) for block in data["agreement"]]
     out += ["", "test loss (report retraining, mean of 3 seeds) per outer.seed",
             "task | start | " + " | ".join(f"{c} (seeds) | mean" for c in configs)
             + " | ratio to first"]
@@ -112,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--repeats", type=int, default=3, help="cost: best of this many")
     parser.add_argument("--no-cost", action="store_true", help="runs only")
+    parser.add_argument("--agreement", action="store_true",
+                        help="only the hypergradients at the start against the first config's")
     parser.add_argument("--out", type=Path, default=RESULTS / "offline_curvature.json")
     parser.add_argument("--table", type=Path, help="print the table of a results file")
     parser.add_argument("--merge", type=Path, nargs="+",
@@ -119,8 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.merge:
         loaded = [json.loads(path.read_text()) for path in args.merge]
-        merged = {**loaded[0], "cost": [b for d in loaded for b in d["cost"]],
-                  "runs": [r for d in loaded for r in d["runs"]]}
+        merged = {**loaded[0], **{key: [x for d in loaded for x in d.get(key, [])]
+                                  for key in ("cost", "runs", "agreement")}}
         args.out.write_text(json.dumps(merged, indent=1, default=str))
         args.table = args.out
     if args.table:
@@ -128,8 +155,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     data: dict[str, Any] = {"settings": FIXED, "configs": args.configs,
                             "score": "held-out test loss, report retraining (3 seeds)",
-                            "cost": [], "runs": []}
+                            "cost": [], "runs": [], "agreement": []}
     began = time.perf_counter()
+    if args.agreement:
+        data["agreement"] = [agreement(file, args.configs) for file in args.tasks]
+        args.out.write_text(json.dumps(data, indent=1, default=str))
+        print(table(data))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         for file in args.tasks:
             if not args.no_cost:

@@ -475,7 +475,8 @@ def curvature_offline(problem: Problem, raw: dict[str, Tensor], *, horizon: floa
                                 horizon=horizon, horizon_unit=horizon_unit, scale=scale,
                                 caller="curvature")[0]
     return finish(problem, raw, method="curvature",
-                  value=torch.tensor(segment.value, dtype=torch.float64), grad=segment.grad,
+                  value=torch.tensor(segment.value, dtype=torch.float64, device=problem.device),
+                  grad=segment.grad,
                   params=segment.state.params, buffers=segment.state.buffers,
                   train_losses=segment.train_losses, started=started, horizon=horizon)
 
