@@ -247,3 +247,39 @@ def test_an_initialization_hyperparameter_is_refused_with_the_methods_that_take_
     with pytest.raises(hd.HyperdiffError, match=r"^curvature: the problem must have no "
                                                 r"initialization hyperparameter \(got 'theta0'"):
         hd.methods.curvature()(prob)
+
+
+# --- a checkpoint written before SGD's coupled decay was carried ----------------------------
+def test_an_online_checkpoint_without_the_decays_rows_resumes_with_them_zero():
+    """Before this change an online run of SGD with a tuned weight decay carried the learning
+    rate's rows only (z, zb: (3, n)); such a checkpoint resumes, the decay's row added as 0
+    (its tangent starts at the resume), the learning rate's rows as saved."""
+    from test_online_curvature import mlp_train_loss
+
+    from hyperdiff.methods.curvature_rule import carried_rows
+
+    prob = make(mlp_train_loss, 12, "sgd", "scalar")
+
+    def loop():
+        return hd.HyperOptimizer(prob, plan=hd.plans.OnlinePlan(window=3),
+                                 method=hd.methods.curvature(horizon=20), optimizer="adam",
+                                 lr=0.2, seed=3)
+
+    first = loop()
+    first.step()
+    state = first.state_dict()
+    before = carried_rows(prob, decay=False)
+    assert before.tolist() == [0, 1, 2] and carried_rows(prob) is None  # wd is row 3
+    old = {**state, "tangent": [t[before] if t.dim() == 2 else t for t in state["tangent"]]}
+    second = loop()
+    second.load_state_dict(old)
+    loaded = second.state_dict()["tangent"]
+    for saved, now in zip(state["tangent"], loaded, strict=True):
+        if saved.dim() == 2:
+            assert torch.equal(now[:3], saved[:3]) and not now[3].any() and saved[3].any()
+        else:
+            assert torch.equal(now, saved)
+    assert all(r.status == "ok" for r in second.run().history)
+    damaged = {**state, "tangent": [t[:2] if t.dim() == 2 else t for t in state["tangent"]]}
+    with pytest.raises(hd.HyperdiffError, match="damaged"):
+        loop().load_state_dict(damaged)

@@ -80,9 +80,10 @@ def per_entry(coef: Any, hview: Any, step: int, params: Params, like: Tensor
         .detach().expand(p.shape).reshape(-1) for k, p in params.items()])
 
 
-def carried_rows(problem: Problem) -> Tensor | None:
+def carried_rows(problem: Problem, *, decay: bool = True) -> Tensor | None:
     """Indices of the flat raw values (``problem.hparams.flatten`` order) that the carried
-    coefficients read, or None for all of them (a callable coefficient may read any).
+    coefficients read, or None for all of them (a callable coefficient may read any);
+    ``decay=False``: the learning rate's only.
 
     The tangent ``Z_t = d theta_t / du`` starts at 0 and its recurrence is driven only by the
     carried coefficients' derivatives ``d lr_t / du`` (and ``d wd_t / du``): a row ``u_j`` that
@@ -91,7 +92,7 @@ def carried_rows(problem: Problem) -> Tensor | None:
     per-feature penalties)."""
     hp = problem.hparams
     names: set[str] = set()
-    for coef in carried_coefficients(problem):
+    for coef in carried_coefficients(problem) if decay else [problem.optimizer.coefficients["lr"]]:
         if isinstance(coef, Schedule):
             names.update(coef.names.values())
         elif isinstance(coef, str):
@@ -113,25 +114,47 @@ def tangent_rows(problem: Problem) -> int:
 
 
 def saved_tangent_rows(problem: Problem, saved: Any) -> Any:
-    """A saved tangent (the checkpoint's list of tensors) in today's layout: a checkpoint
-    written before :func:`carried_rows` holds every raw value's row (``(P, n)`` tensors);
-    where the rows not carried are exactly 0 there (the recurrence never drives them) they are
-    dropped, so the run resumes. Anything else is returned unchanged, for the checkpoint's
-    shape check to refuse."""
+    """A saved tangent (the checkpoint's list of tensors) in today's layout, from two older
+    ones. A checkpoint written before :func:`carried_rows` holds every raw value's row (``(P,
+    n)`` tensors); where the rows not carried are exactly 0 there (the recurrence never drives
+    them) they are dropped. One written before SGD's coupled weight decay was carried
+    (:data:`DECAY_CARRIED`) holds the learning rate's rows only: the decay's rows are added as
+    zeros, so its tangent starts at the resume. Anything else is returned unchanged, for the
+    checkpoint's shape check to refuse."""
     rows = carried_rows(problem)
     numel = problem.hparams.numel
-    if rows is None or not isinstance(saved, list):
+    if not isinstance(saved, list):
         return saved
+    lr_rows = carried_rows(problem, decay=False)
+    every = torch.arange(numel, device=problem.device)
+    today = every if rows is None else rows
+    before = every if lr_rows is None else lr_rows
     out = []
     for tensor in saved:
-        if isinstance(tensor, Tensor) and tensor.dim() == 2 and tensor.shape[0] == numel:
-            index = rows.to(tensor.device)
-            dropped = torch.ones(numel, dtype=torch.bool, device=tensor.device)
-            dropped[index] = False
-            if bool(tensor[dropped].any()):
-                return saved
-            tensor = tensor[index]
+        if isinstance(tensor, Tensor) and tensor.dim() == 2:
+            if tensor.shape[0] == numel and rows is not None:
+                tensor = _kept_rows(tensor, rows)
+                if tensor is None:
+                    return saved
+            elif tensor.shape[0] == len(before) < len(today):
+                tensor = _with_zero_rows(tensor, before, today)
         out.append(tensor)
+    return out
+
+
+def _kept_rows(tensor: Tensor, rows: Tensor) -> Tensor | None:
+    """``tensor``'s ``rows``, or None where a row not among them is not 0."""
+    index = rows.to(tensor.device)
+    dropped = torch.ones(tensor.shape[0], dtype=torch.bool, device=tensor.device)
+    dropped[index] = False
+    return None if bool(tensor[dropped].any()) else tensor[index]
+
+
+def _with_zero_rows(tensor: Tensor, before: Tensor, today: Tensor) -> Tensor:
+    """``tensor``'s rows (raw values ``before``) placed among the rows ``today`` (a superset,
+    both ascending), the others 0."""
+    out = tensor.new_zeros((len(today), tensor.shape[1]))
+    out[torch.searchsorted(today.to(tensor.device), before.to(tensor.device))] = tensor
     return out
 
 
