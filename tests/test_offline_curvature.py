@@ -232,6 +232,9 @@ def test_it_refuses_what_its_tangents_cannot_describe():
     with pytest.raises(hd.HyperdiffError, match=r"^curvature: the method carries the tangents "
                                                 r"of heavy-ball SGD"):
         hd.methods.curvature()(nesterov)
+    with pytest.raises(hd.HyperdiffError, match=r"^curvature: the method carries the tangents "
+                                                r"of heavy-ball SGD"):
+        hd.HyperOptimizer(nesterov, method="curvature")  # at construction, not at step 0
     with pytest.raises(hd.HyperdiffError, match=r"^curvature: horizon must be 'auto', None or "
                                                 r"a number > 0 \(got 'never'\)"):
         hd.methods.curvature(horizon="never")
