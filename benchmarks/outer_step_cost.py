@@ -85,6 +85,18 @@ def timed(run: Callable[..., Any], *args: Any) -> float:
     return time.perf_counter() - started
 
 
+def best_of(kinds: dict[str, Callable[[int], Any]], repeats: int) -> dict[str, float]:
+    """Each kind's best wall time over ``repeats`` interleaved rounds (``run(i)`` in round
+    ``i``), after a warm-up round."""
+    best = {kind: math.inf for kind in kinds}
+    for i in range(repeats + 1):
+        for kind, run in kinds.items():
+            seconds = timed(run, i)
+            if i > 0:  # round 0 warms up
+                best[kind] = min(best[kind], seconds)
+    return best
+
+
 def cli_steps(ref: str, steps: int, workdir: Path) -> list[float]:
     """Per-step wall times of a CLI run (``time_s`` differences, the first step excluded)."""
     records: list[Any] = []
@@ -135,12 +147,7 @@ def measure_task(name: str, ref: str, repeats: int, workdir: Path) -> dict[str, 
         kinds["forward"] = lambda i: forward(replace(problem, seed=i), raw)
         truncated = make_method("truncated", k=max(1, problem.steps // 4))
         kinds["truncated T/4"] = lambda i: truncated(replace(problem, seed=i), raw)
-    best = {kind: math.inf for kind in kinds}
-    for i in range(repeats + 1):
-        for kind, run in kinds.items():
-            seconds = timed(run, i)
-            if i > 0:  # round 0 warms up
-                best[kind] = min(best[kind], seconds)
+    best = best_of(kinds, repeats)
     trainings = loop.history[-1].samples * len(loop.problems)
     best["cli step"] = min(cli_steps(ref, repeats + 1, workdir)[1:])
     _, profiled = build(config_for(ref, 4))

@@ -295,10 +295,12 @@ def test_invalid_meta_plan_arguments_are_refused_with_our_message():
     with pytest.raises(hd.HyperdiffError, match=r"^MetaPlan: problem must be one Problem, "
                                                 r".* \(got 2 problems\)$"):
         hd.HyperOptimizer([template(), template()], plan=hd.plans.MetaPlan(sample))
+    online_only = hd.methods.Method(  # curvature was online only before its offline call
+        "online_only", hd.reverse().run,
+        capabilities=hd.methods.Capabilities(offline=False, online=True))
     with pytest.raises(hd.HyperdiffError, match=r"^MetaPlan: method must be a Method usable "
-                                                r"offline .*\(got curvature"):
-        hd.HyperOptimizer(template(), plan=hd.plans.MetaPlan(sample),
-                          method=hd.methods.curvature())
+                                                r"offline .*\(got online_only"):
+        hd.HyperOptimizer(template(), plan=hd.plans.MetaPlan(sample), method=online_only)
 
 
 def test_a_task_that_is_not_a_pair_of_data_names_the_task_and_the_step():

@@ -217,11 +217,6 @@ def test_the_cli_runs_the_curvature_method(tmp_path):
     _ = predict  # the shared helpers come from test_online
 
 
-def test_offline_tuning_refuses_the_online_only_method_by_name():
-    with pytest.raises(hd.HyperdiffError, match="exists only in online tuning"):
-        hd.HyperOptimizer(make(mlp_train_loss, 4), method="curvature")
-
-
 def test_a_task_s_method_options_do_not_follow_another_method():
     from hyperdiff.app.config import load_config
     from hyperdiff.app.plans import build_online

@@ -60,7 +60,8 @@ PLANS = {"offline": lambda: hd.plans.OfflinePlan(),
 ONLINE_AND_OFFLINE = {"reverse": hd.reverse, "forward": hd.forward, "implicit": hd.implicit,
                       "truncated": lambda: hd.truncated(3), "checkpointed": hd.checkpointed,
                       "reversible": hd.reversible,
-                      "finite_difference": lambda: hd.finite_difference(warn=False)}
+                      "finite_difference": lambda: hd.finite_difference(warn=False),
+                      "curvature": lambda: hd.methods.curvature(horizon=None)}
 EXACT = ("reverse", "forward", "checkpointed", "reversible")
 MOMENTUM = {"reversible": 0.5}  # it reverses heavy-ball SGD only
 

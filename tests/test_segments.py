@@ -17,7 +17,7 @@ from test_online import mlp_params, recipe, train_loss, val_loss
 
 import hyperdiff as hd
 from hyperdiff.engine.training import initial_state, train
-from hyperdiff.methods.registry import METHODS, capabilities, methods_where
+from hyperdiff.methods.registry import METHODS, capabilities, registered_constructor
 from hyperdiff.tree import tree_flatten
 
 from conftest import sine_data
@@ -89,6 +89,7 @@ SEGMENT_ROWS = [
     (hd.checkpointed(segments=2), 0.0),
     (hd.reversible(), 0.0),
     (hd.finite_difference(warn=False), 0.0),
+    (hd.methods.curvature(horizon=None), 0.0),  # the offline call is this segment
 ]
 
 
@@ -143,20 +144,6 @@ def test_a_method_without_segments_refuses_one_with_a_clear_error(method):
         hd.online.OnlineTuner(prob, method=method.name)
 
 
-def test_the_online_only_curvature_method_refuses_offline_use():
-    prob = recipe(2)
-    method = hd.methods.curvature(horizon=20)
-    assert not method.capabilities.offline and method.capabilities.online
-    assert "curvature" not in methods_where(offline=True)
-    with pytest.raises(hd.HyperdiffError, match=r"^curvature: method must be used online"):
-        method(prob)
-    with pytest.raises(hd.HyperdiffError, match=r"^HyperOptimizer: method must be a Method "
-                                                r"usable offline or one of \["):
-        hd.HyperOptimizer(prob, method=method)
-    with pytest.raises(hd.HyperdiffError, match=r"^curvature: method must be used online"):
-        hd.distributed.data_parallel(method)(prob)  # wrapped (for its segment): still online
-
-
 @pytest.mark.parametrize("bad, message", [
     ({"horizon": 0}, r"curvature: horizon must be"),
     ({"horizon_unit": "epochs"}, r"curvature: horizon_unit must be one of \['steps', 'lr'\]"),
@@ -195,21 +182,43 @@ def test_the_capability_table_of_the_architecture_page_is_the_code():
                          caps.data_parallel], name
 
 
+def register_module_method(tmp_path, monkeypatch, name, *, offline):
+    """A module ``{name}_method.py`` declaring reverse mode's calls under ``name`` with
+    ``offline`` capabilities, and its line in METHODS (for this test only)."""
+    (tmp_path / f"{name}_method.py").write_text(
+        "from hyperdiff.methods.base import Capabilities, Method\n"
+        "from hyperdiff.methods.reverse import _reverse, reverse_segment\n\n"
+        f"CAPABILITIES = Capabilities(exact=True, offline={offline}, online=True)\n\n\n"
+        f"def {name}():\n"
+        f"    return Method({name!r}, _reverse, capabilities=CAPABILITIES,\n"
+        "                  segment_fn=reverse_segment)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(METHODS, name, f"{name}_method:{name}")
+
+
 def test_a_new_method_is_its_file_and_its_registry_line(tmp_path, monkeypatch):
     """The two files that docs/architecture.md counts: a module with CAPABILITIES and a
     constructor, and one line in METHODS; the name then works offline and online."""
-    (tmp_path / "toy_method.py").write_text(
-        "from hyperdiff.methods.base import Capabilities, Method\n"
-        "from hyperdiff.methods.reverse import _reverse, reverse_segment\n\n"
-        "CAPABILITIES = Capabilities(exact=True, offline=True, online=True)\n\n\n"
-        "def toy():\n"
-        "    return Method('toy', _reverse, capabilities=CAPABILITIES,\n"
-        "                  segment_fn=reverse_segment)\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(METHODS, "toy", "toy_method:toy")
+    register_module_method(tmp_path, monkeypatch, "toy", offline=True)
     prob = recipe(6)
     assert hd.HyperOptimizer(prob, method="toy").method.name == "toy"
     record = hd.online.OnlineTuner(prob, window=6, method="toy", lr=0.0).step()
     offline = hd.reverse()(prob)
     for name, g in offline.grad.items():
         assert close(record.grad[name], float(g), 1e-12), name
+
+
+def test_an_online_only_method_is_refused_offline_by_name_and_as_a_method(tmp_path,
+                                                                          monkeypatch):
+    """A method whose capabilities say offline=False (no registered one is, since curvature
+    gained its offline call) is refused by the offline loop, the meta plan and the registry,
+    with the message naming online tuning."""
+    register_module_method(tmp_path, monkeypatch, "online_toy", offline=False)
+    prob = recipe(2)
+    with pytest.raises(hd.HyperdiffError, match=r"^HyperOptimizer: method must be one of .*"
+                                                r"\('online_toy' exists only in online tuning"):
+        hd.HyperOptimizer(prob, method="online_toy")
+    method = registered_constructor("online_toy")()
+    with pytest.raises(hd.HyperdiffError, match=r"^HyperOptimizer: method must be a Method "
+                                                r"usable offline or one of \[.*\(got online_toy"):
+        hd.HyperOptimizer(prob, method=method)

@@ -1,4 +1,4 @@
-"""Online window hypergradient with long-horizon tangents under a diagonal curvature model.
+"""Long-horizon hypergradient tangents under a diagonal curvature model: windows and offline.
 
 Real-time forward mode (RTHO, :func:`~hyperdiff.methods.forward.forward_segment`) carries the
 exact tangents ``Z_t = d theta_t / d lam`` through every step, at the price of Jacobian-vector
@@ -10,7 +10,7 @@ for heavy-ball SGD (``hd.sgd``: ``b_{t+1} = beta b_t + d_t``, ``theta_{t+1} = th
 lr_t b_{t+1}``, with ``d_t`` the gradient plus the optimizer's weight decay) it propagates the
 learning rate's tangents with the Hessian replaced by a diagonal estimate ``D_t``::
 
-    Zb_{t+1} = beta Zb_t + D_t * Z_t                       (momentum tangent; Zb_1 = D_0 Z_0)
+    Zb_{t+1} = beta Zb_t + (D_t + wd_t) * Z_t              (momentum tangent; Zb_1 = D_0 Z_0)
     Z_{t+1}  = mu (Z_t - lr_t Zb_{t+1}) - (d lr_t / du) b_{t+1}
     D_t      = min(scale * vhat_t, 2 (1 + beta) / lr_t),   v_t = rho v_{t-1} + (1 - rho) d_t^2
 
@@ -32,15 +32,26 @@ carried tangents add the earlier steps' effect through the learning rate::
 
 with ``Zt_{t1}`` the tangent propagated through the last step without its direct term. The
 optimizer's ``lr`` coefficient is carried (its derivative in every raw value, exactly, by
-autograd once per window), and AdamW's decoupled weight decay when a hyperparameter sets it (its
-direct term ``-(d wd_t / du) lr_t p_t``: :func:`decay_derivatives`), so a weight decay gets the
-same long-horizon signal as the learning rate; other coefficients (SGD's or Adam's coupled
-decay, momentum, betas) get their one-step effect only. Buffers (BatchNorm statistics) are
-constants.
+autograd once per window), and a weight decay when a hyperparameter sets it: AdamW's decoupled
+one (direct term ``-(d wd_t / du) lr_t p_t``) and SGD's coupled one (``Zb`` gains ``(d wd_t / du)
+p_t``; :func:`decay_derivatives`), so a weight decay gets the same long-horizon signal as the
+learning rate; other coefficients (Adam's coupled decay, momentum, betas) get their one-step
+effect only. SGD's coupled decay's ``wd_t Z_t`` (its exact Hessian term) is added to the model
+``D_t``. Buffers (BatchNorm statistics) are constants.
+
+Offline (``method(problem)``, :func:`curvature_offline`) is the segment ``[0, T)`` from theta_0
+with no carry, at the problem's validation data: one training carrying the tangents plus a
+backward pass through its last step, about 1.2-1.4x a plain training (docs/long_horizon.md)
+where reverse mode through all T steps costs 2-4x. Over one fixed training nothing needs
+forgetting: the default ``horizon="auto"`` keeps the whole run offline (``mu = 1``) and forgets
+over 500 steps online; a horizon given explicitly applies to both. It is approximate (the
+curvature model) and exact where the model is: a loss linear in theta with ``curvature_scale=0``
+and no forgetting gives reverse mode's hypergradient (``tests/test_offline_curvature.py``).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
@@ -55,18 +66,21 @@ from hyperdiff.engine.training import (
     TrainState,
     check_finite_losses,
     flat,
+    initial_state,
     train_gradient,
     validation_loss,
 )
 from hyperdiff.errors import HyperdiffError, fail, positive_float, positive_int
 from hyperdiff.hparams.schedules import Schedule
-from hyperdiff.methods.base import Capabilities, HyperGradient, Method, Segment
+from hyperdiff.methods.base import Capabilities, HyperGradient, Method, Segment, finish
 from hyperdiff.methods.curvature_adam import ADAM_NAMES, ADAM_RULE
 from hyperdiff.methods.curvature_rule import (
     RHO,
     CurvatureRule,
     carried_rows,
+    carries_decay,
     keeps_all,
+    per_entry,
     saved_tangent_rows,
     tangent_rows,
 )
@@ -175,15 +189,12 @@ def lr_derivatives(problem: Problem, raw: dict[str, Tensor], start: int, stop: i
 
 def decay_derivatives(problem: Problem, raw: dict[str, Tensor], start: int, stop: int
                       ) -> Tensor | None:
-    """``d wd_t / du`` (as :func:`lr_derivatives`) of AdamW's decoupled weight decay when a
-    hyperparameter or a schedule sets it, else None (a number; also a ``per_element`` or
-    callable one, which keeps its one-step signal). Its step ``p' = (1 - lr_t wd_t) p - ...``
-    gives the tangent the direct term ``-(d wd_t / du) lr_t p``, carried like the learning
-    rate's."""
-    coef = problem.optimizer.coefficients.get("weight_decay")
-    if problem.optimizer.name != "adamw" or not (
-            isinstance(coef, Schedule)
-            or (isinstance(coef, str) and problem.hparams[coef].kind != "per_element")):
+    """``d wd_t / du`` (as :func:`lr_derivatives`) of a carried weight decay
+    (:func:`~hyperdiff.methods.curvature_rule.carries_decay`: AdamW's decoupled one, SGD's
+    coupled one), else None. AdamW's step ``p' = (1 - lr_t wd_t) p - ...`` gives the tangent
+    the direct term ``-(d wd_t / du) lr_t p``; SGD's ``b' = beta b + g + wd_t p`` gives the
+    momentum's tangent ``(d wd_t / du) p``: both carried like the learning rate's."""
+    if not carries_decay(problem):
         return None
     return lr_derivatives(problem, raw, start, stop, "weight_decay")[1]
 
@@ -210,23 +221,38 @@ def _coefficient(coef: Any, hview: Any, step: int, key: str) -> Tensor | float:
     return value.detach() if isinstance(value, Tensor) else float(value)
 
 
+class HeavyBallStep(NamedTuple):
+    """One :func:`hd.sgd` step's values, flat (n,): ``d`` the gradient plus the coupled
+    weight decay ``wd p``, ``b`` the new momentum ``b_{t+1}``, ``p`` the parameters before the
+    step (without a weight decay, which alone reads it: ``d``); ``beta`` and ``wd`` floats or
+    tensors ((n,) for ``wd``)."""
+
+    d: Tensor
+    b: Tensor
+    beta: Tensor | float
+    p: Tensor
+    wd: Tensor | float
+
+
 def _heavy_ball(problem: Problem, hview: Any, grads: Params, opt_state: Any, params: Params,
-                step: int) -> tuple[Tensor, Tensor, Tensor | float]:
-    """``d_t`` (the gradient plus the optimizer's weight decay), ``b_{t+1}`` and ``beta`` of
-    :func:`hd.sgd`'s step at ``step``, flat."""
+                step: int) -> HeavyBallStep:
+    """``d_t`` (the gradient plus the optimizer's weight decay), ``b_{t+1}``, ``beta``, ``p_t``
+    and ``wd_t`` of :func:`hd.sgd`'s step at ``step``, flat."""
     coefs = problem.optimizer.coefficients
     direction = flat(grads.values())
-    wd = coefs["weight_decay"]
-    if not _is_zero(wd):
-        decay = torch.cat([_coefficient(wd, hview, step, k) * p.reshape(-1)
-                           for k, p in params.items()])
-        direction = direction + decay
+    coef = coefs["weight_decay"]
+    wd = 0.0 if _is_zero(coef) else per_entry(coef, hview, step, params, direction)
+    p = direction  # read only with a weight decay (wd * p, the decay's direct term)
+    if not _is_zero(coef):
+        p = flat(params.values()).to(direction.dtype)
+        direction = direction + wd * p
     if not opt_state.momentum:
-        return direction, direction, 0.0
+        return HeavyBallStep(direction, direction, 0.0, p, wd)
     beta = _coefficient(coefs["momentum"], hview, step, next(iter(params)))
     if step == 0:  # torch.optim.SGD: b_1 = d_0
-        return direction, direction, beta
-    return direction, _add_scaled(direction, flat(opt_state.momentum.values()), beta), beta
+        return HeavyBallStep(direction, direction, beta, p, wd)
+    return HeavyBallStep(direction, _add_scaled(direction, flat(opt_state.momentum.values()),
+                                                beta), beta, p, wd)
 
 
 HORIZON_UNITS = ("steps", "lr")
@@ -247,14 +273,17 @@ def forgetting(horizon: float | None, unit: str = "steps") -> Callable[[Tensor],
 
 def _advance(tangent: CurvatureTangent, momentum: Tensor, direction: Tensor, lr: Tensor,
              dlr: Tensor | None, beta: Tensor | float, mu: float | Tensor, scale: float,
-             count: int) -> None:
+             count: int, wd: Tensor | float = 0.0) -> None:
     """One step of the recurrence of the module doc, in place. ``momentum`` is ``b_{t+1}``,
     ``direction`` ``d_t`` (n,); ``lr`` (n,) or (1,), ``dlr`` (R, n) or (R, 1), or None (no
-    direct term); ``count`` the squared gradients in ``v`` after this step."""
+    direct term); ``count`` the squared gradients in ``v`` after this step; ``wd`` the coupled
+    weight decay, whose ``wd Z`` is exact (added to the capped model ``D_t``)."""
     z, zb, v, _ = tangent
     v.mul_(RHO).addcmul_(direction, direction, value=1.0 - RHO)
     curvature = v * (scale / (1.0 - RHO ** count))
     curvature = torch.minimum(curvature, (2.0 * (1.0 + beta)) / lr.clamp(min=1e-30))
+    if not isinstance(wd, float) or wd != 0.0:
+        curvature = curvature + wd
     zb.mul_(beta).addcmul_(z, curvature)
     z.addcmul_(zb, lr, value=-1.0)
     if not keeps_all(mu):
@@ -264,20 +293,28 @@ def _advance(tangent: CurvatureTangent, momentum: Tensor, direction: Tensor, lr:
 
 
 def _sgd_values(problem: Problem, hview: Any, grads: Params, params: Params, old_state: Any,
-                new_state: Any, step: int) -> tuple[Tensor, Tensor, Tensor | float]:
+                new_state: Any, step: int) -> HeavyBallStep:
     return _heavy_ball(problem, hview, grads, old_state, params, step)
 
 
-def _sgd_advance(tangent: CurvatureTangent, values: tuple[Tensor, Tensor, Tensor | float],
-                 lr: Tensor, dlr: Tensor | None, mu: float | Tensor, scale: float,
-                 count: int) -> None:
-    direction, momentum, beta = values
-    _advance(tangent, momentum, direction, lr, dlr, beta, mu, scale, count)
+def _sgd_advance(tangent: CurvatureTangent, values: HeavyBallStep, lr: Tensor,
+                 dlr: Tensor | None, mu: float | Tensor, scale: float, count: int) -> None:
+    _advance(tangent, values.b, values.d, lr, dlr, values.beta, mu, scale, count, values.wd)
 
 
-SGD_RULE = CurvatureRule(_initial_sgd, _sgd_values, _sgd_advance,
-                         lambda values, lr: values[1])
-"""Heavy-ball SGD's rule (the module doc's recurrence); the direct term's vector is ``b_{t+1}``."""
+def _sgd_decay(tangent: CurvatureTangent, values: HeavyBallStep, lr: Tensor, dwd: Tensor
+               ) -> None:
+    """SGD's coupled decay ``d_t = g_t + wd_t p_t``: its direct term ``(d wd_t / du) p_t``
+    enters the momentum's tangent, and through it the parameters' (``-lr_t`` times it), in
+    place."""
+    tangent.zb.addcmul_(dwd, values.p)
+    tangent.z.addcmul_(dwd, lr * values.p, value=-1.0)
+
+
+SGD_RULE = CurvatureRule(_initial_sgd, _sgd_values, _sgd_advance, lambda values, lr: values.b,
+                         _sgd_decay)
+"""Heavy-ball SGD's rule (the module doc's recurrence); the direct term's vector is ``b_{t+1}``;
+a carried coupled weight decay's is ``p_t`` in the momentum (:func:`_sgd_decay`)."""
 
 
 def curvature_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
@@ -295,10 +332,11 @@ def curvature_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor
 def curvature_samples(problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
                       stop: int, val_sets: list[list[Batch]], carry: Any = None, *,
                       horizon: float | None = 500, horizon_unit: str = "steps",
-                      scale: float | None = None) -> list[Segment]:
+                      scale: float | None = None, caller: str = "online curvature"
+                      ) -> list[Segment]:
     """:func:`curvature_segment` at each of ``val_sets``: the window, its last step's graph and
     the tangents once; per set one validation gradient through that step, contracted with the
-    tangents."""
+    tangents. ``caller`` names the call in a non-finite train loss's error."""
     rule = rule_for(problem)
     forget = forgetting(horizon, horizon_unit)
     hp = problem.hparams
@@ -327,7 +365,7 @@ def curvature_samples(problem: Problem, state: TrainState, raw: dict[str, Tensor
             i, count = step - start, count + 1
             rule.advance(tangent, values, lrs[i], dlrs[i], forget(lrs[i]), scale, count)
             if dwds is not None:
-                tangent.z.addcmul_(dwds[i], lrs[i] * values.p, value=-1.0)
+                rule.decay(tangent, values, lrs[i], dwds[i])
         params, opt_state = new_params, new_state
         buffers = {k: v.detach() for k, v in buffers.items()}
         losses[step - start] = loss.detach()
@@ -339,7 +377,7 @@ def curvature_samples(problem: Problem, state: TrainState, raw: dict[str, Tensor
                                               create_graph=True)
     new_params, new_state = problem.optimizer.update(grads, opt_state, theta, hleaves, stop - 1)
     losses[-1] = loss.detach()
-    check_finite_losses(losses, "online curvature", start)
+    check_finite_losses(losses, caller, start)
     val_losses = [validation_loss(at_val_batches(problem, val), new_params, new_buffers, hleaves)
                   for val in val_sets]
     sampled = sample_grads(val_losses, [*leaves.values(), *new_params.values()])
@@ -355,7 +393,7 @@ def curvature_samples(problem: Problem, state: TrainState, raw: dict[str, Tensor
                 for g in sampled]
         tangent.z.addcmul_(dlrs[-1], rule.direct(values, lrs[-1]), value=-1.0)
         if dwds is not None:
-            tangent.z.addcmul_(dwds[-1], lrs[-1] * values.p, value=-1.0)
+            rule.decay(tangent, values, lrs[-1], dwds[-1])
     end = detached_state(TrainState(new_params, new_buffers, new_state))
     return [Segment(end, hp.unflatten(g), float(value.detach()), losses, tangent)
             for g, value in zip(grad, val_losses, strict=True)]
@@ -373,21 +411,28 @@ def _direct_and_carried(direct: Tensor, z: Tensor, val_theta: Tensor, rows: Tens
     return direct + indirect
 
 
-CAPABILITIES = Capabilities(exact=False, offline=False, online=True, carries_state=True,
+CAPABILITIES = Capabilities(exact=False, offline=True, online=True, carries_state=True,
                             data_parallel=True, long_horizon=True,
                             segment_options=("horizon", "horizon_unit", "curvature_scale"))
-"""Online only: its tangents forget the past, which a fixed run's hyperparameters do not have.
-Data-parallel: it takes its gradients from the train loss (``train_gradient``), which
-``hd.distributed.data_parallel`` averages over the ranks."""
+"""Approximate (the curvature model), offline and online. Data-parallel: it takes its gradients
+from the train loss (``train_gradient``), which ``hd.distributed.data_parallel`` averages over
+the ranks."""
+
+ONLINE_HORIZON = 500
+"""The online forgetting horizon of ``horizon="auto"`` (in ``horizon_unit``)."""
 
 
-def curvature_options(caller: str, horizon: float | None, horizon_unit: str,
-                      curvature_scale: float | None) -> tuple[float | None, str, float | None]:
-    """``(horizon, horizon_unit, curvature_scale)`` checked (``horizon`` an int >= 1 in steps,
-    a number > 0 in ``"lr"`` units; ``curvature_scale`` None, 0 or a number > 0)."""
+def curvature_options(caller: str, horizon: float | str | None, horizon_unit: str,
+                      curvature_scale: float | None
+                      ) -> tuple[float | str | None, str, float | None]:
+    """``(horizon, horizon_unit, curvature_scale)`` checked (``horizon`` ``"auto"``, None, an
+    int >= 1 in steps or a number > 0 in ``"lr"`` units; ``curvature_scale`` None, 0 or a
+    number > 0)."""
     if horizon_unit not in HORIZON_UNITS:
         raise fail(caller, "horizon_unit", f"one of {list(HORIZON_UNITS)}", horizon_unit)
-    if horizon is not None:
+    if isinstance(horizon, str) and horizon != "auto":
+        raise fail(caller, "horizon", "'auto', None or a number > 0", horizon)
+    if horizon is not None and horizon != "auto":
         horizon = (positive_int(caller, "horizon", horizon) if horizon_unit == "steps"
                    else positive_float(caller, "horizon", horizon))
     if curvature_scale is not None:
@@ -396,36 +441,76 @@ def curvature_options(caller: str, horizon: float | None, horizon_unit: str,
     return horizon, horizon_unit, curvature_scale
 
 
-def _offline(problem: Problem, raw: dict[str, Tensor]) -> HyperGradient:
-    raise HyperdiffError("curvature: method must be used online (its capabilities say offline="
-                         "False): hd.HyperOptimizer(problem, plan=hd.plans.OnlinePlan(...), "
-                         "method=hd.methods.curvature()), outer.mode = 'online' (got an offline "
-                         "call)")
+def horizons(horizon: float | str | None) -> tuple[float | None, float | None]:
+    """``(online, offline)`` forgetting horizons of the option ``horizon``: ``"auto"`` forgets
+    over :data:`ONLINE_HORIZON` online and never offline; a value given applies to both."""
+    if horizon == "auto":
+        return ONLINE_HORIZON, None
+    return horizon, horizon  # type: ignore[return-value]
 
 
-def curvature(horizon: float | None = 500, horizon_unit: str = "steps",
+def curvature_offline(problem: Problem, raw: dict[str, Tensor], *, horizon: float | None = None,
+                      horizon_unit: str = "steps", scale: float | None = None
+                      ) -> HyperGradient:
+    """The offline call: the segment ``[0, T)`` from theta_0 at the problem's validation data
+    (:func:`curvature_segment` with no carry), packaged by ``finish``. ``horizon=None`` keeps
+    the whole run's tangents: a fixed training's hyperparameters have no past to forget.
+
+    Raises:
+        HyperdiffError: an optimizer the tangent rule does not describe
+            (:func:`check_optimizer`) or an initialization hyperparameter (its tangent
+            ``d theta_0 / du`` is not carried: use ``reverse``).
+    """
+    started = time.perf_counter()
+    check_optimizer(problem)
+    if problem.initialization is not None:
+        raise HyperdiffError(
+            f"curvature: the problem must have no initialization hyperparameter (got "
+            f"{problem.initialization!r}; the method carries the learning rate's and the weight "
+            "decay's tangents only): use method 'reverse' or 'forward' for it")
+    raw = {n: v.detach() for n, v in raw.items()}
+    with torch.no_grad():
+        state = initial_state(problem, problem.hparams.view(raw), differentiable=False)
+    segment = curvature_samples(problem, state, raw, 0, problem.steps, [problem.val_data],
+                                horizon=horizon, horizon_unit=horizon_unit, scale=scale,
+                                caller="curvature")[0]
+    return finish(problem, raw, method="curvature",
+                  value=torch.tensor(segment.value, dtype=torch.float64, device=problem.device),
+                  grad=segment.grad,
+                  params=segment.state.params, buffers=segment.state.buffers,
+                  train_losses=segment.train_losses, started=started, horizon=horizon)
+
+
+def curvature(horizon: float | str | None = "auto", horizon_unit: str = "steps",
               curvature_scale: float | None = None) -> Method:
-    """The online method of the module doc: ``method.segment(...)`` carries the learning rate's
-    tangents under a diagonal curvature model (heavy-ball SGD, Adam, AdamW); no offline call.
+    """The method of the module doc: ``method.segment(...)`` (online windows) and
+    ``method(problem)`` (offline, :func:`curvature_offline`) carry the learning rate's (and a
+    carried weight decay's) tangents under a diagonal curvature model (heavy-ball SGD, Adam,
+    AdamW).
 
     Args:
         horizon: the tangents forget over this many steps (``horizon_unit="steps"``) or this
-            optimization time ``sum_t lr_t`` (``"lr"``); ``None``: never (:func:`forgetting`).
+            optimization time ``sum_t lr_t`` (``"lr"``); ``None``: never (:func:`forgetting`);
+            ``"auto"``: :data:`ONLINE_HORIZON` online, never offline (:func:`horizons`).
         curvature_scale: the curvature estimate's scale (``None``: the training batch's rows).
     """
     horizon, horizon_unit, scale = curvature_options("curvature", horizon, horizon_unit,
                                                      curvature_scale)
-    return Method("curvature", _offline,
+    online, offline = horizons(horizon)
+    return Method("curvature",
+                  partial(curvature_offline, horizon=offline, horizon_unit=horizon_unit,
+                          scale=scale),
                   {"horizon": horizon, "horizon_unit": horizon_unit, "curvature_scale": scale},
                   capabilities=CAPABILITIES,
-                  segment_fn=partial(curvature_segment, horizon=horizon,
+                  segment_fn=partial(curvature_segment, horizon=online,
                                      horizon_unit=horizon_unit, scale=scale),
-                  samples_fn=partial(curvature_samples, horizon=horizon,
+                  samples_fn=partial(curvature_samples, horizon=online,
                                      horizon_unit=horizon_unit, scale=scale),
                   carry_fn=lambda problem, raw, state: initial_tangent(problem, raw),
                   saved_carry_fn=saved_tangent_rows, check_fn=check_optimizer)
 
 
-__all__ = ["CAPABILITIES", "HORIZON_UNITS", "SGD_RULE", "CurvatureRule", "CurvatureTangent",
-           "check_optimizer", "curvature", "curvature_options", "curvature_samples",
-           "curvature_segment", "forgetting", "initial_tangent", "lr_derivatives", "rule_for"]
+__all__ = ["CAPABILITIES", "HORIZON_UNITS", "ONLINE_HORIZON", "SGD_RULE", "CurvatureRule",
+           "CurvatureTangent", "HeavyBallStep", "check_optimizer", "curvature",
+           "curvature_offline", "curvature_options", "curvature_samples", "curvature_segment",
+           "forgetting", "horizons", "initial_tangent", "lr_derivatives", "rule_for"]

@@ -19,8 +19,10 @@ differentiated forward in the learning rate's raw values ``u`` with the tangents
     q    = sqrt(v') / sqrt(c2) + eps, the factors ``(1 - lr_t wd)`` and ``wd p`` AdamW's only
 
 and ``Zm'``, ``Zv'`` also multiplied by ``mu = 1 - 1 / horizon``: the whole state's tangent
-forgets, so ``Z_t = sum_s mu^(t-1-s) J_(t<-s) dPhi_s/du``. The other coefficients (betas, eps,
-weight decay) are constants here; their one-step effect comes from the exact last step.
+forgets, so ``Z_t = sum_s mu^(t-1-s) J_(t<-s) dPhi_s/du``. AdamW's decoupled weight decay, where
+a hyperparameter sets it, adds its direct term ``-(d wd_t / du) lr_t p`` (:func:`adamw_decay`);
+the other coefficients (betas, eps, Adam's coupled decay) are constants here: their one-step
+effect comes from the exact last step.
 
 ``D_t = min(scale * vhat_t, 2 (1 + b1) / ((1 - b1) a_t))`` with ``vhat`` the bias-corrected
 average (decay :data:`~hyperdiff.methods.curvature_rule.RHO`) of the squared train gradient
@@ -37,10 +39,16 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from hyperdiff.engine.optimizers import AdamState, resolve, safe_sqrt
+from hyperdiff.engine.optimizers import AdamState, safe_sqrt
 from hyperdiff.engine.problem import Problem
 from hyperdiff.engine.training import flat
-from hyperdiff.methods.curvature_rule import RHO, CurvatureRule, keeps_all, tangent_rows
+from hyperdiff.methods.curvature_rule import (
+    RHO,
+    CurvatureRule,
+    keeps_all,
+    per_entry,
+    tangent_rows,
+)
 from hyperdiff.typing import Params
 
 ADAM_NAMES = ("adam", "adamw")
@@ -85,16 +93,6 @@ def initial_adam_tangent(problem: Problem, raw: dict[str, Tensor]) -> AdamCurvat
                                 torch.zeros_like(like), like.new_zeros((), dtype=torch.int64))
 
 
-def _entries(coef: Any, hview: Any, step: int, params: Params, like: Tensor) -> Tensor | float:
-    """A coefficient's value at ``step`` for every parameter entry: a float when it is a
-    number, else an (n,) tensor (detached: a constant of the tangent rule)."""
-    if isinstance(coef, (int, float)):
-        return float(coef)
-    return torch.cat([
-        torch.as_tensor(resolve(coef, hview, step, k), dtype=like.dtype, device=like.device)
-        .detach().expand(p.shape).reshape(-1) for k, p in params.items()])
-
-
 def adam_step(problem: Problem, hview: Any, grads: Params, params: Params, new_state: AdamState,
               step: int) -> AdamStep:
     """The values of Adam's step at ``step`` the tangent rule needs (the new moments read from
@@ -102,15 +100,15 @@ def adam_step(problem: Problem, hview: Any, grads: Params, params: Params, new_s
     coefs = problem.optimizer.coefficients
     g = flat(grads.values())
     p = flat(params.values()).to(g.dtype)
-    wd = _entries(coefs["weight_decay"], hview, step, params, g)
+    wd = per_entry(coefs["weight_decay"], hview, step, params, g)
     decoupled = problem.optimizer.name == "adamw"
     s = g if decoupled or _no_decay(wd) else g + wd * p
     return AdamStep(
         g, s, p, flat(new_state.exp_avg.values()).to(g.dtype),
         flat(new_state.exp_avg_sq.values()).to(g.dtype),
-        _entries(coefs["beta1"], hview, step, params, g),
-        _entries(coefs["beta2"], hview, step, params, g),
-        _entries(coefs["eps"], hview, step, params, g), wd, decoupled, step + 1)
+        per_entry(coefs["beta1"], hview, step, params, g),
+        per_entry(coefs["beta2"], hview, step, params, g),
+        per_entry(coefs["eps"], hview, step, params, g), wd, decoupled, step + 1)
 
 
 def _no_decay(wd: Tensor | float) -> bool:
@@ -174,9 +172,17 @@ def _adam_values(problem: Problem, hview: Any, grads: Params, params: Params, ol
     return adam_step(problem, hview, grads, params, new_state, step)
 
 
-ADAM_RULE = CurvatureRule(initial_adam_tangent, _adam_values, advance_adam, lr_direction)
+def adamw_decay(tangent: AdamCurvatureTangent, values: AdamStep, lr: Tensor, dwd: Tensor
+                ) -> None:
+    """AdamW's decoupled decay ``p' = (1 - lr_t wd_t) p - ...``: ``Z -= (d wd_t / du) lr_t p``
+    (in place)."""
+    tangent.z.addcmul_(dwd, lr * values.p, value=-1.0)
+
+
+ADAM_RULE = CurvatureRule(initial_adam_tangent, _adam_values, advance_adam, lr_direction,
+                          adamw_decay)
 """Adam's and AdamW's rule for :func:`~hyperdiff.methods.curvature.curvature_segment`."""
 
 
 __all__ = ["ADAM_NAMES", "ADAM_RULE", "AdamCurvatureTangent", "AdamStep", "adam_step",
-           "advance_adam", "initial_adam_tangent", "lr_direction"]
+           "adamw_decay", "advance_adam", "initial_adam_tangent", "lr_direction"]

@@ -13,8 +13,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from hyperdiff.engine.optimizers import resolve
 from hyperdiff.engine.problem import Problem
 from hyperdiff.hparams.schedules import Schedule
+from hyperdiff.typing import Params
 
 RHO = 0.99  # decay of the squared-gradient average (Adam's beta2 for this estimate)
 
@@ -28,12 +30,15 @@ class CurvatureRule(NamedTuple):
     - ``advance(tangent, values, lr, dlr, mu, scale, count)``: one step of the recurrence, in
       place (``dlr`` None: without the direct term; ``count`` the squared gradients averaged
       after it, a Python int: the bias correction reads no device value);
-    - ``direct(values, lr)``: ``-d theta_{t+1} / d lr_t`` (n,), the direct term's vector."""
+    - ``direct(values, lr)``: ``-d theta_{t+1} / d lr_t`` (n,), the direct term's vector;
+    - ``decay(tangent, values, lr, dwd)``: add a carried weight decay's direct term, ``dwd =
+      d wd_t / du`` (R, n) or (R, 1), in place (:func:`carries_decay`)."""
 
     initial: Callable[[Problem, dict[str, Tensor]], Any]
     values: Callable[..., Any]
     advance: Callable[..., None]
     direct: Callable[[Any, Tensor], Tensor]
+    decay: Callable[[Any, Any, Tensor, Tensor], None]
 
 
 def keeps_all(mu: float | Tensor) -> bool:
@@ -41,22 +46,44 @@ def keeps_all(mu: float | Tensor) -> bool:
     return isinstance(mu, float) and mu == 1.0
 
 
+DECAY_CARRIED = ("adamw", "sgd")
+"""The optimizers whose weight decay's tangent is carried: AdamW's decoupled decay and
+heavy-ball SGD's coupled one (Adam's coupled decay, inside both moments, keeps its one-step
+effect)."""
+
+
+def carries_decay(problem: Problem) -> bool:
+    """Whether the optimizer's ``weight_decay`` is carried: :data:`DECAY_CARRIED`'s optimizers
+    when a schedule or a (not ``per_element``) hyperparameter sets it (a number has no
+    derivative; a ``per_element`` or callable one keeps its one-step signal)."""
+    wd = problem.optimizer.coefficients.get("weight_decay")
+    return problem.optimizer.name in DECAY_CARRIED and (
+        isinstance(wd, Schedule)
+        or (isinstance(wd, str) and problem.hparams[wd].kind != "per_element"))
+
+
 def carried_coefficients(problem: Problem) -> list[Any]:
-    """The optimizer coefficients whose tangents are carried: ``lr``, and AdamW's decoupled
-    ``weight_decay`` when a schedule or a (not ``per_element``) hyperparameter sets it."""
+    """The optimizer coefficients whose tangents are carried: ``lr``, and the weight decay
+    where :func:`carries_decay`."""
     coefs = problem.optimizer.coefficients
-    out = [coefs["lr"]]
-    wd = coefs.get("weight_decay")
-    if problem.optimizer.name == "adamw" and (
-            isinstance(wd, Schedule)
-            or (isinstance(wd, str) and problem.hparams[wd].kind != "per_element")):
-        out.append(wd)
-    return out
+    return [coefs["lr"], coefs["weight_decay"]] if carries_decay(problem) else [coefs["lr"]]
 
 
-def carried_rows(problem: Problem) -> Tensor | None:
+def per_entry(coef: Any, hview: Any, step: int, params: Params, like: Tensor
+              ) -> Tensor | float:
+    """A coefficient's value at ``step`` for every parameter entry: a float when it is a
+    number, else an (n,) tensor (detached: a constant of the tangent rule)."""
+    if isinstance(coef, (int, float)):
+        return float(coef)
+    return torch.cat([
+        torch.as_tensor(resolve(coef, hview, step, k), dtype=like.dtype, device=like.device)
+        .detach().expand(p.shape).reshape(-1) for k, p in params.items()])
+
+
+def carried_rows(problem: Problem, *, decay: bool = True) -> Tensor | None:
     """Indices of the flat raw values (``problem.hparams.flatten`` order) that the carried
-    coefficients read, or None for all of them (a callable coefficient may read any).
+    coefficients read, or None for all of them (a callable coefficient may read any);
+    ``decay=False``: the learning rate's only.
 
     The tangent ``Z_t = d theta_t / du`` starts at 0 and its recurrence is driven only by the
     carried coefficients' derivatives ``d lr_t / du`` (and ``d wd_t / du``): a row ``u_j`` that
@@ -65,7 +92,7 @@ def carried_rows(problem: Problem) -> Tensor | None:
     per-feature penalties)."""
     hp = problem.hparams
     names: set[str] = set()
-    for coef in carried_coefficients(problem):
+    for coef in carried_coefficients(problem) if decay else [problem.optimizer.coefficients["lr"]]:
         if isinstance(coef, Schedule):
             names.update(coef.names.values())
         elif isinstance(coef, str):
@@ -87,27 +114,49 @@ def tangent_rows(problem: Problem) -> int:
 
 
 def saved_tangent_rows(problem: Problem, saved: Any) -> Any:
-    """A saved tangent (the checkpoint's list of tensors) in today's layout: a checkpoint
-    written before :func:`carried_rows` holds every raw value's row (``(P, n)`` tensors);
-    where the rows not carried are exactly 0 there (the recurrence never drives them) they are
-    dropped, so the run resumes. Anything else is returned unchanged, for the checkpoint's
-    shape check to refuse."""
+    """A saved tangent (the checkpoint's list of tensors) in today's layout, from two older
+    ones. A checkpoint written before :func:`carried_rows` holds every raw value's row (``(P,
+    n)`` tensors); where the rows not carried are exactly 0 there (the recurrence never drives
+    them) they are dropped. One written before SGD's coupled weight decay was carried
+    (:data:`DECAY_CARRIED`) holds the learning rate's rows only: the decay's rows are added as
+    zeros, so its tangent starts at the resume. Anything else is returned unchanged, for the
+    checkpoint's shape check to refuse."""
     rows = carried_rows(problem)
     numel = problem.hparams.numel
-    if rows is None or not isinstance(saved, list):
+    if not isinstance(saved, list):
         return saved
+    lr_rows = carried_rows(problem, decay=False)
+    every = torch.arange(numel, device=problem.device)
+    today = every if rows is None else rows
+    before = every if lr_rows is None else lr_rows
     out = []
     for tensor in saved:
-        if isinstance(tensor, Tensor) and tensor.dim() == 2 and tensor.shape[0] == numel:
-            index = rows.to(tensor.device)
-            dropped = torch.ones(numel, dtype=torch.bool, device=tensor.device)
-            dropped[index] = False
-            if bool(tensor[dropped].any()):
-                return saved
-            tensor = tensor[index]
+        if isinstance(tensor, Tensor) and tensor.dim() == 2:
+            if tensor.shape[0] == numel and rows is not None:
+                tensor = _kept_rows(tensor, rows)
+                if tensor is None:
+                    return saved
+            elif tensor.shape[0] == len(before) < len(today):
+                tensor = _with_zero_rows(tensor, before, today)
         out.append(tensor)
     return out
 
 
-__all__ = ["RHO", "CurvatureRule", "carried_coefficients", "carried_rows", "keeps_all",
-           "saved_tangent_rows", "tangent_rows"]
+def _kept_rows(tensor: Tensor, rows: Tensor) -> Tensor | None:
+    """``tensor``'s ``rows``, or None where a row not among them is not 0."""
+    index = rows.to(tensor.device)
+    dropped = torch.ones(tensor.shape[0], dtype=torch.bool, device=tensor.device)
+    dropped[index] = False
+    return None if bool(tensor[dropped].any()) else tensor[index]
+
+
+def _with_zero_rows(tensor: Tensor, before: Tensor, today: Tensor) -> Tensor:
+    """``tensor``'s rows (raw values ``before``) placed among the rows ``today`` (a superset,
+    both ascending), the others 0."""
+    out = tensor.new_zeros((len(today), tensor.shape[1]))
+    out[torch.searchsorted(today.to(tensor.device), before.to(tensor.device))] = tensor
+    return out
+
+
+__all__ = ["DECAY_CARRIED", "RHO", "CurvatureRule", "carried_coefficients", "carried_rows",
+           "carries_decay", "keeps_all", "per_entry", "saved_tangent_rows", "tangent_rows"]

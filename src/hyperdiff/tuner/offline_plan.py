@@ -318,11 +318,14 @@ class OfflinePlan:
 
 def offline_method(loop: Any, caller: str) -> Method:
     """``loop.method`` built from its name if it is one, set on the loop; refused unless it is
-    a :class:`Method` usable offline."""
+    a :class:`Method` usable offline and its own check (``Method.check``: ``curvature``'s
+    optimizers) accepts every problem."""
     method = make_method(loop.method) if isinstance(loop.method, str) else loop.method
     if not isinstance(method, Method) or not method.capabilities.offline:
         raise fail(caller, "method", "a Method usable offline or one of "
                    f"{sorted(methods_where(offline=True))}", method)
+    for problem in loop.problems:
+        method.check(problem)
     loop.method = method
     return method
 

@@ -197,8 +197,8 @@ def _run(inner: Method, group_arg: Any, problem: Problem, raw: dict[str, Tensor]
     where = f"data_parallel {inner.name} (seed {problem.seed})"
     group.barrier(where)
     failure, hg = None, None
-    try:
-        hg = inner.run(shard_problem(problem, group, where), raw)
+    try:  # a curvature scale left to the batch's rows is the whole batch's, as in a segment
+        hg = _full_batch_scale(inner, problem, 0).run(shard_problem(problem, group, where), raw)
     except NonFiniteError as err:
         failure = str(err)
     vector, train_loss = _mean_over_ranks(group, where, failure,
