@@ -57,27 +57,44 @@ def phase_ran(workdir: Path) -> bool:
 
 
 def table(data: dict[str, Any]) -> str:
-    """Test loss per task x start: each candidate's seeds and mean, and the ratios of means
-    to the baseline's."""
+    """Test loss per task x start: each candidate's loss per seed (``-``: not run) and its mean
+    over the seeds that every candidate ran, and the ratios of those means to the baseline's."""
     runs, baseline = data["runs"], data.get("baseline", BASELINE)
     names = list(dict.fromkeys(r["candidate"] for r in runs))
     names = [baseline, *(n for n in names if n != baseline)] if baseline in names else names
     others = names[1:]
-    keys = list(dict.fromkeys((r["task"], r["start"]) for r in runs))
-    out = ["test loss (report retraining, mean of 3 seeds) per outer.seed; * = the phase ran",
+    keys = sorted(dict.fromkeys((r["task"], r["start"]) for r in runs))
+    seeds = sorted({r["seed"] for r in runs})
+    out = ["test loss (report retraining, mean of 3 seeds) per outer.seed "
+           f"{' / '.join(map(str, seeds))}; * = the phase ran, = the run of a shortcut (module "
+           "doc); mean over the seeds all ran",
            "task | start | " + " | ".join(f"{c} (seeds) | {c} mean" for c in names)
            + "".join(f" | {c} / {names[0]}" for c in others)]
+    per_row: dict[str, list[float]] = {}
     for task, start in keys:
+        found = {(r["candidate"], r["seed"]): r for r in runs
+                 if (r["task"], r["start"]) == (task, start)}
+        common = [s for s in seeds if all(_finite(found.get((n, s), {}).get("test_loss"))
+                                          for n in names)]
         cells, means = [], {}
         for name in names:
-            mine = sorted((r for r in runs if (r["task"], r["start"], r["candidate"])
-                           == (task, start, name)), key=lambda r: r["seed"])
-            losses = [r["test_loss"] for r in mine if _finite(r["test_loss"])]
+            row = [found.get((name, s)) for s in seeds]
+            losses = [found[(name, s)]["test_loss"] for s in common]
             means[name] = sum(losses) / len(losses) if losses else math.nan
-            cells += [" / ".join(_num(r["test_loss"]) + ("*" if r.get("phase") else "")
-                                 for r in mine), _num(means[name])]
+            cells += [" / ".join("-" if r is None else _num(r["test_loss"])
+                                 + ("*" if r.get("phase") else "")
+                                 + ("=" if r.get("same_as") else "") for r in row),
+                      _num(means[name])]
         ratios = [means[c] / means[names[0]] if means[names[0]] else math.nan for c in others]
+        for name, ratio in zip(others, ratios, strict=True):
+            per_row.setdefault(name, []).append(ratio)
         out.append(" | ".join([task, f"x{start:g}", *cells, *(_num(r, ".3f") for r in ratios)]))
+    for name, ratios in per_row.items():
+        finite = [r for r in ratios if _finite(r)]
+        mean = math.exp(sum(map(math.log, finite)) / len(finite)) if finite else math.nan
+        out.append(f"{name} / {names[0]}: geometric mean {_num(mean, '.3f')} over {len(finite)} "
+                   f"rows; {sum(r < 0.99 for r in finite)} lower, {sum(r > 1.01 for r in finite)}"
+                   " higher (by more than 1%)")
     return "\n".join(out)
 
 
@@ -114,14 +131,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the candidate every ratio is taken against")
     parser.add_argument("--reuse", type=Path, nargs="+", default=[],
                         help="results files whose rows are taken instead of running them")
+    parser.add_argument("--reuse-only", action="store_true",
+                        help="run nothing: write the reused rows and their shortcuts")
     parser.add_argument("--out", type=Path, default=RESULTS / "outer_starts.json")
     parser.add_argument("--table", type=Path, help="print the table of a results file")
     parser.add_argument("--merge", type=Path, nargs="+",
-                        help="combine the runs of these results files into --out")
+                        help="combine the runs of these results files into --out (a row "
+                        "that several hold: the last file's)")
     args = parser.parse_args(argv)
     if args.merge:
         loaded = [json.loads(path.read_text()) for path in args.merge]
-        merged = {**loaded[0], "runs": [r for data in loaded for r in data["runs"]]}
+        rows = {(r["candidate"], r["task"], r["start"], r["seed"]): r
+                for data in loaded for r in data["runs"]}  # a row once: the last file's
+        merged = {**loaded[-1], "runs": list(rows.values())}
         args.out.write_text(json.dumps(merged, indent=1, default=str))
         args.table = args.out
     if args.table:
@@ -146,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             runs.append({**reused[(name, file, start, seed)], **row})
                         elif same is not None:
                             runs.append({**row_runs[same], **row, "same_as": same})
+                        elif args.reuse_only:
+                            continue
                         else:
                             work = Path(tmp) / f"{file}-{start:g}-{seed}-{name}"
                             found = run_one(file, start, {**CANDIDATES[name], "outer.seed": seed},

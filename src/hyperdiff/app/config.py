@@ -221,7 +221,7 @@ class StopConfig:
     grad_tol: float = option(0.0, "converged below this hypergradient norm (0: off)", low=0.0)
     step_tol: float = option(0.0, "converged when no raw value moves more than this "
                              "(0: off)", low=0.0)
-    travel: int = option(0, "offline: stop.patience does not count a step in which a scalar "
+    travel: int = option(3, "offline: stop.patience does not count a step in which a scalar "
                          "log or interval value still travels: moved the same way at each of "
                          "the last this many steps, by at least the outer lr a step on average "
                          "(0: off; docs/driver.md)", low=0)

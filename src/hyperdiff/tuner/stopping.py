@@ -55,7 +55,7 @@ class Stopping:
     min_delta: float = 0.0
     grad_tol: float = 0.0
     step_tol: float = 0.0
-    travel: int = 0
+    travel: int = 3
 
     def __post_init__(self) -> None:
         positive_int("Stopping", "max_steps", self.max_steps)
@@ -106,7 +106,8 @@ def travelling(records: Sequence[Any], hparams: HyperParameters, names: Sequence
         return False
     reach = sum(r.lr for r in last[:-1])
     for name in names:
-        natural = torch.tensor([r.hparams[name] for r in last], dtype=torch.float64)
+        natural = torch.tensor([r.hparams[name] for r in last], dtype=torch.float64,
+                               device="cpu")  # the records' numbers
         moves = torch.diff(hparams[name].constraint.to_raw(natural))
         if (bool((moves > 0).all()) or bool((moves < 0).all())) and (
                 abs(float(moves.sum())) >= reach):
