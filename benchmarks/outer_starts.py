@@ -37,12 +37,12 @@ from typing import Any
 from outer_defaults import RESULTS, TASKS, run_one
 
 CANDIDATES: dict[str, dict[str, Any]] = {
-    "broken": {"outer.explore_when": "broken"},
-    "weak": {"outer.explore_when": "weak"},
-    # early stopping does not count steps in which a value still travels (stopping.py)
-    "travel 3": {"stop.travel": 3},
-    "travel 2": {"stop.travel": 2},
-    "weak travel 3": {"outer.explore_when": "weak", "stop.travel": 3},
+    "broken": {"outer.explore_when": "broken", "stop.travel": 0},
+    "weak": {"outer.explore_when": "weak", "stop.travel": 0},  # the default until s28
+    # early stopping does not count steps in which a value still travels (stopping.py); 3: the
+    # default since s28
+    "travel 3": {"outer.explore_when": "weak", "stop.travel": 3},
+    "travel 2": {"outer.explore_when": "weak", "stop.travel": 2},
 }
 """Candidate name -> its config keys (on top of :data:`FIXED` and the defaults)."""
 BASELINE = "broken"
@@ -104,8 +104,9 @@ def shortcut(name: str, row_runs: dict[str, dict[str, Any]], baseline: str) -> s
     weak = row_runs.get("weak")
     if name == "broken" and weak is not None and weak.get("phase") is False:
         return "weak"
-    base = row_runs.get(baseline)
-    travel_only = set(CANDIDATES[name]) - set(CANDIDATES.get(baseline, {})) == {"stop.travel"}
+    base, mine, theirs = row_runs.get(baseline), CANDIDATES[name], CANDIDATES.get(baseline, {})
+    differ = {k for k in {*mine, *theirs} if mine.get(k) != theirs.get(k)}
+    travel_only = differ == {"stop.travel"} and theirs.get("stop.travel") == 0
     if travel_only and base is not None and str(base.get("stop_reason")).startswith("budget"):
         return baseline
     return None
