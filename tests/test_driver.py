@@ -154,13 +154,20 @@ def test_selection_split_drives_best_step_and_early_stopping():
     # loss above the untrained model's) and try the global phase's points first
     opt = HyperOptimizer(problem, lr=0.3, selection=selection, schedule="constant",
                          plan=OfflinePlan(explore=0),
-                         stopping=Stopping(max_steps=30, patience=3))
+                         stopping=Stopping(max_steps=30, patience=3, travel=0))
     result = opt.run()
     val = result.history.column("val_loss")
     assert val[-1] < val[0]
     assert result.criterion == "selection_loss"
     assert result.best_step == 0 and result.steps == 4
     assert result.stop_reason.startswith("early stopping")
+    # the default stop.travel = 3 waits while lam travels (its hypergradient keeps its sign
+    # down to lam 0.0098, steps 1-6), then stops after 3 more: the same best step, 8 steps
+    waiting = HyperOptimizer(problem, lr=0.3, selection=selection, schedule="constant",
+                             plan=OfflinePlan(explore=0),
+                             stopping=Stopping(max_steps=30, patience=3)).run()
+    assert waiting.best_step == 0 and waiting.steps == 8
+    assert waiting.stop_reason.startswith("early stopping")
 
 
 def test_stops_on_time_budget_and_on_convergence():

@@ -33,7 +33,8 @@ def closed_grad(eta: float) -> float:
     return -T * C * C * eta * A * (1 - eta * A) ** (2 * T - 1)
 
 
-def quadratic(eta: float) -> hd.Problem:
+def quadratic(eta: float, steps: int = T) -> hd.Problem:
+    """The problem above, with ``steps`` inner steps (T by default)."""
     def train_loss(params, h, batch):
         return 0.5 * A * ((params["w"] - C) ** 2).sum()
 
@@ -43,7 +44,7 @@ def quadratic(eta: float) -> hd.Problem:
     dummy = (torch.zeros(1, 1, dtype=DT), torch.zeros(1, dtype=DT))
     return hd.make_problem(train_loss, val_loss, hd.HyperParameters(lr=hd.scalar(eta)),
                            {"w": torch.zeros(1, dtype=DT)}, optimizer=hd.sgd("lr"),
-                           train_data=dummy, val_data=dummy, steps=T)
+                           train_data=dummy, val_data=dummy, steps=steps)
 
 
 def run(eta: float, when: str = "weak", explore: int = 4, steps: int = 8) -> hd.OptimizeResult:

@@ -235,6 +235,10 @@ class StopConfig:
     grad_tol: float = option(0.0, "converged below this hypergradient norm (0: off)", low=0.0)
     step_tol: float = option(0.0, "converged when no raw value moves more than this "
                              "(0: off)", low=0.0)
+    travel: int = option(3, "offline: stop.patience does not count a step in which a scalar "
+                         "log or interval value still travels: moved the same way at each of "
+                         "the last this many steps, by at least the outer lr a step on average "
+                         "(0: off; docs/driver.md)", low=0)
 
 
 @dataclass(frozen=True)
@@ -390,7 +394,11 @@ def legacy_values(source: dict[str, Any]) -> dict[str, Any]:
     ``outer.schedule_over`` when the outer learning rate's cosine ran over the windows, one
     without ``outer.lowering`` when every outer move was kept whole (1);
     ``outer.train_seed`` trained online on its problem's own seed: the default (-1), so it
-    needs no entry here."""
+    needs no entry here. A ``[stop]`` without ``stop.travel`` was written when early stopping
+    counted every step (0)."""
+    stop = source.get("stop")
+    if isinstance(stop, dict) and "travel" not in stop:
+        source = _merge(source, {"stop": {"travel": 0}})
     outer = source.get("outer", {})
     if not isinstance(outer, dict):
         return source

@@ -163,7 +163,7 @@ def _outer_loop(config: Config, problems: list[Any], plan: Any,
         stopping=Stopping(
             max_steps=stop.max_steps, max_time_s=stop.max_time_s or None,
             patience=stop.patience or None, min_delta=stop.min_delta, grad_tol=stop.grad_tol,
-            step_tol=stop.step_tol,
+            step_tol=stop.step_tol, travel=stop.travel,
         ),
         shrink=config.guard.shrink, max_failures=config.guard.max_failures,
         max_loss_ratio=config.guard.max_loss_ratio,

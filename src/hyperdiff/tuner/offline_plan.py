@@ -51,14 +51,20 @@ from hyperdiff.tuner.driver_checks import (
     check_selection,
     check_warm_start,
 )
-from hyperdiff.tuner.global_phase import broken_start, check_explore, explore_points, weak_start
+from hyperdiff.tuner.global_phase import (
+    broken_start,
+    check_explore,
+    explore_points,
+    explored_names,
+    weak_start,
+)
 from hyperdiff.tuner.guard import untrained_losses
 from hyperdiff.tuner.history import History, OptimizeResult, StepRecord
 from hyperdiff.tuner.outer_steps import DEFAULT_OFFLINE, offline_optimizers
 from hyperdiff.tuner.plan import Outcome, bind_once
 from hyperdiff.tuner.sampler import Sampler, estimate_fields
 from hyperdiff.tuner.snr import more_samples_advice
-from hyperdiff.tuner.stopping import ranking_name
+from hyperdiff.tuner.stopping import ranking_name, settled_since
 from hyperdiff.wording import option
 
 _LOG = get_logger("driver")
@@ -108,6 +114,7 @@ class OfflinePlan:
         self._candidates: list[dict[str, Tensor]] = []  # the phase's points, if it runs
         self._points: list[dict[str, Tensor]] = []  # those it runs (set once it is decided)
         self._fresh: dict[str, Any] | None = None  # the outer optimizer's state before step 0
+        self._travellers: list[str] = []  # the names stopping.travel watches (set by bind)
 
     @property
     def sampler(self) -> Sampler:
@@ -133,6 +140,7 @@ class OfflinePlan:
         self.problems = loop.problems
         self._candidates = explore_points(loop.hparams, loop.hparams.raw, self.explore,
                                           self.explore_decades, loop.seed)
+        self._travellers = explored_names(loop.hparams)  # the values early stopping waits for
         self._points = self._candidates if self.explore_when == "always" else []
         self._sampler = Sampler(loop.problems, method, samples=self.samples, auto=self.auto,
                                 seed=loop.seed, selection=loop.selection,
@@ -170,8 +178,11 @@ class OfflinePlan:
 
     def stop_reason(self, loop: Any) -> str | None:
         """The loop's stopping rules; early stopping counts the gradient phase's steps only
-        (it gets its own ``patience`` steps to improve on the global phase's best)."""
+        (it gets its own ``patience`` steps to improve on the global phase's best), and with
+        ``stopping.travel`` only those in which no explored value still travels."""
         since_best = min(loop.since_best, max(loop.step_index - self.gradient_start, 0))
+        since_best = settled_since(loop.history, since_best, self.gradient_start, loop.hparams,
+                                   self._travellers, loop.stopping.travel)
         return loop.stopping.reason(steps=loop.step_index, elapsed=loop.elapsed,
                                     since_best=since_best, has_selection=bool(loop.selection))
 

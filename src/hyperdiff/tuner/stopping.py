@@ -8,16 +8,32 @@ from tied updates only, see :func:`tied`) are ranked by ``"val"``: they have one
 freedom per hyperparameter, like a grid over a shared value, and the validation loss is the
 larger, less noisy estimate. Every later step must beat the best so far on ``"selection"``, the
 split that guards against fitting the validation set with many free entries.
+
+Early stopping counts steps without a new best. With ``travel = k > 0`` it skips the steps in
+which a value is still travelling (:func:`travelling`): a scalar log or interval value whose
+raw value ``u`` moved the same way at each of the last ``k`` steps, on average by at least
+the outer learning rate per step::
+
+    d_j = u_{s-j+1} - u_{s-j}  (j = 1..k; the records' values)
+    travelling at s  <=>  all d_j > 0 or all d_j < 0,  and  |sum_j d_j| >= sum_j lr_{s-j}
+
+With ``signstep`` a value moves by ``lr x scale`` while its hypergradient keeps its sign and
+stands still on a flip, so on noise (half the signs flip) it does not travel; a value carried
+far by a steady sign (a weight decay two decades off) does, and the run waits for it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import Tensor
 
-from hyperdiff.errors import fail, positive_float, positive_int
+from hyperdiff.errors import fail, nonnegative_int, positive_float, positive_int
+from hyperdiff.hparams.hyperparams import HyperParameters
 
 
 @dataclass(frozen=True)
@@ -39,9 +55,11 @@ class Stopping:
     min_delta: float = 0.0
     grad_tol: float = 0.0
     step_tol: float = 0.0
+    travel: int = 3
 
     def __post_init__(self) -> None:
         positive_int("Stopping", "max_steps", self.max_steps)
+        nonnegative_int("Stopping", "travel", self.travel)
         if self.max_time_s is not None:
             positive_float("Stopping", "max_time_s", self.max_time_s)
         if self.patience is not None:
@@ -67,6 +85,51 @@ class Stopping:
         return None
 
 
+def travelling(records: Sequence[Any], hparams: HyperParameters, names: Sequence[str],
+               window: int) -> bool:
+    """Whether a value of ``names`` (scalars) travels at the last of ``records`` (step
+    records; the last ``window + 1`` are used): its raw value moved the same way at each of
+    the last ``window`` steps, by at least their outer learning rates in total (module doc).
+    A failed step among them moves nothing.
+
+    >>> import hyperdiff as hd
+    >>> from types import SimpleNamespace as R
+    >>> hp = hd.HyperParameters(wd=hd.scalar(0.01))
+    >>> steady = [R(hparams={"wd": 0.01 * 1.1 ** i}, lr=0.05, status="ok") for i in range(4)]
+    >>> travelling(steady, hp, ["wd"], 3)     # +0.095 log units a step, against lr 0.05
+    True
+    >>> travelling(steady, hp, ["wd"], 4)     # four moves need five records
+    False
+    """
+    last = list(records)[-(window + 1):]
+    if window < 1 or len(last) < window + 1 or any(r.status != "ok" for r in last):
+        return False
+    reach = sum(r.lr for r in last[:-1])
+    for name in names:
+        natural = torch.tensor([r.hparams[name] for r in last], dtype=torch.float64,
+                               device="cpu")  # the records' numbers
+        moves = torch.diff(hparams[name].constraint.to_raw(natural))
+        if (bool((moves > 0).all()) or bool((moves < 0).all())) and (
+                abs(float(moves.sum())) >= reach):
+            return True
+    return False
+
+
+def settled_since(records: Sequence[Any], since: int, first: int, hparams: HyperParameters,
+                  names: Sequence[str], window: int) -> int:
+    """How many of the last ``since`` records (the steps since the best) count for early
+    stopping: those in which no value of ``names`` travels (:func:`travelling` over the
+    records from step ``first`` on, the gradient phase's; ``window`` 0: all of them)."""
+    if window == 0 or since == 0:
+        return since
+    count = 0
+    for end in range(len(records) - since, len(records)):
+        start = max(end - window, 0)
+        phase = [r for r in records[start:end + 1] if r.step >= first]
+        count += not travelling(phase, hparams, names, window)
+    return count
+
+
 def ranking_loss(step: int, tie_steps: int, has_selection: bool) -> str:
     """``"val"`` or ``"selection"``: the loss that ranks outer ``step`` (see the module doc)."""
     tied_values = tie_steps > 0 and step <= tie_steps
@@ -85,3 +148,6 @@ def ranking_name(tie_steps: int, has_selection: bool) -> str:
 def tied(grad: dict[str, Tensor]) -> dict[str, Tensor]:
     """Each hyperparameter's gradient replaced by its mean over its entries (same shape)."""
     return {name: g.mean().expand_as(g) for name, g in grad.items()}
+
+
+__all__ = ["Stopping", "ranking_loss", "ranking_name", "settled_since", "tied", "travelling"]
