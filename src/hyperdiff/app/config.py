@@ -457,7 +457,35 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         source = _merge(source, data)
     for item in overrides:
         source = _merge(source, _parse_override(item))
-    return resolve(source)
+    config = resolve(source)
+    if not stored:  # a stored config lists every key; it ran with what it holds
+        _check_unread_stop(source, config)
+    return config
+
+
+UNREAD_STOP = {"online": ("an online run is one training of inner.steps steps: it has no "
+                          "outer-step budget, time budget, early stopping or convergence test"),
+               "meta": "stop.travel is the offline plan's rule; meta runs do not read it"}
+"""Why an ``outer.mode`` does not read ``[stop]`` keys: all of them online, ``stop.travel``
+in meta runs."""
+
+
+def _check_unread_stop(source: dict[str, Any], config: Config) -> None:
+    """Refuse a ``[stop]`` key that ``source`` (the TOML file and ``--set``) moves off its
+    default in a mode that does not read it, so that no setting is ignored silently."""
+    mode, stop = config.outer.mode, source.get("stop")
+    if mode not in UNREAD_STOP or not isinstance(stop, dict):
+        return
+    unread = [key for key in stop if mode == "online" or key == "travel"]
+    if not unread:
+        return
+    defaults = resolve({**source, "stop": {k: v for k, v in stop.items() if k not in unread}})
+    for key in unread:
+        value, default = getattr(config.stop, key), getattr(defaults.stop, key)
+        if value != default:
+            raise HyperdiffError(
+                f"config: stop.{key} must be left at its default {default!r} with outer.mode "
+                f"= {mode!r} ({UNREAD_STOP[mode]}; got {value!r})")
 
 
 def resolve(source: dict[str, Any]) -> Config:

@@ -198,6 +198,10 @@ class HyperOptimizer:
         self.tie_steps = nonnegative_int(caller, "tie_steps", tie_steps)
         self.selection = as_batches(selection)
         self.seed = nonnegative_int(caller, "seed", seed)
+        if stopping is not None and not plan.ranks and stopping != Stopping():
+            raise fail(caller, "stopping", "None or Stopping() with a plan that ranks no steps "
+                       f"({type(plan).__name__}: one training of problem.steps inner steps, no "
+                       "outer-step budget, early stopping or convergence test)", stopping)
         self.stopping = stopping or Stopping()
         self.guard = DivergenceGuard(shrink=shrink, max_failures=max_failures,
                                      max_loss_ratio=max_loss_ratio, caller=caller)

@@ -47,6 +47,10 @@ class Stopping:
         min_delta: a new best must beat the old one by more than this.
         grad_tol: converged when the hypergradient norm falls below this (0: off).
         step_tol: converged when no raw value moved by more than this in a step (0: off).
+        travel: early stopping skips a step in which an explored value still travels over the
+            last ``travel`` steps (:func:`travelling`; 0: off). Read by the
+            :class:`~hyperdiff.tuner.offline_plan.OfflinePlan` only (a meta plan counts every
+            step); an online plan reads no rule here and refuses any but the defaults.
     """
 
     max_steps: int = 50
