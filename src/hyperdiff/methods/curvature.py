@@ -163,6 +163,10 @@ def lr_derivatives(problem: Problem, raw: dict[str, Tensor], start: int, stop: i
         hview = hp.view(hp.unflatten(flat))
         if isinstance(coef, Schedule):
             rows = coef.window(hview, start, stop)[:, None]                  # (K, 1)
+        elif _one_value(problem, coef):  # the same lr_t at every step: one row's backward
+            key = next(iter(problem.params))
+            return _repeated_row(_as_tensor(resolve(coef, hview, start, key), flat), flat,
+                                 stop - start)
         elif _same_for_every_tensor(problem, coef):
             key = next(iter(problem.params))
             rows = torch.stack([_as_tensor(resolve(coef, hview, t, key), flat)
@@ -197,6 +201,26 @@ def decay_derivatives(problem: Problem, raw: dict[str, Tensor], start: int, stop
     if not carries_decay(problem):
         return None
     return lr_derivatives(problem, raw, start, stop, "weight_decay")[1]
+
+
+def _one_value(problem: Problem, coef: Any) -> bool:
+    """Whether ``coef`` is a scalar hyperparameter's name: one value for every step and
+    parameter tensor."""
+    return isinstance(coef, str) and problem.hparams[coef].kind == "scalar"
+
+
+def _repeated_row(value: Tensor, flat: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """:func:`lr_derivatives` of a coefficient that is ``value`` (0-d, read from ``flat``) at
+    each of ``steps`` steps: ``(K, 1)`` and ``(K, P, 1)``. Its ``K`` rows are one row repeated,
+    so one backward pass gives them (the batched pass over ``K`` equal rows gave each the same
+    numbers, at several times the cost on a small problem)."""
+    jac = None
+    if value.requires_grad:
+        (jac,) = torch.autograd.grad(value, flat, allow_unused=True)
+    if jac is None:
+        jac = torch.zeros_like(flat)
+    lrs = value.detach().reshape(1, 1).repeat(steps, 1)
+    return lrs, jac.reshape(1, -1, 1).repeat(steps, 1, 1)
 
 
 def _same_for_every_tensor(problem: Problem, coef: Any) -> bool:

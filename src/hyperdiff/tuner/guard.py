@@ -33,7 +33,7 @@ learning rate nor counts toward ``max_failures``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -236,3 +236,33 @@ def untrained_losses(problems: Sequence[Problem], raw: dict[str, Tensor],
         losses["selection"] = [untrained_loss(p, p.params, p.buffers, raw, selection)
                                for p in problems]
     return {kind: sum(values) / len(values) for kind, values in losses.items()}
+
+
+class UntrainedLosses(Mapping[str, float]):
+    """:func:`untrained_losses` read lazily: each entry (``"validation"``, and
+    ``"selection"`` when ``selection`` is given) is evaluated on its first read, once. An
+    online run reads the validation entry at its first window (the rescue's test, the
+    guard's start check) and the selection entry only where its first selection loss is
+    checked (the last window, when that window is tuned): the untrained model's pass over the
+    selection split is not paid at the first window for nothing."""
+
+    def __init__(self, problems: Sequence[Problem], raw: dict[str, Tensor],
+                 val_data: list[Batch] | None, selection: list[Batch] | None):
+        self._splits = {"validation": val_data, **({} if selection is None
+                                                   else {"selection": selection})}
+        self._problems, self._raw = problems, raw
+        self._read: dict[str, float] = {}
+
+    def __getitem__(self, kind: str) -> float:
+        if kind not in self._read:
+            data = self._splits[kind]  # KeyError for a kind not given, as a dict's
+            values = [untrained_loss(p, p.params, p.buffers, self._raw, data)
+                      for p in self._problems]
+            self._read[kind] = sum(values) / len(values)
+        return self._read[kind]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._splits)
+
+    def __len__(self) -> int:
+        return len(self._splits)

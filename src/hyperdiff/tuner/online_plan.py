@@ -102,7 +102,7 @@ from hyperdiff.methods.window_methods import window_name
 from hyperdiff.seeds import window_sample_seed, window_seed
 from hyperdiff.tree import tree_flatten, tree_unflatten
 from hyperdiff.tuner.discrete_outer import outer_hook
-from hyperdiff.tuner.guard import untrained_losses
+from hyperdiff.tuner.guard import UntrainedLosses
 from hyperdiff.tuner.history import History, StepRecord, natural_values
 from hyperdiff.tuner.hot_start import FRACTION as HOT_START_FRACTION
 from hyperdiff.tuner.hot_start import MODES as HOT_START_MODES
@@ -395,8 +395,11 @@ class OnlinePlan:
                      "val_batch_size", "outer.samples or outer.val_batch"))
         fields = {"train_loss": float(outs[0].train_losses.mean()),
                   **estimate_fields(loop.hparams, found)}
-        untrained = functools.cache(  # once: the rescue's test and the guard's reference
-            lambda: untrained_losses([self.problem], raw, vals[0], loop.selection))
+        losses = UntrainedLosses([self.problem], raw, vals[0], loop.selection)
+
+        def untrained() -> UntrainedLosses:  # each entry once, where the rescue or guard reads it
+            return losses
+
         check_broken(self, loop.history, fields["val_loss"], fields["grad_norm"], untrained)
         return Outcome(loop.hparams.unflatten(found.mean), values.tolist(), fields, untrained,
                        outs[0], self._step_rule(raw, stop))
