@@ -214,7 +214,7 @@ class OuterConfig:
                          "10x, at most this many times (0: the guard refuses it; "
                          "docs/online.md)", low=0)
     retry: int = option(RETRY_TRIES, "online: a weak start (at its first window's pace the run "
-                        "would remove under 20% of the untrained model's loss, and the window's "
+                        "would remove under 10% of the untrained model's loss, and the window's "
                         "hypergradient asks for a larger learning rate) or a hot one (its first "
                         "window ends 5% above that loss, asking for a smaller one) starts over "
                         "from theta_0 with the learning rate 10x larger or smaller, one way, at "

@@ -52,7 +52,7 @@ hypergradient is chaotic is recorded as failed, and the run starts over from the
 with the learning rate cut 10x, at most ``n`` times; then one error naming the rates tried.
 
 **Weak or hot start** (``retry = n``, :mod:`~hyperdiff.tuner.online_retry`): a first window from
-theta_0 at whose pace the run would remove under 20% of the untrained model's loss while its
+theta_0 at whose pace the run would remove under 10% of the untrained model's loss while its
 hypergradient asks for a larger learning rate, or that ended 5% above that loss while it asks
 for a smaller one, is recorded as
 failed, and the run starts over from theta_0 at step 0 with the learning rate 10x larger or
@@ -207,7 +207,7 @@ class OnlinePlan:
             a window's hypergradient favours a smaller rate, the short-horizon bias); 1: every
             move as the outer optimizer makes it (docs/online.md, "Why tabular_mlp's online
             run ends worse than not tuning").
-        retry: a weak first window (at its pace the run would remove under 20% of the
+        retry: a weak first window (at its pace the run would remove under 10% of the
             untrained loss, and the hypergradient asks for a larger learning rate) or a hot
             one (5% above that loss, asking for a smaller one) starts over from theta_0 with
             the learning rate 10x larger or smaller, one way, at most this many times
