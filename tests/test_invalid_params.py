@@ -449,3 +449,11 @@ def test_the_config_refuses_a_train_seed_outside_online_runs(mode):
     with pytest.raises(hd.HyperdiffError, match=r"^config: outer\.train_seed must be -1 with "
                                                 rf"outer\.mode = '{mode}' \(.*; got 0\)$"):
         resolve({"outer": {"mode": mode, "train_seed": 0}})
+
+
+# --- onstarts: the retries of a weak or hot online start (issue 20, starts) ---
+@pytest.mark.parametrize("value", BAD["int>=0"], ids=repr)
+def test_the_online_plan_refuses_a_bad_retry(value):
+    with pytest.raises(hd.HyperdiffError, match=r"^HyperOptimizer: retry must be a "
+                                                r"non-negative int \(got "):
+        hd.plans.OnlinePlan(retry=value)

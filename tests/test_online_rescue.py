@@ -82,24 +82,31 @@ def test_the_rescued_run_trains_at_the_first_stable_decade_with_its_tries_record
     assert sum(r.status == "ok" for r in history) == STEPS // WINDOW  # a whole run after
 
 
-def test_the_rescued_run_continues_as_a_fresh_run_from_the_cut_value():
-    rescued = loop(30.0).run()
-    fresh = loop(30.0 / 100, rescue=0).run()
-    ok = [r for r in rescued.history if r.status == "ok"]
+def assert_goes_on_as(tried, fresh) -> None:
+    """The ok windows of a run after its tries are ``fresh``'s run, up to rounding."""
+    ok = [r for r in tried.history if r.status == "ok"]
     assert len(ok) == len(fresh.history)
     for mine, theirs in zip(ok, fresh.history, strict=True):
         assert mine.hparams == pytest.approx(theirs.hparams, rel=1e-9)
         assert mine.val_loss == pytest.approx(theirs.val_loss, rel=1e-9)
-    assert torch.allclose(rescued.params["w"], fresh.params["w"], rtol=1e-9, atol=0)
+    assert torch.allclose(tried.params["w"], fresh.params["w"], rtol=1e-9, atol=0)
+
+
+def test_the_rescued_run_continues_as_a_fresh_run_from_the_cut_value():
+    assert_goes_on_as(loop(30.0).run(), loop(30.0 / 100, rescue=0).run())
+
+
+def assert_same_run(mine, theirs) -> None:
+    """Two online results with the same records (timing aside), model and final values."""
+    assert [r.without_timing() for r in mine.history] == \
+        [r.without_timing() for r in theirs.history]
+    assert torch.equal(mine.params["w"], theirs.params["w"])
+    assert torch.equal(mine.final_raw["lr"], theirs.final_raw["lr"])
 
 
 @pytest.mark.parametrize("lr", [0.5, 0.05])
 def test_a_stable_start_runs_exactly_as_without_the_rescue(lr):
-    with_rescue, without = loop(lr).run(), loop(lr, rescue=0).run()
-    assert [r.without_timing() for r in with_rescue.history] == \
-        [r.without_timing() for r in without.history]
-    assert torch.equal(with_rescue.params["w"], without.params["w"])
-    assert torch.equal(with_rescue.final_raw["lr"], without.final_raw["lr"])
+    assert_same_run(loop(lr).run(), loop(lr, rescue=0).run())
 
 
 @pytest.mark.parametrize("stop", [1, 2, 3, 5])
@@ -115,11 +122,7 @@ def test_a_resumed_rescue_repeats_the_straight_run_bit_for_bit(stop, tmp_path):
     second = loop(30.0)
     second.load_state_dict(rundir.load_checkpoint())
     assert second.plan.rescues == min(stop, 2)
-    resumed = second.run()
-    assert [r.without_timing() for r in resumed.history] == \
-        [r.without_timing() for r in whole.history]
-    assert torch.equal(resumed.params["w"], whole.params["w"])
-    assert torch.equal(resumed.final_raw["lr"], whole.final_raw["lr"])
+    assert_same_run(second.run(), whole)
 
 
 def test_a_damaged_rescue_count_is_refused():
@@ -204,8 +207,10 @@ CLI = [f"task.name={SHAPES}", "outer.mode=online", "report.seeds=1"]
 
 def test_the_cli_rescues_the_suite_start_that_it_refused_and_resumes_across_the_tries(tmp_path):
     """shapes_cnn from 100x its learning rate (the suite's refused start: validation loss
-    1.34e8, then 4.66e3 from 10x): two cuts, then its own start's run; a run interrupted
-    after the first try resumes to the same records."""
+    1.34e8, then 4.66e3 from 10x): two cuts; its own start at the problem's seed then ends its
+    first window at 2.78, 20% above the untrained model's 2.32, and the default ``outer.retry``
+    (tuner/online_retry.py) starts it over a decade cooler; a run interrupted after the first
+    try resumes to the same records."""
     from interrupt import interrupted_run
 
     from hyperdiff.app.experiment import run_experiment
@@ -213,9 +218,11 @@ def test_the_cli_rescues_the_suite_start_that_it_refused_and_resumes_across_the_
     whole = run_experiment(load_config(overrides=CLI), out=tmp_path / "a", log=lambda _: None,
                            progress=False)
     history = RunDir(tmp_path / "a").read_history()
-    assert [r.status for r in history[:3]] == ["failed", "failed", "ok"]
-    assert [r.hparams["lr_peak"] for r in history[:3]] == pytest.approx([5.0, 0.5, 0.05],
-                                                                       rel=1e-6)
+    assert [r.status for r in history[:4]] == ["failed", "failed", "failed", "ok"]
+    assert [r.hparams["lr_peak"] for r in history[:4]] == pytest.approx(
+        [5.0, 0.5, 0.05, 0.005], rel=1e-6)
+    assert ["broken start" in r.message for r in history[:3]] == [True, True, False]
+    assert "hot start: the first window's validation loss 2.78" in history[2].message
     interrupted_run(tmp_path / "b", CLI, at=1)
     resumed = run_experiment(None, resume=tmp_path / "b", log=lambda _: None, progress=False)
     again = RunDir(tmp_path / "b").read_history()

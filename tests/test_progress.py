@@ -66,7 +66,9 @@ def test_an_online_run_shows_each_windows_loss_and_leaves_a_summary(tmp_path, ca
                for line in lines)  # the current window's validation loss
     last = summary(err, "horizon_digits")
     assert last.startswith("horizon_digits done: 100%") and "60/60" in last
-    assert "steps=4" in last and "best loss=" in last
+    # 4 windows and a weak start's try: from lr_peak 0.05 the first window removes too little
+    # for a 20-step run, which starts over at 0.5 (outer.retry, tuner/online_retry.py)
+    assert "steps=5" in last and "best loss=" in last
 
 
 def test_check_leaves_a_summary(capsys):

@@ -39,6 +39,7 @@ from hyperdiff.methods.registry import (
 )
 from hyperdiff.tuner.online_plan import LOWERING, SCHEDULE_OVER
 from hyperdiff.tuner.online_rescue import TRIES as RESCUE_TRIES
+from hyperdiff.tuner.online_retry import TRIES as RETRY_TRIES
 from hyperdiff.tuner.outer_steps import DEFAULT_OFFLINE, offline_optimizers
 from hyperdiff.tuner.windows import window_starts
 
@@ -212,6 +213,12 @@ class OuterConfig:
                          "hypergradient) starts over from theta_0 with the learning rate cut "
                          "10x, at most this many times (0: the guard refuses it; "
                          "docs/online.md)", low=0)
+    retry: int = option(RETRY_TRIES, "online: a weak start (at its first window's pace the run "
+                        "would remove under 10% of the untrained model's loss, and the window's "
+                        "hypergradient asks for a larger learning rate) or a hot one (its first "
+                        "window ends 5% above that loss, asking for a smaller one) starts over "
+                        "from theta_0 with the learning rate 10x larger or smaller, one way, at "
+                        "most this many times (0: never; docs/online.md)", low=0)
     schedule_over: str = option("windows", "online: what outer.schedule's cosine runs over: the "
                                 "run's windows (window h of W: (1 + cos(pi h / W)) / 2) or its "
                                 "inner steps (the window's first step t of N: (1 + cos(pi t / "
@@ -392,7 +399,8 @@ def legacy_values(source: dict[str, Any]) -> dict[str, Any]:
     ``outer.rescue`` was written before the online rescue of a broken start (0 cuts), one
     without ``outer.settle`` when online runs tuned to their end (1), one without
     ``outer.schedule_over`` when the outer learning rate's cosine ran over the windows, one
-    without ``outer.lowering`` when every outer move was kept whole (1);
+    without ``outer.lowering`` when every outer move was kept whole (1), one without
+    ``outer.retry`` before the retries of a weak or hot start (0);
     ``outer.train_seed`` trained online on its problem's own seed: the default (-1), so it
     needs no entry here. A ``[stop]`` without ``stop.travel`` was written when early stopping
     counted every step (0)."""
@@ -417,6 +425,8 @@ def legacy_values(source: dict[str, Any]) -> dict[str, Any]:
         legacy["schedule_over"] = "windows"
     if "lowering" not in outer:
         legacy["lowering"] = 1.0
+    if "retry" not in outer:
+        legacy["retry"] = 0
     if "explore_when" not in outer:
         legacy["explore_when"] = "always"
         if "explore" not in outer:

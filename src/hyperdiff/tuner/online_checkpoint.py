@@ -50,9 +50,10 @@ FORMAT = "hyperdiff-online-1"
 # growth: before growing windows, K steps each; samples: before online samples, 1;
 # val_batch_size, train_seed: not recorded before, not checked then; rescues: before the
 # rescue, 0; settled_at: before settling, never settled; schedule_over: before the choice,
-# the outer lr's cosine over the windows; lowering: before it, every move kept, 1)
+# the outer lr's cosine over the windows; lowering: before it, every move kept, 1; retries:
+# before the retries of a weak or hot start, 0)
 OPTIONAL = ("guard", "hot_start", "restarted", "discrete", "growth", "samples", "val_batch_size",
-            "rescues", "train_seed", "settled_at", "schedule_over", "lowering")
+            "rescues", "train_seed", "settled_at", "schedule_over", "lowering", "retries")
 
 
 def _caller(run: OnlineRun) -> str:
@@ -79,6 +80,7 @@ def tuner_state(run: OnlineRun, loop: Loop) -> dict[str, Any]:
         "hot_start": None if run.hot_start_measure is None else list(run.hot_start_measure),
         "restarted": run.restarted,
         "rescues": run.rescues,
+        "retries": run.retries,
         "settled_at": run.settled_at,
     }
 
@@ -125,6 +127,7 @@ def restore_tuner(run: OnlineRun, loop: Loop, state: dict[str, Any],
     run.hot_start_measure = None if measured is None else (int(measured[0]), float(measured[1]))
     run.restarted = bool(state.get("restarted", False))
     run.rescues = int(state.get("rescues", 0))
+    run.retries, run.pending_retry = int(state.get("retries", 0)), None
     run.settled_at = state.get("settled_at")
     return [StepRecord.from_json(line) for line in lines][: state["step"]]
 
@@ -162,14 +165,21 @@ def check_tuner_state(run: OnlineRun, loop: Loop, state: dict[str, Any], lines: 
     # a settled run dropped its carry: a tangent only while it tunes
     check_tangent(run, loop, state["tangent"], inner if settled is None else 0)
     failed = [r.status == "failed" for r in records]
-    tries = leading_failures(records)  # a rescued start's failed tries (online_rescue.py)
-    check_count(caller, "rescues", state.get("rescues", 0), min(tries, run.rescue),
-                "the failed records before the first ok one, at most the plan's rescue")
+    tries = leading_failures(records)  # a rescued or retried start's failed tries
+    retries = state.get("retries", 0)  # online_retry.py's, +k warmer or -k cooler
+    if type(retries) is not int or abs(retries) > min(tries, run.retry):
+        raise damaged(caller, "retries", f"an int of at most {min(tries, run.retry)} in size "
+                      "(the failed records before the first ok one, at most the plan's retry)",
+                      repr(retries))
+    check_count(caller, "rescues", state.get("rescues", 0), min(tries - abs(retries),
+                                                                  run.rescue),
+                "the failed records before the first ok one that are not retries, at most "
+                "the plan's rescue")
     if "guard" in state:  # the tries' failures do not cut the outer learning rate
         check_guard_state(caller, state["guard"], loop.guard.state_dict(),
                           {"raw": fresh["raw"], "outer": loop.optimizer}, failed,
                           loop.guard.shrink, cuts=[f and i >= tries for i, f in enumerate(failed)],
-                          rescued=state.get("rescues", 0) > 0)
+                          rescued=state.get("rescues", 0) > 0 or retries != 0)
     if "hot_start" in state:
         check_like(caller, "hot_start", state["hot_start"], None if state["hot_start"] is None
                    else [0, 0.0])

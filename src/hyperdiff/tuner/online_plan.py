@@ -51,6 +51,13 @@ theta_0 that the guard fails, that trains far worse than the untrained model or 
 hypergradient is chaotic is recorded as failed, and the run starts over from theta_0 at step 0
 with the learning rate cut 10x, at most ``n`` times; then one error naming the rates tried.
 
+**Weak or hot start** (``retry = n``, :mod:`~hyperdiff.tuner.online_retry`): a first window from
+theta_0 at whose pace the run would remove under 10% of the untrained model's loss while its
+hypergradient asks for a larger learning rate, or that ended 5% above that loss while it asks
+for a smaller one, is recorded as
+failed, and the run starts over from theta_0 at step 0 with the learning rate 10x larger or
+smaller, one way, at most ``n`` times.
+
 **Hot start** (:mod:`~hyperdiff.tuner.hot_start`): at the window that reaches 10% of the run,
 a run that trained more than twice the optimization time that its values by then give those
 steps started hotter than what it found; with ``hot_start="restart"`` (the default for a
@@ -110,6 +117,7 @@ from hyperdiff.tuner.hot_start import hot_start_warnings, measure_hot_start, res
 from hyperdiff.tuner.lowering import lr_direction, shortened
 from hyperdiff.tuner.online_checkpoint import restore_tuner, tuner_state
 from hyperdiff.tuner.online_rescue import at_start, check_broken, start_over
+from hyperdiff.tuner.online_retry import check_start, retry_start
 from hyperdiff.tuner.plan import Outcome, bind_once
 from hyperdiff.tuner.sampler import combine, estimate_fields, warn_low_snr
 from hyperdiff.tuner.settling import Settling, plain_window
@@ -199,6 +207,11 @@ class OnlinePlan:
             a window's hypergradient favours a smaller rate, the short-horizon bias); 1: every
             move as the outer optimizer makes it (docs/online.md, "Why tabular_mlp's online
             run ends worse than not tuning").
+        retry: a weak first window (at its pace the run would remove under 10% of the
+            untrained loss, and the hypergradient asks for a larger learning rate) or a hot
+            one (5% above that loss, asking for a smaller one) starts over from theta_0 with
+            the learning rate 10x larger or smaller, one way, at most this many times
+            (:mod:`hyperdiff.tuner.online_retry`); 0: never.
     """
 
     caller = "HyperOptimizer"  # names the loop in messages (the deprecated shim: OnlineTuner)
@@ -213,7 +226,7 @@ class OnlinePlan:
                  hot_start: str | None = None, samples: int = 1, growth: float = 0.0,
                  betas: tuple[float, float] | None = None, rescue: int = 0,
                  train_seed: int | None = None, settle: float = 1.0, settle_tol: float = 0.0,
-                 schedule_over: str = "windows", lowering: float = 1.0):
+                 schedule_over: str = "windows", lowering: float = 1.0, retry: int = 0):
         self.window = positive_int(self.caller, "window", window)
         self.lowering = number(self.caller, "lowering", lowering, LOWERING)
         if schedule_over not in SCHEDULE_OVER:
@@ -236,6 +249,9 @@ class OnlinePlan:
         self.hot_start_measure: tuple[int, float] | None = None
         self.rescue = nonnegative_int(self.caller, "rescue", rescue)
         self.rescues = 0
+        self.retry = nonnegative_int(self.caller, "retry", retry)
+        self.retries = 0  # +k: k warmer tries made, -k: k cooler (tuner/online_retry.py)
+        self.pending_retry: dict[str, Tensor] | None = None  # the next try's raw values
         self.restarted = False
         self.tangent: Any = None
         self.inner_step = 0
@@ -374,6 +390,7 @@ class OnlinePlan:
             raise HyperdiffError(f"{self.caller}.step: the run of {self.problem.steps} inner "
                                  "steps is finished (got a call after its last window)")
         self.span = (self.inner_step, self.window_stop(self.inner_step))
+        self.pending_retry = None
         return self.problem.raw_tensors(loop.raw)
 
     def evaluate(self, loop: Any, step: int, raw: dict[str, Tensor]) -> Outcome:
@@ -401,8 +418,10 @@ class OnlinePlan:
             return losses
 
         check_broken(self, loop.history, fields["val_loss"], fields["grad_norm"], untrained)
-        return Outcome(loop.hparams.unflatten(found.mean), values.tolist(), fields, untrained,
-                       outs[0], self._step_rule(raw, stop))
+        grad = loop.hparams.unflatten(found.mean)
+        check_start(self, loop, fields["val_loss"], grad, untrained)
+        return Outcome(grad, values.tolist(), fields, untrained, outs[0],
+                       self._step_rule(raw, stop))
 
     def _step_rule(self, raw: dict[str, Tensor], stop: int) -> Any:
         """The outer step's rule for ``lowering < 1``: a move that lowers the learning rate of
@@ -512,22 +531,24 @@ class OnlinePlan:
                                     earlier)
 
     def rescue_start(self, loop: Any) -> bool:
-        """Whether a failed first window starts over cooler (``rescue``) instead of ending
-        the run."""
-        return at_start(self, loop.history)
+        """Whether a failed first window starts over cooler (``rescue``), or warmer or cooler
+        (``retry``), instead of ending the run."""
+        return self.pending_retry is not None or at_start(self, loop.history)
 
     def counts_failure(self, loop: Any) -> bool:
         """A failed window counts toward the guard's failures in a row and cuts the outer
-        learning rate, except a rescue's try (a broken start is not a failed outer step)."""
-        return not at_start(self, loop.history)
+        learning rate, except a rescue's or a retry's try (a broken, weak or hot start is not
+        a failed outer step)."""
+        return self.pending_retry is None and not at_start(self, loop.history)
 
     def failure_note(self, loop: Any, message: str) -> str:
         """A try's failed first window: start over cooler (or end the run when the tries are
         spent, :mod:`hyperdiff.tuner.online_rescue`); any other: go on from the last good
         window."""
         start, stop = self.span
-        if at_start(self, loop.history):
-            message = start_over(self, loop, message)
+        if self.pending_retry is not None or at_start(self, loop.history):
+            message = (retry_start(self, loop, message) if self.pending_retry is not None
+                       else start_over(self, loop, message))
             _LOG.warning("%s: window of steps %d..%d: %s", self.caller, start, stop - 1, message)
             return message
         message = (f"{message}; training goes on from inner step {start}, the parameters "

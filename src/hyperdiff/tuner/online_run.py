@@ -44,6 +44,9 @@ class OnlineRun(Protocol):
     span: tuple[int, int]  # the current window's steps [start, stop)
     rescue: int  # the most learning-rate cuts of a broken start (tuner/online_rescue.py)
     rescues: int  # the cuts made so far
+    retry: int  # the most tries of a weak or hot start (tuner/online_retry.py)
+    retries: int  # those made so far: +k warmer, -k cooler
+    pending_retry: dict[str, Tensor] | None  # the next try's raw values, within one step
     settled_at: int | None  # where the plain windows began (tuner/settling.py); None: tuning
 
 
