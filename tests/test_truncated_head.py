@@ -102,8 +102,8 @@ def test_fraction_takes_ceil_of_its_share_of_the_steps(fraction, steps):
 def test_the_config_builds_fraction_and_head():
     method = configured_method(load_config(overrides=[
         "method.name=truncated", "method.fraction=0.25", "method.head=curvature"]))
-    assert (method.name, method.options) == ("truncated", {"fraction": 0.25,
-                                                           "head": "curvature"})
+    assert (method.name, method.options) == ("truncated", {"fraction": 0.25, "head": "curvature",
+                                                           "curvature_scale": None})
 
 
 # --- (e) refusals -----------------------------------------------------------------------------

@@ -202,8 +202,10 @@ def truncated(k: int | None = None, *, fraction: float | None = None,
                    "of the head's curvature model)", curvature_scale)
     scale = curvature_options("truncated", None, "steps", curvature_scale)[2]
     fraction = None if fraction is None else float(fraction)
-    options = {name: value for name, value in (("k", k), ("fraction", fraction), ("head", head),
-                                               ("curvature_scale", scale)) if value is not None}
+    options: dict[str, Any] = {name: value for name, value in (("k", k), ("fraction", fraction))
+                               if value is not None}
+    if head is not None:  # the scale too, None included (data_parallel sets the full batch's)
+        options.update(head=head, curvature_scale=scale)
     run = partial(_truncated, k=k, fraction=fraction, head=head, scale=scale)
     online = k is not None and len(options) == 1  # the segment takes k steps back
     return Method("truncated", lambda problem, raw: run(problem, raw), options,
