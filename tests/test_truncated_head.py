@@ -6,8 +6,6 @@ training, and the options' refusals (float64, tiny problems)."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from test_offline_curvature import (
@@ -86,11 +84,11 @@ def test_the_head_matches_central_differences_of_the_whole_training(kind):
 
 
 # --- (d) fraction: k as a share of each problem's steps ------------------------------------
-@pytest.mark.parametrize("fraction, steps", [(0.25, 10), (0.5, 10), (0.3, 7), (1.0, 7),
-                                             (0.01, 10)])
-def test_fraction_takes_ceil_of_its_share_of_the_steps(fraction, steps):
+@pytest.mark.parametrize("fraction, steps, k", [(0.25, 10, 3), (0.5, 10, 5), (0.3, 7, 3),
+                                                (1.0, 7, 7), (0.01, 10, 1), (0.07, 100, 7)])
+def test_fraction_takes_ceil_of_its_share_of_the_steps(fraction, steps, k):
+    """``k = ceil(f T)``, counted by hand (0.07 * 100 is 7.000000000000001 in floats)."""
     prob = make(mlp_train_loss, steps, "sgd", "scalar")
-    k = max(1, math.ceil(fraction * steps))
     ours = hd.truncated(fraction=fraction)(prob)
     same = hd.truncated(k)(prob)
     assert ours.diagnostics["k"] == k == ours.diagnostics["differentiated_steps"]

@@ -45,6 +45,7 @@ from hyperdiff.engine.training import (
     initial_state,
     unroll,
     validation_loss,
+    zeros_for_unused,
 )
 from hyperdiff.errors import HyperdiffError, fail, is_number, positive_int
 from hyperdiff.methods.base import Capabilities, HyperGradient, Method, finish
@@ -75,8 +76,11 @@ def _frozen_prefix(
 
 
 def steps_kept(problem: Problem, k: int | None, fraction: float | None) -> int:
-    """The K of the module doc: ``k``, or ``ceil(fraction * T)`` (at least 1)."""
-    return k if k is not None else max(1, math.ceil(fraction * problem.steps))  # type: ignore
+    """The K of the module doc: ``k``, or ``ceil(fraction * T)`` (at least 1; the product
+    rounded to 9 decimals first, so ``0.07 * 100`` is 7 steps, not 8)."""
+    if k is not None or fraction is None:
+        return k or problem.steps
+    return max(1, math.ceil(round(fraction * problem.steps, 9)))
 
 
 def _truncated(problem: Problem, raw: dict[str, Tensor], k: int | None,
@@ -137,8 +141,7 @@ def _through_head(problem: Problem, value: Tensor, leaves: dict[str, Tensor],
     head's carried state (``pairs``: tangents and the state tensors they belong to)."""
     tensors = [t for _, field in pairs for t in field.values()]
     inputs = [*leaves.values(), *tensors]
-    found = torch.autograd.grad(value, inputs, allow_unused=True)
-    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(found, inputs, strict=True)]
+    grads = zeros_for_unused(torch.autograd.grad(value, inputs, allow_unused=True), inputs)
     hp = problem.hparams
     direct = hp.flatten(dict(zip(leaves, grads[: len(leaves)], strict=True)))
     adjoints, offset = [], len(leaves)
@@ -147,8 +150,7 @@ def _through_head(problem: Problem, value: Tensor, leaves: dict[str, Tensor],
         adjoints.append(torch.cat([g.reshape(-1) for g in grads[offset:offset + size]]))
         offset += size
     with torch.no_grad():
-        flat_grad = carried_hypergradient(direct, pairs, adjoints,
-                                          carried_rows(problem))
+        flat_grad = carried_hypergradient(direct, pairs, adjoints, carried_rows(problem))
     return hp.unflatten(flat_grad)
 
 
