@@ -19,7 +19,14 @@ training. Timings on a shared machine are noisy: compare ratios of one task's bl
     OMP_NUM_THREADS=1 python benchmarks/offline_curvature.py --agreement --out /tmp/c.json
 
 ``--agreement`` instead compares each configuration's hypergradient at the task's start (one
-training of its first problem) with the first configuration's: cosine and signs.
+training of its first problem) with the first configuration's: cosine and signs. Any method's
+configuration serves, e.g. truncation and its carried head (docs/long_horizon.md):
+
+    OMP_NUM_THREADS=1 python benchmarks/offline_curvature.py --no-cost --tasks gru_seq \
+        --configs method.name=reverse "method.name=truncated method.fraction=0.25 \
+        method.head=curvature" --out /tmp/h.json
+    OMP_NUM_THREADS=1 python benchmarks/offline_curvature.py --cost-only --configs \
+        method.name=reverse "method.name=truncated method.fraction=0.25" --out /tmp/c.json
 
 Writes ``--out`` after every run (``cost``: one block per task; ``runs``: one entry per
 configuration x task x start x seed; ``agreement``: one block per task).
@@ -114,7 +121,7 @@ def table(data: dict[str, Any]) -> str:
             for c in configs[1:]) for block in data["agreement"]]
     out += ["", "test loss (report retraining, mean of 3 seeds) per outer.seed",
             "task | start | " + " | ".join(f"{c} (seeds) | mean" for c in configs)
-            + " | ratio to first"]
+            + " | ratio to first (seeds both ran)"]
     runs = data["runs"]
     for task, start in dict.fromkeys((r["task"], r["start"]) for r in runs):
         cells, means = [], []
@@ -124,9 +131,37 @@ def table(data: dict[str, Any]) -> str:
             losses = [r["test_loss"] for r in mine if _finite(r["test_loss"])]
             means.append(statistics.mean(losses) if losses else math.nan)
             cells += [" / ".join(_num(r["test_loss"]) for r in mine), _num(means[-1])]
-        ratios = " / ".join(_num(m / means[0], ".3f") for m in means[1:])
+        row = [r for r in runs if (r["task"], r["start"]) == (task, start)]
+        ratios = " / ".join(_num(matched_ratio(row, c, configs[0]), ".3f") for c in configs[1:])
         out.append(" | ".join([task, f"x{start:g}", *cells, ratios]))
+    out += [f"{c} / {configs[0]}: geometric mean {_num(g, '.3f')} over {n} rows"
+            for c, (g, n) in geometric_means(runs, configs).items()]
     return "\n".join(out)
+
+
+def matched_ratio(row: Sequence[dict[str, Any]], config: str, first: str) -> float:
+    """One task x start's mean test loss of ``config`` over ``first``'s, over the seeds both
+    ran (NaN where none)."""
+    loss = {(r["config"], r["seed"]): r["test_loss"] for r in row if _finite(r["test_loss"])}
+    seeds = [s for c, s in loss if c == config and (first, s) in loss]
+    if not seeds:
+        return math.nan
+    return (statistics.mean(loss[(config, s)] for s in seeds)
+            / statistics.mean(loss[(first, s)] for s in seeds))
+
+
+def geometric_means(runs: Sequence[dict[str, Any]], configs: Sequence[str]
+                    ) -> dict[str, tuple[float, int]]:
+    """Per configuration after the first: the geometric mean of :func:`matched_ratio` over
+    the task x start rows, and the rows."""
+    out = {}
+    for config in configs[1:]:
+        ratios = [matched_ratio([r for r in runs if (r["task"], r["start"]) == key], config,
+                                configs[0])
+                  for key in dict.fromkeys((r["task"], r["start"]) for r in runs)]
+        logs = [math.log(x) for x in ratios if _finite(x)]
+        out[config] = (math.exp(sum(logs) / len(logs)) if logs else math.nan, len(logs))
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -137,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--repeats", type=int, default=3, help="cost: best of this many")
     parser.add_argument("--no-cost", action="store_true", help="runs only")
+    parser.add_argument("--cost-only", action="store_true", help="the cost blocks only")
     parser.add_argument("--agreement", action="store_true",
                         help="only the hypergradients at the start against the first config's")
     parser.add_argument("--out", type=Path, default=RESULTS / "offline_curvature.json")
@@ -170,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       + ", ".join(f"{k} {v:.2f}x" for k, v in data["cost"][-1]["ratios"].items()),
                       flush=True)
                 args.out.write_text(json.dumps(data, indent=1, default=str))
-            for start in args.starts:
+            for start in [] if args.cost_only else args.starts:
                 for seed in args.seeds:
                     for config in args.configs:
                         work = Path(tmp) / f"{file}-{start:g}-{seed}-{len(data['runs'])}"

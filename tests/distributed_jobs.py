@@ -138,6 +138,7 @@ def outer_loop(method: Any = "reverse", samples: int = 3, steps: int = 2) -> Hyp
 def dp_methods() -> dict[str, hd.methods.Method]:
     return {"reverse": hd.reverse(), "forward": hd.forward(),
             "checkpointed": hd.checkpointed(segments=2), "truncated": hd.truncated(3),
+            "truncated head": hd.truncated(3, head="curvature"),
             "finite_difference": hd.finite_difference(warn=False),
             "curvature": hd.methods.curvature()}
 

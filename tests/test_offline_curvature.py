@@ -235,6 +235,11 @@ def test_it_refuses_what_its_tangents_cannot_describe():
     with pytest.raises(hd.HyperdiffError, match=r"^curvature: the method carries the tangents "
                                                 r"of heavy-ball SGD"):
         hd.HyperOptimizer(nesterov, method="curvature")  # at construction, not at step 0
+    for headed in (lambda: hd.truncated(2, head="curvature")(nesterov),  # the same model
+                   lambda: hd.HyperOptimizer(nesterov, method=hd.truncated(2, head="curvature"))):
+        with pytest.raises(hd.HyperdiffError, match=r"^curvature: the method carries the "
+                                                    r"tangents of heavy-ball SGD"):
+            headed()
     with pytest.raises(hd.HyperdiffError, match=r"^curvature: horizon must be 'auto', None or "
                                                 r"a number > 0 \(got 'never'\)"):
         hd.methods.curvature(horizon="never")

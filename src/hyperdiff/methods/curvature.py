@@ -366,33 +366,14 @@ def curvature_samples(problem: Problem, state: TrainState, raw: dict[str, Tensor
     hp = problem.hparams
     tangent = rule.initial(problem, raw) if carry is None else carry
     tangent = type(tangent)(*(t.clone() for t in tangent))
-    count = int(tangent.steps)  # read once per window: the steps add no host synchronisation
     if scale is None:
         scale = float(batch_rows(problem.train_data.batch(start, problem.seed)))
-    rows = carried_rows(problem)
-    lrs, dlrs = lr_derivatives(problem, raw, start, stop)
-    dwds = decay_derivatives(problem, raw, start, stop)
-    if rows is not None:  # the tangent's rows only: the others stay 0 (carried_rows)
-        dlrs = dlrs[:, rows.to(dlrs.device)]
-        dwds = None if dwds is None else dwds[:, rows.to(dwds.device)]
+    coefs = _window_coefficients(problem, raw, start, stop)
+    lrs, dlrs, dwds, rows = coefs
     hview = hp.view(problem.raw_tensors(raw))
     losses = torch.empty(stop - start, dtype=problem.hparam_dtype, device=problem.device)
-    params, buffers, opt_state = state
-    for step in range(start, stop - 1):
-        theta = {k: v.detach().requires_grad_() for k, v in params.items()}
-        grads, buffers, loss = train_gradient(problem, theta, buffers, hview, step,
-                                              create_graph=False)
-        with torch.no_grad():
-            new_params, new_state = problem.optimizer.update(grads, opt_state, params, hview,
-                                                             step)
-            values = rule.values(problem, hview, grads, params, opt_state, new_state, step)
-            i, count = step - start, count + 1
-            rule.advance(tangent, values, lrs[i], dlrs[i], forget(lrs[i]), scale, count)
-            if dwds is not None:
-                rule.decay(tangent, values, lrs[i], dwds[i])
-        params, opt_state = new_params, new_state
-        buffers = {k: v.detach() for k, v in buffers.items()}
-        losses[step - start] = loss.detach()
+    (params, buffers, opt_state), count = _carry(problem, rule, hview, coefs, tangent, state,
+                                                 start, stop - 1, forget, scale, losses)
     # the last step: exactly by reverse mode (the state before it constant) ...
     leaves = {n: v.detach().requires_grad_() for n, v in raw.items()}
     hleaves = hp.view(leaves)
@@ -433,6 +414,99 @@ def _direct_and_carried(direct: Tensor, z: Tensor, val_theta: Tensor, rows: Tens
     if rows is not None:
         indirect = direct.new_zeros(direct.shape).index_copy_(0, rows.to(direct.device), indirect)
     return direct + indirect
+
+
+class _Coefficients(NamedTuple):
+    """The carried coefficients over a window ``[start, stop)``: ``lr_t`` (K, n) or (K, 1),
+    ``d lr_t / du`` (K, R, n) or (K, R, 1) for the carried rows ``rows`` (None: all), ``d wd_t
+    / du`` likewise or None (:func:`lr_derivatives`, :func:`decay_derivatives`)."""
+
+    lrs: Tensor
+    dlrs: Tensor
+    dwds: Tensor | None
+    rows: Tensor | None
+
+
+def _window_coefficients(problem: Problem, raw: dict[str, Tensor], start: int, stop: int
+                         ) -> _Coefficients:
+    rows = carried_rows(problem)
+    lrs, dlrs = lr_derivatives(problem, raw, start, stop)
+    dwds = decay_derivatives(problem, raw, start, stop)
+    if rows is not None:  # the tangent's rows only: the others stay 0 (carried_rows)
+        dlrs = dlrs[:, rows.to(dlrs.device)]
+        dwds = None if dwds is None else dwds[:, rows.to(dwds.device)]
+    return _Coefficients(lrs, dlrs, dwds, rows)
+
+
+def _carry(problem: Problem, rule: CurvatureRule, hview: Any, coefs: _Coefficients,
+           tangent: Any, state: TrainState, start: int, stop: int,
+           forget: Callable[[Tensor], float | Tensor], scale: float, losses: Tensor
+           ) -> tuple[TrainState, int]:
+    """Train steps ``start .. stop-1`` of the window that begins at ``start`` (``coefs`` and
+    ``losses`` are indexed from it) without a graph, advancing ``tangent`` in place by
+    ``rule`` with every step's direct term; the state at ``stop`` and the squared gradients
+    averaged by then (the tangent's ``steps`` is not updated)."""
+    count = int(tangent.steps)  # read once per window: the steps add no host synchronisation
+    params, buffers, opt_state = state
+    for step in range(start, stop):
+        theta = {k: v.detach().requires_grad_() for k, v in params.items()}
+        grads, buffers, loss = train_gradient(problem, theta, buffers, hview, step,
+                                              create_graph=False)
+        with torch.no_grad():
+            new_params, new_state = problem.optimizer.update(grads, opt_state, params, hview,
+                                                             step)
+            values = rule.values(problem, hview, grads, params, opt_state, new_state, step)
+            i, count = step - start, count + 1
+            rule.advance(tangent, values, coefs.lrs[i], coefs.dlrs[i], forget(coefs.lrs[i]),
+                         scale, count)
+            if coefs.dwds is not None:
+                rule.decay(tangent, values, coefs.lrs[i], coefs.dwds[i])
+        params, opt_state = new_params, new_state
+        buffers = {k: v.detach() for k, v in buffers.items()}
+        losses[i] = loss.detach()
+    return TrainState(params, buffers, opt_state), count
+
+
+def curvature_head(problem: Problem, raw: dict[str, Tensor], stop: int, *,
+                   scale: float | None = None) -> tuple[TrainState, Any, Tensor]:
+    """Steps ``0 .. stop-1`` from theta_0 carrying the tangents (no forgetting, every step's
+    direct term): the state ``s_stop`` (no graph), its modelled tangent ``Z_stop = d s_stop /
+    du`` (:func:`state_tangents` pairs it with the state) and the train losses ``(stop,)``.
+    The head of :func:`~hyperdiff.methods.truncated.truncated`'s ``head="curvature"``."""
+    rule = rule_for(problem)
+    raw = {n: v.detach() for n, v in raw.items()}
+    hview = problem.hparams.view(raw)
+    with torch.no_grad():
+        state = initial_state(problem, hview, differentiable=False)
+    if scale is None:
+        scale = float(batch_rows(problem.train_data.batch(0, problem.seed)))
+    tangent = rule.initial(problem, raw)
+    losses = torch.empty(stop, dtype=problem.hparam_dtype, device=problem.device)
+    state, count = _carry(problem, rule, hview, _window_coefficients(problem, raw, 0, stop),
+                          tangent, state, 0, stop, forgetting(None), scale, losses)
+    tangent.steps.fill_(count)
+    return state, tangent, losses
+
+
+def state_tangents(tangent: Any, state: TrainState) -> list[tuple[Tensor, Params]]:
+    """The tangents of a carried ``tangent`` paired with the tensors of ``state`` they are the
+    derivatives of, ``(Z (R, n), tensors flattened in problem.params order)``: the parameters'
+    ``z``, then the optimizer state's fields in order (heavy-ball's momentum ``zb``; Adam's
+    moments ``zm``, ``zv``); a field that holds no tensors (SGD without momentum) is left out."""
+    fields = list(tangent)[1:1 + len(state.opt_state)]
+    pairs = [(tangent.z, state.params)]
+    pairs += [(z, dict(field)) for z, field in zip(fields, state.opt_state, strict=True)
+              if field]
+    return pairs
+
+
+def carried_hypergradient(direct: Tensor, pairs: list[tuple[Tensor, Params]],
+                          adjoints: list[Tensor], rows: Tensor | None) -> Tensor:
+    """``direct + sum_j Z_j @ a_j`` (flat raw values): the effect through a carried state of
+    the raw values, ``a_j`` (n,) the adjoint of the state tensors of ``pairs[j]``
+    (:func:`state_tangents`), ``rows`` the tangents' raw values (None: all)."""
+    z = torch.cat([pair[0] for pair in pairs], dim=1)
+    return _direct_and_carried(direct, z, torch.cat(adjoints), rows)
 
 
 CAPABILITIES = Capabilities(exact=False, offline=True, online=True, carries_state=True,
@@ -535,6 +609,7 @@ def curvature(horizon: float | str | None = "auto", horizon_unit: str = "steps",
 
 
 __all__ = ["CAPABILITIES", "HORIZON_UNITS", "ONLINE_HORIZON", "SGD_RULE", "CurvatureRule",
-           "CurvatureTangent", "HeavyBallStep", "check_optimizer", "curvature",
-           "curvature_offline", "curvature_options", "curvature_samples", "curvature_segment",
-           "forgetting", "horizons", "initial_tangent", "lr_derivatives", "rule_for"]
+           "CurvatureTangent", "HeavyBallStep", "carried_hypergradient", "check_optimizer",
+           "curvature", "curvature_head", "curvature_offline", "curvature_options",
+           "curvature_samples", "curvature_segment", "forgetting", "horizons", "initial_tangent",
+           "lr_derivatives", "rule_for", "state_tangents"]

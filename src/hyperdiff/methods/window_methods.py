@@ -17,7 +17,7 @@ from typing import Any
 
 from hyperdiff.engine.problem import Problem
 from hyperdiff.engine.solvers import Solver, cg, neumann
-from hyperdiff.errors import fail, positive_int
+from hyperdiff.errors import HyperdiffError, fail, positive_int
 from hyperdiff.methods.base import Method
 from hyperdiff.methods.curvature import curvature_options
 from hyperdiff.methods.forward import ENGINES
@@ -27,10 +27,20 @@ DEFAULT_HORIZON = 500
 
 
 def online_methods() -> list[str]:
-    """The names the online tuner takes: online methods built without arguments."""
-    return [name for name in methods_where(online=True)
-            if all(p.default is not p.empty
-                   for p in inspect.signature(registered_constructor(name)).parameters.values())]
+    """The names the online tuner takes: online methods built without arguments (not
+    ``truncated``, whose options all default to None but which needs ``k`` or a fraction)."""
+    return [name for name in methods_where(online=True) if _builds_bare(name)]
+
+
+def _builds_bare(name: str) -> bool:
+    constructor = registered_constructor(name)
+    if any(p.default is p.empty for p in inspect.signature(constructor).parameters.values()):
+        return False
+    try:
+        constructor()
+    except HyperdiffError:
+        return False
+    return True
 
 
 def window_method(name: str, problem: Problem, *, engine: str = "double_vjp",
