@@ -173,3 +173,58 @@ def test_from_a_run_with_other_hyperparameters_is_refused(tmp_path):
     task, _ = build(load_config(overrides=[*SETTINGS]))
     with pytest.raises(HyperdiffError, match=r"same hyperparameters .* R differs in \['lam'\]"):
         starting_at(task, start)
+
+
+# ------------------------------------------------------------------ a diverged run keeps its best step
+def exploding_after(good: int):
+    """A method whose first ``good`` steps succeed and every later one diverges."""
+    from test_driver import flaky
+
+    return flaky(set(range(good, 1000)))
+
+
+@pytest.mark.parametrize("good", [0, 2])
+def test_a_run_whose_guard_gives_up_keeps_its_best_step_for_from(tmp_path, monkeypatch, good):
+    """The guard gives up after 2 failures: the result names the best step among the good
+    ones (its values as the history's record of it) and ``--from`` starts at its raw values,
+    exactly; with no good step there is nothing to keep and ``--from`` says so."""
+    from hyperdiff.errors import NonFiniteError
+    from hyperdiff.methods import registry
+
+    monkeypatch.setitem(registry.METHODS, "exploding", f"test_budgets:exploding_{good}")
+    config = load_config(overrides=[*SETTINGS, "stop.max_steps=6", "outer.lr=0.5",
+                                    "method.name=exploding", "guard.max_failures=2",
+                                    "outer.explore=0"])  # no global phase after a failed start
+    messages: list[str] = []
+    with pytest.raises(NonFiniteError):
+        run_experiment(config, out=tmp_path / "source", log=messages.append, progress=False)
+    result = json.loads((tmp_path / "source" / "result.json").read_text())
+    history = RunDir(tmp_path / "source").read_history()
+    assert result["status"] == "diverged"
+    assert [r.status for r in history] == ["ok"] * good + ["failed"] * (2 if good else 1)
+    new = load_config(overrides=[*SETTINGS, "stop.max_steps=1"])
+    if not good:
+        assert "best_step" not in result
+        with pytest.raises(HyperdiffError, match=r"--from must name a run with a good step "
+                                                 r"\(got .*source, which diverged before"):
+            run_experiment(new, out=tmp_path / "new", start_from=tmp_path / "source",
+                           log=quiet)
+        return
+    best = min((r for r in history if r.status == "ok"), key=lambda r: r.selection_loss)
+    assert result["best_step"] == best.step and result["best_values"] == best.hparams
+    assert result["best_loss"] == best.selection_loss
+    assert any(f"--from {tmp_path / 'source'}" in m for m in messages)
+    raw = torch.load(tmp_path / "source" / "checkpoint.pt", weights_only=False)["best"]["raw"]
+    run_experiment(new, out=tmp_path / "new", start_from=tmp_path / "source", log=quiet,
+                   progress=False)
+    started = json.loads((tmp_path / "new" / "manifest.json").read_text())["start_from"]
+    for name, value in raw.items():
+        assert torch.equal(torch.tensor(started["raw"][name], dtype=torch.float64), value)
+
+
+def exploding_0():
+    return exploding_after(0)
+
+
+def exploding_2():
+    return exploding_after(2)

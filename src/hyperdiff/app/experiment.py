@@ -45,6 +45,16 @@ _LOG = get_logger("experiment")
 
 
 
+def _best_so_far(loop: Any) -> dict[str, Any]:
+    """A diverged run's best step so far (a plan that ranks steps and had one): its step,
+    ranking loss and natural values, for ``result.json``; ``{}`` otherwise."""
+    if not loop.plan.ranks or loop.best is None:
+        return {}
+    best = loop.best
+    return {"best_step": best["step"], "best_loss": best["value"],
+            "best_values": natural_values(loop.hparams, best["raw"])}
+
+
 def new_run_dir(config: Config, out: str | Path | None = None) -> RunDir:
     """The directory of a new run: ``out``, else ``config.output.dir``, else a fresh
     ``runs/<task>-<date>-<time>`` (with ``-2``, ``-3``, ... when that name is taken),
@@ -299,8 +309,13 @@ def _run_plan(
             rundir.save_checkpoint(loop.state_dict())
             result: dict[str, Any] = {
                 "task": task.name, "status": "diverged", "message": str(err),
-                "run_dir": str(rundir.path), "steps": loop.step_index}
+                "run_dir": str(rundir.path), "steps": loop.step_index,
+                **_best_so_far(loop)}
             rundir.write_result(result)
+            if "best_step" in result:
+                log(f"the best step before the guard gave up, {result['best_step']}, is kept "
+                    f"(result.json's best_values); `hyperdiff run --from {rundir.path}` starts "
+                    "a new run at its values")
             raise
         finally:  # also after any other error (a callback's, a lost rank's)
             close_all(watchers)

@@ -82,20 +82,24 @@ def input_change_warnings(rundir: RunDir) -> list[str]:
 
 def tuned_values(source: RunDir, config: Config) -> dict[str, Any]:
     """``{"run", "raw"}``: the best raw values of the finished offline run ``source`` (from
-    its last checkpoint, exactly), for ``--from``; refused when ``source`` is unfinished, of
-    another mode or of another task than ``config``'s."""
+    its last checkpoint, exactly), for ``--from``; also of one whose guard gave up after a
+    good step (``"diverged"``: its best step before the failures); refused when ``source`` is
+    unfinished, of another mode or of another task than ``config``'s."""
     stored = with_absolute_task(load_config(source.config_path(), stored=True))
     if stored.task.name != config.task.name:
         raise HyperdiffError(f"run: --from must name a run of task {config.task.name!r} (got "
                              f"{source.path}, a run of {stored.task.name!r})")
     finished = source.read_result()
     if stored.outer.mode != "offline" or finished is None or finished.get(
-            "status") != "finished":
+            "status") not in ("finished", "diverged"):
         raise HyperdiffError(f"run: --from must name a finished offline run (got {source.path}"
                              f", {stored.outer.mode} and "
                              f"{'unfinished' if finished is None else finished.get('status')})")
     state = source.load_checkpoint()
     if state is None or not isinstance(state.get("best"), dict):
+        if finished.get("status") == "diverged":
+            raise HyperdiffError(f"run: --from must name a run with a good step (got "
+                                 f"{source.path}, which diverged before its first)")
         raise HyperdiffError(f"run: --from {source.path} holds no checkpoint with a best "
                              "step; resume it first")
     raw = {name: value.tolist() for name, value in state["best"]["raw"].items()}
