@@ -27,7 +27,10 @@ per report seed (``outer.train_seed``: the minibatch order and dropout that the 
 train on): its own-model and retrained test metrics and its time are the means over the three
 (each run's final values retrained on the 3 report seeds, as a one-run row was), each run under
 ``per_seed``; a run that fails is left out of the means and named in the row's note. Columns: test loss / accuracy, full
-trainings used to choose, and wall time over one plain training measured in this run. Per task,
+trainings used to choose, and wall time over one plain training measured in this run (the
+best of four: two before the task's rows, two after; an ``hd online`` row also has
+``time_ratio_paired``, the median over its runs of each run's time over a plain training timed
+just before it, which the machine's drift between the two cannot bias). Per task,
 one offline outer step's wall time over one plain training's. Summary per method: geometric
 mean of test-loss ratios to TPE-100 and wins per task.
 
@@ -172,27 +175,41 @@ def hyperdiff_row(ref: str, mode: str, settings: Settings, plain_s: float, start
                time_s=result["time_s"], plain_s=plain_s, start=start, **extra), steps
 
 
-def online_row(ref: str, settings: Settings, plain_s: float, start: str, workdir: Path
-               ) -> dict[str, Any]:
+def online_row(ref: str, settings: Settings, plain_s: float, start: str, workdir: Path,
+               task: hd.Task) -> dict[str, Any]:
     """One online run per report seed (its training's minibatch order and dropout), combined
-    by :func:`seed_mean`."""
-    return seed_mean([hyperdiff_row(ref, "online", settings, plain_s, start, workdir,
-                                    train_seed=seed)[0] for seed in SEEDS])
+    by :func:`seed_mean`; before each run, one plain training of ``task`` timed beside it
+    (``paired_plain_s``: the machine's speed of that moment, for the paired ratio)."""
+    runs = []
+    for seed in SEEDS:
+        started = time.perf_counter()
+        trained_params(task.final_problem, task.hparams.raw, seed=seed)
+        paired = time.perf_counter() - started
+        run, _ = hyperdiff_row(ref, "online", settings, plain_s, start, workdir,
+                               train_seed=seed)
+        runs.append({**run, "paired_plain_s": paired})
+    return seed_mean(runs)
 
 
 PER_SEED = ("train_seed", "test_loss", "test_accuracy", "online_model_test", "time_s",
-            "tuned", "stop_reason", "note")
+            "paired_plain_s", "tuned", "stop_reason", "note")
 
 
 def seed_mean(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The row of online ``runs`` on different training seeds: the first run's fields, with
     ``test_loss`` / ``test_accuracy`` (final values retrained) and ``online_model_test`` the
     means over the runs that finished, ``time_s`` the mean over all; ``tuned`` and
-    ``initial_test`` are the first finished run's, every run's own under ``per_seed``."""
+    ``initial_test`` are the first finished run's, every run's own under ``per_seed``;
+    ``time_ratio_paired``, where every run has a ``paired_plain_s``: the median over the runs
+    of its time over that plain training's (both single runs of one moment, where
+    ``time_ratio`` divides the mean run by the best of the task's plain trainings)."""
     ran = [r for r in runs if "note" not in r]
     out = {k: v for k, v in (ran or runs)[0].items() if k not in ("train_seed", "note")}
     out["per_seed"] = [{k: r[k] for k in PER_SEED if k in r} for r in runs]
     out["time_s"] = statistics.fmean(r["time_s"] for r in runs)
+    if all("paired_plain_s" in r for r in runs):  # each run over the plain training before it
+        out["time_ratio_paired"] = statistics.median(r["time_s"] / r["paired_plain_s"]
+                                                     for r in runs)
     if ran:
         for key in ("test_loss", "test_accuracy"):
             values = [r[key] for r in ran]
@@ -342,7 +359,7 @@ def run_task(name: str, settings: Settings, workdir: Path) -> dict[str, Any]:
         rows.append(offline)
         say(f"hd offline {offline['time_s']:.1f} s, {offline['trainings']} trainings")
     if "online" in methods:
-        rows.append(online_row(ref, settings, plain_s, "x1", workdir))
+        rows.append(online_row(ref, settings, plain_s, "x1", workdir, task))
         say(f"hd online {rows[-1]['time_s']:.1f} s per run, {len(SEEDS)} train seeds")
     rows.insert(0, row("untuned start", untuned_test(task, rows), trainings=0, time_s=0.0,
                        plain_s=plain_s))
@@ -351,7 +368,7 @@ def run_task(name: str, settings: Settings, workdir: Path) -> dict[str, Any]:
         for mode in (m for m in settings.start_modes if m in methods):
             start = f"lr x{factor:g}"
             started = f"{path}:{start_name(factor)}"
-            rows.append(online_row(started, settings, plain_s, start, workdir)
+            rows.append(online_row(started, settings, plain_s, start, workdir, task)
                         if mode == "online" else
                         hyperdiff_row(started, mode, settings, plain_s, start, workdir)[0])
             say(f"hd {mode} from {start}: {rows[-1]['time_s']:.1f} s")
@@ -479,7 +496,9 @@ def online_vs_lr_free(tasks: Sequence[dict[str, Any]]) -> dict[str, dict[str, An
 
 def online_table(tasks: Sequence[dict[str, Any]], markdown: bool = False) -> str:
     """Per task and ``hd online`` row: its own model's test loss on each training seed, their
-    mean and spread, the final values retrained (mean), and the best lr-free optimizer."""
+    mean and spread, the final values retrained (mean), the best lr-free optimizer, and the
+    run's wall time over one plain training (the mean run over the best plain training, and
+    the median of each run over the plain training timed just before it)."""
     lr_free = {o.label for o in LR_FREE}
     lines = []
     for block in tasks:
@@ -493,11 +512,14 @@ def online_table(tasks: Sequence[dict[str, Any]], markdown: bool = False) -> str
                           _num(own, ".4f"), _num(sd, ".3f"), _num(r.get("test_loss"), ".4f"),
                           "-" if best is None else f"{best['test_loss']:.4f} ({best['method']})",
                           "-" if best is None or not _finite(own) else
-                          "yes" if own <= best["test_loss"] else "no"])
+                          "yes" if own <= best["test_loss"] else "no",
+                          _num(r.get("time_ratio"), ".2f"),
+                          _num(r.get("time_ratio_paired"), ".2f")])
     return _format("online own model over the training seeds against the best lr-free "
                    "optimizer (test loss; means over the same 3 seeds)",
                    ["task", "start", "own model per seed", "own mean", "own sd",
-                    "retrained mean", "best lr-free", "own <= lr-free"], lines, markdown)
+                    "retrained mean", "best lr-free", "own <= lr-free", "time / plain",
+                    "time / paired plain"], lines, markdown)
 
 
 def _finite(x: Any) -> bool:

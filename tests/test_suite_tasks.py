@@ -142,6 +142,17 @@ def test_an_online_row_is_the_mean_over_its_training_seeds():
     assert "note" not in out and "train_seed" not in out
 
 
+def test_the_paired_time_ratio_is_the_median_of_each_run_over_its_own_plain_training():
+    suite = load("suite")
+    runs = [online_run(1, 0.3, 1.0, 2.0), online_run(2, 0.6, 2.0, 4.0),
+            online_run(3, 0.9, 6.0, 9.0)]
+    assert "time_ratio_paired" not in suite.seed_mean(runs)  # no plain training beside them
+    paired = [{**r, "paired_plain_s": s} for r, s in zip(runs, (1.0, 1.0, 3.0), strict=True)]
+    out = suite.seed_mean(paired)
+    assert out["time_ratio_paired"] == pytest.approx(3.0)  # 2 / 1, 4 / 1, 9 / 3: median 3
+    assert [p["paired_plain_s"] for p in out["per_seed"]] == [1.0, 1.0, 3.0]
+
+
 def test_a_failed_seed_is_left_out_of_the_means_and_named():
     suite = load("suite")
     out = suite.seed_mean([online_run(1, 0.0, 0.0, 1.0, failed=True),
@@ -196,10 +207,14 @@ def test_the_online_row_trains_once_on_each_report_seed(tmp_path):
     suite = load("suite")
     path = tmp_path / "minibatch.py"
     path.write_text(MINIBATCH_TASK)
-    out = suite.online_row(f"{path}:build", suite.QUICK, 1.0, "x1", tmp_path / "runs")
+    ref = f"{path}:build"
+    out = suite.online_row(ref, suite.QUICK, 1.0, "x1", tmp_path / "runs",
+                           hd.tasks.build_task(ref))
     per_seed = out["per_seed"]
     assert [p["train_seed"] for p in per_seed] == list(suite.SEEDS)
     own = [p["online_model_test"]["loss"] for p in per_seed]
     assert len(set(own)) == 3  # three minibatch orders, three models
     assert out["online_model_test"]["loss"] == pytest.approx(sum(own) / 3, rel=1e-12)
     assert out["test_loss"] == pytest.approx(sum(p["test_loss"] for p in per_seed) / 3)
+    ratios = sorted(p["time_s"] / p["paired_plain_s"] for p in per_seed)
+    assert out["time_ratio_paired"] == pytest.approx(ratios[1], rel=1e-12)  # their median
