@@ -31,7 +31,10 @@ trainings used to choose, and wall time over one plain training measured in this
 best of four: two before the task's rows, two after; an ``hd online`` row also has
 ``time_ratio_paired``, the median over its runs of each run's time over a plain training timed
 just before it, which the machine's drift between the two cannot bias). Per task,
-one offline outer step's wall time over one plain training's. Summary per method: geometric
+one offline outer step's wall time over one plain training's: the run's median step over the
+best plain training (``outer_step_ratio``), and the best of three loop steps over the best of
+three plain trainings, interleaved in one loop after the run (``outer_step_paired``). Summary
+per method: geometric
 mean of test-loss ratios to TPE-100 and wins per task.
 
     OMP_NUM_THREADS=1 python benchmarks/suite.py --quick   # 4 tasks, fewer steps (< 10 min)
@@ -68,6 +71,7 @@ import hyperdiff as hd
 from hyperdiff.app.cli.compare import evaluate_values
 from hyperdiff.app.config import load_config
 from hyperdiff.app.experiment import run_experiment
+from hyperdiff.app.plans import build
 from hyperdiff.app.search import (
     OPTUNA_MISSING,
     SearchResult,
@@ -88,6 +92,8 @@ HERE = Path(__file__).parent
 TASK_DIR = HERE / "suite_tasks"
 RESULTS = HERE / "results"
 sys.path.insert(0, str(TASK_DIR))
+sys.path.insert(0, str(HERE))
+from outer_step_cost import best_of  # noqa: E402
 from suite_common import START_FACTORS, start_name  # noqa: E402
 
 TASKS = ("char_lm", "shapes_cnn", "tabular_mlp", "gru_seq", "logistic_wide", "reweight")
@@ -344,6 +350,22 @@ def plain_training_s(task: hd.Task, repeats: int = 2) -> float:
     return best
 
 
+def outer_step_paired(ref: str, repeats: int = 3) -> dict[str, float]:
+    """One offline outer step (``HyperOptimizer.step()`` of the default offline config, after
+    a first step that also evaluates the guard's untrained reference) and one plain training
+    of the same T steps, each the best of ``repeats`` interleaved rounds after a warm-up round
+    (``outer_step_cost.py``'s ``loop step``), and their ratio."""
+    _task, loop = build(load_config(overrides=[
+        f"task.name={ref}", "outer.mode=offline", f"stop.max_steps={repeats + 3}",
+        "stop.patience=0"]))
+    problem, raw = loop.problems[0], loop.raw
+    loop.step()
+    best = best_of({"plain": lambda i: trained_params(problem, raw, seed=i),
+                    "step": lambda _i: loop.step()}, repeats)
+    return {"plain_s": best["plain"], "outer_step_s": best["step"],
+            "ratio": best["step"] / best["plain"]}
+
+
 def run_task(name: str, settings: Settings, workdir: Path) -> dict[str, Any]:
     """Every method on task ``name``; its JSON block."""
     path = TASK_DIR / f"{name}.py"
@@ -354,10 +376,14 @@ def run_task(name: str, settings: Settings, workdir: Path) -> dict[str, Any]:
     say = _say(task.name)
     say(f"plain training {plain_s:.2f} s ({task.final_problem.steps} steps)")
     methods, rows, step_times = settings.methods, [], []
+    paired = None
     if "offline" in methods:
         offline, step_times = hyperdiff_row(ref, "offline", settings, plain_s, "x1", workdir)
         rows.append(offline)
         say(f"hd offline {offline['time_s']:.1f} s, {offline['trainings']} trainings")
+        paired = outer_step_paired(ref)
+        say(f"one outer step {paired['ratio']:.2f}x one plain training (best of 3 each, "
+            "interleaved)")
     if "online" in methods:
         rows.append(online_row(ref, settings, plain_s, "x1", workdir, task))
         say(f"hd online {rows[-1]['time_s']:.1f} s per run, {len(SEEDS)} train seeds")
@@ -394,7 +420,7 @@ def run_task(name: str, settings: Settings, workdir: Path) -> dict[str, Any]:
             "description": task.description, "hparams": task.hparams.numel,
             "steps": task.final_problem.steps, "plain_training_s": plain_s,
             "outer_step_s": statistics.median(step_times) if step_times else None,
-            "outer_step_ratio": ratio, "rows": rows}
+            "outer_step_ratio": ratio, "outer_step_paired": paired, "rows": rows}
 
 
 def untuned_test(task: hd.Task, rows: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -551,9 +577,11 @@ def tasks_table(blocks: Sequence[dict[str, Any]], markdown: bool = False) -> str
     """What each task is and costs: hyperparameters, T, one plain training, one outer step."""
     lines = [[b["task"], b["description"], str(b["hparams"]), str(b["steps"]),
               _num(b["plain_training_s"], ".2f"), _num(b["outer_step_s"], ".2f"),
-              _num(b["outer_step_ratio"], ".2f")] for b in blocks]
+              _num(b["outer_step_ratio"], ".2f"),
+              _num((b.get("outer_step_paired") or {}).get("ratio"), ".2f")] for b in blocks]
     return _format("tasks", ["task", "what", "hyperparameters", "T", "plain training s",
-                             "offline outer step s", "outer step / plain"], lines, markdown)
+                             "offline outer step s", "outer step / plain",
+                             "outer step / plain, interleaved"], lines, markdown)
 
 
 def summary_table(summ: dict[str, dict[str, Any]], markdown: bool = False) -> str:

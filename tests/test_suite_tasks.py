@@ -203,6 +203,16 @@ def build(steps=None, data_seed=0):
 '''
 
 
+def test_the_interleaved_outer_step_is_steps_of_the_default_offline_loop(tmp_path):
+    suite = load("suite")
+    path = tmp_path / "minibatch.py"
+    path.write_text(MINIBATCH_TASK)
+    out = suite.outer_step_paired(f"{path}:build", repeats=2)
+    assert set(out) == {"plain_s", "outer_step_s", "ratio"}
+    assert out["plain_s"] > 0 and out["outer_step_s"] > 0
+    assert out["ratio"] == out["outer_step_s"] / out["plain_s"]
+
+
 def test_the_online_row_trains_once_on_each_report_seed(tmp_path):
     suite = load("suite")
     path = tmp_path / "minibatch.py"
