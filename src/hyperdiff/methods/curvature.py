@@ -51,6 +51,7 @@ and no forgetting gives reverse mode's hypergradient (``tests/test_offline_curva
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from functools import partial
@@ -156,17 +157,15 @@ def lr_derivatives(problem: Problem, raw: dict[str, Tensor], start: int, stop: i
     tensor. A schedule is evaluated for the whole window in one pass. ``name``: another of the
     optimizer's coefficients instead (AdamW's ``"weight_decay"``: :func:`decay_derivatives`)."""
     hp = problem.hparams
+    coef = problem.optimizer.coefficients[name]
+    if isinstance(coef, str) and _one_value(problem, coef):  # the same lr_t at every step
+        return _repeated_row(problem, raw, coef, start, stop - start)
     sizes = [p.numel() for p in problem.params.values()]
     flat = hp.flatten(problem.raw_tensors(raw)).detach().requires_grad_()
-    coef = problem.optimizer.coefficients[name]
     with torch.enable_grad():
         hview = hp.view(hp.unflatten(flat))
         if isinstance(coef, Schedule):
             rows = coef.window(hview, start, stop)[:, None]                  # (K, 1)
-        elif _one_value(problem, coef):  # the same lr_t at every step: one row's backward
-            key = next(iter(problem.params))
-            return _repeated_row(_as_tensor(resolve(coef, hview, start, key), flat), flat,
-                                 stop - start)
         elif _same_for_every_tensor(problem, coef):
             key = next(iter(problem.params))
             rows = torch.stack([_as_tensor(resolve(coef, hview, t, key), flat)
@@ -209,16 +208,32 @@ def _one_value(problem: Problem, coef: Any) -> bool:
     return isinstance(coef, str) and problem.hparams[coef].kind == "scalar"
 
 
-def _repeated_row(value: Tensor, flat: Tensor, steps: int) -> tuple[Tensor, Tensor]:
-    """:func:`lr_derivatives` of a coefficient that is ``value`` (0-d, read from ``flat``) at
-    each of ``steps`` steps: ``(K, 1)`` and ``(K, P, 1)``. Its ``K`` rows are one row repeated,
-    so one backward pass gives them (the batched pass over ``K`` equal rows gave each the same
-    numbers, at several times the cost on a small problem)."""
-    jac = None
-    if value.requires_grad:
-        (jac,) = torch.autograd.grad(value, flat, allow_unused=True)
-    if jac is None:
-        jac = torch.zeros_like(flat)
+def _repeated_row(problem: Problem, raw: dict[str, Tensor], coef: str, start: int,
+                  steps: int) -> tuple[Tensor, Tensor]:
+    """:func:`lr_derivatives` of the scalar hyperparameter ``coef``, the same value at each of
+    ``steps`` steps: ``(K, 1)`` and ``(K, P, 1)``. Its ``K`` rows are one row repeated, so one
+    backward pass gives them (the batched pass over ``K`` equal rows gave each the same
+    numbers, at several times the cost on a small problem), and that pass starts at ``coef``'s
+    own raw value: its derivative is 0 in every other raw value, placed at ``coef``'s offset
+    in the flat order (the same numbers as the pass from the flat vector of all ``P`` values,
+    whose split only copies the gradient: ``tests/test_online_oncost2.py``)."""
+    hp = problem.hparams
+    values = problem.raw_tensors(raw)
+    leaf = values[coef].detach().requires_grad_()
+    values[coef] = leaf
+    with torch.enable_grad():
+        value = _as_tensor(resolve(coef, hp.view(values), start, next(iter(problem.params))),
+                           leaf)
+        grad = torch.autograd.grad(value, leaf, allow_unused=True)[0] if value.requires_grad \
+            else None
+    jac = leaf.new_zeros(hp.numel)
+    if grad is not None:
+        offset = 0
+        for other in hp:
+            if other == coef:
+                break
+            offset += math.prod(hp[other].shape)
+        jac[offset] = grad.reshape(())
     lrs = value.detach().reshape(1, 1).repeat(steps, 1)
     return lrs, jac.reshape(1, -1, 1).repeat(steps, 1, 1)
 

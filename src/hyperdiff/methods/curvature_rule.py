@@ -72,12 +72,23 @@ def carried_coefficients(problem: Problem) -> list[Any]:
 def per_entry(coef: Any, hview: Any, step: int, params: Params, like: Tensor
               ) -> Tensor | float:
     """A coefficient's value at ``step`` for every parameter entry: a float when it is a
-    number, else an (n,) tensor (detached: a constant of the tangent rule)."""
+    number, a (1,) tensor when every parameter tensor reads the same one-entry value (the
+    same tensor: a scalar or per_step hyperparameter), else an (n,) tensor (detached: a
+    constant of the tangent rule).
+
+    The (1,) tensor broadcasts to the (n,) one's entries in every elementwise use, with the
+    same arithmetic per entry (the same bits), without building an (n,) copy at every step
+    (``tests/test_online_oncost2.py``)."""
     if isinstance(coef, (int, float)):
         return float(coef)
+    values = [resolve(coef, hview, step, k) for k in params]
+    first = values[0]
+    if isinstance(first, Tensor) and first.numel() == 1 and all(v is first for v in values):
+        return first.detach().to(dtype=like.dtype, device=like.device).reshape(1)
     return torch.cat([
-        torch.as_tensor(resolve(coef, hview, step, k), dtype=like.dtype, device=like.device)
-        .detach().expand(p.shape).reshape(-1) for k, p in params.items()])
+        torch.as_tensor(v, dtype=like.dtype, device=like.device)
+        .detach().expand(p.shape).reshape(-1) for v, p in zip(values, params.values(),
+                                                              strict=True)])
 
 
 def carried_rows(problem: Problem, *, decay: bool = True) -> Tensor | None:
