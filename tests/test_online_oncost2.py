@@ -15,7 +15,7 @@ import torch
 
 import hyperdiff as hd
 from hyperdiff.engine.optimizers import resolve
-from hyperdiff.engine.training import initial_state
+from hyperdiff.engine.training import initial_state, train_gradient
 from hyperdiff.methods import curvature_rule
 from hyperdiff.methods.curvature import curvature_segment, lr_derivatives
 
@@ -143,3 +143,51 @@ def test_a_scalar_learning_rate_s_derivatives_from_its_own_raw_value_bit_for_bit
         assert mine.dtype == theirs.dtype and mine.shape == theirs.shape
         assert torch.equal(mine, theirs)
     assert int((ours[1][0, :, 0] != 0).sum()) == 1 and float(ours[1][0, 3, 0]) != 0.0
+
+
+def penalized(p, h, batch):
+    return loss(p, h, batch) + h["wd"] * sum((v ** 2).sum() for v in p.values())
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_tangent_with_no_rows_moves_only_the_squared_gradient_average(optimizer):
+    """A constant learning rate and a loss hyperparameter: no carried row. The window's steps
+    update only the curvature estimate's average, checked against a hand-written unroll of
+    ``v <- RHO v + (1 - RHO) d^2`` (``d`` the gradient, plus SGD's coupled decay)."""
+    hp = hd.HyperParameters(wd=hd.scalar(0.05))
+    opt = (hd.sgd(0.1, 0.9, weight_decay=0.01) if optimizer == "sgd"
+           else hd.adamw(0.02, weight_decay=0.01))
+    x, y = sine_data(24, 5, seed=1)
+    prob = hd.make_problem(penalized, loss, hp, params(torch.float32), optimizer=opt,
+                           train_data=hd.minibatches(x, y, batch_size=6),
+                           val_data=sine_data(16, 5, seed=2), steps=10, seed=0, probe=False)
+    raw = prob.hparams.raw
+    hview = prob.hparams.view(prob.raw_tensors(raw))
+    state = initial_state(prob, hview, differentiable=False)
+    first = curvature_segment(prob, state, raw, 0, 6, prob.val_data)
+    second = curvature_segment(prob, first.state, raw, 6, 10, prob.val_data, first.carry)
+    assert first.carry.z.shape[0] == 0 and int(second.carry.steps) == 10
+
+    theta, opt_state = dict(state.params), state.opt_state
+    v = torch.zeros(28, dtype=torch.float32)
+    for step in range(10):
+        last = step in (5, 9)  # a window's last step: with a graph, as the method takes it
+        hleaves = prob.hparams.view({n: t.detach().requires_grad_() for n, t in
+                                     raw.items()}) if last else hview
+        leaves = {k: t.detach().requires_grad_() for k, t in theta.items()}
+        grads, _, _ = train_gradient(prob, leaves, {}, hleaves, step, create_graph=last)
+        d = torch.cat([g.detach().reshape(-1) for g in grads.values()])
+        if optimizer == "sgd":
+            d = d + torch.full((1,), 0.01) * torch.cat([t.reshape(-1) for t in theta.values()])
+        v.mul_(curvature_rule.RHO).addcmul_(d, d, value=1.0 - curvature_rule.RHO)
+        with torch.set_grad_enabled(last):
+            theta, opt_state = prob.optimizer.update(grads, opt_state,
+                                                     leaves if last else theta, hleaves, step)
+        theta = {k: t.detach() for k, t in theta.items()}
+        opt_state = type(opt_state)(*({k: t.detach() for k, t in field.items()}
+                                      if isinstance(field, dict) else field
+                                      for field in opt_state))
+        if step == 5:
+            assert torch.equal(first.carry.v, v)
+    assert torch.equal(second.carry.v, v)
+    assert all(torch.equal(second.state.params[k], theta[k]) for k in theta)

@@ -78,6 +78,7 @@ from hyperdiff.methods.curvature_adam import ADAM_NAMES, ADAM_RULE
 from hyperdiff.methods.curvature_rule import (
     RHO,
     CurvatureRule,
+    average_squares,
     carried_rows,
     carries_decay,
     keeps_all,
@@ -278,13 +279,7 @@ def _heavy_ball(problem: Problem, hview: Any, grads: Params, opt_state: Any, par
     """``d_t`` (the gradient plus the optimizer's weight decay), ``b_{t+1}``, ``beta``, ``p_t``
     and ``wd_t`` of :func:`hd.sgd`'s step at ``step``, flat."""
     coefs = problem.optimizer.coefficients
-    direction = flat(grads.values())
-    coef = coefs["weight_decay"]
-    wd = 0.0 if _is_zero(coef) else per_entry(coef, hview, step, params, direction)
-    p = direction  # read only with a weight decay (wd * p, the decay's direct term)
-    if not _is_zero(coef):
-        p = flat(params.values()).to(direction.dtype)
-        direction = direction + wd * p
+    direction, p, wd = _sgd_direction(problem, hview, grads, params, step)
     if not opt_state.momentum:
         return HeavyBallStep(direction, direction, 0.0, p, wd)
     beta = _coefficient(coefs["momentum"], hview, step, next(iter(params)))
@@ -292,6 +287,26 @@ def _heavy_ball(problem: Problem, hview: Any, grads: Params, opt_state: Any, par
         return HeavyBallStep(direction, direction, beta, p, wd)
     return HeavyBallStep(direction, _add_scaled(direction, flat(opt_state.momentum.values()),
                                                 beta), beta, p, wd)
+
+
+def _sgd_direction(problem: Problem, hview: Any, grads: Params, params: Params, step: int
+                   ) -> tuple[Tensor, Tensor, Tensor | float]:
+    """``d_t = g_t + wd_t p_t``, ``p_t`` and ``wd_t`` of :func:`hd.sgd`'s step at ``step``,
+    flat (``p_t`` is ``d_t`` itself without a weight decay, which alone reads it)."""
+    direction = flat(grads.values())
+    coef = problem.optimizer.coefficients["weight_decay"]
+    if _is_zero(coef):
+        return direction, direction, 0.0
+    wd = per_entry(coef, hview, step, params, direction)
+    p = flat(params.values()).to(direction.dtype)
+    return direction + wd * p, p, wd
+
+
+def _sgd_average(problem: Problem, hview: Any, grads: Params, params: Params,
+                 tangent: CurvatureTangent, step: int) -> None:
+    """The curvature estimate's average of ``d_t^2``, in place: :func:`_advance`'s first line,
+    for a tangent with no rows."""
+    average_squares(tangent.v, _sgd_direction(problem, hview, grads, params, step)[0])
 
 
 HORIZON_UNITS = ("steps", "lr")
@@ -318,7 +333,7 @@ def _advance(tangent: CurvatureTangent, momentum: Tensor, direction: Tensor, lr:
     direct term); ``count`` the squared gradients in ``v`` after this step; ``wd`` the coupled
     weight decay, whose ``wd Z`` is exact (added to the capped model ``D_t``)."""
     z, zb, v, _ = tangent
-    v.mul_(RHO).addcmul_(direction, direction, value=1.0 - RHO)
+    average_squares(v, direction)
     curvature = v * (scale / (1.0 - RHO ** count))
     curvature = torch.minimum(curvature, (2.0 * (1.0 + beta)) / lr.clamp(min=1e-30))
     if not isinstance(wd, float) or wd != 0.0:
@@ -351,7 +366,7 @@ def _sgd_decay(tangent: CurvatureTangent, values: HeavyBallStep, lr: Tensor, dwd
 
 
 SGD_RULE = CurvatureRule(_initial_sgd, _sgd_values, _sgd_advance, lambda values, lr: values.b,
-                         _sgd_decay)
+                         _sgd_decay, _sgd_average)
 """Heavy-ball SGD's rule (the module doc's recurrence); the direct term's vector is ``b_{t+1}``;
 a carried coupled weight decay's is ``p_t`` in the momentum (:func:`_sgd_decay`)."""
 
@@ -462,6 +477,7 @@ def _carry(problem: Problem, rule: CurvatureRule, hview: Any, coefs: _Coefficien
     ``rule`` with every step's direct term; the state at ``stop`` and the squared gradients
     averaged by then (the tangent's ``steps`` is not updated)."""
     count = int(tangent.steps)  # read once per window: the steps add no host synchronisation
+    carried = tangent.z.shape[0] > 0  # no rows: only the squared-gradient average moves
     params, buffers, opt_state = state
     for step in range(start, stop):
         theta = {k: v.detach().requires_grad_() for k, v in params.items()}
@@ -470,12 +486,15 @@ def _carry(problem: Problem, rule: CurvatureRule, hview: Any, coefs: _Coefficien
         with torch.no_grad():
             new_params, new_state = problem.optimizer.update(grads, opt_state, params, hview,
                                                              step)
-            values = rule.values(problem, hview, grads, params, opt_state, new_state, step)
             i, count = step - start, count + 1
-            rule.advance(tangent, values, coefs.lrs[i], coefs.dlrs[i], forget(coefs.lrs[i]),
-                         scale, count)
-            if coefs.dwds is not None:
-                rule.decay(tangent, values, coefs.lrs[i], coefs.dwds[i])
+            if not carried:
+                rule.average(problem, hview, grads, params, tangent, step)
+            else:
+                values = rule.values(problem, hview, grads, params, opt_state, new_state, step)
+                rule.advance(tangent, values, coefs.lrs[i], coefs.dlrs[i],
+                             forget(coefs.lrs[i]), scale, count)
+                if coefs.dwds is not None:
+                    rule.decay(tangent, values, coefs.lrs[i], coefs.dwds[i])
         params, opt_state = new_params, new_state
         buffers = {k: v.detach() for k, v in buffers.items()}
         losses[i] = loss.detach()

@@ -32,13 +32,24 @@ class CurvatureRule(NamedTuple):
       after it, a Python int: the bias correction reads no device value);
     - ``direct(values, lr)``: ``-d theta_{t+1} / d lr_t`` (n,), the direct term's vector;
     - ``decay(tangent, values, lr, dwd)``: add a carried weight decay's direct term, ``dwd =
-      d wd_t / du`` (R, n) or (R, 1), in place (:func:`carries_decay`)."""
+      d wd_t / du`` (R, n) or (R, 1), in place (:func:`carries_decay`);
+    - ``average(problem, hview, grads, params, tangent, step)``: the squared-gradient average
+      ``v`` alone, in place, as ``advance`` moves it: the step of a tangent with no rows (no
+      carried coefficient reads a raw value, as a constant learning rate), where nothing else
+      of the rule can be read."""
 
     initial: Callable[[Problem, dict[str, Tensor]], Any]
     values: Callable[..., Any]
     advance: Callable[..., None]
     direct: Callable[[Any, Tensor], Tensor]
     decay: Callable[[Any, Any, Tensor, Tensor], None]
+    average: Callable[..., None]
+
+
+def average_squares(v: Tensor, g: Tensor) -> None:
+    """``v <- RHO v + (1 - RHO) g^2`` in place: the curvature estimate's squared-gradient
+    average (each rule's ``advance`` and ``average``)."""
+    v.mul_(RHO).addcmul_(g, g, value=1.0 - RHO)
 
 
 def keeps_all(mu: float | Tensor) -> bool:
@@ -169,5 +180,6 @@ def _with_zero_rows(tensor: Tensor, before: Tensor, today: Tensor) -> Tensor:
     return out
 
 
-__all__ = ["DECAY_CARRIED", "RHO", "CurvatureRule", "carried_coefficients", "carried_rows",
-           "carries_decay", "keeps_all", "per_entry", "saved_tangent_rows", "tangent_rows"]
+__all__ = ["DECAY_CARRIED", "RHO", "CurvatureRule", "average_squares", "carried_coefficients",
+           "carried_rows", "carries_decay", "keeps_all", "per_entry", "saved_tangent_rows",
+           "tangent_rows"]
