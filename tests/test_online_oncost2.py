@@ -191,3 +191,17 @@ def test_a_tangent_with_no_rows_moves_only_the_squared_gradient_average(optimize
             assert torch.equal(first.carry.v, v)
     assert torch.equal(second.carry.v, v)
     assert all(torch.equal(second.state.params[k], theta[k]) for k in theta)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_constant_learning_rate_s_rows_and_zero_derivatives_as_the_stacked_rows(dtype):
+    """A number as the learning rate: its rows and zero derivatives as the general path
+    stacked them (one 0-d tensor per step, no backward pass)."""
+    prob = make(hd.HyperParameters(wd=hd.scalar(0.05), l2=hd.per_tensor(params(dtype), 0.01)),
+                hd.sgd(0.3, 0.9, weight_decay="wd"), dtype)
+    lrs, dlrs = lr_derivatives(prob, prob.hparams.raw, 2, 9)
+    stacked = torch.stack([torch.as_tensor(0.3, dtype=prob.hparam_dtype)
+                           for _ in range(2, 9)])[:, None]
+    assert lrs.dtype == stacked.dtype and torch.equal(lrs, stacked)
+    assert dlrs.shape == (7, 4, 1) and dlrs.dtype == stacked.dtype
+    assert not bool(dlrs.any())

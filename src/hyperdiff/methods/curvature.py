@@ -161,6 +161,10 @@ def lr_derivatives(problem: Problem, raw: dict[str, Tensor], start: int, stop: i
     coef = problem.optimizer.coefficients[name]
     if isinstance(coef, str) and _one_value(problem, coef):  # the same lr_t at every step
         return _repeated_row(problem, raw, coef, start, stop - start)
+    if isinstance(coef, (int, float)):  # a number: no raw value moves it
+        lrs = torch.full((stop - start, 1), float(coef), dtype=problem.hparam_dtype,
+                         device=problem.device)
+        return lrs, lrs.new_zeros((stop - start, hp.numel, 1))
     sizes = [p.numel() for p in problem.params.values()]
     flat = hp.flatten(problem.raw_tensors(raw)).detach().requires_grad_()
     with torch.enable_grad():
