@@ -15,7 +15,7 @@ import torch
 
 import hyperdiff as hd
 from hyperdiff.engine.optimizers import resolve
-from hyperdiff.engine.training import initial_state, train_gradient
+from hyperdiff.engine.training import flat, initial_state, train_gradient
 from hyperdiff.methods import curvature_rule
 from hyperdiff.methods.curvature import curvature_segment, lr_derivatives
 
@@ -205,3 +205,15 @@ def test_a_constant_learning_rate_s_rows_and_zero_derivatives_as_the_stacked_row
     assert lrs.dtype == stacked.dtype and torch.equal(lrs, stacked)
     assert dlrs.shape == (7, 4, 1) and dlrs.dtype == stacked.dtype
     assert not bool(dlrs.any())
+
+
+def test_flat_passes_one_dimensional_tensors_without_a_reshape_and_copies():
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(3, 2, generator=g), torch.randn(4, generator=g), torch.tensor(0.5),
+               torch.randn(1, generator=g)]
+    out = flat(tensors)
+    assert torch.equal(out, torch.cat([t.reshape(-1) for t in tensors]))
+    alone = flat([tensors[1]])
+    assert torch.equal(alone, tensors[1])
+    alone[0] = 7.0  # a new tensor, never a view of the one given
+    assert float(tensors[1][0]) != 7.0
