@@ -58,7 +58,10 @@ AREAS: tuple[tuple[str, tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]
     ("tangents (curvature rule, every step)",
      (("methods/curvature.py", "_sgd_advance"), ("methods/curvature.py", "_sgd_values"),
       ("methods/curvature_adam.py", "advance_adam"),
-      ("methods/curvature_adam.py", "_adam_values")), None),
+      ("methods/curvature_adam.py", "_adam_values"),
+      # a tangent with no rows: the squared-gradient average alone (s30)
+      ("methods/curvature.py", "_sgd_average"), ("methods/curvature_adam.py", "adam_average")),
+     None),
     ("learning-rate derivatives (per window)", (("methods/curvature.py", "lr_derivatives"),),
      None),
     # the window's validation gradients through its last step: methods/segments.py's

@@ -73,8 +73,10 @@ def _start_value(value: Tensor, differentiable: bool) -> Tensor:
 
 
 def flat(tensors: Iterable[Tensor]) -> Tensor:
-    """The entries of ``tensors`` concatenated in order, one 1-D tensor."""
-    return torch.cat([t.reshape(-1) for t in tensors])
+    """The entries of ``tensors`` concatenated in order, one 1-D tensor (a new one: ``cat``
+    copies; a 1-D tensor goes in as it is, without a reshape's dispatch, as the curvature
+    tangents flatten every parameter tensor at every step)."""
+    return torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in tensors])
 
 
 def zeros_for_unused(grads: tuple[Tensor | None, ...], like: list[Tensor]) -> list[Tensor]:

@@ -51,6 +51,7 @@ and no forgetting gives reverse mode's hypergradient (``tests/test_offline_curva
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from functools import partial
@@ -77,6 +78,7 @@ from hyperdiff.methods.curvature_adam import ADAM_NAMES, ADAM_RULE
 from hyperdiff.methods.curvature_rule import (
     RHO,
     CurvatureRule,
+    average_squares,
     carried_rows,
     carries_decay,
     keeps_all,
@@ -156,17 +158,19 @@ def lr_derivatives(problem: Problem, raw: dict[str, Tensor], start: int, stop: i
     tensor. A schedule is evaluated for the whole window in one pass. ``name``: another of the
     optimizer's coefficients instead (AdamW's ``"weight_decay"``: :func:`decay_derivatives`)."""
     hp = problem.hparams
+    coef = problem.optimizer.coefficients[name]
+    if isinstance(coef, str) and _one_value(problem, coef):  # the same lr_t at every step
+        return _repeated_row(problem, raw, coef, start, stop - start)
+    if isinstance(coef, (int, float)):  # a number: no raw value moves it
+        lrs = torch.full((stop - start, 1), float(coef), dtype=problem.hparam_dtype,
+                         device=problem.device)
+        return lrs, lrs.new_zeros((stop - start, hp.numel, 1))
     sizes = [p.numel() for p in problem.params.values()]
     flat = hp.flatten(problem.raw_tensors(raw)).detach().requires_grad_()
-    coef = problem.optimizer.coefficients[name]
     with torch.enable_grad():
         hview = hp.view(hp.unflatten(flat))
         if isinstance(coef, Schedule):
             rows = coef.window(hview, start, stop)[:, None]                  # (K, 1)
-        elif _one_value(problem, coef):  # the same lr_t at every step: one row's backward
-            key = next(iter(problem.params))
-            return _repeated_row(_as_tensor(resolve(coef, hview, start, key), flat), flat,
-                                 stop - start)
         elif _same_for_every_tensor(problem, coef):
             key = next(iter(problem.params))
             rows = torch.stack([_as_tensor(resolve(coef, hview, t, key), flat)
@@ -209,16 +213,32 @@ def _one_value(problem: Problem, coef: Any) -> bool:
     return isinstance(coef, str) and problem.hparams[coef].kind == "scalar"
 
 
-def _repeated_row(value: Tensor, flat: Tensor, steps: int) -> tuple[Tensor, Tensor]:
-    """:func:`lr_derivatives` of a coefficient that is ``value`` (0-d, read from ``flat``) at
-    each of ``steps`` steps: ``(K, 1)`` and ``(K, P, 1)``. Its ``K`` rows are one row repeated,
-    so one backward pass gives them (the batched pass over ``K`` equal rows gave each the same
-    numbers, at several times the cost on a small problem)."""
-    jac = None
-    if value.requires_grad:
-        (jac,) = torch.autograd.grad(value, flat, allow_unused=True)
-    if jac is None:
-        jac = torch.zeros_like(flat)
+def _repeated_row(problem: Problem, raw: dict[str, Tensor], coef: str, start: int,
+                  steps: int) -> tuple[Tensor, Tensor]:
+    """:func:`lr_derivatives` of the scalar hyperparameter ``coef``, the same value at each of
+    ``steps`` steps: ``(K, 1)`` and ``(K, P, 1)``. Its ``K`` rows are one row repeated, so one
+    backward pass gives them (the batched pass over ``K`` equal rows gave each the same
+    numbers, at several times the cost on a small problem), and that pass starts at ``coef``'s
+    own raw value: its derivative is 0 in every other raw value, placed at ``coef``'s offset
+    in the flat order (the same numbers as the pass from the flat vector of all ``P`` values,
+    whose split only copies the gradient: ``tests/test_online_oncost2.py``)."""
+    hp = problem.hparams
+    values = problem.raw_tensors(raw)
+    leaf = values[coef].detach().requires_grad_()
+    values[coef] = leaf
+    with torch.enable_grad():
+        value = _as_tensor(resolve(coef, hp.view(values), start, next(iter(problem.params))),
+                           leaf)
+        grad = torch.autograd.grad(value, leaf, allow_unused=True)[0] if value.requires_grad \
+            else None
+    jac = leaf.new_zeros(hp.numel)
+    if grad is not None:
+        offset = 0
+        for other in hp:
+            if other == coef:
+                break
+            offset += math.prod(hp[other].shape)
+        jac[offset] = grad.reshape(())
     lrs = value.detach().reshape(1, 1).repeat(steps, 1)
     return lrs, jac.reshape(1, -1, 1).repeat(steps, 1, 1)
 
@@ -263,13 +283,7 @@ def _heavy_ball(problem: Problem, hview: Any, grads: Params, opt_state: Any, par
     """``d_t`` (the gradient plus the optimizer's weight decay), ``b_{t+1}``, ``beta``, ``p_t``
     and ``wd_t`` of :func:`hd.sgd`'s step at ``step``, flat."""
     coefs = problem.optimizer.coefficients
-    direction = flat(grads.values())
-    coef = coefs["weight_decay"]
-    wd = 0.0 if _is_zero(coef) else per_entry(coef, hview, step, params, direction)
-    p = direction  # read only with a weight decay (wd * p, the decay's direct term)
-    if not _is_zero(coef):
-        p = flat(params.values()).to(direction.dtype)
-        direction = direction + wd * p
+    direction, p, wd = _sgd_direction(problem, hview, grads, params, step)
     if not opt_state.momentum:
         return HeavyBallStep(direction, direction, 0.0, p, wd)
     beta = _coefficient(coefs["momentum"], hview, step, next(iter(params)))
@@ -277,6 +291,26 @@ def _heavy_ball(problem: Problem, hview: Any, grads: Params, opt_state: Any, par
         return HeavyBallStep(direction, direction, beta, p, wd)
     return HeavyBallStep(direction, _add_scaled(direction, flat(opt_state.momentum.values()),
                                                 beta), beta, p, wd)
+
+
+def _sgd_direction(problem: Problem, hview: Any, grads: Params, params: Params, step: int
+                   ) -> tuple[Tensor, Tensor, Tensor | float]:
+    """``d_t = g_t + wd_t p_t``, ``p_t`` and ``wd_t`` of :func:`hd.sgd`'s step at ``step``,
+    flat (``p_t`` is ``d_t`` itself without a weight decay, which alone reads it)."""
+    direction = flat(grads.values())
+    coef = problem.optimizer.coefficients["weight_decay"]
+    if _is_zero(coef):
+        return direction, direction, 0.0
+    wd = per_entry(coef, hview, step, params, direction)
+    p = flat(params.values()).to(direction.dtype)
+    return direction + wd * p, p, wd
+
+
+def _sgd_average(problem: Problem, hview: Any, grads: Params, params: Params,
+                 tangent: CurvatureTangent, step: int) -> None:
+    """The curvature estimate's average of ``d_t^2``, in place: :func:`_advance`'s first line,
+    for a tangent with no rows."""
+    average_squares(tangent.v, _sgd_direction(problem, hview, grads, params, step)[0])
 
 
 HORIZON_UNITS = ("steps", "lr")
@@ -303,7 +337,7 @@ def _advance(tangent: CurvatureTangent, momentum: Tensor, direction: Tensor, lr:
     direct term); ``count`` the squared gradients in ``v`` after this step; ``wd`` the coupled
     weight decay, whose ``wd Z`` is exact (added to the capped model ``D_t``)."""
     z, zb, v, _ = tangent
-    v.mul_(RHO).addcmul_(direction, direction, value=1.0 - RHO)
+    average_squares(v, direction)
     curvature = v * (scale / (1.0 - RHO ** count))
     curvature = torch.minimum(curvature, (2.0 * (1.0 + beta)) / lr.clamp(min=1e-30))
     if not isinstance(wd, float) or wd != 0.0:
@@ -336,7 +370,7 @@ def _sgd_decay(tangent: CurvatureTangent, values: HeavyBallStep, lr: Tensor, dwd
 
 
 SGD_RULE = CurvatureRule(_initial_sgd, _sgd_values, _sgd_advance, lambda values, lr: values.b,
-                         _sgd_decay)
+                         _sgd_decay, _sgd_average)
 """Heavy-ball SGD's rule (the module doc's recurrence); the direct term's vector is ``b_{t+1}``;
 a carried coupled weight decay's is ``p_t`` in the momentum (:func:`_sgd_decay`)."""
 
@@ -447,6 +481,7 @@ def _carry(problem: Problem, rule: CurvatureRule, hview: Any, coefs: _Coefficien
     ``rule`` with every step's direct term; the state at ``stop`` and the squared gradients
     averaged by then (the tangent's ``steps`` is not updated)."""
     count = int(tangent.steps)  # read once per window: the steps add no host synchronisation
+    carried = tangent.z.shape[0] > 0  # no rows: only the squared-gradient average moves
     params, buffers, opt_state = state
     for step in range(start, stop):
         theta = {k: v.detach().requires_grad_() for k, v in params.items()}
@@ -455,12 +490,15 @@ def _carry(problem: Problem, rule: CurvatureRule, hview: Any, coefs: _Coefficien
         with torch.no_grad():
             new_params, new_state = problem.optimizer.update(grads, opt_state, params, hview,
                                                              step)
-            values = rule.values(problem, hview, grads, params, opt_state, new_state, step)
             i, count = step - start, count + 1
-            rule.advance(tangent, values, coefs.lrs[i], coefs.dlrs[i], forget(coefs.lrs[i]),
-                         scale, count)
-            if coefs.dwds is not None:
-                rule.decay(tangent, values, coefs.lrs[i], coefs.dwds[i])
+            if not carried:
+                rule.average(problem, hview, grads, params, tangent, step)
+            else:
+                values = rule.values(problem, hview, grads, params, opt_state, new_state, step)
+                rule.advance(tangent, values, coefs.lrs[i], coefs.dlrs[i],
+                             forget(coefs.lrs[i]), scale, count)
+                if coefs.dwds is not None:
+                    rule.decay(tangent, values, coefs.lrs[i], coefs.dwds[i])
         params, opt_state = new_params, new_state
         buffers = {k: v.detach() for k, v in buffers.items()}
         losses[i] = loss.detach()

@@ -45,6 +45,7 @@ from hyperdiff.engine.training import flat
 from hyperdiff.methods.curvature_rule import (
     RHO,
     CurvatureRule,
+    average_squares,
     keeps_all,
     per_entry,
     tangent_rows,
@@ -135,7 +136,7 @@ def advance_adam(tangent: AdamCurvatureTangent, values: AdamStep, lr: Tensor,
     ``lr / (c1 q)``) is an ``(n,)`` vector, computed once."""
     z, zm, zv, v_est, _ = tangent
     g, s, _, m, v, b1, b2, eps, wd, decoupled, k = values
-    v_est.mul_(RHO).addcmul_(g, g, value=1.0 - RHO)
+    average_squares(v_est, g)
     curvature = v_est * (scale / (1.0 - RHO ** count))
     c1 = 1 - b1 ** k
     c2_sqrt = (1 - b2 ** k) ** 0.5
@@ -179,10 +180,17 @@ def adamw_decay(tangent: AdamCurvatureTangent, values: AdamStep, lr: Tensor, dwd
     tangent.z.addcmul_(dwd, lr * values.p, value=-1.0)
 
 
+def adam_average(problem: Problem, hview: Any, grads: Params, params: Params,
+                 tangent: AdamCurvatureTangent, step: int) -> None:
+    """The curvature estimate's average of the squared train gradient ``g_t^2`` (without the
+    decay), in place: :func:`advance_adam`'s first line, for a tangent with no rows."""
+    average_squares(tangent.v, flat(grads.values()))
+
+
 ADAM_RULE = CurvatureRule(initial_adam_tangent, _adam_values, advance_adam, lr_direction,
-                          adamw_decay)
+                          adamw_decay, adam_average)
 """Adam's and AdamW's rule for :func:`~hyperdiff.methods.curvature.curvature_segment`."""
 
 
-__all__ = ["ADAM_NAMES", "ADAM_RULE", "AdamCurvatureTangent", "AdamStep", "adam_step",
-           "adamw_decay", "advance_adam", "initial_adam_tangent", "lr_direction"]
+__all__ = ["ADAM_NAMES", "ADAM_RULE", "AdamCurvatureTangent", "AdamStep", "adam_average",
+           "adam_step", "adamw_decay", "advance_adam", "initial_adam_tangent", "lr_direction"]

@@ -32,13 +32,24 @@ class CurvatureRule(NamedTuple):
       after it, a Python int: the bias correction reads no device value);
     - ``direct(values, lr)``: ``-d theta_{t+1} / d lr_t`` (n,), the direct term's vector;
     - ``decay(tangent, values, lr, dwd)``: add a carried weight decay's direct term, ``dwd =
-      d wd_t / du`` (R, n) or (R, 1), in place (:func:`carries_decay`)."""
+      d wd_t / du`` (R, n) or (R, 1), in place (:func:`carries_decay`);
+    - ``average(problem, hview, grads, params, tangent, step)``: the squared-gradient average
+      ``v`` alone, in place, as ``advance`` moves it: the step of a tangent with no rows (no
+      carried coefficient reads a raw value, as a constant learning rate), where nothing else
+      of the rule can be read."""
 
     initial: Callable[[Problem, dict[str, Tensor]], Any]
     values: Callable[..., Any]
     advance: Callable[..., None]
     direct: Callable[[Any, Tensor], Tensor]
     decay: Callable[[Any, Any, Tensor, Tensor], None]
+    average: Callable[..., None]
+
+
+def average_squares(v: Tensor, g: Tensor) -> None:
+    """``v <- RHO v + (1 - RHO) g^2`` in place: the curvature estimate's squared-gradient
+    average (each rule's ``advance`` and ``average``)."""
+    v.mul_(RHO).addcmul_(g, g, value=1.0 - RHO)
 
 
 def keeps_all(mu: float | Tensor) -> bool:
@@ -72,12 +83,23 @@ def carried_coefficients(problem: Problem) -> list[Any]:
 def per_entry(coef: Any, hview: Any, step: int, params: Params, like: Tensor
               ) -> Tensor | float:
     """A coefficient's value at ``step`` for every parameter entry: a float when it is a
-    number, else an (n,) tensor (detached: a constant of the tangent rule)."""
+    number, a (1,) tensor when every parameter tensor reads the same one-entry value (the
+    same tensor: a scalar or per_step hyperparameter), else an (n,) tensor (detached: a
+    constant of the tangent rule).
+
+    The (1,) tensor broadcasts to the (n,) one's entries in every elementwise use, with the
+    same arithmetic per entry (the same bits), without building an (n,) copy at every step
+    (``tests/test_online_oncost2.py``)."""
     if isinstance(coef, (int, float)):
         return float(coef)
+    values = [resolve(coef, hview, step, k) for k in params]
+    first = values[0]
+    if isinstance(first, Tensor) and first.numel() == 1 and all(v is first for v in values):
+        return first.detach().to(dtype=like.dtype, device=like.device).reshape(1)
     return torch.cat([
-        torch.as_tensor(resolve(coef, hview, step, k), dtype=like.dtype, device=like.device)
-        .detach().expand(p.shape).reshape(-1) for k, p in params.items()])
+        torch.as_tensor(v, dtype=like.dtype, device=like.device)
+        .detach().expand(p.shape).reshape(-1) for v, p in zip(values, params.values(),
+                                                              strict=True)])
 
 
 def carried_rows(problem: Problem, *, decay: bool = True) -> Tensor | None:
@@ -158,5 +180,6 @@ def _with_zero_rows(tensor: Tensor, before: Tensor, today: Tensor) -> Tensor:
     return out
 
 
-__all__ = ["DECAY_CARRIED", "RHO", "CurvatureRule", "carried_coefficients", "carried_rows",
-           "carries_decay", "keeps_all", "per_entry", "saved_tangent_rows", "tangent_rows"]
+__all__ = ["DECAY_CARRIED", "RHO", "CurvatureRule", "average_squares", "carried_coefficients",
+           "carried_rows", "carries_decay", "keeps_all", "per_entry", "saved_tangent_rows",
+           "tangent_rows"]
