@@ -20,7 +20,7 @@ from test_online_train_seed import DT, noise, problem, train_loss, val_loss
 import hyperdiff as hd
 from hyperdiff.app.config import legacy_values, load_config
 from hyperdiff.engine.models import StepContext
-from hyperdiff.tuner.confirm import confirm_seed
+from hyperdiff.seeds import confirm_seed
 from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 from hyperdiff.tuner.offline_plan import OfflinePlan
 
