@@ -9,7 +9,9 @@ over its 3 seeds) at the run's best values. Two shortcuts write a row without ru
 ``weak`` does not run the phase its run is the ``broken`` run step for step
 (``tests/test_weak_start.py``); ``stop.travel`` only holds early stopping back, so a run of the
 baseline (``--baseline``) that ended on its budget is the ``travel`` run step for step
-(``tests/test_travel.py``). ``--reuse FILE`` takes the rows already in FILE (same candidate,
+(``tests/test_travel.py``), and ``stop.extend`` only holds the budget back, so a run of the
+baseline that stopped early is the ``extend`` run step for step (``tests/test_extend.py``).
+``--reuse FILE`` takes the rows already in FILE (same candidate,
 task, start and seed: the test loss does not depend on the machine's load) instead of running
 them.
 
@@ -43,6 +45,11 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     # default since s28
     "travel 3": {"outer.explore_when": "weak", "stop.travel": 3},
     "travel 2": {"outer.explore_when": "weak", "stop.travel": 2},
+    # s30: the budget waits up to 20 steps for a value that still travels (stopping.py)
+    "extend 20": {"outer.explore_when": "weak", "stop.travel": 3, "stop.extend": 20},
+    # s30: a new best is trained once more on another minibatch seed and ranked by the mean
+    # (tuner/confirm.py)
+    "confirm 1": {"outer.explore_when": "weak", "stop.travel": 3, "outer.confirm": 1},
 }
 """Candidate name -> its config keys (on top of :data:`FIXED` and the defaults)."""
 BASELINE = "broken"
@@ -108,6 +115,9 @@ def shortcut(name: str, row_runs: dict[str, dict[str, Any]], baseline: str) -> s
     differ = {k for k in {*mine, *theirs} if mine.get(k) != theirs.get(k)}
     travel_only = differ == {"stop.travel"} and theirs.get("stop.travel") == 0
     if travel_only and base is not None and str(base.get("stop_reason")).startswith("budget"):
+        return baseline
+    extend_only = differ == {"stop.extend"} and not theirs.get("stop.extend")
+    if extend_only and base is not None and str(base.get("stop_reason")).startswith("early"):
         return baseline
     return None
 

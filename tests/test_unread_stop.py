@@ -44,8 +44,8 @@ def test_an_online_config_takes_stop_keys_at_their_defaults_and_a_tasks_own():
 def test_a_meta_config_refuses_stop_travel_only():
     meta = ["task.name=sinusoid_maml", "outer.mode=meta"]
     with pytest.raises(hd.HyperdiffError, match=r"config: stop\.travel must be left at its "
-                       r"default 3 with outer\.mode = 'meta' \(stop\.travel is the offline "
-                       r"plan's rule; meta runs do not read it; got 5\)"):
+                       r"default 3 with outer\.mode = 'meta' \(stop\.travel and stop\.extend "
+                       r"are the offline plan's rules; meta runs do not read them; got 5\)"):
         load_config(overrides=[*meta, "stop.travel=5"])
     config = load_config(overrides=[*meta, "stop.max_steps=4", "stop.patience=2"])
     assert (config.stop.max_steps, config.stop.patience) == (4, 2)

@@ -32,6 +32,17 @@ def minibatch_seed(seed: int, step: int, samples: int, sample: int) -> int:
     return (seed * 1_000_003 + step * samples + sample) % (2**31)
 
 
+def confirm_seed(seed: int, step: int, k: int) -> int:
+    """Minibatch seed of confirmation ``k`` of outer ``step``'s values (``outer.confirm``) of a
+    tuner seeded ``seed``: ``(seed * 1_000_003 + 2**30 + step * 1_009 + k) mod 2**31``, away
+    from the steps' own :func:`minibatch_seed` for any run of fewer than 10^6 steps.
+
+    >>> confirm_seed(0, 3, 1)
+    1073744852
+    """
+    return (seed * 1_000_003 + 2**30 + step * 1_009 + k) % (2**31)
+
+
 def window_seed(seed: int, hyper_step: int) -> int:
     """Seed of the validation rows drawn for window ``hyper_step`` of an online run:
     ``seed * 1_000_003 + hyper_step``."""
@@ -109,6 +120,6 @@ def meta_task(seed: int, step: int, batch: int, task: int) -> tuple[int, int]:
     return index, task_seed(seed, index, "meta")
 
 
-__all__ = ["REPORT_SEED", "call_seed", "choice_seed", "epoch_seed", "gumbel_seed",
+__all__ = ["REPORT_SEED", "call_seed", "choice_seed", "confirm_seed", "epoch_seed", "gumbel_seed",
            "meta_task", "minibatch_seed", "name_hash", "rank_seed", "report_seeds",
            "segment_seed", "task_seed", "window_sample_seed", "window_seed"]

@@ -156,6 +156,9 @@ class OuterConfig:
                                "20% of the untrained model's loss or its hypergradient is "
                                "steep (docs/driver.md)",
                                choices=["always", "weak", "broken"])
+    confirm: int = option(0, "offline: more trainings (other minibatch seeds) of a step whose "
+                          "selection loss beats the best so far; it is ranked by their mean "
+                          "(0: none; docs/driver.md)", low=0)
     seed: int = option(0, "base seed of the minibatch orders of the outer steps' trainings "
                        "(offline, meta); online: of the validation draws (the one training "
                        "follows outer.train_seed)", low=0)
@@ -246,6 +249,9 @@ class StopConfig:
                          "log or interval value still travels: moved the same way at each of "
                          "the last this many steps, by at least the outer lr a step on average "
                          "(0: off; docs/driver.md)", low=0)
+    extend: int = option(0, "offline: at most this many outer steps past stop.max_steps while a "
+                         "value still travels (the stop.travel test; constant outer schedule "
+                         "only; 0: off; docs/driver.md)", low=0)
 
 
 @dataclass(frozen=True)
@@ -400,13 +406,17 @@ def legacy_values(source: dict[str, Any]) -> dict[str, Any]:
     without ``outer.settle`` when online runs tuned to their end (1), one without
     ``outer.schedule_over`` when the outer learning rate's cosine ran over the windows, one
     without ``outer.lowering`` when every outer move was kept whole (1), one without
-    ``outer.retry`` before the retries of a weak or hot start (0);
+    ``outer.retry`` before the retries of a weak or hot start (0), one without
+    ``outer.confirm`` before a new best was confirmed (0);
     ``outer.train_seed`` trained online on its problem's own seed: the default (-1), so it
     needs no entry here. A ``[stop]`` without ``stop.travel`` was written when early stopping
-    counted every step (0)."""
+    counted every step (0), one without ``stop.extend`` when the budget did not wait for a
+    travelling value (0)."""
     stop = source.get("stop")
     if isinstance(stop, dict) and "travel" not in stop:
         source = _merge(source, {"stop": {"travel": 0}})
+    if isinstance(stop, dict) and "extend" not in stop:
+        source = _merge(source, {"stop": {"extend": 0}})
     outer = source.get("outer", {})
     if not isinstance(outer, dict):
         return source
@@ -427,6 +437,8 @@ def legacy_values(source: dict[str, Any]) -> dict[str, Any]:
         legacy["lowering"] = 1.0
     if "retry" not in outer:
         legacy["retry"] = 0
+    if "confirm" not in outer:
+        legacy["confirm"] = 0
     if "explore_when" not in outer:
         legacy["explore_when"] = "always"
         if "explore" not in outer:
@@ -475,9 +487,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 UNREAD_STOP = {"online": ("an online run is one training of inner.steps steps: it has no "
                           "outer-step budget, time budget, early stopping or convergence test"),
-               "meta": "stop.travel is the offline plan's rule; meta runs do not read it"}
+               "meta": "stop.travel and stop.extend are the offline plan's rules; meta runs do not "
+                       "read them"}
 """Why an ``outer.mode`` does not read ``[stop]`` keys: all of them online, ``stop.travel``
-in meta runs."""
+and ``stop.extend`` in meta runs."""
 
 
 def _check_unread_stop(source: dict[str, Any], config: Config) -> None:
@@ -486,7 +499,7 @@ def _check_unread_stop(source: dict[str, Any], config: Config) -> None:
     mode, stop = config.outer.mode, source.get("stop")
     if mode not in UNREAD_STOP or not isinstance(stop, dict):
         return
-    unread = [key for key in stop if mode == "online" or key == "travel"]
+    unread = [key for key in stop if mode == "online" or key in ("travel", "extend")]
     if not unread:
         return
     defaults = resolve({**source, "stop": {k: v for k, v in stop.items() if k not in unread}})

@@ -146,7 +146,7 @@ def build(config: Config, start: dict[str, Any] | None = None
                        max_samples=config.outer.max_samples, warm_start=config.inner.warm_start,
                        explore=config.outer.explore,
                        explore_decades=config.outer.explore_decades,
-                       explore_when=config.outer.explore_when)
+                       explore_when=config.outer.explore_when, confirm=config.outer.confirm)
     return task, _outer_loop(config, list(task.problems), plan, task.selection)
 
 
@@ -163,7 +163,7 @@ def _outer_loop(config: Config, problems: list[Any], plan: Any,
         stopping=Stopping(
             max_steps=stop.max_steps, max_time_s=stop.max_time_s or None,
             patience=stop.patience or None, min_delta=stop.min_delta, grad_tol=stop.grad_tol,
-            step_tol=stop.step_tol, travel=stop.travel,
+            step_tol=stop.step_tol, travel=stop.travel, extend=stop.extend,
         ),
         shrink=config.guard.shrink, max_failures=config.guard.max_failures,
         max_loss_ratio=config.guard.max_loss_ratio,
@@ -317,10 +317,14 @@ def _online_summary(task: Task, loop: HyperOptimizer, outcome: Any, config: Conf
 
 # --------------------------------------------------------------------------------------- meta
 def _offline_only_explore(config: Config) -> None:
-    """Refuse an ``outer.explore`` set for an online or meta run (the global phase is the
-    offline plan's; the default, a phase after a broken or weak start only, does not apply
-    there)."""
+    """Refuse an ``outer.explore`` or ``outer.confirm`` set for an online or meta run (the
+    global phase and the confirmations are the offline plan's; the default, a phase after a
+    broken or weak start only, does not apply there)."""
     default = OuterConfig()
+    if config.outer.confirm != default.confirm:
+        raise HyperdiffError(f"config: outer.confirm must be {default.confirm} with outer.mode "
+                             f"= {config.outer.mode!r} (the confirmations are offline only; "
+                             f"got {config.outer.confirm})")
     asked = (config.outer.explore, config.outer.explore_when)
     if config.outer.explore and asked != (default.explore, default.explore_when):
         raise HyperdiffError(f"config: outer.explore must be 0 or its default "

@@ -39,10 +39,11 @@ import torch
 from torch import Tensor
 
 from hyperdiff.engine.data import FullBatch
-from hyperdiff.errors import HyperdiffError, NonFiniteError, fail, positive_int
+from hyperdiff.errors import HyperdiffError, NonFiniteError, fail, nonnegative_int, positive_int
 from hyperdiff.logs import get_logger
 from hyperdiff.methods.base import Method
 from hyperdiff.methods.registry import make_method, methods_where
+from hyperdiff.tuner.confirm import confirmed
 from hyperdiff.tuner.discrete_outer import outer_hook
 from hyperdiff.tuner.distributed.spread import spreader_for
 from hyperdiff.tuner.driver_checks import (
@@ -64,7 +65,7 @@ from hyperdiff.tuner.outer_steps import DEFAULT_OFFLINE, offline_optimizers
 from hyperdiff.tuner.plan import Outcome, bind_once
 from hyperdiff.tuner.sampler import Sampler, estimate_fields
 from hyperdiff.tuner.snr import more_samples_advice
-from hyperdiff.tuner.stopping import ranking_name, settled_since
+from hyperdiff.tuner.stopping import ranking_loss, ranking_name, settled_since, travelling
 from hyperdiff.wording import option
 
 _LOG = get_logger("driver")
@@ -88,6 +89,9 @@ class OfflinePlan:
         explore_decades: half-width of their box around the start, in decades.
         explore_when: ``"always"``; ``"weak"``: after a broken or weak start; ``"broken"``:
             after a broken start only (module doc).
+        confirm: more trainings (other minibatch seeds, no hypergradient) of a step whose
+            selection loss beats the best so far, which is then ranked by the mean
+            (:mod:`hyperdiff.tuner.confirm`; 0: none).
     """
 
     caller = "HyperOptimizer"
@@ -99,7 +103,8 @@ class OfflinePlan:
     default_optimizer = DEFAULT_OFFLINE  # measured across tasks (docs/driver.md)
 
     def __init__(self, samples: int | str = 1, max_samples: int = 16, warm_start: bool = False,
-                 explore: int = 8, explore_decades: float = 2.0, explore_when: str = "weak"):
+                 explore: int = 8, explore_decades: float = 2.0, explore_when: str = "weak",
+                 confirm: int = 0):
         self.auto = auto_samples(samples, max_samples)
         self.samples = self.auto.maximum if self.auto else positive_int(
             "HyperOptimizer", "samples", samples)  # the stride of seeds and warm slots
@@ -110,6 +115,8 @@ class OfflinePlan:
             raise fail("HyperOptimizer", "explore_when", f"one of {list(EXPLORE_WHEN)}",
                        explore_when)
         self.explore_when = explore_when
+        self.confirm = nonnegative_int("HyperOptimizer", "confirm", confirm)
+        self._evaluated: tuple[int, dict[str, Tensor], float | None] | None = None
         self._sampler: Sampler | None = None
         self._candidates: list[dict[str, Tensor]] = []  # the phase's points, if it runs
         self._points: list[dict[str, Tensor]] = []  # those it runs (set once it is decided)
@@ -137,6 +144,7 @@ class OfflinePlan:
                       more_samples_advice(False, 1))
         loop.discrete = outer_hook(loop.hparams, seed=loop.seed, samples=self.samples,
                                    max_steps=loop.stopping.max_steps, folds=len(loop.problems))
+        check_confirm(self.confirm, self.warm_start, loop)
         self.problems = loop.problems
         self._candidates = explore_points(loop.hparams, loop.hparams.raw, self.explore,
                                           self.explore_decades, loop.seed)
@@ -179,12 +187,26 @@ class OfflinePlan:
     def stop_reason(self, loop: Any) -> str | None:
         """The loop's stopping rules; early stopping counts the gradient phase's steps only
         (it gets its own ``patience`` steps to improve on the global phase's best), and with
-        ``stopping.travel`` only those in which no explored value still travels."""
+        ``stopping.travel`` only those in which no explored value still travels; with
+        ``stopping.extend`` the budget waits for a value that still travels."""
         since_best = min(loop.since_best, max(loop.step_index - self.gradient_start, 0))
         since_best = settled_since(loop.history, since_best, self.gradient_start, loop.hparams,
                                    self._travellers, loop.stopping.travel)
         return loop.stopping.reason(steps=loop.step_index, elapsed=loop.elapsed,
-                                    since_best=since_best, has_selection=bool(loop.selection))
+                                    since_best=since_best, has_selection=bool(loop.selection),
+                                    travels=self._travels_at_budget(loop))
+
+    def _travels_at_budget(self, loop: Any) -> bool:
+        """Whether ``stopping.extend`` holds the budget back: at or past ``max_steps``, with a
+        constant outer schedule (a cosine has decayed to 0 there), a value of the gradient
+        phase still travels over the last ``stopping.travel`` steps."""
+        stopping = loop.stopping
+        if not stopping.extend or loop.step_index < stopping.max_steps:
+            return False
+        if loop.schedule != "constant" or not stopping.travel:
+            return False
+        phase = [r for r in loop.history if r.step >= self.gradient_start]
+        return travelling(phase, loop.hparams, self._travellers, stopping.travel)
 
     def where(self, loop: Any) -> str:
         return f"outer step {loop.step_index}"
@@ -203,10 +225,37 @@ class OfflinePlan:
 
     def evaluate(self, loop: Any, step: int, raw: dict[str, Tensor]) -> Outcome:
         """Train every slot at ``raw`` and combine their hypergradients."""
-        return sampled_outcome(loop, self.sampler, step, raw)
+        self._evaluated = None
+        outcome = sampled_outcome(loop, self.sampler, step, raw)
+        self._evaluated = (step, raw, None)
+        return outcome
 
     def selection_loss(self, loop: Any, outcome: Outcome) -> float | None:
-        return outcome.kept  # the slots' mean, measured where each was trained
+        """The slots' mean selection loss, measured where each was trained; with ``confirm``,
+        for a step that beats the best, the mean with its confirmations (asked once a step:
+        the value is kept for the second call)."""
+        if not self.confirm or outcome.kept is None or self._evaluated is None:
+            return outcome.kept
+        step, raw, done = self._evaluated
+        if done is not None:
+            return done
+        value = float(outcome.kept)
+        if self._beats_best(loop, step, value):
+            self.sampler.trainings += self.confirm * len(self.problems)
+            value = confirmed(value, self.problems, loop.selection, raw, seed=loop.seed,
+                              step=step, count=self.confirm)
+        self._evaluated = (step, raw, value)
+        return value
+
+    def _beats_best(self, loop: Any, step: int, value: float) -> bool:
+        """Whether ``value`` would make ``step`` the best (as the loop ranks: only a step
+        ranked by its selection loss is confirmed)."""
+        if ranking_loss(step, loop.tie_steps, True) != "selection":
+            return False
+        if loop.best is None:
+            return True
+        reference = loop.best.get("selection", loop.best["value"])
+        return reference is None or value < reference - loop.stopping.min_delta
 
     def commit(self, loop: Any, outcome: Outcome, record: StepRecord) -> StepRecord:
         """In the global phase: name the point, and after the last go to the best step; at
@@ -341,6 +390,15 @@ def offline_method(loop: Any, caller: str) -> Method:
     return method
 
 
+def check_confirm(confirm: int, warm_start: bool, loop: Any) -> None:
+    """Refuse ``confirm`` where a confirmation would not repeat the step's training: warm
+    starts (each slot goes on from its last theta) and discrete choices (drawn per slot)."""
+    if confirm and (warm_start or loop.discrete is not None):
+        why = "warm_start" if warm_start else "discrete hyperparameters"
+        raise fail("HyperOptimizer", "confirm", f"0 with {why} (a confirmation trains from "
+                   "theta_0 with continuous values only)", confirm)
+
+
 def sampled_outcome(loop: Any, sampler: Sampler, step: int, raw: dict[str, Tensor]) -> Outcome:
     """Train every slot of ``sampler`` at ``raw``; the step's mean hypergradient, losses and
     record fields (the selection loss is the outcome's ``kept``)."""
@@ -358,4 +416,4 @@ def sampled_outcome(loop: Any, sampler: Sampler, step: int, raw: dict[str, Tenso
     return Outcome(grad, [hg.value for hg in evaluations], fields, untrained, selection)
 
 
-__all__ = ["OfflinePlan", "offline_method", "sampled_outcome"]
+__all__ = ["OfflinePlan", "check_confirm", "offline_method", "sampled_outcome"]

@@ -20,6 +20,12 @@ the outer learning rate per step::
 With ``signstep`` a value moves by ``lr x scale`` while its hypergradient keeps its sign and
 stands still on a flip, so on noise (half the signs flip) it does not travel; a value carried
 far by a steady sign (a weight decay two decades off) does, and the run waits for it.
+
+With ``extend = e > 0`` the budget itself waits too: at ``max_steps`` and after, the run goes
+on while a value travels (the same test, ``travel`` steps; the plan asks only where its step
+does not decay), up to ``max_steps + e`` steps, and the stop reason counts the extra steps.
+A start one or two decades off spends most of its budget travelling at the outer optimizer's
+largest step (``signstep``: 0.5 log units a step), so the budget alone would stop it on the way.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ class Stopping:
             last ``travel`` steps (:func:`travelling`; 0: off). Read by the
             :class:`~hyperdiff.tuner.offline_plan.OfflinePlan` only (a meta plan counts every
             step); an online plan reads no rule here and refuses any but the defaults.
+        extend: at most this many steps past ``max_steps`` while a value still travels
+            (module doc; 0: off). Read by the offline plan only, like ``travel``.
     """
 
     max_steps: int = 50
@@ -60,10 +68,12 @@ class Stopping:
     grad_tol: float = 0.0
     step_tol: float = 0.0
     travel: int = 3
+    extend: int = 0
 
     def __post_init__(self) -> None:
         positive_int("Stopping", "max_steps", self.max_steps)
         nonnegative_int("Stopping", "travel", self.travel)
+        nonnegative_int("Stopping", "extend", self.extend)
         if self.max_time_s is not None:
             positive_float("Stopping", "max_time_s", self.max_time_s)
         if self.patience is not None:
@@ -76,11 +86,16 @@ class Stopping:
                 raise fail("Stopping", name, "a finite number >= 0", value)
 
     def reason(self, *, steps: int, elapsed: float, since_best: int,
-               has_selection: bool) -> str | None:
+               has_selection: bool, travels: bool = False) -> str | None:
         """The first rule that fires after ``steps`` outer steps, ``elapsed`` seconds and
-        ``since_best`` steps without a new best, or ``None`` to go on."""
-        if steps >= self.max_steps:
-            return f"budget: {self.max_steps} outer steps"
+        ``since_best`` steps without a new best, or ``None`` to go on. ``travels``: a value
+        still travels at the last step, which holds the budget back by up to ``extend``
+        steps."""
+        if steps >= self.max_steps and not (travels and steps < self.max_steps + self.extend):
+            if steps == self.max_steps:
+                return f"budget: {self.max_steps} outer steps"
+            return (f"budget: {self.max_steps} outer steps + {steps - self.max_steps} while a "
+                    f"value travelled (stop.extend = {self.extend})")
         if self.max_time_s is not None and elapsed >= self.max_time_s:
             return f"time: {self.max_time_s:g} s"
         if self.patience and since_best >= self.patience:
