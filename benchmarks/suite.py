@@ -30,7 +30,7 @@ train on): its own-model and retrained test metrics and its time are the means o
 trainings used to choose, and wall time over one plain training measured in this run (the
 best of four: two before the task's rows, two after; an ``hd online`` row also has
 ``time_ratio_paired``, the median over its runs of each run's time over a plain training timed
-just before it, which the machine's drift between the two cannot bias). Per task,
+just before it, less exposed to the machine's drift than the best of four). Per task,
 one offline outer step's wall time over one plain training's: the run's median step over the
 best plain training (``outer_step_ratio``), and the best of three loop steps over the best of
 three plain trainings, interleaved in one loop after the run (``outer_step_paired``). Summary
