@@ -51,7 +51,6 @@ and no forgetting gives reverse mode's hypergradient (``tests/test_offline_curva
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from functools import partial
@@ -231,14 +230,8 @@ def _repeated_row(problem: Problem, raw: dict[str, Tensor], coef: str, start: in
                            leaf)
         grad = torch.autograd.grad(value, leaf, allow_unused=True)[0] if value.requires_grad \
             else None
-    jac = leaf.new_zeros(hp.numel)
-    if grad is not None:
-        offset = 0
-        for other in hp:
-            if other == coef:
-                break
-            offset += math.prod(hp[other].shape)
-        jac[offset] = grad.reshape(())
+    jac = hp.flatten({n: grad if n == coef and grad is not None else
+                      torch.zeros_like(v, dtype=leaf.dtype) for n, v in values.items()})
     lrs = value.detach().reshape(1, 1).repeat(steps, 1)
     return lrs, jac.reshape(1, -1, 1).repeat(steps, 1, 1)
 
