@@ -75,7 +75,7 @@ def test_data_parallel_wraps_the_configured_method_in_both_modes():
 def test_an_online_only_methods_options_are_checked_when_the_config_is_read():
     with pytest.raises(hd.HyperdiffError, match=r"^config: unknown key method.horizn; method "
                        r"'curvature' accepts the options horizon, horizon_unit, "
-                       r"curvature_scale \(did you mean method.horizon\?\)"):
+                       r"curvature_scale, loss_terms \(did you mean method.horizon\?\)"):
         load_config(overrides=[*ONLINE, "method.name=curvature", "method.horizn=20"])
 
 

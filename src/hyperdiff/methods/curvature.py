@@ -112,14 +112,16 @@ def rule_for(problem: Problem) -> CurvatureRule:
     return ADAM_RULE if problem.optimizer.name in ADAM_NAMES else SGD_RULE
 
 
-def initial_tangent(problem: Problem, raw: dict[str, Tensor]) -> Any:
+def initial_tangent(problem: Problem, raw: dict[str, Tensor], loss_terms: str = "last"
+                    ) -> Any:
     """Zero tangents and curvature statistics for the start of the run (an
-    :class:`~hyperdiff.methods.curvature_adam.AdamCurvatureTangent` for Adam / AdamW)."""
-    return rule_for(problem).initial(problem, raw)
+    :class:`~hyperdiff.methods.curvature_adam.AdamCurvatureTangent` for Adam / AdamW), with
+    the loss-term row where ``loss_terms`` carries one (:func:`loss_term_rows`)."""
+    return rule_for(problem).initial(problem, raw, loss_term_rows(problem, loss_terms))
 
 
-def _initial_sgd(problem: Problem, raw: dict[str, Tensor]) -> CurvatureTangent:
-    size = tangent_rows(problem)
+def _initial_sgd(problem: Problem, raw: dict[str, Tensor], extra: int = 0) -> CurvatureTangent:
+    size = tangent_rows(problem) + extra
     like = flat(problem.params.values())
     z = like.new_zeros((size, like.numel()))
     return CurvatureTangent(z, torch.zeros_like(z), torch.zeros_like(like),
@@ -362,45 +364,85 @@ def _sgd_decay(tangent: CurvatureTangent, values: HeavyBallStep, lr: Tensor, dwd
     tangent.z.addcmul_(dwd, lr * values.p, value=-1.0)
 
 
+def _sgd_gradient(tangent: CurvatureTangent, values: HeavyBallStep, lr: Tensor) -> None:
+    """A unit change of every entry of ``d_t`` on the tangent's last row: ``Zb += 1`` and,
+    through it, ``Z -= lr_t`` (in place)."""
+    tangent.zb[-1].add_(1.0)
+    tangent.z[-1].sub_(lr)
+
+
 SGD_RULE = CurvatureRule(_initial_sgd, _sgd_values, _sgd_advance, lambda values, lr: values.b,
-                         _sgd_decay, _sgd_average)
+                         _sgd_decay, _sgd_average, _sgd_gradient)
 """Heavy-ball SGD's rule (the module doc's recurrence); the direct term's vector is ``b_{t+1}``;
 a carried coupled weight decay's is ``p_t`` in the momentum (:func:`_sgd_decay`)."""
+
+
+LOSS_TERMS = ("last", "window", "carried")
+"""What a hyperparameter of the train loss (a penalty, not an optimizer coefficient) gets from
+``curvature``: ``last``, the window's last step (exact, reverse mode through it); ``window``,
+also the window's earlier steps; ``carried``, also the earlier windows', forgotten as the
+learning rate's tangents (``horizon``). See :func:`curvature_samples`."""
+
+
+def loss_term_rows(problem: Problem, loss_terms: str) -> int:
+    """The tangent rows the loss-term signal adds: 1 for ``window`` and ``carried``, else 0."""
+    return 0 if loss_terms == "last" else 1
 
 
 def curvature_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
                       stop: int, val_batches: list[Batch], carry: Any = None, *,
                       horizon: float | None = 500, horizon_unit: str = "steps",
-                      scale: float | None = None) -> Segment:
+                      scale: float | None = None, loss_terms: str = "last") -> Segment:
     """Train steps ``start .. stop-1`` carrying the tangents by the optimizer's rule
     (:func:`rule_for`), then the hypergradient of the module doc at the validation batches.
     The carry is the tangent (``None`` at the start of the run); the one given is not modified
     (a failed window is discarded)."""
     return curvature_samples(problem, state, raw, start, stop, [val_batches], carry,
-                             horizon=horizon, horizon_unit=horizon_unit, scale=scale)[0]
+                             horizon=horizon, horizon_unit=horizon_unit, scale=scale,
+                             loss_terms=loss_terms)[0]
 
 
 def curvature_samples(problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
                       stop: int, val_sets: list[list[Batch]], carry: Any = None, *,
                       horizon: float | None = 500, horizon_unit: str = "steps",
-                      scale: float | None = None, caller: str = "online curvature"
-                      ) -> list[Segment]:
+                      scale: float | None = None, loss_terms: str = "last",
+                      caller: str = "online curvature") -> list[Segment]:
     """:func:`curvature_segment` at each of ``val_sets``: the window, its last step's graph and
     the tangents once; per set one validation gradient through that step, contracted with the
-    tangents. ``caller`` names the call in a non-finite train loss's error."""
+    tangents. ``caller`` names the call in a non-finite train loss's error.
+
+    ``loss_terms`` (:data:`LOSS_TERMS`): what the hyperparameters read by the train loss get
+    besides the last step. With ``window`` or ``carried``, the tangent's last row ``P`` (n,)
+    carries the parameters' response to a unit change of every gradient entry at every earlier
+    step (the rule's ``gradient``), and the train gradient's Jacobian ``J = d g / du`` is
+    frozen at the last step: the earlier steps' effect ``a^T diag(P) J = d <g_last, a * P> /
+    du`` (``a`` the validation gradient at the window's end) is one more backward pass through
+    the last step's gradient per set. Exact where ``J`` is constant and the curvature model is
+    (a loss linear in theta, ``curvature_scale=0``); for a ``J`` that depends on the batch
+    (one weight per training example) it credits the last batch with every step's effect.
+    ``window`` starts ``P`` at 0 in each window; ``carried`` keeps it, forgotten by
+    ``horizon``."""
     rule = rule_for(problem)
     forget = forgetting(horizon, horizon_unit)
     hp = problem.hparams
-    tangent = rule.initial(problem, raw) if carry is None else carry
+    unit = loss_term_rows(problem, loss_terms) == 1
+    tangent = rule.initial(problem, raw, int(unit)) if carry is None else carry
     tangent = type(tangent)(*(t.clone() for t in tangent))
+    if unit and loss_terms == "window":  # the loss-term row starts over in each window
+        for rows_tensor in tangent:
+            if rows_tensor.dim() == 2:
+                rows_tensor[-1].zero_()
     if scale is None:
         scale = float(batch_rows(problem.train_data.batch(start, problem.seed)))
     coefs = _window_coefficients(problem, raw, start, stop)
+    if unit:  # the coefficients' direct terms leave the loss-term row alone
+        coefs = coefs._replace(dlrs=_with_zero_row(coefs.dlrs),
+                               dwds=None if coefs.dwds is None else _with_zero_row(coefs.dwds))
     lrs, dlrs, dwds, rows = coefs
     hview = hp.view(problem.raw_tensors(raw))
     losses = torch.empty(stop - start, dtype=problem.hparam_dtype, device=problem.device)
     (params, buffers, opt_state), count = _carry(problem, rule, hview, coefs, tangent, state,
-                                                 start, stop - 1, forget, scale, losses)
+                                                 start, stop - 1, forget, scale, losses, unit)
     # the last step: exactly by reverse mode (the state before it constant) ...
     leaves = {n: v.detach().requires_grad_() for n, v in raw.items()}
     hleaves = hp.view(leaves)
@@ -412,7 +454,7 @@ def curvature_samples(problem: Problem, state: TrainState, raw: dict[str, Tensor
     check_finite_losses(losses, caller, start)
     val_losses = [validation_loss(at_val_batches(problem, val), new_params, new_buffers, hleaves)
                   for val in val_sets]
-    sampled = sample_grads(val_losses, [*leaves.values(), *new_params.values()])
+    sampled = sample_grads(val_losses, [*leaves.values(), *new_params.values()], retain=unit)
     # ... and the carried tangents through it (without its direct term, in the part above)
     with torch.no_grad():
         plain = {k: g.detach() for k, g in grads.items()}
@@ -420,15 +462,46 @@ def curvature_samples(problem: Problem, state: TrainState, raw: dict[str, Tensor
                              stop - 1)
         rule.advance(tangent, values, lrs[-1], None, forget(lrs[-1]), scale, count + 1)
         tangent.steps.fill_(count + 1)
+        z = tangent.z[:-1] if unit else tangent.z
         grad = [_direct_and_carried(hp.flatten(dict(zip(leaves, g[: len(leaves)], strict=True))),
-                                    tangent.z, flat(g[len(leaves):]), rows)
+                                    z, flat(g[len(leaves):]), rows)
                 for g in sampled]
+    if unit:  # the earlier steps' effect through the train loss, J frozen at the last step
+        grad = [g + _loss_term_part(problem, grads, leaves, tangent.z[-1], flat(s[len(leaves):]),
+                                    retain=j < len(sampled) - 1)
+                for j, (g, s) in enumerate(zip(grad, sampled, strict=True))]
+    with torch.no_grad():
         tangent.z.addcmul_(dlrs[-1], rule.direct(values, lrs[-1]), value=-1.0)
         if dwds is not None:
             rule.decay(tangent, values, lrs[-1], dwds[-1])
+        if unit:
+            rule.gradient(tangent, values, lrs[-1])
     end = detached_state(TrainState(new_params, new_buffers, new_state))
     return [Segment(end, hp.unflatten(g), float(value.detach()), losses, tangent)
             for g, value in zip(grad, val_losses, strict=True)]
+
+
+def _with_zero_row(derivatives: Tensor) -> Tensor:
+    """``(K, R, m)`` derivatives with a row of zeros after the ``R``: ``(K, R + 1, m)``."""
+    k, _, m = derivatives.shape
+    return torch.cat([derivatives, derivatives.new_zeros((k, 1, m))], dim=1)
+
+
+def _loss_term_part(problem: Problem, grads: Params, leaves: dict[str, Tensor], response: Tensor,
+                    val_theta: Tensor, *, retain: bool) -> Tensor:
+    """``d <g, a * P> / du`` (flat raw values): ``g`` the last step's train gradient (its graph
+    to the raw ``leaves``), ``a`` the validation gradient ``val_theta`` (n,), ``P`` the
+    loss-term row ``response`` (n,); 0 for raw values the train loss does not read."""
+    weights = (val_theta.to(response.dtype) * response).detach()
+    sizes = [g.numel() for g in grads.values()]
+    parts = torch.split(weights, sizes)
+    total = sum((g * w.reshape(g.shape).to(g.dtype)).sum()
+                for g, w in zip(grads.values(), parts, strict=True))
+    found = torch.autograd.grad(total, list(leaves.values()), allow_unused=True,
+                                retain_graph=retain) if isinstance(total, Tensor) and \
+        total.requires_grad else [None] * len(leaves)
+    return problem.hparams.flatten({n: torch.zeros_like(v) if g is None else g
+                                    for (n, v), g in zip(leaves.items(), found, strict=True)})
 
 
 def _direct_and_carried(direct: Tensor, z: Tensor, val_theta: Tensor, rows: Tensor | None
@@ -467,12 +540,13 @@ def _window_coefficients(problem: Problem, raw: dict[str, Tensor], start: int, s
 
 def _carry(problem: Problem, rule: CurvatureRule, hview: Any, coefs: _Coefficients,
            tangent: Any, state: TrainState, start: int, stop: int,
-           forget: Callable[[Tensor], float | Tensor], scale: float, losses: Tensor
-           ) -> tuple[TrainState, int]:
+           forget: Callable[[Tensor], float | Tensor], scale: float, losses: Tensor,
+           unit: bool = False) -> tuple[TrainState, int]:
     """Train steps ``start .. stop-1`` of the window that begins at ``start`` (``coefs`` and
     ``losses`` are indexed from it) without a graph, advancing ``tangent`` in place by
-    ``rule`` with every step's direct term; the state at ``stop`` and the squared gradients
-    averaged by then (the tangent's ``steps`` is not updated)."""
+    ``rule`` with every step's direct term (``unit``: also the loss-term row's, the rule's
+    ``gradient``); the state at ``stop`` and the squared gradients averaged by then (the
+    tangent's ``steps`` is not updated)."""
     count = int(tangent.steps)  # read once per window: the steps add no host synchronisation
     carried = tangent.z.shape[0] > 0  # no rows: only the squared-gradient average moves
     params, buffers, opt_state = state
@@ -492,6 +566,8 @@ def _carry(problem: Problem, rule: CurvatureRule, hview: Any, coefs: _Coefficien
                              forget(coefs.lrs[i]), scale, count)
                 if coefs.dwds is not None:
                     rule.decay(tangent, values, coefs.lrs[i], coefs.dwds[i])
+                if unit:
+                    rule.gradient(tangent, values, coefs.lrs[i])
         params, opt_state = new_params, new_state
         buffers = {k: v.detach() for k, v in buffers.items()}
         losses[i] = loss.detach()
@@ -542,7 +618,8 @@ def carried_hypergradient(direct: Tensor, pairs: list[tuple[Tensor, Params]],
 
 CAPABILITIES = Capabilities(exact=False, offline=True, online=True, carries_state=True,
                             data_parallel=True, long_horizon=True,
-                            segment_options=("horizon", "horizon_unit", "curvature_scale"))
+                            segment_options=("horizon", "horizon_unit", "curvature_scale",
+                                             "loss_terms"))
 """Approximate (the curvature model), offline and online. Data-parallel: it takes its gradients
 from the train loss (``train_gradient``), which ``hd.distributed.data_parallel`` averages over
 the ranks."""
@@ -579,8 +656,8 @@ def horizons(horizon: float | str | None) -> tuple[float | None, float | None]:
 
 
 def curvature_offline(problem: Problem, raw: dict[str, Tensor], *, horizon: float | None = None,
-                      horizon_unit: str = "steps", scale: float | None = None
-                      ) -> HyperGradient:
+                      horizon_unit: str = "steps", scale: float | None = None,
+                      loss_terms: str = "last") -> HyperGradient:
     """The offline call: the segment ``[0, T)`` from theta_0 at the problem's validation data
     (:func:`curvature_segment` with no carry), packaged by ``finish``. ``horizon=None`` keeps
     the whole run's tangents: a fixed training's hyperparameters have no past to forget.
@@ -602,7 +679,7 @@ def curvature_offline(problem: Problem, raw: dict[str, Tensor], *, horizon: floa
         state = initial_state(problem, problem.hparams.view(raw), differentiable=False)
     segment = curvature_samples(problem, state, raw, 0, problem.steps, [problem.val_data],
                                 horizon=horizon, horizon_unit=horizon_unit, scale=scale,
-                                caller="curvature")[0]
+                                loss_terms=loss_terms, caller="curvature")[0]
     return finish(problem, raw, method="curvature",
                   value=torch.tensor(segment.value, dtype=torch.float64, device=problem.device),
                   grad=segment.grad,
@@ -611,7 +688,7 @@ def curvature_offline(problem: Problem, raw: dict[str, Tensor], *, horizon: floa
 
 
 def curvature(horizon: float | str | None = "auto", horizon_unit: str = "steps",
-              curvature_scale: float | None = None) -> Method:
+              curvature_scale: float | None = None, loss_terms: str = "last") -> Method:
     """The method of the module doc: ``method.segment(...)`` (online windows) and
     ``method(problem)`` (offline, :func:`curvature_offline`) carry the learning rate's (and a
     carried weight decay's) tangents under a diagonal curvature model (heavy-ball SGD, Adam,
@@ -622,25 +699,38 @@ def curvature(horizon: float | str | None = "auto", horizon_unit: str = "steps",
             optimization time ``sum_t lr_t`` (``"lr"``); ``None``: never (:func:`forgetting`);
             ``"auto"``: :data:`ONLINE_HORIZON` online, never offline (:func:`horizons`).
         curvature_scale: the curvature estimate's scale (``None``: the training batch's rows).
+        loss_terms: what a hyperparameter of the train loss gets (:data:`LOSS_TERMS`,
+            :func:`curvature_samples`): the last step only (``"last"``), or also the window's
+            earlier steps (``"window"``) and the earlier windows' (``"carried"``) through its
+            Jacobian frozen at the last step.
     """
     horizon, horizon_unit, scale = curvature_options("curvature", horizon, horizon_unit,
                                                      curvature_scale)
+    if loss_terms not in LOSS_TERMS:
+        raise fail("curvature", "loss_terms", f"one of {list(LOSS_TERMS)}", loss_terms)
     online, offline = horizons(horizon)
+    options: dict[str, Any] = {"horizon": horizon, "horizon_unit": horizon_unit,
+                               "curvature_scale": scale}
+    if loss_terms != "last":  # the key of runs from before the option stays out of the record
+        options["loss_terms"] = loss_terms
     return Method("curvature",
                   partial(curvature_offline, horizon=offline, horizon_unit=horizon_unit,
-                          scale=scale),
-                  {"horizon": horizon, "horizon_unit": horizon_unit, "curvature_scale": scale},
+                          scale=scale, loss_terms=loss_terms), options,
                   capabilities=CAPABILITIES,
                   segment_fn=partial(curvature_segment, horizon=online,
-                                     horizon_unit=horizon_unit, scale=scale),
+                                     horizon_unit=horizon_unit, scale=scale,
+                                     loss_terms=loss_terms),
                   samples_fn=partial(curvature_samples, horizon=online,
-                                     horizon_unit=horizon_unit, scale=scale),
-                  carry_fn=lambda problem, raw, state: initial_tangent(problem, raw),
-                  saved_carry_fn=saved_tangent_rows, check_fn=check_optimizer)
+                                     horizon_unit=horizon_unit, scale=scale,
+                                     loss_terms=loss_terms),
+                  carry_fn=lambda problem, raw, state: initial_tangent(problem, raw, loss_terms),
+                  saved_carry_fn=saved_tangent_rows if loss_terms == "last" else None,
+                  check_fn=check_optimizer)
 
 
-__all__ = ["CAPABILITIES", "HORIZON_UNITS", "ONLINE_HORIZON", "SGD_RULE", "CurvatureRule",
-           "CurvatureTangent", "HeavyBallStep", "carried_hypergradient", "check_optimizer",
-           "curvature", "curvature_head", "curvature_offline", "curvature_options",
-           "curvature_samples", "curvature_segment", "forgetting", "horizons", "initial_tangent",
-           "lr_derivatives", "rule_for", "state_tangents"]
+__all__ = ["CAPABILITIES", "HORIZON_UNITS", "LOSS_TERMS", "ONLINE_HORIZON", "SGD_RULE",
+           "CurvatureRule", "CurvatureTangent", "HeavyBallStep", "carried_hypergradient",
+           "check_optimizer", "curvature", "curvature_head", "curvature_offline",
+           "curvature_options", "curvature_samples", "curvature_segment", "forgetting",
+           "horizons", "initial_tangent", "loss_term_rows", "lr_derivatives", "rule_for",
+           "state_tangents"]

@@ -85,9 +85,11 @@ class AdamStep(NamedTuple):
     k: int
 
 
-def initial_adam_tangent(problem: Problem, raw: dict[str, Tensor]) -> AdamCurvatureTangent:
-    """Zero tangents and curvature statistics for the start of the run."""
-    size = tangent_rows(problem)  # the rows the carried coefficients read (curvature_rule)
+def initial_adam_tangent(problem: Problem, raw: dict[str, Tensor], extra: int = 0
+                         ) -> AdamCurvatureTangent:
+    """Zero tangents and curvature statistics for the start of the run; ``extra`` rows after
+    the carried coefficients' (the loss-term row)."""
+    size = tangent_rows(problem) + extra  # the rows the carried coefficients read
     like = flat(problem.params.values())
     z = like.new_zeros((size, like.numel()))
     return AdamCurvatureTangent(z, torch.zeros_like(z), torch.zeros_like(z),
@@ -180,6 +182,22 @@ def adamw_decay(tangent: AdamCurvatureTangent, values: AdamStep, lr: Tensor, dwd
     tangent.z.addcmul_(dwd, lr * values.p, value=-1.0)
 
 
+def adam_gradient(tangent: AdamCurvatureTangent, values: AdamStep, lr: Tensor) -> None:
+    """The direct term of a unit change of the gradient Adam sees (``ds_t = 1`` in every
+    entry) on the tangent's last row, in place: ``Zm += (1 - b1)``, ``Zv += (1 - b2) 2 s_t``
+    and ``Z`` the module doc's ``-(lr_t / c1) (dm - r dq) / q`` of these two."""
+    _, s, _, m, v, b1, b2, eps, _, _, k = values
+    c2_sqrt = (1 - b2 ** k) ** 0.5
+    root = torch.sqrt(v)
+    denom = root / c2_sqrt + eps
+    half_inverse = (0.5 / root).masked_fill_(v <= 0, 0.0)
+    dm, dv = 1 - b1, ((1 - b2) * 2) * s
+    tangent.zm[-1].add_(dm)
+    tangent.zv[-1].add_(dv)
+    change = dv * (half_inverse / c2_sqrt * (m / denom)) - dm
+    tangent.z[-1].add_(change * (lr / (1 - b1 ** k)) / denom)
+
+
 def adam_average(problem: Problem, hview: Any, grads: Params, params: Params,
                  tangent: AdamCurvatureTangent, step: int) -> None:
     """The curvature estimate's average of the squared train gradient ``g_t^2`` (without the
@@ -188,9 +206,10 @@ def adam_average(problem: Problem, hview: Any, grads: Params, params: Params,
 
 
 ADAM_RULE = CurvatureRule(initial_adam_tangent, _adam_values, advance_adam, lr_direction,
-                          adamw_decay, adam_average)
+                          adamw_decay, adam_average, adam_gradient)
 """Adam's and AdamW's rule for :func:`~hyperdiff.methods.curvature.curvature_segment`."""
 
 
 __all__ = ["ADAM_NAMES", "ADAM_RULE", "AdamCurvatureTangent", "AdamStep", "adam_average",
-           "adam_step", "adamw_decay", "advance_adam", "initial_adam_tangent", "lr_direction"]
+           "adam_gradient", "adam_step", "adamw_decay", "advance_adam", "initial_adam_tangent",
+           "lr_direction"]

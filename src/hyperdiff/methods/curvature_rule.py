@@ -24,7 +24,8 @@ RHO = 0.99  # decay of the squared-gradient average (Adam's beta2 for this estim
 class CurvatureRule(NamedTuple):
     """One optimizer's tangent rule for :func:`~hyperdiff.methods.curvature.curvature_segment`:
 
-    - ``initial(problem, raw)``: the zero tangent it carries;
+    - ``initial(problem, raw, extra=0)``: the zero tangent it carries (``extra`` rows after
+      the carried coefficients': the loss-term row);
     - ``values(problem, hview, grads, params, old_state, new_state, step)``: what the rule
       reads from step ``step`` (its gradient, moments, coefficients);
     - ``advance(tangent, values, lr, dlr, mu, scale, count)``: one step of the recurrence, in
@@ -36,14 +37,19 @@ class CurvatureRule(NamedTuple):
     - ``average(problem, hview, grads, params, tangent, step)``: the squared-gradient average
       ``v`` alone, in place, as ``advance`` moves it: the step of a tangent with no rows (no
       carried coefficient reads a raw value, as a constant learning rate), where nothing else
-      of the rule can be read."""
+      of the rule can be read;
+    - ``gradient(tangent, values, lr)``: add to the tangent's last row the direct term of a
+      unit change of every entry of the step's train gradient (``dg_t = 1``), in place: the
+      loss-term row of :func:`~hyperdiff.methods.curvature.curvature_samples`'s
+      ``loss_terms``."""
 
-    initial: Callable[[Problem, dict[str, Tensor]], Any]
+    initial: Callable[..., Any]
     values: Callable[..., Any]
     advance: Callable[..., None]
     direct: Callable[[Any, Tensor], Tensor]
     decay: Callable[[Any, Any, Tensor, Tensor], None]
     average: Callable[..., None]
+    gradient: Callable[[Any, Any, Tensor], None]
 
 
 def average_squares(v: Tensor, g: Tensor) -> None:

@@ -44,9 +44,11 @@ def at_val_batches(problem: Problem, val_batches: list[Batch]) -> Problem:
     return replace(problem, val_data=val_batches)
 
 
-def sample_grads(values: list[Tensor], inputs: list[Tensor]) -> list[list[Tensor]]:
+def sample_grads(values: list[Tensor], inputs: list[Tensor], *, retain: bool = False
+                 ) -> list[list[Tensor]]:
     """``d values[j] / d inputs`` for every ``j`` (zeros for inputs a value does not use),
-    through the values' shared graph (an online window's, ``Method.segment_samples``).
+    through the values' shared graph (an online window's, ``Method.segment_samples``), kept
+    after the last with ``retain``.
 
     Several values take one batched vector-Jacobian product, ``J^T e_j`` for the ``m`` rows of
     the identity at once (``is_grads_batched``): on the digits MLP's reverse windows 1.25x
@@ -67,7 +69,7 @@ def sample_grads(values: list[Tensor], inputs: list[Tensor]) -> list[list[Tensor
                     for j in range(len(values))]
     last = len(values) - 1
     return [zeros_for_unused(torch.autograd.grad(value, inputs, allow_unused=True,
-                                                 retain_graph=j < last), inputs)
+                                                 retain_graph=retain or j < last), inputs)
             for j, value in enumerate(values)]
 
 
