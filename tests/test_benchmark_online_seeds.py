@@ -59,3 +59,26 @@ def test_seed_means_summary_against_hand_worked_ratios():
     assert other["geo_mean_ratio"] == pytest.approx(1.0)
     assert other["cpu_geo_mean_ratio"] == pytest.approx(4.0)
     assert (other["better"], other["rows"], other["at_or_below_lr_free"]) == (1, 2, 1)
+
+
+def test_the_length_benchmark_times_both_trainings_at_the_same_length(monkeypatch):
+    """benchmarks/online_cost_length.py: the plain training and the online run both train the
+    asked steps (the online run's own config, the plain one's problem), and the ratios are
+    online over plain."""
+    bench = load("online_cost_length")
+    seen = {}
+    build_online, trained_params = bench.build_online, bench.trained_params
+
+    def online(config):
+        seen["online"] = config.inner.steps
+        return build_online(config)
+
+    def plain(problem, raw, *, seed):
+        seen["plain"] = problem.steps
+        return trained_params(problem, raw, seed=seed)
+
+    monkeypatch.setattr(bench, "build_online", online)
+    monkeypatch.setattr(bench, "trained_params", plain)
+    row = bench.measure("logistic_wide", 12, 1)
+    assert seen == {"online": 12, "plain": 12} and row["steps"] == 12 and row["windows"] >= 1
+    assert row["cpu_ratio"] == pytest.approx(row["online_cpu_s"] / row["plain_cpu_s"])
