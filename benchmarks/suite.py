@@ -116,6 +116,7 @@ class Settings:
     max_steps: int | None  # cap on offline outer steps (None: the default, 30)
     offline_set: tuple[str, ...] = ()  # config overrides of the hd offline rows (--set)
     methods: tuple[str, ...] = METHODS  # the method groups run (--methods)
+    steps_factor: float = 1.0  # every training is this many times the task's own T (--steps-factor)
 
 
 FULL = Settings(TASKS, 100, START_FACTORS, ("offline", "online"), None)
@@ -141,12 +142,14 @@ def skipped(method: str, note: str) -> dict[str, Any]:
 # --- hyperdiff -------------------------------------------------------------------------------
 
 def hyperdiff_row(ref: str, mode: str, settings: Settings, plain_s: float, start: str,
-                  workdir: Path, train_seed: int | None = None
+                  workdir: Path, train_seed: int | None = None, steps: int | None = None
                   ) -> tuple[dict[str, Any], list[float]]:
     """``run_experiment`` with the default config for ``mode`` (online: its one training on
-    ``train_seed``, ``None``: the problem's own); the row and the offline outer steps' wall
-    times."""
+    ``train_seed``, ``None``: the problem's own; ``steps``: ``inner.steps``, None the task's
+    own); the row and the offline outer steps' wall times."""
     overrides = [f"task.name={ref}", f"outer.mode={mode}"]
+    if steps is not None:
+        overrides.append(f"inner.steps={steps}")
     if train_seed is not None:
         overrides.append(f"outer.train_seed={train_seed}")
     if mode == "offline" and settings.max_steps is not None:
@@ -182,7 +185,7 @@ def hyperdiff_row(ref: str, mode: str, settings: Settings, plain_s: float, start
 
 
 def online_row(ref: str, settings: Settings, plain_s: float, start: str, workdir: Path,
-               task: hd.Task) -> dict[str, Any]:
+               task: hd.Task, steps: int | None = None) -> dict[str, Any]:
     """One online run per report seed (its training's minibatch order and dropout), combined
     by :func:`seed_mean`; before each run, one plain training of ``task`` timed beside it
     (``paired_plain_s``: the machine's speed of that moment, for the paired ratio)."""
@@ -192,7 +195,7 @@ def online_row(ref: str, settings: Settings, plain_s: float, start: str, workdir
         trained_params(task.final_problem, task.hparams.raw, seed=seed)
         paired = time.perf_counter() - started
         run, _ = hyperdiff_row(ref, "online", settings, plain_s, start, workdir,
-                               train_seed=seed)
+                               train_seed=seed, steps=steps)
         runs.append({**run, "paired_plain_s": paired})
     return seed_mean(runs)
 
@@ -350,14 +353,16 @@ def plain_training_s(task: hd.Task, repeats: int = 2) -> float:
     return best
 
 
-def outer_step_paired(ref: str, repeats: int = 3) -> dict[str, float]:
+def outer_step_paired(ref: str, repeats: int = 3, steps: int | None = None
+                      ) -> dict[str, float]:
     """One offline outer step (``HyperOptimizer.step()`` of the default offline config, after
     a first step that also evaluates the guard's untrained reference) and one plain training
-    of the same T steps, each the best of ``repeats`` interleaved rounds after a warm-up round
-    (``outer_step_cost.py``'s ``loop step``), and their ratio."""
+    of the same T steps (``steps``, None: the task's own), each the best of ``repeats``
+    interleaved rounds after a warm-up round (``outer_step_cost.py``'s ``loop step``), and
+    their ratio."""
     _task, loop = build(load_config(overrides=[
         f"task.name={ref}", "outer.mode=offline", f"stop.max_steps={repeats + 3}",
-        "stop.patience=0"]))
+        "stop.patience=0", *([] if steps is None else [f"inner.steps={steps}"])]))
     problem, raw = loop.problems[0], loop.raw
     loop.step()
     best = best_of({"plain": lambda i: trained_params(problem, raw, seed=i),
@@ -371,21 +376,23 @@ def run_task(name: str, settings: Settings, workdir: Path) -> dict[str, Any]:
     path = TASK_DIR / f"{name}.py"
     ref = f"{path}:build"
     module = _load(path)
-    task = hd.tasks.build_task(ref)
+    steps = run_steps(ref, settings.steps_factor)
+    task = hd.tasks.build_task(ref, steps=steps)
     plain_s = plain_training_s(task)
     say = _say(task.name)
     say(f"plain training {plain_s:.2f} s ({task.final_problem.steps} steps)")
     methods, rows, step_times = settings.methods, [], []
     paired = None
     if "offline" in methods:
-        offline, step_times = hyperdiff_row(ref, "offline", settings, plain_s, "x1", workdir)
+        offline, step_times = hyperdiff_row(ref, "offline", settings, plain_s, "x1", workdir,
+                                            steps=steps)
         rows.append(offline)
         say(f"hd offline {offline['time_s']:.1f} s, {offline['trainings']} trainings")
-        paired = outer_step_paired(ref)
+        paired = outer_step_paired(ref, steps=steps)
         say(f"one outer step {paired['ratio']:.2f}x one plain training (best of 3 each, "
             "interleaved)")
     if "online" in methods:
-        rows.append(online_row(ref, settings, plain_s, "x1", workdir, task))
+        rows.append(online_row(ref, settings, plain_s, "x1", workdir, task, steps))
         say(f"hd online {rows[-1]['time_s']:.1f} s per run, {len(SEEDS)} train seeds")
     rows.insert(0, row("untuned start", untuned_test(task, rows), trainings=0, time_s=0.0,
                        plain_s=plain_s))
@@ -394,9 +401,10 @@ def run_task(name: str, settings: Settings, workdir: Path) -> dict[str, Any]:
         for mode in (m for m in settings.start_modes if m in methods):
             start = f"lr x{factor:g}"
             started = f"{path}:{start_name(factor)}"
-            rows.append(online_row(started, settings, plain_s, start, workdir, task)
+            rows.append(online_row(started, settings, plain_s, start, workdir, task, steps)
                         if mode == "online" else
-                        hyperdiff_row(started, mode, settings, plain_s, start, workdir)[0])
+                        hyperdiff_row(started, mode, settings, plain_s, start, workdir,
+                                      steps=steps)[0])
             say(f"hd {mode} from {start}: {rows[-1]['time_s']:.1f} s")
     if "search" in methods:
         offline_s = next(r["time_s"] for r in rows if label(r) == "hd offline")
@@ -421,6 +429,14 @@ def run_task(name: str, settings: Settings, workdir: Path) -> dict[str, Any]:
             "steps": task.final_problem.steps, "plain_training_s": plain_s,
             "outer_step_s": statistics.median(step_times) if step_times else None,
             "outer_step_ratio": ratio, "outer_step_paired": paired, "rows": rows}
+
+
+def run_steps(ref: str, factor: float) -> int | None:
+    """The inner steps of every training of task ``ref`` at ``factor`` x its own T (None at 1:
+    the task's own, as before the option)."""
+    if factor == 1.0:
+        return None
+    return max(1, round(hd.tasks.build_task(ref).final_problem.steps * factor))
 
 
 def untuned_test(task: hd.Task, rows: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -622,6 +638,12 @@ def main() -> None:
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides of the hd offline rows only (a candidate "
                         "against the defaults: e.g. --set outer.explore=4)")
+    parser.add_argument("--steps-factor", type=float, default=1.0,
+                        help="train every method for this many times each task's own steps "
+                        "(does the result hold on longer runs?)")
+    parser.add_argument("--starts", nargs="*", type=float, metavar="FACTOR",
+                        help="the lr start factors (default: the mode's; none: own start only)")
+    parser.add_argument("--tpe-trials", type=int, help="TPE's fixed budget (default: the mode's)")
     parser.add_argument("--markdown", metavar="JSON", help="print the tables of a result")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="combine the tasks of results run separately (the same mode) "
@@ -651,6 +673,13 @@ def main() -> None:
         settings = replace(settings, tasks=tuple(args.tasks))
     if args.set:
         settings = replace(settings, offline_set=tuple(args.set))
+    if args.steps_factor <= 0:
+        parser.error(f"--steps-factor must be > 0 (got {args.steps_factor})")
+    settings = replace(settings, steps_factor=args.steps_factor)
+    if args.starts is not None:
+        settings = replace(settings, starts=tuple(args.starts))
+    if args.tpe_trials is not None:
+        settings = replace(settings, tpe_trials=args.tpe_trials)
     started, load_before = time.perf_counter(), os.getloadavg()
     blocks = {}
     with tempfile.TemporaryDirectory(prefix="hd-suite-") as tmp:

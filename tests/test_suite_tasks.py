@@ -228,3 +228,32 @@ def test_the_online_row_trains_once_on_each_report_seed(tmp_path):
     assert out["test_loss"] == pytest.approx(sum(p["test_loss"] for p in per_seed) / 3)
     ratios = sorted(p["time_s"] / p["paired_plain_s"] for p in per_seed)
     assert out["time_ratio_paired"] == pytest.approx(ratios[1], rel=1e-12)  # their median
+
+
+def test_a_steps_factor_trains_every_hyperdiff_row_that_many_times_longer(tmp_path, monkeypatch):
+    """``--steps-factor``: the task's own T (12 here) times the factor, in the run's config
+    (``inner.steps``) of the offline, online and interleaved-step rows; 1 keeps the task's."""
+    suite = load("suite")
+    path = tmp_path / "minibatch.py"
+    path.write_text(MINIBATCH_TASK)
+    ref = f"{path}:build"
+    assert suite.run_steps(ref, 1.0) is None and suite.run_steps(ref, 2.5) == 30
+    seen = []
+    run_experiment = suite.run_experiment
+
+    def recorded(config, **kwargs):
+        seen.append(config.inner.steps)
+        return run_experiment(config, **kwargs)
+
+    monkeypatch.setattr(suite, "run_experiment", recorded)
+    settings = suite.replace(suite.QUICK, max_steps=2, steps_factor=2.5)
+    suite.hyperdiff_row(ref, "offline", settings, 1.0, "x1", tmp_path / "off", steps=30)
+    suite.online_row(ref, settings, 1.0, "x1", tmp_path / "on",
+                     hd.tasks.build_task(ref, steps=30), steps=30)
+    assert seen == [30, 30, 30, 30]
+    built = []
+    build = suite.build
+    monkeypatch.setattr(suite, "build", lambda config: built.append(config.inner.steps)
+                        or build(config))
+    suite.outer_step_paired(ref, repeats=1, steps=30)
+    assert built == [30]
