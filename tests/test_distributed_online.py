@@ -1,6 +1,7 @@
 """Online runs on 2 gloo ranks with ``distributed.data_parallel = true``: every rank trains the
 same windows on its shard of every batch, and the run (history, result, the model it trained)
-is the single-process run's to 1e-10, for reverse, forward and curvature; an interrupted
+is the single-process run's to 1e-10, for reverse, forward and curvature (also with
+``method.loss_terms``); an interrupted
 data-parallel online run resumes to the same history; without data_parallel an online run
 under torchrun is refused naming the key to set.
 
@@ -36,6 +37,9 @@ RUNS = {  # two windows each
     "reverse": ["method.name=reverse"],
     "forward": ["method.name=forward"],
     "curvature": ["method.name=curvature", "method.horizon=20"],
+    # the train loss's wd through the loss-term row and its frozen Jacobian's extra backward
+    "curvature_loss_terms": ["method.name=curvature", "method.horizon=20",
+                             "method.loss_terms=carried"],
 }
 # three windows of forward mode (its tangents are in the checkpoint), stopped after the first
 RESUMED = ["method.name=forward", "inner.steps=12"]
@@ -119,7 +123,7 @@ def runs(tmp_path_factory):
 def test_a_data_parallel_online_run_gives_the_one_process_run(runs, name):
     references, reports = runs
     result, history = references[name]
-    assert len(history) == 2 and result["method"] == name
+    assert len(history) == 2 and result["method"] == name.split("_")[0]
     grads = [abs(v) for record in history for g in record["grad"].values()
              for v in (g if isinstance(g, list) else [g])]
     assert max(grads) > 1e-6  # real hypergradients, also of the second window (carry)
