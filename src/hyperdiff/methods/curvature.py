@@ -69,6 +69,7 @@ from hyperdiff.engine.training import (
     initial_state,
     train_gradient,
     validation_loss,
+    zeros_for_unused,
 )
 from hyperdiff.errors import HyperdiffError, fail, positive_float, positive_int
 from hyperdiff.hparams.schedules import Schedule
@@ -117,7 +118,7 @@ def initial_tangent(problem: Problem, raw: dict[str, Tensor], loss_terms: str = 
     """Zero tangents and curvature statistics for the start of the run (an
     :class:`~hyperdiff.methods.curvature_adam.AdamCurvatureTangent` for Adam / AdamW), with
     the loss-term row where ``loss_terms`` carries one (:func:`loss_term_rows`)."""
-    return rule_for(problem).initial(problem, raw, loss_term_rows(problem, loss_terms))
+    return rule_for(problem).initial(problem, raw, loss_term_rows(loss_terms))
 
 
 def _initial_sgd(problem: Problem, raw: dict[str, Tensor], extra: int = 0) -> CurvatureTangent:
@@ -384,7 +385,7 @@ also the window's earlier steps; ``carried``, also the earlier windows', forgott
 learning rate's tangents (``horizon``). See :func:`curvature_samples`."""
 
 
-def loss_term_rows(problem: Problem, loss_terms: str) -> int:
+def loss_term_rows(loss_terms: str) -> int:
     """The tangent rows the loss-term signal adds: 1 for ``window`` and ``carried``, else 0."""
     return 0 if loss_terms == "last" else 1
 
@@ -425,7 +426,7 @@ def curvature_samples(problem: Problem, state: TrainState, raw: dict[str, Tensor
     rule = rule_for(problem)
     forget = forgetting(horizon, horizon_unit)
     hp = problem.hparams
-    unit = loss_term_rows(problem, loss_terms) == 1
+    unit = loss_term_rows(loss_terms) == 1
     tangent = rule.initial(problem, raw, int(unit)) if carry is None else carry
     tangent = type(tangent)(*(t.clone() for t in tangent))
     if unit and loss_terms == "window":  # the loss-term row starts over in each window
@@ -493,15 +494,15 @@ def _loss_term_part(problem: Problem, grads: Params, leaves: dict[str, Tensor], 
     to the raw ``leaves``), ``a`` the validation gradient ``val_theta`` (n,), ``P`` the
     loss-term row ``response`` (n,); 0 for raw values the train loss does not read."""
     weights = (val_theta.to(response.dtype) * response).detach()
-    sizes = [g.numel() for g in grads.values()]
-    parts = torch.split(weights, sizes)
+    parts = torch.split(weights, [g.numel() for g in grads.values()])
     total = sum((g * w.reshape(g.shape).to(g.dtype)).sum()
                 for g, w in zip(grads.values(), parts, strict=True))
-    found = torch.autograd.grad(total, list(leaves.values()), allow_unused=True,
-                                retain_graph=retain) if isinstance(total, Tensor) and \
-        total.requires_grad else [None] * len(leaves)
-    return problem.hparams.flatten({n: torch.zeros_like(v) if g is None else g
-                                    for (n, v), g in zip(leaves.items(), found, strict=True)})
+    inputs = list(leaves.values())
+    found: tuple[Tensor | None, ...] = (None,) * len(inputs)
+    if isinstance(total, Tensor) and total.requires_grad:  # else g has no graph (a linear loss)
+        found = torch.autograd.grad(total, inputs, allow_unused=True, retain_graph=retain)
+    return problem.hparams.flatten(dict(zip(leaves, zeros_for_unused(found, inputs),
+                                            strict=True)))
 
 
 def _direct_and_carried(direct: Tensor, z: Tensor, val_theta: Tensor, rows: Tensor | None
