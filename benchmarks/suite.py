@@ -634,7 +634,7 @@ def main() -> None:
                         "hd offline's time); e.g. --methods online lr-free")
     parser.add_argument("--out", help="result file (default: benchmarks/results/suite.json, "
                         "with --quick suite_quick.json, with some --methods "
-                        "suite_<methods>.json)")
+                        "suite_<methods>.json, with --steps-factor F suite_stepsF.json)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides of the hd offline rows only (a candidate "
                         "against the defaults: e.g. --set outer.explore=4)")
@@ -703,6 +703,8 @@ def main() -> None:
     name = "suite_quick" if args.quick else "suite"
     if methods != METHODS:
         name += "_" + "_".join(methods)
+    if settings.steps_factor != 1.0:  # never over the own-length results
+        name += f"_steps{settings.steps_factor:g}"
     out = Path(args.out or RESULTS / f"{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(_clean(payload), indent=1, allow_nan=False) + "\n")
