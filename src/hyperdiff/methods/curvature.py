@@ -228,11 +228,12 @@ def _repeated_row(problem: Problem, raw: dict[str, Tensor], coef: str, start: in
     values = problem.raw_tensors(raw)
     leaf = values[coef].detach().requires_grad_()
     values[coef] = leaf
+    grad = None
     with torch.enable_grad():
         value = _as_tensor(resolve(coef, hp.view(values), start, next(iter(problem.params))),
                            leaf)
-        grad = torch.autograd.grad(value, leaf, allow_unused=True)[0] if value.requires_grad \
-            else None
+        if value.requires_grad:
+            grad = torch.autograd.grad(value, leaf, allow_unused=True)[0]
     jac = hp.flatten({n: grad if n == coef and grad is not None else
                       torch.zeros_like(v, dtype=leaf.dtype) for n, v in values.items()})
     lrs = value.detach().reshape(1, 1).repeat(steps, 1)

@@ -127,6 +127,29 @@ def lr_direction(values: AdamStep, lr: Tensor) -> Tensor:
     return out
 
 
+class _Factors(NamedTuple):
+    """What Adam's tangent reads at one step, the same for every row, each computed once:
+    ``c1 = 1 - b1^k``, ``sqrt(c2)``, ``q = sqrt(v') / sqrt(c2) + eps``, ``r = m' / q`` and
+    ``1 / (2 sqrt(v'))`` (0 where ``v' = 0``, as optimizers.safe_sqrt)."""
+
+    c1: Tensor | float
+    c2_sqrt: Tensor | float
+    denom: Tensor
+    ratio: Tensor
+    half_inverse: Tensor
+
+
+def _factors(values: AdamStep) -> _Factors:
+    """:class:`_Factors` of the step ``values`` (for :func:`advance_adam` and
+    :func:`adam_gradient`)."""
+    _, _, _, m, v, b1, b2, eps, _, _, k = values
+    c2_sqrt = (1 - b2 ** k) ** 0.5
+    root = torch.sqrt(v)  # v >= 0; no derivative is taken here
+    denom = root / c2_sqrt + eps
+    return _Factors(1 - b1 ** k, c2_sqrt, denom, m / denom,
+                    (0.5 / root).masked_fill_(v <= 0, 0.0))
+
+
 def advance_adam(tangent: AdamCurvatureTangent, values: AdamStep, lr: Tensor,
                  dlr: Tensor | None, mu: float | Tensor, scale: float, count: int) -> None:
     """One step of the module doc's recurrence, in place. ``lr`` (n,) or (1,); ``dlr`` (R, n)
@@ -137,13 +160,10 @@ def advance_adam(tangent: AdamCurvatureTangent, values: AdamStep, lr: Tensor,
     is the same for all rows (``(1 - b1) D``, ``(1 - b2) 2 s D``, ``r / (2 sqrt(v') sqrt(c2))``,
     ``lr / (c1 q)``) is an ``(n,)`` vector, computed once."""
     z, zm, zv, v_est, _ = tangent
-    g, s, _, m, v, b1, b2, eps, wd, decoupled, k = values
+    g, s, _, _, _, b1, b2, _, wd, decoupled, _ = values
     average_squares(v_est, g)
     curvature = v_est * (scale / (1.0 - RHO ** count))
-    c1 = 1 - b1 ** k
-    c2_sqrt = (1 - b2 ** k) ** 0.5
-    root = torch.sqrt(v)  # v >= 0; no derivative is taken here
-    denom = root / c2_sqrt + eps
+    c1, c2_sqrt, denom, ratio, half_inverse = _factors(values)
     step_size = lr / c1
     cap = (2 * (1 + b1) / (1 - b1)) * denom / step_size.clamp(min=1e-30)
     curvature = torch.minimum(curvature, cap)
@@ -152,8 +172,6 @@ def advance_adam(tangent: AdamCurvatureTangent, values: AdamStep, lr: Tensor,
     # Zm' = b1 Zm + (1 - b1) D Z and Zv' = b2 Zv + (1 - b2) 2 s D Z (the old Z on the right)
     zm.mul_(b1).addcmul_(z, curvature * (1 - b1))
     zv.mul_(b2).addcmul_(z, curvature * ((1 - b2) * 2) * s)
-    ratio = m / denom
-    half_inverse = (0.5 / root).masked_fill_(v <= 0, 0.0)  # the Zv term is 0 where v' = 0
     # Z' = Z - (lr / c1) (Zm' - Zv' r / (2 sqrt(v') sqrt(c2))) / q
     change = zv * (half_inverse / c2_sqrt * ratio)
     change.sub_(zm)
@@ -186,16 +204,13 @@ def adam_gradient(tangent: AdamCurvatureTangent, values: AdamStep, lr: Tensor) -
     """The direct term of a unit change of the gradient Adam sees (``ds_t = 1`` in every
     entry) on the tangent's last row, in place: ``Zm += (1 - b1)``, ``Zv += (1 - b2) 2 s_t``
     and ``Z`` the module doc's ``-(lr_t / c1) (dm - r dq) / q`` of these two."""
-    _, s, _, m, v, b1, b2, eps, _, _, k = values
-    c2_sqrt = (1 - b2 ** k) ** 0.5
-    root = torch.sqrt(v)
-    denom = root / c2_sqrt + eps
-    half_inverse = (0.5 / root).masked_fill_(v <= 0, 0.0)
+    c1, c2_sqrt, denom, ratio, half_inverse = _factors(values)
+    b1, b2, s = values.b1, values.b2, values.s
     dm, dv = 1 - b1, ((1 - b2) * 2) * s
     tangent.zm[-1].add_(dm)
     tangent.zv[-1].add_(dv)
-    change = dv * (half_inverse / c2_sqrt * (m / denom)) - dm
-    tangent.z[-1].add_(change * (lr / (1 - b1 ** k)) / denom)
+    change = dv * (half_inverse / c2_sqrt * ratio) - dm
+    tangent.z[-1].add_(change * ((lr / c1) / denom))
 
 
 def adam_average(problem: Problem, hview: Any, grads: Params, params: Params,
