@@ -159,6 +159,12 @@ class OuterConfig:
     confirm: int = option(0, "offline: more trainings (other minibatch seeds) of a step whose "
                           "selection loss beats the best so far; it is ranked by their mean "
                           "(0: none; docs/driver.md)", low=0)
+    revert: int = option(0, "offline: after this many gradient-phase steps with no better "
+                         "selection loss, go back to the best step's values with the outer "
+                         "learning rate halved (0: never; docs/driver.md)", low=0)
+    common_seed: bool = option(False, "offline: every outer step trains on the same minibatch "
+                               "seeds (common random numbers; false: each step its own; "
+                               "docs/driver.md)")
     seed: int = option(0, "base seed of the minibatch orders of the outer steps' trainings "
                        "(offline, meta); online: of the validation draws (the one training "
                        "follows outer.train_seed)", low=0)
@@ -407,7 +413,9 @@ def legacy_values(source: dict[str, Any]) -> dict[str, Any]:
     ``outer.schedule_over`` when the outer learning rate's cosine ran over the windows, one
     without ``outer.lowering`` when every outer move was kept whole (1), one without
     ``outer.retry`` before the retries of a weak or hot start (0), one without
-    ``outer.confirm`` before a new best was confirmed (0);
+    ``outer.confirm`` before a new best was confirmed (0), one without ``outer.revert`` before
+    the return to the best values (0), one without ``outer.common_seed`` when each step drew its
+    own minibatch seeds (false);
     ``outer.train_seed`` trained online on its problem's own seed: the default (-1), so it
     needs no entry here. A ``[stop]`` without ``stop.travel`` was written when early stopping
     counted every step (0), one without ``stop.extend`` when the budget did not wait for a
@@ -439,6 +447,10 @@ def legacy_values(source: dict[str, Any]) -> dict[str, Any]:
         legacy["retry"] = 0
     if "confirm" not in outer:
         legacy["confirm"] = 0
+    if "revert" not in outer:
+        legacy["revert"] = 0
+    if "common_seed" not in outer:
+        legacy["common_seed"] = False
     if "explore_when" not in outer:
         legacy["explore_when"] = "always"
         if "explore" not in outer:

@@ -146,7 +146,8 @@ def build(config: Config, start: dict[str, Any] | None = None
                        max_samples=config.outer.max_samples, warm_start=config.inner.warm_start,
                        explore=config.outer.explore,
                        explore_decades=config.outer.explore_decades,
-                       explore_when=config.outer.explore_when, confirm=config.outer.confirm)
+                       explore_when=config.outer.explore_when, confirm=config.outer.confirm,
+                       revert=config.outer.revert, common_seed=config.outer.common_seed)
     return task, _outer_loop(config, list(task.problems), plan, task.selection)
 
 
@@ -325,6 +326,14 @@ def _offline_only_explore(config: Config) -> None:
         raise HyperdiffError(f"config: outer.confirm must be {default.confirm} with outer.mode "
                              f"= {config.outer.mode!r} (the confirmations are offline only; "
                              f"got {config.outer.confirm})")
+    if config.outer.revert != default.revert:
+        raise HyperdiffError(f"config: outer.revert must be {default.revert} with outer.mode "
+                             f"= {config.outer.mode!r} (the return to the best values is "
+                             f"offline only; got {config.outer.revert})")
+    if config.outer.common_seed != default.common_seed:
+        raise HyperdiffError(f"config: outer.common_seed must be {default.common_seed} with "
+                             f"outer.mode = {config.outer.mode!r} (the steps' common seeds "
+                             f"are offline only; got {config.outer.common_seed})")
     asked = (config.outer.explore, config.outer.explore_when)
     if config.outer.explore and asked != (default.explore, default.explore_when):
         raise HyperdiffError(f"config: outer.explore must be 0 or its default "

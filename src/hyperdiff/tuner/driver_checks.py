@@ -29,6 +29,7 @@ from hyperdiff.tuner.state_checks import (
     check_optimizer_shapes,
     damaged,
     optimizer_probe_state,
+    shape_of,
 )
 from hyperdiff.typing import Batch
 from hyperdiff.wording import option
@@ -167,11 +168,28 @@ def check_driver_state(driver: Any, plan: Any, state: dict[str, Any],
         check_like(caller, "explored", state["explored"], fresh["explored"])
     failed = [r.status == "failed" for r in records]
     phase = plan.gradient_start_of(state)  # a failed point of the global phase cuts no lr
+    reverted = check_reverted(caller, state.get("reverted", []), "reverted" in fresh, records,
+                              phase)
     check_guard_state(caller, state["guard"], driver.guard.state_dict(),
                       {"raw": fresh["raw"], "optimizer": driver.optimizer,
                        "warm": state["warm"]}, failed, driver.guard.shrink,
-                      cuts=[f and r.step >= phase for f, r in zip(failed, records, strict=True)],
+                      cuts=[(f and r.step >= phase) or r.step in reverted
+                            for f, r in zip(failed, records, strict=True)],
                       rescued=bool(failed) and failed[0] and phase > 0)
+
+
+def check_reverted(caller: str, reverted: Any, expected: bool, records: Sequence[Any],
+                   phase: int) -> set[int]:
+    """The steps after which a run with ``revert`` went back to its best values: increasing
+    steps of successful gradient-phase records (``expected``: the run has ``revert``)."""
+    ok = {r.step for r in records if r.status == "ok" and r.step >= phase}
+    if not expected:
+        return set()
+    if not (isinstance(reverted, list) and all(isinstance(s, int) and s in ok for s in reverted)
+            and reverted == sorted(set(reverted))):
+        raise damaged(caller, "the state['reverted']", "increasing steps of the history's "
+                      "successful gradient-phase records", shape_of(reverted))
+    return set(reverted)
 
 
 def check_warm(plan: Any, warm: list[Any]) -> None:

@@ -20,6 +20,18 @@ learning rate far too small), or its hypergradient is steep against what the tra
 removed (:func:`~hyperdiff.tuner.global_phase.weak_start`): where the gradient phase would
 spend its budget travelling.
 
+``revert=m`` goes back after ``m`` gradient-phase steps with no better ranking loss: the
+values become the best step's, the outer optimizer starts afresh and the outer learning rate
+is cut by the guard's ``shrink`` (as a failed step cuts it); the next return comes ``m``
+steps later at the earliest. A gradient that keeps pointing past the best point (a long,
+chaotic training, docs/driver.md) then searches near it with shorter steps.
+
+``common_seed=True`` trains slot ``i`` of every step on the minibatch seed of step 0's
+(common random numbers): the steps' selection losses then differ by their values only, not
+by the minibatch order and dropout of each step's own seed, and the hypergradient is the
+exact gradient of one fixed function of the values. A black-box search scores its trials the
+same way (``hyperdiff.app.search``: one seed for every trial).
+
 ``samples="auto"`` draws 2 samples, then one more at a time until the signal-to-noise ratio
 of the per-sample hypergradients reaches 1 or ``max_samples`` (:mod:`hyperdiff.tuner.snr`).
 The plan's state is the warm slots (each slot's last ``(params, buffers)``) and the trainings
@@ -92,6 +104,10 @@ class OfflinePlan:
         confirm: more trainings (other minibatch seeds, no hypergradient) of a step whose
             selection loss beats the best so far, which is then ranked by the mean
             (:mod:`hyperdiff.tuner.confirm`; 0: none).
+        common_seed: every step's slots train on step 0's minibatch seeds (module doc).
+        revert: return to the best step's values, with a fresh outer optimizer and the outer
+            learning rate cut, after this many gradient-phase steps without a better ranking
+            loss (module doc; 0: never).
     """
 
     caller = "HyperOptimizer"
@@ -104,7 +120,7 @@ class OfflinePlan:
 
     def __init__(self, samples: int | str = 1, max_samples: int = 16, warm_start: bool = False,
                  explore: int = 8, explore_decades: float = 2.0, explore_when: str = "weak",
-                 confirm: int = 0):
+                 confirm: int = 0, revert: int = 0, common_seed: bool = False):
         self.auto = auto_samples(samples, max_samples)
         self.samples = self.auto.maximum if self.auto else positive_int(
             "HyperOptimizer", "samples", samples)  # the stride of seeds and warm slots
@@ -116,6 +132,11 @@ class OfflinePlan:
                        explore_when)
         self.explore_when = explore_when
         self.confirm = nonnegative_int("HyperOptimizer", "confirm", confirm)
+        self.revert = nonnegative_int("HyperOptimizer", "revert", revert)
+        if not isinstance(common_seed, bool):
+            raise fail("HyperOptimizer", "common_seed", "True or False", common_seed)
+        self.common_seed = common_seed
+        self.reverted: list[int] = []  # the steps after which the run went back to the best
         self._evaluated: tuple[int, dict[str, Tensor], float | None] | None = None
         self._sampler: Sampler | None = None
         self._candidates: list[dict[str, Tensor]] = []  # the phase's points, if it runs
@@ -153,7 +174,8 @@ class OfflinePlan:
         self._sampler = Sampler(loop.problems, method, samples=self.samples, auto=self.auto,
                                 seed=loop.seed, selection=loop.selection,
                                 warm_start=self.warm_start, discrete=loop.discrete,
-                                spreader=spreader_for(method, loop.process_group))
+                                spreader=spreader_for(method, loop.process_group),
+                                common=self.common_seed)
 
     @property
     def warm(self) -> list[Any]:
@@ -266,12 +288,31 @@ class OfflinePlan:
             if broken:
                 self._points = self._candidates
         if record.step >= self.gradient_start:
-            return record
+            return self._revert(loop, record)
         if loop.stopped is not None and loop.stopped.startswith("converged"):
             loop.stopped = None  # one point's small hypergradient does not end the phase
         self._end_global_phase(loop, record.step)
         note = self._phase_note(record.step) + (f" ({broken})" if broken else "")
         return dataclasses.replace(record, message=note)
+
+    def _revert(self, loop: Any, record: StepRecord) -> StepRecord:
+        """After ``revert`` steps without a better ranking loss (and as many since the last
+        return): the best step's values, the outer optimizer as before step 0 and the outer
+        learning rate cut by the guard's ``shrink``; the record says so."""
+        last = self.reverted[-1] if self.reverted else -self.revert
+        if (not self.revert or loop.best is None or loop.since_best < self.revert
+                or record.step - last < self.revert):
+            return record
+        loop.set_raw(loop.best["raw"])
+        if self._fresh is not None:
+            loop.optimizer.load_state_dict(copy.deepcopy(self._fresh))
+        loop.guard.scale *= loop.guard.shrink
+        self.reverted.append(record.step)
+        note = (f"no better ranking loss for {loop.since_best} steps: back to the values of "
+                f"step {loop.best['step']}, outer learning rate cut to "
+                f"{loop.guard.scale:.3g} x")
+        return dataclasses.replace(record, message="; ".join(filter(None, (record.message,
+                                                                           note))))
 
     def outer_options(self, optimizer: str) -> dict[str, Any]:
         """Keyword options of the outer optimizer: none (its defaults) offline."""
@@ -336,6 +377,8 @@ class OfflinePlan:
                  "rng": torch.get_rng_state()}
         if self.explore_when != "always" and self._candidates:
             state["explored"] = bool(self._points)  # decided at step 0
+        if self.revert:
+            state["reverted"] = list(self.reverted)
         return state
 
     def load_state_dict(self, loop: Any, state: dict[str, Any],
@@ -352,6 +395,7 @@ class OfflinePlan:
         torch.set_rng_state(state["rng"])
         if "explored" in state:
             self._points = self._candidates if state["explored"] else []
+        self.reverted = list(state.get("reverted", []))
         return list(history)
 
     def result(self, loop: Any) -> OptimizeResult:

@@ -76,6 +76,8 @@ class Sampler:
         spreader: maps the trainings of a round over the ranks of a process group.
         batched: hand each rank's trainings of a round to ``method.batch`` at once (the
             tasks of a meta step: one vmapped computation where they are stackable).
+        common: every step's slot ``i`` trains on the seed of step 0's (common random
+            numbers: the steps' losses differ by their values only).
 
     ``warm`` holds each slot's last ``(params, buffers)`` (``None`` without warm start) and
     ``trainings`` counts the trainings run (the driver adds each step's :attr:`first_round`
@@ -85,8 +87,9 @@ class Sampler:
     def __init__(self, problems: tuple[Problem, ...], method: Method, *, samples: int,
                  auto: AutoSamples | None, seed: int, selection: list[Batch] | None,
                  warm_start: bool, discrete: DiscreteOuter | None, spreader: Spreader,
-                 batched: bool = False):
+                 batched: bool = False, common: bool = False):
         self.problems, self.method, self.samples, self.auto = problems, method, samples, auto
+        self.common = bool(common)
         self.seed, self.selection, self.warm_start = seed, selection, warm_start
         self.discrete, self.spreader = discrete, spreader
         self.batched = batched and discrete is None and not warm_start
@@ -99,8 +102,8 @@ class Sampler:
         return len(self.problems) * (self.auto.minimum if self.auto else self.samples)
 
     def seed_for(self, step: int, sample: int) -> int:
-        """Minibatch seed of ``sample`` at outer ``step``."""
-        return minibatch_seed(self.seed, step, self.samples, sample)
+        """Minibatch seed of ``sample`` at outer ``step`` (step 0's with ``common``)."""
+        return minibatch_seed(self.seed, 0 if self.common else step, self.samples, sample)
 
     def evaluate(self, step: int, raw: dict[str, Tensor]
                  ) -> tuple[list[HyperGradient], float | None]:

@@ -1,0 +1,162 @@
+"""The return to the best values (``OfflinePlan(revert=m)``, ``outer.revert``).
+
+On the small tanh network of test_online_train_seed.py (SGD on minibatches with a per-step
+noise factor), a run with a large outer learning rate overshoots. Every step of a run with
+``revert = 2`` is checked against the rule written out here from the history alone: a record
+says it went back exactly when its step is the ``m``-th or later without a better selection
+loss and ``m`` steps or more after the last return; the next step trains the best step's
+values at half the outer learning rate, and the step after that moves them by exactly that
+learning rate times the sign of their hypergradient (a fresh ``signstep``: every scale 1).
+Up to the first return the run is the run without returns step for step. A resumed run
+repeats an uninterrupted one, and a damaged ``reverted`` entry is refused by name.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+from interrupt import interrupted_run
+from test_online_train_seed import problem
+from test_resume import histories as history
+from test_resume import quiet
+
+import hyperdiff as hd
+from hyperdiff.app.config import legacy_values, load_config
+from hyperdiff.app.experiment import run_experiment
+from hyperdiff.tuner.driver import HyperOptimizer, Stopping
+from hyperdiff.tuner.offline_plan import OfflinePlan
+
+from conftest import sine_data
+
+SELECTION = sine_data(16, 4, seed=3)
+STEPS, LR, M = 14, 0.3, 2
+NOTE = "back to the values of step"
+
+
+def loop(revert: int, optimizer: str = "signstep") -> HyperOptimizer:
+    plan = OfflinePlan(explore=0, revert=revert)
+    return HyperOptimizer(problem(), plan=plan, method=hd.reverse(), lr=LR, optimizer=optimizer,
+                          selection=SELECTION, seed=0,
+                          stopping=Stopping(max_steps=STEPS, patience=None))
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return loop(0).run(), loop(M).run()
+
+
+def test_every_step_follows_the_rule(runs):
+    plain, reverting = runs
+    best, since, last, returns = None, 0, -M, []
+    records = reverting.history
+    for r in records:
+        if best is None or r.selection_loss < best.selection_loss:
+            best, since = r, 0
+        else:
+            since += 1
+        due = since >= M and r.step - last >= M
+        assert (NOTE in r.message) == due, r.step
+        if due:
+            assert f"{NOTE} {best.step}," in r.message
+            last = r.step
+            returns.append((r.step, best))
+    assert len(returns) >= 3  # the overshooting run goes back more than once
+    first = returns[0][0]
+    assert [r.without_timing() for r in records[:first]] == [
+        r.without_timing() for r in plain.history[:first]]
+    for step, back_to in returns:
+        if step + 2 >= STEPS:
+            continue
+        after, next_one = records[step + 1], records[step + 2]
+        assert after.hparams == back_to.hparams
+        assert after.lr == pytest.approx(records[step].lr / 2, rel=1e-15)
+        for name, value in after.hparams.items():  # lr and wd: raw values are logs
+            moved = math.log(next_one.hparams[name]) - math.log(value)
+            expected = -after.lr * math.copysign(1.0, after.grad[name])
+            assert moved == pytest.approx(expected, rel=1e-9, abs=1e-12), (step, name)
+
+
+def test_without_returns_nothing_changes(runs):
+    plain, _ = runs
+    assert all(NOTE not in r.message and r.lr == LR for r in plain.history)
+
+
+@pytest.mark.parametrize("stop_at", [2, 3, 6, 9])
+def test_a_resumed_run_repeats_an_uninterrupted_one(runs, stop_at):
+    first = loop(M)
+    while first.step_index < stop_at:
+        first.step()
+    resumed = loop(M)
+    resumed.load_state_dict(copy.deepcopy(first.state_dict()), history=list(first.history))
+    result = resumed.run()
+    assert [r.without_timing() for r in result.history] == [
+        r.without_timing() for r in runs[1].history]
+
+
+@pytest.mark.parametrize("reverted", [[13], [1, 1], "2", [3.0]])
+def test_a_damaged_reverted_entry_is_refused(runs, reverted):
+    first = loop(M)
+    while first.step_index < 6:
+        first.step()
+    state = copy.deepcopy(first.state_dict())
+    assert state["reverted"] == [2]
+    state["reverted"] = reverted
+    with pytest.raises(hd.HyperdiffError, match=r"reverted.*increasing steps of the history's "
+                       r"successful gradient-phase records"):
+        loop(M).load_state_dict(state, history=list(first.history))
+
+
+def test_the_trust_optimizer_goes_back_too():
+    result = loop(M, optimizer="trust").run()
+    returns = [r.step for r in result.history if NOTE in r.message]
+    assert returns
+    for step in returns:
+        if step + 1 < STEPS:
+            back = int(result.history[step].message.split(NOTE)[1].split(",")[0])
+            assert result.history[step + 1].hparams == result.history[back].hparams
+
+
+@pytest.mark.parametrize("revert", [-1, 1.5, True])
+def test_bad_revert_is_refused(revert):
+    with pytest.raises(hd.HyperdiffError, match=r"HyperOptimizer: revert must be .*got"):
+        OfflinePlan(revert=revert)
+
+
+def test_the_config_key_is_offline_only_and_old_runs_read_zero(tmp_path):
+    assert load_config(overrides=["task.name=mlp_digits", "outer.revert=3"]).outer.revert == 3
+    from hyperdiff.app.plans import build_online
+    with pytest.raises(hd.HyperdiffError, match=r"outer.revert must be 0 with outer.mode = "
+                       r"'online' \(.*; got 2\)"):
+        build_online(load_config(overrides=["task.name=mlp_digits", "outer.mode=online",
+                                            "outer.revert=2"]))
+    assert legacy_values({"outer": {"mode": "offline"}})["outer"]["revert"] == 0
+    path = tmp_path / "config.toml"
+    path.write_text('[task]\nname = "mlp_digits"\n[outer]\nrevert = 4\n')
+    assert load_config(path, stored=True).outer.revert == 4
+
+
+SETTINGS = ["output.checkpoint_seconds=0", "task.name=mlp_digits", "inner.steps=10",
+            "stop.max_steps=9", "stop.patience=0", "outer.explore=0", "report.seeds=1",
+            "outer.revert=2", "outer.lr=1.5"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    out = tmp_path_factory.mktemp("revert") / "straight"
+    run_experiment(load_config(overrides=SETTINGS), out=out, log=quiet, progress=False)
+    return out
+
+
+def test_this_run_goes_back(straight):
+    assert any(NOTE in r["message"] for r in history(straight))
+
+
+@pytest.mark.parametrize("at", [3, 6])
+def test_an_interrupted_run_resumes_to_the_same_history(straight, tmp_path, at):
+    out = tmp_path / "interrupted"
+    interrupted_run(out, SETTINGS, at=at)
+    assert len(history(out)) == at
+    run_experiment(None, resume=out, log=quiet, progress=False)
+    assert history(out) == history(straight)
