@@ -159,9 +159,9 @@ class OuterConfig:
     confirm: int = option(0, "offline: more trainings (other minibatch seeds) of a step whose "
                           "selection loss beats the best so far; it is ranked by their mean "
                           "(0: none; docs/driver.md)", low=0)
-    revert: int = option(0, "offline: after this many gradient-phase steps with no better "
-                         "selection loss, go back to the best step's values with the outer "
-                         "learning rate halved (0: never; docs/driver.md)", low=0)
+    revert: int = option(0, "offline: when the selection loss rose at this many steps in a "
+                         "row after the best one, go back to the best step's values with the "
+                         "outer learning rate halved (0: never; docs/driver.md)", low=0)
     common_seed: bool = option(False, "offline: every outer step trains on the same minibatch "
                                "seeds (common random numbers; false: each step its own; "
                                "docs/driver.md)")

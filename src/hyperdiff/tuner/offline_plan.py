@@ -20,11 +20,13 @@ learning rate far too small), or its hypergradient is steep against what the tra
 removed (:func:`~hyperdiff.tuner.global_phase.weak_start`): where the gradient phase would
 spend its budget travelling.
 
-``revert=m`` goes back after ``m`` gradient-phase steps with no better ranking loss: the
-values become the best step's, the outer optimizer starts afresh and the outer learning rate
-is cut by the guard's ``shrink`` (as a failed step cuts it); the next return comes ``m``
-steps later at the earliest. A gradient that keeps pointing past the best point (a long,
-chaotic training, docs/driver.md) then searches near it with shorter steps.
+``revert=m`` goes back when the ranking loss (selection, else validation) rose at each of
+the last ``m`` successful gradient-phase steps after the best one and since the last return,
+``L_best < L_1 < ... < L_m``: the values become the best step's, the outer optimizer starts
+afresh and the outer learning rate is cut by the guard's ``shrink`` (as a failed step cuts
+it). A hypergradient that keeps pointing past the best point (a long, chaotic training,
+docs/driver.md) then searches near it with shorter steps; a run that crosses a plateau or a
+noisy stretch (the loss not rising at every step) goes on.
 
 ``common_seed=True`` trains slot ``i`` of every step on the minibatch seed of step 0's
 (common random numbers): the steps' selection losses then differ by their values only, not
@@ -44,6 +46,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -106,8 +109,8 @@ class OfflinePlan:
             (:mod:`hyperdiff.tuner.confirm`; 0: none).
         common_seed: every step's slots train on step 0's minibatch seeds (module doc).
         revert: return to the best step's values, with a fresh outer optimizer and the outer
-            learning rate cut, after this many gradient-phase steps without a better ranking
-            loss (module doc; 0: never).
+            learning rate cut, after the ranking loss rose at this many steps in a row after
+            the best one (module doc; 0: never).
     """
 
     caller = "HyperOptimizer"
@@ -296,20 +299,27 @@ class OfflinePlan:
         return dataclasses.replace(record, message=note)
 
     def _revert(self, loop: Any, record: StepRecord) -> StepRecord:
-        """After ``revert`` steps without a better ranking loss (and as many since the last
-        return): the best step's values, the outer optimizer as before step 0 and the outer
-        learning rate cut by the guard's ``shrink``; the record says so."""
-        last = self.reverted[-1] if self.reverted else -self.revert
-        if (not self.revert or loop.best is None or loop.since_best < self.revert
-                or record.step - last < self.revert):
+        """When the ranking loss rose at each of the last ``revert`` successful steps after the
+        best one and the last return (``record`` the last of them): the best step's values,
+        the outer optimizer as before step 0 and the outer learning rate cut by the guard's
+        ``shrink``; the record says so."""
+        if not self.revert or loop.best is None or record.criterion is None:
+            return record
+        after = max(self.reverted[-1] if self.reverted else -1, int(loop.best["step"]))
+        losses = [r.criterion for r in loop.history if r.status == "ok" and r.step > after]
+        tail = [*losses, record.criterion][-self.revert:]
+        rising = all(later > earlier for earlier, later in itertools.pairwise(tail))
+        best = loop.best["selection"] if record.selection_loss is not None else None
+        best = loop.best["val"] if best is None else best  # the kind that ranks the record
+        if len(tail) < self.revert or not rising or not tail[0] > best:
             return record
         loop.set_raw(loop.best["raw"])
         if self._fresh is not None:
             loop.optimizer.load_state_dict(copy.deepcopy(self._fresh))
         loop.guard.scale *= loop.guard.shrink
         self.reverted.append(record.step)
-        note = (f"no better ranking loss for {loop.since_best} steps: back to the values of "
-                f"step {loop.best['step']}, outer learning rate cut to "
+        note = (f"the ranking loss rose at each of the last {self.revert} steps: back to the "
+                f"values of step {loop.best['step']}, outer learning rate cut to "
                 f"{loop.guard.scale:.3g} x")
         return dataclasses.replace(record, message="; ".join(filter(None, (record.message,
                                                                            note))))
