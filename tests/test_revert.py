@@ -83,6 +83,20 @@ def test_every_step_follows_the_rule(runs):
             assert moved == pytest.approx(expected, rel=1e-9, abs=1e-12), (step, name)
 
 
+def test_a_failure_after_a_return_comes_back_to_the_best_values():
+    run = loop(M)
+    while not any(NOTE in r.message for r in run.history):
+        run.step()
+    best = run.best
+    assert run.guard.good["raw"] == best["raw"] and run.raw == best["raw"]
+    assert run.guard.good["optimizer"]["state"] == {}  # a fresh signstep
+    run.guard.check_values = lambda *_: (_ for _ in ()).throw(
+        hd.NonFiniteError("a failure made by the test"))
+    failed = run.step()
+    assert failed.status == "failed" and failed.hparams == run.history[best["step"]].hparams
+    assert run.raw == best["raw"] and run.optimizer.state_dict()["state"] == {}
+
+
 def test_without_returns_nothing_changes(runs):
     plain, _ = runs
     assert all(NOTE not in r.message and r.lr == LR for r in plain.history)

@@ -301,8 +301,8 @@ class OfflinePlan:
     def _revert(self, loop: Any, record: StepRecord) -> StepRecord:
         """When the ranking loss rose at each of the last ``revert`` successful steps after the
         best one and the last return (``record`` the last of them): the best step's values,
-        the outer optimizer as before step 0 and the outer learning rate cut by the guard's
-        ``shrink``; the record says so."""
+        the outer optimizer as before step 0 (both also the guard's last good snapshot) and
+        the outer learning rate cut by the guard's ``shrink``; the record says so."""
         if not self.revert or loop.best is None or record.criterion is None:
             return record
         after = max(self.reverted[-1] if self.reverted else -1, int(loop.best["step"]))
@@ -316,6 +316,9 @@ class OfflinePlan:
         loop.set_raw(loop.best["raw"])
         if self._fresh is not None:
             loop.optimizer.load_state_dict(copy.deepcopy(self._fresh))
+            # a failure of the next step comes back here, not to the point left behind
+            loop.guard.good = {"raw": dict(loop.best["raw"]),
+                               self.optimizer_key: copy.deepcopy(self._fresh), **self.snapshot()}
         loop.guard.scale *= loop.guard.shrink
         self.reverted.append(record.step)
         note = (f"the ranking loss rose at each of the last {self.revert} steps: back to the "
