@@ -4,7 +4,7 @@ On the small tanh network of test_online_train_seed.py (SGD on minibatches with 
 noise factor keyed by the seed), every step's selection loss is checked against SGD written
 out by hand (test_confirm.py) at the record's values: with common seeds at step 0's minibatch
 seed, without at each step's own. Two samples keep two seeds, the same at every step. A
-resumed run repeats an uninterrupted one; the config key is offline only.
+resumed run repeats an uninterrupted one (the config key: test_offline_only_keys.py).
 """
 
 from __future__ import annotations
@@ -12,23 +12,17 @@ from __future__ import annotations
 import copy
 
 import pytest
-from test_confirm import SELECTION, selection_by_hand
-from test_online_train_seed import problem
+from test_confirm import SEED, selection_by_hand
+from test_confirm import loop as confirm_loop
 
 import hyperdiff as hd
-from hyperdiff.app.config import legacy_values, load_config
 from hyperdiff.seeds import minibatch_seed
-from hyperdiff.tuner.driver import HyperOptimizer, Stopping
+from hyperdiff.tuner.driver import HyperOptimizer
 from hyperdiff.tuner.offline_plan import OfflinePlan
-
-SEED, STEPS = 4, 6
 
 
 def loop(common: bool, samples: int = 1) -> HyperOptimizer:
-    plan = OfflinePlan(explore=0, common_seed=common, samples=samples)
-    return HyperOptimizer(problem(), plan=plan, method=hd.reverse(), lr=0.3,
-                          selection=SELECTION, seed=SEED,
-                          stopping=Stopping(max_steps=STEPS, patience=None))
+    return confirm_loop(0, samples, common_seed=common)
 
 
 @pytest.mark.parametrize("common", [True, False])
@@ -68,17 +62,3 @@ def test_bad_common_seed_is_refused():
     with pytest.raises(hd.HyperdiffError, match=r"HyperOptimizer: common_seed must be True or "
                        r"False \(got 1\)"):
         OfflinePlan(common_seed=1)  # type: ignore[arg-type]
-
-
-def test_the_config_key_is_offline_only_and_old_runs_read_false(tmp_path):
-    config = load_config(overrides=["task.name=mlp_digits", "outer.common_seed=true"])
-    assert config.outer.common_seed is True
-    from hyperdiff.app.plans import build_online
-    with pytest.raises(hd.HyperdiffError, match=r"outer.common_seed must be False with "
-                       r"outer.mode = 'online' \(.*; got True\)"):
-        build_online(load_config(overrides=["task.name=mlp_digits", "outer.mode=online",
-                                            "outer.common_seed=true"]))
-    assert legacy_values({"outer": {"mode": "offline"}})["outer"]["common_seed"] is False
-    path = tmp_path / "config.toml"
-    path.write_text('[task]\nname = "mlp_digits"\n[outer]\ncommon_seed = true\n')
-    assert load_config(path, stored=True).outer.common_seed is True

@@ -12,13 +12,13 @@ and the trainings count the extra ones. A resumed run repeats an uninterrupted o
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
 from test_online_train_seed import DT, noise, problem, train_loss, val_loss
 
 import hyperdiff as hd
-from hyperdiff.app.config import legacy_values, load_config
 from hyperdiff.engine.models import StepContext
 from hyperdiff.seeds import confirm_seed
 from hyperdiff.tuner.driver import HyperOptimizer, Stopping
@@ -30,8 +30,9 @@ SELECTION = sine_data(16, 4, seed=3)
 SEED, STEPS = 0, 10
 
 
-def loop(confirm: int, samples: int = 1) -> HyperOptimizer:
-    plan = OfflinePlan(explore=0, confirm=confirm, samples=samples)
+def loop(confirm: int, samples: int = 1, **options: Any) -> HyperOptimizer:
+    """The run of this module (``options``: more of the plan's, e.g. ``common_seed``)."""
+    plan = OfflinePlan(explore=0, confirm=confirm, samples=samples, **options)
     return HyperOptimizer(problem(), plan=plan, method=hd.reverse(), lr=0.3,
                           selection=SELECTION, seed=SEED,
                           stopping=Stopping(max_steps=STEPS, patience=None))
@@ -118,16 +119,3 @@ def test_confirm_with_warm_starts_is_refused():
                        r"warm_start .* \(got 1\)"):
         HyperOptimizer(problem(), plan=OfflinePlan(confirm=1, warm_start=True),
                        selection=SELECTION)
-
-
-def test_the_config_key_is_offline_only_and_old_runs_read_zero(tmp_path):
-    assert load_config(overrides=["task.name=mlp_digits", "outer.confirm=2"]).outer.confirm == 2
-    with pytest.raises(hd.HyperdiffError, match=r"outer.confirm must be 0 with outer.mode = "
-                       r"'online' \(.*; got 1\)"):
-        from hyperdiff.app.plans import build_online
-        build_online(load_config(overrides=["task.name=mlp_digits", "outer.mode=online",
-                                            "outer.confirm=1"]))
-    assert legacy_values({"outer": {"mode": "offline"}})["outer"]["confirm"] == 0
-    path = tmp_path / "config.toml"
-    path.write_text('[task]\nname = "mlp_digits"\n[outer]\nconfirm = 3\n')
-    assert load_config(path, stored=True).outer.confirm == 3

@@ -23,7 +23,7 @@ from test_resume import histories as history
 from test_resume import quiet
 
 import hyperdiff as hd
-from hyperdiff.app.config import legacy_values, load_config
+from hyperdiff.app.config import load_config
 from hyperdiff.app.experiment import run_experiment
 from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 from hyperdiff.tuner.offline_plan import OfflinePlan
@@ -141,19 +141,6 @@ def test_the_trust_optimizer_goes_back_too():
 def test_bad_revert_is_refused(revert):
     with pytest.raises(hd.HyperdiffError, match=r"HyperOptimizer: revert must be .*got"):
         OfflinePlan(revert=revert)
-
-
-def test_the_config_key_is_offline_only_and_old_runs_read_zero(tmp_path):
-    assert load_config(overrides=["task.name=mlp_digits", "outer.revert=3"]).outer.revert == 3
-    from hyperdiff.app.plans import build_online
-    with pytest.raises(hd.HyperdiffError, match=r"outer.revert must be 0 with outer.mode = "
-                       r"'online' \(.*; got 2\)"):
-        build_online(load_config(overrides=["task.name=mlp_digits", "outer.mode=online",
-                                            "outer.revert=2"]))
-    assert legacy_values({"outer": {"mode": "offline"}})["outer"]["revert"] == 0
-    path = tmp_path / "config.toml"
-    path.write_text('[task]\nname = "mlp_digits"\n[outer]\nrevert = 4\n')
-    assert load_config(path, stored=True).outer.revert == 4
 
 
 SETTINGS = ["output.checkpoint_seconds=0", "task.name=mlp_digits", "inner.steps=10",

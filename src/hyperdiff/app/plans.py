@@ -317,23 +317,23 @@ def _online_summary(task: Task, loop: HyperOptimizer, outcome: Any, config: Conf
 
 
 # --------------------------------------------------------------------------------------- meta
+OFFLINE_ONLY = {"confirm": "the confirmations are", "revert": "the return to the best values is",
+                "common_seed": "the steps' common seeds are"}
+"""Offline plan options an online or meta run refuses unless at their defaults: what each is."""
+
+
 def _offline_only_explore(config: Config) -> None:
-    """Refuse an ``outer.explore`` or ``outer.confirm`` set for an online or meta run (the
-    global phase and the confirmations are the offline plan's; the default, a phase after a
-    broken or weak start only, does not apply there)."""
+    """Refuse an ``outer.explore`` or another :data:`OFFLINE_ONLY` key set for an online or
+    meta run (the global phase, the confirmations, the return to the best values and the
+    common seeds are the offline plan's; the default, a phase after a broken or weak start
+    only, does not apply there)."""
     default = OuterConfig()
-    if config.outer.confirm != default.confirm:
-        raise HyperdiffError(f"config: outer.confirm must be {default.confirm} with outer.mode "
-                             f"= {config.outer.mode!r} (the confirmations are offline only; "
-                             f"got {config.outer.confirm})")
-    if config.outer.revert != default.revert:
-        raise HyperdiffError(f"config: outer.revert must be {default.revert} with outer.mode "
-                             f"= {config.outer.mode!r} (the return to the best values is "
-                             f"offline only; got {config.outer.revert})")
-    if config.outer.common_seed != default.common_seed:
-        raise HyperdiffError(f"config: outer.common_seed must be {default.common_seed} with "
-                             f"outer.mode = {config.outer.mode!r} (the steps' common seeds "
-                             f"are offline only; got {config.outer.common_seed})")
+    for key, what in OFFLINE_ONLY.items():
+        value, expected = getattr(config.outer, key), getattr(default, key)
+        if value != expected:
+            raise HyperdiffError(f"config: outer.{key} must be {expected} with outer.mode = "
+                                 f"{config.outer.mode!r} ({what} offline only; got "
+                                 f"{value})")
     asked = (config.outer.explore, config.outer.explore_when)
     if config.outer.explore and asked != (default.explore, default.explore_when):
         raise HyperdiffError(f"config: outer.explore must be 0 or its default "
