@@ -22,6 +22,7 @@ from hyperdiff.app.config import load_config
 from hyperdiff.app.experiment import run_experiment
 from hyperdiff.tuner.distributed.data_parallel import rank_seed
 from hyperdiff.tuner.driver import HyperOptimizer, Stopping
+from hyperdiff.tuner.offline_plan import OfflinePlan
 from hyperdiff.tuner.sampler import Sampler
 
 WORLD = 2
@@ -135,6 +136,13 @@ def outer_loop(method: Any = "reverse", samples: int = 3, steps: int = 2) -> Hyp
                           stopping=Stopping(max_steps=steps))
 
 
+def revert_loop() -> HyperOptimizer:
+    """3 samples on common seeds with an outer rate that overshoots: goes back twice in 6 steps."""
+    plan = OfflinePlan(samples=3, revert=1, common_seed=True, explore=0)
+    return HyperOptimizer(mlp_problem(), plan=plan, lr=0.5, selection=selection_split(),
+                          stopping=Stopping(max_steps=6, patience=None))
+
+
 def dp_methods() -> dict[str, hd.methods.Method]:
     return {"reverse": hd.reverse(), "forward": hd.forward(),
             "checkpointed": hd.checkpointed(segments=2), "truncated": hd.truncated(3),
@@ -193,6 +201,9 @@ def agreement(report: Report) -> None:
     opt = outer_loop()
     opt.run()
     report("spread", (records(opt), opt.raw))
+    opt = revert_loop()
+    opt.run()
+    report("revert", (records(opt), opt.raw))
     problem = mlp_problem()
     for name, method in dp_methods().items():
         hg = hd.distributed.data_parallel(method)(problem)

@@ -22,6 +22,7 @@ from distributed_jobs import (
     mlp_problem,
     outer_loop,
     records,
+    revert_loop,
     run_settings,
     run_to_failure,
 )
@@ -42,13 +43,15 @@ def references(tmp_path_factory):
     """The single-process results, computed before the ranks fork (which then start warm)."""
     spread = outer_loop()  # 3 samples over 2 ranks, warm starts, a selection split
     spread.run()
+    reverting = revert_loop()  # common seeds and returns to the best, 3 samples over 2 ranks
+    reverting.run()
     problem = mlp_problem()
     methods = {name: method(problem) for name, method in dp_methods().items()}
     dp_outer = outer_loop(samples=2, steps=1)
     dp_outer.run()
     run_dir = tmp_path_factory.mktemp("dist") / "reference"
     run_settings(str(run_dir))  # uninterrupted, in one process
-    return {"spread": spread, "methods": methods, "dp_outer": records(dp_outer),
+    return {"spread": spread, "reverting": reverting, "methods": methods, "dp_outer": records(dp_outer),
             "dropout": hd.reverse()(dropout_problem(emulate_ranks=True)),
             "diverging": run_to_failure(diverging_loop()),
             "run": [r.without_timing() for r in RunDir(run_dir).read_history()]}
@@ -70,6 +73,10 @@ def test_two_ranks_equal_one_process(references, first):
         history, raw = reports[rank, "spread"]
         assert close(history, records(spread), 1e-12)
         assert close(raw, spread.raw, 1e-12)
+        history, raw = reports[rank, "revert"]
+        assert close(history, records(references["reverting"]), 1e-12)
+        assert close(raw, references["reverting"].raw, 1e-12)
+    assert sum("back to the values" in r.message for r in references["reverting"].history) == 2
     methods = references["methods"]
     assert float(methods["reverse"].vector.abs().min()) > 1e-6  # a real one, not zeros
     for name, hg in methods.items():  # data-parallel == one-process full batch
