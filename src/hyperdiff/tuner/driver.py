@@ -307,7 +307,7 @@ class HyperOptimizer:
             self._clock = time.perf_counter() - self._elapsed
         started = time.perf_counter()
         step, stored = self.step_index, self.raw
-        snapshot = self._snapshot(stored)
+        snapshot = self.snapshot(stored)
         lr = self.learning_rate(step)
         raw = self.plan.begin(self, step)
         try:
@@ -370,8 +370,9 @@ class HyperOptimizer:
         self.history = History(list(records))
 
     # ------------------------------------------------------------------ internals
-    def _snapshot(self, raw: dict[str, Tensor]) -> dict[str, Any]:
-        """The guard's snapshot before a step: raw values, outer optimizer, the plan's part."""
+    def snapshot(self, raw: dict[str, Tensor]) -> dict[str, Any]:
+        """The guard's snapshot at ``raw``: raw values, outer optimizer, the plan's part (taken
+        before every step, and by the offline plan where it goes back to the best values)."""
         return {"raw": raw,
                 self.plan.optimizer_key: copied_state(self.optimizer.state_dict()),
                 **self.plan.snapshot()}

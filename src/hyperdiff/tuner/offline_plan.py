@@ -317,8 +317,7 @@ class OfflinePlan:
         if self._fresh is not None:
             loop.optimizer.load_state_dict(copy.deepcopy(self._fresh))
             # a failure of the next step comes back here, not to the point left behind
-            loop.guard.good = {"raw": dict(loop.best["raw"]),
-                               self.optimizer_key: copy.deepcopy(self._fresh), **self.snapshot()}
+            loop.guard.good = loop.snapshot(loop.raw)
         loop.guard.scale *= loop.guard.shrink
         self.reverted.append(record.step)
         note = (f"the ranking loss rose at each of the last {self.revert} steps: back to the "
