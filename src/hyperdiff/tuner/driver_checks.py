@@ -182,9 +182,9 @@ def check_reverted(caller: str, reverted: Any, expected: bool, records: Sequence
                    phase: int) -> set[int]:
     """The steps after which a run with ``revert`` went back to its best values: increasing
     steps of successful gradient-phase records (``expected``: the run has ``revert``)."""
-    ok = {r.step for r in records if r.status == "ok" and r.step >= phase}
     if not expected:
         return set()
+    ok = {r.step for r in records if r.status == "ok" and r.step >= phase}
     if not (isinstance(reverted, list) and all(isinstance(s, int) and s in ok for s in reverted)
             and reverted == sorted(set(reverted))):
         raise damaged(caller, "the state['reverted']", "increasing steps of the history's "
