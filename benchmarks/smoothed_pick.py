@@ -1,0 +1,140 @@
+"""Would a model of the selection loss pick a better step than its observed minimum?
+
+An offline run reports the step with the lowest selection loss. Each step's selection loss is
+one training's, so where training is noisy the minimum is often a lucky draw (the winner's
+curse: docs/driver.md, "Starts 10x and 100x off"). This script asks, on finished run
+directories, whether choosing the step by a smoothed loss instead would test better:
+
+- fit a Gaussian process to the ok steps' ``(u_s, y_s)``, ``u_s`` the flattened raw values (log
+  units for a positive hyperparameter), ``y_s`` a transform of the selection loss (``log``, or
+  ``bilog``: ``sign(z) log(1 + |z|)`` of ``z = (y - median) / (1.4826 MAD)``, robust to a
+  diverging step); kernel ``c^2 RBF(l) + noise`` with the length ``l`` bounded below (0.3 log
+  units: without a bound the fit explains the noise by a short length and interpolates it),
+  hyperparameters by maximum likelihood (scikit-learn, 3 restarts, ``random_state=0``);
+- pick the visited step with the lowest posterior mean;
+- retrain at its recorded values with the run's report seeds and compare the held-out test loss
+  with the run's own best step's (``result.json``).
+
+Nothing here changes a run: it reads ``config.toml``, ``history.jsonl`` and ``result.json``.
+The runs are the default offline runs of the suite's tasks, e.g.::
+
+    OMP_NUM_THREADS=1 hyperdiff run --task benchmarks/suite_tasks/gru_seq.py:build_lr_x0p1 --out runs/gru_x0p1
+    OMP_NUM_THREADS=1 python benchmarks/smoothed_pick.py runs/* --out benchmarks/results/smoothed_pick_s33.json
+
+Prints one row per run and variant (test loss of the run's best step, of the smoothed pick,
+their ratio) and the geometric mean of the ratios per variant; writes ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.gaussian_process import GaussianProcessRegressor
+from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
+
+from hyperdiff.app.config import load_config
+from hyperdiff.app.tasks import build_task
+from hyperdiff.seeds import report_seeds
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "iso log": {"ard": False, "transform": "log"},
+    "iso bilog": {"ard": False, "transform": "bilog"},
+    "ard bilog": {"ard": True, "transform": "bilog"},
+}
+"""Variant name -> GP options: one length for all coordinates or one each, the loss transform."""
+MIN_LENGTH = 0.3
+
+
+def transformed(y: np.ndarray, transform: str) -> np.ndarray:
+    """``log y`` or the robust ``bilog`` of the standardized ``y`` (see the module doc)."""
+    if transform == "log":
+        return np.log(y)
+    median = float(np.median(y))
+    scale = 1.4826 * float(np.median(np.abs(y - median))) or 1.0
+    z = (y - median) / scale
+    return np.sign(z) * np.log1p(np.abs(z))
+
+
+def smoothed_pick(x: np.ndarray, y: np.ndarray, *, ard: bool, transform: str
+                  ) -> tuple[int, np.ndarray, str]:
+    """Index of the lowest GP posterior mean among the rows of ``x`` (n, d), the means, the
+    fitted kernel."""
+    length = np.ones(x.shape[1]) if ard else 1.0
+    kernel = (ConstantKernel(1.0, (1e-3, 1e3)) * RBF(length, (MIN_LENGTH, 1e2))
+              + WhiteKernel(0.1, (1e-6, 1e1)))
+    gp = GaussianProcessRegressor(kernel, normalize_y=True, n_restarts_optimizer=3,
+                                  random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gp.fit(x, transformed(y, transform))
+    mean = gp.predict(x)
+    return int(np.argmin(mean)), mean, str(gp.kernel_)
+
+
+def run_rows(run: Path) -> dict[str, Any]:
+    """Every variant's pick on ``run`` and the test loss at it (retrained when it differs)."""
+    config = load_config(run / "config.toml", stored=True)
+    task = build_task(config.task.name, steps=config.inner.steps,
+                      selection_fraction=config.task.selection_fraction,
+                      data_seed=config.task.data_seed)
+    result = json.loads((run / "result.json").read_text())
+    records = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    ok = [r for r in records if r["status"] == "ok" and r.get("selection_loss") is not None
+          and math.isfinite(r["selection_loss"])]
+    raws = [task.hparams.with_natural(**{k: torch.tensor(v, dtype=torch.float64)
+                                          for k, v in r["hparams"].items()}).raw for r in ok]
+    x = np.stack([task.hparams.flatten(raw).double().numpy() for raw in raws])
+    y = np.array([r["selection_loss"] for r in ok])
+    best, best_test = result["best_step"], result["tuned"]["metrics"]["test"]["loss"]
+    seeds = report_seeds(config.report.seeds)
+    out: dict[str, Any] = {"run": str(run), "task": config.task.name, "steps": len(records),
+                           "best_step": best, "best_test": best_test, "variants": {}}
+    tested: dict[int, float] = {best: best_test}
+    for name, options in VARIANTS.items():
+        index, mean, kernel = smoothed_pick(x, y, **options)
+        step = ok[index]["step"]
+        if step not in tested:
+            tested[step] = task.evaluate_all([raws[index]], seeds=seeds)[0]["test"]["loss"]
+        out["variants"][name] = {"step": step, "selection_loss": float(y[index]),
+                                 "posterior_mean": float(mean[index]), "kernel": kernel,
+                                 "test": tested[step], "ratio": tested[step] / best_test}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="finished offline run directories")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/smoothed_pick.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    for run in args.runs:
+        rows.append(run_rows(run))
+        r = rows[-1]
+        picks = "  ".join(f"{n}: step {v['step']} {v['test']:.4f} ({v['ratio']:.3f})"
+                          for n, v in r["variants"].items())
+        print(f"{run.name:40s} best step {r['best_step']:2d} {r['best_test']:.4f}  {picks}",
+              flush=True)
+    summary = {}
+    for name in VARIANTS:
+        ratios = [r["variants"][name]["ratio"] for r in rows]
+        summary[name] = {"geomean_ratio": math.exp(sum(map(math.log, ratios)) / len(ratios)),
+                         "better": sum(q < 1 - 1e-9 for q in ratios),
+                         "worse": sum(q > 1 + 1e-9 for q in ratios), "runs": len(ratios)}
+        s = summary[name]
+        print(f"{name:10s}: geometric mean {s['geomean_ratio']:.3f}, {s['better']} better, "
+              f"{s['worse']} worse of {s['runs']}")
+    args.out.write_text(json.dumps({"min_length": MIN_LENGTH, "variants": VARIANTS,
+                                    "runs": rows, "summary": summary}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
