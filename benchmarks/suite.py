@@ -40,6 +40,8 @@ mean of test-loss ratios to TPE-100 and wins per task.
     OMP_NUM_THREADS=1 python benchmarks/suite.py --quick   # 4 tasks, fewer steps (< 10 min)
     OMP_NUM_THREADS=1 python benchmarks/suite.py           # the whole suite
     OMP_NUM_THREADS=1 python benchmarks/suite.py --methods online lr-free  # those rows only
+    OMP_NUM_THREADS=1 python benchmarks/suite.py --methods offline search --starts --seed 1 \
+        --out /tmp/seed1.json   # hd offline against the searches at another outer / search seed
     python benchmarks/suite.py --markdown benchmarks/results/suite.json  # tables for docs
 
 Writes benchmarks/results/suite.json, with ``--quick`` suite_quick.json, with ``--methods`` a subset
@@ -117,6 +119,7 @@ class Settings:
     offline_set: tuple[str, ...] = ()  # config overrides of the hd offline rows (--set)
     methods: tuple[str, ...] = METHODS  # the method groups run (--methods)
     steps_factor: float = 1.0  # every training is this many times the task's own T (--steps-factor)
+    seed: int = 0  # hd offline's outer.seed and the searches' seed (--seed)
 
 
 FULL = Settings(TASKS, 100, START_FACTORS, ("offline", "online"), None)
@@ -155,6 +158,8 @@ def hyperdiff_row(ref: str, mode: str, settings: Settings, plain_s: float, start
     if mode == "offline" and settings.max_steps is not None:
         overrides.append(f"stop.max_steps={settings.max_steps}")
     if mode == "offline":
+        if settings.seed:
+            overrides.append(f"outer.seed={settings.seed}")
         overrides.extend(settings.offline_set)
     records: list[Any] = []
     method = f"hd {mode}"
@@ -452,11 +457,12 @@ def search_rows(task: hd.Task, settings: Settings, budget: float, plain_s: float
     ``settings.tpe_trials`` trainings; skipped rows without Optuna."""
     rows = []
     if optuna_available():
-        searches = [timed_search(task, "tpe", budget), timed_search(task, "random", budget),
-                    tpe_search(task, settings.tpe_trials, seed=0)]
+        searches = [timed_search(task, "tpe", budget, seed=settings.seed),
+                    timed_search(task, "random", budget, seed=settings.seed),
+                    tpe_search(task, settings.tpe_trials, seed=settings.seed)]
         searches[-1] = SearchResult(f"tpe-{settings.tpe_trials}", searches[-1].trials)
     else:
-        searches = [timed_search(task, "random", budget)]
+        searches = [timed_search(task, "random", budget, seed=settings.seed)]
         rows += [skipped("tpe (time)", OPTUNA_MISSING),
                  skipped(f"tpe-{settings.tpe_trials}", OPTUNA_MISSING)]
     for result in searches:
@@ -644,6 +650,9 @@ def main() -> None:
     parser.add_argument("--starts", nargs="*", type=float, metavar="FACTOR",
                         help="the lr start factors (default: the mode's; none: own start only)")
     parser.add_argument("--tpe-trials", type=int, help="TPE's fixed budget (default: the mode's)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="hd offline's outer.seed (its trainings' minibatch seeds) and the "
+                        "searches' seed (sampler and trial minibatches); 0: the published rows'")
     parser.add_argument("--markdown", metavar="JSON", help="print the tables of a result")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="combine the tasks of results run separately (the same mode) "
@@ -680,6 +689,9 @@ def main() -> None:
         settings = replace(settings, starts=tuple(args.starts))
     if args.tpe_trials is not None:
         settings = replace(settings, tpe_trials=args.tpe_trials)
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0 (got {args.seed})")
+    settings = replace(settings, seed=args.seed)
     started, load_before = time.perf_counter(), os.getloadavg()
     blocks = {}
     with tempfile.TemporaryDirectory(prefix="hd-suite-") as tmp:
