@@ -61,3 +61,44 @@ def test_horizon_online_rows_give_hot_start_to_the_plan(monkeypatch):
         horizon.online_row(task, "x", 0.1, (), window=5, method="curvature", horizon=10,
                            hot_start="warn")
     assert seen["plan"].hot_start == "warn" and "hot_start" not in seen
+
+
+def test_suite_seed_reaches_the_offline_rows_and_the_searches(monkeypatch, tmp_path):
+    """``suite.py --seed S`` runs hd offline at ``outer.seed = S`` and seeds every search with
+    ``S``; seed 0 adds no key, so the published rows' configs are unchanged."""
+    from dataclasses import replace
+
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_suite", BENCH / "suite.py")
+    suite = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_suite", suite)  # its dataclasses look it up
+    spec.loader.exec_module(suite)
+    seen: dict[str, list] = {"outer_seed": [], "overrides": [], "searches": []}
+
+    def run(config, **kwargs):
+        seen["outer_seed"].append(config.outer.seed)
+        raise BuiltError
+
+    real_load = suite.load_config
+    monkeypatch.setattr(suite, "load_config", lambda overrides: (
+        seen["overrides"].append(list(overrides)), real_load(overrides=overrides))[1])
+    monkeypatch.setattr(suite, "run_experiment", run)
+    for seed in (0, 3):
+        with pytest.raises(BuiltError):
+            suite.hyperdiff_row("reweight_digits", "offline", replace(suite.FULL, seed=seed),
+                                1.0, "x1", tmp_path)
+    assert seen["outer_seed"] == [0, 3]
+    assert not any(o.startswith("outer.seed") for o in seen["overrides"][0])
+
+    def search(task, method, budget, *, seed=0):
+        seen["searches"].append((method, seed))
+        return suite.SearchResult(method, ())
+
+    monkeypatch.setattr(suite, "timed_search", search)
+    monkeypatch.setattr(suite, "tpe_search", lambda task, trials, *, seed: search(
+        task, "tpe-fixed", trials, seed=seed))
+    monkeypatch.setattr(suite, "search_row", lambda task, result, plain_s: {})
+    monkeypatch.setattr(suite, "optuna_available", lambda: True)
+    suite.search_rows(None, replace(suite.FULL, seed=5), 1.0, 1.0, lambda _m: None)
+    assert seen["searches"] == [("tpe", 5), ("random", 5), ("tpe-fixed", 5)]
