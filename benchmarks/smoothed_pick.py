@@ -12,6 +12,9 @@ directories, whether choosing the step by a smoothed loss instead would test bet
   units: without a bound the fit explains the noise by a short length and interpolates it),
   hyperparameters by maximum likelihood (scikit-learn, 3 restarts, ``random_state=0``);
 - pick the visited step with the lowest posterior mean;
+- or, simpler (``local r`` variants), score each visited step by the mean selection loss of the
+  visited steps within ``r`` raw units of it in every coordinate (itself included) and pick the
+  lowest score;
 - retrain at its recorded values with the run's report seeds and compare the held-out test loss
   with the run's own best step's (``result.json``).
 
@@ -19,10 +22,16 @@ Nothing here changes a run: it reads ``config.toml``, ``history.jsonl`` and ``re
 The runs are the default offline runs of the suite's tasks, e.g.::
 
     OMP_NUM_THREADS=1 hyperdiff run --task benchmarks/suite_tasks/gru_seq.py:build_lr_x0p1 --out runs/gru_x0p1
-    OMP_NUM_THREADS=1 python benchmarks/smoothed_pick.py runs/* --out benchmarks/results/smoothed_pick_s33.json
+    OMP_NUM_THREADS=1 python benchmarks/smoothed_pick.py runs/* --out /tmp/picks.json  # the GP
+    OMP_NUM_THREADS=1 python benchmarks/smoothed_pick.py runs/* --variants "iso log" "iso bilog" \
+        "ard bilog" "local 0.1" "local 0.25" "local 0.5" --out /tmp/picks.json  # and local means
+
+(``benchmarks/results/smoothed_pick_s33.json``: the 26 suite rows at ``outer.seed`` 0;
+``smoothed_pick_seeds_s33.json``: the 4-hyperparameter tasks' own starts at seeds 1-4.)
 
 Prints one row per run and variant (test loss of the run's best step, of the smoothed pick,
-their ratio) and the geometric mean of the ratios per variant; writes ``--out``.
+their ratio) and the geometric mean of the ratios per variant; writes ``--out`` (per run and
+variant: the step, its selection loss, its score: the posterior mean or the local mean).
 """
 
 from __future__ import annotations
@@ -48,8 +57,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "iso log": {"ard": False, "transform": "log"},
     "iso bilog": {"ard": False, "transform": "bilog"},
     "ard bilog": {"ard": True, "transform": "bilog"},
+    "local 0.1": {"radius": 0.1},
+    "local 0.25": {"radius": 0.25},
+    "local 0.5": {"radius": 0.5},
 }
-"""Variant name -> GP options: one length for all coordinates or one each, the loss transform."""
+"""Variant name -> GP options (one length for all coordinates or one each, the loss transform)
+or a local mean's radius."""
+DEFAULT_VARIANTS = ("iso log", "iso bilog", "ard bilog")
 MIN_LENGTH = 0.3
 
 
@@ -79,7 +93,15 @@ def smoothed_pick(x: np.ndarray, y: np.ndarray, *, ard: bool, transform: str
     return int(np.argmin(mean)), mean, str(gp.kernel_)
 
 
-def run_rows(run: Path) -> dict[str, Any]:
+def local_pick(x: np.ndarray, y: np.ndarray, *, radius: float) -> tuple[int, np.ndarray, str]:
+    """Index of the lowest mean of ``y`` over the rows within ``radius`` of each row of ``x``
+    (max-norm), the means, and a description."""
+    near = np.abs(x[:, None, :] - x[None, :, :]).max(-1) <= radius  # (n, n), diagonal true
+    mean = (near * y[None, :]).sum(1) / near.sum(1)
+    return int(np.argmin(mean)), mean, f"local mean within {radius:g}"
+
+
+def run_rows(run: Path, variants: tuple[str, ...] = DEFAULT_VARIANTS) -> dict[str, Any]:
     """Every variant's pick on ``run`` and the test loss at it (retrained when it differs)."""
     config = load_config(run / "config.toml", stored=True)
     task = build_task(config.task.name, steps=config.inner.steps,
@@ -98,13 +120,15 @@ def run_rows(run: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"run": str(run), "task": config.task.name, "steps": len(records),
                            "best_step": best, "best_test": best_test, "variants": {}}
     tested: dict[int, float] = {best: best_test}
-    for name, options in VARIANTS.items():
-        index, mean, kernel = smoothed_pick(x, y, **options)
+    for name in variants:
+        options = VARIANTS[name]
+        pick = local_pick if "radius" in options else smoothed_pick
+        index, mean, kernel = pick(x, y, **options)
         step = ok[index]["step"]
         if step not in tested:
             tested[step] = task.evaluate_all([raws[index]], seeds=seeds)[0]["test"]["loss"]
         out["variants"][name] = {"step": step, "selection_loss": float(y[index]),
-                                 "posterior_mean": float(mean[index]), "kernel": kernel,
+                                 "score": float(mean[index]), "kernel": kernel,
                                  "test": tested[step], "ratio": tested[step] / best_test}
     return out
 
@@ -112,19 +136,22 @@ def run_rows(run: Path) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="finished offline run directories")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                        default=list(DEFAULT_VARIANTS), help="the picks to compare")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/smoothed_pick.json"))
     args = parser.parse_args()
+    variants = tuple(args.variants)
     torch.set_num_threads(1)
     rows = []
     for run in args.runs:
-        rows.append(run_rows(run))
+        rows.append(run_rows(run, variants))
         r = rows[-1]
         picks = "  ".join(f"{n}: step {v['step']} {v['test']:.4f} ({v['ratio']:.3f})"
                           for n, v in r["variants"].items())
         print(f"{run.name:40s} best step {r['best_step']:2d} {r['best_test']:.4f}  {picks}",
               flush=True)
     summary = {}
-    for name in VARIANTS:
+    for name in variants:
         ratios = [r["variants"][name]["ratio"] for r in rows]
         summary[name] = {"geomean_ratio": math.exp(sum(map(math.log, ratios)) / len(ratios)),
                          "better": sum(q < 1 - 1e-9 for q in ratios),
@@ -132,7 +159,8 @@ def main() -> None:
         s = summary[name]
         print(f"{name:10s}: geometric mean {s['geomean_ratio']:.3f}, {s['better']} better, "
               f"{s['worse']} worse of {s['runs']}")
-    args.out.write_text(json.dumps({"min_length": MIN_LENGTH, "variants": VARIANTS,
+    args.out.write_text(json.dumps({"min_length": MIN_LENGTH,
+                                    "variants": {n: VARIANTS[n] for n in variants},
                                     "runs": rows, "summary": summary}, indent=1))
 
 
