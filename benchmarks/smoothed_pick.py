@@ -15,6 +15,10 @@ directories, whether choosing the step by a smoothed loss instead would test bet
 - or, simpler (``local r`` variants), score each visited step by the mean selection loss of the
   visited steps within ``r`` raw units of it in every coordinate (itself included) and pick the
   lowest score;
+- or (``top k x c`` variants) train each of the ``k`` steps with the lowest selection loss ``c``
+  more times at its values, on the minibatch seeds ``outer.confirm`` would use
+  (:func:`~hyperdiff.seeds.confirm_seed`), and pick the lowest mean of its ``1 + c`` selection
+  losses: ``outer.confirm`` applied once, at the end, to the finalists;
 - retrain at its recorded values with the run's report seeds and compare the held-out test loss
   with the run's own best step's (``result.json``).
 
@@ -24,14 +28,16 @@ The runs are the default offline runs of the suite's tasks, e.g.::
     OMP_NUM_THREADS=1 hyperdiff run --task benchmarks/suite_tasks/gru_seq.py:build_lr_x0p1 --out runs/gru_x0p1
     OMP_NUM_THREADS=1 python benchmarks/smoothed_pick.py runs/* --out /tmp/picks.json  # the GP
     OMP_NUM_THREADS=1 python benchmarks/smoothed_pick.py runs/* --variants "iso log" "iso bilog" \
-        "ard bilog" "local 0.1" "local 0.25" "local 0.5" --out /tmp/picks.json  # and local means
+        "ard bilog" "local 0.1" "local 0.25" "local 0.5" "top 3 x 2" "top 5 x 1" "top 3 x 4" \
+        --out /tmp/picks.json  # and local means, and the finalists trained again
 
 (``benchmarks/results/smoothed_pick_s33.json``: the 26 suite rows at ``outer.seed`` 0;
 ``smoothed_pick_seeds_s33.json``: the 4-hyperparameter tasks' own starts at seeds 1-4.)
 
 Prints one row per run and variant (test loss of the run's best step, of the smoothed pick,
 their ratio) and the geometric mean of the ratios per variant; writes ``--out`` (per run and
-variant: the step, its selection loss, its score: the posterior mean or the local mean).
+variant: the step, its selection loss, its score: the posterior mean, the local mean or the
+mean with its confirmations).
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
 
 from hyperdiff.app.config import load_config
 from hyperdiff.app.tasks import build_task
-from hyperdiff.seeds import report_seeds
+from hyperdiff.seeds import confirm_seed, report_seeds
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "iso log": {"ard": False, "transform": "log"},
@@ -60,9 +66,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "local 0.1": {"radius": 0.1},
     "local 0.25": {"radius": 0.25},
     "local 0.5": {"radius": 0.5},
+    "top 3 x 2": {"top": 3, "count": 2},
+    "top 5 x 1": {"top": 5, "count": 1},
+    "top 3 x 4": {"top": 3, "count": 4},
 }
-"""Variant name -> GP options (one length for all coordinates or one each, the loss transform)
-or a local mean's radius."""
+"""Variant name -> GP options (one length for all coordinates or one each, the loss transform),
+a local mean's radius, or the finalists and their extra trainings."""
 DEFAULT_VARIANTS = ("iso log", "iso bilog", "ard bilog")
 MIN_LENGTH = 0.3
 
@@ -120,10 +129,27 @@ def run_rows(run: Path, variants: tuple[str, ...] = DEFAULT_VARIANTS) -> dict[st
     out: dict[str, Any] = {"run": str(run), "task": config.task.name, "steps": len(records),
                            "best_step": best, "best_test": best_test, "variants": {}}
     tested: dict[int, float] = {best: best_test}
+    confirmations: dict[tuple[int, int], float] = {}  # (index, k) -> selection loss
+
+    def confirmed_pick(top: int, count: int) -> tuple[int, np.ndarray, str]:
+        finalists = [int(i) for i in np.argsort(y, kind="stable")[:top]]
+        mean = np.full(len(y), np.inf)
+        for i in finalists:
+            for k in range(count):
+                if (i, k) not in confirmations:
+                    seed = confirm_seed(config.outer.seed, ok[i]["step"], k)
+                    metrics = task.evaluate_all([raws[i]], seeds=(seed,))[0]
+                    confirmations[i, k] = metrics["selection"]["loss"]
+            mean[i] = (y[i] + sum(confirmations[i, k] for k in range(count))) / (1 + count)
+        return int(np.argmin(mean)), mean, f"top {top} x {count}"
+
     for name in variants:
         options = VARIANTS[name]
-        pick = local_pick if "radius" in options else smoothed_pick
-        index, mean, kernel = pick(x, y, **options)
+        if "top" in options:
+            index, mean, kernel = confirmed_pick(**options)
+        else:
+            pick = local_pick if "radius" in options else smoothed_pick
+            index, mean, kernel = pick(x, y, **options)
         step = ok[index]["step"]
         if step not in tested:
             tested[step] = task.evaluate_all([raws[index]], seeds=seeds)[0]["test"]["loss"]
