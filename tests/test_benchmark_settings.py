@@ -21,6 +21,7 @@ def load(name: str):
         sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # a dataclass of the script looks its module up there
     spec.loader.exec_module(module)
     return module
 
@@ -68,12 +69,7 @@ def test_suite_seed_reaches_the_offline_rows_and_the_searches(monkeypatch, tmp_p
     ``S``; seed 0 adds no key, so the published rows' configs are unchanged."""
     from dataclasses import replace
 
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_suite", BENCH / "suite.py")
-    suite = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_suite", suite)  # its dataclasses look it up
-    spec.loader.exec_module(suite)
+    suite = load("suite")
     seen: dict[str, list] = {"outer_seed": [], "overrides": [], "searches": []}
 
     def run(config, **kwargs):
@@ -81,8 +77,12 @@ def test_suite_seed_reaches_the_offline_rows_and_the_searches(monkeypatch, tmp_p
         raise BuiltError
 
     real_load = suite.load_config
-    monkeypatch.setattr(suite, "load_config", lambda overrides: (
-        seen["overrides"].append(list(overrides)), real_load(overrides=overrides))[1])
+
+    def load_config(overrides):
+        seen["overrides"].append(list(overrides))
+        return real_load(overrides=overrides)
+
+    monkeypatch.setattr(suite, "load_config", load_config)
     monkeypatch.setattr(suite, "run_experiment", run)
     for seed in (0, 3):
         with pytest.raises(BuiltError):
