@@ -32,7 +32,9 @@ The runs are the default offline runs of the suite's tasks, e.g.::
         --out /tmp/picks.json  # and local means, and the finalists trained again
 
 (``benchmarks/results/smoothed_pick_s33.json``: the 26 suite rows at ``outer.seed`` 0;
-``smoothed_pick_seeds_s33.json``: the 4-hyperparameter tasks' own starts at seeds 1-4.)
+``smoothed_pick_seeds_s33.json``: the 4-hyperparameter tasks' own starts at seeds 1-4;
+``smoothed_pick_10seeds_s33.json``: the 4-hyperparameter runs of both, every pick retrained on
+10 report seeds, ``--report-seeds 10``.)
 
 Prints one row per run and variant (test loss of the run's best step, of the smoothed pick,
 their ratio) and the geometric mean of the ratios per variant; writes ``--out`` (per run and
@@ -110,8 +112,11 @@ def local_pick(x: np.ndarray, y: np.ndarray, *, radius: float) -> tuple[int, np.
     return int(np.argmin(mean)), mean, f"local mean within {radius:g}"
 
 
-def run_rows(run: Path, variants: tuple[str, ...] = DEFAULT_VARIANTS) -> dict[str, Any]:
-    """Every variant's pick on ``run`` and the test loss at it (retrained when it differs)."""
+def run_rows(run: Path, variants: tuple[str, ...] = DEFAULT_VARIANTS,
+             report: int | None = None) -> dict[str, Any]:
+    """Every variant's pick on ``run`` and the test loss at it (retrained when it differs);
+    ``report``: retrain every pick, the run's own best step too, on that many report seeds
+    instead of the run's (``result.json``'s test loss is then not used)."""
     config = load_config(run / "config.toml", stored=True)
     task = build_task(config.task.name, steps=config.inner.steps,
                       selection_fraction=config.task.selection_fraction,
@@ -125,9 +130,13 @@ def run_rows(run: Path, variants: tuple[str, ...] = DEFAULT_VARIANTS) -> dict[st
     x = np.stack([task.hparams.flatten(raw).double().numpy() for raw in raws])
     y = np.array([r["selection_loss"] for r in ok])
     best, best_test = result["best_step"], result["tuned"]["metrics"]["test"]["loss"]
-    seeds = report_seeds(config.report.seeds)
+    seeds = report_seeds(config.report.seeds if report is None else report)
+    if report is not None:
+        index = next(i for i, r in enumerate(ok) if r["step"] == best)
+        best_test = task.evaluate_all([raws[index]], seeds=seeds)[0]["test"]["loss"]
     out: dict[str, Any] = {"run": str(run), "task": config.task.name, "steps": len(records),
-                           "best_step": best, "best_test": best_test, "variants": {}}
+                           "report_seeds": list(seeds), "best_step": best,
+                           "best_test": best_test, "variants": {}}
     tested: dict[int, float] = {best: best_test}
     confirmations: dict[tuple[int, int], float] = {}  # (index, k) -> selection loss
 
@@ -164,13 +173,18 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="finished offline run directories")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
                         default=list(DEFAULT_VARIANTS), help="the picks to compare")
+    parser.add_argument("--report-seeds", type=int, metavar="N",
+                        help="retrain every pick and the run's own best step on N report seeds "
+                        "(default: the run's own report, report.seeds)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/smoothed_pick.json"))
     args = parser.parse_args()
+    if args.report_seeds is not None and args.report_seeds < 1:
+        parser.error(f"--report-seeds must be >= 1 (got {args.report_seeds})")
     variants = tuple(args.variants)
     torch.set_num_threads(1)
     rows = []
     for run in args.runs:
-        rows.append(run_rows(run, variants))
+        rows.append(run_rows(run, variants, args.report_seeds))
         r = rows[-1]
         picks = "  ".join(f"{n}: step {v['step']} {v['test']:.4f} ({v['ratio']:.3f})"
                           for n, v in r["variants"].items())
@@ -185,7 +199,7 @@ def main() -> None:
         s = summary[name]
         print(f"{name:10s}: geometric mean {s['geomean_ratio']:.3f}, {s['better']} better, "
               f"{s['worse']} worse of {s['runs']}")
-    args.out.write_text(json.dumps({"min_length": MIN_LENGTH,
+    args.out.write_text(json.dumps({"min_length": MIN_LENGTH, "report_seeds": args.report_seeds,
                                     "variants": {n: VARIANTS[n] for n in variants},
                                     "runs": rows, "summary": summary}, indent=1))
 
