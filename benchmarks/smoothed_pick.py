@@ -22,7 +22,8 @@ directories, whether choosing the step by a smoothed loss instead would test bet
 - retrain at its recorded values with the run's report seeds and compare the held-out test loss
   with the run's own best step's (``result.json``).
 
-Nothing here changes a run: it reads ``config.toml``, ``history.jsonl`` and ``result.json``.
+Nothing here changes a run: it reads ``config.toml`` (verified against the run's manifest), the
+history and ``result.json`` through :class:`~hyperdiff.app.rundir.RunDir`.
 The runs are the default offline runs of the suite's tasks, e.g.::
 
     OMP_NUM_THREADS=1 hyperdiff run --task benchmarks/suite_tasks/gru_seq.py:build_lr_x0p1 --out runs/gru_x0p1
@@ -58,6 +59,7 @@ from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
 
 from hyperdiff.app.config import load_config
+from hyperdiff.app.rundir import RunDir
 from hyperdiff.app.tasks import build_task
 from hyperdiff.seeds import confirm_seed, report_seeds
 
@@ -117,22 +119,25 @@ def run_rows(run: Path, variants: tuple[str, ...] = DEFAULT_VARIANTS,
     """Every variant's pick on ``run`` and the test loss at it (retrained when it differs);
     ``report``: retrain every pick, the run's own best step too, on that many report seeds
     instead of the run's (``result.json``'s test loss is then not used)."""
-    config = load_config(run / "config.toml", stored=True)
+    rundir = RunDir.existing(run)
+    config = load_config(rundir.config_path(), stored=True)
     task = build_task(config.task.name, steps=config.inner.steps,
                       selection_fraction=config.task.selection_fraction,
                       data_seed=config.task.data_seed)
-    result = json.loads((run / "result.json").read_text())
-    records = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
-    ok = [r for r in records if r["status"] == "ok" and r.get("selection_loss") is not None
-          and math.isfinite(r["selection_loss"])]
+    result = rundir.read_result()
+    if result is None:
+        raise SystemExit(f"{run}: the run has no result.json (not finished)")
+    records = rundir.read_history()
+    ok = [r for r in records if r.status == "ok" and r.selection_loss is not None
+          and math.isfinite(r.selection_loss)]
     raws = [task.hparams.with_natural(**{k: torch.tensor(v, dtype=torch.float64)
-                                          for k, v in r["hparams"].items()}).raw for r in ok]
+                                          for k, v in r.hparams.items()}).raw for r in ok]
     x = np.stack([task.hparams.flatten(raw).double().numpy() for raw in raws])
-    y = np.array([r["selection_loss"] for r in ok])
+    y = np.array([r.selection_loss for r in ok])
     best, best_test = result["best_step"], result["tuned"]["metrics"]["test"]["loss"]
     seeds = report_seeds(config.report.seeds if report is None else report)
     if report is not None:
-        index = next(i for i, r in enumerate(ok) if r["step"] == best)
+        index = next(i for i, r in enumerate(ok) if r.step == best)
         best_test = task.evaluate_all([raws[index]], seeds=seeds)[0]["test"]["loss"]
     out: dict[str, Any] = {"run": str(run), "task": config.task.name, "steps": len(records),
                            "report_seeds": list(seeds), "best_step": best,
@@ -146,7 +151,7 @@ def run_rows(run: Path, variants: tuple[str, ...] = DEFAULT_VARIANTS,
         for i in finalists:
             for k in range(count):
                 if (i, k) not in confirmations:
-                    seed = confirm_seed(config.outer.seed, ok[i]["step"], k)
+                    seed = confirm_seed(config.outer.seed, ok[i].step, k)
                     metrics = task.evaluate_all([raws[i]], seeds=(seed,))[0]
                     confirmations[i, k] = metrics["selection"]["loss"]
             mean[i] = (y[i] + sum(confirmations[i, k] for k in range(count))) / (1 + count)
@@ -159,7 +164,7 @@ def run_rows(run: Path, variants: tuple[str, ...] = DEFAULT_VARIANTS,
         else:
             pick = local_pick if "radius" in options else smoothed_pick
             index, mean, kernel = pick(x, y, **options)
-        step = ok[index]["step"]
+        step = ok[index].step
         if step not in tested:
             tested[step] = task.evaluate_all([raws[index]], seeds=seeds)[0]["test"]["loss"]
         out["variants"][name] = {"step": step, "selection_loss": float(y[index]),
