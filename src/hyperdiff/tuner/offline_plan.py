@@ -309,8 +309,9 @@ class OfflinePlan:
         losses = [r.criterion for r in loop.history if r.status == "ok" and r.step > after]
         tail = [*losses, record.criterion][-self.revert:]
         rising = all(later > earlier for earlier, later in itertools.pairwise(tail))
-        best = loop.best["selection"] if record.selection_loss is not None else None
-        best = loop.best["val"] if best is None else best  # the kind that ranks the record
+        # the best step's loss of the kind that ranks this record, as the driver compares them
+        key = ranking_loss(record.step, loop.tie_steps, record.selection_loss is not None)
+        best = loop.best.get(key, loop.best["value"])
         if len(tail) < self.revert or not rising or not tail[0] > best:
             return record
         loop.set_raw(loop.best["raw"])
