@@ -436,10 +436,14 @@ def format_table(result: Mapping[str, Any]) -> str:
                  else "val loss (hypergradient split)")
     labels = {"val": val_label, "selection": "selection loss",
               "test": "test loss (held out)"}
+    own = result.get("online_model") or {}  # an online run: the model it trained itself
+    own_cells: dict[str, str] = {}
     for split, label in labels.items():
         if "loss" in initial["metrics"].get(split, {}):  # a user's metrics may have no loss
             rows.append((label, f"{initial['metrics'][split]['loss']:.4f}",
                          f"{tuned['metrics'][split]['loss']:.4f}"))
+            if "loss" in own.get(split, {}):
+                own_cells[label] = f"{own[split]['loss']:.4f}"
     if held_out := result.get("held_out_tasks"):  # a meta run: adapted on new tasks
         rows.append((f"query loss, {held_out['initial']['tasks']} held-out tasks",
                      f"{held_out['initial']['query_loss']:.4f}",
@@ -455,22 +459,35 @@ def format_table(result: Mapping[str, Any]) -> str:
                              f"{held_out['pretrained']['query_accuracy']:.4f}"))
     for key in initial["metrics"]["test"]:  # every other metric of the task, on the test split
         if key != "loss" and key in tuned["metrics"]["test"]:
-            rows.append((f"test {key} (held out)", f"{initial['metrics']['test'][key]:.4f}",
+            label = f"test {key} (held out)"
+            rows.append((label, f"{initial['metrics']['test'][key]:.4f}",
                          f"{tuned['metrics']['test'][key]:.4f}"))
+            if key in own.get("test", {}):
+                own_cells[label] = f"{own['test'][key]:.4f}"
     width = max(len(r[0]) for r in rows) + 2
     col = max(12, *(len(r[1]) for r in rows)) + 2
+    own_col = max(12, *(len(r[2]) for r in rows)) + 2 if own_cells else 0
+
+    def line(a: str, b: str, c: str) -> str:
+        if not own_cells:
+            return f"{a:<{width}}{b:<{col}}{c}"
+        return f"{a:<{width}}{b:<{col}}{c:<{own_col}}{own_cells.get(a, '')}".rstrip()
+
     lines = [
         f"{result['task']}: {result['steps']} outer steps in {result['time_s']:.1f} s "
         f"({result['stop_reason']}); best step {result['best_step']} by "
         f"{result['criterion'].replace('_', ' ')}",
         "",
-        f"{'':<{width}}{'initial':<{col}}tuned",
-        *(f"{a:<{width}}{b:<{col}}{c}" for a, b, c in rows),
+        f"{'':<{width}}{'initial':<{col}}" + (f"{'tuned':<{own_col}}run's own model"
+                                               if own_cells else "tuned"),
+        *(line(a, b, c) for a, b, c in rows),
         *(gap_lines(result) if discrete else []),
         *(f"warning: {warning}" for warning in result.get("warnings", [])),
         "",
         f"test split: {result['sizes'].get('test', '?')} examples never used while tuning; "
         f"metrics averaged over {len(result['report_seeds'])} fresh training seeds",
+        *(["run's own model: the model the online run trained, as it ended (one training); "
+           "tuned: its final values trained fresh"] if own_cells else []),
         f"run directory: {result['run_dir']}",
     ]
     return "\n".join(lines)

@@ -21,7 +21,8 @@ A new mode is one more entry of :data:`PLANS` (and its choice in ``outer.mode``)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from torch import Tensor
@@ -310,10 +311,34 @@ def _online_summary(task: Task, loop: HyperOptimizer, outcome: Any, config: Conf
     def extra(report: dict[str, Any], seeds: tuple[int, ...],
               progress: Callable[[], None] | None, spread: Spreader) -> dict[str, Any]:
         hview = task.hparams.view(plan.problem.raw_tensors(final))
-        return {"online_model": task.metrics_at(plan.state.params, plan.state.buffers, hview),
-                "warnings": list(plan.warnings), "time_s": outcome.time_s}
+        own = task.metrics_at(plan.state.params, plan.state.buffers, hview)
+        worse = own_model_warning(own, report["initial"]["metrics"])
+        return {"online_model": own, "warnings": [*plan.warnings, *([worse] if worse else [])],
+                "time_s": outcome.time_s}
 
     return Summary(head, tail, final, 1, extra)
+
+
+def own_model_warning(own: Mapping[str, Mapping[str, float]],
+                      initial: Mapping[str, Mapping[str, float]]) -> str | None:
+    """The warning for an online run whose own model ends with a higher loss than the untuned
+    start, or ``None``. Compared on the selection split (held out from the hypergradients),
+    else on the validation split; ``own`` is the run's model's ``{split: metrics}``,
+    ``initial`` the initial values' retrained means (the report's ``initial`` column).
+
+    >>> own_model_warning({"val": {"loss": 0.2}}, {"val": {"loss": 0.3}}) is None
+    True
+    >>> own_model_warning({"val": {"loss": float("nan")}}, {"val": {"loss": 0.3}})[:46]
+    "the run's own model ends worse than the untune"
+    """
+    split = "selection" if "selection" in own and "selection" in initial else "val"
+    ended, start = own[split]["loss"], initial[split]["loss"]
+    if math.isfinite(ended) and ended <= start:
+        return None
+    return (f"the run's own model ends worse than the untuned start on the {split} split "
+            f"(loss {ended:.4g} against {start:.4g}, the initial values trained fresh on the "
+            "report seeds); the tuned column trains its final values fresh, and a lower "
+            "outer.lr moves the values less per window")
 
 
 # --------------------------------------------------------------------------------------- meta

@@ -1,0 +1,92 @@
+"""The online report shows the model the run trained itself, and says when it ends worse than
+the untuned start (it used to be in result.json only, with no warning: an online run whose own
+model diverged to a loss 5e4 x the start's finished as if nothing happened)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from hyperdiff.app.config import load_config
+from hyperdiff.app.experiment import format_table, run_experiment
+from hyperdiff.app.plans import own_model_warning
+
+ONLINE = ["task.name=logistic_cancer", "outer.mode=online", "report.seeds=1"]
+WORSE = "the run's own model ends worse than the untuned start"
+
+
+def quiet(_: str) -> None:
+    return None
+
+
+def run(tmp_path, *overrides: str) -> dict:
+    return run_experiment(load_config(overrides=[*ONLINE, *overrides]), out=tmp_path / "run",
+                          log=quiet, progress=False)
+
+
+def row(table: str, label: str) -> list[str]:
+    """The cells of the table row that starts with ``label``."""
+    line = next(line for line in table.splitlines() if line.startswith(label))
+    return line[len(label):].split()
+
+
+def test_an_online_run_whose_own_model_ends_worse_says_so(tmp_path):
+    # outer steps of 10 log units: the penalties jump until the training diverges; the guard
+    # sends the failed windows back, and the plain windows after outer.settle diverge again
+    result = run(tmp_path, "outer.lr=10")
+    own = result["online_model"]["selection"]["loss"]
+    start = result["initial"]["metrics"]["selection"]["loss"]
+    assert own > 100 * start  # the case this test is about
+    [warning] = [w for w in result["warnings"] if w.startswith(WORSE)]
+    assert "on the selection split" in warning and f"loss {own:.4g} against {start:.4g}" in warning
+    table = format_table(result)
+    assert f"warning: {warning}" in table.splitlines()
+    assert "run's own model" in table.splitlines()[2]
+    assert row(table, "selection loss") == [f"{start:.4f}",
+                                            f"{result['tuned']['metrics']['selection']['loss']:.4f}",
+                                            f"{own:.4f}"]
+    accuracy = result["online_model"]["test"]["accuracy"]
+    assert row(table, "test accuracy (held out)")[-1] == f"{accuracy:.4f}"
+
+
+def test_an_online_run_that_ends_better_has_the_column_and_no_warning(tmp_path):
+    result = run(tmp_path)
+    own = result["online_model"]["selection"]["loss"]
+    assert own < result["initial"]["metrics"]["selection"]["loss"]
+    assert not any(w.startswith(WORSE) for w in result["warnings"])
+    table = format_table(result)
+    assert row(table, "test loss (held out)")[-1] == f"{result['online_model']['test']['loss']:.4f}"
+    assert "warning:" not in table
+
+
+def test_an_offline_table_has_no_own_model_column():
+    side = {"hparams": {"lr": 0.1}, "summary": {}, "metrics": {"test": {"loss": 1.0}}}
+    result = {"task": "t", "steps": 1, "time_s": 0.0, "stop_reason": "x", "best_step": 0,
+              "criterion": "selection loss", "sizes": {}, "report_seeds": [0], "run_dir": "r",
+              "initial": side, "tuned": side}
+    assert "own model" not in format_table(result)
+
+
+@pytest.mark.parametrize(("own", "initial", "split"), [
+    ({"val": {"loss": 0.5}, "selection": {"loss": 0.3}},
+     {"val": {"loss": 0.4}, "selection": {"loss": 0.2}}, "selection"),
+    ({"val": {"loss": 0.1}, "selection": {"loss": 0.3}},  # better on val, worse held out
+     {"val": {"loss": 0.4}, "selection": {"loss": 0.2}}, "selection"),
+    ({"val": {"loss": 0.5}}, {"val": {"loss": 0.4}}, "val"),  # no selection split
+    ({"val": {"loss": math.nan}}, {"val": {"loss": 0.4}}, "val"),
+    ({"val": {"loss": math.inf}}, {"val": {"loss": 0.4}}, "val"),
+])
+def test_the_warning_compares_the_held_out_split_first(own, initial, split):
+    warning = own_model_warning(own, initial)
+    assert warning is not None and warning.startswith(WORSE)
+    assert f"on the {split} split" in warning
+
+
+@pytest.mark.parametrize(("own", "initial"), [
+    ({"val": {"loss": 0.5}, "selection": {"loss": 0.2}},  # worse on val, not held out
+     {"val": {"loss": 0.4}, "selection": {"loss": 0.2}}),
+    ({"val": {"loss": 0.3}}, {"val": {"loss": 0.4}}),
+])
+def test_no_warning_at_or_below_the_start(own, initial):
+    assert own_model_warning(own, initial) is None
