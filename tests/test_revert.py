@@ -83,6 +83,36 @@ def test_every_step_follows_the_rule(runs):
             assert moved == pytest.approx(expected, rel=1e-9, abs=1e-12), (step, name)
 
 
+@pytest.mark.parametrize("tied", [3, 6])
+def test_with_tied_steps_the_rule_compares_one_kind_of_loss(tied):
+    """``tie_steps = k`` ranks steps 0..k by the validation loss and later steps by the
+    selection loss. A return compares losses of the kind that ranks the step it is due at
+    (``L_best < L_1 < ... < L_m`` all in that kind), never a validation loss with a selection
+    loss."""
+    run = HyperOptimizer(problem(), plan=OfflinePlan(explore=0, revert=M), method=hd.reverse(),
+                         lr=LR, optimizer="signstep", selection=SELECTION, seed=0,
+                         tie_steps=tied, stopping=Stopping(max_steps=STEPS, patience=None)).run()
+    best, last, returns = None, -1, []
+    for r in run.history:
+        field = "val_loss" if r.step <= tied else "selection_loss"
+
+        def loss(q, field=field):
+            return getattr(q, field)
+
+        if best is None or loss(r) < loss(best):
+            best = r
+        assert r.best == (best is r), r.step
+        tail = [loss(q) for q in run.history[max(best.step, last) + 1:r.step + 1]][-M:]
+        due = (len(tail) == M and tail[0] > loss(best)
+               and all(tail[k + 1] > tail[k] for k in range(M - 1)))
+        assert (NOTE in r.message) == due, r.step
+        if due:
+            assert f"{NOTE} {best.step}," in r.message
+            last = r.step
+            returns.append(r.step)
+    assert returns
+
+
 def test_a_failure_after_a_return_comes_back_to_the_best_values():
     run = loop(M)
     while not any(NOTE in r.message for r in run.history):

@@ -305,12 +305,14 @@ class OfflinePlan:
         the outer learning rate cut by the guard's ``shrink``; the record says so."""
         if not self.revert or loop.best is None or record.criterion is None:
             return record
-        after = max(self.reverted[-1] if self.reverted else -1, int(loop.best["step"]))
-        losses = [r.criterion for r in loop.history if r.status == "ok" and r.step > after]
-        tail = [*losses, record.criterion][-self.revert:]
-        rising = all(later > earlier for earlier, later in itertools.pairwise(tail))
-        # the best step's loss of the kind that ranks this record, as the driver compares them
+        # every loss compared is of the kind that ranks this record, as the driver ranks it
+        # (with outer.tie_steps the tied steps rank by val and the later ones by selection)
         key = ranking_loss(record.step, loop.tie_steps, record.selection_loss is not None)
+        field = f"{key}_loss"
+        after = max(self.reverted[-1] if self.reverted else -1, int(loop.best["step"]))
+        losses = [getattr(r, field) for r in loop.history if r.status == "ok" and r.step > after]
+        tail = [*losses, getattr(record, field)][-self.revert:]
+        rising = all(later > earlier for earlier, later in itertools.pairwise(tail))
         best = loop.best.get(key, loop.best["value"])
         if len(tail) < self.revert or not rising or not tail[0] > best:
             return record
