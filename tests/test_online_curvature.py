@@ -223,7 +223,7 @@ def test_a_task_s_method_options_do_not_follow_another_method():
 
     default = load_config(overrides=["task.name=horizon_digits"])
     assert default.method.name == "curvature" and default.method.options == {
-        "horizon": 20.0, "horizon_unit": "lr"}
+        "horizon": 20.0, "horizon_unit": "lr", "curvature_scale": "auto"}
     other = load_config(overrides=["task.name=horizon_digits", "method.name=reverse",
                                    "outer.backprop=1", "inner.steps=40"])
     assert other.method.options == {}

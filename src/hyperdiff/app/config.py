@@ -397,6 +397,14 @@ def online_lr(steps: int, window: int, growth: float = 0.0) -> float:
     return min(ONLINE_LR_CAP, ONLINE_TRAVEL / len(window_starts(steps, window, growth)))
 
 
+def reads_curvature_scale(name: Any, options: dict[str, Any], mode: Any) -> bool:
+    """Whether method ``name`` with ``options`` runs the curvature model in ``outer.mode``
+    ``mode`` (``curvature``, and offline ``truncated`` with ``head = "curvature"``: a head is
+    refused online), whose ``curvature_scale`` the config writes."""
+    return name == "curvature" or (name == "truncated" and options.get("head") == "curvature"
+                                   and mode != "online")
+
+
 def legacy_values(source: dict[str, Any]) -> dict[str, Any]:
     """A run directory's stored config with the values that reproduce what the code did when
     it was written, for keys added since (a stored config lists every key of its time).
@@ -419,7 +427,14 @@ def legacy_values(source: dict[str, Any]) -> dict[str, Any]:
     ``outer.train_seed`` trained online on its problem's own seed: the default (-1), so it
     needs no entry here. A ``[stop]`` without ``stop.travel`` was written when early stopping
     counted every step (0), one without ``stop.extend`` when the budget did not wait for a
-    travelling value (0)."""
+    travelling value (0). A ``[method]`` of the curvature model without
+    ``curvature_scale`` was written when its scale was the batch's rows on a fixed batch too
+    (``"rows"``; session 34 made it 1 there: ``"auto"``)."""
+    method, outer = source.get("method"), source.get("outer")
+    mode = outer.get("mode") if isinstance(outer, dict) else None
+    if (isinstance(method, dict) and "curvature_scale" not in method
+            and reads_curvature_scale(method.get("name"), method, mode)):
+        source = _merge(source, {"method": {"curvature_scale": "rows"}})
     stop = source.get("stop")
     if isinstance(stop, dict) and "travel" not in stop:
         source = _merge(source, {"stop": {"travel": 0}})
@@ -558,6 +573,12 @@ def resolve(source: dict[str, Any]) -> Config:
         built["outer"] = replace(built["outer"], lr=online_lr(
             built["inner"].steps, built["outer"].window, built["outer"].window_growth))
     _check_train_seed(built["outer"])
+    if reads_curvature_scale(built["method"].name, built["method"].options,
+                             built["outer"].mode):
+        # the scale's rule, written out: a stored config without it is older (legacy_values)
+        options = {**built["method"].options}
+        options.setdefault("curvature_scale", "auto")
+        built["method"] = replace(built["method"], options=options)
     if built["task"].cv_folds == 1:
         raise HyperdiffError("config: task.cv_folds must be 0 (hold-out validation) or an int "
                              ">= 2 (got 1)")

@@ -16,7 +16,11 @@ learning rate's tangents with the Hessian replaced by a diagonal estimate ``D_t`
 
 ``vhat`` is ``v`` bias-corrected (as Adam's second moment), ``scale`` the training batch's rows
 (``B * E[g_B^2]`` estimates the diagonal of the empirical Fisher, a Gauss-Newton model of the
-Hessian), and the cap keeps the recurrence inside heavy-ball's stability region. ``mu = 1 -
+Hessian, where the minibatch gradient is mostly sampling noise), and the cap keeps the
+recurrence inside heavy-ball's stability region. A fixed batch (every step trains on the same
+rows, e.g. a full batch) has no sampling noise: ``B g^2`` is then ``B`` times the squared
+gradient, not a per-example second moment, and the scale is 1 (the squared gradient itself,
+the lower bound ``(E_i g_i)^2 <= E_i g_i^2`` of that moment; :func:`batch_scale`). ``mu = 1 -
 1 / horizon`` forgets what the hyperparameters did ``horizon`` steps ago: the tangent is the
 derivative for hyperparameters held fixed over the past, which they are not during tuning.
 With a zero Hessian (a loss linear in ``theta``) and ``scale = 0``, ``mu = 1``, the recurrence is
@@ -394,7 +398,7 @@ def loss_term_rows(loss_terms: str) -> int:
 def curvature_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
                       stop: int, val_batches: list[Batch], carry: Any = None, *,
                       horizon: float | None = 500, horizon_unit: str = "steps",
-                      scale: float | None = None, loss_terms: str = "last") -> Segment:
+                      scale: float | str | None = None, loss_terms: str = "last") -> Segment:
     """Train steps ``start .. stop-1`` carrying the tangents by the optimizer's rule
     (:func:`rule_for`), then the hypergradient of the module doc at the validation batches.
     The carry is the tangent (``None`` at the start of the run); the one given is not modified
@@ -407,7 +411,7 @@ def curvature_segment(problem: Problem, state: TrainState, raw: dict[str, Tensor
 def curvature_samples(problem: Problem, state: TrainState, raw: dict[str, Tensor], start: int,
                       stop: int, val_sets: list[list[Batch]], carry: Any = None, *,
                       horizon: float | None = 500, horizon_unit: str = "steps",
-                      scale: float | None = None, loss_terms: str = "last",
+                      scale: float | str | None = None, loss_terms: str = "last",
                       caller: str = "online curvature") -> list[Segment]:
     """:func:`curvature_segment` at each of ``val_sets``: the window, its last step's graph and
     the tangents once; per set one validation gradient through that step, contracted with the
@@ -434,8 +438,7 @@ def curvature_samples(problem: Problem, state: TrainState, raw: dict[str, Tensor
         for rows_tensor in tangent:
             if rows_tensor.dim() == 2:
                 rows_tensor[-1].zero_()
-    if scale is None:
-        scale = float(batch_rows(problem.train_data.batch(start, problem.seed)))
+    scale = batch_scale(problem, start, scale)
     coefs = _window_coefficients(problem, raw, start, stop)
     if unit:  # the coefficients' direct terms leave the loss-term row alone
         coefs = coefs._replace(dlrs=_with_zero_row(coefs.dlrs),
@@ -577,7 +580,7 @@ def _carry(problem: Problem, rule: CurvatureRule, hview: Any, coefs: _Coefficien
 
 
 def curvature_head(problem: Problem, raw: dict[str, Tensor], stop: int, *,
-                   scale: float | None = None) -> tuple[TrainState, Any, Tensor]:
+                   scale: float | str | None = None) -> tuple[TrainState, Any, Tensor]:
     """Steps ``0 .. stop-1`` from theta_0 carrying the tangents (no forgetting, every step's
     direct term): the state ``s_stop`` (no graph), its modelled tangent ``Z_stop = d s_stop /
     du`` (:func:`state_tangents` pairs it with the state) and the train losses ``(stop,)``.
@@ -587,8 +590,7 @@ def curvature_head(problem: Problem, raw: dict[str, Tensor], stop: int, *,
     hview = problem.hparams.view(raw)
     with torch.no_grad():
         state = initial_state(problem, hview, differentiable=False)
-    if scale is None:
-        scale = float(batch_rows(problem.train_data.batch(0, problem.seed)))
+    scale = batch_scale(problem, 0, scale)
     tangent = rule.initial(problem, raw)
     losses = torch.empty(stop, dtype=problem.hparam_dtype, device=problem.device)
     state, count = _carry(problem, rule, hview, _window_coefficients(problem, raw, 0, stop),
@@ -630,12 +632,44 @@ ONLINE_HORIZON = 500
 """The online forgetting horizon of ``horizon="auto"`` (in ``horizon_unit``)."""
 
 
+SCALE_RULES = ("auto", "rows")
+"""The curvature scale's named rules (:func:`batch_scale`); ``None`` is ``"auto"``."""
+
+
+def batch_scale(problem: Problem, step: int, scale: float | str | None) -> float:
+    """The curvature model's scale for the batch of ``step``: a number as it is; ``"rows"``:
+    the training batch's rows ``B``; ``None`` (``"auto"``): ``B``, or 1 when every step trains
+    on the same rows (the source's ``fixed_batch``: no sampling noise, module doc).
+
+    >>> import hyperdiff as hd
+    >>> def loss(p, h, b):
+    ...     return ((b @ p["w"]) ** 2).mean()
+    >>> x = torch.ones(5, 2)
+    >>> p = hd.make_problem(loss, loss, hd.HyperParameters(lr=hd.scalar(0.1)),
+    ...                     {"w": torch.zeros(2)}, optimizer=hd.sgd("lr"), train_data=x,
+    ...                     val_data=x, steps=3)
+    >>> batch_scale(p, 0, None), batch_scale(p, 0, "rows"), batch_scale(p, 0, 0.5)
+    (1.0, 5.0, 0.5)
+    >>> from dataclasses import replace
+    >>> q = replace(p, train_data=hd.minibatches(x, batch_size=2))
+    >>> batch_scale(q, 0, None), batch_scale(q, 0, "rows")
+    (2.0, 2.0)
+    """
+    if scale is None or scale == "auto":
+        if getattr(problem.train_data, "fixed_batch", False):
+            return 1.0
+        scale = "rows"
+    if scale == "rows":
+        return float(batch_rows(problem.train_data.batch(step, problem.seed)))
+    return float(scale)
+
+
 def curvature_options(caller: str, horizon: float | str | None, horizon_unit: str,
-                      curvature_scale: float | None
-                      ) -> tuple[float | str | None, str, float | None]:
+                      curvature_scale: float | str | None
+                      ) -> tuple[float | str | None, str, float | str | None]:
     """``(horizon, horizon_unit, curvature_scale)`` checked (``horizon`` ``"auto"``, None, an
-    int >= 1 in steps or a number > 0 in ``"lr"`` units; ``curvature_scale`` None, 0 or a
-    number > 0)."""
+    int >= 1 in steps or a number > 0 in ``"lr"`` units; ``curvature_scale`` None or
+    ``"auto"`` (both returned as None), ``"rows"``, 0 or a number > 0: :func:`batch_scale`)."""
     if horizon_unit not in HORIZON_UNITS:
         raise fail(caller, "horizon_unit", f"one of {list(HORIZON_UNITS)}", horizon_unit)
     if isinstance(horizon, str) and horizon != "auto":
@@ -643,7 +677,13 @@ def curvature_options(caller: str, horizon: float | str | None, horizon_unit: st
     if horizon is not None and horizon != "auto":
         horizon = (positive_int(caller, "horizon", horizon) if horizon_unit == "steps"
                    else positive_float(caller, "horizon", horizon))
-    if curvature_scale is not None:
+    if curvature_scale == "auto":
+        curvature_scale = None
+    elif isinstance(curvature_scale, str):
+        if curvature_scale not in SCALE_RULES:
+            raise fail(caller, "curvature_scale", f"None, one of {list(SCALE_RULES)}, 0 or a "
+                       "number > 0", curvature_scale)
+    elif curvature_scale is not None:
         curvature_scale = float(curvature_scale if curvature_scale == 0 else positive_float(
             caller, "curvature_scale", curvature_scale))
     return horizon, horizon_unit, curvature_scale
@@ -658,7 +698,7 @@ def horizons(horizon: float | str | None) -> tuple[float | None, float | None]:
 
 
 def curvature_offline(problem: Problem, raw: dict[str, Tensor], *, horizon: float | None = None,
-                      horizon_unit: str = "steps", scale: float | None = None,
+                      horizon_unit: str = "steps", scale: float | str | None = None,
                       loss_terms: str = "last") -> HyperGradient:
     """The offline call: the segment ``[0, T)`` from theta_0 at the problem's validation data
     (:func:`curvature_segment` with no carry), packaged by ``finish``. ``horizon=None`` keeps
@@ -690,7 +730,7 @@ def curvature_offline(problem: Problem, raw: dict[str, Tensor], *, horizon: floa
 
 
 def curvature(horizon: float | str | None = "auto", horizon_unit: str = "steps",
-              curvature_scale: float | None = None, loss_terms: str = "last") -> Method:
+              curvature_scale: float | str | None = None, loss_terms: str = "last") -> Method:
     """The method of the module doc: ``method.segment(...)`` (online windows) and
     ``method(problem)`` (offline, :func:`curvature_offline`) carry the learning rate's (and a
     carried weight decay's) tangents under a diagonal curvature model (heavy-ball SGD, Adam,
@@ -700,7 +740,9 @@ def curvature(horizon: float | str | None = "auto", horizon_unit: str = "steps",
         horizon: the tangents forget over this many steps (``horizon_unit="steps"``) or this
             optimization time ``sum_t lr_t`` (``"lr"``); ``None``: never (:func:`forgetting`);
             ``"auto"``: :data:`ONLINE_HORIZON` online, never offline (:func:`horizons`).
-        curvature_scale: the curvature estimate's scale (``None``: the training batch's rows).
+        curvature_scale: the curvature estimate's scale: ``None`` or ``"auto"`` the training
+            batch's rows, or 1 with a fixed batch (before session 34 the rows there too);
+            ``"rows"`` the batch's rows always; or a number (:func:`batch_scale`).
         loss_terms: what a hyperparameter of the train loss gets (:data:`LOSS_TERMS`,
             :func:`curvature_samples`): the last step only (``"last"``), or also the window's
             earlier steps (``"window"``) and the earlier windows' (``"carried"``) through its
@@ -730,9 +772,9 @@ def curvature(horizon: float | str | None = "auto", horizon_unit: str = "steps",
                   check_fn=check_optimizer)
 
 
-__all__ = ["CAPABILITIES", "HORIZON_UNITS", "LOSS_TERMS", "ONLINE_HORIZON", "SGD_RULE",
-           "CurvatureRule", "CurvatureTangent", "HeavyBallStep", "carried_hypergradient",
-           "check_optimizer", "curvature", "curvature_head", "curvature_offline",
-           "curvature_options", "curvature_samples", "curvature_segment", "forgetting",
-           "horizons", "initial_tangent", "loss_term_rows", "lr_derivatives", "rule_for",
-           "state_tangents"]
+__all__ = ["CAPABILITIES", "HORIZON_UNITS", "LOSS_TERMS", "ONLINE_HORIZON", "SCALE_RULES",
+           "SGD_RULE", "CurvatureRule", "CurvatureTangent", "HeavyBallStep", "batch_scale",
+           "carried_hypergradient", "check_optimizer", "curvature", "curvature_head",
+           "curvature_offline", "curvature_options", "curvature_samples", "curvature_segment",
+           "forgetting", "horizons", "initial_tangent", "loss_term_rows", "lr_derivatives",
+           "rule_for", "state_tangents"]

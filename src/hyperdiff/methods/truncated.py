@@ -85,7 +85,7 @@ def steps_kept(problem: Problem, k: int | None, fraction: float | None) -> int:
 
 def _truncated(problem: Problem, raw: dict[str, Tensor], k: int | None,
                fraction: float | None = None, head: str | None = None,
-               scale: float | None = None) -> HyperGradient:
+               scale: float | str | None = None) -> HyperGradient:
     started = time.perf_counter()
     k = steps_kept(problem, k, fraction)
     start = max(problem.steps - k, 0)
@@ -166,7 +166,7 @@ def _refuse_segment(options: dict[str, Any]) -> Any:
 
 
 def truncated(k: int | None = None, *, fraction: float | None = None,
-              head: str | None = None, curvature_scale: float | None = None) -> Method:
+              head: str | None = None, curvature_scale: float | str | None = None) -> Method:
     """Biased hypergradient by backpropagating through the last ``k`` inner steps only.
 
     Memory O(k) steps; ignores how the state at step ``T - k`` depends on the
@@ -181,14 +181,14 @@ def truncated(k: int | None = None, *, fraction: float | None = None,
         head: ``None`` (the first steps are constants) or ``"curvature"`` (their effect
             through the state at ``T - k`` carried as tangents; heavy-ball SGD, Adam, AdamW);
             offline only.
-        curvature_scale: the head's curvature estimate's scale (``None``: the training
-            batch's rows; :func:`~hyperdiff.methods.curvature.curvature`); with
-            ``head="curvature"`` only.
+        curvature_scale: the head's curvature estimate's scale (``None`` or ``"auto"``: the
+            training batch's rows, or 1 with a fixed batch; ``"rows"``, a number:
+            :func:`~hyperdiff.methods.curvature.batch_scale`); with ``head="curvature"`` only.
 
     Raises:
         HyperdiffError: not exactly one of ``k`` and ``fraction``, ``k`` not a positive int,
             ``fraction`` not in ``(0, 1]``, an unknown ``head``, or ``curvature_scale`` not
-            None, 0 or a number > 0 (or given without a head).
+            None, ``"auto"``, ``"rows"``, 0 or a number > 0 (or given without a head).
     """
     if (k is None) == (fraction is None):
         raise fail("truncated", "k", "a positive int, or None with a fraction given "
@@ -199,7 +199,7 @@ def truncated(k: int | None = None, *, fraction: float | None = None,
         raise fail("truncated", "fraction", "a number in (0, 1]", fraction)
     if head not in HEADS:
         raise fail("truncated", "head", f"one of {list(HEADS)}", head)
-    if curvature_scale is not None and head is None:
+    if curvature_scale not in (None, "auto") and head is None:
         raise fail("truncated", "curvature_scale", "None without head='curvature' (the scale "
                    "of the head's curvature model)", curvature_scale)
     scale = curvature_options("truncated", None, "steps", curvature_scale)[2]

@@ -46,7 +46,7 @@ def _builds_bare(name: str) -> bool:
 def window_method(name: str, problem: Problem, *, engine: str = "double_vjp",
                   solver: Solver | str = "cg", backprop: int | None = None,
                   horizon: float | None = DEFAULT_HORIZON, horizon_unit: str = "steps",
-                  curvature_scale: float | None = None) -> Method:
+                  curvature_scale: float | str | None = None) -> Method:
     """The method called ``name`` configured with the online tuner's options; options of other
     methods must keep their defaults (raises :class:`~hyperdiff.errors.HyperdiffError` naming
     the bad one)."""

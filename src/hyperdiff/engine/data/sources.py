@@ -25,6 +25,10 @@ from hyperdiff.typing import Batch
 class BatchSource:
     """Base class: ``source.batch(step, seed)`` returns the batch of inner step ``step``."""
 
+    fixed_batch = False
+    """Every step reads the same rows (a full batch: the training gradient has no sampling
+    noise); ``False`` where the source cannot tell."""
+
     def batch(self, step: int, seed: int) -> Batch:
         raise NotImplementedError
 
@@ -38,6 +42,8 @@ class BatchSource:
 
 class FullBatch(BatchSource):
     """The same batch at every step."""
+
+    fixed_batch = True
 
     def __init__(self, data: Batch):
         self.data = check_batch(data, "data: train_data")
@@ -55,6 +61,7 @@ class Sequence(BatchSource):
         for i, batch in enumerate(batches):
             check_batch(batch, f"data: train_data[{i}]")
         self.batches = batches
+        self.fixed_batch = len(batches) == 1
 
     def batch(self, step: int, seed: int) -> Batch:
         return self.batches[step % len(self.batches)]
@@ -88,6 +95,7 @@ class Minibatches(BatchSource):
             )
         self.tensors, self.batch_size, self.shuffle = tensors, batch_size, shuffle
         self.per_epoch = n // batch_size
+        self.fixed_batch = batch_size == n  # every row at every step, only their order moves
         self._perm_cache: dict[tuple[int, int], Tensor] = {}
 
     def _permutation(self, seed: int, epoch: int) -> Tensor:

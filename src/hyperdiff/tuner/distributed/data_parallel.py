@@ -50,11 +50,11 @@ import torch
 from torch import Tensor
 
 from hyperdiff.engine.data import BatchSource
-from hyperdiff.engine.data.evaluation import batch_rows
 from hyperdiff.engine.problem import Problem
 from hyperdiff.engine.training import TrainState
 from hyperdiff.errors import HyperdiffError, NonFiniteError
 from hyperdiff.methods.base import HyperGradient, Method, Segment
+from hyperdiff.methods.curvature import batch_scale
 from hyperdiff.methods.registry import make_method, methods_where, registered_constructor
 from hyperdiff.seeds import rank_seed
 from hyperdiff.tuner.distributed.group import Group, current_group
@@ -248,12 +248,13 @@ def _samples(inner: Method, group_arg: Any, problem: Problem, state: TrainState,
 
 
 def _full_batch_scale(inner: Method, problem: Problem, start: int) -> Method:
-    """``inner``, with a curvature scale left to the training batch's rows (``curvature_scale
-    = None``) fixed to the rows of the whole batch at ``start``, not of this rank's shard."""
-    if "curvature_scale" not in inner.options or inner.options["curvature_scale"] is not None:
+    """``inner``, with a curvature scale left to the training batch (``curvature_scale``
+    ``None`` or ``"rows"``) fixed to the whole batch's at ``start``, not to this rank's shard's
+    (:func:`~hyperdiff.methods.curvature.batch_scale`)."""
+    if inner.options.get("curvature_scale", 0) not in (None, "rows"):
         return inner
-    rows = float(batch_rows(problem.train_data.batch(start, problem.seed)))
-    return registered_constructor(inner.name)(**{**inner.options, "curvature_scale": rows})
+    scale = batch_scale(problem, start, inner.options["curvature_scale"])
+    return registered_constructor(inner.name)(**{**inner.options, "curvature_scale": scale})
 
 
 def data_parallel(method: Method | str = "reverse", group: Any = None) -> DataParallelMethod:
