@@ -176,12 +176,11 @@ def test_a_run_is_measured_from_its_third_window_on(steps, measured):
 
 
 def test_the_report_table_prints_the_run_warnings():
+    from test_online_report import table_result
+
     from hyperdiff.app.experiment import format_table
 
-    side = {"hparams": {"lr": 0.1}, "summary": {}, "metrics": {"test": {"loss": 1.0}}}
-    result = {"task": "t", "steps": 1, "time_s": 0.0, "stop_reason": "x", "best_step": 0,
-              "criterion": "final values", "sizes": {}, "report_seeds": [0], "run_dir": "r",
-              "initial": side, "tuned": side}
+    result = table_result()
     assert "warning:" not in format_table(result)
     table = format_table({**result, "warnings": ["it started hot", "second"]})
     assert [line for line in table.splitlines() if line.startswith("warning: ")] == \

@@ -60,12 +60,16 @@ def test_an_online_run_that_ends_better_has_the_column_and_no_warning(tmp_path):
     assert "warning:" not in table
 
 
-def test_an_offline_table_has_no_own_model_column():
+def table_result(**entries) -> dict:
+    """The least result that :func:`format_table` prints, with ``entries`` added."""
     side = {"hparams": {"lr": 0.1}, "summary": {}, "metrics": {"test": {"loss": 1.0}}}
-    result = {"task": "t", "steps": 1, "time_s": 0.0, "stop_reason": "x", "best_step": 0,
-              "criterion": "selection loss", "sizes": {}, "report_seeds": [0], "run_dir": "r",
-              "initial": side, "tuned": side}
-    assert "own model" not in format_table(result)
+    return {"task": "t", "steps": 1, "time_s": 0.0, "stop_reason": "x", "best_step": 0,
+            "criterion": "final values", "sizes": {}, "report_seeds": [0], "run_dir": "r",
+            "initial": side, "tuned": side, **entries}
+
+
+def test_an_offline_table_has_no_own_model_column():
+    assert "own model" not in format_table(table_result(criterion="selection loss"))
 
 
 @pytest.mark.parametrize(("own", "initial", "split"), [
