@@ -9,7 +9,7 @@ import math
 import pytest
 
 from hyperdiff.app.config import load_config
-from hyperdiff.app.experiment import format_table, run_experiment
+from hyperdiff.app.experiment import diverged_retraining, format_table, run_experiment
 from hyperdiff.app.plans import own_model_warning
 
 ONLINE = ["task.name=logistic_cancer", "outer.mode=online", "report.seeds=1"]
@@ -94,3 +94,37 @@ def test_the_warning_compares_the_held_out_split_first(own, initial, split):
 ])
 def test_no_warning_at_or_below_the_start(own, initial):
     assert own_model_warning(own, initial) is None
+
+
+DIVERGED = "the tuned values diverge when trained fresh on the report seeds"
+
+
+def test_tuned_values_whose_fresh_trainings_diverge_say_so(tmp_path):
+    # with the guard's bound at 1e3 the windows that diverge are sent back, and the run ends at
+    # penalties (up to 3.9) at which a training from the start diverges
+    result = run(tmp_path, "outer.lr=10", "guard.max_loss_ratio=1000")
+    tuned = result["tuned"]["metrics"]["selection"]["loss"]
+    start = result["initial"]["metrics"]["selection"]["loss"]
+    assert tuned > 1000 * max(start, 1.0)  # the case this test is about
+    [warning] = [w for w in result["warnings"] if w.startswith(DIVERGED)]
+    assert f"selection loss {tuned:.3g} against {start:.4g}" in warning
+    assert f"warning: {warning}" in format_table(result).splitlines()
+    assert not any(w.startswith(DIVERGED) for w in run(tmp_path / "b")["warnings"])
+
+
+@pytest.mark.parametrize(("tuned", "warns"), [
+    (2e6 - 1, False), (2e6, False), (2e6 + 1, True),  # the bound: 1e6 x max(|2|, 1)
+    (-3e6, True), (math.nan, True), (math.inf, True)])
+def test_the_retraining_bound_is_the_guards(tuned, warns):
+    initial = {"val": {"loss": 2.0}, "selection": {"loss": 2.0}}
+    found = diverged_retraining(initial, {"val": {"loss": 0.1}, "selection": {"loss": tuned}},
+                                1e6)
+    assert (found is not None) == warns
+    assert diverged_retraining(initial, {"val": {"loss": tuned}, "selection": {"loss": 0.1}},
+                               1e6) is None  # the held-out split decides
+    assert diverged_retraining({"val": {"loss": 0.5}}, {"val": {"loss": tuned}},
+                               1e6) is not None  # |0.5| < 1: the bound is 1e6
+
+
+def test_metrics_without_a_loss_are_not_judged():
+    assert diverged_retraining({"val": {"accuracy": 0.5}}, {"val": {"accuracy": 0.1}}, 10) is None

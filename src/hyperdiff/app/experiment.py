@@ -9,6 +9,7 @@ and report every split, the held-out test split included, for both (:func:`final
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import closing, nullcontext, suppress
@@ -393,7 +394,34 @@ def final_report(task: Task, summary: Summary, config: Config, *,
             "metrics": side_metrics,
         }
     report.update(summary.extra(report, seeds, progress, spread or LocalSpreader()))
+    diverged = diverged_retraining(report["initial"]["metrics"], report["tuned"]["metrics"],
+                                   config.guard.max_loss_ratio)
+    if diverged:
+        report["warnings"] = [*report.get("warnings", []), diverged]
     return report
+
+
+def diverged_retraining(initial: Mapping[str, Mapping[str, float]],
+                        tuned: Mapping[str, Mapping[str, float]], ratio: float) -> str | None:
+    """The warning for tuned values whose fresh trainings diverge, or ``None``: their loss on
+    the selection split (else the validation split) is not finite or is absurd by the guard's
+    rule, above ``ratio`` (``guard.max_loss_ratio``) x max(|the initial values' loss|, 1).
+
+    >>> diverged_retraining({"val": {"loss": 0.5}}, {"val": {"loss": 4e5}}, 1e6) is None
+    True
+    >>> diverged_retraining({"val": {"loss": 0.5}}, {"val": {"loss": 2e6}}, 1e6)[:38]
+    'the tuned values diverge when trained '
+    """
+    split = "selection" if "selection" in tuned and "selection" in initial else "val"
+    if "loss" not in tuned.get(split, {}) or "loss" not in initial.get(split, {}):
+        return None  # a user's metrics may have no loss
+    ended, start = tuned[split]["loss"], initial[split]["loss"]
+    if math.isfinite(ended) and abs(ended) <= ratio * max(abs(start), 1.0):
+        return None
+    return (f"the tuned values diverge when trained fresh on the report seeds: {split} loss "
+            f"{ended:.3g} against {start:.4g} for the initial values (more than "
+            f"guard.max_loss_ratio = {ratio:.3g} x max(|that loss|, 1)): training from the "
+            "start at these values is unstable")
 
 
 RESULT_KEYS = ("task", "status", "stop_reason", "steps", "best_step", "criterion", "time_s",
