@@ -18,7 +18,7 @@ from typing import Any
 
 from hyperdiff.app.config import Config, load_config
 from hyperdiff.app.loggers import close_all, config_loggers, report_all, start_all
-from hyperdiff.app.plans import PLANS, Plan, Summary, build
+from hyperdiff.app.plans import PLANS, Plan, Summary, build, held_out_split
 from hyperdiff.app.run_inputs import (
     ACCEPT_FLAG,
     changed_inputs_error,
@@ -412,7 +412,7 @@ def diverged_retraining(initial: Mapping[str, Mapping[str, float]],
     >>> diverged_retraining({"val": {"loss": 0.5}}, {"val": {"loss": 2e6}}, 1e6)[:38]
     'the tuned values diverge when trained '
     """
-    split = "selection" if "selection" in tuned and "selection" in initial else "val"
+    split = held_out_split(tuned, initial)
     if "loss" not in tuned.get(split, {}) or "loss" not in initial.get(split, {}):
         return None  # a user's metrics may have no loss
     ended, start = tuned[split]["loss"], initial[split]["loss"]

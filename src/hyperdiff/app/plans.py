@@ -319,6 +319,13 @@ def _online_summary(task: Task, loop: HyperOptimizer, outcome: Any, config: Conf
     return Summary(head, tail, final, 1, extra)
 
 
+def held_out_split(*reports: Mapping[str, Any]) -> str:
+    """The split on which to compare report columns: the selection split, held out from the
+    hypergradients, where every one of ``reports`` (``{split: metrics}``) has it, else the
+    validation split."""
+    return "selection" if all("selection" in r for r in reports) else "val"
+
+
 def own_model_warning(own: Mapping[str, Mapping[str, float]],
                       initial: Mapping[str, Mapping[str, float]]) -> str | None:
     """The warning for an online run whose own model ends with a higher loss than the untuned
@@ -331,7 +338,7 @@ def own_model_warning(own: Mapping[str, Mapping[str, float]],
     >>> own_model_warning({"val": {"loss": float("nan")}}, {"val": {"loss": 0.3}})[:46]
     "the run's own model ends worse than the untune"
     """
-    split = "selection" if "selection" in own and "selection" in initial else "val"
+    split = held_out_split(own, initial)
     ended, start = own[split]["loss"], initial[split]["loss"]
     if math.isfinite(ended) and ended <= start:
         return None
