@@ -102,3 +102,21 @@ def test_suite_seed_reaches_the_offline_rows_and_the_searches(monkeypatch, tmp_p
     monkeypatch.setattr(suite, "optuna_available", lambda: True)
     suite.search_rows(None, replace(suite.FULL, seed=5), 1.0, 1.0, lambda _m: None)
     assert seen["searches"] == [("tpe", 5), ("random", 5), ("tpe-fixed", 5)]
+
+
+def test_the_fixed_batch_benchmark_runs_fixed_batch_tasks_under_both_rules():
+    """benchmarks/online_fixed_batch.py compares the curvature scale's two rules on tasks whose
+    every step reads the same rows: each of its tasks (and every start) must be one, and each
+    run must ask for the rule it is labelled with."""
+    from hyperdiff.app.config import load_config
+    from hyperdiff.app.plans import build_online
+
+    script = load("online_fixed_batch")
+    for task in script.TASKS:
+        for start in script.SUITE_STARTS:
+            config = load_config(overrides=[f"task.name={script.reference(task, start)}",
+                                            "outer.mode=online"])
+            _, loop = build_online(config)
+            assert loop.plan.problem.train_data.fixed_batch, (task, start)
+            assert config.method.options == {"curvature_scale": "auto"}
+    assert set(script.RULES) == {"rows", "auto"}
