@@ -55,7 +55,8 @@ SEEDS = (1000000, 1000001, 1000002)
 
 class SharedMomentAdam(torch.optim.Optimizer):
     """Adam on one flat leaf of raw values whose second moment is shared per hyperparameter
-    (``sizes``: the entries of each, in the leaf's order); ``mode`` as in the module doc."""
+    (``sizes``: the entries of each, in the leaf's order); ``mode`` ``shared``, ``floor`` or
+    ``cap`` as in the module doc (``adam`` is torch's own)."""
 
     def __init__(self, params: Any, lr: float, sizes: list[int], mode: str,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
@@ -82,23 +83,31 @@ class SharedMomentAdam(torch.optim.Optimizer):
                 own = (state["v"] / (1 - beta2 ** t)).sqrt() + group["eps"]
                 rms = (state["shared"] / (1 - beta2 ** t)).sqrt() + group["eps"]
                 shared = torch.cat([r.expand(n) for r, n in zip(rms, self.sizes, strict=True)])
-                denominator = {"adam": own, "shared": shared,
-                               "floor": torch.maximum(shared, own),
+                denominator = {"shared": shared, "floor": torch.maximum(shared, own),
                                "cap": torch.maximum(shared, own / 3)}[self.mode]
                 p.add_(-group["lr"] * (state["m"] / (1 - beta1 ** t)) / denominator)
 
 
+ORIGINAL_OUTER = driver.outer_optimizer
+ORIGINAL_INIT = driver.HyperOptimizer.__init__
+BUILDING: dict[str, Any] = {}  # "loop": the HyperOptimizer whose outer optimizer is being built
+
+
+def _recording_init(self: Any, *args: Any, **kwargs: Any) -> None:
+    BUILDING["loop"] = self
+    ORIGINAL_INIT(self, *args, **kwargs)
+
+
 def patch(mode: str) -> None:
-    """Make the loop's ``adam`` (the online default) :class:`SharedMomentAdam` in ``mode``."""
-    original = driver.outer_optimizer
+    """Make the loop's ``adam`` (the online default) :class:`SharedMomentAdam` in ``mode``
+    (``adam``: torch's, unpatched)."""
 
     def outer_optimizer(name: str) -> Any:
         if name != "adam" or mode == "adam":
-            return original(name)
+            return ORIGINAL_OUTER(name)
 
         def make(leaves: list[torch.Tensor], lr: float, **options: Any) -> torch.optim.Optimizer:
-            loop = driver_under_construction[-1]
-            sizes = [int(v.numel()) for v in loop.hparams.raw.values()]
+            sizes = [int(v.numel()) for v in BUILDING["loop"].hparams.raw.values()]
             return SharedMomentAdam(leaves, lr, sizes, mode, **options)
 
         return make
@@ -106,16 +115,7 @@ def patch(mode: str) -> None:
     driver.outer_optimizer = outer_optimizer  # type: ignore[assignment]
 
 
-driver_under_construction: list[Any] = []
-_init = driver.HyperOptimizer.__init__
-
-
-def _recording_init(self: Any, *args: Any, **kwargs: Any) -> None:
-    driver_under_construction.append(self)
-    _init(self, *args, **kwargs)
-
-
-def row(mode: str, task: str, extra: list[str]) -> dict[str, Any]:
+def row(task: str, extra: list[str]) -> dict[str, Any]:
     own, retrained = [], []
     for seed in SEEDS:
         config = load_config(overrides=[f"task.name={task}", "outer.mode=online",
@@ -143,18 +143,16 @@ def main() -> None:
         patch(mode)
         for name in args.runs:
             task, extra = RUNS[name]
-            found = {"run": name, "mode": mode, **row(mode, task, extra)}
+            found = {"run": name, "mode": mode, **row(task, extra)}
             print(f"{name:22s} {mode:7s} own model {found['own_model_test_mean']:.4f}  "
                   f"retrained {found['retrained_test_mean']:.4f}", flush=True)
             rows.append(found)
-        driver.outer_optimizer = _original_outer  # type: ignore[assignment]
+        driver.outer_optimizer = ORIGINAL_OUTER  # type: ignore[assignment]
     args.out.write_text(json.dumps({"command": "OMP_NUM_THREADS=1 python "
                                     "benchmarks/online_shared_moment.py", "rows": rows},
                                    indent=1) + "\n")
     print(f"wrote {args.out}")
 
-
-_original_outer = driver.outer_optimizer
 
 if __name__ == "__main__":
     main()
