@@ -227,11 +227,11 @@ def killed_run(rank: int, out: str) -> None:
         calls = {"n": 0}
         train = Sampler._train
 
-        def dying(self, problem, raw):
+        def dying(self, problem, raw, *plain):
             calls["n"] += 1
             if calls["n"] > KILL_AT_TRAINING // WORLD:
                 os._exit(3)
-            return train(self, problem, raw)
+            return train(self, problem, raw, *plain)
 
         Sampler._train = dying  # type: ignore[method-assign]
     group = hd.distributed.current_group()

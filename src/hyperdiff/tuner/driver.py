@@ -325,7 +325,8 @@ class HyperOptimizer:
         best = False
         if self.plan.ranks:
             best = self._rank(step, raw, outcome.fields["val_loss"], selection)
-            self._converged(stored, outcome.fields["grad_norm"])
+            if outcome.grad is not None:  # a step without an update says nothing of it
+                self._converged(stored, outcome.fields["grad_norm"])
         record = self._make_record(step, raw, started, status="ok", lr=lr, best=best,
                                    selection_loss=selection, **outcome.fields)
         record = self.plan.commit(self, outcome, record)

@@ -21,6 +21,7 @@ from hyperdiff.engine.problem import Problem
 from hyperdiff.engine.training import validation_loss
 from hyperdiff.errors import HyperdiffError, fail, positive_int
 from hyperdiff.logs import get_logger
+from hyperdiff.tuner.global_phase import restarts
 from hyperdiff.tuner.snr import AutoSamples
 from hyperdiff.tuner.state_checks import (
     check_count,
@@ -167,14 +168,15 @@ def check_driver_state(driver: Any, plan: Any, state: dict[str, Any],
     if "explored" in fresh:
         check_like(caller, "explored", state["explored"], fresh["explored"])
     failed = [r.status == "failed" for r in records]
-    phase = plan.gradient_start_of(state)  # a failed point of the global phase cuts no lr
+    phase = plan.gradient_start_of(state)  # a failed point of the global phase cuts no lr,
+    restarted = set(restarts(records, phase)) if phase else set()  # nor a start over
     reverted = check_reverted(caller, state.get("reverted", []), "reverted" in fresh, records,
                               phase)
     check_guard_state(caller, state["guard"], driver.guard.state_dict(),
                       {"raw": fresh["raw"], "optimizer": driver.optimizer,
                        "warm": state["warm"]}, failed, driver.guard.shrink,
-                      cuts=[(f and r.step >= phase) or r.step in reverted
-                            for f, r in zip(failed, records, strict=True)],
+                      cuts=[(f and r.step >= phase and r.step not in restarted)
+                            or r.step in reverted for f, r in zip(failed, records, strict=True)],
                       rescued=bool(failed) and failed[0] and phase > 0)
 
 

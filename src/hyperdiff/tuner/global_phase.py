@@ -18,15 +18,23 @@ decay, a schedule's fractions: the few knobs that a start gets 10-100x wrong); v
 (per-feature penalties, per-example weights: the gradient's domain; shifting all entries of
 ``reweight_digits``' 989 weights as one cost 31% of its test loss at 10 steps), free, softplus
 and discrete values stay at the start.
-Every step of the phase is an ordinary training with its hypergradient and record, so the
-guard, the ranking and the checkpoint treat it as any other step; the points are a function
-of the seed and the start alone, so a resumed run draws the same ones.
+Every step of the phase is an ordinary training with its record, so the guard, the ranking
+and the checkpoint treat it as any other step; the points are a function of the seed and the
+start alone, so a resumed run draws the same ones. The points train plainly (no hypergradient:
+the gradient phase follows none of theirs; only step 0's decides whether the phase runs), at
+1x a plain training instead of the method's 2-4x, to the same theta_T bit for bit.
+
+The gradient phase starts from the best step, whose hypergradient a plain point has not
+computed. When its first step fails there (a hypergradient or loss that is not finite on the
+next minibatch seed), it starts over from the next step of :func:`start_order` and the failure
+neither counts toward the guard's failures in a row nor cuts the outer learning rate; a
+failure at the last of them is an ordinary one.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeGuard
 
 import torch
@@ -175,6 +183,47 @@ def _finite(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+def start_order(history: Sequence[Any], first_gradient_step: int, best_step: int,
+                ranking: Callable[[Any], float]) -> list[int]:
+    """The steps of the global phase (``step < first_gradient_step``) that the gradient phase
+    may start from, in the order it tries them: ``best_step`` (the loop's best), then the
+    other successful ones by their ``ranking`` loss, the earlier step first on a tie.
+
+    >>> from types import SimpleNamespace as R
+    >>> steps = [R(step=0, status="ok", loss=0.5), R(step=1, status="failed", loss=None),
+    ...          R(step=2, status="ok", loss=0.2), R(step=3, status="ok", loss=0.4),
+    ...          R(step=4, status="ok", loss=0.1)]
+    >>> start_order(steps, 4, 2, lambda r: r.loss)
+    [2, 3, 0]
+    """
+    others = [r for r in history if r.step < first_gradient_step and r.status == "ok"
+              and r.step != best_step]
+    return [best_step, *(r.step for r in sorted(others, key=lambda r: (ranking(r), r.step)))]
+
+
+def restarts(history: Sequence[Any], first_gradient_step: int) -> list[int]:
+    """The failed steps after which the gradient phase started over from another point of the
+    global phase: its first steps, as long as all of them failed and a successful step of the
+    phase is left untried (:func:`start_order`), so at most the phase's successes less one.
+
+    >>> from types import SimpleNamespace as R
+    >>> run = [R(step=0, status="ok"), R(step=1, status="ok"), R(step=2, status="failed"),
+    ...        R(step=3, status="ok"), R(step=4, status="failed"), R(step=5, status="failed"),
+    ...        R(step=6, status="failed")]
+    >>> restarts(run, 4)
+    [4, 5]
+    """
+    left = sum(r.status == "ok" for r in history if r.step < first_gradient_step) - 1
+    out: list[int] = []
+    for record in history:
+        if record.step < first_gradient_step:
+            continue
+        if record.status != "failed" or len(out) >= left:
+            break
+        out.append(record.step)
+    return out
+
+
 def check_explore(caller: str, explore: int, decades: float) -> tuple[int, float]:
     """``explore`` as an int >= 0 and ``decades`` as a number in (0, 10], else the standard
     error."""
@@ -185,4 +234,5 @@ def check_explore(caller: str, explore: int, decades: float) -> tuple[int, float
 
 
 __all__ = ["CHAOTIC_RATIO", "STEEP_RATIO", "WEAK_FRACTION", "broken_start", "chaotic",
-           "check_explore", "explore_points", "explored_names", "weak_start"]
+           "check_explore", "explore_points", "explored_names", "restarts", "start_order",
+           "weak_start"]

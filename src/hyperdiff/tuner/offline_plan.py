@@ -72,13 +72,15 @@ from hyperdiff.tuner.global_phase import (
     check_explore,
     explore_points,
     explored_names,
+    restarts,
+    start_order,
     weak_start,
 )
 from hyperdiff.tuner.guard import untrained_losses
 from hyperdiff.tuner.history import History, OptimizeResult, StepRecord
 from hyperdiff.tuner.outer_steps import DEFAULT_OFFLINE, offline_optimizers
 from hyperdiff.tuner.plan import Outcome, bind_once
-from hyperdiff.tuner.sampler import Sampler, estimate_fields
+from hyperdiff.tuner.sampler import Sampler, estimate_fields, plain_fields
 from hyperdiff.tuner.snr import more_samples_advice
 from hyperdiff.tuner.stopping import ranking_loss, ranking_name, settled_since, travelling
 from hyperdiff.wording import option
@@ -170,7 +172,8 @@ class OfflinePlan:
                                    max_steps=loop.stopping.max_steps, folds=len(loop.problems))
         check_confirm(self.confirm, self.warm_start, loop)
         self.problems = loop.problems
-        self._candidates = explore_points(loop.hparams, loop.hparams.raw, self.explore,
+        self._start = loop.hparams.raw
+        self._candidates = explore_points(loop.hparams, self._start, self.explore,
                                           self.explore_decades, loop.seed)
         self._travellers = explored_names(loop.hparams)  # the values early stopping waits for
         self._points = self._candidates if self.explore_when == "always" else []
@@ -249,9 +252,12 @@ class OfflinePlan:
         return loop.raw
 
     def evaluate(self, loop: Any, step: int, raw: dict[str, Tensor]) -> Outcome:
-        """Train every slot at ``raw`` and combine their hypergradients."""
+        """Train every slot at ``raw`` and combine their hypergradients; a point of the global
+        phase (without discrete hyperparameters, whose hook wants every step's estimate) trains
+        plainly: the gradient phase follows none of their hypergradients."""
         self._evaluated = None
-        outcome = sampled_outcome(loop, self.sampler, step, raw)
+        plain = 1 <= step < self.gradient_start and loop.discrete is None
+        outcome = sampled_outcome(loop, self.sampler, step, raw, plain)
         self._evaluated = (step, raw, None)
         return outcome
 
@@ -316,11 +322,7 @@ class OfflinePlan:
         best = loop.best.get(key, loop.best["value"])
         if len(tail) < self.revert or not rising or not tail[0] > best:
             return record
-        loop.set_raw(loop.best["raw"])
-        if self._fresh is not None:
-            loop.optimizer.load_state_dict(copy.deepcopy(self._fresh))
-            # a failure of the next step comes back here, not to the point left behind
-            loop.guard.good = loop.snapshot(loop.raw)
+        self._start_from(loop, loop.best["raw"])  # a failure of the next step comes back here
         loop.guard.scale *= loop.guard.shrink
         self.reverted.append(record.step)
         note = (f"the ranking loss rose at each of the last {self.revert} steps: back to the "
@@ -353,14 +355,47 @@ class OfflinePlan:
 
     def counts_failure(self, loop: Any) -> bool:
         """Whether the failing step counts toward the guard's failures in a row and cuts the
-        outer learning rate: a step of the gradient phase does; the start and the points of
-        a global phase are independent trials (asked after :meth:`rescue_start`)."""
-        return loop.step_index >= self.gradient_start
+        outer learning rate: a step of the gradient phase does, unless it failed at its start
+        point with another one left (:meth:`_next_start`); the start and the points of a
+        global phase are independent trials (asked after :meth:`rescue_start`)."""
+        return loop.step_index >= self.gradient_start and self._next_start(loop) is None
+
+    def _next_start(self, loop: Any) -> int | None:
+        """The global phase's step to start the gradient phase from instead, when every step
+        of the gradient phase so far, the failing one included, failed at its start point
+        (``global_phase.start_order``); ``None`` when one succeeded or none is left."""
+        if not self._points or loop.best is None or loop.step_index < self.gradient_start:
+            return None
+        phase = [r for r in loop.history if r.step >= self.gradient_start]
+        if len(restarts(loop.history, self.gradient_start)) != len(phase):
+            return None  # a step of the gradient phase succeeded, or no point is left
+
+        def ranking(record: StepRecord) -> float:
+            key = ranking_loss(record.step, loop.tie_steps, record.selection_loss is not None)
+            return float(getattr(record, f"{key}_loss"))
+
+        order = start_order(loop.history, self.gradient_start, int(loop.best["step"]), ranking)
+        tried = len(phase) + 1
+        return order[tried] if tried < len(order) else None
+
+    def _start_from(self, loop: Any, raw: dict[str, Tensor]) -> None:
+        """The gradient phase (re)starts at ``raw``: the outer optimizer as before step 0, and
+        a failure of its first step comes back here (the guard's last good snapshot)."""
+        loop.set_raw(raw)
+        if self._fresh is not None:
+            loop.optimizer.load_state_dict(copy.deepcopy(self._fresh))
+        loop.guard.good = loop.snapshot(loop.raw)
 
     def failure_note(self, loop: Any, message: str) -> str:
         step = loop.step_index
         if step >= self.gradient_start:
-            return message
+            start = self._next_start(loop)
+            if start is None:
+                return message
+            self._start_from(loop, self._start if start == 0 else self._points[start - 1])
+            return (f"{message}; the gradient phase starts over from the values of step "
+                    f"{start}, the next best of the global phase (a failure at its start "
+                    "point leaves the outer learning rate as it was)")
         self._end_global_phase(loop, step)
         return (f"{self._phase_note(step)}: {message} (a failed point of the global phase "
                 "leaves the outer learning rate as it was and does not count toward the "
@@ -376,8 +411,8 @@ class OfflinePlan:
         if step != self.gradient_start - 1:
             return
         if loop.best is not None:
-            loop.set_raw(loop.best["raw"])
-        if self._fresh is not None:
+            self._start_from(loop, loop.best["raw"])
+        elif self._fresh is not None:
             loop.optimizer.load_state_dict(copy.deepcopy(self._fresh))
 
     # ------------------------------------------------------------------ guard and checkpoint
@@ -458,15 +493,21 @@ def check_confirm(confirm: int, warm_start: bool, loop: Any) -> None:
                    "theta_0 with continuous values only)", confirm)
 
 
-def sampled_outcome(loop: Any, sampler: Sampler, step: int, raw: dict[str, Tensor]) -> Outcome:
+def sampled_outcome(loop: Any, sampler: Sampler, step: int, raw: dict[str, Tensor],
+                    plain: bool = False) -> Outcome:
     """Train every slot of ``sampler`` at ``raw``; the step's mean hypergradient, losses and
-    record fields (the selection loss is the outcome's ``kept``)."""
-    evaluations, selection = sampler.evaluate(step, raw)
-    found = sampler.estimate(step, raw, evaluations)
-    grad = loop.hparams.unflatten(found.mean)
-    fields = {"train_loss": sum(hg.train_loss for hg in evaluations) / len(evaluations),
-              **estimate_fields(loop.hparams, found)}
+    record fields (the selection loss is the outcome's ``kept``); ``plain``: losses only
+    (``grad=None``: the loop takes no outer step)."""
+    evaluations, selection = sampler.evaluate(step, raw, plain)
     problems = sampler.problems
+    train_loss = sum(hg.train_loss for hg in evaluations) / len(evaluations)
+    if plain:
+        grad = None
+        fields = {"train_loss": train_loss, **plain_fields(evaluations, len(problems))}
+    else:
+        found = sampler.estimate(step, raw, evaluations)
+        grad = loop.hparams.unflatten(found.mean)
+        fields = {"train_loss": train_loss, **estimate_fields(loop.hparams, found)}
 
     @functools.cache  # the guard's reference and the broken-start test read it at step 0
     def untrained() -> dict[str, float]:

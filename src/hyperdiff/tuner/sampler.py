@@ -8,12 +8,15 @@ warm start) from the slot's last theta_T, with the discrete choices drawn for it
     g_ji = dL_val(theta_T(lam_s))/du  (a HyperGradient)    L_sel,ji = L_sel(theta_T)
 
 The selection loss of the step is ``mean_ji L_sel,ji`` (``None`` without a selection split).
-With ``samples="auto"`` (:class:`~hyperdiff.tuner.snr.AutoSamples`) a step starts with the minimum
+A step evaluated ``plain`` (the global phase's points, whose hypergradients nothing follows)
+trains its slots without a graph (:func:`train_plainly`: the same theta_T, bit for bit, at 1x a
+plain training instead of the method's 2-4x) and gives their losses only. With
+``samples="auto"`` (:class:`~hyperdiff.tuner.snr.AutoSamples`) a step starts with the minimum
 and adds one sample of every problem at a time until the signal-to-noise ratio of the per-sample
-hypergradients suffices. The trainings of each round are spread over the ranks of a process
-group when there is one (:mod:`hyperdiff.tuner.distributed`). :meth:`Sampler.estimate` combines the
-slots into the step's hypergradient ``g_s = mean_ji g_ji`` and its noise
-(:mod:`hyperdiff.tuner.snr`).
+hypergradients suffices (a plain step: the minimum). The trainings of each round are spread
+over the ranks of a process group when there is one (:mod:`hyperdiff.tuner.distributed`).
+:meth:`Sampler.estimate` combines the slots into the step's hypergradient ``g_s = mean_ji g_ji``
+and its noise (:mod:`hyperdiff.tuner.snr`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 from torch import Tensor
 
 from hyperdiff.engine.problem import Problem
-from hyperdiff.engine.training import validation_loss
+from hyperdiff.engine.training import check_finite_losses, train, validation_loss
 from hyperdiff.errors import NonFiniteError
 from hyperdiff.hparams.hyperparams import HyperParameters
 from hyperdiff.logs import get_logger
@@ -43,10 +46,21 @@ from hyperdiff.tuner.snr import (
     sample_means,
     signal_to_noise,
 )
-from hyperdiff.typing import Batch
+from hyperdiff.typing import Batch, Params
 
-Outcomes = dict[int, tuple[HyperGradient, float | None]]
-"""slot -> (its hypergradient, its selection loss or ``None``)."""
+
+class PlainTraining(NamedTuple):
+    """One training without a hypergradient: what a slot of a ``plain`` step gives."""
+
+    value: float  # L_val(theta_T), as HyperGradient.value
+    train_loss: float  # the last inner step's training loss
+    params: Params  # theta_T (detached)
+    buffers: Params
+
+
+Trained = HyperGradient | PlainTraining
+Outcomes = dict[int, tuple[Trained, float | None]]
+"""slot -> (its hypergradient or plain training, its selection loss or ``None``)."""
 _LOG = get_logger("driver")  # the driver's warnings, under the driver's logger
 
 
@@ -105,10 +119,11 @@ class Sampler:
         """Minibatch seed of ``sample`` at outer ``step`` (step 0's with ``common``)."""
         return minibatch_seed(self.seed, 0 if self.common else step, self.samples, sample)
 
-    def evaluate(self, step: int, raw: dict[str, Tensor]
-                 ) -> tuple[list[HyperGradient], float | None]:
-        """The hypergradients of step ``step`` at ``raw`` (slots in order) and the mean
-        selection loss (``None`` without a selection split).
+    def evaluate(self, step: int, raw: dict[str, Tensor], plain: bool = False
+                 ) -> tuple[list[Trained], float | None]:
+        """The hypergradients of step ``step`` at ``raw`` (slots in order; ``plain``: their
+        :class:`PlainTraining`, the first round only) and the mean selection loss (``None``
+        without a selection split).
 
         Counts the trainings beyond :attr:`first_round` (the caller counts that one) and
         keeps each slot's theta_T for warm starts.
@@ -118,9 +133,9 @@ class Sampler:
         """
         done: Outcomes = {}
         count = self.auto.minimum if self.auto else self.samples
-        self._sample(step, raw, range(count), done)
-        while self.auto and not self.auto.enough(self._per_sample(done)):
-            self._sample(step, raw, range(count, count + 1), done)  # one more, every fold
+        self._sample(step, raw, range(count), done, plain)
+        while self.auto and not plain and not self.auto.enough(self._per_sample(done)):
+            self._sample(step, raw, range(count, count + 1), done, plain)  # one more, every fold
             self.trainings += len(self.problems)
             count += 1
         evaluations = [done[slot][0] for slot in sorted(done)]
@@ -134,12 +149,13 @@ class Sampler:
             raise NonFiniteError(f"the selection loss is not finite ({value})")
         return evaluations, value
 
-    def estimate(self, step: int, raw: dict[str, Tensor], evaluations: list[HyperGradient]
+    def estimate(self, step: int, raw: dict[str, Tensor], evaluations: list[Trained]
                  ) -> Estimate:
         """Combine the slots' hypergradients (:func:`combine`); warn when the SNR is below the
         target."""
         hparams = self.problems[0].hparams
-        grads = torch.stack([hparams.flatten(hg.grad).double() for hg in evaluations])
+        grads = torch.stack([hparams.flatten(_hypergradient(hg).grad).double()
+                             for hg in evaluations])
         values = torch.tensor([hg.value for hg in evaluations], dtype=torch.float64, device="cpu")
         found = combine(grads, values, folds=len(self.problems), discrete=self.discrete,
                         step=step, raw=raw)
@@ -148,7 +164,7 @@ class Sampler:
         return found
 
     def _sample(self, step: int, raw: dict[str, Tensor], samples: range,
-                done: Outcomes) -> None:
+                done: Outcomes, plain: bool) -> None:
         """Train and differentiate ``samples`` of every problem (fold-major slots), spread
         over the ranks of the process group when there is one."""
         slots, problems = [], []
@@ -164,22 +180,23 @@ class Sampler:
                 slots.append(slot)
                 problems.append(problem)
         where = f"outer step {step}"
-        if self.batched:
+        outcomes: list[tuple[Trained, float | None]]
+        if self.batched and not plain:
             outcomes = self.spreader.map_batch(lambda ps: self._train_batch(ps, raw), problems,
                                                where)
         else:
-            outcomes = self.spreader.map(lambda p: self._train(p, raw), problems, where)
+            outcomes = self.spreader.map(lambda p: self._train(p, raw, plain), problems, where)
         done.update(zip(slots, outcomes, strict=True))
 
-    def _train(self, problem: Problem, raw: dict[str, Tensor]
-               ) -> tuple[HyperGradient, float | None]:
-        hg = self.method(problem, raw)
+    def _train(self, problem: Problem, raw: dict[str, Tensor], plain: bool
+               ) -> tuple[Trained, float | None]:
+        hg = train_plainly(problem, raw) if plain else self.method(problem, raw)
         if self.selection is None:
             return hg, None
         return hg, selection_loss(problem, self.selection, hg, raw)
 
     def _train_batch(self, problems: list[Problem], raw: dict[str, Tensor]
-                     ) -> list[tuple[HyperGradient, float | None]]:
+                     ) -> list[tuple[Trained, float | None]]:
         hgs = self.method.batch(problems, raw)
         if self.selection is None:
             return [(hg, None) for hg in hgs]
@@ -190,8 +207,42 @@ class Sampler:
         """``(count, k)``: each sample's hypergradient averaged over the problems (the slots
         in order are fold-major, as :func:`~hyperdiff.tuner.snr.sample_means` takes them)."""
         hparams = self.problems[0].hparams
-        grads = [hparams.flatten(done[slot][0].grad).double() for slot in sorted(done)]
+        grads = [hparams.flatten(_hypergradient(done[slot][0]).grad).double()
+                 for slot in sorted(done)]
         return sample_means(torch.stack(grads), len(self.problems))
+
+
+def _hypergradient(trained: Trained) -> HyperGradient:
+    if not isinstance(trained, HyperGradient):
+        raise TypeError("a plain training has no hypergradient")  # a plain step adds none
+    return trained
+
+
+def train_plainly(problem: Problem, raw: dict[str, Tensor]) -> PlainTraining:
+    """Train ``problem`` for its T steps at ``raw`` without a graph; its validation loss.
+
+    Raises:
+        NonFiniteError: a training loss or the validation loss is not finite.
+    """
+    state, losses = train(problem, raw)
+    check_finite_losses(losses, "plain training")
+    hview = problem.hparams.view(problem.raw_tensors(raw))
+    with torch.no_grad():
+        value = float(validation_loss(problem, state.params, state.buffers, hview))
+    if not math.isfinite(value):
+        raise NonFiniteError(f"plain training: the validation loss is not finite ({value})")
+    last = float(losses[-1]) if losses.numel() else math.nan
+    return PlainTraining(value, last, dict(state.params), dict(state.buffers))
+
+
+def plain_fields(trainings: list[Trained], folds: int) -> dict[str, Any]:
+    """The record's fields of a ``plain`` step (``train_loss`` is the plan's): the mean and
+    spread of the validation losses, the samples per fold, and no hypergradient."""
+    values = torch.tensor([t.value for t in trainings], dtype=torch.float64, device="cpu")
+    return {"val_loss": float(values.mean()),
+            "val_loss_std": float(values.std()) if len(values) > 1 else 0.0,
+            "grad_norm": None, "grad_std": None, "grad": None, "grad_snr": None,
+            "samples": len(trainings) // folds, "discrete": None}
 
 
 def combine(grads: Tensor, values: Tensor, *, folds: int, discrete: DiscreteOuter | None,
@@ -232,7 +283,7 @@ def estimate_fields(hparams: HyperParameters, found: Estimate) -> dict[str, Any]
     }
 
 
-def selection_loss(problem: Problem, selection: list[Batch], hg: HyperGradient,
+def selection_loss(problem: Problem, selection: list[Batch], hg: Trained,
                    raw: dict[str, Tensor]) -> float:
     """``problem.val_loss`` on the ``selection`` batches at the trained ``hg.params``."""
     probe = replace(problem, val_data=selection)
