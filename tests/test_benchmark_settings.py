@@ -120,3 +120,24 @@ def test_the_fixed_batch_benchmark_runs_fixed_batch_tasks_under_both_rules():
             assert loop.plan.problem.train_data.fixed_batch, (task, start)
             assert config.method.options == {"curvature_scale": "auto"}
     assert set(script.RULES) == {"rows", "auto"}
+
+
+def test_the_global_phase_benchmark_compares_plain_points_with_the_old_rule():
+    """``hypergradient_points()`` brings back the points' hypergradients (the old rule) and
+    only inside its block, so the script's two rows differ by that alone."""
+    from test_driver import ridge_problem
+
+    from hyperdiff.tuner.driver import HyperOptimizer, Stopping
+    from hyperdiff.tuner.offline_plan import OfflinePlan
+
+    bench = load("global_phase_cost")
+
+    def grads():
+        problem, _ = ridge_problem(lam=0.05)
+        loop = HyperOptimizer(problem, lr=0.3, stopping=Stopping(max_steps=5, patience=None),
+                              plan=OfflinePlan(explore=2, explore_when="always"))
+        return [r.grad is not None for r in loop.run().history]
+
+    with bench.hypergradient_points():
+        assert grads() == [True] * 5
+    assert grads() == [True, False, False, True, True]

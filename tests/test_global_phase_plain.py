@@ -193,3 +193,16 @@ def test_a_run_directory_logs_and_plots_the_plain_points(tmp_path):
     cells = [dict(zip(header, line.split(","), strict=False)) for line in rows[1:]]
     assert [c["grad_norm"] == "" for c in cells] == [False, True, True, False, False]
     assert len(plot_run(tmp_path / "run", tmp_path / "plots")) >= 3
+
+
+def test_with_auto_samples_a_point_draws_the_minimum():
+    """Its signal-to-noise ratio would measure a hypergradient that nothing follows."""
+    problem, _ = ridge_problem(lam=0.05, batch_size=6)
+    loop = HyperOptimizer(problem, lr=0.3, stopping=Stopping(max_steps=5, patience=None),
+                          plan=OfflinePlan(samples="auto", max_samples=6, explore=2,
+                                           explore_when="always"))
+    history = loop.run().history
+    assert [r.samples for r in history[1:3]] == [2, 2]
+    assert history[2].trainings - history[0].trainings == 4
+    assert history[0].grad_snr is not None and history[1].grad_snr is None
+    assert history[1].val_loss_std > 0  # two minibatch orders, two losses
