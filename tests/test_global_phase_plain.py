@@ -206,3 +206,13 @@ def test_with_auto_samples_a_point_draws_the_minimum():
     assert history[2].trainings - history[0].trainings == 4
     assert history[0].grad_snr is not None and history[1].grad_snr is None
     assert history[1].val_loss_std > 0  # two minibatch orders, two losses
+
+
+def test_a_data_parallel_method_keeps_the_points_hypergradients():
+    """Its collectives keep the ranks' losses equal; a plain training shards nothing and runs
+    on every rank alone (in one process the method runs unsharded)."""
+    problem, _ = ridge_problem(lam=0.05)
+    loop = HyperOptimizer(problem, method=hd.distributed.data_parallel("reverse"), lr=0.3,
+                          stopping=Stopping(max_steps=4, patience=None),
+                          plan=OfflinePlan(explore=2, explore_when="always"))
+    assert all(r.grad is not None for r in loop.run().history)

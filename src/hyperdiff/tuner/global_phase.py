@@ -22,7 +22,8 @@ Every step of the phase is an ordinary training with its record, so the guard, t
 and the checkpoint treat it as any other step; the points are a function of the seed and the
 start alone, so a resumed run draws the same ones. The points train plainly (no hypergradient:
 the gradient phase follows none of theirs; only step 0's decides whether the phase runs), at
-1x a plain training instead of the method's 2-4x, to the same theta_T bit for bit.
+1x a plain training instead of the method's 2-4x, to the same theta_T bit for bit; not with
+discrete hyperparameters or a data-parallel method (``OfflinePlan.evaluate``).
 
 The gradient phase starts from the best step, whose hypergradient a plain point has not
 computed. When its first step fails there (a hypergradient or loss that is not finite on the

@@ -253,10 +253,13 @@ class OfflinePlan:
 
     def evaluate(self, loop: Any, step: int, raw: dict[str, Tensor]) -> Outcome:
         """Train every slot at ``raw`` and combine their hypergradients; a point of the global
-        phase (without discrete hyperparameters, whose hook wants every step's estimate) trains
-        plainly: the gradient phase follows none of their hypergradients."""
+        phase trains plainly (the gradient phase follows none of their hypergradients), except
+        with discrete hyperparameters (their hook wants every step's estimate) and with a
+        data-parallel method (a plain training shards no batch: every rank would train the
+        whole of it on its own, where the method's collectives keep the ranks' losses equal)."""
         self._evaluated = None
-        plain = 1 <= step < self.gradient_start and loop.discrete is None
+        plain = (1 <= step < self.gradient_start and loop.discrete is None
+                 and not self.sampler.method.options.get("data_parallel"))
         outcome = sampled_outcome(loop, self.sampler, step, raw, plain)
         self._evaluated = (step, raw, None)
         return outcome
