@@ -15,6 +15,9 @@ directories, whether choosing the step by a smoothed loss instead would test bet
 - or, simpler (``local r`` variants), score each visited step by the mean selection loss of the
   visited steps within ``r`` raw units of it in every coordinate (itself included) and pick the
   lowest score;
+- or (``stable r`` variants) pick the lowest selection loss among the steps whose
+  hypergradient norm is at most ``r x max(|L_val|, 1)``: a training near the edge of
+  stability is chaotic in its hyperparameters, and its loss one draw of a wide spread;
 - or (``top k x c`` variants) train each of the ``k`` steps with the lowest selection loss ``c``
   more times at its values, on the minibatch seeds ``outer.confirm`` would use
   (:func:`~hyperdiff.seeds.confirm_seed`), and pick the lowest mean of its ``1 + c`` selection
@@ -73,9 +76,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "top 3 x 2": {"top": 3, "count": 2},
     "top 5 x 1": {"top": 5, "count": 1},
     "top 3 x 4": {"top": 3, "count": 4},
+    "stable 10": {"stable": 10.0},
+    "stable 30": {"stable": 30.0},
+    "stable 100": {"stable": 100.0},
 }
 """Variant name -> GP options (one length for all coordinates or one each, the loss transform),
-a local mean's radius, or the finalists and their extra trainings."""
+a local mean's radius, the finalists and their extra trainings, or the largest hypergradient
+norm of a step that may be picked, as a multiple of ``max(|its validation loss|, 1)``."""
 DEFAULT_VARIANTS = ("iso log", "iso bilog", "ard bilog")
 MIN_LENGTH = 0.3
 
@@ -112,6 +119,18 @@ def local_pick(x: np.ndarray, y: np.ndarray, *, radius: float) -> tuple[int, np.
     near = np.abs(x[:, None, :] - x[None, :, :]).max(-1) <= radius  # (n, n), diagonal true
     mean = (near * y[None, :]).sum(1) / near.sum(1)
     return int(np.argmin(mean)), mean, f"local mean within {radius:g}"
+
+
+def stable_pick(records: list[Any], y: np.ndarray, *, stable: float
+                ) -> tuple[int, np.ndarray, str]:
+    """Index of the lowest ``y`` among the steps whose hypergradient norm is at most ``stable``
+    x ``max(|validation loss|, 1)`` (a step without a hypergradient, a plain point of the
+    global phase, may be picked), the scores (``inf`` where not), and a description; all steps
+    when none qualifies."""
+    calm = np.array([r.grad_norm is None or r.grad_norm <= stable * max(abs(r.val_loss), 1.0)
+                     for r in records])
+    score = np.where(calm, y, np.inf) if calm.any() else y
+    return int(np.argmin(score)), score, f"hypergradient norm <= {stable:g} x max(|L_val|, 1)"
 
 
 def run_rows(run: Path, variants: tuple[str, ...] = DEFAULT_VARIANTS,
@@ -161,6 +180,8 @@ def run_rows(run: Path, variants: tuple[str, ...] = DEFAULT_VARIANTS,
         options = VARIANTS[name]
         if "top" in options:
             index, mean, kernel = confirmed_pick(**options)
+        elif "stable" in options:
+            index, mean, kernel = stable_pick(ok, y, **options)
         else:
             pick = local_pick if "radius" in options else smoothed_pick
             index, mean, kernel = pick(x, y, **options)

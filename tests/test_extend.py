@@ -121,7 +121,8 @@ def test_a_stored_config_without_stop_extend_reads_as_it_ran(tmp_path):
     assert load_config(path, stored=True).stop.extend == 0  # written before the rule
     path.write_text('[task]\nname = "mlp_digits"\n[stop]\ntravel = 3\nextend = 7\n')
     assert load_config(path, stored=True).stop.extend == 7
-    assert legacy_values({"stop": {"travel": 3}})["stop"] == {"travel": 3, "extend": 0}
+    assert legacy_values({"stop": {"travel": 3}})["stop"] == {"travel": 3, "extend": 0,
+                                                              "chaos_ratio": 0.0}
 
 
 def test_a_meta_run_refuses_stop_extend():

@@ -166,7 +166,7 @@ def test_a_stored_config_without_stop_travel_reads_as_it_ran(tmp_path):
     path.write_text('[task]\nname = "mlp_digits"\n[stop]\ntravel = 2\n')
     assert load_config(path, stored=True).stop.travel == 2
     assert legacy_values({"stop": {"patience": 3}})["stop"] == {"patience": 3, "travel": 0,
-                                                                "extend": 0}
+                                                                "extend": 0, "chaos_ratio": 0.0}
     # a new run gets today's default, the library's and the config's alike
     fresh = load_config(data={"task": {"name": "mlp_digits"}})
     assert fresh.stop.travel == Stopping().travel == 3

@@ -41,6 +41,7 @@ from hyperdiff.tuner.online_plan import LOWERING, SCHEDULE_OVER
 from hyperdiff.tuner.online_rescue import TRIES as RESCUE_TRIES
 from hyperdiff.tuner.online_retry import TRIES as RETRY_TRIES
 from hyperdiff.tuner.outer_steps import DEFAULT_OFFLINE, offline_optimizers
+from hyperdiff.tuner.stopping import CHAOS_RATIO
 from hyperdiff.tuner.windows import window_starts
 
 ONLINE_GROWTH = 0.2
@@ -258,6 +259,10 @@ class StopConfig:
     extend: int = option(0, "offline: at most this many outer steps past stop.max_steps while a "
                          "value still travels (the stop.travel test; constant outer schedule "
                          "only; 0: off; docs/driver.md)", low=0)
+    chaos_ratio: float = option(CHAOS_RATIO, "offline: a step whose hypergradient norm is above "
+                                "this many times max(|validation loss|, 1) is chaotic (trained "
+                                "near the edge of stability) and ranked below every calm step "
+                                "(0: off; docs/driver.md)", low=0.0)
 
 
 @dataclass(frozen=True)
@@ -427,7 +432,8 @@ def legacy_values(source: dict[str, Any]) -> dict[str, Any]:
     ``outer.train_seed`` trained online on its problem's own seed: the default (-1), so it
     needs no entry here. A ``[stop]`` without ``stop.travel`` was written when early stopping
     counted every step (0), one without ``stop.extend`` when the budget did not wait for a
-    travelling value (0). A ``[method]`` of the curvature model without
+    travelling value (0), one without ``stop.chaos_ratio`` when chaotic steps were ranked by their
+loss (0). A ``[method]`` of the curvature model without
     ``curvature_scale`` was written when its scale was the batch's rows on a fixed batch too
     (``"rows"``; session 34 made it 1 there: ``"auto"``)."""
     method, outer = source.get("method"), source.get("outer")
@@ -440,6 +446,8 @@ def legacy_values(source: dict[str, Any]) -> dict[str, Any]:
         source = _merge(source, {"stop": {"travel": 0}})
     if isinstance(stop, dict) and "extend" not in stop:
         source = _merge(source, {"stop": {"extend": 0}})
+    if isinstance(stop, dict) and "chaos_ratio" not in stop:
+        source = _merge(source, {"stop": {"chaos_ratio": 0.0}})
     outer = source.get("outer", {})
     if not isinstance(outer, dict):
         return source

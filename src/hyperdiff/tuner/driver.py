@@ -26,6 +26,7 @@ or a stopping rule ends it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -51,8 +52,9 @@ from hyperdiff.tuner.history import History, StepRecord, finite_or_none, natural
 from hyperdiff.tuner.offline_plan import OfflinePlan
 from hyperdiff.tuner.outer_steps import default_schedule, outer_optimizer
 from hyperdiff.tuner.plan import Outcome, Plan
-from hyperdiff.tuner.stopping import Stopping, ranking_loss, tied
+from hyperdiff.tuner.stopping import Stopping, calm, ranking_loss, tied
 from hyperdiff.typing import Batch
+from hyperdiff.wording import option
 
 Callback = Callable[["HyperOptimizer", StepRecord], None]
 _LOG = get_logger("driver")
@@ -322,14 +324,18 @@ class HyperOptimizer:
         self.guard.succeeded(snapshot)
         if self.discrete is not None:
             self.discrete.commit()
-        best = False
+        best, passed = False, ""
         if self.plan.ranks:
-            best = self._rank(step, raw, outcome.fields["val_loss"], selection)
+            best, passed = self._rank(step, raw, outcome.fields["val_loss"], selection,
+                                      outcome.fields.get("grad_norm"))
             if outcome.grad is not None:  # a step without an update says nothing of it
                 self._converged(stored, outcome.fields["grad_norm"])
         record = self._make_record(step, raw, started, status="ok", lr=lr, best=best,
                                    selection_loss=selection, **outcome.fields)
         record = self.plan.commit(self, outcome, record)
+        if passed:
+            record = dataclasses.replace(
+                record, message="; ".join(filter(None, (record.message, passed))))
         return self._append(record)
 
     def learning_rate(self, step: int) -> float:
@@ -414,21 +420,39 @@ class HyperOptimizer:
         selection = self.plan.selection_loss(self, outcome)
         return float(outcome.fields["val_loss"] if selection is None else selection)
 
-    def _rank(self, step: int, raw: dict[str, Tensor], val: float, selection: float | None
-              ) -> bool:
+    def _rank(self, step: int, raw: dict[str, Tensor], val: float, selection: float | None,
+              grad_norm: float | None) -> tuple[bool, str]:
         """Whether ``step`` is the new best by its ranking loss (:mod:`hyperdiff.tuner.stopping`):
-        the validation loss ``val`` or the ``selection`` loss; counts the steps since."""
+        the validation loss ``val`` or the ``selection`` loss, a calm step above every chaotic
+        one (``grad_norm``; where the plan reads ``stopping.chaos_ratio``); counts the steps
+        since. Also the record's note when a lower loss was passed over as chaotic."""
         key = ranking_loss(step, self.tie_steps, selection is not None)
         criterion = selection if key == "selection" else val
         reference = None if self.best is None else self.best.get(key, self.best["value"])
-        is_best = reference is None or criterion < reference - self.stopping.min_delta
+        lower = reference is None or criterion < reference - self.stopping.min_delta
+        ratio = self.stopping.chaos_ratio if self.plan.reads_chaos else None
+        quiet = calm(grad_norm, val, ratio)
+        incumbent = self.best is None or self._calm_step(int(self.best["step"]), ratio)
+        is_best = self.best is None or (quiet and not incumbent) or (
+            quiet == incumbent and lower)
+        passed = ""
+        if lower and not is_best and self.best is not None:
+            passed = (f"not ranked above step {self.best['step']} although its {key} loss is "
+                      f"lower: its hypergradient norm {grad_norm:.3g} is above "
+                      f"{option('chaos_ratio', 'stop.chaos_ratio')} {ratio:g} x "
+                      "max(|validation loss|, 1) (chaotic)")
         if is_best:
             self.best = {"step": step, "raw": raw, "value": criterion, "val": val,
                          "selection": selection}
             self.since_best = 0
         else:
             self.since_best += 1
-        return is_best
+        return is_best, passed
+
+    def _calm_step(self, step: int, ratio: float | None) -> bool:
+        """Whether the recorded ``step`` is calm (:func:`~hyperdiff.tuner.stopping.calm`)."""
+        record = next(r for r in reversed(self.history) if r.step == step)
+        return calm(record.grad_norm, record.val_loss, ratio)
 
     def _converged(self, before: dict[str, Tensor], grad_norm: float) -> None:
         """Stop when the hypergradient or the raw step is below its tolerance."""

@@ -94,6 +94,7 @@ class MetaPlan(OfflinePlan):
     # Adam, MAML's outer optimizer (signstep, the offline default, was measured on tuning
     # tasks, not on meta-learning: docs/driver.md)
     default_optimizer = "adam"
+    reads_chaos = False  # ranks by loss: the rule was measured on tuning tasks (Stopping)
 
     def __init__(self, tasks: TaskDistribution | Any, batch: int = 1,
                  validation_tasks: int = 0):

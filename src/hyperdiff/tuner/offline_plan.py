@@ -119,6 +119,7 @@ class OfflinePlan:
     flat_leaf = False  # one leaf per name (clip_grad_norm_ over the leaves)
     optimizer_key = "optimizer"
     ranks = True
+    reads_chaos = True  # ranks a calm step above a chaotic one (Stopping.chaos_ratio)
     zero_lr = False  # a zero outer rate would retrain the same values every step
     optimizers = tuple(offline_optimizers())  # torch.optim's and tuner/outer_steps.py's
     default_optimizer = DEFAULT_OFFLINE  # measured across tasks (docs/driver.md)

@@ -218,6 +218,7 @@ class OnlinePlan:
     flat_leaf = True  # one flat leaf of all raw values (clip_grad_norm_ over it)
     optimizer_key = "outer"
     ranks = False  # no best step: the run's final values and model are its result
+    reads_chaos = False
     zero_lr = True  # lr = 0: one training with its window hypergradients measured
     optimizers = tuple(OPTIMIZERS)  # torch.optim's (outer_steps.py's are measured offline)
     default_optimizer = "adam"

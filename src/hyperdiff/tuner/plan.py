@@ -68,6 +68,7 @@ class Plan(Protocol):
     flat_leaf: bool  # the outer optimizer steps one flat leaf (True) or one leaf per name
     optimizer_key: str  # the outer optimizer's entry in checkpoints and guard snapshots
     ranks: bool  # the loop ranks steps (best step, early stopping, convergence)
+    reads_chaos: bool  # its ranking passes over chaotic steps (Stopping.chaos_ratio)
     zero_lr: bool  # an outer learning rate of 0 is allowed (hypergradients measured only)
     optimizers: tuple[str, ...]  # the outer optimizers it takes, by name
     default_optimizer: str  # the one HyperOptimizer(optimizer=None) uses
