@@ -119,3 +119,30 @@ def test_confirm_with_warm_starts_is_refused():
                        r"warm_start .* \(got 1\)"):
         HyperOptimizer(problem(), plan=OfflinePlan(confirm=1, warm_start=True),
                        selection=SELECTION)
+
+
+def test_a_chaotic_step_is_not_confirmed():
+    """At a chaos ratio that makes some steps chaotic, only calm steps are confirmed (a step's
+    trainings jump by 1 + confirm where it was), where without the rule a chaotic one was."""
+
+    def run(ratio):
+        plan = OfflinePlan(explore=0, confirm=2)
+        return HyperOptimizer(problem(), plan=plan, method=hd.reverse(), lr=0.3,
+                              selection=SELECTION, seed=SEED,
+                              stopping=Stopping(max_steps=STEPS, patience=None,
+                                                chaos_ratio=ratio)).run().history
+
+    def confirmed(history):
+        counts = [r.trainings for r in history]
+        return {r.step for r, before in zip(history, [0, *counts], strict=False)
+                if r.trainings - before == 3}
+
+    def chaotic(record, ratio):
+        return record.grad_norm > ratio * max(abs(record.val_loss), 1.0)
+
+    free = run(None)
+    ratios = sorted(r.grad_norm / max(abs(r.val_loss), 1.0) for r in free)
+    ratio = ratios[len(ratios) // 2]
+    assert any(chaotic(free[s], ratio) for s in confirmed(free))  # the rule has work to do
+    ruled = run(ratio)
+    assert confirmed(ruled) and not any(chaotic(ruled[s], ratio) for s in confirmed(ruled))

@@ -428,13 +428,8 @@ class HyperOptimizer:
         since. Also the record's note when a lower loss was passed over as chaotic."""
         key = ranking_loss(step, self.tie_steps, selection is not None)
         criterion = selection if key == "selection" else val
-        reference = None if self.best is None else self.best.get(key, self.best["value"])
-        lower = reference is None or criterion < reference - self.stopping.min_delta
-        ratio = self.stopping.chaos_ratio if self.plan.reads_chaos else None
-        quiet = calm(grad_norm, val, ratio)
-        incumbent = self.best is None or self._calm_step(int(self.best["step"]), ratio)
-        is_best = self.best is None or (quiet and not incumbent) or (
-            quiet == incumbent and lower)
+        is_best, lower = self.ranks_above_best(key, criterion, val, grad_norm)
+        ratio = self.stopping.chaos_ratio
         passed = ""
         if lower and not is_best and self.best is not None:
             passed = (f"not ranked above step {self.best['step']} although its {key} loss is "
@@ -448,6 +443,21 @@ class HyperOptimizer:
         else:
             self.since_best += 1
         return is_best, passed
+
+    def ranks_above_best(self, key: str, criterion: float | None, val: float,
+                         grad_norm: float | None) -> tuple[bool, bool]:
+        """Whether a step with ranking loss ``criterion`` (of kind ``key``), validation loss
+        ``val`` and hypergradient norm ``grad_norm`` would be the new best (a calm step above
+        every chaotic one, then the lower loss), and whether its loss is lower."""
+        reference = None if self.best is None else self.best.get(key, self.best["value"])
+        lower = reference is None or (criterion is not None
+                                      and criterion < reference - self.stopping.min_delta)
+        if self.best is None:
+            return True, lower
+        ratio = self.stopping.chaos_ratio if self.plan.reads_chaos else None
+        quiet = calm(grad_norm, val, ratio)
+        incumbent = self._calm_step(int(self.best["step"]), ratio)
+        return (quiet and not incumbent) or (quiet == incumbent and lower), lower
 
     def _calm_step(self, step: int, ratio: float | None) -> bool:
         """Whether the recorded ``step`` is calm (:func:`~hyperdiff.tuner.stopping.calm`)."""

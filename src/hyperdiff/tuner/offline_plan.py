@@ -275,22 +275,21 @@ class OfflinePlan:
         if done is not None:
             return done
         value = float(outcome.kept)
-        if self._beats_best(loop, step, value):
+        if self._beats_best(loop, step, value, outcome):
             self.sampler.trainings += self.confirm * len(self.problems)
             value = confirmed(value, self.problems, loop.selection, raw, seed=loop.seed,
                               step=step, count=self.confirm)
         self._evaluated = (step, raw, value)
         return value
 
-    def _beats_best(self, loop: Any, step: int, value: float) -> bool:
-        """Whether ``value`` would make ``step`` the best (as the loop ranks: only a step
-        ranked by its selection loss is confirmed)."""
+    def _beats_best(self, loop: Any, step: int, value: float, outcome: Outcome) -> bool:
+        """Whether ``value`` would make ``step`` the best (as the loop ranks, chaotic steps
+        below calm ones: only a step ranked by its selection loss is confirmed)."""
         if ranking_loss(step, loop.tie_steps, True) != "selection":
             return False
-        if loop.best is None:
-            return True
-        reference = loop.best.get("selection", loop.best["value"])
-        return reference is None or value < reference - loop.stopping.min_delta
+        fields = outcome.fields
+        return bool(loop.ranks_above_best("selection", value, fields["val_loss"],
+                                          fields.get("grad_norm"))[0])
 
     def commit(self, loop: Any, outcome: Outcome, record: StepRecord) -> StepRecord:
         """In the global phase: name the point, and after the last go to the best step; at
