@@ -1,4 +1,5 @@
-"""Chaotic steps are ranked below calm ones (``Stopping.chaos_ratio``, ``stop.chaos_ratio``).
+"""Chaotic steps are ranked below calm ones (``Stopping.chaos_ratio``, ``stop.chaos_ratio``; off
+by default).
 
 A stand-in method returns, per outer step (found from its minibatch seed), a chosen validation
 loss and a hypergradient of a chosen norm, so the ranking's every case is set by hand: the
@@ -102,7 +103,8 @@ def test_a_resumed_run_ranks_as_the_straight_one(stop_at):
     problem, _ = ridge_problem(lam=0.05)
     resumed = HyperOptimizer(problem, method=scripted(LOSSES, NORMS), lr=1e-6,
                              plan=OfflinePlan(explore=0),
-                             stopping=Stopping(max_steps=len(LOSSES), patience=None))
+                             stopping=Stopping(max_steps=len(LOSSES), patience=None,
+                                               chaos_ratio=30.0))
     resumed.load_state_dict(copy.deepcopy(first.state_dict()), history=list(first.history))
     resumed.run()
     assert [r.without_timing() for r in resumed.history] == [r.without_timing()
@@ -115,16 +117,15 @@ def test_bad_ratios_are_refused():
             Stopping(chaos_ratio=bad)
 
 
-def test_the_config_default_and_a_stored_config_without_the_key(tmp_path):
+def test_off_by_default_on_when_set_and_a_stored_config_without_the_key(tmp_path):
     from hyperdiff.app.config import legacy_values, load_config
     from hyperdiff.app.plans import build
-    from hyperdiff.tuner.stopping import CHAOS_RATIO
 
     config = load_config(overrides=["task.name=ridge_diabetes"])
-    assert config.stop.chaos_ratio == CHAOS_RATIO == 30.0
-    assert build(config)[1].stopping.chaos_ratio == 30.0
-    off = load_config(overrides=["task.name=ridge_diabetes", "stop.chaos_ratio=0"])
-    assert build(off)[1].stopping.chaos_ratio is None
+    assert config.stop.chaos_ratio == 0.0 and Stopping().chaos_ratio is None
+    assert build(config)[1].stopping.chaos_ratio is None
+    on = load_config(overrides=["task.name=ridge_diabetes", "stop.chaos_ratio=30"])
+    assert build(on)[1].stopping.chaos_ratio == 30.0
     path = tmp_path / "config.toml"
     path.write_text('[task]\nname = "ridge_diabetes"\n[stop]\ntravel = 3\nextend = 0\n')
     assert load_config(path, stored=True).stop.chaos_ratio == 0.0  # written before the rule
