@@ -75,14 +75,17 @@ def test_points_record_the_hand_written_unrolls_loss_and_no_hypergradient():
     assert [r.trainings for r in history] == list(range(1, 8))
 
 
-def test_the_run_is_the_one_that_computed_the_points_hypergradients(monkeypatch):
-    """With minibatches and two samples a step: the same values, losses, best steps and outer
-    learning rates as when every point also computes its (unused) hypergradient."""
+@pytest.mark.parametrize("warm_start", [False, True])
+def test_the_run_is_the_one_that_computed_the_points_hypergradients(monkeypatch, warm_start):
+    """With minibatches and two samples a step (and warm starts: each slot goes on from its
+    last theta): the same values, losses, best steps and outer learning rates as when every
+    point also computes its (unused) hypergradient."""
 
     def build():
         problem, _ = ridge_problem(lam=0.05, batch_size=6)
         return HyperOptimizer(problem, lr=0.3, schedule="cosine",
-                              plan=OfflinePlan(samples=2, explore=4, explore_when="always"),
+                              plan=OfflinePlan(samples=2, explore=4, explore_when="always",
+                                               warm_start=warm_start),
                               stopping=Stopping(max_steps=9, patience=None))
 
     plain = build().run().history
