@@ -141,3 +141,21 @@ def test_the_global_phase_benchmark_compares_plain_points_with_the_old_rule():
     with bench.hypergradient_points():
         assert grads() == [True] * 5
     assert grads() == [True, False, False, True, True]
+
+
+def test_the_confirm_chaotic_prototype_puts_the_plan_back():
+    """The prototype swaps ``OfflinePlan._beats_best`` for its run only; a calm step is never
+    confirmed by it."""
+    from types import SimpleNamespace
+
+    from hyperdiff.tuner.offline_plan import OfflinePlan
+
+    bench = load("confirm_chaotic")
+    before = OfflinePlan._beats_best
+    bench.run("ridge_diabetes", 5, 0, confirm=2)
+    assert OfflinePlan._beats_best is before
+    calm = SimpleNamespace(fields={"grad_norm": 0.1, "val_loss": 0.5})
+    loop = SimpleNamespace(tie_steps=0, ranks_above_best=lambda *a: (True, True))
+    assert not bench.chaotic_would_be_best(None, loop, 3, 0.1, calm)
+    chaotic = SimpleNamespace(fields={"grad_norm": 100.0, "val_loss": 0.5})
+    assert bench.chaotic_would_be_best(None, loop, 3, 0.1, chaotic)
