@@ -19,16 +19,13 @@ default.
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
-import torch
 from torch import Tensor
 
 from hyperdiff.engine.problem import Problem
-from hyperdiff.engine.training import check_finite_losses, train, validation_loss
-from hyperdiff.errors import NonFiniteError
 from hyperdiff.seeds import confirm_seed
+from hyperdiff.tuner.sampler import train_plainly
 from hyperdiff.typing import Batch
 
 
@@ -40,16 +37,8 @@ def confirmation_loss(problem: Problem, selection: list[Batch], raw: dict[str, T
     Raises:
         NonFiniteError: the training diverged or the loss is not finite.
     """
-    seeded = replace(problem, seed=seed)
-    state, losses = train(seeded, raw)
-    check_finite_losses(losses, "confirm")
-    probe = replace(seeded, val_data=selection)
-    with torch.no_grad():
-        hview = problem.hparams.view(problem.raw_tensors(raw))
-        value = float(validation_loss(probe, state.params, state.buffers, hview))
-    if not math.isfinite(value):
-        raise NonFiniteError(f"confirm: the selection loss is not finite ({value})")
-    return value
+    probe = replace(problem, seed=seed, val_data=selection)
+    return train_plainly(probe, raw, where="confirm", split="selection").value
 
 
 def confirmed(first: float, problems: list[Problem], selection: list[Batch],

@@ -218,19 +218,21 @@ def _hypergradient(trained: Trained) -> HyperGradient:
     return trained
 
 
-def train_plainly(problem: Problem, raw: dict[str, Tensor]) -> PlainTraining:
-    """Train ``problem`` for its T steps at ``raw`` without a graph; its validation loss.
+def train_plainly(problem: Problem, raw: dict[str, Tensor], *, where: str = "plain training",
+                  split: str = "validation") -> PlainTraining:
+    """Train ``problem`` for its T steps at ``raw`` without a graph; its loss on its
+    ``val_data`` (named ``split`` in messages, which begin with ``where``).
 
     Raises:
-        NonFiniteError: a training loss or the validation loss is not finite.
+        NonFiniteError: a training loss or the ``split`` loss is not finite.
     """
     state, losses = train(problem, raw)
-    check_finite_losses(losses, "plain training")
+    check_finite_losses(losses, where)
     hview = problem.hparams.view(problem.raw_tensors(raw))
     with torch.no_grad():
         value = float(validation_loss(problem, state.params, state.buffers, hview))
     if not math.isfinite(value):
-        raise NonFiniteError(f"plain training: the validation loss is not finite ({value})")
+        raise NonFiniteError(f"{where}: the {split} loss is not finite ({value})")
     last = float(losses[-1]) if losses.numel() else math.nan
     return PlainTraining(value, last, dict(state.params), dict(state.buffers))
 
