@@ -143,19 +143,14 @@ def test_the_global_phase_benchmark_compares_plain_points_with_the_old_rule():
     assert grads() == [True, False, False, True, True]
 
 
-def test_the_confirm_chaotic_prototype_puts_the_plan_back():
-    """The prototype swaps ``OfflinePlan._beats_best`` for its run only; a calm step is never
-    confirmed by it."""
-    from types import SimpleNamespace
-
-    from hyperdiff.tuner.offline_plan import OfflinePlan
+def test_the_confirm_chaotic_rows_differ_in_that_key_only():
+    """The benchmark's two runs of a row: the defaults, ``outer.confirm_chaotic`` 0 and 2."""
+    from hyperdiff.app.config import load_config
 
     bench = load("confirm_chaotic")
-    before = OfflinePlan._beats_best
-    bench.run("ridge_diabetes", 5, 0, confirm=2)
-    assert OfflinePlan._beats_best is before
-    calm = SimpleNamespace(fields={"grad_norm": 0.1, "val_loss": 0.5})
-    loop = SimpleNamespace(tie_steps=0, ranks_above_best=lambda *a: (True, True))
-    assert not bench.chaotic_would_be_best(None, loop, 3, 0.1, calm)
-    chaotic = SimpleNamespace(fields={"grad_norm": 100.0, "val_loss": 0.5})
-    assert bench.chaotic_would_be_best(None, loop, 3, 0.1, chaotic)
+    off, on = (load_config(overrides=bench.overrides("ridge_diabetes", 5, 3, c)) for c in (0, 2))
+    assert (off.outer.confirm_chaotic, on.outer.confirm_chaotic) == (0, 2)
+    assert off.inner.steps == on.inner.steps == 5 and off.outer.seed == 3
+    default = load_config(overrides=["task.name=ridge_diabetes", "inner.steps=5",
+                                     "outer.seed=3"])
+    assert on == default

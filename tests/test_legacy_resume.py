@@ -43,14 +43,14 @@ def test_a_stored_config_with_window_growth_is_read_as_written(tmp_path):
     today = {"outer": {"window_growth": 0.3, "explore": 8, "explore_when": "broken",
                        "beta1": 0.5, "beta2": 0.9, "rescue": 3, "settle": 0.75,
                        "schedule_over": "steps", "lowering": 0.5, "retry": 2, "confirm": 1,
-                       "revert": 3, "common_seed": True}}
+                       "confirm_chaotic": 3, "revert": 3, "common_seed": True}}
     assert legacy_values(today) == today
     assert legacy_values({"outer": {"window_growth": 0.3, "beta1": 0.5, "beta2": 0.9,
                                     "settle": 0.5}}) == {
         "outer": {"window_growth": 0.3, "beta1": 0.5, "beta2": 0.9, "settle": 0.5,
                   "explore": 0, "explore_when": "always", "rescue": 0,
                   "schedule_over": "windows", "lowering": 1.0, "retry": 0, "confirm": 0,
-                  "revert": 0, "common_seed": False}}
+                  "confirm_chaotic": 0, "revert": 0, "common_seed": False}}
 
 
 def loop():

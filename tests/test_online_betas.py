@@ -87,7 +87,7 @@ def test_a_stored_config_without_the_betas_reads_torchs():
     current = {"outer": {"mode": "online", "window_growth": 0.2, "explore_when": "broken",
                          "beta1": 0.5, "beta2": 0.9, "rescue": 3, "settle": 0.75,
                          "schedule_over": "steps", "lowering": 1.0, "retry": 2,
-                         "confirm": 1, "revert": 0,
+                         "confirm": 1, "confirm_chaotic": 0, "revert": 0,
                          "common_seed": False}}
     assert legacy_values(current) == current
 

@@ -160,6 +160,11 @@ class OuterConfig:
     confirm: int = option(0, "offline: more trainings (other minibatch seeds) of a step whose "
                           "selection loss beats the best so far; it is ranked by their mean "
                           "(0: none; docs/driver.md)", low=0)
+    confirm_chaotic: int = option(2, "offline: as many more trainings of a would-be best "
+                                  "step whose hypergradient is chaotic (norm above 30 x "
+                                  "max(|validation loss|, 1)); skipped with warm starts, "
+                                  "discrete choices, data-parallel methods and a fixed "
+                                  "training batch (0: none; docs/driver.md)", low=0)
     revert: int = option(0, "offline: when the selection loss rose at this many steps in a "
                          "row after the best one, go back to the best step's values with the "
                          "outer learning rate halved (0: never; docs/driver.md)", low=0)
@@ -427,7 +432,8 @@ def legacy_values(source: dict[str, Any]) -> dict[str, Any]:
     ``outer.schedule_over`` when the outer learning rate's cosine ran over the windows, one
     without ``outer.lowering`` when every outer move was kept whole (1), one without
     ``outer.retry`` before the retries of a weak or hot start (0), one without
-    ``outer.confirm`` before a new best was confirmed (0), one without ``outer.revert`` before
+    ``outer.confirm`` before a new best was confirmed (0), one without ``outer.confirm_chaotic``
+    before a chaotic one was (0), one without ``outer.revert`` before
     the return to the best values (0), one without ``outer.common_seed`` when each step drew its
     own minibatch seeds (false);
     ``outer.train_seed`` trained online on its problem's own seed: the default (-1), so it
@@ -471,6 +477,8 @@ loss (0). A ``[method]`` of the curvature model without
         legacy["retry"] = 0
     if "confirm" not in outer:
         legacy["confirm"] = 0
+    if "confirm_chaotic" not in outer:
+        legacy["confirm_chaotic"] = 0
     if "revert" not in outer:
         legacy["revert"] = 0
     if "common_seed" not in outer:

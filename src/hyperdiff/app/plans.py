@@ -148,6 +148,7 @@ def build(config: Config, start: dict[str, Any] | None = None
                        explore=config.outer.explore,
                        explore_decades=config.outer.explore_decades,
                        explore_when=config.outer.explore_when, confirm=config.outer.confirm,
+                       confirm_chaotic=config.outer.confirm_chaotic,
                        revert=config.outer.revert, common_seed=config.outer.common_seed)
     return task, _outer_loop(config, list(task.problems), plan, task.selection)
 
@@ -350,9 +351,12 @@ def own_model_warning(own: Mapping[str, Mapping[str, float]],
 
 
 # --------------------------------------------------------------------------------------- meta
-OFFLINE_ONLY = {"confirm": "the confirmations are", "revert": "the return to the best values is",
+OFFLINE_ONLY = {"confirm": "the confirmations are",
+                "confirm_chaotic": "the confirmations of chaotic steps are",
+                "revert": "the return to the best values is",
                 "common_seed": "the steps' common seeds are"}
-"""Offline plan options an online or meta run refuses unless at their defaults: what each is."""
+"""Offline plan options an online or meta run refuses unless at their defaults or 0: what each
+is."""
 
 
 def _offline_only_explore(config: Config) -> None:
@@ -363,8 +367,9 @@ def _offline_only_explore(config: Config) -> None:
     default = OuterConfig()
     for key, what in OFFLINE_ONLY.items():
         value, expected = getattr(config.outer, key), getattr(default, key)
-        if value != expected:
-            raise HyperdiffError(f"config: outer.{key} must be {expected} with outer.mode = "
+        if value not in (expected, 0):
+            allowed = f"{expected} or 0" if expected else f"{expected}"
+            raise HyperdiffError(f"config: outer.{key} must be {allowed} with outer.mode = "
                                  f"{config.outer.mode!r} ({what} offline only; got "
                                  f"{value})")
     asked = (config.outer.explore, config.outer.explore_when)

@@ -15,6 +15,18 @@ The confirmations give no hypergradient: they only decide whether the step is th
 Measured with one confirmation on the suite's tasks from starts 0.01x-100x off (docs/driver.md,
 session 30): not better on average, worse on ``shapes_cnn``'s own start, +37% trainings; off by
 default.
+
+``confirm_chaotic = c`` (on by default, ``c = 2``) confirms only a would-be best whose
+hypergradient is chaotic (:func:`chaotic`): its norm above ``CHAOS_RATIO x max(|L_val|, 1)``,
+a training near the edge of stability, whose one selection loss is a lucky or unlucky draw from
+a wide spread over minibatch orders. Such a step is confirmed ``max(confirm, c)`` times. The
+rule is skipped (:func:`chaotic_skipped`) where a confirmation could not repeat the step's
+training (warm starts, discrete choices, a data-parallel method, whose trainings shard every
+batch over the ranks) and where it would most likely repeat its loss: problems that all train
+on one fixed batch, where only randomness the loss draws itself (dropout) differs between
+seeds (``confirm`` confirms every new best there). Measured on the suite's default runs with a
+chaotic best (docs/driver.md, "Chaotic steps"): test loss x0.27-x1.006, 2-8 more plain
+trainings a run.
 """
 
 from __future__ import annotations
@@ -26,7 +38,32 @@ from torch import Tensor
 from hyperdiff.engine.problem import Problem
 from hyperdiff.seeds import confirm_seed
 from hyperdiff.tuner.sampler import train_plainly
+from hyperdiff.tuner.stopping import CHAOS_RATIO, calm
 from hyperdiff.typing import Batch
+
+
+def chaotic(grad_norm: float | None, val_loss: float) -> bool:
+    """Whether a step's hypergradient norm is above ``CHAOS_RATIO x max(|val_loss|, 1)``
+    (a step without a hypergradient is not).
+
+    >>> chaotic(150.0, 0.64), chaotic(30.0, 0.64), chaotic(None, 0.64)
+    (True, False, False)
+    """
+    return not calm(grad_norm, val_loss, CHAOS_RATIO)
+
+
+def chaotic_skipped(problems: list[Problem], *, warm_start: bool, discrete: bool,
+                    data_parallel: bool) -> str:
+    """Why ``confirm_chaotic`` does not apply to a run (module doc; ``""``: it does)."""
+    if warm_start:
+        return "warm starts"
+    if discrete:
+        return "discrete hyperparameters"
+    if data_parallel:
+        return "a data-parallel method"
+    if all(getattr(p.train_data, "fixed_batch", False) for p in problems):
+        return "a fixed training batch"
+    return ""
 
 
 def confirmation_loss(problem: Problem, selection: list[Batch], raw: dict[str, Tensor],
@@ -49,4 +86,4 @@ def confirmed(first: float, problems: list[Problem], selection: list[Batch],
     return (first + sum(extra)) / (1 + count)
 
 
-__all__ = ["confirmation_loss", "confirmed"]
+__all__ = ["chaotic", "chaotic_skipped", "confirmation_loss", "confirmed"]

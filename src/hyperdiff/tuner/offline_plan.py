@@ -28,6 +28,12 @@ it). A hypergradient that keeps pointing past the best point (a long, chaotic tr
 docs/driver.md) then searches near it with shorter steps; a run that crosses a plateau or a
 noisy stretch (the loss not rising at every step) goes on.
 
+``confirm_chaotic=c`` (2 by default) trains a step ``c`` more times on other minibatch seeds
+when its selection loss would make it the new best and its hypergradient is chaotic (norm above
+30x its loss: a training near the edge of stability, whose one loss is a lucky or unlucky
+draw), and ranks it by the mean (:mod:`hyperdiff.tuner.confirm`); ``confirm=c`` does so for
+every would-be best.
+
 ``common_seed=True`` trains slot ``i`` of every step on the minibatch seed of step 0's
 (common random numbers): the steps' selection losses then differ by their values only, not
 by the minibatch order and dropout of each step's own seed, and the hypergradient is the
@@ -58,7 +64,7 @@ from hyperdiff.errors import HyperdiffError, NonFiniteError, fail, nonnegative_i
 from hyperdiff.logs import get_logger
 from hyperdiff.methods.base import Method
 from hyperdiff.methods.registry import make_method, methods_where
-from hyperdiff.tuner.confirm import confirmed
+from hyperdiff.tuner.confirm import chaotic, chaotic_skipped, confirmed
 from hyperdiff.tuner.discrete_outer import outer_hook
 from hyperdiff.tuner.distributed.spread import spreader_for
 from hyperdiff.tuner.driver_checks import (
@@ -82,7 +88,13 @@ from hyperdiff.tuner.outer_steps import DEFAULT_OFFLINE, offline_optimizers
 from hyperdiff.tuner.plan import Outcome, bind_once
 from hyperdiff.tuner.sampler import Sampler, estimate_fields, plain_fields
 from hyperdiff.tuner.snr import more_samples_advice
-from hyperdiff.tuner.stopping import ranking_loss, ranking_name, settled_since, travelling
+from hyperdiff.tuner.stopping import (
+    CHAOS_RATIO,
+    ranking_loss,
+    ranking_name,
+    settled_since,
+    travelling,
+)
 from hyperdiff.wording import option
 
 _LOG = get_logger("driver")
@@ -109,6 +121,9 @@ class OfflinePlan:
         confirm: more trainings (other minibatch seeds, no hypergradient) of a step whose
             selection loss beats the best so far, which is then ranked by the mean
             (:mod:`hyperdiff.tuner.confirm`; 0: none).
+        confirm_chaotic: as many confirmations of a would-be best whose hypergradient is
+            chaotic (module doc; 0: none; skipped where
+            :func:`~hyperdiff.tuner.confirm.chaotic_skipped` says why).
         common_seed: every step's slots train on step 0's minibatch seeds (module doc).
         revert: return to the best step's values, with a fresh outer optimizer and the outer
             learning rate cut, after the ranking loss rose at this many steps in a row after
@@ -126,7 +141,8 @@ class OfflinePlan:
 
     def __init__(self, samples: int | str = 1, max_samples: int = 16, warm_start: bool = False,
                  explore: int = 8, explore_decades: float = 2.0, explore_when: str = "weak",
-                 confirm: int = 0, revert: int = 0, common_seed: bool = False):
+                 confirm: int = 0, revert: int = 0, common_seed: bool = False,
+                 confirm_chaotic: int = 2):
         self.auto = auto_samples(samples, max_samples)
         self.samples = self.auto.maximum if self.auto else positive_int(
             "HyperOptimizer", "samples", samples)  # the stride of seeds and warm slots
@@ -138,6 +154,10 @@ class OfflinePlan:
                        explore_when)
         self.explore_when = explore_when
         self.confirm = nonnegative_int("HyperOptimizer", "confirm", confirm)
+        self.confirm_chaotic = nonnegative_int("HyperOptimizer", "confirm_chaotic",
+                                               confirm_chaotic)
+        self.chaotic_count = 0  # confirm_chaotic where the run allows it (set by bind)
+        self._note = ""  # the record's note on the step's chaotic confirmation
         self.revert = nonnegative_int("HyperOptimizer", "revert", revert)
         if not isinstance(common_seed, bool):
             raise fail("HyperOptimizer", "common_seed", "True or False", common_seed)
@@ -172,6 +192,12 @@ class OfflinePlan:
         loop.discrete = outer_hook(loop.hparams, seed=loop.seed, samples=self.samples,
                                    max_steps=loop.stopping.max_steps, folds=len(loop.problems))
         check_confirm(self.confirm, self.warm_start, loop)
+        skipped = chaotic_skipped(loop.problems, warm_start=self.warm_start,
+                                  discrete=loop.discrete is not None,
+                                  data_parallel=bool(method.options.get("data_parallel")))
+        if skipped and self.confirm_chaotic:
+            _LOG.debug("HyperOptimizer: confirm_chaotic does not apply with %s", skipped)
+        self.chaotic_count = 0 if skipped else self.confirm_chaotic
         self.problems = loop.problems
         self._start = loop.hparams.raw
         self._candidates = explore_points(loop.hparams, self._start, self.explore,
@@ -258,7 +284,7 @@ class OfflinePlan:
         with discrete hyperparameters (their hook wants every step's estimate) and with a
         data-parallel method (a plain training shards no batch: every rank would train the
         whole of it on its own, where the method's collectives keep the ranks' losses equal)."""
-        self._evaluated = None
+        self._evaluated, self._note = None, ""
         plain = (1 <= step < self.gradient_start and loop.discrete is None
                  and not self.sampler.method.options.get("data_parallel"))
         outcome = sampled_outcome(loop, self.sampler, step, raw, plain)
@@ -266,21 +292,39 @@ class OfflinePlan:
         return outcome
 
     def selection_loss(self, loop: Any, outcome: Outcome) -> float | None:
-        """The slots' mean selection loss, measured where each was trained; with ``confirm``,
-        for a step that beats the best, the mean with its confirmations (asked once a step:
-        the value is kept for the second call)."""
-        if not self.confirm or outcome.kept is None or self._evaluated is None:
+        """The slots' mean selection loss, measured where each was trained; for a step that
+        beats the best, with ``confirm`` (or ``confirm_chaotic`` and a chaotic hypergradient),
+        the mean with its confirmations (asked once a step: the value is kept for the second
+        call)."""
+        wanted = self.confirm or self.chaotic_count
+        if not wanted or outcome.kept is None or self._evaluated is None:
             return outcome.kept
         step, raw, done = self._evaluated
         if done is not None:
             return done
-        value = float(outcome.kept)
-        if self._beats_best(loop, step, value, outcome):
-            self.sampler.trainings += self.confirm * len(self.problems)
+        own = value = float(outcome.kept)
+        count = self._confirmations(loop, step, value, outcome)
+        if count:
+            self.sampler.trainings += count * len(self.problems)
             value = confirmed(value, self.problems, loop.selection, raw, seed=loop.seed,
-                              step=step, count=self.confirm)
+                              step=step, count=count)
+        if count > self.confirm:
+            self._note = (f"chaotic hypergradient (norm {outcome.fields['grad_norm']:.3g} > "
+                          f"{CHAOS_RATIO:g} x max(|validation loss|, 1)): selection loss "
+                          f"{own:.4g} confirmed on {count} more minibatch seeds, mean "
+                          f"{value:.4g}")
         self._evaluated = (step, raw, value)
         return value
+
+    def _confirmations(self, loop: Any, step: int, value: float, outcome: Outcome) -> int:
+        """How many confirmations ``step`` gets: none unless ``value`` would make it the new
+        best; then ``confirm``, and at least ``confirm_chaotic`` with a chaotic hypergradient
+        (where the run allows it)."""
+        if not self._beats_best(loop, step, value, outcome):
+            return 0
+        fields = outcome.fields
+        rough = chaotic(fields.get("grad_norm"), fields["val_loss"])
+        return max(self.confirm, self.chaotic_count if rough else 0)
 
     def _beats_best(self, loop: Any, step: int, value: float, outcome: Outcome) -> bool:
         """Whether ``value`` would make ``step`` the best (as the loop ranks, chaotic steps
@@ -295,6 +339,9 @@ class OfflinePlan:
         """In the global phase: name the point, and after the last go to the best step; at
         step 0 with ``explore_when`` ``"weak"`` or ``"broken"``, decide whether the phase runs."""
         broken = ""
+        if self._note:
+            record = dataclasses.replace(record, message="; ".join(filter(None, (
+                record.message, self._note))))
         if record.step == 0 and self._waits_for_start():
             broken = self._start_verdict(record, outcome.untrained())
             if broken:
@@ -305,7 +352,8 @@ class OfflinePlan:
             loop.stopped = None  # one point's small hypergradient does not end the phase
         self._end_global_phase(loop, record.step)
         note = self._phase_note(record.step) + (f" ({broken})" if broken else "")
-        return dataclasses.replace(record, message=note)
+        return dataclasses.replace(record, message="; ".join(filter(None, (note,
+                                                                           record.message))))
 
     def _revert(self, loop: Any, record: StepRecord) -> StepRecord:
         """When the ranking loss rose at each of the last ``revert`` successful steps after the
