@@ -197,3 +197,13 @@ def test_the_config_default_a_stored_config_and_other_modes(tmp_path):
     with pytest.raises(hd.HyperdiffError, match=r"outer.confirm_chaotic must be 2 or 0 with "
                        r"outer.mode = 'online' .*got 3\)"):
         build_online(load_config(overrides=[*online, "outer.confirm_chaotic=3"]))
+
+
+def test_a_data_parallel_method_skips_it():
+    """In one process the data-parallel method runs unsharded; the plan still skips the rule
+    (a plain confirmation would not shard the batch as the method's trainings do)."""
+    run = HyperOptimizer(problem(), method=hd.distributed.data_parallel("reverse"), lr=0.3,
+                         selection=SELECTION, seed=SEED, plan=OfflinePlan(explore=0),
+                         stopping=Stopping(max_steps=2, patience=None))
+    assert run.plan.data_parallel and run.plan.chaotic_count == 0
+    assert not loop().plan.data_parallel and loop().plan.chaotic_count == 2

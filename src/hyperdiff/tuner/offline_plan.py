@@ -192,12 +192,6 @@ class OfflinePlan:
         loop.discrete = outer_hook(loop.hparams, seed=loop.seed, samples=self.samples,
                                    max_steps=loop.stopping.max_steps, folds=len(loop.problems))
         check_confirm(self.confirm, self.warm_start, loop)
-        skipped = chaotic_skipped(loop.problems, warm_start=self.warm_start,
-                                  discrete=loop.discrete is not None,
-                                  data_parallel=bool(method.options.get("data_parallel")))
-        if skipped and self.confirm_chaotic:
-            _LOG.debug("HyperOptimizer: confirm_chaotic does not apply with %s", skipped)
-        self.chaotic_count = 0 if skipped else self.confirm_chaotic
         self.problems = loop.problems
         self._start = loop.hparams.raw
         self._candidates = explore_points(loop.hparams, self._start, self.explore,
@@ -209,6 +203,18 @@ class OfflinePlan:
                                 warm_start=self.warm_start, discrete=loop.discrete,
                                 spreader=spreader_for(method, loop.process_group),
                                 common=self.common_seed)
+        skipped = chaotic_skipped(loop.problems, warm_start=self.warm_start,
+                                  discrete=loop.discrete is not None,
+                                  data_parallel=self.data_parallel)
+        if skipped and self.confirm_chaotic:
+            _LOG.debug("HyperOptimizer: confirm_chaotic does not apply with %s", skipped)
+        self.chaotic_count = 0 if skipped else self.confirm_chaotic
+
+    @property
+    def data_parallel(self) -> bool:
+        """Whether the method shards every batch over the ranks (a plain training would not
+        repeat its trainings)."""
+        return bool(self.sampler.method.options.get("data_parallel"))
 
     @property
     def warm(self) -> list[Any]:
@@ -286,7 +292,7 @@ class OfflinePlan:
         whole of it on its own, where the method's collectives keep the ranks' losses equal)."""
         self._evaluated, self._note = None, ""
         plain = (1 <= step < self.gradient_start and loop.discrete is None
-                 and not self.sampler.method.options.get("data_parallel"))
+                 and not self.data_parallel)
         outcome = sampled_outcome(loop, self.sampler, step, raw, plain)
         self._evaluated = (step, raw, None)
         return outcome
