@@ -65,6 +65,7 @@ from hyperdiff.app.config import load_config
 from hyperdiff.app.rundir import RunDir
 from hyperdiff.app.tasks import build_task
 from hyperdiff.seeds import confirm_seed, report_seeds
+from hyperdiff.tuner.stopping import calm
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "iso log": {"ard": False, "transform": "log"},
@@ -127,9 +128,8 @@ def stable_pick(records: list[Any], y: np.ndarray, *, stable: float
     x ``max(|validation loss|, 1)`` (a step without a hypergradient, a plain point of the
     global phase, may be picked), the scores (``inf`` where not), and a description; all steps
     when none qualifies."""
-    calm = np.array([r.grad_norm is None or r.grad_norm <= stable * max(abs(r.val_loss), 1.0)
-                     for r in records])
-    score = np.where(calm, y, np.inf) if calm.any() else y
+    quiet = np.array([calm(r.grad_norm, r.val_loss, stable) for r in records])
+    score = np.where(quiet, y, np.inf) if quiet.any() else y
     return int(np.argmin(score)), score, f"hypergradient norm <= {stable:g} x max(|L_val|, 1)"
 
 

@@ -452,9 +452,9 @@ class HyperOptimizer:
         reference = None if self.best is None else self.best.get(key, self.best["value"])
         lower = reference is None or (criterion is not None
                                       and criterion < reference - self.stopping.min_delta)
-        if self.best is None:
-            return True, lower
         ratio = self.stopping.chaos_ratio if self.plan.reads_chaos else None
+        if self.best is None or ratio is None:
+            return lower, lower
         quiet = calm(grad_norm, val, ratio)
         incumbent = self._calm_step(int(self.best["step"]), ratio)
         return (quiet and not incumbent) or (quiet == incumbent and lower), lower
