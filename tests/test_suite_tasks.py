@@ -17,6 +17,7 @@ import hyperdiff as hd
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 TASK_DIR = BENCH / "suite_tasks"
 OWN_SPLITS = ("char_lm", "shapes_cnn", "tabular_mlp", "gru_seq", "logistic_wide")
+HOLDOUT = ("tabular_bn_dropout", "regression_stream")
 
 
 def load(name: str):
@@ -37,7 +38,7 @@ def row_set(x: torch.Tensor) -> set[bytes]:
     return {r.numpy().tobytes() for r in x.reshape(len(x), -1)}
 
 
-@pytest.mark.parametrize("name", OWN_SPLITS)
+@pytest.mark.parametrize("name", [*OWN_SPLITS, *HOLDOUT])
 def test_splits_disjoint_and_deterministic(name):
     module = load(name)
     first, again, other = module.data(0), module.data(0), module.data(1)
@@ -57,6 +58,35 @@ def test_task_builds_and_trains(name):
     assert task.final_problem.steps == 2
     test = task.evaluate(seeds=(0,))["test"]
     assert math.isfinite(test["loss"]) and 0.0 <= test["accuracy"] <= 1.0
+
+
+def test_the_held_out_tasks_build_and_train():
+    classifier = hd.tasks.build_task(f"{TASK_DIR / 'tabular_bn_dropout'}.py:build", steps=2)
+    test = classifier.evaluate(seeds=(0,))["test"]
+    assert math.isfinite(test["loss"]) and 0.0 <= test["accuracy"] <= 1.0
+    assert classifier.final_problem.buffers  # BatchNorm's running statistics are carried
+    regressor = hd.tasks.build_task(f"{TASK_DIR / 'regression_stream'}.py:build", steps=2)
+    assert set(regressor.evaluate(seeds=(0,))["test"]) == {"loss"}  # a regression: no accuracy
+
+
+def test_the_held_out_regression_target_is_standardized_on_the_training_rows():
+    splits = load("regression_stream").data(0)
+    y = splits["train"][1].double()
+    assert float(y.mean()) == pytest.approx(0.0, abs=1e-6)
+    assert float(y.std()) == pytest.approx(1.0, abs=1e-6)
+    assert [len(splits[k][0]) for k in ("train", "val", "test")] == [48000, 16000, 16000]
+
+
+def test_the_held_out_tasks_are_not_suite_tasks_and_start_like_them():
+    suite = load("suite")
+    assert not set(suite.HOLDOUT_TASKS) & set(suite.TASKS)
+    assert suite.HOLDOUT_TASKS == HOLDOUT
+    for name in HOLDOUT:
+        module = load(name)
+        base = float(module.build(steps=3).hparams.natural()["lr_peak"])
+        assert base == pytest.approx(1e-3)  # the value a user writes first
+        x100 = float(module.build_lr_x100(steps=3).hparams.natural()["lr_peak"])
+        assert x100 == pytest.approx(100 * base)
 
 
 def test_starts_scale_the_learning_rate_only():
