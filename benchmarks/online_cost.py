@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "suite_tasks"))
 
 from online_defaults import plain_training, timed_online  # noqa: E402
-from suite import LR_FREE, SEEDS, TASK_DIR, TASKS, _load, lr_free_row  # noqa: E402
+from suite import HOLDOUT_TASKS, LR_FREE, SEEDS, TASK_DIR, TASKS, _load, lr_free_row  # noqa: E402
 from suite_common import start_name  # noqa: E402
 
 import hyperdiff as hd  # noqa: E402
@@ -222,7 +222,7 @@ def profile_table(blocks: list[dict[str, Any]]) -> str:
 
 def task_arguments(parser: argparse.ArgumentParser) -> None:
     """``--tasks``, ``--configs`` and ``--starts`` (also ``online_matched.py``'s)."""
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS + HOLDOUT_TASKS)
     parser.add_argument("--configs", nargs="+", default=[""],
                         help="override sets, each a space-separated list of key=value")
     parser.add_argument("--starts", nargs="*", type=float, default=[],
