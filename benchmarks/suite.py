@@ -46,8 +46,8 @@ mean of test-loss ratios to TPE-100 and wins per task.
     python benchmarks/suite.py --markdown benchmarks/results/suite.json  # tables for docs
 
 Writes benchmarks/results/suite.json, with ``--quick`` suite_quick.json, with ``--methods`` a subset
-suite_<methods>.json, with a held-out task suite_holdout*.json (``mode``, ``tasks``: one entry per task, ``summary``: one per method,
-``online_vs_lr_free``: per online row the tasks where its own model's mean test loss is at or
+suite_<methods>.json, with a held-out task suite_holdout*.json (:func:`result_name`; ``mode``,
+``tasks``: one entry per task, ``summary``: one per method, ``online_vs_lr_free``: per online row the tasks where its own model's mean test loss is at or
 below the best lr-free optimizer's).
 """
 
@@ -687,6 +687,8 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     settings = replace(QUICK if args.quick else FULL, methods=methods)
+    if args.holdout and args.tasks:
+        parser.error("--holdout runs the held-out tasks: give it or --tasks, not both")
     if args.holdout:
         settings = replace(settings, tasks=HOLDOUT_TASKS)
     if args.tasks:
@@ -723,17 +725,24 @@ def main() -> None:
         "torch": torch.__version__, "tasks": blocks, "summary": summ,
         "online_vs_lr_free": online_vs_lr_free(list(blocks.values())),
     }
-    name = "suite_quick" if args.quick else "suite"
-    if set(settings.tasks) & set(HOLDOUT_TASKS):  # never over the suite's own results
-        name = name.replace("suite", "suite_holdout", 1)
-    if methods != METHODS:
-        name += "_" + "_".join(methods)
-    if settings.steps_factor != 1.0:  # never over the own-length results
-        name += f"_steps{settings.steps_factor:g}"
-    out = Path(args.out or RESULTS / f"{name}.json")
+    out = Path(args.out or RESULTS / f"{result_name(settings, args.quick)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(_clean(payload), indent=1, allow_nan=False) + "\n")
     print(f"wrote {out} ({payload['total_time_s']:.0f} s)")
+
+
+def result_name(settings: Settings, quick: bool) -> str:
+    """The default result file's stem: ``suite`` (``suite_quick``), ``suite_holdout`` when a
+    held-out task runs (never over the suite's own results), then ``_<methods>`` for a subset
+    of :data:`METHODS` and ``_steps<F>`` for a steps factor other than 1."""
+    name = "suite_quick" if quick else "suite"
+    if set(settings.tasks) & set(HOLDOUT_TASKS):
+        name = name.replace("suite", "suite_holdout", 1)
+    if settings.methods != METHODS:
+        name += "_" + "_".join(settings.methods)
+    if settings.steps_factor != 1.0:  # never over the own-length results
+        name += f"_steps{settings.steps_factor:g}"
+    return name
 
 
 def merge(parts: Sequence[dict[str, Any]], out: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,18 @@ def test_the_held_out_tasks_are_not_suite_tasks_and_start_like_them():
         assert base == pytest.approx(1e-3)  # the value a user writes first
         x100 = float(module.build_lr_x100(steps=3).hparams.natural()["lr_peak"])
         assert x100 == pytest.approx(100 * base)
+
+
+def test_a_held_out_result_never_goes_over_the_suites_own():
+    suite = load("suite")
+    assert suite.result_name(suite.FULL, quick=False) == "suite"
+    assert suite.result_name(suite.QUICK, quick=True) == "suite_quick"
+    held_out = replace(suite.FULL, tasks=("gru_seq", "regression_stream"))
+    assert suite.result_name(held_out, quick=False) == "suite_holdout"
+    subset = replace(held_out, methods=("offline", "search"), steps_factor=3.0)
+    assert suite.result_name(subset, quick=False) == "suite_holdout_offline_search_steps3"
+    assert suite.result_name(replace(suite.QUICK, tasks=suite.HOLDOUT_TASKS),
+                             quick=True) == "suite_holdout_quick"
 
 
 def test_starts_scale_the_learning_rate_only():
