@@ -88,6 +88,16 @@ def standardized(x: Tensor, train: Tensor) -> Tensor:
     return (x - mean) / torch.where(std > 0, std, torch.ones_like(std))
 
 
+def standardized_splits(x: Any, y: Any, data_seed: int) -> Splits:
+    """Features ``x`` (rows, d) as float32 standardized by the training rows, labels ``y``
+    (rows,) as a tensor, split 60/20/20 by :func:`split_three` (numpy arrays or tensors)."""
+    train, val, test = split_three(len(x), data_seed)
+    features = standardized(torch.as_tensor(x, dtype=torch.float32), train)
+    labels = torch.as_tensor(y)
+    return {name: (features[idx], labels[idx]) for name, idx in
+            (("train", train), ("val", val), ("test", test))}
+
+
 Splits = dict[str, Any]
 """``{"train": ..., "val": ..., "test": ...}``: each a tuple of tensors, one row per example."""
 

@@ -20,8 +20,7 @@ from suite_common import (
     classification,
     schedule_space,
     seeded_module,
-    split_three,
-    standardized,
+    standardized_splits,
     starts,
 )
 from torch.utils.data import DataLoader, TensorDataset
@@ -41,11 +40,7 @@ def data(data_seed: int = 0, rows: int = 30000) -> Splits:
     x, y = make_classification(
         n_samples=rows, n_features=FEATURES, n_informative=12, n_redundant=6,
         n_classes=CLASSES, flip_y=0.1, class_sep=0.8, random_state=data_seed)
-    train, val, test = split_three(rows, data_seed)
-    x = standardized(torch.tensor(x, dtype=torch.float32), train)
-    y = torch.tensor(y)
-    return {name: (x[idx], y[idx]) for name, idx in
-            (("train", train), ("val", val), ("test", test))}
+    return standardized_splits(x, y, data_seed)
 
 
 def make_mlp(seed: int) -> torch.nn.Module:

@@ -18,8 +18,7 @@ from suite_common import (
     lr_schedule,
     schedule_space,
     seeded_module,
-    split_three,
-    standardized,
+    standardized_splits,
     starts,
 )
 from torch.utils.data import DataLoader, TensorDataset
@@ -39,11 +38,7 @@ def data(data_seed: int = 0, rows: int = 4000) -> Splits:
     x, y = make_classification(
         n_samples=rows, n_features=FEATURES, n_informative=8, n_redundant=4, n_classes=CLASSES,
         n_clusters_per_class=2, weights=[0.75, 0.18, 0.07], flip_y=0.01, random_state=data_seed)
-    train, val, test = split_three(rows, data_seed)
-    x = standardized(torch.tensor(x, dtype=torch.float32), train)
-    y = torch.tensor(y)
-    return {name: (x[idx], y[idx]) for name, idx in
-            (("train", train), ("val", val), ("test", test))}
+    return standardized_splits(x, y, data_seed)
 
 
 def make_mlp(seed: int) -> torch.nn.Module:
