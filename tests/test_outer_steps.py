@@ -14,7 +14,7 @@ from test_driver import ridge_problem
 import hyperdiff as hd
 from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 from hyperdiff.tuner.offline_plan import OfflinePlan
-from hyperdiff.tuner.outer_steps import SignMomentum, SignStep, TrustAdam, default_schedule
+from hyperdiff.tuner.outer_steps import SignStep, TrustAdam
 
 DT = torch.float64
 # gradients with agreeing runs, sign flips and an exact zero, for two coordinates
@@ -57,89 +57,6 @@ def test_sign_step_follows_its_formula(grow, shrink, scales):
         u.grad = torch.tensor(g, dtype=DT)
         opt.step()
         assert u.detach().tolist() == pytest.approx(want, rel=1e-12, abs=1e-15)
-
-
-def sign_momentum_reference(grads, lrs, beta, grow=1.5, shrink=0.5, low=0.01, high=10.0):
-    """The momentum variant written out: ``m <- beta m + (1 - beta) g / ||g||`` (the norm
-    over both coordinates; a zero gradient divides by 1), then iRprop-minus on ``m``'s signs."""
-    u, m, scale, prev, out = [0.0, 0.0], [0.0, 0.0], [1.0, 1.0], [0.0, 0.0], []
-    for g, lr in zip(grads, lrs, strict=True):
-        norm = math.sqrt(g[0] ** 2 + g[1] ** 2) or 1.0
-        for i in range(2):
-            m[i] = beta * m[i] + (1 - beta) * g[i] / norm
-            agree = sign(m[i]) * prev[i]
-            if agree > 0:
-                scale[i] = min(scale[i] * grow, high)
-            elif agree < 0:
-                scale[i] = max(scale[i] * shrink, low)
-            s = 0.0 if agree < 0 else sign(m[i])
-            u[i] -= lr * scale[i] * s
-            prev[i] = s
-        out.append(list(u))
-    return out
-
-
-# across a valley along (1, -1): each gradient points across it, (1, 1) one way and back,
-# plus a small part (0.2, -0.2) along it; one zero gradient
-VALLEY = [(1.2, 0.8), (-0.8, -1.2)] * 2 + [(0.0, 0.0)] + [(-0.8, -1.2), (1.2, 0.8)] * 2 + [
-    (-0.8, -1.2)]
-
-
-@pytest.mark.parametrize("beta", [0.5, 0.8])
-@pytest.mark.parametrize("grads", [GRADS, VALLEY], ids=["mixed", "valley"])
-def test_sign_momentum_follows_its_formula(beta, grads):
-    """Two leaves (the norm is over both), so the normalisation crosses tensors."""
-    a = torch.zeros(1, dtype=DT, requires_grad=True)
-    b = torch.zeros(1, dtype=DT, requires_grad=True)
-    opt = SignMomentum([a, b], lr=1.0, momentum=beta)
-    lrs = LRS[: len(grads)]
-    for g, lr, want in zip(grads, lrs, sign_momentum_reference(grads, lrs, beta), strict=True):
-        opt.param_groups[0]["lr"] = lr
-        a.grad, b.grad = torch.tensor([g[0]], dtype=DT), torch.tensor([g[1]], dtype=DT)
-        opt.step()
-        assert [float(a.detach()), float(b.detach())] == pytest.approx(want, rel=1e-12, abs=1e-15)
-
-
-def test_sign_momentum_moves_along_a_valley_where_sign_steps_stand_still():
-    """On VALLEY plain sign steps flip at every step and move both coordinates alike (across
-    the valley and back); an average over about 5 steps keeps the part along the valley and
-    moves coordinate 0 down and coordinate 1 up."""
-    lrs = [0.1] * len(VALLEY)
-    plain = sign_step_reference(VALLEY, lrs, 1.5, 0.5, 0.01, 10.0)
-    averaged = sign_momentum_reference(VALLEY, lrs, 0.8)
-    assert all(a == b for a, b in plain)
-    assert averaged[-1][0] < -1.5 and averaged[-1][1] > 0.3
-
-
-def test_momentum_zero_is_sign_step_and_the_default_schedule_is_constant():
-    u = torch.zeros(2, dtype=DT, requires_grad=True)
-    opt = SignStep([u], lr=1.0, momentum=0.0)
-    for g, lr, want in zip(GRADS, LRS, sign_step_reference(GRADS, LRS, 1.5, 0.5, 0.01, 10.0),
-                           strict=True):
-        opt.param_groups[0]["lr"] = lr
-        u.grad = torch.tensor(g, dtype=DT)
-        opt.step()
-        assert u.detach().tolist() == pytest.approx(want, rel=1e-12, abs=1e-15)
-    assert "average" not in opt.state[u]
-    assert default_schedule("signmomentum") == default_schedule("signstep") == "constant"
-
-
-def test_sign_momentum_resumes_from_its_state_dict():
-    def run(grads, opt=None, u=None):
-        u = torch.zeros(2, dtype=DT, requires_grad=True) if u is None else u
-        opt = SignMomentum([u], lr=0.1) if opt is None else opt
-        for g in grads:
-            u.grad = torch.tensor(g, dtype=DT)
-            opt.step()
-        return u, opt
-
-    whole, _ = run(VALLEY)
-    half, opt = run(VALLEY[:5])
-    u = half.detach().clone().requires_grad_()
-    again = SignMomentum([u], lr=0.1)
-    again.load_state_dict(opt.state_dict())
-    resumed, _ = run(VALLEY[5:], again, u)
-    assert torch.equal(resumed.detach(), whole.detach())
 
 
 def trust_adam_reference(grads, losses, lr, grow, shrink, low, high, b1=0.9, b2=0.999,
@@ -210,10 +127,6 @@ def test_driver_passes_the_selection_loss_to_trust_adam():
     (lambda u: SignStep([u], scales=(2.0, 1.0)),
      "SignStep: scales must be a pair (low, high) with 0 < low <= 1 <= high < inf "
      "(got (2.0, 1.0))"),
-    (lambda u: SignStep([u], momentum=1.0), "SignStep: momentum must be a number in [0, 1) "
-     "(got 1.0)"),
-    (lambda u: SignMomentum([u], momentum=-0.1), "SignMomentum: momentum must be a number in "
-     "[0, 1) (got -0.1)"),
     (lambda u: TrustAdam([u], lr=math.inf), "TrustAdam: lr must be a positive finite number"),
     (lambda u: TrustAdam([u], grow="2"), "TrustAdam: grow must be a number in (1, 10) (got '2')"),
     (lambda u: TrustAdam([u], radii=(0.0, 10.0)), "TrustAdam: radii must be a pair"),

@@ -14,16 +14,6 @@ A value keeps moving while its hypergradient keeps its sign, faster each step, u
 ``max_scale * lr`` (0.5 log units at the default lr 0.05); on noise (signs agreeing half the
 time) ``grow * shrink < 1`` makes the scale shrink.
 
-With ``momentum = b > 0`` (:class:`SignMomentum`, ``b = 0.9``) the signs are those of an
-average of the unit hypergradients instead of the last one's (``m_0 = 0``)::
-
-    m_t     <- b m_{t-1} + (1 - b) g_t / ||g_t||      (the norm over every coordinate)
-    g_t     <- m_t                                     in the rule above
-
-In a curved valley successive hypergradients point across it, one way and back; their average
-keeps the small part along the valley floor, which the signs of single ones miss (e.g. a
-schedule's peak and final fraction, whose product sets the end of the run's rate).
-
 :class:`TrustAdam`: Adam's step times a radius ``r`` (one per optimizer), with the loss of the
 point the step starts from, ``L_t`` (passed as ``step(closure)``, ``closure() -> L_t``)::
 
@@ -87,14 +77,10 @@ class SignStep(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable[Tensor], lr: float = 0.05, *, grow: float = 1.5,
-                 shrink: float = 0.5, scales: tuple[float, float] = (0.01, 10.0),
-                 momentum: float = 0.0):
-        if not (is_number(momentum) and 0 <= momentum < 1):
-            raise fail(type(self).__name__, "momentum", "a number in [0, 1)", momentum)
+                 shrink: float = 0.5, scales: tuple[float, float] = (0.01, 10.0)):
         defaults = {"lr": _lr("SignStep", lr), "grow": _factor("SignStep", "grow", grow, 1, 10),
                     "shrink": _factor("SignStep", "shrink", shrink, 0, 1),
-                    "scales": _bounds("SignStep", "scales", scales),
-                    "momentum": float(momentum)}
+                    "scales": _bounds("SignStep", "scales", scales)}
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -107,15 +93,14 @@ class SignStep(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             low, high = group["scales"]
-            directions = _directions(self.state, group)
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                if "scale" not in state:
+                if not state:
                     state["scale"] = torch.ones_like(p)
                     state["prev"] = torch.zeros_like(p)
-                sign = directions[p].sign()
+                sign = p.grad.sign()
                 agree = sign * state["prev"]
                 factor = torch.ones_like(p)  # in p's dtype: a float32 0.3 is not 0.3
                 factor[agree > 0], factor[agree < 0] = group["grow"], group["shrink"]
@@ -124,44 +109,6 @@ class SignStep(torch.optim.Optimizer):
                 p.add_(-group["lr"] * state["scale"] * sign)
                 state["prev"] = sign
         return loss
-
-
-class SignMomentum(SignStep):
-    """:class:`SignStep` on the signs of an average of unit hypergradients (module doc;
-    ``momentum`` 0.9: about the last 10 steps).
-
-    >>> u = torch.zeros(2, requires_grad=True)
-    >>> opt = SignMomentum([u], lr=0.1)
-    >>> for g in ([1.0, 1.0], [-1.0, -2.0], [1.0, 1.0]):
-    ...     u.grad = torch.tensor(g); opt.step()
-    >>> u.detach()  # the second gradient flips the first average's sign only
-    tensor([-0.4750, -0.1500])
-    """
-
-    def __init__(self, params: Iterable[Tensor], lr: float = 0.05, *, momentum: float = 0.5,
-                 **options: Any):
-        super().__init__(params, lr, momentum=momentum, **options)
-
-
-def _directions(state: Any, group: dict[str, Any]) -> dict[Tensor, Tensor]:
-    """Per leaf of ``group`` with a gradient: the tensor whose signs :class:`SignStep` steps
-    against; the gradient itself without momentum, else the average ``m_t`` of the unit
-    gradients (module doc), updated in ``state[p]["average"]``."""
-    leaves = [p for p in group["params"] if p.grad is not None]
-    beta = group["momentum"]
-    if beta == 0.0:
-        return {p: p.grad for p in leaves}
-    if not leaves:
-        return {}
-    norm = float(torch.linalg.vector_norm(torch.stack(
-        [torch.linalg.vector_norm(p.grad.double()) for p in leaves])))
-    divisor = norm if 0 < norm < math.inf else 1.0  # a zero gradient adds nothing
-    out = {}
-    for p in leaves:
-        average = state[p].setdefault("average", torch.zeros_like(p))
-        average.mul_(beta).add_(p.grad / divisor, alpha=1.0 - beta)
-        out[p] = average
-    return out
 
 
 class TrustAdam(torch.optim.Adam):
@@ -218,8 +165,7 @@ class TrustAdam(torch.optim.Adam):
         return loss
 
 
-OUTER_STEPS: dict[str, type[torch.optim.Optimizer]] = {
-    "signstep": SignStep, "signmomentum": SignMomentum, "trust": TrustAdam}
+OUTER_STEPS: dict[str, type[torch.optim.Optimizer]] = {"signstep": SignStep, "trust": TrustAdam}
 """Outer optimizers of this module, by name (offline only)."""
 
 DEFAULT_OFFLINE = "signstep"
@@ -231,7 +177,7 @@ def default_schedule(optimizer: str) -> str:
     """The outer schedule ``"auto"`` means for ``optimizer``: ``"constant"`` for
     ``signstep`` (a flipped sign halves its step, so it anneals itself, and a cosine decay
     would cap its travel: about e-fold in 10 steps; docs/driver.md), else ``"cosine"``."""
-    return "constant" if optimizer in ("signstep", "signmomentum") else "cosine"
+    return "constant" if optimizer == "signstep" else "cosine"
 
 
 def offline_optimizers() -> list[str]:
