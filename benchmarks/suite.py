@@ -47,8 +47,9 @@ mean of test-loss ratios to TPE-100 and wins per task.
 
 Writes benchmarks/results/suite.json, with ``--quick`` suite_quick.json, with ``--methods`` a subset
 suite_<methods>.json, with a held-out task suite_holdout*.json (:func:`result_name`; ``mode``,
-``tasks``: one entry per task, ``summary``: one per method, ``online_vs_lr_free``: per online row the tasks where its own model's mean test loss is at or
-below the best lr-free optimizer's).
+``tasks``: one entry per task, ``summary``: one per method, ``online_vs_lr_free``: per online
+row the tasks where its own model's mean test loss is at or below the best lr-free
+optimizer's).
 """
 
 from __future__ import annotations
