@@ -206,4 +206,5 @@ def test_a_data_parallel_method_skips_it():
                          selection=SELECTION, seed=SEED, plan=OfflinePlan(explore=0),
                          stopping=Stopping(max_steps=2, patience=None))
     assert run.plan.data_parallel and run.plan.chaotic_count == 0
-    assert not loop().plan.data_parallel and loop().plan.chaotic_count == 2
+    plain = loop().plan
+    assert not plain.data_parallel and plain.chaotic_count == 2
