@@ -21,6 +21,12 @@ class NonFiniteError(FloatingPointError):
     """Raised when a loss or hypergradient is NaN or infinite."""
 
 
+class LossError(HyperdiffError, RuntimeError):
+    """A user's loss function raised: the error says which loss, at which step, on which batch
+    shapes. Also a ``RuntimeError``, so that code which falls back on torch's refusals (vmap's,
+    a derivative forward mode lacks) still sees one."""
+
+
 class Text(str):
     """A description to show as is (not quoted) in an error message."""
 

@@ -17,10 +17,16 @@ from torch import Tensor
 from hyperdiff.engine.data import as_source, validation_batches
 from hyperdiff.engine.datacheck import check_batch, check_source, shapes_of
 from hyperdiff.engine.models import FunctionalModel, StepContext, model_state
-from hyperdiff.engine.optimizers import Optimizer
-from hyperdiff.engine.problem import Problem, call_loss, sum_in_order, takes_context
+from hyperdiff.engine.optimizers import Optimizer, working_dtype
+from hyperdiff.engine.problem import (
+    Problem,
+    call_loss,
+    sum_in_order,
+    takes_context,
+    watching_untracked_randomness,
+)
 from hyperdiff.engine.training import initial_state, train_step, validation_loss
-from hyperdiff.errors import HyperdiffError, describe, nonnegative_int, positive_int
+from hyperdiff.errors import HyperdiffError, LossError, describe, nonnegative_int, positive_int
 from hyperdiff.hparams.constraints import natural_range
 from hyperdiff.hparams.hyperparams import HyperParameters
 from hyperdiff.hparams.initialization import check_matches, initialization_name
@@ -148,7 +154,8 @@ def make_problem(
                     f"hypergradient: optimizer coefficient {coef_name}={coef!r} must be a scalar, "
                     f"per_step, per_tensor or per_element hyperparameter (got {spec.kind})"
                 )
-            _check_coefficient_values(optimizer, coef_name, coef, hparams)
+            _check_coefficient_values(optimizer, coef_name, coef, hparams,
+                                      working_dtype(next(iter(params.values()))))
     problem = Problem(
         train_loss=train_loss,
         val_loss=val_loss,
@@ -174,11 +181,13 @@ def make_problem(
 
 
 def _check_coefficient_values(
-    optimizer: Optimizer, coef_name: str, hparam: str, hparams: HyperParameters
+    optimizer: Optimizer, coef_name: str, hparam: str, hparams: HyperParameters,
+    dtype: torch.dtype,
 ) -> None:
     """The current values of a hyperparameter that is an optimizer coefficient must be valid
-    for it (``sgd`` momentum >= 0, ``adam`` betas in [0, 1), ...); warn when its constraint
-    lets the outer loop move it out of that range."""
+    for it (``sgd`` momentum >= 0, ``adam`` betas in [0, 1), ...), also in ``dtype``, the one
+    training computes them in; warn when its constraint lets the outer loop move it out of
+    that range."""
     valid = optimizer.valid.get(coef_name)
     if valid is None:
         return
@@ -189,6 +198,17 @@ def _check_coefficient_values(
         raise HyperdiffError(
             f"hypergradient: hyperparameter {hparam!r}, the {optimizer.name} {coef_name}, "
             f"must be {valid.text()} (got {bad})"
+        )
+    rounded = hparams[hparam].constraint.to_natural(hparams.raw[hparam].to(dtype))
+    ok = valid.tensor_contains(rounded)
+    if not bool(ok.all()):
+        bad = values[~ok].reshape(-1)[:3].tolist()
+        near = rounded[~ok].reshape(-1)[:3].tolist()
+        raise HyperdiffError(
+            f"hypergradient: hyperparameter {hparam!r}, the {optimizer.name} {coef_name}, "
+            f"must be {valid.text()} in {str(dtype).removeprefix('torch.')}, the dtype "
+            f"training computes it in (got {bad}, which rounds to {near} there); choose a "
+            "value farther from the bound, or train in float64"
         )
     low, high = natural_range(hparams[hparam].constraint)
     inside = (valid.low is None or (low is not None and low >= valid.low)) and (
@@ -208,21 +228,23 @@ def _probe(problem: Problem) -> None:
     hview = problem.hparams.view(raw)
     params, buffers, opt_state = initial_state(problem, hview, differentiable=True)
     try:
-        moves_params = _train_loss_depends_on_params(problem, params, hview)
-        losses = []
-        for step in range(min(2, problem.steps)):
-            params, buffers, opt_state, loss = train_step(
-                problem, params, buffers, opt_state, hview, step, differentiable=True
-            )
-            losses.append(loss)
-        losses.append(validation_loss(problem, params, buffers, hview))
+        with watching_untracked_randomness():
+            moves_params = _train_loss_depends_on_params(problem, params, hview)
+            losses = []
+            for step in range(min(2, problem.steps)):
+                params, buffers, opt_state, loss = train_step(
+                    problem, params, buffers, opt_state, hview, step, differentiable=True
+                )
+                losses.append(loss)
+            val = validation_loss(problem, params, buffers, hview)
+            losses.append(val)
+    except LossError as err:  # at the first steps, the whole picture: every shape and dtype
+        cause = err.__cause__ if isinstance(err.__cause__, Exception) else err
+        raise HyperdiffError(_probe_failure(problem, raw, cause)) from cause
     except HyperdiffError:
         raise
     except (RuntimeError, IndexError, TypeError, ValueError) as err:
-        raise HyperdiffError(
-            "hypergradient: the losses or the optimizer failed on the given data and "
-            f"hyperparameters ({_shapes_text(problem, raw)}): {type(err).__name__}: {err}"
-        ) from err
+        raise HyperdiffError(_probe_failure(problem, raw, err)) from err
     if not moves_params:
         warnings.warn(
             "hypergradient: train_loss does not depend on the parameters (its gradient with "
@@ -230,7 +252,15 @@ def _probe(problem: Problem) -> None:
             "training never moves them; check that train_loss uses params",
             stacklevel=3,
         )
-    grads = torch.autograd.grad(sum_in_order(losses), list(raw.values()), allow_unused=True)
+    if not val.requires_grad:
+        raise HyperdiffError(
+            "hypergradient: val_loss must be differentiable in the parameters or the "
+            "hyperparameters (got a tensor without a gradient: computed through argmax, "
+            "comparisons, .detach(), .item() or torch.no_grad); keep a 0-1 error or an accuracy "
+            "as a metric and descend a differentiable loss such as the cross-entropy")
+    total = sum_in_order(losses)
+    grads = (torch.autograd.grad(total, list(raw.values()), allow_unused=True)
+             if total.requires_grad else [None] * len(raw))
     unused = [n for n, g in zip(raw, grads, strict=True)  # REINFORCE logits: estimated apart
               if g is None and getattr(problem.hparams[n], "mode", None) != "reinforce"]
     for name in unused:
@@ -255,6 +285,11 @@ def _train_loss_depends_on_params(problem: Problem, params: Params, hview: Any) 
             return False
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
     return any(g is not None for g in grads)
+
+
+def _probe_failure(problem: Problem, raw: dict[str, Tensor], err: Exception) -> str:
+    return ("hypergradient: the losses or the optimizer failed on the given data and "
+            f"hyperparameters ({_shapes_text(problem, raw)}): {type(err).__name__}: {err}")
 
 
 def _shapes_text(problem: Problem, raw: dict[str, Tensor]) -> str:

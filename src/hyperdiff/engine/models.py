@@ -19,10 +19,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import itertools
+import random
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -34,6 +36,11 @@ from hyperdiff.typing import Params
 _ACTIVE: contextvars.ContextVar[tuple[FunctionalModel, StepContext] | None] = (
     contextvars.ContextVar("hyperdiff_active_model", default=None)
 )
+TRAINING_LOSS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "hyperdiff_training_loss", default=False)
+"""True while a train loss is evaluated for a training step (set by
+:func:`~hyperdiff.engine.problem.call_loss`): a model called there without ``ctx`` would run
+in eval mode, dropout off."""
 
 
 @dataclass
@@ -150,6 +157,20 @@ def _set_training(module: nn.Module, mode: bool) -> None:
         module.train(mode)
 
 
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+            nn.FeatureAlphaDropout)
+
+
+def dropout_modules(module: nn.Module) -> str:
+    """The submodules of ``module`` that draw dropout in training mode, as text (``""``: none):
+    dropout layers with ``p > 0``, and attention or recurrent layers with ``dropout > 0``."""
+    found = [f"{name or 'the module'!r} ({type(sub).__name__})"
+             for name, sub in module.named_modules()
+             if (isinstance(sub, _DROPOUT) and sub.p > 0) or (
+                 isinstance(sub, (nn.MultiheadAttention, nn.RNNBase)) and sub.dropout > 0)]
+    return ", ".join(found[:3]) + (f", ... ({len(found)} in all)" if len(found) > 3 else "")
+
+
 def trainable_parameters(module: nn.Module) -> tuple[Params, tuple[str, ...]]:
     """Detached copies of the parameters that require grad (the ones training moves), and the
     names of the frozen ones (``requires_grad=False``), which stay constants of the forward
@@ -167,6 +188,33 @@ def replayed_rng(ctx: StepContext, *trees: Any) -> contextlib.AbstractContextMan
     """
     seed = ctx.call_seed(0)
     return _seeded_rng(lambda: seed, _tensor_devices(*trees))
+
+
+UNTRACKED_WATCH: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "hyperdiff_untracked_watch", default=False)
+"""True while :func:`~hyperdiff.engine.problem.call_loss` checks that a loss draws nothing
+from Python's or NumPy's global generator (set while a problem is probed)."""
+
+
+def untracked_states() -> tuple[Any, Any]:
+    """The states of the global generators :func:`replayed_rng` does not seed: Python's
+    ``random`` and NumPy's legacy ``np.random``."""
+    return random.getstate(), np.random.get_state(legacy=True)
+
+
+def untracked_draws(before: tuple[Any, Any]) -> list[str]:
+    """The generators among :func:`untracked_states` that moved since ``before`` (each put back
+    to its state in ``before``)."""
+    py, legacy = before
+    moved = []
+    if random.getstate() != py:
+        random.setstate(py)
+        moved.append("Python's random")
+    now: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
+    if now[2:] != legacy[2:] or not np.array_equal(now[1], legacy[1]):
+        np.random.set_state(legacy)
+        moved.append("NumPy's np.random")
+    return moved
 
 
 class FunctionalModel:
@@ -193,6 +241,7 @@ class FunctionalModel:
         self.module = module
         self.params, self.frozen = trainable_parameters(module)
         self.buffers: Params = {}
+        self.dropout = dropout_modules(module)
         self._bn: dict[str, nn.Module] = {}
         self._fill_in_cache: dict[Any, dict[str, Tensor]] = {}
         for prefix, sub in module.named_modules():
@@ -270,6 +319,13 @@ class FunctionalModel:
                     "must be called as net(params, x, ctx) from a loss taking a ctx argument "
                     "(got ctx=None)"
                 )
+            if self.dropout and TRAINING_LOSS.get():
+                raise HyperdiffError(
+                    f"functional model: this module has dropout ({self.dropout}), which is off "
+                    "when it is called without ctx, so train_loss must call it as "
+                    "net(params, x, ctx), taking ctx as its fourth argument (got ctx=None in a "
+                    "training step); to train without dropout, set its probability to 0"
+                )
             ctx = StepContext(step=-1, seed=0, train=False)
         device, dtype = _placement(params, ctx)
         state = dict(self._fill_ins(params, device, dtype))
@@ -277,7 +333,16 @@ class FunctionalModel:
         # torch's batch_norm neither differentiates through nor (in training) should update
         # our buffers: it gets detached copies, and the hooks compute the real values.
         # (Passing None instead takes a ~400x slower kernel path in training mode.)
-        state.update({k: v.detach().clone() for k, v in ctx.current_buffers().items()})
+        current = ctx.current_buffers()
+        if self.buffers and not self.buffers.keys() <= current.keys():
+            missing = sorted(self.buffers.keys() - current.keys())
+            raise HyperdiffError(
+                f"functional model: its BatchNorm running statistics {missing[:4]} must be among "
+                f"the buffers training carries (got {sorted(current)[:4] or 'none'}); give the "
+                "functional model itself as the model (hd.hypergradient(..., net, ...), "
+                "hd.task(model=net)) or pass buffers=net.buffers with net.params"
+            )
+        state.update({k: v.detach().clone() for k, v in current.items()})
         for prefix in self._bn:
             state[f"{prefix}.num_batches_tracked" if prefix else "num_batches_tracked"] = (
                 torch.zeros((), dtype=torch.long, device=device)

@@ -8,8 +8,9 @@ can assume a :class:`Problem` is well formed. Methods are then called as
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -17,10 +18,19 @@ import torch
 from torch import Tensor
 
 from hyperdiff.engine.data import BatchSource
+from hyperdiff.engine.data.replay import fingerprint
+from hyperdiff.engine.datacheck import shapes_of
 from hyperdiff.engine.device import to_device
-from hyperdiff.engine.models import StepContext, replayed_rng
+from hyperdiff.engine.models import (
+    TRAINING_LOSS,
+    UNTRACKED_WATCH,
+    StepContext,
+    replayed_rng,
+    untracked_draws,
+    untracked_states,
+)
 from hyperdiff.engine.optimizers import Optimizer, working_dtype
-from hyperdiff.errors import HyperdiffError, describe, positive_int, scalar_loss
+from hyperdiff.errors import HyperdiffError, LossError, describe, positive_int, scalar_loss
 from hyperdiff.hparams.hyperparams import HyperParameters
 from hyperdiff.hparams.initialization import initialization_name
 from hyperdiff.logs import get_logger
@@ -174,9 +184,61 @@ def call_loss(
     (:func:`~hyperdiff.engine.models.replayed_rng`)."""
     fn = problem.train_loss if which == "train_loss" else problem.val_loss
     takes_ctx = problem.train_takes_ctx if which == "train_loss" else problem.val_takes_ctx
-    with replayed_rng(ctx, params, batch):
-        loss = fn(params, hview, batch, ctx) if takes_ctx else fn(params, hview, batch)
+    token = TRAINING_LOSS.set(ctx.train and which == "train_loss")
+    watched = UNTRACKED_WATCH.get()
+    before = untracked_states() if watched else None
+    printed = fingerprint(batch) if watched else None
+    try:
+        with replayed_rng(ctx, params, batch):
+            loss = fn(params, hview, batch, ctx) if takes_ctx else fn(params, hview, batch)
+    except HyperdiffError:
+        raise
+    except (RuntimeError, IndexError, TypeError, ValueError, KeyError, AttributeError) as err:
+        raise LossError(_loss_failure(which, params, hview, batch, ctx, err)) from err
+    finally:
+        TRAINING_LOSS.reset(token)
+    moved = [] if before is None else untracked_draws(before)
+    if moved:
+        raise HyperdiffError(
+            f"hypergradient: {which} must draw its randomness from torch (torch.rand, "
+            f"torch.randn_like, F.dropout: seeded per step, so every replay of training draws "
+            f"the same) (got draws from {' and '.join(moved)}, which a replay would not "
+            "repeat, so finite differences, checkpointed segments and repeated trainings "
+            "would see other values)")
+    if printed is not None and fingerprint(batch) != printed:
+        raise HyperdiffError(
+            f"hypergradient: {which} must not modify its batch in place (got a batch whose "
+            "values changed during the call, so every replay of training would see other data); "
+            "compute new tensors instead, e.g. x = x * 2 rather than x.mul_(2)")
     return scalar_loss("hypergradient", which, loss)
+
+
+@contextlib.contextmanager
+def watching_untracked_randomness() -> Iterator[None]:
+    """While active, :func:`call_loss` refuses a loss that draws from Python's or NumPy's
+    global generator (:data:`~hyperdiff.engine.models.UNTRACKED_WATCH`) or changes its batch in
+    place (an in-memory batch is the same tensors at every step, so no replay would match)."""
+    token = UNTRACKED_WATCH.set(True)
+    try:
+        yield
+    finally:
+        UNTRACKED_WATCH.reset(token)
+
+
+def _loss_failure(which: str, params: Params, hview: Any, batch: Batch, ctx: StepContext,
+                  err: Exception) -> str:
+    """The message of a loss that raised ``err``: where, on what shapes, and its own text."""
+    where = (f"at step {ctx.step} (seed {ctx.seed})" if which == "train_loss"
+             else "on a validation batch")
+    shown = list(params.items())[:6]
+    shapes = ", ".join(f"{n} {tuple(v.shape)}" for n, v in shown)
+    more = f", ... ({len(params)} in all)" if len(params) > len(shown) else ""
+    kinds = sorted({f"{str(v.dtype).removeprefix('torch.')} on {v.device}"
+                    for v in params.values()})
+    more += f"; {'/'.join(kinds)}"
+    hshapes = {n: tuple(v.shape) for n, v in hview.items()}
+    return (f"hypergradient: {which} raised {type(err).__name__} {where}: {err} (batch: "
+            f"{shapes_of(batch)}; parameters: {shapes}{more}; hyperparameters: {hshapes})")
 
 
 def sum_in_order(values: Sequence[Tensor]) -> Tensor:

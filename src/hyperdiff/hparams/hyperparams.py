@@ -221,7 +221,8 @@ class HParamView(Mapping[str, Tensor]):
             if not 0 <= step < value.shape[0]:
                 raise HyperdiffError(
                     f"hyperparameter {name!r}: step must be in [0, {value.shape[0]}) "
-                    f"(got {step}); the schedule is shorter than the training run"
+                    f"(got {step})" + ("; the schedule is shorter than the training run"
+                                       if step >= value.shape[0] else "")
                 )
             return self._split(name)[step]
         if spec.kind == "per_tensor" or spec.kind in ELEMENTWISE:
@@ -322,7 +323,12 @@ class HyperParameters(Mapping[str, HyperParameter]):
         return {n: s.best_choice(self._raw[n]) for n, s in self._specs.items() if s.is_discrete}
 
     def with_raw(self, raw: Mapping[str, Tensor]) -> HyperParameters:
-        """A copy with new raw values."""
+        """A copy with new raw values (tensors; the constructor checks names and shapes)."""
+        bad = {n: v for n, v in raw.items() if not isinstance(v, Tensor)} if isinstance(
+            raw, Mapping) else None
+        if bad is None or bad:
+            raise fail("HyperParameters.with_raw", "raw", "a dict of name -> raw tensor",
+                       raw if bad is None else bad)
         return HyperParameters(self._specs, raw={n: v.detach() for n, v in raw.items()})
 
     def with_natural(self, **values: float | Tensor) -> HyperParameters:

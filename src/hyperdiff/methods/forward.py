@@ -322,6 +322,10 @@ def forward(chunk_size: int | None = None, engine: str = "auto") -> Method:
             ``torch.func.jvp``) or ``"auto"``: ``"double_vjp"``, and ``"jvp"`` if an operation
             lacks the third derivative it needs (see the module doc).
     """
+    if isinstance(chunk_size, str) and chunk_size in ENGINES:
+        raise HyperdiffError(f"forward: chunk_size must be a positive int or None (got "
+                             f"{chunk_size!r}, an engine: pass it as "
+                             f"hd.forward(engine={chunk_size!r}))")
     if chunk_size is not None:
         positive_int("forward", "chunk_size", chunk_size)
     if engine not in ENGINES:

@@ -19,7 +19,7 @@ import torch
 from hyperdiff.engine.datacheck import check_batch, shapes_of
 from hyperdiff.engine.problem import Problem
 from hyperdiff.engine.training import validation_loss
-from hyperdiff.errors import HyperdiffError, fail, positive_int
+from hyperdiff.errors import HyperdiffError, LossError, fail, positive_int
 from hyperdiff.logs import get_logger
 from hyperdiff.tuner.global_phase import restarts
 from hyperdiff.tuner.snr import AutoSamples
@@ -45,12 +45,32 @@ def check_problems(problem: Problem | Sequence[Problem]) -> tuple[Problem, ...]:
         raise fail("HyperOptimizer", "problem",
                    "a Problem or a non-empty sequence of Problems (made by hd.make_problem)",
                    problem)
-    names = list(problems[0].hparams)
-    for p in problems[1:]:
+    first = problems[0].hparams
+    names = list(first)
+    for k, p in enumerate(problems[1:], start=1):
         if list(p.hparams) != names:
             raise fail("HyperOptimizer", "problems", f"all tuning the hyperparameters {names}",
                        list(p.hparams))
+        for name in names:  # one raw vector moves every problem: the same meaning in each
+            mine, theirs = _kind(first[name]), _kind(p.hparams[name])
+            if mine != theirs:
+                raise fail("HyperOptimizer", f"problems[{k}]'s hyperparameter {name!r}",
+                           f"{_describe(mine)} as in problems[0] (one raw value moves every "
+                           "problem, so each must read it the same way)", _describe(theirs))
     return problems
+
+
+def _kind(spec: Any) -> tuple[Any, ...]:
+    """What a raw value means for ``spec``: its class, kind, shape, constraint, parameters and
+    (discrete) choices."""
+    return (type(spec).__name__, spec.kind, spec.shape, spec.constraint, spec.param_names,
+            spec.param_shapes, getattr(spec, "choices", None))
+
+
+def _describe(kind: tuple[Any, ...]) -> str:
+    cls, name, shape, constraint, _, _, choices = kind
+    text = f"{cls} {name!r} of shape {shape} with {constraint}"
+    return text if choices is None else f"{text} over {list(choices)}"
 
 
 def as_batches(selection: Batch | list[Batch] | None) -> list[Batch] | None:
@@ -91,19 +111,24 @@ def check_selection(problem: Problem, selection: list[Batch] | None) -> None:
         with torch.no_grad():
             value = float(validation_loss(replace(problem, val_data=selection), problem.params,
                                           problem.buffers, hview))
+    except LossError as err:  # the loss's own error, without the loss-call wording
+        cause = err.__cause__ if isinstance(err.__cause__, Exception) else err
+        raise HyperdiffError(_selection_refused(problem, selection, cause)) from cause
     except HyperdiffError:
         raise
     except (RuntimeError, IndexError, TypeError, ValueError, KeyError) as err:
-        raise HyperdiffError(
-            "HyperOptimizer: selection must be batches that val_loss accepts, like val_data "
-            f"(selection batch: {shapes_of(selection[0])}; validation batch: "
-            f"{shapes_of(problem.val_data[0])}; parameter shapes "
-            f"{ {n: tuple(p.shape) for n, p in problem.params.items()} }): "
-            f"{type(err).__name__}: {err}"
-        ) from err
+        raise HyperdiffError(_selection_refused(problem, selection, err)) from err
     if not math.isfinite(value):
         raise fail("HyperOptimizer", "selection loss at the initial parameters",
                    "finite", value)
+
+
+def _selection_refused(problem: Problem, selection: list[Batch], err: Exception) -> str:
+    return ("HyperOptimizer: selection must be batches that val_loss accepts, like val_data "
+            f"(selection batch: {shapes_of(selection[0])}; validation batch: "
+            f"{shapes_of(problem.val_data[0])}; parameter shapes "
+            f"{ {n: tuple(p.shape) for n, p in problem.params.items()} }): "
+            f"{type(err).__name__}: {err}")
 
 
 def check_warm_start(problems: Sequence[Problem], warm_start: bool) -> None:

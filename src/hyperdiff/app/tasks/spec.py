@@ -53,13 +53,21 @@ from hyperdiff.app.tasks.splits import (
 )
 from hyperdiff.engine.data import minibatches, validation_batches
 from hyperdiff.engine.data.evaluation import EvaluationSplit, is_dataset_split
-from hyperdiff.engine.datacheck import check_batch, tensors_in
+from hyperdiff.engine.datacheck import check_batch, shapes_of, tensors_in
 from hyperdiff.engine.make import make_problem
 from hyperdiff.engine.models import model_state
 from hyperdiff.engine.optimizers import Optimizer
 from hyperdiff.engine.problem import Problem, takes_context
 from hyperdiff.engine.task_distribution import TaskDistribution, TaskSampler, task_distribution
-from hyperdiff.errors import HyperdiffError, describe, fail, nonnegative_int, positive_int
+from hyperdiff.errors import (
+    UNIT_OPEN_HIGH,
+    HyperdiffError,
+    describe,
+    fail,
+    nonnegative_int,
+    number,
+    positive_int,
+)
 from hyperdiff.hparams.constraints import Free, Interval
 from hyperdiff.hparams.discrete import DiscreteParameter
 from hyperdiff.hparams.hyperparams import HyperParameters
@@ -159,6 +167,7 @@ class TaskSpec:
         steps = positive_int(f"task {self.name}", "steps", self.steps if steps is None else steps)
         data_seed = nonnegative_int(f"task {self.name}", "data_seed", data_seed)
         cv_folds = nonnegative_int(f"task {self.name}", "cv_folds", cv_folds)
+        number(f"task {self.name}", "selection_fraction", selection_fraction, UNIT_OPEN_HIGH)
         if cv_folds and self.cross_validation is not True:
             reason = self.cross_validation or "this task does not support it"
             raise HyperdiffError(f"{self.name}: task.cv_folds must be 0 (got {cv_folds}): "
@@ -293,8 +302,11 @@ class TaskSpec:
                 with task_code(self.name, "summarize(values, task_data)", user):
                     return user(values, info)
 
-        if self.probe and self.metrics is not None:
-            probe_metrics(self.name, self.metrics, final, hparams, next(iter(splits["val"])))
+        if self.probe:  # every split the report evaluates, not only the one tuning reads
+            metrics = self.metrics or loss_metrics(self)
+            for split, batches in splits.items():
+                if not isinstance(batches, EvaluationSplit):
+                    probe_metrics(self.name, metrics, final, hparams, batches[0], split)
         return Task(
             name=self.name, description=self.description, problems=problems,
             final_problem=final, splits=splits, metrics=self.metrics or loss_metrics(self),
@@ -305,10 +317,11 @@ class TaskSpec:
 
 
 def probe_metrics(name: str, metrics: Metrics, problem: Problem, hparams: HyperParameters,
-                  batch: Batch) -> None:
-    """Call ``metrics`` once on ``batch`` at theta_0 in eval mode, so that a metrics function
-    that fails (e.g. a BatchNorm model called without ``ctx``) or returns something other
-    than ``{name: number}`` is refused when the task is built, not after the whole run."""
+                  batch: Batch, split: str = "val") -> None:
+    """Call ``metrics`` once on ``batch`` (of the split ``split``) at theta_0 in eval mode, so
+    that a metrics function that fails (e.g. a BatchNorm model called without ``ctx``, or a
+    test split of other shapes) or returns something other than ``{name: number}`` is refused
+    when the task is built, not after the whole run."""
     from hyperdiff.engine.models import StepContext  # local: as tasks.base does
 
     with_ctx = takes_context(metrics, "metrics")
@@ -319,11 +332,12 @@ def probe_metrics(name: str, metrics: Metrics, problem: Problem, hparams: HyperP
             values = (metrics(problem.params, hview, batch, ctx) if with_ctx
                       else metrics(problem.params, hview, batch))
     except HyperdiffError as err:
-        raise HyperdiffError(f"task {name}: metrics failed on the validation split at the "
-                             f"initial parameters: {err}") from None
+        raise HyperdiffError(f"task {name}: metrics failed on the {_split_name(split)} at "
+                             f"the initial parameters: {err}") from None
     except Exception as err:  # the user's code: name it instead of a deep traceback
-        raise HyperdiffError(f"task {name}: metrics failed on the validation split at the "
-                             f"initial parameters ({type(err).__name__}: {err})") from err
+        raise HyperdiffError(f"task {name}: metrics failed on the {_split_name(split)} at "
+                             f"the initial parameters ({type(err).__name__}: {err}; its batch: "
+                             f"{shapes_of(batch)})") from err
     if not isinstance(values, Mapping) or not values:
         raise HyperdiffError(f"task {name}: metrics must return a non-empty dict "
                              f"{{name: number}} (got {describe(values)})")
@@ -337,6 +351,10 @@ def probe_metrics(name: str, metrics: Metrics, problem: Problem, hparams: HyperP
         if not isinstance(key, str) or not ok:
             raise HyperdiffError(f"task {name}: metrics must return a dict {{name: number}}; "
                                  f"entry {key!r} is {describe(value)}")
+
+
+def _split_name(split: str) -> str:
+    return "validation split" if split == "val" else f"{split} split"
 
 
 def task(

@@ -79,6 +79,11 @@ def stream(data: Any, *, window: int = DEFAULT_WINDOW) -> BatchSource:
             return IterableStream(data, name, factory=True, window=window)
         raise HyperdiffError(f"data: stream needs an iterable or a function of no arguments "
                              f"(got {name})")
+    if isinstance(data, Tensor):
+        raise HyperdiffError(
+            f"data: stream needs a DataLoader, a re-iterable of batches or a function of no "
+            f"arguments (got {name}, which would stream each row as its own batch); pass the "
+            "tensor itself as one batch, or hd.minibatches(x, y, batch_size=...)")
     if isinstance(data, Iterator):
         raise HyperdiffError(
             f"data: stream needs a re-iterable (got the one-shot iterator {name}); pass a list, "

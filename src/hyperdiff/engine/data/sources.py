@@ -81,6 +81,9 @@ class Minibatches(BatchSource):
                     f"(got {type(t).__name__} {describe(t)} as argument {i}); convert with "
                     "torch.as_tensor"
                 )
+        if not isinstance(shuffle, bool):
+            raise HyperdiffError(f"minibatches: shuffle must be True or False (got "
+                                 f"{describe(shuffle)})")
         n = tensors[0].shape[0]
         if any(t.shape[0] != n for t in tensors):
             raise HyperdiffError(
