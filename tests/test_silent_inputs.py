@@ -10,7 +10,6 @@ import random
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import hyperdiff as hd

@@ -14,6 +14,7 @@ import difflib
 import inspect
 import json
 import math
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
@@ -90,6 +91,12 @@ def option(default: Any, help: str, *, choices: Any = None, low: float | None = 
     return field(default=default, metadata=meta)
 
 
+MAX_SEED = 2**63 - 1
+"""The largest outer seed: torch takes seeds as signed 64-bit ints (its Sobol engine, ...)."""
+MAX_DATA_SEED = 2**32 - 1
+"""The largest data seed: scikit-learn's and NumPy's ``random_state`` take 32-bit ones."""
+
+
 @dataclass(frozen=True)
 class TaskConfig:
     name: str = option(DEFAULT_TASK, "built-in task (see `hyperdiff tasks`), or your own "
@@ -100,7 +107,8 @@ class TaskConfig:
         "the best step and to stop early (0: off)", low=0.0, high=1.0, open_high=True)
     cv_folds: int = option(0, "k-fold cross-validation over train+validation as the outer "
                            "loss (0: hold-out validation)", low=0)
-    data_seed: int = option(0, "seed of the data split (and label noise)", low=0)
+    data_seed: int = option(0, "seed of the data split (and label noise)", low=0,
+                            high=MAX_DATA_SEED)
     params: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "the task's own parameters, passed to its factory as keyword arguments and "
         "checked against its signature: a table [task.params] or --set task.params.NAME=VALUE "
@@ -110,8 +118,8 @@ class TaskConfig:
 @dataclass(frozen=True)
 class InnerConfig:
     steps: int = option(100, "inner training steps T per outer step", low=1)
-    warm_start: bool = option(False, "start each outer step from the last theta_T instead of "
-                              "theta_0")
+    warm_start: bool = option(False, "offline: start each outer step from the last theta_T "
+                              "instead of theta_0")
 
 
 @dataclass(frozen=True)
@@ -173,11 +181,11 @@ class OuterConfig:
                                "docs/driver.md)")
     seed: int = option(0, "base seed of the minibatch orders of the outer steps' trainings "
                        "(offline, meta); online: of the validation draws (the one training "
-                       "follows outer.train_seed)", low=0)
+                       "follows outer.train_seed)", low=0, high=MAX_SEED)
     train_seed: int = option(-1, "online: seed of the one training's minibatch order and "
                              "dropout (a plain training at this seed reads the same batches; "
                              "-1: the task's problem's own seed); offline and meta: -1 (their "
-                             "trainings' seeds come from outer.seed)", low=-1)
+                             "trainings' seeds come from outer.seed)", low=-1, high=MAX_SEED)
     tie_steps: int = option(0, "first outer steps in which each vector hyperparameter moves as "
                             "one (mean hypergradient of its entries; 0: off)", low=0)
     mode: str = option("offline", "offline: retrain T steps per outer step; online: tune "
@@ -526,7 +534,51 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     config = resolve(source)
     if not stored:  # a stored config lists every key; it ran with what it holds
         _check_unread_stop(source, config)
+        _check_unread_mode_keys(source, config)
     return config
+
+
+REFUSED_WHEN_BUILT = {("outer", key) for key in (
+    "confirm", "confirm_chaotic", "revert", "common_seed", "explore", "explore_when",
+    "train_seed")}
+"""Mode-only keys that the plans refuse with their own words when the run is built
+(``hyperdiff.app.plans``), and :func:`_check_unread_stop` the ``[stop]`` keys it covers."""
+
+MODE_PREFIX = re.compile(r"(offline|online|meta)\b[^:]{0,20}:")
+"""A key's help that starts with the mode reading it (``"online: ..."``, ``"online reverse:
+..."``) declares it unread by the other modes."""
+
+
+def mode_only_keys() -> dict[tuple[str, str], str]:
+    """``(section, key) -> mode`` for every config key only one ``outer.mode`` reads (its help
+    starts with that mode, :data:`MODE_PREFIX`); ``outer.mode`` itself is not one."""
+    found = {}
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            match = MODE_PREFIX.match(f.metadata.get("help", ""))
+            if match and (section, f.name) != ("outer", "mode"):
+                found[(section, f.name)] = match.group(1)
+    return found
+
+
+def _check_unread_mode_keys(source: dict[str, Any], config: Config) -> None:
+    """Refuse a key that only another ``outer.mode`` reads, set by ``source`` (the TOML file
+    and ``--set``) to a value other than its default for this mode or off (0, false), so that
+    no setting is ignored silently (``[stop]`` keys online: :func:`_check_unread_stop`)."""
+    mode = config.outer.mode
+    for (section, key), reader in mode_only_keys().items():
+        given = source.get(section)
+        if reader == mode or not isinstance(given, dict) or key not in given or (
+                section, key) in REFUSED_WHEN_BUILT or (section == "stop" and (
+                    mode == "online" or key in ("travel", "extend"))):
+            continue
+        value = getattr(getattr(config, section), key)
+        rest = {k: v for k, v in given.items() if k != key}
+        default = getattr(getattr(resolve({**source, section: rest}), section), key)
+        if value != default and value:
+            raise HyperdiffError(
+                f"config: {section}.{key} must be left at its default {default!r} with "
+                f"outer.mode = {mode!r} (it is read by {reader} runs only; got {value!r})")
 
 
 UNREAD_STOP = {"online": ("an online run is one training of inner.steps steps: it has no "
@@ -683,8 +735,18 @@ def _task_params(task: str, params: Any) -> dict[str, Any]:
     check_task_params(task, params, caller="config", prefix="task.params.")
     for key, value in params.items():
         _check_toml_value(f"task.params.{key}", value)
-    _check_types("task.params.", params, _hints(resolve_factory(factory_reference(task))))
-    return dict(params)
+    hints = _hints(resolve_factory(factory_reference(task)))
+    _check_types("task.params.", params, hints)
+    return {key: _as_hinted(value, hints.get(key)) for key, value in params.items()}
+
+
+def _as_hinted(value: Any, hint: Any) -> Any:
+    """A TOML array given for a parameter typed as a tuple, as that tuple."""
+    tuples = [hint, *get_args(hint)] if get_origin(hint) in (Union, UnionType) else [hint]
+    if isinstance(value, list) and any(get_origin(h) is tuple and _matches(value, h)
+                                       for h in tuples):
+        return tuple(value)
+    return value
 
 
 def _check_toml_value(where: str, value: Any) -> None:
@@ -692,7 +754,7 @@ def _check_toml_value(where: str, value: Any) -> None:
     if isinstance(value, dict):
         for key, item in value.items():
             _check_toml_value(f"{where}.{key}", item)
-    elif isinstance(value, list):
+    elif isinstance(value, (list, tuple)):  # a tuple: an array read for a tuple-typed param
         for item in value:
             _check_toml_value(where, item)
     elif not isinstance(value, (str, int, float)):
@@ -736,6 +798,9 @@ def _matches(value: Any, hint: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
+    if get_origin(hint) is tuple and isinstance(value, list):  # TOML has arrays, no tuples
+        return (len(args) == 2 and args[1] is Ellipsis and all(_matches(v, args[0]) for v in value)
+                ) or (len(args) == len(value) and all(map(_matches, value, args)))
     origin = get_origin(hint) or hint
     try:
         return isinstance(value, origin)
@@ -787,12 +852,17 @@ def _check_value(section: str, key: str, value: Any, meta: Any, kind: Any) -> An
     return int(value) if is_int else float(value)
 
 
+def _bound(value: float) -> str:
+    """A range's end as text: an int exactly (``2**63 - 1``), a float by ``:g``."""
+    return str(value) if isinstance(value, int) and abs(value) >= 1e6 else f"{value:g}"
+
+
 def _range_text(meta: Any) -> str:
     low, high = meta.get("low"), meta.get("high")
     if low is not None and high is not None:
         left = "(" if meta["open_low"] else "["
         right = ")" if meta["open_high"] else "]"
-        return f" in {left}{low:g}, {high:g}{right}"
+        return f" in {left}{_bound(low)}, {_bound(high)}{right}"
     if low is not None:
         return f" {'>' if meta['open_low'] else '>='} {low:g}"
     if high is not None:

@@ -29,6 +29,7 @@ from hyperdiff.app.run_inputs import (
 )
 from hyperdiff.app.rundir import RunDir
 from hyperdiff.app.rundir.paths import below_working_dir
+from hyperdiff.app.rundir.records import shell_path
 from hyperdiff.app.tasks import Task
 from hyperdiff.app.tasks.inputs import task_file_change
 from hyperdiff.app.tasks.loader import forget_specs, label
@@ -149,6 +150,11 @@ def run_experiment(
                                overrides=overrides, progress=progress, log=log,
                                callbacks=callbacks, group=group,
                                accept_changed_inputs=accept_changed_inputs, start=start)
+    except HyperdiffError:  # refused (a method the task cannot use) before any step: no run
+        with suppress(Exception):
+            rundir.discard_unstarted()
+            rundir.discard_if_unused()
+        raise
     except BaseException:
         with suppress(Exception):  # e.g. a lost rank: the error being raised says more
             rundir.discard_if_unused()
@@ -180,8 +186,9 @@ def _run_locked(
         elif diffs:
             raise HyperdiffError(
                 f"run: --resume must use the config the run was started with; {rundir.path} "
-                f"differs in {'; '.join(diffs)}. Resume without a config file, or start a new "
-                "run in another directory with --out"
+                f"differs in {'; '.join(diffs)}. Resume with no config file and no --set of "
+                "those keys (an offline run's stop.max_steps alone may be raised, to extend "
+                "it), or start a new run in another directory with --out"
             )
         finished = rundir.read_result()
         if finished is not None and finished.get("status") == "diverged":
@@ -198,7 +205,7 @@ def _run_locked(
                     "finished but its result cannot be shown: delete the file and resume the "
                     "run to write it again")
             log(f"{rundir.path} already finished; its result:")
-            return finished
+            return _as_read_from(finished, rundir.path)
     else:
         rundir.refuse_existing_run()
     assert config is not None
@@ -211,6 +218,29 @@ def _run_locked(
     return _run_plan(plan, rundir, config, resume=resume, progress=progress, log=log,
                      callbacks=callbacks, group=group,
                      accept_changed_inputs=accept_changed_inputs, start=start)
+
+
+def _as_read_from(result: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A finished run's result, read from ``path``: a run directory moved or copied since it
+    finished (or resumed from another working directory) names where it is now, in
+    ``run_dir`` and in the commands its warnings advise."""
+    stored, now = result.get("run_dir"), str(path)
+    if not isinstance(stored, str) or stored == now:
+        return result
+    moved = dict(result, run_dir=now)
+    if isinstance(result.get("warnings"), list):
+        moved["warnings"] = [_readdressed(w, stored, now) for w in result["warnings"]]
+    return moved
+
+
+def _readdressed(text: Any, stored: str, now: str) -> Any:
+    if not isinstance(text, str):
+        return text
+    for flag in ("--resume", "--from"):
+        for old in (shell_path(stored), stored):
+            text = text.replace(f"{flag} {old} ", f"{flag} {shell_path(now)} ").replace(
+                f"{flag} {old}`", f"{flag} {shell_path(now)}`")
+    return text
 
 
 def _extension(stored: Config, config: Config, diffs: list[str], rundir: RunDir, *,
@@ -304,7 +334,7 @@ def _run_plan(
                                progress=progress if bar is None else False)
         except KeyboardInterrupt:
             log(f"interrupted after {loop.where()}; continue with "
-                f"`hyperdiff run --resume {rundir.path}`")
+                f"`hyperdiff run --resume {shell_path(rundir.path)}`")
             raise
         except NonFiniteError as err:
             rundir.save_checkpoint(loop.state_dict())
@@ -315,8 +345,8 @@ def _run_plan(
             rundir.write_result(result)
             if "best_step" in result:
                 log(f"the best step before the guard gave up, {result['best_step']}, is kept "
-                    f"(result.json's best_values); `hyperdiff run --from {rundir.path}` starts "
-                    "a new run at its values")
+                    "(result.json's best_values); `hyperdiff run --from "
+                    f"{shell_path(rundir.path)}` starts a new run at its values")
             raise
         finally:  # also after any other error (a callback's, a lost rank's)
             close_all(watchers)
@@ -352,7 +382,7 @@ def _still_moving(driver: Any, config: Config, path: Path) -> str | None:
     moving = still_moving(list(driver.history))
     if moving is None:
         return None
-    return (f"{moving}; give it more steps with `hyperdiff run --resume {path} --set "
+    return (f"{moving}; give it more steps with `hyperdiff run --resume {shell_path(path)} --set "
             f"stop.max_steps={2 * config.stop.max_steps}`")
 
 
@@ -430,8 +460,8 @@ SIDE_KEYS = ("hparams", "summary", "metrics")
 
 
 def result_damage(result: Mapping[str, Any]) -> str | None:
-    """What a finished run's ``result.json`` lacks that :func:`format_table` reads, or
-    ``None`` when it has it all."""
+    """What a finished run's ``result.json`` lacks (or holds in another type) that
+    :func:`format_table` reads, or ``None`` when it has it all."""
     missing = [key for key in RESULT_KEYS if key not in result]
     if missing:
         return f"it lacks the entries {missing}"
@@ -440,6 +470,10 @@ def result_damage(result: Mapping[str, Any]) -> str | None:
         if not isinstance(value, Mapping) or not all(
                 isinstance(value.get(key), Mapping) for key in SIDE_KEYS):
             return f"its {side!r} entry must be an object with the objects {list(SIDE_KEYS)}"
+    try:  # every value the table reads, of the type it reads it as
+        format_table(result)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        return f"the table cannot be drawn from it: {type(err).__name__}: {err}"
     return None
 
 

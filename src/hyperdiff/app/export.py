@@ -40,6 +40,7 @@ from hyperdiff.hparams.hyperparams import HyperParameters
 from hyperdiff.hparams.initialization import initial_values, initialization_name
 from hyperdiff.hparams.schedules import Schedule, resample
 from hyperdiff.tuner.history import OptimizeResult
+from hyperdiff.tuner.online_plan import OnlineResult
 
 # inner-optimizer coefficient -> torch.optim param-group key (betas are joined into a pair)
 GROUP_KEYS = {
@@ -54,11 +55,14 @@ Table = dict[str, tuple[float, ...]]  # coefficient -> its value at steps 0 .. S
 def _as_hparams(hparams: Any, caller: str) -> HyperParameters:
     if isinstance(hparams, OptimizeResult):
         return hparams.best_hparams
+    if isinstance(hparams, OnlineResult):  # an online run's values: those it ended with
+        return hparams.final_hparams
     if isinstance(hparams, HyperParameters):
         return hparams
     raise HyperdiffError(
-        f"{caller}: hparams must be a hd.HyperParameters (e.g. result.best_hparams, or "
-        f"hd.tuned_hparams(task.hparams, run_dir)) or an OptimizeResult (got {describe(hparams)})"
+        f"{caller}: hparams must be a hd.HyperParameters (e.g. result.best_hparams, an online "
+        f"run's result.final_hparams, or hd.tuned_hparams(task.hparams, run_dir)) or an "
+        f"OptimizeResult (got {describe(hparams)})"
     )
 
 
@@ -384,8 +388,9 @@ def tuned_hparams(task: Task | TaskSpec | HyperParameters, source: Any, *,
     (``"task_params"``); given only ``hd.HyperParameters``, the names and shapes are checked.
     """
     hparams, task_name = _target(task)
-    if isinstance(source, OptimizeResult):
-        return source.best_hparams
+    if isinstance(source, (OptimizeResult, OnlineResult)):
+        best = _as_hparams(source, "tuned_hparams")
+        return _with_values(hparams, dict(best.natural()), "the result")
     where = "the result"
     if isinstance(source, (str, Path)):
         source, path = _read_result(source)
@@ -398,20 +403,38 @@ def tuned_hparams(task: Task | TaskSpec | HyperParameters, source: Any, *,
                              f"(hyperdiff compare's comparison.json) (got method={method!r} "
                              f"and {where}, a run's result)")
     else:
-        values = source.get("tuned", {}).get("hparams") if isinstance(source, Mapping) else None
+        tuned = source.get("tuned") if isinstance(source, Mapping) else None
+        values = tuned.get("hparams") if isinstance(tuned, Mapping) else None
     if not isinstance(values, Mapping):
         raise HyperdiffError("tuned_hparams: source must be an OptimizeResult, a run directory "
                              "or a result with a 'tuned' -> 'hparams' entry, or a comparison "
                              f"with method=... (got {describe(source)})")
     _check_task(task, task_name, source, where)
+    return _with_values(hparams, values, where)
+
+
+def _with_values(hparams: HyperParameters, values: Mapping[str, Any], where: str
+                 ) -> HyperParameters:
+    """``hparams`` at the natural ``values`` (one per name, each of the name's shape)."""
     missing = sorted(set(hparams) - set(values))
     if missing:
         raise HyperdiffError(f"tuned_hparams: the result has no values for {missing}; it "
                              f"holds {sorted(values)}")
-    # hyperparameter values are held on the CPU in float64 (see hyperdiff.hparams.hyperparams)
-    return hparams.with_natural(**{
-        n: torch.as_tensor(values[n], dtype=torch.float64, device="cpu") for n in hparams
-    })
+    natural = {}
+    for name, spec in hparams.items():
+        try:  # held on the CPU in float64 (see hyperdiff.hparams.hyperparams)
+            value = torch.as_tensor(values[name], dtype=torch.float64, device="cpu")
+        except (TypeError, ValueError, RuntimeError):
+            raise HyperdiffError(f"tuned_hparams: {where}'s tuned value of {name!r} must be a "
+                                 f"number or a list of numbers (got "
+                                 f"{describe(values[name])})") from None
+        if tuple(value.shape) != spec.shape:
+            raise HyperdiffError(f"tuned_hparams: {where}'s tuned value of {name!r} must have "
+                                 f"the shape {spec.shape} of the task's {spec.kind} {name!r} "
+                                 f"(got shape {tuple(value.shape)}: a result of another "
+                                 "hyperparameter)")
+        natural[name] = value
+    return hparams.with_natural(**natural)
 
 
 __all__ = ["TunedSchedule", "load_into", "torch_optimizer", "tuned_hparams"]

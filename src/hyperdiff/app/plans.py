@@ -104,11 +104,17 @@ def configured_method(config: Config) -> Method:
     same method offline and online); online, ``outer.backprop = k`` is ``truncated(k)``; with
     ``distributed.data_parallel``, wrapped by :func:`~hyperdiff.tuner.distributed.data_parallel`
     (each rank trains on its shard of every batch)."""
-    if config.outer.mode == "online":
-        name, options = _online_method(config)
-        method = registered_constructor(name)(**options)
-    else:
-        method = make_method(config.method.name, **config.method.options)
+    try:
+        if config.outer.mode == "online":
+            name, options = _online_method(config)
+            method = registered_constructor(name)(**options)
+        else:
+            method = make_method(config.method.name, **config.method.options)
+    except HyperdiffError as err:
+        if str(err).startswith("config:"):
+            raise
+        raise HyperdiffError(f"config: [method] (method.name = {config.method.name!r}, its "
+                             f"options method.NAME = VALUE): {err}") from None
     return data_parallel(method) if config.distributed.data_parallel else method
 
 

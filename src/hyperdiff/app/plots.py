@@ -1,7 +1,8 @@
 """PNG figures of a run directory (``hyperdiff plot RUN_DIR``).
 
 - ``hparams.png``: each hyperparameter per successful outer step (natural units; failed steps
-  are red lines); a vector is drawn as its mean with a 10-90% band.
+  are red lines); a vector is drawn as its mean with a 10-90% band. A run whose every step
+  failed is drawn too: its failed steps marked, each panel titled "no successful step".
 - ``losses.png``: train, validation and selection loss per outer step; the best step and failed
   steps are marked.
 - ``hypergradient.png``: norm of the mean raw hypergradient per step, with the spread over the
@@ -12,21 +13,26 @@
 
 Figures are drawn with matplotlib's object API (no pyplot, no global state, no display) and
 written atomically. The history is read as ``--resume`` reads it: an unfinished last line is
-skipped with a warning, any other damage is one error naming the file and the line.
+skipped with a warning, any other damage is one error naming the file and the line; so is a
+record whose ``hparams`` or ``grad`` do not give every hyperparameter of ``hparams.json`` its
+size in numbers (:func:`check_values`).
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from matplotlib.figure import Figure
 
-from hyperdiff.app.rundir import FIGURES, RunDir, atomic_write_bytes
+from hyperdiff.app.rundir import FIGURES, HISTORY, RunDir, atomic_write_bytes
 from hyperdiff.app.rundir.files import os_errors, refuse_link
+from hyperdiff.app.rundir.records import recover
 from hyperdiff.errors import HyperdiffError, describe
-from hyperdiff.tuner.history import History
+from hyperdiff.tuner.history import History, StepRecord
 
 FIGURE_NAMES = ("hparams.png", "losses.png", "hypergradient.png", "sensitivity.png")
 
@@ -37,6 +43,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     history = History(rundir.read_history())
     if not len(history):
         raise HyperdiffError(f"plot: {rundir.path} must hold at least one outer step (got 0)")
+    meta = rundir.read_hparams()
+    check_values(history, meta, rundir.file(HISTORY))
     target = Path(out) if out else rundir.path / FIGURES
     if not out:
         refuse_link(target)  # a planted link must not send the figures elsewhere
@@ -44,7 +52,6 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
         refuse_link(target / name)
     with os_errors(target, "create the figure directory"):
         target.mkdir(parents=True, exist_ok=True)
-    meta = rundir.read_hparams()
     figures = dict(zip(FIGURE_NAMES, (hparams_figure(history), losses_figure(history),
                                       hypergradient_figure(history),
                                       sensitivity_figure(history, meta,
@@ -59,9 +66,55 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     return paths
 
 
+def check_values(records: Sequence[StepRecord], meta: Mapping[str, Any], path: Path) -> None:
+    """Raise, naming ``path`` and the line, unless every record's ``hparams`` (and ``grad``,
+    when it has one) give each hyperparameter of ``meta`` (``hparams.json``; without it, of
+    line 1) its size in numbers or nulls."""
+    sizes = expected_sizes(meta, records[0].hparams) if records else {}
+    for number, record in enumerate(records, 1):
+        for field, values in (("hparams", record.hparams), ("grad", record.grad)):
+            problem = None if values is None else values_problem(values, sizes)
+            if problem is not None:
+                raise HyperdiffError(
+                    f"run directory: {path} line {number} is not a step record: field "
+                    f"{field!r} {problem}; {recover(path.parent)}")
+
+
+def expected_sizes(meta: Mapping[str, Any], first: Mapping[str, Any]) -> dict[str, int]:
+    """Each hyperparameter's number of values: ``meta``'s ``size``, else line 1's."""
+    def size(name: str) -> int:
+        entry = meta.get(name)
+        stated = entry.get("size") if isinstance(entry, dict) else None
+        if isinstance(stated, int) and not isinstance(stated, bool) and stated > 0:
+            return stated
+        value = first.get(name)
+        return len(value) if isinstance(value, list) else 1
+
+    return {name: size(name) for name in (meta or first)}
+
+
+def values_problem(values: Mapping[str, Any], sizes: Mapping[str, int]) -> str | None:
+    """What is wrong with one record's values by name (``None``: nothing)."""
+    if set(values) != set(sizes):
+        return f"must name {sorted(sizes)} (got {sorted(values)})"
+    for name, size in sizes.items():
+        value = values[name]
+        scalar = size == 1 and _is_number(value)
+        if not scalar and not (isinstance(value, list) and len(value) == size
+                               and all(_is_number(v) for v in value)):
+            valid = "a number or null" if size == 1 else f"a list of {size} numbers or nulls"
+            return f"must give {name!r} {valid} (got {value!r:.60})"
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    """A JSON number or null (a value that was not finite)."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
 def hparams_figure(history: History) -> Figure:
     """Values of the successful steps; a failed step (whose values may be absurd or not
-    finite) is a red line."""
+    finite) is a red line. Without a successful step, each panel says so."""
     names = list(history[0].hparams)
     figure = Figure(figsize=(5.0 * min(len(names), 3), 3.4 * ((len(names) + 2) // 3)),
                     layout="constrained")
@@ -69,8 +122,7 @@ def hparams_figure(history: History) -> Figure:
     ok = [r for r in history if r.status == "ok"]
     steps = [r.step for r in ok]
     for ax, name in zip(axes, names, strict=False):
-        values = torch.tensor([_as_list(r.hparams[name]) for r in ok],
-                              dtype=torch.float64, device="cpu").reshape(len(ok), -1)
+        values = _rows([_as_list(r.hparams[name]) for r in ok])
         if values.shape[1] == 1:
             ax.plot(steps, values[:, 0], marker=".")
         elif len(ok):
@@ -82,7 +134,7 @@ def hparams_figure(history: History) -> Figure:
             ax.axvline(step, color="red", alpha=0.3)
         if len(ok) and bool((values > 0).all()) and float(values.max() / values.min()) > 50:
             ax.set_yscale("log")
-        ax.set_title(name)
+        ax.set_title(name if ok else f"{name}: no successful step")
         ax.set_xlabel("outer step")
     for ax in axes[len(names):]:
         ax.set_visible(False)
@@ -181,6 +233,13 @@ def coordinate_labels(meta: dict, name: str, count: int, source: Path | str) -> 
             f"{describe(entry)}); restore it, or delete "
             "it (figures then name coordinates by index)")
     return labels
+
+
+def _rows(rows: list[list[float]]) -> torch.Tensor:
+    """``rows`` as a ``(steps, size)`` tensor; ``(0, 1)`` when there are none."""
+    if not rows:
+        return torch.empty(0, 1, dtype=torch.float64, device="cpu")
+    return torch.tensor(rows, dtype=torch.float64, device="cpu").reshape(len(rows), -1)
 
 
 def _as_list(value: float | list[float | None] | None) -> list[float]:

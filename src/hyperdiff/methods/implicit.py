@@ -53,6 +53,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -226,8 +227,9 @@ def _implicit(
     hview = hp.view(leaves)
     theta_list, raw_list = list(theta.values()), list(leaves.values())
 
-    # right-hand side dL_val/dtheta and the direct term dL_val/du
-    value = validation_loss(problem, theta, {}, hview)
+    # right-hand side dL_val/dtheta and the direct term dL_val/du (through a view of its own:
+    # this backward pass frees the graph of the natural values it reads, which g's vjps need)
+    value = validation_loss(problem, theta, {}, hp.view(leaves))
     inputs = theta_list + raw_list
     grads = zeros_for_unused(torch.autograd.grad(value, inputs, allow_unused=True), inputs)
     rhs, direct = flat(grads[: len(theta_list)]), flat(grads[len(theta_list) :])
@@ -367,14 +369,16 @@ def implicit_samples(problem: Problem, state: TrainState, raw: dict[str, Tensor]
             return flat(zeros_for_unused(out, theta_list))
 
         for val in val_sets:
-            value = validation_loss(at_val_batches(problem, val), theta, end.buffers, hview)
+            value = validation_loss(at_val_batches(problem, val), theta, end.buffers,
+                                    hp.view(leaves))  # its own graph of the natural values
             inputs = [*theta_list, *leaves.values()]
-            grads = zeros_for_unused(torch.autograd.grad(value, inputs, allow_unused=True),
-                                     inputs)
+            found = torch.autograd.grad(value, inputs, allow_unused=True)
+            grads = zeros_for_unused(found, inputs)
             direct = hp.flatten(dict(zip(leaves, grads[len(theta_list):], strict=True)))
             result = solver(hvp, flat(grads[: len(theta_list)]).detach(), warn=False)
             mixed = torch.autograd.grad(g, list(leaves.values()), result.x, allow_unused=True,
                                         retain_graph=True)
+            _refuse_unseen(found[len(theta_list):], mixed, list(leaves))
             indirect = -hp.flatten(dict(zip(leaves, zeros_for_unused(
                 mixed, list(leaves.values())), strict=True)))
             diagnostics = {"iterations": result.iterations, "residual": result.residual,
@@ -382,6 +386,19 @@ def implicit_samples(problem: Problem, state: TrainState, raw: dict[str, Tensor]
             segments.append(Segment(kept, hp.unflatten(direct + indirect),
                                     float(value.detach()), losses, None, diagnostics))
     return segments
+
+
+def _refuse_unseen(direct: Seq[Tensor | None], mixed: Seq[Tensor | None],
+                   names: list[str]) -> None:
+    """Raise when no hyperparameter reaches the window's losses: the stationary form's
+    hypergradient would be identically 0 (they act through the optimizer alone)."""
+    if all(d is None and m is None for d, m in zip(direct, mixed, strict=True)):
+        raise HyperdiffError(
+            f"implicit (an online window): at least one hyperparameter must be read by "
+            f"train_loss or val_loss (got {names}, which act through the optimizer alone: "
+            "learning rates, momentum, its weight decay), since the window's stationary form "
+            "sees the losses only and would give them a hypergradient of 0; use method "
+            "'curvature' (the online default) or 'reverse'")
 
 
 CAPABILITIES = Capabilities(exact=False, offline=True, online=True, segment_options=("solver",))

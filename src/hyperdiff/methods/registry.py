@@ -8,6 +8,7 @@ config asks for it.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -74,3 +75,24 @@ def registered_constructor(name: str) -> Callable[..., Method]:
 def make_method(name: str, **options: Any) -> Method:
     """``make_method("forward", chunk_size=8)`` -> ``hd.forward(chunk_size=8)``."""
     return method_constructor(name)(**options)
+
+
+def unread_options(method: Method) -> dict[str, Any]:
+    """The options of ``method`` (a registered method) that its online segment does not read
+    (not in ``capabilities.segment_options``) but that are set off its constructor's default:
+    an online run would ignore them. ``{}`` for a method that is not registered."""
+    if method.name not in METHODS:
+        return {}
+    defaults = {name: p.default for name, p in
+                inspect.signature(registered_constructor(method.name)).parameters.items()}
+    read = set(method.capabilities.segment_options)
+    return {name: value for name, value in method.options.items()
+            if name not in read and name in defaults and value is not defaults[name]
+            and not _same(value, defaults[name])}
+
+
+def _same(value: Any, default: Any) -> bool:
+    try:
+        return bool(value == default)
+    except (TypeError, RuntimeError, ValueError):  # e.g. tensors
+        return False

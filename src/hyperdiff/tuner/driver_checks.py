@@ -170,6 +170,10 @@ def check_driver_state(driver: Any, plan: Any, state: dict[str, Any],
     caller = "HyperOptimizer"
     fresh = driver.state_dict()
     if missing := sorted(set(fresh) - set(state)):
+        if {"window", "inner_step", "tangent"} <= set(state):
+            raise HyperdiffError(f"{caller}: the state must be an offline run's (got an online "
+                                 "run's, with its window and inner step); load it into "
+                                 "HyperOptimizer(problem, plan=hd.plans.OnlinePlan(...))")
         raise damaged(caller, "the state", f"a dict with the entries {missing}",
                       "a dict without them")
     if unknown := sorted(map(str, set(state) - set(fresh))):

@@ -91,6 +91,10 @@ def restore_tuner(run: OnlineRun, loop: Loop, state: dict[str, Any],
     plan's entries back into ``run`` and return the records the loop keeps: ``records`` (e.g.
     from the run directory) or those the state holds, up to its step."""
     caller = _caller(run)
+    if isinstance(state, dict) and {"best", "since_best", "warm"} <= set(state):
+        raise HyperdiffError(f"{caller}: the state must be an online run's (got an offline "
+                             "run's, with its best step and warm starts); load it into "
+                             "HyperOptimizer(problem) with the offline plan")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise fail(caller, "state", f"a state_dict of format {FORMAT}",
                    state.get("format") if isinstance(state, dict) else state)

@@ -104,7 +104,7 @@ from hyperdiff.hparams.discrete import DiscreteParameter, discrete_names
 from hyperdiff.hparams.hyperparams import HyperParameters
 from hyperdiff.hparams.schedules import Schedule
 from hyperdiff.methods.base import Method, Segment
-from hyperdiff.methods.registry import OPTIMIZERS, make_method, methods_where
+from hyperdiff.methods.registry import OPTIMIZERS, make_method, methods_where, unread_options
 from hyperdiff.methods.window_methods import window_name
 from hyperdiff.seeds import window_sample_seed, window_seed
 from hyperdiff.tree import tree_flatten, tree_unflatten
@@ -278,6 +278,13 @@ class OnlinePlan:
             raise fail(self.caller, "method", "a Method with a segment or one of "
                        f"{sorted(methods_where(online=True))}", method)
         method.check(self.problem)
+        unread = unread_options(method)
+        if unread:
+            name = next(iter(unread))
+            raise fail(self.caller, f"method's option {name}",
+                       f"its default: an online window reads only "
+                       f"{list(method.capabilities.segment_options) or 'no options'} of "
+                       f"{method.name}", unread[name])
         loop.method = self.method = method
         self.label = window_name(method)
         if self._hot_start_given is None:  # measured for the long-horizon signal only

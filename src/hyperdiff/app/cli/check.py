@@ -44,8 +44,14 @@ def run(args: argparse.Namespace) -> int:
             raise HyperdiffError(f"check: --set must set a [task] key, e.g. "
                                  f"task.params.NAME=VALUE (got {item!r})")
     device = resolve_device(args.device, "check", "--device")
-    name = args.task or args.task_option or DEFAULT_TASK
+    named = {k: v for k, v in (("TASK", args.task), ("--task", args.task_option)) if v}
+    name = next(iter(named.values()), DEFAULT_TASK)
     given = load_config(data={"task": {"name": name}}, overrides=args.overrides).task
+    if given.name != name:
+        named["--set task.name"] = given.name
+    if len(set(named.values())) > 1:
+        raise HyperdiffError("check: the task must be named once, or the same each time (got "
+                             + ", ".join(f"{k} {v}" for k, v in named.items()) + ")")
     task = task_to_device(build_task(
         name, steps=args.steps, selection_fraction=given.selection_fraction,
         cv_folds=given.cv_folds, data_seed=given.data_seed, params=given.params), device)

@@ -23,6 +23,14 @@ def config_overrides(args: argparse.Namespace) -> list[str]:
     last as ``run.device=D``."""
     overrides = list(args.overrides)
     if args.task:
+        named = [o.split("=", 1)[1].strip().strip("'\"") for o in overrides
+                 if o.replace(" ", "").startswith("task.name=")]
+        if any(name != args.task for name in named):
+            from hyperdiff.errors import HyperdiffError
+
+            raise HyperdiffError(f"run: --task and --set task.name must name the same task, or "
+                                 f"give one of them (got --task {args.task} and task.name = "
+                                 f"{named[-1]})")
         overrides.insert(0, f"task.name={args.task}")
     if getattr(args, "device", None):
         overrides.append(f'run.device="{args.device}"')

@@ -11,7 +11,9 @@ and against wall time) and ``comparison.json`` (each method's curve, its trials 
 winner's natural values, which ``hd.tuned_hparams(task, comparison, method=...)`` reads) into
 the run directory, both rewritten as soon as each method's phase finishes: a phase that fails
 leaves the earlier ones there (and in the printed table), with the failure named under
-``"failed"``; the error is still reported and the exit status is non-zero.
+``"failed"``; the error is still reported and the exit status is non-zero. An ``--out`` that
+already holds a comparison is refused before the tuning starts, as ``hyperdiff run --out``
+refuses a directory that holds a run.
 """
 
 from __future__ import annotations
@@ -36,32 +38,32 @@ HELP = "tune a task with hyperdiff and with random search / TPE under one budget
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--budget", type=int, default=0,
-                        help="trainings per black-box method (default: as many as hyperdiff "
-                        "used)")
+    parser.add_argument("--budget", type=int, default=None,
+                        help="trainings per black-box method, a positive int (default: as many "
+                        "as hyperdiff used)")
     parser.add_argument("--per-coordinate", action="store_true",
                         help="search every entry of a vector hyperparameter separately "
                         "(default: one shared value per hyperparameter)")
     parser.add_argument("--no-tpe", action="store_true", help="skip Optuna's TPE")
-    parser.add_argument("--out", help="output directory (default: runs/compare-<task>-<time>)")
+    parser.add_argument("--out", help="output directory, refused when it already holds a "
+                        "comparison (default: a new runs/compare-<task>-<time>)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
 
 
 def run(args: argparse.Namespace) -> int:
     from hyperdiff.app.config import load_config
     from hyperdiff.app.rundir.files import refuse_link
-    from hyperdiff.errors import HyperdiffError
     from hyperdiff.tuner.distributed import init_from_env, on_root
 
     config = load_config(args.config, config_overrides(args))
-    if args.budget < 0:
-        raise HyperdiffError(f"compare: --budget must be a positive int (got {args.budget})")
+    check_budget(args.budget, "--budget")
     set_threads("compare", args.threads)
     from hyperdiff.app.tasks.loader import label
 
     if args.out:  # refused now, not after the tuning: a link where a file will be written
         for name in OUTPUTS:
             refuse_link(Path(args.out) / name)
+        refuse_existing_comparison(Path(args.out))  # a computed result is never replaced
     # under torchrun: the trainings are spread over the ranks, rank 0 alone writes and prints
     group = init_from_env(config.distributed.timeout_s)
     root = group is None or group.is_root
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         return where
 
     try:
-        report = compare(config, budget=args.budget or None, per_coordinate=args.per_coordinate,
+        report = compare(config, budget=args.budget, per_coordinate=args.per_coordinate,
                          tpe=not args.no_tpe,
                          progress=False if args.quiet or not root else None,
                          on_phase=write, log=None if root else (lambda _message: None))
@@ -88,6 +90,28 @@ def run(args: argparse.Namespace) -> int:
         print(format_comparison(report))
         print(f"figure and JSON: {out / OUTPUTS[1]}, {out / OUTPUTS[0]}")
     return 0
+
+
+def check_budget(budget: int | None, name: str = "budget") -> None:
+    """Raise unless ``budget`` is ``None`` (as many trainings as hyperdiff used) or a positive
+    int; ``name`` is how the caller spells it."""
+    from hyperdiff.errors import HyperdiffError
+
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)
+                               or budget < 1):
+        raise HyperdiffError(f"compare: {name} must be a positive int (got {budget!r})")
+
+
+def refuse_existing_comparison(directory: Path) -> None:
+    """Raise if ``directory`` already holds a comparison's files, which this one would
+    replace."""
+    from hyperdiff.errors import HyperdiffError
+
+    found = [n for n in OUTPUTS if (directory / n).exists() or (directory / n).is_symlink()]
+    if found:
+        raise HyperdiffError(
+            f"compare: the output directory {directory} already holds a comparison "
+            f"({', '.join(found)}); choose another directory with --out")
 
 
 class PhaseOutputs:
@@ -137,7 +161,9 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
     ``progress``: tqdm bars (``None``: only on a terminal). ``on_phase(report)``: called with
     the report so far as soon as each method's phase finishes, and once more when a black-box
     phase fails: then ``report["failed"]`` names the method, the error and the methods not run,
-    and the error is raised again."""
+    and the error is raised again. ``budget``: trainings per black-box method, a positive int
+    (``None``: as many as hyperdiff used)."""
+    check_budget(budget)
     from hyperdiff.app.experiment import build
     from hyperdiff.app.loggers import Progress
     from hyperdiff.app.plans import offline_bar
@@ -170,7 +196,7 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
         winner = task.evaluate(outcome.best_raw, seeds=seeds, progress=bar.report_phase(),
                                spread=spread)
     hyper = from_history(outcome.history, method="hyperdiff")
-    budget = budget or driver.trainings
+    budget = driver.trainings if budget is None else budget
     names = list(task.search_space) if per_coordinate else []
     methods = [summarize(hyper, winner, picked_by=outcome.criterion, task=task,
                          best=(outcome.best_step, natural_values(task.hparams, outcome.best_raw)))]
@@ -305,5 +331,6 @@ def comparison_figure(methods: Sequence[Mapping[str, Any]], *, title: str = "") 
     return figure
 
 
-__all__ = ["PhaseOutputs", "add_arguments", "compare", "comparison_figure", "evaluate_values",
-           "format_comparison", "run", "summarize", "write_outputs"]
+__all__ = ["PhaseOutputs", "add_arguments", "check_budget", "compare", "comparison_figure",
+           "evaluate_values", "format_comparison", "refuse_existing_comparison", "run",
+           "summarize", "write_outputs"]

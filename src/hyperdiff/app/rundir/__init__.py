@@ -18,7 +18,8 @@ from hyperdiff.app.rundir.directory import (
 )
 from hyperdiff.app.rundir.files import atomic_write_bytes, read_bytes
 from hyperdiff.app.rundir.lock import RunLock
-from hyperdiff.app.rundir.manifest import MANIFEST, Manifest
+from hyperdiff.app.rundir.manifest import Manifest
+from hyperdiff.app.rundir.records import MANIFEST
 
 __all__ = ["CHECKPOINT", "CONFIG", "FIGURES", "HISTORY", "HPARAMS", "LOCK", "MANIFEST", "RESULT",
            "RUN_FILES", "Manifest", "RunDir", "RunLock", "atomic_write_bytes", "describe",

@@ -51,8 +51,15 @@ from hyperdiff.app.rundir.files import (
     sync_file,
 )
 from hyperdiff.app.rundir.lock import RunLock
-from hyperdiff.app.rundir.manifest import MANIFEST, Manifest, sha256
-from hyperdiff.app.rundir.records import new_run, parse_line, parse_records, recover, split_lines
+from hyperdiff.app.rundir.manifest import Manifest, sha256
+from hyperdiff.app.rundir.records import (
+    MANIFEST,
+    new_run,
+    parse_line,
+    parse_records,
+    recover,
+    split_lines,
+)
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.hparams.hyperparams import HyperParameters
 from hyperdiff.tuner.history import StepRecord
@@ -64,6 +71,17 @@ RUN_FILES = (CONFIG, HPARAMS, HISTORY, CHECKPOINT, MANIFEST, RESULT)
 CHECKSUMMED = (CONFIG, HPARAMS)
 
 LOGGER = logging.getLogger("hyperdiff.rundir")
+
+
+def _in_the_way(path: Path) -> str:
+    """What keeps ``path`` from being made as a directory: it, or the first of its parents,
+    as an existing file or a symbolic link to a missing target."""
+    for where in (path, *path.parents):
+        if where.is_symlink() and not where.exists():
+            return f"{where}, a symbolic link to a missing target"
+        if where.exists() and not where.is_dir():
+            return f"{where}, an existing file"
+    return f"{path}, an existing file"
 
 
 class RunDir:
@@ -78,6 +96,7 @@ class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.created = False
+        self.started_here = False  # start() wrote this run's files in this process
         self._lock = RunLock(self.path / LOCK)
         self._manifest: Manifest | None = None
         self._entry: dict[str, Any] | None = None
@@ -111,8 +130,10 @@ class RunDir:
             rundir.created = True
         except FileExistsError:
             if not rundir.path.is_dir():
-                raise HyperdiffError(f"run: --out {rundir.path} must be a directory (got an "
-                                     "existing file); choose another --out") from None
+                raise HyperdiffError(f"run: the run directory {rundir.path} (--out or "
+                                     f"output.dir) must be a directory or a new path (got "
+                                     f"{_in_the_way(rundir.path)}); choose another "
+                                     "one") from None
         except OSError as err:
             raise fs_error(rundir.path, "create the run directory", err) from None
         return rundir
@@ -169,6 +190,21 @@ class RunDir:
             (self.path / LOCK).unlink(missing_ok=True)
             self.path.rmdir()
 
+    def discard_unstarted(self) -> None:
+        """Remove the files of a run that :meth:`start` began in this process and that recorded
+        no outer step (refused before its first training ended: nothing was computed), so that
+        the corrected command can use the same directory; and the directory, if :meth:`create`
+        made it and nothing else was written there."""
+        if not self.started_here or self._history_steps != 0:
+            return
+        for name in (*RUN_FILES, LOCK):
+            with suppress(FileNotFoundError):
+                self.file(name).unlink()
+        self.started_here = False
+        if self.created:
+            with suppress(OSError):
+                self.path.rmdir()
+
     # ------------------------------------------------------------------ state of the directory
     def file(self, name: str) -> Path:
         return self.path / name
@@ -192,7 +228,7 @@ class RunDir:
     def config_file_exists(self) -> None:
         if not self._exists(CONFIG):
             raise HyperdiffError(f"run directory: {self.file(CONFIG)} does not exist, so "
-                                 f"{self.path} holds no run to resume")
+                                 f"{self.path} holds no run (to resume, or to start from)")
 
     def start(self, config_toml: str, hparams: HyperParameters,
               inputs: dict[str, Any] | None = None) -> None:
@@ -205,6 +241,7 @@ class RunDir:
         self._write_manifest(Manifest({n: sha256(files[n]) for n in CHECKSUMMED},
                                       inputs=inputs))
         self._history_digest, self._history_steps = hashlib.sha256(), 0
+        self.started_here = True
 
     def config_path(self) -> Path:
         """Path of the run's config, after verifying the start files against the manifest.

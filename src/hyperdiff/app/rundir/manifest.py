@@ -30,7 +30,6 @@ from typing import Any
 from hyperdiff.app.rundir.records import new_run
 from hyperdiff.errors import HyperdiffError
 
-MANIFEST = "manifest.json"
 FORMAT = 1
 KEPT_CHECKPOINTS = 2
 
@@ -102,8 +101,11 @@ class Manifest:
             ):
                 raise ValueError("'checkpoints' must be a list of {sha256, step, ...}")
             inputs, changes = raw.get("inputs"), raw.get("input_changes", [])
-            if inputs is not None and not isinstance(inputs, dict):
-                raise ValueError("'inputs' must be an object")
+            if inputs is not None and not (isinstance(inputs, dict) and all(
+                    isinstance(v, dict) for v in inputs.values()) and all(
+                    isinstance(v, dict) for v in (inputs.get("data") or {}).values())):
+                raise ValueError("'inputs' must be an object of objects ('task', 'data': one "
+                                 "object per split)")
             if not isinstance(changes, list):
                 raise ValueError("'input_changes' must be a list")
             extensions, start_from = raw.get("extensions", []), raw.get("start_from")

@@ -9,16 +9,39 @@ file and the line.
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.tuner.history import StepRecord
 
+MANIFEST = "manifest.json"
+
+
+def shell_path(path: str | Path) -> str:
+    """``path`` as a shell word, for commands in advice (quoted where it needs it)."""
+    return shlex.quote(str(path))
+
 
 def new_run(directory: Path) -> str:
-    """What to do when a run directory cannot be continued: the same run, elsewhere."""
-    return (f"start a new run with the same config (`hyperdiff run {directory / 'config.toml'} "
-            "--out NEW_DIR`): a run is deterministic and recomputes the same steps")
+    """What to do when a run directory cannot be continued: the same run, elsewhere (with
+    ``--from`` the run it started from, as its manifest records it, where readable)."""
+    source = recorded_start(directory)
+    start = "" if source is None else f" --from {shell_path(source)}"
+    return (f"start a new run with the same config (`hyperdiff run "
+            f"{shell_path(directory / 'config.toml')}{start} --out NEW_DIR`): a run is "
+            "deterministic and recomputes the same steps")
+
+
+def recorded_start(directory: Path) -> str | None:
+    """The run a run directory was started from (``--from``), read from its manifest, or
+    ``None`` (none, or a manifest that cannot be read: the advice then omits it)."""
+    try:
+        start = json.loads((directory / MANIFEST).read_text(encoding="utf-8")).get("start_from")
+        run = start.get("run") if isinstance(start, dict) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return run if isinstance(run, str) else None
 
 
 def recover(directory: Path) -> str:
