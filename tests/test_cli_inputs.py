@@ -287,3 +287,34 @@ def test_a_state_of_the_other_plan_is_named_as_such():
                        r"offline run's"):
         HyperOptimizer(ridge(steps=20), plan=hd.plans.OnlinePlan(window=5)).load_state_dict(
             offline.state_dict(), list(offline.history))
+
+
+def test_a_quiet_interrupted_run_still_says_how_to_continue(tmp_path, capsys, monkeypatch):
+    step = HyperOptimizer.step
+
+    def interrupted(self):
+        if self.step_index == 1:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(HyperOptimizer, "step", interrupted)
+    out = tmp_path / "stopped run"
+    assert run(*TINY, "--out", str(out)) == 130
+    assert error(capsys) == (f"hyperdiff run: interrupted after outer step "
+                             f"1; continue with `hyperdiff run --resume '{out}'`")
+
+
+def test_a_number_given_for_a_string_key_suggests_quotes():
+    with pytest.raises(hd.HyperdiffError, match=r"log.csv must be a string \(got 123; to mean "
+                       r"the text, quote it: --set 'log.csv=\"123\"' or csv = \"123\" in TOML\)"):
+        load_config(overrides=["task.name=ridge_diabetes", "log.csv=123"])
+
+
+def test_an_edited_hparams_file_is_not_advised_as_an_input(finished, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    (copy / "hparams.json").write_text((copy / "hparams.json").read_text() + " ")
+    assert run("--resume", str(copy)) == 2
+    assert error(capsys).endswith("restore the original, or change the hyperparameters in the "
+                                  "task (a run writes hparams.json to describe them, never reads "
+                                  "it) and start a new run")

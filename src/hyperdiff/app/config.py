@@ -825,7 +825,10 @@ def _check_value(section: str, key: str, value: Any, meta: Any, kind: Any) -> An
         return value
     if kind is str:
         if not isinstance(value, str):
-            raise HyperdiffError(f"config: {where} must be a string (got {describe(value)})")
+            quoted = (f"; to mean the text, quote it: --set '{where}=\"{value}\"' or "
+                      f"{key} = \"{value}\" in TOML" if isinstance(value, (int, float)) else "")
+            raise HyperdiffError(f"config: {where} must be a string (got "
+                                 f"{describe(value)}{quoted})")
         if choices and value not in choices:
             raise HyperdiffError(
                 f"config: {where} must be one of {', '.join(map(repr, choices))} "

@@ -332,9 +332,11 @@ def _run_plan(
         try:
             outcome = loop.run(callbacks=[on_step, *watchers, *([bar] if bar else [])],
                                progress=progress if bar is None else False)
-        except KeyboardInterrupt:
-            log(f"interrupted after {loop.where()}; continue with "
-                f"`hyperdiff run --resume {shell_path(rundir.path)}`")
+        except KeyboardInterrupt as err:
+            where = (f"after {loop.where()}; continue with "
+                     f"`hyperdiff run --resume {shell_path(rundir.path)}`")
+            log(f"interrupted {where}")
+            err.add_note(where)  # the command line shows it, also when quiet
             raise
         except NonFiniteError as err:
             rundir.save_checkpoint(loop.state_dict())

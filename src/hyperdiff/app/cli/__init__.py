@@ -68,8 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         get_logger("cli").error("hyperdiff %s: error: cannot use%s: %s", args.command, where,
                                 err.strerror or err)
         return 2
-    except KeyboardInterrupt:
-        get_logger("cli").error("hyperdiff %s: interrupted", args.command)
+    except KeyboardInterrupt as err:  # a run's note says where it stopped, and how to go on
+        where = "".join(f" {note}" for note in getattr(err, "__notes__", []))
+        get_logger("cli").error("hyperdiff %s: interrupted%s", args.command, where)
         return 130
 
 

@@ -58,6 +58,7 @@ from hyperdiff.app.rundir.records import (
     parse_line,
     parse_records,
     recover,
+    shell_path,
     split_lines,
 )
 from hyperdiff.errors import HyperdiffError
@@ -257,11 +258,14 @@ class RunDir:
         for name in CHECKSUMMED:
             expected = manifest.files.get(name)
             if expected is not None and sha256(read_bytes(self.file(name))) != expected:
+                other = (f"start a new run with the changed file (`hyperdiff run "
+                         f"{shell_path(self.file(CONFIG))} --out NEW_DIR`)" if name == CONFIG
+                         else "change the hyperparameters in the task (a run writes "
+                         f"{HPARAMS} to describe them, never reads it) and start a new run")
                 raise HyperdiffError(
                     f"run directory: {self.file(name)} was changed after the run started (its "
                     f"sha256 differs from the one in {MANIFEST}); restore the original, or "
-                    f"start a new run with the changed file (`hyperdiff run "
-                    f"{self.file(CONFIG)} --out NEW_DIR`)"
+                    f"{other}"
                 )
         return self.file(CONFIG)
 

@@ -184,7 +184,7 @@ class Task:
         with torch.no_grad():
             return {split: split_metrics(self.metrics, with_ctx, params, hview, batches,
                                          StepContext(step=-1, seed=seed, train=False,
-                                                     buffers=buffers))
+                                                     buffers=buffers), split=split)
                     for split, batches in self.splits.items()}
 
     def outer_loss(self, values: Mapping[str, Any], seed: int = 0) -> float:

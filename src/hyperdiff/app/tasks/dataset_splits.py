@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from hyperdiff.app.tasks.splits import split_given_rows, stratify_labels
 from hyperdiff.engine.data.evaluation import (
@@ -46,6 +46,14 @@ def train_source(train: Any, batch_size: int | None, name: str) -> Any:
                 f"{name}: batch_size must be None or the train DataLoader's batch_size "
                 f"{train.batch_size} (got {batch_size}): the loader's batch size is used")
         return train
+    if isinstance(train, IterableDataset):  # yields samples: batched as a DataLoader would
+        if batch_size is None:
+            raise HyperdiffError(
+                f"{name}: batch_size must be given when given_splits(train=...) is an "
+                f"IterableDataset (got None and {type(train).__name__}, which yields samples, "
+                "not batches); or pass DataLoader(dataset, batch_size=...), or "
+                "DataLoader(dataset, batch_size=None) for one that yields whole batches")
+        return DataLoader(train, batch_size=batch_size)
     if not is_map_style(train):
         return train
     if batch_size is None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from hyperdiff.app.tasks.spec import TaskSpec, how_it_failed
+from hyperdiff.app.tasks.spec import USER_TASK_MODULE, TaskSpec, how_it_failed
 from hyperdiff.errors import HyperdiffError
 
 FORMS = "a built-in task name, 'package.module:factory' or 'path/to/file.py:factory'"
@@ -98,7 +98,7 @@ def _import_file(path: Path, ref: str) -> ModuleType:
         raise HyperdiffError(f"task: file {str(path)!r} of {ref!r} must exist (got no such "
                              f"file in {Path.cwd()})")
     resolved = path.resolve()
-    name = "hyperdiff_user_task_" + re.sub(r"\W", "_", str(resolved))
+    name = USER_TASK_MODULE + re.sub(r"\W", "_", str(resolved))
     if name in sys.modules:
         return sys.modules[name]
     _on_path(resolved.parent)

@@ -14,19 +14,29 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from hyperdiff.engine.data.evaluation import batch_rows
+from hyperdiff.engine.datacheck import shapes_of
 from hyperdiff.engine.models import StepContext
+from hyperdiff.errors import HyperdiffError
 from hyperdiff.typing import Batch, Params
 
 
 def split_metrics(metrics: Callable[..., dict[str, float]], with_ctx: bool, params: Params,
-                  hview: Any, batches: Iterable[Batch], ctx: StepContext) -> dict[str, float]:
-    """``{name: sample-weighted mean over batches}`` of ``metrics(params, hview, batch[, ctx])``.
-    """
+                  hview: Any, batches: Iterable[Batch], ctx: StepContext, split: str = "a"
+                  ) -> dict[str, float]:
+    """``{name: sample-weighted mean over batches}`` of ``metrics(params, hview, batch[, ctx])``
+    (``split`` names the split in the error of a metrics function that raises)."""
     sums: dict[str, float] = {}
     means: dict[str, float] = {}
     sizes: list[int] = []
-    for batch in batches:
-        values = metrics(params, hview, batch, ctx) if with_ctx else metrics(params, hview, batch)
+    for j, batch in enumerate(batches):
+        try:
+            values = (metrics(params, hview, batch, ctx) if with_ctx
+                      else metrics(params, hview, batch))
+        except HyperdiffError:
+            raise
+        except Exception as err:  # the user's code: named, not a traceback from deep inside
+            raise HyperdiffError(f"metrics raised {type(err).__name__} on batch {j} of the "
+                                 f"{split} split ({shapes_of(batch)}): {err}") from err
         n = batch_rows(batch)
         for key, value in values.items():
             sums[key] = sums.get(key, 0.0) + n * float(value)

@@ -27,6 +27,7 @@ dimension (a tensor, a tuple or a dict of tensors); hyperdiff splits its rows; o
 from __future__ import annotations
 
 import math
+import multiprocessing
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -224,6 +225,8 @@ class TaskSpec:
                      data_seed: int) -> Task:
         given = self.data
         assert isinstance(given, GivenSplits)
+        for split in ("train", "val", "test", "selection"):
+            check_worker_imports(self.name, split, getattr(given, split))
         if cv_folds:
             raise HyperdiffError(f"{self.name}: task.cv_folds must be 0 with given_splits (got "
                                  f"{cv_folds}): folds need the whole data set as data=")
@@ -304,9 +307,9 @@ class TaskSpec:
 
         if self.probe:  # every split the report evaluates, not only the one tuning reads
             metrics = self.metrics or loss_metrics(self)
-            for split, batches in splits.items():
-                if not isinstance(batches, EvaluationSplit):
-                    probe_metrics(self.name, metrics, final, hparams, batches[0], split)
+            for split, batches in splits.items():  # a lazy split: its first batch, read now
+                first = next(iter(batches)) if isinstance(batches, EvaluationSplit) else batches[0]
+                probe_metrics(self.name, metrics, final, hparams, first, split)
         return Task(
             name=self.name, description=self.description, problems=problems,
             final_problem=final, splits=splits, metrics=self.metrics or loss_metrics(self),
@@ -314,6 +317,31 @@ class TaskSpec:
                 self.name, hparams, self.search_space or default_search_space(hparams)),
             info=meta, summarize=summarize, tasks=self.tasks,
         )
+
+
+USER_TASK_MODULE = "hyperdiff_user_task_"
+"""The prefix of the module name a task file (``path/file.py:build``) is imported under."""
+
+
+def check_worker_imports(name: str, split: str, data: Any) -> None:
+    """Refuse a ``DataLoader`` whose worker processes start fresh (``spawn``, ``forkserver``)
+    and would have to import a class defined in a task file: they cannot import it by the
+    name hyperdiff gave the file (a worker would fail with ModuleNotFoundError)."""
+    if not isinstance(data, DataLoader) or data.num_workers == 0:
+        return
+    context = data.multiprocessing_context
+    method = (context if isinstance(context, str) else context.get_start_method()
+              if context is not None else multiprocessing.get_start_method())
+    defined = [("Dataset", type(data.dataset)), ("collate_fn", data.collate_fn),
+               ("worker_init_fn", data.worker_init_fn)]
+    local = [f"{what} {getattr(obj, '__name__', what)}" for what, obj in defined
+             if str(getattr(obj, "__module__", "")).startswith(USER_TASK_MODULE)]
+    if method != "fork" and local:
+        raise HyperdiffError(
+            f"{name}: the {split} DataLoader's {', '.join(local)} must be importable by its "
+            f"'{method}' worker processes (got one defined in the task file, which a fresh "
+            "process cannot import); move it into a module on the Python path, or use "
+            "num_workers=0 or multiprocessing_context='fork'")
 
 
 def probe_metrics(name: str, metrics: Metrics, problem: Problem, hparams: HyperParameters,

@@ -48,9 +48,16 @@ def _cut(rows: np.ndarray, size: int, labels: np.ndarray | None, seed: int, what
             stratify=None if labels is None else labels[rows],
         )
     except ValueError as err:
+        text = str(err)
+        if len(text) > 200:
+            text = text[:197] + "..."
+        stratified = ("" if labels is None else
+                      f", or hd.task(..., stratify=False) if the {len(np.unique(labels))} "
+                      "distinct integer targets are not classes (a regression, counts)")
         raise HyperdiffError(
             f"task: the {what} split must be drawable from {len(rows)} rows ({size} rows "
-            f"asked; got scikit-learn's error: {err}); use more data or other split fractions"
+            f"asked; got scikit-learn's error: {text}); use more data or other split "
+            f"fractions{stratified}"
         ) from None
     return rest, taken
 

@@ -26,6 +26,7 @@ from typing import Any
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from hyperdiff.engine.data.evaluation import evaluation_split, is_dataset_split
 from hyperdiff.engine.data.failures import named_batches
 from hyperdiff.engine.data.loader import LoaderStream, has_random_access
 from hyperdiff.engine.data.replay import check_batch
@@ -136,6 +137,11 @@ def validation_batches(data: Any) -> list[Batch]:
         )
     if isinstance(data, (Tensor, tuple, dict)):
         return [check_batch(data, "hypergradient: val_data")]
+    if is_dataset_split(data):  # read as an evaluation split is: seeded, your state untouched
+        batches = list(evaluation_split("validation", data))
+        if not batches:
+            raise HyperdiffError("hypergradient: val_data must hold at least one batch (got 0)")
+        return batches
     if isinstance(data, Iterable):
         batches = list(named_batches(lambda: iter(data), lambda j: f"batch {j} of val_data"))
         if not batches:

@@ -30,6 +30,7 @@ import hashlib
 import random
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from hyperdiff.engine.data.evaluation import is_map_style
+from hyperdiff.engine.data.failures import user_code
 from hyperdiff.engine.data.replay import fingerprint as item_digest
 
 SAMPLE = 64
@@ -147,13 +149,18 @@ def _items_fingerprint(data: Any) -> dict[str, Any]:
     fields = "none"
     with _seeded_random():
         for i in indices:
-            item = _numpy_to_tensors(data[i])
+            with user_code(partial(_sample_name, data, i)):  # the user's __getitem__
+                item = _numpy_to_tensors(data[i])
             if i == 0:
                 fields = _fields(item)
             digest.update(f"{i}:".encode())
             digest.update(item_digest(item))
     return {"kind": "items", "type": type(data).__name__, "length": length, "fields": fields,
             "sampled": len(indices), "sha256": digest.hexdigest()}
+
+
+def _sample_name(data: Any, index: int) -> str:
+    return f"sample {index} of {type(data).__name__} (read to fingerprint the run's data)"
 
 
 def _iterable(data: Any) -> dict[str, Any]:
@@ -179,8 +186,14 @@ def _fields(item: Any) -> str:
 
 
 def _numpy_to_tensors(item: Any) -> Any:
-    if isinstance(item, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(item))
+    """``item`` with its arrays as tensors: NumPy arrays and scalars, and anything NumPy reads
+    as an array (a PIL image), so that the digest sees their values, not their type alone."""
+    if isinstance(item, (np.ndarray, np.generic)) or (
+            not isinstance(item, (Tensor, str, bytes, Mapping, list, tuple))
+            and (hasattr(item, "__array__") or hasattr(item, "__array_interface__"))):
+        array = np.asarray(item)
+        if array.dtype != object:
+            return torch.from_numpy(np.ascontiguousarray(array))
     if isinstance(item, Mapping):
         return {k: _numpy_to_tensors(v) for k, v in item.items()}
     if isinstance(item, (list, tuple)):

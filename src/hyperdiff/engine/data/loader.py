@@ -43,6 +43,7 @@ from torch.utils.data import (
 from hyperdiff.engine.data.failures import indices_text, user_code
 from hyperdiff.engine.data.fetch import BatchRequest, SeededBatches, as_is, reread_ragged
 from hyperdiff.engine.data.permutation import mix, permute
+from hyperdiff.engine.data.replay import ReplayLog
 from hyperdiff.engine.data.streaming import Streamed
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.typing import Batch
@@ -125,11 +126,20 @@ class _Run:
     iterator: Iterator[Batch]
 
 
+LOADER_ADVICE = (
+    "hyperdiff owns this loader's shuffle and seeds torch's generator for each sample, so what "
+    "changed is the Dataset's own randomness or content: draw augmentation from torch "
+    "(torch.rand, torch.randn_like; NumPy's and Python's global generators are not replayed), "
+    "or keep the data fixed while the run reads it"
+)
+
+
 class LoaderStream(Streamed):
     """Lazy, random-access reading of a map-style ``DataLoader`` (see the module doc)."""
 
     def __init__(self, loader: DataLoader, name: str, window: int = 8):
         super().__init__(name, window)
+        self.log = ReplayLog(name, LOADER_ADVICE)
         self.loader = loader
         self.plan = IndexPlan(len(loader.dataset), int(loader.batch_size or 1),  # type: ignore[arg-type]
                               loader.drop_last, type(loader.sampler) is RandomSampler)
