@@ -566,9 +566,11 @@ def _check_unread_mode_keys(source: dict[str, Any], config: Config) -> None:
     and ``--set``) to a value other than its default for this mode or off (0, false), so that
     no setting is ignored silently (``[stop]`` keys online: :func:`_check_unread_stop`)."""
     mode = config.outer.mode
-    for (section, key), reader in mode_only_keys().items():
+    readers = {k: f"{reader} runs only" for k, reader in mode_only_keys().items()}
+    readers.update({k: "offline and online runs" for k in NOT_READ_BY_META if mode == "meta"})
+    for (section, key), reader in readers.items():
         given = source.get(section)
-        if reader == mode or not isinstance(given, dict) or key not in given or (
+        if reader.startswith(mode) or not isinstance(given, dict) or key not in given or (
                 section, key) in REFUSED_WHEN_BUILT or (section == "stop" and (
                     mode == "online" or key in ("travel", "extend"))):
             continue
@@ -578,7 +580,12 @@ def _check_unread_mode_keys(source: dict[str, Any], config: Config) -> None:
         if value != default and value:
             raise HyperdiffError(
                 f"config: {section}.{key} must be left at its default {default!r} with "
-                f"outer.mode = {mode!r} (it is read by {reader} runs only; got {value!r})")
+                f"outer.mode = {mode!r} (it is read by {reader}; got {value!r})")
+
+
+NOT_READ_BY_META = (("outer", "samples"), ("outer", "auto_samples"), ("outer", "max_samples"))
+"""Keys that offline and online runs read and meta runs do not (a meta step's trainings are
+its ``outer.meta_batch`` tasks)."""
 
 
 UNREAD_STOP = {"online": ("an online run is one training of inner.steps steps: it has no "
@@ -657,14 +664,20 @@ def resolve(source: dict[str, Any]) -> Config:
 
 def _check_log_paths(log: LogConfig) -> None:
     """Raise if the CSV file would take the place of the TensorBoard or MLflow directory (or
-    of one of the folders above it), or if those two directories nest."""
+    of one of the folders above it) or lie inside one (the logger owns every file there, e.g.
+    MLflow's database), or if those two directories nest."""
     csv = PurePath(log.csv).parts
     for key in ("tensorboard", "mlflow"):
-        folder = getattr(log, key)
-        if log.csv and folder and PurePath(folder).parts[: len(csv)] == csv:
+        folder = PurePath(getattr(log, key)).parts
+        if log.csv and folder and folder[: len(csv)] == csv:
             raise HyperdiffError(
                 f"config: log.csv must not be log.{key}'s directory or a folder above it "
-                f"(got {log.csv!r} with log.{key} = {folder!r})")
+                f"(got {log.csv!r} with log.{key} = {getattr(log, key)!r})")
+        if log.csv and folder and csv[: len(folder)] == folder:
+            raise HyperdiffError(
+                f"config: log.csv must be a file outside log.{key}'s directory, whose files "
+                f"the {key} logger owns (got {log.csv!r} with log.{key} = "
+                f"{getattr(log, key)!r})")
     board, store = PurePath(log.tensorboard).parts, PurePath(log.mlflow).parts
     shorter = min(len(board), len(store))
     if log.tensorboard and log.mlflow and board[:shorter] == store[:shorter]:

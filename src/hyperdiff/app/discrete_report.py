@@ -11,6 +11,7 @@ discretised model (:mod:`hyperdiff.hparams.choices`), with no special task class
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, cast
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from hyperdiff.app.tasks.base import SearchChoices, Task
+from hyperdiff.errors import HyperdiffError, is_number
 from hyperdiff.hparams.choices import discretise, fix_choices, fixed_hparams
 from hyperdiff.hparams.discrete import (
     DiscreteParameter,
@@ -67,11 +69,19 @@ def relaxed(hparams: HyperParameters, temperatures: Mapping[str, float] | None =
     noise-free mixture ``softmax(u / tau)`` with ``tau = temperatures[name]`` (default: the
     schedule's start); ``reinforce`` ones stay plain argmax choices (their trainings only
     ever see plain choices, so they have no relaxed model)."""
+    names = discrete_names(hparams)
+    unknown = sorted(set(temperatures or {}) - set(names))
+    if unknown:
+        raise HyperdiffError(f"relaxed: temperatures must name discrete hyperparameters "
+                             f"among {names} (got {unknown})")
     states = {}
-    for name in discrete_names(hparams):
+    for name in names:
         spec = cast(DiscreteParameter, hparams[name])
         if spec.mode != "reinforce":
             tau = (temperatures or {}).get(name, spec.temperature[0])
+            if not (is_number(tau) and 0 < float(tau) < math.inf):
+                raise HyperdiffError(f"relaxed: the temperature of {name!r} must be a positive "
+                                     f"finite number (got {tau!r})")
             states[name] = {"mode": "relax", "current_temperature": float(tau)}
     return with_states(hparams, states)
 

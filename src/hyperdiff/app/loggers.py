@@ -48,6 +48,7 @@ from hyperdiff.app.tags import (
 )
 from hyperdiff.engine.problem import Problem
 from hyperdiff.errors import HyperdiffError, describe
+from hyperdiff.hparams.hyperparams import HyperParameters
 from hyperdiff.tuner.history import StepRecord
 
 LOSS_FIELDS = ("train_loss", "val_loss", "val_loss_std", "selection_loss", "grad_norm",
@@ -56,10 +57,12 @@ CSV_FIELDS = ("step", "status", *LOSS_FIELDS, "best", "trainings", "samples", "t
               "step_time_s", "message")
 
 
-def scalars(record: StepRecord) -> dict[str, float]:
+def scalars(record: StepRecord, hparams: HyperParameters | None = None) -> dict[str, float]:
     """The record's numbers by tag (:func:`~hyperdiff.app.tags.record_tags`: ``loss/val``,
-    ``outer/lr``, ``hparam/NAME``, ...); ``None`` values are left out."""
-    return record_tags(record)
+    ``outer/lr``, ``hparam/NAME``, ...); ``None`` values are left out. With the problem's
+    ``hparams``, a discrete hyperparameter's probabilities are tagged by choice
+    (``hparam/NAME/p/CHOICE``), as TensorBoard and MLflow get them."""
+    return record_tags(record, hparams)
 
 
 def hparam_scalars(record: StepRecord) -> dict[str, float]:
@@ -150,10 +153,10 @@ class TensorBoardLogger:
         self.log_dir = log_path("TensorBoardLogger", "log_dir", log_dir)
         try:
             from torch.utils.tensorboard import SummaryWriter
-        except ImportError as err:
+        except Exception as err:  # missing, or failing to import (a version clash)
             raise HyperdiffError(
-                "log: tensorboard must be installed to write TensorBoard logs (pip install "
-                f"'hyperdiff[tensorboard]'); got ImportError: {err}"
+                "log: tensorboard must be installed and importable to write TensorBoard logs "
+                f"(pip install 'hyperdiff[tensorboard]'); got {type(err).__name__}: {err}"
             ) from None
         self._writer_class = SummaryWriter
         self.problem, self.params = problem, dict(params or {})

@@ -53,10 +53,10 @@ def check_installed() -> None:
     """Raise a clear error when MLflow is missing (before the run starts)."""
     try:
         import mlflow  # noqa: F401
-    except ImportError as err:
+    except Exception as err:  # missing, or installed but failing to import (a version clash)
         raise HyperdiffError(
-            "log: mlflow must be installed to write MLflow logs (pip install "
-            f"'hyperdiff[mlflow]'); got ImportError: {err}") from None
+            "log: mlflow must be installed and importable to write MLflow logs (pip install "
+            f"'hyperdiff[mlflow]'); got {type(err).__name__}: {err}") from None
 
 
 class MLflowLogger:
@@ -82,7 +82,9 @@ class MLflowLogger:
         return f"sqlite:///{(self.store / DATABASE).resolve()}"
 
     def start(self, history: Sequence[StepRecord]) -> None:
-        """Open (or create) the store, continue its run or start one, log the params."""
+        """Open (or create) the store; a resumed run (``history`` not empty) continues the
+        store's latest MLflow run and logs again the steps it lacks (points still queued when
+        the run was killed), a new one starts an MLflow run of its own; log the params."""
         from mlflow.tracking import MlflowClient
 
         refuse_link(self.store / DATABASE)
@@ -93,13 +95,17 @@ class MLflowLogger:
                          self.client.create_experiment(
                              EXPERIMENT, artifact_location=(self.store / "artifacts").resolve()
                              .as_uri()))
-        runs = self.client.search_runs([experiment_id], max_results=1)
+        runs = self.client.search_runs([experiment_id], max_results=1) if history else []
         run = runs[0] if runs else self.client.create_run(experiment_id)
         self.run_id = run.info.run_id
         self.client.update_run(self.run_id, status="RUNNING")
         self.logged = {(key, point.step) for key in run.data.metrics
                        for point in self.client.get_metric_history(self.run_id, key)}
         self._params({key: str(value) for key, value in self.params.items()})
+        specs = None if self.problem is None else self.problem.hparams
+        self._log([(key, value, record.step) for record in history
+                   for key, value in record_tags(record, specs).items()])
+        self.flush()
 
     def _params(self, values: Mapping[str, str]) -> None:
         """Log ``values`` as params; one the run holds with another value (an extended run's

@@ -236,7 +236,8 @@ def _loss_failure(which: str, params: Params, hview: Any, batch: Batch, ctx: Ste
     kinds = sorted({f"{str(v.dtype).removeprefix('torch.')} on {v.device}"
                     for v in params.values()})
     more += f"; {'/'.join(kinds)}"
-    hshapes = {n: tuple(v.shape) for n, v in hview.items()}
+    hshapes = {n: tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+               for n, v in hview.items()}  # a discrete one is read as a Choice
     return (f"hypergradient: {which} raised {type(err).__name__} {where}: {err} (batch: "
             f"{shapes_of(batch)}; parameters: {shapes}{more}; hyperparameters: {hshapes})")
 

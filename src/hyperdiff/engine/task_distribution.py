@@ -33,7 +33,10 @@ import torch
 from torch import Tensor
 
 from hyperdiff.engine.data.convert import as_source, validation_batches
+from hyperdiff.engine.data.permutation import mix
+from hyperdiff.engine.datacheck import check_batch, check_source
 from hyperdiff.engine.device import OnDevice, to_device
+from hyperdiff.engine.models import untracked_draws, untracked_states
 from hyperdiff.engine.problem import Problem
 from hyperdiff.engine.training import TrainState, initial_state, unroll, validation_loss
 from hyperdiff.errors import HyperdiffError, describe, fail
@@ -63,7 +66,7 @@ class TaskDistribution:
                 is not data.
         """
         sample = self.held_out if held_out and self.held_out is not None else self.sample
-        pair = sample(index, seed)
+        pair = self._drawn(sample, index, seed)
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise HyperdiffError(
                 f"{self.name}: sample({index}, {seed}) must return a pair (support, query) "
@@ -73,12 +76,41 @@ class TaskDistribution:
         try:
             train = as_source(support, "support")
             val = validation_batches(query)
+            train.check(base.steps, base.seed)
         except HyperdiffError as err:
             raise HyperdiffError(f"{where} data: {err}") from err
+        task = f"{self.name}: task {index}"  # what make_problem checks of its data
+        check_source(task, "support set", train, base.seed)
+        for batch in val:
+            check_batch(task, "query set", batch)
         problem = replace(base, train_data=train, val_data=val)
         if isinstance(base.train_data, OnDevice):  # a template moved by .to(device, dtype)
             return to_device(problem, base.train_data.device, base.train_data.dtype)
         return problem
+
+
+    def _drawn(self, sample: TaskSampler, index: int, seed: int) -> Any:
+        """``sample(index, seed)`` with torch's global generator seeded from ``(seed, index)``
+        (and the user's state put back), so that a sampler drawing from it draws the same task
+        every time; its own errors, and draws from Python's or NumPy's global generator (which
+        would not replay), named."""
+        before = untracked_states()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(mix(seed, index))
+                pair = sample(index, seed)
+        except HyperdiffError:
+            raise
+        except Exception as err:  # the user's sampler: named, not a traceback from inside it
+            raise HyperdiffError(f"{self.name}: sample({index}, {seed}) must return a task "
+                                 f"(got {type(err).__name__}: {err})") from err
+        moved = untracked_draws(before)
+        if moved:
+            raise HyperdiffError(
+                f"{self.name}: sample({index}, {seed}) must draw its randomness from the seed "
+                f"it is given or from torch (got draws from {' and '.join(moved)}, which a "
+                "replay or a resume would not repeat)")
+        return pair
 
 
 def task_distribution(sample: TaskSampler, *, name: str = "tasks",

@@ -175,6 +175,12 @@ def check_choices(caller: str, choices: tuple[Any, ...]) -> None:
     dups = [c for c, count in counts.items() if count > 1]
     if dups:
         raise fail(caller, "choices", "distinct", Text(f"duplicates {describe(dups)}"))
+    texts = Counter(str(label(c)) for c in choices)  # what reports, logs and searches show
+    same = sorted(t for t, count in texts.items() if count > 1)
+    if same:
+        raise fail(caller, "choices", "choices with distinct labels (a callable's __name__, "
+                   "a value's text), which reports, logs and searches tell apart",
+                   Text(f"several choices labelled {same}"))
 
 
 def categorical(

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hyperdiff.errors import HyperdiffError, fail
+from hyperdiff.errors import HyperdiffError, Text, fail
 
 
 def relaxed_weights(logits: Tensor, temperature: float) -> Tensor:
@@ -69,7 +69,7 @@ class Choice:
     def misuse(self, what: str) -> HyperdiffError:
         return HyperdiffError(
             f"hyperparameter {self.name!r} is discrete (choices {list(self.choices)}) and "
-            f"cannot be used as a number ({what}); evaluate it with "
+            f"cannot be used as a number or value ({what}); evaluate it with "
             f"hd.choose(h[{self.name!r}], options, *args) or read h[{self.name!r}].weights"
         )
 
@@ -102,8 +102,16 @@ def _refuse(op: str) -> Callable[..., Any]:
 
 for _op in ("add", "radd", "sub", "rsub", "mul", "rmul", "truediv", "rtruediv", "pow",
             "rpow", "matmul", "rmatmul", "neg", "float", "int", "index", "bool", "lt", "le",
-            "gt", "ge", "abs", "array"):
-    setattr(Choice, f"__{_op}__", _refuse(f"__{_op}__"))
+            "gt", "ge", "abs", "array", "mod", "rmod", "floordiv", "rfloordiv", "divmod",
+            "round", "trunc", "floor", "ceil", "pos", "invert", "complex",
+            # a choice compared with a value (h["act"] == "tanh") would be False even where
+            # "tanh" is chosen, so comparing is refused too (identity, hashing stay)
+            "eq", "ne"):
+    setattr(Choice, f"__{_op}__", _refuse({"eq": "compared with == (a fixed choice's "
+                                                 "value is .value)", "ne": "compared with !="
+                                           }.get(_op, f"__{_op}__")))
+Choice.item = _refuse("item()")  # type: ignore[attr-defined]
+Choice.tolist = _refuse("tolist()")  # type: ignore[attr-defined]
 
 
 def _options(choice: Choice, options: Any) -> list[Any]:
@@ -114,7 +122,7 @@ def _options(choice: Choice, options: Any) -> list[Any]:
         if missing:
             raise fail("choose", f"options for {choice.name!r}",
                        f"a mapping with a key for every choice {list(choice.choices)}",
-                       sorted(map(repr, missing)))
+                       Text(f"a mapping without the keys {sorted(map(repr, missing))}"))
         return [options[c] for c in choice.choices]
     if not isinstance(options, Sequence) or len(options) != len(choice.choices):
         raise fail("choose", f"options for {choice.name!r}",

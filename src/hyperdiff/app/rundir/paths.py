@@ -26,6 +26,8 @@ RESERVED = (*RUN_FILES, LOCK, FIGURES)
 
 def _escape(value: str) -> str | None:
     """What makes ``value`` leave the directory it is relative to, or ``None``."""
+    if "\0" in value:  # no file system takes it: refused here, not by os.open later
+        return "a NUL character"
     path = PurePath(value)
     if path.is_absolute() or path.anchor:
         return "an absolute path"
