@@ -247,6 +247,7 @@ def torch_optimizer(
     ]
     torch_opt: torch.optim.Optimizer
     if optimizer.name == "sgd":
+        _check_momentum_zeros(group_tables)
         settings = optimizer.settings
         torch_opt = torch.optim.SGD(param_groups, lr=param_groups[0]["lr"],
                                     momentum=param_groups[0]["momentum"],
@@ -257,6 +258,21 @@ def torch_optimizer(
     else:
         torch_opt = torch.optim.AdamW(param_groups)
     return torch_opt, TunedSchedule(torch_opt, optimizer.name, group_tables)
+
+
+def _check_momentum_zeros(tables: list[Table]) -> None:
+    """Refuse a momentum that is 0 at some steps and not at others: ``torch.optim.SGD`` skips
+    its momentum buffer at a step whose momentum is 0 (it neither starts nor updates it), where
+    hyperdiff's SGD, like an unrolled heavy-ball, keeps it, so the two would train apart."""
+    for table in tables:
+        values = table.get("momentum", ())
+        zero = [t for t, value in enumerate(values) if value == 0]
+        if zero and len(zero) < len(values):
+            raise HyperdiffError(
+                f"torch_optimizer: the SGD momentum must be nonzero at every step or zero at all "
+                f"(got 0 at steps {zero[:5]}{' ...' if len(zero) > 5 else ''} of {len(values)}): "
+                "torch.optim.SGD skips its momentum buffer where the momentum is 0, so it would "
+                "train apart from hyperdiff; start the schedule above 0")
 
 
 def load_into(module: nn.Module,
@@ -281,6 +297,11 @@ def load_into(module: nn.Module,
                 "load_into: params must be a dict name -> tensor, or tuned hyperparameters "
                 f"that hold an initialization (hd.initialization) (got {hparams!r})")
         params = initial_values(hparams)
+    for what, values in (("params", params), ("buffers", buffers or {})):
+        if not isinstance(values, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, Tensor) for k, v in values.items()):
+            raise HyperdiffError(f"load_into: {what} must be a dict name -> tensor (got "
+                                 f"{describe(values)})")
     own_params = dict(module.named_parameters())
     own_buffers = dict(module.named_buffers())
     given = {**dict(params), **dict(buffers or {})}
@@ -341,7 +362,8 @@ def _read_result(source: str | Path) -> tuple[Any, Path]:
 def _compared_values(source: Mapping[str, Any], method: str | None, where: str) -> Any:
     """The best natural values of ``method`` in a comparison (``hyperdiff compare``'s
     ``comparison.json``): ``source["methods"][i]["best"]["values"]``."""
-    rows = {row.get("method"): row for row in source["methods"] if isinstance(row, Mapping)}
+    rows = {row.get("method"): row for row in source["methods"]
+            if isinstance(row, Mapping) and isinstance(row.get("method"), str)}
     if method not in rows:
         close = difflib.get_close_matches(str(method), [str(m) for m in rows], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""

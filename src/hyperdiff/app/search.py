@@ -133,7 +133,8 @@ def dimensions(task: Task, per_coordinate: Iterable[str] = ()) -> list[Dimension
     sizes = {name: spec.numel() for name, spec in task.hparams.raw.items()}
     dims = []
     for name, rng in task.search_space.items():
-        if name in per_coordinate and not isinstance(rng, SearchChoices):  # a choice: one dim
+        vector = task.hparams[name].shape != ()  # a scalar or a choice: one dimension
+        if name in per_coordinate and vector and not isinstance(rng, SearchChoices):
             dims += [Dimension(name, i, rng) for i in range(sizes[name])]
         else:
             dims.append(Dimension(name, None, rng))

@@ -53,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from hyperdiff.app.config import load_config
     from hyperdiff.app.rundir.files import refuse_link
+    from hyperdiff.errors import HyperdiffError
     from hyperdiff.tuner.distributed import init_from_env, on_root
 
     config = load_config(args.config, config_overrides(args))
@@ -61,8 +62,14 @@ def run(args: argparse.Namespace) -> int:
     from hyperdiff.app.tasks.loader import label
 
     if args.out:  # refused now, not after the tuning: a link where a file will be written
+        out = Path(args.out)
+        if (out.is_symlink() and not out.exists()) or (out.exists() and not out.is_dir()):
+            what = ("a symbolic link to a missing target" if out.is_symlink()
+                    else "an existing file")
+            raise HyperdiffError(f"compare: --out {out} must be a directory or a new path "
+                                 f"(got {what}); choose another one")
         for name in OUTPUTS:
-            refuse_link(Path(args.out) / name)
+            refuse_link(out / name)
         refuse_existing_comparison(Path(args.out))  # a computed result is never replaced
     # under torchrun: the trainings are spread over the ranks, rank 0 alone writes and prints
     group = init_from_env(config.distributed.timeout_s)
@@ -135,7 +142,7 @@ def write_outputs(report: Mapping[str, Any], out: str | None, stem: str) -> Path
     """Write ``comparison.json`` and ``comparison.png`` into ``out``, or into a new directory
     ``runs/<stem>`` (``-2``, ``-3``, ... when taken); each file is replaced atomically and
     never written through a symbolic link. Returns the directory."""
-    from hyperdiff.app.rundir import RunDir, atomic_write_bytes
+    from hyperdiff.app.rundir import RunDir, atomic_write_bytes, json_safe
     from hyperdiff.app.rundir.files import os_errors
 
     if out:
@@ -147,7 +154,8 @@ def write_outputs(report: Mapping[str, Any], out: str | None, stem: str) -> Path
     png = io.BytesIO()
     figure = comparison_figure(report["methods"], title=report["task"])
     figure.savefig(png, format="png", dpi=110, bbox_inches="tight")
-    atomic_write_bytes(directory / OUTPUTS[0], (json.dumps(report, indent=1) + "\n").encode())
+    text = json.dumps(json_safe(report), indent=1, allow_nan=False)  # JSON has no inf: null
+    atomic_write_bytes(directory / OUTPUTS[0], (text + "\n").encode())
     atomic_write_bytes(directory / OUTPUTS[1], png.getvalue())
     return directory
 
@@ -176,6 +184,7 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
         tpe_search,
         trainings_per_trial,
     )
+    from hyperdiff.errors import HyperdiffError
     from hyperdiff.logs import get_logger
     from hyperdiff.seeds import report_seeds
     from hyperdiff.tuner.distributed import current_group, on_root
@@ -184,10 +193,20 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
 
     log = log or get_logger("compare").info
     phase_done = on_phase or (lambda report: None)
+    if config.outer.mode != "offline":
+        raise HyperdiffError(f"compare: outer.mode must be 'offline' (got "
+                             f"{config.outer.mode!r}): the comparison puts offline hyperdiff "
+                             "and black-box search under one budget of trainings; an online or "
+                             "meta run is compared by `hyperdiff run` and benchmarks/suite.py")
     group = current_group()  # under torchrun (initialised by `run`): spread the trainings
     spread = spreader_for(None, group)
     task, driver = build(config)
     objective = objective_for(task)  # with CV, every method minimises the same CV loss
+    per_trial = trainings_per_trial(task, objective)
+    if budget is not None and budget < per_trial:  # refused before any training
+        raise HyperdiffError(f"compare: --budget must be at least {per_trial}, the trainings "
+                             f"of one trial ({config.task.cv_folds} cross-validation folds) "
+                             f"(got {budget})")
     log(f"compare on {task.name}: hyperdiff ({task.hparams.numel} hyperparameters)")
     seeds = report_seeds(config.report.seeds)
     # one bar per phase: the method's trainings, then its winner's retrainings
@@ -213,10 +232,10 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
               "stop_reason": outcome.stop_reason, "methods": methods,
               "skipped": [] if not tpe or optuna_available() else ["tpe: optuna not installed"]}
     phase_done(report)
-    per_trial = trainings_per_trial(task, objective)
-    trials = max(1, budget // per_trial)
+    trials = max(1, budget // per_trial)  # hyperdiff's own count: at least one trial
     for number, (name, search) in enumerate(searches):
-        log(f"compare on {task.name}: {name} search, {trials} trials ({budget} trainings)")
+        log(f"compare on {task.name}: {name} search, {trials} trials "
+            f"({trials * per_trial} trainings)")
         try:
             search_bar = Progress(total=trials * per_trial, report_trainings=len(seeds),
                                   enabled=progress, desc=name)

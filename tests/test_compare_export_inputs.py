@@ -1,0 +1,100 @@
+"""``hyperdiff compare`` and the export to torch: the silent cases of the review of 7 Dec (a
+scalar searched per coordinate, a non-offline mode compared as offline, a budget below one
+trial, an --out refused after the tuning, NaN in comparison.json, a damaged comparison row, a
+half-loaded module, a momentum schedule through 0)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import hyperdiff as hd
+from hyperdiff.app.cli import main
+from hyperdiff.app.cli.compare import compare, write_outputs
+from hyperdiff.app.config import load_config
+from hyperdiff.app.search import dimensions
+from hyperdiff.app.tasks import build_task
+
+TINY = ["task.name=ridge_diabetes", "inner.steps=5", "stop.max_steps=2", "report.seeds=1"]
+
+
+def test_a_scalar_searched_per_coordinate_is_one_dimension():
+    task = build_task("ridge_diabetes", steps=5)
+    assert [(d.name, d.index) for d in dimensions(task, ["lam"])] == [("lam", None)]
+
+
+@pytest.mark.parametrize("mode", ["online", "meta"])
+def test_compare_refuses_a_mode_it_would_run_offline(mode):
+    config = load_config(overrides=["task.name=ridge_diabetes", "inner.steps=5",
+                                    "outer.mode=online"] if mode == "online" else
+                         ["task.name=sinusoid_maml", "inner.steps=2", "stop.max_steps=2"])
+    with pytest.raises(hd.HyperdiffError, match=rf"compare: outer.mode must be 'offline' \(got "
+                       rf"'{mode}'\)"):
+        compare(config, budget=3)
+
+
+def test_a_budget_below_one_trial_is_refused_before_any_training():
+    trained = []
+    config = load_config(overrides=[*TINY, "task.cv_folds=3"])
+    with pytest.raises(hd.HyperdiffError, match=r"--budget must be at least 3, the trainings of "
+                       r"one trial \(3 cross-validation folds\) \(got 2\)"):
+        compare(config, budget=2, on_phase=trained.append)
+    assert trained == []  # refused before hyperdiff's phase
+
+
+def test_an_out_that_is_a_file_is_refused_before_the_tuning(tmp_path, capsys):
+    out = tmp_path / "afile"
+    out.write_text("mine")
+    args = ["compare", "--task", "ridge_diabetes", "--set", "inner.steps=5", "--budget", "2",
+            "--quiet", "--out", str(out)]
+    assert main(args) == 2
+    assert f"compare: --out {out} must be a directory or a new path (got an existing file)" in (
+        capsys.readouterr().err)
+    assert out.read_text() == "mine"
+
+
+def test_comparison_json_holds_null_for_values_that_are_not_finite(tmp_path):
+    report = {"task": "t", "methods": [], "best": float("inf"), "curve": [1.0, float("nan")]}
+    written = write_outputs(report, str(tmp_path / "c"), "c")
+
+    def refuse(constant: str) -> None:
+        raise ValueError(constant)
+
+    parsed = json.loads((written / "comparison.json").read_text(), parse_constant=refuse)
+    assert parsed["best"] is None and parsed["curve"] == [1.0, None]
+
+
+def test_a_damaged_comparison_row_is_skipped_with_a_clear_error():
+    comparison = {"task": "ridge_diabetes", "methods": [
+        {"method": ["tpe"], "best": {"values": {"lam": 0.1}}},
+        {"method": "random", "best": {"values": {"lam": 0.2}}}]}
+    hparams = hd.HyperParameters(lam=hd.scalar(0.1))
+    with pytest.raises(hd.HyperdiffError, match=r"method must be one of the methods that the "
+                       r"result compared, \['random'\] \(got 'tpe'\)"):
+        hd.tuned_hparams(hparams, comparison, method="tpe")
+    assert float(hd.tuned_hparams(hparams, comparison, method="random").natural()["lam"]) == (
+        pytest.approx(0.2))
+
+
+def test_load_into_checks_every_value_before_copying_any():
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
+    before = {k: v.detach().clone() for k, v in module.named_parameters()}
+    values = {k: torch.ones_like(v) for k, v in before.items()}
+    values["1.bias"] = [0.0, 0.0]
+    with pytest.raises(hd.HyperdiffError, match=r"load_into: params must be a dict name -> "
+                       r"tensor"):
+        hd.load_into(module, values)
+    assert all(torch.equal(p, before[k]) for k, p in module.named_parameters())
+
+
+def test_an_sgd_momentum_schedule_through_zero_is_not_exported():
+    module = nn.Linear(3, 1)
+    momentum = hd.schedule("warmup_cosine", 6)  # 0 at step 0
+    hp = hd.HyperParameters(**momentum.hyperparameters(peak=0.9, warmup=0.3, final=0.5))
+    with pytest.raises(hd.HyperdiffError, match=r"the SGD momentum must be nonzero at every step "
+                       r"or zero at all \(got 0 at steps \[0\] of 6\)"):
+        hd.torch_optimizer(hd.sgd(0.05, momentum), hp, module)
