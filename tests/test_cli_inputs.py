@@ -318,3 +318,31 @@ def test_an_edited_hparams_file_is_not_advised_as_an_input(finished, tmp_path, c
     assert error(capsys).endswith("restore the original, or change the hyperparameters in the "
                                   "task (a run writes hparams.json to describe them, never reads "
                                   "it) and start a new run")
+
+
+def test_an_extension_that_failed_to_start_goes_on_when_repeated(finished, tmp_path, capsys,
+                                                                 monkeypatch):
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    step = HyperOptimizer.step
+
+    def refused(self):
+        raise hd.HyperdiffError("refused for the test")
+
+    monkeypatch.setattr(HyperOptimizer, "step", refused)
+    assert run("--resume", str(copy), "--set", "stop.max_steps=5") == 2
+    monkeypatch.setattr(HyperOptimizer, "step", step)
+    assert run("--resume", str(copy), "--set", "stop.max_steps=5") == 0  # the same command
+    assert len((copy / "history.jsonl").read_text().splitlines()) == 5
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["extensions"] == [{"step": 3, "from_max_steps": 3, "to_max_steps": 5}]
+
+
+def test_a_damaged_mlflow_store_is_one_line(tmp_path, capsys):
+    pytest.importorskip("mlflow")
+    out = tmp_path / "logged"
+    assert run(*TINY, "--set", "log.mlflow=mlruns", "--out", str(out)) == 0
+    (out / "mlruns" / "mlflow.db").write_bytes(b"SQLite format 3\0garbage")
+    assert run("--resume", str(out), "--set", "stop.max_steps=5") == 2
+    assert error(capsys).startswith(f"hyperdiff run: error: log: the MLflow store {out}/mlruns/"
+                                    "mlflow.db must be an MLflow database (got ")

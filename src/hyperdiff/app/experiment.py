@@ -179,7 +179,7 @@ def _run_locked(
         diffs = config_differences(stored, config)
         asked = any(o.replace(" ", "").startswith("stop.max_steps=") for o in overrides)
         extending = _extension(stored, config, diffs, rundir, asked=asked)
-        if extending:
+        if extending and config.stop.max_steps > stored.stop.max_steps:
             rundir.extend(config.to_toml(), stored.stop.max_steps, config.stop.max_steps)
             log(f"extending {rundir.path} from {stored.stop.max_steps} to "
                 f"{config.stop.max_steps} outer steps")
@@ -253,6 +253,14 @@ def _extension(stored: Config, config: Config, diffs: list[str], rundir: RunDir,
     changed = len(diffs) == 1 and diffs[0].startswith("stop.max_steps:")
     if not (changed or (asked and not diffs)):
         return False
+    if new == old and not changed:  # the budget it has: an extension that failed to start?
+        done = rundir.read_result()
+        if done is None:
+            return False  # unfinished: it resumes
+        steps = done.get("steps")
+        if (isinstance(steps, int) and steps < old
+                and str(done.get("stop_reason", "")).startswith("budget:")):
+            return True  # finished below it: the extension goes on (recorded already)
     if new <= old:
         raise HyperdiffError(
             f"run: stop.max_steps must be larger than the run's budget {old} to extend "

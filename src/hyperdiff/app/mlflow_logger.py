@@ -88,9 +88,16 @@ class MLflowLogger:
         from mlflow.tracking import MlflowClient
 
         refuse_link(self.store / DATABASE)
-        with _quiet(STORE_LOGGER):  # its INFO lines on creating tables, past hyperdiff's -q
-            self.client = MlflowClient(tracking_uri=self.uri)
-            experiment = self.client.get_experiment_by_name(EXPERIMENT)
+        try:
+            with _quiet(STORE_LOGGER):  # its INFO lines on creating tables, past hyperdiff's -q
+                self.client = MlflowClient(tracking_uri=self.uri)
+                experiment = self.client.get_experiment_by_name(EXPERIMENT)
+        except Exception as err:  # a damaged or foreign database: one line, not sqlalchemy's
+            first = str(err).splitlines()[0] if str(err) else ""
+            raise HyperdiffError(
+                f"log: the MLflow store {self.store / DATABASE} must be an MLflow database "
+                f"(got {type(err).__name__}: {first[:200]}); restore it, or move it away and "
+                "resume to start a new MLflow run there") from None
         experiment_id = (experiment.experiment_id if experiment is not None else
                          self.client.create_experiment(
                              EXPERIMENT, artifact_location=(self.store / "artifacts").resolve()
