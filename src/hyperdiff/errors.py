@@ -7,6 +7,8 @@ complained, about which argument, what would be valid and what they passed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +27,18 @@ class LossError(HyperdiffError, RuntimeError):
     """A user's loss function raised: the error says which loss, at which step, on which batch
     shapes. Also a ``RuntimeError``, so that code which falls back on torch's refusals (vmap's,
     a derivative forward mode lacks) still sees one."""
+
+
+@contextmanager
+def user_failure(message: Callable[[Exception], str]) -> Iterator[None]:
+    """Run the user's code: its exception (not hyperdiff's own errors) becomes one
+    :class:`HyperdiffError` reading ``message(err)``, chained to it."""
+    try:
+        yield
+    except HyperdiffError:
+        raise
+    except Exception as err:
+        raise HyperdiffError(message(err)) from err
 
 
 class Text(str):

@@ -39,7 +39,7 @@ from hyperdiff.engine.device import OnDevice, to_device
 from hyperdiff.engine.models import untracked_draws, untracked_states
 from hyperdiff.engine.problem import Problem
 from hyperdiff.engine.training import TrainState, initial_state, unroll, validation_loss
-from hyperdiff.errors import HyperdiffError, describe, fail
+from hyperdiff.errors import HyperdiffError, describe, fail, user_failure
 from hyperdiff.hparams.hyperparams import HParamView
 
 TaskSampler = Callable[[int, int], tuple[Any, Any]]
@@ -95,15 +95,13 @@ class TaskDistribution:
         every time; its own errors, and draws from Python's or NumPy's global generator (which
         would not replay), named."""
         before = untracked_states()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(mix(seed, index))
-                pair = sample(index, seed)
-        except HyperdiffError:
-            raise
-        except Exception as err:  # the user's sampler: named, not a traceback from inside it
-            raise HyperdiffError(f"{self.name}: sample({index}, {seed}) must return a task "
-                                 f"(got {type(err).__name__}: {err})") from err
+        def failed(err: Exception) -> str:
+            return (f"{self.name}: sample({index}, {seed}) must return a task (got "
+                    f"{type(err).__name__}: {err})")
+
+        with user_failure(failed), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix(seed, index))
+            pair = sample(index, seed)
         moved = untracked_draws(before)
         if moved:
             raise HyperdiffError(

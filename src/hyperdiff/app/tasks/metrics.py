@@ -16,7 +16,7 @@ from typing import Any
 from hyperdiff.engine.data.evaluation import batch_rows
 from hyperdiff.engine.datacheck import shapes_of
 from hyperdiff.engine.models import StepContext
-from hyperdiff.errors import HyperdiffError
+from hyperdiff.errors import user_failure
 from hyperdiff.typing import Batch, Params
 
 
@@ -29,14 +29,13 @@ def split_metrics(metrics: Callable[..., dict[str, float]], with_ctx: bool, para
     means: dict[str, float] = {}
     sizes: list[int] = []
     for j, batch in enumerate(batches):
-        try:
+        def failed(err: Exception, j: int = j, batch: Batch = batch) -> str:
+            return (f"metrics raised {type(err).__name__} on batch {j} of the {split} split "
+                    f"({shapes_of(batch)}): {err}")
+
+        with user_failure(failed):
             values = (metrics(params, hview, batch, ctx) if with_ctx
                       else metrics(params, hview, batch))
-        except HyperdiffError:
-            raise
-        except Exception as err:  # the user's code: named, not a traceback from deep inside
-            raise HyperdiffError(f"metrics raised {type(err).__name__} on batch {j} of the "
-                                 f"{split} split ({shapes_of(batch)}): {err}") from err
         n = batch_rows(batch)
         for key, value in values.items():
             sums[key] = sums.get(key, 0.0) + n * float(value)
