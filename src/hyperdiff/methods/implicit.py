@@ -53,7 +53,6 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from collections.abc import Sequence as Seq
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -388,7 +387,7 @@ def implicit_samples(problem: Problem, state: TrainState, raw: dict[str, Tensor]
     return segments
 
 
-def _refuse_unseen(direct: Seq[Tensor | None], mixed: Seq[Tensor | None],
+def _refuse_unseen(direct: tuple[Tensor | None, ...], mixed: tuple[Tensor | None, ...],
                    names: list[str]) -> None:
     """Raise when no hyperparameter reaches the window's losses: the stationary form's
     hypergradient would be identically 0 (they act through the optimizer alone)."""
