@@ -5,6 +5,8 @@ meta run does not read, MLflow runs continued or mixed up)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -183,3 +185,22 @@ def test_mlflow_starts_a_run_of_its_own_and_a_resume_relogs_missing_steps(tmp_pa
     assert resumed.run_id == second.run_id
     history = resumed.client.get_metric_history(resumed.run_id, "loss/val")
     assert sorted(point.step for point in history) == [0, 1, 2]
+
+
+def test_an_online_run_reports_the_choices_its_tuned_column_trains(tmp_path, capsys):
+    from hyperdiff.app.cli import main
+    from hyperdiff.app.tasks import build_task
+
+    out = tmp_path / "online"
+    assert main(["run", "--task", "arch_digits", "--set", "outer.mode=online", "--set",
+                 "inner.steps=60", "--set", "report.seeds=1", "--quiet", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    result = json.loads((out / "result.json").read_text())
+    spec = build_task("arch_digits", steps=60).hparams
+    for name, probs in result["tuned"]["hparams"].items():
+        if name not in result["discrete"]["choices"]:
+            continue
+        chosen = spec[name].choices[max(range(len(probs)), key=probs.__getitem__)]
+        assert result["discrete"]["choices"][name] == chosen
+        assert f"{chosen} (p {max(probs):.2f})" in table
+    assert "an online run: its relaxed model is the run's own model" in table

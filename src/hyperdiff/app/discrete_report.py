@@ -156,6 +156,20 @@ def final_report(task: Task, outcome: OptimizeResult, report: Mapping[str, Any],
 SPLIT_LABELS = {"val": "val loss", "selection": "selection loss", "test": "test loss (held out)"}
 
 
+def online_choices(task: Task, raw: Mapping[str, Tensor], report: Mapping[str, Any]
+                   ) -> dict[str, Any]:
+    """The discrete part of an online run's result, in :func:`final_report`'s layout: the
+    choices at the start and at the final values (the tuned column retrains those) and their
+    probabilities; no relaxation gap is retrained (``"online": True``: the relaxed model is the
+    run's own, in ``online_model``)."""
+    hp = task.hparams
+    return {"initial_choices": chosen_labels(hp, hp.raw), "choices": chosen_labels(hp, raw),
+            "probabilities": {n: float(torch.softmax(raw[n].detach().double(), -1).max())
+                              for n in discrete_names(hp)},
+            "temperatures": {}, "relaxed": None, "gap": None, "online": True,
+            "discretised": {s: dict(m) for s, m in report["tuned"]["metrics"].items()}}
+
+
 def choice_rows(result: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     """Table rows ``(name, initial choice, tuned choice (p probability))``."""
     part = result["discrete"]
@@ -169,8 +183,10 @@ def gap_lines(result: Mapping[str, Any]) -> list[str]:
     part = result["discrete"]
     chosen = ", ".join(f"{n}={c}" for n, c in part["choices"].items())
     if part["relaxed"] is None:
-        return ["", f"discretised (the tuned column): {chosen}, retrained from scratch",
-                "(REINFORCE trains plain choices: no relaxed model to compare)"]
+        why = ("(an online run: its relaxed model is the run's own model, online_model)"
+               if part.get("online") else
+               "(REINFORCE trains plain choices: no relaxed model to compare)")
+        return ["", f"discretised (the tuned column): {chosen}, retrained from scratch", why]
     taus = {f"{t:.3g}" for t in part["temperatures"].values()}
     tau = (taus.pop() if len(taus) == 1 else ", ".join(
         f"{n} {t:.3g}" for n, t in part["temperatures"].items())) or "of the schedule start"

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from hyperdiff.app.config import Config, OuterConfig
 from hyperdiff.app.discrete_report import final_report as discrete_report
-from hyperdiff.app.discrete_report import has_relaxation
+from hyperdiff.app.discrete_report import has_relaxation, online_choices
 from hyperdiff.app.loggers import Progress
 from hyperdiff.app.meta_report import held_out_report, pretrained_start
 from hyperdiff.app.run_inputs import starting_at
@@ -321,8 +321,10 @@ def _online_summary(task: Task, loop: HyperOptimizer, outcome: Any, config: Conf
         hview = task.hparams.view(plan.problem.raw_tensors(final))
         own = task.metrics_at(plan.state.params, plan.state.buffers, hview)
         worse = own_model_warning(own, report["initial"]["metrics"])
+        chosen = ({"discrete": online_choices(task, final, report)}
+                  if discrete_names(task.hparams) else {})
         return {"online_model": own, "warnings": [*plan.warnings, *([worse] if worse else [])],
-                "time_s": outcome.time_s}
+                "time_s": outcome.time_s, **chosen}
 
     return Summary(head, tail, final, 1, extra)
 
