@@ -19,12 +19,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import itertools
-import random
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -194,27 +192,6 @@ UNTRACKED_WATCH: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "hyperdiff_untracked_watch", default=False)
 """True while :func:`~hyperdiff.engine.problem.call_loss` checks that a loss draws nothing
 from Python's or NumPy's global generator (set while a problem is probed)."""
-
-
-def untracked_states() -> tuple[Any, Any]:
-    """The states of the global generators :func:`replayed_rng` does not seed: Python's
-    ``random`` and NumPy's legacy ``np.random``."""
-    return random.getstate(), np.random.get_state(legacy=True)
-
-
-def untracked_draws(before: tuple[Any, Any]) -> list[str]:
-    """The generators among :func:`untracked_states` that moved since ``before`` (each put back
-    to its state in ``before``)."""
-    py, legacy = before
-    moved = []
-    if random.getstate() != py:
-        random.setstate(py)
-        moved.append("Python's random")
-    now: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
-    if now[2:] != legacy[2:] or not np.array_equal(now[1], legacy[1]):
-        np.random.set_state(legacy)
-        moved.append("NumPy's np.random")
-    return moved
 
 
 class FunctionalModel:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from hyperdiff.engine.data import BatchSource
+from hyperdiff.engine.data.random_state import untracked_draws, untracked_states
 from hyperdiff.engine.data.replay import fingerprint
 from hyperdiff.engine.datacheck import shapes_of
 from hyperdiff.engine.device import to_device
@@ -26,8 +27,6 @@ from hyperdiff.engine.models import (
     UNTRACKED_WATCH,
     StepContext,
     replayed_rng,
-    untracked_draws,
-    untracked_states,
 )
 from hyperdiff.engine.optimizers import Optimizer, working_dtype
 from hyperdiff.errors import HyperdiffError, LossError, describe, positive_int, scalar_loss

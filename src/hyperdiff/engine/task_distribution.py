@@ -34,9 +34,9 @@ from torch import Tensor
 
 from hyperdiff.engine.data.convert import as_source, validation_batches
 from hyperdiff.engine.data.permutation import mix
+from hyperdiff.engine.data.random_state import untracked_draws, untracked_states
 from hyperdiff.engine.datacheck import check_batch, check_source
 from hyperdiff.engine.device import OnDevice, to_device
-from hyperdiff.engine.models import untracked_draws, untracked_states
 from hyperdiff.engine.problem import Problem
 from hyperdiff.engine.training import TrainState, initial_state, unroll, validation_loss
 from hyperdiff.errors import HyperdiffError, describe, fail, user_failure
@@ -88,14 +88,14 @@ class TaskDistribution:
             return to_device(problem, base.train_data.device, base.train_data.dtype)
         return problem
 
-
     def _drawn(self, sample: TaskSampler, index: int, seed: int) -> Any:
         """``sample(index, seed)`` with torch's global generator seeded from ``(seed, index)``
         (and the user's state put back), so that a sampler drawing from it draws the same task
         every time; its own errors, and draws from Python's or NumPy's global generator (which
         would not replay), named."""
         before = untracked_states()
-        def failed(err: Exception) -> str:
+
+        def failed(err: BaseException) -> str:
             return (f"{self.name}: sample({index}, {seed}) must return a task (got "
                     f"{type(err).__name__}: {err})")
 

@@ -117,23 +117,39 @@ class ReadRandomness:
 
     def _drew(self, before: tuple[Any, ...]) -> bool:
         """Whether the global states moved since ``before``; if so, put them back."""
-        if _same_states(before, _global_states()):
-            return False
-        torch.set_rng_state(before[0])
-        random.setstate(before[1])
-        np.random.set_state(before[2])
-        self.draws = True
-        return True
+        moved = untracked_draws(before[1:])
+        if not torch.equal(before[0], torch.get_rng_state()):
+            torch.set_rng_state(before[0])
+            moved.append("torch's")
+        self.draws = self.draws or bool(moved)
+        return bool(moved)
 
 
 def _global_states() -> tuple[Any, ...]:
-    return torch.get_rng_state(), random.getstate(), np.random.get_state()
+    return torch.get_rng_state(), *untracked_states()
 
 
-def _same_states(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
-    """NumPy's legacy state: (name, key array, position, has_gauss, cached_gaussian)."""
-    return (torch.equal(a[0], b[0]) and a[1] == b[1] and a[2][2:] == b[2][2:]
-            and np.array_equal(a[2][1], b[2][1]))
+def untracked_states() -> tuple[Any, Any]:
+    """The states of Python's ``random`` and NumPy's legacy ``np.random``: the global
+    generators that torch's seeding (a loss's :func:`~hyperdiff.engine.models.replayed_rng`)
+    does not reach."""
+    return random.getstate(), np.random.get_state(legacy=True)
+
+
+def untracked_draws(before: tuple[Any, Any]) -> list[str]:
+    """The generators among :func:`untracked_states` that moved since ``before`` (each put back
+    to its state in ``before``). NumPy's legacy state is (name, key array, position, has_gauss,
+    cached_gaussian)."""
+    py, legacy = before
+    moved = []
+    if random.getstate() != py:
+        random.setstate(py)
+        moved.append("Python's random")
+    now: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
+    if now[2:] != legacy[2:] or not np.array_equal(now[1], legacy[1]):
+        np.random.set_state(legacy)
+        moved.append("NumPy's np.random")
+    return moved
 
 
 def _generator_holders(owner: Any) -> list[Any]:
