@@ -30,14 +30,14 @@ class LossError(HyperdiffError, RuntimeError):
 
 
 @contextmanager
-def user_failure(message: Callable[[Exception], str]) -> Iterator[None]:
-    """Run the user's code: its exception (not hyperdiff's own errors) becomes one
-    :class:`HyperdiffError` reading ``message(err)``, chained to it."""
+def user_failure(message: Callable[[BaseException], str]) -> Iterator[None]:
+    """Run the user's code: its exception or ``sys.exit`` (not hyperdiff's own errors)
+    becomes one :class:`HyperdiffError` reading ``message(err)``, chained to it."""
     try:
         yield
     except HyperdiffError:
         raise
-    except Exception as err:
+    except (Exception, SystemExit) as err:
         raise HyperdiffError(message(err)) from err
 
 

@@ -29,7 +29,7 @@ def split_metrics(metrics: Callable[..., dict[str, float]], with_ctx: bool, para
     means: dict[str, float] = {}
     sizes: list[int] = []
     for j, batch in enumerate(batches):
-        def failed(err: Exception, j: int = j, batch: Batch = batch) -> str:
+        def failed(err: BaseException, j: int = j, batch: Batch = batch) -> str:
             return (f"metrics raised {type(err).__name__} on batch {j} of the {split} split "
                     f"({shapes_of(batch)}): {err}")
 

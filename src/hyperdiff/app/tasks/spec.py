@@ -68,6 +68,7 @@ from hyperdiff.errors import (
     nonnegative_int,
     number,
     positive_int,
+    user_failure,
 )
 from hyperdiff.hparams.constraints import Free, Interval
 from hyperdiff.hparams.discrete import DiscreteParameter
@@ -112,14 +113,10 @@ def how_it_failed(err: BaseException) -> str:
 def task_code(task: str, call: str, fn: Any) -> Iterator[None]:
     """Run a task's own function ``fn`` (named ``call``); an exception or ``sys.exit`` in it is
     re-raised as ``"<task>: <call> must ... ; it raised ..."`` from the original."""
-    try:
+    name = getattr(fn, "__qualname__", type(fn).__name__)
+    with user_failure(lambda err: f"{task}: {call} ({name}) must succeed; it "
+                                  f"{how_it_failed(err)}"):
         yield
-    except HyperdiffError:
-        raise
-    except (Exception, SystemExit) as err:
-        name = getattr(fn, "__qualname__", type(fn).__name__)
-        raise HyperdiffError(f"{task}: {call} ({name}) must succeed; it "
-                             f"{how_it_failed(err)}") from err
 
 
 @dataclass(frozen=True)
@@ -305,14 +302,14 @@ class TaskSpec:
                 with task_code(self.name, "summarize(values, task_data)", user):
                     return user(values, info)
 
+        metrics = self.metrics or loss_metrics(self)
         if self.probe:  # every split the report evaluates, not only the one tuning reads
-            metrics = self.metrics or loss_metrics(self)
             for split, batches in splits.items():  # a lazy split: its first batch, read now
                 first = next(iter(batches)) if isinstance(batches, EvaluationSplit) else batches[0]
                 probe_metrics(self.name, metrics, final, hparams, first, split)
         return Task(
             name=self.name, description=self.description, problems=problems,
-            final_problem=final, splits=splits, metrics=self.metrics or loss_metrics(self),
+            final_problem=final, splits=splits, metrics=metrics,
             search_space=checked_search_space(
                 self.name, hparams, self.search_space or default_search_space(hparams)),
             info=meta, summarize=summarize, tasks=self.tasks,

@@ -43,7 +43,6 @@ from torch.utils.data import (
 from hyperdiff.engine.data.failures import indices_text, user_code
 from hyperdiff.engine.data.fetch import BatchRequest, SeededBatches, as_is, reread_ragged
 from hyperdiff.engine.data.permutation import mix, permute
-from hyperdiff.engine.data.replay import ReplayLog
 from hyperdiff.engine.data.streaming import Streamed
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.typing import Batch
@@ -138,8 +137,7 @@ class LoaderStream(Streamed):
     """Lazy, random-access reading of a map-style ``DataLoader`` (see the module doc)."""
 
     def __init__(self, loader: DataLoader, name: str, window: int = 8):
-        super().__init__(name, window)
-        self.log = ReplayLog(name, LOADER_ADVICE)
+        super().__init__(name, window, LOADER_ADVICE)
         self.loader = loader
         self.plan = IndexPlan(len(loader.dataset), int(loader.batch_size or 1),  # type: ignore[arg-type]
                               loader.drop_last, type(loader.sampler) is RandomSampler)

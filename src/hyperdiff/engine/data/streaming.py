@@ -48,10 +48,10 @@ class Streamed(BatchSource):
     ``_keep`` (verification, then the cache), ending with the batch of ``step``.
     """
 
-    def __init__(self, name: str, window: int):
+    def __init__(self, name: str, window: int, advice: str = ADVICE):
         self.name, self.window = name, positive_int("data", "window", window)
         self.cache: OrderedDict[tuple[int, int], Batch] = OrderedDict()
-        self.log = ReplayLog(name, ADVICE)
+        self.log = ReplayLog(name, advice)  # what a replay error advises
         self.horizon = 0  # the largest number of steps announced through check()
 
     def check(self, steps: int, seed: int) -> None:
