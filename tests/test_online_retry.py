@@ -15,9 +15,11 @@ from test_online_rescue import (
     DT,
     STEPS,
     WINDOW,
+    D,
     assert_goes_on_as,
     assert_same_run,
     data,
+    loss,
     problem,
     stable_limit,
 )
@@ -217,3 +219,61 @@ def test_the_tries_go_one_way_and_never_warmer_after_a_rescue(verdict, retries, 
     else:
         check_start(run, loop_stub, val, grads, lambda: untrained)
         assert run.pending_retry is None
+
+
+def poisoned(lr: float, fails=lambda lr: lr > 5e-3) -> hd.Problem:
+    """problem(lr) with one batch per step whose training loss is NaN from step WINDOW on
+    wherever ``fails(lr)``: every window after the first fails at such a rate, whatever the
+    outer step."""
+    x, y = data(0)
+    batches = [(x, y, torch.tensor(t >= WINDOW)) for t in range(STEPS)]
+
+    def train(p, h, b):
+        x, y, late = b
+        value = ((x @ p["w"] - y) ** 2).mean() + h["wd"] * p["w"].square().sum()
+        return torch.where(late & fails(h["lr"]), torch.full_like(value, float("nan")), value)
+
+    hp = hd.HyperParameters(lr=hd.scalar(lr), wd=hd.scalar(WD))
+    return hd.make_problem(train, loss, hp, {"w": torch.zeros(D, dtype=DT)},
+                           optimizer=hd.sgd("lr"), train_data=batches, val_data=data(1),
+                           steps=STEPS, probe=False)
+
+
+def test_a_window_that_fails_at_the_values_the_warmer_tries_set_names_them():
+    """From 1e-4 two warmer tries set 1e-2, whose first window is fine and whose later windows
+    fail at 1e-2 itself: the guard gives up naming the tries, not the outer step size."""
+    opt = HyperOptimizer(poisoned(1e-4), plan=OnlinePlan(window=WINDOW, retry=2),
+                         method="reverse", optimizer="adam", lr=0.1)
+    with pytest.raises(hd.NonFiniteError) as err:
+        opt.run()
+    message = str(err.value)
+    assert "5 outer steps in a row failed" in message
+    assert f"The window of steps {WINDOW}..{2 * WINDOW - 1} failed at the last good step's " \
+        "values themselves (lr=0.01, wd=0.001), which a smaller outer step does not change; " \
+        "lr = 0.01 was set by 2 warmer tries of a weak start from 0.0001 (OnlinePlan(retry=" \
+        "...) = 2). Start from a learning rate between 0.0001 and 0.01, or set retry=0 to " \
+        "keep 0.0001" in message
+    assert "Lower the outer learning rate" not in message
+    history = opt.history
+    assert [r.status for r in history] == ["failed", "failed", "ok"] + ["failed"] * 5
+    assert history[3].hparams["lr"] != pytest.approx(1e-2)  # after the outer step
+    assert [r.hparams["lr"] for r in history[4:]] == pytest.approx([1e-2] * 4, rel=1e-12)
+
+
+def test_a_window_stuck_at_its_own_start_values_advises_safer_values():
+    opt = HyperOptimizer(poisoned(1e-2), plan=OnlinePlan(window=WINDOW, retry=0),
+                         method="reverse", optimizer="adam", lr=0.1)
+    with pytest.raises(hd.NonFiniteError, match=r"failed at the last good step's values "
+                       r"themselves \(lr=0.01, wd=0.001\), which a smaller outer step does not "
+                       r"change. Start from safer values \(e.g. a smaller learning rate\)$"):
+        opt.run()
+
+
+def test_a_guard_that_gives_up_on_moved_values_still_advises_a_smaller_outer_step():
+    """Offline every retried step trains at values the cut step moved: the default advice."""
+    opt = HyperOptimizer(poisoned(1e-2, fails=lambda lr: lr != 1e-2), method="reverse",
+                         optimizer="adam", lr=0.1)
+    with pytest.raises(hd.NonFiniteError, match="5 outer steps in a row failed .* Lower the "
+                       "outer learning rate") as err:
+        opt.run()
+    assert "themselves" not in str(err.value)

@@ -485,7 +485,8 @@ class HyperOptimizer:
             self.guard.good = snapshot
         try:
             good, message = self.guard.failed(step, reason, start_values(self.hparams, raw),
-                                              counted=self.plan.counts_failure(self))
+                                              counted=self.plan.counts_failure(self),
+                                              advice=self.plan.give_up_advice(self, raw))
             self.set_raw(good["raw"])
             self.optimizer.load_state_dict(copy.deepcopy(good[self.plan.optimizer_key]))
             self.plan.restore(good)

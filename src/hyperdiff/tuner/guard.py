@@ -150,11 +150,13 @@ class DivergenceGuard:
         self.good = snapshot
         self.failures = 0
 
-    def failed(self, step: int, reason: str, values: str = "", *, counted: bool = True
-               ) -> tuple[Any, str]:
+    def failed(self, step: int, reason: str, values: str = "", *, counted: bool = True,
+               advice: str = "") -> tuple[Any, str]:
         """Register a failure; return the snapshot to restore and a log message (``values``:
         the failed step's natural values, named in the message when the start fails;
-        ``counted=False``: no cut and no count toward ``max_failures``, module doc).
+        ``counted=False``: no cut and no count toward ``max_failures``, module doc;
+        ``advice``: what the message advises when the guard gives up, in place of a smaller
+        outer step, where the plan knows that one cannot help).
 
         Raises:
             NonFiniteError: at the first step (nothing good to restore) or after
@@ -172,8 +174,9 @@ class DivergenceGuard:
             raise NonFiniteError(
                 f"{self.caller}: {self.failures} outer steps in a row failed (last at step "
                 f"{step}: {reason}), although the outer learning rate was cut to "
-                f"{self.scale:.3g} x its initial value. Lower the outer learning rate, turn on "
-                "clipping, or bound the hyperparameters that drive training to diverge"
+                f"{self.scale:.3g} x its initial value. " + (
+                    advice or "Lower the outer learning rate, turn on clipping, or bound the "
+                    "hyperparameters that drive training to diverge")
             )
         if not counted:
             return self.good, (f"step {step} failed ({reason}); restored the hyperparameters "

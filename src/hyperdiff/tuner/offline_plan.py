@@ -417,6 +417,11 @@ class OfflinePlan:
         global phase are independent trials (asked after :meth:`rescue_start`)."""
         return loop.step_index >= self.gradient_start and self._next_start(loop) is None
 
+    def give_up_advice(self, loop: Any, raw: dict[str, Tensor]) -> str:
+        """None of its own: a retried outer step starts from the good values with a smaller
+        step, so the guard's advice (a smaller outer learning rate) holds."""
+        return ""
+
     def _next_start(self, loop: Any) -> int | None:
         """The global phase's step to start the gradient phase from instead, when every step
         of the gradient phase so far, the failing one included, failed at its start point

@@ -117,7 +117,7 @@ from hyperdiff.tuner.hot_start import hot_start_warnings, measure_hot_start, res
 from hyperdiff.tuner.lowering import lr_direction, shortened
 from hyperdiff.tuner.online_checkpoint import restore_tuner, tuner_state
 from hyperdiff.tuner.online_rescue import at_start, check_broken, start_over
-from hyperdiff.tuner.online_retry import check_start, retry_start
+from hyperdiff.tuner.online_retry import check_start, retry_start, stuck_advice
 from hyperdiff.tuner.plan import Outcome, bind_once
 from hyperdiff.tuner.sampler import combine, estimate_fields, warn_low_snr
 from hyperdiff.tuner.settling import Settling, plain_window
@@ -548,6 +548,11 @@ class OnlinePlan:
         learning rate, except a rescue's or a retry's try (a broken, weak or hot start is not
         a failed outer step)."""
         return self.pending_retry is None and not at_start(self, loop.history)
+
+    def give_up_advice(self, loop: Any, raw: dict[str, Tensor]) -> str:
+        """Where the failed window trained at the last good values themselves, what to do
+        instead of a smaller outer step (:func:`~hyperdiff.tuner.online_retry.stuck_advice`)."""
+        return stuck_advice(self, loop, raw)
 
     def failure_note(self, loop: Any, message: str) -> str:
         """A try's failed first window: start over cooler (or end the run when the tries are

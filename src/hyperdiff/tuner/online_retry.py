@@ -42,14 +42,17 @@ import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 
+import torch
 from torch import Tensor
 
 from hyperdiff.errors import HyperdiffError, NonFiniteError
+from hyperdiff.tuner.guard import start_values
 from hyperdiff.tuner.history import StepRecord
 from hyperdiff.tuner.hot_start import cooled
 from hyperdiff.tuner.lowering import lr_direction
 from hyperdiff.tuner.online_rescue import leading_failures, lr_name
 from hyperdiff.tuner.online_run import Loop, OnlineRun
+from hyperdiff.wording import option
 
 FACTOR = 10.0  # each try's learning rate over the one before (warmer) or under it (cooler)
 WEAK = 0.1  # a first window whose pace over the run removes under WEAK max(|U|, 1) is weak
@@ -147,5 +150,33 @@ def retry_start(run: OnlineRun, loop: Loop, message: str) -> str:
             f"{run.retry} {'warmer' if run.retries > 0 else 'cooler'} tries)")
 
 
+def stuck_advice(run: OnlineRun, loop: Loop, raw: Mapping[str, Tensor]) -> str:
+    """What the guard advises when it gives up on a window that trained at the last good
+    values themselves (``raw`` equal to the guard's good point): an online window retried after
+    a failure trains at those values again, so a smaller outer step cannot help. It names the
+    values, and the weak start's warmer tries where they set the learning rate; ``""`` for a
+    window that trained at other values (the guard's own advice holds)."""
+    good = loop.guard.good
+    if good is None:
+        return ""
+    trained = run.problem.raw_tensors(good["raw"])  # as the window's raw values are
+    if any(not torch.equal(raw[n], trained[n]) for n in raw):
+        return ""
+    start, stop = run.span
+    text = (f"The window of steps {start}..{stop - 1} failed at the last good step's values "
+            f"themselves ({start_values(loop.hparams, dict(raw))}), which a smaller outer step "
+            "does not change")
+    name = lr_name(run.problem)
+    if run.retries > 0 and name is not None and loop.history:
+        first = float(loop.history[0].hparams[name])
+        now = float(loop.hparams.natural(dict(raw))[name])
+        text += (f"; {name} = {now:.3g} was set by {run.retries} warmer "
+                 f"{'try' if run.retries == 1 else 'tries'} of a weak start from {first:.3g} "
+                 f"({option('OnlinePlan(retry=...)', 'outer.retry')} = {run.retry})")
+        return (f"{text}. Start from a learning rate between {first:.3g} and {now:.3g}, or "
+                f"set {option('retry=0', 'outer.retry = 0')} to keep {first:.3g}")
+    return f"{text}. Start from safer values (e.g. a smaller learning rate)"
+
+
 __all__ = ["FACTOR", "HOT", "TRIES", "WEAK", "at_first_window", "check_start", "raising",
-           "retry_start", "start_verdict"]
+           "retry_start", "start_verdict", "stuck_advice"]
