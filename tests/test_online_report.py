@@ -128,3 +128,12 @@ def test_the_retraining_bound_is_the_guards(tuned, warns):
 
 def test_metrics_without_a_loss_are_not_judged():
     assert diverged_retraining({"val": {"accuracy": 0.5}}, {"val": {"accuracy": 0.1}}, 10) is None
+
+
+@pytest.mark.parametrize(("seeds", "line"), [
+    ([0], "metrics of one fresh training seed"),
+    ([0, 1, 2], "metrics averaged over 3 fresh training seeds"),
+])
+def test_the_table_counts_its_report_seeds_in_words(seeds, line):
+    assert f"examples never used while tuning; {line}" in format_table(
+        table_result(report_seeds=seeds))

@@ -557,7 +557,8 @@ def format_table(result: Mapping[str, Any]) -> str:
         *(f"warning: {warning}" for warning in result.get("warnings", [])),
         "",
         f"test split: {result['sizes'].get('test', '?')} examples never used while tuning; "
-        f"metrics averaged over {len(result['report_seeds'])} fresh training seeds",
+        + (f"metrics averaged over {len(result['report_seeds'])} fresh training seeds"
+           if len(result["report_seeds"]) != 1 else "metrics of one fresh training seed"),
         *(["run's own model: the model the online run trained, as it ended (one training); "
            "tuned: its final values trained fresh"] if own_cells else []),
         f"run directory: {result['run_dir']}",

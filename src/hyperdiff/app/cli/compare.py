@@ -316,7 +316,8 @@ def format_comparison(report: Mapping[str, Any]) -> str:
     lines += ["", f"best val: lowest validation loss found ({what}); "
               f"test: the winner (hyperdiff's picked by {picked}, the others by "
               f"{'CV' if folds else 'val'} loss) "
-              f"retrained on {len(report['report_seeds'])} fresh seeds"]
+              f"retrained on {len(report['report_seeds'])} fresh "
+              f"{'seed' if len(report['report_seeds']) == 1 else 'seeds'}"]
     lines += [f"skipped: {s}" for s in report.get("skipped", [])]
     failed = report.get("failed")
     if failed:
