@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import hyperdiff as hd
 from hyperdiff.app.config import load_config
 from hyperdiff.app.experiment import run_experiment
 from hyperdiff.app.rundir import RunDir
@@ -19,6 +20,8 @@ from hyperdiff.app.tags import VECTOR_LIMIT, hparam_tags, record_tags, report_ta
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.hparams.discrete import categorical
 from hyperdiff.hparams.hyperparams import per_feature, scalar
+from hyperdiff.tuner.driver import HyperOptimizer
+from hyperdiff.tuner.plans import OnlinePlan
 
 OFFLINE = ["output.checkpoint_seconds=0", "task.name=mlp_digits", "inner.steps=4", "stop.max_steps=4", "report.seeds=1",
            "output.checkpoint_every=2", "log.tensorboard=tb", "log.mlflow=mlruns"]
@@ -186,13 +189,38 @@ def test_the_tags_of_vectors_discrete_choices_and_unsafe_names():
 
 def test_the_window_of_inner_steps_read_from_the_loop():
     ok = SimpleNamespace(status="ok")
-    assert window_steps(SimpleNamespace(inner_step=30, window=10), ok) == range(20, 30)
-    assert window_steps(SimpleNamespace(inner_step=35, window=10), ok) == range(30, 35)
+    assert window_steps(SimpleNamespace(inner_step=30, span=(20, 30)), ok) == range(20, 30)
     # a failed window trained nothing that stays; after a hot-start restart the loop is at 0
-    assert not window_steps(SimpleNamespace(inner_step=30, window=10),
+    assert not window_steps(SimpleNamespace(inner_step=30, span=(20, 30)),
                             SimpleNamespace(status="failed"))
-    assert not window_steps(SimpleNamespace(inner_step=0, window=10), ok)
+    assert not window_steps(SimpleNamespace(inner_step=0, span=(20, 30)), ok)
     assert not window_steps(SimpleNamespace(step_index=3), ok)  # offline: no inner steps
+
+
+def test_the_logged_windows_are_the_grown_windows_the_run_trained():
+    """With growth c a window from step t trains K + floor(c t) steps (the last one shorter
+    than K joins the one before): the logged windows cover the run once, in those lengths.
+    Until s39 they were read as multiples of K (the grown window 26..35 logged as 35..35)."""
+    steps, window, growth = 50, 5, 0.2
+    expected, start = [], 0
+    while start < steps:
+        stop = min(start + window + int(growth * start), steps)
+        stop = steps if steps - stop < window else stop
+        expected.append(range(start, stop))
+        start = stop
+    assert [len(r) for r in expected] == [5, 6, 7, 8, 10, 14]  # the last one merged
+    x = torch.linspace(-1, 1, 16, dtype=torch.float64).reshape(8, 2)
+    y = x.sum(1)
+    problem = hd.make_problem(
+        lambda p, h, b: ((b[0] @ p["w"] - b[1]) ** 2).mean(),
+        lambda p, h, b: ((b[0] @ p["w"] - b[1]) ** 2).mean(),
+        hd.HyperParameters(lr=hd.scalar(0.1)), {"w": torch.zeros(2, dtype=torch.float64)},
+        optimizer=hd.sgd("lr"), train_data=(x, y), val_data=(x, y), steps=steps, probe=False)
+    logged = []
+    opt = HyperOptimizer(problem, plan=OnlinePlan(window=window, growth=growth),
+                         method="reverse", optimizer="adam", lr=0.05)
+    opt.run([lambda loop, record: logged.append(window_steps(loop, record))])
+    assert logged == expected
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

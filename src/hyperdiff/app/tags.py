@@ -98,14 +98,14 @@ def record_tags(record: StepRecord,
 
 def window_steps(loop: Any, record: StepRecord) -> range:
     """The inner steps that an online loop's window ``record`` trained, read from the loop
-    after the step (its online plan's ``inner_step``: the step it reached; windows start at
-    multiples of ``window``); empty for a failed window, a window that was restarted over (hot
-    start) and a loop without inner steps (offline)."""
+    after the step (its online plan's ``span``, the window it trained, which the plan's
+    ``inner_step`` reached); empty for a failed window, a window that was restarted over (hot
+    start: the plan is back at step 0) and a loop without inner steps (offline)."""
     plan = getattr(loop, "plan", loop)
-    stop, window = getattr(plan, "inner_step", None), getattr(plan, "window", None)
-    if record.status != "ok" or not isinstance(stop, int) or not isinstance(window, int):
+    span, reached = getattr(plan, "span", None), getattr(plan, "inner_step", None)
+    if record.status != "ok" or not isinstance(span, tuple) or reached != span[1]:
         return range(0)
-    return range((stop - 1) // window * window, stop) if stop > 0 else range(0)
+    return range(*span)
 
 
 def inner_tags(problem: Problem, natural: Mapping[str, Any], steps: range
