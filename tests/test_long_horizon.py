@@ -277,6 +277,18 @@ def test_bad_input_errors():
     nesterov, _, _ = _logistic_problem(5, optimizer=hd.sgd("lr", "mom", nesterov=True))
     with pytest.raises(hd.HyperdiffError, match="heavy-ball momentum"):
         reversible()(nesterov)
+    # also where the learning rate at step 1 is 0, where an update probe cannot tell Nesterov
+    # from heavy ball (until s39 it ran heavy ball, 15% off in dL/dmom)
+    x, y = torch.randn(24, 4, dtype=torch.float64), torch.randn(24, 1, dtype=torch.float64)
+    mse = lambda p, h, b: ((b[0] @ p["w"] - b[1]) ** 2).mean()  # noqa: E731
+    rates = [0.1, 0.0] + [0.1] * 6
+    paused = hd.make_problem(mse, mse, hd.HyperParameters(lr=hd.per_step(8, rates, "free"),
+                                                          mom=hd.scalar(0.5, (0.0, 1.0))),
+                             {"w": torch.zeros(4, 1, dtype=torch.float64)},
+                             optimizer=hd.sgd("lr", "mom", nesterov=True), train_data=(x, y),
+                             val_data=(x, y), steps=8)
+    with pytest.raises(hd.HyperdiffError, match="heavy-ball momentum"):
+        reversible()(paused)
     problem, _ = _problem_and_reference("batchnorm_dropout")
     with pytest.raises(hd.HyperdiffError, match="must have no buffers"):
         reversible()(problem)

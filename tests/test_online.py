@@ -200,7 +200,10 @@ def test_bad_online_arguments_raise_a_clear_error(kwargs, message):
 
 def test_a_schedule_for_another_horizon_is_refused_by_the_online_tuner():
     sched = hd.schedule("exponential", 4)
-    prob = problem(hd.HyperParameters(**sched.hyperparameters()), hd.sgd(sched), 3)
+    with pytest.raises(hd.HyperdiffError, match=r"over the run's steps=3 \(got 4"):
+        problem(hd.HyperParameters(**sched.hyperparameters()), hd.sgd(sched), 3)
+    # a problem shortened after it was made (Problem.with_steps) meets the tuner's own check
+    prob = problem(hd.HyperParameters(**sched.hyperparameters()), hd.sgd(sched), 4).with_steps(3)
     with pytest.raises(hd.HyperdiffError, match=r"over the run's 3 steps \(got 4\)"):
         hd.online.OnlineTuner(prob)
 

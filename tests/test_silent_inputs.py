@@ -219,3 +219,53 @@ def test_a_negative_step_is_not_blamed_on_a_short_schedule():
         hp.view(hp.raw).at("lr", step=-1)
     with pytest.raises(hd.HyperdiffError, match=r"\(got 3\); the schedule is shorter"):
         hp.view(hp.raw).at("lr", step=3)
+
+
+def fd_problem(dtype):
+    x = torch.linspace(-1, 1, 24, dtype=dtype).reshape(12, 2)
+    y = x @ torch.tensor([1.0, -2.0], dtype=dtype)
+    loss = lambda p, h, b: ((b[0] @ p["w"] - b[1]) ** 2).mean()  # noqa: E731
+    return hd.make_problem(loss, loss, hd.HyperParameters(lr=hd.scalar(0.1)),
+                           {"w": torch.zeros(2, dtype=dtype)}, optimizer=hd.sgd("lr"),
+                           train_data=(x, y), val_data=(x, y), steps=5, probe=False)
+
+
+@pytest.mark.parametrize(("dtype", "eps"), [(torch.float64, 1e-17), (torch.float64, 1e-300),
+                                            (torch.float32, 1e-9)])
+def test_a_finite_difference_step_that_rounds_away_is_refused(dtype, eps):
+    """log(0.1) = -2.30 +- eps * 2.30 rounds to itself in the dtype the problem trains in:
+    until s39 every coordinate came back as an exact 0."""
+    with pytest.raises(hd.HyperdiffError, match=rf"eps = {eps:.3g} does not move the raw value "
+                       r"of lr \(-2.30259\) in float(64|32): .*\(the default for this dtype is"):
+        hd.finite_difference(eps=eps, warn=False)(fd_problem(dtype))
+
+
+@pytest.mark.parametrize("eps", [1.0, 10.0, 0.0, -1e-6, float("nan")])
+def test_a_finite_difference_step_outside_0_1_is_refused(eps):
+    with pytest.raises(hd.HyperdiffError, match=r"finite_difference: eps must be a finite "
+                       r"number in \(0, 1\)"):
+        hd.finite_difference(eps=eps)
+
+
+def test_a_small_finite_difference_step_that_moves_the_value_agrees_with_reverse():
+    problem = fd_problem(torch.float64)
+    fd = hd.finite_difference(eps=1e-7, warn=False)(problem).grad["lr"]
+    assert float(fd) == pytest.approx(float(hd.reverse()(problem).grad["lr"]), rel=1e-6)
+
+
+@pytest.mark.parametrize(("horizon", "why"), [
+    (100, "its later part would never train"),
+    (3, "it ends before the run"),
+])
+def test_a_schedule_over_another_horizon_than_the_run_is_refused(horizon, why):
+    """A warmup-cosine over 100 steps in a run of 10 stayed in its warmup, and lr_final got an
+    exact 0 (until s39); one over 3 steps failed at step 3, deep in the training."""
+    schedule = hd.schedule("warmup_cosine", horizon)
+    x = torch.linspace(-1, 1, 24, dtype=torch.float64).reshape(12, 2)
+    loss = lambda p, h, b: ((b[0] @ p["w"] - b[1]) ** 2).mean()  # noqa: E731
+    with pytest.raises(hd.HyperdiffError, match=rf"the warmup_cosine schedule of lr must be "
+                       rf"defined over the run's steps=10 \(got {horizon}: {why}.*\); use "
+                       r"schedule.with_steps\(10\)"):
+        hd.make_problem(loss, loss, hd.HyperParameters(**schedule.hyperparameters()),
+                        {"w": torch.zeros(2, dtype=torch.float64)}, optimizer=hd.sgd(schedule),
+                        train_data=(x, x.sum(1)), val_data=(x, x.sum(1)), steps=10)

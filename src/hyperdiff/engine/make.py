@@ -30,6 +30,7 @@ from hyperdiff.errors import HyperdiffError, LossError, describe, nonnegative_in
 from hyperdiff.hparams.constraints import natural_range
 from hyperdiff.hparams.hyperparams import HyperParameters
 from hyperdiff.hparams.initialization import check_matches, initialization_name
+from hyperdiff.hparams.schedules import Schedule
 from hyperdiff.logs import get_logger
 from hyperdiff.typing import LossFn, Params
 
@@ -118,6 +119,13 @@ def make_problem(
     if start is not None:
         check_matches(hparams[start], start, params)
     for coef_name, coef in optimizer.coefficients.items():
+        if isinstance(coef, Schedule) and coef.steps != steps:
+            raise HyperdiffError(
+                f"hypergradient: the {coef.family} schedule of {coef_name} must be defined over "
+                f"the run's steps={steps} (got {coef.steps}: "
+                + ("its later part would never train, and its hyperparameters that shape it "
+                   "would get no gradient from it" if coef.steps > steps else
+                   "it ends before the run") + f"); use schedule.with_steps({steps})")
         if isinstance(coef, str):
             if coef not in hparams:
                 raise HyperdiffError(

@@ -30,12 +30,13 @@ from hyperdiff.engine.training import (
     unroll,
     validation_loss,
 )
-from hyperdiff.errors import HyperdiffError, describe, positive_float
+from hyperdiff.errors import HyperdiffError, Range, describe, number
 from hyperdiff.methods.base import Capabilities, HyperGradient, Method, Segment, finish
 from hyperdiff.methods.segments import at_val_batches, detached_state
 from hyperdiff.typing import Batch
 from hyperdiff.wording import option
 
+RELATIVE_STEP = Range(0.0, 1.0, open_low=True, open_high=True)  # eps: a step below |u| itself
 CAPABILITIES = Capabilities(exact=False, offline=True, online=True, data_parallel=True,
                             segment_options=("eps", "warn"))
 
@@ -73,8 +74,24 @@ def central_differences(problem: Problem, raw: dict[str, Tensor], coords: list[i
         plus, minus = base.clone(), base.clone()
         plus[i] += step
         minus[i] -= step
+        _check_moved(problem, i, base[i], plus[i], minus[i], h)
         flat_grad[i] = (loss_at(hp.unflatten(plus)) - loss_at(hp.unflatten(minus))) / (2 * step)
     return flat_grad, h
+
+
+def _check_moved(problem: Problem, i: int, base: Tensor, plus: Tensor, minus: Tensor,
+                 eps: float) -> None:
+    """Refuse a step that rounds away in the problem's dtype: ``u + h == u`` (or ``u - h``)
+    would give an exact 0 for that coordinate."""
+    as_trained = [v.to(problem.dtype) for v in (base, plus, minus)]
+    if torch.equal(as_trained[0], as_trained[1]) or torch.equal(as_trained[0], as_trained[2]):
+        name = problem.hparams.coordinate_names()[i]
+        default = torch.finfo(problem.dtype).eps ** (1 / 3)
+        raise HyperdiffError(
+            f"finite_difference: eps = {eps:.3g} does not move the raw value of {name} "
+            f"({float(base):.6g}) in {str(problem.dtype).removeprefix('torch.')}: u +- eps "
+            f"max(1, |u|) rounds to u, which would give an exact 0; use a larger eps (the "
+            f"default for this dtype is {default:.3g})")
 
 
 def _cost_warning(coords: list[int], steps: int, per: str) -> None:
@@ -149,13 +166,13 @@ def finite_difference(
     """Central differences on the raw values (2 trainings per coordinate).
 
     Args:
-        eps: relative step (default: cube root of the dtype's machine epsilon).
+        eps: relative step in (0, 1) (default: cube root of the dtype's machine epsilon).
         coordinates: flat coordinates to difference (default: all); the others are NaN in the
             result, and ``diagnostics["coordinates"]`` lists those computed.
         warn: emit a :class:`CostWarning` about the cost.
     """
     if eps is not None:
-        eps = positive_float("finite_difference", "eps", eps)
+        eps = number("finite_difference", "eps", eps, RELATIVE_STEP)
     return Method(
         "finite_difference",
         lambda problem, raw: _finite_difference(problem, raw, eps, coordinates, warn),

@@ -321,6 +321,9 @@ def _check_problem(problem: Problem, coefficients: Coefficients) -> float:
             "reversible: the model must have no buffers (got BatchNorm running statistics "
             f"{sorted(problem.buffers)}); use {checkpointed}"
         )
+    nesterov = "reversible: the sgd optimizer must use heavy-ball momentum (got nesterov=True)"
+    if opt.settings.get("nesterov", False):  # the probe below cannot tell where lr_1 = 0
+        raise HyperdiffError(nesterov)
     # probe the update at params 0, grads 1, v = 0: v' = 1 - dampening at step 1, and
     # theta' = -lr v' for heavy ball but -lr (1 + mu) v' for Nesterov
     step = min(1, problem.steps - 1)
@@ -330,9 +333,7 @@ def _check_problem(problem: Problem, coefficients: Coefficients) -> float:
         new, state = opt.update(ones, SGDState(zeros), zeros, coefficients.hview, step)
     velocity = flat(state.momentum)
     if not torch.allclose(flat(new), -coefficients("lr", step) * velocity, rtol=1e-12, atol=0):
-        raise HyperdiffError(
-            "reversible: the sgd optimizer must use heavy-ball momentum (got nesterov=True)"
-        )
+        raise HyperdiffError(nesterov)
     coefficients.fraction(step)
     return float(velocity[0]) if step == 1 else 1.0
 
