@@ -46,7 +46,7 @@ from hyperdiff.errors import (
 from hyperdiff.logs import get_logger
 from hyperdiff.methods.base import Method
 from hyperdiff.methods.registry import SCHEDULES
-from hyperdiff.tuner.driver_checks import as_batches, check_problems
+from hyperdiff.tuner.driver_checks import OPTIMIZER_CLASS, as_batches, check_problems
 from hyperdiff.tuner.guard import DivergenceGuard, start_values
 from hyperdiff.tuner.history import History, StepRecord, finite_or_none, natural_values
 from hyperdiff.tuner.offline_plan import OfflinePlan
@@ -347,9 +347,12 @@ class HyperOptimizer:
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly: the loop's entries and the plan's."""
+        """Everything needed to resume exactly: the loop's entries and the plan's (copies:
+        the run going on does not change a state kept in memory)."""
+        outer = {**copied_state(self.optimizer.state_dict()),
+                 OPTIMIZER_CLASS: type(self.optimizer).__name__}  # torch's load ignores it
         state = {"step": self.step_index, "raw": self.raw, "elapsed": self.elapsed,
-                 self.plan.optimizer_key: self.optimizer.state_dict(),
+                 self.plan.optimizer_key: outer,
                  "guard": self.guard.state_dict()}
         if self.plan.ranks:
             state.update(best=self.best, since_best=self.since_best, stopped=self.stopped)
@@ -364,7 +367,8 @@ class HyperOptimizer:
         before anything is changed."""
         records = self.plan.load_state_dict(self, state, history)
         self.set_raw(state["raw"])
-        self.optimizer.load_state_dict(state[self.plan.optimizer_key])
+        # a copy: torch keeps the given tensors, which the run would then change in ``state``
+        self.optimizer.load_state_dict(copied_state(state[self.plan.optimizer_key]))
         if "guard" in state:  # online checkpoints written before the online guard have none
             self.guard.load_state_dict(copy.deepcopy(state["guard"]))
         if self.plan.ranks:

@@ -29,6 +29,7 @@ from hyperdiff.tuner.state_checks import (
     check_like,
     check_optimizer_shapes,
     damaged,
+    lacks_setting,
     optimizer_probe_state,
     shape_of,
 )
@@ -254,12 +255,27 @@ def check_best(caller: str, best: Any, raw: dict[str, Any], since_best: int,
                 "the records after the best one")
 
 
+OPTIMIZER_CLASS = "class"  # the outer optimizer's class name, in a saved state (since s39)
+
+
 def check_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], *,
                           caller: str = "HyperOptimizer") -> None:
-    """A saved outer optimizer ``state`` must hold every entry ``optimizer.step`` needs."""
+    """A saved outer optimizer ``state`` must be ``optimizer``'s kind (its class, where the
+    state names it; a probe copy loaded with it steps) and hold every entry
+    ``optimizer.step`` needs."""
+    saved = state.get(OPTIMIZER_CLASS) if isinstance(state, dict) else None
+    if saved is not None and saved != type(optimizer).__name__:
+        raise HyperdiffError(f"{caller}: the outer optimizer must be the saved run's "
+                             f"({saved!r}; got {type(optimizer).__name__!r}); resume with the "
+                             "outer optimizer the run had")
     if missing := missing_optimizer_entries(optimizer, state):
         raise HyperdiffError(f"{caller}: the outer optimizer state lacks the entries "
                              f"{missing} that {type(optimizer).__name__} needs")
+    if isinstance(state, dict) and isinstance(state.get("param_groups"), list) and (
+            why := lacks_setting(optimizer, state)):
+        raise HyperdiffError(f"{caller}: the outer optimizer must be the saved run's: "
+                             f"{type(optimizer).__name__} cannot step from its saved state "
+                             f"({why[:200]}); resume with the outer optimizer the run had")
 
 
 def missing_optimizer_entries(optimizer: torch.optim.Optimizer, state: dict[str, Any]

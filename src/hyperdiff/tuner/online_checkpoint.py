@@ -51,9 +51,24 @@ FORMAT = "hyperdiff-online-1"
 # val_batch_size, train_seed: not recorded before, not checked then; rescues: before the
 # rescue, 0; settled_at: before settling, never settled; schedule_over: before the choice,
 # the outer lr's cosine over the windows; lowering: before it, every move kept, 1; retries:
-# before the retries of a weak or hot start, 0)
+# before the retries of a weak or hot start, 0; seed, steps, method_options: not recorded before
+# s39, not checked then)
 OPTIONAL = ("guard", "hot_start", "restarted", "discrete", "growth", "samples", "val_batch_size",
-            "rescues", "train_seed", "settled_at", "schedule_over", "lowering", "retries")
+            "rescues", "train_seed", "settled_at", "schedule_over", "lowering", "retries",
+            "seed", "steps", "method_options")
+
+
+def method_options(method: Any) -> dict[str, Any]:
+    """``method``'s name and options as a checkpoint compares them: numbers, strings, None and
+    their lists as they are, anything else (a solver object) by its type name."""
+    def plain(value: Any) -> Any:
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return type(value).__name__
+
+    return {"name": method.name, **{k: plain(v) for k, v in sorted(method.options.items())}}
 
 
 def _caller(run: OnlineRun) -> str:
@@ -70,7 +85,8 @@ def tuner_state(run: OnlineRun, loop: Loop) -> dict[str, Any]:
         "format": FORMAT, "method": run.label, "window": run.window, "growth": run.growth,
         "samples": run.samples, "val_batch_size": run.val_batch_size,
         "train_seed": run.problem.seed, "schedule_over": run.schedule_over,
-        "lowering": run.lowering,
+        "lowering": run.lowering, "seed": loop.seed, "steps": run.problem.steps,
+        "method_options": method_options(run.method),
         "inner_step": run.inner_step,
         "params": {k: v.clone() for k, v in run.state.params.items()},
         "buffers": {k: v.clone() for k, v in run.state.buffers.items()},
@@ -101,13 +117,15 @@ def restore_tuner(run: OnlineRun, loop: Loop, state: dict[str, Any],
     # checkpoints from before the growth: K steps each; from before online samples: one
     saved = {"growth": 0.0, "samples": 1, "val_batch_size": run.val_batch_size,
              "train_seed": run.problem.seed, "schedule_over": "windows", "lowering": 1.0,
-             **state}
+             "seed": loop.seed, "steps": run.problem.steps,
+             "method_options": method_options(run.method), **state}
     if isinstance(state.get("tangent"), list):  # an older layout of the method's carry
         state = {**state, "tangent": run.method.saved_carry(run.problem, state["tangent"])}
     for key, mine in (("method", run.label), ("window", run.window), ("growth", run.growth),
                       ("samples", run.samples), ("val_batch_size", run.val_batch_size),
                       ("train_seed", run.problem.seed), ("schedule_over", run.schedule_over),
-                      ("lowering", run.lowering)):
+                      ("lowering", run.lowering), ("seed", loop.seed),
+                      ("steps", run.problem.steps), ("method_options", method_options(run.method))):
         if saved.get(key) != mine:
             raise HyperdiffError(f"{caller}: {key} must match the saved run "
                                  f"({saved.get(key)!r}; got {mine!r})")

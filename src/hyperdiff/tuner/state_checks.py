@@ -11,6 +11,8 @@ device), ``None`` where ``None`` is, numbers where numbers are. A mismatch is on
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
 from typing import Any
 
@@ -134,16 +136,40 @@ def check_guard_state(caller: str, saved: Any, fresh: dict[str, Any], good: Any,
                       f"{'' if cuts is None else ' that cut it'})", f"{saved['scale']!r}")
 
 
+def probe_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """A fresh optimizer of ``optimizer``'s class and settings over zero-gradient copies of its
+    parameters, to step without touching the run."""
+    params = [p.detach().clone().requires_grad_() for g in optimizer.param_groups
+              for p in g["params"]]
+    accepted = inspect.signature(type(optimizer)).parameters  # AdamW's defaults hold more
+    probe = type(optimizer)(params, **{k: v for k, v in optimizer.defaults.items()
+                                       if k in accepted})
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    return probe
+
+
 def optimizer_probe_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The per-parameter state of one step of a probe copy of ``optimizer``: the entries,
     shapes and dtypes that a saved state of it holds."""
-    params = [p.detach().clone().requires_grad_() for g in optimizer.param_groups
-              for p in g["params"]]
-    probe = type(optimizer)(params, **optimizer.defaults)
-    for p in params:
-        p.grad = torch.zeros_like(p)
+    probe = probe_optimizer(optimizer)
     probe.step()
     return probe.state_dict()["state"]
+
+
+def lacks_setting(optimizer: torch.optim.Optimizer, state: Any) -> str:
+    """The setting that a probe copy of ``optimizer`` loaded with the saved ``state`` reads and
+    does not find (another optimizer's settings: ``KeyError: 'betas'`` deep in torch), or
+    ``""`` (a state that fails otherwise is left to the shape checks)."""
+    probe = probe_optimizer(optimizer)
+    try:
+        probe.load_state_dict(copy.deepcopy(state))
+        probe.step()
+    except KeyError as err:
+        return f"KeyError: {err}"
+    except Exception:  # damaged entries: the shape checks name them
+        return ""
+    return ""
 
 
 def check_optimizer_shapes(caller: str, entry: str, optimizer: torch.optim.Optimizer,
@@ -163,4 +189,5 @@ def check_optimizer_shapes(caller: str, entry: str, optimizer: torch.optim.Optim
 
 
 __all__ = ["check_count", "check_guard_state", "check_like", "check_optimizer_shapes",
-           "damaged", "leaf_kind", "mismatch", "optimizer_probe_state", "shape_of"]
+           "damaged", "lacks_setting", "leaf_kind", "mismatch", "optimizer_probe_state",
+           "probe_optimizer", "shape_of"]
