@@ -221,6 +221,7 @@ class FunctionalModel:
         self.dropout = dropout_modules(module)
         self._bn: dict[str, nn.Module] = {}
         self._fill_in_cache: dict[Any, dict[str, Tensor]] = {}
+        self._buffers_checked = False  # whether a training call left the other buffers alone
         for prefix, sub in module.named_modules():
             if _is_batch_norm(sub) and sub.track_running_stats:
                 if sub.momentum is None:
@@ -239,9 +240,9 @@ class FunctionalModel:
         base = f"{prefix}." if prefix else ""
 
         def hook(bn: BatchNormBase, inputs: tuple[Any, ...]) -> None:
-            active = _ACTIVE.get()
-            if active is None or active[0] is not self or not active[1].train:
-                return
+            active = _ACTIVE.get()  # a BatchNorm the model keeps in eval mode (a frozen
+            if active is None or active[0] is not self or not (active[1].train and bn.training):
+                return  # backbone's, by its own train()) keeps its statistics, as in torch
             ctx = active[1]
             x = inputs[0]
             dims = [d for d in range(x.dim()) if d != 1]
@@ -262,7 +263,7 @@ class FunctionalModel:
             # torch's batch_norm is not differentiable in its running statistics; in eval mode
             # recompute the output from the (differentiable) buffers we carry.
             active = _ACTIVE.get()
-            if active is None or active[0] is not self or active[1].train:
+            if active is None or active[0] is not self or (active[1].train and bn.training):
                 return None
             current = active[1].current_buffers()
             x = inputs[0]
@@ -329,8 +330,12 @@ class FunctionalModel:
         try:
             _set_training(self.module, ctx.train)
             if ctx.train:
+                watched = None if self._buffers_checked else self._own_buffers(state)
                 with _seeded_rng(ctx.next_seed, _tensor_devices(params, inputs, kw_inputs)):
-                    return self._run(self.module, state, inputs, kw_inputs)
+                    out = self._run(self.module, state, inputs, kw_inputs)
+                if watched is not None:
+                    self._check_untouched(watched, state)
+                return out
             if self.compiled is not None and not torch.is_grad_enabled() and not self.buffers:
                 # evaluation without a graph: the compiled module is valid (no double backward)
                 prefixed = {f"_orig_mod.{k}": v for k, v in state.items()}
@@ -339,6 +344,33 @@ class FunctionalModel:
         finally:
             _ACTIVE.reset(token)
             _set_training(self.module, was_training)
+
+    def _own_buffers(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Copies of the module's buffers that training does not carry (all but BatchNorm's
+        running statistics), as the forward pass reads them (``state``'s copy, else the
+        module's own), taken before the first training call."""
+        return {name: state.get(name, tensor).detach().clone()
+                for name, tensor in self.module.named_buffers()
+                if name not in self.buffers and not name.endswith("num_batches_tracked")}
+
+    def _check_untouched(self, before: dict[str, Tensor], state: dict[str, Tensor]) -> None:
+        """Refuse a module whose training forward pass updated a buffer in place (an
+        InstanceNorm's running statistics, spectral_norm's power iteration, a hand-written
+        running mean): hyperdiff carries BatchNorm's statistics only, so every replay of a step
+        would read another value, and the user's module would be changed."""
+        own = dict(self.module.named_buffers())
+        changed = [name for name, old in before.items()
+                   if not torch.equal(state.get(name, own[name]).detach(), old)]
+        self._buffers_checked = True
+        if changed:
+            for name in changed:  # put the module back as it was given
+                own[name].data.copy_(before[name].to(own[name].device, own[name].dtype))
+            raise HyperdiffError(
+                f"functional model: its forward pass in training mode updates the buffers "
+                f"{changed[:4]}{' ...' if len(changed) > 4 else ''} in place; hyperdiff "
+                "carries BatchNorm's running statistics only (a replayed step must read the same "
+                "values), so use modules without running state there (e.g. InstanceNorm with "
+                "track_running_stats=False, no spectral_norm), or keep them in eval mode")
 
     @staticmethod
     def _run(module: nn.Module, state: dict[str, Tensor], inputs: tuple[Any, ...],
@@ -357,8 +389,10 @@ class FunctionalModel:
     def _fill_ins(self, params: Params, device: torch.device | None,
                   dtype: torch.dtype | None) -> dict[str, Tensor]:
         """The module's own tensors that ``params`` and the carried buffers do not replace,
-        copied to the parameters' device (floating ones to their dtype) when they live
-        elsewhere; cached per placement."""
+        copied to the parameters' device when they live elsewhere, and those in the module's
+        own floating dtype (its parameters') to the parameters' dtype: a buffer the module
+        keeps in another dtype on purpose (a float64 offset in a float32 model) keeps it, as
+        ``module.to(device)`` would; cached per placement."""
         if device is None:
             return {}
         key = (device, dtype, tuple(params))
@@ -366,11 +400,14 @@ class FunctionalModel:
         if cached is None:
             skip = set(params) | set(self.buffers)
             cached = {}
-            own = itertools.chain(self.module.named_parameters(), self.module.named_buffers())
+            own = list(itertools.chain(self.module.named_parameters(),
+                                       self.module.named_buffers()))
+            native = next((t.dtype for _, t in own if t.is_floating_point()), None)
             for name, tensor in own:
                 if name in skip or name.endswith("num_batches_tracked"):
                     continue
-                want = dtype if tensor.is_floating_point() and dtype is not None else tensor.dtype
+                want = dtype if (dtype is not None and tensor.is_floating_point()
+                                 and tensor.dtype == native) else tensor.dtype
                 if tensor.device != device or tensor.dtype != want:
                     cached[name] = tensor.detach().to(device=device, dtype=want)
             self._fill_in_cache = {key: cached}  # one placement at a time
