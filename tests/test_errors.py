@@ -62,10 +62,16 @@ def test_bad_input(changes, match):
         _call(**changes)
 
 
-def test_schedule_shorter_than_training():
+@pytest.mark.parametrize(("entries", "why"), [(2, r"\(got 2\)"),
+                                               (40, r"\(got 40; the entries past the run would "
+                                                    r"never train, get an exact 0")])
+def test_a_per_step_schedule_of_another_length_than_training(entries, why):
+    """A longer one was accepted until s39: entries past the run got an exact 0, the report
+    averaged them in, and the export stretched all 40 over the run."""
     base = _setup()
-    hp = hd.HyperParameters(lam=hd.scalar(0.1), lr=hd.per_step(2, 0.1))
-    with pytest.raises(hd.HyperdiffError, match="'lr' must have at least steps=3 entries"):
+    hp = hd.HyperParameters(lam=hd.scalar(0.1), lr=hd.per_step(entries, 0.1))
+    with pytest.raises(hd.HyperdiffError, match=r"'lr' must have one entry per step, steps=3 "
+                       + why):
         _call(hparams=hp)
     assert base
 

@@ -223,7 +223,9 @@ def test_a_built_in_task_records_its_name_and_the_hyperdiff_version(tmp_path):
     run_dir = tmp_path / "run"
     interrupted(run_dir, "ridge_diabetes", "offline")
     inputs = json.loads((run_dir / MANIFEST).read_text())["inputs"]
+    model = inputs["task"].pop("model")  # the initial model's digest (since s39)
     assert inputs["task"] == {"kind": "builtin", "name": "ridge_diabetes", "version": "0.1.0"}
+    assert isinstance(model, str) and len(model) == 32
     assert inputs["data"]["data"]["length"] == 442  # the diabetes data set's rows
 
 
@@ -309,3 +311,27 @@ def test_an_edited_task_module_is_refused(tmp_path, capsys, monkeypatch):
     assert main(["run", "--resume", str(tmp_path / "run"), "--quiet"]) == 2
     assert f"the task's code: {module} was edited" in capsys.readouterr().err
     monkeypatch.delitem(sys.modules, "fingerprint_task_mod")
+
+
+WEIGHTS_TASK = TASK.replace('model={{"w": torch.zeros(3, dtype=torch.float64)}}',
+                            'model={{"w": torch.load(Path(__file__).with_name("init.pt"))}}')
+
+
+@pytest.mark.parametrize("mode", ["offline", "online"])
+def test_a_resume_whose_initial_model_changed_is_refused(tmp_path, capsys, mode):
+    """The task file is the same, the weights it loads are not (or a model defined in a module
+    it imports): until s39 the resume trained the other model."""
+    task = write_task(tmp_path / "task", streamed=False)
+    task.write_text(WEIGHTS_TASK.format(streamed=False))
+    torch.save(torch.zeros(3, dtype=torch.float64), task.with_name("init.pt"))
+    interrupted(tmp_path / "run", f"{task}:build", mode)
+    torch.save(torch.full((3,), 0.5, dtype=torch.float64), task.with_name("init.pt"))
+    loader._SPECS.clear()  # as in a new process
+    capsys.readouterr()
+    assert main(["run", "--resume", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "the task's model: its initial parameters or buffers differ from the start's" in err
+    assert main(["run", "--resume", str(tmp_path / "run"), "--quiet",
+                 "--accept-changed-inputs"]) == 0
+    [accepted] = json.loads((tmp_path / "run" / MANIFEST).read_text())["input_changes"]
+    assert accepted["changes"][0].startswith("the task's model")

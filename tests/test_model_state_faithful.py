@@ -121,13 +121,47 @@ def test_a_module_updating_buffers_hyperdiff_does_not_carry_is_refused(body, nam
     assert all(torch.equal(before[k], after[k]) for k in before)  # given back unchanged
 
 
-def test_the_same_running_state_in_eval_mode_is_accepted():
+def test_the_same_running_state_called_without_ctx_is_refused_too():
+    """Without ctx the module would train in eval mode, its mean never updated: not torch's
+    training either."""
     module = nn.Sequential(RunningMean(5), nn.Linear(5, 2))
     net = hd.functional(module)
     x, y = data()
-    loss = lambda p, h, b: F.cross_entropy(net(p, b[0]), b[1])  # noqa: E731 (no ctx: eval)
-    problem = hd.make_problem(loss, loss, hd.HyperParameters(lr=hd.scalar(0.1)), net.params,
-                              optimizer=hd.sgd("lr"),
-                              train_data=hd.minibatches(x, y, batch_size=16), val_data=(x, y),
-                              steps=3)
+    loss = lambda p, h, b: F.cross_entropy(net(p, b[0]), b[1])  # noqa: E731
+    with pytest.raises(hd.HyperdiffError, match="computes another output in training mode"):
+        hd.make_problem(loss, loss, hd.HyperParameters(lr=hd.scalar(0.1)), net.params,
+                        optimizer=hd.sgd("lr"), train_data=hd.minibatches(x, y, batch_size=16),
+                        val_data=(x, y), steps=3)
+    assert torch.equal(module[0].mean, torch.zeros(5))
+
+
+class FunctionalDropout(nn.Module):
+    def __init__(self, p: float):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.p = nn.Linear(5, 2), p
+
+    def forward(self, x):
+        return self.fc(F.dropout(x, self.p, self.training))
+
+
+def dropout_problem(p: float):
+    net = hd.functional(FunctionalDropout(p))
+    x, y = data()
+    loss = lambda params, h, b: F.cross_entropy(net(params, b[0]), b[1])  # noqa: E731
+    return hd.make_problem(loss, loss, hd.HyperParameters(lr=hd.scalar(0.1)), net.params,
+                           optimizer=hd.sgd("lr"), train_data=hd.minibatches(x, y, batch_size=16),
+                           val_data=(x, y), steps=3)
+
+
+def test_dropout_drawn_in_forward_without_ctx_in_a_train_loss_is_refused():
+    """Until s39 only dropout modules were found: F.dropout in forward trained in eval mode, its
+    step-0 loss the eval-mode value."""
+    with pytest.raises(hd.HyperdiffError, match="computes another output in training mode than "
+                       "in eval mode .* train_loss must call it as net\\(params, x, ctx\\)"):
+        dropout_problem(0.5)
+
+
+def test_a_forward_that_reads_training_mode_to_the_same_effect_is_accepted():
+    problem = dropout_problem(0.0)
     assert hd.reverse()(problem).value == hd.reverse()(problem).value

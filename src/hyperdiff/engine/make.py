@@ -133,11 +133,14 @@ def make_problem(
                     f"hyperparameter, one of {list(hparams)}"
                 )
             spec = hparams[coef]
-            if spec.kind == "per_step" and spec.shape[0] < steps:
+            if spec.kind == "per_step" and spec.shape[0] != steps:
                 raise HyperdiffError(
-                    f"hypergradient: per_step hyperparameter {coef!r} must have at least "
-                    f"steps={steps} entries (got {spec.shape[0]})"
-                )
+                    f"hypergradient: per_step hyperparameter {coef!r} must have one entry per "
+                    f"step, steps={steps} (got {spec.shape[0]}"
+                    + ("; the entries past the run would never train, get an exact 0 "
+                       "hypergradient and enter its reports and exports" if
+                       spec.shape[0] > steps else "") + "); make it with hd.per_step(steps, "
+                    "...), or stretch tuned values with hd.schedules.resample(values, steps)")
             if spec.kind in ("per_tensor", "per_element") and set(spec.param_names) != set(params):
                 raise HyperdiffError(
                     f"hypergradient: {spec.kind} hyperparameter {coef!r} must be defined over "

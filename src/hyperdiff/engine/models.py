@@ -222,6 +222,7 @@ class FunctionalModel:
         self._bn: dict[str, nn.Module] = {}
         self._fill_in_cache: dict[Any, dict[str, Tensor]] = {}
         self._buffers_checked = False  # whether a training call left the other buffers alone
+        self._mode_checked = False  # whether a call without ctx in training was checked
         for prefix, sub in module.named_modules():
             if _is_batch_norm(sub) and sub.track_running_stats:
                 if sub.momentum is None:
@@ -305,6 +306,8 @@ class FunctionalModel:
                     "training step); to train without dropout, set its probability to 0"
                 )
             ctx = StepContext(step=-1, seed=0, train=False)
+            if TRAINING_LOSS.get() and not self._mode_checked:
+                self._check_mode_free(params, inputs, kw_inputs)
         device, dtype = _placement(params, ctx)
         state = dict(self._fill_ins(params, device, dtype))
         state.update(params)
@@ -344,6 +347,41 @@ class FunctionalModel:
         finally:
             _ACTIVE.reset(token)
             _set_training(self.module, was_training)
+
+    def _check_mode_free(self, params: Params, inputs: tuple[Any, ...],
+                         kw_inputs: dict[str, Any]) -> None:
+        """At the first call without ``ctx`` from a training step (eval mode), refuse a module
+        whose output in training mode differs (``F.dropout(x, p, self.training)`` in a
+        forward, spectral_norm's power iteration, anything else that reads ``self.training``):
+        it would be trained in eval mode, silently unlike torch. One forward pass in each mode
+        on the same inputs, without a graph; the module's buffers are put back after."""
+        self._mode_checked = True
+        device, dtype = _placement(params, StepContext(step=-1, seed=0, train=False))
+        state = {**self._fill_ins(params, device, dtype), **params}
+        kept = {name: tensor.detach().clone() for name, tensor in self.module.named_buffers()}
+        was_training = self.module.training
+        outputs = []
+        try:
+            with torch.no_grad():
+                for mode in (False, True):
+                    _set_training(self.module, mode)
+                    with _seeded_rng(lambda: 0, _tensor_devices(params, inputs, kw_inputs)):
+                        outputs.append(self._run(self.module, dict(state), inputs, kw_inputs))
+        finally:
+            _set_training(self.module, was_training)
+            for name, tensor in self.module.named_buffers():
+                tensor.data.copy_(kept[name])
+        leaves = [tree_flatten(out)[0] for out in outputs]
+        if len(leaves[0]) != len(leaves[1]) or any(
+                isinstance(a, Tensor) and not (isinstance(b, Tensor) and a.shape == b.shape
+                                               and torch.equal(a, b))
+                for a, b in zip(*leaves, strict=False)):
+            raise HyperdiffError(
+                "functional model: this module computes another output in training mode than "
+                "in eval mode (dropout drawn in its forward, a parametrization, anything that "
+                "reads self.training), and a call without ctx runs it in eval mode, so "
+                "train_loss must call it as net(params, x, ctx), taking ctx as its fourth "
+                "argument (got ctx=None in a training step)")
 
     def _own_buffers(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """Copies of the module's buffers that training does not carry (all but BatchNorm's

@@ -55,6 +55,7 @@ class Loop(Protocol):
     online plan's helpers read: the raw values, the outer optimizer, the guard, the history."""
 
     hparams: HyperParameters
+    seed: int
     guard: DivergenceGuard
     optimizer: Any
     history: History

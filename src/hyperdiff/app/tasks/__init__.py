@@ -18,7 +18,7 @@ from typing import Any
 
 from hyperdiff.app.tasks import loader
 from hyperdiff.app.tasks.base import SearchChoices, SearchRange, Task
-from hyperdiff.app.tasks.inputs import code_fingerprint, data_fingerprints
+from hyperdiff.app.tasks.inputs import code_fingerprint, data_fingerprints, model_fingerprint
 from hyperdiff.app.tasks.spec import GivenSplits, TaskData, TaskSpec, given_splits, task
 from hyperdiff.engine.task_distribution import TaskDistribution
 from hyperdiff.engine.task_distribution import task_distribution as distribution
@@ -136,8 +136,9 @@ def task_inputs(name: str, *, steps: int | None, data_seed: int, version: str,
     splits, which a resumed run verifies (see :mod:`.inputs`); the spec comes from the cache
     that ``build_task`` filled."""
     spec = load_task_spec(name, steps=steps, data_seed=data_seed, params=params)
-    return {"task": code_fingerprint(name, builtin=name in TASKS, version=version,
-                                     params=params),
+    code = code_fingerprint(name, builtin=name in TASKS, version=version, params=params)
+    model = model_fingerprint(spec.model)
+    return {"task": code if model is None else {**code, "model": model},
             "data": data_fingerprints(spec)}
 
 

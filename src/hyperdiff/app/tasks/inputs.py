@@ -4,13 +4,15 @@
 ::
 
     {"task": {"kind": "file", "reference": "/abs/my_task.py:build",
-              "path": "/abs/my_task.py", "sha256": "<of the file>"},
+              "path": "/abs/my_task.py", "sha256": "<of the file>", "model": "<digest>"},
      "data": {"train": <fingerprint>, "val": ..., "selection": ..., "test": ...}}
 
 The task's code is a ``file`` (its absolute path and sha256), a ``module`` (the dotted name,
 the file it was imported from and its sha256) or a ``builtin`` task (its name and the hyperdiff
 version); a task built with params (``[task.params]``) adds ``"params": {name: value}``.
-Only that one file is hashed, not the modules it imports. The data are the splits as the
+Only that one file is hashed, not the modules it imports; the initial model's tensors are
+(``"model"``, since s39), which a model defined in an imported module or loaded from a file
+changes. The data are the splits as the
 factory returned them: ``{"data": ...}`` for a whole data set that hyperdiff splits by
 ``task.data_seed``, one entry per split of :func:`~hyperdiff.app.tasks.spec.given_splits`; each is
 a :func:`~hyperdiff.engine.data.fingerprint.split_fingerprint`.
@@ -24,9 +26,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from hyperdiff.app.tasks.loader import is_file_reference, split_reference
 from hyperdiff.app.tasks.spec import GivenSplits, TaskSpec
 from hyperdiff.engine.data.fingerprint import fingerprint_changes, split_fingerprint
+from hyperdiff.engine.data.replay import fingerprint
+from hyperdiff.engine.models import FunctionalModel, model_state
 from hyperdiff.errors import HyperdiffError
 
 
@@ -66,6 +72,25 @@ def data_fingerprints(spec: TaskSpec) -> dict[str, dict[str, Any]]:
     return {"data": split_fingerprint(spec.data)}
 
 
+def model_fingerprint(model: Any) -> str | None:
+    """A digest of the task's initial model: every tensor of a functional model's module
+    (trained, frozen, buffers) or of a ``params`` dict / ``(params, buffers)`` pair; ``None``
+    for anything else (a task distribution's). It catches what the task file's hash does not:
+    a model defined in a module the file imports, or weights it loads from disk."""
+    if isinstance(model, FunctionalModel):
+        tensors = dict(model.module.state_dict())
+    elif isinstance(model, dict) or (isinstance(model, tuple) and len(model) == 2):
+        params, buffers = model_state("task", model)
+        if not isinstance(params, dict) or not isinstance(buffers, dict):
+            return None
+        tensors = {**params, **{f"buffer:{k}": v for k, v in buffers.items()}}
+    else:
+        return None
+    if not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        return None
+    return fingerprint(dict(sorted(tensors.items()))).hex()
+
+
 def code_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """What differs between two task-code fingerprints, one phrase each."""
     if old.get("kind") != new.get("kind") or old.get("reference") != new.get("reference"):
@@ -77,11 +102,20 @@ def code_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
         if old.get("version") != new.get("version"):
             return [f"the task: built-in {old.get('name')!r} of hyperdiff {old.get('version')} "
                     f"at the start, of hyperdiff {new.get('version')} now"]
-        return []
+        return model_change(old, new)
     if old.get("path") != new.get("path"):
         return [f"the task's code: {old.get('path')} at the start, {new.get('path')} now"]
     if old.get("sha256") != new.get("sha256"):
         return [f"the task's code: {old.get('path')} was edited (its sha256 differs)"]
+    return model_change(old, new)
+
+
+def model_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The initial model's change, where the start recorded its digest (runs started before
+    s39 did not)."""
+    if "model" in old and old.get("model") != new.get("model"):
+        return ["the task's model: its initial parameters or buffers differ from the start's "
+                "(code that the task file imports, or a file it loads, changed)"]
     return []
 
 
