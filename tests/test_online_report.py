@@ -137,3 +137,11 @@ def test_metrics_without_a_loss_are_not_judged():
 def test_the_table_counts_its_report_seeds_in_words(seeds, line):
     assert f"examples never used while tuning; {line}" in format_table(
         table_result(report_seeds=seeds))
+
+
+@pytest.mark.parametrize("tie_steps", [0, 1000])
+def test_outer_tie_steps_reaches_an_online_run(tmp_path, tie_steps):
+    """Until s39 the online builder never passed it: both runs were the same."""
+    result = run(tmp_path, "inner.steps=40", f"outer.tie_steps={tie_steps}")
+    [vector] = [v for v in result["tuned"]["hparams"].values() if isinstance(v, list)]
+    assert (len(set(vector)) == 1) == (tie_steps > 0)

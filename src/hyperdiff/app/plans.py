@@ -267,7 +267,8 @@ def build_online(config: Config, start: dict[str, Any] | None = None
         problem, plan=plan, method=configured_method(config), optimizer=optimizer,
         lr=outer.lr, schedule=outer.schedule, clip=outer.clip or None, selection=task.selection,
         seed=outer.seed, shrink=config.guard.shrink, max_failures=config.guard.max_failures,
-        max_loss_ratio=config.guard.max_loss_ratio, normalize=outer.normalize)
+        max_loss_ratio=config.guard.max_loss_ratio, normalize=outer.normalize,
+        tie_steps=outer.tie_steps)
     return task, loop
 
 
