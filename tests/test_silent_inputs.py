@@ -269,3 +269,20 @@ def test_a_schedule_over_another_horizon_than_the_run_is_refused(horizon, why):
         hd.make_problem(loss, loss, hd.HyperParameters(**schedule.hyperparameters()),
                         {"w": torch.zeros(2, dtype=torch.float64)}, optimizer=hd.sgd(schedule),
                         train_data=(x, x.sum(1)), val_data=(x, x.sum(1)), steps=10)
+
+
+def test_a_selection_data_loader_is_read_as_val_data_is():
+    """It was refused blaming val_loss ('DataLoader' object is not subscriptable) until s39."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x = torch.linspace(-1, 1, 24, dtype=torch.float64).reshape(12, 2)
+    y = x.sum(1)
+    problem = fd_problem(torch.float64)
+    loader = DataLoader(TensorDataset(x, y), batch_size=5)
+    opt = HyperOptimizer(problem, selection=loader, stopping=Stopping(max_steps=1))
+    listed = HyperOptimizer(problem, selection=[(x[i:i + 5], y[i:i + 5]) for i in (0, 5, 10)],
+                            stopping=Stopping(max_steps=1))
+    assert opt.run().history[0].selection_loss == listed.run().history[0].selection_loss
+    with pytest.raises(hd.HyperdiffError, match=r"HyperOptimizer: selection must hold at least "
+                       r"one batch \(got 0\)"):
+        HyperOptimizer(problem, selection=[])

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from hyperdiff.engine.data import validation_batches
 from hyperdiff.engine.datacheck import check_batch, shapes_of
 from hyperdiff.engine.problem import Problem
 from hyperdiff.engine.training import validation_loss
@@ -74,15 +75,12 @@ def _describe(kind: tuple[Any, ...]) -> str:
     return text if choices is None else f"{text} over {list(choices)}"
 
 
-def as_batches(selection: Batch | list[Batch] | None) -> list[Batch] | None:
-    """``selection`` as a non-empty list of batches (``None``: no selection split)."""
+def as_batches(selection: Any) -> list[Batch] | None:
+    """``selection`` as a non-empty list of batches, read as ``val_data`` is (a batch, a list
+    or iterable of batches, a DataLoader); ``None``: no selection split."""
     if selection is None:
         return None
-    batches = list(selection) if isinstance(selection, list) else [selection]
-    if not batches:
-        raise fail("HyperOptimizer", "selection", "a batch or a non-empty list of batches "
-                   "(None: no selection split)", selection)
-    return batches
+    return validation_batches(selection, "HyperOptimizer", "selection")
 
 
 def auto_samples(samples: int | str, max_samples: int) -> AutoSamples | None:

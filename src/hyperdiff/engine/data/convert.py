@@ -126,30 +126,28 @@ def as_source(data: Any, name: str = "train_data") -> BatchSource:
     )
 
 
-def validation_batches(data: Any) -> list[Batch]:
-    """Validation data as a list of batches: one batch, or every batch of a list/iterable."""
+def validation_batches(data: Any, caller: str = "hypergradient", name: str = "val_data"
+                       ) -> list[Batch]:
+    """Validation data as a list of batches: one batch, or every batch of a list/iterable
+    (``name``: the argument, as ``caller``'s messages call it)."""
+    kinds = "a tensor, a tuple or dict of tensors, or a list or iterable of batches"
     if data is None:
-        raise HyperdiffError("hypergradient: val_data must be given (got None)")
+        raise HyperdiffError(f"{caller}: {name} must be given (got None)")
     if isinstance(data, (str, bytes, bytearray)):
-        raise HyperdiffError(
-            "hypergradient: val_data must be a tensor, a tuple or dict of tensors, or a list or "
-            f"iterable of batches (got {type(data).__name__} {describe(data)}: text is not data)"
-        )
+        raise HyperdiffError(f"{caller}: {name} must be {kinds} (got {type(data).__name__} "
+                             f"{describe(data)}: text is not data)")
     if isinstance(data, (Tensor, tuple, dict)):
-        return [check_batch(data, "hypergradient: val_data")]
+        return [check_batch(data, f"{caller}: {name}")]
     if is_dataset_split(data):  # read as an evaluation split is: seeded, your state untouched
-        batches = list(evaluation_split("validation", data))
+        batches = list(evaluation_split("validation" if name == "val_data" else name, data))
         if not batches:
-            raise HyperdiffError("hypergradient: val_data must hold at least one batch (got 0)")
+            raise HyperdiffError(f"{caller}: {name} must hold at least one batch (got 0)")
         return batches
     if isinstance(data, Iterable):
-        batches = list(named_batches(lambda: iter(data), lambda j: f"batch {j} of val_data"))
+        batches = list(named_batches(lambda: iter(data), lambda j: f"batch {j} of {name}"))
         if not batches:
-            raise HyperdiffError("hypergradient: val_data must hold at least one batch (got 0)")
+            raise HyperdiffError(f"{caller}: {name} must hold at least one batch (got 0)")
         for i, batch in enumerate(batches):
-            check_batch(batch, f"hypergradient: val_data batch {i}")
+            check_batch(batch, f"{caller}: {name} batch {i}")
         return batches
-    raise HyperdiffError(
-        "hypergradient: val_data must be a tensor, a tuple or dict of tensors, or a list or "
-        f"iterable of batches (got {type(data).__name__})"
-    )
+    raise HyperdiffError(f"{caller}: {name} must be {kinds} (got {type(data).__name__})")
