@@ -62,6 +62,11 @@ def window_method(name: str, problem: Problem, *, engine: str = "double_vjp",
             raise fail("OnlineTuner", "backprop", "None unless method='reverse'", backprop)
     curvature_defaults = (horizon, horizon_unit, curvature_scale) == (DEFAULT_HORIZON, "steps",
                                                                      None)
+    if name != "forward" and engine != "double_vjp":
+        raise fail("OnlineTuner", "engine", "its default 'double_vjp' unless method='forward'",
+                   engine)
+    if name != "implicit" and not (isinstance(solver, str) and solver == "cg"):
+        raise fail("OnlineTuner", "solver", "its default 'cg' unless method='implicit'", solver)
     if name != "curvature" and not curvature_defaults:
         raise fail("OnlineTuner", "horizon / horizon_unit / curvature_scale",
                    "their defaults unless method='curvature'",

@@ -29,7 +29,7 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -169,6 +169,9 @@ class HyperOptimizer:
         max_loss_ratio: float = 1e6,
         process_group: Any = None,
     ):
+        if isinstance(plan, type):
+            raise fail("HyperOptimizer", "plan", f"a plan instance, e.g. {plan.__name__}(...), "
+                       "not the class itself", plan)
         if plan is None:
             plan = OfflinePlan(samples=samples, max_samples=max_samples, warm_start=warm_start)
         else:
@@ -275,6 +278,12 @@ class HyperOptimizer:
         """
         from tqdm.auto import tqdm
 
+        given = callbacks
+        callbacks = [] if callable(given) or isinstance(given, (str, bytes)) or not isinstance(
+            given, Iterable) else list(given)
+        if not all(callable(c) for c in callbacks) or (given and not callbacks):
+            raise fail("HyperOptimizer.run", "callbacks", "a sequence of functions "
+                       "callback(optimizer, record) (one function: callbacks=[fn])", given)
         bar = tqdm(total=self.plan.schedule_position(self, self.step_index)[1],
                    initial=self.step_index, unit="step",
                    disable=None if progress is None else not progress, leave=self.plan.ranks)

@@ -497,6 +497,8 @@ class OfflinePlan:
                         history: Sequence[StepRecord] | None) -> list[StepRecord]:
         """Check ``state`` against ``history`` (required), then restore the plan's part."""
         if history is None:
+            if isinstance(state, dict) and {"window", "inner_step", "tangent"} <= set(state):
+                check_driver_state(loop, self, state, [])  # names the online state as such
             raise fail("HyperOptimizer.load_state_dict", "history",
                        "the run's records (offline checkpoints hold none)", history)
         check_driver_state(loop, self, state, history)

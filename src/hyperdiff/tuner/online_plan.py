@@ -300,7 +300,17 @@ class OnlinePlan:
                                    max_steps=self.windows, folds=1,
                                    baseline=self._baseline(loop.hparams))
         if loop.discrete is not None or method.options.get("data_parallel"):
-            self.settling = Settling()  # a plain window draws no choice, shards no batch
+            if not self.settling.never:  # said, not dropped silently
+                _LOG.warning(
+                    "%s: %s and %s are not applied: a plain window draws no choice and shards "
+                    "no batch, so every window of a run with %s tunes", self.caller,
+                    option(f"settle={self.settling.after:g}",
+                           f"outer.settle = {self.settling.after:g}"),
+                    option(f"settle_tol={self.settling.tol:g}",
+                           f"outer.settle_tol = {self.settling.tol:g}"),
+                    "discrete hyperparameters" if loop.discrete is not None else
+                    "data-parallel windows")
+            self.settling = Settling()
         with torch.no_grad():
             self.state: TrainState = initial_state(self.problem, differentiable=False)
 
@@ -313,6 +323,13 @@ class OnlinePlan:
                        "REINFORCE: its samples would be identical; set val_batch_size "
                        f"({option('val_batch_size', 'outer.val_batch')}) to draw each sample's "
                        "validation rows", self.samples)
+        rows = min(tree_flatten(batch)[0][0].shape[0] for batch in self.problem.val_data)
+        if (self.samples > 1 and self.val_batch_size is not None
+                and self.val_batch_size >= rows and not _reinforced(hparams)):
+            raise fail(self.caller, option("val_batch_size", "outer.val_batch"),
+                       f"below the rows of every validation batch ({rows} in the smallest) "
+                       f"with samples={self.samples}: a sample drawing every row of its batch "
+                       "is the same as any other sample", self.val_batch_size)
 
     def _baseline(self, hparams: HyperParameters) -> str | None:
         """``"moving_average"`` in place of a leave-one-out baseline when a window draws one
@@ -433,10 +450,12 @@ class OnlinePlan:
 
     def _step_rule(self, raw: dict[str, Tensor], stop: int) -> Any:
         """The outer step's rule for ``lowering < 1``: a move that lowers the learning rate of
-        steps ``stop..N-1`` keeps ``lowering`` of its length (None: every move kept)."""
+        steps ``stop..N-1`` keeps ``lowering`` of its length (None: every move kept). After the
+        run's last window no step is left: its move sets the final values, which a fresh
+        training runs over all N steps, so the rule reads steps ``0..N-1`` there."""
         if self.lowering == 1.0:
             return None
-        direction = lr_direction(self.problem, raw, stop)
+        direction = lr_direction(self.problem, raw, stop if stop < self.problem.steps else 0)
         if direction is None:
             return None
         return functools.partial(shortened, direction=direction, keep=self.lowering)
