@@ -297,3 +297,50 @@ def test_a_step_whose_losses_are_not_finite_makes_the_entry_unreliable_not_the_c
     assert "a step's losses were not finite" in report.verdict
     rows = {r.label: r for r in report.rows}
     assert rows["reverse"].verdict == rows["forward"].verdict == "ref. unreliable"
+
+
+def bias_before_batch_norm() -> hd.Problem:
+    """float32 AdamW on Linear -> BatchNorm -> tanh -> Linear: the first layer's bias has a
+    gradient of pure rounding noise (BatchNorm removes it), which Adam turns into full-size
+    steps, so the float32 training's hypergradient is not its float64 copy's."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
+                                 torch.nn.Linear(8, 1))
+    net = hd.functional(module)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 5, generator=g)
+    y = torch.sin(x.sum(1, keepdim=True))
+
+    def loss(p, h, b, ctx):
+        return ((net(p, b[0], ctx) - b[1]) ** 2).mean()
+
+    return hd.make_problem(loss, loss, hd.HyperParameters(lr=hd.scalar(0.05),
+                                                          wd=hd.scalar(0.01)),
+                           net, optimizer=hd.adamw("lr", weight_decay="wd"),
+                           train_data=hd.minibatches(x, y, batch_size=16), val_data=(x, y),
+                           steps=10)
+
+
+def test_a_float32_gap_that_float64_closes_is_rounding_not_the_method():
+    problem = bias_before_batch_norm()
+    report = hd.check(problem, memory=False)
+    rows = {r.label: r for r in report.rows}
+    # the case this test is about: reverse in float32 is off the float64 reference by more
+    # than its error, and reverse on the float64 copy is not
+    assert "disagrees" in rows["reverse"].entries
+    copy = hd.reverse()(hd.engine.precision.in_float64(problem)).vector[report.coordinates]
+    reference = torch.tensor(report.reference, dtype=torch.float64)
+    assert float((copy - reference).norm() / reference.norm()) < 1e-4 < rows["reverse"].rel_error
+    assert rows["reverse"].verdict == "rounding"
+    assert "on the float64 copy the same methods agree with it (rel. error reverse " in \
+        report.verdict
+    assert "disagree with the reference" not in report.verdict
+
+
+def test_a_method_off_in_float64_too_is_still_blamed_in_float32():
+    report = hd.check(bias_before_batch_norm(), methods=[biased_reverse(1.5)], memory=False)
+    rows = {r.label: r for r in report.rows}
+    assert rows["reverse"].verdict == "rounding"
+    assert rows["biased"].verdict == "disagrees"
+    assert "biased disagree with the reference by more than its estimated error" in \
+        report.verdict

@@ -21,8 +21,11 @@ model that keeps float32 constants), they run in the problem's dtype.
 spread (:mod:`hyperdiff.diagnose.reference`); each method's entries are classified as agreeing
 within that error, disagreeing by more, or unresolved where the reference itself is
 unreliable (its steps disagree by more than the tolerance: a loss that is not smooth at that
-scale, such as ReLU kinks or BatchNorm batch statistics). :attr:`CheckReport.verdict` states
-it in one line; the recommendation uses only the reliable entries.
+scale, such as ReLU kinks or BatchNorm batch statistics). A method of a lower-precision
+problem that disagrees with the float64 reference is run again on the float64 copy: where it
+agrees there, its row reads ``"rounding"`` (the problem's own rounding, amplified by its
+training, is the gap, not the method). :attr:`CheckReport.verdict` states it in one line; the
+recommendation uses only the reliable entries.
 
 **Peak memory** counts torch's own allocations: on CUDA ``torch.cuda.max_memory_allocated``;
 on the CPU each method runs once under ``torch.profiler`` with ``profile_memory=True``, whose
@@ -45,7 +48,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -95,19 +98,22 @@ class CheckRow:
     failed: bool = False
     entries: tuple[str, ...] = ()
     approximation: bool = False
+    rounding: bool = False  # it disagrees, and the same method on the float64 copy agrees
 
     @property
     def verdict(self) -> str:
         """``"agrees"``, ``"disagrees"`` (some entry off by more than the reference's error),
-        ``"ref. unreliable"`` (none disagrees, some the reference cannot tell),
-        ``"approximation"`` (a first-order meta-gradient, :data:`FIRST_ORDER`: its error is
-        its bias by design) or ``"failed"``."""
+        ``"rounding"`` (it disagrees, but the same method on the problem's float64 copy
+        agrees: the gap is the problem's own rounding, not the method), ``"ref. unreliable"``
+        (none disagrees, some the reference cannot tell), ``"approximation"`` (a first-order
+        meta-gradient, :data:`FIRST_ORDER`: its error is its bias by design) or
+        ``"failed"``."""
         if self.failed:
             return "failed"
         if self.approximation:
             return "approximation"
         if DISAGREES in self.entries:
-            return "disagrees"
+            return "rounding" if self.rounding else "disagrees"
         return "ref. unreliable" if UNRELIABLE in self.entries else "agrees"
 
 
@@ -137,6 +143,7 @@ class CheckReport:
     reference_quotients: list[list[float]] = field(default_factory=list)
     reference_error: list[float] = field(default_factory=list)
     reference_reliable: list[bool] = field(default_factory=list)
+    float64_check: str = ""  # the method rerun on the float64 copy, and its relative error
 
     @property
     def recommendation(self) -> str:
@@ -149,6 +156,7 @@ class CheckReport:
         methods = [r for r in self.rows if r.label != "finite_difference"]
         agree = [r.label for r in methods if r.verdict in ("agrees", "ref. unreliable")]
         disagree = [r.label for r in methods if r.verdict == "disagrees"]
+        rounding = [r.label for r in methods if r.verdict == "rounding"]
         failed = [r.label for r in methods if r.failed]
         approximations = [f"{r.label} {r.rel_error:.2g}" for r in methods
                           if r.verdict == "approximation"]
@@ -161,6 +169,13 @@ class CheckReport:
         if disagree:
             parts.append(f"{', '.join(disagree)} disagree with the reference by more than its "
                          "estimated error (see rel. error)")
+        if rounding:
+            parts.append(
+                f"{', '.join(rounding)} differ from the float64 reference by more than its "
+                f"error, but {self.float64_check}: the gap is the problem's own rounding in "
+                "its dtype (amplified by the training, e.g. Adam on a parameter whose gradient "
+                "is rounding noise, such as a bias before BatchNorm), not the methods; tune in "
+                "float64 where that matters")
         if unreliable:
             values = ", ".join(
                 f"{self.coordinate_names[i]} {self.reference[i]:.6g} +- "
@@ -416,6 +431,8 @@ def check(
                 converged = stationary if converged is None else converged and stationary
         rows.append(CheckRow(label, error, seconds, peak, notes, failed, entries,
                              approximation=method.name in FIRST_ORDER))
+    rows, float64_check = _rounding_rows(rows, chosen, problem, reference_dtype, coords, ref,
+                                         reference.error, tolerance)
     bar.set_description_str("check done")  # the bar stays on screen as the phase's summary
     bar.set_postfix_str(f"{len(chosen)} methods against finite differences", refresh=False)
     bar.close()
@@ -457,7 +474,39 @@ def check(
         reference.quotients.tolist(),
         reference.error.tolist(),
         trusted,
+        float64_check,
     )
+
+
+def _rounding_rows(rows: list[CheckRow], chosen: dict[str, Method], problem: Problem,
+                   reference_dtype: str, coords: list[int], ref: Tensor, error: Tensor,
+                   tolerance: float) -> tuple[list[CheckRow], str]:
+    """Where exact methods disagree with a float64 reference of a lower-precision problem, run
+    each of them on the float64 copy: one that agrees there disagrees by the problem's own
+    rounding (``"rounding"``), not by the method; one that disagrees there too stays blamed.
+    Returns the rows and what the reruns found (``""``: none agreed)."""
+    if problem.dtype == torch.float64 or reference_dtype != "float64":
+        return rows, ""
+    scale = float(ref.norm()) or 1.0
+    found, out, copy = [], [], None
+    for row in rows:
+        if row.verdict != "disagrees":
+            out.append(row)
+            continue
+        try:
+            copy = in_float64(problem) if copy is None else copy
+            values = chosen[row.label](copy).vector[coords].detach().to(torch.float64)
+        except (HyperdiffError, FloatingPointError, RuntimeError, TypeError) as err:
+            _LOG.info("check: %s on a float64 copy failed (%s)", row.label,
+                      str(err).splitlines()[0][:120])
+            out.append(row)
+            continue
+        agrees = DISAGREES not in classify(values, ref, error, tolerance)
+        out.append(replace(row, rounding=agrees))
+        if agrees:
+            found.append(f"{row.label} {float((values - ref).norm()) / scale:.2g}")
+    return out, ("" if not found else "on the float64 copy the same methods agree with it "
+                 f"(rel. error {', '.join(found)})")
 
 
 def _unavailable(problem: Problem, chosen: dict[str, Method], converged: bool | None
