@@ -22,6 +22,7 @@ from hyperdiff.app.plans import PLANS, Plan, Summary, build, held_out_split
 from hyperdiff.app.run_inputs import (
     ACCEPT_FLAG,
     changed_inputs_error,
+    extension_pending,
     input_change_warnings,
     restore_or_start,
     tuned_values,
@@ -251,16 +252,13 @@ def _extension(stored: Config, config: Config, diffs: list[str], rundir: RunDir,
     cannot take, is refused."""
     old, new = stored.stop.max_steps, config.stop.max_steps
     changed = len(diffs) == 1 and diffs[0].startswith("stop.max_steps:")
-    if not (changed or (asked and not diffs)):
+    if diffs and not changed:
         return False
-    if new == old and not changed:  # the budget it has: an extension that failed to start?
-        done = rundir.read_result()
-        if done is None:
-            return False  # unfinished: it resumes
-        steps = done.get("steps")
-        if (isinstance(steps, int) and steps < old
-                and str(done.get("stop_reason", "")).startswith("budget:")):
+    if not changed:  # the budget it has: an extension that was killed or failed to start?
+        if extension_pending(stored, rundir.read_result()):
             return True  # finished below it: the extension goes on (recorded already)
+        if not asked:
+            return False  # unfinished, it resumes; or finished, its result is shown
     if new <= old:
         raise HyperdiffError(
             f"run: stop.max_steps must be larger than the run's budget {old} to extend "

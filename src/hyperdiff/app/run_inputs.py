@@ -16,7 +16,7 @@ from torch import Tensor
 from hyperdiff.app.config import Config, load_config
 from hyperdiff.app.rundir import RunDir
 from hyperdiff.app.rundir.directory import describe
-from hyperdiff.app.rundir.records import new_run
+from hyperdiff.app.rundir.records import new_run, shell_path
 from hyperdiff.app.tasks import Task, task_inputs
 from hyperdiff.app.tasks.inputs import input_changes
 from hyperdiff.app.tasks.loader import absolute_reference
@@ -80,6 +80,16 @@ def input_change_warnings(rundir: RunDir) -> list[str]:
             f"{'; '.join(c.get('changes', []))}" for c in rundir.input_changes()]
 
 
+def extension_pending(stored: Config, finished: dict[str, Any] | None) -> bool:
+    """Whether the result ``finished`` is of the budget before an extension that has not
+    finished yet: it stopped on its budget below the ``stop.max_steps`` the run's config
+    ``stored`` has now (an extension killed, or one that failed to start)."""
+    steps = None if finished is None else finished.get("steps")
+    return (finished is not None and finished.get("status") == "finished"
+            and isinstance(steps, int) and steps < stored.stop.max_steps
+            and str(finished.get("stop_reason", "")).startswith("budget:"))
+
+
 def tuned_values(source: RunDir, config: Config) -> dict[str, Any]:
     """``{"run", "raw"}``: the best raw values of the finished offline run ``source`` (from
     its last checkpoint, exactly), for ``--from``; also of one whose guard gave up after a
@@ -90,6 +100,11 @@ def tuned_values(source: RunDir, config: Config) -> dict[str, Any]:
         raise HyperdiffError(f"run: --from must name a run of task {config.task.name!r} (got "
                              f"{source.path}, a run of {stored.task.name!r})")
     finished = source.read_result()
+    if extension_pending(stored, finished):
+        raise HyperdiffError(f"run: --from must name a finished offline run (got {source.path}, "
+                             f"whose extension to {stored.stop.max_steps} steps has not "
+                             f"finished: resume it first, `hyperdiff run --resume "
+                             f"{shell_path(source.path)}`)")
     if stored.outer.mode != "offline" or finished is None or finished.get(
             "status") not in ("finished", "diverged"):
         raise HyperdiffError(f"run: --from must name a finished offline run (got {source.path}"
@@ -148,5 +163,6 @@ def restore_or_start(rundir: RunDir, config: Config, hparams: Any, loop: Any, *,
     return True
 
 
-__all__ = ["ACCEPT_FLAG", "changed_inputs_error", "input_change_warnings", "restore_or_start",
+__all__ = ["ACCEPT_FLAG", "changed_inputs_error", "extension_pending", "input_change_warnings",
+           "restore_or_start",
            "run_inputs", "starting_at", "tuned_values", "verify_inputs", "with_absolute_task"]

@@ -284,6 +284,8 @@ class HyperOptimizer:
         if not all(callable(c) for c in callbacks) or (given and not callbacks):
             raise fail("HyperOptimizer.run", "callbacks", "a sequence of functions "
                        "callback(optimizer, record) (one function: callbacks=[fn])", given)
+        if self.stopped == "diverged" and self.history:  # resumed after the guard gave up:
+            raise NonFiniteError(self.history[-1].message)  # as the run that saved it did
         bar = tqdm(total=self.plan.schedule_position(self, self.step_index)[1],
                    initial=self.step_index, unit="step",
                    disable=None if progress is None else not progress, leave=self.plan.ranks)
@@ -388,6 +390,8 @@ class HyperOptimizer:
         self.step_index = int(state["step"])
         self._elapsed, self._clock = float(state["elapsed"]), None
         self.history = History(list(records))
+        if self.guard.failures >= self.guard.max_failures:  # saved after the guard gave up
+            self.stopped = "diverged"
 
     # ------------------------------------------------------------------ internals
     def snapshot(self, raw: dict[str, Tensor]) -> dict[str, Any]:

@@ -171,10 +171,11 @@ class DivergenceGuard:
                 "(e.g. a smaller inner learning rate or fewer inner steps)"
             )
         if self.failures >= self.max_failures:
-            raise NonFiniteError(
+            reached, self.scale = self.scale, self.scale * self.shrink  # counted: it cuts, as
+            raise NonFiniteError(  # every counted failure does (the state checks count it)
                 f"{self.caller}: {self.failures} outer steps in a row failed (last at step "
                 f"{step}: {reason}), although the outer learning rate was cut to "
-                f"{self.scale:.3g} x its initial value. " + (
+                f"{reached:.3g} x its initial value. " + (
                     advice or "Lower the outer learning rate, turn on clipping, or bound the "
                     "hyperparameters that drive training to diverge")
             )

@@ -217,8 +217,24 @@ class RunDir:
     def _present(self, names: tuple[str, ...]) -> list[str]:
         return [n for n in names if self._exists(n)]
 
+    def interrupted_start(self) -> bool:
+        """Whether the directory holds only what :meth:`start` writes before its manifest
+        (which it writes last), with no step recorded: a run stopped while its start files were
+        written, which computed nothing."""
+        return (bool(self._present(RUN_FILES)) and not self._present((MANIFEST, CHECKPOINT,
+                                                                       RESULT))
+                and (not self._exists(HISTORY) or (self.file(HISTORY).is_file()
+                                                   and self.file(HISTORY).stat().st_size == 0)))
+
     def refuse_existing_run(self) -> None:
-        """Raise if the directory holds another run's files (call it under :meth:`lock`)."""
+        """Raise if the directory holds another run's files (call it under :meth:`lock`); the
+        files of a start that was stopped before its manifest are removed instead."""
+        if self.interrupted_start():
+            for name in (CONFIG, HPARAMS, HISTORY):
+                with suppress(FileNotFoundError):
+                    self.file(name).unlink()
+            LOGGER.info("%s: removed the start files of a run stopped while they were "
+                        "written (it recorded no step)", self.path)
         found = self._present(RUN_FILES)
         if found:
             raise HyperdiffError(
@@ -227,6 +243,11 @@ class RunDir:
             )
 
     def config_file_exists(self) -> None:
+        if self.interrupted_start():
+            raise HyperdiffError(
+                f"run directory: {self.path} holds a run that was stopped while its start "
+                "files were written, before its first step: there is nothing to resume; start "
+                f"it again with the same command and --out {shell_path(self.path)}")
         if not self._exists(CONFIG):
             raise HyperdiffError(f"run directory: {self.file(CONFIG)} does not exist, so "
                                  f"{self.path} holds no run (to resume, or to start from)")
@@ -257,7 +278,10 @@ class RunDir:
         manifest = self._require_manifest()
         for name in CHECKSUMMED:
             expected = manifest.files.get(name)
-            if expected is not None and sha256(read_bytes(self.file(name))) != expected:
+            actual = sha256(read_bytes(self.file(name)))
+            if name == CONFIG and actual != expected and self._undo_extension(manifest, actual):
+                continue
+            if expected is not None and actual != expected:
                 other = (f"start a new run with the changed file (`hyperdiff run "
                          f"{shell_path(self.file(CONFIG))} --out NEW_DIR`)" if name == CONFIG
                          else "change the hyperparameters in the task (a run writes "
@@ -268,6 +292,20 @@ class RunDir:
                     f"{other}"
                 )
         return self.file(CONFIG)
+
+    def _undo_extension(self, manifest: Manifest, actual: str) -> bool:
+        """Take back the manifest's last extension when the config on disk is the one it
+        replaced (a kill between the two writes of :meth:`extend`): the run is as before it,
+        and the same command extends it again. True when undone."""
+        last = manifest.extensions[-1] if manifest.extensions else None
+        if last is None or last.get("config_sha256_before") != actual:
+            return False
+        self._write_manifest(replace(manifest, files={**manifest.files, CONFIG: actual},
+                                     extensions=manifest.extensions[:-1]))
+        LOGGER.warning("%s: its extension to %s outer steps was stopped before the config was "
+                       "written, so it was taken back; extend the run again", self.path,
+                       last.get("to_max_steps"))
+        return True
 
     def recorded_inputs(self) -> dict[str, Any] | None:
         """The fingerprints of the task's code and data that the manifest records (``None``
@@ -286,9 +324,12 @@ class RunDir:
         data = config_toml.encode()
         manifest = self._require_manifest()
         step = manifest.checkpoints[-1]["step"] if manifest.checkpoints else 0
-        extension = {"step": step, "from_max_steps": old_steps, "to_max_steps": new_steps}
-        atomic_write_bytes(self.file(CONFIG), data)
+        extension = {"step": step, "from_max_steps": old_steps, "to_max_steps": new_steps,
+                     "config_sha256_before": manifest.files.get(CONFIG)}
+        # the manifest first: a kill before the config lands leaves the old config, which
+        # :meth:`config_path` recognises by this entry and takes back (the extension undone)
         self._write_manifest(manifest.with_extension(CONFIG, sha256(data), extension))
+        atomic_write_bytes(self.file(CONFIG), data)
 
     def record_start(self, start: dict[str, Any]) -> None:
         """Record in the manifest the values ``--from`` started this run at."""
@@ -392,11 +433,13 @@ class RunDir:
         data = buffer.getvalue()
         step = int(state.get("step", 0))
         manifest = self._manifest_or_empty()
-        self._write_manifest(manifest.with_checkpoint(sha256(data), step,
-                                                      self._history_sha(step)))
+        updated = manifest.with_checkpoint(sha256(data), step, self._history_sha(step),
+                                           self._entry)
+        self._write_manifest(updated)
         # the manifest's rename is made durable first; losing this one keeps the old, listed
         # checkpoint, from which the run resumes exactly
         atomic_write_bytes(self.file(CHECKPOINT), data, sync_directory=False)
+        self._entry = updated.checkpoints[-1]  # the file on disk now
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         """The last checkpoint, verified, or ``None`` if the run was killed before its first.
@@ -409,6 +452,12 @@ class RunDir:
         path = self.file(CHECKPOINT)
         manifest = self._require_manifest()
         if not self._exists(CHECKPOINT):
+            if len(manifest.checkpoints) == 1:  # killed while its first one was written
+                LOGGER.warning(
+                    "%s: the run was stopped while it wrote its first checkpoint (of step %d), "
+                    "so it starts over from step 0; its steps are computed again, identically",
+                    self.path, manifest.checkpoints[0]["step"])
+                return None
             if manifest.checkpoints:
                 step = manifest.checkpoints[-1]["step"]
                 raise HyperdiffError(

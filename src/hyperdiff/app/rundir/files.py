@@ -26,6 +26,9 @@ from hyperdiff.errors import HyperdiffError
 
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 BINARY = getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+# opening a FIFO without it blocks until a writer comes: the file type is checked after the
+# open (on the descriptor, so a swapped file cannot slip in), and a regular file ignores it
+NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 TEMPORARY_SUFFIX = ".tmp"
 
 ADVICE = {
@@ -83,7 +86,7 @@ def read_bytes(path: Path) -> bytes:
     """The content of the regular file ``path`` (a link is refused)."""
     refuse_link(path)
     with os_errors(path, "read"):
-        fd = os.open(path, os.O_RDONLY | NOFOLLOW | BINARY)
+        fd = os.open(path, os.O_RDONLY | NOFOLLOW | BINARY | NONBLOCK)
         with os.fdopen(fd, "rb") as handle:
             regular_file(handle.fileno(), path)
             return handle.read()
@@ -105,7 +108,7 @@ def append_bytes(path: Path, data: bytes, *, sync: bool = True) -> None:
     :func:`sync_file` makes it durable against a power loss)."""
     refuse_link(path)
     with os_errors(path, "append to"):
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | NOFOLLOW | BINARY)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | NOFOLLOW | BINARY | NONBLOCK)
         with os.fdopen(fd, "ab") as handle:
             regular_file(handle.fileno(), path)
             handle.write(data)
@@ -118,7 +121,7 @@ def sync_file(path: Path) -> None:
     """fsync the existing regular file ``path`` (what :func:`append_bytes` appended unsynced)."""
     refuse_link(path)
     with os_errors(path, "append to"):
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | NOFOLLOW | BINARY)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | NOFOLLOW | BINARY | NONBLOCK)
         try:
             regular_file(fd, path)
             os.fsync(fd)

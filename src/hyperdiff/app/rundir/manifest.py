@@ -10,8 +10,10 @@
      "input_changes": [{"step": s, "changes": ["..."]}, ...]}
 
 ``files`` is written when the run starts. Before ``checkpoint.pt`` is replaced, the manifest
-is rewritten (atomically) to list the new checkpoint next to the current one, so a run killed
-between the two writes still finds its checkpoint listed; ``checkpoints`` keeps the last two.
+is rewritten (atomically) to list the new checkpoint next to the current one (the one on
+disk), so a run killed between the two writes still finds its checkpoint listed. A run killed
+while writing its first checkpoint lists one that never landed and has none on disk: it starts
+over (its steps are computed again, identically).
 A resume accepts a checkpoint only if its sha256 is listed, and the history only if its first
 ``step`` lines hash to the recorded value. ``inputs`` are the fingerprints of the task's code
 and data (:mod:`hyperdiff.app.tasks.inputs`), written when the run starts; a resume that accepted
@@ -31,7 +33,6 @@ from hyperdiff.app.rundir.records import new_run
 from hyperdiff.errors import HyperdiffError
 
 FORMAT = 1
-KEPT_CHECKPOINTS = 2
 
 
 def sha256(data: bytes) -> str:
@@ -49,11 +50,15 @@ class Manifest:
     extensions: list[dict[str, Any]] = field(default_factory=list)
     start_from: dict[str, Any] | None = None  # --from: {"run", "raw", "hparams"}
 
-    def with_checkpoint(self, digest: str, step: int, history_digest: str | None) -> Manifest:
-        """A copy that also lists a new checkpoint (the last two are kept)."""
+    def with_checkpoint(self, digest: str, step: int, history_digest: str | None,
+                        on_disk: dict[str, Any] | None) -> Manifest:
+        """A copy that lists a new checkpoint next to ``on_disk``, the entry of the file it
+        replaces (``None``: there is none yet). An entry listed by a write that a kill cut
+        short (its file never landed) is dropped: keeping it in place of the file on disk
+        made the next interrupted write leave a checkpoint that no entry matched."""
         entry = {"sha256": digest, "step": step, "history_sha256": history_digest}
-        kept = [c for c in self.checkpoints if c["sha256"] != digest]
-        return replace(self, checkpoints=[*kept, entry][-KEPT_CHECKPOINTS:])
+        kept = [] if on_disk is None or on_disk["sha256"] == digest else [on_disk]
+        return replace(self, checkpoints=[*kept, entry])
 
     def with_inputs(self, inputs: dict[str, Any], change: dict[str, Any] | None) -> Manifest:
         """A copy that records ``inputs`` (and, if given, appends ``change``)."""
