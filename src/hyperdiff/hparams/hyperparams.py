@@ -342,6 +342,12 @@ class HyperParameters(Mapping[str, HyperParameter]):
                 )
             spec = self._specs[name]
             v = _tensor(value, "HyperParameters.with_natural")
+            if spec.kind in ("categorical", "integer", "boolean") and (
+                    tuple(v.shape) != tuple(spec.shape)
+                    or not abs(float(v.double().sum()) - 1.0) <= 1e-6):  # else rescaled
+                raise fail("HyperParameters.with_natural", name,
+                           f"probabilities of its {spec.shape[0]} choices, shape "
+                           f"{tuple(spec.shape)}, that sum to 1", value)
             try:
                 v = v.expand(spec.shape).clone()
             except RuntimeError:

@@ -170,6 +170,11 @@ def mix(choice: Choice, values: Sequence[Tensor]) -> Tensor:
     if len(values) != len(choice.choices):
         raise fail("mix", f"values for {choice.name!r}", f"{len(choice.choices)} tensors",
                    len(values))
+    shapes = {tuple(v.shape) for v in values if isinstance(v, Tensor)}
+    if len(shapes) > 1:  # broadcast, the mixture would compute what no single choice does
+        raise fail("mix", f"the values of {choice.name!r}'s choices",
+                   "tensors of one shape (each choice's output must be what the others "
+                   "produce)", [tuple(v.shape) if isinstance(v, Tensor) else v for v in values])
     if choice.index is not None:
         return values[choice.index]
     weights = choice.weights.to(values[0].dtype)

@@ -191,6 +191,14 @@ class OfflinePlan:
                       more_samples_advice(False, 1))
         loop.discrete = outer_hook(loop.hparams, seed=loop.seed, samples=self.samples,
                                    max_steps=loop.stopping.max_steps, folds=len(loop.problems))
+        if self.auto is not None and loop.discrete is not None and loop.discrete.reinforce:
+            raise HyperdiffError(
+                f"HyperOptimizer: {option('samples', 'outer.samples')} must be a fixed number "
+                f"with REINFORCE choices ({', '.join(map(repr, loop.discrete.reinforce))}): "
+                f"their score-function estimate pairs each step's drawn choices with its "
+                f"samples, which 'auto' varies (got 'auto'); set "
+                f"{option('samples=k', 'outer.samples = k')} (k >= 2 for the leave-one-out "
+                "baseline)")
         check_confirm(self.confirm, self.warm_start, loop)
         self.problems = loop.problems
         self._start = loop.hparams.raw

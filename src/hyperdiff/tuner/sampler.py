@@ -171,8 +171,10 @@ class Sampler:
         for j, base in enumerate(self.problems):
             for i in samples:
                 problem = replace(base, seed=self.seed_for(step, i))
-                if self.discrete is not None:
-                    problem = self.discrete.prepare(problem, step, i, raw)
+                if self.discrete is not None:  # the noise of (seed, step, sample), also
+                    problem = self.discrete.prepare(  # where the minibatches are common
+                        problem, step, i, raw,
+                        noise_seed=minibatch_seed(self.seed, step, self.samples, i))
                 slot = j * self.samples + i
                 if self.warm_start and self.warm[slot] is not None:
                     problem = replace(problem, params=self.warm[slot][0],

@@ -218,13 +218,14 @@ class RunDir:
         return [n for n in names if self._exists(n)]
 
     def interrupted_start(self) -> bool:
-        """Whether the directory holds only what :meth:`start` writes before its manifest
-        (which it writes last), with no step recorded: a run stopped while its start files were
-        written, which computed nothing."""
-        return (bool(self._present(RUN_FILES)) and not self._present((MANIFEST, CHECKPOINT,
-                                                                       RESULT))
-                and (not self._exists(HISTORY) or (self.file(HISTORY).is_file()
-                                                   and self.file(HISTORY).stat().st_size == 0)))
+        """Whether the directory holds what :meth:`start` writes before its manifest (which
+        it writes last: ``hparams.json``, an empty ``history.jsonl``, maybe ``config.toml``)
+        and nothing else of a run: a run stopped while its start files were written, which
+        computed nothing. (A lone file of those names is someone else's: refused.)"""
+        history = self.file(HISTORY)
+        return (self._exists(HPARAMS) and not history.is_symlink() and history.is_file()
+                and history.stat().st_size == 0
+                and not self._present((MANIFEST, CHECKPOINT, RESULT)))
 
     def refuse_existing_run(self) -> None:
         """Raise if the directory holds another run's files (call it under :meth:`lock`); the
@@ -340,8 +341,10 @@ class RunDir:
         return self._require_manifest().start_from
 
     def extensions(self) -> list[dict[str, Any]]:
-        """The budget extensions of this run, oldest first."""
-        return list(self._require_manifest().extensions)
+        """The budget extensions of this run, oldest first (``{"step", "from_max_steps",
+        "to_max_steps"}``)."""
+        return [{k: v for k, v in e.items() if k != "config_sha256_before"}
+                for e in self._require_manifest().extensions]
 
     def input_changes(self) -> list[dict[str, Any]]:
         """The changed inputs that resumes of this run accepted, oldest first."""
