@@ -98,3 +98,46 @@ def test_an_sgd_momentum_schedule_through_zero_is_not_exported():
     with pytest.raises(hd.HyperdiffError, match=r"the SGD momentum must be nonzero at every step "
                        r"or zero at all \(got 0 at steps \[0\] of 6\)"):
         hd.torch_optimizer(hd.sgd(0.05, momentum), hp, module)
+
+
+@pytest.mark.parametrize(("space", "said"), [
+    ({"lam": "SearchRange(0.0, 1.0)"}, r"search_space\['lam'\] must be a range with low > 0 on "
+                                       r"a log scale"),
+    ({"lam": "SearchRange(1.0, 1e-3)"}, r"search_space\['lam'\] must be a range of finite "
+                                        r"numbers low < high"),
+    ({"lamda": "SearchRange(1e-3, 1.0)"}, r"search_space's names must be hyperparameters of "
+                                          r"the task, among \['lam'\] \(got 'lamda'\)"),
+    ({"lam": "(1e-3, 1.0)"}, r"search_space\['lam'\] must be a hd.tasks.SearchRange"),
+    ({"lam": "SearchRange(-1.0, 1.0, log=False)"}, r"search_space\['lam'\] must be a range of "
+                                                   r"values lam takes \(finite and > 0\)"),
+])
+def test_a_wrong_search_space_is_refused_when_the_task_is_built(tmp_path, space, said):
+    """Each crashed inside math, numpy or the search after the tuning had run (until s39)."""
+    entries = ", ".join(f"{k!r}: {v}" for k, v in space.items())
+    task = tmp_path / "space_task.py"
+    task.write_text(
+        "import torch\nimport hyperdiff as hd\nSearchRange = hd.tasks.SearchRange\n\n"
+        "def build(steps=5, data_seed=0):\n"
+        "    x = torch.linspace(-1, 1, 80, dtype=torch.float64).reshape(40, 2)\n"
+        "    mse = lambda p, h, b: ((b[0] @ p['w'] - b[1]) ** 2).mean()\n"
+        "    return hd.task('space', model={'w': torch.zeros(2, dtype=torch.float64)},\n"
+        "        train_loss=lambda p, h, b: mse(p, h, b) + h['lam'] * p['w'].square().sum(),\n"
+        "        val_loss=mse, hparams=hd.HyperParameters(lam=hd.scalar(0.1)),\n"
+        "        optimizer=hd.sgd(0.1), data=(x, x.sum(1)), steps=steps, stratify=False,\n"
+        f"        search_space={{{entries}}})\n")
+    with pytest.raises(hd.HyperdiffError, match=said):
+        hd.tasks.build_task(f"{task}:build")
+
+
+@pytest.mark.parametrize(("setting", "said"), [
+    ("inner.warm_start=true", "compare: inner.warm_start must be false: a warm-started "
+                              "training continues the last one"),
+    ("log.csv=steps.csv", r"compare: the \[log\] settings are written by `hyperdiff run` only "
+                          r"\(got log.csv = 'steps.csv'\)"),
+])
+def test_compare_refuses_settings_it_would_not_honour(setting, said):
+    """Warm starts made hyperdiff's best validation loss one no black-box trial could reach
+    (and its winner retrained unlike its tuning); [log] was ignored (until s39)."""
+    config = load_config(overrides=["task.name=ridge_diabetes", "inner.steps=5", setting])
+    with pytest.raises(hd.HyperdiffError, match=said):
+        compare(config, budget=3)

@@ -198,6 +198,16 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
                              f"{config.outer.mode!r}): the comparison puts offline hyperdiff "
                              "and black-box search under one budget of trainings; an online or "
                              "meta run is compared by `hyperdiff run` and benchmarks/suite.py")
+    if config.inner.warm_start:
+        raise HyperdiffError("compare: inner.warm_start must be false: a warm-started training "
+                             "continues the last one, so its validation loss is not the one a "
+                             "black-box trial's training from theta_0 gives, and the winner "
+                             "would be retrained otherwise than it was tuned")
+    logs = [f"log.{key} = {value!r}" for key, value in vars(config.log).items() if value]
+    if logs:
+        raise HyperdiffError(f"compare: the [log] settings are written by `hyperdiff run` only "
+                             f"(got {', '.join(logs)}); compare writes comparison.json and its "
+                             "table")
     group = current_group()  # under torchrun (initialised by `run`): spread the trainings
     spread = spreader_for(None, group)
     task, driver = build(config)

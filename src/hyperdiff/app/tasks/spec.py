@@ -65,6 +65,7 @@ from hyperdiff.errors import (
     HyperdiffError,
     describe,
     fail,
+    is_number,
     nonnegative_int,
     number,
     positive_int,
@@ -511,9 +512,17 @@ def checked_search_space(task: str, hparams: HyperParameters,
     """``space`` as a dict, refusing a discrete hyperparameter searched as anything but
     :class:`SearchChoices` among its own choices' labels (a trial would otherwise fail only
     after the tuning, e.g. at a depth of 1.7)."""
+    where = f"task {task}"
     for name, rng in space.items():
         spec = hparams.get(name)
+        if spec is None:
+            raise fail(where, "search_space's names", f"hyperparameters of the task, among "
+                       f"{list(hparams)}", name)
+        if not isinstance(rng, SearchRange):
+            raise fail(where, f"search_space[{name!r}]", "a hd.tasks.SearchRange(low, high, "
+                       "log=...) or SearchChoices", rng)
         if not isinstance(spec, DiscreteParameter):
+            _check_range(where, name, spec, rng)
             continue
         labels = SearchChoices.of(spec.choices).choices
         if not (isinstance(rng, SearchChoices) and rng.choices
@@ -522,6 +531,24 @@ def checked_search_space(task: str, hparams: HyperParameters,
                        f"hd.tasks.SearchChoices.of(some of {list(labels)}) for a discrete "
                        "hyperparameter", rng)
     return dict(space)
+
+
+def _check_range(where: str, name: str, spec: Any, rng: SearchRange) -> None:
+    """A continuous dimension: finite ``low < high``, ``low > 0`` on a log scale, both ends
+    values the hyperparameter's constraint takes (refused at build, not after the tuning)."""
+    if isinstance(rng, SearchChoices):
+        raise fail(where, f"search_space[{name!r}]", "a SearchRange for a continuous "
+                   "hyperparameter", rng)
+    if not (is_number(rng.low) and is_number(rng.high) and rng.low < rng.high):
+        raise fail(where, f"search_space[{name!r}]", "a range of finite numbers low < high",
+                   rng)
+    if rng.log and rng.low <= 0:
+        raise fail(where, f"search_space[{name!r}]", "a range with low > 0 on a log scale "
+                   "(log=False for one that reaches 0 or below)", rng)
+    ends = torch.tensor([float(rng.low), float(rng.high)], dtype=torch.float64)
+    if not bool(spec.constraint.valid(ends).all()):
+        raise fail(where, f"search_space[{name!r}]", f"a range of values {name} takes "
+                   f"({spec.constraint.describe_valid()})", rng)
 
 
 def default_search_space(hparams: HyperParameters) -> dict[str, SearchRange]:
