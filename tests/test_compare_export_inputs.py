@@ -141,3 +141,29 @@ def test_compare_refuses_settings_it_would_not_honour(setting, said):
     config = load_config(overrides=["task.name=ridge_diabetes", "inner.steps=5", setting])
     with pytest.raises(hd.HyperdiffError, match=said):
         compare(config, budget=3)
+
+
+def test_a_search_trial_evaluates_only_the_splits_it_reads():
+    """A trial used to pay for the train and test splits' metrics, which the search drops: 9%
+    of a trial on the suite's shapes_cnn, so fewer trials in hyperdiff's time (until s39)."""
+    from hyperdiff.app.search import evaluate_trial
+    from hyperdiff.app.tasks import build_task
+
+    task = build_task("ridge_diabetes", steps=5)
+    values = {"lam": 0.3}
+    full = task.evaluate_values(values, (3,))
+    whole = task.train_and_evaluate(values, seed=3)
+    assert whole == {f"{split}_{key}": value for split, m in full.items() if split != "train"
+                     for key, value in m.items()}  # bit for bit
+    seen = []
+    metrics = task.metrics
+
+    def counting(*args, **kw):
+        seen.append(args)
+        return metrics(*args, **kw)
+
+    object.__setattr__(task, "metrics", counting)
+    value, found = evaluate_trial(task, values, seed=3, objective="val_loss")
+    assert value == whole["val_loss"] and set(found) <= {"val_loss", "selection_loss"}
+    batches = sum(len(task.splits[s]) for s in task.splits if s in ("val", "selection"))
+    assert len(seen) == batches  # no train or test batch

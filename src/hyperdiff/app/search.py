@@ -219,7 +219,8 @@ def evaluate_trial(task: Task, values: Mapping[str, Any], *, seed: int, objectiv
         if objective == "outer_loss":
             metrics = {"outer_loss": task.outer_loss(natural, seed=seed)}
         else:
-            metrics = task.train_and_evaluate(natural, seed=seed)
+            needed = {"val", "selection", objective.rpartition("_")[0]}  # no test pass
+            metrics = task.train_and_evaluate(natural, seed=seed, splits=needed)
     except FloatingPointError:
         return math.inf, {}
     if objective not in metrics:

@@ -23,7 +23,7 @@ space has a :class:`SearchChoices` dimension (its labels) for each.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -175,17 +175,18 @@ class Task:
         return self.evaluate(fixed_hparams(self.hparams, values).raw, seeds=tuple(seeds),
                              spread=spread, progress=progress)
 
-    def metrics_at(self, params: Params, buffers: Params, hview: HParamView, *, seed: int = 0
-                   ) -> dict[str, dict[str, float]]:
-        """The metrics of every split at trained ``params`` / ``buffers`` (eval mode), averaged
-        over each split's samples (:func:`~hyperdiff.app.tasks.metrics.split_metrics`):
-        ``{split: {"loss": ..., ...}}``."""
+    def metrics_at(self, params: Params, buffers: Params, hview: HParamView, *, seed: int = 0,
+                   splits: Collection[str] | None = None) -> dict[str, dict[str, float]]:
+        """The metrics of every split (of ``splits`` only, if given) at trained ``params`` /
+        ``buffers`` (eval mode), averaged over each split's samples
+        (:func:`~hyperdiff.app.tasks.metrics.split_metrics`): ``{split: {"loss": ..., ...}}``."""
         with_ctx = takes_context(self.metrics, "metrics")
         with torch.no_grad():
             return {split: split_metrics(self.metrics, with_ctx, params, hview, batches,
                                          StepContext(step=-1, seed=seed, train=False,
                                                      buffers=buffers), split=split)
-                    for split, batches in self.splits.items()}
+                    for split, batches in self.splits.items()
+                    if splits is None or split in splits}
 
     def outer_loss(self, values: Mapping[str, Any], seed: int = 0) -> float:
         """The loss hypergradients descend, at natural ``values``: the validation loss of each
@@ -205,16 +206,25 @@ class Task:
         return sum(losses) / len(losses)
 
     def train_and_evaluate(
-        self, values: Mapping[str, Any], seed: int = 0
+        self, values: Mapping[str, Any], seed: int = 0,
+        splits: Collection[str] = ("val", "selection", "test"),
     ) -> dict[str, float]:
         """Black-box interface: train at natural ``values`` (missing names keep their initial
         value; a number for a vector hyperparameter is broadcast; a discrete hyperparameter
         takes a plain choice or its label) and return ``val_loss``, ``selection_loss`` (when
         there is a selection split), ``test_loss`` and ``test_accuracy`` (classification
-        tasks)."""
-        report = self.evaluate_values(values, (seed,))
-        out = {f"{split}_{key}": value for split, m in report.items() for key, value in m.items()}
-        return {k: v for k, v in out.items() if not k.startswith("train_")}
+        tasks): the metrics of ``splits`` only (a search trial needs no test pass; the train
+        split's are never computed)."""
+        raw = fixed_hparams(self.hparams, values).raw
+        problem = self.final_problem
+        hparams = discretise(problem.hparams, raw)
+        if hparams is not problem.hparams:
+            problem = replace(problem, hparams=hparams)
+        params, buffers, hview = trained_params(problem, raw, seed=seed)
+        report = self.metrics_at(params, buffers, hview, seed=seed,
+                                 splits=[s for s in splits if s != "train"])
+        return {f"{split}_{key}": 0.0 + value  # as the mean over one seed was
+                for split, m in report.items() for key, value in m.items()}
 
 
 def mean_over_seeds(per_seed: Sequence[Mapping[str, Mapping[str, float]]]
