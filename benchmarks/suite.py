@@ -523,6 +523,7 @@ def summary(tasks: Sequence[dict[str, Any]], reference: str) -> dict[str, dict[s
         ratios = entry.pop("ratios")
         entry["geomean_loss_ratio"] = (math.exp(sum(map(math.log, ratios)) / len(ratios))
                                        if ratios else None)
+        entry["geomean_tasks"] = len(ratios)  # where the reference ran too (<= tasks run)
         entry["reference"] = reference
     return out
 
@@ -614,8 +615,13 @@ def tasks_table(blocks: Sequence[dict[str, Any]], markdown: bool = False) -> str
 
 def summary_table(summ: dict[str, dict[str, Any]], markdown: bool = False) -> str:
     reference = next(iter(summ.values()))["reference"] if summ else "-"
-    lines = [[name, _num(e["geomean_loss_ratio"], ".3f"), str(e["wins"]), str(e["tasks"]),
-              str(e["skipped"])] for name, e in summ.items()]
+    def ratio(e: dict[str, Any]) -> str:  # "(over n)" where the reference did not run on all
+        over = e.get("geomean_tasks", e["tasks"])
+        return _num(e["geomean_loss_ratio"], ".3f") + ("" if over == e["tasks"]
+                                                       else f" (over {over})")
+
+    lines = [[name, ratio(e), str(e["wins"]), str(e["tasks"]), str(e["skipped"])]
+             for name, e in summ.items()]
     return _format(f"summary (test-loss ratio to {reference}: geometric mean over tasks)",
                    ["method", f"loss / {reference}", "wins", "tasks run", "skipped"], lines,
                    markdown)
@@ -702,6 +708,8 @@ def main() -> None:
     if args.starts is not None:
         settings = replace(settings, starts=tuple(args.starts))
     if args.tpe_trials is not None:
+        if args.tpe_trials < 1:  # refused before the rows that it would follow
+            parser.error(f"--tpe-trials must be >= 1 (got {args.tpe_trials})")
         settings = replace(settings, tpe_trials=args.tpe_trials)
     if args.seed < 0:
         parser.error(f"--seed must be >= 0 (got {args.seed})")
@@ -752,6 +760,13 @@ def merge(parts: Sequence[dict[str, Any]], out: Path) -> None:
     modes = {p["mode"] for p in parts}
     if len(modes) != 1:
         raise SystemExit(f"suite: --merge needs results of one mode (got {sorted(modes)})")
+    kept = ("tasks", "methods")  # what the parts may split between them
+    for part in parts[1:]:
+        differ = sorted(k for k in {*part["settings"], *parts[0]["settings"]} if k not in kept
+                        and part["settings"].get(k) != parts[0]["settings"].get(k))
+        if differ:  # the summary would mix rows of other settings under the first's name
+            raise SystemExit(f"suite: --merge needs parts run with the same settings but "
+                             f"tasks and methods (got other {', '.join(differ)})")
     tasks = {name: block for p in parts for name, block in p["tasks"].items()}
     reference = f"tpe-{parts[0]['settings']['tpe_trials']}"
     payload = {**parts[0], "tasks": tasks, "summary": summary(list(tasks.values()), reference),

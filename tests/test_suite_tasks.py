@@ -134,6 +134,34 @@ def test_summary_geometric_mean_and_wins():
     assert out["a"]["geomean_loss_ratio"] == pytest.approx(math.sqrt(0.5 * 4.0))
     assert out["b"]["geomean_loss_ratio"] == pytest.approx(math.sqrt(2.0 * 0.5))
     assert (out["a"]["wins"], out["b"]["wins"], out["tpe-100"]["wins"]) == (1, 1, 0)
+    assert out["a"]["geomean_tasks"] == out["a"]["tasks"] == 2
+
+
+def test_a_geometric_mean_over_fewer_tasks_than_run_says_so():
+    """Where the reference failed on a task, the mean covers the others only: the table said
+    "tasks run 2" beside a mean over 1 (until s39)."""
+    suite = load("suite")
+
+    def r(method, loss):
+        return {"method": method, "start": "x1", "test_loss": loss}
+
+    blocks = [{"rows": [r("tpe-100", 0.5), r("a", 0.25)]},
+              {"rows": [r("tpe-100", float("nan")), r("a", 0.8)]}]
+    out = suite.summary(blocks, "tpe-100")
+    assert out["a"]["tasks"] == 2 and out["a"]["geomean_tasks"] == 1
+    assert out["a"]["geomean_loss_ratio"] == pytest.approx(0.5)
+    assert "0.500 (over 1)" in suite.summary_table(out)
+
+
+def test_merging_parts_of_other_settings_is_refused(tmp_path):
+    suite = load("suite")
+    part = {"mode": "full", "settings": {"seed": 0, "tpe_trials": 100, "tasks": ["a"],
+                                         "methods": ["offline"]},
+            "tasks": {}, "total_time_s": 1.0, "load_average_before": [0], "load_average_after": [0]}
+    other = {**part, "settings": {**part["settings"], "seed": 1, "tasks": ["b"]}}
+    with pytest.raises(SystemExit, match="same settings but tasks and methods \\(got other "
+                       "seed\\)"):
+        suite.merge([part, other], tmp_path / "merged.json")
 
 
 DIVERGING_TASK = '''
