@@ -167,3 +167,11 @@ def test_a_search_trial_evaluates_only_the_splits_it_reads():
     assert value == whole["val_loss"] and set(found) <= {"val_loss", "selection_loss"}
     batches = sum(len(task.splits[s]) for s in task.splits if s in ("val", "selection"))
     assert len(seen) == batches  # no train or test batch
+
+
+def test_compare_refuses_an_outer_seed_among_the_report_seeds():
+    config = load_config(overrides=["task.name=ridge_diabetes", "inner.steps=5",
+                                    "outer.seed=1000001"])
+    with pytest.raises(hd.HyperdiffError, match=r"outer.seed must not be one of the report's "
+                       r"seeds \[1000000, 1000001, 1000002\] \(got 1000001\)"):
+        compare(config, budget=3)

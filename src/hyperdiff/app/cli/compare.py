@@ -203,6 +203,11 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
                              "continues the last one, so its validation loss is not the one a "
                              "black-box trial's training from theta_0 gives, and the winner "
                              "would be retrained otherwise than it was tuned")
+    if config.outer.seed in report_seeds(config.report.seeds):
+        raise HyperdiffError(f"compare: outer.seed must not be one of the report's seeds "
+                             f"{list(report_seeds(config.report.seeds))} (got "
+                             f"{config.outer.seed}): the black-box trials train on it, so the "
+                             "winners would be retrained on a seed they were picked on")
     logs = [f"log.{key} = {value!r}" for key, value in vars(config.log).items() if value]
     if logs:
         raise HyperdiffError(f"compare: the [log] settings are written by `hyperdiff run` only "
