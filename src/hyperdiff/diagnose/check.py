@@ -549,5 +549,7 @@ def _reference(problem: Problem, coords: list[int]) -> tuple[Reference, str, str
 
 def _tolerance(dtype: torch.dtype) -> float:
     """Error accepted as agreement with finite differences: 1e-6 in float64,
-    2.4e-3 in float32: finite differences are accurate to about eps^(2/3))."""
-    return max(1e-6, 100 * torch.finfo(dtype).eps ** (2 / 3))
+    2.4e-3 in float32: finite differences are accurate to about eps^(2/3)); at most 1% (the
+    formula gives 98% in float16 and 394% in bfloat16, which took a 103% error for agreement:
+    a larger gap there is judged by the float64 rerun, "rounding" where the copy agrees)."""
+    return min(0.01, max(1e-6, 100 * torch.finfo(dtype).eps ** (2 / 3)))

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from hyperdiff.engine.data import BatchSource
 from hyperdiff.engine.data.evaluation import EvaluationSplit
+from hyperdiff.engine.optimizers import Optimizer, check_coefficient_values, working_dtype
 from hyperdiff.errors import HyperdiffError, describe
 from hyperdiff.tree import move
 from hyperdiff.typing import Batch
@@ -166,6 +167,12 @@ def to_device(problem: ProblemT, device: torch.device | str,
         val_data=[move(batch, device, dtype) for batch in p.val_data],
         train_data=OnDevice(unwrap(p.train_data), device, train_dtype),
     )
+    optimizer = getattr(p, "optimizer", None)
+    if dtype is not None and isinstance(optimizer, Optimizer):  # as make_problem checks: a
+        working = working_dtype(torch.empty((), dtype=dtype, device="meta"))  # coefficient must
+        for name, coef in optimizer.coefficients.items():  # stay valid in the new dtype
+            if isinstance(coef, str) and coef in p.hparams:
+                check_coefficient_values(optimizer, name, coef, p.hparams, working)
     return moved
 
 

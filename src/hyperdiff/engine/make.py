@@ -17,7 +17,7 @@ from torch import Tensor
 from hyperdiff.engine.data import as_source, validation_batches
 from hyperdiff.engine.datacheck import check_batch, check_source, shapes_of
 from hyperdiff.engine.models import FunctionalModel, StepContext, model_state
-from hyperdiff.engine.optimizers import Optimizer, working_dtype
+from hyperdiff.engine.optimizers import Optimizer, check_coefficient_values, working_dtype
 from hyperdiff.engine.problem import (
     Problem,
     call_loss,
@@ -27,7 +27,6 @@ from hyperdiff.engine.problem import (
 )
 from hyperdiff.engine.training import initial_state, train_step, validation_loss
 from hyperdiff.errors import HyperdiffError, LossError, describe, nonnegative_int, positive_int
-from hyperdiff.hparams.constraints import natural_range
 from hyperdiff.hparams.discrete import discrete_names, with_states
 from hyperdiff.hparams.hyperparams import HyperParameters
 from hyperdiff.hparams.initialization import check_matches, initialization_name
@@ -166,7 +165,7 @@ def make_problem(
                     f"hypergradient: optimizer coefficient {coef_name}={coef!r} must be a scalar, "
                     f"per_step, per_tensor or per_element hyperparameter (got {spec.kind})"
                 )
-            _check_coefficient_values(optimizer, coef_name, coef, hparams,
+            check_coefficient_values(optimizer, coef_name, coef, hparams,
                                       working_dtype(next(iter(params.values()))))
     # a direct call's straight-through Gumbel noise follows the problem's seed (the outer
     # loops seed it per step and sample): it was seed 0's whatever the seed
@@ -195,46 +194,6 @@ def make_problem(
     return problem
 
 
-def _check_coefficient_values(
-    optimizer: Optimizer, coef_name: str, hparam: str, hparams: HyperParameters,
-    dtype: torch.dtype,
-) -> None:
-    """The current values of a hyperparameter that is an optimizer coefficient must be valid
-    for it (``sgd`` momentum >= 0, ``adam`` betas in [0, 1), ...), also in ``dtype``, the one
-    training computes them in; warn when its constraint lets the outer loop move it out of
-    that range."""
-    valid = optimizer.valid.get(coef_name)
-    if valid is None:
-        return
-    values = hparams.natural()[hparam]
-    ok = valid.tensor_contains(values)
-    if not bool(ok.all()):
-        bad = values[~ok].reshape(-1)[:3].tolist()
-        raise HyperdiffError(
-            f"hypergradient: hyperparameter {hparam!r}, the {optimizer.name} {coef_name}, "
-            f"must be {valid.text()} (got {bad})"
-        )
-    rounded = hparams[hparam].constraint.to_natural(hparams.raw[hparam].to(dtype))
-    ok = valid.tensor_contains(rounded)
-    if not bool(ok.all()):
-        bad = values[~ok].reshape(-1)[:3].tolist()
-        near = rounded[~ok].reshape(-1)[:3].tolist()
-        raise HyperdiffError(
-            f"hypergradient: hyperparameter {hparam!r}, the {optimizer.name} {coef_name}, "
-            f"must be {valid.text()} in {str(dtype).removeprefix('torch.')}, the dtype "
-            f"training computes it in (got {bad}, which rounds to {near} there); choose a "
-            "value farther from the bound, or train in float64"
-        )
-    low, high = natural_range(hparams[hparam].constraint)
-    inside = (valid.low is None or (low is not None and low >= valid.low)) and (
-        valid.high is None or (high is not None and high <= valid.high))
-    if not inside:
-        _LOG.warning(
-            "hypergradient: hyperparameter %r, the %s %s, has a %s constraint that lets "
-            "tuning move it outside its valid values (%s); constrain it, e.g. "
-            "hd.scalar(value, (low, high))",
-            hparam, optimizer.name, coef_name, hparams[hparam].constraint.name, valid.text(),
-        )
 
 
 def _probe(problem: Problem) -> None:

@@ -34,7 +34,9 @@ from hyperdiff.errors import (
     describe,
     number,
 )
-from hyperdiff.hparams.hyperparams import HParamView
+from hyperdiff.hparams.constraints import natural_range
+from hyperdiff.hparams.hyperparams import HParamView, HyperParameters
+from hyperdiff.logs import get_logger
 from hyperdiff.typing import Params
 
 Coefficient = float | str | Callable[[HParamView, int, str], Any]
@@ -268,4 +270,47 @@ def referenced_hyperparameters(optimizer: Optimizer) -> set[str]:
     return {c for c in optimizer.coefficients.values() if isinstance(c, str)}
 
 
-__all__ = ["AdamState", "Optimizer", "SGDState", "adam", "adamw", "sgd"]
+
+def check_coefficient_values(
+    optimizer: Optimizer, coef_name: str, hparam: str, hparams: HyperParameters,
+    dtype: torch.dtype,
+) -> None:
+    """The current values of a hyperparameter that is an optimizer coefficient must be valid
+    for it (``sgd`` momentum >= 0, ``adam`` betas in [0, 1), ...), also in ``dtype``, the one
+    training computes them in; warn when its constraint lets the outer loop move it out of
+    that range."""
+    valid = optimizer.valid.get(coef_name)
+    if valid is None:
+        return
+    values = hparams.natural()[hparam]
+    ok = valid.tensor_contains(values)
+    if not bool(ok.all()):
+        bad = values[~ok].reshape(-1)[:3].tolist()
+        raise HyperdiffError(
+            f"hypergradient: hyperparameter {hparam!r}, the {optimizer.name} {coef_name}, "
+            f"must be {valid.text()} (got {bad})"
+        )
+    rounded = hparams[hparam].constraint.to_natural(hparams.raw[hparam].to(dtype))
+    ok = valid.tensor_contains(rounded)
+    if not bool(ok.all()):
+        bad = values[~ok].reshape(-1)[:3].tolist()
+        near = rounded[~ok].reshape(-1)[:3].tolist()
+        raise HyperdiffError(
+            f"hypergradient: hyperparameter {hparam!r}, the {optimizer.name} {coef_name}, "
+            f"must be {valid.text()} in {str(dtype).removeprefix('torch.')}, the dtype "
+            f"training computes it in (got {bad}, which rounds to {near} there); choose a "
+            "value farther from the bound, or train in float64"
+        )
+    low, high = natural_range(hparams[hparam].constraint)
+    inside = (valid.low is None or (low is not None and low >= valid.low)) and (
+        valid.high is None or (high is not None and high <= valid.high))
+    if not inside:
+        get_logger("problem").warning(  # the problem's logger, as make_problem's
+            "hypergradient: hyperparameter %r, the %s %s, has a %s constraint that lets "
+            "tuning move it outside its valid values (%s); constrain it, e.g. "
+            "hd.scalar(value, (low, high))",
+            hparam, optimizer.name, coef_name, hparams[hparam].constraint.name, valid.text(),
+        )
+
+__all__ = ["AdamState", "Optimizer", "SGDState", "adam", "adamw", "check_coefficient_values",
+           "sgd"]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -88,7 +88,18 @@ class Solver:
         if float(b.norm()) == 0.0:
             return SolveResult(torch.zeros_like(b), 0, 0.0, True, "b = 0: x = 0", 0)
         matvec = damped(matvec, self.options.get("damping", 0.0))
-        result = self.run(matvec, b.detach(), None if init is None else init.detach())
+        low = torch.finfo(b.dtype).bits < 32  # bf16 / fp16: solve in float32, whose tolerance
+        if low:  # means something (bf16's default tolerance 0.78 stopped CG at 32% error)
+            given = matvec
+
+            def matvec(v: Tensor) -> Tensor:
+                return given(v.to(b.dtype)).to(torch.float32)
+
+        work = b.detach().to(torch.float32) if low else b.detach()
+        start = None if init is None else init.detach().to(work.dtype)
+        result = self.run(matvec, work, start)
+        if low:
+            result = replace(result, x=result.x.to(b.dtype))
         if warn and not result.converged:
             warnings.warn(f"{self.name}: {result.info}", ConvergenceWarning, stacklevel=2)
         return result

@@ -81,15 +81,17 @@ def central_differences(problem: Problem, raw: dict[str, Tensor], coords: list[i
 
 def _check_moved(problem: Problem, i: int, base: Tensor, plus: Tensor, minus: Tensor,
                  eps: float) -> None:
-    """Refuse a step that rounds away in the problem's dtype: ``u + h == u`` (or ``u - h``)
-    would give an exact 0 for that coordinate."""
-    as_trained = [v.to(problem.dtype) for v in (base, plus, minus)]
+    """Refuse a step that rounds away in the dtype the training reads the raw values in
+    (:attr:`~hyperdiff.engine.problem.Problem.hparam_dtype`: the model's, at least float32):
+    ``u + h == u`` (or ``u - h``) would give an exact 0 for that coordinate."""
+    dtype = problem.hparam_dtype
+    as_trained = [v.to(dtype) for v in (base, plus, minus)]
     if torch.equal(as_trained[0], as_trained[1]) or torch.equal(as_trained[0], as_trained[2]):
         name = problem.hparams.coordinate_names()[i]
         default = torch.finfo(problem.dtype).eps ** (1 / 3)
         raise HyperdiffError(
             f"finite_difference: eps = {eps:.3g} does not move the raw value of {name} "
-            f"({float(base):.6g}) in {str(problem.dtype).removeprefix('torch.')}: u +- eps "
+            f"({float(base):.6g}) in {str(dtype).removeprefix('torch.')}: u +- eps "
             f"max(1, |u|) rounds to u, which would give an exact 0; use a larger eps (the "
             f"default for this dtype is {default:.3g})")
 

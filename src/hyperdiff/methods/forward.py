@@ -172,15 +172,31 @@ def _unroll_jvp(problem: Problem, raw: dict[str, Tensor], raw_tangent: dict[str,
             push, in_dims=(0, 0), out_dims=(None, 0, None),  # type: ignore[arg-type]
             randomness="same",
         )
-        if chunk_size is None or chunk_size >= k:
-            state, tangent, loss = batched(tangent, raw_tangent)
-        else:  # same result, lower peak memory: the primal step is recomputed per chunk
-            pieces = [
-                batched(*tree_map(lambda z, i=i: z[i : i + chunk_size], (tangent, raw_tangent)))
-                for i in range(0, k, chunk_size)
-            ]
+        try:
+            if chunk_size is None or chunk_size >= k:
+                state, tangent, loss = batched(tangent, raw_tangent)
+            else:  # same result, lower peak memory: the primal step is recomputed per chunk
+                pieces = [
+                    batched(*tree_map(lambda z, i=i: z[i : i + chunk_size],
+                                      (tangent, raw_tangent)))
+                    for i in range(0, k, chunk_size)
+                ]
+        except RuntimeError as err:
+            if not any(words in str(err) for words in (
+                    "expected scalar type", "expected dtype", "but got dtype")):
+                raise
+            raise HyperdiffError(
+                f"forward(engine='jvp'): torch's jvp mixed dtypes at step {step} ({err}); it "
+                "promotes the tangent of a Python float times a 0-dim hyperparameter (e.g. "
+                "0.5 * h['wd'] in a loss) to float64. Use engine='double_vjp' (the same "
+                "hypergradient), or write the constant as a tensor of the model's dtype"
+            ) from err
             state, loss = pieces[0][0], pieces[0][2]
             tangent = tree_map(lambda *zs: torch.cat(zs), *[p[1] for p in pieces])
+        # torch's jvp can promote a tangent to float64 (a Python float times a 0-dim float32
+        # hyperparameter): each stays in its state entry's dtype, as the next step expects
+        tangent = tree_map(lambda z, x: z if z.dtype == x.dtype else z.to(x.dtype), tangent,
+                           state)
         losses[step - start] = loss.detach()
     return state, tangent, losses
 
