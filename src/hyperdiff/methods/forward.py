@@ -181,6 +181,8 @@ def _unroll_jvp(problem: Problem, raw: dict[str, Tensor], raw_tangent: dict[str,
                                       (tangent, raw_tangent)))
                     for i in range(0, k, chunk_size)
                 ]
+                state, loss = pieces[0][0], pieces[0][2]
+                tangent = tree_map(lambda *zs: torch.cat(zs), *[p[1] for p in pieces])
         except RuntimeError as err:
             if not any(words in str(err) for words in (
                     "expected scalar type", "expected dtype", "but got dtype")):
@@ -191,8 +193,6 @@ def _unroll_jvp(problem: Problem, raw: dict[str, Tensor], raw_tangent: dict[str,
                 "0.5 * h['wd'] in a loss) to float64. Use engine='double_vjp' (the same "
                 "hypergradient), or write the constant as a tensor of the model's dtype"
             ) from err
-            state, loss = pieces[0][0], pieces[0][2]
-            tangent = tree_map(lambda *zs: torch.cat(zs), *[p[1] for p in pieces])
         # torch's jvp can promote a tangent to float64 (a Python float times a 0-dim float32
         # hyperparameter): each stays in its state entry's dtype, as the next step expects
         tangent = tree_map(lambda z, x: z if z.dtype == x.dtype else z.to(x.dtype), tangent,
