@@ -546,8 +546,8 @@ def _check_range(where: str, name: str, spec: Any, rng: SearchRange) -> None:
         raise fail(where, f"search_space[{name!r}]", "a range with low > 0 on a log scale "
                    "(log=False for one that reaches 0 or below)", rng)
     inside = 1e-9 * (float(rng.high) - float(rng.low))  # an open end of the constraint may
-    ends = torch.tensor([float(rng.low) + inside, float(rng.high) - inside],  # bound the range
-                        dtype=torch.float64, device="cpu")  # host numbers, as the specs'
+    low, high = float(rng.low) + inside, float(rng.high) - inside  # bound the range; host
+    ends = torch.tensor([low, high], dtype=torch.float64, device="cpu")  # numbers, as specs'
     if not bool(spec.constraint.valid(ends).all()):
         raise fail(where, f"search_space[{name!r}]", f"a range of values {name} takes "
                    f"({spec.constraint.describe_valid()})", rng)
