@@ -278,12 +278,12 @@ class HyperOptimizer:
         """
         from tqdm.auto import tqdm
 
-        given = callbacks
-        callbacks = [] if callable(given) or isinstance(given, (str, bytes)) or not isinstance(
-            given, Iterable) else list(given)
-        if not all(callable(c) for c in callbacks) or (given and not callbacks):
+        listed = (None if callable(callbacks) or isinstance(callbacks, (str, bytes))
+                  or not isinstance(callbacks, Iterable) else list(callbacks))
+        if listed is None or not all(callable(c) for c in listed):
             raise fail("HyperOptimizer.run", "callbacks", "a sequence of functions "
-                       "callback(optimizer, record) (one function: callbacks=[fn])", given)
+                       "callback(optimizer, record) (one function: callbacks=[fn])", callbacks)
+        callbacks = listed
         if self.stopped == "diverged" and self.history:  # resumed after the guard gave up:
             raise NonFiniteError(self.history[-1].message)  # as the run that saved it did
         bar = tqdm(total=self.plan.schedule_position(self, self.step_index)[1],
