@@ -371,6 +371,7 @@ class FunctionalModel:
             _set_training(self.module, was_training)
             for name, tensor in self.module.named_buffers():
                 tensor.data.copy_(kept[name])
+            self._fill_in_cache = {}  # copies a training-mode pass may have written to
         leaves = [tree_flatten(out)[0] for out in outputs]
         if len(leaves[0]) != len(leaves[1]) or any(
                 isinstance(a, Tensor) and not (isinstance(b, Tensor) and a.shape == b.shape
@@ -403,6 +404,7 @@ class FunctionalModel:
         if changed:
             for name in changed:  # put the module back as it was given
                 own[name].data.copy_(before[name].to(own[name].device, own[name].dtype))
+            self._fill_in_cache = {}  # and no moved copy of them stays
             raise HyperdiffError(
                 f"functional model: its forward pass in training mode updates the buffers "
                 f"{changed[:4]}{' ...' if len(changed) > 4 else ''} in place; hyperdiff "
