@@ -143,8 +143,10 @@ class Task:
         self, requests: Sequence[tuple[HyperParameters, Mapping[str, Tensor]]], *,
         seeds: tuple[int, ...] = (0,), segments: int = 1,
         progress: Callable[[], None] | None = None, spread: Spreader | None = None,
+        splits: Collection[str] | None = None,
     ) -> list[dict[str, dict[str, float]]]:
-        """:meth:`evaluate_as` of each ``(hparams, raw)`` request. Its ``len(requests) x
+        """:meth:`evaluate_as` of each ``(hparams, raw)`` request (the metrics of ``splits``
+        only, if given: :meth:`metrics_at`). Its ``len(requests) x
         len(seeds)`` trainings are independent: ``spread`` maps them (``None``: here, in
         order; a :class:`~hyperdiff.tuner.distributed.spread.RankSpreader` runs training ``i``
         on rank ``i % W`` and gathers the metrics on every rank), and each request's metrics
@@ -160,7 +162,7 @@ class Task:
         def train(job: tuple[Problem, Mapping[str, Tensor], int]) -> dict[str, dict[str, float]]:
             problem, raw, seed = job
             params, buffers, hview = trained_params(problem, raw, seed=seed, segments=segments)
-            return self.metrics_at(params, buffers, hview, seed=seed)
+            return self.metrics_at(params, buffers, hview, seed=seed, splits=splits)
 
         done = (spread or LocalSpreader()).map(train, jobs, "report trainings", progress)
         n = len(seeds)
@@ -216,15 +218,10 @@ class Task:
         tasks): the metrics of ``splits`` only (a search trial needs no test pass; the train
         split's are never computed)."""
         raw = fixed_hparams(self.hparams, values).raw
-        problem = self.final_problem
-        hparams = discretise(problem.hparams, raw)
-        if hparams is not problem.hparams:
-            problem = replace(problem, hparams=hparams)
-        params, buffers, hview = trained_params(problem, raw, seed=seed)
-        report = self.metrics_at(params, buffers, hview, seed=seed,
-                                 splits=[s for s in splits if s != "train"])
-        return {f"{split}_{key}": 0.0 + value  # as the mean over one seed was
-                for split, m in report.items() for key, value in m.items()}
+        [report] = self.evaluate_as_all([(discretise(self.final_problem.hparams, raw), raw)],
+                                        seeds=(seed,),
+                                        splits=[s for s in splits if s != "train"])
+        return {f"{split}_{key}": value for split, m in report.items() for key, value in m.items()}
 
 
 def mean_over_seeds(per_seed: Sequence[Mapping[str, Mapping[str, float]]]
