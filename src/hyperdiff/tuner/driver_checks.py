@@ -169,10 +169,7 @@ def check_driver_state(driver: Any, plan: Any, state: dict[str, Any],
     caller = "HyperOptimizer"
     fresh = driver.state_dict()
     if missing := sorted(set(fresh) - set(state)):
-        if {"window", "inner_step", "tangent"} <= set(state):
-            raise HyperdiffError(f"{caller}: the state must be an offline run's (got an online "
-                                 "run's, with its window and inner step); load it into "
-                                 "HyperOptimizer(problem, plan=hd.plans.OnlinePlan(...))")
+        refuse_online_state(state)
         raise damaged(caller, "the state", f"a dict with the entries {missing}",
                       "a dict without them")
     if unknown := sorted(map(str, set(state) - set(fresh))):
@@ -206,6 +203,15 @@ def check_driver_state(driver: Any, plan: Any, state: dict[str, Any],
                       cuts=[(f and r.step >= phase and r.step not in restarted)
                             or r.step in reverted for f, r in zip(failed, records, strict=True)],
                       rescued=bool(failed) and failed[0] and phase > 0)
+
+
+def refuse_online_state(state: Any) -> None:
+    """Name an online run's state (its window, inner step and tangent) given to the offline
+    plan, instead of calling it damaged."""
+    if isinstance(state, dict) and {"window", "inner_step", "tangent"} <= set(state):
+        raise HyperdiffError("HyperOptimizer: the state must be an offline run's (got an online "
+                             "run's, with its window and inner step); load it into "
+                             "HyperOptimizer(problem, plan=hd.plans.OnlinePlan(...))")
 
 
 def check_reverted(caller: str, reverted: Any, expected: bool, records: Sequence[Any],

@@ -72,6 +72,7 @@ from hyperdiff.tuner.driver_checks import (
     check_driver_state,
     check_selection,
     check_warm_start,
+    refuse_online_state,
 )
 from hyperdiff.tuner.global_phase import (
     broken_start,
@@ -505,8 +506,7 @@ class OfflinePlan:
                         history: Sequence[StepRecord] | None) -> list[StepRecord]:
         """Check ``state`` against ``history`` (required), then restore the plan's part."""
         if history is None:
-            if isinstance(state, dict) and {"window", "inner_step", "tangent"} <= set(state):
-                check_driver_state(loop, self, state, [])  # names the online state as such
+            refuse_online_state(state)  # before the history an online state would not need
             raise fail("HyperOptimizer.load_state_dict", "history",
                        "the run's records (offline checkpoints hold none)", history)
         check_driver_state(loop, self, state, history)
