@@ -97,10 +97,10 @@ def validation_and_selection(
     doc); ``selection`` is ``None`` when ``selection_fraction`` is 0 and none was given."""
     size = eval_batch_size(batch_size)
     if selection is not None:
-        return (list(evaluation_split("validation", val, batch_size=size)),
+        return (list(iter(evaluation_split("validation", val, batch_size=size))),
                 selection_batches(selection, batch_size))
     if selection_fraction == 0:
-        return list(evaluation_split("validation", val, batch_size=size)), None
+        return list(iter(evaluation_split("validation", val, batch_size=size))), None
     cut = _map_style(val, size)
     if cut is None:
         raise HyperdiffError(
@@ -124,7 +124,8 @@ def selection_batches(selection: Any, batch_size: int | None) -> Any:
     """A given ``selection``: a data set read once into a list of batches, else as it is."""
     if not is_dataset_split(selection):
         return selection
-    return list(evaluation_split("selection", selection, batch_size=eval_batch_size(batch_size)))
+    return list(iter(evaluation_split("selection", selection,
+                                         batch_size=eval_batch_size(batch_size))))
 
 
 def test_split(test: Any, batch_size: int | None) -> EvaluationSplit:

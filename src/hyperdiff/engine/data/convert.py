@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from hyperdiff.engine.data.evaluation import evaluation_split, is_dataset_split
 from hyperdiff.engine.data.failures import named_batches
@@ -126,6 +126,12 @@ def as_source(data: Any, name: str = "train_data") -> BatchSource:
     )
 
 
+def _bare_iterable_dataset(data: Any) -> bool:
+    """An ``IterableDataset`` not in a ``DataLoader``: its items are batches, as in
+    train_data (a stream of samples goes in a ``DataLoader(batch_size=B)``)."""
+    return isinstance(data, IterableDataset)
+
+
 def validation_batches(data: Any, caller: str = "hypergradient", name: str = "val_data"
                        ) -> list[Batch]:
     """Validation data as a list of batches: one batch, or every batch of a list/iterable
@@ -138,8 +144,8 @@ def validation_batches(data: Any, caller: str = "hypergradient", name: str = "va
                              f"{describe(data)}: text is not data)")
     if isinstance(data, (Tensor, tuple, dict)):
         return [check_batch(data, f"{caller}: {name}")]
-    if is_dataset_split(data):  # read as an evaluation split is: seeded, your state untouched
-        batches = list(evaluation_split("validation" if name == "val_data" else name, data))
+    if is_dataset_split(data) and not _bare_iterable_dataset(data):  # seeded, state untouched
+        batches = list(iter(evaluation_split("validation" if name == "val_data" else name, data)))
         if not batches:
             raise HyperdiffError(f"{caller}: {name} must hold at least one batch (got 0)")
         return batches

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hyperdiff.engine.data.replay import array_leaf
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.tree import leaves
 from hyperdiff.typing import Batch
@@ -127,6 +128,7 @@ def first_nonfinite(batch: Batch) -> tuple[str, int | None, int] | None:
     row (index along dim 0; ``None`` for a 0-d field) of its first such entry, and how many
     entries are non-finite; ``None`` when every value is finite."""
     for path, leaf in leaves(batch):
+        leaf = as_tensor if (as_tensor := array_leaf(leaf)) is not None else leaf
         if isinstance(leaf, Tensor) and (leaf.is_floating_point() or leaf.is_complex()):
             if cmath.isfinite(leaf.detach().sum().item()):  # a NaN or inf makes the sum one
                 continue
@@ -134,6 +136,20 @@ def first_nonfinite(batch: Batch) -> tuple[str, int | None, int] | None:
             if bool(bad.any()):
                 return path or "the batch", first_row(bad), int(bad.sum())
     return None
+
+
+def check_rows(where: Callable[[], str], batch: Batch) -> None:
+    """Raise a data error if every tensor of ``batch`` with a row dimension has zero rows (a
+    ``collate_fn`` that filtered every sample out): its mean loss would be NaN, read as a
+    divergence. ``where`` is called only then."""
+    shaped = [(path, leaf) for path, leaf in leaves(batch)
+              if isinstance(leaf, Tensor) and leaf.dim() >= 1]
+    if shaped and all(leaf.shape[0] == 0 for _, leaf in shaped):
+        path, leaf = shaped[0]
+        raise HyperdiffError(
+            f"data: {where()} must have at least one row (got field {path or 'the batch'} of "
+            f"shape {tuple(leaf.shape)}); a collate_fn or filter must not drop every sample of "
+            "a batch")
 
 
 def check_finite(where: Callable[[], str], batch: Batch,

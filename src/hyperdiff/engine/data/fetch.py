@@ -15,7 +15,9 @@ after the batch: a 5 KB copy each). A dataset that did not draw from it gets the
 read seeded per sample, without one seed being set. One that did (random augmentation in
 ``__getitem__``) has the generator put back and the batch read again one sample at a time (by
 ``__getitem__``), with the generator seeded from each sample's seed, which makes the
-augmentation replay in any process; later batches of that reader go straight to the seeded
+augmentation replay in any process (a dataset with ``__getitems__`` is read again in one call,
+the generator seeded from the batch's seed ``mix(*prefix, *indices)``, so that batch-level
+augmentation such as a mixup stays); later batches of that reader go straight to the seeded
 read (a worker process learns this on its own first batch). In the main process the generator
 is left in the state it had (a worker's random state is its own). ``collate_fn`` runs after
 the reads, as in a ``DataLoader``.
@@ -30,7 +32,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset, default_collate, get_worker_info
 
 from hyperdiff.engine.data.failures import SampleError, indices_text, ragged, summary
-from hyperdiff.engine.data.permutation import mix_each
+from hyperdiff.engine.data.permutation import mix, mix_each
 from hyperdiff.typing import Batch
 
 
@@ -94,15 +96,24 @@ class SeededBatches(Dataset):
         return samples
 
     def seeded(self, request: BatchRequest) -> list[Any]:
-        """The samples, each read with torch's CPU generator seeded from its own seed."""
+        """The samples, each read with torch's CPU generator seeded from its own seed; by one
+        ``__getitems__`` call seeded from the batch's seed, ``mix(*prefix, *indices)``, where
+        the dataset has one (its batch-level augmentation, a mixup, is kept)."""
         # the CPU generator only: torch.manual_seed would also reseed every accelerator's
         generator = torch.default_generator
-        pairs = zip(request.indices, request.sample_seeds(), strict=True)
-        if get_worker_info() is not None:  # a worker process: its random state is ours
+
+        def read() -> list[Any]:
+            if getattr(self.dataset, "__getitems__", None):
+                generator.manual_seed(mix(*request.prefix, *request.indices))
+                return self._unseeded(request.indices)
+            pairs = zip(request.indices, request.sample_seeds(), strict=True)
             return [self._read(i, s) for i, s in pairs]
+
+        if get_worker_info() is not None:  # a worker process: its random state is ours
+            return read()
         saved = generator.get_state()
         try:
-            return [self._read(i, s) for i, s in pairs]
+            return read()
         finally:
             generator.set_state(saved)
 

@@ -81,7 +81,11 @@ def split_fingerprint(data: Any) -> dict[str, Any]:
         inner = data.dataset
         print_ = split_fingerprint(inner) if is_map_style(inner) else _iterable(inner)
         return {**print_, "type": f"DataLoader({print_['type']})",
-                "batch_size": data.batch_size, "drop_last": data.drop_last}
+                "batch_size": data.batch_size, "drop_last": data.drop_last,
+                "sampler": _name(data.batch_sampler if data.batch_size is None
+                                 or type(data.batch_sampler).__name__ != "BatchSampler"
+                                 else data.sampler),
+                "collate_fn": _name(data.collate_fn)}
     if is_map_style(data) or isinstance(data, list):
         return _items_fingerprint(data)
     if isinstance(data, (tuple, Mapping)):  # a batch with entries other than row tensors
@@ -98,8 +102,12 @@ def fingerprint_changes(split: str, old: Mapping[str, Any], new: Mapping[str, An
         return [f"split {split!r}: {_what(old) if old else 'absent'} at the start, "
                 f"{_what(new) if new else 'absent'} now"]
     diffs = []
+    recorded_later = ("sampler", "collate_fn")  # absent from fingerprints before 7 Dec
     for key, noun in (("type", "type"), ("length", "length"), ("fields", "fields"),
-                      ("batch_size", "DataLoader batch_size"), ("drop_last", "drop_last")):
+                      ("batch_size", "DataLoader batch_size"), ("drop_last", "drop_last"),
+                      ("sampler", "DataLoader sampler"), ("collate_fn", "DataLoader collate_fn")):
+        if key in recorded_later and key not in old:
+            continue
         if old.get(key) != new.get(key):
             diffs.append(f"split {split!r}: {noun} {old.get(key)} at the start, "
                          f"{new.get(key)} now")
@@ -161,6 +169,14 @@ def _items_fingerprint(data: Any) -> dict[str, Any]:
 
 def _sample_name(data: Any, index: int) -> str:
     return f"sample {index} of {type(data).__name__} (read to fingerprint the run's data)"
+
+
+def _name(obj: Any) -> str | None:
+    """The qualified name of a function or of an object's class (a sampler, a collate_fn);
+    not its module, whose name for a task file holds the file's path."""
+    if obj is None:
+        return None
+    return str(getattr(obj, "__qualname__", type(obj).__qualname__))
 
 
 def _iterable(data: Any) -> dict[str, Any]:

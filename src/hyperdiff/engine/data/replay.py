@@ -54,11 +54,30 @@ def _tensor_bytes(t: Tensor) -> bytes:
     return flat.cpu().contiguous().view(torch.uint8).numpy().tobytes()
 
 
+def array_leaf(leaf: Any) -> Tensor | None:
+    """A NumPy array or scalar in a batch (what a ``collate_fn`` may leave unconverted) as a
+    tensor of its values, so that fingerprints and finiteness checks see them; None for
+    anything else (tensors included) and for arrays of Python objects.
+
+    >>> import numpy as np
+    >>> array_leaf(np.array([1.5, np.nan])), array_leaf("text")
+    (tensor([1.5000,    nan], dtype=torch.float64), None)
+    """
+    if type(leaf).__module__ != "numpy" or not hasattr(leaf, "__array__"):
+        return None
+    array = leaf.__array__()
+    if array.dtype.hasobject:
+        return None
+    return torch.from_numpy(array.copy())
+
+
 def fingerprint(batch: Batch) -> bytes:
-    """A 16-byte digest that changes when the batch's structure or any tensor value changes."""
+    """A 16-byte digest that changes when the batch's structure or any tensor value changes
+    (NumPy arrays and scalars in it are read as tensors)."""
     digest = hashlib.blake2b(digest_size=16)
     for path, leaf in leaves(batch):
         digest.update(path.encode())
+        leaf = as_tensor if (as_tensor := array_leaf(leaf)) is not None else leaf
         if isinstance(leaf, Tensor):
             digest.update(f"{leaf.dtype}{tuple(leaf.shape)}".encode())
             digest.update(_tensor_bytes(leaf))

@@ -11,11 +11,12 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from hyperdiff.engine.data.failures import check_finite, user_code
+from hyperdiff.engine.data.failures import check_finite, check_rows, user_code
 from hyperdiff.engine.data.replay import ReplayLog, check_batch
 from hyperdiff.errors import HyperdiffError, describe
 from hyperdiff.seeds import epoch_seed
@@ -161,28 +162,61 @@ class Recorded(BatchSource):
         return self.batches[step]
 
 
+def seed_argument(fn: Callable[..., Any]) -> str | None:
+    """How ``fn(step, ...)`` takes the training seed: ``"positional"`` (a second positional
+    parameter without a default, or one named ``seed``), ``"keyword"`` (a keyword-only
+    ``seed``), or None (``fn(step)``: a second parameter with a default, such as ``noise=0.0``,
+    is the user's own knob and keeps its default).
+
+    >>> seed_argument(lambda step, seed: 0), seed_argument(lambda step, noise=0.0: 0)
+    ('positional', None)
+    >>> seed_argument(lambda step, *, seed: 0), seed_argument(lambda step, seed=0: 0)
+    ('keyword', 'positional')
+    """
+    try:
+        parameters = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if len(parameters) < 2 or parameters[0].kind not in positional:
+        return None
+    second = parameters[1]
+    if second.kind in positional and (second.name == "seed"
+                                      or second.default is inspect.Parameter.empty):
+        return "positional"
+    if any(p.name == "seed" and p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters):
+        return "keyword"
+    return None
+
+
 class FromCallable(BatchSource):
     """Batches from ``fn(step)`` or ``fn(step, seed)``, verified to repeat on every call."""
 
     def __init__(self, fn: Callable[..., Batch], name: str = "function"):
         self.fn, self.name = fn, name
-        try:
-            self.takes_seed = len(inspect.signature(fn).parameters) >= 2
-        except (TypeError, ValueError):
-            self.takes_seed = False
+        self.seed_as = seed_argument(fn)
+        self.takes_seed = self.seed_as is not None
         self.log = ReplayLog(name, "fn(step, seed) must return the same batch for the same "
                                    "arguments: draw any randomness from a generator seeded by "
                                    "(step, seed)")
 
     def where(self, step: int, seed: int) -> str:
         """The batch of ``step`` in messages."""
-        call = f"{self.name}({step}, {seed})" if self.takes_seed else f"{self.name}({step})"
+        call = {"positional": f"{self.name}({step}, {seed})",
+                "keyword": f"{self.name}({step}, seed={seed})"}.get(str(self.seed_as),
+                                                                   f"{self.name}({step})")
         return f"the batch of step {step} (seed {seed}), {call},"
 
     def batch(self, step: int, seed: int) -> Batch:
         with user_code(partial(self.where, step, seed)):
-            batch = self.fn(step, seed) if self.takes_seed else self.fn(step)
+            if self.seed_as == "positional":
+                batch = self.fn(step, seed)
+            elif self.seed_as == "keyword":
+                batch = self.fn(step, seed=seed)
+            else:
+                batch = self.fn(step)
         if (seed, step) not in self.log.prints:
+            check_rows(partial(self.where, step, seed), batch)
             check_finite(partial(self.where, step, seed), batch)
         return self.log.check(seed, step, batch)
 

@@ -26,12 +26,13 @@ from typing import Any, TypeVar
 
 import torch
 
-from hyperdiff.engine.data.failures import check_finite, user_code
+from hyperdiff.engine.data.failures import check_finite, check_rows, user_code
 from hyperdiff.engine.data.permutation import mix
 from hyperdiff.engine.data.random_state import DrewGlobal, PrivateRandom, ReadRandomness
-from hyperdiff.engine.data.replay import ReplayLog
+from hyperdiff.engine.data.replay import ReplayLog, fingerprint
 from hyperdiff.engine.data.sources import BatchSource
 from hyperdiff.errors import HyperdiffError, positive_int
+from hyperdiff.tree import leaves
 from hyperdiff.typing import Batch
 
 T = TypeVar("T")
@@ -81,13 +82,50 @@ class Streamed(BatchSource):
         return None
 
     def _keep(self, seed: int, step: int, batch: Batch) -> None:
-        if (seed, step) not in self.log.prints:  # a first read: is the data finite?
+        if (seed, step) not in self.log.prints:  # a first read: rows, finite values?
+            check_rows(partial(self.where, step, seed), batch)
             check_finite(partial(self.where, step, seed), batch,
                          partial(self.sample_indices, step, seed))
         self.cache[(seed, step)] = self.log.check(seed, step, batch)
+        self._check_not_overwritten((seed, step), batch)
         self.cache.move_to_end((seed, step))
         while len(self.cache) > self.window:
             self.cache.popitem(last=False)
+
+    def _check_not_overwritten(self, key: tuple[int, int], batch: Batch) -> None:
+        """Refuse a batch written into the memory of a kept batch (a ``collate_fn`` or dataset
+        that fills one buffer for every batch): the kept one would now hold other values than
+        it was read with, and a replay or a backward pass would read those. Only kept batches
+        whose memory the new one overlaps are fingerprinted again (views of the same rows, or
+        of overlapping windows of one tensor, keep their values and pass)."""
+        memory = extents(batch)
+        for other, kept in self.cache.items():
+            if other == key or not overlap(memory, extents(kept)):
+                continue
+            if fingerprint(kept) != self.log.prints.get(other):
+                raise HyperdiffError(
+                    f"data: {self.where(key[1], key[0])} must be new tensors (got tensors in "
+                    f"the memory of the batch of step {other[1]} (seed {other[0]}), whose "
+                    "values it overwrote: a collate_fn or dataset that fills one buffer for "
+                    "every batch); hyperdiff keeps earlier batches to replay them, so return "
+                    "fresh tensors (torch.stack, or .clone() the buffer)")
+
+
+def extents(batch: Batch) -> list[tuple[torch.device, int, int]]:
+    """``(device, first byte, end)`` of the memory each tensor of ``batch`` spans."""
+    spans = []
+    for _, leaf in leaves(batch):
+        if isinstance(leaf, torch.Tensor) and leaf.numel() > 0:
+            size = leaf.element_size()
+            reach = sum((n - 1) * abs(s) for n, s in zip(leaf.shape, leaf.stride(), strict=True))
+            spans.append((leaf.device, leaf.data_ptr(), leaf.data_ptr() + (reach + 1) * size))
+    return spans
+
+
+def overlap(a: list[tuple[torch.device, int, int]], b: list[tuple[torch.device, int, int]]
+            ) -> bool:
+    """Whether any span of ``a`` shares a byte with a span of ``b`` on the same device."""
+    return any(da == db and sa < eb and sb < ea for da, sa, ea in a for db, sb, eb in b)
 
 
 @dataclass
@@ -180,12 +218,15 @@ class IterableStream(Streamed):
         """Record (or verify) where epoch ``run.epoch`` ended and open the next one."""
         length = run.next_step - run.first_step
         if length == 0:
+            why = ("an iterator or generator object is used up after one pass: pass a list, a "
+                   "DataLoader, or a zero-argument function that returns a new iterator")
+            if isinstance(self.iterable, torch.utils.data.DataLoader):
+                why = ("a DataLoader yields none when its sampler is empty or, with "
+                       "drop_last=True, draws fewer samples than batch_size="
+                       f"{self.iterable.batch_size}")
             raise HyperdiffError(
                 f"data: train_data {self.name} must yield at least one batch per epoch (got an "
-                f"empty epoch {run.epoch} at step {run.first_step}, seed {run.seed}); an "
-                "iterator or generator object is used up after one pass: pass a list, a "
-                "DataLoader, or a zero-argument function that returns a new iterator"
-            )
+                f"empty epoch {run.epoch} at step {run.first_step}, seed {run.seed}); {why}")
         starts = self.epoch_starts.setdefault(run.seed, [0])
         if len(starts) > run.epoch + 1:
             known = starts[run.epoch + 1] - starts[run.epoch]
