@@ -25,6 +25,7 @@ from hyperdiff.app.run_inputs import (
     extension_pending,
     input_change_warnings,
     restore_or_start,
+    run_inputs,
     tuned_values,
     with_absolute_task,
 )
@@ -221,6 +222,34 @@ def _run_locked(
                      accept_changed_inputs=accept_changed_inputs, start=start)
 
 
+def ranks_agree(group: Group, config: Config, start: dict[str, Any] | None) -> None:
+    """Refuse ranks started with another config, hyperdiff version, task code or data, or
+    another ``--from`` start than rank 0 (a torchrun job whose ranks got other arguments or
+    environments): rank 0 records its own, while every rank trains its share of the steps
+    with its own settings."""
+    mine = {"config": config.to_dict(), "inputs": run_inputs(config),
+            "start": None if start is None else start.get("raw")}
+    every = group.all_gather("the ranks' configs and inputs", mine)
+    root = every[0]
+    for rank, theirs in enumerate(every):
+        differs = [f"{section}.{key}: {root['config'][section].get(key)!r} on rank 0, "
+                   f"{theirs['config'][section].get(key)!r} on rank {rank}"
+                   for section in root["config"] if section != "output"
+                   for key in sorted(set(root["config"][section])
+                                     | set(theirs["config"].get(section, {})))
+                   if root["config"][section].get(key)
+                   != theirs["config"].get(section, {}).get(key)]
+        differs += [f"the task's {key} fingerprint" for key in sorted(root["inputs"])
+                    if theirs["inputs"].get(key) != root["inputs"][key]]
+        if theirs["start"] != root["start"]:
+            differs.append("the --from start values")
+        if differs:
+            raise HyperdiffError(
+                f"run: every rank of a torchrun job must run the same config and inputs (got "
+                f"rank {rank} differing from rank 0 in {'; '.join(differs[:6])}); give every "
+                "rank the same arguments, environment and data")
+
+
 def _as_read_from(result: dict[str, Any], path: Path) -> dict[str, Any]:
     """A finished run's result, read from ``path``: a run directory moved or copied since it
     finished (or resumed from another working directory) names where it is now, in
@@ -306,6 +335,8 @@ def _run_plan(
     """Build ``plan``'s outer loop (at ``start``'s values, ``--from``), restore or start it,
     run it and write its result."""
     task, loop = plan.build(config) if start is None else plan.build(config, start)
+    if group is not None:
+        ranks_agree(group, config, start)
     # the [log] files are the run directory's, so rank 0 alone writes them
     loggers = (config_loggers(config.log, rundir.path, task.problems[0], config)
                if group is None or group.is_root else [])

@@ -104,6 +104,33 @@ def _initialization(problem: Problem, method: str) -> str:
     return name
 
 
+def optimizer_reads(problem: Problem) -> list[str]:
+    """The tuned hyperparameters that the inner optimizer's coefficients read (a name, or a
+    schedule's fields)."""
+    names: set[str] = set()
+    for coefficient in problem.optimizer.coefficients.values():
+        if isinstance(coefficient, str):
+            names.add(coefficient)
+        elif isinstance(getattr(coefficient, "names", None), dict):
+            names.update(coefficient.names.values())
+    return sorted(names & set(problem.hparams))
+
+
+def check_first_order(method: str) -> Callable[[Problem], None]:
+    """A ``Method.check``: refuse hyperparameters that only the inner optimizer reads (a
+    learning rate, Meta-SGD's per-parameter rates): a first-order method gives them their
+    direct part alone, zero, so a tuning loop would never move them."""
+    def check(problem: Problem) -> None:
+        if reads := optimizer_reads(problem):
+            raise HyperdiffError(
+                f"{method}: the hyperparameters {reads} are read by the inner optimizer, which "
+                "a first-order method does not differentiate (their hypergradient is their "
+                "direct part alone, 0), so they would never move; tune them with method "
+                "'reverse' (MAML) or 'checkpointed', or make them constants")
+
+    return check
+
+
 def _value_grads(value: Tensor, leaves: Params, adapted: Params) -> tuple[Params, Params]:
     """``d value/d leaves`` and ``d value/d adapted`` (zeros where unused)."""
     inputs = [*leaves.values(), *adapted.values()]
@@ -133,7 +160,7 @@ def _adapted_grad(theta0: Params, theta_t: Params, g_t: Params) -> Params:
 def fomaml() -> Method:
     """First-order MAML: ``grad L_val(theta_T)`` as theta_0's hypergradient (module doc)."""
     return Method("fomaml", partial_first_order(first_order, "fomaml", _adapted_grad),
-                  capabilities=CAPABILITIES,
+                  capabilities=CAPABILITIES, check_fn=check_first_order("fomaml"),
                   batch_fn=partial_first_order(first_order_batch, "fomaml", _adapted_grad))
 
 
@@ -143,5 +170,5 @@ def partial_first_order(fn: Callable[..., Any], method: str, initial_grad: Initi
     return lambda target, raw: fn(target, raw, method, initial_grad)
 
 
-__all__ = ["CAPABILITIES", "first_order", "first_order_batch", "fomaml",
-           "partial_first_order"]
+__all__ = ["CAPABILITIES", "check_first_order", "first_order", "first_order_batch", "fomaml",
+           "optimizer_reads", "partial_first_order"]

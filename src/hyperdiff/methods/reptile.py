@@ -20,7 +20,12 @@ from __future__ import annotations
 
 from hyperdiff.errors import positive_float
 from hyperdiff.methods.base import Capabilities, Method
-from hyperdiff.methods.fomaml import first_order, first_order_batch, partial_first_order
+from hyperdiff.methods.fomaml import (
+    check_first_order,
+    first_order,
+    first_order_batch,
+    partial_first_order,
+)
 from hyperdiff.typing import Params
 
 CAPABILITIES = Capabilities(exact=False, offline=True)
@@ -39,6 +44,7 @@ def reptile(scale: float = 1.0) -> Method:
 
     return Method("reptile", partial_first_order(first_order, "reptile", moved),
                   options={"scale": factor}, capabilities=CAPABILITIES,
+                  check_fn=check_first_order("reptile"),
                   batch_fn=partial_first_order(first_order_batch, "reptile", moved))
 
 

@@ -178,9 +178,13 @@ class MetaPlan(OfflinePlan):
         return outcome
 
     def stop_reason(self, loop: Any) -> str | None:
+        """The stopping rules; patience only with a ranking (a selection split or validation
+        tasks): without one each step's loss is of other tasks, and a run of steps without a
+        lower one is the draw's luck, not a plateau (the result is then the final values)."""
+        ranked = bool(loop.selection or self.validation)
         return loop.stopping.reason(steps=loop.step_index, elapsed=loop.elapsed,
-                                    since_best=loop.since_best,
-                                    has_selection=bool(loop.selection or self.validation))
+                                    since_best=loop.since_best if ranked else 0,
+                                    has_selection=ranked)
 
     def result(self, loop: Any) -> OptimizeResult:
         """With validation tasks the best step's values by their loss; else the final values
