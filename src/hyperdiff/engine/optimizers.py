@@ -18,6 +18,7 @@ bf16 / fp16 parameters are updated in float32 (:func:`working_dtype`) and rounde
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -115,6 +116,13 @@ ADAM_VALID = {"lr": NONNEGATIVE, "beta1": UNIT_OPEN_HIGH, "beta2": UNIT_OPEN_HIG
 """Valid values of Adam's and AdamW's coefficients (as ``torch.optim.Adam``; eps > 0)."""
 
 
+def plain_numbers(coefs: dict[str, Coefficient]) -> dict[str, Coefficient]:
+    """``coefs`` with NumPy (and other non-builtin) real scalars as Python floats, as
+    ``torch.optim`` takes them (``np.float32(0.1)`` is neither an int nor a float)."""
+    return {name: float(c) if isinstance(c, numbers.Real) and not isinstance(
+        c, (bool, int, float)) and type(c).__name__ != "bool_" else c for name, c in coefs.items()}
+
+
 def _check_coefficient(caller: str, name: str, coef: Coefficient, valid: Range) -> None:
     if isinstance(coef, bool) or (not isinstance(coef, (int, float, str)) and not callable(coef)):
         raise HyperdiffError(
@@ -140,9 +148,10 @@ def sgd(
     ``d = g + wd * p``; ``b_0 = d``, ``b_t = mu * b_{t-1} + (1 - dampening) * d``;
     ``d <- d + mu * b_t`` (Nesterov) or ``d <- b_t``; ``p <- p - lr * d``.
     """
-    coefs = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+    coefs = plain_numbers({"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
     for name, coef in coefs.items():
         _check_coefficient("sgd", name, coef, SGD_VALID[name])
+    lr, momentum, weight_decay = coefs["lr"], coefs["momentum"], coefs["weight_decay"]
     dampening = number("sgd", "dampening", dampening, SGD_VALID["dampening"])  # fixed, a float
     if not isinstance(nesterov, bool):
         raise HyperdiffError(f"sgd: nesterov must be True or False (got {describe(nesterov)})")
@@ -209,10 +218,13 @@ def adam(
             f"(got {describe(betas)})"
         )
     beta1, beta2 = betas
-    coefs = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay}
+    coefs = plain_numbers({"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps,
+                           "weight_decay": weight_decay})
     labels = {"beta1": "betas[0]", "beta2": "betas[1]"}
     for name, coef in coefs.items():
         _check_coefficient(caller, labels.get(name, name), coef, ADAM_VALID[name])
+    lr, beta1, beta2, eps, weight_decay = (coefs[k] for k in ("lr", "beta1", "beta2", "eps",
+                                                              "weight_decay"))
 
     def init(params: Params) -> AdamState:
         return AdamState(

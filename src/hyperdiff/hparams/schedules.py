@@ -104,6 +104,7 @@ class Schedule:
     prefix: str = "lr"
     drops: int = 3
     # the last value computed: an optimizer reads it once per parameter tensor at each step
+    # (kept while the step and the very tensors it read, unmodified, are the same)
     _last: dict[str, Any] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     @property
@@ -137,13 +138,22 @@ class Schedule:
                 f"{self.family}: step must be in [0, {self.steps}) (got {step}); the schedule "
                 "is defined for a shorter run: use schedule.with_steps(N)"
             )
-        last = self._last
-        if last.get("hparams") is hparams and last.get("step") == step:
-            return last["value"]
         values = {f: hparams[n] for f, n in self.names.items()}
+        read = [(t, t._version) if isinstance(t, Tensor) else (t, None) for t in values.values()]
+        last = self._last
+        if last.get("step") == step and len(last.get("read", ())) == len(read) and all(
+                a is b and v == w for (a, v), (b, w) in zip(last["read"], read, strict=True)):
+            return last["value"]  # the same tensors, unchanged: the value read a moment ago
         value = CURVES[self.family](normalised_time(step, self.steps), values, self.drops)
-        last.update(hparams=hparams, step=step, value=value)
+        last.update(read=read, step=step, value=value)
         return value
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Schedule:
+        """A copy without the cached value (which may hold an autograd graph)."""
+        return replace(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_last": {}}
 
     def window(self, hparams: Mapping[str, Tensor], start: int, stop: int) -> Tensor:
         """The values at steps ``start .. stop-1`` as one tensor, computed in one vectorised

@@ -1,0 +1,79 @@
+"""Inner optimizers' and schedules' inputs (s40 review): a schedule's value is recomputed when
+the hyperparameters it reads change (it returned the value of the first peak for any later
+one in the same mapping), a used schedule deep-copies (its cached value held an autograd
+graph), and NumPy scalars are accepted as coefficients, as torch.optim accepts them (they were
+refused as "not a number"). References: the warmup-cosine formula written out here, and
+torch.optim.SGD / Adam on the same gradients."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import hyperdiff as hd
+
+D = torch.float64
+
+
+def warmup_cosine(peak: float, warmup: float, final: float, t: int, steps: int) -> float:
+    """The documented formula at step ``t`` of ``steps``."""
+    s = t / (steps - 1)
+    ramp = min(s / warmup, 1.0)
+    p = min(max((s - warmup) / (1 - warmup), 0.0), 1.0)
+    return peak * ramp * (final + (1 - final) * (1 + math.cos(math.pi * p)) / 2)
+
+
+def test_a_schedule_reads_the_values_it_is_given_now():
+    schedule = hd.schedule("warmup_cosine", 11)
+    natural = {"lr_warmup": torch.tensor(0.2, dtype=D), "lr_final": torch.tensor(0.1, dtype=D)}
+    for peak in (0.1, 0.2, 0.4):  # the same mapping, a new peak each time
+        natural["lr_peak"] = torch.tensor(peak, dtype=D)
+        assert float(schedule.value(natural, 5)) == pytest.approx(
+            warmup_cosine(peak, 0.2, 0.1, 5, 11), rel=1e-14)
+    natural["lr_peak"].mul_(2.0)  # changed in place: 0.8
+    assert float(schedule.value(natural, 5)) == pytest.approx(
+        warmup_cosine(0.8, 0.2, 0.1, 5, 11), rel=1e-14)
+
+
+def test_a_used_schedule_and_its_problem_deep_copy():
+    steps = 4
+    schedule = hd.schedule("warmup_cosine", steps)
+    loss = lambda p, h, b: ((p["w"] - b) ** 2).sum()  # noqa: E731
+    problem = hd.make_problem(loss, loss, hd.HyperParameters(**schedule.hyperparameters()),
+                              {"w": torch.zeros(3, dtype=D)}, optimizer=hd.sgd(schedule, 0.9),
+                              train_data=torch.ones(3, dtype=D), val_data=torch.ones(3, dtype=D),
+                              steps=steps)
+    found = hd.reverse()(problem)
+    copied = copy.deepcopy(problem)  # raised: the cached value is not a graph leaf
+    assert torch.equal(hd.reverse()(copied).vector, found.vector)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_numpy_scalar_coefficients_train_as_torch_optim_with_them(kind):
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(4, generator=g)
+    grads = [torch.randn(4, generator=g) for _ in range(5)]
+    if kind == "sgd":
+        ours = hd.sgd(np.float32(0.1), np.float64(0.9), weight_decay=np.float32(1e-2))
+        theirs_of = lambda p: torch.optim.SGD(  # noqa: E731
+            [p], lr=np.float32(0.1), momentum=np.float64(0.9), weight_decay=np.float32(1e-2))
+    else:
+        ours = hd.adam(np.float32(0.01), betas=(np.float32(0.8), 0.99), eps=np.float64(1e-6))
+        theirs_of = lambda p: torch.optim.Adam(  # noqa: E731
+            [p], lr=np.float32(0.01), betas=(float(np.float32(0.8)), 0.99),  # torch: floats
+            eps=np.float64(1e-6))
+    params, state = {"w": start.clone()}, ours.init({"w": start})
+    hparams = hd.HyperParameters(unused=hd.scalar(1.0))
+    view = hparams.view(hparams.raw)
+    for step, grad in enumerate(grads):
+        params, state = ours.update({"w": grad}, state, params, view, step)
+    p = start.clone().requires_grad_()
+    theirs = theirs_of(p)
+    for grad in grads:
+        p.grad = grad.clone()
+        theirs.step()
+    assert torch.equal(params["w"], p.detach())
