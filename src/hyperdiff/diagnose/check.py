@@ -66,7 +66,13 @@ from hyperdiff.diagnose.reference import reliable as reliable_entries
 from hyperdiff.engine.precision import in_float64
 from hyperdiff.engine.problem import Problem
 from hyperdiff.engine.solvers import ConvergenceWarning, cg, exact
-from hyperdiff.errors import HyperdiffError, nonnegative_int, positive_float, positive_int
+from hyperdiff.errors import (
+    HyperdiffError,
+    describe,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
 from hyperdiff.logs import get_logger
 from hyperdiff.methods.base import HyperGradient, Method
 from hyperdiff.methods.finite_difference import CostWarning
@@ -78,6 +84,10 @@ from hyperdiff.methods.reverse import reverse
 
 _LOG = get_logger("check")
 
+
+REFERENCE = "finite_difference"
+"""The reference row's label, reserved: a finite-difference method passed in ``methods`` is
+labelled by its ``repr`` and judged like any other."""
 
 FIRST_ORDER = ("fomaml", "reptile")
 """Methods that drop the Jacobian of training by design: their rows report the error as their
@@ -153,7 +163,7 @@ class CheckReport:
     def verdict(self) -> str:
         """One line: which methods agree with the reference, which disagree by more than its
         error, and for which entries the reference itself is unreliable."""
-        methods = [r for r in self.rows if r.label != "finite_difference"]
+        methods = [r for r in self.rows if r.label != REFERENCE]
         agree = [r.label for r in methods if r.verdict in ("agrees", "ref. unreliable")]
         disagree = [r.label for r in methods if r.verdict == "disagrees"]
         rounding = [r.label for r in methods if r.verdict == "rounding"]
@@ -202,7 +212,7 @@ class CheckReport:
         head = ("method", "rel. error", "verdict", "time (s)", "peak MiB", "notes")
         lines = [head]
         for r in self.rows:
-            is_reference = r.label == "finite_difference"
+            is_reference = r.label == REFERENCE
             error = (
                 "reference"
                 if is_reference
@@ -345,10 +355,18 @@ def default_methods(
 
 
 def _label(method: Method, taken: dict[str, Method]) -> str:
+    """The method's row label: its name (with the solver for implicit), else its ``repr`` where
+    that is taken or is the reference's (:data:`REFERENCE`), numbered where that is taken too."""
     label = method.name
     if method.name == "implicit":
         label = f"implicit({method.options['solver'].name})"
-    return label if label not in taken else repr(method)
+    if label not in taken and label != REFERENCE:
+        return label
+    label = unique = repr(method)
+    number = 2
+    while unique in taken or unique == REFERENCE:
+        unique, number = f"{label} #{number}", number + 1
+    return unique
 
 
 def check(
@@ -380,6 +398,12 @@ def check(
             f"check: problem must be a hyperdiff Problem (got {type(problem).__name__})"
         )
     coordinates = positive_int("check", "coordinates", coordinates)
+    if not isinstance(memory, bool):
+        raise HyperdiffError(f"check: memory must be True or False (got {describe(memory)})")
+    if progress is not None and not isinstance(progress, bool):
+        raise HyperdiffError(
+            f"check: progress must be True, False or None (got {describe(progress)})"
+        )
     seed = nonnegative_int("check", "seed", seed)
     if memory_bytes is not None:
         memory_bytes = positive_float("check", "memory_bytes", memory_bytes)
@@ -400,7 +424,7 @@ def check(
     bar = tqdm(total=len(chosen) + 1, unit="method", desc="check", leave=True,
                disable=None if progress is None else not progress)
     started = time.perf_counter()
-    bar.set_postfix_str("finite_difference")
+    bar.set_postfix_str(REFERENCE)
     reference, reference_dtype, source = _reference(problem, coords)
     bar.update(1)
     fd_seconds = time.perf_counter() - started
@@ -409,7 +433,7 @@ def check(
     tolerance = _tolerance(problem.dtype)
     trusted = reliable_entries(ref, reference.error, tolerance)
 
-    rows, results, measured = [], {"finite_difference": reference.result}, {}
+    rows, results, measured = [], {REFERENCE: reference.result}, {}
     converged = None
     for label, method in chosen.items():
         bar.set_postfix_str(label)
@@ -438,7 +462,7 @@ def check(
     bar.close()
     rows.append(
         CheckRow(
-            "finite_difference", math.nan, fd_seconds, None,
+            REFERENCE, math.nan, fd_seconds, None,
             f"{len(reference.steps) * (2 * len(coords) + 1)} trainings",
         )
     )

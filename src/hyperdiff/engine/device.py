@@ -119,9 +119,16 @@ def _forwarding(name: str) -> Any:
     return method
 
 
+def _forwarded(name: str) -> property:
+    """The wrapped source's attribute ``name``: a class attribute of ``BatchSource`` (such as
+    ``fixed_batch = False``) would otherwise be found before ``__getattr__`` forwards it."""
+    return property(lambda self: getattr(self.source, name),
+                    doc=f"The wrapped source's ``{name}``.")
+
+
 for _name, _value in list(vars(BatchSource).items()):
-    if not _name.startswith("_") and callable(_value) and _name not in vars(OnDevice):
-        setattr(OnDevice, _name, _forwarding(_name))
+    if not _name.startswith("_") and _name not in vars(OnDevice):
+        setattr(OnDevice, _name, _forwarding(_name) if callable(_value) else _forwarded(_name))
 
 
 def unwrap(source: Any) -> Any:
@@ -155,7 +162,7 @@ def to_device(problem: ProblemT, device: torch.device | str,
     >>> p.to("cpu", torch.float32).dtype
     torch.float32
     """
-    device = resolve_device(device, "Problem.to") if isinstance(device, str) else device
+    device = resolve_device(device, "Problem.to")  # a torch.device or an int is checked too
     dtype = _check_dtype(dtype, "Problem.to")
     p: Any = problem
     # without a dtype, the training batches keep the cast of an earlier .to (as params do)
@@ -193,7 +200,7 @@ def task_to_device(task: Any, device: torch.device | str,
                    dtype: torch.dtype | None = None) -> Any:
     """A copy of a task (a dataclass with ``problems``, ``final_problem`` and ``splits``) with
     every problem and evaluation split on ``device``. Fields it lacks are left alone."""
-    device = resolve_device(device, "task") if isinstance(device, str) else device
+    device = resolve_device(device, "task")
     problems = [*getattr(task, "problems", ()), getattr(task, "final_problem", None)]
     if dtype is None and all(p is None or p.device == device for p in problems):
         return task  # already there: nothing to move or wrap

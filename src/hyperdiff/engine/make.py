@@ -14,8 +14,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hyperdiff.engine.data import as_source, validation_batches
-from hyperdiff.engine.datacheck import check_batch, check_source, shapes_of
+from hyperdiff.engine.data import (
+    FullBatch,
+    Minibatches,
+    Recorded,
+    Sequence,
+    as_source,
+    validation_batches,
+)
+from hyperdiff.engine.datacheck import check_batch, check_source, shapes_of, tensors_in
+from hyperdiff.engine.device import resolve_device
 from hyperdiff.engine.models import FunctionalModel, StepContext, model_state
 from hyperdiff.engine.optimizers import Optimizer, check_coefficient_values, working_dtype
 from hyperdiff.engine.problem import (
@@ -32,7 +40,7 @@ from hyperdiff.hparams.hyperparams import HyperParameters
 from hyperdiff.hparams.initialization import check_matches, initialization_name
 from hyperdiff.hparams.schedules import Schedule
 from hyperdiff.logs import get_logger
-from hyperdiff.typing import LossFn, Params
+from hyperdiff.typing import Batch, LossFn, Params
 
 _LOG = get_logger("problem")  # the problem's warnings, under the problem's logger
 
@@ -54,6 +62,9 @@ def _check_params(params: Any, name: str) -> Params:
             f"hypergradient: {name} must live on one device (got {sorted(map(str, devices))}); "
             "move them together, e.g. with problem.to(device)"
         )
+    for key, value in params.items():
+        if isinstance(value, Tensor):
+            _check_device(f"{name}[{key!r}]", value)
     out = {}
     for key, value in params.items():
         if not isinstance(value, Tensor) or not value.is_floating_point():
@@ -76,6 +87,34 @@ def _check_params(params: Any, name: str) -> Params:
             f"hypergradient: {name} must share one dtype (got {sorted(map(str, dtypes))})"
         )
     return out
+
+
+def _check_device(where: str, tensor: Tensor) -> None:
+    """Refuse a tensor on a device hyperdiff does not run on (``"meta"``, ``"xla"``, ...),
+    whose data the checks below cannot read."""
+    if tensor.device.type not in ("cpu", "cuda", "mps"):
+        resolve_device(tensor.device, "hypergradient", f"the device of {where}")
+
+
+def _held_batches(source: Any) -> list[Batch]:
+    """The batches a train source holds in memory (none for ``fn(step)`` or a DataLoader)."""
+    if isinstance(source, Minibatches):
+        return [tuple(source.tensors)]
+    if isinstance(source, FullBatch):
+        return [source.data]
+    if isinstance(source, (Sequence, Recorded)):
+        return list(source.batches)
+    return []
+
+
+def _check_data_devices(problem: Problem) -> None:
+    """:func:`_check_device` over the held train batches and the validation batches."""
+    for name, batches in (("train_data", _held_batches(problem.train_data)),
+                          ("val_data", problem.val_data)):
+        for i, batch in enumerate(batches):
+            which = name if len(batches) == 1 else f"{name}[{i}]"
+            for label, tensor in tensors_in(batch):
+                _check_device(label.replace("batch", which, 1), tensor)
 
 
 def make_problem(
@@ -185,6 +224,7 @@ def make_problem(
         val_takes_ctx=takes_context(val_loss, "val_loss"),
     )
     problem.train_data.check(steps, seed)
+    _check_data_devices(problem)
     check_source("hypergradient", "train_data", problem.train_data, seed)
     for i, batch in enumerate(problem.val_data):
         check_batch("hypergradient", "val_data" if len(problem.val_data) == 1 else

@@ -15,7 +15,8 @@
 residual ``||b - A x|| / ||b||`` (one extra matvec), the iteration count and why it stopped.
 Solvers never return NaN silently: breakdown, divergence and singular systems set
 ``converged=False`` and explain in ``info``, and a :class:`ConvergenceWarning` is emitted
-unless ``warn=False``.
+unless ``warn=False``. A matvec that turns a finite vector into NaN or inf (``A`` itself is not
+finite) also sets ``matrix_finite=False``, so that callers can refuse the solve.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class SolveResult:
         converged: ``residual <= tol`` and no breakdown, divergence or singularity.
         info: one line saying how it ended.
         matvecs: matrix-vector products used, including the final residual check.
+        matrix_finite: ``False`` when a matvec of a finite vector was NaN or inf (or the dense
+            ``A`` of :func:`exact` has such entries): ``A`` is not finite, no solve can help.
     """
 
     x: Tensor
@@ -60,6 +63,7 @@ class SolveResult:
     converged: bool
     info: str
     matvecs: int = 0
+    matrix_finite: bool = True
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,11 @@ class Solver:
             raise HyperdiffError(
                 f"{self.name}: init must be a tensor of shape {tuple(b.shape)} "
                 f"(got {describe(init)})"
+            )
+        if init is not None and init.device != b.device:
+            raise HyperdiffError(
+                f"{self.name}: init must be on b's device {str(b.device)!r} "
+                f"(got a tensor on {str(init.device)!r}); move it with init.to(b.device)"
             )
         if float(b.norm()) == 0.0:
             return SolveResult(torch.zeros_like(b), 0, 0.0, True, "b = 0: x = 0", 0)
@@ -130,6 +139,15 @@ def _relative_residual(matvec: MatVec, b: Tensor, x: Tensor) -> float:
     return float((b - matvec(x)).norm() / b.norm())
 
 
+NOT_FINITE = "the matrix is not finite"
+"""The end of ``info`` where ``matrix_finite`` is ``False``."""
+
+
+def _maps_finite_to_nonfinite(v: Tensor, av: Tensor) -> bool:
+    """Whether ``A v`` has NaN or inf entries although ``v`` has none."""
+    return bool(torch.isfinite(v).all()) and not bool(torch.isfinite(av).all())
+
+
 # Conjugate gradient --------------------------------------------------------------------------
 def _cg(matvec: MatVec, b: Tensor, init: Tensor | None, tol: float | None, maxiter: int):
     """CG with residual replacement: on apparent convergence the true residual is recomputed,
@@ -141,7 +159,7 @@ def _cg(matvec: MatVec, b: Tensor, init: Tensor | None, tol: float | None, maxit
     matvecs = 0 if init is None else 1
     p, rs = r.clone(), float(r @ r)
     info = f"reached maxiter={maxiter}"
-    ok = True
+    ok = finite = True
     iterations = 0
     if math.sqrt(rs) <= bound:
         maxiter, info = 0, "the initial guess already solves the system"
@@ -157,7 +175,10 @@ def _cg(matvec: MatVec, b: Tensor, init: Tensor | None, tol: float | None, maxit
                 f"{option('exact()', EXACT_KEY)} for an indefinite system"
             )
             if not math.isfinite(curvature):
+                finite = not _maps_finite_to_nonfinite(p, ap)
                 info = f"breakdown at iteration {iterations}: p'Ap = {curvature} is not finite"
+                if not finite:
+                    info = f"{info}: A p has NaN or inf entries, {NOT_FINITE}"
             iterations -= 1
             break
         alpha = rs / curvature
@@ -180,7 +201,7 @@ def _cg(matvec: MatVec, b: Tensor, init: Tensor | None, tol: float | None, maxit
     converged = ok and residual <= tol
     if ok and not converged:
         info = f"{info}; relative residual {residual:.3g} > tol {tol:.3g}"
-    return SolveResult(x, iterations, residual, converged, info, matvecs)
+    return SolveResult(x, iterations, residual, converged, info, matvecs, finite)
 
 
 def cg(tol: float | None = None, maxiter: int = 1000, damping: float = 0.0) -> Solver:
@@ -209,51 +230,59 @@ def cg(tol: float | None = None, maxiter: int = 1000, damping: float = 0.0) -> S
 
 
 # Neumann series ------------------------------------------------------------------------------
-def _largest_eigenvalue(matvec: MatVec, b: Tensor, iterations: int = 20) -> float:
-    """Power-iteration estimate of the largest |eigenvalue| of ``A``, started from ``b``."""
+def _largest_eigenvalue(matvec: MatVec, b: Tensor, iterations: int = 20) -> tuple[float, bool]:
+    """Power-iteration estimate of the largest |eigenvalue| of ``A``, started from ``b``, and
+    whether every matvec of a finite vector was finite."""
     v = b / b.norm()
     estimate = 0.0
     for _ in range(iterations):
         w = matvec(v)
+        if _maps_finite_to_nonfinite(v, w):
+            return math.nan, False
         estimate = float(w.norm())
         if not math.isfinite(estimate) or estimate == 0.0:
             break
         v = w / estimate
-    return estimate
+    return estimate, True
+
+
+def _neumann_diverged(note: str, done: int, relative: float) -> str:
+    return (
+        f"{note}diverged after {done} terms (relative residual {relative:.3g}, above the "
+        "start's): step must be below 2 / lambda_max and A positive definite; lower step, or "
+        f"use {option('exact()', EXACT_KEY)} for an indefinite system (where CG breaks down too)"
+    )
 
 
 def _neumann(matvec, b, init, step, iterations, tol):
     tol = default_tol(b.dtype) if tol is None else tol
     matvecs, note = 0, ""
     if step is None:
-        lam = _largest_eigenvalue(matvec, b)
+        lam, finite = _largest_eigenvalue(matvec, b)
         matvecs += 20
         if not math.isfinite(lam) or lam <= 0.0:
-            return SolveResult(
-                torch.zeros_like(b),
-                0,
-                1.0,
-                False,
-                f"cannot choose a step: power iteration gave lambda_max = {lam:.3g}",
-                matvecs,
-            )
+            info = f"cannot choose a step: power iteration gave lambda_max = {lam:.3g}"
+            if not finite:
+                info = f"{info}: A v has NaN or inf entries, {NOT_FINITE}"
+            return SolveResult(torch.zeros_like(b), 0, 1.0, False, info, matvecs, finite)
         step = 1.0 / lam
         note = f"step=1/lambda_max={step:.3g} (power iteration); "
     x = torch.zeros_like(b) if init is None else init.clone()
     b_norm = float(b.norm())
     info = f"{note}ran all {iterations} terms"
-    done = 0
+    done, first = 0, math.inf
     for done in range(iterations + 1):
-        r = b - matvec(x)
+        ax = matvec(x)
         matvecs += 1
+        if _maps_finite_to_nonfinite(x, ax):
+            info = f"{note}A x has NaN or inf entries after {done} terms: {NOT_FINITE}"
+            return SolveResult(x, done, math.nan, False, info, matvecs, False)
+        r = b - ax
         r_norm = float(r.norm())
+        first = r_norm if done == 0 else first
         if not math.isfinite(r_norm) or r_norm > 1e6 * b_norm:
-            info = (
-                f"{note}diverged after {done} terms (residual {r_norm:.3g}): step must be "
-                "below 2 / lambda_max and A positive definite; lower step or use "
-                f"{option('cg()', CG_KEY)}"
-            )
-            return SolveResult(x, done, r_norm / b_norm, False, info, matvecs)
+            return SolveResult(x, done, r_norm / b_norm, False,
+                               _neumann_diverged(note, done, r_norm / b_norm), matvecs)
         if r_norm <= tol * b_norm:
             info = f"{note}converged after {done} terms"
             break
@@ -262,7 +291,9 @@ def _neumann(matvec, b, init, step, iterations, tol):
         x = x + step * r
     residual = r_norm / b_norm
     converged = residual <= tol
-    if not converged:
+    if not converged and done > 0 and r_norm > first:  # the series grew: a step too large
+        info = _neumann_diverged(note, done, residual)
+    elif not converged:
         info = f"{info}; relative residual {residual:.3g} > tol {tol:.3g}"
     return SolveResult(x, done, residual, converged, info, matvecs)
 
@@ -328,6 +359,10 @@ def _exact(matvec, b, init, max_size, chunk_size, tol):
     tol = math.sqrt(torch.finfo(b.dtype).eps) if tol is None else tol
     A, how = dense_matrix(matvec, n, b, chunk_size)
     info = f"dense {n}x{n} solve, columns by {how}"
+    bad = int((~torch.isfinite(A)).sum())
+    if bad:  # linalg.solve would give NaN (or, in lstsq, finite nonsense)
+        info = f"{info}: {bad} of its {n * n} entries are NaN or inf, {NOT_FINITE}"
+        return SolveResult(torch.full_like(b, math.nan), n, math.nan, False, info, n, False)
     singular = False
     try:
         x = torch.linalg.solve(A, b)
@@ -372,8 +407,19 @@ def exact(
 
 
 def _optional_tol(caller: str, tol: float | None) -> float | None:
-    """``tol`` checked to be a positive finite number; ``None`` (the dtype's default) kept."""
-    return None if tol is None else positive_float(caller, "tol", tol)
+    """``tol`` checked to be a number in ``(0, 1)``; ``None`` (the dtype's default) kept.
+
+    A relative residual of 1 is met by ``x = 0``: ``tol >= 1`` would accept it as a solution.
+    """
+    if tol is None:
+        return None
+    checked = positive_float(caller, "tol", tol)
+    if checked >= 1.0:
+        raise HyperdiffError(
+            f"{caller}: tol must be below 1, the relative residual ||b - A x|| / ||b|| of "
+            f"x = 0 (got {describe(tol)})"
+        )
+    return checked
 
 
 def _damping(caller: str, damping: Any) -> float:

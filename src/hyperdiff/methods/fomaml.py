@@ -111,8 +111,8 @@ def optimizer_reads(problem: Problem) -> list[str]:
     for coefficient in problem.optimizer.coefficients.values():
         if isinstance(coefficient, str):
             names.add(coefficient)
-        elif isinstance(getattr(coefficient, "names", None), dict):
-            names.update(coefficient.names.values())
+        elif isinstance(fields := getattr(coefficient, "names", None), dict):
+            names.update(fields.values())
     return sorted(names & set(problem.hparams))
 
 

@@ -63,7 +63,7 @@ from hyperdiff.engine.data import FullBatch, Minibatches, Recorded, Sequence, St
 from hyperdiff.engine.device import unwrap
 from hyperdiff.engine.models import StepContext
 from hyperdiff.engine.problem import Problem, call_loss, sum_in_order
-from hyperdiff.engine.solvers import ConvergenceWarning, Solver, cg, exact, neumann
+from hyperdiff.engine.solvers import ConvergenceWarning, Solver, SolveResult, cg, exact, neumann
 from hyperdiff.engine.training import (
     TrainState,
     check_finite_losses,
@@ -73,7 +73,13 @@ from hyperdiff.engine.training import (
     unroll,
     validation_loss,
 )
-from hyperdiff.errors import HyperdiffError, describe, positive_float, positive_int
+from hyperdiff.errors import (
+    HyperdiffError,
+    NonFiniteError,
+    describe,
+    positive_float,
+    positive_int,
+)
 from hyperdiff.methods.base import (
     Capabilities,
     HyperGradient,
@@ -101,6 +107,22 @@ def epoch_batches(problem: Problem) -> int:
     if isinstance(source, Recorded):
         return 1
     return 1
+
+
+def _check_train_batches(problem: Problem, batches: int) -> None:
+    """Refuse ``train_batches`` beyond the batches of a one-shot iterator (training itself
+    needed only ``steps`` of them, so the source's own message would name steps)."""
+    source = unwrap(problem.train_data)
+    if not isinstance(source, Recorded):
+        return
+    try:
+        source.check(batches, problem.seed)
+    except HyperdiffError:
+        raise HyperdiffError(
+            f"implicit: train_batches must be at most {len(source.batches)}, the batches the "
+            f"one-shot train_data iterator held (got {batches}); leave it out, or pass a "
+            "re-iterable (a list or DataLoader) or a callable fn(step)"
+        ) from None
 
 
 def train_objective(problem: Problem, batches: int):
@@ -219,6 +241,8 @@ def _implicit(
     state, first_step, losses = _end_of_training(problem, raw)
     trained = time.perf_counter()
 
+    if train_batches is not None:
+        _check_train_batches(problem, train_batches)
     batches = epoch_batches(problem) if train_batches is None else train_batches
     objective = train_objective(problem, batches)
     theta = {k: v.detach().requires_grad_() for k, v in state.params.items()}
@@ -248,7 +272,10 @@ def _implicit(
         system = _stationary_system(g, theta_list, raw_list, start_norm)
 
     solve_started = time.perf_counter()
-    result = solver(system.matvec, rhs.detach(), warn=warn)
+    result = solver(system.matvec, rhs.detach(), warn=False)
+    _refuse_nonfinite_matrix(result, solver, "implicit", fixed_point)
+    if warn and not result.converged:
+        warnings.warn(f"{solver.name}: {result.info}", ConvergenceWarning, stacklevel=2)
     indirect = system.indirect(result.x)
     solved = time.perf_counter()
 
@@ -303,6 +330,22 @@ def _implicit(
         train_losses=losses,
         started=started,
         **diagnostics,
+    )
+
+
+def _refuse_nonfinite_matrix(result: SolveResult, solver: Solver, caller: str,
+                             fixed_point: bool) -> None:
+    """Raise :class:`NonFiniteError` when the solve met NaN or inf products: the system's
+    matrix is not finite at the end point, and the solver's estimate would be a wrong number."""
+    if result.matrix_finite:
+        return
+    matrix = ("I - dPhi/dtheta (Phi one optimizer step)" if fixed_point
+              else "the Hessian of train_loss")
+    raise NonFiniteError(
+        f"{caller}: {matrix} at the end point of training must be finite for the linear solve "
+        f"(got NaN or inf in its products with vectors in the {solver.name} solve); train_loss "
+        "is not twice differentiable there (e.g. |x| ** 1.5, sqrt or norm at 0): smooth it, "
+        "e.g. sqrt(x ** 2 + eps) for |x|"
     )
 
 
@@ -375,6 +418,7 @@ def implicit_samples(problem: Problem, state: TrainState, raw: dict[str, Tensor]
             grads = zeros_for_unused(found, inputs)
             direct = hp.flatten(dict(zip(leaves, grads[len(theta_list):], strict=True)))
             result = solver(hvp, flat(grads[: len(theta_list)]).detach(), warn=False)
+            _refuse_nonfinite_matrix(result, solver, "implicit (an online window)", False)
             mixed = torch.autograd.grad(g, list(leaves.values()), result.x, allow_unused=True,
                                         retain_graph=True)
             _refuse_unseen(found[len(theta_list):], mixed, list(leaves))
@@ -398,6 +442,13 @@ def _refuse_unseen(direct: tuple[Tensor | None, ...], mixed: tuple[Tensor | None
             "learning rates, momentum, its weight decay), since the window's stationary form "
             "sees the losses only and would give them a hypergradient of 0; use method "
             "'curvature' (the online default) or 'reverse'")
+
+
+def _flag(name: str, value: Any) -> bool:
+    """``value`` if it is ``True`` or ``False``, else raise (``"no"`` is truthy)."""
+    if not isinstance(value, bool):
+        raise HyperdiffError(f"implicit: {name} must be True or False (got {describe(value)})")
+    return value
 
 
 CAPABILITIES = Capabilities(exact=False, offline=True, online=True, segment_options=("solver",))
@@ -429,7 +480,8 @@ def implicit(
         val_change_tol: also warn when, to first order, ``L_val`` would still change by more
             than this fraction of itself between ``theta_T`` and the stationary (fixed) point:
             ``|<v, H^-1 grad L_train>|`` (``v`` the solve's solution; free). On the built-in
-            tasks the hypergradient's relative error was 20-120 times this quantity.
+            tasks the hypergradient's relative error was 4-580 times this quantity
+            (``docs/implicit.md``).
         stationarity_tol: warn when the gradient norm (fixed-point residual) at ``theta*`` is
             above this fraction of its value at the start of training.
         warn: emit :class:`~hyperdiff.engine.solvers.ConvergenceWarning` for a solve that did not
@@ -440,6 +492,11 @@ def implicit(
     Returns a :class:`Method`; ``result.diagnostics`` holds ``form``, ``solver``,
     ``iterations``, ``residual``, ``converged``, ``solver_info``, ``grad_norm``,
     ``relative_grad_norm``, ``stationary`` and timings.
+
+    Raises:
+        HyperdiffError: an invalid option (``fixed_point`` and ``warn`` must be bools).
+        NonFiniteError: (when called) the Hessian at the end point has NaN or inf entries
+            (``SolveResult.matrix_finite`` is ``False``): no solver's estimate would be right.
     """
     solver = cg() if solver is None else solver
     if isinstance(solver, str) and solver in SOLVERS:
@@ -449,6 +506,7 @@ def implicit(
             "implicit: solver must be made by hyperdiff.engine.solvers.cg(), neumann() or exact(), "
             f"or be one of {sorted(SOLVERS)} (got {describe(solver)})"
         )
+    fixed_point, warn = _flag("fixed_point", fixed_point), _flag("warn", warn)
     stationarity_tol = positive_float("implicit", "stationarity_tol", stationarity_tol)
     val_change_tol = positive_float("implicit", "val_change_tol", val_change_tol)
     if train_batches is not None:
@@ -460,7 +518,7 @@ def implicit(
     return Method(
         "implicit",
         lambda problem, raw: _implicit(
-            problem, raw, solver, bool(fixed_point), stationarity_tol, val_change_tol, warn,
+            problem, raw, solver, fixed_point, stationarity_tol, val_change_tol, warn,
             train_batches,
         ),
         options,

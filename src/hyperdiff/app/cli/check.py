@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextvars
 
 HELP = "check a task's problem (method agreement, cost) and recommend a method"
 
@@ -55,7 +56,12 @@ def run(args: argparse.Namespace) -> int:
     task = task_to_device(build_task(
         name, steps=args.steps, selection_fraction=given.selection_fraction,
         cv_folds=given.cv_folds, data_seed=given.data_seed, params=given.params), device)
-    report = check(task.problems[0], progress=False if args.quiet else None)
+    # check() runs its own methods with their library defaults, none of which --set reaches
+    # (only [task] keys): its notes name their options in the library's keyword form, as in
+    # hd.check(problem, methods=[hd.implicit(stationarity_tol=...)]), not as [method] keys.
+    # A fresh context leaves the CLI's config_syntax() (hyperdiff.wording) behind.
+    report = contextvars.Context().run(check, task.problems[0],
+                                       progress=False if args.quiet else None)
     print(report.table())
     print(report.recommendation)
     return 0
