@@ -77,3 +77,32 @@ def test_numpy_scalar_coefficients_train_as_torch_optim_with_them(kind):
         p.grad = grad.clone()
         theirs.step()
     assert torch.equal(params["w"], p.detach())
+
+
+def schedule_problem(schedule: hd.schedules.Schedule, **specs) -> hd.Problem:
+    loss = lambda p, h, b: ((p["w"] - b) ** 2).sum()  # noqa: E731
+    return hd.make_problem(loss, loss, hd.HyperParameters(**specs), {"w": torch.zeros(3, dtype=D)},
+                           optimizer=hd.sgd(schedule), train_data=torch.ones(3, dtype=D),
+                           val_data=torch.ones(3, dtype=D), steps=schedule.steps)
+
+
+@pytest.mark.parametrize("field, spec, message", [
+    ("warmup", hd.scalar(1.0), r"'lr_warmup' must be a finite number in \(0, 1\) \(got 1.0\)"),
+    ("final", hd.scalar(3.0), r"'lr_final' must be a finite number in \(0, 1\) \(got 3.0"),
+    ("peak", hd.scalar(-0.1, "free"), r"'lr_peak' must be a finite number > 0 \(got -0.1\)"),
+])
+def test_a_schedule_field_outside_its_family_is_refused(field, spec, message):
+    """warmup 1 gave a NaN at the last step, final 3 a rising "decay", peak -0.1 a negative
+    learning rate; all trained."""
+    schedule = hd.schedule("warmup_cosine", 5)
+    specs = {**schedule.hyperparameters(peak=0.1, warmup=0.2, final=0.1), f"lr_{field}": spec}
+    with pytest.raises(hd.HyperdiffError, match="the warmup_cosine schedule of lr: " + message):
+        schedule_problem(schedule, **specs)
+
+
+def test_a_schedule_whose_fields_are_missing_is_refused_by_name():
+    schedule = hd.schedule("warmup_cosine", 5)  # reads lr_peak, ...; the collection has sched_*
+    specs = hd.schedule("warmup_cosine", 5, prefix="sched").hyperparameters()
+    with pytest.raises(hd.HyperdiffError, match=r"schedule of lr must read its peak from a "
+                       r"scalar hyperparameter 'lr_peak' \(got no such hyperparameter"):
+        schedule_problem(schedule, **specs)  # a KeyError from inside training before

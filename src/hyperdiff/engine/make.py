@@ -25,7 +25,12 @@ from hyperdiff.engine.data import (
 from hyperdiff.engine.datacheck import check_batch, check_source, shapes_of, tensors_in
 from hyperdiff.engine.device import resolve_device
 from hyperdiff.engine.models import FunctionalModel, StepContext, model_state
-from hyperdiff.engine.optimizers import Optimizer, check_coefficient_values, working_dtype
+from hyperdiff.engine.optimizers import (
+    Optimizer,
+    check_coefficient_values,
+    check_schedule,
+    working_dtype,
+)
 from hyperdiff.engine.problem import (
     Problem,
     call_loss,
@@ -165,6 +170,8 @@ def make_problem(
                 + ("its later part would never train, and its hyperparameters that shape it "
                    "would get no gradient from it" if coef.steps > steps else
                    "it ends before the run") + f"); use schedule.with_steps({steps})")
+        if isinstance(coef, Schedule):
+            check_schedule(optimizer, coef_name, coef, hparams)
         if isinstance(coef, str):
             if coef not in hparams:
                 raise HyperdiffError(

@@ -18,6 +18,7 @@ bf16 / fp16 parameters are updated in float32 (:func:`working_dtype`) and rounde
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -37,6 +38,7 @@ from hyperdiff.errors import (
 )
 from hyperdiff.hparams.constraints import natural_range
 from hyperdiff.hparams.hyperparams import HParamView, HyperParameters
+from hyperdiff.hparams.schedules import Schedule, field_range
 from hyperdiff.logs import get_logger
 from hyperdiff.typing import Params
 
@@ -281,6 +283,40 @@ def referenced_hyperparameters(optimizer: Optimizer) -> set[str]:
     """Names of hyperparameters that the optimizer's string coefficients refer to."""
     return {c for c in optimizer.coefficients.values() if isinstance(c, str)}
 
+
+
+def check_schedule(optimizer: Optimizer, coef_name: str, schedule: Schedule,
+                   hparams: HyperParameters) -> None:
+    """A schedule coefficient's fields must be scalar continuous hyperparameters of
+    ``hparams`` with values its family is defined for (``peak`` > 0; ``warmup``, ``final``,
+    ``gamma`` in (0, 1)), and its values over the run valid for the coefficient; warn when a
+    field's constraint lets the outer loop move it out of its range."""
+    caller = f"hypergradient: the {schedule.family} schedule of {coef_name}"
+    for field_name, name in schedule.names.items():
+        spec = hparams.get(name)
+        if spec is None or spec.is_discrete or math.prod(spec.shape) != 1:
+            got = "no such hyperparameter" if spec is None else f"the {spec.kind} {name!r}"
+            raise HyperdiffError(
+                f"{caller} must read its {field_name} from a scalar hyperparameter {name!r} "
+                f"(got {got}; defined: {list(hparams)}); add schedule.hyperparameters() to the "
+                "collection")
+        value = float(hparams.natural()[name])
+        valid = field_range(field_name)
+        if not valid.contains(value):
+            raise HyperdiffError(f"{caller}: {name!r} must be {valid.text()} (got {value!r})")
+        low, high = natural_range(spec.constraint)
+        if (valid.low is not None and (low is None or low < valid.low)) or (
+                valid.high is not None and (high is None or high > valid.high)):
+            get_logger("problem").warning(
+                "%s: %r has a %s constraint that lets tuning move it outside %s; constrain "
+                "it as schedule.hyperparameters() does", caller, name, spec.constraint.name,
+                valid.text())
+    bound = optimizer.valid.get(coef_name)
+    values = schedule.window(hparams.natural(), 0, schedule.steps)
+    if bound is not None and not bool(bound.tensor_contains(values).all()):
+        bad = values[~bound.tensor_contains(values)].reshape(-1)[:3].tolist()
+        raise HyperdiffError(f"{caller} must give values that are {bound.text()} at every step "
+                             f"(got {bad})")
 
 
 def check_coefficient_values(

@@ -92,6 +92,12 @@ CURVES: dict[str, Callable[[float, Mapping[str, Tensor], int], Tensor]] = {
 }
 
 
+def field_range(field_name: str) -> Range:
+    """The values a schedule's field is defined for: ``peak`` positive, ``warmup``, ``final``
+    and ``gamma`` in the open interval (0, 1) (module doc)."""
+    return POSITIVE if field_name == "peak" else OPEN_UNIT
+
+
 @dataclass(frozen=True)
 class Schedule:
     """A parametric schedule over ``steps`` inner steps whose parameters are hyperparameters.
@@ -121,7 +127,7 @@ class Schedule:
                        f"among {list(FIELDS[self.family])}", unknown)
         out = {}
         for field_name, name in self.names.items():
-            valid = POSITIVE if field_name == "peak" else OPEN_UNIT  # the constraint's values
+            valid = field_range(field_name)  # the constraint's values
             value = number(self.family, field_name, initial.get(field_name, DEFAULTS[field_name]),
                            valid)
             out[name] = scalar(value, None if field_name == "peak" else UNIT)
