@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,11 @@ from hyperdiff.hparams.initialization import initial_values, initialization_name
 from hyperdiff.hparams.schedules import Schedule, resample
 from hyperdiff.tuner.history import OptimizeResult
 from hyperdiff.tuner.online_plan import OnlineResult
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 # inner-optimizer coefficient -> torch.optim param-group key (betas are joined into a pair)
 GROUP_KEYS = {
@@ -377,10 +383,11 @@ def _compared_values(source: Mapping[str, Any], method: str | None, where: str) 
     return best["values"]
 
 
-def _check_task(task: Any, task_name: str | None, source: Mapping[str, Any], where: str
-                ) -> None:
+def _check_task(task: Any, task_name: str | None, source: Mapping[str, Any], where: str,
+                run_dir: Path | None = None) -> None:
     """Refuse a source of another task than ``task`` (named ``task_name``), or one made with
-    other task params than a task built by ``build_task`` (``task.info["params"]``)."""
+    other task params or another ``task.data_seed`` (its ``config.toml`` in ``run_dir``)
+    than a task built by ``build_task`` (``task.info["params"]``, ``["data_seed"]``)."""
     recorded = source.get("task")
     if task_name is not None and recorded != task_name:
         raise HyperdiffError(
@@ -394,6 +401,34 @@ def _check_task(task: Any, task_name: str | None, source: Mapping[str, Any], whe
                 f"tuned_hparams: source must be a run of task {task_name!r} with the task's "
                 f"params {ours} (got {where}, a run with the params {theirs}); build the task "
                 "with the run's params (--set task.params.NAME=VALUE, build_task(params=...))")
+    _check_data_seed(task, run_dir, where)
+
+
+def _check_data_seed(task: Any, run_dir: Path | None, where: str) -> None:
+    """Refuse a run whose ``config.toml`` records another ``task.data_seed`` than the task's
+    (``task.info["data_seed"]``): its tuned per-example weights index other examples. Either
+    one not recorded (a result given as a dict, a task built without it): not checked."""
+    ours = task.info.get("data_seed") if isinstance(task, Task) else None
+    theirs = None if ours is None or run_dir is None else _recorded_data_seed(run_dir)
+    if theirs is not None and theirs != ours:
+        raise HyperdiffError(
+            f"tuned_hparams: source must be a run with the task's data_seed {ours} (got "
+            f"{where}, a run with task.data_seed = {theirs}, whose tuned values were fitted to "
+            "other splits: a per-example weight would land on another example); build the "
+            f"task with data_seed={theirs} (build_task(..., data_seed={theirs}), --set "
+            f"task.data_seed={theirs})")
+
+
+def _recorded_data_seed(run_dir: Path) -> int | None:
+    """``task.data_seed`` of the run's ``config.toml`` (``None``: no readable file, or no
+    such key)."""
+    try:
+        config = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    section = config.get("task")
+    seed = section.get("data_seed") if isinstance(section, dict) else None
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
 
 def tuned_hparams(task: Task | TaskSpec | HyperParameters, source: Any, *,
@@ -407,16 +442,17 @@ def tuned_hparams(task: Task | TaskSpec | HyperParameters, source: Any, *,
     Given a task (a built ``hd.Task`` or the ``hd.task(...)`` spec), a result that records
     another task (its ``"task"`` entry) is refused, also when the hyperparameter names happen
     to match, and so is one made with other task params than a task that ``build_task`` built
-    (``"task_params"``); given only ``hd.HyperParameters``, the names and shapes are checked.
+    (``"task_params"``), or, read from a run directory, with another ``task.data_seed`` (its
+    ``config.toml``); given only ``hd.HyperParameters``, the names and shapes are checked.
     """
     hparams, task_name = _target(task)
     if isinstance(source, (OptimizeResult, OnlineResult)):
         best = _as_hparams(source, "tuned_hparams")
         return _with_values(hparams, dict(best.natural()), "the result")
-    where = "the result"
+    where, run_dir = "the result", None
     if isinstance(source, (str, Path)):
         source, path = _read_result(source)
-        where = str(path)
+        where, run_dir = str(path), path.parent
     compared = isinstance(source, Mapping) and isinstance(source.get("methods"), list)
     if compared:
         values = _compared_values(source, method, where)
@@ -431,7 +467,7 @@ def tuned_hparams(task: Task | TaskSpec | HyperParameters, source: Any, *,
         raise HyperdiffError("tuned_hparams: source must be an OptimizeResult, a run directory "
                              "or a result with a 'tuned' -> 'hparams' entry, or a comparison "
                              f"with method=... (got {describe(source)})")
-    _check_task(task, task_name, source, where)
+    _check_task(task, task_name, source, where, run_dir)
     return _with_values(hparams, values, where)
 
 

@@ -94,11 +94,13 @@ def tuned_values(source: RunDir, config: Config) -> dict[str, Any]:
     """``{"run", "raw"}``: the best raw values of the finished offline run ``source`` (from
     its last checkpoint, exactly), for ``--from``; also of one whose guard gave up after a
     good step (``"diverged"``: its best step before the failures); refused when ``source`` is
-    unfinished, of another mode or of another task than ``config``'s."""
+    unfinished, of another mode, of another task than ``config``'s, or of the task with other
+    params or another ``task.data_seed`` (as ``hd.tuned_hparams`` refuses them)."""
     stored = with_absolute_task(load_config(source.config_path(), stored=True))
     if stored.task.name != config.task.name:
         raise HyperdiffError(f"run: --from must name a run of task {config.task.name!r} (got "
                              f"{source.path}, a run of {stored.task.name!r})")
+    same_task_inputs(source, stored, config)
     finished = source.read_result()
     if extension_pending(stored, finished):
         raise HyperdiffError(f"run: --from must name a finished offline run (got {source.path}, "
@@ -121,15 +123,68 @@ def tuned_values(source: RunDir, config: Config) -> dict[str, Any]:
     return {"run": str(source.path), "raw": raw, "hparams": source.read_hparams()}
 
 
+def same_task_inputs(source: RunDir, stored: Config, config: Config) -> None:
+    """Refuse a ``--from`` run made with other task params or another ``task.data_seed``
+    than ``config``: its raw values were tuned on other data (per-example weights would land
+    on other examples) or for another task."""
+    if dict(stored.task.params) != dict(config.task.params):
+        raise HyperdiffError(
+            f"run: --from must name a run of task {config.task.name!r} with the task's params "
+            f"{dict(config.task.params)} (got {source.path}, a run with the params "
+            f"{dict(stored.task.params)}); start with the run's params (--set "
+            "task.params.NAME=VALUE), or without --from")
+    if stored.task.data_seed != config.task.data_seed:
+        raise HyperdiffError(
+            f"run: --from must name a run with task.data_seed = {config.task.data_seed} (got "
+            f"{source.path}, a run with task.data_seed = {stored.task.data_seed}, whose tuned "
+            "values were fitted to other splits: a per-example weight would land on another "
+            f"example); start with --set task.data_seed={stored.task.data_seed}, or without "
+            "--from")
+
+
+def description_differences(ours: dict[str, Any], theirs: dict[str, Any]
+                            ) -> dict[str, str]:
+    """Hyperparameter name -> how ``theirs`` (a run's ``hparams.json``) differs from
+    ``ours``; an entry that ``theirs`` does not record (``constraint_settings`` before s40)
+    is not compared."""
+    out = {}
+    for name in sorted(set(ours) | set(theirs)):
+        mine, other = ours.get(name), theirs.get(name)
+        if not isinstance(mine, dict) or not isinstance(other, dict):
+            out[name] = "not in the run" if other is None else (
+                "not in the task" if mine is None else "damaged in the run")
+            continue
+        keys = [k for k in mine if k in other and mine[k] != other[k]]
+        if any(k in keys for k in ("constraint", "constraint_settings")):
+            out[name] = (f"the constraint {constraint_text(mine)} here, "
+                         f"{constraint_text(other)} in the run")
+        elif keys:
+            out[name] = "; ".join(f"{k} {mine[k]!r} here, {other[k]!r} in the run"
+                                  for k in keys)
+    return out
+
+
+def constraint_text(entry: dict[str, Any]) -> str:
+    """``interval(low=0.0, high=1.0)``: a described constraint, with its settings if
+    recorded."""
+    settings = entry.get("constraint_settings")
+    inner = ", ".join(f"{k}={v!r}" for k, v in settings.items()) if isinstance(
+        settings, dict) else ""
+    return f"{entry.get('constraint')}({inner})" if inner else str(entry.get("constraint"))
+
+
 def starting_at(task: Task, start: dict[str, Any]) -> Task:
     """``task`` with its initial raw values replaced by ``start["raw"]`` (names, kinds,
-    constraints and sizes must match those ``start["hparams"]`` records)."""
-    ours, theirs = describe(task.hparams), start["hparams"]
-    if ours != theirs:
-        differ = sorted(n for n in set(ours) | set(theirs) if ours.get(n) != theirs.get(n))
+    constraints with their settings, and sizes must match those ``start["hparams"]``
+    records, as far as it records them)."""
+    differ = description_differences(describe(task.hparams), start["hparams"])
+    if differ:
+        detail = "; ".join(f"{name!r}: {how}" for name, how in list(differ.items())[:3])
         raise HyperdiffError(
             f"run: --from must name a run with the same hyperparameters (names, kinds, "
-            f"constraints, sizes) as task {task.name!r}; {start['run']} differs in {differ}")
+            f"constraints, sizes) as task {task.name!r}; {start['run']} differs in "
+            f"{sorted(differ)} ({detail}): its raw values would mean other natural values "
+            "here; start without --from, or from a run of the task as it is now")
     raw: dict[str, Tensor] = {n: torch.tensor(v, dtype=torch.float64, device="cpu")
                               for n, v in start["raw"].items()}
     hparams = task.hparams.with_raw(task.hparams.check_raw(raw))
@@ -163,6 +218,7 @@ def restore_or_start(rundir: RunDir, config: Config, hparams: Any, loop: Any, *,
     return True
 
 
-__all__ = ["ACCEPT_FLAG", "changed_inputs_error", "extension_pending", "input_change_warnings",
-           "restore_or_start",
-           "run_inputs", "starting_at", "tuned_values", "verify_inputs", "with_absolute_task"]
+__all__ = ["ACCEPT_FLAG", "changed_inputs_error", "constraint_text", "description_differences",
+           "extension_pending", "input_change_warnings", "restore_or_start", "run_inputs",
+           "same_task_inputs", "starting_at", "tuned_values", "verify_inputs",
+           "with_absolute_task"]

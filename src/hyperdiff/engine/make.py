@@ -41,7 +41,7 @@ from hyperdiff.engine.problem import (
 from hyperdiff.engine.training import initial_state, train_step, validation_loss
 from hyperdiff.errors import HyperdiffError, LossError, describe, nonnegative_int, positive_int
 from hyperdiff.hparams.discrete import discrete_names, with_states
-from hyperdiff.hparams.hyperparams import HyperParameters
+from hyperdiff.hparams.hyperparams import HyperParameters, check_representable
 from hyperdiff.hparams.initialization import check_matches, initialization_name
 from hyperdiff.hparams.schedules import Schedule
 from hyperdiff.logs import get_logger
@@ -213,6 +213,7 @@ def make_problem(
                 )
             check_coefficient_values(optimizer, coef_name, coef, hparams,
                                       working_dtype(next(iter(params.values()))))
+    check_representable(hparams, working_dtype(next(iter(params.values()))))
     # a direct call's straight-through Gumbel noise follows the problem's seed (the outer
     # loops seed it per step and sample): it was seed 0's whatever the seed
     hparams = with_states(hparams, {n: {"noise_seed": seed} for n in discrete_names(hparams)})

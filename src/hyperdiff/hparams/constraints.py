@@ -8,7 +8,8 @@ Hypergradient descent moves the *raw* (unconstrained) value ``u``; users read an
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,6 +37,21 @@ class Constraint:
 
     def describe_valid(self) -> str:
         raise NotImplementedError
+
+    def settings(self) -> dict[str, Any]:
+        """What defines the map besides :attr:`name`, JSON-ready: an interval's ``low`` and
+        ``high``, a positive constraint's ``transform`` (the numbers and strings among a
+        dataclass's fields; ``{}`` for others). A run records them (``hparams.json``), so that
+        ``--from`` can refuse raw values that another map would read as other natural values.
+
+        >>> Interval(0.0, 10.0).settings()
+        {'low': 0.0, 'high': 10.0}
+        """
+        if not is_dataclass(self):
+            return {}
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: v if isinstance(v, str) else float(v) for k, v in values.items()
+                if isinstance(v, str) or (is_number(v) and math.isfinite(float(v)))}
 
 
 @dataclass(frozen=True)

@@ -109,8 +109,7 @@ class DiscreteParameter(HyperParameter):
             raise HyperdiffError(f"{where}: mode must be one of {list(MODES)} "
                                  f"(got {self.mode!r})")
         for tau in (*self.temperature, self.current_temperature):
-            if tau is not None and not (isinstance(tau, (int, float)) and math.isfinite(tau)
-                                        and tau > 0):
+            if tau is not None and not (is_number(tau) and math.isfinite(tau) and tau > 0):
                 raise HyperdiffError(
                     f"{where}: temperature must be a finite number > 0 or a (start, end) pair "
                     f"of them (got {describe(self.temperature)})"

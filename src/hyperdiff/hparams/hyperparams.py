@@ -26,8 +26,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from hyperdiff.errors import HyperdiffError, describe, fail, is_number, positive_int
-from hyperdiff.hparams.constraints import Constraint, as_constraint
+from hyperdiff.errors import (
+    HyperdiffError,
+    NonFiniteError,
+    describe,
+    fail,
+    is_number,
+    positive_int,
+)
+from hyperdiff.hparams.constraints import Constraint, as_constraint, natural_range
 
 KINDS = ("scalar", "per_feature", "per_tensor", "per_element", "per_step")
 ELEMENTWISE = ("per_element", "initialization")
@@ -92,8 +99,10 @@ def _is_real_array(value: Any) -> bool:
 def _checked(caller: str, init: Tensor, constraint: Constraint, kind: str,
              names: tuple[str, ...] = (), shapes: tuple[tuple[int, ...], ...] = ()
              ) -> HyperParameter:
-    """The spec, after checking that every initial value lies inside its constraint."""
+    """The spec, after checking that every initial value lies inside its constraint (far
+    enough from its bounds that its raw value is finite)."""
     _check_inside(f"{caller}: value", constraint, init)
+    _to_raw(f"{caller}: value", constraint, init)
     return HyperParameter(init, constraint, kind, names, shapes)
 
 
@@ -145,16 +154,27 @@ def per_tensor(
     """One value per parameter tensor of ``params`` (a float, or a dict name -> float)."""
     names, _ = _check_params("per_tensor", params)
     if isinstance(value, Mapping):
-        missing = [n for n in names if n not in value]
-        if missing:
-            raise HyperdiffError(f"per_tensor: value is missing parameters {missing}")
-        v = _tensor([value[n] for n in names], "per_tensor")
+        v = _per_tensor_values("per_tensor", "value", names, value)
     else:
         v = _tensor(value, "per_tensor")
         if v.dim() != 0:
             raise fail("per_tensor", "value", "a number or a dict name -> number", value)
         v = v.expand(len(names)).clone()
     return _checked("per_tensor", v, as_constraint(constraint, "per_tensor"), "per_tensor", names)
+
+
+def _per_tensor_values(caller: str, what: str, names: tuple[str, ...],
+                       value: Mapping[Any, Any]) -> Tensor:
+    """The numbers of a dict parameter name -> number, in the order of ``names``; a name that
+    is not one of them (a typo) or a missing name is refused."""
+    unknown = [k for k in value if k not in names]
+    if unknown:
+        raise HyperdiffError(f"{caller}: {what} must name only the parameters {list(names)} "
+                             f"(got unknown {unknown})")
+    missing = [n for n in names if n not in value]
+    if missing:
+        raise HyperdiffError(f"{caller}: {what} is missing parameters {missing}")
+    return _tensor([value[n] for n in names], caller, what)
 
 
 def per_element(
@@ -268,8 +288,12 @@ class HyperParameters(Mapping[str, HyperParameter]):
         raw: Mapping[str, Tensor] | None = None,
         **kwargs: HyperParameter,
     ):
-        merged = dict(specs or {})
-        merged.update(kwargs)
+        if isinstance(raw, HyperParameter):
+            raise HyperdiffError(
+                "HyperParameters: raw= takes the raw values (a dict name -> tensor), so a "
+                "hyperparameter named 'raw' cannot be a keyword (got raw=a HyperParameter); "
+                "give it in the mapping: hd.HyperParameters({'raw': hd.scalar(...)}, ...)")
+        merged = _merged(specs, kwargs)
         if not merged:
             raise HyperdiffError("HyperParameters: at least one hyperparameter is required")
         for name, spec in merged.items():
@@ -283,8 +307,11 @@ class HyperParameters(Mapping[str, HyperParameter]):
             spec.validate(name)
             _check_natural(name, spec.constraint, spec.init)
         self._specs = merged
-        if raw is None:
-            raw = {n: s.constraint.to_raw(s.init) for n, s in merged.items()}
+        if raw is None:  # a collection given as specs keeps its values (tuned ones, say)
+            kept = specs.raw if isinstance(specs, HyperParameters) else {}
+            raw = {n: kept[n] if n in kept else _to_raw(
+                f"HyperParameters: natural value of {n!r}", s.constraint, s.init)
+                for n, s in merged.items()}
         self._raw = self.check_raw(raw)
 
     # Mapping over specs -------------------------------------------------------------------
@@ -331,8 +358,10 @@ class HyperParameters(Mapping[str, HyperParameter]):
                        raw if bad is None else bad)
         return HyperParameters(self._specs, raw={n: v.detach() for n, v in raw.items()})
 
-    def with_natural(self, **values: float | Tensor) -> HyperParameters:
-        """A copy with some natural values replaced: ``hp.with_natural(lr=0.05)``."""
+    def with_natural(self, **values: float | Tensor | Mapping[str, float]) -> HyperParameters:
+        """A copy with some natural values replaced: ``hp.with_natural(lr=0.05)``; a
+        ``per_tensor`` value may be a dict parameter name -> number, as ``hd.per_tensor``
+        takes it; a discrete one is the probabilities of its choices."""
         raw = self.raw
         for name, value in values.items():
             if name not in self._specs:
@@ -341,31 +370,30 @@ class HyperParameters(Mapping[str, HyperParameter]):
                     f"valid names are {list(self._specs)}"
                 )
             spec = self._specs[name]
-            v = _tensor(value, "HyperParameters.with_natural")
-            if spec.kind in ("categorical", "integer", "boolean") and (
-                    tuple(v.shape) != tuple(spec.shape)
-                    or not abs(float(v.double().sum()) - 1.0) <= 1e-6):  # else rescaled
-                raise fail("HyperParameters.with_natural", name,
-                           f"probabilities of its {spec.shape[0]} choices, shape "
-                           f"{tuple(spec.shape)}, that sum to 1", value)
-            try:
-                v = v.expand(spec.shape).clone()
-            except RuntimeError:
-                raise fail("HyperParameters.with_natural", name,
-                           f"a number or a tensor of shape {spec.shape}", value) from None
+            v = _natural_value(name, spec, value)
             _check_natural(name, spec.constraint, v)
-            raw[name] = spec.constraint.to_raw(v)
+            raw[name] = _to_raw(f"HyperParameters: natural value of {name!r}", spec.constraint, v)
         return HyperParameters(self._specs, raw=raw)
 
     def natural_grad(
         self, grad_raw: Mapping[str, Tensor], raw: Mapping[str, Tensor] | None = None
     ) -> dict[str, Tensor]:
-        """Chain rule to natural units: ``dL/dx = (dL/du) / f'(u)`` elementwise."""
+        """Chain rule to natural units: ``dL/dx = (dL/du) / f'(u)`` elementwise.
+
+        Raises:
+            NonFiniteError: where ``f'(u)`` is 0 in the gradient's dtype (a value rounded onto
+                its bound), which would make ``dL/dx`` NaN or infinite.
+        """
         raw = self._raw if raw is None else raw
-        return {
-            n: grad_raw[n] / s.constraint.derivative(raw[n].to(grad_raw[n]))
-            for n, s in self._specs.items()
-        }
+        out = {}
+        for name, spec in self._specs.items():
+            at = raw[name].to(grad_raw[name])
+            slope = spec.constraint.derivative(at)
+            flat = slope.reshape(-1) == 0
+            if bool(flat.any()):
+                raise NonFiniteError(_flat_slope_text(name, spec.constraint, at, flat))
+            out[name] = grad_raw[name] / slope
+        return out
 
     def check_raw(self, raw: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Validate names, shapes and finiteness of raw values; return float64 CPU copies."""
@@ -431,8 +459,128 @@ class HyperParameters(Mapping[str, HyperParameter]):
         return f"HyperParameters({', '.join(parts)})"
 
 
+def _merged(specs: Mapping[str, HyperParameter] | None, kwargs: dict[str, HyperParameter]
+            ) -> dict[str, HyperParameter]:
+    """The specs of the mapping and the keywords, a name given in both refused."""
+    try:
+        merged = dict(specs or {})
+    except (TypeError, ValueError):
+        raise fail("HyperParameters", "specs", "a dict name -> HyperParameter (or a "
+                   "hd.HyperParameters, whose values are kept)", specs) from None
+    twice = [n for n in kwargs if n in merged]
+    if twice:
+        raise HyperdiffError(f"HyperParameters: each name must be given once (got {twice[0]!r} "
+                             "both in the mapping and as a keyword)")
+    merged.update(kwargs)
+    return merged
+
+
+def _natural_value(name: str, spec: HyperParameter, value: Any) -> Tensor:
+    """``value`` given to :meth:`HyperParameters.with_natural` for ``name``, as a float64
+    tensor of the spec's shape."""
+    caller = "HyperParameters.with_natural"
+    if spec.kind == "per_tensor" and isinstance(value, Mapping):
+        return _per_tensor_values(caller, name, spec.param_names, value)
+    if spec.is_discrete:
+        return _probabilities(name, spec, value)
+    v = _tensor(value, caller, name)
+    try:
+        return v.expand(spec.shape).clone()
+    except RuntimeError:
+        raise fail(caller, name, f"a number or a tensor of shape {spec.shape}", value) from None
+
+
+def _probabilities(name: str, spec: HyperParameter, value: Any) -> Tensor:
+    """The probabilities of a discrete spec's choices that ``value`` must be (a choice itself,
+    or its label, is refused naming the choices and the function that fixes one)."""
+    n = spec.shape[0]
+    v = None
+    if isinstance(value, (Tensor, list, tuple)) or is_number(value) or _is_real_array(value):
+        try:
+            v = _tensor(value, "HyperParameters.with_natural", name)
+        except HyperdiffError:
+            v = None
+    if v is not None and tuple(v.shape) == tuple(spec.shape) and abs(
+            float(v.sum()) - 1.0) <= 1e-6:  # else softmax(to_raw(v)) would rescale it
+        return v
+    labels = [getattr(c, "__name__", c) for c in getattr(spec, "choices", ())]
+    example = value if isinstance(value, str) and value in labels else labels[0]
+    error = fail("HyperParameters.with_natural", name, f"probabilities of its {n} choices, "
+                 f"shape ({n},), that sum to 1", value)
+    raise HyperdiffError(f"{error}; its choices are {labels}: to fix one, give its label to "
+                         f"hyperdiff.hparams.choices.fix_choices(hp, {{{name!r}: {example!r}}})")
+
+
 def _check_natural(name: str, constraint: Constraint, value: Tensor) -> None:
     _check_inside(f"HyperParameters: natural value of {name!r}", constraint, value)
+
+
+def _to_raw(what: str, constraint: Constraint, natural: Tensor) -> Tensor:
+    """``constraint.to_raw(natural)`` (a value inside it), refused where it is not finite: a
+    value so close to a bound (``5e-324`` in ``(0, 3)``) that float64 cannot tell it from the
+    bound."""
+    raw = constraint.to_raw(natural)
+    finite = torch.isfinite(raw)
+    if not bool(finite.all()):
+        bad = natural[~finite].reshape(-1)[:3]
+        low, high = natural_range(constraint)
+        first = float(bad[0])
+        near = low if low is not None and (high is None or first - low <= high - first) else high
+        bound = "a bound" if near is None else f"the bound {near:g}"
+        raise HyperdiffError(
+            f"{what} must be {constraint.describe_valid()} for {_article(constraint.name)} "
+            f"{constraint.name} constraint and far enough from its bounds for its raw value to "
+            "be finite in float64 (got "
+            f"{bad.tolist() if natural.dim() else first!r}, too close to {bound} to be "
+            "represented); choose a value farther from the bound")
+    return raw
+
+
+def _flat_slope_text(name: str, constraint: Constraint, raw: Tensor, flat: Tensor) -> str:
+    """Why ``name``'s natural-unit hypergradient cannot be computed: the constraint's slope is
+    0 at the raw values ``raw`` (in their dtype) where ``flat``."""
+    at = raw.detach().reshape(-1)[flat][:3]
+    natural = constraint.to_natural(at)
+    dtype, one = str(raw.dtype).removeprefix("torch."), raw.dim() == 0
+    return (f"hypergradient: the hypergradient of {name!r} in natural units is undefined: "
+            f"its {constraint.name} constraint's slope dx/du is 0 in {dtype} at the raw value"
+            f"{'' if one else 's'} {_numbers(at, one)} (natural {_numbers(natural, one)}, on "
+            "or next to a bound); choose a value farther from the bound"
+            + (", or train in float64" if raw.dtype != torch.float64 else ""))
+
+
+def _numbers(values: Tensor, one: bool) -> str:
+    """``values`` to 10 significant digits: one number if ``one``, else a list."""
+    texts = [f"{float(v):.10g}" for v in values.reshape(-1)]
+    return texts[0] if one else f"[{', '.join(texts)}]"
+
+
+def check_representable(hparams: HyperParameters, dtype: torch.dtype,
+                        caller: str = "hypergradient") -> None:
+    """Refuse a continuous hyperparameter whose natural value, computed from its raw value in
+    ``dtype`` (the one training reads it in), is not strictly inside its constraint: a value
+    valid in float64 may round onto a bound in float32 (0.99999999 in ``(0, 1)`` becomes 1.0,
+    ``1e-47 > 0`` becomes 0), where the loss reads the bound and the hypergradient in natural
+    units is undefined."""
+    dtype_name, values = str(dtype).removeprefix("torch."), hparams.raw
+    for name, spec in hparams.items():
+        if spec.is_discrete:
+            continue
+        raw = values[name]
+        rounded = spec.constraint.to_natural(raw.to(dtype))
+        ok = spec.constraint.valid(rounded)
+        if bool(ok.all()):
+            continue
+        exact = spec.constraint.to_natural(raw)
+        one = raw.dim() == 0
+        got, there = _numbers(exact[~ok][:3], one), _numbers(rounded[~ok][:3], one)
+        rounds = "" if dtype == torch.float64 else f", which rounds to {there} there"
+        raise HyperdiffError(
+            f"{caller}: hyperparameter {name!r} must be {spec.constraint.describe_valid()} "
+            f"for {_article(spec.constraint.name)} {spec.constraint.name} constraint in "
+            f"{dtype_name}, the dtype training computes it in (got {got}{rounds}); choose a "
+            "value farther from the bound"
+            + (", or train in float64" if dtype != torch.float64 else ""))
 
 
 def _check_inside(what: str, constraint: Constraint, value: Tensor) -> None:
@@ -442,10 +590,15 @@ def _check_inside(what: str, constraint: Constraint, value: Tensor) -> None:
     if not bool(ok.all()):
         bad = value[~ok].reshape(-1)[:3].tolist()
         raise HyperdiffError(
-            f"{what} must be {constraint.describe_valid()} for a {constraint.name} constraint "
-            f"(got {bad if value.dim() else value.item()})"
+            f"{what} must be {constraint.describe_valid()} for {_article(constraint.name)} "
+            f"{constraint.name} constraint (got {bad if value.dim() else value.item()})"
         )
 
 
-__all__ = ["HParamView", "HyperParameter", "HyperParameters", "per_element", "per_feature",
-           "per_step", "per_tensor", "scalar"]
+
+def _article(word: str) -> str:
+    """``"an"`` before a vowel, else ``"a"``."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+__all__ = ["HParamView", "HyperParameter", "HyperParameters", "check_representable",
+           "per_element", "per_feature", "per_step", "per_tensor", "scalar"]

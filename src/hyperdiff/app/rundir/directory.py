@@ -3,7 +3,7 @@
 Layout of ``RUN_DIR`` (see ``docs/run_directory.md``)::
 
     config.toml      the resolved config (every key), written when the run starts
-    hparams.json     the hyperparameters: kind, constraint and coordinate names
+    hparams.json     the hyperparameters: kind, constraint (and its settings), coordinate names
     history.jsonl    one StepRecord per line, appended after every outer step (fsynced before
                      each checkpoint and the result: only lines a checkpoint covers must
                      survive a power loss; the others are recomputed on resume)
@@ -591,12 +591,15 @@ def json_safe(value: Any) -> Any:
 
 
 def describe(hparams: HyperParameters) -> dict[str, Any]:
-    """Kind, constraint, size and readable coordinate names of each hyperparameter."""
+    """Kind, constraint (its name and settings: an interval's bounds, a positive transform),
+    size and readable coordinate names of each hyperparameter. ``constraint_settings`` is
+    recorded since s40: a description written before has none (not recorded)."""
     names = hparams.coordinate_names()
     out, start = {}, 0
     for name, spec in hparams.items():
         size = int(spec.init.numel())
-        out[name] = {"kind": spec.kind, "constraint": spec.constraint.name, "size": size,
+        out[name] = {"kind": spec.kind, "constraint": spec.constraint.name,
+                     "constraint_settings": spec.constraint.settings(), "size": size,
                      "coordinates": names[start : start + size]}
         start += size
     return out

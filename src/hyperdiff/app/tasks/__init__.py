@@ -127,6 +127,7 @@ def build_task(name: str, *, steps: int | None = None, selection_fraction: float
     task = spec.build(steps=steps, selection_fraction=selection_fraction, cv_folds=cv_folds,
                       data_seed=data_seed)
     task.info["params"] = params
+    task.info["data_seed"] = data_seed
     return task
 
 
