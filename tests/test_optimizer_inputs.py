@@ -106,3 +106,22 @@ def test_a_schedule_whose_fields_are_missing_is_refused_by_name():
     with pytest.raises(hd.HyperdiffError, match=r"schedule of lr must read its peak from a "
                        r"scalar hyperparameter 'lr_peak' \(got no such hyperparameter"):
         schedule_problem(schedule, **specs)  # a KeyError from inside training before
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_torch_optimizer_refuses_low_precision_parameters(dtype):
+    module = torch.nn.Linear(3, 2).to(dtype)
+    hparams = hd.HyperParameters(lr=hd.scalar(0.1))
+    with pytest.raises(hd.HyperdiffError, match=r"torch_optimizer: parameters must be float32 "
+                       r"or float64 to train as hyperdiff did \(got \['weight', 'bias'\] in "):
+        hd.torch_optimizer(hd.adam("lr"), hparams, module)
+    hd.torch_optimizer(hd.adam("lr"), hparams, module.float())
+
+
+def test_torch_optimizer_names_a_schedule_whose_fields_are_missing():
+    schedule = hd.schedule("warmup_cosine", 5)
+    hparams = hd.HyperParameters(**hd.schedule("warmup_cosine", 5, prefix="s").hyperparameters())
+    with pytest.raises(hd.HyperdiffError, match=r"torch_optimizer: the warmup_cosine schedule of "
+                       r"lr must read hyperparameters of the collection \(got \['lr_final', "
+                       r"'lr_peak', 'lr_warmup'\] missing"):  # a KeyError before
+        hd.torch_optimizer(hd.sgd(schedule), hparams, torch.nn.Linear(3, 2))

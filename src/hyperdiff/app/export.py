@@ -159,6 +159,12 @@ def _coefficient_tables(optimizer: Optimizer, hparams: HyperParameters, names: l
                 for name in names:
                     tables[name][coef_name] = tuple(values)
                 continue
+        if isinstance(coef, Schedule) and (missing := sorted(set(coef.names.values())
+                                                              - set(hparams))):
+            raise HyperdiffError(
+                f"torch_optimizer: the {coef.family} schedule of {coef_name} must read "
+                f"hyperparameters of the collection (got {missing} missing; defined: "
+                f"{list(hparams)})")
         if isinstance(coef, Schedule) and coef.steps != steps:
             coef = coef.with_steps(steps)  # the same curve in normalised time over T steps
         varying = range(steps) if callable(coef) else range(1)
@@ -241,6 +247,7 @@ def torch_optimizer(
                              f"hd.adamw (got {describe(optimizer)})")
     tuned = _as_hparams(hparams, "torch_optimizer")
     named = _named_parameters(module_or_params, "torch_optimizer")
+    _refuse_low_precision(named)
     horizon = _horizon(optimizer, tuned, steps)
     tables = _coefficient_tables(optimizer, tuned, list(named), horizon)
     groups: dict[tuple[Any, ...], list[str]] = {}
@@ -264,6 +271,20 @@ def torch_optimizer(
     else:
         torch_opt = torch.optim.AdamW(param_groups)
     return torch_opt, TunedSchedule(torch_opt, optimizer.name, group_tables)
+
+
+def _refuse_low_precision(named: Mapping[str, Tensor]) -> None:
+    """Refuse float16 / bfloat16 parameters: hyperdiff updates them in float32 with float32
+    state (docs/devices.md), torch.optim in their own dtype, so the exported training would
+    be another one (float16 Adam's eps 1e-8 rounds to 0 and its steps overflow)."""
+    low = [n for n, t in named.items() if t.dtype in (torch.float16, torch.bfloat16)]
+    if low:
+        dtype = str(named[low[0]].dtype).removeprefix("torch.")
+        raise HyperdiffError(
+            f"torch_optimizer: parameters must be float32 or float64 to train as hyperdiff "
+            f"did (got {low[:4]} in {dtype}, which hyperdiff updates in float32 with float32 "
+            "state while torch.optim would keep them in " + dtype + "); export with the "
+            "module in float32 (module.float()), as a master copy of the weights")
 
 
 def _check_momentum_zeros(tables: list[Table]) -> None:
