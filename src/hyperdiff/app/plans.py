@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 from torch import Tensor
 
-from hyperdiff.app.config import Config, OuterConfig
+from hyperdiff.app.config import ONLINE_BETAS, ONLINE_SCHEDULE_OVER, Config, OuterConfig
 from hyperdiff.app.discrete_report import final_report as discrete_report
 from hyperdiff.app.discrete_report import has_relaxation, online_choices
 from hyperdiff.app.loggers import Progress
@@ -50,6 +50,7 @@ from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 from hyperdiff.tuner.meta_plan import MetaPlan
 from hyperdiff.tuner.offline_plan import OfflinePlan
 from hyperdiff.tuner.online_plan import ADAM_FAMILY, OnlinePlan
+from hyperdiff.tuner.outer_steps import default_schedule
 
 
 class Summary(NamedTuple):
@@ -254,6 +255,7 @@ def build_online(config: Config, start: dict[str, Any] | None = None
     outer = config.outer
     problem = task.problems[0]
     optimizer = outer_optimizer_name(config)
+    _read_online_outer_keys(config, optimizer)
     plan = OnlinePlan(window=outer.window, val_batch_size=outer.val_batch or None,
                       growth=outer.window_growth,
                       hot_start=None if outer.hot_start == "auto" else outer.hot_start,
@@ -270,6 +272,25 @@ def build_online(config: Config, start: dict[str, Any] | None = None
         max_loss_ratio=config.guard.max_loss_ratio, normalize=outer.normalize,
         tie_steps=outer.tie_steps)
     return task, loop
+
+
+def _read_online_outer_keys(config: Config, optimizer: str) -> None:
+    """Refuse ``outer.beta1``/``beta2`` off their online defaults with an outer optimizer
+    that has no betas, and ``outer.schedule_over`` off its default with a constant outer
+    schedule: nothing would read them (they were stored in config.toml and ignored)."""
+    outer = config.outer
+    betas = (outer.beta1, outer.beta2)
+    if optimizer not in ADAM_FAMILY and betas != ONLINE_BETAS:
+        raise HyperdiffError(
+            f"config: outer.beta1 and outer.beta2 must be left at their defaults "
+            f"{ONLINE_BETAS} with outer.optimizer = {optimizer!r} (they are the betas of adam "
+            f"and adamw; got {betas})")
+    schedule = default_schedule(optimizer) if outer.schedule == "auto" else outer.schedule
+    if schedule == "constant" and outer.schedule_over != ONLINE_SCHEDULE_OVER:
+        raise HyperdiffError(
+            f"config: outer.schedule_over must be left at its default "
+            f"{ONLINE_SCHEDULE_OVER!r} with a constant outer schedule (it says what the "
+            f"cosine runs over; got {outer.schedule_over!r})")
 
 
 def _online(loop: HyperOptimizer) -> OnlinePlan:

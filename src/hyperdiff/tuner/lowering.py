@@ -19,8 +19,9 @@ with ``start`` the first step the new values train. A step ``delta = u' - u`` th
 (``d_i = 0``: values that the learning rate does not read, a weight decay or a penalty, move
 as the outer optimizer says). The learning rate is the optimizer's ``lr`` coefficient: a
 schedule (``peak`` and ``final`` raise it, a longer ``warmup`` lowers it early), or the name of
-a hyperparameter (every entry raises it); a number or a callable has no direction and nothing
-is shortened.
+a hyperparameter (every entry raises it; of a ``per_step`` one, the entries of steps
+``start..N-1``: a move of an entry already trained is kept whole); a number or a callable
+has no direction and nothing is shortened.
 """
 
 from __future__ import annotations
@@ -49,8 +50,12 @@ def lr_direction(problem: Problem, raw: Mapping[str, Tensor], start: int
     leaves = {n: v.detach().to("cpu", torch.float64).requires_grad_() for n, v in raw.items()}
     with torch.enable_grad():
         hview = hp.view(leaves)
-        total = (coef.window(hview, start, steps).sum() if isinstance(coef, Schedule)
-                 else hview[coef].sum())
+        if isinstance(coef, Schedule):
+            total = coef.window(hview, start, steps).sum()
+        elif hp[coef].kind == "per_step":  # entry t is step t's rate: the steps left only
+            total = hview[coef][start:steps].sum()
+        else:  # a scalar or per-tensor rate: every entry trains every step
+            total = hview[coef].sum()
         grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
     return {n: torch.zeros_like(v) if g is None else g.sign()
             for (n, v), g in zip(leaves.items(), grads, strict=True)}
