@@ -71,11 +71,11 @@ def test_the_extension_is_capped():
 
 @pytest.mark.parametrize(("eta", "options"), [
     (GOOD, {"patience": 3}),  # stops early: the budget is never reached
-    (FAR, {"schedule": "cosine"}),  # the cosine has decayed to 0 at the budget
-    (FAR, {"travel": 0}),  # no travel test, nothing to wait for
 ])
 def test_runs_the_rule_does_not_touch_are_the_same(eta, options):
-    """(benchmarks/outer_starts.py takes an early-stopped baseline row for the extended one.)"""
+    """(benchmarks/outer_starts.py takes an early-stopped baseline row for the extended one.)
+    A cosine schedule or travel = 0, where it could never act, is refused since s40
+    (tests/test_offline_option_inputs.py)."""
     plain, waiting = loop(eta, extend=0, **options).run(), loop(eta, extend=20, **options).run()
     assert lines(plain) == lines(waiting)
     assert plain.stop_reason == waiting.stop_reason

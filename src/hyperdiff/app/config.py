@@ -167,12 +167,13 @@ class OuterConfig:
                                choices=["always", "weak", "broken"])
     confirm: int = option(0, "offline: more trainings (other minibatch seeds) of a step whose "
                           "selection loss beats the best so far; it is ranked by their mean "
-                          "(0: none; docs/driver.md)", low=0)
+                          "(0: none; refused without a selection split; docs/driver.md)", low=0)
     confirm_chaotic: int = option(2, "offline: as many more trainings of a would-be best "
                                   "step whose hypergradient is chaotic (norm above 30 x "
                                   "max(|validation loss|, 1)); skipped with warm starts, "
-                                  "discrete choices, data-parallel methods and a fixed "
-                                  "training batch (0: none; docs/driver.md)", low=0)
+                                  "discrete choices, data-parallel methods, a fixed "
+                                  "training batch and no selection split (0: none; "
+                                  "docs/driver.md)", low=0)
     revert: int = option(0, "offline: when the selection loss rose at this many steps in a "
                          "row after the best one, go back to the best step's values with the "
                          "outer learning rate halved (0: never; docs/driver.md)", low=0)
@@ -271,7 +272,8 @@ class StopConfig:
                          "(0: off; docs/driver.md)", low=0)
     extend: int = option(0, "offline: at most this many outer steps past stop.max_steps while a "
                          "value still travels (the stop.travel test; constant outer schedule "
-                         "only; 0: off; docs/driver.md)", low=0)
+                         "and stop.travel >= 1 only, refused otherwise; 0: off; docs/driver.md)",
+                         low=0)
     chaos_ratio: float = option(0.0, "offline: a step whose hypergradient norm is above this "
                                 "many times max(|validation loss|, 1) is chaotic (trained near "
                                 f"the edge of stability) and ranked below every calm step (0: "

@@ -418,7 +418,9 @@ def _still_moving(driver: Any, config: Config, path: Path) -> str | None:
     warning suggests is refused)."""
     if not str(driver.stop_reason() or "").startswith("budget:"):
         return None
-    moving = still_moving(list(driver.history))
+    # the gradient phase's steps only: a global phase's points are not moves of the values
+    first = getattr(driver.plan, "gradient_start", 0)
+    moving = still_moving([r for r in driver.history if r.step >= first])
     if moving is None:
         return None
     return (f"{moving}; give it more steps with `hyperdiff run --resume {shell_path(path)} --set "

@@ -201,6 +201,7 @@ class OfflinePlan:
                 f"{option('samples=k', 'outer.samples = k')} (k >= 2 for the leave-one-out "
                 "baseline)")
         check_confirm(self.confirm, self.warm_start, loop)
+        check_extend(loop)
         self.problems = loop.problems
         self._start = loop.hparams.raw
         self._candidates = explore_points(loop.hparams, self._start, self.explore,
@@ -563,6 +564,24 @@ def check_confirm(confirm: int, warm_start: bool, loop: Any) -> None:
         why = "warm_start" if warm_start else "discrete hyperparameters"
         raise fail("HyperOptimizer", "confirm", f"0 with {why} (a confirmation trains from "
                    "theta_0 with continuous values only)", confirm)
+    if confirm and loop.selection is None:
+        raise fail("HyperOptimizer", option("confirm", "outer.confirm"), "0 without a "
+                   "selection split (a confirmation ranks a would-be best by the mean selection "
+                   "loss of more trainings; without one the steps are ranked by the validation "
+                   "loss the hypergradient descends, and nothing is confirmed)", confirm)
+
+
+def check_extend(loop: Any) -> None:
+    """Refuse ``stopping.extend`` where it can never hold the budget back: a cosine outer
+    schedule (decayed to 0 at the budget, nothing travels) or ``stopping.travel = 0``."""
+    stopping = loop.stopping
+    if stopping.extend and (loop.schedule != "constant" or not stopping.travel):
+        why = (f"the {loop.schedule} outer schedule, decayed to 0 at the budget"
+               if loop.schedule != "constant" else option("stopping.travel = 0",
+                                                          "stop.travel = 0"))
+        raise fail("HyperOptimizer", option("stopping.extend", "stop.extend"), "0 with "
+                   f"{why} (it holds the budget back while a value travels at a constant outer "
+                   "schedule, over the last stop.travel steps)", stopping.extend)
 
 
 def sampled_outcome(loop: Any, sampler: Sampler, step: int, raw: dict[str, Tensor],
