@@ -54,3 +54,20 @@ def test_the_still_moving_warning_reads_the_gradient_phase_only(tmp_path, capsys
     assert "still moving" not in capsys.readouterr().err
     result = json.loads((out / "result.json").read_text())
     assert not any("still moving" in w for w in result.get("warnings", []))
+
+
+@pytest.mark.parametrize("optimizer, advice", [
+    ("signstep", "Lower the outer learning rate (lr: signstep moves each value by its "
+                 "hypergradient's sign alone, so clipping would not shorten its steps)"),
+    ("adam", "Lower the outer learning rate, turn on clipping, or bound"),
+])
+def test_the_guards_advice_fits_the_outer_optimizer(optimizer, advice):
+    """With signstep the guard advised clipping, which reads no sign (a no-op there)."""
+    from test_driver import flaky, ridge_problem
+
+    problem, _ = ridge_problem()
+    loop = HyperOptimizer(problem, method=flaky({1, 2, 3}), max_failures=3,
+                          optimizer=optimizer, stopping=Stopping(max_steps=10))
+    with pytest.raises(hd.NonFiniteError, match="3 outer steps in a row failed") as err:
+        loop.run()
+    assert advice in str(err.value)

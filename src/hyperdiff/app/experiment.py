@@ -197,7 +197,8 @@ def _run_locked(
             raise HyperdiffError(
                 f"run: {rundir.path} must be an unfinished run to resume (got a run that "
                 f"stopped after its divergence guard gave up: {finished.get('message')}); "
-                "start a new run with a smaller outer.lr or with outer.clip"
+                "start a new run with a smaller outer.lr (or outer.clip, with an outer "
+                "optimizer other than signstep, whose steps read the hypergradient's sign alone)"
             )
         if finished is not None and not extending:
             damage = result_damage(finished)

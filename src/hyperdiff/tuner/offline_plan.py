@@ -85,7 +85,7 @@ from hyperdiff.tuner.global_phase import (
 )
 from hyperdiff.tuner.guard import untrained_losses
 from hyperdiff.tuner.history import History, OptimizeResult, StepRecord
-from hyperdiff.tuner.outer_steps import DEFAULT_OFFLINE, offline_optimizers
+from hyperdiff.tuner.outer_steps import DEFAULT_OFFLINE, SignStep, offline_optimizers
 from hyperdiff.tuner.plan import Outcome, bind_once
 from hyperdiff.tuner.sampler import Sampler, estimate_fields, plain_fields
 from hyperdiff.tuner.snr import more_samples_advice
@@ -428,9 +428,14 @@ class OfflinePlan:
         return loop.step_index >= self.gradient_start and self._next_start(loop) is None
 
     def give_up_advice(self, loop: Any, raw: dict[str, Tensor]) -> str:
-        """None of its own: a retried outer step starts from the good values with a smaller
-        step, so the guard's advice (a smaller outer learning rate) holds."""
-        return ""
+        """A retried outer step starts from the good values with a smaller step, so the
+        guard's advice (a smaller outer learning rate) holds; with ``signstep`` without its
+        clipping, which cannot shorten a step that reads the hypergradient's sign alone."""
+        if not isinstance(loop.optimizer, SignStep):
+            return ""
+        return (f"Lower the outer learning rate ({option('lr', 'outer.lr')}: signstep moves "
+                "each value by its hypergradient's sign alone, so clipping would not shorten "
+                "its steps), or bound the hyperparameters that drive training to diverge")
 
     def _next_start(self, loop: Any) -> int | None:
         """The global phase's step to start the gradient phase from instead, when every step
