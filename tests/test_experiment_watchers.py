@@ -43,7 +43,8 @@ def test_watchers_are_closed_when_a_callback_raises(tmp_path):
 
 def test_a_rank_other_than_0_writes_no_log_file(tmp_path, monkeypatch):
     # one process playing rank 1: its run directory calls run here, its [log] files must not
-    rank1 = SimpleNamespace(is_root=False, timeout_s=None)
+    rank1 = SimpleNamespace(is_root=False, timeout_s=None,  # a job whose ranks agree
+                            all_gather=lambda where, value: [value, value])
     monkeypatch.setattr(experiment, "init_from_env", lambda *_: rank1)
     watcher = Watcher()
     config = load_config(overrides=[*SMALL, "log.csv=steps.csv"])

@@ -10,15 +10,16 @@ Weights & Biases or anything else::
     def to_wandb(opt, record):
         wandb.log(scalars(record), step=record.step)
 
-A callback may also define ``start(history)`` (called once before the first step, with the
-records of a resumed run), ``close()`` (called when the loop ends) and ``report(result)``
-(called with the final result once ``result.json`` is written). :class:`CSVLogger`,
+That call is all ``HyperOptimizer.run`` makes. ``run_experiment`` also calls a callback's
+``start(history)`` (once before the first step, with the records of a resumed run),
+``close()`` (when the loop ends, also on an error) and ``report(result)`` (with the final
+result once ``result.json`` is written), where it defines them. :class:`CSVLogger`,
 :class:`TensorBoardLogger` and :class:`~hyperdiff.app.mlflow_logger.MLflowLogger` are such
-callbacks; ``[log] csv``, ``[log] tensorboard`` and ``[log] mlflow`` in a config switch them on
-for ``hyperdiff run``. The tags that TensorBoard and MLflow get are :mod:`hyperdiff.app.tags`'s
-(docs/logging.md). :class:`Progress` is the bar of each long phase.
+callbacks, complete as plain ones too: without ``start`` they begin at their first record and
+write every record as it comes. ``[log] csv``, ``[log] tensorboard`` and ``[log] mlflow`` in a
+config switch them on for ``hyperdiff run``. The tags that TensorBoard and MLflow get are
+:mod:`hyperdiff.app.tags`'s (docs/logging.md). :class:`Progress` is the bar of each long phase.
 """
-
 from __future__ import annotations
 
 import csv
@@ -26,10 +27,12 @@ import io
 import math
 import os
 import secrets
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import Any
 
+from hyperdiff.app.rundir.directory import RunDir
 from hyperdiff.app.rundir.files import (
     append_bytes,
     atomic_write_bytes,
@@ -40,14 +43,15 @@ from hyperdiff.app.rundir.files import (
 from hyperdiff.app.rundir.paths import inside_run_dir, make_directories
 from hyperdiff.app.tags import (
     hparam_tags,
-    inner_tags,
+    inner_points,
     record_tags,
     report_tags,
     run_params,
-    window_steps,
+    safe,
 )
 from hyperdiff.engine.problem import Problem
 from hyperdiff.errors import HyperdiffError, describe
+from hyperdiff.hparams.discrete import label
 from hyperdiff.hparams.hyperparams import HyperParameters
 from hyperdiff.tuner.history import StepRecord
 
@@ -65,18 +69,38 @@ def scalars(record: StepRecord, hparams: HyperParameters | None = None) -> dict[
     return record_tags(record, hparams)
 
 
-def hparam_scalars(record: StepRecord) -> dict[str, float]:
-    """The CSV's columns of the hyperparameters: ``hparams/NAME`` (a scalar) or
-    ``hparams/NAME/mean|min|max`` (a vector)."""
-    out = {}
+def hparam_scalars(record: StepRecord, hparams: HyperParameters | None = None
+                   ) -> dict[str, float | None]:
+    """The CSV's columns of the hyperparameters: ``hparams/NAME`` (a scalar),
+    ``hparams/NAME/mean|min|max`` (a vector, over its finite entries) or, with the problem's
+    ``hparams``, ``hparams/NAME/p/CHOICE`` (a discrete one's probability of each choice).
+    ``None`` (an empty cell) where a failed step's value is not finite.
+
+    >>> from types import SimpleNamespace
+    >>> hparam_scalars(SimpleNamespace(hparams={"lr": None, "wd": [0.1, None, 0.3]}))
+    {'hparams/lr': None, 'hparams/wd/mean': 0.2, 'hparams/wd/min': 0.1, 'hparams/wd/max': 0.3}
+    """
+    out: dict[str, float | None] = {}
     for name, value in record.hparams.items():
-        if isinstance(value, list):
-            out[f"hparams/{name}/mean"] = sum(value) / len(value)
-            out[f"hparams/{name}/min"] = float(min(value))
-            out[f"hparams/{name}/max"] = float(max(value))
+        spec = None if hparams is None else hparams.get(name)
+        if spec is not None and spec.is_discrete:
+            choices = getattr(spec, "choices", ())
+            entries = value if isinstance(value, list) else [None] * len(choices)
+            out.update({f"hparams/{name}/p/{safe(label(c))}": _finite(p)
+                        for c, p in zip(choices, entries, strict=True)})
+        elif isinstance(value, list):
+            known = [float(v) for v in value if _finite(v) is not None]
+            out.update({f"hparams/{name}/mean": sum(known) / len(known) if known else None,
+                        f"hparams/{name}/min": min(known, default=None),
+                        f"hparams/{name}/max": max(known, default=None)})
         else:
-            out[f"hparams/{name}"] = float(value)
+            out[f"hparams/{name}"] = _finite(value)
     return out
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a float, or ``None`` when it is ``None`` or not finite."""
+    return None if value is None or not math.isfinite(value) else float(value)
 
 
 def log_path(caller: str, name: str, value: Any) -> Path:
@@ -89,14 +113,16 @@ def log_path(caller: str, name: str, value: Any) -> Path:
 
 class CSVLogger:
     """One CSV row per outer step: the record's fields (``CSV_FIELDS``) and, for each
-    hyperparameter, its value (a vector's mean, min and max). Floats are written with
-    ``repr`` so that they read back exactly; ``None`` is an empty cell. On resume the file is
+    hyperparameter, its value (a vector's mean, min and max; with ``hparams``, the problem's,
+    a discrete one's probability of each choice: :func:`hparam_scalars`). Floats are written
+    with ``repr`` so that they read back exactly; ``None`` is an empty cell. On resume the file is
     rewritten from the history first, so its rows always equal the history. The file is
     written as run files are (:mod:`hyperdiff.app.rundir.files`): replaced atomically at the start,
     appended after, never through a symbolic link."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, hparams: HyperParameters | None = None):
         self.path = log_path("CSVLogger", "path", path)
+        self.hparams = hparams
         self.columns: list[str] | None = None
 
     def start(self, history: Sequence[StepRecord]) -> None:
@@ -123,9 +149,9 @@ class CSVLogger:
         writer.writerow([_cell(row.get(c)) for c in self.columns])
         return text.getvalue().encode()
 
-    @staticmethod
-    def row(record: StepRecord) -> dict[str, Any]:
-        return {**{k: getattr(record, k) for k in CSV_FIELDS}, **hparam_scalars(record)}
+    def row(self, record: StepRecord) -> dict[str, Any]:
+        return {**{k: getattr(record, k) for k in CSV_FIELDS},
+                **hparam_scalars(record, self.hparams)}
 
     def close(self) -> None:
         pass
@@ -146,10 +172,17 @@ class TensorBoardLogger:
     an online loop, the inner optimizer's coefficients at every inner step of each window
     (in the sub-directory ``inner``, a run of its own); :meth:`report` adds the final report's
     metrics and the HParams view (``params``: the config's keys, with the tuned values).
-    A resumed run purges the events past its resume point, so each curve is drawn once."""
+
+    Each curve is drawn once: a resumed run purges the events past its resume point, and
+    draws the inner steps of its history's windows again (the run is killed after a checkpoint
+    before its loggers see that step); an online run that goes back (the hot-start restart:
+    step 0 again) purges the inner steps from there. ``finished``: the result of the run's
+    earlier finish (an extended run's ``result.json``), whose report a resume purges with its
+    step and writes again."""
 
     def __init__(self, log_dir: str | Path, *, problem: Problem | None = None,
-                 params: Mapping[str, Any] | None = None):
+                 params: Mapping[str, Any] | None = None,
+                 finished: Mapping[str, Any] | None = None):
         self.log_dir = log_path("TensorBoardLogger", "log_dir", log_dir)
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -160,9 +193,12 @@ class TensorBoardLogger:
             ) from None
         self._writer_class = SummaryWriter
         self.problem, self.params = problem, dict(params or {})
+        self.finished = finished
         self.writer: Any = None
         self.inner: Any = None
         self.resumed = False
+        self.backlog: list[StepRecord] = []  # a resumed run's history, its inner steps to draw
+        self.inner_stop = 0  # one past the last inner step drawn
 
     def _writer(self, path: Path, purge_step: int | None) -> Any:
         # a random suffix makes the event file's name unguessable, so no link can be planted
@@ -172,7 +208,12 @@ class TensorBoardLogger:
     def start(self, history: Sequence[StepRecord]) -> None:
         # purge events past the resume point so a resumed run shows one curve
         self.writer = self._writer(self.log_dir, len(history) or None)
-        self.resumed = bool(history)
+        weakref.finalize(self, self.writer.close)  # if no report() closes it
+        self.resumed, self.backlog = bool(history), list(history)
+        finished = self.finished or {}
+        if history and finished.get("status") == "finished" and finished.get("steps") == len(
+                history):  # an extension resumed from its finish: the purge took that report
+            self._report_scalars(finished)
 
     def __call__(self, opt: Any, record: StepRecord) -> None:
         if self.writer is None:
@@ -181,16 +222,33 @@ class TensorBoardLogger:
         for key, value in record_tags(record, specs).items():
             self.writer.add_scalar(key, value, record.step)
         self.writer.flush()
-        values = ({} if self.problem is None else
-                  inner_tags(self.problem, record.hparams, window_steps(opt, record)))
+        values = inner_points(self.problem, opt, self.backlog, record)
+        self.backlog = []
         if values:
-            if self.inner is None:  # purged from the first inner step written after a resume
-                inner = make_directories(self.log_dir, PurePath("inner"))
-                self.inner = self._writer(inner, min(values) if self.resumed else None)
-            for step, tags in values.items():
-                for key, value in tags.items():
-                    self.inner.add_scalar(key, value, step)
-            self.inner.flush()
+            self._draw_inner(values)
+
+    def _draw_inner(self, values: Mapping[int, Mapping[str, float]]) -> None:
+        """Draw ``values`` (``{t: {tag: value}}``) on the inner run; purged first from their
+        first step after a resume, or when the run went back to a step drawn already."""
+        first = min(values)
+        if self.inner is None:
+            inner = make_directories(self.log_dir, PurePath("inner"))
+            self.inner = self._writer(inner, first if self.resumed else None)
+        elif first < self.inner_stop:
+            purge(self.inner, first)
+        for step in sorted(values):
+            for key, value in values[step].items():
+                self.inner.add_scalar(key, value, step)
+        self.inner_stop = max(values) + 1
+        self.inner.flush()
+
+    def _report_scalars(self, result: Mapping[str, Any]) -> dict[str, float]:
+        """The report's metrics at its step (the run's number of steps); returns them."""
+        metrics = report_tags(result)
+        step = int(result.get("steps", 0))
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, step)
+        return metrics
 
     def report(self, result: Mapping[str, Any]) -> None:
         """The final report's metrics (:func:`~hyperdiff.app.tags.report_tags`) at the run's
@@ -200,20 +258,32 @@ class TensorBoardLogger:
             self.start([])
         from torch.utils.tensorboard.summary import hparams
 
-        metrics = report_tags(result)
-        step = int(result.get("steps", 0))
-        for key, value in metrics.items():
-            self.writer.add_scalar(key, value, step)
+        metrics = self._report_scalars(result)
         tuned = hparam_tags(result.get("tuned", {}).get("hparams", {}),
                             None if self.problem is None else self.problem.hparams)
         for summary in hparams({**self.params, **tuned}, metrics):
-            self.writer.file_writer.add_summary(summary, step)
+            self.writer.file_writer.add_summary(summary, int(result.get("steps", 0)))
         self.close()
+        self.writer.close()
 
     def close(self) -> None:
-        for writer in (self.writer, self.inner):
-            if writer is not None:
-                writer.close()
+        """Flush what was drawn and close the inner run's file. The main run's file stays open
+        for :meth:`report`, which closes it (else it is closed with the logger): a file opened
+        again would be a new one, which TensorBoard may read before the resumed run's purge
+        (files of one second are ordered by a counter compared as text), losing the report."""
+        if self.writer is not None:
+            self.writer.flush()
+        if self.inner is not None:
+            self.inner.close()
+
+
+def purge(writer: Any, step: int) -> None:
+    """Have TensorBoard drop the events of ``writer``'s run at ``step`` and after, as a
+    writer made with ``purge_step=step`` does (a ``SessionLog.START`` event at that step)."""
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+    writer.file_writer.add_event(Event(step=step,
+                                       session_log=SessionLog(status=SessionLog.START)))
 
 
 def config_loggers(log: Any, run_dir: Path, problem: Problem | None = None,
@@ -221,23 +291,26 @@ def config_loggers(log: Any, run_dir: Path, problem: Problem | None = None,
     """The loggers that a config's ``[log]`` section asks for, with their directories made
     inside ``run_dir`` (:func:`~hyperdiff.app.rundir.paths.inside_run_dir` checks the paths: no
     absolute path, no ``..``, no run file; a symbolic link on the way is refused).
-    ``problem``: the task's inner problem; ``config``: the run's, for the params logged."""
+    ``problem``: the task's inner problem; ``config``: the run's, for the params logged.
+    Every package is checked before any directory is made."""
     loggers: list[Any] = []
     params = {} if config is None else run_params(config)
-    if log.csv:
-        csv_path = inside_run_dir(log.csv, "config: log.csv")
-        path = make_directories(run_dir, csv_path.parent) / csv_path.name
-        refuse_link(path)  # before the run writes anything, not at the first row
-        loggers.append(CSVLogger(path))
-    if log.tensorboard:
-        board = inside_run_dir(log.tensorboard, "config: log.tensorboard")
-        # first: is tensorboard installed?
-        loggers.append(TensorBoardLogger(run_dir / board, problem=problem, params=params))
-        make_directories(run_dir, board)
     if getattr(log, "mlflow", ""):
         from hyperdiff.app.mlflow_logger import MLflowLogger, check_installed
 
         check_installed()
+    if log.csv:
+        csv_path = inside_run_dir(log.csv, "config: log.csv")
+        path = make_directories(run_dir, csv_path.parent) / csv_path.name
+        refuse_link(path)  # before the run writes anything, not at the first row
+        loggers.append(CSVLogger(path, hparams=None if problem is None else problem.hparams))
+    if log.tensorboard:
+        board = inside_run_dir(log.tensorboard, "config: log.tensorboard")
+        # first: is tensorboard installed?
+        loggers.append(TensorBoardLogger(run_dir / board, problem=problem, params=params,
+                                         finished=RunDir(run_dir).read_result()))
+        make_directories(run_dir, board)
+    if getattr(log, "mlflow", ""):
         store = make_directories(run_dir, inside_run_dir(log.mlflow, "config: log.mlflow"))
         loggers.append(MLflowLogger(store, problem=problem, params=params))
     return loggers

@@ -8,23 +8,31 @@ and ``artifacts/``, the experiment ``hyperdiff`` and one MLflow run in it. Read 
 same as TensorBoard's); params are the config's keys (``outer.lr``, ``method.name``, ...) at
 the start and the tuned values (``hparam/NAME``) at the end (a value that changes later, as
 an extended run's, is kept in the run's tags under the same key, since MLflow params never
-change). A resumed run continues the same
-MLflow run and logs no (metric, step) twice: the steps it already holds are skipped (a resume
-recomputes them bit for bit). Metrics are queued and written every 2 s and when the loop
-ends, one transaction each (a killed process loses at most those 2 s, which its resume logs).
+change). A resumed run continues the same MLflow run, logs again what it lacks of its
+history (the records' tags and the inner steps of their windows) and skips every (metric,
+step) it holds with the same value (a resume recomputes them bit for bit). MLflow deletes no
+point: a step whose value changed (the inner steps an online run trains again after its
+hot-start restart) gets a second point, later than the first; MLflow's latest point at a
+step is the one that counts. Metrics are queued and written every 2 s and when the loop
+ends, one transaction each (a killed process loses at most those 2 s, which its resume
+logs); a logger that ``run_experiment`` did not start (a plain callback of
+``HyperOptimizer.run``) writes every record at once and marks its MLflow run finished (or
+failed) after the loop's last record. MLflow's usage telemetry is switched off
+(``MLFLOW_DISABLE_TELEMETRY=true`` unless set): it would write outside the run directory.
 """
-
 from __future__ import annotations
 
+import importlib
 import logging
+import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from hyperdiff.app.rundir.files import refuse_link
-from hyperdiff.app.tags import hparam_tags, inner_tags, record_tags, report_tags, window_steps
+from hyperdiff.app.tags import hparam_tags, inner_points, record_tags, report_tags
 from hyperdiff.engine.problem import Problem
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.tuner.history import StepRecord
@@ -50,13 +58,22 @@ def _quiet(name: str) -> Iterator[None]:
 
 
 def check_installed() -> None:
-    """Raise a clear error when MLflow is missing (before the run starts)."""
-    try:
-        import mlflow  # noqa: F401
-    except Exception as err:  # missing, or installed but failing to import (a version clash)
-        raise HyperdiffError(
-            "log: mlflow must be installed and importable to write MLflow logs (pip install "
-            f"'hyperdiff[mlflow]'); got {type(err).__name__}: {err}") from None
+    """Raise a clear error when MLflow or its SQLite store (sqlalchemy, which
+    ``mlflow-skinny`` lacks) is missing, before the run starts. MLflow's telemetry is switched
+    off first (``MLFLOW_DISABLE_TELEMETRY``, unless the environment sets it): importing MLflow
+    would otherwise write ``~/.config/mlflow/telemetry.json`` and send usage data."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    needs = {"mlflow": "mlflow must be installed and importable",
+             "sqlalchemy": "mlflow's SQLite store must be importable (sqlalchemy, which "
+                           "mlflow-skinny lacks)",
+             "mlflow.store.tracking.sqlalchemy_store": "mlflow's SQLite store must be importable"}
+    for module, what in needs.items():
+        try:
+            importlib.import_module(module)
+        except Exception as err:  # missing, or installed but failing to import (a version clash)
+            raise HyperdiffError(
+                f"log: {what} to write MLflow logs (pip install 'hyperdiff[mlflow]'); got "
+                f"{type(err).__name__}: {err}") from None
 
 
 class MLflowLogger:
@@ -72,9 +89,11 @@ class MLflowLogger:
         self.problem, self.params = problem, dict(params or {})
         self.client: Any = None
         self.run_id = ""
-        self.logged: set[tuple[str, int]] = set()
-        self.pending: list[Any] = []
+        self.held: dict[tuple[str, int], tuple[float, int]] = {}  # latest (value, timestamp)
+        self.pending: dict[tuple[str, int], Any] = {}
         self.flushed = time.monotonic()
+        self.backlog: list[StepRecord] = []  # a resumed run's history, its inner steps to log
+        self.managed = False  # started by start(): close() follows
 
     @property
     def uri(self) -> str:
@@ -83,8 +102,10 @@ class MLflowLogger:
 
     def start(self, history: Sequence[StepRecord]) -> None:
         """Open (or create) the store; a resumed run (``history`` not empty) continues the
-        store's latest MLflow run and logs again the steps it lacks (points still queued when
-        the run was killed), a new one starts an MLflow run of its own; log the params."""
+        store's latest MLflow run and logs again what it lacks of the history (points still
+        queued when the run was killed): the records' tags here, their windows' inner steps
+        with the first record (which brings the loop); a new run starts an MLflow run of its
+        own. Log the params. A logger started here queues its points until :meth:`close`."""
         from mlflow.tracking import MlflowClient
 
         refuse_link(self.store / DATABASE)
@@ -106,13 +127,23 @@ class MLflowLogger:
         run = runs[0] if runs else self.client.create_run(experiment_id)
         self.run_id = run.info.run_id
         self.client.update_run(self.run_id, status="RUNNING")
-        self.logged = {(key, point.step) for key in run.data.metrics
-                       for point in self.client.get_metric_history(self.run_id, key)}
+        self.held = self._latest(run.data.metrics)
         self._params({key: str(value) for key, value in self.params.items()})
         specs = None if self.problem is None else self.problem.hparams
         self._log([(key, value, record.step) for record in history
                    for key, value in record_tags(record, specs).items()])
+        self.backlog, self.managed = list(history), True
         self.flush()
+
+    def _latest(self, keys: Iterable[str]) -> dict[tuple[str, int], tuple[float, int]]:
+        """The run's latest point (value, timestamp) of each metric in ``keys`` at each step."""
+        latest: dict[tuple[str, int], tuple[float, int]] = {}
+        for key in keys:
+            for point in self.client.get_metric_history(self.run_id, key):
+                known = latest.get((key, point.step))
+                if known is None or point.timestamp >= known[1]:
+                    latest[(key, point.step)] = (point.value, point.timestamp)
+        return latest
 
     def _params(self, values: Mapping[str, str]) -> None:
         """Log ``values`` as params; one the run holds with another value (an extended run's
@@ -129,34 +160,46 @@ class MLflowLogger:
             self.client.log_batch(self.run_id, tags=tags)
 
     def _log(self, points: list[tuple[str, float, int]]) -> None:
-        """Queue the points the run does not hold yet; write them every :data:`FLUSH_S`."""
+        """Queue the points the run does not hold with the same value (one it holds with
+        another gets a later timestamp, which makes it the latest); write them every
+        :data:`FLUSH_S`."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        fresh = [Metric(key, value, now, step) for key, value, step in points
-                 if (key, step) not in self.logged]
-        self.pending.extend(fresh)
-        self.logged.update((m.key, m.step) for m in fresh)
+        for key, value, step in points:
+            known = self.held.get((key, step))
+            if known is not None and known[0] == value:
+                continue
+            stamp = now if known is None else max(now, known[1] + 1)
+            self.pending[(key, step)] = Metric(key, value, stamp, step)  # replaces a queued one
+            self.held[(key, step)] = (value, stamp)
         if time.monotonic() - self.flushed >= FLUSH_S:
             self.flush()
 
     def flush(self) -> None:
         """Write the queued metrics (one transaction per :data:`BATCH`)."""
-        pending, self.pending = self.pending, []
+        pending, self.pending = list(self.pending.values()), {}
         for first in range(0, len(pending), BATCH):
             self.client.log_batch(self.run_id, metrics=pending[first:first + BATCH])
         self.flushed = time.monotonic()
 
     def __call__(self, opt: Any, record: StepRecord) -> None:
-        if self.client is None:
+        if self.client is None:  # a plain callback: no close() will follow
             self.start([])
+            self.managed = False
         specs = None if self.problem is None else self.problem.hparams
         points = [(key, value, record.step) for key, value in record_tags(record, specs).items()]
-        inner = ({} if self.problem is None else
-                 inner_tags(self.problem, record.hparams, window_steps(opt, record)))
+        inner = inner_points(self.problem, opt, self.backlog, record)
+        self.backlog = []
         for step, tags in inner.items():
             points.extend((key, value, step) for key, value in tags.items())
         self._log(points)
+        ended = bool(getattr(opt, "done", False))
+        if ended or not self.managed:
+            self.flush()
+        if ended and not self.managed:  # no report will come to mark it
+            self.client.set_terminated(
+                self.run_id, status="FINISHED" if record.status == "ok" else "FAILED")
 
     def report(self, result: Mapping[str, Any]) -> None:
         """The final report's metrics at the run's last step, the tuned values as params, and

@@ -1,8 +1,9 @@
 """PNG figures of a run directory (``hyperdiff plot RUN_DIR``).
 
 - ``hparams.png``: each hyperparameter per successful outer step (natural units; failed steps
-  are red lines); a vector is drawn as its mean with a 10-90% band. A run whose every step
-  failed is drawn too: its failed steps marked, each panel titled "no successful step".
+  are red lines); a vector is drawn as its mean with a 10-90% band, a discrete hyperparameter
+  as one line per choice, its probability. A run whose every step failed is drawn too: its
+  failed steps marked, each panel titled "no successful step".
 - ``losses.png``: train, validation and selection loss per outer step; the best step and failed
   steps are marked.
 - ``hypergradient.png``: norm of the mean raw hypergradient per step, with the spread over the
@@ -32,6 +33,7 @@ from hyperdiff.app.rundir import FIGURES, HISTORY, RunDir, atomic_write_bytes
 from hyperdiff.app.rundir.files import os_errors, refuse_link
 from hyperdiff.app.rundir.records import recover
 from hyperdiff.errors import HyperdiffError, describe
+from hyperdiff.hparams.discrete import Softmax
 from hyperdiff.tuner.history import History, StepRecord
 
 FIGURE_NAMES = ("hparams.png", "losses.png", "hypergradient.png", "sensitivity.png")
@@ -52,7 +54,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
         refuse_link(target / name)
     with os_errors(target, "create the figure directory"):
         target.mkdir(parents=True, exist_ok=True)
-    figures = dict(zip(FIGURE_NAMES, (hparams_figure(history), losses_figure(history),
+    figures = dict(zip(FIGURE_NAMES, (hparams_figure(history, meta), losses_figure(history),
                                       hypergradient_figure(history),
                                       sensitivity_figure(history, meta,
                                                          rundir.file("hparams.json"))),
@@ -112,9 +114,11 @@ def _is_number(value: Any) -> bool:
     return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
-def hparams_figure(history: History) -> Figure:
+def hparams_figure(history: History, meta: Mapping[str, Any] | None = None) -> Figure:
     """Values of the successful steps; a failed step (whose values may be absurd or not
-    finite) is a red line. Without a successful step, each panel says so."""
+    finite) is a red line. A discrete hyperparameter (``softmax`` in ``meta``, the run's
+    ``hparams.json``) is one line per choice, its probability. Without a successful step,
+    each panel says so."""
     names = list(history[0].hparams)
     figure = Figure(figsize=(5.0 * min(len(names), 3), 3.4 * ((len(names) + 2) // 3)),
                     layout="constrained")
@@ -123,7 +127,12 @@ def hparams_figure(history: History) -> Figure:
     steps = [r.step for r in ok]
     for ax, name in zip(axes, names, strict=False):
         values = _rows([_as_list(r.hparams[name]) for r in ok])
-        if values.shape[1] == 1:
+        choices = choice_labels(meta or {}, name, values.shape[1])
+        if choices is not None:
+            for column, choice in enumerate(choices):
+                ax.plot(steps, values[:, column], marker=".", label=f"p({choice})")
+            ax.legend(fontsize=8)
+        elif values.shape[1] == 1:
             ax.plot(steps, values[:, 0], marker=".")
         elif len(ok):
             low, high = torch.quantile(values, values.new_tensor([0.1, 0.9]), 1)
@@ -132,14 +141,30 @@ def hparams_figure(history: History) -> Figure:
             ax.legend(fontsize=8)
         for step in (r.step for r in history if r.status != "ok"):
             ax.axvline(step, color="red", alpha=0.3)
-        if len(ok) and bool((values > 0).all()) and float(values.max() / values.min()) > 50:
+        if (choices is None and len(ok) and bool((values > 0).all())
+                and float(values.max() / values.min()) > 50):
             ax.set_yscale("log")
-        ax.set_title(name if ok else f"{name}: no successful step")
+        title = name if choices is None else f"{name}: probability of each choice"
+        ax.set_title(title if ok else f"{name}: no successful step")
         ax.set_xlabel("outer step")
     for ax in axes[len(names):]:
         ax.set_visible(False)
     figure.suptitle("hyperparameters (natural units; red: failed steps)")
     return figure
+
+
+def choice_labels(meta: Mapping[str, Any], name: str, count: int) -> list[str] | None:
+    """The ``count`` choices of ``name`` when ``meta`` (``hparams.json``) says it is discrete
+    (its constraint is ``softmax``): its ``choices`` if recorded, else its coordinate names;
+    ``None`` for a continuous hyperparameter."""
+    entry = meta.get(name)
+    if not isinstance(entry, Mapping) or entry.get("constraint") != Softmax.name:
+        return None
+    for key in ("choices", "coordinates"):
+        labels = entry.get(key)
+        if isinstance(labels, list) and len(labels) == count:
+            return [str(label) for label in labels]
+    return [f"{name}[{i}]" for i in range(count)]
 
 
 def losses_figure(history: History) -> Figure:

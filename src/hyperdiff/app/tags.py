@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -45,6 +45,8 @@ from hyperdiff.hparams.discrete import label
 from hyperdiff.hparams.hyperparams import HParamView, HyperParameter
 from hyperdiff.hparams.schedules import Schedule
 from hyperdiff.tuner.history import StepRecord
+from hyperdiff.tuner.hot_start import FRACTION
+from hyperdiff.tuner.windows import window_stop
 
 VECTOR_LIMIT = 16
 """Vectors of at most this many entries get one tag per entry; longer ones mean, min, max."""
@@ -106,6 +108,54 @@ def window_steps(loop: Any, record: StepRecord) -> range:
     if record.status != "ok" or not isinstance(span, tuple) or reached != span[1]:
         return range(0)
     return range(*span)
+
+
+def kept_windows(loop: Any, records: Sequence[StepRecord]) -> list[range]:
+    """The inner steps of each of ``records`` (an online loop's history, in order) that the
+    run kept, as :func:`window_steps` read them live: each ok window from where the one before
+    ended (:func:`~hyperdiff.tuner.windows.window_stop`), a failed one empty. A loop that
+    restarted (hot start) did so at the first ok window that reached
+    :data:`~hyperdiff.tuner.hot_start.FRACTION` of the run (as
+    :func:`~hyperdiff.tuner.online_checkpoint.trained_steps` finds it): the windows up to it
+    are empty, the pass it abandoned. All empty for a loop without inner steps (offline)."""
+    plan = getattr(loop, "plan", loop)
+    if not isinstance(getattr(plan, "span", None), tuple):
+        return [range(0)] * len(records)
+    steps, restart = plan.problem.steps, bool(getattr(plan, "restarted", False))
+    target = math.ceil(FRACTION * steps)
+    out: list[range] = []
+    position = 0
+    for record in records:
+        if record.status != "ok":
+            out.append(range(0))
+            continue
+        start, position = position, window_stop(position, steps, plan.window, plan.growth)
+        out.append(range(start, position))
+        if restart and start < target <= position:
+            out, position, restart = [range(0)] * len(out), 0, False
+    return out
+
+
+def kept_inner_tags(problem: Problem, loop: Any, records: Sequence[StepRecord]
+                    ) -> dict[int, dict[str, float]]:
+    """:func:`inner_tags` of every window of ``records`` that the run kept
+    (:func:`kept_windows`): what the loggers drew of them live, computed again on resume."""
+    out: dict[int, dict[str, float]] = {}
+    for record, steps in zip(records, kept_windows(loop, records), strict=True):
+        out.update(inner_tags(problem, record.hparams, steps))
+    return out
+
+
+def inner_points(problem: Problem | None, loop: Any, backlog: Sequence[StepRecord],
+                 record: StepRecord) -> dict[int, dict[str, float]]:
+    """The inner steps a logger draws with ``record`` (``{t: {tag: value}}``): those of the
+    window it trained and, first, those of ``backlog``'s kept windows (a resumed run's
+    history: :func:`kept_inner_tags`); none without ``problem``."""
+    if problem is None:
+        return {}
+    values = kept_inner_tags(problem, loop, backlog) if backlog else {}
+    values.update(inner_tags(problem, record.hparams, window_steps(loop, record)))
+    return values
 
 
 def inner_tags(problem: Problem, natural: Mapping[str, Any], steps: range
@@ -172,5 +222,6 @@ def run_params(config: Any) -> dict[str, str | int | float | bool]:
     return out
 
 
-__all__ = ["RECORD_TAGS", "VECTOR_LIMIT", "hparam_tags", "inner_tags", "record_tags",
-           "report_tags", "run_params", "safe", "window_steps"]
+__all__ = ["RECORD_TAGS", "VECTOR_LIMIT", "hparam_tags", "inner_points", "inner_tags",
+           "kept_inner_tags", "kept_windows", "record_tags", "report_tags", "run_params", "safe",
+           "window_steps"]

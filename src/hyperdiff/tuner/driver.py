@@ -274,7 +274,10 @@ class HyperOptimizer:
         :class:`~hyperdiff.tuner.online_plan.OnlineResult` with the trained model).
 
         ``callbacks(optimizer, record)`` run after every step (also after a failed one that
-        ends the run). ``progress``: a tqdm bar (``None``: only on a terminal).
+        ends the run); that call is all a callback gets here (a ``start`` or ``close`` method
+        it may define is not called: a callback writes each record as it comes, and reads
+        ``optimizer.done`` to know the record was the last). ``progress``: a tqdm bar
+        (``None``: only on a terminal).
         """
         from tqdm.auto import tqdm
 

@@ -15,8 +15,9 @@ The ``Trainer`` trains; hyperdiff's one outer loop (``HyperOptimizer`` with the 
 So the run is hyperdiff's own online run (the same windows, values and outer steps) with its
 inner training done by the ``Trainer`` as well; the cost is one plain training plus the
 window hypergradients (``benchmarks/lightning_online.py`` measures it). What the replay cannot
-follow is refused before the first step: gradient clipping or accumulation, mixed precision,
-manual optimization, an lr scheduler, several optimizers. Randomness the replay does not draw
+follow is refused before the first step: gradient clipping or accumulation (also a
+``GradientAccumulationScheduler``'s), mixed precision, manual optimization, an lr scheduler,
+several optimizers, a resumed fit (``ckpt_path``). Randomness the replay does not draw
 the same way (dropout) fails the state check.
 """
 
@@ -54,9 +55,17 @@ CALLER = "HyperdiffCallback"
 
 def _refuse_trainer_settings(trainer: Any, module: nn.Module) -> None:
     """The Trainer settings whose training the replay would not reproduce."""
+    if trainer.ckpt_path is not None:
+        raise HyperdiffError(f"{CALLER}: trainer.fit must start a fresh fit, without ckpt_path "
+                             f"(got ckpt_path={str(trainer.ckpt_path)!r}, a resumed fit): the "
+                             "window replay trains from the module's weights at step 0; tune a "
+                             "fresh fit")
+    scheduled = _accumulation_schedule(trainer)
     checks = [
         (trainer.accumulate_grad_batches != 1, "accumulate_grad_batches", "1",
          trainer.accumulate_grad_batches),
+        (scheduled is not None, "a GradientAccumulationScheduler's accumulate_grad_batches",
+         "1 at every epoch", scheduled),
         (bool(trainer.gradient_clip_val), "gradient_clip_val", "None or 0",
          trainer.gradient_clip_val),
         (str(trainer.precision) not in ("32-true", "64-true"), "precision",
@@ -71,6 +80,18 @@ def _refuse_trainer_settings(trainer: Any, module: nn.Module) -> None:
         if bad:
             raise HyperdiffError(f"{CALLER}: {what} must be {valid} (got {describe(got)}): the "
                                  "window replay would not train as the Trainer does")
+
+
+def _accumulation_schedule(trainer: Any) -> dict[int, int] | None:
+    """The schedule ``{epoch: batches}`` of a ``GradientAccumulationScheduler`` among the
+    Trainer's callbacks that accumulates at some epoch, or ``None``."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, GradientAccumulationScheduler) and any(
+                n != 1 for n in callback.scheduling.values()):
+            return dict(sorted(callback.scheduling.items()))
+    return None
 
 
 class HyperdiffCallback(Callback):
@@ -150,8 +171,18 @@ class HyperdiffCallback(Callback):
                              batch_idx: int) -> None:
         """Feed the batch of step ``t``; set step ``t``'s values into the param groups."""
         step = int(trainer.global_step)
+        if self.loop is None and step != 0:
+            raise HyperdiffError(f"{CALLER}: the fit must start at step 0 (got "
+                                 f"trainer.global_step = {step}, a resumed fit): the window "
+                                 "replay trains from the module's weights at step 0; tune a "
+                                 "fresh fit")
         if step >= self.total:
             return
+        if trainer.accumulate_grad_batches != 1:
+            raise HyperdiffError(f"{CALLER}: accumulate_grad_batches must be 1 (got "
+                                 f"{trainer.accumulate_grad_batches} at step {step}, set during "
+                                 "the fit): the window replay would not train as the Trainer "
+                                 "does")
         per_epoch = int(trainer.num_training_batches)
         if batch_idx != step % per_epoch:
             raise HyperdiffError(f"{CALLER}: the Trainer's batch_idx must be step mod "
