@@ -71,3 +71,34 @@ def test_the_guards_advice_fits_the_outer_optimizer(optimizer, advice):
     with pytest.raises(hd.NonFiniteError, match="3 outer steps in a row failed") as err:
         loop.run()
     assert advice in str(err.value)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"clip": 1.0}, r"clip must be None with optimizer='signstep' \(it moves each value by its "
+                    r"hypergradient's sign alone"),
+    ({"normalize": True}, r"normalize must be False with optimizer='signstep'"),
+])
+def test_clipping_or_normalizing_signstep_is_refused(options, message):
+    """Both gave the history of the run without them, line for line."""
+    with pytest.raises(hd.HyperdiffError, match="HyperOptimizer: " + message):
+        HyperOptimizer(problem(), optimizer="signstep", **options)
+    HyperOptimizer(problem(), optimizer="adam", **options)
+
+
+def test_a_flipped_sign_is_not_taken_for_convergence():
+    """signstep skips a coordinate's step where its sign flips: a raw step of exactly 0, which
+    step_tol read as convergence (a run stopped at its first flip, its values still moving
+    0.5 log units a step). Its step lengths lr x scale are at least 0.01 lr."""
+    from test_driver import ridge_problem
+
+    problem_, _ = ridge_problem(lam=0.001)
+    loop = HyperOptimizer(problem_, optimizer="signstep", schedule="constant",
+                          stopping=Stopping(max_steps=25, patience=None, step_tol=1e-9))
+    result = loop.run()
+    grads = [r.grad["lam"] for r in result.history]
+    assert any(a * b < 0 for a, b in zip(grads, grads[1:], strict=False))  # a flip happened
+    assert result.stop_reason == "budget: 25 outer steps"
+    coarse = HyperOptimizer(ridge_problem(lam=0.001)[0], optimizer="signstep",
+                            schedule="constant",
+                            stopping=Stopping(max_steps=25, patience=None, step_tol=1.0))
+    assert coarse.run().stop_reason.startswith("converged: ")  # every length 0.05 x scale < 1

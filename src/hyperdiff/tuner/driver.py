@@ -50,7 +50,7 @@ from hyperdiff.tuner.driver_checks import OPTIMIZER_CLASS, as_batches, check_pro
 from hyperdiff.tuner.guard import DivergenceGuard, start_values
 from hyperdiff.tuner.history import History, StepRecord, finite_or_none, natural_values
 from hyperdiff.tuner.offline_plan import OfflinePlan
-from hyperdiff.tuner.outer_steps import default_schedule, outer_optimizer
+from hyperdiff.tuner.outer_steps import SignStep, default_schedule, outer_optimizer
 from hyperdiff.tuner.plan import Outcome, Plan
 from hyperdiff.tuner.stopping import Stopping, calm, ranking_loss, tied
 from hyperdiff.typing import Batch
@@ -200,6 +200,13 @@ class HyperOptimizer:
         if not isinstance(normalize, bool):
             raise fail(caller, "normalize", "True or False", normalize)
         self.normalize = normalize
+        if optimizer == "signstep" and (self.clip is not None or normalize):
+            name, expected, got = ((option("clip", "outer.clip"), "None", self.clip)
+                                   if self.clip is not None else
+                                   (option("normalize", "outer.normalize"), "False", normalize))
+            raise fail(caller, name, f"{expected} with optimizer='signstep' (it moves each "
+                       "value by its hypergradient's sign alone, which clipping or normalizing "
+                       "the norm does not change)", got)
         self.tie_steps = nonnegative_int(caller, "tie_steps", tie_steps)
         self.selection = as_batches(selection)
         self.seed = nonnegative_int(caller, "seed", seed)
@@ -485,12 +492,22 @@ class HyperOptimizer:
         return calm(record.grad_norm, record.val_loss, ratio)
 
     def _converged(self, before: dict[str, Tensor], grad_norm: float) -> None:
-        """Stop when the hypergradient or the raw step is below its tolerance."""
-        after = self.raw
-        moved = max(float((after[n] - before[n]).abs().max()) for n in before)
+        """Stop when the hypergradient or the raw step is below its tolerance (``signstep``:
+        its step lengths ``lr x scale``, as a flipped sign's skipped step, 0, is no sign of
+        convergence)."""
+        moved = self._step_length(before)
         if grad_norm < self.stopping.grad_tol or moved < self.stopping.step_tol:
             self.stopped = (f"converged: hypergradient norm {grad_norm:.3g}, largest raw step "
                             f"{moved:.3g}")
+
+    def _step_length(self, before: dict[str, Tensor]) -> float:
+        """The largest raw move of the last step; ``signstep``'s largest step length."""
+        if isinstance(self.optimizer, SignStep):
+            return max(float(group["lr"] * self.optimizer.state[p]["scale"].max())
+                       for group in self.optimizer.param_groups for p in group["params"]
+                       if p in self.optimizer.state)
+        after = self.raw
+        return max(float((after[n] - before[n]).abs().max()) for n in before)
 
     def _failed(self, step: int, raw: dict[str, Tensor], lr: float, reason: str,
                 started: float, snapshot: Any) -> StepRecord:

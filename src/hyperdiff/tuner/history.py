@@ -41,7 +41,10 @@ class StepRecord:
         grad_std: L2 norm of the per-coordinate standard deviation of the hypergradients of
             the step's trainings (``None`` for one training): the spread of the estimate.
         grad: mean raw hypergradient by name (``dL/du``, ``u`` the raw value).
-        lr: outer learning rate of the update that followed.
+        lr: outer learning rate of the update that followed; on a step no update follows
+            (``grad`` None: a global phase's plain point, an online window trained plainly
+            after settling, a failed step) the rate the loop was at, which the next update
+            would have used.
         best: this step is the best so far (by selection loss, else validation loss).
         trainings: inner trainings done so far (cumulative).
         message: what the divergence guard did, if anything.
