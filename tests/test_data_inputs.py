@@ -90,7 +90,8 @@ def test_spawned_workers_that_cannot_import_a_task_files_dataset_are_refused(mon
 def given(test, train=(X, Y), batch_size=None):
     return hd.task("t", model=W0, train_loss=mse, val_loss=mse,
                    hparams=hd.HyperParameters(lr=hd.scalar(0.1)), optimizer=hd.sgd("lr"),
-                   data=hd.given_splits(train=train, val=(X, Y), test=test), steps=3,
+                   data=hd.given_splits(train=train, val=(X, Y), test=test,
+                                        allow_shared_rows=True), steps=3,
                    batch_size=batch_size)
 
 

@@ -80,7 +80,7 @@ def test_a_distribution_passed_to_task_is_kept():
                    val_loss=lambda p, h, b: ((b[0] @ p["w"] - b[1]) ** 2).mean(),
                    hparams=hd.HyperParameters(lr=hd.scalar(0.1)), optimizer=hd.sgd("lr"),
                    data=hd.given_splits(train=sample(0, 0)[0], val=sample(0, 0)[1],
-                                        test=sample(0, 0)[1]), steps=2)
+                                        test=sample(0, 0)[1], allow_shared_rows=True), steps=2)
     assert spec.build().tasks is tasks
 
 

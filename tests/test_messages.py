@@ -326,7 +326,7 @@ def _task_with_test(test):
                    train_loss=lambda p, h, b: mse(p, h, b) + h["lam"] * p["w"].square().sum(),
                    val_loss=mse, hparams=hd.HyperParameters(lam=hd.scalar(0.1)),
                    optimizer=hd.sgd(0.1), steps=3, batch_size=4,
-                   data=hd.given_splits(train=data, val=data, test=test))
+                   data=hd.given_splits(train=data, val=data, test=test, allow_shared_rows=True))
 
 
 def test_a_lazy_test_split_names_its_batch_and_sample():

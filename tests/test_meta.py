@@ -467,7 +467,8 @@ def build(*, steps=3, data_seed=0):
     return hd.task("user_meta", model=params, train_loss=mse, val_loss=mse,
                    hparams=hd.HyperParameters(theta0=hd.initialization(params)),
                    optimizer=hd.sgd(0.1), steps=steps, tasks=sample,
-                   data=hd.given_splits(train=(xs, ys), val=(xq, yq), test=(xq, yq)))
+                   data=hd.given_splits(train=(xs, ys), val=(xq, yq), test=(xq, yq),
+                                        allow_shared_rows=True))
 '''
 
 

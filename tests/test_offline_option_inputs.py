@@ -5,6 +5,7 @@ a global phase's point (it reported 1799% where the gradient phase moved 5%)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -96,7 +97,7 @@ def test_a_flipped_sign_is_not_taken_for_convergence():
                           stopping=Stopping(max_steps=25, patience=None, step_tol=1e-9))
     result = loop.run()
     grads = [r.grad["lam"] for r in result.history]
-    assert any(a * b < 0 for a, b in zip(grads, grads[1:], strict=False))  # a flip happened
+    assert any(a * b < 0 for a, b in itertools.pairwise(grads))  # a flip happened
     assert result.stop_reason == "budget: 25 outer steps"
     coarse = HyperOptimizer(ridge_problem(lam=0.001)[0], optimizer="signstep",
                             schedule="constant",

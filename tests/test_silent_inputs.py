@@ -178,7 +178,7 @@ def given_task(**splits):
     return hd.task("t", model=W0, train_loss=mse, val_loss=mse,
                    hparams=hd.HyperParameters(lr=hd.scalar(0.1)), optimizer=hd.sgd("lr"),
                    data=hd.given_splits(**{"train": (X, Y), "val": (X, Y), "test": (X, Y),
-                                           **splits}), steps=3)
+                                           **splits}, allow_shared_rows=True), steps=3)
 
 
 def test_a_test_split_the_model_cannot_take_is_refused_when_the_task_is_built():

@@ -30,7 +30,14 @@ from hyperdiff.app.tasks import (
     factory_reference,
     task_defaults,
 )
-from hyperdiff.app.tasks.loader import factory_parameters, resolve_factory
+from hyperdiff.app.tasks.loader import (
+    check_types,
+    factory_parameters,
+    matches,
+    resolve_factory,
+    type_hints,
+    type_text,
+)
 from hyperdiff.errors import HyperdiffError, describe
 from hyperdiff.methods.registry import (
     METHODS,
@@ -727,38 +734,21 @@ def _build_section(section: str, cls: type, values: dict[str, Any]) -> Any:
 TABLES = ("options", "params")  # fields that hold a table of keyword arguments
 
 
-def _hints(fn: Any) -> dict[str, Any]:
-    """``fn``'s resolved type hints; ``{}`` when they cannot be resolved (no type check)."""
-    try:
-        return get_type_hints(fn)
-    except Exception:
-        return {}
-
-
-def _check_types(prefix: str, options: dict[str, Any], hints: dict[str, Any]) -> None:
-    """Refuse an option whose value does not fit the type hint of its parameter."""
-    for key, value in options.items():
-        if key in hints and not _matches(value, hints[key]):
-            raise HyperdiffError(
-                f"config: {prefix}{key} must be {_type_text(hints[key])} (got {describe(value)})"
-            )
-
-
 def _task_params(task: str, params: Any) -> dict[str, Any]:
     """``[task.params]`` checked against the signature of task ``task``'s factory (names, types
-    where it annotates them) and as TOML values that config.toml can hold."""
+    where it annotates them: :func:`check_task_params`) and as TOML values that config.toml
+    can hold."""
     check_task_params(task, params, caller="config", prefix="task.params.")
     for key, value in params.items():
         _check_toml_value(f"task.params.{key}", value)
-    hints = _hints(resolve_factory(factory_reference(task)))
-    _check_types("task.params.", params, hints)
+    hints = type_hints(resolve_factory(factory_reference(task)))
     return {key: _as_hinted(value, hints.get(key)) for key, value in params.items()}
 
 
 def _as_hinted(value: Any, hint: Any) -> Any:
     """A TOML array given for a parameter typed as a tuple, as that tuple."""
     tuples = [hint, *get_args(hint)] if get_origin(hint) in (Union, UnionType) else [hint]
-    if isinstance(value, list) and any(get_origin(h) is tuple and _matches(value, h)
+    if isinstance(value, list) and any(get_origin(h) is tuple and matches(value, h)
                                        for h in tuples):
         return tuple(value)
     return value
@@ -782,14 +772,14 @@ def _method_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     # mode's own rules (which options a segment reads) are app/plans.py's
     constructor = registered_constructor(name) if name in METHODS else method_constructor(name)
     params = inspect.signature(constructor).parameters
-    hints = _hints(constructor)
+    hints = type_hints(constructor)
     valid = [p for p in params if params[p].kind in (inspect.Parameter.KEYWORD_ONLY,
                                                      inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     for key in valid:
         if params[key].default is inspect.Parameter.empty and key not in options:
             raise HyperdiffError(
                 f"config: method.{key} must be given for method {name!r} "
-                f"({_type_text(hints[key]) if key in hints else 'required'})"
+                f"({type_text(hints[key]) if key in hints else 'required'})"
             )
     for key in options:
         if key not in valid:
@@ -798,35 +788,8 @@ def _method_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
                 f"config: unknown key method.{key}; method {name!r} accepts the options "
                 f"{listed}{_suggest(key, valid, 'method.')}"
             )
-    _check_types("method.", options, hints)
+    check_types("config", "method.", options, hints)
     return dict(options)
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    """Loose isinstance for config values against a type hint (int counts as float)."""
-    args = get_args(hint)
-    if get_origin(hint) in (Union, UnionType):
-        return any(_matches(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if get_origin(hint) is tuple and isinstance(value, list):  # TOML has arrays, no tuples
-        return (len(args) == 2 and args[1] is Ellipsis and all(_matches(v, args[0]) for v in value)
-                ) or (len(args) == len(value) and all(map(_matches, value, args)))
-    origin = get_origin(hint) or hint
-    try:
-        return isinstance(value, origin)
-    except TypeError:
-        return True
-
-
-def _type_text(hint: Any) -> str:
-    if get_origin(hint) in (Union, UnionType):
-        return " or ".join(_type_text(a) for a in get_args(hint) if a is not type(None))
-    return f"of type {getattr(get_origin(hint) or hint, '__name__', str(hint))}"
 
 
 def _check_value(section: str, key: str, value: Any, meta: Any, kind: Any) -> Any:

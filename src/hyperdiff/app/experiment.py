@@ -392,10 +392,16 @@ def _run_plan(
             close_all(watchers)
         if saved[0] != loop.step_index:  # the last step's own checkpoint holds the same state
             save(loop)
-        result = final_report(task, plan.summary(task, loop, outcome, config), config,
-                              progress=bar.report_phase() if bar is not None else None,
-                              spread=RankSpreader(group) if isinstance(group, Group)
-                              else LocalSpreader())
+        try:
+            result = final_report(task, plan.summary(task, loop, outcome, config), config,
+                                  progress=bar.report_phase() if bar is not None else None,
+                                  spread=RankSpreader(group) if isinstance(group, Group)
+                                  else LocalSpreader())
+        except HyperdiffError as err:  # the task's metrics or summary: the steps are saved
+            raise HyperdiffError(
+                f"{err}; the run's {loop.step_index} outer steps are saved in {rundir.path}: "
+                f"fix the task, then `hyperdiff run --resume {shell_path(rundir.path)} "
+                f"{ACCEPT_FLAG}` writes the report") from err
     result["run_dir"] = str(rundir.path)
     changed = input_change_warnings(rundir)
     moving = (_still_moving(loop, config, rundir.path) if config.outer.mode == "offline"
@@ -478,6 +484,8 @@ def diverged_retraining(initial: Mapping[str, Mapping[str, float]],
     """The warning for tuned values whose fresh trainings diverge, or ``None``: their loss on
     the selection split (else the validation split) is not finite or is absurd by the guard's
     rule, above ``ratio`` (``guard.max_loss_ratio``) x max(|the initial values' loss|, 1).
+    When the initial values' loss is not finite either, the tuned values are not blamed: the
+    warning says that the initial values give no finite loss to judge them by.
 
     >>> diverged_retraining({"val": {"loss": 0.5}}, {"val": {"loss": 4e5}}, 1e6) is None
     True
@@ -488,6 +496,11 @@ def diverged_retraining(initial: Mapping[str, Mapping[str, float]],
     if "loss" not in tuned.get(split, {}) or "loss" not in initial.get(split, {}):
         return None  # a user's metrics may have no loss
     ended, start = tuned[split]["loss"], initial[split]["loss"]
+    if not math.isfinite(start):
+        return (f"the initial values' {split} loss is {start} when trained fresh on the report "
+                f"seeds (tuned values: {ended:.4g}), so the tuned values cannot be judged "
+                "against it: check the task's metrics and whether training at the initial "
+                "values diverges")
     if math.isfinite(ended) and abs(ended) <= ratio * max(abs(start), 1.0):
         return None
     return (f"the tuned values diverge when trained fresh on the report seeds: {split} loss "
@@ -534,8 +547,9 @@ def format_table(result: Mapping[str, Any]) -> str:
         a, b = initial["hparams"][name], tuned["hparams"][name]
         label = name if not isinstance(a, list) else f"{name} ({len(a)} values)"
         rows.append((label, _summary(a), _summary(b)))
-    for key in initial["summary"]:
-        rows.append((f"  {key}", f"{initial['summary'][key]:.3g}", f"{tuned['summary'][key]:.3g}"))
+    for key in {**initial["summary"], **tuned["summary"]}:  # a key one side lacks: "-"
+        rows.append((f"  {key}", _summary_cell(initial["summary"], key),
+                     _summary_cell(tuned["summary"], key)))
     val_label = ("val loss (in the CV pool)" if result.get("cv_folds")
                  else "val loss (hypergradient split)")
     labels = {"val": val_label, "selection": "selection loss",
@@ -596,6 +610,11 @@ def format_table(result: Mapping[str, Any]) -> str:
         f"run directory: {result['run_dir']}",
     ]
     return "\n".join(lines)
+
+
+def _summary_cell(summary: Mapping[str, Any], key: str) -> str:
+    """A task's summary value ``key`` for the table; ``"-"`` where that side has none."""
+    return f"{summary[key]:.3g}" if key in summary else "-"
 
 
 def _summary(value: float | list[float]) -> str:

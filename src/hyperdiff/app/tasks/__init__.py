@@ -20,6 +20,7 @@ from hyperdiff.app.tasks import loader
 from hyperdiff.app.tasks.base import SearchChoices, SearchRange, Task
 from hyperdiff.app.tasks.inputs import code_fingerprint, data_fingerprints, model_fingerprint
 from hyperdiff.app.tasks.spec import GivenSplits, TaskData, TaskSpec, given_splits, task
+from hyperdiff.app.tasks.splits import check_data_seed
 from hyperdiff.engine.task_distribution import TaskDistribution
 from hyperdiff.engine.task_distribution import task_distribution as distribution
 from hyperdiff.errors import UNIT_OPEN_HIGH, HyperdiffError, nonnegative_int, number, positive_int
@@ -84,13 +85,14 @@ def check_task_params(name: str, params: Mapping[str, Any], *, caller: str, pref
                       ) -> list[str]:
     """Refuse ``params`` that task ``name``'s factory does not take (one message per kind of
     mistake, naming ``prefix + key`` and the params it accepts, with a did-you-mean), a
-    reserved name (``steps``, ``data_seed``: set by ``inner.steps`` and ``task.data_seed``)
-    and a missing required one; return the names the factory accepts (``**kwargs``: any)."""
+    reserved name (``steps``, ``data_seed``: set by ``inner.steps`` and ``task.data_seed``),
+    a missing required one and a value its annotation refuses (``meta_sgd="no"`` for a
+    ``bool``); return the names the factory accepts (``**kwargs``: any)."""
     if not isinstance(params, Mapping):
         raise HyperdiffError(f"{caller}: {prefix.rstrip('.')} must be a table of the task "
                              f"factory's keyword arguments (got {params!r})")
-    accepted, required, any_name = loader.factory_parameters(
-        loader.resolve_factory(factory_reference(name)))
+    factory = loader.resolve_factory(factory_reference(name))
+    accepted, required, any_name = loader.factory_parameters(factory)
     owner = f"task {name!r}" + ("" if name in TASKS else " (its factory)")
     for key in params:
         if key in loader.RESERVED:
@@ -106,6 +108,8 @@ def check_task_params(name: str, params: Mapping[str, Any], *, caller: str, pref
     if missing:
         raise HyperdiffError(f"{caller}: {prefix}{missing[0]} must be given; {owner} takes it "
                              "without a default")
+    if not isinstance(factory, TaskSpec):
+        loader.check_types(caller, prefix, params, loader.type_hints(factory))
     return accepted
 
 
@@ -120,7 +124,7 @@ def build_task(name: str, *, steps: int | None = None, selection_fraction: float
         positive_int(caller, "steps", steps)
     number(caller, "selection_fraction", selection_fraction, UNIT_OPEN_HIGH)
     nonnegative_int(caller, "cv_folds", cv_folds)
-    nonnegative_int(caller, "data_seed", data_seed)
+    check_data_seed(caller, data_seed)
     check_task_params(name, params or {}, caller=caller, prefix="params.")
     params = dict(params or {})
     spec = load_task_spec(name, steps=steps, data_seed=data_seed, params=params)

@@ -101,13 +101,22 @@ def build(
     baseline: str = "moving_average", temperature: float | tuple[float, float] = (1.0, 0.3),
 ) -> TaskSpec:
     """The architecture task (see the module doc)."""
+    return named_build("arch_digits", steps=steps, data_seed=data_seed, mode=mode,
+                       baseline=baseline, temperature=temperature)
+
+
+def named_build(name: str, *, steps: int, data_seed: int, mode: str,
+                baseline: str = "moving_average",
+                temperature: float | tuple[float, float] = (1.0, 0.3)) -> TaskSpec:
+    """:func:`build` as the task ``name`` (``arch_digits_gumbel`` is a task of its own, which
+    ``result.json`` and ``hd.tuned_hparams`` must tell from ``arch_digits``)."""
     x, y = load_digits_data()
     search: dict[str, Any] = {
         "lr": SearchRange(1e-3, 1.0), "weight_decay": SearchRange(1e-6, 1e-1),
         "depth": SearchChoices.of(DEPTHS), "width": SearchChoices.of(WIDTHS),
         "activation": SearchChoices.of(ACTIVATIONS)}
     return task(
-        "arch_digits", description=SUMMARY, model=init_params(data_seed), train_loss=loss,
+        name, description=SUMMARY, model=init_params(data_seed), train_loss=loss,
         val_loss=loss, hparams=make_hparams(mode, temperature, baseline),
         optimizer=sgd("lr", 0.9, weight_decay="weight_decay"), data=(x, y), steps=steps,
         batch_size=BATCH_SIZE, test_fraction=0.25, val_fraction=0.2, metrics=metrics,

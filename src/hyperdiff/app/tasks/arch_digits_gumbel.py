@@ -16,4 +16,5 @@ DEFAULTS = {**arch_digits.DEFAULTS, "outer.samples": 1}
 
 def build(*, steps: int = arch_digits.DEFAULT_STEPS, data_seed: int = 0) -> TaskSpec:
     """:func:`hyperdiff.app.tasks.arch_digits.build` with mode="gumbel"."""
-    return arch_digits.build(steps=steps, data_seed=data_seed, mode="gumbel")
+    return arch_digits.named_build("arch_digits_gumbel", steps=steps, data_seed=data_seed,
+                                   mode="gumbel")

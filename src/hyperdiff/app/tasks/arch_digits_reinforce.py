@@ -16,5 +16,5 @@ DEFAULTS = {**arch_digits.DEFAULTS, "outer.samples": 4, "stop.max_steps": 12}
 
 def build(*, steps: int = arch_digits.DEFAULT_STEPS, data_seed: int = 0) -> TaskSpec:
     """:func:`hyperdiff.app.tasks.arch_digits.build` with REINFORCE and a leave-one-out baseline."""
-    return arch_digits.build(steps=steps, data_seed=data_seed, mode="reinforce",
-                             baseline="leave_one_out")
+    return arch_digits.named_build("arch_digits_reinforce", steps=steps, data_seed=data_seed,
+                                   mode="reinforce", baseline="leave_one_out")

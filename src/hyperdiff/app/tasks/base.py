@@ -186,7 +186,8 @@ class Task:
         with torch.no_grad():
             return {split: split_metrics(self.metrics, with_ctx, params, hview, batches,
                                          StepContext(step=-1, seed=seed, train=False,
-                                                     buffers=buffers), split=split)
+                                                     buffers=buffers), split=split,
+                                         caller=f"task {self.name}")
                     for split, batches in self.splits.items()
                     if splits is None or split in splits}
 

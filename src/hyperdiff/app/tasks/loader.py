@@ -7,8 +7,10 @@
 A factory is a function returning :func:`hyperdiff.task` (a :class:`~.spec.TaskSpec`); it is
 called with the keyword arguments it declares among ``steps`` (the config's ``inner.steps``,
 omitted while the config's defaults are read) and ``data_seed``, and with the task's own
-params (the config's ``[task.params]``, checked against its signature by
-:func:`factory_parameters`). An attribute that already is a ``TaskSpec`` is used as is.
+params (the config's ``[task.params]`` or ``build_task(params=)``, checked against its signature by
+:func:`factory_parameters` and against its annotations by :func:`check_types`, so a value the
+annotation refuses, ``meta_sgd="no"`` for a ``bool``, is refused on either path rather than
+read as truthy). An attribute that already is a ``TaskSpec`` is used as is.
 Every failure is one :class:`~hyperdiff.HyperdiffError` that names the reference: a missing
 module, file or attribute, an attribute that is not a factory, a factory that raises or
 returns something else.
@@ -24,11 +26,11 @@ import re
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from types import ModuleType, UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from hyperdiff.app.tasks.spec import USER_TASK_MODULE, TaskSpec, how_it_failed
-from hyperdiff.errors import HyperdiffError
+from hyperdiff.errors import HyperdiffError, describe
 
 FORMS = "a built-in task name, 'package.module:factory' or 'path/to/file.py:factory'"
 RESERVED = ("steps", "data_seed")  # passed by hyperdiff from inner.steps and task.data_seed
@@ -171,6 +173,59 @@ def factory_parameters(factory: Callable[..., Any] | TaskSpec
              and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return ([p.name for p in named], [p.name for p in named if p.default is p.empty],
             any(p.kind == p.VAR_KEYWORD for p in params.values()))
+
+
+def type_hints(fn: Any) -> dict[str, Any]:
+    """``fn``'s resolved type hints; ``{}`` when they cannot be resolved (no type check)."""
+    try:
+        return get_type_hints(fn)
+    except Exception:
+        return {}
+
+
+def check_types(caller: str, prefix: str, options: Mapping[str, Any],
+                hints: Mapping[str, Any]) -> None:
+    """Refuse an option whose value does not fit the type hint of its parameter.
+
+    >>> def build(*, hidden: int = 64, meta_sgd: bool = False): ...
+    >>> check_types("task t", "params.", {"meta_sgd": "no"}, type_hints(build))
+    Traceback (most recent call last):
+        ...
+    hyperdiff.errors.HyperdiffError: task t: params.meta_sgd must be of type bool (got 'no')
+    """
+    for key, value in options.items():
+        if key in hints and not matches(value, hints[key]):
+            raise HyperdiffError(
+                f"{caller}: {prefix}{key} must be {type_text(hints[key])} (got {describe(value)})"
+            )
+
+
+def matches(value: Any, hint: Any) -> bool:
+    """Loose isinstance for config values against a type hint (int counts as float)."""
+    args = get_args(hint)
+    if get_origin(hint) in (Union, UnionType):
+        return any(matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if get_origin(hint) is tuple and isinstance(value, list):  # TOML has arrays, no tuples
+        return (len(args) == 2 and args[1] is Ellipsis and all(matches(v, args[0]) for v in value)
+                ) or (len(args) == len(value) and all(map(matches, value, args)))
+    origin = get_origin(hint) or hint
+    try:
+        return isinstance(value, origin)
+    except TypeError:
+        return True
+
+
+def type_text(hint: Any) -> str:
+    """``"of type int"``; a union: its types joined by ``or`` (``None`` left out)."""
+    if get_origin(hint) in (Union, UnionType):
+        return " or ".join(type_text(a) for a in get_args(hint) if a is not type(None))
+    return f"of type {getattr(get_origin(hint) or hint, '__name__', str(hint))}"
 
 
 def call_factory(factory: Callable[..., Any] | TaskSpec, ref: str, *, steps: int | None,

@@ -45,9 +45,15 @@ from hyperdiff.app.tasks.dataset_splits import (
     train_source,
     validation_and_selection,
 )
+from hyperdiff.app.tasks.metrics import checked_metrics, is_metric_value
 from hyperdiff.app.tasks.splits import (
+    SPLITS,
     Splits,
+    check_data_seed,
     fold_rows,
+    in_memory_batches,
+    shared_counts,
+    shared_rows_text,
     split_given_rows,
     split_rows,
     stratify_labels,
@@ -63,6 +69,8 @@ from hyperdiff.engine.task_distribution import TaskDistribution, TaskSampler, ta
 from hyperdiff.errors import (
     UNIT_OPEN_HIGH,
     HyperdiffError,
+    Range,
+    Text,
     describe,
     fail,
     is_number,
@@ -85,22 +93,32 @@ class GivenSplits:
     val: Any
     test: Any
     selection: Any = None
+    allow_shared_rows: bool = False
 
 
-def given_splits(*, train: Any, val: Any, test: Any, selection: Any = None) -> GivenSplits:
+def given_splits(*, train: Any, val: Any, test: Any, selection: Any = None,
+                 allow_shared_rows: bool = False) -> GivenSplits:
     """Use these splits as they are. ``train``: anything ``make_problem`` takes as train_data,
     or a map-style ``Dataset`` (trained in shuffled batches of the task's ``batch_size``);
     ``val``, ``test``, ``selection``: a batch, a list of batches, or a ``Dataset`` /
     ``DataLoader`` / generator function (read in batches; the test split lazily at every report,
     see :mod:`hyperdiff.app.tasks.dataset_splits`). Without ``selection``, ``selection_fraction`` of
     ``val`` is taken out of it (``val`` must then be one batch or a map-style data set).
-    Cross-validation needs the whole data set, so it is refused here."""
+    Cross-validation needs the whole data set, so it is refused here.
+
+    In-memory splits must not share rows (inputs with equal bytes, see
+    :mod:`hyperdiff.app.tasks.splits`): the build refuses them, naming the splits and
+    the count, unless ``allow_shared_rows=True`` says they are duplicate examples of the
+    data, not the same rows."""
     given = {"train": train, "val": val, "test": test, "selection": selection}
     for name, split in given.items():
         if (split is None and name != "selection") or isinstance(split, (str, bytes, bytearray)):
             raise fail("given_splits", name, "data: a batch of tensors, a list of batches, a "
                        "Dataset, a DataLoader or a generator function", split)
-    return GivenSplits(train=train, val=val, test=test, selection=selection)
+    if not isinstance(allow_shared_rows, bool):
+        raise fail("given_splits", "allow_shared_rows", "True or False", allow_shared_rows)
+    return GivenSplits(train=train, val=val, test=test, selection=selection,
+                       allow_shared_rows=allow_shared_rows)
 
 
 def how_it_failed(err: BaseException) -> str:
@@ -164,7 +182,7 @@ class TaskSpec:
         cross-validation fold when ``cv_folds >= 2``, T = ``steps`` (default: ``self.steps``).
         """
         steps = positive_int(f"task {self.name}", "steps", self.steps if steps is None else steps)
-        data_seed = nonnegative_int(f"task {self.name}", "data_seed", data_seed)
+        data_seed = check_data_seed(f"task {self.name}", data_seed)
         cv_folds = nonnegative_int(f"task {self.name}", "cv_folds", cv_folds)
         number(f"task {self.name}", "selection_fraction", selection_fraction, UNIT_OPEN_HIGH)
         if cv_folds and self.cross_validation is not True:
@@ -190,10 +208,7 @@ class TaskSpec:
                                  "second element of data (or data['y'])")
         rows = split_rows(n, test=self.test_fraction, val=self.val_fraction,
                           selection_fraction=selection_fraction, seed=data_seed, labels=labels)
-        data = self.data
-        if self.prepare is not None:
-            with task_code(self.name, "prepare(data, splits)", self.prepare):
-                data = self.prepare(self.data, rows)
+        data = self.data if self.prepare is None else self._prepared(rows, n)
         info = TaskData(data, rows, data_seed)
         hparams = self._hparams(info)
         model_params, buffers = model_state(self.name, self.model)
@@ -205,7 +220,7 @@ class TaskSpec:
 
         if cv_folds:
             pool = torch.cat([rows.train, rows.val]).sort().values
-            folds = fold_rows(pool, cv_folds, data_seed, labels)
+            folds = fold_rows(pool, cv_folds, data_seed, labels, stratify=self.stratify)
             problems = tuple(problem_for(take(data, tr), take(data, va), self.probe and j == 0)
                              for j, (tr, va) in enumerate(folds))
             final = problem_for(take(data, pool), val, False)
@@ -219,6 +234,23 @@ class TaskSpec:
         return self._task(problems, final, splits, hparams, info,
                           {"sizes": rows.sizes(), "cv_folds": cv_folds})
 
+    def _prepared(self, rows: Splits, n: int) -> Any:
+        """``prepare(data, rows)``, refused unless it keeps the ``n`` rows the splits index."""
+        assert self.prepare is not None
+        with task_code(self.name, "prepare(data, splits)", self.prepare):
+            data = self.prepare(self.data, rows)
+        try:
+            kept = num_rows(data, self.name)
+        except HyperdiffError:
+            kept = None
+        if kept != n:
+            raise HyperdiffError(
+                f"{self.name}: prepare(data, splits) must return the data as a tensor, a tuple "
+                f"or a dict of tensors with all its {n} rows, which the splits index (got "
+                f"{describe(data) if kept is None else f'{kept} rows'}); transform the rows, "
+                "keep their number and order")
+        return data
+
     def _build_given(self, steps: int, selection_fraction: float, cv_folds: int,
                      data_seed: int) -> Task:
         given = self.data
@@ -228,6 +260,8 @@ class TaskSpec:
         if cv_folds:
             raise HyperdiffError(f"{self.name}: task.cv_folds must be 0 with given_splits (got "
                                  f"{cv_folds}): folds need the whole data set as data=")
+        if not given.allow_shared_rows:
+            self._refuse_shared_rows(given)
         streamed = is_dataset_split(given.val)
         if streamed:
             val, selection = validation_and_selection(
@@ -262,6 +296,18 @@ class TaskSpec:
         sizes = {k: split_size(v, lambda b: tensor_rows(b, self.name)) for k, v in splits.items()}
         return self._task((problem,), problem, splits, hparams, info,
                           {"sizes": sizes, "cv_folds": 0})
+
+    def _refuse_shared_rows(self, given: GivenSplits) -> None:
+        """Refuse in-memory given splits that share rows (see :mod:`.splits`)."""
+        counts, sizes = shared_counts({split: in_memory_batches(getattr(given, split))
+                                       for split in SPLITS})
+        if counts:
+            raise HyperdiffError(
+                f"{self.name}: given_splits' train, val, selection and test must not share rows "
+                f"(got {shared_rows_text(counts, sizes)}): a split that holds rows of another "
+                "is not held out from it; pass disjoint splits, or hd.given_splits(..., "
+                "allow_shared_rows=True) if these are duplicate examples of the data (equal "
+                "inputs), not the same rows")
 
     def _hparams(self, info: TaskData) -> HyperParameters:
         hparams = self.hparams
@@ -301,7 +347,8 @@ class TaskSpec:
 
             def summarize(values: Mapping[str, Tensor]) -> dict[str, float]:
                 with task_code(self.name, "summarize(values, task_data)", user):
-                    return user(values, info)
+                    summary = user(values, info)
+                return checked_summary(self.name, summary)
 
         metrics = self.metrics or loss_metrics(self)
         if self.probe:  # every split the report evaluates, not only the one tuning reads
@@ -346,8 +393,9 @@ def probe_metrics(name: str, metrics: Metrics, problem: Problem, hparams: HyperP
                   batch: Batch, split: str = "val") -> None:
     """Call ``metrics`` once on ``batch`` (of the split ``split``) at theta_0 in eval mode, so
     that a metrics function that fails (e.g. a BatchNorm model called without ``ctx``, or a
-    test split of other shapes) or returns something other than ``{name: number}`` is refused
-    when the task is built, not after the whole run."""
+    test split of other shapes), returns something other than ``{name: number}`` with a
+    ``"loss"`` (:func:`~hyperdiff.app.tasks.metrics.checked_metrics`) or a non-finite loss is
+    refused when the task is built, not after the whole run."""
     from hyperdiff.engine.models import StepContext  # local: as tasks.base does
 
     with_ctx = takes_context(metrics, "metrics")
@@ -364,19 +412,28 @@ def probe_metrics(name: str, metrics: Metrics, problem: Problem, hparams: HyperP
         raise HyperdiffError(f"task {name}: metrics failed on the {_split_name(split)} at "
                              f"the initial parameters ({type(err).__name__}: {err}; its batch: "
                              f"{shapes_of(batch)})") from err
-    if not isinstance(values, Mapping) or not values:
-        raise HyperdiffError(f"task {name}: metrics must return a non-empty dict "
-                             f"{{name: number}} (got {describe(values)})")
-    if "loss" not in values:
-        raise HyperdiffError(f"task {name}: metrics must return a 'loss' entry, which the "
-                             "report and black-box search (hyperdiff compare) read on each "
-                             f"split (got the keys {sorted(map(str, values))})")
-    for key, value in values.items():
-        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
-            isinstance(value, Tensor) and value.numel() == 1)
-        if not isinstance(key, str) or not ok:
-            raise HyperdiffError(f"task {name}: metrics must return a dict {{name: number}}; "
-                                 f"entry {key!r} is {describe(value)}")
+    try:
+        loss = checked_metrics(values)["loss"]
+    except HyperdiffError as err:
+        raise HyperdiffError(f"task {name}: {err}") from None
+    if not math.isfinite(loss):
+        raise HyperdiffError(f"task {name}: metrics must return a finite 'loss' at the initial "
+                             f"parameters (got {loss} on the {_split_name(split)}; its batch: "
+                             f"{shapes_of(batch)}): the report would compare non-finite "
+                             "losses; check the metrics function and the data")
+
+
+def checked_summary(name: str, summary: Any) -> dict[str, float]:
+    """What a task's ``summarize`` returned, as ``{label: float}`` (a one-element tensor or a
+    NumPy number converted); anything else is refused, naming the entry."""
+    if not isinstance(summary, Mapping):
+        raise fail(f"task {name}", "summarize(values, task_data)'s result", "a dict "
+                   "{label: number}", summary)
+    for key, value in summary.items():
+        if not isinstance(key, str) or not is_metric_value(value):
+            raise HyperdiffError(f"task {name}: summarize(values, task_data) must return a dict "
+                                 f"{{label: number}}; entry {key!r} is {describe(value)}")
+    return {key: float(value) for key, value in summary.items()}
 
 
 def _split_name(split: str) -> str:
@@ -419,12 +476,13 @@ def task(
             two decades either side of a positive value, the inner 98% of an interval, a
             discrete hyperparameter's plain choices (:class:`SearchChoices`, the only kind of
             range it takes).
-        stratify: stratify splits and folds by the integer labels (``data[1]`` or
-            ``data["y"]``); ``None``: whenever the labels are integers.
-        test_fraction, val_fraction: shares of the rows for the test and validation splits
-            (the selection split is taken out of validation).
+        stratify: ``True``, ``False`` or ``None``: stratify splits and folds by the labels
+            (``data[1]`` or ``data["y"]``); ``None``: whenever the labels are integers.
+        test_fraction, val_fraction: shares of the rows for the test and validation splits,
+            each in (0, 1) and together below 1 (the selection split is taken out of
+            validation).
         prepare: ``prepare(data, rows) -> data``, e.g. standardization fitted on
-            ``rows.train`` only; called once after splitting.
+            ``rows.train`` only; called once after splitting; it must keep every row.
         summarize: ``summarize(natural_values, task_data) -> {label: float}`` for the report.
         description: one line for listings.
         defaults: config values this task recommends, as dotted keys
@@ -452,6 +510,12 @@ def task(
                              f"hd.adamw (got {type(optimizer).__name__})")
     if batch_size is not None:
         positive_int(f"task {name}", "batch_size", batch_size)
+    _check_options(f"task {name}", stratify=stratify, test_fraction=test_fraction,
+                   val_fraction=val_fraction, search_space=search_space,
+                   cross_validation=cross_validation, probe=probe, task_type=task_type)
+    for arg, given in (("prepare", prepare), ("summarize", summarize)):
+        if given is not None and not callable(given):
+            raise fail(f"task {name}", arg, "a function or None", given)
     return TaskSpec(
         name=name, model=model, train_loss=train_loss, val_loss=val_loss, hparams=hparams,
         optimizer=optimizer, data=data, steps=positive_int(f"task {name}", "steps", steps),
@@ -462,6 +526,33 @@ def task(
         tasks=tasks if tasks is None or isinstance(tasks, TaskDistribution)
         else task_distribution(tasks, name=f"task {name}: tasks"),
     )
+
+
+def _check_options(caller: str, *, stratify: Any, test_fraction: Any, val_fraction: Any,
+                   search_space: Any, cross_validation: Any, probe: Any, task_type: Any
+                   ) -> None:
+    """Refuse :func:`task` options of the wrong kind (``stratify="no"`` would stratify,
+    ``cross_validation=1`` be read as a reason), fractions that leave no training rows."""
+    if stratify is not None and not isinstance(stratify, bool):
+        raise fail(caller, "stratify", "True, False or None (stratify whenever the labels are "
+                   "integers)", stratify)
+    between = Range(0.0, 1.0, open_low=True, open_high=True)
+    number(caller, "test_fraction", test_fraction, between)
+    number(caller, "val_fraction", val_fraction, between)
+    if test_fraction + val_fraction >= 1:
+        raise fail(caller, "test_fraction + val_fraction", "below 1, leaving rows to train on",
+                   Text(f"{test_fraction} + {val_fraction} = {test_fraction + val_fraction:g}"))
+    if search_space is not None and not isinstance(search_space, Mapping):
+        raise fail(caller, "search_space", "a dict {hyperparameter name: "
+                   "hd.tasks.SearchRange(low, high) or SearchChoices} or None", search_space)
+    if cross_validation is not True and cross_validation is not False and not (
+            isinstance(cross_validation, str) and cross_validation):
+        raise fail(caller, "cross_validation", "True, False, or a string saying why "
+                   "task.cv_folds is refused", cross_validation)
+    if not isinstance(probe, bool):
+        raise fail(caller, "probe", "True or False", probe)
+    if not (isinstance(task_type, type) and issubclass(task_type, Task)):
+        raise fail(caller, "task_type", "hd.tasks.Task or a subclass of it", task_type)
 
 
 def num_rows(data: Any, name: str) -> int:

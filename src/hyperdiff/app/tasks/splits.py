@@ -5,11 +5,32 @@ Splits are drawn once from ``data_seed`` with :func:`sklearn.model_selection.tra
 (``selection_fraction`` of it); what is left is ``train``. With ``cv_folds = k`` the pool
 ``train + val`` is cut by :class:`~sklearn.model_selection.KFold`. When the task is a
 classification (integer labels) every cut is stratified by label
-(:class:`~sklearn.model_selection.StratifiedKFold`), so every split keeps the class shares.
+(:class:`~sklearn.model_selection.StratifiedKFold`), so every split keeps the class shares
+(a class with fewer rows than folds is spread as evenly as its rows allow).
+
+``data_seed`` is an int in [0, 2**32 - 1] (scikit-learn's range for ``random_state``); the
+later cuts use ``seed + 1`` and ``seed + 2``, wrapped modulo 2**32 at the top of the range.
+
+Splits the user gives (:func:`~hyperdiff.app.tasks.spec.given_splits`) must not share rows: a
+test (or selection, or validation) split that holds rows of the training split is not held
+out, and the report's "never used while tuning" would be false. Each in-memory split (a
+tensor, a tuple or dict of tensors, or a list of such batches) is hashed row by row
+(:func:`shared_counts`): the bytes of its *input*, the first tensor of each batch
+(``batch[0]``, or a dict's first entry), with its dtype and row shape; a ``Dataset``,
+``DataLoader`` or generator function is not read for this. Equal inputs count as shared, also
+when they are duplicate examples of the data rather than the same row:
+``given_splits(..., allow_shared_rows=True)`` accepts them.
+
+>>> x = torch.arange(12.0).reshape(6, 2)
+>>> shared_counts({"train": [(x[:4],)], "val": None, "test": [(x[2:],)]})
+({('train', 'test'): 2}, {'train': 4, 'test': 4})
 """
 
 from __future__ import annotations
 
+import hashlib
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +38,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hyperdiff.errors import HyperdiffError
+from hyperdiff.engine.datacheck import tensors_in
+from hyperdiff.errors import HyperdiffError, fail
+from hyperdiff.typing import Batch
+
+MAX_DATA_SEED = 2**32 - 1
+"""The largest ``data_seed``: scikit-learn takes a ``random_state`` up to 2**32 - 1."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +57,22 @@ class Splits:
 
     def sizes(self) -> dict[str, int]:
         return {name: int(rows.numel()) for name, rows in self.__dict__.items()}
+
+
+def check_data_seed(caller: str, seed: Any) -> int:
+    """``seed`` if it is an int in [0, :data:`MAX_DATA_SEED`], else raise."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_DATA_SEED:
+        raise fail(caller, "data_seed", f"an int in [0, {MAX_DATA_SEED}]", seed)
+    return seed
+
+
+def derived_seed(seed: int, k: int) -> int:
+    """The seed of the ``k``-th later cut: ``seed + k`` wrapped into [0, 2**32).
+
+    >>> derived_seed(7, 1), derived_seed(2**32 - 1, 2)
+    (8, 1)
+    """
+    return (seed + k) % (MAX_DATA_SEED + 1)
 
 
 def _rows(values: np.ndarray) -> Tensor:
@@ -48,18 +90,24 @@ def _cut(rows: np.ndarray, size: int, labels: np.ndarray | None, seed: int, what
             stratify=None if labels is None else labels[rows],
         )
     except ValueError as err:
-        text = str(err)
+        text = str(err).split(" Classes with too few members are:")[0]  # not the list
         if len(text) > 200:
             text = text[:197] + "..."
-        stratified = ("" if labels is None else
-                      f", or hd.task(..., stratify=False) if the {len(np.unique(labels))} "
-                      "distinct integer targets are not classes (a regression, counts)")
+        by, stratified = ("", "") if labels is None else (" stratified by the targets",
+                                                          _not_classes(labels))
         raise HyperdiffError(
-            f"task: the {what} split must be drawable from {len(rows)} rows ({size} rows "
+            f"task: the {what} split must be drawable from {len(rows)} rows{by} ({size} rows "
             f"asked; got scikit-learn's error: {text}); use more data or other split "
             f"fractions{stratified}"
         ) from None
     return rest, taken
+
+
+def _not_classes(labels: np.ndarray) -> str:
+    """The advice for stratified cuts of targets that may not be classes."""
+    kind = "float" if labels.dtype.kind in "fc" else "integer"
+    return (f", or hd.task(..., stratify=False) if the {len(np.unique(labels))} distinct {kind} "
+            "targets are not classes (a regression, counts)")
 
 
 def split_rows(
@@ -80,6 +128,9 @@ def split_rows(
     for name, fraction in (("test_fraction", test), ("val_fraction", val)):
         if not 0.0 < fraction < 1.0:
             raise HyperdiffError(f"task: {name} must be in (0, 1) (got {fraction})")
+    if test + val >= 1.0:
+        raise HyperdiffError(f"task: test_fraction + val_fraction must be below 1, leaving rows "
+                             f"to train on (got {test} + {val} = {test + val:g})")
     n_test, n_val = int(round(test * n)), int(round(val * n))
     n_sel = int(round(selection_fraction * n_val))
     if n_test < 1 or n_val - n_sel < 1 or n - n_test - n_val < 1:
@@ -90,9 +141,9 @@ def split_rows(
         )
     y = None if labels is None else labels.detach().cpu().numpy()
     rest, test_rows = _cut(np.arange(n), n_test, y, seed, "test")
-    train_rows, val_all = _cut(rest, n_val, y, seed + 1, "validation")
+    train_rows, val_all = _cut(rest, n_val, y, derived_seed(seed, 1), "validation")
     if n_sel:
-        val_rows, sel_rows = _cut(val_all, n_sel, y, seed + 2, "selection")
+        val_rows, sel_rows = _cut(val_all, n_sel, y, derived_seed(seed, 2), "selection")
     else:
         val_rows, sel_rows = val_all, val_all[:0]
     return Splits(train=_rows(train_rows), val=_rows(val_rows), selection=_rows(sel_rows),
@@ -116,14 +167,17 @@ def split_given_rows(
             f"{n} validation rows, all taken by the selection split)"
         )
     y = None if labels is None else labels.detach().cpu().numpy()
-    val_rows, sel_rows = _cut(np.arange(n), n_sel, y, seed + 2, "selection")
+    val_rows, sel_rows = _cut(np.arange(n), n_sel, y, derived_seed(seed, 2), "selection")
     return _rows(val_rows), _rows(sel_rows)
 
 
-def fold_rows(pool: Tensor, folds: int, seed: int, labels: Tensor | None = None
-              ) -> list[tuple[Tensor, Tensor]]:
+def fold_rows(pool: Tensor, folds: int, seed: int, labels: Tensor | None = None,
+              *, stratify: bool | None = None) -> list[tuple[Tensor, Tensor]]:
     """``folds`` (train, validation) row pairs that cut ``pool`` into near-equal parts
-    (:class:`~sklearn.model_selection.StratifiedKFold` by ``labels`` when given)."""
+    (:class:`~sklearn.model_selection.StratifiedKFold` by ``labels`` when given and some class
+    has ``folds`` rows; a rarer class is spread as evenly as its rows allow). With
+    ``stratify=True`` (asked for explicitly) labels of which no class has that many rows are
+    refused rather than cut unstratified."""
     from sklearn.model_selection import KFold, StratifiedKFold
 
     if isinstance(folds, bool) or not isinstance(folds, int) or not 2 <= folds <= pool.numel():
@@ -131,14 +185,26 @@ def fold_rows(pool: Tensor, folds: int, seed: int, labels: Tensor | None = None
             f"task: cv_folds must be 0 (off) or an int in [2, {pool.numel()}] (got {folds})"
         )
     rows = pool.cpu().numpy()
+    fold_seed = derived_seed(seed, 1)
     if labels is None:
-        cuts = KFold(folds, shuffle=True, random_state=seed + 1).split(rows)
-    else:
-        y = labels.detach().cpu().numpy()[rows]
-        _, counts = np.unique(y, return_counts=True)
-        splitter = (StratifiedKFold(folds, shuffle=True, random_state=seed + 1)
-                    if counts.min() >= folds else KFold(folds, shuffle=True, random_state=seed + 1))
-        cuts = splitter.split(rows, y)
+        return _fold_pairs(rows, KFold(folds, shuffle=True, random_state=fold_seed).split(rows))
+    y = labels.detach().cpu().numpy()[rows]
+    _, counts = np.unique(y, return_counts=True)
+    if counts.max() < folds:
+        if stratify:
+            raise HyperdiffError(
+                f"task: stratify=True needs a class with at least cv_folds = {folds} rows in "
+                f"the cross-validation pool to stratify the folds (got at most {counts.max()} "
+                f"rows in each of {len(counts)} classes); lower task.cv_folds{_not_classes(y)}")
+        return _fold_pairs(rows, KFold(folds, shuffle=True, random_state=fold_seed).split(rows))
+    with warnings.catch_warnings():  # a class with fewer rows than folds: spread evenly
+        warnings.filterwarnings("ignore", message="The least populated class in y has only",
+                                category=UserWarning)
+        cuts = list(StratifiedKFold(folds, shuffle=True, random_state=fold_seed).split(rows, y))
+    return _fold_pairs(rows, cuts)
+
+
+def _fold_pairs(rows: np.ndarray, cuts: Any) -> list[tuple[Tensor, Tensor]]:
     return [(_rows(rows[tr]), _rows(rows[va])) for tr, va in cuts]
 
 
@@ -152,3 +218,54 @@ def stratify_labels(data: Any, *, any_dtype: bool = False) -> Tensor | None:
     if any_dtype or not (labels.is_floating_point() or labels.is_complex()):
         return labels
     return None
+
+
+SPLITS = ("train", "val", "selection", "test")
+"""The splits :func:`shared_counts` compares, in this order."""
+
+
+def in_memory_batches(data: Any) -> list[Batch] | None:
+    """``data`` as a list of in-memory batches (one batch, or a list of them), or ``None``
+    for what is read lazily (a ``Dataset``, ``DataLoader``, generator function, ...)."""
+    if isinstance(data, (Tensor, tuple, dict)):
+        return [data]
+    if isinstance(data, list) and data and all(isinstance(b, (Tensor, tuple, dict))
+                                               for b in data):
+        return data
+    return None
+
+
+def row_keys(batches: list[Batch]) -> list[tuple[str, tuple[int, ...], bytes]]:
+    """``(dtype, row shape, digest of the row's bytes)`` of every row of the first tensor of
+    each batch, in order."""
+    keys = []
+    for batch in batches:
+        first = next((t for _, t in tensors_in(batch) if t.dim() >= 1), None)
+        if first is None:
+            continue
+        rows = first.detach().cpu().contiguous()
+        shape, dtype = tuple(rows.shape[1:]), str(rows.dtype)
+        raw = rows.reshape(rows.shape[0], -1).view(torch.uint8).numpy()
+        keys += [(dtype, shape, hashlib.blake2b(row.tobytes(), digest_size=16).digest())
+                 for row in raw]
+    return keys
+
+
+def shared_counts(splits: Mapping[str, list[Batch] | None]
+                  ) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
+    """``({(earlier, later): rows of the later split whose input is also in the earlier},
+    {split: rows})`` for every pair of in-memory ``splits`` (in :data:`SPLITS`) that share
+    any (``None``: a split not in memory, left out)."""
+    keys = {name: row_keys(batches) for name in SPLITS
+            if (batches := splits.get(name)) is not None}
+    names, seen = list(keys), {name: set(k) for name, k in keys.items()}
+    counts = {(a, b): count for i, a in enumerate(names) for b in names[i + 1:]
+              if (count := sum(key in seen[a] for key in keys[b]))}
+    return counts, {name: len(k) for name, k in keys.items()}
+
+
+def shared_rows_text(counts: Mapping[tuple[str, str], int],
+                     sizes: Mapping[str, int]) -> str:
+    """``"20 of the test split's 20 rows are in the train split; ..."``."""
+    return "; ".join(f"{count} of the {b} split's {sizes[b]} rows are in the {a} split"
+                     for (a, b), count in counts.items())
