@@ -261,8 +261,10 @@ def figure(blocks: list[dict]) -> Figure:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="few trials and steps (smoke run)")
-    parser.add_argument("--trials", type=int, default=200, help="black-box trials per method")
+    parser.add_argument("--quick", action="store_true",
+                        help="few trials (10 unless --trials) and steps (smoke run)")
+    parser.add_argument("--trials", type=int,
+                        help="black-box trials per method (default 200, --quick 10)")
     parser.add_argument("--tasks", nargs="+", default=["logistic_digits", "mlp_digits"])
     parser.add_argument("--out", default=str(RESULTS / "blackbox"),
                         help="output path without extension (.json and .png are written)")
@@ -274,8 +276,10 @@ def main() -> None:
         figure(blocks).savefig(path, dpi=110, bbox_inches="tight")
         print(f"wrote {path}")
         return
+    trials = args.trials if args.trials is not None else 10 if args.quick else 200
+    if trials < 1:
+        parser.error(f"--trials must be >= 1 (got {trials})")
     torch.set_num_threads(1)
-    trials = 10 if args.quick else args.trials
     blocks, started = [], time.perf_counter()
     for name in args.tasks:
         print(f"{name}:", flush=True)

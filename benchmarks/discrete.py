@@ -18,7 +18,8 @@ model, both retrained on 3 seeds).
     OMP_NUM_THREADS=1 python benchmarks/discrete.py --starts poor --outer-lr 0.3 --no-search \
         --out benchmarks/results/discrete_poor_lr03.json   # the poor start, faster outer lr
 
-Writes benchmarks/results/discrete.json.
+Writes benchmarks/results/discrete.json (``--out``: elsewhere). ``--no-search`` takes its target
+from that file's full run, read before the runs; refused with ``--quick`` (other steps).
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ from hyperdiff.app.search import optuna_available, random_search, tpe_search
 from hyperdiff.app.tasks.arch_digits import build
 from hyperdiff.seeds import report_seeds
 from hyperdiff.tuner.driver import HyperOptimizer, Stopping
+
+RESULTS = Path(__file__).resolve().parent / "results" / "discrete.json"
+"""The full run's result; ``--no-search`` takes its target from it."""
 
 REPORT_SEEDS = report_seeds(3)
 STARTS: dict[str, dict[str, Any]] = {  # initial values of the hyperdiff runs
@@ -137,14 +141,26 @@ def first_reaching(curve: dict[str, list[float]], target: float) -> tuple[int, f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, short runs")
-    parser.add_argument("--out", default="benchmarks/results/discrete.json")
+    parser.add_argument("--out", default=str(RESULTS), help=f"result file (default: {RESULTS})")
     parser.add_argument("--outer-lr", type=float, default=0.1, help="hyperdiff's outer lr")
     parser.add_argument("--starts", nargs="+", default=list(STARTS), choices=list(STARTS))
-    parser.add_argument("--no-search", action="store_true", help="skip random search and TPE")
+    parser.add_argument("--no-search", action="store_true",
+                        help=f"skip random search and TPE; the target is the search's in {RESULTS}"
+                        " (a full run: not with --quick)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
     seeds = (0,) if args.quick else (0, 1, 2)
     steps, trials = (40, 20) if args.quick else (100, 100)
+    stored = None
+    if args.no_search:  # read before the runs, and refused where its target is of other runs
+        if not RESULTS.exists():
+            parser.error(f"--no-search takes its target from {RESULTS}, which does not exist "
+                         "(run the full benchmark first)")
+        stored = json.loads(RESULTS.read_text())
+        if stored["steps"] != steps:
+            parser.error(f"--no-search takes its target from {RESULTS}, whose runs train "
+                         f"T={stored['steps']} steps; this run trains T={steps}"
+                         + (" (--quick): run --quick with the searches" if args.quick else ""))
+    torch.set_num_threads(1)
     started = time.perf_counter()
     runs: dict[str, list[dict[str, Any]]] = {}
     for start in args.starts:
@@ -160,8 +176,7 @@ def main() -> None:
 
     curves = {name: mean_curve(r) for name, r in runs.items()}
     reference = "tpe" if "tpe" in curves else "random"
-    if reference not in curves:  # --no-search: the target of the stored full run
-        stored = json.loads(Path("benchmarks/results/discrete.json").read_text())
+    if stored is not None:  # --no-search: the target of the stored full run
         reference, target = stored["reference"], stored["target_test_loss"]
         ref_trainings = stored["curves"][reference]["trainings"][-1]
     else:

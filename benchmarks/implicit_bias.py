@@ -9,15 +9,17 @@ change of the validation loss between ``theta_T`` and the stationary point,
 
     python benchmarks/implicit_bias.py        # about a minute
 
-Writes benchmarks/results/implicit_bias.json.
+Writes benchmarks/results/implicit_bias.json (``--out``: elsewhere).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -29,14 +31,17 @@ from hyperdiff.app.tasks import build_task
 from hyperdiff.engine.solvers import ConvergenceWarning, exact
 from hyperdiff.methods.implicit import implicit
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                       "implicit_bias.json")
+RESULTS = Path(__file__).resolve().parent / "results" / "implicit_bias.json"
 CASES = [("ridge_diabetes", 150), ("ridge_diabetes", 1000), ("logistic_cancer", 30),
          ("logistic_cancer", 100), ("logistic_cancer", 300), ("logistic_digits", 100),
          ("logistic_digits", 300), ("logistic_digits", 1000)]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help=f"result file (default: {RESULTS})")
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
     print(f"{'task':<16}{'T':>6}{'rel. grad':>11}{'rel. val change':>17}{'rel. error':>12}"
@@ -55,10 +60,10 @@ def main() -> None:
                      "warned": warned})
         print(f"{name:<16}{steps:>6}{d['relative_grad_norm']:>11.1e}"
               f"{d['relative_val_change']:>17.1e}{error:>12.1e}{'yes' if warned else 'no':>7}")
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as fh:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w") as fh:
         json.dump({"command": "python benchmarks/implicit_bias.py", "rows": rows}, fh, indent=1)
-    print(f"wrote {RESULTS}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

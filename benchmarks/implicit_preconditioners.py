@@ -12,16 +12,18 @@ Hessian routines (is hyperdiff's exact solve a fair baseline?) and ``torch.func.
 
     python benchmarks/implicit_preconditioners.py     # a few seconds
 
-Writes benchmarks/results/implicit_preconditioners.json.
+Writes benchmarks/results/implicit_preconditioners.json (``--out``: elsewhere).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -32,8 +34,7 @@ if __package__ in (None, ""):
 from hyperdiff.engine.solvers import exact
 from hyperdiff.testing.linear import load_dataset, logistic
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                       "implicit_preconditioners.json")
+RESULTS = Path(__file__).resolve().parent / "results" / "implicit_preconditioners.json"
 TOL = 1e-7
 
 
@@ -136,7 +137,11 @@ def timings(f: Callable[[Tensor], Tensor], flat: Tensor) -> dict[str, float]:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help=f"result file (default: {RESULTS})")
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     data = load_dataset("digits")
     lp = logistic(data, regularization="per_feature", l2=1.0)
@@ -194,10 +199,10 @@ def main() -> None:
                                                    "median": float(eig.median()),
                                                    "max": float(eig[-1])},
            "rows": rows}
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as fh:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w") as fh:
         json.dump(out, fh, indent=1)
-    print(f"wrote {RESULTS}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ Score: the held-out test loss of the report's retraining (mean over its 3 seeds)
 best values. Cost, per task in the same process, best of ``--repeats`` interleaved rounds (a
 warm-up round first): one plain training at the start's values (``trained_params``), each
 configuration's hypergradient call alone and one loop step (``HyperOptimizer.step()`` after
-the first: training, hypergradient, selection evaluation, record), as ratios over the plain
-training. Timings on a shared machine are noisy: compare ratios of one task's block only.
+the first, without the global phase: training, hypergradient, selection evaluation, record),
+as ratios over the plain training. Timings on a shared machine are noisy: compare ratios of one
+task's block only.
 
     OMP_NUM_THREADS=1 python benchmarks/offline_curvature.py --tasks tabular_mlp gru_seq \
         --out /tmp/a.json
@@ -69,8 +70,10 @@ def cost(file: str, configs: Sequence[str], repeats: int) -> dict[str, Any]:
     step, best of ``repeats`` interleaved rounds; ratios over the plain training."""
     loops = {}
     for config in configs:
+        # no global phase: its points (after a weak start) are plain trainings, not steps
         settings = {**FIXED, "stop.max_steps": repeats + 3, "stop.patience": 0,
-                    **overrides(config), "task.name": f"{TASK_DIR / file}.py:build"}
+                    "outer.explore": 0, **overrides(config),
+                    "task.name": f"{TASK_DIR / file}.py:build"}
         _, loop = build(load_config(overrides=[f"{k}={v}" for k, v in settings.items()]))
         loop.step()  # the first step also measures the guard's untrained reference
         loops[config] = loop

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
-import math
 import pstats
 import sys
 import time
@@ -36,8 +35,17 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "suite_tasks"))
 
-from online_defaults import plain_training, timed_online  # noqa: E402
-from suite import HOLDOUT_TASKS, LR_FREE, SEEDS, TASK_DIR, TASKS, _load, lr_free_row  # noqa: E402
+from online_defaults import best_lr_free, plain_training, skipped_lines, timed_online  # noqa: E402
+from suite import (  # noqa: E402
+    HOLDOUT_TASKS,
+    LR_FREE,
+    SEEDS,
+    TASK_DIR,
+    TASKS,
+    _load,
+    _num,
+    lr_free_row,
+)
 from suite_common import start_name  # noqa: E402
 
 import hyperdiff as hd  # noqa: E402
@@ -167,7 +175,7 @@ def run_task(name: str, configs: list[str], starts: list[float], repeats: int,
             r = {"start": f"x{factor:g}", **online_run(started, config, repeats)}
             rows.append(r)
             print(f"{name} x{factor:g} [{config or 'default'}]: "
-                  f"{r.get('test_loss', math.nan):.4f}, CPU {r.get('cpu_s', math.nan):.3f} s "
+                  f"{_num(r.get('test_loss'), '.4f')}, CPU {_num(r.get('cpu_s'), '.3f')} s "
                   f"(plain {plain_cpu:.3f}) {r.get('note', '')}", flush=True)
     split = profile_split(task, ref, configs[0]) if profile else None
     others = [lr_free_row(task, optimizer, plain_s) for optimizer in LR_FREE] if lr_free else []
@@ -183,13 +191,10 @@ def run_task(name: str, configs: list[str], starts: list[float], repeats: int,
 
 def table(block: dict[str, Any]) -> str:
     """The task's rows as markdown: own-model test loss against the best lr-free optimizer,
-    CPU and wall time over one plain training."""
-    ran = [r for r in block["lr_free"] if r.get("test_loss") is not None]
-    best = min(ran, key=lambda r: r["test_loss"]) if ran else None
-    best_loss = best["test_loss"] if best else math.nan
+    CPU and wall time over one plain training; under it the lr-free rows skipped (and why)."""
+    best_loss, named = best_lr_free(block)
     lines = [f"**{block['task']}** (T = {block['steps']}, plain {block['plain_training_cpu_s']:.3f}"
-             f" s CPU; best lr-free {best_loss:.4f}"
-             f"{' (' + best['method'] + ')' if best else ''})", "",
+             f" s CPU; best lr-free {named})", "",
              "| start | config | own model test loss | vs best lr-free | windows | CPU / plain "
              "| wall / plain |", "|---|---|---|---|---|---|---|"]
     for r in block["online"]:
@@ -197,9 +202,10 @@ def table(block: dict[str, Any]) -> str:
             lines.append(f"| {r['start']} | {r['config'] or 'default'} | {r.get('note', '-')} "
                          "| | | | |")
             continue
+        vs = "-" if best_loss is None else f"{r['test_loss'] / best_loss:.3f}"
         lines.append(f"| {r['start']} | {r['config'] or 'default'} | {r['test_loss']:.4f} | "
-                     f"{r['test_loss'] / best_loss:.3f} | {r['windows']} | "
-                     f"{r['cpu_ratio']:.2f} | {r['time_ratio']:.2f} |")
+                     f"{vs} | {r['windows']} | {r['cpu_ratio']:.2f} | {r['time_ratio']:.2f} |")
+    lines += ["", *skipped_lines(block)] if skipped_lines(block) else []
     return "\n".join(lines)
 
 

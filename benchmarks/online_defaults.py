@@ -30,7 +30,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "suite_tasks"))
 
-from suite import LR_FREE, SEEDS, TASK_DIR, _load, lr_free_row  # noqa: E402
+from suite import LR_FREE, SEEDS, TASK_DIR, _load, _num, lr_free_row  # noqa: E402
 from suite_common import start_name  # noqa: E402
 
 import hyperdiff as hd  # noqa: E402
@@ -98,8 +98,9 @@ def run_task(name: str, configs: list[str], starts: list[float], lr_free: bool =
             r = online_row(started, config, plain_s)
             rows.append({"start": f"x{factor:g}", **r})
             print(f"{name} x{factor:g} [{config or 'default'}]: "
-                  f"{r.get('test_loss', math.nan):.4f}, CPU "
-                  f"{r.get('cpu_s', math.nan) / plain_cpu:.2f}x {r.get('note', '')}", flush=True)
+                  f"{_num(r.get('test_loss'), '.4f')}, CPU "
+                  f"{_num(r.get('cpu_s', math.nan) / plain_cpu, '.2f')}x {r.get('note', '')}",
+                  flush=True)
     others = [lr_free_row(task, optimizer, plain_s) for optimizer in LR_FREE] if lr_free else []
     again = plain_training(task)
     plain_s, plain_cpu = min(plain_s, again[0]), min(plain_cpu, again[1])
@@ -111,24 +112,45 @@ def run_task(name: str, configs: list[str], starts: list[float], lr_free: bool =
             "plain_training_cpu_s": plain_cpu, "online": rows, "lr_free": others}
 
 
+def best_lr_free(block: dict[str, Any]) -> tuple[float | None, str]:
+    """The best lr-free test loss of ``block`` (None: none ran) and how the table's title
+    names it: the loss and its optimizer, or why there is none."""
+    ran = [r for r in block["lr_free"] if _finite(r.get("test_loss"))]
+    if ran:
+        best = min(ran, key=lambda r: r["test_loss"])
+        return best["test_loss"], f"{best['test_loss']:.4f} ({best['method']})"
+    return None, "- (" + ("all skipped" if block["lr_free"] else "none run") + ")"
+
+
+def skipped_lines(block: dict[str, Any]) -> list[str]:
+    """One line per lr-free row that did not run: its optimizer and the note why."""
+    return [f"{r['method']}: skipped, {r['skipped']}" for r in block["lr_free"]
+            if r.get("skipped")]
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, float) and math.isfinite(x)
+
+
 def table(block: dict[str, Any]) -> str:
-    """The task's rows as markdown: online own-model test loss and cost; lr-free losses."""
-    best = min((r["test_loss"] for r in block["lr_free"] if r.get("test_loss") is not None),
-               default=float("nan"))
+    """The task's rows as markdown: online own-model test loss and cost; lr-free losses (a
+    skipped one with its note)."""
+    best, named = best_lr_free(block)
     lines = [f"**{block['task']}** (T = {block['steps']}, plain {block['plain_training_s']:.2f} s;"
-             f" best lr-free {best:.4f})", "", "| start | config | own model test loss | "
+             f" best lr-free {named})", "", "| start | config | own model test loss | "
              "vs best lr-free | wall / plain | CPU / plain |", "|---|---|---|---|---|---|"]
     for r in block["online"]:
         if "test_loss" not in r:
-            lines.append(f"| {r['start']} | {r['config'] or 'default'} | - | - | - | - |")
+            lines.append(f"| {r['start']} | {r['config'] or 'default'} | {r.get('note', '-')} "
+                         "| - | - | - |")
             continue
+        vs = "-" if best is None else f"{r['test_loss'] / best:.3f}"
         lines.append(f"| {r['start']} | {r['config'] or 'default'} | {r['test_loss']:.4f} | "
-                     f"{r['test_loss'] / best:.3f} | {r['time_ratio']:.2f} | "
-                     f"{r['cpu_ratio']:.2f} |")
+                     f"{vs} | {r['time_ratio']:.2f} | {r['cpu_ratio']:.2f} |")
     for r in block["lr_free"]:
-        loss = r.get("test_loss")
-        lines.append(f"| x1 | {r['method']} | {'-' if loss is None else f'{loss:.4f}'} | | "
-                     f"{r.get('time_ratio', float('nan')):.2f} | |")
+        method = r["method"] + (f" (skipped: {r['skipped']})" if r.get("skipped") else "")
+        lines.append(f"| x1 | {method} | {_num(r.get('test_loss'), '.4f')} | | "
+                     f"{_num(r.get('time_ratio'), '.2f')} | |")
     return "\n".join(lines)
 
 

@@ -1,7 +1,8 @@
 """What one offline outer step costs, against one plain training of the same length.
 
 For each task, in one process (the task built as ``hyperdiff run --task ...`` builds it, with
-the default config of an offline run), best of ``--repeats`` each:
+the default config of an offline run but ``outer.explore = 0``: no global phase, whose points
+are plain trainings), best of ``--repeats`` each:
 
 - plain: one plain training at the start's values (the task's inner optimizer, same T steps
   and minibatches, no graph: ``trained_params``);
@@ -23,8 +24,11 @@ measured in the same run only.
 
     OMP_NUM_THREADS=1 python benchmarks/outer_step_cost.py            # four tasks
     OMP_NUM_THREADS=1 python benchmarks/outer_step_cost.py --quick    # two, fewer repeats
+    OMP_NUM_THREADS=1 python benchmarks/outer_step_cost.py --tasks mlp_digits --update
+        # that task's block measured again, the file's other blocks kept
 
-Writes benchmarks/results/outer_step_cost.json.
+Writes benchmarks/results/outer_step_cost.json (``--out``: elsewhere); each task's block
+records when it was measured and the load average before and after.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import cProfile
 import itertools
 import json
 import math
+import os
 import platform
 import pstats
 import tempfile
@@ -75,8 +80,12 @@ PARTS: list[tuple[str, list[tuple[str, str]]]] = [
 
 
 def config_for(ref: str, steps: int) -> Any:
+    """The default offline config without the global phase: its points (steps 1..8 after a
+    weak start, as ``mlp_digits``'s) are plain trainings without a hypergradient, and the
+    steps timed here are the gradient phase's."""
     return load_config(overrides=[f"task.name={ref}", "outer.mode=offline",
-                                  f"stop.max_steps={steps}", "stop.patience=0"])
+                                  f"stop.max_steps={steps}", "stop.patience=0",
+                                  "outer.explore=0"])
 
 
 def timed(run: Callable[..., Any], *args: Any) -> float:
@@ -201,25 +210,58 @@ def _row(cells: list[str]) -> str:
     return "| " + " | ".join(f"{c:>10}" for c in cells) + " |"
 
 
+def updated(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old`` (a result of this script) with the task blocks of ``new`` in place of its
+    blocks of the same tasks (new tasks after them); refused where the two differ in
+    anything but their blocks (repeats, torch, threads, machine: rows measured otherwise)."""
+    differ = sorted(k for k in {*old, *new} - {"tasks"} if old.get(k) != new.get(k))
+    if differ:
+        raise SystemExit("outer_step_cost: --update needs the file's settings (got other "
+                         + ", ".join(f"{k} {new.get(k)!r} against {old.get(k)!r}"
+                                     for k in differ) + ")")
+    fresh = {b["task"]: b for b in new["tasks"]}
+    blocks = [fresh.pop(b["task"], b) for b in old["tasks"]]
+    return {**old, "tasks": blocks + list(fresh.values())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="two tasks, 2 repeats")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true",
+                        help="tasks mlp_digits and reweight_digits (unless --tasks), 2 repeats "
+                        "(unless --repeats)")
+    parser.add_argument("--repeats", type=int, help="rounds per kind (default 3, --quick 2)")
     parser.add_argument("--tasks", nargs="*", default=None, choices=list(TASKS))
     parser.add_argument("--out", default=str(HERE / "results" / "outer_step_cost.json"))
+    parser.add_argument("--update", action="store_true",
+                        help="replace only the measured tasks' blocks in --out, keep its others "
+                        "(the file's repeats, torch, threads and machine must be this run's)")
     args = parser.parse_args()
     names = args.tasks or (["mlp_digits", "reweight_digits"] if args.quick else list(TASKS))
-    repeats = 2 if args.quick else args.repeats
+    repeats = args.repeats if args.repeats is not None else 2 if args.quick else 3
+    if repeats < 1:
+        parser.error(f"--repeats must be >= 1 (got {repeats})")
+    out = Path(args.out)
+    header = {"repeats": repeats, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "machine": platform.machine()}
+    if args.update:  # refused before the measurements, not after
+        if not out.exists():
+            parser.error(f"--update: {out} does not exist")
+        updated(json.loads(out.read_text()), {**header, "tasks": []})
     blocks = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:  # each task's kinds interleaved; ratios only within one task
-            blocks.append(measure_task(name, TASKS[name], repeats, Path(tmp)))
+            load = os.getloadavg()
+            blocks.append({**measure_task(name, TASKS[name], repeats, Path(tmp)),
+                           "measured": time.strftime("%Y-%m-%d %H:%M %Z"),
+                           "load_average_before": load, "load_average_after": os.getloadavg()})
             print(f"{name} done", flush=True)
     print(table(blocks))
-    Path(args.out).write_text(json.dumps({
-        "repeats": repeats, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "machine": platform.machine(), "tasks": blocks}, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    payload = {**header, "tasks": blocks}
+    if args.update:
+        payload = updated(json.loads(out.read_text()), payload)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -11,13 +11,15 @@ relative difference of reversible mode's hypergradient from
 - reverse mode at momentum 0.9: that plus the effect of any momentum rounding,
 
 for a constant momentum, a momentum hyperparameter, and T in {100, 1000}. It prints a table
-and writes ``benchmarks/results/inputs.json``. About 30 s on 2 shared cores.
+and writes ``benchmarks/results/inputs.json`` (``--out``: elsewhere). About 30 s on 2 shared
+cores.
 
     python benchmarks/reversible_momentum.py
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -30,12 +32,19 @@ from hyperdiff.methods.reversible import quantised
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_long_horizon import _logistic_problem
 
+RESULTS = Path(__file__).resolve().parent / "results" / "inputs.json"
+STEPS = (100, 1000)
+
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help=f"result file (default: {RESULTS})")
+    args = parser.parse_args(argv)
     rows = []
     q = quantised(0.9)
     forms = {
@@ -45,7 +54,7 @@ def main() -> None:
             lr=hd.scalar(0.2), mom=hd.scalar(m, (0.0, 1.0)), wd=hd.scalar(1e-2))),
     }
     for form, make in forms.items():
-        for steps in (100, 1000):
+        for steps in STEPS:
             opt, hp = make(0.9)
             problem = _logistic_problem(steps, optimizer=opt, hparams=hp)[0]
             got = hd.reversible()(problem)
@@ -60,9 +69,9 @@ def main() -> None:
     for r in rows:
         print(f"{r['form']:<26}{r['steps']:>6}{r['momentum_rounding']:>12.2g}"
               f"{r['vs_reverse_at_n_over_d']:>17.2g}{r['vs_reverse_at_0.9']:>17.2g}")
-    out = Path(__file__).resolve().parent / "results" / "inputs.json"
-    out.write_text(json.dumps({"reversible_momentum_0.9": rows}, indent=1) + "\n")
-    print(f"wrote {out}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"reversible_momentum_0.9": rows}, indent=1) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

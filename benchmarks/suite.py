@@ -31,11 +31,11 @@ trainings used to choose, and wall time over one plain training measured in this
 best of four: two before the task's rows, two after; an ``hd online`` row also has
 ``time_ratio_paired``, the median over its runs of each run's time over a plain training timed
 just before it, less exposed to the machine's drift than the best of four). Per task,
-one offline outer step's wall time over one plain training's: the run's median step over the
-best plain training (``outer_step_ratio``), and the best of three loop steps over the best of
-three plain trainings, interleaved in one loop after the run (``outer_step_paired``). Summary
-per method: geometric
-mean of test-loss ratios to TPE-100 and wins per task.
+one offline outer step's wall time over one plain training's: the run's median gradient step
+(a global phase's points, plain trainings, left out) over the best plain training
+(``outer_step_ratio``), and the best of three loop steps (without the global phase) over the
+best of three plain trainings, interleaved in one loop after the run (``outer_step_paired``).
+Summary per method: geometric mean of test-loss ratios to TPE-100 and wins per task.
 
     OMP_NUM_THREADS=1 python benchmarks/suite.py --quick   # 4 tasks, fewer steps (< 10 min)
     OMP_NUM_THREADS=1 python benchmarks/suite.py           # the whole suite
@@ -190,7 +190,8 @@ def hyperdiff_row(ref: str, mode: str, settings: Settings, plain_s: float, start
         trainings = 1
     else:
         trainings = records[-1].trainings
-    steps = [r.step_time_s for r in records if r.status == "ok"]
+    # gradient steps only: a global phase's points (after a weak start) are plain trainings
+    steps = [r.step_time_s for r in records if r.status == "ok" and r.grad is not None]
     return row(method, result["tuned"]["metrics"]["test"], trainings=trainings,
                time_s=result["time_s"], plain_s=plain_s, start=start, **extra), steps
 
@@ -370,10 +371,12 @@ def outer_step_paired(ref: str, repeats: int = 3, steps: int | None = None
     a first step that also evaluates the guard's untrained reference) and one plain training
     of the same T steps (``steps``, None: the task's own), each the best of ``repeats``
     interleaved rounds after a warm-up round (``outer_step_cost.py``'s ``loop step``), and
-    their ratio."""
+    their ratio; without the global phase (``outer.explore = 0``), whose points are plain
+    trainings."""
     _task, loop = build(load_config(overrides=[
         f"task.name={ref}", "outer.mode=offline", f"stop.max_steps={repeats + 3}",
-        "stop.patience=0", *([] if steps is None else [f"inner.steps={steps}"])]))
+        "stop.patience=0", "outer.explore=0",
+        *([] if steps is None else [f"inner.steps={steps}"])]))
     problem, raw = loop.problems[0], loop.raw
     loop.step()
     best = best_of({"plain": lambda i: trained_params(problem, raw, seed=i),
@@ -672,7 +675,9 @@ def main() -> None:
     parser.add_argument("--markdown", metavar="JSON", help="print the tables of a result")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="combine the tasks of results run separately (the same mode) "
-                        "into --out, with the summary over all of them")
+                        "into --out, with the summary over all of them; one task's parts run "
+                        "with other --methods are combined into one block (a method in two "
+                        "parts is refused)")
     args = parser.parse_args()
     methods = tuple(m for m in METHODS if m in args.methods)
     if "search" in methods and "offline" not in methods:
@@ -756,7 +761,7 @@ def result_name(settings: Settings, quick: bool) -> str:
 
 def merge(parts: Sequence[dict[str, Any]], out: Path) -> None:
     """Write one result with the tasks of ``parts`` (run one task per process, one after the
-    other) and the summary over all of them."""
+    other, or one task's method groups in several) and the summary over all of them."""
     modes = {p["mode"] for p in parts}
     if len(modes) != 1:
         raise SystemExit(f"suite: --merge needs results of one mode (got {sorted(modes)})")
@@ -767,17 +772,56 @@ def merge(parts: Sequence[dict[str, Any]], out: Path) -> None:
         if differ:  # the summary would mix rows of other settings under the first's name
             raise SystemExit(f"suite: --merge needs parts run with the same settings but "
                              f"tasks and methods (got other {', '.join(differ)})")
-    tasks = {name: block for p in parts for name, block in p["tasks"].items()}
+    tasks = merged_tasks(parts)
+    ran = {m for p in parts for m in p["settings"]["methods"]}
+    settings = {**parts[0]["settings"], "tasks": list(tasks),
+                "methods": [m for m in METHODS if m in ran]}
     reference = f"tpe-{parts[0]['settings']['tpe_trials']}"
-    payload = {**parts[0], "tasks": tasks, "summary": summary(list(tasks.values()), reference),
+    payload = {**parts[0], "settings": settings, "tasks": tasks,
+               "summary": summary(list(tasks.values()), reference),
                "online_vs_lr_free": online_vs_lr_free(list(tasks.values())),
                "total_time_s": sum(p["total_time_s"] for p in parts),
                "load_average_before": [p["load_average_before"] for p in parts],
                "load_average_after": [p["load_average_after"] for p in parts],
                "merged_from": len(parts)}
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(_clean(payload), indent=1, allow_nan=False) + "\n")
     print(summary_table(payload["summary"]))
     print(f"wrote {out}")
+
+
+def merged_tasks(parts: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The task blocks of ``parts``; the blocks of one task (parts split by ``--methods``) are
+    combined: one ``untuned start`` row (the first part's), then every part's other rows in
+    :data:`METHODS` order, each with its own part's ``plain_training_s`` (its ``time_ratio``'s
+    baseline); the task's outer step and plain training are the part's that ran ``offline``
+    (else the first's). Two parts with a row of the same method on one task are refused."""
+    found: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for i, part in enumerate(parts):
+        for name, block in part["tasks"].items():
+            found.setdefault(name, []).append((i, block))
+    tasks = {}
+    for name, blocks in found.items():
+        if len(blocks) == 1:
+            tasks[name] = blocks[0][1]
+            continue
+        seen: dict[str, int] = {}
+        rows = [r for r in blocks[0][1]["rows"] if r["method"] == "untuned start"][:1]
+        first = {i: min(METHODS.index(m) for m in parts[i]["settings"]["methods"])
+                 for i, _ in blocks}
+        for i, block in sorted(blocks, key=lambda b: first[b[0]]):
+            for r in block["rows"]:
+                if r["method"] == "untuned start":
+                    continue
+                if label(r) in seen:
+                    raise SystemExit(f"suite: --merge: parts {seen[label(r)] + 1} and {i + 1} "
+                                     f"both have the row '{label(r)}' of task {name} (give "
+                                     "each method to one part)")
+                seen[label(r)] = i
+                rows.append({**r, "plain_training_s": block["plain_training_s"]})
+        timed = next((b for _, b in blocks if b.get("outer_step_s") is not None), blocks[0][1])
+        tasks[name] = {**timed, "rows": rows}
+    return tasks
 
 
 def _clean(value: Any) -> Any:

@@ -8,6 +8,7 @@ its optimizer (found by the rerun after the one-loop refactor, docs/benchmarks.m
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -154,3 +155,206 @@ def test_the_confirm_chaotic_rows_differ_in_that_key_only():
     default = load_config(overrides=["task.name=ridge_diabetes", "inner.steps=5",
                                      "outer.seed=3"])
     assert on == default
+
+
+def _suite_part(methods, rows, plain_s, outer_step_s=None):
+    """A ``suite.py`` result of one task (``logistic_wide``) run with ``--methods methods``."""
+    settings = {"tasks": ["logistic_wide"], "tpe_trials": 100, "starts": [], "methods": methods,
+                "start_modes": ["offline", "online"], "max_steps": None, "offline_set": [],
+                "steps_factor": 1.0, "seed": 0}
+    untuned = {"method": "untuned start", "start": "x1", "test_loss": 0.064,
+               "test_accuracy": 0.97, "trainings": 0, "time_s": 0.0, "time_ratio": 0.0}
+    block = {"task": "logistic_wide", "reference": "r", "description": "d", "hparams": 501,
+             "steps": 100, "plain_training_s": plain_s, "outer_step_s": outer_step_s,
+             "outer_step_ratio": None if outer_step_s is None else outer_step_s / plain_s,
+             "outer_step_paired": None, "rows": [untuned, *rows]}
+    return {"mode": "full", "settings": settings, "total_time_s": 1.0, "threads": 1,
+            "load_average_before": [1.0, 1.0, 1.0], "load_average_after": [1.0, 1.0, 1.0],
+            "tasks": {"logistic_wide": block}, "summary": {}, "online_vs_lr_free": {}}
+
+
+def _ran(method, loss, time_s, plain_s):
+    return {"method": method, "start": "x1", "test_loss": loss, "test_accuracy": 0.9,
+            "trainings": 1, "time_s": time_s, "time_ratio": time_s / plain_s}
+
+
+def test_suite_merge_combines_the_rows_of_parts_split_by_methods(tmp_path, capsys):
+    """``suite.py --merge`` of one task's parts run with other ``--methods`` kept the last
+    part's block only (the lr grid's row vanished under ``settings.methods = ['lr-grid']``);
+    ``--out`` in a new folder raised FileNotFoundError."""
+    suite = load("suite")
+    grid = _suite_part(["lr-grid"], [_ran("lr grid", 0.11, 0.15, 0.030)], 0.030)
+    free = _suite_part(["lr-free"], [_ran("prodigy", 0.16, 0.42, 0.028),
+                                     _ran("d-adapt adam", 0.40, 0.04, 0.028)], 0.028)
+    out = tmp_path / "new" / "merged.json"
+    suite.merge([free, grid], out)
+    merged = json.loads(out.read_text())
+    rows = merged["tasks"]["logistic_wide"]["rows"]
+    assert [r["method"] for r in rows] == ["untuned start", "lr grid", "prodigy", "d-adapt adam"]
+    assert [r.get("plain_training_s") for r in rows[1:]] == [0.030, 0.028, 0.028]
+    assert merged["settings"]["methods"] == ["lr-grid", "lr-free"]
+    assert merged["settings"]["tasks"] == ["logistic_wide"]
+    assert {"lr grid", "prodigy", "d-adapt adam"} <= set(merged["summary"])
+    assert merged["summary"]["lr grid"]["wins"] == 0 and merged["summary"]["untuned start"]["wins"]
+    with pytest.raises(SystemExit, match="parts 1 and 3 both have the row 'lr grid' of task "
+                                         "logistic_wide"):
+        suite.merge([grid, free, grid], tmp_path / "twice.json")
+    assert not (tmp_path / "twice.json").exists()
+
+
+def test_outer_step_timings_of_mlp_digits_time_gradient_steps(monkeypatch):
+    """mlp_digits starts weak: a default offline run's steps 1-8 are the global phase's plain
+    points (no hypergradient). The benchmarks that time its outer steps (outer_step_cost.py,
+    logging_overhead.py, distributed.py, rundir_overhead.py, suite.py's paired step) timed
+    those points; their configs turn the phase off."""
+    from hyperdiff.app.config import load_config
+    from hyperdiff.app.plans import build
+
+    configs = {"outer_step_cost": load("outer_step_cost").config_for("mlp_digits", 3),
+               "logging_overhead": load_config(
+                   overrides=load("logging_overhead").CASES["mlp_digits (offline)"])}
+    for name, config in configs.items():
+        assert config.outer.explore == 0, name
+        _, loop = build(config)
+        records = [loop.step(), loop.step()]
+        assert all(r.grad is not None for r in records), name
+
+    import hyperdiff.tuner.driver as driver
+
+    seen = {}
+
+    def stand_in(problems, **kwargs):
+        seen.update(kwargs)
+        raise BuiltError
+
+    monkeypatch.setattr(driver, "HyperOptimizer", stand_in)
+    with pytest.raises(BuiltError):
+        load("distributed").outer_steps({"inner_steps": 5, "outer_steps": 2})
+    assert seen["plan"].explore == 0 and seen["plan"].samples == 4 and "samples" not in seen
+
+
+def test_outer_step_cost_update_replaces_one_task_and_repeats_are_not_overridden(
+        monkeypatch, tmp_path):
+    """``--tasks mlp_digits --update`` refreshes that block and keeps the file's others;
+    ``--quick`` no longer overrides ``--repeats``."""
+    bench = load("outer_step_cost")
+    head = {"repeats": 3, "torch": "t", "threads": 1, "machine": "m"}
+    old = {**head, "tasks": [{"task": "mlp_digits", "v": 1}, {"task": "gru_seq", "v": 2}]}
+    new = bench.updated(old, {**head, "tasks": [{"task": "mlp_digits", "v": 3}]})
+    assert new["tasks"] == [{"task": "mlp_digits", "v": 3}, {"task": "gru_seq", "v": 2}]
+    with pytest.raises(SystemExit, match="repeats 2 against 3"):
+        bench.updated(old, {**head, "repeats": 2, "tasks": []})
+
+    seen = []
+
+    def measure(name, ref, repeats, workdir):
+        seen.append(repeats)
+        raise BuiltError
+
+    monkeypatch.setattr(bench, "measure_task", measure)
+    for argv, repeats in ((["--quick", "--repeats", "1"], 1), (["--quick"], 2), ([], 3)):
+        monkeypatch.setattr(sys, "argv", ["outer_step_cost.py", *argv,
+                                          "--out", str(tmp_path / "o.json")])
+        with pytest.raises(BuiltError):
+            bench.main()
+        assert seen[-1] == repeats
+
+
+@pytest.mark.filterwarnings("ignore:finite_difference")  # its CostWarning: 30 trainings
+def test_online_segments_default_methods_all_run():
+    """The default methods included ``implicit``, which an online window of mlp_digits refuses
+    (its hyperparameters act through the optimizer alone): both documented commands crashed."""
+    bench = load("online_segments")
+    assert "implicit" not in bench.METHODS
+    for method in bench.METHODS:
+        seconds, windows = bench.time_method(method, steps=10, window=10)
+        assert windows == 1 and seconds > 0, method
+
+
+@pytest.mark.parametrize("name, tiny", [
+    ("implicit_bias", {"CASES": [("ridge_diabetes", 5)]}),
+    ("forward_memory", {"ENGINES": ("jvp",), "KS": (1,), "STEPS": (3,)}),
+    ("reversible_momentum", {"STEPS": (5,)}),
+    ("implicit_preconditioners", None),  # about 20 s: --help only
+])
+def test_scripts_take_help_and_out(name, tiny, monkeypatch, tmp_path, capsys):
+    """These scripts had no argument parser: ``--help`` and ``--out`` were ignored, the whole
+    benchmark ran and overwrote its file in benchmarks/results/."""
+    bench = load(name)
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--help"])
+    assert exit_.value.code == 0 and "--out" in capsys.readouterr().out
+    if tiny is None:
+        return
+    for key, value in tiny.items():
+        monkeypatch.setattr(bench, key, value)
+    before = Path(bench.RESULTS).stat().st_mtime_ns
+    bench.main(["--out", str(tmp_path / "sub" / "r.json")])
+    assert json.loads((tmp_path / "sub" / "r.json").read_text())
+    assert Path(bench.RESULTS).stat().st_mtime_ns == before
+
+
+def test_blackbox_trials_given_win_over_quick(monkeypatch, tmp_path):
+    """``--quick --trials 3`` ran 10 trials (``--quick`` replaced ``--trials`` silently)."""
+    bench = load("blackbox")
+    seen = []
+
+    def run_task(name, trials, quick):
+        seen.append(trials)
+        raise BuiltError
+
+    monkeypatch.setattr(bench, "run_task", run_task)
+    for argv, trials in ((["--quick", "--trials", "3"], 3), (["--quick"], 10), ([], 200)):
+        monkeypatch.setattr(sys, "argv", ["blackbox.py", *argv, "--out", str(tmp_path / "b")])
+        with pytest.raises(BuiltError):
+            bench.main()
+        assert seen[-1] == trials
+
+
+def test_discrete_no_search_reads_the_stored_run_beside_the_script(monkeypatch, tmp_path,
+                                                                   capsys):
+    """``--no-search`` read benchmarks/results/discrete.json from the working directory (a
+    FileNotFoundError after every mode had run); with ``--quick`` it compared T=40 runs with
+    the stored T=100 target."""
+    bench = load("discrete")
+    ran = []
+
+    def run_mode(mode, seed, steps, quick, start, outer_lr):
+        ran.append(mode)
+        return {"curve": {"trainings": [1, 2], "time_s": [0.1, 0.2], "test_loss": [0.5, 0.4]},
+                "stop_reason": "max_steps", "initial_test_loss": 0.6, "choices": {},
+                "relaxation_gap": {"gap": {}}}
+
+    monkeypatch.setattr(bench, "run_mode", run_mode)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "d.json"
+    monkeypatch.setattr(sys, "argv", ["discrete.py", "--quick", "--no-search", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "T=100" in capsys.readouterr().err and not ran
+    monkeypatch.setattr(sys, "argv", ["discrete.py", "--no-search", "--starts", "default",
+                                      "--out", str(out)])
+    bench.main()
+    stored = json.loads((BENCH / "results" / "discrete.json").read_text())
+    assert json.loads(out.read_text())["target_test_loss"] == stored["target_test_loss"]
+
+
+def test_online_tables_print_skipped_lr_free_rows_with_their_note():
+    """A skipped lr-free row printed as nan without its note, and with ``--no-lr-free`` both
+    tables printed "best lr-free nan" and a column of nan."""
+    defaults, cost = load("online_defaults"), load("online_cost")
+    online = [{"start": "x1", "config": "", "test_loss": 0.5, "time_ratio": 2.0,
+               "cpu_ratio": 2.1, "windows": 9}]
+    note = "prodigyopt is not installed (pip install 'hyperdiff[bench]')"
+    lr_free = [{"method": "prodigy", "start": "x1", "skipped": note},
+               {"method": "d-adapt adam", "start": "x1", "test_loss": 0.4, "time_ratio": 1.5}]
+    base = {"task": "t", "steps": 10, "plain_training_s": 0.1, "plain_training_cpu_s": 0.1,
+            "online": online}
+    for table in (defaults.table, cost.table):
+        some = table({**base, "lr_free": lr_free})
+        assert "nan" not in some and note in some and "0.4000 (d-adapt adam)" in some
+        assert "1.250" in some  # 0.5 over the best lr-free 0.4
+        none = table({**base, "lr_free": []})
+        assert "nan" not in none and "best lr-free - (none run)" in none
+        skipped = table({**base, "lr_free": lr_free[:1]})
+        assert "nan" not in skipped and "best lr-free - (all skipped)" in skipped

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import itertools
-import math
 import os
 import re
 import subprocess
@@ -24,6 +23,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_model_logging import schedule_value
 
 import hyperdiff as hd
 import hyperdiff.app.mlflow_logger as mlflow_logger
@@ -154,13 +154,6 @@ def test_mlflow_as_a_callback_of_hyperoptimizer_run_writes_every_record_and_ends
 
 # --- 3: a killed online run's resume ---------------------------------------------------------
 
-def schedule_value(natural, t, steps):
-    """warmup_cosine at inner step t, written out in float64 (docs of hparams/schedules.py)."""
-    s = t / (steps - 1)
-    warm, final = natural["lr_warmup"], natural["lr_final"]
-    ramp = min(s / warm, 1.0)
-    p = min(max((s - warm) / (1.0 - warm), 0.0), 1.0)
-    return natural["lr_peak"] * ramp * (final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * p)))
 
 
 def test_a_resume_logs_the_inner_steps_mlflow_lost_when_the_run_was_killed(tmp_path,

@@ -46,7 +46,7 @@ def test_settle_dropped_with_discrete_choices_is_said(caplog):
 
 @pytest.mark.parametrize(("method", "option"), [("reverse", {"engine": "jvp"}),
                                                 ("reverse", {"solver": "neumann"}),
-                                                ("forward", {"solver": hd.solvers.cg(3)}),
+                                                ("forward", {"solver": hd.solvers.cg(maxiter=3)}),
                                                 ("implicit", {"engine": "jvp"})])
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_the_shim_refuses_options_its_method_does_not_read(method, option):

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_ridge_unrolled import train_loss, val_loss
 
 import hyperdiff as hd
 from hyperdiff.engine.data import as_source
@@ -50,14 +51,6 @@ def ridge_data(n: int = 40, d: int = 5, seed: int = 0):
     return x, y, xv, xv @ w + 0.1 * torch.randn(n, generator=g, dtype=D)
 
 
-def train_loss(p, h, batch):
-    x, y = batch
-    return 0.5 * ((x @ p["w"] - y) ** 2).mean() + 0.5 * h["lam"] * (p["w"] ** 2).sum()
-
-
-def val_loss(p, h, batch):
-    x, y = batch
-    return 0.5 * ((x @ p["w"] - y) ** 2).mean()
 
 
 def ridge(train_data=None, val_data=None, steps: int = 20, params=None):
