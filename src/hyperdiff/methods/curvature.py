@@ -133,26 +133,29 @@ def _initial_sgd(problem: Problem, raw: dict[str, Tensor], extra: int = 0) -> Cu
                             like.new_zeros((), dtype=torch.int64))
 
 
-def check_optimizer(problem: Problem) -> None:
-    """Refuse optimizers whose update this method's tangent rule does not describe."""
+def check_optimizer(problem: Problem, *, caller: str = "curvature",
+                    what: str = "the method", instead: str = "method 'reverse'") -> None:
+    """Refuse optimizers whose update this method's tangent rule does not describe
+    (``caller``, ``what``, ``instead``: how the messages name the method, the part of it that
+    carries the tangents, and the alternative; ``truncated``'s curvature head names itself)."""
     opt = problem.optimizer
     adam = opt.name in ADAM_NAMES
     if not adam and (opt.name != "sgd" or opt.settings.get("nesterov")
                      or opt.settings.get("dampening")):
         raise HyperdiffError(
-            "curvature: the method carries the tangents of heavy-ball SGD (hd.sgd "
+            f"{caller}: {what} carries the tangents of heavy-ball SGD (hd.sgd "
             "without nesterov or dampening), hd.adam and hd.adamw; got "
-            f"{opt.name} with settings {dict(opt.settings)}: use method 'reverse' or "
+            f"{opt.name} with settings {dict(opt.settings)}: use {instead} or "
             "'forward' for it")
     lr = opt.coefficients["lr"]
     if isinstance(lr, str) and problem.hparams[lr].kind == "per_element":
         raise HyperdiffError(
-            f"curvature: the method needs one learning rate per step and parameter "
+            f"{caller}: {what} needs one learning rate per step and parameter "
             f"tensor (a number, a schedule, a scalar, per_step or per_tensor hyperparameter); "
-            f"got the per_element hyperparameter {lr!r}: use method 'reverse' for it")
+            f"got the per_element hyperparameter {lr!r}: use {instead} for it")
     dtypes = {p.dtype for p in problem.params.values()}
     if len(dtypes) > 1:
-        raise HyperdiffError(f"curvature: the method needs parameters of one dtype "
+        raise HyperdiffError(f"{caller}: {what} needs parameters of one dtype "
                              f"(got {sorted(map(str, dtypes))})")
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any
 
@@ -106,6 +106,22 @@ def _cost_warning(coords: list[int], steps: int, per: str) -> None:
     )
 
 
+def _chosen(coordinates: Any) -> list[int] | None:
+    """``coordinates`` read once into a list (a generator is read here, not used up by the
+    first call), refusing anything but a non-empty iterable."""
+    if coordinates is None:
+        return None
+    if isinstance(coordinates, (str, bytes, Tensor)) or not isinstance(coordinates, Iterable):
+        raise HyperdiffError(f"finite_difference: coordinates must be a sequence of ints, or "
+                             f"None for all of them (got {describe(coordinates)})")
+    chosen = list(coordinates)
+    if not chosen:
+        raise HyperdiffError("finite_difference: coordinates must name at least one coordinate "
+                             "(got none: every hypergradient entry would be NaN and a tuning "
+                             "loop would never move)")
+    return chosen
+
+
 def _coordinates(problem: Problem, coordinates: Sequence[int] | None) -> list[int]:
     k = problem.hparams.numel
     coords = list(range(k)) if coordinates is None else list(coordinates)
@@ -175,6 +191,7 @@ def finite_difference(
     """
     if eps is not None:
         eps = number("finite_difference", "eps", eps, RELATIVE_STEP)
+    coordinates = _chosen(coordinates)
     return Method(
         "finite_difference",
         lambda problem, raw: _finite_difference(problem, raw, eps, coordinates, warn),

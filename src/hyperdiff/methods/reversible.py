@@ -24,7 +24,7 @@ where the buffer is one arbitrary-precision integer per element, ``push(x, b): S
 and ``pop(b): S, x <- divmod(S, b)``. It grows by ``log2(d / n) = log2(1 / mu)`` bits per
 element and step (0.15 bits for mu = 0.9): the "information the momentum decay destroys".
 The backward pass recovers every ``(theta_t, v_{t-1})`` bit for bit (checked: the buffer ends
-empty and ``v_{-1} = 0``, ``diagnostics["reversal_error"] == 0``) and accumulates the
+empty and ``v_{-1} = 0``, else it raises) and accumulates the
 hypergradient with one vector-Jacobian product of the float step per step, so memory does not
 grow with T except for the buffer. The trajectory differs from the floating-point one by the
 rounding to ``2^-R``.

@@ -83,6 +83,18 @@ def steps_kept(problem: Problem, k: int | None, fraction: float | None) -> int:
     return max(1, math.ceil(round(fraction * problem.steps, 9)))
 
 
+def _check_head(problem: Problem) -> None:
+    """:func:`check_optimizer` worded for the curvature head of ``truncated``."""
+    check_optimizer(problem, caller="truncated", what="head='curvature'",
+                    instead="head=None, method 'reverse'")
+
+
+def _check_head_runs(problem: Problem, *, k: int | None, fraction: float | None) -> None:
+    """``Method.check``: the head's check where it runs (``K < T``: a prefix is left)."""
+    if steps_kept(problem, k, fraction) < problem.steps:
+        _check_head(problem)
+
+
 def _truncated(problem: Problem, raw: dict[str, Tensor], k: int | None,
                fraction: float | None = None, head: str | None = None,
                scale: float | str | None = None) -> HyperGradient:
@@ -102,7 +114,7 @@ def _truncated(problem: Problem, raw: dict[str, Tensor], k: int | None,
     if start == 0:
         state, prefix_losses = initial_state(problem, hview, differentiable=True), None
     elif head == "curvature":
-        check_optimizer(problem)
+        _check_head(problem)
         state, tangent, prefix_losses = curvature_head(problem, raw, start, scale=scale)
         state = _as_leaves(state)
     else:
@@ -215,4 +227,5 @@ def truncated(k: int | None = None, *, fraction: float | None = None,
                   segment_fn=(partial(reverse_segment, backprop=k) if online
                               else _refuse_segment(options)),
                   samples_fn=partial(reverse_samples, backprop=k) if online else None,
-                  check_fn=check_optimizer if head == "curvature" else None)
+                  check_fn=(partial(_check_head_runs, k=k, fraction=fraction)
+                            if head == "curvature" else None))
