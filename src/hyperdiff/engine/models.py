@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import itertools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,9 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.parameter import is_lazy
+from torch.nn.utils.weight_norm import WeightNorm
 
 from hyperdiff.errors import HyperdiffError, describe
 from hyperdiff.seeds import call_seed
@@ -161,12 +165,65 @@ _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropou
 
 def dropout_modules(module: nn.Module) -> str:
     """The submodules of ``module`` that draw dropout in training mode, as text (``""``: none):
-    dropout layers with ``p > 0``, and attention or recurrent layers with ``dropout > 0``."""
-    found = [f"{name or 'the module'!r} ({type(sub).__name__})"
-             for name, sub in module.named_modules()
-             if (isinstance(sub, _DROPOUT) and sub.p > 0) or (
-                 isinstance(sub, (nn.MultiheadAttention, nn.RNNBase)) and sub.dropout > 0)]
+    dropout layers with ``p > 0``, and attention or recurrent layers with ``dropout > 0``, that
+    are in training mode after ``module.train()`` (a module whose own ``train`` keeps its
+    dropout in eval draws none); every submodule's mode is put back after."""
+    modes = [(sub, sub.training) for sub in module.modules()]
+    try:
+        module.train(True)
+        found = [f"{name or 'the module'!r} ({type(sub).__name__})"
+                 for name, sub in module.named_modules()
+                 if sub.training and ((isinstance(sub, _DROPOUT) and sub.p > 0) or (
+                     isinstance(sub, (nn.MultiheadAttention, nn.RNNBase)) and sub.dropout > 0))]
+    finally:
+        for sub, mode in modes:
+            sub.training = mode
     return ", ".join(found[:3]) + (f", ... ({len(found)} in all)" if len(found) > 3 else "")
+
+
+def _check_supported(module: nn.Module) -> None:
+    """Refuse submodules whose forward pass hyperdiff cannot run or differentiate exactly: lazy
+    (uninitialized) tensors, ``nn.Embedding(max_norm=...)`` (renormalizes its weight in place,
+    out of autograd's sight) and torch's weight norm (its double backward is wrong on CPU)."""
+    for name, sub in module.named_modules():
+        where = f"submodule {name!r} ({type(sub).__name__})" if name else (
+            f"the module ({type(sub).__name__})")
+        lazy = [n for n, t in itertools.chain(sub.named_parameters(recurse=False),
+                                              sub.named_buffers(recurse=False)) if is_lazy(t)]
+        if lazy:
+            raise HyperdiffError(
+                f"functional: {where} has uninitialized lazy tensors {lazy} (a Lazy* module "
+                "before its first forward pass); run one forward pass on an example batch, "
+                "module(x), before hd.functional(module)")
+        if isinstance(sub, nn.Embedding) and sub.max_norm is not None:
+            raise HyperdiffError(
+                f"functional: {where} must not set max_norm (got max_norm={sub.max_norm}): "
+                "F.embedding renormalizes the weight in place without autograd, so "
+                "hypergradients would miss it and the parameters passed in would change. "
+                "Renormalize in forward instead, e.g. w = self.emb.weight; "
+                "w = w * (max_norm / w.norm(dim=1, keepdim=True)).clamp(max=1); "
+                "F.embedding(x, w)")
+        if _has_weight_norm(sub):
+            raise HyperdiffError(
+                f"functional: {where} uses torch's weight norm (nn.utils.parametrizations."
+                "weight_norm or nn.utils.weight_norm), whose double backward "
+                "(torch._weight_norm) is wrong on CPU, so hypergradients would be wrong. Write "
+                "it as a parametrization by hand, e.g. class WeightNorm(nn.Module): def "
+                "forward(self, g, v): return g * v / v.norm(dim=1, keepdim=True); def "
+                "right_inverse(self, w): return w.norm(dim=1, keepdim=True), w; and "
+                "nn.utils.parametrize.register_parametrization(layer, 'weight', WeightNorm())")
+
+
+def _has_weight_norm(module: nn.Module) -> bool:
+    """Whether ``module`` itself has torch's weight norm: the ``_WeightNorm`` parametrization
+    or the old ``WeightNorm`` forward pre-hook."""
+    lists = getattr(module, "parametrizations", None)  # _WeightNorm is private: by name
+    if isinstance(lists, nn.ModuleDict) and any(
+            type(p).__name__ == "_WeightNorm"
+            and type(p).__module__ == "torch.nn.utils.parametrizations"
+            for plist in lists.values() for p in plist.children()):
+        return True
+    return any(isinstance(hook, WeightNorm) for hook in module._forward_pre_hooks.values())
 
 
 def trainable_parameters(module: nn.Module) -> tuple[Params, tuple[str, ...]]:
@@ -215,6 +272,7 @@ class FunctionalModel:
                     "Pass the eager submodule, or compile the whole model: "
                     "hd.functional(torch.compile(model)) differentiates its eager module"
                 )
+        _check_supported(module)
         self.module = module
         self.params, self.frozen = trainable_parameters(module)
         self.buffers: Params = {}
@@ -245,15 +303,18 @@ class FunctionalModel:
             if active is None or active[0] is not self or not (active[1].train and bn.training):
                 return  # backbone's, by its own train()) keeps its statistics, as in torch
             ctx = active[1]
-            x = inputs[0]
+            current = ctx.current_buffers()
+            rm, rv = current[base + "running_mean"], current[base + "running_var"]
+            # as torch's kernel: statistics and update in float32 at least (a bf16 input under
+            # autocast, a bf16 / fp16 model), rounded to the buffers' dtype once
+            work = torch.promote_types(rm.dtype, torch.float32)
+            x = inputs[0].to(work)
             dims = [d for d in range(x.dim()) if d != 1]
             mean = x.mean(dim=dims)
             var = x.var(dim=dims, correction=1)
-            current = ctx.current_buffers()
             m = cast(float, bn.momentum)  # None is refused in __init__
-            rm, rv = current[base + "running_mean"], current[base + "running_var"]
-            ctx.new_buffers[base + "running_mean"] = (1 - m) * rm + m * mean
-            ctx.new_buffers[base + "running_var"] = (1 - m) * rv + m * var
+            ctx.new_buffers[base + "running_mean"] = ((1 - m) * rm.to(work) + m * mean).to(rm.dtype)
+            ctx.new_buffers[base + "running_var"] = ((1 - m) * rv.to(work) + m * var).to(rv.dtype)
 
         return hook
 
@@ -360,23 +421,24 @@ class FunctionalModel:
         state = {**self._fill_ins(params, device, dtype), **params}
         kept = {name: tensor.detach().clone() for name, tensor in self.module.named_buffers()}
         was_training = self.module.training
+        fastpath = torch.backends.mha.get_fastpath_enabled()
         outputs = []
-        try:
+        try:  # without attention's eval-only fast path (other kernels, another rounding)
+            torch.backends.mha.set_fastpath_enabled(False)
             with torch.no_grad():
                 for mode in (False, True):
                     _set_training(self.module, mode)
                     with _seeded_rng(lambda: 0, _tensor_devices(params, inputs, kw_inputs)):
                         outputs.append(self._run(self.module, dict(state), inputs, kw_inputs))
         finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
             _set_training(self.module, was_training)
             for name, tensor in self.module.named_buffers():
                 tensor.data.copy_(kept[name])
             self._fill_in_cache = {}  # copies a training-mode pass may have written to
-        leaves = [tree_flatten(out)[0] for out in outputs]
+        leaves = [_output_leaves(out) for out in outputs]
         if len(leaves[0]) != len(leaves[1]) or any(
-                isinstance(a, Tensor) and not (isinstance(b, Tensor) and a.shape == b.shape
-                                               and torch.equal(a, b))
-                for a, b in zip(*leaves, strict=False)):
+                not _same_leaf(a, b) for a, b in zip(*leaves, strict=False)):
             raise HyperdiffError(
                 "functional model: this module computes another output in training mode than "
                 "in eval mode (dropout drawn in its forward, a parametrization, anything that "
@@ -415,8 +477,16 @@ class FunctionalModel:
     @staticmethod
     def _run(module: nn.Module, state: dict[str, Tensor], inputs: tuple[Any, ...],
              kw_inputs: dict[str, Any]) -> Any:
+        """``module(*inputs, **kw_inputs)`` with ``state``; where a graph may be built, with
+        scaled dot-product attention on its math backend, the one that is twice
+        differentiable (CPU flash attention has no double backward; the outputs agree to
+        rounding)."""
+        attention = (sdpa_kernel(SDPBackend.MATH) if torch.is_grad_enabled()
+                     else contextlib.nullcontext())
         try:
-            return torch.func.functional_call(module, state, inputs, kw_inputs, strict=False)
+            with attention:
+                return torch.func.functional_call(module, state, inputs, kw_inputs,
+                                                  strict=False)
         except TypeError as err:
             if len(inputs) == 1 and isinstance(inputs[0], Mapping) and not kw_inputs:
                 raise HyperdiffError(
@@ -452,6 +522,53 @@ class FunctionalModel:
                     cached[name] = tensor.detach().to(device=device, dtype=want)
             self._fill_in_cache = {key: cached}  # one placement at a time
         return cached
+
+
+_LEAVES = (Tensor, bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
+
+
+def _output_leaves(out: Any) -> list[Any]:
+    """The tensors and plain scalars of a model's output, in order: dicts, lists, tuples
+    (namedtuples), dataclasses and registered pytree nodes are walked; any other object is
+    refused, since a difference between training and eval mode could hide in it."""
+    leaves: list[Any] = []
+    _add_leaves(out, leaves, depth=0)
+    return leaves
+
+
+def _add_leaves(tree: Any, leaves: list[Any], depth: int) -> None:
+    if tree is None or isinstance(tree, _LEAVES):
+        leaves.append(tree)
+        return
+    if depth > 32:
+        raise HyperdiffError("functional model: its output nests deeper than 32 levels; "
+                             "call it as net(params, x, ctx) from a loss taking ctx")
+    if isinstance(tree, Mapping):
+        children: Any = list(tree.values())
+    elif isinstance(tree, list | tuple):
+        children = tree
+    elif dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        children = [getattr(tree, f.name) for f in dataclasses.fields(tree)]
+    else:
+        flat = tree_flatten(tree)[0]
+        if len(flat) == 1 and flat[0] is tree:  # not a container torch knows
+            raise HyperdiffError(
+                f"functional model: its output holds a {type(tree).__name__}, which hyperdiff "
+                "cannot look into to check that training and eval mode compute the same "
+                "output, and a call without ctx runs it in eval mode; train_loss must call it "
+                "as net(params, x, ctx), taking ctx as its fourth argument (or return tensors, "
+                "dicts, tuples or dataclasses)")
+        children = flat
+    for child in children:
+        _add_leaves(child, leaves, depth + 1)
+
+
+def _same_leaf(a: Any, b: Any) -> bool:
+    """Whether two output leaves are the same (tensors: shape and values)."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape
+                and torch.equal(a, b))
+    return type(a) is type(b) and (a is b or a == b)
 
 
 def _placement(params: Params, ctx: StepContext) -> tuple[torch.device | None, torch.dtype | None]:

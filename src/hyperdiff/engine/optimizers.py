@@ -186,7 +186,8 @@ def sgd(
                 new_buf[k] = buf
                 d = _add_scaled(d, buf, mu) if nesterov else buf
             lr_k = resolve(lr, hparams, step, k)
-            # p - lr * d: same bits as p + (-lr) * d, one kernel fewer for a tensor lr
+            # p - lr * d: p + (-lr) * d to rounding (torch.add(alpha=) may fuse a
+            # multiply-add), one kernel fewer for a tensor lr
             if isinstance(lr_k, Tensor):
                 new_params[k] = (p - lr_k * d).to(param.dtype)
             else:

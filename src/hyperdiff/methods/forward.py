@@ -184,6 +184,13 @@ def _unroll_jvp(problem: Problem, raw: dict[str, Tensor], raw_tangent: dict[str,
                 state, loss = pieces[0][0], pieces[0][2]
                 tangent = tree_map(lambda *zs: torch.cat(zs), *[p[1] for p in pieces])
         except RuntimeError as err:
+            if "ZeroTensors are immutable" in str(err):
+                raise HyperdiffError(
+                    f"forward(engine='jvp'): torch's jvp failed at step {step} ({err}); some "
+                    "operations' forward-mode formulas (F.mse_loss's, among others) write into "
+                    "a zero tangent that torch.func keeps read-only. Use engine='double_vjp' or "
+                    "'auto' (the same hypergradient)"
+                ) from err
             if not any(words in str(err) for words in (
                     "expected scalar type", "expected dtype", "but got dtype")):
                 raise
