@@ -14,9 +14,12 @@
 
 Figures are drawn with matplotlib's object API (no pyplot, no global state, no display) and
 written atomically. The history is read as ``--resume`` reads it: an unfinished last line is
-skipped with a warning, any other damage is one error naming the file and the line; so is a
-record whose ``hparams`` or ``grad`` do not give every hyperparameter of ``hparams.json`` its
-size in numbers (:func:`check_values`).
+skipped with a warning (blank lines at the end silently), any other damage is one error naming
+the file and the line; so is a record whose ``hparams`` or ``grad`` do not give every
+hyperparameter of ``hparams.json`` its size in numbers (:func:`check_values`). The lines that
+the last checkpoint covers must hash as the manifest records (an edited value is refused, as
+``--resume`` refuses it), and a finished run's lines past its result's ``steps`` are left out
+with a warning (:meth:`~hyperdiff.app.rundir.RunDir.verify_history`).
 """
 
 from __future__ import annotations
@@ -42,11 +45,12 @@ FIGURE_NAMES = ("hparams.png", "losses.png", "hypergradient.png", "sensitivity.p
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     """Write the figures of ``run_dir`` into ``out`` (default ``run_dir/figures``)."""
     rundir = RunDir(run_dir)
-    history = History(rundir.read_history())
-    if not len(history):
+    records = rundir.read_history()
+    if not records:
         raise HyperdiffError(f"plot: {rundir.path} must hold at least one outer step (got 0)")
     meta = rundir.read_hparams()
-    check_values(history, meta, rundir.file(HISTORY))
+    check_values(records, meta, rundir.file(HISTORY))
+    history = History(rundir.verify_history(records))
     target = Path(out) if out else rundir.path / FIGURES
     if not out:
         refuse_link(target)  # a planted link must not send the figures elsewhere

@@ -64,9 +64,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout = None  # type: ignore[assignment]
         return 0
     except OSError as err:  # a filesystem error that no module turned into a HyperdiffError
+        from hyperdiff.app.rundir.files import ADVICE
+
         where = f" {err.filename}" if err.filename else ""
-        get_logger("cli").error("hyperdiff %s: error: cannot use%s: %s", args.command, where,
-                                err.strerror or err)
+        advice = ADVICE.get(err.errno or -1, "check the file and its directory")
+        get_logger("cli").error("hyperdiff %s: error: cannot use%s: %s; %s", args.command,
+                                where, err.strerror or err, advice)
         return 2
     except KeyboardInterrupt as err:  # a run's note says where it stopped, and how to go on
         where = "".join(f" {note}" for note in getattr(err, "__notes__", []))

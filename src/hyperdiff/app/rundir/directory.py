@@ -40,14 +40,16 @@ from typing import Any
 import torch
 
 from hyperdiff.app.rundir.files import (
+    COPY_ADVICE,
     append_bytes,
     atomic_write_bytes,
     fs_error,
-    os_errors,
+    hard_link_error,
     read_bytes,
     read_text,
     refuse_link,
     remove_temporaries,
+    run_again,
     sync_file,
 )
 from hyperdiff.app.rundir.lock import RunLock
@@ -98,6 +100,7 @@ class RunDir:
         self.path = Path(path)
         self.created = False
         self.started_here = False  # start() wrote this run's files in this process
+        self.resuming = False  # opened by :meth:`existing`: a run to resume
         self._lock = RunLock(self.path / LOCK)
         self._manifest: Manifest | None = None
         self._entry: dict[str, Any] | None = None
@@ -147,8 +150,15 @@ class RunDir:
         other moves on to the next suffix.
         """
         parent = Path(parent)
-        with os_errors(parent, "create the directory"):
+        try:
             parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise HyperdiffError(
+                f"run: {parent}, the directory of new runs (without --out or output.dir), "
+                f"must be a directory or a new path (got {_in_the_way(parent)}); remove or "
+                "rename it, or give the run directory with --out") from None
+        except OSError as err:
+            raise fs_error(parent, "create the directory", err) from None
         for number in itertools.count(1):
             path = parent / (stem if number == 1 else f"{stem}-{number}")
             try:
@@ -167,6 +177,7 @@ class RunDir:
         """The directory of a run to resume; raises if it holds none."""
         rundir = cls(path)
         rundir.config_file_exists()
+        rundir.resuming = True
         return rundir
 
     @contextmanager
@@ -256,15 +267,41 @@ class RunDir:
     def start(self, config_toml: str, hparams: HyperParameters,
               inputs: dict[str, Any] | None = None) -> None:
         """Write the hyperparameters, an empty history, the config and the manifest (with the
-        fingerprints ``inputs`` of the task's code and data)."""
+        fingerprints ``inputs`` of the task's code and data). A write that fails (a full disk)
+        removes the files this call created, so the same command can use the directory again
+        (a stop, which cannot clean up, is recognised by :meth:`interrupted_start`)."""
         files = {HPARAMS: json.dumps(describe(hparams), indent=1).encode(),
                  HISTORY: b"", CONFIG: config_toml.encode()}
-        for name, data in files.items():
-            atomic_write_bytes(self.file(name), data)
-        self._write_manifest(Manifest({n: sha256(files[n]) for n in CHECKSUMMED},
-                                      inputs=inputs))
+        new = [n for n in (*files, MANIFEST) if not self._exists(n)]
+        try:
+            for name, data in files.items():
+                atomic_write_bytes(self.file(name), data)
+            self._write_manifest(Manifest({n: sha256(files[n]) for n in CHECKSUMMED},
+                                          inputs=inputs))
+        except HyperdiffError as err:  # e.g. a full disk: what it wrote is removed again
+            self._remove(new)
+            self._manifest = None
+            raise (run_again(err) if len(new) == len(files) + 1 else err) from None
         self._history_digest, self._history_steps = hashlib.sha256(), 0
         self.started_here = True
+
+    def _remove(self, names: list[str]) -> None:
+        """Delete the run files ``names`` where they exist (best effort)."""
+        for name in names:
+            with suppress(OSError):
+                self.file(name).unlink()
+
+    @contextmanager
+    def _first_step(self) -> Iterator[None]:
+        """A write of a new run that has recorded no step yet: on an error the run is
+        discarded (:meth:`discard_unstarted`), so the advice is to run the command again."""
+        unstarted = self.started_here and self._history_steps == 0 and not self.resuming
+        try:
+            yield
+        except HyperdiffError as err:
+            if not unstarted:
+                raise
+            raise run_again(err) from None
 
     def config_path(self) -> Path:
         """Path of the run's config, after verifying the start files against the manifest.
@@ -316,7 +353,8 @@ class RunDir:
     def record_inputs(self, inputs: dict[str, Any], change: dict[str, Any] | None = None
                       ) -> None:
         """Record ``inputs`` in the manifest, and ``change`` (what a resume accepted)."""
-        self._write_manifest(self._require_manifest().with_inputs(inputs, change))
+        with self._first_step():
+            self._write_manifest(self._require_manifest().with_inputs(inputs, change))
 
     def extend(self, config_toml: str, old_steps: int, new_steps: int) -> None:
         """Replace the config with ``config_toml`` (the step budget ``old_steps`` raised to
@@ -334,7 +372,8 @@ class RunDir:
 
     def record_start(self, start: dict[str, Any]) -> None:
         """Record in the manifest the values ``--from`` started this run at."""
-        self._write_manifest(replace(self._require_manifest(), start_from=start))
+        with self._first_step():
+            self._write_manifest(replace(self._require_manifest(), start_from=start))
 
     def start_from(self) -> dict[str, Any] | None:
         """The values ``--from`` started this run at, or ``None``."""
@@ -357,7 +396,8 @@ class RunDir:
         checkpoint is cut back and recomputed on resume, so only those before must be
         durable."""
         line = (record.to_json() + "\n").encode()
-        append_bytes(self.file(HISTORY), line, sync=False)
+        with self._first_step():
+            append_bytes(self.file(HISTORY), line, sync=False)
         self._history_unsynced = True
         self._history_digest.update(line)
         if self._history_steps is not None:
@@ -373,39 +413,59 @@ class RunDir:
         """
         path = self.file(HISTORY)
         lines, rest = split_lines(read_text(path)) if self._exists(HISTORY) else ([], "")
-        if len(lines) < steps:
-            raise HyperdiffError(
-                f"run directory: {path} must hold at least {steps} steps to resume from the "
-                f"checkpoint (got {len(lines)}); the history was edited or lost: "
-                f"{recover(self.path)}"
-            )
+        self._require_lines(lines, steps)
         kept = lines[:steps]
         records = parse_records(kept, path)
+        digest = self._verify_digest(kept, self._entry)
+        if len(lines) != steps or rest:
+            atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+        elif self._exists(HISTORY):  # appended to in place: refused now, before a step is run
+            links = os.lstat(path).st_nlink
+            if links > 1:
+                raise hard_link_error(path, "append to", links, COPY_ADVICE)
+        self._history_digest, self._history_steps = digest, steps
+        return records
+
+    def _require_lines(self, lines: list[str], steps: int) -> None:
+        """Raise unless the history's ``lines`` cover the checkpoint's ``steps``."""
+        if len(lines) < steps:
+            raise HyperdiffError(
+                f"run directory: {self.file(HISTORY)} must hold at least {steps} steps to "
+                f"resume from the checkpoint (got {len(lines)}); the history was edited or "
+                f"lost: {recover(self.path)}"
+            )
+
+    def _verify_digest(self, kept: list[str], entry: dict[str, Any] | None) -> Any:
+        """The sha256 object of the history lines ``kept``, after checking it against the
+        checkpoint ``entry`` of the manifest (when it is of as many steps and lists one)."""
+        steps = len(kept)
         digest = hashlib.sha256("".join(line + "\n" for line in kept).encode())
-        entry = self._entry
         if entry is not None and entry["step"] == steps and entry.get("history_sha256") and (
             digest.hexdigest() != entry["history_sha256"]
         ):
             raise HyperdiffError(
-                f"run directory: {path}: its first {steps} records differ from those that "
-                f"{CHECKPOINT} was written with (a record was edited); {recover(self.path)}"
+                f"run directory: {self.file(HISTORY)}: its first {steps} records differ from "
+                f"those that {CHECKPOINT} was written with (a record was edited); "
+                f"{recover(self.path)}"
             )
-        if len(lines) != steps or rest:
-            atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
-        self._history_digest, self._history_steps = digest, steps
-        return records
+        return digest
 
     def read_history(self) -> list[StepRecord]:
         """Every record of the history file (for plots and reports).
 
-        An unfinished last line (a run killed while writing it) is skipped with a warning, as
-        ``--resume`` would drop it; any other damage raises.
+        An unfinished last line (a run killed while writing it) is skipped with a warning, and
+        blank lines at the end are skipped, as ``--resume`` would drop them; any other damage
+        raises. :meth:`verify_history` checks the records as a resume does.
         """
         path = self.file(HISTORY)
         if not self._exists(HISTORY):
             raise HyperdiffError(f"run directory: {path} does not exist; is {self.path} a run "
                                  "directory made by `hyperdiff run`?")
         lines, rest = split_lines(read_text(path))
+        if not rest.strip():  # blank lines at the end: --resume drops them too
+            rest = ""
+            while lines and not lines[-1].strip():
+                lines.pop()
         records = parse_records(lines, path)
         if rest:
             try:
@@ -419,6 +479,58 @@ class RunDir:
                                "it; `hyperdiff run --resume` recomputes that step)", path,
                                len(lines) + 1)
         return records
+
+    def verify_history(self, records: list[StepRecord]) -> list[StepRecord]:
+        """``records`` (of :meth:`read_history`) checked as ``--resume`` checks the history:
+        the lines that the checkpoint on disk covers must hash to the value the manifest lists
+        for it. A finished run's records past its result's ``steps`` (not this run's: another
+        process appended them) are left out with a warning."""
+        manifest = self._manifest_to_verify()
+        entry = None if manifest is None else self._checkpoint_on_disk(manifest)
+        if entry is not None:
+            lines, _ = split_lines(read_text(self.file(HISTORY)))
+            self._require_lines(lines, entry["step"])
+            self._verify_digest(lines[: entry["step"]], entry)
+        return self._within_result(records, manifest)
+
+    def _manifest_to_verify(self) -> Manifest | None:
+        if self._exists(MANIFEST):
+            return self._require_manifest()
+        LOGGER.warning("%s is missing, so %s cannot be verified; it is read as it is",
+                       self.file(MANIFEST), self.file(HISTORY))
+        return None
+
+    def _checkpoint_on_disk(self, manifest: Manifest) -> dict[str, Any] | None:
+        """The manifest's entry of the checkpoint on disk (``None``: there is none)."""
+        if not self._exists(CHECKPOINT):
+            return None
+        return self._listed(manifest, read_bytes(self.file(CHECKPOINT)))
+
+    def _listed(self, manifest: Manifest, data: bytes) -> dict[str, Any]:
+        """The manifest's entry of the checkpoint bytes ``data``; raises if none matches."""
+        entry = manifest.checkpoint(sha256(data))
+        if entry is None:
+            raise HyperdiffError(
+                f"run directory: {self.file(CHECKPOINT)} is damaged: its sha256 matches none of "
+                f"the checkpoints recorded in {MANIFEST} (flipped bits, a truncated or a "
+                f"replaced file). Restore it, or {new_run(self.path)}"
+            )
+        return entry
+
+    def _within_result(self, records: list[StepRecord], manifest: Manifest | None
+                       ) -> list[StepRecord]:
+        """``records`` without those past a finished run's end (see :meth:`verify_history`)."""
+        result = self.read_result()
+        steps = None if result is None else result.get("steps")
+        if (not isinstance(steps, int) or isinstance(steps, bool) or len(records) <= steps
+                or _extension_pending(manifest, steps)):
+            return records
+        LOGGER.warning(
+            "%s: lines %d-%d are past the end of the finished run (%s: %d steps), so they are "
+            "not this run's (another process appended them, e.g. a resume of a copy made with "
+            "hard links): they are left out", self.file(HISTORY), steps + 1, len(records),
+            RESULT, steps)
+        return records[:steps]
 
     def sync_history(self) -> None:
         """fsync the history's appended lines, if any are not yet."""
@@ -438,10 +550,11 @@ class RunDir:
         manifest = self._manifest_or_empty()
         updated = manifest.with_checkpoint(sha256(data), step, self._history_sha(step),
                                            self._entry)
-        self._write_manifest(updated)
-        # the manifest's rename is made durable first; losing this one keeps the old, listed
-        # checkpoint, from which the run resumes exactly
-        atomic_write_bytes(self.file(CHECKPOINT), data, sync_directory=False)
+        with self._first_step():
+            self._write_manifest(updated)
+            # the manifest's rename is made durable first; losing this one keeps the old,
+            # listed checkpoint, from which the run resumes exactly
+            atomic_write_bytes(self.file(CHECKPOINT), data, sync_directory=False)
         self._entry = updated.checkpoints[-1]  # the file on disk now
 
     def load_checkpoint(self) -> dict[str, Any] | None:
@@ -470,13 +583,7 @@ class RunDir:
                 )
             return None
         data = read_bytes(path)
-        entry = manifest.checkpoint(sha256(data))
-        if entry is None:
-            raise HyperdiffError(
-                f"run directory: {path} is damaged: its sha256 matches none of the checkpoints "
-                f"recorded in {MANIFEST} (flipped bits, a truncated or a replaced file). "
-                f"Restore it, or {new_run(self.path)}"
-            )
+        entry = self._listed(manifest, data)
         state = load_state(data, path)
         if not isinstance(state, dict) or state.get("step") != entry["step"]:
             got = (f"step {state.get('step')!r}" if isinstance(state, dict)
@@ -509,7 +616,14 @@ class RunDir:
 
     # ------------------------------------------------------------------ internals
     def _exists(self, name: str) -> bool:
-        return self.file(name).exists() or self.file(name).is_symlink()
+        path = self.file(name)
+        try:
+            os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as err:  # e.g. a run directory that may not be read
+            raise fs_error(path, "use", err) from None
+        return True
 
     def _read_json(self, name: str, advice: str) -> dict[str, Any]:
         path = self.file(name)
@@ -554,6 +668,13 @@ class RunDir:
         if len(lines) < steps:
             return None
         return hashlib.sha256("".join(line + "\n" for line in lines[:steps]).encode()).hexdigest()
+
+
+def _extension_pending(manifest: Manifest | None, steps: int) -> bool:
+    """Whether the manifest records an extension of the run past a result of ``steps``
+    (the result then predates it, and the history goes on)."""
+    return manifest is not None and any(e["from_max_steps"] >= steps
+                                        for e in manifest.extensions)
 
 
 def load_state(data: bytes, path: Path) -> Any:

@@ -4,7 +4,9 @@
 Windows). The operating system releases the lock when the process ends, however it ends
 (``kill -9`` included), so a lock is never stale. The holder writes its pid, host and start
 time into the file, and a second process that finds the directory locked gets one error that
-names the holder. On a platform with neither, the run goes on unlocked after a warning.
+names the holder. On a platform with neither, the run goes on unlocked after a warning. A
+lock file with another hard link is refused, not written: writing it would change the other
+name's file too.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hyperdiff.app.rundir.files import BINARY, NOFOLLOW, os_errors, refuse_link
+from hyperdiff.app.rundir.files import BINARY, NOFOLLOW, os_errors, refuse_hard_link, refuse_link
+from hyperdiff.app.rundir.records import shell_path
 from hyperdiff.errors import HyperdiffError
 
 try:
@@ -48,6 +51,7 @@ class RunLock:
         with os_errors(self.path, "create the lock file"):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | NOFOLLOW | BINARY, 0o644)
         try:
+            refuse_hard_link(fd, self.path, "lock", self._advice())
             if not _try_lock(fd, self.path):
                 holder = _holder(fd)
                 raise HyperdiffError(
@@ -63,6 +67,12 @@ class RunLock:
             os.close(fd)
             raise
         self._fd = fd
+
+    def _advice(self) -> str:
+        """What to do with a hard-linked lock file (writing it would change the other)."""
+        return (f"remove it (`rm {shell_path(self.path)}`: a run makes a new one); if "
+                f"{shell_path(self.path.parent)} is a copy made with hard links (`cp -al`, "
+                "`rsync --link-dest`), copy the original with `cp -r` instead and use that copy")
 
     def release(self) -> None:
         """Empty the lock file and unlock it (the file stays: deleting it would race)."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -100,22 +101,24 @@ class Manifest:
                 isinstance(v, str) for v in files.values()
             ):
                 raise ValueError("'files' must map names to sha256 strings")
-            if not isinstance(checkpoints, list) or not all(
-                isinstance(c, dict) and isinstance(c.get("sha256"), str)
-                and isinstance(c.get("step"), int) for c in checkpoints
-            ):
-                raise ValueError("'checkpoints' must be a list of {sha256, step, ...}")
+            if not _list_of(checkpoints, _checkpoint_entry):
+                raise ValueError("'checkpoints' must be a list of {sha256, step, "
+                                 "history_sha256}")
             inputs, changes = raw.get("inputs"), raw.get("input_changes", [])
             if inputs is not None and not (isinstance(inputs, dict) and all(
                     isinstance(v, dict) for v in inputs.values()) and all(
                     isinstance(v, dict) for v in (inputs.get("data") or {}).values())):
                 raise ValueError("'inputs' must be an object of objects ('task', 'data': one "
                                  "object per split)")
-            if not isinstance(changes, list):
-                raise ValueError("'input_changes' must be a list")
+            if inputs is not None and not _task_code(inputs.get("task", {})):
+                raise ValueError("'inputs' 'task' of kind 'file' must have a 'path' and a "
+                                 "'sha256' string")
+            if not _list_of(changes, _input_change):
+                raise ValueError("'input_changes' must be a list of {step, changes: [text]}")
             extensions, start_from = raw.get("extensions", []), raw.get("start_from")
-            if not isinstance(extensions, list):
-                raise ValueError("'extensions' must be a list")
+            if not _list_of(extensions, _extension):
+                raise ValueError("'extensions' must be a list of {step, from_max_steps, "
+                                 "to_max_steps, ...}")
             if start_from is not None and not (isinstance(start_from, dict) and isinstance(
                     start_from.get("raw"), dict) and isinstance(start_from.get("hparams"), dict)):
                 raise ValueError("'start_from' must be an object with 'raw' and 'hparams'")
@@ -125,3 +128,33 @@ class Manifest:
                 f"the checkpoint cannot be verified: restore it, or {new_run(path.parent)}"
             ) from None
         return cls(files, checkpoints, inputs, changes, extensions, start_from)
+
+
+def _list_of(value: Any, valid: Callable[[Any], bool]) -> bool:
+    return isinstance(value, list) and all(valid(v) for v in value)
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _checkpoint_entry(entry: Any) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+            and _int(entry.get("step"))
+            and isinstance(entry.get("history_sha256"), (str, type(None))))
+
+
+def _task_code(task: dict[str, Any]) -> bool:
+    """A file task names its file (a resume hashes it before importing it)."""
+    return task.get("kind") != "file" or (isinstance(task.get("path"), str)
+                                          and isinstance(task.get("sha256"), str))
+
+
+def _input_change(change: Any) -> bool:
+    return (isinstance(change, dict) and _int(change.get("step"))
+            and _list_of(change.get("changes"), lambda c: isinstance(c, str)))
+
+
+def _extension(extension: Any) -> bool:
+    return isinstance(extension, dict) and all(
+        _int(extension.get(key)) for key in ("step", "from_max_steps", "to_max_steps"))

@@ -3,8 +3,9 @@
 - :func:`inside_run_dir`: a path from a config (``[log] csv``, ``[log] tensorboard``) is
   relative to the run directory, has no ``..`` and does not start with a run file's name, so
   a stored config can never make a resume write outside its directory or over its history.
-- :func:`below_working_dir`: ``output.dir`` from a config file is relative without ``..``;
-  a directory anywhere else is given on the command line (``--out``).
+- :func:`below_working_dir`: ``output.dir`` from a config file is relative without ``..``
+  and does not start with ``~`` (which no shell expands there); a directory anywhere else is
+  given on the command line (``--out``).
 - :func:`make_directories`: create ``root/a/b`` one level at a time, refusing a symbolic
   link at every level, so that a planted link cannot redirect what is written below it.
 """
@@ -68,8 +69,9 @@ def below_working_dir(value: str, where: str) -> Path:
     """``value`` (a directory from a config file) as a relative path without ``..``.
 
     Raises:
-        HyperdiffError: ``value`` is absolute or contains ``..``; a directory outside the
-            working directory is given on the command line with ``--out``.
+        HyperdiffError: ``value`` is absolute, contains ``..`` or starts with ``~``; a
+            directory outside the working directory is given on the command line with
+            ``--out``.
     """
     escape = _escape(value)
     if escape:
@@ -77,6 +79,13 @@ def below_working_dir(value: str, where: str) -> Path:
             f"{where} must be a relative path without '..' (got {value!r}: {escape}); a "
             "config cannot send a run outside the working directory: give that directory "
             "on the command line with --out"
+        )
+    if value.startswith("~"):  # no shell expands it here: it would make a directory '~'
+        raise HyperdiffError(
+            f"{where} must be a relative path that does not start with '~' (got {value!r}: "
+            "a home directory, which a config does not expand); give a directory in your "
+            "home on the command line with --out (e.g. --out ~/runs), where the shell "
+            "expands '~'"
         )
     return Path(value)
 

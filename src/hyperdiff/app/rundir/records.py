@@ -12,6 +12,7 @@ import json
 import shlex
 from pathlib import Path
 
+from hyperdiff.app.rundir.files import read_bytes
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.tuner.history import StepRecord
 
@@ -36,10 +37,10 @@ def new_run(directory: Path) -> str:
 def recorded_start(directory: Path) -> str | None:
     """The run a run directory was started from (``--from``), read from its manifest, or
     ``None`` (none, or a manifest that cannot be read: the advice then omits it)."""
-    try:
-        start = json.loads((directory / MANIFEST).read_text(encoding="utf-8")).get("start_from")
+    try:  # without following a link or blocking on a FIFO, as every run file is read
+        start = json.loads(read_bytes(directory / MANIFEST)).get("start_from")
         run = start.get("run") if isinstance(start, dict) else None
-    except (OSError, ValueError, AttributeError):
+    except (HyperdiffError, ValueError, AttributeError):
         return None
     return run if isinstance(run, str) else None
 
