@@ -269,3 +269,28 @@ def test_a_run_file_that_cannot_be_looked_at_is_one_line_with_advice(copy, monke
     assert err.endswith(": Permission denied; check the permissions (and immutable attributes, "
                         "`lsattr`) of the file and its directory")
     assert "error: run directory: cannot use " in err
+
+
+def test_a_resume_that_fails_before_its_first_step_keeps_the_run(tmp_path, monkeypatch):
+    """A run stopped while its first checkpoint was written starts over on --resume; when that
+    resume failed before its first step, the run's files (config.toml included) were
+    discarded as if this process had started the run, and nothing could resume it."""
+    from hyperdiff.errors import HyperdiffError
+    from test_rundir_kills import StopAt, assert_same_run, run
+
+    run(tmp_path / "straight", "stop.max_steps=3")
+    with monkeypatch.context() as patch:
+        StopAt(patch, "checkpoint.pt", 1)
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / "run", "stop.max_steps=3")
+
+    def failing(self, record):
+        raise HyperdiffError("run directory: cannot write history.jsonl: simulated")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RunDir, "append", failing)
+        with pytest.raises(HyperdiffError, match="simulated"):
+            run(tmp_path / "run", resume=True)
+    assert (tmp_path / "run" / "config.toml").exists()
+    run(tmp_path / "run", resume=True)
+    assert_same_run(tmp_path / "straight", tmp_path / "run")

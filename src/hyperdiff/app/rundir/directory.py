@@ -206,8 +206,10 @@ class RunDir:
         """Remove the files of a run that :meth:`start` began in this process and that recorded
         no outer step (refused before its first training ended: nothing was computed), so that
         the corrected command can use the same directory; and the directory, if :meth:`create`
-        made it and nothing else was written there."""
-        if not self.started_here or self._history_steps != 0:
+        made it and nothing else was written there. A resumed run's files are kept (a run
+        stopped before its first checkpoint starts over with :meth:`start`, but its files were
+        not this process's to remove: they are what a later --resume continues)."""
+        if not self.started_here or self.resuming or self._history_steps != 0:
             return
         for name in (*RUN_FILES, LOCK):
             with suppress(FileNotFoundError):
