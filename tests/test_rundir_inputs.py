@@ -275,8 +275,9 @@ def test_a_resume_that_fails_before_its_first_step_keeps_the_run(tmp_path, monke
     """A run stopped while its first checkpoint was written starts over on --resume; when that
     resume failed before its first step, the run's files (config.toml included) were
     discarded as if this process had started the run, and nothing could resume it."""
-    from hyperdiff.errors import HyperdiffError
     from test_rundir_kills import StopAt, assert_same_run, run
+
+    from hyperdiff.errors import HyperdiffError
 
     run(tmp_path / "straight", "stop.max_steps=3")
     with monkeypatch.context() as patch:
