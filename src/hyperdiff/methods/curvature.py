@@ -75,7 +75,7 @@ from hyperdiff.engine.training import (
     validation_loss,
     zeros_for_unused,
 )
-from hyperdiff.errors import HyperdiffError, fail, positive_float, positive_int
+from hyperdiff.errors import HyperdiffError, fail, is_number, positive_float, positive_int
 from hyperdiff.hparams.schedules import Schedule
 from hyperdiff.methods.base import Capabilities, HyperGradient, Method, Segment, finish
 from hyperdiff.methods.curvature_adam import ADAM_NAMES, ADAM_RULE
@@ -262,13 +262,6 @@ def _as_tensor(value: Tensor | float, like: Tensor) -> Tensor:
     return value.reshape(())
 
 
-def _coefficient(coef: Any, hview: Any, step: int, key: str) -> Tensor | float:
-    """A coefficient's value at ``step``: a float for a number, else a detached tensor (never
-    read back to the host: no device synchronisation per step)."""
-    value = resolve(coef, hview, step, key)
-    return value.detach() if isinstance(value, Tensor) else float(value)
-
-
 class HeavyBallStep(NamedTuple):
     """One :func:`hd.sgd` step's values, flat (n,): ``d`` the gradient plus the coupled
     weight decay ``wd p``, ``b`` the new momentum ``b_{t+1}``, ``p`` the parameters before the
@@ -290,7 +283,8 @@ def _heavy_ball(problem: Problem, hview: Any, grads: Params, opt_state: Any, par
     direction, p, wd = _sgd_direction(problem, hview, grads, params, step)
     if not opt_state.momentum:
         return HeavyBallStep(direction, direction, 0.0, p, wd)
-    beta = _coefficient(coefs["momentum"], hview, step, next(iter(params)))
+    # every entry's own momentum (a per-tensor one was read from the first tensor alone)
+    beta = per_entry(coefs["momentum"], hview, step, params, direction)
     if step == 0:  # torch.optim.SGD: b_1 = d_0
         return HeavyBallStep(direction, direction, beta, p, wd)
     return HeavyBallStep(direction, _add_scaled(direction, flat(opt_state.momentum.values()),
@@ -642,7 +636,9 @@ SCALE_RULES = ("auto", "rows")
 def batch_scale(problem: Problem, step: int, scale: float | str | None) -> float:
     """The curvature model's scale for the batch of ``step``: a number as it is; ``"rows"``:
     the training batch's rows ``B``; ``None`` (``"auto"``): ``B``, or 1 when every step trains
-    on the same rows (the source's ``fixed_batch``: no sampling noise, module doc).
+    on the same rows (the source's ``fixed_batch``: no sampling noise, module doc). The method
+    reads it once per window, at the window's first step (offline: step 0), and uses it for
+    every step of the window: a source whose batches differ in size gets the first one's.
 
     >>> import hyperdiff as hd
     >>> def loss(p, h, b):
@@ -687,8 +683,11 @@ def curvature_options(caller: str, horizon: float | str | None, horizon_unit: st
             raise fail(caller, "curvature_scale", f"None, one of {list(SCALE_RULES)}, 0 or a "
                        "number > 0", curvature_scale)
     elif curvature_scale is not None:
-        curvature_scale = float(curvature_scale if curvature_scale == 0 else positive_float(
-            caller, "curvature_scale", curvature_scale))
+        valid = is_number(curvature_scale) and 0 <= float(curvature_scale) < float("inf")
+        if not valid:
+            raise fail(caller, "curvature_scale", f"None, one of {list(SCALE_RULES)}, 0 or a "
+                       "number > 0", curvature_scale)
+        curvature_scale = float(curvature_scale)
     return horizon, horizon_unit, curvature_scale
 
 
