@@ -163,8 +163,8 @@ def test_methods_agree_on_relaxed_hypergradient(mode):
     ("relax", 1, ["tanh", "square", "zero"]), ("reinforce", 4, ["tanh", "square", "zero"]),
     ("gumbel", 2, ["tanh", "cube", "zero"])])
 def test_each_mode_finds_the_clearly_best_choice(mode, samples, choices):
-    problem = make_toy(hd.categorical(choices, mode=mode, temperature=(1.0, 0.3),
-                                      baseline="leave_one_out"))
+    problem = make_toy(hd.categorical(choices, mode=mode, **(  # each mode its own options
+        {"baseline": "leave_one_out"} if mode == "reinforce" else {"temperature": (1.0, 0.3)})))
     losses = losses_by_choice(problem)
     assert int(losses.argmin()) == 0 and losses[0] < 0.5 * losses[1:].min()  # tanh is best
     # cosine: the probabilities settle (at signstep's default constant rate relax ends at 0.83
@@ -321,7 +321,7 @@ def test_discrete_spec_refuses_what_it_used_to_accept_or_crash_on():
         hd.categorical(["x", "y"], init=[1.0, 2.0])
     # a non-number decay raised torch/Python's TypeError from the comparison
     with pytest.raises(hd.HyperdiffError, match=r"^categorical: decay must be in \[0, 1\)"):
-        hd.categorical(["x", "y"], decay="0.5")
+        hd.categorical(["x", "y"], mode="reinforce", decay="0.5")
     # an empty range was only refused later, as HyperParameters' "choices must be non-empty"
     with pytest.raises(hd.HyperdiffError, match=r"^integer: high must be an int > low=3"):
         hd.integer(3, 1)

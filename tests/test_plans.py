@@ -228,11 +228,11 @@ TARGET = 1.3
 def choice_problem(*, mode: str = "reinforce", baseline: str = "moving_average",
                    temperature=1.0, steps: int = 300, init=(0.2, 0.5, 0.3)) -> hd.Problem:
     """A trained ridge part (its validation loss A_t drifts with training, whatever is
-    chosen) plus the choice's own loss ``L(z) = (z - 1.3)^2``."""
+    chosen) plus the choice's own loss ``L(z) = (z - 1.3)^2``; the mode's own options only."""
+    options = ({"baseline": baseline} if mode == "reinforce" else {"temperature": temperature})
     hparams = hd.HyperParameters(
         lam=hd.scalar(0.3),
-        c=hd.categorical(CHOICES, mode=mode, baseline=baseline, init=list(init),
-                         temperature=temperature))
+        c=hd.categorical(CHOICES, mode=mode, init=list(init), **options))
     return hd.make_problem(
         lambda p, h, b: _mse(p["w"], *b) + h["lam"] * p["w"].square().sum(),
         lambda p, h, b: _mse(p["w"], *b) + (hd.choose(h["c"]) - TARGET) ** 2, hparams,

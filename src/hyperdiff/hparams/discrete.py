@@ -184,11 +184,14 @@ def check_choices(caller: str, choices: tuple[Any, ...]) -> None:
 
 def categorical(
     choices: Sequence[Hashable], *, mode: str = "relax", init: Sequence[float] | None = None,
-    temperature: float | tuple[float, float] = 1.0, baseline: str = "moving_average",
-    decay: float = 0.9, kind: str = "categorical",
+    temperature: float | tuple[float, float] | None = None, baseline: str | None = None,
+    decay: float | None = None, kind: str = "categorical",
 ) -> DiscreteParameter:
     """A choice among ``choices`` (strings, numbers, callables, ...); ``init``: initial
-    probabilities (default uniform). See the module doc for ``mode`` and the other options.
+    probabilities (default uniform). See the module doc for ``mode`` and the other options:
+    ``temperature`` (default 1) is read by ``relax`` and ``gumbel``, ``baseline`` (default
+    ``"moving_average"``) and ``decay`` (default 0.9) by ``reinforce``; another mode's option
+    is refused (it would be ignored).
 
     >>> import hyperdiff as hd
     >>> hp = hd.HyperParameters(act=hd.categorical(["relu", "tanh"]), lr=hd.scalar(0.1))
@@ -198,6 +201,17 @@ def categorical(
     options = tuple(choices) if isinstance(choices, (list, tuple, range)) else choices
     if not isinstance(options, tuple):
         raise fail("categorical", "choices", "a list or tuple of hashable choices", choices)
+    unread = ({"temperature": temperature} if mode == "reinforce" else
+              {"baseline": baseline, "decay": decay})
+    for option_name, value in unread.items():
+        readers = "relax and gumbel read it" if option_name == "temperature" else (
+            "reinforce reads it")
+        if value is not None:
+            raise fail(kind, option_name, f"left out with mode={mode!r} (only {readers}; it "
+                       "would be ignored)", value)
+    temperature = 1.0 if temperature is None else temperature
+    baseline = "moving_average" if baseline is None else baseline
+    decay = 0.9 if decay is None else decay
     check_choices(kind, options)
     n = len(options)
     host = torch.device("cpu")  # specs hold float64 host values, as hyperparams.scalar does

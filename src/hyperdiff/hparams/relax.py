@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hyperdiff.errors import HyperdiffError, Text, fail
+from hyperdiff.errors import HyperdiffError, Text, fail, is_number
 
 
 def relaxed_weights(logits: Tensor, temperature: float) -> Tensor:
@@ -139,6 +139,10 @@ def _evaluate(choice: Choice, option: Any, args: tuple, kwargs: dict) -> Tensor:
                    option)
     if isinstance(option, Tensor):
         return option
+    if not is_number(option):  # e.g. the default options of string choices: their labels
+        raise fail("choose", f"options for {choice.name!r}", "callables or numbers (the "
+                   "default options are the choices themselves; pass options= for choices "
+                   "that are not numbers)", option)
     return torch.as_tensor(option, dtype=choice.weights.dtype, device=choice.weights.device)
 
 
@@ -177,11 +181,29 @@ def mix(choice: Choice, values: Sequence[Tensor]) -> Tensor:
                    "produce)", [tuple(v.shape) if isinstance(v, Tensor) else v for v in values])
     if choice.index is not None:
         return values[choice.index]
+    values = [_as_value(choice, v) for v in values]
     weights = choice.weights.to(values[0].dtype)
-    total = weights[0] * values[0]
+    total = weights[0] * _unless_unweighted(values[0], weights[0])
     for i in range(1, len(values)):
-        total = total + weights[i] * values[i]
+        total = total + weights[i] * _unless_unweighted(values[i], weights[i])
     return total
+
+
+def _as_value(choice: Choice, value: Any) -> Tensor:
+    """A choice's value as a tensor (a number in the weights' dtype and device)."""
+    if isinstance(value, Tensor):
+        return value
+    if not is_number(value):
+        raise fail("mix", f"the values of {choice.name!r}'s choices", "tensors or numbers",
+                   value)
+    return torch.as_tensor(value, dtype=choice.weights.dtype, device=choice.weights.device)
+
+
+def _unless_unweighted(value: Tensor, weight: Tensor) -> Tensor:
+    """``value`` with its non-finite entries set to 0 where ``weight`` is 0 (a Gumbel sample's
+    other options: their inf would make ``0 * inf`` a NaN in the sampled training); finite
+    values and weighted options as they are (no host synchronisation)."""
+    return torch.where(torch.isfinite(value) | (weight != 0), value, torch.zeros_like(value))
 
 
 __all__ = ["Choice", "choose", "mix", "relaxed_weights"]

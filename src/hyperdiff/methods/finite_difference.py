@@ -199,4 +199,18 @@ def finite_difference(
         capabilities=CAPABILITIES,
         segment_fn=partial(finite_difference_segment, eps=eps, coordinates=coordinates,
                            warn=warn),
+        check_fn=_refuse_gumbel,
     )
+
+
+def _refuse_gumbel(problem: Problem) -> None:
+    """``Method.check``: a Gumbel choice trains one sampled configuration, piecewise constant
+    in its logits, so its central differences are 0 and a tuning loop would never move it."""
+    gumbel = [name for name, spec in problem.hparams.items()
+              if spec.is_discrete and getattr(spec, "mode", None) == "gumbel"]
+    if gumbel:
+        raise HyperdiffError(
+            f"finite_difference: the Gumbel choices {gumbel} train one sampled configuration, "
+            "piecewise constant in their logits, so their differences are 0 and tuning would "
+            "never move them; use method 'reverse' (its straight-through gradient) or "
+            "mode='relax'")

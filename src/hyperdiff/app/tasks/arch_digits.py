@@ -87,7 +87,8 @@ def metrics(params: Params, hparams: HParamView, batch: Batch) -> dict[str, floa
 def make_hparams(mode: str, temperature: float | tuple[float, float] = (1.0, 0.3),
                  baseline: str = "moving_average") -> HyperParameters:
     """The mixed space with every discrete hyperparameter in ``mode``."""
-    options: dict[str, Any] = {"mode": mode, "temperature": temperature, "baseline": baseline}
+    options: dict[str, Any] = {"mode": mode, **({"baseline": baseline} if mode == "reinforce"
+                                                else {"temperature": temperature})}
     return HyperParameters(
         depth=categorical(DEPTHS, kind="integer", **options),
         width=categorical(WIDTHS, kind="integer", **options),
