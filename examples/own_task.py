@@ -84,7 +84,8 @@ def main() -> None:
     tuner = hd.HyperOptimizer(list(task.problems), schedule="cosine",
                               selection=task.selection, stopping=hd.Stopping(max_steps=20))
     result = tuner.run()
-    seeds = (1000, 1001, 1002)  # fresh minibatch orders, as hyperdiff run's report
+    seeds = (1000, 1001, 1002)  # fresh minibatch orders (hyperdiff run's report draws its
+    #                             own: hyperdiff.seeds.report_seeds(3))
     before = task.evaluate(seeds=seeds)["test"]
     after = task.evaluate(result.best_raw, seeds=seeds)["test"]
     decay = result.best_hparams.natural()["weight_decay"]

@@ -82,11 +82,30 @@ class Problem:
         return working_dtype(next(iter(self.params.values())))
 
     def raw_tensors(self, raw: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """Raw values (default: the collection's current ones) on the parameters' device, in
-        :attr:`hparam_dtype`."""
-        values = self.hparams.raw if raw is None else raw
+        """Raw values (default: the collection's current ones; a ``HyperParameters``: its
+        ``raw``) on the parameters' device, in :attr:`hparam_dtype`."""
+        values = self.hparams.raw if raw is None else self._checked_raw(raw)
         return {n: v.detach().to(device=self.device, dtype=self.hparam_dtype)
                 for n, v in values.items()}
+
+    def _checked_raw(self, raw: Any) -> dict[str, Tensor]:
+        """``raw`` as a dict of raw tensors with the problem's names and shapes, else the
+        standard error (a missing key, a list or a spec was a KeyError or AttributeError from
+        inside training)."""
+        if isinstance(raw, HyperParameters):  # e.g. hd.tuned_hparams(...): its raw values
+            raw = raw.raw
+        want = self.hparams.raw
+        ok = isinstance(raw, dict) and set(raw) == set(want) and all(
+            isinstance(raw[n], Tensor) and raw[n].shape == want[n].shape for n in want)
+        if not ok:
+            shapes = {n: tuple(v.shape) for n, v in want.items()}
+            got = ({n: tuple(v.shape) if isinstance(v, Tensor) else describe(v)
+                    for n, v in raw.items()} if isinstance(raw, dict) else describe(raw))
+            raise HyperdiffError(
+                f"hypergradient: raw must be a dict name -> raw tensor of the problem's "
+                f"hyperparameters, shaped {shapes} (got {got}); pass hparams.raw, or a "
+                "HyperParameters such as hd.tuned_hparams(...)")
+        return raw
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Problem:
         """A copy on ``device`` (floating-point tensors cast to ``dtype`` if given): params,

@@ -516,6 +516,11 @@ def task(
     for arg, given in (("prepare", prepare), ("summarize", summarize)):
         if given is not None and not callable(given):
             raise fail(f"task {name}", arg, "a function or None", given)
+    fixed = sorted(k for k in (defaults or {}) if k == "task.name" or k.startswith("task.params"))
+    if fixed:  # the task's name and its factory's arguments are fixed before the defaults
+        raise fail(f"task {name}", "defaults", "config keys other than task.name and "
+                   "task.params.* (a factory's own keyword defaults are its params' defaults)",
+                   fixed)
     return TaskSpec(
         name=name, model=model, train_loss=train_loss, val_loss=val_loss, hparams=hparams,
         optimizer=optimizer, data=data, steps=positive_int(f"task {name}", "steps", steps),
