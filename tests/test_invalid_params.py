@@ -126,8 +126,10 @@ CONSTRUCTORS: dict[str, tuple[Any, dict[str, Any], dict[str, str]]] = {
                      "horizon": "optional number>0", "horizon_unit": "choice",
                      "curvature_scale": "optional number>0", "hot_start": "choice"}),
     "categorical": (hd.categorical, {"choices": ["a", "b"]},
-                    {"mode": "choice", "temperature": "number>0", "baseline": "choice",
-                     "decay": "unit[0,1)"}),
+                    {"mode": "choice", "temperature": "number>0"}),
+    # baseline and decay are REINFORCE's options (refused with another mode since s40)
+    "categorical_reinforce": (hd.categorical, {"choices": ["a", "b"], "mode": "reinforce"},
+                              {"baseline": "choice", "decay": "unit[0,1)"}),
     "schedule": (hd.schedule, {"family": "warmup_cosine", "steps": 10},
                  {"family": "choice", "steps": "int>=1", "drops": "int>=1"}),
     "check": (hd.check, {"problem": PROBLEM, "memory": False},
@@ -151,7 +153,10 @@ VALID_HERE = {("HyperOptimizer", "samples"): ["auto"], ("HyperOptimizer", "shrin
               ("HyperOptimizer", "method"): [], ("implicit", "solver"): [None],
               ("reversible", "fraction_bits"): [],
               ("OnlineTuner", "max_loss_ratio"): [INF],  # inf turns the loss-ratio rules off
-              ("OnlineTuner", "hot_start"): [None]}  # None: the method's default
+              ("OnlineTuner", "hot_start"): [None],  # None: the method's default
+              ("categorical", "temperature"): [None],  # None: the default, 1
+              ("categorical_reinforce", "baseline"): [None],  # None: "moving_average"
+              ("categorical_reinforce", "decay"): [None]}  # None: 0.9
 
 
 def _constructor_cases():
