@@ -118,7 +118,8 @@ def test_the_config_builds_fraction_and_head():
     ({"k": 2, "curvature_scale": 1.0}, r"^truncated: curvature_scale must be None without "
                                        r"head='curvature'"),
     ({"k": 2, "head": "curvature", "curvature_scale": -1.0},
-     r"^truncated: curvature_scale must be a positive finite number \(got -1.0\)$"),
+     r"^truncated: curvature_scale must be None, one of \['auto', 'rows'\], 0 or a number > 0 "
+     r"\(got -1.0\)$"),
 ])
 def test_truncated_refuses_bad_options_naming_the_value(options, message):
     with pytest.raises(hd.HyperdiffError, match=message):
