@@ -52,6 +52,7 @@ class Streamed(BatchSource):
     def __init__(self, name: str, window: int, advice: str = ADVICE):
         self.name, self.window = name, positive_int("data", "window", window)
         self.cache: OrderedDict[tuple[int, int], Batch] = OrderedDict()
+        self.spans: dict[tuple[int, int], list[tuple[torch.device, int, int]]] = {}  # extents
         self.log = ReplayLog(name, advice)  # what a replay error advises
         self.horizon = 0  # the largest number of steps announced through check()
 
@@ -90,7 +91,8 @@ class Streamed(BatchSource):
         self._check_not_overwritten((seed, step), batch)
         self.cache.move_to_end((seed, step))
         while len(self.cache) > self.window:
-            self.cache.popitem(last=False)
+            dropped, _ = self.cache.popitem(last=False)
+            self.spans.pop(dropped, None)
 
     def _check_not_overwritten(self, key: tuple[int, int], batch: Batch) -> None:
         """Refuse a batch written into the memory of a kept batch (a ``collate_fn`` or dataset
@@ -100,7 +102,7 @@ class Streamed(BatchSource):
         of overlapping windows of one tensor, keep their values and pass)."""
         memory = extents(batch)
         for other, kept in self.cache.items():
-            if other == key or not overlap(memory, extents(kept)):
+            if other == key or not overlap(memory, self.spans.get(other, [])):
                 continue
             if fingerprint(kept) != self.log.prints.get(other):
                 raise HyperdiffError(
@@ -109,6 +111,7 @@ class Streamed(BatchSource):
                     "values it overwrote: a collate_fn or dataset that fills one buffer for "
                     "every batch); hyperdiff keeps earlier batches to replay them, so return "
                     "fresh tensors (torch.stack, or .clone() the buffer)")
+        self.spans[key] = memory  # measured once per kept batch, not at every later read
 
 
 def extents(batch: Batch) -> list[tuple[torch.device, int, int]]:
