@@ -121,8 +121,8 @@ ADAM_VALID = {"lr": NONNEGATIVE, "beta1": UNIT_OPEN_HIGH, "beta2": UNIT_OPEN_HIG
 def plain_numbers(coefs: dict[str, Coefficient]) -> dict[str, Coefficient]:
     """``coefs`` with NumPy (and other non-builtin) real scalars as Python floats, as
     ``torch.optim`` takes them (``np.float32(0.1)`` is neither an int nor a float)."""
-    return {name: float(c) if isinstance(c, numbers.Real) and not isinstance(
-        c, (bool, int, float)) and type(c).__name__ != "bool_" else c for name, c in coefs.items()}
+    return {name: float(c) if isinstance(c, numbers.Real)  # NumPy's bool_ is not one
+            and not isinstance(c, (bool, int, float)) else c for name, c in coefs.items()}
 
 
 def _check_coefficient(caller: str, name: str, coef: Coefficient, valid: Range) -> None:
