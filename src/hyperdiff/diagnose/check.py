@@ -15,17 +15,27 @@ training as reverse and forward, so the implicit rows also measure the bias of s
 T. For a float32 (or lower) problem they run on a float64 copy
 (:func:`hyperdiff.engine.precision.in_float64`): in float32 their own rounding noise (``eps |L| /
 h``, often tens of percent of the hypergradient) would be the error measured. When the copy fails (a
-model that keeps float32 constants), they run in the problem's dtype.
+model that keeps float32 constants, or a loss that casts to lower precision, e.g. ``.float()``,
+so that the copy would not compute in float64), they run in the problem's dtype and the report
+says why.
 
 **The verdict.** The reference is taken at three steps and its error estimated from their
 spread (:mod:`hyperdiff.diagnose.reference`); each method's entries are classified as agreeing
 within that error, disagreeing by more, or unresolved where the reference itself is
 unreliable (its steps disagree by more than the tolerance: a loss that is not smooth at that
-scale, such as ReLU kinks or BatchNorm batch statistics). A method of a lower-precision
-problem that disagrees with the float64 reference is run again on the float64 copy: where it
-agrees there, its row reads ``"rounding"`` (the problem's own rounding, amplified by its
-training, is the gap, not the method). :attr:`CheckReport.verdict` states it in one line; the
-recommendation uses only the reliable entries.
+scale, such as ReLU kinks or BatchNorm batch statistics; the tolerance there is
+:func:`_tolerance` of the problem's dtype). A method agrees within the tolerance of the
+reference actually used (:func:`_agreement_tolerance`) plus the reference's error: 1e-6 for a
+float64 problem, ``100 eps`` of the problem's dtype (1.2e-5 in float32, at most 1%) for the
+float64 reference of a lower-precision problem (the method's own rounding), and the finite
+differences' accuracy in that dtype (:func:`_tolerance`) where the reference itself had to run
+in it. A method of a lower-precision problem that disagrees with the float64 reference is run
+again on the float64 copy: where it agrees there, its row reads ``"rounding"`` (the problem's
+own rounding, amplified by its training, is the gap, not the method) and the recommendation
+counts its error there. A partial method (``finite_difference(coordinates=[...])``) is judged
+on the coordinates it computed only (the others read ``"not computed"``) and never
+recommended. :attr:`CheckReport.verdict` states it in one line; the recommendation uses only
+the reliable entries.
 
 **Peak memory** counts torch's own allocations: on CUDA ``torch.cuda.max_memory_allocated``;
 on the CPU each method runs once under ``torch.profiler`` with ``profile_memory=True``, whose
@@ -47,14 +57,14 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from hyperdiff.diagnose.advice import Advice, optimizer_kind, recommend
+from hyperdiff.diagnose.advice import CANDIDATES, Advice, base_name, recommend
 from hyperdiff.diagnose.reference import (
     DISAGREES,
     UNRELIABLE,
@@ -63,7 +73,7 @@ from hyperdiff.diagnose.reference import (
     multi_step_reference,
 )
 from hyperdiff.diagnose.reference import reliable as reliable_entries
-from hyperdiff.engine.precision import in_float64
+from hyperdiff.engine.precision import LowerPrecisionError, in_float64
 from hyperdiff.engine.problem import Problem
 from hyperdiff.engine.solvers import ConvergenceWarning, cg, exact
 from hyperdiff.errors import (
@@ -89,6 +99,9 @@ REFERENCE = "finite_difference"
 """The reference row's label, reserved: a finite-difference method passed in ``methods`` is
 labelled by its ``repr`` and judged like any other."""
 
+NOT_COMPUTED = "not computed"
+"""A partial method's entry for a coordinate it did not compute (not judged)."""
+
 FIRST_ORDER = ("fomaml", "reptile")
 """Methods that drop the Jacobian of training by design: their rows report the error as their
 bias ("approximation"), never as a disagreement, and they are not recommended."""
@@ -98,7 +111,8 @@ bias ("approximation"), never as a disagreement, and they are not recommended.""
 class CheckRow:
     """One method's line: relative error vs finite differences, time, peak memory, notes, and
     per reference entry ``"ok"``, ``"unreliable"`` or ``"disagrees"``
-    (:func:`hyperdiff.diagnose.reference.classify`)."""
+    (:func:`hyperdiff.diagnose.reference.classify`), or ``"not computed"`` where a partial
+    method did not compute it."""
 
     label: str
     rel_error: float
@@ -116,10 +130,13 @@ class CheckRow:
         ``"rounding"`` (it disagrees, but the same method on the problem's float64 copy
         agrees: the gap is the problem's own rounding, not the method), ``"ref. unreliable"``
         (none disagrees, some the reference cannot tell), ``"approximation"`` (a first-order
-        meta-gradient, :data:`FIRST_ORDER`: its error is its bias by design) or
+        meta-gradient, :data:`FIRST_ORDER`: its error is its bias by design), ``"not
+        computed"`` (a partial method that computed none of the compared entries) or
         ``"failed"``."""
         if self.failed:
             return "failed"
+        if self.entries and all(e == NOT_COMPUTED for e in self.entries):
+            return NOT_COMPUTED
         if self.approximation:
             return "approximation"
         if DISAGREES in self.entries:
@@ -216,7 +233,8 @@ class CheckReport:
             error = (
                 "reference"
                 if is_reference
-                else ("failed" if r.failed else f"{r.rel_error:.2e}")
+                else ("failed" if r.failed else "-" if math.isnan(r.rel_error)
+                      else f"{r.rel_error:.2e}")
             )
             verdict = "-" if is_reference else r.verdict
             peak = "-" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.3g}"
@@ -330,6 +348,26 @@ def _run(method: Method, problem: Problem, memory: bool):
     return result, seconds, peak, "; ".join(notes), False
 
 
+def _computed(result: HyperGradient, coords: list[int]) -> list[bool]:
+    """Per compared coordinate: did the method compute it? A partial method lists those it
+    did in ``diagnostics["coordinates"]`` (``finite_difference(coordinates=...)``)."""
+    listed = result.diagnostics.get("coordinates")
+    if not isinstance(listed, (list, tuple)):
+        return [True] * len(coords)
+    done = set(listed)
+    return [c in done for c in coords]
+
+
+def _entries(values: Tensor, ref: Tensor, error: Tensor, tolerance: tuple[float, float],
+             computed: list[bool]) -> tuple[str, ...]:
+    """:func:`~hyperdiff.diagnose.reference.classify` on the computed entries (against the
+    whole reference's norm, as for a complete method), :data:`NOT_COMPUTED` on the others;
+    ``tolerance`` is (agreement, the reference's reliability)."""
+    done = torch.tensor(computed, dtype=torch.bool, device=ref.device)
+    labels = classify(torch.where(done, values, ref), ref, error, *tolerance)
+    return tuple(label if ok else NOT_COMPUTED for label, ok in zip(labels, computed, strict=True))
+
+
 def _warm_up(method: Method, problem: Problem) -> None:
     """One inner step, silently: lazy initialisation of torch.func and the allocator."""
     with warnings.catch_warnings():
@@ -372,7 +410,7 @@ def _label(method: Method, taken: dict[str, Method]) -> str:
 def check(
     problem: Problem,
     *,
-    methods: Sequence[Method] | None = None,
+    methods: Sequence[Method] | Method | None = None,
     coordinates: int = 3,
     seed: int = 0,
     memory: bool = True,
@@ -383,7 +421,8 @@ def check(
 
     Args:
         problem: a :class:`~hyperdiff.Problem` (``hd.make_problem(...)``).
-        methods: methods to add to the default set (reverse, forward, implicit CG/exact).
+        methods: methods to add to the default set (reverse, forward, implicit CG/exact):
+            one method or a sequence of them.
         coordinates: number of random flat hyperparameter coordinates for finite
             differences (all of them if the problem has fewer).
         seed: picks the coordinates.
@@ -408,11 +447,7 @@ def check(
     if memory_bytes is not None:
         memory_bytes = positive_float("check", "memory_bytes", memory_bytes)
     chosen = default_methods(problem)
-    for method in methods or ():
-        if not isinstance(method, Method):
-            raise HyperdiffError(
-                f"check: methods must be hyperdiff methods (got {type(method).__name__})"
-            )
+    for method in _given(methods):
         chosen[_label(method, chosen)] = method
     k = problem.hparams.numel
     generator = torch.Generator().manual_seed(seed)
@@ -429,9 +464,11 @@ def check(
     bar.update(1)
     fd_seconds = time.perf_counter() - started
     ref = reference.value
-    scale = float(ref.norm())
-    tolerance = _tolerance(problem.dtype)
-    trusted = reliable_entries(ref, reference.error, tolerance)
+    # the method is held to its own rounding, the reference trusted to its dtype's accuracy
+    tolerance = _agreement_tolerance(problem, reference_dtype)
+    reliability = _tolerance(problem.dtype)
+    trusted = reliable_entries(ref, reference.error, reliability)
+    candidates = {c.name for c in CANDIDATES}
 
     rows, results, measured = [], {REFERENCE: reference.result}, {}
     converged = None
@@ -444,10 +481,19 @@ def check(
         if result is not None:
             results[label] = result
             values = result.vector[coords].detach().to(torch.float64)
-            diff = float((values - ref).norm())
-            error = diff / scale if scale > 0 else diff
-            entries = tuple(classify(values, ref, reference.error, tolerance))
-            if any(trusted) and method.name not in FIRST_ORDER:  # reported, not recommended
+            computed = _computed(result, coords)
+            if any(computed):
+                error = _relative(values, ref, computed)
+            if not all(computed):  # a partial method: judged where it computed
+                names = problem.hparams.coordinate_names()
+                missing = ", ".join(names[c] for c, done in zip(coords, computed, strict=True)
+                                    if not done)
+                notes = "; ".join(filter(None, (notes, f"not computed: {missing}")))
+            entries = _entries(values, ref, reference.error, (tolerance, reliability), computed)
+            # first-order methods are reported, not recommended; partial ones and methods that
+            # name no candidate of the advice neither
+            if (any(trusted) and method.name not in FIRST_ORDER and all(computed)
+                    and base_name(label) in candidates):
                 measured[label] = {"rel_error": _relative(values, ref, trusted),
                                    "time_s": seconds, "peak_bytes": peak}
             if label.startswith("implicit"):
@@ -455,8 +501,12 @@ def check(
                 converged = stationary if converged is None else converged and stationary
         rows.append(CheckRow(label, error, seconds, peak, notes, failed, entries,
                              approximation=method.name in FIRST_ORDER))
-    rows, float64_check = _rounding_rows(rows, chosen, problem, reference_dtype, coords, ref,
-                                         reference.error, tolerance)
+    rows, float64_check, copy_errors = _rounding_rows(rows, chosen, problem, reference_dtype,
+                                                      coords, ref, reference.error,
+                                                      (tolerance, reliability))
+    for label, copy_error in copy_errors.items():  # accurate methods, off by the dtype alone
+        if label in measured and any(trusted):
+            measured[label]["rel_error"] = _relative(copy_error, ref, trusted)
     bar.set_description_str("check done")  # the bar stays on screen as the phase's summary
     bar.set_postfix_str(f"{len(chosen)} methods against finite differences", refresh=False)
     bar.close()
@@ -474,12 +524,17 @@ def check(
         converged=converged,
         measured=measured,
         bytes_per_value=torch.finfo(problem.dtype).bits // 8,
-        optimizer=optimizer_kind(problem.optimizer),
+        optimizer=problem.optimizer,
         unavailable=_unavailable(problem, chosen, converged),
         # agreement within the tolerance plus the reference's own error on its reliable entries
         tolerance=tolerance + (_relative(ref + reference.error, ref, trusted)
                                if any(trusted) else 0.0),
     )
+    on_copy = [label for label in copy_errors if label in measured]
+    if on_copy and "measured" in advice.reason:
+        advice = replace(advice, reason=f"{advice.reason}; errors of {', '.join(on_copy)} "
+                         "measured on the float64 copy (see the verdict: in "
+                         f"{_dtype_name(problem)} the problem's own rounding adds more)")
     names = problem.hparams.coordinate_names()
     return CheckReport(
         rows,
@@ -504,33 +559,60 @@ def check(
 
 def _rounding_rows(rows: list[CheckRow], chosen: dict[str, Method], problem: Problem,
                    reference_dtype: str, coords: list[int], ref: Tensor, error: Tensor,
-                   tolerance: float) -> tuple[list[CheckRow], str]:
+                   tolerance: tuple[float, float]
+                   ) -> tuple[list[CheckRow], str, dict[str, Tensor]]:
     """Where exact methods disagree with a float64 reference of a lower-precision problem, run
     each of them on the float64 copy: one that agrees there disagrees by the problem's own
     rounding (``"rounding"``), not by the method; one that disagrees there too stays blamed.
-    Returns the rows and what the reruns found (``""``: none agreed)."""
+    The reruns' warnings are kept out of the output (as :func:`_run` does; the row's notes
+    already hold the problem's own). Returns the rows, what the reruns found (``""``: none
+    agreed) and, for the methods that agree there, their values on the copy."""
     if problem.dtype == torch.float64 or reference_dtype != "float64":
-        return rows, ""
-    scale = float(ref.norm()) or 1.0
+        return rows, "", {}
     found, out, copy = [], [], None
+    agreeing: dict[str, Tensor] = {}
     for row in rows:
         if row.verdict != "disagrees":
             out.append(row)
             continue
         try:
             copy = in_float64(problem) if copy is None else copy
-            values = chosen[row.label](copy).vector[coords].detach().to(torch.float64)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                result = chosen[row.label](copy)
+            for w in caught:
+                if not issubclass(w.category, (ConvergenceWarning, CostWarning)):
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            values = result.vector[coords].detach().to(torch.float64)
         except (HyperdiffError, FloatingPointError, RuntimeError, TypeError) as err:
             _LOG.info("check: %s on a float64 copy failed (%s)", row.label,
                       str(err).splitlines()[0][:120])
             out.append(row)
             continue
-        agrees = DISAGREES not in classify(values, ref, error, tolerance)
+        computed = _computed(result, coords)
+        agrees = DISAGREES not in _entries(values, ref, error, tolerance, computed)
         out.append(replace(row, rounding=agrees))
         if agrees:
-            found.append(f"{row.label} {float((values - ref).norm()) / scale:.2g}")
+            agreeing[row.label] = values
+            found.append(f"{row.label} {_relative(values, ref, computed):.2g}")
     return out, ("" if not found else "on the float64 copy the same methods agree with it "
-                 f"(rel. error {', '.join(found)})")
+                 f"(rel. error {', '.join(found)})"), agreeing
+
+
+def _given(methods: Any) -> list[Method]:
+    """``check``'s ``methods``: one method or a sequence of them, else the standard error."""
+    if methods is None:
+        return []
+    if isinstance(methods, Method):
+        return [methods]
+    listed: list[Any] = [methods] if isinstance(methods, (str, bytes)) or not isinstance(
+        methods, Iterable) else list(methods)
+    for method in listed:
+        if not isinstance(method, Method):
+            raise HyperdiffError(
+                "check: methods must be a hyperdiff method or a sequence of them, e.g. "
+                f"[hd.truncated(10)] (got {describe(method)}, a {type(method).__name__})")
+    return listed
 
 
 def _unavailable(problem: Problem, chosen: dict[str, Method], converged: bool | None
@@ -561,14 +643,34 @@ def _reference(problem: Problem, coords: list[int]) -> tuple[Reference, str, str
     """
     if problem.dtype == torch.float64:
         return multi_step_reference(problem, coords), "float64", "the problem"
+    why = "the float64 copy failed"
     try:
         reference = multi_step_reference(in_float64(problem), coords)
         return reference, "float64", "a float64 copy of the problem"
+    except LowerPrecisionError as err:  # the copy would not compute in float64: say so
+        why = str(err)
+        _LOG.info("check: %s; using %s", why, problem.dtype)
     except (HyperdiffError, FloatingPointError, RuntimeError, TypeError) as err:
         _LOG.info("check: finite differences on a float64 copy failed (%s); using %s",
                   str(err).splitlines()[0][:120], problem.dtype)
-    dtype = str(problem.dtype).removeprefix("torch.")
-    return multi_step_reference(problem, coords), dtype, "the problem (the float64 copy failed)"
+    return multi_step_reference(problem, coords), _dtype_name(problem), f"the problem ({why})"
+
+
+def _dtype_name(problem: Problem) -> str:
+    """``"float32"`` for a float32 problem."""
+    return str(problem.dtype).removeprefix("torch.")
+
+
+def _agreement_tolerance(problem: Problem, reference_dtype: str) -> float:
+    """Error accepted as agreement with the reference actually used: with a float64 reference
+    of a lower-precision problem, the compared method's own rounding in the problem's dtype,
+    ``100 eps`` (1.2e-5 in float32; at most 1%, as :func:`_tolerance`): a larger gap that the
+    float64 rerun closes reads "rounding" (:func:`_rounding_rows`), one it does not is the
+    method's. A reference in the problem's own dtype (float64, or the copy failed):
+    :func:`_tolerance` of that dtype."""
+    if problem.dtype == torch.float64 or reference_dtype != "float64":
+        return _tolerance(problem.dtype)
+    return min(0.01, max(1e-6, 100 * torch.finfo(problem.dtype).eps))
 
 
 def _tolerance(dtype: torch.dtype) -> float:

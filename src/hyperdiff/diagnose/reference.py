@@ -14,9 +14,11 @@ BatchNorm batch statistic whose pattern changes between the evaluations, randomn
 not replayed), the quotients disagree and ``e_i`` is large.
 
 Each entry ``m_i`` of a method is classified against the reference ``r`` (``C`` coordinates)
-with the tolerance ``tau = tolerance ||r||``:
+with the tolerance ``tau = tolerance ||r||`` and the reference's own threshold ``rho =
+reliable_within ||r||`` (``rho = tau`` unless given: a float64 reference of a float32 problem
+is trusted to the float32 differences' accuracy while the method is held to its own rounding):
 
-    e_i > tau                  ->  "unreliable"   (the reference cannot tell; not the method)
+    e_i > rho                  ->  "unreliable"   (the reference cannot tell; not the method)
     |m_i - r_i| <= tau + e_i   ->  "ok"           (agrees within the reference's error)
     otherwise                  ->  "disagrees"    (off by more than the reference's error)
 """
@@ -98,18 +100,21 @@ def multi_step_reference(problem: Problem, coordinates: list[int]) -> Reference:
     return Reference(result, steps, quotients, spread(quotients, middle))
 
 
-def classify(method: Tensor, reference: Tensor, error: Tensor, tolerance: float) -> list[str]:
+def classify(method: Tensor, reference: Tensor, error: Tensor, tolerance: float,
+             reliable_within: float | None = None) -> list[str]:
     """Each entry of ``method`` (``(C,)``) against ``reference`` with its ``error``: ``"ok"``,
-    ``"unreliable"`` or ``"disagrees"`` (see the module doc).
+    ``"unreliable"`` or ``"disagrees"`` (see the module doc; ``reliable_within`` defaults to
+    ``tolerance``).
 
     >>> classify(torch.tensor([1.0, 5.0, 2.0]), torch.tensor([1.0, 2.0, 2.0]),
     ...          torch.tensor([0.0, 0.0, 2.0]), 1e-6)
     ['ok', 'disagrees', 'unreliable']
     """
     allowed = _allowed(reference, tolerance)
+    trusted = allowed if reliable_within is None else _allowed(reference, reliable_within)
     labels = []
     for m, r, e in zip(method.tolist(), reference.tolist(), error.tolist(), strict=True):
-        if e > allowed:
+        if e > trusted:
             labels.append(UNRELIABLE)
         else:
             labels.append(OK if abs(m - r) <= allowed + e else DISAGREES)

@@ -27,6 +27,7 @@ Training batches are ``(x, y, index)`` so that per-example weights follow miniba
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -65,6 +66,11 @@ def load_dataset(
     Features are standardised with the training mean and std (constant features become 0);
     ``diabetes`` targets are centred (ridge has no intercept); ``breast_cancer`` labels are
     0./1.; ``digits`` labels are class indices 0..9.
+
+    Raises:
+        HyperdiffError: an unknown ``name``, ``val_fraction`` not in (0, 1) or leaving fewer
+            than 2 training rows (the standardisation needs them), ``dtype`` not a floating
+            torch dtype.
     """
     from sklearn import datasets
 
@@ -79,11 +85,19 @@ def load_dataset(
         raise HyperdiffError(
             f"load_dataset: val_fraction must be in (0, 1) (got {describe(val_fraction)})"
         )
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise HyperdiffError(f"load_dataset: dtype must be a floating-point torch dtype, e.g. "
+                             f"torch.float64 (got {describe(dtype)})")
     raw = loaders[name]()
     x = torch.as_tensor(raw.data, dtype=torch.float64, device="cpu")
     y = torch.as_tensor(raw.target, device="cpu")
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed), device="cpu")
     n_val = max(1, round(val_fraction * len(y)))
+    if len(y) - n_val < 2:
+        raise HyperdiffError(
+            f"load_dataset: val_fraction must leave at least 2 training rows (got "
+            f"{describe(val_fraction)}: {n_val} validation and {len(y) - n_val} training rows of "
+            f"{name}'s {len(y)})")
     train, val = perm[n_val:], perm[:n_val]
     mean, std = x[train].mean(0), x[train].std(0)
     std = torch.where(std > 0, std, torch.ones_like(std))
@@ -273,6 +287,11 @@ def _build(
             f"{caller}: x_train and x_val must be 2-D with the same number of columns "
             f"(got shapes {tuple(x.shape)} and {tuple(x_val.shape)})"
         )
+    if y.dim() != 1 or y_val.dim() != 1:
+        raise HyperdiffError(
+            f"{caller}: y_train and y_val must be 1-D, one target per row (got shapes "
+            f"{tuple(y.shape)} and {tuple(y_val.shape)}; a column (n, 1) would broadcast "
+            "against the predictions: pass y.squeeze(1))")
     if y.shape[0] != x.shape[0] or y_val.shape[0] != x_val.shape[0]:
         raise HyperdiffError(f"{caller}: y must have one entry per row of x (got {len(y)})")
     n, d = x.shape
@@ -316,7 +335,7 @@ def ridge(
         regularization: ``"scalar"``, ``"per_feature"`` or ``"per_sample"``.
         l2: initial penalty (scalar / per feature); ``fixed_l2``: the penalty for per-sample.
     """
-    return _build("ridge", Dataset(*data), regularization, l2, fixed_l2, 0.0, 1)
+    return _build("ridge", _dataset("ridge", data), regularization, l2, fixed_l2, 0.0, 1)
 
 
 def logistic(
@@ -329,16 +348,28 @@ def logistic(
 ) -> LinearProblem:
     """L2-regularised logistic regression: binary for float 0/1 labels, multinomial (softmax)
     for long class labels ``0..c-1``; see the module doc for the losses."""
-    y = tensor_of(Dataset(*data).y_train)
+    data = _dataset("logistic", data)
+    y = tensor_of(data.y_train)
     intercept_l2 = _nonnegative("logistic", "intercept_l2", intercept_l2)
     if y.is_floating_point():
         if not bool(((y == 0) | (y == 1)).all()):
             raise HyperdiffError("logistic: float labels must be 0 or 1 (got other values)")
-        return _build("logistic", Dataset(*data), regularization, l2, fixed_l2, intercept_l2, 1)
+        return _build("logistic", data, regularization, l2, fixed_l2, intercept_l2, 1)
     classes = positive_int("logistic", "number of classes", int(y.max()) + 1)
     return _build(
-        "multinomial", Dataset(*data), regularization, l2, fixed_l2, intercept_l2, classes
+        "multinomial", data, regularization, l2, fixed_l2, intercept_l2, classes
     )
+
+
+def _dataset(caller: str, data: Any) -> Dataset:
+    """``data`` as a :class:`Dataset`: four arrays ``(x_train, y_train, x_val, y_val)``."""
+    items = None if isinstance(data, (str, bytes, torch.Tensor)) or not isinstance(
+        data, Iterable) else tuple(data)
+    if items is None or len(items) != 4:
+        got = describe(data) if items is None else f"{len(items)} items"
+        raise HyperdiffError(f"{caller}: data must be (x_train, y_train, x_val, y_val), e.g. "
+                             f"load_dataset('diabetes') (got {got})")
+    return Dataset(*items)
 
 
 def _nonnegative(caller: str, name: str, value: float) -> float:
