@@ -24,6 +24,7 @@ Usage, after tuning::
 from __future__ import annotations
 
 import difflib
+import inspect
 import json
 import sys
 from collections.abc import Mapping
@@ -34,9 +35,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from hyperdiff.app.tasks import Task, TaskSpec
+from hyperdiff.app.tasks import Task, TaskSpec, factory_reference, loader
 from hyperdiff.engine.optimizers import Optimizer, resolve
-from hyperdiff.errors import HyperdiffError, describe, positive_int
+from hyperdiff.errors import HyperdiffError, describe, is_number, positive_int
 from hyperdiff.hparams.hyperparams import HyperParameters
 from hyperdiff.hparams.initialization import initial_values, initialization_name
 from hyperdiff.hparams.schedules import Schedule, resample
@@ -89,6 +90,15 @@ def _named_parameters(module_or_params: Any, caller: str) -> dict[str, Tensor]:
             raise HyperdiffError(f"{caller}: parameter {name!r} must be a leaf tensor "
                                  f"(got {describe(p)})")
     trainable = {name: p for name, p in named.items() if p.requires_grad}
+    first: dict[int, str] = {}
+    for name, p in trainable.items():
+        if id(p) in first:
+            raise HyperdiffError(
+                f"{caller}: module_or_params must name each tensor once (got {first[id(p)]!r} "
+                f"and {name!r} for one tensor: tied weights, which torch.optim would update "
+                "twice per step); pass dict(module.named_parameters()), which names a shared "
+                "tensor once, as hd.functional does")
+        first[id(p)] = name
     if not trainable:
         raise HyperdiffError(
             f"{caller}: module_or_params must have a parameter that requires grad (got "
@@ -157,7 +167,8 @@ def _coefficient_tables(optimizer: Optimizer, hparams: HyperParameters, names: l
             if spec.kind == "per_step":
                 values = resample(view[coef].detach(), steps).tolist()
                 for name in names:
-                    tables[name][coef_name] = tuple(values)
+                    tables[name][coef_name] = _checked(optimizer, coef_name, coef, name,
+                                                       tuple(values))
                 continue
         if isinstance(coef, Schedule) and (missing := sorted(set(coef.names.values())
                                                               - set(hparams))):
@@ -169,10 +180,48 @@ def _coefficient_tables(optimizer: Optimizer, hparams: HyperParameters, names: l
             coef = coef.with_steps(steps)  # the same curve in normalised time over T steps
         varying = range(steps) if callable(coef) else range(1)
         for name in names:
-            tables[name][coef_name] = tuple(
-                float(resolve(coef, view, step, name)) for step in varying
-            )
+            tables[name][coef_name] = _checked(optimizer, coef_name, coef, name, tuple(
+                _number(coef_name, resolve(coef, view, step, name), step, name)
+                for step in varying))
     return tables
+
+
+def _number(coef_name: str, value: Any, step: int, name: str) -> float:
+    """A coefficient's value at ``step`` for tensor ``name`` as the one number a param group
+    holds (a callable may return anything: a tensor shaped like the parameter, None)."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
+        return float(value)
+    if is_number(value):
+        return float(value)
+    raise HyperdiffError(
+        f"torch_optimizer: coefficient {coef_name} must give one real number per step and "
+        f"tensor, as a torch.optim param group holds one (got {describe(value)} at step {step} "
+        f"for tensor {name!r}); a per_element or per_feature value cannot be a param group")
+
+
+def _checked(optimizer: Optimizer, coef_name: str, coef: Any, name: str,
+             values: tuple[float, ...]) -> tuple[float, ...]:
+    """``values`` of a coefficient at steps 0, 1, ... for tensor ``name``, refused where one
+    is not valid for the optimizer (``optimizer.valid``, as ``make_problem`` checks them):
+    torch.optim validates only the values it is constructed with, so a negative learning
+    rate at a later step would ascend and a beta2 above 1 give NaN without a word."""
+    valid = optimizer.valid.get(coef_name)
+    if valid is None:
+        return values
+    bad = [t for t, v in enumerate(values) if not valid.contains(v)]
+    if bad:
+        label, remedy = (
+            (f"{coef_name}={coef!r}", f"constrain hyperparameter {coef!r} to them (a "
+             "positive or a (low, high) constraint)") if isinstance(coef, str) else
+            (coef_name, "give the schedule's parameters values that keep it inside them")
+            if isinstance(coef, Schedule) else
+            (coef_name, "make the function return values inside them"))
+        more = f", and {len(bad) - 1} more steps" if len(bad) > 1 else ""
+        raise HyperdiffError(
+            f"torch_optimizer: coefficient {label} of {optimizer.name} must be {valid.text()} "
+            f"at every step (got {values[bad[0]]!r} at step {bad[0]} for tensor {name!r}"
+            f"{more}), as hyperdiff's training requires; {remedy}")
+    return values
 
 
 def _group_values(optimizer_name: str, table: Table, step: int) -> dict[str, Any]:
@@ -240,7 +289,10 @@ def torch_optimizer(
     Raises:
         HyperdiffError: a callable coefficient that declares no length (or schedules of
             different lengths) without ``steps``; ``per_element`` / ``per_feature``
-            coefficients; no parameter that requires grad.
+            coefficients, or a callable giving anything but one number per step and tensor;
+            a value the optimizer refuses at some step (``optimizer.valid``); an SGD momentum
+            that is 0 at some steps only, or at all with dampening or Nesterov; no parameter
+            that requires grad, or one tensor under two names.
     """
     if not isinstance(optimizer, Optimizer):
         raise HyperdiffError("torch_optimizer: optimizer must be made by hd.sgd, hd.adam or "
@@ -260,7 +312,7 @@ def torch_optimizer(
     ]
     torch_opt: torch.optim.Optimizer
     if optimizer.name == "sgd":
-        _check_momentum_zeros(group_tables)
+        _check_momentum_zeros(optimizer, group_tables, list(groups.values()))
         settings = optimizer.settings
         torch_opt = torch.optim.SGD(param_groups, lr=param_groups[0]["lr"],
                                     momentum=param_groups[0]["momentum"],
@@ -287,11 +339,19 @@ def _refuse_low_precision(named: Mapping[str, Tensor]) -> None:
             "module in float32 (module.float()), as a master copy of the weights")
 
 
-def _check_momentum_zeros(tables: list[Table]) -> None:
-    """Refuse a momentum that is 0 at some steps and not at others: ``torch.optim.SGD`` skips
-    its momentum buffer at a step whose momentum is 0 (it neither starts nor updates it), where
-    hyperdiff's SGD, like an unrolled heavy-ball, keeps it, so the two would train apart."""
-    for table in tables:
+def _check_momentum_zeros(optimizer: Optimizer, tables: list[Table],
+                          members: list[list[str]]) -> None:
+    """Refuse a momentum (a hyperparameter or a callable) that is 0 at some steps and not at
+    others, or 0 at every step with ``dampening`` or ``nesterov``: ``torch.optim.SGD`` skips
+    its momentum buffer at a step whose momentum is 0 (it neither starts nor updates it, and
+    refuses Nesterov without momentum), where hyperdiff's SGD, like an unrolled heavy-ball,
+    keeps it (scaling every step after the first by ``1 - dampening``), so the two would train
+    apart. A constant momentum 0 has no buffer in hyperdiff either."""
+    if isinstance(optimizer.coefficients.get("momentum"), (int, float)):
+        return
+    dampening = float(optimizer.settings.get("dampening", 0.0))
+    nesterov = bool(optimizer.settings.get("nesterov", False))
+    for table, tensors in zip(tables, members, strict=True):
         values = table.get("momentum", ())
         zero = [t for t, value in enumerate(values) if value == 0]
         if zero and len(zero) < len(values):
@@ -300,6 +360,16 @@ def _check_momentum_zeros(tables: list[Table]) -> None:
                 f"(got 0 at steps {zero[:5]}{' ...' if len(zero) > 5 else ''} of {len(values)}): "
                 "torch.optim.SGD skips its momentum buffer where the momentum is 0, so it would "
                 "train apart from hyperdiff; start the schedule above 0")
+        if zero and (dampening != 0 or nesterov):
+            option = f"dampening={dampening}" if dampening != 0 else "nesterov=True"
+            why = ("hyperdiff keeps the momentum buffer and scales every step after the first "
+                   "by 1 - dampening, where torch.optim.SGD skips momentum where it is 0"
+                   if dampening != 0 else "torch.optim.SGD refuses Nesterov momentum without "
+                   "momentum")
+            raise HyperdiffError(
+                f"torch_optimizer: the SGD momentum must be nonzero for every tensor with "
+                f"{option} (got 0 at every step for tensors {tensors[:4]}): {why}; keep the "
+                "momentum above 0 (a (low, high) constraint with low > 0)")
 
 
 def load_into(module: nn.Module,
@@ -416,8 +486,10 @@ def _check_task(task: Any, task_name: str | None, source: Mapping[str, Any], whe
             f"of task {recorded!r}); pass that run's directory, or the task it tuned"
         )
     if isinstance(task, Task) and "params" in task.info:
-        ours, theirs = dict(task.info["params"]), dict(source.get("task_params") or {})
-        if ours != theirs:
+        ours, theirs = dict(task.info["params"]), _recorded_params(source, run_dir)
+        defaults = ({} if theirs is None or ours == theirs
+                    else _factory_defaults(_task_reference(task.name, run_dir)))
+        if theirs is not None and {**defaults, **ours} != {**defaults, **theirs}:
             raise HyperdiffError(
                 f"tuned_hparams: source must be a run of task {task_name!r} with the task's "
                 f"params {ours} (got {where}, a run with the params {theirs}); build the task "
@@ -425,10 +497,48 @@ def _check_task(task: Any, task_name: str | None, source: Mapping[str, Any], whe
     _check_data_seed(task, run_dir, where)
 
 
+def _recorded_params(source: Mapping[str, Any], run_dir: Path | None) -> dict[str, Any] | None:
+    """The task params of a run: ``result.json``'s ``task_params`` (left out when empty). A
+    diverged run's result records none: its ``config.toml``'s ``[task] params``, and ``None``
+    (not checked) for a diverged result given as a dict."""
+    if source.get("status") != "diverged" or "task_params" in source:
+        return dict(source.get("task_params") or {})
+    if run_dir is None:
+        return None
+    section = _recorded_config(run_dir).get("task")
+    params = section.get("params") if isinstance(section, dict) else None
+    return dict(params) if isinstance(params, dict) else {}
+
+
+def _task_reference(task_name: str, run_dir: Path | None) -> str:
+    """What names the run's task factory: its ``config.toml``'s ``task.name`` (``file.py:build``
+    for a user task, whose ``hd.task`` name the result records), else ``task_name``."""
+    section = _recorded_config(run_dir).get("task") if run_dir is not None else None
+    name = section.get("name") if isinstance(section, dict) else None
+    return name if isinstance(name, str) else task_name
+
+
+def _factory_defaults(reference: str) -> dict[str, Any]:
+    """The defaults of the params that the task factory ``reference`` (a built-in name,
+    ``file.py:build``) takes; ``{}`` for a task that is no factory, or one that cannot be
+    imported here. A task built with a default written out (``params={"hidden": 32}``) then
+    matches a run that left it out."""
+    try:
+        factory = loader.resolve_factory(factory_reference(reference))
+        signature = {} if isinstance(factory, TaskSpec) else inspect.signature(factory).parameters
+    except (HyperdiffError, TypeError, ValueError):
+        return {}
+    return {name: p.default for name, p in signature.items()
+            if name not in loader.RESERVED and p.default is not p.empty
+            and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
 def _check_data_seed(task: Any, run_dir: Path | None, where: str) -> None:
     """Refuse a run whose ``config.toml`` records another ``task.data_seed`` than the task's
-    (``task.info["data_seed"]``): its tuned per-example weights index other examples. Either
-    one not recorded (a result given as a dict, a task built without it): not checked."""
+    (``task.info["data_seed"]``): its tuned per-example weights index other examples. Not
+    checked where one is not recorded (a result given as a dict, a comparison, a task built
+    without it, a config without the key); a run directory without a readable
+    ``config.toml`` (every run writes it when it starts) is refused."""
     ours = task.info.get("data_seed") if isinstance(task, Task) else None
     theirs = None if ours is None or run_dir is None else _recorded_data_seed(run_dir)
     if theirs is not None and theirs != ours:
@@ -440,14 +550,27 @@ def _check_data_seed(task: Any, run_dir: Path | None, where: str) -> None:
             f"task.data_seed={theirs})")
 
 
-def _recorded_data_seed(run_dir: Path) -> int | None:
-    """``task.data_seed`` of the run's ``config.toml`` (``None``: no readable file, or no
-    such key)."""
+def _recorded_config(run_dir: Path) -> dict[str, Any]:
+    """The run's parsed ``config.toml``; a missing or damaged one is refused: every run writes
+    it when it starts, so without it the run's task settings are unknown."""
+    path = run_dir / "config.toml"
     try:
-        config = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return None
-    section = config.get("task")
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        problem = "it does not exist"
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        problem = f"it cannot be read: {err}"
+    raise HyperdiffError(
+        f"tuned_hparams: {path} must be the run's config.toml, which records the task "
+        f"settings (task.data_seed, task.params) its values were tuned with ({problem}); "
+        "every run writes it when it starts: restore it, or read the result from the run "
+        "directory it came from")
+
+
+def _recorded_data_seed(run_dir: Path) -> int | None:
+    """``task.data_seed`` of the run's ``config.toml`` (``None``: no such key); a missing or
+    unreadable file is refused (:func:`_recorded_config`)."""
+    section = _recorded_config(run_dir).get("task")
     seed = section.get("data_seed") if isinstance(section, dict) else None
     return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
@@ -463,8 +586,10 @@ def tuned_hparams(task: Task | TaskSpec | HyperParameters, source: Any, *,
     Given a task (a built ``hd.Task`` or the ``hd.task(...)`` spec), a result that records
     another task (its ``"task"`` entry) is refused, also when the hyperparameter names happen
     to match, and so is one made with other task params than a task that ``build_task`` built
-    (``"task_params"``), or, read from a run directory, with another ``task.data_seed`` (its
-    ``config.toml``); given only ``hd.HyperParameters``, the names and shapes are checked.
+    (``"task_params"``, the factory's defaults filled in on both sides), or, read from a run
+    directory, with another ``task.data_seed`` (its ``config.toml``, which must be readable);
+    given only ``hd.HyperParameters``, the names and shapes are checked. A run whose
+    divergence guard gave up gives its best step's ``best_values``.
     """
     hparams, task_name = _target(task)
     if isinstance(source, (OptimizeResult, OnlineResult)):
@@ -482,14 +607,32 @@ def tuned_hparams(task: Task | TaskSpec | HyperParameters, source: Any, *,
                              f"(hyperdiff compare's comparison.json) (got method={method!r} "
                              f"and {where}, a run's result)")
     else:
-        tuned = source.get("tuned") if isinstance(source, Mapping) else None
-        values = tuned.get("hparams") if isinstance(tuned, Mapping) else None
+        values = _run_values(source, where)
     if not isinstance(values, Mapping):
         raise HyperdiffError("tuned_hparams: source must be an OptimizeResult, a run directory "
                              "or a result with a 'tuned' -> 'hparams' entry, or a comparison "
                              f"with method=... (got {describe(source)})")
-    _check_task(task, task_name, source, where, run_dir)
+    _check_task(task, task_name, source, where, None if compared else run_dir)
     return _with_values(hparams, values, where)
+
+
+def _run_values(source: Any, where: str) -> Any:
+    """A run's tuned natural values: ``tuned`` -> ``hparams`` of a finished run, the best
+    step's ``best_values`` of one whose divergence guard gave up (as ``--from`` starts from
+    them); a run that diverged before any good step has none."""
+    if not isinstance(source, Mapping):
+        return None
+    if source.get("status") == "diverged":
+        values = source.get("best_values")
+        if not isinstance(values, Mapping):
+            raise HyperdiffError(
+                f"tuned_hparams: source must be a finished run, or one that diverged after a "
+                f"good step (got {where}, a run that diverged before any good step: "
+                f"{source.get('message')}); it holds no tuned values: start a new run with a "
+                "smaller outer.lr")
+        return values
+    tuned = source.get("tuned")
+    return tuned.get("hparams") if isinstance(tuned, Mapping) else None
 
 
 def _with_values(hparams: HyperParameters, values: Mapping[str, Any], where: str
@@ -513,7 +656,7 @@ def _with_values(hparams: HyperParameters, values: Mapping[str, Any], where: str
                                  f"(got shape {tuple(value.shape)}: a result of another "
                                  "hyperparameter)")
         natural[name] = value
-    return hparams.with_natural(**natural)
+    return hparams.with_recorded(natural)
 
 
 __all__ = ["TunedSchedule", "load_into", "torch_optimizer", "tuned_hparams"]

@@ -375,6 +375,19 @@ class HyperParameters(Mapping[str, HyperParameter]):
             raw[name] = _to_raw(f"HyperParameters: natural value of {name!r}", spec.constraint, v)
         return HyperParameters(self._specs, raw=raw)
 
+    def with_recorded(self, values: Mapping[str, Tensor]) -> HyperParameters:
+        """``with_natural(**values)`` for natural values a run recorded (float64 tensors of
+        each name's shape, ``to_natural`` of its raw values): each raw value is moved, where
+        ``to_raw`` rounds, to one whose natural value is the recorded one exactly, so a value
+        read back from ``result.json`` is the value that was tuned, to the last bit."""
+        back = self.with_natural(**values)
+        raw = back.raw
+        for name, value in values.items():
+            spec = self._specs[name]
+            if not spec.is_discrete:
+                raw[name] = _exact_raw(spec.constraint, value.to(raw[name]), raw[name])
+        return HyperParameters(self._specs, raw=raw)
+
     def natural_grad(
         self, grad_raw: Mapping[str, Tensor], raw: Mapping[str, Tensor] | None = None
     ) -> dict[str, Tensor]:
@@ -534,6 +547,55 @@ def _to_raw(what: str, constraint: Constraint, natural: Tensor) -> Tensor:
             f"{bad.tolist() if natural.dim() else first!r}, too close to {bound} to be "
             "represented); choose a value farther from the bound")
     return raw
+
+
+def _exact_raw(constraint: Constraint, natural: Tensor, raw: Tensor) -> Tensor:
+    """``raw`` (``constraint.to_raw(natural)``) moved, where ``to_natural`` of it rounds to
+    another float64 than ``natural``, to a raw value whose ``to_natural`` is ``natural``
+    itself; entries no float64 raw value maps onto (``exp`` skips most values above 1) keep
+    ``raw``. ``to_natural`` is increasing, so the raw values mapping onto ``natural`` form an
+    interval near ``raw``: it is bracketed with steps that double, then bisected. A value read
+    back from ``result.json`` (``to_natural`` of a tuned raw value) is always reached.
+
+    >>> c = as_constraint("softplus"); v = torch.tensor(0.3, dtype=torch.float64)
+    >>> float(c.to_natural(c.to_raw(v))), float(c.to_natural(_exact_raw(c, v, c.to_raw(v))))
+    (0.30000000000000004, 0.3)
+    """
+    flat = raw.reshape(-1).clone()
+    todo = (constraint.to_natural(flat) != natural.reshape(-1)).nonzero().reshape(-1)
+    if not len(todo):
+        return raw
+    v, start = natural.reshape(-1)[todo], flat[todo]
+
+    def f(candidates: Tensor) -> Tensor:
+        """to_natural of candidates placed in the whole tensor, as natural() computes it (a
+        vectorised kernel may round an element otherwise than the same element alone)."""
+        trial = flat.clone()
+        trial[todo] = candidates
+        return constraint.to_natural(trial)[todo]
+
+    up = f(start) < v  # the raw values sought lie above start
+    step = torch.where(up, 1.0, -1.0) * start.abs().clamp(min=1.0) * 2.0 ** -53
+    low, high = start.clone(), start.clone()
+    for doubling in range(64):  # bracket: f(low) <= v <= f(high)
+        open_ = (f(high) < v) | (f(low) > v)
+        if not bool(open_.any()):
+            break
+        probe = start + step * 2.0 ** doubling
+        below = f(probe) < v
+        low = torch.where(open_ & (~up | below), probe, low)
+        high = torch.where(open_ & (up | ~below), probe, high)
+    for _ in range(128):  # bisect until a hit or two adjacent float64 values
+        mid = low + (high - low) / 2
+        got = f(mid)
+        moving = (mid != low) & (mid != high) & (f(low) != v) & (f(high) != v)
+        if not bool(moving.any()):
+            break
+        low = torch.where(moving & (got <= v), mid, low)
+        high = torch.where(moving & (got >= v), mid, high)
+    found = torch.where(f(low) == v, low, torch.where(f(high) == v, high, start))
+    flat[todo] = found
+    return flat.reshape(raw.shape)
 
 
 def _flat_slope_text(name: str, constraint: Constraint, raw: Tensor, flat: Tensor) -> str:

@@ -88,6 +88,14 @@ def inner_optimizer(opt: torch.optim.Optimizer, hparams: HyperParameters,
                                  f"{type(opt).__name__} ({list(GROUP_KEYS[kind])}) to "
                                  f"hd.schedule(...) (got {coef_name!r}: {describe(sched)})")
     scheduled = {n for sched in schedules.values() for n in sched.names.values()}
+    twice = [n for n in schedules if n in hparams and n not in scheduled]
+    if twice:
+        raise HyperdiffError(
+            f"{caller}: hparams must not name a coefficient that schedules sets (got "
+            f"{twice[0]!r} in both): the schedule sets {twice[0]}, so hyperparameter "
+            f"{twice[0]!r} would be tuned without effect; drop it from hparams (the schedule's "
+            f"parameters {sorted(schedules[twice[0]].names.values())} are what is tuned), or "
+            "drop the schedule")
     unknown = [n for n in hparams if n not in GROUP_KEYS[kind] and n not in scheduled]
     if unknown:
         raise HyperdiffError(f"{caller}: hparams must name coefficients of {type(opt).__name__}, "
