@@ -188,3 +188,24 @@ def test_a_fifo_in_place_of_a_run_file_is_an_error_not_a_hang(tmp_path, name):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 2
     assert f"{name}: it is not a regular file; remove it" in done.stderr
+
+
+def test_a_from_run_stopped_before_its_first_step_resumes_at_the_tuned_values(
+        tmp_path, monkeypatch):
+    """s41: the manifest of a --from run holds its start values from its first write; before,
+    they were added by a second manifest write, and a run stopped between the two resumed at
+    the task's own start (lam 0.01 instead of the source's 0.0113) without a word."""
+    run(tmp_path / "source", "stop.max_steps=3")
+    straight = run_experiment(load_config(overrides=[*BASE, "stop.max_steps=2"]),
+                              out=tmp_path / "straight", log=quiet, progress=False,
+                              start_from=tmp_path / "source")
+    with monkeypatch.context() as patch:
+        StopAt(patch, "manifest.json", 2)  # the first manifest write after the start files
+        with pytest.raises(KeyboardInterrupt):
+            run_experiment(load_config(overrides=[*BASE, "stop.max_steps=2"]),
+                           out=tmp_path / "run", log=quiet, progress=False,
+                           start_from=tmp_path / "source")
+    run(tmp_path / "run", resume=True)
+    assert_same_run(tmp_path / "straight", tmp_path / "run")
+    assert straight["initial"] == json.loads((tmp_path / "run" / "result.json").read_text())[
+        "initial"]

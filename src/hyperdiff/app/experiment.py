@@ -343,10 +343,9 @@ def _run_plan(
                if group is None or group.is_root else [])
     watchers = [*loggers, *callbacks]
     if restore_or_start(rundir, config, task.hparams, loop, resume=resume,
-                        accept_changed_inputs=accept_changed_inputs):
+                        accept_changed_inputs=accept_changed_inputs, start=start):
         log(f"resuming {rundir.path} at {loop.where()}")
     elif start is not None:
-        rundir.record_start(start)
         log(f"starting at the tuned values of {start['run']}")
     log(f"{plan.describe(task, loop, config)}; run directory {rundir.path}")
 

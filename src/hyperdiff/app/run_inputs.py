@@ -192,14 +192,16 @@ def starting_at(task: Task, start: dict[str, Any]) -> Task:
 
 
 def restore_or_start(rundir: RunDir, config: Config, hparams: Any, loop: Any, *,
-                     resume: bool, accept_changed_inputs: bool = False) -> bool:
+                     resume: bool, accept_changed_inputs: bool = False,
+                     start: dict[str, Any] | None = None) -> bool:
     """Load the run's last checkpoint into ``loop`` (a :class:`HyperOptimizer` with either
-    plan) when resuming one, else write the start files of a
-    new run; True when resumed. A checkpoint that does not fit ``loop`` is one clear error, and
-    so are changed inputs (the task's code or data) unless ``accept_changed_inputs``."""
+    plan) when resuming one, else write the start files of a new run (with ``start``, the
+    values ``--from`` starts it at); True when resumed. A checkpoint that does not fit
+    ``loop`` is one clear error, and so are changed inputs (the task's code or data) unless
+    ``accept_changed_inputs``."""
     inputs = run_inputs(config)
     if not (resume and (state := rundir.load_checkpoint()) is not None):
-        rundir.start(config.to_toml(), hparams, inputs)
+        rundir.start(config.to_toml(), hparams, inputs, start)
         return False
     unrecorded = rundir.recorded_inputs() is None
     change = verify_inputs(rundir, inputs, step=int(state["step"]),

@@ -267,9 +267,12 @@ class RunDir:
                                  f"{self.path} holds no run (to resume, or to start from)")
 
     def start(self, config_toml: str, hparams: HyperParameters,
-              inputs: dict[str, Any] | None = None) -> None:
+              inputs: dict[str, Any] | None = None,
+              start_from: dict[str, Any] | None = None) -> None:
         """Write the hyperparameters, an empty history, the config and the manifest (with the
-        fingerprints ``inputs`` of the task's code and data). A write that fails (a full disk)
+        fingerprints ``inputs`` of the task's code and data, and the values ``--from`` starts
+        the run at, in the same write: a run stopped before its first step resumes at them).
+        A write that fails (a full disk)
         removes the files this call created, so the same command can use the directory again
         (a stop, which cannot clean up, is recognised by :meth:`interrupted_start`)."""
         files = {HPARAMS: json.dumps(describe(hparams), indent=1).encode(),
@@ -279,7 +282,7 @@ class RunDir:
             for name, data in files.items():
                 atomic_write_bytes(self.file(name), data)
             self._write_manifest(Manifest({n: sha256(files[n]) for n in CHECKSUMMED},
-                                          inputs=inputs))
+                                          inputs=inputs, start_from=start_from))
         except HyperdiffError as err:  # e.g. a full disk: what it wrote is removed again
             self._remove(new)
             self._manifest = None
@@ -371,11 +374,6 @@ class RunDir:
         # :meth:`config_path` recognises by this entry and takes back (the extension undone)
         self._write_manifest(manifest.with_extension(CONFIG, sha256(data), extension))
         atomic_write_bytes(self.file(CONFIG), data)
-
-    def record_start(self, start: dict[str, Any]) -> None:
-        """Record in the manifest the values ``--from`` started this run at."""
-        with self._first_step():
-            self._write_manifest(replace(self._require_manifest(), start_from=start))
 
     def start_from(self) -> dict[str, Any] | None:
         """The values ``--from`` started this run at, or ``None``."""
