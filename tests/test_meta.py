@@ -384,7 +384,7 @@ def test_cli_meta_run_reports_held_out_tasks_adapted_from_the_initial_values(tmp
     assert main(["run", *CLI_SMALL, "--out", str(run_dir)]) == 0
     result = json.loads((run_dir / "result.json").read_text())
     assert result["mode"] == "meta" and result["steps"] == 3
-    assert result["criterion"] == "final values" and result["best_step"] == 2
+    assert result["criterion"] == "final values" and result["best_step"] == 3  # after step 2
     held_out = result["held_out_tasks"]
     expected = []
     for j in range(3):  # the held-out stream, never drawn by meta-training

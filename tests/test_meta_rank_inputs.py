@@ -43,13 +43,15 @@ def template(lr=0.3) -> hd.Problem:
                            optimizer=hd.sgd(lr), train_data=support, val_data=query, steps=3)
 
 
-def test_without_validation_tasks_patience_does_not_stop_a_meta_run():
-    def loop(validation_tasks=0):
+def test_without_validation_tasks_patience_is_refused_and_a_meta_run_goes_to_its_budget():
+    def loop(validation_tasks=0, patience=2):
         return hd.HyperOptimizer(template(), plan=hd.plans.MetaPlan(
             sample, batch=2, validation_tasks=validation_tasks), method="reverse", seed=0,
-            lr=0.5, schedule="constant", stopping=hd.Stopping(max_steps=40, patience=2))
+            lr=0.5, schedule="constant", stopping=hd.Stopping(max_steps=40, patience=patience))
 
-    unranked = loop().run()
+    with pytest.raises(hd.HyperdiffError, match="patience"):  # s41: was accepted and unread
+        loop().run()
+    unranked = loop(patience=None).run()
     assert len(unranked.history) == 40 and unranked.stop_reason == "budget: 40 outer steps"
     ranked = loop(validation_tasks=2).run()  # with validation tasks patience still counts
     assert ranked.stop_reason.startswith("early stopping: no better selection loss for 2")

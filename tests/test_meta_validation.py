@@ -11,6 +11,7 @@ written SGD loop from the step's theta_0, its query MSE averaged (float64).
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -125,7 +126,9 @@ def test_patience_stops_on_the_validation_tasks_loss():
 def test_without_validation_tasks_the_result_is_the_final_values():
     loop = meta_loop(0, max_steps=3)
     result = loop.run()
-    assert result.criterion == "final values" and result.best_step == 2
+    # the values after the last step's update, which no step evaluated (s41: was labelled 2)
+    assert result.criterion == "final values" and result.best_step == 3
+    assert math.isnan(result.best_loss)
     assert all(r.selection_loss is None for r in loop.history)
 
 

@@ -592,9 +592,11 @@ def _check_unread_mode_keys(source: dict[str, Any], config: Config) -> None:
                 f"outer.mode = {mode!r} (it is read by {reader}; got {value!r})")
 
 
-NOT_READ_BY_META = (("outer", "samples"), ("outer", "auto_samples"), ("outer", "max_samples"))
+NOT_READ_BY_META = (("outer", "samples"), ("outer", "auto_samples"), ("outer", "max_samples"),
+                    ("task", "selection_fraction"))
 """Keys that offline and online runs read and meta runs do not (a meta step's trainings are
-its ``outer.meta_batch`` tasks)."""
+its ``outer.meta_batch`` tasks; no selection split ranks them: ``outer.meta_val_tasks``
+does)."""
 
 
 UNREAD_STOP = {"online": ("an online run is one training of inner.steps steps: it has no "
@@ -604,23 +606,32 @@ UNREAD_STOP = {"online": ("an online run is one training of inner.steps steps: i
 """Why an ``outer.mode`` does not read ``[stop]`` keys: all of them online, ``stop.travel``
 and ``stop.extend`` in meta runs."""
 
+UNRANKED_META = ("without outer.meta_val_tasks a meta run has no early stopping: each step's "
+                 "loss is of other tasks, so a run of steps without a lower one is the draw's "
+                 "luck; 0 turns it off")
+"""Why a meta run without validation tasks does not read ``stop.patience``."""
+
 
 def _check_unread_stop(source: dict[str, Any], config: Config) -> None:
     """Refuse a ``[stop]`` key that ``source`` (the TOML file and ``--set``) moves off its
-    default in a mode that does not read it, so that no setting is ignored silently."""
+    default in a mode that does not read it, so that no setting is ignored silently (a meta
+    run's ``stop.patience`` may also be 0, off, where it has no validation tasks)."""
     mode, stop = config.outer.mode, source.get("stop")
     if mode not in UNREAD_STOP or not isinstance(stop, dict):
         return
-    unread = [key for key in stop if mode == "online" or key in ("travel", "extend")]
+    unranked = mode == "meta" and not config.outer.meta_val_tasks
+    unread = [key for key in stop if mode == "online" or key in ("travel", "extend")
+              or (unranked and key == "patience")]
     if not unread:
         return
     defaults = resolve({**source, "stop": {k: v for k, v in stop.items() if k not in unread}})
     for key in unread:
         value, default = getattr(config.stop, key), getattr(defaults.stop, key)
-        if value != default:
+        if value != default and (mode == "online" or key != "patience" or value):
+            why = UNRANKED_META if mode == "meta" and key == "patience" else UNREAD_STOP[mode]
             raise HyperdiffError(
                 f"config: stop.{key} must be left at its default {default!r} with outer.mode "
-                f"= {mode!r} ({UNREAD_STOP[mode]}; got {value!r})")
+                f"= {mode!r} ({why}; got {value!r})")
 
 
 def resolve(source: dict[str, Any]) -> Config:

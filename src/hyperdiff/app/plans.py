@@ -34,7 +34,8 @@ from hyperdiff.app.loggers import Progress
 from hyperdiff.app.meta_report import held_out_report, pretrained_start
 from hyperdiff.app.run_inputs import starting_at
 from hyperdiff.app.tasks import Task, build_task
-from hyperdiff.engine.device import resolve_device, task_to_device
+from hyperdiff.engine.data import Minibatches
+from hyperdiff.engine.device import OnDevice, resolve_device, task_to_device
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.hparams.discrete import discrete_names
 from hyperdiff.methods.base import Method
@@ -256,6 +257,13 @@ def build_online(config: Config, start: dict[str, Any] | None = None
     problem = task.problems[0]
     optimizer = outer_optimizer_name(config)
     _read_online_outer_keys(config, optimizer)
+    if outer.seed != OuterConfig().seed and not outer.val_batch and not discrete_names(
+            task.hparams):
+        raise HyperdiffError(
+            f"config: outer.seed must be left at its default {OuterConfig().seed} with "
+            f"outer.mode = 'online', outer.val_batch = 0 and no discrete hyperparameters (it "
+            f"seeds the validation draws and the choices' draws, and this run has neither; "
+            f"outer.train_seed seeds the one training; got {outer.seed})")
     plan = OnlinePlan(window=outer.window, val_batch_size=outer.val_batch or None,
                       growth=outer.window_growth,
                       hot_start=None if outer.hot_start == "auto" else outer.hot_start,
@@ -276,8 +284,9 @@ def build_online(config: Config, start: dict[str, Any] | None = None
 
 def _read_online_outer_keys(config: Config, optimizer: str) -> None:
     """Refuse ``outer.beta1``/``beta2`` off their online defaults with an outer optimizer
-    that has no betas, and ``outer.schedule_over`` off its default with a constant outer
-    schedule: nothing would read them (they were stored in config.toml and ignored)."""
+    that has no betas, ``outer.max_samples`` off its default, and ``outer.schedule_over`` off
+    its default with a constant outer schedule: nothing would read them (they were stored in
+    config.toml and ignored)."""
     outer = config.outer
     betas = (outer.beta1, outer.beta2)
     if optimizer not in ADAM_FAMILY and betas != ONLINE_BETAS:
@@ -285,6 +294,12 @@ def _read_online_outer_keys(config: Config, optimizer: str) -> None:
             f"config: outer.beta1 and outer.beta2 must be left at their defaults "
             f"{ONLINE_BETAS} with outer.optimizer = {optimizer!r} (they are the betas of adam "
             f"and adamw; got {betas})")
+    samples_cap = OuterConfig().max_samples
+    if outer.max_samples != samples_cap:  # it bounds outer.auto_samples, refused online
+        raise HyperdiffError(
+            f"config: outer.max_samples must be left at its default {samples_cap} with "
+            f"outer.mode = 'online' (it bounds outer.auto_samples, which is offline only; a "
+            f"window draws outer.samples validation samples; got {outer.max_samples})")
     schedule = default_schedule(optimizer) if outer.schedule == "auto" else outer.schedule
     if schedule == "constant" and outer.schedule_over != ONLINE_SCHEDULE_OVER:
         raise HyperdiffError(
@@ -428,11 +443,24 @@ def build_meta(config: Config, start: dict[str, Any] | None = None
             "has no task distribution (got 'meta'); a meta task passes "
             "hd.task(..., tasks=sample) with sample(index, seed) -> (support, query), or use "
             "the built-in sinusoid_maml")
+    if (size := _minibatch_size(task.problems[0].train_data)) is not None:
+        raise HyperdiffError(
+            f"config: task {task.name}'s batch_size must be None with outer.mode = 'meta' "
+            f"(got {size}: meta-training adapts on each task's support set as the task "
+            "distribution's sample(index, seed) returns it; to adapt on minibatches, return "
+            f"hd.minibatches(x, y, batch_size={size}) as the support set)")
     if start is not None:
         task = starting_at(task, start)
     plan = MetaPlan(task.tasks, batch=config.outer.meta_batch,
                     validation_tasks=config.outer.meta_val_tasks)
     return task, _outer_loop(config, [task.problems[0]], plan, None)
+
+
+def _minibatch_size(source: Any) -> int | None:
+    """The batch size of a template trained on minibatches (``hd.task(batch_size=...)``)."""
+    while isinstance(source, OnDevice):
+        source = source.source
+    return source.batch_size if isinstance(source, Minibatches) else None
 
 
 def _describe_meta(task: Task, loop: HyperOptimizer, config: Config) -> str:

@@ -26,7 +26,7 @@ meta-test classes that meta-training never sees); without one the report draws f
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -35,12 +35,14 @@ from torch import Tensor
 from hyperdiff.engine.data.convert import as_source, validation_batches
 from hyperdiff.engine.data.permutation import mix
 from hyperdiff.engine.data.random_state import untracked_draws, untracked_states
+from hyperdiff.engine.data.replay import fingerprint
 from hyperdiff.engine.datacheck import check_batch, check_source
 from hyperdiff.engine.device import OnDevice, to_device
 from hyperdiff.engine.problem import Problem
 from hyperdiff.engine.training import TrainState, initial_state, unroll, validation_loss
 from hyperdiff.errors import HyperdiffError, describe, fail, user_failure
 from hyperdiff.hparams.hyperparams import HParamView
+from hyperdiff.tree import leaves
 
 TaskSampler = Callable[[int, int], tuple[Any, Any]]
 """``sample(index, seed) -> (support, query)``."""
@@ -53,6 +55,10 @@ class TaskDistribution:
     sample: TaskSampler
     name: str = "tasks"
     held_out: TaskSampler | None = None
+    # the fingerprint of each task's first draw in this process, by (held out, index, seed):
+    # a redraw (a retried step, the report's pre-training baseline) must give the same task
+    drawn: dict[tuple[bool, int, int], bytes] = field(default_factory=dict, init=False,
+                                                      repr=False, compare=False)
 
     def problem(self, base: Problem, index: int, seed: int, *, held_out: bool = False
                 ) -> Problem:
@@ -85,7 +91,12 @@ class TaskDistribution:
             check_batch(task, "query set", batch)
         problem = replace(base, train_data=train, val_data=val)
         if isinstance(base.train_data, OnDevice):  # a template moved by .to(device, dtype)
-            return to_device(problem, base.train_data.device, base.train_data.dtype)
+            problem = to_device(problem, base.train_data.device, base.train_data.dtype)
+        task = f"{self.name}: task {index} (seed {seed})"
+        _check_like(task, "support set", problem.train_data.batch(0, base.seed),
+                    base.train_data.batch(0, base.seed), "training")
+        for batch in problem.val_data:
+            _check_like(task, "query set", batch, base.val_data[0], "validation")
         return problem
 
     def _drawn(self, sample: TaskSampler, index: int, seed: int) -> Any:
@@ -108,7 +119,48 @@ class TaskDistribution:
                 f"{self.name}: sample({index}, {seed}) must draw its randomness from the seed "
                 f"it is given or from torch (got draws from {' and '.join(moved)}, which a "
                 "replay or a resume would not repeat)")
+        key, printed = (sample is not self.sample, index, seed), _fingerprint(pair)
+        first = self.drawn.setdefault(key, printed) if printed is not None else None
+        if first != printed:
+            raise HyperdiffError(
+                f"{self.name}: sample({index}, {seed}) must give the same task every time it is "
+                "called with the same arguments (got other data than its first call gave: a "
+                "retried step or a resumed run would train on another task); draw from "
+                "torch.Generator().manual_seed(seed), not from a state the calls change")
         return pair
+
+
+def _fingerprint(pair: Any) -> bytes | None:
+    """The digest of a drawn task's data (:func:`~hyperdiff.engine.data.replay.fingerprint`),
+    or ``None`` for data it cannot read (a sparse tensor)."""
+    try:
+        return fingerprint(pair)
+    except (RuntimeError, TypeError):
+        return None
+
+
+def _check_like(task: str, name: str, batch: Any, template: Any, split: str) -> None:
+    """Refuse a task's batch whose structure, tensor dimensions or dtypes are not those of the
+    template's ``split`` batch (a target of shape ``(n,)`` against ``(n, 1)`` would broadcast
+    in the loss without an error); sizes may differ (shots, sequence lengths)."""
+    mine = {path: leaf for path, leaf in leaves(batch, name)}
+    like = {path.replace("batch", name, 1): leaf for path, leaf in leaves(template, "batch")}
+    if list(mine) != list(like):
+        raise HyperdiffError(f"{task}: {name} must have the entries of the template's {split} "
+                             f"batch, {list(like)} (got {list(mine)})")
+    for path, leaf in mine.items():
+        other = like[path]
+        if isinstance(other, Tensor) and not (
+                isinstance(leaf, Tensor) and leaf.dim() == other.dim()
+                and leaf.dtype == other.dtype):
+            got = (f"shape {tuple(leaf.shape)} {str(leaf.dtype).removeprefix('torch.')}"
+                   if isinstance(leaf, Tensor) else describe(leaf))
+            broadcast = isinstance(leaf, Tensor) and leaf.dim() != other.dim()
+            raise HyperdiffError(
+                f"{task}: {path} must be a {other.dim()}-d "
+                f"{str(other.dtype).removeprefix('torch.')} tensor, as in the template's "
+                f"{split} batch (shape {tuple(other.shape)}) (got {got})"
+                + ("; a loss would broadcast it silently" if broadcast else ""))
 
 
 def task_distribution(sample: TaskSampler, *, name: str = "tasks",

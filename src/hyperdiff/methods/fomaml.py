@@ -7,7 +7,11 @@ first-order MAML (Finn et al. 2017, section 5.2) drops the Jacobian of training
 
     g_theta0 = grad_theta L_val(theta_T)          (the adapted parameters' gradient)
     g_other  = dL_val/du |direct                  (other hyperparameters: only their direct
-                                                   part, no path through training: usually 0)
+                                                   part, no path through training)
+
+so a hyperparameter that only training reads (the inner optimizer's learning rates, a
+penalty of the training loss) would get 0 and never move: :func:`check_first_order` refuses
+it.
 
 Training runs once without a graph and the gradient costs one backward pass of the validation
 loss: time about that of plain training, memory O(params), independent of T. The tasks of a
@@ -24,7 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hyperdiff.engine.problem import Problem
+from hyperdiff.engine.models import StepContext
+from hyperdiff.engine.problem import Problem, call_loss
 from hyperdiff.engine.task_batch import (
     TaskBatch,
     batched_unroll,
@@ -116,16 +121,46 @@ def optimizer_reads(problem: Problem) -> list[str]:
     return sorted(names & set(problem.hparams))
 
 
+def validation_reads(problem: Problem) -> list[str]:
+    """The hyperparameters that the validation loss reads directly: those its value on the
+    first validation batch at theta_0 has a graph to (theta_0 itself enters through the
+    parameters, not directly)."""
+    leaves = {n: v.requires_grad_() for n, v in problem.raw_tensors().items()}
+    with torch.enable_grad():
+        start = initial_state(problem, problem.hparams.view(problem.raw_tensors()),
+                              differentiable=False)
+        value = call_loss(problem, "val_loss", start.params, problem.hparams.view(leaves),
+                          problem.val_data[0], StepContext(step=-1, seed=problem.seed,
+                                                           train=False, buffers=start.buffers))
+        if not value.requires_grad:
+            return []
+        grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+    return [n for n, g in zip(leaves, grads, strict=True) if g is not None]
+
+
 def check_first_order(method: str) -> Callable[[Problem], None]:
     """A ``Method.check``: refuse hyperparameters that only the inner optimizer reads (a
-    learning rate, Meta-SGD's per-parameter rates): a first-order method gives them their
-    direct part alone, zero, so a tuning loop would never move them."""
+    learning rate, Meta-SGD's per-parameter rates), and any other but the initialization
+    that the validation loss does not read (an L2 strength of the training loss): a
+    first-order method gives them their direct part alone, zero, so a tuning loop would never
+    move them."""
     def check(problem: Problem) -> None:
         if reads := optimizer_reads(problem):
             raise HyperdiffError(
                 f"{method}: the hyperparameters {reads} are read by the inner optimizer, which "
                 "a first-order method does not differentiate (their hypergradient is their "
                 "direct part alone, 0), so they would never move; tune them with method "
+                "'reverse' (MAML) or 'checkpointed', or make them constants")
+        if problem.initialization is None:
+            return  # refused when it runs (_initialization), as before any other check
+        unread = sorted(set(problem.hparams) - {problem.initialization}
+                        - set(validation_reads(problem)))
+        if unread:
+            raise HyperdiffError(
+                f"{method}: tuned hyperparameters other than the initialization must be read "
+                f"by the validation loss (got {unread}, which it does not read: a first-order "
+                "method does not differentiate training, so their hypergradient is their "
+                "direct part alone, 0, and they would never move); tune them with method "
                 "'reverse' (MAML) or 'checkpointed', or make them constants")
 
     return check
@@ -171,4 +206,4 @@ def partial_first_order(fn: Callable[..., Any], method: str, initial_grad: Initi
 
 
 __all__ = ["CAPABILITIES", "check_first_order", "first_order", "first_order_batch", "fomaml",
-           "optimizer_reads", "partial_first_order"]
+           "optimizer_reads", "partial_first_order", "validation_reads"]

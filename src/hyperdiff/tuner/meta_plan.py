@@ -30,13 +30,15 @@ seed stream that training never draws from), adapted at every step's ``u_s`` wit
 
 the step's selection loss: the best step, early stopping and the result (the best step's
 values) use it, and the same tasks every step make it comparable across steps. Without
-validation tasks the result is the final values. Stopping and the checkpoint are the offline
-plan's.
+validation tasks (or a selection split) the result is the final values and early stopping is
+off. The checkpoint and the stopping rules are the offline plan's, less its ``travel``,
+``extend`` and ``chaos_ratio`` (refused).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -59,13 +61,13 @@ from hyperdiff.errors import (
 )
 from hyperdiff.hparams.discrete import discrete_names
 from hyperdiff.seeds import meta_task, task_seed
-from hyperdiff.tuner.distributed.spread import spreader_for
+from hyperdiff.tuner.distributed.spread import Spreader, spreader_for
 from hyperdiff.tuner.driver_checks import check_selection
 from hyperdiff.tuner.history import OptimizeResult
 from hyperdiff.tuner.offline_plan import OfflinePlan, offline_method, sampled_outcome
 from hyperdiff.tuner.plan import Outcome, bind_once
 from hyperdiff.tuner.sampler import Sampler
-from hyperdiff.tuner.stopping import ranking_name
+from hyperdiff.tuner.stopping import Stopping, ranking_name
 
 VALIDATION_STREAM = "meta-validation"
 
@@ -103,6 +105,7 @@ class MetaPlan(OfflinePlan):
         self.validation_tasks = nonnegative_int("MetaPlan", "validation_tasks",
                                                 validation_tasks)
         self.validation: tuple[Problem, ...] = ()
+        self._validation_drawn: list[tuple[int, int]] = []
         super().__init__(samples=self.batch, explore=0)  # no global phase over tasks
 
     def bind(self, loop: Any) -> None:
@@ -121,13 +124,33 @@ class MetaPlan(OfflinePlan):
                        "tasks rank the steps)", Text("a selection split"))
         if loop.selection is not None:  # none is usual: each step's tasks are new
             check_selection(loop.problems[0], loop.selection)
+        self._check_stopping(loop.stopping, ranked=bool(self.validation_tasks)
+                             or loop.selection is not None)
         self.problems = loop.problems
+        self._validation_drawn = self.validation_indices(loop)
         self.validation = self._validation_problems(loop)
         self.spreader = spreader_for(method, loop.process_group)
         # the run's counters and (empty) warm slots, in the offline plan's checkpoint layout
         self._sampler = Sampler(loop.problems, method, samples=self.batch, auto=None,
                                 seed=loop.seed, selection=loop.selection, warm_start=False,
                                 discrete=None, spreader=self.spreader)
+
+    @staticmethod
+    def _check_stopping(stopping: Stopping, ranked: bool) -> None:
+        """Refuse the rules the meta plan does not read: ``chaos_ratio``, ``travel`` and
+        ``extend`` (the offline plan's), and ``patience`` without a ranking (validation tasks
+        or a selection split), where early stopping is off (:meth:`stop_reason`)."""
+        default = Stopping()
+        for name in ("chaos_ratio", "travel", "extend"):
+            if getattr(stopping, name) != getattr(default, name):
+                raise fail("MetaPlan", f"stopping.{name}", f"{getattr(default, name)!r}, its "
+                           "default (a rule of the offline plan, which the meta plan does not "
+                           "read)", getattr(stopping, name))
+        if not ranked and stopping.patience not in (None, default.patience):
+            raise fail("MetaPlan", "stopping.patience", f"None or its default "
+                       f"{default.patience} without validation_tasks or a selection split "
+                       "(each step's loss is of other tasks, so early stopping is off: a run "
+                       "of steps without a lower one is the draw's luck)", stopping.patience)
 
     def task_indices(self, loop: Any, step: int) -> list[tuple[int, int]]:
         """``(index, seed)`` of each task of outer ``step`` (:func:`~hyperdiff.seeds.meta_task`)."""
@@ -152,8 +175,10 @@ class MetaPlan(OfflinePlan):
         Raises:
             NonFiniteError: the loss is not finite (an adaptation diverged).
         """
-        losses = self.spreader.map(partial(_adapted_loss, raw), self.validation,
-                                   f"outer step {step} (validation tasks)")
+        names = [f"MetaPlan: outer step {step}: {self.tasks.name}: validation task {index} "
+                 f"(seed {seed})" for index, seed in self._validation_drawn]
+        losses = _Named(self.spreader, names).map(partial(_adapted_loss, raw), self.validation,
+                                                  f"outer step {step} (validation tasks)")
         value = sum(losses) / len(losses)
         if not math.isfinite(value):
             raise NonFiniteError(f"the validation tasks' query loss is not finite ({value})")
@@ -162,15 +187,16 @@ class MetaPlan(OfflinePlan):
     def evaluate(self, loop: Any, step: int, raw: dict[str, Tensor]) -> Outcome:
         """Adapt on each task of the step's batch at ``raw``; the mean hypergradient, and
         the validation tasks' loss at ``raw`` as the selection loss (``kept``) if any."""
-        base = self.problems[0]
+        base, indices = self.problems[0], self.task_indices(loop, step)
         try:
-            problems = tuple(self.tasks.problem(base, index, seed)
-                             for index, seed in self.task_indices(loop, step))
+            problems = tuple(self.tasks.problem(base, index, seed) for index, seed in indices)
         except HyperdiffError as err:
             raise HyperdiffError(f"MetaPlan: outer step {step}: {err}") from err
+        names = [f"MetaPlan: outer step {step}: {self.tasks.name}: task {index} (seed {seed})"
+                 for index, seed in indices]  # a task's failure names it
         tasks = Sampler(problems, self.sampler.method, samples=1, auto=None, seed=loop.seed,
                         selection=loop.selection, warm_start=False, discrete=None,
-                        spreader=self.spreader, batched=True)
+                        spreader=_Named(self.spreader, names), batched=True)
         outcome = sampled_outcome(loop, tasks, step, raw)
         outcome = outcome._replace(fields={**outcome.fields, "samples": self.batch})
         if self.validation:
@@ -187,18 +213,21 @@ class MetaPlan(OfflinePlan):
                                     has_selection=ranked)
 
     def result(self, loop: Any) -> OptimizeResult:
-        """With validation tasks the best step's values by their loss; else the final values
-        (``criterion="final values"``): each step's losses are of other tasks, so the step
-        with the lowest batch loss is the luckiest draw, not the best theta_0;
-        ``best_step`` is the last step, ``best_loss`` its batch loss."""
+        """With validation tasks or a selection split the best step's values by that loss;
+        else the final values (``criterion="final values"``): each step's losses are of other
+        tasks, so the step with the lowest batch loss is the luckiest draw, not the best
+        theta_0. The final values come from the last step's update and no step evaluated
+        them: ``best_step`` is the step after the last (the one that would), ``best_loss``
+        NaN."""
         ranked = super().result(loop)
         if self.validation:
             return replace(ranked, criterion=f"{ranking_name(loop.tie_steps, True)} of "
                            f"{self.validation_tasks} fixed validation tasks")
-        last = loop.history[-1]
+        if loop.selection is not None:  # ranked on the split, as early stopping was
+            return ranked
         return replace(ranked, best_raw=ranked.final_raw,
                        best_hparams=loop.hparams.with_raw(ranked.final_raw),
-                       best_step=int(last.step), best_loss=float(last.val_loss or math.nan),
+                       best_step=int(loop.history[-1].step) + 1, best_loss=math.nan,
                        criterion="final values")
 
     def where(self, loop: Any) -> str:
@@ -207,6 +236,39 @@ class MetaPlan(OfflinePlan):
 
 def _adapted_loss(raw: dict[str, Tensor], problem: Problem) -> float:
     return adapted_query_loss(problem, raw)
+
+
+class _Named(Spreader):
+    """``spreader`` whose items' errors name them: the bad input (a
+    :class:`~hyperdiff.errors.HyperdiffError`, a loss that raised) of item ``i`` is raised
+    again after ``names[i]``; a batch that fails is retried one item at a time to find it."""
+
+    def __init__(self, spreader: Spreader, names: Sequence[str]):
+        self.spreader, self.names = spreader, list(names)
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any], where: str,
+            progress: Callable[[], None] | None = None) -> list[Any]:
+        return self.spreader.map(partial(self._named, fn), list(enumerate(items)), where,
+                                 progress)
+
+    def map_batch(self, fn: Callable[[list[Any]], list[Any]], items: Sequence[Any],
+                  where: str) -> list[Any]:
+        def batch(pairs: list[tuple[int, Any]]) -> list[Any]:
+            try:
+                return fn([item for _, item in pairs])
+            except HyperdiffError:
+                for pair in pairs:  # which one: each alone, named
+                    self._named(lambda item: fn([item]), pair)
+                raise
+
+        return self.spreader.map_batch(batch, list(enumerate(items)), where)
+
+    def _named(self, fn: Callable[[Any], Any], pair: tuple[int, Any]) -> Any:
+        index, item = pair
+        try:
+            return fn(item)
+        except HyperdiffError as err:
+            raise HyperdiffError(f"{self.names[index]}: {err}") from err
 
 
 __all__ = ["MetaPlan"]

@@ -51,6 +51,7 @@ from torch import Tensor
 
 from hyperdiff.engine.data import BatchSource
 from hyperdiff.engine.problem import Problem
+from hyperdiff.engine.task_batch import TaskBatch
 from hyperdiff.engine.training import TrainState
 from hyperdiff.errors import HyperdiffError, NonFiniteError
 from hyperdiff.methods.base import HyperGradient, Method, Segment
@@ -212,6 +213,16 @@ def _run(inner: Method, group_arg: Any, problem: Problem, raw: dict[str, Tensor]
     )
 
 
+def _batch(inner: Method, group_arg: Any, tasks: TaskBatch, raw: dict[str, Tensor]
+           ) -> list[HyperGradient]:
+    """``inner``'s batched form with no group (one process: the method unchanged), else each
+    task's data-parallel training in turn (a vmapped step cannot hold the all-reduce)."""
+    if current_group(group_arg) is None:
+        assert inner.batch_fn is not None  # data_parallel gives a batch_fn only then
+        return inner.batch_fn(tasks, raw)
+    return [_run(inner, group_arg, problem, raw) for problem in tasks.problems]
+
+
 def _segment(inner: Method, group_arg: Any, problem: Problem, state: TrainState,
              raw: dict[str, Tensor], start: int, stop: int, val_batches: list[Batch],
              carry: Any = None) -> Segment:
@@ -286,6 +297,7 @@ def data_parallel(method: Method | str = "reverse", group: Any = None) -> DataPa
         segment_fn=None if inner.segment_fn is None else partial(_segment, inner, group),
         samples_fn=None if inner.segment_fn is None else partial(_samples, inner, group),
         carry_fn=inner.carry_fn, saved_carry_fn=inner.saved_carry_fn, check_fn=inner.check_fn,
+        batch_fn=None if inner.batch_fn is None else partial(_batch, inner, group),
         inner=inner, group=group,
     )
 
