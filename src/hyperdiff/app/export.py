@@ -466,6 +466,11 @@ def _compared_values(source: Mapping[str, Any], method: str | None, where: str) 
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise HyperdiffError(f"tuned_hparams: method must be one of the methods that {where} "
                              f"compared, {sorted(map(str, rows))} (got {method!r}){hint}")
+    if rows[method].get("no_finite_trial"):
+        raise HyperdiffError(f"tuned_hparams: method {method!r} of {where} must have a winner "
+                             "with a finite loss (got a method every trial of which diverged); "
+                             "export another method, or compare again with a narrower "
+                             "search space")
     best = rows[method].get("best")
     if not isinstance(best, Mapping) or not isinstance(best.get("values"), Mapping):
         raise HyperdiffError(f"tuned_hparams: {where} must hold method {method!r}'s best "

@@ -64,34 +64,55 @@ class Trial:
 
 @dataclass(frozen=True)
 class SearchResult:
-    """The trials of one search, in the order they ran."""
+    """The trials of one search, in the order they ran.
+
+    ``spent``: ``(trainings, time_s)`` of the whole search when it went on after its last
+    trial (a hyperdiff run whose last outer steps failed: their trainings and time count);
+    ``None``: the last trial's."""
 
     method: str
     trials: tuple[Trial, ...]
+    spent: tuple[int, float] | None = None
 
     @property
     def best(self) -> Trial:
-        """The trial with the lowest objective (the first one on ties)."""
+        """The trial with the lowest objective (the first one on ties); its objective is
+        ``inf`` when every trial diverged (see :attr:`found_finite`)."""
         if not self.trials:
             raise HyperdiffError(f"{self.method}: no trials, so no best trial")
         return min(self.trials, key=lambda t: (t.objective, t.number))
 
     @property
+    def found_finite(self) -> bool:
+        """Whether some trial has a finite objective (else :attr:`best` is a diverged one)."""
+        return any(math.isfinite(t.objective) for t in self.trials)
+
+    @property
     def trainings(self) -> int:
+        if self.spent is not None:
+            return self.spent[0]
         return self.trials[-1].trainings if self.trials else 0
 
     @property
     def time_s(self) -> float:
+        if self.spent is not None:
+            return self.spent[1]
         return self.trials[-1].time_s if self.trials else 0.0
 
     def curve(self) -> dict[str, list[float]]:
-        """Best objective so far after each trial, against trainings and wall time."""
+        """Best objective so far after each trial, against trainings and wall time (one more
+        point at :attr:`trainings` when the search went on after its last trial)."""
         best = math.inf
         out: dict[str, list[float]] = {"trainings": [], "time_s": [], "best": []}
         for trial in self.trials:
             best = min(best, trial.objective)
             out["trainings"].append(trial.trainings)
             out["time_s"].append(trial.time_s)
+            out["best"].append(best)
+        last = (self.trials[-1].trainings, self.trials[-1].time_s) if self.trials else (0, 0.0)
+        if self.spent is not None and tuple(self.spent) != last:
+            out["trainings"].append(self.spent[0])
+            out["time_s"].append(self.spent[1])
             out["best"].append(best)
         return out
 
@@ -203,10 +224,14 @@ def natural_form(hparams: HyperParameters, values: Mapping[str, Any]) -> Values:
 
 
 def trial_entry(trial: Trial, values: Values) -> dict[str, Any]:
-    """One trial of a comparison's history (JSON-ready; a non-finite loss is ``None``)."""
+    """One trial of a comparison's history (JSON-ready; a non-finite loss is ``None``). A
+    trial scored by the CV loss (``outer_loss``: the mean validation loss over the folds, as
+    a hyperdiff step's ``val_loss`` is) gives it as its ``val_loss``; it computes no
+    ``selection_loss`` (``None``)."""
+    val = trial.metrics.get("val_loss", trial.metrics.get("outer_loss"))
     return {"trial": trial.number, "values": values,
             "objective": finite_or_none(trial.objective),
-            "val_loss": finite_or_none(trial.metrics.get("val_loss")),
+            "val_loss": finite_or_none(val),
             "selection_loss": finite_or_none(trial.metrics.get("selection_loss")),
             "trainings": trial.trainings, "time_s": trial.time_s}
 
@@ -348,7 +373,8 @@ def tpe_search(
 def from_history(history: Sequence[StepRecord], *, method: str = "hyperdiff",
                  objective: str = "val_loss") -> SearchResult:
     """A hyperdiff run as a :class:`SearchResult`: one trial per successful outer step, with
-    the driver's cumulative trainings and wall time (a failed step counts its trainings)."""
+    the driver's cumulative trainings and wall time (a failed step counts its trainings, also
+    a failed last one: the result's totals are the last record's)."""
     trials = []
     for record in history:
         value = getattr(record, objective)
@@ -358,7 +384,8 @@ def from_history(history: Sequence[StepRecord], *, method: str = "hyperdiff",
                    if getattr(record, k) is not None}
         trials.append(Trial(record.step, dict(record.hparams), float(value), metrics,
                             record.trainings, record.time_s))
-    return SearchResult(method, tuple(trials))
+    spent = (history[-1].trainings, history[-1].time_s) if history else None
+    return SearchResult(method, tuple(trials), spent)
 
 
 __all__ = ["OPTUNA_MISSING", "Dimension", "SearchResult", "Trial", "as_tensors", "dimensions",

@@ -68,4 +68,5 @@ def hypergradient(
         train_loss, val_loss, hparams, params, optimizer=optimizer, train_data=train_data,
         val_data=val_data, steps=steps, buffers=buffers, seed=seed,
     )
+    method.check(problem)  # before any training (a refusal, not a silent zero)
     return method(problem)

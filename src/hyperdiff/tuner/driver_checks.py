@@ -83,13 +83,24 @@ def as_batches(selection: Any) -> list[Batch] | None:
     return validation_batches(selection, "HyperOptimizer", "selection")
 
 
+MAX_SAMPLES = 16
+"""The default ``max_samples``: a fixed ``samples`` refuses any other (nothing would read it)."""
+SAMPLES_AUTO = "samples='auto'"
+
+
 def auto_samples(samples: int | str, max_samples: int) -> AutoSamples | None:
-    """``AutoSamples`` for ``samples="auto"``, ``None`` for a fixed count."""
+    """``AutoSamples`` for ``samples="auto"``, ``None`` for a fixed count (with
+    ``max_samples`` at its default :data:`MAX_SAMPLES`)."""
     if isinstance(samples, str):
         if samples != "auto":
             raise fail("HyperOptimizer", "samples", "a positive int or 'auto'", samples)
         return AutoSamples(maximum=max_samples)  # which checks it
     positive_int("HyperOptimizer", "max_samples", max_samples)
+    if max_samples != MAX_SAMPLES:  # it bounds the automatic count only
+        raise fail("HyperOptimizer", option("max_samples", "outer.max_samples"),
+                   f"its default {MAX_SAMPLES} unless "
+                   f"{option(SAMPLES_AUTO, 'outer.auto_samples = true')} (it bounds the "
+                   "automatic number of samples only)", max_samples)
     return None
 
 

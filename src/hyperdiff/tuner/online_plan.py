@@ -296,9 +296,15 @@ class OnlinePlan:
                     f"over the run's {self.problem.steps} steps (got {coef.steps}); use "
                     f"schedule.with_steps({self.problem.steps})")
         self._check_samples(loop.hparams)
+        self._check_read(loop)
         loop.discrete = outer_hook(loop.hparams, seed=loop.seed, samples=self.samples,
                                    max_steps=self.windows, folds=1,
                                    baseline=self._baseline(loop.hparams))
+        if loop.seed and self.val_batch_size is None and loop.discrete is None:  # said
+            _LOG.warning("%s: %s is not read: it seeds the validation draws of %s and the "
+                         "draws of discrete hyperparameters, and this run has neither",
+                         self.caller, option(f"seed={loop.seed}", f"outer.seed = {loop.seed}"),
+                         option("val_batch_size", "outer.val_batch"))
         if loop.discrete is not None or method.options.get("data_parallel"):
             if not self.settling.never:  # said, not dropped silently
                 _LOG.warning(
@@ -313,6 +319,13 @@ class OnlinePlan:
             self.settling = Settling()
         with torch.no_grad():
             self.state: TrainState = initial_state(self.problem, differentiable=False)
+
+    def _check_read(self, loop: Any) -> None:
+        """Refuse ``eval_every`` without a selection split: nothing would read it."""
+        if self.eval_every and not loop.selection:
+            raise fail(self.caller, "eval_every", "0 without a selection split (it records "
+                       "the selection loss every eval_every windows; pass selection=batches "
+                       "held out from val_data)", self.eval_every)
 
     def _check_samples(self, hparams: HyperParameters) -> None:
         """Refuse samples that could only repeat one another: with ``val_batch_size=None``

@@ -11,9 +11,12 @@ and against wall time) and ``comparison.json`` (each method's curve, its trials 
 winner's natural values, which ``hd.tuned_hparams(task, comparison, method=...)`` reads) into
 the run directory, both rewritten as soon as each method's phase finishes: a phase that fails
 leaves the earlier ones there (and in the printed table), with the failure named under
-``"failed"``; the error is still reported and the exit status is non-zero. An ``--out`` that
-already holds a comparison is refused before the tuning starts, as ``hyperdiff run --out``
-refuses a directory that holds a run.
+``"failed"``; the error is still reported and the exit status is non-zero. The run directory
+is ``--out``, else the config's ``output.dir`` (below the working directory, as for ``hyperdiff
+run``), else a new ``runs/compare-<task>-<time>``; one that already holds a comparison is
+refused before the tuning starts, as ``hyperdiff run --out`` refuses a directory that holds a
+run. A black-box method whose every trial diverged has no winner: its row says "no finite
+trial" (``"no_finite_trial": true`` and ``"best": null`` in the JSON).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 OUTPUTS = ("comparison.json", "comparison.png")
+NO_FINITE_TRIAL = ("no finite trial: every trial's training diverged (a non-finite loss), so "
+                   "there is no winner to retrain or export; narrow the task's search_space")
 HELP = "tune a task with hyperdiff and with random search / TPE under one budget; table + figure"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,13 +51,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: one shared value per hyperparameter)")
     parser.add_argument("--no-tpe", action="store_true", help="skip Optuna's TPE")
     parser.add_argument("--out", help="output directory, refused when it already holds a "
-                        "comparison (default: a new runs/compare-<task>-<time>)")
+                        "comparison (default: the config's output.dir, else a new "
+                        "runs/compare-<task>-<time>)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
 
 
 def run(args: argparse.Namespace) -> int:
     from hyperdiff.app.config import load_config
     from hyperdiff.app.rundir.files import refuse_link
+    from hyperdiff.app.rundir.paths import below_working_dir
     from hyperdiff.errors import HyperdiffError
     from hyperdiff.tuner.distributed import init_from_env, on_root
 
@@ -61,20 +68,24 @@ def run(args: argparse.Namespace) -> int:
     set_threads("compare", args.threads)
     from hyperdiff.app.tasks.loader import label
 
-    if args.out:  # refused now, not after the tuning: a link where a file will be written
-        out = Path(args.out)
+    # --out, else output.dir (kept below the working directory, as `hyperdiff run` keeps it)
+    chosen = args.out or (str(below_working_dir(config.output.dir, "config: output.dir"))
+                          if config.output.dir else None)
+    if chosen:  # refused now, not after the tuning: a link where a file will be written
+        out = Path(chosen)
         if (out.is_symlink() and not out.exists()) or (out.exists() and not out.is_dir()):
             what = ("a symbolic link to a missing target" if out.is_symlink()
                     else "an existing file")
-            raise HyperdiffError(f"compare: --out {out} must be a directory or a new path "
+            given = "--out" if args.out else "output.dir"
+            raise HyperdiffError(f"compare: {given} {out} must be a directory or a new path "
                                  f"(got {what}); choose another one")
         for name in OUTPUTS:
             refuse_link(out / name)
-        refuse_existing_comparison(Path(args.out))  # a computed result is never replaced
+        refuse_existing_comparison(out)  # a computed result is never replaced
     # under torchrun: the trainings are spread over the ranks, rank 0 alone writes and prints
     group = init_from_env(config.distributed.timeout_s)
     root = group is None or group.is_root
-    outputs = PhaseOutputs(args.out, f"compare-{label(config.task.name)}-"
+    outputs = PhaseOutputs(chosen, f"compare-{label(config.task.name)}-"
                            f"{time.strftime('%Y%m%d-%H%M%S')}")
 
     def write(report: dict[str, Any]) -> Path:
@@ -259,11 +270,15 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
                                 objective=objective,
                                 progress=partial(search_bar.advance, per_trial),
                                 spread=spread)
-                # rank 0's winner (TPE runs on every rank: the same search, unless the
-                # machines round differently)
-                best = on_root(group, f"compare: {name} winner", dict, result.best.values)
-                metrics = evaluate_values(task, best, seeds, spread,
-                                          progress=search_bar.report_phase())
+                metrics: dict[str, dict[str, float]] = {}
+                if result.found_finite:  # else no winner: every trial diverged
+                    # rank 0's winner (TPE runs on every rank: the same search, unless the
+                    # machines round differently)
+                    best = on_root(group, f"compare: {name} winner", dict, result.best.values)
+                    metrics = evaluate_values(task, best, seeds, spread,
+                                              progress=search_bar.report_phase())
+                else:
+                    log(f"compare on {task.name}: {name}: {NO_FINITE_TRIAL}")
                 search_bar.best = result.best.objective
             methods.append(summarize(result, metrics, picked_by=objective, task=task))
         except (Exception, KeyboardInterrupt) as err:
@@ -299,6 +314,9 @@ def summarize(result: Any, metrics: Mapping[str, Mapping[str, float]], *,
            "best_val_loss": winner.objective, "picked_by": picked_by,
            "winner_metrics": {s: dict(m) for s, m in metrics.items()},
            "curve": result.curve()}
+    finite = result.found_finite
+    if not finite:  # every trial diverged: no winner (hd.tuned_hparams refuses to export it)
+        row["no_finite_trial"] = True
     if task is None:
         return row
 
@@ -307,23 +325,25 @@ def summarize(result: Any, metrics: Mapping[str, Mapping[str, float]], *,
                                                                               values)
 
     trial, values = best if best is not None else (winner.number, form(winner.values))
-    row["best"] = {"trial": trial, "values": dict(values)}
+    row["best"] = ({"trial": trial, "values": dict(values)} if finite or best is not None
+                   else None)
     row["trials"] = [trial_entry(t, form(t.values)) for t in result.trials]
     return row
 
 
 def format_comparison(report: Mapping[str, Any]) -> str:
     """The table ``hyperdiff compare`` prints."""
-    head = (f"{'method':<12}{'trainings':>10}{'wall s':>9}{'best val':>10}{'test loss':>11}"
+    head = (f"{'method':<12}{'trainings':>10}{'wall s':>9}{'best val':>11}{'test loss':>11}"
             f"{'test acc':>10}")
     lines = [f"{report['task']}: {report['hparams']} hyperparameters; black-box budget "
              f"{report['budget']} trainings", "", head]
     for row in report["methods"]:
-        test = row["winner_metrics"]["test"]
+        test = row["winner_metrics"].get("test", {})  # none without a winner
         acc = f"{test['accuracy']:.4f}" if "accuracy" in test else "-"
-        loss = f"{test['loss']:.4f}" if "loss" in test else "-"  # a user's metrics may lack it
+        loss = f"{test['loss']:.4g}" if "loss" in test else "-"  # a user's metrics may lack it
+        val = "no finite" if row.get("no_finite_trial") else f"{row['best_val_loss']:.4g}"
         lines.append(f"{row['method']:<12}{row['trainings']:>10}{row['time_s']:>9.1f}"
-                     f"{row['best_val_loss']:>10.4f}{loss:>11}{acc:>10}")
+                     f"{val:>11}{loss:>11}{acc:>10}")
     picked = report["methods"][0]["picked_by"].replace("_", " ")
     folds = report.get("cv_folds") or 0
     what = (f"the mean validation loss over {folds} cross-validation folds, which every method "
@@ -334,6 +354,8 @@ def format_comparison(report: Mapping[str, Any]) -> str:
               f"retrained on {len(report['report_seeds'])} fresh "
               f"{'seed' if len(report['report_seeds']) == 1 else 'seeds'}"]
     lines += [f"skipped: {s}" for s in report.get("skipped", [])]
+    lines += [f"warning: {row['method']}: {NO_FINITE_TRIAL}" for row in report["methods"]
+              if row.get("no_finite_trial")]
     failed = report.get("failed")
     if failed:
         not_run = f"; not run: {', '.join(failed['not_run'])}" if failed["not_run"] else ""

@@ -25,10 +25,12 @@ from hyperdiff.app.tasks.base import SearchChoices, SearchRange, classification_
 from hyperdiff.app.tasks.mlp import init_mlp, load_digits_data
 from hyperdiff.app.tasks.spec import TaskSpec, task
 from hyperdiff.engine.optimizers import sgd
+from hyperdiff.errors import fail
 from hyperdiff.hparams.discrete import categorical
 from hyperdiff.hparams.hyperparams import HParamView, HyperParameters, scalar
 from hyperdiff.hparams.relax import Choice, choose, mix
 from hyperdiff.typing import Batch, Params
+from hyperdiff.wording import option
 
 SUMMARY = "MLP on digits choosing depth, width and activation; lr and weight decay"
 TUNES = "depth {1,2,3}, width {16..128}, activation {relu,tanh,gelu} (10 logits), lr, weight_decay"
@@ -110,7 +112,15 @@ def named_build(name: str, *, steps: int, data_seed: int, mode: str,
                 baseline: str = "moving_average",
                 temperature: float | tuple[float, float] = (1.0, 0.3)) -> TaskSpec:
     """:func:`build` as the task ``name`` (``arch_digits_gumbel`` is a task of its own, which
-    ``result.json`` and ``hd.tuned_hparams`` must tell from ``arch_digits``)."""
+    ``result.json`` and ``hd.tuned_hparams`` must tell from ``arch_digits``). Refuses the
+    option that ``mode`` does not read (``baseline`` but with reinforce, ``temperature``
+    with it) off its default, which the task would record and not use."""
+    unread = (("temperature", temperature, (1.0, 0.3), "relax and gumbel")
+              if mode == "reinforce" else ("baseline", baseline, "moving_average", "reinforce"))
+    key, value, default, readers = unread
+    if value != default and not (key == "temperature" and value == list(default)):
+        raise fail(name, option(key, f"task.params.{key}"), f"its default {default!r} with "
+                   f"mode={mode!r} (only {readers} read it)", value)
     x, y = load_digits_data()
     search: dict[str, Any] = {
         "lr": SearchRange(1e-3, 1.0), "weight_decay": SearchRange(1e-6, 1e-1),
