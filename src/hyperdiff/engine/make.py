@@ -27,6 +27,7 @@ from hyperdiff.engine.device import resolve_device
 from hyperdiff.engine.models import FunctionalModel, StepContext, model_state
 from hyperdiff.engine.optimizers import (
     Optimizer,
+    check_callables,
     check_coefficient_values,
     check_schedule,
     working_dtype,
@@ -250,6 +251,7 @@ def _probe(problem: Problem) -> None:
     hview = problem.hparams.view(raw)
     params, buffers, opt_state = initial_state(problem, hview, differentiable=True)
     try:
+        check_callables(problem.optimizer, hview, problem.params, problem.steps)
         with watching_untracked_randomness():
             moves_params = _train_loss_depends_on_params(problem, params, hview)
             losses = []

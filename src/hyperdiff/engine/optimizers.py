@@ -32,6 +32,7 @@ from hyperdiff.errors import (
     UNIT,
     UNIT_OPEN_HIGH,
     HyperdiffError,
+    NonFiniteError,
     Range,
     describe,
     number,
@@ -67,6 +68,13 @@ class AdamState(NamedTuple):
     exp_avg_sq: dict[str, Tensor]
 
 
+class CoefficientRangeError(NonFiniteError):
+    """Hyperparameter values at which an optimizer coefficient is invalid (an ``adam`` beta2
+    of 1.5, a negative learning rate): training there would diverge or be meaningless. A
+    :class:`~hyperdiff.errors.NonFiniteError`, so that an outer loop's divergence guard takes
+    a step that moved a value there as a failed step, as it would the diverged training."""
+
+
 def resolve(coef: Coefficient, hparams: HParamView, step: int, param: str) -> Tensor | float:
     """Value of a coefficient at ``step`` for parameter ``param``."""
     if isinstance(coef, str):
@@ -74,6 +82,39 @@ def resolve(coef: Coefficient, hparams: HParamView, step: int, param: str) -> Te
     if callable(coef):
         return coef(hparams, step, param)
     return coef
+
+
+def _checked_callable(coef: Coefficient, caller: str, label: str, valid: Range) -> Coefficient:
+    """``coef``; a callable one (not a schedule) wrapped to refuse a number it returns outside
+    ``valid`` at any step. A tensor it returns is not checked here (that would cost a device
+    sync per step): :func:`check_callables` checks those over all steps when the problem is
+    made."""
+    if isinstance(coef, (str, Schedule)) or not callable(coef):
+        return coef
+    function = coef
+
+    def checked(hparams: HParamView, step: int, param: str) -> Any:
+        value = function(hparams, step, param)
+        if isinstance(value, numbers.Real) and not valid.contains(float(value)):
+            raise _callable_error(caller, label, valid, value, step, param)
+        return value
+
+    return checked
+
+
+def _callable_error(caller: str, label: str, valid: Range, value: Any, step: int,
+                    param: str) -> HyperdiffError:
+    return HyperdiffError(
+        f"{caller}: {label}, a callable, must give {valid.text()} at every step (got "
+        f"{_shown(value)} at step {step} for parameter {param!r})")
+
+
+def _shown(value: Any) -> str:
+    """A number or list of numbers to 12 digits (``-0.1``, not ``-0.10000000000000003``)."""
+    if isinstance(value, list):
+        return str([float(f"{v:.12g}") for v in value])
+    return str(float(f"{float(value):.12g}")) if isinstance(value, numbers.Real) else describe(
+        value)
 
 
 def _is_zero(coef: Coefficient) -> bool:
@@ -153,7 +194,8 @@ def sgd(
     coefs = plain_numbers({"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
     for name, coef in coefs.items():
         _check_coefficient("sgd", name, coef, SGD_VALID[name])
-    lr, momentum, weight_decay = coefs["lr"], coefs["momentum"], coefs["weight_decay"]
+    lr, momentum, weight_decay = (_checked_callable(coefs[k], "sgd", k, SGD_VALID[k])
+                                  for k in ("lr", "momentum", "weight_decay"))
     dampening = number("sgd", "dampening", dampening, SGD_VALID["dampening"])  # fixed, a float
     if not isinstance(nesterov, bool):
         raise HyperdiffError(f"sgd: nesterov must be True or False (got {describe(nesterov)})")
@@ -226,8 +268,9 @@ def adam(
     labels = {"beta1": "betas[0]", "beta2": "betas[1]"}
     for name, coef in coefs.items():
         _check_coefficient(caller, labels.get(name, name), coef, ADAM_VALID[name])
-    lr, beta1, beta2, eps, weight_decay = (coefs[k] for k in ("lr", "beta1", "beta2", "eps",
-                                                              "weight_decay"))
+    lr, beta1, beta2, eps, weight_decay = (
+        _checked_callable(coefs[k], caller, labels.get(k, k), ADAM_VALID[k])
+        for k in ("lr", "beta1", "beta2", "eps", "weight_decay"))
 
     def init(params: Params) -> AdamState:
         return AdamState(
@@ -361,5 +404,95 @@ def check_coefficient_values(
             hparam, optimizer.name, coef_name, hparams[hparam].constraint.name, valid.text(),
         )
 
-__all__ = ["AdamState", "Optimizer", "SGDState", "adam", "adamw", "check_coefficient_values",
-           "sgd"]
+def _label(optimizer: Optimizer, coef_name: str) -> str:
+    """How the optimizer's own messages name a coefficient (``betas[1]`` for adam's beta2)."""
+    return {"beta1": "betas[0]", "beta2": "betas[1]"}.get(coef_name, coef_name)
+
+
+def check_callables(optimizer: Optimizer, hparams: HParamView, params: Params,
+                    steps: int) -> None:
+    """A callable coefficient must give, at ``hparams`` (the start values), a number or a tensor
+    valid for its coefficient at every step and for every parameter (training checks the
+    numbers it gives again at each step, not the tensors: that would sync the device)."""
+    for coef_name, coef in optimizer.coefficients.items():
+        valid = optimizer.valid.get(coef_name)
+        if isinstance(coef, (str, Schedule)) or not callable(coef) or valid is None:
+            continue
+        label = _label(optimizer, coef_name)
+        ok: Tensor | bool = True  # all tensors valid so far, on their device (no sync)
+        pending: list[Tensor] = []  # tensors to check at once: a few kernels per thousand
+        with torch.no_grad():
+            for step in range(steps):
+                for name, param in params.items():
+                    value = coef(hparams, step, name)
+                    if isinstance(value, Tensor):
+                        pending.append(value.detach().to(working_dtype(param)).reshape(-1))
+                        if len(pending) >= 1024 or pending[-1].numel() > 2**16:
+                            ok = valid.tensor_contains(torch.cat(pending)).all() & ok
+                            pending.clear()
+                    elif not isinstance(value, numbers.Real):
+                        raise HyperdiffError(
+                            f"{optimizer.name}: {label}, a callable, must return a number or a "
+                            f"tensor (got {describe(value)} at step {step} for parameter "
+                            f"{name!r})")
+                    elif not valid.contains(float(value)):
+                        raise _callable_error(optimizer.name, label, valid, value, step, name)
+            if pending:
+                ok = valid.tensor_contains(torch.cat(pending)).all() & ok
+            if bool(ok):
+                continue
+            for step in range(steps):  # where: the first offending step and parameter
+                for name, param in params.items():
+                    value = coef(hparams, step, name)
+                    if not isinstance(value, Tensor):
+                        continue
+                    value = value.detach()
+                    bad = ~valid.tensor_contains(value.to(working_dtype(param)))
+                    if bool(bad.any()):
+                        shown = value[bad].reshape(-1)[:3].tolist()
+                        raise _callable_error(optimizer.name, label, valid,
+                                              shown[0] if value.dim() == 0 else shown,
+                                              step, name)
+
+
+def check_raw_coefficients(optimizer: Optimizer, hparams: HyperParameters,
+                           raw: Mapping[str, Tensor], dtype: torch.dtype) -> None:
+    """Raise :class:`CoefficientRangeError` where the raw values ``raw`` (in ``dtype``, the one
+    training computes them in) make a coefficient that a hyperparameter or a schedule gives
+    invalid for it: once per method call, on the device ``raw`` lives on (the host for a
+    collection's own values), so training never sees a beta2 of 1.5 and blames the learning
+    rate for the NaN it produces."""
+    for coef_name, coef in optimizer.coefficients.items():
+        valid = optimizer.valid.get(coef_name)
+        if valid is None or not isinstance(coef, (str, Schedule)):
+            continue
+        names = list(coef.names.values()) if isinstance(coef, Schedule) else [coef]
+        natural = {n: hparams[n].constraint.to_natural(raw[n].detach().to(dtype))
+                   for n in names}
+        what = (f"hyperparameter {coef!r}" if isinstance(coef, str) else
+                f"the {coef.family} schedule of {coef_name} (fields {names})")
+        if isinstance(coef, Schedule):
+            fields = {f: natural[n] for f, n in coef.names.items()}
+            for field_name, value in fields.items():
+                if not field_range(field_name).contains(float(value)):
+                    raise CoefficientRangeError(
+                        f"hypergradient: {what}: {coef.names[field_name]!r} must be "
+                        f"{field_range(field_name).text()} (got {_shown(float(value))})")
+            values = coef.window(natural, 0, coef.steps)
+        else:
+            values = natural[coef]
+        ok = valid.tensor_contains(values)
+        if not bool(ok.all()):
+            bad = values[~ok].reshape(-1)[:3].tolist()
+            shown = _shown(bad[0] if values.dim() == 0 else bad)
+            over_steps = isinstance(coef, Schedule) or hparams[coef].kind == "per_step"
+            where = (f" from step {int((~ok).reshape(-1).nonzero()[0])}" if over_steps else "")
+            raise CoefficientRangeError(
+                f"hypergradient: {what}, the {optimizer.name} {coef_name}, must be "
+                f"{valid.text()} (got {shown}{where} at the raw values given, in "
+                f"{str(dtype).removeprefix('torch.')}); keep it there with its constraint, "
+                "e.g. hd.scalar(value, (low, high))")
+
+
+__all__ = ["AdamState", "CoefficientRangeError", "Optimizer", "SGDState", "adam", "adamw",
+           "check_callables", "check_coefficient_values", "check_raw_coefficients", "sgd"]

@@ -28,7 +28,7 @@ from hyperdiff.engine.models import (
     StepContext,
     replayed_rng,
 )
-from hyperdiff.engine.optimizers import Optimizer, working_dtype
+from hyperdiff.engine.optimizers import Optimizer, check_raw_coefficients, working_dtype
 from hyperdiff.errors import HyperdiffError, LossError, describe, positive_int, scalar_loss
 from hyperdiff.hparams.hyperparams import HyperParameters
 from hyperdiff.hparams.initialization import initialization_name
@@ -85,6 +85,8 @@ class Problem:
         """Raw values (default: the collection's current ones; a ``HyperParameters``: its
         ``raw``) on the parameters' device, in :attr:`hparam_dtype`."""
         values = self.hparams.raw if raw is None else self._checked_raw(raw)
+        if raw is not None:  # the collection's own values were checked by make_problem
+            check_raw_coefficients(self.optimizer, self.hparams, values, self.hparam_dtype)
         return {n: v.detach().to(device=self.device, dtype=self.hparam_dtype)
                 for n, v in values.items()}
 
@@ -148,18 +150,19 @@ def with_context(fn: LossFn, takes_context: bool = True) -> LossFn:
         return marked
 
 
-def takes_context(fn: LossFn, name: str) -> bool:
+def takes_context(fn: LossFn, name: str, caller: str = "hypergradient") -> bool:
     """True for ``fn(params, hparams, batch, ctx)``, False for ``fn(params, hparams, batch)``.
 
     The rule counts *required* positional parameters (those without a default): four means
     the loss receives the context, three that it does not; optional ones never receive it, so
     ``loss(params, h, batch, lam=0.1)`` keeps its ``lam``. A loss marked by
     :func:`with_context` is called as marked. More than four required arguments, required
-    keyword-only arguments, or fewer than three positional ones are errors.
+    keyword-only arguments, or fewer than three positional ones are errors, named as
+    ``caller``'s (``"make_problem"`` for :func:`~hyperdiff.engine.make.make_problem`).
     """
     if not callable(fn):
         raise HyperdiffError(
-            f"hypergradient: {name} must be a callable loss(params, hparams, batch[, ctx]) "
+            f"{caller}: {name} must be a callable loss(params, hparams, batch[, ctx]) "
             f"(got {type(fn).__name__})"
         )
     marked = getattr(fn, CONTEXT_FLAG, None)
@@ -175,12 +178,12 @@ def takes_context(fn: LossFn, name: str) -> bool:
     keyword_only = [p.name for p in values if p.kind == p.KEYWORD_ONLY and p.default is p.empty]
     if keyword_only:
         raise HyperdiffError(
-            f"hypergradient: {name} must not have required keyword-only arguments, hyperdiff "
+            f"{caller}: {name} must not have required keyword-only arguments, hyperdiff "
             f"passes (params, hparams, batch[, ctx]) by position (got {keyword_only})"
         )
     if len(required) > 4:
         raise HyperdiffError(
-            f"hypergradient: {name} must have 3 required arguments (params, hparams, batch) or "
+            f"{caller}: {name} must have 3 required arguments (params, hparams, batch) or "
             f"4 (params, hparams, batch, ctx); give the others defaults (got {len(required)} "
             f"required: {', '.join(required)})"
         )
@@ -188,7 +191,7 @@ def takes_context(fn: LossFn, name: str) -> bool:
         return len(required) == 4
     if len(positional) < 3:
         raise HyperdiffError(
-            f"hypergradient: {name} must accept (params, hparams, batch) or "
+            f"{caller}: {name} must accept (params, hparams, batch) or "
             f"(params, hparams, batch, ctx) (got a function of {len(positional)} arguments)"
         )
     return len(required) == 4

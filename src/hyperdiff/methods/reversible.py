@@ -245,21 +245,43 @@ class Coefficients:
         mu = self("momentum", step)
         if self.cache.get("n", (None,))[0] is mu:
             return self.cache["n"][1]
-        if not bool(((mu > 0) & (mu <= 1)).all()):
+        ok = (mu > 0) & (mu <= 1)
+        if not bool(ok.all()):
             raise HyperdiffError(
-                f"reversible: momentum must be in (0, 1] at every step (got {describe(mu)} "
-                f"at step {step})"
+                f"reversible: {self._momentum()} must be in (0, 1] at every step (got "
+                f"{self._offending(mu, ~ok)} at step {step})"
             )
         n, d = fraction_of(mu)
         if not bool((n >= 1).all()):
             raise HyperdiffError(
-                f"reversible: momentum must be at least 2^-31 at every step (got "
-                f"{describe(mu)} at step {step})"
+                f"reversible: {self._momentum()} must be at least 2^-31 at every step (got "
+                f"{self._offending(mu, n < 1)} at step {step})"
             )
         self.cache["n"] = (mu, (n, d))
         rounding = float((mu - n.to(torch.float64) / d.to(torch.float64)).abs().max())
         self.momentum_rounding = max(self.momentum_rounding, rounding)
         return n, d
+
+    def _momentum(self) -> str:
+        """The sgd momentum, named with the hyperparameter that gives it, if one does."""
+        coef = self.problem.optimizer.coefficients["momentum"]
+        return f"the sgd momentum (hyperparameter {coef!r})" if isinstance(coef, str) else (
+            "the sgd momentum")
+
+    def _offending(self, values: Tensor, bad: Tensor) -> str:
+        """The first distinct values of the flat ``values`` where ``bad`` (at most three),
+        and the parameter of the first."""
+        shown = list(dict.fromkeys(values[bad][:1000].tolist()))[:3]
+        text = (f"{shown[0]:.12g}" if len(shown) == 1 else
+                str([float(f"{v:.12g}") for v in shown]))
+        if bool((values == values[0]).all()):  # one value for all parameters
+            return text
+        where = int(bad.nonzero()[0, 0])
+        for name, param in self.problem.params.items():
+            if where < param.numel():
+                return f"{text}, first for parameter {name!r},"
+            where -= param.numel()
+        return text
 
 
 def fraction_of(mu: Tensor) -> tuple[Tensor, Tensor]:
