@@ -229,3 +229,27 @@ def test_the_loss_signature_check_names_its_caller():
         takes_context(lambda p, h: p, "train_loss", caller="make_problem")
     with pytest.raises(hd.HyperdiffError, match=r"^hypergradient: val_loss must be a callable"):
         takes_context(3, "val_loss")  # type: ignore[arg-type]
+
+
+# --- s41: an online rescue / retry with no one learning rate to cut ---------------------------
+def per_step_lr_problem(steps=6):
+    train_loss, val_loss, _, params, kwargs = ridge(steps=steps)
+    hp = hd.HyperParameters(lr=hd.per_step(steps, 0.05))
+    return hd.make_problem(train_loss, val_loss, hp, params,
+                           **{**kwargs, "optimizer": hd.sgd("lr")})
+
+
+def test_an_online_rescue_or_retry_that_nothing_can_cut_is_said(caplog):
+    with caplog.at_level(logging.WARNING):
+        hd.HyperOptimizer(per_step_lr_problem(), method="reverse",
+                          plan=hd.plans.OnlinePlan(window=2, rescue=3, retry=2)).step()
+    assert ("rescue=3 and retry=2 are not applied: they cut or raise one learning rate"
+            in caplog.text)
+    assert "the per_step hyperparameter 'lr'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # without the options: nothing to say
+        hd.HyperOptimizer(per_step_lr_problem(), method="reverse",
+                          plan=hd.plans.OnlinePlan(window=2)).step()
+        hd.HyperOptimizer(problem(), method="reverse",  # a number lr is not tuned: no word
+                          plan=hd.plans.OnlinePlan(window=2, rescue=3, retry=2)).step()
+    assert "are not applied" not in caplog.text

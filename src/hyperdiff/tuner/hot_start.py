@@ -17,8 +17,8 @@ is divided by ``ratio`` (:func:`cooled`): a start below what it found, from wher
 is reliable; or it only warns (``"warn"``). The learning rate is the optimizer's ``lr``
 coefficient: a schedule (:mod:`hyperdiff.hparams.schedules`, its ``peak`` is scaled) or the name of
 a scalar hyperparameter; for other kinds (a number, per-tensor or per-step values, a callable)
-nothing is measured. Nor is a run that reaches M within its first :data:`MIN_WINDOWS` (3)
-windows: ``lam_M`` is then one or two outer steps from the start, and Adam's first steps move
+nothing is measured. Nor is a run that reaches M before its :data:`MIN_WINDOWS`-th (3rd)
+window: ``lam_M`` is then one or two outer steps from the start, and Adam's first steps move
 every value by the full outer learning rate whatever the signal's strength, so the ratio
 measures the outer step size, not a hot start (and dividing by it lowers the learning rate a
 second time: docs/online.md, "Cost and quality").

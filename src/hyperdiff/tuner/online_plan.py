@@ -116,7 +116,7 @@ from hyperdiff.tuner.hot_start import MODES as HOT_START_MODES
 from hyperdiff.tuner.hot_start import hot_start_warnings, measure_hot_start, restart_cooler
 from hyperdiff.tuner.lowering import lr_direction, shortened
 from hyperdiff.tuner.online_checkpoint import restore_tuner, tuner_state
-from hyperdiff.tuner.online_rescue import at_start, check_broken, start_over
+from hyperdiff.tuner.online_rescue import at_start, check_broken, lr_name, start_over
 from hyperdiff.tuner.online_retry import check_start, retry_start, stuck_advice
 from hyperdiff.tuner.plan import Outcome, bind_once
 from hyperdiff.tuner.sampler import combine, estimate_fields, warn_low_snr
@@ -305,6 +305,7 @@ class OnlinePlan:
                          "draws of discrete hyperparameters, and this run has neither",
                          self.caller, option(f"seed={loop.seed}", f"outer.seed = {loop.seed}"),
                          option("val_batch_size", "outer.val_batch"))
+        self._check_start_tries()
         if loop.discrete is not None or method.options.get("data_parallel"):
             if not self.settling.never:  # said, not dropped silently
                 _LOG.warning(
@@ -319,6 +320,24 @@ class OnlinePlan:
             self.settling = Settling()
         with torch.no_grad():
             self.state: TrainState = initial_state(self.problem, differentiable=False)
+
+    def _check_start_tries(self) -> None:
+        """Say that ``rescue`` and ``retry`` do not apply where the learning rate is tuned
+        but is not one value to cut (``per_step``, ``per_tensor``, a callable of
+        hyperparameters): a broken start then fails and a weak one trains on, as without
+        them (a number learning rate is not tuned: nothing to cut, docs/online.md)."""
+        coef = self.problem.optimizer.coefficients.get("lr")
+        if not (self.rescue or self.retry) or lr_name(self.problem) is not None or not (
+                isinstance(coef, str) or callable(coef)):
+            return
+        _LOG.warning(
+            "%s: %s and %s are not applied: they cut or raise one learning rate (a "
+            "schedule's peak or a scalar hyperparameter), and this run's lr is %s, so a "
+            "broken start fails and a weak one trains on", self.caller,
+            option(f"rescue={self.rescue}", f"outer.rescue = {self.rescue}"),
+            option(f"retry={self.retry}", f"outer.retry = {self.retry}"),
+            f"the {self.problem.hparams[coef].kind} hyperparameter {coef!r}"
+            if isinstance(coef, str) else "a function")
 
     def _check_read(self, loop: Any) -> None:
         """Refuse ``eval_every`` without a selection split: nothing would read it."""
