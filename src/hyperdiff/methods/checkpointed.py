@@ -233,7 +233,8 @@ def checkpointed(segments: int | None = None) -> Method:
 
     Args:
         segments: number S of checkpointed segments (at most T are used); default
-            ``ceil(sqrt(T))``. S=1 is plain reverse mode after a graph-free forward pass.
+            ``ceil(sqrt(T))``. S=1 is plain reverse mode (T loss calls; S segments cost
+            ``T + T - T/S``).
 
     Raises:
         HyperdiffError: ``segments`` is not a positive int.
