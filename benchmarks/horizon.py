@@ -130,7 +130,10 @@ def online_row(task: Task, label: str, peak: float, seeds, tuning_seed: int = 0,
     return {"group": "b", "label": f"{label}, start lr_peak={peak:g}", "start": peak,
             "config": label.split(", tuning seed")[0], "tuning_seed": tuning_seed,
             "values": values_of(task, result.final_raw), "cost": 2 * elapsed / (before + after),
-            "inner_steps_per_N": 1.0, "time_s": elapsed, "online_model_test_loss": own["loss"],
+            # a hot-start restart trained the steps up to its measure's window again
+            "inner_steps_per_N": 1.0 + (plan.hot_start_measure[0] / problem.steps
+                                        if plan.restarted and plan.hot_start_measure else 0.0),
+            "time_s": elapsed, "online_model_test_loss": own["loss"],
             "failed_windows": sum(r.status == "failed" for r in result.history),
             "hot_start_ratio": None if plan.hot_start_measure is None
             else plan.hot_start_measure[1], "restarted": plan.restarted,
