@@ -47,7 +47,9 @@ def test_a_meta_config_refuses_stop_travel_only():
                        r"default 3 with outer\.mode = 'meta' \(stop\.travel and stop\.extend "
                        r"are the offline plan's rules; meta runs do not read them; got 5\)"):
         load_config(overrides=[*meta, "stop.travel=5"])
-    config = load_config(overrides=[*meta, "stop.max_steps=4", "stop.patience=2"])
+    # patience is read with validation tasks (s41: refused without them, where nothing reads it)
+    config = load_config(overrides=[*meta, "stop.max_steps=4", "stop.patience=2",
+                                    "outer.meta_val_tasks=2"])
     assert (config.stop.max_steps, config.stop.patience) == (4, 2)
 
 

@@ -426,7 +426,8 @@ def _still_moving(driver: Any, config: Config, path: Path) -> str | None:
         return None
     # the gradient phase's steps only: a global phase's points are not moves of the values
     first = getattr(driver.plan, "gradient_start", 0)
-    moving = still_moving([r for r in driver.history if r.step >= first])
+    moving = still_moving([r for r in driver.history if r.step >= first],
+                          label="gradient-phase steps" if first else "outer steps")
     if moving is None:
         return None
     return (f"{moving}; give it more steps with `hyperdiff run --resume {shell_path(path)} --set "

@@ -57,9 +57,11 @@ def recent_changes(history: Sequence[StepRecord], *,
 
 
 def still_moving(history: Sequence[StepRecord], *, threshold: float = THRESHOLD,
-                 fraction: float = FRACTION) -> str | None:
+                 fraction: float = FRACTION, label: str = "outer steps") -> str | None:
     """A warning naming the hyperparameters whose relative change over the last
-    ``fraction`` of the steps exceeds ``threshold``, or ``None`` when none does.
+    ``fraction`` of the steps exceeds ``threshold``, or ``None`` when none does; ``label``
+    names the steps of ``history`` (``"gradient-phase steps"`` when a global phase's points
+    were left out: ``over the last 2 of the 3 gradient-phase steps``).
 
     >>> from dataclasses import replace
     >>> base = StepRecord(0, {"lr": 1.0}, "ok", 1.0, 1.0, 0.0, None, 1.0, None, None, 0.1,
@@ -73,7 +75,8 @@ def still_moving(history: Sequence[StepRecord], *, threshold: float = THRESHOLD,
         return None
     names = ", ".join(f"{name} changed by {change:.0%}" for name, change in moving.items())
     steps = sum(record.status == "ok" for record in history)
-    return (f"still moving: {names} over the last {window} of {steps} outer steps "
+    of = f"{steps} {label}" if label == "outer steps" else f"the {steps} {label}"
+    return (f"still moving: {names} over the last {window} of {of} "
             f"(threshold {threshold:.0%})")
 
 __all__ = ["FRACTION", "THRESHOLD", "recent_changes", "relative_change", "still_moving"]

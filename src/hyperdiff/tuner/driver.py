@@ -523,7 +523,8 @@ class HyperOptimizer:
         try:
             good, message = self.guard.failed(step, reason, start_values(self.hparams, raw),
                                               counted=self.plan.counts_failure(self),
-                                              advice=self.plan.give_up_advice(self, raw))
+                                              advice=self.plan.give_up_advice(self, raw),
+                                              row=self._failed_in_row() + 1)
             self.set_raw(good["raw"])
             self.optimizer.load_state_dict(copy.deepcopy(good[self.plan.optimizer_key]))
             self.plan.restore(good)
@@ -535,6 +536,15 @@ class HyperOptimizer:
             raise
         return self._append(self._make_record(step, raw, started, status="failed", lr=lr,
                                               message=message))
+
+    def _failed_in_row(self) -> int:
+        """The failed records at the end of the history (counted by the guard or not)."""
+        row = 0
+        for record in reversed(self.history):
+            if record.status != "failed":
+                break
+            row += 1
+        return row
 
     def _make_record(self, step: int, raw: dict[str, Tensor], started: float, *, status: str,
                      lr: float, best: bool = False, message: str = "", **fields: Any

@@ -18,6 +18,8 @@ decay, a schedule's fractions: the few knobs that a start gets 10-100x wrong); v
 (per-feature penalties, per-example weights: the gradient's domain; shifting all entries of
 ``reweight_digits``' 989 weights as one cost 31% of its test loss at 10 steps), free, softplus
 and discrete values stay at the start.
+A warm-start run has no phase (``OfflinePlan``: its steps train on from each other's theta_T,
+so the points would be no independent trials).
 Every step of the phase is an ordinary training with its record, so the guard, the ranking
 and the checkpoint treat it as any other step; the points are a function of the seed and the
 start alone, so a resumed run draws the same ones. The points train plainly (no hypergradient:

@@ -24,7 +24,8 @@ An outer step fails when
 Then the driver goes back to the snapshot of the last successful step (its raw values, outer
 optimizer state and warm-start parameters), multiplies the outer learning rate by ``shrink``
 and goes on. ``max_failures`` failures in a row end the run with a
-:class:`~hyperdiff.errors.NonFiniteError` that says what happened. A failure the plan does not
+:class:`~hyperdiff.errors.NonFiniteError` that says what happened (and how many failed steps
+in a row before them the guard did not count). A failure the plan does not
 count (``counted=False``: a point of the offline global phase, which is an independent trial,
 not a step of the outer learning rate) restores the snapshot too, but neither cuts the outer
 learning rate nor counts toward ``max_failures``.
@@ -45,6 +46,7 @@ from hyperdiff.engine.training import initial_state, validation_loss
 from hyperdiff.errors import NonFiniteError, fail, is_number
 from hyperdiff.hparams.hyperparams import HyperParameters
 from hyperdiff.typing import Batch, Params
+from hyperdiff.wording import option
 
 START_LOSS_RATIO = 1e3  # the first step's loss over the untrained model's, above it: diverged
 OVERFLOW_LOSS = 1e30  # a loss above it is absurd at any step (float32 overflows at 3.4e38)
@@ -151,12 +153,14 @@ class DivergenceGuard:
         self.failures = 0
 
     def failed(self, step: int, reason: str, values: str = "", *, counted: bool = True,
-               advice: str = "") -> tuple[Any, str]:
+               advice: str = "", row: int = 0) -> tuple[Any, str]:
         """Register a failure; return the snapshot to restore and a log message (``values``:
         the failed step's natural values, named in the message when the start fails;
         ``counted=False``: no cut and no count toward ``max_failures``, module doc;
         ``advice``: what the message advises when the guard gives up, in place of a smaller
-        outer step, where the plan knows that one cannot help).
+        outer step, where the plan knows that one cannot help; ``row``: the failed steps in a
+        row, this one and those not counted included, which the message names when they are
+        more than the counted ones).
 
         Raises:
             NonFiniteError: at the first step (nothing good to restore) or after
@@ -172,9 +176,14 @@ class DivergenceGuard:
             )
         if self.failures >= self.max_failures:
             reached, self.scale = self.scale, self.scale * self.shrink  # counted: it cuts, as
-            raise NonFiniteError(  # every counted failure does (the state checks count it)
-                f"{self.caller}: {self.failures} outer steps in a row failed (last at step "
-                f"{step}: {reason}), although the outer learning rate was cut to "
+            uncounted = row - self.failures  # every counted failure does (the state checks)
+            limit = option("max_failures", "guard.max_failures")
+            before = "" if uncounted < 1 else (
+                f", after {uncounted} more failed {'step' if uncounted == 1 else 'steps'} "
+                f"at other values before them, which do not count toward {limit}")
+            raise NonFiniteError(
+                f"{self.caller}: {self.failures} outer steps in a row failed{before} (last at "
+                f"step {step}: {reason}), although the outer learning rate was cut to "
                 f"{reached:.3g} x its initial value. " + (
                     advice or "Lower the outer learning rate, turn on clipping, or bound the "
                     "hyperparameters that drive training to diverge")

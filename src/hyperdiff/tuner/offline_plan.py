@@ -9,10 +9,14 @@ Outer step ``s`` at raw values ``u_s`` (:class:`~hyperdiff.tuner.sampler.Sampler
 
 ``explore=k`` makes steps 1..k a global phase (:mod:`hyperdiff.tuner.global_phase`): k
 quasi-random points in a box of +-``explore_decades`` decades around the start, then the
-gradient phase from the best step so far with a fresh outer optimizer. With
-``explore_when="broken"`` the phase runs only after a broken start: step 0 failed, its
-training ended no better than the untrained model (its selection loss, else its validation
-loss, ``>=`` the untrained model's on the same batches), or its hypergradient is chaotic
+gradient phase from the best step so far with a fresh outer optimizer. Not with
+``warm_start``: each step would train on from the last one's theta_T, so the points would be
+a chain of trainings ranked by how far each trained, not independent trials; a warm-start
+run has no phase and refuses an ``explore`` other than 0 or the default 8
+(:func:`check_warm_explore`). With ``explore_when="broken"`` the phase runs only after a
+broken start: step 0 failed, its training ended no better than the untrained model (its
+selection loss, else its validation loss, ``>=`` the untrained model's on the same batches),
+or its hypergradient is chaotic
 (:func:`~hyperdiff.tuner.global_phase.broken_start`): where the hypergradient of a diverging
 or chaotic training does not point the way. With ``explore_when="weak"`` (the default) also
 after a weak start: its training removed less than a fifth of the untrained model's loss (a
@@ -83,8 +87,8 @@ from hyperdiff.tuner.global_phase import (
     start_order,
     weak_start,
 )
-from hyperdiff.tuner.guard import untrained_losses
-from hyperdiff.tuner.history import History, OptimizeResult, StepRecord
+from hyperdiff.tuner.guard import start_values, untrained_losses
+from hyperdiff.tuner.history import History, OptimizeResult, StepRecord, natural_values
 from hyperdiff.tuner.outer_steps import DEFAULT_OFFLINE, SignStep, offline_optimizers
 from hyperdiff.tuner.plan import Outcome, bind_once
 from hyperdiff.tuner.sampler import Sampler, estimate_fields, plain_fields
@@ -115,7 +119,7 @@ class OfflinePlan:
         warm_start: start each step's training from the slot's previous theta_T.
         explore: quasi-random points tried at steps 1..explore before the gradient phase
             (0: none; :mod:`hyperdiff.tuner.global_phase`); by default 8, after a broken
-            or weak start only.
+            or weak start only; none with ``warm_start`` (module doc).
         explore_decades: half-width of their box around the start, in decades.
         explore_when: ``"always"``; ``"weak"``: after a broken or weak start; ``"broken"``:
             after a broken start only (module doc).
@@ -154,6 +158,7 @@ class OfflinePlan:
             raise fail("HyperOptimizer", "explore_when", f"one of {list(EXPLORE_WHEN)}",
                        explore_when)
         self.explore_when = explore_when
+        check_warm_explore(self.warm_start, self.explore, self.explore_decades, explore_when)
         self.confirm = nonnegative_int("HyperOptimizer", "confirm", confirm)
         self.confirm_chaotic = nonnegative_int("HyperOptimizer", "confirm_chaotic",
                                                confirm_chaotic)
@@ -204,8 +209,8 @@ class OfflinePlan:
         check_extend(loop)
         self.problems = loop.problems
         self._start = loop.hparams.raw
-        self._candidates = explore_points(loop.hparams, self._start, self.explore,
-                                          self.explore_decades, loop.seed)
+        self._candidates = [] if self.warm_start else explore_points(
+            loop.hparams, self._start, self.explore, self.explore_decades, loop.seed)
         self._travellers = explored_names(loop.hparams)  # the values early stopping waits for
         self._points = self._candidates if self.explore_when == "always" else []
         self._sampler = Sampler(loop.problems, method, samples=self.samples, auto=self.auto,
@@ -286,13 +291,20 @@ class OfflinePlan:
         return self.sampler.trainings
 
     def begin(self, loop: Any, step: int) -> dict[str, Tensor]:
-        """The values of ``step``: the global phase's point, else the loop's raw values."""
+        """The values of ``step``: the global phase's point, else the loop's raw values; counts
+        the step's first round of trainings, unless the values are outside their constraint
+        (the guard fails such a step before it trains)."""
         if self._fresh is None:
             self._fresh = copy.deepcopy(loop.optimizer.state_dict())
-        self.sampler.trainings += self.sampler.first_round
         if 1 <= step < self.gradient_start:
             loop.set_raw(self._points[step - 1])
-        return loop.raw
+        raw = loop.raw
+        try:  # values outside their constraint fail the step before it trains (the driver's
+            loop.guard.check_values(loop.hparams, raw)  # check): no training to count
+        except NonFiniteError:
+            return raw
+        self.sampler.trainings += self.sampler.first_round
+        return raw
 
     def evaluate(self, loop: Any, step: int, raw: dict[str, Tensor]) -> Outcome:
         """Train every slot at ``raw`` and combine their hypergradients; a point of the global
@@ -382,7 +394,8 @@ class OfflinePlan:
         # (with outer.tie_steps the tied steps rank by val and the later ones by selection)
         key = ranking_loss(record.step, loop.tie_steps, record.selection_loss is not None)
         field = f"{key}_loss"
-        after = max(self.reverted[-1] if self.reverted else -1, int(loop.best["step"]))
+        after = max(self.reverted[-1] if self.reverted else -1, int(loop.best["step"]),
+                    self.gradient_start - 1)  # the global phase's points are no such steps
         losses = [getattr(r, field) for r in loop.history if r.status == "ok" and r.step > after]
         tail = [*losses, getattr(record, field)][-self.revert:]
         rising = all(later > earlier for earlier, later in itertools.pairwise(tail))
@@ -428,9 +441,16 @@ class OfflinePlan:
         return loop.step_index >= self.gradient_start and self._next_start(loop) is None
 
     def give_up_advice(self, loop: Any, raw: dict[str, Tensor]) -> str:
-        """A retried outer step starts from the good values with a smaller step, so the
-        guard's advice (a smaller outer learning rate) holds; with ``signstep`` without its
-        clipping, which cannot shorten a step that reads the hypergradient's sign alone."""
+        """What the guard advises when it gives up at ``raw``. A step after a failure trains
+        at the restored good values themselves (another minibatch seed, no outer step), where
+        the outer learning rate plays no part: the advice names the steps that trained there
+        and the values (:func:`retried_advice`). Else (a failed outer step from them, the
+        first of a row) the guard's own advice, a smaller outer learning rate; with
+        ``signstep`` without its clipping, which cannot shorten a step that reads the
+        hypergradient's sign alone."""
+        retried = retried_advice(loop, raw)
+        if retried:
+            return retried
         if not isinstance(loop.optimizer, SignStep):
             return ""
         return (f"Lower the outer learning rate ({option('lr', 'outer.lr')}: signstep moves "
@@ -484,9 +504,16 @@ class OfflinePlan:
 
     def _end_global_phase(self, loop: Any, step: int) -> None:
         """After the global phase's last step: the best step's values and the outer optimizer
-        as before step 0."""
+        as before step 0.
+
+        Raises:
+            NonFiniteError: the start and every point failed (:func:`all_failed`): there is
+                no value to start the gradient phase from.
+        """
         if step != self.gradient_start - 1:
             return
+        if loop.best is None and all(r.status == "failed" for r in loop.history):
+            raise all_failed(loop.history, step + 1)  # this step's failed record comes next
         if loop.best is not None:
             self._start_from(loop, loop.best["raw"])
         elif self._fresh is not None:
@@ -515,6 +542,13 @@ class OfflinePlan:
             refuse_online_state(state)  # before the history an online state would not need
             raise fail("HyperOptimizer.load_state_dict", "history",
                        "the run's records (offline checkpoints hold none)", history)
+        if self.warm_start and "explored" in state:  # saved before warm starts had no phase
+            if state["explored"] is True:
+                raise HyperdiffError(
+                    "HyperOptimizer: the checkpoint is of a warm-start run that ran a global "
+                    "phase, which warm-start runs no longer have (its points trained on from "
+                    "each other's theta_T); it cannot be resumed: start a new run")
+            state = {key: value for key, value in state.items() if key != "explored"}
         check_driver_state(loop, self, state, history)
         if self._fresh is None:  # the loop's optimizer is still the one it made
             self._fresh = copy.deepcopy(loop.optimizer.state_dict())
@@ -530,11 +564,7 @@ class OfflinePlan:
         """The best step's values, the history and the stop reason."""
         if loop.best is None:
             if loop.history and all(r.status == "failed" for r in loop.history):
-                raise NonFiniteError(
-                    f"HyperOptimizer: all {len(loop.history)} outer steps failed, the start and "
-                    f"the global phase's points tried after it; step 0: "
-                    f"{loop.history[0].message}. Start from safer values (e.g. a smaller inner "
-                    "learning rate or fewer inner steps)")
+                raise all_failed(loop.history, len(loop.history))
             raise HyperdiffError("HyperOptimizer: no successful step yet, so no result")
         return OptimizeResult(
             best_raw=dict(loop.best["raw"]),
@@ -546,6 +576,59 @@ class OfflinePlan:
             history=History(list(loop.history)),
             stop_reason=loop.stop_reason() or "not finished",
         )
+
+
+def all_failed(history: Sequence[StepRecord], count: int) -> NonFiniteError:
+    """The error of a run whose ``count`` outer steps, the start and the global phase's points
+    (``history``: their records, step 0's first), all failed: it names step 0's failure."""
+    return NonFiniteError(
+        f"HyperOptimizer: all {count} outer steps failed, the start and the global phase's "
+        f"points tried after it; step 0: {history[0].message}. Start from safer values (e.g. a "
+        "smaller inner learning rate or fewer inner steps)")
+
+
+def retried_advice(loop: Any, raw: dict[str, Tensor]) -> str:
+    """The guard's advice when the step failing at ``raw`` trained at its last good values
+    themselves (``""`` otherwise): it and the failed steps just before it at those values
+    (history records with the same natural values) re-trained them, where no smaller outer
+    step changes anything."""
+    good = loop.guard.good
+    if good is None or any(not torch.equal(raw[n], good["raw"][n]) for n in raw):
+        return ""
+    values = natural_values(loop.hparams, raw)
+    steps = [loop.step_index]
+    for record in reversed(loop.history):
+        if record.status != "failed" or record.hparams != values:
+            break
+        steps.insert(0, record.step)
+    which = (f"step {steps[0]}" if len(steps) == 1
+             else f"steps {steps[0]}-{steps[-1]}")
+    return (f"The last {'' if len(steps) == 1 else f'{len(steps)} '}failed "
+            f"{'step' if len(steps) == 1 else 'steps'} ({which}) trained at the last good "
+            f"values themselves ({start_values(loop.hparams, raw)}), which a smaller outer "
+            "step does not change: training diverges there on some minibatch orders (or from "
+            "some warm starts). Lower the inner learning rate or the number of inner steps, "
+            "or bound the hyperparameters that drive training to diverge")
+
+
+def check_warm_explore(warm_start: bool, explore: int, decades: float, when: str) -> None:
+    """Refuse a global phase asked for with warm starts (module doc): ``explore`` other than 0
+    or its default 8, or with a phase ``explore_decades`` or ``explore_when`` other than
+    their defaults."""
+    if not warm_start:
+        return
+    why = (f"with {option('warm_start=True', 'inner.warm_start = true')} (a warm-started step "
+           "trains on from the last step's theta_T, so the points of a global phase would be "
+           "a chain of trainings ranked by how far each trained, not independent trials: "
+           "warm-start runs have no global phase)")
+    if explore not in (0, 8):
+        raise fail("HyperOptimizer", option("explore", "outer.explore"),
+                   f"0 or its default 8 {why}", explore)
+    for name, value, default in (("explore_when", when, "weak"),
+                                 ("explore_decades", decades, 2.0)):
+        if explore and value != default:
+            raise fail("HyperOptimizer", option(name, f"outer.{name}"),
+                       f"its default {default!r} {why}", value)
 
 
 def offline_method(loop: Any, caller: str) -> Method:
@@ -612,4 +695,5 @@ def sampled_outcome(loop: Any, sampler: Sampler, step: int, raw: dict[str, Tenso
     return Outcome(grad, [hg.value for hg in evaluations], fields, untrained, selection)
 
 
-__all__ = ["OfflinePlan", "check_confirm", "offline_method", "sampled_outcome"]
+__all__ = ["OfflinePlan", "all_failed", "check_confirm", "check_warm_explore", "offline_method",
+           "retried_advice", "sampled_outcome"]

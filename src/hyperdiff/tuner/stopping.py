@@ -100,8 +100,10 @@ class Stopping:
         nonnegative_int("Stopping", "extend", self.extend)
         if self.max_time_s is not None:
             positive_float("Stopping", "max_time_s", self.max_time_s)
-        if self.patience is not None:
-            positive_int("Stopping", "patience", self.patience)
+        if self.patience is not None and (isinstance(self.patience, bool) or not isinstance(
+                self.patience, int) or self.patience < 1):
+            raise fail("Stopping", "patience", "a positive int, or None to turn early stopping "
+                       "off", self.patience)
         for name in ("min_delta", "grad_tol", "step_tol"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
