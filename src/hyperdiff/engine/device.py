@@ -20,11 +20,16 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from hyperdiff.engine.data import BatchSource
+from hyperdiff.engine.data import BatchSource, FullBatch, Minibatches, Recorded, Sequence
 from hyperdiff.engine.data.evaluation import EvaluationSplit
-from hyperdiff.engine.optimizers import Optimizer, check_coefficient_values, working_dtype
+from hyperdiff.engine.optimizers import (
+    Optimizer,
+    check_coefficient_values,
+    check_number_coefficients,
+    working_dtype,
+)
 from hyperdiff.errors import HyperdiffError, describe
-from hyperdiff.tree import move
+from hyperdiff.tree import leaves, move, tree_flatten
 from hyperdiff.typing import Batch
 
 # a Problem; device.py sits below problem.py (whose Problem.to calls to_device), so it names the
@@ -82,21 +87,27 @@ class OnDevice(BatchSource):
 
     It wraps any :class:`~hyperdiff.engine.data.BatchSource` by composition: ``batch(step, seed)``
     moves the wrapped source's batch; every other attribute and method (those of the
-    ``BatchSource`` base class included) is the wrapped source's. The last batch is cached by
-    identity, so a full-batch source is copied to the device once.
+    ``BatchSource`` base class included) is the wrapped source's. The last batch is cached, so
+    a full-batch source is copied to the device once: its copy is reused while the batch is the
+    same container holding the same tensors, none of them written in place since (the identity
+    of the container and of each leaf, and each tensor's version counter). A container filled
+    with new tensors, or a tensor refreshed in place, is copied again.
     """
 
     def __init__(self, source: BatchSource, device: torch.device,
                  dtype: torch.dtype | None = None):
         self.source, self.device, self.dtype = source, device, dtype
-        self._last: tuple[Any, Any] | None = None
+        self._last: tuple[Any, list[tuple[Any, int | None]], Any] | None = None
 
     def batch(self, step: int, seed: int) -> Batch:
         original = self.source.batch(step, seed)
-        if self._last is not None and self._last[0] is original:
-            return self._last[1]
+        key = _cache_key(original)
+        last = self._last
+        if (last is not None and last[0] is original and len(last[1]) == len(key)
+                and all(a is b and u == v for (a, u), (b, v) in zip(last[1], key, strict=True))):
+            return last[2]
         moved = move(original, self.device, self.dtype)
-        self._last = (original, moved)
+        self._last = (original, key, moved)
         return moved
 
     def check(self, steps: int, seed: int) -> None:
@@ -109,6 +120,14 @@ class OnDevice(BatchSource):
 
     def __repr__(self) -> str:
         return f"OnDevice({self.source!r}, device={str(self.device)!r})"
+
+
+def _cache_key(batch: Any) -> list[tuple[Any, int | None]]:
+    """Each leaf of ``batch`` with its version counter (tensors; ``None`` for other leaves and
+    inference tensors, which keep none): equal keys, compared leaf by leaf with ``is``, mean
+    the same values."""
+    return [(leaf, leaf._version if isinstance(leaf, Tensor) and not leaf.is_inference()
+             else None) for leaf in tree_flatten(batch)[0]]
 
 
 def _forwarding(name: str) -> Any:
@@ -138,15 +157,57 @@ def unwrap(source: Any) -> Any:
     return source
 
 
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+"""The dtypes hyperdiff trains in (float8 has no arithmetic of its own in torch)."""
+FLOAT_DTYPES_TEXT = "torch.float64, torch.float32, torch.float16 or torch.bfloat16"
+
+
 def _check_dtype(dtype: Any, caller: str) -> torch.dtype | None:
     if dtype is None:
         return None
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+    if not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES:
         raise HyperdiffError(
-            f"{caller}: dtype must be a floating-point torch.dtype such as torch.float32 "
-            f"(got {describe(dtype)})"
+            f"{caller}: dtype must be a floating-point torch.dtype that hyperdiff trains in: "
+            f"{FLOAT_DTYPES_TEXT} (got {describe(dtype)})"
         )
     return dtype
+
+
+def held_batches(source: Any) -> list[Batch]:
+    """The batches a train source holds in memory (none for ``fn(step)`` or a DataLoader)."""
+    source = unwrap(source)
+    if isinstance(source, Minibatches):
+        return [tuple(source.tensors)]
+    if isinstance(source, FullBatch):
+        return [source.data]
+    if isinstance(source, (Sequence, Recorded)):
+        return list(source.batches)
+    return []
+
+
+def _check_fits(problem: Any, dtype: torch.dtype) -> None:
+    """Refuse a cast to ``dtype`` that turns a finite parameter, buffer or held batch value into
+    inf (float16 holds at most 65504): training would read inf and blame the learning rate.
+    Casting is monotonic, so the cast of each tensor's largest magnitude tells."""
+    named: list[tuple[str, list[Batch]]] = [
+        ("params", [problem.params]), ("buffers", [problem.buffers]),
+        ("val_data", list(problem.val_data)), ("train_data", held_batches(problem.train_data))]
+    for name, batches in named:
+        for i, batch in enumerate(batches):
+            which = name if len(batches) == 1 else f"{name}[{i}]"
+            for path, leaf in leaves(batch):
+                if (not isinstance(leaf, Tensor) or not leaf.is_floating_point()
+                        or leaf.numel() == 0):
+                    continue
+                largest = leaf.detach().abs().amax()
+                if not bool(torch.isfinite(largest) & ~torch.isfinite(largest.to(dtype))):
+                    continue  # fits (a NaN or inf already there is the data checks' to name)
+                dtype_name = str(dtype).removeprefix("torch.")
+                raise HyperdiffError(
+                    f"Problem.to: {which}{path} must fit in {dtype_name} (got values up to "
+                    f"{float(largest):.6g} in magnitude, which overflow to inf there: "
+                    f"{dtype_name} holds at most {torch.finfo(dtype).max:.6g}); rescale them, "
+                    "or keep a wider dtype such as torch.float32")
 
 
 def to_device(problem: ProblemT, device: torch.device | str,
@@ -165,6 +226,8 @@ def to_device(problem: ProblemT, device: torch.device | str,
     device = resolve_device(device, "Problem.to")  # a torch.device or an int is checked too
     dtype = _check_dtype(dtype, "Problem.to")
     p: Any = problem
+    if dtype is not None:
+        _check_fits(p, dtype)
     # without a dtype, the training batches keep the cast of an earlier .to (as params do)
     train_dtype = dtype if dtype is not None else _cast_dtype(p.train_data)
     moved: ProblemT = dataclasses.replace(
@@ -177,7 +240,8 @@ def to_device(problem: ProblemT, device: torch.device | str,
     optimizer = getattr(p, "optimizer", None)
     if dtype is not None and isinstance(optimizer, Optimizer):  # as make_problem checks: a
         working = working_dtype(torch.empty((), dtype=dtype, device="meta"))  # coefficient must
-        for name, coef in optimizer.coefficients.items():  # stay valid in the new dtype
+        check_number_coefficients(optimizer, working, "Problem.to")  # stay valid (and finite)
+        for name, coef in optimizer.coefficients.items():  # in the new dtype
             if isinstance(coef, str) and coef in p.hparams:
                 check_coefficient_values(optimizer, name, coef, p.hparams, working)
     return moved
@@ -220,5 +284,5 @@ def task_to_device(task: Any, device: torch.device | str,
     return dataclasses.replace(task, **changes)
 
 
-__all__ = ["OnDevice", "move", "resolve_device", "task_to_device", "tensor_of", "to_device",
-           "unwrap"]
+__all__ = ["FLOAT_DTYPES", "OnDevice", "held_batches", "move", "resolve_device",
+           "task_to_device", "tensor_of", "to_device", "unwrap"]

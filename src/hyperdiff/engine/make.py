@@ -15,20 +15,17 @@ import torch
 from torch import Tensor
 
 from hyperdiff.engine.data import (
-    FullBatch,
-    Minibatches,
-    Recorded,
-    Sequence,
     as_source,
     validation_batches,
 )
 from hyperdiff.engine.datacheck import check_batch, check_source, shapes_of, tensors_in
-from hyperdiff.engine.device import resolve_device
+from hyperdiff.engine.device import FLOAT_DTYPES, FLOAT_DTYPES_TEXT, held_batches, resolve_device
 from hyperdiff.engine.models import FunctionalModel, StepContext, model_state
 from hyperdiff.engine.optimizers import (
     Optimizer,
     check_callables,
     check_coefficient_values,
+    check_number_coefficients,
     check_schedule,
     working_dtype,
 )
@@ -46,7 +43,7 @@ from hyperdiff.hparams.hyperparams import HyperParameters, check_representable
 from hyperdiff.hparams.initialization import check_matches, initialization_name
 from hyperdiff.hparams.schedules import Schedule
 from hyperdiff.logs import get_logger
-from hyperdiff.typing import Batch, LossFn, Params
+from hyperdiff.typing import LossFn, Params
 
 _LOG = get_logger("problem")  # the problem's warnings, under the problem's logger
 
@@ -78,6 +75,11 @@ def _check_params(params: Any, name: str) -> Params:
                 f"hypergradient: {name}[{key!r}] must be a floating-point tensor "
                 f"(got {describe(value)})"
             )
+        if value.dtype not in FLOAT_DTYPES:  # float8: no arithmetic (isfinite, promotion)
+            raise HyperdiffError(
+                f"hypergradient: {name}[{key!r}] must be a tensor of dtype {FLOAT_DTYPES_TEXT} "
+                f"(got {value.dtype}); train in one of those and cast when exporting"
+            )
         if isinstance(value, torch.nn.Parameter) and not value.requires_grad:
             raise HyperdiffError(
                 f"hypergradient: {name}[{key!r}] must be a parameter to train (got a frozen "
@@ -95,6 +97,23 @@ def _check_params(params: Any, name: str) -> Params:
     return out
 
 
+def _check_buffer_dtype(params: Params, buffers: Params) -> None:
+    """Buffers (BatchNorm running statistics) must have the parameters' dtype: a float32
+    running mean in a float64 model fails inside the model's forward pass."""
+    if not buffers:
+        return
+    have = next(iter(buffers.values())).dtype
+    want = next(iter(params.values())).dtype
+    if have != want:
+        name = str(want).removeprefix("torch.")
+        raise HyperdiffError(
+            f"hypergradient: buffers must have the parameters' dtype (got "
+            f"{str(have).removeprefix('torch.')} vs {name}); cast them together, e.g. "
+            f"{{k: v.to(torch.{name}) for k, v in buffers.items()}}, or build the problem in "
+            "the module's dtype and use problem.to(dtype)"
+        )
+
+
 def _check_device(where: str, tensor: Tensor) -> None:
     """Refuse a tensor on a device hyperdiff does not run on (``"meta"``, ``"xla"``, ...),
     whose data the checks below cannot read."""
@@ -102,20 +121,9 @@ def _check_device(where: str, tensor: Tensor) -> None:
         resolve_device(tensor.device, "hypergradient", f"the device of {where}")
 
 
-def _held_batches(source: Any) -> list[Batch]:
-    """The batches a train source holds in memory (none for ``fn(step)`` or a DataLoader)."""
-    if isinstance(source, Minibatches):
-        return [tuple(source.tensors)]
-    if isinstance(source, FullBatch):
-        return [source.data]
-    if isinstance(source, (Sequence, Recorded)):
-        return list(source.batches)
-    return []
-
-
 def _check_data_devices(problem: Problem) -> None:
     """:func:`_check_device` over the held train batches and the validation batches."""
-    for name, batches in (("train_data", _held_batches(problem.train_data)),
+    for name, batches in (("train_data", held_batches(problem.train_data)),
                           ("val_data", problem.val_data)):
         for i, batch in enumerate(batches):
             which = name if len(batches) == 1 else f"{name}[{i}]"
@@ -160,6 +168,7 @@ def make_problem(
     params, buffers = model_state("hypergradient", params, buffers, "params")
     params = _check_params(params, "params")
     buffers = _check_params(buffers, "buffers") if buffers else {}
+    _check_buffer_dtype(params, buffers)
     start = initialization_name(hparams)
     if start is not None:
         check_matches(hparams[start], start, params)
@@ -214,6 +223,7 @@ def make_problem(
                 )
             check_coefficient_values(optimizer, coef_name, coef, hparams,
                                       working_dtype(next(iter(params.values()))))
+    check_number_coefficients(optimizer, working_dtype(next(iter(params.values()))))
     check_representable(hparams, working_dtype(next(iter(params.values()))))
     # a direct call's straight-through Gumbel noise follows the problem's seed (the outer
     # loops seed it per step and sample): it was seed 0's whatever the seed

@@ -404,6 +404,30 @@ def check_coefficient_values(
             hparam, optimizer.name, coef_name, hparams[hparam].constraint.name, valid.text(),
         )
 
+def check_number_coefficients(optimizer: Optimizer, dtype: torch.dtype,
+                              caller: str = "hypergradient") -> None:
+    """A number coefficient must be finite in ``dtype``, the one training computes it in
+    (:func:`working_dtype`): ``hd.sgd(1e39)`` is a valid float64 learning rate that float32
+    cannot hold, and torch's ``alpha=`` would fail on it with a bare overflow error.
+
+    >>> check_number_coefficients(sgd(1e39), torch.float64)  # fine in float64
+    >>> check_number_coefficients(sgd(1e39), torch.float32)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    hyperdiff.errors.HyperdiffError: hypergradient: the sgd lr must be finite in float32, ...
+    """
+    dtype_name = str(dtype).removeprefix("torch.")
+    for coef_name, coef in optimizer.coefficients.items():
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)):
+            continue
+        if math.isfinite(float(torch.tensor(float(coef), dtype=dtype, device="cpu"))):
+            continue
+        raise HyperdiffError(
+            f"{caller}: the {optimizer.name} {_label(optimizer, coef_name)} must be finite in "
+            f"{dtype_name}, the dtype training computes it in (got {coef!r}, which overflows "
+            f"to inf there: {dtype_name} holds at most {torch.finfo(dtype).max:.6g}); use a "
+            "smaller value, or train in float64")
+
+
 def _label(optimizer: Optimizer, coef_name: str) -> str:
     """How the optimizer's own messages name a coefficient (``betas[1]`` for adam's beta2)."""
     return {"beta1": "betas[0]", "beta2": "betas[1]"}.get(coef_name, coef_name)
@@ -495,4 +519,5 @@ def check_raw_coefficients(optimizer: Optimizer, hparams: HyperParameters,
 
 
 __all__ = ["AdamState", "CoefficientRangeError", "Optimizer", "SGDState", "adam", "adamw",
-           "check_callables", "check_coefficient_values", "check_raw_coefficients", "sgd"]
+           "check_callables", "check_coefficient_values", "check_number_coefficients",
+           "check_raw_coefficients", "sgd"]

@@ -632,6 +632,7 @@ def check_representable(hparams: HyperParameters, dtype: torch.dtype,
         rounded = spec.constraint.to_natural(raw.to(dtype))
         ok = spec.constraint.valid(rounded)
         if bool(ok.all()):
+            _check_accurate(caller, name, spec.constraint.to_natural(raw), rounded, dtype)
             continue
         exact = spec.constraint.to_natural(raw)
         one = raw.dim() == 0
@@ -643,6 +644,31 @@ def check_representable(hparams: HyperParameters, dtype: torch.dtype,
             f"{dtype_name}, the dtype training computes it in (got {got}{rounds}); choose a "
             "value farther from the bound"
             + (", or train in float64" if dtype != torch.float64 else ""))
+
+
+REPRESENTABLE_RTOL = 1e-3
+"""How far (relatively) the value training reads may lie from a hyperparameter's value."""
+
+
+def _check_accurate(caller: str, name: str, exact: Tensor, rounded: Tensor,
+                    dtype: torch.dtype) -> None:
+    """Refuse a value that ``dtype`` holds more than :data:`REPRESENTABLE_RTOL` away from it
+    (relatively): a subnormal such as ``lr = 1e-45``, which float32 holds as 1.4e-45, would
+    train at another value than the one asked for, reported and exported."""
+    off = (rounded.to(exact.dtype) - exact).abs() > REPRESENTABLE_RTOL * exact.abs()
+    if not bool(off.any()):
+        return
+    one = exact.dim() == 0
+    dtype_name = str(dtype).removeprefix("torch.")
+    got, there = _numbers(exact[off][:3], one), _numbers(rounded[off][:3], one)
+    tiny = torch.finfo(dtype).tiny
+    why = (f"below its smallest normal number {tiny:.4g}" if bool(
+        (exact[off].abs() < tiny).any()) else "its constraint's arithmetic loses it")
+    raise HyperdiffError(
+        f"{caller}: hyperparameter {name!r} must be representable in {dtype_name}, the dtype "
+        f"training computes it in, to a relative accuracy of {REPRESENTABLE_RTOL:g} (got {got}, "
+        f"which {dtype_name} holds as {there}: {why}); choose another value or constraint, "
+        "or train in float64")
 
 
 def _check_inside(what: str, constraint: Constraint, value: Tensor) -> None:

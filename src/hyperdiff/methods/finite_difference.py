@@ -3,7 +3,10 @@
 ``dL/du_i ~ (L(u + h_i e_i) - L(u - h_i e_i)) / (2 h_i)`` with ``h_i = eps * max(1, |u_i|)``
 on the raw values; 2k full trainings for k coordinates. The default ``eps`` is the cube root
 of the dtype's machine epsilon (6e-6 in float64, 5e-3 in float32), which balances truncation
-and rounding error for smooth problems.
+and rounding error for smooth problems. It is refused where the losses compute in a coarser
+dtype than the parameters' (``torch.autocast`` to bf16 inside a float32 model's loss): its
+rounding would swamp differences of that size, and no step derived from the coarse dtype is
+reliable there, so ``eps`` must be given.
 
 Its segment (:func:`finite_difference_segment`, an online window ``[t0, t1)``) differences the
 validation loss at the window's end: each perturbed value trains the window's steps again from
@@ -21,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from hyperdiff.engine.problem import Problem
 from hyperdiff.engine.training import (
@@ -43,6 +47,52 @@ CAPABILITIES = Capabilities(exact=False, offline=True, online=True, data_paralle
 
 class CostWarning(UserWarning):
     """An expensive method was chosen (finite differences over many coordinates)."""
+
+
+class _Coarsest(TorchFunctionMode):
+    """Watches the torch calls made while ``torch.autocast`` is on for ``device_type`` and keeps
+    in ``dtype`` the coarsest floating dtype they return (from ``dtype``, the problem's)."""
+
+    def __init__(self, device_type: str, dtype: torch.dtype):
+        super().__init__()
+        self.device_type, self.dtype = device_type, dtype
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if torch.is_autocast_enabled(self.device_type):
+            for leaf in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(leaf, Tensor) and leaf.is_floating_point() and _coarser(
+                        leaf.dtype, self.dtype):
+                    self.dtype = leaf.dtype
+        return out
+
+
+def _coarser(dtype: torch.dtype, than: torch.dtype) -> bool:
+    return torch.finfo(dtype).eps > torch.finfo(than).eps
+
+
+def _evaluate_watched(problem: Problem, raw: dict[str, Tensor], eps: float | None,
+                      state: TrainState | None = None, start: int = 0,
+                      stop: int | None = None) -> tuple[Tensor, TrainState, Tensor]:
+    """:func:`evaluate`; without an ``eps``, watched for losses computed in a dtype coarser
+    than the problem's (autocast, or a loss value in it), where the default step is refused."""
+    if eps is not None:
+        return evaluate(problem, raw, state, start, stop)
+    with _Coarsest(problem.device.type, problem.dtype) as seen:
+        value, state, losses = evaluate(problem, raw, state, start, stop)
+    coarse = value.dtype if _coarser(value.dtype, seen.dtype) else seen.dtype
+    if coarse != problem.dtype:
+        name, own = (str(d).removeprefix("torch.") for d in (coarse, problem.dtype))
+        default = torch.finfo(problem.dtype).eps ** (1 / 3)
+        raise HyperdiffError(
+            f"finite_difference: eps must be given when the losses compute in {name}, coarser "
+            f"than the parameters' {own}, as torch.autocast inside a loss makes them (got "
+            f"eps=None, whose default {default:.3g} suits {own} and is swamped by {name}'s "
+            "rounding; no default step is reliable there); pass one and compare a few, e.g. "
+            "finite_difference(eps=0.05) and eps=0.02, or use reverse() or forward(), which "
+            "differentiate the same computation exactly")
+    return value, state, losses
 
 
 def evaluate(problem: Problem, raw: dict[str, Tensor], state: TrainState | None = None,
@@ -141,7 +191,7 @@ def _finite_difference(
     coords = _coordinates(problem, coordinates)
     if warn:
         _cost_warning(coords, problem.steps, "")
-    value, state, losses = evaluate(problem, raw)
+    value, state, losses = _evaluate_watched(problem, raw, eps)
     flat_grad, h = central_differences(problem, raw, coords, eps,
                                        lambda u: evaluate(problem, u)[0])
     return finish(
@@ -171,7 +221,7 @@ def finite_difference_segment(problem: Problem, state: TrainState, raw: dict[str
     if warn:
         _cost_warning(coords, stop - start, " per segment")
     problem = at_val_batches(problem, val_batches)
-    value, end, losses = evaluate(problem, raw, state, start, stop)
+    value, end, losses = _evaluate_watched(problem, raw, eps, state, start, stop)
     flat_grad, h = central_differences(problem, raw, coords, eps,
                                        lambda u: evaluate(problem, u, state, start, stop)[0])
     return Segment(detached_state(end), problem.hparams.unflatten(flat_grad), float(value),
@@ -184,7 +234,8 @@ def finite_difference(
     """Central differences on the raw values (2 trainings per coordinate).
 
     Args:
-        eps: relative step in (0, 1) (default: cube root of the dtype's machine epsilon).
+        eps: relative step in (0, 1) (default: cube root of the dtype's machine epsilon;
+            required where the losses compute in a coarser dtype, as under autocast).
         coordinates: flat coordinates to difference (default: all); the others are NaN in the
             result, and ``diagnostics["coordinates"]`` lists those computed.
         warn: emit a :class:`CostWarning` about the cost.

@@ -43,10 +43,14 @@ def init_mlp(inputs: int, hidden: int, classes: int, seed: int = 0) -> Params:
     gen = torch.Generator().manual_seed(seed)
 
     def uniform(shape: tuple[int, ...], fan_in: int) -> Tensor:
-        return (torch.rand(shape, generator=gen, device="cpu") * 2 - 1) / math.sqrt(fan_in)
+        return (torch.rand(shape, generator=gen, dtype=torch.float32, device="cpu") * 2 - 1
+                ) / math.sqrt(fan_in)
 
-    return {"W1": uniform((inputs, hidden), inputs), "b1": torch.zeros(hidden, device="cpu"),
-            "W2": uniform((hidden, classes), hidden), "b2": torch.zeros(classes, device="cpu")}
+    def zeros(size: int) -> Tensor:  # float32 whatever torch's default dtype, as the data
+        return torch.zeros(size, dtype=torch.float32, device="cpu")
+
+    return {"W1": uniform((inputs, hidden), inputs), "b1": zeros(hidden),
+            "W2": uniform((hidden, classes), hidden), "b2": zeros(classes)}
 
 
 def forward(params: Params, x: Tensor) -> Tensor:

@@ -58,9 +58,11 @@ def linear_layers(sizes: list[int], seed: int) -> Params:
     g = torch.Generator().manual_seed(seed)
     params = {}
     for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
-        bound = 1 / math.sqrt(fan_in)
-        params[f"W{i}"] = (torch.rand(fan_in, fan_out, generator=g, device="cpu") * 2 - 1) * bound
-        params[f"b{i}"] = (torch.rand(fan_out, generator=g, device="cpu") * 2 - 1) * bound
+        bound = 1 / math.sqrt(fan_in)  # float32 whatever torch's default dtype, as the data
+        params[f"W{i}"] = (torch.rand(fan_in, fan_out, generator=g, dtype=torch.float32,
+                                      device="cpu") * 2 - 1) * bound
+        params[f"b{i}"] = (torch.rand(fan_out, generator=g, dtype=torch.float32,
+                                      device="cpu") * 2 - 1) * bound
     return params
 
 
