@@ -19,11 +19,12 @@ state)``. The T steps are split into S segments ``[b_0=0, b_1) ... [b_{S-1}, b_S
 The replay calls the same :func:`~hyperdiff.engine.training.train_step` with the same step indices,
 so it sees the same batches and dropout masks and reproduces the forward pass bit for bit
 (``diagnostics["replay_mismatch"]``, the largest difference between a replayed segment end and
-its stored checkpoint, is 0). A difference above rounding (``sqrt(eps) * max(1, |s|)``) means
-training is not a function of ``(step, seed)`` and raises. The hypergradient equals full
-reverse mode up to the order of floating-point summation. Memory: S checkpoints plus the graph
-of one segment of about T/S steps (``S = ceil(sqrt(T))`` by default balances the two); time:
-one extra graph-free pass over the first ``T - T/S`` steps on top of plain reverse mode.
+its stored checkpoint, is 0). A difference above rounding (:data:`REPLAY_ULPS` ulps of any
+stored element) means training is not a function of ``(step, seed)`` and raises. The
+hypergradient equals full reverse mode up to the order of floating-point summation. Memory: S
+checkpoints plus the graph of one segment of about T/S steps (``S = ceil(sqrt(T))`` by default
+balances the two); time: one extra graph-free pass over the first ``T - T/S`` steps on top of
+plain reverse mode.
 
 Its segment (:func:`checkpointed_segment`, an online window ``[t0, t1)`` from the state at
 ``t0``, a constant) runs the same scheme over the window's K steps in ``S`` sub-segments
@@ -202,25 +203,52 @@ def checkpointed_segment(problem: Problem, state: TrainState, raw: dict[str, Ten
                    diagnostics={"segments": span.segments, "replay_mismatch": span.mismatch})
 
 
+REPLAY_ULPS = 4
+"""The replay check's tolerance per element, in units of its dtype's epsilon relative to the
+stored value: ``|replayed - stored| <= REPLAY_ULPS * eps * |stored|``. A deterministic replay
+is exact (0 on CPU); the few ulps leave room for a GPU kernel that sums in another order,
+nothing a training that changes between two runs would stay inside."""
+
+
 def _check_replay(
     problem: Problem, replayed: list[Tensor], stored: list[Tensor], step0: int, stop: int
 ) -> float:
-    """The largest difference between a replayed segment end and its checkpoint; raise if it
-    exceeds rounding, ``sqrt(eps) * max(1, max |stored|)``."""
-    difference = _max_difference(replayed, stored)
-    scale = max([float(x.abs().max()) for x in stored if x.numel()], default=0.0)
-    tolerance = torch.finfo(problem.dtype).eps ** 0.5 * max(1.0, scale)
-    if not difference <= tolerance:
+    """The largest difference between a replayed segment end and its checkpoint; raise where
+    any element differs by more than :data:`REPLAY_ULPS` ulps of the stored value (an integer
+    tensor, such as a step count, must be equal)."""
+    off, total, worst = 0, 0, (0.0, 0.0, 0.0)  # (relative difference, replayed, stored)
+    for new, old in zip(replayed, stored, strict=True):
+        new = new.detach()
+        total += old.numel()
+        if not old.numel():
+            continue
+        gap = (new - old).abs() if old.is_floating_point() else (new != old).to(torch.float64)
+        limit = (REPLAY_ULPS * torch.finfo(old.dtype).eps * old.abs() if old.is_floating_point()
+                 else torch.zeros_like(gap))
+        bad = ~((new == old) | (gap <= limit))
+        count = int(bad.sum())
+        if count:
+            off += count
+            relative = torch.where(bad, gap / old.abs().to(gap.dtype), gap.new_zeros(()))
+            relative = relative.nan_to_num(nan=float("inf"))
+            index = int(relative.reshape(-1).argmax())
+            entry = (float(relative.reshape(-1)[index]), float(new.reshape(-1)[index]),
+                     float(old.reshape(-1)[index]))
+            worst = max(worst, entry, key=lambda e: e[0])
+    if off:
         raise HyperdiffError(
             f"checkpointed: replaying steps {step0}..{stop - 1} (seed {problem.seed}) must "
-            f"reproduce the stored state (got a difference of {difference:.3g}, above the "
-            f"rounding tolerance {tolerance:.3g}); training must be a function of (step, seed): "
-            f"train_data {problem.train_data.describe()} must yield the same batches on "
-            "a replay (pass a DataLoader over a map-style Dataset, a list, or fn(step, seed)) "
-            "and the train loss must keep no state between calls (its random draws are "
-            "seeded by step and seed)"
+            f"reproduce the stored state to rounding ({REPLAY_ULPS} ulps per element); got "
+            f"{off} of {total} entries off, the largest by {worst[0]:.3g} of the stored value "
+            f"({worst[1]:.9g} replayed, {worst[2]:.9g} stored): the training is not a "
+            f"function of (step, seed). train_data {problem.train_data.describe()} must yield "
+            "the same batches on a replay (pass a DataLoader over a map-style Dataset, a list, "
+            "or fn(step, seed)), and the train loss must keep no state between calls and draw "
+            "its randomness from the step context (ctx.next_seed(), seeded by step and seed); "
+            "on a GPU, torch.use_deterministic_algorithms(True) makes kernels that sum in a "
+            "varying order repeatable"
         )
-    return difference
+    return _max_difference(replayed, stored)
 
 
 def _max_difference(a: list[Tensor], b: list[Tensor]) -> float:

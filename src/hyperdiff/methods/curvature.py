@@ -83,6 +83,7 @@ from hyperdiff.methods.curvature_rule import (
     RHO,
     CurvatureRule,
     average_squares,
+    carried_names,
     carried_rows,
     carries_decay,
     keeps_all,
@@ -159,61 +160,123 @@ def check_optimizer(problem: Problem, *, caller: str = "curvature",
                              f"(got {sorted(map(str, dtypes))})")
 
 
+JACOBIAN_ROWS = 256
+"""The most coefficient values one batched backward pass of :func:`lr_derivatives`
+differentiates (its grad outputs, the identity, are this many rows squared at most): a longer
+window (offline: ``T`` steps) is differentiated in chunks of steps, each from its own
+evaluation of the coefficient."""
+
+
 def lr_derivatives(problem: Problem, raw: dict[str, Tensor], start: int, stop: int,
-                   name: str = "lr") -> tuple[Tensor, Tensor]:
-    """``lr_t`` and ``d lr_t / du`` at the window's steps for each parameter entry: shapes
-    ``(K, n)`` and ``(K, P, n)``, with ``u`` the ``P`` flat raw values, or ``(K, 1)`` and ``(K,
-    P, 1)`` (broadcast over the entries) when the learning rate is the same for every parameter
-    tensor. A schedule is evaluated for the whole window in one pass. ``name``: another of the
-    optimizer's coefficients instead (AdamW's ``"weight_decay"``: :func:`decay_derivatives`)."""
+                   name: str = "lr", *, carried: bool = False) -> tuple[Tensor, Tensor]:
+    """``lr_t`` and ``d lr_t / du`` at the window's steps, per parameter tensor: shapes ``(K,
+    m)`` and ``(K, P, m)``, with ``u`` the ``P`` flat raw values (``carried``: the ``R``
+    rows of :func:`~hyperdiff.methods.curvature_rule.carried_rows` only, the tangent's rows)
+    and ``m`` 1 when the learning rate is the same for every parameter tensor (broadcast over
+    the entries), else one column per parameter tensor (:class:`WindowValues` repeats a
+    step's column over the tensor's entries). A schedule is evaluated for up to
+    :data:`JACOBIAN_ROWS` steps in one pass. ``name``: another of the optimizer's coefficients
+    instead (AdamW's ``"weight_decay"``: :func:`decay_derivatives`).
+
+    Only the raw values differentiated are leaves, and the derivatives stay per tensor: the
+    memory is ``K m R`` numbers, not the ``K P n`` of one row per parameter entry (``n``);
+    the numbers are the same (the backward pass from the flat vector of all raw values only
+    copied the gradient into it, and repeating a column only copies it)."""
     hp = problem.hparams
     coef = problem.optimizer.coefficients[name]
+    rows = carried_rows(problem) if carried else None
     if isinstance(coef, str) and _one_value(problem, coef):  # the same lr_t at every step
-        return _repeated_row(problem, raw, coef, start, stop - start)
+        return _repeated_row(problem, raw, coef, start, stop - start, rows)
     if isinstance(coef, (int, float)):  # a number: no raw value moves it
         lrs = torch.full((stop - start, 1), float(coef), dtype=problem.hparam_dtype,
                          device=problem.device)
-        return lrs, lrs.new_zeros((stop - start, hp.numel, 1))
-    sizes = [p.numel() for p in problem.params.values()]
-    flat = hp.flatten(problem.raw_tensors(raw)).detach().requires_grad_()
-    with torch.enable_grad():
-        hview = hp.view(hp.unflatten(flat))
-        if isinstance(coef, Schedule):
-            rows = coef.window(hview, start, stop)[:, None]                  # (K, 1)
-        elif _same_for_every_tensor(problem, coef):
-            key = next(iter(problem.params))
-            rows = torch.stack([_as_tensor(resolve(coef, hview, t, key), flat)
-                                for t in range(start, stop)])[:, None]
-        else:
-            rows = torch.stack([torch.stack([_as_tensor(resolve(coef, hview, t, k), flat)
-                                             for k in problem.params])
-                                for t in range(start, stop)])                # (K, tensors)
-        jac = None
-        if rows.requires_grad:  # one batched backward pass over the window's K rows
-            eye = torch.eye(rows.numel(), dtype=rows.dtype, device=rows.device)
-            (jac,) = torch.autograd.grad(rows.reshape(-1), flat, eye, is_grads_batched=True,
-                                         allow_unused=True)
-        if jac is None:  # a learning rate that no hyperparameter moves
-            jac = torch.zeros((rows.numel(), flat.numel()), dtype=flat.dtype, device=flat.device)
-        jac = jac.reshape(*rows.shape, flat.numel())
-    lrs = rows.detach()
-    if rows.shape[1] == 1:  # one learning rate for every entry: broadcast, not copied
-        return lrs, jac.transpose(1, 2)
-    counts = torch.tensor(sizes, device=flat.device)
-    return (torch.repeat_interleave(lrs, counts, dim=1),
-            torch.repeat_interleave(jac, counts, dim=1).transpose(1, 2))
+        return lrs, lrs.new_zeros((stop - start, hp.numel if rows is None else len(rows), 1))
+    names = list(hp) if rows is None else (carried_names(problem) or [])
+    values = problem.raw_tensors(raw)
+    leaves = [values[n].detach().requires_grad_() for n in names]
+    values.update(zip(names, leaves, strict=True))
+    like = torch.empty((), dtype=problem.hparam_dtype, device=problem.device)
+    per_tensor = not isinstance(coef, Schedule) and not _same_for_every_tensor(problem, coef)
+    chunk = max(1, JACOBIAN_ROWS // (len(problem.params) if per_tensor else 1))
+    lrs_parts, jac_parts = [], []
+    for begin in range(start, stop, chunk):
+        end = min(stop, begin + chunk)
+        with torch.enable_grad():
+            window = _window_rows(problem, coef, hp.view(values), begin, end, per_tensor, like)
+            jac = _jacobian(window.reshape(-1), leaves, like)                # (k m, R)
+        lrs_parts.append(window.detach())
+        jac_parts.append(jac.reshape(*window.shape, -1))
+    lrs = torch.cat(lrs_parts) if len(lrs_parts) > 1 else lrs_parts[0]
+    jac = torch.cat(jac_parts) if len(jac_parts) > 1 else jac_parts[0]
+    return lrs, jac.transpose(1, 2)
+
+
+def _window_rows(problem: Problem, coef: Any, hview: Any, start: int, stop: int,
+                 per_tensor: bool, like: Tensor) -> Tensor:
+    """The coefficient ``coef`` at steps ``start .. stop-1``: ``(k, 1)``, or ``(k, tensors)``
+    (``per_tensor``), with its graph to the raw values of ``hview``."""
+    if isinstance(coef, Schedule):
+        return coef.window(hview, start, stop)[:, None]
+    if not per_tensor:
+        key = next(iter(problem.params))
+        return torch.stack([_as_tensor(resolve(coef, hview, t, key), like)
+                            for t in range(start, stop)])[:, None]
+    return torch.stack([torch.stack([_as_tensor(resolve(coef, hview, t, k), like)
+                                     for k in problem.params])
+                        for t in range(start, stop)])
+
+
+def _jacobian(outputs: Tensor, leaves: list[Tensor], like: Tensor) -> Tensor:
+    """``d outputs / d leaves``, ``(len(outputs), R)`` with ``R`` the leaves' entries
+    (flattened, in order), by one batched backward pass over the rows of the identity (0 for
+    a leaf that no output reads)."""
+    count = outputs.numel()
+    if not outputs.requires_grad or not leaves:  # a learning rate that no hyperparameter moves
+        return like.new_zeros((count, sum(leaf.numel() for leaf in leaves)))
+    eye = torch.eye(count, dtype=outputs.dtype, device=outputs.device)
+    found = torch.autograd.grad(outputs, leaves, eye, is_grads_batched=True, allow_unused=True)
+    return torch.cat([(g if g is not None else leaf.new_zeros((count, *leaf.shape)))
+                      .reshape(count, -1) for g, leaf in zip(found, leaves, strict=True)], dim=1)
+
+
+class WindowValues:
+    """A window's coefficient values or derivatives kept per parameter tensor (as
+    :func:`lr_derivatives` gives them): ``values`` ``(K, ..., m)``, ``m`` 1 or one column per
+    parameter tensor of ``sizes`` entries. ``window[i]`` is step ``i``'s over the ``n``
+    parameter entries: ``(..., 1)`` (broadcast) or ``(..., n)``, each tensor's column repeated
+    over its entries. One step at a time, so a window holds ``K m R`` numbers, not ``K n R``
+    (K times the tangent, T times offline)."""
+
+    def __init__(self, values: Tensor, sizes: list[int]) -> None:
+        self.values = values
+        self.sizes = sizes
+        self.counts = torch.tensor(sizes, device=values.device)
+        self.entries = sum(sizes)
+
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+    def __getitem__(self, step: int) -> Tensor:
+        value = self.values[step]
+        if value.shape[-1] == 1:
+            return value
+        return torch.repeat_interleave(value, self.counts, dim=-1, output_size=self.entries)
+
+    def with_zero_row(self) -> WindowValues:
+        """The derivatives ``(K, R, m)`` with a row of zeros after the ``R``."""
+        return WindowValues(_with_zero_row(self.values), self.sizes)
 
 
 def decay_derivatives(problem: Problem, raw: dict[str, Tensor], start: int, stop: int
                       ) -> Tensor | None:
-    """``d wd_t / du`` (as :func:`lr_derivatives`) of a carried weight decay
-    (:func:`~hyperdiff.methods.curvature_rule.carries_decay`: AdamW's decoupled one, SGD's
-    coupled one), else None. AdamW's step ``p' = (1 - lr_t wd_t) p - ...`` gives the tangent
-    the direct term ``-(d wd_t / du) lr_t p``; SGD's ``b' = beta b + g + wd_t p`` gives the
-    momentum's tangent ``(d wd_t / du) p``: both carried like the learning rate's."""
+    """``d wd_t / du`` (as :func:`lr_derivatives`, in the tangent's rows) of a carried weight
+    decay (:func:`~hyperdiff.methods.curvature_rule.carries_decay`: AdamW's decoupled one,
+    SGD's coupled one), else None. AdamW's step ``p' = (1 - lr_t wd_t) p - ...`` gives the
+    tangent the direct term ``-(d wd_t / du) lr_t p``; SGD's ``b' = beta b + g + wd_t p``
+    gives the momentum's tangent ``(d wd_t / du) p``: both carried like the learning rate's."""
     if not carries_decay(problem):
         return None
-    return lr_derivatives(problem, raw, start, stop, "weight_decay")[1]
+    return lr_derivatives(problem, raw, start, stop, "weight_decay", carried=True)[1]
 
 
 def _one_value(problem: Problem, coef: Any) -> bool:
@@ -223,14 +286,15 @@ def _one_value(problem: Problem, coef: Any) -> bool:
 
 
 def _repeated_row(problem: Problem, raw: dict[str, Tensor], coef: str, start: int,
-                  steps: int) -> tuple[Tensor, Tensor]:
+                  steps: int, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """:func:`lr_derivatives` of the scalar hyperparameter ``coef``, the same value at each of
     ``steps`` steps: ``(K, 1)`` and ``(K, P, 1)``. Its ``K`` rows are one row repeated, so one
     backward pass gives them (the batched pass over ``K`` equal rows gave each the same
     numbers, at several times the cost on a small problem), and that pass starts at ``coef``'s
     own raw value: its derivative is 0 in every other raw value, placed at ``coef``'s offset
     in the flat order (the same numbers as the pass from the flat vector of all ``P`` values,
-    whose split only copies the gradient: ``tests/test_online_oncost2.py``)."""
+    whose split only copies the gradient: ``tests/test_online_oncost2.py``). ``rows``: the
+    flat raw values to keep (None: all ``P``)."""
     hp = problem.hparams
     values = problem.raw_tensors(raw)
     leaf = values[coef].detach().requires_grad_()
@@ -243,6 +307,8 @@ def _repeated_row(problem: Problem, raw: dict[str, Tensor], coef: str, start: in
             grad = torch.autograd.grad(value, leaf, allow_unused=True)[0]
     jac = hp.flatten({n: grad if n == coef and grad is not None else
                       torch.zeros_like(v, dtype=leaf.dtype) for n, v in values.items()})
+    if rows is not None:
+        jac = jac[rows.to(jac.device)]
     lrs = value.detach().reshape(1, 1).repeat(steps, 1)
     return lrs, jac.reshape(1, -1, 1).repeat(steps, 1, 1)
 
@@ -438,8 +504,8 @@ def curvature_samples(problem: Problem, state: TrainState, raw: dict[str, Tensor
     scale = batch_scale(problem, start, scale)
     coefs = _window_coefficients(problem, raw, start, stop)
     if unit:  # the coefficients' direct terms leave the loss-term row alone
-        coefs = coefs._replace(dlrs=_with_zero_row(coefs.dlrs),
-                               dwds=None if coefs.dwds is None else _with_zero_row(coefs.dwds))
+        coefs = coefs._replace(dlrs=coefs.dlrs.with_zero_row(),
+                               dwds=None if coefs.dwds is None else coefs.dwds.with_zero_row())
     lrs, dlrs, dwds, rows = coefs
     hview = hp.view(problem.raw_tensors(raw))
     losses = torch.empty(stop - start, dtype=problem.hparam_dtype, device=problem.device)
@@ -462,7 +528,8 @@ def curvature_samples(problem: Problem, state: TrainState, raw: dict[str, Tensor
         plain = {k: g.detach() for k, g in grads.items()}
         values = rule.values(problem, hview, plain, params, opt_state, detach_tree(new_state),
                              stop - 1)
-        rule.advance(tangent, values, lrs[-1], None, forget(lrs[-1]), scale, count + 1)
+        last_lr = lrs[-1]
+        rule.advance(tangent, values, last_lr, None, forget(last_lr), scale, count + 1)
         tangent.steps.fill_(count + 1)
         z = tangent.z[:-1] if unit else tangent.z
         grad = [_direct_and_carried(hp.flatten(dict(zip(leaves, g[: len(leaves)], strict=True))),
@@ -473,11 +540,11 @@ def curvature_samples(problem: Problem, state: TrainState, raw: dict[str, Tensor
                                     retain=j < len(sampled) - 1)
                 for j, (g, s) in enumerate(zip(grad, sampled, strict=True))]
     with torch.no_grad():
-        tangent.z.addcmul_(dlrs[-1], rule.direct(values, lrs[-1]), value=-1.0)
+        tangent.z.addcmul_(dlrs[-1], rule.direct(values, last_lr), value=-1.0)
         if dwds is not None:
-            rule.decay(tangent, values, lrs[-1], dwds[-1])
+            rule.decay(tangent, values, last_lr, dwds[-1])
         if unit:
-            rule.gradient(tangent, values, lrs[-1])
+            rule.gradient(tangent, values, last_lr)
     end = detached_state(TrainState(new_params, new_buffers, new_state))
     return [Segment(end, hp.unflatten(g), float(value.detach()), losses, tangent)
             for g, value in zip(grad, val_losses, strict=True)]
@@ -519,25 +586,26 @@ def _direct_and_carried(direct: Tensor, z: Tensor, val_theta: Tensor, rows: Tens
 
 
 class _Coefficients(NamedTuple):
-    """The carried coefficients over a window ``[start, stop)``: ``lr_t`` (K, n) or (K, 1),
-    ``d lr_t / du`` (K, R, n) or (K, R, 1) for the carried rows ``rows`` (None: all), ``d wd_t
-    / du`` likewise or None (:func:`lr_derivatives`, :func:`decay_derivatives`)."""
+    """The carried coefficients over a window ``[start, stop)``, per step (``coefs.lrs[i]``,
+    :class:`WindowValues`): ``lr_t`` (n,) or (1,), ``d lr_t / du`` (R, n) or (R, 1) for the
+    carried rows ``rows`` (None: all), ``d wd_t / du`` likewise or None
+    (:func:`lr_derivatives`, :func:`decay_derivatives`)."""
 
-    lrs: Tensor
-    dlrs: Tensor
-    dwds: Tensor | None
+    lrs: WindowValues
+    dlrs: WindowValues
+    dwds: WindowValues | None
     rows: Tensor | None
 
 
 def _window_coefficients(problem: Problem, raw: dict[str, Tensor], start: int, stop: int
                          ) -> _Coefficients:
-    rows = carried_rows(problem)
-    lrs, dlrs = lr_derivatives(problem, raw, start, stop)
+    """The tangent's rows only: the others stay 0 (carried_rows)."""
+    sizes = [p.numel() for p in problem.params.values()]
+    lrs, dlrs = lr_derivatives(problem, raw, start, stop, carried=True)
     dwds = decay_derivatives(problem, raw, start, stop)
-    if rows is not None:  # the tangent's rows only: the others stay 0 (carried_rows)
-        dlrs = dlrs[:, rows.to(dlrs.device)]
-        dwds = None if dwds is None else dwds[:, rows.to(dwds.device)]
-    return _Coefficients(lrs, dlrs, dwds, rows)
+    return _Coefficients(WindowValues(lrs, sizes), WindowValues(dlrs, sizes),
+                         None if dwds is None else WindowValues(dwds, sizes),
+                         carried_rows(problem))
 
 
 def _carry(problem: Problem, rule: CurvatureRule, hview: Any, coefs: _Coefficients,
@@ -564,12 +632,12 @@ def _carry(problem: Problem, rule: CurvatureRule, hview: Any, coefs: _Coefficien
                 rule.average(problem, hview, grads, params, tangent, step)
             else:
                 values = rule.values(problem, hview, grads, params, opt_state, new_state, step)
-                rule.advance(tangent, values, coefs.lrs[i], coefs.dlrs[i],
-                             forget(coefs.lrs[i]), scale, count)
+                lr = coefs.lrs[i]  # this step's, over the entries (WindowValues)
+                rule.advance(tangent, values, lr, coefs.dlrs[i], forget(lr), scale, count)
                 if coefs.dwds is not None:
-                    rule.decay(tangent, values, coefs.lrs[i], coefs.dwds[i])
+                    rule.decay(tangent, values, lr, coefs.dwds[i])
                 if unit:
-                    rule.gradient(tangent, values, coefs.lrs[i])
+                    rule.gradient(tangent, values, lr)
         params, opt_state = new_params, new_state
         buffers = {k: v.detach() for k, v in buffers.items()}
         losses[i] = loss.detach()
@@ -774,8 +842,9 @@ def curvature(horizon: float | str | None = "auto", horizon_unit: str = "steps",
                   check_fn=check_optimizer)
 
 
-__all__ = ["CAPABILITIES", "HORIZON_UNITS", "LOSS_TERMS", "ONLINE_HORIZON", "SCALE_RULES",
-           "SGD_RULE", "CurvatureRule", "CurvatureTangent", "HeavyBallStep", "batch_scale",
+__all__ = ["CAPABILITIES", "HORIZON_UNITS", "JACOBIAN_ROWS", "LOSS_TERMS", "ONLINE_HORIZON",
+           "SCALE_RULES", "SGD_RULE", "CurvatureRule", "CurvatureTangent", "HeavyBallStep",
+           "WindowValues", "batch_scale",
            "carried_hypergradient", "check_optimizer", "curvature", "curvature_head",
            "curvature_offline", "curvature_options", "curvature_samples", "curvature_segment",
            "forgetting", "horizons", "initial_tangent", "loss_term_rows", "lr_derivatives",

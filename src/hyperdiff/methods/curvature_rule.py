@@ -119,6 +119,21 @@ def carried_rows(problem: Problem, *, decay: bool = True) -> Tensor | None:
     rows only (``R x n`` instead of ``P x n``; 1 of 501 rows with a learning rate and 500
     per-feature penalties)."""
     hp = problem.hparams
+    names = carried_names(problem, decay=decay)
+    if names is None:
+        return None
+    index = hp.unflatten(torch.arange(hp.numel, device=problem.device))
+    rows = [index[n].reshape(-1) for n in names]
+    if sum(len(r) for r in rows) == hp.numel:
+        return None
+    return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64,
+                                                     device=problem.device)
+
+
+def carried_names(problem: Problem, *, decay: bool = True) -> list[str] | None:
+    """The hyperparameters whose raw values :func:`carried_rows` keeps, in
+    ``problem.hparams`` order (their entries in that order are the rows), or None for all of
+    them (a callable coefficient may read any)."""
     names: set[str] = set()
     for coef in carried_coefficients(problem) if decay else [problem.optimizer.coefficients["lr"]]:
         if isinstance(coef, Schedule):
@@ -127,12 +142,7 @@ def carried_rows(problem: Problem, *, decay: bool = True) -> Tensor | None:
             names.add(coef)
         elif callable(coef):
             return None
-    index = hp.unflatten(torch.arange(hp.numel, device=problem.device))
-    rows = [index[n].reshape(-1) for n in hp if n in names]
-    if sum(len(r) for r in rows) == hp.numel:
-        return None
-    return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64,
-                                                     device=problem.device)
+    return [n for n in problem.hparams if n in names]
 
 
 def tangent_rows(problem: Problem) -> int:
@@ -187,5 +197,5 @@ def _with_zero_rows(tensor: Tensor, before: Tensor, today: Tensor) -> Tensor:
 
 
 __all__ = ["DECAY_CARRIED", "RHO", "CurvatureRule", "average_squares", "carried_coefficients",
-           "carried_rows", "carries_decay", "keeps_all", "per_entry", "saved_tangent_rows",
-           "tangent_rows"]
+           "carried_names", "carried_rows", "carries_decay", "keeps_all", "per_entry",
+           "saved_tangent_rows", "tangent_rows"]
