@@ -29,7 +29,7 @@ from torch import Tensor
 
 from hyperdiff.app.config import ONLINE_BETAS, ONLINE_SCHEDULE_OVER, Config, OuterConfig
 from hyperdiff.app.discrete_report import final_report as discrete_report
-from hyperdiff.app.discrete_report import has_relaxation, online_choices
+from hyperdiff.app.discrete_report import has_relaxation, online_choices, relaxed
 from hyperdiff.app.loggers import Progress
 from hyperdiff.app.meta_report import held_out_report, pretrained_start
 from hyperdiff.app.run_inputs import starting_at
@@ -38,6 +38,7 @@ from hyperdiff.engine.data import Minibatches
 from hyperdiff.engine.device import OnDevice, resolve_device, task_to_device
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.hparams.discrete import discrete_names
+from hyperdiff.hparams.hyperparams import HyperParameters
 from hyperdiff.methods.base import Method
 from hyperdiff.methods.registry import (
     capabilities,
@@ -355,7 +356,7 @@ def _online_summary(task: Task, loop: HyperOptimizer, outcome: Any, config: Conf
 
     def extra(report: dict[str, Any], seeds: tuple[int, ...],
               progress: Callable[[], None] | None, spread: Spreader) -> dict[str, Any]:
-        hview = task.hparams.view(plan.problem.raw_tensors(final))
+        hview = _own_model_hparams(task, loop).view(plan.problem.raw_tensors(final))
         own = task.metrics_at(plan.state.params, plan.state.buffers, hview)
         worse = own_model_warning(own, report["initial"]["metrics"])
         chosen = ({"discrete": online_choices(task, final, report)}
@@ -364,6 +365,19 @@ def _online_summary(task: Task, loop: HyperOptimizer, outcome: Any, config: Conf
                 "time_s": outcome.time_s, **chosen}
 
     return Summary(head, tail, final, 1, extra)
+
+
+def _own_model_hparams(task: Task, loop: HyperOptimizer) -> HyperParameters:
+    """The hyperparameters through which the online run's own model is read: a relaxed or
+    Gumbel choice as the noise-free mixture at the temperature of the last window that
+    trained the model (:func:`~hyperdiff.app.discrete_report.relaxed`, the relaxed model of
+    docs/discrete.md), a REINFORCE choice at its argmax; the task's own without discrete
+    hyperparameters."""
+    if not discrete_names(task.hparams):
+        return task.hparams
+    last = next((r.discrete for r in reversed(loop.history) if r.status == "ok" and r.discrete),
+                None)
+    return relaxed(task.hparams, None if last is None else last.get("temperature"))
 
 
 def held_out_split(*reports: Mapping[str, Any]) -> str:

@@ -98,6 +98,9 @@ class DiscreteOuter:
             per_sample = reinforce.estimates(losses, scores, base)  # (S, n)
             if self.samples > 1:
                 variance += float(per_sample.var(0).sum())
+            if kind == "leave_one_out":  # exact zeros where the estimate is identically 0
+                per_sample = reinforce.leave_one_out_terms(
+                    per_sample, [self.drawn[i][name] for i in range(self.samples)])
             for slot, row in enumerate(rows):
                 row[name] = per_sample[slot % self.samples].to(row[name].dtype)
         decay = self.spec(self.reinforce[0]).decay

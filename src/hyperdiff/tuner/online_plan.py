@@ -100,7 +100,7 @@ from hyperdiff.errors import (
     number,
     positive_int,
 )
-from hyperdiff.hparams.discrete import DiscreteParameter, discrete_names
+from hyperdiff.hparams.discrete import DiscreteParameter, discrete_names, label, with_states
 from hyperdiff.hparams.hyperparams import HyperParameters
 from hyperdiff.hparams.schedules import Schedule
 from hyperdiff.methods.base import Method, Segment
@@ -257,6 +257,10 @@ class OnlinePlan:
         self.tangent: Any = None
         self.inner_step = 0
         self.span: tuple[int, int] = (0, 0)
+        # the discrete specs (temperature, Gumbel noise, REINFORCE draw) of the window being
+        # evaluated and of the last committed one: what the training state was trained with
+        self.window_hparams: HyperParameters | None = None
+        self.trained_hparams: HyperParameters | None = None
         self.settling = Settling.checked(self.caller, settle, settle_tol)
         self.settled_at: int | None = None  # the inner step where the plain windows begin
 
@@ -515,6 +519,7 @@ class OnlinePlan:
                                           anneal_step=self.position(start),
                                           noise_seed=window_seed(loop.seed, step))
                     for j in range(self.samples if loop.discrete.reinforce else 1)]
+        self.window_hparams = problems[0].hparams  # sample 0's: the trajectory kept
         if len(problems) == 1:
             return self.segments(problems[0], raw, start, stop, vals)
         return [self.segments(p, raw, start, stop, [val])[0]
@@ -552,20 +557,48 @@ class OnlinePlan:
         if not loop.selection or not (stop >= self.problem.steps or (
                 self.eval_every and (loop.step_index + 1) % self.eval_every == 0)):
             return None
-        return self.selection_at(loop, outcome.kept.state)
+        return self.selection_at(loop, outcome.kept.state, self.window_hparams)
 
-    def selection_at(self, loop: Any, state: TrainState) -> float:
+    def selection_at(self, loop: Any, state: TrainState,
+                     hparams: HyperParameters | None = None) -> float:
         """The validation loss on the loop's selection batches at ``state``'s parameters and
-        the loop's current values."""
-        hview = loop.hparams.view(self.problem.raw_tensors(loop.raw))
+        the loop's current values, read through ``hparams`` (default: the specs the state was
+        trained with, :meth:`trained_specs`): a discrete choice at its window's temperature,
+        Gumbel draw or REINFORCE draw, as the window's validation loss and the offline plan's
+        selection loss read it."""
+        specs = self.trained_specs(loop) if hparams is None else hparams
+        hview = specs.view(self.problem.raw_tensors(loop.raw))
         probe = replace(self.problem, val_data=loop.selection)
         with torch.no_grad():
             return float(validation_loss(probe, state.params, state.buffers, hview))
+
+    def trained_specs(self, loop: Any) -> HyperParameters:
+        """The hyperparameters as the last committed window trained with them (its
+        temperatures, Gumbel noise seed and sample 0's REINFORCE draw); after a resume rebuilt
+        from that window's record; the loop's own before any window or without discrete
+        hyperparameters."""
+        if loop.discrete is None:
+            return cast(HyperParameters, loop.hparams)
+        if self.trained_hparams is not None:
+            return self.trained_hparams
+        last = next((r for r in reversed(loop.history) if r.status == "ok" and r.discrete),
+                    None)
+        if last is None:
+            return cast(HyperParameters, loop.hparams)
+        noise = window_seed(loop.seed, last.step)
+        states: dict[str, dict[str, Any]] = {
+            n: {"current_temperature": float(t), "noise_seed": noise}
+            for n, t in last.discrete.get("temperature", {}).items()}
+        for name, drawn in (last.discrete.get("samples") or {}).items():
+            labels = [label(c) for c in cast(DiscreteParameter, loop.hparams[name]).choices]
+            states[name] = {"sample": labels.index(drawn[0])}
+        return with_states(loop.hparams, states)
 
     def commit(self, loop: Any, outcome: Outcome, record: StepRecord) -> StepRecord:
         """Keep the window's training state and carry; measure the hot start (and restart)."""
         start, stop = self.span
         self.state, self.tangent, self.inner_step = outcome.kept.state, outcome.kept.carry, stop
+        self.trained_hparams = self.window_hparams
         if self.settled_at is not None:
             return replace(record, message="plain window at the settled values")
         if measure_hot_start(self, loop, record, start, stop):

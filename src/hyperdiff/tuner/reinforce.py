@@ -57,6 +57,30 @@ def estimates(losses: Tensor, scores: Tensor, baseline: Tensor) -> Tensor:
     return (losses - baseline).unsqueeze(-1) * scores
 
 
+def leave_one_out_terms(terms: Tensor, indices: list[int]) -> Tensor:
+    """The per-sample terms ``(S, n)`` of a leave-one-out estimate (:func:`estimates`) with
+    exact zeros in the columns of the choices that no sample or every sample drew.
+
+    With ``b_i`` = the mean of the other samples' losses, ``c_i = L_i - b_i =
+    S/(S-1) (L_i - Lbar)`` sums to 0 over the samples, so the estimate is
+    ``mean_i c_i (onehot(z_i) - p) = S/(S-1) mean_i (L_i - Lbar) onehot(z_i)``: for a choice
+    ``k`` drawn by none of the samples it is ``-p_k mean_i c_i = 0``, by all of them
+    ``(1 - p_k) mean_i c_i = 0``, identically. In floats ``mean_i c_i`` is a rounding residue
+    (~1e-17) with a sign, which a sign-based outer step would follow by its full length; those
+    columns are set to 0 (the p-term's split of a zero sum, no information on the choice). The
+    other columns are kept as they are.
+
+    >>> losses, probs = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.25, 0.25])
+    >>> scores = torch.stack([score(0, probs), score(1, probs)])
+    >>> terms = estimates(losses, scores, baselines(losses, "leave_one_out"))
+    >>> leave_one_out_terms(terms, [0, 1]).tolist()  # choice 2 drawn by none
+    [[-0.5, 0.25, 0.0], [-0.5, 0.75, 0.0]]
+    """
+    counts = torch.bincount(torch.tensor(indices, dtype=torch.long), minlength=terms.shape[-1])
+    varies = ((counts > 0) & (counts < len(indices))).to(terms.device)
+    return torch.where(varies, terms, torch.zeros_like(terms))
+
+
 def exact_gradient(losses_by_choice: Tensor, probs: Tensor) -> Tensor:
     """``dJ/du = sum_z p(z) L(z) (onehot(z) - p)`` for one choice with ``n`` options, by
     enumeration (the oracle of the tests), shape ``(n,)``."""
@@ -64,4 +88,4 @@ def exact_gradient(losses_by_choice: Tensor, probs: Tensor) -> Tensor:
     return probs * (losses_by_choice - expected)
 
 
-__all__ = ["baselines", "draw", "estimates", "exact_gradient", "score"]
+__all__ = ["baselines", "draw", "estimates", "exact_gradient", "leave_one_out_terms", "score"]
