@@ -16,9 +16,11 @@ So the run is hyperdiff's own online run (the same windows, values and outer ste
 inner training done by the ``Trainer`` as well; the cost is one plain training plus the
 window hypergradients (``benchmarks/lightning_online.py`` measures it). What the replay cannot
 follow is refused before the first step: gradient clipping or accumulation (also a
-``GradientAccumulationScheduler``'s), mixed precision, manual optimization, an lr scheduler,
-several optimizers, a resumed fit (``ckpt_path``). Randomness the replay does not draw
-the same way (dropout) fails the state check.
+``GradientAccumulationScheduler``'s), mixed precision, manual optimization, an lr scheduler
+(also one added during the fit, as ``StochasticWeightAveraging`` does, which is refused
+itself), several optimizers, a resumed fit (``ckpt_path``). Validation batches go through the
+Trainer's precision conversion and batch hooks, as its validation loop does. Randomness the
+replay does not draw the same way (dropout) fails the state check.
 """
 
 from __future__ import annotations
@@ -31,9 +33,13 @@ import torch
 from torch import Tensor, nn
 
 from hyperdiff.app.export import GROUP_KEYS
-from hyperdiff.app.lightning.optim import inner_optimizer, lightning_optimizers
+from hyperdiff.app.lightning.optim import (
+    inner_optimizer,
+    lightning_optimizers,
+    refuse_training_changes,
+)
 from hyperdiff.app.lightning.steps import LightningSteps
-from hyperdiff.app.lightning.task import datamodule_loaders
+from hyperdiff.app.lightning.task import GRADIENT_HOOKS, datamodule_loaders, overridden_hooks
 from hyperdiff.engine.data import Fed, validation_batches
 from hyperdiff.engine.make import make_problem
 from hyperdiff.engine.optimizers import Optimizer, resolve
@@ -60,38 +66,45 @@ def _refuse_trainer_settings(trainer: Any, module: nn.Module) -> None:
                              f"(got ckpt_path={str(trainer.ckpt_path)!r}, a resumed fit): the "
                              "window replay trains from the module's weights at step 0; tune a "
                              "fresh fit")
-    scheduled = _accumulation_schedule(trainer)
+    why = "the window replay would not train as the Trainer does"
+    refuse_training_changes(trainer, CALLER, why)
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    swa = [c for c in trainer.callbacks if isinstance(c, StochasticWeightAveraging)]
     checks = [
-        (trainer.accumulate_grad_batches != 1, "accumulate_grad_batches", "1",
-         trainer.accumulate_grad_batches),
-        (scheduled is not None, "a GradientAccumulationScheduler's accumulate_grad_batches",
-         "1 at every epoch", scheduled),
-        (bool(trainer.gradient_clip_val), "gradient_clip_val", "None or 0",
-         trainer.gradient_clip_val),
-        (str(trainer.precision) not in ("32-true", "64-true"), "precision",
-         "'32-true' or '64-true'", trainer.precision),
         (not module.automatic_optimization, "module.automatic_optimization", "True", False),
         (len(trainer.optimizers) != 1, "the number of optimizers", "1", len(trainer.optimizers)),
         (bool(trainer.lr_scheduler_configs), "the lr schedulers of configure_optimizers",
          "none (the callback sets the tuned values at every step)",
          len(trainer.lr_scheduler_configs)),
+        (bool(swa), "trainer.callbacks", "free of StochasticWeightAveraging (its swa_lrs "
+         "schedule and weight averaging would replace the tuned values)",
+         type(swa[0]).__name__ if swa else None),
     ]
     for bad, what, valid, got in checks:
         if bad:
-            raise HyperdiffError(f"{CALLER}: {what} must be {valid} (got {describe(got)}): the "
-                                 "window replay would not train as the Trainer does")
+            raise HyperdiffError(f"{CALLER}: {what} must be {valid} (got {describe(got)}): "
+                                 f"{why}")
 
 
-def _accumulation_schedule(trainer: Any) -> dict[int, int] | None:
-    """The schedule ``{epoch: batches}`` of a ``GradientAccumulationScheduler`` among the
-    Trainer's callbacks that accumulates at some epoch, or ``None``."""
-    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+def _as_validated(trainer: Any, module: nn.Module, batches: list[Batch]) -> list[Batch]:
+    """The validation batches as the Trainer's validation loop hands them to
+    ``validation_step``: its precision's ``convert_input`` (``64-true``: float64), then the
+    module's and DataModule's ``on_before_batch_transfer``, ``transfer_batch_to_device`` and
+    ``on_after_batch_transfer`` (with the Trainer in its validating stage)."""
+    from lightning.pytorch.trainer.states import RunningStage
 
-    for callback in trainer.callbacks:
-        if isinstance(callback, GradientAccumulationScheduler) and any(
-                n != 1 for n in callback.scheduling.values()):
-            return dict(sorted(callback.scheduling.items()))
-    return None
+    before = trainer.state.stage
+    trainer.state.stage = RunningStage.VALIDATING
+    try:
+        out = []
+        for batch in batches:
+            batch = trainer.precision_plugin.convert_input(batch)
+            batch = module._on_before_batch_transfer(batch, dataloader_idx=0)  # type: ignore[operator]
+            out.append(trainer.strategy.batch_to_device(batch, dataloader_idx=0))
+        return out
+    finally:
+        trainer.state.stage = before
 
 
 class HyperdiffCallback(Callback):
@@ -154,13 +167,15 @@ class HyperdiffCallback(Callback):
         names = {id(p): n for n, p in self.named.items()}
         opt.param_groups[:] = [{**g, "params": [p]} for g in opt.param_groups
                                for p in g["params"]]
-        self.groups = [(names[id(g["params"][0])], g) for g in opt.param_groups]
+        self.groups = [(names[id(g["params"][0])], g) for g in opt.param_groups
+                       if id(g["params"][0]) in names]  # frozen tensors: no gradient, no step
         if self.val_data is None:
             if trainer.datamodule is None:
                 raise HyperdiffError(f"{CALLER}: val_data must be given when trainer.fit gets "
                                      "no datamodule (got None)")
             self.val_data = datamodule_loaders(trainer.datamodule, CALLER, None)["val"]
-        self.val_batches = validation_batches(self.val_data)
+        self.val_batches = _as_validated(trainer, pl_module, validation_batches(self.val_data))
+        self.hooks = overridden_hooks(pl_module, GRADIENT_HOOKS)
         total = trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise HyperdiffError(f"{CALLER}: the Trainer's optimizer steps must be finite "
@@ -183,6 +198,11 @@ class HyperdiffCallback(Callback):
                                  f"{trainer.accumulate_grad_batches} at step {step}, set during "
                                  "the fit): the window replay would not train as the Trainer "
                                  "does")
+        if trainer.lr_scheduler_configs:  # one added during the fit (StochasticWeightAveraging)
+            raise HyperdiffError(f"{CALLER}: the Trainer's lr schedulers must be none (got "
+                                 f"{len(trainer.lr_scheduler_configs)} at step {step}, added "
+                                 "during the fit): the callback sets the tuned values at every "
+                                 "step")
         per_epoch = int(trainer.num_training_batches)
         if batch_idx != step % per_epoch:
             raise HyperdiffError(f"{CALLER}: the Trainer's batch_idx must be step mod "
@@ -192,7 +212,9 @@ class HyperdiffCallback(Callback):
                                      else x, batch))
         if self.loop is None:
             self.loop = self._start(per_epoch)
-        hview = self.loop.hparams.view(self.plan.problem.raw_tensors(self.loop.raw))
+        # the window's hypergradient call checked these values; one read per batch
+        hview = self.loop.hparams.view(self.plan.problem.raw_tensors(self.loop.raw,
+                                                                     check=False))
         for name, group in self.groups:
             values = {c: float(resolve(coef, hview, step, name))
                       for c, coef in self.optimizer.coefficients.items()
@@ -247,7 +269,9 @@ class HyperdiffCallback(Callback):
                     f"{start}..{stop - 1}, to rounding {tol:.3g} (got a difference of "
                     f"{diff:.3g}); the Trainer trains differently from training_step and "
                     "configure_optimizers (dropout or other unseeded randomness, a hook that "
-                    "changes gradients or weights)")
+                    "changes gradients or weights"
+                    + (f": the module overrides {', '.join(self.hooks)}" if self.hooks else "")
+                    + ")")
 
     # ------------------------------------------------------------------ results
     @property
@@ -267,4 +291,5 @@ class HyperdiffCallback(Callback):
                              ) -> dict[str, Any]:
         """The tuned values as ``configure_optimizers`` output for ``module`` (see
         :func:`~hyperdiff.app.lightning.optim.lightning_optimizers`)."""
-        return lightning_optimizers(self.optimizer, self.tuned, module, steps=steps)
+        tuned = self.tuned  # refuses a callback that has not trained
+        return lightning_optimizers(self.optimizer, tuned, module, steps=steps)

@@ -8,7 +8,8 @@ back and iterating again, ``len(loader)`` batches and not one more, as a ``Train
 The batches are fingerprinted by ``hd.make_problem``'s
 ``fn(step)`` source (:class:`hyperdiff.engine.data.FromCallable`), which refuses a replay that
 differs. A sampler that draws from torch's global random state (``shuffle=True`` without
-``generator=``) cannot be replayed and is refused at once.
+``generator=``, a ``SubsetRandomSampler`` or ``WeightedRandomSampler`` without one) cannot be
+replayed and is refused at once.
 """
 
 from __future__ import annotations
@@ -49,6 +50,14 @@ class TrainerOrder:
                 "replayed (got shuffle=True without generator=, which draws from torch's global "
                 "random state); pass DataLoader(..., shuffle=True, "
                 "generator=torch.Generator().manual_seed(0))")
+        for sampler in (*samplers, loader.batch_sampler):
+            if hasattr(sampler, "generator") and vars(sampler).get("generator", 0) is None:
+                name = type(sampler).__name__
+                raise HyperdiffError(
+                    f"{caller}: the train DataLoader's sampler must draw from a seeded "
+                    f"generator to be replayed (got a {name} without generator=, which draws "
+                    f"from torch's global random state); pass {name}(..., "
+                    "generator=torch.Generator().manual_seed(0))")
         try:
             self.per_epoch = len(loader)
         except TypeError:

@@ -30,13 +30,17 @@ REFUSED_FLAGS = ("maximize", "amsgrad", "fused", "differentiable", "capturable")
 
 def configured_optimizer(module: nn.Module, caller: str) -> torch.optim.Optimizer:
     """The one optimizer that ``module.configure_optimizers()`` returns: the optimizer, a
-    one-element list or tuple of it, or ``{"optimizer": opt}``. A learning-rate scheduler is
+    one-element list or tuple of it, ``([opt], [])``, or ``{"optimizer": opt}`` (with or
+    without ``"monitor"``). A learning-rate scheduler is
     refused: the schedule is what hyperdiff tunes."""
     out = module.configure_optimizers()  # type: ignore[operator]
+    if (isinstance(out, (list, tuple)) and len(out) == 2 and isinstance(out[0], (list, tuple))
+            and isinstance(out[1], (list, tuple)) and not out[1]):
+        out = out[0]  # ([opt], []): optimizers and no schedulers
     if isinstance(out, (list, tuple)) and len(out) == 1:
         out = out[0]
-    if isinstance(out, Mapping) and set(out) == {"optimizer"}:
-        out = out["optimizer"]
+    if isinstance(out, Mapping) and set(out) in ({"optimizer"}, {"optimizer", "monitor"}):
+        out = out["optimizer"]  # a monitor without a scheduler monitors nothing
     if not isinstance(out, torch.optim.Optimizer):
         raise HyperdiffError(
             f"{caller}: configure_optimizers must return one torch.optim optimizer without an "
@@ -77,11 +81,11 @@ def inner_optimizer(opt: torch.optim.Optimizer, hparams: HyperParameters,
     kind = SUPPORTED[type(opt)]
     if kind == "adam" and settings.get("decoupled_weight_decay"):
         kind = "adamw"
-    given = {id(p) for g in opt.param_groups for p in g["params"]}
-    if given != {id(p) for p in params.values()}:
+    given = {id(p) for g in opt.param_groups for p in g["params"] if p.requires_grad}
+    if given != {id(p) for p in params.values()}:  # frozen tensors get no gradient: skipped
         raise HyperdiffError(f"{caller}: configure_optimizers must optimize every trainable "
-                             f"parameter of the module and no other (got {len(given)} tensors "
-                             f"for the module's {len(params)})")
+                             f"parameter of the module and no other (got {len(given)} "
+                             f"trainable tensors for the module's {len(params)})")
     for coef_name, sched in schedules.items():
         if coef_name not in GROUP_KEYS[kind] or not isinstance(sched, Schedule):
             raise HyperdiffError(f"{caller}: schedules must map coefficients of "
@@ -117,13 +121,52 @@ def inner_optimizer(opt: torch.optim.Optimizer, hparams: HyperParameters,
                 weight_decay=coef("weight_decay", settings["weight_decay"]))
 
 
+def refuse_training_changes(trainer: Any, caller: str,
+                            why: str = "the Trainer would not train as hyperdiff does") -> None:
+    """The ``Trainer`` settings that train otherwise than hyperdiff's optimizer: gradient
+    clipping, gradient accumulation (also a ``GradientAccumulationScheduler``'s) and a
+    precision other than ``32-true`` / ``64-true``."""
+    scheduled = accumulation_schedule(trainer)
+    checks = [
+        (trainer.accumulate_grad_batches != 1, "accumulate_grad_batches", "1",
+         trainer.accumulate_grad_batches),
+        (scheduled is not None, "a GradientAccumulationScheduler's accumulate_grad_batches",
+         "1 at every epoch", scheduled),
+        (bool(trainer.gradient_clip_val), "gradient_clip_val", "None or 0",
+         trainer.gradient_clip_val),
+        (str(trainer.precision) not in ("32-true", "64-true"), "precision",
+         "'32-true' or '64-true'", trainer.precision),
+    ]
+    for bad, what, valid, got in checks:
+        if bad:
+            raise HyperdiffError(f"{caller}: {what} must be {valid} (got {describe(got)}): "
+                                 f"{why}")
+
+
+def accumulation_schedule(trainer: Any) -> dict[int, int] | None:
+    """The schedule ``{epoch: batches}`` of a ``GradientAccumulationScheduler`` among the
+    Trainer's callbacks that accumulates at some epoch, or ``None``."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, GradientAccumulationScheduler) and any(
+                n != 1 for n in callback.scheduling.values()):
+            return dict(sorted(callback.scheduling.items()))
+    return None
+
+
 def lightning_optimizers(optimizer: Optimizer, hparams: HyperParameters | OptimizeResult,
                          module: nn.Module, *, steps: int | None = None) -> dict[str, Any]:
     """Tuned values as ``configure_optimizers`` output: ``{"optimizer": torch_opt,
     "lr_scheduler": {"scheduler": schedule, "interval": "step"}}``, the pair of
     :func:`hyperdiff.torch_optimizer` (param groups per set of tensors sharing their values,
     a scheduler that sets every scheduled coefficient before each step), stepped by the
-    ``Trainer`` after every optimizer step."""
+    ``Trainer`` after every optimizer step. Called from ``configure_optimizers`` inside a
+    fit, it refuses the ``Trainer`` settings that would train otherwise (gradient clipping,
+    accumulation, mixed precision)."""
+    trainer = getattr(module, "_trainer", None)
+    if trainer is not None:
+        refuse_training_changes(trainer, "lightning_optimizers")
     torch_opt, schedule = torch_optimizer(optimizer, hparams, module, steps=steps)
     return {"optimizer": torch_opt,
             "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1}}

@@ -5,7 +5,11 @@
 :func:`hyperdiff.functional`, so BatchNorm statistics are carried and dropout is seeded), never
 touching the module's own tensors. ``batch_idx`` is ``step mod batches_per_epoch`` in training
 (the index a ``Trainer`` passes) and 0 in validation. ``self.log`` / ``self.log_dict`` calls
-inside the steps are dropped while hyperdiff evaluates them (a replay must not log twice).
+inside the steps are dropped while hyperdiff evaluates them (a replay must not log twice), and
+the state of every ``torchmetrics.Metric`` in the module is put back after each evaluation (a
+replay must not count its batch twice). Reading ``self.global_step`` / ``self.current_epoch``
+(or ``self.trainer`` without a ``Trainer``) inside them is refused: hyperdiff evaluates the
+steps out of the ``Trainer``'s order, so they would not describe the step evaluated.
 """
 
 from __future__ import annotations
@@ -54,6 +58,75 @@ def quiet_logging(module: nn.Module) -> Iterator[None]:
             module.__dict__.pop(name, None)
 
 
+@contextmanager
+def kept_metric_states(module: nn.Module) -> Iterator[None]:
+    """Every ``torchmetrics.Metric`` in ``module`` ends the block in the state it began it
+    (its attributes, with its state tensors and lists copied, are put back)."""
+    saved = []
+    for sub in module.modules():
+        defaults = getattr(sub, "_defaults", None)
+        if isinstance(defaults, dict) and callable(getattr(sub, "update", None)):
+            attrs = dict(sub.__dict__)
+            for name in defaults:
+                value = attrs.get(name)
+                if isinstance(value, Tensor):
+                    attrs[name] = value.clone()
+                elif isinstance(value, list):
+                    attrs[name] = [v.clone() if isinstance(v, Tensor) else v for v in value]
+            saved.append((sub, attrs))
+    try:
+        yield
+    finally:
+        for sub, attrs in saved:
+            for name in set(sub.__dict__) - set(attrs):
+                del sub.__dict__[name]
+            sub.__dict__.update(attrs)
+
+
+def _refused_read(name: str) -> property:
+    def read(module: nn.Module) -> Any:
+        if name == "trainer" and (getattr(module, "_trainer", None) is not None
+                                  or getattr(module, "_fabric", None) is not None):
+            return super(type(module), module).trainer  # type: ignore[misc]
+        raise HyperdiffError(
+            f"{module.__dict__.get('_hyperdiff_caller', 'hyperdiff')}: the module's steps must "
+            f"not read self.{name} (got a read in {type(module).__qualname__} while hyperdiff "
+            "evaluated training_step / validation_step): hyperdiff replays the steps out of the "
+            "Trainer's order, so the Trainer's global_step, current_epoch and trainer do not "
+            "describe the step being evaluated (offline there is no Trainer); make the step a "
+            "function of its batch and parameters only, and tune what changes with the step "
+            "as a hyperparameter (hd.per_step or hd.schedule)")
+
+    return property(read)
+
+
+_GUARDED: dict[type, type] = {}
+GUARDED_READS = ("global_step", "current_epoch", "trainer")
+
+
+@contextmanager
+def step_reads_refused(module: nn.Module, caller: str) -> Iterator[None]:
+    """Inside the block, ``module.global_step`` / ``module.current_epoch`` (and
+    ``module.trainer`` when no ``Trainer`` is attached) raise a ``HyperdiffError``; the module's
+    class is a subclass with these properties for the block's length."""
+    cls = type(module)
+    if cls in _GUARDED.values() or not all(isinstance(getattr(cls, n, None), property)
+                                           for n in GUARDED_READS):
+        yield
+        return
+    if cls not in _GUARDED:
+        _GUARDED[cls] = type(cls.__name__, (cls,), {
+            "__qualname__": cls.__qualname__, "__module__": cls.__module__,
+            **{n: _refused_read(n) for n in GUARDED_READS}})
+    module.__class__ = _GUARDED[cls]
+    module.__dict__["_hyperdiff_caller"] = caller
+    try:
+        yield
+    finally:
+        module.__class__ = cls
+        module.__dict__.pop("_hyperdiff_caller", None)
+
+
 def step_loss(output: Any, caller: str, step_name: str, keys: tuple[str, ...]) -> Tensor:
     """The loss tensor in a step's output: the tensor itself, or ``output[key]`` for the first
     of ``keys`` it holds."""
@@ -93,7 +166,8 @@ class LightningSteps:
         inner = StepContext(step=ctx.step, seed=ctx.seed, train=ctx.train,
                             buffers={PREFIX + k: v for k, v in ctx.current_buffers().items()},
                             calls=ctx.calls)
-        with quiet_logging(self.module):
+        with quiet_logging(self.module), kept_metric_states(self.module), \
+                step_reads_refused(self.module, self.caller):
             out = self.net({PREFIX + k: v for k, v in params.items()}, step, batch, batch_idx,
                            inner)
         ctx.calls = inner.calls

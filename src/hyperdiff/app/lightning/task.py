@@ -16,6 +16,7 @@ problems, or ``hyperdiff run --task file.py:build`` for a factory returning it.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -33,13 +34,56 @@ from hyperdiff.hparams.schedules import Schedule
 from hyperdiff.typing import Batch, Params
 
 CALLER = "lightning_task"
+BATCH_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
+GRADIENT_HOOKS = ("backward", "on_after_backward", "on_before_optimizer_step",
+                  "configure_gradient_clipping", "optimizer_step", "optimizer_zero_grad")
+SET_HERE = {"name", "model", "train_loss", "val_loss", "hparams", "optimizer", "data", "steps",
+            "metrics", "cross_validation"}
+
+
+def overridden_hooks(obj: Any, names: tuple[str, ...]) -> list[str]:
+    """The hooks among ``names`` that ``obj``'s class overrides, against ``LightningModule``
+    or ``LightningDataModule`` (none for other objects, or without lightning)."""
+    try:
+        from lightning.pytorch import LightningDataModule, LightningModule
+    except ModuleNotFoundError:
+        return []
+    for base in (LightningModule, LightningDataModule):
+        if isinstance(obj, base):
+            return [n for n in names if hasattr(base, n)
+                    and getattr(type(obj), n, None) is not getattr(base, n)]
+    return []
+
+
+def refuse_hooks(obj: Any, owner: str, names: tuple[str, ...], caller: str, why: str) -> None:
+    """Refuse ``obj`` (the ``module`` or ``datamodule``) if it overrides one of ``names``."""
+    hooks = overridden_hooks(obj, names)
+    if hooks:
+        raise HyperdiffError(
+            f"{caller}: {owner} must not override {hooks[0]} (got an override in "
+            f"{type(obj).__qualname__}): {why}")
+
+
+def one_loader(loader: Any, caller: str, split: str, advice: str) -> Any:
+    """The loader of a ``*_dataloader()`` that returned one (or a one-element list, tuple or
+    dict of one); several are refused."""
+    if isinstance(loader, Mapping):
+        loader = list(loader.values())
+    if isinstance(loader, (list, tuple)):
+        if len(loader) != 1:
+            raise HyperdiffError(
+                f"{caller}: datamodule.{split}_dataloader() must return one DataLoader (got "
+                f"{len(loader)} DataLoaders); hyperdiff uses one {split} split: {advice}")
+        loader = loader[0]
+    return loader
 
 
 def datamodule_loaders(datamodule: Any, caller: str, stages: tuple[str, ...] | None
                        ) -> dict[str, Any]:
     """``{"train": ..., "val": ..., "test": ...}`` loaders of a ``LightningDataModule`` after
     ``prepare_data()`` and ``setup(stage)`` for each of ``stages``, as a ``Trainer`` calls them
-    (``None``: a Trainer has already set it up; train and val only)."""
+    (``None``: a Trainer has already set it up; train and val only); ``val_dataloader()``
+    and ``test_dataloader()`` must give one loader each."""
     for hook in ("train_dataloader", "val_dataloader"):
         if not callable(getattr(datamodule, hook, None)):
             raise HyperdiffError(f"{caller}: datamodule must be a LightningDataModule with "
@@ -50,12 +94,23 @@ def datamodule_loaders(datamodule: Any, caller: str, stages: tuple[str, ...] | N
             datamodule.setup(stage)
     loaders: dict[str, Any] = {}
     for split in ("train", "val", *(("test",) if stages and "test" in stages else ())):
-        try:
-            loaders[split] = getattr(datamodule, f"{split}_dataloader")()
-        except Exception as err:  # Lightning's own "must be implemented" included
-            raise HyperdiffError(f"{caller}: datamodule.{split}_dataloader() must return a "
-                                 f"DataLoader (it raised {type(err).__name__}: {err})") from err
+        loaders[split] = read_loader(datamodule, split, caller)
+    advice = ("return the validation loader alone, or pass val_data= batches"
+              if caller != CALLER else "return the validation loader alone")
+    loaders["val"] = one_loader(loaders["val"], caller, "val", advice)
+    if "test" in loaders:
+        loaders["test"] = one_loader(loaders["test"], caller, "test",
+                                     "return the test loader alone")
     return loaders
+
+
+def read_loader(datamodule: Any, split: str, caller: str) -> Any:
+    """``datamodule.<split>_dataloader()``, its failure a ``HyperdiffError``."""
+    try:
+        return getattr(datamodule, f"{split}_dataloader")()
+    except Exception as err:  # Lightning's own "must be implemented" included
+        raise HyperdiffError(f"{caller}: datamodule.{split}_dataloader() must return a "
+                             f"DataLoader (it raised {type(err).__name__}: {err})") from err
 
 
 def metrics_of(steps: LightningSteps, metrics: Callable[[nn.Module, Batch], Mapping[str, Any]]
@@ -106,6 +161,20 @@ def lightning_task(
     if not isinstance(hparams, HyperParameters):
         raise HyperdiffError(f"{CALLER}: hparams must be a hd.HyperParameters naming the "
                              f"optimizer's coefficients (got {describe(hparams)})")
+    valid = set(inspect.signature(task).parameters) - SET_HERE
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise HyperdiffError(f"{CALLER}: options must be keywords of hd.task, some of "
+                             f"{sorted(valid)} (got {unknown[0]!r})")
+    for owner, obj in (("module", module), ("datamodule", datamodule)):
+        refuse_hooks(obj, owner, BATCH_HOOKS, CALLER,
+                     "hyperdiff reads the DataModule's loaders without a Trainer, so the hook "
+                     "would not run; apply the transform in the Dataset, the DataLoader's "
+                     "collate_fn or training_step")
+    refuse_hooks(module, "module", GRADIENT_HOOKS, CALLER,
+                 "hyperdiff trains with the optimizer of configure_optimizers and no Trainer, "
+                 "so a hook that changes gradients or the step would be skipped; remove it to "
+                 "tune (clipping, accumulation and custom steps are not reproduced)")
     named = {n: p for n, p in module.named_parameters() if p.requires_grad}
     optimizer = inner_optimizer(configured_optimizer(module, CALLER), hparams, named, CALLER,
                                 schedules)
