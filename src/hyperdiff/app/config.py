@@ -592,8 +592,7 @@ def _check_unread_mode_keys(source: dict[str, Any], config: Config) -> None:
                 f"outer.mode = {mode!r} (it is read by {reader}; got {value!r})")
 
 
-NOT_READ_BY_META = (("outer", "samples"), ("outer", "auto_samples"), ("outer", "max_samples"),
-                    ("task", "selection_fraction"))
+NOT_READ_BY_META = (("outer", "samples"), ("outer", "auto_samples"), ("outer", "max_samples"))
 """Keys that offline and online runs read and meta runs do not (a meta step's trainings are
 its ``outer.meta_batch`` tasks; no selection split ranks them: ``outer.meta_val_tasks``
 does)."""

@@ -177,7 +177,8 @@ def _run_locked(
             raise changed_inputs_error(rundir, [change])
         stored = with_absolute_task(load_config(config_path, stored=True))
         if config is None:
-            config = with_absolute_task(load_config(data=stored.to_dict(), overrides=overrides))
+            config = with_absolute_task(load_config(data=stored.to_dict(), overrides=overrides,
+                                                    stored=True))
         diffs = config_differences(stored, config)
         asked = any(o.replace(" ", "").startswith("stop.max_steps=") for o in overrides)
         extending = _extension(stored, config, diffs, rundir, asked=asked)
@@ -335,7 +336,7 @@ def _run_plan(
 ) -> dict[str, Any]:
     """Build ``plan``'s outer loop (at ``start``'s values, ``--from``), restore or start it,
     run it and write its result."""
-    task, loop = plan.build(config) if start is None else plan.build(config, start)
+    task, loop = plan.build(config, start, stored=resume)
     if group is not None:
         ranks_agree(group, config, start)
     # the [log] files are the run directory's, so rank 0 alone writes them

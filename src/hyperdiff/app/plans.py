@@ -72,7 +72,9 @@ class Plan(NamedTuple):
     """What one ``outer.mode`` contributes to a run: the :class:`HyperOptimizer` with its
     plan, and the few readings that differ (log line, progress bar, report rows)."""
 
-    # (config) or (config, start): the task and the outer loop, at --from's values ``start``
+    # (config) or (config, start), keyword ``stored``: the task and the outer loop, at --from's
+    # values ``start``; ``stored=True``: config is a run directory's own (a resume), whose keys
+    # the code that wrote it did not read are passed at their defaults, not refused
     build: Callable[..., tuple[Task, HyperOptimizer]]
     check: Callable[[Config, Any], None]  # refuse what the mode cannot run (torchrun group)
     describe: Callable[[Task, HyperOptimizer, Config], str]  # the "tuning ..." log line
@@ -145,15 +147,18 @@ def _online_method(config: Config) -> tuple[str, dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------ offline
-def build(config: Config, start: dict[str, Any] | None = None
+def build(config: Config, start: dict[str, Any] | None = None, *, stored: bool = False
           ) -> tuple[Task, HyperOptimizer]:
     """The task and the driver that ``config`` describes, starting at ``start``'s raw values
-    (``--from``, see :func:`~hyperdiff.app.run_inputs.tuned_values`) if given."""
+    (``--from``, see :func:`~hyperdiff.app.run_inputs.tuned_values`) if given (``stored``:
+    :class:`Plan`)."""
     task = _task(config, config.task.cv_folds)
     if start is not None:
         task = starting_at(task, start)
+    max_samples = (config.outer.max_samples if config.outer.auto_samples or not stored
+                   else OuterConfig().max_samples)  # unread then: a stored run ran without it
     plan = OfflinePlan(samples="auto" if config.outer.auto_samples else config.outer.samples,
-                       max_samples=config.outer.max_samples, warm_start=config.inner.warm_start,
+                       max_samples=max_samples, warm_start=config.inner.warm_start,
                        explore=config.outer.explore,
                        explore_decades=config.outer.explore_decades,
                        explore_when=config.outer.explore_when, confirm=config.outer.confirm,
@@ -163,8 +168,9 @@ def build(config: Config, start: dict[str, Any] | None = None
 
 
 def _outer_loop(config: Config, problems: list[Any], plan: Any,
-                selection: list[Any] | None) -> HyperOptimizer:
-    """The :class:`HyperOptimizer` of an offline or meta run with ``plan``."""
+                selection: list[Any] | None, *, unranked: bool = False) -> HyperOptimizer:
+    """The :class:`HyperOptimizer` of an offline or meta run with ``plan`` (``unranked``: a
+    stored meta run without validation tasks, whose ``stop.patience`` nothing read)."""
     stop = config.stop
     return HyperOptimizer(
         problems, plan=plan, method=configured_method(config),
@@ -174,7 +180,8 @@ def _outer_loop(config: Config, problems: list[Any], plan: Any,
         selection=selection, seed=config.outer.seed,
         stopping=Stopping(
             max_steps=stop.max_steps, max_time_s=stop.max_time_s or None,
-            patience=stop.patience or None, min_delta=stop.min_delta, grad_tol=stop.grad_tol,
+            patience=None if unranked else stop.patience or None, min_delta=stop.min_delta,
+            grad_tol=stop.grad_tol,
             step_tol=stop.step_tol, travel=stop.travel, extend=stop.extend,
             chaos_ratio=stop.chaos_ratio or None,
         ),
@@ -235,9 +242,10 @@ def _no_check(config: Config, group: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------- online
-def build_online(config: Config, start: dict[str, Any] | None = None
+def build_online(config: Config, start: dict[str, Any] | None = None, *, stored: bool = False
                  ) -> tuple[Task, HyperOptimizer]:
-    """The task and the online loop that ``config`` describes (``start``: refused)."""
+    """The task and the online loop that ``config`` describes (``start``: refused;
+    ``stored``: :class:`Plan`)."""
     if start is not None:
         raise HyperdiffError(f"run: --from is for outer.mode = 'offline' runs only (got "
                              f"{config.outer.mode!r}); set the online run's initial values "
@@ -257,9 +265,9 @@ def build_online(config: Config, start: dict[str, Any] | None = None
     outer = config.outer
     problem = task.problems[0]
     optimizer = outer_optimizer_name(config)
-    _read_online_outer_keys(config, optimizer)
-    if outer.seed != OuterConfig().seed and not outer.val_batch and not discrete_names(
-            task.hparams):
+    _read_online_outer_keys(config, optimizer, stored)
+    if not stored and outer.seed != OuterConfig().seed and not outer.val_batch and not \
+            discrete_names(task.hparams):
         raise HyperdiffError(
             f"config: outer.seed must be left at its default {OuterConfig().seed} with "
             f"outer.mode = 'online', outer.val_batch = 0 and no discrete hyperparameters (it "
@@ -283,11 +291,12 @@ def build_online(config: Config, start: dict[str, Any] | None = None
     return task, loop
 
 
-def _read_online_outer_keys(config: Config, optimizer: str) -> None:
+def _read_online_outer_keys(config: Config, optimizer: str, stored: bool = False) -> None:
     """Refuse ``outer.beta1``/``beta2`` off their online defaults with an outer optimizer
     that has no betas, ``outer.max_samples`` off its default, and ``outer.schedule_over`` off
     its default with a constant outer schedule: nothing would read them (they were stored in
-    config.toml and ignored)."""
+    config.toml and ignored; ``stored``: a run directory's own config, which the code that
+    wrote it ran with ``outer.max_samples`` unread, is not refused for it)."""
     outer = config.outer
     betas = (outer.beta1, outer.beta2)
     if optimizer not in ADAM_FAMILY and betas != ONLINE_BETAS:
@@ -296,7 +305,7 @@ def _read_online_outer_keys(config: Config, optimizer: str) -> None:
             f"{ONLINE_BETAS} with outer.optimizer = {optimizer!r} (they are the betas of adam "
             f"and adamw; got {betas})")
     samples_cap = OuterConfig().max_samples
-    if outer.max_samples != samples_cap:  # it bounds outer.auto_samples, refused online
+    if outer.max_samples != samples_cap and not stored:  # bounds auto_samples: offline only
         raise HyperdiffError(
             f"config: outer.max_samples must be left at its default {samples_cap} with "
             f"outer.mode = 'online' (it bounds outer.auto_samples, which is offline only; a "
@@ -440,12 +449,12 @@ def _offline_only_explore(config: Config) -> None:
                              f"{config.outer.explore}, {config.outer.explore_when!r})")
 
 
-def build_meta(config: Config, start: dict[str, Any] | None = None
+def build_meta(config: Config, start: dict[str, Any] | None = None, *, stored: bool = False
                ) -> tuple[Task, HyperOptimizer]:
     """The task and the meta loop: :class:`~hyperdiff.tuner.meta_plan.MetaPlan` over the
     task's distribution, ``outer.meta_batch`` tasks per outer step, the task's problem as the
     template of every task (no selection split: each step's tasks are new; with
-    ``outer.meta_val_tasks`` fixed validation tasks rank the steps)."""
+    ``outer.meta_val_tasks`` fixed validation tasks rank the steps; ``stored``: :class:`Plan`)."""
     _offline_only_explore(config)
     if config.task.cv_folds:
         raise HyperdiffError("config: task.cv_folds must be 0 with outer.mode = 'meta' (the "
@@ -457,7 +466,7 @@ def build_meta(config: Config, start: dict[str, Any] | None = None
             "has no task distribution (got 'meta'); a meta task passes "
             "hd.task(..., tasks=sample) with sample(index, seed) -> (support, query), or use "
             "the built-in sinusoid_maml")
-    if (size := _minibatch_size(task.problems[0].train_data)) is not None:
+    if not stored and (size := _minibatch_size(task.problems[0].train_data)) is not None:
         raise HyperdiffError(
             f"config: task {task.name}'s batch_size must be None with outer.mode = 'meta' "
             f"(got {size}: meta-training adapts on each task's support set as the task "
@@ -467,7 +476,8 @@ def build_meta(config: Config, start: dict[str, Any] | None = None
         task = starting_at(task, start)
     plan = MetaPlan(task.tasks, batch=config.outer.meta_batch,
                     validation_tasks=config.outer.meta_val_tasks)
-    return task, _outer_loop(config, [task.problems[0]], plan, None)
+    return task, _outer_loop(config, [task.problems[0]], plan, None,
+                             unranked=stored and not config.outer.meta_val_tasks)
 
 
 def _minibatch_size(source: Any) -> int | None:

@@ -433,11 +433,22 @@ def _label(optimizer: Optimizer, coef_name: str) -> str:
     return {"beta1": "betas[0]", "beta2": "betas[1]"}.get(coef_name, coef_name)
 
 
+CALLABLE_CHECK_STEPS = 256
+"""The most steps at which :func:`check_callables` evaluates a callable coefficient (evenly
+spaced, the first and the last among them): its Python call per step and tensor would cost
+seconds at make time for a long run; training checks the numbers it gives at every step."""
+
+
 def check_callables(optimizer: Optimizer, hparams: HParamView, params: Params,
                     steps: int) -> None:
     """A callable coefficient must give, at ``hparams`` (the start values), a number or a tensor
-    valid for its coefficient at every step and for every parameter (training checks the
-    numbers it gives again at each step, not the tensors: that would sync the device)."""
+    valid for its coefficient at the checked steps (every step up to
+    :data:`CALLABLE_CHECK_STEPS`, else that many evenly spaced) and for every parameter
+    (training checks the numbers it gives again at each step, not the tensors: that would
+    sync the device)."""
+    checked = (range(steps) if steps <= CALLABLE_CHECK_STEPS else sorted(
+        {round(i * (steps - 1) / (CALLABLE_CHECK_STEPS - 1))
+         for i in range(CALLABLE_CHECK_STEPS)}))
     for coef_name, coef in optimizer.coefficients.items():
         valid = optimizer.valid.get(coef_name)
         if isinstance(coef, (str, Schedule)) or not callable(coef) or valid is None:
@@ -446,7 +457,7 @@ def check_callables(optimizer: Optimizer, hparams: HParamView, params: Params,
         ok: Tensor | bool = True  # all tensors valid so far, on their device (no sync)
         pending: list[Tensor] = []  # tensors to check at once: a few kernels per thousand
         with torch.no_grad():
-            for step in range(steps):
+            for step in checked:
                 for name, param in params.items():
                     value = coef(hparams, step, name)
                     if isinstance(value, Tensor):
@@ -465,7 +476,7 @@ def check_callables(optimizer: Optimizer, hparams: HParamView, params: Params,
                 ok = valid.tensor_contains(torch.cat(pending)).all() & ok
             if bool(ok):
                 continue
-            for step in range(steps):  # where: the first offending step and parameter
+            for step in checked:  # where: the first offending step and parameter
                 for name, param in params.items():
                     value = coef(hparams, step, name)
                     if not isinstance(value, Tensor):

@@ -81,11 +81,14 @@ class Problem:
         updates in (:func:`~hyperdiff.engine.optimizers.working_dtype`)."""
         return working_dtype(next(iter(self.params.values())))
 
-    def raw_tensors(self, raw: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    def raw_tensors(self, raw: dict[str, Tensor] | None = None, *,
+                    check: bool = True) -> dict[str, Tensor]:
         """Raw values (default: the collection's current ones; a ``HyperParameters``: its
-        ``raw``) on the parameters' device, in :attr:`hparam_dtype`."""
+        ``raw``) on the parameters' device, in :attr:`hparam_dtype`. Given values are checked
+        against the optimizer's coefficient ranges (a schedule over all its steps), unless
+        ``check=False``: a per-step read of values a hypergradient call has checked already."""
         values = self.hparams.raw if raw is None else self._checked_raw(raw)
-        if raw is not None:  # the collection's own values were checked by make_problem
+        if raw is not None and check:  # the collection's own were checked by make_problem
             check_raw_coefficients(self.optimizer, self.hparams, values, self.hparam_dtype)
         return {n: v.detach().to(device=self.device, dtype=self.hparam_dtype)
                 for n, v in values.items()}

@@ -25,6 +25,7 @@ meta-test classes that meta-training never sees); without one the report draws f
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -48,6 +49,12 @@ TaskSampler = Callable[[int, int], tuple[Any, Any]]
 """``sample(index, seed) -> (support, query)``."""
 
 
+DRAWN_KEPT = 4096
+"""How many first draws :class:`TaskDistribution` keeps the fingerprints of (a meta run's
+steps draw new tasks without bound; a redraw comes soon after its draw: the step retried, the
+validation tasks, or the report's pretraining, which compares the draws still kept)."""
+
+
 @dataclass(frozen=True)
 class TaskDistribution:
     """A task distribution (module doc): ``sample(index, seed) -> (support, query)``."""
@@ -55,10 +62,11 @@ class TaskDistribution:
     sample: TaskSampler
     name: str = "tasks"
     held_out: TaskSampler | None = None
-    # the fingerprint of each task's first draw in this process, by (held out, index, seed):
-    # a redraw (a retried step, the report's pre-training baseline) must give the same task
-    drawn: dict[tuple[bool, int, int], bytes] = field(default_factory=dict, init=False,
-                                                      repr=False, compare=False)
+    # the fingerprint of each task's first draw in this process, by (held out, index, seed),
+    # the last DRAWN_KEPT draws only (a long run draws without bound): a redraw (a retried
+    # step, the report's pre-training baseline) must give the same task
+    drawn: OrderedDict[tuple[bool, int, int], bytes] = field(
+        default_factory=OrderedDict, init=False, repr=False, compare=False)
 
     def problem(self, base: Problem, index: int, seed: int, *, held_out: bool = False
                 ) -> Problem:
@@ -121,6 +129,8 @@ class TaskDistribution:
                 "replay or a resume would not repeat)")
         key, printed = (sample is not self.sample, index, seed), _fingerprint(pair)
         first = self.drawn.setdefault(key, printed) if printed is not None else None
+        if len(self.drawn) > DRAWN_KEPT:  # the oldest first draw: ~300 bytes a task
+            self.drawn.popitem(last=False)
         if first != printed:
             raise HyperdiffError(
                 f"{self.name}: sample({index}, {seed}) must give the same task every time it is "

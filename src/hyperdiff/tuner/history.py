@@ -158,7 +158,10 @@ class OptimizeResult:
 
     Attributes:
         best_raw: raw values of the best hyperparameters seen; ``best_hparams`` holds them.
-        best_step: the step that evaluated them; ``best_loss`` its criterion value.
+        best_step: the step that evaluated them; ``best_loss`` its criterion value. With
+            ``criterion="final values"`` (a meta run without validation tasks) the values
+            after the last step's update, which no step evaluated: ``best_step`` is the
+            number of steps and ``best_loss`` NaN.
         criterion: ``"selection_loss"``, ``"val_loss"``, or the tied form (val loss for the
             tied steps, then selection loss; see :mod:`hyperdiff.tuner.stopping`).
         final_raw: raw values after the last update.

@@ -76,8 +76,9 @@ def leave_one_out_terms(terms: Tensor, indices: list[int]) -> Tensor:
     >>> leave_one_out_terms(terms, [0, 1]).tolist()  # choice 2 drawn by none
     [[-0.5, 0.25, 0.0], [-0.5, 0.75, 0.0]]
     """
-    counts = torch.bincount(torch.tensor(indices, dtype=torch.long), minlength=terms.shape[-1])
-    varies = ((counts > 0) & (counts < len(indices))).to(terms.device)
+    counts = torch.bincount(torch.tensor(indices, dtype=torch.long, device=terms.device),
+                            minlength=terms.shape[-1])
+    varies = (counts > 0) & (counts < len(indices))
     return torch.where(varies, terms, torch.zeros_like(terms))
 
 
