@@ -16,6 +16,7 @@ import math
 
 import pytest
 import torch
+from test_meta import mse, sample, start_params  # the meta plan tests' tanh MLP
 
 import hyperdiff as hd
 from hyperdiff.app.config import load_config
@@ -26,28 +27,6 @@ from hyperdiff.tuner.distributed import data_parallel
 
 D = torch.float64
 LR, STEPS, BATCH, SEED = 0.3, 3, 3, 3
-
-
-def sample(index: int, seed: int):
-    """A regression task: y = a * tanh(x) + c, 6 support and 5 query points."""
-    g = torch.Generator().manual_seed(seed)
-    a, c = torch.randn(2, generator=g, dtype=D)
-    xs, xq = torch.randn(6, 1, generator=g, dtype=D), torch.randn(5, 1, generator=g, dtype=D)
-    return (xs, a * torch.tanh(xs) + c), (xq, a * torch.tanh(xq) + c)
-
-
-def net(p, x):
-    return torch.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
-
-
-def mse(p, h, batch):
-    return ((net(p, batch[0]) - batch[1]) ** 2).mean()
-
-
-def start_params():
-    g = torch.Generator().manual_seed(0)
-    return {"w1": torch.randn(1, 3, generator=g, dtype=D), "b1": torch.zeros(3, dtype=D),
-            "w2": torch.randn(3, 1, generator=g, dtype=D) * 0.5, "b2": torch.zeros(1, dtype=D)}
 
 
 def template(train_loss=mse, val_loss=mse, **hparams) -> hd.Problem:
