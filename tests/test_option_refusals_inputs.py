@@ -253,3 +253,18 @@ def test_an_online_rescue_or_retry_that_nothing_can_cut_is_said(caplog):
         hd.HyperOptimizer(problem(), method="reverse",  # a number lr is not tuned: no word
                           plan=hd.plans.OnlinePlan(window=2, rescue=3, retry=2)).step()
     assert "are not applied" not in caplog.text
+
+
+def test_the_cli_defaults_of_rescue_and_retry_are_not_said_where_they_cannot_apply(caplog):
+    """mlp_digits tunes a per_step lr: at their defaults the two keys are passed as 0 (nothing
+    said); set off their defaults they are passed and said (s41 review: every default online
+    run of the task warned about settings the user never made)."""
+    base = ["task.name=mlp_digits", "outer.mode=online", "inner.steps=12", "outer.window=4"]
+    with caplog.at_level(logging.WARNING):
+        _task, loop = build_online(load_config(overrides=base))
+        loop.step()
+    assert "are not applied" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        _task, loop = build_online(load_config(overrides=[*base, "outer.rescue=1"]))
+        loop.step()
+    assert "rescue=1 and retry=2 are not applied" in caplog.text

@@ -282,3 +282,17 @@ def test_subnormal_hyperparameter_value_is_refused_in_float32():
         make(1e-45, torch.float32)
     make(1e-45, torch.float64)  # float64 holds it
     make(1e-30, torch.float32)  # a normal float32 number
+
+
+def test_a_value_near_zero_in_an_interval_around_zero_is_accepted_in_float32():
+    """-1 + 2 sigmoid(u) holds 1e-5 to 1.4e-8, an ulp of the interval's scale: ordinary
+    rounding, not a value float32 cannot hold (s41 review: it was refused)."""
+    x = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    hp = hd.HyperParameters(shift=hd.scalar(1e-5, (-1.0, 1.0)))
+
+    def loss(p, h, b):
+        return ((b @ p["w"] + h["shift"]) ** 2).mean()
+
+    problem = hd.make_problem(loss, loss, hp, {"w": torch.zeros(2)}, optimizer=hd.sgd(0.1),
+                              train_data=x, val_data=x, steps=2)
+    assert torch.isfinite(hd.reverse()(problem).vector).all()

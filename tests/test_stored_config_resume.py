@@ -6,6 +6,7 @@ without the key, so the resume passes it at its default, and a new run is still 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -72,3 +73,43 @@ def test_the_builders_pass_unread_stored_keys_at_their_defaults():
         build_meta(stored_meta)
     _, loop = build_meta(stored_meta, stored=True)
     assert loop.stopping.patience is None
+
+
+def test_a_stored_warm_start_run_with_explore_options_builds():
+    """Written before warm starts had no global phase: its checkpoint says whether a phase
+    ran (OfflinePlan.load_state_dict refuses one that did); the options are not refused."""
+    settings = [*RIDGE, "inner.warm_start=true", "outer.explore=4"]
+    with pytest.raises(hd.HyperdiffError, match="explore must be 0 or its default 8"):
+        build(load_config(overrides=settings))
+    _, loop = build(load_config(overrides=settings), stored=True)
+    assert loop.plan.warm_start
+
+
+def test_an_online_window_at_an_invalid_coefficient_fails_and_is_recorded_once(tmp_path):
+    """An outer step that moves a weight decay tuned in (-1, 1) below 0: the window fails (the
+    guard's), no record is repeated (s41: the run ended 'diverged' at once, step 0 twice)."""
+    task = tmp_path / "wdtask.py"
+    task.write_text(
+        "import torch, torch.nn.functional as F, hyperdiff as hd\n"
+        "def build(steps: int = 20):\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    x = torch.randn(200, 5, generator=g)\n"
+        "    y = x @ torch.randn(5, 1, generator=g) + 0.3 * torch.randn(200, 1, generator=g)\n"
+        "    torch.manual_seed(0)\n"
+        "    net = hd.functional(torch.nn.Linear(5, 1))\n"
+        "    def loss(p, h, b):\n"
+        "        return F.mse_loss(net(p, b[0]), b[1])\n"
+        "    return hd.task('wd_free', model=net, train_loss=loss, val_loss=loss,\n"
+        "                   hparams=hd.HyperParameters(lr=hd.scalar(0.05),\n"
+        "                                              wd=hd.scalar(0.0, (-1, 1))),\n"
+        "                   optimizer=hd.sgd('lr', weight_decay='wd'), data=(x, y),\n"
+        "                   steps=steps, batch_size=32)\n")
+    out = tmp_path / "run"
+    config = load_config(overrides=[f"task.name={task}:build", "outer.mode=online",
+                                    "outer.lr=2.0", "report.seeds=1", "outer.window=4"])
+    with contextlib.suppress(hd.HyperdiffError, hd.NonFiniteError):  # the guard may give up:
+        run_experiment(config, out=out, log=quiet, progress=False)  # the records are checked
+    records = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(len(records)))
+    failed = [r for r in records if r["status"] == "failed"]
+    assert failed and "the sgd weight_decay, must be a finite number >= 0" in failed[0]["message"]

@@ -52,6 +52,7 @@ from hyperdiff.tuner.driver import HyperOptimizer, Stopping
 from hyperdiff.tuner.meta_plan import MetaPlan
 from hyperdiff.tuner.offline_plan import OfflinePlan
 from hyperdiff.tuner.online_plan import ADAM_FAMILY, OnlinePlan
+from hyperdiff.tuner.online_rescue import lr_name
 from hyperdiff.tuner.outer_steps import default_schedule
 
 
@@ -157,11 +158,17 @@ def build(config: Config, start: dict[str, Any] | None = None, *, stored: bool =
         task = starting_at(task, start)
     max_samples = (config.outer.max_samples if config.outer.auto_samples or not stored
                    else OuterConfig().max_samples)  # unread then: a stored run ran without it
+    # a stored warm-start run's phase options: its checkpoint says whether a phase ran, which
+    # OfflinePlan.load_state_dict refuses; one that did not ran as the run without them
+    unexplored = stored and config.inner.warm_start
     plan = OfflinePlan(samples="auto" if config.outer.auto_samples else config.outer.samples,
                        max_samples=max_samples, warm_start=config.inner.warm_start,
-                       explore=config.outer.explore,
-                       explore_decades=config.outer.explore_decades,
-                       explore_when=config.outer.explore_when, confirm=config.outer.confirm,
+                       explore=0 if unexplored else config.outer.explore,
+                       explore_decades=(OuterConfig().explore_decades if unexplored
+                                        else config.outer.explore_decades),
+                       explore_when=(OuterConfig().explore_when if unexplored
+                                     else config.outer.explore_when),
+                       confirm=config.outer.confirm,
                        confirm_chaotic=config.outer.confirm_chaotic,
                        revert=config.outer.revert, common_seed=config.outer.common_seed)
     return task, _outer_loop(config, list(task.problems), plan, task.selection)
@@ -276,7 +283,7 @@ def build_online(config: Config, start: dict[str, Any] | None = None, *, stored:
     plan = OnlinePlan(window=outer.window, val_batch_size=outer.val_batch or None,
                       growth=outer.window_growth,
                       hot_start=None if outer.hot_start == "auto" else outer.hot_start,
-                      samples=outer.samples, rescue=outer.rescue, retry=outer.retry,
+                      samples=outer.samples, **_start_tries(outer, problem),
                       settle=outer.settle,
                       settle_tol=outer.settle_tol, schedule_over=outer.schedule_over,
                       lowering=outer.lowering,
@@ -289,6 +296,17 @@ def build_online(config: Config, start: dict[str, Any] | None = None, *, stored:
         max_loss_ratio=config.guard.max_loss_ratio, normalize=outer.normalize,
         tie_steps=outer.tie_steps)
     return task, loop
+
+
+def _start_tries(outer: OuterConfig, problem: Any) -> dict[str, int]:
+    """``outer.rescue`` and ``outer.retry`` for the online plan; at their defaults, 0 where
+    the learning rate is not one value to cut (they would not apply, and the plan would say
+    so for settings the user never made; a value set off its default is passed and said)."""
+    default = OuterConfig()
+    if (outer.rescue, outer.retry) == (default.rescue, default.retry) and \
+            lr_name(problem) is None:
+        return {"rescue": 0, "retry": 0}
+    return {"rescue": outer.rescue, "retry": outer.retry}
 
 
 def _read_online_outer_keys(config: Config, optimizer: str, stored: bool = False) -> None:

@@ -34,7 +34,7 @@ from hyperdiff.errors import (
     is_number,
     positive_int,
 )
-from hyperdiff.hparams.constraints import Constraint, as_constraint, natural_range
+from hyperdiff.hparams.constraints import Constraint, Interval, as_constraint, natural_range
 
 KINDS = ("scalar", "per_feature", "per_tensor", "per_element", "per_step")
 ELEMENTWISE = ("per_element", "initialization")
@@ -632,7 +632,8 @@ def check_representable(hparams: HyperParameters, dtype: torch.dtype,
         rounded = spec.constraint.to_natural(raw.to(dtype))
         ok = spec.constraint.valid(rounded)
         if bool(ok.all()):
-            _check_accurate(caller, name, spec.constraint.to_natural(raw), rounded, dtype)
+            _check_accurate(caller, name, spec.constraint.to_natural(raw), rounded, dtype,
+                            _arithmetic_scale(spec.constraint))
             continue
         exact = spec.constraint.to_natural(raw)
         one = raw.dim() == 0
@@ -650,12 +651,25 @@ REPRESENTABLE_RTOL = 1e-3
 """How far (relatively) the value training reads may lie from a hyperparameter's value."""
 
 
+def _arithmetic_scale(constraint: Constraint) -> float:
+    """The magnitude a constraint's arithmetic rounds at: an interval computes ``low + (high -
+    low) sigmoid(u)``, so its values near 0 carry an error of a few ulps of ``max(|low|,
+    |high|)`` whatever their own size; 0 for the others (their error is relative)."""
+    if isinstance(constraint, Interval):
+        return max(abs(constraint.low), abs(constraint.high))
+    return 0.0
+
+
 def _check_accurate(caller: str, name: str, exact: Tensor, rounded: Tensor,
-                    dtype: torch.dtype) -> None:
+                    dtype: torch.dtype, scale: float = 0.0) -> None:
     """Refuse a value that ``dtype`` holds more than :data:`REPRESENTABLE_RTOL` away from it
     (relatively): a subnormal such as ``lr = 1e-45``, which float32 holds as 1.4e-45, would
-    train at another value than the one asked for, reported and exported."""
-    off = (rounded.to(exact.dtype) - exact).abs() > REPRESENTABLE_RTOL * exact.abs()
+    train at another value than the one asked for, reported and exported. An error within 4
+    ulps of ``scale`` (:func:`_arithmetic_scale`: 1e-5 in ``(-1, 1)`` is off by 1.4e-8) is
+    the constraint's ordinary rounding, not refused."""
+    error = (rounded.to(exact.dtype) - exact).abs()
+    off = (error > REPRESENTABLE_RTOL * exact.abs()) & (
+        error > 4 * torch.finfo(dtype).eps * scale)
     if not bool(off.any()):
         return
     one = exact.dim() == 0

@@ -301,11 +301,13 @@ class HyperOptimizer:
                    disable=None if progress is None else not progress, leave=self.plan.ranks)
         try:
             while self.stop_reason() is None:
+                recorded = len(self.history)
                 try:
                     record = self.step()
                 except NonFiniteError:
-                    for callback in callbacks:
-                        callback(self, self.history[-1])
+                    if len(self.history) > recorded:  # the guard gave up: its step's record
+                        for callback in callbacks:
+                            callback(self, self.history[-1])
                     raise
                 for callback in callbacks:
                     callback(self, record)

@@ -89,6 +89,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from hyperdiff.engine.optimizers import check_raw_coefficients
 from hyperdiff.engine.problem import Problem
 from hyperdiff.engine.training import TrainState, initial_state, validation_loss
 from hyperdiff.errors import (
@@ -452,12 +453,15 @@ class OnlinePlan:
                                  "steps is finished (got a call after its last window)")
         self.span = (self.inner_step, self.window_stop(self.inner_step))
         self.pending_retry = None
-        return self.problem.raw_tensors(loop.raw)
+        return self.problem.raw_tensors(loop.raw, check=False)  # checked by evaluate
 
     def evaluate(self, loop: Any, step: int, raw: dict[str, Tensor]) -> Outcome:
         """Train the window from the current state; its hypergradient, the mean over its
         samples (REINFORCE estimates for the sampled choices' logits), whose spread and
-        signal-to-noise ratio the record holds as offline."""
+        signal-to-noise ratio the record holds as offline. Values at which an optimizer
+        coefficient is invalid fail the window (:class:`CoefficientRangeError`, the guard's)."""
+        check_raw_coefficients(self.problem.optimizer, self.problem.hparams, raw,
+                               self.problem.hparam_dtype)  # the values the window trains at
         start, stop = self.span
         if self.settled_at is not None:
             return self._plain(loop, raw)
