@@ -336,7 +336,8 @@ def _run_plan(
 ) -> dict[str, Any]:
     """Build ``plan``'s outer loop (at ``start``'s values, ``--from``), restore or start it,
     run it and write its result."""
-    task, loop = plan.build(config, start, stored=resume)
+    args = (config,) if start is None else (config, start)
+    task, loop = plan.build(*args, stored=True) if resume else plan.build(*args)
     if group is not None:
         ranks_agree(group, config, start)
     # the [log] files are the run directory's, so rank 0 alone writes them
