@@ -296,3 +296,32 @@ def test_a_value_near_zero_in_an_interval_around_zero_is_accepted_in_float32():
     problem = hd.make_problem(loss, loss, hp, {"w": torch.zeros(2)}, optimizer=hd.sgd(0.1),
                               train_data=x, val_data=x, steps=2)
     assert torch.isfinite(hd.reverse()(problem).vector).all()
+
+
+def test_a_number_coefficient_that_float32_rounds_out_of_its_range_is_refused():
+    """adam's eps=1e-50 is 0 in float32, which adam refuses (s41: trained with eps 0)."""
+    x = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    hp = hd.HyperParameters(lr=hd.scalar(0.1))
+
+    def loss(p, h, b):
+        return ((b @ p["w"]) ** 2).mean()
+
+    with pytest.raises(HyperdiffError, match=r"the adam eps must be .* in float32, the dtype "
+                                             r"training computes it in \(got 1e-50, which "
+                                             r"float32 holds as 0.0\)"):
+        hd.make_problem(loss, loss, hp, {"w": torch.ones(2)}, optimizer=hd.adam("lr", eps=1e-50),
+                        train_data=x, val_data=x, steps=2)
+
+
+def test_a_fn_source_yielding_meta_tensors_is_refused_by_device():
+    def source(step):
+        return torch.empty(4, 2, device="meta")
+
+    hp = hd.HyperParameters(lr=hd.scalar(0.1))
+
+    def loss(p, h, b):
+        return (b @ p["w"]).pow(2).mean()
+
+    with pytest.raises(HyperdiffError, match=r"must be the CPU, CUDA or MPS \(got 'meta'"):
+        hd.make_problem(loss, loss, hp, {"w": torch.ones(2)}, optimizer=hd.sgd("lr"),
+                        train_data=source, val_data=torch.randn(4, 2), steps=2)

@@ -410,6 +410,9 @@ def check_number_coefficients(optimizer: Optimizer, dtype: torch.dtype,
     (:func:`working_dtype`): ``hd.sgd(1e39)`` is a valid float64 learning rate that float32
     cannot hold, and torch's ``alpha=`` would fail on it with a bare overflow error.
 
+    A value that ``dtype`` rounds out of the coefficient's range is refused too (adam's
+    ``eps=1e-50`` is 0 in float32).
+
     >>> check_number_coefficients(sgd(1e39), torch.float64)  # fine in float64
     >>> check_number_coefficients(sgd(1e39), torch.float32)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
@@ -419,7 +422,15 @@ def check_number_coefficients(optimizer: Optimizer, dtype: torch.dtype,
     for coef_name, coef in optimizer.coefficients.items():
         if isinstance(coef, bool) or not isinstance(coef, (int, float)):
             continue
-        if math.isfinite(float(torch.tensor(float(coef), dtype=dtype, device="cpu"))):
+        held = float(torch.tensor(float(coef), dtype=dtype, device="cpu"))
+        valid = optimizer.valid.get(coef_name)
+        if math.isfinite(held) and valid is not None and not valid.contains(held):
+            raise HyperdiffError(  # e.g. adam's eps=1e-50, which float32 holds as 0
+                f"{caller}: the {optimizer.name} {_label(optimizer, coef_name)} must be "
+                f"{valid.text()} in {dtype_name}, the dtype training computes it in (got "
+                f"{coef!r}, which {dtype_name} holds as {held!r}); use a value it holds, or "
+                "train in float64")
+        if math.isfinite(held):
             continue
         raise HyperdiffError(
             f"{caller}: the {optimizer.name} {_label(optimizer, coef_name)} must be finite in "

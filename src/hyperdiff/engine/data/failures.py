@@ -152,6 +152,17 @@ def check_rows(where: Callable[[], str], batch: Batch) -> None:
             "a batch")
 
 
+def check_devices(where: Callable[[], str], batch: Batch) -> None:
+    """Refuse a tensor of ``batch`` on a device hyperdiff does not run on (``meta``, whose
+    values the data checks cannot read), as in-memory data is refused by ``make_problem``."""
+    for path, leaf in leaves(batch):
+        if isinstance(leaf, torch.Tensor) and leaf.device.type not in ("cpu", "cuda", "mps"):
+            raise HyperdiffError(
+                f"data: the device of field {path or 'the batch'} of {where()} must be the CPU, "
+                f"CUDA or MPS (got {str(leaf.device)!r}, whose values hyperdiff cannot read); "
+                "yield tensors on the CPU, or on the device the problem is moved to")
+
+
 def check_finite(where: Callable[[], str], batch: Batch,
                  rows: Callable[[], Sequence[int] | None] | None = None) -> None:
     """Raise a data error if ``batch`` holds NaN or inf: which field, which row and (``rows()``:

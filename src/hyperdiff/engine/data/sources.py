@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hyperdiff.engine.data.failures import check_finite, check_rows, user_code
+from hyperdiff.engine.data.failures import check_devices, check_finite, check_rows, user_code
 from hyperdiff.engine.data.replay import ReplayLog, check_batch
 from hyperdiff.errors import HyperdiffError, describe
 from hyperdiff.seeds import epoch_seed
@@ -216,6 +216,7 @@ class FromCallable(BatchSource):
             else:
                 batch = self.fn(step)
         if (seed, step) not in self.log.prints:
+            check_devices(partial(self.where, step, seed), batch)
             check_rows(partial(self.where, step, seed), batch)
             check_finite(partial(self.where, step, seed), batch)
         return self.log.check(seed, step, batch)

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from hyperdiff.engine.data.failures import check_finite, check_rows, user_code
+from hyperdiff.engine.data.failures import check_devices, check_finite, check_rows, user_code
 from hyperdiff.engine.data.permutation import mix
 from hyperdiff.engine.data.random_state import DrewGlobal, PrivateRandom, ReadRandomness
 from hyperdiff.engine.data.replay import ReplayLog, fingerprint
@@ -113,17 +113,6 @@ class Streamed(BatchSource):
                     "every batch); hyperdiff keeps earlier batches to replay them, so return "
                     "fresh tensors (torch.stack, or .clone() the buffer)")
         self.spans[key] = memory  # measured once per kept batch, not at every later read
-
-
-def check_devices(where: Callable[[], str], batch: Batch) -> None:
-    """Refuse a tensor of ``batch`` on a device hyperdiff does not run on (``meta``, whose
-    values the data checks cannot read), as in-memory data is refused by ``make_problem``."""
-    for path, leaf in leaves(batch):
-        if isinstance(leaf, torch.Tensor) and leaf.device.type not in ("cpu", "cuda", "mps"):
-            raise HyperdiffError(
-                f"data: the device of field {path or 'the batch'} of {where()} must be the CPU, "
-                f"CUDA or MPS (got {str(leaf.device)!r}, whose values hyperdiff cannot read); "
-                "yield tensors on the CPU, or on the device the problem is moved to")
 
 
 def extents(batch: Batch) -> list[tuple[torch.device, int, int]]:
