@@ -102,6 +102,14 @@ def test_from_refuses_other_task_params(source, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_from_takes_a_run_whose_params_left_out_a_default_written_here(source, tmp_path):
+    """s41: the params are compared with the factory's defaults filled in on both sides, as
+    tuned_hparams compares them (a default written out was refused)."""
+    name, run_dir = source
+    assert run("--task", name, *TINY, "--set", "task.params.high=1.0", "--from", str(run_dir),
+               "--out", str(tmp_path / "b")) == 0
+
+
 def test_from_refuses_another_data_seed(source, tmp_path, capsys):
     name, run_dir = source
     assert run("--task", name, *TINY, "--set", "task.data_seed=3", "--from", str(run_dir),

@@ -24,7 +24,6 @@ Usage, after tuning::
 from __future__ import annotations
 
 import difflib
-import inspect
 import json
 import sys
 from collections.abc import Mapping
@@ -35,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from hyperdiff.app.tasks import Task, TaskSpec, factory_reference, loader
+from hyperdiff.app.tasks import Task, TaskSpec, factory_defaults
 from hyperdiff.engine.optimizers import Optimizer, resolve
 from hyperdiff.errors import HyperdiffError, describe, is_number, positive_int
 from hyperdiff.hparams.hyperparams import HyperParameters
@@ -493,7 +492,7 @@ def _check_task(task: Any, task_name: str | None, source: Mapping[str, Any], whe
     if isinstance(task, Task) and "params" in task.info:
         ours, theirs = dict(task.info["params"]), _recorded_params(source, run_dir)
         defaults = ({} if theirs is None or ours == theirs
-                    else _factory_defaults(_task_reference(task.name, run_dir)))
+                    else factory_defaults(_task_reference(task.name, run_dir)))
         if theirs is not None and {**defaults, **ours} != {**defaults, **theirs}:
             raise HyperdiffError(
                 f"tuned_hparams: source must be a run of task {task_name!r} with the task's "
@@ -521,21 +520,6 @@ def _task_reference(task_name: str, run_dir: Path | None) -> str:
     section = _recorded_config(run_dir).get("task") if run_dir is not None else None
     name = section.get("name") if isinstance(section, dict) else None
     return name if isinstance(name, str) else task_name
-
-
-def _factory_defaults(reference: str) -> dict[str, Any]:
-    """The defaults of the params that the task factory ``reference`` (a built-in name,
-    ``file.py:build``) takes; ``{}`` for a task that is no factory, or one that cannot be
-    imported here. A task built with a default written out (``params={"hidden": 32}``) then
-    matches a run that left it out."""
-    try:
-        factory = loader.resolve_factory(factory_reference(reference))
-        signature = {} if isinstance(factory, TaskSpec) else inspect.signature(factory).parameters
-    except (HyperdiffError, TypeError, ValueError):
-        return {}
-    return {name: p.default for name, p in signature.items()
-            if name not in loader.RESERVED and p.default is not p.empty
-            and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
 
 
 def _check_data_seed(task: Any, run_dir: Path | None, where: str) -> None:

@@ -17,7 +17,7 @@ from hyperdiff.app.config import Config, load_config
 from hyperdiff.app.rundir import RunDir
 from hyperdiff.app.rundir.directory import describe
 from hyperdiff.app.rundir.records import new_run, shell_path
-from hyperdiff.app.tasks import Task, task_inputs
+from hyperdiff.app.tasks import Task, factory_defaults, task_inputs
 from hyperdiff.app.tasks.inputs import input_changes
 from hyperdiff.app.tasks.loader import absolute_reference
 from hyperdiff.errors import HyperdiffError
@@ -127,7 +127,9 @@ def same_task_inputs(source: RunDir, stored: Config, config: Config) -> None:
     """Refuse a ``--from`` run made with other task params or another ``task.data_seed``
     than ``config``: its raw values were tuned on other data (per-example weights would land
     on other examples) or for another task."""
-    if dict(stored.task.params) != dict(config.task.params):
+    ours, theirs = dict(config.task.params), dict(stored.task.params)
+    defaults = {} if ours == theirs else factory_defaults(config.task.name)
+    if {**defaults, **theirs} != {**defaults, **ours}:  # a default written out matches
         raise HyperdiffError(
             f"run: --from must name a run of task {config.task.name!r} with the task's params "
             f"{dict(config.task.params)} (got {source.path}, a run with the params "

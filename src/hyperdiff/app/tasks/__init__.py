@@ -73,6 +73,21 @@ def factory_reference(name: str) -> str:
     return f"{TASKS[name]}:build" if name in TASKS else check_task_name(name)
 
 
+def factory_defaults(name: str) -> dict[str, Any]:
+    """The defaults of the params that task ``name``'s factory (a built-in name, a
+    ``file.py:build``) takes; ``{}`` for a task that is no factory, or one that cannot be
+    imported here. Params compared with them filled in on both sides match where one side
+    writes a default out (``params={"hidden": 32}``) and the other leaves it out."""
+    try:
+        factory = loader.resolve_factory(factory_reference(name))
+        signature = {} if isinstance(factory, TaskSpec) else inspect.signature(factory).parameters
+    except (HyperdiffError, TypeError, ValueError):
+        return {}
+    return {key: p.default for key, p in signature.items()
+            if key not in loader.RESERVED and p.default is not p.empty
+            and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
 def load_task_spec(name: str, *, steps: int | None = None, data_seed: int = 0,
                    params: Mapping[str, Any] | None = None) -> TaskSpec:
     """The :class:`TaskSpec` that task ``name`` (built-in or reference) describes, its factory
@@ -175,5 +190,6 @@ def list_tasks() -> list[tuple[str, str, str]]:
 
 __all__ = ["DEFAULT_TASK", "TASKS", "GivenSplits", "SearchChoices", "SearchRange", "Task",
            "TaskData", "TaskDistribution", "TaskSpec", "build_task", "check_task_name",
-           "check_task_params", "distribution", "given_splits", "list_tasks", "load_task_spec",
+           "check_task_params", "distribution", "factory_defaults", "given_splits", "list_tasks",
+           "load_task_spec",
            "task", "task_defaults", "task_inputs", "task_module", "task_params_line"]
