@@ -571,7 +571,9 @@ class OnlinePlan:
         Gumbel draw or REINFORCE draw, as the window's validation loss and the offline plan's
         selection loss read it."""
         specs = self.trained_specs(loop) if hparams is None else hparams
-        hview = specs.view(self.problem.raw_tensors(loop.raw))
+        # a read of the model at these values: evaluate checks the coefficients where a
+        # window trains at them
+        hview = specs.view(self.problem.raw_tensors(loop.raw, check=False))
         probe = replace(self.problem, val_data=loop.selection)
         with torch.no_grad():
             return float(validation_loss(probe, state.params, state.buffers, hview))
