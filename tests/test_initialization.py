@@ -336,7 +336,7 @@ def test_make_problem_refuses_two_initializations_and_an_initialization_as_coeff
     with pytest.raises(hd.HyperdiffError, match=r"^hypergradient: hparams must hold at most "
                        r"one initialization.*\(got 2: \['a', 'b'\]\)"):
         _make(two, params)
-    with pytest.raises(hd.HyperdiffError, match=r"^hypergradient: optimizer coefficient "
+    with pytest.raises(hd.HyperdiffError, match=r"^make_problem: optimizer coefficient "
                        r"lr='a' must be a scalar, per_step, per_tensor or per_element "
                        r"hyperparameter \(got initialization\)"):
         _make(hd.HyperParameters(a=hd.initialization(params)), params, hd.sgd("a"))

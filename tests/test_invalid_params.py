@@ -273,7 +273,7 @@ def test_a_frozen_parameter_given_as_a_parameter_to_train_is_refused():
     def loss(p, h, b):
         return ((b[0] @ p["weight"].T + p["bias"] - b[1]) ** 2).mean()
 
-    with pytest.raises(hd.HyperdiffError, match=r"hypergradient: params\['weight'\] must be a "
+    with pytest.raises(hd.HyperdiffError, match=r"make_problem: params\['weight'\] must be a "
                        r"parameter to train \(got a frozen nn.Parameter, requires_grad=False\)"):
         hd.make_problem(loss, loss, hd.HyperParameters(a=hd.scalar(1.0)),
                         dict(layer.named_parameters()), optimizer=hd.sgd(0.1),

@@ -444,11 +444,11 @@ def test_a_nan_in_a_list_of_batches_names_the_batch_and_the_row():
     bad = x.clone()
     bad[2, 1] = math.nan
     batches = [(x, x.sum(1)), (bad, x.sum(1))]
-    with pytest.raises(hd.HyperdiffError, match=r"^hypergradient: train_data\[1\] must be finite "
+    with pytest.raises(hd.HyperdiffError, match=r"^make_problem: train_data\[1\] must be finite "
                        r"\(got 1 NaN or infinite entries of 12 in train_data\[1\]\[0\], first at "
                        r"row 2\)"):
         ridge_problem(train_data=batches)
-    with pytest.raises(hd.HyperdiffError, match=r"^hypergradient: val_data\[1\] must be finite "
+    with pytest.raises(hd.HyperdiffError, match=r"^make_problem: val_data\[1\] must be finite "
                        r"\(got 1 NaN .* in val_data\[1\]\[0\], first at row 2\)"):
         hd.make_problem(lambda p, h, b: p["w"].sum(), lambda p, h, b: p["w"].sum(),
                         hd.HyperParameters(lam=hd.scalar(0.1)), {"w": torch.zeros(3)},

@@ -215,7 +215,7 @@ def test_mlp_digits_trains_under_a_float64_default(default_float64):
 
 def test_float8_parameters_and_cast_are_refused():
     x, y = data(rows=20)
-    with pytest.raises(HyperdiffError, match=r"hypergradient: params\['w'\] must be a tensor of "
+    with pytest.raises(HyperdiffError, match=r"make_problem: params\['w'\] must be a tensor of "
                        r"dtype torch.float64, torch.float32, torch.float16 or torch.bfloat16 "
                        r"\(got torch.float8_e4m3fn\)"):
         tuple_problem({"w": torch.zeros(3, dtype=torch.float8_e4m3fn)}, x, y)
@@ -251,7 +251,7 @@ def test_buffers_in_another_dtype_are_refused():
         return ((net(p, b[0], ctx) - b[1]) ** 2).mean() + h["wd"] * (p["2.weight"] ** 2).sum()
 
     params = {k: v.double() for k, v in net.params.items()}
-    with pytest.raises(HyperdiffError, match=r"hypergradient: buffers must have the parameters' "
+    with pytest.raises(HyperdiffError, match=r"make_problem: buffers must have the parameters' "
                        r"dtype \(got float32 vs float64\)"):
         hd.make_problem(loss, loss, hd.HyperParameters(wd=hd.scalar(1e-3)), params,
                         buffers=net.buffers, optimizer=hd.sgd(0.1), train_data=(x, y),
@@ -275,7 +275,7 @@ def test_subnormal_hyperparameter_value_is_refused_in_float32():
 
     # float32 holds 1e-45 as 1.4013e-45: 40% off (subnormal, one unit of 2^-149)
     assert abs(float(torch.tensor(1e-45, dtype=torch.float32)) - 1e-45) / 1e-45 > 0.3
-    with pytest.raises(HyperdiffError, match=r"hypergradient: hyperparameter 'lr' must be "
+    with pytest.raises(HyperdiffError, match=r"make_problem: hyperparameter 'lr' must be "
                        r"representable in float32, the dtype training computes it in, to a "
                        r"relative accuracy of 0.001 \(got 1e-45, which float32 holds as "
                        r"1.401298464e-45: below its smallest normal number"):

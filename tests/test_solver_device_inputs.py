@@ -63,7 +63,7 @@ def ridge(train_data=None, val_data=None, steps: int = 20, params=None):
 
 
 def device_error(where: str, got: str) -> str:
-    return re.escape(f"hypergradient: the device of {where} must be {DEVICE_HELP} (got {got!r})")
+    return re.escape(f"make_problem: the device of {where} must be {DEVICE_HELP} (got {got!r})")
 
 
 # 1. a Hessian that is not finite -------------------------------------------------------------

@@ -10,7 +10,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, SupportsFloat
 
 import torch
 
@@ -61,8 +61,31 @@ def describe(value: Any) -> str:
             isinstance(v, torch.Tensor) for v in value):
         kind = "tuple" if isinstance(value, tuple) else "list"
         return f"a {kind} of tensors (" + ", ".join(describe(v) for v in value) + ")"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**80:
+        return _huge_int(value)
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _huge_int(value: int) -> str:
+    """An int of 81 digits or more by its leading digits and power of ten (its repr is too long
+    to read, and past 4300 digits Python refuses to write it): ``1.000e+400, an int of 401
+    digits``."""
+    size = abs(value)
+    power = int(math.log10(size))  # log10 takes any int; correct its rounding at a power of 10
+    power += (10 ** (power + 1) <= size) - (10**power > size)
+    lead = size // 10 ** (power - 3)
+    sign = "-" if value < 0 else ""
+    return f"{sign}{lead // 1000}.{lead % 1000:03d}e+{power}, an int of {power + 1} digits"
+
+
+def as_float(value: Any) -> float:
+    """``float(value)``, and +-inf for an int too large for a float (``float(10**400)`` raises
+    ``OverflowError``), so that range checks refuse it as not finite."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def fail(caller: str, what: str, valid: str, got: Any) -> HyperdiffError:
@@ -88,7 +111,7 @@ def positive_float(caller: str, name: str, value: Any) -> float:
     """Return ``value`` as float if it is finite and > 0, else raise."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise fail(caller, name, "a positive finite number", value)
-    if not math.isfinite(value) or value <= 0:
+    if not math.isfinite(as_float(value)) or value <= 0:
         raise fail(caller, name, "a positive finite number", value)
     return float(value)
 
@@ -135,7 +158,8 @@ class Range:
     open_low: bool = False
     open_high: bool = False
 
-    def contains(self, value: float) -> bool:
+    def contains(self, value: SupportsFloat) -> bool:
+        value = as_float(value)  # an int too large for a float is not finite
         if not math.isfinite(value):
             return False
         if self.low is not None and (value <= self.low if self.open_low else value < self.low):
@@ -175,6 +199,6 @@ UNIT_OPEN_HIGH = Range(0.0, 1.0, open_high=True)
 def number(caller: str, name: str, value: Any, valid: Range = ANY) -> float:
     """Return ``value`` as a float if it is a finite real number in ``valid``, else raise
     ``"<caller>: <name> must be <valid> (got <value>)"``."""
-    if not is_number(value) or not valid.contains(float(value)):
+    if not is_number(value) or not valid.contains(as_float(value)):
         raise fail(caller, name, valid.text(), value)
     return float(value)

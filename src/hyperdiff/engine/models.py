@@ -309,6 +309,13 @@ class FunctionalModel:
             # autocast, a bf16 / fp16 model), rounded to the buffers' dtype once
             work = torch.promote_types(rm.dtype, torch.float32)
             x = inputs[0].to(work)
+            if x.dim() >= 2 and 0 < x.numel() == x.shape[1]:  # torch refuses it below, after
+                raise HyperdiffError(  # a "degrees of freedom <= 0" warning from var here
+                    f"functional model: BatchNorm {prefix!r} must see more than one value per "
+                    f"channel in training (got an input of shape {tuple(x.shape)} at step "
+                    f"{ctx.step}): a batch of one row cannot be normalised; drop the short "
+                    "last batch, e.g. DataLoader(..., drop_last=True), or size the data so that "
+                    "every batch holds two rows or more")
             dims = [d for d in range(x.dim()) if d != 1]
             mean = x.mean(dim=dims)
             var = x.var(dim=dims, correction=1)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -34,6 +34,7 @@ from hyperdiff.errors import (
     HyperdiffError,
     NonFiniteError,
     Range,
+    as_float,
     describe,
     number,
 )
@@ -95,7 +96,7 @@ def _checked_callable(coef: Coefficient, caller: str, label: str, valid: Range) 
 
     def checked(hparams: HParamView, step: int, param: str) -> Any:
         value = function(hparams, step, param)
-        if isinstance(value, numbers.Real) and not valid.contains(float(value)):
+        if isinstance(value, numbers.Real) and not valid.contains(value):
             raise _callable_error(caller, label, valid, value, step, param)
         return value
 
@@ -113,8 +114,9 @@ def _shown(value: Any) -> str:
     """A number or list of numbers to 12 digits (``-0.1``, not ``-0.10000000000000003``)."""
     if isinstance(value, list):
         return str([float(f"{v:.12g}") for v in value])
-    return str(float(f"{float(value):.12g}")) if isinstance(value, numbers.Real) else describe(
-        value)
+    if isinstance(value, numbers.Real) and math.isfinite(as_float(value)):
+        return str(float(f"{float(value):.12g}"))
+    return describe(value)  # also an int too large for a float, which it abbreviates
 
 
 def _is_zero(coef: Coefficient) -> bool:
@@ -172,7 +174,7 @@ def _check_coefficient(caller: str, name: str, coef: Coefficient, valid: Range) 
             f"{caller}: {name} must be {valid.text('a number')}, a hyperparameter name or a "
             f"callable (got {describe(coef)})"
         )
-    if isinstance(coef, (int, float)) and not valid.contains(float(coef)):
+    if isinstance(coef, (int, float)) and not valid.contains(coef):  # 10**400 too
         raise HyperdiffError(f"{caller}: {name} must be {valid.text()} (got {describe(coef)})")
     if isinstance(coef, str) and not coef:
         raise HyperdiffError(f"{caller}: {name} must be a hyperparameter name (got '')")
@@ -410,8 +412,11 @@ def check_number_coefficients(optimizer: Optimizer, dtype: torch.dtype,
     (:func:`working_dtype`): ``hd.sgd(1e39)`` is a valid float64 learning rate that float32
     cannot hold, and torch's ``alpha=`` would fail on it with a bare overflow error.
 
-    A value that ``dtype`` rounds out of the coefficient's range is refused too (adam's
-    ``eps=1e-50`` is 0 in float32).
+    What the update computes with must also stay in range when ``dtype`` rounds it: adam's
+    ``eps=1e-50`` is 0 in float32, and refused. A number beta is a Python float that the update
+    (as ``torch.optim``'s) casts only as ``1 - beta`` (the weight of the new gradient; beta2
+    also as the moment's factor, which the rounding keeps in [0, 1]), so betas of 0.99999999,
+    which float32 holds as 1.0, train as ``torch.optim.Adam`` does.
 
     >>> check_number_coefficients(sgd(1e39), torch.float64)  # fine in float64
     >>> check_number_coefficients(sgd(1e39), torch.float32)  # doctest: +ELLIPSIS
@@ -422,21 +427,34 @@ def check_number_coefficients(optimizer: Optimizer, dtype: torch.dtype,
     for coef_name, coef in optimizer.coefficients.items():
         if isinstance(coef, bool) or not isinstance(coef, (int, float)):
             continue
-        held = float(torch.tensor(float(coef), dtype=dtype, device="cpu"))
-        valid = optimizer.valid.get(coef_name)
+        label = _label(optimizer, coef_name)
+        one_minus = optimizer.name in ("adam", "adamw") and coef_name in ("beta1", "beta2")
+        used = 1 - as_float(coef) if one_minus else as_float(coef)
+        held = float(torch.tensor(used, dtype=dtype, device="cpu"))
+        valid = ONE_MINUS_BETA if one_minus else optimizer.valid.get(coef_name)
         if math.isfinite(held) and valid is not None and not valid.contains(held):
+            if one_minus:  # only below float32: 1 - beta >= 2**-53 for a float64 beta < 1
+                raise HyperdiffError(
+                    f"{caller}: the {optimizer.name} {label} must leave 1 - {label} > 0 in "
+                    f"{dtype_name}, the dtype training computes it in (got {coef!r}, whose "
+                    f"1 - {label}, {_shown(used)}, {dtype_name} holds as {held!r}); use a "
+                    "smaller value, or train in float64")
             raise HyperdiffError(  # e.g. adam's eps=1e-50, which float32 holds as 0
-                f"{caller}: the {optimizer.name} {_label(optimizer, coef_name)} must be "
+                f"{caller}: the {optimizer.name} {label} must be "
                 f"{valid.text()} in {dtype_name}, the dtype training computes it in (got "
                 f"{coef!r}, which {dtype_name} holds as {held!r}); use a value it holds, or "
                 "train in float64")
         if math.isfinite(held):
             continue
         raise HyperdiffError(
-            f"{caller}: the {optimizer.name} {_label(optimizer, coef_name)} must be finite in "
+            f"{caller}: the {optimizer.name} {label} must be finite in "
             f"{dtype_name}, the dtype training computes it in (got {coef!r}, which overflows "
             f"to inf there: {dtype_name} holds at most {torch.finfo(dtype).max:.6g}); use a "
             "smaller value, or train in float64")
+
+
+ONE_MINUS_BETA = Range(0.0, 1.0, open_low=True)
+"""Valid values of ``1 - beta`` as an Adam update computes with it (0 would freeze a moment)."""
 
 
 def _label(optimizer: Optimizer, coef_name: str) -> str:
@@ -457,57 +475,87 @@ def check_callables(optimizer: Optimizer, hparams: HParamView, params: Params,
     :data:`CALLABLE_CHECK_STEPS`, else that many evenly spaced) and for every parameter
     (training checks the numbers it gives again at each step, not the tensors: that would
     sync the device)."""
-    checked = (range(steps) if steps <= CALLABLE_CHECK_STEPS else sorted(
-        {round(i * (steps - 1) / (CALLABLE_CHECK_STEPS - 1))
-         for i in range(CALLABLE_CHECK_STEPS)}))
-    for coef_name, coef in optimizer.coefficients.items():
-        valid = optimizer.valid.get(coef_name)
-        if isinstance(coef, (str, Schedule)) or not callable(coef) or valid is None:
-            continue
-        label = _label(optimizer, coef_name)
-        ok: Tensor | bool = True  # all tensors valid so far, on their device (no sync)
-        pending: list[Tensor] = []  # tensors to check at once: a few kernels per thousand
-        with torch.no_grad():
-            for step in checked:
-                for name, param in params.items():
-                    value = coef(hparams, step, name)
-                    if isinstance(value, Tensor):
-                        pending.append(value.detach().to(working_dtype(param)).reshape(-1))
-                        if len(pending) >= 1024 or pending[-1].numel() > 2**16:
-                            ok = valid.tensor_contains(torch.cat(pending)).all() & ok
-                            pending.clear()
-                    elif not isinstance(value, numbers.Real):
-                        raise HyperdiffError(
-                            f"{optimizer.name}: {label}, a callable, must return a number or a "
-                            f"tensor (got {describe(value)} at step {step} for parameter "
-                            f"{name!r})")
-                    elif not valid.contains(float(value)):
-                        raise _callable_error(optimizer.name, label, valid, value, step, name)
-            if pending:
-                ok = valid.tensor_contains(torch.cat(pending)).all() & ok
-            if bool(ok):
-                continue
-            for step in checked:  # where: the first offending step and parameter
-                for name, param in params.items():
-                    value = coef(hparams, step, name)
-                    if not isinstance(value, Tensor):
-                        continue
-                    value = value.detach()
-                    bad = ~valid.tensor_contains(value.to(working_dtype(param)))
-                    if bool(bad.any()):
-                        shown = value[bad].reshape(-1)[:3].tolist()
-                        raise _callable_error(optimizer.name, label, valid,
-                                              shown[0] if value.dim() == 0 else shown,
-                                              step, name)
+    for coef_name, coef, valid in _callables(optimizer):
+        bad = _first_invalid(optimizer, coef_name, coef, valid, hparams, params, range(steps))
+        if bad is not None:
+            raise _callable_error(optimizer.name, _label(optimizer, coef_name), valid, *bad)
+
+
+def _callables(optimizer: Optimizer) -> list[tuple[str, Callable[..., Any], Range]]:
+    """The callable coefficients (not schedules) that have a valid range, with it."""
+    return [(name, coef, optimizer.valid[name]) for name, coef in optimizer.coefficients.items()
+            if callable(coef) and not isinstance(coef, (str, Schedule))
+            and name in optimizer.valid]
+
+
+def _checked_steps(steps: range) -> Sequence[int]:
+    """``steps``, or :data:`CALLABLE_CHECK_STEPS` of them evenly spaced (the first and the last
+    among them) when there are more."""
+    if len(steps) <= CALLABLE_CHECK_STEPS:
+        return steps
+    return [steps[i] for i in sorted({round(i * (len(steps) - 1) / (CALLABLE_CHECK_STEPS - 1))
+                                      for i in range(CALLABLE_CHECK_STEPS)})]
+
+
+def _first_invalid(optimizer: Optimizer, coef_name: str, coef: Callable[..., Any], valid: Range,
+                   hparams: HParamView, params: Params,
+                   steps: range) -> tuple[Any, int, str] | None:
+    """``(value, step, parameter)`` of the first invalid value the callable ``coef`` gives at
+    ``hparams`` over the checked ``steps`` (:func:`_checked_steps`) and every parameter, or
+    None; its tensors are checked a thousand at a time on their device (one sync if all are
+    valid)."""
+    checked = _checked_steps(steps)
+    label = _label(optimizer, coef_name)
+    ok: Tensor | bool = True  # all tensors valid so far, on their device (no sync)
+    pending: list[Tensor] = []  # tensors to check at once: a few kernels per thousand
+    with torch.no_grad():
+        for step in checked:
+            for name, param in params.items():
+                value = coef(hparams, step, name)
+                if isinstance(value, Tensor):
+                    pending.append(value.detach().to(working_dtype(param)).reshape(-1))
+                    if len(pending) >= 1024 or pending[-1].numel() > 2**16:
+                        ok = valid.tensor_contains(torch.cat(pending)).all() & ok
+                        pending.clear()
+                elif not isinstance(value, numbers.Real):
+                    raise HyperdiffError(
+                        f"{optimizer.name}: {label}, a callable, must return a number or a "
+                        f"tensor (got {describe(value)} at step {step} for parameter "
+                        f"{name!r})")
+                elif not valid.contains(value):
+                    return value, step, name
+        if pending:
+            ok = valid.tensor_contains(torch.cat(pending)).all() & ok
+        if bool(ok):
+            return None
+        for step in checked:  # where: the first offending step and parameter
+            for name, param in params.items():
+                value = coef(hparams, step, name)
+                if not isinstance(value, Tensor):
+                    continue
+                value = value.detach()
+                bad = ~valid.tensor_contains(value.to(working_dtype(param)))
+                if bool(bad.any()):
+                    shown = value[bad].reshape(-1)[:3].tolist()
+                    return shown[0] if value.dim() == 0 else shown, step, name
+    return None
 
 
 def check_raw_coefficients(optimizer: Optimizer, hparams: HyperParameters,
-                           raw: Mapping[str, Tensor], dtype: torch.dtype) -> None:
+                           raw: Mapping[str, Tensor], dtype: torch.dtype, *,
+                           params: Params | None = None, steps: int | range | None = None,
+                           ) -> None:
     """Raise :class:`CoefficientRangeError` where the raw values ``raw`` (in ``dtype``, the one
     training computes them in) make a coefficient that a hyperparameter or a schedule gives
     invalid for it: once per method call, on the device ``raw`` lives on (the host for a
     collection's own values), so training never sees a beta2 of 1.5 and blames the learning
-    rate for the NaN it produces."""
+    rate for the NaN it produces.
+
+    Given the parameters ``params`` and the training's ``steps`` (a count, or the range a
+    window trains), a callable coefficient is checked too: called at ``raw`` (on the
+    parameters' device) as :func:`check_callables` calls it at the start values, at most
+    :data:`CALLABLE_CHECK_STEPS` steps for each parameter, at most as many calls as training
+    makes."""
     for coef_name, coef in optimizer.coefficients.items():
         valid = optimizer.valid.get(coef_name)
         if valid is None or not isinstance(coef, (str, Schedule)):
@@ -538,6 +586,24 @@ def check_raw_coefficients(optimizer: Optimizer, hparams: HyperParameters,
                 f"{valid.text()} (got {shown}{where} at the raw values given, in "
                 f"{str(dtype).removeprefix('torch.')}); keep it there with its constraint, "
                 "e.g. hd.scalar(value, (low, high))")
+    if params is None or steps is None:
+        return
+    view: HParamView | None = None  # made once, and only for a callable coefficient
+    for coef_name, coef, valid in _callables(optimizer):
+        if view is None:
+            device = next(iter(params.values())).device
+            view = hparams.view({n: v.detach().to(device=device, dtype=dtype)
+                                 for n, v in raw.items()})
+        found = _first_invalid(optimizer, coef_name, coef, valid, view, params,
+                               range(steps) if isinstance(steps, int) else steps)
+        if found is not None:
+            value, step, param = found
+            raise CoefficientRangeError(
+                f"hypergradient: the {optimizer.name} {coef_name}, a callable, must give "
+                f"{valid.text()} at every step (got {_shown(value)} at step {step} for "
+                f"parameter {param!r} at the raw values given, in "
+                f"{str(dtype).removeprefix('torch.')}); keep the hyperparameters it reads "
+                "where it is valid with their constraints, e.g. hd.scalar(value, (low, high))")
 
 
 __all__ = ["AdamState", "CoefficientRangeError", "Optimizer", "SGDState", "adam", "adamw",

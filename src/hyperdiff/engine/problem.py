@@ -89,7 +89,8 @@ class Problem:
         ``check=False``: a per-step read of values a hypergradient call has checked already."""
         values = self.hparams.raw if raw is None else self._checked_raw(raw)
         if raw is not None and check:  # the collection's own were checked by make_problem
-            check_raw_coefficients(self.optimizer, self.hparams, values, self.hparam_dtype)
+            check_raw_coefficients(self.optimizer, self.hparams, values, self.hparam_dtype,
+                                   params=self.params, steps=self.steps)
         return {n: v.detach().to(device=self.device, dtype=self.hparam_dtype)
                 for n, v in values.items()}
 
@@ -161,7 +162,9 @@ def takes_context(fn: LossFn, name: str, caller: str = "hypergradient") -> bool:
     ``loss(params, h, batch, lam=0.1)`` keeps its ``lam``. A loss marked by
     :func:`with_context` is called as marked. More than four required arguments, required
     keyword-only arguments, or fewer than three positional ones are errors, named as
-    ``caller``'s (``"make_problem"`` for :func:`~hyperdiff.engine.make.make_problem`).
+    ``caller``'s (``"make_problem"`` for :func:`~hyperdiff.engine.make.make_problem`). An
+    ``nn.Module`` is judged by its ``forward``: ``nn.CrossEntropyLoss()`` takes
+    ``(input, target)``, not a loss's three arguments.
     """
     if not callable(fn):
         raise HyperdiffError(
@@ -171,8 +174,8 @@ def takes_context(fn: LossFn, name: str, caller: str = "hypergradient") -> bool:
     marked = getattr(fn, CONTEXT_FLAG, None)
     if isinstance(marked, bool):
         return marked
-    try:
-        sig = inspect.signature(fn)
+    try:  # a module is called as module(*args): its forward's signature is the loss's
+        sig = inspect.signature(fn.forward if isinstance(fn, torch.nn.Module) else fn)
     except (TypeError, ValueError):
         return False
     values = list(sig.parameters.values())
@@ -193,9 +196,13 @@ def takes_context(fn: LossFn, name: str, caller: str = "hypergradient") -> bool:
     if any(p.kind == p.VAR_POSITIONAL for p in values):
         return len(required) == 4
     if len(positional) < 3:
+        got = (f"a {type(fn).__name__} module whose forward takes {len(positional)} "
+               "arguments; wrap it, e.g. lambda p, h, b: loss_fn(net(p, b[0]), b[1])"
+               if isinstance(fn, torch.nn.Module) else
+               f"a function of {len(positional)} arguments")
         raise HyperdiffError(
             f"{caller}: {name} must accept (params, hparams, batch) or "
-            f"(params, hparams, batch, ctx) (got a function of {len(positional)} arguments)"
+            f"(params, hparams, batch, ctx) (got {got})"
         )
     return len(required) == 4
 

@@ -66,7 +66,7 @@ def hypergradient(
         )
     problem = make_problem(
         train_loss, val_loss, hparams, params, optimizer=optimizer, train_data=train_data,
-        val_data=val_data, steps=steps, buffers=buffers, seed=seed,
+        val_data=val_data, steps=steps, buffers=buffers, seed=seed, caller="hypergradient",
     )
     method.check(problem)  # before any training (a refusal, not a silent zero)
     return method(problem)

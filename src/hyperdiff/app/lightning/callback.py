@@ -251,7 +251,7 @@ class HyperdiffCallback(Callback):
             self.steps_of.train_loss(per_epoch), self.steps_of.val_loss(self.val_loss),
             self.hparams, (self.steps_of.params, self.steps_of.buffers),
             optimizer=self.optimizer, train_data=self.fed, val_data=self.val_batches,
-            steps=self.total, probe=False)
+            steps=self.total, probe=False, caller=CALLER)
         return HyperOptimizer(problem, plan=self.plan, **self.outer)
 
     def _check_state(self, module: nn.Module, start: int, stop: int) -> None:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from hyperdiff.app.export import GROUP_KEYS, torch_optimizer
+from hyperdiff.engine.make import check_schedule_prefixes
 from hyperdiff.engine.optimizers import Optimizer, adam, adamw, sgd
 from hyperdiff.errors import HyperdiffError, describe
 from hyperdiff.hparams.hyperparams import HyperParameters
@@ -91,6 +92,7 @@ def inner_optimizer(opt: torch.optim.Optimizer, hparams: HyperParameters,
             raise HyperdiffError(f"{caller}: schedules must map coefficients of "
                                  f"{type(opt).__name__} ({list(GROUP_KEYS[kind])}) to "
                                  f"hd.schedule(...) (got {coef_name!r}: {describe(sched)})")
+    check_schedule_prefixes(caller, schedules)
     scheduled = {n for sched in schedules.values() for n in sched.names.values()}
     twice = [n for n in schedules if n in hparams and n not in scheduled]
     if twice:
