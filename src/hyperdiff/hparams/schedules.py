@@ -37,7 +37,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hyperdiff.errors import POSITIVE, HyperdiffError, Range, fail, number, positive_int
+from hyperdiff.errors import (
+    POSITIVE,
+    HyperdiffError,
+    Range,
+    describe,
+    fail,
+    is_number,
+    number,
+    positive_int,
+)
 from hyperdiff.hparams.hyperparams import HyperParameter, HyperParameters, per_step, scalar
 
 FAMILIES = ("warmup_cosine", "warmup_linear", "exponential", "step_decay")
@@ -50,6 +59,43 @@ FIELDS: dict[str, tuple[str, ...]] = {
 DEFAULTS: dict[str, float] = {"peak": 0.1, "warmup": 0.05, "final": 0.01, "gamma": 0.5}
 UNIT = (0.0, 1.0)  # warmup, final and gamma live in the open interval (0, 1)
 OPEN_UNIT = Range(0.0, 1.0, open_low=True, open_high=True)
+WARMUP = ("warmup_cosine", "warmup_linear")  # 0 at s = 0: they need two steps or more
+
+
+def checked_steps(caller: str, family: str, steps: Any) -> int:
+    """``steps`` if it is a horizon ``family`` is defined over: a positive int, at least 2 for
+    a warmup family (over one step its only value is the ramp's start, 0, which trains
+    nothing), else raise :class:`HyperdiffError` naming the value."""
+    steps = positive_int(caller, "steps", steps)
+    if steps == 1 and family in WARMUP:
+        raise HyperdiffError(
+            f"{caller}: steps must be at least 2 for a {family} schedule (got 1): over one "
+            "step its only value is the warmup's start, 0, so nothing would train; use "
+            "2 steps or more, or the exponential or step_decay family")
+    return steps
+
+
+def _step(caller: str, name: str, step: Any) -> None:
+    """Refuse a step that is not an int (a bool, a float, a string)."""
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise fail(caller, name, "an int", step)
+
+
+def _fields(family: str, names: Mapping[str, str], hparams: Mapping[str, Any]
+            ) -> dict[str, Tensor]:
+    """The schedule's parameters read from ``hparams``; plain numbers become float64 tensors
+    (on the device and in the dtype of a tensor among them, if one is)."""
+    values = {f: hparams[n] for f, n in names.items()}
+    if all(isinstance(v, Tensor) for v in values.values()):
+        return values
+    like = next((v for v in values.values() if isinstance(v, Tensor)), None)
+    for f, v in values.items():
+        if not isinstance(v, Tensor):
+            if not is_number(v):
+                raise fail(family, f"hyperparameter {names[f]!r}", "a tensor or a number", v)
+            values[f] = torch.tensor(float(v), dtype=torch.float64 if like is None else
+                                     like.dtype, device=None if like is None else like.device)
+    return values
 
 
 def normalised_time(step: int, steps: int) -> float:
@@ -110,7 +156,8 @@ class Schedule:
     prefix: str = "lr"
     drops: int = 3
     # the last value computed: an optimizer reads it once per parameter tensor at each step
-    # (kept while the step and the very tensors it read, unmodified, are the same)
+    # (kept while the step, the autograd mode and the very tensors it read, unmodified, are
+    # the same, and no backward pass has run through it, which may have freed its graph)
     _last: dict[str, Any] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     @property
@@ -135,23 +182,32 @@ class Schedule:
 
     def with_steps(self, steps: int) -> Schedule:
         """The same schedule (same parameters) over another horizon."""
-        return replace(self, steps=positive_int(self.family, "steps", steps))
+        return replace(self, steps=checked_steps(f"{self.family}.with_steps", self.family, steps))
 
     def value(self, hparams: Mapping[str, Tensor], step: int) -> Tensor:
         """The schedule's value at inner step ``step`` (differentiable in the parameters)."""
+        _step(self.family, "step", step)
         if not 0 <= step < self.steps:
             raise HyperdiffError(
                 f"{self.family}: step must be in [0, {self.steps}) (got {step}); the schedule "
                 "is defined for a shorter run: use schedule.with_steps(N)"
             )
-        values = {f: hparams[n] for f, n in self.names.items()}
-        read = [(t, t._version) if isinstance(t, Tensor) else (t, None) for t in values.values()]
+        values = _fields(self.family, self.names, hparams)
+        read = [(t, t._version) for t in values.values()]
+        mode = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
         last = self._last
-        if last.get("step") == step and len(last.get("read", ())) == len(read) and all(
+        if last.get("step") == step and last["mode"] == mode and not last["consumed"] and len(
+                last["read"]) == len(read) and all(
                 a is b and v == w for (a, v), (b, w) in zip(last["read"], read, strict=True)):
             return last["value"]  # the same tensors, unchanged: the value read a moment ago
         value = CURVES[self.family](normalised_time(step, self.steps), values, self.drops)
-        last.update(read=read, step=step, value=value)
+        consumed: list[bool] = []  # not the value itself: the hook must not hold its graph
+        if value.requires_grad:
+            try:
+                value.register_hook(lambda grad: consumed.append(True))
+            except RuntimeError:  # a tensor that takes no hook (a transform's): not kept
+                consumed.append(True)
+        last.update(read=read, step=step, mode=mode, consumed=consumed, value=value)
         return value
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Schedule:
@@ -164,10 +220,12 @@ class Schedule:
     def window(self, hparams: Mapping[str, Tensor], start: int, stop: int) -> Tensor:
         """The values at steps ``start .. stop-1`` as one tensor, computed in one vectorised
         pass (equal to :meth:`value` step by step up to rounding; differentiable)."""
+        _step(f"{self.family}.window", "start", start)
+        _step(f"{self.family}.window", "stop", stop)
         if not 0 <= start < stop <= self.steps:
             raise HyperdiffError(f"{self.family}: the steps {start}..{stop - 1} must lie in "
                                  f"[0, {self.steps})")
-        values = {f: hparams[n] for f, n in self.names.items()}
+        values = _fields(self.family, self.names, hparams)
         like = values[next(iter(values))]
         t = torch.arange(start, stop, dtype=like.dtype, device=like.device)
         s = t / (self.steps - 1) if self.steps > 1 else torch.zeros_like(t)
@@ -177,7 +235,8 @@ class Schedule:
         return self.value(hparams, step)
 
     def values(self, hparams: Mapping[str, Tensor] | HyperParameters) -> Tensor:
-        """All ``steps`` values as one tensor (natural values of a collection, or a mapping)."""
+        """All ``steps`` values as one tensor (natural values of a collection, or a mapping of
+        tensors or numbers)."""
         natural = hparams.natural() if isinstance(hparams, HyperParameters) else hparams
         return torch.stack([self.value(natural, t) for t in range(self.steps)])
 
@@ -195,16 +254,21 @@ def schedule(family: str, steps: int, *, prefix: str = "lr", drops: int = 3) -> 
         raise fail("schedule", "family", f"one of {list(FAMILIES)}", family)
     if not isinstance(prefix, str) or not prefix.isidentifier():
         raise fail("schedule", "prefix", "an identifier such as 'lr'", prefix)
-    return Schedule(family, positive_int("schedule", "steps", steps), prefix,
-                    positive_int("schedule", "drops", drops))
+    drops = positive_int("schedule", "drops", drops)
+    if drops != 3 and family != "step_decay":
+        raise HyperdiffError(f"schedule: drops must be left out for a {family} schedule, only "
+                             f"step_decay reads it (got {describe(drops)})")
+    return Schedule(family, checked_steps("schedule", family, steps), prefix, drops)
 
 
 def resample(values: Tensor, steps: int) -> Tensor:
     """A per-step schedule of T values resampled to ``steps`` values by linear interpolation on
     normalised time (module doc): ``out[j] = interp(j / (steps-1); i / (T-1), values[i])``."""
     steps = positive_int("resample", "steps", steps)
-    if not isinstance(values, Tensor) or values.dim() != 1 or values.numel() == 0:
-        raise fail("resample", "values", "a non-empty 1-D tensor", values)
+    if not isinstance(values, Tensor) or values.dim() != 1 or values.numel() == 0 or (
+            not values.is_floating_point()):
+        raise fail("resample", "values", "a non-empty 1-D tensor of a floating-point dtype",
+                   values)
     count = values.numel()
     if count == 1:
         return values.expand(steps).clone()
@@ -216,7 +280,8 @@ def resample(values: Tensor, steps: int) -> Tensor:
 
 def resampled(hparams: HyperParameters, steps: int) -> HyperParameters:
     """A collection whose ``per_step`` hyperparameters (current natural values) are resampled
-    to ``steps`` entries (:func:`resample`); the others are kept as they are."""
+    to ``steps`` entries (:func:`resample`); the others are kept as they are (their raw values
+    bit for bit)."""
     natural = hparams.natural()
     specs: dict[str, Any] = {}
     for name, spec in hparams.items():
@@ -224,7 +289,9 @@ def resampled(hparams: HyperParameters, steps: int) -> HyperParameters:
             specs[name] = per_step(steps, resample(natural[name], steps), spec.constraint)
         else:
             specs[name] = replace(spec, init=natural[name].detach().clone())
-    return HyperParameters(specs)
+    out = HyperParameters(specs)  # raw values from the natural ones: per_step's resampled
+    kept = {n: v for n, v in hparams.raw.items() if hparams[n].kind != "per_step"}
+    return out.with_raw({**out.raw, **kept})
 
 
 __all__ = ["FAMILIES", "Schedule", "normalised_time", "resample", "resampled", "schedule"]

@@ -54,6 +54,7 @@ run's start: the buffer begins empty at ``t0`` as at step 0. The offline call is
 
 from __future__ import annotations
 
+import math
 import time
 from fractions import Fraction
 from functools import partial
@@ -191,12 +192,34 @@ class FixedPoint:
     def to_int(self, x: Tensor, what: str, step: int) -> Tensor:
         x = x.to(torch.float64)
         biggest = float(x.abs().max())
-        if not biggest < self.limit:
+        if not math.isfinite(biggest):
             raise NonFiniteError(
-                f"reversible: {what} must stay within the fixed-point range +-{self.limit:g} "
-                f"(got {biggest:g} at step {step}); lower fraction_bits or the learning rate"
+                f"reversible: inner training diverged at step {step} ({what} {biggest}); "
+                "lower the learning rate or the number of steps"
             )
+        if not biggest < self.limit:
+            raise self.out_of_range(what, biggest, step)
         return torch.round(x * 2.0**self.bits).to(torch.int64)
+
+    def check_range(self, V: Tensor, P: Tensor, step: int) -> None:
+        """Raise if the integer velocity ``V`` or parameters ``P`` reach ``2^62`` (the range
+        ``+-2^(62-R)``): below it, adding an increment or a step, each also below it, cannot
+        wrap around int64."""
+        bound = 1 << 62
+        if bool((V.abs().max() >= bound) | (P.abs().max() >= bound)):
+            for X, what in ((V, "the velocity"), (P, "the parameters")):
+                biggest = float(X.abs().max()) * 2.0**-self.bits
+                if not biggest < self.limit:
+                    raise self.out_of_range(what, biggest, step)
+
+    def out_of_range(self, what: str, biggest: float, step: int) -> NonFiniteError:
+        """The error for ``what`` outside the range; the velocity (a sum of gradients) does
+        not shrink with the learning rate, the parameters do."""
+        remedy = ("the train loss's scale" if "velocity" in what else "the learning rate")
+        return NonFiniteError(
+            f"reversible: {what} must stay within the fixed-point range +-{self.limit:g} "
+            f"(got {biggest:g} at step {step}); lower fraction_bits or {remedy}"
+        )
 
     def to_float(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         return (x.to(torch.float64) * 2.0**-self.bits).to(dtype or self.dtype)
@@ -423,12 +446,17 @@ def reverse_steps(problem: Problem, raw: dict[str, Tensor], coefficients: Coeffi
         theta = fixed.leaves(P)
         grads, loss = _gradient(problem, theta, coefficients.hview, t)
         losses.append(loss)
-        increment = _increment(coefficients, fixed, gain, theta, grads, t)
+        try:
+            increment = _increment(coefficients, fixed, gain, theta, grads, t)
+        except NonFiniteError:  # a loss that is not finite says so, as other methods do
+            check_finite_losses(torch.stack(losses), "reversible", start)
+            raise
         if t > 0:
             n, d = coefficients.fraction(t)
             V = scale_down(V, n, info, d)
         V = V + increment
         P = P - _displacement(coefficients, fixed, V, t)
+        fixed.check_range(V, P, t)  # a sum of increments in range may leave it
     losses_t = torch.stack(losses)
     check_finite_losses(losses_t, "reversible", start)
     info_bytes = info.nbytes
