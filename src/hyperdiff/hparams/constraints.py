@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hyperdiff.errors import HyperdiffError, describe, is_number
+from hyperdiff.errors import HyperdiffError, describe, fail, is_number
 
 
 class Constraint:
@@ -121,7 +121,10 @@ class Interval(Constraint):
     name = "interval"
 
     def __post_init__(self) -> None:
-        if not (is_number(self.low) and is_number(self.high) and math.isfinite(self.low)
+        for what, bound in (("low", self.low), ("high", self.high)):
+            if not is_number(bound):  # a tensor or a string would print as a number
+                raise fail("Interval", what, "a real number", bound)
+        if not (math.isfinite(self.low)
                 and math.isfinite(self.high) and self.low < self.high):
             raise HyperdiffError(
                 "Interval: bounds must be finite with low < high "

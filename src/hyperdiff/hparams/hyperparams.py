@@ -78,8 +78,10 @@ def _tensor(value: float | Tensor | Sequence[float], caller: str = "hyperparamet
     """``value`` as a float64 copy; a clear error (naming argument ``what``) for strings,
     bools, complex or ragged input."""
     if isinstance(value, Tensor):
-        if value.is_complex() or value.dtype == torch.bool:
-            raise fail(caller, what, VALUE_TEXT, value)
+        if value.is_complex() or value.dtype == torch.bool:  # by dtype and shape, not numbers
+            dtype = str(value.dtype).removeprefix("torch.")
+            raise HyperdiffError(f"{caller}: {what} must be {VALUE_TEXT} (got a {dtype} "
+                                 f"tensor of shape {tuple(value.shape)})")
         # specs are host state: float64 on the CPU; Problem.raw_tensors moves values to the device
         return value.detach().to(device="cpu", dtype=torch.float64).clone()
     if not isinstance(value, (list, tuple)) and not is_number(value) and not _is_real_array(value):
@@ -100,9 +102,11 @@ def _checked(caller: str, init: Tensor, constraint: Constraint, kind: str,
              names: tuple[str, ...] = (), shapes: tuple[tuple[int, ...], ...] = ()
              ) -> HyperParameter:
     """The spec, after checking that every initial value lies inside its constraint (far
-    enough from its bounds that its raw value is finite)."""
+    enough from its bounds that its raw value is finite) and that its raw value holds it
+    (:func:`_check_round_trip`)."""
     _check_inside(f"{caller}: value", constraint, init)
-    _to_raw(f"{caller}: value", constraint, init)
+    _check_round_trip(f"{caller}: value", constraint, init,
+                      _to_raw(f"{caller}: value", constraint, init))
     return HyperParameter(init, constraint, kind, names, shapes)
 
 
@@ -167,6 +171,13 @@ def _per_tensor_values(caller: str, what: str, names: tuple[str, ...],
                        value: Mapping[Any, Any]) -> Tensor:
     """The numbers of a dict parameter name -> number, in the order of ``names``; a name that
     is not one of them (a typo) or a missing name is refused."""
+    _check_names(caller, what, names, value)
+    return _tensor([value[n] for n in names], caller, what)
+
+
+def _check_names(caller: str, what: str, names: tuple[str, ...], value: Mapping[Any, Any]
+                 ) -> None:
+    """Refuse a dict keyed by parameter name that misses one of ``names`` or has another."""
     unknown = [k for k in value if k not in names]
     if unknown:
         raise HyperdiffError(f"{caller}: {what} must name only the parameters {list(names)} "
@@ -174,7 +185,6 @@ def _per_tensor_values(caller: str, what: str, names: tuple[str, ...],
     missing = [n for n in names if n not in value]
     if missing:
         raise HyperdiffError(f"{caller}: {what} is missing parameters {missing}")
-    return _tensor([value[n] for n in names], caller, what)
 
 
 def per_element(
@@ -358,10 +368,17 @@ class HyperParameters(Mapping[str, HyperParameter]):
                        raw if bad is None else bad)
         return HyperParameters(self._specs, raw={n: v.detach() for n, v in raw.items()})
 
-    def with_natural(self, **values: float | Tensor | Mapping[str, float]) -> HyperParameters:
+    def with_natural(self, **values: float | Tensor | Mapping[str, Any]) -> HyperParameters:
         """A copy with some natural values replaced: ``hp.with_natural(lr=0.05)``; a
         ``per_tensor`` value may be a dict parameter name -> number, as ``hd.per_tensor``
-        takes it; a discrete one is the probabilities of its choices."""
+        takes it, a ``per_element`` or initialization value a dict parameter name -> tensor
+        of the parameter's shape (or a number), as ``initial_values`` returns it; a discrete
+        one is the probabilities of its choices. A value that its raw value would hold more
+        than :data:`REPRESENTABLE_RTOL` away from it is refused (:func:`_check_round_trip`)."""
+        return self._replaced(values, recorded=False)
+
+    def _replaced(self, values: Mapping[str, Any], recorded: bool) -> HyperParameters:
+        """:meth:`with_natural`, or :meth:`with_recorded` where ``recorded``."""
         raw = self.raw
         for name, value in values.items():
             if name not in self._specs:
@@ -372,21 +389,25 @@ class HyperParameters(Mapping[str, HyperParameter]):
             spec = self._specs[name]
             v = _natural_value(name, spec, value)
             _check_natural(name, spec.constraint, v)
-            raw[name] = _to_raw(f"HyperParameters: natural value of {name!r}", spec.constraint, v)
+            what = f"HyperParameters: natural value of {name!r}"
+            raw[name] = _to_raw(what, spec.constraint, v)
+            if recorded and spec.is_discrete:
+                raw[name] = _exact_logits(spec.constraint, v, raw[name])
+            elif recorded:
+                raw[name] = _exact_raw(spec.constraint, v, raw[name])
+            if not spec.is_discrete:  # (probabilities are rescaled to sum to 1: documented)
+                _check_round_trip(what, spec.constraint, v, raw[name])
         return HyperParameters(self._specs, raw=raw)
 
     def with_recorded(self, values: Mapping[str, Tensor]) -> HyperParameters:
         """``with_natural(**values)`` for natural values a run recorded (float64 tensors of
         each name's shape, ``to_natural`` of its raw values): each raw value is moved, where
         ``to_raw`` rounds, to one whose natural value is the recorded one exactly, so a value
-        read back from ``result.json`` is the value that was tuned, to the last bit."""
-        back = self.with_natural(**values)
-        raw = back.raw
-        for name, value in values.items():
-            spec = self._specs[name]
-            if not spec.is_discrete:
-                raw[name] = _exact_raw(spec.constraint, value.to(raw[name]), raw[name])
-        return HyperParameters(self._specs, raw=raw)
+        read back from ``result.json`` is the value that was tuned, to the last bit. A discrete
+        one's logits are searched for probabilities equal to the recorded ones
+        (:func:`_exact_logits`); where that search fails they are ``log p`` (centred), whose
+        probabilities may differ from the recorded ones by an ulp."""
+        return self._replaced(values, recorded=True)
 
     def natural_grad(
         self, grad_raw: Mapping[str, Tensor], raw: Mapping[str, Tensor] | None = None
@@ -417,7 +438,14 @@ class HyperParameters(Mapping[str, HyperParameter]):
             )
         out = {}
         for name, spec in self._specs.items():
-            value = torch.as_tensor(raw[name], dtype=torch.float64, device="cpu").detach()
+            given = raw[name]
+            if isinstance(given, (bool, complex)) or (isinstance(given, Tensor) and (
+                    given.is_complex() or given.dtype == torch.bool)):  # a cast drops a part
+                got = (f"a {str(given.dtype).removeprefix('torch.')} tensor of shape "
+                       f"{tuple(given.shape)}" if isinstance(given, Tensor) else repr(given))
+                raise HyperdiffError(f"HyperParameters: the raw value of {name!r} must be a "
+                                     f"real tensor (got {got})")
+            value = torch.as_tensor(given, dtype=torch.float64, device="cpu").detach()
             if tuple(value.shape) != spec.shape:
                 raise HyperdiffError(
                     f"HyperParameters: {name!r} must have shape {spec.shape} "
@@ -494,13 +522,51 @@ def _natural_value(name: str, spec: HyperParameter, value: Any) -> Tensor:
     caller = "HyperParameters.with_natural"
     if spec.kind == "per_tensor" and isinstance(value, Mapping):
         return _per_tensor_values(caller, name, spec.param_names, value)
+    if spec.kind in ELEMENTWISE and isinstance(value, Mapping):
+        return _elementwise_values(caller, name, spec, value)
     if spec.is_discrete:
         return _probabilities(name, spec, value)
+    valid = f"a number or a tensor of shape {spec.shape}" + (
+        ", or a dict parameter name -> " + ("number" if spec.kind == "per_tensor" else
+                                            "tensor of the parameter's shape")
+        if spec.param_names else "")
+    if isinstance(value, Mapping):
+        raise HyperdiffError(f"{caller}: {name} must be {valid} (got {_shapes(value)})")
     v = _tensor(value, caller, name)
     try:
         return v.expand(spec.shape).clone()
     except RuntimeError:
-        raise fail(caller, name, f"a number or a tensor of shape {spec.shape}", value) from None
+        raise HyperdiffError(f"{caller}: {name} must be {valid} (got {_shapes(value)})"
+                             ) from None
+
+
+def _elementwise_values(caller: str, name: str, spec: HyperParameter,
+                        value: Mapping[Any, Any]) -> Tensor:
+    """A dict parameter name -> tensor of the parameter's shape (or a number, for every
+    element), as ``initial_values`` returns it, as the flat value of an elementwise spec."""
+    _check_names(caller, name, spec.param_names, value)
+    parts = []
+    for param, shape in zip(spec.param_names, spec.param_shapes, strict=True):
+        what = f"{name}[{param!r}]"
+        v = _tensor(value[param], caller, what)
+        if v.dim() == 0:
+            v = v.expand(shape)
+        if tuple(v.shape) != shape:
+            raise HyperdiffError(f"{caller}: {what} must be a number or a tensor of shape "
+                                 f"{shape}, the parameter's (got {_shapes(value[param])})")
+        parts.append(v.reshape(-1))
+    return torch.cat(parts)
+
+
+def _shapes(value: Any) -> str:
+    """``value`` for a message with its tensors by shape only (never their numbers): ``a dict
+    {'w': a tensor of shape (3, 2)}``."""
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, Mapping):
+        items = [f"{k!r}: {_shapes(v)}" for k, v in list(value.items())[:6]]
+        return "a dict {" + ", ".join(items) + (", ...}" if len(value) > 6 else "}")
+    return describe(value)
 
 
 def _probabilities(name: str, spec: HyperParameter, value: Any) -> Tensor:
@@ -598,6 +664,62 @@ def _exact_raw(constraint: Constraint, natural: Tensor, raw: Tensor) -> Tensor:
     return flat.reshape(raw.shape)
 
 
+def _exact_logits(constraint: Constraint, p: Tensor, raw: Tensor, tries: int = 200) -> Tensor:
+    """Logits whose probabilities (``constraint.to_natural``, a softmax) are ``p`` bit for bit,
+    for probabilities a run recorded; ``raw`` (``log p``, centred) where they already are, or
+    where the search fails (its probabilities then differ by an ulp here and there).
+
+    A softmax ``exp(u_i - max u) / sum`` rounds every entry, so ``log p`` rarely gives ``p``
+    back exactly. The search fixes the largest logit at 0 (``p`` came from logits with one
+    such, ``u - max u``) and moves the others by ulps: each alone, prefixes of a random order
+    together (which moves the sum, hence every probability), and pairs in opposite directions,
+    taking the move that leaves the fewest entries wrong (the largest one, which reads only the
+    sum, counted first); ties are broken at random from a fixed seed. Measured: every one of
+    1,000 random 4- and 10-choice vectors is reached, in a few moves; near-uniform 7-choice
+    and random 50-choice vectors miss about 1 in 100, 20 near-equal choices 8 in 100.
+
+    >>> from hyperdiff.hparams.discrete import Softmax
+    >>> p = torch.softmax(torch.tensor([0.3, -1.2, 2.0, 0.1], dtype=torch.float64), dim=-1)
+    >>> bool((Softmax().to_natural(_exact_logits(Softmax(), p, torch.log(p))) == p).all())
+    True
+    """
+    if p.dim() != 1 or bool((constraint.to_natural(raw) == p).all()):
+        return raw
+    n, top = p.numel(), int(p.argmax())
+    u = torch.log(p) - torch.log(p[top])  # u[top] == 0 exactly
+    device = p.device
+    others = torch.tensor([i for i in range(n) if i != top], dtype=torch.long, device=device)
+    one = torch.eye(n, dtype=torch.float64, device=device)[others]  # (n - 1, n): one logit each
+    steps = torch.tensor([1.0, -1.0, 2.0, -2.0, 3.0, -3.0, 4.0, -4.0], dtype=torch.float64,
+                         device=device)
+    single = (steps[:, None, None] * one[None]).reshape(-1, n)
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def wrong(q: Tensor) -> Tensor:
+        return (q[..., top] != p[top]) * (n + 1) + (q != p).sum(-1)
+
+    best = int(wrong(constraint.to_natural(u)))
+    for _ in range(tries):
+        if best == 0:
+            return u
+        unit = (torch.nextafter(u, torch.full_like(u, torch.inf)) - u).clamp(min=2.0 ** -53)
+        order = others[torch.randperm(len(others), generator=generator, device=device)]
+        prefix = torch.zeros(len(others), n, dtype=torch.float64, device=device)
+        for m in range(len(others)):
+            prefix[m:, order[m]] = 1.0
+        i, j = torch.randint(len(others), (2, 4 * n), generator=generator, device=device)
+        candidates = u + torch.cat([single, prefix, -prefix, one[i] - one[j]]) * unit
+        scores = wrong(constraint.to_natural(candidates))  # row by row, as for one vector
+        low = int(scores.min())
+        if low > best:
+            continue
+        ties = (scores == low).nonzero().reshape(-1)
+        u = candidates[int(ties[torch.randint(len(ties), (1,), generator=generator,
+                                              device=device)])]
+        best = int(wrong(constraint.to_natural(u)))
+    return u if best == 0 else raw
+
+
 def _flat_slope_text(name: str, constraint: Constraint, raw: Tensor, flat: Tensor) -> str:
     """Why ``name``'s natural-unit hypergradient cannot be computed: the constraint's slope is
     0 at the raw values ``raw`` (in their dtype) where ``flat``."""
@@ -683,6 +805,36 @@ def _check_accurate(caller: str, name: str, exact: Tensor, rounded: Tensor,
         f"training computes it in, to a relative accuracy of {REPRESENTABLE_RTOL:g} (got {got}, "
         f"which {dtype_name} holds as {there}: {why}); choose another value or constraint, "
         "or train in float64")
+
+
+def _check_round_trip(what: str, constraint: Constraint, natural: Tensor, raw: Tensor) -> None:
+    """Refuse a natural value that its raw value holds (in float64) more than
+    :data:`REPRESENTABLE_RTOL` away from it, relatively: an interval computes ``low + (high -
+    low) sigmoid(u)``, whose rounding is a few ulps of its bounds, so ``1e-17`` in ``(-1, 1)``
+    is held as 0 and ``0.05`` in ``(-1e15, 1e15)`` as 0. A value of 0 is held within 4 ulps
+    of ``max(|low|, |high|)`` (:func:`_arithmetic_scale`: 0 in ``(-1, 3)`` is 2.2e-16).
+
+    >>> try:
+    ...     scalar(1e-17, (-1.0, 1.0))
+    ... except HyperdiffError as error:
+    ...     print(str(error).split("(got ")[1].split(";")[0])
+    1e-17, which its interval constraint, strictly between -1.0 and 1.0, holds as 0)
+    """
+    held = constraint.to_natural(raw)
+    error = (held - natural).abs()
+    off = (error > REPRESENTABLE_RTOL * natural.abs()) & (
+        (natural != 0) | (error > 4 * torch.finfo(torch.float64).eps
+                          * _arithmetic_scale(constraint)))
+    if not bool(off.any()):
+        return
+    one = natural.dim() == 0
+    got, there = _numbers(natural[off][:3], one), _numbers(held[off][:3], one)
+    remedy = ("a value farther from 0 or narrower bounds" if isinstance(constraint, Interval)
+              else "another value")
+    raise HyperdiffError(
+        f"{what} must be held by its raw value to a relative accuracy of "
+        f"{REPRESENTABLE_RTOL:g} in float64 (got {got}, which its {constraint.name} "
+        f"constraint, {constraint.describe_valid()}, holds as {there}); choose {remedy}")
 
 
 def _check_inside(what: str, constraint: Constraint, value: Tensor) -> None:

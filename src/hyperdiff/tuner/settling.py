@@ -93,8 +93,9 @@ class Settling:
 def largest_change(before: dict[str, Any], after: dict[str, Any]) -> float:
     """``max_i |after_i - before_i| / |before_i|`` over every entry of every value (natural
     values as records hold them: a float per scalar, a list per vector;
-    :func:`~hyperdiff.tuner.budget.relative_change` of each); ``inf`` where a value before is 0
-    and changed."""
+    :func:`~hyperdiff.tuner.budget.relative_change` of each: an entry that was 0 is measured
+    against the vector's largest ``|before|``); ``inf`` where a whole value before is 0 and
+    changed."""
     return max((relative_change(old, after[name]) for name, old in before.items()), default=0.0)
 
 
