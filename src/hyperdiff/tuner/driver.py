@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -39,6 +40,7 @@ from hyperdiff.engine.problem import Problem
 from hyperdiff.engine.training import flat
 from hyperdiff.errors import (
     NonFiniteError,
+    Text,
     fail,
     nonnegative_int,
     positive_float,
@@ -58,6 +60,8 @@ from hyperdiff.wording import option
 
 Callback = Callable[["HyperOptimizer", StepRecord], None]
 _LOG = get_logger("driver")
+PLAN_MEMBERS = tuple(sorted({*Plan.__annotations__} | {
+    name for name in vars(Plan) if not name.startswith("_")}))  # what a plan must have
 RECORD_FIELDS = ("train_loss", "val_loss", "val_loss_std", "selection_loss", "grad_norm",
                  "grad_std", "grad_snr")
 
@@ -172,7 +176,16 @@ class HyperOptimizer:
         if isinstance(plan, type):
             raise fail("HyperOptimizer", "plan", f"a plan instance, e.g. {plan.__name__}(...), "
                        "not the class itself", plan)
+        if plan is not None and (missing := [name for name in PLAN_MEMBERS
+                                             if not hasattr(plan, name)]):
+            more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+            lacks = ("" if len(missing) == len(PLAN_MEMBERS) else " (this one lacks "
+                     f"{', '.join(missing[:4])}{more} of hyperdiff.tuner.plan.Plan)")
+            raise fail("HyperOptimizer", "plan", "None or a plan instance, e.g. "
+                       f"hd.plans.OfflinePlan(...) or hd.plans.OnlinePlan(...){lacks}", plan)
         if plan is None:
+            if not isinstance(warm_start, bool):
+                raise fail("HyperOptimizer", "warm_start", "True or False", warm_start)
             plan = OfflinePlan(samples=samples, max_samples=max_samples, warm_start=warm_start)
         else:
             offline = {"samples": (samples, 1), "max_samples": (max_samples, 16),
@@ -210,6 +223,11 @@ class HyperOptimizer:
         self.tie_steps = nonnegative_int(caller, "tie_steps", tie_steps)
         self.selection = as_batches(selection)
         self.seed = nonnegative_int(caller, "seed", seed)
+        if stopping is not None and not isinstance(stopping, Stopping):
+            hint = ("; for a dict of rules: hd.Stopping(**rules)" if isinstance(stopping, dict)
+                    else "")
+            raise fail(caller, "stopping", "None or hd.Stopping(...), e.g. "
+                       f"hd.Stopping(max_steps=20, patience=5){hint}", stopping)
         if stopping is not None and not plan.ranks and stopping != Stopping():
             raise fail(caller, "stopping", "None or Stopping() with a plan that ranks no steps "
                        f"({type(plan).__name__}: one training of problem.steps inner steps, no "
@@ -293,6 +311,11 @@ class HyperOptimizer:
         if listed is None or not all(callable(c) for c in listed):
             raise fail("HyperOptimizer.run", "callbacks", "a sequence of functions "
                        "callback(optimizer, record) (one function: callbacks=[fn])", callbacks)
+        for k, callback in enumerate(listed):
+            check_callback(callback, k)
+        if progress is not None and not isinstance(progress, bool):
+            raise fail("HyperOptimizer.run", "progress", "True, False or None (a bar only on a "
+                       "terminal)", progress)
         callbacks = listed
         if self.stopped == "diverged" and self.history:  # resumed after the guard gave up:
             raise NonFiniteError(self.history[-1].message)  # as the run that saved it did
@@ -564,6 +587,22 @@ class HyperOptimizer:
         self.history.append(record)
         self.step_index += 1
         return record
+
+
+def check_callback(callback: Any, index: int) -> None:
+    """Refuse a callback that cannot be called as ``callback(optimizer, record)`` (one whose
+    signature Python cannot read is let through)."""
+    try:
+        signature = inspect.signature(callback)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        name = getattr(callback, "__qualname__", type(callback).__name__)
+        raise fail("HyperOptimizer.run", f"callbacks[{index}]", "a function taking two "
+                   "arguments, callback(optimizer, record)",
+                   Text(f"{name}{signature}")) from None
 
 
 def schedule_factor(schedule: str, index: float, total: int) -> float:

@@ -10,7 +10,7 @@ history, its trainings per step, its outer optimizer state).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -20,7 +20,7 @@ from hyperdiff.engine.data import validation_batches
 from hyperdiff.engine.datacheck import check_batch, shapes_of
 from hyperdiff.engine.problem import Problem
 from hyperdiff.engine.training import validation_loss
-from hyperdiff.errors import HyperdiffError, LossError, fail, positive_int
+from hyperdiff.errors import HyperdiffError, LossError, Text, fail, positive_int
 from hyperdiff.logs import get_logger
 from hyperdiff.tuner.global_phase import restarts
 from hyperdiff.tuner.snr import AutoSamples
@@ -42,11 +42,25 @@ _LOG = get_logger("driver")  # the driver's warnings, under the driver's logger
 
 def check_problems(problem: Problem | Sequence[Problem]) -> tuple[Problem, ...]:
     """``problem`` as a non-empty tuple of problems that tune the same hyperparameters."""
-    problems = (problem,) if isinstance(problem, Problem) else tuple(problem)
+    valid = "a Problem or a non-empty sequence of Problems (made by hd.make_problem)"
+    if hasattr(problem, "problems") and hasattr(problem, "final_problem"):  # a built task
+        raise fail("HyperOptimizer", "problem", f"{valid}; for a task pass its problems and "
+                   "selection split: HyperOptimizer(list(task.problems), "
+                   "selection=task.selection)", Text(f"the task {type(problem).__name__} "
+                                                     f"{getattr(problem, 'name', '')!r}"))
+    if callable(getattr(problem, "build", None)) and hasattr(problem, "train_loss"):
+        raise fail("HyperOptimizer", "problem", f"{valid}; build the task first: task = "
+                   "spec.build(), then HyperOptimizer(list(task.problems), "
+                   "selection=task.selection)", Text(f"the unbuilt {type(problem).__name__} "
+                                                     f"{getattr(problem, 'name', '')!r}"))
+    if isinstance(problem, Problem):
+        problems: tuple[Any, ...] = (problem,)
+    elif isinstance(problem, Iterable) and not isinstance(problem, (str, bytes, Mapping)):
+        problems = tuple(problem)
+    else:
+        problems = ()
     if not problems or not all(isinstance(p, Problem) for p in problems):
-        raise fail("HyperOptimizer", "problem",
-                   "a Problem or a non-empty sequence of Problems (made by hd.make_problem)",
-                   problem)
+        raise fail("HyperOptimizer", "problem", valid, problem)
     first = problems[0].hparams
     names = list(first)
     for k, p in enumerate(problems[1:], start=1):

@@ -108,9 +108,14 @@ def validation_and_selection(
             f"Dataset or a DataLoader over one with a plain sampler (got {type(val).__name__}), "
             "or set task.selection_fraction = 0")
     dataset, size, like = cut
-    labels = _labels(map_style_split("validation", dataset, batch_size=size, like=like),
-                     stratify)
-    val_rows, sel_rows = split_given_rows(len(dataset), selection_fraction=selection_fraction,
+    # a loader's drop_last leaves out its own short last batch, once, before the cut: the rows
+    # cut are the loader's full batches' (0..kept-1 in index order), each part read whole
+    drop_last = like is not None and like.drop_last
+    every = map_style_split("validation", dataset, batch_size=size, like=like,
+                            drop_last=drop_last)
+    kept = every.num_samples
+    labels = _labels(every, stratify)
+    val_rows, sel_rows = split_given_rows(kept, selection_fraction=selection_fraction,
                                           seed=seed, labels=labels)
     val_batches = list(map_style_split("validation", dataset, batch_size=size, rows=val_rows,
                                        like=like))

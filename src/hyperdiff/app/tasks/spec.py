@@ -214,18 +214,26 @@ class TaskSpec:
         model_params, buffers = model_state(self.name, self.model)
         train, val = take(data, rows.train), take(data, rows.val)  # shared by problems and splits
 
-        def problem_for(train_batch: Batch, val_batch: Batch, probe: bool) -> Problem:
+        def problem_for(train_batch: Batch, val_batch: Batch, probe: bool, origin: str
+                        ) -> Problem:
             return self._problem(hparams, model_params, buffers, train_batch, val_batch, steps,
-                                 probe)
+                                 probe, origin=origin)
 
+        held_out = (f"of the {n} rows of data: test_fraction {self.test_fraction} holds out "
+                    f"{rows.test.numel()} and val_fraction {self.val_fraction} "
+                    f"{rows.val.numel() + rows.selection.numel()}")
         if cv_folds:
             pool = torch.cat([rows.train, rows.val]).sort().values
             folds = fold_rows(pool, cv_folds, data_seed, labels, stratify=self.stratify)
-            problems = tuple(problem_for(take(data, tr), take(data, va), self.probe and j == 0)
+            problems = tuple(problem_for(take(data, tr), take(data, va), self.probe and j == 0,
+                                         f"cross-validation fold {j}'s train split (of the "
+                                         f"{pool.numel()} train and validation rows in "
+                                         f"cv_folds={cv_folds} folds; {held_out})")
                              for j, (tr, va) in enumerate(folds))
-            final = problem_for(take(data, pool), val, False)
+            final = problem_for(take(data, pool), val, False,
+                                f"train and validation rows ({held_out})")
         else:
-            problems = (problem_for(train, val, self.probe),)
+            problems = (problem_for(train, val, self.probe, f"train split ({held_out})"),)
             final = problems[0]
         splits: dict[str, list[Batch] | EvaluationSplit] = {"train": [train], "val": [val]}
         if rows.selection.numel():
@@ -287,7 +295,7 @@ class TaskSpec:
         model_params, buffers = model_state(self.name, self.model)
         problem = self._problem(hparams, model_params, buffers,
                                 train_source(given.train, self.batch_size, self.name), val,
-                                steps, self.probe)
+                                steps, self.probe, origin="given_splits' train split")
         splits: dict[str, list[Batch] | EvaluationSplit] = {"val": val}
         if selection is not None:
             splits["selection"] = validation_batches(selection)
@@ -320,7 +328,8 @@ class TaskSpec:
         return hparams
 
     def _problem(self, hparams: HyperParameters, params: Params, buffers: Params,
-                 train: Any, val: Any, steps: int, probe: bool) -> Problem:
+                 train: Any, val: Any, steps: int, probe: bool, *, origin: str) -> Problem:
+        """The inner problem on ``train`` (``origin``: where its rows come from, in words)."""
         if self.batch_size is not None and not isinstance(train, DataLoader):
             tensors = (train,) if isinstance(train, Tensor) else train
             if not isinstance(tensors, tuple) or not all(isinstance(t, Tensor) for t in tensors):
@@ -328,10 +337,17 @@ class TaskSpec:
                                      f"tensor or a tuple of tensors (got {describe(train)}); "
                                      "for dict batches pass batch_size=None (full batch) or "
                                      "hd.given_splits(train=a DataLoader of dicts, ...)")
+            rows = int(tensors[0].shape[0]) if tensors and tensors[0].dim() else None
+            if rows is not None and self.batch_size > rows:
+                raise HyperdiffError(
+                    f"task {self.name}: batch_size must be at most the {rows} rows of the "
+                    f"{origin} (got {self.batch_size}); lower batch_size, or pass "
+                    "batch_size=None to train on the full batch")
             train = minibatches(*tensors, batch_size=self.batch_size)
         return make_problem(self.train_loss, self.val_loss, hparams, params,
                             buffers=buffers or None, optimizer=self.optimizer,
-                            train_data=train, val_data=val, steps=steps, probe=probe)
+                            train_data=train, val_data=val, steps=steps, probe=probe,
+                            caller=f"task {self.name}")
 
     def _task(self, problems: tuple[Problem, ...], final: Problem,
               splits: dict[str, list[Batch] | EvaluationSplit], hparams: HyperParameters,

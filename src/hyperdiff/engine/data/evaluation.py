@@ -8,7 +8,8 @@ measure different things:
 
 - a map-style ``Dataset`` (or a ``DataLoader`` over one with a sequential or plain random
   sampler) is read in index order ``0, ..., n-1`` in batches of ``B`` (the loader's batch size;
-  ``batch_size`` for a bare ``Dataset``), through a ``DataLoader`` with the user's
+  ``batch_size`` for a bare ``Dataset``; a loader's ``drop_last`` drops the short last batch,
+  samples ``B * (n // B), ..., n-1``), through a ``DataLoader`` with the user's
   ``collate_fn``, ``num_workers``, ...; a batch is read in one go (:mod:`.fetch`), and a
   dataset that draws from torch's random state has sample ``i`` read with that state seeded
   from ``i`` (random augmentation in ``__getitem__`` replays);
@@ -177,13 +178,22 @@ class _IndexBatches:
 
 
 def map_style_split(name: str, dataset: Any, *, batch_size: int, rows: Tensor | None = None,
-                    like: DataLoader | None = None) -> EvaluationSplit:
+                    like: DataLoader | None = None, drop_last: bool = False) -> EvaluationSplit:
     """The samples ``rows`` (default: all) of a map-style ``dataset`` in index order, in batches
-    of ``batch_size``, fetched by a ``DataLoader`` with ``like``'s options."""
+    of ``batch_size``, fetched by a ``DataLoader`` with ``like``'s options; ``drop_last``: without
+    the last batch when it is short, as a ``DataLoader(drop_last=True)`` drops it."""
     n = len(dataset) if rows is None else int(rows.numel())
     if n == 0:
         raise HyperdiffError(f"data: the {name} split must hold at least one sample (got an "
                              "empty data set)")
+    if drop_last:
+        if n < batch_size:
+            raise HyperdiffError(
+                f"data: the {name} split must hold at least one full batch of the DataLoader's "
+                f"batch_size {batch_size} with drop_last=True (got {n} samples, so the loader "
+                f"yields no batch); pass drop_last=False or a batch_size of at most {n}")
+        n -= n % batch_size
+        rows = None if rows is None else rows[:n]
 
     batches = SeededBatches(dataset, default_collate if like is None else like.collate_fn)
 
@@ -252,7 +262,7 @@ def evaluation_split(name: str, data: Any, *, batch_size: int = DEFAULT_EVAL_BAT
     if isinstance(data, DataLoader):
         if has_random_access(data):
             return map_style_split(name, data.dataset, batch_size=int(data.batch_size or 1),
-                                   like=data)
+                                   like=data, drop_last=data.drop_last)
         return iterable_split(name, data)
     if is_map_style(data):
         return map_style_split(name, data, batch_size=batch_size)
