@@ -187,6 +187,7 @@ class MetaPlan(OfflinePlan):
     def evaluate(self, loop: Any, step: int, raw: dict[str, Tensor]) -> Outcome:
         """Adapt on each task of the step's batch at ``raw``; the mean hypergradient, and
         the validation tasks' loss at ``raw`` as the selection loss (``kept``) if any."""
+        self.check_ranks(loop, raw)
         base, indices = self.problems[0], self.task_indices(loop, step)
         try:
             problems = tuple(self.tasks.problem(base, index, seed) for index, seed in indices)
@@ -208,7 +209,7 @@ class MetaPlan(OfflinePlan):
         tasks): without one each step's loss is of other tasks, and a run of steps without a
         lower one is the draw's luck, not a plateau (the result is then the final values)."""
         ranked = bool(loop.selection or self.validation)
-        return loop.stopping.reason(steps=loop.step_index, elapsed=loop.elapsed,
+        return loop.stopping.reason(steps=loop.step_index, elapsed=self.elapsed(loop),
                                     since_best=loop.since_best if ranked else 0,
                                     has_selection=ranked)
 

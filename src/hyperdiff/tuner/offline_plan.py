@@ -70,6 +70,19 @@ from hyperdiff.methods.base import Method
 from hyperdiff.methods.registry import make_method, methods_where
 from hyperdiff.tuner.confirm import chaotic, chaotic_skipped, confirmed
 from hyperdiff.tuner.discrete_outer import outer_hook
+from hyperdiff.tuner.distributed.agree import (
+    WORLD_KEY,
+    agreed_elapsed,
+    agreed_mean,
+    check_ranks_agree,
+    torch_world,
+)
+from hyperdiff.tuner.distributed.data_parallel import (
+    DataParallelMethod,
+    loop_group,
+    world_checked,
+)
+from hyperdiff.tuner.distributed.group import current_group
 from hyperdiff.tuner.distributed.spread import spreader_for
 from hyperdiff.tuner.driver_checks import (
     auto_samples,
@@ -151,7 +164,9 @@ class OfflinePlan:
         self.auto = auto_samples(samples, max_samples)
         self.samples = self.auto.maximum if self.auto else positive_int(
             "HyperOptimizer", "samples", samples)  # the stride of seeds and warm slots
-        self.warm_start = bool(warm_start)
+        if not isinstance(warm_start, bool):
+            raise fail("OfflinePlan", "warm_start", "True or False", warm_start)
+        self.warm_start = warm_start
         self.explore, self.explore_decades = check_explore("HyperOptimizer", explore,
                                                            explore_decades)
         if explore_when not in EXPLORE_WHEN:
@@ -175,6 +190,8 @@ class OfflinePlan:
         self._points: list[dict[str, Tensor]] = []  # those it runs (set once it is decided)
         self._fresh: dict[str, Any] | None = None  # the outer optimizer's state before step 0
         self._travellers: list[str] = []  # the names stopping.travel watches (set by bind)
+        self._agreed = False  # the ranks' problems were compared (at the first step trained)
+        self._clock: tuple[tuple[int, int], float] | None = None  # the time judged, by step
 
     @property
     def sampler(self) -> Sampler:
@@ -268,9 +285,33 @@ class OfflinePlan:
         since_best = min(loop.since_best, max(loop.step_index - self.gradient_start, 0))
         since_best = settled_since(loop.history, since_best, self.gradient_start, loop.hparams,
                                    self._travellers, loop.stopping.travel)
-        return loop.stopping.reason(steps=loop.step_index, elapsed=loop.elapsed,
+        return loop.stopping.reason(steps=loop.step_index, elapsed=self.elapsed(loop),
                                     since_best=since_best, has_selection=bool(loop.selection),
                                     travels=self._travels_at_budget(loop))
+
+    def elapsed(self, loop: Any) -> float:
+        """The loop's elapsed time as ``stopping.max_time_s`` judges it: under a process group
+        rank 0's on every rank, taken once per step (the first time a rank asks: the loop's
+        test, or a callback's ``optimizer.done``), so every rank stops after the same step
+        even where rank 0 alone does slow work (a root-only logger)."""
+        group = None if loop.stopping.max_time_s is None else loop_group(loop)
+        if group is None:
+            return float(loop.elapsed)
+        key = (loop.step_index, len(loop.history))
+        if self._clock is None or self._clock[0] != key:
+            self._clock = (key, agreed_elapsed(group, f"the time budget at {self.where(loop)}",
+                                               loop.elapsed))
+        return self._clock[1]
+
+    def check_ranks(self, loop: Any, raw: dict[str, Tensor]) -> None:
+        """At the first step this plan trains under a process group: refuse ranks whose
+        problems or values differ (:func:`~hyperdiff.tuner.distributed.agree.check_ranks_agree`)."""
+        if self._agreed:
+            return
+        group = loop_group(loop)
+        if group is not None:
+            check_ranks_agree(group, "HyperOptimizer", self.problems, raw)
+        self._agreed = True
 
     def _travels_at_budget(self, loop: Any) -> bool:
         """Whether ``stopping.extend`` holds the budget back: at or past ``max_steps``, with a
@@ -313,6 +354,7 @@ class OfflinePlan:
         data-parallel method (a plain training shards no batch: every rank would train the
         whole of it on its own, where the method's collectives keep the ranks' losses equal)."""
         self._evaluated, self._note = None, ""
+        self.check_ranks(loop, raw)
         plain = (1 <= step < self.gradient_start and loop.discrete is None
                  and not self.data_parallel)
         outcome = sampled_outcome(loop, self.sampler, step, raw, plain)
@@ -529,6 +571,8 @@ class OfflinePlan:
     def state_dict(self, loop: Any) -> dict[str, Any]:
         state = {"warm": self.warm, "trainings": self.sampler.trainings,
                  "rng": torch.get_rng_state()}
+        if isinstance(loop.method, DataParallelMethod):  # its numbers are of this world size
+            state[WORLD_KEY] = torch_world(loop_group(loop))
         if self.explore_when != "always" and self._candidates:
             state["explored"] = bool(self._points)  # decided at step 0
         if self.revert:
@@ -542,6 +586,7 @@ class OfflinePlan:
             refuse_online_state(state)  # before the history an online state would not need
             raise fail("HyperOptimizer.load_state_dict", "history",
                        "the run's records (offline checkpoints hold none)", history)
+        state = world_checked("HyperOptimizer", state, loop.method)
         if self.warm_start and "explored" in state:  # saved before warm starts had no phase
             if state["explored"] is True:
                 raise HyperdiffError(
@@ -678,6 +723,11 @@ def sampled_outcome(loop: Any, sampler: Sampler, step: int, raw: dict[str, Tenso
     record fields (the selection loss is the outcome's ``kept``); ``plain``: losses only
     (``grad=None``: the loop takes no outer step)."""
     evaluations, selection = sampler.evaluate(step, raw, plain)
+    group = current_group(sampler.method.group) if isinstance(
+        sampler.method, DataParallelMethod) else None
+    if group is not None and selection is not None:  # BatchNorm's buffers are per rank
+        (selection,) = agreed_mean(group, f"outer step {step}: the selection loss",
+                                   [selection])
     problems = sampler.problems
     train_loss = sum(hg.train_loss for hg in evaluations) / len(evaluations)
     if plain:

@@ -110,6 +110,14 @@ from hyperdiff.methods.window_methods import window_name
 from hyperdiff.seeds import window_sample_seed, window_seed
 from hyperdiff.tree import tree_flatten, tree_unflatten
 from hyperdiff.tuner.discrete_outer import outer_hook
+from hyperdiff.tuner.distributed.agree import (
+    WORLD_KEY,
+    agreed_mean,
+    check_ranks_agree,
+    torch_world,
+)
+from hyperdiff.tuner.distributed.data_parallel import DataParallelMethod, world_checked
+from hyperdiff.tuner.distributed.group import Group, current_group
 from hyperdiff.tuner.guard import UntrainedLosses
 from hyperdiff.tuner.history import History, StepRecord, natural_values
 from hyperdiff.tuner.hot_start import FRACTION as HOT_START_FRACTION
@@ -195,8 +203,9 @@ class OnlinePlan:
         settle, settle_tol: stop tuning once the run has trained the fraction ``settle`` of
             its steps (1: never by it), or once the values' largest relative change over the
             last two windows is below ``settle_tol`` (0: never by it); the rest of the run
-            trains plainly at the settled values (:mod:`hyperdiff.tuner.settling`). Not with
-            discrete hyperparameters or a data-parallel method (their windows keep tuning).
+            trains plainly at the settled values (:mod:`hyperdiff.tuner.settling`; with a
+            data-parallel method every rank trains the whole batch there, as one process
+            does). Not with discrete hyperparameters (their windows keep tuning).
         schedule_over: what the loop's cosine decay of the outer learning rate runs over:
             ``"windows"``, window ``h`` of the run's ``W``: factor ``(1 + cos(pi h / W)) / 2``;
             ``"steps"``, the window's first inner step ``t`` of ``N``: ``(1 + cos(pi t / N))
@@ -264,6 +273,7 @@ class OnlinePlan:
         self.trained_hparams: HyperParameters | None = None
         self.settling = Settling.checked(self.caller, settle, settle_tol)
         self.settled_at: int | None = None  # the inner step where the plain windows begin
+        self._agreed = False  # the ranks' problems were compared (data-parallel windows)
 
     def bind(self, loop: Any) -> None:
         """Take the loop's one problem and its method (with a segment); start the training."""
@@ -311,17 +321,17 @@ class OnlinePlan:
                          self.caller, option(f"seed={loop.seed}", f"outer.seed = {loop.seed}"),
                          option("val_batch_size", "outer.val_batch"))
         self._check_start_tries()
-        if loop.discrete is not None or method.options.get("data_parallel"):
+        # a data-parallel run settles too: its plain windows train the whole batch on every
+        # rank (the one-process arithmetic), so the ranks' states stay equal
+        if loop.discrete is not None:
             if not self.settling.never:  # said, not dropped silently
                 _LOG.warning(
-                    "%s: %s and %s are not applied: a plain window draws no choice and shards "
-                    "no batch, so every window of a run with %s tunes", self.caller,
+                    "%s: %s and %s are not applied: a plain window draws no choice, so every "
+                    "window of a run with discrete hyperparameters tunes", self.caller,
                     option(f"settle={self.settling.after:g}",
                            f"outer.settle = {self.settling.after:g}"),
                     option(f"settle_tol={self.settling.tol:g}",
-                           f"outer.settle_tol = {self.settling.tol:g}"),
-                    "discrete hyperparameters" if loop.discrete is not None else
-                    "data-parallel windows")
+                           f"outer.settle_tol = {self.settling.tol:g}"))
             self.settling = Settling()
         with torch.no_grad():
             self.state: TrainState = initial_state(self.problem, differentiable=False)
@@ -460,9 +470,14 @@ class OnlinePlan:
         samples (REINFORCE estimates for the sampled choices' logits), whose spread and
         signal-to-noise ratio the record holds as offline. Values at which an optimizer
         coefficient is invalid fail the window (:class:`CoefficientRangeError`, the guard's)."""
-        check_raw_coefficients(self.problem.optimizer, self.problem.hparams, raw,
-                               self.problem.hparam_dtype)  # the values the window trains at
         start, stop = self.span
+        check_raw_coefficients(self.problem.optimizer, self.problem.hparams, raw,
+                               self.problem.hparam_dtype, params=self.problem.params,
+                               steps=range(start, stop))  # the values the window trains at
+        group = self._group()
+        if group is not None and not self._agreed:
+            check_ranks_agree(group, self.caller, [self.problem], raw)
+            self._agreed = True
         if self.settled_at is not None:
             return self._plain(loop, raw)
         vals = [self.val_batches(loop.seed, step, j) for j in range(self.samples)]
@@ -561,7 +576,17 @@ class OnlinePlan:
         if not loop.selection or not (stop >= self.problem.steps or (
                 self.eval_every and (loop.step_index + 1) % self.eval_every == 0)):
             return None
-        return self.selection_at(loop, outcome.kept.state, self.window_hparams)
+        value = self.selection_at(loop, outcome.kept.state, self.window_hparams)
+        group = self._group()
+        if group is None:
+            return value
+        # a data-parallel run's BatchNorm buffers are each rank's: the ranks' mean
+        return agreed_mean(group, f"{self.where(loop)}: the selection loss", [value])[0]
+
+    def _group(self) -> Group | None:
+        """The process group of a data-parallel method, else ``None``."""
+        method = self.method
+        return current_group(method.group) if isinstance(method, DataParallelMethod) else None
 
     def selection_at(self, loop: Any, state: TrainState,
                      hparams: HyperParameters | None = None) -> float:
@@ -672,10 +697,15 @@ class OnlinePlan:
         return None
 
     def state_dict(self, loop: Any) -> dict[str, Any]:
-        return tuner_state(self, loop)
+        state = tuner_state(self, loop)
+        if isinstance(self.method, DataParallelMethod):  # its numbers are of this world size
+            state[WORLD_KEY] = torch_world(self._group())
+        return state
 
     def load_state_dict(self, loop: Any, state: dict[str, Any],
                         history: Sequence[StepRecord] | None) -> list[StepRecord]:
+        if isinstance(state, dict):
+            state = world_checked(self.caller, state, self.method)
         return restore_tuner(self, loop, state, history)
 
     def result(self, loop: Any) -> OnlineResult:

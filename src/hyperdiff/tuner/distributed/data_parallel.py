@@ -36,12 +36,17 @@ rank reports is the mean over ranks (its value; its gradient is the shard's, ave
 above), so a diverged step is seen by every rank at once. Dropout masks are drawn from a
 per-rank seed ``(seed, rank)``, deterministic for a given world size; minibatch orders use the
 shared seed, so every rank slices the same batch. BatchNorm statistics are those of each
-rank's shard (not synchronised), and the implicit and reversible methods, which do not train
-through ``train_step``, are not supported.
+rank's shard (not synchronised), so each rank's trained buffers, and the validation loss it
+computes with them, are its own: the validation loss every rank returns is the mean over the
+ranks (the rank's own, bit for bit, where all ranks computed the same), so every rank records
+and ranks the same losses. The implicit and reversible methods, which do not train through
+``train_step``, are not supported. The first data-parallel training on a group checks that
+every rank has the same problem (:func:`~hyperdiff.tuner.distributed.agree.check_ranks_agree`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -58,6 +63,12 @@ from hyperdiff.methods.base import HyperGradient, Method, Segment
 from hyperdiff.methods.curvature import batch_scale
 from hyperdiff.methods.registry import make_method, methods_where, registered_constructor
 from hyperdiff.seeds import rank_seed
+from hyperdiff.tuner.distributed.agree import (
+    WORLD_KEY,
+    check_ranks_agree,
+    torch_world,
+    world_mismatch,
+)
 from hyperdiff.tuner.distributed.group import Group, current_group
 from hyperdiff.typing import Batch, Params
 
@@ -176,18 +187,25 @@ class DataParallelMethod(Method):
 
 
 def _mean_over_ranks(group: Group, where: str, failure: str | None, vector: Tensor | None,
-                     train_loss: float) -> tuple[Tensor, float]:
+                     train_loss: float, values: Sequence[float] = ()
+                     ) -> tuple[Tensor, float, list[float]]:
     """Every rank's failure, or the means over the ranks of ``vector`` (in float64, summed in
-    rank order) and ``train_loss``; a failure on any rank is raised on every rank."""
-    local = None if vector is None else (vector.detach().double(), train_loss)
+    rank order) and ``train_loss``, and ``values`` (validation losses) as every rank holds
+    them: the rank's own where all ranks have the same, else their mean (BatchNorm's running
+    statistics are each rank's shard's); a failure on any rank is raised on every rank."""
+    local = None if vector is None else (vector.detach().double(), train_loss, list(values))
     parts = group.all_gather(where, (failure, local))
     failures = [f for f, _ in parts if f is not None]
     if failures or vector is None:
         raise NonFiniteError(failures[0] if failures else f"{where}: no result")
     total = parts[0][1][0]
-    for _, (other, _) in parts[1:]:
+    for _, (other, _, _) in parts[1:]:
         total = total + other
-    return (total / group.world).to(vector.dtype), sum(p[1][1] for p in parts) / group.world
+    agreed = [float(own) if all(p[1][2][i] == own for p in parts)
+              else sum(p[1][2][i] for p in parts) / group.world
+              for i, own in enumerate(values)]
+    return ((total / group.world).to(vector.dtype), sum(p[1][1] for p in parts) / group.world,
+            agreed)
 
 
 def _run(inner: Method, group_arg: Any, problem: Problem, raw: dict[str, Tensor]
@@ -196,21 +214,31 @@ def _run(inner: Method, group_arg: Any, problem: Problem, raw: dict[str, Tensor]
     if group is None:
         return inner.run(problem, raw)
     where = f"data_parallel {inner.name} (seed {problem.seed})"
+    _check_once(group, problem, raw)
     group.barrier(where)
     failure, hg = None, None
     try:  # a curvature scale left to the batch's rows is the whole batch's, as in a segment
         hg = _full_batch_scale(inner, problem, 0).run(shard_problem(problem, group, where), raw)
     except NonFiniteError as err:
         failure = str(err)
-    vector, train_loss = _mean_over_ranks(group, where, failure,
-                                          None if hg is None else hg.vector,
-                                          0.0 if hg is None else hg.train_loss)
+    vector, train_loss, (value,) = _mean_over_ranks(
+        group, where, failure, None if hg is None else hg.vector,
+        0.0 if hg is None else hg.train_loss, [0.0 if hg is None else hg.value])
     assert hg is not None  # _mean_over_ranks raised otherwise
     grad = problem.hparams.unflatten(vector)
     return replace(
-        hg, grad=grad, grad_natural=hg.hparams.natural_grad(grad, dict(raw)),
+        hg, value=value, grad=grad,
+        grad_natural=hg.hparams.natural_grad(grad, dict(raw)),
         train_loss=train_loss, diagnostics={**hg.diagnostics, "world": group.world},
     )
+
+
+def _check_once(group: Group, problem: Problem, raw: dict[str, Tensor]) -> None:
+    """The first data-parallel training on ``group``: refuse ranks whose problems differ
+    (:func:`~hyperdiff.tuner.distributed.agree.check_ranks_agree`)."""
+    if "data_parallel" not in group.agreed:
+        check_ranks_agree(group, "data_parallel", [problem], raw)
+        group.agreed.add("data_parallel")
 
 
 def _batch(inner: Method, group_arg: Any, tasks: TaskBatch, raw: dict[str, Tensor]
@@ -241,6 +269,7 @@ def _samples(inner: Method, group_arg: Any, problem: Problem, state: TrainState,
     if group is None:
         return inner.segment_samples(problem, state, raw, start, stop, val_sets, carry)
     where = f"data_parallel {inner.name} segment [{start}, {stop}) (seed {problem.seed})"
+    _check_once(group, problem, raw)
     group.barrier(where)
     method, failure, parts = _full_batch_scale(inner, problem, start), None, None
     try:
@@ -248,14 +277,15 @@ def _samples(inner: Method, group_arg: Any, problem: Problem, state: TrainState,
                                        stop, val_sets, carry)
     except NonFiniteError as err:
         failure = str(err)
-    vector, _ = _mean_over_ranks(
+    vector, _, values = _mean_over_ranks(
         group, where, failure,
         None if parts is None else torch.cat([problem.hparams.flatten(p.grad) for p in parts]),
-        0.0)
+        0.0, [0.0] * len(val_sets) if parts is None else [p.value for p in parts])
     assert parts is not None  # _mean_over_ranks raised otherwise
-    return [part._replace(grad=problem.hparams.unflatten(row),
+    return [part._replace(grad=problem.hparams.unflatten(row), value=value,
                           diagnostics={**(part.diagnostics or {}), "world": group.world})
-            for part, row in zip(parts, vector.reshape(len(parts), -1), strict=True)]
+            for part, row, value in zip(parts, vector.reshape(len(parts), -1), values,
+                                        strict=True)]
 
 
 def _full_batch_scale(inner: Method, problem: Problem, start: int) -> Method:
@@ -302,5 +332,25 @@ def data_parallel(method: Method | str = "reverse", group: Any = None) -> DataPa
     )
 
 
+def loop_group(loop: Any) -> Group | None:
+    """The process group the loop's trainings use: a data-parallel method's, else the
+    loop's ``process_group`` (``None``: the initialised default group, if any)."""
+    method = loop.method
+    return current_group(method.group if isinstance(method, DataParallelMethod)
+                         else loop.process_group)
+
+
+def world_checked(caller: str, state: dict[str, Any], method: Any) -> dict[str, Any]:
+    """``state`` with the world size of a run with the data-parallel ``method`` checked
+    (refused when it was saved on another) and set to this one's (a checkpoint from before it
+    was recorded resumes as it did); with another method, without the entry."""
+    kept = {key: value for key, value in state.items() if key != WORLD_KEY}
+    if not isinstance(method, DataParallelMethod):
+        return kept
+    world = torch_world(current_group(method.group))
+    world_mismatch(caller, state, world)
+    return {**kept, WORLD_KEY: world}
+
+
 __all__ = ["DataParallelMethod", "ShardedBatches", "averaging_gradients", "data_parallel",
-           "rank_seed", "shard_problem"]
+           "loop_group", "rank_seed", "shard_problem", "world_checked"]

@@ -83,6 +83,7 @@ class Group:
         self.store = dist.PrefixStore(f"hyperdiff/{_group_name(group)}/", base)
         self._seq = 0
         self.stale_s = STALE_S
+        self.agreed: set[str] = set()  # the checks of the ranks' inputs done on this group
         self._stop = threading.Event()
         try:
             beat_base = base.clone()  # type: ignore[union-attr]
