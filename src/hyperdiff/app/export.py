@@ -56,6 +56,7 @@ GROUP_KEYS = {
 }
 GROUP_KEYS["adamw"] = GROUP_KEYS["adam"]
 Table = dict[str, tuple[float, ...]]  # coefficient -> its value at steps 0 .. S-1
+WARMUP_FAMILIES = ("warmup_cosine", "warmup_linear")  # schedules whose step-0 value is 0
 
 
 def _as_hparams(hparams: Any, caller: str) -> HyperParameters:
@@ -105,6 +106,45 @@ def _named_parameters(module_or_params: Any, caller: str) -> dict[str, Tensor]:
             "nothing to optimize"
         )
     return trainable
+
+
+def _check_parameter_names(optimizer: Optimizer, hparams: HyperParameters,
+                           named: Mapping[str, Tensor]) -> None:
+    """Refuse a module whose trainable parameters are not the tensors that a ``per_tensor``
+    hyperparameter read by a coefficient was defined over (another architecture, or other
+    parameters frozen): the coefficient has no value for an unexpected tensor and would
+    leave a missing one untrained."""
+    for coef_name, coef in optimizer.coefficients.items():
+        if not isinstance(coef, str) or coef not in hparams or hparams[coef].kind != "per_tensor":
+            continue
+        expected = list(hparams[coef].param_names)
+        missing = [n for n in expected if n not in named]
+        unexpected = [n for n in named if n not in expected]
+        if missing or unexpected:
+            raise HyperdiffError(
+                f"torch_optimizer: module_or_params must have as trainable parameters the "
+                f"tensors that hyperparameter {coef!r} (per_tensor, coefficient {coef_name}) was "
+                f"defined over, {expected} (got {list(named)}: missing {missing}, unexpected "
+                f"{unexpected}); pass the module that was tuned, with the same parameters "
+                "frozen (requires_grad=False), as the hyperparameters were defined over "
+                "hd.functional(model).params")
+
+
+def _refuse_one_step_warmup(optimizer: Optimizer, horizon: int, steps: int | None) -> None:
+    """Refuse a warmup schedule exported over one step: its one value is its step-0 value, 0
+    (the ramp starts at 0), which the scheduler would hold for every step: the model would
+    never train."""
+    if horizon != 1:
+        return
+    for coef_name, coef in optimizer.coefficients.items():
+        if isinstance(coef, Schedule) and coef.family in WARMUP_FAMILIES:
+            given = f"steps={steps}" if steps is not None else (
+                f"steps=None and hd.schedule({coef.family!r}, {coef.steps})")
+            raise HyperdiffError(
+                f"torch_optimizer: steps must be at least 2 with the {coef.family} schedule of "
+                f"{coef_name} (got {given}): over one step the schedule is its step-0 value, "
+                "0, which would be held for every step, so the model would never train; pass "
+                "steps=T, the number of training steps")
 
 
 def _declared_lengths(optimizer: Optimizer, hparams: HyperParameters) -> dict[str, int]:
@@ -291,15 +331,19 @@ def torch_optimizer(
             coefficients, or a callable giving anything but one number per step and tensor;
             a value the optimizer refuses at some step (``optimizer.valid``); an SGD momentum
             that is 0 at some steps only, or at all with dampening or Nesterov; no parameter
-            that requires grad, or one tensor under two names.
+            that requires grad, or one tensor under two names; trainable parameters other
+            than those a ``per_tensor`` coefficient was defined over; a warmup schedule over
+            one step (its one value, 0, would be held).
     """
     if not isinstance(optimizer, Optimizer):
         raise HyperdiffError("torch_optimizer: optimizer must be made by hd.sgd, hd.adam or "
                              f"hd.adamw (got {describe(optimizer)})")
     tuned = _as_hparams(hparams, "torch_optimizer")
     named = _named_parameters(module_or_params, "torch_optimizer")
+    _check_parameter_names(optimizer, tuned, named)
     _refuse_low_precision(named)
     horizon = _horizon(optimizer, tuned, steps)
+    _refuse_one_step_warmup(optimizer, horizon, steps)
     tables = _coefficient_tables(optimizer, tuned, list(named), horizon)
     groups: dict[tuple[Any, ...], list[str]] = {}
     for name, table in tables.items():
@@ -479,10 +523,11 @@ def _compared_values(source: Mapping[str, Any], method: str | None, where: str) 
 
 
 def _check_task(task: Any, task_name: str | None, source: Mapping[str, Any], where: str,
-                run_dir: Path | None = None) -> None:
+                run_dir: Path | None = None, *, compared: bool = False) -> None:
     """Refuse a source of another task than ``task`` (named ``task_name``), or one made with
-    other task params or another ``task.data_seed`` (its ``config.toml`` in ``run_dir``)
-    than a task built by ``build_task`` (``task.info["params"]``, ``["data_seed"]``)."""
+    other task params or another ``task.data_seed`` (its ``config.toml`` in ``run_dir``; a
+    comparison's, ``compared``, its ``"data_seed"``) than a task built by ``build_task``
+    (``task.info["params"]``, ``["data_seed"]``)."""
     recorded = source.get("task")
     if task_name is not None and recorded != task_name:
         raise HyperdiffError(
@@ -498,7 +543,7 @@ def _check_task(task: Any, task_name: str | None, source: Mapping[str, Any], whe
                 f"tuned_hparams: source must be a run of task {task_name!r} with the task's "
                 f"params {ours} (got {where}, a run with the params {theirs}); build the task "
                 "with the run's params (--set task.params.NAME=VALUE, build_task(params=...))")
-    _check_data_seed(task, run_dir, where)
+    _check_data_seed(task, run_dir, where, source if compared else None)
 
 
 def _recorded_params(source: Mapping[str, Any], run_dir: Path | None) -> dict[str, Any] | None:
@@ -522,18 +567,26 @@ def _task_reference(task_name: str, run_dir: Path | None) -> str:
     return name if isinstance(name, str) else task_name
 
 
-def _check_data_seed(task: Any, run_dir: Path | None, where: str) -> None:
+def _check_data_seed(task: Any, run_dir: Path | None, where: str,
+                     source: Mapping[str, Any] | None = None) -> None:
     """Refuse a run whose ``config.toml`` records another ``task.data_seed`` than the task's
-    (``task.info["data_seed"]``): its tuned per-example weights index other examples. Not
-    checked where one is not recorded (a result given as a dict, a comparison, a task built
-    without it, a config without the key); a run directory without a readable
-    ``config.toml`` (every run writes it when it starts) is refused."""
+    (``task.info["data_seed"]``), or a comparison (``source``, ``hyperdiff compare``'s
+    ``comparison.json``, given with ``run_dir=None``) whose ``"data_seed"`` differs: its tuned
+    per-example weights index other examples, its winners were picked on other splits. Not
+    checked where one is not recorded (a result given as a dict, a comparison written before
+    compare recorded ``"data_seed"``, which cannot be judged, a task built without it, a
+    config without the key); a run directory without a readable ``config.toml`` (every run
+    writes it when it starts) is refused."""
     ours = task.info.get("data_seed") if isinstance(task, Task) else None
-    theirs = None if ours is None or run_dir is None else _recorded_data_seed(run_dir)
+    if ours is None:
+        return
+    theirs = (_recorded_data_seed(run_dir) if run_dir is not None else
+              _seed_or_none(source.get("data_seed")) if source is not None else None)
     if theirs is not None and theirs != ours:
+        what = "a run" if run_dir is not None or source is None else "a comparison"
         raise HyperdiffError(
-            f"tuned_hparams: source must be a run with the task's data_seed {ours} (got "
-            f"{where}, a run with task.data_seed = {theirs}, whose tuned values were fitted to "
+            f"tuned_hparams: source must be {what} with the task's data_seed {ours} (got "
+            f"{where}, {what} with task.data_seed = {theirs}, whose tuned values were fitted to "
             "other splits: a per-example weight would land on another example); build the "
             f"task with data_seed={theirs} (build_task(..., data_seed={theirs}), --set "
             f"task.data_seed={theirs})")
@@ -556,12 +609,16 @@ def _recorded_config(run_dir: Path) -> dict[str, Any]:
         "directory it came from")
 
 
+def _seed_or_none(seed: Any) -> int | None:
+    """``seed`` if it is an int (not a bool), else ``None``."""
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+
 def _recorded_data_seed(run_dir: Path) -> int | None:
     """``task.data_seed`` of the run's ``config.toml`` (``None``: no such key); a missing or
     unreadable file is refused (:func:`_recorded_config`)."""
     section = _recorded_config(run_dir).get("task")
-    seed = section.get("data_seed") if isinstance(section, dict) else None
-    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+    return _seed_or_none(section.get("data_seed") if isinstance(section, dict) else None)
 
 
 def tuned_hparams(task: Task | TaskSpec | HyperParameters, source: Any, *,
@@ -576,8 +633,9 @@ def tuned_hparams(task: Task | TaskSpec | HyperParameters, source: Any, *,
     another task (its ``"task"`` entry) is refused, also when the hyperparameter names happen
     to match, and so is one made with other task params than a task that ``build_task`` built
     (``"task_params"``, the factory's defaults filled in on both sides), or, read from a run
-    directory, with another ``task.data_seed`` (its ``config.toml``, which must be readable);
-    given only ``hd.HyperParameters``, the names and shapes are checked. A run whose
+    directory, with another ``task.data_seed`` (its ``config.toml``, which must be readable;
+    a comparison's ``"data_seed"`` entry, not checked in one written before compare recorded
+    it); given only ``hd.HyperParameters``, the names and shapes are checked. A run whose
     divergence guard gave up gives its best step's ``best_values``.
     """
     hparams, task_name = _target(task)
@@ -601,7 +659,8 @@ def tuned_hparams(task: Task | TaskSpec | HyperParameters, source: Any, *,
         raise HyperdiffError("tuned_hparams: source must be an OptimizeResult, a run directory "
                              "or a result with a 'tuned' -> 'hparams' entry, or a comparison "
                              f"with method=... (got {describe(source)})")
-    _check_task(task, task_name, source, where, None if compared else run_dir)
+    _check_task(task, task_name, source, where, None if compared else run_dir,
+                compared=compared)  # a comparison's directory holds no config.toml
     return _with_values(hparams, values, where)
 
 

@@ -4,7 +4,8 @@ Every trial trains at the trial's natural values and scores them by ``objective`
 ``val_loss`` (one training through ``task.train_and_evaluate(values, seed)``, scored on the
 validation split the hypergradient sees), or ``outer_loss`` (``task.outer_loss``: the loss the
 hypergradient descends, averaged over the task's inner problems, so one training per
-cross-validation fold). :func:`objective_for` picks the one that matches a task. Each dimension of
+cross-validation fold). :func:`objective_for` picks the one that matches a task; any other
+objective is refused before the first training. Each dimension of
 ``task.search_space`` is searched uniformly, in log space when its range says ``log``. A
 vector hyperparameter gets one shared value, unless it is named in ``per_coordinate``: then
 each of its entries is a dimension of its own (64 dimensions for 64 per-feature penalties).
@@ -28,13 +29,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from hyperdiff.app.config import MAX_SEED
 from hyperdiff.app.tasks.base import SearchChoices, SearchRange, Task
-from hyperdiff.errors import HyperdiffError, positive_int
+from hyperdiff.errors import HyperdiffError, fail, positive_int
 from hyperdiff.hparams.choices import fixed_hparams
 from hyperdiff.hparams.discrete import discrete_names
 from hyperdiff.hparams.hyperparams import HyperParameters
 from hyperdiff.tuner.distributed.spread import LocalSpreader, Spreader
 from hyperdiff.tuner.history import StepRecord, finite_or_none, natural_values
+
+OBJECTIVES = ("val_loss", "outer_loss")
+"""The objectives a search minimises (module doc)."""
+SEEDS = "an int in [0, 2**63 - 1]"
+"""The seeds a search takes: those of ``outer.seed`` (``hyperdiff.app.config.MAX_SEED``)."""
+SAMPLER_SEEDS = 2**32
+"""Optuna's samplers take seeds below 2**32: :func:`tpe_search` seeds TPE with ``seed`` modulo
+this."""
 
 Values = dict[str, Any]
 """Natural values of one trial: a float per hyperparameter, or a list for a per-coordinate
@@ -175,6 +185,22 @@ def assemble_values(dims: Sequence[Dimension], point: Sequence[Any]) -> Values:
     return values
 
 
+def check_search_inputs(caller: str, *, seed: Any, objective: Any,
+                        seed_name: str = "seed") -> None:
+    """Refuse a ``seed`` outside :data:`SEEDS` and an ``objective`` not in :data:`OBJECTIVES`,
+    before any training (``seed_name``: how the caller spells the seed).
+
+    >>> check_search_inputs("random_search", seed=0, objective="test_loss")
+    Traceback (most recent call last):
+        ...
+    hyperdiff.errors.HyperdiffError: random_search: objective must be one of [...] (got ...)
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise fail(caller, seed_name, SEEDS, seed)
+    if not isinstance(objective, str) or objective not in OBJECTIVES:
+        raise fail(caller, "objective", f"one of {list(OBJECTIVES)}", objective)
+
+
 def objective_for(task: Task) -> str:
     """``"outer_loss"`` for a cross-validated task (its validation split is part of the final
     model's training data, so a hold-out score would be meaningless), else ``"val_loss"``."""
@@ -239,6 +265,7 @@ def trial_entry(trial: Trial, values: Values) -> dict[str, Any]:
 def evaluate_trial(task: Task, values: Mapping[str, Any], *, seed: int, objective: str
                    ) -> tuple[float, dict[str, float]]:
     """Train at ``values`` and return (objective, metrics); a diverged training gives ``inf``."""
+    check_search_inputs("evaluate_trial", seed=seed, objective=objective)
     natural = as_tensors(values)
     try:
         if objective == "outer_loss":
@@ -265,7 +292,9 @@ def run_points(
     ``progress()`` after each trial. The trials are independent: ``spread`` maps them (over
     the ranks of a process group: trial ``i`` on rank ``i % W``, every rank gets every
     trial), and a trial's ``time_s`` is when it ended on its rank, counted from that rank's
-    start of the search (at least the previous trial's)."""
+    start of the search (at least the previous trial's). ``seed``: see :data:`SEEDS`;
+    ``objective``: one of :data:`OBJECTIVES`, both refused before the first training."""
+    check_search_inputs("run_points", seed=seed, objective=objective)
     values = [dict(v) for v in points]
     per = trainings_per_trial(task, objective)
     start = clock()
@@ -309,9 +338,11 @@ def random_search(
 
     The draws depend only on ``seed`` (``numpy.random.default_rng(seed)``); every training
     uses the minibatch seed ``seed`` as well, so two calls with the same seed agree (also on
-    any number of ranks).
+    any number of ranks). ``seed``: an int in [0, 2**63 - 1], as ``outer.seed``; ``objective``:
+    one of :data:`OBJECTIVES` (both refused before the first training).
     """
     positive_int("random_search", "budget", budget)
+    check_search_inputs("random_search", seed=seed, objective=objective)
     dims = dimensions(task, per_coordinate)
     rng = np.random.default_rng(seed)
     points = (assemble_values(dims, sample_point(dims, rng)) for _ in range(budget))
@@ -340,10 +371,16 @@ def tpe_search(
     sequential (each is proposed from the results before it), so ``spread`` is not used:
     under a process group every rank runs the same search.
 
+    ``seed``: an int in [0, 2**63 - 1], as ``outer.seed``; every training uses it as its
+    minibatch seed, and the sampler, which takes seeds below 2**32, is seeded with
+    ``seed % 2**32`` (the seed itself below 2**32). ``objective``: one of :data:`OBJECTIVES`.
+
     Raises:
-        HyperdiffError: when Optuna is not installed.
+        HyperdiffError: when Optuna is not installed; a ``seed`` or an ``objective`` outside
+            those (before the first training).
     """
     positive_int("tpe_search", "budget", budget)
+    check_search_inputs("tpe_search", seed=seed, objective=objective)
     if not optuna_available():
         raise HyperdiffError(f"tpe_search: {OPTUNA_MISSING}")
     import optuna
@@ -351,7 +388,7 @@ def tpe_search(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     dims = dimensions(task, per_coordinate)
     study = optuna.create_study(direction="minimize",
-                                sampler=optuna.samplers.TPESampler(seed=seed))
+                                sampler=optuna.samplers.TPESampler(seed=seed % SAMPLER_SEEDS))
     start, trials = clock(), []
     per = trainings_per_trial(task, objective)
     for number in range(budget):
@@ -388,6 +425,7 @@ def from_history(history: Sequence[StepRecord], *, method: str = "hyperdiff",
     return SearchResult(method, tuple(trials), spent)
 
 
-__all__ = ["OPTUNA_MISSING", "Dimension", "SearchResult", "Trial", "as_tensors", "dimensions",
-           "evaluate_trial", "from_history", "natural_form", "objective_for", "optuna_available",
-           "random_search", "run_points", "tpe_search", "trainings_per_trial", "trial_entry"]
+__all__ = ["OBJECTIVES", "OPTUNA_MISSING", "SAMPLER_SEEDS", "SEEDS", "Dimension", "SearchResult",
+           "Trial", "as_tensors", "check_search_inputs", "dimensions", "evaluate_trial",
+           "from_history", "natural_form", "objective_for", "optuna_available", "random_search",
+           "run_points", "tpe_search", "trainings_per_trial", "trial_entry"]

@@ -15,8 +15,10 @@ leaves the earlier ones there (and in the printed table), with the failure named
 is ``--out``, else the config's ``output.dir`` (below the working directory, as for ``hyperdiff
 run``), else a new ``runs/compare-<task>-<time>``; one that already holds a comparison is
 refused before the tuning starts, as ``hyperdiff run --out`` refuses a directory that holds a
-run. A black-box method whose every trial diverged has no winner: its row says "no finite
-trial" (``"no_finite_trial": true`` and ``"best": null`` in the JSON).
+run, and it is locked for the whole comparison (its ``run.lock``, as a run's): a second
+``compare`` (or ``run``) on it while this one runs is refused. A black-box method whose
+every trial diverged has no winner: its row says "no finite trial" (``"no_finite_trial":
+true`` and ``"best": null`` in the JSON).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import io
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import closing
+from contextlib import closing, suppress
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,8 +46,8 @@ HELP = "tune a task with hyperdiff and with random search / TPE under one budget
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--budget", type=int, default=None,
-                        help="trainings per black-box method, a positive int (default: as many "
-                        "as hyperdiff used)")
+                        help="trainings per black-box method, a positive int; with "
+                        "task.cv_folds = k a multiple of k (default: as many as hyperdiff used)")
     parser.add_argument("--per-coordinate", action="store_true",
                         help="search every entry of a vector hyperparameter separately "
                         "(default: one shared value per hyperparameter)")
@@ -87,6 +89,22 @@ def run(args: argparse.Namespace) -> int:
     root = group is None or group.is_root
     outputs = PhaseOutputs(chosen, f"compare-{label(config.task.name)}-"
                            f"{time.strftime('%Y%m%d-%H%M%S')}")
+    claim = OutputClaim(Path(chosen)) if chosen else None
+    if claim is not None:  # held until the end: a second compare on it is refused
+        on_root(group, "compare: output directory", claim.acquire)
+    try:
+        return _run_claimed(args, config, group, outputs)
+    finally:
+        if claim is not None and root:
+            claim.release(written=outputs.directory is not None)
+
+
+def _run_claimed(args: argparse.Namespace, config: Any, group: Any,
+                 outputs: PhaseOutputs) -> int:
+    """The comparison of :func:`run`, once its output directory is claimed."""
+    from hyperdiff.tuner.distributed import on_root
+
+    root = group is None or group.is_root
 
     def write(report: dict[str, Any]) -> Path:
         where: Path = on_root(group, "compare: outputs", outputs.write, report)
@@ -108,6 +126,43 @@ def run(args: argparse.Namespace) -> int:
         print(format_comparison(report))
         print(f"figure and JSON: {out / OUTPUTS[1]}, {out / OUTPUTS[0]}")
     return 0
+
+
+class OutputClaim:
+    """The exclusive OS lock (``run.lock``, :class:`~hyperdiff.app.rundir.lock.RunLock`) on a
+    comparison's ``--out``, held for the whole comparison: of two compares on one directory,
+    the second is refused naming the first, instead of both passing the check for an existing
+    comparison and one silently replacing the other's files."""
+
+    def __init__(self, directory: Path) -> None:
+        from hyperdiff.app.rundir.directory import LOCK
+        from hyperdiff.app.rundir.lock import RunLock
+
+        self.directory, self.created = directory, False
+        self.lock = RunLock(directory / LOCK)
+
+    def acquire(self) -> None:
+        """Make the directory if missing, lock it and refuse a comparison that is there now."""
+        from hyperdiff.app.rundir.files import os_errors
+
+        if not self.directory.is_dir():
+            with os_errors(self.directory, "create the directory"):
+                self.directory.mkdir(parents=True, exist_ok=True)
+            self.created = True
+        try:
+            self.lock.acquire()
+            refuse_existing_comparison(self.directory)  # one written since run()'s check
+        except BaseException:
+            self.release(written=False)
+            raise
+
+    def release(self, *, written: bool) -> None:
+        """Unlock; a directory this claim made and nothing was written into is removed."""
+        self.lock.release()
+        if self.created and not written:
+            with suppress(OSError):
+                self.lock.path.unlink(missing_ok=True)
+                self.directory.rmdir()
 
 
 def check_budget(budget: int | None, name: str = "budget") -> None:
@@ -180,14 +235,19 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
     ``progress``: tqdm bars (``None``: only on a terminal). ``on_phase(report)``: called with
     the report so far as soon as each method's phase finishes, and once more when a black-box
     phase fails: then ``report["failed"]`` names the method, the error and the methods not run,
-    and the error is raised again. ``budget``: trainings per black-box method, a positive int
-    (``None``: as many as hyperdiff used)."""
+    and the error is raised again. ``budget``: trainings per black-box method, a positive int,
+    with ``task.cv_folds = k`` a multiple of k (``None``: as many as hyperdiff used, rounded
+    down to whole trials of at least one; the report's ``"budget"`` is what each black-box
+    method spends). The report records ``task.data_seed`` (``"data_seed"``), which
+    ``hd.tuned_hparams`` checks."""
     check_budget(budget)
+    from hyperdiff.app.config import OutputConfig
     from hyperdiff.app.experiment import build
     from hyperdiff.app.loggers import Progress
     from hyperdiff.app.plans import offline_bar
     from hyperdiff.app.search import (
         OPTUNA_MISSING,
+        check_search_inputs,
         from_history,
         objective_for,
         optuna_available,
@@ -224,15 +284,32 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
         raise HyperdiffError(f"compare: the [log] settings are written by `hyperdiff run` only "
                              f"(got {', '.join(logs)}); compare writes comparison.json and its "
                              "table")
+    default = OutputConfig()
+    checkpoints = [f"output.{key} = {getattr(config.output, key)!r}"
+                   for key in ("checkpoint_every", "checkpoint_seconds")
+                   if getattr(config.output, key) != getattr(default, key)]
+    if checkpoints:
+        raise HyperdiffError(f"compare: the output.checkpoint_* settings are used by `hyperdiff "
+                             f"run` only (got {', '.join(checkpoints)}); compare writes no "
+                             "checkpoint (comparison.json is rewritten after each method): "
+                             "leave them at their defaults")
     group = current_group()  # under torchrun (initialised by `run`): spread the trainings
     spread = spreader_for(None, group)
     task, driver = build(config)
     objective = objective_for(task)  # with CV, every method minimises the same CV loss
     per_trial = trainings_per_trial(task, objective)
+    check_search_inputs("compare", seed=config.outer.seed, objective=objective,
+                        seed_name="outer.seed")
     if budget is not None and budget < per_trial:  # refused before any training
         raise HyperdiffError(f"compare: --budget must be at least {per_trial}, the trainings "
                              f"of one trial ({config.task.cv_folds} cross-validation folds) "
                              f"(got {budget})")
+    if budget is not None and budget % per_trial:  # else the methods would spend less
+        lower = budget - budget % per_trial
+        raise HyperdiffError(f"compare: --budget must be a multiple of {per_trial}, the "
+                             f"trainings of one trial ({config.task.cv_folds} cross-validation "
+                             f"folds), so that every method spends all of it (got {budget}); "
+                             f"use {lower} or {lower + per_trial}")
     log(f"compare on {task.name}: hyperdiff ({task.hparams.numel} hyperparameters)")
     seeds = report_seeds(config.report.seeds)
     # one bar per phase: the method's trainings, then its winner's retrainings
@@ -241,7 +318,8 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
         winner = task.evaluate(outcome.best_raw, seeds=seeds, progress=bar.report_phase(),
                                spread=spread)
     hyper = from_history(outcome.history, method="hyperdiff")
-    budget = driver.trainings if budget is None else budget
+    trials = max(1, (driver.trainings if budget is None else budget) // per_trial)
+    budget = trials * per_trial  # what each black-box method spends: whole trials
     names = list(task.search_space) if per_coordinate else []
     methods = [summarize(hyper, winner, picked_by=outcome.criterion, task=task,
                          best=(outcome.best_step, natural_values(task.hparams, outcome.best_raw)))]
@@ -252,13 +330,13 @@ def compare(config: Any, *, budget: int | None = None, per_coordinate: bool = Fa
         log(OPTUNA_MISSING)
     report = {"task": task.name, **({"task_params": task.info["params"]}
                                     if task.info.get("params") else {}),
+              "data_seed": config.task.data_seed,
               "hparams": task.hparams.numel, "budget": budget,
               "objective": objective, "cv_folds": config.task.cv_folds,
               "per_coordinate": per_coordinate, "report_seeds": list(seeds),
               "stop_reason": outcome.stop_reason, "methods": methods,
               "skipped": [] if not tpe or optuna_available() else ["tpe: optuna not installed"]}
     phase_done(report)
-    trials = max(1, budget // per_trial)  # hyperdiff's own count: at least one trial
     for number, (name, search) in enumerate(searches):
         log(f"compare on {task.name}: {name} search, {trials} trials "
             f"({trials * per_trial} trainings)")
@@ -365,8 +443,11 @@ def format_comparison(report: Mapping[str, Any]) -> str:
 
 def comparison_figure(methods: Sequence[Mapping[str, Any]], *, title: str = "") -> Figure:
     """Best validation loss so far against trainings (left) and wall time (right)."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+    from hyperdiff.app.plots import private_matplotlib_config
+
+    with private_matplotlib_config():  # no config or font cache written to the home directory
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     figure = Figure(figsize=(10, 4))
     by_runs, by_time = figure.subplots(1, 2)
