@@ -209,6 +209,17 @@ def _run_locked(
                     "finished but its result cannot be shown: delete the file and resume the "
                     "run to write it again")
             log(f"{rundir.path} already finished; its result:")
+            logs = config.log
+            if (logs.csv or logs.tensorboard or getattr(logs, "mlflow", "")) and (
+                    group is None or group.is_root):  # killed while they took the report?
+                try:
+                    task, _ = PLANS[config.outer.mode].build(config, stored=True)
+                    loggers = config_loggers(logs, rundir.path, task.problems[0], config)
+                    start_all(loggers, rundir.verify_history(rundir.read_history()))
+                    close_all(loggers)
+                    report_all(loggers, finished)  # each writes what it lacks of the report
+                except HyperdiffError as err:  # the stored result is still shown
+                    log(f"the logs were not checked against the result ({err})")
             return _as_read_from(finished, rundir.path)
     else:
         rundir.refuse_existing_run()
@@ -367,7 +378,7 @@ def _run_plan(
 
     bar = plan.bar(task, loop, config, progress)
     with closing(bar) if bar is not None else nullcontext():
-        start_all(watchers, list(loop.history))
+        start_all(watchers, list(loop.history), loop)
         try:
             outcome = loop.run(callbacks=[on_step, *watchers, *([bar] if bar else [])],
                                progress=progress if bar is None else False)
@@ -388,6 +399,7 @@ def _run_plan(
                 log(f"the best step before the guard gave up, {result['best_step']}, is kept "
                     "(result.json's best_values); `hyperdiff run --from "
                     f"{shell_path(rundir.path)}` starts a new run at its values")
+            close_all(watchers, failed=True)  # MLflow marks its run failed (then all close)
             raise
         finally:  # also after any other error (a callback's, a lost rank's)
             close_all(watchers)

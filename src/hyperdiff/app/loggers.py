@@ -11,9 +11,11 @@ Weights & Biases or anything else::
         wandb.log(scalars(record), step=record.step)
 
 That call is all ``HyperOptimizer.run`` makes. ``run_experiment`` also calls a callback's
-``start(history)`` (once before the first step, with the records of a resumed run),
-``close()`` (when the loop ends, also on an error) and ``report(result)`` (with the final
-result once ``result.json`` is written), where it defines them. :class:`CSVLogger`,
+``start(history)`` (once before the first step, with the records of a resumed run; also
+``loop=``, the restored loop, where ``start`` takes it), ``close()`` (when the loop ends, also
+on an error; ``failed=True`` where ``close`` takes it and the divergence guard gave up) and
+``report(result)`` (with the final result once ``result.json`` is written), where it defines
+them. :class:`CSVLogger`,
 :class:`TensorBoardLogger` and :class:`~hyperdiff.app.mlflow_logger.MLflowLogger` are such
 callbacks, complete as plain ones too: without ``start`` they begin at their first record and
 write every record as it comes. ``[log] csv``, ``[log] tensorboard`` and ``[log] mlflow`` in a
@@ -23,6 +25,7 @@ config switch them on for ``hyperdiff run``. The tags that TensorBoard and MLflo
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import math
 import os
@@ -44,6 +47,7 @@ from hyperdiff.app.rundir.paths import inside_run_dir, make_directories
 from hyperdiff.app.tags import (
     hparam_tags,
     inner_points,
+    kept_inner_tags,
     record_tags,
     report_tags,
     run_params,
@@ -117,15 +121,18 @@ class CSVLogger:
     a discrete one's probability of each choice: :func:`hparam_scalars`). Floats are written
     with ``repr`` so that they read back exactly; ``None`` is an empty cell. On resume the file is
     rewritten from the history first, so its rows always equal the history. The file is
-    written as run files are (:mod:`hyperdiff.app.rundir.files`): replaced atomically at the start,
-    appended after, never through a symbolic link."""
+    written as run files are (:mod:`hyperdiff.app.rundir.files`): replaced atomically at the start
+    (a plain callback's at its first record: a file there from before is replaced), appended
+    after, never through a symbolic link."""
 
     def __init__(self, path: str | Path, *, hparams: HyperParameters | None = None):
         self.path = log_path("CSVLogger", "path", path)
         self.hparams = hparams
         self.columns: list[str] | None = None
+        self.started = False
 
     def start(self, history: Sequence[StepRecord]) -> None:
+        self.started = True
         with os_errors(self.path.parent, "create the directory"):
             self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_temporaries(self.path.parent, (self.path.name,))
@@ -134,7 +141,7 @@ class CSVLogger:
                            sync_directory=False)
 
     def __call__(self, opt: Any, record: StepRecord) -> None:
-        if self.columns is None and not self.path.exists():
+        if not self.started:
             self.start([])
         append_bytes(self.path, self._line(record))
 
@@ -173,16 +180,19 @@ class TensorBoardLogger:
     (in the sub-directory ``inner``, a run of its own); :meth:`report` adds the final report's
     metrics and the HParams view (``params``: the config's keys, with the tuned values).
 
-    Each curve is drawn once: a resumed run purges the events past its resume point, and
-    draws the inner steps of its history's windows again (the run is killed after a checkpoint
-    before its loggers see that step); an online run that goes back (the hot-start restart:
-    step 0 again) purges the inner steps from there. ``finished``: the result of the run's
-    earlier finish (an extended run's ``result.json``), whose report a resume purges with its
-    step and writes again."""
+    Each curve is drawn once: a resumed run (``history`` not empty, or ``resumed``: a run
+    stopped before its first checkpoint resumes with none) purges every event from step 0 and
+    draws its history again, records and (with the loop) the inner steps of their windows, so
+    that a step the killed run did not draw (killed after its checkpoint, or in the middle of
+    writing an event) is drawn; an online run that goes back (the hot-start restart: step 0
+    again) purges the inner steps from there. ``finished``: the result of the run's earlier
+    finish (an extended run's ``result.json``, or a finished run's whose report is handed to
+    the loggers again): a resume purges from its step, keeping the steps and earlier reports
+    before it, and writes its report again."""
 
     def __init__(self, log_dir: str | Path, *, problem: Problem | None = None,
                  params: Mapping[str, Any] | None = None,
-                 finished: Mapping[str, Any] | None = None):
+                 finished: Mapping[str, Any] | None = None, resumed: bool = False):
         self.log_dir = log_path("TensorBoardLogger", "log_dir", log_dir)
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -196,31 +206,56 @@ class TensorBoardLogger:
         self.finished = finished
         self.writer: Any = None
         self.inner: Any = None
-        self.resumed = False
+        self.resumed = bool(resumed)
         self.backlog: list[StepRecord] = []  # a resumed run's history, its inner steps to draw
         self.inner_stop = 0  # one past the last inner step drawn
+        self.drawn_report: tuple[int, dict[str, float]] | None = None  # (step, metrics)
 
     def _writer(self, path: Path, purge_step: int | None) -> Any:
         # a random suffix makes the event file's name unguessable, so no link can be planted
         return self._writer_class(str(path), purge_step=purge_step,
                                   filename_suffix=f".{secrets.token_hex(8)}")
 
-    def start(self, history: Sequence[StepRecord]) -> None:
-        # purge events past the resume point so a resumed run shows one curve
-        self.writer = self._writer(self.log_dir, len(history) or None)
-        weakref.finalize(self, self.writer.close)  # if no report() closes it
-        self.resumed, self.backlog = bool(history), list(history)
+    def start(self, history: Sequence[StepRecord], loop: Any = None) -> None:
+        """Open the run's event file; a resume purges the events from step 0 and draws
+        ``history`` again: its records now, their windows' inner steps now with ``loop`` (the
+        restored loop), else with the first record (which brings the loop). A run that
+        finished before (``finished``: extended, or resumed to hand its report again) is
+        purged from its finish's step instead: the steps before it are drawn (that run
+        finished with them), and the report at that step is drawn again."""
+        self.resumed = self.resumed or bool(history)
         finished = self.finished or {}
-        if history and finished.get("status") == "finished" and finished.get("steps") == len(
-                history):  # an extension resumed from its finish: the purge took that report
-            self._report_scalars(finished)
+        done = finished.get("steps") if finished.get("status") == "finished" else None
+        first = done if isinstance(done, int) and 0 <= done <= len(history) else 0
+        self.writer = self._writer(self.log_dir, first if self.resumed else None)
+        weakref.finalize(self, self.writer.close)  # if no report() closes it
+        self.backlog = list(history)
+        for record in history:
+            if record.step >= first:
+                self._draw(record)
+        if self.resumed and first == done:  # the purge took that report
+            self.drawn_report = (first, self._report_scalars(finished))
+        if loop is not None:
+            self._draw_backlog(loop)
+        self.writer.flush()
+
+    def _draw(self, record: StepRecord) -> None:
+        specs = None if self.problem is None else self.problem.hparams
+        for key, value in record_tags(record, specs).items():
+            self.writer.add_scalar(key, value, record.step)
+
+    def _draw_backlog(self, loop: Any) -> None:
+        """Draw the inner steps of the history's kept windows, read with ``loop``."""
+        values = (kept_inner_tags(self.problem, loop, self.backlog)
+                  if self.problem is not None and self.backlog else {})
+        self.backlog = []
+        if values:
+            self._draw_inner(values)
 
     def __call__(self, opt: Any, record: StepRecord) -> None:
         if self.writer is None:
             self.start([])
-        specs = None if self.problem is None else self.problem.hparams
-        for key, value in record_tags(record, specs).items():
-            self.writer.add_scalar(key, value, record.step)
+        self._draw(record)
         self.writer.flush()
         values = inner_points(self.problem, opt, self.backlog, record)
         self.backlog = []
@@ -228,12 +263,13 @@ class TensorBoardLogger:
             self._draw_inner(values)
 
     def _draw_inner(self, values: Mapping[int, Mapping[str, float]]) -> None:
-        """Draw ``values`` (``{t: {tag: value}}``) on the inner run; purged first from their
-        first step after a resume, or when the run went back to a step drawn already."""
+        """Draw ``values`` (``{t: {tag: value}}``) on the inner run; purged first from step 0
+        after a resume (the history's windows are drawn again), or from their first step when
+        the run went back to a step drawn already."""
         first = min(values)
         if self.inner is None:
             inner = make_directories(self.log_dir, PurePath("inner"))
-            self.inner = self._writer(inner, first if self.resumed else None)
+            self.inner = self._writer(inner, 0 if self.resumed else None)
         elif first < self.inner_stop:
             purge(self.inner, first)
         for step in sorted(values):
@@ -258,7 +294,9 @@ class TensorBoardLogger:
             self.start([])
         from torch.utils.tensorboard.summary import hparams
 
-        metrics = self._report_scalars(result)
+        metrics = report_tags(result)
+        if self.drawn_report != (int(result.get("steps", 0)), metrics):  # not drawn by start
+            self._report_scalars(result)
         tuned = hparam_tags(result.get("tuned", {}).get("hparams", {}),
                             None if self.problem is None else self.problem.hparams)
         for summary in hparams({**self.params, **tuned}, metrics):
@@ -292,9 +330,12 @@ def config_loggers(log: Any, run_dir: Path, problem: Problem | None = None,
     inside ``run_dir`` (:func:`~hyperdiff.app.rundir.paths.inside_run_dir` checks the paths: no
     absolute path, no ``..``, no run file; a symbolic link on the way is refused).
     ``problem``: the task's inner problem; ``config``: the run's, for the params logged.
-    Every package is checked before any directory is made."""
+    Every package is checked before any directory is made. A run directory that holds a run
+    already is resumed: its loggers continue what they wrote (also when the run resumes with
+    no history, stopped before its first checkpoint)."""
     loggers: list[Any] = []
     params = {} if config is None else run_params(config)
+    resumed = RunDir(run_dir).has_run()
     if getattr(log, "mlflow", ""):
         from hyperdiff.app.mlflow_logger import MLflowLogger, check_installed
 
@@ -308,24 +349,49 @@ def config_loggers(log: Any, run_dir: Path, problem: Problem | None = None,
         board = inside_run_dir(log.tensorboard, "config: log.tensorboard")
         # first: is tensorboard installed?
         loggers.append(TensorBoardLogger(run_dir / board, problem=problem, params=params,
-                                         finished=RunDir(run_dir).read_result()))
+                                         finished=RunDir(run_dir).read_result(),
+                                         resumed=resumed))
         make_directories(run_dir, board)
     if getattr(log, "mlflow", ""):
         store = make_directories(run_dir, inside_run_dir(log.mlflow, "config: log.mlflow"))
-        loggers.append(MLflowLogger(store, problem=problem, params=params))
+        loggers.append(MLflowLogger(store, problem=problem, params=params, resumed=resumed))
     return loggers
 
 
-def start_all(callbacks: Iterable[Any], history: Sequence[StepRecord]) -> None:
-    for callback in callbacks:
-        if hasattr(callback, "start"):
-            callback.start(history)
+def _takes(method: Callable[..., Any], keyword: str) -> bool:
+    """Whether ``method`` takes the keyword argument ``keyword``."""
+    try:
+        return keyword in inspect.signature(method).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin)
+        return False
 
 
-def close_all(callbacks: Iterable[Any]) -> None:
+def start_all(callbacks: Iterable[Any], history: Sequence[StepRecord],
+              loop: Any = None) -> None:
+    """Call every callback's ``start(history)``; with ``loop`` (the restored loop) a
+    ``start`` that takes ``loop`` gets it too."""
     for callback in callbacks:
-        if hasattr(callback, "close"):
-            callback.close()
+        start = getattr(callback, "start", None)
+        if start is None:
+            continue
+        if loop is not None and _takes(start, "loop"):
+            start(history, loop=loop)
+        else:
+            start(history)
+
+
+def close_all(callbacks: Iterable[Any], *, failed: bool = False) -> None:
+    """Call every callback's ``close()``. ``failed``: the divergence guard gave up; only a
+    ``close`` that takes ``failed`` is called, with ``failed=True`` (MLflow marks its run
+    failed), before the loop's end closes every callback."""
+    for callback in callbacks:
+        close = getattr(callback, "close", None)
+        if close is None:
+            continue
+        if not failed:
+            close()
+        elif _takes(close, "failed"):
+            close(failed=True)
 
 
 def report_all(callbacks: Iterable[Any], result: Mapping[str, Any]) -> None:

@@ -17,8 +17,10 @@ step is the one that counts. Metrics are queued and written every 2 s and when t
 ends, one transaction each (a killed process loses at most those 2 s, which its resume
 logs); a logger that ``run_experiment`` did not start (a plain callback of
 ``HyperOptimizer.run``) writes every record at once and marks its MLflow run finished (or
-failed) after the loop's last record. MLflow's usage telemetry is switched off
-(``MLFLOW_DISABLE_TELEMETRY=true`` unless set): it would write outside the run directory.
+failed) after the loop's last record; a run of ``run_experiment`` is marked finished with its
+report, failed when its divergence guard gives up, and stays running when interrupted.
+MLflow's usage telemetry is switched off (``MLFLOW_DISABLE_TELEMETRY=true`` unless set): it
+would write outside the run directory.
 """
 from __future__ import annotations
 
@@ -32,7 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from hyperdiff.app.rundir.files import refuse_link
-from hyperdiff.app.tags import hparam_tags, inner_points, record_tags, report_tags
+from hyperdiff.app.tags import (
+    hparam_tags,
+    inner_points,
+    kept_inner_tags,
+    record_tags,
+    report_tags,
+)
 from hyperdiff.engine.problem import Problem
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.tuner.history import StepRecord
@@ -42,19 +50,20 @@ DATABASE = "mlflow.db"
 BATCH = 1000  # MLflow's limit of metrics per log_batch call
 PARAM_BATCH = 100  # ... and of params
 STORE_LOGGER = "mlflow.store.db.utils"
+SIDECARS = ("-journal", "-wal", "-shm")  # SQLite's files beside the database, opened with it
 FLUSH_S = 2.0  # metrics are written at most this often (and at the end): a transaction each
 
 
 @contextmanager
-def _quiet(name: str) -> Iterator[None]:
-    """The stdlib logger ``name`` at WARNING while the block runs, as it was after."""
+def _quiet(name: str, level: int = logging.WARNING) -> Iterator[None]:
+    """The stdlib logger ``name`` at ``level`` while the block runs, as it was after."""
     logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.WARNING)
+    was = logger.level
+    logger.setLevel(level)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        logger.setLevel(was)
 
 
 def check_installed() -> None:
@@ -79,14 +88,17 @@ def check_installed() -> None:
 class MLflowLogger:
     """A callback that logs the run to an MLflow store in the directory ``store`` (module
     doc); ``problem`` and ``params`` as for
-    :class:`~hyperdiff.app.loggers.TensorBoardLogger`."""
+    :class:`~hyperdiff.app.loggers.TensorBoardLogger`; ``resumed``: the run is resumed
+    (also one with no history: stopped before its first checkpoint), so the store's latest
+    MLflow run goes on."""
 
     def __init__(self, store: str | Path, *, problem: Problem | None = None,
-                 params: Mapping[str, Any] | None = None):
+                 params: Mapping[str, Any] | None = None, resumed: bool = False):
         check_installed()
         self.store = Path(store)
-        refuse_link(self.store / DATABASE)  # before the run writes anything
+        self._refuse_links()  # before the run writes anything
         self.problem, self.params = problem, dict(params or {})
+        self.resumed = bool(resumed)
         self.client: Any = None
         self.run_id = ""
         self.held: dict[tuple[str, int], tuple[float, int]] = {}  # latest (value, timestamp)
@@ -95,22 +107,29 @@ class MLflowLogger:
         self.backlog: list[StepRecord] = []  # a resumed run's history, its inner steps to log
         self.managed = False  # started by start(): close() follows
 
+    def _refuse_links(self) -> None:
+        """Refuse a symbolic link at the database or at a file SQLite opens beside it (its
+        journal, write-ahead log and shared memory), which SQLite would write through."""
+        for name in (DATABASE, *(DATABASE + s for s in SIDECARS)):
+            refuse_link(self.store / name)
+
     @property
     def uri(self) -> str:
         """The store's tracking URI."""
         return f"sqlite:///{(self.store / DATABASE).resolve()}"
 
-    def start(self, history: Sequence[StepRecord]) -> None:
-        """Open (or create) the store; a resumed run (``history`` not empty) continues the
-        store's latest MLflow run and logs again what it lacks of the history (points still
-        queued when the run was killed): the records' tags here, their windows' inner steps
-        with the first record (which brings the loop); a new run starts an MLflow run of its
-        own. Log the params. A logger started here queues its points until :meth:`close`."""
+    def start(self, history: Sequence[StepRecord], loop: Any = None) -> None:
+        """Open (or create) the store; a resumed run (``history`` not empty, or ``resumed``)
+        continues the store's latest MLflow run and logs again what it lacks of the history
+        (points still queued when the run was killed): the records' tags here, their windows'
+        inner steps here with ``loop`` (the restored loop), else with the first record (which
+        brings the loop); a new run starts an MLflow run of its own. Log the params. A logger
+        started here queues its points until :meth:`close`."""
         from mlflow.tracking import MlflowClient
 
-        refuse_link(self.store / DATABASE)
-        try:
-            with _quiet(STORE_LOGGER):  # its INFO lines on creating tables, past hyperdiff's -q
+        self._refuse_links()
+        try:  # its INFO lines on creating tables, past hyperdiff's -q; its ERROR traceback
+            with _quiet(STORE_LOGGER, logging.CRITICAL):  # of a store it cannot open
                 self.client = MlflowClient(tracking_uri=self.uri)
                 experiment = self.client.get_experiment_by_name(EXPERIMENT)
         except Exception as err:  # a damaged or foreign database: one line, not sqlalchemy's
@@ -123,7 +142,8 @@ class MLflowLogger:
                          self.client.create_experiment(
                              EXPERIMENT, artifact_location=(self.store / "artifacts").resolve()
                              .as_uri()))
-        runs = self.client.search_runs([experiment_id], max_results=1) if history else []
+        self.resumed = self.resumed or bool(history)
+        runs = self.client.search_runs([experiment_id], max_results=1) if self.resumed else []
         run = runs[0] if runs else self.client.create_run(experiment_id)
         self.run_id = run.info.run_id
         self.client.update_run(self.run_id, status="RUNNING")
@@ -133,6 +153,12 @@ class MLflowLogger:
         self._log([(key, value, record.step) for record in history
                    for key, value in record_tags(record, specs).items()])
         self.backlog, self.managed = list(history), True
+        if loop is not None:
+            inner = (kept_inner_tags(self.problem, loop, self.backlog)
+                     if self.problem is not None and self.backlog else {})
+            self._log([(key, value, step) for step, tags in inner.items()
+                       for key, value in tags.items()])
+            self.backlog = []
         self.flush()
 
     def _latest(self, keys: Iterable[str]) -> dict[tuple[str, int], tuple[float, int]]:
@@ -214,10 +240,14 @@ class MLflowLogger:
         self.flush()
         self.client.set_terminated(self.run_id, status="FINISHED")
 
-    def close(self) -> None:
-        """Write what is queued (also when the loop ends on an error or an interrupt)."""
+    def close(self, failed: bool = False) -> None:
+        """Write what is queued (also when the loop ends on an error or an interrupt);
+        ``failed``: the divergence guard gave up, and the run is marked failed (an interrupted
+        run stays running: its resume goes on)."""
         if self.client is not None:
             self.flush()
+            if failed:
+                self.client.set_terminated(self.run_id, status="FAILED")
 
 
 __all__ = ["MLflowLogger", "check_installed"]

@@ -13,7 +13,10 @@
   positive hyperparameters, so sizes compare across very different scales.
 
 Figures are drawn with matplotlib's object API (no pyplot, no global state, no display) and
-written atomically. The history is read as ``--resume`` reads it: an unfinished last line is
+written atomically. matplotlib's config and font cache go to a private temporary directory,
+removed at exit, not to ``~/.config/matplotlib`` and ``~/.cache/matplotlib``
+(:func:`private_matplotlib_config`; the font list is built again each time, a fraction of a
+second). The history is read as ``--resume`` reads it: an unfinished last line is
 skipped with a warning (blank lines at the end silently), any other damage is one error naming
 the file and the line; so is a record whose ``hparams`` or ``grad`` do not give every
 hyperparameter of ``hparams.json`` its size in numbers (:func:`check_values`). The lines that
@@ -24,13 +27,18 @@ with a warning (:meth:`~hyperdiff.app.rundir.RunDir.verify_history`).
 
 from __future__ import annotations
 
+import atexit
 import io
-from collections.abc import Mapping, Sequence
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from matplotlib.figure import Figure
 
 from hyperdiff.app.rundir import FIGURES, HISTORY, RunDir, atomic_write_bytes
 from hyperdiff.app.rundir.files import os_errors, refuse_link
@@ -40,6 +48,31 @@ from hyperdiff.hparams.discrete import Softmax
 from hyperdiff.tuner.history import History, StepRecord
 
 FIGURE_NAMES = ("hparams.png", "losses.png", "hypergradient.png", "sensitivity.png")
+MPLCONFIGDIR = "MPLCONFIGDIR"
+
+
+@contextmanager
+def private_matplotlib_config() -> Iterator[None]:
+    """Import matplotlib in the block with its config and cache directory (``MPLCONFIGDIR``)
+    a private temporary one, removed at exit: else its first import makes
+    ``~/.config/matplotlib`` and writes its font list to ``~/.cache/matplotlib``, outside the
+    run directory. The variable is set for the block alone (matplotlib reads it once, at
+    import); nothing changes where it is set already or matplotlib is imported."""
+    if MPLCONFIGDIR in os.environ or "matplotlib" in sys.modules:
+        yield
+        return
+    path = tempfile.mkdtemp(prefix="hyperdiff-matplotlib-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    os.environ[MPLCONFIGDIR] = path
+    try:
+        yield
+    finally:
+        os.environ.pop(MPLCONFIGDIR, None)
+
+
+with private_matplotlib_config():
+    import matplotlib.font_manager  # noqa: F401  (writes its font list now, in the block)
+    from matplotlib.figure import Figure
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
