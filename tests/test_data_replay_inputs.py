@@ -233,3 +233,21 @@ def test_the_data_package_does_not_export_a_shadowed_fingerprint():
 
     assert "fingerprint" not in data.__all__
     assert callable(data.replay.fingerprint)
+
+
+def test_a_run_started_before_evaluation_honoured_drop_last_is_a_changed_input():
+    # s42: evaluation splits leave out a drop_last loader's short batch; a run started before
+    # evaluated all 10 rows, so resuming it would rank steps over two row sets without a word
+    x, y = rows(10)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, drop_last=True)
+    now = split_fingerprint(loader)
+    before = {k: v for k, v in now.items() if k != "evaluates_drop_last"}  # as recorded then
+    for split in ("val", "selection"):
+        assert fingerprint_changes(split, before, now) == [
+            f"split {split!r}: a DataLoader with drop_last=True, whose short last batch this "
+            "run's steps so far evaluated (hyperdiff read every row of an evaluation split "
+            "then) and now leaves out, as the loader does"]
+    assert fingerprint_changes("train", before, now) == []  # training always honoured it
+    assert fingerprint_changes("val", now, now) == []
+    kept = split_fingerprint(DataLoader(TensorDataset(x, y), batch_size=4))
+    assert "evaluates_drop_last" not in kept  # without drop_last: recorded as before s42

@@ -6,6 +6,7 @@ kept out of the home directory."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -190,10 +191,16 @@ def test_resuming_a_finished_run_hands_its_report_to_the_loggers_again(tmp_path,
     import hyperdiff.app.experiment as experiment
 
     overrides = [*RIDGE, "log.tensorboard=tb", "log.mlflow=mlruns"]
-    monkeypatch.setattr(experiment, "report_all", lambda callbacks, result: None)  # killed
-    result = run_experiment(load_config(overrides=overrides), out=tmp_path, progress=False,
-                            log=lambda _: None)
+    def killed(callbacks, result):
+        raise KeyboardInterrupt  # after result.json, before the loggers took the report
+
+    monkeypatch.setattr(experiment, "report_all", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(load_config(overrides=overrides), out=tmp_path, progress=False,
+                       log=lambda _: None)
     monkeypatch.undo()
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert "logs_complete" not in result
     test_loss = result["tuned"]["metrics"]["test"]["loss"]
     for _ in range(2):  # and again: nothing is written twice
         next_second()
@@ -206,6 +213,11 @@ def test_resuming_a_finished_run_hands_its_report_to_the_loggers_again(tmp_path,
         assert once(client, run, "test/loss") == {2: test_loss}
         tuned = {f"hparam/{k}": v for k, v in result["tuned"]["hparams"].items()}
         assert {k: float(v) for k, v in run.data.params.items() if k in tuned} == tuned
+        # repaired once: later resumes show the result without building the task again
+        assert json.loads((tmp_path / "result.json").read_text())["logs_complete"] is True
+        monkeypatch.setitem(experiment.PLANS, "offline", None)  # would raise if read
+        run_experiment(None, resume=tmp_path, progress=False, log=lambda _: None)
+        monkeypatch.undo()
 
 
 def test_an_extension_killed_and_resumed_keeps_the_first_finish_and_its_steps(tmp_path):
@@ -296,6 +308,20 @@ def test_plots_write_no_matplotlib_config_or_font_cache_in_home(tmp_path):
                          env={**env, "HOME": str(home), "MPLCONFIGDIR": str(mine)},
                          capture_output=True, text=True, check=True).stdout.split()
     assert out == [str(mine), str(mine), str(mine)] and any(mine.iterdir())
+
+
+def test_plots_still_read_the_users_matplotlibrc(tmp_path):
+    home = tmp_path / "home"
+    rc = home / ".config" / "matplotlib" / "matplotlibrc"
+    rc.parent.mkdir(parents=True)
+    rc.write_text("figure.facecolor: cyan\n")
+    code = "import hyperdiff.app.plots, matplotlib; print(matplotlib.rcParams['figure.facecolor'])"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MPLCONFIGDIR", "MATPLOTLIBRC", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "HOME": str(home)},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["cyan"]
+    assert sorted(home.rglob("*")) == [home / ".config", rc.parent, rc]  # nothing written
 
 
 def test_the_comparison_figure_writes_no_matplotlib_config_in_home(tmp_path):

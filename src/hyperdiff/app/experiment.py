@@ -209,15 +209,16 @@ def _run_locked(
                     "finished but its result cannot be shown: delete the file and resume the "
                     "run to write it again")
             log(f"{rundir.path} already finished; its result:")
-            logs = config.log
-            if (logs.csv or logs.tensorboard or getattr(logs, "mlflow", "")) and (
-                    group is None or group.is_root):  # killed while they took the report?
+            if _logging(config) and not finished.get(LOGS_COMPLETE) and (
+                    group is None or group.is_root):  # killed while they took the report
                 try:
                     task, _ = PLANS[config.outer.mode].build(config, stored=True)
-                    loggers = config_loggers(logs, rundir.path, task.problems[0], config)
+                    loggers = config_loggers(config.log, rundir.path, task.problems[0], config)
                     start_all(loggers, rundir.verify_history(rundir.read_history()))
                     close_all(loggers)
                     report_all(loggers, finished)  # each writes what it lacks of the report
+                    finished = {**finished, LOGS_COMPLETE: True}
+                    rundir.write_result(finished)
                 except HyperdiffError as err:  # the stored result is still shown
                     log(f"the logs were not checked against the result ({err})")
             return _as_read_from(finished, rundir.path)
@@ -428,7 +429,19 @@ def _run_plan(
         result["warnings"] = [*result.get("warnings", []), *changed, *([moving] if moving else [])]
     rundir.write_result(result)
     report_all(watchers, result)  # the final metrics, to the loggers that show them
+    if _logging(config):  # a resume of the finished run need not hand them the report again
+        result[LOGS_COMPLETE] = True
+        rundir.write_result(result)
     return result
+
+
+LOGS_COMPLETE = "logs_complete"  # result.json: the [log] loggers took the report
+
+
+def _logging(config: Config) -> bool:
+    """Whether the run's ``[log]`` section names a logger."""
+    logs = config.log
+    return bool(logs.csv or logs.tensorboard or getattr(logs, "mlflow", ""))
 
 
 def _still_moving(driver: Any, config: Config, path: Path) -> str | None:

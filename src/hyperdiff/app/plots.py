@@ -48,7 +48,7 @@ from hyperdiff.hparams.discrete import Softmax
 from hyperdiff.tuner.history import History, StepRecord
 
 FIGURE_NAMES = ("hparams.png", "losses.png", "hypergradient.png", "sensitivity.png")
-MPLCONFIGDIR = "MPLCONFIGDIR"
+MPLCONFIGDIR, MATPLOTLIBRC = "MPLCONFIGDIR", "MATPLOTLIBRC"
 
 
 @contextmanager
@@ -64,10 +64,23 @@ def private_matplotlib_config() -> Iterator[None]:
     path = tempfile.mkdtemp(prefix="hyperdiff-matplotlib-")
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     os.environ[MPLCONFIGDIR] = path
+    own_rc = None if MATPLOTLIBRC in os.environ else _users_matplotlibrc()
+    if own_rc is not None:  # the user's settings are still read, from where they are
+        os.environ[MATPLOTLIBRC] = str(own_rc)
     try:
         yield
     finally:
         os.environ.pop(MPLCONFIGDIR, None)
+        if own_rc is not None:
+            os.environ.pop(MATPLOTLIBRC, None)
+
+
+def _users_matplotlibrc() -> Path | None:
+    """The ``matplotlibrc`` that matplotlib would read from the user's config directory
+    (``$XDG_CONFIG_HOME/matplotlib`` or ``~/.config/matplotlib``), if there is one."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    rc = Path(base) / "matplotlib" / "matplotlibrc"
+    return rc if rc.is_file() else None
 
 
 with private_matplotlib_config():

@@ -85,7 +85,8 @@ def split_fingerprint(data: Any) -> dict[str, Any]:
                 "sampler": _name(data.batch_sampler if data.batch_size is None
                                  or type(data.batch_sampler).__name__ != "BatchSampler"
                                  else data.sampler),
-                "collate_fn": _name(data.collate_fn)}
+                "collate_fn": _name(data.collate_fn),
+                **({"evaluates_drop_last": True} if data.drop_last else {})}
     if is_map_style(data) or isinstance(data, list):
         return _items_fingerprint(data)
     if isinstance(data, (tuple, Mapping)):  # a batch with entries other than row tensors
@@ -111,6 +112,11 @@ def fingerprint_changes(split: str, old: Mapping[str, Any], new: Mapping[str, An
         if old.get(key) != new.get(key):
             diffs.append(f"split {split!r}: {noun} {old.get(key)} at the start, "
                          f"{new.get(key)} now")
+    if (split in EVALUATED and new.get("evaluates_drop_last") and old.get("drop_last")
+            and not old.get("evaluates_drop_last")):  # a run started before s42
+        diffs.append(f"split {split!r}: a DataLoader with drop_last=True, whose short last "
+                     "batch this run's steps so far evaluated (hyperdiff read every row of an "
+                     "evaluation split then) and now leaves out, as the loader does")
     if not diffs and old.get("sha256") != new.get("sha256"):
         hashed = ("every row" if old.get("sampled") == old.get("length")
                   else f"{old.get('sampled')} sampled items by index")
@@ -118,6 +124,9 @@ def fingerprint_changes(split: str, old: Mapping[str, Any], new: Mapping[str, An
                      f"sha256 of {hashed} differs: an item was edited or the items were "
                      "reordered)")
     return diffs
+
+
+EVALUATED = ("val", "selection")  # splits a resumed run's steps evaluate (not train, test)
 
 
 # ---------------------------------------------------------------------- internals
