@@ -16,7 +16,8 @@ residual ``||b - A x|| / ||b||`` (one extra matvec), the iteration count and why
 Solvers never return NaN silently: breakdown, divergence and singular systems set
 ``converged=False`` and explain in ``info``, and a :class:`ConvergenceWarning` is emitted
 unless ``warn=False``. A matvec that turns a finite vector into NaN or inf (``A`` itself is not
-finite) also sets ``matrix_finite=False``, so that callers can refuse the solve.
+finite) also sets ``matrix_finite=False``, so that callers can refuse the solve. A ``b`` with
+NaN or inf entries raises :class:`~hyperdiff.errors.NonFiniteError`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hyperdiff.errors import HyperdiffError, describe, positive_float, positive_int
+from hyperdiff.errors import (
+    HyperdiffError,
+    NonFiniteError,
+    describe,
+    positive_float,
+    positive_int,
+)
 from hyperdiff.wording import option
 
 CG_KEY, EXACT_KEY = 'method.solver = "cg"', 'method.solver = "exact"'  # in the CLI's advice
@@ -93,6 +100,11 @@ class Solver:
             raise HyperdiffError(
                 f"{self.name}: init must be on b's device {str(b.device)!r} "
                 f"(got a tensor on {str(init.device)!r}); move it with init.to(b.device)"
+            )
+        bad = int((~torch.isfinite(b.detach())).sum())
+        if bad:  # the norm is NaN: no solver could stop on its residual, x would be garbage
+            raise NonFiniteError(
+                f"{self.name}: b must be finite (got {bad} NaN or inf entries of {b.numel()})"
             )
         if float(b.norm()) == 0.0:
             return SolveResult(torch.zeros_like(b), 0, 0.0, True, "b = 0: x = 0", 0)
@@ -169,17 +181,18 @@ def _cg(matvec: MatVec, b: Tensor, init: Tensor | None, tol: float | None, maxit
         curvature = float(p @ ap)
         if not math.isfinite(curvature) or curvature <= 0.0:
             ok = False
+            iterations -= 1  # the iterations completed; the breakdown is in the next one's
+            done = f"breakdown after {iterations} iteration{'' if iterations == 1 else 's'}"
             info = (
-                f"breakdown at iteration {iterations}: p'Ap = {curvature:.3g} <= 0, the matrix "
+                f"{done}: the next direction's p'Ap = {curvature:.3g} <= 0, the matrix "
                 "is not positive definite (a saddle point or maximum?); add damping, or use "
                 f"{option('exact()', EXACT_KEY)} for an indefinite system"
             )
             if not math.isfinite(curvature):
                 finite = not _maps_finite_to_nonfinite(p, ap)
-                info = f"breakdown at iteration {iterations}: p'Ap = {curvature} is not finite"
+                info = f"{done}: the next direction's p'Ap = {curvature} is not finite"
                 if not finite:
                     info = f"{info}: A p has NaN or inf entries, {NOT_FINITE}"
-            iterations -= 1
             break
         alpha = rs / curvature
         x = x + alpha * p

@@ -16,7 +16,9 @@ update map, ``dtheta*/dlam = (I - dPhi/dtheta)^-1 dPhi/dlam``, hence
 ``Phi`` is one step of the problem's own optimizer, ``Phi(theta, lam) = update(g(theta, lam),
 state_T, theta, lam, step=T-1)``, with the optimizer state (momentum, Adam moments) frozen at
 its final value. This captures hyperparameters that act through the optimizer (coupled weight
-decay, and learning rates, whose hypergradient vanishes at a fixed point). For plain SGD the
+decay, and learning rates, whose hypergradient vanishes at a fixed point). AdamW's decoupled
+weight decay is refused: at its fixed point the moments follow theta (``m = g``, ``v = g^2``,
+``wd theta + g / (|g| + eps) = 0``), which frozen moments do not describe. For plain SGD the
 system is ``lr (H + wd I)``, symmetric; with Adam or per-parameter learning rates it is not
 symmetric, and :func:`~hyperdiff.engine.solvers.exact` or :func:`~hyperdiff.engine.solvers.neumann`
 should be used instead of CG.
@@ -194,19 +196,57 @@ def _end_of_training(problem: Problem, raw: dict[str, Tensor]):
     return state, first_step, losses
 
 
-def _stationarity(system: _System, tol: float, dtype: torch.dtype, fixed_point: bool, warn: bool):
+def _decoupled_decay(problem: Problem) -> Any:
+    """AdamW's weight decay coefficient when it is not the number 0, else ``None``."""
+    if problem.optimizer.name != "adamw":
+        return None
+    decay = problem.optimizer.coefficients.get("weight_decay", 0.0)
+    zero = isinstance(decay, (int, float)) and not isinstance(decay, bool) and decay == 0
+    return None if zero else decay
+
+
+def _adamw_advice() -> str:
+    """What to use instead of either implicit form for AdamW's decoupled weight decay."""
+    exact = option("reverse(), forward() or checkpointed()",
+                   'method.name = "reverse", "forward" or "checkpointed"')
+    return (f"use {exact} (exact through the steps), or adam() without weight decay and the "
+            "decay written into train_loss as (wd/2) ||theta||^2 (a different training, whose "
+            "end point is a stationary point of train_loss)")
+
+
+def _refuse_decoupled_decay(problem: Problem) -> None:
+    """Refuse the fixed-point form for AdamW with weight decay: at AdamW's fixed point the
+    moments follow theta (``m = g``, ``v = g^2``), so ``wd theta + g / (|g| + eps) = 0``; ``Phi``
+    with the moments frozen at their final values scales the curvature by ``(1 - b1) / (sqrt v
+    + eps)`` but not the decoupled ``wd I`` term, and its hypergradient is wrong (about 2x on a
+    converged run)."""
+    decay = _decoupled_decay(problem)
+    if decay is None:
+        return
+    raise HyperdiffError(
+        f"implicit: {option('fixed_point=True', 'method.fixed_point = true')} must not be used "
+        "with adamw's decoupled weight decay "
+        f"(got weight_decay={describe(decay)}); at AdamW's fixed point Adam's moments move with "
+        "theta, which the fixed-point form freezes at their final values, so its hypergradient "
+        f"would be wrong (about 2x on a converged run); {_adamw_advice()}"
+    )
+
+
+def _stationarity(system: _System, tol: float, dtype: torch.dtype, fixed_point: bool, warn: bool,
+                  decoupled: bool = False):
     """``(relative measure, stationary)``; warns when not stationary."""
     measure, reference = system.measure, system.reference
     relative = measure / reference if reference > 0 else (0.0 if measure == 0 else math.inf)
     stationary = relative <= tol or measure <= math.sqrt(torch.finfo(dtype).eps)
     if warn and not stationary:
         what = "fixed-point residual ||Phi(theta) - theta||" if fixed_point else "||grad L_train||"
-        hint = (
-            ""
-            if fixed_point
-            else ("; if the optimizer adds to the gradient (weight decay), use "
-                  + option("fixed_point=True", "method.fixed_point = true"))
-        )
+        hint = ""
+        if decoupled and not fixed_point:
+            hint = ("; adamw's decoupled weight decay keeps the end point off the stationary "
+                    f"points of train_loss, and neither implicit form models it: {_adamw_advice()}")
+        elif not fixed_point:
+            hint = ("; if the optimizer adds to the gradient (weight decay), use "
+                    + option("fixed_point=True", "method.fixed_point = true"))
         warnings.warn(
             f"implicit: training did not reach a stationary point: {what} = {measure:.3g} is "
             f"{relative:.3g} of its value at the start "
@@ -236,6 +276,8 @@ def _implicit(
             f"{list(problem.buffers)[:3]}); the end point of training is not a stationary point "
             f"of a loss of the parameters alone; use {exact}"
         )
+    if fixed_point:
+        _refuse_decoupled_decay(problem)
     hp = problem.hparams
     raw = {n: v.detach() for n, v in raw.items()}
     state, first_step, losses = _end_of_training(problem, raw)
@@ -271,6 +313,7 @@ def _implicit(
     else:
         system = _stationary_system(g, theta_list, raw_list, start_norm)
 
+    _refuse_nonfinite_rhs(rhs, "implicit")
     solve_started = time.perf_counter()
     result = solver(system.matvec, rhs.detach(), warn=False)
     _refuse_nonfinite_matrix(result, solver, "implicit", fixed_point)
@@ -279,7 +322,8 @@ def _implicit(
     indirect = system.indirect(result.x)
     solved = time.perf_counter()
 
-    relative, stationary = _stationarity(system, stationarity_tol, problem.dtype, fixed_point, warn)
+    relative, stationary = _stationarity(system, stationarity_tol, problem.dtype, fixed_point, warn,
+                                         _decoupled_decay(problem) is not None)
     # first-order change of L_val on the way from theta_T to theta*: <b, A^-1 e> = <v, e>
     val_change = float(result.x @ system.drift)
     scale = max(abs(float(value.detach())), torch.finfo(problem.dtype).tiny)
@@ -331,6 +375,19 @@ def _implicit(
         started=started,
         **diagnostics,
     )
+
+
+def _refuse_nonfinite_rhs(rhs: Tensor, caller: str) -> None:
+    """Raise :class:`NonFiniteError` when ``dL_val/dtheta``, the solve's right-hand side, has NaN
+    or inf entries (a solver would stop at once and the hypergradient read 0)."""
+    bad = int((~torch.isfinite(rhs.detach())).sum())
+    if bad:
+        raise NonFiniteError(
+            f"{caller}: the gradient of val_loss with respect to the parameters at the end point "
+            f"of training must be finite (got {bad} NaN or inf entries of {rhs.numel()}); "
+            "val_loss is not differentiable there (e.g. a norm, sqrt or |x| ** 0.75 at 0): "
+            "smooth it, e.g. sqrt(x ** 2 + eps) for |x|"
+        )
 
 
 def _refuse_nonfinite_matrix(result: SolveResult, solver: Solver, caller: str,
@@ -417,7 +474,9 @@ def implicit_samples(problem: Problem, state: TrainState, raw: dict[str, Tensor]
             found = torch.autograd.grad(value, inputs, allow_unused=True)
             grads = zeros_for_unused(found, inputs)
             direct = hp.flatten(dict(zip(leaves, grads[len(theta_list):], strict=True)))
-            result = solver(hvp, flat(grads[: len(theta_list)]).detach(), warn=False)
+            rhs = flat(grads[: len(theta_list)]).detach()
+            _refuse_nonfinite_rhs(rhs, "implicit (an online window)")
+            result = solver(hvp, rhs, warn=False)
             _refuse_nonfinite_matrix(result, solver, "implicit (an online window)", False)
             mixed = torch.autograd.grad(g, list(leaves.values()), result.x, allow_unused=True,
                                         retain_graph=True)
@@ -476,7 +535,8 @@ def implicit(
         solver: linear solver (default ``cg()``: tol 1e-7 in float64, maxiter 1000), or the
             name ``"cg"``, ``"neumann"`` or ``"exact"`` for its default options.
         fixed_point: use ``theta* = Phi(theta*)`` with ``Phi`` one optimizer step (needed when
-            the optimizer itself carries hyperparameters such as weight decay).
+            the optimizer itself carries hyperparameters such as weight decay; refused for
+            ``adamw`` with weight decay, see the module doc).
         val_change_tol: also warn when, to first order, ``L_val`` would still change by more
             than this fraction of itself between ``theta_T`` and the stationary (fixed) point:
             ``|<v, H^-1 grad L_train>|`` (``v`` the solve's solution; free). On the built-in
@@ -494,9 +554,12 @@ def implicit(
     ``relative_grad_norm``, ``stationary`` and timings.
 
     Raises:
-        HyperdiffError: an invalid option (``fixed_point`` and ``warn`` must be bools).
+        HyperdiffError: an invalid option (``fixed_point`` and ``warn`` must be bools); (when
+            called) ``fixed_point=True`` with ``adamw``'s weight decay, whose fixed point the
+            frozen moments of ``Phi`` do not describe.
         NonFiniteError: (when called) the Hessian at the end point has NaN or inf entries
-            (``SolveResult.matrix_finite`` is ``False``): no solver's estimate would be right.
+            (``SolveResult.matrix_finite`` is ``False``): no solver's estimate would be right;
+            or ``dL_val/dtheta`` there has.
     """
     solver = cg() if solver is None else solver
     if isinstance(solver, str) and solver in SOLVERS:
