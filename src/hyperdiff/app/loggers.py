@@ -132,6 +132,7 @@ class CSVLogger:
         self.started = False
 
     def start(self, history: Sequence[StepRecord]) -> None:
+        """Replace the file with the header and one row per record of ``history`` (resume)."""
         self.started = True
         with os_errors(self.path.parent, "create the directory"):
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -157,11 +158,12 @@ class CSVLogger:
         return text.getvalue().encode()
 
     def row(self, record: StepRecord) -> dict[str, Any]:
+        """``{column: value}`` of ``record``'s row: its ``CSV_FIELDS``, then the hparams'."""
         return {**{k: getattr(record, k) for k in CSV_FIELDS},
                 **hparam_scalars(record, self.hparams)}
 
     def close(self) -> None:
-        pass
+        """Nothing to do: every row is appended and closed as it is written."""
 
 
 def _cell(value: Any) -> str:

@@ -121,6 +121,7 @@ class Problem:
         return to_device(self, device, dtype)
 
     def with_steps(self, steps: int) -> Problem:
+        """This problem with ``steps`` inner steps T (a positive int), everything else kept."""
         return replace(self, steps=positive_int("Problem", "steps", steps))
 
 

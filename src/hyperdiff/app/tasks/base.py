@@ -23,6 +23,7 @@ space has a :class:`SearchChoices` dimension (its labels) for each.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -36,6 +37,7 @@ from hyperdiff.engine.models import StepContext
 from hyperdiff.engine.problem import Problem, takes_context
 from hyperdiff.engine.task_distribution import TaskDistribution
 from hyperdiff.engine.training import initial_state, unroll, validation_loss
+from hyperdiff.errors import HyperdiffError, fail, positive_int
 from hyperdiff.hparams.choices import discretise, fixed_hparams
 from hyperdiff.hparams.discrete import label
 from hyperdiff.hparams.hyperparams import HParamView, HyperParameters
@@ -152,6 +154,11 @@ class Task:
         on rank ``i % W`` and gathers the metrics on every rank), and each request's metrics
         are averaged over its seeds in seed order, so every rank holds the one-process result
         bit for bit. ``progress()`` after each training (the other ranks' once gathered)."""
+        caller = f"task {self.name}"
+        seeds = checked_seeds(caller, seeds)
+        positive_int(caller, "segments", segments)
+        if splits is not None:
+            self._check_splits(caller, splits)
         jobs = []
         for hparams, raw in requests:
             problem = self.final_problem
@@ -182,6 +189,8 @@ class Task:
         """The metrics of every split (of ``splits`` only, if given) at trained ``params`` /
         ``buffers`` (eval mode), averaged over each split's samples
         (:func:`~hyperdiff.app.tasks.metrics.split_metrics`): ``{split: {"loss": ..., ...}}``."""
+        if splits is not None:
+            self._check_splits(f"task {self.name}", splits)
         with_ctx = takes_context(self.metrics, "metrics")
         with torch.no_grad():
             return {split: split_metrics(self.metrics, with_ctx, params, hview, batches,
@@ -218,11 +227,34 @@ class Task:
         there is a selection split), ``test_loss`` and ``test_accuracy`` (classification
         tasks): the metrics of ``splits`` only (a search trial needs no test pass; the train
         split's are never computed)."""
+        self._check_splits(f"task {self.name}", splits, maybe=("train", "selection"))
         raw = fixed_hparams(self.hparams, values).raw
         [report] = self.evaluate_as_all([(discretise(self.final_problem.hparams, raw), raw)],
                                         seeds=(seed,),
-                                        splits=[s for s in splits if s != "train"])
+                                        splits=[s for s in splits if s in self.splits
+                                                and s != "train"])
         return {f"{split}_{key}": value for split, m in report.items() for key, value in m.items()}
+
+    def _check_splits(self, caller: str, splits: Any, maybe: Collection[str] = ()) -> None:
+        """Refuse ``splits`` unless it is a collection of names of this task's splits (or of
+        ``maybe``: ones it may lack, e.g. a selection split switched off)."""
+        known = list(self.splits) + [name for name in maybe if name not in self.splits]
+        if isinstance(splits, (str, bytes)) or not isinstance(splits, Collection):
+            raise fail(caller, "splits", f"a list of split names among {known}", splits)
+        for name in splits:
+            if name not in known:
+                close = difflib.get_close_matches(str(name), known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise HyperdiffError(f"{caller}: splits must be names of the task's splits, "
+                                     f"among {known} (got {name!r}){hint}")
+
+
+def checked_seeds(caller: str, seeds: Any) -> tuple[int, ...]:
+    """``seeds`` as a tuple if it is a non-empty sequence of ints (not bools), else raise."""
+    if (isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence) or not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise fail(caller, "seeds", "a non-empty tuple of int seeds, e.g. (0, 1, 2)", seeds)
+    return tuple(seeds)
 
 
 def mean_over_seeds(per_seed: Sequence[Mapping[str, Mapping[str, float]]]

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from hyperdiff.app.tasks.splits import split_given_rows, stratify_labels
+from hyperdiff.app.tasks.splits import labels_needed, split_given_rows, stratify_labels
 from hyperdiff.engine.data.evaluation import (
     DEFAULT_EVAL_BATCH,
     EvaluationSplit,
@@ -115,6 +115,8 @@ def validation_and_selection(
                             drop_last=drop_last)
     kept = every.num_samples
     labels = _labels(every, stratify)
+    if stratify and labels is None:
+        raise labels_needed(name, given=True)
     val_rows, sel_rows = split_given_rows(kept, selection_fraction=selection_fraction,
                                           seed=seed, labels=labels)
     val_batches = list(map_style_split("validation", dataset, batch_size=size, rows=val_rows,

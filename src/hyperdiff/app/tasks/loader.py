@@ -6,11 +6,13 @@
 
 A factory is a function returning :func:`hyperdiff.task` (a :class:`~.spec.TaskSpec`); it is
 called with the keyword arguments it declares among ``steps`` (the config's ``inner.steps``,
-omitted while the config's defaults are read) and ``data_seed``, and with the task's own
-params (the config's ``[task.params]`` or ``build_task(params=)``, checked against its signature by
-:func:`factory_parameters` and against its annotations by :func:`check_types`, so a value the
-annotation refuses, ``meta_sgd="no"`` for a ``bool``, is refused on either path rather than
-read as truthy). An attribute that already is a ``TaskSpec`` is used as is.
+omitted while the config's defaults are read, so it must have a default) and ``data_seed``,
+and with the task's own params (the config's ``[task.params]`` or ``build_task(params=)``,
+checked against its signature by :func:`factory_parameters` and against its annotations by
+:func:`check_types`, so a value the annotation refuses, ``meta_sgd="no"`` for a ``bool`` or
+``"gelu"`` for a ``Literal["relu", "tanh"]``, is refused on either path rather than read as
+truthy; a string for a ``Path`` is passed as the string). An attribute that already is a
+``TaskSpec`` is used as is.
 Every failure is one :class:`~hyperdiff.HyperdiffError` that names the reference: a missing
 module, file or attribute, an attribute that is not a factory, a factory that raises or
 returns something else.
@@ -22,12 +24,13 @@ import importlib
 import importlib.util
 import inspect
 import json
+import os
 import re
 import sys
 from collections.abc import Callable, Mapping
-from pathlib import Path
+from pathlib import Path, PurePath
 from types import ModuleType, UnionType
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from hyperdiff.app.tasks.spec import USER_TASK_MODULE, TaskSpec, how_it_failed
 from hyperdiff.errors import HyperdiffError, describe
@@ -201,30 +204,63 @@ def check_types(caller: str, prefix: str, options: Mapping[str, Any],
 
 
 def matches(value: Any, hint: Any) -> bool:
-    """Loose isinstance for config values against a type hint (int counts as float)."""
+    """Loose isinstance for config values against a type hint (int counts as float, a string
+    as a path); a ``Literal`` takes its own values, a container hint checks its elements.
+
+    >>> matches("gelu", Literal["relu", "tanh"]), matches([1, "a"], list[int])
+    (False, False)
+    >>> matches("/tmp/x", Path), matches({"a": 1.5}, dict[str, float])
+    (True, True)
+    """
     args = get_args(hint)
-    if get_origin(hint) in (Union, UnionType):
+    origin = get_origin(hint)
+    if origin in (Union, UnionType):
         return any(matches(value, a) for a in args)
+    if origin is Literal:  # equal and of the same type: True is not Literal[1]
+        return any(value == a and type(value) is type(a) for a in args)
     if hint is type(None):
         return value is None
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if get_origin(hint) is tuple and isinstance(value, list):  # TOML has arrays, no tuples
-        return (len(args) == 2 and args[1] is Ellipsis and all(matches(v, args[0]) for v in value)
-                ) or (len(args) == len(value) and all(map(matches, value, args)))
-    origin = get_origin(hint) or hint
+    if _is_path(origin or hint):  # TOML and --set give a path as a string
+        return isinstance(value, (str, os.PathLike))
+    if origin is tuple and isinstance(value, (list, tuple)):  # TOML has arrays, no tuples
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(matches(v, args[0]) for v in value)
+        return not args or (len(args) == len(value) and all(map(matches, value, args)))
     try:
-        return isinstance(value, origin)
+        fits = isinstance(value, origin or hint)
     except TypeError:
         return True
+    if fits and isinstance(value, Mapping) and len(args) == 2:
+        return all(matches(k, args[0]) and matches(v, args[1]) for k, v in value.items())
+    if fits and isinstance(value, (list, set, frozenset)) and len(args) == 1:
+        return all(matches(v, args[0]) for v in value)
+    return fits
+
+
+def _is_path(hint: Any) -> bool:
+    """True for ``pathlib`` path classes and ``os.PathLike``."""
+    return hint is os.PathLike or (isinstance(hint, type) and issubclass(hint, PurePath))
 
 
 def type_text(hint: Any) -> str:
-    """``"of type int"``; a union: its types joined by ``or`` (``None`` left out)."""
+    """``"of type int"``; a union: its types joined by ``or`` (``None`` left out); a
+    ``Literal``: ``"one of ['relu', 'tanh']"``; a container: ``"of type list[int]"``.
+
+    >>> type_text(Literal["relu", "tanh"]), type_text(list[int]), type_text(Path)
+    ("one of ['relu', 'tanh']", 'of type list[int]', 'of type Path (or a string)')
+    """
     if get_origin(hint) in (Union, UnionType):
         return " or ".join(type_text(a) for a in get_args(hint) if a is not type(None))
+    if get_origin(hint) is Literal:
+        return f"one of {list(get_args(hint))}"
+    if _is_path(get_origin(hint) or hint):
+        return f"of type {getattr(get_origin(hint) or hint, '__name__', str(hint))} (or a string)"
+    if get_args(hint):
+        return f"of type {str(hint).replace('typing.', '')}"
     return f"of type {getattr(get_origin(hint) or hint, '__name__', str(hint))}"
 
 
@@ -235,6 +271,13 @@ def call_factory(factory: Callable[..., Any] | TaskSpec, ref: str, *, steps: int
     if isinstance(factory, TaskSpec):
         return factory
     declared = _signature(factory)
+    # steps is left out when the config's defaults are read; data_seed is always passed
+    if "steps" in declared and declared["steps"].default is declared["steps"].empty:
+        raise HyperdiffError(
+            f"task: the factory {ref!r}{_defined_in(factory)} must give steps a default (got "
+            "a required steps): steps is an optional argument (hyperdiff calls the factory "
+            "without steps to read its defaults); write e.g. "
+            "def build(*, steps: int = 100, data_seed: int = 0, ...)")
     var_kw = any(p.kind == p.VAR_KEYWORD for p in declared.values())
     options: dict[str, Any] = dict(params or {})
     if steps is not None and (var_kw or "steps" in declared):

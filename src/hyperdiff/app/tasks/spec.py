@@ -52,6 +52,7 @@ from hyperdiff.app.tasks.splits import (
     check_data_seed,
     fold_rows,
     in_memory_batches,
+    labels_needed,
     shared_counts,
     shared_rows_text,
     split_given_rows,
@@ -204,8 +205,7 @@ class TaskSpec:
         labels = None if self.stratify is False else stratify_labels(
             self.data, any_dtype=bool(self.stratify))
         if self.stratify and labels is None:
-            raise HyperdiffError(f"{self.name}: stratify=True needs labels, a 1-d tensor as the "
-                                 "second element of data (or data['y'])")
+            raise labels_needed(self.name)
         rows = split_rows(n, test=self.test_fraction, val=self.val_fraction,
                           selection_fraction=selection_fraction, seed=data_seed, labels=labels)
         data = self.data if self.prepare is None else self._prepared(rows, n)
@@ -285,6 +285,8 @@ class TaskSpec:
                     f"one batch (got {len(val)} batches), or set task.selection_fraction = 0")
             labels = None if self.stratify is False else stratify_labels(
                 val[0], any_dtype=bool(self.stratify))
+            if self.stratify and labels is None:
+                raise labels_needed(self.name, given=True)
             val_rows, sel_rows = split_given_rows(
                 num_rows(val[0], self.name), selection_fraction=selection_fraction,
                 seed=data_seed, labels=labels)
@@ -532,6 +534,12 @@ def task(
     for arg, given in (("prepare", prepare), ("summarize", summarize)):
         if given is not None and not callable(given):
             raise fail(f"task {name}", arg, "a function or None", given)
+    if not isinstance(description, str):
+        raise fail(f"task {name}", "description", "a string (one line for listings)",
+                   description)
+    if defaults is not None and not (isinstance(defaults, Mapping)
+                                     and all(isinstance(k, str) for k in defaults)):
+        raise fail(f"task {name}", "defaults", "a dict {dotted config key: value}", defaults)
     fixed = sorted(k for k in (defaults or {}) if k == "task.name" or k.startswith("task.params"))
     if fixed:  # the task's name and its factory's arguments are fixed before the defaults
         raise fail(f"task {name}", "defaults", "config keys other than task.name and "

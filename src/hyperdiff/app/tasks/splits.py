@@ -6,7 +6,9 @@ Splits are drawn once from ``data_seed`` with :func:`sklearn.model_selection.tra
 ``train + val`` is cut by :class:`~sklearn.model_selection.KFold`. When the task is a
 classification (integer labels) every cut is stratified by label
 (:class:`~sklearn.model_selection.StratifiedKFold`), so every split keeps the class shares
-(a class with fewer rows than folds is spread as evenly as its rows allow).
+(a class with fewer rows than folds is spread as evenly as its rows allow; a class with one
+validation row stays in the validation part when the selection split is cut). A
+``selection_fraction`` above 0 that rounds to no row is refused (:func:`selection_rows`).
 
 ``data_seed`` is an int in [0, 2**32 - 1] (scikit-learn's range for ``random_state``); the
 later cuts use ``seed + 1`` and ``seed + 2``, wrapped modulo 2**32 at the top of the range.
@@ -132,7 +134,7 @@ def split_rows(
         raise HyperdiffError(f"task: test_fraction + val_fraction must be below 1, leaving rows "
                              f"to train on (got {test} + {val} = {test + val:g})")
     n_test, n_val = int(round(test * n)), int(round(val * n))
-    n_sel = int(round(selection_fraction * n_val))
+    n_sel = selection_rows(selection_fraction, n_val)
     if n_test < 1 or n_val - n_sel < 1 or n - n_test - n_val < 1:
         raise HyperdiffError(
             f"task: every split must keep at least one row (got {n} rows: test {n_test}, "
@@ -143,7 +145,7 @@ def split_rows(
     rest, test_rows = _cut(np.arange(n), n_test, y, seed, "test")
     train_rows, val_all = _cut(rest, n_val, y, derived_seed(seed, 1), "validation")
     if n_sel:
-        val_rows, sel_rows = _cut(val_all, n_sel, y, derived_seed(seed, 2), "selection")
+        val_rows, sel_rows = _cut_selection(val_all, n_sel, y, derived_seed(seed, 2))
     else:
         val_rows, sel_rows = val_all, val_all[:0]
     return Splits(train=_rows(train_rows), val=_rows(val_rows), selection=_rows(sel_rows),
@@ -158,7 +160,7 @@ def split_given_rows(
         raise HyperdiffError(
             f"task: selection_fraction must be in [0, 1) (got {selection_fraction})"
         )
-    n_sel = int(round(selection_fraction * n))
+    n_sel = selection_rows(selection_fraction, n, "a larger val split in given_splits")
     if n_sel == 0:
         return torch.arange(n, device="cpu"), torch.arange(0, device="cpu")
     if n - n_sel < 1:
@@ -167,8 +169,43 @@ def split_given_rows(
             f"{n} validation rows, all taken by the selection split)"
         )
     y = None if labels is None else labels.detach().cpu().numpy()
-    val_rows, sel_rows = _cut(np.arange(n), n_sel, y, derived_seed(seed, 2), "selection")
+    val_rows, sel_rows = _cut_selection(np.arange(n), n_sel, y, derived_seed(seed, 2))
     return _rows(val_rows), _rows(sel_rows)
+
+
+def selection_rows(selection_fraction: float, n_val: int,
+                   more: str = "a larger val_fraction or more data") -> int:
+    """The rows ``selection_fraction`` takes of ``n_val`` validation rows (rounded); a fraction
+    above 0 that rounds to none is refused rather than read as switching the split off
+    (``more``: how to get more validation rows).
+
+    >>> selection_rows(0.5, 10), selection_rows(0.0, 10)
+    (5, 0)
+    """
+    n_sel = int(round(selection_fraction * n_val))
+    if selection_fraction > 0 and n_sel == 0 and n_val >= 1:  # 0 rows: the caller refuses
+        larger = (f"a larger task.selection_fraction ({1 / n_val:.3g} or more takes one row), "
+                  if n_val >= 2 else "")
+        raise HyperdiffError(
+            f"task: selection_fraction must take at least one of the {n_val} validation rows "
+            f"when it is above 0 (got {selection_fraction}, which rounds to 0 rows); use "
+            f"{larger}more validation rows ({more}), or "
+            "task.selection_fraction = 0 to switch the selection split off")
+    return n_sel
+
+
+def _cut_selection(rows: np.ndarray, size: int, labels: np.ndarray | None, seed: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """``(val, selection)``: :func:`_cut` of the selection split, stratified by the classes
+    with at least 2 of ``rows`` (a class with one row there cannot be stratified: its row
+    stays in the validation part). Without such a class the cut is :func:`_cut`'s."""
+    if labels is not None:
+        classes, counts = np.unique(labels[rows], return_counts=True)
+        single = np.isin(labels[rows], classes[counts < 2])
+        if single.any() and (~single).sum() > size:
+            val_rows, sel_rows = _cut(rows[~single], size, labels, seed, "selection")
+            return np.concatenate([val_rows, rows[single]]), sel_rows
+    return _cut(rows, size, labels, seed, "selection")
 
 
 def fold_rows(pool: Tensor, folds: int, seed: int, labels: Tensor | None = None,
@@ -206,6 +243,18 @@ def fold_rows(pool: Tensor, folds: int, seed: int, labels: Tensor | None = None,
 
 def _fold_pairs(rows: np.ndarray, cuts: Any) -> list[tuple[Tensor, Tensor]]:
     return [(_rows(rows[tr]), _rows(rows[va])) for tr, va in cuts]
+
+
+def labels_needed(name: str, given: bool = False) -> HyperdiffError:
+    """The refusal of ``stratify=True`` when the labels cannot be read: from ``data``, or from
+    the validation batches of ``given_splits`` (``given``) that the selection split is cut from."""
+    if not given:
+        return HyperdiffError(f"{name}: stratify=True needs labels, a 1-d tensor as the second "
+                              "element of data (or data['y'])")
+    return HyperdiffError(f"{name}: stratify=True needs labels, a 1-d tensor as the second "
+                          "element of every batch of given_splits' val (or batch['y']), to "
+                          "stratify the selection split cut from it; pass stratify=None or "
+                          "False, or given_splits(selection=...)")
 
 
 def stratify_labels(data: Any, *, any_dtype: bool = False) -> Tensor | None:
