@@ -83,15 +83,25 @@ def test_every_step_follows_the_rule(runs):
             assert moved == pytest.approx(expected, rel=1e-9, abs=1e-12), (step, name)
 
 
+def tied_problem() -> hd.Problem:
+    """``problem()`` with a per-step learning rate: ``tie_steps`` ties a hyperparameter of
+    several entries (with scalars alone it is refused)."""
+    base = problem()
+    hp = hd.HyperParameters(lr=hd.per_step(base.steps, 0.2), wd=hd.scalar(1e-2))
+    return hd.make_problem(base.train_loss, base.val_loss, hp, base.params,
+                           optimizer=hd.sgd("lr"), train_data=base.train_data,
+                           val_data=base.val_data, steps=base.steps, seed=0, probe=False)
+
+
 @pytest.mark.parametrize("tied", [3, 6])
 def test_with_tied_steps_the_rule_compares_one_kind_of_loss(tied):
     """``tie_steps = k`` ranks steps 0..k by the validation loss and later steps by the
     selection loss. A return compares losses of the kind that ranks the step it is due at
     (``L_best < L_1 < ... < L_m`` all in that kind), never a validation loss with a selection
     loss."""
-    run = HyperOptimizer(problem(), plan=OfflinePlan(explore=0, revert=M), method=hd.reverse(),
-                         lr=LR, optimizer="signstep", selection=SELECTION, seed=0,
-                         tie_steps=tied, stopping=Stopping(max_steps=STEPS, patience=None)).run()
+    run = HyperOptimizer(tied_problem(), plan=OfflinePlan(explore=0, revert=M),
+                         method=hd.reverse(), lr=LR, optimizer="signstep", selection=SELECTION,
+                         seed=0, tie_steps=tied, stopping=Stopping(max_steps=STEPS, patience=None)).run()
     best, last, returns = None, -1, []
     for r in run.history:
         field = "val_loss" if r.step <= tied else "selection_loss"

@@ -68,12 +68,18 @@ def relaxed(hparams: HyperParameters, temperatures: Mapping[str, float] | None =
     """The relaxed model as tuned: every ``relax`` and ``gumbel`` hyperparameter as the
     noise-free mixture ``softmax(u / tau)`` with ``tau = temperatures[name]`` (default: the
     schedule's start); ``reinforce`` ones stay plain argmax choices (their trainings only
-    ever see plain choices, so they have no relaxed model)."""
+    ever see plain choices, so they have no relaxed model: a temperature for one is refused)."""
     names = discrete_names(hparams)
-    unknown = sorted(set(temperatures or {}) - set(names))
+    relaxable = [n for n in names if cast(DiscreteParameter, hparams[n]).mode != "reinforce"]
+    unknown = sorted(set(temperatures or {}) - set(relaxable))
+    scored = [n for n in unknown if n in names]  # REINFORCE ones
+    if scored:
+        raise HyperdiffError(f"relaxed: temperatures must name relax or gumbel hyperparameters "
+                             f"among {relaxable}, not REINFORCE ones, which train plain choices "
+                             f"and have no relaxed model (got {unknown})")
     if unknown:
         raise HyperdiffError(f"relaxed: temperatures must name discrete hyperparameters "
-                             f"among {names} (got {unknown})")
+                             f"among {relaxable} (got {unknown})")
     states = {}
     for name in names:
         spec = cast(DiscreteParameter, hparams[name])

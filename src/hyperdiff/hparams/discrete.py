@@ -39,6 +39,7 @@ from hyperdiff.seeds import gumbel_seed
 
 MODES = ("relax", "gumbel", "reinforce")
 BASELINES = ("moving_average", "leave_one_out", "none")
+DEFAULT_DECAY = 0.9  # of the moving-average baseline
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class DiscreteParameter(HyperParameter):
     mode: str = "relax"
     temperature: tuple[float, float] = (1.0, 1.0)
     baseline: str = "moving_average"
-    decay: float = 0.9
+    decay: float = DEFAULT_DECAY
     current_temperature: float | None = None
     sample: int | None = None
     noise_seed: int = 0
@@ -119,6 +120,11 @@ class DiscreteParameter(HyperParameter):
                                  f"(got {self.baseline!r})")
         if not (is_number(self.decay) and 0.0 <= self.decay < 1.0):
             raise HyperdiffError(f"{where}: decay must be in [0, 1) (got {self.decay!r})")
+        if self.baseline != "moving_average" and self.decay != DEFAULT_DECAY:
+            raise HyperdiffError(
+                f"{where}: decay must be left at {DEFAULT_DECAY} with baseline="
+                f"{self.baseline!r} (only the 'moving_average' baseline reads it; it would be "
+                f"ignored) (got {self.decay!r})")
         if tuple(self.init.shape) != (len(self.choices),):
             raise HyperdiffError(
                 f"{where}: init must hold one probability per choice, shape "
@@ -190,8 +196,8 @@ def categorical(
     """A choice among ``choices`` (strings, numbers, callables, ...); ``init``: initial
     probabilities (default uniform). See the module doc for ``mode`` and the other options:
     ``temperature`` (default 1) is read by ``relax`` and ``gumbel``, ``baseline`` (default
-    ``"moving_average"``) and ``decay`` (default 0.9) by ``reinforce``; another mode's option
-    is refused (it would be ignored).
+    ``"moving_average"``) and ``decay`` (default 0.9) by ``reinforce``, ``decay`` only with
+    the moving-average baseline; an option that would be ignored is refused.
 
     >>> import hyperdiff as hd
     >>> hp = hd.HyperParameters(act=hd.categorical(["relu", "tanh"]), lr=hd.scalar(0.1))
@@ -209,9 +215,12 @@ def categorical(
         if value is not None:
             raise fail(kind, option_name, f"left out with mode={mode!r} (only {readers}; it "
                        "would be ignored)", value)
+    if decay is not None and baseline in ("leave_one_out", "none"):
+        raise fail(kind, "decay", f"left out with baseline={baseline!r} (only the "
+                   "'moving_average' baseline reads it; it would be ignored)", decay)
     temperature = 1.0 if temperature is None else temperature
     baseline = "moving_average" if baseline is None else baseline
-    decay = 0.9 if decay is None else decay
+    decay = DEFAULT_DECAY if decay is None else decay
     check_choices(kind, options)
     n = len(options)
     host = torch.device("cpu")  # specs hold float64 host values, as hyperparams.scalar does

@@ -6,13 +6,16 @@ scalar's natural value is ``|lam_last - lam_first| / |lam_first|`` (``lam_first`
 an entry that was 0 measured against the vector's largest ``|lam_first|`` (a bias in a MAML
 initialisation starts at 0). A value that was 0 everywhere has no scale: any change of it is
 infinite and the warning says how far it moved from 0.
-Only ``"ok"`` steps count (a failed step's values were restored by the guard).
+Only ``"ok"`` steps count (a failed step's values were restored by the guard). Discrete
+hyperparameters are left out: their records are the choices' probabilities, not values of
+the hyperparameter (their names: the given ``discrete``, else those the records' ``discrete``
+entries name).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from hyperdiff.tuner.history import StepRecord
@@ -49,27 +52,45 @@ def absolute_change(first: Any, last: Any) -> float:
                 and math.isfinite(a) and math.isfinite(b)], default=0.0)
 
 
-def recent_changes(history: Sequence[StepRecord], *,
-                   fraction: float = FRACTION) -> tuple[int, dict[str, float]]:
+def recent_changes(history: Sequence[StepRecord], *, fraction: float = FRACTION,
+                   discrete: Collection[str] | None = None) -> tuple[int, dict[str, float]]:
     """The window ``k`` and each hyperparameter's relative change over the last ``k`` steps.
 
     Returns ``(0, {})`` when fewer than ``k + 1`` good steps exist (nothing to compare).
-    Entries not of a float or list of floats (discrete choices) are left out.
+    Discrete hyperparameters (``discrete``: their names, default those the records name,
+    :func:`discrete_in`) and entries not of a float or list of floats are left out.
     """
-    window, pairs = _window_values(history, fraction)
+    window, pairs = _window_values(history, fraction, discrete)
     return window, {name: relative_change(old, new) for name, (old, new) in pairs.items()}
 
 
-def _window_values(history: Sequence[StepRecord], fraction: float
+def discrete_in(history: Sequence[StepRecord]) -> set[str]:
+    """The discrete hyperparameters that the records' ``discrete`` entries name (relaxed ones
+    by their temperature, REINFORCE ones by their drawn samples)."""
+    names: set[str] = set()
+    for record in history:
+        entry = getattr(record, "discrete", None)
+        for key in ("temperature", "samples"):
+            part = entry.get(key) if isinstance(entry, dict) else None
+            names.update(part if isinstance(part, dict) else ())
+    return names
+
+
+def _window_values(history: Sequence[StepRecord], fraction: float,
+                   discrete: Collection[str] | None = None
                    ) -> tuple[int, dict[str, tuple[Any, Any]]]:
-    """The window ``k`` and each numeric hyperparameter's values ``(first, last)`` in it."""
+    """The window ``k`` and each numeric, continuous hyperparameter's values ``(first, last)``
+    in it (``discrete``: the names left out, default :func:`discrete_in`)."""
     good = [record for record in history if record.status == "ok"]
+    skipped = discrete_in(history) if discrete is None else set(discrete)
     window = max(2, math.ceil(fraction * len(good)))
     if len(good) <= window:
         return 0, {}
     first, last = good[-1 - window].hparams, good[-1].hparams
     pairs = {}
     for name, value in last.items():
+        if name in skipped:
+            continue
         old = first.get(name)
         numeric = isinstance(value, float) or (
             isinstance(value, list) and all(isinstance(x, float) or x is None for x in value))
@@ -81,11 +102,13 @@ def _window_values(history: Sequence[StepRecord], fraction: float
 
 
 def still_moving(history: Sequence[StepRecord], *, threshold: float = THRESHOLD,
-                 fraction: float = FRACTION, label: str = "outer steps") -> str | None:
-    """A warning naming the hyperparameters whose relative change over the last
+                 fraction: float = FRACTION, label: str = "outer steps",
+                 discrete: Collection[str] | None = None) -> str | None:
+    """A warning naming the continuous hyperparameters whose relative change over the last
     ``fraction`` of the steps exceeds ``threshold``, or ``None`` when none does; ``label``
     names the steps of ``history`` (``"gradient-phase steps"`` when a global phase's points
-    were left out: ``over the last 2 of the 3 gradient-phase steps``).
+    were left out: ``over the last 2 of the 3 gradient-phase steps``); ``discrete``: the
+    discrete names, left out (default: those the records name, :func:`discrete_in`).
 
     >>> from dataclasses import replace
     >>> base = StepRecord(0, {"lr": 1.0}, "ok", 1.0, 1.0, 0.0, None, 1.0, None, None, 0.1,
@@ -93,7 +116,7 @@ def still_moving(history: Sequence[StepRecord], *, threshold: float = THRESHOLD,
     >>> still_moving([replace(base, step=s, hparams={"lr": 1.0 + s}) for s in range(5)])
     'still moving: lr changed by 67% over the last 2 of 5 outer steps (threshold 10%)'
     """
-    window, pairs = _window_values(history, fraction)
+    window, pairs = _window_values(history, fraction, discrete)
     changes = {name: relative_change(old, new) for name, (old, new) in pairs.items()}
     moving = {name: change for name, change in changes.items() if change > threshold}
     if not moving:
@@ -106,5 +129,5 @@ def still_moving(history: Sequence[StepRecord], *, threshold: float = THRESHOLD,
     return (f"still moving: {names} over the last {window} of {of} "
             f"(threshold {threshold:.0%})")
 
-__all__ = ["FRACTION", "THRESHOLD", "absolute_change", "recent_changes", "relative_change",
-           "still_moving"]
+__all__ = ["FRACTION", "THRESHOLD", "absolute_change", "discrete_in", "recent_changes",
+           "relative_change", "still_moving"]

@@ -89,13 +89,14 @@ class DiscreteOuter:
         losses = values.double().reshape(self.folds, self.samples).mean(0)  # (S,)
         kind = self.baseline or self.spec(self.reinforce[0]).baseline
         base = reinforce.baselines(losses, kind, self.moving_average)
+        advantage = reinforce.advantages(losses, kind, self.moving_average)  # L_i - b_i
         rows = [self.hparams.unflatten(row.clone()) for row in grads]
         variance = 0.0
         for name in self.reinforce:
             probs = torch.softmax(raw[name].detach().double(), dim=-1)
             scores = torch.stack([reinforce.score(self.drawn[i][name], probs)
                                   for i in range(self.samples)])
-            per_sample = reinforce.estimates(losses, scores, base)  # (S, n)
+            per_sample = advantage.unsqueeze(-1) * scores  # (S, n): reinforce.estimates
             if self.samples > 1:
                 variance += float(per_sample.var(0).sum())
             if kind == "leave_one_out":  # exact zeros where the estimate is identically 0
@@ -138,10 +139,15 @@ def outer_hook(hparams: HyperParameters, *, seed: int, max_steps: int, samples: 
         return None
     scored = [cast(DiscreteParameter, hparams[n]) for n in names
               if cast(DiscreteParameter, hparams[n]).mode == "reinforce"]
-    if len({(s.baseline, s.decay) for s in scored}) > 1:  # one loss, so one baseline
+    # one loss, so one baseline (of the kind this run uses) and, for the moving average, one
+    # decay (the other baselines read none)
+    used = [(baseline or s.baseline, s.decay) for s in scored]
+    if len({(kind, decay if kind == "moving_average" else None) for kind, decay in used}) > 1:
+        got = [(s.baseline, s.decay) if s.baseline == "moving_average" else s.baseline
+               for s in scored]
         raise HyperdiffError(
-            "HyperOptimizer: the REINFORCE hyperparameters must share one baseline and decay "
-            f"(got {[(s.baseline, s.decay) for s in scored]})"
+            "HyperOptimizer: the REINFORCE hyperparameters must share one baseline, and with "
+            f"'moving_average' one decay (got {got})"
         )
     for name in names:
         spec = cast(DiscreteParameter, hparams[name])

@@ -126,7 +126,9 @@ class HyperOptimizer:
         samples, max_samples, warm_start: the offline plan's (``OfflinePlan``) when ``plan``
             is not given; with a plan they keep their defaults.
         tie_steps: for the first ``tie_steps`` outer steps every vector hyperparameter moves as
-            one: its update uses the mean of its raw hypergradient over its entries. 0: off.
+            one: its update uses the mean of its raw hypergradient over its entries; counted
+            from the plan's first gradient step (after a global phase's points). 0: off; more
+            needs a hyperparameter with more than one entry.
         selection: batches of a split never used for hypergradients; offline the best step
             and early stopping use its loss; online it is recorded every ``eval_every``
             windows and at the last one.
@@ -221,6 +223,16 @@ class HyperOptimizer:
                        "value by its hypergradient's sign alone, which clipping or normalizing "
                        "the norm does not change)", got)
         self.tie_steps = nonnegative_int(caller, "tie_steps", tie_steps)
+        if self.tie_steps and all(v.numel() == 1 for v in self.hparams.raw.values()):
+            raise fail(caller, option("tie_steps", "outer.tie_steps"), "0 when no "
+                       "hyperparameter has more than one entry (tying moves a vector's "
+                       "entries by their mean hypergradient, which changes no value of one "
+                       "entry; it would only rank the first steps by the validation loss "
+                       f"instead of the selection loss; names: {sorted(self.hparams)})",
+                       self.tie_steps)
+        # the dtypes training reads the values in (a value valid in float64 may round onto a
+        # bound in float32: the guard fails such a step, as make_problem refuses such a start)
+        self.value_dtypes = tuple(dict.fromkeys(p.hparam_dtype for p in self.problems))
         self.selection = as_batches(selection)
         self.seed = nonnegative_int(caller, "seed", seed)
         if stopping is not None and not isinstance(stopping, Stopping):
@@ -269,6 +281,12 @@ class HyperOptimizer:
             else:
                 for name, leaf in zip(self.hparams, self.leaves, strict=True):
                     leaf.copy_(raw[name])
+
+    @property
+    def first_gradient_step(self) -> int:
+        """The plan's first gradient step (after a global phase's points; else 0), from which
+        ``tie_steps`` counts."""
+        return int(getattr(self.plan, "gradient_start", 0))
 
     @property
     def elapsed(self) -> float:
@@ -359,7 +377,7 @@ class HyperOptimizer:
         lr = self.learning_rate(step)
         raw = self.plan.begin(self, step)
         try:
-            self.guard.check_values(self.hparams, raw)
+            self.guard.check_values(self.hparams, raw, self.value_dtypes)
             outcome = self.plan.evaluate(self, step, raw)
             if outcome.grad is not None:  # None: a step that tunes nothing (settled online)
                 self._update(outcome.grad, step, lr, outcome)
@@ -443,8 +461,8 @@ class HyperOptimizer:
         shortened). A plan that ranks its steps hands the optimizer the ranking loss of the
         values it steps from (the selection loss, else the validation loss) as
         ``step(closure)``, for the optimizers that read it (``trust``)."""
-        if step < self.tie_steps:
-            grad = tied(grad)
+        if step < self.first_gradient_step + self.tie_steps:
+            grad = tied(grad, self.hparams)
         if self.normalize:
             norm = float(flat(grad.values()).norm())
             grad = {n: g / norm for n, g in grad.items()} if norm > 0 else grad
@@ -478,7 +496,8 @@ class HyperOptimizer:
         the validation loss ``val`` or the ``selection`` loss, a calm step above every chaotic
         one (``grad_norm``; where the plan reads ``stopping.chaos_ratio``); counts the steps
         since. Also the record's note when a lower loss was passed over as chaotic."""
-        key = ranking_loss(step, self.tie_steps, selection is not None)
+        key = ranking_loss(step, self.tie_steps, selection is not None,
+                           self.first_gradient_step)
         criterion = selection if key == "selection" else val
         is_best, lower = self.ranks_above_best(key, criterion, val, grad_norm)
         ratio = self.stopping.chaos_ratio

@@ -23,6 +23,7 @@ from hyperdiff.engine.training import validation_loss
 from hyperdiff.errors import HyperdiffError, LossError, Text, fail, positive_int
 from hyperdiff.logs import get_logger
 from hyperdiff.tuner.global_phase import restarts
+from hyperdiff.tuner.history import natural_values
 from hyperdiff.tuner.snr import AutoSamples
 from hyperdiff.tuner.state_checks import (
     check_count,
@@ -193,7 +194,7 @@ def check_driver_state(driver: Any, plan: Any, state: dict[str, Any],
     the best step and the steps since, the trainings, the guard's."""
     caller = "HyperOptimizer"
     fresh = driver.state_dict()
-    if missing := sorted(set(fresh) - set(state)):
+    if missing := sorted(set(fresh) - set(state) - set(LEGACY_OPTIONAL)):
         refuse_online_state(state)
         raise damaged(caller, "the state", f"a dict with the entries {missing}",
                       "a dict without them")
@@ -201,6 +202,7 @@ def check_driver_state(driver: Any, plan: Any, state: dict[str, Any],
         raise damaged(caller, "the state", f"a dict without the entries {unknown}",
                       "a dict with them")
     check_resume(state, records=len(records), slots=len(plan.warm))
+    check_same_start(driver, plan, state, records)
     check_optimizer_state(driver.optimizer, state["optimizer"])
     for key in ("step", "raw", "since_best", "elapsed", "trainings", "rng"):
         check_like(caller, key, state[key], fresh[key])
@@ -228,6 +230,37 @@ def check_driver_state(driver: Any, plan: Any, state: dict[str, Any],
                       cuts=[(f and r.step >= phase and r.step not in restarted)
                             or r.step in reverted for f, r in zip(failed, records, strict=True)],
                       rescued=bool(failed) and failed[0] and phase > 0)
+
+
+LEGACY_OPTIONAL = ("seed",)
+"""Entries of an offline state that checkpoints saved before s42 lack (accepted without)."""
+
+
+def check_same_start(driver: Any, plan: Any, state: dict[str, Any],
+                     records: Sequence[Any]) -> None:
+    """A checkpoint resumes only the run that saved it: one with the loop's seed (where the
+    state records it) and whose first record holds the loop's start values, exactly as
+    recorded; else the resumed steps would draw the global phase's points and the minibatch
+    seeds of another run, or start from other values than the history's."""
+    caller = "HyperOptimizer"
+    if "seed" in state:
+        check_like(caller, "seed", state["seed"], 0)
+        if state["seed"] != driver.seed:
+            raise fail(caller, option("seed", "outer.seed"), f"the saved run's, {state['seed']} "
+                       "(the global phase's points and the minibatch seeds of the resumed "
+                       "steps follow it)", driver.seed)
+    if not records:
+        return
+    start = natural_values(driver.hparams, plan.start_raw)
+    saved = records[0].hparams
+    if saved != start:
+        differ = sorted(n for n in set(start) | set(saved) if saved.get(n) != start.get(n))
+        shown = "; ".join(f"{n}={start.get(n)!r} where the history has {saved.get(n)!r}"
+                          for n in differ[:3])
+        raise fail(caller, "the start values", "the saved run's, those its history's step 0 "
+                   "records (a resumed run with another start would search around it; resume "
+                   "with the start the run had)",
+                   Text(shown + ("; ..." if len(differ) > 3 else "")))
 
 
 def refuse_online_state(state: Any) -> None:

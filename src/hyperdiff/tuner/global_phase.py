@@ -12,12 +12,14 @@ With ``explore = k`` the offline loop's outer steps are (``u_0`` the start's raw
                     runs steps k+1 ... with its own cosine schedule over the remaining steps
                     and its own early-stopping count (``patience`` steps from step k+1)
 
-One coordinate per explored name, so ``d`` is the number of explored names. Explored: scalar
-positive values with a log transform and scalar interval values (a learning rate, a weight
-decay, a schedule's fractions: the few knobs that a start gets 10-100x wrong); vectors
-(per-feature penalties, per-example weights: the gradient's domain; shifting all entries of
-``reweight_digits``' 989 weights as one cost 31% of its test loss at 10 steps), free, softplus
-and discrete values stay at the start.
+One coordinate per explored name, so ``d`` is the number of explored names. Explored: the
+hyperparameters with one entry, whatever their kind (a scalar, and also a one-entry
+``per_feature``, ``per_step``, ``per_tensor`` or ``per_element`` value), that are positive with
+a log transform or in an interval (a learning rate, a weight decay, a schedule's fractions: the
+few knobs that a start gets 10-100x wrong); vectors of more entries (per-feature penalties,
+per-example weights: the gradient's domain; shifting all entries of ``reweight_digits``' 989
+weights as one cost 31% of its test loss at 10 steps), free, softplus and discrete values stay
+at the start.
 A warm-start run has no phase (``OfflinePlan``: its steps train on from each other's theta_T,
 so the points would be no independent trials).
 Every step of the phase is an ordinary training with its record, so the guard, the ranking
@@ -50,7 +52,8 @@ from hyperdiff.hparams.hyperparams import HyperParameters
 
 
 def explored_names(hparams: HyperParameters) -> list[str]:
-    """The names a global phase moves: scalar log-positive and interval values."""
+    """The names a global phase moves: log-positive and interval values with one entry, of
+    any kind (a ``per_feature([0.1])`` too)."""
     return [name for name, spec in hparams.items()
             if not spec.is_discrete and math.prod(spec.shape) == 1 and (
         isinstance(spec.constraint, Interval)

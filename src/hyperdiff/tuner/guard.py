@@ -7,7 +7,9 @@ An outer step fails when
 - the values ``lam_s`` it was asked to evaluate are outside their constraint
   (:meth:`DivergenceGuard.check_values`): the last update overflowed a raw value to a natural
   value that is infinite or NaN, or under/overflowed it onto a bound (a positive value that is
-  exactly 0.0, an interval value equal to an end). Such a step trains nothing;
+  exactly 0.0, an interval value equal to an end), in float64 or in the dtype training reads
+  it in (0.99999999999 in ``(0, 1)`` is 1.0 in float32: make_problem refuses such a start, and
+  a global phase's point there fails). Such a step trains nothing;
 - a validation or selection loss is absurd (:meth:`DivergenceGuard.check_losses`): finite but
   ``|L| > max_loss_ratio * max(|L_0|, 1)``, with ``L_0`` the same loss at the first outer step
   (default ratio ``1e6``). A training that blew up to 1e39 has not produced a hypergradient
@@ -77,8 +79,13 @@ class DivergenceGuard:
         ):
             raise fail(self.caller, "guard max_failures", "a positive int", self.max_failures)
 
-    def check_values(self, hparams: HyperParameters, raw: dict[str, Tensor]) -> None:
-        """Raise ``NonFiniteError`` if a natural value of ``raw`` is outside its constraint."""
+    def check_values(self, hparams: HyperParameters, raw: dict[str, Tensor],
+                     dtypes: Sequence[torch.dtype] = ()) -> None:
+        """Raise ``NonFiniteError`` if a natural value of ``raw`` is outside its constraint, in
+        float64 or as training reads it in one of ``dtypes`` (its raw value cast to the dtype,
+        then transformed: the rule of
+        :func:`~hyperdiff.hparams.hyperparams.check_representable`, which refuses such a
+        start; 0.99999999999 in ``(0, 1)`` is 1.0 in float32)."""
         start = 0
         for name, value in hparams.natural(raw).items():
             spec = hparams[name]
@@ -96,7 +103,29 @@ class DivergenceGuard:
                     f"{f'; {len(bad)} entries are' if len(bad) > 1 else ''}): the last outer "
                     f"update {how}"
                 )
+            self._check_rounded(hparams, name, raw[name], flat, dtypes, start)
             start += flat.numel()
+
+    @staticmethod
+    def _check_rounded(hparams: HyperParameters, name: str, raw: Tensor, exact: Tensor,
+                       dtypes: Sequence[torch.dtype], start: int) -> None:
+        """:meth:`check_values` for the value ``name`` (``exact``: its natural value in
+        float64, inside its constraint) read in each training dtype of ``dtypes``."""
+        spec = hparams[name]
+        for dtype in dtypes:
+            if spec.is_discrete or dtype == torch.float64:
+                continue
+            rounded = spec.constraint.to_natural(raw.detach().to(dtype)).reshape(-1)
+            bad = (~spec.constraint.valid(rounded)).nonzero().reshape(-1)
+            if len(bad):
+                where = int(bad[0])
+                dtype_name = str(dtype).removeprefix("torch.")
+                raise NonFiniteError(
+                    f"{hparams.coordinate_names()[start + where]} = {float(exact[where]):.17g} "
+                    f"is outside its constraint ({spec.constraint.describe_valid()}"
+                    f"{f'; {len(bad)} entries are' if len(bad) > 1 else ''}) in {dtype_name}, "
+                    f"the dtype training computes it in: it rounds to "
+                    f"{float(rounded[where]):.6g} there, so training would read the bound")
 
     def check_losses(self, values: Sequence[float], selection: float | None,
                      untrained: Callable[[], Mapping[str, float]] | None = None) -> None:

@@ -215,13 +215,15 @@ class OfflinePlan:
         loop.discrete = outer_hook(loop.hparams, seed=loop.seed, samples=self.samples,
                                    max_steps=loop.stopping.max_steps, folds=len(loop.problems))
         if self.auto is not None and loop.discrete is not None and loop.discrete.reinforce:
+            got = option("samples='auto'", "outer.auto_samples = true")
             raise HyperdiffError(
-                f"HyperOptimizer: {option('samples', 'outer.samples')} must be a fixed number "
-                f"with REINFORCE choices ({', '.join(map(repr, loop.discrete.reinforce))}): "
-                f"their score-function estimate pairs each step's drawn choices with its "
-                f"samples, which 'auto' varies (got 'auto'); set "
-                f"{option('samples=k', 'outer.samples = k')} (k >= 2 for the leave-one-out "
-                "baseline)")
+                f"HyperOptimizer: {option('samples', 'outer.auto_samples')} must be "
+                f"{option('a fixed number', 'false')} with REINFORCE choices "
+                f"({', '.join(map(repr, loop.discrete.reinforce))}): their score-function "
+                "estimate pairs each step's drawn choices with its samples, which automatic "
+                f"samples vary (got {got}); set "
+                f"{option('samples=k', 'outer.auto_samples = false and outer.samples = k')} "
+                "(k >= 2 for the leave-one-out baseline)")
         check_confirm(self.confirm, self.warm_start, loop)
         check_extend(loop)
         self.problems = loop.problems
@@ -264,6 +266,11 @@ class OfflinePlan:
         if step < first:
             return 0, loop.stopping.max_steps
         return step - first, max(loop.stopping.max_steps - first, 1)
+
+    @property
+    def start_raw(self) -> dict[str, Tensor]:
+        """The raw values the loop started at (step 0's; the global phase's center)."""
+        return self._start
 
     @property
     def gradient_start(self) -> int:
@@ -341,7 +348,8 @@ class OfflinePlan:
             loop.set_raw(self._points[step - 1])
         raw = loop.raw
         try:  # values outside their constraint fail the step before it trains (the driver's
-            loop.guard.check_values(loop.hparams, raw)  # check): no training to count
+            # check): no training to count
+            loop.guard.check_values(loop.hparams, raw, loop.value_dtypes)
         except NonFiniteError:
             return raw
         self.sampler.trainings += self.sampler.first_round
@@ -399,7 +407,7 @@ class OfflinePlan:
     def _beats_best(self, loop: Any, step: int, value: float, outcome: Outcome) -> bool:
         """Whether ``value`` would make ``step`` the best (as the loop ranks, chaotic steps
         below calm ones: only a step ranked by its selection loss is confirmed)."""
-        if ranking_loss(step, loop.tie_steps, True) != "selection":
+        if ranking_loss(step, loop.tie_steps, True, self.gradient_start) != "selection":
             return False
         fields = outcome.fields
         return bool(loop.ranks_above_best("selection", value, fields["val_loss"],
@@ -434,7 +442,8 @@ class OfflinePlan:
             return record
         # every loss compared is of the kind that ranks this record, as the driver ranks it
         # (with outer.tie_steps the tied steps rank by val and the later ones by selection)
-        key = ranking_loss(record.step, loop.tie_steps, record.selection_loss is not None)
+        key = ranking_loss(record.step, loop.tie_steps, record.selection_loss is not None,
+                           self.gradient_start)
         field = f"{key}_loss"
         after = max(self.reverted[-1] if self.reverted else -1, int(loop.best["step"]),
                     self.gradient_start - 1)  # the global phase's points are no such steps
@@ -510,7 +519,8 @@ class OfflinePlan:
             return None  # a step of the gradient phase succeeded, or no point is left
 
         def ranking(record: StepRecord) -> float:
-            key = ranking_loss(record.step, loop.tie_steps, record.selection_loss is not None)
+            key = ranking_loss(record.step, loop.tie_steps, record.selection_loss is not None,
+                               self.gradient_start)
             return float(getattr(record, f"{key}_loss"))
 
         order = start_order(loop.history, self.gradient_start, int(loop.best["step"]), ranking)
@@ -570,7 +580,8 @@ class OfflinePlan:
 
     def state_dict(self, loop: Any) -> dict[str, Any]:
         state = {"warm": self.warm, "trainings": self.sampler.trainings,
-                 "rng": torch.get_rng_state()}
+                 "rng": torch.get_rng_state(),
+                 "seed": loop.seed}  # the global phase's points and the minibatch seeds
         if isinstance(loop.method, DataParallelMethod):  # its numbers are of this world size
             state[WORLD_KEY] = torch_world(loop_group(loop))
         if self.explore_when != "always" and self._candidates:
@@ -616,7 +627,8 @@ class OfflinePlan:
             best_hparams=loop.hparams.with_raw(loop.best["raw"]),
             best_step=int(loop.best["step"]),
             best_loss=float(loop.best["value"]),
-            criterion=ranking_name(loop.tie_steps, loop.selection is not None),
+            criterion=ranking_name(loop.tie_steps, loop.selection is not None,
+                                   self.gradient_start),
             final_raw=loop.raw,
             history=History(list(loop.history)),
             stop_reason=loop.stop_reason() or "not finished",

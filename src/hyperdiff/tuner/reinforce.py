@@ -51,9 +51,28 @@ def baselines(losses: Tensor, kind: str, moving_average: float | None = None) ->
                          f"'leave_one_out', 'none' (got {kind!r})")
 
 
+def advantages(losses: Tensor, kind: str, moving_average: float | None = None) -> Tensor:
+    """``L_i - b_i`` per sample, shape ``(S,)``, for :func:`baselines` of ``kind``.
+
+    Leave-one-out computes it as ``sum_{j != i} (L_i - L_j) / (S - 1)``, the same number as
+    ``L_i - mean_{j != i} L_j`` but exactly 0 for equal losses (``L_i - b_i`` with ``b_i``
+    rounded first leaves a residue of ~1e-17 whose sign a sign-based outer step would follow).
+
+    >>> advantages(torch.tensor([0.1, 0.1, 0.1], dtype=torch.float64), "leave_one_out").tolist()
+    [0.0, 0.0, 0.0]
+    >>> advantages(torch.tensor([1.0, 2.0, 4.0]), "leave_one_out").tolist()
+    [-2.0, -0.5, 2.5]
+    """
+    base = baselines(losses, kind, moving_average)  # checks kind and the sample count
+    if kind != "leave_one_out":
+        return losses - base
+    return (losses.unsqueeze(-1) - losses).sum(-1) / (losses.numel() - 1)
+
+
 def estimates(losses: Tensor, scores: Tensor, baseline: Tensor) -> Tensor:
     """Per-sample estimates ``(L_i - b_i) * score_i``, shape ``(S, n)``; their mean over
-    samples is the hypergradient estimate of the logits."""
+    samples is the hypergradient estimate of the logits (the outer loop forms ``L_i - b_i``
+    by :func:`advantages`, exact for equal leave-one-out losses)."""
     return (losses - baseline).unsqueeze(-1) * scores
 
 
@@ -89,4 +108,5 @@ def exact_gradient(losses_by_choice: Tensor, probs: Tensor) -> Tensor:
     return probs * (losses_by_choice - expected)
 
 
-__all__ = ["baselines", "draw", "estimates", "exact_gradient", "leave_one_out_terms", "score"]
+__all__ = ["advantages", "baselines", "draw", "estimates", "exact_gradient", "leave_one_out_terms",
+           "score"]

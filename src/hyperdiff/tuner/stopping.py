@@ -3,16 +3,21 @@
 :class:`Stopping` holds the stopping rules. The best step is ranked by one of two losses:
 ``"val"``, the validation loss the hypergradient sees (averaged over folds and samples), or
 ``"selection"``, the loss on a split it never sees. Without a selection split every step is
-ranked by ``"val"``. With one and ``tie_steps = k > 0``, steps ``0 .. k`` (whose values come
-from tied updates only, see :func:`tied`) are ranked by ``"val"``: they have one degree of
-freedom per hyperparameter, like a grid over a shared value, and the validation loss is the
-larger, less noisy estimate. Every later step must beat the best so far on ``"selection"``, the
-split that guards against fitting the validation set with many free entries.
+ranked by ``"val"``. With one and ``tie_steps = k > 0``, steps ``0 .. g + k`` are ranked by
+``"val"`` (``g`` the plan's first gradient step: 0, or after a global phase the step after its
+points, so the phase's points do not use up the tied steps): the start, the phase's points and
+the steps whose values come from tied updates only (:func:`tied`, the updates of steps
+``g .. g + k - 1``) have one degree of freedom per hyperparameter, like a grid over a shared
+value, and the validation loss is the larger, less noisy estimate. Every later step must beat
+the best so far on ``"selection"``, the split that guards against fitting the validation set
+with many free entries.
 
 Early stopping counts steps without a new best. With ``travel = k > 0`` it skips the steps in
 which a value is still travelling (:func:`travelling`): a scalar log or interval value whose
-raw value ``u`` moved the same way at each of the last ``k`` steps, on average by at least
-the outer learning rate per step::
+raw value ``u`` moved the same way at each of the last ``k`` steps, on average by at least the
+outer learning rate per step (the names the global phase explores are watched; a one-entry
+vector among them, ``per_feature([0.1])``, is recorded as a list, whose moves the test reads
+as none, so it never travels)::
 
     d_j = u_{s-j+1} - u_{s-j}  (j = 1..k; the records' values)
     travelling at s  <=>  all d_j > 0 or all d_j < 0,  and  |sum_j d_j| >= sum_j lr_{s-j}
@@ -132,7 +137,8 @@ class Stopping:
 
 def travelling(records: Sequence[Any], hparams: HyperParameters, names: Sequence[str],
                window: int) -> bool:
-    """Whether a value of ``names`` (scalars) travels at the last of ``records`` (step
+    """Whether a value of ``names`` (one entry each; a one-entry vector, a list in the
+    records, never counts) travels at the last of ``records`` (step
     records; the last ``window + 1`` are used): its raw value moved the same way at each of
     the last ``window`` steps, by at least their outer learning rates in total (module doc).
     A failed step among them moves nothing.
@@ -189,24 +195,49 @@ def calm(grad_norm: float | None, val_loss: float | None, ratio: float | None) -
     return grad_norm <= ratio * max(abs(val_loss), 1.0)
 
 
-def ranking_loss(step: int, tie_steps: int, has_selection: bool) -> str:
-    """``"val"`` or ``"selection"``: the loss that ranks outer ``step`` (see the module doc)."""
-    tied_values = tie_steps > 0 and step <= tie_steps
+def ranking_loss(step: int, tie_steps: int, has_selection: bool, first: int = 0) -> str:
+    """``"val"`` or ``"selection"``: the loss that ranks outer ``step`` (see the module doc;
+    ``first``: the plan's first gradient step, from which the tied steps count).
+
+    >>> ranking_loss(3, 2, True), ranking_loss(3, 2, True, first=5), ranking_loss(8, 2, True, 5)
+    ('selection', 'val', 'selection')
+    """
+    tied_values = tie_steps > 0 and step <= first + tie_steps
     return "selection" if has_selection and not tied_values else "val"
 
 
-def ranking_name(tie_steps: int, has_selection: bool) -> str:
-    """How the best step is picked, for reports."""
+def ranking_name(tie_steps: int, has_selection: bool, first: int = 0) -> str:
+    """How the best step is picked, for reports (``first`` as in :func:`ranking_loss`)."""
     if not has_selection:
         return "val_loss"
+    if tie_steps and first:
+        return (f"val_loss (global phase and tied steps <= {first + tie_steps}), then "
+                "selection_loss")
     if tie_steps:
         return f"val_loss (tied steps <= {tie_steps}), then selection_loss"
     return "selection_loss"
 
 
-def tied(grad: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Each hyperparameter's gradient replaced by its mean over its entries (same shape)."""
-    return {name: g.mean().expand_as(g) for name, g in grad.items()}
+def tied(grad: dict[str, Tensor], hparams: HyperParameters | None = None
+         ) -> dict[str, Tensor]:
+    """Each hyperparameter's gradient replaced by its mean over its entries (same shape).
+
+    A discrete hyperparameter of ``hparams`` gets exactly 0: its raw values are logits, whose
+    gradient through the softmax sums to 0 over the entries (moving every logit by one amount
+    changes no probability), so its float mean is a rounding residue (~1e-17) whose sign a
+    sign-based outer step would follow by its full length.
+
+    >>> import hyperdiff as hd
+    >>> hp = hd.HyperParameters(act=hd.categorical(["a", "b", "c"]), wd=hd.per_feature([0.1, 0.1]))
+    >>> g = {"act": torch.tensor([0.1, 0.2, -0.3]), "wd": torch.tensor([1.0, 3.0])}
+    >>> {n: v.tolist() for n, v in tied(g, hp).items()}
+    {'act': [0.0, 0.0, 0.0], 'wd': [2.0, 2.0]}
+    """
+    def fixed_sum(name: str) -> bool:
+        return hparams is not None and name in hparams and hparams[name].is_discrete
+
+    return {name: torch.zeros_like(g) if fixed_sum(name) else g.mean().expand_as(g)
+            for name, g in grad.items()}
 
 
 __all__ = ["CHAOS_RATIO", "Stopping", "calm", "ranking_loss", "ranking_name", "settled_since",
