@@ -249,9 +249,10 @@ def check_same_start(driver: Any, plan: Any, state: dict[str, Any],
             raise fail(caller, option("seed", "outer.seed"), f"the saved run's, {state['seed']} "
                        "(the global phase's points and the minibatch seeds of the resumed "
                        "steps follow it)", driver.seed)
-    if not records:
+    start_raw = getattr(plan, "_start", None)  # the offline plan's (a meta plan keeps none)
+    if not records or start_raw is None:
         return
-    start = natural_values(driver.hparams, plan.start_raw)
+    start = natural_values(driver.hparams, start_raw)
     saved = records[0].hparams
     if saved != start:
         differ = sorted(n for n in set(start) | set(saved) if saved.get(n) != start.get(n))
